@@ -1,0 +1,52 @@
+/* cluster/yamlcfg.h — YAML files (libyaml document API) as flat, located key/value entries.
+ *
+ * A YAML file whose root is a mapping is flattened: nested mappings give dotted keys
+ * ("mod.capacity"); a value is a scalar or a sequence of scalars. Each entry remembers its
+ * 1-based line and column so every later complaint can say "file:line:col: ...".
+ * An empty file is an empty mapping.
+ *
+ * Errors (return non-zero, one line in err, always "path:line:col: what"): file unreadable
+ * (path only), YAML syntax errors (libyaml's problem at problem_mark, converted to 1-based),
+ * root not a mapping, a non-scalar key, a sequence holding a mapping or a sequence, a key given
+ * twice, aliases/anchors.
+ *
+ * Ownership: cluster_yaml owns all strings; cluster_yaml_free(NULL) is a no-op.
+ */
+#ifndef CLUSTER_YAMLCFG_H
+#define CLUSTER_YAMLCFG_H
+
+#include <stddef.h>
+
+typedef struct {
+    char *key;      /* dotted path */
+    char **vals;    /* [n_vals] scalar strings */
+    int n_vals;
+    int is_list;    /* 1 for a sequence (n_vals may be 0), 0 for a scalar (n_vals == 1) */
+    int line, col;  /* 1-based position of the value */
+} cluster_yaml_entry;
+
+typedef struct {
+    char *path;
+    cluster_yaml_entry *e; /* [n] in file order */
+    int n;
+} cluster_yaml;
+
+int cluster_yaml_load(const char *path, cluster_yaml *out, char *err, size_t errlen);
+/* Same, from text in memory (tests); `path` is used in messages. */
+int cluster_yaml_parse(const char *text, size_t len, const char *path, cluster_yaml *out,
+                       char *err, size_t errlen);
+void cluster_yaml_free(cluster_yaml *y);
+const cluster_yaml_entry *cluster_yaml_get(const cluster_yaml *y, const char *key);
+
+/* Typed reads of a scalar entry; on failure "path:line:col: KEY: expected ..." in err. */
+int cluster_yaml_int(const cluster_yaml *y, const cluster_yaml_entry *e, long lo, long hi,
+                     long *out, char *err, size_t errlen);
+int cluster_yaml_double(const cluster_yaml *y, const cluster_yaml_entry *e, double lo,
+                        double hi, double *out, char *err, size_t errlen);
+int cluster_yaml_bool(const cluster_yaml *y, const cluster_yaml_entry *e, int *out, char *err,
+                      size_t errlen);
+/* Fails for keys not in `allowed` (NULL-terminated): "path:line:col: unknown key KEY". */
+int cluster_yaml_check_keys(const cluster_yaml *y, const char *const *allowed, char *err,
+                            size_t errlen);
+
+#endif

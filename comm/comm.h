@@ -1,0 +1,104 @@
+/* comm/comm.h — moving rows between pipeline stages (SPEC §4).
+ *
+ * A packet on the wire is one contiguous buffer:
+ *
+ *     [u32 little-endian H][H bytes: protobuf-c modpipe.PacketHeader][payload]
+ *
+ * payload = the present rows packed in micro-batch order, [n_rows][D] in the wire dtype for
+ * COMM_PKT_ROWS; int32 little-endian token ids [n_rows] for COMM_PKT_TOKENS; empty for
+ * COMM_PKT_END. Activations are never protobuf repeated floats: they stay raw after the header.
+ *
+ * The present-rows bitmask covers the micro-batch's mb_rows rows, bit i = byte i/8, bit i%8
+ * (LSB first); trailing bits past mb_rows are zero.
+ *
+ * Ownership: comm_pack writes into a caller buffer. comm_unpack decodes into a comm_unpacker,
+ * which owns a fixed arena sized at init (protobuf-c allocates from it, so decoding a packet
+ * does no malloc); the comm_packet it fills points into that arena and into the input buffer
+ * and stays valid until the next comm_unpack on the same unpacker.
+ *
+ * Errors: return non-zero with one line in err. comm_unpack rejects anything inconsistent —
+ * short buffer, header length past the end, protobuf failure (protobuf-c says nothing; the
+ * message gives the lengths), unknown kind or dtype, mask of the wrong length or with bits
+ * past mb_rows, popcount != n_rows, payload length != n_rows * row bytes, descriptor arrays of
+ * the wrong length, bypass stages out of range, mb_rows above the unpacker's limit.
+ */
+#ifndef COMM_COMM_H
+#define COMM_COMM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* ---- present-rows bitmasks ---- */
+static inline size_t comm_mask_bytes(int n) { return (size_t)(n + 7) / 8; }
+static inline void comm_mask_set(uint8_t *m, int i) { m[i >> 3] |= (uint8_t)(1u << (i & 7)); }
+static inline int comm_mask_get(const uint8_t *m, int i) { return (m[i >> 3] >> (i & 7)) & 1; }
+int comm_mask_count(const uint8_t *m, int n);
+
+/* ---- wire dtypes ---- */
+typedef enum { COMM_WIRE_F32 = 0, COMM_WIRE_BF16 = 1, COMM_WIRE_F16 = 2 } comm_wire_dtype;
+size_t comm_wire_size(comm_wire_dtype d);             /* 4, 2, 2 */
+const char *comm_wire_name(comm_wire_dtype d);        /* "f32", "bf16", "f16" */
+int comm_wire_parse(const char *s, comm_wire_dtype *out); /* 0 ok, -1 unknown */
+/* Convert n floats to/from the wire dtype (dst/src are raw bytes, little-endian). */
+void comm_wire_encode(comm_wire_dtype d, const float *src, void *dst, size_t n);
+void comm_wire_decode(comm_wire_dtype d, const void *src, float *dst, size_t n);
+
+/* ---- packets ---- */
+typedef enum { COMM_PKT_ROWS = 0, COMM_PKT_TOKENS = 1, COMM_PKT_END = 2 } comm_pkt_kind;
+
+/* Per-row flags in the micro-batch descriptor. */
+#define COMM_ROW_NEED_LOGITS 1u /* the head must compute this row's logits */
+#define COMM_ROW_PROMPT      2u /* a prompt (prefill / eval) row, not a decode row */
+
+typedef struct {
+    int from, to; /* stage `from` sent a bypass packet for this micro-batch to stage `to` */
+} comm_bypass;
+
+typedef struct {
+    comm_pkt_kind kind;
+    uint64_t mb;            /* micro-batch id */
+    int sender, receiver;   /* stage indices */
+    int mb_rows;            /* rows in the micro-batch (bits in `present`) */
+    int n_rows;             /* rows carried = popcount(present) */
+    comm_wire_dtype dtype;  /* payload dtype of ROWS packets */
+    const uint8_t *present; /* [comm_mask_bytes(mb_rows)] */
+
+    /* Chain packets (sender + 1 == receiver) carry the descriptor; else has_desc = 0. */
+    int has_desc;
+    const int32_t *slot;    /* [mb_rows] sequence slot of each row */
+    const int32_t *pos;     /* [mb_rows] absolute position */
+    const int32_t *token;   /* [mb_rows] input token id */
+    const uint8_t *flags;   /* [mb_rows] COMM_ROW_* bits */
+    int n_bypass;
+    const comm_bypass *bypass; /* [n_bypass] */
+
+    /* Set by comm_unpack: the raw payload inside the input buffer. */
+    const uint8_t *payload;
+    size_t payload_bytes;
+} comm_packet;
+
+/* Upper bound of a packed packet for a micro-batch of mb_rows rows, width D, n_stages. */
+size_t comm_packet_max_bytes(int mb_rows, int D, int n_stages);
+
+/* Pack a ROWS packet: rows of x [mb_rows][D] whose bit is set in hdr->present, in order,
+ * converted to hdr->dtype. hdr->n_rows must equal popcount(present).
+ * TOKENS packet: `tokens` [n_rows] int32 is the payload (x ignored). END: no payload.
+ * Writes *hdr_bytes (4 + H) and *payload_bytes; returns total length, or 0 on error (cap too
+ * small, inconsistent header) with a message in err. */
+size_t comm_pack(const comm_packet *hdr, const float *x, int D, const int32_t *tokens,
+                 uint8_t *buf, size_t cap, size_t *hdr_bytes, size_t *payload_bytes,
+                 char *err, size_t errlen);
+
+typedef struct comm_unpacker comm_unpacker;
+/* max_mb_rows bounds the micro-batch size accepted; n_stages bounds stage indices. */
+comm_unpacker *comm_unpacker_init(int max_mb_rows, int n_stages);
+void comm_unpacker_free(comm_unpacker *u);
+/* Decode buf[0..len). D is the row width expected for ROWS packets. */
+int comm_unpack(comm_unpacker *u, const uint8_t *buf, size_t len, int D, comm_packet *out,
+                char *err, size_t errlen);
+
+/* Scatter the payload rows of a ROWS packet into x [mb_rows][D] at the present rows
+ * (decoding the wire dtype). */
+void comm_scatter_rows(const comm_packet *p, int D, float *x);
+
+#endif

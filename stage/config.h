@@ -1,0 +1,78 @@
+/* stage/config.h — the model's config.json (SPEC §3).
+ *
+ * stage_config_load() reads DIR/config.json with cJSON into a stage_config.
+ * Inputs : a model directory.
+ * Output : *cfg filled; cfg->layer_kind is malloc'd (free with stage_config_free).
+ * Errors : returns non-zero and writes one line into err naming the file and the key
+ *          (missing key, wrong type, bad value, unknown layer type, a config feature the
+ *          engine does not implement such as rope_scaling / sliding_window / biases).
+ * Accepted: the Llama keys, `layer_types` (dense, mod, mode_staged, mode_integrated,
+ *          mindskip) with top-level "mod" / "mode" / "mindskip" settings objects, and
+ *          Router-Tuning's `is_mindskip: [bool per layer]` + top-level `threshold` and
+ *          `granularity` ("sequence", "token", "attn_sequence", "attn_token").
+ */
+#ifndef STAGE_CONFIG_H
+#define STAGE_CONFIG_H
+
+#include <stddef.h>
+
+typedef enum {
+    STAGE_KIND_DENSE = 0,
+    STAGE_KIND_MOD,
+    STAGE_KIND_MODE_STAGED,
+    STAGE_KIND_MODE_INTEGRATED,
+    STAGE_KIND_MINDSKIP,
+} stage_kind;
+
+typedef enum {
+    STAGE_ROUTING_THRESHOLD = 0,
+    STAGE_ROUTING_PREDICTOR,
+    STAGE_ROUTING_TOPK,
+} stage_routing;
+
+typedef enum { STAGE_SCALE_NONE = 0, STAGE_SCALE_SIGMOID } stage_router_scale;
+typedef enum { STAGE_GRAN_SEQUENCE = 0, STAGE_GRAN_TOKEN } stage_granularity;
+
+typedef struct {
+    int hidden;          /* hidden_size D */
+    int inter;           /* intermediate_size */
+    int n_heads;         /* num_attention_heads */
+    int n_kv_heads;      /* num_key_value_heads (defaults to n_heads) */
+    int head_dim;        /* head_dim key, else hidden / n_heads */
+    int n_layers;        /* num_hidden_layers */
+    int vocab;           /* vocab_size */
+    int max_pos;         /* max_position_embeddings (default 2048) */
+    float eps;           /* rms_norm_eps (default 1e-6) */
+    float rope_theta;    /* rope_theta (default 10000) */
+    int tie_embeddings;  /* tie_word_embeddings (default 0) */
+    int eos_token_id;    /* -1 when absent (or a list: first entry) */
+    stage_kind *layer_kind; /* [n_layers] */
+
+    /* "mod" settings (also the router of mode_staged) */
+    float mod_capacity;            /* default 0.125 */
+    stage_routing mod_routing;     /* default threshold */
+    float mod_threshold;           /* default 0.5 */
+    stage_router_scale mod_scale;  /* default none: g(r) = r */
+
+    /* "mode" settings */
+    int n_experts;          /* num_experts, default 4 */
+    int n_noop_experts;     /* num_noop_experts, default 0 */
+    int experts_per_token;  /* default 1 */
+    int expert_inter;       /* expert_intermediate_size, default intermediate_size */
+
+    /* "mindskip" settings */
+    stage_granularity ms_granularity; /* default sequence */
+    float ms_threshold;               /* default 0.5 */
+} stage_config;
+
+int stage_config_load(const char *dir, stage_config *cfg, char *err, size_t errlen);
+/* Parse config.json text (for tests); `path` is only used in messages. */
+int stage_config_parse(const char *json_text, const char *path, stage_config *cfg,
+                       char *err, size_t errlen);
+void stage_config_free(stage_config *cfg);
+
+const char *stage_kind_name(stage_kind k);
+/* Does a layer of this kind carry a causal or top-k MoD router (mod, mode_staged)? */
+int stage_kind_is_routed(stage_kind k);
+
+#endif

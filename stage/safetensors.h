@@ -1,0 +1,74 @@
+/* stage/safetensors.h — reading and writing safetensors model files (SPEC §3).
+ *
+ * Reading: st_open() takes a model directory holding either `model.safetensors` or
+ * `model.safetensors.index.json` (+ the shard files its weight_map names). Shard files are
+ * opened, validated and mmap'd lazily, the first time one of their tensors is asked for, so a
+ * pipeline stage only touches the shards holding its own layers.
+ *
+ * Validation of every opened file (each failure is one line naming the file, and the tensor
+ * where there is one): file shorter than 8 bytes; header length past the end of file; header
+ * not JSON / not an object; an entry without dtype/shape/data_offsets or with wrong types;
+ * unknown dtype (only F32, F16, BF16 are accepted); data_offsets out of the data region, end
+ * < begin, or length != numel * dtype size; two tensors' byte ranges overlapping. For the index:
+ * not JSON, no weight_map, a shard file that does not exist.
+ *
+ * Ownership: everything returned points into the st_model (the mmap or converted copies it
+ * owns); it stays valid until st_close(). st_close(NULL) is a no-op.
+ *
+ * Writing: st_writer collects f32 tensors, converts them to the requested dtype and writes
+ * `model.safetensors`, or N shards `model-0000i-of-0000N.safetensors` plus
+ * `model.safetensors.index.json` (tensors split in insertion order, balanced by bytes).
+ */
+#ifndef STAGE_SAFETENSORS_H
+#define STAGE_SAFETENSORS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef enum { ST_F32 = 0, ST_F16, ST_BF16 } st_dtype;
+
+#define ST_MAX_DIMS 8
+
+typedef struct {
+    st_dtype dtype;
+    int ndim;
+    int64_t shape[ST_MAX_DIMS];
+    const void *data;   /* raw bytes in the file's dtype (inside the mmap) */
+    size_t nbytes;
+    const char *file;   /* path of the file that holds it */
+} st_tensor;
+
+typedef struct st_model st_model;
+
+/* Open a model directory. Returns 0, or non-zero with a message in err. */
+int st_open(const char *dir, st_model **out, char *err, size_t errlen);
+void st_close(st_model *m);
+
+/* Look a tensor up. Returns 1 and fills *t when present, 0 when the model has no such
+ * tensor, -1 on an error (a malformed shard file) with the message in err. */
+int st_find(st_model *m, const char *name, st_tensor *t, char *err, size_t errlen);
+
+/* The tensor as f32 with exactly the expected shape (ndim dims). Returns a pointer owned by
+ * m (zero-copy into the mmap for aligned F32 data, else a converted copy), or NULL with a
+ * message: "FILE: missing tensor NAME", "FILE: tensor NAME has shape [..], expected [..]". */
+const float *st_get_f32(st_model *m, const char *name, int ndim, const int64_t *shape,
+                        char *err, size_t errlen);
+
+/* Bytes of the tensors handed out by st_get_f32 so far (as f32), for stats. */
+size_t st_loaded_bytes(const st_model *m);
+
+const char *st_dtype_name(st_dtype d);            /* "F32", "F16", "BF16" */
+int st_dtype_parse(const char *s, st_dtype *out); /* accepts f32/F32/f16/F16/bf16/BF16 */
+size_t st_dtype_size(st_dtype d);
+
+/* ---- writing ---- */
+typedef struct st_writer st_writer;
+st_writer *st_writer_new(void);
+/* Copies `data` (f32, numel = prod(shape)) and converts it to dt. Returns 0 or -1 (OOM). */
+int st_writer_add(st_writer *w, const char *name, st_dtype dt, int ndim, const int64_t *shape,
+                  const float *data);
+/* Writes into existing directory `dir`. n_shards <= 1: model.safetensors. */
+int st_writer_save(st_writer *w, const char *dir, int n_shards, char *err, size_t errlen);
+void st_writer_free(st_writer *w);
+
+#endif
