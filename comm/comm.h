@@ -21,6 +21,13 @@
  * message gives the lengths), unknown kind or dtype, mask of the wrong length or with bits
  * past mb_rows, popcount != n_rows, payload length != n_rows * row bytes, descriptor arrays of
  * the wrong length, bypass stages out of range, mb_rows above the unpacker's limit.
+ * Also (comm_pack checks the same, except stage < n_stages which it cannot know): unknown
+ * protobuf fields; sender/receiver >= n_stages; ROWS going backwards (sender >= receiver);
+ * a descriptor on anything but a ROWS chain packet, or a ROWS chain packet without one; a
+ * bypass list without a descriptor; bypass entries not from < to, or listed twice; negative
+ * slot/pos/token ids; flags bits other than COMM_ROW_*; END with rows; more than
+ * COMM_MAX_BYPASS entries. A failed comm_unpack zeroes *out (and, having reset the arena,
+ * ends the previous packet's lifetime too).
  */
 #ifndef COMM_COMM_H
 #define COMM_COMM_H
@@ -53,6 +60,11 @@ typedef enum { COMM_PKT_ROWS = 0, COMM_PKT_TOKENS = 1, COMM_PKT_END = 2 } comm_p
 typedef struct {
     int from, to; /* stage `from` sent a bypass packet for this micro-batch to stage `to` */
 } comm_bypass;
+
+/* Most bypass entries one packet may list (comm_pack builds the protobuf-c structs on its
+ * stack, ~40 bytes an entry). Entries are distinct pairs from < to, so 512 covers every pair
+ * of a 32-stage pipeline. */
+#define COMM_MAX_BYPASS 512
 
 typedef struct {
     comm_pkt_kind kind;
@@ -100,5 +112,11 @@ int comm_unpack(comm_unpacker *u, const uint8_t *buf, size_t len, int D, comm_pa
 /* Scatter the payload rows of a ROWS packet into x [mb_rows][D] at the present rows
  * (decoding the wire dtype). */
 void comm_scatter_rows(const comm_packet *p, int D, float *x);
+
+/* TOKENS packets: the k-th carried token id, k < n_rows (the payload is int32 LE and may be
+ * unaligned, so read it through this). */
+int32_t comm_packet_token(const comm_packet *p, int k);
+/* Scatter a TOKENS packet's ids into tok [mb_rows] at the present rows. */
+void comm_scatter_tokens(const comm_packet *p, int32_t *tok);
 
 #endif

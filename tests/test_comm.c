@@ -1,0 +1,1190 @@
+/* tests/test_comm.c — the packet layer of comm/ (comm.h, SPEC §4): bitmasks, wire dtypes,
+ * pack -> unpack -> scatter round trips with exact byte sizes, and hostile input. */
+#include <CUnit/Basic.h>
+#include <malloc.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "comm/comm.h"
+#include "modpipe.pb-c.h"
+#include "stage/convert.h"
+
+static uint32_t get_u32le(const uint8_t *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+static void put_u32le(uint8_t *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+static uint32_t f32_bits(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+/* Deterministic generator for the fuzz loops (xorshift64*). */
+static uint64_t rng_state;
+static uint64_t rng_next(void)
+{
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return rng_state * 0x2545F4914F6CDD1DULL;
+}
+
+/* ------------------------------------------------------------------ bitmasks */
+
+static void test_mask(void)
+{
+    CU_ASSERT_EQUAL(comm_mask_bytes(0), 0);
+    CU_ASSERT_EQUAL(comm_mask_bytes(1), 1);
+    CU_ASSERT_EQUAL(comm_mask_bytes(8), 1);
+    CU_ASSERT_EQUAL(comm_mask_bytes(9), 2);
+    uint8_t m[3] = {0};
+    comm_mask_set(m, 0);
+    comm_mask_set(m, 7);
+    comm_mask_set(m, 8);
+    comm_mask_set(m, 17);
+    CU_ASSERT_EQUAL(m[0], 0x81);
+    CU_ASSERT_EQUAL(m[1], 0x01);
+    CU_ASSERT_EQUAL(m[2], 0x02);
+    CU_ASSERT_EQUAL(comm_mask_get(m, 0), 1);
+    CU_ASSERT_EQUAL(comm_mask_get(m, 1), 0);
+    CU_ASSERT_EQUAL(comm_mask_get(m, 7), 1);
+    CU_ASSERT_EQUAL(comm_mask_get(m, 8), 1);
+    CU_ASSERT_EQUAL(comm_mask_get(m, 16), 0);
+    CU_ASSERT_EQUAL(comm_mask_get(m, 17), 1);
+    CU_ASSERT_EQUAL(comm_mask_count(m, 18), 4);
+    CU_ASSERT_EQUAL(comm_mask_count(m, 17), 3); /* bit 17 is past n */
+    CU_ASSERT_EQUAL(comm_mask_count(m, 8), 2);
+    CU_ASSERT_EQUAL(comm_mask_count(m, 1), 1);
+    CU_ASSERT_EQUAL(comm_mask_count(m, 0), 0);
+    m[2] |= 0x80; /* a bit past n never counts */
+    CU_ASSERT_EQUAL(comm_mask_count(m, 18), 4);
+    uint8_t full[4] = {0xff, 0xff, 0xff, 0xff};
+    CU_ASSERT_EQUAL(comm_mask_count(full, 32), 32);
+    CU_ASSERT_EQUAL(comm_mask_count(full, 27), 27);
+}
+
+/* ------------------------------------------------------------------ wire dtypes */
+
+static void test_wire_names(void)
+{
+    CU_ASSERT_EQUAL(comm_wire_size(COMM_WIRE_F32), 4);
+    CU_ASSERT_EQUAL(comm_wire_size(COMM_WIRE_BF16), 2);
+    CU_ASSERT_EQUAL(comm_wire_size(COMM_WIRE_F16), 2);
+    CU_ASSERT_STRING_EQUAL(comm_wire_name(COMM_WIRE_F32), "f32");
+    CU_ASSERT_STRING_EQUAL(comm_wire_name(COMM_WIRE_BF16), "bf16");
+    CU_ASSERT_STRING_EQUAL(comm_wire_name(COMM_WIRE_F16), "f16");
+    comm_wire_dtype d = COMM_WIRE_F32;
+    CU_ASSERT_EQUAL(comm_wire_parse("bf16", &d), 0);
+    CU_ASSERT_EQUAL(d, COMM_WIRE_BF16);
+    CU_ASSERT_EQUAL(comm_wire_parse("f16", &d), 0);
+    CU_ASSERT_EQUAL(d, COMM_WIRE_F16);
+    CU_ASSERT_EQUAL(comm_wire_parse("f32", &d), 0);
+    CU_ASSERT_EQUAL(d, COMM_WIRE_F32);
+    CU_ASSERT_EQUAL(comm_wire_parse("f64", &d), -1);
+    CU_ASSERT_EQUAL(comm_wire_parse("", &d), -1);
+    CU_ASSERT_EQUAL(comm_wire_parse("bf16 ", &d), -1);
+    CU_ASSERT_EQUAL(comm_wire_parse(NULL, &d), -1);
+    CU_ASSERT_EQUAL(d, COMM_WIRE_F32); /* untouched on failure */
+}
+
+static void test_wire_f32(void)
+{
+    const float v[] = {0.0f, -0.0f, 1.0f, -2.5f, 0.1f, 3.4028235e38f, 1e-45f, 1.17549435e-38f,
+                       INFINITY, -INFINITY, NAN};
+    const size_t n = sizeof v / sizeof v[0];
+    uint8_t raw[4 * 16 + 1];
+    float back[16];
+    comm_wire_encode(COMM_WIRE_F32, v, raw + 1, n); /* odd offset: payloads are unaligned */
+    comm_wire_decode(COMM_WIRE_F32, raw + 1, back, n);
+    for (size_t i = 0; i < n; i++) CU_ASSERT_EQUAL(f32_bits(back[i]), f32_bits(v[i]));
+    /* little-endian: 1.0f = 0x3f800000 at bytes 8..11 */
+    CU_ASSERT_EQUAL(raw[1 + 8], 0x00);
+    CU_ASSERT_EQUAL(raw[1 + 9], 0x00);
+    CU_ASSERT_EQUAL(raw[1 + 10], 0x80);
+    CU_ASSERT_EQUAL(raw[1 + 11], 0x3f);
+}
+
+struct wire_case {
+    float in;
+    uint16_t bits; /* expected wire value */
+    float out;     /* expected decoded value */
+};
+
+static void check_wire_cases(comm_wire_dtype d, const struct wire_case *c, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        uint8_t raw[3];
+        float back;
+        comm_wire_encode(d, &c[i].in, raw + 1, 1);
+        uint16_t bits = (uint16_t)(raw[1] | raw[2] << 8);
+        if (bits != c[i].bits)
+            fprintf(stderr, "\n  %s(%.9g): got 0x%04x want 0x%04x\n", comm_wire_name(d),
+                    (double)c[i].in, bits, c[i].bits);
+        CU_ASSERT_EQUAL(bits, c[i].bits);
+        comm_wire_decode(d, raw + 1, &back, 1);
+        CU_ASSERT_EQUAL(f32_bits(back), f32_bits(c[i].out));
+    }
+}
+
+static void test_wire_bf16(void)
+{
+    const struct wire_case c[] = {
+        {1.0f, 0x3f80, 1.0f},
+        {-2.5f, 0xc020, -2.5f},
+        {0.0f, 0x0000, 0.0f},
+        {-0.0f, 0x8000, -0.0f},
+        {65504.0f, 0x4780, 65536.0f},                          /* 0x477fe000 rounds up */
+        {1.0f + 0x1p-8f, 0x3f80, 1.0f},                         /* tie -> even (down) */
+        {1.0f + 3 * 0x1p-8f, 0x3f82, 1.0f + 0x1p-6f},           /* tie -> even (up) */
+        {1.0f + 0x1p-8f + 0x1p-20f, 0x3f81, 1.0f + 0x1p-7f},    /* just above the tie */
+        {3.4028235e38f, 0x7f80, INFINITY},                      /* max float overflows */
+        {INFINITY, 0x7f80, INFINITY},
+        {-INFINITY, 0xff80, -INFINITY},
+    };
+    check_wire_cases(COMM_WIRE_BF16, c, sizeof c / sizeof c[0]);
+    uint8_t raw[2];
+    float nan = NAN, back;
+    comm_wire_encode(COMM_WIRE_BF16, &nan, raw, 1);
+    comm_wire_decode(COMM_WIRE_BF16, raw, &back, 1);
+    CU_ASSERT(isnan(back));
+    /* byte order: 1.0 is 0x3f80 -> 80 3f */
+    float one = 1.0f;
+    comm_wire_encode(COMM_WIRE_BF16, &one, raw, 1);
+    CU_ASSERT(raw[0] == 0x80 && raw[1] == 0x3f);
+}
+
+static void test_wire_f16(void)
+{
+    const struct wire_case c[] = {
+        {1.0f, 0x3c00, 1.0f},
+        {-2.5f, 0xc100, -2.5f},
+        {65504.0f, 0x7bff, 65504.0f},                    /* f16 max */
+        {65519.0f, 0x7bff, 65504.0f},                    /* below the overflow tie */
+        {65520.0f, 0x7c00, INFINITY},                    /* the tie rounds to inf */
+        {-1e6f, 0xfc00, -INFINITY},
+        {0x1p-14f, 0x0400, 0x1p-14f},                    /* smallest normal */
+        {0x1p-24f, 0x0001, 0x1p-24f},                    /* smallest subnormal */
+        {1e-8f, 0x0000, 0.0f},                           /* < half the smallest subnormal */
+        {-1e-8f, 0x8000, -0.0f},
+        {6e-8f, 0x0001, 0x1p-24f},
+        {1e-7f, 0x0002, 0x1p-23f},
+        {1e-5f, 0x00a8, 168 * 0x1p-24f},                 /* subnormal 168 x 2^-24 */
+        {0x1p-25f, 0x0000, 0.0f},                        /* tie 0 | 1 -> even 0 */
+        {3 * 0x1p-25f, 0x0002, 0x1p-23f},                /* tie 1 | 2 -> even 2 */
+        {1.0f + 0x1p-11f, 0x3c00, 1.0f},                 /* tie -> even (down) */
+        {1.0f + 3 * 0x1p-11f, 0x3c02, 1.0f + 0x1p-9f},   /* tie -> even (up) */
+        {2049.0f, 0x6800, 2048.0f},
+        {2051.0f, 0x6802, 2052.0f},
+        {0x1p-14f - 0x1p-25f, 0x0400, 0x1p-14f},         /* subnormal rounds up to normal */
+    };
+    check_wire_cases(COMM_WIRE_F16, c, sizeof c / sizeof c[0]);
+    uint8_t raw[2];
+    float nan = NAN, back;
+    comm_wire_encode(COMM_WIRE_F16, &nan, raw, 1);
+    comm_wire_decode(COMM_WIRE_F16, raw, &back, 1);
+    CU_ASSERT(isnan(back));
+    float v = -2.5f;
+    comm_wire_encode(COMM_WIRE_F16, &v, raw, 1);
+    CU_ASSERT(raw[0] == 0x00 && raw[1] == 0xc1);
+}
+
+/* ------------------------------------------------------------------ packet builders */
+
+enum { S4 = 4, MB10 = 10, D5 = 5 };
+
+/* One micro-batch of 10 rows with a descriptor; rows {0,3,4,9} present. */
+typedef struct {
+    uint8_t present[2];
+    int32_t slot[MB10], pos[MB10], token[MB10];
+    uint8_t flags[MB10];
+    comm_bypass bypass[3];
+    float x[MB10 * D5]; /* [mb_rows][D] */
+    comm_packet p;
+} fixture;
+
+static void fixture_init(fixture *f, comm_wire_dtype dtype)
+{
+    memset(f, 0, sizeof *f);
+    const int rows[] = {0, 3, 4, 9};
+    for (int k = 0; k < 4; k++) comm_mask_set(f->present, rows[k]);
+    for (int i = 0; i < MB10; i++) {
+        f->slot[i] = i % 3;
+        f->pos[i] = 100 + 37 * i; /* some two-byte varints */
+        f->token[i] = 1000 * i + 7;
+        f->flags[i] = (uint8_t)(i % 4);
+        for (int j = 0; j < D5; j++) f->x[i * D5 + j] = 0.37f * (float)(i * D5 + j) - 3.1f;
+    }
+    f->bypass[0] = (comm_bypass){0, 2};
+    f->bypass[1] = (comm_bypass){0, 3};
+    f->bypass[2] = (comm_bypass){1, 3};
+    comm_packet *p = &f->p;
+    p->kind = COMM_PKT_ROWS;
+    p->mb = 42;
+    p->sender = 1;
+    p->receiver = 2;
+    p->mb_rows = MB10;
+    p->n_rows = 4;
+    p->dtype = dtype;
+    p->present = f->present;
+    p->has_desc = 1;
+    p->slot = f->slot;
+    p->pos = f->pos;
+    p->token = f->token;
+    p->flags = f->flags;
+    p->n_bypass = 3;
+    p->bypass = f->bypass;
+}
+
+/* The protobuf packed size of the header inside a packed packet, measured independently
+ * (system allocator: this is the test, not the engine). */
+static size_t reference_header_size(const uint8_t *buf, size_t len)
+{
+    size_t H = get_u32le(buf);
+    Modpipe__PacketHeader *h = modpipe__packet_header__unpack(NULL, H, buf + 4);
+    if (!h) return 0;
+    size_t n = modpipe__packet_header__get_packed_size(h);
+    modpipe__packet_header__free_unpacked(h, NULL);
+    (void)len;
+    return n;
+}
+
+static void assert_same_header(const comm_packet *a, const comm_packet *b)
+{
+    CU_ASSERT_EQUAL(a->kind, b->kind);
+    CU_ASSERT_EQUAL(a->mb, b->mb);
+    CU_ASSERT_EQUAL(a->sender, b->sender);
+    CU_ASSERT_EQUAL(a->receiver, b->receiver);
+    CU_ASSERT_EQUAL(a->mb_rows, b->mb_rows);
+    CU_ASSERT_EQUAL(a->n_rows, b->n_rows);
+    CU_ASSERT_EQUAL(a->dtype, b->dtype);
+    CU_ASSERT_EQUAL(memcmp(a->present, b->present, comm_mask_bytes(a->mb_rows)), 0);
+    CU_ASSERT_EQUAL(a->has_desc, b->has_desc);
+    if (a->has_desc && b->has_desc) {
+        size_t r = (size_t)a->mb_rows;
+        CU_ASSERT_EQUAL(memcmp(a->slot, b->slot, r * 4), 0);
+        CU_ASSERT_EQUAL(memcmp(a->pos, b->pos, r * 4), 0);
+        CU_ASSERT_EQUAL(memcmp(a->token, b->token, r * 4), 0);
+        CU_ASSERT_EQUAL(memcmp(a->flags, b->flags, r), 0);
+    }
+    CU_ASSERT_EQUAL(a->n_bypass, b->n_bypass);
+    if (a->n_bypass == b->n_bypass)
+        for (int k = 0; k < a->n_bypass; k++) {
+            CU_ASSERT_EQUAL(a->bypass[k].from, b->bypass[k].from);
+            CU_ASSERT_EQUAL(a->bypass[k].to, b->bypass[k].to);
+        }
+}
+
+/* ------------------------------------------------------------------ round trips */
+
+static void roundtrip_rows(const fixture *f, int D, int n_stages)
+{
+    const comm_packet *p = &f->p;
+    size_t cap = comm_packet_max_bytes(p->mb_rows, D, n_stages);
+    CU_ASSERT_FATAL(cap > 0);
+    uint8_t *buf = malloc(cap);
+    char err[256] = "";
+    size_t hb = 0, pb = 0;
+    size_t total = comm_pack(p, f->x, D, NULL, buf, cap, &hb, &pb, err, sizeof err);
+    if (!total) fprintf(stderr, "\n  pack: %s\n", err);
+    CU_ASSERT_FATAL(total > 0);
+    size_t ws = comm_wire_size(p->dtype);
+    CU_ASSERT_EQUAL(pb, (size_t)p->n_rows * (size_t)D * ws);
+    CU_ASSERT_EQUAL(hb, 4 + (size_t)get_u32le(buf));
+    CU_ASSERT_EQUAL(hb, 4 + reference_header_size(buf, total));
+    CU_ASSERT_EQUAL(total, hb + pb);
+    CU_ASSERT(total <= cap);
+
+    comm_unpacker *u = comm_unpacker_init(16, n_stages);
+    CU_ASSERT_FATAL(u != NULL);
+    comm_packet q;
+    int rc = comm_unpack(u, buf, total, D, &q, err, sizeof err);
+    if (rc) fprintf(stderr, "\n  unpack: %s\n", err);
+    CU_ASSERT_FATAL(rc == 0);
+    assert_same_header(p, &q);
+    CU_ASSERT_PTR_EQUAL(q.payload, buf + hb);
+    CU_ASSERT_EQUAL(q.payload_bytes, pb);
+    if (!p->has_desc) {
+        CU_ASSERT_PTR_NULL(q.slot);
+        CU_ASSERT_PTR_NULL(q.bypass);
+    }
+
+    float *y = malloc((size_t)p->mb_rows * (size_t)D * sizeof *y); /* [mb_rows][D] */
+    for (int i = 0; i < p->mb_rows * D; i++) y[i] = 777.0f;
+    comm_scatter_rows(&q, D, y);
+    for (int i = 0; i < p->mb_rows; i++)
+        for (int j = 0; j < D; j++) {
+            float v = f->x[i * D + j], want = 777.0f;
+            if (comm_mask_get(p->present, i)) {
+                switch (p->dtype) {
+                case COMM_WIRE_F32: want = v; break;
+                case COMM_WIRE_BF16: want = stage_bf16_to_f32(stage_f32_to_bf16(v)); break;
+                case COMM_WIRE_F16: want = stage_f16_to_f32(stage_f32_to_f16(v)); break;
+                }
+            }
+            CU_ASSERT_EQUAL(f32_bits(y[i * D + j]), f32_bits(want));
+        }
+    free(y);
+    comm_unpacker_free(u);
+    free(buf);
+}
+
+static void test_rows_chain(void)
+{
+    const comm_wire_dtype d[] = {COMM_WIRE_F32, COMM_WIRE_BF16, COMM_WIRE_F16};
+    for (int k = 0; k < 3; k++) {
+        fixture f;
+        fixture_init(&f, d[k]);
+        roundtrip_rows(&f, D5, S4);
+    }
+}
+
+static void test_rows_non_chain(void)
+{
+    const comm_wire_dtype d[] = {COMM_WIRE_F32, COMM_WIRE_BF16, COMM_WIRE_F16};
+    for (int k = 0; k < 3; k++) {
+        fixture f;
+        fixture_init(&f, d[k]);
+        f.p.sender = 0;
+        f.p.receiver = 3; /* a bypass packet: no descriptor, no bypass list */
+        f.p.has_desc = 0;
+        f.p.slot = f.p.pos = f.p.token = NULL;
+        f.p.flags = NULL;
+        f.p.n_bypass = 0;
+        f.p.bypass = NULL;
+        roundtrip_rows(&f, D5, S4);
+    }
+}
+
+/* The exact header of an empty chain packet of 8 rows, computed by hand:
+ * 7 required varint fields of 1-byte values (2 bytes each) = 14, present (tag, len, 1) = 3,
+ * desc (tag, len) = 2 + 3 packed arrays of 8 one-byte values (tag, len, 8) = 30 + flags
+ * (tag, len, 8) = 10 -> 59 bytes, plus the 4-byte prefix = 63. */
+static void test_empty_chain(void)
+{
+    uint8_t present[1] = {0}, flags[8];
+    int32_t slot[8], pos[8], token[8];
+    for (int i = 0; i < 8; i++) {
+        slot[i] = i;
+        pos[i] = i;
+        token[i] = i + 1;
+        flags[i] = COMM_ROW_PROMPT;
+    }
+    comm_packet p = {.kind = COMM_PKT_ROWS, .mb = 1, .sender = 0, .receiver = 1, .mb_rows = 8,
+                     .n_rows = 0, .dtype = COMM_WIRE_F32, .present = present, .has_desc = 1,
+                     .slot = slot, .pos = pos, .token = token, .flags = flags};
+    uint8_t buf[512];
+    char err[256] = "";
+    size_t hb, pb;
+    size_t total = comm_pack(&p, NULL, 16, NULL, buf, sizeof buf, &hb, &pb, err, sizeof err);
+    CU_ASSERT_EQUAL(total, 63);
+    CU_ASSERT_EQUAL(hb, 63);
+    CU_ASSERT_EQUAL(pb, 0);
+    CU_ASSERT_EQUAL(hb, 4 + reference_header_size(buf, total));
+    comm_unpacker *u = comm_unpacker_init(8, 2);
+    comm_packet q;
+    CU_ASSERT_FATAL(comm_unpack(u, buf, total, 16, &q, err, sizeof err) == 0);
+    assert_same_header(&p, &q);
+    CU_ASSERT_EQUAL(q.payload_bytes, 0);
+    float y[8 * 16];
+    for (int i = 0; i < 8 * 16; i++) y[i] = 5.0f;
+    comm_scatter_rows(&q, 16, y); /* nothing present: nothing written */
+    for (int i = 0; i < 8 * 16; i++) CU_ASSERT_EQUAL(y[i], 5.0f);
+
+    /* mb_rows 0: an empty micro-batch still decodes, with non-NULL (empty) arrays */
+    comm_packet e = {.kind = COMM_PKT_ROWS, .mb = 2, .sender = 0, .receiver = 1, .mb_rows = 0,
+                     .n_rows = 0, .dtype = COMM_WIRE_BF16, .has_desc = 1};
+    total = comm_pack(&e, NULL, 16, NULL, buf, sizeof buf, &hb, &pb, err, sizeof err);
+    CU_ASSERT_FATAL(total > 0);
+    CU_ASSERT_EQUAL(hb, 4 + reference_header_size(buf, total));
+    CU_ASSERT_EQUAL(pb, 0);
+    CU_ASSERT_FATAL(comm_unpack(u, buf, total, 16, &q, err, sizeof err) == 0);
+    CU_ASSERT_EQUAL(q.mb_rows, 0);
+    CU_ASSERT_EQUAL(q.has_desc, 1);
+    CU_ASSERT(q.present && q.slot && q.pos && q.token && q.flags);
+    printf("\n  empty chain packet, 8 rows: %zu header bytes; 0 rows: %zu\n", (size_t)63, hb);
+    comm_unpacker_free(u);
+}
+
+static void test_tokens(void)
+{
+    uint8_t present[1] = {0};
+    comm_mask_set(present, 0);
+    comm_mask_set(present, 2);
+    comm_mask_set(present, 5);
+    const int32_t tok[3] = {5, 0, 2147483647};
+    comm_packet p = {.kind = COMM_PKT_TOKENS, .mb = 9, .sender = 2, .receiver = 0, .mb_rows = 6,
+                     .n_rows = 3, .present = present};
+    uint8_t buf[256];
+    char err[256] = "";
+    size_t hb, pb;
+    size_t total = comm_pack(&p, NULL, 0, tok, buf, sizeof buf, &hb, &pb, err, sizeof err);
+    CU_ASSERT_FATAL(total > 0);
+    CU_ASSERT_EQUAL(pb, 12);
+    CU_ASSERT(total <= comm_packet_max_bytes(6, 0, 3)); /* D 0: a tokens-only buffer */
+    CU_ASSERT_EQUAL(hb, 4 + reference_header_size(buf, total));
+    CU_ASSERT_EQUAL(total, hb + pb);
+    CU_ASSERT(buf[hb] == 5 && buf[hb + 1] == 0 && buf[hb + 2] == 0 && buf[hb + 3] == 0);
+    comm_unpacker *u = comm_unpacker_init(8, 3);
+    comm_packet q;
+    int rc = comm_unpack(u, buf, total, 123 /* D: ignored for TOKENS */, &q, err, sizeof err);
+    CU_ASSERT_FATAL(rc == 0);
+    assert_same_header(&p, &q);
+    CU_ASSERT_EQUAL(q.payload_bytes, 12);
+    for (int k = 0; k < 3; k++) CU_ASSERT_EQUAL(comm_packet_token(&q, k), tok[k]);
+    int32_t all[6] = {-1, -1, -1, -1, -1, -1};
+    comm_scatter_tokens(&q, all);
+    const int32_t want[6] = {5, -1, 0, -1, -1, 2147483647};
+    CU_ASSERT_EQUAL(memcmp(all, want, sizeof want), 0);
+    comm_unpacker_free(u);
+}
+
+static void test_end(void)
+{
+    uint8_t present[1] = {0};
+    comm_packet p = {.kind = COMM_PKT_END, .mb = 77, .sender = 0, .receiver = 1, .mb_rows = 3,
+                     .n_rows = 0, .present = present};
+    uint8_t buf[128];
+    char err[256] = "";
+    size_t hb, pb;
+    size_t total = comm_pack(&p, NULL, 0, NULL, buf, sizeof buf, &hb, &pb, err, sizeof err);
+    CU_ASSERT_FATAL(total > 0);
+    CU_ASSERT_EQUAL(pb, 0);
+    CU_ASSERT_EQUAL(total, hb);
+    CU_ASSERT_EQUAL(hb, 4 + reference_header_size(buf, total));
+    comm_unpacker *u = comm_unpacker_init(4, 2);
+    comm_packet q;
+    CU_ASSERT_FATAL(comm_unpack(u, buf, total, 8, &q, err, sizeof err) == 0);
+    assert_same_header(&p, &q);
+    CU_ASSERT_EQUAL(q.payload_bytes, 0);
+    /* an END with no rows at all */
+    comm_packet e = {.kind = COMM_PKT_END, .sender = 1, .receiver = 0};
+    total = comm_pack(&e, NULL, 0, NULL, buf, sizeof buf, &hb, &pb, err, sizeof err);
+    CU_ASSERT_FATAL(total > 0);
+    CU_ASSERT_EQUAL(total, 4 + 14 + 2); /* 7 one-byte varint fields + empty present */
+    CU_ASSERT_FATAL(comm_unpack(u, buf, total, 8, &q, err, sizeof err) == 0);
+    CU_ASSERT_EQUAL(q.kind, COMM_PKT_END);
+    comm_unpacker_free(u);
+}
+
+/* The worst valid packet fits comm_packet_max_bytes and the unpacker's arena: every row
+ * present with the largest descriptor values, every stage pair in the bypass list. */
+static void test_limits(void)
+{
+    enum { S = 32, R = 64, D = 3 };
+    uint8_t present[R / 8], flags[R];
+    int32_t big[R];
+    float x[R * D];
+    static comm_bypass bp[COMM_MAX_BYPASS + 1];
+    memset(present, 0xff, sizeof present);
+    for (int i = 0; i < R; i++) {
+        big[i] = INT32_MAX;
+        flags[i] = COMM_ROW_NEED_LOGITS | COMM_ROW_PROMPT;
+    }
+    for (int i = 0; i < R * D; i++) x[i] = (float)i;
+    int nb = 0;
+    for (int a = 0; a < S; a++)
+        for (int b = a + 1; b < S; b++) bp[nb++] = (comm_bypass){a, b};
+    CU_ASSERT_EQUAL(nb, S * (S - 1) / 2);
+    comm_packet p = {.kind = COMM_PKT_ROWS, .mb = UINT64_MAX, .sender = S - 2,
+                     .receiver = S - 1, .mb_rows = R, .n_rows = R, .dtype = COMM_WIRE_F32,
+                     .present = present, .has_desc = 1, .slot = big, .pos = big, .token = big,
+                     .flags = flags, .n_bypass = nb, .bypass = bp};
+    size_t cap = comm_packet_max_bytes(R, D, S);
+    uint8_t *buf = malloc(cap);
+    char err[256] = "";
+    size_t hb, pb;
+    size_t total = comm_pack(&p, x, D, NULL, buf, cap, &hb, &pb, err, sizeof err);
+    if (!total) fprintf(stderr, "\n  pack: %s\n", err);
+    CU_ASSERT_FATAL(total > 0);
+    CU_ASSERT(total <= cap);
+    CU_ASSERT_EQUAL(pb, (size_t)R * D * 4);
+    printf("\n  worst packet %d rows, %d stages: %zu bytes (bound %zu)\n", R, S, total, cap);
+
+    comm_unpacker *u = comm_unpacker_init(R, S);
+    comm_packet q;
+    int rc = comm_unpack(u, buf, total, D, &q, err, sizeof err);
+    if (rc) fprintf(stderr, "\n  unpack: %s\n", err);
+    CU_ASSERT_FATAL(rc == 0);
+    assert_same_header(&p, &q);
+    comm_unpacker_free(u);
+
+    /* one row over the unpacker's limit */
+    u = comm_unpacker_init(R - 1, S);
+    rc = comm_unpack(u, buf, total, D, &q, err, sizeof err);
+    CU_ASSERT(rc != 0 && strstr(err, "above the limit"));
+    comm_unpacker_free(u);
+    /* fewer stages than the packet names */
+    u = comm_unpacker_init(R, S - 1);
+    rc = comm_unpack(u, buf, total, D, &q, err, sizeof err);
+    CU_ASSERT(rc != 0 && strstr(err, "out of range"));
+    comm_unpacker_free(u);
+
+    /* more bypass entries than comm_pack's stack scratch */
+    for (int k = 0; k <= COMM_MAX_BYPASS; k++) bp[k] = (comm_bypass){k, k + 1};
+    p.n_bypass = COMM_MAX_BYPASS + 1;
+    err[0] = 0;
+    CU_ASSERT_EQUAL(comm_pack(&p, x, D, NULL, buf, cap, &hb, &pb, err, sizeof err), 0);
+    CU_ASSERT(strstr(err, "bypass") != NULL);
+    free(buf);
+
+    CU_ASSERT_EQUAL(comm_packet_max_bytes(-1, 4, 2), 0);
+    CU_ASSERT_PTR_NULL(comm_unpacker_init(-1, 2));
+    CU_ASSERT_PTR_NULL(comm_unpacker_init(8, 0));
+    comm_unpacker_free(NULL);
+}
+
+/* The decoded packet stays valid until the next comm_unpack on the same unpacker, and two
+ * unpackers do not share state. */
+static void test_lifetime(void)
+{
+    fixture f, g;
+    fixture_init(&f, COMM_WIRE_F32);
+    fixture_init(&g, COMM_WIRE_BF16);
+    g.p.mb = 43;
+    g.slot[0] = 99;
+    size_t cap = comm_packet_max_bytes(MB10, D5, S4);
+    uint8_t *a = malloc(cap), *b = malloc(cap);
+    char err[256];
+    size_t la = comm_pack(&f.p, f.x, D5, NULL, a, cap, NULL, NULL, err, sizeof err);
+    size_t lb = comm_pack(&g.p, g.x, D5, NULL, b, cap, NULL, NULL, err, sizeof err);
+    CU_ASSERT_FATAL(la && lb);
+    comm_unpacker *u1 = comm_unpacker_init(MB10, S4), *u2 = comm_unpacker_init(MB10, S4);
+    comm_packet p1, p2, p3;
+    CU_ASSERT_FATAL(comm_unpack(u1, a, la, D5, &p1, err, sizeof err) == 0);
+    CU_ASSERT_FATAL(comm_unpack(u2, b, lb, D5, &p2, err, sizeof err) == 0);
+    assert_same_header(&f.p, &p1); /* u2's decode left u1's packet alone */
+    assert_same_header(&g.p, &p2);
+    CU_ASSERT_FATAL(comm_unpack(u1, b, lb, D5, &p3, err, sizeof err) == 0);
+    assert_same_header(&g.p, &p3);
+    CU_ASSERT_EQUAL(p3.slot[0], 99);
+    comm_unpacker_free(u1);
+    comm_unpacker_free(u2);
+    free(a);
+    free(b);
+}
+
+/* Decoding does not touch the heap (glibc's counters; ASan's allocator reports zeros, which
+ * trivially passes). */
+static void test_no_malloc(void)
+{
+    fixture f;
+    fixture_init(&f, COMM_WIRE_F16);
+    size_t cap = comm_packet_max_bytes(MB10, D5, S4);
+    uint8_t *buf = malloc(cap);
+    char err[256];
+    size_t len = comm_pack(&f.p, f.x, D5, NULL, buf, cap, NULL, NULL, err, sizeof err);
+    comm_unpacker *u = comm_unpacker_init(MB10, S4);
+    comm_packet q;
+    CU_ASSERT_FATAL(comm_unpack(u, buf, len, D5, &q, err, sizeof err) == 0);
+    struct mallinfo2 before = mallinfo2();
+    int fails = 0;
+    for (int k = 0; k < 1000; k++) {
+        fails += comm_unpack(u, buf, len, D5, &q, err, sizeof err) != 0;
+        fails += comm_unpack(u, buf, len - 1, D5, &q, err, sizeof err) == 0;
+        fails += comm_pack(&f.p, f.x, D5, NULL, buf, cap, NULL, NULL, err, sizeof err) != len;
+    }
+    struct mallinfo2 after = mallinfo2();
+    CU_ASSERT_EQUAL(fails, 0);
+    CU_ASSERT_EQUAL(before.uordblks, after.uordblks);
+    CU_ASSERT_EQUAL(before.hblkhd, after.hblkhd);
+    comm_unpacker_free(u);
+    free(buf);
+}
+
+/* ------------------------------------------------------------------ pack errors */
+
+static void expect_pack_fail(const comm_packet *p, const float *x, int D, const int32_t *tok,
+                             const char *what)
+{
+    uint8_t buf[4096];
+    char err[256] = "";
+    size_t hb = 1, pb = 1;
+    size_t n = comm_pack(p, x, D, tok, buf, sizeof buf, &hb, &pb, err, sizeof err);
+    CU_ASSERT_EQUAL(n, 0);
+    CU_ASSERT(err[0] != 0);
+    if (!strstr(err, what)) fprintf(stderr, "\n  pack: want \"%s\" in \"%s\"\n", what, err);
+    CU_ASSERT(strstr(err, what) != NULL);
+}
+
+static void test_pack_errors(void)
+{
+    fixture f;
+    fixture_init(&f, COMM_WIRE_BF16);
+    /* every capacity short of the packet fails, the exact one succeeds */
+    size_t cap = comm_packet_max_bytes(MB10, D5, S4);
+    uint8_t *buf = malloc(cap);
+    char err[256];
+    size_t need = comm_pack(&f.p, f.x, D5, NULL, buf, cap, NULL, NULL, err, sizeof err);
+    CU_ASSERT_FATAL(need > 0);
+    for (size_t c = 0; c < need; c++) {
+        uint8_t *b = malloc(c ? c : 1);
+        err[0] = 0;
+        CU_ASSERT_EQUAL(comm_pack(&f.p, f.x, D5, NULL, b, c, NULL, NULL, err, sizeof err), 0);
+        CU_ASSERT(strstr(err, "buffer has") != NULL);
+        free(b);
+    }
+    uint8_t *b = malloc(need);
+    CU_ASSERT_EQUAL(comm_pack(&f.p, f.x, D5, NULL, b, need, NULL, NULL, err, sizeof err), need);
+    CU_ASSERT_EQUAL(memcmp(b, buf, need), 0);
+    free(b);
+    free(buf);
+
+    comm_packet p;
+    p = f.p; p.n_rows = 3;                 expect_pack_fail(&p, f.x, D5, NULL, "n_rows says");
+    p = f.p; p.n_rows = 11;                expect_pack_fail(&p, f.x, D5, NULL, "n_rows 11");
+    p = f.p; p.has_desc = 0;               expect_pack_fail(&p, f.x, D5, NULL, "without a descriptor");
+    p = f.p; p.receiver = 3;               expect_pack_fail(&p, f.x, D5, NULL, "with a descriptor");
+    p = f.p; p.receiver = 0;               expect_pack_fail(&p, f.x, D5, NULL, "forward");
+    p = f.p; p.sender = -1;                expect_pack_fail(&p, f.x, D5, NULL, "out of range");
+    p = f.p; p.dtype = (comm_wire_dtype)3; expect_pack_fail(&p, f.x, D5, NULL, "dtype");
+    p = f.p; p.kind = (comm_pkt_kind)3;    expect_pack_fail(&p, f.x, D5, NULL, "kind");
+    p = f.p;                               expect_pack_fail(&p, f.x, 0, NULL, "D > 0");
+    p = f.p;                               expect_pack_fail(&p, NULL, D5, NULL, "needs x");
+    p = f.p; p.n_bypass = -1;              expect_pack_fail(&p, f.x, D5, NULL, "bypass");
+    int32_t neg[MB10];
+    memcpy(neg, f.pos, sizeof neg);
+    neg[9] = -5;
+    p = f.p; p.pos = neg;                  expect_pack_fail(&p, f.x, D5, NULL, "negative");
+    uint8_t fl[MB10] = {0};
+    fl[2] = 4;
+    p = f.p; p.flags = fl;                 expect_pack_fail(&p, f.x, D5, NULL, "flags");
+    comm_bypass dup[2] = {{0, 2}, {0, 2}}, back[1] = {{2, 1}};
+    p = f.p; p.bypass = dup; p.n_bypass = 2; expect_pack_fail(&p, f.x, D5, NULL, "twice");
+    p = f.p; p.bypass = back; p.n_bypass = 1; expect_pack_fail(&p, f.x, D5, NULL, "bypass 2 -> 1");
+    uint8_t trail[2] = {0x19, 0x06}; /* rows 0,3,4 + bit 9 + bit 10 (past mb_rows 10) */
+    p = f.p; p.present = trail; p.n_rows = 5; expect_pack_fail(&p, f.x, D5, NULL, "past mb_rows");
+    p = f.p; p.present = NULL;             expect_pack_fail(&p, f.x, D5, NULL, "mask");
+
+    uint8_t m1[1] = {0x03};
+    comm_packet t = {.kind = COMM_PKT_TOKENS, .sender = 3, .receiver = 0, .mb_rows = 2,
+                     .n_rows = 2, .present = m1};
+    const int32_t badtok[2] = {1, -1};
+    expect_pack_fail(&t, NULL, 0, NULL, "without tokens");
+    expect_pack_fail(&t, NULL, 0, badtok, "negative");
+    comm_packet e = {.kind = COMM_PKT_END, .sender = 0, .receiver = 1, .mb_rows = 2,
+                     .n_rows = 2, .present = m1};
+    expect_pack_fail(&e, NULL, 0, NULL, "END packet with 2 rows");
+    expect_pack_fail(NULL, NULL, 0, NULL, "no header");
+}
+
+/* ------------------------------------------------------------------ hostile input */
+
+/* [u32 H][header][payload_len bytes 0x5a]; the header built directly with protobuf-c. */
+static size_t raw_packet(const Modpipe__PacketHeader *h, size_t payload_len, uint8_t *buf,
+                         size_t cap)
+{
+    size_t H = modpipe__packet_header__get_packed_size(h);
+    CU_ASSERT_FATAL(4 + H + payload_len <= cap);
+    put_u32le(buf, (uint32_t)H);
+    modpipe__packet_header__pack(h, buf + 4);
+    memset(buf + 4 + H, 0x5a, payload_len);
+    return 4 + H + payload_len;
+}
+
+/* Unpack a copy in a buffer of exactly len bytes (so ASan sees any over-read). */
+static int unpack_exact(comm_unpacker *u, const uint8_t *src, size_t len, int D, comm_packet *q,
+                        char *err, size_t errlen)
+{
+    uint8_t *b = malloc(len ? len : 1);
+    memcpy(b, src, len);
+    int rc = comm_unpack(u, b, len, D, q, err, errlen);
+    free(b);
+    return rc;
+}
+
+static void expect_unpack_fail(comm_unpacker *u, const uint8_t *buf, size_t len, int D,
+                               const char *what)
+{
+    char err[256] = "";
+    comm_packet q;
+    int rc = unpack_exact(u, buf, len, D, &q, err, sizeof err);
+    CU_ASSERT(rc != 0);
+    CU_ASSERT(err[0] != 0);
+    if (rc == 0 || !strstr(err, what))
+        fprintf(stderr, "\n  unpack rc %d: want \"%s\" in \"%s\"\n", rc, what, err);
+    CU_ASSERT(strstr(err, what) != NULL);
+}
+
+/* A valid chain header (1 -> 2, 10 rows, rows {0,3,4,9}) that the cases then break. */
+typedef struct {
+    Modpipe__PacketHeader h;
+    Modpipe__BatchDesc d;
+    Modpipe__Bypass b[3];
+    Modpipe__Bypass *bp[3];
+    uint8_t present[2], flags[MB10];
+    int32_t slot[MB10], pos[MB10], token[MB10];
+} raw_hdr;
+
+static void raw_init(raw_hdr *r)
+{
+    fixture f;
+    fixture_init(&f, COMM_WIRE_F32);
+    modpipe__packet_header__init(&r->h);
+    modpipe__batch_desc__init(&r->d);
+    memcpy(r->present, f.present, sizeof r->present);
+    memcpy(r->flags, f.flags, sizeof r->flags);
+    memcpy(r->slot, f.slot, sizeof r->slot);
+    memcpy(r->pos, f.pos, sizeof r->pos);
+    memcpy(r->token, f.token, sizeof r->token);
+    r->h.kind = MODPIPE__PACKET_KIND__ROWS;
+    r->h.mb = 42;
+    r->h.sender = 1;
+    r->h.receiver = 2;
+    r->h.mb_rows = MB10;
+    r->h.n_rows = 4;
+    r->h.dtype = MODPIPE__WIRE_DTYPE__F32;
+    r->h.present.len = 2;
+    r->h.present.data = r->present;
+    r->d.n_slot = r->d.n_pos = r->d.n_token = MB10;
+    r->d.slot = r->slot;
+    r->d.pos = r->pos;
+    r->d.token = r->token;
+    r->d.flags.len = MB10;
+    r->d.flags.data = r->flags;
+    r->h.desc = &r->d;
+    const uint32_t pairs[3][2] = {{0, 2}, {0, 3}, {1, 3}};
+    for (int k = 0; k < 3; k++) {
+        modpipe__bypass__init(&r->b[k]);
+        r->b[k].from_stage = pairs[k][0];
+        r->b[k].to_stage = pairs[k][1];
+        r->bp[k] = &r->b[k];
+    }
+    r->h.n_bypass = 3;
+    r->h.bypass = r->bp;
+}
+
+enum { RAW_CAP = 8192, ROWB = D5 * 4 /* f32 row bytes */ };
+
+static void test_unpack_bad_headers(void)
+{
+    comm_unpacker *u = comm_unpacker_init(16, S4);
+    static uint8_t buf[RAW_CAP];
+    raw_hdr r;
+    size_t n;
+    char err[256];
+    comm_packet q;
+
+    raw_init(&r);
+    n = raw_packet(&r.h, 4 * ROWB, buf, RAW_CAP);
+    CU_ASSERT_EQUAL(unpack_exact(u, buf, n, D5, &q, err, sizeof err), 0); /* the baseline */
+
+    /* short buffers and a header length past the end */
+    for (size_t l = 0; l < 4; l++) expect_unpack_fail(u, buf, l, D5, "shorter than");
+    size_t H = get_u32le(buf);
+    put_u32le(buf, (uint32_t)(n - 4 + 1));
+    expect_unpack_fail(u, buf, n, D5, "past the end");
+    put_u32le(buf, 0xffffffffu);
+    expect_unpack_fail(u, buf, n, D5, "header length 4294967295 past the end");
+    put_u32le(buf, (uint32_t)H - 1); /* header cut short by one byte */
+    expect_unpack_fail(u, buf, n, D5, "does not decode");
+    put_u32le(buf, 0); /* empty header: required fields missing */
+    {
+        char want[128];
+        snprintf(want, sizeof want, "does not decode (header 0 bytes, packet %zu bytes)", n);
+        expect_unpack_fail(u, buf, n, D5, want);
+    }
+
+    /* payload length */
+    raw_init(&r);
+    n = raw_packet(&r.h, 4 * ROWB + 1, buf, RAW_CAP);
+    expect_unpack_fail(u, buf, n, D5, "payload 81 bytes, want 80");
+    n = raw_packet(&r.h, 4 * ROWB - 1, buf, RAW_CAP);
+    expect_unpack_fail(u, buf, n, D5, "payload 79 bytes, want 80");
+    n = raw_packet(&r.h, 4 * ROWB, buf, RAW_CAP);
+    expect_unpack_fail(u, buf, n, D5 + 1, "want 96"); /* the receiver expects a wider row */
+    expect_unpack_fail(u, buf, n, 0, "row width");
+    r.h.dtype = MODPIPE__WIRE_DTYPE__BF16; /* bf16 rows are half as long */
+    n = raw_packet(&r.h, 4 * ROWB, buf, RAW_CAP);
+    expect_unpack_fail(u, buf, n, D5, "payload 80 bytes, want 40");
+
+    /* popcount */
+    raw_init(&r);
+    r.h.n_rows = 3;
+    n = raw_packet(&r.h, 3 * ROWB, buf, RAW_CAP);
+    expect_unpack_fail(u, buf, n, D5, "mask has 4 rows, n_rows says 3");
+    r.h.n_rows = 11;
+    n = raw_packet(&r.h, 11 * ROWB, buf, RAW_CAP);
+    expect_unpack_fail(u, buf, n, D5, "n_rows 11 > mb_rows 10");
+
+    /* mask bits past mb_rows, mask of the wrong length */
+    raw_init(&r);
+    r.present[1] |= 0x04; /* bit 10 */
+    r.h.n_rows = 5;
+    n = raw_packet(&r.h, 5 * ROWB, buf, RAW_CAP);
+    expect_unpack_fail(u, buf, n, D5, "bits past mb_rows");
+    raw_init(&r);
+    r.h.present.len = 1;
+    r.h.n_rows = 3;
+    n = raw_packet(&r.h, 3 * ROWB, buf, RAW_CAP);
+    expect_unpack_fail(u, buf, n, D5, "mask of 1 bytes for 10 rows");
+    raw_init(&r);
+    uint8_t m3[3] = {0x19, 0x02, 0x00};
+    r.h.present.len = 3;
+    r.h.present.data = m3;
+    n = raw_packet(&r.h, 4 * ROWB, buf, RAW_CAP);
+    expect_unpack_fail(u, buf, n, D5, "mask of 3 bytes");
+
+    /* mb_rows over the limit (the descriptor grows with it, to be consistent otherwise) */
+    {
+        raw_init(&r);
+        int32_t z[17] = {0};
+        uint8_t zf[17] = {0}, m[3] = {0x19, 0x02, 0};
+        r.h.mb_rows = 17;
+        r.h.present.len = 3;
+        r.h.present.data = m;
+        r.d.n_slot = r.d.n_pos = r.d.n_token = 17;
+        r.d.slot = r.d.pos = r.d.token = z;
+        r.d.flags.len = 17;
+        r.d.flags.data = zf;
+        n = raw_packet(&r.h, 4 * ROWB, buf, RAW_CAP);
+        expect_unpack_fail(u, buf, n, D5, "mb_rows 17 above the limit 16");
+        r.h.mb_rows = 0xffffffffu;
+        n = raw_packet(&r.h, 4 * ROWB, buf, RAW_CAP);
+        expect_unpack_fail(u, buf, n, D5, "above the limit");
+    }
+
+    /* stage indices */
+    raw_init(&r);
+    r.h.receiver = 4;
+    n = raw_packet(&r.h, 4 * ROWB, buf, RAW_CAP);
+    expect_unpack_fail(u, buf, n, D5, "stage 1 -> 4 out of range (4 stages)");
+    raw_init(&r);
+    r.h.sender = 0xffffffffu;
+    n = raw_packet(&r.h, 4 * ROWB, buf, RAW_CAP);
+    expect_unpack_fail(u, buf, n, D5, "out of range");
+    raw_init(&r);
+    r.b[1].to_stage = 9;
+    n = raw_packet(&r.h, 4 * ROWB, buf, RAW_CAP);
+    expect_unpack_fail(u, buf, n, D5, "bypass 0 -> 9 out of range");
+    raw_init(&r);
+    r.b[1].from_stage = 3;
+    n = raw_packet(&r.h, 4 * ROWB, buf, RAW_CAP);
+    expect_unpack_fail(u, buf, n, D5, "bypass 3 -> 3");
+    raw_init(&r);
+    r.b[2].from_stage = 0;
+    r.b[2].to_stage = 2;
+    n = raw_packet(&r.h, 4 * ROWB, buf, RAW_CAP);
+    expect_unpack_fail(u, buf, n, D5, "listed twice");
+    raw_init(&r);
+    r.h.sender = 2;
+    r.h.receiver = 1;
+    r.h.desc = NULL;
+    r.h.n_bypass = 0;
+    n = raw_packet(&r.h, 4 * ROWB, buf, RAW_CAP);
+    expect_unpack_fail(u, buf, n, D5, "rows go forward");
+
+    /* kind and dtype */
+    raw_init(&r);
+    r.h.dtype = (Modpipe__WireDtype)7;
+    n = raw_packet(&r.h, 4 * ROWB, buf, RAW_CAP);
+    expect_unpack_fail(u, buf, n, D5, "unknown wire dtype 7");
+    raw_init(&r);
+    r.h.kind = (Modpipe__PacketKind)5;
+    n = raw_packet(&r.h, 4 * ROWB, buf, RAW_CAP);
+    expect_unpack_fail(u, buf, n, D5, "unknown kind 5");
+    r.h.kind = (Modpipe__PacketKind)-1; /* a 10-byte varint */
+    n = raw_packet(&r.h, 4 * ROWB, buf, RAW_CAP);
+    expect_unpack_fail(u, buf, n, D5, "unknown kind -1");
+
+    /* descriptor */
+    raw_init(&r);
+    r.d.n_pos = 9;
+    n = raw_packet(&r.h, 4 * ROWB, buf, RAW_CAP);
+    expect_unpack_fail(u, buf, n, D5, "descriptor has 10 slots, 9 positions");
+    raw_init(&r);
+    r.d.flags.len = 11;
+    uint8_t fl11[11] = {0};
+    r.d.flags.data = fl11;
+    n = raw_packet(&r.h, 4 * ROWB, buf, RAW_CAP);
+    expect_unpack_fail(u, buf, n, D5, "11 flags for 10 rows");
+    raw_init(&r);
+    r.slot[3] = -1;
+    n = raw_packet(&r.h, 4 * ROWB, buf, RAW_CAP);
+    expect_unpack_fail(u, buf, n, D5, "row 3 has slot -1");
+    raw_init(&r);
+    r.token[9] = INT32_MIN;
+    n = raw_packet(&r.h, 4 * ROWB, buf, RAW_CAP);
+    expect_unpack_fail(u, buf, n, D5, "negative");
+    raw_init(&r);
+    r.flags[0] = 0x80;
+    n = raw_packet(&r.h, 4 * ROWB, buf, RAW_CAP);
+    expect_unpack_fail(u, buf, n, D5, "unknown flags 0x80");
+    raw_init(&r);
+    r.h.desc = NULL;
+    r.h.n_bypass = 0;
+    n = raw_packet(&r.h, 4 * ROWB, buf, RAW_CAP);
+    expect_unpack_fail(u, buf, n, D5, "chain packet without a descriptor");
+    raw_init(&r);
+    r.h.receiver = 3;
+    n = raw_packet(&r.h, 4 * ROWB, buf, RAW_CAP);
+    expect_unpack_fail(u, buf, n, D5, "non-chain packet with a descriptor");
+    raw_init(&r);
+    r.h.receiver = 3;
+    r.h.desc = NULL;
+    n = raw_packet(&r.h, 4 * ROWB, buf, RAW_CAP);
+    expect_unpack_fail(u, buf, n, D5, "bypass list on a non-chain packet");
+
+    /* TOKENS and END payloads */
+    raw_init(&r);
+    r.h.kind = MODPIPE__PACKET_KIND__TOKENS;
+    r.h.sender = 3;
+    r.h.receiver = 0;
+    r.h.desc = NULL;
+    r.h.n_bypass = 0;
+    n = raw_packet(&r.h, 16, buf, RAW_CAP);
+    CU_ASSERT_EQUAL(unpack_exact(u, buf, n, D5, &q, err, sizeof err), 0);
+    n = raw_packet(&r.h, 15, buf, RAW_CAP);
+    expect_unpack_fail(u, buf, n, D5, "TOKENS payload 15 bytes, want 16");
+    n = raw_packet(&r.h, 16, buf, RAW_CAP);
+    buf[n - 1] = 0x80; /* last token negative */
+    expect_unpack_fail(u, buf, n, D5, "token 3 is negative");
+    raw_init(&r);
+    r.h.kind = MODPIPE__PACKET_KIND__END;
+    r.h.desc = NULL;
+    r.h.n_bypass = 0;
+    r.h.n_rows = 0;
+    r.present[0] = r.present[1] = 0;
+    n = raw_packet(&r.h, 0, buf, RAW_CAP);
+    CU_ASSERT_EQUAL(unpack_exact(u, buf, n, D5, &q, err, sizeof err), 0);
+    n = raw_packet(&r.h, 4, buf, RAW_CAP);
+    expect_unpack_fail(u, buf, n, D5, "END payload 4 bytes, want 0");
+    r.present[0] = 1;
+    r.h.n_rows = 1;
+    n = raw_packet(&r.h, 0, buf, RAW_CAP);
+    expect_unpack_fail(u, buf, n, D5, "END packet with 1 rows");
+
+    /* an unknown field (field 15, varint 1) appended to a valid header */
+    raw_init(&r);
+    n = raw_packet(&r.h, 0, buf, RAW_CAP);
+    H = n - 4;
+    buf[4 + H] = (15 << 3) | 0;
+    buf[4 + H + 1] = 1;
+    put_u32le(buf, (uint32_t)(H + 2));
+    memset(buf + 4 + H + 2, 0, 4 * ROWB);
+    expect_unpack_fail(u, buf, n + 2 + 4 * ROWB, D5, "1 unknown fields");
+
+    comm_unpacker_free(u);
+}
+
+/* A header far larger than the unpacker's arena fails cleanly (no crash, no malloc). */
+static void test_unpack_arena_exhausted(void)
+{
+    enum { NB = 3000 };
+    static Modpipe__Bypass b[NB];
+    static Modpipe__Bypass *bp[NB];
+    static uint8_t buf[64 * 1024];
+    raw_hdr r;
+    raw_init(&r);
+    for (int k = 0; k < NB; k++) {
+        modpipe__bypass__init(&b[k]);
+        b[k].from_stage = 0;
+        b[k].to_stage = 1;
+        bp[k] = &b[k];
+    }
+    r.h.sender = 0;
+    r.h.receiver = 1;
+    r.h.n_bypass = NB;
+    r.h.bypass = bp;
+    size_t n = raw_packet(&r.h, 4 * ROWB, buf, sizeof buf);
+    comm_unpacker *u = comm_unpacker_init(16, 2);
+    expect_unpack_fail(u, buf, n, D5, "decode arena");
+    /* still usable afterwards */
+    fixture f;
+    fixture_init(&f, COMM_WIRE_F32);
+    f.p.sender = 0;
+    f.p.receiver = 1;
+    f.p.n_bypass = 0;
+    char err[256];
+    size_t len = comm_pack(&f.p, f.x, D5, NULL, buf, sizeof buf, NULL, NULL, err, sizeof err);
+    comm_packet q;
+    CU_ASSERT_EQUAL(comm_unpack(u, buf, len, D5, &q, err, sizeof err), 0);
+    comm_unpacker_free(u);
+}
+
+/* Every truncation of a valid packet fails with a message; only the full length decodes. */
+static void test_unpack_truncations(void)
+{
+    const comm_wire_dtype d[] = {COMM_WIRE_F32, COMM_WIRE_BF16, COMM_WIRE_F16};
+    comm_unpacker *u = comm_unpacker_init(16, S4);
+    for (int k = 0; k < 3; k++) {
+        fixture f;
+        fixture_init(&f, d[k]);
+        size_t cap = comm_packet_max_bytes(MB10, D5, S4);
+        uint8_t *buf = malloc(cap);
+        char err[256];
+        size_t len = comm_pack(&f.p, f.x, D5, NULL, buf, cap, NULL, NULL, err, sizeof err);
+        CU_ASSERT_FATAL(len > 0);
+        int bad = 0;
+        for (size_t l = 0; l < len; l++) {
+            comm_packet q;
+            err[0] = 0;
+            if (unpack_exact(u, buf, l, D5, &q, err, sizeof err) == 0 || err[0] == 0) bad++;
+        }
+        CU_ASSERT_EQUAL(bad, 0);
+        comm_packet q;
+        CU_ASSERT_EQUAL(unpack_exact(u, buf, len, D5, &q, err, sizeof err), 0);
+        free(buf);
+    }
+    comm_unpacker_free(u);
+}
+
+/* A packet that decoded must be consistent with itself and with the buffer. */
+static void check_self_consistent(const comm_packet *q, const uint8_t *buf, size_t len, int D,
+                                  int max_rows, int n_stages)
+{
+    CU_ASSERT((int)q->kind >= 0 && (int)q->kind <= 2);
+    CU_ASSERT((int)q->dtype >= 0 && (int)q->dtype <= 2);
+    CU_ASSERT(q->mb_rows >= 0 && q->mb_rows <= max_rows);
+    CU_ASSERT(q->sender >= 0 && q->sender < n_stages);
+    CU_ASSERT(q->receiver >= 0 && q->receiver < n_stages);
+    CU_ASSERT_EQUAL(comm_mask_count(q->present, q->mb_rows), q->n_rows);
+    size_t H = get_u32le(buf);
+    CU_ASSERT_PTR_EQUAL(q->payload, buf + 4 + H);
+    CU_ASSERT_EQUAL(4 + H + q->payload_bytes, len);
+    size_t want = q->kind == COMM_PKT_ROWS     ? (size_t)q->n_rows * D * comm_wire_size(q->dtype)
+                  : q->kind == COMM_PKT_TOKENS ? (size_t)q->n_rows * 4
+                                               : 0;
+    CU_ASSERT_EQUAL(q->payload_bytes, want);
+    CU_ASSERT_EQUAL(q->has_desc, q->kind == COMM_PKT_ROWS && q->receiver == q->sender + 1);
+    for (int i = 0; q->has_desc && i < q->mb_rows; i++)
+        CU_ASSERT(q->slot[i] >= 0 && q->pos[i] >= 0 && q->token[i] >= 0 && q->flags[i] < 4);
+    for (int k = 0; k < q->n_bypass; k++)
+        CU_ASSERT(q->bypass[k].from >= 0 && q->bypass[k].from < q->bypass[k].to &&
+                  q->bypass[k].to < n_stages);
+}
+
+/* Random byte flips (seeded): never a crash; a packet that still decodes is self-consistent,
+ * scatters, and re-packs to a packet that decodes to the same header. */
+static void test_unpack_flips(void)
+{
+    enum { ITER = 6000, MAXR = 16 };
+    rng_state = 0x9e3779b97f4a7c15ULL;
+    comm_unpacker *u = comm_unpacker_init(MAXR, S4), *u2 = comm_unpacker_init(MAXR, S4);
+    size_t cap = comm_packet_max_bytes(MAXR, D5, S4);
+    uint8_t *re = malloc(cap);
+    float *y = malloc((size_t)MAXR * D5 * sizeof *y);  /* [MAXR][D] */
+    int32_t tok[MAXR];
+    int ok = 0, failed = 0, silent = 0;
+    for (int it = 0; it < ITER; it++) {
+        fixture f;
+        const comm_wire_dtype dts[] = {COMM_WIRE_F32, COMM_WIRE_BF16, COMM_WIRE_F16};
+        fixture_init(&f, dts[it % 3]);
+        int32_t tk[4] = {1, 2, 3, 4};
+        if (it % 5 == 4) { /* some TOKENS packets too */
+            f.p.kind = COMM_PKT_TOKENS;
+            f.p.sender = 3;
+            f.p.receiver = 0;
+            f.p.has_desc = 0;
+            f.p.n_bypass = 0;
+        }
+        uint8_t pk[1024];
+        char err[256];
+        size_t len = comm_pack(&f.p, f.x, D5, tk, pk, sizeof pk, NULL, NULL, err, sizeof err);
+        CU_ASSERT_FATAL(len > 0);
+        size_t H = get_u32le(pk);
+        int flips = 1 + (int)(rng_next() % 3);
+        for (int k = 0; k < flips; k++) {
+            /* mostly inside the header, where the structure is */
+            size_t at = rng_next() % 4 ? rng_next() % (4 + H) : rng_next() % len;
+            pk[at] ^= (uint8_t)(1 + rng_next() % 255);
+        }
+        size_t l = len;
+        if (rng_next() % 8 == 0) l = rng_next() % (len + 1); /* and some truncations */
+        uint8_t *b = malloc(l ? l : 1);
+        memcpy(b, pk, l);
+        comm_packet q;
+        err[0] = 0;
+        if (comm_unpack(u, b, l, D5, &q, err, sizeof err) != 0) {
+            failed++;
+            if (err[0] == 0) silent++;
+        } else {
+            ok++;
+            check_self_consistent(&q, b, l, D5, MAXR, S4);
+            comm_scatter_rows(&q, D5, y);
+            comm_scatter_tokens(&q, tok);
+            /* re-pack what was decoded (rows re-encoded from the scattered values) */
+            int32_t t[MAXR];
+            for (int k = 0; q.kind == COMM_PKT_TOKENS && k < q.n_rows; k++)
+                t[k] = comm_packet_token(&q, k);
+            size_t rl = comm_pack(&q, y, D5, t, re, cap, NULL, NULL, err, sizeof err);
+            CU_ASSERT(rl > 0);
+            comm_packet q2;
+            if (rl > 0) {
+                CU_ASSERT_EQUAL(comm_unpack(u2, re, rl, D5, &q2, err, sizeof err), 0);
+                assert_same_header(&q, &q2);
+            }
+        }
+        free(b);
+    }
+    printf("\n  %d flipped packets: %d rejected, %d still valid\n", ITER, failed, ok);
+    CU_ASSERT_EQUAL(silent, 0);
+    CU_ASSERT(failed > ITER / 4);
+    free(y);
+    free(re);
+    comm_unpacker_free(u);
+    comm_unpacker_free(u2);
+}
+
+/* Random bytes behind a plausible length prefix. */
+static void test_unpack_random(void)
+{
+    rng_state = 12345;
+    comm_unpacker *u = comm_unpacker_init(64, 8);
+    int silent = 0;
+    for (int it = 0; it < 4000; it++) {
+        size_t len = rng_next() % 300;
+        uint8_t *b = malloc(len ? len : 1);
+        for (size_t i = 0; i < len; i++) b[i] = (uint8_t)rng_next();
+        if (len >= 4 && rng_next() % 4) put_u32le(b, (uint32_t)(rng_next() % (len - 3)));
+        comm_packet q;
+        char err[256] = "";
+        if (comm_unpack(u, b, len, 7, &q, err, sizeof err) != 0) {
+            if (err[0] == 0) silent++;
+        } else {
+            check_self_consistent(&q, b, len, 7, 64, 8);
+        }
+        free(b);
+    }
+    CU_ASSERT_EQUAL(silent, 0);
+    comm_unpacker_free(u);
+}
+
+int main(void)
+{
+    if (CU_initialize_registry() != CUE_SUCCESS) return 2;
+    CU_pSuite s = CU_add_suite("comm_packet", NULL, NULL);
+    if (!s) return 2;
+    CU_add_test(s, "mask set/get/count", test_mask);
+    CU_add_test(s, "wire names, sizes, parse", test_wire_names);
+    CU_add_test(s, "wire f32 exact", test_wire_f32);
+    CU_add_test(s, "wire bf16 known values", test_wire_bf16);
+    CU_add_test(s, "wire f16 known values", test_wire_f16);
+    CU_add_test(s, "ROWS chain round trip", test_rows_chain);
+    CU_add_test(s, "ROWS non-chain round trip", test_rows_non_chain);
+    CU_add_test(s, "empty chain packet", test_empty_chain);
+    CU_add_test(s, "TOKENS round trip", test_tokens);
+    CU_add_test(s, "END round trip", test_end);
+    CU_add_test(s, "size bound and arena limits", test_limits);
+    CU_add_test(s, "decoded packet lifetime", test_lifetime);
+    CU_add_test(s, "no malloc per packet", test_no_malloc);
+    CU_add_test(s, "pack errors", test_pack_errors);
+    CU_add_test(s, "unpack: bad headers", test_unpack_bad_headers);
+    CU_add_test(s, "unpack: arena exhausted", test_unpack_arena_exhausted);
+    CU_add_test(s, "unpack: every truncation", test_unpack_truncations);
+    CU_add_test(s, "unpack: random byte flips", test_unpack_flips);
+    CU_add_test(s, "unpack: random bytes", test_unpack_random);
+    CU_basic_set_mode(CU_BRM_VERBOSE);
+    CU_basic_run_tests();
+    /* CU_basic_run_tests() succeeds even when tests fail: count failures ourselves. */
+    unsigned failures = CU_get_number_of_failures();
+    CU_cleanup_registry();
+    return failures != 0;
+}
