@@ -1,0 +1,669 @@
+/* cluster/partition.c — layers -> pipeline stages: cost model, exact DP, explicit ranges. */
+#include "cluster/partition.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+{
+    if (!err || errlen == 0)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+/* ---- cost model ------------------------------------------------------------------------- */
+
+/* q and o: H*hd x D each; k and v: KV*hd x D each. */
+static double attn_params(const stage_config *c)
+{
+    return (double)c->hidden * c->head_dim * (2.0 * c->n_heads + 2.0 * c->n_kv_heads);
+}
+
+static double mlp_params(const stage_config *c)
+{
+    return 3.0 * c->hidden * c->inter;
+}
+
+static double expert_params(const stage_config *c)
+{
+    return 3.0 * c->hidden * c->expert_inter;
+}
+
+double cluster_layer_cost(const stage_config *c, int layer)
+{
+    if (!c || !c->layer_kind || layer < 0 || layer >= c->n_layers)
+        return 0.0;
+    double d = c->hidden, e = c->n_experts, nn = c->n_noop_experts;
+    double attn = 2.0 * attn_params(c); /* 2 FLOPs per multiply-add */
+    double mlp = 2.0 * mlp_params(c);
+    switch (c->layer_kind[layer]) {
+    case STAGE_KIND_MOD:
+        return c->mod_capacity * (attn + mlp);
+    case STAGE_KIND_MODE_STAGED:
+        return c->mod_capacity *
+               (attn + 2.0 * d * e + c->experts_per_token * 2.0 * expert_params(c));
+    case STAGE_KIND_MODE_INTEGRATED:
+        /* top-1 over E real + N no-op experts: a real expert runs with share E/(E+N) */
+        if (e + nn <= 0)
+            return attn;
+        return attn + 2.0 * d * (e + nn) + (e / (e + nn)) * 2.0 * expert_params(c);
+    case STAGE_KIND_MINDSKIP: /* skip rate unknown ahead: full cost */
+    case STAGE_KIND_DENSE:
+    default:
+        return attn + mlp;
+    }
+}
+
+size_t cluster_layer_weight_bytes(const stage_config *c, int layer)
+{
+    if (!c || !c->layer_kind || layer < 0 || layer >= c->n_layers)
+        return 0;
+    size_t d = (size_t)c->hidden;
+    size_t n = (size_t)attn_params(c) + 2 * d; /* + the two norms */
+    size_t experts = (size_t)c->n_experts * (size_t)expert_params(c);
+    switch (c->layer_kind[layer]) {
+    case STAGE_KIND_MOD:
+        n += (size_t)mlp_params(c) + d + 1; /* router weight + bias */
+        break;
+    case STAGE_KIND_MODE_STAGED:
+        n += experts + (size_t)c->n_experts * d + d + 1;
+        break;
+    case STAGE_KIND_MODE_INTEGRATED:
+        n += experts + (size_t)(c->n_experts + c->n_noop_experts) * d;
+        break;
+    case STAGE_KIND_MINDSKIP:
+        n += (size_t)mlp_params(c) + d;
+        break;
+    case STAGE_KIND_DENSE:
+    default:
+        n += (size_t)mlp_params(c);
+        break;
+    }
+    return n * sizeof(float);
+}
+
+static double head_cost(const stage_config *c)
+{
+    return 2.0 * c->hidden * c->vocab;
+}
+
+static size_t embed_bytes(const stage_config *c)
+{
+    return (size_t)c->vocab * (size_t)c->hidden * sizeof(float);
+}
+
+/* model.norm + lm_head (with tied embeddings the head still holds a copy of the matrix,
+ * unless it is also stage 0). */
+static size_t head_bytes(const stage_config *c, int n_stages)
+{
+    size_t b = (size_t)c->hidden * sizeof(float);
+    if (!c->tie_embeddings || n_stages > 1)
+        b += embed_bytes(c);
+    return b;
+}
+
+/* Prefix sums over layers, so a stage's totals are O(1). */
+typedef struct {
+    const stage_config *cfg;
+    int n_layers, n_stages;
+    double *pc;  /* [L+1] prefix cost */
+    double *pw;  /* [L+1] prefix weight bytes */
+    int *pdense; /* [L+1] prefix count of layers that need every row */
+} costs;
+
+static int costs_init(costs *k, const stage_config *c, int n_stages)
+{
+    int L = c->n_layers;
+    k->cfg = c;
+    k->n_layers = L;
+    k->n_stages = n_stages;
+    k->pc = calloc((size_t)L + 1, sizeof *k->pc);
+    k->pw = calloc((size_t)L + 1, sizeof *k->pw);
+    k->pdense = calloc((size_t)L + 1, sizeof *k->pdense);
+    if (!k->pc || !k->pw || !k->pdense)
+        return -1;
+    for (int l = 0; l < L; l++) {
+        k->pc[l + 1] = k->pc[l] + cluster_layer_cost(c, l);
+        k->pw[l + 1] = k->pw[l] + (double)cluster_layer_weight_bytes(c, l);
+        k->pdense[l + 1] = k->pdense[l] + !stage_kind_is_routed(c->layer_kind[l]);
+    }
+    return 0;
+}
+
+static void costs_free(costs *k)
+{
+    free(k->pc);
+    free(k->pw);
+    free(k->pdense);
+}
+
+/* Stage of layers a..b (inclusive). */
+static double seg_cost(const costs *k, int a, int b)
+{
+    return k->pc[b + 1] - k->pc[a] + (b == k->n_layers - 1 ? head_cost(k->cfg) : 0.0);
+}
+
+static double seg_weight(const costs *k, int a, int b)
+{
+    double w = k->pw[b + 1] - k->pw[a];
+    if (a == 0)
+        w += (double)embed_bytes(k->cfg);
+    if (b == k->n_layers - 1)
+        w += (double)head_bytes(k->cfg, k->n_stages);
+    return w;
+}
+
+/* Can the boundary into stage `t` (layers a..b) carry fewer rows than dense? */
+static int seg_sparse(const costs *k, int t, int a, int b)
+{
+    return t > 0 && k->pdense[b + 1] - k->pdense[a] == 0 &&
+           k->cfg->mod_routing != STAGE_ROUTING_TOPK;
+}
+
+/* ---- plan filling (shared by auto and explicit) ---------------------------------------- */
+
+/* "4, 5" or "3-9, 12": runs of three or more collapse; long lists end in "...". */
+static void append_layers(char *buf, size_t cap, const int *ls, int n)
+{
+    size_t start = strlen(buf);
+    for (int i = 0; i < n;) {
+        int j = i;
+        while (j + 1 < n && ls[j + 1] == ls[j] + 1)
+            j++;
+        size_t len = strlen(buf);
+        if (len - start > 40) {
+            snprintf(buf + len, cap - len, ", ...");
+            return;
+        }
+        const char *sep = i ? ", " : "";
+        if (j - i >= 2)
+            snprintf(buf + len, cap - len, "%s%d-%d", sep, ls[i], ls[j]);
+        else if (j > i)
+            snprintf(buf + len, cap - len, "%s%d, %d", sep, ls[i], ls[j]);
+        else
+            snprintf(buf + len, cap - len, "%s%d", sep, ls[i]);
+        i = j + 1;
+    }
+}
+
+static void why_not_sparse(const stage_config *c, int t, int a, int b, char *why, size_t cap)
+{
+    if (t == 0) {
+        snprintf(why, cap, "stage 0 embeds every row");
+        return;
+    }
+    static const stage_kind needy[] = {STAGE_KIND_DENSE, STAGE_KIND_MINDSKIP,
+                                       STAGE_KIND_MODE_INTEGRATED};
+    int n_groups = 0, groups[3] = {0};
+    for (int g = 0; g < 3; g++)
+        for (int l = a; l <= b; l++)
+            if (c->layer_kind[l] == needy[g]) {
+                groups[n_groups++] = g;
+                break;
+            }
+    if (n_groups == 0) {
+        /* only routed layers: the one remaining reason is top-k routing */
+        snprintf(why, cap, "topk routing is non-causal: every boundary carries every row");
+        return;
+    }
+    char buf[512];
+    snprintf(buf, sizeof buf, "stage %d has ", t);
+    int *ls = malloc(sizeof *ls * (size_t)(b - a + 1));
+    for (int gi = 0; gi < n_groups; gi++) {
+        int n = 0;
+        for (int l = a; l <= b; l++)
+            if (c->layer_kind[l] == needy[groups[gi]] && ls)
+                ls[n++] = l;
+        size_t len = strlen(buf);
+        const char *sep = gi == 0 ? "" : (gi == n_groups - 1 ? " and " : ", ");
+        snprintf(buf + len, sizeof buf - len, "%s%s layers (", sep,
+                 stage_kind_name(needy[groups[gi]]));
+        if (ls)
+            append_layers(buf, sizeof buf, ls, n);
+        len = strlen(buf);
+        snprintf(buf + len, sizeof buf - len, ")");
+    }
+    free(ls);
+    size_t len = strlen(buf);
+    snprintf(buf + len, sizeof buf - len, ": every row must reach it");
+    snprintf(why, cap, "%s", buf);
+}
+
+static int fill_plan(const costs *k, const int *first, int n_stages, cluster_plan *plan,
+                     char *err, size_t errlen)
+{
+    plan->st = calloc((size_t)n_stages, sizeof *plan->st);
+    if (!plan->st) {
+        set_err(err, errlen, "partition: out of memory");
+        return -1;
+    }
+    plan->n_stages = n_stages;
+    double total = seg_cost(k, 0, k->n_layers - 1);
+    for (int t = 0; t < n_stages; t++) {
+        cluster_stage_plan *s = &plan->st[t];
+        s->first = first[t];
+        s->last = t + 1 < n_stages ? first[t + 1] - 1 : k->n_layers - 1;
+        s->cost = seg_cost(k, s->first, s->last);
+        s->compute_share = total > 0 ? s->cost / total : 0.0;
+        s->weight_bytes = (size_t)llround(seg_weight(k, s->first, s->last));
+        s->sparse_in = seg_sparse(k, t, s->first, s->last);
+        if (!s->sparse_in)
+            why_not_sparse(k->cfg, t, s->first, s->last, s->why, sizeof s->why);
+    }
+    return 0;
+}
+
+static int check_cfg(const stage_config *c, char *err, size_t errlen)
+{
+    if (!c || !c->layer_kind || c->n_layers < 1) {
+        set_err(err, errlen, "partition: the model has no layers");
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- automatic partition ---------------------------------------------------------------- */
+
+/* Lexicographic DP state: most sparse boundaries, then least memory variance, then the
+ * cheapest bottleneck. All three combine monotonically, so the DP is exact. */
+typedef struct {
+    int ok;
+    int sparse;
+    double var;
+    double maxc;
+    int prev; /* first layer of the last stage */
+} dp_cell;
+
+static int cell_better(const dp_cell *a, const dp_cell *b, double var_tol, double cost_tol)
+{
+    if (!b->ok)
+        return a->ok;
+    if (!a->ok)
+        return 0;
+    if (a->sparse != b->sparse)
+        return a->sparse > b->sparse;
+    if (fabs(a->var - b->var) > var_tol)
+        return a->var < b->var;
+    return a->maxc < b->maxc - cost_tol;
+}
+
+int cluster_partition_auto(const stage_config *cfg, int n_stages, cluster_plan *plan,
+                           char *err, size_t errlen)
+{
+    if (!plan)
+        return -1;
+    memset(plan, 0, sizeof *plan);
+    if (check_cfg(cfg, err, errlen))
+        return -1;
+    int L = cfg->n_layers, S = n_stages;
+    if (S < 1) {
+        set_err(err, errlen, "partition: need at least one stage, got %d", S);
+        return -1;
+    }
+    if (S > L) {
+        set_err(err, errlen,
+                "cannot split %d layers into %d stages: a stage needs at least one layer", L,
+                S);
+        return -1;
+    }
+    costs k;
+    int rc = -1;
+    double *best = NULL;
+    dp_cell *cell = NULL;
+    int *first = NULL;
+    if (costs_init(&k, cfg, S))
+        goto oom;
+    size_t W = (size_t)L + 1;
+    best = malloc(sizeof *best * (size_t)(S + 1) * W);
+    cell = calloc((size_t)(S + 1) * W, sizeof *cell);
+    first = malloc(sizeof *first * (size_t)S);
+    if (!best || !cell || !first)
+        goto oom;
+
+    /* Phase 1: best[t][j] = least bottleneck of layers 0..j-1 in t stages. */
+    for (size_t i = 0; i < (size_t)(S + 1) * W; i++)
+        best[i] = INFINITY;
+    best[0] = 0.0;
+    for (int t = 1; t <= S; t++)
+        for (int j = t; j <= L - (S - t); j++)
+            for (int i = t - 1; i < j; i++) {
+                double v = fmax(best[(size_t)(t - 1) * W + (size_t)i], seg_cost(&k, i, j - 1));
+                if (v < best[(size_t)t * W + (size_t)j])
+                    best[(size_t)t * W + (size_t)j] = v;
+            }
+    double opt = best[(size_t)S * W + (size_t)L];
+
+    /* Phase 2: among plans within 10% of that, the preferences of the header. */
+    double bound = opt * 1.10 * (1.0 + 1e-12);
+    double mean = seg_weight(&k, 0, L - 1) / S; /* total weight is the same for every plan */
+    double var_tol = 1e-9 * (mean * mean * S + 1.0);
+    double cost_tol = 1e-12 * (opt + 1.0);
+    cell[0].ok = 1;
+    for (int t = 1; t <= S; t++)
+        for (int j = t; j <= L - (S - t); j++) {
+            dp_cell *dst = &cell[(size_t)t * W + (size_t)j];
+            for (int i = t - 1; i < j; i++) {
+                const dp_cell *src = &cell[(size_t)(t - 1) * W + (size_t)i];
+                if (!src->ok)
+                    continue;
+                double c = seg_cost(&k, i, j - 1);
+                if (c > bound)
+                    continue;
+                double dw = seg_weight(&k, i, j - 1) - mean;
+                dp_cell cand = {1, src->sparse + seg_sparse(&k, t - 1, i, j - 1),
+                                src->var + dw * dw, fmax(src->maxc, c), i};
+                if (cell_better(&cand, dst, var_tol, cost_tol))
+                    *dst = cand;
+            }
+        }
+    if (!cell[(size_t)S * W + (size_t)L].ok) { /* cannot happen: the optimum is feasible */
+        set_err(err, errlen, "partition: no plan found");
+        goto out;
+    }
+    for (int t = S, j = L; t >= 1; t--) {
+        first[t - 1] = cell[(size_t)t * W + (size_t)j].prev;
+        j = first[t - 1];
+    }
+    rc = fill_plan(&k, first, S, plan, err, errlen);
+    goto out;
+oom:
+    set_err(err, errlen, "partition: out of memory");
+out:
+    costs_free(&k);
+    free(best);
+    free(cell);
+    free(first);
+    return rc;
+}
+
+/* ---- explicit ranges -------------------------------------------------------------------- */
+
+static int parse_uint(const char **p, int *out)
+{
+    const char *s = *p;
+    if (!isdigit((unsigned char)*s))
+        return -1;
+    long v = 0;
+    while (isdigit((unsigned char)*s)) {
+        v = v * 10 + (*s - '0');
+        if (v > 1000000)
+            return -1;
+        s++;
+    }
+    *out = (int)v;
+    *p = s;
+    return 0;
+}
+
+/* "a-b" or "a", blanks allowed around the numbers. */
+static int parse_range(const char *s, int *a, int *b)
+{
+    if (!s)
+        return -1;
+    while (isspace((unsigned char)*s))
+        s++;
+    if (parse_uint(&s, a))
+        return -1;
+    while (isspace((unsigned char)*s))
+        s++;
+    if (*s == '-') {
+        s++;
+        while (isspace((unsigned char)*s))
+            s++;
+        if (parse_uint(&s, b))
+            return -1;
+        while (isspace((unsigned char)*s))
+            s++;
+    } else {
+        *b = *a;
+    }
+    return *s ? -1 : 0;
+}
+
+static void range_text(char *buf, size_t cap, int a, int b)
+{
+    if (a == b)
+        snprintf(buf, cap, "%d", a);
+    else
+        snprintf(buf, cap, "%d-%d", a, b);
+}
+
+int cluster_partition_explicit(const stage_config *cfg, const char *const *ranges, int n_ranges,
+                               int n_stages, cluster_plan *plan, char *err, size_t errlen)
+{
+    if (!plan)
+        return -1;
+    memset(plan, 0, sizeof *plan);
+    if (check_cfg(cfg, err, errlen))
+        return -1;
+    int L = cfg->n_layers;
+    if (n_ranges != n_stages) {
+        set_err(err, errlen, "stages: %d range%s given but the job has %d rank%s", n_ranges,
+                n_ranges == 1 ? "" : "s", n_stages, n_stages == 1 ? "" : "s");
+        return -1;
+    }
+    if (n_ranges < 1 || !ranges) {
+        set_err(err, errlen, "stages: no layer ranges given");
+        return -1;
+    }
+    int *first = malloc(sizeof *first * (size_t)n_ranges);
+    if (!first) {
+        set_err(err, errlen, "partition: out of memory");
+        return -1;
+    }
+    int *last = malloc(sizeof *last * (size_t)n_ranges);
+    int rc = -1, prev_b = -1;
+    char t1[32], t2[32];
+    if (!last) {
+        set_err(err, errlen, "partition: out of memory");
+        goto out;
+    }
+    /* each range on its own, then their order, then how they fit together */
+    for (int r = 0; r < n_ranges; r++) {
+        const char *s = ranges[r];
+        int a, b;
+        if (parse_range(s, &a, &b)) {
+            set_err(err, errlen,
+                    "stages: range %d '%s' is not a layer range like 0-3 or 4 (layers are "
+                    "numbered from 0)", r + 1, s ? s : "(null)");
+            goto out;
+        }
+        if (a > b) {
+            set_err(err, errlen, "stages: range %d '%s' is empty (%d comes after %d)", r + 1, s,
+                    a, b);
+            goto out;
+        }
+        if (b >= L) {
+            set_err(err, errlen, "stages: range %d '%s' is out of range: the model has %d "
+                    "layers (0-%d)", r + 1, s, L, L - 1);
+            goto out;
+        }
+        first[r] = a;
+        last[r] = b;
+    }
+    for (int r = 1; r < n_ranges; r++) {
+        if (first[r] < first[r - 1]) {
+            set_err(err, errlen, "stages: range %d '%s' comes before range %d '%s': give the "
+                    "ranges in layer order", r + 1, ranges[r], r, ranges[r - 1]);
+            goto out;
+        }
+    }
+    for (int r = 0; r < n_ranges; r++) {
+        int a = first[r], b = last[r];
+        if (a <= prev_b) {
+            range_text(t1, sizeof t1, a, b < prev_b ? b : prev_b);
+            set_err(err, errlen, "stages: ranges '%s' and '%s' overlap (layer%s %s)",
+                    ranges[r - 1], ranges[r], strchr(t1, '-') ? "s" : "", t1);
+            goto out;
+        }
+        if (a > prev_b + 1) {
+            range_text(t2, sizeof t2, prev_b + 1, a - 1);
+            set_err(err, errlen, "stages: layer%s %s %s in no stage (gap before '%s')",
+                    strchr(t2, '-') ? "s" : "", t2, strchr(t2, '-') ? "are" : "is", ranges[r]);
+            goto out;
+        }
+        prev_b = b;
+    }
+    if (prev_b != L - 1) {
+        range_text(t2, sizeof t2, prev_b + 1, L - 1);
+        set_err(err, errlen, "stages: layer%s %s %s in no stage (the model has %d layers)",
+                strchr(t2, '-') ? "s" : "", t2, strchr(t2, '-') ? "are" : "is", L);
+        goto out;
+    }
+    costs k;
+    if (costs_init(&k, cfg, n_stages))
+        set_err(err, errlen, "partition: out of memory");
+    else
+        rc = fill_plan(&k, first, n_stages, plan, err, errlen);
+    costs_free(&k);
+out:
+    free(first);
+    free(last);
+    return rc;
+}
+
+void cluster_plan_free(cluster_plan *plan)
+{
+    if (!plan)
+        return;
+    free(plan->st);
+    plan->st = NULL;
+    plan->n_stages = 0;
+}
+
+/* ---- printing --------------------------------------------------------------------------- */
+
+/* "dense, mod x3, mindskip"; when that is long, counts per kind: "6 dense + 6 mod". */
+static void kinds_text(const stage_config *c, int a, int b, char *buf, size_t cap)
+{
+    buf[0] = '\0';
+    for (int l = a; l <= b;) {
+        int j = l;
+        while (j + 1 <= b && c->layer_kind[j + 1] == c->layer_kind[l])
+            j++;
+        size_t len = strlen(buf);
+        if (j > l)
+            snprintf(buf + len, cap - len, "%s%s x%d", len ? ", " : "",
+                     stage_kind_name(c->layer_kind[l]), j - l + 1);
+        else
+            snprintf(buf + len, cap - len, "%s%s", len ? ", " : "",
+                     stage_kind_name(c->layer_kind[l]));
+        l = j + 1;
+    }
+    if (strlen(buf) <= 32)
+        return;
+    buf[0] = '\0';
+    for (int k = STAGE_KIND_DENSE; k <= STAGE_KIND_MINDSKIP; k++) {
+        int n = 0;
+        for (int l = a; l <= b; l++)
+            n += c->layer_kind[l] == (stage_kind)k;
+        if (!n)
+            continue;
+        size_t len = strlen(buf);
+        snprintf(buf + len, cap - len, "%s%d %s", len ? " + " : "", n,
+                 stage_kind_name((stage_kind)k));
+    }
+}
+
+void cluster_plan_print(const stage_config *cfg, const cluster_plan *plan, FILE *out)
+{
+    if (!cfg || !plan || !out || plan->n_stages < 1 || !plan->st)
+        return;
+    int S = plan->n_stages;
+    int n_routed = 0;
+    for (int l = 0; l < cfg->n_layers; l++)
+        n_routed += stage_kind_is_routed(cfg->layer_kind[l]);
+    static const char *const routing[] = {"threshold", "predictor", "topk"};
+    fprintf(out, "%d layers on %d stage%s (hidden %d, vocab %d", cfg->n_layers, S,
+            S == 1 ? "" : "s", cfg->hidden, cfg->vocab);
+    if (n_routed)
+        fprintf(out, "; %s routing, capacity %g", routing[cfg->mod_routing],
+                (double)cfg->mod_capacity);
+    fprintf(out, ")\n");
+
+    char kinds[256], lr[32];
+    int kw = 5;
+    for (int t = 0; t < S; t++) {
+        kinds_text(cfg, plan->st[t].first, plan->st[t].last, kinds, sizeof kinds);
+        int w = (int)strlen(kinds);
+        if (w > kw)
+            kw = w;
+    }
+    fprintf(out, "stage  layers   %-*s  compute  weights MiB  rows in\n", kw, "kinds");
+    double total_mib = 0;
+    int n_sparse = 0, n_mixed = 0;
+    char mixed[128] = "";
+    for (int t = 0; t < S; t++) {
+        const cluster_stage_plan *s = &plan->st[t];
+        kinds_text(cfg, s->first, s->last, kinds, sizeof kinds);
+        range_text(lr, sizeof lr, s->first, s->last);
+        double mib = (double)s->weight_bytes / (1024.0 * 1024.0);
+        total_mib += mib;
+        n_sparse += s->sparse_in;
+        const char *role = t == 0 ? (S == 1 ? "[embedding, head] " : "[embedding] ")
+                                  : (t == S - 1 ? "[head] " : "");
+        fprintf(out, "%5d  %-7s  %-*s  %6.1f%%  %11.2f  %s", t, lr, kw, kinds,
+                100.0 * s->compute_share, mib, role);
+        if (t == 0)
+            fprintf(out, "all (%s)\n", s->why);
+        else if (s->sparse_in)
+            fprintf(out, "sparse: only the rows its routers select\n");
+        else
+            fprintf(out, "all: %s\n", s->why);
+        /* a stage > 0 with routed layers that still needs every row */
+        int routed = 0;
+        for (int l = s->first; l <= s->last; l++)
+            routed += stage_kind_is_routed(cfg->layer_kind[l]);
+        if (t > 0 && !s->sparse_in && routed && cfg->mod_routing != STAGE_ROUTING_TOPK) {
+            size_t len = strlen(mixed);
+            if (len < sizeof mixed - 16)
+                snprintf(mixed + len, sizeof mixed - len, "%s%d", n_mixed ? ", " : "", t);
+            n_mixed++;
+        }
+    }
+    fprintf(out, "total weights %.2f MiB (as f32 in memory)\n", total_mib);
+
+    fprintf(out, "notes:\n");
+    fprintf(out, "  - compute = expected FLOPs per token: routed layers (mod, mode_staged) at "
+                 "capacity %g, mindskip attention at full cost, the LM head at 2*hidden*vocab\n",
+            (double)cfg->mod_capacity);
+    if (S == 1) {
+        fprintf(out, "  - one stage: nothing crosses the wire\n");
+        return;
+    }
+    fprintf(out, "  - the head (stage %d) must receive every decode row and each prompt's last "
+                 "row for logits, whatever the routers decide (SPEC 4)\n", S - 1);
+    if (n_mixed)
+        fprintf(out, "  - stage%s %s mix%s routed layers with layers that need every row: they "
+                     "save compute, not wire bytes (interleaved dense/routed layouts save "
+                     "nothing at stage boundaries)\n",
+                n_mixed == 1 ? "" : "s", mixed, n_mixed == 1 ? "es" : "");
+    fprintf(out, "  - %d of %d boundaries can carry fewer rows than dense\n", n_sparse, S - 1);
+    if (n_sparse == 0) {
+        fprintf(out, "  - expected wire bytes: the same as a dense pipeline (prefill ~100%%, "
+                     "decode ~100%%)\n");
+        return;
+    }
+    /* SPEC 4 with p = capacity on sparse boundaries and p = 1 on the others; decode rows
+     * always reach the head, so its boundary counts 1 there. */
+    double p = cfg->mod_capacity, pre = 0, dec = 1;
+    for (int t = 1; t < S; t++) {
+        double pt = plan->st[t].sparse_in ? p : 1.0;
+        pre += pt;
+        if (t < S - 1)
+            dec += pt;
+    }
+    pre /= S - 1;
+    dec /= S - 1;
+    fprintf(out, "  - expected wire bytes vs a dense pipeline, from the capacity setting (p = %g "
+                 "per sparse stage), not a measurement: prefill ~%.1f%%, decode ~%.1f%%%s\n",
+            p, 100.0 * pre, 100.0 * dec,
+            n_sparse == S - 1 ? " [SPEC 4: p and (1 + p(S-2))/(S-1)]" : "");
+}
