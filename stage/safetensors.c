@@ -1,0 +1,1136 @@
+/* stage/safetensors.c — safetensors reading (mmap, lazy shards) and writing. See safetensors.h.
+ *
+ * File layout: [u64 little-endian N][N bytes JSON header][data region]. Header entries are
+ * name -> {"dtype", "shape", "data_offsets": [begin, end]} with offsets relative to the data
+ * region at 8 + N; "__metadata__" is skipped. We assume a little-endian host (as the tensors
+ * are stored little-endian and handed out zero-copy).
+ *
+ * Not thread-safe: st_find / st_get_f32 may open shards and fill caches.
+ */
+#include "stage/safetensors.h"
+
+#include "stage/convert.h"
+
+#include <cJSON.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "safetensors data is little-endian and handed out zero-copy: little-endian hosts only"
+#endif
+
+/* Offsets and dims are JSON numbers (doubles): integers above 2^53 cannot be exact. */
+#define ST_MAX_JSON_INT 9007199254740992.0
+/* An index file is a name -> file map; anything larger than this is not one. */
+#define ST_MAX_INDEX_BYTES (1L << 30)
+
+#define ST_INDEX_NAME "model.safetensors.index.json"
+#define ST_SINGLE_NAME "model.safetensors"
+
+/* ================================================================== */
+/* helpers                                                             */
+/* ================================================================== */
+
+static void st_err(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void st_err(char *err, size_t errlen, const char *fmt, ...)
+{
+    if (!err || errlen == 0) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+static char *st_strdup(const char *s)
+{
+    size_t n = strlen(s) + 1;
+    char *d = malloc(n);
+    if (d) memcpy(d, s, n);
+    return d;
+}
+
+/* dir + "/" + name (no doubled slash); malloc'd. */
+static char *path_join(const char *dir, const char *name)
+{
+    size_t dl = strlen(dir), nl = strlen(name);
+    int slash = dl > 0 && dir[dl - 1] != '/';
+    char *p = malloc(dl + (size_t)slash + nl + 1);
+    if (!p) return NULL;
+    memcpy(p, dir, dl);
+    if (slash) p[dl] = '/';
+    memcpy(p + dl + (size_t)slash, name, nl + 1);
+    return p;
+}
+
+static int is_regular_file(const char *path)
+{
+    struct stat sb;
+    return stat(path, &sb) == 0 && S_ISREG(sb.st_mode);
+}
+
+static uint64_t read_le64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--) v = (v << 8) | p[i];
+    return v;
+}
+
+static void write_le64(uint8_t *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+
+/* A JSON number that is an exact non-negative integer we can hold. */
+static int json_uint(const cJSON *j, uint64_t *out)
+{
+    if (!cJSON_IsNumber(j)) return 0;
+    double v = j->valuedouble;
+    if (!(v >= 0.0) || v > ST_MAX_JSON_INT || v != (double)(uint64_t)v) return 0;
+    *out = (uint64_t)v;
+    return 1;
+}
+
+/* "[64, 32]" into buf. */
+static void shape_str(char *buf, size_t len, int ndim, const int64_t *shape)
+{
+    size_t o = 0;
+    if (len == 0) return;
+    buf[0] = '\0';
+    o += (size_t)snprintf(buf + o, len - o, "[");
+    for (int i = 0; i < ndim && o < len; i++)
+        o += (size_t)snprintf(buf + o, len - o, "%s%lld", i ? ", " : "", (long long)shape[i]);
+    if (o < len) snprintf(buf + o, len - o, "]");
+}
+
+/* ================================================================== */
+/* dtypes                                                              */
+/* ================================================================== */
+
+const char *st_dtype_name(st_dtype d)
+{
+    switch (d) {
+    case ST_F32: return "F32";
+    case ST_F16: return "F16";
+    case ST_BF16: return "BF16";
+    }
+    return "?";
+}
+
+int st_dtype_parse(const char *s, st_dtype *out)
+{
+    if (!s) return -1;
+    st_dtype d;
+    if (strcasecmp(s, "f32") == 0) d = ST_F32;
+    else if (strcasecmp(s, "f16") == 0) d = ST_F16;
+    else if (strcasecmp(s, "bf16") == 0) d = ST_BF16;
+    else return -1;
+    if (out) *out = d;
+    return 0;
+}
+
+size_t st_dtype_size(st_dtype d)
+{
+    switch (d) {
+    case ST_F32: return 4;
+    case ST_F16: return 2;
+    case ST_BF16: return 2;
+    }
+    return 0;
+}
+
+/* The header's dtype strings are exact upper case (safetensors spec). */
+static int dtype_from_header(const char *s, st_dtype *out)
+{
+    if (strcmp(s, "F32") == 0) *out = ST_F32;
+    else if (strcmp(s, "F16") == 0) *out = ST_F16;
+    else if (strcmp(s, "BF16") == 0) *out = ST_BF16;
+    else return -1;
+    return 0;
+}
+
+/* ================================================================== */
+/* reading: one file                                                   */
+/* ================================================================== */
+
+typedef struct {
+    char *path;            /* dir/name: what messages and st_tensor.file show */
+    char *wm_name;         /* sharded: the file name as the weight_map spells it */
+    char *first_user;      /* sharded: first tensor the index maps here (for messages) */
+    int state;             /* 0 not opened yet, 1 open, -1 failed (fail_msg says why) */
+    char *fail_msg;
+    void *map;
+    size_t map_len;
+    const uint8_t *data;   /* data region: map + 8 + N */
+    size_t data_len;
+} st_file;
+
+/* One tensor of a parsed header. */
+typedef struct {
+    char *name;
+    st_dtype dtype;
+    int ndim;
+    int64_t shape[ST_MAX_DIMS];
+    size_t begin, nbytes;  /* within the data region */
+} st_hdr_ent;
+
+static void hdr_free(st_hdr_ent *h, size_t n)
+{
+    if (!h) return;
+    for (size_t i = 0; i < n; i++) free(h[i].name);
+    free(h);
+}
+
+static int hdr_cmp_name(const void *a, const void *b)
+{
+    return strcmp(((const st_hdr_ent *)a)->name, ((const st_hdr_ent *)b)->name);
+}
+
+static int hdr_cmp_begin(const void *a, const void *b)
+{
+    const st_hdr_ent *x = *(const st_hdr_ent *const *)a, *y = *(const st_hdr_ent *const *)b;
+    if (x->begin != y->begin) return x->begin < y->begin ? -1 : 1;
+    return (x->nbytes > y->nbytes) - (x->nbytes < y->nbytes);
+}
+
+/* Validate one header entry into *e (name not set). */
+static int parse_entry(const char *path, const char *name, const cJSON *j, size_t data_len,
+                       st_hdr_ent *e, char *err, size_t errlen)
+{
+    if (!cJSON_IsObject(j)) {
+        st_err(err, errlen, "%s: tensor %s: entry is not an object", path, name);
+        return -1;
+    }
+    const cJSON *dt = cJSON_GetObjectItemCaseSensitive(j, "dtype");
+    const cJSON *sh = cJSON_GetObjectItemCaseSensitive(j, "shape");
+    const cJSON *off = cJSON_GetObjectItemCaseSensitive(j, "data_offsets");
+    if (!dt || !sh || !off) {
+        st_err(err, errlen, "%s: tensor %s: missing %s", path, name,
+               !dt ? "dtype" : !sh ? "shape" : "data_offsets");
+        return -1;
+    }
+    if (!cJSON_IsString(dt)) {
+        st_err(err, errlen, "%s: tensor %s: dtype is not a string", path, name);
+        return -1;
+    }
+    if (dtype_from_header(dt->valuestring, &e->dtype)) {
+        st_err(err, errlen, "%s: tensor %s: unsupported dtype \"%s\" (only F32, F16, BF16)",
+               path, name, dt->valuestring);
+        return -1;
+    }
+    if (!cJSON_IsArray(sh)) {
+        st_err(err, errlen, "%s: tensor %s: shape is not a list", path, name);
+        return -1;
+    }
+    int nd = cJSON_GetArraySize(sh);
+    if (nd > ST_MAX_DIMS) {
+        st_err(err, errlen, "%s: tensor %s: %d dims (at most %d)", path, name, nd, ST_MAX_DIMS);
+        return -1;
+    }
+    e->ndim = nd;
+    uint64_t esz = st_dtype_size(e->dtype), nbytes = esz;
+    int i = 0;
+    const cJSON *d;
+    cJSON_ArrayForEach(d, sh) {
+        uint64_t v;
+        if (!json_uint(d, &v)) {
+            st_err(err, errlen, "%s: tensor %s: shape[%d] is not a non-negative integer", path,
+                   name, i);
+            return -1;
+        }
+        if (v != 0 && nbytes > (uint64_t)SIZE_MAX / v) {
+            st_err(err, errlen, "%s: tensor %s: shape too large", path, name);
+            return -1;
+        }
+        nbytes *= v;
+        e->shape[i++] = (int64_t)v;
+    }
+    uint64_t b, en;
+    if (!cJSON_IsArray(off) || cJSON_GetArraySize(off) != 2 ||
+        !json_uint(cJSON_GetArrayItem(off, 0), &b) || !json_uint(cJSON_GetArrayItem(off, 1), &en)) {
+        st_err(err, errlen,
+               "%s: tensor %s: data_offsets is not [begin, end] (non-negative integers)", path,
+               name);
+        return -1;
+    }
+    if (en < b) {
+        st_err(err, errlen, "%s: tensor %s: data_offsets end %llu < begin %llu", path, name,
+               (unsigned long long)en, (unsigned long long)b);
+        return -1;
+    }
+    if (en > data_len) {
+        st_err(err, errlen,
+               "%s: tensor %s: data_offsets [%llu, %llu] past the end of the data region "
+               "(%zu bytes)", path, name, (unsigned long long)b, (unsigned long long)en, data_len);
+        return -1;
+    }
+    if (en - b != nbytes) {
+        st_err(err, errlen,
+               "%s: tensor %s: data_offsets give %llu bytes but shape and dtype need %llu", path,
+               name, (unsigned long long)(en - b), (unsigned long long)nbytes);
+        return -1;
+    }
+    e->begin = (size_t)b;
+    e->nbytes = (size_t)nbytes;
+    return 0;
+}
+
+/* Parse and validate the header text (N bytes, NUL-terminated copy). */
+static int parse_header(const char *path, const char *text, size_t n, size_t data_len,
+                        st_hdr_ent **out, size_t *n_out, char *err, size_t errlen)
+{
+    *out = NULL;
+    *n_out = 0;
+    if (memchr(text, '\0', n)) {
+        st_err(err, errlen, "%s: header is not JSON (contains a NUL byte)", path);
+        return -1;
+    }
+    const char *end = NULL;
+    cJSON *root = cJSON_ParseWithLengthOpts(text, n, &end, 0);
+    if (!root) {
+        size_t at = (end && end >= text) ? (size_t)(end - text) : 0;
+        st_err(err, errlen, "%s: header is not valid JSON (near header byte %zu of %zu)", path,
+               at, n);
+        return -1;
+    }
+    /* Only whitespace padding may follow the JSON value. */
+    for (const char *p = end; p && p < text + n; p++) {
+        if (*p != ' ' && *p != '\t' && *p != '\n' && *p != '\r') {
+            st_err(err, errlen, "%s: header has junk after the JSON (header byte %zu of %zu)",
+                   path, (size_t)(p - text), n);
+            cJSON_Delete(root);
+            return -1;
+        }
+    }
+    if (!cJSON_IsObject(root)) {
+        st_err(err, errlen, "%s: header is not a JSON object", path);
+        cJSON_Delete(root);
+        return -1;
+    }
+
+    size_t cap = (size_t)cJSON_GetArraySize(root);
+    st_hdr_ent *h = calloc(cap ? cap : 1, sizeof *h); /* [tensors in header] */
+    st_hdr_ent **by_off = NULL;
+    size_t cnt = 0;
+    if (!h) goto oom;
+    const cJSON *it;
+    cJSON_ArrayForEach(it, root) {
+        const char *name = it->string ? it->string : "";
+        if (strcmp(name, "__metadata__") == 0) continue;
+        if (parse_entry(path, name, it, data_len, &h[cnt], err, errlen)) goto fail;
+        h[cnt].name = st_strdup(name);
+        if (!h[cnt].name) goto oom;
+        cnt++;
+    }
+
+    /* Overlap: sorted by begin, each non-empty range must start at/after every earlier end. */
+    by_off = malloc((cnt ? cnt : 1) * sizeof *by_off);
+    if (!by_off) goto oom;
+    for (size_t i = 0; i < cnt; i++) by_off[i] = &h[i];
+    qsort(by_off, cnt, sizeof *by_off, hdr_cmp_begin);
+    const st_hdr_ent *far = NULL; /* the range reaching furthest so far */
+    for (size_t i = 0; i < cnt; i++) {
+        const st_hdr_ent *e = by_off[i];
+        if (e->nbytes == 0) continue;
+        if (far && e->begin < far->begin + far->nbytes) {
+            st_err(err, errlen, "%s: tensors %s and %s overlap in the data region", path,
+                   far->name, e->name);
+            goto fail;
+        }
+        if (!far || e->begin + e->nbytes > far->begin + far->nbytes) far = e;
+    }
+    free(by_off);
+    by_off = NULL;
+
+    /* Sorted by name for bsearch; duplicates are an error. */
+    qsort(h, cnt, sizeof *h, hdr_cmp_name);
+    for (size_t i = 1; i < cnt; i++) {
+        if (strcmp(h[i - 1].name, h[i].name) == 0) {
+            st_err(err, errlen, "%s: tensor %s appears twice in the header", path, h[i].name);
+            goto fail;
+        }
+    }
+    cJSON_Delete(root);
+    *out = h;
+    *n_out = cnt;
+    return 0;
+
+oom:
+    st_err(err, errlen, "%s: out of memory reading the header", path);
+fail:
+    free(by_off);
+    hdr_free(h, cnt);
+    cJSON_Delete(root);
+    return -1;
+}
+
+static void file_unmap(st_file *f)
+{
+    if (f->map) munmap(f->map, f->map_len);
+    f->map = NULL;
+    f->map_len = 0;
+    f->data = NULL;
+    f->data_len = 0;
+}
+
+/* mmap + validate f->path; on success the sorted header entries are returned. */
+static int file_open(st_file *f, st_hdr_ent **hdr, size_t *n_hdr, char *err, size_t errlen)
+{
+    *hdr = NULL;
+    *n_hdr = 0;
+    int fd = open(f->path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        st_err(err, errlen, "%s: cannot open: %s", f->path, strerror(errno));
+        return -1;
+    }
+    struct stat sb;
+    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
+        st_err(err, errlen, "%s: not a regular file", f->path);
+        close(fd);
+        return -1;
+    }
+    uint64_t size = (uint64_t)sb.st_size;
+    if (size < 8) {
+        st_err(err, errlen, "%s: file is %llu bytes, too short for a safetensors header", f->path,
+               (unsigned long long)size);
+        close(fd);
+        return -1;
+    }
+    if (size > SIZE_MAX) {
+        st_err(err, errlen, "%s: file too large to map", f->path);
+        close(fd);
+        return -1;
+    }
+    void *map = mmap(NULL, (size_t)size, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd); /* the mapping keeps the file */
+    if (map == MAP_FAILED) {
+        st_err(err, errlen, "%s: mmap failed: %s", f->path, strerror(errno));
+        return -1;
+    }
+    f->map = map;
+    f->map_len = (size_t)size;
+
+    uint64_t n = read_le64(map);
+    if (n > size - 8) {
+        st_err(err, errlen, "%s: header length %llu runs past the end of the file (%llu bytes)",
+               f->path, (unsigned long long)n, (unsigned long long)size);
+        goto fail;
+    }
+    f->data = (const uint8_t *)map + 8 + n;
+    f->data_len = (size_t)(size - 8 - n);
+
+    /* cJSON wants a terminated buffer; the header is small next to the weights. */
+    char *text = malloc((size_t)n + 1);
+    if (!text) {
+        st_err(err, errlen, "%s: out of memory for a %llu-byte header", f->path,
+               (unsigned long long)n);
+        goto fail;
+    }
+    memcpy(text, (const uint8_t *)map + 8, (size_t)n);
+    text[n] = '\0';
+    int rc = parse_header(f->path, text, (size_t)n, f->data_len, hdr, n_hdr, err, errlen);
+    free(text);
+    if (rc) goto fail;
+    f->state = 1;
+    return 0;
+
+fail:
+    file_unmap(f);
+    return -1;
+}
+
+/* ================================================================== */
+/* reading: the model                                                  */
+/* ================================================================== */
+
+typedef struct {
+    char *name;
+    int file;              /* index into m->files */
+    int known;             /* dtype/shape/offsets filled from the file's header */
+    st_dtype dtype;
+    int ndim;
+    int64_t shape[ST_MAX_DIMS];
+    size_t begin, nbytes;
+    const float *f32;      /* handed out by st_get_f32 (zero-copy or == owned) */
+    float *owned;          /* converted copy [numel], freed by st_close */
+} st_entry;
+
+struct st_model {
+    char *dir;
+    char *label;           /* model.safetensors or the index: "FILE" of missing-tensor errors */
+    int sharded;
+    st_file *files;
+    int n_files;
+    st_entry *ents;        /* sorted by name */
+    size_t n_ents;
+    size_t loaded_bytes;
+};
+
+static int ent_cmp(const void *a, const void *b)
+{
+    return strcmp(((const st_entry *)a)->name, ((const st_entry *)b)->name);
+}
+
+static int ent_key_cmp(const void *key, const void *b)
+{
+    return strcmp((const char *)key, ((const st_entry *)b)->name);
+}
+
+static st_entry *ent_lookup(st_model *m, const char *name)
+{
+    if (m->n_ents == 0) return NULL;
+    return bsearch(name, m->ents, m->n_ents, sizeof *m->ents, ent_key_cmp);
+}
+
+static void fill_entry(st_entry *e, const st_hdr_ent *h)
+{
+    e->dtype = h->dtype;
+    e->ndim = h->ndim;
+    memcpy(e->shape, h->shape, sizeof e->shape);
+    e->begin = h->begin;
+    e->nbytes = h->nbytes;
+    e->known = 1;
+}
+
+void st_close(st_model *m)
+{
+    if (!m) return;
+    for (size_t i = 0; i < m->n_ents; i++) {
+        free(m->ents[i].name);
+        free(m->ents[i].owned);
+    }
+    free(m->ents);
+    for (int i = 0; i < m->n_files; i++) {
+        file_unmap(&m->files[i]);
+        free(m->files[i].path);
+        free(m->files[i].wm_name);
+        free(m->files[i].first_user);
+        free(m->files[i].fail_msg);
+    }
+    free(m->files);
+    free(m->dir);
+    free(m->label);
+    free(m);
+}
+
+/* Single file: open and validate it now; its header is the tensor table. */
+static int open_single(st_model *m, char *err, size_t errlen)
+{
+    m->files = calloc(1, sizeof *m->files);
+    if (!m->files) goto oom;
+    m->n_files = 1;
+    m->files[0].path = st_strdup(m->label);
+    if (!m->files[0].path) goto oom;
+    st_hdr_ent *h;
+    size_t n;
+    if (file_open(&m->files[0], &h, &n, err, errlen)) return -1;
+    m->ents = calloc(n ? n : 1, sizeof *m->ents);
+    if (!m->ents) {
+        hdr_free(h, n);
+        goto oom;
+    }
+    /* h is sorted by name already; names move over to the entries. */
+    for (size_t i = 0; i < n; i++) {
+        m->ents[i].name = h[i].name;
+        h[i].name = NULL;
+        m->ents[i].file = 0;
+        fill_entry(&m->ents[i], &h[i]);
+    }
+    m->n_ents = n;
+    hdr_free(h, n);
+    return 0;
+oom:
+    st_err(err, errlen, "%s: out of memory", m->label);
+    return -1;
+}
+
+static char *read_small_file(const char *path, size_t *len, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        st_err(err, errlen, "%s: cannot open: %s", path, strerror(errno));
+        return NULL;
+    }
+    char *buf = NULL;
+    long sz = -1;
+    if (fseek(f, 0, SEEK_END) == 0) sz = ftell(f);
+    if (sz < 0 || sz > ST_MAX_INDEX_BYTES) {
+        st_err(err, errlen, "%s: cannot read (size %ld)", path, sz);
+        goto out;
+    }
+    rewind(f);
+    buf = malloc((size_t)sz + 1);
+    if (!buf) {
+        st_err(err, errlen, "%s: out of memory", path);
+        goto out;
+    }
+    if (fread(buf, 1, (size_t)sz, f) != (size_t)sz) {
+        st_err(err, errlen, "%s: short read", path);
+        free(buf);
+        buf = NULL;
+        goto out;
+    }
+    buf[sz] = '\0';
+    *len = (size_t)sz;
+out:
+    fclose(f);
+    return buf;
+}
+
+/* Find or add the shard file `name`; returns its index or -1 (OOM). */
+static int shard_index(st_model *m, const char *name, const char *user, int *cap, int *last)
+{
+    /* names repeat in runs: try the last hit first */
+    if (*last >= 0 && strcmp(m->files[*last].wm_name, name) == 0) return *last;
+    for (int i = 0; i < m->n_files; i++)
+        if (strcmp(m->files[i].wm_name, name) == 0) return *last = i;
+    if (m->n_files == *cap) {
+        int nc = *cap ? *cap * 2 : 8;
+        st_file *nf = realloc(m->files, (size_t)nc * sizeof *nf);
+        if (!nf) return -1;
+        m->files = nf;
+        *cap = nc;
+    }
+    st_file *f = &m->files[m->n_files];
+    memset(f, 0, sizeof *f);
+    f->path = path_join(m->dir, name);
+    f->wm_name = st_strdup(name);
+    f->first_user = st_strdup(user);
+    m->n_files++; /* st_close frees whatever was allocated */
+    if (!f->path || !f->wm_name || !f->first_user) return -1;
+    return *last = m->n_files - 1;
+}
+
+/* Sharded: read the index now; shard files are only checked for existence. */
+static int open_index(st_model *m, char *err, size_t errlen)
+{
+    size_t len = 0;
+    char *text = read_small_file(m->label, &len, err, errlen);
+    if (!text) return -1;
+    int rc = -1;
+    const char *end = NULL;
+    cJSON *root = cJSON_ParseWithLengthOpts(text, len, &end, 0);
+    if (!root) {
+        st_err(err, errlen, "%s: not valid JSON (near byte %zu)", m->label,
+               (end && end >= text) ? (size_t)(end - text) : (size_t)0);
+        goto out;
+    }
+    const cJSON *wm = cJSON_IsObject(root) ? cJSON_GetObjectItemCaseSensitive(root, "weight_map")
+                                           : NULL;
+    if (!cJSON_IsObject(wm)) {
+        st_err(err, errlen, "%s: no \"weight_map\" object", m->label);
+        goto out;
+    }
+    size_t n = (size_t)cJSON_GetArraySize(wm);
+    m->ents = calloc(n ? n : 1, sizeof *m->ents);
+    if (!m->ents) goto oom;
+    int cap = 0, last = -1;
+    const cJSON *it;
+    cJSON_ArrayForEach(it, wm) {
+        const char *name = it->string ? it->string : "";
+        if (!cJSON_IsString(it) || it->valuestring[0] == '\0') {
+            st_err(err, errlen, "%s: weight_map: tensor %s: file name is not a non-empty string",
+                   m->label, name);
+            goto out;
+        }
+        st_entry *e = &m->ents[m->n_ents];
+        e->name = st_strdup(name);
+        if (!e->name) goto oom;
+        m->n_ents++;
+        e->file = shard_index(m, it->valuestring, name, &cap, &last);
+        if (e->file < 0) goto oom;
+    }
+    qsort(m->ents, m->n_ents, sizeof *m->ents, ent_cmp);
+    for (size_t i = 1; i < m->n_ents; i++) {
+        if (strcmp(m->ents[i - 1].name, m->ents[i].name) == 0) {
+            st_err(err, errlen, "%s: weight_map: tensor %s appears twice", m->label,
+                   m->ents[i].name);
+            goto out;
+        }
+    }
+    for (int i = 0; i < m->n_files; i++) {
+        if (!is_regular_file(m->files[i].path)) {
+            st_err(err, errlen, "%s: shard file %s (holding tensor %s) does not exist", m->label,
+                   m->files[i].path, m->files[i].first_user);
+            goto out;
+        }
+    }
+    rc = 0;
+    goto out;
+oom:
+    st_err(err, errlen, "%s: out of memory", m->label);
+out:
+    cJSON_Delete(root);
+    free(text);
+    return rc;
+}
+
+int st_open(const char *dir, st_model **out, char *err, size_t errlen)
+{
+    if (out) *out = NULL;
+    if (!dir || !out) {
+        st_err(err, errlen, "st_open: no directory or output");
+        return -1;
+    }
+    struct stat sb;
+    if (stat(dir, &sb) != 0) {
+        st_err(err, errlen, "%s: %s", dir, strerror(errno));
+        return -1;
+    }
+    if (!S_ISDIR(sb.st_mode)) {
+        st_err(err, errlen, "%s: not a directory", dir);
+        return -1;
+    }
+    st_model *m = calloc(1, sizeof *m);
+    if (!m || !(m->dir = st_strdup(dir))) {
+        free(m);
+        st_err(err, errlen, "%s: out of memory", dir);
+        return -1;
+    }
+    int rc;
+    char *single = path_join(dir, ST_SINGLE_NAME);
+    char *index = path_join(dir, ST_INDEX_NAME);
+    if (!single || !index) {
+        st_err(err, errlen, "%s: out of memory", dir);
+        rc = -1;
+    } else if (is_regular_file(single)) { /* the single file wins over a (stale) index */
+        m->label = single;
+        single = NULL;
+        rc = open_single(m, err, errlen);
+    } else if (is_regular_file(index)) {
+        m->label = index;
+        index = NULL;
+        m->sharded = 1;
+        rc = open_index(m, err, errlen);
+    } else {
+        st_err(err, errlen, "%s: no " ST_SINGLE_NAME " or " ST_INDEX_NAME, dir);
+        rc = -1;
+    }
+    free(single);
+    free(index);
+    if (rc) {
+        st_close(m);
+        return -1;
+    }
+    *out = m;
+    return 0;
+}
+
+/* Open shard `fi` on first use and fill the entries the index maps to it. */
+static int shard_ensure(st_model *m, int fi, char *err, size_t errlen)
+{
+    st_file *f = &m->files[fi];
+    if (f->state == 1) return 0;
+    if (f->state == -1) {
+        st_err(err, errlen, "%s", f->fail_msg ? f->fail_msg : "shard failed to open");
+        return -1;
+    }
+    st_hdr_ent *h;
+    size_t n;
+    if (file_open(f, &h, &n, err, errlen)) {
+        f->state = -1;
+        f->fail_msg = st_strdup(err && errlen ? err : "shard failed to open");
+        return -1;
+    }
+    /* The index decides which file holds a name; other names in the shard are ignored. */
+    for (size_t i = 0; i < n; i++) {
+        st_entry *e = ent_lookup(m, h[i].name);
+        if (e && e->file == fi) fill_entry(e, &h[i]);
+    }
+    hdr_free(h, n);
+    return 0;
+}
+
+int st_find(st_model *m, const char *name, st_tensor *t, char *err, size_t errlen)
+{
+    if (!m || !name) {
+        st_err(err, errlen, "st_find: no model or name");
+        return -1;
+    }
+    st_entry *e = ent_lookup(m, name);
+    if (!e) return 0;
+    if (shard_ensure(m, e->file, err, errlen)) return -1;
+    const st_file *f = &m->files[e->file];
+    if (!e->known) {
+        st_err(err, errlen, "%s: missing tensor %s (%s maps it to this file)", f->path, name,
+               ST_INDEX_NAME);
+        return -1;
+    }
+    if (t) {
+        t->dtype = e->dtype;
+        t->ndim = e->ndim;
+        memcpy(t->shape, e->shape, sizeof t->shape);
+        t->data = f->data + e->begin;
+        t->nbytes = e->nbytes;
+        t->file = f->path;
+    }
+    return 1;
+}
+
+/* Convert n values of dtype dt at p (any alignment) to f32. */
+static void to_f32(st_dtype dt, const uint8_t *p, float *dst, size_t n)
+{
+    if (dt == ST_F32) {
+        memcpy(dst, p, n * 4);
+        return;
+    }
+    if (((uintptr_t)p & 1u) == 0) {
+        if (dt == ST_F16) stage_f16_to_f32_n((const uint16_t *)(const void *)p, dst, n);
+        else stage_bf16_to_f32_n((const uint16_t *)(const void *)p, dst, n);
+        return;
+    }
+    for (size_t i = 0; i < n; i++) { /* odd address: read each half through memcpy */
+        uint16_t h;
+        memcpy(&h, p + 2 * i, 2);
+        dst[i] = dt == ST_F16 ? stage_f16_to_f32(h) : stage_bf16_to_f32(h);
+    }
+}
+
+const float *st_get_f32(st_model *m, const char *name, int ndim, const int64_t *shape,
+                        char *err, size_t errlen)
+{
+    if (!m || !name) {
+        st_err(err, errlen, "st_get_f32: no model or name");
+        return NULL;
+    }
+    if (ndim < 0 || ndim > ST_MAX_DIMS || (ndim > 0 && !shape)) {
+        st_err(err, errlen, "%s: tensor %s: bad expected shape (ndim %d)", m->label, name, ndim);
+        return NULL;
+    }
+    st_tensor t;
+    int r = st_find(m, name, &t, err, errlen);
+    if (r == 0) st_err(err, errlen, "%s: missing tensor %s", m->label, name);
+    if (r <= 0) return NULL;
+
+    int same = t.ndim == ndim;
+    for (int i = 0; same && i < ndim; i++) same = t.shape[i] == shape[i];
+    if (!same) {
+        char have[192], want[192];
+        shape_str(have, sizeof have, t.ndim, t.shape);
+        shape_str(want, sizeof want, ndim, shape);
+        st_err(err, errlen, "%s: tensor %s has shape %s, expected %s", t.file, name, have, want);
+        return NULL;
+    }
+
+    st_entry *e = ent_lookup(m, name);
+    if (e->f32) return e->f32;
+    size_t numel = t.nbytes / st_dtype_size(t.dtype);
+    if (t.dtype == ST_F32 && ((uintptr_t)t.data & 3u) == 0) {
+        e->f32 = (const float *)t.data; /* zero-copy into the mmap */
+    } else {
+        e->owned = malloc((numel ? numel : 1) * sizeof(float)); /* [numel] */
+        if (!e->owned) {
+            st_err(err, errlen, "%s: out of memory converting tensor %s (%zu values)", t.file,
+                   name, numel);
+            return NULL;
+        }
+        to_f32(t.dtype, t.data, e->owned, numel);
+        e->f32 = e->owned;
+    }
+    m->loaded_bytes += numel * sizeof(float);
+    return e->f32;
+}
+
+size_t st_loaded_bytes(const st_model *m)
+{
+    return m ? m->loaded_bytes : 0;
+}
+
+/* ================================================================== */
+/* writing                                                             */
+/* ================================================================== */
+
+typedef struct {
+    char *name;
+    st_dtype dtype;
+    int ndim;
+    int64_t shape[ST_MAX_DIMS];
+    void *bytes;           /* [nbytes] in dtype, little-endian */
+    size_t nbytes;
+} st_wtensor;
+
+struct st_writer {
+    st_wtensor *t;         /* insertion order */
+    size_t n, cap;
+};
+
+st_writer *st_writer_new(void)
+{
+    return calloc(1, sizeof(st_writer));
+}
+
+void st_writer_free(st_writer *w)
+{
+    if (!w) return;
+    for (size_t i = 0; i < w->n; i++) {
+        free(w->t[i].name);
+        free(w->t[i].bytes);
+    }
+    free(w->t);
+    free(w);
+}
+
+int st_writer_add(st_writer *w, const char *name, st_dtype dt, int ndim, const int64_t *shape,
+                  const float *data)
+{
+    if (!w || !name || ndim < 0 || ndim > ST_MAX_DIMS || (ndim > 0 && !shape) ||
+        st_dtype_size(dt) == 0 || strcmp(name, "__metadata__") == 0)
+        return -1;
+    size_t numel = 1;
+    for (int i = 0; i < ndim; i++) {
+        if (shape[i] < 0 || (double)shape[i] > ST_MAX_JSON_INT) return -1;
+        if (shape[i] != 0 && numel > SIZE_MAX / 4 / (size_t)shape[i]) return -1;
+        numel *= (size_t)shape[i];
+    }
+    if (numel > 0 && !data) return -1;
+    if (w->n == w->cap) {
+        size_t nc = w->cap ? w->cap * 2 : 64;
+        st_wtensor *nt = realloc(w->t, nc * sizeof *nt);
+        if (!nt) return -1;
+        w->t = nt;
+        w->cap = nc;
+    }
+    st_wtensor *t = &w->t[w->n];
+    memset(t, 0, sizeof *t);
+    t->nbytes = numel * st_dtype_size(dt);
+    t->name = st_strdup(name);
+    t->bytes = malloc(t->nbytes ? t->nbytes : 1);
+    if (!t->name || !t->bytes) {
+        free(t->name);
+        free(t->bytes);
+        return -1;
+    }
+    t->dtype = dt;
+    t->ndim = ndim;
+    for (int i = 0; i < ndim; i++) t->shape[i] = shape[i];
+    if (numel > 0) { /* (data may be NULL for an empty tensor) */
+        if (dt == ST_F32) memcpy(t->bytes, data, t->nbytes);
+        else if (dt == ST_F16) stage_f32_to_f16_n(data, t->bytes, numel);
+        else stage_f32_to_bf16_n(data, t->bytes, numel);
+    }
+    w->n++;
+    return 0;
+}
+
+static int wt_cmp_name(const void *a, const void *b)
+{
+    return strcmp((*(const st_wtensor *const *)a)->name, (*(const st_wtensor *const *)b)->name);
+}
+
+static int write_all(FILE *f, const void *p, size_t n)
+{
+    return n == 0 || fwrite(p, 1, n, f) == n ? 0 : -1;
+}
+
+/* One complete safetensors file with tensors t[lo, hi). Tensors are packed back to back (the
+ * reference loader rejects gaps); the header is space-padded so the data region starts at a
+ * multiple of 8. */
+static int write_st_file(const char *path, const st_wtensor *t, size_t lo, size_t hi,
+                         char *err, size_t errlen)
+{
+    cJSON *root = cJSON_CreateObject();
+    cJSON *meta = cJSON_AddObjectToObject(root, "__metadata__");
+    if (!root || !meta || !cJSON_AddStringToObject(meta, "format", "pt")) goto oom;
+    size_t off = 0;
+    for (size_t i = lo; i < hi; i++) {
+        cJSON *e = cJSON_AddObjectToObject(root, t[i].name);
+        if (!e || !cJSON_AddStringToObject(e, "dtype", st_dtype_name(t[i].dtype))) goto oom;
+        cJSON *sh = cJSON_AddArrayToObject(e, "shape");
+        cJSON *of = cJSON_AddArrayToObject(e, "data_offsets");
+        if (!sh || !of) goto oom;
+        for (int d = 0; d < t[i].ndim; d++)
+            if (!cJSON_AddItemToArray(sh, cJSON_CreateNumber((double)t[i].shape[d]))) goto oom;
+        if (!cJSON_AddItemToArray(of, cJSON_CreateNumber((double)off)) ||
+            !cJSON_AddItemToArray(of, cJSON_CreateNumber((double)(off + t[i].nbytes))))
+            goto oom;
+        off += t[i].nbytes;
+    }
+    char *json = cJSON_PrintUnformatted(root);
+    cJSON_Delete(root);
+    root = NULL;
+    if (!json) goto oom;
+
+    size_t jl = strlen(json);
+    size_t pad = (8 - (8 + jl) % 8) % 8;
+    uint8_t len8[8];
+    write_le64(len8, (uint64_t)(jl + pad));
+    static const char spaces[8] = "        ";
+
+    FILE *f = fopen(path, "wb");
+    if (!f) {
+        st_err(err, errlen, "%s: cannot create: %s", path, strerror(errno));
+        free(json);
+        return -1;
+    }
+    int bad = write_all(f, len8, 8) || write_all(f, json, jl) || write_all(f, spaces, pad);
+    for (size_t i = lo; i < hi && !bad; i++) bad = write_all(f, t[i].bytes, t[i].nbytes);
+    int saved = errno;
+    if (fclose(f) != 0 && !bad) {
+        bad = 1;
+        saved = errno;
+    }
+    free(json);
+    if (bad) {
+        st_err(err, errlen, "%s: write failed: %s", path, strerror(saved));
+        unlink(path);
+        return -1;
+    }
+    return 0;
+oom:
+    cJSON_Delete(root);
+    st_err(err, errlen, "%s: out of memory building the header", path);
+    return -1;
+}
+
+static int write_index(const char *path, const st_wtensor *t, size_t n, const int *shard_of,
+                       int n_shards, char *err, size_t errlen)
+{
+    int rc = -1;
+    char *json = NULL;
+    uint64_t total = 0;
+    for (size_t i = 0; i < n; i++) total += t[i].nbytes;
+    cJSON *root = cJSON_CreateObject();
+    cJSON *meta = cJSON_AddObjectToObject(root, "metadata");
+    cJSON *wm = cJSON_AddObjectToObject(root, "weight_map");
+    if (!root || !meta || !wm || !cJSON_AddNumberToObject(meta, "total_size", (double)total))
+        goto oom;
+    for (size_t i = 0; i < n; i++) {
+        char fname[64];
+        snprintf(fname, sizeof fname, "model-%05d-of-%05d.safetensors", shard_of[i] + 1,
+                 n_shards);
+        if (!cJSON_AddStringToObject(wm, t[i].name, fname)) goto oom;
+    }
+    json = cJSON_Print(root);
+    if (!json) goto oom;
+    FILE *f = fopen(path, "wb");
+    if (!f) {
+        st_err(err, errlen, "%s: cannot create: %s", path, strerror(errno));
+        goto out;
+    }
+    int bad = write_all(f, json, strlen(json)) || write_all(f, "\n", 1);
+    if (fclose(f) != 0) bad = 1;
+    if (bad) {
+        st_err(err, errlen, "%s: write failed: %s", path, strerror(errno));
+        unlink(path);
+        goto out;
+    }
+    rc = 0;
+    goto out;
+oom:
+    st_err(err, errlen, "%s: out of memory building the index", path);
+out:
+    cJSON_Delete(root);
+    free(json);
+    return rc;
+}
+
+int st_writer_save(st_writer *w, const char *dir, int n_shards, char *err, size_t errlen)
+{
+    if (!w || !dir) {
+        st_err(err, errlen, "st_writer_save: no writer or directory");
+        return -1;
+    }
+    /* Duplicate names would make an unreadable file. */
+    if (w->n > 1) {
+        const st_wtensor **s = malloc(w->n * sizeof *s);
+        if (!s) {
+            st_err(err, errlen, "%s: out of memory", dir);
+            return -1;
+        }
+        for (size_t i = 0; i < w->n; i++) s[i] = &w->t[i];
+        qsort(s, w->n, sizeof *s, wt_cmp_name);
+        for (size_t i = 1; i < w->n; i++) {
+            if (strcmp(s[i - 1]->name, s[i]->name) == 0) {
+                st_err(err, errlen, "%s: tensor %s was added twice", dir, s[i]->name);
+                free(s);
+                return -1;
+            }
+        }
+        free(s);
+    }
+
+    /* More shards than tensors would leave empty files: cap at one tensor per shard. */
+    int ns = n_shards;
+    if ((size_t)(ns > 0 ? ns : 0) > w->n) ns = (int)w->n;
+    if (ns <= 1) {
+        char *path = path_join(dir, ST_SINGLE_NAME);
+        if (!path) {
+            st_err(err, errlen, "%s: out of memory", dir);
+            return -1;
+        }
+        int rc = write_st_file(path, w->t, 0, w->n, err, errlen);
+        free(path);
+        return rc;
+    }
+    if (ns > 99999) {
+        st_err(err, errlen, "%s: %d shards is more than the 5-digit file names allow", dir, ns);
+        return -1;
+    }
+
+    int rc = -1;
+    char *single = path_join(dir, ST_SINGLE_NAME);
+    char *index = path_join(dir, ST_INDEX_NAME);
+    int *shard_of = malloc(w->n * sizeof *shard_of); /* [n tensors] */
+    if (!single || !index || !shard_of) {
+        st_err(err, errlen, "%s: out of memory", dir);
+        goto out;
+    }
+    /* Readers prefer model.safetensors: a stale one would hide the shards we write. */
+    if (is_regular_file(single)) {
+        st_err(err, errlen, "%s: already holds " ST_SINGLE_NAME
+               " (readers would use it instead of the shards); remove it first", dir);
+        goto out;
+    }
+
+    /* Balanced by bytes in insertion order: tensor i goes to the next shard once the bytes
+     * before its midpoint pass that shard's share; every shard gets at least one tensor. */
+    double total = 0;
+    for (size_t i = 0; i < w->n; i++) total += (double)w->t[i].nbytes;
+    int s = 0;
+    size_t in_s = 0;
+    double acc = 0;
+    for (size_t i = 0; i < w->n; i++) {
+        if (s < ns - 1 && in_s > 0) {
+            size_t left_t = w->n - i;           /* tensors not yet placed, i included */
+            size_t left_s = (size_t)(ns - 1 - s); /* shards after s */
+            double mid = acc + 0.5 * (double)w->t[i].nbytes;
+            if (left_t <= left_s || mid > total * (double)(s + 1) / (double)ns) {
+                s++;
+                in_s = 0;
+            }
+        }
+        shard_of[i] = s;
+        in_s++;
+        acc += (double)w->t[i].nbytes;
+    }
+
+    for (size_t lo = 0; lo < w->n;) {
+        size_t hi = lo;
+        while (hi < w->n && shard_of[hi] == shard_of[lo]) hi++;
+        char fname[64];
+        snprintf(fname, sizeof fname, "model-%05d-of-%05d.safetensors", shard_of[lo] + 1, ns);
+        char *path = path_join(dir, fname);
+        if (!path) {
+            st_err(err, errlen, "%s: out of memory", dir);
+            goto out;
+        }
+        int r = write_st_file(path, w->t, lo, hi, err, errlen);
+        free(path);
+        if (r) goto out;
+        lo = hi;
+    }
+    rc = write_index(index, w->t, w->n, shard_of, ns, err, errlen);
+out:
+    free(single);
+    free(index);
+    free(shard_of);
+    return rc;
+}
