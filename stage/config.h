@@ -49,9 +49,9 @@ typedef struct {
     stage_kind *layer_kind; /* [n_layers] */
 
     /* "mod" settings (also the router of mode_staged) */
-    float mod_capacity;            /* default 0.125 */
+    double mod_capacity;           /* default 0.125 (double: topk k = floor(capacity*T) must match Python) */
     stage_routing mod_routing;     /* default threshold */
-    float mod_threshold;           /* default 0.5 */
+    double mod_threshold;          /* default 0.5 */
     stage_router_scale mod_scale;  /* default none: g(r) = r */
 
     /* "mode" settings */
@@ -62,7 +62,7 @@ typedef struct {
 
     /* "mindskip" settings */
     stage_granularity ms_granularity; /* default sequence */
-    float ms_threshold;               /* default 0.5 */
+    double ms_threshold;              /* default 0.5 */
 } stage_config;
 
 int stage_config_load(const char *dir, stage_config *cfg, char *err, size_t errlen);

@@ -1,0 +1,701 @@
+/* cluster/main.c — the modpipe command line.
+ *
+ *   modpipe generate | eval    (under mpirun: one rank per pipeline stage; -np 1 works too)
+ *   modpipe partition          (no MPI: print the stage plan)
+ *   modpipe init-model         (no MPI: write a random model from a YAML spec)
+ *
+ * Options of generate / eval may also come from a YAML file (--config F.yaml: keys are the
+ * option names without "--"); flags given on the command line override it.
+ */
+#include <ctype.h>
+#include <errno.h>
+#include <math.h>
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cluster/initmodel.h"
+#include "cluster/modelspec.h"
+#include "cluster/partition.h"
+#include "cluster/pipeline.h"
+#include "cluster/yamlcfg.h"
+#include "comm/comm.h"
+#include "stage/config.h"
+
+#define MODPIPE_VERSION "0.1.0"
+
+/* ========================================================================================
+ * Options
+ * ===================================================================================== */
+
+enum { C_GEN = 1, C_EVAL = 2, C_PART = 4, C_INIT = 8 };
+
+typedef struct {
+    const char *name;    /* without "--" */
+    const char *metavar; /* NULL: a switch */
+    int cmds;            /* C_* mask */
+    int repeat;          /* may be given several times */
+    const char *help;
+} opt_def;
+
+static const opt_def OPTS[] = {
+    {"model", "DIR", C_GEN | C_EVAL | C_PART, 0,
+     "model directory: config.json + model.safetensors (or sharded with its index)"},
+    {"config", "FILE.yaml", C_GEN | C_EVAL, 0,
+     "read options from a YAML file (keys = option names without --); flags override it"},
+    {"prompt-ids", "IDS", C_GEN, 1,
+     "a prompt as token ids, e.g. 1,2,3 (repeat for more sequences)"},
+    {"prompts-file", "FILE", C_GEN, 0,
+     "prompts, one per line, ids separated by commas or spaces"},
+    {"max-new", "N", C_GEN, 0, "new tokens per sequence (default 16)"},
+    {"temperature", "T", C_GEN, 0, "sampling temperature; 0 or absent: greedy (lowest id wins ties)"},
+    {"top-p", "P", C_GEN, 0, "nucleus sampling: keep the smallest set of tokens with mass >= P (default 1)"},
+    {"seed", "S", C_GEN | C_INIT, 0,
+     "generate: sampling seed (sequence i draws from its own stream); init-model: weight seed"},
+    {"tokens-file", "FILE", C_EVAL, 0,
+     "eval: one sequence per line (ids separated by commas or spaces), all the same length"},
+    {"micro-batch", "R", C_GEN | C_EVAL, 0,
+     "most rows per micro-batch (default 32); runs with the same R give the same bits at any -np"},
+    {"groups", "G", C_GEN, 0,
+     "decode groups: sequences are split into G groups, each decode step of a group is one "
+     "micro-batch (default 8; at most R sequences a group)"},
+    {"max-in-flight", "K", C_GEN | C_EVAL, 0, "micro-batches in flight at once (default 2 x stages)"},
+    {"stages", "auto|A-B,...", C_GEN | C_EVAL | C_PART, 0,
+     "layer range of each stage, e.g. 0-3,4-7 (one per rank), or auto (default)"},
+    {"wire-dtype", "f32|bf16|f16", C_GEN | C_EVAL, 0,
+     "activation dtype between ranks: f32 exact (default); bf16/f16 halve bytes, lossy"},
+    {"dump-logits", "F.npy", C_GEN | C_EVAL, 0,
+     "write logits as float32 .npy: generate [seqs, max_new, vocab], eval [seqs, T, vocab]"},
+    {"stats", "F.json", C_GEN | C_EVAL, 0,
+     "write per-link bytes (vs a dense pipeline), per-layer participation, KV and FLOP "
+     "savings, per-stage busy/wait time, tokens/s"},
+    {"timeout", "SEC", C_GEN | C_EVAL, 0,
+     "abort the job when a peer rank sends nothing for SEC seconds (default 300)"},
+    {"quiet", NULL, C_GEN | C_EVAL | C_INIT, 0, "no progress lines on stderr"},
+    {"n", "N", C_PART, 0, "partition: number of stages (ranks)"},
+    {"spec", "FILE.yaml", C_INIT, 0, "init-model: the model spec (see configs/models/)"},
+    {"out", "DIR", C_INIT, 0, "init-model: output directory (created if missing)"},
+    {"dtype", "f32|bf16|f16", C_INIT, 0, "init-model: weight dtype (overrides output.dtype)"},
+    {"shards", "N", C_INIT, 0, "init-model: number of safetensors shards (overrides output.shards)"},
+    {"calibrate", NULL, C_INIT, 0, "init-model: calibrate router biases to the capacity (overrides the spec)"},
+    {"no-calibrate", NULL, C_INIT, 0, "init-model: do not calibrate"},
+    {"help", NULL, C_GEN | C_EVAL | C_PART | C_INIT, 0, "this help"},
+};
+#define N_OPTS ((int)(sizeof OPTS / sizeof OPTS[0]))
+
+typedef struct {
+    char **vals;   /* [n] */
+    int n;
+    char origin[512]; /* where it came from, for messages: "--micro-batch" or "f.yaml:3:14: micro-batch" */
+} opt_val;
+
+typedef struct {
+    int cmd;
+    opt_val v[N_OPTS];
+    cluster_yaml yaml;
+    int have_yaml;
+} opts;
+
+static int opt_index(const char *name)
+{
+    for (int i = 0; i < N_OPTS; i++)
+        if (!strcmp(OPTS[i].name, name)) return i;
+    return -1;
+}
+
+static void opts_free(opts *o)
+{
+    for (int i = 0; i < N_OPTS; i++) free(o->v[i].vals);
+    if (o->have_yaml) cluster_yaml_free(&o->yaml);
+}
+
+static int push(opt_val *v, char *s)
+{
+    char **nv = realloc(v->vals, (size_t)(v->n + 1) * sizeof *nv);
+    if (!nv) return -1;
+    v->vals = nv;
+    v->vals[v->n++] = s;
+    return 0;
+}
+
+static const char *cmd_name(int cmd)
+{
+    return cmd == C_GEN ? "generate" : cmd == C_EVAL ? "eval" : cmd == C_PART ? "partition" : "init-model";
+}
+
+/* argv, then --config YAML for options the command line did not give. */
+static int opts_parse(opts *o, int cmd, int argc, char **argv, char *err, size_t errlen)
+{
+    memset(o, 0, sizeof *o);
+    o->cmd = cmd;
+    for (int a = 0; a < argc; a++) {
+        const char *arg = argv[a];
+        const char *name = NULL;
+        if (!strcmp(arg, "-n")) name = "n";
+        else if (!strcmp(arg, "-h")) name = "help";
+        else if (!strncmp(arg, "--", 2)) name = arg + 2;
+        if (!name) {
+            snprintf(err, errlen, "unexpected argument '%s' (see modpipe %s --help)", arg, cmd_name(cmd));
+            return -1;
+        }
+        char namebuf[64];
+        const char *eq = strchr(name, '=');
+        const char *inline_val = NULL;
+        if (eq && (size_t)(eq - name) < sizeof namebuf) {
+            memcpy(namebuf, name, (size_t)(eq - name));
+            namebuf[eq - name] = 0;
+            inline_val = eq + 1;
+            name = namebuf;
+        }
+        int i = opt_index(name);
+        if (i < 0 || !(OPTS[i].cmds & cmd)) {
+            snprintf(err, errlen, "unknown option '%s' for %s (see modpipe %s --help)", arg,
+                     cmd_name(cmd), cmd_name(cmd));
+            return -1;
+        }
+        opt_val *v = &o->v[i];
+        if (v->n && !OPTS[i].repeat) {
+            snprintf(err, errlen, "--%s given twice", OPTS[i].name);
+            return -1;
+        }
+        snprintf(v->origin, sizeof v->origin, "--%s", OPTS[i].name);
+        if (!OPTS[i].metavar) {
+            if (inline_val) { snprintf(err, errlen, "--%s takes no value", OPTS[i].name); return -1; }
+            if (push(v, "1")) goto oom;
+            continue;
+        }
+        const char *val = inline_val;
+        if (!val) {
+            if (a + 1 >= argc) {
+                snprintf(err, errlen, "--%s needs a value (%s)", OPTS[i].name, OPTS[i].metavar);
+                return -1;
+            }
+            val = argv[++a];
+        }
+        if (push(v, (char *)val)) goto oom;
+    }
+    int ci = opt_index("config");
+    if (o->v[ci].n) {
+        if (cluster_yaml_load(o->v[ci].vals[0], &o->yaml, err, errlen)) return -1;
+        o->have_yaml = 1;
+        for (int k = 0; k < o->yaml.n; k++) {
+            const cluster_yaml_entry *e = &o->yaml.e[k];
+            int i = opt_index(e->key);
+            if (i < 0 || !(OPTS[i].cmds & cmd) || !strcmp(e->key, "config") || !strcmp(e->key, "help")) {
+                snprintf(err, errlen, "%s:%d:%d: unknown key '%s' for %s", o->yaml.path, e->line,
+                         e->col, e->key, cmd_name(cmd));
+                return -1;
+            }
+            opt_val *v = &o->v[i];
+            if (v->n) continue; /* the command line wins */
+            snprintf(v->origin, sizeof v->origin, "%s:%d:%d: %s", o->yaml.path, e->line, e->col, e->key);
+            if (e->is_list && !OPTS[i].repeat && strcmp(e->key, "stages")) {
+                snprintf(err, errlen, "%s: expected a single value, not a list", v->origin);
+                return -1;
+            }
+            if (!OPTS[i].metavar) {
+                int b = 0;
+                if (cluster_yaml_bool(&o->yaml, e, &b, err, errlen)) return -1;
+                if (b && push(v, "1")) goto oom;
+                continue;
+            }
+            for (int u = 0; u < e->n_vals; u++)
+                if (push(v, e->vals[u])) goto oom;
+        }
+    }
+    return 0;
+oom:
+    snprintf(err, errlen, "out of memory");
+    return -1;
+}
+
+static const char *opt_str(const opts *o, const char *name)
+{
+    const opt_val *v = &o->v[opt_index(name)];
+    return v->n ? v->vals[0] : NULL;
+}
+static int opt_has(const opts *o, const char *name) { return o->v[opt_index(name)].n > 0; }
+
+static int opt_long(const opts *o, const char *name, long lo, long hi, long dflt, long *out,
+                    char *err, size_t errlen)
+{
+    const opt_val *v = &o->v[opt_index(name)];
+    *out = dflt;
+    if (!v->n) return 0;
+    char *end;
+    errno = 0;
+    long x = strtol(v->vals[0], &end, 10);
+    if (errno || end == v->vals[0] || *end || x < lo || x > hi) {
+        snprintf(err, errlen, "%s: expected an integer in [%ld, %ld], got '%s'", v->origin, lo, hi,
+                 v->vals[0]);
+        return -1;
+    }
+    *out = x;
+    return 0;
+}
+
+static int opt_double(const opts *o, const char *name, double lo, double hi, double dflt,
+                      double *out, char *err, size_t errlen)
+{
+    const opt_val *v = &o->v[opt_index(name)];
+    *out = dflt;
+    if (!v->n) return 0;
+    char *end;
+    errno = 0;
+    double x = strtod(v->vals[0], &end);
+    if (errno || end == v->vals[0] || *end || !(x >= lo && x <= hi)) {
+        snprintf(err, errlen, "%s: expected a number in [%g, %g], got '%s'", v->origin, lo, hi,
+                 v->vals[0]);
+        return -1;
+    }
+    *out = x;
+    return 0;
+}
+
+/* ========================================================================================
+ * Help
+ * ===================================================================================== */
+
+static void usage_main(FILE *f)
+{
+    fprintf(f,
+            "modpipe %s — pipeline-parallel inference for dynamic-depth transformers\n"
+            "(Mixture-of-Depths, MoDE, MindSkip): between MPI ranks only the rows a stage\n"
+            "computes on travel, with a bitmask of which rows they are.\n\n"
+            "usage:\n"
+            "  mpirun -np N modpipe generate --model DIR --prompt-ids 1,2,3 [options]\n"
+            "  mpirun -np N modpipe eval --model DIR --tokens-file F [options]\n"
+            "  modpipe partition --model DIR -n N [--stages ...]\n"
+            "  modpipe init-model --spec F.yaml --out DIR [options]\n"
+            "  modpipe COMMAND --help      options of a command\n"
+            "  modpipe --version\n\n"
+            "One MPI rank is one pipeline stage; -np 1 runs the whole model in one process.\n",
+            MODPIPE_VERSION);
+}
+
+static void usage_cmd(FILE *f, int cmd)
+{
+    static const char *intro[] = {
+        [C_GEN] = "modpipe generate: greedy or sampled continuation of token-id prompts.\n"
+                  "Prints one line per sequence: 'generated ID,ID,...', then the wire summary.\n",
+        [C_EVAL] = "modpipe eval: teacher-forced forward of each line; prints mean NLL and perplexity.\n"
+                   "topk routing (non-causal) is exact here: a sequence is never split.\n",
+        [C_PART] = "modpipe partition: print the stage plan (layers, compute share, weight bytes, which\n"
+                   "boundaries can carry fewer rows than dense and why). No MPI needed.\n",
+        [C_INIT] = "modpipe init-model: write a random model in the SPEC format (config.json +\n"
+                   "safetensors) from a YAML spec; optionally calibrate router biases so that\n"
+                   "measured participation matches the configured capacity.\n",
+    };
+    fprintf(f, "%s\noptions:\n", intro[cmd]);
+    for (int i = 0; i < N_OPTS; i++) {
+        if (!(OPTS[i].cmds & cmd)) continue;
+        char left[64];
+        snprintf(left, sizeof left, "--%s%s%s", OPTS[i].name, OPTS[i].metavar ? " " : "",
+                 OPTS[i].metavar ? OPTS[i].metavar : "");
+        if (!strcmp(OPTS[i].name, "n")) snprintf(left, sizeof left, "-n N");
+        fprintf(f, "  %-26s %s\n", left, OPTS[i].help);
+    }
+    if (cmd == C_GEN || cmd == C_EVAL)
+        fprintf(f, "\nexample:\n  mpirun --oversubscribe -np 4 modpipe %s --model demo-model %s "
+                   "--micro-batch 8 --stats stats.json\n",
+                cmd_name(cmd), cmd == C_GEN ? "--prompt-ids 1,2,3 --max-new 16" : "--tokens-file tokens.txt");
+}
+
+/* ========================================================================================
+ * Token lists
+ * ===================================================================================== */
+
+/* Parse "1,2,3" / "1 2 3" into a malloc'd array. */
+static int parse_ids(const char *s, int vocab, int32_t **out, int *n, const char *where,
+                     char *err, size_t errlen)
+{
+    *out = NULL;
+    *n = 0;
+    int cap = 16;
+    int32_t *ids = malloc((size_t)cap * sizeof *ids);
+    if (!ids) { snprintf(err, errlen, "out of memory"); return -1; }
+    const char *p = s;
+    for (;;) {
+        while (*p == ' ' || *p == '\t' || *p == ',' || *p == '\r' || *p == '\n') p++;
+        if (!*p) break;
+        char *end;
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (end == p || errno || (*end && !strchr(" \t,\r\n", *end))) {
+            snprintf(err, errlen, "%s: '%.20s' is not a token id", where, p);
+            free(ids);
+            return -1;
+        }
+        if (v < 0 || v >= vocab) {
+            snprintf(err, errlen, "%s: token id %ld out of range [0, %d)", where, v, vocab);
+            free(ids);
+            return -1;
+        }
+        if (*n == cap) {
+            cap *= 2;
+            int32_t *t = realloc(ids, (size_t)cap * sizeof *t);
+            if (!t) { free(ids); snprintf(err, errlen, "out of memory"); return -1; }
+            ids = t;
+        }
+        ids[(*n)++] = (int32_t)v;
+        p = end;
+    }
+    if (*n == 0) {
+        snprintf(err, errlen, "%s: empty sequence", where);
+        free(ids);
+        return -1;
+    }
+    *out = ids;
+    return 0;
+}
+
+typedef struct {
+    int32_t **tok; /* [n][len[i]] */
+    int *len;
+    int n, cap;
+} seqs;
+
+static void seqs_free(seqs *s)
+{
+    for (int i = 0; i < s->n; i++) free(s->tok[i]);
+    free(s->tok);
+    free(s->len);
+}
+
+static int seqs_add(seqs *s, const char *text, int vocab, const char *where, char *err, size_t errlen)
+{
+    if (s->n == s->cap) {
+        int cap = s->cap ? s->cap * 2 : 8;
+        int32_t **t = realloc(s->tok, (size_t)cap * sizeof *t);
+        if (t) s->tok = t;
+        int *l = realloc(s->len, (size_t)cap * sizeof *l);
+        if (l) s->len = l;
+        if (!t || !l) { snprintf(err, errlen, "out of memory"); return -1; }
+        s->cap = cap;
+    }
+    if (parse_ids(text, vocab, &s->tok[s->n], &s->len[s->n], where, err, errlen)) return -1;
+    s->n++;
+    return 0;
+}
+
+static int seqs_from_file(seqs *s, const char *path, int vocab, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "r");
+    if (!f) { snprintf(err, errlen, "%s: %s", path, strerror(errno)); return -1; }
+    char *line = NULL;
+    size_t cap = 0;
+    int ln = 0, rc = 0;
+    while (getline(&line, &cap, f) >= 0) {
+        ln++;
+        const char *p = line;
+        while (*p && isspace((unsigned char)*p)) p++;
+        if (!*p || *p == '#') continue;
+        char where[600];
+        snprintf(where, sizeof where, "%s:%d", path, ln);
+        if ((rc = seqs_add(s, line, vocab, where, err, errlen))) break;
+    }
+    free(line);
+    fclose(f);
+    if (!rc && s->n == 0) { snprintf(err, errlen, "%s: no sequences", path); rc = -1; }
+    return rc;
+}
+
+/* ========================================================================================
+ * generate / eval
+ * ===================================================================================== */
+
+typedef struct {
+    stage_config cfg;
+    int have_cfg;
+    cluster_plan plan;
+    int have_plan;
+    seqs sq;
+    cluster_run_opts ro;
+} run_setup;
+
+static void run_setup_free(run_setup *r)
+{
+    if (r->have_plan) cluster_plan_free(&r->plan);
+    if (r->have_cfg) stage_config_free(&r->cfg);
+    seqs_free(&r->sq);
+}
+
+/* Plan from --stages (explicit ranges or auto) for n stages. */
+static int make_plan(const opts *o, const stage_config *cfg, int n, cluster_plan *plan, char *err,
+                     size_t errlen)
+{
+    const opt_val *v = &o->v[opt_index("stages")];
+    if (!v->n || (v->n == 1 && !strcmp(v->vals[0], "auto")))
+        return cluster_partition_auto(cfg, n, plan, err, errlen);
+    /* ranges: a YAML list, or one comma-separated string */
+    char *ranges[256] = {0};
+    int nr = 0;
+    char buf[4096];
+    for (int i = 0; i < v->n; i++) {
+        snprintf(buf, sizeof buf, "%s", v->vals[i]);
+        for (char *t = strtok(buf, ", "); t && nr < 256; t = strtok(NULL, ", ")) ranges[nr++] = strdup(t);
+    }
+    char e2[512];
+    int rc = cluster_partition_explicit(cfg, (const char *const *)ranges, nr, n, plan, e2, sizeof e2);
+    if (rc) snprintf(err, errlen, "%s: %s", v->origin, e2);
+    for (int i = 0; i < nr; i++) free(ranges[i]);
+    return rc;
+}
+
+static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *err, size_t errlen)
+{
+    memset(r, 0, sizeof *r);
+    const char *model = opt_str(o, "model");
+    if (!model) { snprintf(err, errlen, "--model DIR is required (see modpipe %s --help)", cmd_name(cmd)); return -1; }
+    if (stage_config_load(model, &r->cfg, err, errlen)) return -1;
+    r->have_cfg = 1;
+    const stage_config *cfg = &r->cfg;
+    cluster_run_opts *ro = &r->ro;
+    ro->model_dir = model;
+    ro->cfg = cfg;
+    ro->command = cmd_name(cmd);
+    ro->kind = cmd == C_GEN ? CLUSTER_RUN_GENERATE : CLUSTER_RUN_EVAL;
+
+    int topk = 0;
+    for (int l = 0; l < cfg->n_layers; l++)
+        topk |= stage_kind_is_routed(cfg->layer_kind[l]) && cfg->mod_routing == STAGE_ROUTING_TOPK;
+
+    if (cmd == C_GEN) {
+        if (topk) {
+            snprintf(err, errlen, "%s uses topk routing, which is non-causal (it needs the whole "
+                     "sequence): it cannot decode token by token. Use 'modpipe eval'.", model);
+            return -1;
+        }
+        const opt_val *pv = &o->v[opt_index("prompt-ids")];
+        for (int i = 0; i < pv->n; i++) {
+            char where[600];
+            snprintf(where, sizeof where, pv->n > 1 ? "%s #%d" : "%s", pv->origin, i + 1);
+            if (seqs_add(&r->sq, pv->vals[i], cfg->vocab, where, err, errlen)) return -1;
+        }
+        const char *pf = opt_str(o, "prompts-file");
+        if (pf && seqs_from_file(&r->sq, pf, cfg->vocab, err, errlen)) return -1;
+        if (r->sq.n == 0) { snprintf(err, errlen, "no prompts: give --prompt-ids or --prompts-file"); return -1; }
+        long mn;
+        double t, p;
+        if (opt_long(o, "max-new", 1, 1 << 20, 16, &mn, err, errlen)) return -1;
+        if (opt_double(o, "temperature", 0.0, 1e6, 0.0, &t, err, errlen)) return -1;
+        if (opt_double(o, "top-p", 0.0, 1.0, 1.0, &p, err, errlen)) return -1;
+        long seed, groups;
+        if (opt_long(o, "seed", 0, 0x7fffffffffffffffL, 0, &seed, err, errlen)) return -1;
+        if (opt_long(o, "groups", 1, 1 << 20, 8, &groups, err, errlen)) return -1;
+        ro->max_new = (int)mn;
+        ro->temperature = (float)t;
+        ro->top_p = (float)p;
+        ro->seed = (uint64_t)seed;
+        ro->groups = (int)groups;
+    } else {
+        const char *tf = opt_str(o, "tokens-file");
+        if (!tf) { snprintf(err, errlen, "--tokens-file FILE is required"); return -1; }
+        if (seqs_from_file(&r->sq, tf, cfg->vocab, err, errlen)) return -1;
+        for (int i = 1; i < r->sq.n; i++)
+            if (r->sq.len[i] != r->sq.len[0]) {
+                snprintf(err, errlen, "%s: sequence %d has %d tokens, the first has %d (all lines must "
+                         "be the same length)", tf, i + 1, r->sq.len[i], r->sq.len[0]);
+                return -1;
+            }
+    }
+    ro->n_seqs = r->sq.n;
+    ro->seq_tokens = r->sq.tok;
+    ro->seq_len = r->sq.len;
+
+    long mb, inflight, to;
+    double tmo;
+    if (opt_long(o, "micro-batch", 1, 1 << 20, 32, &mb, err, errlen)) return -1;
+    if (opt_long(o, "max-in-flight", 1, 4096, 2L * n_ranks, &inflight, err, errlen)) return -1;
+    if (opt_double(o, "timeout", 1.0, 1e7, 300.0, &tmo, err, errlen)) return -1;
+    (void)to;
+    ro->micro_batch = (int)mb;
+    ro->max_in_flight = (int)(inflight < 2 ? 2 : inflight);
+    ro->timeout_s = tmo;
+    const char *wd = opt_str(o, "wire-dtype");
+    ro->wire = COMM_WIRE_F32;
+    if (wd && comm_wire_parse(wd, &ro->wire)) {
+        snprintf(err, errlen, "%s: expected f32, bf16 or f16, got '%s'",
+                 o->v[opt_index("wire-dtype")].origin, wd);
+        return -1;
+    }
+    ro->dump_path = opt_str(o, "dump-logits");
+    ro->stats_path = opt_str(o, "stats");
+    ro->progress = !opt_has(o, "quiet");
+    if (make_plan(o, cfg, n_ranks, &r->plan, err, errlen)) return -1;
+    r->have_plan = 1;
+    ro->plan = &r->plan;
+    return 0;
+}
+
+static void human_bytes(double b, char *out, size_t n)
+{
+    if (b >= 1024.0 * 1024 * 1024) snprintf(out, n, "%.2f GiB", b / (1024.0 * 1024 * 1024));
+    else if (b >= 1024.0 * 1024) snprintf(out, n, "%.2f MiB", b / (1024.0 * 1024));
+    else if (b >= 1024.0) snprintf(out, n, "%.1f KiB", b / 1024.0);
+    else snprintf(out, n, "%.0f B", b);
+}
+
+static int cmd_run(int cmd, int argc, char **argv)
+{
+    MPI_Init(NULL, NULL);
+    int rank, size;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+
+    char err[1024] = "";
+    opts o;
+    run_setup r;
+    memset(&r, 0, sizeof r);
+    int rc = opts_parse(&o, cmd, argc, argv, err, sizeof err);
+    if (!rc && opt_has(&o, "help")) {
+        if (rank == 0) usage_cmd(stdout, cmd);
+        opts_free(&o);
+        MPI_Finalize();
+        return 0;
+    }
+    if (!rc) rc = setup_run(&o, cmd, size, &r, err, sizeof err);
+    /* every rank parsed the same input; still agree, so no rank runs on alone */
+    int bad = rc ? rank : size, first_bad = size;
+    MPI_Allreduce(&bad, &first_bad, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+    if (first_bad < size) {
+        if (rank == first_bad) fprintf(stderr, "modpipe %s: %s%s\n", cmd_name(cmd),
+                                       size > 1 ? "" : "", err);
+        run_setup_free(&r);
+        opts_free(&o);
+        MPI_Finalize();
+        return 1;
+    }
+    if (rank == 0 && r.ro.progress) {
+        fprintf(stderr, "modpipe %s: %d stage%s [", cmd_name(cmd), size, size > 1 ? "s" : "");
+        for (int s = 0; s < size; s++)
+            fprintf(stderr, "%s%d-%d", s ? " | " : "", r.plan.st[s].first, r.plan.st[s].last);
+        fprintf(stderr, "], %d sequences, micro-batch %d, wire %s\n", r.ro.n_seqs,
+                r.ro.micro_batch, comm_wire_name(r.ro.wire));
+    }
+    cluster_run_result res;
+    rc = cluster_run(MPI_COMM_WORLD, &r.ro, &res, err, sizeof err);
+    if (rc) {
+        if (rc == -1) fprintf(stderr, "modpipe %s: %s\n", cmd_name(cmd), err);
+    } else if (rank == 0) {
+        if (cmd == C_GEN) {
+            for (int s = 0; s < r.ro.n_seqs; s++) {
+                printf("generated ");
+                for (int j = 0; j < r.ro.max_new; j++)
+                    printf("%s%d", j ? "," : "", res.generated[(size_t)s * r.ro.max_new + j]);
+                printf("\n");
+            }
+        } else {
+            double mean = res.nll_count ? res.nll_sum / res.nll_count : 0.0;
+            printf("eval: %d sequences x %d tokens, mean NLL %.6f, perplexity %.4f\n", r.ro.n_seqs,
+                   r.ro.seq_len[0], mean, exp(mean));
+        }
+        if (size > 1) {
+            char w[32], d[32], p[32], h[32];
+            human_bytes(res.wire_bytes, w, sizeof w);
+            human_bytes(res.dense_bytes, d, sizeof d);
+            human_bytes(res.payload_bytes, p, sizeof p);
+            human_bytes(res.header_bytes, h, sizeof h);
+            printf("wire %s vs dense %s (%.1f%%): payload %s (%.1f%% of dense), headers %s\n", w, d,
+                   res.dense_bytes > 0 ? 100.0 * res.wire_bytes / res.dense_bytes : 0.0, p,
+                   res.dense_bytes > 0 ? 100.0 * res.payload_bytes / res.dense_bytes : 0.0, h);
+        } else {
+            printf("wire 0 B: one stage, nothing crosses ranks (run under mpirun -np N to split it)\n");
+        }
+        fflush(stdout);
+        cluster_run_result_free(&res);
+    }
+    run_setup_free(&r);
+    opts_free(&o);
+    MPI_Finalize();
+    return rc ? 1 : 0;
+}
+
+/* ========================================================================================
+ * partition / init-model (no MPI)
+ * ===================================================================================== */
+
+static int cmd_partition(int argc, char **argv)
+{
+    char err[1024];
+    opts o;
+    int rc = opts_parse(&o, C_PART, argc, argv, err, sizeof err);
+    if (!rc && opt_has(&o, "help")) { usage_cmd(stdout, C_PART); opts_free(&o); return 0; }
+    stage_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cluster_plan plan;
+    long n = 0;
+    const char *model = rc ? NULL : opt_str(&o, "model");
+    if (!rc && !model) { snprintf(err, sizeof err, "--model DIR is required"); rc = -1; }
+    if (!rc && !opt_has(&o, "n")) { snprintf(err, sizeof err, "-n N (number of stages) is required"); rc = -1; }
+    if (!rc) rc = opt_long(&o, "n", 1, 4096, 1, &n, err, sizeof err);
+    if (!rc) rc = stage_config_load(model, &cfg, err, sizeof err);
+    if (!rc) rc = make_plan(&o, &cfg, (int)n, &plan, err, sizeof err);
+    if (!rc) {
+        cluster_plan_print(&cfg, &plan, stdout);
+        cluster_plan_free(&plan);
+    } else {
+        fprintf(stderr, "modpipe partition: %s\n", err);
+    }
+    stage_config_free(&cfg);
+    opts_free(&o);
+    return rc ? 1 : 0;
+}
+
+static int cmd_init_model(int argc, char **argv)
+{
+    char err[1024];
+    opts o;
+    cluster_model_spec spec;
+    memset(&spec, 0, sizeof spec);
+    int have_spec = 0;
+    int rc = opts_parse(&o, C_INIT, argc, argv, err, sizeof err);
+    if (!rc && opt_has(&o, "help")) { usage_cmd(stdout, C_INIT); opts_free(&o); return 0; }
+    const char *sp = rc ? NULL : opt_str(&o, "spec"), *out = rc ? NULL : opt_str(&o, "out");
+    if (!rc && (!sp || !out)) { snprintf(err, sizeof err, "--spec F.yaml and --out DIR are required"); rc = -1; }
+    if (!rc) rc = cluster_model_spec_load(sp, &spec, err, sizeof err);
+    have_spec = !rc;
+    long v;
+    if (!rc && opt_has(&o, "seed")) {
+        rc = opt_long(&o, "seed", 0, 0x7fffffffffffffffL, 0, &v, err, sizeof err);
+        spec.seed = (unsigned long)v;
+    }
+    if (!rc && opt_has(&o, "shards")) {
+        rc = opt_long(&o, "shards", 1, 9999, 1, &v, err, sizeof err);
+        spec.shards = (int)v;
+    }
+    if (!rc && opt_has(&o, "dtype") && st_dtype_parse(opt_str(&o, "dtype"), &spec.dtype)) {
+        snprintf(err, sizeof err, "--dtype: expected f32, bf16 or f16, got '%s'", opt_str(&o, "dtype"));
+        rc = -1;
+    }
+    if (!rc && opt_has(&o, "calibrate")) spec.calibrate = 1;
+    if (!rc && opt_has(&o, "no-calibrate")) spec.calibrate = 0;
+    FILE *log = opt_has(&o, "quiet") ? NULL : stderr;
+    if (!rc) {
+        if (log) fprintf(log, "init-model: %d layers, hidden %d, vocab %d, %s, %d shard%s -> %s\n",
+                         spec.cfg.n_layers, spec.cfg.hidden, spec.cfg.vocab, st_dtype_name(spec.dtype),
+                         spec.shards, spec.shards > 1 ? "s" : "", out);
+        rc = cluster_init_model(&spec, out, log, err, sizeof err);
+    }
+    if (rc) fprintf(stderr, "modpipe init-model: %s\n", err);
+    else if (log) fprintf(log, "init-model: wrote %s\n", out);
+    if (have_spec) cluster_model_spec_free(&spec);
+    opts_free(&o);
+    return rc ? 1 : 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+        usage_main(argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    if (!strcmp(argv[1], "--version")) { printf("modpipe %s\n", MODPIPE_VERSION); return 0; }
+    if (!strcmp(argv[1], "generate")) return cmd_run(C_GEN, argc - 2, argv + 2);
+    if (!strcmp(argv[1], "eval")) return cmd_run(C_EVAL, argc - 2, argv + 2);
+    if (!strcmp(argv[1], "partition")) return cmd_partition(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "init-model")) return cmd_init_model(argc - 2, argv + 2);
+    fprintf(stderr, "modpipe: unknown command '%s' (try modpipe --help)\n", argv[1]);
+    return 2;
+}

@@ -1,0 +1,934 @@
+/* stage/stage.c — weights, layers, routers and KV caches of one pipeline stage (SPEC §2).
+ * See stage.h for the contract. */
+#include "stage/stage.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "stage/kernels.h"
+#include "stage/safetensors.h"
+
+/* ========================================================================================
+ * Weights
+ * ===================================================================================== */
+
+typedef struct {
+    stage_kind kind;
+    int loaded;                 /* weights of this layer live on this stage */
+    const float *ln1, *ln2;     /* [D] input_layernorm, post_attention_layernorm */
+    const float *wq;            /* [n_heads*hd][D] */
+    const float *wk, *wv;       /* [n_kv*hd][D] */
+    const float *wo;            /* [D][n_heads*hd] */
+    const float *w_gate, *w_up; /* [I][D] dense MLP */
+    const float *w_down;        /* [D][I] */
+    const float *moe_gate;      /* [n_gate][D]: E (staged) or E + N_noop (integrated) */
+    int n_gate;
+    const float **ew1, **ew3;   /* [E] -> [Ie][D] */
+    const float **ew2;          /* [E] -> [D][Ie] */
+    /* router: routed layers on every stage, mindskip layers on their own stage */
+    const float *router_w;      /* [D] */
+    float router_b;             /* 0 when absent */
+    const float *pred_w1;       /* [pred_h][D] */
+    const float *pred_b1;       /* [pred_h] or NULL */
+    const float *pred_w2;       /* [pred_h] */
+    float pred_b2;
+    int pred_h;
+} layer_w;
+
+struct stage_model {
+    stage_config cfg;           /* own copy; cfg.layer_kind owned */
+    stage_range range;
+    st_model *st;
+    layer_w *layers;            /* [n_layers] */
+    const float *embed;         /* [vocab][D] */
+    const float *norm;          /* [D] */
+    const float *lm_head;       /* [vocab][D] */
+    float *inv_freq;            /* [head_dim/2] */
+    size_t weight_bytes;
+};
+
+static const float *get_w(stage_model *m, const char *name, int ndim, int64_t d0, int64_t d1,
+                          char *err, size_t errlen)
+{
+    int64_t shape[2] = {d0, d1};
+    const float *p = st_get_f32(m->st, name, ndim, shape, err, errlen);
+    if (p) m->weight_bytes += (size_t)(ndim == 1 ? d0 : d0 * d1) * sizeof(float);
+    return p;
+}
+
+/* Optional scalar-ish tensor (router.bias [1], fc2.bias [1]); absent -> 0. */
+static int get_opt_scalar(stage_model *m, const char *name, float *out, char *err, size_t errlen)
+{
+    st_tensor t;
+    int r = st_find(m->st, name, &t, err, errlen);
+    if (r < 0) return -1;
+    *out = 0.0f;
+    if (r == 0) return 0;
+    const float *p = get_w(m, name, 1, 1, 0, err, errlen);
+    if (!p) return -1;
+    *out = p[0];
+    return 0;
+}
+
+#define LNAME(buf, l, suffix) snprintf(buf, sizeof buf, "model.layers.%d.%s", l, suffix)
+#define NEED(ptr) do { if (!(ptr)) return -1; } while (0)
+
+static int load_router(stage_model *m, int l, char *err, size_t errlen)
+{
+    const stage_config *c = &m->cfg;
+    layer_w *L = &m->layers[l];
+    char name[256];
+    LNAME(name, l, "router.weight");
+    NEED(L->router_w = get_w(m, name, 2, 1, c->hidden, err, errlen));
+    LNAME(name, l, "router.bias");
+    if (get_opt_scalar(m, name, &L->router_b, err, errlen)) return -1;
+    if (L->kind == STAGE_KIND_MINDSKIP || c->mod_routing != STAGE_ROUTING_PREDICTOR) return 0;
+
+    st_tensor t;
+    LNAME(name, l, "router_predictor.fc1.weight");
+    int r = st_find(m->st, name, &t, err, errlen);
+    if (r < 0) return -1;
+    if (r == 0) {
+        snprintf(err, errlen, "missing tensor %s (routing is \"predictor\")", name);
+        return -1;
+    }
+    if (t.ndim != 2 || t.shape[1] != c->hidden || t.shape[0] < 1) {
+        snprintf(err, errlen, "%s: tensor %s must have shape [H, %d]", t.file, name, c->hidden);
+        return -1;
+    }
+    L->pred_h = (int)t.shape[0];
+    NEED(L->pred_w1 = get_w(m, name, 2, L->pred_h, c->hidden, err, errlen));
+    LNAME(name, l, "router_predictor.fc1.bias");
+    r = st_find(m->st, name, &t, err, errlen);
+    if (r < 0) return -1;
+    if (r) NEED(L->pred_b1 = get_w(m, name, 1, L->pred_h, 0, err, errlen));
+    LNAME(name, l, "router_predictor.fc2.weight");
+    NEED(L->pred_w2 = get_w(m, name, 2, 1, L->pred_h, err, errlen));
+    LNAME(name, l, "router_predictor.fc2.bias");
+    return get_opt_scalar(m, name, &L->pred_b2, err, errlen);
+}
+
+static int load_layer(stage_model *m, int l, char *err, size_t errlen)
+{
+    const stage_config *c = &m->cfg;
+    layer_w *L = &m->layers[l];
+    const int D = c->hidden, hd = c->head_dim;
+    const int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd;
+    char name[256];
+
+    L->loaded = 1;
+    LNAME(name, l, "input_layernorm.weight");
+    NEED(L->ln1 = get_w(m, name, 1, D, 0, err, errlen));
+    LNAME(name, l, "post_attention_layernorm.weight");
+    NEED(L->ln2 = get_w(m, name, 1, D, 0, err, errlen));
+    LNAME(name, l, "self_attn.q_proj.weight");
+    NEED(L->wq = get_w(m, name, 2, qd, D, err, errlen));
+    LNAME(name, l, "self_attn.k_proj.weight");
+    NEED(L->wk = get_w(m, name, 2, kvd, D, err, errlen));
+    LNAME(name, l, "self_attn.v_proj.weight");
+    NEED(L->wv = get_w(m, name, 2, kvd, D, err, errlen));
+    LNAME(name, l, "self_attn.o_proj.weight");
+    NEED(L->wo = get_w(m, name, 2, D, qd, err, errlen));
+
+    if (L->kind == STAGE_KIND_MODE_STAGED || L->kind == STAGE_KIND_MODE_INTEGRATED) {
+        int E = c->n_experts, Ie = c->expert_inter;
+        L->n_gate = E + (L->kind == STAGE_KIND_MODE_INTEGRATED ? c->n_noop_experts : 0);
+        LNAME(name, l, "block_sparse_moe.gate.weight");
+        NEED(L->moe_gate = get_w(m, name, 2, L->n_gate, D, err, errlen));
+        L->ew1 = calloc((size_t)E, sizeof *L->ew1);
+        L->ew2 = calloc((size_t)E, sizeof *L->ew2);
+        L->ew3 = calloc((size_t)E, sizeof *L->ew3);
+        if (!L->ew1 || !L->ew2 || !L->ew3) { snprintf(err, errlen, "out of memory"); return -1; }
+        for (int e = 0; e < E; e++) {
+            snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.experts.%d.w1.weight", l, e);
+            NEED(L->ew1[e] = get_w(m, name, 2, Ie, D, err, errlen));
+            snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.experts.%d.w2.weight", l, e);
+            NEED(L->ew2[e] = get_w(m, name, 2, D, Ie, err, errlen));
+            snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.experts.%d.w3.weight", l, e);
+            NEED(L->ew3[e] = get_w(m, name, 2, Ie, D, err, errlen));
+        }
+    } else {
+        LNAME(name, l, "mlp.gate_proj.weight");
+        NEED(L->w_gate = get_w(m, name, 2, c->inter, D, err, errlen));
+        LNAME(name, l, "mlp.up_proj.weight");
+        NEED(L->w_up = get_w(m, name, 2, c->inter, D, err, errlen));
+        LNAME(name, l, "mlp.down_proj.weight");
+        NEED(L->w_down = get_w(m, name, 2, D, c->inter, err, errlen));
+    }
+    if (L->kind == STAGE_KIND_MINDSKIP || stage_kind_is_routed(L->kind)) return load_router(m, l, err, errlen);
+    return 0;
+}
+
+int stage_model_load(const char *dir, const stage_config *cfg, stage_range range,
+                     stage_model **out, char *err, size_t errlen)
+{
+    *out = NULL;
+    if (range.first < 0 || range.last >= cfg->n_layers) {
+        snprintf(err, errlen, "layer range %d-%d outside the model's %d layers", range.first,
+                 range.last, cfg->n_layers);
+        return -1;
+    }
+    stage_model *m = calloc(1, sizeof *m);
+    if (!m) { snprintf(err, errlen, "out of memory"); return -1; }
+    m->cfg = *cfg;
+    m->cfg.layer_kind = malloc((size_t)cfg->n_layers * sizeof *cfg->layer_kind);
+    m->layers = calloc((size_t)cfg->n_layers, sizeof *m->layers);
+    m->inv_freq = malloc((size_t)(cfg->head_dim / 2 + 1) * sizeof(float));
+    if (!m->cfg.layer_kind || !m->layers || !m->inv_freq) {
+        snprintf(err, errlen, "out of memory");
+        stage_model_free(m);
+        return -1;
+    }
+    memcpy(m->cfg.layer_kind, cfg->layer_kind, (size_t)cfg->n_layers * sizeof *cfg->layer_kind);
+    m->range = range;
+    stage_rope_inv_freq(cfg->rope_theta, cfg->head_dim, m->inv_freq);
+
+    char e2[512];
+    if (st_open(dir, &m->st, e2, sizeof e2)) {
+        snprintf(err, errlen, "%s", e2);
+        stage_model_free(m);
+        return -1;
+    }
+    const int D = cfg->hidden;
+    int rc = 0;
+    for (int l = 0; l < cfg->n_layers && !rc; l++) {
+        m->layers[l].kind = cfg->layer_kind[l];
+        if (l >= range.first && l <= range.last) rc = load_layer(m, l, e2, sizeof e2);
+        else if (stage_kind_is_routed(cfg->layer_kind[l])) rc = load_router(m, l, e2, sizeof e2);
+    }
+    if (!rc && (range.embed || (range.head && cfg->tie_embeddings)))
+        rc = !(m->embed = get_w(m, "model.embed_tokens.weight", 2, cfg->vocab, D, e2, sizeof e2));
+    if (!rc && range.head) {
+        rc = !(m->norm = get_w(m, "model.norm.weight", 1, D, 0, e2, sizeof e2));
+        if (!rc)
+            m->lm_head = cfg->tie_embeddings
+                             ? m->embed
+                             : get_w(m, "lm_head.weight", 2, cfg->vocab, D, e2, sizeof e2);
+        rc = rc || !m->lm_head;
+    }
+    if (rc) {
+        snprintf(err, errlen, "%s", e2);
+        stage_model_free(m);
+        return -1;
+    }
+    *out = m;
+    return 0;
+}
+
+void stage_model_free(stage_model *m)
+{
+    if (!m) return;
+    if (m->layers) {
+        for (int l = 0; l < m->cfg.n_layers; l++) {
+            free(m->layers[l].ew1);
+            free(m->layers[l].ew2);
+            free(m->layers[l].ew3);
+        }
+    }
+    free(m->layers);
+    free(m->cfg.layer_kind);
+    free(m->inv_freq);
+    st_close(m->st);
+    free(m);
+}
+
+const stage_config *stage_model_config(const stage_model *m) { return &m->cfg; }
+stage_range stage_model_range(const stage_model *m) { return m->range; }
+size_t stage_model_weight_bytes(const stage_model *m) { return m->weight_bytes; }
+
+int stage_embed(const stage_model *m, const int32_t *tokens, int n, float *x, char *err,
+                size_t errlen)
+{
+    const int D = m->cfg.hidden;
+    if (!m->embed) { snprintf(err, errlen, "this stage has no embedding"); return -1; }
+    for (int i = 0; i < n; i++) {
+        if (tokens[i] < 0 || tokens[i] >= m->cfg.vocab) {
+            snprintf(err, errlen, "token id %d out of range [0, %d)", tokens[i], m->cfg.vocab);
+            return -1;
+        }
+        memcpy(x + (size_t)i * D, m->embed + (size_t)tokens[i] * D, (size_t)D * sizeof(float));
+    }
+    return 0;
+}
+
+/* ========================================================================================
+ * Routers — plain loops in a fixed order: the holder of a row and its receiver must reach
+ * the same decision bit for bit.
+ * ===================================================================================== */
+
+float stage_router_score(const stage_model *m, int layer, const float *x)
+{
+    const layer_w *L = &m->layers[layer];
+    return stage_dot(L->router_w, x, m->cfg.hidden) + L->router_b;
+}
+
+/* W2 silu(W1 x + b1) + b2: the predictor's logit. */
+static float predictor_logit(const layer_w *L, const float *x, int D)
+{
+    double acc = 0.0;
+    for (int i = 0; i < L->pred_h; i++) {
+        float z = stage_dot(L->pred_w1 + (size_t)i * D, x, D) + (L->pred_b1 ? L->pred_b1[i] : 0.0f);
+        acc += (double)L->pred_w2[i] * stage_silu(z);
+    }
+    return (float)acc + L->pred_b2;
+}
+
+float stage_router_logit(const stage_model *m, int layer, const float *x)
+{
+    if (m->cfg.mod_routing == STAGE_ROUTING_PREDICTOR)
+        return predictor_logit(&m->layers[layer], x, m->cfg.hidden);
+    return stage_router_score(m, layer, x);
+}
+
+void stage_router_shift(stage_model *m, int layer, float delta)
+{
+    layer_w *L = &m->layers[layer];
+    if (m->cfg.mod_routing == STAGE_ROUTING_PREDICTOR) L->pred_b2 += delta;
+    else L->router_b += delta;
+}
+
+float stage_router_bias(const stage_model *m, int layer)
+{
+    const layer_w *L = &m->layers[layer];
+    return m->cfg.mod_routing == STAGE_ROUTING_PREDICTOR ? L->pred_b2 : L->router_b;
+}
+
+int stage_router_selects(const stage_model *m, int layer, const float *x)
+{
+    return (double)stage_sigmoid(stage_router_logit(m, layer, x)) > m->cfg.mod_threshold;
+}
+
+int stage_range_needs_row(const stage_model *m, int first, int last, const float *x)
+{
+    for (int l = first; l <= last; l++) {
+        if (!stage_kind_is_routed(m->cfg.layer_kind[l])) return 1;
+        if (m->cfg.mod_routing == STAGE_ROUTING_TOPK) return 1;
+        if (stage_router_selects(m, l, x)) return 1;
+    }
+    return 0;
+}
+
+/* ========================================================================================
+ * State: KV caches, workspace, stats
+ * ===================================================================================== */
+
+typedef struct {
+    int n, cap;     /* entries used / allocated */
+    int32_t *pos;   /* [cap] positions, increasing */
+    float *k, *v;   /* [cap][kv_dim] roped keys, values */
+} kv_seq;
+
+struct stage_state {
+    const stage_model *m;
+    int n_layers;               /* layers in range */
+    int n_slots, max_rows, max_seq;
+    kv_seq *kv;                 /* [n_layers][n_slots] */
+    int8_t *ms_keep;            /* [n_layers][n_slots] mindskip sequence decision: -1 undecided */
+    stage_layer_stats *stats;   /* [n_layers] */
+
+    /* workspace, all [max_rows][...] unless noted */
+    int *act;                   /* [max_rows] active rows (micro-batch indices) */
+    int *act2;                  /* [max_rows] second index list (mindskip kept rows) */
+    int *ent;                   /* [max_rows] cache index of each active row's own entry */
+    float *score;               /* [max_rows] router score */
+    float *xin;                 /* [max_rows][D] gathered residual */
+    float *h;                   /* [max_rows][D] normed */
+    float *q;                   /* [max_rows][n_heads*hd] */
+    float *k, *v;               /* [max_rows][kv_dim] */
+    float *att;                 /* [max_rows][n_heads*hd] attention output before o_proj */
+    float *a;                   /* [max_rows][D] attention block output */
+    float *x2;                  /* [max_rows][D] x + a */
+    float *h2;                  /* [max_rows][D] */
+    float *f1, *f3;             /* [max_rows][max(I, Ie)] */
+    float *mo;                  /* [max_rows][D] MLP / MoE output */
+    float *ex;                  /* [max_rows][D] rows routed to one expert */
+    float *eo;                  /* [max_rows][D] that expert's output */
+    float *gate;                /* [max_rows][n_gate] */
+    int *sel_e;                 /* [max_rows][experts_per_token] chosen experts */
+    float *sel_w;               /* [max_rows][experts_per_token] their weights */
+    int *erow;                  /* [max_rows] rows of the current expert (compact indices) */
+    float *probs;               /* [max_seq] attention weights */
+    float *mean;                /* [D] */
+    void (*progress)(void *);   /* called between layers */
+    void *progress_arg;
+};
+
+static kv_seq *kv_at(stage_state *s, int li, int slot) { return &s->kv[(size_t)li * s->n_slots + slot]; }
+
+static int layer_has_cache(stage_kind k) { (void)k; return 1; }
+
+static int kv_reserve(kv_seq *c, int need, int kvd, int max_seq)
+{
+    if (need <= c->cap) return 0;
+    int cap = c->cap ? c->cap : 16;
+    while (cap < need) cap *= 2;
+    if (cap > max_seq) cap = max_seq;
+    if (cap < need) return -1;
+    int32_t *p = realloc(c->pos, (size_t)cap * sizeof *p);
+    if (!p) return -1;
+    c->pos = p;
+    float *k = realloc(c->k, (size_t)cap * kvd * sizeof *k);
+    if (!k) return -1;
+    c->k = k;
+    float *v = realloc(c->v, (size_t)cap * kvd * sizeof *v);
+    if (!v) return -1;
+    c->v = v;
+    c->cap = cap;
+    return 0;
+}
+
+stage_state *stage_state_init(const stage_model *m, int n_slots, int max_rows, int max_seq,
+                              char *err, size_t errlen)
+{
+    const stage_config *c = &m->cfg;
+    stage_state *s = calloc(1, sizeof *s);
+    if (!s) { snprintf(err, errlen, "out of memory"); return NULL; }
+    s->m = m;
+    s->n_layers = m->range.last >= m->range.first ? m->range.last - m->range.first + 1 : 0;
+    s->n_slots = n_slots;
+    s->max_rows = max_rows < 1 ? 1 : max_rows;
+    s->max_seq = max_seq;
+    const size_t R = (size_t)s->max_rows, D = (size_t)c->hidden;
+    const size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
+    size_t ff = (size_t)(c->inter > c->expert_inter ? c->inter : c->expert_inter);
+    size_t ng = (size_t)(c->n_experts + c->n_noop_experts + 1);
+    size_t ept = (size_t)(c->experts_per_token > 0 ? c->experts_per_token : 1);
+
+    s->kv = calloc((size_t)s->n_layers * n_slots + 1, sizeof *s->kv);
+    s->ms_keep = malloc((size_t)s->n_layers * n_slots + 1);
+    s->stats = calloc((size_t)s->n_layers + 1, sizeof *s->stats);
+    s->act = malloc(R * sizeof(int));
+    s->act2 = malloc(R * sizeof(int));
+    s->ent = malloc(R * sizeof(int));
+    s->erow = malloc(R * sizeof(int));
+    s->sel_e = malloc(R * ept * sizeof(int));
+    s->sel_w = malloc(R * ept * sizeof(float));
+    s->score = malloc(R * sizeof(float));
+    s->xin = malloc(R * D * sizeof(float));
+    s->h = malloc(R * D * sizeof(float));
+    s->q = malloc(R * qd * sizeof(float));
+    s->k = malloc(R * kvd * sizeof(float));
+    s->v = malloc(R * kvd * sizeof(float));
+    s->att = malloc(R * qd * sizeof(float));
+    s->a = malloc(R * D * sizeof(float));
+    s->x2 = malloc(R * D * sizeof(float));
+    s->h2 = malloc(R * D * sizeof(float));
+    s->f1 = malloc(R * ff * sizeof(float));
+    s->f3 = malloc(R * ff * sizeof(float));
+    s->mo = malloc(R * D * sizeof(float));
+    s->ex = malloc(R * D * sizeof(float));
+    s->eo = malloc(R * D * sizeof(float));
+    s->gate = malloc(R * ng * sizeof(float));
+    s->probs = malloc((size_t)(max_seq + 1) * sizeof(float));
+    s->mean = malloc(D * sizeof(float));
+    int ok = s->kv && s->ms_keep && s->stats && s->act && s->act2 && s->ent && s->erow &&
+             s->sel_e && s->sel_w && s->score && s->xin && s->h && s->q && s->k && s->v &&
+             s->att && s->a && s->x2 && s->h2 && s->f1 && s->f3 && s->mo && s->ex && s->eo &&
+             s->gate && s->probs && s->mean;
+    memset(s->ms_keep, -1, (size_t)s->n_layers * n_slots + 1);
+    /* Size caches at start: dense-attention layers hold every position; routed layers about
+     * their capacity (threshold routing does not enforce it, so they may double later). */
+    for (int li = 0; ok && li < s->n_layers; li++) {
+        int l = m->range.first + li;
+        stage_kind k = c->layer_kind[l];
+        if (!layer_has_cache(k)) continue;
+        int cap = max_seq;
+        if (stage_kind_is_routed(k)) {
+            cap = (int)ceil(c->mod_capacity * max_seq * 1.25) + 8;
+            if (cap > max_seq) cap = max_seq;
+        }
+        for (int sl = 0; ok && sl < n_slots; sl++)
+            ok = kv_reserve(kv_at(s, li, sl), cap, (int)kvd, max_seq) == 0;
+    }
+    if (!ok) {
+        snprintf(err, errlen, "out of memory sizing the stage state (%d slots, %d rows, %d positions)",
+                 n_slots, max_rows, max_seq);
+        stage_state_free(s);
+        return NULL;
+    }
+    return s;
+}
+
+void stage_state_free(stage_state *s)
+{
+    if (!s) return;
+    if (s->kv) {
+        for (size_t i = 0; i < (size_t)s->n_layers * s->n_slots; i++) {
+            free(s->kv[i].pos);
+            free(s->kv[i].k);
+            free(s->kv[i].v);
+        }
+    }
+    free(s->kv); free(s->ms_keep); free(s->stats);
+    free(s->act); free(s->act2); free(s->ent); free(s->erow); free(s->sel_e); free(s->sel_w);
+    free(s->score); free(s->xin); free(s->h); free(s->q); free(s->k); free(s->v); free(s->att);
+    free(s->a); free(s->x2); free(s->h2); free(s->f1); free(s->f3); free(s->mo); free(s->ex);
+    free(s->eo); free(s->gate); free(s->probs); free(s->mean);
+    free(s);
+}
+
+const stage_layer_stats *stage_state_layer_stats(const stage_state *s, int layer)
+{
+    int li = layer - s->m->range.first;
+    if (li < 0 || li >= s->n_layers) return NULL;
+    return &s->stats[li];
+}
+
+size_t stage_state_kv_alloc_bytes(const stage_state *s)
+{
+    const stage_config *c = &s->m->cfg;
+    size_t kvd = (size_t)c->n_kv_heads * c->head_dim, total = 0;
+    for (size_t i = 0; i < (size_t)s->n_layers * s->n_slots; i++)
+        total += (size_t)s->kv[i].cap * kvd * 2 * sizeof(float);
+    return total;
+}
+
+/* ========================================================================================
+ * Layer pieces. All work on a compact set of m rows (act[0..m) micro-batch indices, in
+ * micro-batch order).
+ * ===================================================================================== */
+
+static void gather(const float *x, const int *idx, int m, int D, float *dst)
+{
+    for (int j = 0; j < m; j++)
+        memcpy(dst + (size_t)j * D, x + (size_t)idx[j] * D, (size_t)D * sizeof(float));
+}
+
+/* Self-attention of the m rows whose normed inputs are h [m][D]; rows idx[] of batch b.
+ * Appends their K/V to layer li's caches, then each row attends causally over its slot's
+ * cached positions up to its own. Output: s->a [m][D]. Returns the attended entries summed
+ * over rows (for FLOP counts) or -1 on error. */
+static double attention(stage_state *s, int li, const layer_w *L, const stage_batch *b,
+                        const int *idx, int m, const float *h, char *err, size_t errlen)
+{
+    const stage_config *c = &s->m->cfg;
+    const int D = c->hidden, hd = c->head_dim, nh = c->n_heads, nkv = c->n_kv_heads;
+    const int qd = nh * hd, kvd = nkv * hd, grp = nh / nkv;
+    const float scale = 1.0f / sqrtf((float)hd);
+
+    stage_matmul(h, m, D, L->wq, qd, s->q);
+    stage_matmul(h, m, D, L->wk, kvd, s->k);
+    stage_matmul(h, m, D, L->wv, kvd, s->v);
+    for (int j = 0; j < m; j++) {
+        int r = idx[j];
+        stage_rope(s->q + (size_t)j * qd, nh, hd, b->pos[r], s->m->inv_freq);
+        stage_rope(s->k + (size_t)j * kvd, nkv, hd, b->pos[r], s->m->inv_freq);
+        kv_seq *cs = kv_at(s, li, b->slot[r]);
+        if (cs->n > 0 && cs->pos[cs->n - 1] >= b->pos[r]) {
+            snprintf(err, errlen, "layer %d: slot %d position %d arrives after position %d",
+                     s->m->range.first + li, b->slot[r], b->pos[r], cs->pos[cs->n - 1]);
+            return -1;
+        }
+        if (kv_reserve(cs, cs->n + 1, kvd, s->max_seq)) {
+            snprintf(err, errlen, "layer %d: slot %d KV cache full (%d positions)",
+                     s->m->range.first + li, b->slot[r], s->max_seq);
+            return -1;
+        }
+        cs->pos[cs->n] = b->pos[r];
+        memcpy(cs->k + (size_t)cs->n * kvd, s->k + (size_t)j * kvd, (size_t)kvd * sizeof(float));
+        memcpy(cs->v + (size_t)cs->n * kvd, s->v + (size_t)j * kvd, (size_t)kvd * sizeof(float));
+        s->ent[j] = cs->n++;
+    }
+    double ctx_total = 0.0;
+    for (int j = 0; j < m; j++) {
+        const kv_seq *cs = kv_at(s, li, b->slot[idx[j]]);
+        int n_ctx = s->ent[j] + 1; /* entries are in position order: a causal prefix */
+        ctx_total += n_ctx;
+        for (int hh = 0; hh < nh; hh++) {
+            const float *qh = s->q + (size_t)j * qd + (size_t)hh * hd;
+            const int kh = hh / grp;
+            float mx = -INFINITY;
+            for (int t = 0; t < n_ctx; t++) {
+                const float *kt = cs->k + (size_t)t * kvd + (size_t)kh * hd;
+                float d = 0.0f;
+                for (int i = 0; i < hd; i++) d += qh[i] * kt[i];
+                d *= scale;
+                s->probs[t] = d;
+                if (d > mx) mx = d;
+            }
+            float sum = 0.0f;
+            for (int t = 0; t < n_ctx; t++) { s->probs[t] = expf(s->probs[t] - mx); sum += s->probs[t]; }
+            float inv = 1.0f / sum;
+            float *o = s->att + (size_t)j * qd + (size_t)hh * hd;
+            memset(o, 0, (size_t)hd * sizeof(float));
+            for (int t = 0; t < n_ctx; t++) {
+                const float *vt = cs->v + (size_t)t * kvd + (size_t)kh * hd;
+                float p = s->probs[t] * inv;
+                for (int i = 0; i < hd; i++) o[i] += p * vt[i];
+            }
+        }
+    }
+    stage_matmul(s->att, m, qd, L->wo, D, s->a);
+    return ctx_total;
+}
+
+/* Dense SwiGLU MLP of h2 [m][D] into s->mo [m][D]. */
+static void mlp(stage_state *s, const layer_w *L, int m)
+{
+    const stage_config *c = &s->m->cfg;
+    const int D = c->hidden, I = c->inter;
+    stage_matmul(s->h2, m, D, L->w_gate, I, s->f1);
+    stage_matmul(s->h2, m, D, L->w_up, I, s->f3);
+    stage_swiglu(s->f1, s->f3, (long)m * I);
+    stage_matmul(s->f1, m, I, L->w_down, D, s->mo);
+}
+
+/* Mixture of experts on h2 [m][D] into s->mo. staged: softmax over E, top experts_per_token,
+ * renormalised. integrated: softmax over E + N_noop, top-1; a no-op winner gives 0, a real
+ * one p_winner * expert. Rows are grouped per expert (in row order) so each expert runs one
+ * GEMM. Returns the number of (row, expert) evaluations. */
+static long moe(stage_state *s, const layer_w *L, int m)
+{
+    const stage_config *c = &s->m->cfg;
+    const int D = c->hidden, Ie = c->expert_inter, E = c->n_experts, G = L->n_gate;
+    const int integrated = L->kind == STAGE_KIND_MODE_INTEGRATED;
+    const int k = integrated ? 1 : c->experts_per_token;
+    stage_matmul(s->h2, m, D, L->moe_gate, G, s->gate);
+    for (int j = 0; j < m; j++) {
+        float *g = s->gate + (size_t)j * G;
+        stage_softmax(g, G);
+        int *se = s->sel_e + (size_t)j * k;
+        float *sw = s->sel_w + (size_t)j * k;
+        float wsum = 0.0f;
+        for (int t = 0; t < k; t++) { /* top-k, ties to the lower index */
+            int best = -1;
+            for (int e = 0; e < G; e++) {
+                int taken = 0;
+                for (int u = 0; u < t; u++) taken |= se[u] == e;
+                if (!taken && (best < 0 || g[e] > g[best])) best = e;
+            }
+            se[t] = best;
+            sw[t] = g[best];
+            wsum += g[best];
+        }
+        if (!integrated)
+            for (int t = 0; t < k; t++) sw[t] /= wsum;
+    }
+    memset(s->mo, 0, (size_t)m * D * sizeof(float));
+    long evals = 0;
+    for (int e = 0; e < E; e++) {
+        int ne = 0;
+        for (int j = 0; j < m; j++)
+            for (int t = 0; t < k; t++)
+                if (s->sel_e[(size_t)j * k + t] == e) s->erow[ne++] = j;
+        if (!ne) continue;
+        evals += ne;
+        gather(s->h2, s->erow, ne, D, s->ex);
+        stage_matmul(s->ex, ne, D, L->ew1[e], Ie, s->f1);
+        stage_matmul(s->ex, ne, D, L->ew3[e], Ie, s->f3);
+        stage_swiglu(s->f1, s->f3, (long)ne * Ie);
+        stage_matmul(s->f1, ne, Ie, L->ew2[e], D, s->eo);
+        for (int u = 0; u < ne; u++) {
+            int j = s->erow[u];
+            float w = 0.0f;
+            for (int t = 0; t < k; t++)
+                if (s->sel_e[(size_t)j * k + t] == e) w = s->sel_w[(size_t)j * k + t];
+            float *dst = s->mo + (size_t)j * D;
+            const float *src = s->eo + (size_t)u * D;
+            for (int i = 0; i < D; i++) dst[i] += w * src[i];
+        }
+    }
+    return evals;
+}
+
+/* ---- FLOP model (per row) -------------------------------------------------------------- */
+static double flops_attn_proj(const stage_config *c)
+{
+    double qd = (double)c->n_heads * c->head_dim, kvd = (double)c->n_kv_heads * c->head_dim;
+    return 2.0 * c->hidden * (qd + 2 * kvd) + 2.0 * qd * c->hidden;
+}
+static double flops_attn_ctx(const stage_config *c, double ctx)
+{
+    return 4.0 * c->n_heads * c->head_dim * ctx;
+}
+static double flops_mlp(const stage_config *c) { return 6.0 * c->hidden * c->inter; }
+static double flops_expert(const stage_config *c) { return 6.0 * c->hidden * c->expert_inter; }
+
+/* ========================================================================================
+ * Blocks
+ * ===================================================================================== */
+
+/* Which present rows does routed layer l select? Fills act[] (micro-batch order) and
+ * score[] (their r). */
+static int route_rows(stage_state *s, int l, const stage_batch *b, const float *x,
+                      const uint8_t *present, char *err, size_t errlen)
+{
+    const stage_model *M = s->m;
+    const stage_config *c = &M->cfg;
+    const int D = c->hidden;
+    int m = 0;
+    if (c->mod_routing != STAGE_ROUTING_TOPK) {
+        for (int i = 0; i < b->n; i++) {
+            if (!present[i]) continue;
+            const float *xi = x + (size_t)i * D;
+            if (stage_router_selects(M, l, xi)) {
+                s->act[m] = i;
+                s->score[m++] = stage_router_score(M, l, xi);
+            }
+        }
+        return m;
+    }
+    /* top-k (expert choice) per sequence over the rows it has in this forward. Every row
+     * of the micro-batch must be here: top-k is non-causal. */
+    for (int i = 0; i < b->n; i++) {
+        if (!present[i]) {
+            snprintf(err, errlen, "layer %d: topk routing needs every row of the micro-batch", l);
+            return -1;
+        }
+        s->xin[i] = stage_router_score(M, l, x + (size_t)i * D); /* scratch: r per row */
+    }
+    for (int i = 0; i < b->n; i++) {
+        int T = 0, rank = 0;
+        for (int u = 0; u < b->n; u++) {
+            if (b->slot[u] != b->slot[i]) continue;
+            T++;
+            /* u outranks i: larger r, or equal r at a lower position */
+            if (s->xin[u] > s->xin[i] || (s->xin[u] == s->xin[i] && b->pos[u] < b->pos[i])) rank++;
+        }
+        int k = (int)floor(c->mod_capacity * T);
+        if (k < 1) k = 1;
+        if (rank < k) s->act[m++] = i;
+    }
+    for (int j = 0; j < m; j++) s->score[j] = s->xin[s->act[j]];
+    return m;
+}
+
+static void count_attn(stage_layer_stats *st, const stage_config *c, const stage_batch *b,
+                       double rows_done, double ctx_done)
+{
+    double dense_ctx = 0.0;
+    for (int i = 0; i < b->n; i++) dense_ctx += b->pos[i] + 1;
+    st->flops += rows_done * flops_attn_proj(c) + flops_attn_ctx(c, ctx_done);
+    st->flops_dense += b->n * flops_attn_proj(c) + flops_attn_ctx(c, dense_ctx);
+}
+
+/* MoD / staged MoDE: y = x + g(r) (a + m) for selected rows, attention among them only. */
+static int block_routed(stage_state *s, int li, int l, const layer_w *L, const stage_batch *b,
+                        float *x, const uint8_t *present, char *err, size_t errlen)
+{
+    const stage_config *c = &s->m->cfg;
+    const int D = c->hidden;
+    stage_layer_stats *st = &s->stats[li];
+    int m = route_rows(s, l, b, x, present, err, errlen);
+    if (m < 0) return -1;
+    st->active += m;
+    double ctx = 0.0;
+    if (m > 0) {
+        gather(x, s->act, m, D, s->xin);
+        stage_rmsnorm(s->xin, m, D, L->ln1, c->eps, s->h);
+        ctx = attention(s, li, L, b, s->act, m, s->h, err, errlen);
+        if (ctx < 0) return -1;
+        for (size_t i = 0; i < (size_t)m * D; i++) s->x2[i] = s->xin[i] + s->a[i];
+        stage_rmsnorm(s->x2, m, D, L->ln2, c->eps, s->h2);
+    }
+    long evals = 0;
+    if (L->kind == STAGE_KIND_MODE_STAGED) evals = m ? moe(s, L, m) : 0;
+    else if (m) mlp(s, L, m);
+    for (int j = 0; j < m; j++) {
+        float r = s->score[j];
+        float g = c->mod_scale == STAGE_SCALE_SIGMOID ? stage_sigmoid(r) : r;
+        float *xo = x + (size_t)s->act[j] * D;
+        const float *xi = s->xin + (size_t)j * D, *a = s->a + (size_t)j * D, *mo = s->mo + (size_t)j * D;
+        for (int i = 0; i < D; i++) xo[i] = xi[i] + g * (a[i] + mo[i]);
+    }
+    st->kv_entries += m;
+    count_attn(st, c, b, m, ctx);
+    if (L->kind == STAGE_KIND_MODE_STAGED) {
+        double per_row = 2.0 * D * L->n_gate;
+        st->flops += m * per_row + evals * flops_expert(c);
+        st->flops_dense += b->n * (per_row + c->experts_per_token * flops_expert(c));
+    } else {
+        st->flops += m * flops_mlp(c);
+        st->flops_dense += b->n * flops_mlp(c);
+    }
+    return 0;
+}
+
+/* dense, mode_integrated, mindskip: every present row runs the MLP; attention runs for all of
+ * them except rows a mindskip router skips. */
+static int block_full(stage_state *s, int li, int l, const layer_w *L, const stage_batch *b,
+                      float *x, const uint8_t *present, char *err, size_t errlen)
+{
+    const stage_config *c = &s->m->cfg;
+    const int D = c->hidden;
+    stage_layer_stats *st = &s->stats[li];
+    int m = 0;
+    for (int i = 0; i < b->n; i++)
+        if (present[i]) s->act[m++] = i;
+    if (m == 0) return 0;
+    gather(x, s->act, m, D, s->xin);
+    stage_rmsnorm(s->xin, m, D, L->ln1, c->eps, s->h);
+
+    /* kept[j]: does compact row j run attention? act2 = compact indices of kept rows. */
+    int nk = 0;
+    if (L->kind != STAGE_KIND_MINDSKIP) {
+        for (int j = 0; j < m; j++) s->act2[nk++] = j;
+    } else if (c->ms_granularity == STAGE_GRAN_TOKEN) {
+        for (int j = 0; j < m; j++) {
+            float p = stage_sigmoid(stage_dot(L->router_w, s->h + (size_t)j * D, D) + L->router_b);
+            if ((double)p > c->ms_threshold) s->act2[nk++] = j;
+        }
+    } else {
+        int8_t *keep = s->ms_keep + (size_t)li * s->n_slots;
+        /* Decide once per sequence, on the mean of h over all its prompt rows in this
+         * forward (the scheduler keeps such a prompt in one micro-batch). */
+        for (int j = 0; j < m; j++) {
+            int r = s->act[j], slot = b->slot[r];
+            if (!(b->flags[r] & STAGE_ROW_PROMPT)) continue;
+            int first = 1;
+            for (int u = 0; u < j; u++)
+                if (b->slot[s->act[u]] == slot && (b->flags[s->act[u]] & STAGE_ROW_PROMPT)) first = 0;
+            if (!first) continue;
+            if (keep[slot] >= 0) {
+                snprintf(err, errlen, "layer %d: slot %d prompt split across micro-batches "
+                         "(mindskip sequence granularity needs the whole prompt at once)", l, slot);
+                return -1;
+            }
+            memset(s->mean, 0, (size_t)D * sizeof(float));
+            int cnt = 0;
+            for (int u = j; u < m; u++) {
+                int ru = s->act[u];
+                if (b->slot[ru] != slot || !(b->flags[ru] & STAGE_ROW_PROMPT)) continue;
+                const float *hu = s->h + (size_t)u * D;
+                for (int i = 0; i < D; i++) s->mean[i] += hu[i];
+                cnt++;
+            }
+            for (int i = 0; i < D; i++) s->mean[i] /= (float)cnt;
+            float p = stage_sigmoid(stage_dot(L->router_w, s->mean, D) + L->router_b);
+            keep[slot] = (double)p > c->ms_threshold;
+        }
+        for (int j = 0; j < m; j++) {
+            int slot = b->slot[s->act[j]];
+            if (keep[slot] < 0) {
+                snprintf(err, errlen, "layer %d: slot %d decodes before its prompt was seen", l, slot);
+                return -1;
+            }
+            if (keep[slot]) s->act2[nk++] = j;
+        }
+    }
+
+    /* Attention on kept rows: compact their h into xin-sized scratch (x2 as staging). */
+    double ctx = 0.0;
+    memcpy(s->x2, s->xin, (size_t)m * D * sizeof(float));
+    if (nk > 0) {
+        int *rows = s->erow; /* micro-batch indices of kept rows */
+        for (int u = 0; u < nk; u++) rows[u] = s->act[s->act2[u]];
+        const float *hk = s->h;
+        if (nk != m) {
+            gather(s->h, s->act2, nk, D, s->ex);
+            hk = s->ex;
+        }
+        ctx = attention(s, li, L, b, rows, nk, hk, err, errlen);
+        if (ctx < 0) return -1;
+        for (int u = 0; u < nk; u++) {
+            float *dst = s->x2 + (size_t)s->act2[u] * D;
+            const float *a = s->a + (size_t)u * D;
+            for (int i = 0; i < D; i++) dst[i] += a[i];
+        }
+    }
+    stage_rmsnorm(s->x2, m, D, L->ln2, c->eps, s->h2);
+    long evals = 0;
+    if (L->kind == STAGE_KIND_MODE_INTEGRATED) evals = moe(s, L, m);
+    else mlp(s, L, m);
+    for (int j = 0; j < m; j++) {
+        float *xo = x + (size_t)s->act[j] * D;
+        const float *x2 = s->x2 + (size_t)j * D, *mo = s->mo + (size_t)j * D;
+        for (int i = 0; i < D; i++) xo[i] = x2[i] + mo[i];
+    }
+    st->active += nk;
+    st->kv_entries += nk;
+    count_attn(st, c, b, nk, ctx);
+    if (L->kind == STAGE_KIND_MODE_INTEGRATED) {
+        double per_row = 2.0 * D * L->n_gate;
+        st->flops += m * per_row + evals * flops_expert(c);
+        st->flops_dense += b->n * (per_row + flops_expert(c));
+    } else {
+        st->flops += m * flops_mlp(c);
+        st->flops_dense += b->n * flops_mlp(c);
+    }
+    return 0;
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+void stage_state_set_progress(stage_state *s, void (*fn)(void *), void *arg)
+{
+    s->progress = fn;
+    s->progress_arg = arg;
+}
+
+int stage_forward(stage_state *s, const stage_batch *b, float *x, const uint8_t *present,
+                  char *err, size_t errlen)
+{
+    return stage_forward_range(s, b, x, present, s->m->range.first, s->m->range.last, err, errlen);
+}
+
+int stage_forward_range(stage_state *s, const stage_batch *b, float *x, const uint8_t *present,
+                        int first, int last, char *err, size_t errlen)
+{
+    const stage_model *M = s->m;
+    if (first < M->range.first || last > M->range.last) {
+        snprintf(err, errlen, "layers %d-%d outside this stage's %d-%d", first, last,
+                 M->range.first, M->range.last);
+        return -1;
+    }
+    if (b->n > s->max_rows) {
+        snprintf(err, errlen, "micro-batch of %d rows exceeds the workspace (%d rows)", b->n,
+                 s->max_rows);
+        return -1;
+    }
+    for (int i = 0; i < b->n; i++) {
+        if (b->slot[i] < 0 || b->slot[i] >= s->n_slots || b->pos[i] < 0 || b->pos[i] >= s->max_seq) {
+            snprintf(err, errlen, "row %d: slot %d / position %d outside this stage's state "
+                     "(%d slots, %d positions)", i, b->slot[i], b->pos[i], s->n_slots, s->max_seq);
+            return -1;
+        }
+    }
+    /* A prompt row at position 0 starts a new sequence in its slot, on every stage, whether
+     * or not this stage holds the row (the descriptor reaches every stage). */
+    for (int i = 0; i < b->n && first == M->range.first; i++) {
+        if (b->pos[i] != 0 || !(b->flags[i] & STAGE_ROW_PROMPT)) continue;
+        for (int li = 0; li < s->n_layers; li++) {
+            kv_at(s, li, b->slot[i])->n = 0;
+            s->ms_keep[(size_t)li * s->n_slots + b->slot[i]] = -1;
+        }
+    }
+    for (int l = first; l <= last; l++) {
+        int li = l - M->range.first;
+        const layer_w *L = &M->layers[l];
+        if (s->progress && l > first) s->progress(s->progress_arg);
+        double t0 = now_s();
+        int rc = stage_kind_is_routed(L->kind)
+                     ? block_routed(s, li, l, L, b, x, present, err, errlen)
+                     : block_full(s, li, l, L, b, x, present, err, errlen);
+        if (rc) return rc;
+        s->stats[li].rows += b->n;
+        s->stats[li].seconds += now_s() - t0;
+    }
+    return 0;
+}
+
+int stage_head_logits(stage_state *s, const float *x, const int *rows, int n_rows,
+                      float *logits, char *err, size_t errlen)
+{
+    const stage_model *M = s->m;
+    const int D = M->cfg.hidden;
+    if (!M->lm_head) { snprintf(err, errlen, "this stage is not the head"); return -1; }
+    if (n_rows > s->max_rows) {
+        snprintf(err, errlen, "%d logits rows exceed the workspace (%d)", n_rows, s->max_rows);
+        return -1;
+    }
+    if (n_rows == 0) return 0;
+    gather(x, rows, n_rows, D, s->xin);
+    stage_rmsnorm(s->xin, n_rows, D, M->norm, M->cfg.eps, s->h);
+    stage_matmul(s->h, n_rows, D, M->lm_head, M->cfg.vocab, logits);
+    return 0;
+}

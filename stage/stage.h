@@ -1,0 +1,135 @@
+/* stage/stage.h — the model math of one pipeline stage (SPEC §2).
+ *
+ * A stage owns a contiguous layer range [first, last] of a model, plus the embedding when
+ * it is stage 0 and model.norm + lm_head when it is the head. Router (and predictor) weights
+ * of *every* routed layer are loaded on every stage: they are small, and the stage holding a
+ * row must decide which later stages will compute on it (SPEC §4).
+ *
+ * Work comes as micro-batches (stage_batch): n rows, each (slot, pos, token, flags). The
+ * caller keeps the residual stream x [n][D] and a present[n] mask (which rows this stage
+ * holds). stage_forward runs the stage's layers on the present rows; each layer computes on
+ * the compacted set of rows it selects, always in micro-batch order, so a layer's GEMMs see
+ * exactly the same rows whatever stage split the run uses — which is what makes an N-rank run
+ * bit-identical to a 1-rank run.
+ *
+ * KV cache: per attention layer and sequence slot, only the positions that layer attended
+ * with (routed / kept rows), in position order. A prompt row at position 0 resets its slot on
+ * every layer of the stage (so slots can be reused by new sequences).
+ *
+ * Ownership: stage_model owns its weights (an mmap'd st_model + converted copies);
+ * stage_state owns caches and workspace sized at init (no allocation per token; routed layers'
+ * caches start at about capacity x max_seq and double when a sequence outgrows them).
+ * Errors: non-zero return + one line in err (missing tensor, shape mismatch, a row the
+ * workspace cannot hold, a top-k model asked to decode, ...). *_free(NULL) is a no-op.
+ */
+#ifndef STAGE_STAGE_H
+#define STAGE_STAGE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "stage/config.h"
+
+/* Row flags (the same bits the wire uses: comm/comm.h COMM_ROW_*). */
+#define STAGE_ROW_NEED_LOGITS 1u
+#define STAGE_ROW_PROMPT      2u
+
+typedef struct stage_model stage_model;
+typedef struct stage_state stage_state;
+
+typedef struct {
+    int first, last; /* inclusive layer range (first > last: no layers) */
+    int embed;       /* load model.embed_tokens (stage 0) */
+    int head;        /* load model.norm + lm_head (last stage) */
+} stage_range;
+
+typedef struct {
+    int n;                /* rows in the micro-batch */
+    const int32_t *slot;  /* [n] sequence slot */
+    const int32_t *pos;   /* [n] absolute position */
+    const int32_t *token; /* [n] input token */
+    const uint8_t *flags; /* [n] STAGE_ROW_* */
+} stage_batch;
+
+/* ---- model ---------------------------------------------------------------------------- */
+int stage_model_load(const char *dir, const stage_config *cfg, stage_range range,
+                     stage_model **out, char *err, size_t errlen);
+void stage_model_free(stage_model *m);
+const stage_config *stage_model_config(const stage_model *m);
+stage_range stage_model_range(const stage_model *m);
+size_t stage_model_weight_bytes(const stage_model *m); /* f32 bytes this stage holds */
+
+/* x [n][D] = embedding rows of tokens (stage 0 only). Tokens must be in [0, vocab). */
+int stage_embed(const stage_model *m, const int32_t *tokens, int n, float *x, char *err,
+                size_t errlen);
+
+/* Does any layer in [first, last] compute on a row whose residual is x [D]? Dense, mindskip
+ * and mode_integrated layers need every row; with topk routing every row is needed; a
+ * threshold / predictor routed layer needs it iff its router selects x (evaluated in order:
+ * while no routed layer selects the row its x does not change). */
+int stage_range_needs_row(const stage_model *m, int first, int last, const float *x);
+
+/* Causal router decision of routed layer l on x [D] (threshold / predictor), and the score
+ * r = w.x + b that scales the block's output. */
+int stage_router_selects(const stage_model *m, int layer, const float *x);
+float stage_router_score(const stage_model *m, int layer, const float *x);
+
+/* Router calibration (init-model): the logit the threshold is applied to (r for threshold
+ * routing, the predictor's pre-sigmoid output for predictor routing), and a shift of the
+ * bias behind it (router.bias or router_predictor.fc2.bias). */
+float stage_router_logit(const stage_model *m, int layer, const float *x);
+void stage_router_shift(stage_model *m, int layer, float delta);
+float stage_router_bias(const stage_model *m, int layer);
+
+/* ---- per-stage state: KV caches, workspace, stats ------------------------------------- */
+/* n_slots: sequence slots; max_rows: the most rows a micro-batch will have; max_seq: the most
+ * positions a sequence will reach (prompt + new tokens). */
+stage_state *stage_state_init(const stage_model *m, int n_slots, int max_rows, int max_seq,
+                              char *err, size_t errlen);
+void stage_state_free(stage_state *s);
+
+/* Run the stage's layers on the present rows of x [b->n][D] (present [b->n] 0/1), in place. */
+int stage_forward(stage_state *s, const stage_batch *b, float *x, const uint8_t *present,
+                  char *err, size_t errlen);
+/* The same for a sub-range [first, last] of the stage's layers (router calibration). The slot
+ * reset of position-0 prompt rows happens only when first is the stage's first layer. */
+int stage_forward_range(stage_state *s, const stage_batch *b, float *x, const uint8_t *present,
+                        int first, int last, char *err, size_t errlen);
+/* Called between layers (MPI progress polling while sends are in flight). */
+void stage_state_set_progress(stage_state *s, void (*fn)(void *), void *arg);
+
+/* Head: logits [n_rows][vocab] of rows `rows` [n_rows] of x [*][D] (final norm + lm_head),
+ * computed in one GEMM over exactly those rows. */
+int stage_head_logits(stage_state *s, const float *x, const int *rows, int n_rows,
+                      float *logits, char *err, size_t errlen);
+
+/* ---- stats ---------------------------------------------------------------------------- */
+typedef struct {
+    uint64_t rows;         /* micro-batch rows that passed this layer (present or not) */
+    uint64_t active;       /* rows the layer computed on (routed: selected; mindskip: attention kept) */
+    uint64_t kv_entries;   /* K/V entries written */
+    double flops;          /* executed */
+    double flops_dense;    /* had every row computed the whole layer (dense equivalent) */
+    double seconds;        /* wall time inside this layer */
+} stage_layer_stats;
+
+/* Stats of layer l (must be in the stage's range). */
+const stage_layer_stats *stage_state_layer_stats(const stage_state *s, int layer);
+/* K/V bytes currently allocated by this stage's caches. */
+size_t stage_state_kv_alloc_bytes(const stage_state *s);
+
+/* ---- sampling ------------------------------------------------------------------------- */
+typedef struct { uint64_t s[4]; } stage_rng;
+/* The generator of sequence `index` under `seed` (independent of batching and ranks). */
+void stage_rng_seed(stage_rng *r, uint64_t seed, uint64_t index);
+double stage_rng_uniform(stage_rng *r); /* [0, 1) */
+
+/* Greedy (temperature <= 0: argmax, lowest id among equal maxima) or temperature / top-p
+ * sampling. scratch: room for 2 * vocab floats (caller-owned; sized once). */
+int stage_sample(const float *logits, int vocab, float temperature, float top_p, stage_rng *r,
+                 void *scratch);
+
+/* -log softmax(logits)[target], computed in double. */
+double stage_nll(const float *logits, int vocab, int target);
+
+#endif
