@@ -65,6 +65,9 @@ static const opt_def OPTS[] = {
      "layer range of each stage, e.g. 0-3,4-7 (one per rank), or auto (default)"},
     {"wire-dtype", "f32|bf16|f16", C_GEN | C_EVAL, 0,
      "activation dtype between ranks: f32 exact (default); bf16/f16 halve bytes, lossy"},
+    {"transport", "sparse|dense", C_GEN | C_EVAL, 0,
+     "sparse (default): rows go only to stages that compute on them; dense: every row on every "
+     "link, the baseline a conventional pipeline pays (same compute, same results)"},
     {"dump-logits", "F.npy", C_GEN | C_EVAL, 0,
      "write logits as float32 .npy: generate [seqs, max_new, vocab], eval [seqs, T, vocab]"},
     {"stats", "F.json", C_GEN | C_EVAL, 0,
@@ -520,6 +523,13 @@ static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *er
                  o->v[opt_index("wire-dtype")].origin, wd);
         return -1;
     }
+    const char *tr = opt_str(o, "transport");
+    if (tr && strcmp(tr, "sparse") && strcmp(tr, "dense")) {
+        snprintf(err, errlen, "%s: expected sparse or dense, got '%s'",
+                 o->v[opt_index("transport")].origin, tr);
+        return -1;
+    }
+    ro->dense_transport = tr && !strcmp(tr, "dense");
     ro->dump_path = opt_str(o, "dump-logits");
     ro->stats_path = opt_str(o, "stats");
     ro->progress = !opt_has(o, "quiet");

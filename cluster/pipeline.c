@@ -263,6 +263,7 @@ static void route_and_send(ctx *c, uint64_t mb)
         c->dest[i] = -1;
         if (!c->present[i]) continue;
         const float *xi = c->x + (size_t)i * c->D;
+        if (c->o->dense_transport) c->dest[i] = s + 1;
         for (int t = s + 1; t < S && c->dest[i] < 0; t++)
             if (stage_range_needs_row(c->m, pl->st[t].first, pl->st[t].last, xi)) c->dest[i] = t;
         if (c->dest[i] < 0 && (c->d.flags[i] & STAGE_ROW_NEED_LOGITS)) c->dest[i] = S - 1;
@@ -593,6 +594,7 @@ static void report(ctx *c, const double *all, int len, double seconds, cluster_r
     cJSON_AddStringToObject(j, "model", o->model_dir);
     cJSON_AddNumberToObject(j, "ranks", S);
     cJSON_AddStringToObject(j, "wire_dtype", comm_wire_name(o->wire));
+    cJSON_AddStringToObject(j, "transport", o->dense_transport ? "dense" : "sparse");
     cJSON_AddNumberToObject(j, "micro_batch", o->micro_batch);
     cJSON_AddNumberToObject(j, "max_in_flight", o->max_in_flight);
     cJSON_AddNumberToObject(j, "hidden_size", D);
