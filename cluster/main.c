@@ -441,7 +441,7 @@ static int make_plan(const opts *o, const stage_config *cfg, int n, cluster_plan
     }
     char e2[512];
     int rc = cluster_partition_explicit(cfg, (const char *const *)ranges, nr, n, plan, e2, sizeof e2);
-    if (rc) snprintf(err, errlen, "%s: %s", v->origin, e2);
+    if (rc) snprintf(err, errlen, "%s: %s", v->origin, strncmp(e2, "stages: ", 8) ? e2 : e2 + 8);
     for (int i = 0; i < nr; i++) free(ranges[i]);
     return rc;
 }

@@ -651,19 +651,22 @@ void cluster_plan_print(const stage_config *cfg, const cluster_plan *plan, FILE 
                      "decode ~100%%)\n");
         return;
     }
-    /* SPEC 4 with p = capacity on sparse boundaries and p = 1 on the others; decode rows
-     * always reach the head, so its boundary counts 1 there. */
+    /* SPEC 4 with a stage's p = the chance that any of its k routed layers selects a row,
+     * 1 - (1 - capacity)^k if routers chose independently, and p = 1 on dense boundaries;
+     * decode rows always reach the head, so its boundary counts 1 there. */
     double p = cfg->mod_capacity, pre = 0, dec = 1;
     for (int t = 1; t < S; t++) {
-        double pt = plan->st[t].sparse_in ? p : 1.0;
+        int k = plan->st[t].last - plan->st[t].first + 1;
+        double pt = plan->st[t].sparse_in ? 1.0 - pow(1.0 - p, k) : 1.0;
         pre += pt;
         if (t < S - 1)
             dec += pt;
     }
     pre /= S - 1;
     dec /= S - 1;
-    fprintf(out, "  - expected wire bytes vs a dense pipeline, from the capacity setting (p = %g "
-                 "per sparse stage), not a measurement: prefill ~%.1f%%, decode ~%.1f%%%s\n",
-            p, 100.0 * pre, 100.0 * dec,
-            n_sparse == S - 1 ? " [SPEC 4: p and (1 + p(S-2))/(S-1)]" : "");
+    fprintf(out, "  - expected wire bytes vs a dense pipeline, from the capacity setting (a stage of "
+                 "k layers at capacity %g needs ~1-(1-%g)^k of the rows), not a measurement: "
+                 "prefill ~%.1f%%, decode ~%.1f%%%s\n",
+            p, p, 100.0 * pre, 100.0 * dec,
+            n_sparse == S - 1 ? " [SPEC 4: p and (1 + p(S-2))/(S-1), averaged over stages]" : "");
 }

@@ -1,0 +1,463 @@
+/* tests/test_pipeline.c — multi-rank tests: the built modpipe under mpirun.
+ *
+ * Exactness (SPEC §4): every fixture model, -np 1 against the known answers (1e-4) and
+ * -np 2/3/4 bit-identical to -np 1 at the same micro-batching; byte counters against the
+ * fixture route files; bad input and a dead rank end the job with a clear message.
+ * Needs: MODPIPE (path of the binary, default build/modpipe), mpirun, tests/fixtures.
+ */
+#include <CUnit/Basic.h>
+#include <stdarg.h>
+#include <cJSON.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "stage/npy.h"
+
+static const char *BIN, *FIX;
+static char TMP[256];
+static const char *PROMPTS = "--prompt-ids 3,14,15,92,65,35 --prompt-ids 89,79 --prompt-ids 32,38,46,26";
+#define MPIRUN "mpirun --allow-run-as-root --oversubscribe --mca btl self,tcp --mca btl_tcp_if_include lo"
+
+/* ---- helpers ------------------------------------------------------------------------------ */
+
+static char OUT[1 << 16];
+
+/* Run a shell command (stdout+stderr into OUT), killed after `secs`. Returns the exit code. */
+static int run(int secs, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int run(int secs, const char *fmt, ...)
+{
+    char cmd[8192], full[8400];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    snprintf(full, sizeof full, "timeout -s KILL %d sh -c '%s' 2>&1", secs, cmd);
+    FILE *p = popen(full, "r");
+    if (!p) return -1;
+    size_t n = fread(OUT, 1, sizeof OUT - 1, p);
+    OUT[n] = 0;
+    int st = pclose(p);
+    int rc = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+    if (getenv("MODPIPE_TEST_VERBOSE")) fprintf(stderr, "\n$ %s\n[rc %d]\n%s", cmd, rc, OUT);
+    return rc;
+}
+
+static int files_identical(const char *a, const char *b)
+{
+    FILE *fa = fopen(a, "rb"), *fb = fopen(b, "rb");
+    int same = fa && fb;
+    while (same) {
+        int ca = fgetc(fa), cb = fgetc(fb);
+        if (ca != cb) same = 0;
+        if (ca == EOF || cb == EOF) break;
+    }
+    if (fa) fclose(fa);
+    if (fb) fclose(fb);
+    return same;
+}
+
+/* max |a-b| / max |b| of two .npy files with the same shape, or +inf on a mismatch */
+static double npy_rel_err(const char *a, const char *b)
+{
+    float *x = NULL, *y = NULL;
+    int na = 0, nb = 0;
+    int64_t sa[8], sb[8];
+    char err[256];
+    if (npy_read_f32(a, &x, &na, sa, err, sizeof err) || npy_read_f32(b, &y, &nb, sb, err, sizeof err)) {
+        fprintf(stderr, "%s\n", err);
+        free(x);
+        free(y);
+        return INFINITY;
+    }
+    double rel = INFINITY;
+    if (na == nb && !memcmp(sa, sb, (size_t)na * sizeof *sa)) {
+        size_t n = 1;
+        for (int i = 0; i < na; i++) n *= (size_t)sa[i];
+        double md = 0, mb = 0;
+        for (size_t i = 0; i < n; i++) {
+            double d = fabs((double)x[i] - y[i]);
+            if (d > md) md = d;
+            if (fabs(y[i]) > mb) mb = fabs(y[i]);
+        }
+        rel = md / mb;
+    }
+    free(x);
+    free(y);
+    return rel;
+}
+
+static cJSON *read_json(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    static char buf[1 << 20];
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    return cJSON_Parse(buf);
+}
+
+static double jnum(const cJSON *o, const char *k)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
+    return cJSON_IsNumber(v) ? v->valuedouble : NAN;
+}
+
+static const cJSON *find_link(const cJSON *stats, const char *name)
+{
+    const cJSON *l;
+    cJSON_ArrayForEach(l, cJSON_GetObjectItemCaseSensitive(stats, "links")) {
+        const cJSON *n = cJSON_GetObjectItemCaseSensitive(l, "link");
+        if (cJSON_IsString(n) && !strcmp(n->valuestring, name)) return l;
+    }
+    return NULL;
+}
+
+/* The generated lines of OUT must equal the fixture's M.generate.txt. */
+static int tokens_match(const char *model)
+{
+    char path[512], want[4096];
+    snprintf(path, sizeof path, "%s/%s.generate.txt", FIX, model);
+    FILE *f = fopen(path, "r");
+    if (!f) return 0;
+    size_t n = fread(want, 1, sizeof want - 1, f);
+    fclose(f);
+    want[n] = 0;
+    for (char *line = strtok(want, "\n"); line; line = strtok(NULL, "\n"))
+        if (!strstr(OUT, line)) return 0;
+    return 1;
+}
+
+/* ---- exactness ----------------------------------------------------------------------------- */
+
+static const char *GEN_MODELS[] = {"dense", "mod", "mod_all", "mod_predictor", "mode_staged",
+                                   "mode_integrated", "mindskip", "mindskip_token", "mixed"};
+static const char *EVAL_MODELS[] = {"dense", "mod", "mod_topk", "mixed"};
+
+static void check_generate(const char *model, const char *extra, const char *tag)
+{
+    char one[512], many[512], want[512];
+    snprintf(one, sizeof one, "%s/%s-%s-np1.npy", TMP, model, tag);
+    snprintf(want, sizeof want, "%s/%s.generate.npy", FIX, model);
+    int rc = run(120, "%s -np 1 %s generate --model %s/%s %s --max-new 5 --quiet %s --dump-logits %s",
+                 MPIRUN, BIN, FIX, model, PROMPTS, extra, one);
+    CU_ASSERT_EQUAL_FATAL(rc, 0);
+    CU_ASSERT(tokens_match(model));
+    double rel = npy_rel_err(one, want);
+    CU_ASSERT(rel <= 1e-4);
+    if (!(rel <= 1e-4)) fprintf(stderr, "\n%s: rel err %g vs known answer\n", model, rel);
+    for (int np = 2; np <= 4; np++) {
+        snprintf(many, sizeof many, "%s/%s-%s-np%d.npy", TMP, model, tag, np);
+        rc = run(120, "%s -np %d %s generate --model %s/%s %s --max-new 5 --quiet %s --dump-logits %s",
+                 MPIRUN, np, BIN, FIX, model, PROMPTS, extra, many);
+        CU_ASSERT_EQUAL(rc, 0);
+        CU_ASSERT(tokens_match(model));
+        int same = files_identical(one, many);
+        CU_ASSERT(same);
+        if (!same) fprintf(stderr, "\n%s -np %d (%s): logits differ from -np 1\n", model, np, extra);
+    }
+}
+
+static void test_generate_exact_default(void)
+{
+    for (size_t i = 0; i < sizeof GEN_MODELS / sizeof *GEN_MODELS; i++)
+        check_generate(GEN_MODELS[i], "", "default");
+}
+
+/* Several sequences in one micro-batch and prompts cut into chunks. */
+static void test_generate_exact_microbatch(void)
+{
+    for (size_t i = 0; i < sizeof GEN_MODELS / sizeof *GEN_MODELS; i++)
+        check_generate(GEN_MODELS[i], "--micro-batch 3 --groups 1", "mb3");
+}
+
+static void test_eval_exact(void)
+{
+    for (size_t i = 0; i < sizeof EVAL_MODELS / sizeof *EVAL_MODELS; i++) {
+        const char *m = EVAL_MODELS[i];
+        char one[512], many[512], want[512];
+        snprintf(one, sizeof one, "%s/%s-eval-np1.npy", TMP, m);
+        snprintf(want, sizeof want, "%s/%s.eval.npy", FIX, m);
+        CU_ASSERT_EQUAL_FATAL(run(120, "%s -np 1 %s eval --model %s/%s --tokens-file %s/eval_tokens.txt "
+                                  "--micro-batch 8 --quiet --dump-logits %s", MPIRUN, BIN, FIX, m, FIX, one), 0);
+        CU_ASSERT(strstr(OUT, "perplexity") != NULL);
+        CU_ASSERT(npy_rel_err(one, want) <= 1e-4);
+        for (int np = 2; np <= 4; np++) {
+            snprintf(many, sizeof many, "%s/%s-eval-np%d.npy", TMP, m, np);
+            CU_ASSERT_EQUAL(run(120, "%s -np %d %s eval --model %s/%s --tokens-file %s/eval_tokens.txt "
+                                "--micro-batch 8 --quiet --dump-logits %s", MPIRUN, np, BIN, FIX, m, FIX, many), 0);
+            CU_ASSERT(files_identical(one, many));
+        }
+    }
+}
+
+/* ---- byte accounting ----------------------------------------------------------------------- */
+
+/* The fixture route files give the rows SPEC §4 sends on each link for stages 0-1,2-3,4-5. */
+static void check_routes(const char *model)
+{
+    char stats[512], path[512];
+    snprintf(stats, sizeof stats, "%s/%s-routes.json", TMP, model);
+    CU_ASSERT_EQUAL_FATAL(run(120, "%s -np 3 %s generate --model %s/%s %s --max-new 5 --quiet "
+                              "--stages 0-1,2-3,4-5 --stats %s", MPIRUN, BIN, FIX, model, PROMPTS, stats), 0);
+    snprintf(path, sizeof path, "%s/%s.routes-3stages.json", FIX, model);
+    cJSON *want = read_json(path), *got = read_json(stats);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(want);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(got);
+    const cJSON *wl;
+    double rows = 0;
+    cJSON_ArrayForEach(wl, cJSON_GetObjectItemCaseSensitive(want, "links")) {
+        const cJSON *gl = find_link(got, wl->string);
+        CU_ASSERT_PTR_NOT_NULL(gl);
+        if (!gl) continue;
+        CU_ASSERT_EQUAL(jnum(gl, "rows"), wl->valuedouble);
+        CU_ASSERT_EQUAL(jnum(gl, "payload_bytes"), wl->valuedouble * 64 * 4);
+        rows += wl->valuedouble;
+    }
+    /* no row link beyond the listed ones (the tokens link 2->0 is separate) */
+    const cJSON *gl;
+    double got_rows = 0;
+    cJSON_ArrayForEach(gl, cJSON_GetObjectItemCaseSensitive(got, "links")) {
+        const cJSON *k = cJSON_GetObjectItemCaseSensitive(gl, "kind");
+        if (strcmp(k->valuestring, "tokens")) got_rows += jnum(gl, "rows");
+        CU_ASSERT(jnum(gl, "header_bytes") > 0);
+    }
+    CU_ASSERT_EQUAL(got_rows, rows);
+    const cJSON *tot = cJSON_GetObjectItemCaseSensitive(got, "total");
+    CU_ASSERT_EQUAL(jnum(tot, "payload_bytes"), jnum(want, "payload_bytes"));
+    CU_ASSERT_EQUAL(jnum(tot, "dense_bytes"), jnum(want, "dense_bytes"));
+    CU_ASSERT_EQUAL(jnum(tot, "wire_bytes"),
+                    jnum(tot, "header_bytes") + jnum(tot, "payload_bytes") + jnum(tot, "token_bytes"));
+    /* one chain packet per link per micro-batch (+ END), even when empty */
+    const cJSON *c01 = find_link(got, "0->1");
+    CU_ASSERT_EQUAL(jnum(c01, "packets"), jnum(got, "micro_batches") + 1);
+    cJSON_Delete(want);
+    cJSON_Delete(got);
+}
+
+static void test_routes_mod_all(void) { check_routes("mod_all"); }
+static void test_routes_mixed(void) { check_routes("mixed"); }
+
+/* bf16 halves every payload byte; dense transport sends everything and changes no bit. */
+static void test_wire_dtype_and_dense_transport(void)
+{
+    char stats[512], a[512], b[512];
+    snprintf(stats, sizeof stats, "%s/bf16.json", TMP);
+    snprintf(a, sizeof a, "%s/bf16.npy", TMP);
+    CU_ASSERT_EQUAL_FATAL(run(120, "%s -np 3 %s generate --model %s/mod_all %s --max-new 5 --quiet "
+                              "--wire-dtype bf16 --stats %s --dump-logits %s", MPIRUN, BIN, FIX, PROMPTS, stats, a), 0);
+    cJSON *s = read_json(stats);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(s);
+    const cJSON *l;
+    cJSON_ArrayForEach(l, cJSON_GetObjectItemCaseSensitive(s, "links")) {
+        if (!strcmp(cJSON_GetObjectItemCaseSensitive(l, "kind")->valuestring, "tokens")) continue;
+        CU_ASSERT_EQUAL(jnum(l, "payload_bytes"), jnum(l, "rows") * 64 * 2);
+        if (!strcmp(cJSON_GetObjectItemCaseSensitive(l, "kind")->valuestring, "chain"))
+            CU_ASSERT_EQUAL(jnum(l, "dense_bytes"), jnum(l, "dense_rows") * 64 * 2);
+    }
+    cJSON_Delete(s);
+    char want[512];
+    snprintf(want, sizeof want, "%s/mod_all.generate.npy", FIX);
+    CU_ASSERT(npy_rel_err(a, want) < 5e-2); /* lossy, but close */
+
+    snprintf(stats, sizeof stats, "%s/dense-tr.json", TMP);
+    snprintf(a, sizeof a, "%s/sparse-tr.npy", TMP);
+    snprintf(b, sizeof b, "%s/dense-tr.npy", TMP);
+    CU_ASSERT_EQUAL(run(120, "%s -np 4 %s generate --model %s/mod_all %s --max-new 5 --quiet "
+                        "--dump-logits %s", MPIRUN, BIN, FIX, PROMPTS, a), 0);
+    CU_ASSERT_EQUAL(run(120, "%s -np 4 %s generate --model %s/mod_all %s --max-new 5 --quiet "
+                        "--transport dense --stats %s --dump-logits %s", MPIRUN, BIN, FIX, PROMPTS, stats, b), 0);
+    CU_ASSERT(files_identical(a, b));
+    s = read_json(stats);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(s);
+    const cJSON *tot = cJSON_GetObjectItemCaseSensitive(s, "total");
+    CU_ASSERT_EQUAL(jnum(tot, "payload_bytes"), jnum(tot, "dense_bytes"));
+    cJSON_Delete(s);
+}
+
+/* topk is non-causal: every boundary carries every row, and the stages report busy/wait. */
+static void test_topk_dense_links_and_stage_times(void)
+{
+    char stats[512];
+    snprintf(stats, sizeof stats, "%s/topk.json", TMP);
+    CU_ASSERT_EQUAL_FATAL(run(120, "%s -np 3 %s eval --model %s/mod_topk --tokens-file %s/eval_tokens.txt "
+                              "--quiet --stats %s", MPIRUN, BIN, FIX, FIX, stats), 0);
+    cJSON *s = read_json(stats);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(s);
+    const cJSON *tot = cJSON_GetObjectItemCaseSensitive(s, "total");
+    CU_ASSERT_EQUAL(jnum(tot, "payload_bytes"), jnum(tot, "dense_bytes"));
+    CU_ASSERT_EQUAL(jnum(find_link(s, "0->1"), "rows"), 16);
+    CU_ASSERT_EQUAL(jnum(find_link(s, "1->2"), "rows"), 16);
+    const cJSON *st;
+    int n = 0;
+    cJSON_ArrayForEach(st, cJSON_GetObjectItemCaseSensitive(s, "stages")) {
+        CU_ASSERT(jnum(st, "busy_s") > 0);
+        CU_ASSERT(jnum(st, "wait_s") >= 0);
+        n++;
+    }
+    CU_ASSERT_EQUAL(n, 3);
+    const cJSON *ly;
+    cJSON_ArrayForEach(ly, cJSON_GetObjectItemCaseSensitive(s, "layers")) {
+        if (strcmp(cJSON_GetObjectItemCaseSensitive(ly, "type")->valuestring, "mod")) continue;
+        CU_ASSERT_DOUBLE_EQUAL(jnum(ly, "participation"), 0.25, 1e-12); /* k = floor(0.25 * 8) of 8 */
+    }
+    cJSON_Delete(s);
+}
+
+/* ---- configs and the partitioner -------------------------------------------------------------- */
+
+static void test_yaml_config_and_override(void)
+{
+    char cfg[512];
+    snprintf(cfg, sizeof cfg, "%s/run.yaml", TMP);
+    FILE *f = fopen(cfg, "w");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(f);
+    fprintf(f, "model: %s/mod_all\nstages: [\"0-1\", \"2-3\", \"4-5\"]\nmax-new: 2\nquiet: true\n"
+               "prompt-ids:\n  - \"3,14,15,92,65,35\"\n  - \"89,79\"\n  - \"32,38,46,26\"\n", FIX);
+    fclose(f);
+    CU_ASSERT_EQUAL(run(120, "%s -np 3 %s generate --config %s", MPIRUN, BIN, cfg), 0);
+    CU_ASSERT(strstr(OUT, "generated 70,66\n") != NULL);
+    CU_ASSERT_EQUAL(run(120, "%s -np 3 %s generate --config %s --max-new 5", MPIRUN, BIN, cfg), 0);
+    CU_ASSERT(tokens_match("mod_all"));
+    /* 3 ranges but 2 ranks */
+    CU_ASSERT_NOT_EQUAL(run(60, "%s -np 2 %s generate --config %s", MPIRUN, BIN, cfg), 0);
+    CU_ASSERT(strstr(OUT, "3 ranges") || strstr(OUT, "ranks"));
+    /* malformed YAML: file:line:col */
+    f = fopen(cfg, "w");
+    fprintf(f, "model: x\nstages: [0-1, 2-3\nmax-new: 2\n");
+    fclose(f);
+    CU_ASSERT_NOT_EQUAL(run(60, "%s -np 2 %s generate --config %s", MPIRUN, BIN, cfg), 0);
+    char where[600];
+    snprintf(where, sizeof where, "%s:", cfg);
+    CU_ASSERT(strstr(OUT, where) != NULL);
+    /* unknown key, with its position */
+    f = fopen(cfg, "w");
+    fprintf(f, "model: x\nmicro_batch: 4\n");
+    fclose(f);
+    CU_ASSERT_NOT_EQUAL(run(60, "%s -np 1 %s generate --config %s", MPIRUN, BIN, cfg), 0);
+    snprintf(where, sizeof where, "%s:2:", cfg);
+    CU_ASSERT(strstr(OUT, where) != NULL && strstr(OUT, "micro_batch") != NULL);
+}
+
+static void test_partition_command(void)
+{
+    CU_ASSERT_EQUAL(run(30, "%s partition --model %s/mod -n 3", BIN, FIX), 0);
+    CU_ASSERT(strstr(OUT, "dense") != NULL);
+    CU_ASSERT_EQUAL(run(30, "%s partition --model %s/mod_all -n 3 --stages 0-1,2-3,4-5", BIN, FIX), 0);
+    CU_ASSERT_NOT_EQUAL(run(30, "%s partition --model %s/mod_all -n 3 --stages 0-1,3-2,4-5", BIN, FIX), 0);
+    CU_ASSERT_NOT_EQUAL(run(30, "%s partition --model %s/mod_all -n 8", BIN, FIX), 0);
+    CU_ASSERT(strstr(OUT, "8 stages") != NULL);
+}
+
+/* ---- bad input: one clear line, non-zero, nobody hangs ------------------------------------------ */
+
+static void test_bad_input(void)
+{
+    /* token id out of range */
+    CU_ASSERT_NOT_EQUAL(run(60, "%s -np 2 %s generate --model %s/mod --prompt-ids 1,2,97 --quiet", MPIRUN, BIN, FIX), 0);
+    CU_ASSERT(strstr(OUT, "97") && strstr(OUT, "out of range"));
+    /* a topk model cannot decode */
+    CU_ASSERT_NOT_EQUAL(run(60, "%s -np 1 %s generate --model %s/mod_topk --prompt-ids 1,2 --quiet", MPIRUN, BIN, FIX), 0);
+    CU_ASSERT(strstr(OUT, "eval") != NULL);
+    /* an empty stage range */
+    CU_ASSERT_NOT_EQUAL(run(60, "%s -np 2 %s generate --model %s/mod --prompt-ids 1,2 --stages 0-2,4-3 --quiet",
+                            MPIRUN, BIN, FIX), 0);
+    /* more ranks than layers */
+    CU_ASSERT_NOT_EQUAL(run(60, "%s -np 7 %s generate --model %s/mod --prompt-ids 1,2 --quiet", MPIRUN, BIN, FIX), 0);
+    /* missing model / missing tensor / truncated safetensors: named */
+    CU_ASSERT_NOT_EQUAL(run(60, "%s -np 2 %s generate --model %s/nope --prompt-ids 1,2 --quiet", MPIRUN, BIN, TMP), 0);
+    CU_ASSERT(strstr(OUT, "nope") != NULL);
+    char d[512];
+    snprintf(d, sizeof d, "%s/trunc", TMP);
+    CU_ASSERT_EQUAL(run(30, "mkdir -p %s && cp %s/mod/config.json %s/ && head -c 300000 %s/mod/model.safetensors > %s/model.safetensors",
+                        d, FIX, d, FIX, d), 0);
+    CU_ASSERT_NOT_EQUAL(run(60, "%s -np 3 %s generate --model %s --prompt-ids 1,2 --quiet", MPIRUN, BIN, d), 0);
+    CU_ASSERT(strstr(OUT, "model.safetensors") != NULL);
+    /* unknown layer type in config.json */
+    snprintf(d, sizeof d, "%s/badtype", TMP);
+    CU_ASSERT_EQUAL(run(30, "mkdir -p %s && sed s/mode_staged/moe_wat/ %s/mixed/config.json > %s/config.json && cp %s/mixed/model.safetensors %s/",
+                        d, FIX, d, FIX, d), 0);
+    CU_ASSERT_NOT_EQUAL(run(60, "%s -np 2 %s generate --model %s --prompt-ids 1,2 --quiet", MPIRUN, BIN, d), 0);
+    CU_ASSERT(strstr(OUT, "moe_wat") != NULL);
+    /* unknown flag, bad numbers */
+    CU_ASSERT_NOT_EQUAL(run(30, "%s -np 1 %s generate --model %s/mod --prompt-ids 1 --frobnicate", MPIRUN, BIN, FIX), 0);
+    CU_ASSERT(strstr(OUT, "frobnicate") != NULL);
+    CU_ASSERT_NOT_EQUAL(run(30, "%s -np 1 %s generate --model %s/mod --prompt-ids 1 --micro-batch 0", MPIRUN, BIN, FIX), 0);
+    CU_ASSERT(strstr(OUT, "--micro-batch") != NULL);
+    /* eval lines of different lengths */
+    char tf[512];
+    snprintf(tf, sizeof tf, "%s/ragged.txt", TMP);
+    FILE *f = fopen(tf, "w");
+    fprintf(f, "1 2 3\n4 5\n");
+    fclose(f);
+    CU_ASSERT_NOT_EQUAL(run(30, "%s -np 2 %s eval --model %s/mod --tokens-file %s", MPIRUN, BIN, FIX, tf), 0);
+    CU_ASSERT(strstr(OUT, "same length") != NULL);
+}
+
+/* A rank that dies mid-run: the whole job ends, non-zero, naming the rank. */
+static void test_dead_rank(void)
+{
+    char model[512], spec[512];
+    snprintf(model, sizeof model, "%s/slow", TMP);
+    snprintf(spec, sizeof spec, "%s/slow.yaml", TMP);
+    FILE *f = fopen(spec, "w");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(f);
+    fprintf(f, "hidden_size: 256\nintermediate_size: 512\nnum_attention_heads: 4\nnum_key_value_heads: 4\n"
+               "num_hidden_layers: 6\nvocab_size: 512\nmax_position_embeddings: 4096\nlayer_pattern: [dense]\n");
+    fclose(f);
+    CU_ASSERT_EQUAL_FATAL(run(120, "%s init-model --spec %s --out %s --quiet", BIN, spec, model), 0);
+    /* kill the last rank after a second; generating 3000 tokens takes far longer */
+    double t0 = 0;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    t0 = ts.tv_sec + ts.tv_nsec * 1e-9;
+    int rc = run(90, "%s -np 3 %s generate --model %s --prompt-ids 1,2,3 --max-new 3000 --quiet & "
+                     "sleep 2; pkill -9 -n -f \"[m]odpipe generate --model %s\"; wait $!",
+                 MPIRUN, BIN, model, model);
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    double el = ts.tv_sec + ts.tv_nsec * 1e-9 - t0;
+    CU_ASSERT_NOT_EQUAL(rc, 0);
+    CU_ASSERT(el < 60.0);
+    CU_ASSERT(strstr(OUT, "rank") != NULL);
+    CU_ASSERT(run(5, "pgrep -f \"[m]odpipe generate --model %s\"", model) != 0); /* nobody left */
+}
+
+int main(void)
+{
+    BIN = getenv("MODPIPE") ? getenv("MODPIPE") : "build/modpipe";
+    FIX = getenv("MODPIPE_FIXTURES") ? getenv("MODPIPE_FIXTURES") : "tests/fixtures";
+    snprintf(TMP, sizeof TMP, "/tmp/modpipe-test-XXXXXX");
+    if (!mkdtemp(TMP)) { perror("mkdtemp"); return 1; }
+    setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
+    setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
+    setenv("OPENBLAS_NUM_THREADS", "1", 0);
+    struct stat sb;
+    if (stat(BIN, &sb)) { fprintf(stderr, "test_pipeline: %s not built\n", BIN); return 1; }
+
+    if (CU_initialize_registry() != CUE_SUCCESS) return 1;
+    CU_pSuite s = CU_add_suite("pipeline", NULL, NULL);
+    CU_add_test(s, "generate exact, default micro-batching, np 1-4", test_generate_exact_default);
+    CU_add_test(s, "generate exact, micro-batch 3, one group, np 1-4", test_generate_exact_microbatch);
+    CU_add_test(s, "eval exact incl. topk, np 1-4", test_eval_exact);
+    CU_add_test(s, "byte counters = fixture routes (mod_all)", test_routes_mod_all);
+    CU_add_test(s, "byte counters = fixture routes (mixed)", test_routes_mixed);
+    CU_add_test(s, "bf16 wire bytes; dense transport", test_wire_dtype_and_dense_transport);
+    CU_add_test(s, "topk carries every row; stage times", test_topk_dense_links_and_stage_times);
+    CU_add_test(s, "YAML config, overrides, errors", test_yaml_config_and_override);
+    CU_add_test(s, "partition command", test_partition_command);
+    CU_add_test(s, "bad input", test_bad_input);
+    CU_add_test(s, "dead rank ends the job", test_dead_rank);
+    CU_basic_set_mode(CU_BRM_VERBOSE);
+    CU_basic_run_tests();
+    unsigned fails = CU_get_number_of_failures();
+    CU_cleanup_registry();
+    run(30, "rm -rf %s", TMP);
+    return fails != 0;
+}
