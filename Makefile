@@ -81,7 +81,7 @@ demo:
 	@sh scripts/demo $(B)/modpipe $(DEMO_NP)
 
 bench: $(B)/modpipe
-	@sh scripts/bench-engine $(B)/modpipe
+	@bash scripts/bench-engine --bin $(B)/modpipe --out docs/BENCH.md
 
 clean:
 	rm -rf build build-asan
