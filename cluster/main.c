@@ -22,6 +22,7 @@
 #include "cluster/yamlcfg.h"
 #include "comm/comm.h"
 #include "stage/config.h"
+#include "stage/kernels.h"
 
 #define MODPIPE_VERSION "0.1.0"
 
@@ -60,6 +61,9 @@ static const opt_def OPTS[] = {
     {"groups", "G", C_GEN, 0,
      "decode groups: sequences are split into G groups, each decode step of a group is one "
      "micro-batch (default 8; at most R sequences a group)"},
+    {"threads", "N", C_GEN | C_EVAL | C_INIT, 0,
+     "BLAS threads per rank (default 1). Bit-identical results across rank counts need the same "
+     "N (OpenBLAS splits rows between threads); with several ranks per node keep 1"},
     {"max-in-flight", "K", C_GEN | C_EVAL, 0, "micro-batches in flight at once (default 2 x stages)"},
     {"stages", "auto|A-B,...", C_GEN | C_EVAL | C_PART, 0,
      "layer range of each stage, e.g. 0-3,4-7 (one per rank), or auto (default)"},
@@ -513,6 +517,9 @@ static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *er
     if (opt_long(o, "max-in-flight", 1, 4096, 2L * n_ranks, &inflight, err, errlen)) return -1;
     if (opt_double(o, "timeout", 1.0, 1e7, 300.0, &tmo, err, errlen)) return -1;
     (void)to;
+    long threads;
+    if (opt_long(o, "threads", 1, 1024, 1, &threads, err, errlen)) return -1;
+    stage_set_threads((int)threads);
     ro->micro_batch = (int)mb;
     ro->max_in_flight = (int)(inflight < 2 ? 2 : inflight);
     ro->timeout_s = tmo;
@@ -678,6 +685,10 @@ static int cmd_init_model(int argc, char **argv)
     if (!rc && opt_has(&o, "dtype") && st_dtype_parse(opt_str(&o, "dtype"), &spec.dtype)) {
         snprintf(err, sizeof err, "--dtype: expected f32, bf16 or f16, got '%s'", opt_str(&o, "dtype"));
         rc = -1;
+    }
+    if (!rc) {
+        rc = opt_long(&o, "threads", 1, 1024, 1, &v, err, sizeof err);
+        stage_set_threads((int)v);
     }
     if (!rc && opt_has(&o, "calibrate")) spec.calibrate = 1;
     if (!rc && opt_has(&o, "no-calibrate")) spec.calibrate = 0;

@@ -4,6 +4,8 @@
 #include <cblas.h>
 #include <math.h>
 
+void stage_set_threads(int n) { openblas_set_num_threads(n < 1 ? 1 : n); }
+
 void stage_matmul(const float *x, int m, int k, const float *w, int n, float *y)
 {
     if (m <= 0 || n <= 0) return;

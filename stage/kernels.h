@@ -4,6 +4,10 @@
 #ifndef STAGE_KERNELS_H
 #define STAGE_KERNELS_H
 
+/* BLAS threads of this process. OpenBLAS's sgemm results for a row depend on how the rows
+ * are split between threads, so runs must use the same count to agree bit for bit. */
+void stage_set_threads(int n);
+
 /* y [m][n] = x [m][k] · W^T, W [n][k] (cblas_sgemm). m == 0 is a no-op. */
 void stage_matmul(const float *x, int m, int k, const float *w, int n, float *y);
 
