@@ -2,6 +2,7 @@
 #include "cluster/pipeline.h"
 
 #include <cJSON.h>
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -797,6 +798,12 @@ static int ctx_init(ctx *c, char *err, size_t errlen)
         ok = c->lrows && c->ltok && c->logits && c->scratch && c->rng;
         for (int s = 0; ok && s < o->n_seqs; s++) stage_rng_seed(&c->rng[s], o->seed, (uint64_t)s);
         if (ok && o->dump_path) {
+            FILE *f = fopen(o->dump_path, "wb"); /* fail now, not after the run */
+            if (!f) {
+                snprintf(err, errlen, "--dump-logits %s: cannot write: %s", o->dump_path, strerror(errno));
+                return -1;
+            }
+            fclose(f);
             size_t per = o->kind == CLUSTER_RUN_GENERATE ? (size_t)o->max_new : (size_t)o->seq_len[0];
             c->dump = calloc((size_t)o->n_seqs * per * V, sizeof(float));
             if (!c->dump) {
@@ -859,14 +866,11 @@ int cluster_run(MPI_Comm comm, const cluster_run_opts *o, cluster_run_result *re
 
     /* --dump-logits from the head */
     int dump_ok = 1;
+    char dump_err[512] = "";
     if (c.rank == c.head && c.dump) {
         int64_t shape[3] = {o->n_seqs,
                             o->kind == CLUSTER_RUN_GENERATE ? o->max_new : o->seq_len[0], c.V};
-        char e2[512];
-        if (npy_write_f32(o->dump_path, c.dump, 3, shape, e2, sizeof e2)) {
-            fprintf(stderr, "modpipe: rank %d: %s\n", c.rank, e2);
-            dump_ok = 0;
-        }
+        dump_ok = !npy_write_f32(o->dump_path, c.dump, 3, shape, dump_err, sizeof dump_err);
     }
     MPI_Bcast(&dump_ok, 1, MPI_INT, c.head, comm);
 
@@ -886,8 +890,8 @@ int cluster_run(MPI_Comm comm, const cluster_run_opts *o, cluster_run_result *re
     free(mine);
     ctx_free(&c);
     if (!dump_ok) {
-        snprintf(err, errlen, "could not write %s", o->dump_path);
-        return -1;
+        snprintf(err, errlen, "rank %d: %s", c.head, dump_err);
+        return c.rank == c.head ? -1 : -2;
     }
     return 0;
 }
