@@ -813,6 +813,14 @@ static int ctx_init(ctx *c, char *err, size_t errlen)
             }
         }
     }
+    if (ok && c->rank == 0 && o->stats_path) {
+        FILE *f = fopen(o->stats_path, "w"); /* fail now, not after the run */
+        if (!f) {
+            snprintf(err, errlen, "--stats %s: cannot write: %s", o->stats_path, strerror(errno));
+            return -1;
+        }
+        fclose(f);
+    }
     if (ok && c->rank == 0) {
         c->tbuf = malloc(c->pkt_max);
         c->gen = calloc((size_t)o->n_seqs * (o->max_new > 0 ? o->max_new : 1), 4);
