@@ -678,6 +678,11 @@ static int route_rows(stage_state *s, int l, const stage_batch *b, const float *
             snprintf(err, errlen, "layer %d: topk routing needs every row of the micro-batch", l);
             return -1;
         }
+        if (!(b->flags[i] & STAGE_ROW_PROMPT)) { /* stage.h: a top-k model asked to decode */
+            snprintf(err, errlen, "layer %d: topk routing is non-causal and cannot decode (row %d: "
+                     "slot %d position %d is not a prompt row)", l, i, b->slot[i], b->pos[i]);
+            return -1;
+        }
         s->xin[i] = stage_router_score(M, l, x + (size_t)i * D); /* scratch: r per row */
     }
     for (int i = 0; i < b->n; i++) {
