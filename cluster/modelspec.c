@@ -194,21 +194,8 @@ static int parse_layers(const cluster_yaml *y, stage_config *c, char *err, size_
 
 static void set_defaults(cluster_model_spec *s)
 {
-    stage_config *c = &s->cfg;
-    c->eps = 1e-5f;
-    c->rope_theta = 10000.0f;
-    c->max_pos = 2048;
-    c->tie_embeddings = 0;
-    c->eos_token_id = -1;
-    c->mod_capacity = 0.125f;
-    c->mod_routing = STAGE_ROUTING_THRESHOLD;
-    c->mod_threshold = 0.5f;
-    c->mod_scale = STAGE_SCALE_NONE;
-    c->n_experts = 4;
-    c->n_noop_experts = 0;
-    c->experts_per_token = 1;
-    c->ms_granularity = STAGE_GRAN_SEQUENCE;
-    c->ms_threshold = 0.5f;
+    stage_config_defaults(&s->cfg);
+    s->cfg.eps = 1e-5f; /* new models: the common Llama value (config.json's default is 1e-6) */
     s->router_bias = 1;
     s->predictor_hidden = 16;
     s->seed = 0;

@@ -543,7 +543,7 @@ static int parse_root(cfg_ctx *c, const cJSON *root, stage_config *cfg)
     return 0;
 }
 
-static void set_defaults(stage_config *cfg)
+void stage_config_defaults(stage_config *cfg)
 {
     memset(cfg, 0, sizeof *cfg);
     cfg->max_pos = 2048;
@@ -580,7 +580,7 @@ int stage_config_parse(const char *json_text, const char *path, stage_config *cf
         cfg_err(err, errlen, path, "no output config");
         return -1;
     }
-    set_defaults(cfg);
+    stage_config_defaults(cfg);
     if (!json_text) {
         cfg_err(err, errlen, path, "no text");
         return -1;
@@ -606,7 +606,7 @@ int stage_config_parse(const char *json_text, const char *path, stage_config *cf
 
 int stage_config_load(const char *dir, stage_config *cfg, char *err, size_t errlen)
 {
-    if (cfg) set_defaults(cfg);
+    if (cfg) stage_config_defaults(cfg);
     if (!dir) dir = ".";
     size_t dl = strlen(dir);
     const char *sep = (dl > 0 && dir[dl - 1] == '/') ? "" : "/";

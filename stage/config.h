@@ -70,6 +70,8 @@ int stage_config_load(const char *dir, stage_config *cfg, char *err, size_t errl
 int stage_config_parse(const char *json_text, const char *path, stage_config *cfg,
                        char *err, size_t errlen);
 void stage_config_free(stage_config *cfg);
+/* Zero *cfg and set every default this header documents (layer_kind stays NULL). */
+void stage_config_defaults(stage_config *cfg);
 
 const char *stage_kind_name(stage_kind k);
 /* Does a layer of this kind carry a causal or top-k MoD router (mod, mode_staged)? */
