@@ -60,7 +60,8 @@ static const opt_def OPTS[] = {
      "most rows per micro-batch (default 32); runs with the same R give the same bits at any -np"},
     {"groups", "G", C_GEN, 0,
      "decode groups: sequences are split into G groups, each decode step of a group is one "
-     "micro-batch (default 8; at most R sequences a group)"},
+     "micro-batch (default 8; at most R sequences a group). Keep G >= stages so every stage "
+     "has a decode micro-batch to work on"},
     {"threads", "N", C_GEN | C_EVAL | C_INIT, 0,
      "BLAS threads per rank (default 1). Bit-identical results across rank counts need the same "
      "N (OpenBLAS splits rows between threads); with several ranks per node keep 1"},
