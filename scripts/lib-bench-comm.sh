@@ -247,9 +247,10 @@ bc_gp_plot() {
 #   bytes-prefill.png, bytes-decode.png  wire MiB vs capacity per layout: measured, dense,
 #                                        SPEC prediction x dense, for f32 and bf16
 #   ratio-vs-pred.png                    measured / dense against the prediction, every run
-#   time.png (when the CSV has dense-transport runs)  ms/token vs capacity, sparse vs dense
+#   time.png, speedup.png (when the CSV has dense-transport runs)  ms/token vs capacity,
+#                                        sparse vs dense; speed-up vs bottleneck bytes saved
 bc_plots() {
-    local csv=$1 out=$2 pre=${3:-} tag=${4:-} d phase layout dt f title a b
+    local csv=$1 out=$2 pre=${3:-} tag=${4:-} d phase layout dt f title a b what
     d=$(mktemp -d)
     # shellcheck disable=SC2064
     trap "rm -rf '$d'" RETURN
@@ -264,6 +265,20 @@ bc_plots() {
             done
         done
     done
+    # speed-up of sparse over dense transport vs how much less the bottleneck carries
+    # (busiest link on a mesh, busiest host port on a switch), one point per configuration
+    awk -F, -v d="$d" '
+        NR == 1 { for (i = 1; i <= NF; i++) c[$i] = i; next }
+        {
+            k = $c["layout"] "," $c["capacity"] "," $c["phase"] "," $c["wire_dtype"] "," $c["net"]
+            b = ($c["net"] ~ /mesh/) ? $c["max_link_ratio"] : $c["max_port_ratio"]
+            if ($c["transport"] == "dense") { dt[k] = $c["s_per_token"]; db[k] = b }
+            else { st[k] = $c["s_per_token"]; sb[k] = b; ph[k] = $c["phase"] "-" $c["wire_dtype"] }
+        }
+        END {
+            for (k in st) if (k in dt && st[k] > 0 && sb[k] > 0)
+                printf "%.6f %.6f\n", db[k] / sb[k], dt[k] / st[k] >> (d "/speedup-" ph[k])
+        }' "$csv"
     bc_series "$csv" "phase=prefill&transport=sparse" "pred ratio payload_ratio" >"$d/scatter-prefill"
     bc_series "$csv" "phase=decode&transport=sparse" "pred ratio payload_ratio" >"$d/scatter-decode"
 
@@ -328,6 +343,23 @@ bc_plots() {
                 done
             done
             echo "unset multiplot"
+            echo "set terminal pngcairo size 640,600 font 'sans,10'"
+            echo "set output '$out/${pre}speedup.png'"
+            case $tag in */mesh*) what="busiest link" ;; *) what="busiest host port" ;; esac
+            echo "unset logscale x; set xtics auto; set xrange [0.8:*]; set yrange [0.5:*]"
+            echo "set offsets 0, 0.3, 0.2, 0"
+            echo "set xlabel 'bytes through the bottleneck ($what): dense / sparse transport'"
+            echo "set ylabel 'time per token: dense / sparse transport'"
+            echo "set title 'speed-up of the sparse transport${tag:+ on links of $tag}' font 'sans,10'"
+            echo "set key top left font 'sans,8'"
+            echo "set arrow 1 from 0.8,0.8 to 4.5,4.5 nohead lc rgb 'gray'"
+            echo "set arrow 2 from 0.8,1 to 4.5,1 nohead lc rgb 'gray' dt 2"
+            bc_gp_plot \
+                "$d/speedup-prefill-f32|1:2|w p pt 7 ps 1.3 lc rgb '#1f77b4'|prefill f32" \
+                "$d/speedup-prefill-bf16|1:2|w p pt 6 ps 1.3 lc rgb '#1f77b4'|prefill bf16" \
+                "$d/speedup-decode-f32|1:2|w p pt 5 ps 1.3 lc rgb '#d62728'|decode f32" \
+                "$d/speedup-decode-bf16|1:2|w p pt 4 ps 1.3 lc rgb '#d62728'|decode bf16"
+            echo "unset arrow 1; unset arrow 2; set offsets 0, 0, 0, 0"
         fi
     } >"$d/plot.gp"
     gnuplot "$d/plot.gp"
