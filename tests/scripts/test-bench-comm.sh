@@ -85,6 +85,18 @@ check "command log: load recorded" grep -q '^# load after' "$OUT/commands-tiny.t
 cp "$CSV" "$TMP/first.csv"
 check "--csv-only rebuilds the same CSV" sh -c "$B --tiny --csv-only --out '$OUT' --work '$WORK' >/dev/null 2>&1 && cmp -s '$CSV' '$TMP/first.csv'"
 
+echo "- --repeat 3: three runs, the CSV row is the one of median time"
+if $B --tiny --modpipe "$MODPIPE" --repeat 3 --capacities 0.25 --layouts all --phases prefill \
+        --dtypes f32 --out "$TMP/rep" --work "$TMP/repw" >"$TMP/rep.log" 2>&1; then
+    check_eq "3 stats files" "$(find "$TMP/repw/stats" -name '*.json' | wc -l | tr -d ' ')" 3
+    chosen=$(tail -n 1 "$TMP/rep/bench.csv" | awk -F, '{ print $NF }')
+    median=$(for f in "$TMP"/repw/stats/*.json; do echo "$(jq .seconds "$f") $f"; done | sort -g | sed -n 2p | cut -d' ' -f2)
+    check_eq "the row's stats file is the median run" "$chosen" "$median"
+    check "and the row equals it" $B --check "$TMP/rep/bench.csv"
+else
+    fail "bench-comm --repeat 3 failed: $(tail -n 5 "$TMP/rep.log")"
+fi
+
 echo "- Ctrl-C stops the sweep, writes nothing to --out, leaves no MPI job"
 OUT2=$TMP/out2
 WORK2=$TMP/work2
