@@ -243,14 +243,15 @@ bc_gp_plot() {
     fi
 }
 
-# bc_plots CSV OUTDIR [PREFIX [NET]]: PNGs from the CSV (gnuplot, pngcairo), named PREFIX...
+# bc_plots CSV OUTDIR [PREFIX [NET [time]]]: PNGs from the CSV (gnuplot, pngcairo), named
+# PREFIX...; with "time" only the time plots (the bytes of a run do not depend on the links)
 #   bytes-prefill.png, bytes-decode.png  wire MiB vs capacity per layout: measured, dense,
 #                                        SPEC prediction x dense, for f32 and bf16
 #   ratio-vs-pred.png                    measured / dense against the prediction, every run
 #   time.png, speedup.png (when the CSV has dense-transport runs)  ms/token vs capacity,
 #                                        sparse vs dense; speed-up vs bottleneck bytes saved
 bc_plots() {
-    local csv=$1 out=$2 pre=${3:-} tag=${4:-} d phase layout dt f title a b what
+    local csv=$1 out=$2 pre=${3:-} tag=${4:-} only=${5:-} d phase layout dt f title a b what
     d=$(mktemp -d)
     # shellcheck disable=SC2064
     trap "rm -rf '$d'" RETURN
@@ -283,6 +284,7 @@ bc_plots() {
     bc_series "$csv" "phase=decode&transport=sparse" "pred ratio payload_ratio" >"$d/scatter-decode"
 
     {
+      if [ "$only" != time ]; then
         echo "set terminal pngcairo size 1500,520 font 'sans,10'"
         echo "set logscale x 2; set xrange [0.1:1.2]; set xtics (0.125, 0.25, 0.5, 1)"
         echo "set xlabel 'capacity (configured)'; set ylabel 'MiB on the wire (3 stage boundaries)'"
@@ -323,6 +325,7 @@ bc_plots() {
             "$d/scatter-decode|1:3|w p pt 4 ps 1.5 lc rgb '#d62728'|decode, payload only" \
             "$d/scatter-decode|1:2|w p pt 5 lc rgb '#d62728'|decode, all bytes (+ headers, masks, tokens)"
         echo "unset arrow 1"
+      fi
         if cat "$d"/*.dense | grep -q .; then
             echo "set terminal pngcairo size 1500,900 font 'sans,10'"
             echo "set output '$out/${pre}time.png'"
