@@ -69,8 +69,13 @@ endif
 
 # Each test program exits non-zero when any assertion failed; test_pipeline runs the built
 # binary under mpirun (-np 1..4).
+# tests/scripts/run.sh checks the benchmark scripts' own logic (CSV rows, netns cleanup; needs
+# root): it runs once, in the plain build (the sanitizer pass re-checks the C code only).
 test: $(TEST_BIN) $(B)/modpipe
 	@set -e; for t in $(TEST_BIN); do echo "== $$t"; MODPIPE=$(B)/modpipe $$t; done
+ifneq ($(SANITIZE),1)
+	@bash tests/scripts/run.sh $(B)/modpipe
+endif
 	@echo "== all tests passed"
 
 # ---- demo ---------------------------------------------------------------

@@ -101,7 +101,8 @@ echo "- Ctrl-C stops the sweep, writes nothing to --out, leaves no MPI job"
 OUT2=$TMP/out2
 WORK2=$TMP/work2
 set -m
-$B --tiny --modpipe "$MODPIPE" --out "$OUT2" --work "$WORK2" >"$TMP/int.log" 2>&1 &
+# --repeat 50: long enough that the sweep cannot end on its own before the signal lands
+$B --tiny --repeat 50 --modpipe "$MODPIPE" --out "$OUT2" --work "$WORK2" >"$TMP/int.log" 2>&1 &
 BG=$!
 set +m
 for _ in $(seq 1 100); do
