@@ -512,12 +512,11 @@ static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *er
     ro->seq_tokens = r->sq.tok;
     ro->seq_len = r->sq.len;
 
-    long mb, inflight, to;
+    long mb, inflight;
     double tmo;
     if (opt_long(o, "micro-batch", 1, 1 << 20, 32, &mb, err, errlen)) return -1;
     if (opt_long(o, "max-in-flight", 1, 4096, 2L * n_ranks, &inflight, err, errlen)) return -1;
     if (opt_double(o, "timeout", 1.0, 1e7, 300.0, &tmo, err, errlen)) return -1;
-    (void)to;
     long threads;
     if (opt_long(o, "threads", 1, 1024, 1, &threads, err, errlen)) return -1;
     stage_set_threads((int)threads);

@@ -10,6 +10,7 @@
 #include <time.h>
 
 #include "comm/link.h"
+#include "stage/kernels.h"
 #include "stage/npy.h"
 #include "stage/stage.h"
 
@@ -228,13 +229,6 @@ typedef struct {
     double t_start, t_last_progress;
 } ctx;
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 static void progress_cb(void *arg) { comm_links_progress(arg); }
 
 /* ========================================================================================
@@ -361,16 +355,16 @@ static void process_mb(ctx *c, uint64_t mb)
 {
     char err[512];
     stage_batch b = {c->d.n, c->d.slot, c->d.pos, c->d.tok, c->d.flags};
-    double t0 = now_s();
+    double t0 = stage_now_s();
     if (stage_forward(c->st, &b, c->x, c->present, err, sizeof err))
         COMM_FATAL("micro-batch %llu: %s", (unsigned long long)mb, err);
     if (c->rank != c->head) {
         route_and_send(c, mb);
-        c->busy_s += now_s() - t0;
+        c->busy_s += stage_now_s() - t0;
         return;
     }
     int nl = head_step(c);
-    c->busy_s += now_s() - t0;
+    c->busy_s += stage_now_s() - t0;
     if (c->rank == 0) { /* single stage: stage 0 is the head */
         int32_t *by_row = (int32_t *)c->dest; /* scratch [R] */
         uint8_t *mask = c->masks;
@@ -395,7 +389,7 @@ static void process_mb(ctx *c, uint64_t mb)
 
 static void print_progress(ctx *c, int force)
 {
-    double t = now_s();
+    double t = stage_now_s();
     if (!c->o->progress || (!force && t - c->t_last_progress < 2.0)) return;
     c->t_last_progress = t;
     double el = t - c->t_start;
@@ -442,12 +436,12 @@ static void stage0_loop(ctx *c)
             c->fl_n++;
             if (c->S > 1 && c->fl_n == 1 && c->treq == MPI_REQUEST_NULL)
                 MPI_Irecv(c->tbuf, (int)c->pkt_max, MPI_BYTE, c->head, TAG_TOKENS, c->comm, &c->treq);
-            double t0 = now_s();
+            double t0 = stage_now_s();
             if (stage_embed(c->m, c->d.tok, c->d.n, c->x, err, sizeof err))
                 COMM_FATAL("micro-batch %llu: %s", (unsigned long long)mb, err);
             memset(c->present, 1, (size_t)c->d.n);
             c->n_byp_in = 0;
-            c->busy_s += now_s() - t0;
+            c->busy_s += stage_now_s() - t0;
             process_mb(c, mb);
             print_progress(c, 0);
         }
@@ -497,7 +491,7 @@ static void stageN_loop(ctx *c)
                        (unsigned long long)p.mb, p.mb_rows, c->R);
         MPI_Irecv(c->rbuf[cur ^ 1], (int)c->pkt_max, MPI_BYTE, s - 1, TAG_CHAIN, c->comm,
                   &c->rreq[cur ^ 1]);
-        double t0 = now_s();
+        double t0 = stage_now_s();
         const uint64_t mb = p.mb;
         const int n = p.mb_rows;
         c->d.n = n;
@@ -515,7 +509,7 @@ static void stageN_loop(ctx *c)
             else COMM_FATAL("chain packet lists a bypass packet %d -> %d behind stage %d",
                             p.bypass[k].from, p.bypass[k].to, s);
         }
-        c->busy_s += now_s() - t0;
+        c->busy_s += stage_now_s() - t0;
         for (int k = 0; k < n_from; k++) {
             MPI_Request rq;
             MPI_Irecv(c->bbuf, (int)c->pkt_max, MPI_BYTE, from[k], TAG_BYPASS, c->comm, &rq);
@@ -865,11 +859,11 @@ int cluster_run(MPI_Comm comm, const cluster_run_opts *o, cluster_run_result *re
     }
 
     MPI_Barrier(comm);
-    c.t_start = c.t_last_progress = now_s();
+    c.t_start = c.t_last_progress = stage_now_s();
     if (c.rank == 0) stage0_loop(&c);
     else stageN_loop(&c);
     comm_links_drain(c.links);
-    double seconds = now_s() - c.t_start;
+    double seconds = stage_now_s() - c.t_start;
     MPI_Barrier(comm);
 
     /* --dump-logits from the head */

@@ -1,6 +1,8 @@
 /* comm/link.c — see link.h. */
 #include "comm/link.h"
 
+#include "stage/kernels.h"
+
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,13 +24,6 @@ struct comm_links {
     double wait_s;
 };
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 void comm_fatal_at(const char *file, int line, const char *fmt, ...)
 {
     int rank = -1, inited = 0;
@@ -45,13 +40,12 @@ void comm_fatal_at(const char *file, int line, const char *fmt, ...)
     abort(); /* not reached under MPI */
 }
 
-static void check(comm_links *l, int rc, const char *what)
+static void check(int rc, const char *what)
 {
     if (rc == MPI_SUCCESS) return;
     char s[MPI_MAX_ERROR_STRING];
     int n = 0;
     MPI_Error_string(rc, s, &n);
-    (void)l;
     COMM_FATAL("MPI error in %s: %s", what, s);
 }
 
@@ -91,7 +85,7 @@ void comm_links_progress(comm_links *l)
     for (int i = 0; i < l->n_bufs; i++) {
         if (l->req[i] == MPI_REQUEST_NULL) continue;
         int done = 0;
-        check(l, MPI_Test(&l->req[i], &done, MPI_STATUS_IGNORE), "MPI_Test (send)");
+        check(MPI_Test(&l->req[i], &done, MPI_STATUS_IGNORE), "MPI_Test (send)");
         if (done) l->busy[i] = 0;
     }
 }
@@ -112,18 +106,18 @@ uint8_t *comm_links_acquire(comm_links *l, size_t *cap)
         for (int i = 0; i < l->n_bufs; i++)
             if (l->req[i] != MPI_REQUEST_NULL && (old < 0 || l->seq[i] < l->seq[old])) old = i;
         if (old < 0) COMM_FATAL("send buffer pool exhausted by buffers never sent");
-        double t0 = now_s();
+        double t0 = stage_now_s();
         for (;;) {
             int done = 0;
-            check(l, MPI_Test(&l->req[old], &done, MPI_STATUS_IGNORE), "MPI_Test (send)");
+            check(MPI_Test(&l->req[old], &done, MPI_STATUS_IGNORE), "MPI_Test (send)");
             if (done) { l->busy[old] = 0; break; }
-            if (now_s() - t0 > l->timeout_s)
+            if (stage_now_s() - t0 > l->timeout_s)
                 COMM_FATAL("a send has not completed for %.0f s: the receiving stage is gone or stuck",
                            l->timeout_s);
             struct timespec ts = {0, 20000};
             nanosleep(&ts, NULL);
         }
-        l->wait_s += now_s() - t0;
+        l->wait_s += stage_now_s() - t0;
     }
 }
 
@@ -133,7 +127,7 @@ void comm_links_send(comm_links *l, uint8_t *buf, size_t len, int dest, int tag,
     size_t i = (size_t)(buf - l->pool) / l->buf_bytes;
     if (buf < l->pool || i >= (size_t)l->n_bufs || len > l->buf_bytes)
         COMM_FATAL("comm_links_send: not a pool buffer or too long (%zu bytes)", len);
-    check(l, MPI_Isend(buf, (int)len, MPI_BYTE, dest, tag, l->comm, &l->req[i]), "MPI_Isend");
+    check(MPI_Isend(buf, (int)len, MPI_BYTE, dest, tag, l->comm, &l->req[i]), "MPI_Isend");
     l->seq[i] = l->next_seq++;
     comm_link_stats *st = &l->stats[dest];
     st->packets++;
@@ -144,31 +138,31 @@ void comm_links_send(comm_links *l, uint8_t *buf, size_t len, int dest, int tag,
 
 void comm_links_drain(comm_links *l)
 {
-    double t0 = now_s();
+    double t0 = stage_now_s();
     for (;;) {
         comm_links_progress(l);
         int left = 0;
         for (int i = 0; i < l->n_bufs; i++) left += l->req[i] != MPI_REQUEST_NULL;
         if (!left) break;
-        if (now_s() - t0 > l->timeout_s)
+        if (stage_now_s() - t0 > l->timeout_s)
             COMM_FATAL("%d sends have not completed for %.0f s: a receiving stage is gone or stuck",
                        left, l->timeout_s);
         struct timespec ts = {0, 20000};
         nanosleep(&ts, NULL);
     }
-    l->wait_s += now_s() - t0;
+    l->wait_s += stage_now_s() - t0;
 }
 
 size_t comm_links_wait_recv(comm_links *l, MPI_Request *req, int peer, const char *what)
 {
-    double t0 = now_s();
+    double t0 = stage_now_s();
     MPI_Status st;
     for (long spin = 0;; spin++) {
         int done = 0;
-        check(l, MPI_Test(req, &done, &st), "MPI_Test (receive)");
+        check(MPI_Test(req, &done, &st), "MPI_Test (receive)");
         if (done) break;
         comm_links_progress(l);
-        if (now_s() - t0 > l->timeout_s)
+        if (stage_now_s() - t0 > l->timeout_s)
             COMM_FATAL("no %s from rank %d for %.0f s: that rank is gone or stuck", what, peer,
                        l->timeout_s);
         if (spin > 64) { /* short spin first: latency matters; then yield the core */
@@ -176,7 +170,7 @@ size_t comm_links_wait_recv(comm_links *l, MPI_Request *req, int peer, const cha
             nanosleep(&ts, NULL);
         }
     }
-    l->wait_s += now_s() - t0;
+    l->wait_s += stage_now_s() - t0;
     int n = 0;
     MPI_Get_count(&st, MPI_BYTE, &n);
     return (size_t)n;

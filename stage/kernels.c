@@ -3,6 +3,14 @@
 
 #include <cblas.h>
 #include <math.h>
+#include <time.h>
+
+double stage_now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
 
 void stage_set_threads(int n) { openblas_set_num_threads(n < 1 ? 1 : n); }
 

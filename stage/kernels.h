@@ -4,6 +4,9 @@
 #ifndef STAGE_KERNELS_H
 #define STAGE_KERNELS_H
 
+/* Monotonic wall clock in seconds (layer timings, stage busy/wait time). */
+double stage_now_s(void);
+
 /* BLAS threads of this process. OpenBLAS's sgemm results for a row depend on how the rows
  * are split between threads, so runs must use the same count to agree bit for bit. */
 void stage_set_threads(int n);

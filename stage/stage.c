@@ -358,8 +358,6 @@ struct stage_state {
 
 static kv_seq *kv_at(stage_state *s, int li, int slot) { return &s->kv[(size_t)li * s->n_slots + slot]; }
 
-static int layer_has_cache(stage_kind k) { (void)k; return 1; }
-
 static int kv_reserve(kv_seq *c, int need, int kvd, int max_seq)
 {
     if (need <= c->cap) return 0;
@@ -434,7 +432,6 @@ stage_state *stage_state_init(const stage_model *m, int n_slots, int max_rows, i
     for (int li = 0; ok && li < s->n_layers; li++) {
         int l = m->range.first + li;
         stage_kind k = c->layer_kind[l];
-        if (!layer_has_cache(k)) continue;
         int cap = max_seq;
         if (stage_kind_is_routed(k)) {
             cap = (int)ceil(c->mod_capacity * max_seq * 1.25) + 8;
@@ -857,13 +854,6 @@ static int block_full(stage_state *s, int li, int l, const layer_w *L, const sta
     return 0;
 }
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 void stage_state_set_progress(stage_state *s, void (*fn)(void *), void *arg)
 {
     s->progress = fn;
@@ -910,13 +900,13 @@ int stage_forward_range(stage_state *s, const stage_batch *b, float *x, const ui
         int li = l - M->range.first;
         const layer_w *L = &M->layers[l];
         if (s->progress && l > first) s->progress(s->progress_arg);
-        double t0 = now_s();
+        double t0 = stage_now_s();
         int rc = stage_kind_is_routed(L->kind)
                      ? block_routed(s, li, l, L, b, x, present, err, errlen)
                      : block_full(s, li, l, L, b, x, present, err, errlen);
         if (rc) return rc;
         s->stats[li].rows += b->n;
-        s->stats[li].seconds += now_s() - t0;
+        s->stats[li].seconds += stage_now_s() - t0;
     }
     return 0;
 }
