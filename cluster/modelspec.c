@@ -1,5 +1,6 @@
 /* cluster/modelspec.c — the `modpipe init-model` spec YAML -> cluster_model_spec. */
 #include "cluster/modelspec.h"
+#include "cluster/util.h"
 
 #include <limits.h>
 #include <stdarg.h>
@@ -25,16 +26,6 @@ static const char *const spec_keys[] = {
     NULL,
 };
 
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (!err || errlen == 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
 /* Error at an entry's position, or at the file when the value was defaulted. */
 static int err_at(const cluster_yaml *y, const cluster_yaml_entry *e, char *err, size_t errlen,
                   const char *fmt, ...)
@@ -45,9 +36,9 @@ static int err_at(const cluster_yaml *y, const cluster_yaml_entry *e, char *err,
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
     if (e)
-        set_err(err, errlen, "%s:%d:%d: %s", y->path, e->line, e->col, msg);
+        cluster_set_err(err, errlen, "%s:%d:%d: %s", y->path, e->line, e->col, msg);
     else
-        set_err(err, errlen, "%s: %s", y->path, msg);
+        cluster_set_err(err, errlen, "%s: %s", y->path, msg);
     return -1;
 }
 
@@ -69,7 +60,7 @@ static int req_int(const cluster_yaml *y, const char *key, long lo, long hi, int
                    char *err, size_t errlen)
 {
     if (!cluster_yaml_get(y, key)) {
-        set_err(err, errlen, "%s: missing required key %s", y->path, key);
+        cluster_set_err(err, errlen, "%s: missing required key %s", y->path, key);
         return -1;
     }
     return opt_int(y, key, lo, hi, out, err, errlen);
@@ -162,7 +153,7 @@ static int parse_layers(const cluster_yaml *y, stage_config *c, char *err, size_
     if (c->n_layers == 0) {
         /* num_hidden_layers may be left out when layer_types lists every layer */
         if (!lt) {
-            set_err(err, errlen, "%s: missing required key num_hidden_layers", y->path);
+            cluster_set_err(err, errlen, "%s: missing required key num_hidden_layers", y->path);
             return -1;
         }
         c->n_layers = lt->n_vals;
@@ -174,7 +165,7 @@ static int parse_layers(const cluster_yaml *y, stage_config *c, char *err, size_
 
     c->layer_kind = calloc((size_t)c->n_layers, sizeof *c->layer_kind);
     if (!c->layer_kind) {
-        set_err(err, errlen, "%s: out of memory", y->path);
+        cluster_set_err(err, errlen, "%s: out of memory", y->path);
         return -1;
     }
     if (!e)

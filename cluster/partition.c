@@ -1,5 +1,6 @@
 /* cluster/partition.c — layers -> pipeline stages: cost model, exact DP, explicit ranges. */
 #include "cluster/partition.h"
+#include "cluster/util.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -7,16 +8,6 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (!err || errlen == 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 /* ---- cost model ------------------------------------------------------------------------- */
 
@@ -241,7 +232,7 @@ static int fill_plan(const costs *k, const int *first, int n_stages, cluster_pla
 {
     plan->st = calloc((size_t)n_stages, sizeof *plan->st);
     if (!plan->st) {
-        set_err(err, errlen, "partition: out of memory");
+        cluster_set_err(err, errlen, "partition: out of memory");
         return -1;
     }
     plan->n_stages = n_stages;
@@ -263,7 +254,7 @@ static int fill_plan(const costs *k, const int *first, int n_stages, cluster_pla
 static int check_cfg(const stage_config *c, char *err, size_t errlen)
 {
     if (!c || !c->layer_kind || c->n_layers < 1) {
-        set_err(err, errlen, "partition: the model has no layers");
+        cluster_set_err(err, errlen, "partition: the model has no layers");
         return -1;
     }
     return 0;
@@ -304,11 +295,11 @@ int cluster_partition_auto(const stage_config *cfg, int n_stages, cluster_plan *
         return -1;
     int L = cfg->n_layers, S = n_stages;
     if (S < 1) {
-        set_err(err, errlen, "partition: need at least one stage, got %d", S);
+        cluster_set_err(err, errlen, "partition: need at least one stage, got %d", S);
         return -1;
     }
     if (S > L) {
-        set_err(err, errlen,
+        cluster_set_err(err, errlen,
                 "cannot split %d layers into %d stages: a stage needs at least one layer", L,
                 S);
         return -1;
@@ -364,7 +355,7 @@ int cluster_partition_auto(const stage_config *cfg, int n_stages, cluster_plan *
             }
         }
     if (!cell[(size_t)S * W + (size_t)L].ok) { /* cannot happen: the optimum is feasible */
-        set_err(err, errlen, "partition: no plan found");
+        cluster_set_err(err, errlen, "partition: no plan found");
         goto out;
     }
     for (int t = S, j = L; t >= 1; t--) {
@@ -374,7 +365,7 @@ int cluster_partition_auto(const stage_config *cfg, int n_stages, cluster_plan *
     rc = fill_plan(&k, first, S, plan, err, errlen);
     goto out;
 oom:
-    set_err(err, errlen, "partition: out of memory");
+    cluster_set_err(err, errlen, "partition: out of memory");
 out:
     costs_free(&k);
     free(best);
@@ -445,24 +436,24 @@ int cluster_partition_explicit(const stage_config *cfg, const char *const *range
         return -1;
     int L = cfg->n_layers;
     if (n_ranges != n_stages) {
-        set_err(err, errlen, "stages: %d range%s given but the job has %d rank%s", n_ranges,
+        cluster_set_err(err, errlen, "stages: %d range%s given but the job has %d rank%s", n_ranges,
                 n_ranges == 1 ? "" : "s", n_stages, n_stages == 1 ? "" : "s");
         return -1;
     }
     if (n_ranges < 1 || !ranges) {
-        set_err(err, errlen, "stages: no layer ranges given");
+        cluster_set_err(err, errlen, "stages: no layer ranges given");
         return -1;
     }
     int *first = malloc(sizeof *first * (size_t)n_ranges);
     if (!first) {
-        set_err(err, errlen, "partition: out of memory");
+        cluster_set_err(err, errlen, "partition: out of memory");
         return -1;
     }
     int *last = malloc(sizeof *last * (size_t)n_ranges);
     int rc = -1, prev_b = -1;
     char t1[32], t2[32];
     if (!last) {
-        set_err(err, errlen, "partition: out of memory");
+        cluster_set_err(err, errlen, "partition: out of memory");
         goto out;
     }
     /* each range on its own, then their order, then how they fit together */
@@ -470,18 +461,18 @@ int cluster_partition_explicit(const stage_config *cfg, const char *const *range
         const char *s = ranges[r];
         int a, b;
         if (parse_range(s, &a, &b)) {
-            set_err(err, errlen,
+            cluster_set_err(err, errlen,
                     "stages: range %d '%s' is not a layer range like 0-3 or 4 (layers are "
                     "numbered from 0)", r + 1, s ? s : "(null)");
             goto out;
         }
         if (a > b) {
-            set_err(err, errlen, "stages: range %d '%s' is empty (%d comes after %d)", r + 1, s,
+            cluster_set_err(err, errlen, "stages: range %d '%s' is empty (%d comes after %d)", r + 1, s,
                     a, b);
             goto out;
         }
         if (b >= L) {
-            set_err(err, errlen, "stages: range %d '%s' is out of range: the model has %d "
+            cluster_set_err(err, errlen, "stages: range %d '%s' is out of range: the model has %d "
                     "layers (0-%d)", r + 1, s, L, L - 1);
             goto out;
         }
@@ -490,7 +481,7 @@ int cluster_partition_explicit(const stage_config *cfg, const char *const *range
     }
     for (int r = 1; r < n_ranges; r++) {
         if (first[r] < first[r - 1]) {
-            set_err(err, errlen, "stages: range %d '%s' comes before range %d '%s': give the "
+            cluster_set_err(err, errlen, "stages: range %d '%s' comes before range %d '%s': give the "
                     "ranges in layer order", r + 1, ranges[r], r, ranges[r - 1]);
             goto out;
         }
@@ -499,13 +490,13 @@ int cluster_partition_explicit(const stage_config *cfg, const char *const *range
         int a = first[r], b = last[r];
         if (a <= prev_b) {
             range_text(t1, sizeof t1, a, b < prev_b ? b : prev_b);
-            set_err(err, errlen, "stages: ranges '%s' and '%s' overlap (layer%s %s)",
+            cluster_set_err(err, errlen, "stages: ranges '%s' and '%s' overlap (layer%s %s)",
                     ranges[r - 1], ranges[r], strchr(t1, '-') ? "s" : "", t1);
             goto out;
         }
         if (a > prev_b + 1) {
             range_text(t2, sizeof t2, prev_b + 1, a - 1);
-            set_err(err, errlen, "stages: layer%s %s %s in no stage (gap before '%s')",
+            cluster_set_err(err, errlen, "stages: layer%s %s %s in no stage (gap before '%s')",
                     strchr(t2, '-') ? "s" : "", t2, strchr(t2, '-') ? "are" : "is", ranges[r]);
             goto out;
         }
@@ -513,13 +504,13 @@ int cluster_partition_explicit(const stage_config *cfg, const char *const *range
     }
     if (prev_b != L - 1) {
         range_text(t2, sizeof t2, prev_b + 1, L - 1);
-        set_err(err, errlen, "stages: layer%s %s %s in no stage (the model has %d layers)",
+        cluster_set_err(err, errlen, "stages: layer%s %s %s in no stage (the model has %d layers)",
                 strchr(t2, '-') ? "s" : "", t2, strchr(t2, '-') ? "are" : "is", L);
         goto out;
     }
     costs k;
     if (costs_init(&k, cfg, n_stages))
-        set_err(err, errlen, "partition: out of memory");
+        cluster_set_err(err, errlen, "partition: out of memory");
     else
         rc = fill_plan(&k, first, n_stages, plan, err, errlen);
     costs_free(&k);

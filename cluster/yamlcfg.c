@@ -1,5 +1,6 @@
 /* cluster/yamlcfg.c — YAML files flattened to located key/value entries (see yamlcfg.h). */
 #include "cluster/yamlcfg.h"
+#include "cluster/util.h"
 
 #include <errno.h>
 #include <math.h>
@@ -9,16 +10,6 @@
 #include <string.h>
 #include <strings.h>
 #include <yaml.h>
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (!err || errlen == 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 static char *dup_str(const char *s)
 {
@@ -50,7 +41,7 @@ static void parser_err(const yaml_parser_t *p, const char *text, size_t len, con
                        char *err, size_t errlen)
 {
     if (p->error == YAML_MEMORY_ERROR) {
-        set_err(err, errlen, "%s: out of memory while parsing YAML", path);
+        cluster_set_err(err, errlen, "%s: out of memory while parsing YAML", path);
         return;
     }
     int line, col;
@@ -63,16 +54,16 @@ static void parser_err(const yaml_parser_t *p, const char *text, size_t len, con
     }
     const char *problem = p->problem ? p->problem : "invalid YAML";
     if (p->context && p->error != YAML_READER_ERROR)
-        set_err(err, errlen, "%s:%d:%d: %s (%s at %d:%d)", path, line, col, problem, p->context,
+        cluster_set_err(err, errlen, "%s:%d:%d: %s (%s at %d:%d)", path, line, col, problem, p->context,
                 (int)p->context_mark.line + 1, (int)p->context_mark.column + 1);
     else
-        set_err(err, errlen, "%s:%d:%d: %s", path, line, col, problem);
+        cluster_set_err(err, errlen, "%s:%d:%d: %s", path, line, col, problem);
 }
 
 static int node_err(const char *path, const yaml_node_t *n, char *err, size_t errlen,
                     const char *what)
 {
-    set_err(err, errlen, "%s:%d:%d: %s", path, (int)n->start_mark.line + 1,
+    cluster_set_err(err, errlen, "%s:%d:%d: %s", path, (int)n->start_mark.line + 1,
             (int)n->start_mark.column + 1, what);
     return -1;
 }
@@ -93,7 +84,7 @@ static cluster_yaml_entry *new_entry(flat_ctx *c, const char *key, const yaml_no
     cluster_yaml *y = c->y;
     for (int i = 0; i < y->n; i++) {
         if (strcmp(y->e[i].key, key) == 0) {
-            set_err(c->err, c->errlen, "%s:%d:%d: key %s given twice (first value at %d:%d)",
+            cluster_set_err(c->err, c->errlen, "%s:%d:%d: key %s given twice (first value at %d:%d)",
                     c->path, (int)kn->start_mark.line + 1, (int)kn->start_mark.column + 1, key,
                     y->e[i].line, y->e[i].col);
             return NULL;
@@ -117,7 +108,7 @@ static cluster_yaml_entry *new_entry(flat_ctx *c, const char *key, const yaml_no
     y->n++;
     return e;
 oom:
-    set_err(c->err, c->errlen, "%s: out of memory", c->path);
+    cluster_set_err(c->err, c->errlen, "%s: out of memory", c->path);
     return NULL;
 }
 
@@ -166,7 +157,7 @@ static int add_value(flat_ctx *c, const char *key, const yaml_node_t *kn, const 
     }
     return 0;
 oom:
-    set_err(c->err, c->errlen, "%s: out of memory", c->path);
+    cluster_set_err(c->err, c->errlen, "%s: out of memory", c->path);
     return -1;
 }
 
@@ -185,7 +176,7 @@ static int flatten_map(flat_ctx *c, const yaml_node_t *map, const char *prefix)
         size_t need = (prefix ? strlen(prefix) + 1 : 0) + strlen(k) + 1;
         char *full = malloc(need);
         if (!full) {
-            set_err(c->err, c->errlen, "%s: out of memory", c->path);
+            cluster_set_err(c->err, c->errlen, "%s: out of memory", c->path);
             return -1;
         }
         if (prefix)
@@ -206,7 +197,7 @@ static int reject_anchors(const char *text, size_t len, const char *path, char *
 {
     yaml_parser_t p;
     if (!yaml_parser_initialize(&p)) {
-        set_err(err, errlen, "%s: out of memory", path);
+        cluster_set_err(err, errlen, "%s: out of memory", path);
         return -1;
     }
     yaml_parser_set_input_string(&p, (const unsigned char *)text, len);
@@ -227,7 +218,7 @@ static int reject_anchors(const char *text, size_t len, const char *path, char *
             what = "anchors (&name) are not supported";
         int end = ev.type == YAML_STREAM_END_EVENT;
         if (what) {
-            set_err(err, errlen, "%s:%d:%d: %s", path, (int)ev.start_mark.line + 1,
+            cluster_set_err(err, errlen, "%s:%d:%d: %s", path, (int)ev.start_mark.line + 1,
                     (int)ev.start_mark.column + 1, what);
             rc = -1;
         }
@@ -249,7 +240,7 @@ int cluster_yaml_parse(const char *text, size_t len, const char *path, cluster_y
         path = "<yaml>";
     out->path = dup_str(path);
     if (!out->path) {
-        set_err(err, errlen, "%s: out of memory", path);
+        cluster_set_err(err, errlen, "%s: out of memory", path);
         return -1;
     }
     if (!text)
@@ -257,7 +248,7 @@ int cluster_yaml_parse(const char *text, size_t len, const char *path, cluster_y
 
     yaml_parser_t p;
     if (!yaml_parser_initialize(&p)) {
-        set_err(err, errlen, "%s: out of memory", path);
+        cluster_set_err(err, errlen, "%s: out of memory", path);
         cluster_yaml_free(out);
         return -1;
     }
@@ -313,7 +304,7 @@ int cluster_yaml_load(const char *path, cluster_yaml *out, char *err, size_t err
     memset(out, 0, sizeof *out);
     FILE *f = fopen(path, "rb");
     if (!f) {
-        set_err(err, errlen, "%s: cannot open: %s", path, strerror(errno));
+        cluster_set_err(err, errlen, "%s: cannot open: %s", path, strerror(errno));
         return -1;
     }
     size_t cap = 4096, len = 0;
@@ -336,10 +327,10 @@ int cluster_yaml_load(const char *path, cluster_yaml *out, char *err, size_t err
             break;
     }
     if (!buf) {
-        set_err(err, errlen, "%s: out of memory", path);
+        cluster_set_err(err, errlen, "%s: out of memory", path);
         rc = -1;
     } else if (ferror(f)) {
-        set_err(err, errlen, "%s: cannot read: %s", path, strerror(errno));
+        cluster_set_err(err, errlen, "%s: cannot read: %s", path, strerror(errno));
         rc = -1;
     }
     fclose(f);
@@ -384,11 +375,11 @@ static int need_scalar(const cluster_yaml *y, const cluster_yaml_entry *e, const
                        char *err, size_t errlen)
 {
     if (!e) {
-        set_err(err, errlen, "%s: missing value (expected %s)", ypath(y), what);
+        cluster_set_err(err, errlen, "%s: missing value (expected %s)", ypath(y), what);
         return -1;
     }
     if (e->is_list || e->n_vals != 1) {
-        set_err(err, errlen, "%s:%d:%d: %s: expected %s, got a list", ypath(y), e->line, e->col,
+        cluster_set_err(err, errlen, "%s:%d:%d: %s: expected %s, got a list", ypath(y), e->line, e->col,
                 e->key, what);
         return -1;
     }
@@ -408,7 +399,7 @@ int cluster_yaml_int(const cluster_yaml *y, const cluster_yaml_entry *e, long lo
     long v = strtol(s, &end, 10);
     int bad = (end == s || *end != '\0' || s[0] == ' ' || s[0] == '\t');
     if (bad || errno == ERANGE || v < lo || v > hi) {
-        set_err(err, errlen, "%s:%d:%d: %s: expected %s, got '%s'", ypath(y), e->line, e->col,
+        cluster_set_err(err, errlen, "%s:%d:%d: %s: expected %s, got '%s'", ypath(y), e->line, e->col,
                 e->key, what, s);
         return -1;
     }
@@ -432,7 +423,7 @@ int cluster_yaml_double(const cluster_yaml *y, const cluster_yaml_entry *e, doub
     int bad = (end == s || *end != '\0' || s[0] == ' ' || s[0] == '\t' || !isfinite(v) ||
                strpbrk(s, "xXnN") != NULL);
     if (bad || errno == ERANGE || v < lo || v > hi) {
-        set_err(err, errlen, "%s:%d:%d: %s: expected %s, got '%s'", ypath(y), e->line, e->col,
+        cluster_set_err(err, errlen, "%s:%d:%d: %s: expected %s, got '%s'", ypath(y), e->line, e->col,
                 e->key, what, s);
         return -1;
     }
@@ -463,7 +454,7 @@ int cluster_yaml_bool(const cluster_yaml *y, const cluster_yaml_entry *e, int *o
             return 0;
         }
     }
-    set_err(err, errlen, "%s:%d:%d: %s: expected %s, got '%s'", ypath(y), e->line, e->col,
+    cluster_set_err(err, errlen, "%s:%d:%d: %s: expected %s, got '%s'", ypath(y), e->line, e->col,
             e->key, what, s);
     return -1;
 }
@@ -482,7 +473,7 @@ int cluster_yaml_check_keys(const cluster_yaml *y, const char *const *allowed, c
             }
         }
         if (!ok) {
-            set_err(err, errlen, "%s:%d:%d: unknown key %s", ypath(y), y->e[i].line,
+            cluster_set_err(err, errlen, "%s:%d:%d: unknown key %s", ypath(y), y->e[i].line,
                     y->e[i].col, y->e[i].key);
             return -1;
         }
