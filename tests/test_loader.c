@@ -17,6 +17,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "tests/testutil.h"
+
 /* ================================================================== */
 /* helpers                                                             */
 /* ================================================================== */
@@ -83,31 +85,7 @@ static void rm_file(const char *dir, const char *name)
     unlink(path);
 }
 
-static char *make_tmpdir(void)
-{
-    char *t = malloc(64);
-    snprintf(t, 64, "/tmp/modpipe-loader-XXXXXX");
-    if (!mkdtemp(t)) {
-        free(t);
-        return NULL;
-    }
-    return t;
-}
-
-/* The temp dirs hold plain files only. */
-static void rm_tmpdir(char *dir)
-{
-    if (!dir) return;
-    DIR *d = opendir(dir);
-    if (d) {
-        struct dirent *e;
-        while ((e = readdir(d)))
-            if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) rm_file(dir, e->d_name);
-        closedir(d);
-    }
-    rmdir(dir);
-    free(dir);
-}
+static char *make_tmpdir(void) { return make_tmpdir_tagged("loader"); }
 
 /* Independent read of a tensor's raw bytes: parse the header with cJSON here and fread. */
 static unsigned char *raw_tensor(const char *file, const char *name, char *dtype, size_t *nbytes)

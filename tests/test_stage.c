@@ -30,6 +30,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "tests/testutil.h"
+
 #define ERRLEN 512
 
 /* ================================================================== */
@@ -82,35 +84,7 @@ static uint32_t lcg(void)
 static float rnd_unit(void) { return (float)((double)lcg() / 16777216.0 * 2.0 - 1.0); } /* [-1, 1) */
 static float rnd_q(void) { return (float)((int)(lcg() % 17u) - 8) / 16.0f; } /* k/16 in [-.5, .5] */
 
-static char *make_tmpdir(void)
-{
-    char *t = malloc(64);
-    if (!t) return NULL;
-    snprintf(t, 64, "/tmp/modpipe-stage-XXXXXX");
-    if (!mkdtemp(t)) {
-        free(t);
-        return NULL;
-    }
-    return t;
-}
-
-static void rm_tmpdir(char *dir)
-{
-    if (!dir) return;
-    DIR *d = opendir(dir);
-    if (d) {
-        struct dirent *e;
-        char path[1024];
-        while ((e = readdir(d))) {
-            if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
-            snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
-            unlink(path);
-        }
-        closedir(d);
-    }
-    rmdir(dir);
-    free(dir);
-}
+static char *make_tmpdir(void) { return make_tmpdir_tagged("stage"); }
 
 static float f_of(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 static uint32_t bits_of(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
