@@ -29,13 +29,6 @@ static void show(const char *msg)
     if (getenv("MODPIPE_TEST_VERBOSE")) fprintf(stderr, "\n    | %s", msg);
 }
 
-#define ASSERT_HAS(msg, needle)                                                       \
-    do {                                                                              \
-        int has_ = strstr((msg), (needle)) != NULL;                                   \
-        if (!has_) fprintf(stderr, "\n  message \"%s\" lacks \"%s\"\n", (msg), (needle)); \
-        CU_ASSERT(has_);                                                              \
-    } while (0)
-
 static const char *fixtures(void)
 {
     const char *e = getenv("MODPIPE_FIXTURES");

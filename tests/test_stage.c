@@ -46,13 +46,6 @@ static const char *fixtures(void)
     return e && *e ? e : "tests/fixtures";
 }
 
-#define ASSERT_HAS(msg, needle)                                                            \
-    do {                                                                                   \
-        int has_ = strstr((msg), (needle)) != NULL;                                        \
-        if (!has_) fprintf(stderr, "\n  message \"%s\" lacks \"%s\"\n", (msg), (needle)); \
-        CU_ASSERT(has_);                                                                   \
-    } while (0)
-
 /* |got - want| <= tol, with a message naming what failed. */
 #define ASSERT_NEAR(got, want, tol, what)                                                  \
     do {                                                                                   \

@@ -3,6 +3,7 @@
 #ifndef TESTS_TESTUTIL_H
 #define TESTS_TESTUTIL_H
 
+#include <CUnit/CUnit.h>
 #include <dirent.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,5 +41,13 @@ static inline void rm_tmpdir(char *dir)
     rmdir(dir);
     free(dir);
 }
+
+/* Assert that an error message contains `needle`, printing both when it does not. */
+#define ASSERT_HAS(msg, needle)                                                            \
+    do {                                                                                   \
+        int has_ = strstr((msg), (needle)) != NULL;                                        \
+        if (!has_) fprintf(stderr, "\n  message \"%s\" lacks \"%s\"\n", (msg), (needle)); \
+        CU_ASSERT(has_);                                                                   \
+    } while (0)
 
 #endif
