@@ -524,8 +524,8 @@ static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *er
     ro->max_in_flight = (int)(inflight < 2 ? 2 : inflight);
     ro->timeout_s = tmo;
     const char *wd = opt_str(o, "wire-dtype");
-    ro->wire = COMM_WIRE_F32;
-    if (wd && comm_wire_parse(wd, &ro->wire)) {
+    ro->wire = STAGE_F32;
+    if (wd && stage_dtype_parse(wd, &ro->wire)) {
         snprintf(err, errlen, "%s: expected f32, bf16 or f16, got '%s'",
                  o->v[opt_index("wire-dtype")].origin, wd);
         return -1;
@@ -589,7 +589,7 @@ static int cmd_run(int cmd, int argc, char **argv)
         for (int s = 0; s < size; s++)
             fprintf(stderr, "%s%d-%d", s ? " | " : "", r.plan.st[s].first, r.plan.st[s].last);
         fprintf(stderr, "], %d sequences, micro-batch %d, wire %s\n", r.ro.n_seqs,
-                r.ro.micro_batch, comm_wire_name(r.ro.wire));
+                r.ro.micro_batch, stage_dtype_name(r.ro.wire));
     }
     cluster_run_result res;
     rc = cluster_run(MPI_COMM_WORLD, &r.ro, &res, err, sizeof err);
@@ -682,7 +682,7 @@ static int cmd_init_model(int argc, char **argv)
         rc = opt_long(&o, "shards", 1, 9999, 1, &v, err, sizeof err);
         spec.shards = (int)v;
     }
-    if (!rc && opt_has(&o, "dtype") && st_dtype_parse(opt_str(&o, "dtype"), &spec.dtype)) {
+    if (!rc && opt_has(&o, "dtype") && stage_dtype_parse(opt_str(&o, "dtype"), &spec.dtype)) {
         snprintf(err, sizeof err, "--dtype: expected f32, bf16 or f16, got '%s'", opt_str(&o, "dtype"));
         rc = -1;
     }
@@ -695,7 +695,7 @@ static int cmd_init_model(int argc, char **argv)
     FILE *log = opt_has(&o, "quiet") ? NULL : stderr;
     if (!rc) {
         if (log) fprintf(log, "init-model: %d layers, hidden %d, vocab %d, %s, %d shard%s -> %s\n",
-                         spec.cfg.n_layers, spec.cfg.hidden, spec.cfg.vocab, st_dtype_name(spec.dtype),
+                         spec.cfg.n_layers, spec.cfg.hidden, spec.cfg.vocab, stage_dtype_st_name(spec.dtype),
                          spec.shards, spec.shards > 1 ? "s" : "", out);
         rc = cluster_init_model(&spec, out, log, err, sizeof err);
     }

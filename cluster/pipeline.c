@@ -580,7 +580,7 @@ static void report(ctx *c, const double *all, int len, double seconds, cluster_r
     const cluster_run_opts *o = c->o;
     const stage_config *cfg = o->cfg;
     const int S = c->S, L = cfg->n_layers, D = c->D;
-    const double ws = (double)comm_wire_size(o->wire);
+    const double ws = (double)stage_dtype_size(o->wire);
     const double kvd = (double)cfg->n_kv_heads * cfg->head_dim;
     double hdr = 0, pay = 0, tok_bytes = 0, dense = 0, rows_total = 0;
 
@@ -588,7 +588,7 @@ static void report(ctx *c, const double *all, int len, double seconds, cluster_r
     cJSON_AddStringToObject(j, "command", o->command ? o->command : "");
     cJSON_AddStringToObject(j, "model", o->model_dir);
     cJSON_AddNumberToObject(j, "ranks", S);
-    cJSON_AddStringToObject(j, "wire_dtype", comm_wire_name(o->wire));
+    cJSON_AddStringToObject(j, "wire_dtype", stage_dtype_name(o->wire));
     cJSON_AddStringToObject(j, "transport", o->dense_transport ? "dense" : "sparse");
     cJSON_AddNumberToObject(j, "micro_batch", o->micro_batch);
     cJSON_AddNumberToObject(j, "max_in_flight", o->max_in_flight);

@@ -46,7 +46,7 @@ typedef struct {
     int micro_batch;            /* most rows per micro-batch (R) */
     int groups;                 /* generate: decode groups (micro-batches per decode round) */
     int max_in_flight;          /* micro-batches in flight (>= 1) */
-    comm_wire_dtype wire;
+    stage_dtype wire;
     int dense_transport;        /* baseline: every row on every chain link (same compute) */
     double timeout_s;           /* longest wait for a peer before aborting */
     int progress;               /* rank 0 prints progress lines on stderr */

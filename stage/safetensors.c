@@ -115,46 +115,15 @@ static void shape_str(char *buf, size_t len, int ndim, const int64_t *shape)
 /* dtypes                                                              */
 /* ================================================================== */
 
-const char *st_dtype_name(st_dtype d)
-{
-    switch (d) {
-    case ST_F32: return "F32";
-    case ST_F16: return "F16";
-    case ST_BF16: return "BF16";
-    }
-    return "?";
-}
-
-int st_dtype_parse(const char *s, st_dtype *out)
-{
-    if (!s) return -1;
-    st_dtype d;
-    if (strcasecmp(s, "f32") == 0) d = ST_F32;
-    else if (strcasecmp(s, "f16") == 0) d = ST_F16;
-    else if (strcasecmp(s, "bf16") == 0) d = ST_BF16;
-    else return -1;
-    if (out) *out = d;
-    return 0;
-}
-
-size_t st_dtype_size(st_dtype d)
-{
-    switch (d) {
-    case ST_F32: return 4;
-    case ST_F16: return 2;
-    case ST_BF16: return 2;
-    }
-    return 0;
-}
-
 /* The header's dtype strings are exact upper case (safetensors spec). */
-static int dtype_from_header(const char *s, st_dtype *out)
+static int dtype_from_header(const char *s, stage_dtype *out)
 {
-    if (strcmp(s, "F32") == 0) *out = ST_F32;
-    else if (strcmp(s, "F16") == 0) *out = ST_F16;
-    else if (strcmp(s, "BF16") == 0) *out = ST_BF16;
-    else return -1;
-    return 0;
+    for (int d = 0; d < STAGE_N_DTYPES; d++)
+        if (strcmp(s, stage_dtype_st_name((stage_dtype)d)) == 0) {
+            *out = (stage_dtype)d;
+            return 0;
+        }
+    return -1;
 }
 
 /* ================================================================== */
@@ -176,7 +145,7 @@ typedef struct {
 /* One tensor of a parsed header. */
 typedef struct {
     char *name;
-    st_dtype dtype;
+    stage_dtype dtype;
     int ndim;
     int64_t shape[ST_MAX_DIMS];
     size_t begin, nbytes;  /* within the data region */
@@ -236,7 +205,7 @@ static int parse_entry(const char *path, const char *name, const cJSON *j, size_
         return -1;
     }
     e->ndim = nd;
-    uint64_t esz = st_dtype_size(e->dtype), nbytes = esz;
+    uint64_t esz = stage_dtype_size(e->dtype), nbytes = esz;
     int i = 0;
     const cJSON *d;
     cJSON_ArrayForEach(d, sh) {
@@ -455,7 +424,7 @@ typedef struct {
     char *name;
     int file;              /* index into m->files */
     int known;             /* dtype/shape/offsets filled from the file's header */
-    st_dtype dtype;
+    stage_dtype dtype;
     int ndim;
     int64_t shape[ST_MAX_DIMS];
     size_t begin, nbytes;
@@ -775,25 +744,6 @@ int st_find(st_model *m, const char *name, st_tensor *t, char *err, size_t errle
     return 1;
 }
 
-/* Convert n values of dtype dt at p (any alignment) to f32. */
-static void to_f32(st_dtype dt, const uint8_t *p, float *dst, size_t n)
-{
-    if (dt == ST_F32) {
-        memcpy(dst, p, n * 4);
-        return;
-    }
-    if (((uintptr_t)p & 1u) == 0) {
-        if (dt == ST_F16) stage_f16_to_f32_n((const uint16_t *)(const void *)p, dst, n);
-        else stage_bf16_to_f32_n((const uint16_t *)(const void *)p, dst, n);
-        return;
-    }
-    for (size_t i = 0; i < n; i++) { /* odd address: read each half through memcpy */
-        uint16_t h;
-        memcpy(&h, p + 2 * i, 2);
-        dst[i] = dt == ST_F16 ? stage_f16_to_f32(h) : stage_bf16_to_f32(h);
-    }
-}
-
 const float *st_get_f32(st_model *m, const char *name, int ndim, const int64_t *shape,
                         char *err, size_t errlen)
 {
@@ -822,8 +772,8 @@ const float *st_get_f32(st_model *m, const char *name, int ndim, const int64_t *
 
     st_entry *e = ent_lookup(m, name);
     if (e->f32) return e->f32;
-    size_t numel = t.nbytes / st_dtype_size(t.dtype);
-    if (t.dtype == ST_F32 && ((uintptr_t)t.data & 3u) == 0) {
+    size_t numel = t.nbytes / stage_dtype_size(t.dtype);
+    if (t.dtype == STAGE_F32 && ((uintptr_t)t.data & 3u) == 0) {
         e->f32 = (const float *)t.data; /* zero-copy into the mmap */
     } else {
         e->owned = malloc((numel ? numel : 1) * sizeof(float)); /* [numel] */
@@ -832,7 +782,7 @@ const float *st_get_f32(st_model *m, const char *name, int ndim, const int64_t *
                    name, numel);
             return NULL;
         }
-        to_f32(t.dtype, t.data, e->owned, numel);
+        stage_dtype_to_f32(t.dtype, t.data, e->owned, numel);
         e->f32 = e->owned;
     }
     m->loaded_bytes += numel * sizeof(float);
@@ -850,7 +800,7 @@ size_t st_loaded_bytes(const st_model *m)
 
 typedef struct {
     char *name;
-    st_dtype dtype;
+    stage_dtype dtype;
     int ndim;
     int64_t shape[ST_MAX_DIMS];
     void *bytes;           /* [nbytes] in dtype, little-endian */
@@ -878,11 +828,11 @@ void st_writer_free(st_writer *w)
     free(w);
 }
 
-int st_writer_add(st_writer *w, const char *name, st_dtype dt, int ndim, const int64_t *shape,
+int st_writer_add(st_writer *w, const char *name, stage_dtype dt, int ndim, const int64_t *shape,
                   const float *data)
 {
     if (!w || !name || ndim < 0 || ndim > ST_MAX_DIMS || (ndim > 0 && !shape) ||
-        st_dtype_size(dt) == 0 || strcmp(name, "__metadata__") == 0)
+        stage_dtype_size(dt) == 0 || strcmp(name, "__metadata__") == 0)
         return -1;
     size_t numel = 1;
     for (int i = 0; i < ndim; i++) {
@@ -900,7 +850,7 @@ int st_writer_add(st_writer *w, const char *name, st_dtype dt, int ndim, const i
     }
     st_wtensor *t = &w->t[w->n];
     memset(t, 0, sizeof *t);
-    t->nbytes = numel * st_dtype_size(dt);
+    t->nbytes = numel * stage_dtype_size(dt);
     t->name = st_strdup(name);
     t->bytes = malloc(t->nbytes ? t->nbytes : 1);
     if (!t->name || !t->bytes) {
@@ -912,9 +862,7 @@ int st_writer_add(st_writer *w, const char *name, st_dtype dt, int ndim, const i
     t->ndim = ndim;
     for (int i = 0; i < ndim; i++) t->shape[i] = shape[i];
     if (numel > 0) { /* (data may be NULL for an empty tensor) */
-        if (dt == ST_F32) memcpy(t->bytes, data, t->nbytes);
-        else if (dt == ST_F16) stage_f32_to_f16_n(data, t->bytes, numel);
-        else stage_f32_to_bf16_n(data, t->bytes, numel);
+        stage_dtype_from_f32(dt, data, t->bytes, numel);
     }
     w->n++;
     return 0;
@@ -942,7 +890,7 @@ static int write_st_file(const char *path, const st_wtensor *t, size_t lo, size_
     size_t off = 0;
     for (size_t i = lo; i < hi; i++) {
         cJSON *e = cJSON_AddObjectToObject(root, t[i].name);
-        if (!e || !cJSON_AddStringToObject(e, "dtype", st_dtype_name(t[i].dtype))) goto oom;
+        if (!e || !cJSON_AddStringToObject(e, "dtype", stage_dtype_st_name(t[i].dtype))) goto oom;
         cJSON *sh = cJSON_AddArrayToObject(e, "shape");
         cJSON *of = cJSON_AddArrayToObject(e, "data_offsets");
         if (!sh || !of) goto oom;

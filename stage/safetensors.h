@@ -25,12 +25,13 @@
 #include <stddef.h>
 #include <stdint.h>
 
-typedef enum { ST_F32 = 0, ST_F16, ST_BF16 } st_dtype;
+#include "stage/dtype.h"
+
 
 #define ST_MAX_DIMS 8
 
 typedef struct {
-    st_dtype dtype;
+    stage_dtype dtype;
     int ndim;
     int64_t shape[ST_MAX_DIMS];
     const void *data;   /* raw bytes in the file's dtype (inside the mmap) */
@@ -57,15 +58,12 @@ const float *st_get_f32(st_model *m, const char *name, int ndim, const int64_t *
 /* Bytes of the tensors handed out by st_get_f32 so far (as f32), for stats. */
 size_t st_loaded_bytes(const st_model *m);
 
-const char *st_dtype_name(st_dtype d);            /* "F32", "F16", "BF16" */
-int st_dtype_parse(const char *s, st_dtype *out); /* accepts f32/F32/f16/F16/bf16/BF16 */
-size_t st_dtype_size(st_dtype d);
 
 /* ---- writing ---- */
 typedef struct st_writer st_writer;
 st_writer *st_writer_new(void);
 /* Copies `data` (f32, numel = prod(shape)) and converts it to dt. Returns 0 or -1 (OOM). */
-int st_writer_add(st_writer *w, const char *name, st_dtype dt, int ndim, const int64_t *shape,
+int st_writer_add(st_writer *w, const char *name, stage_dtype dt, int ndim, const int64_t *shape,
                   const float *data);
 /* Writes into existing directory `dir`. n_shards <= 1: model.safetensors. */
 int st_writer_save(st_writer *w, const char *dir, int n_shards, char *err, size_t errlen);

@@ -822,7 +822,7 @@ static int st_add(st_writer *w, const char *omit, const char *name, int64_t d0, 
 {
     if (omit && !strcmp(omit, name)) return 0;
     int64_t shape[2] = {d0, d1};
-    return st_writer_add(w, name, ST_F32, d1 ? 2 : 1, shape, data);
+    return st_writer_add(w, name, STAGE_F32, d1 ? 2 : 1, shape, data);
 }
 
 /* config.json + model.safetensors of the 1-layer tiny model into dir (omit: a tensor left out). */
