@@ -853,6 +853,12 @@ int st_get_weight(st_model *m, const char *name, int64_t rows, int64_t cols, int
     return 0;
 }
 
+size_t st_count(const st_model *m) { return m ? m->n_ents : 0; }
+const char *st_name_at(const st_model *m, size_t i)
+{
+    return m && i < m->n_ents ? m->ents[i].name : NULL;
+}
+
 size_t st_loaded_bytes(const st_model *m)
 {
     return m ? m->loaded_bytes : 0;

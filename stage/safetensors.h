@@ -62,6 +62,10 @@ const float *st_get_f32(st_model *m, const char *name, int ndim, const int64_t *
 int st_get_weight(st_model *m, const char *name, int64_t rows, int64_t cols, int want,
                   stage_weight *out, char *err, size_t errlen);
 
+/* The model's tensor names, sorted (i < st_count; NULL past the end). */
+size_t st_count(const st_model *m);
+const char *st_name_at(const st_model *m, size_t i);
+
 /* Bytes handed out so far by st_get_f32 (as f32) and st_get_weight (in their dtype). */
 size_t st_loaded_bytes(const st_model *m);
 
