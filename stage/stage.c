@@ -648,19 +648,6 @@ static long moe(stage_state *s, const layer_w *L, int m)
     return evals;
 }
 
-/* ---- FLOP model (per row) -------------------------------------------------------------- */
-static double flops_attn_proj(const stage_config *c)
-{
-    double qd = (double)c->n_heads * c->head_dim, kvd = (double)c->n_kv_heads * c->head_dim;
-    return 2.0 * c->hidden * (qd + 2 * kvd) + 2.0 * qd * c->hidden;
-}
-static double flops_attn_ctx(const stage_config *c, double ctx)
-{
-    return 4.0 * c->n_heads * c->head_dim * ctx;
-}
-static double flops_mlp(const stage_config *c) { return 6.0 * c->hidden * c->inter; }
-static double flops_expert(const stage_config *c) { return 6.0 * c->hidden * c->expert_inter; }
-
 /* ========================================================================================
  * Blocks
  * ===================================================================================== */
@@ -720,8 +707,8 @@ static void count_attn(stage_layer_stats *st, const stage_config *c, const stage
 {
     double dense_ctx = 0.0;
     for (int i = 0; i < b->n; i++) dense_ctx += b->pos[i] + 1;
-    st->flops += rows_done * flops_attn_proj(c) + flops_attn_ctx(c, ctx_done);
-    st->flops_dense += b->n * flops_attn_proj(c) + flops_attn_ctx(c, dense_ctx);
+    st->flops += rows_done * stage_flops_attn_proj(c) + stage_flops_attn_ctx(c, ctx_done);
+    st->flops_dense += b->n * stage_flops_attn_proj(c) + stage_flops_attn_ctx(c, dense_ctx);
 }
 
 /* MoD / staged MoDE: y = x + g(r) (a + m) for selected rows, attention among them only. */
@@ -756,12 +743,12 @@ static int block_routed(stage_state *s, int li, int l, const layer_w *L, const s
     st->kv_entries += m;
     count_attn(st, c, b, m, ctx);
     if (L->kind == STAGE_KIND_MODE_STAGED) {
-        double per_row = 2.0 * D * L->n_gate;
-        st->flops += m * per_row + evals * flops_expert(c);
-        st->flops_dense += b->n * (per_row + c->experts_per_token * flops_expert(c));
+        double per_row = stage_flops_gate(c, L->n_gate);
+        st->flops += m * per_row + evals * stage_flops_expert(c);
+        st->flops_dense += b->n * (per_row + c->experts_per_token * stage_flops_expert(c));
     } else {
-        st->flops += m * flops_mlp(c);
-        st->flops_dense += b->n * flops_mlp(c);
+        st->flops += m * stage_flops_mlp(c);
+        st->flops_dense += b->n * stage_flops_mlp(c);
     }
     return 0;
 }
@@ -861,12 +848,12 @@ static int block_full(stage_state *s, int li, int l, const layer_w *L, const sta
     st->kv_entries += nk;
     count_attn(st, c, b, nk, ctx);
     if (L->kind == STAGE_KIND_MODE_INTEGRATED) {
-        double per_row = 2.0 * D * L->n_gate;
-        st->flops += m * per_row + evals * flops_expert(c);
-        st->flops_dense += b->n * (per_row + flops_expert(c));
+        double per_row = stage_flops_gate(c, L->n_gate);
+        st->flops += m * per_row + evals * stage_flops_expert(c);
+        st->flops_dense += b->n * (per_row + stage_flops_expert(c));
     } else {
-        st->flops += m * flops_mlp(c);
-        st->flops_dense += b->n * flops_mlp(c);
+        st->flops += m * stage_flops_mlp(c);
+        st->flops_dense += b->n * stage_flops_mlp(c);
     }
     return 0;
 }
