@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 
 #if defined(__x86_64__)
@@ -152,10 +153,27 @@ int stage_isa_supported(stage_isa isa)
 
 stage_isa stage_isa_best(void)
 {
-    for (int i = STAGE_N_ISAS - 1; i > 0; i--)
-        if (stage_isa_supported((stage_isa)i)) return (stage_isa)i;
+    /* not AVX512BF16: see matmul.h */
+    if (stage_isa_supported(STAGE_ISA_AVX512)) return STAGE_ISA_AVX512;
+    if (stage_isa_supported(STAGE_ISA_AVX2)) return STAGE_ISA_AVX2;
     return STAGE_ISA_C;
 }
+
+const char *stage_blas_coretype_hint(void)
+{
+    if (getenv("OPENBLAS_CORETYPE")) return NULL;
+    const char *core = openblas_get_corename();
+    if (!core) return NULL;
+    /* the generic fallbacks OpenBLAS uses for an unknown Intel / AMD CPU id */
+    if (strcasecmp(core, "Prescott") && strcasecmp(core, "Core2") && strcasecmp(core, "Nehalem") &&
+        strcasecmp(core, "Barcelona") && strcasecmp(core, "Katmai"))
+        return NULL;
+    if (stage_isa_supported(STAGE_ISA_AVX512)) return "SkylakeX";
+    if (stage_isa_supported(STAGE_ISA_AVX2)) return "Haswell";
+    return NULL;
+}
+
+int stage_matmul_m_small(stage_dtype d) { return d == STAGE_F32 ? STAGE_M_SMALL : STAGE_M_SMALL_16BIT; }
 
 const char *stage_isa_name(stage_isa isa)
 {
@@ -474,7 +492,7 @@ void stage_matmul_w(const float *x, int m, const stage_weight *w, float *y)
         return;
     }
     const mm_ops *o = ops();
-    int small = g_path == STAGE_PATH_SMALL || (g_path == STAGE_PATH_AUTO && m <= STAGE_M_SMALL);
+    int small = g_path == STAGE_PATH_SMALL || (g_path == STAGE_PATH_AUTO && m <= stage_matmul_m_small(w->dtype));
     if (small)
         run_small(x, m, w, y, o);
     else

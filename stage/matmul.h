@@ -3,10 +3,11 @@
  *
  * stage_matmul_w(x, m, w, y): y [m][w->rows] = x [m][w->cols] · W^T, W a stage_weight in f32,
  * bf16 or f16 (stage/dtype.h), products accumulated in f32. Two paths, chosen by m:
- *   - small (m <= STAGE_M_SMALL, decode): each weight row is streamed from memory once per call,
+ *   - small (m <= stage_matmul_m_small(dtype): 32 for f32, 64 for bf16/f16; decode and batched
+ *     decode): each weight row is streamed from memory once per call,
  *     no packing, no allocation; blocks of 4 weight rows x up to 4 rows of x are held in
  *     registers. Work is split over output columns (weight rows) between the pool's threads.
- *   - large (m > STAGE_M_SMALL, prefill): fixed tiles of STAGE_TILE_N weight rows; f32 tiles go
+ *   - large (larger m, prefill): fixed tiles of STAGE_TILE_N weight rows; f32 tiles go
  *     straight to single-threaded cblas_sgemm, bf16/f16 tiles are first converted (exactly) to
  *     f32 in STAGE_TILE_K-column blocks in a per-thread scratch and multiplied block by block.
  *     Tiles are handed to the pool's threads in any order.
@@ -43,10 +44,14 @@
 
 #include "stage/dtype.h"
 
-/* Largest m the small (streaming) path takes; chosen by tests/bench_kernels.c measurements:
- * at m = 16 the register-blocked kernel is still at the memory limit on one core, beyond it
- * the tiled sgemm catches up (see the report in docs / the bench output). */
-#define STAGE_M_SMALL 16
+/* Largest m the small (streaming) path takes, by weight dtype (stage_matmul_m_small). Measured
+ * on this machine (tests/bench_kernels.c `cross` lines, one thread, OpenBLAS on its SkylakeX
+ * kernels): f32 small and large paths are level at m = 24-32, sgemm tiles win from 48;
+ * bf16/f16 rows converted in registers beat converted sgemm tiles up to m = 64, the tiles win
+ * from 128. STAGE_M_SMALL is the smallest of them (the m-independence every dtype has). */
+#define STAGE_M_SMALL 32
+#define STAGE_M_SMALL_16BIT 64
+int stage_matmul_m_small(stage_dtype d);
 #define STAGE_TILE_N 256  /* weight rows per large-path tile */
 #define STAGE_TILE_K 2048 /* columns per converted block of a bf16/f16 tile */
 
@@ -63,7 +68,12 @@ void stage_matmul_w(const float *x, int m, const stage_weight *w, float *y);
 /* ---- test / benchmark hooks ------------------------------------------------------------ */
 typedef enum { STAGE_ISA_C = 0, STAGE_ISA_AVX2, STAGE_ISA_AVX512, STAGE_ISA_AVX512BF16 } stage_isa;
 #define STAGE_N_ISAS 4
-stage_isa stage_isa_best(void);         /* best variant this CPU (and OS) can run */
+/* The default: the fastest variant this CPU (and OS) can run, AVX-512 > AVX2 > C. AVX-512 BF16
+ * is never the default: with x split in two bf16 halves it needs two vdpbf16ps per 32
+ * products, and measured here that runs at 1/3 of the convert + FMA variant's rate in cache
+ * (30 vs 70-90 GFLOP/s on one core) and is no faster at m = 1 (memory-bound either way),
+ * while being less exact (~4e-6 vs ~4e-7). It stays selectable (stage_matmul_force_isa). */
+stage_isa stage_isa_best(void);
 int stage_isa_supported(stage_isa isa); /* 1 if this CPU can run it */
 const char *stage_isa_name(stage_isa isa); /* "c", "avx2", "avx512", "avx512bf16" */
 /* Use isa from now on (0), or -1 when the CPU cannot run it. */
@@ -72,6 +82,13 @@ stage_isa stage_matmul_isa(void); /* the variant in use */
 
 typedef enum { STAGE_PATH_AUTO = 0, STAGE_PATH_SMALL, STAGE_PATH_LARGE } stage_path;
 void stage_matmul_force_path(stage_path p); /* AUTO: by m (the default) */
+
+/* OpenBLAS built with DYNAMIC_ARCH picks its kernels from the CPU id; on a CPU it does not
+ * know (a VM's generic "Intel Xeon Processor") it falls back to Prescott (SSE3) kernels, 4x
+ * slower here. It reads OPENBLAS_CORETYPE when the library loads, so only the environment of
+ * a fresh process can fix it: this returns the value to set ("SkylakeX", "Haswell") when
+ * OpenBLAS runs a core older than this CPU supports and the variable is unset, else NULL. */
+const char *stage_blas_coretype_hint(void);
 
 /* ---- attention ------------------------------------------------------------------------- */
 /* One query head q [hd] over n_ctx cached positions: k_t = k + t*stride, v_t = v + t*stride

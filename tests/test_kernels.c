@@ -1,7 +1,7 @@
 /* tests/test_kernels.c — stage/matmul.h: stage_matmul_w and stage_attend* against independent
  * double-precision references, for every ISA variant this CPU can run.
  *
- *   1. every variant x dtype (f32, bf16, f16) x m = 1..40 (across STAGE_M_SMALL) on shapes with
+ *   1. every variant x dtype (f32, bf16, f16) x m = 1..40, 63..65, 70 (across both thresholds) on shapes with
  *      odd k and n not a multiple of the row block, both paths: max |y - ref| / max |ref| <= 1e-5,
  *      the reference being computed in double on the same bf16/f16-rounded weights; each SIMD
  *      variant against the plain C one;
@@ -145,7 +145,8 @@ static void check_shape(int n, int k, const int *ms, int n_ms, double worst[STAG
                 CU_ASSERT_EQUAL_FATAL(stage_matmul_force_isa((stage_isa)isa), 0);
                 for (int p = 0; p < 2; p++) {
                     stage_path path = p == 0 ? STAGE_PATH_AUTO
-                                             : (m <= STAGE_M_SMALL ? STAGE_PATH_LARGE : STAGE_PATH_SMALL);
+                                             : (m <= stage_matmul_m_small(DTYPES[d]) ? STAGE_PATH_LARGE
+                                                                                     : STAGE_PATH_SMALL);
                     stage_matmul_force_path(path);
                     for (size_t i = 0; i < (size_t)m * n; i++) y[i] = NAN;
                     stage_matmul_w(x, m, &w, y);
@@ -183,17 +184,19 @@ static void print_worst(const char *what, double worst[STAGE_N_ISAS][3])
     }
 }
 
-/* m = 1..40 on small odd shapes, 1 and 2 threads */
+/* m = 1..40 and around 64 (the thresholds of f32 and of bf16/f16) on small odd shapes, 1 and 2
+ * threads */
 static void test_matmul_m_sweep(void)
 {
-    int ms[40];
+    int ms[44];
     for (int i = 0; i < 40; i++) ms[i] = i + 1;
+    ms[40] = 63, ms[41] = 64, ms[42] = 65, ms[43] = 70;
     double worst[STAGE_N_ISAS][3] = {{0}};
     for (int th = 1; th <= 2; th++) {
         threads(th);
-        check_shape(37, 67, ms, 40, worst);   /* k: 4 x 16 + 3; n: 9 row blocks + 1 */
-        check_shape(6, 33, ms, 40, worst);    /* k just past one bf16 pair chunk */
-        check_shape(5, 5, ms, 40, worst);     /* k < every vector width */
+        check_shape(37, 67, ms, 44, worst);   /* k: 4 x 16 + 3; n: 9 row blocks + 1 */
+        check_shape(6, 33, ms, 44, worst);    /* k just past one bf16 pair chunk */
+        check_shape(5, 5, ms, 44, worst);     /* k < every vector width */
     }
     stage_threads_free();
     print_worst("m sweep", worst);
@@ -221,13 +224,13 @@ static void test_matmul_large_shapes(void)
 static void test_matmul_threads_bitwise(void)
 {
     const int n = 1000, k = 301; /* 4 large-path tiles, many small-path tasks */
-    const int ms[] = {1, 5, 16, 17, 40};
-    float *x = malloc((size_t)40 * k * sizeof *x);
+    const int ms[] = {1, 5, 16, 33, 70};
+    float *x = malloc((size_t)70 * k * sizeof *x);
     float *src = malloc((size_t)n * k * sizeof *src);
     float *wr = malloc((size_t)n * k * sizeof *wr);
     float *y[3];
-    for (int t = 0; t < 3; t++) y[t] = malloc((size_t)40 * n * sizeof(float));
-    fill(x, (size_t)40 * k);
+    for (int t = 0; t < 3; t++) y[t] = malloc((size_t)70 * n * sizeof(float));
+    fill(x, (size_t)70 * k);
     fill(src, (size_t)n * k);
     for (int d = 0; d < 3; d++) {
         stage_weight w;
@@ -260,43 +263,47 @@ static void test_matmul_threads_bitwise(void)
     for (int t = 0; t < 3; t++) free(y[t]);
 }
 
-/* A row's result on the small path does not depend on the other rows in the call. */
+/* A row's result on the small path does not depend on the other rows in the call (m = 8 and
+ * m at the dtype's threshold), nor on the weight rows around it. */
 static void test_matmul_row_independent(void)
 {
-    const int n = 45, k = 131, m = 8;
-    float *x = malloc((size_t)m * k * sizeof *x);
+    const int n = 45, k = 131, M = STAGE_M_SMALL_16BIT;
+    float *x = malloc((size_t)M * k * sizeof *x);
     float *src = malloc((size_t)n * k * sizeof *src);
     float *wr = malloc((size_t)n * k * sizeof *wr);
-    float *y8 = malloc((size_t)m * n * sizeof *y8);
+    float *ym = malloc((size_t)M * n * sizeof *ym);
     float *y1 = malloc((size_t)n * sizeof *y1);
     float *y3 = malloc((size_t)3 * n * sizeof *y3);
-    fill(x, (size_t)m * k);
+    fill(x, (size_t)M * k);
     fill(src, (size_t)n * k);
     threads(2);
     for (int d = 0; d < 3; d++) {
         stage_weight w;
         make_weight(DTYPES[d], n, k, src, &w, wr);
-        /* the first 7 rows of w as a weight of their own: a row's column must not depend on
-         * the weight rows around it either */
+        /* the first 7 rows of w as a weight of their own */
         stage_weight w7 = w;
         w7.rows = 7;
+        const int mlist[2] = {8, stage_matmul_m_small(DTYPES[d])};
         for (int isa = 0; isa < STAGE_N_ISAS; isa++) {
             if (!stage_isa_supported((stage_isa)isa)) continue;
             stage_matmul_force_isa((stage_isa)isa);
-            stage_matmul_w(x, m, &w, y8);
-            int same = 1;
-            for (int i = 0; i < m; i++) {
-                stage_matmul_w(x + (size_t)i * k, 1, &w, y1);
-                same &= !memcmp(y1, y8 + (size_t)i * n, (size_t)n * sizeof(float));
+            for (int mi = 0; mi < 2; mi++) {
+                const int m = mlist[mi];
+                stage_matmul_w(x, m, &w, ym);
+                int same = 1;
+                for (int i = 0; i < m; i++) {
+                    stage_matmul_w(x + (size_t)i * k, 1, &w, y1);
+                    same &= !memcmp(y1, ym + (size_t)i * n, (size_t)n * sizeof(float));
+                }
+                stage_matmul_w(x + (size_t)5 * k, 3, &w, y3); /* rows 5..7 as a 3-row call */
+                same &= !memcmp(y3, ym + (size_t)5 * n, (size_t)3 * n * sizeof(float));
+                stage_matmul_w(x, 1, &w7, y1);
+                same &= !memcmp(y1, ym, 7 * sizeof(float));
+                if (!same)
+                    fprintf(stderr, "\n  %s %s m=%d: a row's result depends on the rows around it\n",
+                            stage_isa_name((stage_isa)isa), dt_name(DTYPES[d]), m);
+                CU_ASSERT(same);
             }
-            stage_matmul_w(x + (size_t)5 * k, 3, &w, y3); /* rows 5..7 as a 3-row call */
-            same &= !memcmp(y3, y8 + (size_t)5 * n, (size_t)3 * n * sizeof(float));
-            stage_matmul_w(x, 1, &w7, y1);
-            same &= !memcmp(y1, y8, 7 * sizeof(float));
-            if (!same)
-                fprintf(stderr, "\n  %s %s: a row's result depends on the rows around it\n",
-                        stage_isa_name((stage_isa)isa), dt_name(DTYPES[d]));
-            CU_ASSERT(same);
         }
         free((void *)w.data);
     }
@@ -305,7 +312,7 @@ static void test_matmul_row_independent(void)
     free(x);
     free(src);
     free(wr);
-    free(y8);
+    free(ym);
     free(y1);
     free(y3);
 }
