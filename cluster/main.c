@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cluster/initmodel.h"
 #include "cluster/modelspec.h"
@@ -23,6 +24,7 @@
 #include "comm/comm.h"
 #include "stage/config.h"
 #include "stage/kernels.h"
+#include "stage/matmul.h"
 
 #define MODPIPE_VERSION "0.1.0"
 
@@ -522,7 +524,7 @@ static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *er
     if (opt_double(o, "timeout", 1.0, 1e7, 300.0, &tmo, err, errlen)) return -1;
     long threads;
     if (opt_long(o, "threads", 1, 1024, 1, &threads, err, errlen)) return -1;
-    stage_set_threads((int)threads);
+    if (stage_threads_init((int)threads, err, errlen)) return -1;
     ro->micro_batch = (int)mb;
     ro->max_in_flight = (int)(inflight < 2 ? 2 : inflight);
     ro->timeout_s = tmo;
@@ -700,7 +702,7 @@ static int cmd_init_model(int argc, char **argv)
     }
     if (!rc) {
         rc = opt_long(&o, "threads", 1, 1024, 1, &v, err, sizeof err);
-        stage_set_threads((int)v);
+        if (!rc) rc = stage_threads_init((int)v, err, sizeof err);
     }
     if (!rc && opt_has(&o, "calibrate")) spec.calibrate = 1;
     if (!rc && opt_has(&o, "no-calibrate")) spec.calibrate = 0;
@@ -718,8 +720,22 @@ static int cmd_init_model(int argc, char **argv)
     return rc ? 1 : 0;
 }
 
+/* OpenBLAS picks its kernels when the library loads; on a CPU id it does not know (VMs) it
+ * falls back to SSE3 kernels, 4x slower (stage/matmul.h). Only a fresh process image can fix
+ * that, so set OPENBLAS_CORETYPE and exec ourselves once, before MPI_Init. */
+static void fix_blas_coretype(char **argv)
+{
+    const char *core = stage_blas_coretype_hint();
+    if (!core || getenv("MODPIPE_BLAS_REEXEC")) return;
+    setenv("OPENBLAS_CORETYPE", core, 1);
+    setenv("MODPIPE_BLAS_REEXEC", "1", 1);
+    execv("/proc/self/exe", argv);
+    /* exec failed: carry on with the slow kernels (results are the same) */
+}
+
 int main(int argc, char **argv)
 {
+    fix_blas_coretype(argv);
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
         usage_main(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;

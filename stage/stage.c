@@ -367,7 +367,7 @@ struct stage_state {
     int *sel_e;                 /* [max_rows][experts_per_token] chosen experts */
     float *sel_w;               /* [max_rows][experts_per_token] their weights */
     int *erow;                  /* [max_rows] rows of the current expert (compact indices) */
-    float *probs;               /* [max_seq] attention weights */
+    float *probs;               /* [n_heads/n_kv_heads][max_seq] attention weights of a GQA group */
     float *mean;                /* [D] */
     void (*progress)(void *);   /* called between layers */
     void *progress_arg;
@@ -437,7 +437,7 @@ stage_state *stage_state_init(const stage_model *m, int n_slots, int max_rows, i
     s->ex = malloc(R * D * sizeof(float));
     s->eo = malloc(R * D * sizeof(float));
     s->gate = malloc(R * ng * sizeof(float));
-    s->probs = malloc((size_t)(max_seq + 1) * sizeof(float));
+    s->probs = malloc((size_t)(max_seq + 1) * (c->n_heads / c->n_kv_heads) * sizeof(float));
     s->mean = malloc(D * sizeof(float));
     int ok = s->kv && s->ms_keep && s->stats && s->act && s->act2 && s->ent && s->erow &&
              s->sel_e && s->sel_w && s->score && s->xin && s->h && s->q && s->k && s->v &&
@@ -551,29 +551,11 @@ static double attention(stage_state *s, int li, const layer_w *L, const stage_ba
         const kv_seq *cs = kv_at(s, li, b->slot[idx[j]]);
         int n_ctx = s->ent[j] + 1; /* entries are in position order: a causal prefix */
         ctx_total += n_ctx;
-        for (int hh = 0; hh < nh; hh++) {
-            const float *qh = s->q + (size_t)j * qd + (size_t)hh * hd;
-            const int kh = hh / grp;
-            float mx = -INFINITY;
-            for (int t = 0; t < n_ctx; t++) {
-                const float *kt = cs->k + (size_t)t * kvd + (size_t)kh * hd;
-                float d = 0.0f;
-                for (int i = 0; i < hd; i++) d += qh[i] * kt[i];
-                d *= scale;
-                s->probs[t] = d;
-                if (d > mx) mx = d;
-            }
-            float sum = 0.0f;
-            for (int t = 0; t < n_ctx; t++) { s->probs[t] = expf(s->probs[t] - mx); sum += s->probs[t]; }
-            float inv = 1.0f / sum;
-            float *o = s->att + (size_t)j * qd + (size_t)hh * hd;
-            memset(o, 0, (size_t)hd * sizeof(float));
-            for (int t = 0; t < n_ctx; t++) {
-                const float *vt = cs->v + (size_t)t * kvd + (size_t)kh * hd;
-                float p = s->probs[t] * inv;
-                for (int i = 0; i < hd; i++) o[i] += p * vt[i];
-            }
-        }
+        /* the grp query heads sharing KV head kh are contiguous in q: one pass over K/V */
+        for (int kh = 0; kh < nkv; kh++)
+            stage_attend_gqa(s->q + (size_t)j * qd + (size_t)kh * grp * hd, grp,
+                             cs->k + (size_t)kh * hd, cs->v + (size_t)kh * hd, (size_t)kvd, n_ctx,
+                             hd, scale, s->probs, s->att + (size_t)j * qd + (size_t)kh * grp * hd);
     }
     stage_matmul_w(s->att, m, &L->wo, s->a);
     return ctx_total;
