@@ -185,6 +185,132 @@ static void test_stories_roundtrip(void)
     free(txt);
 }
 
+/* ------------------------------------------------------------------ reference fixtures */
+
+static int ids_equal(const int32_t *a, int na, const cJSON *arr, char *why, size_t wl)
+{
+    int nb = cJSON_GetArraySize(arr);
+    int i = 0;
+    const cJSON *e;
+    cJSON_ArrayForEach(e, arr)
+    {
+        if (i >= na || a[i] != (int32_t)e->valuedouble) break;
+        i++;
+    }
+    if (i == na && i == nb) return 1;
+    snprintf(why, wl, "first difference at %d (got %d ids: %d..., want %d ids: %d...)", i, na,
+             i < na ? (int)a[i] : -1, nb,
+             i < nb ? (int)cJSON_GetArrayItem(arr, i)->valuedouble : -1);
+    return 0;
+}
+
+static int32_t *ids_of(const cJSON *arr, int *n)
+{
+    *n = cJSON_GetArraySize(arr);
+    int32_t *v = malloc(sizeof *v * (size_t)(*n + 1));
+    int i = 0;
+    const cJSON *e;
+    cJSON_ArrayForEach(e, arr) v[i++] = (int32_t)e->valuedouble;
+    return v;
+}
+
+/* Decode ids both ways and compare with the fixture's strings; stream both ways. */
+static int check_decode(const tok_tokenizer *t, const int32_t *ids, int n, const char *want,
+                        const char *want_skip, const char *name, int k)
+{
+    int bad = 0;
+    for (int skip = 0; skip < 2; skip++) {
+        char *text, err[256];
+        size_t len;
+        const char *w = skip ? want_skip : want;
+        if (tok_decode(t, ids, n, skip, &text, &len, err, sizeof err)) {
+            fprintf(stderr, "\n  %s case %d: decode failed: %s", name, k, err);
+            bad++;
+            continue;
+        }
+        if (strlen(w) != len || memcmp(text, w, len) != 0) {
+            fprintf(stderr, "\n  %s case %d: decode(skip=%d) \"%.80s\" != \"%.80s\"", name, k, skip,
+                    text, w);
+            bad++;
+        }
+        free(text);
+        if (!stream_matches(t, ids, n, skip)) {
+            fprintf(stderr, "\n  %s case %d: streaming (skip=%d) != decode", name, k, skip);
+            bad++;
+        }
+    }
+    return bad;
+}
+
+static void run_fixture(const char *name)
+{
+    char rel[256];
+    snprintf(rel, sizeof rel, "tok/%s.json", name);
+    size_t len;
+    char *txt = slurp(path_of(rel), &len);
+    CU_ASSERT_FATAL(txt != NULL);
+    cJSON *root = cJSON_ParseWithLength(txt, len);
+    free(txt);
+    CU_ASSERT_FATAL(root != NULL);
+    const cJSON *tp = cJSON_GetObjectItem(root, "tokenizer");
+    CU_ASSERT_FATAL(cJSON_IsString(tp));
+    tok_tokenizer *t;
+    char err[512];
+    int rc = tok_load(path_of(tp->valuestring), &t, err, sizeof err);
+    if (rc) fprintf(stderr, "\n  %s\n", err);
+    CU_ASSERT_FATAL(rc == 0);
+    int bad = 0, k = 0, n_cases = 0, n_dec = 0;
+    const cJSON *c;
+    cJSON_ArrayForEach(c, cJSON_GetObjectItem(root, "cases"))
+    {
+        const char *text = cJSON_GetObjectItem(c, "text")->valuestring;
+        for (int special = 1; special >= 0; special--) {
+            int32_t *ids;
+            int n;
+            char why[200];
+            if (tok_encode(t, text, strlen(text), special, &ids, &n, err, sizeof err)) {
+                fprintf(stderr, "\n  %s case %d: encode failed: %s", name, k, err);
+                bad++;
+                continue;
+            }
+            if (!ids_equal(ids, n, cJSON_GetObjectItem(c, special ? "ids" : "ids_plain"), why,
+                           sizeof why)) {
+                fprintf(stderr, "\n  %s case %d \"%.40s\" (add_special %d): %s", name, k, text,
+                        special, why);
+                bad++;
+            }
+            free(ids);
+        }
+        int n;
+        int32_t *ids = ids_of(cJSON_GetObjectItem(c, "ids"), &n);
+        bad += check_decode(t, ids, n, cJSON_GetObjectItem(c, "decoded")->valuestring,
+                            cJSON_GetObjectItem(c, "decoded_skip")->valuestring, name, k);
+        free(ids);
+        k++;
+        n_cases++;
+    }
+    cJSON_ArrayForEach(c, cJSON_GetObjectItem(root, "decode_cases"))
+    {
+        int n;
+        int32_t *ids = ids_of(cJSON_GetObjectItem(c, "ids"), &n);
+        bad += check_decode(t, ids, n, cJSON_GetObjectItem(c, "text")->valuestring,
+                            cJSON_GetObjectItem(c, "text_skip")->valuestring, name, 1000 + n_dec);
+        free(ids);
+        n_dec++;
+    }
+    if (bad) fprintf(stderr, "\n  %s: %d mismatches\n", name, bad);
+    CU_ASSERT(n_cases >= 40);
+    CU_ASSERT(n_dec >= 10);
+    CU_ASSERT_EQUAL(bad, 0);
+    tok_free(t);
+    cJSON_Delete(root);
+}
+
+static void test_fixture_stories(void) { run_fixture("stories260K"); }
+static void test_fixture_metaspace(void) { run_fixture("metaspace"); }
+static void test_fixture_gpt2(void) { run_fixture("gpt2"); }
+static void test_fixture_llama3style(void) { run_fixture("llama3style"); }
+
 /* ------------------------------------------------------------------ error cases */
 
 static void load_fails(const char *json, const char *needle)
@@ -305,6 +431,10 @@ int main(void)
     if (!s) return 2;
     CU_add_test(s, "stories260K known answers", test_stories_known);
     CU_add_test(s, "stories260K TinyStories round trip", test_stories_roundtrip);
+    CU_add_test(s, "reference: stories260K (Prepend/Replace, byte fallback)", test_fixture_stories);
+    CU_add_test(s, "reference: Metaspace variant", test_fixture_metaspace);
+    CU_add_test(s, "reference: gpt2 (byte level)", test_fixture_gpt2);
+    CU_add_test(s, "reference: Llama-3 style (Split regex, pair merges)", test_fixture_llama3style);
     CU_add_test(s, "load / encode / decode errors", test_errors);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();
