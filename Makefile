@@ -19,7 +19,7 @@ PKGS    := ompi-c openblas libprotobuf-c yaml-0.1 libcjson libpcre2-8
 CC      := gcc
 CFLAGS  := -std=c11 -Wall -Wextra -Werror -D_GNU_SOURCE $(OPT) $(SANFLAGS) -MMD -MP \
            $(shell pkg-config --cflags $(PKGS) 2>/dev/null) -I. -I$(B)/proto
-LDLIBS  := $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lm
+LDLIBS  := $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lscalapack-openmpi -lm
 LDFLAGS := $(SANFLAGS)
 CUNIT   := $(shell pkg-config --libs cunit 2>/dev/null)
 

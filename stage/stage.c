@@ -11,6 +11,7 @@
 #include "stage/kernels.h"
 #include "stage/matmul.h"
 #include "stage/safetensors.h"
+#include "stage/tp.h"
 
 /* ========================================================================================
  * Weights
@@ -38,6 +39,10 @@ typedef struct {
     const float *pred_w2;       /* [pred_h] */
     float pred_b2;
     int pred_h;
+    /* tensor-parallel stage (m->tp): this rank's slices of the big matrices (stage/tp.h);
+     * the stage_weight fields above then only carry the shapes (data NULL) */
+    stage_tp_weight tq, tk, tv, to, tgate, tup, tdown;
+    stage_tp_weight *tew1, *tew2, *tew3; /* [E] */
 } layer_w;
 
 struct stage_model {
@@ -50,6 +55,9 @@ struct stage_model {
     stage_weight lm_head;       /* [vocab][D] (the embedding when tied; data NULL: not the head) */
     float *inv_freq;            /* [head_dim/2] */
     int weights_dtype;          /* -1: as stored, else the stage_dtype matrices are held in */
+    stage_tp *tp;               /* the stage's rank group (K > 1), NULL on one rank; not owned */
+    int has_head;               /* model.norm + lm_head live here */
+    stage_tp_weight tlm;        /* [vocab][D] slice of lm_head (tp) */
     size_t weight_bytes;        /* bytes of the tensors this stage holds, in their dtype */
 };
 
@@ -68,6 +76,21 @@ static int get_m(stage_model *m, const char *name, int64_t d0, int64_t d1, stage
 {
     if (st_get_weight(m->st, name, d0, d1, m->weights_dtype, w, err, errlen)) return -1;
     m->weight_bytes += stage_weight_bytes(w);
+    return 0;
+}
+
+/* A big projection: on one rank get_m; on a tensor-parallel group only this rank's row slice,
+ * converted to f32 (psgemm), and w keeps the full shape with data NULL. */
+static int get_pm(stage_model *m, const char *name, int64_t d0, int64_t d1, stage_weight *w,
+                  stage_tp_weight *t, char *err, size_t errlen)
+{
+    if (!m->tp) return get_m(m, name, d0, d1, w, err, errlen);
+    stage_weight full;
+    if (st_get_weight(m->st, name, d0, d1, -1, &full, err, errlen)) return -1;
+    if (stage_tp_weight_init(m->tp, &full, t, err, errlen)) return -1;
+    m->weight_bytes += stage_tp_weight_bytes(t);
+    *w = full;
+    w->data = NULL;
     return 0;
 }
 
@@ -138,13 +161,13 @@ static int load_layer(stage_model *m, int l, char *err, size_t errlen)
     LNAME(name, l, "post_attention_layernorm.weight");
     NEED(L->ln2 = get_w(m, name, 1, D, 0, err, errlen));
     LNAME(name, l, "self_attn.q_proj.weight");
-    NEED0(get_m(m, name, qd, D, &L->wq, err, errlen));
+    NEED0(get_pm(m, name, qd, D, &L->wq, &L->tq, err, errlen));
     LNAME(name, l, "self_attn.k_proj.weight");
-    NEED0(get_m(m, name, kvd, D, &L->wk, err, errlen));
+    NEED0(get_pm(m, name, kvd, D, &L->wk, &L->tk, err, errlen));
     LNAME(name, l, "self_attn.v_proj.weight");
-    NEED0(get_m(m, name, kvd, D, &L->wv, err, errlen));
+    NEED0(get_pm(m, name, kvd, D, &L->wv, &L->tv, err, errlen));
     LNAME(name, l, "self_attn.o_proj.weight");
-    NEED0(get_m(m, name, D, qd, &L->wo, err, errlen));
+    NEED0(get_pm(m, name, D, qd, &L->wo, &L->to, err, errlen));
 
     if (L->kind == STAGE_KIND_MODE_STAGED || L->kind == STAGE_KIND_MODE_INTEGRATED) {
         int E = c->n_experts, Ie = c->expert_inter;
@@ -155,21 +178,27 @@ static int load_layer(stage_model *m, int l, char *err, size_t errlen)
         L->ew2 = calloc((size_t)E, sizeof *L->ew2);
         L->ew3 = calloc((size_t)E, sizeof *L->ew3);
         if (!L->ew1 || !L->ew2 || !L->ew3) { snprintf(err, errlen, "out of memory"); return -1; }
+        if (m->tp) {
+            L->tew1 = calloc((size_t)E, sizeof *L->tew1);
+            L->tew2 = calloc((size_t)E, sizeof *L->tew2);
+            L->tew3 = calloc((size_t)E, sizeof *L->tew3);
+            if (!L->tew1 || !L->tew2 || !L->tew3) { snprintf(err, errlen, "out of memory"); return -1; }
+        }
         for (int e = 0; e < E; e++) {
             snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.experts.%d.w1.weight", l, e);
-            NEED0(get_m(m, name, Ie, D, &L->ew1[e], err, errlen));
+            NEED0(get_pm(m, name, Ie, D, &L->ew1[e], m->tp ? &L->tew1[e] : NULL, err, errlen));
             snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.experts.%d.w2.weight", l, e);
-            NEED0(get_m(m, name, D, Ie, &L->ew2[e], err, errlen));
+            NEED0(get_pm(m, name, D, Ie, &L->ew2[e], m->tp ? &L->tew2[e] : NULL, err, errlen));
             snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.experts.%d.w3.weight", l, e);
-            NEED0(get_m(m, name, Ie, D, &L->ew3[e], err, errlen));
+            NEED0(get_pm(m, name, Ie, D, &L->ew3[e], m->tp ? &L->tew3[e] : NULL, err, errlen));
         }
     } else {
         LNAME(name, l, "mlp.gate_proj.weight");
-        NEED0(get_m(m, name, c->inter, D, &L->w_gate, err, errlen));
+        NEED0(get_pm(m, name, c->inter, D, &L->w_gate, &L->tgate, err, errlen));
         LNAME(name, l, "mlp.up_proj.weight");
-        NEED0(get_m(m, name, c->inter, D, &L->w_up, err, errlen));
+        NEED0(get_pm(m, name, c->inter, D, &L->w_up, &L->tup, err, errlen));
         LNAME(name, l, "mlp.down_proj.weight");
-        NEED0(get_m(m, name, D, c->inter, &L->w_down, err, errlen));
+        NEED0(get_pm(m, name, D, c->inter, &L->w_down, &L->tdown, err, errlen));
     }
     if (L->kind == STAGE_KIND_MINDSKIP || stage_kind_is_routed(L->kind)) return load_router(m, l, err, errlen);
     return 0;
@@ -184,7 +213,21 @@ int stage_model_load(const char *dir, const stage_config *cfg, stage_range range
 int stage_model_load_dtype(const char *dir, const stage_config *cfg, stage_range range,
                            int weights_dtype, stage_model **out, char *err, size_t errlen)
 {
+    return stage_model_load_tp(dir, cfg, range, weights_dtype, NULL, out, err, errlen);
+}
+
+int stage_model_load_tp(const char *dir, const stage_config *cfg, stage_range range,
+                        int weights_dtype, stage_tp *tp, stage_model **out, char *err,
+                        size_t errlen)
+{
     *out = NULL;
+    if (tp && stage_tp_size(tp) > 1 &&
+        (cfg->n_heads % stage_tp_size(tp) || cfg->n_kv_heads % stage_tp_size(tp))) {
+        snprintf(err, errlen, "a stage of %d ranks needs num_attention_heads (%d) and "
+                 "num_key_value_heads (%d) to be multiples of %d", stage_tp_size(tp),
+                 cfg->n_heads, cfg->n_kv_heads, stage_tp_size(tp));
+        return -1;
+    }
     if (range.first < 0 || range.last >= cfg->n_layers) {
         snprintf(err, errlen, "layer range %d-%d outside the model's %d layers", range.first,
                  range.last, cfg->n_layers);
@@ -204,6 +247,8 @@ int stage_model_load_dtype(const char *dir, const stage_config *cfg, stage_range
     memcpy(m->cfg.layer_kind, cfg->layer_kind, (size_t)cfg->n_layers * sizeof *cfg->layer_kind);
     m->range = range;
     m->weights_dtype = weights_dtype;
+    m->tp = tp && stage_tp_size(tp) > 1 ? tp : NULL;
+    m->has_head = range.head;
     stage_rope_inv_freq(cfg->rope_theta, cfg->head_dim, m->inv_freq);
 
     char e2[512];
@@ -219,11 +264,16 @@ int stage_model_load_dtype(const char *dir, const stage_config *cfg, stage_range
         if (l >= range.first && l <= range.last) rc = load_layer(m, l, e2, sizeof e2);
         else if (stage_kind_is_routed(cfg->layer_kind[l])) rc = load_router(m, l, e2, sizeof e2);
     }
-    if (!rc && (range.embed || (range.head && cfg->tie_embeddings)))
+    /* a tensor-parallel head holds its slice of lm_head (or of the tied embedding); the
+     * embedding lookup is the group leader's (range.embed) */
+    if (!rc && (range.embed || (range.head && cfg->tie_embeddings && !m->tp)))
         rc = get_m(m, "model.embed_tokens.weight", cfg->vocab, D, &m->embed, e2, sizeof e2);
     if (!rc && range.head) {
         rc = !(m->norm = get_w(m, "model.norm.weight", 1, D, 0, e2, sizeof e2));
-        if (!rc && cfg->tie_embeddings) m->lm_head = m->embed;
+        if (!rc && m->tp)
+            rc = get_pm(m, cfg->tie_embeddings ? "model.embed_tokens.weight" : "lm_head.weight",
+                        cfg->vocab, D, &m->lm_head, &m->tlm, e2, sizeof e2);
+        else if (!rc && cfg->tie_embeddings) m->lm_head = m->embed;
         else if (!rc) rc = get_m(m, "lm_head.weight", cfg->vocab, D, &m->lm_head, e2, sizeof e2);
     }
     if (rc) {
@@ -243,8 +293,20 @@ void stage_model_free(stage_model *m)
             free(m->layers[l].ew1);
             free(m->layers[l].ew2);
             free(m->layers[l].ew3);
+            layer_w *L = &m->layers[l];
+            stage_tp_weight *tw[] = {&L->tq, &L->tk, &L->tv, &L->to, &L->tgate, &L->tup, &L->tdown};
+            for (size_t i = 0; i < sizeof tw / sizeof *tw; i++) stage_tp_weight_free(tw[i]);
+            for (int e = 0; L->tew1 && e < m->cfg.n_experts; e++) {
+                stage_tp_weight_free(&L->tew1[e]);
+                stage_tp_weight_free(&L->tew2[e]);
+                stage_tp_weight_free(&L->tew3[e]);
+            }
+            free(L->tew1);
+            free(L->tew2);
+            free(L->tew3);
         }
     }
+    stage_tp_weight_free(&m->tlm);
     free(m->layers);
     free(m->cfg.layer_kind);
     free(m->inv_freq);
@@ -340,6 +402,20 @@ typedef struct {
 
 struct stage_state {
     const stage_model *m;
+    /* tensor parallelism (m->tp): this rank's share of the heads and features; on one rank
+     * these are the model's own numbers, so the single-rank arithmetic is unchanged */
+    stage_tp *tp;               /* m->tp: NULL on one rank */
+    int nh_l, nkv_l;            /* query / KV heads on this rank */
+    int ff_l, fe_l;             /* intermediate / expert-intermediate features on this rank */
+    double tp_io_bytes;         /* group bytes outside the layers (micro-batch in, LM head) */
+    int tp_stopped;             /* leader: STOP was sent */
+    /* follower copies of what the leader broadcasts */
+    int32_t *f_i32;             /* [3][max_rows] slot, pos, token */
+    uint8_t *f_u8;              /* [2][max_rows] flags, present */
+    float *f_x;                 /* [max_rows][D] */
+    float *f_logits;            /* [max_rows][vocab] (head) */
+    uint8_t *f_buf;             /* [op_bytes] broadcast payload */
+    size_t op_bytes;
     int n_layers;               /* layers in range */
     int n_slots, max_rows, max_seq; /* max_seq: positions per slot (--ctx) */
     kv_seq *kv;                 /* [n_layers][n_slots] views into the pools below */
@@ -402,12 +478,24 @@ stage_state *stage_state_init(const stage_model *m, int n_slots, int max_rows, i
     size_t ng = (size_t)(c->n_experts + c->n_noop_experts + 1);
     size_t ept = (size_t)(c->experts_per_token > 0 ? c->experts_per_token : 1);
 
+    s->tp = m->tp;
+    const int K = s->tp ? stage_tp_size(s->tp) : 1;
+    s->nh_l = c->n_heads / K;
+    s->nkv_l = c->n_kv_heads / K;
+    s->ff_l = c->inter;
+    s->fe_l = c->expert_inter;
+    if (s->tp) {
+        int off;
+        s->ff_l = stage_tp_split(s->tp, c->inter, &off);
+        s->fe_l = stage_tp_split(s->tp, c->expert_inter, &off);
+    }
+    const size_t kvd_l = (size_t)s->nkv_l * c->head_dim; /* this rank's K/V width */
     const size_t n_seq = (size_t)s->n_layers * (size_t)n_slots; /* (layer, slot) caches */
     s->kv = calloc(n_seq + 1, sizeof *s->kv);
     /* calloc: Linux backs a page on its first write, so positions a routed layer never
      * stores cost address space only; the size is fixed here either way. */
-    s->kv_k = calloc(n_seq * (size_t)max_seq * kvd + 1, sizeof(float));
-    s->kv_v = calloc(n_seq * (size_t)max_seq * kvd + 1, sizeof(float));
+    s->kv_k = calloc(n_seq * (size_t)max_seq * kvd_l + 1, sizeof(float));
+    s->kv_v = calloc(n_seq * (size_t)max_seq * kvd_l + 1, sizeof(float));
     s->kv_pos = calloc(n_seq * (size_t)max_seq + 1, sizeof(int32_t));
     s->released = calloc((size_t)n_slots + 1, 1);
     s->ms_keep = malloc((size_t)s->n_layers * n_slots + 1);
@@ -446,8 +534,21 @@ stage_state *stage_state_init(const stage_model *m, int n_slots, int max_rows, i
         kv_seq *c2 = &s->kv[i];
         c2->cap = max_seq;
         c2->pos = s->kv_pos + i * (size_t)max_seq;
-        c2->k = s->kv_k + i * (size_t)max_seq * kvd;
-        c2->v = s->kv_v + i * (size_t)max_seq * kvd;
+        c2->k = s->kv_k + i * (size_t)max_seq * kvd_l;
+        c2->v = s->kv_v + i * (size_t)max_seq * kvd_l;
+    }
+    if (ok && s->tp) {
+        size_t V = (size_t)c->vocab, w = D > ff ? D : ff;
+        if (w < qd) w = qd;
+        if (w < V) w = V;
+        s->op_bytes = R * (3 * sizeof(int32_t) + 2) + R * D * sizeof(float);
+        s->f_i32 = malloc(3 * R * sizeof(int32_t));
+        s->f_u8 = malloc(2 * R);
+        s->f_x = malloc(R * D * sizeof(float));
+        s->f_buf = malloc(s->op_bytes);
+        s->f_logits = m->has_head ? malloc(R * V * sizeof(float)) : NULL;
+        ok = s->f_i32 && s->f_u8 && s->f_x && s->f_buf && (s->f_logits || !m->has_head) &&
+             !stage_tp_reserve(s->tp, (int)R, (int)w, err, errlen);
     }
     if (!ok) {
         snprintf(err, errlen, "out of memory sizing the stage state (%d slots, %d rows, %d positions)",
@@ -467,6 +568,7 @@ void stage_state_free(stage_state *s)
     free(s->score); free(s->xin); free(s->h); free(s->q); free(s->k); free(s->v); free(s->att);
     free(s->a); free(s->x2); free(s->h2); free(s->f1); free(s->f3); free(s->mo); free(s->ex);
     free(s->eo); free(s->gate); free(s->probs); free(s->mean);
+    free(s->f_i32); free(s->f_u8); free(s->f_x); free(s->f_buf); free(s->f_logits);
     free(s);
 }
 
@@ -480,7 +582,7 @@ const stage_layer_stats *stage_state_layer_stats(const stage_state *s, int layer
 int stage_state_slots(const stage_state *s) { return s->n_slots; }
 int stage_state_ctx(const stage_state *s) { return s->max_seq; }
 
-void stage_state_slot_reset(stage_state *s, int slot)
+static void slot_reset_impl(stage_state *s, int slot)
 {
     if (slot < 0 || slot >= s->n_slots) return;
     for (int li = 0; li < s->n_layers; li++) {
@@ -490,11 +592,64 @@ void stage_state_slot_reset(stage_state *s, int slot)
     s->released[slot] = 0;
 }
 
-void stage_state_slot_release(stage_state *s, int slot)
+static void slot_release_impl(stage_state *s, int slot)
 {
     if (slot < 0 || slot >= s->n_slots) return;
-    stage_state_slot_reset(s, slot);
+    slot_reset_impl(s, slot);
     s->released[slot] = 1;
+}
+
+/* ---- tensor-parallel group protocol: the leader (group rank 0) runs the pipeline and
+ * broadcasts each operation on the stage state; the other ranks (followers) repeat it. ---- */
+enum { TP_OP_STOP = 0, TP_OP_FORWARD, TP_OP_HEAD, TP_OP_RESET, TP_OP_RELEASE };
+enum { TP_HDR = 8 }; /* op, n, first, last, slot, n_present, 0, 0 */
+
+static int tp_leader(const stage_state *s)
+{
+    return s->tp && !s->tp_stopped && stage_tp_rank(s->tp) == 0;
+}
+
+static void tp_count_io(stage_state *s, size_t bytes)
+{
+    s->tp_io_bytes += (double)bytes * (stage_tp_size(s->tp) - 1);
+}
+
+/* The header goes by a non-blocking broadcast so an idle follower can sleep between polls. */
+static void tp_send_hdr(stage_state *s, int op, int n, int first, int last, int slot, int np)
+{
+    int32_t hdr[TP_HDR] = {op, n, first, last, slot, np, 0, 0};
+    MPI_Request rq;
+    MPI_Ibcast(hdr, TP_HDR, MPI_INT32_T, 0, stage_tp_comm(s->tp), &rq);
+    MPI_Wait(&rq, MPI_STATUS_IGNORE);
+    tp_count_io(s, sizeof hdr);
+}
+
+static void tp_recv_hdr(stage_state *s, int32_t *hdr)
+{
+    MPI_Request rq;
+    MPI_Ibcast(hdr, TP_HDR, MPI_INT32_T, 0, stage_tp_comm(s->tp), &rq);
+    long spins = 0, nap_ns = 1000;
+    for (;;) {
+        int done = 0;
+        MPI_Test(&rq, &done, MPI_STATUS_IGNORE);
+        if (done) return;
+        if (++spins < 2000) continue; /* a busy stage: the next op is microseconds away */
+        struct timespec ts = {0, nap_ns};
+        nanosleep(&ts, NULL);
+        if (nap_ns < 1000000) nap_ns *= 2;
+    }
+}
+
+void stage_state_slot_reset(stage_state *s, int slot)
+{
+    if (tp_leader(s)) tp_send_hdr(s, TP_OP_RESET, 0, 0, 0, slot, 0);
+    slot_reset_impl(s, slot);
+}
+
+void stage_state_slot_release(stage_state *s, int slot)
+{
+    if (tp_leader(s)) tp_send_hdr(s, TP_OP_RELEASE, 0, 0, 0, slot, 0);
+    slot_release_impl(s, slot);
 }
 
 int stage_state_slot_len(const stage_state *s, int slot)
@@ -511,7 +666,7 @@ int stage_state_slot_len(const stage_state *s, int slot)
 size_t stage_state_kv_alloc_bytes(const stage_state *s)
 {
     const stage_config *c = &s->m->cfg;
-    size_t kvd = (size_t)c->n_kv_heads * c->head_dim, total = 0;
+    size_t kvd = (size_t)s->nkv_l * c->head_dim, total = 0;
     for (size_t i = 0; i < (size_t)s->n_layers * s->n_slots; i++)
         total += (size_t)s->kv[i].cap * kvd * 2 * stage_dtype_size(STAGE_KV_DTYPE);
     return total;
@@ -521,6 +676,15 @@ size_t stage_state_kv_alloc_bytes(const stage_state *s)
  * Layer pieces. All work on a compact set of m rows (act[0..m) micro-batch indices, in
  * micro-batch order).
  * ===================================================================================== */
+
+/* y [m][n] = x W^T: stage_matmul_w on one rank; on a tensor-parallel group the distributed
+ * t, with x / y as this rank's feature slices when x_local / y_local (stage/tp.h). */
+static void mm(const stage_state *s, const float *x, int m, const stage_weight *w,
+               const stage_tp_weight *t, int x_local, int y_local, float *y)
+{
+    if (s->tp) stage_tp_matmul(s->tp, x, x_local, m, t, y, y_local);
+    else stage_matmul_w(x, m, w, y);
+}
 
 static void gather(const float *x, const int *idx, int m, int D, float *dst)
 {
@@ -536,13 +700,15 @@ static double attention(stage_state *s, int li, const layer_w *L, const stage_ba
                         const int *idx, int m, const float *h, char *err, size_t errlen)
 {
     const stage_config *c = &s->m->cfg;
-    const int hd = c->head_dim, nh = c->n_heads, nkv = c->n_kv_heads;
+    /* this rank's heads: all of them on one rank; a tensor-parallel rank holds q/k/v, the
+     * KV cache and the attention of its own n_heads/K (and n_kv_heads/K) heads */
+    const int hd = c->head_dim, nh = s->nh_l, nkv = s->nkv_l;
     const int qd = nh * hd, kvd = nkv * hd, grp = nh / nkv;
     const float scale = 1.0f / sqrtf((float)hd);
 
-    stage_matmul_w(h, m, &L->wq, s->q);
-    stage_matmul_w(h, m, &L->wk, s->k);
-    stage_matmul_w(h, m, &L->wv, s->v);
+    mm(s, h, m, &L->wq, &L->tq, 0, 1, s->q);
+    mm(s, h, m, &L->wk, &L->tk, 0, 1, s->k);
+    mm(s, h, m, &L->wv, &L->tv, 0, 1, s->v);
     for (int j = 0; j < m; j++) {
         int r = idx[j];
         stage_rope(s->q + (size_t)j * qd, nh, hd, b->pos[r], s->m->inv_freq);
@@ -574,19 +740,18 @@ static double attention(stage_state *s, int li, const layer_w *L, const stage_ba
                              cs->k + (size_t)kh * hd, cs->v + (size_t)kh * hd, (size_t)kvd, n_ctx,
                              hd, scale, s->probs, s->att + (size_t)j * qd + (size_t)kh * grp * hd);
     }
-    stage_matmul_w(s->att, m, &L->wo, s->a);
+    mm(s, s->att, m, &L->wo, &L->to, 1, 0, s->a);
     return ctx_total;
 }
 
 /* Dense SwiGLU MLP of h2 [m][D] into s->mo [m][D]. */
 static void mlp(stage_state *s, const layer_w *L, int m)
 {
-    const stage_config *c = &s->m->cfg;
-    const int I = c->inter;
-    stage_matmul_w(s->h2, m, &L->w_gate, s->f1);
-    stage_matmul_w(s->h2, m, &L->w_up, s->f3);
+    const int I = s->ff_l; /* this rank's intermediate features (all on one rank) */
+    mm(s, s->h2, m, &L->w_gate, &L->tgate, 0, 1, s->f1);
+    mm(s, s->h2, m, &L->w_up, &L->tup, 0, 1, s->f3);
     stage_swiglu(s->f1, s->f3, (long)m * I);
-    stage_matmul_w(s->f1, m, &L->w_down, s->mo);
+    mm(s, s->f1, m, &L->w_down, &L->tdown, 1, 0, s->mo);
 }
 
 /* Mixture of experts on h2 [m][D] into s->mo. staged: softmax over E, top experts_per_token,
@@ -596,7 +761,7 @@ static void mlp(stage_state *s, const layer_w *L, int m)
 static long moe(stage_state *s, const layer_w *L, int m)
 {
     const stage_config *c = &s->m->cfg;
-    const int D = c->hidden, Ie = c->expert_inter, E = c->n_experts, G = L->n_gate;
+    const int D = c->hidden, Ie = s->fe_l, E = c->n_experts, G = L->n_gate;
     const int integrated = L->kind == STAGE_KIND_MODE_INTEGRATED;
     const int k = integrated ? 1 : c->experts_per_token;
     stage_matmul_w(s->h2, m, &L->moe_gate, s->gate);
@@ -630,10 +795,10 @@ static long moe(stage_state *s, const layer_w *L, int m)
         if (!ne) continue;
         evals += ne;
         gather(s->h2, s->erow, ne, D, s->ex);
-        stage_matmul_w(s->ex, ne, &L->ew1[e], s->f1);
-        stage_matmul_w(s->ex, ne, &L->ew3[e], s->f3);
+        mm(s, s->ex, ne, &L->ew1[e], L->tew1 ? &L->tew1[e] : NULL, 0, 1, s->f1);
+        mm(s, s->ex, ne, &L->ew3[e], L->tew3 ? &L->tew3[e] : NULL, 0, 1, s->f3);
         stage_swiglu(s->f1, s->f3, (long)ne * Ie);
-        stage_matmul_w(s->f1, ne, &L->ew2[e], s->eo);
+        mm(s, s->f1, ne, &L->ew2[e], L->tew2 ? &L->tew2[e] : NULL, 1, 0, s->eo);
         for (int u = 0; u < ne; u++) {
             int j = s->erow[u];
             float w = 0.0f;
@@ -869,7 +1034,7 @@ int stage_forward(stage_state *s, const stage_batch *b, float *x, const uint8_t 
     return stage_forward_range(s, b, x, present, s->m->range.first, s->m->range.last, err, errlen);
 }
 
-int stage_forward_range(stage_state *s, const stage_batch *b, float *x, const uint8_t *present,
+static int forward_impl(stage_state *s, const stage_batch *b, float *x, const uint8_t *present,
                         int first, int last, char *err, size_t errlen)
 {
     const stage_model *M = s->m;
@@ -893,7 +1058,7 @@ int stage_forward_range(stage_state *s, const stage_batch *b, float *x, const ui
     /* A prompt row at position 0 starts a new sequence in its slot, on every stage, whether
      * or not this stage holds the row (the descriptor reaches every stage). */
     for (int i = 0; i < b->n && first == M->range.first; i++)
-        if (b->pos[i] == 0 && (b->flags[i] & STAGE_ROW_PROMPT)) stage_state_slot_reset(s, b->slot[i]);
+        if (b->pos[i] == 0 && (b->flags[i] & STAGE_ROW_PROMPT)) slot_reset_impl(s, b->slot[i]);
     for (int i = 0; i < b->n; i++)
         if (s->released[b->slot[i]]) {
             snprintf(err, errlen, "row %d: slot %d was released and holds no sequence (position "
@@ -904,23 +1069,137 @@ int stage_forward_range(stage_state *s, const stage_batch *b, float *x, const ui
         int li = l - M->range.first;
         const layer_w *L = &M->layers[l];
         if (s->progress && l > first) s->progress(s->progress_arg);
-        double t0 = stage_now_s();
+        double t0 = stage_now_s(), tb0 = s->tp ? stage_tp_bytes(s->tp) : 0.0;
         int rc = stage_kind_is_routed(L->kind)
                      ? block_routed(s, li, l, L, b, x, present, err, errlen)
                      : block_full(s, li, l, L, b, x, present, err, errlen);
         if (rc) return rc;
         s->stats[li].rows += b->n;
         s->stats[li].seconds += stage_now_s() - t0;
+        if (s->tp) s->stats[li].tp_bytes += stage_tp_bytes(s->tp) - tb0;
     }
     return 0;
 }
 
+/* Leader: the micro-batch's descriptor, present mask and present rows to the group. */
+static int tp_send_forward(stage_state *s, const stage_batch *b, const float *x,
+                           const uint8_t *present, int first, int last, char *err, size_t errlen)
+{
+    const int D = s->m->cfg.hidden, n = b->n;
+    if (n > s->max_rows) {
+        snprintf(err, errlen, "micro-batch of %d rows exceeds the workspace (%d rows)", n, s->max_rows);
+        return -1;
+    }
+    uint8_t *p = s->f_buf;
+    memcpy(p, b->slot, (size_t)n * 4); p += (size_t)n * 4;
+    memcpy(p, b->pos, (size_t)n * 4); p += (size_t)n * 4;
+    memcpy(p, b->token, (size_t)n * 4); p += (size_t)n * 4;
+    memcpy(p, b->flags, (size_t)n); p += n;
+    memcpy(p, present, (size_t)n); p += n;
+    int np = 0;
+    for (int i = 0; i < n; i++)
+        if (present[i]) {
+            memcpy(p, x + (size_t)i * D, (size_t)D * sizeof(float));
+            p += (size_t)D * sizeof(float);
+            np++;
+        }
+    size_t len = (size_t)(p - s->f_buf);
+    tp_send_hdr(s, TP_OP_FORWARD, n, first, last, 0, np);
+    MPI_Bcast(s->f_buf, (int)len, MPI_BYTE, 0, stage_tp_comm(s->tp));
+    tp_count_io(s, len);
+    return 0;
+}
+
+int stage_forward_range(stage_state *s, const stage_batch *b, float *x, const uint8_t *present,
+                        int first, int last, char *err, size_t errlen)
+{
+    if (tp_leader(s) && tp_send_forward(s, b, x, present, first, last, err, errlen)) return -1;
+    return forward_impl(s, b, x, present, first, last, err, errlen);
+}
+
+static int head_impl(stage_state *s, const float *x, const int *rows, int n_rows,
+                     float *logits, char *err, size_t errlen);
+
 int stage_head_logits(stage_state *s, const float *x, const int *rows, int n_rows,
                       float *logits, char *err, size_t errlen)
 {
+    if (tp_leader(s) && s->m->has_head && n_rows > 0 && n_rows <= s->max_rows) {
+        const int D = s->m->cfg.hidden;
+        float *p = (float *)(void *)s->f_buf;
+        for (int j = 0; j < n_rows; j++)
+            memcpy(p + (size_t)j * D, x + (size_t)rows[j] * D, (size_t)D * sizeof(float));
+        tp_send_hdr(s, TP_OP_HEAD, n_rows, 0, 0, 0, 0);
+        MPI_Bcast(s->f_buf, n_rows * D * (int)sizeof(float), MPI_BYTE, 0, stage_tp_comm(s->tp));
+        tp_count_io(s, (size_t)n_rows * D * sizeof(float));
+    }
+    double tb0 = s->tp ? stage_tp_bytes(s->tp) : 0.0;
+    int rc = head_impl(s, x, rows, n_rows, logits, err, errlen);
+    if (s->tp) s->tp_io_bytes += stage_tp_bytes(s->tp) - tb0;
+    return rc;
+}
+
+void stage_state_tp_stop(stage_state *s)
+{
+    if (!tp_leader(s)) return;
+    tp_send_hdr(s, TP_OP_STOP, 0, 0, 0, 0, 0);
+    s->tp_stopped = 1;
+}
+
+double stage_state_tp_io_bytes(const stage_state *s) { return s->tp_io_bytes; }
+
+int stage_state_tp_follow(stage_state *s, char *err, size_t errlen)
+{
+    if (!s->tp || stage_tp_rank(s->tp) == 0) {
+        snprintf(err, errlen, "stage_state_tp_follow: not a follower of a tensor-parallel stage");
+        return -1;
+    }
+    const int D = s->m->cfg.hidden, R = s->max_rows;
+    for (;;) {
+        int32_t h[TP_HDR];
+        tp_recv_hdr(s, h);
+        const int op = h[0], n = h[1], np = h[5];
+        if (op == TP_OP_STOP) return 0;
+        if (op == TP_OP_RESET || op == TP_OP_RELEASE) {
+            if (op == TP_OP_RESET) slot_reset_impl(s, h[4]);
+            else slot_release_impl(s, h[4]);
+            continue;
+        }
+        if (n < 0 || n > R || np < 0 || np > n || (op != TP_OP_FORWARD && op != TP_OP_HEAD)) {
+            snprintf(err, errlen, "tensor-parallel op %d with %d rows (%d present) from the leader", op, n, np);
+            return -1;
+        }
+        int32_t *slot = s->f_i32, *pos = slot + R, *tok = pos + R;
+        uint8_t *flags = s->f_u8, *present = flags + R;
+        if (op == TP_OP_HEAD) {
+            MPI_Bcast(s->f_buf, n * D * (int)sizeof(float), MPI_BYTE, 0, stage_tp_comm(s->tp));
+            for (int j = 0; j < n; j++) slot[j] = j; /* the rows come packed */
+            if (head_impl(s, (const float *)(void *)s->f_buf, slot, n, s->f_logits, err, errlen)) return -1;
+            continue;
+        }
+        size_t len = (size_t)n * 14 + (size_t)np * D * sizeof(float);
+        MPI_Bcast(s->f_buf, (int)len, MPI_BYTE, 0, stage_tp_comm(s->tp));
+        const uint8_t *p = s->f_buf;
+        memcpy(slot, p, (size_t)n * 4); p += (size_t)n * 4;
+        memcpy(pos, p, (size_t)n * 4); p += (size_t)n * 4;
+        memcpy(tok, p, (size_t)n * 4); p += (size_t)n * 4;
+        memcpy(flags, p, (size_t)n); p += n;
+        memcpy(present, p, (size_t)n); p += n;
+        for (int i = 0; i < n; i++)
+            if (present[i]) {
+                memcpy(s->f_x + (size_t)i * D, p, (size_t)D * sizeof(float));
+                p += (size_t)D * sizeof(float);
+            }
+        stage_batch b = {.n = n, .slot = slot, .pos = pos, .token = tok, .flags = flags};
+        if (forward_impl(s, &b, s->f_x, present, h[2], h[3], err, errlen)) return -1;
+    }
+}
+
+static int head_impl(stage_state *s, const float *x, const int *rows, int n_rows,
+                     float *logits, char *err, size_t errlen)
+{
     const stage_model *M = s->m;
     const int D = M->cfg.hidden;
-    if (!M->lm_head.data) { snprintf(err, errlen, "this stage is not the head"); return -1; }
+    if (!M->has_head) { snprintf(err, errlen, "this stage is not the head"); return -1; }
     if (n_rows > s->max_rows) {
         snprintf(err, errlen, "%d logits rows exceed the workspace (%d)", n_rows, s->max_rows);
         return -1;
@@ -928,6 +1207,6 @@ int stage_head_logits(stage_state *s, const float *x, const int *rows, int n_row
     if (n_rows == 0) return 0;
     gather(x, rows, n_rows, D, s->xin);
     stage_rmsnorm(s->xin, n_rows, D, M->norm, M->cfg.eps, s->h);
-    stage_matmul_w(s->h, n_rows, &M->lm_head, logits);
+    mm(s, s->h, n_rows, &M->lm_head, &M->tlm, 0, 0, logits);
     return 0;
 }

@@ -45,6 +45,7 @@
 
 typedef struct stage_model stage_model;
 typedef struct stage_state stage_state;
+typedef struct stage_tp stage_tp; /* stage/tp.h */
 
 typedef struct {
     int first, last; /* inclusive layer range (first > last: no layers) */
@@ -68,6 +69,16 @@ int stage_model_load(const char *dir, const stage_config *cfg, stage_range range
  * dtype; as stored they are zero-copy views of the mmap'd safetensors. */
 int stage_model_load_dtype(const char *dir, const stage_config *cfg, stage_range range,
                            int weights_dtype, stage_model **out, char *err, size_t errlen);
+/* A stage spread over a tensor-parallel group (stage/tp.h; tp NULL or of one rank: exactly
+ * stage_model_load_dtype). Every rank of the group loads with the same range, except that
+ * only the group leader (rank 0) gets range.embed. Each rank holds its row slice of every
+ * big matrix (q/k/v/o, gate/up/down, experts, lm_head) as f32 — 1/K of them; the embedding
+ * (a lookup, leader only), norms, routers, predictors and the MoE gate (small) whole.
+ * weights_dtype applies to the embedding only then (psgemm multiplies f32). num_attention_heads
+ * and num_key_value_heads must be multiples of K (error otherwise). tp is not owned. */
+int stage_model_load_tp(const char *dir, const stage_config *cfg, stage_range range,
+                        int weights_dtype, stage_tp *tp, stage_model **out, char *err,
+                        size_t errlen);
 void stage_model_free(stage_model *m);
 const stage_config *stage_model_config(const stage_model *m);
 stage_range stage_model_range(const stage_model *m);
@@ -126,6 +137,22 @@ void stage_state_set_progress(stage_state *s, void (*fn)(void *), void *arg);
 int stage_head_logits(stage_state *s, const float *x, const int *rows, int n_rows,
                       float *logits, char *err, size_t errlen);
 
+/* ---- tensor-parallel stages (a model loaded by stage_model_load_tp with K > 1) -------------
+ * The leader (group rank 0) is driven by the pipeline as usual: stage_forward(_range),
+ * stage_head_logits, stage_state_slot_reset / _release each first broadcast the operation
+ * (descriptor, present mask and present rows; the rows for the head) to the group. Every rank
+ * then runs the same layer code on the same replicated rows: norms, routers, top-k and
+ * mindskip decisions are computed identically on every rank (same bytes in, same code), so
+ * no decision is sent; only the big matmuls are distributed (stage/tp.h), and each rank keeps
+ * the KV cache of its own heads. A follower calls stage_state_tp_follow, which repeats the
+ * leader's operations until the leader calls stage_state_tp_stop (0), or fails (-1, err: the
+ * leader hits the same error at the same point). Results (x, logits) are the leader's; with
+ * K > 1 they match one rank to ~1e-6 relative, not bit for bit (different reduction order). */
+int stage_state_tp_follow(stage_state *s, char *err, size_t errlen);
+void stage_state_tp_stop(stage_state *s); /* leader, once; a no-op elsewhere */
+/* Group bytes outside the layers: micro-batches handed to the group, the LM head. */
+double stage_state_tp_io_bytes(const stage_state *s);
+
 /* ---- stats ---------------------------------------------------------------------------- */
 typedef struct {
     uint64_t rows;         /* micro-batch rows that passed this layer (present or not) */
@@ -134,6 +161,7 @@ typedef struct {
     double flops;          /* executed */
     double flops_dense;    /* had every row computed the whole layer (dense equivalent) */
     double seconds;        /* wall time inside this layer */
+    double tp_bytes;       /* bytes moved inside the stage's rank group by this layer (tp.h) */
 } stage_layer_stats;
 
 /* Stats of layer l (must be in the stage's range). */
