@@ -20,6 +20,7 @@
 #include "cluster/initmodel.h"
 #include "cluster/modelspec.h"
 #include "cluster/partition.h"
+#include "cluster/topo.h"
 #include "cluster/pipeline.h"
 #include "cluster/tokcli.h"
 #include "cluster/yamlcfg.h"
@@ -81,6 +82,9 @@ static const opt_def OPTS[] = {
     {"max-in-flight", "K", C_GEN | C_EVAL, 0, "micro-batches in flight at once (default 2 x stages)"},
     {"stages", "auto|A-B,...", C_GEN | C_EVAL | C_PART, 0,
      "layer range of each stage, e.g. 0-3,4-7 (one per rank), or auto (default)"},
+    {"tp", "K", C_GEN | C_EVAL | C_PART, 0,
+     "tensor parallelism: every stage spans K ranks (-np = stages x K; ScaLAPACK inside a "
+     "stage, only each stage's first rank sends pipeline packets). Default 1"},
     {"weights-dtype", "f32|bf16|f16", C_GEN | C_EVAL, 0,
      "hold the weight matrices in this dtype, converting at load (e.g. an f32 checkpoint as "
      "bf16: half the memory and bytes read per token); default: as stored in the checkpoint"},
@@ -471,9 +475,24 @@ static int make_plan(const opts *o, const stage_config *cfg, int n, cluster_plan
     return rc;
 }
 
+/* --tp K: stages = ranks / K (the count must divide). */
+static int tp_stages(const opts *o, int n_ranks, long *k, int *n_stages, char *err, size_t errlen)
+{
+    if (opt_long(o, "tp", 1, 64, 1, k, err, errlen)) return -1;
+    if (n_ranks % *k) {
+        snprintf(err, errlen, "-np %d is not a multiple of --tp %ld (every stage spans %ld ranks)",
+                 n_ranks, *k, *k);
+        return -1;
+    }
+    *n_stages = n_ranks / (int)*k;
+    return 0;
+}
+
 static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *err, size_t errlen)
 {
     memset(r, 0, sizeof *r);
+    long tp;
+    if (tp_stages(o, n_ranks, &tp, &n_ranks, err, errlen)) return -1; /* n_ranks: stages now */
     const char *model = opt_str(o, "model");
     if (!model) { snprintf(err, errlen, "--model DIR is required (see modpipe %s --help)", cmd_name(cmd)); return -1; }
     if (stage_config_load(model, &r->cfg, err, errlen)) return -1;
@@ -572,6 +591,7 @@ static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *er
     ro->progress = !opt_has(o, "quiet");
     if (make_plan(o, cfg, n_ranks, &r->plan, err, errlen)) return -1;
     r->have_plan = 1;
+    for (int s = 0; s < r->plan.n_stages; s++) r->plan.st[s].ranks = (int)tp;
     ro->plan = &r->plan;
     return 0;
 }
@@ -615,8 +635,9 @@ static int cmd_run(int cmd, int argc, char **argv)
         return 1;
     }
     if (rank == 0 && r.ro.progress) {
-        fprintf(stderr, "modpipe %s: %d stage%s [", cmd_name(cmd), size, size > 1 ? "s" : "");
-        for (int s = 0; s < size; s++)
+        int ns = r.plan.n_stages;
+        fprintf(stderr, "modpipe %s: %d stage%s [", cmd_name(cmd), ns, ns > 1 ? "s" : "");
+        for (int s = 0; s < ns; s++)
             fprintf(stderr, "%s%d-%d", s ? " | " : "", r.plan.st[s].first, r.plan.st[s].last);
         fprintf(stderr, "], %d sequences, micro-batch %d, wire %s\n", r.ro.n_seqs,
                 r.ro.micro_batch, stage_dtype_name(r.ro.wire));
@@ -640,7 +661,7 @@ static int cmd_run(int cmd, int argc, char **argv)
             printf("eval: %d sequences, %ld tokens, %ld scored, mean NLL %.6f, perplexity %.4f\n",
                    r.ro.n_seqs, tokens, res.nll_count, mean, exp(mean));
         }
-        if (size > 1) {
+        if (r.plan.n_stages > 1) {
             char w[32], d[32], p[32], h[32];
             human_bytes(res.wire_bytes, w, sizeof w);
             human_bytes(res.dense_bytes, d, sizeof d);
@@ -680,7 +701,16 @@ static int cmd_partition(int argc, char **argv)
     if (!rc && !opt_has(&o, "n")) { snprintf(err, sizeof err, "-n N (number of stages) is required"); rc = -1; }
     if (!rc) rc = opt_long(&o, "n", 1, 4096, 1, &n, err, sizeof err);
     if (!rc) rc = stage_config_load(model, &cfg, err, sizeof err);
+    long tp = 1;
+    if (!rc) rc = opt_long(&o, "tp", 1, 64, 1, &tp, err, sizeof err);
     if (!rc) rc = make_plan(&o, &cfg, (int)n, &plan, err, sizeof err);
+    if (!rc) {
+        for (int s = 0; s < plan.n_stages; s++) plan.st[s].ranks = (int)tp;
+        cluster_topo topo; /* K must split the heads */
+        rc = cluster_topo_init(&topo, &plan, plan.n_stages * (int)tp, &cfg, err, sizeof err);
+        cluster_topo_free(&topo);
+        if (rc) cluster_plan_free(&plan);
+    }
     if (!rc) {
         cluster_plan_print(&cfg, &plan, stdout);
         cluster_plan_free(&plan);

@@ -26,6 +26,8 @@
 
 typedef struct {
     int first, last;        /* inclusive layer range */
+    int ranks;              /* MPI ranks of this stage (tensor-parallel group, cluster/topo.h);
+                               0 or 1: one rank */
     double cost;            /* expected FLOPs per token of this stage */
     double compute_share;   /* cost / total cost */
     size_t weight_bytes;    /* f32 bytes of this stage's weights (incl. embedding / head) */

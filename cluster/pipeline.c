@@ -10,10 +10,12 @@
 #include <time.h>
 
 #include "cluster/batch.h"
+#include "cluster/topo.h"
 #include "comm/link.h"
 #include "stage/kernels.h"
 #include "stage/npy.h"
 #include "stage/stage.h"
+#include "stage/tp.h"
 
 enum { TAG_CHAIN = 1, TAG_BYPASS = 2, TAG_TOKENS = 3, TAG_REPORT = 4 };
 
@@ -25,8 +27,13 @@ struct cluster_loop {
     cluster_loop_opts o;        /* copy; pointers inside stay the caller's */
     const cluster_sched_ops *ops;
     void *self;
-    MPI_Comm comm;
-    int rank, S, head;          /* head: rank S-1 */
+    MPI_Comm comm;              /* the stage leaders (rank = stage); MPI_COMM_NULL on a follower */
+    int rank, S, head;          /* rank: this stage; head: stage S-1 */
+    /* tensor-parallel stages (cluster/topo.h): all MPI_COMM_NULL / NULL / 0 without */
+    MPI_Comm world;             /* the caller's communicator: every rank of the job */
+    MPI_Comm group, leaders;    /* this stage's ranks; the leaders (owned, freed at close) */
+    stage_tp *tp;               /* this stage's BLACS grid (K > 1) */
+    int follower;               /* 1: not the group leader: repeats its leader's stage ops */
     int D, V, R;                /* width, vocab, max rows of a micro-batch */
     stage_model *m;
     stage_state *st;
@@ -84,7 +91,7 @@ struct cluster_loop {
 };
 
 static void progress_cb(void *arg) { comm_links_progress(arg); }
-int cluster_loop_rank(const cluster_loop *L) { return L->rank; }
+int cluster_loop_rank(const cluster_loop *L) { return L->follower ? -1 : L->rank; }
 
 /* ========================================================================================
  * Sending
@@ -597,6 +604,13 @@ static void stageN_loop(cluster_loop *c)
 
 int cluster_loop_step(cluster_loop *L)
 {
+    if (L->follower) {
+        char err[512];
+        if (!L->finished && stage_state_tp_follow(L->st, err, sizeof err))
+            COMM_FATAL("stage %d follower: %s", L->rank, err);
+        L->finished = 1;
+        return 0;
+    }
     if (L->rank == 0) return step0(L);
     if (!L->finished) {
         stageN_loop(L);
@@ -609,7 +623,7 @@ int cluster_loop_step(cluster_loop *L)
  * Stats: gathered on rank 0, written as JSON, one summary line.
  * ===================================================================================== */
 
-enum { ST_LINK = 4, ST_FIXED = 8, ST_LAYER = 6 };
+enum { ST_LINK = 4, ST_FIXED = 8, ST_LAYER = 7 };
 
 static double *stats_vector(cluster_loop *c, int *len)
 {
@@ -632,6 +646,7 @@ static double *stats_vector(cluster_loop *c, int *len)
     f[4] = (double)stage_state_kv_alloc_bytes(c->st);
     f[5] = c->nll_sum;
     f[6] = (double)c->nll_count;
+    f[7] = stage_state_tp_io_bytes(c->st);
     double *lv = f + ST_FIXED;
     stage_range r = stage_model_range(c->m);
     for (int l = r.first; l <= r.last; l++) {
@@ -643,6 +658,7 @@ static double *stats_vector(cluster_loop *c, int *len)
         e[3] = ls->flops;
         e[4] = ls->flops_dense;
         e[5] = ls->seconds;
+        e[6] = ls->tp_bytes;
     }
     return v;
 }
@@ -655,7 +671,7 @@ static void report(cluster_loop *c, const double *all, int len, double seconds, 
     const double ws = (double)stage_dtype_size(o->wire);
     const double kvd = (double)cfg->n_kv_heads * cfg->head_dim;
     const double kvs = (double)stage_dtype_size(STAGE_KV_DTYPE); /* bytes of a K or V value */
-    double hdr = 0, pay = 0, tok_bytes = 0, dense = 0, rows_total = 0;
+    double hdr = 0, pay = 0, tok_bytes = 0, dense = 0, rows_total = 0, tp_total = 0;
 
     cJSON *j = cJSON_CreateObject();
     cJSON_AddStringToObject(j, "command", o->command ? o->command : "");
@@ -683,6 +699,12 @@ static void report(cluster_loop *c, const double *all, int len, double seconds, 
         cJSON_AddNumberToObject(e, "busy_fraction", seconds > 0 ? f[1] / seconds : 0);
         cJSON_AddNumberToObject(e, "weight_bytes", f[3]);
         cJSON_AddNumberToObject(e, "kv_bytes_allocated", f[4]);
+        /* tensor parallelism: ranks of the stage, and the bytes moved inside its group outside
+         * the layers (micro-batches handed to the group, LM head); weight and KV bytes above
+         * are the leader's (each rank of the group holds about as much) */
+        cJSON_AddNumberToObject(e, "ranks", cluster_stage_ranks(&o->plan->st[s]));
+        cJSON_AddNumberToObject(e, "tp_io_bytes", f[7]);
+        tp_total += f[7];
         cJSON_AddItemToArray(stages, e);
     }
 
@@ -734,6 +756,8 @@ static void report(cluster_loop *c, const double *all, int len, double seconds, 
         cJSON_AddNumberToObject(x, "flops", e[3]);
         cJSON_AddNumberToObject(x, "flops_dense", e[4]);
         cJSON_AddNumberToObject(x, "seconds", e[5]);
+        cJSON_AddNumberToObject(x, "tp_bytes", e[6]); /* inside the stage's rank group */
+        tp_total += e[6];
         cJSON_AddItemToArray(layers, x);
         kv += e[2] * kvd * 2 * kvs;
         kv_dense += e[0] * kvd * 2 * kvs;
@@ -750,6 +774,8 @@ static void report(cluster_loop *c, const double *all, int len, double seconds, 
     cJSON_AddNumberToObject(tot, "dense_bytes", dense);
     cJSON_AddNumberToObject(tot, "payload_ratio", dense > 0 ? pay / dense : 0);
     cJSON_AddNumberToObject(tot, "ratio", dense > 0 ? wire / dense : 0);
+    /* bytes moved inside tensor-parallel stage groups (not on pipeline links; 0 without) */
+    cJSON_AddNumberToObject(tot, "tp_bytes", tp_total);
     cJSON_AddNumberToObject(j, "kv_bytes", kv);
     cJSON_AddNumberToObject(j, "kv_bytes_dense", kv_dense);
     cJSON_AddNumberToObject(j, "flops", fl);
@@ -812,6 +838,9 @@ static void loop_free(cluster_loop *c)
         free(c->fl);
     }
     free(c->rep_in); free(c->rep_tab); free(c->rep_req); free(c->lb);
+    stage_tp_free(c->tp);
+    if (c->group != MPI_COMM_NULL) MPI_Comm_free(&c->group);
+    if (c->leaders != MPI_COMM_NULL) MPI_Comm_free(&c->leaders);
     free(c);
 }
 
@@ -835,10 +864,13 @@ static int loop_init(cluster_loop *c, char *err, size_t errlen)
         snprintf(err, errlen, "--ctx %d exceeds max_position_embeddings %d", o->ctx, cfg->max_pos);
         return -1;
     }
-    stage_range r = {me->first, me->last, c->rank == 0, c->rank == c->S - 1};
-    if (stage_model_load_dtype(o->model_dir, cfg, r, o->weights_dtype, &c->m, err, errlen)) return -1;
+    /* the embedding lookup is the leader's; every rank of a tensor-parallel head holds its
+     * slice of lm_head */
+    stage_range r = {me->first, me->last, c->rank == 0 && !c->follower, c->rank == c->S - 1};
+    if (stage_model_load_tp(o->model_dir, cfg, r, o->weights_dtype, c->tp, &c->m, err, errlen)) return -1;
     c->st = stage_state_init(c->m, o->slots, c->R, o->ctx, err, errlen);
     if (!c->st) return -1;
+    if (c->follower) return 0; /* no pipeline links, no scheduler: the leader's */
     c->pkt_max = comm_packet_max_bytes(c->R, c->D, c->S);
     int n_bufs = o->max_in_flight * c->S + 4;
     c->links = comm_links_init(c->comm, c->S, c->pkt_max, n_bufs, o->timeout_s);
@@ -919,6 +951,8 @@ int cluster_loop_open(MPI_Comm comm, const cluster_loop_opts *o, const cluster_s
     MPI_Comm_size(comm, &size);
     char myerr[1024] = "";
     int rc = 0;
+    cluster_topo topo;
+    memset(&topo, 0, sizeof topo);
     if (!c) {
         snprintf(myerr, sizeof myerr, "out of memory");
         rc = -1;
@@ -927,19 +961,30 @@ int cluster_loop_open(MPI_Comm comm, const cluster_loop_opts *o, const cluster_s
         c->ops = ops;
         c->self = self;
         c->comm = comm;
+        c->world = comm;
+        c->group = c->leaders = MPI_COMM_NULL;
         c->rank = rank;
         c->S = size;
-        if (o->plan->n_stages != size) {
-            snprintf(myerr, sizeof myerr, "the plan has %d stages but the job has %d ranks",
-                     o->plan->n_stages, size);
-            rc = -1;
-        } else if (rank == 0 && (!ops || !ops->next || !ops->done || !ops->finished)) {
+        /* identical inputs on every rank: a topology error is the same everywhere */
+        rc = cluster_topo_init(&topo, o->plan, size, o->cfg, myerr, sizeof myerr);
+        if (!rc && topo.tp) {
+            int g, s = cluster_topo_stage_of(&topo, rank, &g);
+            MPI_Comm_split(comm, s, rank, &c->group);
+            MPI_Comm_split(comm, g == 0 ? 0 : MPI_UNDEFINED, rank, &c->leaders);
+            c->follower = g != 0;
+            c->comm = c->leaders;
+            c->rank = s;
+            c->S = topo.n_stages;
+            if (topo.ranks[s] > 1) rc = stage_tp_new(c->group, &c->tp, myerr, sizeof myerr);
+        }
+        if (!rc && rank == 0 && (!ops || !ops->next || !ops->done || !ops->finished)) {
             snprintf(myerr, sizeof myerr, "no scheduler");
             rc = -1;
-        } else {
+        } else if (!rc) {
             rc = loop_init(c, myerr, sizeof myerr);
         }
     }
+    cluster_topo_free(&topo);
     /* All ranks agree on start-up failures; the lowest failing rank tells. */
     int bad = rc ? rank : size, first_bad = size;
     MPI_Allreduce(&bad, &first_bad, 1, MPI_INT, MPI_MIN, comm);
@@ -950,7 +995,7 @@ int cluster_loop_open(MPI_Comm comm, const cluster_loop_opts *o, const cluster_s
         return first_bad == rank ? -1 : -2;
     }
     if (c->o.serve && rank == 0)
-        for (int s = 1; s < size; s++) report_post(c, s);
+        for (int s = 1; s < c->S; s++) report_post(c, s);
     MPI_Barrier(comm);
     c->t_start = c->t_last_progress = c->t_tokens = stage_now_s();
     *out = c;
@@ -960,6 +1005,11 @@ int cluster_loop_open(MPI_Comm comm, const cluster_loop_opts *o, const cluster_s
 int cluster_loop_close(cluster_loop *c, cluster_loop_result *res, char *err, size_t errlen)
 {
     if (res) memset(res, 0, sizeof *res);
+    if (c->follower) { /* until the leader's STOP; its stats are the leader's to report */
+        cluster_loop_step(c);
+        loop_free(c);
+        return 0;
+    }
     if (c->rank == 0) {
         while (c->fl_n > 0) wait_tokens(c, -1.0); /* a caller that stops early: drain */
         if (c->S > 1) {
@@ -982,6 +1032,7 @@ int cluster_loop_close(cluster_loop *c, cluster_loop_result *res, char *err, siz
         stageN_loop(c);
         c->finished = 1;
     }
+    stage_state_tp_stop(c->st); /* this stage's followers leave their loop */
     comm_links_drain(c->links);
     double seconds = stage_now_s() - c->t_start;
     MPI_Barrier(c->comm);

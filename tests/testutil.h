@@ -5,6 +5,12 @@
 
 #include <CUnit/CUnit.h>
 #include <dirent.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <sys/wait.h>
+
+#include "stage/npy.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -49,5 +55,57 @@ static inline void rm_tmpdir(char *dir)
         if (!has_) fprintf(stderr, "\n  message \"%s\" lacks \"%s\"\n", (msg), (needle)); \
         CU_ASSERT(has_);                                                                   \
     } while (0)
+
+/* Run a shell command under `timeout -s KILL secs` with stdout+stderr into out [cap];
+ * returns its exit code (128 + signal when killed). MODPIPE_TEST_VERBOSE echoes it. */
+static inline int tu_run(char *out, size_t cap, int secs, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static inline int tu_run(char *out, size_t cap, int secs, const char *fmt, ...)
+{
+    char cmd[8192], full[8400];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    snprintf(full, sizeof full, "timeout -s KILL %d sh -c '%s' 2>&1", secs, cmd);
+    FILE *p = popen(full, "r");
+    if (!p) return -1;
+    size_t n = fread(out, 1, cap - 1, p);
+    out[n] = 0;
+    int st = pclose(p);
+    int rc = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+    if (getenv("MODPIPE_TEST_VERBOSE")) fprintf(stderr, "\n$ %s\n[rc %d]\n%s", cmd, rc, out);
+    return rc;
+}
+
+/* max |a-b| / max |b| over two .npy float32 files of one shape (NaN where both are NaN is
+ * equal); +inf when unreadable, shapes differ or only one is NaN somewhere. */
+static inline double tu_npy_rel_err(const char *a, const char *b)
+{
+    float *x = NULL, *y = NULL;
+    int na = 0, nb = 0;
+    int64_t sa[8], sb[8];
+    char err[256];
+    double rel = INFINITY;
+    if (!npy_read_f32(a, &x, &na, sa, err, sizeof err) && !npy_read_f32(b, &y, &nb, sb, err, sizeof err) &&
+        na == nb && !memcmp(sa, sb, (size_t)na * sizeof *sa)) {
+        size_t n = 1;
+        for (int i = 0; i < na; i++) n *= (size_t)sa[i];
+        double md = 0, mb = 0;
+        for (size_t i = 0; i < n; i++) {
+            if (isnan(x[i]) || isnan(y[i])) {
+                if (isnan(x[i]) != isnan(y[i])) md = INFINITY;
+                continue;
+            }
+            double d = fabs((double)x[i] - y[i]);
+            if (d > md) md = d;
+            if (fabs(y[i]) > mb) mb = fabs(y[i]);
+        }
+        rel = mb > 0 ? md / mb : md;
+    }
+    free(x);
+    free(y);
+    return rel;
+}
 
 #endif
