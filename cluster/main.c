@@ -81,7 +81,8 @@ static const opt_def OPTS[] = {
      "N (OpenBLAS splits rows between threads); with several ranks per node keep 1"},
     {"max-in-flight", "K", C_GEN | C_EVAL, 0, "micro-batches in flight at once (default 2 x stages)"},
     {"stages", "auto|A-B,...", C_GEN | C_EVAL | C_PART, 0,
-     "layer range of each stage, e.g. 0-3,4-7 (one per rank), or auto (default)"},
+     "layer range of each stage, e.g. 0-3,4-7 (one per stage), or auto (default); A-B:K gives "
+     "that stage K ranks (YAML: stages: [{layers: \"0-3\", ranks: 2}, ...])"},
     {"tp", "K", C_GEN | C_EVAL | C_PART, 0,
      "tensor parallelism: every stage spans K ranks (-np = stages x K; ScaLAPACK inside a "
      "stage, only each stage's first rank sends pipeline packets). Default 1"},
@@ -453,46 +454,87 @@ static void run_setup_free(run_setup *r)
     seqs_free(&r->sq);
 }
 
-/* Plan from --stages (explicit ranges or auto) for n stages. */
-static int make_plan(const opts *o, const stage_config *cfg, int n, cluster_plan *plan, char *err,
-                     size_t errlen)
+/* Plan from --stages (explicit ranges or auto) and the ranks of each stage (--tp K, or per
+ * stage: "0-2:2" on the command line, {layers: "0-2", ranks: 2} in YAML, which the YAML
+ * reader hands over as "layers=0-2 ranks=2"). part_n > 0 (partition -n N): N stages of K
+ * ranks; else the stages come from the job's `world` ranks: world / K, or one per range when
+ * the ranges give their own ranks (a stage without one gets K). */
+static int make_plan(const opts *o, const stage_config *cfg, int world, int part_n,
+                     cluster_plan *plan, char *err, size_t errlen)
 {
     const opt_val *v = &o->v[opt_index("stages")];
-    if (!v->n || (v->n == 1 && !strcmp(v->vals[0], "auto")))
-        return cluster_partition_auto(cfg, n, plan, err, errlen);
-    /* ranges: a YAML list, or one comma-separated string */
+    long tp;
+    if (opt_long(o, "tp", 1, 64, 1, &tp, err, errlen)) return -1;
     char *ranges[256] = {0};
-    int nr = 0;
+    int ks[256] = {0}, nr = 0, any_k = 0, rc = 0;
     char buf[4096];
-    for (int i = 0; i < v->n; i++) {
+    int is_auto = !v->n || (v->n == 1 && !strcmp(v->vals[0], "auto"));
+    for (int i = 0; !is_auto && !rc && i < v->n; i++) {
         snprintf(buf, sizeof buf, "%s", v->vals[i]);
-        for (char *t = strtok(buf, ", "); t && nr < 256; t = strtok(NULL, ", ")) ranges[nr++] = strdup(t);
+        if (strchr(buf, '=')) { /* a YAML mapping item */
+            char *lay = NULL;
+            long k = 0;
+            for (char *t = strtok(buf, " "); t && !rc; t = strtok(NULL, " ")) {
+                char *eq = strchr(t, '='), *end = NULL;
+                *eq = 0;
+                if (!strcmp(t, "layers")) lay = eq + 1;
+                else if (!strcmp(t, "ranks") && (k = strtol(eq + 1, &end, 10), *end || k < 1 || k > 64)) {
+                    snprintf(err, errlen, "%s: stage %d: ranks must be 1..64, got '%s'", v->origin, nr + 1, eq + 1);
+                    rc = -1;
+                } else if (strcmp(t, "ranks")) {
+                    snprintf(err, errlen, "%s: stage %d: unknown key '%s' (layers, ranks)", v->origin, nr + 1, t);
+                    rc = -1;
+                }
+            }
+            if (!rc && !lay) {
+                snprintf(err, errlen, "%s: stage %d has no layers", v->origin, nr + 1);
+                rc = -1;
+            }
+            if (!rc && nr < 256) {
+                ks[nr] = (int)k;
+                any_k |= k > 0;
+                ranges[nr++] = strdup(lay);
+            }
+            continue;
+        }
+        for (char *t = strtok(buf, ", "); t && nr < 256 && !rc; t = strtok(NULL, ", ")) {
+            char *colon = strchr(t, ':'), *end = NULL;
+            if (colon) {
+                long k = strtol(colon + 1, &end, 10);
+                if (*end || k < 1 || k > 64) {
+                    snprintf(err, errlen, "%s: '%s': ranks after ':' must be 1..64", v->origin, t);
+                    rc = -1;
+                }
+                *colon = 0;
+                ks[nr] = (int)k;
+                any_k = 1;
+            }
+            ranges[nr++] = strdup(t);
+        }
     }
-    char e2[512];
-    int rc = cluster_partition_explicit(cfg, (const char *const *)ranges, nr, n, plan, e2, sizeof e2);
-    if (rc) snprintf(err, errlen, "%s: %s", v->origin, strncmp(e2, "stages: ", 8) ? e2 : e2 + 8);
+    int n = part_n;
+    if (!rc && n <= 0) {
+        if (any_k) n = nr;
+        else if (world % tp) {
+            snprintf(err, errlen, "-np %d is not a multiple of --tp %ld (every stage spans %ld ranks)",
+                     world, tp, tp);
+            rc = -1;
+        } else n = world / (int)tp;
+    }
+    if (!rc && is_auto) rc = cluster_partition_auto(cfg, n, plan, err, errlen);
+    else if (!rc) {
+        char e2[512];
+        rc = cluster_partition_explicit(cfg, (const char *const *)ranges, nr, n, plan, e2, sizeof e2);
+        if (rc) snprintf(err, errlen, "%s: %s", v->origin, strncmp(e2, "stages: ", 8) ? e2 : e2 + 8);
+    }
+    for (int s = 0; !rc && s < plan->n_stages; s++) plan->st[s].ranks = ks[s] > 0 ? ks[s] : (int)tp;
     for (int i = 0; i < nr; i++) free(ranges[i]);
     return rc;
-}
-
-/* --tp K: stages = ranks / K (the count must divide). */
-static int tp_stages(const opts *o, int n_ranks, long *k, int *n_stages, char *err, size_t errlen)
-{
-    if (opt_long(o, "tp", 1, 64, 1, k, err, errlen)) return -1;
-    if (n_ranks % *k) {
-        snprintf(err, errlen, "-np %d is not a multiple of --tp %ld (every stage spans %ld ranks)",
-                 n_ranks, *k, *k);
-        return -1;
-    }
-    *n_stages = n_ranks / (int)*k;
-    return 0;
 }
 
 static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *err, size_t errlen)
 {
     memset(r, 0, sizeof *r);
-    long tp;
-    if (tp_stages(o, n_ranks, &tp, &n_ranks, err, errlen)) return -1; /* n_ranks: stages now */
     const char *model = opt_str(o, "model");
     if (!model) { snprintf(err, errlen, "--model DIR is required (see modpipe %s --help)", cmd_name(cmd)); return -1; }
     if (stage_config_load(model, &r->cfg, err, errlen)) return -1;
@@ -555,7 +597,7 @@ static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *er
     long mb, inflight;
     double tmo;
     if (opt_long(o, "micro-batch", 1, 1 << 20, 32, &mb, err, errlen)) return -1;
-    if (opt_long(o, "max-in-flight", 1, 4096, 2L * n_ranks, &inflight, err, errlen)) return -1;
+    if (opt_long(o, "max-in-flight", 1, 4096, 0, &inflight, err, errlen)) return -1;
     if (opt_double(o, "timeout", 1.0, 1e7, 300.0, &tmo, err, errlen)) return -1;
     long threads;
     if (opt_long(o, "threads", 1, 1024, 1, &threads, err, errlen)) return -1;
@@ -589,10 +631,10 @@ static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *er
     ro->dump_path = opt_str(o, "dump-logits");
     ro->stats_path = opt_str(o, "stats");
     ro->progress = !opt_has(o, "quiet");
-    if (make_plan(o, cfg, n_ranks, &r->plan, err, errlen)) return -1;
+    if (make_plan(o, cfg, n_ranks, 0, &r->plan, err, errlen)) return -1;
     r->have_plan = 1;
-    for (int s = 0; s < r->plan.n_stages; s++) r->plan.st[s].ranks = (int)tp;
     ro->plan = &r->plan;
+    if (!inflight) ro->max_in_flight = 2 * r->plan.n_stages; /* default 2 x stages */
     return 0;
 }
 
@@ -701,13 +743,12 @@ static int cmd_partition(int argc, char **argv)
     if (!rc && !opt_has(&o, "n")) { snprintf(err, sizeof err, "-n N (number of stages) is required"); rc = -1; }
     if (!rc) rc = opt_long(&o, "n", 1, 4096, 1, &n, err, sizeof err);
     if (!rc) rc = stage_config_load(model, &cfg, err, sizeof err);
-    long tp = 1;
-    if (!rc) rc = opt_long(&o, "tp", 1, 64, 1, &tp, err, sizeof err);
-    if (!rc) rc = make_plan(&o, &cfg, (int)n, &plan, err, sizeof err);
+    if (!rc) rc = make_plan(&o, &cfg, 0, (int)n, &plan, err, sizeof err);
     if (!rc) {
-        for (int s = 0; s < plan.n_stages; s++) plan.st[s].ranks = (int)tp;
+        int world = 0;
+        for (int s = 0; s < plan.n_stages; s++) world += cluster_stage_ranks(&plan.st[s]);
         cluster_topo topo; /* K must split the heads */
-        rc = cluster_topo_init(&topo, &plan, plan.n_stages * (int)tp, &cfg, err, sizeof err);
+        rc = cluster_topo_init(&topo, &plan, world, &cfg, err, sizeof err);
         cluster_topo_free(&topo);
         if (rc) cluster_plan_free(&plan);
     }

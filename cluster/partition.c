@@ -564,6 +564,33 @@ static void kinds_text(const stage_config *c, int a, int b, char *buf, size_t ca
     }
 }
 
+/* Tensor-parallel stages (issue 10): which ranks form each stage, and the weights per rank
+ * (the big matrices are split K ways; norms and routers, small, are whole on every rank). */
+static void print_rank_groups(const cluster_plan *plan, FILE *out)
+{
+    const int S = plan->n_stages;
+    int total = 0, uniform = 1, any = 0;
+    for (int t = 0; t < S; t++) {
+        int K = plan->st[t].ranks > 0 ? plan->st[t].ranks : 1;
+        total += K;
+        any |= K > 1;
+        uniform &= K == (plan->st[0].ranks > 0 ? plan->st[0].ranks : 1);
+    }
+    if (!any) return;
+    if (uniform)
+        fprintf(out, "tensor parallel: %d stage%s x %d ranks = mpirun -np %d\n", S, S == 1 ? "" : "s",
+                plan->st[0].ranks, total);
+    else
+        fprintf(out, "tensor parallel: %d stages of their own rank counts = mpirun -np %d\n", S, total);
+    int r = 0;
+    for (int t = 0; t < S; t++) {
+        int K = plan->st[t].ranks > 0 ? plan->st[t].ranks : 1;
+        fprintf(out, "  stage %d: ranks %d-%d (leader %d), ~%.2f MiB of weights per rank\n", t, r,
+                r + K - 1, r, (double)plan->st[t].weight_bytes / K / (1024.0 * 1024.0));
+        r += K;
+    }
+}
+
 void cluster_plan_print(const stage_config *cfg, const cluster_plan *plan, FILE *out)
 {
     if (!cfg || !plan || !out || plan->n_stages < 1 || !plan->st)
@@ -621,6 +648,7 @@ void cluster_plan_print(const stage_config *cfg, const cluster_plan *plan, FILE 
         }
     }
     fprintf(out, "total weights %.2f MiB (as f32 in memory)\n", total_mib);
+    print_rank_groups(plan, out);
 
     fprintf(out, "notes:\n");
     fprintf(out, "  - compute = expected FLOPs per token: routed layers (mod, mode_staged) at "

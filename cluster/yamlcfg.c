@@ -143,6 +143,32 @@ static int add_value(flat_ctx *c, const char *key, const yaml_node_t *kn, const 
     }
     for (int i = 0; i < n; i++) {
         const yaml_node_t *item = yaml_document_get_node(c->doc, vn->data.sequence.items.start[i]);
+        if (item->type == YAML_MAPPING_NODE) { /* a flat mapping: "k=v k=v" (cluster/yamlcfg.h) */
+            char flat[1024] = "";
+            size_t len = 0;
+            for (yaml_node_pair_t *pr = item->data.mapping.pairs.start;
+                 pr < item->data.mapping.pairs.top; pr++) {
+                const yaml_node_t *k = yaml_document_get_node(c->doc, pr->key);
+                const yaml_node_t *val = yaml_document_get_node(c->doc, pr->value);
+                if (k->type != YAML_SCALAR_NODE || val->type != YAML_SCALAR_NODE ||
+                    strpbrk((const char *)k->data.scalar.value, "= ") ||
+                    strpbrk((const char *)val->data.scalar.value, "= ")) {
+                    char what[300];
+                    snprintf(what, sizeof what, "%s: item %d: a mapping in a list may only hold "
+                             "plain key: value pairs without '=' or spaces", key, i + 1);
+                    return node_err(c->path, item, c->err, c->errlen, what);
+                }
+                len += (size_t)snprintf(flat + len, len < sizeof flat ? sizeof flat - len : 0, "%s%s=%s",
+                                        len ? " " : "", (const char *)k->data.scalar.value,
+                                        (const char *)val->data.scalar.value);
+            }
+            if (len >= sizeof flat) return node_err(c->path, item, c->err, c->errlen, "list item too long");
+            e->vals[i] = dup_str(flat);
+            if (!e->vals[i])
+                goto oom;
+            e->n_vals = i + 1;
+            continue;
+        }
         if (item->type != YAML_SCALAR_NODE) {
             char what[300];
             snprintf(what, sizeof what, "%s: item %d is a %s; only lists of plain values are "

@@ -1,13 +1,15 @@
 /* cluster/yamlcfg.h — YAML files (libyaml document API) as flat, located key/value entries.
  *
  * A YAML file whose root is a mapping is flattened: nested mappings give dotted keys
- * ("mod.capacity"); a value is a scalar or a sequence of scalars. Each entry remembers its
+ * ("mod.capacity"); a value is a scalar or a sequence of scalars. A sequence item may also
+ * be a flat mapping of plain values ({layers: "0-5", ranks: 2}): it becomes the one string
+ * "layers=0-5 ranks=2" (keys in file order; '=' and spaces inside them are an error). Each entry remembers its
  * 1-based line and column so every later complaint can say "file:line:col: ...".
  * An empty file is an empty mapping.
  *
  * Errors (return non-zero, one line in err, always "path:line:col: what"): file unreadable
  * (path only), YAML syntax errors (libyaml's problem at problem_mark, converted to 1-based),
- * root not a mapping, a non-scalar key, a sequence holding a mapping or a sequence, a key given
+ * root not a mapping, a non-scalar key, a sequence holding a sequence (or a nested mapping), a key given
  * twice, aliases/anchors.
  *
  * Ownership: cluster_yaml owns all strings; cluster_yaml_free(NULL) is a no-op.

@@ -164,7 +164,20 @@ static void test_yaml_structure_errors(void)
                     "t.yaml:3:1: key mod.capacity given twice (first value at 2:13)");
     expect_yaml_err("m:\n  x: 1\n  x: 2\n", "t.yaml:3:3: key m.x given twice");
     expect_yaml_err("a:\n  - [1, 2]\n", "t.yaml:2:5: a: item 1 is a list");
-    expect_yaml_err("a:\n  - ok\n  - k: v\n", "t.yaml:3:5: a: item 2 is a mapping");
+    /* a list item may be a flat mapping ("k=v k=v"), not a nested one */
+    expect_yaml_err("a:\n  - ok\n  - k: {x: 1}\n", "t.yaml:3:5: a: item 2: a mapping in a list may only hold plain");
+    expect_yaml_err("a:\n  - k: x=1\n", "t.yaml:2:5: a: item 1: a mapping in a list");
+    {
+        const char *txt = "stages:\n  - {layers: \"0-2\", ranks: 2}\n  - layers: 3-5\n";
+        cluster_yaml y;
+        char err[256];
+        CU_ASSERT_EQUAL_FATAL(cluster_yaml_parse(txt, strlen(txt), "t.yaml", &y, err, sizeof err), 0);
+        const cluster_yaml_entry *e = cluster_yaml_get(&y, "stages");
+        CU_ASSERT_FATAL(e && e->is_list && e->n_vals == 2);
+        CU_ASSERT_STRING_EQUAL(e->vals[0], "layers=0-2 ranks=2");
+        CU_ASSERT_STRING_EQUAL(e->vals[1], "layers=3-5");
+        cluster_yaml_free(&y);
+    }
     expect_yaml_err("? [a, b]\n: 1\n", "t.yaml:1:3: a key must be a plain value");
     expect_yaml_err("a: &x 1\nb: 2\n", "t.yaml:1:4: anchors (&name) are not supported");
     expect_yaml_err("a: &x 1\nb: *x\n", "t.yaml:1:4: anchors");

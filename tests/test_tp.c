@@ -178,6 +178,38 @@ static void test_bad_input_tp(void)
     CU_ASSERT(rc != 0 && rc < 128);
 }
 
+/* Different K per stage: "A-B:K" on the command line, {layers, ranks} items in YAML. */
+static void test_stage_ranks(void)
+{
+    char got[512], want[512], yaml[512];
+    snprintf(want, sizeof want, "%s/mode_staged.generate.npy", FIX);
+    snprintf(got, sizeof got, "%s/ranks-cli.npy", TMP);
+    int rc = tu_run(OUT, sizeof OUT, 120, "%s -np 3 %s generate --model %s/mode_staged %s --max-new 5 "
+                    "--stages 0-2:2,3-5 --quiet --dump-logits %s", MPIRUN, BIN, FIX, PROMPTS, got);
+    CU_ASSERT_EQUAL(rc, 0);
+    CU_ASSERT(tokens_match("mode_staged"));
+    check_rel(got, want, "mode_staged --stages 0-2:2,3-5");
+    snprintf(yaml, sizeof yaml, "%s/st.yaml", TMP);
+    FILE *f = fopen(yaml, "w");
+    CU_ASSERT_FATAL(f != NULL);
+    fprintf(f, "stages:\n  - {layers: \"0-2\", ranks: 1}\n  - layers: 3-5\n    ranks: 2\n");
+    fclose(f);
+    snprintf(got, sizeof got, "%s/ranks-yaml.npy", TMP);
+    rc = tu_run(OUT, sizeof OUT, 120, "%s -np 3 %s generate --model %s/mode_staged %s --max-new 5 "
+                "--config %s --quiet --dump-logits %s", MPIRUN, BIN, FIX, PROMPTS, yaml, got);
+    CU_ASSERT_EQUAL(rc, 0);
+    CU_ASSERT(tokens_match("mode_staged"));
+    check_rel(got, want, "mode_staged YAML stages 0-2 x1, 3-5 x2");
+    /* the ranks must add up to -np */
+    rc = tu_run(OUT, sizeof OUT, 60, "%s -np 4 %s generate --model %s/mode_staged --prompt-ids 1,2 "
+                "--config %s --quiet", MPIRUN, BIN, FIX, yaml);
+    CU_ASSERT(rc != 0 && rc < 128);
+    ASSERT_HAS(OUT, "the plan's stages need 3 ranks in all but the job has 4");
+    rc = tu_run(OUT, sizeof OUT, 30, "%s partition --model %s/dense -n 2 --stages 0-2:2,3-5:x", BIN, FIX);
+    CU_ASSERT(rc != 0 && rc < 128);
+    ASSERT_HAS(OUT, "ranks after ':' must be 1..64");
+}
+
 static void test_partition_tp(void)
 {
     int rc = tu_run(OUT, sizeof OUT, 30, "%s partition --model %s/dense -n 2 --tp 2", BIN, FIX);
@@ -202,6 +234,7 @@ int main(void)
     CU_add_test(s, "generate, every fixture, --tp 2 at -np 2 and 4 = known answers", test_generate_tp);
     CU_add_test(s, "eval incl. topk, --tp 2 at -np 2 and 4 = known answers", test_eval_tp);
     CU_add_test(s, "stats: same links, group bytes, weights and KV per rank", test_stats_tp);
+    CU_add_test(s, "K per stage (--stages A-B:K, YAML {layers, ranks}) = known answers", test_stage_ranks);
     CU_add_test(s, "partition prints the rank groups", test_partition_tp);
     CU_add_test(s, "bad input: -np, heads, grid", test_bad_input_tp);
     CU_basic_set_mode(CU_BRM_VERBOSE);
