@@ -1,7 +1,13 @@
 /* cluster/pipeline.h — the distributed program: the pipeline loop + the batch job (SPEC §4).
  *
  * Every rank of `comm` is one stage (-np 1 is the same code with a single stage that is also
- * the head). Data path, per micro-batch:
+ * the head) — unless the plan gives stages several ranks (plan->st[s].ranks, --tp K,
+ * cluster/topo.h): then each stage is a group of ranks, its first rank (the leader) is the
+ * stage in everything below (the loop runs on a communicator of the leaders, where leader s
+ * has rank s: packets, tags and byte counts are those of a one-rank-per-stage run), and the
+ * other ranks of the group repeat the stage's layer work with it (stage/tp.h, stage.h
+ * "tensor-parallel stages"); cluster_loop_step / _close on them follow the leader until it
+ * closes, and cluster_loop_rank is -1 there. Data path, per micro-batch:
  *   stage 0: the scheduler's rows -> embed -> layers -> route rows onward
  *   stage s: receive chain packet (+ the bypass packets it announces) -> layers -> route
  *   head   : ... -> logits of the rows that need them -> sample / NLL -> tokens to stage 0
@@ -57,7 +63,7 @@ typedef enum { CLUSTER_DUMP_BY_STEP = 0, CLUSTER_DUMP_BY_POS } cluster_dump_inde
 typedef struct {
     const char *model_dir;
     const stage_config *cfg;
-    const cluster_plan *plan;   /* n_stages == ranks of comm */
+    const cluster_plan *plan;   /* its stages' ranks add up to the ranks of comm */
     int slots, ctx;             /* KV slot pool: slots x ctx positions, sized at open */
     int max_rows;               /* the most rows a micro-batch will have (workspace) */
     int max_in_flight;          /* micro-batches in flight (>= 1) */

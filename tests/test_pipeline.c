@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "stage/npy.h"
+#include "testutil.h"
 
 static const char *BIN, *FIX;
 static char TMP[256];
@@ -30,24 +31,7 @@ static const char *PROMPTS = "--prompt-ids 3,14,15,92,65,35 --prompt-ids 89,79 -
 static char OUT[1 << 16];
 
 /* Run a shell command (stdout+stderr into OUT), killed after `secs`. Returns the exit code. */
-static int run(int secs, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int run(int secs, const char *fmt, ...)
-{
-    char cmd[8192], full[8400];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof cmd, fmt, ap);
-    va_end(ap);
-    snprintf(full, sizeof full, "timeout -s KILL %d sh -c '%s' 2>&1", secs, cmd);
-    FILE *p = popen(full, "r");
-    if (!p) return -1;
-    size_t n = fread(OUT, 1, sizeof OUT - 1, p);
-    OUT[n] = 0;
-    int st = pclose(p);
-    int rc = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-    if (getenv("MODPIPE_TEST_VERBOSE")) fprintf(stderr, "\n$ %s\n[rc %d]\n%s", cmd, rc, OUT);
-    return rc;
-}
+#define run(secs, ...) tu_run(OUT, sizeof OUT, (secs), __VA_ARGS__)
 
 static int files_identical(const char *a, const char *b)
 {
@@ -63,52 +47,9 @@ static int files_identical(const char *a, const char *b)
     return same;
 }
 
-/* max |a-b| / max |b| of two .npy files with the same shape, or +inf on a mismatch */
-static double npy_rel_err(const char *a, const char *b)
-{
-    float *x = NULL, *y = NULL;
-    int na = 0, nb = 0;
-    int64_t sa[8], sb[8];
-    char err[256];
-    if (npy_read_f32(a, &x, &na, sa, err, sizeof err) || npy_read_f32(b, &y, &nb, sb, err, sizeof err)) {
-        fprintf(stderr, "%s\n", err);
-        free(x);
-        free(y);
-        return INFINITY;
-    }
-    double rel = INFINITY;
-    if (na == nb && !memcmp(sa, sb, (size_t)na * sizeof *sa)) {
-        size_t n = 1;
-        for (int i = 0; i < na; i++) n *= (size_t)sa[i];
-        double md = 0, mb = 0;
-        for (size_t i = 0; i < n; i++) {
-            double d = fabs((double)x[i] - y[i]);
-            if (d > md) md = d;
-            if (fabs(y[i]) > mb) mb = fabs(y[i]);
-        }
-        rel = md / mb;
-    }
-    free(x);
-    free(y);
-    return rel;
-}
-
-static cJSON *read_json(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    static char buf[1 << 20];
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[n] = 0;
-    return cJSON_Parse(buf);
-}
-
-static double jnum(const cJSON *o, const char *k)
-{
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
-    return cJSON_IsNumber(v) ? v->valuedouble : NAN;
-}
+#define npy_rel_err tu_npy_rel_err
+#define read_json tu_read_json
+#define jnum tu_jnum
 
 static const cJSON *find_link(const cJSON *stats, const char *name)
 {
@@ -123,16 +64,9 @@ static const cJSON *find_link(const cJSON *stats, const char *name)
 /* The generated lines of OUT must equal the fixture's M.generate.txt. */
 static int tokens_match(const char *model)
 {
-    char path[512], want[4096];
+    char path[512];
     snprintf(path, sizeof path, "%s/%s.generate.txt", FIX, model);
-    FILE *f = fopen(path, "r");
-    if (!f) return 0;
-    size_t n = fread(want, 1, sizeof want - 1, f);
-    fclose(f);
-    want[n] = 0;
-    for (char *line = strtok(want, "\n"); line; line = strtok(NULL, "\n"))
-        if (!strstr(OUT, line)) return 0;
-    return 1;
+    return tu_lines_in(OUT, path);
 }
 
 /* ---- exactness ----------------------------------------------------------------------------- */

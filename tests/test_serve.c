@@ -206,24 +206,8 @@ static const char *BIN, *SELF, *FIX;
 static char *TMP;
 static char OUT[1 << 17];
 
-static int run(int secs, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int run(int secs, const char *fmt, ...)
-{
-    char cmd[8192], full[8400];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof cmd, fmt, ap);
-    va_end(ap);
-    snprintf(full, sizeof full, "timeout -s KILL %d sh -c '%s' 2>&1", secs, cmd);
-    FILE *p = popen(full, "r");
-    if (!p) return -1;
-    size_t n = fread(OUT, 1, sizeof OUT - 1, p);
-    OUT[n] = 0;
-    int st = pclose(p);
-    int rc = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-    if (getenv("MODPIPE_TEST_VERBOSE")) fprintf(stderr, "\n$ %s\n[rc %d]\n%s", cmd, rc, OUT);
-    return rc;
-}
+/* a shell command, stdout+stderr into OUT, killed after secs (tests/testutil.h) */
+#define run(secs, ...) tu_run(OUT, sizeof OUT, (secs), __VA_ARGS__)
 
 static char want[NREQ][2048];
 static char prompts[512];

@@ -30,16 +30,9 @@ static const char *EVAL_MODELS[] = {"dense", "mod", "mod_topk", "mixed"};
 /* Every line of the fixture's M.generate.txt is in OUT. */
 static int tokens_match(const char *model)
 {
-    char path[512], want[4096];
+    char path[512];
     snprintf(path, sizeof path, "%s/%s.generate.txt", FIX, model);
-    FILE *f = fopen(path, "r");
-    if (!f) return 0;
-    size_t n = fread(want, 1, sizeof want - 1, f);
-    fclose(f);
-    want[n] = 0;
-    for (char *line = strtok(want, "\n"); line; line = strtok(NULL, "\n"))
-        if (!strstr(OUT, line)) return 0;
-    return 1;
+    return tu_lines_in(OUT, path);
 }
 
 static void check_rel(const char *got, const char *want, const char *what)
@@ -49,59 +42,35 @@ static void check_rel(const char *got, const char *want, const char *what)
     if (!(rel <= 1e-4)) fprintf(stderr, "\n%s: rel err %g vs the known answer\n", what, rel);
 }
 
+/* `modpipe KIND` of fixture m at -np 2 and -np 4 (--tp 2): the known logits (and tokens). */
+static void check_tp(const char *kind, const char *m, const char *args)
+{
+    for (int np = 2; np <= 4; np += 2) {
+        char got[512], want[512], what[128];
+        snprintf(got, sizeof got, "%s/%s-%s-np%d.npy", TMP, m, kind, np);
+        snprintf(want, sizeof want, "%s/%s.%s.npy", FIX, m, kind);
+        snprintf(what, sizeof what, "%s %s -np %d --tp 2", m, kind, np);
+        int rc = tu_run(OUT, sizeof OUT, 120, "%s -np %d %s %s --model %s/%s %s --tp 2 --quiet "
+                        "--dump-logits %s", MPIRUN, np, BIN, kind, FIX, m, args, got);
+        CU_ASSERT_EQUAL(rc, 0);
+        if (rc) { fprintf(stderr, "\n%s: rc %d\n%s", what, rc, OUT); continue; }
+        if (!strcmp(kind, "generate")) CU_ASSERT(tokens_match(m));
+        check_rel(got, want, what);
+    }
+}
+
 static void test_generate_tp(void)
 {
-    for (size_t i = 0; i < sizeof GEN_MODELS / sizeof *GEN_MODELS; i++) {
-        const char *m = GEN_MODELS[i];
-        for (int np = 2; np <= 4; np += 2) {
-            char got[512], want[512], what[128];
-            snprintf(got, sizeof got, "%s/%s-gen-np%d.npy", TMP, m, np);
-            snprintf(want, sizeof want, "%s/%s.generate.npy", FIX, m);
-            snprintf(what, sizeof what, "%s generate -np %d --tp 2", m, np);
-            int rc = tu_run(OUT, sizeof OUT, 120, "%s -np %d %s generate --model %s/%s %s --max-new 5 "
-                            "--tp 2 --quiet --dump-logits %s", MPIRUN, np, BIN, FIX, m, PROMPTS, got);
-            CU_ASSERT_EQUAL(rc, 0);
-            if (rc) { fprintf(stderr, "\n%s: rc %d\n%s", what, rc, OUT); continue; }
-            CU_ASSERT(tokens_match(m));
-            check_rel(got, want, what);
-        }
-    }
+    char args[512];
+    snprintf(args, sizeof args, "%s --max-new 5", PROMPTS);
+    for (size_t i = 0; i < sizeof GEN_MODELS / sizeof *GEN_MODELS; i++) check_tp("generate", GEN_MODELS[i], args);
 }
 
 static void test_eval_tp(void)
 {
-    for (size_t i = 0; i < sizeof EVAL_MODELS / sizeof *EVAL_MODELS; i++) {
-        const char *m = EVAL_MODELS[i];
-        for (int np = 2; np <= 4; np += 2) {
-            char got[512], want[512], what[128];
-            snprintf(got, sizeof got, "%s/%s-eval-np%d.npy", TMP, m, np);
-            snprintf(want, sizeof want, "%s/%s.eval.npy", FIX, m);
-            snprintf(what, sizeof what, "%s eval -np %d --tp 2", m, np);
-            int rc = tu_run(OUT, sizeof OUT, 120, "%s -np %d %s eval --model %s/%s --tokens-file "
-                            "%s/eval_tokens.txt --micro-batch 8 --tp 2 --quiet --dump-logits %s",
-                            MPIRUN, np, BIN, FIX, m, FIX, got);
-            CU_ASSERT_EQUAL(rc, 0);
-            if (rc) { fprintf(stderr, "\n%s: rc %d\n%s", what, rc, OUT); continue; }
-            check_rel(got, want, what);
-        }
-    }
-}
-
-static cJSON *read_json(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    static char buf[1 << 20];
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[n] = 0;
-    return cJSON_Parse(buf);
-}
-
-static double jnum(const cJSON *o, const char *k)
-{
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
-    return cJSON_IsNumber(v) ? v->valuedouble : NAN;
+    char args[512];
+    snprintf(args, sizeof args, "--tokens-file %s/eval_tokens.txt --micro-batch 8", FIX);
+    for (size_t i = 0; i < sizeof EVAL_MODELS / sizeof *EVAL_MODELS; i++) check_tp("eval", EVAL_MODELS[i], args);
 }
 
 static const cJSON *jat(const cJSON *o, const char *arr, int i)
@@ -119,36 +88,36 @@ static void test_stats_tp(void)
                                  "--max-new 5 --quiet --stats %s", MPIRUN, BIN, FIX, PROMPTS, s1), 0);
     CU_ASSERT_EQUAL_FATAL(tu_run(OUT, sizeof OUT, 120, "%s -np 4 %s generate --model %s/mod %s "
                                  "--max-new 5 --tp 2 --quiet --stats %s", MPIRUN, BIN, FIX, PROMPTS, s2), 0);
-    cJSON *a = read_json(s1), *b = read_json(s2);
+    cJSON *a = tu_read_json(s1), *b = tu_read_json(s2);
     CU_ASSERT_FATAL(a && b);
     /* the sparse pipeline is the same: same links, same bytes */
     const cJSON *ta = cJSON_GetObjectItemCaseSensitive(a, "total"), *tb = cJSON_GetObjectItemCaseSensitive(b, "total");
-    CU_ASSERT(jnum(ta, "wire_bytes") > 0);
-    CU_ASSERT_EQUAL(jnum(ta, "wire_bytes"), jnum(tb, "wire_bytes"));
-    CU_ASSERT_EQUAL(jnum(ta, "payload_bytes"), jnum(tb, "payload_bytes"));
-    CU_ASSERT_EQUAL(jnum(ta, "dense_bytes"), jnum(tb, "dense_bytes"));
-    CU_ASSERT_EQUAL(jnum(ta, "tp_bytes"), 0);
-    CU_ASSERT(jnum(tb, "tp_bytes") > 0);
+    CU_ASSERT(tu_jnum(ta, "wire_bytes") > 0);
+    CU_ASSERT_EQUAL(tu_jnum(ta, "wire_bytes"), tu_jnum(tb, "wire_bytes"));
+    CU_ASSERT_EQUAL(tu_jnum(ta, "payload_bytes"), tu_jnum(tb, "payload_bytes"));
+    CU_ASSERT_EQUAL(tu_jnum(ta, "dense_bytes"), tu_jnum(tb, "dense_bytes"));
+    CU_ASSERT_EQUAL(tu_jnum(ta, "tp_bytes"), 0);
+    CU_ASSERT(tu_jnum(tb, "tp_bytes") > 0);
     /* known count for a dense layer (D 64, q 64, I 128, K 2): per row q,k,v,gate,up take x (4 D
      * floats with q), o takes q and gathers D, down takes I and gathers D:
      * (3D + qd + D + 2D + I + D) floats = 640 floats = 2560 bytes per row, times K-1 */
     const cJSON *l0 = jat(b, "layers", 0);
     CU_ASSERT_STRING_EQUAL(cJSON_GetObjectItemCaseSensitive(l0, "type")->valuestring, "dense");
-    CU_ASSERT(jnum(l0, "rows") > 0);
-    CU_ASSERT_EQUAL(jnum(l0, "tp_bytes"), jnum(l0, "rows") * 2560.0);
+    CU_ASSERT(tu_jnum(l0, "rows") > 0);
+    CU_ASSERT_EQUAL(tu_jnum(l0, "tp_bytes"), tu_jnum(l0, "rows") * 2560.0);
     double sum_layers = 0;
-    for (int l = 0; l < 6; l++) sum_layers += jnum(jat(b, "layers", l), "tp_bytes");
-    double io = jnum(jat(b, "stages", 0), "tp_io_bytes") + jnum(jat(b, "stages", 1), "tp_io_bytes");
+    for (int l = 0; l < 6; l++) sum_layers += tu_jnum(jat(b, "layers", l), "tp_bytes");
+    double io = tu_jnum(jat(b, "stages", 0), "tp_io_bytes") + tu_jnum(jat(b, "stages", 1), "tp_io_bytes");
     CU_ASSERT(io > 0);
-    CU_ASSERT(fabs(jnum(tb, "tp_bytes") - sum_layers - io) < 0.5);
+    CU_ASSERT(fabs(tu_jnum(tb, "tp_bytes") - sum_layers - io) < 0.5);
     /* per rank: KV exactly half (heads split), weights about half (norms, routers, embedding
      * lookup stay whole on the leader) */
     for (int s = 0; s < 2; s++) {
         const cJSON *ea = jat(a, "stages", s), *eb = jat(b, "stages", s);
-        CU_ASSERT_EQUAL(jnum(eb, "ranks"), 2);
-        CU_ASSERT_EQUAL(jnum(eb, "kv_bytes_allocated") * 2, jnum(ea, "kv_bytes_allocated"));
+        CU_ASSERT_EQUAL(tu_jnum(eb, "ranks"), 2);
+        CU_ASSERT_EQUAL(tu_jnum(eb, "kv_bytes_allocated") * 2, tu_jnum(ea, "kv_bytes_allocated"));
     }
-    double w1 = jnum(jat(a, "stages", 1), "weight_bytes"), w2 = jnum(jat(b, "stages", 1), "weight_bytes");
+    double w1 = tu_jnum(jat(a, "stages", 1), "weight_bytes"), w2 = tu_jnum(jat(b, "stages", 1), "weight_bytes");
     CU_ASSERT(w2 < 0.55 * w1 && w2 > 0.45 * w1);
     cJSON_Delete(a);
     cJSON_Delete(b);

@@ -4,6 +4,7 @@
 #define TESTS_TESTUTIL_H
 
 #include <CUnit/CUnit.h>
+#include <cJSON.h>
 #include <dirent.h>
 #include <math.h>
 #include <stdarg.h>
@@ -106,6 +107,41 @@ static inline double tu_npy_rel_err(const char *a, const char *b)
     free(x);
     free(y);
     return rel;
+}
+
+/* 1 when every line of the text file at `path` occurs somewhere in `out`, 0 otherwise (or
+ * when the file cannot be read). */
+static inline int tu_lines_in(const char *out, const char *path)
+{
+    char want[4096];
+    FILE *f = fopen(path, "r");
+    if (!f) return 0;
+    size_t n = fread(want, 1, sizeof want - 1, f);
+    fclose(f);
+    want[n] = 0;
+    char *save = NULL;
+    for (char *line = strtok_r(want, "\n", &save); line; line = strtok_r(NULL, "\n", &save))
+        if (!strstr(out, line)) return 0;
+    return 1;
+}
+
+/* A JSON file (up to 1 MiB) parsed, or NULL; cJSON_Delete it. */
+static inline cJSON *tu_read_json(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    static char buf[1 << 20];
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    return cJSON_Parse(buf);
+}
+
+/* Number o[k], NaN when absent or not a number. */
+static inline double tu_jnum(const cJSON *o, const char *k)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
+    return cJSON_IsNumber(v) ? v->valuedouble : NAN;
 }
 
 #endif
