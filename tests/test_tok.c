@@ -599,6 +599,41 @@ static void test_errors(void)
     tok_free(NULL);
 }
 
+/* Regex limits: a real pattern on a 1M-space run (Llama-3's \s*[\r\n]+ backtracks over the
+ * whole run once) must work; a catastrophic one must fail with a message, not hang. */
+static void test_regex_limits(void)
+{
+    tok_tokenizer *t;
+    char err[512];
+    CU_ASSERT_FATAL(tok_load(path_of("tok/llama3style"), &t, err, sizeof err) == 0);
+    size_t n = 1000000;
+    char *sp = malloc(n);
+    CU_ASSERT_FATAL(sp != NULL);
+    memset(sp, ' ', n);
+    int32_t *ids;
+    int ni;
+    int rc = tok_encode(t, sp, n, 0, &ids, &ni, err, sizeof err);
+    if (rc) fprintf(stderr, "\n  %s\n", err);
+    CU_ASSERT_FATAL(rc == 0);
+    char *back;
+    size_t bl;
+    CU_ASSERT_FATAL(tok_decode(t, ids, ni, 0, &back, &bl, err, sizeof err) == 0);
+    CU_ASSERT(bl == n && memcmp(back, sp, n) == 0);
+    free(back);
+    free(ids);
+    free(sp);
+    tok_free(t);
+
+    const char *json = "{\"pre_tokenizer\": {\"type\": \"Split\", \"pattern\": {\"Regex\": "
+                       "\"(a+)+$\"}, \"behavior\": \"Isolated\"}, \"model\": {\"type\": \"BPE\", "
+                       "\"vocab\": {\"a\": 0, \"b\": 1}, \"merges\": []}}";
+    CU_ASSERT_FATAL(tok_load_json("evil", json, strlen(json), &t, err, sizeof err) == 0);
+    const char *text = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaab";
+    CU_ASSERT(tok_encode(t, text, strlen(text), 0, &ids, &ni, err, sizeof err) != 0);
+    ASSERT_HAS(err, "regex match failed: match limit exceeded");
+    tok_free(t);
+}
+
 int main(void)
 {
     FIX = getenv("MODPIPE_FIXTURES") && *getenv("MODPIPE_FIXTURES") ? getenv("MODPIPE_FIXTURES")
@@ -615,6 +650,8 @@ int main(void)
     CU_add_test(s, "hand-made: merges, ignore_merges, unk, Split behaviours, added tokens, configs",
                 test_hand_made);
     CU_add_test(s, "load / encode / decode errors", test_errors);
+    CU_add_test(s, "regex limits: long whitespace run works, catastrophic pattern fails",
+                test_regex_limits);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();
     unsigned failures = CU_get_number_of_failures();
