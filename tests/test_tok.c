@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 
 #include "tests/testutil.h"
 #include "tok/tok.h"
@@ -634,6 +635,85 @@ static void test_regex_limits(void)
     tok_free(t);
 }
 
+/* ------------------------------------------------------------------ CLI */
+
+/* Run `$MODPIPE args` through the shell; stdout+stderr into out, returns the exit code. */
+static int run_cli(const char *args, char *out, size_t cap)
+{
+    const char *bin = getenv("MODPIPE") && *getenv("MODPIPE") ? getenv("MODPIPE") : "build/modpipe";
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "%s %s 2>&1", bin, args);
+    FILE *p = popen(cmd, "r");
+    if (!p) return -1;
+    size_t n = fread(out, 1, cap - 1, p);
+    out[n] = 0;
+    char rest[4096]; /* drain: a child writing into a closed pipe would die of SIGPIPE */
+    while (fread(rest, 1, sizeof rest, p) > 0) {
+    }
+    int st = pclose(p);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+static void test_cli(void)
+{
+    char out[8192], args[1024];
+    const char *m = path_of("stories260K");
+    snprintf(args, sizeof args, "tokenize --model %s --text 'Once upon a time'", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 0);
+    CU_ASSERT_STRING_EQUAL(out, "1 403 407 261 378\n");
+    snprintf(args, sizeof args, "tokenize --model %s --text 'Once upon a time<s>' --no-special", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 0);
+    ASSERT_HAS(out, "403 407 261 378 ");
+    CU_ASSERT(strncmp(out, "1 ", 2) != 0);
+    snprintf(args, sizeof args, "detokenize --model %s --ids '1 403 407 261 378,432'", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 0);
+    CU_ASSERT_STRING_EQUAL(out, "<s> Once upon a time,\n");
+    snprintf(args, sizeof args, "detokenize --model %s --ids '1 403 407 261 378' --skip-special", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 0);
+    CU_ASSERT_STRING_EQUAL(out, "Once upon a time\n");
+    snprintf(args, sizeof args, "tokenize --tokenizer %s --text-file %s", path_of("gpt2/tokenizer.json"),
+             path_of("tok/tinystories-head.txt"));
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 0);
+    ASSERT_HAS(out, "7454 2402 257 640 11 612 373 257 1310 2576 3706 20037");
+
+    CU_ASSERT_EQUAL(run_cli("tokenize --help", out, sizeof out), 0);
+    ASSERT_HAS(out, "--no-special");
+    CU_ASSERT_EQUAL(run_cli("detokenize --help", out, sizeof out), 0);
+    ASSERT_HAS(out, "--skip-special");
+    /* bad input: one clear line, exit 2 */
+    CU_ASSERT_EQUAL(run_cli("tokenize --text hi", out, sizeof out), 2);
+    ASSERT_HAS(out, "give exactly one of --model DIR or --tokenizer F");
+    snprintf(args, sizeof args, "tokenize --model %s", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 2);
+    ASSERT_HAS(out, "give exactly one of --text or --text-file");
+    snprintf(args, sizeof args, "tokenize --model %s --text a --bogus", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 2);
+    ASSERT_HAS(out, "unknown option '--bogus'");
+    snprintf(args, sizeof args, "tokenize --model %s --text", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 2);
+    ASSERT_HAS(out, "--text needs a value");
+    CU_ASSERT_EQUAL(run_cli("tokenize --model /nonexistent --text a", out, sizeof out), 2);
+    ASSERT_HAS(out, "/nonexistent: No such file or directory");
+    snprintf(args, sizeof args, "tokenize --model %s --text-file /nonexistent.txt", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 2);
+    ASSERT_HAS(out, "/nonexistent.txt: No such file or directory");
+    snprintf(args, sizeof args, "tokenize --model %s --text \"$(printf '\\377')\"", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 2);
+    ASSERT_HAS(out, "not valid UTF-8");
+    snprintf(args, sizeof args, "detokenize --model %s --ids '1 x2'", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 2);
+    ASSERT_HAS(out, "id 2: 'x2' is not a token id");
+    snprintf(args, sizeof args, "detokenize --model %s --ids '1 -4'", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 2);
+    ASSERT_HAS(out, "'-4' is not a token id");
+    snprintf(args, sizeof args, "detokenize --model %s --ids '1 512'", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 2);
+    ASSERT_HAS(out, "id 512 is not in the vocab (512 tokens)");
+    snprintf(args, sizeof args, "detokenize --model %s --ids 1 --ids-file x", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 2);
+    ASSERT_HAS(out, "give exactly one of --ids or --ids-file");
+}
+
 int main(void)
 {
     FIX = getenv("MODPIPE_FIXTURES") && *getenv("MODPIPE_FIXTURES") ? getenv("MODPIPE_FIXTURES")
@@ -650,6 +730,7 @@ int main(void)
     CU_add_test(s, "hand-made: merges, ignore_merges, unk, Split behaviours, added tokens, configs",
                 test_hand_made);
     CU_add_test(s, "load / encode / decode errors", test_errors);
+    CU_add_test(s, "modpipe tokenize / detokenize", test_cli);
     CU_add_test(s, "regex limits: long whitespace run works, catastrophic pattern fails",
                 test_regex_limits);
     CU_basic_set_mode(CU_BRM_VERBOSE);
