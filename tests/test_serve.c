@@ -184,8 +184,8 @@ static int worker(int argc, char **argv)
     R[NREQ].n_prompt = 1;
     R[NREQ].cancel_after = 3;
     const int ctx = 64;
-    cluster_serve_opts o = {.model_dir = model, .cfg = &cfg, .plan = &plan, .slots = slots, .ctx = ctx,
-                            .micro_batch = 8, .max_in_flight = 2 * size, .wire = COMM_WIRE_F32,
+    cluster_serve_opts o = {.weights_dtype = -1, .model_dir = model, .cfg = &cfg, .plan = &plan, .slots = slots, .ctx = ctx,
+                            .micro_batch = 8, .max_in_flight = 2 * size, .wire = STAGE_F32,
                             .timeout_s = 60};
     pthread_t th;
     if (rank == 0) {

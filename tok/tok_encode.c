@@ -152,6 +152,19 @@ static int re_next(tok_ws *w, const pcre2_code *re, const char *s, size_t len, s
 
 /* ---------------------------------------------------------------- normalizers */
 
+/* Next occurrence of the normalizer's pattern in s[0..len) from *pos (as re_next). */
+static int norm_next(tok_ws *w, const tok_norm *n, const char *s, size_t len, size_t *pos,
+                     size_t *ms, size_t *me)
+{
+    if (!n->lit) return re_next(w, n->re, s, len, pos, ms, me);
+    if (*pos >= len) return 0;
+    const char *hit = memmem(s + *pos, len - *pos, n->lit, n->lit_len);
+    if (!hit) return 0;
+    *ms = (size_t)(hit - s);
+    *me = *pos = *ms + n->lit_len;
+    return 1;
+}
+
 static int normalize(tok_ws *w, const char *s, size_t len, const char **out, size_t *olen)
 {
     const tok_tokenizer *t = w->t;
@@ -172,7 +185,7 @@ static int normalize(tok_ws *w, const char *s, size_t len, const char **out, siz
             int r;
             char *dst;
             if (grow((void **)&w->nbuf[which], &w->nbuf_cap[which], cl + 1, 1)) return ws_oom(w);
-            while ((r = re_next(w, n->re, cur, cl, &pos, &ms, &me)) == 1) {
+            while ((r = norm_next(w, n, cur, cl, &pos, &ms, &me)) == 1) {
                 size_t need = o + (ms - from) + n->str_len + (cl - me) + 1;
                 if (grow((void **)&w->nbuf[which], &w->nbuf_cap[which], need, 1)) return ws_oom(w);
                 dst = w->nbuf[which];
@@ -473,8 +486,19 @@ static int encode_section(tok_ws *w, const char *s, size_t len, int at_start)
         in = out;
         out = x;
     }
-    for (size_t k = 0; k < in->n; k++)
-        if (bpe_piece(w, in->buf + in->sp[k].off, in->sp[k].len)) return -1;
+    for (size_t k = 0; k < in->n; k++) {
+        const char *p = in->buf + in->sp[k].off;
+        size_t len = in->sp[k].len, from = 0;
+        if (t->sp_split) /* cut before every "▁" run that follows another character */
+            for (size_t i = 3; i + 3 <= len; i++)
+                if (memcmp(p + i, "\xe2\x96\x81", 3) == 0 &&
+                    memcmp(p + i - 3, "\xe2\x96\x81", 3) != 0) {
+                    if (bpe_piece(w, p + from, i - from)) return -1;
+                    from = i;
+                    i += 2;
+                }
+        if (bpe_piece(w, p + from, len - from)) return -1;
+    }
     return 0;
 }
 
