@@ -552,6 +552,33 @@ static void test_text_prompts(void)
     CU_ASSERT(strstr(OUT, "tokenizer") != NULL);
 }
 
+/* Default decode groups (issue 7.4): 16 sequences at R 32 make 2 groups of 8, so every decode
+ * micro-batch has 8 rows (not 8 groups of 2): 2 prefill + 2 x 4 decode micro-batches, at any
+ * -np; R 4 forces 4 groups of 4. */
+static void test_default_groups(void)
+{
+    char stats[512], pf[512];
+    snprintf(pf, sizeof pf, "%s/p16.txt", TMP);
+    FILE *f = fopen(pf, "w");
+    for (int i = 0; i < 16; i++) fprintf(f, "%d,%d\n", 3 + i, 40 + i);
+    fclose(f);
+    snprintf(stats, sizeof stats, "%s/g16.json", TMP);
+    for (int np = 1; np <= 2; np++) {
+        CU_ASSERT_EQUAL_FATAL(run(60, "%s -np %d %s generate --model %s/mod --prompts-file %s --max-new 5 "
+                                  "--quiet --stats %s", MPIRUN, np, BIN, FIX, pf, stats), 0);
+        cJSON *j = read_json(stats);
+        CU_ASSERT_PTR_NOT_NULL_FATAL(j);
+        CU_ASSERT_EQUAL(jnum(j, "micro_batches"), 2 + 2 * 4);
+        cJSON_Delete(j);
+    }
+    CU_ASSERT_EQUAL_FATAL(run(60, "%s -np 1 %s generate --model %s/mod --prompts-file %s --max-new 5 "
+                              "--micro-batch 4 --quiet --stats %s", MPIRUN, BIN, FIX, pf, stats), 0);
+    cJSON *j = read_json(stats);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(j);
+    CU_ASSERT_EQUAL(jnum(j, "micro_batches"), 4 * 2 + 4 * 4); /* 8 rows of prompt a group: 2 chunks */
+    cJSON_Delete(j);
+}
+
 /* A rank that dies mid-run: the whole job ends, non-zero, naming the rank. */
 static void test_dead_rank(void)
 {
@@ -607,6 +634,7 @@ int main(void)
     CU_add_test(s, "eval of lines of any lengths", test_eval_ragged);
     CU_add_test(s, "generate stops at EOS", test_generate_eos);
     CU_add_test(s, "text prompts and eval --text-file", test_text_prompts);
+    CU_add_test(s, "default decode groups", test_default_groups);
     CU_add_test(s, "dead rank ends the job", test_dead_rank);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();
