@@ -472,8 +472,9 @@ static void test_eval_ragged(void)
 }
 
 /* EOS (config eos_token_id) stops a sequence: its line ends with the EOS id, its dump rows
- * after that are NaN and the rows before equal the run without EOS; --ignore-eos restores the
- * full run; -np 3 gives the same bits. */
+ * after that are NaN and the others match the run without EOS (to 1e-5: the later decode
+ * micro-batches have one row fewer, so their GEMMs differ); --ignore-eos restores the full
+ * run; -np 3 gives the same bits as -np 1. */
 static void test_generate_eos(void)
 {
     char d[512], full[512], e1[512], e3[512];
@@ -509,12 +510,73 @@ static void test_generate_eos(void)
     for (size_t k = 0; k < n; k++) {
         int seq0_after = k / row < 5 && k / row >= 2; /* sequence 0 stopped after 2 tokens */
         if (seq0_after) nan_rows += isnan(a[k]) != 0;
-        else same &= a[k] == b[k];
+        else same &= fabs((double)a[k] - b[k]) <= 1e-5 * (1 + fabs((double)b[k]));
     }
     CU_ASSERT_EQUAL(nan_rows, 3 * 97);
     CU_ASSERT(same);
     free(a);
     free(b);
+}
+
+/* Text in: --prompt goes through the model's tokenizer (stories260K's known answer: "Once
+ * upon a time" -> 1,403,407,261,378, then 432,383,... = ", there was a little girl named
+ * Lily"); eval --text-file scores the same ids `modpipe tokenize` gives, one document per
+ * blank-line-separated block. */
+static void test_text_prompts(void)
+{
+    for (int np = 1; np <= 3; np += 2) {
+        CU_ASSERT_EQUAL(run(120, "%s -np %d %s generate --model %s/stories260K --prompt \"Once upon a time\" "
+                            "--prompt-ids 1,403,407,261,378 --max-new 10 --quiet", MPIRUN, np, BIN, FIX), 0);
+        CU_ASSERT(strstr(OUT, "generated 432,383,286,261,376,298,315,421,395,317\n") != NULL);
+        CU_ASSERT(strstr(OUT, "text: , there was a little girl named Lily\n") != NULL);
+    }
+    char tf[512], idf[512];
+    snprintf(tf, sizeof tf, "%s/docs.txt", TMP);
+    snprintf(idf, sizeof idf, "%s/docs.ids", TMP);
+    FILE *f = fopen(tf, "w");
+    fprintf(f, "Once upon a time, there was a little girl.\nShe liked to play.\n\n  \nTom had a big dog.\n");
+    fclose(f);
+    CU_ASSERT_EQUAL_FATAL(run(30, "printf \"Once upon a time, there was a little girl.\\nShe liked to play.\" > %s.1 && "
+                              "printf \"Tom had a big dog.\" > %s.2 && %s tokenize --model %s/stories260K --text-file %s.1 > %s && "
+                              "%s tokenize --model %s/stories260K --text-file %s.2 >> %s",
+                              tf, tf, BIN, FIX, tf, idf, BIN, FIX, tf, idf), 0);
+    CU_ASSERT_EQUAL_FATAL(run(60, "%s -np 2 %s eval --model %s/stories260K --tokens-file %s --quiet", MPIRUN, BIN, FIX, idf), 0);
+    char *m = strstr(OUT, "eval: ");
+    char want[256] = "";
+    if (m) snprintf(want, sizeof want, "%.*s", (int)(strchr(m, '\n') - m), m);
+    CU_ASSERT(strstr(want, "eval: 2 sequences") == want);
+    CU_ASSERT_EQUAL(run(60, "%s -np 2 %s eval --model %s/stories260K --text-file %s --quiet", MPIRUN, BIN, FIX, tf), 0);
+    CU_ASSERT(want[0] && strstr(OUT, want) != NULL);
+    /* a model without tokenizer.json: a clear error */
+    CU_ASSERT_NOT_EQUAL(run(30, "%s -np 1 %s generate --model %s/mod --prompt hello --quiet", MPIRUN, BIN, FIX), 0);
+    CU_ASSERT(strstr(OUT, "tokenizer") != NULL);
+}
+
+/* Default decode groups (issue 7.4): 16 sequences at R 32 make 2 groups of 8, so every decode
+ * micro-batch has 8 rows (not 8 groups of 2): 2 prefill + 2 x 4 decode micro-batches, at any
+ * -np; R 4 forces 4 groups of 4. */
+static void test_default_groups(void)
+{
+    char stats[512], pf[512];
+    snprintf(pf, sizeof pf, "%s/p16.txt", TMP);
+    FILE *f = fopen(pf, "w");
+    for (int i = 0; i < 16; i++) fprintf(f, "%d,%d\n", 3 + i, 40 + i);
+    fclose(f);
+    snprintf(stats, sizeof stats, "%s/g16.json", TMP);
+    for (int np = 1; np <= 2; np++) {
+        CU_ASSERT_EQUAL_FATAL(run(60, "%s -np %d %s generate --model %s/mod --prompts-file %s --max-new 5 "
+                                  "--quiet --stats %s", MPIRUN, np, BIN, FIX, pf, stats), 0);
+        cJSON *j = read_json(stats);
+        CU_ASSERT_PTR_NOT_NULL_FATAL(j);
+        CU_ASSERT_EQUAL(jnum(j, "micro_batches"), 2 + 2 * 4);
+        cJSON_Delete(j);
+    }
+    CU_ASSERT_EQUAL_FATAL(run(60, "%s -np 1 %s generate --model %s/mod --prompts-file %s --max-new 5 "
+                              "--micro-batch 4 --quiet --stats %s", MPIRUN, BIN, FIX, pf, stats), 0);
+    cJSON *j = read_json(stats);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(j);
+    CU_ASSERT_EQUAL(jnum(j, "micro_batches"), 4 * 2 + 4 * 4); /* 8 rows of prompt a group: 2 chunks */
+    cJSON_Delete(j);
 }
 
 /* A rank that dies mid-run: the whole job ends, non-zero, naming the rank. */
@@ -571,6 +633,8 @@ int main(void)
     CU_add_test(s, "bad input", test_bad_input);
     CU_add_test(s, "eval of lines of any lengths", test_eval_ragged);
     CU_add_test(s, "generate stops at EOS", test_generate_eos);
+    CU_add_test(s, "text prompts and eval --text-file", test_text_prompts);
+    CU_add_test(s, "default decode groups", test_default_groups);
     CU_add_test(s, "dead rank ends the job", test_dead_rank);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();
