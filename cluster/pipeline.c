@@ -585,6 +585,7 @@ static void report(ctx *c, const double *all, int len, double seconds, cluster_r
     const int S = c->S, L = cfg->n_layers, D = c->D;
     const double ws = (double)stage_dtype_size(o->wire);
     const double kvd = (double)cfg->n_kv_heads * cfg->head_dim;
+    const double kvs = (double)stage_dtype_size(STAGE_KV_DTYPE); /* bytes of a K or V value */
     double hdr = 0, pay = 0, tok_bytes = 0, dense = 0, rows_total = 0;
 
     cJSON *j = cJSON_CreateObject();
@@ -592,6 +593,8 @@ static void report(ctx *c, const double *all, int len, double seconds, cluster_r
     cJSON_AddStringToObject(j, "model", o->model_dir);
     cJSON_AddNumberToObject(j, "ranks", S);
     cJSON_AddStringToObject(j, "wire_dtype", stage_dtype_name(o->wire));
+    cJSON_AddStringToObject(j, "weights_dtype", o->weights_dtype < 0 ? "checkpoint"
+                                                : stage_dtype_name((stage_dtype)o->weights_dtype));
     cJSON_AddStringToObject(j, "transport", o->dense_transport ? "dense" : "sparse");
     cJSON_AddNumberToObject(j, "micro_batch", o->micro_batch);
     cJSON_AddNumberToObject(j, "max_in_flight", o->max_in_flight);
@@ -667,14 +670,14 @@ static void report(ctx *c, const double *all, int len, double seconds, cluster_r
         cJSON_AddNumberToObject(x, "rows", e[0]);
         cJSON_AddNumberToObject(x, "active_rows", e[1]);
         cJSON_AddNumberToObject(x, "participation", e[0] > 0 ? e[1] / e[0] : 0);
-        cJSON_AddNumberToObject(x, "kv_bytes", e[2] * kvd * 2 * 4);
-        cJSON_AddNumberToObject(x, "kv_bytes_dense", e[0] * kvd * 2 * 4);
+        cJSON_AddNumberToObject(x, "kv_bytes", e[2] * kvd * 2 * kvs);
+        cJSON_AddNumberToObject(x, "kv_bytes_dense", e[0] * kvd * 2 * kvs);
         cJSON_AddNumberToObject(x, "flops", e[3]);
         cJSON_AddNumberToObject(x, "flops_dense", e[4]);
         cJSON_AddNumberToObject(x, "seconds", e[5]);
         cJSON_AddItemToArray(layers, x);
-        kv += e[2] * kvd * 8;
-        kv_dense += e[0] * kvd * 8;
+        kv += e[2] * kvd * 2 * kvs;
+        kv_dense += e[0] * kvd * 2 * kvs;
         fl += e[3];
         fl_dense += e[4];
         if (l == 0) rows_total = e[0];
@@ -770,7 +773,7 @@ static int ctx_init(ctx *c, char *err, size_t errlen)
         return -1;
     }
     stage_range r = {me->first, me->last, c->rank == 0, c->rank == c->S - 1};
-    if (stage_model_load(o->model_dir, cfg, r, &c->m, err, errlen)) return -1;
+    if (stage_model_load_dtype(o->model_dir, cfg, r, o->weights_dtype, &c->m, err, errlen)) return -1;
     c->st = stage_state_init(c->m, o->n_seqs, c->R, max_seq, err, errlen);
     if (!c->st) return -1;
     c->pkt_max = comm_packet_max_bytes(c->R, c->D, c->S);

@@ -47,6 +47,7 @@ typedef struct {
     int groups;                 /* generate: decode groups (micro-batches per decode round) */
     int max_in_flight;          /* micro-batches in flight (>= 1) */
     stage_dtype wire;
+    int weights_dtype;          /* stage_dtype the weight matrices are held in; -1: as stored */
     int dense_transport;        /* baseline: every row on every chain link (same compute) */
     double timeout_s;           /* longest wait for a peer before aborting */
     int progress;               /* rank 0 prints progress lines on stderr */

@@ -430,6 +430,9 @@ typedef struct {
     size_t begin, nbytes;
     const float *f32;      /* handed out by st_get_f32 (zero-copy or == owned) */
     float *owned;          /* converted copy [numel], freed by st_close */
+    const void *wdata;     /* handed out by st_get_weight (zero-copy or == wowned) */
+    void *wowned;          /* aligned / converted copy [numel] in wdtype, freed by st_close */
+    stage_dtype wdtype;
 } st_entry;
 
 struct st_model {
@@ -475,6 +478,7 @@ void st_close(st_model *m)
     for (size_t i = 0; i < m->n_ents; i++) {
         free(m->ents[i].name);
         free(m->ents[i].owned);
+        free(m->ents[i].wowned);
     }
     free(m->ents);
     for (int i = 0; i < m->n_files; i++) {
@@ -744,33 +748,40 @@ int st_find(st_model *m, const char *name, st_tensor *t, char *err, size_t errle
     return 1;
 }
 
-const float *st_get_f32(st_model *m, const char *name, int ndim, const int64_t *shape,
-                        char *err, size_t errlen)
+/* Look `name` up and check it has exactly the expected shape. Returns its entry (and *t), or
+ * NULL with "FILE: missing tensor NAME" / "FILE: tensor NAME has shape [..], expected [..]". */
+static st_entry *get_checked(st_model *m, const char *name, int ndim, const int64_t *shape,
+                             st_tensor *t, char *err, size_t errlen)
 {
     if (!m || !name) {
-        st_err(err, errlen, "st_get_f32: no model or name");
+        st_err(err, errlen, "safetensors: no model or tensor name");
         return NULL;
     }
     if (ndim < 0 || ndim > ST_MAX_DIMS || (ndim > 0 && !shape)) {
         st_err(err, errlen, "%s: tensor %s: bad expected shape (ndim %d)", m->label, name, ndim);
         return NULL;
     }
-    st_tensor t;
-    int r = st_find(m, name, &t, err, errlen);
+    int r = st_find(m, name, t, err, errlen);
     if (r == 0) st_err(err, errlen, "%s: missing tensor %s", m->label, name);
     if (r <= 0) return NULL;
-
-    int same = t.ndim == ndim;
-    for (int i = 0; same && i < ndim; i++) same = t.shape[i] == shape[i];
+    int same = t->ndim == ndim;
+    for (int i = 0; same && i < ndim; i++) same = t->shape[i] == shape[i];
     if (!same) {
         char have[192], want[192];
-        shape_str(have, sizeof have, t.ndim, t.shape);
+        shape_str(have, sizeof have, t->ndim, t->shape);
         shape_str(want, sizeof want, ndim, shape);
-        st_err(err, errlen, "%s: tensor %s has shape %s, expected %s", t.file, name, have, want);
+        st_err(err, errlen, "%s: tensor %s has shape %s, expected %s", t->file, name, have, want);
         return NULL;
     }
+    return ent_lookup(m, name);
+}
 
-    st_entry *e = ent_lookup(m, name);
+const float *st_get_f32(st_model *m, const char *name, int ndim, const int64_t *shape,
+                        char *err, size_t errlen)
+{
+    st_tensor t;
+    st_entry *e = get_checked(m, name, ndim, shape, &t, err, errlen);
+    if (!e) return NULL;
     if (e->f32) return e->f32;
     size_t numel = t.nbytes / stage_dtype_size(t.dtype);
     if (t.dtype == STAGE_F32 && ((uintptr_t)t.data & 3u) == 0) {
@@ -787,6 +798,65 @@ const float *st_get_f32(st_model *m, const char *name, int ndim, const int64_t *
     }
     m->loaded_bytes += numel * sizeof(float);
     return e->f32;
+}
+
+int st_get_weight(st_model *m, const char *name, int64_t rows, int64_t cols, int want,
+                  stage_weight *out, char *err, size_t errlen)
+{
+    int64_t shape[2] = {rows, cols};
+    st_tensor t;
+    st_entry *e = get_checked(m, name, 2, shape, &t, err, errlen);
+    if (!e) return -1;
+    if (rows > INT32_MAX || cols > INT32_MAX) {
+        st_err(err, errlen, "%s: tensor %s: dimensions beyond 2^31", t.file, name);
+        return -1;
+    }
+    stage_dtype dt = want >= 0 ? (stage_dtype)want : t.dtype;
+    size_t es = stage_dtype_size(dt), numel = t.nbytes / stage_dtype_size(t.dtype);
+    out->dtype = dt;
+    out->rows = (int)rows;
+    out->cols = (int)cols;
+    if (e->wdata && e->wdtype == dt) {
+        out->data = e->wdata;
+        return 0;
+    }
+    if (dt == t.dtype && ((uintptr_t)t.data % es) == 0) {
+        e->wdata = t.data; /* zero-copy into the mmap */
+    } else { /* misaligned in the file, or converted at load (--weights-dtype) */
+        if (e->wowned) {
+            st_err(err, errlen, "%s: tensor %s asked for in two dtypes", t.file, name);
+            return -1;
+        }
+        e->wowned = aligned_alloc(64, (numel * es + 63) / 64 * 64 + 64); /* [numel] in dt */
+        if (!e->wowned) {
+            st_err(err, errlen, "%s: out of memory loading tensor %s (%zu values)", t.file, name,
+                    numel);
+            return -1;
+        }
+        if (dt == t.dtype) {
+            memcpy(e->wowned, t.data, numel * es);
+        } else {
+            float row[1024]; /* convert through a small f32 buffer: no f32 copy of the tensor */
+            const uint8_t *src = t.data;
+            size_t ses = stage_dtype_size(t.dtype);
+            for (size_t i = 0; i < numel; i += 1024) {
+                size_t n = numel - i < 1024 ? numel - i : 1024;
+                stage_dtype_to_f32(t.dtype, src + i * ses, row, n);
+                stage_dtype_from_f32(dt, row, (uint8_t *)e->wowned + i * es, n);
+            }
+        }
+        e->wdata = e->wowned;
+    }
+    e->wdtype = dt;
+    m->loaded_bytes += numel * es;
+    out->data = e->wdata;
+    return 0;
+}
+
+size_t st_count(const st_model *m) { return m ? m->n_ents : 0; }
+const char *st_name_at(const st_model *m, size_t i)
+{
+    return m && i < m->n_ents ? m->ents[i].name : NULL;
 }
 
 size_t st_loaded_bytes(const st_model *m)

@@ -68,7 +68,18 @@ int st_find(st_model *m, const char *name, st_tensor *t, char *err, size_t errle
 const float *st_get_f32(st_model *m, const char *name, int ndim, const int64_t *shape,
                         char *err, size_t errlen);
 
-/* Bytes of the tensors handed out by st_get_f32 so far (as f32), for stats. */
+/* A 2-D weight [rows][cols] in its checkpoint dtype (want < 0) or converted to dtype `want`
+ * (e.g. f32 -> bf16 at load): zero-copy into the mmap when stored in that dtype and aligned
+ * to its element size, else an aligned copy owned by m (converted through a small buffer:
+ * never an f32 copy of the tensor). Errors as st_get_f32. Returns 0 or -1. */
+int st_get_weight(st_model *m, const char *name, int64_t rows, int64_t cols, int want,
+                  stage_weight *out, char *err, size_t errlen);
+
+/* The model's tensor names, sorted (i < st_count; NULL past the end). */
+size_t st_count(const st_model *m);
+const char *st_name_at(const st_model *m, size_t i);
+
+/* Bytes handed out so far by st_get_f32 (as f32) and st_get_weight (in their dtype). */
 size_t st_loaded_bytes(const st_model *m);
 
 

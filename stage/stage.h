@@ -16,7 +16,9 @@
  * with (routed / kept rows), in position order. A prompt row at position 0 resets its slot on
  * every layer of the stage (so slots can be reused by new sequences).
  *
- * Ownership: stage_model owns its weights (an mmap'd st_model + converted copies);
+ * Ownership: stage_model owns its weights: the weight matrices stay in their checkpoint
+ * dtype inside the mmap'd st_model (no f32 copies; stage_model_load_dtype may convert at
+ * load), norms and router vectors (tiny) are f32;
  * stage_state owns caches and workspace sized at init (no allocation per token; routed layers'
  * caches start at about capacity x max_seq and double when a sequence outgrows them).
  * Errors: non-zero return + one line in err (missing tensor, shape mismatch, a row the
@@ -29,6 +31,10 @@
 #include <stdint.h>
 
 #include "stage/config.h"
+#include "stage/dtype.h"
+
+/* KV caches hold K and V in this dtype. */
+#define STAGE_KV_DTYPE STAGE_F32
 
 /* Row flags (the same bits the wire uses: comm/comm.h COMM_ROW_*). */
 #define STAGE_ROW_NEED_LOGITS 1u
@@ -54,10 +60,15 @@ typedef struct {
 /* ---- model ---------------------------------------------------------------------------- */
 int stage_model_load(const char *dir, const stage_config *cfg, stage_range range,
                      stage_model **out, char *err, size_t errlen);
+/* The same with the weight matrices held in dtype `weights_dtype` (a stage_dtype; -1: as
+ * stored). Converting at load (e.g. an f32 checkpoint to bf16) makes an owned copy in that
+ * dtype; as stored they are zero-copy views of the mmap'd safetensors. */
+int stage_model_load_dtype(const char *dir, const stage_config *cfg, stage_range range,
+                           int weights_dtype, stage_model **out, char *err, size_t errlen);
 void stage_model_free(stage_model *m);
 const stage_config *stage_model_config(const stage_model *m);
 stage_range stage_model_range(const stage_model *m);
-size_t stage_model_weight_bytes(const stage_model *m); /* f32 bytes this stage holds */
+size_t stage_model_weight_bytes(const stage_model *m); /* bytes this stage holds, in their dtypes */
 
 /* x [n][D] = embedding rows of tokens (stage 0 only). Tokens must be in [0, vocab). */
 int stage_embed(const stage_model *m, const int32_t *tokens, int n, float *x, char *err,
