@@ -586,6 +586,7 @@ static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *er
     int plan_mem = opt_has(o, "mem-per-rank");
     if (plan_mem) {
         if (mem_opts(o, model, &mem, err, errlen)) return -1;
+        if (ro->weights_dtype >= 0) mem.weight_dtype = (stage_dtype)ro->weights_dtype;
         mem.slots = r->sq.n;
         mem.micro_batch = ro->micro_batch;
         for (int i = 0; i < r->sq.n; i++) {

@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "stage/safetensors.h"
+#include "stage/stage.h"
 
 /* ---- cost model ------------------------------------------------------------------------- */
 
@@ -55,32 +56,48 @@ double cluster_layer_cost(const stage_config *c, int layer)
     }
 }
 
+/* f32 vectors of a routed layer, which the loader keeps as f32 and every stage loads:
+ * router.weight + bias, and with predictor routing fc1 / fc2 (+ biases) at the default
+ * predictor width of init-model (16; the real width is in the file). */
+static size_t router_elems(const stage_config *c, int layer)
+{
+    if (!stage_kind_is_routed(c->layer_kind[layer]))
+        return 0;
+    size_t d = (size_t)c->hidden, n = d + 1;
+    if (c->mod_routing == STAGE_ROUTING_PREDICTOR)
+        n += 16 * d + 16 + 16 + 1;
+    return n;
+}
+
+/* Matrices in elem_size bytes, the 1-D tensors (norms, routers) as f32: as the loader holds
+ * them (stage_model_weight_bytes). */
 size_t cluster_layer_weight_bytes(const stage_config *c, int layer, size_t elem_size)
 {
     if (!c || !c->layer_kind || layer < 0 || layer >= c->n_layers)
         return 0;
     size_t d = (size_t)c->hidden;
-    size_t n = (size_t)attn_params(c) + 2 * d; /* + the two norms */
+    size_t mat = (size_t)attn_params(c), vec = 2 * d; /* + the two norms */
     size_t experts = (size_t)c->n_experts * (size_t)expert_params(c);
     switch (c->layer_kind[layer]) {
     case STAGE_KIND_MOD:
-        n += (size_t)mlp_params(c) + d + 1; /* router weight + bias */
+        mat += (size_t)mlp_params(c);
         break;
     case STAGE_KIND_MODE_STAGED:
-        n += experts + (size_t)c->n_experts * d + d + 1;
+        mat += experts + (size_t)c->n_experts * d;
         break;
     case STAGE_KIND_MODE_INTEGRATED:
-        n += experts + (size_t)(c->n_experts + c->n_noop_experts) * d;
+        mat += experts + (size_t)(c->n_experts + c->n_noop_experts) * d;
         break;
     case STAGE_KIND_MINDSKIP:
-        n += (size_t)mlp_params(c) + d;
+        mat += (size_t)mlp_params(c);
+        vec += d; /* its attention router */
         break;
     case STAGE_KIND_DENSE:
     default:
-        n += (size_t)mlp_params(c);
+        mat += (size_t)mlp_params(c);
         break;
     }
-    return n * elem_size;
+    return mat * elem_size + (vec + router_elems(c, layer)) * 4;
 }
 
 static double head_cost(const stage_config *c)
@@ -97,26 +114,14 @@ static size_t embed_bytes(const stage_config *c, size_t es)
  * unless it is also stage 0). */
 static size_t head_bytes(const stage_config *c, int n_stages, size_t es)
 {
-    size_t b = (size_t)c->hidden * es;
+    size_t b = (size_t)c->hidden * 4; /* model.norm: f32 */
     if (!c->tie_embeddings || n_stages > 1)
         b += embed_bytes(c, es);
     return b;
 }
 
-/* f32 router tensors of a routed layer, which every stage loads (router.weight + bias, the
- * predictor's fc1 / fc2 at its default width 16 when that routing is used). */
-static double router_bytes(const stage_config *c, int layer)
-{
-    if (!stage_kind_is_routed(c->layer_kind[layer]))
-        return 0.0;
-    double n = c->hidden + 1.0;
-    if (c->mod_routing == STAGE_ROUTING_PREDICTOR)
-        n += 16.0 * (c->hidden + 1.0) + 17.0;
-    return 4.0 * n;
-}
-
 /* K/V bytes of one attention layer for one sequence, as stage_state_init reserves them: every
- * position on non-routed layers, about 1.25 x capacity (+ 8) on routed ones; f32 K and V plus
+ * position on non-routed layers, about 1.25 x capacity (+ 8) on routed ones; K and V in STAGE_KV_DTYPE plus
  * an int32 position per entry. */
 static double kv_layer_bytes(const stage_config *c, int layer, int ctx)
 {
@@ -127,7 +132,7 @@ static double kv_layer_bytes(const stage_config *c, int layer, int ctx)
             cap = ctx;
     }
     double kvd = (double)c->n_kv_heads * c->head_dim;
-    return (double)cap * (2.0 * kvd * 4.0 + 4.0);
+    return (double)cap * (2.0 * kvd * (double)stage_dtype_size(STAGE_KV_DTYPE) + 4.0);
 }
 
 /* Per-micro-batch buffers of a stage (stage_state_init's workspace, the pipeline's residual /
@@ -181,7 +186,7 @@ static int costs_init(costs *k, const stage_config *c, int n_stages, const clust
         k->pc[l + 1] = k->pc[l] + cluster_layer_cost(c, l);
         k->pw[l + 1] = k->pw[l] + (double)cluster_layer_weight_bytes(c, l, k->es);
         k->pkv[l + 1] = k->pkv[l] + (mem ? (double)mem->slots * kv_layer_bytes(c, l, mem->ctx) : 0);
-        k->pr[l + 1] = k->pr[l] + router_bytes(c, l);
+        k->pr[l + 1] = k->pr[l] + 4.0 * (double)router_elems(c, l);
         k->pdense[l + 1] = k->pdense[l] + !stage_kind_is_routed(c->layer_kind[l]);
     }
     return 0;
@@ -204,7 +209,8 @@ static double seg_cost(const costs *k, int a, int b)
 
 static double seg_weight(const costs *k, int a, int b)
 {
-    double w = k->pw[b + 1] - k->pw[a];
+    /* the routers of routed layers outside a..b: every stage loads them (SPEC 4) */
+    double w = k->pw[b + 1] - k->pw[a] + k->pr[k->n_layers] - (k->pr[b + 1] - k->pr[a]);
     if (a == 0)
         w += (double)embed_bytes(k->cfg, k->es);
     if (b == k->n_layers - 1)
@@ -217,13 +223,12 @@ static double seg_kv(const costs *k, int a, int b)
     return k->pkv[b + 1] - k->pkv[a];
 }
 
-/* Workspace, plus the routed layers' routers outside a..b (those inside count as weights). */
 static double seg_work(const costs *k, int a, int b)
 {
+    (void)a;
     if (!k->mem)
         return 0.0;
-    double routers = k->pr[k->n_layers] - (k->pr[b + 1] - k->pr[a]);
-    return work_bytes(k->cfg, k->mem->micro_batch, k->mem->ctx, b == k->n_layers - 1) + routers +
+    return work_bytes(k->cfg, k->mem->micro_batch, k->mem->ctx, b == k->n_layers - 1) +
            (double)CLUSTER_RUNTIME_BYTES;
 }
 

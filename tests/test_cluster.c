@@ -9,6 +9,7 @@
 #include "cluster/partition.h"
 #include "cluster/yamlcfg.h"
 #include "stage/safetensors.h"
+#include "stage/stage.h"
 #include "tests/testutil.h"
 
 #define ERRLEN 512
@@ -930,7 +931,8 @@ static void test_partition_large(void)
 }
 
 /* Memory planning, by hand. tiny_cfg: D 64, I 128, 4 heads / 2 KV heads of 16, vocab 97,
- * capacity 0.125. bf16 weights: dense layer 36992 elements, mod 37057 (+ router 65). */
+ * capacity 0.125. bf16 matrices, f32 vectors (as the loader holds them): a dense layer is
+ * 36864 matrix elements + 2 norms of 64 = 74240 bytes, a mod layer adds its router (65 f32). */
 static void test_partition_memory(void)
 {
     stage_config c = tiny_cfg("dmdm");
@@ -940,19 +942,20 @@ static void test_partition_memory(void)
     const char *r2[] = {"0-1", "2-3"};
     CU_ASSERT_EQUAL_FATAL(cluster_partition_explicit_mem(&c, r2, 2, 2, &mo, &p, err, ERRLEN), 0);
     CU_ASSERT(p.have_mem);
-    /* weights: stage 0 two layers + embedding 97*64; stage 1 two layers + norm + lm_head */
-    CU_ASSERT_EQUAL(p.st[0].weight_bytes, (size_t)(36992 + 37057 + 97 * 64) * 2);
-    CU_ASSERT_EQUAL(p.st[1].weight_bytes, (size_t)(36992 + 37057 + 64 + 97 * 64) * 2);
+    /* stage 0: two layers + embedding 97 x 64 + layer 3's router; stage 1: two layers + f32
+     * norm + lm_head + layer 1's router */
+    CU_ASSERT_EQUAL(p.st[0].weight_bytes, (size_t)74240 + 74500 + 97 * 64 * 2 + 260);
+    CU_ASSERT_EQUAL(p.st[1].weight_bytes, (size_t)74240 + 74500 + 64 * 4 + 97 * 64 * 2 + 260);
     /* KV per slot and entry: K and V of 32 floats + a position = 260 bytes; the dense layer
      * holds 40 positions, the mod layer ceil(0.125 * 40 * 1.25) + 8 = 15; two slots */
     CU_ASSERT_EQUAL(p.st[0].kv_bytes, (size_t)2 * (40 + 15) * 260);
     CU_ASSERT_EQUAL(p.st[1].kv_bytes, (size_t)2 * (40 + 15) * 260);
     /* workspace: 4 rows x 4 bytes x (8D + 2qd + 2kvd + 2I + gate 6 + 2 + 5 + pipeline 4D + 8
      * = 1237) + 4 x (ctx + 1 + D) = 20212; the head adds 4 x 4 x 97 logits + 8 x 97 scratch;
-     * the other stage's router (65 floats) and the runtime allowance */
+     * and the runtime allowance */
     size_t rt = CLUSTER_RUNTIME_BYTES;
-    CU_ASSERT_EQUAL(p.st[0].work_bytes, (size_t)20212 + 260 + rt);
-    CU_ASSERT_EQUAL(p.st[1].work_bytes, (size_t)20212 + 4 * 4 * 97 + 8 * 97 + 260 + rt);
+    CU_ASSERT_EQUAL(p.st[0].work_bytes, (size_t)20212 + rt);
+    CU_ASSERT_EQUAL(p.st[1].work_bytes, (size_t)20212 + 4 * 4 * 97 + 8 * 97 + rt);
     for (int t = 0; t < 2; t++)
         CU_ASSERT_EQUAL(p.st[t].mem_bytes,
                         p.st[t].weight_bytes + p.st[t].kv_bytes + p.st[t].work_bytes);
@@ -960,9 +963,9 @@ static void test_partition_memory(void)
     CU_ASSERT(need1 > p.st[0].mem_bytes);
     cluster_plan_free(&p);
 
-    /* the same plan in f32 (plain variant): twice the weight bytes */
+    /* the same plan in f32 (plain variant) */
     CU_ASSERT_EQUAL_FATAL(cluster_partition_explicit(&c, r2, 2, 2, &p, err, ERRLEN), 0);
-    CU_ASSERT_EQUAL(p.st[0].weight_bytes, (size_t)(36992 + 37057 + 97 * 64) * 4);
+    CU_ASSERT_EQUAL(p.st[0].weight_bytes, (size_t)(36992 + 37057 + 97 * 64 + 65) * 4);
     CU_ASSERT(!p.have_mem);
     cluster_plan_free(&p);
 
@@ -989,8 +992,8 @@ static void test_partition_memory(void)
     cluster_plan_free(&p);
     const char *r43[] = {"0-3", "4-5"};
     CU_ASSERT_EQUAL_FATAL(cluster_partition_explicit_mem(&c, r43, 2, 2, &m2, &p, err, ERRLEN), 0);
-    /* one dense layer: 36992 bf16 elements and a 8-position KV of 260-byte entries */
-    CU_ASSERT_EQUAL(stage0_5 - p.st[0].mem_bytes, (size_t)36992 * 2 + 8 * 260);
+    /* one dense layer (74240 bytes) and its 8-position KV of 260-byte entries */
+    CU_ASSERT_EQUAL(stage0_5 - p.st[0].mem_bytes, (size_t)74240 + 8 * 260);
     m2.mem_per_rank = p.st[0].mem_bytes > p.st[1].mem_bytes ? p.st[0].mem_bytes : p.st[1].mem_bytes;
     cluster_plan_free(&p);
     CU_ASSERT_EQUAL_FATAL(cluster_partition_auto_mem(&c, 2, &m2, &p, err, ERRLEN), 0);
@@ -998,7 +1001,7 @@ static void test_partition_memory(void)
     for (int t = 0; t < 2; t++) CU_ASSERT(p.st[t].mem_bytes <= m2.mem_per_rank);
     char *txt = print_plan(&c, &p);
     ASSERT_HAS(txt, "KV MiB  work MiB  total MiB");
-    ASSERT_HAS(txt, "total weights 1.40 MiB (bf16, as in the checkpoint)"); /* 1468032 bytes */
+    ASSERT_HAS(txt, "total weights 1.40 MiB (bf16, as in the checkpoint)"); /* 1469696 bytes */
     ASSERT_HAS(txt, "KV for 1 sequence of 8 positions");
     ASSERT_HAS(txt, "of --mem-per-rank 40.8 MiB");
     free(txt);
@@ -1010,6 +1013,38 @@ static void test_partition_memory(void)
                     "one, layers 3-5 need 40.8 MiB (weights 0.7 MiB bf16");
     ASSERT_HAS(err, "use more ranks or a larger limit");
     stage_config_free(&c);
+}
+
+/* The plan's weight bytes are what the loader holds: every fixture (f32, bf16; dense, mod,
+ * predictor, topk, MoDE, mindskip, mixed), each stage of a 3-stage plan. */
+static void test_plan_weights_match_loader(void)
+{
+    static const char *models[] = {"dense", "mod", "mod_all", "mod_predictor", "mod_topk",
+                                   "mode_staged", "mode_integrated", "mindskip", "mixed"};
+    const char *fix = getenv("MODPIPE_FIXTURES") ? getenv("MODPIPE_FIXTURES") : "tests/fixtures";
+    for (size_t i = 0; i < sizeof models / sizeof *models; i++) {
+        char dir[512], err[ERRLEN];
+        snprintf(dir, sizeof dir, "%s/%s", fix, models[i]);
+        stage_config c;
+        CU_ASSERT_EQUAL_FATAL(stage_config_load(dir, &c, err, ERRLEN), 0);
+        cluster_mem_opts mo = {STAGE_F32, 0, 1, 16, 4};
+        CU_ASSERT_EQUAL_FATAL(cluster_weight_dtype(dir, &mo.weight_dtype, err, ERRLEN), 0);
+        cluster_plan p;
+        CU_ASSERT_EQUAL_FATAL(cluster_partition_auto_mem(&c, 3, &mo, &p, err, ERRLEN), 0);
+        for (int t = 0; t < 3; t++) {
+            stage_range r = {p.st[t].first, p.st[t].last, t == 0, t == 2};
+            stage_model *m = NULL;
+            CU_ASSERT_EQUAL_FATAL(stage_model_load(dir, &c, r, &m, err, ERRLEN), 0);
+            size_t got = stage_model_weight_bytes(m);
+            CU_ASSERT_EQUAL(p.st[t].weight_bytes, got);
+            if (p.st[t].weight_bytes != got)
+                fprintf(stderr, "\n  %s stage %d: plan %zu bytes, loader %zu\n", models[i], t,
+                        p.st[t].weight_bytes, got);
+            stage_model_free(m);
+        }
+        cluster_plan_free(&p);
+        stage_config_free(&c);
+    }
 }
 
 static void test_parse_size(void)
@@ -1087,6 +1122,8 @@ int main(void)
         !CU_add_test(p, "printed plan", test_plan_print) ||
         !CU_add_test(p, "320 layers, 64 stages", test_partition_large) ||
         !CU_add_test(p, "memory per stage, --mem-per-rank", test_partition_memory) ||
+        !CU_add_test(p, "plan weight bytes = the loader's, every fixture",
+                     test_plan_weights_match_loader) ||
         !CU_add_test(p, "sizes like 6G / 5000M", test_parse_size) ||
         !CU_add_test(p, "weight dtype from the headers", test_weight_dtype)) {
         CU_cleanup_registry();
