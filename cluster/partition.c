@@ -899,10 +899,11 @@ void cluster_plan_print(const stage_config *cfg, const cluster_plan *plan, FILE 
             }
         char lim[32], w[32];
         mem_text((double)worst, w, sizeof w);
-        fprintf(out, "memory per rank: weights + KV for %d sequence%s of %d positions (f32 K/V, "
+        fprintf(out, "memory per rank: weights + KV for %d sequence%s of %d positions (%s K/V, "
                      "routed layers as reserved at start) + workspace for %d-row micro-batches "
                      "(incl. %.0f MiB runtime); largest: stage %d, %s",
-                m->slots, m->slots == 1 ? "" : "s", m->ctx, m->micro_batch,
+                m->slots, m->slots == 1 ? "" : "s", m->ctx, stage_dtype_name(STAGE_KV_DTYPE),
+                m->micro_batch,
                 (double)CLUSTER_RUNTIME_BYTES / (1024.0 * 1024.0), wt, w);
         if (m->mem_per_rank) {
             mem_text((double)m->mem_per_rank, lim, sizeof lim);
