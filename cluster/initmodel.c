@@ -4,6 +4,7 @@
 #include <cJSON.h>
 #include <errno.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -26,11 +27,50 @@ typedef struct {
     int n, cap;
 } tensor_list;
 
-static double gauss(stage_rng *r)
+/* Element i of the stream is mean + std * g with g = sqrt(-2 ln u1) cos(2 pi u2), u1 and u2
+ * the generator's next two uniforms (Box-Muller, one output per pair). The uniforms are drawn
+ * serially; the transform, the expensive part, is split over threads: same bytes for any
+ * thread count. */
+static float gauss_of(double u1, double u2, double mean, double std)
 {
-    double u1 = stage_rng_uniform(r), u2 = stage_rng_uniform(r);
     if (u1 < 1e-300) u1 = 1e-300;
-    return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+    return (float)(mean + std * (sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2)));
+}
+
+typedef struct {
+    const double *u; /* [2n] uniform pairs */
+    float *out;      /* [n] */
+    size_t n;
+    double mean, std;
+} draw_job;
+
+static void *draw_run(void *arg)
+{
+    const draw_job *j = arg;
+    for (size_t i = 0; i < j->n; i++) j->out[i] = gauss_of(j->u[2 * i], j->u[2 * i + 1], j->mean, j->std);
+    return NULL;
+}
+
+/* out [n] = the next n values of the stream; T threads (the caller is one of them). */
+static void draw(stage_rng *r, double *u, float *out, size_t n, double mean, double std, int T)
+{
+    for (size_t i = 0; i < 2 * n; i++) u[i] = stage_rng_uniform(r);
+    draw_job jobs[16];
+    pthread_t tid[16];
+    int started[16] = {0};
+    if (T > 16) T = 16;
+    if (T < 1 || n < 4096) T = 1;
+    size_t per = (n + (size_t)T - 1) / (size_t)T;
+    for (int t = 0; t < T; t++) {
+        size_t lo = per * (size_t)t, hi = lo + per < n ? lo + per : n;
+        jobs[t] = (draw_job){u + 2 * lo, out + lo, hi > lo ? hi - lo : 0, mean, std};
+        if (t > 0) started[t] = pthread_create(&tid[t], NULL, draw_run, &jobs[t]) == 0;
+    }
+    draw_run(&jobs[0]);
+    for (int t = 1; t < T; t++) {
+        if (started[t]) pthread_join(tid[t], NULL);
+        else draw_run(&jobs[t]); /* no thread: do its share here */
+    }
 }
 
 static int add(tensor_list *tl, const char *name, int64_t d0, int64_t d1, double mean, double std)
@@ -147,14 +187,15 @@ static void progress_bytes(progress *p, uint64_t done, uint64_t total, int final
 
 /* Values come from one stream seeded by (seed, "modpip"), drawn in file order, element by
  * element: the same bytes as drawing each whole tensor in f32 and writing it afterwards. */
-#define DRAW_CHUNK (1u << 20) /* floats per draw: 4 MiB of buffer */
+#define DRAW_CHUNK (1u << 19) /* values per draw: 2 MiB of floats, 8 MiB of uniforms */
 
 static int write_weights(const cluster_model_spec *sp, const tensor_list *tl, const char *dir,
                          FILE *log, char *err, size_t errlen)
 {
     st_stream *s = st_stream_new();
-    float *buf = malloc(DRAW_CHUNK * sizeof *buf); /* [DRAW_CHUNK] */
-    int rc = s && buf ? 0 : -1;
+    float *buf = malloc(DRAW_CHUNK * sizeof *buf);    /* [DRAW_CHUNK] */
+    double *u = malloc(2 * DRAW_CHUNK * sizeof *u);   /* [DRAW_CHUNK][2] */
+    int rc = s && buf && u ? 0 : -1;
     for (int i = 0; !rc && i < tl->n; i++)
         rc = st_stream_declare(s, tl->t[i].name, sp->dtype, tl->t[i].ndim, tl->t[i].shape);
     if (rc) {
@@ -171,7 +212,7 @@ static int write_weights(const cluster_model_spec *sp, const tensor_list *tl, co
         const tensor *t = &tl->t[i];
         for (size_t off = 0, ne = numel(t); !rc && off < ne; off += DRAW_CHUNK) {
             size_t k = ne - off < DRAW_CHUNK ? ne - off : DRAW_CHUNK;
-            for (size_t j = 0; j < k; j++) buf[j] = (float)(t->mean + t->std * gauss(&rng));
+            draw(&rng, u, buf, k, t->mean, t->std, sp->threads);
             rc = st_stream_write_f32(s, buf, k, err, errlen);
             if (!rc) progress_bytes(&pg, st_stream_written_bytes(s), total, 0);
         }
@@ -181,6 +222,7 @@ static int write_weights(const cluster_model_spec *sp, const tensor_list *tl, co
 out:
     st_stream_free(s); /* removes the files when rc != 0 */
     free(buf);
+    free(u);
     return rc;
 }
 

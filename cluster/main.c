@@ -752,6 +752,7 @@ static int cmd_init_model(int argc, char **argv)
     if (!rc) {
         rc = opt_long(&o, "threads", 1, 1024, 1, &v, err, sizeof err);
         stage_set_threads((int)v);
+        spec.threads = (int)v;
     }
     if (!rc && opt_has(&o, "calibrate")) spec.calibrate = 1;
     if (!rc && opt_has(&o, "no-calibrate")) spec.calibrate = 0;

@@ -432,7 +432,8 @@ static void test_dead_rank(void)
 /* ---- init-model streams the weights; generate runs the result; memory planning ---------- */
 
 /* The files of mod.yaml (bf16, 3 shards, not calibrated) as the in-memory writer wrote them
- * before init-model streamed: the streaming writer must give the same bytes. */
+ * before init-model streamed: the streaming writer must give the same bytes (here with the
+ * draw split over 3 threads). */
 static const char *MOD_BF16_SHA[] = {
     "4b0cb950a12a537f8b330ce5e40048afd7d6400b8041596fd1b3614fc7fbd222  model-00001-of-00003.safetensors",
     "f49ca75570b5aae52864d516c416d685e1ba4f36c71c07944a66ad8383e18a8e  model-00002-of-00003.safetensors",
@@ -446,7 +447,7 @@ static void test_init_model_stream(void)
     snprintf(m1, sizeof m1, "%s/stream-nc", TMP);
     snprintf(m2, sizeof m2, "%s/stream-cal", TMP);
     CU_ASSERT_EQUAL_FATAL(run(120, "%s init-model --spec configs/models/mod.yaml --out %s --dtype bf16 "
-                                   "--shards 3 --no-calibrate --quiet", BIN, m1), 0);
+                                   "--shards 3 --no-calibrate --quiet --threads 3", BIN, m1), 0);
     CU_ASSERT_EQUAL(OUT[0], 0); /* --quiet: no progress */
     CU_ASSERT_EQUAL_FATAL(run(30, "cd %s && sha256sum model*", m1), 0);
     for (size_t i = 0; i < sizeof MOD_BF16_SHA / sizeof *MOD_BF16_SHA; i++) {
