@@ -69,7 +69,7 @@ static const opt_def OPTS[] = {
     {"text-file", "FILE", C_EVAL, 0,
      "eval: perplexity of text: documents separated by blank lines, each tokenized with the "
      "model's tokenizer.json (BOS added); with --tokens-file too, its lines come first"},
-    {"micro-batch", "R", C_GEN | C_EVAL, 0,
+    {"micro-batch", "R", C_GEN | C_EVAL | C_PART, 0,
      "most rows per micro-batch (default 32); runs with the same R give the same bits at any -np"},
     {"groups", "G", C_GEN, 0,
      "decode groups: sequences are split into G groups, each decode step of a group is one "
@@ -109,6 +109,12 @@ static const opt_def OPTS[] = {
      "abort the job when a peer rank sends nothing for SEC seconds (default 300)"},
     {"quiet", NULL, C_GEN | C_EVAL | C_INIT, 0, "no progress lines on stderr"},
     {"n", "N", C_PART, 0, "partition: number of stages (ranks)"},
+    {"mem-per-rank", "SIZE", C_GEN | C_EVAL | C_PART, 0,
+     "memory a rank may use, e.g. 6G or 5000M: the auto plan only uses stages that fit (weights "
+     "in the checkpoint dtype + KV cache + workspace), an explicit plan that does not is refused"},
+    {"slots", "N", C_PART, 0, "partition: sequences the KV cache is sized for (default 1)"},
+    {"ctx", "N", C_PART, 0,
+     "partition: positions per sequence the KV cache is sized for (default max_position_embeddings)"},
     {"spec", "FILE.yaml", C_INIT, 0, "init-model: the model spec (see configs/models/)"},
     {"out", "DIR", C_INIT, 0, "init-model: output directory (created if missing)"},
     {"dtype", "f32|bf16|f16", C_INIT, 0, "init-model: weight dtype (overrides output.dtype)"},
@@ -569,12 +575,22 @@ static int need_tok(run_setup *r, const char *model, char *err, size_t errlen)
 }
 
 /* Plan from --stages (explicit ranges or auto) for n stages. */
-static int make_plan(const opts *o, const stage_config *cfg, int n, cluster_plan *plan, char *err,
-                     size_t errlen)
+static int make_plan(const opts *o, const stage_config *cfg, int n, const cluster_mem_opts *mem,
+                     cluster_plan *plan, char *err, size_t errlen)
 {
     const opt_val *v = &o->v[opt_index("stages")];
-    if (!v->n || (v->n == 1 && !strcmp(v->vals[0], "auto")))
-        return cluster_partition_auto(cfg, n, plan, err, errlen);
+    if (!v->n || (v->n == 1 && !strcmp(v->vals[0], "auto"))) {
+        int rc = cluster_partition_auto_mem(cfg, n, mem, plan, err, errlen);
+        if (rc && mem && mem->mem_per_rank) { /* name where the limit came from */
+            char e2[1024];
+            snprintf(e2, sizeof e2, "%s", err);
+            const char *origin = o->v[opt_index("mem-per-rank")].origin;
+            const char *at = strstr(e2, "--mem-per-rank");
+            if (at && strcmp(origin, "--mem-per-rank"))
+                snprintf(err, errlen, "%.*s%s%s", (int)(at - e2), e2, origin, at + 14);
+        }
+        return rc;
+    }
     /* ranges: a YAML list, or one comma-separated string */
     char *ranges[256] = {0};
     int nr = 0;
@@ -584,10 +600,24 @@ static int make_plan(const opts *o, const stage_config *cfg, int n, cluster_plan
         for (char *t = strtok(buf, ", "); t && nr < 256; t = strtok(NULL, ", ")) ranges[nr++] = strdup(t);
     }
     char e2[512];
-    int rc = cluster_partition_explicit(cfg, (const char *const *)ranges, nr, n, plan, e2, sizeof e2);
+    int rc = cluster_partition_explicit_mem(cfg, (const char *const *)ranges, nr, n, mem, plan, e2,
+                                            sizeof e2);
     if (rc) snprintf(err, errlen, "%s: %s", v->origin, strncmp(e2, "stages: ", 8) ? e2 : e2 + 8);
     for (int i = 0; i < nr; i++) free(ranges[i]);
     return rc;
+}
+
+/* --mem-per-rank (0 when absent) and the checkpoint dtype for memory planning. */
+static int mem_opts(const opts *o, const char *model, cluster_mem_opts *m, char *err, size_t errlen)
+{
+    memset(m, 0, sizeof *m);
+    const char *lim = opt_str(o, "mem-per-rank");
+    if (lim && (cluster_parse_size(lim, &m->mem_per_rank) || m->mem_per_rank == 0)) {
+        snprintf(err, errlen, "%s: expected a size like 6G, 5000M or 1.5GiB, got '%s'",
+                 o->v[opt_index("mem-per-rank")].origin, lim);
+        return -1;
+    }
+    return cluster_weight_dtype(model, &m->weight_dtype, err, errlen);
 }
 
 static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *err, size_t errlen)
@@ -704,7 +734,19 @@ static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *er
     ro->dump_path = opt_str(o, "dump-logits");
     ro->stats_path = opt_str(o, "stats");
     ro->progress = !opt_has(o, "quiet");
-    if (make_plan(o, cfg, n_ranks, &r->plan, err, errlen)) return -1;
+    cluster_mem_opts mem;
+    int plan_mem = opt_has(o, "mem-per-rank");
+    if (plan_mem) {
+        if (mem_opts(o, model, &mem, err, errlen)) return -1;
+        if (ro->weights_dtype >= 0) mem.weight_dtype = (stage_dtype)ro->weights_dtype;
+        mem.slots = r->sq.n;
+        mem.micro_batch = ro->micro_batch;
+        for (int i = 0; i < r->sq.n; i++) {
+            int len = r->sq.len[i] + (cmd == C_GEN ? ro->max_new : 0);
+            if (len > mem.ctx) mem.ctx = len;
+        }
+    }
+    if (make_plan(o, cfg, n_ranks, plan_mem ? &mem : NULL, &r->plan, err, errlen)) return -1;
     r->have_plan = 1;
     ro->plan = &r->plan;
     return 0;
@@ -833,7 +875,16 @@ static int cmd_partition(int argc, char **argv)
     if (!rc && !opt_has(&o, "n")) { snprintf(err, sizeof err, "-n N (number of stages) is required"); rc = -1; }
     if (!rc) rc = opt_long(&o, "n", 1, 4096, 1, &n, err, sizeof err);
     if (!rc) rc = stage_config_load(model, &cfg, err, sizeof err);
-    if (!rc) rc = make_plan(&o, &cfg, (int)n, &plan, err, sizeof err);
+    cluster_mem_opts mem;
+    long slots = 1, ctx = 1, mb = 32;
+    if (!rc) rc = mem_opts(&o, model, &mem, err, sizeof err);
+    if (!rc) rc = opt_long(&o, "slots", 1, 1 << 20, 1, &slots, err, sizeof err);
+    if (!rc) rc = opt_long(&o, "ctx", 1, 1 << 24, cfg.max_pos, &ctx, err, sizeof err);
+    if (!rc) rc = opt_long(&o, "micro-batch", 1, 1 << 20, 32, &mb, err, sizeof err);
+    mem.slots = (int)slots;
+    mem.ctx = (int)ctx;
+    mem.micro_batch = (int)mb;
+    if (!rc) rc = make_plan(&o, &cfg, (int)n, &mem, &plan, err, sizeof err);
     if (!rc) {
         cluster_plan_print(&cfg, &plan, stdout);
         cluster_plan_free(&plan);
@@ -874,6 +925,7 @@ static int cmd_init_model(int argc, char **argv)
     if (!rc) {
         rc = opt_long(&o, "threads", 1, 1024, 1, &v, err, sizeof err);
         if (!rc) rc = stage_threads_init((int)v, err, sizeof err);
+        spec.threads = (int)v;
     }
     if (!rc && opt_has(&o, "calibrate")) spec.calibrate = 1;
     if (!rc && opt_has(&o, "no-calibrate")) spec.calibrate = 0;
