@@ -3,6 +3,9 @@
  *   bench_kernels [--threads N] [--quick] [--isa NAME]
  *
  * Prints one `key=value ...` line per measurement (lines starting with # are comments):
+ *   --bw-only: only the bw lines, then for each --shape m,k,n one `shape` line: cblas_sgemm
+ *            (OpenBLAS on N threads) vs stage_matmul_w with f32 and bf16 weights, GFLOP/s
+ *            (scripts/bench-decode's reference for prefill);
  *   bw       read bandwidth of this machine: 1, 2, 4 .. N threads summing a 1 GiB buffer, best
  *            of 5 passes (read_gbs),
  *            and the median over 32 MiB pieces (read_gbs_32mib_pieces); the GEMV lines'
@@ -157,7 +160,8 @@ static int n_cpus(void)
 
 int main(int argc, char **argv)
 {
-    int nt = n_cpus(), quick = 0, only = -1;
+    int nt = n_cpus(), quick = 0, only = -1, bw_only = 0, n_shapes = 0;
+    int shapes[16][3]; /* --shape m,k,n: cblas_sgemm vs stage_matmul_w on that shape */
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--threads") && i + 1 < argc) {
             nt = atoi(argv[++i]);
@@ -167,6 +171,15 @@ int main(int argc, char **argv)
             }
         } else if (!strcmp(argv[i], "--quick")) {
             quick = 1;
+        } else if (!strcmp(argv[i], "--bw-only")) {
+            bw_only = 1;
+        } else if (!strcmp(argv[i], "--shape") && i + 1 < argc && n_shapes < 16) {
+            int *sh = shapes[n_shapes++];
+            if (sscanf(argv[++i], "%d,%d,%d", &sh[0], &sh[1], &sh[2]) != 3 || sh[0] < 1 || sh[1] < 1 ||
+                sh[2] < 1 || (double)sh[0] * sh[2] > 64e6 || (double)sh[1] * sh[2] > 256e6) {
+                fprintf(stderr, "bench_kernels: --shape %s: expected m,k,n (positive, not huge)\n", argv[i]);
+                return 2;
+            }
         } else if (!strcmp(argv[i], "--isa") && i + 1 < argc) {
             const char *name = argv[++i];
             for (int s = 0; s < STAGE_N_ISAS; s++)
@@ -176,7 +189,8 @@ int main(int argc, char **argv)
                 return 2;
             }
         } else {
-            fprintf(stderr, "usage: bench_kernels [--threads N] [--quick] [--isa c|avx2|avx512|avx512bf16]\n");
+            fprintf(stderr, "usage: bench_kernels [--threads N] [--quick] [--isa c|avx2|avx512|avx512bf16] "
+                            "[--bw-only [--shape m,k,n ...]]\n");
             return 2;
         }
     }
@@ -224,6 +238,49 @@ int main(int argc, char **argv)
         bwn = pass > pieces ? pass : pieces; /* the stricter reference */
     }
     fflush(stdout);
+    if (bw_only) {
+        /* the shapes a benchmark script asks for: OpenBLAS on nt threads vs the kernels */
+        for (int q = 0; q < n_shapes; q++) {
+            const int m = shapes[q][0], k = shapes[q][1], n = shapes[q][2];
+            float *xs = malloc((size_t)m * k * sizeof *xs), *ys = malloc((size_t)m * n * sizeof *ys);
+            float *wf = malloc((size_t)n * k * sizeof *wf);
+            uint16_t *wb = malloc((size_t)n * k * 2);
+            if (!xs || !ys || !wf || !wb) {
+                fprintf(stderr, "bench_kernels: out of memory for --shape\n");
+                return 1;
+            }
+            for (size_t i = 0; i < (size_t)m * k; i++) xs[i] = (float)((i * 2654435761u) % 2001) / 1000.0f - 1.0f;
+            for (size_t i = 0; i < (size_t)n * k; i++) {
+                wf[i] = (float)((i * 40503u) % 2001) / 1000.0f - 1.0f;
+                wb[i] = arena[i % (arena_bytes / 2)];
+            }
+            double tb[7], tf[7], t16[7];
+            for (int r = 0; r < 7; r++) {
+                openblas_set_num_threads(nt);
+                double t0 = now_s();
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, xs, k, wf, k, 0.0f, ys, n);
+                tb[r] = now_s() - t0;
+                openblas_set_num_threads(1);
+                stage_weight w32 = {STAGE_F32, n, k, wf}, w16 = {STAGE_BF16, n, k, wb};
+                t0 = now_s();
+                stage_matmul_w(xs, m, &w32, ys);
+                tf[r] = now_s() - t0;
+                t0 = now_s();
+                stage_matmul_w(xs, m, &w16, ys);
+                t16[r] = now_s() - t0;
+            }
+            double fl = 2.0 * m * n * k / 1e9;
+            printf("shape m=%d k=%d n=%d threads=%d sgemm_gflops=%.2f f32_gflops=%.2f bf16_gflops=%.2f\n", m,
+                   k, n, nt, fl / median(tb, 7), fl / median(tf, 7), fl / median(t16, 7));
+            free(xs);
+            free(ys);
+            free(wf);
+            free(wb);
+        }
+        free(arena);
+        stage_threads_free();
+        return 0;
+    }
 
     const int K = 4096, M_PRE = 256, M_MAX = 256;
     const int ns[] = {4096, 14336};
