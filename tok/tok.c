@@ -1438,15 +1438,6 @@ int tok_load_json(const char *name, const char *json, size_t len, tok_tokenizer 
         tok_free(t);
         return -1;
     }
-    t->mctx = pcre2_match_context_create(NULL);
-    if (!t->mctx) {
-        tok_set_err(err, errlen, "%s: out of memory", name);
-        tok_free(t);
-        return -1;
-    }
-    /* A hostile Split regex must fail, not hang: bound the backtracking. */
-    pcre2_set_match_limit(t->mctx, 1000000);
-    pcre2_set_depth_limit(t->mctx, 10000);
     *out = t;
     return 0;
 }
@@ -1516,7 +1507,6 @@ void tok_free(tok_tokenizer *t)
     free(t->pp_suffix);
     free(t->dec_pool);
     free(t->dec_off);
-    pcre2_match_context_free(t->mctx);
     free(t->name);
     free(t);
 }

@@ -47,6 +47,7 @@ typedef struct {
     char *err;
     size_t errlen;
     pcre2_match_data *md;
+    pcre2_match_context *mctx; /* the backtracking limit of this call (see tok_encode) */
     tok_pieces p[2];     /* ping-pong between pre-tokenizer steps */
     char *nbuf[2];       /* normalizer ping-pong, [nbuf_cap[i]] */
     size_t nbuf_cap[2];
@@ -120,7 +121,7 @@ static int re_next(tok_ws *w, const pcre2_code *re, const char *s, size_t len, s
     uint32_t opts = 0;
     while (at <= len) {
         int rc = pcre2_match(re, (PCRE2_SPTR)s, len, at, opts | PCRE2_NO_UTF_CHECK, w->md,
-                             w->t->mctx);
+                             w->mctx);
         if (rc == PCRE2_ERROR_NOMATCH) {
             if (opts == 0) return 0;
             /* no non-empty match here: move one character on */
@@ -512,6 +513,7 @@ static int is_word(char c)
 static void ws_free(tok_ws *w)
 {
     pcre2_match_data_free(w->md);
+    pcre2_match_context_free(w->mctx);
     for (int i = 0; i < 2; i++) {
         free(w->p[i].buf);
         free(w->p[i].sp);
@@ -548,10 +550,16 @@ int tok_encode(const tok_tokenizer *t, const char *text, size_t len, int add_spe
     w.err = err;
     w.errlen = errlen;
     w.md = pcre2_match_data_create(1, NULL);
-    if (!w.md) {
+    w.mctx = pcre2_match_context_create(NULL);
+    if (!w.md || !w.mctx) {
         ws_oom(&w);
         goto fail;
     }
+    /* A hostile Split regex must fail, not hang; a real one on a long whitespace run
+     * backtracks O(run) once (Llama-3's \s*[\r\n]+), so the bound grows with the text. */
+    uint64_t lim = 10000000u + 64u * (uint64_t)len;
+    pcre2_set_match_limit(w.mctx, lim > UINT32_MAX ? UINT32_MAX : (uint32_t)lim);
+    pcre2_set_depth_limit(w.mctx, 100000);
     if (add_special)
         for (int k = 0; k < t->n_prefix; k++)
             if (push_id(&w, t->pp_prefix[k])) goto fail;

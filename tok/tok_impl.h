@@ -138,7 +138,6 @@ struct tok_tokenizer {
     int dec_strip_first_space; /* Metaspace decoder: the first token loses a leading ' ' */
     int dec_join_space;  /* no decoder at all: tokens are joined with ' ' (as HF does) */
 
-    pcre2_match_context *mctx; /* match limits for every regex (read-only at match time) */
     int bos, eos;
 };
 
