@@ -147,6 +147,22 @@ static void test_bad_input_tp(void)
     CU_ASSERT(rc != 0 && rc < 128);
 }
 
+/* K = 4 needs 4 | n_kv_heads: stories260K (8 heads / 4 KV heads) against its one-rank run. */
+static void test_k4(void)
+{
+    char one[512], four[512];
+    snprintf(one, sizeof one, "%s/k4-np1.npy", TMP);
+    snprintf(four, sizeof four, "%s/k4-np4.npy", TMP);
+    CU_ASSERT_EQUAL_FATAL(tu_run(OUT, sizeof OUT, 120, "%s -np 1 %s generate --model %s/stories260K %s "
+                                 "--max-new 8 --quiet --dump-logits %s", MPIRUN, BIN, FIX, PROMPTS, one), 0);
+    char gen1[sizeof OUT];
+    snprintf(gen1, sizeof gen1, "%s", OUT);
+    CU_ASSERT_EQUAL_FATAL(tu_run(OUT, sizeof OUT, 120, "%s -np 4 %s generate --model %s/stories260K %s "
+                                 "--max-new 8 --tp 4 --quiet --dump-logits %s", MPIRUN, BIN, FIX, PROMPTS, four), 0);
+    CU_ASSERT_STRING_EQUAL(OUT, gen1); /* the same tokens (and summary line) */
+    check_rel(four, one, "stories260K --tp 4 vs -np 1");
+}
+
 /* Different K per stage: "A-B:K" on the command line, {layers, ranks} items in YAML. */
 static void test_stage_ranks(void)
 {
@@ -203,6 +219,7 @@ int main(void)
     CU_add_test(s, "generate, every fixture, --tp 2 at -np 2 and 4 = known answers", test_generate_tp);
     CU_add_test(s, "eval incl. topk, --tp 2 at -np 2 and 4 = known answers", test_eval_tp);
     CU_add_test(s, "stats: same links, group bytes, weights and KV per rank", test_stats_tp);
+    CU_add_test(s, "--tp 4 (stories260K) = one rank within 1e-4", test_k4);
     CU_add_test(s, "K per stage (--stages A-B:K, YAML {layers, ranks}) = known answers", test_stage_ranks);
     CU_add_test(s, "partition prints the rank groups", test_partition_tp);
     CU_add_test(s, "bad input: -np, heads, grid", test_bad_input_tp);
