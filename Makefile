@@ -14,7 +14,7 @@ else
   OPT      := -O2 -g
 endif
 
-PKGS    := ompi-c openblas libprotobuf-c yaml-0.1 libcjson
+PKGS    := ompi-c openblas libprotobuf-c yaml-0.1 libcjson libmicrohttpd
 CC      := gcc
 CFLAGS  := -std=c11 -Wall -Wextra -Werror -D_GNU_SOURCE $(OPT) $(SANFLAGS) -MMD -MP \
            $(shell pkg-config --cflags $(PKGS) 2>/dev/null) -I. -I$(B)/proto
@@ -28,7 +28,8 @@ PROTO_HDR := $(B)/proto/modpipe.pb-c.h
 STAGE_SRC   := $(wildcard stage/*.c)
 COMM_SRC    := $(wildcard comm/*.c)
 CLUSTER_SRC := $(filter-out cluster/main.c,$(wildcard cluster/*.c))
-LIB_OBJ     := $(patsubst %.c,$(B)/%.o,$(STAGE_SRC) $(COMM_SRC) $(CLUSTER_SRC)) $(B)/proto/modpipe.pb-c.o
+SERVE_SRC   := $(wildcard serve/*.c)
+LIB_OBJ     := $(patsubst %.c,$(B)/%.o,$(STAGE_SRC) $(COMM_SRC) $(CLUSTER_SRC) $(SERVE_SRC)) $(B)/proto/modpipe.pb-c.o
 TEST_SRC    := $(wildcard tests/test_*.c)
 TEST_BIN    := $(patsubst tests/%.c,$(B)/tests/%,$(TEST_SRC))
 
@@ -55,6 +56,12 @@ $(B)/modpipe: $(B)/cluster/main.o $(B)/libmodpipe.a
 
 $(B)/tests/%: $(B)/tests/%.o $(B)/libmodpipe.a
 	$(CC) $(LDFLAGS) $^ $(LDLIBS) $(CUNIT) -o $@
+
+# test_serve drives the HTTP layer against test doubles of the queue and the tokenizer
+# (tests/serve/double_*.c); the end-to-end test tests/serve/run.sh uses the real ones.
+SERVE_DOUBLES := $(B)/tests/serve/double_srvq.o $(B)/tests/serve/double_tok.o
+$(B)/tests/test_serve: $(B)/tests/test_serve.o $(SERVE_DOUBLES) $(B)/libmodpipe.a
+	$(CC) $(LDFLAGS) $^ $(LDLIBS) $(CUNIT) -lpthread -o $@
 
 # ---- tests --------------------------------------------------------------
 # OMPI_MCA_rmaps_base_oversubscribe lets the mpi tests start more ranks than cores.
