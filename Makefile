@@ -14,7 +14,7 @@ else
   OPT      := -O2 -g
 endif
 
-PKGS    := ompi-c openblas libprotobuf-c yaml-0.1 libcjson libmicrohttpd
+PKGS    := ompi-c openblas libprotobuf-c yaml-0.1 libcjson libpcre2-8 libmicrohttpd
 CC      := gcc
 CFLAGS  := -std=c11 -Wall -Wextra -Werror -D_GNU_SOURCE $(OPT) $(SANFLAGS) -MMD -MP \
            $(shell pkg-config --cflags $(PKGS) 2>/dev/null) -I. -I$(B)/proto
@@ -28,8 +28,9 @@ PROTO_HDR := $(B)/proto/modpipe.pb-c.h
 STAGE_SRC   := $(wildcard stage/*.c)
 COMM_SRC    := $(wildcard comm/*.c)
 CLUSTER_SRC := $(filter-out cluster/main.c,$(wildcard cluster/*.c))
+TOK_SRC     := $(wildcard tok/*.c)
 SERVE_SRC   := $(wildcard serve/*.c)
-LIB_OBJ     := $(patsubst %.c,$(B)/%.o,$(STAGE_SRC) $(COMM_SRC) $(CLUSTER_SRC) $(SERVE_SRC)) $(B)/proto/modpipe.pb-c.o
+LIB_OBJ     := $(patsubst %.c,$(B)/%.o,$(STAGE_SRC) $(COMM_SRC) $(CLUSTER_SRC) $(TOK_SRC) $(SERVE_SRC)) $(B)/proto/modpipe.pb-c.o
 TEST_SRC    := $(wildcard tests/test_*.c)
 TEST_BIN    := $(patsubst tests/%.c,$(B)/tests/%,$(TEST_SRC))
 
