@@ -187,7 +187,8 @@ struct serve_server {
     double grace_s;
     long created;              /* start time (unix), for /v1/models */
     int listen_fd;             /* after quiesce: closed after MHD_stop_daemon */
-    atomic_int ready, closing, shut_done;
+    atomic_int ready, closing, shut_done, aborted;
+    char abort_msg[512];       /* written once before aborted is set */
     atomic_long next_id;
 
     pthread_mutex_t mu;        /* guards everything below */
@@ -533,6 +534,13 @@ static int gen_step(gen *g)
     int n = g->n_toks, done = g->done;
     srvq_finish why = g->why;
     pthread_mutex_unlock(&g->mu);
+    if (!done && atomic_load(&g->srv->aborted)) {
+        /* the pipeline is gone: no on_done will come */
+        g->failed = 1;
+        snprintf(g->cmsg, sizeof g->cmsg, "%.250s", g->srv->abort_msg);
+        g->finish = "stop";
+        return 1;
+    }
     int had = g->consumed;
     gen_process(g, n);
     if (g->finish) return 1;
@@ -1147,6 +1155,13 @@ int serve_server_shutdown(serve_server *s)
         usleep(20000);
     }
     return cancelled;
+}
+
+void serve_server_abort(serve_server *s, const char *msg)
+{
+    atomic_store(&s->closing, 1);
+    snprintf(s->abort_msg, sizeof s->abort_msg, "the pipeline failed: %s", msg ? msg : "");
+    atomic_store(&s->aborted, 1);
 }
 
 void serve_server_free(serve_server *s)

@@ -122,6 +122,9 @@ void serve_server_set_ready(serve_server *s);
  * period for running requests, then cancel what is left and wait for it to end. Returns the
  * number of requests that had to be cancelled. Safe to call once from any thread. */
 int serve_server_shutdown(serve_server *s);
+/* The pipeline died: every waiting request ends with an error now (HTTP 500, or an error
+ * event on a stream) and no new ones are taken. The queue's requests are abandoned. */
+void serve_server_abort(serve_server *s, const char *msg);
 /* Stops the daemon (after shutdown, or at once) and frees everything. NULL-safe. */
 void serve_server_free(serve_server *s);
 
