@@ -51,19 +51,28 @@ static const opt_def OPTS[] = {
      "a prompt as token ids, e.g. 1,2,3 (repeat for more sequences)"},
     {"prompts-file", "FILE", C_GEN, 0,
      "prompts, one per line, ids separated by commas or spaces"},
-    {"max-new", "N", C_GEN, 0, "new tokens per sequence (default 16)"},
+    {"max-new", "N", C_GEN, 0, "new tokens per sequence at most (default 16; fewer when EOS comes first)"},
     {"temperature", "T", C_GEN, 0, "sampling temperature; 0 or absent: greedy (lowest id wins ties)"},
     {"top-p", "P", C_GEN, 0, "nucleus sampling: keep the smallest set of tokens with mass >= P (default 1)"},
     {"seed", "S", C_GEN | C_INIT, 0,
      "generate: sampling seed (sequence i draws from its own stream); init-model: weight seed"},
     {"tokens-file", "FILE", C_EVAL, 0,
-     "eval: one sequence per line (ids separated by commas or spaces), all the same length"},
+     "eval: one sequence per line (ids separated by commas or spaces), any lengths"},
     {"micro-batch", "R", C_GEN | C_EVAL, 0,
      "most rows per micro-batch (default 32); runs with the same R give the same bits at any -np"},
     {"groups", "G", C_GEN, 0,
      "decode groups: sequences are split into G groups, each decode step of a group is one "
-     "micro-batch (default 8; at most R sequences a group). Keep G >= stages so every stage "
-     "has a decode micro-batch to work on"},
+     "micro-batch (at most R sequences a group). Default max(ceil(n/R), min(8, floor(n/8))), "
+     "at least 1: decode micro-batches of >= 8 rows once there are 8 sequences, the same at "
+     "any -np. With few sequences per stage raise G (>= stages keeps every stage busy)"},
+    {"slots", "N", C_GEN | C_EVAL, 0,
+     "KV cache slots (sequences held at once; memory for slots x ctx positions is allocated "
+     "at start). Default: the number of sequences; fewer: groups wait for free slots"},
+    {"ctx", "N", C_GEN | C_EVAL, 0,
+     "positions per slot (default: the longest need, prompt + max-new - 1 or the longest line); "
+     "a sequence that needs more is an error"},
+    {"ignore-eos", NULL, C_GEN, 0,
+     "do not stop at the model's EOS token (config.json eos_token_id): always max-new tokens"},
     {"threads", "N", C_GEN | C_EVAL | C_INIT, 0,
      "BLAS threads per rank (default 1). Bit-identical results across rank counts need the same "
      "N (OpenBLAS splits rows between threads); with several ranks per node keep 1"},
@@ -76,7 +85,9 @@ static const opt_def OPTS[] = {
      "sparse (default): rows go only to stages that compute on them; dense: every row on every "
      "link, the baseline a conventional pipeline pays (same compute, same results)"},
     {"dump-logits", "F.npy", C_GEN | C_EVAL, 0,
-     "write logits as float32 .npy: generate [seqs, max_new, vocab], eval [seqs, T, vocab]"},
+     "write logits as float32 .npy: generate [seqs, max_new, vocab] (row j: the logits new "
+     "token j was drawn from; NaN rows after a sequence stopped at EOS), eval [seqs, Tmax, "
+     "vocab] (NaN past a line's end)"},
     {"stats", "F.json", C_GEN | C_EVAL, 0,
      "write per-link bytes (vs a dense pipeline), per-layer participation, KV and FLOP "
      "savings, per-stage busy/wait time, tokens/s"},
@@ -495,7 +506,9 @@ static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *er
         if (opt_double(o, "top-p", 0.0, 1.0, 1.0, &p, err, errlen)) return -1;
         long seed, groups;
         if (opt_long(o, "seed", 0, 0x7fffffffffffffffL, 0, &seed, err, errlen)) return -1;
-        if (opt_long(o, "groups", 1, 1 << 20, 8, &groups, err, errlen)) return -1;
+        if (opt_long(o, "groups", 1, 1 << 20, 0, &groups, err, errlen)) return -1;
+        ro->eos = cfg->eos_token_id;
+        ro->ignore_eos = opt_has(o, "ignore-eos");
         ro->max_new = (int)mn;
         ro->temperature = (float)t;
         ro->top_p = (float)p;
@@ -505,13 +518,12 @@ static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *er
         const char *tf = opt_str(o, "tokens-file");
         if (!tf) { snprintf(err, errlen, "--tokens-file FILE is required"); return -1; }
         if (seqs_from_file(&r->sq, tf, cfg->vocab, err, errlen)) return -1;
-        for (int i = 1; i < r->sq.n; i++)
-            if (r->sq.len[i] != r->sq.len[0]) {
-                snprintf(err, errlen, "%s: sequence %d has %d tokens, the first has %d (all lines must "
-                         "be the same length)", tf, i + 1, r->sq.len[i], r->sq.len[0]);
-                return -1;
-            }
     }
+    long slots, ctxn;
+    if (opt_long(o, "slots", 1, 1 << 20, 0, &slots, err, errlen)) return -1;
+    if (opt_long(o, "ctx", 1, 1 << 24, 0, &ctxn, err, errlen)) return -1;
+    ro->slots = (int)slots;
+    ro->ctx = (int)ctxn;
     ro->n_seqs = r->sq.n;
     ro->seq_tokens = r->sq.tok;
     ro->seq_len = r->sq.len;
@@ -603,14 +615,16 @@ static int cmd_run(int cmd, int argc, char **argv)
         if (cmd == C_GEN) {
             for (int s = 0; s < r.ro.n_seqs; s++) {
                 printf("generated ");
-                for (int j = 0; j < r.ro.max_new; j++)
+                for (int j = 0; j < res.n_generated[s]; j++)
                     printf("%s%d", j ? "," : "", res.generated[(size_t)s * r.ro.max_new + j]);
                 printf("\n");
             }
         } else {
             double mean = res.nll_count ? res.nll_sum / res.nll_count : 0.0;
-            printf("eval: %d sequences x %d tokens, mean NLL %.6f, perplexity %.4f\n", r.ro.n_seqs,
-                   r.ro.seq_len[0], mean, exp(mean));
+            long tokens = 0;
+            for (int s = 0; s < r.ro.n_seqs; s++) tokens += r.ro.seq_len[s];
+            printf("eval: %d sequences, %ld tokens, %ld scored, mean NLL %.6f, perplexity %.4f\n",
+                   r.ro.n_seqs, tokens, res.nll_count, mean, exp(mean));
         }
         if (size > 1) {
             char w[32], d[32], p[32], h[32];

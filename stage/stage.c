@@ -316,19 +316,21 @@ int stage_range_needs_row(const stage_model *m, int first, int last, const float
  * ===================================================================================== */
 
 typedef struct {
-    int n, cap;     /* entries used / allocated */
-    int32_t *pos;   /* [cap] positions, increasing */
-    float *k, *v;   /* [cap][kv_dim] roped keys, values */
+    int n, cap;     /* entries used / allocated (cap = ctx: sized at init, never grows) */
+    int32_t *pos;   /* [cap] positions, increasing (points into the layer's pool) */
+    float *k, *v;   /* [cap][kv_dim] roped keys, values (point into the layer's pool) */
 } kv_seq;
 
 struct stage_state {
     const stage_model *m;
     int n_layers;               /* layers in range */
-    int n_slots, max_rows, max_seq;
-    kv_seq *kv;                 /* [n_layers][n_slots] */
+    int n_slots, max_rows, max_seq; /* max_seq: positions per slot (--ctx) */
+    kv_seq *kv;                 /* [n_layers][n_slots] views into the pools below */
+    float *kv_k, *kv_v;         /* [n_layers][n_slots][max_seq][kv_dim] the slot pool */
+    int32_t *kv_pos;            /* [n_layers][n_slots][max_seq] */
+    uint8_t *released;          /* [n_slots] 1: no sequence holds the slot (until a reset) */
     int8_t *ms_keep;            /* [n_layers][n_slots] mindskip sequence decision: -1 undecided */
     stage_layer_stats *stats;   /* [n_layers] */
-
     /* workspace, all [max_rows][...] unless noted */
     int *act;                   /* [max_rows] active rows (micro-batch indices) */
     int *act2;                  /* [max_rows] second index list (mindskip kept rows) */
@@ -358,24 +360,12 @@ struct stage_state {
 
 static kv_seq *kv_at(stage_state *s, int li, int slot) { return &s->kv[(size_t)li * s->n_slots + slot]; }
 
+/* The pool is sized at init: a slot holds at most max_seq entries per layer. */
 static int kv_reserve(kv_seq *c, int need, int kvd, int max_seq)
 {
-    if (need <= c->cap) return 0;
-    int cap = c->cap ? c->cap : 16;
-    while (cap < need) cap *= 2;
-    if (cap > max_seq) cap = max_seq;
-    if (cap < need) return -1;
-    int32_t *p = realloc(c->pos, (size_t)cap * sizeof *p);
-    if (!p) return -1;
-    c->pos = p;
-    float *k = realloc(c->k, (size_t)cap * kvd * sizeof *k);
-    if (!k) return -1;
-    c->k = k;
-    float *v = realloc(c->v, (size_t)cap * kvd * sizeof *v);
-    if (!v) return -1;
-    c->v = v;
-    c->cap = cap;
-    return 0;
+    (void)kvd;
+    (void)max_seq;
+    return need <= c->cap ? 0 : -1;
 }
 
 stage_state *stage_state_init(const stage_model *m, int n_slots, int max_rows, int max_seq,
@@ -395,7 +385,14 @@ stage_state *stage_state_init(const stage_model *m, int n_slots, int max_rows, i
     size_t ng = (size_t)(c->n_experts + c->n_noop_experts + 1);
     size_t ept = (size_t)(c->experts_per_token > 0 ? c->experts_per_token : 1);
 
-    s->kv = calloc((size_t)s->n_layers * n_slots + 1, sizeof *s->kv);
+    const size_t n_seq = (size_t)s->n_layers * (size_t)n_slots; /* (layer, slot) caches */
+    s->kv = calloc(n_seq + 1, sizeof *s->kv);
+    /* calloc: Linux backs a page on its first write, so positions a routed layer never
+     * stores cost address space only; the size is fixed here either way. */
+    s->kv_k = calloc(n_seq * (size_t)max_seq * kvd + 1, sizeof(float));
+    s->kv_v = calloc(n_seq * (size_t)max_seq * kvd + 1, sizeof(float));
+    s->kv_pos = calloc(n_seq * (size_t)max_seq + 1, sizeof(int32_t));
+    s->released = calloc((size_t)n_slots + 1, 1);
     s->ms_keep = malloc((size_t)s->n_layers * n_slots + 1);
     s->stats = calloc((size_t)s->n_layers + 1, sizeof *s->stats);
     s->act = malloc(R * sizeof(int));
@@ -422,23 +419,18 @@ stage_state *stage_state_init(const stage_model *m, int n_slots, int max_rows, i
     s->gate = malloc(R * ng * sizeof(float));
     s->probs = malloc((size_t)(max_seq + 1) * sizeof(float));
     s->mean = malloc(D * sizeof(float));
-    int ok = s->kv && s->ms_keep && s->stats && s->act && s->act2 && s->ent && s->erow &&
+    int ok = s->kv && s->kv_k && s->kv_v && s->kv_pos && s->released && s->ms_keep && s->stats && s->act && s->act2 && s->ent && s->erow &&
              s->sel_e && s->sel_w && s->score && s->xin && s->h && s->q && s->k && s->v &&
              s->att && s->a && s->x2 && s->h2 && s->f1 && s->f3 && s->mo && s->ex && s->eo &&
              s->gate && s->probs && s->mean;
     memset(s->ms_keep, -1, (size_t)s->n_layers * n_slots + 1);
-    /* Size caches at start: dense-attention layers hold every position; routed layers about
-     * their capacity (threshold routing does not enforce it, so they may double later). */
-    for (int li = 0; ok && li < s->n_layers; li++) {
-        int l = m->range.first + li;
-        stage_kind k = c->layer_kind[l];
-        int cap = max_seq;
-        if (stage_kind_is_routed(k)) {
-            cap = (int)ceil(c->mod_capacity * max_seq * 1.25) + 8;
-            if (cap > max_seq) cap = max_seq;
-        }
-        for (int sl = 0; ok && sl < n_slots; sl++)
-            ok = kv_reserve(kv_at(s, li, sl), cap, (int)kvd, max_seq) == 0;
+    /* Every (layer, slot) cache gets max_seq entries of the pool: no growth at run time. */
+    for (size_t i = 0; ok && i < n_seq; i++) {
+        kv_seq *c2 = &s->kv[i];
+        c2->cap = max_seq;
+        c2->pos = s->kv_pos + i * (size_t)max_seq;
+        c2->k = s->kv_k + i * (size_t)max_seq * kvd;
+        c2->v = s->kv_v + i * (size_t)max_seq * kvd;
     }
     if (!ok) {
         snprintf(err, errlen, "out of memory sizing the stage state (%d slots, %d rows, %d positions)",
@@ -452,14 +444,8 @@ stage_state *stage_state_init(const stage_model *m, int n_slots, int max_rows, i
 void stage_state_free(stage_state *s)
 {
     if (!s) return;
-    if (s->kv) {
-        for (size_t i = 0; i < (size_t)s->n_layers * s->n_slots; i++) {
-            free(s->kv[i].pos);
-            free(s->kv[i].k);
-            free(s->kv[i].v);
-        }
-    }
-    free(s->kv); free(s->ms_keep); free(s->stats);
+    free(s->kv); free(s->kv_k); free(s->kv_v); free(s->kv_pos); free(s->released);
+    free(s->ms_keep); free(s->stats);
     free(s->act); free(s->act2); free(s->ent); free(s->erow); free(s->sel_e); free(s->sel_w);
     free(s->score); free(s->xin); free(s->h); free(s->q); free(s->k); free(s->v); free(s->att);
     free(s->a); free(s->x2); free(s->h2); free(s->f1); free(s->f3); free(s->mo); free(s->ex);
@@ -472,6 +458,37 @@ const stage_layer_stats *stage_state_layer_stats(const stage_state *s, int layer
     int li = layer - s->m->range.first;
     if (li < 0 || li >= s->n_layers) return NULL;
     return &s->stats[li];
+}
+
+int stage_state_slots(const stage_state *s) { return s->n_slots; }
+int stage_state_ctx(const stage_state *s) { return s->max_seq; }
+
+void stage_state_slot_reset(stage_state *s, int slot)
+{
+    if (slot < 0 || slot >= s->n_slots) return;
+    for (int li = 0; li < s->n_layers; li++) {
+        kv_at(s, li, slot)->n = 0;
+        s->ms_keep[(size_t)li * s->n_slots + slot] = -1;
+    }
+    s->released[slot] = 0;
+}
+
+void stage_state_slot_release(stage_state *s, int slot)
+{
+    if (slot < 0 || slot >= s->n_slots) return;
+    stage_state_slot_reset(s, slot);
+    s->released[slot] = 1;
+}
+
+int stage_state_slot_len(const stage_state *s, int slot)
+{
+    if (slot < 0 || slot >= s->n_slots) return -1;
+    int n = 0;
+    for (int li = 0; li < s->n_layers; li++) {
+        const kv_seq *c = &s->kv[(size_t)li * s->n_slots + slot];
+        if (c->n > 0 && c->pos[c->n - 1] + 1 > n) n = c->pos[c->n - 1] + 1;
+    }
+    return n;
 }
 
 size_t stage_state_kv_alloc_bytes(const stage_state *s)
@@ -889,13 +906,14 @@ int stage_forward_range(stage_state *s, const stage_batch *b, float *x, const ui
     }
     /* A prompt row at position 0 starts a new sequence in its slot, on every stage, whether
      * or not this stage holds the row (the descriptor reaches every stage). */
-    for (int i = 0; i < b->n && first == M->range.first; i++) {
-        if (b->pos[i] != 0 || !(b->flags[i] & STAGE_ROW_PROMPT)) continue;
-        for (int li = 0; li < s->n_layers; li++) {
-            kv_at(s, li, b->slot[i])->n = 0;
-            s->ms_keep[(size_t)li * s->n_slots + b->slot[i]] = -1;
+    for (int i = 0; i < b->n && first == M->range.first; i++)
+        if (b->pos[i] == 0 && (b->flags[i] & STAGE_ROW_PROMPT)) stage_state_slot_reset(s, b->slot[i]);
+    for (int i = 0; i < b->n; i++)
+        if (s->released[b->slot[i]]) {
+            snprintf(err, errlen, "row %d: slot %d was released and holds no sequence (position "
+                     "%d is not a new prompt)", i, b->slot[i], b->pos[i]);
+            return -1;
         }
-    }
     for (int l = first; l <= last; l++) {
         int li = l - M->range.first;
         const layer_w *L = &M->layers[l];

@@ -718,7 +718,7 @@ static void test_pack_errors(void)
     neg[9] = -5;
     p = f.p; p.pos = neg;                  expect_pack_fail(&p, f.x, D5, NULL, "negative");
     uint8_t fl[MB10] = {0};
-    fl[2] = 4;
+    fl[2] = 8;
     p = f.p; p.flags = fl;                 expect_pack_fail(&p, f.x, D5, NULL, "flags");
     comm_bypass dup[2] = {{0, 2}, {0, 2}}, back[1] = {{2, 1}};
     p = f.p; p.bypass = dup; p.n_bypass = 2; expect_pack_fail(&p, f.x, D5, NULL, "twice");
@@ -826,6 +826,123 @@ static void raw_init(raw_hdr *r)
 }
 
 enum { RAW_CAP = 8192, ROWB = D5 * 4 /* f32 row bytes */ };
+
+/* Per-row sampling state and slot releases: round trip, defaults, and what is rejected. */
+static void test_sampling_desc(void)
+{
+    fixture f;
+    fixture_init(&f, COMM_WIRE_F32);
+    float temp[MB10], top_p[MB10];
+    uint64_t seed[MB10], seq[MB10];
+    uint32_t step[MB10];
+    int32_t target[MB10], rel[3] = {7, 0, 300000};
+    uint8_t fl[MB10];
+    for (int i = 0; i < MB10; i++) {
+        temp[i] = 0.25f * (float)i;
+        top_p[i] = 1.0f - 0.05f * (float)i;
+        seed[i] = 0xfedcba9876543210ull + (uint64_t)i;
+        seq[i] = (uint64_t)i * 1000003u;
+        step[i] = (uint32_t)(i * 300);
+        target[i] = i % 3 == 0 ? -1 : 50 * i;
+        fl[i] = (uint8_t)(i % 2 ? COMM_ROW_NEED_LOGITS | COMM_ROW_SAMPLE : COMM_ROW_PROMPT);
+    }
+    comm_packet p = f.p;
+    p.flags = fl;
+    p.temperature = temp;
+    p.top_p = top_p;
+    p.seed = seed;
+    p.seq = seq;
+    p.step = step;
+    p.target = target;
+    p.n_release = 3;
+    p.release = rel;
+    size_t cap = comm_packet_max_bytes(MB10, D5, S4);
+    uint8_t *buf = malloc(cap);
+    char err[256] = "";
+    size_t hb, pb;
+    size_t n = comm_pack(&p, f.x, D5, NULL, buf, cap, &hb, &pb, err, sizeof err);
+    if (!n) fprintf(stderr, "\n  pack: %s\n", err);
+    CU_ASSERT_FATAL(n > 0);
+    CU_ASSERT_EQUAL(hb, 4 + reference_header_size(buf, n));
+    comm_unpacker *u = comm_unpacker_init(16, S4);
+    comm_packet q;
+    CU_ASSERT_EQUAL_FATAL(comm_unpack(u, buf, n, D5, &q, err, sizeof err), 0);
+    assert_same_header(&p, &q);
+    for (int i = 0; i < MB10; i++) {
+        CU_ASSERT_EQUAL(f32_bits(q.temperature[i]), f32_bits(temp[i]));
+        CU_ASSERT_EQUAL(f32_bits(q.top_p[i]), f32_bits(top_p[i]));
+        CU_ASSERT_EQUAL(q.seed[i], seed[i]);
+        CU_ASSERT_EQUAL(q.seq[i], seq[i]);
+        CU_ASSERT_EQUAL(q.step[i], step[i]);
+        CU_ASSERT_EQUAL(q.target[i], target[i]);
+    }
+    CU_ASSERT_EQUAL(q.n_release, 3);
+    CU_ASSERT(q.n_release == 3 && q.release[0] == 7 && q.release[1] == 0 && q.release[2] == 300000);
+
+    /* absent arrays: every row gets the default, and the header is smaller */
+    size_t hb_full = hb;
+    p = f.p;
+    n = comm_pack(&p, f.x, D5, NULL, buf, cap, &hb, &pb, err, sizeof err);
+    CU_ASSERT_FATAL(n > 0);
+    CU_ASSERT(hb < hb_full);
+    CU_ASSERT_EQUAL_FATAL(comm_unpack(u, buf, n, D5, &q, err, sizeof err), 0);
+    for (int i = 0; i < MB10; i++) {
+        CU_ASSERT(q.temperature[i] == 0.0f && q.top_p[i] == 1.0f && q.seed[i] == 0 &&
+                  q.seq[i] == 0 && q.step[i] == 0 && q.target[i] == -1);
+    }
+    CU_ASSERT_EQUAL(q.n_release, 0);
+
+    /* pack rejects */
+    uint8_t bad_fl[MB10] = {0};
+    bad_fl[4] = COMM_ROW_SAMPLE;
+    p = f.p; p.flags = bad_fl;             expect_pack_fail(&p, f.x, D5, NULL, "row 4 samples without logits");
+    float nan_t[MB10];
+    memcpy(nan_t, temp, sizeof nan_t);
+    nan_t[1] = NAN;
+    p = f.p; p.flags = fl; p.temperature = nan_t; expect_pack_fail(&p, f.x, D5, NULL, "row 1 has temperature nan");
+    float zero_p[MB10];
+    memcpy(zero_p, top_p, sizeof zero_p);
+    zero_p[3] = 0.0f;
+    p = f.p; p.flags = fl; p.top_p = zero_p; expect_pack_fail(&p, f.x, D5, NULL, "row 3 has temperature");
+    int32_t bad_t[MB10];
+    memcpy(bad_t, target, sizeof bad_t);
+    bad_t[5] = -2;
+    p = f.p; p.target = bad_t;             expect_pack_fail(&p, f.x, D5, NULL, "row 5 has target -2");
+    int32_t dup[2] = {4, 4}, negr[1] = {-1};
+    p = f.p; p.release = dup; p.n_release = 2; expect_pack_fail(&p, f.x, D5, NULL, "slot 4 released twice");
+    p = f.p; p.release = negr; p.n_release = 1; expect_pack_fail(&p, f.x, D5, NULL, "release of slot -1");
+    static int32_t many[COMM_MAX_RELEASE + 1];
+    for (int k = 0; k <= COMM_MAX_RELEASE; k++) many[k] = k;
+    p = f.p; p.release = many; p.n_release = COMM_MAX_RELEASE + 1;
+    expect_pack_fail(&p, f.x, D5, NULL, "slot releases (limit");
+    p = f.p; p.release = many; p.n_release = COMM_MAX_RELEASE; /* the limit itself fits */
+    CU_ASSERT(comm_pack(&p, f.x, D5, NULL, buf, cap, &hb, &pb, err, sizeof err) > 0);
+    CU_ASSERT_EQUAL(comm_unpack(u, buf, comm_pack(&p, f.x, D5, NULL, buf, cap, &hb, &pb, err, sizeof err),
+                                D5, &q, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(q.n_release, COMM_MAX_RELEASE);
+
+    /* unpack rejects a sampling array of the wrong length and too many releases */
+    static uint8_t rbuf[RAW_CAP];
+    raw_hdr r;
+    raw_init(&r);
+    r.d.n_temperature = 9;
+    r.d.temperature = temp;
+    n = raw_packet(&r.h, 4 * ROWB, rbuf, RAW_CAP);
+    expect_unpack_fail(u, rbuf, n, D5, "9 temperatures");
+    raw_init(&r);
+    r.d.n_target = 11;
+    int32_t t11[11] = {0};
+    r.d.target = t11;
+    n = raw_packet(&r.h, 4 * ROWB, rbuf, RAW_CAP);
+    expect_unpack_fail(u, rbuf, n, D5, "11 targets");
+    raw_init(&r);
+    r.d.n_release = COMM_MAX_RELEASE + 1;
+    r.d.release = many;
+    n = raw_packet(&r.h, 4 * ROWB, rbuf, RAW_CAP);
+    expect_unpack_fail(u, rbuf, n, D5, "slot releases (limit");
+    free(buf);
+    comm_unpacker_free(u);
+}
 
 static void test_unpack_bad_headers(void)
 {
@@ -1119,7 +1236,7 @@ static void check_self_consistent(const comm_packet *q, const uint8_t *buf, size
     CU_ASSERT_EQUAL(q->payload_bytes, want);
     CU_ASSERT_EQUAL(q->has_desc, q->kind == COMM_PKT_ROWS && q->receiver == q->sender + 1);
     for (int i = 0; q->has_desc && i < q->mb_rows; i++)
-        CU_ASSERT(q->slot[i] >= 0 && q->pos[i] >= 0 && q->token[i] >= 0 && q->flags[i] < 4);
+        CU_ASSERT(q->slot[i] >= 0 && q->pos[i] >= 0 && q->token[i] >= 0 && q->flags[i] < 8);
     for (int k = 0; k < q->n_bypass; k++)
         CU_ASSERT(q->bypass[k].from >= 0 && q->bypass[k].from < q->bypass[k].to &&
                   q->bypass[k].to < n_stages);
@@ -1229,6 +1346,7 @@ int main(void)
     CU_add_test(s, "mask set/get/count", test_mask);
     CU_add_test(s, "wire names, sizes, parse", test_wire_names);
     CU_add_test(s, "wire f32 exact", test_wire_f32);
+    CU_add_test(s, "descriptor: sampling state and slot releases", test_sampling_desc);
     CU_add_test(s, "wire bf16 known values", test_wire_bf16);
     CU_add_test(s, "wire f16 known values", test_wire_f16);
     CU_add_test(s, "ROWS chain round trip", test_rows_chain);

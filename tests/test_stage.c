@@ -1836,7 +1836,8 @@ static void test_kv_entries_mod_predictor(void) { check_kv_entries("mod_predicto
 static void test_kv_entries_mode_staged(void) { check_kv_entries("mode_staged"); }
 static void test_kv_entries_mixed(void) { check_kv_entries("mixed"); }
 
-/* Routed layers' caches are sized for their capacity, not for every position. */
+/* The slot pool is sized at init: every layer gets slots x ctx entries, routed or not (no
+ * growth at run time), so both models reserve the same bytes. */
 static void test_kv_alloc_capacity(void)
 {
     fxm d, m;
@@ -1847,13 +1848,86 @@ static void test_kv_alloc_capacity(void)
     size_t bd = stage_state_kv_alloc_bytes(sd), bm = stage_state_kv_alloc_bytes(sm);
     const size_t kvd = (size_t)d.cfg.n_kv_heads * d.cfg.head_dim;
     CU_ASSERT_EQUAL(bd, (size_t)6 * 4 * 256 * kvd * 2 * sizeof(float));
-    if (verbose()) fprintf(stderr, "\n  kv alloc: dense %zu, mod_all (capacity 0.25) %zu\n", bd, bm);
-    CU_ASSERT(bm * 2 <= bd); /* capacity 0.25 (x1.25 headroom, rounded to a power of two) */
-    CU_ASSERT(bm > 0);
+    CU_ASSERT_EQUAL(bm, bd);
+    CU_ASSERT_EQUAL(stage_state_slots(sd), 4);
+    CU_ASSERT_EQUAL(stage_state_ctx(sd), 256);
     stage_state_free(sd);
     stage_state_free(sm);
     fx_close(&d);
     fx_close(&m);
+}
+
+/* Reset / release: a released slot rejects rows until a new prompt starts there; a slot past
+ * its ctx is an error, not a reallocation; reuse after a reset gives the same logits. */
+static void test_slot_reset_release(void)
+{
+    fxm f;
+    if (fx_open("dense", &f)) { CU_FAIL("dense"); return; }
+    stage_state *st = state_new(f.m, 2, 8, 4);
+    CU_ASSERT_FATAL(st != NULL);
+    const int D = f.cfg.hidden;
+    float x[8 * 64], y[8 * 64];
+    CU_ASSERT_FATAL(D <= 64);
+    int32_t slot[4] = {1, 1, 1, 1}, pos[4] = {0, 1, 2, 3}, tok[4] = {5, 6, 7, 8};
+    uint8_t fl[4] = {STAGE_ROW_PROMPT, STAGE_ROW_PROMPT, STAGE_ROW_PROMPT, STAGE_ROW_PROMPT};
+    uint8_t present[4] = {1, 1, 1, 1};
+    char err[256];
+    stage_batch b = {4, slot, pos, tok, fl};
+    CU_ASSERT_EQUAL_FATAL(stage_embed(f.m, tok, 4, x, err, sizeof err), 0);
+    CU_ASSERT_EQUAL_FATAL(stage_forward(st, &b, x, present, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(stage_state_slot_len(st, 1), 4);
+    CU_ASSERT_EQUAL(stage_state_slot_len(st, 0), 0);
+    /* position 4 is past ctx 4 */
+    int32_t p4 = 4, t4 = 9, s1 = 1;
+    uint8_t f0 = 0, one = 1;
+    stage_batch d = {1, &s1, &p4, &t4, &f0};
+    CU_ASSERT_EQUAL(stage_embed(f.m, &t4, 1, y, err, sizeof err), 0);
+    CU_ASSERT_NOT_EQUAL(stage_forward(st, &d, y, &one, err, sizeof err), 0);
+    CU_ASSERT(strstr(err, "4 positions") != NULL);
+    /* released: a decode row is rejected, a new prompt is accepted */
+    stage_state_slot_release(st, 1);
+    CU_ASSERT_EQUAL(stage_state_slot_len(st, 1), 0);
+    int32_t p1 = 1;
+    stage_batch d1 = {1, &s1, &p1, &t4, &f0};
+    CU_ASSERT_NOT_EQUAL(stage_forward(st, &d1, y, &one, err, sizeof err), 0);
+    CU_ASSERT(strstr(err, "released") != NULL);
+    CU_ASSERT_EQUAL_FATAL(stage_embed(f.m, tok, 4, y, err, sizeof err), 0);
+    CU_ASSERT_EQUAL_FATAL(stage_forward(st, &b, y, present, err, sizeof err), 0);
+    CU_ASSERT(memcmp(x, y, (size_t)4 * D * sizeof(float)) == 0); /* same as the first use */
+    /* explicit reset also re-opens a released slot */
+    stage_state_slot_release(st, 0);
+    stage_state_slot_reset(st, 0);
+    int32_t s0 = 0, p0 = 0;
+    stage_batch d0 = {1, &s0, &p0, &t4, &f0};
+    CU_ASSERT_EQUAL(stage_embed(f.m, &t4, 1, y, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(stage_forward(st, &d0, y, &one, err, sizeof err), 0);
+    stage_state_free(st);
+    fx_close(&f);
+}
+
+/* One generator per draw: a function of (seed, seq, step) only. */
+static void test_rng_seed_draw(void)
+{
+    stage_rng a, b;
+    stage_rng_seed_draw(&a, 7, 3, 11);
+    stage_rng_seed_draw(&b, 7, 3, 11);
+    CU_ASSERT(stage_rng_uniform(&a) == stage_rng_uniform(&b));
+    double u[4];
+    uint64_t args[4][3] = {{7, 3, 11}, {7, 3, 12}, {7, 4, 11}, {8, 3, 11}};
+    for (int i = 0; i < 4; i++) {
+        stage_rng_seed_draw(&a, args[i][0], args[i][1], args[i][2]);
+        u[i] = stage_rng_uniform(&a);
+    }
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < i; j++) CU_ASSERT(u[i] != u[j]);
+    /* first draws over many steps look uniform: mean 0.5 +- 4 sigma (sigma = 1/sqrt(12 n)) */
+    double sum = 0;
+    const int n = 20000;
+    for (int k = 0; k < n; k++) {
+        stage_rng_seed_draw(&a, 5, 0, (uint64_t)k);
+        sum += stage_rng_uniform(&a);
+    }
+    CU_ASSERT(fabs(sum / n - 0.5) < 4.0 / sqrt(12.0 * n));
 }
 
 /* ================================================================== */
@@ -2107,7 +2181,7 @@ int main(void)
         T_(test_recompute_mode_integrated), T_(test_recompute_mindskip),
         T_(test_recompute_mindskip_token), T_(test_recompute_mixed), T_(test_kv_entries_mod),
         T_(test_kv_entries_mod_all), T_(test_kv_entries_mod_predictor),
-        T_(test_kv_entries_mode_staged), T_(test_kv_entries_mixed), T_(test_kv_alloc_capacity),
+        T_(test_kv_entries_mode_staged), T_(test_kv_entries_mixed), T_(test_kv_alloc_capacity), T_(test_slot_reset_release), T_(test_rng_seed_draw),
     };
     static const test_def sampling[] = {
         T_(test_sample_greedy), T_(test_sample_reproducible), T_(test_sample_top_p),

@@ -311,6 +311,183 @@ static void test_fixture_metaspace(void) { run_fixture("metaspace"); }
 static void test_fixture_gpt2(void) { run_fixture("gpt2"); }
 static void test_fixture_llama3style(void) { run_fixture("llama3style"); }
 
+static void load_fails(const char *json, const char *needle);
+
+/* ------------------------------------------------------------------ hand-made tokenizers */
+
+/* Constructs the real files do not exercise, with answers worked out by hand from the
+ * Hugging Face semantics (tokenizers' SplitDelimiterBehavior, ignore_merges, fuse_unk, ...). */
+#define HM_VOCAB                                                                            \
+    "{\"a\":0,\"b\":1,\"c\":2,\"ab\":3,\"bc\":4,\"abc\":5,\" \":6,\"<unk>\":7,\"1\":8,"    \
+    "\"2\":9,\"a \":10,\" b\":11,\"  \":12,\"12\":13,\"x\":16,\"y\":17}"
+#define HM_MERGES "[[\"b\",\"c\"],[\"a\",\" \"],[\" \",\"b\"],[\" \",\" \"],\"1 2\"]"
+
+static tok_tokenizer *hm_load(const char *pre, const char *model_extra, const char *top_extra)
+{
+    char json[4096];
+    snprintf(json, sizeof json,
+             "{%s\"pre_tokenizer\": %s, \"decoder\": null, \"model\": {\"type\": \"BPE\", "
+             "\"unk_token\": \"<unk>\", \"vocab\": " HM_VOCAB ", \"merges\": " HM_MERGES "%s}}",
+             top_extra ? top_extra : "", pre ? pre : "null", model_extra ? model_extra : "");
+    tok_tokenizer *t = NULL;
+    char err[512] = "";
+    if (tok_load_json("hand-made", json, strlen(json), &t, err, sizeof err))
+        fprintf(stderr, "\n  hand-made: %s\n", err);
+    return t;
+}
+
+static void expect_ids(const tok_tokenizer *t, const char *text, int special, const int32_t *want,
+                       int nw)
+{
+    int32_t *ids;
+    int n;
+    char err[512] = "";
+    int rc = tok_encode(t, text, strlen(text), special, &ids, &n, err, sizeof err);
+    if (rc) fprintf(stderr, "\n  \"%s\": %s\n", text, err);
+    CU_ASSERT_FATAL(rc == 0);
+    int same = n == nw && memcmp(ids, want, (size_t)n * sizeof *ids) == 0;
+    if (!same) {
+        fprintf(stderr, "\n  \"%s\": got", text);
+        for (int i = 0; i < n; i++) fprintf(stderr, " %d", (int)ids[i]);
+        fprintf(stderr, ", want");
+        for (int i = 0; i < nw; i++) fprintf(stderr, " %d", (int)want[i]);
+        fprintf(stderr, "\n");
+    }
+    CU_ASSERT(same);
+    free(ids);
+}
+#define EXPECT(t, text, special, ...)                                                       \
+    do {                                                                                    \
+        const int32_t w_[] = {__VA_ARGS__};                                                 \
+        expect_ids(t, text, special, w_, (int)(sizeof w_ / sizeof w_[0]));                  \
+    } while (0)
+
+static void test_hand_made(void)
+{
+    /* merges with a space in a token need the pair form: " b" as a string is an error */
+    load_fails("{\"model\": {\"type\": \"BPE\", \"vocab\": " HM_VOCAB
+               ", \"merges\": [\"  b\"]}}",
+               "merge 0 \"  b\" is not \"left right\"");
+
+    tok_tokenizer *t;
+    /* no pre-tokenizer: one piece; a+' ' (rank 1) before ' '+b (rank 2) */
+    CU_ASSERT_FATAL((t = hm_load(NULL, "", NULL)) != NULL);
+    EXPECT(t, "a b", 1, 10, 1);
+    EXPECT(t, "abc", 1, 0, 4);          /* merges only: a, bc */
+    EXPECT(t, "axyzb", 1, 0, 16, 17, 7, 1); /* z has no token: <unk> */
+    EXPECT(t, "a12", 1, 0, 13);
+    /* no decoder: tokens joined with a space */
+    {
+        const int32_t ids[] = {0, 4, 6};
+        char *txt, err[256];
+        size_t len;
+        CU_ASSERT_FATAL(tok_decode(t, ids, 3, 0, &txt, &len, err, sizeof err) == 0);
+        CU_ASSERT_STRING_EQUAL(txt, "a bc  ");
+        free(txt);
+        CU_ASSERT(stream_matches(t, ids, 3, 0));
+    }
+    tok_free(t);
+
+    CU_ASSERT_FATAL((t = hm_load(NULL, ", \"ignore_merges\": true, \"fuse_unk\": true", NULL)) != NULL);
+    EXPECT(t, "abc", 1, 5);             /* the whole piece is a token */
+    EXPECT(t, "azzb", 1, 0, 7, 1);      /* consecutive unknowns fused */
+    tok_free(t);
+
+    static const struct {
+        const char *pre, *text;
+        int32_t want[6];
+        int n;
+    } split[] = {
+        {"{\"type\":\"Split\",\"pattern\":{\"String\":\" \"},\"behavior\":\"Isolated\"}", "a b", {0, 6, 1}, 3},
+        {"{\"type\":\"Split\",\"pattern\":{\"String\":\" \"},\"behavior\":\"Removed\"}", "a b", {0, 1}, 2},
+        {"{\"type\":\"Split\",\"pattern\":{\"String\":\" \"},\"behavior\":\"MergedWithPrevious\"}", "a b", {10, 1}, 2},
+        {"{\"type\":\"Split\",\"pattern\":{\"String\":\" \"},\"behavior\":\"MergedWithNext\"}", "a b", {0, 11}, 2},
+        {"{\"type\":\"Split\",\"pattern\":{\"String\":\" \"},\"behavior\":\"Contiguous\"}", "a  b", {0, 12, 1}, 3},
+        {"{\"type\":\"Split\",\"pattern\":{\"String\":\" \"},\"behavior\":\"Isolated\"}", "a  b", {0, 6, 6, 1}, 4},
+        {"{\"type\":\"Split\",\"pattern\":{\"Regex\":\"\\\\s+\"},\"behavior\":\"Removed\",\"invert\":true}", "a  b", {12}, 1},
+        {"{\"type\":\"Split\",\"pattern\":{\"Regex\":\"b*\"},\"behavior\":\"Isolated\"}", "abba", {0, 1, 1, 0}, 4},
+        {"{\"type\":\"Digits\",\"individual_digits\":true}", "a12", {0, 8, 9}, 3},
+        {"{\"type\":\"Digits\",\"individual_digits\":false}", "a12 12", {0, 13, 6, 13}, 4},
+        {"{\"type\":\"Sequence\",\"pretokenizers\":[{\"type\":\"Digits\",\"individual_digits\":false},"
+         "{\"type\":\"Split\",\"pattern\":{\"String\":\" \"},\"behavior\":\"MergedWithPrevious\"}]}", "a 12", {10, 13}, 2},
+    };
+    for (size_t k = 0; k < sizeof split / sizeof split[0]; k++) {
+        CU_ASSERT_FATAL((t = hm_load(split[k].pre, "", NULL)) != NULL);
+        expect_ids(t, split[k].text, 1, split[k].want, split[k].n);
+        tok_free(t);
+    }
+
+    /* added tokens: lstrip / rstrip eat the spaces around, single_word needs word edges;
+     * a Regex Replace normalizer collapses runs of spaces (applied to each section) */
+    const char *added =
+        "\"added_tokens\": [{\"id\":20,\"content\":\"<m>\",\"lstrip\":true,\"rstrip\":true},"
+        "{\"id\":21,\"content\":\"<n>\"},{\"id\":22,\"content\":\"xy\",\"single_word\":true}],";
+    CU_ASSERT_FATAL((t = hm_load(NULL, "", added)) != NULL);
+    EXPECT(t, "a <m> b", 1, 0, 20, 1);
+    EXPECT(t, "a <n> b", 1, 10, 21, 11);
+    EXPECT(t, "a <n> b", 0, 10, 21, 11); /* not special: recognised in plain mode too */
+    EXPECT(t, "a xy", 1, 10, 22);
+    EXPECT(t, "axy", 1, 0, 16, 17);
+    EXPECT(t, "xyb", 1, 16, 17, 1);
+    CU_ASSERT_EQUAL(tok_vocab_size(t), 23);
+    CU_ASSERT(!tok_is_special(t, 20));
+    {   /* ids 14, 15, 18, 19 are holes: not decodable */
+        const int32_t hole[] = {14};
+        char *txt, err[256];
+        size_t len;
+        CU_ASSERT(tok_decode(t, hole, 1, 0, &txt, &len, err, sizeof err) != 0);
+        ASSERT_HAS(err, "id 14 is not in the vocab");
+    }
+    tok_free(t);
+    const char *norm = "\"normalizer\": {\"type\":\"Replace\",\"pattern\":{\"Regex\":\" +\"},\"content\":\" \"},";
+    CU_ASSERT_FATAL((t = hm_load(NULL, "", norm)) != NULL);
+    EXPECT(t, "a    b", 1, 10, 1);
+    tok_free(t);
+
+    /* BOS / EOS and add_bos_token from the files next to tokenizer.json */
+    char *dir = make_tmpdir_tagged("tok");
+    CU_ASSERT_FATAL(dir != NULL);
+    char path[512], json[4096];
+    snprintf(json, sizeof json,
+             "{\"added_tokens\": [{\"id\":18,\"content\":\"<s>\",\"special\":true},{\"id\":19,"
+             "\"content\":\"</s>\",\"special\":true}], \"model\": {\"type\": \"BPE\", "
+             "\"unk_token\": \"<unk>\", \"vocab\": " HM_VOCAB ", \"merges\": " HM_MERGES "}}");
+    const char *files[][2] = {
+        {"tokenizer.json", json},
+        {"tokenizer_config.json", "{\"add_bos_token\": true, \"bos_token\": {\"content\": \"<s>\"}}"},
+        {"config.json", "{\"bos_token_id\": 0, \"eos_token_id\": [19, 2]}"},
+    };
+    for (int k = 0; k < 3; k++) {
+        snprintf(path, sizeof path, "%s/%s", dir, files[k][0]);
+        FILE *f = fopen(path, "w");
+        CU_ASSERT_FATAL(f != NULL);
+        fputs(files[k][1], f);
+        fclose(f);
+    }
+    char err[512];
+    CU_ASSERT_FATAL(tok_load(dir, &t, err, sizeof err) == 0);
+    CU_ASSERT_EQUAL(tok_bos(t), 18); /* tokenizer_config.json wins over config.json */
+    CU_ASSERT_EQUAL(tok_eos(t), 19);
+    EXPECT(t, "ab<s>", 1, 18, 0, 1, 18);
+    EXPECT(t, "ab<s>", 0, 0, 1, 7, 7, 7); /* plain: "<s>" is text, '<' 's' '>' unknown */
+    tok_free(t);
+    /* the file alone: no config, no template, so no BOS */
+    snprintf(path, sizeof path, "%s/tokenizer.json", dir);
+    CU_ASSERT_FATAL(tok_load(path, &t, err, sizeof err) == 0);
+    CU_ASSERT_EQUAL(tok_bos(t), -1);
+    CU_ASSERT_EQUAL(tok_eos(t), -1);
+    EXPECT(t, "ab", 1, 0, 1);
+    tok_free(t);
+    /* a config.json that is not JSON is an error naming it */
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    FILE *f = fopen(path, "w");
+    fputs("{oops", f);
+    fclose(f);
+    CU_ASSERT(tok_load(dir, &t, err, sizeof err) != 0);
+    ASSERT_HAS(err, "config.json: not a JSON object");
+    rm_tmpdir(dir);
+}
+
 /* ------------------------------------------------------------------ error cases */
 
 static void load_fails(const char *json, const char *needle)
@@ -435,6 +612,8 @@ int main(void)
     CU_add_test(s, "reference: Metaspace variant", test_fixture_metaspace);
     CU_add_test(s, "reference: gpt2 (byte level)", test_fixture_gpt2);
     CU_add_test(s, "reference: Llama-3 style (Split regex, pair merges)", test_fixture_llama3style);
+    CU_add_test(s, "hand-made: merges, ignore_merges, unk, Split behaviours, added tokens, configs",
+                test_hand_made);
     CU_add_test(s, "load / encode / decode errors", test_errors);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();

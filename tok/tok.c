@@ -1367,6 +1367,8 @@ static int tok_build(tok_tokenizer *t, const cJSON *root, tok_ld *ld)
             goto out;
         }
     }
+    const cJSON *decoder = cJSON_GetObjectItemCaseSensitive(root, "decoder");
+    t->dec_join_space = !decoder || cJSON_IsNull(decoder);
     if (build_decoder(ld, &dc)) goto out;
     /* Without config files, a template that starts with a special token names the BOS. */
     t->bos = t->n_prefix > 0 ? t->pp_prefix[0] : -1;

@@ -131,6 +131,7 @@ struct tok_tokenizer {
     int dec_strip_n;     /* Strip after Fuse: up to this many leading chars ... */
     uint32_t dec_strip_cp; /* ... equal to this code point are dropped from the output */
     int dec_strip_first_space; /* Metaspace decoder: the first token loses a leading ' ' */
+    int dec_join_space;  /* no decoder at all: tokens are joined with ' ' (as HF does) */
 
     pcre2_match_context *mctx; /* match limits for every regex (read-only at match time) */
     int bos, eos;
