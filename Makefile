@@ -81,6 +81,8 @@ endif
 # root): it runs once, in the plain build (the sanitizer pass re-checks the C code only).
 test: $(TEST_BIN) $(B)/modpipe
 	@set -e; for t in $(TEST_BIN); do echo "== $$t"; MODPIPE=$(B)/modpipe $$t; done
+	@echo "== tests/serve/run.sh (modpipe serve with curl and the openai npm client)"
+	@bash tests/serve/run.sh $(B)/modpipe
 ifneq ($(SANITIZE),1)
 	@bash tests/scripts/run.sh $(B)/modpipe
 endif

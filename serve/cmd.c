@@ -39,7 +39,6 @@ static const sopt SOPTS[] = {
     {"threads", "N", "BLAS threads per rank (default 1)"},
     {"timeout", "SEC", "abort when a peer rank sends nothing for SEC seconds while work is "
                        "pending (default 300)"},
-    {"stats", "F.json", "write the pipeline statistics at exit"},
     {"quiet", NULL, "no log lines on stderr"},
     {"help", NULL, "this help"},
 };
@@ -198,7 +197,6 @@ static int make_setup(const sargs *a, int n_ranks, setup *st, char *err, size_t 
         return -1;
     }
     p->dense_transport = tr && !strcmp(tr, "dense");
-    p->stats_path = get(a, "stats");
     p->progress = !get(a, "quiet");
 
     const char *stages = get(a, "stages");

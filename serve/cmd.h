@@ -38,7 +38,6 @@ typedef struct {
     comm_wire_dtype wire;
     int dense_transport;
     double timeout_s;           /* longest wait for a peer */
-    const char *stats_path;     /* --stats written at exit (NULL: none) */
     int progress;               /* !--quiet */
     srvq *q;                    /* rank 0: the queue the HTTP layer fills; other ranks: NULL */
     /* rank 0: call once every rank has loaded its stage (then /health says 200) */
@@ -49,5 +48,8 @@ typedef struct {
 typedef int (*serve_pipeline_fn)(MPI_Comm comm, const serve_pipeline *p, char *err, size_t errlen);
 
 int serve_cmd_main(int argc, char **argv, serve_pipeline_fn run);
+
+/* The default `run`: cluster_serve (cluster/serve_loop.h). */
+int serve_pipeline_run(MPI_Comm comm, const serve_pipeline *p, char *err, size_t errlen);
 
 #endif
