@@ -35,7 +35,7 @@ TEST_SRC    := $(wildcard tests/test_*.c)
 TEST_BIN    := $(patsubst tests/%.c,$(B)/tests/%,$(TEST_SRC))
 
 all: $(B)/modpipe
-.PHONY: all test demo clean bench
+.PHONY: all test demo clean bench fuzz-build fuzz-seeds
 
 $(B)/proto/modpipe.pb-c.c $(B)/proto/modpipe.pb-c.h: proto/modpipe.proto
 	@mkdir -p $(B)/proto
@@ -98,7 +98,51 @@ demo:
 bench: $(B)/modpipe
 	@bash scripts/bench-engine --bin $(B)/modpipe --out docs/BENCH.md
 
+# ---- fuzzing (fuzz/README.md) -------------------------------------------
+# libFuzzer targets fuzz/fuzz_*.c, built with clang under ASan + UBSan into build-fuzz/; the
+# library is rebuilt there with coverage instrumentation. scripts/fuzz runs them.
+FZ        := build-fuzz
+FZ_CC     := clang
+FZ_SAN    := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+FZ_CFLAGS := -std=c11 -Wall -Wextra -D_GNU_SOURCE -O1 -g $(FZ_SAN) -MMD -MP \
+             $(shell pkg-config --cflags $(PKGS) 2>/dev/null) -I. -I$(FZ)/proto
+FZ_LIB_OBJ := $(patsubst %.c,$(FZ)/%.o,$(STAGE_SRC) $(COMM_SRC) $(CLUSTER_SRC) $(TOK_SRC)) \
+              $(FZ)/proto/modpipe.pb-c.o
+FZ_SRC    := $(wildcard fuzz/fuzz_*.c)
+FZ_BIN    := $(patsubst fuzz/%.c,$(FZ)/%,$(FZ_SRC))
+
+fuzz-build: $(FZ_BIN) $(FZ)/make_seeds
+
+$(FZ)/proto/modpipe.pb-c.c $(FZ)/proto/modpipe.pb-c.h: proto/modpipe.proto
+	@mkdir -p $(FZ)/proto
+	protoc-c --proto_path=proto --c_out=$(FZ)/proto proto/modpipe.proto
+
+$(FZ)/proto/modpipe.pb-c.o: $(FZ)/proto/modpipe.pb-c.c
+	$(FZ_CC) $(filter-out -Wextra,$(FZ_CFLAGS)) -fsanitize=fuzzer-no-link -c $< -o $@
+
+# Library objects: -Werror stays with the gcc build (clang warns differently).
+$(FZ)/%.o: %.c $(FZ)/proto/modpipe.pb-c.h
+	@mkdir -p $(dir $@)
+	$(FZ_CC) $(FZ_CFLAGS) -fsanitize=fuzzer-no-link -c $< -o $@
+
+$(FZ)/libmodpipe.a: $(FZ_LIB_OBJ)
+	ar rcs $@ $^
+
+$(FZ)/fuzz_%: fuzz/fuzz_%.c fuzz/fuzz_util.h $(FZ)/libmodpipe.a
+	$(FZ_CC) $(FZ_CFLAGS) -Werror -fsanitize=fuzzer $< $(FZ)/libmodpipe.a $(LDLIBS) -o $@
+
+$(FZ)/make_seeds: fuzz/make_seeds.c $(FZ)/libmodpipe.a
+	$(FZ_CC) $(FZ_CFLAGS) -Werror -fsanitize=fuzzer-no-link $< $(FZ)/libmodpipe.a $(LDLIBS) -o $@
+
+# Regenerate the comm_unpack seeds (the other seeds are files: fuzz/README.md).
+fuzz-seeds: $(FZ)/make_seeds
+	@mkdir -p fuzz/corpus/comm_unpack
+	$(FZ)/make_seeds fuzz/corpus/comm_unpack
+
 clean:
-	rm -rf build build-asan
+	rm -rf build build-asan build-fuzz
 
 -include $(shell find $(B) -name '*.d' 2>/dev/null)
+ifneq ($(filter fuzz%,$(MAKECMDGOALS)),)
+-include $(shell find $(FZ) -name '*.d' 2>/dev/null)
+endif

@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 
 #include "tests/testutil.h"
 #include "tok/tok.h"
@@ -599,6 +600,120 @@ static void test_errors(void)
     tok_free(NULL);
 }
 
+/* Regex limits: a real pattern on a 1M-space run (Llama-3's \s*[\r\n]+ backtracks over the
+ * whole run once) must work; a catastrophic one must fail with a message, not hang. */
+static void test_regex_limits(void)
+{
+    tok_tokenizer *t;
+    char err[512];
+    CU_ASSERT_FATAL(tok_load(path_of("tok/llama3style"), &t, err, sizeof err) == 0);
+    size_t n = 1000000;
+    char *sp = malloc(n);
+    CU_ASSERT_FATAL(sp != NULL);
+    memset(sp, ' ', n);
+    int32_t *ids;
+    int ni;
+    int rc = tok_encode(t, sp, n, 0, &ids, &ni, err, sizeof err);
+    if (rc) fprintf(stderr, "\n  %s\n", err);
+    CU_ASSERT_FATAL(rc == 0);
+    char *back;
+    size_t bl;
+    CU_ASSERT_FATAL(tok_decode(t, ids, ni, 0, &back, &bl, err, sizeof err) == 0);
+    CU_ASSERT(bl == n && memcmp(back, sp, n) == 0);
+    free(back);
+    free(ids);
+    free(sp);
+    tok_free(t);
+
+    const char *json = "{\"pre_tokenizer\": {\"type\": \"Split\", \"pattern\": {\"Regex\": "
+                       "\"(a+)+$\"}, \"behavior\": \"Isolated\"}, \"model\": {\"type\": \"BPE\", "
+                       "\"vocab\": {\"a\": 0, \"b\": 1}, \"merges\": []}}";
+    CU_ASSERT_FATAL(tok_load_json("evil", json, strlen(json), &t, err, sizeof err) == 0);
+    const char *text = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaab";
+    CU_ASSERT(tok_encode(t, text, strlen(text), 0, &ids, &ni, err, sizeof err) != 0);
+    ASSERT_HAS(err, "regex match failed: match limit exceeded");
+    tok_free(t);
+}
+
+/* ------------------------------------------------------------------ CLI */
+
+/* Run `$MODPIPE args` through the shell; stdout+stderr into out, returns the exit code. */
+static int run_cli(const char *args, char *out, size_t cap)
+{
+    const char *bin = getenv("MODPIPE") && *getenv("MODPIPE") ? getenv("MODPIPE") : "build/modpipe";
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "%s %s 2>&1", bin, args);
+    FILE *p = popen(cmd, "r");
+    if (!p) return -1;
+    size_t n = fread(out, 1, cap - 1, p);
+    out[n] = 0;
+    char rest[4096]; /* drain: a child writing into a closed pipe would die of SIGPIPE */
+    while (fread(rest, 1, sizeof rest, p) > 0) {
+    }
+    int st = pclose(p);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+static void test_cli(void)
+{
+    char out[8192], args[1024];
+    const char *m = path_of("stories260K");
+    snprintf(args, sizeof args, "tokenize --model %s --text 'Once upon a time'", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 0);
+    CU_ASSERT_STRING_EQUAL(out, "1 403 407 261 378\n");
+    snprintf(args, sizeof args, "tokenize --model %s --text 'Once upon a time<s>' --no-special", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 0);
+    ASSERT_HAS(out, "403 407 261 378 ");
+    CU_ASSERT(strncmp(out, "1 ", 2) != 0);
+    snprintf(args, sizeof args, "detokenize --model %s --ids '1 403 407 261 378,432'", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 0);
+    CU_ASSERT_STRING_EQUAL(out, "<s> Once upon a time,\n");
+    snprintf(args, sizeof args, "detokenize --model %s --ids '1 403 407 261 378' --skip-special", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 0);
+    CU_ASSERT_STRING_EQUAL(out, "Once upon a time\n");
+    snprintf(args, sizeof args, "tokenize --tokenizer %s --text-file %s", path_of("gpt2/tokenizer.json"),
+             path_of("tok/tinystories-head.txt"));
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 0);
+    ASSERT_HAS(out, "7454 2402 257 640 11 612 373 257 1310 2576 3706 20037");
+
+    CU_ASSERT_EQUAL(run_cli("tokenize --help", out, sizeof out), 0);
+    ASSERT_HAS(out, "--no-special");
+    CU_ASSERT_EQUAL(run_cli("detokenize --help", out, sizeof out), 0);
+    ASSERT_HAS(out, "--skip-special");
+    /* bad input: one clear line, exit 2 */
+    CU_ASSERT_EQUAL(run_cli("tokenize --text hi", out, sizeof out), 2);
+    ASSERT_HAS(out, "give exactly one of --model DIR or --tokenizer F");
+    snprintf(args, sizeof args, "tokenize --model %s", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 2);
+    ASSERT_HAS(out, "give exactly one of --text or --text-file");
+    snprintf(args, sizeof args, "tokenize --model %s --text a --bogus", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 2);
+    ASSERT_HAS(out, "unknown option '--bogus'");
+    snprintf(args, sizeof args, "tokenize --model %s --text", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 2);
+    ASSERT_HAS(out, "--text needs a value");
+    CU_ASSERT_EQUAL(run_cli("tokenize --model /nonexistent --text a", out, sizeof out), 2);
+    ASSERT_HAS(out, "/nonexistent: No such file or directory");
+    snprintf(args, sizeof args, "tokenize --model %s --text-file /nonexistent.txt", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 2);
+    ASSERT_HAS(out, "/nonexistent.txt: No such file or directory");
+    snprintf(args, sizeof args, "tokenize --model %s --text \"$(printf '\\377')\"", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 2);
+    ASSERT_HAS(out, "not valid UTF-8");
+    snprintf(args, sizeof args, "detokenize --model %s --ids '1 x2'", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 2);
+    ASSERT_HAS(out, "id 2: 'x2' is not a token id");
+    snprintf(args, sizeof args, "detokenize --model %s --ids '1 -4'", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 2);
+    ASSERT_HAS(out, "'-4' is not a token id");
+    snprintf(args, sizeof args, "detokenize --model %s --ids '1 512'", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 2);
+    ASSERT_HAS(out, "id 512 is not in the vocab (512 tokens)");
+    snprintf(args, sizeof args, "detokenize --model %s --ids 1 --ids-file x", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 2);
+    ASSERT_HAS(out, "give exactly one of --ids or --ids-file");
+}
+
 int main(void)
 {
     FIX = getenv("MODPIPE_FIXTURES") && *getenv("MODPIPE_FIXTURES") ? getenv("MODPIPE_FIXTURES")
@@ -615,6 +730,9 @@ int main(void)
     CU_add_test(s, "hand-made: merges, ignore_merges, unk, Split behaviours, added tokens, configs",
                 test_hand_made);
     CU_add_test(s, "load / encode / decode errors", test_errors);
+    CU_add_test(s, "modpipe tokenize / detokenize", test_cli);
+    CU_add_test(s, "regex limits: long whitespace run works, catastrophic pattern fails",
+                test_regex_limits);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();
     unsigned failures = CU_get_number_of_failures();
