@@ -3,6 +3,7 @@
 #   make test       unit tests (CUnit) + multi-rank tests (mpirun)
 #   make demo       install deps, build, make a demo model, run a 4-rank pipeline
 #   make SANITIZE=1 test   the same under AddressSanitizer + UBSan (objects in build-asan/)
+#   make bench-kernels     matmul / bandwidth micro-benchmark (tests/bench_kernels.c)
 
 ifeq ($(SANITIZE),1)
   B        := build-asan
@@ -35,7 +36,7 @@ TEST_SRC    := $(wildcard tests/test_*.c)
 TEST_BIN    := $(patsubst tests/%.c,$(B)/tests/%,$(TEST_SRC))
 
 all: $(B)/modpipe
-.PHONY: all test demo clean bench fuzz-build fuzz-seeds
+.PHONY: all test demo clean bench bench-kernels fuzz-build fuzz-seeds
 
 $(B)/proto/modpipe.pb-c.c $(B)/proto/modpipe.pb-c.h: proto/modpipe.proto
 	@mkdir -p $(B)/proto
@@ -58,10 +59,10 @@ $(B)/modpipe: $(B)/cluster/main.o $(B)/libmodpipe.a
 $(B)/tests/%: $(B)/tests/%.o $(B)/libmodpipe.a
 	$(CC) $(LDFLAGS) $^ $(LDLIBS) $(CUNIT) -o $@
 
-# test_serve drives the HTTP layer against test doubles of the queue and the tokenizer
+# test_http drives the HTTP layer against test doubles of the queue and the tokenizer
 # (tests/serve/double_*.c); the end-to-end test tests/serve/run.sh uses the real ones.
 SERVE_DOUBLES := $(B)/tests/serve/double_srvq.o $(B)/tests/serve/double_tok.o
-$(B)/tests/test_serve: $(B)/tests/test_serve.o $(SERVE_DOUBLES) $(B)/libmodpipe.a
+$(B)/tests/test_http: $(B)/tests/test_http.o $(SERVE_DOUBLES) $(B)/libmodpipe.a
 	$(CC) $(LDFLAGS) $^ $(LDLIBS) $(CUNIT) -lpthread -o $@
 
 # ---- tests --------------------------------------------------------------
@@ -98,6 +99,11 @@ demo:
 bench: $(B)/modpipe
 	@bash scripts/bench-engine --bin $(B)/modpipe --out docs/BENCH.md
 
+# Kernel micro-benchmark (read bandwidth, decode GEMV, prefill vs cblas_sgemm): key=value lines.
+# BENCH_KERNELS_ARGS e.g. "--threads 2 --quick".
+bench-kernels: $(B)/tests/bench_kernels
+	@$(B)/tests/bench_kernels $(BENCH_KERNELS_ARGS)
+
 # ---- fuzzing (fuzz/README.md) -------------------------------------------
 # libFuzzer targets fuzz/fuzz_*.c, built with clang under ASan + UBSan into build-fuzz/; the
 # library is rebuilt there with coverage instrumentation. scripts/fuzz runs them.
@@ -106,7 +112,7 @@ FZ_CC     := clang
 FZ_SAN    := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 FZ_CFLAGS := -std=c11 -Wall -Wextra -D_GNU_SOURCE -O1 -g $(FZ_SAN) -MMD -MP \
              $(shell pkg-config --cflags $(PKGS) 2>/dev/null) -I. -I$(FZ)/proto
-FZ_LIB_OBJ := $(patsubst %.c,$(FZ)/%.o,$(STAGE_SRC) $(COMM_SRC) $(CLUSTER_SRC) $(TOK_SRC)) \
+FZ_LIB_OBJ := $(patsubst %.c,$(FZ)/%.o,$(STAGE_SRC) $(COMM_SRC) $(CLUSTER_SRC) $(TOK_SRC) $(SERVE_SRC)) \
               $(FZ)/proto/modpipe.pb-c.o
 FZ_SRC    := $(wildcard fuzz/fuzz_*.c)
 FZ_BIN    := $(patsubst fuzz/%.c,$(FZ)/%,$(FZ_SRC))

@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cluster/initmodel.h"
 #include "cluster/modelspec.h"
@@ -27,6 +28,7 @@
 #include "comm/comm.h"
 #include "stage/config.h"
 #include "stage/kernels.h"
+#include "stage/matmul.h"
 
 #define MODPIPE_VERSION "0.1.0"
 
@@ -81,6 +83,9 @@ static const opt_def OPTS[] = {
     {"max-in-flight", "K", C_GEN | C_EVAL, 0, "micro-batches in flight at once (default 2 x stages)"},
     {"stages", "auto|A-B,...", C_GEN | C_EVAL | C_PART, 0,
      "layer range of each stage, e.g. 0-3,4-7 (one per rank), or auto (default)"},
+    {"weights-dtype", "f32|bf16|f16", C_GEN | C_EVAL, 0,
+     "hold the weight matrices in this dtype, converting at load (e.g. an f32 checkpoint as "
+     "bf16: half the memory and bytes read per token); default: as stored in the checkpoint"},
     {"wire-dtype", "f32|bf16|f16", C_GEN | C_EVAL, 0,
      "activation dtype between ranks: f32 exact (default); bf16/f16 halve bytes, lossy"},
     {"transport", "sparse|dense", C_GEN | C_EVAL, 0,
@@ -538,17 +543,26 @@ static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *er
     if (opt_double(o, "timeout", 1.0, 1e7, 300.0, &tmo, err, errlen)) return -1;
     long threads;
     if (opt_long(o, "threads", 1, 1024, 1, &threads, err, errlen)) return -1;
-    stage_set_threads((int)threads);
+    if (stage_threads_init((int)threads, err, errlen)) return -1;
     ro->micro_batch = (int)mb;
     ro->max_in_flight = (int)(inflight < 2 ? 2 : inflight);
     ro->timeout_s = tmo;
     const char *wd = opt_str(o, "wire-dtype");
-    ro->wire = COMM_WIRE_F32;
-    if (wd && comm_wire_parse(wd, &ro->wire)) {
+    ro->wire = STAGE_F32;
+    if (wd && stage_dtype_parse(wd, &ro->wire)) {
         snprintf(err, errlen, "%s: expected f32, bf16 or f16, got '%s'",
                  o->v[opt_index("wire-dtype")].origin, wd);
         return -1;
     }
+    const char *wts = opt_str(o, "weights-dtype");
+    stage_dtype wdt;
+    ro->weights_dtype = -1;
+    if (wts && stage_dtype_parse(wts, &wdt)) {
+        snprintf(err, errlen, "%s: expected f32, bf16 or f16, got '%s'",
+                 o->v[opt_index("weights-dtype")].origin, wts);
+        return -1;
+    }
+    if (wts) ro->weights_dtype = (int)wdt;
     const char *tr = opt_str(o, "transport");
     if (tr && strcmp(tr, "sparse") && strcmp(tr, "dense")) {
         snprintf(err, errlen, "%s: expected sparse or dense, got '%s'",
@@ -608,7 +622,7 @@ static int cmd_run(int cmd, int argc, char **argv)
         for (int s = 0; s < size; s++)
             fprintf(stderr, "%s%d-%d", s ? " | " : "", r.plan.st[s].first, r.plan.st[s].last);
         fprintf(stderr, "], %d sequences, micro-batch %d, wire %s\n", r.ro.n_seqs,
-                r.ro.micro_batch, comm_wire_name(r.ro.wire));
+                r.ro.micro_batch, stage_dtype_name(r.ro.wire));
     }
     cluster_run_result res;
     rc = cluster_run(MPI_COMM_WORLD, &r.ro, &res, err, sizeof err);
@@ -703,20 +717,20 @@ static int cmd_init_model(int argc, char **argv)
         rc = opt_long(&o, "shards", 1, 9999, 1, &v, err, sizeof err);
         spec.shards = (int)v;
     }
-    if (!rc && opt_has(&o, "dtype") && st_dtype_parse(opt_str(&o, "dtype"), &spec.dtype)) {
+    if (!rc && opt_has(&o, "dtype") && stage_dtype_parse(opt_str(&o, "dtype"), &spec.dtype)) {
         snprintf(err, sizeof err, "--dtype: expected f32, bf16 or f16, got '%s'", opt_str(&o, "dtype"));
         rc = -1;
     }
     if (!rc) {
         rc = opt_long(&o, "threads", 1, 1024, 1, &v, err, sizeof err);
-        stage_set_threads((int)v);
+        if (!rc) rc = stage_threads_init((int)v, err, sizeof err);
     }
     if (!rc && opt_has(&o, "calibrate")) spec.calibrate = 1;
     if (!rc && opt_has(&o, "no-calibrate")) spec.calibrate = 0;
     FILE *log = opt_has(&o, "quiet") ? NULL : stderr;
     if (!rc) {
         if (log) fprintf(log, "init-model: %d layers, hidden %d, vocab %d, %s, %d shard%s -> %s\n",
-                         spec.cfg.n_layers, spec.cfg.hidden, spec.cfg.vocab, st_dtype_name(spec.dtype),
+                         spec.cfg.n_layers, spec.cfg.hidden, spec.cfg.vocab, stage_dtype_st_name(spec.dtype),
                          spec.shards, spec.shards > 1 ? "s" : "", out);
         rc = cluster_init_model(&spec, out, log, err, sizeof err);
     }
@@ -727,8 +741,22 @@ static int cmd_init_model(int argc, char **argv)
     return rc ? 1 : 0;
 }
 
+/* OpenBLAS picks its kernels when the library loads; on a CPU id it does not know (VMs) it
+ * falls back to SSE3 kernels, 4x slower (stage/matmul.h). Only a fresh process image can fix
+ * that, so set OPENBLAS_CORETYPE and exec ourselves once, before MPI_Init. */
+static void fix_blas_coretype(char **argv)
+{
+    const char *core = stage_blas_coretype_hint();
+    if (!core || getenv("MODPIPE_BLAS_REEXEC")) return;
+    setenv("OPENBLAS_CORETYPE", core, 1);
+    setenv("MODPIPE_BLAS_REEXEC", "1", 1);
+    execv("/proc/self/exe", argv);
+    /* exec failed: carry on with the slow kernels (results are the same) */
+}
+
 int main(int argc, char **argv)
 {
+    fix_blas_coretype(argv);
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
         usage_main(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;

@@ -352,7 +352,7 @@ static void report_poll(cluster_loop *c, int force)
     if (!c->ops->links || (!force && t - c->rep_t < 0.25)) return;
     c->rep_t = t;
     report_fill(c, c->rep_tab, 0); /* rank 0's own counters */
-    const double ws = (double)comm_wire_size(c->o.wire);
+    const double ws = (double)stage_dtype_size(c->o.wire);
     int n = 0;
     for (int s = 0; s < c->S; s++) {
         const uint64_t *v = c->rep_tab + (size_t)s * c->rep_len;
@@ -652,15 +652,18 @@ static void report(cluster_loop *c, const double *all, int len, double seconds, 
     const cluster_loop_opts *o = &c->o;
     const stage_config *cfg = o->cfg;
     const int S = c->S, L = cfg->n_layers, D = c->D;
-    const double ws = (double)comm_wire_size(o->wire);
+    const double ws = (double)stage_dtype_size(o->wire);
     const double kvd = (double)cfg->n_kv_heads * cfg->head_dim;
+    const double kvs = (double)stage_dtype_size(STAGE_KV_DTYPE); /* bytes of a K or V value */
     double hdr = 0, pay = 0, tok_bytes = 0, dense = 0, rows_total = 0;
 
     cJSON *j = cJSON_CreateObject();
     cJSON_AddStringToObject(j, "command", o->command ? o->command : "");
     cJSON_AddStringToObject(j, "model", o->model_dir);
     cJSON_AddNumberToObject(j, "ranks", S);
-    cJSON_AddStringToObject(j, "wire_dtype", comm_wire_name(o->wire));
+    cJSON_AddStringToObject(j, "wire_dtype", stage_dtype_name(o->wire));
+    cJSON_AddStringToObject(j, "weights_dtype", o->weights_dtype < 0 ? "checkpoint"
+                                                : stage_dtype_name((stage_dtype)o->weights_dtype));
     cJSON_AddStringToObject(j, "transport", o->dense_transport ? "dense" : "sparse");
     cJSON_AddNumberToObject(j, "micro_batch", o->micro_batch);
     cJSON_AddNumberToObject(j, "max_in_flight", o->max_in_flight);
@@ -726,14 +729,14 @@ static void report(cluster_loop *c, const double *all, int len, double seconds, 
         cJSON_AddNumberToObject(x, "rows", e[0]);
         cJSON_AddNumberToObject(x, "active_rows", e[1]);
         cJSON_AddNumberToObject(x, "participation", e[0] > 0 ? e[1] / e[0] : 0);
-        cJSON_AddNumberToObject(x, "kv_bytes", e[2] * kvd * 2 * 4);
-        cJSON_AddNumberToObject(x, "kv_bytes_dense", e[0] * kvd * 2 * 4);
+        cJSON_AddNumberToObject(x, "kv_bytes", e[2] * kvd * 2 * kvs);
+        cJSON_AddNumberToObject(x, "kv_bytes_dense", e[0] * kvd * 2 * kvs);
         cJSON_AddNumberToObject(x, "flops", e[3]);
         cJSON_AddNumberToObject(x, "flops_dense", e[4]);
         cJSON_AddNumberToObject(x, "seconds", e[5]);
         cJSON_AddItemToArray(layers, x);
-        kv += e[2] * kvd * 8;
-        kv_dense += e[0] * kvd * 8;
+        kv += e[2] * kvd * 2 * kvs;
+        kv_dense += e[0] * kvd * 2 * kvs;
         fl += e[3];
         fl_dense += e[4];
         if (l == 0) rows_total = e[0];
@@ -833,7 +836,7 @@ static int loop_init(cluster_loop *c, char *err, size_t errlen)
         return -1;
     }
     stage_range r = {me->first, me->last, c->rank == 0, c->rank == c->S - 1};
-    if (stage_model_load(o->model_dir, cfg, r, &c->m, err, errlen)) return -1;
+    if (stage_model_load_dtype(o->model_dir, cfg, r, o->weights_dtype, &c->m, err, errlen)) return -1;
     c->st = stage_state_init(c->m, o->slots, c->R, o->ctx, err, errlen);
     if (!c->st) return -1;
     c->pkt_max = comm_packet_max_bytes(c->R, c->D, c->S);
@@ -1035,7 +1038,8 @@ int cluster_run(MPI_Comm comm, const cluster_run_opts *o, cluster_run_result *re
         .model_dir = o->model_dir, .cfg = o->cfg, .plan = o->plan,
         .slots = cluster_batch_slots(b), .ctx = cluster_batch_ctx(b),
         .max_rows = cluster_batch_max_rows(b) > o->micro_batch ? cluster_batch_max_rows(b) : o->micro_batch,
-        .max_in_flight = o->max_in_flight, .wire = o->wire, .dense_transport = o->dense_transport,
+        .max_in_flight = o->max_in_flight, .wire = o->wire, .weights_dtype = o->weights_dtype,
+        .dense_transport = o->dense_transport,
         .timeout_s = o->timeout_s, .serve = 0,
         .dump_path = o->dump_path, .dump_index = gen ? CLUSTER_DUMP_BY_STEP : CLUSTER_DUMP_BY_POS,
         .dump_seqs = o->n_seqs, .dump_len = gen ? o->max_new : tmax,

@@ -61,7 +61,8 @@ typedef struct {
     int slots, ctx;             /* KV slot pool: slots x ctx positions, sized at open */
     int max_rows;               /* the most rows a micro-batch will have (workspace) */
     int max_in_flight;          /* micro-batches in flight (>= 1) */
-    comm_wire_dtype wire;
+    stage_dtype wire;
+    int weights_dtype;          /* stage_dtype the weight matrices are held in; -1: as stored */
     int dense_transport;        /* baseline: every row on every chain link (same compute) */
     double timeout_s;           /* longest wait for a peer while work is in flight */
     int serve;                  /* server: ranks may idle without the timeout; ranks > 0
@@ -123,7 +124,8 @@ typedef struct {
     int micro_batch;            /* most rows per micro-batch (R) */
     int groups;                 /* generate: decode groups (0: the default above) */
     int max_in_flight;          /* micro-batches in flight (>= 1) */
-    comm_wire_dtype wire;
+    stage_dtype wire;
+    int weights_dtype;          /* stage_dtype the weight matrices are held in; -1: as stored */
     int dense_transport;        /* baseline: every row on every chain link (same compute) */
     double timeout_s;           /* longest wait for a peer before aborting */
     int progress;               /* rank 0 prints progress lines on stderr */

@@ -51,7 +51,7 @@ int cluster_serve(MPI_Comm comm, const cluster_serve_opts *o, srvq *q, void (*re
     cluster_loop_opts lo = {
         .model_dir = o->model_dir, .cfg = o->cfg, .plan = o->plan, .slots = o->slots, .ctx = o->ctx,
         .max_rows = max_rows, .max_in_flight = o->max_in_flight, .wire = o->wire,
-        .dense_transport = o->dense_transport, .timeout_s = o->timeout_s, .serve = 1,
+        .weights_dtype = o->weights_dtype, .dense_transport = o->dense_transport, .timeout_s = o->timeout_s, .serve = 1,
         .command = "serve", .micro_batch = o->micro_batch, .progress_tokens = 1,
     };
     cluster_loop *L = NULL;

@@ -42,7 +42,8 @@ typedef struct {
     int slots, ctx;             /* KV slot pool (must equal the srvq's) */
     int micro_batch;            /* most rows a micro-batch (R) */
     int max_in_flight;          /* micro-batches in flight (>= 1; e.g. 2 x stages) */
-    comm_wire_dtype wire;
+    stage_dtype wire;
+    int weights_dtype;          /* stage_dtype the weight matrices are held in; -1: as stored */
     int dense_transport;
     double timeout_s;           /* peer timeout while work is in flight */
 } cluster_serve_opts;

@@ -37,21 +37,15 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "stage/dtype.h"
+
 /* ---- present-rows bitmasks ---- */
 static inline size_t comm_mask_bytes(int n) { return (size_t)(n + 7) / 8; }
 static inline void comm_mask_set(uint8_t *m, int i) { m[i >> 3] |= (uint8_t)(1u << (i & 7)); }
 static inline int comm_mask_get(const uint8_t *m, int i) { return (m[i >> 3] >> (i & 7)) & 1; }
 int comm_mask_count(const uint8_t *m, int n);
 
-/* ---- wire dtypes ---- */
-typedef enum { COMM_WIRE_F32 = 0, COMM_WIRE_BF16 = 1, COMM_WIRE_F16 = 2 } comm_wire_dtype;
-size_t comm_wire_size(comm_wire_dtype d);             /* 4, 2, 2 */
-const char *comm_wire_name(comm_wire_dtype d);        /* "f32", "bf16", "f16" */
-int comm_wire_parse(const char *s, comm_wire_dtype *out); /* 0 ok, -1 unknown */
-/* Convert n floats to/from the wire dtype (dst/src are raw bytes, little-endian). */
-void comm_wire_encode(comm_wire_dtype d, const float *src, void *dst, size_t n);
-void comm_wire_decode(comm_wire_dtype d, const void *src, float *dst, size_t n);
-
+/* ---- wire dtypes: the dtype table of stage/dtype.h (f32 exact; bf16 / f16 lossy) ---- */
 /* ---- packets ---- */
 typedef enum { COMM_PKT_ROWS = 0, COMM_PKT_TOKENS = 1, COMM_PKT_END = 2 } comm_pkt_kind;
 
@@ -78,7 +72,7 @@ typedef struct {
     int sender, receiver;   /* stage indices */
     int mb_rows;            /* rows in the micro-batch (bits in `present`) */
     int n_rows;             /* rows carried = popcount(present) */
-    comm_wire_dtype dtype;  /* payload dtype of ROWS packets */
+    stage_dtype dtype;  /* payload dtype of ROWS packets */
     const uint8_t *present; /* [comm_mask_bytes(mb_rows)] */
 
     /* Chain packets (sender + 1 == receiver) carry the descriptor; else has_desc = 0. */

@@ -46,50 +46,8 @@ int comm_mask_count(const uint8_t *m, int n)
     return c;
 }
 
-/* ---------------------------------------------------------------- wire dtypes */
-
-size_t comm_wire_size(comm_wire_dtype d)
-{
-    switch (d) {
-    case COMM_WIRE_F32: return 4;
-    case COMM_WIRE_BF16: return 2;
-    case COMM_WIRE_F16: return 2;
-    }
-    return 0;
-}
-
-const char *comm_wire_name(comm_wire_dtype d)
-{
-    switch (d) {
-    case COMM_WIRE_F32: return "f32";
-    case COMM_WIRE_BF16: return "bf16";
-    case COMM_WIRE_F16: return "f16";
-    }
-    return "?";
-}
-
-int comm_wire_parse(const char *s, comm_wire_dtype *out)
-{
-    static const comm_wire_dtype all[] = {COMM_WIRE_F32, COMM_WIRE_BF16, COMM_WIRE_F16};
-    if (!s) return -1;
-    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
-        if (strcmp(s, comm_wire_name(all[i])) == 0) {
-            if (out) *out = all[i];
-            return 0;
-        }
-    return -1;
-}
-
-static int comm_wire_known(int d) { return d >= COMM_WIRE_F32 && d <= COMM_WIRE_F16; }
-
 /* Byte-wise little-endian access: payloads sit at any offset after the header, so a
  * uint16_t / float pointer into them would be misaligned. */
-static inline void comm_put_u16(uint8_t *p, uint16_t v)
-{
-    p[0] = (uint8_t)v;
-    p[1] = (uint8_t)(v >> 8);
-}
-static inline uint16_t comm_get_u16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
 static inline void comm_put_u32(uint8_t *p, uint32_t v)
 {
     p[0] = (uint8_t)v;
@@ -100,59 +58,6 @@ static inline void comm_put_u32(uint8_t *p, uint32_t v)
 static inline uint32_t comm_get_u32(const uint8_t *p)
 {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-#define COMM_HOST_LE 1
-#else
-#define COMM_HOST_LE 0
-#endif
-
-void comm_wire_encode(comm_wire_dtype d, const float *src, void *dst, size_t n)
-{
-    uint8_t *o = dst;
-    switch (d) {
-    case COMM_WIRE_F32:
-        if (COMM_HOST_LE) {
-            memcpy(o, src, n * 4);
-        } else {
-            for (size_t i = 0; i < n; i++) {
-                uint32_t u;
-                memcpy(&u, &src[i], 4);
-                comm_put_u32(o + 4 * i, u);
-            }
-        }
-        break;
-    case COMM_WIRE_BF16:
-        for (size_t i = 0; i < n; i++) comm_put_u16(o + 2 * i, stage_f32_to_bf16(src[i]));
-        break;
-    case COMM_WIRE_F16:
-        for (size_t i = 0; i < n; i++) comm_put_u16(o + 2 * i, stage_f32_to_f16(src[i]));
-        break;
-    }
-}
-
-void comm_wire_decode(comm_wire_dtype d, const void *src, float *dst, size_t n)
-{
-    const uint8_t *s = src;
-    switch (d) {
-    case COMM_WIRE_F32:
-        if (COMM_HOST_LE) {
-            memcpy(dst, s, n * 4);
-        } else {
-            for (size_t i = 0; i < n; i++) {
-                uint32_t u = comm_get_u32(s + 4 * i);
-                memcpy(&dst[i], &u, 4);
-            }
-        }
-        break;
-    case COMM_WIRE_BF16:
-        for (size_t i = 0; i < n; i++) dst[i] = stage_bf16_to_f32(comm_get_u16(s + 2 * i));
-        break;
-    case COMM_WIRE_F16:
-        for (size_t i = 0; i < n; i++) dst[i] = stage_f16_to_f32(comm_get_u16(s + 2 * i));
-        break;
-    }
 }
 
 /* ---------------------------------------------------------------- size bounds */
@@ -216,7 +121,7 @@ static int comm_check(const comm_packet *p, int n_stages, char *err, size_t errl
         comm_err(err, errlen, "packet mb %llu: unknown kind %d", mb, (int)p->kind);
         return -1;
     }
-    if (!comm_wire_known((int)p->dtype)) {
+    if (!stage_dtype_valid((int)p->dtype)) {
         comm_err(err, errlen, "packet mb %llu: unknown wire dtype %d", mb, (int)p->dtype);
         return -1;
     }
@@ -353,7 +258,7 @@ static size_t comm_payload_bytes(const comm_packet *p, int D)
 {
     switch (p->kind) {
     case COMM_PKT_ROWS:
-        return comm_mul(comm_mul((size_t)p->n_rows, (size_t)D), comm_wire_size(p->dtype));
+        return comm_mul(comm_mul((size_t)p->n_rows, (size_t)D), stage_dtype_size(p->dtype));
     case COMM_PKT_TOKENS: return comm_mul((size_t)p->n_rows, 4);
     case COMM_PKT_END: return 0;
     }
@@ -465,10 +370,10 @@ size_t comm_pack(const comm_packet *hdr, const float *x, int D, const int32_t *t
 
     uint8_t *out = buf + COMM_PREFIX_BYTES + H; /* [n_rows][D] wire dtype, or [n_rows] int32 */
     if (hdr->kind == COMM_PKT_ROWS) {
-        size_t row = (size_t)D * comm_wire_size(hdr->dtype);
+        size_t row = (size_t)D * stage_dtype_size(hdr->dtype);
         for (int i = 0; i < hdr->mb_rows; i++)
             if (comm_mask_get(hdr->present, i)) {
-                comm_wire_encode(hdr->dtype, x + (size_t)i * (size_t)D, out, (size_t)D);
+                stage_dtype_from_f32(hdr->dtype, x + (size_t)i * (size_t)D, out, (size_t)D);
                 out += row;
             }
     } else if (hdr->kind == COMM_PKT_TOKENS) {
@@ -690,7 +595,7 @@ static int comm_unpack_fill(comm_unpacker *u, const uint8_t *buf, size_t len, in
     out->receiver = (int)h->receiver;
     out->mb_rows = (int)h->mb_rows;
     out->n_rows = (int)h->n_rows;
-    out->dtype = (comm_wire_dtype)h->dtype;
+    out->dtype = (stage_dtype)h->dtype;
     out->present = h->present.data ? h->present.data : comm_empty_u8;
     if (h->desc) {
         out->has_desc = 1;
@@ -743,7 +648,7 @@ static int comm_unpack_fill(comm_unpacker *u, const uint8_t *buf, size_t len, in
                      "packet mb %llu %d->%d: payload %zu bytes, want %zu (%d rows x D %d x %s) "
                      "(header %zu bytes, packet %zu bytes)",
                      mb, out->sender, out->receiver, have, want, out->n_rows, D,
-                     comm_wire_name(out->dtype), H, len);
+                     stage_dtype_name(out->dtype), H, len);
         else
             comm_err(err, errlen,
                      "packet mb %llu %d->%d: %s payload %zu bytes, want %zu (header %zu bytes, "
@@ -785,11 +690,11 @@ int comm_unpack(comm_unpacker *u, const uint8_t *buf, size_t len, int D, comm_pa
 void comm_scatter_rows(const comm_packet *p, int D, float *x)
 {
     if (!p || !x || p->kind != COMM_PKT_ROWS || D <= 0) return;
-    size_t row = (size_t)D * comm_wire_size(p->dtype); /* bytes of one payload row */
+    size_t row = (size_t)D * stage_dtype_size(p->dtype); /* bytes of one payload row */
     const uint8_t *src = p->payload;                   /* [n_rows][D] wire dtype */
     for (int i = 0; i < p->mb_rows; i++)
         if (comm_mask_get(p->present, i)) {
-            comm_wire_decode(p->dtype, src, x + (size_t)i * (size_t)D, (size_t)D);
+            stage_dtype_to_f32(p->dtype, src, x + (size_t)i * (size_t)D, (size_t)D);
             src += row;
         }
 }

@@ -2,17 +2,17 @@
  * The first byte picks the endpoint (completion, chat, tokenize, detokenize), the rest is the
  * body. Checks the parser's contract on every input: success gives a validated request
  * (fields in range, strings present), failure names a field and leaves the struct zeroed.
- *   clang -g -O1 -fsanitize=fuzzer,address,undefined -I. fuzz/fuzz_request.c serve/request.c \
- *       $(pkg-config --cflags --libs libcjson) -o build/fuzz_request
- *   build/fuzz_request fuzz/corpus/request -runs=1000000
- */
+ * Built by `make fuzz-build`, run by `scripts/fuzz request` (fuzz/README.md). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "fuzz/fuzz_util.h"
 #include "serve/serve.h"
 
-#define CHECK(c) do { if (!(c)) abort(); } while (0)
+#define CHECK(c) FUZZ_CHECK(c)
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {

@@ -20,7 +20,9 @@
  * stage_state_slot_release ends a sequence — rows for that slot are then rejected until a
  * reset (a position-0 prompt row or an explicit reset). At init every slot is empty and usable.
  *
- * Ownership: stage_model owns its weights (an mmap'd st_model + converted copies);
+ * Ownership: stage_model owns its weights: the weight matrices stay in their checkpoint
+ * dtype inside the mmap'd st_model (no f32 copies; stage_model_load_dtype may convert at
+ * load), norms and router vectors (tiny) are f32;
  * stage_state owns caches and workspace sized at init (no allocation per token).
  * Errors: non-zero return + one line in err (missing tensor, shape mismatch, a row the
  * workspace cannot hold, a top-k model asked to decode, ...). *_free(NULL) is a no-op.
@@ -32,6 +34,10 @@
 #include <stdint.h>
 
 #include "stage/config.h"
+#include "stage/dtype.h"
+
+/* KV caches hold K and V in this dtype. */
+#define STAGE_KV_DTYPE STAGE_F32
 
 /* Row flags (the same bits the wire uses: comm/comm.h COMM_ROW_*). */
 #define STAGE_ROW_NEED_LOGITS 1u
@@ -57,10 +63,15 @@ typedef struct {
 /* ---- model ---------------------------------------------------------------------------- */
 int stage_model_load(const char *dir, const stage_config *cfg, stage_range range,
                      stage_model **out, char *err, size_t errlen);
+/* The same with the weight matrices held in dtype `weights_dtype` (a stage_dtype; -1: as
+ * stored). Converting at load (e.g. an f32 checkpoint to bf16) makes an owned copy in that
+ * dtype; as stored they are zero-copy views of the mmap'd safetensors. */
+int stage_model_load_dtype(const char *dir, const stage_config *cfg, stage_range range,
+                           int weights_dtype, stage_model **out, char *err, size_t errlen);
 void stage_model_free(stage_model *m);
 const stage_config *stage_model_config(const stage_model *m);
 stage_range stage_model_range(const stage_model *m);
-size_t stage_model_weight_bytes(const stage_model *m); /* f32 bytes this stage holds */
+size_t stage_model_weight_bytes(const stage_model *m); /* bytes this stage holds, in their dtypes */
 
 /* x [n][D] = embedding rows of tokens (stage 0 only). Tokens must be in [0, vocab). */
 int stage_embed(const stage_model *m, const int32_t *tokens, int n, float *x, char *err,

@@ -76,24 +76,24 @@ static void test_mask(void)
 
 static void test_wire_names(void)
 {
-    CU_ASSERT_EQUAL(comm_wire_size(COMM_WIRE_F32), 4);
-    CU_ASSERT_EQUAL(comm_wire_size(COMM_WIRE_BF16), 2);
-    CU_ASSERT_EQUAL(comm_wire_size(COMM_WIRE_F16), 2);
-    CU_ASSERT_STRING_EQUAL(comm_wire_name(COMM_WIRE_F32), "f32");
-    CU_ASSERT_STRING_EQUAL(comm_wire_name(COMM_WIRE_BF16), "bf16");
-    CU_ASSERT_STRING_EQUAL(comm_wire_name(COMM_WIRE_F16), "f16");
-    comm_wire_dtype d = COMM_WIRE_F32;
-    CU_ASSERT_EQUAL(comm_wire_parse("bf16", &d), 0);
-    CU_ASSERT_EQUAL(d, COMM_WIRE_BF16);
-    CU_ASSERT_EQUAL(comm_wire_parse("f16", &d), 0);
-    CU_ASSERT_EQUAL(d, COMM_WIRE_F16);
-    CU_ASSERT_EQUAL(comm_wire_parse("f32", &d), 0);
-    CU_ASSERT_EQUAL(d, COMM_WIRE_F32);
-    CU_ASSERT_EQUAL(comm_wire_parse("f64", &d), -1);
-    CU_ASSERT_EQUAL(comm_wire_parse("", &d), -1);
-    CU_ASSERT_EQUAL(comm_wire_parse("bf16 ", &d), -1);
-    CU_ASSERT_EQUAL(comm_wire_parse(NULL, &d), -1);
-    CU_ASSERT_EQUAL(d, COMM_WIRE_F32); /* untouched on failure */
+    CU_ASSERT_EQUAL(stage_dtype_size(STAGE_F32), 4);
+    CU_ASSERT_EQUAL(stage_dtype_size(STAGE_BF16), 2);
+    CU_ASSERT_EQUAL(stage_dtype_size(STAGE_F16), 2);
+    CU_ASSERT_STRING_EQUAL(stage_dtype_name(STAGE_F32), "f32");
+    CU_ASSERT_STRING_EQUAL(stage_dtype_name(STAGE_BF16), "bf16");
+    CU_ASSERT_STRING_EQUAL(stage_dtype_name(STAGE_F16), "f16");
+    stage_dtype d = STAGE_F32;
+    CU_ASSERT_EQUAL(stage_dtype_parse("bf16", &d), 0);
+    CU_ASSERT_EQUAL(d, STAGE_BF16);
+    CU_ASSERT_EQUAL(stage_dtype_parse("f16", &d), 0);
+    CU_ASSERT_EQUAL(d, STAGE_F16);
+    CU_ASSERT_EQUAL(stage_dtype_parse("f32", &d), 0);
+    CU_ASSERT_EQUAL(d, STAGE_F32);
+    CU_ASSERT_EQUAL(stage_dtype_parse("f64", &d), -1);
+    CU_ASSERT_EQUAL(stage_dtype_parse("", &d), -1);
+    CU_ASSERT_EQUAL(stage_dtype_parse("bf16 ", &d), -1);
+    CU_ASSERT_EQUAL(stage_dtype_parse(NULL, &d), -1);
+    CU_ASSERT_EQUAL(d, STAGE_F32); /* untouched on failure */
 }
 
 static void test_wire_f32(void)
@@ -103,8 +103,8 @@ static void test_wire_f32(void)
     const size_t n = sizeof v / sizeof v[0];
     uint8_t raw[4 * 16 + 1];
     float back[16];
-    comm_wire_encode(COMM_WIRE_F32, v, raw + 1, n); /* odd offset: payloads are unaligned */
-    comm_wire_decode(COMM_WIRE_F32, raw + 1, back, n);
+    stage_dtype_from_f32(STAGE_F32, v, raw + 1, n); /* odd offset: payloads are unaligned */
+    stage_dtype_to_f32(STAGE_F32, raw + 1, back, n);
     for (size_t i = 0; i < n; i++) CU_ASSERT_EQUAL(f32_bits(back[i]), f32_bits(v[i]));
     /* little-endian: 1.0f = 0x3f800000 at bytes 8..11 */
     CU_ASSERT_EQUAL(raw[1 + 8], 0x00);
@@ -119,18 +119,18 @@ struct wire_case {
     float out;     /* expected decoded value */
 };
 
-static void check_wire_cases(comm_wire_dtype d, const struct wire_case *c, size_t n)
+static void check_wire_cases(stage_dtype d, const struct wire_case *c, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
         uint8_t raw[3];
         float back;
-        comm_wire_encode(d, &c[i].in, raw + 1, 1);
+        stage_dtype_from_f32(d, &c[i].in, raw + 1, 1);
         uint16_t bits = (uint16_t)(raw[1] | raw[2] << 8);
         if (bits != c[i].bits)
-            fprintf(stderr, "\n  %s(%.9g): got 0x%04x want 0x%04x\n", comm_wire_name(d),
+            fprintf(stderr, "\n  %s(%.9g): got 0x%04x want 0x%04x\n", stage_dtype_name(d),
                     (double)c[i].in, bits, c[i].bits);
         CU_ASSERT_EQUAL(bits, c[i].bits);
-        comm_wire_decode(d, raw + 1, &back, 1);
+        stage_dtype_to_f32(d, raw + 1, &back, 1);
         CU_ASSERT_EQUAL(f32_bits(back), f32_bits(c[i].out));
     }
 }
@@ -150,15 +150,15 @@ static void test_wire_bf16(void)
         {INFINITY, 0x7f80, INFINITY},
         {-INFINITY, 0xff80, -INFINITY},
     };
-    check_wire_cases(COMM_WIRE_BF16, c, sizeof c / sizeof c[0]);
+    check_wire_cases(STAGE_BF16, c, sizeof c / sizeof c[0]);
     uint8_t raw[2];
     float nan = NAN, back;
-    comm_wire_encode(COMM_WIRE_BF16, &nan, raw, 1);
-    comm_wire_decode(COMM_WIRE_BF16, raw, &back, 1);
+    stage_dtype_from_f32(STAGE_BF16, &nan, raw, 1);
+    stage_dtype_to_f32(STAGE_BF16, raw, &back, 1);
     CU_ASSERT(isnan(back));
     /* byte order: 1.0 is 0x3f80 -> 80 3f */
     float one = 1.0f;
-    comm_wire_encode(COMM_WIRE_BF16, &one, raw, 1);
+    stage_dtype_from_f32(STAGE_BF16, &one, raw, 1);
     CU_ASSERT(raw[0] == 0x80 && raw[1] == 0x3f);
 }
 
@@ -186,14 +186,14 @@ static void test_wire_f16(void)
         {2051.0f, 0x6802, 2052.0f},
         {0x1p-14f - 0x1p-25f, 0x0400, 0x1p-14f},         /* subnormal rounds up to normal */
     };
-    check_wire_cases(COMM_WIRE_F16, c, sizeof c / sizeof c[0]);
+    check_wire_cases(STAGE_F16, c, sizeof c / sizeof c[0]);
     uint8_t raw[2];
     float nan = NAN, back;
-    comm_wire_encode(COMM_WIRE_F16, &nan, raw, 1);
-    comm_wire_decode(COMM_WIRE_F16, raw, &back, 1);
+    stage_dtype_from_f32(STAGE_F16, &nan, raw, 1);
+    stage_dtype_to_f32(STAGE_F16, raw, &back, 1);
     CU_ASSERT(isnan(back));
     float v = -2.5f;
-    comm_wire_encode(COMM_WIRE_F16, &v, raw, 1);
+    stage_dtype_from_f32(STAGE_F16, &v, raw, 1);
     CU_ASSERT(raw[0] == 0x00 && raw[1] == 0xc1);
 }
 
@@ -211,7 +211,7 @@ typedef struct {
     comm_packet p;
 } fixture;
 
-static void fixture_init(fixture *f, comm_wire_dtype dtype)
+static void fixture_init(fixture *f, stage_dtype dtype)
 {
     memset(f, 0, sizeof *f);
     const int rows[] = {0, 3, 4, 9};
@@ -296,7 +296,7 @@ static void roundtrip_rows(const fixture *f, int D, int n_stages)
     size_t total = comm_pack(p, f->x, D, NULL, buf, cap, &hb, &pb, err, sizeof err);
     if (!total) fprintf(stderr, "\n  pack: %s\n", err);
     CU_ASSERT_FATAL(total > 0);
-    size_t ws = comm_wire_size(p->dtype);
+    size_t ws = stage_dtype_size(p->dtype);
     CU_ASSERT_EQUAL(pb, (size_t)p->n_rows * (size_t)D * ws);
     CU_ASSERT_EQUAL(hb, 4 + (size_t)get_u32le(buf));
     CU_ASSERT_EQUAL(hb, 4 + reference_header_size(buf, total));
@@ -325,9 +325,9 @@ static void roundtrip_rows(const fixture *f, int D, int n_stages)
             float v = f->x[i * D + j], want = 777.0f;
             if (comm_mask_get(p->present, i)) {
                 switch (p->dtype) {
-                case COMM_WIRE_F32: want = v; break;
-                case COMM_WIRE_BF16: want = stage_bf16_to_f32(stage_f32_to_bf16(v)); break;
-                case COMM_WIRE_F16: want = stage_f16_to_f32(stage_f32_to_f16(v)); break;
+                case STAGE_F32: want = v; break;
+                case STAGE_BF16: want = stage_bf16_to_f32(stage_f32_to_bf16(v)); break;
+                case STAGE_F16: want = stage_f16_to_f32(stage_f32_to_f16(v)); break;
                 }
             }
             CU_ASSERT_EQUAL(f32_bits(y[i * D + j]), f32_bits(want));
@@ -339,7 +339,7 @@ static void roundtrip_rows(const fixture *f, int D, int n_stages)
 
 static void test_rows_chain(void)
 {
-    const comm_wire_dtype d[] = {COMM_WIRE_F32, COMM_WIRE_BF16, COMM_WIRE_F16};
+    const stage_dtype d[] = {STAGE_F32, STAGE_BF16, STAGE_F16};
     for (int k = 0; k < 3; k++) {
         fixture f;
         fixture_init(&f, d[k]);
@@ -349,7 +349,7 @@ static void test_rows_chain(void)
 
 static void test_rows_non_chain(void)
 {
-    const comm_wire_dtype d[] = {COMM_WIRE_F32, COMM_WIRE_BF16, COMM_WIRE_F16};
+    const stage_dtype d[] = {STAGE_F32, STAGE_BF16, STAGE_F16};
     for (int k = 0; k < 3; k++) {
         fixture f;
         fixture_init(&f, d[k]);
@@ -379,7 +379,7 @@ static void test_empty_chain(void)
         flags[i] = COMM_ROW_PROMPT;
     }
     comm_packet p = {.kind = COMM_PKT_ROWS, .mb = 1, .sender = 0, .receiver = 1, .mb_rows = 8,
-                     .n_rows = 0, .dtype = COMM_WIRE_F32, .present = present, .has_desc = 1,
+                     .n_rows = 0, .dtype = STAGE_F32, .present = present, .has_desc = 1,
                      .slot = slot, .pos = pos, .token = token, .flags = flags};
     uint8_t buf[512];
     char err[256] = "";
@@ -401,7 +401,7 @@ static void test_empty_chain(void)
 
     /* mb_rows 0: an empty micro-batch still decodes, with non-NULL (empty) arrays */
     comm_packet e = {.kind = COMM_PKT_ROWS, .mb = 2, .sender = 0, .receiver = 1, .mb_rows = 0,
-                     .n_rows = 0, .dtype = COMM_WIRE_BF16, .has_desc = 1};
+                     .n_rows = 0, .dtype = STAGE_BF16, .has_desc = 1};
     total = comm_pack(&e, NULL, 16, NULL, buf, sizeof buf, &hb, &pb, err, sizeof err);
     CU_ASSERT_FATAL(total > 0);
     CU_ASSERT_EQUAL(hb, 4 + reference_header_size(buf, total));
@@ -558,7 +558,7 @@ static void test_limits(void)
         for (int b = a + 1; b < S; b++) bp[nb++] = (comm_bypass){a, b};
     CU_ASSERT_EQUAL(nb, S * (S - 1) / 2);
     comm_packet p = {.kind = COMM_PKT_ROWS, .mb = UINT64_MAX, .sender = S - 2,
-                     .receiver = S - 1, .mb_rows = R, .n_rows = R, .dtype = COMM_WIRE_F32,
+                     .receiver = S - 1, .mb_rows = R, .n_rows = R, .dtype = STAGE_F32,
                      .present = present, .has_desc = 1, .slot = big, .pos = big, .token = big,
                      .flags = flags, .n_bypass = nb, .bypass = bp};
     size_t cap = comm_packet_max_bytes(R, D, S);
@@ -610,8 +610,8 @@ static void test_limits(void)
 static void test_lifetime(void)
 {
     fixture f, g;
-    fixture_init(&f, COMM_WIRE_F32);
-    fixture_init(&g, COMM_WIRE_BF16);
+    fixture_init(&f, STAGE_F32);
+    fixture_init(&g, STAGE_BF16);
     g.p.mb = 43;
     g.slot[0] = 99;
     size_t cap = comm_packet_max_bytes(MB10, D5, S4);
@@ -640,7 +640,7 @@ static void test_lifetime(void)
 static void test_no_malloc(void)
 {
     fixture f;
-    fixture_init(&f, COMM_WIRE_F16);
+    fixture_init(&f, STAGE_F16);
     size_t cap = comm_packet_max_bytes(MB10, D5, S4);
     uint8_t *buf = malloc(cap);
     char err[256];
@@ -681,7 +681,7 @@ static void expect_pack_fail(const comm_packet *p, const float *x, int D, const 
 static void test_pack_errors(void)
 {
     fixture f;
-    fixture_init(&f, COMM_WIRE_BF16);
+    fixture_init(&f, STAGE_BF16);
     /* every capacity short of the packet fails, the exact one succeeds */
     size_t cap = comm_packet_max_bytes(MB10, D5, S4);
     uint8_t *buf = malloc(cap);
@@ -708,7 +708,7 @@ static void test_pack_errors(void)
     p = f.p; p.receiver = 3;               expect_pack_fail(&p, f.x, D5, NULL, "with a descriptor");
     p = f.p; p.receiver = 0;               expect_pack_fail(&p, f.x, D5, NULL, "forward");
     p = f.p; p.sender = -1;                expect_pack_fail(&p, f.x, D5, NULL, "out of range");
-    p = f.p; p.dtype = (comm_wire_dtype)3; expect_pack_fail(&p, f.x, D5, NULL, "dtype");
+    p = f.p; p.dtype = (stage_dtype)3; expect_pack_fail(&p, f.x, D5, NULL, "dtype");
     p = f.p; p.kind = (comm_pkt_kind)3;    expect_pack_fail(&p, f.x, D5, NULL, "kind");
     p = f.p;                               expect_pack_fail(&p, f.x, 0, NULL, "D > 0");
     p = f.p;                               expect_pack_fail(&p, NULL, D5, NULL, "needs x");
@@ -790,7 +790,7 @@ typedef struct {
 static void raw_init(raw_hdr *r)
 {
     fixture f;
-    fixture_init(&f, COMM_WIRE_F32);
+    fixture_init(&f, STAGE_F32);
     modpipe__packet_header__init(&r->h);
     modpipe__batch_desc__init(&r->d);
     memcpy(r->present, f.present, sizeof r->present);
@@ -831,7 +831,7 @@ enum { RAW_CAP = 8192, ROWB = D5 * 4 /* f32 row bytes */ };
 static void test_sampling_desc(void)
 {
     fixture f;
-    fixture_init(&f, COMM_WIRE_F32);
+    fixture_init(&f, STAGE_F32);
     float temp[MB10], top_p[MB10];
     uint64_t seed[MB10], seq[MB10];
     uint32_t step[MB10];
@@ -1179,7 +1179,7 @@ static void test_unpack_arena_exhausted(void)
     expect_unpack_fail(u, buf, n, D5, "decode arena");
     /* still usable afterwards */
     fixture f;
-    fixture_init(&f, COMM_WIRE_F32);
+    fixture_init(&f, STAGE_F32);
     f.p.sender = 0;
     f.p.receiver = 1;
     f.p.n_bypass = 0;
@@ -1193,7 +1193,7 @@ static void test_unpack_arena_exhausted(void)
 /* Every truncation of a valid packet fails with a message; only the full length decodes. */
 static void test_unpack_truncations(void)
 {
-    const comm_wire_dtype d[] = {COMM_WIRE_F32, COMM_WIRE_BF16, COMM_WIRE_F16};
+    const stage_dtype d[] = {STAGE_F32, STAGE_BF16, STAGE_F16};
     comm_unpacker *u = comm_unpacker_init(16, S4);
     for (int k = 0; k < 3; k++) {
         fixture f;
@@ -1230,7 +1230,7 @@ static void check_self_consistent(const comm_packet *q, const uint8_t *buf, size
     size_t H = get_u32le(buf);
     CU_ASSERT_PTR_EQUAL(q->payload, buf + 4 + H);
     CU_ASSERT_EQUAL(4 + H + q->payload_bytes, len);
-    size_t want = q->kind == COMM_PKT_ROWS     ? (size_t)q->n_rows * D * comm_wire_size(q->dtype)
+    size_t want = q->kind == COMM_PKT_ROWS     ? (size_t)q->n_rows * D * stage_dtype_size(q->dtype)
                   : q->kind == COMM_PKT_TOKENS ? (size_t)q->n_rows * 4
                                                : 0;
     CU_ASSERT_EQUAL(q->payload_bytes, want);
@@ -1256,7 +1256,7 @@ static void test_unpack_flips(void)
     int ok = 0, failed = 0, silent = 0;
     for (int it = 0; it < ITER; it++) {
         fixture f;
-        const comm_wire_dtype dts[] = {COMM_WIRE_F32, COMM_WIRE_BF16, COMM_WIRE_F16};
+        const stage_dtype dts[] = {STAGE_F32, STAGE_BF16, STAGE_F16};
         fixture_init(&f, dts[it % 3]);
         int32_t tk[4] = {1, 2, 3, 4};
         if (it % 5 == 4) { /* some TOKENS packets too */

@@ -458,8 +458,11 @@ static void test_eval_ragged(void)
         for (int t = 0; t < 5; t++)
             for (int v = 0; v < 97; v++) {
                 float x = a[((size_t)i * 5 + t) * 97 + v];
-                if (t >= len) CU_ASSERT(isnan(x));
-                else if (fabs(x - b[(size_t)t * 97 + v]) > md) md = fabs(x - b[(size_t)t * 97 + v]);
+                if (t >= len) {
+                    CU_ASSERT(isnan(x));
+                } else if (fabs(x - b[(size_t)t * 97 + v]) > md) {
+                    md = fabs(x - b[(size_t)t * 97 + v]);
+                }
             }
         CU_ASSERT(md < 1e-4);
         free(b);

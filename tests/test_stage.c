@@ -733,6 +733,132 @@ EVAL_TEST(mod)
 EVAL_TEST(mod_topk)
 EVAL_TEST(mixed)
 
+/* ---- weights kept in their dtype (issue 7) ----------------------------------------------
+ * Every tensor of fixture `name`, rounded to dtype `dt` (f32 fixtures) or as stored, written
+ * again as dtype `out` into a temp dir with the fixture's config.json. */
+static char *rewrite_fixture(const char *name, stage_dtype round_to, stage_dtype out)
+{
+    char src[1024], err[ERRLEN];
+    snprintf(src, sizeof src, "%s/%s", fixtures(), name);
+    st_model *in = NULL;
+    if (st_open(src, &in, err, sizeof err)) {
+        fprintf(stderr, "\n  %s\n", err);
+        return NULL;
+    }
+    char *dir = make_tmpdir();
+    st_writer *w = st_writer_new();
+    int rc = !dir || !w;
+    for (size_t i = 0; !rc && i < st_count(in); i++) {
+        const char *nm = st_name_at(in, i);
+        st_tensor t;
+        rc = st_find(in, nm, &t, err, sizeof err) != 1;
+        const float *v = rc ? NULL : st_get_f32(in, nm, t.ndim, t.shape, err, sizeof err);
+        size_t n = 1;
+        for (int d = 0; d < t.ndim; d++) n *= (size_t)t.shape[d];
+        float *r = v ? malloc(n * sizeof *r) : NULL;
+        uint16_t *h = v ? malloc(n * 2 + 2) : NULL;
+        rc = !r || !h;
+        if (!rc) { /* round through the dtype: exactly the values a bf16 / f16 checkpoint holds */
+            if (round_to == STAGE_F32) memcpy(r, v, n * sizeof *r);
+            else {
+                stage_dtype_from_f32(round_to, v, h, n);
+                stage_dtype_to_f32(round_to, h, r, n);
+            }
+            rc = st_writer_add(w, nm, out, t.ndim, t.shape, r);
+        }
+        free(r);
+        free(h);
+    }
+    if (!rc) rc = st_writer_save(w, dir, 1, err, sizeof err);
+    st_writer_free(w);
+    st_close(in);
+    if (!rc) { /* the config, as it is */
+        char cs[1100], cd[1100], buf[8192];
+        snprintf(cs, sizeof cs, "%s/config.json", src);
+        snprintf(cd, sizeof cd, "%s/config.json", dir);
+        FILE *a = fopen(cs, "rb"), *b = fopen(cd, "wb");
+        size_t k = a ? fread(buf, 1, sizeof buf, a) : 0;
+        rc = !a || !b || fwrite(buf, 1, k, b) != k;
+        if (a) fclose(a);
+        if (b) fclose(b);
+    }
+    if (rc) {
+        fprintf(stderr, "\n  rewrite_fixture %s: %s\n", name, err);
+        rm_tmpdir(dir);
+        return NULL;
+    }
+    return dir;
+}
+
+/* Batched greedy generation of the fixture prompts from model dir (weights held in wdt, -1:
+ * as stored) into logits [NSEQ][NNEW][V]. */
+static int gen_dir(const char *dir, int wdt, float *logits, int32_t *toks)
+{
+    stage_config cfg;
+    char err[ERRLEN];
+    if (stage_config_load(dir, &cfg, err, sizeof err)) return -1;
+    stage_model *m = NULL;
+    stage_range r = {0, cfg.n_layers - 1, 1, 1};
+    int rc = stage_model_load_dtype(dir, &cfg, r, wdt, &m, err, sizeof err);
+    stage_state *st = rc ? NULL : state_new(m, NSEQ, 16, 64);
+    rc = rc || !st || gen_batched(st, m, logits, toks);
+    if (rc) fprintf(stderr, "\n  gen_dir %s: %s\n", dir, err);
+    stage_state_free(st);
+    stage_model_free(m);
+    stage_config_free(&cfg);
+    return rc ? -1 : 0;
+}
+
+/* bf16 / f16 weights: logits within 1e-4 (relative) of the f32 computation on the same rounded
+ * weights; converting an f32 checkpoint at load (--weights-dtype) gives exactly what a
+ * checkpoint stored in that dtype gives; weight bytes follow the dtype. */
+static void check_weights_dtype(const char *name, stage_dtype dt)
+{
+    fxm f;
+    CU_ASSERT_FATAL(fx_open(name, &f) == 0);
+    const size_t n = (size_t)NSEQ * NNEW * f.cfg.vocab;
+    size_t f32_bytes = 0;
+    fx_close(&f);
+    char *as_f32 = rewrite_fixture(name, dt, STAGE_F32);   /* rounded values, stored f32 */
+    char *as_dt = rewrite_fixture(name, dt, dt);           /* the same values, stored in dt */
+    CU_ASSERT_FATAL(as_f32 && as_dt);
+    float *a = calloc(n, sizeof *a), *b = calloc(n, sizeof *b), *c = calloc(n, sizeof *c);
+    int32_t ta[NSEQ * NNEW], tb[NSEQ * NNEW], tc[NSEQ * NNEW];
+    CU_ASSERT_FATAL(gen_dir(as_f32, -1, a, ta) == 0);        /* f32 kernels */
+    CU_ASSERT_FATAL(gen_dir(as_dt, -1, b, tb) == 0);         /* dt kernels, as stored */
+    CU_ASSERT_FATAL(gen_dir(as_f32, (int)dt, c, tc) == 0);   /* converted at load */
+    double e = rel_err(b, a, n);
+    if (verbose() || !(e <= 1e-4))
+        fprintf(stderr, "\n  %s as %s vs f32 on the same values: rel err %.3g\n", name,
+                stage_dtype_name(dt), e);
+    CU_ASSERT(e <= 1e-4);
+    CU_ASSERT(memcmp(ta, tb, sizeof ta) == 0);
+    CU_ASSERT(memcmp(b, c, n * sizeof *b) == 0);
+    /* weight bytes: the dt model holds half the f32 one's matrix bytes */
+    stage_config cfg;
+    char err[ERRLEN];
+    CU_ASSERT_FATAL(stage_config_load(as_f32, &cfg, err, sizeof err) == 0);
+    stage_range r = {0, cfg.n_layers - 1, 1, 1};
+    stage_model *m1 = NULL, *m2 = NULL;
+    CU_ASSERT_FATAL(stage_model_load_dtype(as_f32, &cfg, r, -1, &m1, err, sizeof err) == 0);
+    CU_ASSERT_FATAL(stage_model_load_dtype(as_dt, &cfg, r, -1, &m2, err, sizeof err) == 0);
+    f32_bytes = stage_model_weight_bytes(m1);
+    size_t dt_bytes = stage_model_weight_bytes(m2);
+    CU_ASSERT(dt_bytes < f32_bytes * 0.52 && dt_bytes > f32_bytes * 0.49);
+    stage_model_free(m1);
+    stage_model_free(m2);
+    stage_config_free(&cfg);
+    free(a);
+    free(b);
+    free(c);
+    rm_tmpdir(as_f32);
+    rm_tmpdir(as_dt);
+}
+static void test_weights_bf16_dense(void) { check_weights_dtype("dense", STAGE_BF16); }
+static void test_weights_bf16_mixed(void) { check_weights_dtype("mixed", STAGE_BF16); }
+static void test_weights_f16_mode_integrated(void) { check_weights_dtype("mode_integrated", STAGE_F16); }
+static void test_weights_f16_mod(void) { check_weights_dtype("mod", STAGE_F16); }
+
 /* ================================================================== */
 /* 3. every layer type on a tiny model vs a double-precision reference */
 /* ================================================================== */
@@ -822,7 +948,7 @@ static int st_add(st_writer *w, const char *omit, const char *name, int64_t d0, 
 {
     if (omit && !strcmp(omit, name)) return 0;
     int64_t shape[2] = {d0, d1};
-    return st_writer_add(w, name, ST_F32, d1 ? 2 : 1, shape, data);
+    return st_writer_add(w, name, STAGE_F32, d1 ? 2 : 1, shape, data);
 }
 
 /* config.json + model.safetensors of the 1-layer tiny model into dir (omit: a tensor left out). */
@@ -2167,7 +2293,8 @@ int main(void)
         T_(test_gen_dense), T_(test_gen_mod), T_(test_gen_mod_all), T_(test_gen_mod_predictor),
         T_(test_gen_mode_staged), T_(test_gen_mode_integrated), T_(test_gen_mindskip),
         T_(test_gen_mindskip_token), T_(test_gen_mixed), T_(test_eval_dense), T_(test_eval_mod),
-        T_(test_eval_mod_topk), T_(test_eval_mixed),
+        T_(test_eval_mod_topk), T_(test_eval_mixed), T_(test_weights_bf16_dense),
+        T_(test_weights_bf16_mixed), T_(test_weights_f16_mode_integrated), T_(test_weights_f16_mod),
     };
     static const test_def layers[] = {
         T_(test_layer_dense_hand), T_(test_layer_mod_hand), T_(test_layer_dense),
