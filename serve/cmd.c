@@ -9,7 +9,7 @@
 
 #include "serve/cmd.h"
 #include "serve/serve.h"
-#include "stage/kernels.h"
+#include "stage/matmul.h"
 
 typedef struct {
     const char *name;
@@ -35,6 +35,7 @@ static const sopt SOPTS[] = {
     {"max-in-flight", "K", "micro-batches in flight at once (default 2 x stages)"},
     {"stages", "auto|A-B,...", "layer range of each stage (one per rank), or auto (default)"},
     {"wire-dtype", "f32|bf16|f16", "activation dtype between ranks (default f32)"},
+    {"weights-dtype", "f32|bf16|f16", "dtype the weight matrices are held in (default: as stored)"},
     {"transport", "sparse|dense", "sparse (default) or dense: every row on every link (baseline)"},
     {"threads", "N", "BLAS threads per rank (default 1)"},
     {"timeout", "SEC", "abort when a peer rank sends nothing for SEC seconds while work is "
@@ -184,13 +185,20 @@ static int make_setup(const sargs *a, int n_ranks, setup *st, char *err, size_t 
     if (get_double(a, "timeout", 1.0, 1e7, 300.0, &d, err, errlen)) return -1;
     p->timeout_s = d;
     if (get_long(a, "threads", 1, 1024, 1, &v, err, errlen)) return -1;
-    stage_set_threads((int)v);
+    if (stage_threads_init((int)v, err, errlen)) return -1;
     const char *wd = get(a, "wire-dtype");
-    p->wire = COMM_WIRE_F32;
-    if (wd && comm_wire_parse(wd, &p->wire)) {
+    p->wire = STAGE_F32;
+    if (wd && stage_dtype_parse(wd, &p->wire)) {
         snprintf(err, errlen, "--wire-dtype: expected f32, bf16 or f16, got '%s'", wd);
         return -1;
     }
+    const char *wts = get(a, "weights-dtype");
+    stage_dtype wdt = STAGE_F32;
+    if (wts && stage_dtype_parse(wts, &wdt)) {
+        snprintf(err, errlen, "--weights-dtype: expected f32, bf16 or f16, got '%s'", wts);
+        return -1;
+    }
+    p->weights_dtype = wts ? (int)wdt : -1;
     const char *tr = get(a, "transport");
     if (tr && strcmp(tr, "sparse") && strcmp(tr, "dense")) {
         snprintf(err, errlen, "--transport: expected sparse or dense, got '%s'", tr);
@@ -328,6 +336,7 @@ int serve_cmd_main(int argc, char **argv, serve_pipeline_fn run)
         srvq_free(q);
         tok_free(tok);
         setup_free(&st);
+        stage_threads_free();
         MPI_Finalize();
         return 2;
     }
@@ -358,6 +367,7 @@ int serve_cmd_main(int argc, char **argv, serve_pipeline_fn run)
         if (!rc && st.p.progress) fprintf(stderr, "modpipe serve: stopped\n");
     }
     setup_free(&st);
+    stage_threads_free();
     MPI_Finalize();
     return rc ? 1 : 0;
 }

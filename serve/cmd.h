@@ -27,6 +27,7 @@
 #include "cluster/srvq.h"
 #include "comm/comm.h"
 #include "stage/config.h"
+#include "stage/dtype.h"
 
 typedef struct {
     const char *model_dir;
@@ -35,7 +36,8 @@ typedef struct {
     int slots, ctx, queue;      /* --slots, --ctx (positions per slot), --queue */
     int micro_batch;            /* most rows per micro-batch */
     int max_in_flight;
-    comm_wire_dtype wire;
+    stage_dtype wire;           /* activation dtype between ranks */
+    int weights_dtype;          /* stage_dtype of the weight matrices; -1: as stored */
     int dense_transport;
     double timeout_s;           /* longest wait for a peer */
     int progress;               /* !--quiet */
