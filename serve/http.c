@@ -451,6 +451,18 @@ static void gen_cancel(gen *g)
     srvq_cancel(g->srv->q, g->id);
 }
 
+/* Streams that asked for token ids get one event per token, also when the token has no text
+ * yet (a partial UTF-8 character, a held-back stop prefix): clients time every token. */
+static void token_event(gen *g)
+{
+    if (!g->stream || !g->return_ids || g->ids_sent >= g->consumed + 1) return;
+    sb *b = &g->out;
+    chunk_head(g, b);
+    sb_str(b, g->chat ? "\"delta\":{\"content\":\"\"}" : "\"text\":\"\"");
+    token_ids(g, b, g->consumed + 1);
+    sb_str(b, ",\"logprobs\":null,\"finish_reason\":null}]}\n\n");
+}
+
 /* Process toks[consumed..n). */
 static void gen_process(gen *g, int n)
 {
@@ -462,15 +474,23 @@ static void gen_process(gen *g, int n)
         if ((t == s->eos && !g->ignore_eos) || (g->chat && t == s->end_id)) {
             g->finish = "stop";
             if (t == s->end_id && t != s->eos) gen_cancel(g);
+            g->consumed++;
             break;
         }
         const char *piece = NULL;
         size_t len = 0;
+        /* a model whose vocab is larger than its tokenizer's (random benchmark models) may
+         * sample ids the tokenizer cannot spell: they count, but have no text */
+        if (t < 0 || t >= s->vocab) {
+            token_event(g);
+            continue;
+        }
         if (tok_stream_push(g->ts, t, &piece, &len, err, sizeof err)) {
             g->failed = 1;
             snprintf(g->cmsg, sizeof g->cmsg, "detokenising: %.200s", err);
             g->finish = "stop";
             gen_cancel(g);
+            g->consumed++;
             break;
         }
         sb_add(&g->pend, piece, len);
@@ -481,8 +501,8 @@ static void gen_process(gen *g, int n)
             g->finish = "stop";
             gen_cancel(g);
         }
+        if (!g->finish) token_event(g);
     }
-    if (g->finish) g->consumed = n;
 }
 
 /* The queue is done with the request (done == 1) or we stopped it: flush the text. */

@@ -284,6 +284,25 @@ static char *sse_text(const char *body, int *done, int *chunks, char *finish, in
     return out;
 }
 
+/* All ids of every "token_ids":[...] in body, comma-separated, into out. */
+static void all_ids(const char *body, char *out, size_t n)
+{
+    out[0] = 0;
+    size_t k = 0;
+    for (const char *p = body; (p = strstr(p, "\"token_ids\":[")); ) {
+        p += 13;
+        const char *e = strchr(p, ']');
+        if (!e) break;
+        if (e > p && k + (size_t)(e - p) + 2 < n) {
+            if (k) out[k++] = ',';
+            memcpy(out + k, p, (size_t)(e - p));
+            k += (size_t)(e - p);
+            out[k] = 0;
+        }
+        p = e;
+    }
+}
+
 static int has(const char *hay, const char *needle)
 {
     int ok = hay && strstr(hay, needle) != NULL;
@@ -442,7 +461,10 @@ static void test_streaming(void)
     CU_ASSERT_STRING_EQUAL(fin, "stop");
     CU_ASSERT_EQUAL(total, -1); /* no include_usage */
     CU_ASSERT(!strstr(r.body, "\"text\":\"ab\"") && !strstr(r.body, "abd"));
-    CU_ASSERT(has(r.body, "\"token_ids\":[97"));
+    char ids[512];
+    all_ids(r.body, ids, sizeof ids);
+    CU_ASSERT_STRING_EQUAL(ids, "97,98,99,97,98,100"); /* every token once, up to the stop */
+    CU_ASSERT_EQUAL(chunks, 6); /* a, b (held), "abc", a, b (held), final with d */
     free(t);
     resp_free(&r);
     /* chat stream: a role chunk first, deltas, finish */
