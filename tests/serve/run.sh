@@ -183,6 +183,18 @@ check "/metrics has link bytes vs dense for 0->1 and 1->2" \
     'grep -q "^modpipe_link_bytes_total{from=\"0\",to=\"1\"} [1-9]" <<<"$m" && grep -q "^modpipe_link_dense_bytes_total{from=\"1\",to=\"2\"} [1-9]" <<<"$m"'
 ttft=$(awk '$1 == "modpipe_ttft_seconds_count" { print $2 }' <<<"$m")
 check "/metrics TTFT histogram counted every generation ($ttft)" '[ "${ttft:-0}" -ge 40 ]'
+# bad options: one line on stderr, exit 2, no hang
+badrun() { # badrun "expected text" ARGS...
+    local want=$1; shift
+    timeout 60 mpirun --oversubscribe -np 1 "$BIN" serve "$@" >"$TMP/bad.out" 2>"$TMP/bad.err"
+    local rc=$?
+    [ $rc = 2 ] && grep -q -- "$want" "$TMP/bad.err" || { echo "rc $rc: $(cat "$TMP/bad.err")"; return 1; }
+}
+check "serve without --model: exit 2" 'badrun "--model DIR is required"'
+check "serve --model missing dir: exit 2" 'badrun "config.json" --model "$TMP/nope"'
+check "serve --chat-template unknown: exit 2" 'badrun "unknown template .vicuna." --model "$MODEL" --chat-template vicuna'
+check "serve --port 70000: exit 2" 'badrun "expected an integer in \[0, 65535\]" --model "$MODEL" --port 70000'
+check "serve on a port in use: exit 2" 'badrun "cannot listen on 127.0.0.1:$PORT_np3" --model "$MODEL" --port $PORT_np3'
 stop_server np3
 check "SIGTERM at -np 3: exit 0" '[ "$RC" = 0 ]'
 
