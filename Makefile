@@ -16,6 +16,28 @@ else
 endif
 
 PKGS    := ompi-c openblas libprotobuf-c yaml-0.1 libcjson libpcre2-8 libmicrohttpd
+
+# ---- build dependencies (a fresh machine: `make test` before `make demo`) -----------------
+# Checked on every make, cheaply (scripts/check-deps: `command -v` and pkg-config, no apt).
+# When something is missing, root runs scripts/install-deps right away (before the flags
+# below are computed from pkg-config); anyone else is told to run it. `make demo` installs
+# itself, `make clean` needs nothing.
+ifneq ($(filter-out clean demo,$(or $(MAKECMDGOALS),all)),)
+  DEPS_MISSING := $(shell sh scripts/check-deps $(PKGS) cunit)
+  ifneq ($(DEPS_MISSING),)
+    ifeq ($(shell id -u),0)
+      $(info make: missing $(DEPS_MISSING): running scripts/install-deps)
+      DEPS_LOG := $(shell sh scripts/install-deps >&2)
+      DEPS_MISSING := $(shell sh scripts/check-deps $(PKGS) cunit)
+      ifneq ($(DEPS_MISSING),)
+        $(error still missing after scripts/install-deps: $(DEPS_MISSING))
+      endif
+    else
+      $(error missing $(DEPS_MISSING): run 'sudo sh scripts/install-deps' (or make demo), then make again)
+    endif
+  endif
+endif
+
 CC      := gcc
 CFLAGS  := -std=c11 -Wall -Wextra -Werror -D_GNU_SOURCE $(OPT) $(SANFLAGS) -MMD -MP \
            $(shell pkg-config --cflags $(PKGS) 2>/dev/null) -I. -I$(B)/proto

@@ -197,6 +197,7 @@ static void set_defaults(cluster_model_spec *s)
     s->calibrate = 0;
     s->calib_prompts = 16;
     s->calib_length = 32;
+    s->threads = 1;
 }
 
 static int fill(const cluster_yaml *y, cluster_model_spec *s, char *err, size_t errlen)

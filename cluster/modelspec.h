@@ -41,6 +41,7 @@ typedef struct {
     int calibrate;
     int calib_prompts;
     int calib_length;
+    int threads;           /* not a YAML key: init-model --threads (drawing the weights) */
 } cluster_model_spec;
 
 int cluster_model_spec_load(const char *path, cluster_model_spec *spec, char *err, size_t errlen);

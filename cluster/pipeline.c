@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 
 #include "cluster/batch.h"
@@ -632,6 +633,8 @@ static double *stats_vector(cluster_loop *c, int *len)
     f[4] = (double)stage_state_kv_alloc_bytes(c->st);
     f[5] = c->nll_sum;
     f[6] = (double)c->nll_count;
+    struct rusage ru; /* peak resident set of this rank (Linux: KiB), mmap'd weights included */
+    f[7] = getrusage(RUSAGE_SELF, &ru) == 0 ? (double)ru.ru_maxrss * 1024.0 : 0.0;
     double *lv = f + ST_FIXED;
     stage_range r = stage_model_range(c->m);
     for (int l = r.first; l <= r.last; l++) {
@@ -683,7 +686,17 @@ static void report(cluster_loop *c, const double *all, int len, double seconds, 
         cJSON_AddNumberToObject(e, "busy_fraction", seconds > 0 ? f[1] / seconds : 0);
         cJSON_AddNumberToObject(e, "weight_bytes", f[3]);
         cJSON_AddNumberToObject(e, "kv_bytes_allocated", f[4]);
+        cJSON_AddNumberToObject(e, "peak_rss_bytes", f[7]);
         cJSON_AddItemToArray(stages, e);
+    }
+    if (o->stats_path && o->progress) {
+        fprintf(stderr, "[modpipe] peak RSS per stage:");
+        for (int s = 0; s < S; s++) {
+            const double *f = all + (size_t)s * len + S * ST_LINK;
+            fprintf(stderr, "%s %d: %.1f MiB (weights %.1f MiB, KV %.1f MiB)", s ? "," : "", s,
+                    f[7] / 1048576.0, f[3] / 1048576.0, f[4] / 1048576.0);
+        }
+        fprintf(stderr, "\n");
     }
 
     cJSON *links = cJSON_AddArrayToObject(j, "links");

@@ -307,7 +307,7 @@ static void *pool_worker(void *p)
 static void pool_run(pool_fn fn, void *arg, int ntasks)
 {
     if (ntasks <= 0) return;
-    if (P.n <= 1 || ntasks == 1) {
+    if (P.n <= 1 || ntasks == 1 || ntasks > MAX_TASKS) { /* > MAX_TASKS: callers keep below */
         for (int t = 0; t < ntasks; t++) fn(arg, t, 0);
         return;
     }
@@ -481,6 +481,9 @@ static void large_task(void *a, int t, int tid)
 static void run_large(const float *x, int m, const stage_weight *w, float *y, const mm_ops *o)
 {
     mm_job j = {.x = x, .m = m, .w = w, .y = y, .ops = o};
+    /* Several pool threads call sgemm at once: each must run single-threaded (an earlier
+     * openblas_set_num_threads(n) would make them queue for OpenBLAS's own threads). */
+    if (P.n > 1 && openblas_get_num_threads() != 1) openblas_set_num_threads(1);
     pool_run(large_task, &j, (w->rows + STAGE_TILE_N - 1) / STAGE_TILE_N);
 }
 

@@ -3,13 +3,20 @@
  *   bench_kernels [--threads N] [--quick] [--isa NAME]
  *
  * Prints one `key=value ...` line per measurement (lines starting with # are comments):
- *   bw       read bandwidth of this machine: N threads summing a 1 GiB buffer (best of 5);
+ *   --bw-only: only the bw lines, then for each --shape m,k,n one `shape` line: cblas_sgemm
+ *            (OpenBLAS on N threads) vs stage_matmul_w with f32 and bf16 weights, GFLOP/s
+ *            (scripts/bench-decode's reference for prefill);
+ *   bw       read bandwidth of this machine: 1, 2, 4 .. N threads summing a 1 GiB buffer, best
+ *            of 5 passes (read_gbs),
+ *            and the median over 32 MiB pieces (read_gbs_32mib_pieces); the GEMV lines'
+ *            of_read_bw divides by the larger of the two N-thread values;
  *   gemv     decode shapes (m = 1, 4, 16; k = 4096; n = 4096, 14336; f32 and bf16) per ISA
  *            variant: GB/s of weights streamed and the fraction of the read bandwidth. The
  *            weights rotate through copies filling 1 GiB so they come from memory, not the L3;
  *   cross    small path vs large path for m around STAGE_M_SMALL (how it was chosen);
  *   prefill  m = 256 GFLOP/s per variant vs one cblas_sgemm call (OpenBLAS on N threads) on the
  *            same f32 shape.
+ *   attend   stage_attend_gqa, 4 query heads sharing a KV head, hd 128, 2048 cached positions.
  * Times are the median of the repetitions; on a loaded machine they are noisy.
  */
 #include "stage/matmul.h"
@@ -48,42 +55,75 @@ static double median(double *v, int n)
 
 typedef struct {
     const uint64_t *p;
-    size_t n;
+    size_t n;       /* words */
+    size_t piece;   /* words per timed piece (0: one piece) */
+    double gbs;     /* out: median GB/s over the pieces */
     uint64_t sum;
 } reader;
+
+/* Four independent 2 x 64-bit vector sums (GCC vector extension: SSE2, any x86-64), so the
+ * reader is limited by memory, not by an add chain. */
+typedef uint64_t v2u64 __attribute__((vector_size(16)));
+static uint64_t sum_words(const uint64_t *p, size_t n)
+{
+    v2u64 a = {0, 0}, b = a, c = a, d = a;
+    for (size_t i = 0; i + 8 <= n; i += 8) {
+        v2u64 x0, x1, x2, x3;
+        memcpy(&x0, p + i, 16);
+        memcpy(&x1, p + i + 2, 16);
+        memcpy(&x2, p + i + 4, 16);
+        memcpy(&x3, p + i + 6, 16);
+        a += x0;
+        b += x1;
+        c += x2;
+        d += x3;
+    }
+    v2u64 s = a + b + c + d;
+    return s[0] + s[1];
+}
 
 static void *read_part(void *a)
 {
     reader *r = a;
-    uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    for (size_t i = 0; i + 4 <= r->n; i += 4) {
-        s0 += r->p[i];
-        s1 += r->p[i + 1];
-        s2 += r->p[i + 2];
-        s3 += r->p[i + 3];
+    const size_t piece = r->piece ? r->piece : r->n;
+    const int np = (int)(r->n / piece);
+    double *t = malloc((size_t)np * sizeof *t);
+    r->sum = 0;
+    for (int i = 0; i < np; i++) {
+        double t0 = now_s();
+        r->sum += sum_words(r->p + (size_t)i * piece, piece);
+        t[i] = now_s() - t0;
     }
-    r->sum = s0 + s1 + s2 + s3;
+    r->gbs = (double)piece * 8 / median(t, np) / 1e9;
+    free(t);
     return NULL;
 }
 
-static double read_bw(const uint64_t *buf, size_t words, int nt)
+/* Read bandwidth of nt threads, each summing its own part of buf. piece_words = 0: best of 5
+ * whole passes; else the median over pieces of that many words per thread (how the GEMV lines
+ * see memory: one weight matrix at a time), summed over the threads. */
+static double read_bw(const uint64_t *buf, size_t words, int nt, size_t piece_words)
 {
     pthread_t th[64];
     reader rd[64];
     double best = 0;
     uint64_t check = 0;
-    for (int pass = 0; pass < 5; pass++) {
+    for (int pass = 0; pass < (piece_words ? 2 : 5); pass++) {
         double t0 = now_s();
         for (int t = 0; t < nt; t++) {
             rd[t].p = buf + words / nt * t;
             rd[t].n = words / nt;
+            rd[t].piece = piece_words;
             if (t) pthread_create(&th[t], NULL, read_part, &rd[t]);
         }
         read_part(&rd[0]);
         for (int t = 1; t < nt; t++) pthread_join(th[t], NULL);
-        double dt = now_s() - t0;
-        for (int t = 0; t < nt; t++) check += rd[t].sum;
-        double gbs = (double)(words / nt * nt) * 8 / dt / 1e9;
+        double dt = now_s() - t0, gbs = 0;
+        for (int t = 0; t < nt; t++) {
+            check += rd[t].sum;
+            gbs += rd[t].gbs;
+        }
+        if (!piece_words) gbs = (double)(words / nt * nt) * 8 / dt / 1e9;
         if (gbs > best) best = gbs;
     }
     if (check == 42) fprintf(stderr, "#\n"); /* keep the sums live */
@@ -120,7 +160,8 @@ static int n_cpus(void)
 
 int main(int argc, char **argv)
 {
-    int nt = n_cpus(), quick = 0, only = -1;
+    int nt = n_cpus(), quick = 0, only = -1, bw_only = 0, n_shapes = 0;
+    int shapes[16][3]; /* --shape m,k,n: cblas_sgemm vs stage_matmul_w on that shape */
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--threads") && i + 1 < argc) {
             nt = atoi(argv[++i]);
@@ -130,6 +171,15 @@ int main(int argc, char **argv)
             }
         } else if (!strcmp(argv[i], "--quick")) {
             quick = 1;
+        } else if (!strcmp(argv[i], "--bw-only")) {
+            bw_only = 1;
+        } else if (!strcmp(argv[i], "--shape") && i + 1 < argc && n_shapes < 16) {
+            int *sh = shapes[n_shapes++];
+            if (sscanf(argv[++i], "%d,%d,%d", &sh[0], &sh[1], &sh[2]) != 3 || sh[0] < 1 || sh[1] < 1 ||
+                sh[2] < 1 || (double)sh[0] * sh[2] > 64e6 || (double)sh[1] * sh[2] > 256e6) {
+                fprintf(stderr, "bench_kernels: --shape %s: expected m,k,n (positive, not huge)\n", argv[i]);
+                return 2;
+            }
         } else if (!strcmp(argv[i], "--isa") && i + 1 < argc) {
             const char *name = argv[++i];
             for (int s = 0; s < STAGE_N_ISAS; s++)
@@ -139,7 +189,8 @@ int main(int argc, char **argv)
                 return 2;
             }
         } else {
-            fprintf(stderr, "usage: bench_kernels [--threads N] [--quick] [--isa c|avx2|avx512|avx512bf16]\n");
+            fprintf(stderr, "usage: bench_kernels [--threads N] [--quick] [--isa c|avx2|avx512|avx512bf16] "
+                            "[--bw-only [--shape m,k,n ...]]\n");
             return 2;
         }
     }
@@ -176,11 +227,60 @@ int main(int argc, char **argv)
     if (hint)
         printf("# OpenBLAS runs generic kernels on this CPU: rerun with OPENBLAS_CORETYPE=%s for a "
                "fair sgemm baseline\n", hint);
-    double bw1 = read_bw((const uint64_t *)arena, arena_bytes / 8, 1);
-    double bwn = nt > 1 ? read_bw((const uint64_t *)arena, arena_bytes / 8, nt) : bw1;
-    printf("bw threads=1 buffer_gib=%.2f read_gbs=%.2f\n", arena_bytes / GIB, bw1);
-    if (nt > 1) printf("bw threads=%d buffer_gib=%.2f read_gbs=%.2f\n", nt, arena_bytes / GIB, bwn);
+    /* 32 MiB pieces: a 4096 x 4096 bf16 weight */
+    const size_t piece = (size_t)32 << 20 >> 3;
+    double bwn = 0;
+    for (int t = 1; t <= nt; t = t == nt ? nt + 1 : (t * 2 > nt ? nt : t * 2)) {
+        double pass = read_bw((const uint64_t *)arena, arena_bytes / 8, t, 0);
+        double pieces = read_bw((const uint64_t *)arena, arena_bytes / 8, t, piece / t);
+        printf("bw threads=%d buffer_gib=%.2f read_gbs=%.2f read_gbs_32mib_pieces=%.2f\n", t,
+               arena_bytes / GIB, pass, pieces);
+        bwn = pass > pieces ? pass : pieces; /* the stricter reference */
+    }
     fflush(stdout);
+    if (bw_only) {
+        /* the shapes a benchmark script asks for: OpenBLAS on nt threads vs the kernels */
+        for (int q = 0; q < n_shapes; q++) {
+            const int m = shapes[q][0], k = shapes[q][1], n = shapes[q][2];
+            float *xs = malloc((size_t)m * k * sizeof *xs), *ys = malloc((size_t)m * n * sizeof *ys);
+            float *wf = malloc((size_t)n * k * sizeof *wf);
+            uint16_t *wb = malloc((size_t)n * k * 2);
+            if (!xs || !ys || !wf || !wb) {
+                fprintf(stderr, "bench_kernels: out of memory for --shape\n");
+                return 1;
+            }
+            for (size_t i = 0; i < (size_t)m * k; i++) xs[i] = (float)((i * 2654435761u) % 2001) / 1000.0f - 1.0f;
+            for (size_t i = 0; i < (size_t)n * k; i++) {
+                wf[i] = (float)((i * 40503u) % 2001) / 1000.0f - 1.0f;
+                wb[i] = arena[i % (arena_bytes / 2)];
+            }
+            double tb[7], tf[7], t16[7];
+            for (int r = 0; r < 7; r++) {
+                openblas_set_num_threads(nt);
+                double t0 = now_s();
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, xs, k, wf, k, 0.0f, ys, n);
+                tb[r] = now_s() - t0;
+                openblas_set_num_threads(1);
+                stage_weight w32 = {STAGE_F32, n, k, wf}, w16 = {STAGE_BF16, n, k, wb};
+                t0 = now_s();
+                stage_matmul_w(xs, m, &w32, ys);
+                tf[r] = now_s() - t0;
+                t0 = now_s();
+                stage_matmul_w(xs, m, &w16, ys);
+                t16[r] = now_s() - t0;
+            }
+            double fl = 2.0 * m * n * k / 1e9;
+            printf("shape m=%d k=%d n=%d threads=%d sgemm_gflops=%.2f f32_gflops=%.2f bf16_gflops=%.2f\n", m,
+                   k, n, nt, fl / median(tb, 7), fl / median(tf, 7), fl / median(t16, 7));
+            free(xs);
+            free(ys);
+            free(wf);
+            free(wb);
+        }
+        free(arena);
+        stage_threads_free();
+        return 0;
+    }
 
     const int K = 4096, M_PRE = 256, M_MAX = 256;
     const int ns[] = {4096, 14336};
@@ -258,6 +358,32 @@ int main(int argc, char **argv)
                 fflush(stdout);
             }
         }
+    }
+    /* ---- attention: one GQA group (4 query heads, hd 128) over a long context ---- */
+    {
+        const int hd = 128, n_q = 4, n_ctx = 2048;
+        const size_t stride = 8 * 128; /* 8 KV heads per cached row */
+        float *kv = malloc((size_t)n_ctx * stride * 2 * sizeof *kv);
+        float *probs = malloc((size_t)n_q * n_ctx * sizeof *probs);
+        float out[4 * 128];
+        for (size_t i = 0; i < (size_t)n_ctx * stride * 2; i++) kv[i] = (float)(i % 97) / 97.0f - 0.5f;
+        for (int s = 0; s < STAGE_N_ISAS; s++) {
+            if (!stage_isa_supported((stage_isa)s) || (only >= 0 && s != only)) continue;
+            stage_matmul_force_isa((stage_isa)s);
+            double t[20];
+            for (int r = -1; r < 20; r++) {
+                double t0 = now_s();
+                stage_attend_gqa(x, n_q, kv, kv + (size_t)n_ctx * stride, stride, n_ctx, hd, 0.088f,
+                                 probs, out);
+                if (r >= 0) t[r] = now_s() - t0;
+            }
+            const double md = median(t, 20);
+            printf("attend isa=%s hd=%d n_q=%d n_ctx=%d us=%.1f gflops=%.2f\n", stage_isa_name((stage_isa)s),
+                   hd, n_q, n_ctx, md * 1e6, 4.0 * n_q * n_ctx * hd / md / 1e9);
+            fflush(stdout);
+        }
+        free(kv);
+        free(probs);
     }
     free(x);
     free(y);

@@ -95,6 +95,27 @@ static double cpu_s(void)
 }
 
 static double idle_cpu = -1;
+static int forever; /* keep submitting, never close: the dead-rank test kills a rank */
+
+static void *client_forever(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&mu);
+    while (!ready_flag) pthread_cond_wait(&cv, &mu);
+    pthread_mutex_unlock(&mu);
+    static req r[1];
+    r[0].prompt[0] = 1;
+    r[0].n_prompt = 1;
+    char err[256];
+    for (;;) {
+        srvq_request q = {.prompt = r[0].prompt, .n_prompt = 1, .max_tokens = 12, .top_p = 1,
+                          .on_done = on_done, .arg = &r[0]};
+        srvq_submit(Q, &q, err, sizeof err); /* full: try again later */
+        struct timespec ts = {0, 2000000};
+        nanosleep(&ts, NULL);
+    }
+    return NULL;
+}
 
 static void *client(void *arg)
 {
@@ -131,6 +152,7 @@ static int worker(int argc, char **argv)
     if (argc < 5) return 2;
     const char *model = argv[2], *prompts = argv[3];
     int slots = atoi(argv[4]);
+    forever = argc > 5 && !strcmp(argv[5], "forever");
     int provided;
     MPI_Init_thread(NULL, NULL, MPI_THREAD_FUNNELED, &provided);
     int rank, size;
@@ -168,7 +190,7 @@ static int worker(int argc, char **argv)
     pthread_t th;
     if (rank == 0) {
         Q = srvq_new(slots, ctx, 2 * NREQ, cfg.vocab, cfg.eos_token_id);
-        pthread_create(&th, NULL, client, NULL);
+        pthread_create(&th, NULL, forever ? client_forever : client, NULL);
     }
     int rc = cluster_serve(MPI_COMM_WORLD, &o, Q, on_ready, NULL, err, sizeof err);
     if (rc) fprintf(stderr, "cluster_serve: %s\n", err);
@@ -330,6 +352,24 @@ static void check_serve(int np, int slots)
     if (!(idle < 0.3)) fprintf(stderr, "\n  idle second used %.3f s of CPU\n", idle);
 }
 
+/* A rank killed while the server runs: the job ends (non-zero, naming the rank), no hang. */
+static void test_dead_rank(void)
+{
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    int rc = run(90, "%s -np 3 %s --worker %s/stories260K %s 4 forever & sleep 3; "
+                     "pkill -9 -n -f \"[t]est_serve --worker %s/stories260K\"; wait $!",
+                 MPIRUN, SELF, FIX, prompts, FIX);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double el = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9;
+    CU_ASSERT_NOT_EQUAL(rc, 0); /* (mpirun itself exits 137 here; el tells it from the run timeout) */
+    CU_ASSERT(el < 60.0);
+    CU_ASSERT(strstr(OUT, "rank") != NULL);
+    char pat[600];
+    snprintf(pat, sizeof pat, "pgrep -f \"[t]est_serve --worker %s/stories260K\"", FIX);
+    CU_ASSERT(run(5, "%s", pat) != 0); /* nobody left */
+}
+
 static void test_reference(void) { CU_ASSERT_EQUAL_FATAL(make_reference(), 0); }
 static void test_serve_np1(void) { check_serve(1, 8); }
 static void test_serve_np3(void) { check_serve(3, 8); }
@@ -364,6 +404,7 @@ int main(int argc, char **argv)
     CU_add_test(s, "32 concurrent greedy requests = generate, np 1", test_serve_np1);
     CU_add_test(s, "32 concurrent greedy requests = generate, np 3", test_serve_np3);
     CU_add_test(s, "start-up errors", test_serve_errors);
+    CU_add_test(s, "a dead rank ends the server", test_dead_rank);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();
     unsigned fails = CU_get_number_of_failures();
