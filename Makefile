@@ -95,7 +95,9 @@ bench: $(B)/modpipe
 FZ        := build-fuzz
 FZ_CC     := clang
 FZ_SAN    := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+# TOK_MAX_ID / TOK_NO_JIT: see tok/tok_impl.h, tok/tok.c (keep runs fast, same code paths).
 FZ_CFLAGS := -std=c11 -Wall -Wextra -D_GNU_SOURCE -O1 -g $(FZ_SAN) -MMD -MP \
+             -DTOK_MAX_ID=65536 -DTOK_NO_JIT \
              $(shell pkg-config --cflags $(PKGS) 2>/dev/null) -I. -I$(FZ)/proto
 FZ_LIB_OBJ := $(patsubst %.c,$(FZ)/%.o,$(STAGE_SRC) $(COMM_SRC) $(CLUSTER_SRC) $(TOK_SRC)) \
               $(FZ)/proto/modpipe.pb-c.o

@@ -283,8 +283,11 @@ pcre2_code *tok_re_compile(const char *pat, size_t len, int literal, char *msg, 
         return NULL;
     }
     /* JIT when the platform has it (several times faster on long texts); pcre2_match uses
-     * it by itself, and falls back to the interpreter if it is not there. */
+     * it by itself, and falls back to the interpreter if it is not there. The fuzz build
+     * turns it off (TOK_NO_JIT): compiling machine code at every load dominates its runs. */
+#ifndef TOK_NO_JIT
     (void)pcre2_jit_compile(re, PCRE2_JIT_COMPLETE);
+#endif
     return re;
 }
 
