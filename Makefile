@@ -3,6 +3,7 @@
 #   make test       unit tests (CUnit) + multi-rank tests (mpirun)
 #   make demo       install deps, build, make a demo model, run a 4-rank pipeline
 #   make SANITIZE=1 test   the same under AddressSanitizer + UBSan (objects in build-asan/)
+#   make bench-kernels     matmul / bandwidth micro-benchmark (tests/bench_kernels.c)
 
 ifeq ($(SANITIZE),1)
   B        := build-asan
@@ -34,7 +35,7 @@ TEST_SRC    := $(wildcard tests/test_*.c)
 TEST_BIN    := $(patsubst tests/%.c,$(B)/tests/%,$(TEST_SRC))
 
 all: $(B)/modpipe
-.PHONY: all test demo clean bench fuzz-build fuzz-seeds
+.PHONY: all test demo clean bench bench-kernels fuzz-build fuzz-seeds
 
 $(B)/proto/modpipe.pb-c.c $(B)/proto/modpipe.pb-c.h: proto/modpipe.proto
 	@mkdir -p $(B)/proto
@@ -88,6 +89,11 @@ demo:
 
 bench: $(B)/modpipe
 	@bash scripts/bench-engine --bin $(B)/modpipe --out docs/BENCH.md
+
+# Kernel micro-benchmark (read bandwidth, decode GEMV, prefill vs cblas_sgemm): key=value lines.
+# BENCH_KERNELS_ARGS e.g. "--threads 2 --quick".
+bench-kernels: $(B)/tests/bench_kernels
+	@$(B)/tests/bench_kernels $(BENCH_KERNELS_ARGS)
 
 # ---- fuzzing (fuzz/README.md) -------------------------------------------
 # libFuzzer targets fuzz/fuzz_*.c, built with clang under ASan + UBSan into build-fuzz/; the

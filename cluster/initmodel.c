@@ -145,8 +145,8 @@ static int write_config(const cluster_model_spec *sp, const char *dir, char *err
     cJSON_AddNumberToObject(j, "max_position_embeddings", c->max_pos);
     cJSON_AddBoolToObject(j, "tie_word_embeddings", c->tie_embeddings);
     cJSON_AddStringToObject(j, "hidden_act", "silu");
-    cJSON_AddStringToObject(j, "torch_dtype", sp->dtype == ST_F32 ? "float32"
-                                              : sp->dtype == ST_BF16 ? "bfloat16" : "float16");
+    cJSON_AddStringToObject(j, "torch_dtype", sp->dtype == STAGE_F32 ? "float32"
+                                              : sp->dtype == STAGE_BF16 ? "bfloat16" : "float16");
     cJSON *lt = cJSON_AddArrayToObject(j, "layer_types");
     for (int l = 0; l < c->n_layers; l++)
         cJSON_AddItemToArray(lt, cJSON_CreateString(stage_kind_name(c->layer_kind[l])));

@@ -36,7 +36,7 @@ typedef struct {
     unsigned long seed;
     float init_std;        /* weights ~ N(0, init_std^2); norms = 1 */
     float router_std;      /* router weights ~ N(0, (router_std/sqrt(D))^2) */
-    st_dtype dtype;
+    stage_dtype dtype;
     int shards;
     int calibrate;
     int calib_prompts;

@@ -31,20 +31,21 @@ double cluster_layer_cost(const stage_config *c, int layer)
 {
     if (!c || !c->layer_kind || layer < 0 || layer >= c->n_layers)
         return 0.0;
-    double d = c->hidden, e = c->n_experts, nn = c->n_noop_experts;
-    double attn = 2.0 * attn_params(c); /* 2 FLOPs per multiply-add */
-    double mlp = 2.0 * mlp_params(c);
+    double e = c->n_experts, nn = c->n_noop_experts;
+    double attn = stage_flops_attn_proj(c); /* the FLOP model of --stats (stage/config.h) */
+    double mlp = stage_flops_mlp(c);
     switch (c->layer_kind[layer]) {
     case STAGE_KIND_MOD:
         return c->mod_capacity * (attn + mlp);
     case STAGE_KIND_MODE_STAGED:
-        return c->mod_capacity *
-               (attn + 2.0 * d * e + c->experts_per_token * 2.0 * expert_params(c));
+        return c->mod_capacity * (attn + stage_flops_gate(c, c->n_experts) +
+                                  c->experts_per_token * stage_flops_expert(c));
     case STAGE_KIND_MODE_INTEGRATED:
         /* top-1 over E real + N no-op experts: a real expert runs with share E/(E+N) */
         if (e + nn <= 0)
             return attn;
-        return attn + 2.0 * d * (e + nn) + (e / (e + nn)) * 2.0 * expert_params(c);
+        return attn + stage_flops_gate(c, c->n_experts + c->n_noop_experts) +
+               (e / (e + nn)) * stage_flops_expert(c);
     case STAGE_KIND_MINDSKIP: /* skip rate unknown ahead: full cost */
     case STAGE_KIND_DENSE:
     default:

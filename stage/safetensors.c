@@ -115,46 +115,15 @@ static void shape_str(char *buf, size_t len, int ndim, const int64_t *shape)
 /* dtypes                                                              */
 /* ================================================================== */
 
-const char *st_dtype_name(st_dtype d)
-{
-    switch (d) {
-    case ST_F32: return "F32";
-    case ST_F16: return "F16";
-    case ST_BF16: return "BF16";
-    }
-    return "?";
-}
-
-int st_dtype_parse(const char *s, st_dtype *out)
-{
-    if (!s) return -1;
-    st_dtype d;
-    if (strcasecmp(s, "f32") == 0) d = ST_F32;
-    else if (strcasecmp(s, "f16") == 0) d = ST_F16;
-    else if (strcasecmp(s, "bf16") == 0) d = ST_BF16;
-    else return -1;
-    if (out) *out = d;
-    return 0;
-}
-
-size_t st_dtype_size(st_dtype d)
-{
-    switch (d) {
-    case ST_F32: return 4;
-    case ST_F16: return 2;
-    case ST_BF16: return 2;
-    }
-    return 0;
-}
-
 /* The header's dtype strings are exact upper case (safetensors spec). */
-static int dtype_from_header(const char *s, st_dtype *out)
+static int dtype_from_header(const char *s, stage_dtype *out)
 {
-    if (strcmp(s, "F32") == 0) *out = ST_F32;
-    else if (strcmp(s, "F16") == 0) *out = ST_F16;
-    else if (strcmp(s, "BF16") == 0) *out = ST_BF16;
-    else return -1;
-    return 0;
+    for (int d = 0; d < STAGE_N_DTYPES; d++)
+        if (strcmp(s, stage_dtype_st_name((stage_dtype)d)) == 0) {
+            *out = (stage_dtype)d;
+            return 0;
+        }
+    return -1;
 }
 
 /* ================================================================== */
@@ -176,7 +145,7 @@ typedef struct {
 /* One tensor of a parsed header. */
 typedef struct {
     char *name;
-    st_dtype dtype;
+    stage_dtype dtype;
     int ndim;
     int64_t shape[ST_MAX_DIMS];
     size_t begin, nbytes;  /* within the data region */
@@ -236,7 +205,7 @@ static int parse_entry(const char *path, const char *name, const cJSON *j, size_
         return -1;
     }
     e->ndim = nd;
-    uint64_t esz = st_dtype_size(e->dtype), nbytes = esz;
+    uint64_t esz = stage_dtype_size(e->dtype), nbytes = esz;
     int i = 0;
     const cJSON *d;
     cJSON_ArrayForEach(d, sh) {
@@ -455,12 +424,15 @@ typedef struct {
     char *name;
     int file;              /* index into m->files */
     int known;             /* dtype/shape/offsets filled from the file's header */
-    st_dtype dtype;
+    stage_dtype dtype;
     int ndim;
     int64_t shape[ST_MAX_DIMS];
     size_t begin, nbytes;
     const float *f32;      /* handed out by st_get_f32 (zero-copy or == owned) */
     float *owned;          /* converted copy [numel], freed by st_close */
+    const void *wdata;     /* handed out by st_get_weight (zero-copy or == wowned) */
+    void *wowned;          /* aligned / converted copy [numel] in wdtype, freed by st_close */
+    stage_dtype wdtype;
 } st_entry;
 
 struct st_model {
@@ -506,6 +478,7 @@ void st_close(st_model *m)
     for (size_t i = 0; i < m->n_ents; i++) {
         free(m->ents[i].name);
         free(m->ents[i].owned);
+        free(m->ents[i].wowned);
     }
     free(m->ents);
     for (int i = 0; i < m->n_files; i++) {
@@ -775,55 +748,43 @@ int st_find(st_model *m, const char *name, st_tensor *t, char *err, size_t errle
     return 1;
 }
 
-/* Convert n values of dtype dt at p (any alignment) to f32. */
-static void to_f32(st_dtype dt, const uint8_t *p, float *dst, size_t n)
-{
-    if (dt == ST_F32) {
-        memcpy(dst, p, n * 4);
-        return;
-    }
-    if (((uintptr_t)p & 1u) == 0) {
-        if (dt == ST_F16) stage_f16_to_f32_n((const uint16_t *)(const void *)p, dst, n);
-        else stage_bf16_to_f32_n((const uint16_t *)(const void *)p, dst, n);
-        return;
-    }
-    for (size_t i = 0; i < n; i++) { /* odd address: read each half through memcpy */
-        uint16_t h;
-        memcpy(&h, p + 2 * i, 2);
-        dst[i] = dt == ST_F16 ? stage_f16_to_f32(h) : stage_bf16_to_f32(h);
-    }
-}
-
-const float *st_get_f32(st_model *m, const char *name, int ndim, const int64_t *shape,
-                        char *err, size_t errlen)
+/* Look `name` up and check it has exactly the expected shape. Returns its entry (and *t), or
+ * NULL with "FILE: missing tensor NAME" / "FILE: tensor NAME has shape [..], expected [..]". */
+static st_entry *get_checked(st_model *m, const char *name, int ndim, const int64_t *shape,
+                             st_tensor *t, char *err, size_t errlen)
 {
     if (!m || !name) {
-        st_err(err, errlen, "st_get_f32: no model or name");
+        st_err(err, errlen, "safetensors: no model or tensor name");
         return NULL;
     }
     if (ndim < 0 || ndim > ST_MAX_DIMS || (ndim > 0 && !shape)) {
         st_err(err, errlen, "%s: tensor %s: bad expected shape (ndim %d)", m->label, name, ndim);
         return NULL;
     }
-    st_tensor t;
-    int r = st_find(m, name, &t, err, errlen);
+    int r = st_find(m, name, t, err, errlen);
     if (r == 0) st_err(err, errlen, "%s: missing tensor %s", m->label, name);
     if (r <= 0) return NULL;
-
-    int same = t.ndim == ndim;
-    for (int i = 0; same && i < ndim; i++) same = t.shape[i] == shape[i];
+    int same = t->ndim == ndim;
+    for (int i = 0; same && i < ndim; i++) same = t->shape[i] == shape[i];
     if (!same) {
         char have[192], want[192];
-        shape_str(have, sizeof have, t.ndim, t.shape);
+        shape_str(have, sizeof have, t->ndim, t->shape);
         shape_str(want, sizeof want, ndim, shape);
-        st_err(err, errlen, "%s: tensor %s has shape %s, expected %s", t.file, name, have, want);
+        st_err(err, errlen, "%s: tensor %s has shape %s, expected %s", t->file, name, have, want);
         return NULL;
     }
+    return ent_lookup(m, name);
+}
 
-    st_entry *e = ent_lookup(m, name);
+const float *st_get_f32(st_model *m, const char *name, int ndim, const int64_t *shape,
+                        char *err, size_t errlen)
+{
+    st_tensor t;
+    st_entry *e = get_checked(m, name, ndim, shape, &t, err, errlen);
+    if (!e) return NULL;
     if (e->f32) return e->f32;
-    size_t numel = t.nbytes / st_dtype_size(t.dtype);
-    if (t.dtype == ST_F32 && ((uintptr_t)t.data & 3u) == 0) {
+    size_t numel = t.nbytes / stage_dtype_size(t.dtype);
+    if (t.dtype == STAGE_F32 && ((uintptr_t)t.data & 3u) == 0) {
         e->f32 = (const float *)t.data; /* zero-copy into the mmap */
     } else {
         e->owned = malloc((numel ? numel : 1) * sizeof(float)); /* [numel] */
@@ -832,11 +793,70 @@ const float *st_get_f32(st_model *m, const char *name, int ndim, const int64_t *
                    name, numel);
             return NULL;
         }
-        to_f32(t.dtype, t.data, e->owned, numel);
+        stage_dtype_to_f32(t.dtype, t.data, e->owned, numel);
         e->f32 = e->owned;
     }
     m->loaded_bytes += numel * sizeof(float);
     return e->f32;
+}
+
+int st_get_weight(st_model *m, const char *name, int64_t rows, int64_t cols, int want,
+                  stage_weight *out, char *err, size_t errlen)
+{
+    int64_t shape[2] = {rows, cols};
+    st_tensor t;
+    st_entry *e = get_checked(m, name, 2, shape, &t, err, errlen);
+    if (!e) return -1;
+    if (rows > INT32_MAX || cols > INT32_MAX) {
+        st_err(err, errlen, "%s: tensor %s: dimensions beyond 2^31", t.file, name);
+        return -1;
+    }
+    stage_dtype dt = want >= 0 ? (stage_dtype)want : t.dtype;
+    size_t es = stage_dtype_size(dt), numel = t.nbytes / stage_dtype_size(t.dtype);
+    out->dtype = dt;
+    out->rows = (int)rows;
+    out->cols = (int)cols;
+    if (e->wdata && e->wdtype == dt) {
+        out->data = e->wdata;
+        return 0;
+    }
+    if (dt == t.dtype && ((uintptr_t)t.data % es) == 0) {
+        e->wdata = t.data; /* zero-copy into the mmap */
+    } else { /* misaligned in the file, or converted at load (--weights-dtype) */
+        if (e->wowned) {
+            st_err(err, errlen, "%s: tensor %s asked for in two dtypes", t.file, name);
+            return -1;
+        }
+        e->wowned = aligned_alloc(64, (numel * es + 63) / 64 * 64 + 64); /* [numel] in dt */
+        if (!e->wowned) {
+            st_err(err, errlen, "%s: out of memory loading tensor %s (%zu values)", t.file, name,
+                    numel);
+            return -1;
+        }
+        if (dt == t.dtype) {
+            memcpy(e->wowned, t.data, numel * es);
+        } else {
+            float row[1024]; /* convert through a small f32 buffer: no f32 copy of the tensor */
+            const uint8_t *src = t.data;
+            size_t ses = stage_dtype_size(t.dtype);
+            for (size_t i = 0; i < numel; i += 1024) {
+                size_t n = numel - i < 1024 ? numel - i : 1024;
+                stage_dtype_to_f32(t.dtype, src + i * ses, row, n);
+                stage_dtype_from_f32(dt, row, (uint8_t *)e->wowned + i * es, n);
+            }
+        }
+        e->wdata = e->wowned;
+    }
+    e->wdtype = dt;
+    m->loaded_bytes += numel * es;
+    out->data = e->wdata;
+    return 0;
+}
+
+size_t st_count(const st_model *m) { return m ? m->n_ents : 0; }
+const char *st_name_at(const st_model *m, size_t i)
+{
+    return m && i < m->n_ents ? m->ents[i].name : NULL;
 }
 
 size_t st_loaded_bytes(const st_model *m)
@@ -850,7 +870,7 @@ size_t st_loaded_bytes(const st_model *m)
 
 typedef struct {
     char *name;
-    st_dtype dtype;
+    stage_dtype dtype;
     int ndim;
     int64_t shape[ST_MAX_DIMS];
     void *bytes;           /* [nbytes] in dtype, little-endian */
@@ -878,11 +898,11 @@ void st_writer_free(st_writer *w)
     free(w);
 }
 
-int st_writer_add(st_writer *w, const char *name, st_dtype dt, int ndim, const int64_t *shape,
+int st_writer_add(st_writer *w, const char *name, stage_dtype dt, int ndim, const int64_t *shape,
                   const float *data)
 {
     if (!w || !name || ndim < 0 || ndim > ST_MAX_DIMS || (ndim > 0 && !shape) ||
-        st_dtype_size(dt) == 0 || strcmp(name, "__metadata__") == 0)
+        stage_dtype_size(dt) == 0 || strcmp(name, "__metadata__") == 0)
         return -1;
     size_t numel = 1;
     for (int i = 0; i < ndim; i++) {
@@ -900,7 +920,7 @@ int st_writer_add(st_writer *w, const char *name, st_dtype dt, int ndim, const i
     }
     st_wtensor *t = &w->t[w->n];
     memset(t, 0, sizeof *t);
-    t->nbytes = numel * st_dtype_size(dt);
+    t->nbytes = numel * stage_dtype_size(dt);
     t->name = st_strdup(name);
     t->bytes = malloc(t->nbytes ? t->nbytes : 1);
     if (!t->name || !t->bytes) {
@@ -912,9 +932,7 @@ int st_writer_add(st_writer *w, const char *name, st_dtype dt, int ndim, const i
     t->ndim = ndim;
     for (int i = 0; i < ndim; i++) t->shape[i] = shape[i];
     if (numel > 0) { /* (data may be NULL for an empty tensor) */
-        if (dt == ST_F32) memcpy(t->bytes, data, t->nbytes);
-        else if (dt == ST_F16) stage_f32_to_f16_n(data, t->bytes, numel);
-        else stage_f32_to_bf16_n(data, t->bytes, numel);
+        stage_dtype_from_f32(dt, data, t->bytes, numel);
     }
     w->n++;
     return 0;
@@ -942,7 +960,7 @@ static int write_st_file(const char *path, const st_wtensor *t, size_t lo, size_
     size_t off = 0;
     for (size_t i = lo; i < hi; i++) {
         cJSON *e = cJSON_AddObjectToObject(root, t[i].name);
-        if (!e || !cJSON_AddStringToObject(e, "dtype", st_dtype_name(t[i].dtype))) goto oom;
+        if (!e || !cJSON_AddStringToObject(e, "dtype", stage_dtype_st_name(t[i].dtype))) goto oom;
         cJSON *sh = cJSON_AddArrayToObject(e, "shape");
         cJSON *of = cJSON_AddArrayToObject(e, "data_offsets");
         if (!sh || !of) goto oom;

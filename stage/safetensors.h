@@ -25,12 +25,13 @@
 #include <stddef.h>
 #include <stdint.h>
 
-typedef enum { ST_F32 = 0, ST_F16, ST_BF16 } st_dtype;
+#include "stage/dtype.h"
+
 
 #define ST_MAX_DIMS 8
 
 typedef struct {
-    st_dtype dtype;
+    stage_dtype dtype;
     int ndim;
     int64_t shape[ST_MAX_DIMS];
     const void *data;   /* raw bytes in the file's dtype (inside the mmap) */
@@ -54,18 +55,26 @@ int st_find(st_model *m, const char *name, st_tensor *t, char *err, size_t errle
 const float *st_get_f32(st_model *m, const char *name, int ndim, const int64_t *shape,
                         char *err, size_t errlen);
 
-/* Bytes of the tensors handed out by st_get_f32 so far (as f32), for stats. */
+/* A 2-D weight [rows][cols] in its checkpoint dtype (want < 0) or converted to dtype `want`
+ * (e.g. f32 -> bf16 at load): zero-copy into the mmap when stored in that dtype and aligned
+ * to its element size, else an aligned copy owned by m (converted through a small buffer:
+ * never an f32 copy of the tensor). Errors as st_get_f32. Returns 0 or -1. */
+int st_get_weight(st_model *m, const char *name, int64_t rows, int64_t cols, int want,
+                  stage_weight *out, char *err, size_t errlen);
+
+/* The model's tensor names, sorted (i < st_count; NULL past the end). */
+size_t st_count(const st_model *m);
+const char *st_name_at(const st_model *m, size_t i);
+
+/* Bytes handed out so far by st_get_f32 (as f32) and st_get_weight (in their dtype). */
 size_t st_loaded_bytes(const st_model *m);
 
-const char *st_dtype_name(st_dtype d);            /* "F32", "F16", "BF16" */
-int st_dtype_parse(const char *s, st_dtype *out); /* accepts f32/F32/f16/F16/bf16/BF16 */
-size_t st_dtype_size(st_dtype d);
 
 /* ---- writing ---- */
 typedef struct st_writer st_writer;
 st_writer *st_writer_new(void);
 /* Copies `data` (f32, numel = prod(shape)) and converts it to dt. Returns 0 or -1 (OOM). */
-int st_writer_add(st_writer *w, const char *name, st_dtype dt, int ndim, const int64_t *shape,
+int st_writer_add(st_writer *w, const char *name, stage_dtype dt, int ndim, const int64_t *shape,
                   const float *data);
 /* Writes into existing directory `dir`. n_shards <= 1: model.safetensors. */
 int st_writer_save(st_writer *w, const char *dir, int n_shards, char *err, size_t errlen);

@@ -348,7 +348,7 @@ static void test_spec_full(void)
     CU_ASSERT_EQUAL(s.seed, 1234UL);
     CU_ASSERT_DOUBLE_EQUAL(s.init_std, 0.05, 1e-7);
     CU_ASSERT_DOUBLE_EQUAL(s.router_std, 2.0, 1e-7);
-    CU_ASSERT_EQUAL(s.dtype, ST_BF16);
+    CU_ASSERT_EQUAL(s.dtype, STAGE_BF16);
     CU_ASSERT_EQUAL(s.shards, 3);
     CU_ASSERT_EQUAL(s.calibrate, 1);
     CU_ASSERT_EQUAL(s.calib_prompts, 8);
@@ -391,7 +391,7 @@ static void test_spec_defaults(void)
     CU_ASSERT_EQUAL(s.seed, 0UL);
     CU_ASSERT_DOUBLE_EQUAL(s.init_std, 0.02, 1e-9);
     CU_ASSERT_DOUBLE_EQUAL(s.router_std, 1.0, 1e-9);
-    CU_ASSERT_EQUAL(s.dtype, ST_F32);
+    CU_ASSERT_EQUAL(s.dtype, STAGE_F32);
     CU_ASSERT_EQUAL(s.shards, 1);
     CU_ASSERT_EQUAL(s.calibrate, 0);
     CU_ASSERT_EQUAL(s.calib_prompts, 16);

@@ -462,7 +462,7 @@ static void check_tensor(st_model *m, const char *file, const char *name, int nd
 
     st_tensor t;
     CU_ASSERT_EQUAL(st_find(m, name, &t, err, sizeof err), 1);
-    CU_ASSERT_STRING_EQUAL(st_dtype_name(t.dtype), want_dtype);
+    CU_ASSERT_STRING_EQUAL(stage_dtype_st_name(t.dtype), want_dtype);
     CU_ASSERT_EQUAL(t.nbytes, nb);
     CU_ASSERT_STRING_EQUAL(t.file, file);
     CU_ASSERT_EQUAL(memcmp(t.data, raw, nb), 0);
@@ -590,19 +590,19 @@ static void test_st_sharded_fixture(void)
 
 typedef struct {
     const char *name;
-    st_dtype dt;
+    stage_dtype dt;
     int ndim;
     int64_t shape[3];
 } wspec;
 
 static const wspec wspecs[] = {
-    {"a.f32", ST_F32, 2, {3, 5, 0}},
-    {"b.bf16", ST_BF16, 1, {7, 0, 0}},
-    {"c.f16", ST_F16, 3, {2, 3, 4}},
-    {"d.f16_odd", ST_F16, 1, {3, 0, 0}}, /* 6 bytes: the next F32 lands unaligned */
-    {"e.f32_after_odd", ST_F32, 2, {4, 4, 0}},
-    {"f.scalar", ST_F32, 0, {0, 0, 0}},
-    {"g.bf16", ST_BF16, 2, {16, 8, 0}},
+    {"a.f32", STAGE_F32, 2, {3, 5, 0}},
+    {"b.bf16", STAGE_BF16, 1, {7, 0, 0}},
+    {"c.f16", STAGE_F16, 3, {2, 3, 4}},
+    {"d.f16_odd", STAGE_F16, 1, {3, 0, 0}}, /* 6 bytes: the next F32 lands unaligned */
+    {"e.f32_after_odd", STAGE_F32, 2, {4, 4, 0}},
+    {"f.scalar", STAGE_F32, 0, {0, 0, 0}},
+    {"g.bf16", STAGE_BF16, 2, {16, 8, 0}},
 };
 #define N_WSPEC ((int)(sizeof wspecs / sizeof wspecs[0]))
 
@@ -666,13 +666,13 @@ static void check_readback(const char *dir)
         size_t bad = 0;
         for (size_t i = 0; i < n; i++) {
             float want = v[i];
-            if (wspecs[k].dt == ST_BF16) want = stage_bf16_to_f32(stage_f32_to_bf16(v[i]));
-            if (wspecs[k].dt == ST_F16) want = stage_f16_to_f32(stage_f32_to_f16(v[i]));
+            if (wspecs[k].dt == STAGE_BF16) want = stage_bf16_to_f32(stage_f32_to_bf16(v[i]));
+            if (wspecs[k].dt == STAGE_F16) want = stage_f16_to_f32(stage_f32_to_f16(v[i]));
             if (memcmp(&want, &p[i], 4) != 0) bad++;
         }
         CU_ASSERT_EQUAL(bad, 0);
-        if (wspecs[k].dt == ST_BF16) CU_ASSERT_EQUAL(p[1], 1.0f);
-        if (wspecs[k].dt == ST_F32 && n > 2) CU_ASSERT(signbit(p[0]) && p[0] == 0.0f);
+        if (wspecs[k].dt == STAGE_BF16) CU_ASSERT_EQUAL(p[1], 1.0f);
+        if (wspecs[k].dt == STAGE_F32 && n > 2) CU_ASSERT(signbit(p[0]) && p[0] == 0.0f);
         free(v);
     }
     st_close(m);
@@ -748,7 +748,7 @@ static void test_writer_roundtrip(void)
     cJSON *ts = cJSON_GetObjectItemCaseSensitive(
         cJSON_GetObjectItemCaseSensitive(root, "metadata"), "total_size");
     size_t total = 0;
-    for (int k = 0; k < N_WSPEC; k++) total += wnumel(&wspecs[k]) * st_dtype_size(wspecs[k].dt);
+    for (int k = 0; k < N_WSPEC; k++) total += wnumel(&wspecs[k]) * stage_dtype_size(wspecs[k].dt);
     CU_ASSERT(cJSON_IsNumber(ts) && (size_t)ts->valuedouble == total);
     cJSON *wm = cJSON_GetObjectItemCaseSensitive(root, "weight_map");
     CU_ASSERT_EQUAL(cJSON_GetArraySize(wm), N_WSPEC);
@@ -780,7 +780,7 @@ static void test_writer_roundtrip(void)
     char nm[32];
     for (int i = 0; i < 6; i++) {
         snprintf(nm, sizeof nm, "t%d", i);
-        CU_ASSERT_EQUAL(st_writer_add(w, nm, ST_F32, 1, s16, v), 0);
+        CU_ASSERT_EQUAL(st_writer_add(w, nm, STAGE_F32, 1, s16, v), 0);
     }
     CU_ASSERT_EQUAL_FATAL(st_writer_save(w, d, 3, err, sizeof err), 0);
     for (int s = 0; s < 3; s++) {
@@ -795,11 +795,11 @@ static void test_writer_roundtrip(void)
     rm_tmpdir(d);
 
     /* bad adds, duplicate names */
-    CU_ASSERT_NOT_EQUAL(st_writer_add(w, "__metadata__", ST_F32, 1, s16, v), 0);
+    CU_ASSERT_NOT_EQUAL(st_writer_add(w, "__metadata__", STAGE_F32, 1, s16, v), 0);
     const int64_t neg[1] = {-1};
-    CU_ASSERT_NOT_EQUAL(st_writer_add(w, "neg", ST_F32, 1, neg, v), 0);
-    CU_ASSERT_NOT_EQUAL(st_writer_add(w, "nodata", ST_F32, 1, s16, NULL), 0);
-    CU_ASSERT_EQUAL(st_writer_add(w, "t3", ST_F32, 1, s16, v), 0);
+    CU_ASSERT_NOT_EQUAL(st_writer_add(w, "neg", STAGE_F32, 1, neg, v), 0);
+    CU_ASSERT_NOT_EQUAL(st_writer_add(w, "nodata", STAGE_F32, 1, s16, NULL), 0);
+    CU_ASSERT_EQUAL(st_writer_add(w, "t3", STAGE_F32, 1, s16, v), 0);
     d = make_tmpdir();
     CU_ASSERT_NOT_EQUAL(st_writer_save(w, d, 1, err, sizeof err), 0);
     ASSERT_HAS(err, "t3");
@@ -810,18 +810,18 @@ static void test_writer_roundtrip(void)
 
 static void test_dtype_helpers(void)
 {
-    st_dtype d;
-    CU_ASSERT(st_dtype_parse("bf16", &d) == 0 && d == ST_BF16);
-    CU_ASSERT(st_dtype_parse("BF16", &d) == 0 && d == ST_BF16);
-    CU_ASSERT(st_dtype_parse("f16", &d) == 0 && d == ST_F16);
-    CU_ASSERT(st_dtype_parse("F32", &d) == 0 && d == ST_F32);
-    CU_ASSERT(st_dtype_parse("I64", &d) != 0);
-    CU_ASSERT_STRING_EQUAL(st_dtype_name(ST_BF16), "BF16");
-    CU_ASSERT_STRING_EQUAL(st_dtype_name(ST_F16), "F16");
-    CU_ASSERT_STRING_EQUAL(st_dtype_name(ST_F32), "F32");
-    CU_ASSERT_EQUAL(st_dtype_size(ST_F32), 4);
-    CU_ASSERT_EQUAL(st_dtype_size(ST_F16), 2);
-    CU_ASSERT_EQUAL(st_dtype_size(ST_BF16), 2);
+    stage_dtype d;
+    CU_ASSERT(stage_dtype_parse("bf16", &d) == 0 && d == STAGE_BF16);
+    CU_ASSERT(stage_dtype_parse("BF16", &d) == 0 && d == STAGE_BF16);
+    CU_ASSERT(stage_dtype_parse("f16", &d) == 0 && d == STAGE_F16);
+    CU_ASSERT(stage_dtype_parse("F32", &d) == 0 && d == STAGE_F32);
+    CU_ASSERT(stage_dtype_parse("I64", &d) != 0);
+    CU_ASSERT_STRING_EQUAL(stage_dtype_st_name(STAGE_BF16), "BF16");
+    CU_ASSERT_STRING_EQUAL(stage_dtype_st_name(STAGE_F16), "F16");
+    CU_ASSERT_STRING_EQUAL(stage_dtype_st_name(STAGE_F32), "F32");
+    CU_ASSERT_EQUAL(stage_dtype_size(STAGE_F32), 4);
+    CU_ASSERT_EQUAL(stage_dtype_size(STAGE_F16), 2);
+    CU_ASSERT_EQUAL(stage_dtype_size(STAGE_BF16), 2);
 }
 
 /* ================================================================== */
@@ -1036,7 +1036,7 @@ static int open_and_touch(const char *dir)
             const float *p = st_get_f32(m, wspecs[k].name, t.ndim, t.shape, err, sizeof err);
             if (p && t.nbytes) {
                 volatile float s = 0;
-                for (size_t i = 0; i < t.nbytes / st_dtype_size(t.dtype); i++) s += p[i];
+                for (size_t i = 0; i < t.nbytes / stage_dtype_size(t.dtype); i++) s += p[i];
                 (void)s;
             }
         }
