@@ -554,6 +554,17 @@ static void test_errors(void)
                "\"vocab\": {\"a\": 0}, \"merges\": []}}",
                "post_processor type \"Weird\" is not supported");
     load_fails(TINY_MODEL(", \"unk_token\": \"<unk>\""), "unk_token \"<unk>\" is not in the vocab");
+    /* strings the encoder cuts or inserts text with must be UTF-8 (raw bytes pass cJSON) */
+    load_fails("{\"added_tokens\": [{\"id\": 5, \"content\": \"x\x80\"}], \"model\": {\"type\": "
+               "\"BPE\", \"vocab\": {\"a\": 0}, \"merges\": []}}",
+               "added token 0 is not valid UTF-8 (byte 1)");
+    load_fails("{\"normalizer\": {\"type\": \"Prepend\", \"prepend\": \"\xe2\x96\"}, \"model\": "
+               "{\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": []}}",
+               "Prepend: \"prepend\" is not valid UTF-8");
+    load_fails("{\"normalizer\": {\"type\": \"Replace\", \"pattern\": {\"String\": \" \"}, "
+               "\"content\": \"\xff\"}, \"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, "
+               "\"merges\": []}}",
+               "Replace: \"content\" is not valid UTF-8");
     load_fails(TINY_MODEL(", \"dropout\": 0.1"), "dropout");
     load_fails(TINY_MODEL(", \"continuing_subword_prefix\": \"##\""), "continuing_subword_prefix");
     load_fails("{\"truncation\": {\"max_length\": 50}, \"model\": {\"type\": \"BPE\", \"vocab\": "
