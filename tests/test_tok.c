@@ -571,6 +571,24 @@ static void test_errors(void)
                "{\"a\": 0}, \"merges\": []}}",
                "truncation");
 
+    /* an empty-string token in the vocab is legal (the fuzzer found the "▁"-run scan reading
+     * past its NUL): it loads, and "▁" cuts stay on */
+    {
+        const char *j = "{\"normalizer\": {\"type\": \"Replace\", \"pattern\": {\"String\": \" \"}, "
+                        "\"content\": \"\xe2\x96\x81\"}, \"model\": {\"type\": \"BPE\", \"vocab\": "
+                        "{\"\": 0, \"\xe2\x96\x81\": 1, \"a\": 2, \"\xe2\x96\x81\x61\": 3}, "
+                        "\"merges\": [[\"\xe2\x96\x81\", \"a\"]]}}";
+        tok_tokenizer *e;
+        CU_ASSERT_FATAL(tok_load_json("empty", j, strlen(j), &e, err, sizeof err) == 0);
+        int32_t *v;
+        int nv;
+        CU_ASSERT_FATAL(tok_encode(e, "a a  a", 6, 0, &v, &nv, err, sizeof err) == 0);
+        const int32_t want[] = {2, 3, 1, 3};
+        CU_ASSERT(nv == 4 && memcmp(v, want, sizeof want) == 0);
+        free(v);
+        tok_free(e);
+    }
+
     /* encode / decode errors on a good tokenizer */
     CU_ASSERT_FATAL(tok_load_json("tiny", TINY_MODEL(""), strlen(TINY_MODEL("")), &t, err,
                                   sizeof err) == 0);

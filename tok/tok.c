@@ -468,7 +468,7 @@ static int parse_model(tok_ld *ld, const cJSON *m, int *cap)
     for (int id = 0; t->sp_split && id < t->n_vocab; id++) {
         const char *s = t->str[id];
         if (!s) continue;
-        for (const char *q = s; (q = strstr(q + 1, "\xe2\x96\x81")) != NULL;)
+        for (const char *q = s; *q && (q = strstr(q + 1, "\xe2\x96\x81")) != NULL;)
             if (q - s < 3 || memcmp(q - 3, "\xe2\x96\x81", 3) != 0) {
                 t->sp_split = 0;
                 break;
