@@ -3,7 +3,8 @@
  * Input: one byte choosing the row width D (1..16), then the packet. Checked beyond "no
  * crash": a failed comm_unpack leaves *out all zero (the contract; a fuzz run found it broken
  * for short TOKENS payloads); a decoded packet scatters inside its buffers, packs again with
- * comm_pack, and that packet decodes to the same fields and the same payload bytes.
+ * comm_pack, and that packet decodes to the same fields (descriptor, sampling state, slot
+ * releases, bypass list) and, for f32 rows and tokens, the same payload bytes.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -22,12 +23,22 @@ static void same_packet(const comm_packet *a, const comm_packet *b)
     FUZZ_CHECK(a->kind == b->kind && a->mb == b->mb && a->sender == b->sender &&
                a->receiver == b->receiver && a->mb_rows == b->mb_rows && a->n_rows == b->n_rows &&
                a->has_desc == b->has_desc && a->n_bypass == b->n_bypass);
-    if (a->kind == COMM_PKT_ROWS) FUZZ_CHECK((int)a->dtype == (int)b->dtype);
+    if (a->kind == COMM_PKT_ROWS) FUZZ_CHECK(a->dtype == b->dtype);
     size_t r = (size_t)a->mb_rows;
     FUZZ_CHECK(memcmp(a->present, b->present, comm_mask_bytes(a->mb_rows)) == 0);
-    if (a->has_desc)
+    if (a->has_desc) {
         FUZZ_CHECK(memcmp(a->slot, b->slot, r * 4) == 0 && memcmp(a->pos, b->pos, r * 4) == 0 &&
                    memcmp(a->token, b->token, r * 4) == 0 && memcmp(a->flags, b->flags, r) == 0);
+        /* comm_unpack sets all six sampling arrays on a descriptor */
+        FUZZ_CHECK(a->temperature && a->top_p && a->seed && a->seq && a->step && a->target);
+        FUZZ_CHECK(memcmp(a->temperature, b->temperature, r * 4) == 0 &&
+                   memcmp(a->top_p, b->top_p, r * 4) == 0 && memcmp(a->seed, b->seed, r * 8) == 0 &&
+                   memcmp(a->seq, b->seq, r * 8) == 0 && memcmp(a->step, b->step, r * 4) == 0 &&
+                   memcmp(a->target, b->target, r * 4) == 0);
+        FUZZ_CHECK(a->n_release == b->n_release &&
+                   (a->n_release == 0 ||
+                    memcmp(a->release, b->release, (size_t)a->n_release * 4) == 0));
+    }
     for (int k = 0; k < a->n_bypass; k++)
         FUZZ_CHECK(a->bypass[k].from == b->bypass[k].from && a->bypass[k].to == b->bypass[k].to);
 }
@@ -71,7 +82,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     comm_packet q;
     FUZZ_CHECK(comm_unpack(u2, out, total, D, &q, err, sizeof err) == 0);
     same_packet(&p, &q);
-    if (p.kind == COMM_PKT_TOKENS || (p.kind == COMM_PKT_ROWS && (int)p.dtype == 0 /* f32 */))
+    if (p.kind == COMM_PKT_TOKENS || (p.kind == COMM_PKT_ROWS && p.dtype == STAGE_F32))
         FUZZ_CHECK(memcmp(p.payload, q.payload, pb) == 0);
     return 0;
 }

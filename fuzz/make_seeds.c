@@ -1,6 +1,7 @@
 /* fuzz/make_seeds.c — writes the comm_unpack seed corpus: real packets packed by comm_pack
- * (ROWS chain packets with a descriptor and bypass list in each wire dtype, a non-chain ROWS
- * packet, TOKENS, END, an empty chain packet) and the input the fuzz run found (a TOKENS
+ * (ROWS chain packets with a descriptor and bypass list in each wire dtype, one with the
+ * per-row sampling state and slot releases, a non-chain ROWS packet, TOKENS, END, an empty
+ * chain packet) and the input the fuzz run found (a TOKENS
  * packet whose payload is one int32 short of n_rows * 4). Each file is [D - 1][packet].
  *
  *   build-fuzz/make_seeds fuzz/corpus/comm_unpack      (make fuzz-seeds)
@@ -13,6 +14,7 @@
 #include "comm/comm.h"
 
 static const char *OUT;
+static int n_written;
 
 static void put(const char *name, int D, const uint8_t *buf, size_t len)
 {
@@ -27,6 +29,7 @@ static void put(const char *name, int D, const uint8_t *buf, size_t len)
     fwrite(&d, 1, 1, f);
     fwrite(buf, 1, len, f);
     fclose(f);
+    n_written++;
 }
 
 static size_t pack(const comm_packet *p, const float *x, int D, const int32_t *tok, uint8_t *buf,
@@ -63,7 +66,7 @@ int main(int argc, char **argv)
     static const char *dt_name[3] = {"f32", "bf16", "f16"};
     for (int dt = 0; dt < 3; dt++) {
         comm_packet p = {.kind = COMM_PKT_ROWS, .mb = 42, .sender = 0, .receiver = 1, .mb_rows = R,
-                         .n_rows = 3, .dtype = (comm_wire_dtype)dt, .present = present,
+                         .n_rows = 3, .dtype = (stage_dtype)dt, .present = present,
                          .has_desc = 1, .slot = slot, .pos = pos, .token = token, .flags = flags,
                          .n_bypass = 2, .bypass = bp};
         char name[64];
@@ -71,8 +74,25 @@ int main(int argc, char **argv)
         put(name, D, buf, pack(&p, x, D, NULL, buf, sizeof buf));
     }
     comm_packet nc = {.kind = COMM_PKT_ROWS, .mb = 3, .sender = 0, .receiver = 2, .mb_rows = R,
-                      .n_rows = 3, .dtype = (comm_wire_dtype)0, .present = present};
+                      .n_rows = 3, .dtype = STAGE_F32, .present = present};
     put("rows-bypass", D, buf, pack(&nc, x, D, NULL, buf, sizeof buf));
+    /* a chain packet with the per-row sampling state and slot releases (the server's) */
+    {
+        float temp[R] = {0, 0.7f, 1.0f, 0, 2.5f}, top_p[R] = {1, 0.9f, 1, 1, 0.5f};
+        uint64_t seed[R] = {0, 42, 7, 0, UINT64_MAX}, seq[R] = {0, 1, 2, 3, 4};
+        uint32_t step[R] = {0, 3, 0, 9, 1};
+        int32_t target[R] = {-1, 403, -1, 2, 511};
+        uint8_t sflags[R] = {COMM_ROW_PROMPT, COMM_ROW_NEED_LOGITS | COMM_ROW_SAMPLE,
+                             COMM_ROW_NEED_LOGITS | COMM_ROW_SAMPLE,
+                             COMM_ROW_PROMPT | COMM_ROW_NEED_LOGITS, 0};
+        int32_t rel[3] = {5, 0, 17};
+        comm_packet sp = {.kind = COMM_PKT_ROWS, .mb = 1000, .sender = 0, .receiver = 1,
+                          .mb_rows = R, .n_rows = 3, .dtype = STAGE_BF16, .present = present,
+                          .has_desc = 1, .slot = slot, .pos = pos, .token = token, .flags = sflags,
+                          .temperature = temp, .top_p = top_p, .seed = seed, .seq = seq,
+                          .step = step, .target = target, .n_release = 3, .release = rel};
+        put("rows-chain-sampling", D, buf, pack(&sp, x, D, NULL, buf, sizeof buf));
+    }
     uint8_t none[1] = {0};
     comm_packet empty = {.kind = COMM_PKT_ROWS, .mb = 4, .sender = 1, .receiver = 2, .mb_rows = 0,
                          .n_rows = 0, .present = none, .has_desc = 1, .slot = slot, .pos = pos,
@@ -88,6 +108,6 @@ int main(int argc, char **argv)
     comm_packet end = {.kind = COMM_PKT_END, .mb = 77, .sender = 0, .receiver = 1, .mb_rows = 3,
                        .n_rows = 0, .present = none};
     put("end", 1, buf, pack(&end, NULL, 0, NULL, buf, sizeof buf));
-    printf("make_seeds: wrote 9 seeds to %s\n", OUT);
+    printf("make_seeds: wrote %d seeds to %s\n", n_written, OUT);
     return 0;
 }

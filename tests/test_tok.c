@@ -554,11 +554,40 @@ static void test_errors(void)
                "\"vocab\": {\"a\": 0}, \"merges\": []}}",
                "post_processor type \"Weird\" is not supported");
     load_fails(TINY_MODEL(", \"unk_token\": \"<unk>\""), "unk_token \"<unk>\" is not in the vocab");
+    /* strings the encoder cuts or inserts text with must be UTF-8 (raw bytes pass cJSON) */
+    load_fails("{\"added_tokens\": [{\"id\": 5, \"content\": \"x\x80\"}], \"model\": {\"type\": "
+               "\"BPE\", \"vocab\": {\"a\": 0}, \"merges\": []}}",
+               "added token 0 is not valid UTF-8 (byte 1)");
+    load_fails("{\"normalizer\": {\"type\": \"Prepend\", \"prepend\": \"\xe2\x96\"}, \"model\": "
+               "{\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": []}}",
+               "Prepend: \"prepend\" is not valid UTF-8");
+    load_fails("{\"normalizer\": {\"type\": \"Replace\", \"pattern\": {\"String\": \" \"}, "
+               "\"content\": \"\xff\"}, \"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, "
+               "\"merges\": []}}",
+               "Replace: \"content\" is not valid UTF-8");
     load_fails(TINY_MODEL(", \"dropout\": 0.1"), "dropout");
     load_fails(TINY_MODEL(", \"continuing_subword_prefix\": \"##\""), "continuing_subword_prefix");
     load_fails("{\"truncation\": {\"max_length\": 50}, \"model\": {\"type\": \"BPE\", \"vocab\": "
                "{\"a\": 0}, \"merges\": []}}",
                "truncation");
+
+    /* an empty-string token in the vocab is legal (the fuzzer found the "▁"-run scan reading
+     * past its NUL): it loads, and "▁" cuts stay on */
+    {
+        const char *j = "{\"normalizer\": {\"type\": \"Replace\", \"pattern\": {\"String\": \" \"}, "
+                        "\"content\": \"\xe2\x96\x81\"}, \"model\": {\"type\": \"BPE\", \"vocab\": "
+                        "{\"\": 0, \"\xe2\x96\x81\": 1, \"a\": 2, \"\xe2\x96\x81\x61\": 3}, "
+                        "\"merges\": [[\"\xe2\x96\x81\", \"a\"]]}}";
+        tok_tokenizer *e;
+        CU_ASSERT_FATAL(tok_load_json("empty", j, strlen(j), &e, err, sizeof err) == 0);
+        int32_t *v;
+        int nv;
+        CU_ASSERT_FATAL(tok_encode(e, "a a  a", 6, 0, &v, &nv, err, sizeof err) == 0);
+        const int32_t want[] = {2, 3, 1, 3};
+        CU_ASSERT(nv == 4 && memcmp(v, want, sizeof want) == 0);
+        free(v);
+        tok_free(e);
+    }
 
     /* encode / decode errors on a good tokenizer */
     CU_ASSERT_FATAL(tok_load_json("tiny", TINY_MODEL(""), strlen(TINY_MODEL("")), &t, err,

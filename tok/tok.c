@@ -283,8 +283,11 @@ pcre2_code *tok_re_compile(const char *pat, size_t len, int literal, char *msg, 
         return NULL;
     }
     /* JIT when the platform has it (several times faster on long texts); pcre2_match uses
-     * it by itself, and falls back to the interpreter if it is not there. */
+     * it by itself, and falls back to the interpreter if it is not there. The fuzz build
+     * turns it off (TOK_NO_JIT): compiling machine code at every load dominates its runs. */
+#ifndef TOK_NO_JIT
     (void)pcre2_jit_compile(re, PCRE2_JIT_COMPLETE);
+#endif
     return re;
 }
 
@@ -465,7 +468,7 @@ static int parse_model(tok_ld *ld, const cJSON *m, int *cap)
     for (int id = 0; t->sp_split && id < t->n_vocab; id++) {
         const char *s = t->str[id];
         if (!s) continue;
-        for (const char *q = s; (q = strstr(q + 1, "\xe2\x96\x81")) != NULL;)
+        for (const char *q = s; *q && (q = strstr(q + 1, "\xe2\x96\x81")) != NULL;)
             if (q - s < 3 || memcmp(q - 3, "\xe2\x96\x81", 3) != 0) {
                 t->sp_split = 0;
                 break;
@@ -594,6 +597,12 @@ static int parse_added(tok_ld *ld, const cJSON *arr, int *cap)
             j_bool(ld, e, "single_word", 0, &a->single_word, what))
             return -1;
         a->len = strlen(c->valuestring);
+        size_t bad;
+        /* the text is cut at added tokens: one that is not UTF-8 could cut a character */
+        if (!tok_utf8_valid(c->valuestring, a->len, &bad)) {
+            LD_ERR(ld, "added token %d is not valid UTF-8 (byte %zu)", k, bad);
+            return -1;
+        }
         a->id = id;
         if (!(a->content = tok_strndup(c->valuestring, a->len))) {
             LD_ERR(ld, "out of memory");
@@ -689,6 +698,11 @@ static int parse_normalizer(tok_ld *ld, const cJSON *j, int depth)
         }
         n.kind = TOK_NORM_PREPEND;
         n.str_len = strlen(p->valuestring);
+        size_t bad;
+        if (!tok_utf8_valid(p->valuestring, n.str_len, &bad)) { /* the regexes need UTF-8 */
+            LD_ERR(ld, "normalizer Prepend: \"prepend\" is not valid UTF-8");
+            return -1;
+        }
         n.str = tok_strndup(p->valuestring, n.str_len);
     } else if (strcmp(ty, "Replace") == 0) {
         const cJSON *c = cJSON_GetObjectItemCaseSensitive(j, "content");
@@ -697,6 +711,11 @@ static int parse_normalizer(tok_ld *ld, const cJSON *j, int depth)
             return -1;
         }
         n.kind = TOK_NORM_REPLACE;
+        size_t bad;
+        if (!tok_utf8_valid(c->valuestring, strlen(c->valuestring), &bad)) {
+            LD_ERR(ld, "normalizer Replace: \"content\" is not valid UTF-8");
+            return -1;
+        }
         const cJSON *pat = cJSON_GetObjectItemCaseSensitive(j, "pattern");
         const cJSON *ps = cJSON_GetObjectItemCaseSensitive(pat, "String");
         if (cJSON_IsString(ps) && ps->valuestring[0]) { /* a plain string: memmem, no regex */
