@@ -33,7 +33,8 @@ static const sopt SOPTS[] = {
     {"shutdown-grace", "SEC", "on SIGTERM, running requests get this long to finish (default 30)"},
     {"micro-batch", "R", "most rows per micro-batch (default 32)"},
     {"max-in-flight", "K", "micro-batches in flight at once (default 2 x stages)"},
-    {"stages", "auto|A-B,...", "layer range of each stage (one per rank), or auto (default)"},
+    {"stages", "auto|A-B,...", "layer range of each stage, or auto (default)"},
+    {"tp", "K", "every stage spans K ranks (tensor parallelism, -np = stages x K; default 1)"},
     {"wire-dtype", "f32|bf16|f16", "activation dtype between ranks (default f32)"},
     {"weights-dtype", "f32|bf16|f16", "dtype the weight matrices are held in (default: as stored)"},
     {"transport", "sparse|dense", "sparse (default) or dense: every row on every link (baseline)"},
@@ -160,6 +161,14 @@ static int make_setup(const sargs *a, int n_ranks, setup *st, char *err, size_t 
     if (stage_config_load(model, &st->cfg, err, errlen)) return -1;
     st->have_cfg = 1;
     const stage_config *cfg = &st->cfg;
+    long tp;
+    if (get_long(a, "tp", 1, 64, 1, &tp, err, errlen)) return -1;
+    if (n_ranks % tp) {
+        snprintf(err, errlen, "-np %d is not a multiple of --tp %ld (every stage spans %ld ranks)",
+                 n_ranks, tp, tp);
+        return -1;
+    }
+    n_ranks /= (int)tp; /* stages from here on (cluster/topo.h) */
     for (int l = 0; l < cfg->n_layers; l++)
         if (stage_kind_is_routed(cfg->layer_kind[l]) && cfg->mod_routing == STAGE_ROUTING_TOPK) {
             snprintf(err, errlen, "%s uses topk routing, which is non-causal: it cannot decode token "
@@ -222,6 +231,7 @@ static int make_setup(const sargs *a, int n_ranks, setup *st, char *err, size_t 
     }
     if (rc) return -1;
     st->have_plan = 1;
+    for (int s = 0; s < st->plan.n_stages; s++) st->plan.st[s].ranks = (int)tp;
     p->plan = &st->plan;
 
     /* HTTP side (used on rank 0) */
@@ -345,7 +355,8 @@ int serve_cmd_main(int argc, char **argv, serve_pipeline_fn run)
     if (rank == 0) {
         fprintf(stderr, "modpipe serve: listening on http://%s:%d (pid %d), model %s, %d stage%s, "
                         "%d slots x %d positions, chat template %s\n",
-                st.so.host, serve_server_port(srv), (int)getpid(), st.name, size, size > 1 ? "s" : "",
+                st.so.host, serve_server_port(srv), (int)getpid(), st.name, st.plan.n_stages,
+                st.plan.n_stages > 1 ? "s" : "",
                 st.p.slots, st.p.ctx, serve_chat_name(st.so.chat));
         pthread_create(&ctl, NULL, control, &ca);
         st.p.q = q;

@@ -198,6 +198,17 @@ check "serve on a port in use: exit 2" 'badrun "cannot listen on 127.0.0.1:$PORT
 stop_server np3
 check "SIGTERM at -np 3: exit 0" '[ "$RC" = 0 ]'
 
+# ---- tensor-parallel stages: 2 stages x 2 ranks (--tp 2) give the same greedy tokens ----------
+start_server tp2 4 --tp 2 --slots 8 --queue 64 --ctx 64
+if node "$HERE/client.mjs" "http://127.0.0.1:$PORT_tp2/v1" "" "$TMP/expected.json" >"$TMP/clienttp.txt" 2>&1; then
+    ok "openai client at -np 4 --tp 2 ($(tail -1 "$TMP/clienttp.txt"))"
+else
+    cat "$TMP/clienttp.txt"; bad "openai client at -np 4 --tp 2"
+fi
+stop_server tp2
+check "SIGTERM at -np 4 --tp 2: exit 0" '[ "$RC" = 0 ]'
+check "serve -np 1 --tp 2: exit 2" 'badrun "-np 1 is not a multiple of --tp 2" --model "$MODEL" --tp 2'
+
 # ---- one slot, one queue place: 503 when full; a disconnect frees the slot ------------------
 start_server small 1 --slots 1 --queue 1
 P=$PORT_small
