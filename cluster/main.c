@@ -76,12 +76,13 @@ static const opt_def OPTS[] = {
      "micro-batch (at most R sequences a group). Default max(ceil(n/R), min(8, floor(n/8))), "
      "at least 1: decode micro-batches of >= 8 rows once there are 8 sequences, the same at "
      "any -np. With few sequences per stage raise G (>= stages keeps every stage busy)"},
-    {"slots", "N", C_GEN | C_EVAL, 0,
+    {"slots", "N", C_GEN | C_EVAL | C_PART, 0,
      "KV cache slots (sequences held at once; memory for slots x ctx positions is allocated "
-     "at start). Default: the number of sequences; fewer: groups wait for free slots"},
-    {"ctx", "N", C_GEN | C_EVAL, 0,
+     "at start). Default: the number of sequences; fewer: groups wait for free slots. "
+     "partition: the slots its memory plan sizes the KV cache for (default 1)"},
+    {"ctx", "N", C_GEN | C_EVAL | C_PART, 0,
      "positions per slot (default: the longest need, prompt + max-new - 1 or the longest line); "
-     "a sequence that needs more is an error"},
+     "a sequence that needs more is an error. partition: default max_position_embeddings"},
     {"ignore-eos", NULL, C_GEN, 0,
      "do not stop at the model's EOS token (config.json eos_token_id): always max-new tokens"},
     {"threads", "N", C_GEN | C_EVAL | C_INIT, 0,
@@ -112,9 +113,6 @@ static const opt_def OPTS[] = {
     {"mem-per-rank", "SIZE", C_GEN | C_EVAL | C_PART, 0,
      "memory a rank may use, e.g. 6G or 5000M: the auto plan only uses stages that fit (weights "
      "in the checkpoint dtype + KV cache + workspace), an explicit plan that does not is refused"},
-    {"slots", "N", C_PART, 0, "partition: sequences the KV cache is sized for (default 1)"},
-    {"ctx", "N", C_PART, 0,
-     "partition: positions per sequence the KV cache is sized for (default max_position_embeddings)"},
     {"spec", "FILE.yaml", C_INIT, 0, "init-model: the model spec (see configs/models/)"},
     {"out", "DIR", C_INIT, 0, "init-model: output directory (created if missing)"},
     {"dtype", "f32|bf16|f16", C_INIT, 0, "init-model: weight dtype (overrides output.dtype)"},
@@ -739,12 +737,13 @@ static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *er
     if (plan_mem) {
         if (mem_opts(o, model, &mem, err, errlen)) return -1;
         if (ro->weights_dtype >= 0) mem.weight_dtype = (stage_dtype)ro->weights_dtype;
-        mem.slots = r->sq.n;
+        mem.slots = ro->slots > 0 ? ro->slots : r->sq.n;
         mem.micro_batch = ro->micro_batch;
         for (int i = 0; i < r->sq.n; i++) {
             int len = r->sq.len[i] + (cmd == C_GEN ? ro->max_new : 0);
             if (len > mem.ctx) mem.ctx = len;
         }
+        if (ro->ctx > 0) mem.ctx = ro->ctx;
     }
     if (make_plan(o, cfg, n_ranks, plan_mem ? &mem : NULL, &r->plan, err, errlen)) return -1;
     r->have_plan = 1;
