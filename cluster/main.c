@@ -86,8 +86,8 @@ static const opt_def OPTS[] = {
     {"ignore-eos", NULL, C_GEN, 0,
      "do not stop at the model's EOS token (config.json eos_token_id): always max-new tokens"},
     {"threads", "N", C_GEN | C_EVAL | C_INIT, 0,
-     "BLAS threads per rank (default 1). Bit-identical results across rank counts need the same "
-     "N (OpenBLAS splits rows between threads); with several ranks per node keep 1"},
+     "compute threads per rank (default 1): the kernels split a matmul's output columns between "
+     "them, so results are the same for any N; with several ranks per node keep N x ranks <= cores"},
     {"max-in-flight", "K", C_GEN | C_EVAL, 0, "micro-batches in flight at once (default 2 x stages)"},
     {"stages", "auto|A-B,...", C_GEN | C_EVAL | C_PART, 0,
      "layer range of each stage, e.g. 0-3,4-7 (one per rank), or auto (default)"},

@@ -16,6 +16,7 @@
  *   cross    small path vs large path for m around STAGE_M_SMALL (how it was chosen);
  *   prefill  m = 256 GFLOP/s per variant vs one cblas_sgemm call (OpenBLAS on N threads) on the
  *            same f32 shape.
+ *   attend   stage_attend_gqa, 4 query heads sharing a KV head, hd 128, 2048 cached positions.
  * Times are the median of the repetitions; on a loaded machine they are noisy.
  */
 #include "stage/matmul.h"
@@ -357,6 +358,32 @@ int main(int argc, char **argv)
                 fflush(stdout);
             }
         }
+    }
+    /* ---- attention: one GQA group (4 query heads, hd 128) over a long context ---- */
+    {
+        const int hd = 128, n_q = 4, n_ctx = 2048;
+        const size_t stride = 8 * 128; /* 8 KV heads per cached row */
+        float *kv = malloc((size_t)n_ctx * stride * 2 * sizeof *kv);
+        float *probs = malloc((size_t)n_q * n_ctx * sizeof *probs);
+        float out[4 * 128];
+        for (size_t i = 0; i < (size_t)n_ctx * stride * 2; i++) kv[i] = (float)(i % 97) / 97.0f - 0.5f;
+        for (int s = 0; s < STAGE_N_ISAS; s++) {
+            if (!stage_isa_supported((stage_isa)s) || (only >= 0 && s != only)) continue;
+            stage_matmul_force_isa((stage_isa)s);
+            double t[20];
+            for (int r = -1; r < 20; r++) {
+                double t0 = now_s();
+                stage_attend_gqa(x, n_q, kv, kv + (size_t)n_ctx * stride, stride, n_ctx, hd, 0.088f,
+                                 probs, out);
+                if (r >= 0) t[r] = now_s() - t0;
+            }
+            const double md = median(t, 20);
+            printf("attend isa=%s hd=%d n_q=%d n_ctx=%d us=%.1f gflops=%.2f\n", stage_isa_name((stage_isa)s),
+                   hd, n_q, n_ctx, md * 1e6, 4.0 * n_q * n_ctx * hd / md / 1e9);
+            fflush(stdout);
+        }
+        free(kv);
+        free(probs);
     }
     free(x);
     free(y);

@@ -9,7 +9,9 @@
  *      small-path call with m = 8 is bit-identical to that row computed alone;
  *   3. attention (one head and GQA groups) against a double reference; a GQA head is
  *      bit-identical to the same head alone;
- *   4. edge cases and errors: m = 0, k = 0, bad thread counts, unsupported variants.
+ *   4. the thread pool: 2000 jobs back to back and jobs after the workers went to sleep give
+ *      the single-thread bits;
+ *   5. edge cases and errors: m = 0, k = 0, bad thread counts, unsupported variants.
  * MODPIPE_TEST_VERBOSE=1 prints the measured errors.
  */
 #include "stage/convert.h"
@@ -317,6 +319,45 @@ static void test_matmul_row_independent(void)
     free(y3);
 }
 
+/* The pool across its states: jobs back to back (workers spinning), after a pause (workers
+ * asleep on the condition variable), and after re-initialising with another count. */
+static void test_pool_sleep_wake(void)
+{
+    const int n = 300, k = 70, m = 3;
+    float *x = malloc((size_t)m * k * sizeof *x);
+    float *src = malloc((size_t)n * k * sizeof *src);
+    float *wr = malloc((size_t)n * k * sizeof *wr);
+    float *want = malloc((size_t)m * n * sizeof *want);
+    float *y = malloc((size_t)m * n * sizeof *y);
+    fill(x, (size_t)m * k);
+    fill(src, (size_t)n * k);
+    stage_weight w;
+    make_weight(STAGE_BF16, n, k, src, &w, wr);
+    stage_matmul_w(x, m, &w, want); /* no pool: the caller alone */
+    int same = 1;
+    for (int th = 2; th <= 3; th++) {
+        threads(th);
+        for (int r = 0; r < 2000; r++) {
+            stage_matmul_w(x, m, &w, y);
+            same &= !memcmp(y, want, (size_t)m * n * sizeof(float));
+        }
+        for (int r = 0; r < 5; r++) {
+            usleep(2000); /* > the 50 us spin: the workers go to sleep */
+            memset(y, 0, (size_t)m * n * sizeof(float));
+            stage_matmul_w(x, m, &w, y);
+            same &= !memcmp(y, want, (size_t)m * n * sizeof(float));
+        }
+    }
+    CU_ASSERT(same);
+    stage_threads_free();
+    free((void *)w.data);
+    free(x);
+    free(src);
+    free(wr);
+    free(want);
+    free(y);
+}
+
 /* ================================================================== */
 /* 3. attention                                                        */
 /* ================================================================== */
@@ -458,7 +499,7 @@ int main(void)
 {
     static const test_def tests[] = {
         T_(test_edges), T_(test_matmul_m_sweep), T_(test_matmul_large_shapes),
-        T_(test_matmul_threads_bitwise), T_(test_matmul_row_independent), T_(test_attend),
+        T_(test_matmul_threads_bitwise), T_(test_matmul_row_independent), T_(test_pool_sleep_wake), T_(test_attend),
     };
     if (CU_initialize_registry() != CUE_SUCCESS) return 1;
     CU_pSuite s = CU_add_suite("kernels", NULL, NULL);
