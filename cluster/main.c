@@ -326,11 +326,13 @@ static void usage_cmd(FILE *f, int cmd)
         [C_EVAL] = "modpipe eval: teacher-forced forward of each sequence (any lengths); prints the\n"
                    "mean NLL over every token but each sequence's first, and the perplexity.\n"
                    "topk routing (non-causal) is exact here: a sequence is never split.\n",
-        [C_PART] = "modpipe partition: print the stage plan (layers, compute share, weight bytes, which\n"
-                   "boundaries can carry fewer rows than dense and why). No MPI needed.\n",
+        [C_PART] = "modpipe partition: print the stage plan (layers, compute share, memory per stage:\n"
+                   "weights in the checkpoint dtype, KV cache, workspace; which boundaries can carry\n"
+                   "fewer rows than dense and why). No MPI needed.\n",
         [C_INIT] = "modpipe init-model: write a random model in the SPEC format (config.json +\n"
-                   "safetensors) from a YAML spec; optionally calibrate router biases so that\n"
-                   "measured participation matches the configured capacity.\n",
+                   "safetensors) from a YAML spec, streamed to disk with a progress line (any size:\n"
+                   "memory stays small); optionally calibrate router biases, layer by layer from the\n"
+                   "written files, so that measured participation matches the configured capacity.\n",
     };
     fprintf(f, "%s\noptions:\n", intro[cmd]);
     for (int i = 0; i < N_OPTS; i++) {
