@@ -81,7 +81,7 @@ static const opt_def OPTS[] = {
     {"slots", "N", C_GEN | C_EVAL | C_PART, 0,
      "KV cache slots (sequences held at once; memory for slots x ctx positions is allocated "
      "at start). Default: the number of sequences; fewer: groups wait for free slots. "
-     "partition: the sequences its memory plan sizes the KV cache for (default 1)"},
+     "partition: the slots its memory plan sizes the KV cache for (default 1)"},
     {"ctx", "N", C_GEN | C_EVAL | C_PART, 0,
      "positions per slot (default: the longest need, prompt + max-new - 1 or the longest line); "
      "a sequence that needs more is an error. partition: default max_position_embeddings"},
@@ -329,11 +329,13 @@ static void usage_cmd(FILE *f, int cmd)
         [C_EVAL] = "modpipe eval: teacher-forced forward of each sequence (any lengths); prints the\n"
                    "mean NLL over every token but each sequence's first, and the perplexity.\n"
                    "topk routing (non-causal) is exact here: a sequence is never split.\n",
-        [C_PART] = "modpipe partition: print the stage plan (layers, compute share, weight bytes, which\n"
-                   "boundaries can carry fewer rows than dense and why). No MPI needed.\n",
+        [C_PART] = "modpipe partition: print the stage plan (layers, compute share, memory per stage:\n"
+                   "weights in the checkpoint dtype, KV cache, workspace; which boundaries can carry\n"
+                   "fewer rows than dense and why). No MPI needed.\n",
         [C_INIT] = "modpipe init-model: write a random model in the SPEC format (config.json +\n"
-                   "safetensors) from a YAML spec; optionally calibrate router biases so that\n"
-                   "measured participation matches the configured capacity.\n",
+                   "safetensors) from a YAML spec, streamed to disk with a progress line (any size:\n"
+                   "memory stays small); optionally calibrate router biases, layer by layer from the\n"
+                   "written files, so that measured participation matches the configured capacity.\n",
     };
     fprintf(f, "%s\noptions:\n", intro[cmd]);
     for (int i = 0; i < N_OPTS; i++) {
@@ -740,12 +742,13 @@ static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *er
     if (plan_mem) {
         if (mem_opts(o, model, &mem, err, errlen)) return -1;
         if (ro->weights_dtype >= 0) mem.weight_dtype = (stage_dtype)ro->weights_dtype;
-        mem.slots = r->sq.n;
+        mem.slots = ro->slots > 0 ? ro->slots : r->sq.n;
         mem.micro_batch = ro->micro_batch;
         for (int i = 0; i < r->sq.n; i++) {
             int len = r->sq.len[i] + (cmd == C_GEN ? ro->max_new : 0);
             if (len > mem.ctx) mem.ctx = len;
         }
+        if (ro->ctx > 0) mem.ctx = ro->ctx;
     }
     if (make_plan(o, cfg, n_ranks, plan_mem ? &mem : NULL, &r->plan, err, errlen)) return -1;
     r->have_plan = 1;
