@@ -26,9 +26,10 @@ PROTO_SRC := $(B)/proto/modpipe.pb-c.c
 PROTO_HDR := $(B)/proto/modpipe.pb-c.h
 
 STAGE_SRC   := $(wildcard stage/*.c)
+TRAIN_SRC   := $(wildcard train/*.c)
 COMM_SRC    := $(wildcard comm/*.c)
 CLUSTER_SRC := $(filter-out cluster/main.c,$(wildcard cluster/*.c))
-LIB_OBJ     := $(patsubst %.c,$(B)/%.o,$(STAGE_SRC) $(COMM_SRC) $(CLUSTER_SRC)) $(B)/proto/modpipe.pb-c.o
+LIB_OBJ     := $(patsubst %.c,$(B)/%.o,$(STAGE_SRC) $(TRAIN_SRC) $(COMM_SRC) $(CLUSTER_SRC)) $(B)/proto/modpipe.pb-c.o
 TEST_SRC    := $(wildcard tests/test_*.c)
 TEST_BIN    := $(patsubst tests/%.c,$(B)/tests/%,$(TEST_SRC))
 
