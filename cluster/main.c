@@ -3,6 +3,7 @@
  *   modpipe generate | eval    (under mpirun: one rank per pipeline stage; -np 1 works too)
  *   modpipe partition          (no MPI: print the stage plan)
  *   modpipe init-model         (no MPI: write a random model from a YAML spec)
+ *   modpipe router-tune        (under mpirun, data-parallel: cluster/routertune.h)
  *
  * Options of generate / eval may also come from a YAML file (--config F.yaml: keys are the
  * option names without "--"); flags given on the command line override it.
@@ -19,6 +20,7 @@
 #include "cluster/modelspec.h"
 #include "cluster/partition.h"
 #include "cluster/pipeline.h"
+#include "cluster/routertune.h"
 #include "cluster/yamlcfg.h"
 #include "comm/comm.h"
 #include "stage/config.h"
@@ -276,6 +278,7 @@ static void usage_main(FILE *f)
             "  mpirun -np N modpipe eval --model DIR --tokens-file F [options]\n"
             "  modpipe partition --model DIR -n N [--stages ...]\n"
             "  modpipe init-model --spec F.yaml --out DIR [options]\n"
+            "  mpirun -np K modpipe router-tune --model DIR --data FILE --out DIR [options]\n"
             "  modpipe COMMAND --help      options of a command\n"
             "  modpipe --version\n\n"
             "One MPI rank is one pipeline stage; -np 1 runs the whole model in one process.\n",
@@ -717,6 +720,7 @@ int main(int argc, char **argv)
     if (!strcmp(argv[1], "eval")) return cmd_run(C_EVAL, argc - 2, argv + 2);
     if (!strcmp(argv[1], "partition")) return cmd_partition(argc - 2, argv + 2);
     if (!strcmp(argv[1], "init-model")) return cmd_init_model(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "router-tune")) return cluster_routertune_main(argc - 2, argv + 2);
     fprintf(stderr, "modpipe: unknown command '%s' (try modpipe --help)\n", argv[1]);
     return 2;
 }

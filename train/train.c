@@ -316,6 +316,8 @@ int train_forward(train_ws *ws, const int32_t *tokens, int n_seq, const double *
     return forward_f(ws, ws->acts, ws->wts, tokens, n_seq, w, b, inv_ntok, gate_offset);
 }
 
+void train_ws_set_gate(train_ws *ws, train_gate gate) { ws->setup.gate = gate; }
+
 const train_stats *train_ws_stats(const train_ws *ws)
 {
     train_stats *s = (train_stats *)&ws->stats;

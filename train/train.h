@@ -88,6 +88,8 @@ int train_forward(train_ws *ws, const int32_t *tokens, int n_seq, const double *
                   const double *b, double inv_ntok, const double *gate_offset, char *err,
                   size_t errlen);
 const train_stats *train_ws_stats(const train_ws *ws);
+/* Switch the gate of later forwards (held-out evaluation uses the STE forward = inference). */
+void train_ws_set_gate(train_ws *ws, train_gate gate);
 /* The last forward's per-gate values of routed layer ri ([n_gates] each): z, sigmoid(z), g. */
 void train_ws_gates(const train_ws *ws, int ri, double *z, double *sig, double *g);
 
