@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "stage/config.h"
 #include "stage/safetensors.h"
@@ -466,6 +467,62 @@ static void test_bad_input(void)
     rm_tmpdir(dir);
 }
 
+/* stage/safetensors.c: an index may name shards outside its directory, by a relative path
+ * ("../base/model.safetensors") or an absolute one (a router-tuned model's weights stay in
+ * the base model's file). */
+static void test_index_outside_dir(void)
+{
+    char *base = make_tmpdir_tagged("train");
+    CU_ASSERT_FATAL(base != NULL);
+    char sub[600], path[700], abs[700];
+    snprintf(sub, sizeof sub, "%s/base", base);
+    CU_ASSERT_FATAL(mkdir(sub, 0777) == 0);
+    st_writer *w = st_writer_new();
+    float a[3] = {1.5f, -2.0f, 3.25f}, r[2] = {7.0f, 8.0f};
+    int64_t s3[1] = {3}, s2[1] = {2};
+    char err[512];
+    CU_ASSERT(st_writer_add(w, "a", ST_F32, 1, s3, a) == 0);
+    CU_ASSERT(st_writer_save(w, sub, 1, err, sizeof err) == 0);
+    st_writer_free(w);
+    char tdir[600];
+    snprintf(tdir, sizeof tdir, "%s/tuned", base);
+    CU_ASSERT_FATAL(mkdir(tdir, 0777) == 0);
+    snprintf(path, sizeof path, "%s/own", tdir);
+    CU_ASSERT_FATAL(mkdir(path, 0777) == 0);
+    w = st_writer_new();
+    CU_ASSERT(st_writer_add(w, "r", ST_F32, 1, s2, r) == 0);
+    CU_ASSERT(st_writer_save(w, path, 1, err, sizeof err) == 0);
+    st_writer_free(w);
+    snprintf(abs, sizeof abs, "%s/tuned/own/model.safetensors", base);
+    for (int form = 0; form < 2; form++) {
+        snprintf(path, sizeof path, "%s/model.safetensors.index.json", tdir);
+        FILE *f = fopen(path, "w");
+        CU_ASSERT_FATAL(f != NULL);
+        fprintf(f, "{\"weight_map\": {\"a\": \"../base/model.safetensors\", \"r\": \"%s\"}}",
+                form ? abs : "own/model.safetensors");
+        fclose(f);
+        st_model *m = NULL;
+        CU_ASSERT_FATAL(st_open(tdir, &m, err, sizeof err) == 0);
+        const float *pa = st_get_f32(m, "a", 1, s3, err, sizeof err);
+        const float *pr = st_get_f32(m, "r", 1, s2, err, sizeof err);
+        CU_ASSERT(pa && pa[0] == 1.5f && pa[2] == 3.25f);
+        CU_ASSERT(pr && pr[1] == 8.0f);
+        st_close(m);
+    }
+    /* a missing outside shard is still a clear error */
+    snprintf(path, sizeof path, "%s/model.safetensors.index.json", tdir);
+    FILE *f = fopen(path, "w");
+    fprintf(f, "{\"weight_map\": {\"a\": \"/nonexistent/x.safetensors\"}}");
+    fclose(f);
+    st_model *m = NULL;
+    CU_ASSERT(st_open(tdir, &m, err, sizeof err) != 0);
+    ASSERT_HAS(err, "/nonexistent/x.safetensors");
+    char cmd[800];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", base);
+    CU_ASSERT(system(cmd) == 0);
+    free(base);
+}
+
 int main(void)
 {
     if (CU_initialize_registry() != CUE_SUCCESS) return 2;
@@ -481,6 +538,7 @@ int main(void)
     CU_add_test(s, "penalty known answers", test_penalty);
     CU_add_test(s, "AdamW known answers", test_adamw);
     CU_add_test(s, "bad input", test_bad_input);
+    CU_add_test(s, "index with shards outside the directory", test_index_outside_dir);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();
     unsigned fails = CU_get_number_of_failures();
