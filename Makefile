@@ -14,7 +14,7 @@ else
   OPT      := -O2 -g
 endif
 
-PKGS    := ompi-c openblas libprotobuf-c yaml-0.1 libcjson
+PKGS    := ompi-c openblas libprotobuf-c yaml-0.1 libcjson libpcre2-8
 CC      := gcc
 CFLAGS  := -std=c11 -Wall -Wextra -Werror -D_GNU_SOURCE $(OPT) $(SANFLAGS) -MMD -MP \
            $(shell pkg-config --cflags $(PKGS) 2>/dev/null) -I. -I$(B)/proto
@@ -29,7 +29,8 @@ STAGE_SRC   := $(wildcard stage/*.c)
 TRAIN_SRC   := $(wildcard train/*.c)
 COMM_SRC    := $(wildcard comm/*.c)
 CLUSTER_SRC := $(filter-out cluster/main.c,$(wildcard cluster/*.c))
-LIB_OBJ     := $(patsubst %.c,$(B)/%.o,$(STAGE_SRC) $(TRAIN_SRC) $(COMM_SRC) $(CLUSTER_SRC)) $(B)/proto/modpipe.pb-c.o
+TOK_SRC     := $(wildcard tok/*.c)
+LIB_OBJ     := $(patsubst %.c,$(B)/%.o,$(STAGE_SRC) $(TRAIN_SRC) $(COMM_SRC) $(CLUSTER_SRC) $(TOK_SRC)) $(B)/proto/modpipe.pb-c.o
 TEST_SRC    := $(wildcard tests/test_*.c)
 TEST_BIN    := $(patsubst tests/%.c,$(B)/tests/%,$(TEST_SRC))
 

@@ -4,6 +4,7 @@
  *   modpipe partition          (no MPI: print the stage plan)
  *   modpipe init-model         (no MPI: write a random model from a YAML spec)
  *   modpipe router-tune        (under mpirun, data-parallel: cluster/routertune.h)
+ *   modpipe tokenize | detokenize (no MPI: text <-> ids, cluster/tokcli.h)
  *
  * Options of generate / eval may also come from a YAML file (--config F.yaml: keys are the
  * option names without "--"); flags given on the command line override it.
@@ -21,6 +22,7 @@
 #include "cluster/partition.h"
 #include "cluster/pipeline.h"
 #include "cluster/routertune.h"
+#include "cluster/tokcli.h"
 #include "cluster/yamlcfg.h"
 #include "comm/comm.h"
 #include "stage/config.h"
@@ -279,6 +281,8 @@ static void usage_main(FILE *f)
             "  modpipe partition --model DIR -n N [--stages ...]\n"
             "  modpipe init-model --spec F.yaml --out DIR [options]\n"
             "  mpirun -np K modpipe router-tune --model DIR --data FILE --out DIR [options]\n"
+            "  modpipe tokenize --model DIR --text S [--no-special]\n"
+            "  modpipe detokenize --model DIR --ids \"1 2 3\" [--skip-special]\n"
             "  modpipe COMMAND --help      options of a command\n"
             "  modpipe --version\n\n"
             "One MPI rank is one pipeline stage; -np 1 runs the whole model in one process.\n",
@@ -721,6 +725,8 @@ int main(int argc, char **argv)
     if (!strcmp(argv[1], "partition")) return cmd_partition(argc - 2, argv + 2);
     if (!strcmp(argv[1], "init-model")) return cmd_init_model(argc - 2, argv + 2);
     if (!strcmp(argv[1], "router-tune")) return cluster_routertune_main(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "tokenize")) return tokcli_tokenize(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "detokenize")) return tokcli_detokenize(argc - 2, argv + 2);
     fprintf(stderr, "modpipe: unknown command '%s' (try modpipe --help)\n", argv[1]);
     return 2;
 }

@@ -507,14 +507,11 @@ void comm_unpacker_free(comm_unpacker *u)
 static const uint8_t comm_empty_u8[8];
 static const int32_t comm_empty_i32[1];
 
-int comm_unpack(comm_unpacker *u, const uint8_t *buf, size_t len, int D, comm_packet *out,
-                char *err, size_t errlen)
+/* The decoder proper; it fills *out as it checks, so comm_unpack zeroes *out when it fails
+ * (the contract in comm.h: a caller never sees a half-filled packet). */
+static int comm_unpack_fill(comm_unpacker *u, const uint8_t *buf, size_t len, int D,
+                            comm_packet *out, char *err, size_t errlen)
 {
-    if (!u || !out || (!buf && len > 0)) {
-        comm_err(err, errlen, "packet: no unpacker, buffer or output");
-        return -1;
-    }
-    memset(out, 0, sizeof *out);
     if (len < COMM_PREFIX_BYTES) {
         comm_err(err, errlen, "packet: %zu bytes, shorter than the 4-byte length prefix", len);
         return -1;
@@ -663,6 +660,20 @@ int comm_unpack(comm_unpacker *u, const uint8_t *buf, size_t len, int D, comm_pa
             }
         }
     return 0;
+}
+
+int comm_unpack(comm_unpacker *u, const uint8_t *buf, size_t len, int D, comm_packet *out,
+                char *err, size_t errlen)
+{
+    if (!u || !out || (!buf && len > 0)) {
+        comm_err(err, errlen, "packet: no unpacker, buffer or output");
+        if (out) memset(out, 0, sizeof *out);
+        return -1;
+    }
+    memset(out, 0, sizeof *out);
+    int rc = comm_unpack_fill(u, buf, len, D, out, err, errlen);
+    if (rc) memset(out, 0, sizeof *out);
+    return rc;
 }
 
 /* ---------------------------------------------------------------- payload access */

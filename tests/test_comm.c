@@ -11,6 +11,7 @@
 #include "comm/comm.h"
 #include "modpipe.pb-c.h"
 #include "stage/convert.h"
+#include "tests/testutil.h"
 
 static uint32_t get_u32le(const uint8_t *p)
 {
@@ -471,6 +472,69 @@ static void test_end(void)
     CU_ASSERT_EQUAL(total, 4 + 14 + 2); /* 7 one-byte varint fields + empty present */
     CU_ASSERT_FATAL(comm_unpack(u, buf, total, 8, &q, err, sizeof err) == 0);
     CU_ASSERT_EQUAL(q.kind, COMM_PKT_END);
+    comm_unpacker_free(u);
+}
+
+/* comm.h: a failed comm_unpack zeroes *out. The fuzzer found TOKENS packets with a payload
+ * shorter than n_rows * 4 leaving kind, mb, n_rows and present set: check that case (the
+ * header decodes and passes every header check; only the payload length is wrong) and every
+ * other truncation, starting from a packet filled with garbage. */
+static int packet_is_zero(const comm_packet *q)
+{
+    comm_packet z;
+    memset(&z, 0, sizeof z);
+    return memcmp(q, &z, sizeof z) == 0;
+}
+
+static void test_unpack_failure_zeroes(void)
+{
+    uint8_t present[1] = {0};
+    comm_mask_set(present, 0);
+    comm_mask_set(present, 3);
+    const int32_t tok[2] = {7, 11};
+    comm_packet p = {.kind = COMM_PKT_TOKENS, .mb = 42, .sender = 1, .receiver = 0, .mb_rows = 5,
+                     .n_rows = 2, .present = present};
+    uint8_t buf[128];
+    char err[256] = "";
+    size_t hb, pb;
+    size_t total = comm_pack(&p, NULL, 0, tok, buf, sizeof buf, &hb, &pb, err, sizeof err);
+    CU_ASSERT_FATAL(total > 0 && pb == 8);
+    comm_unpacker *u = comm_unpacker_init(8, 2);
+    CU_ASSERT_FATAL(u != NULL);
+    comm_packet q;
+    /* payload one int32 short: 2 rows, 4 bytes */
+    memset(&q, 0xAB, sizeof q);
+    CU_ASSERT(comm_unpack(u, buf, total - 4, 0, &q, err, sizeof err) != 0);
+    ASSERT_HAS(err, "TOKENS payload 4 bytes, want 8");
+    CU_ASSERT(packet_is_zero(&q));
+    CU_ASSERT_EQUAL(q.kind, 0);
+    CU_ASSERT_EQUAL(q.mb, 0);
+    CU_ASSERT_EQUAL(q.n_rows, 0);
+    CU_ASSERT_PTR_NULL(q.present);
+    /* every other truncation and one byte too many */
+    for (size_t len = 0; len < total; len++) {
+        memset(&q, 0xAB, sizeof q);
+        CU_ASSERT(comm_unpack(u, buf, len, 0, &q, err, sizeof err) != 0);
+        CU_ASSERT(packet_is_zero(&q));
+    }
+    uint8_t longer[129];
+    memcpy(longer, buf, total);
+    longer[total] = 0;
+    memset(&q, 0xAB, sizeof q);
+    CU_ASSERT(comm_unpack(u, longer, total + 1, 0, &q, err, sizeof err) != 0);
+    CU_ASSERT(packet_is_zero(&q));
+    /* a negative token id in the payload fails after the payload pointer was set */
+    uint8_t neg[128];
+    memcpy(neg, buf, total);
+    put_u32le(neg + hb, 0xFFFFFFFFu);
+    memset(&q, 0xAB, sizeof q);
+    CU_ASSERT(comm_unpack(u, neg, total, 0, &q, err, sizeof err) != 0);
+    ASSERT_HAS(err, "negative");
+    CU_ASSERT(packet_is_zero(&q));
+    /* and the intact packet still decodes */
+    CU_ASSERT_FATAL(comm_unpack(u, buf, total, 0, &q, err, sizeof err) == 0);
+    CU_ASSERT_EQUAL(q.n_rows, 2);
+    CU_ASSERT_EQUAL(comm_packet_token(&q, 1), 11);
     comm_unpacker_free(u);
 }
 
@@ -1181,6 +1245,7 @@ int main(void)
     CU_add_test(s, "unpack: every truncation", test_unpack_truncations);
     CU_add_test(s, "unpack: random byte flips", test_unpack_flips);
     CU_add_test(s, "unpack: random bytes", test_unpack_random);
+    CU_add_test(s, "unpack: a failure zeroes the packet", test_unpack_failure_zeroes);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();
     /* CU_basic_run_tests() succeeds even when tests fail: count failures ourselves. */

@@ -25,6 +25,11 @@ typedef struct tok_tokenizer tok_tokenizer;
 /* path: a tokenizer.json file, or a directory holding one (then tokenizer_config.json and
  * config.json there are read for BOS / EOS too). */
 int tok_load(const char *path, tok_tokenizer **out, char *err, size_t errlen);
+/* The same from a tokenizer.json already in memory (json[0..len), need not be NUL-ended);
+ * name is used in messages. No config files are read: BOS is the first special token of the
+ * post-processor's template (if any), EOS is -1. */
+int tok_load_json(const char *name, const char *json, size_t len, tok_tokenizer **out,
+                  char *err, size_t errlen);
 void tok_free(tok_tokenizer *t);
 
 int tok_vocab_size(const tok_tokenizer *t);  /* highest id + 1, added tokens included */

@@ -1,0 +1,444 @@
+/* tests/test_tok.c — the tokenizer (tok/tok.h).
+ *
+ *  1. Known answers: stories260K's README ("Once upon a time" with BOS -> 1 403 407 261 378,
+ *     and its greedy continuation's text).
+ *  2. Reference answers from an independent implementation (transformers.js tokenizer code,
+ *     npm @lenml/tokenizers, run by tests/tok/make-fixtures.mjs): every case of every
+ *     tests/fixtures/tok/ (one JSON per tokenizer): ids with and without special handling, the decoded text with
+ *     and without skip_special, extra decode-only id lists; and for all of them streaming
+ *     detokenisation (one id at a time) is valid UTF-8 at every step and equals tok_decode.
+ *  3. Hand-made tokenizers for constructs the real files lack, and error cases.
+ * Fixtures dir: tests/fixtures (override: MODPIPE_FIXTURES).
+ */
+#include <CUnit/Basic.h>
+#include <cjson/cJSON.h>
+#include <dirent.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "tests/testutil.h"
+#include "tok/tok.h"
+
+static const char *FIX;
+
+static char *path_of(const char *rel)
+{
+    static char buf[4][1024];
+    static int k;
+    k = (k + 1) % 4;
+    snprintf(buf[k], sizeof buf[k], "%s/%s", FIX, rel);
+    return buf[k];
+}
+
+static char *slurp(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *b = malloc((size_t)n + 1);
+    if (b && fread(b, 1, (size_t)n, f) != (size_t)n) {
+        free(b);
+        b = NULL;
+    }
+    fclose(f);
+    if (b) b[n] = 0;
+    if (len) *len = (size_t)n;
+    return b;
+}
+
+static int utf8_ok(const char *s, size_t n)
+{
+    const unsigned char *u = (const unsigned char *)s;
+    for (size_t i = 0; i < n;) {
+        int k = u[i] < 0x80                     ? 0
+                : (u[i] >= 0xC2 && u[i] <= 0xDF) ? 1
+                : (u[i] >= 0xE0 && u[i] <= 0xEF) ? 2
+                : (u[i] >= 0xF0 && u[i] <= 0xF4) ? 3
+                                                 : -1;
+        if (k < 0 || i + (size_t)k >= n) return 0;
+        for (int j = 1; j <= k; j++)
+            if ((u[i + j] & 0xC0) != 0x80) return 0;
+        i += (size_t)k + 1;
+    }
+    return 1;
+}
+
+/* Streaming: push ids one by one; every piece is whole UTF-8 characters; pieces + flush ==
+ * tok_decode. Returns 1 when it holds. */
+static int stream_matches(const tok_tokenizer *t, const int32_t *ids, int n, int skip)
+{
+    char err[256];
+    char *full;
+    size_t full_len;
+    if (tok_decode(t, ids, n, skip, &full, &full_len, err, sizeof err)) return 0;
+    tok_stream *s = tok_stream_new(t, skip);
+    char *acc = malloc(full_len * 2 + 64);
+    size_t used = 0;
+    int ok = s && acc;
+    for (int i = 0; ok && i <= n; i++) {
+        const char *p;
+        size_t pl;
+        if (i < n) ok = tok_stream_push(s, ids[i], &p, &pl, err, sizeof err) == 0;
+        else ok = tok_stream_flush(s, &p, &pl) == 0;
+        if (!ok) break;
+        if (!utf8_ok(p, pl)) {
+            fprintf(stderr, "\n  stream piece %d is not whole UTF-8\n", i);
+            ok = 0;
+            break;
+        }
+        if (used + pl > full_len) {
+            ok = 0;
+            break;
+        }
+        memcpy(acc + used, p, pl);
+        used += pl;
+    }
+    ok = ok && used == full_len && memcmp(acc, full, full_len) == 0;
+    /* a reset stream gives the same again */
+    if (ok) {
+        tok_stream_reset(s);
+        used = 0;
+        for (int i = 0; ok && i <= n; i++) {
+            const char *p;
+            size_t pl;
+            if (i < n) ok = tok_stream_push(s, ids[i], &p, &pl, err, sizeof err) == 0;
+            else tok_stream_flush(s, &p, &pl);
+            if (ok && used + pl <= full_len) memcpy(acc + used, p, pl);
+            used += pl;
+        }
+        ok = ok && used == full_len && memcmp(acc, full, full_len) == 0;
+    }
+    tok_stream_free(s);
+    free(acc);
+    free(full);
+    return ok;
+}
+
+/* ------------------------------------------------------------------ known answers */
+
+static void test_stories_known(void)
+{
+    tok_tokenizer *t;
+    char err[512] = "";
+    int rc = tok_load(path_of("stories260K"), &t, err, sizeof err);
+    if (rc) fprintf(stderr, "\n  %s\n", err);
+    CU_ASSERT_FATAL(rc == 0);
+    CU_ASSERT_EQUAL(tok_vocab_size(t), 512);
+    CU_ASSERT_EQUAL(tok_bos(t), 1);
+    CU_ASSERT_EQUAL(tok_eos(t), 2);
+    CU_ASSERT(tok_is_special(t, 0) && tok_is_special(t, 1) && tok_is_special(t, 2));
+    CU_ASSERT(!tok_is_special(t, 3) && !tok_is_special(t, 403) && !tok_is_special(t, -1) &&
+              !tok_is_special(t, 512));
+
+    const char *prompt = "Once upon a time";
+    int32_t *ids;
+    int n;
+    CU_ASSERT_FATAL(tok_encode(t, prompt, strlen(prompt), 1, &ids, &n, err, sizeof err) == 0);
+    const int32_t want[] = {1, 403, 407, 261, 378};
+    CU_ASSERT_EQUAL_FATAL(n, 5);
+    CU_ASSERT(memcmp(ids, want, sizeof want) == 0);
+    free(ids);
+    CU_ASSERT_FATAL(tok_encode(t, prompt, strlen(prompt), 0, &ids, &n, err, sizeof err) == 0);
+    CU_ASSERT_EQUAL_FATAL(n, 4);
+    CU_ASSERT(memcmp(ids, want + 1, 4 * sizeof *ids) == 0);
+    free(ids);
+
+    /* the README's greedy continuation, decoded after the prompt */
+    const int32_t all[] = {1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317};
+    char *text;
+    size_t len;
+    CU_ASSERT_FATAL(tok_decode(t, all, 15, 1, &text, &len, err, sizeof err) == 0);
+    CU_ASSERT_STRING_EQUAL(text, "Once upon a time, there was a little girl named Lily");
+    CU_ASSERT_EQUAL(len, strlen(text));
+    free(text);
+    CU_ASSERT(stream_matches(t, all, 15, 1));
+    CU_ASSERT(stream_matches(t, all, 15, 0));
+    tok_free(t);
+}
+
+/* The whole TinyStories text (718 KB) round-trips through stories260K's tokenizer. */
+static void test_stories_roundtrip(void)
+{
+    size_t len;
+    char *txt = slurp(path_of("tok/tinystories-head.txt"), &len);
+    CU_ASSERT_FATAL(txt != NULL);
+    tok_tokenizer *t;
+    char err[512];
+    CU_ASSERT_FATAL(tok_load(path_of("stories260K"), &t, err, sizeof err) == 0);
+    int32_t *ids;
+    int n;
+    CU_ASSERT_FATAL(tok_encode(t, txt, len, 0, &ids, &n, err, sizeof err) == 0);
+    CU_ASSERT(n > 0 && n < (int)len);
+    char *back;
+    size_t bl;
+    CU_ASSERT_FATAL(tok_decode(t, ids, n, 0, &back, &bl, err, sizeof err) == 0);
+    /* Prepend + Strip: decoding gives the text back exactly */
+    CU_ASSERT_EQUAL(bl, len);
+    CU_ASSERT(bl == len && memcmp(back, txt, len) == 0);
+    free(back);
+    free(ids);
+    tok_free(t);
+    free(txt);
+}
+
+/* ------------------------------------------------------------------ reference fixtures */
+
+static int ids_equal(const int32_t *a, int na, const cJSON *arr, char *why, size_t wl)
+{
+    int nb = cJSON_GetArraySize(arr);
+    int i = 0;
+    const cJSON *e;
+    cJSON_ArrayForEach(e, arr)
+    {
+        if (i >= na || a[i] != (int32_t)e->valuedouble) break;
+        i++;
+    }
+    if (i == na && i == nb) return 1;
+    snprintf(why, wl, "first difference at %d (got %d ids: %d..., want %d ids: %d...)", i, na,
+             i < na ? (int)a[i] : -1, nb,
+             i < nb ? (int)cJSON_GetArrayItem(arr, i)->valuedouble : -1);
+    return 0;
+}
+
+static int32_t *ids_of(const cJSON *arr, int *n)
+{
+    *n = cJSON_GetArraySize(arr);
+    int32_t *v = malloc(sizeof *v * (size_t)(*n + 1));
+    int i = 0;
+    const cJSON *e;
+    cJSON_ArrayForEach(e, arr) v[i++] = (int32_t)e->valuedouble;
+    return v;
+}
+
+/* Decode ids both ways and compare with the fixture's strings; stream both ways. */
+static int check_decode(const tok_tokenizer *t, const int32_t *ids, int n, const char *want,
+                        const char *want_skip, const char *name, int k)
+{
+    int bad = 0;
+    for (int skip = 0; skip < 2; skip++) {
+        char *text, err[256];
+        size_t len;
+        const char *w = skip ? want_skip : want;
+        if (tok_decode(t, ids, n, skip, &text, &len, err, sizeof err)) {
+            fprintf(stderr, "\n  %s case %d: decode failed: %s", name, k, err);
+            bad++;
+            continue;
+        }
+        if (strlen(w) != len || memcmp(text, w, len) != 0) {
+            fprintf(stderr, "\n  %s case %d: decode(skip=%d) \"%.80s\" != \"%.80s\"", name, k, skip,
+                    text, w);
+            bad++;
+        }
+        free(text);
+        if (!stream_matches(t, ids, n, skip)) {
+            fprintf(stderr, "\n  %s case %d: streaming (skip=%d) != decode", name, k, skip);
+            bad++;
+        }
+    }
+    return bad;
+}
+
+static void run_fixture(const char *name)
+{
+    char rel[256];
+    snprintf(rel, sizeof rel, "tok/%s.json", name);
+    size_t len;
+    char *txt = slurp(path_of(rel), &len);
+    CU_ASSERT_FATAL(txt != NULL);
+    cJSON *root = cJSON_ParseWithLength(txt, len);
+    free(txt);
+    CU_ASSERT_FATAL(root != NULL);
+    const cJSON *tp = cJSON_GetObjectItem(root, "tokenizer");
+    CU_ASSERT_FATAL(cJSON_IsString(tp));
+    tok_tokenizer *t;
+    char err[512];
+    int rc = tok_load(path_of(tp->valuestring), &t, err, sizeof err);
+    if (rc) fprintf(stderr, "\n  %s\n", err);
+    CU_ASSERT_FATAL(rc == 0);
+    int bad = 0, k = 0, n_cases = 0, n_dec = 0;
+    const cJSON *c;
+    cJSON_ArrayForEach(c, cJSON_GetObjectItem(root, "cases"))
+    {
+        const char *text = cJSON_GetObjectItem(c, "text")->valuestring;
+        for (int special = 1; special >= 0; special--) {
+            int32_t *ids;
+            int n;
+            char why[200];
+            if (tok_encode(t, text, strlen(text), special, &ids, &n, err, sizeof err)) {
+                fprintf(stderr, "\n  %s case %d: encode failed: %s", name, k, err);
+                bad++;
+                continue;
+            }
+            if (!ids_equal(ids, n, cJSON_GetObjectItem(c, special ? "ids" : "ids_plain"), why,
+                           sizeof why)) {
+                fprintf(stderr, "\n  %s case %d \"%.40s\" (add_special %d): %s", name, k, text,
+                        special, why);
+                bad++;
+            }
+            free(ids);
+        }
+        int n;
+        int32_t *ids = ids_of(cJSON_GetObjectItem(c, "ids"), &n);
+        bad += check_decode(t, ids, n, cJSON_GetObjectItem(c, "decoded")->valuestring,
+                            cJSON_GetObjectItem(c, "decoded_skip")->valuestring, name, k);
+        free(ids);
+        k++;
+        n_cases++;
+    }
+    cJSON_ArrayForEach(c, cJSON_GetObjectItem(root, "decode_cases"))
+    {
+        int n;
+        int32_t *ids = ids_of(cJSON_GetObjectItem(c, "ids"), &n);
+        bad += check_decode(t, ids, n, cJSON_GetObjectItem(c, "text")->valuestring,
+                            cJSON_GetObjectItem(c, "text_skip")->valuestring, name, 1000 + n_dec);
+        free(ids);
+        n_dec++;
+    }
+    if (bad) fprintf(stderr, "\n  %s: %d mismatches\n", name, bad);
+    CU_ASSERT(n_cases >= 40);
+    CU_ASSERT(n_dec >= 10);
+    CU_ASSERT_EQUAL(bad, 0);
+    tok_free(t);
+    cJSON_Delete(root);
+}
+
+static void test_fixture_stories(void) { run_fixture("stories260K"); }
+static void test_fixture_metaspace(void) { run_fixture("metaspace"); }
+static void test_fixture_gpt2(void) { run_fixture("gpt2"); }
+static void test_fixture_llama3style(void) { run_fixture("llama3style"); }
+
+/* ------------------------------------------------------------------ error cases */
+
+static void load_fails(const char *json, const char *needle)
+{
+    tok_tokenizer *t = (tok_tokenizer *)1;
+    char err[512] = "";
+    int rc = tok_load_json("mem.json", json, strlen(json), &t, err, sizeof err);
+    CU_ASSERT(rc != 0);
+    CU_ASSERT_PTR_NULL(t);
+    ASSERT_HAS(err, needle);
+    if (rc == 0) tok_free(t);
+}
+
+#define TINY_MODEL(extra)                                                                   \
+    "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 1, \"ab\": 2}, "          \
+    "\"merges\": [\"a b\"]" extra "}}"
+
+static void test_errors(void)
+{
+    tok_tokenizer *t = (tok_tokenizer *)1;
+    char err[512] = "";
+    CU_ASSERT(tok_load("/nonexistent/tokenizer.json", &t, err, sizeof err) != 0);
+    CU_ASSERT_PTR_NULL(t);
+    ASSERT_HAS(err, "/nonexistent/tokenizer.json");
+    ASSERT_HAS(err, "No such file");
+    /* a directory without tokenizer.json */
+    CU_ASSERT(tok_load("tok", &t, err, sizeof err) != 0);
+    ASSERT_HAS(err, "tok/tokenizer.json");
+
+    load_fails("{\"model\": ", "not JSON");
+    load_fails("[1, 2]", "not a JSON object");
+    load_fails("{}", "no \"model\" object");
+    load_fails("{\"model\": {\"type\": \"WordPiece\", \"vocab\": {}}}",
+               "model type \"WordPiece\" is not supported");
+    load_fails("{\"model\": {\"type\": \"Unigram\", \"vocab\": []}}", "\"Unigram\"");
+    load_fails("{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": [\"a b\"]}}",
+               "merge 0 names \"b\", which is not in the vocab");
+    load_fails("{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 1}, \"merges\": "
+               "[\"a b\"]}}",
+               "merge 0 gives \"ab\", which is not in the vocab");
+    load_fails("{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": [\"ab\"]}}",
+               "merge 0 \"ab\" is not \"left right\"");
+    load_fails("{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": [[\"a\"]]}}",
+               "merge 0 is neither");
+    load_fails("{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": -3}, \"merges\": []}}",
+               "vocab entry \"a\" has no valid id");
+    load_fails("{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 0}, \"merges\": []}}",
+               "id 0 is both \"a\" and \"b\"");
+    load_fails("{\"normalizer\": {\"type\": \"NFKC\"}, \"model\": {\"type\": \"BPE\", \"vocab\": "
+               "{\"a\": 0}, \"merges\": []}}",
+               "normalizer type \"NFKC\" is not supported");
+    load_fails("{\"pre_tokenizer\": {\"type\": \"Whitespace\"}, \"model\": {\"type\": \"BPE\", "
+               "\"vocab\": {\"a\": 0}, \"merges\": []}}",
+               "pre_tokenizer type \"Whitespace\" is not supported");
+    load_fails("{\"pre_tokenizer\": {\"type\": \"Split\", \"pattern\": {\"Regex\": \"(a\"}, "
+               "\"behavior\": \"Isolated\"}, \"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, "
+               "\"merges\": []}}",
+               "PCRE2 rejects the pattern \"(a\"");
+    load_fails("{\"decoder\": {\"type\": \"WordPiece\"}, \"model\": {\"type\": \"BPE\", \"vocab\": "
+               "{\"a\": 0}, \"merges\": []}}",
+               "decoder type \"WordPiece\" is not supported");
+    load_fails("{\"post_processor\": {\"type\": \"Weird\"}, \"model\": {\"type\": \"BPE\", "
+               "\"vocab\": {\"a\": 0}, \"merges\": []}}",
+               "post_processor type \"Weird\" is not supported");
+    load_fails(TINY_MODEL(", \"unk_token\": \"<unk>\""), "unk_token \"<unk>\" is not in the vocab");
+    load_fails(TINY_MODEL(", \"dropout\": 0.1"), "dropout");
+    load_fails(TINY_MODEL(", \"continuing_subword_prefix\": \"##\""), "continuing_subword_prefix");
+    load_fails("{\"truncation\": {\"max_length\": 50}, \"model\": {\"type\": \"BPE\", \"vocab\": "
+               "{\"a\": 0}, \"merges\": []}}",
+               "truncation");
+
+    /* encode / decode errors on a good tokenizer */
+    CU_ASSERT_FATAL(tok_load_json("tiny", TINY_MODEL(""), strlen(TINY_MODEL("")), &t, err,
+                                  sizeof err) == 0);
+    int32_t *ids = (int32_t *)1;
+    int n = 7;
+    CU_ASSERT(tok_encode(t, "abc", 3, 1, &ids, &n, err, sizeof err) != 0);
+    ASSERT_HAS(err, "character U+0063 has no token");
+    CU_ASSERT_PTR_NULL(ids);
+    CU_ASSERT_EQUAL(n, 0);
+    CU_ASSERT(tok_encode(t, "a\xff", 2, 1, &ids, &n, err, sizeof err) != 0);
+    ASSERT_HAS(err, "not valid UTF-8 (byte 1)");
+    CU_ASSERT(tok_encode(t, "ab\xed\xa0\x80", 5, 1, &ids, &n, err, sizeof err) != 0); /* surrogate */
+    ASSERT_HAS(err, "not valid UTF-8 (byte 2)");
+    CU_ASSERT_FATAL(tok_encode(t, "abab", 4, 1, &ids, &n, err, sizeof err) == 0);
+    CU_ASSERT(n == 2 && ids[0] == 2 && ids[1] == 2);
+    free(ids);
+    CU_ASSERT_FATAL(tok_encode(t, "", 0, 1, &ids, &n, err, sizeof err) == 0);
+    CU_ASSERT_EQUAL(n, 0);
+    free(ids);
+    char *text = (char *)1;
+    size_t len = 9;
+    const int32_t bad[] = {0, 3};
+    CU_ASSERT(tok_decode(t, bad, 2, 0, &text, &len, err, sizeof err) != 0);
+    ASSERT_HAS(err, "id 3 is not in the vocab (3 tokens)");
+    CU_ASSERT_PTR_NULL(text);
+    const int32_t neg[] = {-1};
+    CU_ASSERT(tok_decode(t, neg, 1, 0, &text, &len, err, sizeof err) != 0);
+    ASSERT_HAS(err, "id -1");
+    tok_stream *s = tok_stream_new(t, 0);
+    const char *p;
+    size_t pl;
+    CU_ASSERT(tok_stream_push(s, 99, &p, &pl, err, sizeof err) != 0);
+    CU_ASSERT(tok_stream_push(s, 2, &p, &pl, err, sizeof err) == 0);
+    CU_ASSERT(pl == 2 && memcmp(p, "ab", 2) == 0);
+    tok_stream_free(s);
+    tok_stream_free(NULL);
+    tok_free(t);
+    tok_free(NULL);
+}
+
+int main(void)
+{
+    FIX = getenv("MODPIPE_FIXTURES") && *getenv("MODPIPE_FIXTURES") ? getenv("MODPIPE_FIXTURES")
+                                                                     : "tests/fixtures";
+    if (CU_initialize_registry() != CUE_SUCCESS) return 2;
+    CU_pSuite s = CU_add_suite("tok", NULL, NULL);
+    if (!s) return 2;
+    CU_add_test(s, "stories260K known answers", test_stories_known);
+    CU_add_test(s, "stories260K TinyStories round trip", test_stories_roundtrip);
+    CU_add_test(s, "reference: stories260K (Prepend/Replace, byte fallback)", test_fixture_stories);
+    CU_add_test(s, "reference: Metaspace variant", test_fixture_metaspace);
+    CU_add_test(s, "reference: gpt2 (byte level)", test_fixture_gpt2);
+    CU_add_test(s, "reference: Llama-3 style (Split regex, pair merges)", test_fixture_llama3style);
+    CU_add_test(s, "load / encode / decode errors", test_errors);
+    CU_basic_set_mode(CU_BRM_VERBOSE);
+    CU_basic_run_tests();
+    unsigned failures = CU_get_number_of_failures();
+    CU_cleanup_registry();
+    return failures != 0;
+}

@@ -1,0 +1,157 @@
+/* tok/tok_impl.h — the tokenizer's internal representation, shared by tok.c (loading),
+ * tok_encode.c (text -> ids) and tok_decode.c (ids -> text). Not part of the module's API.
+ *
+ * Loading turns tokenizer.json into flat tables: the id -> token string array, a hash map
+ * string -> id for the model vocab, a hash map (left id, right id) -> (rank, merged id) for the
+ * merges, the normalizer / pre-tokenizer steps as small arrays of tagged structs, and per id
+ * the bytes the decoder chain turns it into (so decoding is a table lookup plus one lossy
+ * UTF-8 pass). Everything is read-only after tok_load.
+ */
+#ifndef TOK_TOK_IMPL_H
+#define TOK_TOK_IMPL_H
+
+#define PCRE2_CODE_UNIT_WIDTH 8
+#include <pcre2.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "tok/tok.h"
+
+/* Largest id accepted in a vocab (tables are indexed by id). */
+#define TOK_MAX_ID (1 << 24)
+
+/* ---- string -> id hash map (open addressing, FNV-1a) ---- */
+typedef struct {
+    const char *key; /* points into the tokenizer's token strings */
+    uint32_t len;
+    int32_t id;
+} tok_map_ent;
+
+typedef struct {
+    tok_map_ent *ent; /* [cap], key NULL = empty */
+    size_t cap, n;    /* cap a power of two, n <= cap / 2 */
+} tok_map;
+
+int tok_map_init(tok_map *m, size_t n_expected);
+void tok_map_free(tok_map *m);
+/* 1 inserted, 0 the key was present (its id is left alone), -1 out of memory. */
+int tok_map_put(tok_map *m, const char *key, uint32_t len, int32_t id);
+int32_t tok_map_get(const tok_map *m, const char *key, size_t len); /* -1: absent */
+
+/* ---- merges: (left id, right id) -> rank, merged id ---- */
+typedef struct {
+    uint64_t key; /* left << 32 | right; UINT64_MAX = empty */
+    int32_t rank, merged;
+} tok_merge_ent;
+
+typedef struct {
+    tok_merge_ent *ent; /* [cap] */
+    size_t cap, n;
+} tok_merges;
+
+/* ---- normalizers ---- */
+typedef enum { TOK_NORM_PREPEND, TOK_NORM_REPLACE } tok_norm_kind;
+typedef struct {
+    tok_norm_kind kind;
+    char *str;       /* PREPEND: the prefix; REPLACE: the replacement content */
+    size_t str_len;
+    pcre2_code *re;  /* REPLACE: the pattern (a String pattern is compiled as a literal) */
+} tok_norm;
+
+/* ---- pre-tokenizers ---- */
+typedef enum { TOK_PRE_BYTELEVEL, TOK_PRE_SPLIT, TOK_PRE_METASPACE, TOK_PRE_DIGITS } tok_pre_kind;
+typedef enum {
+    TOK_SPLIT_REMOVED,
+    TOK_SPLIT_ISOLATED,
+    TOK_SPLIT_MERGED_PREV,
+    TOK_SPLIT_MERGED_NEXT,
+    TOK_SPLIT_CONTIGUOUS
+} tok_split_behavior;
+typedef enum { TOK_PREPEND_ALWAYS, TOK_PREPEND_FIRST, TOK_PREPEND_NEVER } tok_prepend_scheme;
+
+typedef struct {
+    tok_pre_kind kind;
+    pcre2_code *re;              /* SPLIT: the pattern; BYTELEVEL with use_regex: GPT-2's;
+                                  * METASPACE with split: the replacement as a literal;
+                                  * DIGITS: \p{N} one at a time or as runs */
+    tok_split_behavior behavior; /* SPLIT, DIGITS */
+    int invert;                  /* SPLIT: the pieces are the matches, not the gaps */
+    int add_prefix_space;        /* BYTELEVEL */
+    tok_prepend_scheme prepend;  /* METASPACE */
+    char *replacement;           /* METASPACE: UTF-8 of the replacement character */
+    size_t replacement_len;
+} tok_pre;
+
+/* ---- added tokens ---- */
+typedef struct {
+    char *content;
+    size_t len;
+    int32_t id;
+    int special, lstrip, rstrip, single_word;
+} tok_added;
+
+/* Token flags. */
+#define TOKF_SPECIAL 1u /* an added token marked "special": skip_special drops it */
+#define TOKF_ADDED   2u /* an added token: matched in the text before the model */
+#define TOKF_BYTE    4u /* a <0xNN> byte-fallback token of the model vocab */
+
+struct tok_tokenizer {
+    char *name; /* the file, for messages */
+    int n_vocab;         /* highest id + 1 */
+    char **str;          /* [n_vocab] token string (NUL-terminated), NULL for an unused id */
+    uint32_t *str_len;   /* [n_vocab] */
+    uint8_t *flags;      /* [n_vocab] TOKF_* */
+
+    tok_map vocab;       /* model vocab string -> id */
+    tok_merges merges;
+    int byte_fallback, fuse_unk, ignore_merges;
+    int32_t unk_id;      /* -1: none */
+    int32_t byte_id[256];/* the <0xNN> token of byte NN, -1 where missing */
+
+    tok_norm *norm;      /* [n_norm] applied in order */
+    int n_norm;
+    tok_pre *pre;        /* [n_pre] applied in order */
+    int n_pre;
+
+    tok_added *added;    /* [n_added] */
+    int n_added;
+    int16_t *added_first; /* [257] added[] sorted by first byte: indices for byte b are
+                           * added_order[added_first[b] .. added_first[b+1]) */
+    int *added_order;    /* [n_added] longest first within a first byte */
+
+    int32_t *pp_prefix;  /* [n_prefix] ids the post-processor puts before the text */
+    int n_prefix;
+    int32_t *pp_suffix;  /* [n_suffix] ... and after it */
+    int n_suffix;
+
+    /* Decoder: per id the bytes it contributes, before the lossy UTF-8 pass. */
+    char *dec_pool;      /* all decoded pieces back to back */
+    uint32_t *dec_off;   /* [n_vocab + 1] offsets into dec_pool */
+    size_t dec_max;      /* longest piece */
+    int dec_strip_n;     /* Strip after Fuse: up to this many leading chars ... */
+    uint32_t dec_strip_cp; /* ... equal to this code point are dropped from the output */
+    int dec_strip_first_space; /* Metaspace decoder: the first token loses a leading ' ' */
+
+    pcre2_match_context *mctx; /* match limits for every regex (read-only at match time) */
+    int bos, eos;
+};
+
+/* The GPT-2 byte <-> unicode map: byte b is written as code point tok_byte_cp[b]. */
+extern uint16_t tok_byte_cp[256];
+/* Reverse: code point (< 324) -> byte, or -1. */
+int tok_cp_byte(uint32_t cp);
+
+/* UTF-8 helpers. tok_utf8_valid: 1 if s[0..len) is valid UTF-8 (no surrogates, no overlongs),
+ * else 0 with *bad the offset of the first bad byte. tok_utf8_next: the code point at s[i]
+ * of valid UTF-8 and its length. tok_utf8_put: encodes cp, returns its length. */
+int tok_utf8_valid(const char *s, size_t len, size_t *bad);
+int tok_utf8_next(const char *s, size_t len, size_t i, uint32_t *cp);
+int tok_utf8_put(char *out, uint32_t cp);
+
+void tok_set_err(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* Compiled with UTF + UCP; literal: the pattern is a plain string. NULL with a message. */
+pcre2_code *tok_re_compile(const char *pat, size_t len, int literal, char *msg, size_t msglen);
+
+#endif
