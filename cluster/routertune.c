@@ -18,6 +18,7 @@
 #include "stage/config.h"
 #include "stage/kernels.h"
 #include "stage/safetensors.h"
+#include "tok/tok.h"
 #include "train/train.h"
 
 #define RT_ERR 1024
@@ -276,18 +277,73 @@ static int read_ids_stream(const char *path, int vocab, int32_t **out, long *n_o
     return 0;
 }
 
-/* Text: documents separated by blank lines, tokenized with the model's tokenizer. */
+/* Text: documents separated by blank lines (lines of only white space), each tokenized with
+ * the model's tokenizer (special tokens on: the post-processor's BOS starts every document). */
 static int read_text_stream(const char *path, const char *model_dir, int vocab, int32_t **out,
                             long *n_out, char *err, size_t errlen)
 {
-    (void)path;
-    (void)model_dir;
-    (void)vocab;
-    (void)out;
-    (void)n_out;
-    snprintf(err, errlen, "--data FILE needs the tokenizer (tok/), not merged into this build "
-             "yet: use --data-ids");
-    return -1;
+    tok_tokenizer *tk = NULL;
+    char e2[512];
+    if (tok_load(model_dir, &tk, e2, sizeof e2)) {
+        snprintf(err, errlen, "--data is text and needs the model's tokenizer: %s", e2);
+        return -1;
+    }
+    if (tok_vocab_size(tk) > vocab) {
+        snprintf(err, errlen, "%s: tokenizer has %d ids, the model's vocab_size is %d", model_dir,
+                 tok_vocab_size(tk), vocab);
+        tok_free(tk);
+        return -1;
+    }
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        snprintf(err, errlen, "cannot open %s: %s", path, strerror(errno));
+        tok_free(tk);
+        return -1;
+    }
+    int32_t *buf = NULL;
+    long n = 0, cap = 0;
+    char *line = NULL, *doc = NULL;
+    size_t lcap = 0, dlen = 0, dcap = 0;
+    int rc = 0, eof = 0;
+    while (!rc && !eof) {
+        ssize_t got = getline(&line, &lcap, f);
+        eof = got < 0;
+        int blank = 1;
+        for (ssize_t i = 0; i < got; i++) blank &= isspace((unsigned char)line[i]) != 0;
+        if (!eof && !blank) { /* append the line to the document */
+            if (dlen + (size_t)got + 1 > dcap) {
+                size_t nc = (dlen + (size_t)got + 1) * 2;
+                char *nd = realloc(doc, nc);
+                if (!nd) { snprintf(err, errlen, "out of memory reading %s", path); rc = -1; break; }
+                doc = nd;
+                dcap = nc;
+            }
+            memcpy(doc + dlen, line, (size_t)got);
+            dlen += (size_t)got;
+            continue;
+        }
+        if (!dlen) continue;
+        while (dlen && (doc[dlen - 1] == '\n' || doc[dlen - 1] == '\r')) dlen--;
+        int32_t *ids = NULL;
+        int nid = 0;
+        if (tok_encode(tk, doc, dlen, 1, &ids, &nid, e2, sizeof e2)) {
+            snprintf(err, errlen, "%s: %s", path, e2);
+            rc = -1;
+            break;
+        }
+        for (int i = 0; i < nid && !rc; i++)
+            if (push_tok(&buf, &n, &cap, ids[i])) { snprintf(err, errlen, "out of memory"); rc = -1; }
+        free(ids);
+        dlen = 0;
+    }
+    free(line);
+    free(doc);
+    fclose(f);
+    tok_free(tk);
+    if (rc) { free(buf); return -1; }
+    *out = buf;
+    *n_out = n;
+    return 0;
 }
 
 static int load_seqs(const char *text_path, const char *ids_path, const char *model_dir,
