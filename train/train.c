@@ -48,17 +48,21 @@ struct train_ws {
 #define R float
 #define RN(x) x##_f
 #define GEMM cblas_sgemm
+#define EXPR expf
 #include "train/train_impl.h"
 #undef R
 #undef RN
 #undef GEMM
+#undef EXPR
 #define R double
 #define RN(x) x##_d
 #define GEMM cblas_dgemm
+#define EXPR exp
 #include "train/train_impl.h"
 #undef R
 #undef RN
 #undef GEMM
+#undef EXPR
 
 /* ---- model ----------------------------------------------------------------------------- */
 

@@ -107,7 +107,7 @@ static void RN(rope)(R *v, int nh, int hd, int pos, const R *inv_freq, int dir)
     }
 }
 
-static inline R RN(sigm)(R z) { return (R)1 / ((R)1 + (R)exp(-(double)z)); }
+static inline R RN(sigm)(R z) { return (R)1 / ((R)1 + EXPR(-z)); }
 
 /* Causal attention of one sequence (rows base .. base+T-1): att = softmax(q k^T / sqrt(hd) +
  * log key weight) v, key j < i weighted by gk[j] (NULL: 1), a row's own key by 1. */
@@ -116,7 +116,7 @@ static void RN(attn_fwd)(const train_ws *ws, RN(acts) *A, const R *q, const R *k
 {
     const int T = ws->T, nh = ws->nh, nkv = ws->nkv, hd = ws->hd, qd = nh * hd, kvd = nkv * hd;
     const int grp = nh / nkv;
-    const double scale = 1.0 / sqrt((double)hd);
+    const R rscale = (R)(1.0 / sqrt((double)hd));
     R *e = A->e;
     for (int i = 0; i < T; i++) {
         const size_t ni = (size_t)(base + i);
@@ -126,23 +126,25 @@ static void RN(attn_fwd)(const train_ws *ws, RN(acts) *A, const R *q, const R *k
             double mx = -INFINITY;
             for (int j = 0; j <= i; j++) {
                 const R *kj = k + (size_t)(base + j) * kvd + (size_t)kh * hd;
-                double d = 0.0;
-                for (int c = 0; c < hd; c++) d += (double)qi[c] * kj[c];
-                d *= scale;
-                e[j] = (R)d;
+                R d = 0;
+                for (int c = 0; c < hd; c++) d += qi[c] * kj[c];
+                d *= rscale;
+                e[j] = d;
                 if (d > mx) mx = d;
             }
             double Z = 0.0;
+            const R mxr = (R)mx;
             for (int j = 0; j <= i; j++) {
-                double wj = exp((double)e[j] - mx) * ((gk && j < i) ? (double)gk[base + j] : 1.0);
-                e[j] = (R)wj;
+                R wj = EXPR(e[j] - mxr) * ((gk && j < i) ? gk[base + j] : (R)1);
+                e[j] = wj;
                 Z += wj;
             }
             R *o = att + ni * qd + (size_t)hh * hd;
             for (int c = 0; c < hd; c++) o[c] = 0;
+            const R rZ = (R)(1.0 / Z);
             for (int j = 0; j <= i; j++) {
                 const R *vj = v + (size_t)(base + j) * kvd + (size_t)kh * hd;
-                R p = (R)(e[j] / Z);
+                R p = e[j] * rZ;
                 for (int c = 0; c < hd; c++) o[c] += p * vj[c];
             }
         }
@@ -157,7 +159,7 @@ static void RN(attn_back)(const train_ws *ws, RN(acts) *A, const R *q, const R *
 {
     const int T = ws->T, nh = ws->nh, nkv = ws->nkv, hd = ws->hd, qd = nh * hd, kvd = nkv * hd;
     const int grp = nh / nkv;
-    const double scale = 1.0 / sqrt((double)hd);
+    const R rscale = (R)(1.0 / sqrt((double)hd));
     R *e = A->e;
     for (int i = 0; i < T; i++) {
         const size_t ni = (size_t)(base + i);
@@ -170,36 +172,38 @@ static void RN(attn_back)(const train_ws *ws, RN(acts) *A, const R *q, const R *
             double mx = -INFINITY;
             for (int j = 0; j <= i; j++) {
                 const R *kj = k + (size_t)(base + j) * kvd + (size_t)kh * hd;
-                double d = 0.0;
-                for (int c = 0; c < hd; c++) d += (double)qi[c] * kj[c];
-                d *= scale;
-                e[j] = (R)d;
+                R d = 0;
+                for (int c = 0; c < hd; c++) d += qi[c] * kj[c];
+                d *= rscale;
+                e[j] = d;
                 if (d > mx) mx = d;
             }
             double Z = 0.0;
+            const R mxr = (R)mx;
             for (int j = 0; j <= i; j++) {
-                e[j] = (R)exp((double)e[j] - mx); /* unweighted */
+                e[j] = EXPR(e[j] - mxr); /* unweighted */
                 Z += (double)e[j] * ((gk && j < i) ? (double)gk[base + j] : 1.0);
             }
-            double cdo = 0.0;
-            for (int c = 0; c < hd; c++) cdo += (double)doi[c] * oi[c];
+            R cdo = 0;
+            for (int c = 0; c < hd; c++) cdo += doi[c] * oi[c];
+            const R rZ = (R)(1.0 / Z);
             for (int j = 0; j <= i; j++) {
                 const size_t nj = (size_t)(base + j);
                 const R *kj = k + nj * kvd + (size_t)kh * hd;
                 const R *vj = v + nj * kvd + (size_t)kh * hd;
                 R *dkj = dk + nj * kvd + (size_t)kh * hd;
                 R *dvj = dv + nj * kvd + (size_t)kh * hd;
-                double u = e[j] / Z;                                  /* dp / dweight */
-                double p = u * ((gk && j < i) ? (double)gk[nj] : 1.0);
-                double dp = 0.0;
-                for (int c = 0; c < hd; c++) dp += (double)doi[c] * vj[c];
-                double ds = p * (dp - cdo) * scale;
+                const R u = e[j] * rZ;                                /* dp / dweight */
+                const R p = u * ((gk && j < i) ? gk[nj] : (R)1);
+                R dp = 0;
+                for (int c = 0; c < hd; c++) dp += doi[c] * vj[c];
+                const R ds = p * (dp - cdo) * rscale;
                 for (int c = 0; c < hd; c++) {
-                    dqi[c] += (R)(ds * kj[c]);
-                    dkj[c] += (R)(ds * qi[c]);
-                    dvj[c] += (R)(p * doi[c]);
+                    dqi[c] += ds * kj[c];
+                    dkj[c] += ds * qi[c];
+                    dvj[c] += p * doi[c];
                 }
-                if (gk && j < i) dgk[nj] += (R)(u * (dp - cdo));
+                if (gk && j < i) dgk[nj] += u * (dp - cdo);
             }
         }
     }
@@ -306,13 +310,20 @@ static int RN(forward)(train_ws *ws, RN(acts) *A, const RN(wts) *W, const int32_
                 continue;
             }
             int tgt = tokens[n + 1];
+            const R logit_t = lg[tgt];
             double mx = lg[0];
             for (int u = 1; u < V; u++) if (lg[u] > mx) mx = lg[u];
             double se = 0.0;
-            for (int u = 0; u < V; u++) se += exp((double)lg[u] - mx);
+            const R mxr = (R)mx;
+            for (int u = 0; u < V; u++) {
+                R eu = EXPR(lg[u] - mxr);
+                se += eu;
+                lg[u] = eu; /* keep e^(l - max) */
+            }
             double lse = mx + log(se);
-            nll += lse - lg[tgt];
-            for (int u = 0; u < V; u++) lg[u] = (R)(exp((double)lg[u] - lse) * inv_ntok);
+            nll += lse - (double)logit_t;
+            const R sc = (R)(inv_ntok / se);
+            for (int u = 0; u < V; u++) lg[u] *= sc;
             lg[tgt] -= (R)inv_ntok;
         }
         RN(mm_nn)(A->logit, c, V, W->lm, D, dhf_all + (size_t)n0 * D, 0);
