@@ -60,6 +60,7 @@ static const rt_opt RT_OPTS[] = {
     {"log-every", "N", "steps between progress lines (default 10)"},
     {"dump-sequences", "FILE", "write the held-out sequences (else the training ones) as id lines for 'modpipe eval --tokens-file' and exit"},
     {"resume", NULL, "continue from the routers the model already has on --layers"},
+    {"random-skip", "F,F,...", "no training: write RANDOM routers (w ~ N(0, 1/D)) whose biases are calibrated on --data so that routed layer i skips fraction F_i (one F per --layers entry): the baseline a trained router must beat"},
     {"threads", "N", "BLAS threads per rank (default 1)"},
     {"quiet", NULL, "no progress lines"},
     {"help", NULL, "this help"},
@@ -817,6 +818,59 @@ static int agree(int rc, int rank, int size, char *err)
     return 0;
 }
 
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Random routers, calibrated layer by layer in order (a layer's inputs depend on the gates
+ * of the earlier ones): b_i puts the threshold between the skip_i-quantile of w_i.(h | mean h)
+ * over every gate of the data and the next value. Single-rank work (each rank does the same). */
+static int calibrate_random(rt_ctx *c, const rt_seqs *s, const double *skip, double thr,
+                            uint64_t seed, double *w, double *b, char *err, size_t errlen)
+{
+    const int nr = c->n_routed, D = c->D, T = c->T;
+    const long per = c->setup.gran == STAGE_GRAN_TOKEN ? (long)T : 1;
+    double *z = malloc((size_t)s->n * per * sizeof *z);
+    double *zc = malloc((size_t)c->max_local * T * sizeof *zc);
+    if (!z || !zc) { free(z); free(zc); snprintf(err, errlen, "out of memory"); return -1; }
+    uint64_t rs = seed * 0x9e3779b97f4a7c15ull + 7;
+    for (int i = 0; i < nr; i++) {
+        for (int k = 0; k < D; k++) {
+            double u1 = unif(&rs), u2 = unif(&rs);
+            w[(size_t)i * D + k] = sqrt(-2.0 * log(u1 + 1e-300)) * cos(2 * M_PI * u2) / sqrt((double)D);
+        }
+        b[i] = 1e3; /* open until calibrated */
+    }
+    const double logit_thr = log(thr / (1.0 - thr));
+    int rc = 0;
+    train_ws_set_gate(c->ws, TRAIN_GATE_STE);
+    for (int i = 0; i < nr && !rc; i++) {
+        b[i] = 0.0;
+        long nz = 0;
+        for (int c0 = 0; c0 < s->n && !rc; c0 += c->max_local) {
+            int m = s->n - c0 < c->max_local ? s->n - c0 : c->max_local;
+            if (train_forward(c->ws, s->tok + (size_t)c0 * T, m, w, b, 1.0, NULL, err, errlen)) { rc = -1; break; }
+            long ng = train_ws_stats(c->ws)->n_gates;
+            train_ws_gates(c->ws, i, zc, NULL, NULL);
+            memcpy(z + nz, zc, (size_t)ng * sizeof *z);
+            nz += ng;
+        }
+        if (rc) break;
+        qsort(z, (size_t)nz, sizeof *z, cmp_double);
+        long k = (long)floor(skip[i] * nz + 0.5); /* gates to skip */
+        double cut = k <= 0 ? z[0] - 1.0 : k >= nz ? z[nz - 1] + 1.0 : 0.5 * (z[k - 1] + z[k]);
+        b[i] = logit_thr - cut; /* kept iff z + b > logit(thr) iff z > cut */
+    }
+    train_ws_set_gate(c->ws, c->setup.gate);
+    free(z);
+    free(zc);
+    return rc;
+}
+
+static int quiet_flag(const rt_args *a) { return arg(a, "quiet") != NULL; }
+
 static double mean_of(const double *v, int n)
 {
     double s = 0;
@@ -1046,6 +1100,41 @@ int cluster_routertune_main(int argc, char **argv)
         }
     }
     if (agree(rc, rank, size, err)) goto done;
+
+    if (arg(&a, "random-skip")) {
+        double *fr = calloc((size_t)n_routed, sizeof *fr);
+        const char *p = arg(&a, "random-skip");
+        int nf = 0;
+        rc = fr ? 0 : -1;
+        while (!rc && *p) {
+            char *end;
+            double v = strtod(p, &end);
+            if (end == p || !(v >= 0 && v <= 1) || nf >= n_routed) { rc = -1; break; }
+            fr[nf++] = v;
+            p = end;
+            if (*p == ',') p++;
+        }
+        if (rc || nf != n_routed) {
+            snprintf(err, sizeof err, "--random-skip %s: expected %d fractions in [0, 1] (one per "
+                     "routed layer)", arg(&a, "random-skip"), n_routed);
+            rc = -1;
+        }
+        if (!rc) rc = calibrate_random(&c, &tr, fr, thr, (uint64_t)seed, w, b, err, sizeof err);
+        free(fr);
+        if (agree(rc, rank, size, err)) goto done;
+        record = cJSON_CreateObject();
+        cJSON_AddStringToObject(record, "method", "random routers (baseline), biases calibrated by modpipe router-tune --random-skip");
+        cJSON_AddStringToObject(record, "random_skip", arg(&a, "random-skip"));
+        if (rank == 0) {
+            rt_out o = {model, out, layers, n_routed, D, gran, thr, record};
+            rc = write_output(&o, w, b, err, sizeof err);
+            if (!rc && !quiet_flag(&a)) fprintf(stderr, "router-tune: wrote random routers to %s\n", out);
+        }
+        MPI_Bcast(&rc, 1, MPI_INT, 0, MPI_COMM_WORLD);
+        exit_code = rc ? 1 : 0;
+        if (rc && rank == 0) fprintf(stderr, "modpipe router-tune: %s\n", err);
+        goto cleanup;
+    }
 
     signal(SIGINT, on_signal);
     signal(SIGTERM, on_signal);
