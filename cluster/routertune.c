@@ -52,7 +52,7 @@ static const rt_opt RT_OPTS[] = {
     {"steps", "N", "optimizer steps (default 200)"},
     {"lr", "LR", "AdamW learning rate (default 0.01)"},
     {"weight-decay", "WD", "AdamW decoupled weight decay of router weights, not biases (default 0)"},
-    {"init-bias", "B0", "initial router bias (default 2: every gate starts open, the dense model)"},
+    {"init-bias", "B0", "initial router bias (default 0.5: with w ~ N(0, 0.01^2) every gate starts open, sigmoid ~ 0.62, close enough to the threshold to move in tens of steps)"},
     {"seed", "S", "seed of the router init and the batch order (default 0)"},
     {"eval-data", "FILE", "held-out text (same format as --data) evaluated every --eval-every steps; the best routers by held-out loss are written"},
     {"eval-data-ids", "FILE", "held-out data already tokenized (same format as --data-ids)"},
@@ -939,7 +939,7 @@ int cluster_routertune_main(int argc, char **argv)
     if (!rc) rc = get_double(&a, "lambda", 0.0, 1e9, 0, 1.0, &lambda, err, sizeof err);
     if (!rc) rc = get_double(&a, "lr", 0.0, 1e3, 0, 0.01, &lr, err, sizeof err);
     if (!rc) rc = get_double(&a, "weight-decay", 0.0, 1e3, 0, 0.0, &wd, err, sizeof err);
-    if (!rc) rc = get_double(&a, "init-bias", -1e3, 1e3, 0, 2.0, &b0, err, sizeof err);
+    if (!rc) rc = get_double(&a, "init-bias", -1e3, 1e3, 0, 0.5, &b0, err, sizeof err);
     stage_granularity gran = STAGE_GRAN_SEQUENCE;
     train_gate gate = TRAIN_GATE_STE;
     train_penalty pen = TRAIN_PENALTY_GLOBAL;
