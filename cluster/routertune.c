@@ -51,6 +51,7 @@ static const rt_opt RT_OPTS[] = {
     {"batch", "B", "sequences per step, split over the ranks (default 16; >= ranks)"},
     {"steps", "N", "optimizer steps (default 200)"},
     {"lr", "LR", "AdamW learning rate (default 0.01)"},
+    {"lr-decay", "linear|none", "learning-rate schedule: linear decay to 0 over --steps (default, as HF Trainer) or constant"},
     {"weight-decay", "WD", "AdamW decoupled weight decay of router weights, not biases (default 0)"},
     {"init-bias", "B0", "initial router bias (default 0.5: with w ~ N(0, 0.01^2) every gate starts open, sigmoid ~ 0.62, close enough to the threshold to move in tens of steps)"},
     {"seed", "S", "seed of the router init and the batch order (default 0)"},
@@ -927,6 +928,7 @@ int cluster_routertune_main(int argc, char **argv)
     }
     long T = 0, B = 0, steps = 0, seed = 0, eval_every = 0, log_every = 0, threads = 1;
     double tskip = 0, thr = 0, lambda = 0, lr = 0, wd = 0, b0 = 0;
+    const char *s0;
     if (!rc) rc = get_long(&a, "seq-len", 2, 1 << 20, 128, &T, err, sizeof err);
     if (!rc) rc = get_long(&a, "batch", 1, 1 << 20, 16, &B, err, sizeof err);
     if (!rc) rc = get_long(&a, "steps", 0, 100000000, 200, &steps, err, sizeof err);
@@ -940,6 +942,11 @@ int cluster_routertune_main(int argc, char **argv)
     if (!rc) rc = get_double(&a, "lr", 0.0, 1e3, 0, 0.01, &lr, err, sizeof err);
     if (!rc) rc = get_double(&a, "weight-decay", 0.0, 1e3, 0, 0.0, &wd, err, sizeof err);
     if (!rc) rc = get_double(&a, "init-bias", -1e3, 1e3, 0, 0.5, &b0, err, sizeof err);
+    int lr_linear = 1;
+    if (!rc && (s0 = arg(&a, "lr-decay"))) {
+        if (!strcmp(s0, "none")) lr_linear = 0;
+        else if (strcmp(s0, "linear")) { snprintf(err, sizeof err, "--lr-decay: expected linear or none, got '%s'", s0); rc = -1; }
+    }
     stage_granularity gran = STAGE_GRAN_SEQUENCE;
     train_gate gate = TRAIN_GATE_STE;
     train_penalty pen = TRAIN_PENALTY_GLOBAL;
@@ -1193,7 +1200,8 @@ int cluster_routertune_main(int argc, char **argv)
         memset(gw, 0, ((size_t)n_routed * D + n_routed) * sizeof *gw);
         rc = run_batch(&c, &tr, bidx, (int)B, w, b, gw, gb, &nll, &pl, kept, soft, err, sizeof err);
         if (rc) break;
-        train_adamw_step(&opt, w, gw, lr, wd, wd_mask);
+        double lr_t = lr_linear ? lr * (1.0 - (double)step / (double)steps) : lr;
+        train_adamw_step(&opt, w, gw, lr_t, wd, wd_mask);
         MPI_Bcast(w, n_routed * D + n_routed, MPI_DOUBLE, 0, MPI_COMM_WORLD);
         if (!evp) { /* without held-out data the current routers are the result */
             memcpy(best_w, w, ((size_t)n_routed * D + n_routed) * sizeof *w);
@@ -1218,6 +1226,7 @@ int cluster_routertune_main(int argc, char **argv)
     cJSON_AddNumberToObject(record, "target_skip", tskip);
     cJSON_AddNumberToObject(record, "lambda", lambda);
     cJSON_AddNumberToObject(record, "lr", lr);
+    cJSON_AddStringToObject(record, "lr_decay", lr_linear ? "linear" : "none");
     cJSON_AddNumberToObject(record, "seq_len", (double)T);
     cJSON_AddNumberToObject(record, "batch", (double)B);
     cJSON_AddNumberToObject(record, "steps_done", (double)step);
