@@ -221,6 +221,36 @@ static void test_bad_input(void)
     ASSERT_OUT_HAS("--resume");
 }
 
+/* --data text: documents split at blank lines, each tokenized as `modpipe tokenize` does
+ * (BOS first), concatenated and cut into sequences; the tail is dropped. */
+static void test_text_data(void)
+{
+    char path[512];
+    snprintf(path, sizeof path, "%s/docs.txt", TMP);
+    FILE *f = fopen(path, "w");
+    CU_ASSERT_FATAL(f != NULL);
+    fprintf(f, "Once upon a time, there was a cat.\nIt was happy.\n\n  \nThe dog ran home.\n");
+    fclose(f);
+    char want[4096] = "";
+    CU_ASSERT_EQUAL_FATAL(run(30, "%s tokenize --model %s/stories260K --text \"$(printf \"Once upon a "
+                              "time, there was a cat.\\nIt was happy.\")\"", BIN, FIX), 0);
+    strcat(want, OUT);
+    CU_ASSERT_EQUAL_FATAL(run(30, "%s tokenize --model %s/stories260K --text \"The dog ran home.\"",
+                              BIN, FIX), 0);
+    strcat(want, OUT);
+    int ids[512], n = 0;
+    for (char *t = strtok(want, " \n"); t && n < 512; t = strtok(NULL, " \n")) ids[n++] = atoi(t);
+    CU_ASSERT_FATAL(n > 16 && ids[0] == 1);
+    CU_ASSERT_EQUAL_FATAL(run(30, "%s router-tune --model %s/stories260K --data %s --seq-len 8 "
+                              "--dump-sequences %s/docs.ids 2>/dev/null && cat %s/docs.ids", BIN, FIX, path, TMP,
+                              TMP), 0);
+    int got[512], m = 0;
+    for (char *t = strtok(OUT, ",\n"); t && m < 512; t = strtok(NULL, ",\n"))
+        got[m++] = atoi(t);
+    CU_ASSERT_EQUAL(m, n / 8 * 8);
+    for (int i = 0; i < m && i < n; i++) CU_ASSERT_EQUAL(got[i], ids[i]);
+}
+
 static void test_sigint(void)
 {
     int rc = run(120, "%s router-tune --model %s/dense --data-ids %s/train.txt --out %s/int "
@@ -262,6 +292,7 @@ int main(void)
     CU_add_test(s, "output directory loads in the engine", test_output_dir);
     CU_add_test(s, "resume / refuse existing routers", test_resume);
     CU_add_test(s, "bad input", test_bad_input);
+    CU_add_test(s, "text data through the tokenizer", test_text_data);
     CU_add_test(s, "SIGINT writes the routers", test_sigint);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();
