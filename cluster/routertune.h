@@ -21,6 +21,13 @@
  * tokenizer files. SIGINT / SIGTERM: the routers with the best held-out loss so far (or the
  * current ones without --eval-data) are written, exit status 130.
  *
+ * Held-out data (--eval-data) is scored with the inference gate (hard threshold) every
+ * --eval-every steps; the routers with the lowest held-out NLL + penalty are written.
+ * Learning rate: linear decay to 0 over --steps (--lr-decay none: constant).
+ * --random-skip F,...: no training; random routers whose biases are calibrated on --data, layer
+ * by layer, to skip the given fractions (the baseline of docs/ROUTER-TUNING.md).
+ * --dump-sequences FILE: write the (held-out, else training) sequences as id lines and exit.
+ *
  * Errors: one line "modpipe router-tune: ..." on stderr from rank 0, exit status 1.
  */
 #ifndef CLUSTER_ROUTERTUNE_H
