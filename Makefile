@@ -3,6 +3,7 @@
 #   make test       unit tests (CUnit) + multi-rank tests (mpirun)
 #   make demo       install deps, build, make a demo model, run a 4-rank pipeline
 #   make SANITIZE=1 test   the same under AddressSanitizer + UBSan (objects in build-asan/)
+#   make bench-kernels     matmul / bandwidth micro-benchmark (tests/bench_kernels.c)
 
 ifeq ($(SANITIZE),1)
   B        := build-asan
@@ -14,7 +15,29 @@ else
   OPT      := -O2 -g
 endif
 
-PKGS    := ompi-c openblas libprotobuf-c yaml-0.1 libcjson libpcre2-8
+PKGS    := ompi-c openblas libprotobuf-c yaml-0.1 libcjson libpcre2-8 libmicrohttpd
+
+# ---- build dependencies (a fresh machine: `make test` before `make demo`) -----------------
+# Checked on every make, cheaply (scripts/check-deps: `command -v` and pkg-config, no apt).
+# When something is missing, root runs scripts/install-deps right away (before the flags
+# below are computed from pkg-config); anyone else is told to run it. `make demo` installs
+# itself, `make clean` needs nothing.
+ifneq ($(filter-out clean demo,$(or $(MAKECMDGOALS),all)),)
+  DEPS_MISSING := $(shell sh scripts/check-deps $(PKGS) cunit)
+  ifneq ($(DEPS_MISSING),)
+    ifeq ($(shell id -u),0)
+      $(info make: missing $(DEPS_MISSING): running scripts/install-deps)
+      DEPS_LOG := $(shell sh scripts/install-deps >&2)
+      DEPS_MISSING := $(shell sh scripts/check-deps $(PKGS) cunit)
+      ifneq ($(DEPS_MISSING),)
+        $(error still missing after scripts/install-deps: $(DEPS_MISSING))
+      endif
+    else
+      $(error missing $(DEPS_MISSING): run 'sudo sh scripts/install-deps' (or make demo), then make again)
+    endif
+  endif
+endif
+
 CC      := gcc
 CFLAGS  := -std=c11 -Wall -Wextra -Werror -D_GNU_SOURCE $(OPT) $(SANFLAGS) -MMD -MP \
            $(shell pkg-config --cflags $(PKGS) 2>/dev/null) -I. -I$(B)/proto
@@ -30,12 +53,13 @@ TRAIN_SRC   := $(wildcard train/*.c)
 COMM_SRC    := $(wildcard comm/*.c)
 CLUSTER_SRC := $(filter-out cluster/main.c,$(wildcard cluster/*.c))
 TOK_SRC     := $(wildcard tok/*.c)
-LIB_OBJ     := $(patsubst %.c,$(B)/%.o,$(STAGE_SRC) $(TRAIN_SRC) $(COMM_SRC) $(CLUSTER_SRC) $(TOK_SRC)) $(B)/proto/modpipe.pb-c.o
+SERVE_SRC   := $(wildcard serve/*.c)
+LIB_OBJ     := $(patsubst %.c,$(B)/%.o,$(STAGE_SRC) $(TRAIN_SRC) $(COMM_SRC) $(CLUSTER_SRC) $(TOK_SRC) $(SERVE_SRC)) $(B)/proto/modpipe.pb-c.o
 TEST_SRC    := $(wildcard tests/test_*.c)
 TEST_BIN    := $(patsubst tests/%.c,$(B)/tests/%,$(TEST_SRC))
 
 all: $(B)/modpipe
-.PHONY: all test demo clean bench
+.PHONY: all test demo clean bench bench-kernels fuzz-build fuzz-seeds
 
 $(B)/proto/modpipe.pb-c.c $(B)/proto/modpipe.pb-c.h: proto/modpipe.proto
 	@mkdir -p $(B)/proto
@@ -58,6 +82,12 @@ $(B)/modpipe: $(B)/cluster/main.o $(B)/libmodpipe.a
 $(B)/tests/%: $(B)/tests/%.o $(B)/libmodpipe.a
 	$(CC) $(LDFLAGS) $^ $(LDLIBS) $(CUNIT) -o $@
 
+# test_http drives the HTTP layer against test doubles of the queue and the tokenizer
+# (tests/serve/double_*.c); the end-to-end test tests/serve/run.sh uses the real ones.
+SERVE_DOUBLES := $(B)/tests/serve/double_srvq.o $(B)/tests/serve/double_tok.o
+$(B)/tests/test_http: $(B)/tests/test_http.o $(SERVE_DOUBLES) $(B)/libmodpipe.a
+	$(CC) $(LDFLAGS) $^ $(LDLIBS) $(CUNIT) -lpthread -o $@
+
 # ---- tests --------------------------------------------------------------
 # OMPI_MCA_rmaps_base_oversubscribe lets the mpi tests start more ranks than cores.
 export OMPI_ALLOW_RUN_AS_ROOT := 1
@@ -75,6 +105,8 @@ endif
 # root): it runs once, in the plain build (the sanitizer pass re-checks the C code only).
 test: $(TEST_BIN) $(B)/modpipe
 	@set -e; for t in $(TEST_BIN); do echo "== $$t"; MODPIPE=$(B)/modpipe $$t; done
+	@echo "== tests/serve/run.sh (modpipe serve with curl and the openai npm client)"
+	@bash tests/serve/run.sh $(B)/modpipe
 ifneq ($(SANITIZE),1)
 	@bash tests/scripts/run.sh $(B)/modpipe
 endif
@@ -90,7 +122,60 @@ demo:
 bench: $(B)/modpipe
 	@bash scripts/bench-engine --bin $(B)/modpipe --out docs/BENCH.md
 
+# Kernel micro-benchmark (read bandwidth, decode GEMV, prefill vs cblas_sgemm): key=value lines.
+# BENCH_KERNELS_ARGS e.g. "--threads 2 --quick".
+bench-kernels: $(B)/tests/bench_kernels
+	@$(B)/tests/bench_kernels $(BENCH_KERNELS_ARGS)
+
+# ---- fuzzing (fuzz/README.md) -------------------------------------------
+# libFuzzer targets fuzz/fuzz_*.c, built with clang under ASan + UBSan into build-fuzz/; the
+# library is rebuilt there with coverage instrumentation. scripts/fuzz runs them.
+FZ        := build-fuzz
+FZ_CC     := clang
+FZ_SAN    := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+# TOK_MAX_ID / TOK_NO_JIT: see tok/tok_impl.h, tok/tok.c (keep runs fast, same code paths).
+FZ_CFLAGS := -std=c11 -Wall -Wextra -D_GNU_SOURCE -O1 -g $(FZ_SAN) -MMD -MP \
+             -DTOK_MAX_ID=65536 -DTOK_NO_JIT \
+             $(shell pkg-config --cflags $(PKGS) 2>/dev/null) -I. -I$(FZ)/proto
+# The matmul kernels use CPU-feature builtins clang 14 rejects ("f16c"); no target needs them.
+FZ_EXCLUDE := stage/matmul.c stage/matmul_x86.c
+FZ_LIB_OBJ := $(patsubst %.c,$(FZ)/%.o,$(filter-out $(FZ_EXCLUDE),$(STAGE_SRC) $(TRAIN_SRC) $(COMM_SRC) $(CLUSTER_SRC) $(TOK_SRC) $(SERVE_SRC))) \
+              $(FZ)/proto/modpipe.pb-c.o
+FZ_SRC    := $(wildcard fuzz/fuzz_*.c)
+FZ_BIN    := $(patsubst fuzz/%.c,$(FZ)/%,$(FZ_SRC))
+
+fuzz-build: $(FZ_BIN) $(FZ)/make_seeds
+
+$(FZ)/proto/modpipe.pb-c.c $(FZ)/proto/modpipe.pb-c.h: proto/modpipe.proto
+	@mkdir -p $(FZ)/proto
+	protoc-c --proto_path=proto --c_out=$(FZ)/proto proto/modpipe.proto
+
+$(FZ)/proto/modpipe.pb-c.o: $(FZ)/proto/modpipe.pb-c.c
+	$(FZ_CC) $(filter-out -Wextra,$(FZ_CFLAGS)) -fsanitize=fuzzer-no-link -c $< -o $@
+
+# Library objects: -Werror stays with the gcc build (clang warns differently).
+$(FZ)/%.o: %.c $(FZ)/proto/modpipe.pb-c.h
+	@mkdir -p $(dir $@)
+	$(FZ_CC) $(FZ_CFLAGS) -fsanitize=fuzzer-no-link -c $< -o $@
+
+$(FZ)/libmodpipe.a: $(FZ_LIB_OBJ)
+	ar rcs $@ $^
+
+$(FZ)/fuzz_%: fuzz/fuzz_%.c fuzz/fuzz_util.h $(FZ)/libmodpipe.a
+	$(FZ_CC) $(FZ_CFLAGS) -Werror -fsanitize=fuzzer $< $(FZ)/libmodpipe.a $(LDLIBS) -o $@
+
+$(FZ)/make_seeds: fuzz/make_seeds.c $(FZ)/libmodpipe.a
+	$(FZ_CC) $(FZ_CFLAGS) -Werror -fsanitize=fuzzer-no-link $< $(FZ)/libmodpipe.a $(LDLIBS) -o $@
+
+# Regenerate the comm_unpack seeds (the other seeds are files: fuzz/README.md).
+fuzz-seeds: $(FZ)/make_seeds
+	@mkdir -p fuzz/corpus/comm_unpack
+	$(FZ)/make_seeds fuzz/corpus/comm_unpack
+
 clean:
-	rm -rf build build-asan
+	rm -rf build build-asan build-fuzz
 
 -include $(shell find $(B) -name '*.d' 2>/dev/null)
+ifneq ($(filter fuzz%,$(MAKECMDGOALS)),)
+-include $(shell find $(FZ) -name '*.d' 2>/dev/null)
+endif

@@ -5,6 +5,7 @@
  *   modpipe init-model         (no MPI: write a random model from a YAML spec)
  *   modpipe router-tune        (under mpirun, data-parallel: cluster/routertune.h)
  *   modpipe tokenize | detokenize (no MPI: text <-> ids, cluster/tokcli.h)
+ *   modpipe serve              (under mpirun: OpenAI-compatible HTTP server, serve/cmd.h)
  *
  * Options of generate / eval may also come from a YAML file (--config F.yaml: keys are the
  * option names without "--"); flags given on the command line override it.
@@ -16,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cluster/initmodel.h"
 #include "cluster/modelspec.h"
@@ -23,10 +25,13 @@
 #include "cluster/pipeline.h"
 #include "cluster/routertune.h"
 #include "cluster/tokcli.h"
+#include "serve/cmd.h"
 #include "cluster/yamlcfg.h"
 #include "comm/comm.h"
 #include "stage/config.h"
 #include "stage/kernels.h"
+#include "stage/matmul.h"
+#include "tok/tok.h"
 
 #define MODPIPE_VERSION "0.1.0"
 
@@ -51,34 +56,57 @@ static const opt_def OPTS[] = {
      "read options from a YAML file (keys = option names without --); flags override it"},
     {"prompt-ids", "IDS", C_GEN, 1,
      "a prompt as token ids, e.g. 1,2,3 (repeat for more sequences)"},
+    {"prompt", "TEXT", C_GEN, 1,
+     "a prompt as text, tokenized with the model's tokenizer.json (BOS added); its output line "
+     "is 'text: ' and the generated text (EOS dropped; newline written \\n, backslash \\\\). "
+     "Repeat for more sequences; mixes with --prompt-ids"},
     {"prompts-file", "FILE", C_GEN, 0,
      "prompts, one per line, ids separated by commas or spaces"},
-    {"max-new", "N", C_GEN, 0, "new tokens per sequence (default 16)"},
+    {"max-new", "N", C_GEN, 0, "new tokens per sequence at most (default 16; fewer when EOS comes first)"},
     {"temperature", "T", C_GEN, 0, "sampling temperature; 0 or absent: greedy (lowest id wins ties)"},
     {"top-p", "P", C_GEN, 0, "nucleus sampling: keep the smallest set of tokens with mass >= P (default 1)"},
     {"seed", "S", C_GEN | C_INIT, 0,
-     "generate: sampling seed (sequence i draws from its own stream); init-model: weight seed"},
+     "generate: sampling seed (new token j of sequence i: a generator seeded from (S, i, j), "
+     "whatever the batching or -np); init-model: weight seed"},
     {"tokens-file", "FILE", C_EVAL, 0,
-     "eval: one sequence per line (ids separated by commas or spaces), all the same length"},
-    {"micro-batch", "R", C_GEN | C_EVAL, 0,
+     "eval: one sequence per line (ids separated by commas or spaces), any lengths"},
+    {"text-file", "FILE", C_EVAL, 0,
+     "eval: perplexity of text: documents separated by blank lines, each tokenized with the "
+     "model's tokenizer.json (BOS added); with --tokens-file too, its lines come first"},
+    {"micro-batch", "R", C_GEN | C_EVAL | C_PART, 0,
      "most rows per micro-batch (default 32); runs with the same R give the same bits at any -np"},
     {"groups", "G", C_GEN, 0,
      "decode groups: sequences are split into G groups, each decode step of a group is one "
-     "micro-batch (default 8; at most R sequences a group). Keep G >= stages so every stage "
-     "has a decode micro-batch to work on"},
+     "micro-batch (at most R sequences a group). Default max(ceil(n/R), min(8, floor(n/8))), "
+     "at least 1: decode micro-batches of >= 8 rows once there are 8 sequences, the same at "
+     "any -np. With few sequences per stage raise G (>= stages keeps every stage busy)"},
+    {"slots", "N", C_GEN | C_EVAL | C_PART, 0,
+     "KV cache slots (sequences held at once; memory for slots x ctx positions is allocated "
+     "at start). Default: the number of sequences; fewer: groups wait for free slots. "
+     "partition: the sequences its memory plan sizes the KV cache for (default 1)"},
+    {"ctx", "N", C_GEN | C_EVAL | C_PART, 0,
+     "positions per slot (default: the longest need, prompt + max-new - 1 or the longest line); "
+     "a sequence that needs more is an error. partition: default max_position_embeddings"},
+    {"ignore-eos", NULL, C_GEN, 0,
+     "do not stop at the model's EOS token (config.json eos_token_id): always max-new tokens"},
     {"threads", "N", C_GEN | C_EVAL | C_INIT, 0,
-     "BLAS threads per rank (default 1). Bit-identical results across rank counts need the same "
-     "N (OpenBLAS splits rows between threads); with several ranks per node keep 1"},
+     "compute threads per rank (default 1): the kernels split a matmul's output columns between "
+     "them, so results are the same for any N; with several ranks per node keep N x ranks <= cores"},
     {"max-in-flight", "K", C_GEN | C_EVAL, 0, "micro-batches in flight at once (default 2 x stages)"},
     {"stages", "auto|A-B,...", C_GEN | C_EVAL | C_PART, 0,
      "layer range of each stage, e.g. 0-3,4-7 (one per rank), or auto (default)"},
+    {"weights-dtype", "f32|bf16|f16", C_GEN | C_EVAL, 0,
+     "hold the weight matrices in this dtype, converting at load (e.g. an f32 checkpoint as "
+     "bf16: half the memory and bytes read per token); default: as stored in the checkpoint"},
     {"wire-dtype", "f32|bf16|f16", C_GEN | C_EVAL, 0,
      "activation dtype between ranks: f32 exact (default); bf16/f16 halve bytes, lossy"},
     {"transport", "sparse|dense", C_GEN | C_EVAL, 0,
      "sparse (default): rows go only to stages that compute on them; dense: every row on every "
      "link, the baseline a conventional pipeline pays (same compute, same results)"},
     {"dump-logits", "F.npy", C_GEN | C_EVAL, 0,
-     "write logits as float32 .npy: generate [seqs, max_new, vocab], eval [seqs, T, vocab]"},
+     "write logits as float32 .npy: generate [seqs, max_new, vocab] (row j: the logits new "
+     "token j was drawn from; NaN rows after a sequence stopped at EOS), eval [seqs, Tmax, "
+     "vocab] (NaN past a line's end)"},
     {"stats", "F.json", C_GEN | C_EVAL, 0,
      "write per-link bytes (vs a dense pipeline), per-layer participation, KV and FLOP "
      "savings, per-stage busy/wait time, tokens/s"},
@@ -86,6 +114,9 @@ static const opt_def OPTS[] = {
      "abort the job when a peer rank sends nothing for SEC seconds (default 300)"},
     {"quiet", NULL, C_GEN | C_EVAL | C_INIT, 0, "no progress lines on stderr"},
     {"n", "N", C_PART, 0, "partition: number of stages (ranks)"},
+    {"mem-per-rank", "SIZE", C_GEN | C_EVAL | C_PART, 0,
+     "memory a rank may use, e.g. 6G or 5000M: the auto plan only uses stages that fit (weights "
+     "in the checkpoint dtype + KV cache + workspace), an explicit plan that does not is refused"},
     {"spec", "FILE.yaml", C_INIT, 0, "init-model: the model spec (see configs/models/)"},
     {"out", "DIR", C_INIT, 0, "init-model: output directory (created if missing)"},
     {"dtype", "f32|bf16|f16", C_INIT, 0, "init-model: weight dtype (overrides output.dtype)"},
@@ -276,11 +307,12 @@ static void usage_main(FILE *f)
             "(Mixture-of-Depths, MoDE, MindSkip): between MPI ranks only the rows a stage\n"
             "computes on travel, with a bitmask of which rows they are.\n\n"
             "usage:\n"
-            "  mpirun -np N modpipe generate --model DIR --prompt-ids 1,2,3 [options]\n"
-            "  mpirun -np N modpipe eval --model DIR --tokens-file F [options]\n"
+            "  mpirun -np N modpipe generate --model DIR (--prompt TEXT | --prompt-ids 1,2,3) [options]\n"
+            "  mpirun -np N modpipe eval --model DIR (--tokens-file F | --text-file F) [options]\n"
             "  modpipe partition --model DIR -n N [--stages ...]\n"
             "  modpipe init-model --spec F.yaml --out DIR [options]\n"
             "  mpirun -np K modpipe router-tune --model DIR --data FILE --out DIR [options]\n"
+            "  mpirun -np N modpipe serve --model DIR [--port 8080] [options]   (HTTP, OpenAI API)\n"
             "  modpipe tokenize --model DIR --text S [--no-special]\n"
             "  modpipe detokenize --model DIR --ids \"1 2 3\" [--skip-special]\n"
             "  modpipe COMMAND --help      options of a command\n"
@@ -292,9 +324,13 @@ static void usage_main(FILE *f)
 static void usage_cmd(FILE *f, int cmd)
 {
     static const char *intro[] = {
-        [C_GEN] = "modpipe generate: greedy or sampled continuation of token-id prompts.\n"
-                  "Prints one line per sequence: 'generated ID,ID,...', then the wire summary.\n",
-        [C_EVAL] = "modpipe eval: teacher-forced forward of each line; prints mean NLL and perplexity.\n"
+        [C_GEN] = "modpipe generate: greedy or sampled continuation of prompts (ids or text).\n"
+                  "Prints one line per sequence: 'generated ID,ID,...' for id prompts (the EOS id\n"
+                  "included when it stopped the sequence), 'text: ...' for text prompts, then the\n"
+                  "wire summary. Sequences: --prompt-ids, then --prompts-file, then --prompt.\n"
+                  "A sequence stops at --max-new tokens or at the model's EOS (not with --ignore-eos).\n",
+        [C_EVAL] = "modpipe eval: teacher-forced forward of each sequence (any lengths); prints the\n"
+                   "mean NLL over every token but each sequence's first, and the perplexity.\n"
                    "topk routing (non-causal) is exact here: a sequence is never split.\n",
         [C_PART] = "modpipe partition: print the stage plan (layers, compute share, weight bytes, which\n"
                    "boundaries can carry fewer rows than dense and why). No MPI needed.\n",
@@ -368,6 +404,7 @@ static int parse_ids(const char *s, int vocab, int32_t **out, int *n, const char
 typedef struct {
     int32_t **tok; /* [n][len[i]] */
     int *len;
+    uint8_t *text; /* [n] 1: came from text (generate prints text) */
     int n, cap;
 } seqs;
 
@@ -376,6 +413,7 @@ static void seqs_free(seqs *s)
     for (int i = 0; i < s->n; i++) free(s->tok[i]);
     free(s->tok);
     free(s->len);
+    free(s->text);
 }
 
 static int seqs_add(seqs *s, const char *text, int vocab, const char *where, char *err, size_t errlen)
@@ -386,12 +424,103 @@ static int seqs_add(seqs *s, const char *text, int vocab, const char *where, cha
         if (t) s->tok = t;
         int *l = realloc(s->len, (size_t)cap * sizeof *l);
         if (l) s->len = l;
-        if (!t || !l) { snprintf(err, errlen, "out of memory"); return -1; }
+        uint8_t *x = realloc(s->text, (size_t)cap);
+        if (x) s->text = x;
+        if (!t || !l || !x) { snprintf(err, errlen, "out of memory"); return -1; }
         s->cap = cap;
     }
     if (parse_ids(text, vocab, &s->tok[s->n], &s->len[s->n], where, err, errlen)) return -1;
-    s->n++;
+    s->text[s->n++] = 0;
     return 0;
+}
+
+/* Text -> a sequence: the tokenizer's post-processor (add_special), and BOS in front when
+ * the tokenizer has one and did not put it there. */
+static int seqs_add_text(seqs *s, const tok_tokenizer *t, const char *text, size_t len, int vocab,
+                         const char *where, char *err, size_t errlen)
+{
+    if (seqs_add(s, "0", vocab, where, err, errlen)) return -1; /* a slot, refilled below */
+    int k = s->n - 1;
+    free(s->tok[k]);
+    s->tok[k] = NULL;
+    int32_t *ids = NULL;
+    int n = 0;
+    char e2[512];
+    if (tok_encode(t, text, len, 1, &ids, &n, e2, sizeof e2)) {
+        snprintf(err, errlen, "%s: %s", where, e2);
+        s->n--;
+        return -1;
+    }
+    int bos = tok_bos(t);
+    if (bos >= 0 && (n == 0 || ids[0] != bos)) {
+        int32_t *x = realloc(ids, (size_t)(n + 1) * sizeof *x);
+        if (!x) { free(ids); s->n--; snprintf(err, errlen, "out of memory"); return -1; }
+        ids = x;
+        memmove(ids + 1, ids, (size_t)n * sizeof *ids);
+        ids[0] = bos;
+        n++;
+    }
+    for (int i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= vocab) {
+            snprintf(err, errlen, "%s: the tokenizer gives id %d, outside the model's vocab %d", where,
+                     ids[i], vocab);
+            free(ids);
+            s->n--;
+            return -1;
+        }
+    if (n == 0) {
+        snprintf(err, errlen, "%s: no tokens (empty text and no BOS)", where);
+        free(ids);
+        s->n--;
+        return -1;
+    }
+    s->tok[k] = ids;
+    s->len[k] = n;
+    s->text[k] = 1;
+    return 0;
+}
+
+/* Documents of a text file: separated by blank (whitespace-only) lines; a document keeps its
+ * inner newlines, not the last one. */
+static int seqs_from_text_file(seqs *s, const tok_tokenizer *t, const char *path, int vocab,
+                               char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "r");
+    if (!f) { snprintf(err, errlen, "%s: %s", path, strerror(errno)); return -1; }
+    char *line = NULL, *doc = NULL;
+    size_t cap = 0, dlen = 0, dcap = 0;
+    ssize_t got;
+    int ln = 0, first = 0, rc = 0, before = s->n;
+    for (;;) {
+        got = getline(&line, &cap, f);
+        int blank = 1;
+        for (ssize_t i = 0; i < got; i++)
+            if (!isspace((unsigned char)line[i])) blank = 0;
+        if (got >= 0) ln++;
+        if ((got < 0 || blank) && dlen > 0) {
+            if (doc[dlen - 1] == '\n') dlen--;
+            char where[600];
+            snprintf(where, sizeof where, "%s:%d", path, first);
+            if ((rc = seqs_add_text(s, t, doc, dlen, vocab, where, err, errlen))) break;
+            dlen = 0;
+        }
+        if (got < 0) break;
+        if (blank) continue;
+        if (dlen == 0) first = ln;
+        if (dlen + (size_t)got + 1 > dcap) {
+            dcap = (dlen + (size_t)got + 1) * 2;
+            char *x = realloc(doc, dcap);
+            if (!x) { snprintf(err, errlen, "out of memory"); rc = -1; break; }
+            doc = x;
+        }
+        memcpy(doc + dlen, line, (size_t)got);
+        dlen += (size_t)got;
+    }
+    free(line);
+    free(doc);
+    fclose(f);
+    if (!rc && s->n == before) { snprintf(err, errlen, "%s: no documents", path); rc = -1; }
+    return rc;
 }
 
 static int seqs_from_file(seqs *s, const char *path, int vocab, char *err, size_t errlen)
@@ -426,6 +555,7 @@ typedef struct {
     cluster_plan plan;
     int have_plan;
     seqs sq;
+    tok_tokenizer *tok;  /* loaded when a text option needs it */
     cluster_run_opts ro;
 } run_setup;
 
@@ -434,15 +564,37 @@ static void run_setup_free(run_setup *r)
     if (r->have_plan) cluster_plan_free(&r->plan);
     if (r->have_cfg) stage_config_free(&r->cfg);
     seqs_free(&r->sq);
+    tok_free(r->tok);
+}
+
+static int need_tok(run_setup *r, const char *model, char *err, size_t errlen)
+{
+    if (r->tok) return 0;
+    char e2[900];
+    if (tok_load(model, &r->tok, e2, sizeof e2)) {
+        snprintf(err, errlen, "text needs the model's tokenizer: %s", e2);
+        return -1;
+    }
+    return 0;
 }
 
 /* Plan from --stages (explicit ranges or auto) for n stages. */
-static int make_plan(const opts *o, const stage_config *cfg, int n, cluster_plan *plan, char *err,
-                     size_t errlen)
+static int make_plan(const opts *o, const stage_config *cfg, int n, const cluster_mem_opts *mem,
+                     cluster_plan *plan, char *err, size_t errlen)
 {
     const opt_val *v = &o->v[opt_index("stages")];
-    if (!v->n || (v->n == 1 && !strcmp(v->vals[0], "auto")))
-        return cluster_partition_auto(cfg, n, plan, err, errlen);
+    if (!v->n || (v->n == 1 && !strcmp(v->vals[0], "auto"))) {
+        int rc = cluster_partition_auto_mem(cfg, n, mem, plan, err, errlen);
+        if (rc && mem && mem->mem_per_rank) { /* name where the limit came from */
+            char e2[1024];
+            snprintf(e2, sizeof e2, "%s", err);
+            const char *origin = o->v[opt_index("mem-per-rank")].origin;
+            const char *at = strstr(e2, "--mem-per-rank");
+            if (at && strcmp(origin, "--mem-per-rank"))
+                snprintf(err, errlen, "%.*s%s%s", (int)(at - e2), e2, origin, at + 14);
+        }
+        return rc;
+    }
     /* ranges: a YAML list, or one comma-separated string */
     char *ranges[256] = {0};
     int nr = 0;
@@ -452,10 +604,24 @@ static int make_plan(const opts *o, const stage_config *cfg, int n, cluster_plan
         for (char *t = strtok(buf, ", "); t && nr < 256; t = strtok(NULL, ", ")) ranges[nr++] = strdup(t);
     }
     char e2[512];
-    int rc = cluster_partition_explicit(cfg, (const char *const *)ranges, nr, n, plan, e2, sizeof e2);
+    int rc = cluster_partition_explicit_mem(cfg, (const char *const *)ranges, nr, n, mem, plan, e2,
+                                            sizeof e2);
     if (rc) snprintf(err, errlen, "%s: %s", v->origin, strncmp(e2, "stages: ", 8) ? e2 : e2 + 8);
     for (int i = 0; i < nr; i++) free(ranges[i]);
     return rc;
+}
+
+/* --mem-per-rank (0 when absent) and the checkpoint dtype for memory planning. */
+static int mem_opts(const opts *o, const char *model, cluster_mem_opts *m, char *err, size_t errlen)
+{
+    memset(m, 0, sizeof *m);
+    const char *lim = opt_str(o, "mem-per-rank");
+    if (lim && (cluster_parse_size(lim, &m->mem_per_rank) || m->mem_per_rank == 0)) {
+        snprintf(err, errlen, "%s: expected a size like 6G, 5000M or 1.5GiB, got '%s'",
+                 o->v[opt_index("mem-per-rank")].origin, lim);
+        return -1;
+    }
+    return cluster_weight_dtype(model, &m->weight_dtype, err, errlen);
 }
 
 static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *err, size_t errlen)
@@ -490,7 +656,19 @@ static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *er
         }
         const char *pf = opt_str(o, "prompts-file");
         if (pf && seqs_from_file(&r->sq, pf, cfg->vocab, err, errlen)) return -1;
-        if (r->sq.n == 0) { snprintf(err, errlen, "no prompts: give --prompt-ids or --prompts-file"); return -1; }
+        const opt_val *tv = &o->v[opt_index("prompt")];
+        if (tv->n && need_tok(r, model, err, errlen)) return -1;
+        for (int i = 0; i < tv->n; i++) {
+            char where[600];
+            snprintf(where, sizeof where, tv->n > 1 ? "%s #%d" : "%s", tv->origin, i + 1);
+            if (seqs_add_text(&r->sq, r->tok, tv->vals[i], strlen(tv->vals[i]), cfg->vocab, where,
+                              err, errlen))
+                return -1;
+        }
+        if (r->sq.n == 0) {
+            snprintf(err, errlen, "no prompts: give --prompt, --prompt-ids or --prompts-file");
+            return -1;
+        }
         long mn;
         double t, p;
         if (opt_long(o, "max-new", 1, 1 << 20, 16, &mn, err, errlen)) return -1;
@@ -498,23 +676,27 @@ static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *er
         if (opt_double(o, "top-p", 0.0, 1.0, 1.0, &p, err, errlen)) return -1;
         long seed, groups;
         if (opt_long(o, "seed", 0, 0x7fffffffffffffffL, 0, &seed, err, errlen)) return -1;
-        if (opt_long(o, "groups", 1, 1 << 20, 8, &groups, err, errlen)) return -1;
+        if (opt_long(o, "groups", 1, 1 << 20, 0, &groups, err, errlen)) return -1;
+        ro->eos = cfg->eos_token_id;
+        ro->ignore_eos = opt_has(o, "ignore-eos");
         ro->max_new = (int)mn;
         ro->temperature = (float)t;
         ro->top_p = (float)p;
         ro->seed = (uint64_t)seed;
         ro->groups = (int)groups;
     } else {
-        const char *tf = opt_str(o, "tokens-file");
-        if (!tf) { snprintf(err, errlen, "--tokens-file FILE is required"); return -1; }
-        if (seqs_from_file(&r->sq, tf, cfg->vocab, err, errlen)) return -1;
-        for (int i = 1; i < r->sq.n; i++)
-            if (r->sq.len[i] != r->sq.len[0]) {
-                snprintf(err, errlen, "%s: sequence %d has %d tokens, the first has %d (all lines must "
-                         "be the same length)", tf, i + 1, r->sq.len[i], r->sq.len[0]);
-                return -1;
-            }
+        const char *tf = opt_str(o, "tokens-file"), *xf = opt_str(o, "text-file");
+        if (!tf && !xf) { snprintf(err, errlen, "--tokens-file FILE or --text-file FILE is required"); return -1; }
+        if (tf && seqs_from_file(&r->sq, tf, cfg->vocab, err, errlen)) return -1;
+        if (xf && (need_tok(r, model, err, errlen) ||
+                   seqs_from_text_file(&r->sq, r->tok, xf, cfg->vocab, err, errlen)))
+            return -1;
     }
+    long slots, ctxn;
+    if (opt_long(o, "slots", 1, 1 << 20, 0, &slots, err, errlen)) return -1;
+    if (opt_long(o, "ctx", 1, 1 << 24, 0, &ctxn, err, errlen)) return -1;
+    ro->slots = (int)slots;
+    ro->ctx = (int)ctxn;
     ro->n_seqs = r->sq.n;
     ro->seq_tokens = r->sq.tok;
     ro->seq_len = r->sq.len;
@@ -526,17 +708,26 @@ static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *er
     if (opt_double(o, "timeout", 1.0, 1e7, 300.0, &tmo, err, errlen)) return -1;
     long threads;
     if (opt_long(o, "threads", 1, 1024, 1, &threads, err, errlen)) return -1;
-    stage_set_threads((int)threads);
+    if (stage_threads_init((int)threads, err, errlen)) return -1;
     ro->micro_batch = (int)mb;
     ro->max_in_flight = (int)(inflight < 2 ? 2 : inflight);
     ro->timeout_s = tmo;
     const char *wd = opt_str(o, "wire-dtype");
-    ro->wire = COMM_WIRE_F32;
-    if (wd && comm_wire_parse(wd, &ro->wire)) {
+    ro->wire = STAGE_F32;
+    if (wd && stage_dtype_parse(wd, &ro->wire)) {
         snprintf(err, errlen, "%s: expected f32, bf16 or f16, got '%s'",
                  o->v[opt_index("wire-dtype")].origin, wd);
         return -1;
     }
+    const char *wts = opt_str(o, "weights-dtype");
+    stage_dtype wdt;
+    ro->weights_dtype = -1;
+    if (wts && stage_dtype_parse(wts, &wdt)) {
+        snprintf(err, errlen, "%s: expected f32, bf16 or f16, got '%s'",
+                 o->v[opt_index("weights-dtype")].origin, wts);
+        return -1;
+    }
+    if (wts) ro->weights_dtype = (int)wdt;
     const char *tr = opt_str(o, "transport");
     if (tr && strcmp(tr, "sparse") && strcmp(tr, "dense")) {
         snprintf(err, errlen, "%s: expected sparse or dense, got '%s'",
@@ -547,7 +738,19 @@ static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *er
     ro->dump_path = opt_str(o, "dump-logits");
     ro->stats_path = opt_str(o, "stats");
     ro->progress = !opt_has(o, "quiet");
-    if (make_plan(o, cfg, n_ranks, &r->plan, err, errlen)) return -1;
+    cluster_mem_opts mem;
+    int plan_mem = opt_has(o, "mem-per-rank");
+    if (plan_mem) {
+        if (mem_opts(o, model, &mem, err, errlen)) return -1;
+        if (ro->weights_dtype >= 0) mem.weight_dtype = (stage_dtype)ro->weights_dtype;
+        mem.slots = r->sq.n;
+        mem.micro_batch = ro->micro_batch;
+        for (int i = 0; i < r->sq.n; i++) {
+            int len = r->sq.len[i] + (cmd == C_GEN ? ro->max_new : 0);
+            if (len > mem.ctx) mem.ctx = len;
+        }
+    }
+    if (make_plan(o, cfg, n_ranks, plan_mem ? &mem : NULL, &r->plan, err, errlen)) return -1;
     r->have_plan = 1;
     ro->plan = &r->plan;
     return 0;
@@ -596,7 +799,7 @@ static int cmd_run(int cmd, int argc, char **argv)
         for (int s = 0; s < size; s++)
             fprintf(stderr, "%s%d-%d", s ? " | " : "", r.plan.st[s].first, r.plan.st[s].last);
         fprintf(stderr, "], %d sequences, micro-batch %d, wire %s\n", r.ro.n_seqs,
-                r.ro.micro_batch, comm_wire_name(r.ro.wire));
+                r.ro.micro_batch, stage_dtype_name(r.ro.wire));
     }
     cluster_run_result res;
     rc = cluster_run(MPI_COMM_WORLD, &r.ro, &res, err, sizeof err);
@@ -605,15 +808,36 @@ static int cmd_run(int cmd, int argc, char **argv)
     } else if (rank == 0) {
         if (cmd == C_GEN) {
             for (int s = 0; s < r.ro.n_seqs; s++) {
+                const int32_t *g = res.generated + (size_t)s * r.ro.max_new;
+                if (r.sq.text[s]) {
+                    char *txt = NULL;
+                    size_t len = 0;
+                    char e2[512];
+                    if (tok_decode(r.tok, g, res.n_generated[s], 1, &txt, &len, e2, sizeof e2)) {
+                        fprintf(stderr, "modpipe generate: sequence %d: %s\n", s + 1, e2);
+                        rc = 1;
+                        continue;
+                    }
+                    printf("text: ");
+                    for (size_t k = 0; k < len; k++) {
+                        if (txt[k] == '\n') fputs("\\n", stdout);
+                        else if (txt[k] == '\\') fputs("\\\\", stdout);
+                        else putchar(txt[k]);
+                    }
+                    printf("\n");
+                    free(txt);
+                    continue;
+                }
                 printf("generated ");
-                for (int j = 0; j < r.ro.max_new; j++)
-                    printf("%s%d", j ? "," : "", res.generated[(size_t)s * r.ro.max_new + j]);
+                for (int j = 0; j < res.n_generated[s]; j++) printf("%s%d", j ? "," : "", g[j]);
                 printf("\n");
             }
         } else {
             double mean = res.nll_count ? res.nll_sum / res.nll_count : 0.0;
-            printf("eval: %d sequences x %d tokens, mean NLL %.6f, perplexity %.4f\n", r.ro.n_seqs,
-                   r.ro.seq_len[0], mean, exp(mean));
+            long tokens = 0;
+            for (int s = 0; s < r.ro.n_seqs; s++) tokens += r.ro.seq_len[s];
+            printf("eval: %d sequences, %ld tokens, %ld scored, mean NLL %.6f, perplexity %.4f\n",
+                   r.ro.n_seqs, tokens, res.nll_count, mean, exp(mean));
         }
         if (size > 1) {
             char w[32], d[32], p[32], h[32];
@@ -655,7 +879,16 @@ static int cmd_partition(int argc, char **argv)
     if (!rc && !opt_has(&o, "n")) { snprintf(err, sizeof err, "-n N (number of stages) is required"); rc = -1; }
     if (!rc) rc = opt_long(&o, "n", 1, 4096, 1, &n, err, sizeof err);
     if (!rc) rc = stage_config_load(model, &cfg, err, sizeof err);
-    if (!rc) rc = make_plan(&o, &cfg, (int)n, &plan, err, sizeof err);
+    cluster_mem_opts mem;
+    long slots = 1, ctx = 1, mb = 32;
+    if (!rc) rc = mem_opts(&o, model, &mem, err, sizeof err);
+    if (!rc) rc = opt_long(&o, "slots", 1, 1 << 20, 1, &slots, err, sizeof err);
+    if (!rc) rc = opt_long(&o, "ctx", 1, 1 << 24, cfg.max_pos, &ctx, err, sizeof err);
+    if (!rc) rc = opt_long(&o, "micro-batch", 1, 1 << 20, 32, &mb, err, sizeof err);
+    mem.slots = (int)slots;
+    mem.ctx = (int)ctx;
+    mem.micro_batch = (int)mb;
+    if (!rc) rc = make_plan(&o, &cfg, (int)n, &mem, &plan, err, sizeof err);
     if (!rc) {
         cluster_plan_print(&cfg, &plan, stdout);
         cluster_plan_free(&plan);
@@ -689,20 +922,21 @@ static int cmd_init_model(int argc, char **argv)
         rc = opt_long(&o, "shards", 1, 9999, 1, &v, err, sizeof err);
         spec.shards = (int)v;
     }
-    if (!rc && opt_has(&o, "dtype") && st_dtype_parse(opt_str(&o, "dtype"), &spec.dtype)) {
+    if (!rc && opt_has(&o, "dtype") && stage_dtype_parse(opt_str(&o, "dtype"), &spec.dtype)) {
         snprintf(err, sizeof err, "--dtype: expected f32, bf16 or f16, got '%s'", opt_str(&o, "dtype"));
         rc = -1;
     }
     if (!rc) {
         rc = opt_long(&o, "threads", 1, 1024, 1, &v, err, sizeof err);
-        stage_set_threads((int)v);
+        if (!rc) rc = stage_threads_init((int)v, err, sizeof err);
+        spec.threads = (int)v;
     }
     if (!rc && opt_has(&o, "calibrate")) spec.calibrate = 1;
     if (!rc && opt_has(&o, "no-calibrate")) spec.calibrate = 0;
     FILE *log = opt_has(&o, "quiet") ? NULL : stderr;
     if (!rc) {
         if (log) fprintf(log, "init-model: %d layers, hidden %d, vocab %d, %s, %d shard%s -> %s\n",
-                         spec.cfg.n_layers, spec.cfg.hidden, spec.cfg.vocab, st_dtype_name(spec.dtype),
+                         spec.cfg.n_layers, spec.cfg.hidden, spec.cfg.vocab, stage_dtype_st_name(spec.dtype),
                          spec.shards, spec.shards > 1 ? "s" : "", out);
         rc = cluster_init_model(&spec, out, log, err, sizeof err);
     }
@@ -713,8 +947,22 @@ static int cmd_init_model(int argc, char **argv)
     return rc ? 1 : 0;
 }
 
+/* OpenBLAS picks its kernels when the library loads; on a CPU id it does not know (VMs) it
+ * falls back to SSE3 kernels, 4x slower (stage/matmul.h). Only a fresh process image can fix
+ * that, so set OPENBLAS_CORETYPE and exec ourselves once, before MPI_Init. */
+static void fix_blas_coretype(char **argv)
+{
+    const char *core = stage_blas_coretype_hint();
+    if (!core || getenv("MODPIPE_BLAS_REEXEC")) return;
+    setenv("OPENBLAS_CORETYPE", core, 1);
+    setenv("MODPIPE_BLAS_REEXEC", "1", 1);
+    execv("/proc/self/exe", argv);
+    /* exec failed: carry on with the slow kernels (results are the same) */
+}
+
 int main(int argc, char **argv)
 {
+    fix_blas_coretype(argv);
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
         usage_main(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
@@ -725,6 +973,7 @@ int main(int argc, char **argv)
     if (!strcmp(argv[1], "partition")) return cmd_partition(argc - 2, argv + 2);
     if (!strcmp(argv[1], "init-model")) return cmd_init_model(argc - 2, argv + 2);
     if (!strcmp(argv[1], "router-tune")) return cluster_routertune_main(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "serve")) return serve_cmd_main(argc - 2, argv + 2, serve_pipeline_run);
     if (!strcmp(argv[1], "tokenize")) return tokcli_tokenize(argc - 2, argv + 2);
     if (!strcmp(argv[1], "detokenize")) return tokcli_detokenize(argc - 2, argv + 2);
     fprintf(stderr, "modpipe: unknown command '%s' (try modpipe --help)\n", argv[1]);

@@ -192,11 +192,12 @@ static void set_defaults(cluster_model_spec *s)
     s->seed = 0;
     s->init_std = 0.02f;
     s->router_std = 1.0f;
-    s->dtype = ST_F32;
+    s->dtype = STAGE_F32;
     s->shards = 1;
     s->calibrate = 0;
     s->calib_prompts = 16;
     s->calib_length = 32;
+    s->threads = 1;
 }
 
 static int fill(const cluster_yaml *y, cluster_model_spec *s, char *err, size_t errlen)
@@ -254,7 +255,7 @@ static int fill(const cluster_yaml *y, cluster_model_spec *s, char *err, size_t 
     static const int gran_vals[] = {STAGE_GRAN_SEQUENCE, STAGE_GRAN_TOKEN, STAGE_GRAN_SEQUENCE,
                                     STAGE_GRAN_TOKEN};
     static const char *const dtype_names[] = {"f32", "bf16", "f16", NULL};
-    static const int dtype_vals[] = {ST_F32, ST_BF16, ST_F16};
+    static const int dtype_vals[] = {STAGE_F32, STAGE_BF16, STAGE_F16};
     int routing = (int)c->mod_routing, scale = (int)c->mod_scale;
     int gran = (int)c->ms_granularity, dtype = (int)s->dtype;
 
@@ -308,7 +309,7 @@ static int fill(const cluster_yaml *y, cluster_model_spec *s, char *err, size_t 
         opt_int(y, "calibrate.prompts", 1, 1 << 20, &s->calib_prompts, err, errlen) ||
         opt_int(y, "calibrate.length", 1, 1 << 24, &s->calib_length, err, errlen))
         return -1;
-    s->dtype = (st_dtype)dtype;
+    s->dtype = (stage_dtype)dtype;
     s->init_std = (float)std;
     s->router_std = (float)rstd;
     if (s->calibrate && s->calib_length > c->max_pos)

@@ -36,11 +36,12 @@ typedef struct {
     unsigned long seed;
     float init_std;        /* weights ~ N(0, init_std^2); norms = 1 */
     float router_std;      /* router weights ~ N(0, (router_std/sqrt(D))^2) */
-    st_dtype dtype;
+    stage_dtype dtype;
     int shards;
     int calibrate;
     int calib_prompts;
     int calib_length;
+    int threads;           /* not a YAML key: init-model --threads (drawing the weights) */
 } cluster_model_spec;
 
 int cluster_model_spec_load(const char *path, cluster_model_spec *spec, char *err, size_t errlen);

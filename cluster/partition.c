@@ -9,6 +9,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "stage/safetensors.h"
+#include "stage/stage.h"
+
 /* ---- cost model ------------------------------------------------------------------------- */
 
 /* q and o: H*hd x D each; k and v: KV*hd x D each. */
@@ -31,20 +34,21 @@ double cluster_layer_cost(const stage_config *c, int layer)
 {
     if (!c || !c->layer_kind || layer < 0 || layer >= c->n_layers)
         return 0.0;
-    double d = c->hidden, e = c->n_experts, nn = c->n_noop_experts;
-    double attn = 2.0 * attn_params(c); /* 2 FLOPs per multiply-add */
-    double mlp = 2.0 * mlp_params(c);
+    double e = c->n_experts, nn = c->n_noop_experts;
+    double attn = stage_flops_attn_proj(c); /* the FLOP model of --stats (stage/config.h) */
+    double mlp = stage_flops_mlp(c);
     switch (c->layer_kind[layer]) {
     case STAGE_KIND_MOD:
         return c->mod_capacity * (attn + mlp);
     case STAGE_KIND_MODE_STAGED:
-        return c->mod_capacity *
-               (attn + 2.0 * d * e + c->experts_per_token * 2.0 * expert_params(c));
+        return c->mod_capacity * (attn + stage_flops_gate(c, c->n_experts) +
+                                  c->experts_per_token * stage_flops_expert(c));
     case STAGE_KIND_MODE_INTEGRATED:
         /* top-1 over E real + N no-op experts: a real expert runs with share E/(E+N) */
         if (e + nn <= 0)
             return attn;
-        return attn + 2.0 * d * (e + nn) + (e / (e + nn)) * 2.0 * expert_params(c);
+        return attn + stage_flops_gate(c, c->n_experts + c->n_noop_experts) +
+               (e / (e + nn)) * stage_flops_expert(c);
     case STAGE_KIND_MINDSKIP: /* skip rate unknown ahead: full cost */
     case STAGE_KIND_DENSE:
     default:
@@ -52,32 +56,48 @@ double cluster_layer_cost(const stage_config *c, int layer)
     }
 }
 
-size_t cluster_layer_weight_bytes(const stage_config *c, int layer)
+/* f32 vectors of a routed layer, which the loader keeps as f32 and every stage loads:
+ * router.weight + bias, and with predictor routing fc1 / fc2 (+ biases) at the default
+ * predictor width of init-model (16; the real width is in the file). */
+static size_t router_elems(const stage_config *c, int layer)
+{
+    if (!stage_kind_is_routed(c->layer_kind[layer]))
+        return 0;
+    size_t d = (size_t)c->hidden, n = d + 1;
+    if (c->mod_routing == STAGE_ROUTING_PREDICTOR)
+        n += 16 * d + 16 + 16 + 1;
+    return n;
+}
+
+/* Matrices in elem_size bytes, the 1-D tensors (norms, routers) as f32: as the loader holds
+ * them (stage_model_weight_bytes). */
+size_t cluster_layer_weight_bytes(const stage_config *c, int layer, size_t elem_size)
 {
     if (!c || !c->layer_kind || layer < 0 || layer >= c->n_layers)
         return 0;
     size_t d = (size_t)c->hidden;
-    size_t n = (size_t)attn_params(c) + 2 * d; /* + the two norms */
+    size_t mat = (size_t)attn_params(c), vec = 2 * d; /* + the two norms */
     size_t experts = (size_t)c->n_experts * (size_t)expert_params(c);
     switch (c->layer_kind[layer]) {
     case STAGE_KIND_MOD:
-        n += (size_t)mlp_params(c) + d + 1; /* router weight + bias */
+        mat += (size_t)mlp_params(c);
         break;
     case STAGE_KIND_MODE_STAGED:
-        n += experts + (size_t)c->n_experts * d + d + 1;
+        mat += experts + (size_t)c->n_experts * d;
         break;
     case STAGE_KIND_MODE_INTEGRATED:
-        n += experts + (size_t)(c->n_experts + c->n_noop_experts) * d;
+        mat += experts + (size_t)(c->n_experts + c->n_noop_experts) * d;
         break;
     case STAGE_KIND_MINDSKIP:
-        n += (size_t)mlp_params(c) + d;
+        mat += (size_t)mlp_params(c);
+        vec += d; /* its attention router */
         break;
     case STAGE_KIND_DENSE:
     default:
-        n += (size_t)mlp_params(c);
+        mat += (size_t)mlp_params(c);
         break;
     }
-    return n * sizeof(float);
+    return mat * elem_size + (vec + router_elems(c, layer)) * 4;
 }
 
 static double head_cost(const stage_config *c)
@@ -85,18 +105,50 @@ static double head_cost(const stage_config *c)
     return 2.0 * c->hidden * c->vocab;
 }
 
-static size_t embed_bytes(const stage_config *c)
+static size_t embed_bytes(const stage_config *c, size_t es)
 {
-    return (size_t)c->vocab * (size_t)c->hidden * sizeof(float);
+    return (size_t)c->vocab * (size_t)c->hidden * es;
 }
 
 /* model.norm + lm_head (with tied embeddings the head still holds a copy of the matrix,
  * unless it is also stage 0). */
-static size_t head_bytes(const stage_config *c, int n_stages)
+static size_t head_bytes(const stage_config *c, int n_stages, size_t es)
 {
-    size_t b = (size_t)c->hidden * sizeof(float);
+    size_t b = (size_t)c->hidden * 4; /* model.norm: f32 */
     if (!c->tie_embeddings || n_stages > 1)
-        b += embed_bytes(c);
+        b += embed_bytes(c, es);
+    return b;
+}
+
+/* K/V bytes of one attention layer for one sequence, as stage_state_init reserves them: every
+ * position on non-routed layers, about 1.25 x capacity (+ 8) on routed ones; K and V in STAGE_KV_DTYPE plus
+ * an int32 position per entry. */
+static double kv_layer_bytes(const stage_config *c, int layer, int ctx)
+{
+    int cap = ctx;
+    if (stage_kind_is_routed(c->layer_kind[layer])) {
+        cap = (int)ceil(c->mod_capacity * ctx * 1.25) + 8;
+        if (cap > ctx)
+            cap = ctx;
+    }
+    double kvd = (double)c->n_kv_heads * c->head_dim;
+    return (double)cap * (2.0 * kvd * (double)stage_dtype_size(STAGE_KV_DTYPE) + 4.0);
+}
+
+/* Per-micro-batch buffers of a stage (stage_state_init's workspace, the pipeline's residual /
+ * receive buffers) for R rows; the head adds logits and sampling scratch. */
+static double work_bytes(const stage_config *c, int R, int ctx, int head)
+{
+    double D = c->hidden, qd = (double)c->n_heads * c->head_dim;
+    double kvd = (double)c->n_kv_heads * c->head_dim;
+    double ff = c->inter > c->expert_inter ? c->inter : c->expert_inter;
+    double ng = c->n_experts + c->n_noop_experts + 1.0;
+    double ept = c->experts_per_token > 0 ? c->experts_per_token : 1;
+    double per_row = 8 * D + 2 * qd + 2 * kvd + 2 * ff + ng + 2 * ept + 5 /* stage_state */
+                     + 4 * D + 8;                                       /* pipeline */
+    double b = 4.0 * R * per_row + 4.0 * (ctx + 1.0 + D);
+    if (head)
+        b += 4.0 * R * c->vocab + 8.0 * c->vocab;
     return b;
 }
 
@@ -104,25 +156,37 @@ static size_t head_bytes(const stage_config *c, int n_stages)
 typedef struct {
     const stage_config *cfg;
     int n_layers, n_stages;
+    size_t es;       /* weight element bytes */
+    const cluster_mem_opts *mem; /* NULL: no memory planning */
     double *pc;  /* [L+1] prefix cost */
     double *pw;  /* [L+1] prefix weight bytes */
+    double *pkv; /* [L+1] prefix KV bytes (mem only) */
+    double *pr;  /* [L+1] prefix router bytes */
     int *pdense; /* [L+1] prefix count of layers that need every row */
 } costs;
 
-static int costs_init(costs *k, const stage_config *c, int n_stages)
+static int costs_init(costs *k, const stage_config *c, int n_stages, const cluster_mem_opts *mem)
 {
     int L = c->n_layers;
     k->cfg = c;
     k->n_layers = L;
     k->n_stages = n_stages;
+    k->mem = mem;
+    k->es = mem ? stage_dtype_size(mem->weight_dtype) : 4;
+    if (k->es == 0)
+        k->es = 4;
     k->pc = calloc((size_t)L + 1, sizeof *k->pc);
     k->pw = calloc((size_t)L + 1, sizeof *k->pw);
+    k->pkv = calloc((size_t)L + 1, sizeof *k->pkv);
+    k->pr = calloc((size_t)L + 1, sizeof *k->pr);
     k->pdense = calloc((size_t)L + 1, sizeof *k->pdense);
-    if (!k->pc || !k->pw || !k->pdense)
+    if (!k->pc || !k->pw || !k->pkv || !k->pr || !k->pdense)
         return -1;
     for (int l = 0; l < L; l++) {
         k->pc[l + 1] = k->pc[l] + cluster_layer_cost(c, l);
-        k->pw[l + 1] = k->pw[l] + (double)cluster_layer_weight_bytes(c, l);
+        k->pw[l + 1] = k->pw[l] + (double)cluster_layer_weight_bytes(c, l, k->es);
+        k->pkv[l + 1] = k->pkv[l] + (mem ? (double)mem->slots * kv_layer_bytes(c, l, mem->ctx) : 0);
+        k->pr[l + 1] = k->pr[l] + 4.0 * (double)router_elems(c, l);
         k->pdense[l + 1] = k->pdense[l] + !stage_kind_is_routed(c->layer_kind[l]);
     }
     return 0;
@@ -132,6 +196,8 @@ static void costs_free(costs *k)
 {
     free(k->pc);
     free(k->pw);
+    free(k->pkv);
+    free(k->pr);
     free(k->pdense);
 }
 
@@ -143,12 +209,38 @@ static double seg_cost(const costs *k, int a, int b)
 
 static double seg_weight(const costs *k, int a, int b)
 {
-    double w = k->pw[b + 1] - k->pw[a];
+    /* the routers of routed layers outside a..b: every stage loads them (SPEC 4) */
+    double w = k->pw[b + 1] - k->pw[a] + k->pr[k->n_layers] - (k->pr[b + 1] - k->pr[a]);
     if (a == 0)
-        w += (double)embed_bytes(k->cfg);
+        w += (double)embed_bytes(k->cfg, k->es);
     if (b == k->n_layers - 1)
-        w += (double)head_bytes(k->cfg, k->n_stages);
+        w += (double)head_bytes(k->cfg, k->n_stages, k->es);
     return w;
+}
+
+static double seg_kv(const costs *k, int a, int b)
+{
+    return k->pkv[b + 1] - k->pkv[a];
+}
+
+static double seg_work(const costs *k, int a, int b)
+{
+    (void)a;
+    if (!k->mem)
+        return 0.0;
+    return work_bytes(k->cfg, k->mem->micro_batch, k->mem->ctx, b == k->n_layers - 1) +
+           (double)CLUSTER_RUNTIME_BYTES;
+}
+
+static double seg_mem(const costs *k, int a, int b)
+{
+    return seg_weight(k, a, b) + seg_kv(k, a, b) + seg_work(k, a, b);
+}
+
+/* Does a stage of layers a..b fit the memory limit (no limit: always)? */
+static int seg_fits(const costs *k, int a, int b)
+{
+    return !k->mem || k->mem->mem_per_rank == 0 || seg_mem(k, a, b) <= (double)k->mem->mem_per_rank;
 }
 
 /* Can the boundary into stage `t` (layers a..b) carry fewer rows than dense? */
@@ -236,6 +328,11 @@ static int fill_plan(const costs *k, const int *first, int n_stages, cluster_pla
         return -1;
     }
     plan->n_stages = n_stages;
+    plan->have_mem = k->mem != NULL;
+    if (k->mem)
+        plan->mem = *k->mem;
+    else
+        plan->mem.weight_dtype = STAGE_F32;
     double total = seg_cost(k, 0, k->n_layers - 1);
     for (int t = 0; t < n_stages; t++) {
         cluster_stage_plan *s = &plan->st[t];
@@ -244,6 +341,9 @@ static int fill_plan(const costs *k, const int *first, int n_stages, cluster_pla
         s->cost = seg_cost(k, s->first, s->last);
         s->compute_share = total > 0 ? s->cost / total : 0.0;
         s->weight_bytes = (size_t)llround(seg_weight(k, s->first, s->last));
+        s->kv_bytes = (size_t)llround(seg_kv(k, s->first, s->last));
+        s->work_bytes = (size_t)llround(seg_work(k, s->first, s->last));
+        s->mem_bytes = s->weight_bytes + s->kv_bytes + s->work_bytes;
         s->sparse_in = seg_sparse(k, t, s->first, s->last);
         if (!s->sparse_in)
             why_not_sparse(k->cfg, t, s->first, s->last, s->why, sizeof s->why);
@@ -285,8 +385,87 @@ static int cell_better(const dp_cell *a, const dp_cell *b, double var_tol, doubl
     return a->maxc < b->maxc - cost_tol;
 }
 
+static void mem_text(double b, char *out, size_t n)
+{
+    if (b >= 1024.0 * 1024 * 1024)
+        snprintf(out, n, "%.2f GiB", b / (1024.0 * 1024 * 1024));
+    else
+        snprintf(out, n, "%.1f MiB", b / (1024.0 * 1024));
+}
+
+/* "layers 8-15 need 5.21 GiB (weights 4.90 GiB bf16, KV 200.0 MiB, workspace 110.0 MiB)" */
+static void seg_mem_text(const costs *k, int a, int b, char *out, size_t n)
+{
+    char t[32], w[32], kv[32], wk[32], lr[32];
+    mem_text(seg_mem(k, a, b), t, sizeof t);
+    mem_text(seg_weight(k, a, b), w, sizeof w);
+    mem_text(seg_kv(k, a, b), kv, sizeof kv);
+    mem_text(seg_work(k, a, b), wk, sizeof wk);
+    if (a == b)
+        snprintf(lr, sizeof lr, "layer %d needs", a);
+    else
+        snprintf(lr, sizeof lr, "layers %d-%d need", a, b);
+    snprintf(out, n, "%s %s (weights %s %s, KV %s, workspace %s)", lr, t, w,
+             stage_dtype_name(k->mem->weight_dtype), kv, wk);
+}
+
+/* No plan fits: find the split with the smallest largest stage memory, for the message. */
+static void explain_no_fit(const costs *k, int S, char *err, size_t errlen)
+{
+    int L = k->n_layers;
+    size_t W = (size_t)L + 1;
+    double *bm = malloc(sizeof *bm * (size_t)(S + 1) * W);
+    int *arg = malloc(sizeof *arg * (size_t)(S + 1) * W);
+    char lim[32];
+    mem_text((double)k->mem->mem_per_rank, lim, sizeof lim);
+    if (!bm || !arg) {
+        cluster_set_err(err, errlen, "no split of %d layers into %d stages fits --mem-per-rank %s",
+                        L, S, lim);
+        free(bm);
+        free(arg);
+        return;
+    }
+    for (size_t i = 0; i < (size_t)(S + 1) * W; i++)
+        bm[i] = INFINITY;
+    bm[0] = 0.0;
+    for (int t = 1; t <= S; t++)
+        for (int j = t; j <= L - (S - t); j++)
+            for (int i = t - 1; i < j; i++) {
+                double v = fmax(bm[(size_t)(t - 1) * W + (size_t)i], seg_mem(k, i, j - 1));
+                if (v < bm[(size_t)t * W + (size_t)j]) {
+                    bm[(size_t)t * W + (size_t)j] = v;
+                    arg[(size_t)t * W + (size_t)j] = i;
+                }
+            }
+    /* walk back to the stage that sets the maximum */
+    double worst = bm[(size_t)S * W + (size_t)L];
+    int wa = 0, wb = L - 1;
+    for (int t = S, j = L; t >= 1; t--) {
+        int i = arg[(size_t)t * W + (size_t)j];
+        if (seg_mem(k, i, j - 1) >= worst) {
+            wa = i;
+            wb = j - 1;
+            break;
+        }
+        j = i;
+    }
+    char need[200];
+    seg_mem_text(k, wa, wb, need, sizeof need);
+    cluster_set_err(err, errlen, "no split of %d layers into %d stage%s fits --mem-per-rank %s: "
+                    "in the best one, %s; use more ranks or a larger limit",
+                    L, S, S == 1 ? "" : "s", lim, need);
+    free(bm);
+    free(arg);
+}
+
 int cluster_partition_auto(const stage_config *cfg, int n_stages, cluster_plan *plan,
                            char *err, size_t errlen)
+{
+    return cluster_partition_auto_mem(cfg, n_stages, NULL, plan, err, errlen);
+}
+
+int cluster_partition_auto_mem(const stage_config *cfg, int n_stages, const cluster_mem_opts *mem,
+                               cluster_plan *plan, char *err, size_t errlen)
 {
     if (!plan)
         return -1;
@@ -309,7 +488,7 @@ int cluster_partition_auto(const stage_config *cfg, int n_stages, cluster_plan *
     double *best = NULL;
     dp_cell *cell = NULL;
     int *first = NULL;
-    if (costs_init(&k, cfg, S))
+    if (costs_init(&k, cfg, S, mem))
         goto oom;
     size_t W = (size_t)L + 1;
     best = malloc(sizeof *best * (size_t)(S + 1) * W);
@@ -325,11 +504,17 @@ int cluster_partition_auto(const stage_config *cfg, int n_stages, cluster_plan *
     for (int t = 1; t <= S; t++)
         for (int j = t; j <= L - (S - t); j++)
             for (int i = t - 1; i < j; i++) {
+                if (!seg_fits(&k, i, j - 1))
+                    continue;
                 double v = fmax(best[(size_t)(t - 1) * W + (size_t)i], seg_cost(&k, i, j - 1));
                 if (v < best[(size_t)t * W + (size_t)j])
                     best[(size_t)t * W + (size_t)j] = v;
             }
     double opt = best[(size_t)S * W + (size_t)L];
+    if (isinf(opt)) { /* only with a memory limit */
+        explain_no_fit(&k, S, err, errlen);
+        goto out;
+    }
 
     /* Phase 2: among plans within 10% of that, the preferences of the header. */
     double bound = opt * 1.10 * (1.0 + 1e-12);
@@ -345,7 +530,7 @@ int cluster_partition_auto(const stage_config *cfg, int n_stages, cluster_plan *
                 if (!src->ok)
                     continue;
                 double c = seg_cost(&k, i, j - 1);
-                if (c > bound)
+                if (c > bound || !seg_fits(&k, i, j - 1))
                     continue;
                 double dw = seg_weight(&k, i, j - 1) - mean;
                 dp_cell cand = {1, src->sparse + seg_sparse(&k, t - 1, i, j - 1),
@@ -429,6 +614,14 @@ static void range_text(char *buf, size_t cap, int a, int b)
 int cluster_partition_explicit(const stage_config *cfg, const char *const *ranges, int n_ranges,
                                int n_stages, cluster_plan *plan, char *err, size_t errlen)
 {
+    return cluster_partition_explicit_mem(cfg, ranges, n_ranges, n_stages, NULL, plan, err,
+                                          errlen);
+}
+
+int cluster_partition_explicit_mem(const stage_config *cfg, const char *const *ranges,
+                                   int n_ranges, int n_stages, const cluster_mem_opts *mem,
+                                   cluster_plan *plan, char *err, size_t errlen)
+{
     if (!plan)
         return -1;
     memset(plan, 0, sizeof *plan);
@@ -509,15 +702,83 @@ int cluster_partition_explicit(const stage_config *cfg, const char *const *range
         goto out;
     }
     costs k;
-    if (costs_init(&k, cfg, n_stages))
+    if (costs_init(&k, cfg, n_stages, mem))
         cluster_set_err(err, errlen, "partition: out of memory");
     else
         rc = fill_plan(&k, first, n_stages, plan, err, errlen);
+    for (int t = 0; !rc && t < n_stages; t++) {
+        if (seg_fits(&k, first[t], last[t]))
+            continue;
+        char need[200], lim[32];
+        seg_mem_text(&k, first[t], last[t], need, sizeof need);
+        mem_text((double)mem->mem_per_rank, lim, sizeof lim);
+        cluster_set_err(err, errlen, "stages: stage %d does not fit --mem-per-rank %s: its %s",
+                        t, lim, need);
+        cluster_plan_free(plan);
+        rc = -1;
+    }
     costs_free(&k);
 out:
     free(first);
     free(last);
     return rc;
+}
+
+int cluster_weight_dtype(const char *dir, stage_dtype *out, char *err, size_t errlen)
+{
+    st_model *m = NULL;
+    if (st_open(dir, &m, err, errlen))
+        return -1;
+    static const char *const names[] = {"model.layers.0.self_attn.q_proj.weight",
+                                        "model.embed_tokens.weight"};
+    int r = 0;
+    st_tensor t;
+    for (int i = 0; i < 2 && r == 0; i++)
+        r = st_find(m, names[i], &t, err, errlen);
+    if (r == 0)
+        cluster_set_err(err, errlen, "%s: no %s or %s to read the weight dtype from", dir,
+                        names[0], names[1]);
+    if (r > 0)
+        *out = t.dtype;
+    st_close(m);
+    return r > 0 ? 0 : -1;
+}
+
+int cluster_parse_size(const char *s, size_t *out)
+{
+    if (!s)
+        return -1;
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || !(v >= 0))
+        return -1;
+    while (isspace((unsigned char)*end))
+        end++;
+    double mul = 1;
+    switch (toupper((unsigned char)*end)) {
+    case 'K': mul = 1024.0; break;
+    case 'M': mul = 1024.0 * 1024; break;
+    case 'G': mul = 1024.0 * 1024 * 1024; break;
+    case 'T': mul = 1024.0 * 1024 * 1024 * 1024; break;
+    case '\0': break;
+    case 'B': break;
+    default: return -1;
+    }
+    if (*end && toupper((unsigned char)*end) != 'B') {
+        end++;
+        if (*end == 'i')
+            end++;
+    }
+    if (*end == 'B' || *end == 'b')
+        end++;
+    if (*end)
+        return -1;
+    double b = v * mul;
+    if (b >= 1.8e19)
+        return -1;
+    *out = (size_t)llround(b);
+    return 0;
 }
 
 void cluster_plan_free(cluster_plan *plan)
@@ -587,7 +848,8 @@ void cluster_plan_print(const stage_config *cfg, const cluster_plan *plan, FILE 
         if (w > kw)
             kw = w;
     }
-    fprintf(out, "stage  layers   %-*s  compute  weights MiB  rows in\n", kw, "kinds");
+    fprintf(out, "stage  layers   %-*s  compute  weights MiB  %srows in\n", kw, "kinds",
+            plan->have_mem ? "    KV MiB  work MiB  total MiB  " : "");
     double total_mib = 0;
     int n_sparse = 0, n_mixed = 0;
     char mixed[128] = "";
@@ -600,8 +862,13 @@ void cluster_plan_print(const stage_config *cfg, const cluster_plan *plan, FILE 
         n_sparse += s->sparse_in;
         const char *role = t == 0 ? (S == 1 ? "[embedding, head] " : "[embedding] ")
                                   : (t == S - 1 ? "[head] " : "");
-        fprintf(out, "%5d  %-7s  %-*s  %6.1f%%  %11.2f  %s", t, lr, kw, kinds,
-                100.0 * s->compute_share, mib, role);
+        fprintf(out, "%5d  %-7s  %-*s  %6.1f%%  %11.2f  ", t, lr, kw, kinds,
+                100.0 * s->compute_share, mib);
+        if (plan->have_mem)
+            fprintf(out, "%10.2f  %8.2f  %9.2f  ", (double)s->kv_bytes / (1024.0 * 1024.0),
+                    (double)s->work_bytes / (1024.0 * 1024.0),
+                    (double)s->mem_bytes / (1024.0 * 1024.0));
+        fprintf(out, "%s", role);
         if (t == 0)
             fprintf(out, "all (%s)\n", s->why);
         else if (s->sparse_in)
@@ -619,7 +886,31 @@ void cluster_plan_print(const stage_config *cfg, const cluster_plan *plan, FILE 
             n_mixed++;
         }
     }
-    fprintf(out, "total weights %.2f MiB (as f32 in memory)\n", total_mib);
+    fprintf(out, "total weights %.2f MiB (%s, as in the checkpoint)\n", total_mib,
+            stage_dtype_name(plan->mem.weight_dtype));
+    if (plan->have_mem) {
+        const cluster_mem_opts *m = &plan->mem;
+        size_t worst = 0;
+        int wt = 0;
+        for (int t = 0; t < S; t++)
+            if (plan->st[t].mem_bytes > worst) {
+                worst = plan->st[t].mem_bytes;
+                wt = t;
+            }
+        char lim[32], w[32];
+        mem_text((double)worst, w, sizeof w);
+        fprintf(out, "memory per rank: weights + KV for %d sequence%s of %d positions (%s K/V, "
+                     "routed layers as reserved at start) + workspace for %d-row micro-batches "
+                     "(incl. %.0f MiB runtime); largest: stage %d, %s",
+                m->slots, m->slots == 1 ? "" : "s", m->ctx, stage_dtype_name(STAGE_KV_DTYPE),
+                m->micro_batch,
+                (double)CLUSTER_RUNTIME_BYTES / (1024.0 * 1024.0), wt, w);
+        if (m->mem_per_rank) {
+            mem_text((double)m->mem_per_rank, lim, sizeof lim);
+            fprintf(out, " of --mem-per-rank %s", lim);
+        }
+        fprintf(out, "\n");
+    }
 
     fprintf(out, "notes:\n");
     fprintf(out, "  - compute = expected FLOPs per token: routed layers (mod, mode_staged) at "

@@ -1,21 +1,40 @@
-/* cluster/pipeline.h — the distributed program: scheduler + per-stage loop (SPEC §4).
+/* cluster/pipeline.h — the distributed program: the pipeline loop + the batch job (SPEC §4).
  *
- * cluster_run() is called by every rank of `comm` (one rank = one stage; -np 1 is the same
- * code with a single stage that is also the head). Data path, per micro-batch:
- *   stage 0: scheduler picks rows -> embed -> layers -> route rows onward
+ * Every rank of `comm` is one stage (-np 1 is the same code with a single stage that is also
+ * the head). Data path, per micro-batch:
+ *   stage 0: the scheduler's rows -> embed -> layers -> route rows onward
  *   stage s: receive chain packet (+ the bypass packets it announces) -> layers -> route
  *   head   : ... -> logits of the rows that need them -> sample / NLL -> tokens to stage 0
  * and every rank counts the bytes it hands to MPI.
  *
- * Micro-batching depends only on the options (never on the rank count), so an N-rank run
- * computes every layer on exactly the rows a 1-rank run does: with the f32 wire the logits
- * are bit-identical.
- *   generate: sequences form `groups` groups (of at most micro_batch sequences); a group's
- *             prompts are cut into micro-batches of at most micro_batch rows (a prompt is
- *             never cut when the model has mindskip sequence-granularity or topk layers), then
- *             each decode step of the group is one micro-batch. Groups interleave so several
- *             micro-batches are in flight.
- *   eval:     the lines, cut the same way into micro-batches of at most micro_batch rows.
+ * The loop: cluster_loop_open (every rank, collective: start-up failures are agreed on),
+ * cluster_loop_step (rank 0: issue micro-batches the scheduler has ready, up to
+ * max_in_flight, and take back one returning micro-batch; returns 1 while running and 0 once
+ * the scheduler is finished and nothing is in flight; ranks > 0: the first step runs the
+ * stage loop until rank 0 ends the run, then returns 0), cluster_loop_close (every rank,
+ * collective: END packets, stats gathered on rank 0, --dump-logits written by the head).
+ * A server steps forever; a batch job until done. The scheduler (cluster/sched.h) is asked
+ * for each micro-batch and gets the sampled tokens back; it exists on rank 0 only.
+ *
+ * The batch job (cluster_run: generate / eval) is one scheduler. Its micro-batching depends
+ * only on the options (never on the rank count), so an N-rank run computes every layer on
+ * exactly the rows a 1-rank run does: with the f32 wire the logits are bit-identical.
+ *   generate: sequences form decode groups (--groups G, default below); a group's prompts
+ *             are cut into micro-batches of at most micro_batch rows (a prompt is never cut
+ *             when the model has mindskip sequence-granularity or topk layers), then each
+ *             decode step of the group (its sequences not yet stopped) is one micro-batch.
+ *             Groups interleave so several micro-batches are in flight. A group starts when
+ *             --slots has a free slot for each of its sequences. Default G =
+ *             max(ceil(n / R), min(8, floor(n / 8))), at least 1: decode micro-batches keep
+ *             >= 8 rows when there are >= 8 sequences (no 2-row GEMMs), at most 8 groups
+ *             unless more are needed to keep a group <= R rows.
+ *             A sequence stops at max_new tokens or at EOS (config eos_token_id; not with
+ *             ignore_eos); its slot is released at once.
+ *   eval:     the lines (any lengths), cut the same way into micro-batches of at most
+ *             micro_batch rows, slots-many sequences at a time.
+ *
+ * Sampling: the draw for new token j of sequence i is stage_rng_seed_draw(seed, i, j), on
+ * whichever rank is the head: independent of batching and rank count.
  *
  * Results: rank 0 gets generated tokens / NLL in `res`; the head writes --dump-logits; rank 0
  * writes --stats. Fatal errors during the run abort the job through COMM_FATAL.
@@ -27,8 +46,63 @@
 #include <stdint.h>
 
 #include "cluster/partition.h"
+#include "cluster/sched.h"
 #include "comm/comm.h"
 #include "stage/config.h"
+
+/* ---- the loop -------------------------------------------------------------------------- */
+
+typedef enum { CLUSTER_DUMP_BY_STEP = 0, CLUSTER_DUMP_BY_POS } cluster_dump_index;
+
+typedef struct {
+    const char *model_dir;
+    const stage_config *cfg;
+    const cluster_plan *plan;   /* n_stages == ranks of comm */
+    int slots, ctx;             /* KV slot pool: slots x ctx positions, sized at open */
+    int max_rows;               /* the most rows a micro-batch will have (workspace) */
+    int max_in_flight;          /* micro-batches in flight (>= 1) */
+    stage_dtype wire;
+    int weights_dtype;          /* stage_dtype the weight matrices are held in; -1: as stored */
+    int dense_transport;        /* baseline: every row on every chain link (same compute) */
+    double timeout_s;           /* longest wait for a peer while work is in flight */
+    int serve;                  /* server: ranks may idle without the timeout; ranks > 0
+                                 * report their link counters to rank 0 (at most twice a
+                                 * second, on link s -> 0, counted there) */
+    /* --dump-logits (head): [dump_seqs][dump_len][vocab] float32, NaN where nothing was
+     * computed; row seq, column step or pos (dump_index). NULL: none. */
+    const char *dump_path;
+    cluster_dump_index dump_index;
+    int dump_seqs, dump_len;
+    int progress;               /* rank 0 prints progress lines on stderr */
+    long progress_total;        /* tokens (or micro-batches) expected, for those lines */
+    int progress_tokens;        /* 1: count sampled tokens, 0: micro-batches */
+    const char *stats_path;     /* --stats (rank 0; NULL: none) */
+    const char *command;        /* for the stats file */
+    int micro_batch;            /* for the stats file */
+    int report_nll;             /* the stats file has mean_nll / perplexity (eval) */
+} cluster_loop_opts;
+
+typedef struct {
+    double nll_sum;             /* rank 0: summed over the head's target rows */
+    long nll_count;
+    long tokens;                /* rank 0: sampled tokens */
+    double seconds;
+    double wire_bytes, dense_bytes, payload_bytes, header_bytes;
+} cluster_loop_result;
+
+typedef struct cluster_loop cluster_loop;
+
+/* Collective. ops/self: the scheduler (rank 0; ignored elsewhere). Returns 0, or non-zero
+ * with err: -1 on the lowest failing rank (the message), -2 on the others. */
+int cluster_loop_open(MPI_Comm comm, const cluster_loop_opts *o, const cluster_sched_ops *ops,
+                      void *self, cluster_loop **out, char *err, size_t errlen);
+int cluster_loop_step(cluster_loop *L);
+/* Collective: ends the run (rank 0 sends END once nothing is in flight), gathers stats,
+ * writes --stats / --dump-logits, frees L. res may be NULL. Returns 0 or -1/-2 like open. */
+int cluster_loop_close(cluster_loop *L, cluster_loop_result *res, char *err, size_t errlen);
+int cluster_loop_rank(const cluster_loop *L);
+
+/* ---- the batch job --------------------------------------------------------------------- */
 
 typedef enum { CLUSTER_RUN_GENERATE = 0, CLUSTER_RUN_EVAL } cluster_run_kind;
 
@@ -40,13 +114,18 @@ typedef struct {
     int n_seqs;
     int32_t *const *seq_tokens; /* [n_seqs][seq_len[s]]: prompts (generate) or lines (eval) */
     const int *seq_len;         /* [n_seqs] */
-    int max_new;                /* generate: new tokens per sequence */
+    int max_new;                /* generate: new tokens per sequence at most */
     float temperature, top_p;
     uint64_t seed;
+    int eos;                    /* generate: stop token (-1 none) */
+    int ignore_eos;             /* generate: keep going past EOS */
+    int slots;                  /* KV slots (0: n_seqs) */
+    int ctx;                    /* positions per slot (0: the longest need) */
     int micro_batch;            /* most rows per micro-batch (R) */
-    int groups;                 /* generate: decode groups (micro-batches per decode round) */
+    int groups;                 /* generate: decode groups (0: the default above) */
     int max_in_flight;          /* micro-batches in flight (>= 1) */
-    comm_wire_dtype wire;
+    stage_dtype wire;
+    int weights_dtype;          /* stage_dtype the weight matrices are held in; -1: as stored */
     int dense_transport;        /* baseline: every row on every chain link (same compute) */
     double timeout_s;           /* longest wait for a peer before aborting */
     int progress;               /* rank 0 prints progress lines on stderr */
@@ -57,6 +136,7 @@ typedef struct {
 
 typedef struct {
     int32_t *generated;         /* rank 0, generate: [n_seqs][max_new] */
+    int *n_generated;           /* rank 0, generate: [n_seqs] tokens made (EOS included) */
     double nll_sum;             /* rank 0, eval */
     long nll_count;
     double seconds;

@@ -2,6 +2,7 @@
 #include "cluster/routertune.h"
 
 #include <cJSON.h>
+#include <cblas.h>
 #include <ctype.h>
 #include <errno.h>
 #include <limits.h>
@@ -603,9 +604,9 @@ static int write_output(const rt_out *o, const double *w, const double *b, char 
         float fb = (float)b[i];
         int64_t s2[2] = {1, o->D}, s1[1] = {1};
         snprintf(name, sizeof name, "model.layers.%d.router.weight", o->layers[i]);
-        rc |= st_writer_add(sw, name, ST_F32, 2, s2, fw);
+        rc |= st_writer_add(sw, name, STAGE_F32, 2, s2, fw);
         snprintf(name, sizeof name, "model.layers.%d.router.bias", o->layers[i]);
-        rc |= st_writer_add(sw, name, ST_F32, 1, s1, &fb);
+        rc |= st_writer_add(sw, name, STAGE_F32, 1, s1, &fb);
     }
     if (!fw) rc = -1;
     free(fw);
@@ -1081,7 +1082,7 @@ int cluster_routertune_main(int argc, char **argv)
         goto done;
     }
 
-    stage_set_threads((int)threads);
+    openblas_set_num_threads((int)threads); /* the trainer calls cblas_sgemm directly */
     rc = train_model_load(model, &tm, err, sizeof err);
     c.setup = (train_setup){n_routed, layers, gran, gate, pen, thr, 1.0 - tskip, lambda};
     c.n_routed = n_routed;

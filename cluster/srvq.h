@@ -7,8 +7,12 @@
  * steps, and its slot is released the moment it finishes or is cancelled).
  *
  * Callbacks run on the pipeline thread, in token order per request; they must not block
- * (copy the token into the connection's buffer and resume the connection). on_done is called
- * exactly once per accepted request, last; after it returns the queue forgets `arg`.
+ * (copy the token into the connection's buffer and resume the connection); they may call
+ * srvq_cancel / srvq_get_stats (the queue's lock is not held). on_done is called exactly once
+ * per accepted request, last; after it returns the queue forgets `arg`. The EOS that stops a
+ * request (SRVQ_FINISH_STOP) is not passed to on_token and not counted in n_generated.
+ * Sampling: new token j of a request draws from stage_rng_seed_draw(seed, 0, j), so a seed
+ * reproduces its tokens whatever else is running.
  *
  * Errors: srvq_submit returns a negative code with one line in err (see below); nothing else
  * fails once the queue exists.

@@ -25,7 +25,9 @@
  * protobuf fields; sender/receiver >= n_stages; ROWS going backwards (sender >= receiver);
  * a descriptor on anything but a ROWS chain packet, or a ROWS chain packet without one; a
  * bypass list without a descriptor; bypass entries not from < to, or listed twice; negative
- * slot/pos/token ids; flags bits other than COMM_ROW_*; END with rows; more than
+ * slot/pos/token ids; flags bits other than COMM_ROW_*; SAMPLE without NEED_LOGITS; a SAMPLE
+ * row whose temperature is not finite or whose top_p is not in (0, 1]; target < -1; more than
+ * COMM_MAX_RELEASE releases, negative or repeated ones; END with rows; more than
  * COMM_MAX_BYPASS entries. A failed comm_unpack zeroes *out (and, having reset the arena,
  * ends the previous packet's lifetime too).
  */
@@ -35,27 +37,25 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "stage/dtype.h"
+
 /* ---- present-rows bitmasks ---- */
 static inline size_t comm_mask_bytes(int n) { return (size_t)(n + 7) / 8; }
 static inline void comm_mask_set(uint8_t *m, int i) { m[i >> 3] |= (uint8_t)(1u << (i & 7)); }
 static inline int comm_mask_get(const uint8_t *m, int i) { return (m[i >> 3] >> (i & 7)) & 1; }
 int comm_mask_count(const uint8_t *m, int n);
 
-/* ---- wire dtypes ---- */
-typedef enum { COMM_WIRE_F32 = 0, COMM_WIRE_BF16 = 1, COMM_WIRE_F16 = 2 } comm_wire_dtype;
-size_t comm_wire_size(comm_wire_dtype d);             /* 4, 2, 2 */
-const char *comm_wire_name(comm_wire_dtype d);        /* "f32", "bf16", "f16" */
-int comm_wire_parse(const char *s, comm_wire_dtype *out); /* 0 ok, -1 unknown */
-/* Convert n floats to/from the wire dtype (dst/src are raw bytes, little-endian). */
-void comm_wire_encode(comm_wire_dtype d, const float *src, void *dst, size_t n);
-void comm_wire_decode(comm_wire_dtype d, const void *src, float *dst, size_t n);
-
+/* ---- wire dtypes: the dtype table of stage/dtype.h (f32 exact; bf16 / f16 lossy) ---- */
 /* ---- packets ---- */
 typedef enum { COMM_PKT_ROWS = 0, COMM_PKT_TOKENS = 1, COMM_PKT_END = 2 } comm_pkt_kind;
 
 /* Per-row flags in the micro-batch descriptor. */
 #define COMM_ROW_NEED_LOGITS 1u /* the head must compute this row's logits */
 #define COMM_ROW_PROMPT      2u /* a prompt (prefill / eval) row, not a decode row */
+#define COMM_ROW_SAMPLE      4u /* the head samples a token for it (needs NEED_LOGITS) */
+
+/* Most slot releases one descriptor may list (the sender carries the rest in later ones). */
+#define COMM_MAX_RELEASE 256
 
 typedef struct {
     int from, to; /* stage `from` sent a bypass packet for this micro-batch to stage `to` */
@@ -72,7 +72,7 @@ typedef struct {
     int sender, receiver;   /* stage indices */
     int mb_rows;            /* rows in the micro-batch (bits in `present`) */
     int n_rows;             /* rows carried = popcount(present) */
-    comm_wire_dtype dtype;  /* payload dtype of ROWS packets */
+    stage_dtype dtype;  /* payload dtype of ROWS packets */
     const uint8_t *present; /* [comm_mask_bytes(mb_rows)] */
 
     /* Chain packets (sender + 1 == receiver) carry the descriptor; else has_desc = 0. */
@@ -81,6 +81,17 @@ typedef struct {
     const int32_t *pos;     /* [mb_rows] absolute position */
     const int32_t *token;   /* [mb_rows] input token id */
     const uint8_t *flags;   /* [mb_rows] COMM_ROW_* bits */
+    /* Per-row sampling / scoring state (the head reads it on NEED_LOGITS rows). comm_pack:
+     * a NULL array is left off the wire and means every row has the default (temperature 0,
+     * top_p 1, seed 0, seq 0, step 0, target -1); comm_unpack always sets all six. */
+    const float *temperature; /* [mb_rows] <= 0: greedy */
+    const float *top_p;     /* [mb_rows] (0, 1] on SAMPLE rows */
+    const uint64_t *seed;   /* [mb_rows] */
+    const uint64_t *seq;    /* [mb_rows] sequence id: the sampling stream (and dump row) */
+    const uint32_t *step;   /* [mb_rows] draw index within the sequence */
+    const int32_t *target;  /* [mb_rows] token scored by NLL, -1: none */
+    int n_release;
+    const int32_t *release; /* [n_release] slots released before this micro-batch's rows */
     int n_bypass;
     const comm_bypass *bypass; /* [n_bypass] */
 

@@ -9,6 +9,7 @@
  */
 #include "comm/comm.h"
 
+#include <math.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -45,50 +46,8 @@ int comm_mask_count(const uint8_t *m, int n)
     return c;
 }
 
-/* ---------------------------------------------------------------- wire dtypes */
-
-size_t comm_wire_size(comm_wire_dtype d)
-{
-    switch (d) {
-    case COMM_WIRE_F32: return 4;
-    case COMM_WIRE_BF16: return 2;
-    case COMM_WIRE_F16: return 2;
-    }
-    return 0;
-}
-
-const char *comm_wire_name(comm_wire_dtype d)
-{
-    switch (d) {
-    case COMM_WIRE_F32: return "f32";
-    case COMM_WIRE_BF16: return "bf16";
-    case COMM_WIRE_F16: return "f16";
-    }
-    return "?";
-}
-
-int comm_wire_parse(const char *s, comm_wire_dtype *out)
-{
-    static const comm_wire_dtype all[] = {COMM_WIRE_F32, COMM_WIRE_BF16, COMM_WIRE_F16};
-    if (!s) return -1;
-    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
-        if (strcmp(s, comm_wire_name(all[i])) == 0) {
-            if (out) *out = all[i];
-            return 0;
-        }
-    return -1;
-}
-
-static int comm_wire_known(int d) { return d >= COMM_WIRE_F32 && d <= COMM_WIRE_F16; }
-
 /* Byte-wise little-endian access: payloads sit at any offset after the header, so a
  * uint16_t / float pointer into them would be misaligned. */
-static inline void comm_put_u16(uint8_t *p, uint16_t v)
-{
-    p[0] = (uint8_t)v;
-    p[1] = (uint8_t)(v >> 8);
-}
-static inline uint16_t comm_get_u16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
 static inline void comm_put_u32(uint8_t *p, uint32_t v)
 {
     p[0] = (uint8_t)v;
@@ -99,59 +58,6 @@ static inline void comm_put_u32(uint8_t *p, uint32_t v)
 static inline uint32_t comm_get_u32(const uint8_t *p)
 {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-#define COMM_HOST_LE 1
-#else
-#define COMM_HOST_LE 0
-#endif
-
-void comm_wire_encode(comm_wire_dtype d, const float *src, void *dst, size_t n)
-{
-    uint8_t *o = dst;
-    switch (d) {
-    case COMM_WIRE_F32:
-        if (COMM_HOST_LE) {
-            memcpy(o, src, n * 4);
-        } else {
-            for (size_t i = 0; i < n; i++) {
-                uint32_t u;
-                memcpy(&u, &src[i], 4);
-                comm_put_u32(o + 4 * i, u);
-            }
-        }
-        break;
-    case COMM_WIRE_BF16:
-        for (size_t i = 0; i < n; i++) comm_put_u16(o + 2 * i, stage_f32_to_bf16(src[i]));
-        break;
-    case COMM_WIRE_F16:
-        for (size_t i = 0; i < n; i++) comm_put_u16(o + 2 * i, stage_f32_to_f16(src[i]));
-        break;
-    }
-}
-
-void comm_wire_decode(comm_wire_dtype d, const void *src, float *dst, size_t n)
-{
-    const uint8_t *s = src;
-    switch (d) {
-    case COMM_WIRE_F32:
-        if (COMM_HOST_LE) {
-            memcpy(dst, s, n * 4);
-        } else {
-            for (size_t i = 0; i < n; i++) {
-                uint32_t u = comm_get_u32(s + 4 * i);
-                memcpy(&dst[i], &u, 4);
-            }
-        }
-        break;
-    case COMM_WIRE_BF16:
-        for (size_t i = 0; i < n; i++) dst[i] = stage_bf16_to_f32(comm_get_u16(s + 2 * i));
-        break;
-    case COMM_WIRE_F16:
-        for (size_t i = 0; i < n; i++) dst[i] = stage_f16_to_f32(comm_get_u16(s + 2 * i));
-        break;
-    }
 }
 
 /* ---------------------------------------------------------------- size bounds */
@@ -188,8 +94,11 @@ size_t comm_packet_max_bytes(int mb_rows, int D, int n_stages)
     h += 4 * (1 + 5);                   /* sender, receiver, mb_rows, n_rows */
     h += 1 + 10;                        /* dtype */
     h += 1 + 5 + comm_mask_bytes(mb_rows); /* present */
-    /* desc: tag + length, three packed int32 arrays (10 bytes a value if negative), flags */
-    size_t desc = comm_add(3 * (1 + 5) + (1 + 5), comm_add(comm_mul(r, 3 * 10), r));
+    /* desc: tag + length, three packed int32 arrays (10 bytes a value if negative), flags;
+     * per row temperature, top_p (4 + 4), seed, seq (10 + 10), step, target (5 + 5); the
+     * release list (10 a value) */
+    size_t desc = comm_add(10 * (1 + 5) + (1 + 5), comm_add(comm_mul(r, 3 * 10 + 38), r));
+    desc = comm_add(desc, (size_t)COMM_MAX_RELEASE * 10);
     h = comm_add(h, comm_add(1 + 5, desc));
     /* bypass entry: tag + 1-byte length + 2 x (tag + uint32 varint) = 14 */
     h = comm_add(h, comm_mul(nb, 14));
@@ -212,7 +121,7 @@ static int comm_check(const comm_packet *p, int n_stages, char *err, size_t errl
         comm_err(err, errlen, "packet mb %llu: unknown kind %d", mb, (int)p->kind);
         return -1;
     }
-    if (!comm_wire_known((int)p->dtype)) {
+    if (!stage_dtype_valid((int)p->dtype)) {
         comm_err(err, errlen, "packet mb %llu: unknown wire dtype %d", mb, (int)p->dtype);
         return -1;
     }
@@ -267,6 +176,23 @@ static int comm_check(const comm_packet *p, int n_stages, char *err, size_t errl
             return -1;
         }
         for (int i = 0; i < p->mb_rows; i++) {
+            if ((p->flags[i] & COMM_ROW_SAMPLE) && !(p->flags[i] & COMM_ROW_NEED_LOGITS)) {
+                comm_err(err, errlen, "packet mb %llu %d->%d: row %d samples without logits", mb,
+                         p->sender, p->receiver, i);
+                return -1;
+            }
+            float temp = p->temperature ? p->temperature[i] : 0.0f;
+            float top_p = p->top_p ? p->top_p[i] : 1.0f;
+            if ((p->flags[i] & COMM_ROW_SAMPLE) && (!isfinite(temp) || !(top_p > 0.0f && top_p <= 1.0f))) {
+                comm_err(err, errlen, "packet mb %llu %d->%d: row %d has temperature %g, top_p %g",
+                         mb, p->sender, p->receiver, i, (double)temp, (double)top_p);
+                return -1;
+            }
+            if (p->target && p->target[i] < -1) {
+                comm_err(err, errlen, "packet mb %llu %d->%d: row %d has target %d", mb, p->sender,
+                         p->receiver, i, (int)p->target[i]);
+                return -1;
+            }
             if (p->slot[i] < 0 || p->pos[i] < 0 || p->token[i] < 0) {
                 comm_err(err, errlen,
                          "packet mb %llu %d->%d: row %d has slot %d pos %d token %d (negative)",
@@ -274,12 +200,31 @@ static int comm_check(const comm_packet *p, int n_stages, char *err, size_t errl
                          (int)p->token[i]);
                 return -1;
             }
-            if (p->flags[i] & ~(COMM_ROW_NEED_LOGITS | COMM_ROW_PROMPT)) {
+            if (p->flags[i] & ~(COMM_ROW_NEED_LOGITS | COMM_ROW_PROMPT | COMM_ROW_SAMPLE)) {
                 comm_err(err, errlen, "packet mb %llu %d->%d: row %d has unknown flags 0x%02x",
                          mb, p->sender, p->receiver, i, (unsigned)p->flags[i]);
                 return -1;
             }
         }
+    }
+    if (p->n_release < 0 || p->n_release > COMM_MAX_RELEASE || (p->n_release > 0 && !p->release) ||
+        (p->n_release > 0 && !p->has_desc)) {
+        comm_err(err, errlen, "packet mb %llu %d->%d: %d slot releases (limit %d, descriptor only)",
+                 mb, p->sender, p->receiver, p->n_release, COMM_MAX_RELEASE);
+        return -1;
+    }
+    for (int k = 0; k < p->n_release; k++) {
+        if (p->release[k] < 0) {
+            comm_err(err, errlen, "packet mb %llu %d->%d: release of slot %d", mb, p->sender,
+                     p->receiver, (int)p->release[k]);
+            return -1;
+        }
+        for (int j = 0; j < k; j++) /* n_release <= COMM_MAX_RELEASE: quadratic is fine */
+            if (p->release[j] == p->release[k]) {
+                comm_err(err, errlen, "packet mb %llu %d->%d: slot %d released twice", mb,
+                         p->sender, p->receiver, (int)p->release[k]);
+                return -1;
+            }
     }
     if (p->n_bypass < 0 || p->n_bypass > COMM_MAX_BYPASS || (p->n_bypass > 0 && !p->bypass)) {
         comm_err(err, errlen, "packet mb %llu %d->%d: %d bypass entries (limit %d)", mb,
@@ -313,7 +258,7 @@ static size_t comm_payload_bytes(const comm_packet *p, int D)
 {
     switch (p->kind) {
     case COMM_PKT_ROWS:
-        return comm_mul(comm_mul((size_t)p->n_rows, (size_t)D), comm_wire_size(p->dtype));
+        return comm_mul(comm_mul((size_t)p->n_rows, (size_t)D), stage_dtype_size(p->dtype));
     case COMM_PKT_TOKENS: return comm_mul((size_t)p->n_rows, 4);
     case COMM_PKT_END: return 0;
     }
@@ -375,6 +320,21 @@ size_t comm_pack(const comm_packet *hdr, const float *x, int D, const int32_t *t
         desc.token = (int32_t *)hdr->token;
         desc.flags.len = r;
         desc.flags.data = (uint8_t *)hdr->flags;
+        /* an absent sampling array means "every row has the default" (comm.h) */
+        desc.n_temperature = hdr->temperature ? r : 0;
+        desc.n_top_p = hdr->top_p ? r : 0;
+        desc.n_seed = hdr->seed ? r : 0;
+        desc.n_seq = hdr->seq ? r : 0;
+        desc.n_step = hdr->step ? r : 0;
+        desc.n_target = hdr->target ? r : 0;
+        desc.temperature = (float *)hdr->temperature;
+        desc.top_p = (float *)hdr->top_p;
+        desc.seed = (uint64_t *)hdr->seed;
+        desc.seq = (uint64_t *)hdr->seq;
+        desc.step = (uint32_t *)hdr->step;
+        desc.target = (int32_t *)hdr->target;
+        desc.n_release = (size_t)hdr->n_release;
+        desc.release = (int32_t *)hdr->release;
         h.desc = &desc;
     }
     for (int k = 0; k < hdr->n_bypass; k++) {
@@ -410,10 +370,10 @@ size_t comm_pack(const comm_packet *hdr, const float *x, int D, const int32_t *t
 
     uint8_t *out = buf + COMM_PREFIX_BYTES + H; /* [n_rows][D] wire dtype, or [n_rows] int32 */
     if (hdr->kind == COMM_PKT_ROWS) {
-        size_t row = (size_t)D * comm_wire_size(hdr->dtype);
+        size_t row = (size_t)D * stage_dtype_size(hdr->dtype);
         for (int i = 0; i < hdr->mb_rows; i++)
             if (comm_mask_get(hdr->present, i)) {
-                comm_wire_encode(hdr->dtype, x + (size_t)i * (size_t)D, out, (size_t)D);
+                stage_dtype_from_f32(hdr->dtype, x + (size_t)i * (size_t)D, out, (size_t)D);
                 out += row;
             }
     } else if (hdr->kind == COMM_PKT_TOKENS) {
@@ -434,6 +394,11 @@ struct comm_unpacker {
     uint8_t *arena;              /* [arena_cap] */
     size_t arena_cap, arena_used;
     int arena_exhausted;         /* set when an allocation did not fit (for the message) */
+    /* [max_mb_rows + 1] each: what an absent sampling array decodes to */
+    float *def_zero_f32, *def_one_f32;
+    uint64_t *def_zero_u64;
+    uint32_t *def_zero_u32;
+    int32_t *def_minus1_i32;
 };
 
 static void *comm_arena_alloc(void *data, size_t size)
@@ -468,6 +433,8 @@ static size_t comm_arena_bytes(int max_mb_rows, int n_stages)
     a = comm_add(a, sizeof(Modpipe__PacketHeader) + sizeof(Modpipe__BatchDesc));
     a = comm_add(a, comm_mask_bytes(max_mb_rows));                 /* present */
     a = comm_add(a, comm_mul(r, 3 * sizeof(int32_t) + 1));         /* slot, pos, token, flags */
+    a = comm_add(a, comm_mul(r, 2 * sizeof(float) + 2 * sizeof(uint64_t) + 2 * sizeof(int32_t)));
+    a = comm_add(a, (size_t)COMM_MAX_RELEASE * sizeof(int32_t));   /* release */
     a = comm_add(a, comm_mul(nb, sizeof(Modpipe__Bypass *) + sizeof(Modpipe__Bypass) +
                                      sizeof(comm_bypass)));
     a = comm_add(a, comm_mul(2 * members, 64));                    /* scan slabs */
@@ -487,6 +454,21 @@ comm_unpacker *comm_unpacker_init(int max_mb_rows, int n_stages)
         free(u);
         return NULL;
     }
+    size_t nd = (size_t)max_mb_rows + 1;
+    u->def_zero_f32 = calloc(nd, sizeof(float));
+    u->def_one_f32 = malloc(nd * sizeof(float));
+    u->def_zero_u64 = calloc(nd, sizeof(uint64_t));
+    u->def_zero_u32 = calloc(nd, sizeof(uint32_t));
+    u->def_minus1_i32 = malloc(nd * sizeof(int32_t));
+    if (!u->def_zero_f32 || !u->def_one_f32 || !u->def_zero_u64 || !u->def_zero_u32 ||
+        !u->def_minus1_i32) {
+        comm_unpacker_free(u);
+        return NULL;
+    }
+    for (size_t i = 0; i < nd; i++) {
+        u->def_one_f32[i] = 1.0f;
+        u->def_minus1_i32[i] = -1;
+    }
     u->max_mb_rows = max_mb_rows;
     u->n_stages = n_stages;
     u->arena_cap = cap;
@@ -500,6 +482,8 @@ void comm_unpacker_free(comm_unpacker *u)
 {
     if (!u) return;
     free(u->arena);
+    free(u->def_zero_f32); free(u->def_one_f32); free(u->def_zero_u64); free(u->def_zero_u32);
+    free(u->def_minus1_i32);
     free(u);
 }
 
@@ -573,6 +557,22 @@ static int comm_unpack_fill(comm_unpacker *u, const uint8_t *buf, size_t len, in
     }
     if (h->desc) {
         const Modpipe__BatchDesc *d = h->desc;
+#define COMM_OPT_LEN(n) ((n) != 0 && (n) != h->mb_rows)
+        if (COMM_OPT_LEN(d->n_temperature) || COMM_OPT_LEN(d->n_top_p) || COMM_OPT_LEN(d->n_seed) ||
+            COMM_OPT_LEN(d->n_seq) || COMM_OPT_LEN(d->n_step) || COMM_OPT_LEN(d->n_target)) {
+#undef COMM_OPT_LEN
+            comm_err(err, errlen,
+                     "packet mb %llu %u->%u: descriptor has %zu temperatures, %zu top_p, %zu seeds, "
+                     "%zu seqs, %zu steps, %zu targets for %u rows",
+                     mb, (unsigned)h->sender, (unsigned)h->receiver, d->n_temperature, d->n_top_p,
+                     d->n_seed, d->n_seq, d->n_step, d->n_target, (unsigned)h->mb_rows);
+            return -1;
+        }
+        if (d->n_release > COMM_MAX_RELEASE) {
+            comm_err(err, errlen, "packet mb %llu: %zu slot releases (limit %d)", mb, d->n_release,
+                     COMM_MAX_RELEASE);
+            return -1;
+        }
         if (d->n_slot != h->mb_rows || d->n_pos != h->mb_rows || d->n_token != h->mb_rows ||
             d->flags.len != h->mb_rows) {
             comm_err(err, errlen,
@@ -595,7 +595,7 @@ static int comm_unpack_fill(comm_unpacker *u, const uint8_t *buf, size_t len, in
     out->receiver = (int)h->receiver;
     out->mb_rows = (int)h->mb_rows;
     out->n_rows = (int)h->n_rows;
-    out->dtype = (comm_wire_dtype)h->dtype;
+    out->dtype = (stage_dtype)h->dtype;
     out->present = h->present.data ? h->present.data : comm_empty_u8;
     if (h->desc) {
         out->has_desc = 1;
@@ -603,6 +603,15 @@ static int comm_unpack_fill(comm_unpacker *u, const uint8_t *buf, size_t len, in
         out->pos = h->desc->pos ? h->desc->pos : comm_empty_i32;
         out->token = h->desc->token ? h->desc->token : comm_empty_i32;
         out->flags = h->desc->flags.data ? h->desc->flags.data : comm_empty_u8;
+        const Modpipe__BatchDesc *d = h->desc;
+        out->temperature = d->n_temperature ? d->temperature : u->def_zero_f32;
+        out->top_p = d->n_top_p ? d->top_p : u->def_one_f32;
+        out->seed = d->n_seed ? d->seed : u->def_zero_u64;
+        out->seq = d->n_seq ? d->seq : u->def_zero_u64;
+        out->step = d->n_step ? d->step : u->def_zero_u32;
+        out->target = d->n_target ? d->target : u->def_minus1_i32;
+        out->n_release = (int)d->n_release;
+        out->release = d->release ? d->release : comm_empty_i32;
     }
     if (h->n_bypass > 0) {
         /* [n_bypass] in the arena, like the rest of the decoded header */
@@ -639,7 +648,7 @@ static int comm_unpack_fill(comm_unpacker *u, const uint8_t *buf, size_t len, in
                      "packet mb %llu %d->%d: payload %zu bytes, want %zu (%d rows x D %d x %s) "
                      "(header %zu bytes, packet %zu bytes)",
                      mb, out->sender, out->receiver, have, want, out->n_rows, D,
-                     comm_wire_name(out->dtype), H, len);
+                     stage_dtype_name(out->dtype), H, len);
         else
             comm_err(err, errlen,
                      "packet mb %llu %d->%d: %s payload %zu bytes, want %zu (header %zu bytes, "
@@ -681,11 +690,11 @@ int comm_unpack(comm_unpacker *u, const uint8_t *buf, size_t len, int D, comm_pa
 void comm_scatter_rows(const comm_packet *p, int D, float *x)
 {
     if (!p || !x || p->kind != COMM_PKT_ROWS || D <= 0) return;
-    size_t row = (size_t)D * comm_wire_size(p->dtype); /* bytes of one payload row */
+    size_t row = (size_t)D * stage_dtype_size(p->dtype); /* bytes of one payload row */
     const uint8_t *src = p->payload;                   /* [n_rows][D] wire dtype */
     for (int i = 0; i < p->mb_rows; i++)
         if (comm_mask_get(p->present, i)) {
-            comm_wire_decode(p->dtype, src, x + (size_t)i * (size_t)D, (size_t)D);
+            stage_dtype_to_f32(p->dtype, src, x + (size_t)i * (size_t)D, (size_t)D);
             src += row;
         }
 }

@@ -668,3 +668,16 @@ void stage_config_free(stage_config *cfg)
     free(cfg->layer_kind);
     cfg->layer_kind = NULL;
 }
+
+double stage_flops_attn_proj(const stage_config *c)
+{
+    double qd = (double)c->n_heads * c->head_dim, kvd = (double)c->n_kv_heads * c->head_dim;
+    return 2.0 * c->hidden * (qd + 2 * kvd) + 2.0 * qd * c->hidden;
+}
+double stage_flops_attn_ctx(const stage_config *c, double ctx)
+{
+    return 4.0 * c->n_heads * c->head_dim * ctx;
+}
+double stage_flops_mlp(const stage_config *c) { return 6.0 * c->hidden * c->inter; }
+double stage_flops_expert(const stage_config *c) { return 6.0 * c->hidden * c->expert_inter; }
+double stage_flops_gate(const stage_config *c, int n_gate) { return 2.0 * c->hidden * n_gate; }

@@ -73,6 +73,14 @@ void stage_config_free(stage_config *cfg);
 /* Zero *cfg and set every default this header documents (layer_kind stays NULL). */
 void stage_config_defaults(stage_config *cfg);
 
+/* The FLOP model, per row (2 FLOPs per multiply-add): the one used by --stats and by the
+ * partitioner's cost model. */
+double stage_flops_attn_proj(const stage_config *c);           /* q, k, v, o projections */
+double stage_flops_attn_ctx(const stage_config *c, double ctx); /* scores + mix over ctx entries */
+double stage_flops_mlp(const stage_config *c);                 /* dense SwiGLU MLP */
+double stage_flops_expert(const stage_config *c);              /* one MoE expert */
+double stage_flops_gate(const stage_config *c, int n_gate);    /* MoE gate of n_gate rows */
+
 const char *stage_kind_name(stage_kind k);
 /* Does a layer of this kind carry a causal or top-k MoD router (mod, mode_staged)? */
 int stage_kind_is_routed(stage_kind k);

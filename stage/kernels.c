@@ -12,7 +12,6 @@ double stage_now_s(void)
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-void stage_set_threads(int n) { openblas_set_num_threads(n < 1 ? 1 : n); }
 
 void stage_matmul(const float *x, int m, int k, const float *w, int n, float *y)
 {

@@ -7,9 +7,6 @@
 /* Monotonic wall clock in seconds (layer timings, stage busy/wait time). */
 double stage_now_s(void);
 
-/* BLAS threads of this process. OpenBLAS's sgemm results for a row depend on how the rows
- * are split between threads, so runs must use the same count to agree bit for bit. */
-void stage_set_threads(int n);
 
 /* y [m][n] = x [m][k] · W^T, W [n][k] (cblas_sgemm). m == 0 is a no-op. */
 void stage_matmul(const float *x, int m, int k, const float *w, int n, float *y);

@@ -115,46 +115,15 @@ static void shape_str(char *buf, size_t len, int ndim, const int64_t *shape)
 /* dtypes                                                              */
 /* ================================================================== */
 
-const char *st_dtype_name(st_dtype d)
-{
-    switch (d) {
-    case ST_F32: return "F32";
-    case ST_F16: return "F16";
-    case ST_BF16: return "BF16";
-    }
-    return "?";
-}
-
-int st_dtype_parse(const char *s, st_dtype *out)
-{
-    if (!s) return -1;
-    st_dtype d;
-    if (strcasecmp(s, "f32") == 0) d = ST_F32;
-    else if (strcasecmp(s, "f16") == 0) d = ST_F16;
-    else if (strcasecmp(s, "bf16") == 0) d = ST_BF16;
-    else return -1;
-    if (out) *out = d;
-    return 0;
-}
-
-size_t st_dtype_size(st_dtype d)
-{
-    switch (d) {
-    case ST_F32: return 4;
-    case ST_F16: return 2;
-    case ST_BF16: return 2;
-    }
-    return 0;
-}
-
 /* The header's dtype strings are exact upper case (safetensors spec). */
-static int dtype_from_header(const char *s, st_dtype *out)
+static int dtype_from_header(const char *s, stage_dtype *out)
 {
-    if (strcmp(s, "F32") == 0) *out = ST_F32;
-    else if (strcmp(s, "F16") == 0) *out = ST_F16;
-    else if (strcmp(s, "BF16") == 0) *out = ST_BF16;
-    else return -1;
-    return 0;
+    for (int d = 0; d < STAGE_N_DTYPES; d++)
+        if (strcmp(s, stage_dtype_st_name((stage_dtype)d)) == 0) {
+            *out = (stage_dtype)d;
+            return 0;
+        }
+    return -1;
 }
 
 /* ================================================================== */
@@ -176,7 +145,7 @@ typedef struct {
 /* One tensor of a parsed header. */
 typedef struct {
     char *name;
-    st_dtype dtype;
+    stage_dtype dtype;
     int ndim;
     int64_t shape[ST_MAX_DIMS];
     size_t begin, nbytes;  /* within the data region */
@@ -236,7 +205,7 @@ static int parse_entry(const char *path, const char *name, const cJSON *j, size_
         return -1;
     }
     e->ndim = nd;
-    uint64_t esz = st_dtype_size(e->dtype), nbytes = esz;
+    uint64_t esz = stage_dtype_size(e->dtype), nbytes = esz;
     int i = 0;
     const cJSON *d;
     cJSON_ArrayForEach(d, sh) {
@@ -455,12 +424,15 @@ typedef struct {
     char *name;
     int file;              /* index into m->files */
     int known;             /* dtype/shape/offsets filled from the file's header */
-    st_dtype dtype;
+    stage_dtype dtype;
     int ndim;
     int64_t shape[ST_MAX_DIMS];
     size_t begin, nbytes;
     const float *f32;      /* handed out by st_get_f32 (zero-copy or == owned) */
     float *owned;          /* converted copy [numel], freed by st_close */
+    const void *wdata;     /* handed out by st_get_weight (zero-copy or == wowned) */
+    void *wowned;          /* aligned / converted copy [numel] in wdtype, freed by st_close */
+    stage_dtype wdtype;
 } st_entry;
 
 struct st_model {
@@ -506,6 +478,7 @@ void st_close(st_model *m)
     for (size_t i = 0; i < m->n_ents; i++) {
         free(m->ents[i].name);
         free(m->ents[i].owned);
+        free(m->ents[i].wowned);
     }
     free(m->ents);
     for (int i = 0; i < m->n_files; i++) {
@@ -777,55 +750,43 @@ int st_find(st_model *m, const char *name, st_tensor *t, char *err, size_t errle
     return 1;
 }
 
-/* Convert n values of dtype dt at p (any alignment) to f32. */
-static void to_f32(st_dtype dt, const uint8_t *p, float *dst, size_t n)
-{
-    if (dt == ST_F32) {
-        memcpy(dst, p, n * 4);
-        return;
-    }
-    if (((uintptr_t)p & 1u) == 0) {
-        if (dt == ST_F16) stage_f16_to_f32_n((const uint16_t *)(const void *)p, dst, n);
-        else stage_bf16_to_f32_n((const uint16_t *)(const void *)p, dst, n);
-        return;
-    }
-    for (size_t i = 0; i < n; i++) { /* odd address: read each half through memcpy */
-        uint16_t h;
-        memcpy(&h, p + 2 * i, 2);
-        dst[i] = dt == ST_F16 ? stage_f16_to_f32(h) : stage_bf16_to_f32(h);
-    }
-}
-
-const float *st_get_f32(st_model *m, const char *name, int ndim, const int64_t *shape,
-                        char *err, size_t errlen)
+/* Look `name` up and check it has exactly the expected shape. Returns its entry (and *t), or
+ * NULL with "FILE: missing tensor NAME" / "FILE: tensor NAME has shape [..], expected [..]". */
+static st_entry *get_checked(st_model *m, const char *name, int ndim, const int64_t *shape,
+                             st_tensor *t, char *err, size_t errlen)
 {
     if (!m || !name) {
-        st_err(err, errlen, "st_get_f32: no model or name");
+        st_err(err, errlen, "safetensors: no model or tensor name");
         return NULL;
     }
     if (ndim < 0 || ndim > ST_MAX_DIMS || (ndim > 0 && !shape)) {
         st_err(err, errlen, "%s: tensor %s: bad expected shape (ndim %d)", m->label, name, ndim);
         return NULL;
     }
-    st_tensor t;
-    int r = st_find(m, name, &t, err, errlen);
+    int r = st_find(m, name, t, err, errlen);
     if (r == 0) st_err(err, errlen, "%s: missing tensor %s", m->label, name);
     if (r <= 0) return NULL;
-
-    int same = t.ndim == ndim;
-    for (int i = 0; same && i < ndim; i++) same = t.shape[i] == shape[i];
+    int same = t->ndim == ndim;
+    for (int i = 0; same && i < ndim; i++) same = t->shape[i] == shape[i];
     if (!same) {
         char have[192], want[192];
-        shape_str(have, sizeof have, t.ndim, t.shape);
+        shape_str(have, sizeof have, t->ndim, t->shape);
         shape_str(want, sizeof want, ndim, shape);
-        st_err(err, errlen, "%s: tensor %s has shape %s, expected %s", t.file, name, have, want);
+        st_err(err, errlen, "%s: tensor %s has shape %s, expected %s", t->file, name, have, want);
         return NULL;
     }
+    return ent_lookup(m, name);
+}
 
-    st_entry *e = ent_lookup(m, name);
+const float *st_get_f32(st_model *m, const char *name, int ndim, const int64_t *shape,
+                        char *err, size_t errlen)
+{
+    st_tensor t;
+    st_entry *e = get_checked(m, name, ndim, shape, &t, err, errlen);
+    if (!e) return NULL;
     if (e->f32) return e->f32;
-    size_t numel = t.nbytes / st_dtype_size(t.dtype);
-    if (t.dtype == ST_F32 && ((uintptr_t)t.data & 3u) == 0) {
+    size_t numel = t.nbytes / stage_dtype_size(t.dtype);
+    if (t.dtype == STAGE_F32 && ((uintptr_t)t.data & 3u) == 0) {
         e->f32 = (const float *)t.data; /* zero-copy into the mmap */
     } else {
         e->owned = malloc((numel ? numel : 1) * sizeof(float)); /* [numel] */
@@ -834,11 +795,70 @@ const float *st_get_f32(st_model *m, const char *name, int ndim, const int64_t *
                    name, numel);
             return NULL;
         }
-        to_f32(t.dtype, t.data, e->owned, numel);
+        stage_dtype_to_f32(t.dtype, t.data, e->owned, numel);
         e->f32 = e->owned;
     }
     m->loaded_bytes += numel * sizeof(float);
     return e->f32;
+}
+
+int st_get_weight(st_model *m, const char *name, int64_t rows, int64_t cols, int want,
+                  stage_weight *out, char *err, size_t errlen)
+{
+    int64_t shape[2] = {rows, cols};
+    st_tensor t;
+    st_entry *e = get_checked(m, name, 2, shape, &t, err, errlen);
+    if (!e) return -1;
+    if (rows > INT32_MAX || cols > INT32_MAX) {
+        st_err(err, errlen, "%s: tensor %s: dimensions beyond 2^31", t.file, name);
+        return -1;
+    }
+    stage_dtype dt = want >= 0 ? (stage_dtype)want : t.dtype;
+    size_t es = stage_dtype_size(dt), numel = t.nbytes / stage_dtype_size(t.dtype);
+    out->dtype = dt;
+    out->rows = (int)rows;
+    out->cols = (int)cols;
+    if (e->wdata && e->wdtype == dt) {
+        out->data = e->wdata;
+        return 0;
+    }
+    if (dt == t.dtype && ((uintptr_t)t.data % es) == 0) {
+        e->wdata = t.data; /* zero-copy into the mmap */
+    } else { /* misaligned in the file, or converted at load (--weights-dtype) */
+        if (e->wowned) {
+            st_err(err, errlen, "%s: tensor %s asked for in two dtypes", t.file, name);
+            return -1;
+        }
+        e->wowned = aligned_alloc(64, (numel * es + 63) / 64 * 64 + 64); /* [numel] in dt */
+        if (!e->wowned) {
+            st_err(err, errlen, "%s: out of memory loading tensor %s (%zu values)", t.file, name,
+                    numel);
+            return -1;
+        }
+        if (dt == t.dtype) {
+            memcpy(e->wowned, t.data, numel * es);
+        } else {
+            float row[1024]; /* convert through a small f32 buffer: no f32 copy of the tensor */
+            const uint8_t *src = t.data;
+            size_t ses = stage_dtype_size(t.dtype);
+            for (size_t i = 0; i < numel; i += 1024) {
+                size_t n = numel - i < 1024 ? numel - i : 1024;
+                stage_dtype_to_f32(t.dtype, src + i * ses, row, n);
+                stage_dtype_from_f32(dt, row, (uint8_t *)e->wowned + i * es, n);
+            }
+        }
+        e->wdata = e->wowned;
+    }
+    e->wdtype = dt;
+    m->loaded_bytes += numel * es;
+    out->data = e->wdata;
+    return 0;
+}
+
+size_t st_count(const st_model *m) { return m ? m->n_ents : 0; }
+const char *st_name_at(const st_model *m, size_t i)
+{
+    return m && i < m->n_ents ? m->ents[i].name : NULL;
 }
 
 size_t st_loaded_bytes(const st_model *m)
@@ -846,13 +866,460 @@ size_t st_loaded_bytes(const st_model *m)
     return m ? m->loaded_bytes : 0;
 }
 
+
 /* ================================================================== */
-/* writing                                                             */
+/* writing: the streaming writer, st_writer on top of it, patching     */
 /* ================================================================== */
 
 typedef struct {
     char *name;
-    st_dtype dtype;
+    stage_dtype dtype;
+    int ndim;
+    int64_t shape[ST_MAX_DIMS];
+    uint64_t nbytes;
+    uint64_t offset;       /* within its file's data region */
+    int file;              /* index into st_stream.files */
+} st_stensor;
+
+typedef struct {
+    char *path;            /* dir/name */
+    char name[64];         /* the name the index's weight_map gives */
+    int created;           /* exists on disk: removed when the stream fails */
+} st_sfile;
+
+/* f32 values converted per call of st_stream_write_f32 at most (the conversion buffer). */
+#define ST_CVT_N 65536
+
+struct st_stream {
+    st_stensor *t;         /* [n] declaration order = file order */
+    size_t n, cap;
+    int state;             /* 0 declaring, 1 writing, 2 finished, -1 failed */
+    st_sfile *files;       /* [n_files] */
+    int n_files, sharded;
+    char *index_path;      /* sharded: dir/model.safetensors.index.json */
+    int index_created;
+    FILE *cur;             /* the open file (files[cur_file]) or NULL */
+    int cur_file;
+    size_t ti;             /* tensor the next byte belongs to */
+    uint64_t t_done;       /* bytes of tensor ti written */
+    uint64_t total, written;
+    uint8_t *cvt;          /* [ST_CVT_N * 4] f32 -> dtype conversion buffer */
+};
+
+st_stream *st_stream_new(void)
+{
+    st_stream *s = calloc(1, sizeof *s);
+    if (s) s->cur_file = -1;
+    return s;
+}
+
+/* Remove everything written so far; the stream cannot be used after this. */
+static void stream_fail(st_stream *s)
+{
+    if (s->cur) fclose(s->cur);
+    s->cur = NULL;
+    for (int i = 0; i < s->n_files; i++)
+        if (s->files[i].created) unlink(s->files[i].path);
+    if (s->index_created) unlink(s->index_path);
+    s->state = -1;
+}
+
+void st_stream_free(st_stream *s)
+{
+    if (!s) return;
+    if (s->state == 1) stream_fail(s); /* never finished: leave no partial model behind */
+    for (size_t i = 0; i < s->n; i++) free(s->t[i].name);
+    free(s->t);
+    for (int i = 0; i < s->n_files; i++) free(s->files[i].path);
+    free(s->files);
+    free(s->index_path);
+    free(s->cvt);
+    free(s);
+}
+
+/* numel of a shape the writers accept (every dim an exact JSON integer, numel * 4 fits
+ * size_t); -1 when it is not. */
+static int shape_numel(int ndim, const int64_t *shape, size_t *numel)
+{
+    size_t ne = 1;
+    for (int i = 0; i < ndim; i++) {
+        if (shape[i] < 0 || (double)shape[i] > ST_MAX_JSON_INT) return -1;
+        if (shape[i] != 0 && ne > SIZE_MAX / 4 / (size_t)shape[i]) return -1;
+        ne *= (size_t)shape[i];
+    }
+    *numel = ne;
+    return 0;
+}
+
+int st_stream_declare(st_stream *s, const char *name, stage_dtype dt, int ndim,
+                      const int64_t *shape)
+{
+    size_t numel;
+    if (!s || s->state != 0 || !name || ndim < 0 || ndim > ST_MAX_DIMS || (ndim > 0 && !shape) ||
+        stage_dtype_size(dt) == 0 || strcmp(name, "__metadata__") == 0 ||
+        shape_numel(ndim, shape, &numel))
+        return -1;
+    if (s->n == s->cap) {
+        size_t nc = s->cap ? s->cap * 2 : 64;
+        st_stensor *nt = realloc(s->t, nc * sizeof *nt);
+        if (!nt) return -1;
+        s->t = nt;
+        s->cap = nc;
+    }
+    st_stensor *t = &s->t[s->n];
+    memset(t, 0, sizeof *t);
+    if (!(t->name = st_strdup(name))) return -1;
+    t->dtype = dt;
+    t->ndim = ndim;
+    for (int i = 0; i < ndim; i++) t->shape[i] = shape[i];
+    t->nbytes = (uint64_t)numel * stage_dtype_size(dt);
+    s->total += t->nbytes;
+    s->n++;
+    return 0;
+}
+
+static int st_cmp_name_ptr(const void *a, const void *b)
+{
+    return strcmp((*(const st_stensor *const *)a)->name, (*(const st_stensor *const *)b)->name);
+}
+
+static int write_all(FILE *f, const void *p, size_t n)
+{
+    return n == 0 || fwrite(p, 1, n, f) == n ? 0 : -1;
+}
+
+/* The header of file fi: [u64 N][N bytes JSON], JSON space-padded so the data region starts
+ * at a multiple of 8; tensors packed back to back (the reference loader rejects gaps). */
+static char *stream_header(const st_stream *s, int fi, size_t *len)
+{
+    cJSON *root = cJSON_CreateObject();
+    cJSON *meta = cJSON_AddObjectToObject(root, "__metadata__");
+    if (!root || !meta || !cJSON_AddStringToObject(meta, "format", "pt")) goto oom;
+    for (size_t i = 0; i < s->n; i++) {
+        const st_stensor *t = &s->t[i];
+        if (t->file != fi) continue;
+        cJSON *e = cJSON_AddObjectToObject(root, t->name);
+        if (!e || !cJSON_AddStringToObject(e, "dtype", stage_dtype_st_name(t->dtype))) goto oom;
+        cJSON *sh = cJSON_AddArrayToObject(e, "shape");
+        cJSON *of = cJSON_AddArrayToObject(e, "data_offsets");
+        if (!sh || !of) goto oom;
+        for (int d = 0; d < t->ndim; d++)
+            if (!cJSON_AddItemToArray(sh, cJSON_CreateNumber((double)t->shape[d]))) goto oom;
+        if (!cJSON_AddItemToArray(of, cJSON_CreateNumber((double)t->offset)) ||
+            !cJSON_AddItemToArray(of, cJSON_CreateNumber((double)(t->offset + t->nbytes))))
+            goto oom;
+    }
+    char *json = cJSON_PrintUnformatted(root);
+    cJSON_Delete(root);
+    if (!json) return NULL;
+    size_t jl = strlen(json), pad = (8 - (8 + jl) % 8) % 8;
+    char *h = malloc(8 + jl + pad);
+    if (h) {
+        write_le64((uint8_t *)h, (uint64_t)(jl + pad));
+        memcpy(h + 8, json, jl);
+        memset(h + 8 + jl, ' ', pad);
+        *len = 8 + jl + pad;
+    }
+    free(json);
+    return h;
+oom:
+    cJSON_Delete(root);
+    return NULL;
+}
+
+static int stream_close_cur(st_stream *s, char *err, size_t errlen)
+{
+    if (!s->cur) return 0;
+    FILE *f = s->cur;
+    s->cur = NULL;
+    if (fclose(f) != 0) {
+        st_err(err, errlen, "%s: write failed: %s", s->files[s->cur_file].path, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+/* Make file fi the open one: close the previous, create fi and write its header. */
+static int stream_open(st_stream *s, int fi, char *err, size_t errlen)
+{
+    if (s->cur && s->cur_file == fi) return 0;
+    if (stream_close_cur(s, err, errlen)) return -1;
+    st_sfile *f = &s->files[fi];
+    size_t hl = 0;
+    char *h = stream_header(s, fi, &hl);
+    if (!h) {
+        st_err(err, errlen, "%s: out of memory building the header", f->path);
+        return -1;
+    }
+    s->cur = fopen(f->path, "wb");
+    s->cur_file = fi;
+    if (!s->cur) {
+        st_err(err, errlen, "%s: cannot create: %s", f->path, strerror(errno));
+        free(h);
+        return -1;
+    }
+    f->created = 1;
+    int bad = write_all(s->cur, h, hl);
+    free(h);
+    if (bad) {
+        st_err(err, errlen, "%s: write failed: %s", f->path, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+int st_stream_begin(st_stream *s, const char *dir, int n_shards, char *err, size_t errlen)
+{
+    if (!s || !dir || s->state != 0) {
+        st_err(err, errlen, "st_stream_begin: no stream or directory, or begun twice");
+        return -1;
+    }
+    s->state = -1; /* until everything below succeeded */
+    /* Duplicate names would make an unreadable file. */
+    if (s->n > 1) {
+        const st_stensor **p = malloc(s->n * sizeof *p);
+        if (!p) {
+            st_err(err, errlen, "%s: out of memory", dir);
+            return -1;
+        }
+        for (size_t i = 0; i < s->n; i++) p[i] = &s->t[i];
+        qsort(p, s->n, sizeof *p, st_cmp_name_ptr);
+        for (size_t i = 1; i < s->n; i++) {
+            if (strcmp(p[i - 1]->name, p[i]->name) == 0) {
+                st_err(err, errlen, "%s: tensor %s was added twice", dir, p[i]->name);
+                free(p);
+                return -1;
+            }
+        }
+        free(p);
+    }
+    /* More shards than tensors would leave empty files: cap at one tensor per shard. */
+    int ns = n_shards;
+    if ((size_t)(ns > 0 ? ns : 0) > s->n) ns = (int)s->n;
+    if (ns > 99999) {
+        st_err(err, errlen, "%s: %d shards is more than the 5-digit file names allow", dir, ns);
+        return -1;
+    }
+    s->sharded = ns > 1;
+    s->n_files = s->sharded ? ns : 1;
+    s->files = calloc((size_t)s->n_files, sizeof *s->files);
+    s->cvt = malloc((size_t)ST_CVT_N * 4);
+    if (!s->files || !s->cvt) {
+        st_err(err, errlen, "%s: out of memory", dir);
+        return -1;
+    }
+    for (int i = 0; i < s->n_files; i++) {
+        if (s->sharded)
+            snprintf(s->files[i].name, sizeof s->files[i].name, "model-%05d-of-%05d.safetensors",
+                     i + 1, ns);
+        else
+            snprintf(s->files[i].name, sizeof s->files[i].name, "%s", ST_SINGLE_NAME);
+        if (!(s->files[i].path = path_join(dir, s->files[i].name))) {
+            st_err(err, errlen, "%s: out of memory", dir);
+            return -1;
+        }
+    }
+    if (s->sharded) {
+        char *single = path_join(dir, ST_SINGLE_NAME);
+        s->index_path = path_join(dir, ST_INDEX_NAME);
+        if (!single || !s->index_path) {
+            free(single);
+            st_err(err, errlen, "%s: out of memory", dir);
+            return -1;
+        }
+        /* Readers prefer model.safetensors: a stale one would hide the shards we write. */
+        int stale = is_regular_file(single);
+        free(single);
+        if (stale) {
+            st_err(err, errlen, "%s: already holds " ST_SINGLE_NAME
+                   " (readers would use it instead of the shards); remove it first", dir);
+            return -1;
+        }
+        /* Balanced by bytes in declaration order: tensor i goes to the next shard once the
+         * bytes before its midpoint pass that shard's share; every shard gets a tensor. */
+        double total = (double)s->total, acc = 0;
+        int f = 0;
+        size_t in_f = 0;
+        for (size_t i = 0; i < s->n; i++) {
+            if (f < ns - 1 && in_f > 0) {
+                size_t left_t = s->n - i;            /* tensors not yet placed, i included */
+                size_t left_f = (size_t)(ns - 1 - f); /* shards after f */
+                double mid = acc + 0.5 * (double)s->t[i].nbytes;
+                if (left_t <= left_f || mid > total * (double)(f + 1) / (double)ns) {
+                    f++;
+                    in_f = 0;
+                }
+            }
+            s->t[i].file = f;
+            in_f++;
+            acc += (double)s->t[i].nbytes;
+        }
+    }
+    uint64_t off = 0;
+    for (size_t i = 0; i < s->n; i++) {
+        if (i > 0 && s->t[i].file != s->t[i - 1].file) off = 0;
+        s->t[i].offset = off;
+        off += s->t[i].nbytes;
+    }
+    s->state = 1;
+    /* the first file now: a directory we cannot write to fails here, before any data */
+    if (stream_open(s, 0, err, errlen)) {
+        stream_fail(s);
+        return -1;
+    }
+    return 0;
+}
+
+/* Skip empty tensors at the write position. */
+static void stream_skip_empty(st_stream *s)
+{
+    while (s->ti < s->n && s->t[s->ti].nbytes == 0) s->ti++;
+}
+
+int st_stream_write(st_stream *s, const void *bytes, size_t n, char *err, size_t errlen)
+{
+    if (!s || s->state != 1 || (n > 0 && !bytes)) {
+        st_err(err, errlen, "st_stream_write: stream not writable (not begun, failed or finished)");
+        return -1;
+    }
+    const uint8_t *p = bytes;
+    while (n > 0) {
+        stream_skip_empty(s);
+        if (s->ti == s->n) {
+            st_err(err, errlen, "%s: %zu bytes more than the declared tensors hold",
+                    s->files[s->n_files - 1].path, n);
+            stream_fail(s);
+            return -1;
+        }
+        st_stensor *t = &s->t[s->ti];
+        if (stream_open(s, t->file, err, errlen)) {
+            stream_fail(s);
+            return -1;
+        }
+        uint64_t left = t->nbytes - s->t_done;
+        size_t k = n < left ? n : (size_t)left;
+        if (write_all(s->cur, p, k)) {
+            st_err(err, errlen, "%s: write failed: %s", s->files[t->file].path, strerror(errno));
+            stream_fail(s);
+            return -1;
+        }
+        p += k;
+        n -= k;
+        s->written += k;
+        s->t_done += k;
+        if (s->t_done == t->nbytes) {
+            s->ti++;
+            s->t_done = 0;
+        }
+    }
+    return 0;
+}
+
+int st_stream_write_f32(st_stream *s, const float *v, size_t n, char *err, size_t errlen)
+{
+    if (!s || s->state != 1 || (n > 0 && !v)) {
+        st_err(err, errlen, "st_stream_write_f32: stream not writable (not begun, failed or "
+               "finished)");
+        return -1;
+    }
+    while (n > 0) {
+        stream_skip_empty(s);
+        if (s->ti == s->n) return st_stream_write(s, v, n * 4, err, errlen); /* says how many */
+        const st_stensor *t = &s->t[s->ti];
+        size_t es = stage_dtype_size(t->dtype);
+        uint64_t left = (t->nbytes - s->t_done) / es;
+        size_t k = n < left ? n : (size_t)left;
+        if (k > ST_CVT_N) k = ST_CVT_N;
+        const void *src = v;
+        if (t->dtype != STAGE_F32) {
+            stage_dtype_from_f32(t->dtype, v, s->cvt, k);
+            src = s->cvt;
+        }
+        if (st_stream_write(s, src, k * es, err, errlen)) return -1;
+        v += k;
+        n -= k;
+    }
+    return 0;
+}
+
+static int stream_write_index(st_stream *s, char *err, size_t errlen)
+{
+    int rc = -1;
+    char *json = NULL;
+    cJSON *root = cJSON_CreateObject();
+    cJSON *meta = cJSON_AddObjectToObject(root, "metadata");
+    cJSON *wm = cJSON_AddObjectToObject(root, "weight_map");
+    if (!root || !meta || !wm || !cJSON_AddNumberToObject(meta, "total_size", (double)s->total))
+        goto oom;
+    for (size_t i = 0; i < s->n; i++)
+        if (!cJSON_AddStringToObject(wm, s->t[i].name, s->files[s->t[i].file].name)) goto oom;
+    if (!(json = cJSON_Print(root))) goto oom;
+    FILE *f = fopen(s->index_path, "wb");
+    if (!f) {
+        st_err(err, errlen, "%s: cannot create: %s", s->index_path, strerror(errno));
+        goto out;
+    }
+    s->index_created = 1;
+    int bad = write_all(f, json, strlen(json)) || write_all(f, "\n", 1);
+    if (fclose(f) != 0) bad = 1;
+    if (bad) {
+        st_err(err, errlen, "%s: write failed: %s", s->index_path, strerror(errno));
+        goto out;
+    }
+    rc = 0;
+    goto out;
+oom:
+    st_err(err, errlen, "%s: out of memory building the index", s->index_path);
+out:
+    cJSON_Delete(root);
+    free(json);
+    return rc;
+}
+
+int st_stream_finish(st_stream *s, char *err, size_t errlen)
+{
+    if (!s || s->state != 1) {
+        st_err(err, errlen, "st_stream_finish: stream not writable (not begun, failed or finished)");
+        return -1;
+    }
+    stream_skip_empty(s);
+    if (s->ti < s->n) {
+        st_err(err, errlen, "%s: tensor %s incomplete: %llu of %llu bytes of the model written",
+               s->files[s->t[s->ti].file].path, s->t[s->ti].name,
+               (unsigned long long)s->written, (unsigned long long)s->total);
+        stream_fail(s);
+        return -1;
+    }
+    /* files whose tensors are all empty have not been opened yet */
+    for (int i = 0; i < s->n_files; i++) {
+        if (!s->files[i].created && stream_open(s, i, err, errlen)) {
+            stream_fail(s);
+            return -1;
+        }
+    }
+    if (stream_close_cur(s, err, errlen) || (s->sharded && stream_write_index(s, err, errlen))) {
+        stream_fail(s);
+        return -1;
+    }
+    s->state = 2;
+    return 0;
+}
+
+uint64_t st_stream_total_bytes(const st_stream *s)
+{
+    return s ? s->total : 0;
+}
+
+uint64_t st_stream_written_bytes(const st_stream *s)
+{
+    return s ? s->written : 0;
+}
+
+/* ---- st_writer: collect, then stream out ---- */
+
+typedef struct {
+    char *name;
+    stage_dtype dtype;
     int ndim;
     int64_t shape[ST_MAX_DIMS];
     void *bytes;           /* [nbytes] in dtype, little-endian */
@@ -880,18 +1347,14 @@ void st_writer_free(st_writer *w)
     free(w);
 }
 
-int st_writer_add(st_writer *w, const char *name, st_dtype dt, int ndim, const int64_t *shape,
+int st_writer_add(st_writer *w, const char *name, stage_dtype dt, int ndim, const int64_t *shape,
                   const float *data)
 {
+    size_t numel;
     if (!w || !name || ndim < 0 || ndim > ST_MAX_DIMS || (ndim > 0 && !shape) ||
-        st_dtype_size(dt) == 0 || strcmp(name, "__metadata__") == 0)
+        stage_dtype_size(dt) == 0 || strcmp(name, "__metadata__") == 0 ||
+        shape_numel(ndim, shape, &numel))
         return -1;
-    size_t numel = 1;
-    for (int i = 0; i < ndim; i++) {
-        if (shape[i] < 0 || (double)shape[i] > ST_MAX_JSON_INT) return -1;
-        if (shape[i] != 0 && numel > SIZE_MAX / 4 / (size_t)shape[i]) return -1;
-        numel *= (size_t)shape[i];
-    }
     if (numel > 0 && !data) return -1;
     if (w->n == w->cap) {
         size_t nc = w->cap ? w->cap * 2 : 64;
@@ -902,7 +1365,7 @@ int st_writer_add(st_writer *w, const char *name, st_dtype dt, int ndim, const i
     }
     st_wtensor *t = &w->t[w->n];
     memset(t, 0, sizeof *t);
-    t->nbytes = numel * st_dtype_size(dt);
+    t->nbytes = numel * stage_dtype_size(dt);
     t->name = st_strdup(name);
     t->bytes = malloc(t->nbytes ? t->nbytes : 1);
     if (!t->name || !t->bytes) {
@@ -913,125 +1376,9 @@ int st_writer_add(st_writer *w, const char *name, st_dtype dt, int ndim, const i
     t->dtype = dt;
     t->ndim = ndim;
     for (int i = 0; i < ndim; i++) t->shape[i] = shape[i];
-    if (numel > 0) { /* (data may be NULL for an empty tensor) */
-        if (dt == ST_F32) memcpy(t->bytes, data, t->nbytes);
-        else if (dt == ST_F16) stage_f32_to_f16_n(data, t->bytes, numel);
-        else stage_f32_to_bf16_n(data, t->bytes, numel);
-    }
+    if (numel > 0) stage_dtype_from_f32(dt, data, t->bytes, numel); /* data may be NULL if empty */
     w->n++;
     return 0;
-}
-
-static int wt_cmp_name(const void *a, const void *b)
-{
-    return strcmp((*(const st_wtensor *const *)a)->name, (*(const st_wtensor *const *)b)->name);
-}
-
-static int write_all(FILE *f, const void *p, size_t n)
-{
-    return n == 0 || fwrite(p, 1, n, f) == n ? 0 : -1;
-}
-
-/* One complete safetensors file with tensors t[lo, hi). Tensors are packed back to back (the
- * reference loader rejects gaps); the header is space-padded so the data region starts at a
- * multiple of 8. */
-static int write_st_file(const char *path, const st_wtensor *t, size_t lo, size_t hi,
-                         char *err, size_t errlen)
-{
-    cJSON *root = cJSON_CreateObject();
-    cJSON *meta = cJSON_AddObjectToObject(root, "__metadata__");
-    if (!root || !meta || !cJSON_AddStringToObject(meta, "format", "pt")) goto oom;
-    size_t off = 0;
-    for (size_t i = lo; i < hi; i++) {
-        cJSON *e = cJSON_AddObjectToObject(root, t[i].name);
-        if (!e || !cJSON_AddStringToObject(e, "dtype", st_dtype_name(t[i].dtype))) goto oom;
-        cJSON *sh = cJSON_AddArrayToObject(e, "shape");
-        cJSON *of = cJSON_AddArrayToObject(e, "data_offsets");
-        if (!sh || !of) goto oom;
-        for (int d = 0; d < t[i].ndim; d++)
-            if (!cJSON_AddItemToArray(sh, cJSON_CreateNumber((double)t[i].shape[d]))) goto oom;
-        if (!cJSON_AddItemToArray(of, cJSON_CreateNumber((double)off)) ||
-            !cJSON_AddItemToArray(of, cJSON_CreateNumber((double)(off + t[i].nbytes))))
-            goto oom;
-        off += t[i].nbytes;
-    }
-    char *json = cJSON_PrintUnformatted(root);
-    cJSON_Delete(root);
-    root = NULL;
-    if (!json) goto oom;
-
-    size_t jl = strlen(json);
-    size_t pad = (8 - (8 + jl) % 8) % 8;
-    uint8_t len8[8];
-    write_le64(len8, (uint64_t)(jl + pad));
-    static const char spaces[8] = "        ";
-
-    FILE *f = fopen(path, "wb");
-    if (!f) {
-        st_err(err, errlen, "%s: cannot create: %s", path, strerror(errno));
-        free(json);
-        return -1;
-    }
-    int bad = write_all(f, len8, 8) || write_all(f, json, jl) || write_all(f, spaces, pad);
-    for (size_t i = lo; i < hi && !bad; i++) bad = write_all(f, t[i].bytes, t[i].nbytes);
-    int saved = errno;
-    if (fclose(f) != 0 && !bad) {
-        bad = 1;
-        saved = errno;
-    }
-    free(json);
-    if (bad) {
-        st_err(err, errlen, "%s: write failed: %s", path, strerror(saved));
-        unlink(path);
-        return -1;
-    }
-    return 0;
-oom:
-    cJSON_Delete(root);
-    st_err(err, errlen, "%s: out of memory building the header", path);
-    return -1;
-}
-
-static int write_index(const char *path, const st_wtensor *t, size_t n, const int *shard_of,
-                       int n_shards, char *err, size_t errlen)
-{
-    int rc = -1;
-    char *json = NULL;
-    uint64_t total = 0;
-    for (size_t i = 0; i < n; i++) total += t[i].nbytes;
-    cJSON *root = cJSON_CreateObject();
-    cJSON *meta = cJSON_AddObjectToObject(root, "metadata");
-    cJSON *wm = cJSON_AddObjectToObject(root, "weight_map");
-    if (!root || !meta || !wm || !cJSON_AddNumberToObject(meta, "total_size", (double)total))
-        goto oom;
-    for (size_t i = 0; i < n; i++) {
-        char fname[64];
-        snprintf(fname, sizeof fname, "model-%05d-of-%05d.safetensors", shard_of[i] + 1,
-                 n_shards);
-        if (!cJSON_AddStringToObject(wm, t[i].name, fname)) goto oom;
-    }
-    json = cJSON_Print(root);
-    if (!json) goto oom;
-    FILE *f = fopen(path, "wb");
-    if (!f) {
-        st_err(err, errlen, "%s: cannot create: %s", path, strerror(errno));
-        goto out;
-    }
-    int bad = write_all(f, json, strlen(json)) || write_all(f, "\n", 1);
-    if (fclose(f) != 0) bad = 1;
-    if (bad) {
-        st_err(err, errlen, "%s: write failed: %s", path, strerror(errno));
-        unlink(path);
-        goto out;
-    }
-    rc = 0;
-    goto out;
-oom:
-    st_err(err, errlen, "%s: out of memory building the index", path);
-out:
-    cJSON_Delete(root);
-    free(json);
-    return rc;
 }
 
 int st_writer_save(st_writer *w, const char *dir, int n_shards, char *err, size_t errlen)
@@ -1040,99 +1387,63 @@ int st_writer_save(st_writer *w, const char *dir, int n_shards, char *err, size_
         st_err(err, errlen, "st_writer_save: no writer or directory");
         return -1;
     }
-    /* Duplicate names would make an unreadable file. */
-    if (w->n > 1) {
-        const st_wtensor **s = malloc(w->n * sizeof *s);
-        if (!s) {
-            st_err(err, errlen, "%s: out of memory", dir);
-            return -1;
-        }
-        for (size_t i = 0; i < w->n; i++) s[i] = &w->t[i];
-        qsort(s, w->n, sizeof *s, wt_cmp_name);
-        for (size_t i = 1; i < w->n; i++) {
-            if (strcmp(s[i - 1]->name, s[i]->name) == 0) {
-                st_err(err, errlen, "%s: tensor %s was added twice", dir, s[i]->name);
-                free(s);
-                return -1;
-            }
-        }
-        free(s);
+    st_stream *s = st_stream_new();
+    int rc = s ? 0 : -1;
+    for (size_t i = 0; !rc && i < w->n; i++)
+        rc = st_stream_declare(s, w->t[i].name, w->t[i].dtype, w->t[i].ndim, w->t[i].shape);
+    if (rc) {
+        st_err(err, errlen, "%s: out of memory", dir);
+    } else {
+        rc = st_stream_begin(s, dir, n_shards, err, errlen);
+        for (size_t i = 0; !rc && i < w->n; i++)
+            rc = st_stream_write(s, w->t[i].bytes, w->t[i].nbytes, err, errlen);
+        if (!rc) rc = st_stream_finish(s, err, errlen);
     }
+    st_stream_free(s);
+    return rc ? -1 : 0;
+}
 
-    /* More shards than tensors would leave empty files: cap at one tensor per shard. */
-    int ns = n_shards;
-    if ((size_t)(ns > 0 ? ns : 0) > w->n) ns = (int)w->n;
-    if (ns <= 1) {
-        char *path = path_join(dir, ST_SINGLE_NAME);
-        if (!path) {
-            st_err(err, errlen, "%s: out of memory", dir);
-            return -1;
-        }
-        int rc = write_st_file(path, w->t, 0, w->n, err, errlen);
-        free(path);
-        return rc;
-    }
-    if (ns > 99999) {
-        st_err(err, errlen, "%s: %d shards is more than the 5-digit file names allow", dir, ns);
+/* ---- patching a tensor in place ---- */
+
+int st_patch_f32(const char *dir, const char *name, const float *v, size_t n, char *err,
+                 size_t errlen)
+{
+    st_model *m = NULL;
+    if (!name || (n > 0 && !v) || st_open(dir, &m, err, errlen)) {
+        if (!name || (n > 0 && !v)) st_err(err, errlen, "st_patch_f32: no tensor name or values");
         return -1;
     }
-
-    int rc = -1;
-    char *single = path_join(dir, ST_SINGLE_NAME);
-    char *index = path_join(dir, ST_INDEX_NAME);
-    int *shard_of = malloc(w->n * sizeof *shard_of); /* [n tensors] */
-    if (!single || !index || !shard_of) {
-        st_err(err, errlen, "%s: out of memory", dir);
-        goto out;
+    st_tensor t;
+    int rc = st_find(m, name, &t, err, errlen);
+    size_t es = rc > 0 ? stage_dtype_size(t.dtype) : 0;
+    void *buf = NULL;
+    if (rc > 0 && t.nbytes != n * es) {
+        st_err(err, errlen, "%s: tensor %s holds %zu values, %zu given", t.file, name,
+               t.nbytes / es, n);
+        rc = -1;
     }
-    /* Readers prefer model.safetensors: a stale one would hide the shards we write. */
-    if (is_regular_file(single)) {
-        st_err(err, errlen, "%s: already holds " ST_SINGLE_NAME
-               " (readers would use it instead of the shards); remove it first", dir);
-        goto out;
+    if (rc > 0 && !(buf = malloc(n * es + 1))) {
+        st_err(err, errlen, "%s: out of memory", t.file);
+        rc = -1;
     }
-
-    /* Balanced by bytes in insertion order: tensor i goes to the next shard once the bytes
-     * before its midpoint pass that shard's share; every shard gets at least one tensor. */
-    double total = 0;
-    for (size_t i = 0; i < w->n; i++) total += (double)w->t[i].nbytes;
-    int s = 0;
-    size_t in_s = 0;
-    double acc = 0;
-    for (size_t i = 0; i < w->n; i++) {
-        if (s < ns - 1 && in_s > 0) {
-            size_t left_t = w->n - i;           /* tensors not yet placed, i included */
-            size_t left_s = (size_t)(ns - 1 - s); /* shards after s */
-            double mid = acc + 0.5 * (double)w->t[i].nbytes;
-            if (left_t <= left_s || mid > total * (double)(s + 1) / (double)ns) {
-                s++;
-                in_s = 0;
-            }
+    if (rc > 0) {
+        const st_file *f = &m->files[ent_lookup(m, name)->file];
+        off_t off = (off_t)((const uint8_t *)t.data - (const uint8_t *)f->map);
+        stage_dtype_from_f32(t.dtype, v, buf, n);
+        int fd = open(t.file, O_WRONLY | O_CLOEXEC);
+        ssize_t wr = fd >= 0 ? pwrite(fd, buf, n * es, off) : -1;
+        int saved = errno;
+        if (fd >= 0 && close(fd) != 0 && wr == (ssize_t)(n * es)) {
+            wr = -1;
+            saved = errno;
         }
-        shard_of[i] = s;
-        in_s++;
-        acc += (double)w->t[i].nbytes;
-    }
-
-    for (size_t lo = 0; lo < w->n;) {
-        size_t hi = lo;
-        while (hi < w->n && shard_of[hi] == shard_of[lo]) hi++;
-        char fname[64];
-        snprintf(fname, sizeof fname, "model-%05d-of-%05d.safetensors", shard_of[lo] + 1, ns);
-        char *path = path_join(dir, fname);
-        if (!path) {
-            st_err(err, errlen, "%s: out of memory", dir);
-            goto out;
+        if (wr != (ssize_t)(n * es)) {
+            st_err(err, errlen, "%s: cannot patch tensor %s: %s", t.file, name,
+                   wr < 0 ? strerror(saved) : "short write");
+            rc = -1;
         }
-        int r = write_st_file(path, w->t, lo, hi, err, errlen);
-        free(path);
-        if (r) goto out;
-        lo = hi;
     }
-    rc = write_index(index, w->t, w->n, shard_of, ns, err, errlen);
-out:
-    free(single);
-    free(index);
-    free(shard_of);
+    free(buf);
+    st_close(m);
     return rc;
 }

@@ -20,6 +20,15 @@ void stage_rng_seed(stage_rng *r, uint64_t seed, uint64_t index)
     for (int i = 0; i < 4; i++) r->s[i] = splitmix64(&x);
 }
 
+void stage_rng_seed_draw(stage_rng *r, uint64_t seed, uint64_t seq, uint64_t step)
+{
+    /* splitmix64 of step, xor-ed into the (seed, seq) stream key: distinct steps give
+     * unrelated generators, and step 0 of (seed, seq) differs from stage_rng_seed's. */
+    uint64_t x = step ^ 0x6A09E667F3BCC909ull;
+    uint64_t h = splitmix64(&x);
+    stage_rng_seed(r, seed ^ h, seq);
+}
+
 static inline uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
 
 double stage_rng_uniform(stage_rng *r)

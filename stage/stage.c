@@ -9,6 +9,7 @@
 #include <time.h>
 
 #include "stage/kernels.h"
+#include "stage/matmul.h"
 #include "stage/safetensors.h"
 
 /* ========================================================================================
@@ -18,16 +19,17 @@
 typedef struct {
     stage_kind kind;
     int loaded;                 /* weights of this layer live on this stage */
-    const float *ln1, *ln2;     /* [D] input_layernorm, post_attention_layernorm */
-    const float *wq;            /* [n_heads*hd][D] */
-    const float *wk, *wv;       /* [n_kv*hd][D] */
-    const float *wo;            /* [D][n_heads*hd] */
-    const float *w_gate, *w_up; /* [I][D] dense MLP */
-    const float *w_down;        /* [D][I] */
-    const float *moe_gate;      /* [n_gate][D]: E (staged) or E + N_noop (integrated) */
+    const float *ln1, *ln2;     /* [D] input_layernorm, post_attention_layernorm (f32: tiny) */
+    /* matrices stay in the checkpoint dtype (or --weights-dtype), inside the mmap */
+    stage_weight wq;            /* [n_heads*hd][D] */
+    stage_weight wk, wv;        /* [n_kv*hd][D] */
+    stage_weight wo;            /* [D][n_heads*hd] */
+    stage_weight w_gate, w_up;  /* [I][D] dense MLP */
+    stage_weight w_down;        /* [D][I] */
+    stage_weight moe_gate;      /* [n_gate][D]: E (staged) or E + N_noop (integrated) */
     int n_gate;
-    const float **ew1, **ew3;   /* [E] -> [Ie][D] */
-    const float **ew2;          /* [E] -> [D][Ie] */
+    stage_weight *ew1, *ew3;    /* [E] -> [Ie][D] */
+    stage_weight *ew2;          /* [E] -> [D][Ie] */
     /* router: routed layers on every stage, mindskip layers on their own stage */
     const float *router_w;      /* [D] */
     float router_b;             /* 0 when absent */
@@ -43,11 +45,12 @@ struct stage_model {
     stage_range range;
     st_model *st;
     layer_w *layers;            /* [n_layers] */
-    const float *embed;         /* [vocab][D] */
+    stage_weight embed;         /* [vocab][D] (data NULL: not on this stage) */
     const float *norm;          /* [D] */
-    const float *lm_head;       /* [vocab][D] */
+    stage_weight lm_head;       /* [vocab][D] (the embedding when tied; data NULL: not the head) */
     float *inv_freq;            /* [head_dim/2] */
-    size_t weight_bytes;
+    int weights_dtype;          /* -1: as stored, else the stage_dtype matrices are held in */
+    size_t weight_bytes;        /* bytes of the tensors this stage holds, in their dtype */
 };
 
 static const float *get_w(stage_model *m, const char *name, int ndim, int64_t d0, int64_t d1,
@@ -57,6 +60,15 @@ static const float *get_w(stage_model *m, const char *name, int ndim, int64_t d0
     const float *p = st_get_f32(m->st, name, ndim, shape, err, errlen);
     if (p) m->weight_bytes += (size_t)(ndim == 1 ? d0 : d0 * d1) * sizeof(float);
     return p;
+}
+
+/* A weight matrix [d0][d1], kept in its dtype (no f32 copy). */
+static int get_m(stage_model *m, const char *name, int64_t d0, int64_t d1, stage_weight *w,
+                 char *err, size_t errlen)
+{
+    if (st_get_weight(m->st, name, d0, d1, m->weights_dtype, w, err, errlen)) return -1;
+    m->weight_bytes += stage_weight_bytes(w);
+    return 0;
 }
 
 /* Optional scalar-ish tensor (router.bias [1], fc2.bias [1]); absent -> 0. */
@@ -75,6 +87,7 @@ static int get_opt_scalar(stage_model *m, const char *name, float *out, char *er
 
 #define LNAME(buf, l, suffix) snprintf(buf, sizeof buf, "model.layers.%d.%s", l, suffix)
 #define NEED(ptr) do { if (!(ptr)) return -1; } while (0)
+#define NEED0(call) do { if (call) return -1; } while (0)
 
 static int load_router(stage_model *m, int l, char *err, size_t errlen)
 {
@@ -125,38 +138,38 @@ static int load_layer(stage_model *m, int l, char *err, size_t errlen)
     LNAME(name, l, "post_attention_layernorm.weight");
     NEED(L->ln2 = get_w(m, name, 1, D, 0, err, errlen));
     LNAME(name, l, "self_attn.q_proj.weight");
-    NEED(L->wq = get_w(m, name, 2, qd, D, err, errlen));
+    NEED0(get_m(m, name, qd, D, &L->wq, err, errlen));
     LNAME(name, l, "self_attn.k_proj.weight");
-    NEED(L->wk = get_w(m, name, 2, kvd, D, err, errlen));
+    NEED0(get_m(m, name, kvd, D, &L->wk, err, errlen));
     LNAME(name, l, "self_attn.v_proj.weight");
-    NEED(L->wv = get_w(m, name, 2, kvd, D, err, errlen));
+    NEED0(get_m(m, name, kvd, D, &L->wv, err, errlen));
     LNAME(name, l, "self_attn.o_proj.weight");
-    NEED(L->wo = get_w(m, name, 2, D, qd, err, errlen));
+    NEED0(get_m(m, name, D, qd, &L->wo, err, errlen));
 
     if (L->kind == STAGE_KIND_MODE_STAGED || L->kind == STAGE_KIND_MODE_INTEGRATED) {
         int E = c->n_experts, Ie = c->expert_inter;
         L->n_gate = E + (L->kind == STAGE_KIND_MODE_INTEGRATED ? c->n_noop_experts : 0);
         LNAME(name, l, "block_sparse_moe.gate.weight");
-        NEED(L->moe_gate = get_w(m, name, 2, L->n_gate, D, err, errlen));
+        NEED0(get_m(m, name, L->n_gate, D, &L->moe_gate, err, errlen));
         L->ew1 = calloc((size_t)E, sizeof *L->ew1);
         L->ew2 = calloc((size_t)E, sizeof *L->ew2);
         L->ew3 = calloc((size_t)E, sizeof *L->ew3);
         if (!L->ew1 || !L->ew2 || !L->ew3) { snprintf(err, errlen, "out of memory"); return -1; }
         for (int e = 0; e < E; e++) {
             snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.experts.%d.w1.weight", l, e);
-            NEED(L->ew1[e] = get_w(m, name, 2, Ie, D, err, errlen));
+            NEED0(get_m(m, name, Ie, D, &L->ew1[e], err, errlen));
             snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.experts.%d.w2.weight", l, e);
-            NEED(L->ew2[e] = get_w(m, name, 2, D, Ie, err, errlen));
+            NEED0(get_m(m, name, D, Ie, &L->ew2[e], err, errlen));
             snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.experts.%d.w3.weight", l, e);
-            NEED(L->ew3[e] = get_w(m, name, 2, Ie, D, err, errlen));
+            NEED0(get_m(m, name, Ie, D, &L->ew3[e], err, errlen));
         }
     } else {
         LNAME(name, l, "mlp.gate_proj.weight");
-        NEED(L->w_gate = get_w(m, name, 2, c->inter, D, err, errlen));
+        NEED0(get_m(m, name, c->inter, D, &L->w_gate, err, errlen));
         LNAME(name, l, "mlp.up_proj.weight");
-        NEED(L->w_up = get_w(m, name, 2, c->inter, D, err, errlen));
+        NEED0(get_m(m, name, c->inter, D, &L->w_up, err, errlen));
         LNAME(name, l, "mlp.down_proj.weight");
-        NEED(L->w_down = get_w(m, name, 2, D, c->inter, err, errlen));
+        NEED0(get_m(m, name, D, c->inter, &L->w_down, err, errlen));
     }
     if (L->kind == STAGE_KIND_MINDSKIP || stage_kind_is_routed(L->kind)) return load_router(m, l, err, errlen);
     return 0;
@@ -164,6 +177,12 @@ static int load_layer(stage_model *m, int l, char *err, size_t errlen)
 
 int stage_model_load(const char *dir, const stage_config *cfg, stage_range range,
                      stage_model **out, char *err, size_t errlen)
+{
+    return stage_model_load_dtype(dir, cfg, range, -1, out, err, errlen);
+}
+
+int stage_model_load_dtype(const char *dir, const stage_config *cfg, stage_range range,
+                           int weights_dtype, stage_model **out, char *err, size_t errlen)
 {
     *out = NULL;
     if (range.first < 0 || range.last >= cfg->n_layers) {
@@ -184,6 +203,7 @@ int stage_model_load(const char *dir, const stage_config *cfg, stage_range range
     }
     memcpy(m->cfg.layer_kind, cfg->layer_kind, (size_t)cfg->n_layers * sizeof *cfg->layer_kind);
     m->range = range;
+    m->weights_dtype = weights_dtype;
     stage_rope_inv_freq(cfg->rope_theta, cfg->head_dim, m->inv_freq);
 
     char e2[512];
@@ -200,14 +220,11 @@ int stage_model_load(const char *dir, const stage_config *cfg, stage_range range
         else if (stage_kind_is_routed(cfg->layer_kind[l])) rc = load_router(m, l, e2, sizeof e2);
     }
     if (!rc && (range.embed || (range.head && cfg->tie_embeddings)))
-        rc = !(m->embed = get_w(m, "model.embed_tokens.weight", 2, cfg->vocab, D, e2, sizeof e2));
+        rc = get_m(m, "model.embed_tokens.weight", cfg->vocab, D, &m->embed, e2, sizeof e2);
     if (!rc && range.head) {
         rc = !(m->norm = get_w(m, "model.norm.weight", 1, D, 0, e2, sizeof e2));
-        if (!rc)
-            m->lm_head = cfg->tie_embeddings
-                             ? m->embed
-                             : get_w(m, "lm_head.weight", 2, cfg->vocab, D, e2, sizeof e2);
-        rc = rc || !m->lm_head;
+        if (!rc && cfg->tie_embeddings) m->lm_head = m->embed;
+        else if (!rc) rc = get_m(m, "lm_head.weight", cfg->vocab, D, &m->lm_head, e2, sizeof e2);
     }
     if (rc) {
         snprintf(err, errlen, "%s", e2);
@@ -243,13 +260,13 @@ int stage_embed(const stage_model *m, const int32_t *tokens, int n, float *x, ch
                 size_t errlen)
 {
     const int D = m->cfg.hidden;
-    if (!m->embed) { snprintf(err, errlen, "this stage has no embedding"); return -1; }
+    if (!m->embed.data) { snprintf(err, errlen, "this stage has no embedding"); return -1; }
     for (int i = 0; i < n; i++) {
         if (tokens[i] < 0 || tokens[i] >= m->cfg.vocab) {
             snprintf(err, errlen, "token id %d out of range [0, %d)", tokens[i], m->cfg.vocab);
             return -1;
         }
-        memcpy(x + (size_t)i * D, m->embed + (size_t)tokens[i] * D, (size_t)D * sizeof(float));
+        stage_weight_row_f32(&m->embed, tokens[i], x + (size_t)i * D);
     }
     return 0;
 }
@@ -316,19 +333,21 @@ int stage_range_needs_row(const stage_model *m, int first, int last, const float
  * ===================================================================================== */
 
 typedef struct {
-    int n, cap;     /* entries used / allocated */
-    int32_t *pos;   /* [cap] positions, increasing */
-    float *k, *v;   /* [cap][kv_dim] roped keys, values */
+    int n, cap;     /* entries used / allocated (cap = ctx: sized at init, never grows) */
+    int32_t *pos;   /* [cap] positions, increasing (points into the layer's pool) */
+    float *k, *v;   /* [cap][kv_dim] roped keys, values (point into the layer's pool) */
 } kv_seq;
 
 struct stage_state {
     const stage_model *m;
     int n_layers;               /* layers in range */
-    int n_slots, max_rows, max_seq;
-    kv_seq *kv;                 /* [n_layers][n_slots] */
+    int n_slots, max_rows, max_seq; /* max_seq: positions per slot (--ctx) */
+    kv_seq *kv;                 /* [n_layers][n_slots] views into the pools below */
+    float *kv_k, *kv_v;         /* [n_layers][n_slots][max_seq][kv_dim] the slot pool */
+    int32_t *kv_pos;            /* [n_layers][n_slots][max_seq] */
+    uint8_t *released;          /* [n_slots] 1: no sequence holds the slot (until a reset) */
     int8_t *ms_keep;            /* [n_layers][n_slots] mindskip sequence decision: -1 undecided */
     stage_layer_stats *stats;   /* [n_layers] */
-
     /* workspace, all [max_rows][...] unless noted */
     int *act;                   /* [max_rows] active rows (micro-batch indices) */
     int *act2;                  /* [max_rows] second index list (mindskip kept rows) */
@@ -350,7 +369,7 @@ struct stage_state {
     int *sel_e;                 /* [max_rows][experts_per_token] chosen experts */
     float *sel_w;               /* [max_rows][experts_per_token] their weights */
     int *erow;                  /* [max_rows] rows of the current expert (compact indices) */
-    float *probs;               /* [max_seq] attention weights */
+    float *probs;               /* [n_heads/n_kv_heads][max_seq] attention weights of a GQA group */
     float *mean;                /* [D] */
     void (*progress)(void *);   /* called between layers */
     void *progress_arg;
@@ -358,24 +377,12 @@ struct stage_state {
 
 static kv_seq *kv_at(stage_state *s, int li, int slot) { return &s->kv[(size_t)li * s->n_slots + slot]; }
 
+/* The pool is sized at init: a slot holds at most max_seq entries per layer. */
 static int kv_reserve(kv_seq *c, int need, int kvd, int max_seq)
 {
-    if (need <= c->cap) return 0;
-    int cap = c->cap ? c->cap : 16;
-    while (cap < need) cap *= 2;
-    if (cap > max_seq) cap = max_seq;
-    if (cap < need) return -1;
-    int32_t *p = realloc(c->pos, (size_t)cap * sizeof *p);
-    if (!p) return -1;
-    c->pos = p;
-    float *k = realloc(c->k, (size_t)cap * kvd * sizeof *k);
-    if (!k) return -1;
-    c->k = k;
-    float *v = realloc(c->v, (size_t)cap * kvd * sizeof *v);
-    if (!v) return -1;
-    c->v = v;
-    c->cap = cap;
-    return 0;
+    (void)kvd;
+    (void)max_seq;
+    return need <= c->cap ? 0 : -1;
 }
 
 stage_state *stage_state_init(const stage_model *m, int n_slots, int max_rows, int max_seq,
@@ -395,7 +402,14 @@ stage_state *stage_state_init(const stage_model *m, int n_slots, int max_rows, i
     size_t ng = (size_t)(c->n_experts + c->n_noop_experts + 1);
     size_t ept = (size_t)(c->experts_per_token > 0 ? c->experts_per_token : 1);
 
-    s->kv = calloc((size_t)s->n_layers * n_slots + 1, sizeof *s->kv);
+    const size_t n_seq = (size_t)s->n_layers * (size_t)n_slots; /* (layer, slot) caches */
+    s->kv = calloc(n_seq + 1, sizeof *s->kv);
+    /* calloc: Linux backs a page on its first write, so positions a routed layer never
+     * stores cost address space only; the size is fixed here either way. */
+    s->kv_k = calloc(n_seq * (size_t)max_seq * kvd + 1, sizeof(float));
+    s->kv_v = calloc(n_seq * (size_t)max_seq * kvd + 1, sizeof(float));
+    s->kv_pos = calloc(n_seq * (size_t)max_seq + 1, sizeof(int32_t));
+    s->released = calloc((size_t)n_slots + 1, 1);
     s->ms_keep = malloc((size_t)s->n_layers * n_slots + 1);
     s->stats = calloc((size_t)s->n_layers + 1, sizeof *s->stats);
     s->act = malloc(R * sizeof(int));
@@ -420,25 +434,20 @@ stage_state *stage_state_init(const stage_model *m, int n_slots, int max_rows, i
     s->ex = malloc(R * D * sizeof(float));
     s->eo = malloc(R * D * sizeof(float));
     s->gate = malloc(R * ng * sizeof(float));
-    s->probs = malloc((size_t)(max_seq + 1) * sizeof(float));
+    s->probs = malloc((size_t)(max_seq + 1) * (c->n_heads / c->n_kv_heads) * sizeof(float));
     s->mean = malloc(D * sizeof(float));
-    int ok = s->kv && s->ms_keep && s->stats && s->act && s->act2 && s->ent && s->erow &&
+    int ok = s->kv && s->kv_k && s->kv_v && s->kv_pos && s->released && s->ms_keep && s->stats && s->act && s->act2 && s->ent && s->erow &&
              s->sel_e && s->sel_w && s->score && s->xin && s->h && s->q && s->k && s->v &&
              s->att && s->a && s->x2 && s->h2 && s->f1 && s->f3 && s->mo && s->ex && s->eo &&
              s->gate && s->probs && s->mean;
     memset(s->ms_keep, -1, (size_t)s->n_layers * n_slots + 1);
-    /* Size caches at start: dense-attention layers hold every position; routed layers about
-     * their capacity (threshold routing does not enforce it, so they may double later). */
-    for (int li = 0; ok && li < s->n_layers; li++) {
-        int l = m->range.first + li;
-        stage_kind k = c->layer_kind[l];
-        int cap = max_seq;
-        if (stage_kind_is_routed(k)) {
-            cap = (int)ceil(c->mod_capacity * max_seq * 1.25) + 8;
-            if (cap > max_seq) cap = max_seq;
-        }
-        for (int sl = 0; ok && sl < n_slots; sl++)
-            ok = kv_reserve(kv_at(s, li, sl), cap, (int)kvd, max_seq) == 0;
+    /* Every (layer, slot) cache gets max_seq entries of the pool: no growth at run time. */
+    for (size_t i = 0; ok && i < n_seq; i++) {
+        kv_seq *c2 = &s->kv[i];
+        c2->cap = max_seq;
+        c2->pos = s->kv_pos + i * (size_t)max_seq;
+        c2->k = s->kv_k + i * (size_t)max_seq * kvd;
+        c2->v = s->kv_v + i * (size_t)max_seq * kvd;
     }
     if (!ok) {
         snprintf(err, errlen, "out of memory sizing the stage state (%d slots, %d rows, %d positions)",
@@ -452,14 +461,8 @@ stage_state *stage_state_init(const stage_model *m, int n_slots, int max_rows, i
 void stage_state_free(stage_state *s)
 {
     if (!s) return;
-    if (s->kv) {
-        for (size_t i = 0; i < (size_t)s->n_layers * s->n_slots; i++) {
-            free(s->kv[i].pos);
-            free(s->kv[i].k);
-            free(s->kv[i].v);
-        }
-    }
-    free(s->kv); free(s->ms_keep); free(s->stats);
+    free(s->kv); free(s->kv_k); free(s->kv_v); free(s->kv_pos); free(s->released);
+    free(s->ms_keep); free(s->stats);
     free(s->act); free(s->act2); free(s->ent); free(s->erow); free(s->sel_e); free(s->sel_w);
     free(s->score); free(s->xin); free(s->h); free(s->q); free(s->k); free(s->v); free(s->att);
     free(s->a); free(s->x2); free(s->h2); free(s->f1); free(s->f3); free(s->mo); free(s->ex);
@@ -474,12 +477,43 @@ const stage_layer_stats *stage_state_layer_stats(const stage_state *s, int layer
     return &s->stats[li];
 }
 
+int stage_state_slots(const stage_state *s) { return s->n_slots; }
+int stage_state_ctx(const stage_state *s) { return s->max_seq; }
+
+void stage_state_slot_reset(stage_state *s, int slot)
+{
+    if (slot < 0 || slot >= s->n_slots) return;
+    for (int li = 0; li < s->n_layers; li++) {
+        kv_at(s, li, slot)->n = 0;
+        s->ms_keep[(size_t)li * s->n_slots + slot] = -1;
+    }
+    s->released[slot] = 0;
+}
+
+void stage_state_slot_release(stage_state *s, int slot)
+{
+    if (slot < 0 || slot >= s->n_slots) return;
+    stage_state_slot_reset(s, slot);
+    s->released[slot] = 1;
+}
+
+int stage_state_slot_len(const stage_state *s, int slot)
+{
+    if (slot < 0 || slot >= s->n_slots) return -1;
+    int n = 0;
+    for (int li = 0; li < s->n_layers; li++) {
+        const kv_seq *c = &s->kv[(size_t)li * s->n_slots + slot];
+        if (c->n > 0 && c->pos[c->n - 1] + 1 > n) n = c->pos[c->n - 1] + 1;
+    }
+    return n;
+}
+
 size_t stage_state_kv_alloc_bytes(const stage_state *s)
 {
     const stage_config *c = &s->m->cfg;
     size_t kvd = (size_t)c->n_kv_heads * c->head_dim, total = 0;
     for (size_t i = 0; i < (size_t)s->n_layers * s->n_slots; i++)
-        total += (size_t)s->kv[i].cap * kvd * 2 * sizeof(float);
+        total += (size_t)s->kv[i].cap * kvd * 2 * stage_dtype_size(STAGE_KV_DTYPE);
     return total;
 }
 
@@ -502,13 +536,13 @@ static double attention(stage_state *s, int li, const layer_w *L, const stage_ba
                         const int *idx, int m, const float *h, char *err, size_t errlen)
 {
     const stage_config *c = &s->m->cfg;
-    const int D = c->hidden, hd = c->head_dim, nh = c->n_heads, nkv = c->n_kv_heads;
+    const int hd = c->head_dim, nh = c->n_heads, nkv = c->n_kv_heads;
     const int qd = nh * hd, kvd = nkv * hd, grp = nh / nkv;
     const float scale = 1.0f / sqrtf((float)hd);
 
-    stage_matmul(h, m, D, L->wq, qd, s->q);
-    stage_matmul(h, m, D, L->wk, kvd, s->k);
-    stage_matmul(h, m, D, L->wv, kvd, s->v);
+    stage_matmul_w(h, m, &L->wq, s->q);
+    stage_matmul_w(h, m, &L->wk, s->k);
+    stage_matmul_w(h, m, &L->wv, s->v);
     for (int j = 0; j < m; j++) {
         int r = idx[j];
         stage_rope(s->q + (size_t)j * qd, nh, hd, b->pos[r], s->m->inv_freq);
@@ -534,31 +568,13 @@ static double attention(stage_state *s, int li, const layer_w *L, const stage_ba
         const kv_seq *cs = kv_at(s, li, b->slot[idx[j]]);
         int n_ctx = s->ent[j] + 1; /* entries are in position order: a causal prefix */
         ctx_total += n_ctx;
-        for (int hh = 0; hh < nh; hh++) {
-            const float *qh = s->q + (size_t)j * qd + (size_t)hh * hd;
-            const int kh = hh / grp;
-            float mx = -INFINITY;
-            for (int t = 0; t < n_ctx; t++) {
-                const float *kt = cs->k + (size_t)t * kvd + (size_t)kh * hd;
-                float d = 0.0f;
-                for (int i = 0; i < hd; i++) d += qh[i] * kt[i];
-                d *= scale;
-                s->probs[t] = d;
-                if (d > mx) mx = d;
-            }
-            float sum = 0.0f;
-            for (int t = 0; t < n_ctx; t++) { s->probs[t] = expf(s->probs[t] - mx); sum += s->probs[t]; }
-            float inv = 1.0f / sum;
-            float *o = s->att + (size_t)j * qd + (size_t)hh * hd;
-            memset(o, 0, (size_t)hd * sizeof(float));
-            for (int t = 0; t < n_ctx; t++) {
-                const float *vt = cs->v + (size_t)t * kvd + (size_t)kh * hd;
-                float p = s->probs[t] * inv;
-                for (int i = 0; i < hd; i++) o[i] += p * vt[i];
-            }
-        }
+        /* the grp query heads sharing KV head kh are contiguous in q: one pass over K/V */
+        for (int kh = 0; kh < nkv; kh++)
+            stage_attend_gqa(s->q + (size_t)j * qd + (size_t)kh * grp * hd, grp,
+                             cs->k + (size_t)kh * hd, cs->v + (size_t)kh * hd, (size_t)kvd, n_ctx,
+                             hd, scale, s->probs, s->att + (size_t)j * qd + (size_t)kh * grp * hd);
     }
-    stage_matmul(s->att, m, qd, L->wo, D, s->a);
+    stage_matmul_w(s->att, m, &L->wo, s->a);
     return ctx_total;
 }
 
@@ -566,11 +582,11 @@ static double attention(stage_state *s, int li, const layer_w *L, const stage_ba
 static void mlp(stage_state *s, const layer_w *L, int m)
 {
     const stage_config *c = &s->m->cfg;
-    const int D = c->hidden, I = c->inter;
-    stage_matmul(s->h2, m, D, L->w_gate, I, s->f1);
-    stage_matmul(s->h2, m, D, L->w_up, I, s->f3);
+    const int I = c->inter;
+    stage_matmul_w(s->h2, m, &L->w_gate, s->f1);
+    stage_matmul_w(s->h2, m, &L->w_up, s->f3);
     stage_swiglu(s->f1, s->f3, (long)m * I);
-    stage_matmul(s->f1, m, I, L->w_down, D, s->mo);
+    stage_matmul_w(s->f1, m, &L->w_down, s->mo);
 }
 
 /* Mixture of experts on h2 [m][D] into s->mo. staged: softmax over E, top experts_per_token,
@@ -583,7 +599,7 @@ static long moe(stage_state *s, const layer_w *L, int m)
     const int D = c->hidden, Ie = c->expert_inter, E = c->n_experts, G = L->n_gate;
     const int integrated = L->kind == STAGE_KIND_MODE_INTEGRATED;
     const int k = integrated ? 1 : c->experts_per_token;
-    stage_matmul(s->h2, m, D, L->moe_gate, G, s->gate);
+    stage_matmul_w(s->h2, m, &L->moe_gate, s->gate);
     for (int j = 0; j < m; j++) {
         float *g = s->gate + (size_t)j * G;
         stage_softmax(g, G);
@@ -614,10 +630,10 @@ static long moe(stage_state *s, const layer_w *L, int m)
         if (!ne) continue;
         evals += ne;
         gather(s->h2, s->erow, ne, D, s->ex);
-        stage_matmul(s->ex, ne, D, L->ew1[e], Ie, s->f1);
-        stage_matmul(s->ex, ne, D, L->ew3[e], Ie, s->f3);
+        stage_matmul_w(s->ex, ne, &L->ew1[e], s->f1);
+        stage_matmul_w(s->ex, ne, &L->ew3[e], s->f3);
         stage_swiglu(s->f1, s->f3, (long)ne * Ie);
-        stage_matmul(s->f1, ne, Ie, L->ew2[e], D, s->eo);
+        stage_matmul_w(s->f1, ne, &L->ew2[e], s->eo);
         for (int u = 0; u < ne; u++) {
             int j = s->erow[u];
             float w = 0.0f;
@@ -630,19 +646,6 @@ static long moe(stage_state *s, const layer_w *L, int m)
     }
     return evals;
 }
-
-/* ---- FLOP model (per row) -------------------------------------------------------------- */
-static double flops_attn_proj(const stage_config *c)
-{
-    double qd = (double)c->n_heads * c->head_dim, kvd = (double)c->n_kv_heads * c->head_dim;
-    return 2.0 * c->hidden * (qd + 2 * kvd) + 2.0 * qd * c->hidden;
-}
-static double flops_attn_ctx(const stage_config *c, double ctx)
-{
-    return 4.0 * c->n_heads * c->head_dim * ctx;
-}
-static double flops_mlp(const stage_config *c) { return 6.0 * c->hidden * c->inter; }
-static double flops_expert(const stage_config *c) { return 6.0 * c->hidden * c->expert_inter; }
 
 /* ========================================================================================
  * Blocks
@@ -703,8 +706,8 @@ static void count_attn(stage_layer_stats *st, const stage_config *c, const stage
 {
     double dense_ctx = 0.0;
     for (int i = 0; i < b->n; i++) dense_ctx += b->pos[i] + 1;
-    st->flops += rows_done * flops_attn_proj(c) + flops_attn_ctx(c, ctx_done);
-    st->flops_dense += b->n * flops_attn_proj(c) + flops_attn_ctx(c, dense_ctx);
+    st->flops += rows_done * stage_flops_attn_proj(c) + stage_flops_attn_ctx(c, ctx_done);
+    st->flops_dense += b->n * stage_flops_attn_proj(c) + stage_flops_attn_ctx(c, dense_ctx);
 }
 
 /* MoD / staged MoDE: y = x + g(r) (a + m) for selected rows, attention among them only. */
@@ -739,12 +742,12 @@ static int block_routed(stage_state *s, int li, int l, const layer_w *L, const s
     st->kv_entries += m;
     count_attn(st, c, b, m, ctx);
     if (L->kind == STAGE_KIND_MODE_STAGED) {
-        double per_row = 2.0 * D * L->n_gate;
-        st->flops += m * per_row + evals * flops_expert(c);
-        st->flops_dense += b->n * (per_row + c->experts_per_token * flops_expert(c));
+        double per_row = stage_flops_gate(c, L->n_gate);
+        st->flops += m * per_row + evals * stage_flops_expert(c);
+        st->flops_dense += b->n * (per_row + c->experts_per_token * stage_flops_expert(c));
     } else {
-        st->flops += m * flops_mlp(c);
-        st->flops_dense += b->n * flops_mlp(c);
+        st->flops += m * stage_flops_mlp(c);
+        st->flops_dense += b->n * stage_flops_mlp(c);
     }
     return 0;
 }
@@ -844,12 +847,12 @@ static int block_full(stage_state *s, int li, int l, const layer_w *L, const sta
     st->kv_entries += nk;
     count_attn(st, c, b, nk, ctx);
     if (L->kind == STAGE_KIND_MODE_INTEGRATED) {
-        double per_row = 2.0 * D * L->n_gate;
-        st->flops += m * per_row + evals * flops_expert(c);
-        st->flops_dense += b->n * (per_row + flops_expert(c));
+        double per_row = stage_flops_gate(c, L->n_gate);
+        st->flops += m * per_row + evals * stage_flops_expert(c);
+        st->flops_dense += b->n * (per_row + stage_flops_expert(c));
     } else {
-        st->flops += m * flops_mlp(c);
-        st->flops_dense += b->n * flops_mlp(c);
+        st->flops += m * stage_flops_mlp(c);
+        st->flops_dense += b->n * stage_flops_mlp(c);
     }
     return 0;
 }
@@ -889,13 +892,14 @@ int stage_forward_range(stage_state *s, const stage_batch *b, float *x, const ui
     }
     /* A prompt row at position 0 starts a new sequence in its slot, on every stage, whether
      * or not this stage holds the row (the descriptor reaches every stage). */
-    for (int i = 0; i < b->n && first == M->range.first; i++) {
-        if (b->pos[i] != 0 || !(b->flags[i] & STAGE_ROW_PROMPT)) continue;
-        for (int li = 0; li < s->n_layers; li++) {
-            kv_at(s, li, b->slot[i])->n = 0;
-            s->ms_keep[(size_t)li * s->n_slots + b->slot[i]] = -1;
+    for (int i = 0; i < b->n && first == M->range.first; i++)
+        if (b->pos[i] == 0 && (b->flags[i] & STAGE_ROW_PROMPT)) stage_state_slot_reset(s, b->slot[i]);
+    for (int i = 0; i < b->n; i++)
+        if (s->released[b->slot[i]]) {
+            snprintf(err, errlen, "row %d: slot %d was released and holds no sequence (position "
+                     "%d is not a new prompt)", i, b->slot[i], b->pos[i]);
+            return -1;
         }
-    }
     for (int l = first; l <= last; l++) {
         int li = l - M->range.first;
         const layer_w *L = &M->layers[l];
@@ -916,7 +920,7 @@ int stage_head_logits(stage_state *s, const float *x, const int *rows, int n_row
 {
     const stage_model *M = s->m;
     const int D = M->cfg.hidden;
-    if (!M->lm_head) { snprintf(err, errlen, "this stage is not the head"); return -1; }
+    if (!M->lm_head.data) { snprintf(err, errlen, "this stage is not the head"); return -1; }
     if (n_rows > s->max_rows) {
         snprintf(err, errlen, "%d logits rows exceed the workspace (%d)", n_rows, s->max_rows);
         return -1;
@@ -924,6 +928,6 @@ int stage_head_logits(stage_state *s, const float *x, const int *rows, int n_row
     if (n_rows == 0) return 0;
     gather(x, rows, n_rows, D, s->xin);
     stage_rmsnorm(s->xin, n_rows, D, M->norm, M->cfg.eps, s->h);
-    stage_matmul(s->h, n_rows, D, M->lm_head, M->cfg.vocab, logits);
+    stage_matmul_w(s->h, n_rows, &M->lm_head, logits);
     return 0;
 }

@@ -12,13 +12,18 @@
  * exactly the same rows whatever stage split the run uses — which is what makes an N-rank run
  * bit-identical to a 1-rank run.
  *
- * KV cache: per attention layer and sequence slot, only the positions that layer attended
- * with (routed / kept rows), in position order. A prompt row at position 0 resets its slot on
- * every layer of the stage (so slots can be reused by new sequences).
+ * KV cache: a slot pool. Per attention layer and sequence slot, only the positions that layer
+ * attended with (routed / kept rows), in position order, at most `ctx` (max_seq) of them.
+ * The whole pool (n_slots x ctx entries per layer) is allocated by stage_state_init: nothing
+ * grows at run time, and a row past the slot's ctx is an error. A prompt row at position 0
+ * resets its slot on every layer of the stage (stage_state_slot_reset: a new sequence);
+ * stage_state_slot_release ends a sequence — rows for that slot are then rejected until a
+ * reset (a position-0 prompt row or an explicit reset). At init every slot is empty and usable.
  *
- * Ownership: stage_model owns its weights (an mmap'd st_model + converted copies);
- * stage_state owns caches and workspace sized at init (no allocation per token; routed layers'
- * caches start at about capacity x max_seq and double when a sequence outgrows them).
+ * Ownership: stage_model owns its weights: the weight matrices stay in their checkpoint
+ * dtype inside the mmap'd st_model (no f32 copies; stage_model_load_dtype may convert at
+ * load), norms and router vectors (tiny) are f32;
+ * stage_state owns caches and workspace sized at init (no allocation per token).
  * Errors: non-zero return + one line in err (missing tensor, shape mismatch, a row the
  * workspace cannot hold, a top-k model asked to decode, ...). *_free(NULL) is a no-op.
  */
@@ -29,6 +34,10 @@
 #include <stdint.h>
 
 #include "stage/config.h"
+#include "stage/dtype.h"
+
+/* KV caches hold K and V in this dtype. */
+#define STAGE_KV_DTYPE STAGE_F32
 
 /* Row flags (the same bits the wire uses: comm/comm.h COMM_ROW_*). */
 #define STAGE_ROW_NEED_LOGITS 1u
@@ -54,10 +63,15 @@ typedef struct {
 /* ---- model ---------------------------------------------------------------------------- */
 int stage_model_load(const char *dir, const stage_config *cfg, stage_range range,
                      stage_model **out, char *err, size_t errlen);
+/* The same with the weight matrices held in dtype `weights_dtype` (a stage_dtype; -1: as
+ * stored). Converting at load (e.g. an f32 checkpoint to bf16) makes an owned copy in that
+ * dtype; as stored they are zero-copy views of the mmap'd safetensors. */
+int stage_model_load_dtype(const char *dir, const stage_config *cfg, stage_range range,
+                           int weights_dtype, stage_model **out, char *err, size_t errlen);
 void stage_model_free(stage_model *m);
 const stage_config *stage_model_config(const stage_model *m);
 stage_range stage_model_range(const stage_model *m);
-size_t stage_model_weight_bytes(const stage_model *m); /* f32 bytes this stage holds */
+size_t stage_model_weight_bytes(const stage_model *m); /* bytes this stage holds, in their dtypes */
 
 /* x [n][D] = embedding rows of tokens (stage 0 only). Tokens must be in [0, vocab). */
 int stage_embed(const stage_model *m, const int32_t *tokens, int n, float *x, char *err,
@@ -82,11 +96,20 @@ void stage_router_shift(stage_model *m, int layer, float delta);
 float stage_router_bias(const stage_model *m, int layer);
 
 /* ---- per-stage state: KV caches, workspace, stats ------------------------------------- */
-/* n_slots: sequence slots; max_rows: the most rows a micro-batch will have; max_seq: the most
- * positions a sequence will reach (prompt + new tokens). */
+/* n_slots: sequence slots; max_rows: the most rows a micro-batch will have; max_seq: positions
+ * per slot (ctx: prompt + new tokens of the longest sequence). */
 stage_state *stage_state_init(const stage_model *m, int n_slots, int max_rows, int max_seq,
                               char *err, size_t errlen);
 void stage_state_free(stage_state *s);
+
+int stage_state_slots(const stage_state *s);
+int stage_state_ctx(const stage_state *s);
+/* Empty `slot` on every layer of the stage (a new sequence starts there). */
+void stage_state_slot_reset(stage_state *s, int slot);
+/* The slot's sequence is over: empty it and reject rows for it until the next reset. */
+void stage_state_slot_release(stage_state *s, int slot);
+/* Positions the slot holds on this stage (last cached position + 1, 0 when empty). */
+int stage_state_slot_len(const stage_state *s, int slot);
 
 /* Run the stage's layers on the present rows of x [b->n][D] (present [b->n] 0/1), in place. */
 int stage_forward(stage_state *s, const stage_batch *b, float *x, const uint8_t *present,
@@ -123,6 +146,10 @@ typedef struct { uint64_t s[4]; } stage_rng;
 /* The generator of sequence `index` under `seed` (independent of batching and ranks). */
 void stage_rng_seed(stage_rng *r, uint64_t seed, uint64_t index);
 double stage_rng_uniform(stage_rng *r); /* [0, 1) */
+/* The generator of draw `step` (0: the first new token) of sequence `seq` under `seed`. The
+ * pipeline seeds one per sampled token, so a draw depends on (seed, seq, step) only — not on
+ * batching, rank count, or what the head sampled before. */
+void stage_rng_seed_draw(stage_rng *r, uint64_t seed, uint64_t seq, uint64_t step);
 
 /* Greedy (temperature <= 0: argmax, lowest id among equal maxima) or temperature / top-p
  * sampling. scratch: room for 2 * vocab floats (caller-owned; sized once). */

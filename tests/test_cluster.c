@@ -8,6 +8,9 @@
 #include "cluster/modelspec.h"
 #include "cluster/partition.h"
 #include "cluster/yamlcfg.h"
+#include "stage/safetensors.h"
+#include "stage/stage.h"
+#include "tests/testutil.h"
 
 #define ERRLEN 512
 
@@ -348,7 +351,7 @@ static void test_spec_full(void)
     CU_ASSERT_EQUAL(s.seed, 1234UL);
     CU_ASSERT_DOUBLE_EQUAL(s.init_std, 0.05, 1e-7);
     CU_ASSERT_DOUBLE_EQUAL(s.router_std, 2.0, 1e-7);
-    CU_ASSERT_EQUAL(s.dtype, ST_BF16);
+    CU_ASSERT_EQUAL(s.dtype, STAGE_BF16);
     CU_ASSERT_EQUAL(s.shards, 3);
     CU_ASSERT_EQUAL(s.calibrate, 1);
     CU_ASSERT_EQUAL(s.calib_prompts, 8);
@@ -391,7 +394,7 @@ static void test_spec_defaults(void)
     CU_ASSERT_EQUAL(s.seed, 0UL);
     CU_ASSERT_DOUBLE_EQUAL(s.init_std, 0.02, 1e-9);
     CU_ASSERT_DOUBLE_EQUAL(s.router_std, 1.0, 1e-9);
-    CU_ASSERT_EQUAL(s.dtype, ST_F32);
+    CU_ASSERT_EQUAL(s.dtype, STAGE_F32);
     CU_ASSERT_EQUAL(s.shards, 1);
     CU_ASSERT_EQUAL(s.calibrate, 0);
     CU_ASSERT_EQUAL(s.calib_prompts, 16);
@@ -616,12 +619,12 @@ static void test_layer_cost(void)
     CU_ASSERT_DOUBLE_EQUAL(cluster_layer_cost(&c, 5), 0.0, 0);
     CU_ASSERT_DOUBLE_EQUAL(cluster_layer_cost(&c, -1), 0.0, 0);
     /* f32 bytes: attention 12288 + norms 128 + MLP 24576 floats, routers D (+1 bias) */
-    CU_ASSERT_EQUAL(cluster_layer_weight_bytes(&c, 0), (size_t)36992 * 4);
-    CU_ASSERT_EQUAL(cluster_layer_weight_bytes(&c, 1), (size_t)(36992 + 65) * 4);
-    CU_ASSERT_EQUAL(cluster_layer_weight_bytes(&c, 2),
+    CU_ASSERT_EQUAL(cluster_layer_weight_bytes(&c, 0, 4), (size_t)36992 * 4);
+    CU_ASSERT_EQUAL(cluster_layer_weight_bytes(&c, 1, 4), (size_t)(36992 + 65) * 4);
+    CU_ASSERT_EQUAL(cluster_layer_weight_bytes(&c, 2, 4),
                     (size_t)(12416 + 4 * 12288 + 4 * 64 + 65) * 4);
-    CU_ASSERT_EQUAL(cluster_layer_weight_bytes(&c, 3), (size_t)(12416 + 4 * 12288 + 5 * 64) * 4);
-    CU_ASSERT_EQUAL(cluster_layer_weight_bytes(&c, 4), (size_t)(36992 + 64) * 4);
+    CU_ASSERT_EQUAL(cluster_layer_weight_bytes(&c, 3, 4), (size_t)(12416 + 4 * 12288 + 5 * 64) * 4);
+    CU_ASSERT_EQUAL(cluster_layer_weight_bytes(&c, 4, 4), (size_t)(36992 + 64) * 4);
     stage_config_free(&c);
 }
 
@@ -927,6 +930,170 @@ static void test_partition_large(void)
     stage_config_free(&c);
 }
 
+/* Memory planning, by hand. tiny_cfg: D 64, I 128, 4 heads / 2 KV heads of 16, vocab 97,
+ * capacity 0.125. bf16 matrices, f32 vectors (as the loader holds them): a dense layer is
+ * 36864 matrix elements + 2 norms of 64 = 74240 bytes, a mod layer adds its router (65 f32). */
+static void test_partition_memory(void)
+{
+    stage_config c = tiny_cfg("dmdm");
+    cluster_plan p;
+    char err[ERRLEN];
+    cluster_mem_opts mo = {STAGE_BF16, 0, 2, 40, 4};
+    const char *r2[] = {"0-1", "2-3"};
+    CU_ASSERT_EQUAL_FATAL(cluster_partition_explicit_mem(&c, r2, 2, 2, &mo, &p, err, ERRLEN), 0);
+    CU_ASSERT(p.have_mem);
+    /* stage 0: two layers + embedding 97 x 64 + layer 3's router; stage 1: two layers + f32
+     * norm + lm_head + layer 1's router */
+    CU_ASSERT_EQUAL(p.st[0].weight_bytes, (size_t)74240 + 74500 + 97 * 64 * 2 + 260);
+    CU_ASSERT_EQUAL(p.st[1].weight_bytes, (size_t)74240 + 74500 + 64 * 4 + 97 * 64 * 2 + 260);
+    /* KV per slot and entry: K and V of 32 floats + a position = 260 bytes; the dense layer
+     * holds 40 positions, the mod layer ceil(0.125 * 40 * 1.25) + 8 = 15; two slots */
+    CU_ASSERT_EQUAL(p.st[0].kv_bytes, (size_t)2 * (40 + 15) * 260);
+    CU_ASSERT_EQUAL(p.st[1].kv_bytes, (size_t)2 * (40 + 15) * 260);
+    /* workspace: 4 rows x 4 bytes x (8D + 2qd + 2kvd + 2I + gate 6 + 2 + 5 + pipeline 4D + 8
+     * = 1237) + 4 x (ctx + 1 + D) = 20212; the head adds 4 x 4 x 97 logits + 8 x 97 scratch;
+     * and the runtime allowance */
+    size_t rt = CLUSTER_RUNTIME_BYTES;
+    CU_ASSERT_EQUAL(p.st[0].work_bytes, (size_t)20212 + rt);
+    CU_ASSERT_EQUAL(p.st[1].work_bytes, (size_t)20212 + 4 * 4 * 97 + 8 * 97 + rt);
+    for (int t = 0; t < 2; t++)
+        CU_ASSERT_EQUAL(p.st[t].mem_bytes,
+                        p.st[t].weight_bytes + p.st[t].kv_bytes + p.st[t].work_bytes);
+    size_t need1 = p.st[1].mem_bytes;
+    CU_ASSERT(need1 > p.st[0].mem_bytes);
+    cluster_plan_free(&p);
+
+    /* the same plan in f32 (plain variant) */
+    CU_ASSERT_EQUAL_FATAL(cluster_partition_explicit(&c, r2, 2, 2, &p, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL(p.st[0].weight_bytes, (size_t)(36992 + 37057 + 97 * 64 + 65) * 4);
+    CU_ASSERT(!p.have_mem);
+    cluster_plan_free(&p);
+
+    /* a limit one byte short of stage 1: refused, naming the stage and what it needs */
+    mo.mem_per_rank = need1 - 1;
+    CU_ASSERT_NOT_EQUAL(cluster_partition_explicit_mem(&c, r2, 2, 2, &mo, &p, err, ERRLEN), 0);
+    ASSERT_HAS(err, "stages: stage 1 does not fit --mem-per-rank 40.2 MiB: its layers 2-3 need "
+                    "40.2 MiB (weights 0.2 MiB bf16, KV 0.0 MiB, workspace 40.0 MiB)");
+    CU_ASSERT_PTR_NULL(p.st);
+    mo.mem_per_rank = need1;
+    CU_ASSERT_EQUAL(cluster_partition_explicit_mem(&c, r2, 2, 2, &mo, &p, err, ERRLEN), 0);
+    cluster_plan_free(&p);
+    stage_config_free(&c);
+
+    /* auto: a big vocab makes the head the costly stage, so the cost optimum puts 5 of 6
+     * layers on stage 0 (0-4 | 5); a limit that holds only 4 layers + the embedding moves
+     * the split to 0-3 | 4-5 */
+    c = tiny_cfg("dddddd");
+    c.vocab = 4000;
+    cluster_mem_opts m2 = {STAGE_BF16, 0, 1, 8, 1};
+    CU_ASSERT_EQUAL_FATAL(cluster_partition_auto_mem(&c, 2, &m2, &p, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL(p.st[1].first, 5);
+    size_t stage0_5 = p.st[0].mem_bytes;
+    cluster_plan_free(&p);
+    const char *r43[] = {"0-3", "4-5"};
+    CU_ASSERT_EQUAL_FATAL(cluster_partition_explicit_mem(&c, r43, 2, 2, &m2, &p, err, ERRLEN), 0);
+    /* one dense layer (74240 bytes) and its 8-position KV of 260-byte entries */
+    CU_ASSERT_EQUAL(stage0_5 - p.st[0].mem_bytes, (size_t)74240 + 8 * 260);
+    m2.mem_per_rank = p.st[0].mem_bytes > p.st[1].mem_bytes ? p.st[0].mem_bytes : p.st[1].mem_bytes;
+    cluster_plan_free(&p);
+    CU_ASSERT_EQUAL_FATAL(cluster_partition_auto_mem(&c, 2, &m2, &p, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL(p.st[1].first, 4);
+    for (int t = 0; t < 2; t++) CU_ASSERT(p.st[t].mem_bytes <= m2.mem_per_rank);
+    char *txt = print_plan(&c, &p);
+    ASSERT_HAS(txt, "KV MiB  work MiB  total MiB");
+    ASSERT_HAS(txt, "total weights 1.40 MiB (bf16, as in the checkpoint)"); /* 1469696 bytes */
+    ASSERT_HAS(txt, "KV for 1 sequence of 8 positions");
+    ASSERT_HAS(txt, "of --mem-per-rank 40.8 MiB");
+    free(txt);
+    cluster_plan_free(&p);
+    /* nothing fits: the message names the best plan's largest stage */
+    m2.mem_per_rank = 1 << 20;
+    CU_ASSERT_NOT_EQUAL(cluster_partition_auto_mem(&c, 2, &m2, &p, err, ERRLEN), 0);
+    ASSERT_HAS(err, "no split of 6 layers into 2 stages fits --mem-per-rank 1.0 MiB: in the best "
+                    "one, layers 3-5 need 40.8 MiB (weights 0.7 MiB bf16");
+    ASSERT_HAS(err, "use more ranks or a larger limit");
+    stage_config_free(&c);
+}
+
+/* The plan's weight bytes are what the loader holds: every fixture (f32, bf16; dense, mod,
+ * predictor, topk, MoDE, mindskip, mixed), each stage of a 3-stage plan. */
+static void test_plan_weights_match_loader(void)
+{
+    static const char *models[] = {"dense", "mod", "mod_all", "mod_predictor", "mod_topk",
+                                   "mode_staged", "mode_integrated", "mindskip", "mixed"};
+    const char *fix = getenv("MODPIPE_FIXTURES") ? getenv("MODPIPE_FIXTURES") : "tests/fixtures";
+    for (size_t i = 0; i < sizeof models / sizeof *models; i++) {
+        char dir[512], err[ERRLEN];
+        snprintf(dir, sizeof dir, "%s/%s", fix, models[i]);
+        stage_config c;
+        CU_ASSERT_EQUAL_FATAL(stage_config_load(dir, &c, err, ERRLEN), 0);
+        cluster_mem_opts mo = {STAGE_F32, 0, 1, 16, 4};
+        CU_ASSERT_EQUAL_FATAL(cluster_weight_dtype(dir, &mo.weight_dtype, err, ERRLEN), 0);
+        cluster_plan p;
+        CU_ASSERT_EQUAL_FATAL(cluster_partition_auto_mem(&c, 3, &mo, &p, err, ERRLEN), 0);
+        for (int t = 0; t < 3; t++) {
+            stage_range r = {p.st[t].first, p.st[t].last, t == 0, t == 2};
+            stage_model *m = NULL;
+            CU_ASSERT_EQUAL_FATAL(stage_model_load(dir, &c, r, &m, err, ERRLEN), 0);
+            size_t got = stage_model_weight_bytes(m);
+            CU_ASSERT_EQUAL(p.st[t].weight_bytes, got);
+            if (p.st[t].weight_bytes != got)
+                fprintf(stderr, "\n  %s stage %d: plan %zu bytes, loader %zu\n", models[i], t,
+                        p.st[t].weight_bytes, got);
+            stage_model_free(m);
+        }
+        cluster_plan_free(&p);
+        stage_config_free(&c);
+    }
+}
+
+static void test_parse_size(void)
+{
+    size_t v = 0;
+    CU_ASSERT(cluster_parse_size("6G", &v) == 0 && v == (size_t)6 << 30);
+    CU_ASSERT(cluster_parse_size("5000M", &v) == 0 && v == (size_t)5000 << 20);
+    CU_ASSERT(cluster_parse_size("1.5GiB", &v) == 0 && v == (size_t)3 << 29);
+    CU_ASSERT(cluster_parse_size("512k", &v) == 0 && v == (size_t)512 << 10);
+    CU_ASSERT(cluster_parse_size("100", &v) == 0 && v == 100);
+    CU_ASSERT(cluster_parse_size("64MB", &v) == 0 && v == (size_t)64 << 20);
+    static const char *bad[] = {"", "G", "6X", "-1G", "6GG", "6 G B", "nan", NULL};
+    for (int i = 0; bad[i]; i++) CU_ASSERT_NOT_EQUAL(cluster_parse_size(bad[i], &v), 0);
+    CU_ASSERT_NOT_EQUAL(cluster_parse_size(NULL, &v), 0);
+}
+
+/* The dtype comes from the safetensors headers, not from config.json. */
+static void test_weight_dtype(void)
+{
+    char err[ERRLEN];
+    char *d = make_tmpdir_tagged("cluster");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(d);
+    stage_dtype dt = STAGE_F32;
+    CU_ASSERT_NOT_EQUAL(cluster_weight_dtype(d, &dt, err, ERRLEN), 0); /* no model */
+    float v[4] = {0};
+    int64_t sh[2] = {2, 2};
+    st_writer *w = st_writer_new();
+    CU_ASSERT_EQUAL(st_writer_add(w, "model.embed_tokens.weight", STAGE_F16, 2, sh, v), 0);
+    CU_ASSERT_EQUAL_FATAL(st_writer_save(w, d, 1, err, ERRLEN), 0);
+    st_writer_free(w);
+    CU_ASSERT_EQUAL(cluster_weight_dtype(d, &dt, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL(dt, STAGE_F16);
+    w = st_writer_new();
+    CU_ASSERT_EQUAL(st_writer_add(w, "model.embed_tokens.weight", STAGE_F32, 2, sh, v), 0);
+    CU_ASSERT_EQUAL(st_writer_add(w, "model.layers.0.self_attn.q_proj.weight", STAGE_BF16, 2, sh,
+                                  v), 0);
+    CU_ASSERT_EQUAL_FATAL(st_writer_save(w, d, 1, err, ERRLEN), 0);
+    st_writer_free(w);
+    CU_ASSERT_EQUAL(cluster_weight_dtype(d, &dt, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL(dt, STAGE_BF16); /* the projections decide */
+    w = st_writer_new();
+    CU_ASSERT_EQUAL(st_writer_add(w, "other", STAGE_F32, 2, sh, v), 0);
+    CU_ASSERT_EQUAL_FATAL(st_writer_save(w, d, 1, err, ERRLEN), 0);
+    st_writer_free(w);
+    CU_ASSERT_NOT_EQUAL(cluster_weight_dtype(d, &dt, err, ERRLEN), 0);
+    ASSERT_HAS(err, "to read the weight dtype from");
+    rm_tmpdir(d);
+}
+
 int main(void)
 {
     if (CU_initialize_registry() != CUE_SUCCESS)
@@ -953,7 +1120,12 @@ int main(void)
         !CU_add_test(p, "why strings", test_partition_why) ||
         !CU_add_test(p, "explicit ranges", test_partition_explicit) ||
         !CU_add_test(p, "printed plan", test_plan_print) ||
-        !CU_add_test(p, "320 layers, 64 stages", test_partition_large)) {
+        !CU_add_test(p, "320 layers, 64 stages", test_partition_large) ||
+        !CU_add_test(p, "memory per stage, --mem-per-rank", test_partition_memory) ||
+        !CU_add_test(p, "plan weight bytes = the loader's, every fixture",
+                     test_plan_weights_match_loader) ||
+        !CU_add_test(p, "sizes like 6G / 5000M", test_parse_size) ||
+        !CU_add_test(p, "weight dtype from the headers", test_weight_dtype)) {
         CU_cleanup_registry();
         return 2;
     }

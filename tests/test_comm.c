@@ -76,24 +76,24 @@ static void test_mask(void)
 
 static void test_wire_names(void)
 {
-    CU_ASSERT_EQUAL(comm_wire_size(COMM_WIRE_F32), 4);
-    CU_ASSERT_EQUAL(comm_wire_size(COMM_WIRE_BF16), 2);
-    CU_ASSERT_EQUAL(comm_wire_size(COMM_WIRE_F16), 2);
-    CU_ASSERT_STRING_EQUAL(comm_wire_name(COMM_WIRE_F32), "f32");
-    CU_ASSERT_STRING_EQUAL(comm_wire_name(COMM_WIRE_BF16), "bf16");
-    CU_ASSERT_STRING_EQUAL(comm_wire_name(COMM_WIRE_F16), "f16");
-    comm_wire_dtype d = COMM_WIRE_F32;
-    CU_ASSERT_EQUAL(comm_wire_parse("bf16", &d), 0);
-    CU_ASSERT_EQUAL(d, COMM_WIRE_BF16);
-    CU_ASSERT_EQUAL(comm_wire_parse("f16", &d), 0);
-    CU_ASSERT_EQUAL(d, COMM_WIRE_F16);
-    CU_ASSERT_EQUAL(comm_wire_parse("f32", &d), 0);
-    CU_ASSERT_EQUAL(d, COMM_WIRE_F32);
-    CU_ASSERT_EQUAL(comm_wire_parse("f64", &d), -1);
-    CU_ASSERT_EQUAL(comm_wire_parse("", &d), -1);
-    CU_ASSERT_EQUAL(comm_wire_parse("bf16 ", &d), -1);
-    CU_ASSERT_EQUAL(comm_wire_parse(NULL, &d), -1);
-    CU_ASSERT_EQUAL(d, COMM_WIRE_F32); /* untouched on failure */
+    CU_ASSERT_EQUAL(stage_dtype_size(STAGE_F32), 4);
+    CU_ASSERT_EQUAL(stage_dtype_size(STAGE_BF16), 2);
+    CU_ASSERT_EQUAL(stage_dtype_size(STAGE_F16), 2);
+    CU_ASSERT_STRING_EQUAL(stage_dtype_name(STAGE_F32), "f32");
+    CU_ASSERT_STRING_EQUAL(stage_dtype_name(STAGE_BF16), "bf16");
+    CU_ASSERT_STRING_EQUAL(stage_dtype_name(STAGE_F16), "f16");
+    stage_dtype d = STAGE_F32;
+    CU_ASSERT_EQUAL(stage_dtype_parse("bf16", &d), 0);
+    CU_ASSERT_EQUAL(d, STAGE_BF16);
+    CU_ASSERT_EQUAL(stage_dtype_parse("f16", &d), 0);
+    CU_ASSERT_EQUAL(d, STAGE_F16);
+    CU_ASSERT_EQUAL(stage_dtype_parse("f32", &d), 0);
+    CU_ASSERT_EQUAL(d, STAGE_F32);
+    CU_ASSERT_EQUAL(stage_dtype_parse("f64", &d), -1);
+    CU_ASSERT_EQUAL(stage_dtype_parse("", &d), -1);
+    CU_ASSERT_EQUAL(stage_dtype_parse("bf16 ", &d), -1);
+    CU_ASSERT_EQUAL(stage_dtype_parse(NULL, &d), -1);
+    CU_ASSERT_EQUAL(d, STAGE_F32); /* untouched on failure */
 }
 
 static void test_wire_f32(void)
@@ -103,8 +103,8 @@ static void test_wire_f32(void)
     const size_t n = sizeof v / sizeof v[0];
     uint8_t raw[4 * 16 + 1];
     float back[16];
-    comm_wire_encode(COMM_WIRE_F32, v, raw + 1, n); /* odd offset: payloads are unaligned */
-    comm_wire_decode(COMM_WIRE_F32, raw + 1, back, n);
+    stage_dtype_from_f32(STAGE_F32, v, raw + 1, n); /* odd offset: payloads are unaligned */
+    stage_dtype_to_f32(STAGE_F32, raw + 1, back, n);
     for (size_t i = 0; i < n; i++) CU_ASSERT_EQUAL(f32_bits(back[i]), f32_bits(v[i]));
     /* little-endian: 1.0f = 0x3f800000 at bytes 8..11 */
     CU_ASSERT_EQUAL(raw[1 + 8], 0x00);
@@ -119,18 +119,18 @@ struct wire_case {
     float out;     /* expected decoded value */
 };
 
-static void check_wire_cases(comm_wire_dtype d, const struct wire_case *c, size_t n)
+static void check_wire_cases(stage_dtype d, const struct wire_case *c, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
         uint8_t raw[3];
         float back;
-        comm_wire_encode(d, &c[i].in, raw + 1, 1);
+        stage_dtype_from_f32(d, &c[i].in, raw + 1, 1);
         uint16_t bits = (uint16_t)(raw[1] | raw[2] << 8);
         if (bits != c[i].bits)
-            fprintf(stderr, "\n  %s(%.9g): got 0x%04x want 0x%04x\n", comm_wire_name(d),
+            fprintf(stderr, "\n  %s(%.9g): got 0x%04x want 0x%04x\n", stage_dtype_name(d),
                     (double)c[i].in, bits, c[i].bits);
         CU_ASSERT_EQUAL(bits, c[i].bits);
-        comm_wire_decode(d, raw + 1, &back, 1);
+        stage_dtype_to_f32(d, raw + 1, &back, 1);
         CU_ASSERT_EQUAL(f32_bits(back), f32_bits(c[i].out));
     }
 }
@@ -150,15 +150,15 @@ static void test_wire_bf16(void)
         {INFINITY, 0x7f80, INFINITY},
         {-INFINITY, 0xff80, -INFINITY},
     };
-    check_wire_cases(COMM_WIRE_BF16, c, sizeof c / sizeof c[0]);
+    check_wire_cases(STAGE_BF16, c, sizeof c / sizeof c[0]);
     uint8_t raw[2];
     float nan = NAN, back;
-    comm_wire_encode(COMM_WIRE_BF16, &nan, raw, 1);
-    comm_wire_decode(COMM_WIRE_BF16, raw, &back, 1);
+    stage_dtype_from_f32(STAGE_BF16, &nan, raw, 1);
+    stage_dtype_to_f32(STAGE_BF16, raw, &back, 1);
     CU_ASSERT(isnan(back));
     /* byte order: 1.0 is 0x3f80 -> 80 3f */
     float one = 1.0f;
-    comm_wire_encode(COMM_WIRE_BF16, &one, raw, 1);
+    stage_dtype_from_f32(STAGE_BF16, &one, raw, 1);
     CU_ASSERT(raw[0] == 0x80 && raw[1] == 0x3f);
 }
 
@@ -186,14 +186,14 @@ static void test_wire_f16(void)
         {2051.0f, 0x6802, 2052.0f},
         {0x1p-14f - 0x1p-25f, 0x0400, 0x1p-14f},         /* subnormal rounds up to normal */
     };
-    check_wire_cases(COMM_WIRE_F16, c, sizeof c / sizeof c[0]);
+    check_wire_cases(STAGE_F16, c, sizeof c / sizeof c[0]);
     uint8_t raw[2];
     float nan = NAN, back;
-    comm_wire_encode(COMM_WIRE_F16, &nan, raw, 1);
-    comm_wire_decode(COMM_WIRE_F16, raw, &back, 1);
+    stage_dtype_from_f32(STAGE_F16, &nan, raw, 1);
+    stage_dtype_to_f32(STAGE_F16, raw, &back, 1);
     CU_ASSERT(isnan(back));
     float v = -2.5f;
-    comm_wire_encode(COMM_WIRE_F16, &v, raw, 1);
+    stage_dtype_from_f32(STAGE_F16, &v, raw, 1);
     CU_ASSERT(raw[0] == 0x00 && raw[1] == 0xc1);
 }
 
@@ -211,7 +211,7 @@ typedef struct {
     comm_packet p;
 } fixture;
 
-static void fixture_init(fixture *f, comm_wire_dtype dtype)
+static void fixture_init(fixture *f, stage_dtype dtype)
 {
     memset(f, 0, sizeof *f);
     const int rows[] = {0, 3, 4, 9};
@@ -296,7 +296,7 @@ static void roundtrip_rows(const fixture *f, int D, int n_stages)
     size_t total = comm_pack(p, f->x, D, NULL, buf, cap, &hb, &pb, err, sizeof err);
     if (!total) fprintf(stderr, "\n  pack: %s\n", err);
     CU_ASSERT_FATAL(total > 0);
-    size_t ws = comm_wire_size(p->dtype);
+    size_t ws = stage_dtype_size(p->dtype);
     CU_ASSERT_EQUAL(pb, (size_t)p->n_rows * (size_t)D * ws);
     CU_ASSERT_EQUAL(hb, 4 + (size_t)get_u32le(buf));
     CU_ASSERT_EQUAL(hb, 4 + reference_header_size(buf, total));
@@ -325,9 +325,9 @@ static void roundtrip_rows(const fixture *f, int D, int n_stages)
             float v = f->x[i * D + j], want = 777.0f;
             if (comm_mask_get(p->present, i)) {
                 switch (p->dtype) {
-                case COMM_WIRE_F32: want = v; break;
-                case COMM_WIRE_BF16: want = stage_bf16_to_f32(stage_f32_to_bf16(v)); break;
-                case COMM_WIRE_F16: want = stage_f16_to_f32(stage_f32_to_f16(v)); break;
+                case STAGE_F32: want = v; break;
+                case STAGE_BF16: want = stage_bf16_to_f32(stage_f32_to_bf16(v)); break;
+                case STAGE_F16: want = stage_f16_to_f32(stage_f32_to_f16(v)); break;
                 }
             }
             CU_ASSERT_EQUAL(f32_bits(y[i * D + j]), f32_bits(want));
@@ -339,7 +339,7 @@ static void roundtrip_rows(const fixture *f, int D, int n_stages)
 
 static void test_rows_chain(void)
 {
-    const comm_wire_dtype d[] = {COMM_WIRE_F32, COMM_WIRE_BF16, COMM_WIRE_F16};
+    const stage_dtype d[] = {STAGE_F32, STAGE_BF16, STAGE_F16};
     for (int k = 0; k < 3; k++) {
         fixture f;
         fixture_init(&f, d[k]);
@@ -349,7 +349,7 @@ static void test_rows_chain(void)
 
 static void test_rows_non_chain(void)
 {
-    const comm_wire_dtype d[] = {COMM_WIRE_F32, COMM_WIRE_BF16, COMM_WIRE_F16};
+    const stage_dtype d[] = {STAGE_F32, STAGE_BF16, STAGE_F16};
     for (int k = 0; k < 3; k++) {
         fixture f;
         fixture_init(&f, d[k]);
@@ -379,7 +379,7 @@ static void test_empty_chain(void)
         flags[i] = COMM_ROW_PROMPT;
     }
     comm_packet p = {.kind = COMM_PKT_ROWS, .mb = 1, .sender = 0, .receiver = 1, .mb_rows = 8,
-                     .n_rows = 0, .dtype = COMM_WIRE_F32, .present = present, .has_desc = 1,
+                     .n_rows = 0, .dtype = STAGE_F32, .present = present, .has_desc = 1,
                      .slot = slot, .pos = pos, .token = token, .flags = flags};
     uint8_t buf[512];
     char err[256] = "";
@@ -401,7 +401,7 @@ static void test_empty_chain(void)
 
     /* mb_rows 0: an empty micro-batch still decodes, with non-NULL (empty) arrays */
     comm_packet e = {.kind = COMM_PKT_ROWS, .mb = 2, .sender = 0, .receiver = 1, .mb_rows = 0,
-                     .n_rows = 0, .dtype = COMM_WIRE_BF16, .has_desc = 1};
+                     .n_rows = 0, .dtype = STAGE_BF16, .has_desc = 1};
     total = comm_pack(&e, NULL, 16, NULL, buf, sizeof buf, &hb, &pb, err, sizeof err);
     CU_ASSERT_FATAL(total > 0);
     CU_ASSERT_EQUAL(hb, 4 + reference_header_size(buf, total));
@@ -558,7 +558,7 @@ static void test_limits(void)
         for (int b = a + 1; b < S; b++) bp[nb++] = (comm_bypass){a, b};
     CU_ASSERT_EQUAL(nb, S * (S - 1) / 2);
     comm_packet p = {.kind = COMM_PKT_ROWS, .mb = UINT64_MAX, .sender = S - 2,
-                     .receiver = S - 1, .mb_rows = R, .n_rows = R, .dtype = COMM_WIRE_F32,
+                     .receiver = S - 1, .mb_rows = R, .n_rows = R, .dtype = STAGE_F32,
                      .present = present, .has_desc = 1, .slot = big, .pos = big, .token = big,
                      .flags = flags, .n_bypass = nb, .bypass = bp};
     size_t cap = comm_packet_max_bytes(R, D, S);
@@ -610,8 +610,8 @@ static void test_limits(void)
 static void test_lifetime(void)
 {
     fixture f, g;
-    fixture_init(&f, COMM_WIRE_F32);
-    fixture_init(&g, COMM_WIRE_BF16);
+    fixture_init(&f, STAGE_F32);
+    fixture_init(&g, STAGE_BF16);
     g.p.mb = 43;
     g.slot[0] = 99;
     size_t cap = comm_packet_max_bytes(MB10, D5, S4);
@@ -640,7 +640,7 @@ static void test_lifetime(void)
 static void test_no_malloc(void)
 {
     fixture f;
-    fixture_init(&f, COMM_WIRE_F16);
+    fixture_init(&f, STAGE_F16);
     size_t cap = comm_packet_max_bytes(MB10, D5, S4);
     uint8_t *buf = malloc(cap);
     char err[256];
@@ -681,7 +681,7 @@ static void expect_pack_fail(const comm_packet *p, const float *x, int D, const 
 static void test_pack_errors(void)
 {
     fixture f;
-    fixture_init(&f, COMM_WIRE_BF16);
+    fixture_init(&f, STAGE_BF16);
     /* every capacity short of the packet fails, the exact one succeeds */
     size_t cap = comm_packet_max_bytes(MB10, D5, S4);
     uint8_t *buf = malloc(cap);
@@ -708,7 +708,7 @@ static void test_pack_errors(void)
     p = f.p; p.receiver = 3;               expect_pack_fail(&p, f.x, D5, NULL, "with a descriptor");
     p = f.p; p.receiver = 0;               expect_pack_fail(&p, f.x, D5, NULL, "forward");
     p = f.p; p.sender = -1;                expect_pack_fail(&p, f.x, D5, NULL, "out of range");
-    p = f.p; p.dtype = (comm_wire_dtype)3; expect_pack_fail(&p, f.x, D5, NULL, "dtype");
+    p = f.p; p.dtype = (stage_dtype)3; expect_pack_fail(&p, f.x, D5, NULL, "dtype");
     p = f.p; p.kind = (comm_pkt_kind)3;    expect_pack_fail(&p, f.x, D5, NULL, "kind");
     p = f.p;                               expect_pack_fail(&p, f.x, 0, NULL, "D > 0");
     p = f.p;                               expect_pack_fail(&p, NULL, D5, NULL, "needs x");
@@ -718,7 +718,7 @@ static void test_pack_errors(void)
     neg[9] = -5;
     p = f.p; p.pos = neg;                  expect_pack_fail(&p, f.x, D5, NULL, "negative");
     uint8_t fl[MB10] = {0};
-    fl[2] = 4;
+    fl[2] = 8;
     p = f.p; p.flags = fl;                 expect_pack_fail(&p, f.x, D5, NULL, "flags");
     comm_bypass dup[2] = {{0, 2}, {0, 2}}, back[1] = {{2, 1}};
     p = f.p; p.bypass = dup; p.n_bypass = 2; expect_pack_fail(&p, f.x, D5, NULL, "twice");
@@ -790,7 +790,7 @@ typedef struct {
 static void raw_init(raw_hdr *r)
 {
     fixture f;
-    fixture_init(&f, COMM_WIRE_F32);
+    fixture_init(&f, STAGE_F32);
     modpipe__packet_header__init(&r->h);
     modpipe__batch_desc__init(&r->d);
     memcpy(r->present, f.present, sizeof r->present);
@@ -826,6 +826,123 @@ static void raw_init(raw_hdr *r)
 }
 
 enum { RAW_CAP = 8192, ROWB = D5 * 4 /* f32 row bytes */ };
+
+/* Per-row sampling state and slot releases: round trip, defaults, and what is rejected. */
+static void test_sampling_desc(void)
+{
+    fixture f;
+    fixture_init(&f, STAGE_F32);
+    float temp[MB10], top_p[MB10];
+    uint64_t seed[MB10], seq[MB10];
+    uint32_t step[MB10];
+    int32_t target[MB10], rel[3] = {7, 0, 300000};
+    uint8_t fl[MB10];
+    for (int i = 0; i < MB10; i++) {
+        temp[i] = 0.25f * (float)i;
+        top_p[i] = 1.0f - 0.05f * (float)i;
+        seed[i] = 0xfedcba9876543210ull + (uint64_t)i;
+        seq[i] = (uint64_t)i * 1000003u;
+        step[i] = (uint32_t)(i * 300);
+        target[i] = i % 3 == 0 ? -1 : 50 * i;
+        fl[i] = (uint8_t)(i % 2 ? COMM_ROW_NEED_LOGITS | COMM_ROW_SAMPLE : COMM_ROW_PROMPT);
+    }
+    comm_packet p = f.p;
+    p.flags = fl;
+    p.temperature = temp;
+    p.top_p = top_p;
+    p.seed = seed;
+    p.seq = seq;
+    p.step = step;
+    p.target = target;
+    p.n_release = 3;
+    p.release = rel;
+    size_t cap = comm_packet_max_bytes(MB10, D5, S4);
+    uint8_t *buf = malloc(cap);
+    char err[256] = "";
+    size_t hb, pb;
+    size_t n = comm_pack(&p, f.x, D5, NULL, buf, cap, &hb, &pb, err, sizeof err);
+    if (!n) fprintf(stderr, "\n  pack: %s\n", err);
+    CU_ASSERT_FATAL(n > 0);
+    CU_ASSERT_EQUAL(hb, 4 + reference_header_size(buf, n));
+    comm_unpacker *u = comm_unpacker_init(16, S4);
+    comm_packet q;
+    CU_ASSERT_EQUAL_FATAL(comm_unpack(u, buf, n, D5, &q, err, sizeof err), 0);
+    assert_same_header(&p, &q);
+    for (int i = 0; i < MB10; i++) {
+        CU_ASSERT_EQUAL(f32_bits(q.temperature[i]), f32_bits(temp[i]));
+        CU_ASSERT_EQUAL(f32_bits(q.top_p[i]), f32_bits(top_p[i]));
+        CU_ASSERT_EQUAL(q.seed[i], seed[i]);
+        CU_ASSERT_EQUAL(q.seq[i], seq[i]);
+        CU_ASSERT_EQUAL(q.step[i], step[i]);
+        CU_ASSERT_EQUAL(q.target[i], target[i]);
+    }
+    CU_ASSERT_EQUAL(q.n_release, 3);
+    CU_ASSERT(q.n_release == 3 && q.release[0] == 7 && q.release[1] == 0 && q.release[2] == 300000);
+
+    /* absent arrays: every row gets the default, and the header is smaller */
+    size_t hb_full = hb;
+    p = f.p;
+    n = comm_pack(&p, f.x, D5, NULL, buf, cap, &hb, &pb, err, sizeof err);
+    CU_ASSERT_FATAL(n > 0);
+    CU_ASSERT(hb < hb_full);
+    CU_ASSERT_EQUAL_FATAL(comm_unpack(u, buf, n, D5, &q, err, sizeof err), 0);
+    for (int i = 0; i < MB10; i++) {
+        CU_ASSERT(q.temperature[i] == 0.0f && q.top_p[i] == 1.0f && q.seed[i] == 0 &&
+                  q.seq[i] == 0 && q.step[i] == 0 && q.target[i] == -1);
+    }
+    CU_ASSERT_EQUAL(q.n_release, 0);
+
+    /* pack rejects */
+    uint8_t bad_fl[MB10] = {0};
+    bad_fl[4] = COMM_ROW_SAMPLE;
+    p = f.p; p.flags = bad_fl;             expect_pack_fail(&p, f.x, D5, NULL, "row 4 samples without logits");
+    float nan_t[MB10];
+    memcpy(nan_t, temp, sizeof nan_t);
+    nan_t[1] = NAN;
+    p = f.p; p.flags = fl; p.temperature = nan_t; expect_pack_fail(&p, f.x, D5, NULL, "row 1 has temperature nan");
+    float zero_p[MB10];
+    memcpy(zero_p, top_p, sizeof zero_p);
+    zero_p[3] = 0.0f;
+    p = f.p; p.flags = fl; p.top_p = zero_p; expect_pack_fail(&p, f.x, D5, NULL, "row 3 has temperature");
+    int32_t bad_t[MB10];
+    memcpy(bad_t, target, sizeof bad_t);
+    bad_t[5] = -2;
+    p = f.p; p.target = bad_t;             expect_pack_fail(&p, f.x, D5, NULL, "row 5 has target -2");
+    int32_t dup[2] = {4, 4}, negr[1] = {-1};
+    p = f.p; p.release = dup; p.n_release = 2; expect_pack_fail(&p, f.x, D5, NULL, "slot 4 released twice");
+    p = f.p; p.release = negr; p.n_release = 1; expect_pack_fail(&p, f.x, D5, NULL, "release of slot -1");
+    static int32_t many[COMM_MAX_RELEASE + 1];
+    for (int k = 0; k <= COMM_MAX_RELEASE; k++) many[k] = k;
+    p = f.p; p.release = many; p.n_release = COMM_MAX_RELEASE + 1;
+    expect_pack_fail(&p, f.x, D5, NULL, "slot releases (limit");
+    p = f.p; p.release = many; p.n_release = COMM_MAX_RELEASE; /* the limit itself fits */
+    CU_ASSERT(comm_pack(&p, f.x, D5, NULL, buf, cap, &hb, &pb, err, sizeof err) > 0);
+    CU_ASSERT_EQUAL(comm_unpack(u, buf, comm_pack(&p, f.x, D5, NULL, buf, cap, &hb, &pb, err, sizeof err),
+                                D5, &q, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(q.n_release, COMM_MAX_RELEASE);
+
+    /* unpack rejects a sampling array of the wrong length and too many releases */
+    static uint8_t rbuf[RAW_CAP];
+    raw_hdr r;
+    raw_init(&r);
+    r.d.n_temperature = 9;
+    r.d.temperature = temp;
+    n = raw_packet(&r.h, 4 * ROWB, rbuf, RAW_CAP);
+    expect_unpack_fail(u, rbuf, n, D5, "9 temperatures");
+    raw_init(&r);
+    r.d.n_target = 11;
+    int32_t t11[11] = {0};
+    r.d.target = t11;
+    n = raw_packet(&r.h, 4 * ROWB, rbuf, RAW_CAP);
+    expect_unpack_fail(u, rbuf, n, D5, "11 targets");
+    raw_init(&r);
+    r.d.n_release = COMM_MAX_RELEASE + 1;
+    r.d.release = many;
+    n = raw_packet(&r.h, 4 * ROWB, rbuf, RAW_CAP);
+    expect_unpack_fail(u, rbuf, n, D5, "slot releases (limit");
+    free(buf);
+    comm_unpacker_free(u);
+}
 
 static void test_unpack_bad_headers(void)
 {
@@ -1062,7 +1179,7 @@ static void test_unpack_arena_exhausted(void)
     expect_unpack_fail(u, buf, n, D5, "decode arena");
     /* still usable afterwards */
     fixture f;
-    fixture_init(&f, COMM_WIRE_F32);
+    fixture_init(&f, STAGE_F32);
     f.p.sender = 0;
     f.p.receiver = 1;
     f.p.n_bypass = 0;
@@ -1076,7 +1193,7 @@ static void test_unpack_arena_exhausted(void)
 /* Every truncation of a valid packet fails with a message; only the full length decodes. */
 static void test_unpack_truncations(void)
 {
-    const comm_wire_dtype d[] = {COMM_WIRE_F32, COMM_WIRE_BF16, COMM_WIRE_F16};
+    const stage_dtype d[] = {STAGE_F32, STAGE_BF16, STAGE_F16};
     comm_unpacker *u = comm_unpacker_init(16, S4);
     for (int k = 0; k < 3; k++) {
         fixture f;
@@ -1113,13 +1230,13 @@ static void check_self_consistent(const comm_packet *q, const uint8_t *buf, size
     size_t H = get_u32le(buf);
     CU_ASSERT_PTR_EQUAL(q->payload, buf + 4 + H);
     CU_ASSERT_EQUAL(4 + H + q->payload_bytes, len);
-    size_t want = q->kind == COMM_PKT_ROWS     ? (size_t)q->n_rows * D * comm_wire_size(q->dtype)
+    size_t want = q->kind == COMM_PKT_ROWS     ? (size_t)q->n_rows * D * stage_dtype_size(q->dtype)
                   : q->kind == COMM_PKT_TOKENS ? (size_t)q->n_rows * 4
                                                : 0;
     CU_ASSERT_EQUAL(q->payload_bytes, want);
     CU_ASSERT_EQUAL(q->has_desc, q->kind == COMM_PKT_ROWS && q->receiver == q->sender + 1);
     for (int i = 0; q->has_desc && i < q->mb_rows; i++)
-        CU_ASSERT(q->slot[i] >= 0 && q->pos[i] >= 0 && q->token[i] >= 0 && q->flags[i] < 4);
+        CU_ASSERT(q->slot[i] >= 0 && q->pos[i] >= 0 && q->token[i] >= 0 && q->flags[i] < 8);
     for (int k = 0; k < q->n_bypass; k++)
         CU_ASSERT(q->bypass[k].from >= 0 && q->bypass[k].from < q->bypass[k].to &&
                   q->bypass[k].to < n_stages);
@@ -1139,7 +1256,7 @@ static void test_unpack_flips(void)
     int ok = 0, failed = 0, silent = 0;
     for (int it = 0; it < ITER; it++) {
         fixture f;
-        const comm_wire_dtype dts[] = {COMM_WIRE_F32, COMM_WIRE_BF16, COMM_WIRE_F16};
+        const stage_dtype dts[] = {STAGE_F32, STAGE_BF16, STAGE_F16};
         fixture_init(&f, dts[it % 3]);
         int32_t tk[4] = {1, 2, 3, 4};
         if (it % 5 == 4) { /* some TOKENS packets too */
@@ -1229,6 +1346,7 @@ int main(void)
     CU_add_test(s, "mask set/get/count", test_mask);
     CU_add_test(s, "wire names, sizes, parse", test_wire_names);
     CU_add_test(s, "wire f32 exact", test_wire_f32);
+    CU_add_test(s, "descriptor: sampling state and slot releases", test_sampling_desc);
     CU_add_test(s, "wire bf16 known values", test_wire_bf16);
     CU_add_test(s, "wire f16 known values", test_wire_f16);
     CU_add_test(s, "ROWS chain round trip", test_rows_chain);

@@ -391,14 +391,192 @@ static void test_bad_input(void)
     CU_ASSERT(strstr(OUT, "frobnicate") != NULL);
     CU_ASSERT_NOT_EQUAL(run(30, "%s -np 1 %s generate --model %s/mod --prompt-ids 1 --micro-batch 0", MPIRUN, BIN, FIX), 0);
     CU_ASSERT(strstr(OUT, "--micro-batch") != NULL);
-    /* eval lines of different lengths */
-    char tf[512];
+    /* a context too short for the prompt + new tokens; slots fewer than a decode group */
+    CU_ASSERT_NOT_EQUAL(run(30, "%s -np 2 %s generate --model %s/mod --prompt-ids 1,2,3 --max-new 4 --ctx 5 --quiet",
+                            MPIRUN, BIN, FIX), 0);
+    CU_ASSERT(strstr(OUT, "needs 6 positions") && strstr(OUT, "--ctx is 5"));
+    CU_ASSERT_NOT_EQUAL(run(30, "%s -np 1 %s generate --model %s/mod %s --groups 1 --slots 2 --quiet",
+                            MPIRUN, BIN, FIX, PROMPTS), 0);
+    CU_ASSERT(strstr(OUT, "--slots 2") != NULL);
+}
+
+static double parse_nll(void)
+{
+    const char *p = strstr(OUT, "mean NLL ");
+    return p ? atof(p + 9) : NAN;
+}
+
+/* eval lines of any lengths: the mean NLL is the target-weighted mean of each line alone,
+ * the dump is [n, Tmax, vocab] with NaN past a line's end, the same at -np 1 and 3 and with
+ * fewer slots than lines (lines then wait for a slot). */
+static void test_eval_ragged(void)
+{
+    char tf[512], one[512], d_all[512], d_np3[512], d_slot[512];
+    const char *lines[3] = {"3 14 15 92 65", "89 79", "32 38 46 26"};
+    int targets[3] = {4, 1, 3};
+    double sum = 0;
+    char dl[3][512];
+    for (int i = 0; i < 3; i++) {
+        snprintf(one, sizeof one, "%s/line%d.txt", TMP, i);
+        FILE *f = fopen(one, "w");
+        fprintf(f, "%s\n", lines[i]);
+        fclose(f);
+        snprintf(dl[i], sizeof dl[i], "%s/line%d.npy", TMP, i);
+        CU_ASSERT_EQUAL_FATAL(run(60, "%s -np 1 %s eval --model %s/mod --tokens-file %s --quiet --dump-logits %s",
+                                  MPIRUN, BIN, FIX, one, dl[i]), 0);
+        sum += parse_nll() * targets[i];
+    }
+    double want = sum / 8;
     snprintf(tf, sizeof tf, "%s/ragged.txt", TMP);
     FILE *f = fopen(tf, "w");
-    fprintf(f, "1 2 3\n4 5\n");
+    for (int i = 0; i < 3; i++) fprintf(f, "%s\n", lines[i]);
     fclose(f);
-    CU_ASSERT_NOT_EQUAL(run(30, "%s -np 2 %s eval --model %s/mod --tokens-file %s", MPIRUN, BIN, FIX, tf), 0);
-    CU_ASSERT(strstr(OUT, "same length") != NULL);
+    snprintf(d_all, sizeof d_all, "%s/ragged1.npy", TMP);
+    snprintf(d_np3, sizeof d_np3, "%s/ragged3.npy", TMP);
+    snprintf(d_slot, sizeof d_slot, "%s/ragged-slot.npy", TMP);
+    CU_ASSERT_EQUAL_FATAL(run(60, "%s -np 1 %s eval --model %s/mod --tokens-file %s --quiet --micro-batch 4 "
+                              "--dump-logits %s", MPIRUN, BIN, FIX, tf, d_all), 0);
+    CU_ASSERT(strstr(OUT, "8 scored") != NULL);
+    CU_ASSERT(fabs(parse_nll() - want) < 2e-6);
+    CU_ASSERT_EQUAL(run(60, "%s -np 3 %s eval --model %s/mod --tokens-file %s --quiet --micro-batch 4 "
+                        "--dump-logits %s", MPIRUN, BIN, FIX, tf, d_np3), 0);
+    CU_ASSERT(files_identical(d_all, d_np3));
+    CU_ASSERT_EQUAL(run(60, "%s -np 2 %s eval --model %s/mod --tokens-file %s --quiet --slots 1 "
+                        "--dump-logits %s", MPIRUN, BIN, FIX, tf, d_slot), 0);
+    CU_ASSERT(fabs(parse_nll() - want) < 2e-6);
+    /* the layout: line i at [i, 0..len), NaN after; each line as its own eval run */
+    float *a = NULL, *b = NULL;
+    int na = 0, nb = 0;
+    int64_t sa[8], sb[8];
+    char err[256];
+    CU_ASSERT_EQUAL_FATAL(npy_read_f32(d_slot, &a, &na, sa, err, sizeof err), 0);
+    CU_ASSERT(na == 3 && sa[0] == 3 && sa[1] == 5 && sa[2] == 97);
+    for (int i = 0; i < 3 && na == 3; i++) {
+        CU_ASSERT_EQUAL_FATAL(npy_read_f32(dl[i], &b, &nb, sb, err, sizeof err), 0);
+        int len = (int)sb[1];
+        double md = 0;
+        for (int t = 0; t < 5; t++)
+            for (int v = 0; v < 97; v++) {
+                float x = a[((size_t)i * 5 + t) * 97 + v];
+                if (t >= len) {
+                    CU_ASSERT(isnan(x));
+                } else if (fabs(x - b[(size_t)t * 97 + v]) > md) {
+                    md = fabs(x - b[(size_t)t * 97 + v]);
+                }
+            }
+        CU_ASSERT(md < 1e-4);
+        free(b);
+        b = NULL;
+    }
+    free(a);
+}
+
+/* EOS (config eos_token_id) stops a sequence: its line ends with the EOS id, its dump rows
+ * after that are NaN and the others match the run without EOS (to 1e-5: the later decode
+ * micro-batches have one row fewer, so their GEMMs differ); --ignore-eos restores the full
+ * run; -np 3 gives the same bits as -np 1. */
+static void test_generate_eos(void)
+{
+    char d[512], full[512], e1[512], e3[512];
+    snprintf(d, sizeof d, "%s/mod_eos", TMP);
+    CU_ASSERT_EQUAL_FATAL(run(30, "mkdir -p %s && sed \"s/\\\"vocab_size\\\": 97,/\\\"vocab_size\\\": 97, \\\"eos_token_id\\\": 56,/\" "
+                              "%s/mod/config.json > %s/config.json && ln -sf $(realpath %s/mod/model.safetensors) %s/",
+                              d, FIX, d, FIX, d), 0);
+    CU_ASSERT_EQUAL_FATAL(run(30, "grep -c eos_token_id %s/config.json", d), 0);
+    snprintf(full, sizeof full, "%s/eos-full.npy", TMP);
+    snprintf(e1, sizeof e1, "%s/eos-np1.npy", TMP);
+    snprintf(e3, sizeof e3, "%s/eos-np3.npy", TMP);
+    CU_ASSERT_EQUAL_FATAL(run(60, "%s -np 1 %s generate --model %s %s --max-new 5 --quiet --ignore-eos --dump-logits %s",
+                              MPIRUN, BIN, d, PROMPTS, full), 0);
+    CU_ASSERT(tokens_match("mod"));
+    CU_ASSERT_EQUAL_FATAL(run(60, "%s -np 1 %s generate --model %s %s --max-new 5 --quiet --dump-logits %s",
+                              MPIRUN, BIN, d, PROMPTS, e1), 0);
+    CU_ASSERT(strstr(OUT, "generated 84,56\n") != NULL);
+    CU_ASSERT(strstr(OUT, "generated 60,70,53,90,32\n") != NULL);
+    CU_ASSERT(strstr(OUT, "generated 6,63,16,11,65\n") != NULL);
+    CU_ASSERT_EQUAL(run(60, "%s -np 3 %s generate --model %s %s --max-new 5 --quiet --dump-logits %s",
+                        MPIRUN, BIN, d, PROMPTS, e3), 0);
+    CU_ASSERT(strstr(OUT, "generated 84,56\n") != NULL);
+    CU_ASSERT(files_identical(e1, e3));
+    float *a = NULL, *b = NULL;
+    int na = 0, nb = 0;
+    int64_t sa[8], sb[8];
+    char err[256];
+    CU_ASSERT_EQUAL_FATAL(npy_read_f32(e1, &a, &na, sa, err, sizeof err), 0);
+    CU_ASSERT_EQUAL_FATAL(npy_read_f32(full, &b, &nb, sb, err, sizeof err), 0);
+    CU_ASSERT(na == 3 && sa[0] == 3 && sa[1] == 5 && sa[2] == 97);
+    size_t row = 97, n = 3 * 5 * row;
+    int nan_rows = 0, same = 1;
+    for (size_t k = 0; k < n; k++) {
+        int seq0_after = k / row < 5 && k / row >= 2; /* sequence 0 stopped after 2 tokens */
+        if (seq0_after) nan_rows += isnan(a[k]) != 0;
+        else same &= fabs((double)a[k] - b[k]) <= 1e-5 * (1 + fabs((double)b[k]));
+    }
+    CU_ASSERT_EQUAL(nan_rows, 3 * 97);
+    CU_ASSERT(same);
+    free(a);
+    free(b);
+}
+
+/* Text in: --prompt goes through the model's tokenizer (stories260K's known answer: "Once
+ * upon a time" -> 1,403,407,261,378, then 432,383,... = ", there was a little girl named
+ * Lily"); eval --text-file scores the same ids `modpipe tokenize` gives, one document per
+ * blank-line-separated block. */
+static void test_text_prompts(void)
+{
+    for (int np = 1; np <= 3; np += 2) {
+        CU_ASSERT_EQUAL(run(120, "%s -np %d %s generate --model %s/stories260K --prompt \"Once upon a time\" "
+                            "--prompt-ids 1,403,407,261,378 --max-new 10 --quiet", MPIRUN, np, BIN, FIX), 0);
+        CU_ASSERT(strstr(OUT, "generated 432,383,286,261,376,298,315,421,395,317\n") != NULL);
+        CU_ASSERT(strstr(OUT, "text: , there was a little girl named Lily\n") != NULL);
+    }
+    char tf[512], idf[512];
+    snprintf(tf, sizeof tf, "%s/docs.txt", TMP);
+    snprintf(idf, sizeof idf, "%s/docs.ids", TMP);
+    FILE *f = fopen(tf, "w");
+    fprintf(f, "Once upon a time, there was a little girl.\nShe liked to play.\n\n  \nTom had a big dog.\n");
+    fclose(f);
+    CU_ASSERT_EQUAL_FATAL(run(30, "printf \"Once upon a time, there was a little girl.\\nShe liked to play.\" > %s.1 && "
+                              "printf \"Tom had a big dog.\" > %s.2 && %s tokenize --model %s/stories260K --text-file %s.1 > %s && "
+                              "%s tokenize --model %s/stories260K --text-file %s.2 >> %s",
+                              tf, tf, BIN, FIX, tf, idf, BIN, FIX, tf, idf), 0);
+    CU_ASSERT_EQUAL_FATAL(run(60, "%s -np 2 %s eval --model %s/stories260K --tokens-file %s --quiet", MPIRUN, BIN, FIX, idf), 0);
+    char *m = strstr(OUT, "eval: ");
+    char want[256] = "";
+    if (m) snprintf(want, sizeof want, "%.*s", (int)(strchr(m, '\n') - m), m);
+    CU_ASSERT(strstr(want, "eval: 2 sequences") == want);
+    CU_ASSERT_EQUAL(run(60, "%s -np 2 %s eval --model %s/stories260K --text-file %s --quiet", MPIRUN, BIN, FIX, tf), 0);
+    CU_ASSERT(want[0] && strstr(OUT, want) != NULL);
+    /* a model without tokenizer.json: a clear error */
+    CU_ASSERT_NOT_EQUAL(run(30, "%s -np 1 %s generate --model %s/mod --prompt hello --quiet", MPIRUN, BIN, FIX), 0);
+    CU_ASSERT(strstr(OUT, "tokenizer") != NULL);
+}
+
+/* Default decode groups (issue 7.4): 16 sequences at R 32 make 2 groups of 8, so every decode
+ * micro-batch has 8 rows (not 8 groups of 2): 2 prefill + 2 x 4 decode micro-batches, at any
+ * -np; R 4 forces 4 groups of 4. */
+static void test_default_groups(void)
+{
+    char stats[512], pf[512];
+    snprintf(pf, sizeof pf, "%s/p16.txt", TMP);
+    FILE *f = fopen(pf, "w");
+    for (int i = 0; i < 16; i++) fprintf(f, "%d,%d\n", 3 + i, 40 + i);
+    fclose(f);
+    snprintf(stats, sizeof stats, "%s/g16.json", TMP);
+    for (int np = 1; np <= 2; np++) {
+        CU_ASSERT_EQUAL_FATAL(run(60, "%s -np %d %s generate --model %s/mod --prompts-file %s --max-new 5 "
+                                  "--quiet --stats %s", MPIRUN, np, BIN, FIX, pf, stats), 0);
+        cJSON *j = read_json(stats);
+        CU_ASSERT_PTR_NOT_NULL_FATAL(j);
+        CU_ASSERT_EQUAL(jnum(j, "micro_batches"), 2 + 2 * 4);
+        cJSON_Delete(j);
+    }
+    CU_ASSERT_EQUAL_FATAL(run(60, "%s -np 1 %s generate --model %s/mod --prompts-file %s --max-new 5 "
+                              "--micro-batch 4 --quiet --stats %s", MPIRUN, BIN, FIX, pf, stats), 0);
+    cJSON *j = read_json(stats);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(j);
+    CU_ASSERT_EQUAL(jnum(j, "micro_batches"), 4 * 2 + 4 * 4); /* 8 rows of prompt a group: 2 chunks */
+    cJSON_Delete(j);
 }
 
 /* A rank that dies mid-run: the whole job ends, non-zero, naming the rank. */
@@ -429,6 +607,107 @@ static void test_dead_rank(void)
     CU_ASSERT(run(5, "pgrep -f \"[m]odpipe generate --model %s\"", model) != 0); /* nobody left */
 }
 
+/* ---- init-model streams the weights; generate runs the result; memory planning ---------- */
+
+/* The files of mod.yaml (bf16, 3 shards, not calibrated) as the in-memory writer wrote them
+ * before init-model streamed: the streaming writer must give the same bytes (here with the
+ * draw split over 3 threads). */
+static const char *MOD_BF16_SHA[] = {
+    "4b0cb950a12a537f8b330ce5e40048afd7d6400b8041596fd1b3614fc7fbd222  model-00001-of-00003.safetensors",
+    "f49ca75570b5aae52864d516c416d685e1ba4f36c71c07944a66ad8383e18a8e  model-00002-of-00003.safetensors",
+    "798ebafecec19efbbfda8e08d1c79549c128da9882a6cd09decff30c0c161ad7  model-00003-of-00003.safetensors",
+    "952ab0bdb162487f2c0699e5a4b1ab3d887c79576db9e3ff7b7f806be5ad8376  model.safetensors.index.json",
+};
+
+static void test_init_model_stream(void)
+{
+    char m1[512], m2[512];
+    snprintf(m1, sizeof m1, "%s/stream-nc", TMP);
+    snprintf(m2, sizeof m2, "%s/stream-cal", TMP);
+    CU_ASSERT_EQUAL_FATAL(run(120, "%s init-model --spec configs/models/mod.yaml --out %s --dtype bf16 "
+                                   "--shards 3 --no-calibrate --quiet --threads 3", BIN, m1), 0);
+    CU_ASSERT_EQUAL(OUT[0], 0); /* --quiet: no progress */
+    CU_ASSERT_EQUAL_FATAL(run(30, "cd %s && sha256sum model*", m1), 0);
+    for (size_t i = 0; i < sizeof MOD_BF16_SHA / sizeof *MOD_BF16_SHA; i++) {
+        int has = strstr(OUT, MOD_BF16_SHA[i]) != NULL;
+        CU_ASSERT(has);
+        if (!has) fprintf(stderr, "\n  init-model output changed: want %s\n  got %s", MOD_BF16_SHA[i], OUT);
+    }
+
+    /* calibrated: progress line, routers calibrated from the written files */
+    CU_ASSERT_EQUAL_FATAL(run(120, "%s init-model --spec configs/models/mod.yaml --out %s --dtype bf16 "
+                                   "--shards 3", BIN, m2), 0);
+    /* 2 x (embedding and lm_head 97 x 64 + 6 layers of 12288 + 24576 + 128, 3 routers of 65,
+     * model.norm 64) = 469254 bytes */
+    CU_ASSERT(strstr(OUT, "init-model: 0.47 / 0.47 MB written") != NULL);
+    CU_ASSERT(strstr(OUT, "MB/s, took") != NULL);
+    int n_layers = 0;
+    for (const char *p = strstr(OUT, "participation "); p; p = strstr(p + 1, "participation ")) {
+        double part = atof(p + strlen("participation "));
+        CU_ASSERT(part > 0.05 && part < 0.25); /* capacity 0.125 on fresh prompts */
+        n_layers++;
+    }
+    CU_ASSERT_EQUAL(n_layers, 3);
+    /* the biases were patched in place: they differ from the uncalibrated files' zeros */
+    CU_ASSERT_NOT_EQUAL(run(30, "cmp -s %s/model-00002-of-00003.safetensors %s/model-00002-of-00003.safetensors",
+                            m1, m2), 0);
+    CU_ASSERT_EQUAL(run(30, "cmp -s %s/model-00001-of-00003.safetensors %s/model-00001-of-00003.safetensors",
+                        m1, m2), 0); /* embedding + layer 0: no router */
+
+    /* generate runs it; N ranks bit-identical to 1; each rank's peak RSS in the stats */
+    char one[512], three[512], stats[512];
+    snprintf(one, sizeof one, "%s/stream-np1.npy", TMP);
+    snprintf(three, sizeof three, "%s/stream-np3.npy", TMP);
+    snprintf(stats, sizeof stats, "%s/stream-stats.json", TMP);
+    CU_ASSERT_EQUAL_FATAL(run(120, "%s -np 1 %s generate --model %s %s --max-new 4 --quiet --dump-logits %s",
+                              MPIRUN, BIN, m2, PROMPTS, one), 0);
+    CU_ASSERT_EQUAL_FATAL(run(120, "%s -np 3 %s generate --model %s %s --max-new 4 --dump-logits %s --stats %s",
+                              MPIRUN, BIN, m2, PROMPTS, three, stats), 0);
+    CU_ASSERT(files_identical(one, three));
+    CU_ASSERT(strstr(OUT, "[modpipe] peak RSS per stage: 0: ") != NULL);
+    cJSON *j = read_json(stats);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(j);
+    const cJSON *st;
+    int n = 0;
+    cJSON_ArrayForEach(st, cJSON_GetObjectItemCaseSensitive(j, "stages")) {
+        double rss = jnum(st, "peak_rss_bytes"), w = jnum(st, "weight_bytes");
+        CU_ASSERT(rss > w && rss > 1e6 && rss < 1e9);
+        n++;
+    }
+    CU_ASSERT_EQUAL(n, 3);
+    cJSON_Delete(j);
+
+    /* a directory that cannot be made: one line, non-zero, nothing left behind */
+    CU_ASSERT_NOT_EQUAL(run(30, "%s init-model --spec configs/models/mod.yaml --out %s/x/y --quiet",
+                            BIN, one), 0);
+    CU_ASSERT(strstr(OUT, "cannot create directory") != NULL);
+}
+
+static void test_partition_memory_command(void)
+{
+    /* fixture mod (f32): explicit plan under a limit too small for it */
+    CU_ASSERT_EQUAL(run(30, "%s partition --model %s/mod -n 2 --mem-per-rank 1G --slots 4 --ctx 128",
+                        BIN, FIX), 0);
+    CU_ASSERT(strstr(OUT, "KV MiB  work MiB  total MiB") != NULL);
+    CU_ASSERT(strstr(OUT, "KV for 4 sequences of 128 positions") != NULL);
+    CU_ASSERT(strstr(OUT, "of --mem-per-rank 1.00 GiB") != NULL);
+    CU_ASSERT(strstr(OUT, "(f32, as in the checkpoint)") != NULL);
+    CU_ASSERT_NOT_EQUAL(run(30, "%s partition --model %s/mod -n 2 --stages 0-2,3-5 --mem-per-rank 20M",
+                            BIN, FIX), 0);
+    CU_ASSERT(strstr(OUT, "modpipe partition: --stages: stage 0 does not fit --mem-per-rank 20.0 MiB: "
+                          "its layers 0-2 need") != NULL);
+    CU_ASSERT_NOT_EQUAL(run(30, "%s partition --model %s/mod -n 2 --mem-per-rank 20M", BIN, FIX), 0);
+    CU_ASSERT(strstr(OUT, "no split of 6 layers into 2 stages fits --mem-per-rank 20.0 MiB") != NULL);
+    CU_ASSERT_NOT_EQUAL(run(30, "%s partition --model %s/mod -n 2 --mem-per-rank lots", BIN, FIX), 0);
+    CU_ASSERT(strstr(OUT, "--mem-per-rank: expected a size like 6G") != NULL);
+    /* generate checks the same limit (its own slots and positions) before it loads anything */
+    CU_ASSERT_NOT_EQUAL(run(60, "%s -np 2 %s generate --model %s/mod --prompt-ids 1,2 --mem-per-rank 20M",
+                            MPIRUN, BIN, FIX), 0);
+    CU_ASSERT(strstr(OUT, "fits --mem-per-rank 20.0 MiB") != NULL);
+    CU_ASSERT_EQUAL(run(60, "%s -np 2 %s generate --model %s/mod --prompt-ids 1,2 --max-new 2 --quiet "
+                            "--mem-per-rank 200M", MPIRUN, BIN, FIX), 0);
+}
+
 int main(void)
 {
     BIN = getenv("MODPIPE") ? getenv("MODPIPE") : "build/modpipe";
@@ -452,7 +731,13 @@ int main(void)
     CU_add_test(s, "topk carries every row; stage times", test_topk_dense_links_and_stage_times);
     CU_add_test(s, "YAML config, overrides, errors", test_yaml_config_and_override);
     CU_add_test(s, "partition command", test_partition_command);
+    CU_add_test(s, "init-model streams; generate runs it; peak RSS", test_init_model_stream);
+    CU_add_test(s, "partition --mem-per-rank", test_partition_memory_command);
     CU_add_test(s, "bad input", test_bad_input);
+    CU_add_test(s, "eval of lines of any lengths", test_eval_ragged);
+    CU_add_test(s, "generate stops at EOS", test_generate_eos);
+    CU_add_test(s, "text prompts and eval --text-file", test_text_prompts);
+    CU_add_test(s, "default decode groups", test_default_groups);
     CU_add_test(s, "dead rank ends the job", test_dead_rank);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();

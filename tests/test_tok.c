@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 
 #include "tests/testutil.h"
 #include "tok/tok.h"
@@ -311,6 +312,183 @@ static void test_fixture_metaspace(void) { run_fixture("metaspace"); }
 static void test_fixture_gpt2(void) { run_fixture("gpt2"); }
 static void test_fixture_llama3style(void) { run_fixture("llama3style"); }
 
+static void load_fails(const char *json, const char *needle);
+
+/* ------------------------------------------------------------------ hand-made tokenizers */
+
+/* Constructs the real files do not exercise, with answers worked out by hand from the
+ * Hugging Face semantics (tokenizers' SplitDelimiterBehavior, ignore_merges, fuse_unk, ...). */
+#define HM_VOCAB                                                                            \
+    "{\"a\":0,\"b\":1,\"c\":2,\"ab\":3,\"bc\":4,\"abc\":5,\" \":6,\"<unk>\":7,\"1\":8,"    \
+    "\"2\":9,\"a \":10,\" b\":11,\"  \":12,\"12\":13,\"x\":16,\"y\":17}"
+#define HM_MERGES "[[\"b\",\"c\"],[\"a\",\" \"],[\" \",\"b\"],[\" \",\" \"],\"1 2\"]"
+
+static tok_tokenizer *hm_load(const char *pre, const char *model_extra, const char *top_extra)
+{
+    char json[4096];
+    snprintf(json, sizeof json,
+             "{%s\"pre_tokenizer\": %s, \"decoder\": null, \"model\": {\"type\": \"BPE\", "
+             "\"unk_token\": \"<unk>\", \"vocab\": " HM_VOCAB ", \"merges\": " HM_MERGES "%s}}",
+             top_extra ? top_extra : "", pre ? pre : "null", model_extra ? model_extra : "");
+    tok_tokenizer *t = NULL;
+    char err[512] = "";
+    if (tok_load_json("hand-made", json, strlen(json), &t, err, sizeof err))
+        fprintf(stderr, "\n  hand-made: %s\n", err);
+    return t;
+}
+
+static void expect_ids(const tok_tokenizer *t, const char *text, int special, const int32_t *want,
+                       int nw)
+{
+    int32_t *ids;
+    int n;
+    char err[512] = "";
+    int rc = tok_encode(t, text, strlen(text), special, &ids, &n, err, sizeof err);
+    if (rc) fprintf(stderr, "\n  \"%s\": %s\n", text, err);
+    CU_ASSERT_FATAL(rc == 0);
+    int same = n == nw && memcmp(ids, want, (size_t)n * sizeof *ids) == 0;
+    if (!same) {
+        fprintf(stderr, "\n  \"%s\": got", text);
+        for (int i = 0; i < n; i++) fprintf(stderr, " %d", (int)ids[i]);
+        fprintf(stderr, ", want");
+        for (int i = 0; i < nw; i++) fprintf(stderr, " %d", (int)want[i]);
+        fprintf(stderr, "\n");
+    }
+    CU_ASSERT(same);
+    free(ids);
+}
+#define EXPECT(t, text, special, ...)                                                       \
+    do {                                                                                    \
+        const int32_t w_[] = {__VA_ARGS__};                                                 \
+        expect_ids(t, text, special, w_, (int)(sizeof w_ / sizeof w_[0]));                  \
+    } while (0)
+
+static void test_hand_made(void)
+{
+    /* merges with a space in a token need the pair form: " b" as a string is an error */
+    load_fails("{\"model\": {\"type\": \"BPE\", \"vocab\": " HM_VOCAB
+               ", \"merges\": [\"  b\"]}}",
+               "merge 0 \"  b\" is not \"left right\"");
+
+    tok_tokenizer *t;
+    /* no pre-tokenizer: one piece; a+' ' (rank 1) before ' '+b (rank 2) */
+    CU_ASSERT_FATAL((t = hm_load(NULL, "", NULL)) != NULL);
+    EXPECT(t, "a b", 1, 10, 1);
+    EXPECT(t, "abc", 1, 0, 4);          /* merges only: a, bc */
+    EXPECT(t, "axyzb", 1, 0, 16, 17, 7, 1); /* z has no token: <unk> */
+    EXPECT(t, "a12", 1, 0, 13);
+    /* no decoder: tokens joined with a space */
+    {
+        const int32_t ids[] = {0, 4, 6};
+        char *txt, err[256];
+        size_t len;
+        CU_ASSERT_FATAL(tok_decode(t, ids, 3, 0, &txt, &len, err, sizeof err) == 0);
+        CU_ASSERT_STRING_EQUAL(txt, "a bc  ");
+        free(txt);
+        CU_ASSERT(stream_matches(t, ids, 3, 0));
+    }
+    tok_free(t);
+
+    CU_ASSERT_FATAL((t = hm_load(NULL, ", \"ignore_merges\": true, \"fuse_unk\": true", NULL)) != NULL);
+    EXPECT(t, "abc", 1, 5);             /* the whole piece is a token */
+    EXPECT(t, "azzb", 1, 0, 7, 1);      /* consecutive unknowns fused */
+    tok_free(t);
+
+    static const struct {
+        const char *pre, *text;
+        int32_t want[6];
+        int n;
+    } split[] = {
+        {"{\"type\":\"Split\",\"pattern\":{\"String\":\" \"},\"behavior\":\"Isolated\"}", "a b", {0, 6, 1}, 3},
+        {"{\"type\":\"Split\",\"pattern\":{\"String\":\" \"},\"behavior\":\"Removed\"}", "a b", {0, 1}, 2},
+        {"{\"type\":\"Split\",\"pattern\":{\"String\":\" \"},\"behavior\":\"MergedWithPrevious\"}", "a b", {10, 1}, 2},
+        {"{\"type\":\"Split\",\"pattern\":{\"String\":\" \"},\"behavior\":\"MergedWithNext\"}", "a b", {0, 11}, 2},
+        {"{\"type\":\"Split\",\"pattern\":{\"String\":\" \"},\"behavior\":\"Contiguous\"}", "a  b", {0, 12, 1}, 3},
+        {"{\"type\":\"Split\",\"pattern\":{\"String\":\" \"},\"behavior\":\"Isolated\"}", "a  b", {0, 6, 6, 1}, 4},
+        {"{\"type\":\"Split\",\"pattern\":{\"Regex\":\"\\\\s+\"},\"behavior\":\"Removed\",\"invert\":true}", "a  b", {12}, 1},
+        {"{\"type\":\"Split\",\"pattern\":{\"Regex\":\"b*\"},\"behavior\":\"Isolated\"}", "abba", {0, 1, 1, 0}, 4},
+        {"{\"type\":\"Digits\",\"individual_digits\":true}", "a12", {0, 8, 9}, 3},
+        {"{\"type\":\"Digits\",\"individual_digits\":false}", "a12 12", {0, 13, 6, 13}, 4},
+        {"{\"type\":\"Sequence\",\"pretokenizers\":[{\"type\":\"Digits\",\"individual_digits\":false},"
+         "{\"type\":\"Split\",\"pattern\":{\"String\":\" \"},\"behavior\":\"MergedWithPrevious\"}]}", "a 12", {10, 13}, 2},
+    };
+    for (size_t k = 0; k < sizeof split / sizeof split[0]; k++) {
+        CU_ASSERT_FATAL((t = hm_load(split[k].pre, "", NULL)) != NULL);
+        expect_ids(t, split[k].text, 1, split[k].want, split[k].n);
+        tok_free(t);
+    }
+
+    /* added tokens: lstrip / rstrip eat the spaces around, single_word needs word edges;
+     * a Regex Replace normalizer collapses runs of spaces (applied to each section) */
+    const char *added =
+        "\"added_tokens\": [{\"id\":20,\"content\":\"<m>\",\"lstrip\":true,\"rstrip\":true},"
+        "{\"id\":21,\"content\":\"<n>\"},{\"id\":22,\"content\":\"xy\",\"single_word\":true}],";
+    CU_ASSERT_FATAL((t = hm_load(NULL, "", added)) != NULL);
+    EXPECT(t, "a <m> b", 1, 0, 20, 1);
+    EXPECT(t, "a <n> b", 1, 10, 21, 11);
+    EXPECT(t, "a <n> b", 0, 10, 21, 11); /* not special: recognised in plain mode too */
+    EXPECT(t, "a xy", 1, 10, 22);
+    EXPECT(t, "axy", 1, 0, 16, 17);
+    EXPECT(t, "xyb", 1, 16, 17, 1);
+    CU_ASSERT_EQUAL(tok_vocab_size(t), 23);
+    CU_ASSERT(!tok_is_special(t, 20));
+    {   /* ids 14, 15, 18, 19 are holes: not decodable */
+        const int32_t hole[] = {14};
+        char *txt, err[256];
+        size_t len;
+        CU_ASSERT(tok_decode(t, hole, 1, 0, &txt, &len, err, sizeof err) != 0);
+        ASSERT_HAS(err, "id 14 is not in the vocab");
+    }
+    tok_free(t);
+    const char *norm = "\"normalizer\": {\"type\":\"Replace\",\"pattern\":{\"Regex\":\" +\"},\"content\":\" \"},";
+    CU_ASSERT_FATAL((t = hm_load(NULL, "", norm)) != NULL);
+    EXPECT(t, "a    b", 1, 10, 1);
+    tok_free(t);
+
+    /* BOS / EOS and add_bos_token from the files next to tokenizer.json */
+    char *dir = make_tmpdir_tagged("tok");
+    CU_ASSERT_FATAL(dir != NULL);
+    char path[512], json[4096];
+    snprintf(json, sizeof json,
+             "{\"added_tokens\": [{\"id\":18,\"content\":\"<s>\",\"special\":true},{\"id\":19,"
+             "\"content\":\"</s>\",\"special\":true}], \"model\": {\"type\": \"BPE\", "
+             "\"unk_token\": \"<unk>\", \"vocab\": " HM_VOCAB ", \"merges\": " HM_MERGES "}}");
+    const char *files[][2] = {
+        {"tokenizer.json", json},
+        {"tokenizer_config.json", "{\"add_bos_token\": true, \"bos_token\": {\"content\": \"<s>\"}}"},
+        {"config.json", "{\"bos_token_id\": 0, \"eos_token_id\": [19, 2]}"},
+    };
+    for (int k = 0; k < 3; k++) {
+        snprintf(path, sizeof path, "%s/%s", dir, files[k][0]);
+        FILE *f = fopen(path, "w");
+        CU_ASSERT_FATAL(f != NULL);
+        fputs(files[k][1], f);
+        fclose(f);
+    }
+    char err[512];
+    CU_ASSERT_FATAL(tok_load(dir, &t, err, sizeof err) == 0);
+    CU_ASSERT_EQUAL(tok_bos(t), 18); /* tokenizer_config.json wins over config.json */
+    CU_ASSERT_EQUAL(tok_eos(t), 19);
+    EXPECT(t, "ab<s>", 1, 18, 0, 1, 18);
+    EXPECT(t, "ab<s>", 0, 0, 1, 7, 7, 7); /* plain: "<s>" is text, '<' 's' '>' unknown */
+    tok_free(t);
+    /* the file alone: no config, no template, so no BOS */
+    snprintf(path, sizeof path, "%s/tokenizer.json", dir);
+    CU_ASSERT_FATAL(tok_load(path, &t, err, sizeof err) == 0);
+    CU_ASSERT_EQUAL(tok_bos(t), -1);
+    CU_ASSERT_EQUAL(tok_eos(t), -1);
+    EXPECT(t, "ab", 1, 0, 1);
+    tok_free(t);
+    /* a config.json that is not JSON is an error naming it */
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    FILE *f = fopen(path, "w");
+    fputs("{oops", f);
+    fclose(f);
+    CU_ASSERT(tok_load(dir, &t, err, sizeof err) != 0);
+    ASSERT_HAS(err, "config.json: not a JSON object");
+    rm_tmpdir(dir);
+}
+
 /* ------------------------------------------------------------------ error cases */
 
 static void load_fails(const char *json, const char *needle)
@@ -376,11 +554,40 @@ static void test_errors(void)
                "\"vocab\": {\"a\": 0}, \"merges\": []}}",
                "post_processor type \"Weird\" is not supported");
     load_fails(TINY_MODEL(", \"unk_token\": \"<unk>\""), "unk_token \"<unk>\" is not in the vocab");
+    /* strings the encoder cuts or inserts text with must be UTF-8 (raw bytes pass cJSON) */
+    load_fails("{\"added_tokens\": [{\"id\": 5, \"content\": \"x\x80\"}], \"model\": {\"type\": "
+               "\"BPE\", \"vocab\": {\"a\": 0}, \"merges\": []}}",
+               "added token 0 is not valid UTF-8 (byte 1)");
+    load_fails("{\"normalizer\": {\"type\": \"Prepend\", \"prepend\": \"\xe2\x96\"}, \"model\": "
+               "{\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": []}}",
+               "Prepend: \"prepend\" is not valid UTF-8");
+    load_fails("{\"normalizer\": {\"type\": \"Replace\", \"pattern\": {\"String\": \" \"}, "
+               "\"content\": \"\xff\"}, \"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, "
+               "\"merges\": []}}",
+               "Replace: \"content\" is not valid UTF-8");
     load_fails(TINY_MODEL(", \"dropout\": 0.1"), "dropout");
     load_fails(TINY_MODEL(", \"continuing_subword_prefix\": \"##\""), "continuing_subword_prefix");
     load_fails("{\"truncation\": {\"max_length\": 50}, \"model\": {\"type\": \"BPE\", \"vocab\": "
                "{\"a\": 0}, \"merges\": []}}",
                "truncation");
+
+    /* an empty-string token in the vocab is legal (the fuzzer found the "▁"-run scan reading
+     * past its NUL): it loads, and "▁" cuts stay on */
+    {
+        const char *j = "{\"normalizer\": {\"type\": \"Replace\", \"pattern\": {\"String\": \" \"}, "
+                        "\"content\": \"\xe2\x96\x81\"}, \"model\": {\"type\": \"BPE\", \"vocab\": "
+                        "{\"\": 0, \"\xe2\x96\x81\": 1, \"a\": 2, \"\xe2\x96\x81\x61\": 3}, "
+                        "\"merges\": [[\"\xe2\x96\x81\", \"a\"]]}}";
+        tok_tokenizer *e;
+        CU_ASSERT_FATAL(tok_load_json("empty", j, strlen(j), &e, err, sizeof err) == 0);
+        int32_t *v;
+        int nv;
+        CU_ASSERT_FATAL(tok_encode(e, "a a  a", 6, 0, &v, &nv, err, sizeof err) == 0);
+        const int32_t want[] = {2, 3, 1, 3};
+        CU_ASSERT(nv == 4 && memcmp(v, want, sizeof want) == 0);
+        free(v);
+        tok_free(e);
+    }
 
     /* encode / decode errors on a good tokenizer */
     CU_ASSERT_FATAL(tok_load_json("tiny", TINY_MODEL(""), strlen(TINY_MODEL("")), &t, err,
@@ -422,6 +629,120 @@ static void test_errors(void)
     tok_free(NULL);
 }
 
+/* Regex limits: a real pattern on a 1M-space run (Llama-3's \s*[\r\n]+ backtracks over the
+ * whole run once) must work; a catastrophic one must fail with a message, not hang. */
+static void test_regex_limits(void)
+{
+    tok_tokenizer *t;
+    char err[512];
+    CU_ASSERT_FATAL(tok_load(path_of("tok/llama3style"), &t, err, sizeof err) == 0);
+    size_t n = 1000000;
+    char *sp = malloc(n);
+    CU_ASSERT_FATAL(sp != NULL);
+    memset(sp, ' ', n);
+    int32_t *ids;
+    int ni;
+    int rc = tok_encode(t, sp, n, 0, &ids, &ni, err, sizeof err);
+    if (rc) fprintf(stderr, "\n  %s\n", err);
+    CU_ASSERT_FATAL(rc == 0);
+    char *back;
+    size_t bl;
+    CU_ASSERT_FATAL(tok_decode(t, ids, ni, 0, &back, &bl, err, sizeof err) == 0);
+    CU_ASSERT(bl == n && memcmp(back, sp, n) == 0);
+    free(back);
+    free(ids);
+    free(sp);
+    tok_free(t);
+
+    const char *json = "{\"pre_tokenizer\": {\"type\": \"Split\", \"pattern\": {\"Regex\": "
+                       "\"(a+)+$\"}, \"behavior\": \"Isolated\"}, \"model\": {\"type\": \"BPE\", "
+                       "\"vocab\": {\"a\": 0, \"b\": 1}, \"merges\": []}}";
+    CU_ASSERT_FATAL(tok_load_json("evil", json, strlen(json), &t, err, sizeof err) == 0);
+    const char *text = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaab";
+    CU_ASSERT(tok_encode(t, text, strlen(text), 0, &ids, &ni, err, sizeof err) != 0);
+    ASSERT_HAS(err, "regex match failed: match limit exceeded");
+    tok_free(t);
+}
+
+/* ------------------------------------------------------------------ CLI */
+
+/* Run `$MODPIPE args` through the shell; stdout+stderr into out, returns the exit code. */
+static int run_cli(const char *args, char *out, size_t cap)
+{
+    const char *bin = getenv("MODPIPE") && *getenv("MODPIPE") ? getenv("MODPIPE") : "build/modpipe";
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "%s %s 2>&1", bin, args);
+    FILE *p = popen(cmd, "r");
+    if (!p) return -1;
+    size_t n = fread(out, 1, cap - 1, p);
+    out[n] = 0;
+    char rest[4096]; /* drain: a child writing into a closed pipe would die of SIGPIPE */
+    while (fread(rest, 1, sizeof rest, p) > 0) {
+    }
+    int st = pclose(p);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+static void test_cli(void)
+{
+    char out[8192], args[1024];
+    const char *m = path_of("stories260K");
+    snprintf(args, sizeof args, "tokenize --model %s --text 'Once upon a time'", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 0);
+    CU_ASSERT_STRING_EQUAL(out, "1 403 407 261 378\n");
+    snprintf(args, sizeof args, "tokenize --model %s --text 'Once upon a time<s>' --no-special", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 0);
+    ASSERT_HAS(out, "403 407 261 378 ");
+    CU_ASSERT(strncmp(out, "1 ", 2) != 0);
+    snprintf(args, sizeof args, "detokenize --model %s --ids '1 403 407 261 378,432'", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 0);
+    CU_ASSERT_STRING_EQUAL(out, "<s> Once upon a time,\n");
+    snprintf(args, sizeof args, "detokenize --model %s --ids '1 403 407 261 378' --skip-special", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 0);
+    CU_ASSERT_STRING_EQUAL(out, "Once upon a time\n");
+    snprintf(args, sizeof args, "tokenize --tokenizer %s --text-file %s", path_of("gpt2/tokenizer.json"),
+             path_of("tok/tinystories-head.txt"));
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 0);
+    ASSERT_HAS(out, "7454 2402 257 640 11 612 373 257 1310 2576 3706 20037");
+
+    CU_ASSERT_EQUAL(run_cli("tokenize --help", out, sizeof out), 0);
+    ASSERT_HAS(out, "--no-special");
+    CU_ASSERT_EQUAL(run_cli("detokenize --help", out, sizeof out), 0);
+    ASSERT_HAS(out, "--skip-special");
+    /* bad input: one clear line, exit 2 */
+    CU_ASSERT_EQUAL(run_cli("tokenize --text hi", out, sizeof out), 2);
+    ASSERT_HAS(out, "give exactly one of --model DIR or --tokenizer F");
+    snprintf(args, sizeof args, "tokenize --model %s", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 2);
+    ASSERT_HAS(out, "give exactly one of --text or --text-file");
+    snprintf(args, sizeof args, "tokenize --model %s --text a --bogus", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 2);
+    ASSERT_HAS(out, "unknown option '--bogus'");
+    snprintf(args, sizeof args, "tokenize --model %s --text", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 2);
+    ASSERT_HAS(out, "--text needs a value");
+    CU_ASSERT_EQUAL(run_cli("tokenize --model /nonexistent --text a", out, sizeof out), 2);
+    ASSERT_HAS(out, "/nonexistent: No such file or directory");
+    snprintf(args, sizeof args, "tokenize --model %s --text-file /nonexistent.txt", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 2);
+    ASSERT_HAS(out, "/nonexistent.txt: No such file or directory");
+    snprintf(args, sizeof args, "tokenize --model %s --text \"$(printf '\\377')\"", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 2);
+    ASSERT_HAS(out, "not valid UTF-8");
+    snprintf(args, sizeof args, "detokenize --model %s --ids '1 x2'", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 2);
+    ASSERT_HAS(out, "id 2: 'x2' is not a token id");
+    snprintf(args, sizeof args, "detokenize --model %s --ids '1 -4'", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 2);
+    ASSERT_HAS(out, "'-4' is not a token id");
+    snprintf(args, sizeof args, "detokenize --model %s --ids '1 512'", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 2);
+    ASSERT_HAS(out, "id 512 is not in the vocab (512 tokens)");
+    snprintf(args, sizeof args, "detokenize --model %s --ids 1 --ids-file x", m);
+    CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 2);
+    ASSERT_HAS(out, "give exactly one of --ids or --ids-file");
+}
+
 int main(void)
 {
     FIX = getenv("MODPIPE_FIXTURES") && *getenv("MODPIPE_FIXTURES") ? getenv("MODPIPE_FIXTURES")
@@ -435,7 +756,12 @@ int main(void)
     CU_add_test(s, "reference: Metaspace variant", test_fixture_metaspace);
     CU_add_test(s, "reference: gpt2 (byte level)", test_fixture_gpt2);
     CU_add_test(s, "reference: Llama-3 style (Split regex, pair merges)", test_fixture_llama3style);
+    CU_add_test(s, "hand-made: merges, ignore_merges, unk, Split behaviours, added tokens, configs",
+                test_hand_made);
     CU_add_test(s, "load / encode / decode errors", test_errors);
+    CU_add_test(s, "modpipe tokenize / detokenize", test_cli);
+    CU_add_test(s, "regex limits: long whitespace run works, catastrophic pattern fails",
+                test_regex_limits);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();
     unsigned failures = CU_get_number_of_failures();

@@ -49,7 +49,7 @@ static void fill(float *p, int n, double scale, double off)
 static int add(st_writer *w, const char *name, int64_t d0, int64_t d1, const float *data)
 {
     int64_t shape[2] = {d0, d1};
-    return st_writer_add(w, name, ST_F32, d1 ? 2 : 1, shape, data);
+    return st_writer_add(w, name, STAGE_F32, d1 ? 2 : 1, shape, data);
 }
 
 /* A 3-layer random model. kinds: layer_types JSON list text; rw/rb: routers written for the
@@ -481,7 +481,7 @@ static void test_index_outside_dir(void)
     float a[3] = {1.5f, -2.0f, 3.25f}, r[2] = {7.0f, 8.0f};
     int64_t s3[1] = {3}, s2[1] = {2};
     char err[512];
-    CU_ASSERT(st_writer_add(w, "a", ST_F32, 1, s3, a) == 0);
+    CU_ASSERT(st_writer_add(w, "a", STAGE_F32, 1, s3, a) == 0);
     CU_ASSERT(st_writer_save(w, sub, 1, err, sizeof err) == 0);
     st_writer_free(w);
     char tdir[600];
@@ -490,7 +490,7 @@ static void test_index_outside_dir(void)
     snprintf(path, sizeof path, "%s/own", tdir);
     CU_ASSERT_FATAL(mkdir(path, 0777) == 0);
     w = st_writer_new();
-    CU_ASSERT(st_writer_add(w, "r", ST_F32, 1, s2, r) == 0);
+    CU_ASSERT(st_writer_add(w, "r", STAGE_F32, 1, s2, r) == 0);
     CU_ASSERT(st_writer_save(w, path, 1, err, sizeof err) == 0);
     st_writer_free(w);
     snprintf(abs, sizeof abs, "%s/tuned/own/model.safetensors", base);

@@ -280,7 +280,14 @@ pcre2_code *tok_re_compile(const char *pat, size_t len, int literal, char *msg, 
         PCRE2_UCHAR buf[160];
         pcre2_get_error_message(ec, buf, sizeof buf);
         tok_set_err(msg, msglen, "%s at offset %zu", (const char *)buf, (size_t)eo);
+        return NULL;
     }
+    /* JIT when the platform has it (several times faster on long texts); pcre2_match uses
+     * it by itself, and falls back to the interpreter if it is not there. The fuzz build
+     * turns it off (TOK_NO_JIT): compiling machine code at every load dominates its runs. */
+#ifndef TOK_NO_JIT
+    (void)pcre2_jit_compile(re, PCRE2_JIT_COMPLETE);
+#endif
     return re;
 }
 
@@ -456,6 +463,17 @@ static int parse_model(tok_ld *ld, const cJSON *m, int *cap)
         }
         if (is_byte && t->byte_id[byte] < 0) t->byte_id[byte] = id;
     }
+    /* sp_split (tok_impl.h): a vocab with "▁" and no token holding "X▁" (X not "▁") */
+    t->sp_split = tok_map_get(&t->vocab, "\xe2\x96\x81", 3) >= 0;
+    for (int id = 0; t->sp_split && id < t->n_vocab; id++) {
+        const char *s = t->str[id];
+        if (!s) continue;
+        for (const char *q = s; *q && (q = strstr(q + 1, "\xe2\x96\x81")) != NULL;)
+            if (q - s < 3 || memcmp(q - 3, "\xe2\x96\x81", 3) != 0) {
+                t->sp_split = 0;
+                break;
+            }
+    }
     if (nv != (int)t->vocab.n) {
         LD_ERR(ld, "vocab has duplicate ids");
         return -1;
@@ -579,6 +597,12 @@ static int parse_added(tok_ld *ld, const cJSON *arr, int *cap)
             j_bool(ld, e, "single_word", 0, &a->single_word, what))
             return -1;
         a->len = strlen(c->valuestring);
+        size_t bad;
+        /* the text is cut at added tokens: one that is not UTF-8 could cut a character */
+        if (!tok_utf8_valid(c->valuestring, a->len, &bad)) {
+            LD_ERR(ld, "added token %d is not valid UTF-8 (byte %zu)", k, bad);
+            return -1;
+        }
         a->id = id;
         if (!(a->content = tok_strndup(c->valuestring, a->len))) {
             LD_ERR(ld, "out of memory");
@@ -674,6 +698,11 @@ static int parse_normalizer(tok_ld *ld, const cJSON *j, int depth)
         }
         n.kind = TOK_NORM_PREPEND;
         n.str_len = strlen(p->valuestring);
+        size_t bad;
+        if (!tok_utf8_valid(p->valuestring, n.str_len, &bad)) { /* the regexes need UTF-8 */
+            LD_ERR(ld, "normalizer Prepend: \"prepend\" is not valid UTF-8");
+            return -1;
+        }
         n.str = tok_strndup(p->valuestring, n.str_len);
     } else if (strcmp(ty, "Replace") == 0) {
         const cJSON *c = cJSON_GetObjectItemCaseSensitive(j, "content");
@@ -682,9 +711,22 @@ static int parse_normalizer(tok_ld *ld, const cJSON *j, int depth)
             return -1;
         }
         n.kind = TOK_NORM_REPLACE;
-        n.re = parse_pattern(ld, cJSON_GetObjectItemCaseSensitive(j, "pattern"),
-                             "normalizer Replace");
-        if (!n.re) return -1;
+        size_t bad;
+        if (!tok_utf8_valid(c->valuestring, strlen(c->valuestring), &bad)) {
+            LD_ERR(ld, "normalizer Replace: \"content\" is not valid UTF-8");
+            return -1;
+        }
+        const cJSON *pat = cJSON_GetObjectItemCaseSensitive(j, "pattern");
+        const cJSON *ps = cJSON_GetObjectItemCaseSensitive(pat, "String");
+        if (cJSON_IsString(ps) && ps->valuestring[0]) { /* a plain string: memmem, no regex */
+            n.lit_len = strlen(ps->valuestring);
+            if (!(n.lit = tok_strndup(ps->valuestring, n.lit_len))) {
+                LD_ERR(ld, "out of memory");
+                return -1;
+            }
+        } else if (!(n.re = parse_pattern(ld, pat, "normalizer Replace"))) {
+            return -1;
+        }
         n.str_len = strlen(c->valuestring);
         n.str = tok_strndup(c->valuestring, n.str_len);
     } else {
@@ -694,6 +736,7 @@ static int parse_normalizer(tok_ld *ld, const cJSON *j, int depth)
     tok_norm *nn = realloc(t->norm, (size_t)(t->n_norm + 1) * sizeof *nn);
     if (!n.str || !nn) {
         free(n.str);
+        free(n.lit);
         pcre2_code_free(n.re);
         if (nn) t->norm = nn;
         LD_ERR(ld, "out of memory");
@@ -1367,6 +1410,8 @@ static int tok_build(tok_tokenizer *t, const cJSON *root, tok_ld *ld)
             goto out;
         }
     }
+    const cJSON *decoder = cJSON_GetObjectItemCaseSensitive(root, "decoder");
+    t->dec_join_space = !decoder || cJSON_IsNull(decoder);
     if (build_decoder(ld, &dc)) goto out;
     /* Without config files, a template that starts with a special token names the BOS. */
     t->bos = t->n_prefix > 0 ? t->pp_prefix[0] : -1;
@@ -1412,15 +1457,6 @@ int tok_load_json(const char *name, const char *json, size_t len, tok_tokenizer 
         tok_free(t);
         return -1;
     }
-    t->mctx = pcre2_match_context_create(NULL);
-    if (!t->mctx) {
-        tok_set_err(err, errlen, "%s: out of memory", name);
-        tok_free(t);
-        return -1;
-    }
-    /* A hostile Split regex must fail, not hang: bound the backtracking. */
-    pcre2_set_match_limit(t->mctx, 1000000);
-    pcre2_set_depth_limit(t->mctx, 10000);
     *out = t;
     return 0;
 }
@@ -1473,6 +1509,7 @@ void tok_free(tok_tokenizer *t)
     free(t->merges.ent);
     for (int k = 0; k < t->n_norm; k++) {
         free(t->norm[k].str);
+        free(t->norm[k].lit);
         pcre2_code_free(t->norm[k].re);
     }
     free(t->norm);
@@ -1489,7 +1526,6 @@ void tok_free(tok_tokenizer *t)
     free(t->pp_suffix);
     free(t->dec_pool);
     free(t->dec_off);
-    pcre2_match_context_free(t->mctx);
     free(t->name);
     free(t);
 }

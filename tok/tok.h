@@ -8,6 +8,16 @@
  * tokenizer_config.json (bos_token / eos_token, add_bos_token) or config.json
  * (bos_token_id / eos_token_id) next to tokenizer.json.
  *
+ * Anything else (another model / normalizer / pre-tokenizer / decoder / post-processor type,
+ * BPE dropout, truncation or padding set) is a load error naming it, never ignored; what is
+ * supported in detail: docs/TOKENIZER.md.
+ *
+ * Special tokens: encoding with add_special adds the post-processor's template ids and
+ * matches every added token in the text; without it, "special": true added tokens are plain
+ * text (so user text cannot inject them) while other added tokens still match. Decoding is
+ * tokenizer.json's decoder chain only (no clean_up_tokenization_spaces), lossy UTF-8 (U+FFFD
+ * per invalid sequence).
+ *
  * Ownership: tok_load returns a tokenizer the caller frees with tok_free (NULL-safe); it is
  * read-only after loading, so several threads may encode/decode with it at once.
  * Encoded ids and decoded text are malloc'd for the caller.
@@ -48,8 +58,12 @@ int tok_decode(const tok_tokenizer *t, const int32_t *ids, int n, int skip_speci
                char **text, size_t *len, char *err, size_t errlen);
 
 /* Streaming detokenisation: push ids one at a time, get the text they complete. Never
- * returns part of a UTF-8 character; the result of all pushes + flush equals tok_decode of
- * all ids. The returned pointer is valid until the next call on s. */
+ * returns part of a UTF-8 character (at most 3 bytes are held back); the result of all
+ * pushes + flush equals tok_decode of all ids. The returned pointer is valid until the next
+ * call on s. tok_stream_new allocates all the stream needs (NULL: out of memory): pushes do
+ * not allocate. After flush, reset before the next sequence (a leading-space Strip applies to
+ * a sequence's first character only). A push of an id outside the vocab is an error and
+ * leaves the stream as it was. */
 typedef struct tok_stream tok_stream;
 tok_stream *tok_stream_new(const tok_tokenizer *t, int skip_special);
 int tok_stream_push(tok_stream *s, int32_t id, const char **piece, size_t *len, char *err,

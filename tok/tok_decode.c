@@ -172,11 +172,12 @@ int tok_stream_push(tok_stream *s, int32_t id, const char **piece, size_t *len, 
         p++;
         n--;
     }
-    s->first_token = 0;
     if (out_reserve(s, 6 * n + 16)) {
         tok_set_err(err, errlen, "%s: out of memory", t->name);
         return -1;
     }
+    if (!s->first_token && t->dec_join_space) feed_byte(s, ' ');
+    s->first_token = 0;
     for (size_t i = 0; i < n; i++) feed_byte(s, p[i]);
     if (piece) *piece = s->out;
     if (len) *len = s->out_len;

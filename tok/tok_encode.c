@@ -47,6 +47,7 @@ typedef struct {
     char *err;
     size_t errlen;
     pcre2_match_data *md;
+    pcre2_match_context *mctx; /* the backtracking limit of this call (see tok_encode) */
     tok_pieces p[2];     /* ping-pong between pre-tokenizer steps */
     char *nbuf[2];       /* normalizer ping-pong, [nbuf_cap[i]] */
     size_t nbuf_cap[2];
@@ -120,7 +121,7 @@ static int re_next(tok_ws *w, const pcre2_code *re, const char *s, size_t len, s
     uint32_t opts = 0;
     while (at <= len) {
         int rc = pcre2_match(re, (PCRE2_SPTR)s, len, at, opts | PCRE2_NO_UTF_CHECK, w->md,
-                             w->t->mctx);
+                             w->mctx);
         if (rc == PCRE2_ERROR_NOMATCH) {
             if (opts == 0) return 0;
             /* no non-empty match here: move one character on */
@@ -152,6 +153,19 @@ static int re_next(tok_ws *w, const pcre2_code *re, const char *s, size_t len, s
 
 /* ---------------------------------------------------------------- normalizers */
 
+/* Next occurrence of the normalizer's pattern in s[0..len) from *pos (as re_next). */
+static int norm_next(tok_ws *w, const tok_norm *n, const char *s, size_t len, size_t *pos,
+                     size_t *ms, size_t *me)
+{
+    if (!n->lit) return re_next(w, n->re, s, len, pos, ms, me);
+    if (*pos >= len) return 0;
+    const char *hit = memmem(s + *pos, len - *pos, n->lit, n->lit_len);
+    if (!hit) return 0;
+    *ms = (size_t)(hit - s);
+    *me = *pos = *ms + n->lit_len;
+    return 1;
+}
+
 static int normalize(tok_ws *w, const char *s, size_t len, const char **out, size_t *olen)
 {
     const tok_tokenizer *t = w->t;
@@ -172,7 +186,7 @@ static int normalize(tok_ws *w, const char *s, size_t len, const char **out, siz
             int r;
             char *dst;
             if (grow((void **)&w->nbuf[which], &w->nbuf_cap[which], cl + 1, 1)) return ws_oom(w);
-            while ((r = re_next(w, n->re, cur, cl, &pos, &ms, &me)) == 1) {
+            while ((r = norm_next(w, n, cur, cl, &pos, &ms, &me)) == 1) {
                 size_t need = o + (ms - from) + n->str_len + (cl - me) + 1;
                 if (grow((void **)&w->nbuf[which], &w->nbuf_cap[which], need, 1)) return ws_oom(w);
                 dst = w->nbuf[which];
@@ -473,8 +487,19 @@ static int encode_section(tok_ws *w, const char *s, size_t len, int at_start)
         in = out;
         out = x;
     }
-    for (size_t k = 0; k < in->n; k++)
-        if (bpe_piece(w, in->buf + in->sp[k].off, in->sp[k].len)) return -1;
+    for (size_t k = 0; k < in->n; k++) {
+        const char *p = in->buf + in->sp[k].off;
+        size_t len = in->sp[k].len, from = 0;
+        if (t->sp_split) /* cut before every "▁" run that follows another character */
+            for (size_t i = 3; i + 3 <= len; i++)
+                if (memcmp(p + i, "\xe2\x96\x81", 3) == 0 &&
+                    memcmp(p + i - 3, "\xe2\x96\x81", 3) != 0) {
+                    if (bpe_piece(w, p + from, i - from)) return -1;
+                    from = i;
+                    i += 2;
+                }
+        if (bpe_piece(w, p + from, len - from)) return -1;
+    }
     return 0;
 }
 
@@ -488,6 +513,7 @@ static int is_word(char c)
 static void ws_free(tok_ws *w)
 {
     pcre2_match_data_free(w->md);
+    pcre2_match_context_free(w->mctx);
     for (int i = 0; i < 2; i++) {
         free(w->p[i].buf);
         free(w->p[i].sp);
@@ -524,10 +550,16 @@ int tok_encode(const tok_tokenizer *t, const char *text, size_t len, int add_spe
     w.err = err;
     w.errlen = errlen;
     w.md = pcre2_match_data_create(1, NULL);
-    if (!w.md) {
+    w.mctx = pcre2_match_context_create(NULL);
+    if (!w.md || !w.mctx) {
         ws_oom(&w);
         goto fail;
     }
+    /* A hostile Split regex must fail, not hang; a real one on a long whitespace run
+     * backtracks O(run) once (Llama-3's \s*[\r\n]+), so the bound grows with the text. */
+    uint64_t lim = 10000000u + 64u * (uint64_t)len;
+    pcre2_set_match_limit(w.mctx, lim > UINT32_MAX ? UINT32_MAX : (uint32_t)lim);
+    pcre2_set_depth_limit(w.mctx, 100000);
     if (add_special)
         for (int k = 0; k < t->n_prefix; k++)
             if (push_id(&w, t->pp_prefix[k])) goto fail;

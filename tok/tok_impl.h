@@ -17,8 +17,11 @@
 
 #include "tok/tok.h"
 
-/* Largest id accepted in a vocab (tables are indexed by id). */
+/* Largest id accepted in a vocab (tables are indexed by id, ~13 bytes an id). The fuzz
+ * build lowers it, so a mutated id does not make every run allocate 200 MB. */
+#ifndef TOK_MAX_ID
 #define TOK_MAX_ID (1 << 24)
+#endif
 
 /* ---- string -> id hash map (open addressing, FNV-1a) ---- */
 typedef struct {
@@ -55,7 +58,9 @@ typedef struct {
     tok_norm_kind kind;
     char *str;       /* PREPEND: the prefix; REPLACE: the replacement content */
     size_t str_len;
-    pcre2_code *re;  /* REPLACE: the pattern (a String pattern is compiled as a literal) */
+    pcre2_code *re;  /* REPLACE with a Regex pattern */
+    char *lit;       /* REPLACE with a String pattern (matched with memmem) */
+    size_t lit_len;
 } tok_norm;
 
 /* ---- pre-tokenizers ---- */
@@ -106,6 +111,9 @@ struct tok_tokenizer {
     tok_merges merges;
     int byte_fallback, fuse_unk, ignore_merges;
     int32_t unk_id;      /* -1: none */
+    int sp_split;        /* no token has "▁" right after another character, so no merge can
+                          * cross the start of a "▁" run: BPE may cut pieces there (exact, and
+                          * it keeps the heap small on texts without a pre-tokenizer) */
     int32_t byte_id[256];/* the <0xNN> token of byte NN, -1 where missing */
 
     tok_norm *norm;      /* [n_norm] applied in order */
@@ -131,8 +139,8 @@ struct tok_tokenizer {
     int dec_strip_n;     /* Strip after Fuse: up to this many leading chars ... */
     uint32_t dec_strip_cp; /* ... equal to this code point are dropped from the output */
     int dec_strip_first_space; /* Metaspace decoder: the first token loses a leading ' ' */
+    int dec_join_space;  /* no decoder at all: tokens are joined with ' ' (as HF does) */
 
-    pcre2_match_context *mctx; /* match limits for every regex (read-only at match time) */
     int bos, eos;
 };
 

@@ -12,7 +12,7 @@ case $MODPIPE in /*) ;; *) MODPIPE=$ROOT/$MODPIPE ;; esac
 export OPENBLAS_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 cd "$ROOT" || exit 2
 
-names=${SCRIPT_TESTS:-bench-lib bench-comm netcluster}
+names=${SCRIPT_TESTS:-bench-lib bench-comm netcluster deps}
 failed=""
 for n in $names; do
     t=tests/scripts/test-$n.sh

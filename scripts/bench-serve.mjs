@@ -1,0 +1,158 @@
+// scripts/bench-serve.mjs — the load generator of scripts/bench-serve (vLLM's serving
+// benchmark method), Node 20, no packages (fetch + the SSE stream by hand).
+//
+//   node scripts/bench-serve.mjs --url http://127.0.0.1:PORT --csv OUT.csv --tag "k=v,..."
+//        [--concurrency 1,4,16,64 | --rate R] [--requests N] [--prompt-len P] [--output-len O]
+//        [--seed S]
+//
+// Every request: a random id prompt of P tokens (seeded), max_tokens O, ignore_eos (fixed
+// output length), greedy, stream with include_usage and ?return_token_ids=1 (so tokens are
+// counted exactly even when one SSE event carries several). Per level (one concurrency, or
+// the Poisson rate with unbounded concurrency) it sends N requests and measures
+//   TTFT  first token - request sent              (per request)
+//   TPOT  (last token - first token) / (tokens-1) (per request)
+//   ITL   time between consecutive SSE token events, each event's gap spread over its tokens
+//   output tok/s = all output tokens / (last response end - first request sent)
+// p50 / p99 / mean of each, and the bytes the pipeline links sent (with what a dense pipeline
+// would have) during the level, from /metrics. One CSV row per level: the tag's values first.
+import { appendFileSync, existsSync, writeFileSync } from "node:fs";
+
+const args = Object.fromEntries((() => {
+  const a = process.argv.slice(2), out = [];
+  for (let i = 0; i < a.length; i++) {
+    if (!a[i].startsWith("--")) throw new Error(`unexpected argument ${a[i]}`);
+    out.push([a[i].slice(2), a[i + 1]]);
+    i++;
+  }
+  return out;
+})());
+const url = args.url;
+if (!url || !args.csv) { console.error("bench-serve.mjs: --url and --csv are required"); process.exit(2); }
+const nreq = +(args.requests || 64), plen = +(args["prompt-len"] || 32), olen = +(args["output-len"] || 64);
+const levels = args.rate ? [{ mode: "rate", value: +args.rate }]
+  : (args.concurrency || "1,4,16,64").split(",").map(v => ({ mode: "concurrency", value: +v }));
+const tag = (args.tag || "").split(",").filter(Boolean).map(kv => kv.split("="));
+
+// xorshift64*: reproducible prompts and arrival times
+let st = BigInt(args.seed || 1) | 1n;
+function rnd() {
+  st ^= st >> 12n; st ^= (st << 25n) & 0xffffffffffffffffn; st ^= st >> 27n;
+  return Number(((st * 2685821657736338717n) & 0xffffffffffffffffn) >> 11n) / 2 ** 53;
+}
+const now = () => Number(process.hrtime.bigint()) / 1e9;
+
+async function metrics() {
+  const t = await (await fetch(`${url}/metrics`, { headers: auth() })).text();
+  let bytes = 0, dense = 0, gen = 0;
+  for (const line of t.split("\n")) {
+    const m = line.match(/^(modpipe_link_bytes_total|modpipe_link_dense_bytes_total|modpipe_generated_tokens_total)(\{[^}]*\})? (\d+)/);
+    if (!m) continue;
+    if (m[1] === "modpipe_link_bytes_total") bytes += +m[3];
+    else if (m[1] === "modpipe_link_dense_bytes_total") dense += +m[3];
+    else gen += +m[3];
+  }
+  return { bytes, dense, gen };
+}
+const auth = () => (process.env.MODPIPE_API_KEY ? { Authorization: `Bearer ${process.env.MODPIPE_API_KEY}` } : {});
+
+async function vocab() {
+  const m = await (await fetch(`${url}/v1/models`, { headers: auth() })).json();
+  return m.data[0].meta?.n_vocab || 256;
+}
+
+async function one(prompt) {
+  const body = JSON.stringify({ model: "m", prompt, max_tokens: olen, ignore_eos: true, temperature: 0,
+                                stream: true, stream_options: { include_usage: true } });
+  const t0 = now();
+  const res = await fetch(`${url}/v1/completions?return_token_ids=1`, {
+    method: "POST", headers: { "Content-Type": "application/json", ...auth() }, body });
+  if (res.status !== 200) return { ok: false, status: res.status, t0, t1: now() };
+  const dec = new TextDecoder();
+  let buf = "", ntok = 0, tfirst = 0, tlast = 0;
+  const itl = [];
+  for await (const chunk of res.body) {
+    const t = now();
+    buf += dec.decode(chunk, { stream: true });
+    let k;
+    while ((k = buf.indexOf("\n\n")) >= 0) {
+      const ev = buf.slice(0, k);
+      buf = buf.slice(k + 2);
+      if (!ev.startsWith("data: ") || ev === "data: [DONE]") continue;
+      const j = JSON.parse(ev.slice(6));
+      const c = j.choices && j.choices[0];
+      const n = c && c.token_ids ? c.token_ids.length : 0;
+      if (!n) continue;
+      if (!ntok) tfirst = t;
+      else for (let i = 0; i < n; i++) itl.push((t - tlast) / n);
+      ntok += n;
+      tlast = t;
+    }
+  }
+  return { ok: true, t0, t1: now(), ntok, ttft: tfirst - t0,
+           tpot: ntok > 1 ? (tlast - tfirst) / (ntok - 1) : NaN, itl };
+}
+
+function pct(xs, p) {
+  const a = xs.filter(x => Number.isFinite(x)).sort((x, y) => x - y);
+  if (!a.length) return NaN;
+  const r = (p / 100) * (a.length - 1), lo = Math.floor(r), hi = Math.ceil(r);
+  return a[lo] + (a[hi] - a[lo]) * (r - lo);
+}
+const mean = xs => xs.length ? xs.reduce((s, x) => s + x, 0) / xs.length : NaN;
+const ms = x => (1000 * x).toFixed(3);
+
+async function level(lv, prompts) {
+  const m0 = await metrics();
+  const t0 = now();
+  const results = [];
+  if (lv.mode === "concurrency") {
+    let next = 0;
+    await Promise.all(Array.from({ length: Math.min(lv.value, prompts.length) }, async () => {
+      while (next < prompts.length) results.push(await one(prompts[next++]));
+    }));
+  } else {
+    const pend = [];
+    for (let i = 0; i < prompts.length; i++) {
+      pend.push(one(prompts[i]).then(r => results.push(r)));
+      const gap = -Math.log(1 - rnd()) / lv.value; // exponential inter-arrival: a Poisson process
+      await new Promise(r => setTimeout(r, gap * 1000));
+    }
+    await Promise.all(pend);
+  }
+  const t1 = Math.max(...results.map(r => r.t1));
+  const m1 = await metrics();
+  const ok = results.filter(r => r.ok && r.ntok > 0);
+  const toks = ok.reduce((s, r) => s + r.ntok, 0);
+  const ttft = ok.map(r => r.ttft), tpot = ok.map(r => r.tpot), itl = ok.flatMap(r => r.itl);
+  return {
+    mode: lv.mode, level: lv.value, requests: prompts.length, failed: results.length - ok.length,
+    duration_s: (t1 - t0).toFixed(3), output_tok_s: (toks / (t1 - t0)).toFixed(2),
+    req_s: (ok.length / (t1 - t0)).toFixed(3),
+    ttft_mean_ms: ms(mean(ttft)), ttft_p50_ms: ms(pct(ttft, 50)), ttft_p99_ms: ms(pct(ttft, 99)),
+    tpot_mean_ms: ms(mean(tpot)), tpot_p50_ms: ms(pct(tpot, 50)), tpot_p99_ms: ms(pct(tpot, 99)),
+    itl_mean_ms: ms(mean(itl)), itl_p50_ms: ms(pct(itl, 50)), itl_p99_ms: ms(pct(itl, 99)),
+    output_tokens: toks, wire_bytes: m1.bytes - m0.bytes, dense_bytes: m1.dense - m0.dense,
+    wire_vs_dense: m1.dense > m0.dense ? ((m1.bytes - m0.bytes) / (m1.dense - m0.dense)).toFixed(4) : "",
+  };
+}
+
+for (let i = 0; ; i++) { // the server may still be loading
+  try { if ((await fetch(`${url}/health`)).status === 200) break; } catch { /* not listening yet */ }
+  if (i > 600) { console.error("bench-serve.mjs: the server never became ready"); process.exit(1); }
+  await new Promise(r => setTimeout(r, 100));
+}
+const V = await vocab();
+const mkprompts = () => Array.from({ length: nreq }, () =>
+  Array.from({ length: plen }, () => 3 + Math.floor(rnd() * (V - 3))));
+await one(mkprompts()[0]); // warm-up: first-touch of the weights and caches
+for (const lv of levels) {
+  const row = await level(lv, mkprompts());
+  const cols = [...tag.map(([k]) => k), ...Object.keys(row)];
+  if (!existsSync(args.csv)) writeFileSync(args.csv, cols.join(",") + "\n");
+  appendFileSync(args.csv, [...tag.map(([, v]) => v), ...Object.values(row)].join(",") + "\n");
+  console.error(`bench-serve: ${tag.map(([k, v]) => `${k}=${v}`).join(" ")} ${lv.mode} ${lv.value}: ` +
+                `${row.output_tok_s} tok/s, TTFT p50 ${row.ttft_p50_ms} ms p99 ${row.ttft_p99_ms} ms, ` +
+                `TPOT p50 ${row.tpot_p50_ms} ms, ITL p50 ${row.itl_p50_ms} p99 ${row.itl_p99_ms} ms` +
+                (row.failed ? `, ${row.failed} FAILED` : ""));
+  if (row.failed) process.exitCode = 1;
+}

@@ -1,0 +1,153 @@
+/* serve/chat.c — named chat templates: messages -> prompt text (see serve.h, README). */
+#include <cjson/cJSON.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "serve/serve.h"
+
+typedef enum { CT_CHATML, CT_LLAMA2, CT_LLAMA3, CT_ZEPHYR, CT_PLAIN } ct_kind;
+
+struct serve_chat_template {
+    const char *name;
+    ct_kind kind;
+    const char *end_marker; /* a special token that closes a turn (also stops generation) */
+};
+
+static const serve_chat_template TEMPLATES[] = {
+    {"chatml", CT_CHATML, "<|im_end|>"},
+    {"llama2", CT_LLAMA2, NULL},   /* turns end with EOS </s> */
+    {"llama3", CT_LLAMA3, "<|eot_id|>"},
+    {"zephyr", CT_ZEPHYR, NULL},   /* turns end with EOS </s> */
+    {"plain", CT_PLAIN, NULL},
+};
+#define N_TEMPLATES ((int)(sizeof TEMPLATES / sizeof TEMPLATES[0]))
+
+const serve_chat_template *serve_chat_find(const char *name)
+{
+    for (int i = 0; name && i < N_TEMPLATES; i++)
+        if (!strcmp(TEMPLATES[i].name, name)) return &TEMPLATES[i];
+    return NULL;
+}
+
+const char *serve_chat_name(const serve_chat_template *t) { return t ? t->name : "plain"; }
+const char *serve_chat_names(void) { return "chatml, llama2, llama3, zephyr, plain"; }
+const char *serve_chat_end_marker(const serve_chat_template *t) { return t ? t->end_marker : NULL; }
+
+const serve_chat_template *serve_chat_detect(const char *model_dir)
+{
+    const serve_chat_template *plain = serve_chat_find("plain");
+    char path[4096];
+    snprintf(path, sizeof path, "%s/tokenizer_config.json", model_dir);
+    FILE *f = fopen(path, "rb");
+    if (!f) return plain;
+    char *buf = NULL;
+    long n = -1;
+    if (!fseek(f, 0, SEEK_END) && (n = ftell(f)) >= 0 && !fseek(f, 0, SEEK_SET) &&
+        (buf = malloc((size_t)n + 1)) && fread(buf, 1, (size_t)n, f) != (size_t)n)
+        n = -1;
+    fclose(f);
+    const serve_chat_template *t = plain;
+    cJSON *root = n >= 0 && buf ? cJSON_ParseWithLength(buf, (size_t)n) : NULL;
+    const cJSON *ct = cJSON_GetObjectItemCaseSensitive(root, "chat_template");
+    if (cJSON_IsString(ct)) {
+        const char *s = ct->valuestring;
+        if (strstr(s, "<|im_start|>")) t = serve_chat_find("chatml");
+        else if (strstr(s, "<|start_header_id|>")) t = serve_chat_find("llama3");
+        else if (strstr(s, "<|assistant|>")) t = serve_chat_find("zephyr");
+        else if (strstr(s, "[INST]")) t = serve_chat_find("llama2");
+    }
+    cJSON_Delete(root);
+    free(buf);
+    return t;
+}
+
+typedef struct {
+    char *p;
+    size_t n, cap;
+    int oom;
+} sbuf;
+
+static void put(sbuf *b, const char *s)
+{
+    size_t k = strlen(s);
+    if (b->oom) return;
+    if (b->n + k + 1 > b->cap) {
+        size_t cap = (b->n + k + 1) * 2;
+        char *q = realloc(b->p, cap);
+        if (!q) { b->oom = 1; return; }
+        b->p = q;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->n, s, k + 1);
+    b->n += k;
+}
+
+char *serve_chat_apply(const serve_chat_template *t, const serve_msg *m, int n)
+{
+    sbuf b = {0};
+    put(&b, "");
+    ct_kind k = t ? t->kind : CT_PLAIN;
+    switch (k) {
+    case CT_CHATML:
+        for (int i = 0; i < n; i++) {
+            put(&b, "<|im_start|>"); put(&b, m[i].role); put(&b, "\n");
+            put(&b, m[i].content); put(&b, "<|im_end|>\n");
+        }
+        put(&b, "<|im_start|>assistant\n");
+        break;
+    case CT_LLAMA3:
+        for (int i = 0; i < n; i++) {
+            put(&b, "<|start_header_id|>"); put(&b, m[i].role); put(&b, "<|end_header_id|>\n\n");
+            put(&b, m[i].content); put(&b, "<|eot_id|>");
+        }
+        put(&b, "<|start_header_id|>assistant<|end_header_id|>\n\n");
+        break;
+    case CT_ZEPHYR:
+        for (int i = 0; i < n; i++) {
+            put(&b, "<|"); put(&b, m[i].role); put(&b, "|>\n");
+            put(&b, m[i].content); put(&b, "</s>\n");
+        }
+        put(&b, "<|assistant|>\n");
+        break;
+    case CT_LLAMA2: {
+        /* [INST] <<SYS>>\nsys\n<</SYS>>\n\nuser [/INST] answer </s><s>[INST] user [/INST] */
+        const char *sys = NULL;
+        int open = 0; /* an [INST] is open, waiting for [/INST] */
+        int first = 1;
+        for (int i = 0; i < n; i++) {
+            if (!strcmp(m[i].role, "system")) { sys = m[i].content; continue; }
+            if (!strcmp(m[i].role, "user")) {
+                if (open) put(&b, " [/INST]");
+                if (!first && !open) put(&b, "<s>");
+                put(&b, "[INST] ");
+                if (sys) { put(&b, "<<SYS>>\n"); put(&b, sys); put(&b, "\n<</SYS>>\n\n"); sys = NULL; }
+                put(&b, m[i].content);
+                open = 1;
+            } else { /* assistant */
+                if (open) put(&b, " [/INST]");
+                put(&b, " "); put(&b, m[i].content); put(&b, " </s>");
+                open = 0;
+            }
+            first = 0;
+        }
+        if (sys) { /* a system message with no user turn after it */
+            if (!first && !open) put(&b, "<s>");
+            if (!open) put(&b, "[INST] ");
+            put(&b, "<<SYS>>\n"); put(&b, sys); put(&b, "\n<</SYS>>\n\n");
+            open = 1;
+        }
+        if (open) put(&b, " [/INST]");
+        break;
+    }
+    case CT_PLAIN:
+        /* no roles: the contents, one per line (a completion model continues the text) */
+        for (int i = 0; i < n; i++) {
+            if (i) put(&b, "\n");
+            put(&b, m[i].content);
+        }
+        break;
+    }
+    if (b.oom) { free(b.p); return NULL; }
+    return b.p;
+}

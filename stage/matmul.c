@@ -1,0 +1,520 @@
+/* stage/matmul.c — see matmul.h: the thread pool, the dispatcher (ISA variant, small or large
+ * path), the plain C variant and the large path's tiles on cblas_sgemm. */
+#include "stage/matmul.h"
+
+#include "stage/convert.h"
+#include "stage/matmul_isa.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define CPU_RELAX() _mm_pause()
+#else
+#define CPU_RELAX() ((void)0)
+#endif
+
+#define SPIN_NS 50000L /* how long an idle worker spins before it sleeps */
+
+/* ================================================================== */
+/* plain C variant                                                     */
+/* ================================================================== */
+
+static inline float c_elem(const void *row, int c, stage_dtype dt)
+{
+    if (dt == STAGE_F32) return ((const float *)row)[c];
+    uint16_t h = ((const uint16_t *)row)[c];
+    return dt == STAGE_BF16 ? stage_bf16_to_f32(h) : stage_f16_to_f32(h);
+}
+
+/* Eight running sums per output (lane l takes columns c with c % 8 == l), added pairwise at the
+ * end: a fixed order that does not depend on m or on the rows around. */
+static void c_rows(const float *x, int m, const stage_weight *w, int r0, int r1, float *y,
+                   const uint16_t *xs)
+{
+    (void)xs;
+    const int n = w->rows, k = w->cols;
+    const size_t es = w->dtype == STAGE_F32 ? 4 : 2;
+    for (int j = r0; j < r1; j++) {
+        const void *wj = (const char *)w->data + (size_t)j * k * es;
+        for (int i = 0; i < m; i++) {
+            const float *xi = x + (size_t)i * k;
+            float a[8] = {0};
+            for (int c = 0; c < k; c++) a[c & 7] += c_elem(wj, c, w->dtype) * xi[c];
+            y[(size_t)i * n + j] = ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+        }
+    }
+}
+
+static void c_cvt_f32(const void *src, float *dst, size_t n) { memcpy(dst, src, n * sizeof(float)); }
+static void c_cvt_bf16(const void *src, float *dst, size_t n) { stage_bf16_to_f32_n(src, dst, n); }
+static void c_cvt_f16(const void *src, float *dst, size_t n) { stage_f16_to_f32_n(src, dst, n); }
+
+void stage_mm_split_c(const float *x, int m, int k, uint16_t *xs)
+{
+    const int kp = mm_split_kp(k);
+    for (int i = 0; i < m; i++) {
+        const float *xi = x + (size_t)i * k;
+        uint16_t *hi = xs + (size_t)i * 2 * kp, *lo = hi + kp;
+        for (int c = 0; c < k; c++) {
+            uint16_t h = stage_f32_to_bf16(xi[c]);
+            hi[c] = h;
+            lo[c] = stage_f32_to_bf16(xi[c] - stage_bf16_to_f32(h)); /* the difference is exact */
+        }
+        for (int c = k; c < kp; c++) hi[c] = lo[c] = 0;
+    }
+}
+
+/* Row-wise max-subtracted softmax, expf per element: the same in every variant. */
+void stage_mm_softmax_rows(float *probs, int n_q, int n_ctx)
+{
+    for (int h = 0; h < n_q; h++) {
+        float *p = probs + (size_t)h * n_ctx;
+        float mx = p[0];
+        for (int t = 1; t < n_ctx; t++) if (p[t] > mx) mx = p[t];
+        float sum = 0.0f;
+        for (int t = 0; t < n_ctx; t++) { p[t] = expf(p[t] - mx); sum += p[t]; }
+        const float inv = 1.0f / sum;
+        for (int t = 0; t < n_ctx; t++) p[t] *= inv;
+    }
+}
+
+static void c_attend(const float *q, int n_q, const float *k, const float *v, size_t stride,
+                     int n_ctx, int hd, float scale, float *probs, float *out)
+{
+    for (int t = 0; t < n_ctx; t++) {
+        const float *kt = k + (size_t)t * stride;
+        for (int h = 0; h < n_q; h++) {
+            const float *qh = q + (size_t)h * hd;
+            float a[8] = {0};
+            for (int i = 0; i < hd; i++) a[i & 7] += qh[i] * kt[i];
+            float d = ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+            probs[(size_t)h * n_ctx + t] = d * scale;
+        }
+    }
+    stage_mm_softmax_rows(probs, n_q, n_ctx);
+    memset(out, 0, (size_t)n_q * hd * sizeof(float));
+    for (int t = 0; t < n_ctx; t++) {
+        const float *vt = v + (size_t)t * stride;
+        for (int h = 0; h < n_q; h++) {
+            const float p = probs[(size_t)h * n_ctx + t];
+            float *o = out + (size_t)h * hd;
+            for (int i = 0; i < hd; i++) o[i] += p * vt[i];
+        }
+    }
+}
+
+const mm_ops stage_mm_ops_c = {
+    .rows = {[STAGE_F32] = c_rows, [STAGE_BF16] = c_rows, [STAGE_F16] = c_rows},
+    .cvt = {[STAGE_F32] = c_cvt_f32, [STAGE_BF16] = c_cvt_bf16, [STAGE_F16] = c_cvt_f16},
+    .split = NULL,
+    .rows_nosplit_bf16 = NULL,
+    .attend = c_attend,
+};
+
+/* ================================================================== */
+/* dispatch                                                            */
+/* ================================================================== */
+
+static const mm_ops *g_ops;     /* the variant in use; NULL until the first call */
+static stage_isa g_isa;
+static stage_path g_path = STAGE_PATH_AUTO;
+
+int stage_isa_supported(stage_isa isa)
+{
+    switch (isa) {
+    case STAGE_ISA_C: return 1;
+#if defined(__x86_64__)
+    case STAGE_ISA_AVX2:
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+               __builtin_cpu_supports("f16c");
+    case STAGE_ISA_AVX512:
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+               __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    case STAGE_ISA_AVX512BF16:
+        return stage_isa_supported(STAGE_ISA_AVX512) && __builtin_cpu_supports("avx512bf16");
+#endif
+    default: return 0;
+    }
+}
+
+stage_isa stage_isa_best(void)
+{
+    /* not AVX512BF16: see matmul.h */
+    if (stage_isa_supported(STAGE_ISA_AVX512)) return STAGE_ISA_AVX512;
+    if (stage_isa_supported(STAGE_ISA_AVX2)) return STAGE_ISA_AVX2;
+    return STAGE_ISA_C;
+}
+
+const char *stage_blas_coretype_hint(void)
+{
+    if (getenv("OPENBLAS_CORETYPE")) return NULL;
+    const char *core = openblas_get_corename();
+    if (!core) return NULL;
+    /* the generic fallbacks OpenBLAS uses for an unknown Intel / AMD CPU id */
+    if (strcasecmp(core, "Prescott") && strcasecmp(core, "Core2") && strcasecmp(core, "Nehalem") &&
+        strcasecmp(core, "Barcelona") && strcasecmp(core, "Katmai"))
+        return NULL;
+    if (stage_isa_supported(STAGE_ISA_AVX512)) return "SkylakeX";
+    if (stage_isa_supported(STAGE_ISA_AVX2)) return "Haswell";
+    return NULL;
+}
+
+int stage_matmul_m_small(stage_dtype d) { return d == STAGE_F32 ? STAGE_M_SMALL : STAGE_M_SMALL_16BIT; }
+
+const char *stage_isa_name(stage_isa isa)
+{
+    static const char *names[STAGE_N_ISAS] = {"c", "avx2", "avx512", "avx512bf16"};
+    return (unsigned)isa < STAGE_N_ISAS ? names[isa] : "?";
+}
+
+static const mm_ops *isa_ops(stage_isa isa)
+{
+    switch (isa) {
+#if defined(__x86_64__)
+    case STAGE_ISA_AVX2: return &stage_mm_ops_avx2;
+    case STAGE_ISA_AVX512: return &stage_mm_ops_avx512;
+    case STAGE_ISA_AVX512BF16: return &stage_mm_ops_avx512bf16;
+#endif
+    default: return &stage_mm_ops_c;
+    }
+}
+
+int stage_matmul_force_isa(stage_isa isa)
+{
+    if ((unsigned)isa >= STAGE_N_ISAS || !stage_isa_supported(isa)) return -1;
+    g_isa = isa;
+    g_ops = isa_ops(isa);
+    return 0;
+}
+
+static const mm_ops *ops(void)
+{
+    if (!g_ops) stage_matmul_force_isa(stage_isa_best());
+    return g_ops;
+}
+
+stage_isa stage_matmul_isa(void)
+{
+    ops();
+    return g_isa;
+}
+
+void stage_matmul_force_path(stage_path p) { g_path = p; }
+
+/* ================================================================== */
+/* thread pool                                                         */
+/* ================================================================== */
+
+typedef void (*pool_fn)(void *arg, int task, int tid);
+
+/* A job is published in one word, gen << 32 | ntasks << 16 | next task: a worker claims a
+ * task by a CAS on it, so a late worker can never claim a task of a job other than the one
+ * whose fn/arg it read (those are rewritten only after every task of the job finished). */
+#define JOB_GEN(w) ((uint32_t)((w) >> 32))
+#define JOB_N(w) ((int)(((w) >> 16) & 0xffffu))
+#define JOB_NEXT(w) ((int)((w)&0xffffu))
+#define MAX_TASKS 0xffff
+
+static struct {
+    int n;                    /* threads in all, the caller included */
+    pthread_t *th;            /* [n - 1] workers */
+    int *tids;                /* [n - 1] their ids 1..n-1 */
+    _Atomic uint64_t job;     /* the word above */
+    _Atomic int left;         /* tasks of the current job not finished yet */
+    _Atomic(pool_fn) fn;
+    _Atomic(void *) arg;
+    _Atomic int sleeping;     /* workers in (or entering) cond_wait */
+    _Atomic int stop;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    float **tile;             /* [n] per-thread [STAGE_TILE_N][STAGE_TILE_K], grown once */
+} P = {.n = 1, .mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+
+static float *g_tile0;              /* the caller's tile scratch when there is no pool */
+static uint16_t *g_xs;              /* split x [m][2][kp] (AVX-512 BF16) */
+static size_t g_xs_cap;             /* elements */
+
+static long now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
+
+static void pool_run_tasks(uint32_t gen, int tid)
+{
+    pool_fn fn = atomic_load_explicit(&P.fn, memory_order_relaxed);
+    void *arg = atomic_load_explicit(&P.arg, memory_order_relaxed);
+    uint64_t cur = atomic_load_explicit(&P.job, memory_order_acquire);
+    for (;;) {
+        if (JOB_GEN(cur) != gen || JOB_NEXT(cur) >= JOB_N(cur)) return;
+        if (!atomic_compare_exchange_weak_explicit(&P.job, &cur, cur + 1, memory_order_acq_rel,
+                                                   memory_order_acquire))
+            continue; /* cur was reloaded */
+        fn(arg, JOB_NEXT(cur), tid);
+        atomic_fetch_sub_explicit(&P.left, 1, memory_order_release);
+        cur = atomic_load_explicit(&P.job, memory_order_acquire);
+    }
+}
+
+static void *pool_worker(void *p)
+{
+    const int tid = *(const int *)p;
+    uint32_t seen = JOB_GEN(atomic_load(&P.job));
+    for (;;) {
+        uint64_t cur = atomic_load_explicit(&P.job, memory_order_acquire);
+        if (JOB_GEN(cur) == seen && !atomic_load_explicit(&P.stop, memory_order_relaxed)) {
+            long t0 = now_ns();
+            for (unsigned spin = 1;; spin++) {
+                CPU_RELAX();
+                cur = atomic_load_explicit(&P.job, memory_order_acquire);
+                if (JOB_GEN(cur) != seen || atomic_load_explicit(&P.stop, memory_order_relaxed)) break;
+                if ((spin & 63) == 0 && now_ns() - t0 > SPIN_NS) {
+                    /* Sleep. The caller publishes the job, then reads `sleeping`; we raise
+                     * `sleeping`, then re-read the job (both seq_cst): one of us sees the other. */
+                    pthread_mutex_lock(&P.mu);
+                    atomic_fetch_add(&P.sleeping, 1);
+                    while (JOB_GEN(atomic_load(&P.job)) == seen && !atomic_load(&P.stop))
+                        pthread_cond_wait(&P.cv, &P.mu);
+                    atomic_fetch_sub(&P.sleeping, 1);
+                    pthread_mutex_unlock(&P.mu);
+                    cur = atomic_load_explicit(&P.job, memory_order_acquire);
+                    break;
+                }
+            }
+        }
+        if (atomic_load(&P.stop)) return NULL;
+        seen = JOB_GEN(cur);
+        pool_run_tasks(seen, tid);
+    }
+}
+
+/* Run fn(arg, task, tid) for task < ntasks on the pool; returns when all are done. */
+static void pool_run(pool_fn fn, void *arg, int ntasks)
+{
+    if (ntasks <= 0) return;
+    if (P.n <= 1 || ntasks == 1 || ntasks > MAX_TASKS) { /* > MAX_TASKS: callers keep below */
+        for (int t = 0; t < ntasks; t++) fn(arg, t, 0);
+        return;
+    }
+    atomic_store_explicit(&P.fn, fn, memory_order_relaxed);
+    atomic_store_explicit(&P.arg, arg, memory_order_relaxed);
+    atomic_store_explicit(&P.left, ntasks, memory_order_relaxed);
+    uint32_t gen = JOB_GEN(atomic_load_explicit(&P.job, memory_order_relaxed)) + 1;
+    atomic_store(&P.job, (uint64_t)gen << 32 | (uint64_t)ntasks << 16);
+    if (atomic_load(&P.sleeping)) {
+        pthread_mutex_lock(&P.mu);
+        pthread_cond_broadcast(&P.cv);
+        pthread_mutex_unlock(&P.mu);
+    }
+    pool_run_tasks(gen, 0);
+    for (unsigned spin = 1; atomic_load_explicit(&P.left, memory_order_acquire) > 0; spin++) {
+        CPU_RELAX();
+        if ((spin & 1023) == 0) sched_yield(); /* a worker that was descheduled holds a task */
+    }
+}
+
+static float **tile_slot(int tid) { return P.n > 1 ? &P.tile[tid] : &g_tile0; }
+
+void stage_threads_free(void)
+{
+    if (P.n > 1) {
+        pthread_mutex_lock(&P.mu);
+        atomic_store(&P.stop, 1);
+        pthread_cond_broadcast(&P.cv);
+        pthread_mutex_unlock(&P.mu);
+        for (int i = 0; i < P.n - 1; i++) pthread_join(P.th[i], NULL);
+        for (int i = 0; i < P.n; i++) free(P.tile[i]);
+    }
+    free(P.th);
+    free(P.tids);
+    free(P.tile);
+    P.th = NULL;
+    P.tids = NULL;
+    P.tile = NULL;
+    P.n = 1;
+    atomic_store(&P.stop, 0);
+    free(g_tile0);
+    g_tile0 = NULL;
+    free(g_xs);
+    g_xs = NULL;
+    g_xs_cap = 0;
+}
+
+int stage_threads_init(int n, char *err, size_t errlen)
+{
+    stage_threads_free();
+    /* The pool is the parallelism; OpenBLAS runs inside one pool thread at a time. */
+    openblas_set_num_threads(1);
+    if (n < 1 || n > 1024) {
+        snprintf(err, errlen, "threads: %d is not in 1..1024", n);
+        return -1;
+    }
+    if (n == 1) return 0;
+    P.th = calloc((size_t)n - 1, sizeof *P.th);
+    P.tids = calloc((size_t)n - 1, sizeof *P.tids);
+    P.tile = calloc((size_t)n, sizeof *P.tile);
+    if (!P.th || !P.tids || !P.tile) {
+        snprintf(err, errlen, "threads: out of memory for %d threads", n);
+        stage_threads_free();
+        return -1;
+    }
+    for (int i = 0; i < n - 1; i++) {
+        P.tids[i] = i + 1;
+        int rc = pthread_create(&P.th[i], NULL, pool_worker, &P.tids[i]);
+        if (rc) {
+            snprintf(err, errlen, "threads: cannot start thread %d of %d: %s", i + 2, n, strerror(rc));
+            P.n = i + 1; /* join the ones that started */
+            stage_threads_free();
+            return -1;
+        }
+        P.n = i + 2;
+    }
+    return 0;
+}
+
+int stage_threads_n(void) { return P.n; }
+
+/* ================================================================== */
+/* the matmul                                                          */
+/* ================================================================== */
+
+typedef struct {
+    const float *x;
+    int m;
+    const stage_weight *w;
+    float *y;
+    mm_rows_fn rows;
+    const uint16_t *xs;
+    int chunk; /* weight rows per task (small path) */
+    const mm_ops *ops;
+} mm_job;
+
+static void small_task(void *a, int t, int tid)
+{
+    (void)tid;
+    const mm_job *j = a;
+    int r0 = t * j->chunk, r1 = r0 + j->chunk;
+    if (r1 > j->w->rows) r1 = j->w->rows;
+    j->rows(j->x, j->m, j->w, r0, r1, j->y, j->xs);
+}
+
+static void run_small(const float *x, int m, const stage_weight *w, float *y, const mm_ops *o)
+{
+    mm_job j = {.x = x, .m = m, .w = w, .y = y, .rows = o->rows[w->dtype], .ops = o};
+    if (o->split && w->dtype == STAGE_BF16) {
+        size_t need = (size_t)m * 2 * (size_t)mm_split_kp(w->cols);
+        if (need > g_xs_cap) {
+            uint16_t *nx = realloc(g_xs, need * sizeof *nx);
+            if (nx) {
+                g_xs = nx;
+                g_xs_cap = need;
+            }
+        }
+        if (need <= g_xs_cap) {
+            o->split(x, m, w->cols, g_xs);
+            j.xs = g_xs;
+        } else {
+            j.rows = o->rows_nosplit_bf16; /* no memory for the split x: convert weights */
+        }
+    }
+    const int n = w->rows;
+    /* About four tasks per thread so a thread that starts late costs little; multiples of 4
+     * rows (the kernels' row block). */
+    int chunk = n;
+    if (P.n > 1) {
+        chunk = (n + P.n * 4 - 1) / (P.n * 4);
+        if (chunk < 16) chunk = 16;
+        chunk = (chunk + 3) & ~3;
+        if ((n + chunk - 1) / chunk > MAX_TASKS) chunk = (n + MAX_TASKS - 1) / MAX_TASKS;
+    }
+    j.chunk = chunk;
+    pool_run(small_task, &j, (n + chunk - 1) / chunk);
+}
+
+static void large_task(void *a, int t, int tid)
+{
+    const mm_job *j = a;
+    const stage_weight *w = j->w;
+    const int n = w->rows, k = w->cols, m = j->m;
+    const int r0 = t * STAGE_TILE_N;
+    const int rn = n - r0 < STAGE_TILE_N ? n - r0 : STAGE_TILE_N;
+    if (w->dtype == STAGE_F32) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, rn, k, 1.0f, j->x, k,
+                    (const float *)w->data + (size_t)r0 * k, k, 0.0f, j->y + r0, n);
+        return;
+    }
+    float **slot = tile_slot(tid);
+    if (!*slot) *slot = malloc((size_t)STAGE_TILE_N * STAGE_TILE_K * sizeof(float));
+    float *buf = *slot; /* [rn][kc] */
+    if (!buf) { /* no scratch: the allocation-free kernel does this tile */
+        mm_rows_fn f = w->dtype == STAGE_BF16 && j->ops->rows_nosplit_bf16 ? j->ops->rows_nosplit_bf16
+                                                                           : j->ops->rows[w->dtype];
+        f(j->x, m, w, r0, r0 + rn, j->y, NULL);
+        return;
+    }
+    const size_t es = 2;
+    for (int c0 = 0; c0 < k; c0 += STAGE_TILE_K) {
+        const int kc = k - c0 < STAGE_TILE_K ? k - c0 : STAGE_TILE_K;
+        for (int r = 0; r < rn; r++)
+            j->ops->cvt[w->dtype]((const char *)w->data + ((size_t)(r0 + r) * k + c0) * es,
+                                  buf + (size_t)r * kc, (size_t)kc);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, rn, kc, 1.0f, j->x + c0, k, buf, kc,
+                    c0 ? 1.0f : 0.0f, j->y + r0, n);
+    }
+}
+
+static void run_large(const float *x, int m, const stage_weight *w, float *y, const mm_ops *o)
+{
+    mm_job j = {.x = x, .m = m, .w = w, .y = y, .ops = o};
+    /* Several pool threads call sgemm at once: each must run single-threaded (an earlier
+     * openblas_set_num_threads(n) would make them queue for OpenBLAS's own threads). */
+    if (P.n > 1 && openblas_get_num_threads() != 1) openblas_set_num_threads(1);
+    pool_run(large_task, &j, (w->rows + STAGE_TILE_N - 1) / STAGE_TILE_N);
+}
+
+void stage_matmul_w(const float *x, int m, const stage_weight *w, float *y)
+{
+    if (m <= 0 || w->rows <= 0) return;
+    if (w->cols <= 0) {
+        memset(y, 0, (size_t)m * w->rows * sizeof *y);
+        return;
+    }
+    const mm_ops *o = ops();
+    int small = g_path == STAGE_PATH_SMALL || (g_path == STAGE_PATH_AUTO && m <= stage_matmul_m_small(w->dtype));
+    if (small)
+        run_small(x, m, w, y, o);
+    else
+        run_large(x, m, w, y, o);
+}
+
+/* ================================================================== */
+/* attention                                                           */
+/* ================================================================== */
+
+void stage_attend_gqa(const float *q, int n_q, const float *k, const float *v, size_t stride,
+                      int n_ctx, int hd, float scale, float *probs, float *out)
+{
+    if (n_q <= 0 || n_ctx <= 0) return;
+    ops()->attend(q, n_q, k, v, stride, n_ctx, hd, scale, probs, out);
+}
+
+void stage_attend(const float *q, const float *k, const float *v, size_t stride, int n_ctx,
+                  int hd, float scale, float *probs, float *out)
+{
+    stage_attend_gqa(q, 1, k, v, stride, n_ctx, hd, scale, probs, out);
+}

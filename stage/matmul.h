@@ -1,0 +1,112 @@
+/* stage/matmul.h — weight matmuls in the checkpoint dtype, the thread pool they run on, and
+ * vectorised attention.
+ *
+ * stage_matmul_w(x, m, w, y): y [m][w->rows] = x [m][w->cols] · W^T, W a stage_weight in f32,
+ * bf16 or f16 (stage/dtype.h), products accumulated in f32. Two paths, chosen by m:
+ *   - small (m <= stage_matmul_m_small(dtype): 32 for f32, 64 for bf16/f16; decode and batched
+ *     decode): each weight row is streamed from memory once per call,
+ *     no packing, no allocation; blocks of 4 weight rows x up to 4 rows of x are held in
+ *     registers. Work is split over output columns (weight rows) between the pool's threads.
+ *   - large (larger m, prefill): fixed tiles of STAGE_TILE_N weight rows; f32 tiles go
+ *     straight to single-threaded cblas_sgemm, bf16/f16 tiles are first converted (exactly) to
+ *     f32 in STAGE_TILE_K-column blocks in a per-thread scratch and multiplied block by block.
+ *     Tiles are handed to the pool's threads in any order.
+ *
+ * Reduction order (why N-rank runs stay bit-identical to 1-rank runs): every output element
+ * y[i][j] is computed by one thread from x row i and weight row j alone, in an order that is
+ * fixed by (ISA variant, dtype, k) on the small path and by (OpenBLAS kernel, m, k) on the
+ * large one (OpenBLAS's order can change with the number of rows; the tile shapes are fixed).
+ * It does not depend on the thread count, on which thread ran it, or, on the small path, on m
+ * or on the other rows in the call: row i of a call with any m up to the threshold is
+ * bit-identical to the same row computed alone with m = 1 (so is column j to the same weight
+ * row in a weight of other rows). Different ISA variants, and OpenBLAS kernels (CPUs,
+ * OPENBLAS_CORETYPE), give different roundings: ranks that must agree bit for bit must run the
+ * same ones (stage_matmul_force_isa can pin the variant).
+ *
+ * Accuracy (tests/test_kernels.c, against a double reference on the same bf16/f16-rounded
+ * weights; max |err| / max |ref|, bound 1e-5 for every variant): the f32 FMA paths and the
+ * bf16/f16 paths that convert weights to f32 (C, AVX2, AVX-512, and every large path) are plain
+ * f32 dot products: measured <= 6.2e-7 (k from 5 to 4133). The AVX-512 BF16 path (vdpbf16ps)
+ * splits each f32 x value into bf16 hi + lo parts and does two dot products, so x keeps ~16
+ * mantissa bits: measured 3.0e-6 at k = 4096, up to 7.7e-6 on short rows (k = 5..67) where the
+ * result cancels.
+ *
+ * Threads: one process-wide pool. stage_threads_init(n) starts n - 1 workers (the caller is
+ * the n-th); workers spin ~50 us after a job, then sleep on a condition variable. Without init
+ * everything runs in the caller. It also sets OpenBLAS to 1 thread: its own spinning threads
+ * fought the MPI progress loop, and the pool gives the large path its parallelism.
+ * stage_matmul_w and stage_attend* are not re-entrant: one caller thread at a time (the stage's
+ * thread). Errors: init returns non-zero (with the reason) when threads or memory cannot be
+ * had; the matmul itself cannot fail (scratch for the large path and for the BF16 path's
+ * split x is grown once; if that allocation fails the call falls back to an allocation-free
+ * path: the small kernel, or the f32-converting variant).
+ */
+#ifndef STAGE_MATMUL_H
+#define STAGE_MATMUL_H
+
+#include <stddef.h>
+
+#include "stage/dtype.h"
+
+/* Largest m the small (streaming) path takes, by weight dtype (stage_matmul_m_small). Measured
+ * on this machine (tests/bench_kernels.c `cross` lines, one thread, OpenBLAS on its SkylakeX
+ * kernels): f32 small and large paths are level at m = 24-32, sgemm tiles win from 48;
+ * bf16/f16 rows converted in registers beat converted sgemm tiles up to m = 64, the tiles win
+ * from 128. STAGE_M_SMALL is the smallest of them (the m-independence every dtype has). */
+#define STAGE_M_SMALL 32
+#define STAGE_M_SMALL_16BIT 64
+int stage_matmul_m_small(stage_dtype d);
+#define STAGE_TILE_N 256  /* weight rows per large-path tile */
+#define STAGE_TILE_K 2048 /* columns per converted block of a bf16/f16 tile */
+
+/* Start the pool with n threads in all (n >= 1; n = 1: no workers). Replaces an earlier pool.
+ * 0 ok; -1 with one line in err. */
+int stage_threads_init(int n, char *err, size_t errlen);
+void stage_threads_free(void); /* stop the workers; safe to call when none were started */
+int stage_threads_n(void);     /* threads the kernels use now (1 without init) */
+
+/* y [m][w->rows] = x [m][w->cols] · W^T. m <= 0 or w->rows == 0 is a no-op. x and y must not
+ * overlap. */
+void stage_matmul_w(const float *x, int m, const stage_weight *w, float *y);
+
+/* ---- test / benchmark hooks ------------------------------------------------------------ */
+typedef enum { STAGE_ISA_C = 0, STAGE_ISA_AVX2, STAGE_ISA_AVX512, STAGE_ISA_AVX512BF16 } stage_isa;
+#define STAGE_N_ISAS 4
+/* The default: the fastest variant this CPU (and OS) can run, AVX-512 > AVX2 > C. AVX-512 BF16
+ * is never the default: with x split in two bf16 halves it needs two vdpbf16ps per 32
+ * products, and measured here that runs at 1/3 of the convert + FMA variant's rate in cache
+ * (30 vs 70-90 GFLOP/s on one core) and is no faster at m = 1 (memory-bound either way),
+ * while being less exact (~4e-6 vs ~4e-7). It stays selectable (stage_matmul_force_isa). */
+stage_isa stage_isa_best(void);
+int stage_isa_supported(stage_isa isa); /* 1 if this CPU can run it */
+const char *stage_isa_name(stage_isa isa); /* "c", "avx2", "avx512", "avx512bf16" */
+/* Use isa from now on (0), or -1 when the CPU cannot run it. */
+int stage_matmul_force_isa(stage_isa isa);
+stage_isa stage_matmul_isa(void); /* the variant in use */
+
+typedef enum { STAGE_PATH_AUTO = 0, STAGE_PATH_SMALL, STAGE_PATH_LARGE } stage_path;
+void stage_matmul_force_path(stage_path p); /* AUTO: by m (the default) */
+
+/* OpenBLAS built with DYNAMIC_ARCH picks its kernels from the CPU id; on a CPU it does not
+ * know (a VM's generic "Intel Xeon Processor") it falls back to Prescott (SSE3) kernels, 4x
+ * slower here. It reads OPENBLAS_CORETYPE when the library loads, so only the environment of
+ * a fresh process can fix it: this returns the value to set ("SkylakeX", "Haswell") when
+ * OpenBLAS runs a core older than this CPU supports and the variable is unset, else NULL. */
+const char *stage_blas_coretype_hint(void);
+
+/* ---- attention ------------------------------------------------------------------------- */
+/* One query head q [hd] over n_ctx cached positions: k_t = k + t*stride, v_t = v + t*stride
+ * (floats). probs [n_ctx] gets softmax(q·k_t * scale) (max-subtracted); out [hd] = sum_t
+ * p_t v_t. n_ctx >= 1. Deterministic for a given (ISA, n_ctx, hd): scores are one vector dot
+ * product per t, the softmax is scalar expf in order (the same code in every variant), out
+ * accumulates p_t v_t over t in order. The scalar loops this replaces read q·k_t one float at
+ * a time; here k_t and v_t are read in vectors, and once per KV head for a GQA group. */
+void stage_attend(const float *q, const float *k, const float *v, size_t stride, int n_ctx,
+                  int hd, float scale, float *probs, float *out);
+/* GQA: the n_q query heads q [n_q][hd] that share one KV head, at once, so each k_t / v_t is
+ * read once for all of them; probs [n_q][n_ctx], out [n_q][hd]. Head h's results are
+ * bit-identical to stage_attend on head h alone. */
+void stage_attend_gqa(const float *q, int n_q, const float *k, const float *v, size_t stride,
+                      int n_ctx, int hd, float scale, float *probs, float *out);
+
+#endif

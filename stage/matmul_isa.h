@@ -1,0 +1,49 @@
+/* stage/matmul_isa.h — internal to stage/matmul*.c: one table of kernels per ISA variant.
+ *
+ * rows[dtype](x, m, w, r0, r1, y, xs): y[i][j] for i < m, r0 <= j < r1 (y row stride w->rows),
+ * x [m][w->cols]. Each y[i][j] is computed from x row i and weight row j alone, in an order
+ * fixed by the variant and w->cols (stage/matmul.h: reduction order). xs is the split x of
+ * the variant's split() (NULL for variants without one).
+ * split(x, m, k, xs): xs [m][2][kp] bf16, kp = k rounded up to 32, hi part then lo part,
+ * zero padded: x ~= hi + lo with ~16 mantissa bits. NULL: this variant does not need it.
+ * cvt[dtype](src, dst, n): n elements to f32, exact (the large path's tile conversion).
+ * attend: stage_attend_gqa for this variant.
+ */
+#ifndef STAGE_MATMUL_ISA_H
+#define STAGE_MATMUL_ISA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "stage/dtype.h"
+
+typedef void (*mm_rows_fn)(const float *x, int m, const stage_weight *w, int r0, int r1,
+                           float *y, const uint16_t *xs);
+typedef void (*mm_cvt_fn)(const void *src, float *dst, size_t n);
+typedef void (*mm_attend_fn)(const float *q, int n_q, const float *k, const float *v,
+                             size_t stride, int n_ctx, int hd, float scale, float *probs,
+                             float *out);
+
+typedef struct {
+    mm_rows_fn rows[STAGE_N_DTYPES];
+    mm_cvt_fn cvt[STAGE_N_DTYPES];
+    void (*split)(const float *x, int m, int k, uint16_t *xs);
+    /* rows to use for bf16 when split's scratch is unavailable (NULL: rows[] never needs xs) */
+    mm_rows_fn rows_nosplit_bf16;
+    mm_attend_fn attend;
+} mm_ops;
+
+static inline int mm_split_kp(int k) { return (k + 31) & ~31; }
+
+extern const mm_ops stage_mm_ops_c;
+#if defined(__x86_64__)
+extern const mm_ops stage_mm_ops_avx2;
+extern const mm_ops stage_mm_ops_avx512;
+extern const mm_ops stage_mm_ops_avx512bf16;
+#endif
+
+/* Plain C pieces shared by every variant (matmul.c). */
+void stage_mm_split_c(const float *x, int m, int k, uint16_t *xs);
+void stage_mm_softmax_rows(float *probs, int n_q, int n_ctx);
+
+#endif

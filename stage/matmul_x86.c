@@ -1,0 +1,450 @@
+/* stage/matmul_x86.c — the x86-64 SIMD variants of stage/matmul_isa.h: AVX2+FMA+F16C,
+ * AVX-512 (F/BW/VL) and AVX-512 BF16. Each function carries its own target attribute, so this
+ * file builds with the project's baseline flags and the dispatcher (matmul.c) only calls a
+ * variant after __builtin_cpu_supports said the CPU has it.
+ *
+ * Block kernels: R weight rows (4, or 1 for the remainder) x MB rows of x (1..4) held in
+ * registers. Every accumulator runs over k in chunks of one vector (16 or 8 floats; 32 bf16
+ * pairs for vdpbf16ps), in order, the last chunk masked, then one fixed horizontal sum; R and
+ * MB only choose how many accumulators run side by side, so an output's rounding never
+ * depends on the block it fell in (stage/matmul.h: reduction order).
+ */
+#include "stage/matmul_isa.h"
+
+#if defined(__x86_64__)
+
+#include <immintrin.h>
+#include <string.h>
+
+#define INL inline __attribute__((always_inline))
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+#define TBF __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")))
+#define T256 __attribute__((target("avx2,fma,f16c")))
+
+/* ================================================================== */
+/* AVX-512                                                             */
+/* ================================================================== */
+
+/* 16 elements of dtype dt at p (element pointer) as f32; msk selects the valid ones of a
+ * tail (full: all 16). */
+static T512 INL __m512 ld512(const void *p, stage_dtype dt, int full, __mmask16 msk)
+{
+    if (dt == STAGE_F32)
+        return full ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(msk, p);
+    __m256i h = full ? _mm256_loadu_si256((const __m256i *)p) : _mm256_maskz_loadu_epi16(msk, p);
+    if (dt == STAGE_BF16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+}
+
+static INL const char *elem(const void *base, size_t i, stage_dtype dt)
+{
+    return (const char *)base + i * (dt == STAGE_F32 ? 4 : 2);
+}
+
+/* y[i*ldy + r] = x_i · w_r for r < R, i < MB; x rows at x + i*k, weight rows at w + r*k. */
+static T512 INL void blk512(const float *x, const void *w, int k, int R, int MB, stage_dtype dt,
+                            float *y, int ldy)
+{
+    __m512 acc[4][4];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; i++) acc[r][i] = _mm512_setzero_ps();
+    int c = 0;
+    for (; c + 16 <= k; c += 16) {
+        __m512 wv[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) wv[r] = ld512(elem(w, (size_t)r * k + c, dt), dt, 1, 0);
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; i++) {
+            __m512 xv = _mm512_loadu_ps(x + (size_t)i * k + c);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) acc[r][i] = _mm512_fmadd_ps(wv[r], xv, acc[r][i]);
+        }
+    }
+    if (c < k) {
+        __mmask16 msk = (__mmask16)((1u << (k - c)) - 1u);
+        __m512 wv[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) wv[r] = ld512(elem(w, (size_t)r * k + c, dt), dt, 0, msk);
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; i++) {
+            __m512 xv = _mm512_maskz_loadu_ps(msk, x + (size_t)i * k + c);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) acc[r][i] = _mm512_fmadd_ps(wv[r], xv, acc[r][i]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; i++) y[(size_t)i * ldy + r] = _mm512_reduce_add_ps(acc[r][i]);
+}
+
+#define ROWS_BODY(BLK, ...)                                                                   \
+    do {                                                                                      \
+        const int n = w->rows, k = w->cols;                                                   \
+        int j = r0;                                                                           \
+        for (; j + 4 <= r1; j += 4) {                                                         \
+            const void *wj = elem(w->data, (size_t)j * k, DT);                                \
+            int i = 0;                                                                        \
+            for (; i + 4 <= m; i += 4) BLK(__VA_ARGS__, 4, 4);                                \
+            switch (m - i) {                                                                  \
+            case 3: BLK(__VA_ARGS__, 4, 3); break;                                            \
+            case 2: BLK(__VA_ARGS__, 4, 2); break;                                            \
+            case 1: BLK(__VA_ARGS__, 4, 1); break;                                            \
+            default: break;                                                                   \
+            }                                                                                 \
+        }                                                                                     \
+        for (; j < r1; j++) {                                                                 \
+            const void *wj = elem(w->data, (size_t)j * k, DT);                                \
+            int i = 0;                                                                        \
+            for (; i + 4 <= m; i += 4) BLK(__VA_ARGS__, 1, 4);                                \
+            switch (m - i) {                                                                  \
+            case 3: BLK(__VA_ARGS__, 1, 3); break;                                            \
+            case 2: BLK(__VA_ARGS__, 1, 2); break;                                            \
+            case 1: BLK(__VA_ARGS__, 1, 1); break;                                            \
+            default: break;                                                                   \
+            }                                                                                 \
+        }                                                                                     \
+    } while (0)
+
+#define B512(dummy, RR, MM) \
+    blk512(x + (size_t)i * k, wj, k, RR, MM, DT, y + (size_t)i * n + j, n)
+
+#define DEF_ROWS512(NAME, DTV)                                                                \
+    static T512 void NAME(const float *x, int m, const stage_weight *w, int r0, int r1,      \
+                          float *y, const uint16_t *xs)                                       \
+    {                                                                                         \
+        (void)xs;                                                                             \
+        const stage_dtype DT = DTV;                                                           \
+        ROWS_BODY(B512, 0);                                                                   \
+    }
+DEF_ROWS512(rows512_f32, STAGE_F32)
+DEF_ROWS512(rows512_bf16, STAGE_BF16)
+DEF_ROWS512(rows512_f16, STAGE_F16)
+
+/* ---- AVX-512 BF16: x split into hi + lo bf16, weights used as they are --------------- */
+
+/* xs rows: hi at xs + i*2*kp, lo at + kp; zero past k. */
+static TBF INL void blkbf(const uint16_t *xs, int kp, const uint16_t *w, int k, int R, int MB,
+                          float *y, int ldy)
+{
+    __m512 acc[4][4];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; i++) acc[r][i] = _mm512_setzero_ps();
+    int c = 0;
+    for (; c + 32 <= k; c += 32) {
+        __m512i wv[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) wv[r] = _mm512_loadu_si512(w + (size_t)r * k + c);
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; i++) {
+            const uint16_t *xi = xs + (size_t)i * 2 * kp + c;
+            __m512bh xh = (__m512bh)_mm512_loadu_si512(xi);
+            __m512bh xl = (__m512bh)_mm512_loadu_si512(xi + kp);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) {
+                acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xl, (__m512bh)wv[r]);
+                acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xh, (__m512bh)wv[r]);
+            }
+        }
+    }
+    if (c < k) {
+        __mmask32 msk = (__mmask32)((1ull << (k - c)) - 1ull);
+        __m512i wv[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) wv[r] = _mm512_maskz_loadu_epi16(msk, w + (size_t)r * k + c);
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; i++) {
+            const uint16_t *xi = xs + (size_t)i * 2 * kp + c;
+            __m512bh xh = (__m512bh)_mm512_loadu_si512(xi);
+            __m512bh xl = (__m512bh)_mm512_loadu_si512(xi + kp);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) {
+                acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xl, (__m512bh)wv[r]);
+                acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xh, (__m512bh)wv[r]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; i++) y[(size_t)i * ldy + r] = _mm512_reduce_add_ps(acc[r][i]);
+}
+
+#define BBF(dummy, RR, MM) \
+    blkbf(xs + (size_t)i * 2 * kp, kp, wj, k, RR, MM, y + (size_t)i * n + j, n)
+
+static TBF void rowsbf_bf16(const float *x, int m, const stage_weight *w, int r0, int r1, float *y,
+                            const uint16_t *xs)
+{
+    (void)x;
+    const stage_dtype DT = STAGE_BF16;
+    const int kp = mm_split_kp(w->cols);
+    ROWS_BODY(BBF, 0);
+}
+
+/* ---- conversions (large path tiles) ------------------------------------------------- */
+
+static T512 void cvt512_bf16(const void *src, float *dst, size_t n)
+{
+    const uint16_t *s = src;
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, ld512(s + i, STAGE_BF16, 1, 0));
+    if (i < n) {
+        __mmask16 msk = (__mmask16)((1u << (n - i)) - 1u);
+        _mm512_mask_storeu_ps(dst + i, msk, ld512(s + i, STAGE_BF16, 0, msk));
+    }
+}
+
+static T512 void cvt512_f16(const void *src, float *dst, size_t n)
+{
+    const uint16_t *s = src;
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, ld512(s + i, STAGE_F16, 1, 0));
+    if (i < n) {
+        __mmask16 msk = (__mmask16)((1u << (n - i)) - 1u);
+        _mm512_mask_storeu_ps(dst + i, msk, ld512(s + i, STAGE_F16, 0, msk));
+    }
+}
+
+static void cvt_f32(const void *src, float *dst, size_t n) { memcpy(dst, src, n * sizeof(float)); }
+
+/* ---- attention ----------------------------------------------------------------------- */
+
+#define AH 8 /* query heads scored side by side */
+
+static T512 void attend512(const float *q, int n_q, const float *k, const float *v, size_t stride,
+                           int n_ctx, int hd, float scale, float *probs, float *out)
+{
+    const int full = hd / 16;
+    const __mmask16 tm = (__mmask16)((1u << (hd % 16)) - 1u);
+    for (int h0 = 0; h0 < n_q; h0 += AH) {
+        const int nh = n_q - h0 < AH ? n_q - h0 : AH;
+        for (int t = 0; t < n_ctx; t++) {
+            const float *kt = k + (size_t)t * stride;
+            __m512 acc[AH];
+            for (int h = 0; h < nh; h++) acc[h] = _mm512_setzero_ps();
+            for (int c = 0; c < full; c++) {
+                __m512 kv = _mm512_loadu_ps(kt + c * 16);
+                for (int h = 0; h < nh; h++)
+                    acc[h] = _mm512_fmadd_ps(_mm512_loadu_ps(q + (size_t)(h0 + h) * hd + c * 16), kv,
+                                             acc[h]);
+            }
+            if (tm) {
+                __m512 kv = _mm512_maskz_loadu_ps(tm, kt + full * 16);
+                for (int h = 0; h < nh; h++)
+                    acc[h] = _mm512_fmadd_ps(
+                        _mm512_maskz_loadu_ps(tm, q + (size_t)(h0 + h) * hd + full * 16), kv, acc[h]);
+            }
+            for (int h = 0; h < nh; h++)
+                probs[(size_t)(h0 + h) * n_ctx + t] = _mm512_reduce_add_ps(acc[h]) * scale;
+        }
+    }
+    stage_mm_softmax_rows(probs, n_q, n_ctx);
+    memset(out, 0, (size_t)n_q * hd * sizeof(float));
+    for (int t = 0; t < n_ctx; t++) {
+        const float *vt = v + (size_t)t * stride;
+        for (int h = 0; h < n_q; h++) {
+            const __m512 p = _mm512_set1_ps(probs[(size_t)h * n_ctx + t]);
+            float *o = out + (size_t)h * hd;
+            for (int c = 0; c < full; c++)
+                _mm512_storeu_ps(o + c * 16, _mm512_fmadd_ps(p, _mm512_loadu_ps(vt + c * 16),
+                                                             _mm512_loadu_ps(o + c * 16)));
+            if (tm)
+                _mm512_mask_storeu_ps(o + full * 16, tm,
+                                      _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(tm, vt + full * 16),
+                                                      _mm512_maskz_loadu_ps(tm, o + full * 16)));
+        }
+    }
+}
+
+/* ================================================================== */
+/* AVX2 + FMA + F16C                                                   */
+/* ================================================================== */
+
+/* 8 elements of dtype dt at p as f32; n < 8 valid ones (a tail) are copied out first so no
+ * load passes the end of the row. */
+static T256 INL __m256 ld256(const void *p, stage_dtype dt, int n)
+{
+    uint32_t tmp[8];
+    if (n < 8) {
+        memset(tmp, 0, sizeof tmp);
+        memcpy(tmp, p, (size_t)n * (dt == STAGE_F32 ? 4 : 2));
+        p = tmp;
+    }
+    if (dt == STAGE_F32) return _mm256_loadu_ps(p);
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    if (dt == STAGE_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+}
+
+static T256 INL float hsum256(__m256 a)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+/* As blk512 with 8-lane chunks; MB <= 2 (16 ymm registers). */
+static T256 INL void blk256(const float *x, const void *w, int k, int R, int MB, stage_dtype dt,
+                            float *y, int ldy)
+{
+    __m256 acc[4][2];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 2
+        for (int i = 0; i < MB; i++) acc[r][i] = _mm256_setzero_ps();
+    int c = 0;
+    for (; c + 8 <= k; c += 8) {
+        __m256 wv[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) wv[r] = ld256(elem(w, (size_t)r * k + c, dt), dt, 8);
+#pragma GCC unroll 2
+        for (int i = 0; i < MB; i++) {
+            __m256 xv = _mm256_loadu_ps(x + (size_t)i * k + c);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) acc[r][i] = _mm256_fmadd_ps(wv[r], xv, acc[r][i]);
+        }
+    }
+    if (c < k) {
+        __m256 wv[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) wv[r] = ld256(elem(w, (size_t)r * k + c, dt), dt, k - c);
+#pragma GCC unroll 2
+        for (int i = 0; i < MB; i++) {
+            __m256 xv = ld256(x + (size_t)i * k + c, STAGE_F32, k - c);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) acc[r][i] = _mm256_fmadd_ps(wv[r], xv, acc[r][i]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 2
+        for (int i = 0; i < MB; i++) y[(size_t)i * ldy + r] = hsum256(acc[r][i]);
+}
+
+/* ROWS_BODY with x-row blocks of 2 (MB 3 and 4 fall back to 2 + 1 / 2 + 2). */
+#define B256(dummy, RR, MM)                                                                   \
+    do {                                                                                      \
+        if ((MM) >= 2) {                                                                      \
+            blk256(x + (size_t)i * k, wj, k, RR, 2, DT, y + (size_t)i * n + j, n);            \
+            if ((MM) == 4)                                                                    \
+                blk256(x + (size_t)(i + 2) * k, wj, k, RR, 2, DT, y + (size_t)(i + 2) * n + j, n); \
+            else if ((MM) == 3)                                                               \
+                blk256(x + (size_t)(i + 2) * k, wj, k, RR, 1, DT, y + (size_t)(i + 2) * n + j, n); \
+        } else {                                                                              \
+            blk256(x + (size_t)i * k, wj, k, RR, 1, DT, y + (size_t)i * n + j, n);            \
+        }                                                                                     \
+    } while (0)
+
+#define DEF_ROWS256(NAME, DTV)                                                                \
+    static T256 void NAME(const float *x, int m, const stage_weight *w, int r0, int r1,      \
+                          float *y, const uint16_t *xs)                                       \
+    {                                                                                         \
+        (void)xs;                                                                             \
+        const stage_dtype DT = DTV;                                                           \
+        ROWS_BODY(B256, 0);                                                                   \
+    }
+DEF_ROWS256(rows256_f32, STAGE_F32)
+DEF_ROWS256(rows256_bf16, STAGE_BF16)
+DEF_ROWS256(rows256_f16, STAGE_F16)
+
+static T256 void cvt256_bf16(const void *src, float *dst, size_t n)
+{
+    const uint16_t *s = src;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, ld256(s + i, STAGE_BF16, 8));
+    for (; i < n; i++) {
+        uint32_t u = (uint32_t)s[i] << 16;
+        memcpy(dst + i, &u, 4);
+    }
+}
+
+static T256 void cvt256_f16(const void *src, float *dst, size_t n)
+{
+    const uint16_t *s = src;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, ld256(s + i, STAGE_F16, 8));
+    if (i < n) {
+        float tmp[8];
+        _mm256_storeu_ps(tmp, ld256(s + i, STAGE_F16, (int)(n - i)));
+        memcpy(dst + i, tmp, (n - i) * sizeof(float));
+    }
+}
+
+static T256 void attend256(const float *q, int n_q, const float *k, const float *v, size_t stride,
+                           int n_ctx, int hd, float scale, float *probs, float *out)
+{
+    const int full = hd / 8, tail = hd % 8;
+    for (int h0 = 0; h0 < n_q; h0 += AH) {
+        const int nh = n_q - h0 < AH ? n_q - h0 : AH;
+        for (int t = 0; t < n_ctx; t++) {
+            const float *kt = k + (size_t)t * stride;
+            __m256 acc[AH];
+            for (int h = 0; h < nh; h++) acc[h] = _mm256_setzero_ps();
+            for (int c = 0; c < full; c++) {
+                __m256 kv = _mm256_loadu_ps(kt + c * 8);
+                for (int h = 0; h < nh; h++)
+                    acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (size_t)(h0 + h) * hd + c * 8), kv,
+                                             acc[h]);
+            }
+            if (tail) {
+                __m256 kv = ld256(kt + full * 8, STAGE_F32, tail);
+                for (int h = 0; h < nh; h++)
+                    acc[h] = _mm256_fmadd_ps(ld256(q + (size_t)(h0 + h) * hd + full * 8, STAGE_F32, tail),
+                                             kv, acc[h]);
+            }
+            for (int h = 0; h < nh; h++)
+                probs[(size_t)(h0 + h) * n_ctx + t] = hsum256(acc[h]) * scale;
+        }
+    }
+    stage_mm_softmax_rows(probs, n_q, n_ctx);
+    memset(out, 0, (size_t)n_q * hd * sizeof(float));
+    for (int t = 0; t < n_ctx; t++) {
+        const float *vt = v + (size_t)t * stride;
+        for (int h = 0; h < n_q; h++) {
+            const float p = probs[(size_t)h * n_ctx + t];
+            const __m256 pv = _mm256_set1_ps(p);
+            float *o = out + (size_t)h * hd;
+            for (int c = 0; c < full; c++)
+                _mm256_storeu_ps(o + c * 8, _mm256_fmadd_ps(pv, _mm256_loadu_ps(vt + c * 8),
+                                                            _mm256_loadu_ps(o + c * 8)));
+            for (int i = full * 8; i < hd; i++) o[i] = __builtin_fmaf(p, vt[i], o[i]);
+        }
+    }
+}
+
+/* ================================================================== */
+/* tables                                                              */
+/* ================================================================== */
+
+const mm_ops stage_mm_ops_avx2 = {
+    .rows = {[STAGE_F32] = rows256_f32, [STAGE_BF16] = rows256_bf16, [STAGE_F16] = rows256_f16},
+    .cvt = {[STAGE_F32] = cvt_f32, [STAGE_BF16] = cvt256_bf16, [STAGE_F16] = cvt256_f16},
+    .split = NULL,
+    .rows_nosplit_bf16 = NULL,
+    .attend = attend256,
+};
+
+const mm_ops stage_mm_ops_avx512 = {
+    .rows = {[STAGE_F32] = rows512_f32, [STAGE_BF16] = rows512_bf16, [STAGE_F16] = rows512_f16},
+    .cvt = {[STAGE_F32] = cvt_f32, [STAGE_BF16] = cvt512_bf16, [STAGE_F16] = cvt512_f16},
+    .split = NULL,
+    .rows_nosplit_bf16 = NULL,
+    .attend = attend512,
+};
+
+const mm_ops stage_mm_ops_avx512bf16 = {
+    .rows = {[STAGE_F32] = rows512_f32, [STAGE_BF16] = rowsbf_bf16, [STAGE_F16] = rows512_f16},
+    .cvt = {[STAGE_F32] = cvt_f32, [STAGE_BF16] = cvt512_bf16, [STAGE_F16] = cvt512_f16},
+    .split = stage_mm_split_c,
+    .rows_nosplit_bf16 = rows512_bf16,
+    .attend = attend512,
+};
+
+#endif /* __x86_64__ */

@@ -1,0 +1,393 @@
+/* tests/bench_kernels.c — micro-benchmark of stage/matmul.h (not a test; `make bench-kernels`).
+ *
+ *   bench_kernels [--threads N] [--quick] [--isa NAME]
+ *
+ * Prints one `key=value ...` line per measurement (lines starting with # are comments):
+ *   --bw-only: only the bw lines, then for each --shape m,k,n one `shape` line: cblas_sgemm
+ *            (OpenBLAS on N threads) vs stage_matmul_w with f32 and bf16 weights, GFLOP/s
+ *            (scripts/bench-decode's reference for prefill);
+ *   bw       read bandwidth of this machine: 1, 2, 4 .. N threads summing a 1 GiB buffer, best
+ *            of 5 passes (read_gbs),
+ *            and the median over 32 MiB pieces (read_gbs_32mib_pieces); the GEMV lines'
+ *            of_read_bw divides by the larger of the two N-thread values;
+ *   gemv     decode shapes (m = 1, 4, 16; k = 4096; n = 4096, 14336; f32 and bf16) per ISA
+ *            variant: GB/s of weights streamed and the fraction of the read bandwidth. The
+ *            weights rotate through copies filling 1 GiB so they come from memory, not the L3;
+ *   cross    small path vs large path for m around STAGE_M_SMALL (how it was chosen);
+ *   prefill  m = 256 GFLOP/s per variant vs one cblas_sgemm call (OpenBLAS on N threads) on the
+ *            same f32 shape.
+ *   attend   stage_attend_gqa, 4 query heads sharing a KV head, hd 128, 2048 cached positions.
+ * Times are the median of the repetitions; on a loaded machine they are noisy.
+ */
+#include "stage/matmul.h"
+
+#include <cblas.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define GIB (1024.0 * 1024.0 * 1024.0)
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static int cmp_d(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double median(double *v, int n)
+{
+    qsort(v, (size_t)n, sizeof *v, cmp_d);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+/* ---- read bandwidth ------------------------------------------------------------------- */
+
+typedef struct {
+    const uint64_t *p;
+    size_t n;       /* words */
+    size_t piece;   /* words per timed piece (0: one piece) */
+    double gbs;     /* out: median GB/s over the pieces */
+    uint64_t sum;
+} reader;
+
+/* Four independent 2 x 64-bit vector sums (GCC vector extension: SSE2, any x86-64), so the
+ * reader is limited by memory, not by an add chain. */
+typedef uint64_t v2u64 __attribute__((vector_size(16)));
+static uint64_t sum_words(const uint64_t *p, size_t n)
+{
+    v2u64 a = {0, 0}, b = a, c = a, d = a;
+    for (size_t i = 0; i + 8 <= n; i += 8) {
+        v2u64 x0, x1, x2, x3;
+        memcpy(&x0, p + i, 16);
+        memcpy(&x1, p + i + 2, 16);
+        memcpy(&x2, p + i + 4, 16);
+        memcpy(&x3, p + i + 6, 16);
+        a += x0;
+        b += x1;
+        c += x2;
+        d += x3;
+    }
+    v2u64 s = a + b + c + d;
+    return s[0] + s[1];
+}
+
+static void *read_part(void *a)
+{
+    reader *r = a;
+    const size_t piece = r->piece ? r->piece : r->n;
+    const int np = (int)(r->n / piece);
+    double *t = malloc((size_t)np * sizeof *t);
+    r->sum = 0;
+    for (int i = 0; i < np; i++) {
+        double t0 = now_s();
+        r->sum += sum_words(r->p + (size_t)i * piece, piece);
+        t[i] = now_s() - t0;
+    }
+    r->gbs = (double)piece * 8 / median(t, np) / 1e9;
+    free(t);
+    return NULL;
+}
+
+/* Read bandwidth of nt threads, each summing its own part of buf. piece_words = 0: best of 5
+ * whole passes; else the median over pieces of that many words per thread (how the GEMV lines
+ * see memory: one weight matrix at a time), summed over the threads. */
+static double read_bw(const uint64_t *buf, size_t words, int nt, size_t piece_words)
+{
+    pthread_t th[64];
+    reader rd[64];
+    double best = 0;
+    uint64_t check = 0;
+    for (int pass = 0; pass < (piece_words ? 2 : 5); pass++) {
+        double t0 = now_s();
+        for (int t = 0; t < nt; t++) {
+            rd[t].p = buf + words / nt * t;
+            rd[t].n = words / nt;
+            rd[t].piece = piece_words;
+            if (t) pthread_create(&th[t], NULL, read_part, &rd[t]);
+        }
+        read_part(&rd[0]);
+        for (int t = 1; t < nt; t++) pthread_join(th[t], NULL);
+        double dt = now_s() - t0, gbs = 0;
+        for (int t = 0; t < nt; t++) {
+            check += rd[t].sum;
+            gbs += rd[t].gbs;
+        }
+        if (!piece_words) gbs = (double)(words / nt * nt) * 8 / dt / 1e9;
+        if (gbs > best) best = gbs;
+    }
+    if (check == 42) fprintf(stderr, "#\n"); /* keep the sums live */
+    return best;
+}
+
+/* ---- matmul timing -------------------------------------------------------------------- */
+
+/* Median seconds of one stage_matmul_w call, rotating over the weight copies in arena. */
+static double time_matmul(const float *x, int m, int n, int k, stage_dtype dt, const char *arena,
+                          size_t arena_bytes, float *y, int reps)
+{
+    const size_t wbytes = (size_t)n * k * (dt == STAGE_F32 ? 4 : 2);
+    int copies = (int)(arena_bytes / wbytes);
+    if (copies < 1) copies = 1;
+    double *t = malloc((size_t)reps * sizeof *t);
+    for (int r = -2; r < reps; r++) { /* two warm-up calls */
+        int c = (r + 2) % copies;
+        stage_weight w = {.dtype = dt, .rows = n, .cols = k, .data = arena + (size_t)c * wbytes};
+        double t0 = now_s();
+        stage_matmul_w(x, m, &w, y);
+        if (r >= 0) t[r] = now_s() - t0;
+    }
+    double md = median(t, reps);
+    free(t);
+    return md;
+}
+
+static int n_cpus(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 1 : n > 64 ? 64 : (int)n;
+}
+
+int main(int argc, char **argv)
+{
+    int nt = n_cpus(), quick = 0, only = -1, bw_only = 0, n_shapes = 0;
+    int shapes[16][3]; /* --shape m,k,n: cblas_sgemm vs stage_matmul_w on that shape */
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--threads") && i + 1 < argc) {
+            nt = atoi(argv[++i]);
+            if (nt < 1 || nt > 64) {
+                fprintf(stderr, "bench_kernels: --threads must be 1..64\n");
+                return 2;
+            }
+        } else if (!strcmp(argv[i], "--quick")) {
+            quick = 1;
+        } else if (!strcmp(argv[i], "--bw-only")) {
+            bw_only = 1;
+        } else if (!strcmp(argv[i], "--shape") && i + 1 < argc && n_shapes < 16) {
+            int *sh = shapes[n_shapes++];
+            if (sscanf(argv[++i], "%d,%d,%d", &sh[0], &sh[1], &sh[2]) != 3 || sh[0] < 1 || sh[1] < 1 ||
+                sh[2] < 1 || (double)sh[0] * sh[2] > 64e6 || (double)sh[1] * sh[2] > 256e6) {
+                fprintf(stderr, "bench_kernels: --shape %s: expected m,k,n (positive, not huge)\n", argv[i]);
+                return 2;
+            }
+        } else if (!strcmp(argv[i], "--isa") && i + 1 < argc) {
+            const char *name = argv[++i];
+            for (int s = 0; s < STAGE_N_ISAS; s++)
+                if (!strcmp(name, stage_isa_name((stage_isa)s))) only = s;
+            if (only < 0 || !stage_isa_supported((stage_isa)only)) {
+                fprintf(stderr, "bench_kernels: --isa %s: unknown or not supported by this CPU\n", name);
+                return 2;
+            }
+        } else {
+            fprintf(stderr, "usage: bench_kernels [--threads N] [--quick] [--isa c|avx2|avx512|avx512bf16] "
+                            "[--bw-only [--shape m,k,n ...]]\n");
+            return 2;
+        }
+    }
+    char err[256];
+    if (stage_threads_init(nt, err, sizeof err)) {
+        fprintf(stderr, "bench_kernels: %s\n", err);
+        return 1;
+    }
+    const int reps = quick ? 5 : 20;
+    const size_t arena_bytes = (size_t)(quick ? 0.25 * GIB : 1.0 * GIB);
+
+    /* One buffer: first the read-bandwidth buffer, then the weight arena. Filled with bf16 values
+     * in [-1, 1) (as f32 pairs they are ordinary floats in [-1, 1)), so no NaN / subnormal
+     * assists skew the timings. */
+    uint16_t *arena = malloc(arena_bytes);
+    if (!arena) {
+        fprintf(stderr, "bench_kernels: cannot allocate %.2f GiB\n", arena_bytes / GIB);
+        return 1;
+    }
+    uint64_t rng = 88172645463325252ull;
+    for (size_t i = 0; i < arena_bytes / 2; i++) {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        /* sign, exponent 119..126 (|v| in [2^-8, 1)), 7 random mantissa bits */
+        arena[i] = (uint16_t)(((rng >> 20) & 0x8000u) | ((119u + ((rng >> 8) & 7u)) << 7) | (rng & 0x7fu));
+    }
+    printf("# bench_kernels threads=%d best_isa=%s m_small_f32=%d m_small_16bit=%d tile_n=%d "
+           "tile_k=%d\n",
+           nt, stage_isa_name(stage_isa_best()), stage_matmul_m_small(STAGE_F32),
+           stage_matmul_m_small(STAGE_BF16), STAGE_TILE_N, STAGE_TILE_K);
+    const char *hint = stage_blas_coretype_hint();
+    printf("blas corename=%s coretype_hint=%s\n", openblas_get_corename(), hint ? hint : "none");
+    if (hint)
+        printf("# OpenBLAS runs generic kernels on this CPU: rerun with OPENBLAS_CORETYPE=%s for a "
+               "fair sgemm baseline\n", hint);
+    /* 32 MiB pieces: a 4096 x 4096 bf16 weight */
+    const size_t piece = (size_t)32 << 20 >> 3;
+    double bwn = 0;
+    for (int t = 1; t <= nt; t = t == nt ? nt + 1 : (t * 2 > nt ? nt : t * 2)) {
+        double pass = read_bw((const uint64_t *)arena, arena_bytes / 8, t, 0);
+        double pieces = read_bw((const uint64_t *)arena, arena_bytes / 8, t, piece / t);
+        printf("bw threads=%d buffer_gib=%.2f read_gbs=%.2f read_gbs_32mib_pieces=%.2f\n", t,
+               arena_bytes / GIB, pass, pieces);
+        bwn = pass > pieces ? pass : pieces; /* the stricter reference */
+    }
+    fflush(stdout);
+    if (bw_only) {
+        /* the shapes a benchmark script asks for: OpenBLAS on nt threads vs the kernels */
+        for (int q = 0; q < n_shapes; q++) {
+            const int m = shapes[q][0], k = shapes[q][1], n = shapes[q][2];
+            float *xs = malloc((size_t)m * k * sizeof *xs), *ys = malloc((size_t)m * n * sizeof *ys);
+            float *wf = malloc((size_t)n * k * sizeof *wf);
+            uint16_t *wb = malloc((size_t)n * k * 2);
+            if (!xs || !ys || !wf || !wb) {
+                fprintf(stderr, "bench_kernels: out of memory for --shape\n");
+                return 1;
+            }
+            for (size_t i = 0; i < (size_t)m * k; i++) xs[i] = (float)((i * 2654435761u) % 2001) / 1000.0f - 1.0f;
+            for (size_t i = 0; i < (size_t)n * k; i++) {
+                wf[i] = (float)((i * 40503u) % 2001) / 1000.0f - 1.0f;
+                wb[i] = arena[i % (arena_bytes / 2)];
+            }
+            double tb[7], tf[7], t16[7];
+            for (int r = 0; r < 7; r++) {
+                openblas_set_num_threads(nt);
+                double t0 = now_s();
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, xs, k, wf, k, 0.0f, ys, n);
+                tb[r] = now_s() - t0;
+                openblas_set_num_threads(1);
+                stage_weight w32 = {STAGE_F32, n, k, wf}, w16 = {STAGE_BF16, n, k, wb};
+                t0 = now_s();
+                stage_matmul_w(xs, m, &w32, ys);
+                tf[r] = now_s() - t0;
+                t0 = now_s();
+                stage_matmul_w(xs, m, &w16, ys);
+                t16[r] = now_s() - t0;
+            }
+            double fl = 2.0 * m * n * k / 1e9;
+            printf("shape m=%d k=%d n=%d threads=%d sgemm_gflops=%.2f f32_gflops=%.2f bf16_gflops=%.2f\n", m,
+                   k, n, nt, fl / median(tb, 7), fl / median(tf, 7), fl / median(t16, 7));
+            free(xs);
+            free(ys);
+            free(wf);
+            free(wb);
+        }
+        free(arena);
+        stage_threads_free();
+        return 0;
+    }
+
+    const int K = 4096, M_PRE = 256, M_MAX = 256;
+    const int ns[] = {4096, 14336};
+    float *x = malloc((size_t)M_MAX * 14336 * sizeof *x);
+    float *y = malloc((size_t)M_MAX * 14336 * sizeof *y);
+    for (size_t i = 0; i < (size_t)M_MAX * 14336; i++) x[i] = (float)((i * 2654435761u) % 2001) / 1000.0f - 1.0f;
+    const stage_dtype dts[] = {STAGE_F32, STAGE_BF16};
+
+    /* ---- decode shapes ---- */
+    const int ms[] = {1, 4, 16};
+    for (int s = 0; s < STAGE_N_ISAS; s++) {
+        if (!stage_isa_supported((stage_isa)s) || (only >= 0 && s != only)) continue;
+        stage_matmul_force_isa((stage_isa)s);
+        for (int d = 0; d < 2; d++)
+            for (int ni = 0; ni < 2; ni++)
+                for (int mi = 0; mi < 3; mi++) {
+                    if (s == STAGE_ISA_C && (ni == 1 || ms[mi] > 4) && only < 0) continue; /* slow */
+                    const int n = ns[ni], m = ms[mi];
+                    double t = time_matmul(x, m, n, K, dts[d], (const char *)arena, arena_bytes, y, reps);
+                    double bytes = (double)n * K * (dts[d] == STAGE_F32 ? 4 : 2);
+                    printf("gemv isa=%s dtype=%s m=%d k=%d n=%d threads=%d us=%.1f gbs=%.2f "
+                           "of_read_bw=%.2f gflops=%.2f\n",
+                           stage_isa_name((stage_isa)s), dts[d] == STAGE_F32 ? "f32" : "bf16", m, K, n,
+                           nt, t * 1e6, bytes / t / 1e9, bytes / t / 1e9 / bwn, 2.0 * m * n * K / t / 1e9);
+                    fflush(stdout);
+                }
+    }
+
+    /* ---- small vs large path around the threshold (best variant) ---- */
+    stage_matmul_force_isa(only >= 0 ? (stage_isa)only : stage_isa_best());
+    const int cm[] = {4, 8, 16, 24, 32, 48, 64, 96, 128};
+    for (int d = 0; d < 2; d++)
+        for (int ci = 0; ci < (quick ? 5 : 9); ci++) {
+            const int m = cm[ci], n = 4096;
+            stage_matmul_force_path(STAGE_PATH_SMALL);
+            double ts = time_matmul(x, m, n, K, dts[d], (const char *)arena, arena_bytes, y, reps);
+            stage_matmul_force_path(STAGE_PATH_LARGE);
+            double tl = time_matmul(x, m, n, K, dts[d], (const char *)arena, arena_bytes, y, reps);
+            printf("cross isa=%s dtype=%s m=%d k=%d n=%d threads=%d small_us=%.1f large_us=%.1f "
+                   "faster=%s\n",
+                   stage_isa_name(stage_matmul_isa()), dts[d] == STAGE_F32 ? "f32" : "bf16", m, K, n, nt,
+                   ts * 1e6, tl * 1e6, ts <= tl ? "small" : "large");
+            fflush(stdout);
+        }
+    stage_matmul_force_path(STAGE_PATH_AUTO);
+
+    /* ---- prefill ---- */
+    const int preps = quick ? 3 : 5;
+    for (int ni = 0; ni < 2; ni++) {
+        const int n = ns[ni];
+        if (quick && ni) break;
+        /* the reference: one cblas_sgemm on all N threads, f32 weights */
+        openblas_set_num_threads(nt);
+        double ts[8];
+        const float *wf = (const float *)arena;
+        for (int r = -1; r < preps; r++) {
+            double t0 = now_s();
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M_PRE, n, K, 1.0f, x, K, wf, K, 0.0f,
+                        y, n);
+            if (r >= 0) ts[r] = now_s() - t0;
+        }
+        openblas_set_num_threads(1);
+        const double flops = 2.0 * M_PRE * n * K;
+        const double sg = flops / median(ts, preps) / 1e9;
+        printf("sgemm m=%d k=%d n=%d threads=%d gflops=%.2f\n", M_PRE, K, n, nt, sg);
+        for (int s = 0; s < STAGE_N_ISAS; s++) {
+            if (!stage_isa_supported((stage_isa)s) || (only >= 0 && s != only)) continue;
+            stage_matmul_force_isa((stage_isa)s);
+            for (int d = 0; d < 2; d++) {
+                double t = time_matmul(x, M_PRE, n, K, dts[d], (const char *)arena, arena_bytes, y, preps);
+                printf("prefill isa=%s dtype=%s m=%d k=%d n=%d threads=%d gflops=%.2f sgemm_gflops=%.2f "
+                       "of_sgemm=%.2f\n",
+                       stage_isa_name((stage_isa)s), dts[d] == STAGE_F32 ? "f32" : "bf16", M_PRE, K, n, nt,
+                       flops / t / 1e9, sg, flops / t / 1e9 / sg);
+                fflush(stdout);
+            }
+        }
+    }
+    /* ---- attention: one GQA group (4 query heads, hd 128) over a long context ---- */
+    {
+        const int hd = 128, n_q = 4, n_ctx = 2048;
+        const size_t stride = 8 * 128; /* 8 KV heads per cached row */
+        float *kv = malloc((size_t)n_ctx * stride * 2 * sizeof *kv);
+        float *probs = malloc((size_t)n_q * n_ctx * sizeof *probs);
+        float out[4 * 128];
+        for (size_t i = 0; i < (size_t)n_ctx * stride * 2; i++) kv[i] = (float)(i % 97) / 97.0f - 0.5f;
+        for (int s = 0; s < STAGE_N_ISAS; s++) {
+            if (!stage_isa_supported((stage_isa)s) || (only >= 0 && s != only)) continue;
+            stage_matmul_force_isa((stage_isa)s);
+            double t[20];
+            for (int r = -1; r < 20; r++) {
+                double t0 = now_s();
+                stage_attend_gqa(x, n_q, kv, kv + (size_t)n_ctx * stride, stride, n_ctx, hd, 0.088f,
+                                 probs, out);
+                if (r >= 0) t[r] = now_s() - t0;
+            }
+            const double md = median(t, 20);
+            printf("attend isa=%s hd=%d n_q=%d n_ctx=%d us=%.1f gflops=%.2f\n", stage_isa_name((stage_isa)s),
+                   hd, n_q, n_ctx, md * 1e6, 4.0 * n_q * n_ctx * hd / md / 1e9);
+            fflush(stdout);
+        }
+        free(kv);
+        free(probs);
+    }
+    free(x);
+    free(y);
+    free(arena);
+    stage_threads_free();
+    return 0;
+}

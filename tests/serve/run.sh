@@ -1,0 +1,239 @@
+#!/usr/bin/env bash
+# tests/serve/run.sh [BIN] — end-to-end test of `modpipe serve` with real clients (issue 8.6):
+# curl and the official `openai` npm client (tests/serve/client.mjs) against the real engine
+# on tests/fixtures/stories260K, at -np 1 and -np 3.
+#   - 32 concurrent greedy streams give the same tokens as `modpipe generate` on the prompts
+#   - every error status: 400 (bad JSON, a wrong field, prompt longer than the context),
+#     401 (missing / wrong key), 404, 405, 503 + Retry-After (queue full)
+#   - a client that disconnects frees its slot (/metrics modpipe_slots_in_use back to 0,
+#     far fewer tokens generated than asked)
+#   - SIGTERM: a running stream still ends with [DONE], the server exits 0
+# Servers listen on 127.0.0.1 on a free port (--port 0). Prints one line per check, then
+# "N passed, N failed"; exits 1 on any failure.
+set -u
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+BIN=$(realpath "${1:-$ROOT/build/modpipe}")
+MODEL=$ROOT/tests/fixtures/stories260K
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OPENBLAS_NUM_THREADS=1
+TMP=$(mktemp -d /tmp/modpipe-serve-XXXXXX)
+PASS=0
+FAIL=0
+MPIRUNS=()
+
+cleanup() {
+    for p in "${MPIRUNS[@]}"; do kill -TERM "$p" 2>/dev/null; done
+    for p in "${MPIRUNS[@]}"; do wait "$p" 2>/dev/null; done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+ok() { PASS=$((PASS + 1)); echo "ok   $1"; }
+bad() { FAIL=$((FAIL + 1)); echo "FAIL $1${2:+: $2}"; }
+check() { # check "what" 'shell condition'
+    if eval "$2"; then ok "$1"; else bad "$1"; fi
+}
+
+[ -x "$BIN" ] || { echo "tests/serve: $BIN is not built"; exit 1; }
+[ -f "$MODEL/tokenizer.json" ] || { echo "tests/serve: $MODEL is missing"; exit 1; }
+command -v curl >/dev/null || { echo "tests/serve: curl is required"; exit 1; }
+command -v node >/dev/null || { echo "tests/serve: node is required (the openai client test)"; exit 1; }
+
+# the official client, pinned by package-lock.json; offline from the npm cache when possible
+if ! (cd "$HERE" && { npm ci --offline --no-audit --no-fund >"$TMP/npm.log" 2>&1 ||
+                      npm ci --no-audit --no-fund >>"$TMP/npm.log" 2>&1; }); then
+    cat "$TMP/npm.log"
+    echo "tests/serve: FAILED: 'npm ci' could not install the openai client in tests/serve (see above)"
+    exit 1
+fi
+
+# start_server NAME NP ARGS... : sets PORT_<NAME>, PID_<NAME> (rank 0), MPI_<NAME> (mpirun)
+start_server() {
+    local name=$1 np=$2; shift 2
+    mpirun --oversubscribe -np "$np" "$BIN" serve --model "$MODEL" --port 0 "$@" \
+        >"$TMP/$name.out" 2>"$TMP/$name.err" &
+    local mp=$!
+    MPIRUNS+=("$mp")
+    local port="" pid="" i
+    for i in $(seq 300); do
+        port=$(sed -n 's/.*listening on http:\/\/127.0.0.1:\([0-9]*\) (pid \([0-9]*\)).*/\1/p' "$TMP/$name.err")
+        pid=$(sed -n 's/.*listening on http:\/\/127.0.0.1:\([0-9]*\) (pid \([0-9]*\)).*/\2/p' "$TMP/$name.err")
+        [ -n "$port" ] && break
+        kill -0 "$mp" 2>/dev/null || break
+        sleep 0.1
+    done
+    if [ -z "$port" ]; then
+        cat "$TMP/$name.err"
+        echo "tests/serve: FAILED: server $name did not start"
+        exit 1
+    fi
+    for i in $(seq 300); do
+        [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/health")" = 200 ] && break
+        sleep 0.1
+    done
+    printf -v "PORT_$name" %s "$port"
+    printf -v "PID_$name" %s "$pid"
+    printf -v "MPI_$name" %s "$mp"
+}
+
+# stop_server NAME: SIGTERM to rank 0; sets RC (the mpirun exit code)
+stop_server() {
+    local pid mp
+    pid=$(eval echo "\$PID_$1")
+    mp=$(eval echo "\$MPI_$1")
+    kill -TERM "$pid"
+    wait "$mp"
+    RC=$?
+}
+
+metric() { # metric PORT NAME [KEYHEADER]
+    curl -s ${3:+-H "$3"} "http://127.0.0.1:$1/metrics" | awk -v n="$2" '$1 == n { print $2 }'
+}
+
+# status PORT METHOD PATH [BODY] [HEADER] -> "CODE" and the body in $TMP/body, headers in $TMP/head
+status() {
+    local port=$1 method=$2 path=$3 body=${4:-} hdr=${5:-}
+    curl -s -X "$method" -D "$TMP/head" -o "$TMP/body" -w '%{http_code}' \
+        ${hdr:+-H "$hdr"} ${body:+-H 'Content-Type: application/json' --data-binary "$body"} \
+        "http://127.0.0.1:$port$path"
+}
+
+# ---- reference: 32 prompts through `modpipe generate` ------------------------------------
+N=32
+MAXT=24
+: >"$TMP/prompts.txt"
+WORDS=(Once The Lily Tom "One day" "The sun" "A little" "She" "He wanted" "Mom said" "The dog"
+       "In the park" "There was" "They" "The bird" "Ben and")
+for i in $(seq 0 $((N - 1))); do
+    text="${WORDS[$((i % ${#WORDS[@]}))]}"
+    [ $i -ge ${#WORDS[@]} ] && text="$text upon a time"
+    "$BIN" tokenize --model "$MODEL" --text "$text" >>"$TMP/prompts.txt" || { echo "tokenize failed"; exit 1; }
+done
+if ! mpirun --oversubscribe -np 1 "$BIN" generate --model "$MODEL" --prompts-file "$TMP/prompts.txt" \
+        --max-new $MAXT --quiet >"$TMP/gen.txt" 2>"$TMP/gen.err"; then
+    cat "$TMP/gen.err"; echo "tests/serve: FAILED: modpipe generate"; exit 1
+fi
+node -e '
+const fs = require("fs");
+const p = fs.readFileSync(process.argv[1], "utf8").trim().split("\n").map(l => l.trim().split(/\s+/).map(Number));
+const g = fs.readFileSync(process.argv[2], "utf8").split("\n").filter(l => l.startsWith("generated"))
+  .map(l => { const s = l.slice(9).trim(); return s ? s.split(",").map(Number) : []; });
+if (p.length !== g.length) { console.error("prompts", p.length, "generated", g.length); process.exit(1); }
+fs.writeFileSync(process.argv[3], JSON.stringify(p.map((x, i) => ({ prompt: x, tokens: g[i], max_tokens: +process.argv[4] }))));
+' "$TMP/prompts.txt" "$TMP/gen.txt" "$TMP/expected.json" $MAXT || { echo "tests/serve: FAILED: reference"; exit 1; }
+echo "reference: $N prompts, $(wc -l <"$TMP/gen.txt") lines from modpipe generate"
+
+# ---- -np 1: the openai client --------------------------------------------------------------
+start_server np1 1 --slots 8 --queue 64
+if node "$HERE/client.mjs" "http://127.0.0.1:$PORT_np1/v1" "" "$TMP/expected.json" >"$TMP/client1.txt" 2>&1; then
+    ok "openai client at -np 1 ($(tail -1 "$TMP/client1.txt"))"
+else
+    cat "$TMP/client1.txt"; bad "openai client at -np 1"
+fi
+
+# tokenize / detokenize agree with the CLI
+want=$("$BIN" tokenize --model "$MODEL" --text "Once upon a time" --no-special | tr ' ' ',')
+code=$(status "$PORT_np1" POST /tokenize '{"content":"Once upon a time"}')
+check "POST /tokenize == modpipe tokenize" '[ "$code" = 200 -a "$(cat "$TMP/body")" = "{\"tokens\":[$want]}" ]'
+code=$(status "$PORT_np1" POST /detokenize "{\"tokens\":[$want]}")
+check "POST /detokenize gives the text back" '[ "$code" = 200 -a "$(cat "$TMP/body")" = '\''{"content":"Once upon a time"}'\'' ]'
+
+# SIGTERM during a stream: the stream completes, exit 0
+curl -sN "http://127.0.0.1:$PORT_np1/v1/completions" -H 'Content-Type: application/json' \
+    -d '{"prompt":"Once upon a time","max_tokens":300,"ignore_eos":true,"temperature":0,"stream":true}' \
+    >"$TMP/term_stream.txt" &
+cpid=$!
+for i in $(seq 100); do [ -s "$TMP/term_stream.txt" ] && break; sleep 0.02; done
+stop_server np1
+wait $cpid
+check "SIGTERM at -np 1: exit 0" '[ "$RC" = 0 ]'
+check "SIGTERM: the running stream finished with [DONE]" 'grep -q '\''data: \[DONE\]'\'' "$TMP/term_stream.txt"'
+check "SIGTERM: no new connections" '[ "$(curl -s -o /dev/null -w '\''%{http_code}'\'' "http://127.0.0.1:$PORT_np1/health")" = 000 ]'
+
+# ---- -np 3 with an API key and a small context: client + every error status ---------------
+KEY=test-key-123
+start_server np3 3 --slots 8 --queue 64 --ctx 64 --api-key $KEY
+AUTH="Authorization: Bearer $KEY"
+if node "$HERE/client.mjs" "http://127.0.0.1:$PORT_np3/v1" "$KEY" "$TMP/expected.json" >"$TMP/client3.txt" 2>&1; then
+    ok "openai client at -np 3 ($(tail -1 "$TMP/client3.txt"))"
+else
+    cat "$TMP/client3.txt"; bad "openai client at -np 3"
+fi
+P=$PORT_np3
+check "GET /health needs no key" '[ "$(status $P GET /health)" = 200 ]'
+code=$(status $P POST /v1/completions '{"prompt":"a"}')
+check "no key -> 401" '[ "$code" = 401 ] && grep -q '\''"type":"authentication_error"'\'' "$TMP/body"'
+code=$(status $P POST /v1/completions '{"prompt":"a"}' "Authorization: Bearer nope")
+check "wrong key -> 401" '[ "$code" = 401 ]'
+code=$(status $P POST /v1/completions '{"prompt": "a",' "$AUTH")
+check "malformed JSON -> 400 OpenAI error" '[ "$code" = 400 ] && grep -q '\''^{"error":{"message":"the request body is not valid JSON","type":"invalid_request_error","param":null,"code":null}}$'\'' "$TMP/body"'
+code=$(status $P POST /v1/completions '{"prompt":"a","max_tokens":"many"}' "$AUTH")
+check "wrong field -> 400 naming it" '[ "$code" = 400 ] && grep -q '\''"param":"max_tokens"'\'' "$TMP/body"'
+code=$(status $P POST /v1/chat/completions '{"messages":[{"role":"robot","content":"x"}]}' "$AUTH")
+check "chat: wrong role -> 400 naming messages[0].role" '[ "$code" = 400 ] && grep -q '\''"param":"messages\[0\].role"'\'' "$TMP/body"'
+long=$(seq -s, 1 100 | sed 's/[0-9]\+/300/g')
+code=$(status $P POST /v1/completions "{\"prompt\":[$long]}" "$AUTH")
+check "prompt longer than --ctx -> 400 context_length_exceeded" '[ "$code" = 400 ] && grep -q '\''"code":"context_length_exceeded"'\'' "$TMP/body"'
+check "unknown route -> 404" '[ "$(status $P GET /v1/nothing '\'''\'' "$AUTH")" = 404 ]'
+code=$(status $P GET /v1/completions '' "$AUTH")
+check "wrong method -> 405 with Allow" '[ "$code" = 405 ] && grep -qi '\''^Allow: POST'\'' "$TMP/head"'
+m=$(curl -s -H "$AUTH" "http://127.0.0.1:$P/metrics")
+check "/metrics counts the 401s" 'grep -q '\''^modpipe_requests_total{status="401"} 2$'\'' <<<"$m"'
+check "/metrics has link bytes vs dense for 0->1 and 1->2" \
+    'grep -q "^modpipe_link_bytes_total{from=\"0\",to=\"1\"} [1-9]" <<<"$m" && grep -q "^modpipe_link_dense_bytes_total{from=\"1\",to=\"2\"} [1-9]" <<<"$m"'
+ttft=$(awk '$1 == "modpipe_ttft_seconds_count" { print $2 }' <<<"$m")
+check "/metrics TTFT histogram counted every generation ($ttft)" '[ "${ttft:-0}" -ge 40 ]'
+# bad options: one line on stderr, exit 2, no hang
+badrun() { # badrun "expected text" ARGS...
+    local want=$1; shift
+    timeout 60 mpirun --oversubscribe -np 1 "$BIN" serve "$@" >"$TMP/bad.out" 2>"$TMP/bad.err"
+    local rc=$?
+    [ $rc = 2 ] && grep -q -- "$want" "$TMP/bad.err" || { echo "rc $rc: $(cat "$TMP/bad.err")"; return 1; }
+}
+check "serve without --model: exit 2" 'badrun "--model DIR is required"'
+check "serve --model missing dir: exit 2" 'badrun "config.json" --model "$TMP/nope"'
+check "serve --chat-template unknown: exit 2" 'badrun "unknown template .vicuna." --model "$MODEL" --chat-template vicuna'
+check "serve --port 70000: exit 2" 'badrun "expected an integer in \[0, 65535\]" --model "$MODEL" --port 70000'
+check "serve on a port in use: exit 2" 'badrun "cannot listen on 127.0.0.1:$PORT_np3" --model "$MODEL" --port $PORT_np3'
+stop_server np3
+check "SIGTERM at -np 3: exit 0" '[ "$RC" = 0 ]'
+
+# ---- one slot, one queue place: 503 when full; a disconnect frees the slot ------------------
+start_server small 1 --slots 1 --queue 1
+P=$PORT_small
+LONG='{"prompt":"Once upon a time","max_tokens":500,"ignore_eos":true,"stream":true}'
+# four long streams at once on 1 slot + 1 queue place: some must be refused; short probes
+# while they run must be refused too (the server cannot know the client reads slowly)
+cpids=()
+for k in 1 2 3 4; do
+    curl -sN -D "$TMP/long$k.head" -o /dev/null "http://127.0.0.1:$P/v1/completions" \
+        -H 'Content-Type: application/json' -d "$LONG" &
+    cpids+=($!)
+done
+got503=0
+for i in $(seq 50); do
+    code=$(status $P POST /v1/completions '{"prompt":"Once","max_tokens":1}')
+    if [ "$code" = 503 ]; then got503=1; cp "$TMP/head" "$TMP/long0.head"; break; fi
+done
+wait "${cpids[@]}"
+n503=$(grep -l '^HTTP/1.1 503' "$TMP"/long*.head 2>/dev/null | wc -l)
+n200=$(grep -l '^HTTP/1.1 200' "$TMP"/long[1-4].head 2>/dev/null | wc -l)
+check "queue full -> 503 ($n503 refused, $n200 of 4 long streams served)" '[ "$n503" -ge 1 -a "$n200" -ge 2 ]'
+check "every 503 carries Retry-After" '[ "$(grep -il "^Retry-After: 1" $(grep -l "^HTTP/1.1 503" "$TMP"/long*.head) | wc -l)" = "$n503" ]'
+before=$(metric $P modpipe_generated_tokens_total)
+# read the first event, then hang up
+curl -sN "http://127.0.0.1:$P/v1/completions" -H 'Content-Type: application/json' -d "$LONG" | head -c 64 >/dev/null
+used=1
+for i in $(seq 100); do
+    used=$(metric $P modpipe_slots_in_use)
+    [ "$used" = 0 ] && break
+    sleep 0.05
+done
+after=$(metric $P modpipe_generated_tokens_total)
+check "disconnect frees the slot (slots_in_use 0)" '[ "$used" = 0 ]'
+check "disconnect cancels the sequence ($((after - before)) of 500 tokens generated)" '[ $((after - before)) -lt 500 ]'
+stop_server small
+check "SIGTERM when idle: exit 0" '[ "$RC" = 0 ]'
+
+echo "serve: $PASS passed, $FAIL failed"
+[ $FAIL = 0 ]

@@ -1,0 +1,518 @@
+/* tests/test_kernels.c — stage/matmul.h: stage_matmul_w and stage_attend* against independent
+ * double-precision references, for every ISA variant this CPU can run.
+ *
+ *   1. every variant x dtype (f32, bf16, f16) x m = 1..40, 63..65, 70 (across both thresholds) on shapes with
+ *      odd k and n not a multiple of the row block, both paths: max |y - ref| / max |ref| <= 1e-5,
+ *      the reference being computed in double on the same bf16/f16-rounded weights; each SIMD
+ *      variant against the plain C one;
+ *   2. determinism: thread counts 1, 2, 3 give bit-identical results (both paths); a row of a
+ *      small-path call with m = 8 is bit-identical to that row computed alone;
+ *   3. attention (one head and GQA groups) against a double reference; a GQA head is
+ *      bit-identical to the same head alone;
+ *   4. the thread pool: 2000 jobs back to back and jobs after the workers went to sleep give
+ *      the single-thread bits;
+ *   5. edge cases and errors: m = 0, k = 0, bad thread counts, unsupported variants.
+ * MODPIPE_TEST_VERBOSE=1 prints the measured errors.
+ */
+#include "stage/convert.h"
+#include "stage/matmul.h"
+
+#include <CUnit/Basic.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "tests/testutil.h"
+
+#define ERRLEN 256
+#define TOL 1e-5
+
+static int verbose(void) { return getenv("MODPIPE_TEST_VERBOSE") != NULL; }
+
+/* xorshift: the same data on every run */
+static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
+static float frand(void)
+{
+    g_rng ^= g_rng << 13;
+    g_rng ^= g_rng >> 7;
+    g_rng ^= g_rng << 17;
+    return (float)((double)(g_rng >> 11) / 9007199254740992.0 * 2.0 - 1.0);
+}
+
+static void fill(float *a, size_t n)
+{
+    for (size_t i = 0; i < n; i++) a[i] = frand();
+}
+
+/* A weight of dtype dt from f32 values: raw data (caller frees w->data) and the f32 values it
+ * really holds (wr, rounded) for the reference. */
+static void make_weight(stage_dtype dt, int rows, int cols, const float *src, stage_weight *w,
+                        float *wr)
+{
+    size_t n = (size_t)rows * cols;
+    w->dtype = dt;
+    w->rows = rows;
+    w->cols = cols;
+    if (dt == STAGE_F32) {
+        float *d = malloc(n * sizeof *d);
+        memcpy(d, src, n * sizeof *d);
+        memcpy(wr, src, n * sizeof *d);
+        w->data = d;
+        return;
+    }
+    uint16_t *d = malloc(n * sizeof *d);
+    for (size_t i = 0; i < n; i++) {
+        d[i] = dt == STAGE_BF16 ? stage_f32_to_bf16(src[i]) : stage_f32_to_f16(src[i]);
+        wr[i] = dt == STAGE_BF16 ? stage_bf16_to_f32(d[i]) : stage_f16_to_f32(d[i]);
+    }
+    w->data = d;
+}
+
+/* ref [m][n] = x [m][k] · wr^T in double */
+static void ref_matmul(const float *x, int m, int k, const float *wr, int n, double *ref)
+{
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < n; j++) {
+            double s = 0.0;
+            for (int c = 0; c < k; c++) s += (double)x[(size_t)i * k + c] * wr[(size_t)j * k + c];
+            ref[(size_t)i * n + j] = s;
+        }
+}
+
+/* max |y - ref| / max |ref| over the first count values */
+static double rel_err_d(const float *y, const double *ref, size_t count)
+{
+    double e = 0.0, mx = 0.0;
+    for (size_t i = 0; i < count; i++) {
+        double d = fabs((double)y[i] - ref[i]);
+        if (d > e || d != d) e = d != d ? INFINITY : d;
+        if (fabs(ref[i]) > mx) mx = fabs(ref[i]);
+    }
+    return mx > 0 ? e / mx : e;
+}
+
+static double rel_err_f(const float *a, const float *b, size_t count)
+{
+    double e = 0.0, mx = 0.0;
+    for (size_t i = 0; i < count; i++) {
+        double d = fabs((double)a[i] - b[i]);
+        if (d > e || d != d) e = d != d ? INFINITY : d;
+        if (fabs((double)b[i]) > mx) mx = fabs((double)b[i]);
+    }
+    return mx > 0 ? e / mx : e;
+}
+
+static const stage_dtype DTYPES[] = {STAGE_F32, STAGE_BF16, STAGE_F16};
+static const char *dt_name(stage_dtype d) { return d == STAGE_F32 ? "f32" : d == STAGE_BF16 ? "bf16" : "f16"; }
+
+static void threads(int n)
+{
+    char err[ERRLEN];
+    int rc = stage_threads_init(n, err, sizeof err);
+    CU_ASSERT_EQUAL_FATAL(rc, 0);
+    CU_ASSERT_EQUAL(stage_threads_n(), n);
+}
+
+/* ================================================================== */
+/* 1. accuracy                                                         */
+/* ================================================================== */
+
+/* One shape, every variant and dtype, the given m values, paths AUTO and the forced other one.
+ * Records the worst error per (variant, dtype) in worst[][]. */
+static void check_shape(int n, int k, const int *ms, int n_ms, double worst[STAGE_N_ISAS][3])
+{
+    int mmax = 0;
+    for (int t = 0; t < n_ms; t++) if (ms[t] > mmax) mmax = ms[t];
+    float *x = malloc((size_t)mmax * k * sizeof *x);
+    float *src = malloc((size_t)n * k * sizeof *src);
+    float *wr = malloc((size_t)n * k * sizeof *wr);
+    double *ref = malloc((size_t)mmax * n * sizeof *ref);
+    float *y = malloc((size_t)mmax * n * sizeof *y);
+    float *yc = malloc((size_t)mmax * n * sizeof *yc);
+    fill(x, (size_t)mmax * k);
+    fill(src, (size_t)n * k);
+    for (int d = 0; d < 3; d++) {
+        stage_weight w;
+        make_weight(DTYPES[d], n, k, src, &w, wr);
+        ref_matmul(x, mmax, k, wr, n, ref);
+        for (int t = 0; t < n_ms; t++) {
+            const int m = ms[t];
+            CU_ASSERT_EQUAL_FATAL(stage_matmul_force_isa(STAGE_ISA_C), 0);
+            stage_matmul_force_path(STAGE_PATH_AUTO);
+            stage_matmul_w(x, m, &w, yc);
+            for (int isa = 0; isa < STAGE_N_ISAS; isa++) {
+                if (!stage_isa_supported((stage_isa)isa)) continue;
+                CU_ASSERT_EQUAL_FATAL(stage_matmul_force_isa((stage_isa)isa), 0);
+                for (int p = 0; p < 2; p++) {
+                    stage_path path = p == 0 ? STAGE_PATH_AUTO
+                                             : (m <= stage_matmul_m_small(DTYPES[d]) ? STAGE_PATH_LARGE
+                                                                                     : STAGE_PATH_SMALL);
+                    stage_matmul_force_path(path);
+                    for (size_t i = 0; i < (size_t)m * n; i++) y[i] = NAN;
+                    stage_matmul_w(x, m, &w, y);
+                    double e = rel_err_d(y, ref, (size_t)m * n);
+                    double ec = rel_err_f(y, yc, (size_t)m * n);
+                    if (e > worst[isa][d]) worst[isa][d] = e;
+                    if (e > TOL || ec > 2 * TOL)
+                        fprintf(stderr, "\n  %s %s n=%d k=%d m=%d path=%d: rel err %.3g (vs C %.3g)\n",
+                                stage_isa_name((stage_isa)isa), dt_name(DTYPES[d]), n, k, m, (int)path,
+                                e, ec);
+                    CU_ASSERT(e <= TOL);
+                    CU_ASSERT(ec <= 2 * TOL);
+                }
+            }
+        }
+        free((void *)w.data);
+    }
+    stage_matmul_force_path(STAGE_PATH_AUTO);
+    stage_matmul_force_isa(stage_isa_best());
+    free(x);
+    free(src);
+    free(wr);
+    free(ref);
+    free(y);
+    free(yc);
+}
+
+static void print_worst(const char *what, double worst[STAGE_N_ISAS][3])
+{
+    if (!verbose()) return;
+    for (int isa = 0; isa < STAGE_N_ISAS; isa++) {
+        if (!stage_isa_supported((stage_isa)isa)) continue;
+        fprintf(stderr, "\n  %s %-10s f32 %.3g  bf16 %.3g  f16 %.3g", what, stage_isa_name((stage_isa)isa),
+                worst[isa][0], worst[isa][1], worst[isa][2]);
+    }
+}
+
+/* m = 1..40 and around 64 (the thresholds of f32 and of bf16/f16) on small odd shapes, 1 and 2
+ * threads */
+static void test_matmul_m_sweep(void)
+{
+    int ms[44];
+    for (int i = 0; i < 40; i++) ms[i] = i + 1;
+    ms[40] = 63, ms[41] = 64, ms[42] = 65, ms[43] = 70;
+    double worst[STAGE_N_ISAS][3] = {{0}};
+    for (int th = 1; th <= 2; th++) {
+        threads(th);
+        check_shape(37, 67, ms, 44, worst);   /* k: 4 x 16 + 3; n: 9 row blocks + 1 */
+        check_shape(6, 33, ms, 44, worst);    /* k just past one bf16 pair chunk */
+        check_shape(5, 5, ms, 44, worst);     /* k < every vector width */
+    }
+    stage_threads_free();
+    print_worst("m sweep", worst);
+}
+
+/* Larger shapes: many tiles, k blocked in the large path, long dot products. */
+static void test_matmul_large_shapes(void)
+{
+    double worst[STAGE_N_ISAS][3] = {{0}};
+    threads(2);
+    const int ms1[] = {1, 4, 16, 17, 24};
+    check_shape(531, 300, ms1, 5, worst);     /* 3 tiles; k not a multiple of 16 */
+    const int ms2[] = {1, 3, 17};
+    check_shape(13, STAGE_TILE_K * 2 + 37, ms2, 3, worst); /* k in 3 converted blocks */
+    const int ms3[] = {2, 20};
+    check_shape(64, 4096, ms3, 2, worst);     /* decode-sized dot products */
+    stage_threads_free();
+    print_worst("large", worst);
+}
+
+/* ================================================================== */
+/* 2. determinism                                                      */
+/* ================================================================== */
+
+static void test_matmul_threads_bitwise(void)
+{
+    const int n = 1000, k = 301; /* 4 large-path tiles, many small-path tasks */
+    const int ms[] = {1, 5, 16, 33, 70};
+    float *x = malloc((size_t)70 * k * sizeof *x);
+    float *src = malloc((size_t)n * k * sizeof *src);
+    float *wr = malloc((size_t)n * k * sizeof *wr);
+    float *y[3];
+    for (int t = 0; t < 3; t++) y[t] = malloc((size_t)70 * n * sizeof(float));
+    fill(x, (size_t)70 * k);
+    fill(src, (size_t)n * k);
+    for (int d = 0; d < 3; d++) {
+        stage_weight w;
+        make_weight(DTYPES[d], n, k, src, &w, wr);
+        for (int isa = 0; isa < STAGE_N_ISAS; isa++) {
+            if (!stage_isa_supported((stage_isa)isa)) continue;
+            stage_matmul_force_isa((stage_isa)isa);
+            for (int mi = 0; mi < 5; mi++) {
+                const int m = ms[mi];
+                for (int th = 1; th <= 3; th++) {
+                    threads(th);
+                    memset(y[th - 1], 0xff, (size_t)m * n * sizeof(float));
+                    stage_matmul_w(x, m, &w, y[th - 1]);
+                }
+                int same = !memcmp(y[0], y[1], (size_t)m * n * sizeof(float)) &&
+                           !memcmp(y[0], y[2], (size_t)m * n * sizeof(float));
+                if (!same)
+                    fprintf(stderr, "\n  %s %s m=%d: results differ between 1, 2, 3 threads\n",
+                            stage_isa_name((stage_isa)isa), dt_name(DTYPES[d]), m);
+                CU_ASSERT(same);
+            }
+        }
+        free((void *)w.data);
+    }
+    stage_threads_free();
+    stage_matmul_force_isa(stage_isa_best());
+    free(x);
+    free(src);
+    free(wr);
+    for (int t = 0; t < 3; t++) free(y[t]);
+}
+
+/* A row's result on the small path does not depend on the other rows in the call (m = 8 and
+ * m at the dtype's threshold), nor on the weight rows around it. */
+static void test_matmul_row_independent(void)
+{
+    const int n = 45, k = 131, M = STAGE_M_SMALL_16BIT;
+    float *x = malloc((size_t)M * k * sizeof *x);
+    float *src = malloc((size_t)n * k * sizeof *src);
+    float *wr = malloc((size_t)n * k * sizeof *wr);
+    float *ym = malloc((size_t)M * n * sizeof *ym);
+    float *y1 = malloc((size_t)n * sizeof *y1);
+    float *y3 = malloc((size_t)3 * n * sizeof *y3);
+    fill(x, (size_t)M * k);
+    fill(src, (size_t)n * k);
+    threads(2);
+    for (int d = 0; d < 3; d++) {
+        stage_weight w;
+        make_weight(DTYPES[d], n, k, src, &w, wr);
+        /* the first 7 rows of w as a weight of their own */
+        stage_weight w7 = w;
+        w7.rows = 7;
+        const int mlist[2] = {8, stage_matmul_m_small(DTYPES[d])};
+        for (int isa = 0; isa < STAGE_N_ISAS; isa++) {
+            if (!stage_isa_supported((stage_isa)isa)) continue;
+            stage_matmul_force_isa((stage_isa)isa);
+            for (int mi = 0; mi < 2; mi++) {
+                const int m = mlist[mi];
+                stage_matmul_w(x, m, &w, ym);
+                int same = 1;
+                for (int i = 0; i < m; i++) {
+                    stage_matmul_w(x + (size_t)i * k, 1, &w, y1);
+                    same &= !memcmp(y1, ym + (size_t)i * n, (size_t)n * sizeof(float));
+                }
+                stage_matmul_w(x + (size_t)5 * k, 3, &w, y3); /* rows 5..7 as a 3-row call */
+                same &= !memcmp(y3, ym + (size_t)5 * n, (size_t)3 * n * sizeof(float));
+                stage_matmul_w(x, 1, &w7, y1);
+                same &= !memcmp(y1, ym, 7 * sizeof(float));
+                if (!same)
+                    fprintf(stderr, "\n  %s %s m=%d: a row's result depends on the rows around it\n",
+                            stage_isa_name((stage_isa)isa), dt_name(DTYPES[d]), m);
+                CU_ASSERT(same);
+            }
+        }
+        free((void *)w.data);
+    }
+    stage_threads_free();
+    stage_matmul_force_isa(stage_isa_best());
+    free(x);
+    free(src);
+    free(wr);
+    free(ym);
+    free(y1);
+    free(y3);
+}
+
+/* The pool across its states: jobs back to back (workers spinning), after a pause (workers
+ * asleep on the condition variable), and after re-initialising with another count. */
+static void test_pool_sleep_wake(void)
+{
+    const int n = 300, k = 70, m = 3;
+    float *x = malloc((size_t)m * k * sizeof *x);
+    float *src = malloc((size_t)n * k * sizeof *src);
+    float *wr = malloc((size_t)n * k * sizeof *wr);
+    float *want = malloc((size_t)m * n * sizeof *want);
+    float *y = malloc((size_t)m * n * sizeof *y);
+    fill(x, (size_t)m * k);
+    fill(src, (size_t)n * k);
+    stage_weight w;
+    make_weight(STAGE_BF16, n, k, src, &w, wr);
+    stage_matmul_w(x, m, &w, want); /* no pool: the caller alone */
+    int same = 1;
+    for (int th = 2; th <= 3; th++) {
+        threads(th);
+        for (int r = 0; r < 2000; r++) {
+            stage_matmul_w(x, m, &w, y);
+            same &= !memcmp(y, want, (size_t)m * n * sizeof(float));
+        }
+        for (int r = 0; r < 5; r++) {
+            usleep(2000); /* > the 50 us spin: the workers go to sleep */
+            memset(y, 0, (size_t)m * n * sizeof(float));
+            stage_matmul_w(x, m, &w, y);
+            same &= !memcmp(y, want, (size_t)m * n * sizeof(float));
+        }
+    }
+    CU_ASSERT(same);
+    stage_threads_free();
+    free((void *)w.data);
+    free(x);
+    free(src);
+    free(wr);
+    free(want);
+    free(y);
+}
+
+/* ================================================================== */
+/* 3. attention                                                        */
+/* ================================================================== */
+
+/* probs [n_q][n_ctx], out [n_q][hd] in double */
+static void ref_attend(const float *q, int n_q, const float *k, const float *v, size_t stride,
+                       int n_ctx, int hd, float scale, double *probs, double *out)
+{
+    for (int h = 0; h < n_q; h++) {
+        double *p = probs + (size_t)h * n_ctx, mx = -INFINITY, sum = 0.0;
+        for (int t = 0; t < n_ctx; t++) {
+            double s = 0.0;
+            for (int i = 0; i < hd; i++) s += (double)q[(size_t)h * hd + i] * k[(size_t)t * stride + i];
+            p[t] = s * scale;
+            if (p[t] > mx) mx = p[t];
+        }
+        for (int t = 0; t < n_ctx; t++) { p[t] = exp(p[t] - mx); sum += p[t]; }
+        for (int t = 0; t < n_ctx; t++) p[t] /= sum;
+        for (int i = 0; i < hd; i++) {
+            double o = 0.0;
+            for (int t = 0; t < n_ctx; t++) o += p[t] * v[(size_t)t * stride + i];
+            out[(size_t)h * hd + i] = o;
+        }
+    }
+}
+
+static void test_attend(void)
+{
+    const int hds[] = {64, 100, 7, 128};
+    const int ctxs[] = {1, 5, 300};
+    const int nqs[] = {1, 4, 10};
+    double worst[STAGE_N_ISAS] = {0};
+    for (int hi = 0; hi < 4; hi++)
+        for (int ci = 0; ci < 3; ci++)
+            for (int qi = 0; qi < 3; qi++) {
+                const int hd = hds[hi], n_ctx = ctxs[ci], n_q = nqs[qi];
+                const size_t stride = (size_t)3 * hd + 5; /* one head of a wider KV row */
+                float *q = malloc((size_t)n_q * hd * sizeof *q);
+                float *kk = malloc((size_t)n_ctx * stride * sizeof *kk);
+                float *vv = malloc((size_t)n_ctx * stride * sizeof *vv);
+                float *probs = malloc((size_t)n_q * n_ctx * sizeof *probs);
+                float *out = malloc((size_t)n_q * hd * sizeof *out);
+                float *p1 = malloc((size_t)n_ctx * sizeof *p1);
+                float *o1 = malloc((size_t)hd * sizeof *o1);
+                double *rp = malloc((size_t)n_q * n_ctx * sizeof *rp);
+                double *ro = malloc((size_t)n_q * hd * sizeof *ro);
+                fill(q, (size_t)n_q * hd);
+                for (size_t i = 0; i < (size_t)n_q * hd; i++) q[i] *= 3.0f; /* peaky softmax */
+                fill(kk, (size_t)n_ctx * stride);
+                fill(vv, (size_t)n_ctx * stride);
+                const float scale = 1.0f / sqrtf((float)hd);
+                const float *kh = kk + hd, *vh = vv + hd; /* head 1 of the row */
+                ref_attend(q, n_q, kh, vh, stride, n_ctx, hd, scale, rp, ro);
+                for (int isa = 0; isa < STAGE_N_ISAS; isa++) {
+                    if (!stage_isa_supported((stage_isa)isa)) continue;
+                    stage_matmul_force_isa((stage_isa)isa);
+                    stage_attend_gqa(q, n_q, kh, vh, stride, n_ctx, hd, scale, probs, out);
+                    double e = rel_err_d(out, ro, (size_t)n_q * hd);
+                    double ep = rel_err_d(probs, rp, (size_t)n_q * n_ctx);
+                    if (e > worst[isa]) worst[isa] = e;
+                    if (ep > worst[isa]) worst[isa] = ep;
+                    if (e > TOL || ep > TOL)
+                        fprintf(stderr, "\n  attend %s hd=%d n_ctx=%d n_q=%d: out %.3g probs %.3g\n",
+                                stage_isa_name((stage_isa)isa), hd, n_ctx, n_q, e, ep);
+                    CU_ASSERT(e <= TOL);
+                    CU_ASSERT(ep <= TOL);
+                    int same = 1;
+                    for (int h = 0; h < n_q; h++) {
+                        stage_attend(q + (size_t)h * hd, kh, vh, stride, n_ctx, hd, scale, p1, o1);
+                        same &= !memcmp(o1, out + (size_t)h * hd, (size_t)hd * sizeof(float));
+                        same &= !memcmp(p1, probs + (size_t)h * n_ctx, (size_t)n_ctx * sizeof(float));
+                    }
+                    if (!same)
+                        fprintf(stderr, "\n  attend %s hd=%d n_ctx=%d n_q=%d: GQA head != head alone\n",
+                                stage_isa_name((stage_isa)isa), hd, n_ctx, n_q);
+                    CU_ASSERT(same);
+                }
+                free(q); free(kk); free(vv); free(probs); free(out); free(p1); free(o1);
+                free(rp); free(ro);
+            }
+    stage_matmul_force_isa(stage_isa_best());
+    if (verbose())
+        for (int isa = 0; isa < STAGE_N_ISAS; isa++)
+            if (stage_isa_supported((stage_isa)isa))
+                fprintf(stderr, "\n  attend %-10s worst rel err %.3g", stage_isa_name((stage_isa)isa), worst[isa]);
+}
+
+/* ================================================================== */
+/* 4. edges and errors                                                 */
+/* ================================================================== */
+
+static void test_edges(void)
+{
+    char err[ERRLEN];
+    CU_ASSERT_NOT_EQUAL(stage_threads_init(0, err, sizeof err), 0);
+    ASSERT_HAS(err, "threads");
+    CU_ASSERT_NOT_EQUAL(stage_threads_init(5000, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(stage_threads_n(), 1);
+    stage_threads_free();
+    stage_threads_free(); /* twice: no-op */
+    CU_ASSERT_EQUAL(stage_matmul_force_isa((stage_isa)99), -1);
+    CU_ASSERT_STRING_EQUAL(stage_isa_name(STAGE_ISA_C), "c");
+    CU_ASSERT_STRING_EQUAL(stage_isa_name(STAGE_ISA_AVX512BF16), "avx512bf16");
+    CU_ASSERT(stage_isa_supported(stage_isa_best()));
+    CU_ASSERT_EQUAL(stage_matmul_isa(), stage_isa_best());
+
+    /* m = 0 writes nothing; k = 0 gives zeros */
+    float x[4] = {1, 2, 3, 4}, y[6] = {7, 7, 7, 7, 7, 7};
+    const float wd[6] = {1, 2, 3, 4, 5, 6};
+    stage_weight w = {.dtype = STAGE_F32, .rows = 3, .cols = 2, .data = wd};
+    stage_matmul_w(x, 0, &w, y);
+    for (int i = 0; i < 6; i++) CU_ASSERT_EQUAL(y[i], 7.0f);
+    stage_weight w0 = {.dtype = STAGE_BF16, .rows = 3, .cols = 0, .data = wd};
+    stage_matmul_w(x, 2, &w0, y);
+    for (int i = 0; i < 6; i++) CU_ASSERT_EQUAL(y[i], 0.0f);
+    /* a hand value: x [2][2] = {1,2},{3,4}; W rows {1,2},{3,4},{5,6} */
+    for (int isa = 0; isa < STAGE_N_ISAS; isa++) {
+        if (stage_matmul_force_isa((stage_isa)isa) != 0) continue;
+        for (int p = STAGE_PATH_SMALL; p <= STAGE_PATH_LARGE; p++) {
+            stage_matmul_force_path((stage_path)p);
+            stage_matmul_w(x, 2, &w, y);
+            const float want[6] = {5, 11, 17, 11, 25, 39};
+            CU_ASSERT(!memcmp(y, want, sizeof want));
+        }
+    }
+    stage_matmul_force_path(STAGE_PATH_AUTO);
+    stage_matmul_force_isa(stage_isa_best());
+}
+
+/* ================================================================== */
+
+typedef struct {
+    const char *name;
+    CU_TestFunc fn;
+} test_def;
+#define T_(f) {#f, f}
+
+int main(void)
+{
+    static const test_def tests[] = {
+        T_(test_edges), T_(test_matmul_m_sweep), T_(test_matmul_large_shapes),
+        T_(test_matmul_threads_bitwise), T_(test_matmul_row_independent), T_(test_pool_sleep_wake), T_(test_attend),
+    };
+    if (CU_initialize_registry() != CUE_SUCCESS) return 1;
+    CU_pSuite s = CU_add_suite("kernels", NULL, NULL);
+    if (!s) return 1;
+    for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++)
+        if (!CU_add_test(s, tests[i].name, tests[i].fn)) return 1;
+    if (verbose()) {
+        fprintf(stderr, "best variant: %s\n", stage_isa_name(stage_isa_best()));
+    }
+    CU_basic_set_mode(CU_BRM_VERBOSE);
+    CU_basic_run_tests();
+    unsigned fails = CU_get_number_of_failures();
+    CU_cleanup_registry();
+    stage_threads_free();
+    return fails ? 1 : 0;
+}

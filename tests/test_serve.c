@@ -1,0 +1,414 @@
+/* tests/test_serve.c — cluster_serve (cluster/serve_loop.h) through the srvq, no HTTP.
+ *
+ * The CUnit side starts this same binary under mpirun (`test_serve --worker ...`): rank 0
+ * builds the srvq, a client thread submits 32 concurrent greedy requests on the real
+ * stories260K model and closes the queue while they run (what SIGTERM does), one more
+ * request is cancelled from its own on_token callback. The tokens of every request must
+ * equal `modpipe generate` on the same prompts (issue 8.6: continuous batching does not
+ * change greedy results), at -np 1 and -np 3; the per-link byte counters reach
+ * srvq_get_stats; the idle loop does not spin a core.
+ * Needs: MODPIPE (the binary, default build/modpipe), mpirun, tests/fixtures/stories260K.
+ */
+#include <CUnit/Basic.h>
+#include <math.h>
+#include <mpi.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cluster/partition.h"
+#include "cluster/serve_loop.h"
+#include "cluster/srvq.h"
+#include "stage/config.h"
+#include "tests/testutil.h"
+
+#define MPIRUN "mpirun --allow-run-as-root --oversubscribe --mca btl self,tcp --mca btl_tcp_if_include lo"
+enum { NREQ = 32, MAXP = 24, MAX_NEW = 12 };
+
+/* ======================================================================================
+ * Worker (under mpirun)
+ * =================================================================================== */
+
+typedef struct {
+    int32_t prompt[MAXP];
+    int n_prompt;
+    int32_t tok[256];
+    int n_tok, n_done;
+    srvq_finish why;
+    long id;
+    int cancel_after;    /* > 0: cancel from on_token after this many tokens */
+} req;
+
+static srvq *Q;
+static req R[NREQ + 1];
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+static int ready_flag, n_done_all;
+
+static void on_token(void *arg, int32_t t)
+{
+    req *r = arg;
+    if (r->n_tok < 256) r->tok[r->n_tok] = t;
+    r->n_tok++;
+    if (r->cancel_after > 0 && r->n_tok == r->cancel_after) {
+        pthread_mutex_lock(&mu); /* r->id is written by the client after submit returns */
+        srvq_cancel(Q, r->id);
+        pthread_mutex_unlock(&mu);
+    }
+}
+
+static void on_done(void *arg, srvq_finish why, int n_prompt, int n_gen, const char *msg)
+{
+    (void)n_prompt;
+    (void)msg;
+    req *r = arg;
+    pthread_mutex_lock(&mu);
+    r->n_done++;
+    r->why = why;
+    if (n_gen != r->n_tok) r->n_done += 100; /* n_generated must match the tokens passed on */
+    n_done_all++;
+    pthread_cond_broadcast(&cv);
+    pthread_mutex_unlock(&mu);
+}
+
+static void on_ready(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&mu);
+    ready_flag = 1;
+    pthread_cond_broadcast(&cv);
+    pthread_mutex_unlock(&mu);
+}
+
+static double cpu_s(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_utime.tv_sec + ru.ru_utime.tv_usec * 1e-6 + ru.ru_stime.tv_sec + ru.ru_stime.tv_usec * 1e-6;
+}
+
+static double idle_cpu = -1;
+static int forever; /* keep submitting, never close: the dead-rank test kills a rank */
+
+static void *client_forever(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&mu);
+    while (!ready_flag) pthread_cond_wait(&cv, &mu);
+    pthread_mutex_unlock(&mu);
+    static req r[1];
+    r[0].prompt[0] = 1;
+    r[0].n_prompt = 1;
+    char err[256];
+    for (;;) {
+        srvq_request q = {.prompt = r[0].prompt, .n_prompt = 1, .max_tokens = 12, .top_p = 1,
+                          .on_done = on_done, .arg = &r[0]};
+        srvq_submit(Q, &q, err, sizeof err); /* full: try again later */
+        struct timespec ts = {0, 2000000};
+        nanosleep(&ts, NULL);
+    }
+    return NULL;
+}
+
+static void *client(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&mu);
+    while (!ready_flag) pthread_cond_wait(&cv, &mu);
+    pthread_mutex_unlock(&mu);
+    /* one idle second first: the loop must sleep, not spin */
+    double c0 = cpu_s();
+    struct timespec one = {1, 0};
+    nanosleep(&one, NULL);
+    idle_cpu = cpu_s() - c0;
+    char err[256];
+    for (int i = 0; i <= NREQ; i++) {
+        req *r = &R[i];
+        srvq_request q = {.prompt = r->prompt, .n_prompt = r->n_prompt,
+                          .max_tokens = i == NREQ ? 200 : MAX_NEW, .temperature = 0, .top_p = 1,
+                          .seed = (uint64_t)i, .on_token = on_token, .on_done = on_done, .arg = r};
+        pthread_mutex_lock(&mu); /* on_token may read r->id */
+        r->id = srvq_submit(Q, &q, err, sizeof err);
+        pthread_mutex_unlock(&mu);
+        if (r->id < 0) fprintf(stderr, "submit %d: %s\n", i, err);
+        if (i % 5 == 4) { /* arrivals spread out: requests join a running pipeline */
+            struct timespec ts = {0, 3000000};
+            nanosleep(&ts, NULL);
+        }
+    }
+    srvq_close(Q); /* like SIGTERM: running and queued requests still finish */
+    return NULL;
+}
+
+static int worker(int argc, char **argv)
+{
+    if (argc < 5) return 2;
+    const char *model = argv[2], *prompts = argv[3];
+    int slots = atoi(argv[4]);
+    forever = argc > 5 && !strcmp(argv[5], "forever");
+    int provided;
+    MPI_Init_thread(NULL, NULL, MPI_THREAD_FUNNELED, &provided);
+    int rank, size;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    char err[1024];
+    stage_config cfg;
+    cluster_plan plan;
+    if (stage_config_load(model, &cfg, err, sizeof err) ||
+        cluster_partition_auto(&cfg, size, &plan, err, sizeof err)) {
+        fprintf(stderr, "worker: %s\n", err);
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    FILE *f = fopen(prompts, "r");
+    for (int i = 0; f && i < NREQ; i++) {
+        char line[512];
+        if (!fgets(line, sizeof line, f)) break;
+        char *p = line, *end;
+        while (R[i].n_prompt < MAXP) {
+            long v = strtol(p, &end, 10);
+            if (end == p) break;
+            R[i].prompt[R[i].n_prompt++] = (int32_t)v;
+            p = end;
+            while (*p == ',' || *p == ' ') p++;
+        }
+    }
+    if (f) fclose(f);
+    R[NREQ].prompt[0] = 1;
+    R[NREQ].n_prompt = 1;
+    R[NREQ].cancel_after = 3;
+    const int ctx = 64;
+    cluster_serve_opts o = {.weights_dtype = -1, .model_dir = model, .cfg = &cfg, .plan = &plan, .slots = slots, .ctx = ctx,
+                            .micro_batch = 8, .max_in_flight = 2 * size, .wire = STAGE_F32,
+                            .timeout_s = 60};
+    pthread_t th;
+    if (rank == 0) {
+        Q = srvq_new(slots, ctx, 2 * NREQ, cfg.vocab, cfg.eos_token_id);
+        pthread_create(&th, NULL, forever ? client_forever : client, NULL);
+    }
+    int rc = cluster_serve(MPI_COMM_WORLD, &o, Q, on_ready, NULL, err, sizeof err);
+    if (rc) fprintf(stderr, "cluster_serve: %s\n", err);
+    if (rank == 0 && rc) on_ready(NULL); /* the client finds the queue closed and stops */
+    if (rank == 0) {
+        pthread_join(th, NULL);
+        for (int i = 0; i <= NREQ; i++) {
+            printf("req %d done %d why %d tokens ", i, R[i].n_done, (int)R[i].why);
+            for (int k = 0; k < R[i].n_tok && k < 256; k++) printf("%s%d", k ? "," : "", R[i].tok[k]);
+            printf("\n");
+        }
+        srvq_stats st;
+        srvq_get_stats(Q, &st);
+        printf("stats requests %llu generated %llu running %ld queued %ld links %d\n",
+               (unsigned long long)st.requests_total, (unsigned long long)st.generated_tokens,
+               st.running, st.queued, st.n_links);
+        for (int l = 0; l < st.n_links; l++)
+            printf("link %d->%d bytes %llu dense %llu\n", st.link[l].from, st.link[l].to,
+                   (unsigned long long)st.link[l].bytes, (unsigned long long)st.link[l].dense_bytes);
+        printf("idle_cpu %.3f\n", idle_cpu);
+        fflush(stdout);
+        srvq_free(Q);
+    }
+    cluster_plan_free(&plan);
+    stage_config_free(&cfg);
+    MPI_Finalize();
+    return rc ? 1 : 0;
+}
+
+/* ======================================================================================
+ * Tests
+ * =================================================================================== */
+
+static const char *BIN, *SELF, *FIX;
+static char *TMP;
+static char OUT[1 << 17];
+
+static int run(int secs, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int run(int secs, const char *fmt, ...)
+{
+    char cmd[8192], full[8400];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    snprintf(full, sizeof full, "timeout -s KILL %d sh -c '%s' 2>&1", secs, cmd);
+    FILE *p = popen(full, "r");
+    if (!p) return -1;
+    size_t n = fread(OUT, 1, sizeof OUT - 1, p);
+    OUT[n] = 0;
+    int st = pclose(p);
+    int rc = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+    if (getenv("MODPIPE_TEST_VERBOSE")) fprintf(stderr, "\n$ %s\n[rc %d]\n%s", cmd, rc, OUT);
+    return rc;
+}
+
+static char want[NREQ][2048];
+static char prompts[512];
+
+/* 32 prompts of 1..20 random ids (fixed seed) and what `modpipe generate` makes of them,
+ * without the EOS id that ends a line (the server does not pass EOS on). */
+static int make_reference(void)
+{
+    snprintf(prompts, sizeof prompts, "%s/prompts.txt", TMP);
+    FILE *f = fopen(prompts, "w");
+    if (!f) return -1;
+    uint64_t x = 12345;
+    for (int i = 0; i < NREQ; i++) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        int n = 1 + (int)((x >> 33) % 20);
+        fprintf(f, "1"); /* BOS, like a tokenized prompt */
+        for (int k = 1; k < n; k++) {
+            x = x * 6364136223846793005ull + 1442695040888963407ull;
+            fprintf(f, ",%d", 3 + (int)((x >> 33) % 509));
+        }
+        fprintf(f, "\n");
+    }
+    fclose(f);
+    int rc = run(300, "%s -np 1 %s generate --model %s/stories260K --prompts-file %s --max-new %d --quiet",
+                 MPIRUN, BIN, FIX, prompts, MAX_NEW);
+    if (rc) return rc;
+    char *line = OUT;
+    for (int i = 0; i < NREQ; i++) {
+        char *g = strstr(line, "generated ");
+        if (!g) return -1;
+        g += 10;
+        char *e = strchr(g, '\n');
+        if (!e) return -1;
+        size_t n = (size_t)(e - g);
+        memcpy(want[i], g, n);
+        want[i][n] = 0;
+        size_t L = strlen(want[i]);
+        if (L >= 2 && !strcmp(want[i] + L - 2, ",2")) want[i][L - 2] = 0;
+        else if (!strcmp(want[i], "2")) want[i][0] = 0;
+        line = e + 1;
+    }
+    return 0;
+}
+
+static void check_serve(int np, int slots)
+{
+    int rc = run(300, "%s -np %d %s --worker %s/stories260K %s %d", MPIRUN, np, SELF, FIX, prompts, slots);
+    CU_ASSERT_EQUAL_FATAL(rc, 0);
+    int same = 0, once = 0;
+    for (int i = 0; i < NREQ; i++) {
+        char key[32];
+        snprintf(key, sizeof key, "req %d done ", i);
+        char *l = strstr(OUT, key);
+        if (!l) continue;
+        int done = 0, why = -1;
+        sscanf(l + strlen(key), "%d why %d", &done, &why);
+        once += done == 1 && (why == SRVQ_FINISH_STOP || why == SRVQ_FINISH_LENGTH);
+        char *t = strstr(l, "tokens ") + 7, *e = strchr(t, '\n');
+        size_t n = (size_t)(e - t);
+        if (n == strlen(want[i]) && !strncmp(t, want[i], n)) same++;
+        else fprintf(stderr, "\n  -np %d request %d: %.*s\n  generate:      %s\n", np, i, (int)n, t, want[i]);
+    }
+    CU_ASSERT_EQUAL(same, NREQ);
+    CU_ASSERT_EQUAL(once, NREQ);
+    /* the request cancelled from its callback: exactly 3 tokens, CANCELLED once */
+    char key[64];
+    snprintf(key, sizeof key, "req %d done 1 why %d tokens ", NREQ, SRVQ_FINISH_CANCELLED);
+    char *c = strstr(OUT, key);
+    CU_ASSERT(c != NULL);
+    if (c) CU_ASSERT_EQUAL(strchr(c, '\n') - (c + strlen(key)) > 0 ? 1 : 0, 1);
+    if (c) {
+        int commas = 0;
+        for (char *p = c + strlen(key); *p != '\n'; p++) commas += *p == ',';
+        CU_ASSERT_EQUAL(commas, 2);
+    }
+    unsigned long long reqs = 0, gen = 0;
+    long running = -1, queued = -1;
+    int links = -1;
+    char *s = strstr(OUT, "stats requests ");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(s);
+    sscanf(s, "stats requests %llu generated %llu running %ld queued %ld links %d", &reqs, &gen,
+           &running, &queued, &links);
+    CU_ASSERT_EQUAL(reqs, NREQ + 1);
+    CU_ASSERT(running == 0 && queued == 0);
+    if (np == 1) CU_ASSERT_EQUAL(links, 0); /* one stage: no link */
+    if (np > 1) {
+        /* every chain link carried rows, and a dense pipeline's bytes are counted there */
+        int chains = 0;
+        for (char *p = strstr(OUT, "link "); p; p = strstr(p + 1, "link ")) {
+            int from, to;
+            unsigned long long b, d;
+            if (sscanf(p, "link %d->%d bytes %llu dense %llu", &from, &to, &b, &d) != 4) continue;
+            if (to == from + 1) {
+                chains++;
+                CU_ASSERT(b > 0 && d > 0 && d % (64 * 4) == 0);
+            }
+        }
+        CU_ASSERT_EQUAL(chains, np - 1);
+    }
+    double idle = 1;
+    char *ic = strstr(OUT, "idle_cpu ");
+    if (ic) idle = atof(ic + 9);
+    CU_ASSERT(idle < 0.3); /* one idle second: rank 0 sleeps on the condvar */
+    if (!(idle < 0.3)) fprintf(stderr, "\n  idle second used %.3f s of CPU\n", idle);
+}
+
+/* A rank killed while the server runs: the job ends (non-zero, naming the rank), no hang. */
+static void test_dead_rank(void)
+{
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    int rc = run(90, "%s -np 3 %s --worker %s/stories260K %s 4 forever & sleep 3; "
+                     "pkill -9 -n -f \"[t]est_serve --worker %s/stories260K\"; wait $!",
+                 MPIRUN, SELF, FIX, prompts, FIX);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double el = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9;
+    CU_ASSERT_NOT_EQUAL(rc, 0); /* (mpirun itself exits 137 here; el tells it from the run timeout) */
+    CU_ASSERT(el < 60.0);
+    CU_ASSERT(strstr(OUT, "rank") != NULL);
+    char pat[600];
+    snprintf(pat, sizeof pat, "pgrep -f \"[t]est_serve --worker %s/stories260K\"", FIX);
+    CU_ASSERT(run(5, "%s", pat) != 0); /* nobody left */
+}
+
+static void test_reference(void) { CU_ASSERT_EQUAL_FATAL(make_reference(), 0); }
+static void test_serve_np1(void) { check_serve(1, 8); }
+static void test_serve_np3(void) { check_serve(3, 8); }
+
+/* A model the server cannot decode (topk) and a queue that does not match: one line, every
+ * submitted request ends with ERROR. */
+static void test_serve_errors(void)
+{
+    int rc = run(120, "%s -np 2 %s --worker %s/mod_topk %s 8", MPIRUN, SELF, FIX, prompts);
+    CU_ASSERT(rc != 0 && rc < 128); /* an error exit, not the timeout's kill */
+    CU_ASSERT(strstr(OUT, "topk") != NULL);
+    /* requests submitted to the failed server were refused (closed) or ended with ERROR */
+    CU_ASSERT(strstr(OUT, "req 0 done 0 why 0 tokens \n") != NULL);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc > 1 && !strcmp(argv[1], "--worker")) return worker(argc, argv);
+    BIN = getenv("MODPIPE") ? getenv("MODPIPE") : "build/modpipe";
+    FIX = getenv("MODPIPE_FIXTURES") ? getenv("MODPIPE_FIXTURES") : "tests/fixtures";
+    SELF = argv[0];
+    setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
+    setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
+    setenv("OPENBLAS_NUM_THREADS", "1", 0);
+    struct stat sb;
+    if (stat(BIN, &sb)) { fprintf(stderr, "test_serve: %s not built\n", BIN); return 1; }
+    TMP = make_tmpdir_tagged("serve");
+    if (!TMP) return 1;
+    if (CU_initialize_registry() != CUE_SUCCESS) return 1;
+    CU_pSuite s = CU_add_suite("serve", NULL, NULL);
+    CU_add_test(s, "reference: modpipe generate on 32 prompts", test_reference);
+    CU_add_test(s, "32 concurrent greedy requests = generate, np 1", test_serve_np1);
+    CU_add_test(s, "32 concurrent greedy requests = generate, np 3", test_serve_np3);
+    CU_add_test(s, "start-up errors", test_serve_errors);
+    CU_add_test(s, "a dead rank ends the server", test_dead_rank);
+    CU_basic_set_mode(CU_BRM_VERBOSE);
+    CU_basic_run_tests();
+    unsigned fails = CU_get_number_of_failures();
+    CU_cleanup_registry();
+    rm_tmpdir(TMP);
+    return fails != 0;
+}

@@ -1,0 +1,325 @@
+/* tests/test_srvq.c — the server queue (cluster/srvq.h) and its scheduler side
+ * (cluster/srvq_sched.h), driven by hand: a fake pipeline calls next / done with tokens it
+ * chooses, so every admission, chunking, stop and cancel decision is checked exactly.
+ */
+#include <CUnit/Basic.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cluster/sched.h"
+#include "cluster/srvq_sched.h"
+
+/* ---- a client: records what the callbacks saw ---- */
+typedef struct {
+    int32_t tok[64];
+    int n_tok;
+    int n_done;            /* on_done calls (must end at 1) */
+    srvq_finish why;
+    int n_prompt, n_gen;
+    char msg[64];
+} client;
+
+static void on_token(void *arg, int32_t t)
+{
+    client *c = arg;
+    if (c->n_tok < 64) c->tok[c->n_tok] = t;
+    c->n_tok++;
+}
+
+static void on_done(void *arg, srvq_finish why, int n_prompt, int n_gen, const char *msg)
+{
+    client *c = arg;
+    c->n_done++;
+    c->why = why;
+    c->n_prompt = n_prompt;
+    c->n_gen = n_gen;
+    snprintf(c->msg, sizeof c->msg, "%s", msg ? msg : "");
+}
+
+static long submit(srvq *q, client *c, const int32_t *p, int n, int max_tokens, char *err)
+{
+    srvq_request r = {.prompt = p, .n_prompt = n, .max_tokens = max_tokens, .temperature = 0,
+                      .top_p = 1, .seed = 9, .on_token = on_token, .on_done = on_done, .arg = c};
+    return srvq_submit(q, &r, err, 256);
+}
+
+/* The fake head: token for row i = 100 + slot (or what `force` says for a slot). */
+static void give_back(srvq *q, const cluster_mb *mb, const int32_t *force_by_slot)
+{
+    int32_t tok[64];
+    for (int i = 0; i < mb->n; i++)
+        tok[i] = force_by_slot && force_by_slot[mb->slot[i]] >= 0 ? force_by_slot[mb->slot[i]]
+                                                                  : 100 + mb->slot[i];
+    srvq_sched_ops.done(q, mb, tok);
+}
+
+static const int32_t P5[5] = {1, 2, 3, 4, 5}, P3[3] = {7, 8, 9}, P7[7] = {1, 1, 1, 1, 1, 1, 1};
+
+static void test_submit_errors(void)
+{
+    srvq *q = srvq_new(2, 8, 1, 50, 2);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(q);
+    client c[8];
+    memset(c, 0, sizeof c);
+    char err[256];
+    int32_t bad[2] = {3, 50};
+    CU_ASSERT_EQUAL(submit(q, &c[0], P5, 0, 4, err), SRVQ_ERR_BAD);
+    CU_ASSERT(strstr(err, "empty") != NULL);
+    CU_ASSERT_EQUAL(submit(q, &c[0], bad, 2, 4, err), SRVQ_ERR_BAD);
+    CU_ASSERT(strstr(err, "50 out of range") != NULL);
+    CU_ASSERT_EQUAL(submit(q, &c[0], P5, 5, 0, err), SRVQ_ERR_BAD);
+    CU_ASSERT(strstr(err, "max_tokens") != NULL);
+    srvq_request r = {.prompt = P5, .n_prompt = 5, .max_tokens = 2, .top_p = 0, .on_done = on_done, .arg = &c[0]};
+    CU_ASSERT_EQUAL(srvq_submit(q, &r, err, sizeof err), SRVQ_ERR_BAD);
+    CU_ASSERT(strstr(err, "top_p") != NULL);
+    /* ctx 8: a prompt of 8 leaves no room, 7 does */
+    int32_t p8[8] = {0};
+    CU_ASSERT_EQUAL(submit(q, &c[0], p8, 8, 4, err), SRVQ_ERR_TOO_LONG);
+    CU_ASSERT(strstr(err, "8 tokens") != NULL);
+    /* 2 slots + queue 1: three accepted, the fourth is full */
+    CU_ASSERT_EQUAL(submit(q, &c[0], P7, 7, 4, err), 0);
+    CU_ASSERT_EQUAL(submit(q, &c[1], P3, 3, 4, err), 1);
+    CU_ASSERT_EQUAL(submit(q, &c[2], P3, 3, 4, err), 2);
+    CU_ASSERT_EQUAL(submit(q, &c[3], P3, 3, 4, err), SRVQ_ERR_FULL);
+    CU_ASSERT(strstr(err, "queue full") != NULL);
+    srvq_stats st;
+    srvq_get_stats(q, &st);
+    CU_ASSERT_EQUAL(st.queued, 3);
+    CU_ASSERT_EQUAL(st.running, 0);
+    CU_ASSERT_EQUAL(st.requests_total, 3);
+    CU_ASSERT_EQUAL(st.prompt_tokens, 13);
+    srvq_close(q);
+    CU_ASSERT_EQUAL(submit(q, &c[4], P3, 3, 4, err), SRVQ_ERR_CLOSED);
+    CU_ASSERT_EQUAL(srvq_idle(q), 0);
+    for (int i = 0; i < 8; i++) CU_ASSERT_EQUAL(c[i].n_done, 0); /* refused: no callback */
+    srvq_free(q); /* with requests inside: no callbacks, no leak */
+}
+
+/* Admission, chunked prefill mixed with decode, EOS / max_tokens / context stops, a
+ * cancel that frees the slot at once, stale rows skipped, on_done exactly once. */
+static void test_schedule(void)
+{
+    /* 2 slots, ctx 9, R 4, eos 2 */
+    srvq *q = srvq_new(2, 9, 4, 50, 2);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(q);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 4, 0, 4), 0);
+    cluster_mb mb, old;
+    CU_ASSERT_EQUAL_FATAL(cluster_mb_init(&mb, 4), 0);
+    CU_ASSERT_EQUAL_FATAL(cluster_mb_init(&old, 4), 0);
+    client a, b, c, d;
+    memset(&a, 0, sizeof a); memset(&b, 0, sizeof b); memset(&c, 0, sizeof c); memset(&d, 0, sizeof d);
+    char err[256];
+    CU_ASSERT_EQUAL(srvq_sched_ops.next(q, &mb), 0); /* nothing yet */
+    long ia = submit(q, &a, P5, 5, 3, err);  /* slot 0 */
+    long ib = submit(q, &b, P3, 3, 10, err); /* slot 1 */
+    long ic = submit(q, &c, P3, 3, 2, err);  /* waits */
+    CU_ASSERT(ia == 0 && ib == 1 && ic == 2);
+
+    /* mb 1: a's first 4 prompt rows (R = 4) */
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT_EQUAL(mb.n, 4);
+    for (int i = 0; i < 4; i++) {
+        CU_ASSERT(mb.slot[i] == 0 && mb.pos[i] == i && mb.token[i] == P5[i]);
+        CU_ASSERT_EQUAL(mb.flags[i], COMM_ROW_PROMPT);
+        CU_ASSERT_EQUAL(mb.tag[i], 0u);
+    }
+    srvq_stats st;
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.running == 2 && st.queued == 1 && st.slots_used == 2);
+    give_back(q, &mb, NULL);
+    /* mb 2: a's last prompt row (samples), then b's 3 rows */
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT_EQUAL(mb.n, 4);
+    CU_ASSERT(mb.slot[0] == 0 && mb.pos[0] == 4 && mb.flags[0] == (COMM_ROW_PROMPT | COMM_ROW_NEED_LOGITS | COMM_ROW_SAMPLE));
+    CU_ASSERT(mb.step[0] == 0 && mb.seed[0] == 9 && mb.seq[0] == 0 && mb.top_p[0] == 1.0f);
+    for (int i = 1; i < 4; i++) CU_ASSERT(mb.slot[i] == 1 && mb.pos[i] == i - 1);
+    CU_ASSERT_EQUAL(mb.flags[3], COMM_ROW_PROMPT | COMM_ROW_NEED_LOGITS | COMM_ROW_SAMPLE);
+    /* while mb 2 is in flight nothing else is ready */
+    cluster_mb_copy(&old, &mb);
+    CU_ASSERT_EQUAL(srvq_sched_ops.next(q, &mb), 0);
+    give_back(q, &old, NULL); /* a gets 100, b gets 101 */
+    CU_ASSERT(a.n_tok == 1 && a.tok[0] == 100 && b.n_tok == 1 && b.tok[0] == 101);
+    /* mb 3: two decode rows */
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT_EQUAL(mb.n, 2);
+    CU_ASSERT(mb.slot[0] == 0 && mb.pos[0] == 5 && mb.token[0] == 100 && mb.step[0] == 1);
+    CU_ASSERT(mb.slot[1] == 1 && mb.pos[1] == 3 && mb.token[1] == 101 && mb.step[1] == 1);
+    CU_ASSERT_EQUAL(mb.flags[0], COMM_ROW_NEED_LOGITS | COMM_ROW_SAMPLE);
+    cluster_mb_copy(&old, &mb);
+    /* b is cancelled while its decode row is in flight: its slot goes to c at once */
+    srvq_cancel(q, ib);
+    CU_ASSERT_EQUAL(b.n_done, 0); /* callbacks run on the pipeline thread */
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT(b.n_done == 1 && b.why == SRVQ_FINISH_CANCELLED && b.n_gen == 1);
+    CU_ASSERT_EQUAL(mb.n, 3); /* c's prompt in slot 1; a still has a row in flight */
+    for (int i = 0; i < 3; i++) CU_ASSERT(mb.slot[i] == 1 && mb.pos[i] == i && mb.tag[i] == 2u);
+    CU_ASSERT_EQUAL(mb.n_release, 0); /* c's position-0 row resets slot 1: no release needed */
+    cluster_mb mb4;
+    cluster_mb_init(&mb4, 4);
+    cluster_mb_copy(&mb4, &mb);
+    /* the stale mb 3 comes back: a gets its token, b's row is skipped */
+    give_back(q, &old, NULL);
+    CU_ASSERT(a.n_tok == 2 && b.n_tok == 1 && b.n_done == 1);
+    give_back(q, &mb4, NULL); /* c's first token: 101 */
+    CU_ASSERT(c.n_tok == 1 && c.tok[0] == 101);
+    /* a: third token is its max_tokens (3) -> LENGTH; c samples EOS (2) -> STOP, not passed on */
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT_EQUAL(mb.n, 2);
+    int32_t force[2] = {-1, 2};
+    give_back(q, &mb, force);
+    CU_ASSERT(a.n_done == 1 && a.why == SRVQ_FINISH_LENGTH && a.n_gen == 3 && a.n_tok == 3);
+    CU_ASSERT(c.n_done == 1 && c.why == SRVQ_FINISH_STOP && c.n_gen == 1 && c.n_tok == 1);
+    CU_ASSERT(srvq_idle(q));
+    /* both slots were released with nothing reusing them: the next micro-batch says so */
+    CU_ASSERT_EQUAL(srvq_sched_ops.finished(q), 0); /* not closed */
+    long id = submit(q, &d, P7, 7, 10, err); /* ctx 9: inputs at 7, 8 -> 3 new tokens at most */
+    CU_ASSERT_EQUAL(id, 3);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT_EQUAL(mb.n_release, 1); /* d took one slot (its reset covers it), the other is announced */
+    CU_ASSERT_EQUAL(mb.n, 4);
+    give_back(q, &mb, NULL);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT_EQUAL(mb.n, 3);
+    give_back(q, &mb, NULL);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT(mb.n == 1 && mb.pos[0] == 7);
+    give_back(q, &mb, NULL);
+    CU_ASSERT_EQUAL(d.n_done, 0);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT(mb.n == 1 && mb.pos[0] == 8);
+    give_back(q, &mb, NULL);
+    CU_ASSERT(d.n_done == 1 && d.why == SRVQ_FINISH_LENGTH && d.n_gen == 3 && strstr(d.msg, "context"));
+    CU_ASSERT_EQUAL(srvq_sched_ops.next(q, &mb), 0);
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.requests_total == 4 && st.generated_tokens == 3 + 1 + 1 + 3 && st.running == 0);
+    /* close: finished once idle; further submits refused */
+    srvq_close(q);
+    CU_ASSERT_EQUAL(srvq_sched_ops.finished(q), 1);
+    CU_ASSERT(a.n_done == 1 && b.n_done == 1 && c.n_done == 1 && d.n_done == 1);
+    /* link counters land in the stats */
+    cluster_link_bytes lb[2] = {{0, 1, 1000, 4000}, {1, 0, 64, 0}};
+    srvq_sched_ops.links(q, lb, 2);
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.n_links == 2 && st.link[0].from == 0 && st.link[0].to == 1 && st.link[0].bytes == 1000 &&
+              st.link[0].dense_bytes == 4000 && st.link[1].from == 1 && st.link[1].dense_bytes == 0);
+    cluster_mb_free(&mb);
+    cluster_mb_free(&old);
+    cluster_mb_free(&mb4);
+    srvq_free(q);
+}
+
+/* Cancel a queued request; fail_all ends the rest with ERROR, each exactly once. */
+static void test_cancel_queued_and_fail(void)
+{
+    srvq *q = srvq_new(1, 16, 4, 50, -1);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 8, 0, 8), 0);
+    cluster_mb mb;
+    cluster_mb_init(&mb, 8);
+    client c[3];
+    memset(c, 0, sizeof c);
+    char err[256];
+    for (int i = 0; i < 3; i++) CU_ASSERT_EQUAL(submit(q, &c[i], P3, 3, 5, err), i);
+    srvq_cancel(q, 1);
+    srvq_cancel(q, 77); /* unknown: no-op */
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT(c[1].n_done == 1 && c[1].why == SRVQ_FINISH_CANCELLED && c[1].n_gen == 0);
+    CU_ASSERT(mb.n == 3 && mb.tag[0] == 0u);
+    srvq_cancel(q, 1); /* already done: no-op */
+    srvq_fail_all(q, "rank 2 died");
+    CU_ASSERT(c[0].n_done == 1 && c[0].why == SRVQ_FINISH_ERROR && strstr(c[0].msg, "rank 2"));
+    CU_ASSERT(c[2].n_done == 1 && c[2].why == SRVQ_FINISH_ERROR);
+    CU_ASSERT_EQUAL(c[1].n_done, 1);
+    CU_ASSERT(srvq_idle(q));
+    CU_ASSERT_EQUAL(submit(q, &c[0], P3, 3, 5, err), SRVQ_ERR_CLOSED);
+    cluster_mb_free(&mb);
+    srvq_free(q);
+}
+
+/* Whole prompts (mindskip sequence granularity): a prompt is never cut; a long one gets a
+ * micro-batch of its own up to max_rows. */
+static void test_whole_prompts(void)
+{
+    srvq *q = srvq_new(3, 16, 4, 50, -1);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 4, 1, 16), 0);
+    cluster_mb mb;
+    cluster_mb_init(&mb, 16);
+    client c[3];
+    memset(c, 0, sizeof c);
+    char err[256];
+    submit(q, &c[0], P3, 3, 5, err);
+    submit(q, &c[1], P7, 7, 5, err);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT(mb.n == 3 && mb.slot[0] == 0);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT(mb.n == 7 && mb.slot[0] == 1 && mb.pos[6] == 6);
+    cluster_mb_free(&mb);
+    srvq_free(q);
+}
+
+/* Many threads submit at once while the "pipeline" runs: ids unique, every request done once. */
+typedef struct { srvq *q; client *c; int n; long *ids; } sub_arg;
+static void *submitter(void *p)
+{
+    sub_arg *a = p;
+    char err[256];
+    for (int i = 0; i < a->n; i++) a->ids[i] = submit(a->q, &a->c[i], P3, 3, 3, err);
+    return NULL;
+}
+
+static void test_threads(void)
+{
+    enum { T = 4, N = 50 };
+    srvq *q = srvq_new(8, 16, T * N, 50, -1);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 16, 0, 16), 0);
+    static client c[T][N];
+    static long ids[T][N];
+    memset(c, 0, sizeof c);
+    pthread_t th[T];
+    sub_arg a[T];
+    for (int t = 0; t < T; t++) {
+        a[t] = (sub_arg){q, c[t], N, ids[t]};
+        pthread_create(&th[t], NULL, submitter, &a[t]);
+    }
+    cluster_mb mb;
+    cluster_mb_init(&mb, 16);
+    int joined = 0;
+    for (int it = 0; it < 100000; it++) {
+        if (srvq_sched_ops.next(q, &mb)) give_back(q, &mb, NULL);
+        else if (joined) break;
+        else {
+            for (int t = 0; t < T; t++) pthread_join(th[t], NULL);
+            joined = 1;
+        }
+    }
+    CU_ASSERT(srvq_idle(q));
+    static char seen[T * N];
+    memset(seen, 0, sizeof seen);
+    int ok = 1;
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < N; i++) {
+            ok &= ids[t][i] >= 0 && ids[t][i] < T * N && !seen[ids[t][i]];
+            if (ids[t][i] >= 0 && ids[t][i] < T * N) seen[ids[t][i]] = 1;
+            ok &= c[t][i].n_done == 1 && c[t][i].why == SRVQ_FINISH_LENGTH && c[t][i].n_tok == 3;
+        }
+    CU_ASSERT(ok);
+    cluster_mb_free(&mb);
+    srvq_free(q);
+}
+
+int main(void)
+{
+    if (CU_initialize_registry() != CUE_SUCCESS) return 1;
+    CU_pSuite s = CU_add_suite("srvq", NULL, NULL);
+    CU_add_test(s, "submit: bad, too long, full, closed", test_submit_errors);
+    CU_add_test(s, "schedule: chunks, decode, stops, cancel frees the slot", test_schedule);
+    CU_add_test(s, "cancel queued; fail_all", test_cancel_queued_and_fail);
+    CU_add_test(s, "whole prompts", test_whole_prompts);
+    CU_add_test(s, "concurrent submits", test_threads);
+    CU_basic_set_mode(CU_BRM_VERBOSE);
+    CU_basic_run_tests();
+    unsigned fails = CU_get_number_of_failures();
+    CU_cleanup_registry();
+    return fails != 0;
+}
