@@ -3,6 +3,7 @@
  *   modpipe generate | eval    (under mpirun: one rank per pipeline stage; -np 1 works too)
  *   modpipe partition          (no MPI: print the stage plan)
  *   modpipe init-model         (no MPI: write a random model from a YAML spec)
+ *   modpipe router-tune        (under mpirun, data-parallel: cluster/routertune.h)
  *   modpipe tokenize | detokenize (no MPI: text <-> ids, cluster/tokcli.h)
  *   modpipe serve              (under mpirun: OpenAI-compatible HTTP server, serve/cmd.h)
  *
@@ -22,6 +23,7 @@
 #include "cluster/modelspec.h"
 #include "cluster/partition.h"
 #include "cluster/pipeline.h"
+#include "cluster/routertune.h"
 #include "cluster/tokcli.h"
 #include "serve/cmd.h"
 #include "cluster/yamlcfg.h"
@@ -309,6 +311,7 @@ static void usage_main(FILE *f)
             "  mpirun -np N modpipe eval --model DIR (--tokens-file F | --text-file F) [options]\n"
             "  modpipe partition --model DIR -n N [--stages ...]\n"
             "  modpipe init-model --spec F.yaml --out DIR [options]\n"
+            "  mpirun -np K modpipe router-tune --model DIR --data FILE --out DIR [options]\n"
             "  mpirun -np N modpipe serve --model DIR [--port 8080] [options]   (HTTP, OpenAI API)\n"
             "  modpipe tokenize --model DIR --text S [--no-special]\n"
             "  modpipe detokenize --model DIR --ids \"1 2 3\" [--skip-special]\n"
@@ -972,6 +975,7 @@ int main(int argc, char **argv)
     if (!strcmp(argv[1], "eval")) return cmd_run(C_EVAL, argc - 2, argv + 2);
     if (!strcmp(argv[1], "partition")) return cmd_partition(argc - 2, argv + 2);
     if (!strcmp(argv[1], "init-model")) return cmd_init_model(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "router-tune")) return cluster_routertune_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "serve")) return serve_cmd_main(argc - 2, argv + 2, serve_pipeline_run);
     if (!strcmp(argv[1], "tokenize")) return tokcli_tokenize(argc - 2, argv + 2);
     if (!strcmp(argv[1], "detokenize")) return tokcli_detokenize(argc - 2, argv + 2);
