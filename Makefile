@@ -49,11 +49,12 @@ PROTO_SRC := $(B)/proto/modpipe.pb-c.c
 PROTO_HDR := $(B)/proto/modpipe.pb-c.h
 
 STAGE_SRC   := $(wildcard stage/*.c)
+TRAIN_SRC   := $(wildcard train/*.c)
 COMM_SRC    := $(wildcard comm/*.c)
 CLUSTER_SRC := $(filter-out cluster/main.c,$(wildcard cluster/*.c))
 TOK_SRC     := $(wildcard tok/*.c)
 SERVE_SRC   := $(wildcard serve/*.c)
-LIB_OBJ     := $(patsubst %.c,$(B)/%.o,$(STAGE_SRC) $(COMM_SRC) $(CLUSTER_SRC) $(TOK_SRC) $(SERVE_SRC)) $(B)/proto/modpipe.pb-c.o
+LIB_OBJ     := $(patsubst %.c,$(B)/%.o,$(STAGE_SRC) $(TRAIN_SRC) $(COMM_SRC) $(CLUSTER_SRC) $(TOK_SRC) $(SERVE_SRC)) $(B)/proto/modpipe.pb-c.o
 TEST_SRC    := $(wildcard tests/test_*.c)
 TEST_BIN    := $(patsubst tests/%.c,$(B)/tests/%,$(TEST_SRC))
 
@@ -138,7 +139,7 @@ FZ_CFLAGS := -std=c11 -Wall -Wextra -D_GNU_SOURCE -O1 -g $(FZ_SAN) -MMD -MP \
              $(shell pkg-config --cflags $(PKGS) 2>/dev/null) -I. -I$(FZ)/proto
 # The matmul kernels use CPU-feature builtins clang 14 rejects ("f16c"); no target needs them.
 FZ_EXCLUDE := stage/matmul.c stage/matmul_x86.c
-FZ_LIB_OBJ := $(patsubst %.c,$(FZ)/%.o,$(filter-out $(FZ_EXCLUDE),$(STAGE_SRC) $(COMM_SRC) $(CLUSTER_SRC) $(TOK_SRC) $(SERVE_SRC))) \
+FZ_LIB_OBJ := $(patsubst %.c,$(FZ)/%.o,$(filter-out $(FZ_EXCLUDE),$(STAGE_SRC) $(TRAIN_SRC) $(COMM_SRC) $(CLUSTER_SRC) $(TOK_SRC) $(SERVE_SRC))) \
               $(FZ)/proto/modpipe.pb-c.o
 FZ_SRC    := $(wildcard fuzz/fuzz_*.c)
 FZ_BIN    := $(patsubst fuzz/%.c,$(FZ)/%,$(FZ_SRC))

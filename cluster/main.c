@@ -3,6 +3,7 @@
  *   modpipe generate | eval    (under mpirun: one rank per pipeline stage; -np 1 works too)
  *   modpipe partition          (no MPI: print the stage plan)
  *   modpipe init-model         (no MPI: write a random model from a YAML spec)
+ *   modpipe router-tune        (under mpirun, data-parallel: cluster/routertune.h)
  *   modpipe tokenize | detokenize (no MPI: text <-> ids, cluster/tokcli.h)
  *   modpipe serve              (under mpirun: OpenAI-compatible HTTP server, serve/cmd.h)
  *
@@ -23,6 +24,7 @@
 #include "cluster/partition.h"
 #include "cluster/topo.h"
 #include "cluster/pipeline.h"
+#include "cluster/routertune.h"
 #include "cluster/tokcli.h"
 #include "serve/cmd.h"
 #include "cluster/yamlcfg.h"
@@ -82,7 +84,7 @@ static const opt_def OPTS[] = {
     {"slots", "N", C_GEN | C_EVAL | C_PART, 0,
      "KV cache slots (sequences held at once; memory for slots x ctx positions is allocated "
      "at start). Default: the number of sequences; fewer: groups wait for free slots. "
-     "partition: the sequences its memory plan sizes the KV cache for (default 1)"},
+     "partition: the slots its memory plan sizes the KV cache for (default 1)"},
     {"ctx", "N", C_GEN | C_EVAL | C_PART, 0,
      "positions per slot (default: the longest need, prompt + max-new - 1 or the longest line); "
      "a sequence that needs more is an error. partition: default max_position_embeddings"},
@@ -314,6 +316,7 @@ static void usage_main(FILE *f)
             "  mpirun -np N modpipe eval --model DIR (--tokens-file F | --text-file F) [options]\n"
             "  modpipe partition --model DIR -n N [--stages ...]\n"
             "  modpipe init-model --spec F.yaml --out DIR [options]\n"
+            "  mpirun -np K modpipe router-tune --model DIR --data FILE --out DIR [options]\n"
             "  mpirun -np N modpipe serve --model DIR [--port 8080] [options]   (HTTP, OpenAI API)\n"
             "  modpipe tokenize --model DIR --text S [--no-special]\n"
             "  modpipe detokenize --model DIR --ids \"1 2 3\" [--skip-special]\n"
@@ -334,11 +337,13 @@ static void usage_cmd(FILE *f, int cmd)
         [C_EVAL] = "modpipe eval: teacher-forced forward of each sequence (any lengths); prints the\n"
                    "mean NLL over every token but each sequence's first, and the perplexity.\n"
                    "topk routing (non-causal) is exact here: a sequence is never split.\n",
-        [C_PART] = "modpipe partition: print the stage plan (layers, compute share, weight bytes, which\n"
-                   "boundaries can carry fewer rows than dense and why). No MPI needed.\n",
+        [C_PART] = "modpipe partition: print the stage plan (layers, compute share, memory per stage:\n"
+                   "weights in the checkpoint dtype, KV cache, workspace; which boundaries can carry\n"
+                   "fewer rows than dense and why). No MPI needed.\n",
         [C_INIT] = "modpipe init-model: write a random model in the SPEC format (config.json +\n"
-                   "safetensors) from a YAML spec; optionally calibrate router biases so that\n"
-                   "measured participation matches the configured capacity.\n",
+                   "safetensors) from a YAML spec, streamed to disk with a progress line (any size:\n"
+                   "memory stays small); optionally calibrate router biases, layer by layer from the\n"
+                   "written files, so that measured participation matches the configured capacity.\n",
     };
     fprintf(f, "%s\noptions:\n", intro[cmd]);
     for (int i = 0; i < N_OPTS; i++) {
@@ -801,12 +806,13 @@ static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *er
     if (plan_mem) {
         if (mem_opts(o, model, &mem, err, errlen)) return -1;
         if (ro->weights_dtype >= 0) mem.weight_dtype = (stage_dtype)ro->weights_dtype;
-        mem.slots = r->sq.n;
+        mem.slots = ro->slots > 0 ? ro->slots : r->sq.n;
         mem.micro_batch = ro->micro_batch;
         for (int i = 0; i < r->sq.n; i++) {
             int len = r->sq.len[i] + (cmd == C_GEN ? ro->max_new : 0);
             if (len > mem.ctx) mem.ctx = len;
         }
+        if (ro->ctx > 0) mem.ctx = ro->ctx;
     }
     if (make_plan(o, cfg, n_ranks, 0, plan_mem ? &mem : NULL, &r->plan, err, errlen)) return -1;
     r->have_plan = 1;
@@ -1040,6 +1046,7 @@ int main(int argc, char **argv)
     if (!strcmp(argv[1], "eval")) return cmd_run(C_EVAL, argc - 2, argv + 2);
     if (!strcmp(argv[1], "partition")) return cmd_partition(argc - 2, argv + 2);
     if (!strcmp(argv[1], "init-model")) return cmd_init_model(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "router-tune")) return cluster_routertune_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "serve")) return serve_cmd_main(argc - 2, argv + 2, serve_pipeline_run);
     if (!strcmp(argv[1], "tokenize")) return tokcli_tokenize(argc - 2, argv + 2);
     if (!strcmp(argv[1], "detokenize")) return tokcli_detokenize(argc - 2, argv + 2);

@@ -574,7 +574,9 @@ static int shard_index(st_model *m, const char *name, const char *user, int *cap
     }
     st_file *f = &m->files[m->n_files];
     memset(f, 0, sizeof *f);
-    f->path = path_join(m->dir, name);
+    /* A shard may live outside the directory (a router-tuned model references its base
+     * model's files): absolute names as they are, relative ones (../x too) from the dir. */
+    f->path = name[0] == '/' ? st_strdup(name) : path_join(m->dir, name);
     f->wm_name = st_strdup(name);
     f->first_user = st_strdup(user);
     m->n_files++; /* st_close frees whatever was allocated */
