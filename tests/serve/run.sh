@@ -213,23 +213,28 @@ check "serve -np 1 --tp 2: exit 2" 'badrun "-np 1 is not a multiple of --tp 2" -
 start_server small 1 --slots 1 --queue 1
 P=$PORT_small
 LONG='{"prompt":"Once upon a time","max_tokens":500,"ignore_eos":true,"stream":true}'
-# four long streams at once on 1 slot + 1 queue place: some must be refused; short probes
-# while they run must be refused too (the server cannot know the client reads slowly)
+# two long streams fill the slot and the queue place (waited for on /metrics, so the test does
+# not depend on timing); then two more long streams and a short probe must all be refused
 cpids=()
-for k in 1 2 3 4; do
+for k in 1 2; do
     curl -sN -D "$TMP/long$k.head" -o /dev/null "http://127.0.0.1:$P/v1/completions" \
         -H 'Content-Type: application/json' -d "$LONG" &
     cpids+=($!)
+    for i in $(seq 200); do
+        [ "$(( $(metric $P modpipe_slots_in_use) + $(metric $P modpipe_queue_length) ))" -ge $k ] && break
+        sleep 0.05
+    done
 done
-got503=0
-for i in $(seq 50); do
-    code=$(status $P POST /v1/completions '{"prompt":"Once","max_tokens":1}')
-    if [ "$code" = 503 ]; then got503=1; cp "$TMP/head" "$TMP/long0.head"; break; fi
+for k in 3 4; do
+    curl -sN -D "$TMP/long$k.head" -o /dev/null "http://127.0.0.1:$P/v1/completions" \
+        -H 'Content-Type: application/json' -d "$LONG"
 done
+code=$(status $P POST /v1/completions '{"prompt":"Once","max_tokens":1}')
+[ "$code" = 503 ] && cp "$TMP/head" "$TMP/long0.head"
 wait "${cpids[@]}"
 n503=$(grep -l '^HTTP/1.1 503' "$TMP"/long*.head 2>/dev/null | wc -l)
 n200=$(grep -l '^HTTP/1.1 200' "$TMP"/long[1-4].head 2>/dev/null | wc -l)
-check "queue full -> 503 ($n503 refused, $n200 of 4 long streams served)" '[ "$n503" -ge 1 -a "$n200" -ge 2 ]'
+check "queue full -> 503 ($n503 refused, $n200 of 4 long streams served)" '[ "$n503" = 3 -a "$n200" = 2 ]'
 check "every 503 carries Retry-After" '[ "$(grep -il "^Retry-After: 1" $(grep -l "^HTTP/1.1 503" "$TMP"/long*.head) | wc -l)" = "$n503" ]'
 before=$(metric $P modpipe_generated_tokens_total)
 # read the first event, then hang up
