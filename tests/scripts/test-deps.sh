@@ -6,6 +6,9 @@
 # PKG_CONFIG_LIBDIR) — nothing is uninstalled. Only `make -n` runs: no build, no apt.
 set -u
 cd "$(dirname "$0")/../.." || exit 2
+# Run under `make test`, the child makes would inherit the parent's MAKEFLAGS / MAKELEVEL and
+# print "Entering / Leaving directory" lines around the one line this script checks.
+unset MAKEFLAGS MAKELEVEL MFLAGS
 . tests/scripts/lib.sh
 TMP=$(mktemp -d)
 chmod 755 "$TMP" # the unprivileged runs below need the PATH directory
