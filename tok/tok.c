@@ -670,6 +670,19 @@ static pcre2_code *parse_pattern(tok_ld *ld, const cJSON *p, const char *what)
     return re;
 }
 
+/* The parts of a "Sequence" normalizer / pre-tokenizer / post-processor / decoder (under
+ * `key`), or NULL with an error; nesting deeper than 8 is refused (a crafted file). */
+static const cJSON *seq_list(tok_ld *ld, const cJSON *j, const char *key, const char *what,
+                             int depth)
+{
+    const cJSON *list = cJSON_GetObjectItemCaseSensitive(j, key);
+    if (!cJSON_IsArray(list) || depth > 8) {
+        LD_ERR(ld, "%s Sequence without a \"%s\" array", what, key);
+        return NULL;
+    }
+    return list;
+}
+
 static int parse_normalizer(tok_ld *ld, const cJSON *j, int depth)
 {
     tok_tokenizer *t = ld->t;
@@ -680,12 +693,8 @@ static int parse_normalizer(tok_ld *ld, const cJSON *j, int depth)
         return -1;
     }
     if (strcmp(ty, "Sequence") == 0) {
-        const cJSON *list = cJSON_GetObjectItemCaseSensitive(j, "normalizers");
-        if (!cJSON_IsArray(list) || depth > 8) {
-            LD_ERR(ld, "normalizer Sequence without a \"normalizers\" array");
-            return -1;
-        }
-        const cJSON *e;
+        const cJSON *list = seq_list(ld, j, "normalizers", "normalizer", depth), *e;
+        if (!list) return -1;
         cJSON_ArrayForEach(e, list) if (parse_normalizer(ld, e, depth + 1)) return -1;
         return 0;
     }
@@ -836,12 +845,8 @@ static int parse_pre(tok_ld *ld, const cJSON *j, int depth)
     memset(&p, 0, sizeof p);
     char msg[256];
     if (strcmp(ty, "Sequence") == 0) {
-        const cJSON *list = cJSON_GetObjectItemCaseSensitive(j, "pretokenizers");
-        if (!cJSON_IsArray(list) || depth > 8) {
-            LD_ERR(ld, "pre_tokenizer Sequence without a \"pretokenizers\" array");
-            return -1;
-        }
-        const cJSON *e;
+        const cJSON *list = seq_list(ld, j, "pretokenizers", "pre_tokenizer", depth), *e;
+        if (!list) return -1;
         cJSON_ArrayForEach(e, list) if (parse_pre(ld, e, depth + 1)) return -1;
         return 0;
     }
@@ -941,12 +946,8 @@ static int parse_post(tok_ld *ld, const cJSON *j, int depth)
         return -1;
     }
     if (strcmp(ty, "Sequence") == 0) {
-        const cJSON *list = cJSON_GetObjectItemCaseSensitive(j, "processors");
-        if (!cJSON_IsArray(list) || depth > 8) {
-            LD_ERR(ld, "post_processor Sequence without a \"processors\" array");
-            return -1;
-        }
-        const cJSON *e;
+        const cJSON *list = seq_list(ld, j, "processors", "post_processor", depth), *e;
+        if (!list) return -1;
         cJSON_ArrayForEach(e, list) if (parse_post(ld, e, depth + 1)) return -1;
         return 0;
     }
@@ -1039,12 +1040,8 @@ static int parse_decoder(tok_ld *ld, const cJSON *j, tok_dec_cfg *c, int depth)
         return -1;
     }
     if (strcmp(ty, "Sequence") == 0) {
-        const cJSON *list = cJSON_GetObjectItemCaseSensitive(j, "decoders");
-        if (!cJSON_IsArray(list) || depth > 8) {
-            LD_ERR(ld, "decoder Sequence without a \"decoders\" array");
-            return -1;
-        }
-        const cJSON *e;
+        const cJSON *list = seq_list(ld, j, "decoders", "decoder", depth), *e;
+        if (!list) return -1;
         cJSON_ArrayForEach(e, list) if (parse_decoder(ld, e, c, depth + 1)) return -1;
         return 0;
     }
