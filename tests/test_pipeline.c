@@ -648,11 +648,7 @@ int main(void)
     FIX = getenv("MODPIPE_FIXTURES") ? getenv("MODPIPE_FIXTURES") : "tests/fixtures";
     snprintf(TMP, sizeof TMP, "/tmp/modpipe-test-XXXXXX");
     if (!mkdtemp(TMP)) { perror("mkdtemp"); return 1; }
-    setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
-    setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
-    setenv("OPENBLAS_NUM_THREADS", "1", 0);
-    struct stat sb;
-    if (stat(BIN, &sb)) { fprintf(stderr, "test_pipeline: %s not built\n", BIN); return 1; }
+    if (tu_mpi_env("test_pipeline", BIN)) return 1;
 
     if (CU_initialize_registry() != CUE_SUCCESS) return 1;
     CU_pSuite s = CU_add_suite("pipeline", NULL, NULL);

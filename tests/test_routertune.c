@@ -23,6 +23,7 @@
 
 #include "stage/config.h"
 #include "stage/safetensors.h"
+#include "tests/testutil.h"
 
 static const char *BIN, *FIX;
 static char TMP[256];
@@ -274,11 +275,7 @@ int main(void)
     FIX = getenv("MODPIPE_FIXTURES") ? getenv("MODPIPE_FIXTURES") : "tests/fixtures";
     snprintf(TMP, sizeof TMP, "/tmp/modpipe-rt-XXXXXX");
     if (!mkdtemp(TMP)) { perror("mkdtemp"); return 1; }
-    setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
-    setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
-    setenv("OPENBLAS_NUM_THREADS", "1", 0);
-    struct stat sb;
-    if (stat(BIN, &sb)) { fprintf(stderr, "test_routertune: %s not built\n", BIN); return 1; }
+    if (tu_mpi_env("test_routertune", BIN)) return 1;
     char path[512];
     snprintf(path, sizeof path, "%s/train.txt", TMP);
     write_data(path, 40, 7u);

@@ -375,11 +375,7 @@ int main(int argc, char **argv)
     BIN = getenv("MODPIPE") ? getenv("MODPIPE") : "build/modpipe";
     FIX = getenv("MODPIPE_FIXTURES") ? getenv("MODPIPE_FIXTURES") : "tests/fixtures";
     SELF = argv[0];
-    setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
-    setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
-    setenv("OPENBLAS_NUM_THREADS", "1", 0);
-    struct stat sb;
-    if (stat(BIN, &sb)) { fprintf(stderr, "test_serve: %s not built\n", BIN); return 1; }
+    if (tu_mpi_env("test_serve", BIN)) return 1;
     TMP = make_tmpdir_tagged("serve");
     if (!TMP) return 1;
     if (CU_initialize_registry() != CUE_SUCCESS) return 1;

@@ -6,6 +6,7 @@
 #include <CUnit/CUnit.h>
 #include <cJSON.h>
 #include <dirent.h>
+#include <sys/stat.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -18,6 +19,21 @@
 #include <unistd.h>
 
 /* A fresh /tmp/modpipe-TAG-XXXXXX directory (malloc'd path), or NULL. */
+/* Environment of a test that runs the built binary under mpirun (as root, one BLAS thread),
+ * and a check that the binary exists. 0, or -1 with a line on stderr naming prog. */
+static inline int tu_mpi_env(const char *prog, const char *bin)
+{
+    setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
+    setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
+    setenv("OPENBLAS_NUM_THREADS", "1", 0);
+    struct stat sb;
+    if (stat(bin, &sb)) {
+        fprintf(stderr, "%s: %s not built\n", prog, bin);
+        return -1;
+    }
+    return 0;
+}
+
 static inline char *make_tmpdir_tagged(const char *tag)
 {
     char *t = malloc(64);
