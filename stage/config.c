@@ -275,6 +275,45 @@ static int check_unsupported(cfg_ctx *c, const cJSON *root)
         }
     }
 
+    /* The architecture: only the Llama block is implemented. Mistral's is the same block
+     * (its sliding window is refused above when on). Any other family (qwen2: q/k/v biases
+     * implied by the type; qwen3: per-head q/k norms; ...) would run with wrong math, so it
+     * is refused by name rather than guessed at. */
+    static const char *const types_ok[] = {"llama", "mistral"};
+    static const char *const archs_ok[] = {"LlamaForCausalLM", "MistralForCausalLM"};
+    const cJSON *mt = get_opt(root, "model_type");
+    if (mt) {
+        int ok = 0;
+        for (size_t i = 0; cJSON_IsString(mt) && i < sizeof types_ok / sizeof *types_ok; i++)
+            ok |= strcmp(mt->valuestring, types_ok[i]) == 0;
+        if (!ok) {
+            cfg_err(c->err, c->errlen, c->path,
+                    "model_type: \"%s\" is not supported (supported: llama, mistral)",
+                    cJSON_IsString(mt) ? mt->valuestring : json_type_name(mt));
+            return -1;
+        }
+    }
+    const cJSON *ar = get_opt(root, "architectures");
+    if (ar) {
+        if (!cJSON_IsArray(ar)) {
+            cfg_err(c->err, c->errlen, c->path, "architectures: expected a list, got %s",
+                    json_type_name(ar));
+            return -1;
+        }
+        const cJSON *e;
+        cJSON_ArrayForEach(e, ar) {
+            int ok = 0;
+            for (size_t i = 0; cJSON_IsString(e) && i < sizeof archs_ok / sizeof *archs_ok; i++)
+                ok |= strcmp(e->valuestring, archs_ok[i]) == 0;
+            if (!ok) {
+                cfg_err(c->err, c->errlen, c->path,
+                        "architectures: \"%s\" is not supported (supported: LlamaForCausalLM, "
+                        "MistralForCausalLM)", cJSON_IsString(e) ? e->valuestring : "?");
+                return -1;
+            }
+        }
+    }
+
     const cJSON *prf = get_opt(root, "partial_rotary_factor");
     if (prf && !(cJSON_IsNumber(prf) && prf->valuedouble == 1.0)) {
         cfg_err(c->err, c->errlen, c->path, "partial_rotary_factor: only 1.0 is supported");

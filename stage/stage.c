@@ -204,6 +204,60 @@ static int load_layer(stage_model *m, int l, char *err, size_t errlen)
     return 0;
 }
 
+/* Every tensor of the checkpoint must be one this engine reads (or a known buffer that does
+ * not change the math): a q/k/v bias, a per-head q/k norm or any other tensor of a block
+ * variant that is not implemented would otherwise be ignored silently and give wrong logits
+ * with exit 0 (docs/SPEC.md §3). Checked on names only: cheap, no shard is opened. */
+static int known_layer_tensor(const char *s)
+{
+    static const char *const names[] = {
+        "input_layernorm.weight", "post_attention_layernorm.weight",
+        "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+        "self_attn.o_proj.weight", "self_attn.rotary_emb.inv_freq", /* a buffer of rope_theta */
+        "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+        "block_sparse_moe.gate.weight", "router.weight", "router.bias",
+        "router_predictor.fc1.weight", "router_predictor.fc1.bias",
+        "router_predictor.fc2.weight", "router_predictor.fc2.bias",
+    };
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++)
+        if (strcmp(s, names[i]) == 0) return 1;
+    static const char ex[] = "block_sparse_moe.experts.";
+    if (strncmp(s, ex, sizeof ex - 1) != 0) return 0;
+    s += sizeof ex - 1;
+    if (*s < '0' || *s > '9') return 0;
+    while (*s >= '0' && *s <= '9') s++;
+    return strcmp(s, ".w1.weight") == 0 || strcmp(s, ".w2.weight") == 0 ||
+           strcmp(s, ".w3.weight") == 0;
+}
+
+static int check_tensor_names(const st_model *st, const stage_config *cfg, char *err,
+                              size_t errlen)
+{
+    static const char lp[] = "model.layers.";
+    for (size_t i = 0; i < st_count(st); i++) {
+        const char *nm = st_name_at(st, i);
+        if (strcmp(nm, "model.embed_tokens.weight") == 0 || strcmp(nm, "model.norm.weight") == 0 ||
+            strcmp(nm, "lm_head.weight") == 0)
+            continue;
+        if (strncmp(nm, lp, sizeof lp - 1) == 0) {
+            const char *p = nm + sizeof lp - 1;
+            long l = 0;
+            int digits = 0;
+            while (*p >= '0' && *p <= '9' && digits < 9) { l = l * 10 + (*p++ - '0'); digits++; }
+            if (digits && *p == '.' && l < cfg->n_layers && known_layer_tensor(p + 1)) continue;
+            if (digits && *p == '.' && l >= cfg->n_layers) {
+                snprintf(err, errlen, "tensor %s: layer %ld, but num_hidden_layers is %d", nm,
+                         l, cfg->n_layers);
+                return -1;
+            }
+        }
+        snprintf(err, errlen, "tensor %s is not part of the Llama block this engine computes "
+                 "(a bias, norm or layer it would ignore, changing the results): refused", nm);
+        return -1;
+    }
+    return 0;
+}
+
 int stage_model_load(const char *dir, const stage_config *cfg, stage_range range,
                      stage_model **out, char *err, size_t errlen)
 {
@@ -253,6 +307,11 @@ int stage_model_load_tp(const char *dir, const stage_config *cfg, stage_range ra
 
     char e2[512];
     if (st_open(dir, &m->st, e2, sizeof e2)) {
+        snprintf(err, errlen, "%s", e2);
+        stage_model_free(m);
+        return -1;
+    }
+    if (check_tensor_names(m->st, cfg, e2, sizeof e2)) {
         snprintf(err, errlen, "%s", e2);
         stage_model_free(m);
         return -1;

@@ -395,6 +395,13 @@ static const bad_cfg bad_cfgs[] = {
     {"{" BASE ", " L2 ", \"mindskip\": {\"granularity\": \"layer\"}}", "mindskip.granularity"},
     {"{" BASE ", " L2 ", \"eos_token_id\": \"</s>\"}", "eos_token_id"},
     {"{" BASE ", " L2 ", \"tie_word_embeddings\": \"yes\"}", "tie_word_embeddings"},
+    /* other families' blocks differ from Llama's (Qwen2: q/k/v biases by type, Qwen3: q/k
+     * norms): refused by name, never run with Llama math */
+    {"{" BASE ", " L2 ", \"model_type\": \"qwen2\"}", "model_type: \"qwen2\""},
+    {"{" BASE ", " L2 ", \"model_type\": \"qwen3\"}", "model_type: \"qwen3\""},
+    {"{" BASE ", " L2 ", \"model_type\": 7}", "model_type"},
+    {"{" BASE ", " L2 ", \"architectures\": [\"Qwen3ForCausalLM\"]}", "Qwen3ForCausalLM"},
+    {"{" BASE ", " L2 ", \"architectures\": \"LlamaForCausalLM\"}", "architectures"},
 };
 
 static void test_config_errors(void)

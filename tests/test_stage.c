@@ -885,6 +885,7 @@ typedef struct {
     const char *gran;    /* mindskip.granularity */
     double ms_thr;
     int has_rb, has_pred;
+    const char *extra;   /* a tensor [TD] the engine does not read (tiny_write adds it) */
     float eps, theta;
     float ln1[TD], ln2[TD];
     float wq[TQD * TD], wk[TKVD * TD], wv[TKVD * TD], wo[TD * TQD];
@@ -1015,6 +1016,7 @@ static int tiny_write(const tiny *t, const char *dir, const char *omit)
     }
     ADD("model.norm.weight", TD, 0, t->norm);
     ADD("lm_head.weight", TV, TD, t->lm);
+    if (t->extra) ADD(t->extra, TD, 0, t->norm);
 #undef ADD
 #undef LADD
     if (!rc) rc = st_writer_save(w, dir, 1, err, sizeof err);
@@ -2204,6 +2206,37 @@ static void test_err_missing_tensor(void)
     expect_missing(STAGE_KIND_MINDSKIP, NULL, "model.layers.0.router.weight");
 }
 
+/* A tensor the engine would not read (a Qwen2 q/k/v bias, Qwen3's q/k norms, a layer past
+ * num_hidden_layers, anything unknown) is refused by name: ignoring it changes the math. */
+static void test_err_unknown_tensor(void)
+{
+    static const char *const extras[] = {
+        "model.layers.0.self_attn.q_proj.bias", "model.layers.0.self_attn.k_norm.weight",
+        "model.layers.0.mlp.down_proj.bias", "model.layers.7.input_layernorm.weight",
+        "model.rotary.weight", "model.layers.0.block_sparse_moe.experts.x.w1.weight",
+    };
+    for (size_t i = 0; i < sizeof extras / sizeof *extras; i++) {
+        tiny t;
+        tiny_model tm;
+        char err[ERRLEN] = "";
+        tiny_init(&t, STAGE_KIND_DENSE, 104);
+        t.extra = extras[i];
+        CU_ASSERT_NOT_EQUAL(tiny_load(&t, &tm, NULL, err, sizeof err), 0);
+        CU_ASSERT(tm.m == NULL);
+        ASSERT_HAS(err, extras[i]);
+        if (verbose()) fprintf(stderr, "\n    | %s", err);
+        tiny_unload(&tm);
+    }
+    /* the old Llama checkpoints' rotary buffer is accepted (it is rope_theta's inv_freq) */
+    tiny t;
+    tiny_model tm;
+    char err[ERRLEN] = "";
+    tiny_init(&t, STAGE_KIND_DENSE, 104);
+    t.extra = "model.layers.0.self_attn.rotary_emb.inv_freq";
+    CU_ASSERT_EQUAL(tiny_load(&t, &tm, NULL, err, sizeof err), 0);
+    tiny_unload(&tm);
+}
+
 static void test_err_embed_range(void)
 {
     tiny t;
@@ -2315,7 +2348,7 @@ int main(void)
         T_(test_sample_frequencies), T_(test_nll),
     };
     static const test_def errors[] = {
-        T_(test_err_missing_tensor), T_(test_err_embed_range), T_(test_err_slot_range),
+        T_(test_err_missing_tensor), T_(test_err_unknown_tensor), T_(test_err_embed_range), T_(test_err_slot_range),
     };
     if (CU_initialize_registry() != CUE_SUCCESS) return 1;
     if (add_suite("kernels", kernels, N_(kernels)) || add_suite("fixtures", fixtures_t, N_(fixtures_t)) ||
