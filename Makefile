@@ -59,7 +59,7 @@ TEST_SRC    := $(wildcard tests/test_*.c)
 TEST_BIN    := $(patsubst tests/%.c,$(B)/tests/%,$(TEST_SRC))
 
 all: $(B)/modpipe
-.PHONY: all test demo clean bench bench-kernels fuzz-build fuzz-seeds
+.PHONY: all test demo clean format format-check bench bench-kernels fuzz-build fuzz-seeds
 
 $(B)/proto/modpipe.pb-c.c $(B)/proto/modpipe.pb-c.h: proto/modpipe.proto
 	@mkdir -p $(B)/proto
@@ -103,7 +103,7 @@ endif
 # binary under mpirun (-np 1..4).
 # tests/scripts/run.sh checks the benchmark scripts' own logic (CSV rows, netns cleanup; needs
 # root): it runs once, in the plain build (the sanitizer pass re-checks the C code only).
-test: $(TEST_BIN) $(B)/modpipe
+test: $(TEST_BIN) $(B)/modpipe format-check
 	@set -e; for t in $(TEST_BIN); do echo "== $$t"; MODPIPE=$(B)/modpipe $$t; done
 	@echo "== tests/serve/run.sh (modpipe serve with curl and the openai npm client)"
 	@bash tests/serve/run.sh $(B)/modpipe
@@ -111,6 +111,17 @@ ifneq ($(SANITIZE),1)
 	@bash tests/scripts/run.sh $(B)/modpipe
 endif
 	@echo "== all tests passed"
+
+# Every C file follows .clang-format (clang-format 14, installed by scripts/install-deps);
+# `make format` rewrites them in place.
+C_FILES = $(shell git ls-files '*.c' '*.h' 2>/dev/null)
+format-check:
+	@if command -v clang-format >/dev/null 2>&1; then \
+	    echo "== clang-format --dry-run (style: .clang-format)"; \
+	    clang-format --dry-run -Werror $(C_FILES); \
+	else echo "== clang-format not installed: style not checked"; fi
+format:
+	clang-format -i $(C_FILES)
 
 # ---- demo ---------------------------------------------------------------
 DEMO_NP ?= 4

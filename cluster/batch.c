@@ -5,30 +5,32 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef struct { int seq, start, len; } piece; /* rows start..start+len-1 of one sequence */
+typedef struct {
+    int seq, start, len;
+} piece; /* rows start..start+len-1 of one sequence */
 
 typedef struct {
-    int seq0, seq1;          /* sequences [seq0, seq1) */
-    int chunk0, chunk1;      /* its prefill chunks [chunk0, chunk1) */
+    int seq0, seq1;     /* sequences [seq0, seq1) */
+    int chunk0, chunk1; /* its prefill chunks [chunk0, chunk1) */
     int next_chunk;
-    int outstanding;         /* its micro-batches in flight */
-    int live;                /* sequences not finished */
-    int admitted;            /* its sequences hold slots */
+    int outstanding; /* its micro-batches in flight */
+    int live;        /* sequences not finished */
+    int admitted;    /* its sequences hold slots */
     int done;
 } group;
 
 struct cluster_batch {
     const cluster_run_opts *o;
     int R, slots, ctx, max_rows, gs;
-    group *g;                /* [n_groups] */
+    group *g; /* [n_groups] */
     int n_groups, next_admit, groups_done, rr;
-    piece *pc;               /* [n_pieces] */
-    int *chunk_first;        /* [n_chunks + 1] index into pc */
+    piece *pc;        /* [n_pieces] */
+    int *chunk_first; /* [n_chunks + 1] index into pc */
     int n_chunks;
-    int *count;              /* [n_seqs] tokens generated so far */
-    int *slot;               /* [n_seqs] its KV slot while admitted */
-    uint8_t *stopped;        /* [n_seqs] */
-    int32_t *gen;            /* [n_seqs][max_new] */
+    int *count;       /* [n_seqs] tokens generated so far */
+    int *slot;        /* [n_seqs] its KV slot while admitted */
+    uint8_t *stopped; /* [n_seqs] */
+    int32_t *gen;     /* [n_seqs][max_new] */
     cluster_slot_pool pool;
 };
 
@@ -48,7 +50,11 @@ static void cut(cluster_batch *b, int s0, int s1, int can_split)
 {
     const int R = b->R;
     int np = b->chunk_first[b->n_chunks], cur = 0;
-#define CLOSE_CHUNK() do { b->chunk_first[++b->n_chunks] = np; cur = 0; } while (0)
+#define CLOSE_CHUNK()                                                                              \
+    do {                                                                                           \
+        b->chunk_first[++b->n_chunks] = np;                                                        \
+        cur = 0;                                                                                   \
+    } while (0)
     for (int s = s0; s < s1; s++) {
         int len = b->o->seq_len[s], start = 0;
         if (!can_split && cur > 0 && cur + len > R) CLOSE_CHUNK();
@@ -89,7 +95,10 @@ int cluster_batch_new(const cluster_run_opts *o, cluster_batch **out, char *err,
         return -1;
     }
     cluster_batch *b = calloc(1, sizeof *b);
-    if (!b) { snprintf(err, errlen, "out of memory (scheduler)"); return -1; }
+    if (!b) {
+        snprintf(err, errlen, "out of memory (scheduler)");
+        return -1;
+    }
     b->o = o;
     b->R = o->micro_batch;
     b->slots = o->slots > 0 ? o->slots : n;
@@ -99,7 +108,10 @@ int cluster_batch_new(const cluster_run_opts *o, cluster_batch **out, char *err,
         total_rows += o->seq_len[s];
         /* the last new token is never fed back: prompt + max_new - 1 positions */
         int l = o->seq_len[s] + (gen ? o->max_new - 1 : 0);
-        if (l > need) { need = l; need_seq = s; }
+        if (l > need) {
+            need = l;
+            need_seq = s;
+        }
     }
     b->ctx = o->ctx > 0 ? o->ctx : need;
     if (need > b->ctx) {
@@ -127,8 +139,10 @@ int cluster_batch_new(const cluster_run_opts *o, cluster_batch **out, char *err,
     }
     if (b->gs < 1) b->gs = 1;
     if (b->slots < b->gs) {
-        snprintf(err, errlen, "--slots %d is smaller than a decode group (%d sequences): raise "
-                 "--slots or --groups, or lower --micro-batch", b->slots, b->gs);
+        snprintf(err, errlen,
+                 "--slots %d is smaller than a decode group (%d sequences): raise "
+                 "--slots or --groups, or lower --micro-batch",
+                 b->slots, b->gs);
         goto fail;
     }
     b->n_groups = (n + b->gs - 1) / b->gs;
@@ -216,9 +230,12 @@ static int batch_next(void *self, cluster_mb *mb)
                 const int s = pc->seq, len = o->seq_len[s];
                 for (int t = pc->start; t < pc->start + pc->len; t++) {
                     uint8_t fl = COMM_ROW_PROMPT;
-                    if (!gen) fl |= COMM_ROW_NEED_LOGITS;
-                    else if (t == len - 1) fl |= COMM_ROW_NEED_LOGITS | COMM_ROW_SAMPLE;
-                    int i = cluster_mb_add(mb, b->slot[s], t, o->seq_tokens[s][t], fl, (uint64_t)s, 0);
+                    if (!gen)
+                        fl |= COMM_ROW_NEED_LOGITS;
+                    else if (t == len - 1)
+                        fl |= COMM_ROW_NEED_LOGITS | COMM_ROW_SAMPLE;
+                    int i =
+                        cluster_mb_add(mb, b->slot[s], t, o->seq_tokens[s][t], fl, (uint64_t)s, 0);
                     if (gen && t == len - 1) set_sampling(b, mb, i);
                     if (!gen && t + 1 < len) mb->target[i] = o->seq_tokens[s][t + 1];
                 }
@@ -227,9 +244,9 @@ static int batch_next(void *self, cluster_mb *mb)
             for (int s = g->seq0; s < g->seq1; s++) {
                 if (b->stopped[s]) continue;
                 int j = b->count[s];
-                int i = cluster_mb_add(mb, b->slot[s], o->seq_len[s] + j - 1,
-                                       b->gen[(size_t)s * o->max_new + j - 1],
-                                       COMM_ROW_NEED_LOGITS | COMM_ROW_SAMPLE, (uint64_t)s, (uint32_t)j);
+                int i = cluster_mb_add(
+                    mb, b->slot[s], o->seq_len[s] + j - 1, b->gen[(size_t)s * o->max_new + j - 1],
+                    COMM_ROW_NEED_LOGITS | COMM_ROW_SAMPLE, (uint64_t)s, (uint32_t)j);
                 set_sampling(b, mb, i);
             }
         }

@@ -47,7 +47,8 @@ typedef struct {
 static void *draw_run(void *arg)
 {
     const draw_job *j = arg;
-    for (size_t i = 0; i < j->n; i++) j->out[i] = gauss_of(j->u[2 * i], j->u[2 * i + 1], j->mean, j->std);
+    for (size_t i = 0; i < j->n; i++)
+        j->out[i] = gauss_of(j->u[2 * i], j->u[2 * i + 1], j->mean, j->std);
     return NULL;
 }
 
@@ -68,8 +69,10 @@ static void draw(stage_rng *r, double *u, float *out, size_t n, double mean, dou
     }
     draw_run(&jobs[0]);
     for (int t = 1; t < T; t++) {
-        if (started[t]) pthread_join(tid[t], NULL);
-        else draw_run(&jobs[t]); /* no thread: do its share here */
+        if (started[t])
+            pthread_join(tid[t], NULL);
+        else
+            draw_run(&jobs[t]); /* no thread: do its share here */
     }
 }
 
@@ -97,7 +100,10 @@ static size_t numel(const tensor *t)
     return (size_t)t->shape[0] * (size_t)(t->ndim == 2 ? t->shape[1] : 1);
 }
 
-#define ADD(...) do { if (add(__VA_ARGS__)) goto oom; } while (0)
+#define ADD(...)                                                                                   \
+    do {                                                                                           \
+        if (add(__VA_ARGS__)) goto oom;                                                            \
+    } while (0)
 
 static int plan_tensors(const cluster_model_spec *sp, tensor_list *tl, char *err, size_t errlen)
 {
@@ -120,11 +126,14 @@ static int plan_tensors(const cluster_model_spec *sp, tensor_list *tl, char *err
             int G = c->n_experts + (k == STAGE_KIND_MODE_INTEGRATED ? c->n_noop_experts : 0);
             ADD(tl, LN("block_sparse_moe.gate.weight"), G, D, 0.0, sd);
             for (int e = 0; e < c->n_experts; e++) {
-                snprintf(n, sizeof n, "model.layers.%d.block_sparse_moe.experts.%d.w1.weight", l, e);
+                snprintf(n, sizeof n, "model.layers.%d.block_sparse_moe.experts.%d.w1.weight", l,
+                         e);
                 ADD(tl, n, c->expert_inter, D, 0.0, sd);
-                snprintf(n, sizeof n, "model.layers.%d.block_sparse_moe.experts.%d.w2.weight", l, e);
+                snprintf(n, sizeof n, "model.layers.%d.block_sparse_moe.experts.%d.w2.weight", l,
+                         e);
                 ADD(tl, n, D, c->expert_inter, 0.0, sd);
-                snprintf(n, sizeof n, "model.layers.%d.block_sparse_moe.experts.%d.w3.weight", l, e);
+                snprintf(n, sizeof n, "model.layers.%d.block_sparse_moe.experts.%d.w3.weight", l,
+                         e);
                 ADD(tl, n, c->expert_inter, D, 0.0, sd);
             }
         } else {
@@ -134,7 +143,8 @@ static int plan_tensors(const cluster_model_spec *sp, tensor_list *tl, char *err
         }
         if (stage_kind_is_routed(k) || k == STAGE_KIND_MINDSKIP) {
             ADD(tl, LN("router.weight"), 1, D, 0.0, rsd);
-            if (stage_kind_is_routed(k) && sp->router_bias) ADD(tl, LN("router.bias"), 1, 0, 0.0, 0.0);
+            if (stage_kind_is_routed(k) && sp->router_bias)
+                ADD(tl, LN("router.bias"), 1, 0, 0.0, 0.0);
         }
         if (stage_kind_is_routed(k) && c->mod_routing == STAGE_ROUTING_PREDICTOR) {
             int64_t H = sp->predictor_hidden;
@@ -193,8 +203,8 @@ static int write_weights(const cluster_model_spec *sp, const tensor_list *tl, co
                          FILE *log, char *err, size_t errlen)
 {
     st_stream *s = st_stream_new();
-    float *buf = malloc(DRAW_CHUNK * sizeof *buf);    /* [DRAW_CHUNK] */
-    double *u = malloc(2 * DRAW_CHUNK * sizeof *u);   /* [DRAW_CHUNK][2] */
+    float *buf = malloc(DRAW_CHUNK * sizeof *buf);  /* [DRAW_CHUNK] */
+    double *u = malloc(2 * DRAW_CHUNK * sizeof *u); /* [DRAW_CHUNK][2] */
     int rc = s && buf && u ? 0 : -1;
     for (int i = 0; !rc && i < tl->n; i++)
         rc = st_stream_declare(s, tl->t[i].name, sp->dtype, tl->t[i].ndim, tl->t[i].shape);
@@ -246,8 +256,10 @@ static int write_config(const cluster_model_spec *sp, const char *dir, char *err
     cJSON_AddNumberToObject(j, "max_position_embeddings", c->max_pos);
     cJSON_AddBoolToObject(j, "tie_word_embeddings", c->tie_embeddings);
     cJSON_AddStringToObject(j, "hidden_act", "silu");
-    cJSON_AddStringToObject(j, "torch_dtype", sp->dtype == STAGE_F32 ? "float32"
-                                              : sp->dtype == STAGE_BF16 ? "bfloat16" : "float16");
+    cJSON_AddStringToObject(j, "torch_dtype",
+                            sp->dtype == STAGE_F32    ? "float32"
+                            : sp->dtype == STAGE_BF16 ? "bfloat16"
+                                                      : "float16");
     cJSON *lt = cJSON_AddArrayToObject(j, "layer_types");
     for (int l = 0; l < c->n_layers; l++)
         cJSON_AddItemToArray(lt, cJSON_CreateString(stage_kind_name(c->layer_kind[l])));
@@ -255,14 +267,16 @@ static int write_config(const cluster_model_spec *sp, const char *dir, char *err
     cJSON_AddNumberToObject(mod, "capacity", c->mod_capacity);
     cJSON_AddStringToObject(mod, "routing", routing[c->mod_routing]);
     cJSON_AddNumberToObject(mod, "threshold", c->mod_threshold);
-    cJSON_AddStringToObject(mod, "router_scale", c->mod_scale == STAGE_SCALE_SIGMOID ? "sigmoid" : "none");
+    cJSON_AddStringToObject(mod, "router_scale",
+                            c->mod_scale == STAGE_SCALE_SIGMOID ? "sigmoid" : "none");
     cJSON *mode = cJSON_AddObjectToObject(j, "mode");
     cJSON_AddNumberToObject(mode, "num_experts", c->n_experts);
     cJSON_AddNumberToObject(mode, "num_noop_experts", c->n_noop_experts);
     cJSON_AddNumberToObject(mode, "experts_per_token", c->experts_per_token);
     cJSON_AddNumberToObject(mode, "expert_intermediate_size", c->expert_inter);
     cJSON *ms = cJSON_AddObjectToObject(j, "mindskip");
-    cJSON_AddStringToObject(ms, "granularity", c->ms_granularity == STAGE_GRAN_TOKEN ? "token" : "sequence");
+    cJSON_AddStringToObject(ms, "granularity",
+                            c->ms_granularity == STAGE_GRAN_TOKEN ? "token" : "sequence");
     cJSON_AddNumberToObject(ms, "threshold", c->ms_threshold);
     char *txt = cJSON_Print(j);
     cJSON_Delete(j);
@@ -311,7 +325,12 @@ static int batch_init(calib_batch *b, const stage_config *c, int prompts, int le
 
 static void batch_free(calib_batch *b)
 {
-    free(b->slot); free(b->pos); free(b->tok); free(b->flags); free(b->present); free(b->x);
+    free(b->slot);
+    free(b->pos);
+    free(b->tok);
+    free(b->flags);
+    free(b->present);
+    free(b->x);
 }
 
 static int cmp_desc(const void *a, const void *b)
@@ -393,9 +412,11 @@ static int run_layers(const cluster_model_spec *sp, const char *dir, uint64_t se
         if (routed) {
             bias[l] = stage_router_bias(m, l);
             char n[160];
-            snprintf(n, sizeof n, c->mod_routing == STAGE_ROUTING_PREDICTOR
-                                      ? "model.layers.%d.router_predictor.fc2.bias"
-                                      : "model.layers.%d.router.bias", l);
+            snprintf(n, sizeof n,
+                     c->mod_routing == STAGE_ROUTING_PREDICTOR
+                         ? "model.layers.%d.router_predictor.fc2.bias"
+                         : "model.layers.%d.router.bias",
+                     l);
             if (adjust && st_patch_f32(dir, n, &bias[l], 1, err, errlen) < 0) goto out;
         }
         stage_state_free(st);
@@ -453,9 +474,10 @@ int cluster_init_model(const cluster_model_spec *sp, const char *dir, FILE *log,
     if (!rc) rc = run_layers(sp, dir, sp->seed + 1, 0, part, bias, log, err, errlen);
     for (int l = 0; !rc && log && l < c->n_layers; l++)
         if (stage_kind_is_routed(c->layer_kind[l]))
-            fprintf(log, "init-model: layer %2d %-11s bias %+.4f  participation %.3f on fresh "
-                    "prompts (capacity %.3f)\n", l, stage_kind_name(c->layer_kind[l]), bias[l],
-                    part[l], c->mod_capacity);
+            fprintf(log,
+                    "init-model: layer %2d %-11s bias %+.4f  participation %.3f on fresh "
+                    "prompts (capacity %.3f)\n",
+                    l, stage_kind_name(c->layer_kind[l]), bias[l], part[l], c->mod_capacity);
     free(part);
     free(bias);
     return rc;

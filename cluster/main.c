@@ -61,11 +61,13 @@ static const opt_def OPTS[] = {
      "a prompt as text, tokenized with the model's tokenizer.json (BOS added); its output line "
      "is 'text: ' and the generated text (EOS dropped; newline written \\n, backslash \\\\). "
      "Repeat for more sequences; mixes with --prompt-ids"},
-    {"prompts-file", "FILE", C_GEN, 0,
-     "prompts, one per line, ids separated by commas or spaces"},
-    {"max-new", "N", C_GEN, 0, "new tokens per sequence at most (default 16; fewer when EOS comes first)"},
-    {"temperature", "T", C_GEN, 0, "sampling temperature; 0 or absent: greedy (lowest id wins ties)"},
-    {"top-p", "P", C_GEN, 0, "nucleus sampling: keep the smallest set of tokens with mass >= P (default 1)"},
+    {"prompts-file", "FILE", C_GEN, 0, "prompts, one per line, ids separated by commas or spaces"},
+    {"max-new", "N", C_GEN, 0,
+     "new tokens per sequence at most (default 16; fewer when EOS comes first)"},
+    {"temperature", "T", C_GEN, 0,
+     "sampling temperature; 0 or absent: greedy (lowest id wins ties)"},
+    {"top-p", "P", C_GEN, 0,
+     "nucleus sampling: keep the smallest set of tokens with mass >= P (default 1)"},
     {"seed", "S", C_GEN | C_INIT, 0,
      "generate: sampling seed (new token j of sequence i: a generator seeded from (S, i, j), "
      "whatever the batching or -np); init-model: weight seed"},
@@ -92,8 +94,10 @@ static const opt_def OPTS[] = {
      "do not stop at the model's EOS token (config.json eos_token_id): always max-new tokens"},
     {"threads", "N", C_GEN | C_EVAL | C_INIT, 0,
      "compute threads per rank (default 1): the kernels split a matmul's output columns between "
-     "them, so results are the same for any N; with several ranks per node keep N x ranks <= cores"},
-    {"max-in-flight", "K", C_GEN | C_EVAL, 0, "micro-batches in flight at once (default 2 x stages)"},
+     "them, so results are the same for any N; with several ranks per node keep N x ranks <= "
+     "cores"},
+    {"max-in-flight", "K", C_GEN | C_EVAL, 0,
+     "micro-batches in flight at once (default 2 x stages)"},
     {"stages", "auto|A-B,...", C_GEN | C_EVAL | C_PART, 0,
      "layer range of each stage, e.g. 0-3,4-7 (one per stage), or auto (default); A-B:K gives "
      "that stage K ranks (YAML: stages: [{layers: \"0-3\", ranks: 2}, ...])"},
@@ -125,17 +129,20 @@ static const opt_def OPTS[] = {
     {"spec", "FILE.yaml", C_INIT, 0, "init-model: the model spec (see configs/models/)"},
     {"out", "DIR", C_INIT, 0, "init-model: output directory (created if missing)"},
     {"dtype", "f32|bf16|f16", C_INIT, 0, "init-model: weight dtype (overrides output.dtype)"},
-    {"shards", "N", C_INIT, 0, "init-model: number of safetensors shards (overrides output.shards)"},
-    {"calibrate", NULL, C_INIT, 0, "init-model: calibrate router biases to the capacity (overrides the spec)"},
+    {"shards", "N", C_INIT, 0,
+     "init-model: number of safetensors shards (overrides output.shards)"},
+    {"calibrate", NULL, C_INIT, 0,
+     "init-model: calibrate router biases to the capacity (overrides the spec)"},
     {"no-calibrate", NULL, C_INIT, 0, "init-model: do not calibrate"},
     {"help", NULL, C_GEN | C_EVAL | C_PART | C_INIT, 0, "this help"},
 };
 #define N_OPTS ((int)(sizeof OPTS / sizeof OPTS[0]))
 
 typedef struct {
-    char **vals;   /* [n] */
+    char **vals; /* [n] */
     int n;
-    char origin[512]; /* where it came from, for messages: "--micro-batch" or "f.yaml:3:14: micro-batch" */
+    char origin
+        [512]; /* where it came from, for messages: "--micro-batch" or "f.yaml:3:14: micro-batch" */
 } opt_val;
 
 typedef struct {
@@ -169,7 +176,10 @@ static int push(opt_val *v, char *s)
 
 static const char *cmd_name(int cmd)
 {
-    return cmd == C_GEN ? "generate" : cmd == C_EVAL ? "eval" : cmd == C_PART ? "partition" : "init-model";
+    return cmd == C_GEN    ? "generate"
+           : cmd == C_EVAL ? "eval"
+           : cmd == C_PART ? "partition"
+                           : "init-model";
 }
 
 /* argv, then --config YAML for options the command line did not give. */
@@ -180,11 +190,15 @@ static int opts_parse(opts *o, int cmd, int argc, char **argv, char *err, size_t
     for (int a = 0; a < argc; a++) {
         const char *arg = argv[a];
         const char *name = NULL;
-        if (!strcmp(arg, "-n")) name = "n";
-        else if (!strcmp(arg, "-h")) name = "help";
-        else if (!strncmp(arg, "--", 2)) name = arg + 2;
+        if (!strcmp(arg, "-n"))
+            name = "n";
+        else if (!strcmp(arg, "-h"))
+            name = "help";
+        else if (!strncmp(arg, "--", 2))
+            name = arg + 2;
         if (!name) {
-            snprintf(err, errlen, "unexpected argument '%s' (see modpipe %s --help)", arg, cmd_name(cmd));
+            snprintf(err, errlen, "unexpected argument '%s' (see modpipe %s --help)", arg,
+                     cmd_name(cmd));
             return -1;
         }
         char namebuf[64];
@@ -209,7 +223,10 @@ static int opts_parse(opts *o, int cmd, int argc, char **argv, char *err, size_t
         }
         snprintf(v->origin, sizeof v->origin, "--%s", OPTS[i].name);
         if (!OPTS[i].metavar) {
-            if (inline_val) { snprintf(err, errlen, "--%s takes no value", OPTS[i].name); return -1; }
+            if (inline_val) {
+                snprintf(err, errlen, "--%s takes no value", OPTS[i].name);
+                return -1;
+            }
             if (push(v, "1")) goto oom;
             continue;
         }
@@ -230,14 +247,16 @@ static int opts_parse(opts *o, int cmd, int argc, char **argv, char *err, size_t
         for (int k = 0; k < o->yaml.n; k++) {
             const cluster_yaml_entry *e = &o->yaml.e[k];
             int i = opt_index(e->key);
-            if (i < 0 || !(OPTS[i].cmds & cmd) || !strcmp(e->key, "config") || !strcmp(e->key, "help")) {
+            if (i < 0 || !(OPTS[i].cmds & cmd) || !strcmp(e->key, "config") ||
+                !strcmp(e->key, "help")) {
                 snprintf(err, errlen, "%s:%d:%d: unknown key '%s' for %s", o->yaml.path, e->line,
                          e->col, e->key, cmd_name(cmd));
                 return -1;
             }
             opt_val *v = &o->v[i];
             if (v->n) continue; /* the command line wins */
-            snprintf(v->origin, sizeof v->origin, "%s:%d:%d: %s", o->yaml.path, e->line, e->col, e->key);
+            snprintf(v->origin, sizeof v->origin, "%s:%d:%d: %s", o->yaml.path, e->line, e->col,
+                     e->key);
             if (e->is_list && !OPTS[i].repeat && strcmp(e->key, "stages")) {
                 snprintf(err, errlen, "%s: expected a single value, not a list", v->origin);
                 return -1;
@@ -307,43 +326,49 @@ static int opt_double(const opts *o, const char *name, double lo, double hi, dou
 
 static void usage_main(FILE *f)
 {
-    fprintf(f,
-            "modpipe %s — pipeline-parallel inference for dynamic-depth transformers\n"
-            "(Mixture-of-Depths, MoDE, MindSkip): between MPI ranks only the rows a stage\n"
-            "computes on travel, with a bitmask of which rows they are.\n\n"
-            "usage:\n"
-            "  mpirun -np N modpipe generate --model DIR (--prompt TEXT | --prompt-ids 1,2,3) [options]\n"
-            "  mpirun -np N modpipe eval --model DIR (--tokens-file F | --text-file F) [options]\n"
-            "  modpipe partition --model DIR -n N [--stages ...]\n"
-            "  modpipe init-model --spec F.yaml --out DIR [options]\n"
-            "  mpirun -np K modpipe router-tune --model DIR --data FILE --out DIR [options]\n"
-            "  mpirun -np N modpipe serve --model DIR [--port 8080] [options]   (HTTP, OpenAI API)\n"
-            "  modpipe tokenize --model DIR --text S [--no-special]\n"
-            "  modpipe detokenize --model DIR --ids \"1 2 3\" [--skip-special]\n"
-            "  modpipe COMMAND --help      options of a command\n"
-            "  modpipe --version\n\n"
-            "One MPI rank is one pipeline stage; -np 1 runs the whole model in one process.\n",
-            MODPIPE_VERSION);
+    fprintf(
+        f,
+        "modpipe %s — pipeline-parallel inference for dynamic-depth transformers\n"
+        "(Mixture-of-Depths, MoDE, MindSkip): between MPI ranks only the rows a stage\n"
+        "computes on travel, with a bitmask of which rows they are.\n\n"
+        "usage:\n"
+        "  mpirun -np N modpipe generate --model DIR (--prompt TEXT | --prompt-ids 1,2,3) "
+        "[options]\n"
+        "  mpirun -np N modpipe eval --model DIR (--tokens-file F | --text-file F) [options]\n"
+        "  modpipe partition --model DIR -n N [--stages ...]\n"
+        "  modpipe init-model --spec F.yaml --out DIR [options]\n"
+        "  mpirun -np K modpipe router-tune --model DIR --data FILE --out DIR [options]\n"
+        "  mpirun -np N modpipe serve --model DIR [--port 8080] [options]   (HTTP, OpenAI API)\n"
+        "  modpipe tokenize --model DIR --text S [--no-special]\n"
+        "  modpipe detokenize --model DIR --ids \"1 2 3\" [--skip-special]\n"
+        "  modpipe COMMAND --help      options of a command\n"
+        "  modpipe --version\n\n"
+        "One MPI rank is one pipeline stage; -np 1 runs the whole model in one process.\n",
+        MODPIPE_VERSION);
 }
 
 static void usage_cmd(FILE *f, int cmd)
 {
     static const char *intro[] = {
-        [C_GEN] = "modpipe generate: greedy or sampled continuation of prompts (ids or text).\n"
-                  "Prints one line per sequence: 'generated ID,ID,...' for id prompts (the EOS id\n"
-                  "included when it stopped the sequence), 'text: ...' for text prompts, then the\n"
-                  "wire summary. Sequences: --prompt-ids, then --prompts-file, then --prompt.\n"
-                  "A sequence stops at --max-new tokens or at the model's EOS (not with --ignore-eos).\n",
-        [C_EVAL] = "modpipe eval: teacher-forced forward of each sequence (any lengths); prints the\n"
-                   "mean NLL over every token but each sequence's first, and the perplexity.\n"
-                   "topk routing (non-causal) is exact here: a sequence is never split.\n",
-        [C_PART] = "modpipe partition: print the stage plan (layers, compute share, memory per stage:\n"
-                   "weights in the checkpoint dtype, KV cache, workspace; which boundaries can carry\n"
-                   "fewer rows than dense and why). No MPI needed.\n",
-        [C_INIT] = "modpipe init-model: write a random model in the SPEC format (config.json +\n"
-                   "safetensors) from a YAML spec, streamed to disk with a progress line (any size:\n"
-                   "memory stays small); optionally calibrate router biases, layer by layer from the\n"
-                   "written files, so that measured participation matches the configured capacity.\n",
+        [C_GEN] =
+            "modpipe generate: greedy or sampled continuation of prompts (ids or text).\n"
+            "Prints one line per sequence: 'generated ID,ID,...' for id prompts (the EOS id\n"
+            "included when it stopped the sequence), 'text: ...' for text prompts, then the\n"
+            "wire summary. Sequences: --prompt-ids, then --prompts-file, then --prompt.\n"
+            "A sequence stops at --max-new tokens or at the model's EOS (not with --ignore-eos).\n",
+        [C_EVAL] =
+            "modpipe eval: teacher-forced forward of each sequence (any lengths); prints the\n"
+            "mean NLL over every token but each sequence's first, and the perplexity.\n"
+            "topk routing (non-causal) is exact here: a sequence is never split.\n",
+        [C_PART] =
+            "modpipe partition: print the stage plan (layers, compute share, memory per stage:\n"
+            "weights in the checkpoint dtype, KV cache, workspace; which boundaries can carry\n"
+            "fewer rows than dense and why). No MPI needed.\n",
+        [C_INIT] =
+            "modpipe init-model: write a random model in the SPEC format (config.json +\n"
+            "safetensors) from a YAML spec, streamed to disk with a progress line (any size:\n"
+            "memory stays small); optionally calibrate router biases, layer by layer from the\n"
+            "written files, so that measured participation matches the configured capacity.\n",
     };
     fprintf(f, "%s\noptions:\n", intro[cmd]);
     for (int i = 0; i < N_OPTS; i++) {
@@ -355,9 +380,11 @@ static void usage_cmd(FILE *f, int cmd)
         fprintf(f, "  %-26s %s\n", left, OPTS[i].help);
     }
     if (cmd == C_GEN || cmd == C_EVAL)
-        fprintf(f, "\nexample:\n  mpirun --oversubscribe -np 4 modpipe %s --model demo-model %s "
-                   "--micro-batch 8 --stats stats.json\n",
-                cmd_name(cmd), cmd == C_GEN ? "--prompt-ids 1,2,3 --max-new 16" : "--tokens-file tokens.txt");
+        fprintf(f,
+                "\nexample:\n  mpirun --oversubscribe -np 4 modpipe %s --model demo-model %s "
+                "--micro-batch 8 --stats stats.json\n",
+                cmd_name(cmd),
+                cmd == C_GEN ? "--prompt-ids 1,2,3 --max-new 16" : "--tokens-file tokens.txt");
 }
 
 /* ========================================================================================
@@ -365,14 +392,17 @@ static void usage_cmd(FILE *f, int cmd)
  * ===================================================================================== */
 
 /* Parse "1,2,3" / "1 2 3" into a malloc'd array. */
-static int parse_ids(const char *s, int vocab, int32_t **out, int *n, const char *where,
-                     char *err, size_t errlen)
+static int parse_ids(const char *s, int vocab, int32_t **out, int *n, const char *where, char *err,
+                     size_t errlen)
 {
     *out = NULL;
     *n = 0;
     int cap = 16;
     int32_t *ids = malloc((size_t)cap * sizeof *ids);
-    if (!ids) { snprintf(err, errlen, "out of memory"); return -1; }
+    if (!ids) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
     const char *p = s;
     for (;;) {
         while (*p == ' ' || *p == '\t' || *p == ',' || *p == '\r' || *p == '\n') p++;
@@ -393,7 +423,11 @@ static int parse_ids(const char *s, int vocab, int32_t **out, int *n, const char
         if (*n == cap) {
             cap *= 2;
             int32_t *t = realloc(ids, (size_t)cap * sizeof *t);
-            if (!t) { free(ids); snprintf(err, errlen, "out of memory"); return -1; }
+            if (!t) {
+                free(ids);
+                snprintf(err, errlen, "out of memory");
+                return -1;
+            }
             ids = t;
         }
         ids[(*n)++] = (int32_t)v;
@@ -423,7 +457,8 @@ static void seqs_free(seqs *s)
     free(s->text);
 }
 
-static int seqs_add(seqs *s, const char *text, int vocab, const char *where, char *err, size_t errlen)
+static int seqs_add(seqs *s, const char *text, int vocab, const char *where, char *err,
+                    size_t errlen)
 {
     if (s->n == s->cap) {
         int cap = s->cap ? s->cap * 2 : 8;
@@ -433,7 +468,10 @@ static int seqs_add(seqs *s, const char *text, int vocab, const char *where, cha
         if (l) s->len = l;
         uint8_t *x = realloc(s->text, (size_t)cap);
         if (x) s->text = x;
-        if (!t || !l || !x) { snprintf(err, errlen, "out of memory"); return -1; }
+        if (!t || !l || !x) {
+            snprintf(err, errlen, "out of memory");
+            return -1;
+        }
         s->cap = cap;
     }
     if (parse_ids(text, vocab, &s->tok[s->n], &s->len[s->n], where, err, errlen)) return -1;
@@ -461,7 +499,12 @@ static int seqs_add_text(seqs *s, const tok_tokenizer *t, const char *text, size
     int bos = tok_bos(t);
     if (bos >= 0 && (n == 0 || ids[0] != bos)) {
         int32_t *x = realloc(ids, (size_t)(n + 1) * sizeof *x);
-        if (!x) { free(ids); s->n--; snprintf(err, errlen, "out of memory"); return -1; }
+        if (!x) {
+            free(ids);
+            s->n--;
+            snprintf(err, errlen, "out of memory");
+            return -1;
+        }
         ids = x;
         memmove(ids + 1, ids, (size_t)n * sizeof *ids);
         ids[0] = bos;
@@ -469,8 +512,8 @@ static int seqs_add_text(seqs *s, const tok_tokenizer *t, const char *text, size
     }
     for (int i = 0; i < n; i++)
         if (ids[i] < 0 || ids[i] >= vocab) {
-            snprintf(err, errlen, "%s: the tokenizer gives id %d, outside the model's vocab %d", where,
-                     ids[i], vocab);
+            snprintf(err, errlen, "%s: the tokenizer gives id %d, outside the model's vocab %d",
+                     where, ids[i], vocab);
             free(ids);
             s->n--;
             return -1;
@@ -493,7 +536,10 @@ static int seqs_from_text_file(seqs *s, const tok_tokenizer *t, const char *path
                                char *err, size_t errlen)
 {
     FILE *f = fopen(path, "r");
-    if (!f) { snprintf(err, errlen, "%s: %s", path, strerror(errno)); return -1; }
+    if (!f) {
+        snprintf(err, errlen, "%s: %s", path, strerror(errno));
+        return -1;
+    }
     char *line = NULL, *doc = NULL;
     size_t cap = 0, dlen = 0, dcap = 0;
     ssize_t got;
@@ -517,7 +563,11 @@ static int seqs_from_text_file(seqs *s, const tok_tokenizer *t, const char *path
         if (dlen + (size_t)got + 1 > dcap) {
             dcap = (dlen + (size_t)got + 1) * 2;
             char *x = realloc(doc, dcap);
-            if (!x) { snprintf(err, errlen, "out of memory"); rc = -1; break; }
+            if (!x) {
+                snprintf(err, errlen, "out of memory");
+                rc = -1;
+                break;
+            }
             doc = x;
         }
         memcpy(doc + dlen, line, (size_t)got);
@@ -526,14 +576,20 @@ static int seqs_from_text_file(seqs *s, const tok_tokenizer *t, const char *path
     free(line);
     free(doc);
     fclose(f);
-    if (!rc && s->n == before) { snprintf(err, errlen, "%s: no documents", path); rc = -1; }
+    if (!rc && s->n == before) {
+        snprintf(err, errlen, "%s: no documents", path);
+        rc = -1;
+    }
     return rc;
 }
 
 static int seqs_from_file(seqs *s, const char *path, int vocab, char *err, size_t errlen)
 {
     FILE *f = fopen(path, "r");
-    if (!f) { snprintf(err, errlen, "%s: %s", path, strerror(errno)); return -1; }
+    if (!f) {
+        snprintf(err, errlen, "%s: %s", path, strerror(errno));
+        return -1;
+    }
     char *line = NULL;
     size_t cap = 0;
     int ln = 0, rc = 0;
@@ -548,7 +604,10 @@ static int seqs_from_file(seqs *s, const char *path, int vocab, char *err, size_
     }
     free(line);
     fclose(f);
-    if (!rc && s->n == 0) { snprintf(err, errlen, "%s: no sequences", path); rc = -1; }
+    if (!rc && s->n == 0) {
+        snprintf(err, errlen, "%s: no sequences", path);
+        rc = -1;
+    }
     return rc;
 }
 
@@ -562,7 +621,7 @@ typedef struct {
     cluster_plan plan;
     int have_plan;
     seqs sq;
-    tok_tokenizer *tok;  /* loaded when a text option needs it */
+    tok_tokenizer *tok; /* loaded when a text option needs it */
     cluster_run_opts ro;
 } run_setup;
 
@@ -609,12 +668,16 @@ static int make_plan(const opts *o, const stage_config *cfg, int world, int part
             for (char *t = strtok(buf, " "); t && !rc; t = strtok(NULL, " ")) {
                 char *eq = strchr(t, '='), *end = NULL;
                 *eq = 0;
-                if (!strcmp(t, "layers")) lay = eq + 1;
-                else if (!strcmp(t, "ranks") && (k = strtol(eq + 1, &end, 10), *end || k < 1 || k > 64)) {
-                    snprintf(err, errlen, "%s: stage %d: ranks must be 1..64, got '%s'", v->origin, nr + 1, eq + 1);
+                if (!strcmp(t, "layers"))
+                    lay = eq + 1;
+                else if (!strcmp(t, "ranks") &&
+                         (k = strtol(eq + 1, &end, 10), *end || k < 1 || k > 64)) {
+                    snprintf(err, errlen, "%s: stage %d: ranks must be 1..64, got '%s'", v->origin,
+                             nr + 1, eq + 1);
                     rc = -1;
                 } else if (strcmp(t, "ranks")) {
-                    snprintf(err, errlen, "%s: stage %d: unknown key '%s' (layers, ranks)", v->origin, nr + 1, t);
+                    snprintf(err, errlen, "%s: stage %d: unknown key '%s' (layers, ranks)",
+                             v->origin, nr + 1, t);
                     rc = -1;
                 }
             }
@@ -646,12 +709,15 @@ static int make_plan(const opts *o, const stage_config *cfg, int world, int part
     }
     int n = part_n;
     if (!rc && n <= 0) {
-        if (any_k) n = nr;
+        if (any_k)
+            n = nr;
         else if (world % tp) {
-            snprintf(err, errlen, "-np %d is not a multiple of --tp %ld (every stage spans %ld ranks)",
-                     world, tp, tp);
+            snprintf(err, errlen,
+                     "-np %d is not a multiple of --tp %ld (every stage spans %ld ranks)", world,
+                     tp, tp);
             rc = -1;
-        } else n = world / (int)tp;
+        } else
+            n = world / (int)tp;
     }
     if (!rc && is_auto) {
         rc = cluster_partition_auto_mem(cfg, n, mem, plan, err, errlen);
@@ -667,7 +733,8 @@ static int make_plan(const opts *o, const stage_config *cfg, int world, int part
         char e2[512];
         rc = cluster_partition_explicit_mem(cfg, (const char *const *)ranges, nr, n, mem, plan, e2,
                                             sizeof e2);
-        if (rc) snprintf(err, errlen, "%s: %s", v->origin, strncmp(e2, "stages: ", 8) ? e2 : e2 + 8);
+        if (rc)
+            snprintf(err, errlen, "%s: %s", v->origin, strncmp(e2, "stages: ", 8) ? e2 : e2 + 8);
     }
     for (int s = 0; !rc && s < plan->n_stages; s++) plan->st[s].ranks = ks[s] > 0 ? ks[s] : (int)tp;
     for (int i = 0; i < nr; i++) free(ranges[i]);
@@ -691,7 +758,10 @@ static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *er
 {
     memset(r, 0, sizeof *r);
     const char *model = opt_str(o, "model");
-    if (!model) { snprintf(err, errlen, "--model DIR is required (see modpipe %s --help)", cmd_name(cmd)); return -1; }
+    if (!model) {
+        snprintf(err, errlen, "--model DIR is required (see modpipe %s --help)", cmd_name(cmd));
+        return -1;
+    }
     if (stage_config_load(model, &r->cfg, err, errlen)) return -1;
     r->have_cfg = 1;
     const stage_config *cfg = &r->cfg;
@@ -707,8 +777,10 @@ static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *er
 
     if (cmd == C_GEN) {
         if (topk) {
-            snprintf(err, errlen, "%s uses topk routing, which is non-causal (it needs the whole "
-                     "sequence): it cannot decode token by token. Use 'modpipe eval'.", model);
+            snprintf(err, errlen,
+                     "%s uses topk routing, which is non-causal (it needs the whole "
+                     "sequence): it cannot decode token by token. Use 'modpipe eval'.",
+                     model);
             return -1;
         }
         const opt_val *pv = &o->v[opt_index("prompt-ids")];
@@ -749,7 +821,10 @@ static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *er
         ro->groups = (int)groups;
     } else {
         const char *tf = opt_str(o, "tokens-file"), *xf = opt_str(o, "text-file");
-        if (!tf && !xf) { snprintf(err, errlen, "--tokens-file FILE or --text-file FILE is required"); return -1; }
+        if (!tf && !xf) {
+            snprintf(err, errlen, "--tokens-file FILE or --text-file FILE is required");
+            return -1;
+        }
         if (tf && seqs_from_file(&r->sq, tf, cfg->vocab, err, errlen)) return -1;
         if (xf && (need_tok(r, model, err, errlen) ||
                    seqs_from_text_file(&r->sq, r->tok, xf, cfg->vocab, err, errlen)))
@@ -823,10 +898,14 @@ static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *er
 
 static void human_bytes(double b, char *out, size_t n)
 {
-    if (b >= 1024.0 * 1024 * 1024) snprintf(out, n, "%.2f GiB", b / (1024.0 * 1024 * 1024));
-    else if (b >= 1024.0 * 1024) snprintf(out, n, "%.2f MiB", b / (1024.0 * 1024));
-    else if (b >= 1024.0) snprintf(out, n, "%.1f KiB", b / 1024.0);
-    else snprintf(out, n, "%.0f B", b);
+    if (b >= 1024.0 * 1024 * 1024)
+        snprintf(out, n, "%.2f GiB", b / (1024.0 * 1024 * 1024));
+    else if (b >= 1024.0 * 1024)
+        snprintf(out, n, "%.2f MiB", b / (1024.0 * 1024));
+    else if (b >= 1024.0)
+        snprintf(out, n, "%.1f KiB", b / 1024.0);
+    else
+        snprintf(out, n, "%.0f B", b);
 }
 
 static int cmd_run(int cmd, int argc, char **argv)
@@ -852,8 +931,8 @@ static int cmd_run(int cmd, int argc, char **argv)
     int bad = rc ? rank : size, first_bad = size;
     MPI_Allreduce(&bad, &first_bad, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
     if (first_bad < size) {
-        if (rank == first_bad) fprintf(stderr, "modpipe %s: %s%s\n", cmd_name(cmd),
-                                       size > 1 ? "" : "", err);
+        if (rank == first_bad)
+            fprintf(stderr, "modpipe %s: %s%s\n", cmd_name(cmd), size > 1 ? "" : "", err);
         run_setup_free(&r);
         opts_free(&o);
         MPI_Finalize();
@@ -864,8 +943,8 @@ static int cmd_run(int cmd, int argc, char **argv)
         fprintf(stderr, "modpipe %s: %d stage%s [", cmd_name(cmd), ns, ns > 1 ? "s" : "");
         for (int s = 0; s < ns; s++)
             fprintf(stderr, "%s%d-%d", s ? " | " : "", r.plan.st[s].first, r.plan.st[s].last);
-        fprintf(stderr, "], %d sequences, micro-batch %d, wire %s\n", r.ro.n_seqs,
-                r.ro.micro_batch, stage_dtype_name(r.ro.wire));
+        fprintf(stderr, "], %d sequences, micro-batch %d, wire %s\n", r.ro.n_seqs, r.ro.micro_batch,
+                stage_dtype_name(r.ro.wire));
     }
     cluster_run_result res;
     rc = cluster_run(MPI_COMM_WORLD, &r.ro, &res, err, sizeof err);
@@ -886,9 +965,12 @@ static int cmd_run(int cmd, int argc, char **argv)
                     }
                     printf("text: ");
                     for (size_t k = 0; k < len; k++) {
-                        if (txt[k] == '\n') fputs("\\n", stdout);
-                        else if (txt[k] == '\\') fputs("\\\\", stdout);
-                        else putchar(txt[k]);
+                        if (txt[k] == '\n')
+                            fputs("\\n", stdout);
+                        else if (txt[k] == '\\')
+                            fputs("\\\\", stdout);
+                        else
+                            putchar(txt[k]);
                     }
                     printf("\n");
                     free(txt);
@@ -915,7 +997,8 @@ static int cmd_run(int cmd, int argc, char **argv)
                    res.dense_bytes > 0 ? 100.0 * res.wire_bytes / res.dense_bytes : 0.0, p,
                    res.dense_bytes > 0 ? 100.0 * res.payload_bytes / res.dense_bytes : 0.0, h);
         } else {
-            printf("wire 0 B: one stage, nothing crosses ranks (run under mpirun -np N to split it)\n");
+            printf("wire 0 B: one stage, nothing crosses ranks (run under mpirun -np N to split "
+                   "it)\n");
         }
         fflush(stdout);
         cluster_run_result_free(&res);
@@ -935,14 +1018,24 @@ static int cmd_partition(int argc, char **argv)
     char err[1024];
     opts o;
     int rc = opts_parse(&o, C_PART, argc, argv, err, sizeof err);
-    if (!rc && opt_has(&o, "help")) { usage_cmd(stdout, C_PART); opts_free(&o); return 0; }
+    if (!rc && opt_has(&o, "help")) {
+        usage_cmd(stdout, C_PART);
+        opts_free(&o);
+        return 0;
+    }
     stage_config cfg;
     memset(&cfg, 0, sizeof cfg);
     cluster_plan plan;
     long n = 0;
     const char *model = rc ? NULL : opt_str(&o, "model");
-    if (!rc && !model) { snprintf(err, sizeof err, "--model DIR is required"); rc = -1; }
-    if (!rc && !opt_has(&o, "n")) { snprintf(err, sizeof err, "-n N (number of stages) is required"); rc = -1; }
+    if (!rc && !model) {
+        snprintf(err, sizeof err, "--model DIR is required");
+        rc = -1;
+    }
+    if (!rc && !opt_has(&o, "n")) {
+        snprintf(err, sizeof err, "-n N (number of stages) is required");
+        rc = -1;
+    }
     if (!rc) rc = opt_long(&o, "n", 1, 4096, 1, &n, err, sizeof err);
     if (!rc) rc = stage_config_load(model, &cfg, err, sizeof err);
     cluster_mem_opts mem;
@@ -982,9 +1075,16 @@ static int cmd_init_model(int argc, char **argv)
     memset(&spec, 0, sizeof spec);
     int have_spec = 0;
     int rc = opts_parse(&o, C_INIT, argc, argv, err, sizeof err);
-    if (!rc && opt_has(&o, "help")) { usage_cmd(stdout, C_INIT); opts_free(&o); return 0; }
+    if (!rc && opt_has(&o, "help")) {
+        usage_cmd(stdout, C_INIT);
+        opts_free(&o);
+        return 0;
+    }
     const char *sp = rc ? NULL : opt_str(&o, "spec"), *out = rc ? NULL : opt_str(&o, "out");
-    if (!rc && (!sp || !out)) { snprintf(err, sizeof err, "--spec F.yaml and --out DIR are required"); rc = -1; }
+    if (!rc && (!sp || !out)) {
+        snprintf(err, sizeof err, "--spec F.yaml and --out DIR are required");
+        rc = -1;
+    }
     if (!rc) rc = cluster_model_spec_load(sp, &spec, err, sizeof err);
     have_spec = !rc;
     long v;
@@ -997,7 +1097,8 @@ static int cmd_init_model(int argc, char **argv)
         spec.shards = (int)v;
     }
     if (!rc && opt_has(&o, "dtype") && stage_dtype_parse(opt_str(&o, "dtype"), &spec.dtype)) {
-        snprintf(err, sizeof err, "--dtype: expected f32, bf16 or f16, got '%s'", opt_str(&o, "dtype"));
+        snprintf(err, sizeof err, "--dtype: expected f32, bf16 or f16, got '%s'",
+                 opt_str(&o, "dtype"));
         rc = -1;
     }
     if (!rc) {
@@ -1009,13 +1110,16 @@ static int cmd_init_model(int argc, char **argv)
     if (!rc && opt_has(&o, "no-calibrate")) spec.calibrate = 0;
     FILE *log = opt_has(&o, "quiet") ? NULL : stderr;
     if (!rc) {
-        if (log) fprintf(log, "init-model: %d layers, hidden %d, vocab %d, %s, %d shard%s -> %s\n",
-                         spec.cfg.n_layers, spec.cfg.hidden, spec.cfg.vocab, stage_dtype_st_name(spec.dtype),
-                         spec.shards, spec.shards > 1 ? "s" : "", out);
+        if (log)
+            fprintf(log, "init-model: %d layers, hidden %d, vocab %d, %s, %d shard%s -> %s\n",
+                    spec.cfg.n_layers, spec.cfg.hidden, spec.cfg.vocab,
+                    stage_dtype_st_name(spec.dtype), spec.shards, spec.shards > 1 ? "s" : "", out);
         rc = cluster_init_model(&spec, out, log, err, sizeof err);
     }
-    if (rc) fprintf(stderr, "modpipe init-model: %s\n", err);
-    else if (log) fprintf(log, "init-model: wrote %s\n", out);
+    if (rc)
+        fprintf(stderr, "modpipe init-model: %s\n", err);
+    else if (log)
+        fprintf(log, "init-model: wrote %s\n", out);
     if (have_spec) cluster_model_spec_free(&spec);
     opts_free(&o);
     return rc ? 1 : 0;
@@ -1037,11 +1141,15 @@ static void fix_blas_coretype(char **argv)
 int main(int argc, char **argv)
 {
     fix_blas_coretype(argv);
-    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") ||
+        !strcmp(argv[1], "help")) {
         usage_main(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
     }
-    if (!strcmp(argv[1], "--version")) { printf("modpipe %s\n", MODPIPE_VERSION); return 0; }
+    if (!strcmp(argv[1], "--version")) {
+        printf("modpipe %s\n", MODPIPE_VERSION);
+        return 0;
+    }
     if (!strcmp(argv[1], "generate")) return cmd_run(C_GEN, argc - 2, argv + 2);
     if (!strcmp(argv[1], "eval")) return cmd_run(C_EVAL, argc - 2, argv + 2);
     if (!strcmp(argv[1], "partition")) return cmd_partition(argc - 2, argv + 2);

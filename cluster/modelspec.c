@@ -12,17 +12,38 @@
 #include "cluster/yamlcfg.h"
 
 static const char *const spec_keys[] = {
-    "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-    "num_hidden_layers", "vocab_size", "rms_norm_eps", "rope_theta",
-    "max_position_embeddings", "tie_word_embeddings", "layer_types", "layer_pattern",
-    "mod.capacity", "mod.routing", "mod.threshold", "mod.router_scale", "mod.router_bias",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "num_hidden_layers",
+    "vocab_size",
+    "rms_norm_eps",
+    "rope_theta",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "layer_types",
+    "layer_pattern",
+    "mod.capacity",
+    "mod.routing",
+    "mod.threshold",
+    "mod.router_scale",
+    "mod.router_bias",
     "mod.predictor_hidden",
-    "mode.num_experts", "mode.num_noop_experts", "mode.experts_per_token",
+    "mode.num_experts",
+    "mode.num_noop_experts",
+    "mode.experts_per_token",
     "mode.expert_intermediate_size",
-    "mindskip.granularity", "mindskip.threshold",
-    "init.seed", "init.std", "init.router_std",
-    "output.dtype", "output.shards",
-    "calibrate.enabled", "calibrate.prompts", "calibrate.length",
+    "mindskip.granularity",
+    "mindskip.threshold",
+    "init.seed",
+    "init.std",
+    "init.router_std",
+    "output.dtype",
+    "output.shards",
+    "calibrate.enabled",
+    "calibrate.prompts",
+    "calibrate.length",
     NULL,
 };
 
@@ -43,21 +64,19 @@ static int err_at(const cluster_yaml *y, const cluster_yaml_entry *e, char *err,
 }
 
 /* Optional integer: keeps *out (the default) when the key is absent. */
-static int opt_int(const cluster_yaml *y, const char *key, long lo, long hi, int *out,
-                   char *err, size_t errlen)
+static int opt_int(const cluster_yaml *y, const char *key, long lo, long hi, int *out, char *err,
+                   size_t errlen)
 {
     const cluster_yaml_entry *e = cluster_yaml_get(y, key);
-    if (!e)
-        return 0;
+    if (!e) return 0;
     long v;
-    if (cluster_yaml_int(y, e, lo, hi, &v, err, errlen))
-        return -1;
+    if (cluster_yaml_int(y, e, lo, hi, &v, err, errlen)) return -1;
     *out = (int)v;
     return 0;
 }
 
-static int req_int(const cluster_yaml *y, const char *key, long lo, long hi, int *out,
-                   char *err, size_t errlen)
+static int req_int(const cluster_yaml *y, const char *key, long lo, long hi, int *out, char *err,
+                   size_t errlen)
 {
     if (!cluster_yaml_get(y, key)) {
         cluster_set_err(err, errlen, "%s: missing required key %s", y->path, key);
@@ -71,8 +90,7 @@ static int opt_num(const cluster_yaml *y, const char *key, double lo, int lo_ope
                    int hi_open, double *out, char *err, size_t errlen)
 {
     const cluster_yaml_entry *e = cluster_yaml_get(y, key);
-    if (!e)
-        return 0;
+    if (!e) return 0;
     char want[96];
     if (hi >= 1e300)
         snprintf(want, sizeof want, "a number %s %g", lo_open ? ">" : ">=", lo);
@@ -82,8 +100,8 @@ static int opt_num(const cluster_yaml *y, const char *key, double lo, int lo_ope
     if (e->is_list || e->n_vals != 1)
         return err_at(y, e, err, errlen, "%s: expected %s, got a list", key, want);
     double v;
-    if (cluster_yaml_double(y, e, -1e300, 1e300, &v, err, errlen) ||
-        (lo_open ? v <= lo : v < lo) || (hi_open ? v >= hi : v > hi))
+    if (cluster_yaml_double(y, e, -1e300, 1e300, &v, err, errlen) || (lo_open ? v <= lo : v < lo) ||
+        (hi_open ? v >= hi : v > hi))
         return err_at(y, e, err, errlen, "%s: expected %s, got '%s'", key, want, e->vals[0]);
     *out = v;
     return 0;
@@ -100,8 +118,7 @@ static int opt_enum(const cluster_yaml *y, const char *key, const char *const *n
                     const int *values, const char *expect, int *out, char *err, size_t errlen)
 {
     const cluster_yaml_entry *e = cluster_yaml_get(y, key);
-    if (!e)
-        return 0;
+    if (!e) return 0;
     if (e->is_list || e->n_vals != 1)
         return err_at(y, e, err, errlen, "%s: expected %s, got a list", key, expect);
     for (int i = 0; names[i]; i++) {
@@ -147,8 +164,7 @@ static int parse_layers(const cluster_yaml *y, stage_config *c, char *err, size_
     if (e && !e->is_list)
         return err_at(y, e, err, errlen, "%s: expected a list like [dense, mod], got '%s'", key,
                       e->vals[0]);
-    if (e && e->n_vals == 0)
-        return err_at(y, e, err, errlen, "%s: empty list", key);
+    if (e && e->n_vals == 0) return err_at(y, e, err, errlen, "%s: empty list", key);
 
     if (c->n_layers == 0) {
         /* num_hidden_layers may be left out when layer_types lists every layer */
@@ -159,17 +175,15 @@ static int parse_layers(const cluster_yaml *y, stage_config *c, char *err, size_
         c->n_layers = lt->n_vals;
     }
     if (lt && lt->n_vals != c->n_layers)
-        return err_at(y, lt, err, errlen,
-                      "layer_types: %d entries but num_hidden_layers is %d", lt->n_vals,
-                      c->n_layers);
+        return err_at(y, lt, err, errlen, "layer_types: %d entries but num_hidden_layers is %d",
+                      lt->n_vals, c->n_layers);
 
     c->layer_kind = calloc((size_t)c->n_layers, sizeof *c->layer_kind);
     if (!c->layer_kind) {
         cluster_set_err(err, errlen, "%s: out of memory", y->path);
         return -1;
     }
-    if (!e)
-        return 0; /* calloc: STAGE_KIND_DENSE == 0 */
+    if (!e) return 0; /* calloc: STAGE_KIND_DENSE == 0 */
     for (int i = 0; i < e->n_vals; i++) {
         stage_kind k;
         if (parse_kind(e->vals[i], &k))
@@ -177,8 +191,7 @@ static int parse_layers(const cluster_yaml *y, stage_config *c, char *err, size_
                           "%s: item %d: unknown layer kind '%s' (expected dense, mod, "
                           "mode_staged, mode_integrated or mindskip)",
                           key, i + 1, e->vals[i]);
-        for (int l = i; l < c->n_layers; l += e->n_vals)
-            c->layer_kind[l] = k;
+        for (int l = i; l < c->n_layers; l += e->n_vals) c->layer_kind[l] = k;
     }
     return 0;
 }
@@ -203,8 +216,7 @@ static void set_defaults(cluster_model_spec *s)
 static int fill(const cluster_yaml *y, cluster_model_spec *s, char *err, size_t errlen)
 {
     stage_config *c = &s->cfg;
-    if (cluster_yaml_check_keys(y, spec_keys, err, errlen))
-        return -1;
+    if (cluster_yaml_check_keys(y, spec_keys, err, errlen)) return -1;
 
     /* sizes: bounded so later products (vocab*hidden, ...) stay sane */
     if (req_int(y, "hidden_size", 1, 1 << 16, &c->hidden, err, errlen) ||
@@ -212,8 +224,7 @@ static int fill(const cluster_yaml *y, cluster_model_spec *s, char *err, size_t 
         req_int(y, "num_attention_heads", 1, 1024, &c->n_heads, err, errlen) ||
         req_int(y, "vocab_size", 1, 1 << 22, &c->vocab, err, errlen))
         return -1;
-    if (opt_int(y, "num_hidden_layers", 1, 4096, &c->n_layers, err, errlen))
-        return -1;
+    if (opt_int(y, "num_hidden_layers", 1, 4096, &c->n_layers, err, errlen)) return -1;
     c->n_kv_heads = c->n_heads;
     /* via doubles: stage_config's float fields may be float or double */
     double eps = c->eps, theta = c->rope_theta;
@@ -229,20 +240,20 @@ static int fill(const cluster_yaml *y, cluster_model_spec *s, char *err, size_t 
     const cluster_yaml_entry *he = cluster_yaml_get(y, "num_attention_heads");
     if (c->hidden % c->n_heads)
         return err_at(y, he, err, errlen,
-                      "num_attention_heads: hidden_size %d is not divisible by %d heads",
-                      c->hidden, c->n_heads);
+                      "num_attention_heads: hidden_size %d is not divisible by %d heads", c->hidden,
+                      c->n_heads);
     c->head_dim = c->hidden / c->n_heads;
     if (c->head_dim % 2) /* rotate_half RoPE pairs up the two halves of a head */
         return err_at(y, he, err, errlen,
                       "num_attention_heads: head_dim %d (hidden_size / heads) must be even "
-                      "for RoPE", c->head_dim);
+                      "for RoPE",
+                      c->head_dim);
     if (c->n_heads % c->n_kv_heads)
         return err_at(y, cluster_yaml_get(y, "num_key_value_heads"), err, errlen,
                       "num_key_value_heads: %d attention heads are not divisible by %d KV heads",
                       c->n_heads, c->n_kv_heads);
 
-    if (parse_layers(y, c, err, errlen))
-        return -1;
+    if (parse_layers(y, c, err, errlen)) return -1;
 
     static const char *const routing_names[] = {"threshold", "predictor", "topk", NULL};
     static const int routing_vals[] = {STAGE_ROUTING_THRESHOLD, STAGE_ROUTING_PREDICTOR,
@@ -285,8 +296,8 @@ static int fill(const cluster_yaml *y, cluster_model_spec *s, char *err, size_t 
                       "mode.experts_per_token: %d is more than num_experts (%d)",
                       c->experts_per_token, c->n_experts);
 
-    if (opt_enum(y, "mindskip.granularity", gran_names, gran_vals, "sequence or token", &gran,
-                 err, errlen) ||
+    if (opt_enum(y, "mindskip.granularity", gran_names, gran_vals, "sequence or token", &gran, err,
+                 errlen) ||
         opt_num(y, "mindskip.threshold", 0, 1, 1, 1, &ms_thr, err, errlen))
         return -1;
     c->ms_threshold = ms_thr;
@@ -295,8 +306,7 @@ static int fill(const cluster_yaml *y, cluster_model_spec *s, char *err, size_t 
     const cluster_yaml_entry *se = cluster_yaml_get(y, "init.seed");
     if (se) {
         long v;
-        if (cluster_yaml_int(y, se, 0, LONG_MAX, &v, err, errlen))
-            return -1;
+        if (cluster_yaml_int(y, se, 0, LONG_MAX, &v, err, errlen)) return -1;
         s->seed = (unsigned long)v;
     }
     double std = s->init_std, rstd = s->router_std;
@@ -332,26 +342,21 @@ static int from_yaml(const cluster_yaml *y, cluster_model_spec *spec, char *err,
 int cluster_model_spec_parse(const char *text, size_t len, const char *path,
                              cluster_model_spec *spec, char *err, size_t errlen)
 {
-    if (!spec)
-        return -1;
+    if (!spec) return -1;
     memset(spec, 0, sizeof *spec);
     cluster_yaml y;
-    if (cluster_yaml_parse(text, len, path, &y, err, errlen))
-        return -1;
+    if (cluster_yaml_parse(text, len, path, &y, err, errlen)) return -1;
     int rc = from_yaml(&y, spec, err, errlen);
     cluster_yaml_free(&y);
     return rc;
 }
 
-int cluster_model_spec_load(const char *path, cluster_model_spec *spec, char *err,
-                            size_t errlen)
+int cluster_model_spec_load(const char *path, cluster_model_spec *spec, char *err, size_t errlen)
 {
-    if (!spec)
-        return -1;
+    if (!spec) return -1;
     memset(spec, 0, sizeof *spec);
     cluster_yaml y;
-    if (cluster_yaml_load(path, &y, err, errlen))
-        return -1;
+    if (cluster_yaml_load(path, &y, err, errlen)) return -1;
     int rc = from_yaml(&y, spec, err, errlen);
     cluster_yaml_free(&y);
     return rc;
@@ -359,8 +364,7 @@ int cluster_model_spec_load(const char *path, cluster_model_spec *spec, char *er
 
 void cluster_model_spec_free(cluster_model_spec *spec)
 {
-    if (!spec)
-        return;
+    if (!spec) return;
     free(spec->cfg.layer_kind);
     spec->cfg.layer_kind = NULL;
 }

@@ -31,17 +31,17 @@
 
 typedef struct {
     stage_config cfg;
-    int router_bias;       /* write model.layers.i.router.bias */
-    int predictor_hidden;  /* hidden width of router_predictor.fc1 */
+    int router_bias;      /* write model.layers.i.router.bias */
+    int predictor_hidden; /* hidden width of router_predictor.fc1 */
     unsigned long seed;
-    float init_std;        /* weights ~ N(0, init_std^2); norms = 1 */
-    float router_std;      /* router weights ~ N(0, (router_std/sqrt(D))^2) */
+    float init_std;   /* weights ~ N(0, init_std^2); norms = 1 */
+    float router_std; /* router weights ~ N(0, (router_std/sqrt(D))^2) */
     stage_dtype dtype;
     int shards;
     int calibrate;
     int calib_prompts;
     int calib_length;
-    int threads;           /* not a YAML key: init-model --threads (drawing the weights) */
+    int threads; /* not a YAML key: init-model --threads (drawing the weights) */
 } cluster_model_spec;
 
 int cluster_model_spec_load(const char *path, cluster_model_spec *spec, char *err, size_t errlen);

@@ -20,39 +20,29 @@ static double attn_params(const stage_config *c)
     return (double)c->hidden * c->head_dim * (2.0 * c->n_heads + 2.0 * c->n_kv_heads);
 }
 
-static double mlp_params(const stage_config *c)
-{
-    return 3.0 * c->hidden * c->inter;
-}
+static double mlp_params(const stage_config *c) { return 3.0 * c->hidden * c->inter; }
 
-static double expert_params(const stage_config *c)
-{
-    return 3.0 * c->hidden * c->expert_inter;
-}
+static double expert_params(const stage_config *c) { return 3.0 * c->hidden * c->expert_inter; }
 
 double cluster_layer_cost(const stage_config *c, int layer)
 {
-    if (!c || !c->layer_kind || layer < 0 || layer >= c->n_layers)
-        return 0.0;
+    if (!c || !c->layer_kind || layer < 0 || layer >= c->n_layers) return 0.0;
     double e = c->n_experts, nn = c->n_noop_experts;
     double attn = stage_flops_attn_proj(c); /* the FLOP model of --stats (stage/config.h) */
     double mlp = stage_flops_mlp(c);
     switch (c->layer_kind[layer]) {
-    case STAGE_KIND_MOD:
-        return c->mod_capacity * (attn + mlp);
+    case STAGE_KIND_MOD: return c->mod_capacity * (attn + mlp);
     case STAGE_KIND_MODE_STAGED:
         return c->mod_capacity * (attn + stage_flops_gate(c, c->n_experts) +
                                   c->experts_per_token * stage_flops_expert(c));
     case STAGE_KIND_MODE_INTEGRATED:
         /* top-1 over E real + N no-op experts: a real expert runs with share E/(E+N) */
-        if (e + nn <= 0)
-            return attn;
+        if (e + nn <= 0) return attn;
         return attn + stage_flops_gate(c, c->n_experts + c->n_noop_experts) +
                (e / (e + nn)) * stage_flops_expert(c);
     case STAGE_KIND_MINDSKIP: /* skip rate unknown ahead: full cost */
     case STAGE_KIND_DENSE:
-    default:
-        return attn + mlp;
+    default: return attn + mlp;
     }
 }
 
@@ -61,11 +51,9 @@ double cluster_layer_cost(const stage_config *c, int layer)
  * predictor width of init-model (16; the real width is in the file). */
 static size_t router_elems(const stage_config *c, int layer)
 {
-    if (!stage_kind_is_routed(c->layer_kind[layer]))
-        return 0;
+    if (!stage_kind_is_routed(c->layer_kind[layer])) return 0;
     size_t d = (size_t)c->hidden, n = d + 1;
-    if (c->mod_routing == STAGE_ROUTING_PREDICTOR)
-        n += 16 * d + 16 + 16 + 1;
+    if (c->mod_routing == STAGE_ROUTING_PREDICTOR) n += 16 * d + 16 + 16 + 1;
     return n;
 }
 
@@ -73,18 +61,13 @@ static size_t router_elems(const stage_config *c, int layer)
  * them (stage_model_weight_bytes). */
 size_t cluster_layer_weight_bytes(const stage_config *c, int layer, size_t elem_size)
 {
-    if (!c || !c->layer_kind || layer < 0 || layer >= c->n_layers)
-        return 0;
+    if (!c || !c->layer_kind || layer < 0 || layer >= c->n_layers) return 0;
     size_t d = (size_t)c->hidden;
     size_t mat = (size_t)attn_params(c), vec = 2 * d; /* + the two norms */
     size_t experts = (size_t)c->n_experts * (size_t)expert_params(c);
     switch (c->layer_kind[layer]) {
-    case STAGE_KIND_MOD:
-        mat += (size_t)mlp_params(c);
-        break;
-    case STAGE_KIND_MODE_STAGED:
-        mat += experts + (size_t)c->n_experts * d;
-        break;
+    case STAGE_KIND_MOD: mat += (size_t)mlp_params(c); break;
+    case STAGE_KIND_MODE_STAGED: mat += experts + (size_t)c->n_experts * d; break;
     case STAGE_KIND_MODE_INTEGRATED:
         mat += experts + (size_t)(c->n_experts + c->n_noop_experts) * d;
         break;
@@ -93,17 +76,12 @@ size_t cluster_layer_weight_bytes(const stage_config *c, int layer, size_t elem_
         vec += d; /* its attention router */
         break;
     case STAGE_KIND_DENSE:
-    default:
-        mat += (size_t)mlp_params(c);
-        break;
+    default: mat += (size_t)mlp_params(c); break;
     }
     return mat * elem_size + (vec + router_elems(c, layer)) * 4;
 }
 
-static double head_cost(const stage_config *c)
-{
-    return 2.0 * c->hidden * c->vocab;
-}
+static double head_cost(const stage_config *c) { return 2.0 * c->hidden * c->vocab; }
 
 static size_t embed_bytes(const stage_config *c, size_t es)
 {
@@ -115,8 +93,7 @@ static size_t embed_bytes(const stage_config *c, size_t es)
 static size_t head_bytes(const stage_config *c, int n_stages, size_t es)
 {
     size_t b = (size_t)c->hidden * 4; /* model.norm: f32 */
-    if (!c->tie_embeddings || n_stages > 1)
-        b += embed_bytes(c, es);
+    if (!c->tie_embeddings || n_stages > 1) b += embed_bytes(c, es);
     return b;
 }
 
@@ -128,8 +105,7 @@ static double kv_layer_bytes(const stage_config *c, int layer, int ctx)
     int cap = ctx;
     if (stage_kind_is_routed(c->layer_kind[layer])) {
         cap = (int)ceil(c->mod_capacity * ctx * 1.25) + 8;
-        if (cap > ctx)
-            cap = ctx;
+        if (cap > ctx) cap = ctx;
     }
     double kvd = (double)c->n_kv_heads * c->head_dim;
     return (double)cap * (2.0 * kvd * (double)stage_dtype_size(STAGE_KV_DTYPE) + 4.0);
@@ -145,10 +121,9 @@ static double work_bytes(const stage_config *c, int R, int ctx, int head)
     double ng = c->n_experts + c->n_noop_experts + 1.0;
     double ept = c->experts_per_token > 0 ? c->experts_per_token : 1;
     double per_row = 8 * D + 2 * qd + 2 * kvd + 2 * ff + ng + 2 * ept + 5 /* stage_state */
-                     + 4 * D + 8;                                       /* pipeline */
+                     + 4 * D + 8;                                         /* pipeline */
     double b = 4.0 * R * per_row + 4.0 * (ctx + 1.0 + D);
-    if (head)
-        b += 4.0 * R * c->vocab + 8.0 * c->vocab;
+    if (head) b += 4.0 * R * c->vocab + 8.0 * c->vocab;
     return b;
 }
 
@@ -156,13 +131,13 @@ static double work_bytes(const stage_config *c, int R, int ctx, int head)
 typedef struct {
     const stage_config *cfg;
     int n_layers, n_stages;
-    size_t es;       /* weight element bytes */
+    size_t es;                   /* weight element bytes */
     const cluster_mem_opts *mem; /* NULL: no memory planning */
-    double *pc;  /* [L+1] prefix cost */
-    double *pw;  /* [L+1] prefix weight bytes */
-    double *pkv; /* [L+1] prefix KV bytes (mem only) */
-    double *pr;  /* [L+1] prefix router bytes */
-    int *pdense; /* [L+1] prefix count of layers that need every row */
+    double *pc;                  /* [L+1] prefix cost */
+    double *pw;                  /* [L+1] prefix weight bytes */
+    double *pkv;                 /* [L+1] prefix KV bytes (mem only) */
+    double *pr;                  /* [L+1] prefix router bytes */
+    int *pdense;                 /* [L+1] prefix count of layers that need every row */
 } costs;
 
 static int costs_init(costs *k, const stage_config *c, int n_stages, const cluster_mem_opts *mem)
@@ -173,15 +148,13 @@ static int costs_init(costs *k, const stage_config *c, int n_stages, const clust
     k->n_stages = n_stages;
     k->mem = mem;
     k->es = mem ? stage_dtype_size(mem->weight_dtype) : 4;
-    if (k->es == 0)
-        k->es = 4;
+    if (k->es == 0) k->es = 4;
     k->pc = calloc((size_t)L + 1, sizeof *k->pc);
     k->pw = calloc((size_t)L + 1, sizeof *k->pw);
     k->pkv = calloc((size_t)L + 1, sizeof *k->pkv);
     k->pr = calloc((size_t)L + 1, sizeof *k->pr);
     k->pdense = calloc((size_t)L + 1, sizeof *k->pdense);
-    if (!k->pc || !k->pw || !k->pkv || !k->pr || !k->pdense)
-        return -1;
+    if (!k->pc || !k->pw || !k->pkv || !k->pr || !k->pdense) return -1;
     for (int l = 0; l < L; l++) {
         k->pc[l + 1] = k->pc[l] + cluster_layer_cost(c, l);
         k->pw[l + 1] = k->pw[l] + (double)cluster_layer_weight_bytes(c, l, k->es);
@@ -211,23 +184,17 @@ static double seg_weight(const costs *k, int a, int b)
 {
     /* the routers of routed layers outside a..b: every stage loads them (SPEC 4) */
     double w = k->pw[b + 1] - k->pw[a] + k->pr[k->n_layers] - (k->pr[b + 1] - k->pr[a]);
-    if (a == 0)
-        w += (double)embed_bytes(k->cfg, k->es);
-    if (b == k->n_layers - 1)
-        w += (double)head_bytes(k->cfg, k->n_stages, k->es);
+    if (a == 0) w += (double)embed_bytes(k->cfg, k->es);
+    if (b == k->n_layers - 1) w += (double)head_bytes(k->cfg, k->n_stages, k->es);
     return w;
 }
 
-static double seg_kv(const costs *k, int a, int b)
-{
-    return k->pkv[b + 1] - k->pkv[a];
-}
+static double seg_kv(const costs *k, int a, int b) { return k->pkv[b + 1] - k->pkv[a]; }
 
 static double seg_work(const costs *k, int a, int b)
 {
     (void)a;
-    if (!k->mem)
-        return 0.0;
+    if (!k->mem) return 0.0;
     return work_bytes(k->cfg, k->mem->micro_batch, k->mem->ctx, b == k->n_layers - 1) +
            (double)CLUSTER_RUNTIME_BYTES;
 }
@@ -258,8 +225,7 @@ static void append_layers(char *buf, size_t cap, const int *ls, int n)
     size_t start = strlen(buf);
     for (int i = 0; i < n;) {
         int j = i;
-        while (j + 1 < n && ls[j + 1] == ls[j] + 1)
-            j++;
+        while (j + 1 < n && ls[j + 1] == ls[j] + 1) j++;
         size_t len = strlen(buf);
         if (len - start > 40) {
             snprintf(buf + len, cap - len, ", ...");
@@ -302,14 +268,12 @@ static void why_not_sparse(const stage_config *c, int t, int a, int b, char *why
     for (int gi = 0; gi < n_groups; gi++) {
         int n = 0;
         for (int l = a; l <= b; l++)
-            if (c->layer_kind[l] == needy[groups[gi]] && ls)
-                ls[n++] = l;
+            if (c->layer_kind[l] == needy[groups[gi]] && ls) ls[n++] = l;
         size_t len = strlen(buf);
         const char *sep = gi == 0 ? "" : (gi == n_groups - 1 ? " and " : ", ");
         snprintf(buf + len, sizeof buf - len, "%s%s layers (", sep,
                  stage_kind_name(needy[groups[gi]]));
-        if (ls)
-            append_layers(buf, sizeof buf, ls, n);
+        if (ls) append_layers(buf, sizeof buf, ls, n);
         len = strlen(buf);
         snprintf(buf + len, sizeof buf - len, ")");
     }
@@ -319,8 +283,8 @@ static void why_not_sparse(const stage_config *c, int t, int a, int b, char *why
     snprintf(why, cap, "%s", buf);
 }
 
-static int fill_plan(const costs *k, const int *first, int n_stages, cluster_plan *plan,
-                     char *err, size_t errlen)
+static int fill_plan(const costs *k, const int *first, int n_stages, cluster_plan *plan, char *err,
+                     size_t errlen)
 {
     plan->st = calloc((size_t)n_stages, sizeof *plan->st);
     if (!plan->st) {
@@ -345,8 +309,7 @@ static int fill_plan(const costs *k, const int *first, int n_stages, cluster_pla
         s->work_bytes = (size_t)llround(seg_work(k, s->first, s->last));
         s->mem_bytes = s->weight_bytes + s->kv_bytes + s->work_bytes;
         s->sparse_in = seg_sparse(k, t, s->first, s->last);
-        if (!s->sparse_in)
-            why_not_sparse(k->cfg, t, s->first, s->last, s->why, sizeof s->why);
+        if (!s->sparse_in) why_not_sparse(k->cfg, t, s->first, s->last, s->why, sizeof s->why);
     }
     return 0;
 }
@@ -374,14 +337,10 @@ typedef struct {
 
 static int cell_better(const dp_cell *a, const dp_cell *b, double var_tol, double cost_tol)
 {
-    if (!b->ok)
-        return a->ok;
-    if (!a->ok)
-        return 0;
-    if (a->sparse != b->sparse)
-        return a->sparse > b->sparse;
-    if (fabs(a->var - b->var) > var_tol)
-        return a->var < b->var;
+    if (!b->ok) return a->ok;
+    if (!a->ok) return 0;
+    if (a->sparse != b->sparse) return a->sparse > b->sparse;
+    if (fabs(a->var - b->var) > var_tol) return a->var < b->var;
     return a->maxc < b->maxc - cost_tol;
 }
 
@@ -425,8 +384,7 @@ static void explain_no_fit(const costs *k, int S, char *err, size_t errlen)
         free(arg);
         return;
     }
-    for (size_t i = 0; i < (size_t)(S + 1) * W; i++)
-        bm[i] = INFINITY;
+    for (size_t i = 0; i < (size_t)(S + 1) * W; i++) bm[i] = INFINITY;
     bm[0] = 0.0;
     for (int t = 1; t <= S; t++)
         for (int j = t; j <= L - (S - t); j++)
@@ -451,15 +409,16 @@ static void explain_no_fit(const costs *k, int S, char *err, size_t errlen)
     }
     char need[200];
     seg_mem_text(k, wa, wb, need, sizeof need);
-    cluster_set_err(err, errlen, "no split of %d layers into %d stage%s fits --mem-per-rank %s: "
+    cluster_set_err(err, errlen,
+                    "no split of %d layers into %d stage%s fits --mem-per-rank %s: "
                     "in the best one, %s; use more ranks or a larger limit",
                     L, S, S == 1 ? "" : "s", lim, need);
     free(bm);
     free(arg);
 }
 
-int cluster_partition_auto(const stage_config *cfg, int n_stages, cluster_plan *plan,
-                           char *err, size_t errlen)
+int cluster_partition_auto(const stage_config *cfg, int n_stages, cluster_plan *plan, char *err,
+                           size_t errlen)
 {
     return cluster_partition_auto_mem(cfg, n_stages, NULL, plan, err, errlen);
 }
@@ -467,11 +426,9 @@ int cluster_partition_auto(const stage_config *cfg, int n_stages, cluster_plan *
 int cluster_partition_auto_mem(const stage_config *cfg, int n_stages, const cluster_mem_opts *mem,
                                cluster_plan *plan, char *err, size_t errlen)
 {
-    if (!plan)
-        return -1;
+    if (!plan) return -1;
     memset(plan, 0, sizeof *plan);
-    if (check_cfg(cfg, err, errlen))
-        return -1;
+    if (check_cfg(cfg, err, errlen)) return -1;
     int L = cfg->n_layers, S = n_stages;
     if (S < 1) {
         cluster_set_err(err, errlen, "partition: need at least one stage, got %d", S);
@@ -479,8 +436,8 @@ int cluster_partition_auto_mem(const stage_config *cfg, int n_stages, const clus
     }
     if (S > L) {
         cluster_set_err(err, errlen,
-                "cannot split %d layers into %d stages: a stage needs at least one layer", L,
-                S);
+                        "cannot split %d layers into %d stages: a stage needs at least one layer",
+                        L, S);
         return -1;
     }
     costs k;
@@ -488,27 +445,22 @@ int cluster_partition_auto_mem(const stage_config *cfg, int n_stages, const clus
     double *best = NULL;
     dp_cell *cell = NULL;
     int *first = NULL;
-    if (costs_init(&k, cfg, S, mem))
-        goto oom;
+    if (costs_init(&k, cfg, S, mem)) goto oom;
     size_t W = (size_t)L + 1;
     best = malloc(sizeof *best * (size_t)(S + 1) * W);
     cell = calloc((size_t)(S + 1) * W, sizeof *cell);
     first = malloc(sizeof *first * (size_t)S);
-    if (!best || !cell || !first)
-        goto oom;
+    if (!best || !cell || !first) goto oom;
 
     /* Phase 1: best[t][j] = least bottleneck of layers 0..j-1 in t stages. */
-    for (size_t i = 0; i < (size_t)(S + 1) * W; i++)
-        best[i] = INFINITY;
+    for (size_t i = 0; i < (size_t)(S + 1) * W; i++) best[i] = INFINITY;
     best[0] = 0.0;
     for (int t = 1; t <= S; t++)
         for (int j = t; j <= L - (S - t); j++)
             for (int i = t - 1; i < j; i++) {
-                if (!seg_fits(&k, i, j - 1))
-                    continue;
+                if (!seg_fits(&k, i, j - 1)) continue;
                 double v = fmax(best[(size_t)(t - 1) * W + (size_t)i], seg_cost(&k, i, j - 1));
-                if (v < best[(size_t)t * W + (size_t)j])
-                    best[(size_t)t * W + (size_t)j] = v;
+                if (v < best[(size_t)t * W + (size_t)j]) best[(size_t)t * W + (size_t)j] = v;
             }
     double opt = best[(size_t)S * W + (size_t)L];
     if (isinf(opt)) { /* only with a memory limit */
@@ -527,16 +479,13 @@ int cluster_partition_auto_mem(const stage_config *cfg, int n_stages, const clus
             dp_cell *dst = &cell[(size_t)t * W + (size_t)j];
             for (int i = t - 1; i < j; i++) {
                 const dp_cell *src = &cell[(size_t)(t - 1) * W + (size_t)i];
-                if (!src->ok)
-                    continue;
+                if (!src->ok) continue;
                 double c = seg_cost(&k, i, j - 1);
-                if (c > bound || !seg_fits(&k, i, j - 1))
-                    continue;
+                if (c > bound || !seg_fits(&k, i, j - 1)) continue;
                 double dw = seg_weight(&k, i, j - 1) - mean;
                 dp_cell cand = {1, src->sparse + seg_sparse(&k, t - 1, i, j - 1),
                                 src->var + dw * dw, fmax(src->maxc, c), i};
-                if (cell_better(&cand, dst, var_tol, cost_tol))
-                    *dst = cand;
+                if (cell_better(&cand, dst, var_tol, cost_tol)) *dst = cand;
             }
         }
     if (!cell[(size_t)S * W + (size_t)L].ok) { /* cannot happen: the optimum is feasible */
@@ -564,13 +513,11 @@ out:
 static int parse_uint(const char **p, int *out)
 {
     const char *s = *p;
-    if (!isdigit((unsigned char)*s))
-        return -1;
+    if (!isdigit((unsigned char)*s)) return -1;
     long v = 0;
     while (isdigit((unsigned char)*s)) {
         v = v * 10 + (*s - '0');
-        if (v > 1000000)
-            return -1;
+        if (v > 1000000) return -1;
         s++;
     }
     *out = (int)v;
@@ -581,22 +528,15 @@ static int parse_uint(const char **p, int *out)
 /* "a-b" or "a", blanks allowed around the numbers. */
 static int parse_range(const char *s, int *a, int *b)
 {
-    if (!s)
-        return -1;
-    while (isspace((unsigned char)*s))
-        s++;
-    if (parse_uint(&s, a))
-        return -1;
-    while (isspace((unsigned char)*s))
-        s++;
+    if (!s) return -1;
+    while (isspace((unsigned char)*s)) s++;
+    if (parse_uint(&s, a)) return -1;
+    while (isspace((unsigned char)*s)) s++;
     if (*s == '-') {
         s++;
-        while (isspace((unsigned char)*s))
-            s++;
-        if (parse_uint(&s, b))
-            return -1;
-        while (isspace((unsigned char)*s))
-            s++;
+        while (isspace((unsigned char)*s)) s++;
+        if (parse_uint(&s, b)) return -1;
+        while (isspace((unsigned char)*s)) s++;
     } else {
         *b = *a;
     }
@@ -614,23 +554,20 @@ static void range_text(char *buf, size_t cap, int a, int b)
 int cluster_partition_explicit(const stage_config *cfg, const char *const *ranges, int n_ranges,
                                int n_stages, cluster_plan *plan, char *err, size_t errlen)
 {
-    return cluster_partition_explicit_mem(cfg, ranges, n_ranges, n_stages, NULL, plan, err,
-                                          errlen);
+    return cluster_partition_explicit_mem(cfg, ranges, n_ranges, n_stages, NULL, plan, err, errlen);
 }
 
-int cluster_partition_explicit_mem(const stage_config *cfg, const char *const *ranges,
-                                   int n_ranges, int n_stages, const cluster_mem_opts *mem,
-                                   cluster_plan *plan, char *err, size_t errlen)
+int cluster_partition_explicit_mem(const stage_config *cfg, const char *const *ranges, int n_ranges,
+                                   int n_stages, const cluster_mem_opts *mem, cluster_plan *plan,
+                                   char *err, size_t errlen)
 {
-    if (!plan)
-        return -1;
+    if (!plan) return -1;
     memset(plan, 0, sizeof *plan);
-    if (check_cfg(cfg, err, errlen))
-        return -1;
+    if (check_cfg(cfg, err, errlen)) return -1;
     int L = cfg->n_layers;
     if (n_ranges != n_stages) {
         cluster_set_err(err, errlen, "stages: %d range%s given but the job has %d rank%s", n_ranges,
-                n_ranges == 1 ? "" : "s", n_stages, n_stages == 1 ? "" : "s");
+                        n_ranges == 1 ? "" : "s", n_stages, n_stages == 1 ? "" : "s");
         return -1;
     }
     if (n_ranges < 1 || !ranges) {
@@ -655,18 +592,21 @@ int cluster_partition_explicit_mem(const stage_config *cfg, const char *const *r
         int a, b;
         if (parse_range(s, &a, &b)) {
             cluster_set_err(err, errlen,
-                    "stages: range %d '%s' is not a layer range like 0-3 or 4 (layers are "
-                    "numbered from 0)", r + 1, s ? s : "(null)");
+                            "stages: range %d '%s' is not a layer range like 0-3 or 4 (layers are "
+                            "numbered from 0)",
+                            r + 1, s ? s : "(null)");
             goto out;
         }
         if (a > b) {
-            cluster_set_err(err, errlen, "stages: range %d '%s' is empty (%d comes after %d)", r + 1, s,
-                    a, b);
+            cluster_set_err(err, errlen, "stages: range %d '%s' is empty (%d comes after %d)",
+                            r + 1, s, a, b);
             goto out;
         }
         if (b >= L) {
-            cluster_set_err(err, errlen, "stages: range %d '%s' is out of range: the model has %d "
-                    "layers (0-%d)", r + 1, s, L, L - 1);
+            cluster_set_err(err, errlen,
+                            "stages: range %d '%s' is out of range: the model has %d "
+                            "layers (0-%d)",
+                            r + 1, s, L, L - 1);
             goto out;
         }
         first[r] = a;
@@ -674,8 +614,10 @@ int cluster_partition_explicit_mem(const stage_config *cfg, const char *const *r
     }
     for (int r = 1; r < n_ranges; r++) {
         if (first[r] < first[r - 1]) {
-            cluster_set_err(err, errlen, "stages: range %d '%s' comes before range %d '%s': give the "
-                    "ranges in layer order", r + 1, ranges[r], r, ranges[r - 1]);
+            cluster_set_err(err, errlen,
+                            "stages: range %d '%s' comes before range %d '%s': give the "
+                            "ranges in layer order",
+                            r + 1, ranges[r], r, ranges[r - 1]);
             goto out;
         }
     }
@@ -684,13 +626,14 @@ int cluster_partition_explicit_mem(const stage_config *cfg, const char *const *r
         if (a <= prev_b) {
             range_text(t1, sizeof t1, a, b < prev_b ? b : prev_b);
             cluster_set_err(err, errlen, "stages: ranges '%s' and '%s' overlap (layer%s %s)",
-                    ranges[r - 1], ranges[r], strchr(t1, '-') ? "s" : "", t1);
+                            ranges[r - 1], ranges[r], strchr(t1, '-') ? "s" : "", t1);
             goto out;
         }
         if (a > prev_b + 1) {
             range_text(t2, sizeof t2, prev_b + 1, a - 1);
             cluster_set_err(err, errlen, "stages: layer%s %s %s in no stage (gap before '%s')",
-                    strchr(t2, '-') ? "s" : "", t2, strchr(t2, '-') ? "are" : "is", ranges[r]);
+                            strchr(t2, '-') ? "s" : "", t2, strchr(t2, '-') ? "are" : "is",
+                            ranges[r]);
             goto out;
         }
         prev_b = b;
@@ -698,7 +641,7 @@ int cluster_partition_explicit_mem(const stage_config *cfg, const char *const *r
     if (prev_b != L - 1) {
         range_text(t2, sizeof t2, prev_b + 1, L - 1);
         cluster_set_err(err, errlen, "stages: layer%s %s %s in no stage (the model has %d layers)",
-                strchr(t2, '-') ? "s" : "", t2, strchr(t2, '-') ? "are" : "is", L);
+                        strchr(t2, '-') ? "s" : "", t2, strchr(t2, '-') ? "are" : "is", L);
         goto out;
     }
     costs k;
@@ -707,13 +650,12 @@ int cluster_partition_explicit_mem(const stage_config *cfg, const char *const *r
     else
         rc = fill_plan(&k, first, n_stages, plan, err, errlen);
     for (int t = 0; !rc && t < n_stages; t++) {
-        if (seg_fits(&k, first[t], last[t]))
-            continue;
+        if (seg_fits(&k, first[t], last[t])) continue;
         char need[200], lim[32];
         seg_mem_text(&k, first[t], last[t], need, sizeof need);
         mem_text((double)mem->mem_per_rank, lim, sizeof lim);
-        cluster_set_err(err, errlen, "stages: stage %d does not fit --mem-per-rank %s: its %s",
-                        t, lim, need);
+        cluster_set_err(err, errlen, "stages: stage %d does not fit --mem-per-rank %s: its %s", t,
+                        lim, need);
         cluster_plan_free(plan);
         rc = -1;
     }
@@ -727,34 +669,28 @@ out:
 int cluster_weight_dtype(const char *dir, stage_dtype *out, char *err, size_t errlen)
 {
     st_model *m = NULL;
-    if (st_open(dir, &m, err, errlen))
-        return -1;
+    if (st_open(dir, &m, err, errlen)) return -1;
     static const char *const names[] = {"model.layers.0.self_attn.q_proj.weight",
                                         "model.embed_tokens.weight"};
     int r = 0;
     st_tensor t;
-    for (int i = 0; i < 2 && r == 0; i++)
-        r = st_find(m, names[i], &t, err, errlen);
+    for (int i = 0; i < 2 && r == 0; i++) r = st_find(m, names[i], &t, err, errlen);
     if (r == 0)
-        cluster_set_err(err, errlen, "%s: no %s or %s to read the weight dtype from", dir,
-                        names[0], names[1]);
-    if (r > 0)
-        *out = t.dtype;
+        cluster_set_err(err, errlen, "%s: no %s or %s to read the weight dtype from", dir, names[0],
+                        names[1]);
+    if (r > 0) *out = t.dtype;
     st_close(m);
     return r > 0 ? 0 : -1;
 }
 
 int cluster_parse_size(const char *s, size_t *out)
 {
-    if (!s)
-        return -1;
+    if (!s) return -1;
     char *end;
     errno = 0;
     double v = strtod(s, &end);
-    if (errno || end == s || !(v >= 0))
-        return -1;
-    while (isspace((unsigned char)*end))
-        end++;
+    if (errno || end == s || !(v >= 0)) return -1;
+    while (isspace((unsigned char)*end)) end++;
     double mul = 1;
     switch (toupper((unsigned char)*end)) {
     case 'K': mul = 1024.0; break;
@@ -767,24 +703,19 @@ int cluster_parse_size(const char *s, size_t *out)
     }
     if (*end && toupper((unsigned char)*end) != 'B') {
         end++;
-        if (*end == 'i')
-            end++;
+        if (*end == 'i') end++;
     }
-    if (*end == 'B' || *end == 'b')
-        end++;
-    if (*end)
-        return -1;
+    if (*end == 'B' || *end == 'b') end++;
+    if (*end) return -1;
     double b = v * mul;
-    if (b >= 1.8e19)
-        return -1;
+    if (b >= 1.8e19) return -1;
     *out = (size_t)llround(b);
     return 0;
 }
 
 void cluster_plan_free(cluster_plan *plan)
 {
-    if (!plan)
-        return;
+    if (!plan) return;
     free(plan->st);
     plan->st = NULL;
     plan->n_stages = 0;
@@ -798,8 +729,7 @@ static void kinds_text(const stage_config *c, int a, int b, char *buf, size_t ca
     buf[0] = '\0';
     for (int l = a; l <= b;) {
         int j = l;
-        while (j + 1 <= b && c->layer_kind[j + 1] == c->layer_kind[l])
-            j++;
+        while (j + 1 <= b && c->layer_kind[j + 1] == c->layer_kind[l]) j++;
         size_t len = strlen(buf);
         if (j > l)
             snprintf(buf + len, cap - len, "%s%s x%d", len ? ", " : "",
@@ -809,15 +739,12 @@ static void kinds_text(const stage_config *c, int a, int b, char *buf, size_t ca
                      stage_kind_name(c->layer_kind[l]));
         l = j + 1;
     }
-    if (strlen(buf) <= 32)
-        return;
+    if (strlen(buf) <= 32) return;
     buf[0] = '\0';
     for (int k = STAGE_KIND_DENSE; k <= STAGE_KIND_MINDSKIP; k++) {
         int n = 0;
-        for (int l = a; l <= b; l++)
-            n += c->layer_kind[l] == (stage_kind)k;
-        if (!n)
-            continue;
+        for (int l = a; l <= b; l++) n += c->layer_kind[l] == (stage_kind)k;
+        if (!n) continue;
         size_t len = strlen(buf);
         snprintf(buf + len, cap - len, "%s%d %s", len ? " + " : "", n,
                  stage_kind_name((stage_kind)k));
@@ -838,17 +765,19 @@ static void print_rank_groups(const cluster_plan *plan, FILE *out)
     }
     if (!any) return;
     if (uniform)
-        fprintf(out, "tensor parallel: %d stage%s x %d ranks = mpirun -np %d\n", S, S == 1 ? "" : "s",
-                plan->st[0].ranks, total);
+        fprintf(out, "tensor parallel: %d stage%s x %d ranks = mpirun -np %d\n", S,
+                S == 1 ? "" : "s", plan->st[0].ranks, total);
     else
-        fprintf(out, "tensor parallel: %d stages of their own rank counts = mpirun -np %d\n", S, total);
+        fprintf(out, "tensor parallel: %d stages of their own rank counts = mpirun -np %d\n", S,
+                total);
     int r = 0;
     for (int t = 0; t < S; t++) {
         int K = plan->st[t].ranks > 0 ? plan->st[t].ranks : 1;
         /* a K-rank stage holds its 1/K of the checkpoint as f32 (psgemm) */
         double f32 = 4.0 / (double)stage_dtype_size(plan->mem.weight_dtype);
         fprintf(out, "  stage %d: ranks %d-%d (leader %d), ~%.2f MiB of weights per rank%s\n", t, r,
-                r + K - 1, r, (double)plan->st[t].weight_bytes * (K > 1 ? f32 : 1.0) / K / (1024.0 * 1024.0),
+                r + K - 1, r,
+                (double)plan->st[t].weight_bytes * (K > 1 ? f32 : 1.0) / K / (1024.0 * 1024.0),
                 K > 1 ? " (as f32)" : "");
         r += K;
     }
@@ -856,12 +785,10 @@ static void print_rank_groups(const cluster_plan *plan, FILE *out)
 
 void cluster_plan_print(const stage_config *cfg, const cluster_plan *plan, FILE *out)
 {
-    if (!cfg || !plan || !out || plan->n_stages < 1 || !plan->st)
-        return;
+    if (!cfg || !plan || !out || plan->n_stages < 1 || !plan->st) return;
     int S = plan->n_stages;
     int n_routed = 0;
-    for (int l = 0; l < cfg->n_layers; l++)
-        n_routed += stage_kind_is_routed(cfg->layer_kind[l]);
+    for (int l = 0; l < cfg->n_layers; l++) n_routed += stage_kind_is_routed(cfg->layer_kind[l]);
     static const char *const routing[] = {"threshold", "predictor", "topk"};
     fprintf(out, "%d layers on %d stage%s (hidden %d, vocab %d", cfg->n_layers, S,
             S == 1 ? "" : "s", cfg->hidden, cfg->vocab);
@@ -875,8 +802,7 @@ void cluster_plan_print(const stage_config *cfg, const cluster_plan *plan, FILE 
     for (int t = 0; t < S; t++) {
         kinds_text(cfg, plan->st[t].first, plan->st[t].last, kinds, sizeof kinds);
         int w = (int)strlen(kinds);
-        if (w > kw)
-            kw = w;
+        if (w > kw) kw = w;
     }
     fprintf(out, "stage  layers   %-*s  compute  weights MiB  %srows in\n", kw, "kinds",
             plan->have_mem ? "    KV MiB  work MiB  total MiB  " : "");
@@ -929,12 +855,12 @@ void cluster_plan_print(const stage_config *cfg, const cluster_plan *plan, FILE 
             }
         char lim[32], w[32];
         mem_text((double)worst, w, sizeof w);
-        fprintf(out, "memory per rank: weights + KV for %d sequence%s of %d positions (%s K/V, "
-                     "routed layers as reserved at start) + workspace for %d-row micro-batches "
-                     "(incl. %.0f MiB runtime); largest: stage %d, %s",
+        fprintf(out,
+                "memory per rank: weights + KV for %d sequence%s of %d positions (%s K/V, "
+                "routed layers as reserved at start) + workspace for %d-row micro-batches "
+                "(incl. %.0f MiB runtime); largest: stage %d, %s",
                 m->slots, m->slots == 1 ? "" : "s", m->ctx, stage_dtype_name(STAGE_KV_DTYPE),
-                m->micro_batch,
-                (double)CLUSTER_RUNTIME_BYTES / (1024.0 * 1024.0), wt, w);
+                m->micro_batch, (double)CLUSTER_RUNTIME_BYTES / (1024.0 * 1024.0), wt, w);
         if (m->mem_per_rank) {
             mem_text((double)m->mem_per_rank, lim, sizeof lim);
             fprintf(out, " of --mem-per-rank %s", lim);
@@ -944,19 +870,23 @@ void cluster_plan_print(const stage_config *cfg, const cluster_plan *plan, FILE 
     print_rank_groups(plan, out);
 
     fprintf(out, "notes:\n");
-    fprintf(out, "  - compute = expected FLOPs per token: routed layers (mod, mode_staged) at "
-                 "capacity %g, mindskip attention at full cost, the LM head at 2*hidden*vocab\n",
+    fprintf(out,
+            "  - compute = expected FLOPs per token: routed layers (mod, mode_staged) at "
+            "capacity %g, mindskip attention at full cost, the LM head at 2*hidden*vocab\n",
             (double)cfg->mod_capacity);
     if (S == 1) {
         fprintf(out, "  - one stage: nothing crosses the wire\n");
         return;
     }
-    fprintf(out, "  - the head (stage %d) must receive every decode row and each prompt's last "
-                 "row for logits, whatever the routers decide (SPEC 4)\n", S - 1);
+    fprintf(out,
+            "  - the head (stage %d) must receive every decode row and each prompt's last "
+            "row for logits, whatever the routers decide (SPEC 4)\n",
+            S - 1);
     if (n_mixed)
-        fprintf(out, "  - stage%s %s mix%s routed layers with layers that need every row: they "
-                     "save compute, not wire bytes (interleaved dense/routed layouts save "
-                     "nothing at stage boundaries)\n",
+        fprintf(out,
+                "  - stage%s %s mix%s routed layers with layers that need every row: they "
+                "save compute, not wire bytes (interleaved dense/routed layouts save "
+                "nothing at stage boundaries)\n",
                 n_mixed == 1 ? "" : "s", mixed, n_mixed == 1 ? "es" : "");
     fprintf(out, "  - %d of %d boundaries can carry fewer rows than dense\n", n_sparse, S - 1);
     if (n_sparse == 0) {
@@ -972,14 +902,14 @@ void cluster_plan_print(const stage_config *cfg, const cluster_plan *plan, FILE 
         int k = plan->st[t].last - plan->st[t].first + 1;
         double pt = plan->st[t].sparse_in ? 1.0 - pow(1.0 - p, k) : 1.0;
         pre += pt;
-        if (t < S - 1)
-            dec += pt;
+        if (t < S - 1) dec += pt;
     }
     pre /= S - 1;
     dec /= S - 1;
-    fprintf(out, "  - expected wire bytes vs a dense pipeline, from the capacity setting (a stage of "
-                 "k layers at capacity %g needs ~1-(1-%g)^k of the rows), not a measurement: "
-                 "prefill ~%.1f%%, decode ~%.1f%%%s\n",
+    fprintf(out,
+            "  - expected wire bytes vs a dense pipeline, from the capacity setting (a stage of "
+            "k layers at capacity %g needs ~1-(1-%g)^k of the rows), not a measurement: "
+            "prefill ~%.1f%%, decode ~%.1f%%%s\n",
             p, p, 100.0 * pre, 100.0 * dec,
             n_sparse == S - 1 ? " [SPEC 4: p and (1 + p(S-2))/(S-1), averaged over stages]" : "");
 }

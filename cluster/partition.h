@@ -47,18 +47,18 @@ typedef struct {
 } cluster_mem_opts;
 
 typedef struct {
-    int first, last;        /* inclusive layer range */
-    int ranks;              /* MPI ranks of this stage (tensor-parallel group, cluster/topo.h);
+    int first, last;      /* inclusive layer range */
+    int ranks;            /* MPI ranks of this stage (tensor-parallel group, cluster/topo.h);
                                0 or 1: one rank */
-    double cost;            /* expected FLOPs per token of this stage */
-    double compute_share;   /* cost / total cost */
-    size_t weight_bytes;    /* bytes of this stage's weights in the checkpoint dtype (incl.
+    double cost;          /* expected FLOPs per token of this stage */
+    double compute_share; /* cost / total cost */
+    size_t weight_bytes;  /* bytes of this stage's weights in the checkpoint dtype (incl.
                                embedding / head) */
-    size_t kv_bytes;        /* _mem variants: KV cache as reserved at start */
-    size_t work_bytes;      /* _mem variants: workspace estimate (see above) */
-    size_t mem_bytes;       /* weight_bytes + kv_bytes + work_bytes */
-    int sparse_in;          /* 1: the boundary into this stage can carry fewer rows than dense */
-    char why[200];          /* for sparse_in == 0 (stage > 0): the reason, e.g.
+    size_t kv_bytes;      /* _mem variants: KV cache as reserved at start */
+    size_t work_bytes;    /* _mem variants: workspace estimate (see above) */
+    size_t mem_bytes;     /* weight_bytes + kv_bytes + work_bytes */
+    int sparse_in;        /* 1: the boundary into this stage can carry fewer rows than dense */
+    char why[200];        /* for sparse_in == 0 (stage > 0): the reason, e.g.
                                "stage 2 has dense layers: every row must reach it" */
 } cluster_stage_plan;
 
@@ -69,16 +69,16 @@ typedef struct {
     cluster_mem_opts mem;   /* what it was made with (weight_dtype f32 otherwise) */
 } cluster_plan;
 
-int cluster_partition_auto(const stage_config *cfg, int n_stages, cluster_plan *plan,
-                           char *err, size_t errlen);
+int cluster_partition_auto(const stage_config *cfg, int n_stages, cluster_plan *plan, char *err,
+                           size_t errlen);
 int cluster_partition_explicit(const stage_config *cfg, const char *const *ranges, int n_ranges,
                                int n_stages, cluster_plan *plan, char *err, size_t errlen);
 /* The same with memory planning (mem may be NULL: as the plain variants). */
 int cluster_partition_auto_mem(const stage_config *cfg, int n_stages, const cluster_mem_opts *mem,
                                cluster_plan *plan, char *err, size_t errlen);
-int cluster_partition_explicit_mem(const stage_config *cfg, const char *const *ranges,
-                                   int n_ranges, int n_stages, const cluster_mem_opts *mem,
-                                   cluster_plan *plan, char *err, size_t errlen);
+int cluster_partition_explicit_mem(const stage_config *cfg, const char *const *ranges, int n_ranges,
+                                   int n_stages, const cluster_mem_opts *mem, cluster_plan *plan,
+                                   char *err, size_t errlen);
 /* The checkpoint dtype of the model in `dir`, from its safetensors headers (the dtype of
  * layer 0's q_proj, else of the embedding): what is in the files, whatever config.json's
  * torch_dtype says. 0, or -1 with the loader's message. */

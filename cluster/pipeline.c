@@ -25,68 +25,68 @@ enum { TAG_CHAIN = 1, TAG_BYPASS = 2, TAG_TOKENS = 3, TAG_REPORT = 4 };
  * ===================================================================================== */
 
 struct cluster_loop {
-    cluster_loop_opts o;        /* copy; pointers inside stay the caller's */
+    cluster_loop_opts o; /* copy; pointers inside stay the caller's */
     const cluster_sched_ops *ops;
     void *self;
-    MPI_Comm comm;              /* the stage leaders (rank = stage); MPI_COMM_NULL on a follower */
-    int rank, S, head;          /* rank: this stage; head: stage S-1 */
+    MPI_Comm comm;     /* the stage leaders (rank = stage); MPI_COMM_NULL on a follower */
+    int rank, S, head; /* rank: this stage; head: stage S-1 */
     /* tensor-parallel stages (cluster/topo.h): all MPI_COMM_NULL / NULL / 0 without */
-    MPI_Comm world;             /* the caller's communicator: every rank of the job */
-    MPI_Comm group, leaders;    /* this stage's ranks; the leaders (owned, freed at close) */
-    stage_tp *tp;               /* this stage's BLACS grid (K > 1) */
-    int follower;               /* 1: not the group leader: repeats its leader's stage ops */
-    int D, V, R;                /* width, vocab, max rows of a micro-batch */
+    MPI_Comm world;          /* the caller's communicator: every rank of the job */
+    MPI_Comm group, leaders; /* this stage's ranks; the leaders (owned, freed at close) */
+    stage_tp *tp;            /* this stage's BLACS grid (K > 1) */
+    int follower;            /* 1: not the group leader: repeats its leader's stage ops */
+    int D, V, R;             /* width, vocab, max rows of a micro-batch */
     stage_model *m;
     stage_state *st;
     comm_links *links;
     comm_unpacker *unp;
     size_t pkt_max;
 
-    cluster_mb d;               /* the micro-batch being processed (cap R) */
-    float *x;                   /* [R][D] residual rows of the micro-batch */
-    uint8_t *present;           /* [R] rows this stage holds */
-    int *dest;                  /* [R] next stage of each row, -1: journey ends */
-    uint8_t *masks;             /* [S][mask_bytes(R)] per-destination present masks */
-    comm_bypass *byp_in;        /* [S*S] announced bypass packets (to >= this stage) */
+    cluster_mb d;        /* the micro-batch being processed (cap R) */
+    float *x;            /* [R][D] residual rows of the micro-batch */
+    uint8_t *present;    /* [R] rows this stage holds */
+    int *dest;           /* [R] next stage of each row, -1: journey ends */
+    uint8_t *masks;      /* [S][mask_bytes(R)] per-destination present masks */
+    comm_bypass *byp_in; /* [S*S] announced bypass packets (to >= this stage) */
     int n_byp_in;
-    comm_bypass *byp_out;       /* [S*S] */
+    comm_bypass *byp_out; /* [S*S] */
 
-    uint8_t *rbuf[2];           /* [pkt_max] chain receive, double-buffered */
+    uint8_t *rbuf[2]; /* [pkt_max] chain receive, double-buffered */
     MPI_Request rreq[2];
-    uint8_t *bbuf;              /* [pkt_max] bypass receive */
-    uint8_t *tbuf;              /* [pkt_max] tokens receive (stage 0) */
+    uint8_t *bbuf; /* [pkt_max] bypass receive */
+    uint8_t *tbuf; /* [pkt_max] tokens receive (stage 0) */
     MPI_Request treq;
 
     /* head */
-    int *lrows;                 /* [R] rows needing logits */
-    int *srows;                 /* [R] rows sampled */
-    int32_t *ltok;              /* [R] sampled tokens, by srows */
-    float *logits;              /* [R][V] */
-    void *scratch;              /* [2V] sampling */
-    float *dump;                /* [dump_seqs][dump_len][V] */
+    int *lrows;    /* [R] rows needing logits */
+    int *srows;    /* [R] rows sampled */
+    int32_t *ltok; /* [R] sampled tokens, by srows */
+    float *logits; /* [R][V] */
+    void *scratch; /* [2V] sampling */
+    float *dump;   /* [dump_seqs][dump_len][V] */
     double nll_sum;
     long nll_count;
 
     /* stage 0 */
-    cluster_mb *fl;             /* [max_in_flight] FIFO of issued micro-batches (cap R) */
+    cluster_mb *fl; /* [max_in_flight] FIFO of issued micro-batches (cap R) */
     int fl_head, fl_n;
-    int32_t *tok_by_row;        /* [R] */
+    int32_t *tok_by_row; /* [R] */
     uint64_t next_mb;
     long tokens_done, mb_done;
-    double t_tokens;            /* last time a micro-batch came back (timeout) */
+    double t_tokens; /* last time a micro-batch came back (timeout) */
     int finished;
 
     /* link reports (serve): rank s > 0 -> 0, rep_len uint64 each */
-    int rep_len;                /* S * 4 counters + dense_rows + final flag */
-    uint64_t *rep_in;           /* rank 0: [S][rep_len] receive buffers */
-    uint64_t *rep_tab;          /* rank 0: [S][rep_len] latest report of each rank */
-    MPI_Request *rep_req;       /* rank 0: [S] */
-    uint64_t rep_packets;       /* ranks > 0: packets counted at the last report */
-    double rep_t;               /* last report sent (ranks > 0) / handed to ops->links (0) */
-    cluster_link_bytes *lb;     /* rank 0: [S*S] */
+    int rep_len;            /* S * 4 counters + dense_rows + final flag */
+    uint64_t *rep_in;       /* rank 0: [S][rep_len] receive buffers */
+    uint64_t *rep_tab;      /* rank 0: [S][rep_len] latest report of each rank */
+    MPI_Request *rep_req;   /* rank 0: [S] */
+    uint64_t rep_packets;   /* ranks > 0: packets counted at the last report */
+    double rep_t;           /* last report sent (ranks > 0) / handed to ops->links (0) */
+    cluster_link_bytes *lb; /* rank 0: [S*S] */
 
     /* accounting */
-    double dense_rows;          /* rows a dense pipeline sends on link rank -> rank+1 */
+    double dense_rows; /* rows a dense pipeline sends on link rank -> rank+1 */
     double busy_s;
     double t_start, t_last_progress;
 };
@@ -105,30 +105,35 @@ static void send_packet(cluster_loop *c, const comm_packet *h, const int32_t *to
     char err[256];
     uint8_t *buf = comm_links_acquire(c->links, &cap);
     size_t len = comm_pack(h, c->x, c->D, tokens, buf, cap, &hb, &pb, err, sizeof err);
-    if (!len) COMM_FATAL("packing micro-batch %llu for stage %d: %s", (unsigned long long)h->mb,
-                         dest_rank, err);
+    if (!len)
+        COMM_FATAL("packing micro-batch %llu for stage %d: %s", (unsigned long long)h->mb,
+                   dest_rank, err);
     comm_links_send(c->links, buf, len, dest_rank, tag, hb, pb, h->n_rows);
 }
 
 /* Sampling arrays equal to the wire default are left off (comm.h). */
 static int all_f(const float *a, int n, float v)
 {
-    for (int i = 0; i < n; i++) if (a[i] != v) return 0;
+    for (int i = 0; i < n; i++)
+        if (a[i] != v) return 0;
     return 1;
 }
 static int all_u64(const uint64_t *a, int n, uint64_t v)
 {
-    for (int i = 0; i < n; i++) if (a[i] != v) return 0;
+    for (int i = 0; i < n; i++)
+        if (a[i] != v) return 0;
     return 1;
 }
 static int all_u32(const uint32_t *a, int n, uint32_t v)
 {
-    for (int i = 0; i < n; i++) if (a[i] != v) return 0;
+    for (int i = 0; i < n; i++)
+        if (a[i] != v) return 0;
     return 1;
 }
 static int all_i32(const int32_t *a, int n, int32_t v)
 {
-    for (int i = 0; i < n; i++) if (a[i] != v) return 0;
+    for (int i = 0; i < n; i++)
+        if (a[i] != v) return 0;
     return 1;
 }
 
@@ -157,7 +162,8 @@ static void route_and_send(cluster_loop *c)
     int nb = 0;
     for (int k = 0; k < c->n_byp_in; k++)
         c->byp_out[nb++] = c->byp_in[k]; /* still ahead: tell the next stage */
-    comm_packet h = {.kind = COMM_PKT_ROWS, .mb = mb, .sender = s, .mb_rows = n, .dtype = c->o.wire};
+    comm_packet h = {
+        .kind = COMM_PKT_ROWS, .mb = mb, .sender = s, .mb_rows = n, .dtype = c->o.wire};
     for (int t = s + 2; t < S; t++) {
         if (!rows_to[t]) continue;
         h.receiver = t;
@@ -225,12 +231,15 @@ static int head_step(cluster_loop *c)
             c->ltok[ns++] = stage_sample(lg, c->V, d->temperature[i], d->top_p[i], &r, c->scratch);
         }
         if (c->dump) {
-            uint64_t col = c->o.dump_index == CLUSTER_DUMP_BY_STEP ? d->step[i] : (uint64_t)d->pos[i];
+            uint64_t col =
+                c->o.dump_index == CLUSTER_DUMP_BY_STEP ? d->step[i] : (uint64_t)d->pos[i];
             if (d->seq[i] >= (uint64_t)c->o.dump_seqs || col >= (uint64_t)c->o.dump_len)
-                COMM_FATAL("row %d: sequence %llu step/position %llu outside --dump-logits [%d, %d]", i,
-                           (unsigned long long)d->seq[i], (unsigned long long)col, c->o.dump_seqs,
-                           c->o.dump_len);
-            memcpy(c->dump + ((size_t)d->seq[i] * c->o.dump_len + col) * c->V, lg, (size_t)c->V * 4);
+                COMM_FATAL(
+                    "row %d: sequence %llu step/position %llu outside --dump-logits [%d, %d]", i,
+                    (unsigned long long)d->seq[i], (unsigned long long)col, c->o.dump_seqs,
+                    c->o.dump_len);
+            memcpy(c->dump + ((size_t)d->seq[i] * c->o.dump_len + col) * c->V, lg,
+                   (size_t)c->V * 4);
         }
     }
     return ns;
@@ -244,9 +253,11 @@ static void complete(cluster_loop *c, uint64_t mb, const int32_t *tok_by_row, co
         COMM_FATAL("tokens for micro-batch %llu arrived out of order", (unsigned long long)mb);
     for (int i = 0; i < f->n; i++) {
         if (!(f->flags[i] & COMM_ROW_SAMPLE)) continue;
-        if (!comm_mask_get(mask, i)) COMM_FATAL("micro-batch %llu: no token for row %d", (unsigned long long)mb, i);
+        if (!comm_mask_get(mask, i))
+            COMM_FATAL("micro-batch %llu: no token for row %d", (unsigned long long)mb, i);
         if (tok_by_row[i] < 0 || tok_by_row[i] >= c->V)
-            COMM_FATAL("micro-batch %llu: token %d out of range", (unsigned long long)mb, tok_by_row[i]);
+            COMM_FATAL("micro-batch %llu: token %d out of range", (unsigned long long)mb,
+                       tok_by_row[i]);
         c->tokens_done++;
     }
     c->ops->done(c->self, f, tok_by_row);
@@ -287,8 +298,14 @@ static void process_mb(cluster_loop *c)
         complete(c, mb, c->tok_by_row, mask);
         return;
     }
-    comm_packet h = {.kind = COMM_PKT_TOKENS, .mb = mb, .sender = c->rank, .receiver = 0,
-                     .mb_rows = d->n, .n_rows = ns, .dtype = c->o.wire, .present = mask};
+    comm_packet h = {.kind = COMM_PKT_TOKENS,
+                     .mb = mb,
+                     .sender = c->rank,
+                     .receiver = 0,
+                     .mb_rows = d->n,
+                     .n_rows = ns,
+                     .dtype = c->o.wire,
+                     .present = mask};
     send_packet(c, &h, c->ltok, 0, TAG_TOKENS);
 }
 
@@ -314,7 +331,7 @@ static void report_fill(const cluster_loop *c, uint64_t *v, int final)
         v[t * 4 + 3] = ls->rows;
     }
     v[c->S * 4] = (uint64_t)c->dense_rows;
-    v[c->S * 4 + 1] = (uint64_t)final;
+    v[c->S * 4 + 1] = (uint64_t) final;
 }
 
 /* Rank > 0: at most every 0.25 s when counters moved (or final). The report itself goes on
@@ -388,9 +405,11 @@ static void print_progress(cluster_loop *c, int force)
     double el = t - c->t_start;
     if (c->o.progress_tokens)
         fprintf(stderr, "[modpipe] %ld/%ld tokens, %ld micro-batches, %.1f s, %.1f tok/s\n",
-                c->tokens_done, c->o.progress_total, c->mb_done, el, el > 0 ? c->tokens_done / el : 0.0);
+                c->tokens_done, c->o.progress_total, c->mb_done, el,
+                el > 0 ? c->tokens_done / el : 0.0);
     else
-        fprintf(stderr, "[modpipe] %ld/%ld micro-batches, %.1f s\n", c->mb_done, c->o.progress_total, el);
+        fprintf(stderr, "[modpipe] %ld/%ld micro-batches, %.1f s\n", c->mb_done,
+                c->o.progress_total, el);
 }
 
 static void recv_tokens(cluster_loop *c, size_t len)
@@ -446,14 +465,15 @@ static int wait_tokens(cluster_loop *c, double max_s)
             c->treq = MPI_REQUEST_NULL;
             recv_tokens(c, (size_t)n);
             if (c->fl_n > 0)
-                MPI_Irecv(c->tbuf, (int)c->pkt_max, MPI_BYTE, c->head, TAG_TOKENS, c->comm, &c->treq);
+                MPI_Irecv(c->tbuf, (int)c->pkt_max, MPI_BYTE, c->head, TAG_TOKENS, c->comm,
+                          &c->treq);
             return 1;
         }
         comm_links_progress(c->links);
         double t = stage_now_s();
         if (t - c->t_tokens > c->o.timeout_s)
-            COMM_FATAL("no tokens packet from rank %d for %.0f s: that rank is gone or stuck", c->head,
-                       c->o.timeout_s);
+            COMM_FATAL("no tokens packet from rank %d for %.0f s: that rank is gone or stuck",
+                       c->head, c->o.timeout_s);
         if (max_s >= 0 && t - t0 >= max_s) return 0;
         if (spin > 64) {
             struct timespec ts = {0, 20000};
@@ -572,10 +592,13 @@ static void stageN_loop(cluster_loop *c)
         int n_from = 0, from[64];
         c->n_byp_in = 0;
         for (int k = 0; k < p.n_bypass; k++) {
-            if (p.bypass[k].to == s) from[n_from++] = p.bypass[k].from;
-            else if (p.bypass[k].to > s) c->byp_in[c->n_byp_in++] = p.bypass[k];
-            else COMM_FATAL("chain packet lists a bypass packet %d -> %d behind stage %d",
-                            p.bypass[k].from, p.bypass[k].to, s);
+            if (p.bypass[k].to == s)
+                from[n_from++] = p.bypass[k].from;
+            else if (p.bypass[k].to > s)
+                c->byp_in[c->n_byp_in++] = p.bypass[k];
+            else
+                COMM_FATAL("chain packet lists a bypass packet %d -> %d behind stage %d",
+                           p.bypass[k].from, p.bypass[k].to, s);
         }
         c->busy_s += stage_now_s() - t0;
         for (int k = 0; k < n_from; k++) {
@@ -587,11 +610,13 @@ static void stageN_loop(cluster_loop *c)
                 COMM_FATAL("bypass packet from rank %d (%zu bytes): %s", from[k], bl, err);
             if (q.kind != COMM_PKT_ROWS || q.mb != mb || q.mb_rows != n || q.receiver != s)
                 COMM_FATAL("bypass packet from rank %d is for micro-batch %llu (%d rows), "
-                           "expected %llu (%d rows)", from[k], (unsigned long long)q.mb,
-                           q.mb_rows, (unsigned long long)mb, n);
+                           "expected %llu (%d rows)",
+                           from[k], (unsigned long long)q.mb, q.mb_rows, (unsigned long long)mb, n);
             for (int i = 0; i < n; i++) {
                 if (!comm_mask_get(q.present, i)) continue;
-                if (c->present[i]) COMM_FATAL("micro-batch %llu: row %d delivered twice", (unsigned long long)mb, i);
+                if (c->present[i])
+                    COMM_FATAL("micro-batch %llu: row %d delivered twice", (unsigned long long)mb,
+                               i);
                 c->present[i] = 1;
             }
             comm_scatter_rows(&q, c->D, c->x);
@@ -666,7 +691,8 @@ static double *stats_vector(cluster_loop *c, int *len)
     return v;
 }
 
-static void report(cluster_loop *c, const double *all, int len, double seconds, cluster_loop_result *res)
+static void report(cluster_loop *c, const double *all, int len, double seconds,
+                   cluster_loop_result *res)
 {
     const cluster_loop_opts *o = &c->o;
     const stage_config *cfg = o->cfg;
@@ -681,8 +707,9 @@ static void report(cluster_loop *c, const double *all, int len, double seconds, 
     cJSON_AddStringToObject(j, "model", o->model_dir);
     cJSON_AddNumberToObject(j, "ranks", S);
     cJSON_AddStringToObject(j, "wire_dtype", stage_dtype_name(o->wire));
-    cJSON_AddStringToObject(j, "weights_dtype", o->weights_dtype < 0 ? "checkpoint"
-                                                : stage_dtype_name((stage_dtype)o->weights_dtype));
+    cJSON_AddStringToObject(j, "weights_dtype",
+                            o->weights_dtype < 0 ? "checkpoint"
+                                                 : stage_dtype_name((stage_dtype)o->weights_dtype));
     cJSON_AddStringToObject(j, "transport", o->dense_transport ? "dense" : "sparse");
     cJSON_AddNumberToObject(j, "micro_batch", o->micro_batch);
     cJSON_AddNumberToObject(j, "max_in_flight", o->max_in_flight);
@@ -745,8 +772,10 @@ static void report(cluster_loop *c, const double *all, int len, double seconds, 
             cJSON_AddNumberToObject(e, "dense_bytes", chain ? dense_rows * D * ws : 0);
             cJSON_AddItemToArray(links, e);
             hdr += ls[1];
-            if (t > s) pay += ls[2];
-            else tok_bytes += ls[2];
+            if (t > s)
+                pay += ls[2];
+            else
+                tok_bytes += ls[2];
             if (chain) dense += dense_rows * D * ws;
         }
     }
@@ -842,15 +871,31 @@ static void loop_free(cluster_loop *c)
     comm_links_free(c->links);
     comm_unpacker_free(c->unp);
     cluster_mb_free(&c->d);
-    free(c->x); free(c->present); free(c->dest); free(c->masks); free(c->byp_in); free(c->byp_out);
-    free(c->rbuf[0]); free(c->rbuf[1]); free(c->bbuf); free(c->tbuf);
-    free(c->lrows); free(c->srows); free(c->ltok); free(c->logits); free(c->scratch); free(c->dump);
+    free(c->x);
+    free(c->present);
+    free(c->dest);
+    free(c->masks);
+    free(c->byp_in);
+    free(c->byp_out);
+    free(c->rbuf[0]);
+    free(c->rbuf[1]);
+    free(c->bbuf);
+    free(c->tbuf);
+    free(c->lrows);
+    free(c->srows);
+    free(c->ltok);
+    free(c->logits);
+    free(c->scratch);
+    free(c->dump);
     free(c->tok_by_row);
     if (c->fl) {
         for (int i = 0; i < c->o.max_in_flight; i++) cluster_mb_free(&c->fl[i]);
         free(c->fl);
     }
-    free(c->rep_in); free(c->rep_tab); free(c->rep_req); free(c->lb);
+    free(c->rep_in);
+    free(c->rep_tab);
+    free(c->rep_req);
+    free(c->lb);
     stage_tp_free(c->tp);
     if (c->group != MPI_COMM_NULL) MPI_Comm_free(&c->group);
     if (c->leaders != MPI_COMM_NULL) MPI_Comm_free(&c->leaders);
@@ -867,7 +912,10 @@ static int loop_init(cluster_loop *c, char *err, size_t errlen)
     c->V = cfg->vocab;
     c->head = c->S - 1;
     c->R = o->max_rows > 0 ? o->max_rows : 1;
-    if (c->S > 64) { snprintf(err, errlen, "at most 64 stages are supported"); return -1; }
+    if (c->S > 64) {
+        snprintf(err, errlen, "at most 64 stages are supported");
+        return -1;
+    }
     if (o->slots < 1 || o->ctx < 1 || o->max_in_flight < 1) {
         snprintf(err, errlen, "slots %d, ctx %d, max_in_flight %d: each must be >= 1", o->slots,
                  o->ctx, o->max_in_flight);
@@ -880,7 +928,8 @@ static int loop_init(cluster_loop *c, char *err, size_t errlen)
     /* the embedding lookup is the leader's; every rank of a tensor-parallel head holds its
      * slice of lm_head */
     stage_range r = {me->first, me->last, c->rank == 0 && !c->follower, c->rank == c->S - 1};
-    if (stage_model_load_tp(o->model_dir, cfg, r, o->weights_dtype, c->tp, &c->m, err, errlen)) return -1;
+    if (stage_model_load_tp(o->model_dir, cfg, r, o->weights_dtype, c->tp, &c->m, err, errlen))
+        return -1;
     c->st = stage_state_init(c->m, o->slots, c->R, o->ctx, err, errlen);
     if (!c->st) return -1;
     if (c->follower) return 0; /* no pipeline links, no scheduler: the leader's */
@@ -916,14 +965,16 @@ static int loop_init(cluster_loop *c, char *err, size_t errlen)
         if (ok && o->dump_path) {
             FILE *f = fopen(o->dump_path, "wb"); /* fail now, not after the run */
             if (!f) {
-                snprintf(err, errlen, "--dump-logits %s: cannot write: %s", o->dump_path, strerror(errno));
+                snprintf(err, errlen, "--dump-logits %s: cannot write: %s", o->dump_path,
+                         strerror(errno));
                 return -1;
             }
             fclose(f);
             size_t n = (size_t)o->dump_seqs * (size_t)o->dump_len * V;
             c->dump = malloc(n * sizeof(float));
             if (!c->dump) {
-                snprintf(err, errlen, "cannot allocate %.1f MiB for --dump-logits", (double)n * 4 / 1048576.0);
+                snprintf(err, errlen, "cannot allocate %.1f MiB for --dump-logits",
+                         (double)n * 4 / 1048576.0);
                 return -1;
             }
             for (size_t i = 0; i < n; i++) c->dump[i] = NAN; /* never computed */
@@ -950,7 +1001,10 @@ static int loop_init(cluster_loop *c, char *err, size_t errlen)
         ok = ok && c->rep_in && c->rep_tab && c->rep_req && c->lb;
         for (size_t s = 0; ok && s < S; s++) c->rep_req[s] = MPI_REQUEST_NULL;
     }
-    if (!ok) { snprintf(err, errlen, "out of memory sizing the run buffers"); return -1; }
+    if (!ok) {
+        snprintf(err, errlen, "out of memory sizing the run buffers");
+        return -1;
+    }
     return 0;
 }
 
@@ -1002,8 +1056,10 @@ int cluster_loop_open(MPI_Comm comm, const cluster_loop_opts *o, const cluster_s
     int bad = rc ? rank : size, first_bad = size;
     MPI_Allreduce(&bad, &first_bad, 1, MPI_INT, MPI_MIN, comm);
     if (first_bad < size) {
-        if (rank == first_bad) snprintf(err, errlen, "rank %d: %s", rank, myerr);
-        else snprintf(err, errlen, "rank %d failed to start", first_bad);
+        if (rank == first_bad)
+            snprintf(err, errlen, "rank %d: %s", rank, myerr);
+        else
+            snprintf(err, errlen, "rank %d failed to start", first_bad);
         loop_free(c);
         return first_bad == rank ? -1 : -2;
     }
@@ -1026,8 +1082,14 @@ int cluster_loop_close(cluster_loop *c, cluster_loop_result *res, char *err, siz
     if (c->rank == 0) {
         while (c->fl_n > 0) wait_tokens(c, -1.0); /* a caller that stops early: drain */
         if (c->S > 1) {
-            comm_packet h = {.kind = COMM_PKT_END, .mb = c->next_mb, .sender = 0, .receiver = 1,
-                             .mb_rows = 0, .n_rows = 0, .dtype = c->o.wire, .present = c->masks};
+            comm_packet h = {.kind = COMM_PKT_END,
+                             .mb = c->next_mb,
+                             .sender = 0,
+                             .receiver = 1,
+                             .mb_rows = 0,
+                             .n_rows = 0,
+                             .dtype = c->o.wire,
+                             .present = c->masks};
             send_packet(c, &h, NULL, 1, TAG_CHAIN);
         }
         /* every rank's final report (serve), so no receive is left posted */
@@ -1097,20 +1159,34 @@ int cluster_run(MPI_Comm comm, const cluster_run_opts *o, cluster_run_result *re
     if (cluster_batch_new(o, &b, err, errlen)) return rank == 0 ? -1 : -2;
     const int gen = o->kind == CLUSTER_RUN_GENERATE;
     int tmax = 0;
-    for (int s = 0; s < o->n_seqs; s++) if (o->seq_len[s] > tmax) tmax = o->seq_len[s];
+    for (int s = 0; s < o->n_seqs; s++)
+        if (o->seq_len[s] > tmax) tmax = o->seq_len[s];
     cluster_loop_opts lo = {
-        .model_dir = o->model_dir, .cfg = o->cfg, .plan = o->plan,
-        .slots = cluster_batch_slots(b), .ctx = cluster_batch_ctx(b),
-        .max_rows = cluster_batch_max_rows(b) > o->micro_batch ? cluster_batch_max_rows(b) : o->micro_batch,
-        .max_in_flight = o->max_in_flight, .wire = o->wire, .weights_dtype = o->weights_dtype,
+        .model_dir = o->model_dir,
+        .cfg = o->cfg,
+        .plan = o->plan,
+        .slots = cluster_batch_slots(b),
+        .ctx = cluster_batch_ctx(b),
+        .max_rows =
+            cluster_batch_max_rows(b) > o->micro_batch ? cluster_batch_max_rows(b) : o->micro_batch,
+        .max_in_flight = o->max_in_flight,
+        .wire = o->wire,
+        .weights_dtype = o->weights_dtype,
         .dense_transport = o->dense_transport,
-        .timeout_s = o->timeout_s, .serve = 0,
-        .dump_path = o->dump_path, .dump_index = gen ? CLUSTER_DUMP_BY_STEP : CLUSTER_DUMP_BY_POS,
-        .dump_seqs = o->n_seqs, .dump_len = gen ? o->max_new : tmax,
+        .timeout_s = o->timeout_s,
+        .serve = 0,
+        .dump_path = o->dump_path,
+        .dump_index = gen ? CLUSTER_DUMP_BY_STEP : CLUSTER_DUMP_BY_POS,
+        .dump_seqs = o->n_seqs,
+        .dump_len = gen ? o->max_new : tmax,
         .progress = o->progress,
-        .progress_total = gen ? (long)o->n_seqs * o->max_new : cluster_batch_prefill_micro_batches(b),
-        .progress_tokens = gen, .stats_path = o->stats_path, .command = o->command,
-        .micro_batch = o->micro_batch, .report_nll = !gen,
+        .progress_total =
+            gen ? (long)o->n_seqs * o->max_new : cluster_batch_prefill_micro_batches(b),
+        .progress_tokens = gen,
+        .stats_path = o->stats_path,
+        .command = o->command,
+        .micro_batch = o->micro_batch,
+        .report_nll = !gen,
     };
     cluster_loop *L = NULL;
     int rc = cluster_loop_open(comm, &lo, &cluster_batch_ops, b, &L, err, errlen);

@@ -63,15 +63,15 @@ typedef enum { CLUSTER_DUMP_BY_STEP = 0, CLUSTER_DUMP_BY_POS } cluster_dump_inde
 typedef struct {
     const char *model_dir;
     const stage_config *cfg;
-    const cluster_plan *plan;   /* its stages' ranks add up to the ranks of comm */
-    int slots, ctx;             /* KV slot pool: slots x ctx positions, sized at open */
-    int max_rows;               /* the most rows a micro-batch will have (workspace) */
-    int max_in_flight;          /* micro-batches in flight (>= 1) */
+    const cluster_plan *plan; /* its stages' ranks add up to the ranks of comm */
+    int slots, ctx;           /* KV slot pool: slots x ctx positions, sized at open */
+    int max_rows;             /* the most rows a micro-batch will have (workspace) */
+    int max_in_flight;        /* micro-batches in flight (>= 1) */
     stage_dtype wire;
-    int weights_dtype;          /* stage_dtype the weight matrices are held in; -1: as stored */
-    int dense_transport;        /* baseline: every row on every chain link (same compute) */
-    double timeout_s;           /* longest wait for a peer while work is in flight */
-    int serve;                  /* server: ranks may idle without the timeout; ranks > 0
+    int weights_dtype;   /* stage_dtype the weight matrices are held in; -1: as stored */
+    int dense_transport; /* baseline: every row on every chain link (same compute) */
+    double timeout_s;    /* longest wait for a peer while work is in flight */
+    int serve;           /* server: ranks may idle without the timeout; ranks > 0
                                  * report their link counters to rank 0 (at most twice a
                                  * second, on link s -> 0, counted there) */
     /* --dump-logits (head): [dump_seqs][dump_len][vocab] float32, NaN where nothing was
@@ -79,19 +79,19 @@ typedef struct {
     const char *dump_path;
     cluster_dump_index dump_index;
     int dump_seqs, dump_len;
-    int progress;               /* rank 0 prints progress lines on stderr */
-    long progress_total;        /* tokens (or micro-batches) expected, for those lines */
-    int progress_tokens;        /* 1: count sampled tokens, 0: micro-batches */
-    const char *stats_path;     /* --stats (rank 0; NULL: none) */
-    const char *command;        /* for the stats file */
-    int micro_batch;            /* for the stats file */
-    int report_nll;             /* the stats file has mean_nll / perplexity (eval) */
+    int progress;           /* rank 0 prints progress lines on stderr */
+    long progress_total;    /* tokens (or micro-batches) expected, for those lines */
+    int progress_tokens;    /* 1: count sampled tokens, 0: micro-batches */
+    const char *stats_path; /* --stats (rank 0; NULL: none) */
+    const char *command;    /* for the stats file */
+    int micro_batch;        /* for the stats file */
+    int report_nll;         /* the stats file has mean_nll / perplexity (eval) */
 } cluster_loop_opts;
 
 typedef struct {
-    double nll_sum;             /* rank 0: summed over the head's target rows */
+    double nll_sum; /* rank 0: summed over the head's target rows */
     long nll_count;
-    long tokens;                /* rank 0: sampled tokens */
+    long tokens; /* rank 0: sampled tokens */
     double seconds;
     double wire_bytes, dense_bytes, payload_bytes, header_bytes;
 } cluster_loop_result;
@@ -116,34 +116,34 @@ typedef struct {
     cluster_run_kind kind;
     const char *model_dir;
     const stage_config *cfg;
-    const cluster_plan *plan;   /* n_stages == ranks of comm */
+    const cluster_plan *plan; /* n_stages == ranks of comm */
     int n_seqs;
     int32_t *const *seq_tokens; /* [n_seqs][seq_len[s]]: prompts (generate) or lines (eval) */
     const int *seq_len;         /* [n_seqs] */
     int max_new;                /* generate: new tokens per sequence at most */
     float temperature, top_p;
     uint64_t seed;
-    int eos;                    /* generate: stop token (-1 none) */
-    int ignore_eos;             /* generate: keep going past EOS */
-    int slots;                  /* KV slots (0: n_seqs) */
-    int ctx;                    /* positions per slot (0: the longest need) */
-    int micro_batch;            /* most rows per micro-batch (R) */
-    int groups;                 /* generate: decode groups (0: the default above) */
-    int max_in_flight;          /* micro-batches in flight (>= 1) */
+    int eos;           /* generate: stop token (-1 none) */
+    int ignore_eos;    /* generate: keep going past EOS */
+    int slots;         /* KV slots (0: n_seqs) */
+    int ctx;           /* positions per slot (0: the longest need) */
+    int micro_batch;   /* most rows per micro-batch (R) */
+    int groups;        /* generate: decode groups (0: the default above) */
+    int max_in_flight; /* micro-batches in flight (>= 1) */
     stage_dtype wire;
-    int weights_dtype;          /* stage_dtype the weight matrices are held in; -1: as stored */
-    int dense_transport;        /* baseline: every row on every chain link (same compute) */
-    double timeout_s;           /* longest wait for a peer before aborting */
-    int progress;               /* rank 0 prints progress lines on stderr */
-    const char *dump_path;      /* --dump-logits (NULL: none) */
-    const char *stats_path;     /* --stats (NULL: none) */
-    const char *command;        /* "generate" / "eval", for the stats file */
+    int weights_dtype;      /* stage_dtype the weight matrices are held in; -1: as stored */
+    int dense_transport;    /* baseline: every row on every chain link (same compute) */
+    double timeout_s;       /* longest wait for a peer before aborting */
+    int progress;           /* rank 0 prints progress lines on stderr */
+    const char *dump_path;  /* --dump-logits (NULL: none) */
+    const char *stats_path; /* --stats (NULL: none) */
+    const char *command;    /* "generate" / "eval", for the stats file */
 } cluster_run_opts;
 
 typedef struct {
-    int32_t *generated;         /* rank 0, generate: [n_seqs][max_new] */
-    int *n_generated;           /* rank 0, generate: [n_seqs] tokens made (EOS included) */
-    double nll_sum;             /* rank 0, eval */
+    int32_t *generated; /* rank 0, generate: [n_seqs][max_new] */
+    int *n_generated;   /* rank 0, generate: [n_seqs] tokens made (EOS included) */
+    double nll_sum;     /* rank 0, eval */
     long nll_count;
     double seconds;
     double wire_bytes, dense_bytes, payload_bytes, header_bytes;

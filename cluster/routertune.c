@@ -38,31 +38,51 @@ typedef struct {
 
 static const rt_opt RT_OPTS[] = {
     {"model", "DIR", "dense (or MindSkip, with --resume) model directory to tune"},
-    {"data", "FILE", "training text: documents separated by blank lines, tokenized with DIR's tokenizer.json"},
-    {"data-ids", "FILE", "training data already tokenized: one document per line, ids separated by commas or spaces"},
+    {"data", "FILE",
+     "training text: documents separated by blank lines, tokenized with DIR's tokenizer.json"},
+    {"data-ids", "FILE",
+     "training data already tokenized: one document per line, ids separated by commas or spaces"},
     {"out", "DIR", "output model directory (created; must not hold a model.safetensors)"},
-    {"layers", "A-B,...", "layers that get a router, e.g. 1-3 or 1,3 (default: every layer but the first)"},
+    {"layers", "A-B,...",
+     "layers that get a router, e.g. 1-3 or 1,3 (default: every layer but the first)"},
     {"granularity", "token|sequence", "MindSkip granularity (default sequence, the paper's)"},
-    {"target-skip", "F", "fraction of attention to skip, 0 <= F < 1 (default 0.3): the penalty drives the kept fraction to 1 - F"},
-    {"threshold", "TAU", "inference threshold written to config.json; the STE gate uses it too (default 0.5)"},
-    {"gate", "ste|soft", "training gate: ste (paper: hard 0/1 forward, straight-through gradient; default) or soft (sigmoid score)"},
-    {"penalty", "global|layer", "kept-fraction penalty over all routed layers together (default) or per layer (paper's code)"},
+    {"target-skip", "F",
+     "fraction of attention to skip, 0 <= F < 1 (default 0.3): the penalty drives the kept "
+     "fraction to 1 - F"},
+    {"threshold", "TAU",
+     "inference threshold written to config.json; the STE gate uses it too (default 0.5)"},
+    {"gate", "ste|soft",
+     "training gate: ste (paper: hard 0/1 forward, straight-through gradient; default) or soft "
+     "(sigmoid score)"},
+    {"penalty", "global|layer",
+     "kept-fraction penalty over all routed layers together (default) or per layer (paper's code)"},
     {"lambda", "L", "penalty weight (default 1)"},
     {"seq-len", "T", "tokens per training sequence (default 128)"},
     {"batch", "B", "sequences per step, split over the ranks (default 16; >= ranks)"},
     {"steps", "N", "optimizer steps (default 200)"},
     {"lr", "LR", "AdamW learning rate (default 0.01)"},
-    {"lr-decay", "linear|none", "learning-rate schedule: linear decay to 0 over --steps (default, as HF Trainer) or constant"},
-    {"weight-decay", "WD", "AdamW decoupled weight decay of router weights, not biases (default 0)"},
-    {"init-bias", "B0", "initial router bias (default 0.5: with w ~ N(0, 0.01^2) every gate starts open, sigmoid ~ 0.62, close enough to the threshold to move in tens of steps)"},
+    {"lr-decay", "linear|none",
+     "learning-rate schedule: linear decay to 0 over --steps (default, as HF Trainer) or constant"},
+    {"weight-decay", "WD",
+     "AdamW decoupled weight decay of router weights, not biases (default 0)"},
+    {"init-bias", "B0",
+     "initial router bias (default 0.5: with w ~ N(0, 0.01^2) every gate starts open, sigmoid ~ "
+     "0.62, close enough to the threshold to move in tens of steps)"},
     {"seed", "S", "seed of the router init and the batch order (default 0)"},
-    {"eval-data", "FILE", "held-out text (same format as --data) evaluated every --eval-every steps; the best routers by held-out loss are written"},
+    {"eval-data", "FILE",
+     "held-out text (same format as --data) evaluated every --eval-every steps; the best routers "
+     "by held-out loss are written"},
     {"eval-data-ids", "FILE", "held-out data already tokenized (same format as --data-ids)"},
     {"eval-every", "N", "steps between held-out evaluations (default 25)"},
     {"log-every", "N", "steps between progress lines (default 10)"},
-    {"dump-sequences", "FILE", "write the held-out sequences (else the training ones) as id lines for 'modpipe eval --tokens-file' and exit"},
+    {"dump-sequences", "FILE",
+     "write the held-out sequences (else the training ones) as id lines for 'modpipe eval "
+     "--tokens-file' and exit"},
     {"resume", NULL, "continue from the routers the model already has on --layers"},
-    {"random-skip", "F,F,...", "no training: write RANDOM routers (w ~ N(0, 1/D)) whose biases are calibrated on --data so that routed layer i skips fraction F_i (one F per --layers entry): the baseline a trained router must beat"},
+    {"random-skip", "F,F,...",
+     "no training: write RANDOM routers (w ~ N(0, 1/D)) whose biases are calibrated on --data so "
+     "that routed layer i skips fraction F_i (one F per --layers entry): the baseline a trained "
+     "router must beat"},
     {"threads", "N", "BLAS threads per rank (default 1)"},
     {"quiet", NULL, "no progress lines"},
     {"help", NULL, "this help"},
@@ -84,20 +104,21 @@ static const char *arg(const rt_args *a, const char *name) { return a->val[rt_op
 
 static void rt_usage(FILE *f)
 {
-    fprintf(f,
-            "modpipe router-tune: turn a dense checkpoint into a MindSkip model by training only\n"
-            "its routers (Router-Tuning, He et al. 2024; docs/ROUTER-TUNING.md has the equations).\n"
-            "Data-parallel under mpirun: each rank computes a shard of every batch.\n\n"
-            "usage: mpirun -np K modpipe router-tune --model DIR --data FILE --out DIR [options]\n\n"
-            "options:\n");
+    fprintf(
+        f, "modpipe router-tune: turn a dense checkpoint into a MindSkip model by training only\n"
+           "its routers (Router-Tuning, He et al. 2024; docs/ROUTER-TUNING.md has the equations).\n"
+           "Data-parallel under mpirun: each rank computes a shard of every batch.\n\n"
+           "usage: mpirun -np K modpipe router-tune --model DIR --data FILE --out DIR [options]\n\n"
+           "options:\n");
     for (int i = 0; i < RT_N_OPTS; i++) {
         char left[64];
         snprintf(left, sizeof left, "--%s%s%s", RT_OPTS[i].name, RT_OPTS[i].metavar ? " " : "",
                  RT_OPTS[i].metavar ? RT_OPTS[i].metavar : "");
         fprintf(f, "  %-26s %s\n", left, RT_OPTS[i].help);
     }
-    fprintf(f, "\nexample:\n  mpirun -np 2 modpipe router-tune --model stories260K --data train.txt "
-               "--eval-data heldout.txt --out stories260K-ms --layers 1-4 --target-skip 0.3\n");
+    fprintf(f,
+            "\nexample:\n  mpirun -np 2 modpipe router-tune --model stories260K --data train.txt "
+            "--eval-data heldout.txt --out stories260K-ms --layers 1-4 --target-skip 0.3\n");
 }
 
 static int parse_args(int argc, char **argv, rt_args *a, char *err, size_t errlen)
@@ -121,12 +142,18 @@ static int parse_args(int argc, char **argv, rt_args *a, char *err, size_t errle
             return -1;
         }
         if (!RT_OPTS[k].metavar) {
-            if (eq) { snprintf(err, errlen, "--%s takes no value", name); return -1; }
+            if (eq) {
+                snprintf(err, errlen, "--%s takes no value", name);
+                return -1;
+            }
             a->val[k] = "";
         } else if (eq) {
             a->val[k] = eq + 1;
         } else {
-            if (i + 1 >= argc) { snprintf(err, errlen, "--%s needs a value (%s)", name, RT_OPTS[k].metavar); return -1; }
+            if (i + 1 >= argc) {
+                snprintf(err, errlen, "--%s needs a value (%s)", name, RT_OPTS[k].metavar);
+                return -1;
+            }
             a->val[k] = argv[++i];
         }
     }
@@ -172,31 +199,46 @@ static int get_double(const rt_args *a, const char *name, double lo, double hi, 
 static int parse_layers(const char *s, int n_layers, int **out, int *n, char *err, size_t errlen)
 {
     int *mark = calloc((size_t)n_layers, sizeof *mark);
-    if (!mark) { snprintf(err, errlen, "out of memory"); return -1; }
+    if (!mark) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
     const char *p = s;
     int rc = 0;
     while (*p && !rc) {
         char *end;
         long a = strtol(p, &end, 10), b;
-        if (end == p) { rc = -1; break; }
+        if (end == p) {
+            rc = -1;
+            break;
+        }
         p = end;
         b = a;
         if (*p == '-') {
             const char *q = p + 1;
             b = strtol(q, &end, 10);
-            if (end == q) { rc = -1; break; }
+            if (end == q) {
+                rc = -1;
+                break;
+            }
             p = end;
         }
-        if (a > b) { rc = -1; break; }
+        if (a > b) {
+            rc = -1;
+            break;
+        }
         if (a < 0 || b >= n_layers) {
-            snprintf(err, errlen, "--layers %s: layer %ld is out of range (the model has layers 0-%d)",
-                     s, a < 0 ? a : b, n_layers - 1);
+            snprintf(err, errlen,
+                     "--layers %s: layer %ld is out of range (the model has layers 0-%d)", s,
+                     a < 0 ? a : b, n_layers - 1);
             free(mark);
             return -1;
         }
         for (long l = a; l <= b; l++) mark[l] = 1;
-        if (*p == ',') p++;
-        else if (*p) rc = -1;
+        if (*p == ',')
+            p++;
+        else if (*p)
+            rc = -1;
     }
     if (rc) {
         snprintf(err, errlen, "--layers %s: expected ranges like 1-3,5", s);
@@ -205,9 +247,17 @@ static int parse_layers(const char *s, int n_layers, int **out, int *n, char *er
     }
     int cnt = 0;
     for (int l = 0; l < n_layers; l++) cnt += mark[l];
-    if (!cnt) { snprintf(err, errlen, "--layers %s: no layer", s); free(mark); return -1; }
+    if (!cnt) {
+        snprintf(err, errlen, "--layers %s: no layer", s);
+        free(mark);
+        return -1;
+    }
     *out = malloc((size_t)cnt * sizeof **out);
-    if (!*out) { free(mark); snprintf(err, errlen, "out of memory"); return -1; }
+    if (!*out) {
+        free(mark);
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
     *n = 0;
     for (int l = 0; l < n_layers; l++)
         if (mark[l]) (*out)[(*n)++] = l;
@@ -220,9 +270,9 @@ static int parse_layers(const char *s, int n_layers, int **out, int *n, char *er
  * ===================================================================================== */
 
 typedef struct {
-    int32_t *tok;   /* [n][T] */
+    int32_t *tok; /* [n][T] */
     int n, T;
-    long n_tokens;  /* in the stream before cutting */
+    long n_tokens; /* in the stream before cutting */
 } rt_seqs;
 
 static int push_tok(int32_t **buf, long *n, long *cap, int32_t v)
@@ -243,7 +293,10 @@ static int read_ids_stream(const char *path, int vocab, int32_t **out, long *n_o
                            size_t errlen)
 {
     FILE *f = fopen(path, "r");
-    if (!f) { snprintf(err, errlen, "cannot open %s: %s", path, strerror(errno)); return -1; }
+    if (!f) {
+        snprintf(err, errlen, "cannot open %s: %s", path, strerror(errno));
+        return -1;
+    }
     int32_t *buf = NULL;
     long n = 0, cap = 0;
     char *line = NULL;
@@ -274,7 +327,10 @@ static int read_ids_stream(const char *path, int vocab, int32_t **out, long *n_o
     }
     free(line);
     fclose(f);
-    if (rc) { free(buf); return -1; }
+    if (rc) {
+        free(buf);
+        return -1;
+    }
     *out = buf;
     *n_out = n;
     return 0;
@@ -317,7 +373,11 @@ static int read_text_stream(const char *path, const char *model_dir, int vocab, 
             if (dlen + (size_t)got + 1 > dcap) {
                 size_t nc = (dlen + (size_t)got + 1) * 2;
                 char *nd = realloc(doc, nc);
-                if (!nd) { snprintf(err, errlen, "out of memory reading %s", path); rc = -1; break; }
+                if (!nd) {
+                    snprintf(err, errlen, "out of memory reading %s", path);
+                    rc = -1;
+                    break;
+                }
                 doc = nd;
                 dcap = nc;
             }
@@ -335,7 +395,10 @@ static int read_text_stream(const char *path, const char *model_dir, int vocab, 
             break;
         }
         for (int i = 0; i < nid && !rc; i++)
-            if (push_tok(&buf, &n, &cap, ids[i])) { snprintf(err, errlen, "out of memory"); rc = -1; }
+            if (push_tok(&buf, &n, &cap, ids[i])) {
+                snprintf(err, errlen, "out of memory");
+                rc = -1;
+            }
         free(ids);
         dlen = 0;
     }
@@ -343,14 +406,17 @@ static int read_text_stream(const char *path, const char *model_dir, int vocab, 
     free(doc);
     fclose(f);
     tok_free(tk);
-    if (rc) { free(buf); return -1; }
+    if (rc) {
+        free(buf);
+        return -1;
+    }
     *out = buf;
     *n_out = n;
     return 0;
 }
 
-static int load_seqs(const char *text_path, const char *ids_path, const char *model_dir,
-                     int vocab, int T, rt_seqs *s, char *err, size_t errlen)
+static int load_seqs(const char *text_path, const char *ids_path, const char *model_dir, int vocab,
+                     int T, rt_seqs *s, char *err, size_t errlen)
 {
     memset(s, 0, sizeof *s);
     int32_t *stream = NULL;
@@ -460,7 +526,10 @@ typedef struct {
 
 static void tensor_map_free(tensor_map *m)
 {
-    for (int i = 0; i < m->n; i++) { free(m->name[i]); free(m->file[i]); }
+    for (int i = 0; i < m->n; i++) {
+        free(m->name[i]);
+        free(m->file[i]);
+    }
     free(m->name);
     free(m->file);
     memset(m, 0, sizeof *m);
@@ -513,9 +582,14 @@ static int model_tensor_map(const char *dir, tensor_map *out, char *err, size_t 
             return -1;
         }
         const cJSON *it;
-        cJSON_ArrayForEach(it, root) {
+        cJSON_ArrayForEach(it, root)
+        {
             if (!strcmp(it->string, "__metadata__")) continue;
-            if (tensor_map_add(out, it->string, abs)) { cJSON_Delete(root); snprintf(err, errlen, "out of memory"); return -1; }
+            if (tensor_map_add(out, it->string, abs)) {
+                cJSON_Delete(root);
+                snprintf(err, errlen, "out of memory");
+                return -1;
+            }
         }
         cJSON_Delete(root);
         return 0;
@@ -530,18 +604,25 @@ static int model_tensor_map(const char *dir, tensor_map *out, char *err, size_t 
         return -1;
     }
     const cJSON *it;
-    cJSON_ArrayForEach(it, wm) {
+    cJSON_ArrayForEach(it, wm)
+    {
         char p[PATH_MAX];
         if (!cJSON_IsString(it)) continue;
-        if (it->valuestring[0] == '/') snprintf(p, sizeof p, "%s", it->valuestring);
-        else snprintf(p, sizeof p, "%s/%s", dir, it->valuestring);
+        if (it->valuestring[0] == '/')
+            snprintf(p, sizeof p, "%s", it->valuestring);
+        else
+            snprintf(p, sizeof p, "%s/%s", dir, it->valuestring);
         if (!realpath(p, abs)) {
             cJSON_Delete(root);
             tensor_map_free(out);
             snprintf(err, errlen, "%s: shard %s does not exist", index, p);
             return -1;
         }
-        if (tensor_map_add(out, it->string, abs)) { cJSON_Delete(root); snprintf(err, errlen, "out of memory"); return -1; }
+        if (tensor_map_add(out, it->string, abs)) {
+            cJSON_Delete(root);
+            snprintf(err, errlen, "out of memory");
+            return -1;
+        }
     }
     cJSON_Delete(root);
     return 0;
@@ -571,31 +652,41 @@ static int copy_file(const char *src, const char *dst, char *err, size_t errlen)
 {
     size_t len = 0;
     char *buf = read_file(src, &len);
-    if (!buf) { snprintf(err, errlen, "cannot read %s", src); return -1; }
+    if (!buf) {
+        snprintf(err, errlen, "cannot read %s", src);
+        return -1;
+    }
     FILE *f = fopen(dst, "wb");
     int ok = f && fwrite(buf, 1, len, f) == len;
     if (f && fclose(f)) ok = 0;
     free(buf);
-    if (!ok) { snprintf(err, errlen, "cannot write %s: %s", dst, strerror(errno)); return -1; }
+    if (!ok) {
+        snprintf(err, errlen, "cannot write %s: %s", dst, strerror(errno));
+        return -1;
+    }
     return 0;
 }
 
-static int write_output(const rt_out *o, const double *w, const double *b, char *err,
-                        size_t errlen)
+static int write_output(const rt_out *o, const double *w, const double *b, char *err, size_t errlen)
 {
     char path[PATH_MAX], tmp[PATH_MAX];
     if (mkdir_p(o->out, err, errlen)) return -1;
     snprintf(path, sizeof path, "%s/model.safetensors", o->out);
     if (file_exists(path)) {
-        snprintf(err, errlen, "%s exists: it would hide the index that references the original "
-                 "weights; use a fresh --out", path);
+        snprintf(err, errlen,
+                 "%s exists: it would hide the index that references the original "
+                 "weights; use a fresh --out",
+                 path);
         return -1;
     }
     /* 1. routers.safetensors (st_writer writes model.safetensors: into a temp dir, renamed) */
     snprintf(tmp, sizeof tmp, "%s/.routers.tmp", o->out);
     if (mkdir_p(tmp, err, errlen)) return -1;
     st_writer *sw = st_writer_new();
-    if (!sw) { snprintf(err, errlen, "out of memory"); return -1; }
+    if (!sw) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
     int rc = 0;
     float *fw = malloc((size_t)o->D * sizeof *fw);
     for (int i = 0; i < o->n_routed && fw && !rc; i++) {
@@ -628,13 +719,18 @@ static int write_output(const rt_out *o, const double *w, const double *b, char 
     if (model_tensor_map(o->model, &tm, err, errlen)) return -1;
     cJSON *root = cJSON_CreateObject(), *meta = cJSON_CreateObject(), *wm = cJSON_CreateObject();
     cJSON_AddItemToObject(root, "metadata", meta);
-    cJSON_AddStringToObject(meta, "note", "routers trained by modpipe router-tune; other tensors "
-                                          "are read from the original model's files");
+    cJSON_AddStringToObject(meta, "note",
+                            "routers trained by modpipe router-tune; other tensors "
+                            "are read from the original model's files");
     cJSON_AddItemToObject(root, "weight_map", wm);
     for (int i = 0; i < tm.n && !rc; i++) {
         if (is_router_of(tm.name[i], o->layers, o->n_routed)) continue;
         char *rel = relpath(tm.file[i], o->out);
-        if (!rel) { snprintf(err, errlen, "cannot resolve %s", tm.file[i]); rc = -1; break; }
+        if (!rel) {
+            snprintf(err, errlen, "cannot resolve %s", tm.file[i]);
+            rc = -1;
+            break;
+        }
         cJSON_AddStringToObject(wm, tm.name[i], rel);
         free(rel);
     }
@@ -649,7 +745,9 @@ static int write_output(const rt_out *o, const double *w, const double *b, char 
     char *txt = rc ? NULL : cJSON_Print(root);
     cJSON_Delete(root);
     snprintf(path, sizeof path, "%s/model.safetensors.index.json", o->out);
-    if (!rc) rc = txt ? write_text(path, txt, err, errlen) : (snprintf(err, errlen, "out of memory"), -1);
+    if (!rc)
+        rc =
+            txt ? write_text(path, txt, err, errlen) : (snprintf(err, errlen, "out of memory"), -1);
     free(txt);
     if (rc) return -1;
 
@@ -664,12 +762,16 @@ static int write_output(const rt_out *o, const double *w, const double *b, char 
         return -1;
     }
     stage_config sc;
-    if (stage_config_load(o->model, &sc, err, errlen)) { cJSON_Delete(cfg); return -1; }
+    if (stage_config_load(o->model, &sc, err, errlen)) {
+        cJSON_Delete(cfg);
+        return -1;
+    }
     cJSON *lt = cJSON_CreateArray();
     for (int l = 0; l < sc.n_layers; l++) {
         int routed = 0;
         for (int i = 0; i < o->n_routed; i++) routed |= o->layers[i] == l;
-        cJSON_AddItemToArray(lt, cJSON_CreateString(routed ? "mindskip" : stage_kind_name(sc.layer_kind[l])));
+        cJSON_AddItemToArray(
+            lt, cJSON_CreateString(routed ? "mindskip" : stage_kind_name(sc.layer_kind[l])));
     }
     stage_config_free(&sc);
     /* Router-Tuning's own keys would now disagree with layer_types */
@@ -770,12 +872,19 @@ static int run_batch(rt_ctx *c, const rt_seqs *s, const int *idx, int n, const d
     double *coef = calloc((size_t)nr, sizeof *coef);
     double *g = calloc(ngr, sizeof *g), *gt = calloc(ngr, sizeof *gt);
     int rc = 0;
-    if (!loc || !tot || !coef || !g || !gt) { snprintf(err, errlen, "out of memory"); rc = -1; }
+    if (!loc || !tot || !coef || !g || !gt) {
+        snprintf(err, errlen, "out of memory");
+        rc = -1;
+    }
     for (int c0 = lo; c0 < hi && !rc; c0 += c->max_local) {
         int m = hi - c0 < c->max_local ? hi - c0 : c->max_local;
         for (int j = 0; j < m; j++)
-            memcpy(c->shard + (size_t)j * T, s->tok + (size_t)idx[c0 + j] * T, (size_t)T * sizeof(int32_t));
-        if (train_forward(c->ws, c->shard, m, w, b, inv, NULL, err, errlen)) { rc = -1; break; }
+            memcpy(c->shard + (size_t)j * T, s->tok + (size_t)idx[c0 + j] * T,
+                   (size_t)T * sizeof(int32_t));
+        if (train_forward(c->ws, c->shard, m, w, b, inv, NULL, err, errlen)) {
+            rc = -1;
+            break;
+        }
         const train_stats *st = train_ws_stats(c->ws);
         for (int i = 0; i < nr; i++) {
             loc[i] += st->gate_sum[i];
@@ -836,12 +945,18 @@ static int calibrate_random(rt_ctx *c, const rt_seqs *s, const double *skip, dou
     const long per = c->setup.gran == STAGE_GRAN_TOKEN ? (long)T : 1;
     double *z = malloc((size_t)s->n * per * sizeof *z);
     double *zc = malloc((size_t)c->max_local * T * sizeof *zc);
-    if (!z || !zc) { free(z); free(zc); snprintf(err, errlen, "out of memory"); return -1; }
+    if (!z || !zc) {
+        free(z);
+        free(zc);
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
     uint64_t rs = seed * 0x9e3779b97f4a7c15ull + 7;
     for (int i = 0; i < nr; i++) {
         for (int k = 0; k < D; k++) {
             double u1 = unif(&rs), u2 = unif(&rs);
-            w[(size_t)i * D + k] = sqrt(-2.0 * log(u1 + 1e-300)) * cos(2 * M_PI * u2) / sqrt((double)D);
+            w[(size_t)i * D + k] =
+                sqrt(-2.0 * log(u1 + 1e-300)) * cos(2 * M_PI * u2) / sqrt((double)D);
         }
         b[i] = 1e3; /* open until calibrated */
     }
@@ -853,7 +968,10 @@ static int calibrate_random(rt_ctx *c, const rt_seqs *s, const double *skip, dou
         long nz = 0;
         for (int c0 = 0; c0 < s->n && !rc; c0 += c->max_local) {
             int m = s->n - c0 < c->max_local ? s->n - c0 : c->max_local;
-            if (train_forward(c->ws, s->tok + (size_t)c0 * T, m, w, b, 1.0, NULL, err, errlen)) { rc = -1; break; }
+            if (train_forward(c->ws, s->tok + (size_t)c0 * T, m, w, b, 1.0, NULL, err, errlen)) {
+                rc = -1;
+                break;
+            }
             long ng = train_ws_stats(c->ws)->n_gates;
             train_ws_gates(c->ws, i, zc, NULL, NULL);
             memcpy(z + nz, zc, (size_t)ng * sizeof *z);
@@ -917,8 +1035,14 @@ int cluster_routertune_main(int argc, char **argv)
 
     const char *model = rc ? NULL : arg(&a, "model"), *out = rc ? NULL : arg(&a, "out");
     const char *dump = rc ? NULL : arg(&a, "dump-sequences");
-    if (!rc && !model) { snprintf(err, sizeof err, "--model DIR is required (see modpipe router-tune --help)"); rc = -1; }
-    if (!rc && !out && !dump) { snprintf(err, sizeof err, "--out DIR is required"); rc = -1; }
+    if (!rc && !model) {
+        snprintf(err, sizeof err, "--model DIR is required (see modpipe router-tune --help)");
+        rc = -1;
+    }
+    if (!rc && !out && !dump) {
+        snprintf(err, sizeof err, "--out DIR is required");
+        rc = -1;
+    }
     if (!rc && !!arg(&a, "data") + !!arg(&a, "data-ids") != 1) {
         snprintf(err, sizeof err, "give exactly one of --data FILE and --data-ids FILE");
         rc = -1;
@@ -945,40 +1069,62 @@ int cluster_routertune_main(int argc, char **argv)
     if (!rc) rc = get_double(&a, "init-bias", -1e3, 1e3, 0, 0.5, &b0, err, sizeof err);
     int lr_linear = 1;
     if (!rc && (s0 = arg(&a, "lr-decay"))) {
-        if (!strcmp(s0, "none")) lr_linear = 0;
-        else if (strcmp(s0, "linear")) { snprintf(err, sizeof err, "--lr-decay: expected linear or none, got '%s'", s0); rc = -1; }
+        if (!strcmp(s0, "none"))
+            lr_linear = 0;
+        else if (strcmp(s0, "linear")) {
+            snprintf(err, sizeof err, "--lr-decay: expected linear or none, got '%s'", s0);
+            rc = -1;
+        }
     }
     stage_granularity gran = STAGE_GRAN_SEQUENCE;
     train_gate gate = TRAIN_GATE_STE;
     train_penalty pen = TRAIN_PENALTY_GLOBAL;
     const char *s;
     if (!rc && (s = arg(&a, "granularity"))) {
-        if (!strcmp(s, "token")) gran = STAGE_GRAN_TOKEN;
-        else if (strcmp(s, "sequence")) { snprintf(err, sizeof err, "--granularity: expected token or sequence, got '%s'", s); rc = -1; }
+        if (!strcmp(s, "token"))
+            gran = STAGE_GRAN_TOKEN;
+        else if (strcmp(s, "sequence")) {
+            snprintf(err, sizeof err, "--granularity: expected token or sequence, got '%s'", s);
+            rc = -1;
+        }
     }
     if (!rc && (s = arg(&a, "gate"))) {
-        if (!strcmp(s, "soft")) gate = TRAIN_GATE_SOFT;
-        else if (strcmp(s, "ste")) { snprintf(err, sizeof err, "--gate: expected ste or soft, got '%s'", s); rc = -1; }
+        if (!strcmp(s, "soft"))
+            gate = TRAIN_GATE_SOFT;
+        else if (strcmp(s, "ste")) {
+            snprintf(err, sizeof err, "--gate: expected ste or soft, got '%s'", s);
+            rc = -1;
+        }
     }
     if (!rc && (s = arg(&a, "penalty"))) {
-        if (!strcmp(s, "layer")) pen = TRAIN_PENALTY_LAYER;
-        else if (strcmp(s, "global")) { snprintf(err, sizeof err, "--penalty: expected global or layer, got '%s'", s); rc = -1; }
+        if (!strcmp(s, "layer"))
+            pen = TRAIN_PENALTY_LAYER;
+        else if (strcmp(s, "global")) {
+            snprintf(err, sizeof err, "--penalty: expected global or layer, got '%s'", s);
+            rc = -1;
+        }
     }
     if (!rc && B < size) {
-        snprintf(err, sizeof err, "--batch %ld is smaller than the %d ranks: every rank needs a "
-                 "sequence of each batch", B, size);
+        snprintf(err, sizeof err,
+                 "--batch %ld is smaller than the %d ranks: every rank needs a "
+                 "sequence of each batch",
+                 B, size);
         rc = -1;
     }
     if (!rc) rc = stage_config_load(model, &cfg, err, sizeof err);
     have_cfg = !rc;
     if (!rc && T > cfg.max_pos) {
-        snprintf(err, sizeof err, "--seq-len %ld exceeds the model's max_position_embeddings %d", T, cfg.max_pos);
+        snprintf(err, sizeof err, "--seq-len %ld exceeds the model's max_position_embeddings %d", T,
+                 cfg.max_pos);
         rc = -1;
     }
     if (!rc) {
-        if (arg(&a, "layers")) rc = parse_layers(arg(&a, "layers"), cfg.n_layers, &layers, &n_routed, err, sizeof err);
-        else if (cfg.n_layers < 2) { snprintf(err, sizeof err, "the model has one layer: give --layers 0"); rc = -1; }
-        else {
+        if (arg(&a, "layers"))
+            rc = parse_layers(arg(&a, "layers"), cfg.n_layers, &layers, &n_routed, err, sizeof err);
+        else if (cfg.n_layers < 2) {
+            snprintf(err, sizeof err, "the model has one layer: give --layers 0");
+            rc = -1;
+        } else {
             char def[32];
             snprintf(def, sizeof def, "1-%d", cfg.n_layers - 1);
             rc = parse_layers(def, cfg.n_layers, &layers, &n_routed, err, sizeof err);
@@ -994,10 +1140,15 @@ int cluster_routertune_main(int argc, char **argv)
             st_tensor t;
             snprintf(name, sizeof name, "model.layers.%d.router.weight", layers[i]);
             int has = st_find(stm, name, &t, err, sizeof err);
-            if (has < 0) { rc = -1; break; }
+            if (has < 0) {
+                rc = -1;
+                break;
+            }
             if (has && !resume) {
-                snprintf(err, sizeof err, "%s: layer %d already has a router (%s): refusing to "
-                         "overwrite it; --resume continues training from it", model, layers[i], name);
+                snprintf(err, sizeof err,
+                         "%s: layer %d already has a router (%s): refusing to "
+                         "overwrite it; --resume continues training from it",
+                         model, layers[i], name);
                 rc = -1;
             } else if (!has && resume) {
                 snprintf(err, sizeof err, "--resume: %s has no router on layer %d to continue from",
@@ -1014,8 +1165,10 @@ int cluster_routertune_main(int argc, char **argv)
         kept = calloc((size_t)n_routed, sizeof *kept);
         soft = calloc((size_t)n_routed, sizeof *soft);
         wd_mask = calloc((size_t)n_routed * D + n_routed, 1);
-        if (!w || !gw || !best_w || !kept || !soft || !wd_mask) { snprintf(err, sizeof err, "out of memory"); rc = -1; }
-        else {
+        if (!w || !gw || !best_w || !kept || !soft || !wd_mask) {
+            snprintf(err, sizeof err, "out of memory");
+            rc = -1;
+        } else {
             b = w + (size_t)n_routed * D;
             gb = gw + (size_t)n_routed * D;
             best_b = best_w + (size_t)n_routed * D;
@@ -1031,37 +1184,53 @@ int cluster_routertune_main(int argc, char **argv)
                 int64_t shp[2] = {1, D};
                 snprintf(name, sizeof name, "model.layers.%d.router.weight", layers[i]);
                 const float *pw = st_get_f32(stm, name, 2, shp, err, sizeof err);
-                if (!pw) { rc = -1; break; }
+                if (!pw) {
+                    rc = -1;
+                    break;
+                }
                 for (int c2 = 0; c2 < D; c2++) w[(size_t)i * D + c2] = pw[c2];
                 st_tensor t;
                 snprintf(name, sizeof name, "model.layers.%d.router.bias", layers[i]);
                 int has = st_find(stm, name, &t, err, sizeof err);
                 const float *pb = has > 0 ? st_get_f32(stm, name, 1, shp, err, sizeof err) : NULL;
-                if (has < 0 || (has > 0 && !pb)) { rc = -1; break; }
+                if (has < 0 || (has > 0 && !pb)) {
+                    rc = -1;
+                    break;
+                }
                 b[i] = pb ? pb[0] : 0.0;
             } else {
                 for (int c2 = 0; c2 < D; c2++) {
                     double u1 = unif(&rs), u2 = unif(&rs);
-                    w[(size_t)i * D + c2] = 0.01 * sqrt(-2.0 * log(u1 + 1e-300)) * cos(2 * M_PI * u2);
+                    w[(size_t)i * D + c2] =
+                        0.01 * sqrt(-2.0 * log(u1 + 1e-300)) * cos(2 * M_PI * u2);
                 }
                 b[i] = b0;
             }
         }
     }
     st_close(stm);
-    if (!rc) rc = load_seqs(arg(&a, "data"), arg(&a, "data-ids"), model, cfg.vocab, (int)T, &tr, err, sizeof err);
+    if (!rc)
+        rc = load_seqs(arg(&a, "data"), arg(&a, "data-ids"), model, cfg.vocab, (int)T, &tr, err,
+                       sizeof err);
     if (!rc && !dump && tr.n < B) {
-        snprintf(err, sizeof err, "%s: %ld tokens make %d sequences of %ld, fewer than one batch "
-                 "(--batch %ld needs %ld tokens)", arg(&a, "data") ? arg(&a, "data") : arg(&a, "data-ids"),
-                 tr.n_tokens, tr.n, T, B, B * T);
+        snprintf(err, sizeof err,
+                 "%s: %ld tokens make %d sequences of %ld, fewer than one batch "
+                 "(--batch %ld needs %ld tokens)",
+                 arg(&a, "data") ? arg(&a, "data") : arg(&a, "data-ids"), tr.n_tokens, tr.n, T, B,
+                 B * T);
         rc = -1;
     }
-    const char *evp = rc ? NULL : arg(&a, "eval-data") ? arg(&a, "eval-data") : arg(&a, "eval-data-ids");
+    const char *evp = rc                     ? NULL
+                      : arg(&a, "eval-data") ? arg(&a, "eval-data")
+                                             : arg(&a, "eval-data-ids");
     if (evp) {
-        rc = load_seqs(arg(&a, "eval-data"), arg(&a, "eval-data-ids"), model, cfg.vocab, (int)T, &ev, err, sizeof err);
+        rc = load_seqs(arg(&a, "eval-data"), arg(&a, "eval-data-ids"), model, cfg.vocab, (int)T,
+                       &ev, err, sizeof err);
         if (!rc && ev.n < size) {
-            snprintf(err, sizeof err, "%s: %ld tokens make %d held-out sequences of %ld; need at least "
-                     "one per rank (%d)", evp, ev.n_tokens, ev.n, T, size);
+            snprintf(err, sizeof err,
+                     "%s: %ld tokens make %d held-out sequences of %ld; need at least "
+                     "one per rank (%d)",
+                     evp, ev.n_tokens, ev.n, T, size);
             rc = -1;
         }
     }
@@ -1071,12 +1240,19 @@ int cluster_routertune_main(int argc, char **argv)
         const rt_seqs *ds = evp ? &ev : &tr;
         if (rank == 0) {
             FILE *f = fopen(dump, "w");
-            if (!f) { snprintf(err, sizeof err, "cannot write %s: %s", dump, strerror(errno)); goto done_err; }
+            if (!f) {
+                snprintf(err, sizeof err, "cannot write %s: %s", dump, strerror(errno));
+                goto done_err;
+            }
             for (int i = 0; i < ds->n; i++)
                 for (int t = 0; t < ds->T; t++)
                     fprintf(f, "%d%c", ds->tok[(size_t)i * ds->T + t], t + 1 < ds->T ? ',' : '\n');
-            if (fclose(f)) { snprintf(err, sizeof err, "cannot write %s", dump); goto done_err; }
-            fprintf(stderr, "router-tune: wrote %d sequences of %d tokens to %s\n", ds->n, ds->T, dump);
+            if (fclose(f)) {
+                snprintf(err, sizeof err, "cannot write %s", dump);
+                goto done_err;
+            }
+            fprintf(stderr, "router-tune: wrote %d sequences of %d tokens to %s\n", ds->n, ds->T,
+                    dump);
         }
         exit_code = 0;
         goto done;
@@ -1101,7 +1277,8 @@ int cluster_routertune_main(int argc, char **argv)
         c.ws = train_ws_new(tm, &c.setup, c.max_local, (int)T, 0, err, sizeof err);
         c.shard = malloc((size_t)c.max_local * T * sizeof *c.shard);
         perm = malloc((size_t)(tr.n > ev.n ? tr.n : ev.n) * sizeof *perm);
-        if (!c.ws) rc = -1;
+        if (!c.ws)
+            rc = -1;
         else if (!c.shard || !perm || train_adamw_init(&opt, n_routed * D + n_routed)) {
             snprintf(err, sizeof err, "out of memory");
             rc = -1;
@@ -1117,26 +1294,34 @@ int cluster_routertune_main(int argc, char **argv)
         while (!rc && *p) {
             char *end;
             double v = strtod(p, &end);
-            if (end == p || !(v >= 0 && v <= 1) || nf >= n_routed) { rc = -1; break; }
+            if (end == p || !(v >= 0 && v <= 1) || nf >= n_routed) {
+                rc = -1;
+                break;
+            }
             fr[nf++] = v;
             p = end;
             if (*p == ',') p++;
         }
         if (rc || nf != n_routed) {
-            snprintf(err, sizeof err, "--random-skip %s: expected %d fractions in [0, 1] (one per "
-                     "routed layer)", arg(&a, "random-skip"), n_routed);
+            snprintf(err, sizeof err,
+                     "--random-skip %s: expected %d fractions in [0, 1] (one per "
+                     "routed layer)",
+                     arg(&a, "random-skip"), n_routed);
             rc = -1;
         }
         if (!rc) rc = calibrate_random(&c, &tr, fr, thr, (uint64_t)seed, w, b, err, sizeof err);
         free(fr);
         if (agree(rc, rank, size, err)) goto done;
         record = cJSON_CreateObject();
-        cJSON_AddStringToObject(record, "method", "random routers (baseline), biases calibrated by modpipe router-tune --random-skip");
+        cJSON_AddStringToObject(
+            record, "method",
+            "random routers (baseline), biases calibrated by modpipe router-tune --random-skip");
         cJSON_AddStringToObject(record, "random_skip", arg(&a, "random-skip"));
         if (rank == 0) {
             rt_out o = {model, out, layers, n_routed, D, gran, thr, record};
             rc = write_output(&o, w, b, err, sizeof err);
-            if (!rc && !quiet_flag(&a)) fprintf(stderr, "router-tune: wrote random routers to %s\n", out);
+            if (!rc && !quiet_flag(&a))
+                fprintf(stderr, "router-tune: wrote random routers to %s\n", out);
         }
         MPI_Bcast(&rc, 1, MPI_INT, 0, MPI_COMM_WORLD);
         exit_code = rc ? 1 : 0;
@@ -1150,10 +1335,13 @@ int cluster_routertune_main(int argc, char **argv)
     if (rank == 0 && !quiet) {
         fprintf(stderr, "router-tune: %d rank%s, layers", size, size > 1 ? "s" : "");
         for (int i = 0; i < n_routed; i++) fprintf(stderr, "%s%d", i ? "," : " ", layers[i]);
-        fprintf(stderr, " (%s, %s gate, %s penalty), target skip %.3f, %d training sequences "
-                "of %ld%s, batch %ld, %ld steps\n", gran == STAGE_GRAN_TOKEN ? "token" : "sequence",
-                gate == TRAIN_GATE_STE ? "STE" : "soft", pen == TRAIN_PENALTY_GLOBAL ? "global" : "per-layer",
-                tskip, tr.n, T, evp ? ", held-out loss picks the best routers" : "", B, steps);
+        fprintf(stderr,
+                " (%s, %s gate, %s penalty), target skip %.3f, %d training sequences "
+                "of %ld%s, batch %ld, %ld steps\n",
+                gran == STAGE_GRAN_TOKEN ? "token" : "sequence",
+                gate == TRAIN_GATE_STE ? "STE" : "soft",
+                pen == TRAIN_PENALTY_GLOBAL ? "global" : "per-layer", tskip, tr.n, T,
+                evp ? ", held-out loss picks the best routers" : "", B, steps);
     }
     uint64_t order = (uint64_t)seed ^ 0x5deece66dull;
     int epoch_pos = tr.n; /* reshuffle at the start */
@@ -1163,7 +1351,10 @@ int cluster_routertune_main(int argc, char **argv)
     long tok_log = 0;
     int *bidx = malloc((size_t)B * sizeof *bidx);
     int *eidx = malloc((size_t)(ev.n ? ev.n : 1) * sizeof *eidx);
-    if (!bidx || !eidx) { rc = -1; snprintf(err, sizeof err, "out of memory"); }
+    if (!bidx || !eidx) {
+        rc = -1;
+        snprintf(err, sizeof err, "out of memory");
+    }
     for (int i = 0; i < ev.n && eidx; i++) eidx[i] = i;
     memcpy(best_w, w, ((size_t)n_routed * D + n_routed) * sizeof *w);
     int interrupted = 0;
@@ -1171,12 +1362,16 @@ int cluster_routertune_main(int argc, char **argv)
         /* everyone stops together */
         int stop = g_stop != 0, any = 0;
         MPI_Allreduce(&stop, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-        if (any) { interrupted = 1; break; }
+        if (any) {
+            interrupted = 1;
+            break;
+        }
         double nll, pl;
         if (evp && (step % eval_every == 0 || step == steps)) {
             /* held-out loss with the inference gate (hard threshold), no backward */
             train_ws_set_gate(c.ws, TRAIN_GATE_STE);
-            rc = run_batch(&c, &ev, eidx, ev.n, w, b, NULL, NULL, &nll, &pl, kept, soft, err, sizeof err);
+            rc = run_batch(&c, &ev, eidx, ev.n, w, b, NULL, NULL, &nll, &pl, kept, soft, err,
+                           sizeof err);
             train_ws_set_gate(c.ws, gate);
             if (rc) break;
             double eb = nll + pl;
@@ -1186,8 +1381,10 @@ int cluster_routertune_main(int argc, char **argv)
                 memcpy(best_w, w, ((size_t)n_routed * D + n_routed) * sizeof *w);
             }
             if (rank == 0 && !quiet)
-                fprintf(stderr, "router-tune: step %ld held-out: nll %.4f (ppl %.3f) + penalty %.4f, "
-                        "kept %.3f%s\n", step, nll, exp(nll), pl, mean_of(kept, n_routed),
+                fprintf(stderr,
+                        "router-tune: step %ld held-out: nll %.4f (ppl %.3f) + penalty %.4f, "
+                        "kept %.3f%s\n",
+                        step, nll, exp(nll), pl, mean_of(kept, n_routed),
                         best_step == step ? " (best)" : "");
         }
         if (step == steps) break;
@@ -1211,17 +1408,24 @@ int cluster_routertune_main(int argc, char **argv)
         tok_log += B * T;
         if (rank == 0 && !quiet && ((step + 1) % log_every == 0 || step + 1 == steps)) {
             double now = stage_now_s();
-            fprintf(stderr, "router-tune: step %ld/%ld loss %.4f (nll %.4f + penalty %.4f) kept %.3f "
-                    "(soft %.3f) %.0f tok/s\n", step + 1, steps, nll + pl, nll, pl,
-                    mean_of(kept, n_routed), mean_of(soft, n_routed), tok_log / (now - tlog + 1e-12));
+            fprintf(stderr,
+                    "router-tune: step %ld/%ld loss %.4f (nll %.4f + penalty %.4f) kept %.3f "
+                    "(soft %.3f) %.0f tok/s\n",
+                    step + 1, steps, nll + pl, nll, pl, mean_of(kept, n_routed),
+                    mean_of(soft, n_routed), tok_log / (now - tlog + 1e-12));
             tlog = now;
             tok_log = 0;
         }
     }
-    if (agree(rc, rank, size, err)) { free(bidx); free(eidx); goto done; }
+    if (agree(rc, rank, size, err)) {
+        free(bidx);
+        free(eidx);
+        goto done;
+    }
     double secs = stage_now_s() - t0;
     record = cJSON_CreateObject();
-    cJSON_AddStringToObject(record, "method", "Router-Tuning (He et al. 2024, arXiv 2410.13184), modpipe router-tune");
+    cJSON_AddStringToObject(
+        record, "method", "Router-Tuning (He et al. 2024, arXiv 2410.13184), modpipe router-tune");
     cJSON_AddStringToObject(record, "gate", gate == TRAIN_GATE_STE ? "ste" : "soft");
     cJSON_AddStringToObject(record, "penalty", pen == TRAIN_PENALTY_GLOBAL ? "global" : "layer");
     cJSON_AddNumberToObject(record, "target_skip", tskip);
@@ -1246,8 +1450,10 @@ int cluster_routertune_main(int argc, char **argv)
         goto done;
     }
     if (rank == 0 && !quiet)
-        fprintf(stderr, "router-tune: %s after %ld steps (%.1f s, %.0f training tok/s): wrote %s "
-                "(routers of step %ld)\n", interrupted ? "interrupted" : "done", step, secs,
+        fprintf(stderr,
+                "router-tune: %s after %ld steps (%.1f s, %.0f training tok/s): wrote %s "
+                "(routers of step %ld)\n",
+                interrupted ? "interrupted" : "done", step, secs,
                 secs > 0 ? (double)step * B * T / secs : 0.0, out, best_step);
     exit_code = interrupted ? 130 : 0;
     free(bidx);

@@ -32,9 +32,18 @@ int cluster_mb_init(cluster_mb *mb, int cap)
 void cluster_mb_free(cluster_mb *mb)
 {
     if (!mb) return;
-    free(mb->slot); free(mb->pos); free(mb->token); free(mb->flags); free(mb->temperature);
-    free(mb->top_p); free(mb->seed); free(mb->seq); free(mb->step); free(mb->target);
-    free(mb->tag); free(mb->release);
+    free(mb->slot);
+    free(mb->pos);
+    free(mb->token);
+    free(mb->flags);
+    free(mb->temperature);
+    free(mb->top_p);
+    free(mb->seed);
+    free(mb->seq);
+    free(mb->step);
+    free(mb->target);
+    free(mb->tag);
+    free(mb->release);
     memset(mb, 0, sizeof *mb);
 }
 

@@ -35,25 +35,25 @@
 #include "comm/comm.h"
 
 typedef struct {
-    int n;                /* rows (1 .. cap) */
-    int cap;              /* rows allocated */
-    int32_t *slot;        /* [cap] KV slot */
-    int32_t *pos;         /* [cap] absolute position */
-    int32_t *token;       /* [cap] input token */
-    uint8_t *flags;       /* [cap] COMM_ROW_* */
-    float *temperature;   /* [cap] <= 0: greedy */
-    float *top_p;         /* [cap] (0, 1] */
-    uint64_t *seed;       /* [cap] */
-    uint64_t *seq;        /* [cap] sequence id: sampling stream; --dump-logits row */
-    uint32_t *step;       /* [cap] draw index (generate: index of the new token) */
-    int32_t *target;      /* [cap] token whose NLL the head adds up, -1: none */
-    uint64_t *tag;        /* [cap] the scheduler's own row tag (not sent; cluster_mb_add: seq) */
+    int n;              /* rows (1 .. cap) */
+    int cap;            /* rows allocated */
+    int32_t *slot;      /* [cap] KV slot */
+    int32_t *pos;       /* [cap] absolute position */
+    int32_t *token;     /* [cap] input token */
+    uint8_t *flags;     /* [cap] COMM_ROW_* */
+    float *temperature; /* [cap] <= 0: greedy */
+    float *top_p;       /* [cap] (0, 1] */
+    uint64_t *seed;     /* [cap] */
+    uint64_t *seq;      /* [cap] sequence id: sampling stream; --dump-logits row */
+    uint32_t *step;     /* [cap] draw index (generate: index of the new token) */
+    int32_t *target;    /* [cap] token whose NLL the head adds up, -1: none */
+    uint64_t *tag;      /* [cap] the scheduler's own row tag (not sent; cluster_mb_add: seq) */
     int n_release;
-    int32_t *release;     /* [COMM_MAX_RELEASE] slots released before these rows */
-    uint64_t id;          /* set by the loop: micro-batch number */
+    int32_t *release; /* [COMM_MAX_RELEASE] slots released before these rows */
+    uint64_t id;      /* set by the loop: micro-batch number */
 } cluster_mb;
 
-int cluster_mb_init(cluster_mb *mb, int cap);  /* 0 or -1 (out of memory) */
+int cluster_mb_init(cluster_mb *mb, int cap); /* 0 or -1 (out of memory) */
 void cluster_mb_free(cluster_mb *mb);
 void cluster_mb_copy(cluster_mb *dst, const cluster_mb *src); /* dst->cap >= src->n */
 /* Append a row with default sampling state (greedy, top_p 1, seed 0, target -1); returns its
@@ -63,8 +63,8 @@ int cluster_mb_add(cluster_mb *mb, int32_t slot, int32_t pos, int32_t token, uin
 
 typedef struct {
     int from, to;
-    uint64_t bytes;        /* header + payload handed to MPI */
-    uint64_t dense_bytes;  /* chain links: what a dense pipeline would send; else 0 */
+    uint64_t bytes;       /* header + payload handed to MPI */
+    uint64_t dense_bytes; /* chain links: what a dense pipeline would send; else 0 */
 } cluster_link_bytes;
 
 typedef struct {
@@ -77,8 +77,8 @@ typedef struct {
 
 /* ---- slot pool (rank 0 bookkeeping) ---- */
 typedef struct {
-    int n;            /* slots */
-    int *free_list;   /* [n] free slots, lowest first out */
+    int n;          /* slots */
+    int *free_list; /* [n] free slots, lowest first out */
     int n_free;
     int32_t *pending; /* [n] released, not yet announced to the stages */
     int n_pending;
@@ -86,7 +86,7 @@ typedef struct {
 
 int cluster_slot_pool_init(cluster_slot_pool *p, int n); /* 0 or -1 */
 void cluster_slot_pool_free(cluster_slot_pool *p);
-int cluster_slot_acquire(cluster_slot_pool *p);           /* a free slot, or -1 */
+int cluster_slot_acquire(cluster_slot_pool *p); /* a free slot, or -1 */
 void cluster_slot_release(cluster_slot_pool *p, int slot);
 /* Move up to COMM_MAX_RELEASE pending releases into mb->release. */
 void cluster_slot_announce(cluster_slot_pool *p, cluster_mb *mb);

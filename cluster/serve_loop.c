@@ -28,31 +28,47 @@ int cluster_serve(MPI_Comm comm, const cluster_serve_opts *o, srvq *q, void (*re
     /* every rank checks the same options: the errors agree */
     const char *bad = NULL;
     char why[256] = "";
-    if (topk) bad = "the model uses topk routing, which is non-causal: it cannot decode token by token";
+    if (topk)
+        bad = "the model uses topk routing, which is non-causal: it cannot decode token by token";
     else if (o->slots < 1 || o->ctx < 2 || o->micro_batch < 1 || o->max_in_flight < 1) {
-        snprintf(why, sizeof why, "slots %d, ctx %d, micro-batch %d, max-in-flight %d: slots, "
-                 "micro-batch and max-in-flight must be >= 1, ctx >= 2", o->slots, o->ctx,
-                 o->micro_batch, o->max_in_flight);
+        snprintf(why, sizeof why,
+                 "slots %d, ctx %d, micro-batch %d, max-in-flight %d: slots, "
+                 "micro-batch and max-in-flight must be >= 1, ctx >= 2",
+                 o->slots, o->ctx, o->micro_batch, o->max_in_flight);
         bad = why;
     }
     srvq_stats st;
     if (!bad && rank == 0) {
-        if (!q) bad = "rank 0 needs the request queue";
+        if (!q)
+            bad = "rank 0 needs the request queue";
         else {
             srvq_get_stats(q, &st);
             if (st.slots != o->slots) {
-                snprintf(why, sizeof why, "the queue has %d slots, the pipeline %d", st.slots, o->slots);
+                snprintf(why, sizeof why, "the queue has %d slots, the pipeline %d", st.slots,
+                         o->slots);
                 bad = why;
             }
         }
     }
     int max_rows = whole && o->ctx > o->micro_batch ? o->ctx : o->micro_batch;
-    if (!bad && rank == 0 && srvq_sched_config(q, o->micro_batch, whole, max_rows)) bad = "out of memory";
+    if (!bad && rank == 0 && srvq_sched_config(q, o->micro_batch, whole, max_rows))
+        bad = "out of memory";
     cluster_loop_opts lo = {
-        .model_dir = o->model_dir, .cfg = o->cfg, .plan = o->plan, .slots = o->slots, .ctx = o->ctx,
-        .max_rows = max_rows, .max_in_flight = o->max_in_flight, .wire = o->wire,
-        .weights_dtype = o->weights_dtype, .dense_transport = o->dense_transport, .timeout_s = o->timeout_s, .serve = 1,
-        .command = "serve", .micro_batch = o->micro_batch, .progress_tokens = 1,
+        .model_dir = o->model_dir,
+        .cfg = o->cfg,
+        .plan = o->plan,
+        .slots = o->slots,
+        .ctx = o->ctx,
+        .max_rows = max_rows,
+        .max_in_flight = o->max_in_flight,
+        .wire = o->wire,
+        .weights_dtype = o->weights_dtype,
+        .dense_transport = o->dense_transport,
+        .timeout_s = o->timeout_s,
+        .serve = 1,
+        .command = "serve",
+        .micro_batch = o->micro_batch,
+        .progress_tokens = 1,
     };
     cluster_loop *L = NULL;
     int rc;

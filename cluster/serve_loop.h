@@ -38,14 +38,14 @@
 typedef struct {
     const char *model_dir;
     const stage_config *cfg;
-    const cluster_plan *plan;   /* n_stages == ranks of comm */
-    int slots, ctx;             /* KV slot pool (must equal the srvq's) */
-    int micro_batch;            /* most rows a micro-batch (R) */
-    int max_in_flight;          /* micro-batches in flight (>= 1; e.g. 2 x stages) */
+    const cluster_plan *plan; /* n_stages == ranks of comm */
+    int slots, ctx;           /* KV slot pool (must equal the srvq's) */
+    int micro_batch;          /* most rows a micro-batch (R) */
+    int max_in_flight;        /* micro-batches in flight (>= 1; e.g. 2 x stages) */
     stage_dtype wire;
-    int weights_dtype;          /* stage_dtype the weight matrices are held in; -1: as stored */
+    int weights_dtype; /* stage_dtype the weight matrices are held in; -1: as stored */
     int dense_transport;
-    double timeout_s;           /* peer timeout while work is in flight */
+    double timeout_s; /* peer timeout while work is in flight */
 } cluster_serve_opts;
 
 int cluster_serve(MPI_Comm comm, const cluster_serve_opts *o, srvq *q, void (*ready)(void *),

@@ -19,21 +19,21 @@ enum { RQ_QUEUED = 0, RQ_RUNNING, RQ_DONE };
 
 typedef struct rq {
     long id;
-    srvq_request r;          /* r.prompt points at prompt below */
-    int32_t *prompt;         /* [n_prompt] own copy */
+    srvq_request r;  /* r.prompt points at prompt below */
+    int32_t *prompt; /* [n_prompt] own copy */
     int state;
     int cancelled;
     int slot;
-    int n_prefilled;         /* prompt rows issued */
-    int n_gen;               /* tokens generated (EOS excluded) */
-    int32_t last;            /* last generated token: the next decode row's input */
-    int inflight;            /* rows issued, not back */
-    struct rq *next;         /* queue / running list order */
+    int n_prefilled; /* prompt rows issued */
+    int n_gen;       /* tokens generated (EOS excluded) */
+    int32_t last;    /* last generated token: the next decode row's input */
+    int inflight;    /* rows issued, not back */
+    struct rq *next; /* queue / running list order */
 } rq;
 
 typedef struct {
     rq *r;
-    int done;                /* 0: token, 1: on_done */
+    int done; /* 0: token, 1: on_done */
     int32_t tok;
     srvq_finish why;
     const char *msg;
@@ -45,15 +45,15 @@ struct srvq {
     int slots, ctx, queue_cap, vocab, eos;
     int R, whole, max_rows;
     int closed;
-    int kick;                /* something happened since the last wait */
+    int kick; /* something happened since the last wait */
     long next_id;
-    rq *qhead, *qtail;       /* waiting for a slot, arrival order */
+    rq *qhead, *qtail; /* waiting for a slot, arrival order */
     long n_queued;
     rq *run_head, *run_tail; /* holding a slot, admission order */
     long n_running;
-    rq **by_slot;            /* [slots] running request of each slot, NULL: free */
+    rq **by_slot; /* [slots] running request of each slot, NULL: free */
     cluster_slot_pool pool;
-    event *ev;               /* [ev_cap] */
+    event *ev; /* [ev_cap] */
     int n_ev, ev_cap;
     char fail_msg[256];
     srvq_stats st;
@@ -98,8 +98,14 @@ static void rq_free(rq *r)
 void srvq_free(srvq *q)
 {
     if (!q) return;
-    for (rq *r = q->qhead, *n; r; r = n) { n = r->next; rq_free(r); }
-    for (rq *r = q->run_head, *n; r; r = n) { n = r->next; rq_free(r); }
+    for (rq *r = q->qhead, *n; r; r = n) {
+        n = r->next;
+        rq_free(r);
+    }
+    for (rq *r = q->run_head, *n; r; r = n) {
+        n = r->next;
+        rq_free(r);
+    }
     free(q->by_slot);
     free(q->ev);
     cluster_slot_pool_free(&q->pool);
@@ -122,7 +128,8 @@ long srvq_submit(srvq *q, const srvq_request *r, char *err, size_t errlen)
     }
     for (int i = 0; i < r->n_prompt; i++)
         if (r->prompt[i] < 0 || r->prompt[i] >= q->vocab) {
-            snprintf(err, errlen, "prompt: token id %d out of range [0, %d)", (int)r->prompt[i], q->vocab);
+            snprintf(err, errlen, "prompt: token id %d out of range [0, %d)", (int)r->prompt[i],
+                     q->vocab);
             return SRVQ_ERR_BAD;
         }
     if (r->max_tokens < 1) {
@@ -142,8 +149,10 @@ long srvq_submit(srvq *q, const srvq_request *r, char *err, size_t errlen)
         return SRVQ_ERR_BAD;
     }
     if (r->n_prompt + 1 > q->ctx) {
-        snprintf(err, errlen, "prompt: %d tokens leave no room for a new one in the %d-position "
-                 "context", r->n_prompt, q->ctx);
+        snprintf(err, errlen,
+                 "prompt: %d tokens leave no room for a new one in the %d-position "
+                 "context",
+                 r->n_prompt, q->ctx);
         return SRVQ_ERR_TOO_LONG;
     }
     rq *n = calloc(1, sizeof *n);
@@ -169,8 +178,10 @@ long srvq_submit(srvq *q, const srvq_request *r, char *err, size_t errlen)
         rc = SRVQ_ERR_FULL;
     } else {
         rc = n->id = q->next_id++;
-        if (q->qtail) q->qtail->next = n;
-        else q->qhead = n;
+        if (q->qtail)
+            q->qtail->next = n;
+        else
+            q->qhead = n;
         q->qtail = n;
         q->n_queued++;
         q->st.requests_total++;
@@ -266,7 +277,10 @@ static void flush_ev(event *ev, int n)
 static void end_running(srvq *q, rq *r, srvq_finish why, const char *msg)
 {
     rq **pp = &q->run_head, *prev = NULL;
-    while (*pp && *pp != r) { prev = *pp; pp = &(*pp)->next; }
+    while (*pp && *pp != r) {
+        prev = *pp;
+        pp = &(*pp)->next;
+    }
     if (*pp) {
         *pp = r->next;
         if (q->run_tail == r) q->run_tail = prev;
@@ -283,7 +297,11 @@ static void sweep(srvq *q)
     /* cancelled: queued ones leave the queue, running ones their slot */
     for (rq **pp = &q->qhead, *prev = NULL; *pp;) {
         rq *r = *pp;
-        if (!r->cancelled) { prev = r; pp = &r->next; continue; }
+        if (!r->cancelled) {
+            prev = r;
+            pp = &r->next;
+            continue;
+        }
         *pp = r->next;
         if (q->qtail == r) q->qtail = prev;
         q->n_queued--;
@@ -304,14 +322,17 @@ static void sweep(srvq *q)
         r->slot = cluster_slot_acquire(&q->pool);
         r->state = RQ_RUNNING;
         q->by_slot[r->slot] = r;
-        if (q->run_tail) q->run_tail->next = r;
-        else q->run_head = r;
+        if (q->run_tail)
+            q->run_tail->next = r;
+        else
+            q->run_head = r;
         q->run_tail = r;
         q->n_running++;
     }
 }
 
-static void add_row(cluster_mb *mb, const rq *r, int32_t pos, int32_t tok, uint8_t fl, uint32_t step)
+static void add_row(cluster_mb *mb, const rq *r, int32_t pos, int32_t tok, uint8_t fl,
+                    uint32_t step)
 {
     int i = cluster_mb_add(mb, r->slot, pos, tok, fl, 0, step);
     mb->tag[i] = (uint64_t)r->id;
@@ -341,7 +362,7 @@ static int sched_next(void *self, cluster_mb *mb)
         if (left == 0) continue;
         int room = R - mb->n;
         if (q->whole) {
-            if (mb->n > 0 && left > room) continue;   /* whole prompts: wait for an emptier one */
+            if (mb->n > 0 && left > room) continue; /* whole prompts: wait for an emptier one */
             room = q->max_rows - mb->n;
             if (left > room) continue;
         }
@@ -464,8 +485,18 @@ void srvq_fail_all(srvq *q, const char *msg)
     q->closed = 1;
     /* callbacks after unlocking, like the pipeline's */
     rq *list = NULL, **tail = &list;
-    for (rq *r = q->qhead, *n; r; r = n) { n = r->next; r->next = NULL; *tail = r; tail = &r->next; }
-    for (rq *r = q->run_head, *n; r; r = n) { n = r->next; r->next = NULL; *tail = r; tail = &r->next; }
+    for (rq *r = q->qhead, *n; r; r = n) {
+        n = r->next;
+        r->next = NULL;
+        *tail = r;
+        tail = &r->next;
+    }
+    for (rq *r = q->run_head, *n; r; r = n) {
+        n = r->next;
+        r->next = NULL;
+        *tail = r;
+        tail = &r->next;
+    }
     q->qhead = q->qtail = q->run_head = q->run_tail = NULL;
     q->n_queued = q->n_running = 0;
     for (int s = 0; s < q->slots; s++) q->by_slot[s] = NULL;

@@ -24,30 +24,30 @@
 #include <stdint.h>
 
 typedef enum {
-    SRVQ_FINISH_STOP = 0,    /* EOS sampled (or the HTTP layer matched a stop string and cancelled) */
-    SRVQ_FINISH_LENGTH,      /* max_tokens reached, or the slot's context is full */
-    SRVQ_FINISH_CANCELLED,   /* srvq_cancel (client gone) */
-    SRVQ_FINISH_ERROR,       /* the pipeline failed; msg says why */
+    SRVQ_FINISH_STOP = 0,  /* EOS sampled (or the HTTP layer matched a stop string and cancelled) */
+    SRVQ_FINISH_LENGTH,    /* max_tokens reached, or the slot's context is full */
+    SRVQ_FINISH_CANCELLED, /* srvq_cancel (client gone) */
+    SRVQ_FINISH_ERROR,     /* the pipeline failed; msg says why */
 } srvq_finish;
 
 typedef struct {
-    const int32_t *prompt;   /* [n_prompt] token ids, copied by srvq_submit */
+    const int32_t *prompt; /* [n_prompt] token ids, copied by srvq_submit */
     int n_prompt;
-    int max_tokens;          /* new tokens at most (>= 1) */
-    float temperature;       /* <= 0: greedy */
-    float top_p;             /* (0, 1] */
-    uint64_t seed;           /* sampling stream of this request */
-    int ignore_eos;          /* keep generating past EOS (benchmarks) */
+    int max_tokens;    /* new tokens at most (>= 1) */
+    float temperature; /* <= 0: greedy */
+    float top_p;       /* (0, 1] */
+    uint64_t seed;     /* sampling stream of this request */
+    int ignore_eos;    /* keep generating past EOS (benchmarks) */
     void (*on_token)(void *arg, int32_t token);
     void (*on_done)(void *arg, srvq_finish why, int n_prompt, int n_generated, const char *msg);
     void *arg;
 } srvq_request;
 
 enum {
-    SRVQ_ERR_FULL = -1,      /* queue full: HTTP 503 + Retry-After */
-    SRVQ_ERR_TOO_LONG = -2,  /* n_prompt + 1 > ctx (no room for one new token): HTTP 400 */
-    SRVQ_ERR_BAD = -3,       /* a bad field (empty prompt, token id out of range, ...): HTTP 400 */
-    SRVQ_ERR_CLOSED = -4,    /* shutting down: HTTP 503 */
+    SRVQ_ERR_FULL = -1,     /* queue full: HTTP 503 + Retry-After */
+    SRVQ_ERR_TOO_LONG = -2, /* n_prompt + 1 > ctx (no room for one new token): HTTP 400 */
+    SRVQ_ERR_BAD = -3,      /* a bad field (empty prompt, token id out of range, ...): HTTP 400 */
+    SRVQ_ERR_CLOSED = -4,   /* shutting down: HTTP 503 */
 };
 
 typedef struct srvq srvq;
@@ -68,16 +68,16 @@ int srvq_idle(srvq *q);
 
 #define SRVQ_MAX_LINKS 64
 typedef struct {
-    long queued, running;            /* requests waiting / holding a slot */
+    long queued, running; /* requests waiting / holding a slot */
     int slots, slots_used;
-    uint64_t requests_total;         /* accepted by srvq_submit */
+    uint64_t requests_total; /* accepted by srvq_submit */
     uint64_t prompt_tokens, generated_tokens;
     /* pipeline links, refreshed by the pipeline at least once a second */
     int n_links;
     struct {
         int from, to;
-        uint64_t bytes;              /* header + payload handed to MPI on this link */
-        uint64_t dense_bytes;        /* what a dense pipeline would have sent (chain links) */
+        uint64_t bytes;       /* header + payload handed to MPI on this link */
+        uint64_t dense_bytes; /* what a dense pipeline would have sent (chain links) */
     } link[SRVQ_MAX_LINKS];
 } srvq_stats;
 void srvq_get_stats(srvq *q, srvq_stats *out);

@@ -33,19 +33,18 @@ static void tokcli_usage(FILE *f, int detok)
                 "example:\n  modpipe tokenize --model tests/fixtures/stories260K --text "
                 "\"Once upon a time\"\n");
     else
-        fprintf(f,
-                "modpipe detokenize: token ids -> text with a Hugging Face tokenizer.json.\n"
-                "Prints the text, then a newline.\n\n"
-                "usage: modpipe detokenize (--model DIR | --tokenizer F) (--ids \"1 2 3\" | "
-                "--ids-file F) [--skip-special]\n\n"
-                "options:\n"
-                "  --model DIR        model directory holding tokenizer.json\n"
-                "  --tokenizer F      a tokenizer.json file\n"
-                "  --ids \"1 2 3\"      the ids, separated by spaces, commas or newlines\n"
-                "  --ids-file F       the ids from a file (same separators)\n"
-                "  --skip-special     drop special tokens (BOS, EOS, ...)\n\n"
-                "example:\n  modpipe detokenize --model tests/fixtures/stories260K --ids "
-                "\"1 403 407 261 378\"\n");
+        fprintf(f, "modpipe detokenize: token ids -> text with a Hugging Face tokenizer.json.\n"
+                   "Prints the text, then a newline.\n\n"
+                   "usage: modpipe detokenize (--model DIR | --tokenizer F) (--ids \"1 2 3\" | "
+                   "--ids-file F) [--skip-special]\n\n"
+                   "options:\n"
+                   "  --model DIR        model directory holding tokenizer.json\n"
+                   "  --tokenizer F      a tokenizer.json file\n"
+                   "  --ids \"1 2 3\"      the ids, separated by spaces, commas or newlines\n"
+                   "  --ids-file F       the ids from a file (same separators)\n"
+                   "  --skip-special     drop special tokens (BOS, EOS, ...)\n\n"
+                   "example:\n  modpipe detokenize --model tests/fixtures/stories260K --ids "
+                   "\"1 403 407 261 378\"\n");
 }
 
 static int tokcli_parse(int argc, char **argv, int detok, tokcli_opts *o)
@@ -59,12 +58,18 @@ static int tokcli_parse(int argc, char **argv, int detok, tokcli_opts *o)
             o->help = 1;
             continue;
         }
-        if (!strcmp(a, "--model")) dst = &o->model;
-        else if (!strcmp(a, "--tokenizer")) dst = &o->tokenizer;
-        else if (!detok && !strcmp(a, "--text")) dst = &o->text;
-        else if (!detok && !strcmp(a, "--text-file")) dst = &o->text_file;
-        else if (detok && !strcmp(a, "--ids")) dst = &o->ids;
-        else if (detok && !strcmp(a, "--ids-file")) dst = &o->ids_file;
+        if (!strcmp(a, "--model"))
+            dst = &o->model;
+        else if (!strcmp(a, "--tokenizer"))
+            dst = &o->tokenizer;
+        else if (!detok && !strcmp(a, "--text"))
+            dst = &o->text;
+        else if (!detok && !strcmp(a, "--text-file"))
+            dst = &o->text_file;
+        else if (detok && !strcmp(a, "--ids"))
+            dst = &o->ids;
+        else if (detok && !strcmp(a, "--ids-file"))
+            dst = &o->ids_file;
         else if (!detok && !strcmp(a, "--no-special")) {
             o->no_special = 1;
             continue;
@@ -204,8 +209,8 @@ static int tokcli_parse_ids(const char *s, int32_t **out, int *n)
             (*end && *end != ' ' && *end != ',' && *end != '\n' && *end != '\r' && *end != '\t')) {
             int w = 0;
             while (p[w] && p[w] != ' ' && p[w] != ',' && p[w] != '\n' && w < 40) w++;
-            fprintf(stderr, "modpipe detokenize: id %d: '%.*s' is not a token id (>= 0)\n",
-                    *n + 1, w, p);
+            fprintf(stderr, "modpipe detokenize: id %d: '%.*s' is not a token id (>= 0)\n", *n + 1,
+                    w, p);
             free(ids);
             return -1;
         }

@@ -22,14 +22,16 @@ int cluster_topo_init(cluster_topo *t, const cluster_plan *plan, int world_size,
     for (int s = 0; s < S; s++) {
         int K = cluster_stage_ranks(&plan->st[s]);
         if (K > CLUSTER_TOPO_MAX_K) {
-            snprintf(err, errlen, "stage %d: %d ranks, at most %d per stage", s, K, CLUSTER_TOPO_MAX_K);
+            snprintf(err, errlen, "stage %d: %d ranks, at most %d per stage", s, K,
+                     CLUSTER_TOPO_MAX_K);
             cluster_topo_free(t);
             return -1;
         }
         if (K > 1 && (cfg->n_heads % K || cfg->n_kv_heads % K)) {
-            snprintf(err, errlen, "stage %d: %d ranks cannot split num_attention_heads %d and "
-                     "num_key_value_heads %d (both must be multiples of %d)", s, K, cfg->n_heads,
-                     cfg->n_kv_heads, K);
+            snprintf(err, errlen,
+                     "stage %d: %d ranks cannot split num_attention_heads %d and "
+                     "num_key_value_heads %d (both must be multiples of %d)",
+                     s, K, cfg->n_heads, cfg->n_kv_heads, K);
             cluster_topo_free(t);
             return -1;
         }

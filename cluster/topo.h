@@ -27,9 +27,9 @@
 
 typedef struct {
     int n_stages, n_ranks;
-    int tp;          /* 1 when some stage has more than one rank */
-    int *ranks;      /* [n_stages] K of each stage */
-    int *leader;     /* [n_stages] world rank of each stage's leader */
+    int tp;      /* 1 when some stage has more than one rank */
+    int *ranks;  /* [n_stages] K of each stage */
+    int *leader; /* [n_stages] world rank of each stage's leader */
 } cluster_topo;
 
 int cluster_topo_init(cluster_topo *t, const cluster_plan *plan, int world_size,
@@ -38,6 +38,9 @@ void cluster_topo_free(cluster_topo *t);
 /* Stage of a world rank, and its rank inside the stage's group (0: the leader); -1 if none. */
 int cluster_topo_stage_of(const cluster_topo *t, int world_rank, int *group_rank);
 /* K of a stage's plan entry (0 read as 1). */
-static inline int cluster_stage_ranks(const cluster_stage_plan *s) { return s->ranks > 0 ? s->ranks : 1; }
+static inline int cluster_stage_ranks(const cluster_stage_plan *s)
+{
+    return s->ranks > 0 ? s->ranks : 1;
+}
 
 #endif

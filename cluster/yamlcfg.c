@@ -15,8 +15,7 @@ static char *dup_str(const char *s)
 {
     size_t n = strlen(s);
     char *d = malloc(n + 1);
-    if (d)
-        memcpy(d, s, n + 1);
+    if (d) memcpy(d, s, n + 1);
     return d;
 }
 
@@ -54,8 +53,8 @@ static void parser_err(const yaml_parser_t *p, const char *text, size_t len, con
     }
     const char *problem = p->problem ? p->problem : "invalid YAML";
     if (p->context && p->error != YAML_READER_ERROR)
-        cluster_set_err(err, errlen, "%s:%d:%d: %s (%s at %d:%d)", path, line, col, problem, p->context,
-                (int)p->context_mark.line + 1, (int)p->context_mark.column + 1);
+        cluster_set_err(err, errlen, "%s:%d:%d: %s (%s at %d:%d)", path, line, col, problem,
+                        p->context, (int)p->context_mark.line + 1, (int)p->context_mark.column + 1);
     else
         cluster_set_err(err, errlen, "%s:%d:%d: %s", path, line, col, problem);
 }
@@ -64,7 +63,7 @@ static int node_err(const char *path, const yaml_node_t *n, char *err, size_t er
                     const char *what)
 {
     cluster_set_err(err, errlen, "%s:%d:%d: %s", path, (int)n->start_mark.line + 1,
-            (int)n->start_mark.column + 1, what);
+                    (int)n->start_mark.column + 1, what);
     return -1;
 }
 
@@ -84,25 +83,24 @@ static cluster_yaml_entry *new_entry(flat_ctx *c, const char *key, const yaml_no
     cluster_yaml *y = c->y;
     for (int i = 0; i < y->n; i++) {
         if (strcmp(y->e[i].key, key) == 0) {
-            cluster_set_err(c->err, c->errlen, "%s:%d:%d: key %s given twice (first value at %d:%d)",
-                    c->path, (int)kn->start_mark.line + 1, (int)kn->start_mark.column + 1, key,
-                    y->e[i].line, y->e[i].col);
+            cluster_set_err(c->err, c->errlen,
+                            "%s:%d:%d: key %s given twice (first value at %d:%d)", c->path,
+                            (int)kn->start_mark.line + 1, (int)kn->start_mark.column + 1, key,
+                            y->e[i].line, y->e[i].col);
             return NULL;
         }
     }
     if (y->n == c->cap) {
         int ncap = c->cap ? 2 * c->cap : 16;
         cluster_yaml_entry *ne = realloc(y->e, (size_t)ncap * sizeof *ne);
-        if (!ne)
-            goto oom;
+        if (!ne) goto oom;
         y->e = ne;
         c->cap = ncap;
     }
     cluster_yaml_entry *e = &y->e[y->n];
     memset(e, 0, sizeof *e);
     e->key = dup_str(key);
-    if (!e->key)
-        goto oom;
+    if (!e->key) goto oom;
     e->line = (int)vn->start_mark.line + 1;
     e->col = (int)vn->start_mark.column + 1;
     y->n++;
@@ -116,20 +114,16 @@ static int flatten_map(flat_ctx *c, const yaml_node_t *map, const char *prefix);
 
 static int add_value(flat_ctx *c, const char *key, const yaml_node_t *kn, const yaml_node_t *vn)
 {
-    if (vn->type == YAML_MAPPING_NODE)
-        return flatten_map(c, vn, key);
+    if (vn->type == YAML_MAPPING_NODE) return flatten_map(c, vn, key);
 
     cluster_yaml_entry *e = new_entry(c, key, kn, vn);
-    if (!e)
-        return -1;
+    if (!e) return -1;
     if (vn->type == YAML_SCALAR_NODE) {
         e->is_list = 0;
         e->vals = malloc(sizeof *e->vals);
-        if (!e->vals)
-            goto oom;
+        if (!e->vals) goto oom;
         e->vals[0] = dup_str((const char *)vn->data.scalar.value);
-        if (!e->vals[0])
-            goto oom;
+        if (!e->vals[0]) goto oom;
         e->n_vals = 1;
         return 0;
     }
@@ -138,8 +132,7 @@ static int add_value(flat_ctx *c, const char *key, const yaml_node_t *kn, const 
     int n = (int)(vn->data.sequence.items.top - vn->data.sequence.items.start);
     if (n > 0) {
         e->vals = calloc((size_t)n, sizeof *e->vals);
-        if (!e->vals)
-            goto oom;
+        if (!e->vals) goto oom;
     }
     for (int i = 0; i < n; i++) {
         const yaml_node_t *item = yaml_document_get_node(c->doc, vn->data.sequence.items.start[i]);
@@ -154,31 +147,34 @@ static int add_value(flat_ctx *c, const char *key, const yaml_node_t *kn, const 
                     strpbrk((const char *)k->data.scalar.value, "= ") ||
                     strpbrk((const char *)val->data.scalar.value, "= ")) {
                     char what[300];
-                    snprintf(what, sizeof what, "%s: item %d: a mapping in a list may only hold "
-                             "plain key: value pairs without '=' or spaces", key, i + 1);
+                    snprintf(what, sizeof what,
+                             "%s: item %d: a mapping in a list may only hold "
+                             "plain key: value pairs without '=' or spaces",
+                             key, i + 1);
                     return node_err(c->path, item, c->err, c->errlen, what);
                 }
-                len += (size_t)snprintf(flat + len, len < sizeof flat ? sizeof flat - len : 0, "%s%s=%s",
-                                        len ? " " : "", (const char *)k->data.scalar.value,
-                                        (const char *)val->data.scalar.value);
+                len +=
+                    (size_t)snprintf(flat + len, len < sizeof flat ? sizeof flat - len : 0,
+                                     "%s%s=%s", len ? " " : "", (const char *)k->data.scalar.value,
+                                     (const char *)val->data.scalar.value);
             }
-            if (len >= sizeof flat) return node_err(c->path, item, c->err, c->errlen, "list item too long");
+            if (len >= sizeof flat)
+                return node_err(c->path, item, c->err, c->errlen, "list item too long");
             e->vals[i] = dup_str(flat);
-            if (!e->vals[i])
-                goto oom;
+            if (!e->vals[i]) goto oom;
             e->n_vals = i + 1;
             continue;
         }
         if (item->type != YAML_SCALAR_NODE) {
             char what[300];
-            snprintf(what, sizeof what, "%s: item %d is a %s; only lists of plain values are "
-                     "supported", key, i + 1,
-                     item->type == YAML_MAPPING_NODE ? "mapping" : "list");
+            snprintf(what, sizeof what,
+                     "%s: item %d is a %s; only lists of plain values are "
+                     "supported",
+                     key, i + 1, item->type == YAML_MAPPING_NODE ? "mapping" : "list");
             return node_err(c->path, item, c->err, c->errlen, what);
         }
         e->vals[i] = dup_str((const char *)item->data.scalar.value);
-        if (!e->vals[i])
-            goto oom;
+        if (!e->vals[i]) goto oom;
         e->n_vals = i + 1;
     }
     return 0;
@@ -197,8 +193,7 @@ static int flatten_map(flat_ctx *c, const yaml_node_t *map, const char *prefix)
             return node_err(c->path, kn, c->err, c->errlen,
                             "a key must be a plain value, not a list or mapping");
         const char *k = (const char *)kn->data.scalar.value;
-        if (k[0] == '\0')
-            return node_err(c->path, kn, c->err, c->errlen, "empty key");
+        if (k[0] == '\0') return node_err(c->path, kn, c->err, c->errlen, "empty key");
         size_t need = (prefix ? strlen(prefix) + 1 : 0) + strlen(k) + 1;
         char *full = malloc(need);
         if (!full) {
@@ -211,15 +206,13 @@ static int flatten_map(flat_ctx *c, const yaml_node_t *map, const char *prefix)
             snprintf(full, need, "%s", k);
         int rc = add_value(c, full, kn, vn);
         free(full);
-        if (rc)
-            return rc;
+        if (rc) return rc;
     }
     return 0;
 }
 
 /* The document API resolves aliases silently, so find anchors/aliases with an event pass. */
-static int reject_anchors(const char *text, size_t len, const char *path, char *err,
-                          size_t errlen)
+static int reject_anchors(const char *text, size_t len, const char *path, char *err, size_t errlen)
 {
     yaml_parser_t p;
     if (!yaml_parser_initialize(&p)) {
@@ -245,32 +238,28 @@ static int reject_anchors(const char *text, size_t len, const char *path, char *
         int end = ev.type == YAML_STREAM_END_EVENT;
         if (what) {
             cluster_set_err(err, errlen, "%s:%d:%d: %s", path, (int)ev.start_mark.line + 1,
-                    (int)ev.start_mark.column + 1, what);
+                            (int)ev.start_mark.column + 1, what);
             rc = -1;
         }
         yaml_event_delete(&ev);
-        if (what || end)
-            break;
+        if (what || end) break;
     }
     yaml_parser_delete(&p);
     return rc;
 }
 
-int cluster_yaml_parse(const char *text, size_t len, const char *path, cluster_yaml *out,
-                       char *err, size_t errlen)
+int cluster_yaml_parse(const char *text, size_t len, const char *path, cluster_yaml *out, char *err,
+                       size_t errlen)
 {
-    if (!out)
-        return -1;
+    if (!out) return -1;
     memset(out, 0, sizeof *out);
-    if (!path)
-        path = "<yaml>";
+    if (!path) path = "<yaml>";
     out->path = dup_str(path);
     if (!out->path) {
         cluster_set_err(err, errlen, "%s: out of memory", path);
         return -1;
     }
-    if (!text)
-        len = 0;
+    if (!text) len = 0;
 
     yaml_parser_t p;
     if (!yaml_parser_initialize(&p)) {
@@ -316,17 +305,14 @@ int cluster_yaml_parse(const char *text, size_t len, const char *path, cluster_y
     }
     yaml_parser_delete(&p);
 
-    if (rc == 0 && len > 0)
-        rc = reject_anchors(text, len, path, err, errlen);
-    if (rc)
-        cluster_yaml_free(out);
+    if (rc == 0 && len > 0) rc = reject_anchors(text, len, path, err, errlen);
+    if (rc) cluster_yaml_free(out);
     return rc;
 }
 
 int cluster_yaml_load(const char *path, cluster_yaml *out, char *err, size_t errlen)
 {
-    if (!out)
-        return -1;
+    if (!out) return -1;
     memset(out, 0, sizeof *out);
     FILE *f = fopen(path, "rb");
     if (!f) {
@@ -349,8 +335,7 @@ int cluster_yaml_load(const char *path, cluster_yaml *out, char *err, size_t err
         }
         size_t got = fread(buf + len, 1, cap - len, f);
         len += got;
-        if (got == 0)
-            break;
+        if (got == 0) break;
     }
     if (!buf) {
         cluster_set_err(err, errlen, "%s: out of memory", path);
@@ -360,19 +345,16 @@ int cluster_yaml_load(const char *path, cluster_yaml *out, char *err, size_t err
         rc = -1;
     }
     fclose(f);
-    if (rc == 0)
-        rc = cluster_yaml_parse(buf, len, path, out, err, errlen);
+    if (rc == 0) rc = cluster_yaml_parse(buf, len, path, out, err, errlen);
     free(buf);
     return rc;
 }
 
 void cluster_yaml_free(cluster_yaml *y)
 {
-    if (!y)
-        return;
+    if (!y) return;
     for (int i = 0; i < y->n; i++) {
-        for (int j = 0; j < y->e[i].n_vals; j++)
-            free(y->e[i].vals[j]);
+        for (int j = 0; j < y->e[i].n_vals; j++) free(y->e[i].vals[j]);
         free(y->e[i].vals);
         free(y->e[i].key);
     }
@@ -383,18 +365,13 @@ void cluster_yaml_free(cluster_yaml *y)
 
 const cluster_yaml_entry *cluster_yaml_get(const cluster_yaml *y, const char *key)
 {
-    if (!y || !key)
-        return NULL;
+    if (!y || !key) return NULL;
     for (int i = 0; i < y->n; i++)
-        if (strcmp(y->e[i].key, key) == 0)
-            return &y->e[i];
+        if (strcmp(y->e[i].key, key) == 0) return &y->e[i];
     return NULL;
 }
 
-static const char *ypath(const cluster_yaml *y)
-{
-    return y && y->path ? y->path : "<yaml>";
-}
+static const char *ypath(const cluster_yaml *y) { return y && y->path ? y->path : "<yaml>"; }
 
 /* Common checks of the typed getters: present and a single value. */
 static int need_scalar(const cluster_yaml *y, const cluster_yaml_entry *e, const char *what,
@@ -405,8 +382,8 @@ static int need_scalar(const cluster_yaml *y, const cluster_yaml_entry *e, const
         return -1;
     }
     if (e->is_list || e->n_vals != 1) {
-        cluster_set_err(err, errlen, "%s:%d:%d: %s: expected %s, got a list", ypath(y), e->line, e->col,
-                e->key, what);
+        cluster_set_err(err, errlen, "%s:%d:%d: %s: expected %s, got a list", ypath(y), e->line,
+                        e->col, e->key, what);
         return -1;
     }
     return 0;
@@ -417,30 +394,27 @@ int cluster_yaml_int(const cluster_yaml *y, const cluster_yaml_entry *e, long lo
 {
     char what[96];
     snprintf(what, sizeof what, "an integer in [%ld, %ld]", lo, hi);
-    if (need_scalar(y, e, what, err, errlen))
-        return -1;
+    if (need_scalar(y, e, what, err, errlen)) return -1;
     const char *s = e->vals[0];
     char *end = NULL;
     errno = 0;
     long v = strtol(s, &end, 10);
     int bad = (end == s || *end != '\0' || s[0] == ' ' || s[0] == '\t');
     if (bad || errno == ERANGE || v < lo || v > hi) {
-        cluster_set_err(err, errlen, "%s:%d:%d: %s: expected %s, got '%s'", ypath(y), e->line, e->col,
-                e->key, what, s);
+        cluster_set_err(err, errlen, "%s:%d:%d: %s: expected %s, got '%s'", ypath(y), e->line,
+                        e->col, e->key, what, s);
         return -1;
     }
-    if (out)
-        *out = v;
+    if (out) *out = v;
     return 0;
 }
 
-int cluster_yaml_double(const cluster_yaml *y, const cluster_yaml_entry *e, double lo,
-                        double hi, double *out, char *err, size_t errlen)
+int cluster_yaml_double(const cluster_yaml *y, const cluster_yaml_entry *e, double lo, double hi,
+                        double *out, char *err, size_t errlen)
 {
     char what[96];
     snprintf(what, sizeof what, "a number in [%g, %g]", lo, hi);
-    if (need_scalar(y, e, what, err, errlen))
-        return -1;
+    if (need_scalar(y, e, what, err, errlen)) return -1;
     const char *s = e->vals[0];
     char *end = NULL;
     errno = 0;
@@ -449,12 +423,11 @@ int cluster_yaml_double(const cluster_yaml *y, const cluster_yaml_entry *e, doub
     int bad = (end == s || *end != '\0' || s[0] == ' ' || s[0] == '\t' || !isfinite(v) ||
                strpbrk(s, "xXnN") != NULL);
     if (bad || errno == ERANGE || v < lo || v > hi) {
-        cluster_set_err(err, errlen, "%s:%d:%d: %s: expected %s, got '%s'", ypath(y), e->line, e->col,
-                e->key, what, s);
+        cluster_set_err(err, errlen, "%s:%d:%d: %s: expected %s, got '%s'", ypath(y), e->line,
+                        e->col, e->key, what, s);
         return -1;
     }
-    if (out)
-        *out = v;
+    if (out) *out = v;
     return 0;
 }
 
@@ -462,34 +435,30 @@ int cluster_yaml_bool(const cluster_yaml *y, const cluster_yaml_entry *e, int *o
                       size_t errlen)
 {
     const char *what = "true or false";
-    if (need_scalar(y, e, what, err, errlen))
-        return -1;
+    if (need_scalar(y, e, what, err, errlen)) return -1;
     /* YAML 1.1 spellings, which is what people write in config files */
     static const char *const yes[] = {"true", "yes", "on", NULL};
     static const char *const no[] = {"false", "no", "off", NULL};
     const char *s = e->vals[0];
     for (int i = 0; yes[i]; i++) {
         if (strcasecmp(s, yes[i]) == 0) {
-            if (out)
-                *out = 1;
+            if (out) *out = 1;
             return 0;
         }
         if (strcasecmp(s, no[i]) == 0) {
-            if (out)
-                *out = 0;
+            if (out) *out = 0;
             return 0;
         }
     }
     cluster_set_err(err, errlen, "%s:%d:%d: %s: expected %s, got '%s'", ypath(y), e->line, e->col,
-            e->key, what, s);
+                    e->key, what, s);
     return -1;
 }
 
 int cluster_yaml_check_keys(const cluster_yaml *y, const char *const *allowed, char *err,
                             size_t errlen)
 {
-    if (!y)
-        return 0;
+    if (!y) return 0;
     for (int i = 0; i < y->n; i++) {
         int ok = 0;
         for (int j = 0; allowed && allowed[j]; j++) {
@@ -500,7 +469,7 @@ int cluster_yaml_check_keys(const cluster_yaml *y, const char *const *allowed, c
         }
         if (!ok) {
             cluster_set_err(err, errlen, "%s:%d:%d: unknown key %s", ypath(y), y->e[i].line,
-                    y->e[i].col, y->e[i].key);
+                            y->e[i].col, y->e[i].key);
             return -1;
         }
     }

@@ -20,11 +20,11 @@
 #include <stddef.h>
 
 typedef struct {
-    char *key;      /* dotted path */
-    char **vals;    /* [n_vals] scalar strings */
+    char *key;   /* dotted path */
+    char **vals; /* [n_vals] scalar strings */
     int n_vals;
-    int is_list;    /* 1 for a sequence (n_vals may be 0), 0 for a scalar (n_vals == 1) */
-    int line, col;  /* 1-based position of the value */
+    int is_list;   /* 1 for a sequence (n_vals may be 0), 0 for a scalar (n_vals == 1) */
+    int line, col; /* 1-based position of the value */
 } cluster_yaml_entry;
 
 typedef struct {
@@ -35,16 +35,16 @@ typedef struct {
 
 int cluster_yaml_load(const char *path, cluster_yaml *out, char *err, size_t errlen);
 /* Same, from text in memory (tests); `path` is used in messages. */
-int cluster_yaml_parse(const char *text, size_t len, const char *path, cluster_yaml *out,
-                       char *err, size_t errlen);
+int cluster_yaml_parse(const char *text, size_t len, const char *path, cluster_yaml *out, char *err,
+                       size_t errlen);
 void cluster_yaml_free(cluster_yaml *y);
 const cluster_yaml_entry *cluster_yaml_get(const cluster_yaml *y, const char *key);
 
 /* Typed reads of a scalar entry; on failure "path:line:col: KEY: expected ..." in err. */
 int cluster_yaml_int(const cluster_yaml *y, const cluster_yaml_entry *e, long lo, long hi,
                      long *out, char *err, size_t errlen);
-int cluster_yaml_double(const cluster_yaml *y, const cluster_yaml_entry *e, double lo,
-                        double hi, double *out, char *err, size_t errlen);
+int cluster_yaml_double(const cluster_yaml *y, const cluster_yaml_entry *e, double lo, double hi,
+                        double *out, char *err, size_t errlen);
 int cluster_yaml_bool(const cluster_yaml *y, const cluster_yaml_entry *e, int *out, char *err,
                       size_t errlen);
 /* Fails for keys not in `allowed` (NULL-terminated): "path:line:col: unknown key KEY". */

@@ -51,8 +51,8 @@ typedef enum { COMM_PKT_ROWS = 0, COMM_PKT_TOKENS = 1, COMM_PKT_END = 2 } comm_p
 
 /* Per-row flags in the micro-batch descriptor. */
 #define COMM_ROW_NEED_LOGITS 1u /* the head must compute this row's logits */
-#define COMM_ROW_PROMPT      2u /* a prompt (prefill / eval) row, not a decode row */
-#define COMM_ROW_SAMPLE      4u /* the head samples a token for it (needs NEED_LOGITS) */
+#define COMM_ROW_PROMPT 2u      /* a prompt (prefill / eval) row, not a decode row */
+#define COMM_ROW_SAMPLE 4u      /* the head samples a token for it (needs NEED_LOGITS) */
 
 /* Most slot releases one descriptor may list (the sender carries the rest in later ones). */
 #define COMM_MAX_RELEASE 256
@@ -72,24 +72,24 @@ typedef struct {
     int sender, receiver;   /* stage indices */
     int mb_rows;            /* rows in the micro-batch (bits in `present`) */
     int n_rows;             /* rows carried = popcount(present) */
-    stage_dtype dtype;  /* payload dtype of ROWS packets */
+    stage_dtype dtype;      /* payload dtype of ROWS packets */
     const uint8_t *present; /* [comm_mask_bytes(mb_rows)] */
 
     /* Chain packets (sender + 1 == receiver) carry the descriptor; else has_desc = 0. */
     int has_desc;
-    const int32_t *slot;    /* [mb_rows] sequence slot of each row */
-    const int32_t *pos;     /* [mb_rows] absolute position */
-    const int32_t *token;   /* [mb_rows] input token id */
-    const uint8_t *flags;   /* [mb_rows] COMM_ROW_* bits */
+    const int32_t *slot;  /* [mb_rows] sequence slot of each row */
+    const int32_t *pos;   /* [mb_rows] absolute position */
+    const int32_t *token; /* [mb_rows] input token id */
+    const uint8_t *flags; /* [mb_rows] COMM_ROW_* bits */
     /* Per-row sampling / scoring state (the head reads it on NEED_LOGITS rows). comm_pack:
      * a NULL array is left off the wire and means every row has the default (temperature 0,
      * top_p 1, seed 0, seq 0, step 0, target -1); comm_unpack always sets all six. */
     const float *temperature; /* [mb_rows] <= 0: greedy */
-    const float *top_p;     /* [mb_rows] (0, 1] on SAMPLE rows */
-    const uint64_t *seed;   /* [mb_rows] */
-    const uint64_t *seq;    /* [mb_rows] sequence id: the sampling stream (and dump row) */
-    const uint32_t *step;   /* [mb_rows] draw index within the sequence */
-    const int32_t *target;  /* [mb_rows] token scored by NLL, -1: none */
+    const float *top_p;       /* [mb_rows] (0, 1] on SAMPLE rows */
+    const uint64_t *seed;     /* [mb_rows] */
+    const uint64_t *seq;      /* [mb_rows] sequence id: the sampling stream (and dump row) */
+    const uint32_t *step;     /* [mb_rows] draw index within the sequence */
+    const int32_t *target;    /* [mb_rows] token scored by NLL, -1: none */
     int n_release;
     const int32_t *release; /* [n_release] slots released before this micro-batch's rows */
     int n_bypass;
@@ -108,9 +108,8 @@ size_t comm_packet_max_bytes(int mb_rows, int D, int n_stages);
  * TOKENS packet: `tokens` [n_rows] int32 is the payload (x ignored). END: no payload.
  * Writes *hdr_bytes (4 + H) and *payload_bytes; returns total length, or 0 on error (cap too
  * small, inconsistent header) with a message in err. */
-size_t comm_pack(const comm_packet *hdr, const float *x, int D, const int32_t *tokens,
-                 uint8_t *buf, size_t cap, size_t *hdr_bytes, size_t *payload_bytes,
-                 char *err, size_t errlen);
+size_t comm_pack(const comm_packet *hdr, const float *x, int D, const int32_t *tokens, uint8_t *buf,
+                 size_t cap, size_t *hdr_bytes, size_t *payload_bytes, char *err, size_t errlen);
 
 typedef struct comm_unpacker comm_unpacker;
 /* max_mb_rows bounds the micro-batch size accepted; n_stages bounds stage indices. */

@@ -15,10 +15,10 @@ struct comm_links {
     size_t buf_bytes;
     int n_bufs;
     double timeout_s;
-    uint8_t *pool;          /* [n_bufs][buf_bytes] */
-    MPI_Request *req;       /* [n_bufs], MPI_REQUEST_NULL when free */
-    int *busy;              /* [n_bufs] acquired or in flight */
-    uint64_t *seq;          /* [n_bufs] send order, to wait for the oldest */
+    uint8_t *pool;    /* [n_bufs][buf_bytes] */
+    MPI_Request *req; /* [n_bufs], MPI_REQUEST_NULL when free */
+    int *busy;        /* [n_bufs] acquired or in flight */
+    uint64_t *seq;    /* [n_bufs] send order, to wait for the oldest */
     uint64_t next_seq;
     comm_link_stats *stats; /* [n_dest] */
     double wait_s;
@@ -76,7 +76,11 @@ comm_links *comm_links_init(MPI_Comm comm, int n_dest, size_t buf_bytes, int n_b
 void comm_links_free(comm_links *l)
 {
     if (!l) return;
-    free(l->pool); free(l->req); free(l->busy); free(l->seq); free(l->stats);
+    free(l->pool);
+    free(l->req);
+    free(l->busy);
+    free(l->seq);
+    free(l->stats);
     free(l);
 }
 
@@ -110,10 +114,14 @@ uint8_t *comm_links_acquire(comm_links *l, size_t *cap)
         for (;;) {
             int done = 0;
             check(MPI_Test(&l->req[old], &done, MPI_STATUS_IGNORE), "MPI_Test (send)");
-            if (done) { l->busy[old] = 0; break; }
+            if (done) {
+                l->busy[old] = 0;
+                break;
+            }
             if (stage_now_s() - t0 > l->timeout_s)
-                COMM_FATAL("a send has not completed for %.0f s: the receiving stage is gone or stuck",
-                           l->timeout_s);
+                COMM_FATAL(
+                    "a send has not completed for %.0f s: the receiving stage is gone or stuck",
+                    l->timeout_s);
             struct timespec ts = {0, 20000};
             nanosleep(&ts, NULL);
         }
@@ -121,8 +129,8 @@ uint8_t *comm_links_acquire(comm_links *l, size_t *cap)
     }
 }
 
-void comm_links_send(comm_links *l, uint8_t *buf, size_t len, int dest, int tag,
-                     size_t hdr_bytes, size_t payload_bytes, int rows)
+void comm_links_send(comm_links *l, uint8_t *buf, size_t len, int dest, int tag, size_t hdr_bytes,
+                     size_t payload_bytes, int rows)
 {
     size_t i = (size_t)(buf - l->pool) / l->buf_bytes;
     if (buf < l->pool || i >= (size_t)l->n_bufs || len > l->buf_bytes)

@@ -36,8 +36,8 @@ void comm_links_free(comm_links *l);
 
 uint8_t *comm_links_acquire(comm_links *l, size_t *cap);
 /* Send buf[0..len) (a buffer from acquire) to dest with tag; account hdr/payload/rows. */
-void comm_links_send(comm_links *l, uint8_t *buf, size_t len, int dest, int tag,
-                     size_t hdr_bytes, size_t payload_bytes, int rows);
+void comm_links_send(comm_links *l, uint8_t *buf, size_t len, int dest, int tag, size_t hdr_bytes,
+                     size_t payload_bytes, int rows);
 void comm_links_progress(comm_links *l);
 /* Wait for every outstanding send. */
 void comm_links_drain(comm_links *l);

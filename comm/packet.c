@@ -89,10 +89,10 @@ size_t comm_packet_max_bytes(int mb_rows, int D, int n_stages)
     if (nb > COMM_MAX_BYPASS) nb = COMM_MAX_BYPASS;
 
     size_t h = 0;
-    h += 1 + 10;                        /* kind (enum: int32 varint) */
-    h += 1 + 10;                        /* mb */
-    h += 4 * (1 + 5);                   /* sender, receiver, mb_rows, n_rows */
-    h += 1 + 10;                        /* dtype */
+    h += 1 + 10;                           /* kind (enum: int32 varint) */
+    h += 1 + 10;                           /* mb */
+    h += 4 * (1 + 5);                      /* sender, receiver, mb_rows, n_rows */
+    h += 1 + 10;                           /* dtype */
     h += 1 + 5 + comm_mask_bytes(mb_rows); /* present */
     /* desc: tag + length, three packed int32 arrays (10 bytes a value if negative), flags;
      * per row temperature, top_p (4 + 4), seed, seq (10 + 10), step, target (5 + 5); the
@@ -103,7 +103,7 @@ size_t comm_packet_max_bytes(int mb_rows, int D, int n_stages)
     /* bypass entry: tag + 1-byte length + 2 x (tag + uint32 varint) = 14 */
     h = comm_add(h, comm_mul(nb, 14));
 
-    size_t w = D > 0 ? (size_t)D : 1; /* a TOKENS payload is one int32 a row */
+    size_t w = D > 0 ? (size_t)D : 1;             /* a TOKENS payload is one int32 a row */
     size_t payload = comm_mul(comm_mul(r, w), 4); /* f32 rows or int32 tokens */
     size_t total = comm_add(comm_add(COMM_PREFIX_BYTES, h), payload);
     return total == SIZE_MAX ? 0 : total;
@@ -137,13 +137,12 @@ static int comm_check(const comm_packet *p, int n_stages, char *err, size_t errl
         return -1;
     }
     if (p->mb_rows > 0 && !p->present) {
-        comm_err(err, errlen, "packet mb %llu %d->%d: no present mask", mb, p->sender,
-                 p->receiver);
+        comm_err(err, errlen, "packet mb %llu %d->%d: no present mask", mb, p->sender, p->receiver);
         return -1;
     }
     if (p->mb_rows % 8 && (p->present[p->mb_rows / 8] >> (p->mb_rows % 8)) != 0) {
-        comm_err(err, errlen, "packet mb %llu %d->%d: mask has bits past mb_rows %d", mb,
-                 p->sender, p->receiver, p->mb_rows);
+        comm_err(err, errlen, "packet mb %llu %d->%d: mask has bits past mb_rows %d", mb, p->sender,
+                 p->receiver, p->mb_rows);
         return -1;
     }
     int pop = comm_mask_count(p->present, p->mb_rows);
@@ -171,8 +170,8 @@ static int comm_check(const comm_packet *p, int n_stages, char *err, size_t errl
     }
     if (p->has_desc) {
         if (p->mb_rows > 0 && (!p->slot || !p->pos || !p->token || !p->flags)) {
-            comm_err(err, errlen, "packet mb %llu %d->%d: descriptor arrays missing", mb,
-                     p->sender, p->receiver);
+            comm_err(err, errlen, "packet mb %llu %d->%d: descriptor arrays missing", mb, p->sender,
+                     p->receiver);
             return -1;
         }
         for (int i = 0; i < p->mb_rows; i++) {
@@ -183,7 +182,8 @@ static int comm_check(const comm_packet *p, int n_stages, char *err, size_t errl
             }
             float temp = p->temperature ? p->temperature[i] : 0.0f;
             float top_p = p->top_p ? p->top_p[i] : 1.0f;
-            if ((p->flags[i] & COMM_ROW_SAMPLE) && (!isfinite(temp) || !(top_p > 0.0f && top_p <= 1.0f))) {
+            if ((p->flags[i] & COMM_ROW_SAMPLE) &&
+                (!isfinite(temp) || !(top_p > 0.0f && top_p <= 1.0f))) {
                 comm_err(err, errlen, "packet mb %llu %d->%d: row %d has temperature %g, top_p %g",
                          mb, p->sender, p->receiver, i, (double)temp, (double)top_p);
                 return -1;
@@ -195,14 +195,14 @@ static int comm_check(const comm_packet *p, int n_stages, char *err, size_t errl
             }
             if (p->slot[i] < 0 || p->pos[i] < 0 || p->token[i] < 0) {
                 comm_err(err, errlen,
-                         "packet mb %llu %d->%d: row %d has slot %d pos %d token %d (negative)",
-                         mb, p->sender, p->receiver, i, (int)p->slot[i], (int)p->pos[i],
+                         "packet mb %llu %d->%d: row %d has slot %d pos %d token %d (negative)", mb,
+                         p->sender, p->receiver, i, (int)p->slot[i], (int)p->pos[i],
                          (int)p->token[i]);
                 return -1;
             }
             if (p->flags[i] & ~(COMM_ROW_NEED_LOGITS | COMM_ROW_PROMPT | COMM_ROW_SAMPLE)) {
-                comm_err(err, errlen, "packet mb %llu %d->%d: row %d has unknown flags 0x%02x",
-                         mb, p->sender, p->receiver, i, (unsigned)p->flags[i]);
+                comm_err(err, errlen, "packet mb %llu %d->%d: row %d has unknown flags 0x%02x", mb,
+                         p->sender, p->receiver, i, (unsigned)p->flags[i]);
                 return -1;
             }
         }
@@ -227,8 +227,8 @@ static int comm_check(const comm_packet *p, int n_stages, char *err, size_t errl
             }
     }
     if (p->n_bypass < 0 || p->n_bypass > COMM_MAX_BYPASS || (p->n_bypass > 0 && !p->bypass)) {
-        comm_err(err, errlen, "packet mb %llu %d->%d: %d bypass entries (limit %d)", mb,
-                 p->sender, p->receiver, p->n_bypass, COMM_MAX_BYPASS);
+        comm_err(err, errlen, "packet mb %llu %d->%d: %d bypass entries (limit %d)", mb, p->sender,
+                 p->receiver, p->n_bypass, COMM_MAX_BYPASS);
         return -1;
     }
     if (p->n_bypass > 0 && !p->has_desc) {
@@ -267,9 +267,8 @@ static size_t comm_payload_bytes(const comm_packet *p, int D)
 
 /* ---------------------------------------------------------------- pack */
 
-size_t comm_pack(const comm_packet *hdr, const float *x, int D, const int32_t *tokens,
-                 uint8_t *buf, size_t cap, size_t *hdr_bytes, size_t *payload_bytes,
-                 char *err, size_t errlen)
+size_t comm_pack(const comm_packet *hdr, const float *x, int D, const int32_t *tokens, uint8_t *buf,
+                 size_t cap, size_t *hdr_bytes, size_t *payload_bytes, char *err, size_t errlen)
 {
     if (hdr_bytes) *hdr_bytes = 0;
     if (payload_bytes) *payload_bytes = 0;
@@ -280,8 +279,8 @@ size_t comm_pack(const comm_packet *hdr, const float *x, int D, const int32_t *t
     if (comm_check(hdr, 0, err, errlen)) return 0;
     unsigned long long mb = (unsigned long long)hdr->mb;
     if (hdr->kind == COMM_PKT_ROWS && (D <= 0 || (hdr->n_rows > 0 && !x))) {
-        comm_err(err, errlen, "comm_pack mb %llu %d->%d: ROWS packet needs x and D > 0 (D %d)",
-                 mb, hdr->sender, hdr->receiver, D);
+        comm_err(err, errlen, "comm_pack mb %llu %d->%d: ROWS packet needs x and D > 0 (D %d)", mb,
+                 hdr->sender, hdr->receiver, D);
         return 0;
     }
     if (hdr->kind == COMM_PKT_TOKENS) {
@@ -301,7 +300,7 @@ size_t comm_pack(const comm_packet *hdr, const float *x, int D, const int32_t *t
     /* protobuf-c structs on the stack; the arrays point at the caller's (pack only reads). */
     Modpipe__PacketHeader h = MODPIPE__PACKET_HEADER__INIT;
     Modpipe__BatchDesc desc = MODPIPE__BATCH_DESC__INIT;
-    Modpipe__Bypass bp[COMM_MAX_BYPASS];   /* ~20 KB of stack: why COMM_MAX_BYPASS is bounded */
+    Modpipe__Bypass bp[COMM_MAX_BYPASS]; /* ~20 KB of stack: why COMM_MAX_BYPASS is bounded */
     Modpipe__Bypass *bpp[COMM_MAX_BYPASS];
     h.kind = (Modpipe__PacketKind)hdr->kind;
     h.mb = hdr->mb;
@@ -350,8 +349,8 @@ size_t comm_pack(const comm_packet *hdr, const float *x, int D, const int32_t *t
     size_t P = comm_payload_bytes(hdr, D);
     size_t total = comm_add(comm_add(COMM_PREFIX_BYTES, H), P);
     if (H > UINT32_MAX || total == SIZE_MAX) {
-        comm_err(err, errlen, "comm_pack mb %llu %d->%d: packet too large (header %zu bytes)",
-                 mb, hdr->sender, hdr->receiver, H);
+        comm_err(err, errlen, "comm_pack mb %llu %d->%d: packet too large (header %zu bytes)", mb,
+                 hdr->sender, hdr->receiver, H);
         return 0;
     }
     if (total > cap) {
@@ -363,8 +362,8 @@ size_t comm_pack(const comm_packet *hdr, const float *x, int D, const int32_t *t
     }
     comm_put_u32(buf, (uint32_t)H);
     if (modpipe__packet_header__pack(&h, buf + COMM_PREFIX_BYTES) != H) {
-        comm_err(err, errlen, "comm_pack mb %llu %d->%d: protobuf-c packed a different size",
-                 mb, hdr->sender, hdr->receiver);
+        comm_err(err, errlen, "comm_pack mb %llu %d->%d: protobuf-c packed a different size", mb,
+                 hdr->sender, hdr->receiver);
         return 0;
     }
 
@@ -377,7 +376,8 @@ size_t comm_pack(const comm_packet *hdr, const float *x, int D, const int32_t *t
                 out += row;
             }
     } else if (hdr->kind == COMM_PKT_TOKENS) {
-        for (int k = 0; k < hdr->n_rows; k++) comm_put_u32(out + 4 * (size_t)k, (uint32_t)tokens[k]);
+        for (int k = 0; k < hdr->n_rows; k++)
+            comm_put_u32(out + 4 * (size_t)k, (uint32_t)tokens[k]);
     }
     if (hdr_bytes) *hdr_bytes = COMM_PREFIX_BYTES + H;
     if (payload_bytes) *payload_bytes = P;
@@ -393,7 +393,7 @@ struct comm_unpacker {
     ProtobufCAllocator pb_alloc; /* protobuf-c allocates from the arena through this */
     uint8_t *arena;              /* [arena_cap] */
     size_t arena_cap, arena_used;
-    int arena_exhausted;         /* set when an allocation did not fit (for the message) */
+    int arena_exhausted; /* set when an allocation did not fit (for the message) */
     /* [max_mb_rows + 1] each: what an absent sampling array decodes to */
     float *def_zero_f32, *def_one_f32;
     uint64_t *def_zero_u64;
@@ -431,15 +431,15 @@ static size_t comm_arena_bytes(int max_mb_rows, int n_stages)
     size_t members = 16 + nb;
     size_t a = 0;
     a = comm_add(a, sizeof(Modpipe__PacketHeader) + sizeof(Modpipe__BatchDesc));
-    a = comm_add(a, comm_mask_bytes(max_mb_rows));                 /* present */
-    a = comm_add(a, comm_mul(r, 3 * sizeof(int32_t) + 1));         /* slot, pos, token, flags */
+    a = comm_add(a, comm_mask_bytes(max_mb_rows));         /* present */
+    a = comm_add(a, comm_mul(r, 3 * sizeof(int32_t) + 1)); /* slot, pos, token, flags */
     a = comm_add(a, comm_mul(r, 2 * sizeof(float) + 2 * sizeof(uint64_t) + 2 * sizeof(int32_t)));
-    a = comm_add(a, (size_t)COMM_MAX_RELEASE * sizeof(int32_t));   /* release */
-    a = comm_add(a, comm_mul(nb, sizeof(Modpipe__Bypass *) + sizeof(Modpipe__Bypass) +
-                                     sizeof(comm_bypass)));
-    a = comm_add(a, comm_mul(2 * members, 64));                    /* scan slabs */
-    a = comm_add(a, comm_mul(64 + nb, COMM_ARENA_ALIGN));          /* per-block padding */
-    return comm_add(a, 4096);                                      /* slack */
+    a = comm_add(a, (size_t)COMM_MAX_RELEASE * sizeof(int32_t)); /* release */
+    a = comm_add(
+        a, comm_mul(nb, sizeof(Modpipe__Bypass *) + sizeof(Modpipe__Bypass) + sizeof(comm_bypass)));
+    a = comm_add(a, comm_mul(2 * members, 64));           /* scan slabs */
+    a = comm_add(a, comm_mul(64 + nb, COMM_ARENA_ALIGN)); /* per-block padding */
+    return comm_add(a, 4096);                             /* slack */
 }
 
 comm_unpacker *comm_unpacker_init(int max_mb_rows, int n_stages)
@@ -482,7 +482,10 @@ void comm_unpacker_free(comm_unpacker *u)
 {
     if (!u) return;
     free(u->arena);
-    free(u->def_zero_f32); free(u->def_one_f32); free(u->def_zero_u64); free(u->def_zero_u32);
+    free(u->def_zero_f32);
+    free(u->def_one_f32);
+    free(u->def_zero_u64);
+    free(u->def_zero_u32);
     free(u->def_minus1_i32);
     free(u);
 }
@@ -518,8 +521,10 @@ static int comm_unpack_fill(comm_unpacker *u, const uint8_t *buf, size_t len, in
                      "bytes, packet %zu bytes)",
                      u->arena_cap, H, len);
         else
-            comm_err(err, errlen, "packet: header does not decode (header %zu bytes, packet %zu "
-                     "bytes)", H, len);
+            comm_err(err, errlen,
+                     "packet: header does not decode (header %zu bytes, packet %zu "
+                     "bytes)",
+                     H, len);
         return -1;
     }
     unsigned long long mb = (unsigned long long)h->mb;
@@ -550,9 +555,9 @@ static int comm_unpack_fill(comm_unpacker *u, const uint8_t *buf, size_t len, in
         return -1;
     }
     if (h->present.len != comm_mask_bytes((int)h->mb_rows)) {
-        comm_err(err, errlen, "packet mb %llu %u->%u: mask of %zu bytes for %u rows (want %zu)",
-                 mb, (unsigned)h->sender, (unsigned)h->receiver, h->present.len,
-                 (unsigned)h->mb_rows, comm_mask_bytes((int)h->mb_rows));
+        comm_err(err, errlen, "packet mb %llu %u->%u: mask of %zu bytes for %u rows (want %zu)", mb,
+                 (unsigned)h->sender, (unsigned)h->receiver, h->present.len, (unsigned)h->mb_rows,
+                 comm_mask_bytes((int)h->mb_rows));
         return -1;
     }
     if (h->desc) {
@@ -561,11 +566,12 @@ static int comm_unpack_fill(comm_unpacker *u, const uint8_t *buf, size_t len, in
         if (COMM_OPT_LEN(d->n_temperature) || COMM_OPT_LEN(d->n_top_p) || COMM_OPT_LEN(d->n_seed) ||
             COMM_OPT_LEN(d->n_seq) || COMM_OPT_LEN(d->n_step) || COMM_OPT_LEN(d->n_target)) {
 #undef COMM_OPT_LEN
-            comm_err(err, errlen,
-                     "packet mb %llu %u->%u: descriptor has %zu temperatures, %zu top_p, %zu seeds, "
-                     "%zu seqs, %zu steps, %zu targets for %u rows",
-                     mb, (unsigned)h->sender, (unsigned)h->receiver, d->n_temperature, d->n_top_p,
-                     d->n_seed, d->n_seq, d->n_step, d->n_target, (unsigned)h->mb_rows);
+            comm_err(
+                err, errlen,
+                "packet mb %llu %u->%u: descriptor has %zu temperatures, %zu top_p, %zu seeds, "
+                "%zu seqs, %zu steps, %zu targets for %u rows",
+                mb, (unsigned)h->sender, (unsigned)h->receiver, d->n_temperature, d->n_top_p,
+                d->n_seed, d->n_seq, d->n_step, d->n_target, (unsigned)h->mb_rows);
             return -1;
         }
         if (d->n_release > COMM_MAX_RELEASE) {
@@ -691,7 +697,7 @@ void comm_scatter_rows(const comm_packet *p, int D, float *x)
 {
     if (!p || !x || p->kind != COMM_PKT_ROWS || D <= 0) return;
     size_t row = (size_t)D * stage_dtype_size(p->dtype); /* bytes of one payload row */
-    const uint8_t *src = p->payload;                   /* [n_rows][D] wire dtype */
+    const uint8_t *src = p->payload;                     /* [n_rows][D] wire dtype */
     for (int i = 0; i < p->mb_rows; i++)
         if (comm_mask_get(p->present, i)) {
             stage_dtype_to_f32(p->dtype, src, x + (size_t)i * (size_t)D, (size_t)D);

@@ -35,9 +35,9 @@ static void same_packet(const comm_packet *a, const comm_packet *b)
                    memcmp(a->top_p, b->top_p, r * 4) == 0 && memcmp(a->seed, b->seed, r * 8) == 0 &&
                    memcmp(a->seq, b->seq, r * 8) == 0 && memcmp(a->step, b->step, r * 4) == 0 &&
                    memcmp(a->target, b->target, r * 4) == 0);
-        FUZZ_CHECK(a->n_release == b->n_release &&
-                   (a->n_release == 0 ||
-                    memcmp(a->release, b->release, (size_t)a->n_release * 4) == 0));
+        FUZZ_CHECK(
+            a->n_release == b->n_release &&
+            (a->n_release == 0 || memcmp(a->release, b->release, (size_t)a->n_release * 4) == 0));
     }
     for (int k = 0; k < a->n_bypass; k++)
         FUZZ_CHECK(a->bypass[k].from == b->bypass[k].from && a->bypass[k].to == b->bypass[k].to);

@@ -20,8 +20,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     serve_req_kind kind = (serve_req_kind)(data[0] % 4);
     serve_request r;
     char param[96], err[512];
-    int rc = serve_request_parse(kind, (const char *)data + 1, size - 1, 512, &r, param, sizeof param,
-                                 err, sizeof err);
+    int rc = serve_request_parse(kind, (const char *)data + 1, size - 1, 512, &r, param,
+                                 sizeof param, err, sizeof err);
     if (rc) {
         CHECK(err[0] != 0);
         CHECK(memchr(param, 0, sizeof param) != NULL);
@@ -30,9 +30,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
     CHECK(r.kind == kind);
     switch (kind) {
-    case SERVE_REQ_COMPLETION:
-        CHECK((r.prompt_text != NULL) != (r.prompt_ids != NULL));
-        break;
+    case SERVE_REQ_COMPLETION: CHECK((r.prompt_text != NULL) != (r.prompt_ids != NULL)); break;
     case SERVE_REQ_CHAT:
         CHECK(r.n_msgs >= 1 && r.msgs);
         for (int i = 0; i < r.n_msgs; i++) CHECK(r.msgs[i].role && r.msgs[i].content);

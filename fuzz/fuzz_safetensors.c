@@ -23,7 +23,8 @@ static char dir[256], file[320];
 
 static void setup(void)
 {
-    const char *base = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : (getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
+    const char *base =
+        access("/dev/shm", W_OK) == 0 ? "/dev/shm" : (getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
     snprintf(dir, sizeof dir, "%s/modpipe-fuzz-st-XXXXXX", base);
     FUZZ_CHECK(mkdtemp(dir) != NULL);
     snprintf(file, sizeof file, "%s/model.safetensors", dir);

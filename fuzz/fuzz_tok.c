@@ -48,7 +48,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     int32_t raw[64];
     int nr = 0;
     for (size_t i = 0; i + 1 < tlen && nr < 64; i += 2)
-        raw[nr++] = (int32_t)(((uint32_t)(uint8_t)text[i] << 8 | (uint8_t)text[i + 1]) % (uint32_t)nv);
+        raw[nr++] =
+            (int32_t)(((uint32_t)(uint8_t)text[i] << 8 | (uint8_t)text[i + 1]) % (uint32_t)nv);
     fuzz_check_decode(t, raw, nr, 0);
     tok_free(t);
     return 0;

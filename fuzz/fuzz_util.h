@@ -9,12 +9,12 @@
 
 #include "tok/tok.h"
 
-#define FUZZ_CHECK(c)                                                                      \
-    do {                                                                                   \
-        if (!(c)) {                                                                        \
-            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #c);          \
-            abort();                                                                       \
-        }                                                                                  \
+#define FUZZ_CHECK(c)                                                                              \
+    do {                                                                                           \
+        if (!(c)) {                                                                                \
+            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #c);                  \
+            abort();                                                                               \
+        }                                                                                          \
     } while (0)
 
 static inline int fuzz_utf8_ok(const char *s, size_t n)
@@ -22,8 +22,11 @@ static inline int fuzz_utf8_ok(const char *s, size_t n)
     const unsigned char *u = (const unsigned char *)s;
     for (size_t i = 0; i < n;) {
         unsigned c = u[i];
-        int k = c < 0x80 ? 0 : (c >= 0xC2 && c <= 0xDF) ? 1 : (c >= 0xE0 && c <= 0xEF) ? 2
-                : (c >= 0xF0 && c <= 0xF4) ? 3 : -1;
+        int k = c < 0x80                   ? 0
+                : (c >= 0xC2 && c <= 0xDF) ? 1
+                : (c >= 0xE0 && c <= 0xEF) ? 2
+                : (c >= 0xF0 && c <= 0xF4) ? 3
+                                           : -1;
         if (k < 0 || i + (size_t)k >= n) return 0;
         unsigned lo = 0x80, hi = 0xBF;
         if (c == 0xE0) lo = 0xA0;
@@ -58,8 +61,10 @@ static inline void fuzz_check_decode(const tok_tokenizer *t, const int32_t *ids,
         for (int i = 0; i <= n; i++) {
             const char *p;
             size_t pl;
-            if (i < n) FUZZ_CHECK(tok_stream_push(s, ids[i], &p, &pl, err, sizeof err) == 0);
-            else FUZZ_CHECK(tok_stream_flush(s, &p, &pl) == 0);
+            if (i < n)
+                FUZZ_CHECK(tok_stream_push(s, ids[i], &p, &pl, err, sizeof err) == 0);
+            else
+                FUZZ_CHECK(tok_stream_flush(s, &p, &pl) == 0);
             FUZZ_CHECK(fuzz_utf8_ok(p, pl));
             FUZZ_CHECK(used + pl <= len && memcmp(full + used, p, pl) == 0);
             used += pl;

@@ -59,22 +59,41 @@ int main(int argc, char **argv)
     comm_mask_set(present, 0);
     comm_mask_set(present, 2);
     comm_mask_set(present, 3);
-    int32_t slot[R] = {0, 1, 2, 3, 4}, pos[R] = {7, 7, 8, 0, 100}, token[R] = {1, 403, 407, 261, 378};
-    uint8_t flags[R] = {COMM_ROW_PROMPT, 0, COMM_ROW_NEED_LOGITS, COMM_ROW_PROMPT | COMM_ROW_NEED_LOGITS, 0};
+    int32_t slot[R] = {0, 1, 2, 3, 4}, pos[R] = {7, 7, 8, 0, 100},
+            token[R] = {1, 403, 407, 261, 378};
+    uint8_t flags[R] = {COMM_ROW_PROMPT, 0, COMM_ROW_NEED_LOGITS,
+                        COMM_ROW_PROMPT | COMM_ROW_NEED_LOGITS, 0};
     comm_bypass bp[2] = {{0, 2}, {1, 3}};
     uint8_t buf[4096];
     static const char *dt_name[3] = {"f32", "bf16", "f16"};
     for (int dt = 0; dt < 3; dt++) {
-        comm_packet p = {.kind = COMM_PKT_ROWS, .mb = 42, .sender = 0, .receiver = 1, .mb_rows = R,
-                         .n_rows = 3, .dtype = (stage_dtype)dt, .present = present,
-                         .has_desc = 1, .slot = slot, .pos = pos, .token = token, .flags = flags,
-                         .n_bypass = 2, .bypass = bp};
+        comm_packet p = {.kind = COMM_PKT_ROWS,
+                         .mb = 42,
+                         .sender = 0,
+                         .receiver = 1,
+                         .mb_rows = R,
+                         .n_rows = 3,
+                         .dtype = (stage_dtype)dt,
+                         .present = present,
+                         .has_desc = 1,
+                         .slot = slot,
+                         .pos = pos,
+                         .token = token,
+                         .flags = flags,
+                         .n_bypass = 2,
+                         .bypass = bp};
         char name[64];
         snprintf(name, sizeof name, "rows-chain-%s", dt_name[dt]);
         put(name, D, buf, pack(&p, x, D, NULL, buf, sizeof buf));
     }
-    comm_packet nc = {.kind = COMM_PKT_ROWS, .mb = 3, .sender = 0, .receiver = 2, .mb_rows = R,
-                      .n_rows = 3, .dtype = STAGE_F32, .present = present};
+    comm_packet nc = {.kind = COMM_PKT_ROWS,
+                      .mb = 3,
+                      .sender = 0,
+                      .receiver = 2,
+                      .mb_rows = R,
+                      .n_rows = 3,
+                      .dtype = STAGE_F32,
+                      .present = present};
     put("rows-bypass", D, buf, pack(&nc, x, D, NULL, buf, sizeof buf));
     /* a chain packet with the per-row sampling state and slot releases (the server's) */
     {
@@ -86,27 +105,62 @@ int main(int argc, char **argv)
                              COMM_ROW_NEED_LOGITS | COMM_ROW_SAMPLE,
                              COMM_ROW_PROMPT | COMM_ROW_NEED_LOGITS, 0};
         int32_t rel[3] = {5, 0, 17};
-        comm_packet sp = {.kind = COMM_PKT_ROWS, .mb = 1000, .sender = 0, .receiver = 1,
-                          .mb_rows = R, .n_rows = 3, .dtype = STAGE_BF16, .present = present,
-                          .has_desc = 1, .slot = slot, .pos = pos, .token = token, .flags = sflags,
-                          .temperature = temp, .top_p = top_p, .seed = seed, .seq = seq,
-                          .step = step, .target = target, .n_release = 3, .release = rel};
+        comm_packet sp = {.kind = COMM_PKT_ROWS,
+                          .mb = 1000,
+                          .sender = 0,
+                          .receiver = 1,
+                          .mb_rows = R,
+                          .n_rows = 3,
+                          .dtype = STAGE_BF16,
+                          .present = present,
+                          .has_desc = 1,
+                          .slot = slot,
+                          .pos = pos,
+                          .token = token,
+                          .flags = sflags,
+                          .temperature = temp,
+                          .top_p = top_p,
+                          .seed = seed,
+                          .seq = seq,
+                          .step = step,
+                          .target = target,
+                          .n_release = 3,
+                          .release = rel};
         put("rows-chain-sampling", D, buf, pack(&sp, x, D, NULL, buf, sizeof buf));
     }
     uint8_t none[1] = {0};
-    comm_packet empty = {.kind = COMM_PKT_ROWS, .mb = 4, .sender = 1, .receiver = 2, .mb_rows = 0,
-                         .n_rows = 0, .present = none, .has_desc = 1, .slot = slot, .pos = pos,
-                         .token = token, .flags = flags};
+    comm_packet empty = {.kind = COMM_PKT_ROWS,
+                         .mb = 4,
+                         .sender = 1,
+                         .receiver = 2,
+                         .mb_rows = 0,
+                         .n_rows = 0,
+                         .present = none,
+                         .has_desc = 1,
+                         .slot = slot,
+                         .pos = pos,
+                         .token = token,
+                         .flags = flags};
     put("rows-empty-chain", D, buf, pack(&empty, x, D, NULL, buf, sizeof buf));
     const int32_t tok[3] = {5, 0, 2147483647};
-    comm_packet tp = {.kind = COMM_PKT_TOKENS, .mb = 9, .sender = 2, .receiver = 0, .mb_rows = R,
-                      .n_rows = 3, .present = present};
+    comm_packet tp = {.kind = COMM_PKT_TOKENS,
+                      .mb = 9,
+                      .sender = 2,
+                      .receiver = 0,
+                      .mb_rows = R,
+                      .n_rows = 3,
+                      .present = present};
     size_t n = pack(&tp, NULL, 0, tok, buf, sizeof buf);
     put("tokens", 1, buf, n);
     /* the bug: a TOKENS packet whose payload is shorter than n_rows * 4 */
     put("tokens-short-payload", 1, buf, n - 4);
-    comm_packet end = {.kind = COMM_PKT_END, .mb = 77, .sender = 0, .receiver = 1, .mb_rows = 3,
-                       .n_rows = 0, .present = none};
+    comm_packet end = {.kind = COMM_PKT_END,
+                       .mb = 77,
+                       .sender = 0,
+                       .receiver = 1,
+                       .mb_rows = 3,
+                       .n_rows = 0,
+                       .present = none};
     put("end", 1, buf, pack(&end, NULL, 0, NULL, buf, sizeof buf));
     printf("make_seeds: wrote %d seeds to %s\n", n_written, OUT);
     return 0;

@@ -15,10 +15,8 @@ struct serve_chat_template {
 };
 
 static const serve_chat_template TEMPLATES[] = {
-    {"chatml", CT_CHATML, "<|im_end|>"},
-    {"llama2", CT_LLAMA2, NULL},   /* turns end with EOS </s> */
-    {"llama3", CT_LLAMA3, "<|eot_id|>"},
-    {"zephyr", CT_ZEPHYR, NULL},   /* turns end with EOS </s> */
+    {"chatml", CT_CHATML, "<|im_end|>"}, {"llama2", CT_LLAMA2, NULL}, /* turns end with EOS </s> */
+    {"llama3", CT_LLAMA3, "<|eot_id|>"}, {"zephyr", CT_ZEPHYR, NULL}, /* turns end with EOS </s> */
     {"plain", CT_PLAIN, NULL},
 };
 #define N_TEMPLATES ((int)(sizeof TEMPLATES / sizeof TEMPLATES[0]))
@@ -52,10 +50,14 @@ const serve_chat_template *serve_chat_detect(const char *model_dir)
     const cJSON *ct = cJSON_GetObjectItemCaseSensitive(root, "chat_template");
     if (cJSON_IsString(ct)) {
         const char *s = ct->valuestring;
-        if (strstr(s, "<|im_start|>")) t = serve_chat_find("chatml");
-        else if (strstr(s, "<|start_header_id|>")) t = serve_chat_find("llama3");
-        else if (strstr(s, "<|assistant|>")) t = serve_chat_find("zephyr");
-        else if (strstr(s, "[INST]")) t = serve_chat_find("llama2");
+        if (strstr(s, "<|im_start|>"))
+            t = serve_chat_find("chatml");
+        else if (strstr(s, "<|start_header_id|>"))
+            t = serve_chat_find("llama3");
+        else if (strstr(s, "<|assistant|>"))
+            t = serve_chat_find("zephyr");
+        else if (strstr(s, "[INST]"))
+            t = serve_chat_find("llama2");
     }
     cJSON_Delete(root);
     free(buf);
@@ -75,7 +77,10 @@ static void put(sbuf *b, const char *s)
     if (b->n + k + 1 > b->cap) {
         size_t cap = (b->n + k + 1) * 2;
         char *q = realloc(b->p, cap);
-        if (!q) { b->oom = 1; return; }
+        if (!q) {
+            b->oom = 1;
+            return;
+        }
         b->p = q;
         b->cap = cap;
     }
@@ -91,22 +96,31 @@ char *serve_chat_apply(const serve_chat_template *t, const serve_msg *m, int n)
     switch (k) {
     case CT_CHATML:
         for (int i = 0; i < n; i++) {
-            put(&b, "<|im_start|>"); put(&b, m[i].role); put(&b, "\n");
-            put(&b, m[i].content); put(&b, "<|im_end|>\n");
+            put(&b, "<|im_start|>");
+            put(&b, m[i].role);
+            put(&b, "\n");
+            put(&b, m[i].content);
+            put(&b, "<|im_end|>\n");
         }
         put(&b, "<|im_start|>assistant\n");
         break;
     case CT_LLAMA3:
         for (int i = 0; i < n; i++) {
-            put(&b, "<|start_header_id|>"); put(&b, m[i].role); put(&b, "<|end_header_id|>\n\n");
-            put(&b, m[i].content); put(&b, "<|eot_id|>");
+            put(&b, "<|start_header_id|>");
+            put(&b, m[i].role);
+            put(&b, "<|end_header_id|>\n\n");
+            put(&b, m[i].content);
+            put(&b, "<|eot_id|>");
         }
         put(&b, "<|start_header_id|>assistant<|end_header_id|>\n\n");
         break;
     case CT_ZEPHYR:
         for (int i = 0; i < n; i++) {
-            put(&b, "<|"); put(&b, m[i].role); put(&b, "|>\n");
-            put(&b, m[i].content); put(&b, "</s>\n");
+            put(&b, "<|");
+            put(&b, m[i].role);
+            put(&b, "|>\n");
+            put(&b, m[i].content);
+            put(&b, "</s>\n");
         }
         put(&b, "<|assistant|>\n");
         break;
@@ -116,17 +130,27 @@ char *serve_chat_apply(const serve_chat_template *t, const serve_msg *m, int n)
         int open = 0; /* an [INST] is open, waiting for [/INST] */
         int first = 1;
         for (int i = 0; i < n; i++) {
-            if (!strcmp(m[i].role, "system")) { sys = m[i].content; continue; }
+            if (!strcmp(m[i].role, "system")) {
+                sys = m[i].content;
+                continue;
+            }
             if (!strcmp(m[i].role, "user")) {
                 if (open) put(&b, " [/INST]");
                 if (!first && !open) put(&b, "<s>");
                 put(&b, "[INST] ");
-                if (sys) { put(&b, "<<SYS>>\n"); put(&b, sys); put(&b, "\n<</SYS>>\n\n"); sys = NULL; }
+                if (sys) {
+                    put(&b, "<<SYS>>\n");
+                    put(&b, sys);
+                    put(&b, "\n<</SYS>>\n\n");
+                    sys = NULL;
+                }
                 put(&b, m[i].content);
                 open = 1;
             } else { /* assistant */
                 if (open) put(&b, " [/INST]");
-                put(&b, " "); put(&b, m[i].content); put(&b, " </s>");
+                put(&b, " ");
+                put(&b, m[i].content);
+                put(&b, " </s>");
                 open = 0;
             }
             first = 0;
@@ -134,7 +158,9 @@ char *serve_chat_apply(const serve_chat_template *t, const serve_msg *m, int n)
         if (sys) { /* a system message with no user turn after it */
             if (!first && !open) put(&b, "<s>");
             if (!open) put(&b, "[INST] ");
-            put(&b, "<<SYS>>\n"); put(&b, sys); put(&b, "\n<</SYS>>\n\n");
+            put(&b, "<<SYS>>\n");
+            put(&b, sys);
+            put(&b, "\n<</SYS>>\n\n");
             open = 1;
         }
         if (open) put(&b, " [/INST]");
@@ -148,6 +174,9 @@ char *serve_chat_apply(const serve_chat_template *t, const serve_msg *m, int n)
         }
         break;
     }
-    if (b.oom) { free(b.p); return NULL; }
+    if (b.oom) {
+        free(b.p);
+        return NULL;
+    }
     return b.p;
 }

@@ -25,10 +25,12 @@ static const sopt SOPTS[] = {
     {"slots", "N", "sequences decoded at once = KV-cache slots (default 8)"},
     {"ctx", "N", "positions per slot, prompt + generated (default: the model's max, at most 4096)"},
     {"queue", "N", "requests waiting for a slot at most; beyond: 503 + Retry-After (default 64)"},
-    {"api-key", "KEY", "require 'Authorization: Bearer KEY' (all routes but /health); "
-                       "default: $MODPIPE_API_KEY if set"},
-    {"chat-template", "NAME", "chat template: chatml, llama2, llama3, zephyr, plain, or auto "
-                              "(default: from tokenizer_config.json, else plain)"},
+    {"api-key", "KEY",
+     "require 'Authorization: Bearer KEY' (all routes but /health); "
+     "default: $MODPIPE_API_KEY if set"},
+    {"chat-template", "NAME",
+     "chat template: chatml, llama2, llama3, zephyr, plain, or auto "
+     "(default: from tokenizer_config.json, else plain)"},
     {"name", "ID", "model id in /v1/models and responses (default: the directory's name)"},
     {"shutdown-grace", "SEC", "on SIGTERM, running requests get this long to finish (default 30)"},
     {"micro-batch", "R", "most rows per micro-batch (default 32)"},
@@ -39,8 +41,9 @@ static const sopt SOPTS[] = {
     {"weights-dtype", "f32|bf16|f16", "dtype the weight matrices are held in (default: as stored)"},
     {"transport", "sparse|dense", "sparse (default) or dense: every row on every link (baseline)"},
     {"threads", "N", "BLAS threads per rank (default 1)"},
-    {"timeout", "SEC", "abort when a peer rank sends nothing for SEC seconds while work is "
-                       "pending (default 300)"},
+    {"timeout", "SEC",
+     "abort when a peer rank sends nothing for SEC seconds while work is "
+     "pending (default 300)"},
     {"quiet", NULL, "no log lines on stderr"},
     {"help", NULL, "this help"},
 };
@@ -58,9 +61,11 @@ static void usage(FILE *f)
                  SOPTS[i].metavar ? SOPTS[i].metavar : "");
         fprintf(f, "  %-28s %s\n", left, SOPTS[i].help);
     }
-    fprintf(f, "\nexample:\n  mpirun --oversubscribe -np 2 modpipe serve --model stories260K --port 8080\n"
-               "  curl -s localhost:8080/v1/completions -H 'Content-Type: application/json' \\\n"
-               "       -d '{\"prompt\": \"Once upon a time\", \"max_tokens\": 32, \"temperature\": 0}'\n");
+    fprintf(
+        f,
+        "\nexample:\n  mpirun --oversubscribe -np 2 modpipe serve --model stories260K --port 8080\n"
+        "  curl -s localhost:8080/v1/completions -H 'Content-Type: application/json' \\\n"
+        "       -d '{\"prompt\": \"Once upon a time\", \"max_tokens\": 32, \"temperature\": 0}'\n");
 }
 
 typedef struct {
@@ -95,21 +100,31 @@ static int parse_args(int argc, char **argv, sargs *a, char *err, size_t errlen)
             snprintf(err, errlen, "unknown option '%s' for serve (see modpipe serve --help)", arg);
             return -1;
         }
-        if (a->v[i]) { snprintf(err, errlen, "--%s given twice", name); return -1; }
+        if (a->v[i]) {
+            snprintf(err, errlen, "--%s given twice", name);
+            return -1;
+        }
         if (!SOPTS[i].metavar) {
-            if (eq) { snprintf(err, errlen, "--%s takes no value", name); return -1; }
+            if (eq) {
+                snprintf(err, errlen, "--%s takes no value", name);
+                return -1;
+            }
             a->v[i] = "1";
         } else if (eq) {
             a->v[i] = eq + 1;
         } else {
-            if (k + 1 >= argc) { snprintf(err, errlen, "--%s needs a value (%s)", name, SOPTS[i].metavar); return -1; }
+            if (k + 1 >= argc) {
+                snprintf(err, errlen, "--%s needs a value (%s)", name, SOPTS[i].metavar);
+                return -1;
+            }
             a->v[i] = argv[++k];
         }
     }
     return 0;
 }
 
-static int get_long(const sargs *a, const char *n, long lo, long hi, long dflt, long *out, char *err, size_t errlen)
+static int get_long(const sargs *a, const char *n, long lo, long hi, long dflt, long *out,
+                    char *err, size_t errlen)
 {
     const char *s = get(a, n);
     *out = dflt;
@@ -157,7 +172,10 @@ typedef struct {
 static int make_setup(const sargs *a, int n_ranks, setup *st, char *err, size_t errlen)
 {
     const char *model = get(a, "model");
-    if (!model) { snprintf(err, errlen, "--model DIR is required (see modpipe serve --help)"); return -1; }
+    if (!model) {
+        snprintf(err, errlen, "--model DIR is required (see modpipe serve --help)");
+        return -1;
+    }
     if (stage_config_load(model, &st->cfg, err, errlen)) return -1;
     st->have_cfg = 1;
     const stage_config *cfg = &st->cfg;
@@ -171,8 +189,10 @@ static int make_setup(const sargs *a, int n_ranks, setup *st, char *err, size_t 
     n_ranks /= (int)tp; /* stages from here on (cluster/topo.h) */
     for (int l = 0; l < cfg->n_layers; l++)
         if (stage_kind_is_routed(cfg->layer_kind[l]) && cfg->mod_routing == STAGE_ROUTING_TOPK) {
-            snprintf(err, errlen, "%s uses topk routing, which is non-causal: it cannot decode token "
-                     "by token, so it cannot be served", model);
+            snprintf(err, errlen,
+                     "%s uses topk routing, which is non-causal: it cannot decode token "
+                     "by token, so it cannot be served",
+                     model);
             return -1;
         }
     serve_pipeline *p = &st->p;
@@ -189,7 +209,8 @@ static int make_setup(const sargs *a, int n_ranks, setup *st, char *err, size_t 
     p->queue = (int)v;
     if (get_long(a, "micro-batch", 1, 1 << 20, 32, &v, err, errlen)) return -1;
     p->micro_batch = (int)v;
-    if (get_long(a, "max-in-flight", 2, 4096, 2L * n_ranks < 2 ? 2 : 2L * n_ranks, &v, err, errlen)) return -1;
+    if (get_long(a, "max-in-flight", 2, 4096, 2L * n_ranks < 2 ? 2 : 2L * n_ranks, &v, err, errlen))
+        return -1;
     p->max_in_flight = (int)v;
     if (get_double(a, "timeout", 1.0, 1e7, 300.0, &d, err, errlen)) return -1;
     p->timeout_s = d;
@@ -226,8 +247,10 @@ static int make_setup(const sargs *a, int n_ranks, setup *st, char *err, size_t 
         char *ranges[256];
         int nr = 0;
         char *save = NULL;
-        for (char *t = strtok_r(buf, ", ", &save); t && nr < 256; t = strtok_r(NULL, ", ", &save)) ranges[nr++] = t;
-        rc = cluster_partition_explicit(cfg, (const char *const *)ranges, nr, n_ranks, &st->plan, err, errlen);
+        for (char *t = strtok_r(buf, ", ", &save); t && nr < 256; t = strtok_r(NULL, ", ", &save))
+            ranges[nr++] = t;
+        rc = cluster_partition_explicit(cfg, (const char *const *)ranges, nr, n_ranks, &st->plan,
+                                        err, errlen);
     }
     if (rc) return -1;
     st->have_plan = 1;
@@ -241,9 +264,11 @@ static int make_setup(const sargs *a, int n_ranks, setup *st, char *err, size_t 
     so->port = (int)v;
     so->api_key = get(a, "api-key") ? get(a, "api-key") : getenv("MODPIPE_API_KEY");
     const char *ct = get(a, "chat-template");
-    if (!ct || !strcmp(ct, "auto")) so->chat = serve_chat_detect(model);
+    if (!ct || !strcmp(ct, "auto"))
+        so->chat = serve_chat_detect(model);
     else if (!(so->chat = serve_chat_find(ct))) {
-        snprintf(err, errlen, "--chat-template: unknown template '%s' (known: %s, auto)", ct, serve_chat_names());
+        snprintf(err, errlen, "--chat-template: unknown template '%s' (known: %s, auto)", ct,
+                 serve_chat_names());
         return -1;
     }
     const char *nm = get(a, "name");
@@ -271,10 +296,7 @@ static void setup_free(setup *st)
     if (st->have_cfg) stage_config_free(&st->cfg);
 }
 
-static void on_ready(void *arg)
-{
-    serve_server_set_ready(arg);
-}
+static void on_ready(void *arg) { serve_server_set_ready(arg); }
 
 typedef struct {
     serve_server *s;
@@ -289,11 +311,15 @@ static void *control(void *p)
     ctl_arg *c = p;
     int sig = serve_signals_wait();
     if (c->stop_only) return NULL;
-    if (!c->quiet) fprintf(stderr, "modpipe serve: %s: no new requests; finishing the running ones\n",
-                           sig == SIGTERM ? "SIGTERM" : sig == SIGINT ? "SIGINT" : "stop");
+    if (!c->quiet)
+        fprintf(stderr, "modpipe serve: %s: no new requests; finishing the running ones\n",
+                sig == SIGTERM  ? "SIGTERM"
+                : sig == SIGINT ? "SIGINT"
+                                : "stop");
     c->cancelled = serve_server_shutdown(c->s);
     if (!c->quiet && c->cancelled)
-        fprintf(stderr, "modpipe serve: %d request(s) cut at the shutdown deadline\n", c->cancelled);
+        fprintf(stderr, "modpipe serve: %d request(s) cut at the shutdown deadline\n",
+                c->cancelled);
     return NULL;
 }
 
@@ -353,11 +379,11 @@ int serve_cmd_main(int argc, char **argv, serve_pipeline_fn run)
     pthread_t ctl;
     ctl_arg ca = {.s = srv, .quiet = !st.p.progress};
     if (rank == 0) {
-        fprintf(stderr, "modpipe serve: listening on http://%s:%d (pid %d), model %s, %d stage%s, "
-                        "%d slots x %d positions, chat template %s\n",
+        fprintf(stderr,
+                "modpipe serve: listening on http://%s:%d (pid %d), model %s, %d stage%s, "
+                "%d slots x %d positions, chat template %s\n",
                 st.so.host, serve_server_port(srv), (int)getpid(), st.name, st.plan.n_stages,
-                st.plan.n_stages > 1 ? "s" : "",
-                st.p.slots, st.p.ctx, serve_chat_name(st.so.chat));
+                st.plan.n_stages > 1 ? "s" : "", st.p.slots, st.p.ctx, serve_chat_name(st.so.chat));
         pthread_create(&ctl, NULL, control, &ca);
         st.p.q = q;
         st.p.on_ready = on_ready;

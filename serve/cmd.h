@@ -32,16 +32,16 @@
 typedef struct {
     const char *model_dir;
     const stage_config *cfg;
-    const cluster_plan *plan;   /* one stage per rank */
-    int slots, ctx, queue;      /* --slots, --ctx (positions per slot), --queue */
-    int micro_batch;            /* most rows per micro-batch */
+    const cluster_plan *plan; /* one stage per rank */
+    int slots, ctx, queue;    /* --slots, --ctx (positions per slot), --queue */
+    int micro_batch;          /* most rows per micro-batch */
     int max_in_flight;
-    stage_dtype wire;           /* activation dtype between ranks */
-    int weights_dtype;          /* stage_dtype of the weight matrices; -1: as stored */
+    stage_dtype wire;  /* activation dtype between ranks */
+    int weights_dtype; /* stage_dtype of the weight matrices; -1: as stored */
     int dense_transport;
-    double timeout_s;           /* longest wait for a peer */
-    int progress;               /* !--quiet */
-    srvq *q;                    /* rank 0: the queue the HTTP layer fills; other ranks: NULL */
+    double timeout_s; /* longest wait for a peer */
+    int progress;     /* !--quiet */
+    srvq *q;          /* rank 0: the queue the HTTP layer fills; other ranks: NULL */
     /* rank 0: call once every rank has loaded its stage (then /health says 200) */
     void (*on_ready)(void *arg);
     void *ready_arg;

@@ -30,7 +30,7 @@
  * ===================================================================================== */
 
 typedef struct {
-    char *p;     /* [cap] */
+    char *p; /* [cap] */
     size_t n, cap;
     int oom;
 } sb;
@@ -41,7 +41,10 @@ static void sb_reserve(sb *b, size_t extra)
     size_t cap = b->cap ? b->cap : 256;
     while (cap < b->n + extra + 1) cap *= 2;
     char *q = realloc(b->p, cap);
-    if (!q) { b->oom = 1; return; }
+    if (!q) {
+        b->oom = 1;
+        return;
+    }
     b->p = q;
     b->cap = cap;
 }
@@ -66,7 +69,10 @@ static void sb_fmt(sb *b, const char *fmt, ...)
     int k = vsnprintf(tmp, sizeof tmp, fmt, ap);
     va_end(ap);
     if (k < 0) return;
-    if ((size_t)k < sizeof tmp) { sb_add(b, tmp, (size_t)k); return; }
+    if ((size_t)k < sizeof tmp) {
+        sb_add(b, tmp, (size_t)k);
+        return;
+    }
     sb_reserve(b, (size_t)k);
     if (b->oom) return;
     va_start(ap, fmt);
@@ -88,10 +94,17 @@ static int utf8_len(const unsigned char *s, size_t n)
     int k;
     unsigned min;
     if (c < 0x80) return 1;
-    if (c >= 0xC2 && c <= 0xDF) { k = 2; min = 0x80; }
-    else if ((c & 0xF0) == 0xE0) { k = 3; min = 0x800; }
-    else if (c >= 0xF0 && c <= 0xF4) { k = 4; min = 0x10000; }
-    else return 0;
+    if (c >= 0xC2 && c <= 0xDF) {
+        k = 2;
+        min = 0x80;
+    } else if ((c & 0xF0) == 0xE0) {
+        k = 3;
+        min = 0x800;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+        k = 4;
+        min = 0x10000;
+    } else
+        return 0;
     if (n < (size_t)k) return 0;
     unsigned cp = c & (0x7F >> k);
     for (int i = 1; i < k; i++) {
@@ -111,16 +124,33 @@ static void sb_json(sb *b, const char *s, size_t n)
     size_t i = 0;
     while (i < n) {
         unsigned char c = u[i];
-        if (c == '"') { sb_add(b, "\\\"", 2); i++; }
-        else if (c == '\\') { sb_add(b, "\\\\", 2); i++; }
-        else if (c == '\n') { sb_add(b, "\\n", 2); i++; }
-        else if (c == '\r') { sb_add(b, "\\r", 2); i++; }
-        else if (c == '\t') { sb_add(b, "\\t", 2); i++; }
-        else if (c < 0x20 || c == 0x7F) { sb_fmt(b, "\\u%04x", c); i++; }
-        else {
+        if (c == '"') {
+            sb_add(b, "\\\"", 2);
+            i++;
+        } else if (c == '\\') {
+            sb_add(b, "\\\\", 2);
+            i++;
+        } else if (c == '\n') {
+            sb_add(b, "\\n", 2);
+            i++;
+        } else if (c == '\r') {
+            sb_add(b, "\\r", 2);
+            i++;
+        } else if (c == '\t') {
+            sb_add(b, "\\t", 2);
+            i++;
+        } else if (c < 0x20 || c == 0x7F) {
+            sb_fmt(b, "\\u%04x", c);
+            i++;
+        } else {
             int k = utf8_len(u + i, n - i);
-            if (!k) { sb_add(b, "\\ufffd", 6); i++; }
-            else { sb_add(b, s + i, (size_t)k); i += (size_t)k; }
+            if (!k) {
+                sb_add(b, "\\ufffd", 6);
+                i++;
+            } else {
+                sb_add(b, s + i, (size_t)k);
+                i += (size_t)k;
+            }
         }
     }
     sb_add(b, "\"", 1);
@@ -183,17 +213,17 @@ struct serve_server {
     char *host, *api_key, *model_name;
     const serve_chat_template *chat;
     int ctx, vocab, eos, port, quiet;
-    int32_t end_id;            /* the chat template's end-of-turn token, -1: none */
+    int32_t end_id; /* the chat template's end-of-turn token, -1: none */
     double grace_s;
-    long created;              /* start time (unix), for /v1/models */
-    int listen_fd;             /* after quiesce: closed after MHD_stop_daemon */
+    long created;  /* start time (unix), for /v1/models */
+    int listen_fd; /* after quiesce: closed after MHD_stop_daemon */
     atomic_int ready, closing, shut_done, aborted;
-    char abort_msg[512];       /* written once before aborted is set */
+    char abort_msg[512]; /* written once before aborted is set */
     atomic_long next_id;
 
-    pthread_mutex_t mu;        /* guards everything below */
-    gen *active;               /* requests the queue still holds (for cancel-all) */
-    int gen_conns;             /* generation connections not yet completed by MHD */
+    pthread_mutex_t mu;                  /* guards everything below */
+    gen *active;                         /* requests the queue still holds (for cancel-all) */
+    int gen_conns;                       /* generation connections not yet completed by MHD */
     uint64_t status_count[N_STATUS + 1]; /* [N_STATUS + 1] last: other codes */
     histo ttft, itl;
 };
@@ -203,13 +233,13 @@ struct gen {
     serve_server *srv;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    int refs;                  /* queue side + connection side */
-    long id;                   /* srvq id, -1 before submit returned */
-    gen *prev, *next;          /* srv->active (under srv->mu) */
+    int refs;         /* queue side + connection side */
+    long id;          /* srvq id, -1 before submit returned */
+    gen *prev, *next; /* srv->active (under srv->mu) */
     int in_active;
 
     /* written by the pipeline thread under mu */
-    int32_t *toks;             /* [cap] generated ids in order */
+    int32_t *toks; /* [cap] generated ids in order */
     int n_toks, cap;
     int done;
     srvq_finish why;
@@ -219,23 +249,23 @@ struct gen {
     /* connection thread only */
     int chat, stream, include_usage, return_ids, ignore_eos;
     int n_prompt;
-    int consumed;              /* toks[0..consumed) processed */
-    int ids_sent;              /* toks[0..ids_sent) reported in token_ids */
-    int n_completion;          /* tokens counted in usage */
+    int consumed;     /* toks[0..consumed) processed */
+    int ids_sent;     /* toks[0..ids_sent) reported in token_ids */
+    int n_completion; /* tokens counted in usage */
     tok_stream *ts;
     char *stop[SERVE_MAX_STOP];
     int n_stop;
-    sb pend;                   /* decoded text that may still start a stop string */
-    sb text;                   /* non-stream: the completion text so far */
-    sb out;                    /* stream: SSE bytes not yet handed to MHD */
+    sb pend; /* decoded text that may still start a stop string */
+    sb text; /* non-stream: the completion text so far */
+    sb out;  /* stream: SSE bytes not yet handed to MHD */
     size_t out_off;
-    const char *finish;        /* NULL while running, else "stop" / "length" */
-    int failed;                /* the pipeline (msg) or the detokeniser (cmsg) failed */
+    const char *finish; /* NULL while running, else "stop" / "length" */
+    int failed;         /* the pipeline (msg) or the detokeniser (cmsg) failed */
     char cmsg[256];
-    int cancelled;             /* we asked the queue to cancel */
+    int cancelled; /* we asked the queue to cancel */
     int writer_done;
-    int fd;                    /* client socket, to notice a hang-up while we wait */
-    double t_check;            /* last look at it */
+    int fd;         /* client socket, to notice a hang-up while we wait */
+    double t_check; /* last look at it */
     char cid[48];
     long created;
 };
@@ -246,7 +276,7 @@ typedef struct {
     route_id route;
     sb body;
     int too_big;
-    gen *g;                    /* a streaming response's request, released on completion */
+    gen *g; /* a streaming response's request, released on completion */
 } conn_ctx;
 
 static void count_status(serve_server *s, int status)
@@ -259,10 +289,11 @@ static void count_status(serve_server *s, int status)
 }
 
 static enum MHD_Result reply(serve_server *s, struct MHD_Connection *c, int status,
-                             const char *ctype, const char *body, size_t len,
-                             const char *h1, const char *v1)
+                             const char *ctype, const char *body, size_t len, const char *h1,
+                             const char *v1)
 {
-    struct MHD_Response *r = MHD_create_response_from_buffer(len, (void *)body, MHD_RESPMEM_MUST_COPY);
+    struct MHD_Response *r =
+        MHD_create_response_from_buffer(len, (void *)body, MHD_RESPMEM_MUST_COPY);
     if (!r) return MHD_NO;
     MHD_add_response_header(r, "Content-Type", ctype);
     if (h1) MHD_add_response_header(r, h1, v1);
@@ -278,28 +309,37 @@ static enum MHD_Result reply_json(serve_server *s, struct MHD_Connection *c, int
     return reply(s, c, status, "application/json", b->p ? b->p : "", b->n, NULL, NULL);
 }
 
-static void error_json(sb *b, const char *msg, const char *type, const char *param, const char *code)
+static void error_json(sb *b, const char *msg, const char *type, const char *param,
+                       const char *code)
 {
     sb_str(b, "{\"error\":{\"message\":");
     sb_json(b, msg, strlen(msg));
     sb_str(b, ",\"type\":");
     sb_json(b, type, strlen(type));
     sb_str(b, ",\"param\":");
-    if (param && *param) sb_json(b, param, strlen(param)); else sb_str(b, "null");
+    if (param && *param)
+        sb_json(b, param, strlen(param));
+    else
+        sb_str(b, "null");
     sb_str(b, ",\"code\":");
-    if (code) sb_json(b, code, strlen(code)); else sb_str(b, "null");
+    if (code)
+        sb_json(b, code, strlen(code));
+    else
+        sb_str(b, "null");
     sb_str(b, "}}");
 }
 
 static enum MHD_Result reply_error(serve_server *s, struct MHD_Connection *c, int status,
                                    const char *msg, const char *param, const char *code)
 {
-    const char *type = status == 401 ? "authentication_error"
+    const char *type = status == 401   ? "authentication_error"
                        : status >= 500 ? (status == 503 ? "unavailable_error" : "server_error")
-                       : status == 404 ? "not_found_error" : "invalid_request_error";
+                       : status == 404 ? "not_found_error"
+                                       : "invalid_request_error";
     sb b = {0};
     error_json(&b, msg, type, param, code);
-    struct MHD_Response *r = MHD_create_response_from_buffer(b.n, b.p ? b.p : (char *)"", MHD_RESPMEM_MUST_COPY);
+    struct MHD_Response *r =
+        MHD_create_response_from_buffer(b.n, b.p ? b.p : (char *)"", MHD_RESPMEM_MUST_COPY);
     sb_free(&b);
     if (!r) return MHD_NO;
     MHD_add_response_header(r, "Content-Type", "application/json");
@@ -341,7 +381,10 @@ static void active_remove(serve_server *s, gen *g)
 {
     pthread_mutex_lock(&s->mu);
     if (g->in_active) {
-        if (g->prev) g->prev->next = g->next; else s->active = g->next;
+        if (g->prev)
+            g->prev->next = g->next;
+        else
+            s->active = g->next;
         if (g->next) g->next->prev = g->prev;
         g->in_active = 0;
     }
@@ -361,8 +404,10 @@ static void on_token(void *arg, int32_t token)
     pthread_mutex_unlock(&g->mu);
     serve_server *s = g->srv;
     pthread_mutex_lock(&s->mu);
-    if (first) histo_add(&s->ttft, t - g->t_submit);
-    else histo_add(&s->itl, t - prev);
+    if (first)
+        histo_add(&s->ttft, t - g->t_submit);
+    else
+        histo_add(&s->itl, t - prev);
     pthread_mutex_unlock(&s->mu);
 }
 
@@ -397,7 +442,8 @@ static void token_ids(gen *g, sb *b, int upto)
 {
     if (!g->return_ids) return;
     sb_str(b, ",\"token_ids\":[");
-    for (int i = g->ids_sent; i < upto; i++) sb_fmt(b, "%s%d", i > g->ids_sent ? "," : "", g->toks[i]);
+    for (int i = g->ids_sent; i < upto; i++)
+        sb_fmt(b, "%s%d", i > g->ids_sent ? "," : "", g->toks[i]);
     sb_str(b, "]");
     g->ids_sent = upto;
 }
@@ -406,11 +452,20 @@ static void token_ids(gen *g, sb *b, int upto)
 static void emit(gen *g, const char *p, size_t n, int upto)
 {
     if (!n) return;
-    if (!g->stream) { sb_add(&g->text, p, n); return; }
+    if (!g->stream) {
+        sb_add(&g->text, p, n);
+        return;
+    }
     sb *b = &g->out;
     chunk_head(g, b);
-    if (g->chat) { sb_str(b, "\"delta\":{\"content\":"); sb_json(b, p, n); sb_str(b, "}"); }
-    else { sb_str(b, "\"text\":"); sb_json(b, p, n); }
+    if (g->chat) {
+        sb_str(b, "\"delta\":{\"content\":");
+        sb_json(b, p, n);
+        sb_str(b, "}");
+    } else {
+        sb_str(b, "\"text\":");
+        sb_json(b, p, n);
+    }
     token_ids(g, b, upto);
     sb_str(b, ",\"logprobs\":null,\"finish_reason\":null}]}\n\n");
 }
@@ -434,7 +489,10 @@ static int stop_scan(gen *g, int final, int upto)
     for (int i = 0; !final && i < g->n_stop; i++) {
         size_t sl = strlen(g->stop[i]);
         for (size_t k = sl - 1 < p->n ? sl - 1 : p->n; k > hold; k--)
-            if (!memcmp(p->p + p->n - k, g->stop[i], k)) { hold = k; break; }
+            if (!memcmp(p->p + p->n - k, g->stop[i], k)) {
+                hold = k;
+                break;
+            }
     }
     size_t go = p->n - hold;
     emit(g, p->p, go, upto);
@@ -513,7 +571,8 @@ static void gen_finish(gen *g, srvq_finish why)
         size_t len = 0;
         tok_stream_flush(g->ts, &piece, &len);
         sb_add(&g->pend, piece, len);
-        if (g->n_stop && stop_scan(g, 1, g->consumed)) g->finish = "stop";
+        if (g->n_stop && stop_scan(g, 1, g->consumed))
+            g->finish = "stop";
         else {
             emit(g, g->pend.p, g->pend.n, g->consumed);
             g->pend.n = 0;
@@ -548,7 +607,10 @@ static int gen_step(gen *g)
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
         ts.tv_nsec += 100 * 1000000L;
-        if (ts.tv_nsec >= 1000000000L) { ts.tv_sec++; ts.tv_nsec -= 1000000000L; }
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
         pthread_cond_timedwait(&g->cv, &g->mu, &ts);
     }
     int n = g->n_toks, done = g->done;
@@ -626,7 +688,8 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
                 sb_fmt(b, ",\"logprobs\":null,\"finish_reason\":\"%s\"}]}\n\n", g->finish);
                 if (g->include_usage) {
                     sb_fmt(b, "data: {\"id\":\"%s\",\"object\":\"%s\",\"created\":%ld,\"model\":",
-                           g->cid, g->chat ? "chat.completion.chunk" : "text_completion", g->created);
+                           g->cid, g->chat ? "chat.completion.chunk" : "text_completion",
+                           g->created);
                     sb_json(b, g->srv->model_name, strlen(g->srv->model_name));
                     sb_str(b, ",\"choices\":[],");
                     usage_json(g, b);
@@ -648,8 +711,9 @@ static enum MHD_Result do_generate(serve_server *s, struct MHD_Connection *c, co
     int chat = cc->route == R_CHAT;
     serve_request rq;
     char param[96], err[512];
-    if (serve_request_parse(chat ? SERVE_REQ_CHAT : SERVE_REQ_COMPLETION, cc->body.p ? cc->body.p : "",
-                            cc->body.n, s->vocab, &rq, param, sizeof param, err, sizeof err))
+    if (serve_request_parse(chat ? SERVE_REQ_CHAT : SERVE_REQ_COMPLETION,
+                            cc->body.p ? cc->body.p : "", cc->body.n, s->vocab, &rq, param,
+                            sizeof param, err, sizeof err))
         return reply_error(s, c, 400, err, param, NULL);
     if (!atomic_load(&s->ready)) {
         serve_request_free(&rq);
@@ -669,7 +733,8 @@ static enum MHD_Result do_generate(serve_server *s, struct MHD_Connection *c, co
         rq.prompt_ids = NULL;
     } else {
         char *text = chat ? serve_chat_apply(s->chat, rq.msgs, rq.n_msgs) : rq.prompt_text;
-        int rc = text ? tok_encode(s->tok, text, strlen(text), 1, &ids, &n_ids, err, sizeof err) : -1;
+        int rc =
+            text ? tok_encode(s->tok, text, strlen(text), 1, &ids, &n_ids, err, sizeof err) : -1;
         if (!text) snprintf(err, sizeof err, "out of memory");
         if (chat) free(text);
         if (rc) {
@@ -683,8 +748,10 @@ static enum MHD_Result do_generate(serve_server *s, struct MHD_Connection *c, co
         return reply_error(s, c, 400, "the prompt is empty (no tokens)", pfield, NULL);
     }
     if (n_ids + 1 > s->ctx) {
-        snprintf(err, sizeof err, "the prompt has %d tokens; the context holds %d (prompt + at least "
-                 "one new token)", n_ids, s->ctx);
+        snprintf(err, sizeof err,
+                 "the prompt has %d tokens; the context holds %d (prompt + at least "
+                 "one new token)",
+                 n_ids, s->ctx);
         free(ids);
         serve_request_free(&rq);
         return reply_error(s, c, 400, err, pfield, "context_length_exceeded");
@@ -706,7 +773,11 @@ static enum MHD_Result do_generate(serve_server *s, struct MHD_Connection *c, co
     if (!ok) {
         free(ids);
         serve_request_free(&rq);
-        if (g) { free(g->toks); tok_stream_free(g->ts); free(g); }
+        if (g) {
+            free(g->toks);
+            tok_stream_free(g->ts);
+            free(g);
+        }
         return reply_error(s, c, 500, "out of memory", NULL, NULL);
     }
     /* Prime the detokeniser with the prompt's last token: decoders such as SentencePiece's
@@ -720,22 +791,35 @@ static enum MHD_Result do_generate(serve_server *s, struct MHD_Connection *c, co
     g->ignore_eos = rq.ignore_eos;
     g->n_prompt = n_ids;
     g->n_stop = rq.n_stop;
-    for (int i = 0; i < rq.n_stop; i++) { g->stop[i] = rq.stop[i]; rq.stop[i] = NULL; }
+    for (int i = 0; i < rq.n_stop; i++) {
+        g->stop[i] = rq.stop[i];
+        rq.stop[i] = NULL;
+    }
     rq.n_stop = 0;
     const char *rti = MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "return_token_ids");
     g->return_ids = rti && strcmp(rti, "0");
-    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
     g->fd = ci ? ci->connect_fd : -1;
-    snprintf(g->cid, sizeof g->cid, "%s-%ld", chat ? "chatcmpl" : "cmpl", atomic_fetch_add(&s->next_id, 1));
+    snprintf(g->cid, sizeof g->cid, "%s-%ld", chat ? "chatcmpl" : "cmpl",
+             atomic_fetch_add(&s->next_id, 1));
     g->created = (long)time(NULL);
     g->refs = 2;
     g->t_submit = now_s();
 
     srvq_request r = {
-        .prompt = ids, .n_prompt = n_ids, .max_tokens = max_tokens,
-        .temperature = rq.temperature, .top_p = rq.top_p,
-        .seed = rq.has_seed ? rq.seed : ((uint64_t)time(NULL) * 2654435761u) ^ (uint64_t)atomic_load(&s->next_id),
-        .ignore_eos = rq.ignore_eos, .on_token = on_token, .on_done = on_done, .arg = g,
+        .prompt = ids,
+        .n_prompt = n_ids,
+        .max_tokens = max_tokens,
+        .temperature = rq.temperature,
+        .top_p = rq.top_p,
+        .seed = rq.has_seed
+                    ? rq.seed
+                    : ((uint64_t)time(NULL) * 2654435761u) ^ (uint64_t)atomic_load(&s->next_id),
+        .ignore_eos = rq.ignore_eos,
+        .on_token = on_token,
+        .on_done = on_done,
+        .arg = g,
     };
     serve_request_free(&rq);
     pthread_mutex_lock(&s->mu);
@@ -765,9 +849,12 @@ static enum MHD_Result do_generate(serve_server *s, struct MHD_Connection *c, co
 
     if (g->stream) {
         cc->g = g; /* released in the completion callback */
-        struct MHD_Response *resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 4096,
-                                                                      stream_reader, g, NULL);
-        if (!resp) { gen_cancel(g); return MHD_NO; }
+        struct MHD_Response *resp =
+            MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 4096, stream_reader, g, NULL);
+        if (!resp) {
+            gen_cancel(g);
+            return MHD_NO;
+        }
         MHD_add_response_header(resp, "Content-Type", "text/event-stream");
         MHD_add_response_header(resp, "Cache-Control", "no-cache");
         if (chat) {
@@ -813,12 +900,14 @@ static enum MHD_Result do_generate(serve_server *s, struct MHD_Connection *c, co
     return res;
 }
 
-static enum MHD_Result do_tokenize(serve_server *s, struct MHD_Connection *c, conn_ctx *cc, int detok)
+static enum MHD_Result do_tokenize(serve_server *s, struct MHD_Connection *c, conn_ctx *cc,
+                                   int detok)
 {
     serve_request rq;
     char param[96], err[512];
-    if (serve_request_parse(detok ? SERVE_REQ_DETOKENIZE : SERVE_REQ_TOKENIZE, cc->body.p ? cc->body.p : "",
-                            cc->body.n, s->vocab, &rq, param, sizeof param, err, sizeof err))
+    if (serve_request_parse(detok ? SERVE_REQ_DETOKENIZE : SERVE_REQ_TOKENIZE,
+                            cc->body.p ? cc->body.p : "", cc->body.n, s->vocab, &rq, param,
+                            sizeof param, err, sizeof err))
         return reply_error(s, c, 400, err, param, NULL);
     sb b = {0};
     enum MHD_Result res;
@@ -836,15 +925,18 @@ static enum MHD_Result do_tokenize(serve_server *s, struct MHD_Connection *c, co
     } else {
         int32_t *ids = NULL;
         int n = 0;
-        if (tok_encode(s->tok, rq.prompt_text, strlen(rq.prompt_text), rq.add_special, &ids, &n, err,
-                       sizeof err)) {
+        if (tok_encode(s->tok, rq.prompt_text, strlen(rq.prompt_text), rq.add_special, &ids, &n,
+                       err, sizeof err)) {
             serve_request_free(&rq);
             return reply_error(s, c, 400, err, "content", NULL);
         }
         sb_str(&b, "{\"tokens\":[");
         for (int i = 0; i < n; i++) {
             if (i) sb_str(&b, ",");
-            if (!rq.with_pieces) { sb_fmt(&b, "%d", ids[i]); continue; }
+            if (!rq.with_pieces) {
+                sb_fmt(&b, "%d", ids[i]);
+                continue;
+            }
             char *piece = NULL;
             size_t pl = 0;
             if (tok_decode(s->tok, &ids[i], 1, 0, &piece, &pl, err, sizeof err)) pl = 0;
@@ -871,47 +963,54 @@ static enum MHD_Result do_metrics(serve_server *s, struct MHD_Connection *c)
     sb_str(&b, "# HELP modpipe_requests_total HTTP requests answered, by status code.\n"
                "# TYPE modpipe_requests_total counter\n");
     for (int i = 0; i <= N_STATUS; i++) {
-        if (i < N_STATUS) sb_fmt(&b, "modpipe_requests_total{status=\"%d\"} %llu\n", STATUSES[i],
-                                 (unsigned long long)s->status_count[i]);
-        else sb_fmt(&b, "modpipe_requests_total{status=\"other\"} %llu\n",
-                    (unsigned long long)s->status_count[i]);
+        if (i < N_STATUS)
+            sb_fmt(&b, "modpipe_requests_total{status=\"%d\"} %llu\n", STATUSES[i],
+                   (unsigned long long)s->status_count[i]);
+        else
+            sb_fmt(&b, "modpipe_requests_total{status=\"other\"} %llu\n",
+                   (unsigned long long)s->status_count[i]);
     }
     histo ttft = s->ttft, itl = s->itl;
     pthread_mutex_unlock(&s->mu);
-    sb_fmt(&b, "# HELP modpipe_generation_requests_total Requests accepted by the scheduler.\n"
-               "# TYPE modpipe_generation_requests_total counter\nmodpipe_generation_requests_total %llu\n"
-               "# HELP modpipe_prompt_tokens_total Prompt tokens of accepted requests.\n"
-               "# TYPE modpipe_prompt_tokens_total counter\nmodpipe_prompt_tokens_total %llu\n"
-               "# HELP modpipe_generated_tokens_total Tokens generated.\n"
-               "# TYPE modpipe_generated_tokens_total counter\nmodpipe_generated_tokens_total %llu\n"
-               "# HELP modpipe_queue_length Requests waiting for a slot.\n"
-               "# TYPE modpipe_queue_length gauge\nmodpipe_queue_length %ld\n"
-               "# HELP modpipe_requests_running Requests holding a slot.\n"
-               "# TYPE modpipe_requests_running gauge\nmodpipe_requests_running %ld\n"
-               "# HELP modpipe_slots_in_use KV-cache slots in use.\n"
-               "# TYPE modpipe_slots_in_use gauge\nmodpipe_slots_in_use %d\n"
-               "# HELP modpipe_slots_total KV-cache slots.\n"
-               "# TYPE modpipe_slots_total gauge\nmodpipe_slots_total %d\n"
-               "# HELP modpipe_ready 1 once the model is loaded.\n"
-               "# TYPE modpipe_ready gauge\nmodpipe_ready %d\n",
-           (unsigned long long)st.requests_total, (unsigned long long)st.prompt_tokens,
-           (unsigned long long)st.generated_tokens, st.queued, st.running, st.slots_used, st.slots,
-           atomic_load(&s->ready));
+    sb_fmt(
+        &b,
+        "# HELP modpipe_generation_requests_total Requests accepted by the scheduler.\n"
+        "# TYPE modpipe_generation_requests_total counter\nmodpipe_generation_requests_total %llu\n"
+        "# HELP modpipe_prompt_tokens_total Prompt tokens of accepted requests.\n"
+        "# TYPE modpipe_prompt_tokens_total counter\nmodpipe_prompt_tokens_total %llu\n"
+        "# HELP modpipe_generated_tokens_total Tokens generated.\n"
+        "# TYPE modpipe_generated_tokens_total counter\nmodpipe_generated_tokens_total %llu\n"
+        "# HELP modpipe_queue_length Requests waiting for a slot.\n"
+        "# TYPE modpipe_queue_length gauge\nmodpipe_queue_length %ld\n"
+        "# HELP modpipe_requests_running Requests holding a slot.\n"
+        "# TYPE modpipe_requests_running gauge\nmodpipe_requests_running %ld\n"
+        "# HELP modpipe_slots_in_use KV-cache slots in use.\n"
+        "# TYPE modpipe_slots_in_use gauge\nmodpipe_slots_in_use %d\n"
+        "# HELP modpipe_slots_total KV-cache slots.\n"
+        "# TYPE modpipe_slots_total gauge\nmodpipe_slots_total %d\n"
+        "# HELP modpipe_ready 1 once the model is loaded.\n"
+        "# TYPE modpipe_ready gauge\nmodpipe_ready %d\n",
+        (unsigned long long)st.requests_total, (unsigned long long)st.prompt_tokens,
+        (unsigned long long)st.generated_tokens, st.queued, st.running, st.slots_used, st.slots,
+        atomic_load(&s->ready));
     histo_print(&b, "modpipe_ttft_seconds", "Time from request to first generated token.", &ttft);
-    histo_print(&b, "modpipe_inter_token_seconds", "Time between consecutive tokens of a request.", &itl);
-    sb_str(&b, "# HELP modpipe_link_bytes_total Bytes handed to MPI on a pipeline link (headers + payload).\n"
+    histo_print(&b, "modpipe_inter_token_seconds", "Time between consecutive tokens of a request.",
+                &itl);
+    sb_str(&b, "# HELP modpipe_link_bytes_total Bytes handed to MPI on a pipeline link (headers + "
+               "payload).\n"
                "# TYPE modpipe_link_bytes_total counter\n");
     int nl = st.n_links < SRVQ_MAX_LINKS ? st.n_links : SRVQ_MAX_LINKS;
     for (int i = 0; i < nl; i++)
         sb_fmt(&b, "modpipe_link_bytes_total{from=\"%d\",to=\"%d\"} %llu\n", st.link[i].from,
                st.link[i].to, (unsigned long long)st.link[i].bytes);
-    sb_str(&b, "# HELP modpipe_link_dense_bytes_total Bytes a dense pipeline would have sent on the link.\n"
+    sb_str(&b, "# HELP modpipe_link_dense_bytes_total Bytes a dense pipeline would have sent on "
+               "the link.\n"
                "# TYPE modpipe_link_dense_bytes_total counter\n");
     for (int i = 0; i < nl; i++)
         sb_fmt(&b, "modpipe_link_dense_bytes_total{from=\"%d\",to=\"%d\"} %llu\n", st.link[i].from,
                st.link[i].to, (unsigned long long)st.link[i].dense_bytes);
-    enum MHD_Result res = b.oom ? MHD_NO
-                                : reply(s, c, 200, "text/plain; version=0.0.4", b.p, b.n, NULL, NULL);
+    enum MHD_Result res =
+        b.oom ? MHD_NO : reply(s, c, 200, "text/plain; version=0.0.4", b.p, b.n, NULL, NULL);
     sb_free(&b);
     return res;
 }
@@ -921,9 +1020,10 @@ static enum MHD_Result do_models(serve_server *s, struct MHD_Connection *c)
     sb b = {0};
     sb_str(&b, "{\"object\":\"list\",\"data\":[{\"id\":");
     sb_json(&b, s->model_name, strlen(s->model_name));
-    sb_fmt(&b, ",\"object\":\"model\",\"created\":%ld,\"owned_by\":\"modpipe\",\"meta\":{\"n_ctx\":%d,"
-               "\"n_vocab\":%d,\"chat_template\":\"%s\"}}]}", s->created, s->ctx, s->vocab,
-           serve_chat_name(s->chat));
+    sb_fmt(&b,
+           ",\"object\":\"model\",\"created\":%ld,\"owned_by\":\"modpipe\",\"meta\":{\"n_ctx\":%d,"
+           "\"n_vocab\":%d,\"chat_template\":\"%s\"}}]}",
+           s->created, s->ctx, s->vocab, serve_chat_name(s->chat));
     enum MHD_Result r = reply_json(s, c, 200, &b);
     sb_free(&b);
     return r;
@@ -938,11 +1038,16 @@ static const struct {
     const char *method;
     route_id id;
 } ROUTES[] = {
-    {"/v1/completions", "POST", R_COMPL},   {"/completions", "POST", R_COMPL},
-    {"/v1/chat/completions", "POST", R_CHAT}, {"/chat/completions", "POST", R_CHAT},
-    {"/v1/models", "GET", R_MODELS},        {"/models", "GET", R_MODELS},
-    {"/health", "GET", R_HEALTH},           {"/v1/health", "GET", R_HEALTH},
-    {"/tokenize", "POST", R_TOK},           {"/detokenize", "POST", R_DETOK},
+    {"/v1/completions", "POST", R_COMPL},
+    {"/completions", "POST", R_COMPL},
+    {"/v1/chat/completions", "POST", R_CHAT},
+    {"/chat/completions", "POST", R_CHAT},
+    {"/v1/models", "GET", R_MODELS},
+    {"/models", "GET", R_MODELS},
+    {"/health", "GET", R_HEALTH},
+    {"/v1/health", "GET", R_HEALTH},
+    {"/tokenize", "POST", R_TOK},
+    {"/detokenize", "POST", R_DETOK},
     {"/metrics", "GET", R_METRICS},
 };
 #define N_ROUTES ((int)(sizeof ROUTES / sizeof ROUTES[0]))
@@ -951,7 +1056,8 @@ static int key_ok(const char *given, const char *want)
 {
     size_t a = strlen(given), b = strlen(want);
     unsigned diff = a != b;
-    for (size_t i = 0; i < a; i++) diff |= (unsigned char)given[i] ^ (unsigned char)want[i % (b ? b : 1)];
+    for (size_t i = 0; i < a; i++)
+        diff |= (unsigned char)given[i] ^ (unsigned char)want[i % (b ? b : 1)];
     return !diff;
 }
 
@@ -979,19 +1085,22 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
         }
         if (found < 0) {
             const char *allow = "GET";
-            for (int i = 0; i < N_ROUTES; i++) if (!strcmp(url, ROUTES[i].path)) allow = ROUTES[i].method;
+            for (int i = 0; i < N_ROUTES; i++)
+                if (!strcmp(url, ROUTES[i].path)) allow = ROUTES[i].method;
             char m[300];
             snprintf(m, sizeof m, "%.20s is not allowed on %.200s (use %s)", method, url, allow);
             sb b = {0};
             error_json(&b, m, "invalid_request_error", NULL, NULL);
-            enum MHD_Result r = reply(s, c, 405, "application/json", b.p ? b.p : "", b.n, "Allow", allow);
+            enum MHD_Result r =
+                reply(s, c, 405, "application/json", b.p ? b.p : "", b.n, "Allow", allow);
             sb_free(&b);
             return r;
         }
         if (s->api_key && ROUTES[found].id != R_HEALTH) {
             const char *auth = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Authorization");
-            if (!auth) return reply_error(s, c, 401, "missing API key: send 'Authorization: Bearer KEY'",
-                                          NULL, "invalid_api_key");
+            if (!auth)
+                return reply_error(s, c, 401, "missing API key: send 'Authorization: Bearer KEY'",
+                                   NULL, "invalid_api_key");
             if (strncasecmp(auth, "Bearer ", 7) || !key_ok(auth + 7, s->api_key))
                 return reply_error(s, c, 401, "incorrect API key", NULL, "invalid_api_key");
         }
@@ -1002,8 +1111,10 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
         return MHD_YES;
     }
     if (*upload_size) {
-        if (cc->body.n + *upload_size > SERVE_MAX_BODY) cc->too_big = 1;
-        else sb_add(&cc->body, upload, *upload_size);
+        if (cc->body.n + *upload_size > SERVE_MAX_BODY)
+            cc->too_big = 1;
+        else
+            sb_add(&cc->body, upload, *upload_size);
         *upload_size = 0;
         return MHD_YES;
     }
@@ -1069,12 +1180,15 @@ static void mhd_log(void *cls, const char *fmt, va_list ap)
 
 static char *xstrdup(const char *s) { return s ? strdup(s) : NULL; }
 
-int serve_server_start(const serve_opts *o, srvq *q, const tok_tokenizer *tok,
-                       serve_server **out, char *err, size_t errlen)
+int serve_server_start(const serve_opts *o, srvq *q, const tok_tokenizer *tok, serve_server **out,
+                       char *err, size_t errlen)
 {
     *out = NULL;
     serve_server *s = calloc(1, sizeof *s);
-    if (!s) { snprintf(err, errlen, "out of memory"); return -1; }
+    if (!s) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
     pthread_mutex_init(&s->mu, NULL);
     s->q = q;
     s->tok = tok;
@@ -1102,7 +1216,8 @@ int serve_server_start(const serve_opts *o, srvq *q, const tok_tokenizer *tok,
         free(ids);
     }
 
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+    struct addrinfo hints = {.ai_family = AF_UNSPEC,
+                             .ai_socktype = SOCK_STREAM,
                              .ai_flags = AI_NUMERICSERV | AI_PASSIVE};
     char port[16];
     snprintf(port, sizeof port, "%d", o->port);
@@ -1113,15 +1228,13 @@ int serve_server_start(const serve_opts *o, srvq *q, const tok_tokenizer *tok,
         serve_server_free(s);
         return -1;
     }
-    unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD |
-                     MHD_USE_ITC | MHD_USE_ERROR_LOG | (ai->ai_family == AF_INET6 ? MHD_USE_IPv6 : 0);
-    s->d = MHD_start_daemon(flags, (uint16_t)o->port, NULL, NULL, handler, s,
-                            MHD_OPTION_EXTERNAL_LOGGER, mhd_log, s,
-                            MHD_OPTION_SOCK_ADDR, ai->ai_addr,
-                            MHD_OPTION_NOTIFY_COMPLETED, completed, s,
-                            MHD_OPTION_CONNECTION_LIMIT, (unsigned)(o->max_connections > 0 ? o->max_connections : 256),
-                            MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)0,
-                            MHD_OPTION_END);
+    unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ITC |
+                     MHD_USE_ERROR_LOG | (ai->ai_family == AF_INET6 ? MHD_USE_IPv6 : 0);
+    s->d = MHD_start_daemon(
+        flags, (uint16_t)o->port, NULL, NULL, handler, s, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, s,
+        MHD_OPTION_SOCK_ADDR, ai->ai_addr, MHD_OPTION_NOTIFY_COMPLETED, completed, s,
+        MHD_OPTION_CONNECTION_LIMIT, (unsigned)(o->max_connections > 0 ? o->max_connections : 256),
+        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)0, MHD_OPTION_END);
     freeaddrinfo(ai);
     if (!s->d) {
         snprintf(err, errlen, "cannot listen on %s:%d (%s)", s->host, o->port,

@@ -6,10 +6,16 @@
 int serve_pipeline_run(MPI_Comm comm, const serve_pipeline *p, char *err, size_t errlen)
 {
     cluster_serve_opts o = {
-        .model_dir = p->model_dir, .cfg = p->cfg, .plan = p->plan,
-        .slots = p->slots, .ctx = p->ctx, .micro_batch = p->micro_batch,
-        .max_in_flight = p->max_in_flight, .wire = p->wire,
-        .weights_dtype = p->weights_dtype, .dense_transport = p->dense_transport,
+        .model_dir = p->model_dir,
+        .cfg = p->cfg,
+        .plan = p->plan,
+        .slots = p->slots,
+        .ctx = p->ctx,
+        .micro_batch = p->micro_batch,
+        .max_in_flight = p->max_in_flight,
+        .wire = p->wire,
+        .weights_dtype = p->weights_dtype,
+        .dense_transport = p->dense_transport,
         .timeout_s = p->timeout_s,
     };
     return cluster_serve(comm, &o, p->q, p->on_ready, p->ready_arg, err, errlen);

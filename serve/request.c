@@ -7,11 +7,11 @@
 
 #include "serve/serve.h"
 
-#define FAIL(field, ...)                                  \
-    do {                                                  \
-        snprintf(param, paramlen, "%s", (field));         \
-        snprintf(err, errlen, __VA_ARGS__);               \
-        goto fail;                                        \
+#define FAIL(field, ...)                                                                           \
+    do {                                                                                           \
+        snprintf(param, paramlen, "%s", (field));                                                  \
+        snprintf(err, errlen, __VA_ARGS__);                                                        \
+        goto fail;                                                                                 \
     } while (0)
 
 void serve_request_free(serve_request *r)
@@ -48,13 +48,17 @@ static int get_ids(const cJSON *arr, int vocab, int32_t **ids, int *n, const cha
     if (!*ids) FAIL(field, "out of memory");
     int i = 0;
     const cJSON *e;
-    cJSON_ArrayForEach(e, arr) {
+    cJSON_ArrayForEach(e, arr)
+    {
         double d;
         if (get_int(e, 0, 2147483647.0, &d))
-            FAIL(field, "'%s' must be a string or an array of token ids (non-negative integers); "
-                 "element %d is not", field, i);
+            FAIL(field,
+                 "'%s' must be a string or an array of token ids (non-negative integers); "
+                 "element %d is not",
+                 field, i);
         if (vocab > 0 && d >= vocab)
-            FAIL(field, "'%s': token id %.0f at index %d is out of range [0, %d)", field, d, i, vocab);
+            FAIL(field, "'%s': token id %.0f at index %d is out of range [0, %d)", field, d, i,
+                 vocab);
         (*ids)[i++] = (int32_t)d;
     }
     *n = i;
@@ -81,7 +85,8 @@ static char *message_text(const cJSON *c)
     if (!cJSON_IsArray(c)) return NULL;
     size_t len = 0;
     const cJSON *p;
-    cJSON_ArrayForEach(p, c) {
+    cJSON_ArrayForEach(p, c)
+    {
         const cJSON *ty = cJSON_GetObjectItemCaseSensitive(p, "type");
         const cJSON *tx = cJSON_GetObjectItemCaseSensitive(p, "text");
         if (!cJSON_IsObject(p) || !cJSON_IsString(ty) || strcmp(ty->valuestring, "text") ||
@@ -92,7 +97,8 @@ static char *message_text(const cJSON *c)
     char *out = malloc(len + 1);
     if (!out) return NULL;
     size_t at = 0;
-    cJSON_ArrayForEach(p, c) {
+    cJSON_ArrayForEach(p, c)
+    {
         const char *s = cJSON_GetObjectItemCaseSensitive(p, "text")->valuestring;
         size_t n = strlen(s);
         memcpy(out + at, s, n);
@@ -103,8 +109,7 @@ static char *message_text(const cJSON *c)
 }
 
 int serve_request_parse(serve_req_kind kind, const char *json, size_t len, int vocab,
-                        serve_request *out, char *param, size_t paramlen, char *err,
-                        size_t errlen)
+                        serve_request *out, char *param, size_t paramlen, char *err, size_t errlen)
 {
     memset(out, 0, sizeof *out);
     out->kind = kind;
@@ -139,8 +144,8 @@ int serve_request_parse(serve_req_kind kind, const char *json, size_t len, int v
         v = cJSON_GetObjectItemCaseSensitive(root, "tokens");
         if (!v) FAIL("tokens", "'tokens' is required");
         if (!cJSON_IsArray(v)) FAIL("tokens", "'tokens' must be an array of token ids");
-        if (get_ids(v, vocab, &out->prompt_ids, &out->n_prompt_ids, "tokens", param, paramlen,
-                    err, errlen))
+        if (get_ids(v, vocab, &out->prompt_ids, &out->n_prompt_ids, "tokens", param, paramlen, err,
+                    errlen))
             goto fail;
         cJSON_Delete(root);
         return 0;
@@ -164,9 +169,9 @@ int serve_request_parse(serve_req_kind kind, const char *json, size_t len, int v
             if (cJSON_GetArraySize(v) == 0) FAIL("prompt", "'prompt' must not be empty");
             if (cJSON_IsString(v->child) || cJSON_IsArray(v->child))
                 FAIL("prompt", "'prompt': batches of several prompts are not supported; send one "
-                     "request per prompt");
-            if (get_ids(v, vocab, &out->prompt_ids, &out->n_prompt_ids, "prompt", param,
-                        paramlen, err, errlen))
+                               "request per prompt");
+            if (get_ids(v, vocab, &out->prompt_ids, &out->n_prompt_ids, "prompt", param, paramlen,
+                        err, errlen))
                 goto fail;
         } else {
             FAIL("prompt", "'prompt' must be a string or an array of token ids");
@@ -181,7 +186,8 @@ int serve_request_parse(serve_req_kind kind, const char *json, size_t len, int v
         if (!out->msgs) FAIL("messages", "out of memory");
         const cJSON *m;
         int i = 0;
-        cJSON_ArrayForEach(m, v) {
+        cJSON_ArrayForEach(m, v)
+        {
             char field[64];
             snprintf(field, sizeof field, "messages[%d].role", i);
             if (!cJSON_IsObject(m)) FAIL(field, "'messages[%d]' must be an object", i);
@@ -189,23 +195,26 @@ int serve_request_parse(serve_req_kind kind, const char *json, size_t len, int v
             if (!cJSON_IsString(role) ||
                 (strcmp(role->valuestring, "system") && strcmp(role->valuestring, "user") &&
                  strcmp(role->valuestring, "assistant") && strcmp(role->valuestring, "developer")))
-                FAIL(field, "'%s' must be \"system\", \"developer\", \"user\" or \"assistant\"", field);
+                FAIL(field, "'%s' must be \"system\", \"developer\", \"user\" or \"assistant\"",
+                     field);
             const cJSON *content = cJSON_GetObjectItemCaseSensitive(m, "content");
             snprintf(field, sizeof field, "messages[%d].content", i);
             char *text = content ? message_text(content) : NULL;
             if (!text) FAIL(field, "'%s' must be a string (or an array of text parts)", field);
             out->msgs[i].content = text;
             /* "developer" is OpenAI's new name for "system" */
-            out->msgs[i].role = dup_str(strcmp(role->valuestring, "developer") ? role->valuestring
-                                                                               : "system");
+            out->msgs[i].role =
+                dup_str(strcmp(role->valuestring, "developer") ? role->valuestring : "system");
             out->n_msgs = ++i;
             if (!out->msgs[i - 1].role) FAIL(field, "out of memory");
         }
     }
 
     double d;
-    const char *mt = kind == SERVE_REQ_CHAT && cJSON_GetObjectItemCaseSensitive(root, "max_completion_tokens")
-                         ? "max_completion_tokens" : "max_tokens";
+    const char *mt =
+        kind == SERVE_REQ_CHAT && cJSON_GetObjectItemCaseSensitive(root, "max_completion_tokens")
+            ? "max_completion_tokens"
+            : "max_tokens";
     if ((v = cJSON_GetObjectItemCaseSensitive(root, mt)) && !cJSON_IsNull(v)) {
         if (get_int(v, 1, 2147483647.0, &d)) FAIL(mt, "'%s' must be an integer >= 1", mt);
         out->max_tokens = (int)d;
@@ -222,7 +231,8 @@ int serve_request_parse(serve_req_kind kind, const char *json, size_t len, int v
     }
     if ((v = cJSON_GetObjectItemCaseSensitive(root, "seed")) && !cJSON_IsNull(v)) {
         /* doubles hold integers exactly up to 2^53 */
-        if (get_int(v, 0, 9007199254740992.0, &d)) FAIL("seed", "'seed' must be a non-negative integer");
+        if (get_int(v, 0, 9007199254740992.0, &d))
+            FAIL("seed", "'seed' must be a non-negative integer");
         out->seed = (uint64_t)d;
         out->has_seed = 1;
     }
@@ -234,10 +244,13 @@ int serve_request_parse(serve_req_kind kind, const char *json, size_t len, int v
             if (cJSON_GetArraySize(v) > SERVE_MAX_STOP)
                 FAIL("stop", "'stop' may hold at most %d strings", SERVE_MAX_STOP);
             const cJSON *s;
-            cJSON_ArrayForEach(s, v) {
-                if (!cJSON_IsString(s)) FAIL("stop", "'stop' must be a string or an array of strings");
+            cJSON_ArrayForEach(s, v)
+            {
+                if (!cJSON_IsString(s))
+                    FAIL("stop", "'stop' must be a string or an array of strings");
                 if (!s->valuestring[0]) continue; /* an empty stop matches nothing */
-                if (!(out->stop[out->n_stop++] = dup_str(s->valuestring))) FAIL("stop", "out of memory");
+                if (!(out->stop[out->n_stop++] = dup_str(s->valuestring)))
+                    FAIL("stop", "out of memory");
             }
         } else {
             FAIL("stop", "'stop' must be a string or an array of strings");
@@ -251,7 +264,8 @@ int serve_request_parse(serve_req_kind kind, const char *json, size_t len, int v
         if (!cJSON_IsObject(v)) FAIL("stream_options", "'stream_options' must be an object");
         const cJSON *u = cJSON_GetObjectItemCaseSensitive(v, "include_usage");
         if (u && !cJSON_IsBool(u))
-            FAIL("stream_options.include_usage", "'stream_options.include_usage' must be a boolean");
+            FAIL("stream_options.include_usage",
+                 "'stream_options.include_usage' must be a boolean");
         out->include_usage = cJSON_IsTrue(u);
     }
     if ((v = cJSON_GetObjectItemCaseSensitive(root, "ignore_eos")) && !cJSON_IsNull(v)) {
@@ -266,11 +280,11 @@ int serve_request_parse(serve_req_kind kind, const char *json, size_t len, int v
         if (get_int(v, 1, 1, &d)) FAIL("best_of", "'best_of' must be 1");
     }
     if ((v = cJSON_GetObjectItemCaseSensitive(root, "echo")) && !cJSON_IsNull(v)) {
-        if (!cJSON_IsBool(v) || cJSON_IsTrue(v)) FAIL("echo", "'echo' is not supported (must be false)");
+        if (!cJSON_IsBool(v) || cJSON_IsTrue(v))
+            FAIL("echo", "'echo' is not supported (must be false)");
     }
     if ((v = cJSON_GetObjectItemCaseSensitive(root, "logprobs")) && !cJSON_IsNull(v)) {
-        if (!(cJSON_IsBool(v) && cJSON_IsFalse(v)))
-            FAIL("logprobs", "'logprobs' is not supported");
+        if (!(cJSON_IsBool(v) && cJSON_IsFalse(v))) FAIL("logprobs", "'logprobs' is not supported");
     }
     if ((v = cJSON_GetObjectItemCaseSensitive(root, "suffix")) && !cJSON_IsNull(v))
         FAIL("suffix", "'suffix' is not supported");

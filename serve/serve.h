@@ -34,11 +34,11 @@
 typedef enum {
     SERVE_REQ_COMPLETION = 0, /* POST /v1/completions */
     SERVE_REQ_CHAT,           /* POST /v1/chat/completions */
-    SERVE_REQ_TOKENIZE,       /* POST /tokenize   {"content": str, "add_special"?, "with_pieces"?} */
-    SERVE_REQ_DETOKENIZE,     /* POST /detokenize {"tokens": [ids]} */
+    SERVE_REQ_TOKENIZE,   /* POST /tokenize   {"content": str, "add_special"?, "with_pieces"?} */
+    SERVE_REQ_DETOKENIZE, /* POST /detokenize {"tokens": [ids]} */
 } serve_req_kind;
 
-#define SERVE_MAX_STOP 4      /* OpenAI's limit on stop sequences */
+#define SERVE_MAX_STOP 4          /* OpenAI's limit on stop sequences */
 #define SERVE_MAX_BODY (8u << 20) /* bytes of a request body at most (413 beyond) */
 
 typedef struct {
@@ -48,32 +48,31 @@ typedef struct {
 
 typedef struct {
     serve_req_kind kind;
-    char *model;              /* as sent (NULL: absent); any value is accepted */
-    char *prompt_text;        /* completion: string prompt; tokenize: content. NULL if ids */
-    int32_t *prompt_ids;      /* [n_prompt_ids] completion: id prompt; detokenize: tokens */
+    char *model;         /* as sent (NULL: absent); any value is accepted */
+    char *prompt_text;   /* completion: string prompt; tokenize: content. NULL if ids */
+    int32_t *prompt_ids; /* [n_prompt_ids] completion: id prompt; detokenize: tokens */
     int n_prompt_ids;
-    serve_msg *msgs;          /* [n_msgs] chat */
+    serve_msg *msgs; /* [n_msgs] chat */
     int n_msgs;
-    int max_tokens;           /* >= 1, or 0: not given (server default) */
-    float temperature;        /* [0, 2], default 1 (OpenAI); 0: greedy */
-    float top_p;              /* (0, 1], default 1 */
+    int max_tokens;    /* >= 1, or 0: not given (server default) */
+    float temperature; /* [0, 2], default 1 (OpenAI); 0: greedy */
+    float top_p;       /* (0, 1], default 1 */
     uint64_t seed;
     int has_seed;
     char *stop[SERVE_MAX_STOP]; /* non-empty UTF-8 strings */
     int n_stop;
-    int stream;               /* SSE */
-    int include_usage;        /* stream_options.include_usage */
-    int ignore_eos;           /* extension (benchmarks): keep going past EOS */
-    int add_special;          /* tokenize: add BOS etc. (default 1 for completion text) */
-    int with_pieces;          /* tokenize: [{"id", "piece"}] instead of ids */
+    int stream;        /* SSE */
+    int include_usage; /* stream_options.include_usage */
+    int ignore_eos;    /* extension (benchmarks): keep going past EOS */
+    int add_special;   /* tokenize: add BOS etc. (default 1 for completion text) */
+    int with_pieces;   /* tokenize: [{"id", "piece"}] instead of ids */
 } serve_request;
 
 /* Parse and validate `json` (len bytes, need not be NUL-terminated). vocab > 0: token ids
  * must lie in [0, vocab). On error: non-zero, `param` gets the field name ("" when the body
  * itself is not a JSON object) and err one line; *out is left zeroed. */
 int serve_request_parse(serve_req_kind kind, const char *json, size_t len, int vocab,
-                        serve_request *out, char *param, size_t paramlen, char *err,
-                        size_t errlen);
+                        serve_request *out, char *param, size_t paramlen, char *err, size_t errlen);
 void serve_request_free(serve_request *r);
 
 /* ---- 2. chat templates ------------------------------------------------------------------ */
@@ -98,23 +97,23 @@ const char *serve_chat_end_marker(const serve_chat_template *t);
 /* ---- 3. the server ---------------------------------------------------------------------- */
 
 typedef struct {
-    const char *host;         /* bind address (default "127.0.0.1") */
-    int port;                 /* 0: any free port (see serve_server_port) */
-    const char *api_key;      /* NULL: no auth; else "Authorization: Bearer KEY" required
+    const char *host;                /* bind address (default "127.0.0.1") */
+    int port;                        /* 0: any free port (see serve_server_port) */
+    const char *api_key;             /* NULL: no auth; else "Authorization: Bearer KEY" required
                                * everywhere but GET /health */
-    const char *model_name;   /* id reported by /v1/models (e.g. the directory's basename) */
+    const char *model_name;          /* id reported by /v1/models (e.g. the directory's basename) */
     const serve_chat_template *chat; /* NULL: "plain" */
-    int ctx;                  /* positions per slot (prompt + generated) */
-    int max_connections;      /* MHD connection limit (default 256) */
-    double shutdown_grace_s;  /* serve_server_shutdown: running requests get this long */
-    int quiet;                /* no log lines on stderr */
+    int ctx;                         /* positions per slot (prompt + generated) */
+    int max_connections;             /* MHD connection limit (default 256) */
+    double shutdown_grace_s;         /* serve_server_shutdown: running requests get this long */
+    int quiet;                       /* no log lines on stderr */
 } serve_opts;
 
 typedef struct serve_server serve_server;
 
 /* Starts listening at once; /health answers 503 until serve_server_set_ready. */
-int serve_server_start(const serve_opts *o, srvq *q, const tok_tokenizer *tok,
-                       serve_server **out, char *err, size_t errlen);
+int serve_server_start(const serve_opts *o, srvq *q, const tok_tokenizer *tok, serve_server **out,
+                       char *err, size_t errlen);
 int serve_server_port(const serve_server *s);
 void serve_server_set_ready(serve_server *s);
 

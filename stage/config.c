@@ -74,8 +74,8 @@ typedef struct {
 
 /* Integer key. required: missing is an error; else *out keeps its default.
  * min: smallest accepted value. */
-static int get_int(cfg_ctx *c, const cJSON *obj, const char *pfx, const char *key,
-                   int required, int min, int *out)
+static int get_int(cfg_ctx *c, const cJSON *obj, const char *pfx, const char *key, int required,
+                   int min, int *out)
 {
     const cJSON *j = get_opt(obj, key);
     if (!j) {
@@ -106,8 +106,8 @@ static int get_int(cfg_ctx *c, const cJSON *obj, const char *pfx, const char *ke
 }
 
 /* Number key (optional), range-checked: lo < v (lo_open) or lo <= v, and v <= hi. */
-static int get_double(cfg_ctx *c, const cJSON *obj, const char *pfx, const char *key,
-                      double lo, int lo_open, double hi, double *out)
+static int get_double(cfg_ctx *c, const cJSON *obj, const char *pfx, const char *key, double lo,
+                      int lo_open, double hi, double *out)
 {
     const cJSON *j = get_opt(obj, key);
     if (!j) return 0;
@@ -130,8 +130,8 @@ static int get_double(cfg_ctx *c, const cJSON *obj, const char *pfx, const char 
     return 0;
 }
 
-static int get_float(cfg_ctx *c, const cJSON *obj, const char *pfx, const char *key,
-                     double lo, int lo_open, double hi, float *out)
+static int get_float(cfg_ctx *c, const cJSON *obj, const char *pfx, const char *key, double lo,
+                     int lo_open, double hi, float *out)
 {
     double v = *out;
     if (get_double(c, obj, pfx, key, lo, lo_open, hi, &v)) return -1;
@@ -166,7 +166,10 @@ static int get_enum(cfg_ctx *c, const cJSON *obj, const char *pfx, const char *k
         return -1;
     }
     for (int i = 0; i < n; i++)
-        if (strcmp(j->valuestring, names[i]) == 0) { *out = values[i]; return 0; }
+        if (strcmp(j->valuestring, names[i]) == 0) {
+            *out = values[i];
+            return 0;
+        }
     cfg_err(c->err, c->errlen, c->path, "%s%s: unknown value \"%s\" (expected %s)", pfx, key,
             j->valuestring, allowed);
     return -1;
@@ -269,8 +272,8 @@ static int check_unsupported(cfg_ctx *c, const cJSON *root)
         }
         /* "swish" is torch's other name for the same function. */
         if (strcmp(a->valuestring, "silu") != 0 && strcmp(a->valuestring, "swish") != 0) {
-            cfg_err(c->err, c->errlen, c->path,
-                    "%s: \"%s\" is not supported (only \"silu\")", act_keys[i], a->valuestring);
+            cfg_err(c->err, c->errlen, c->path, "%s: \"%s\" is not supported (only \"silu\")",
+                    act_keys[i], a->valuestring);
             return -1;
         }
     }
@@ -301,14 +304,16 @@ static int check_unsupported(cfg_ctx *c, const cJSON *root)
             return -1;
         }
         const cJSON *e;
-        cJSON_ArrayForEach(e, ar) {
+        cJSON_ArrayForEach(e, ar)
+        {
             int ok = 0;
             for (size_t i = 0; cJSON_IsString(e) && i < sizeof archs_ok / sizeof *archs_ok; i++)
                 ok |= strcmp(e->valuestring, archs_ok[i]) == 0;
             if (!ok) {
                 cfg_err(c->err, c->errlen, c->path,
                         "architectures: \"%s\" is not supported (supported: LlamaForCausalLM, "
-                        "MistralForCausalLM)", cJSON_IsString(e) ? e->valuestring : "?");
+                        "MistralForCausalLM)",
+                        cJSON_IsString(e) ? e->valuestring : "?");
                 return -1;
             }
         }
@@ -367,7 +372,8 @@ static int get_granularity(cfg_ctx *c, const cJSON *obj, const char *pfx, stage_
     if (parse_granularity(g->valuestring, out)) {
         cfg_err(c->err, c->errlen, c->path,
                 "%sgranularity: unknown value \"%s\" (expected sequence, token, attn_sequence "
-                "or attn_token)", pfx, g->valuestring);
+                "or attn_token)",
+                pfx, g->valuestring);
         return -1;
     }
     return 0;
@@ -398,25 +404,26 @@ static int parse_layers(cfg_ctx *c, const cJSON *root, stage_config *cfg, int *r
     }
     int len = cJSON_GetArraySize(list);
     if (len != n) {
-        cfg_err(c->err, c->errlen, c->path,
-                "%s: has %d entries but num_hidden_layers is %d", key, len, n);
+        cfg_err(c->err, c->errlen, c->path, "%s: has %d entries but num_hidden_layers is %d", key,
+                len, n);
         return -1;
     }
     int i = 0;
     const cJSON *e;
-    cJSON_ArrayForEach(e, list) {
+    cJSON_ArrayForEach(e, list)
+    {
         if (lt) {
             if (!cJSON_IsString(e)) {
-                cfg_err(c->err, c->errlen, c->path, "layer_types[%d]: expected a string, got %s",
-                        i, json_type_name(e));
+                cfg_err(c->err, c->errlen, c->path, "layer_types[%d]: expected a string, got %s", i,
+                        json_type_name(e));
                 return -1;
             }
             int k;
             for (k = 0; k < N_KINDS; k++)
                 if (strcmp(e->valuestring, kind_names[k]) == 0) break;
             if (k == N_KINDS) {
-                cfg_err(c->err, c->errlen, c->path, "layer_types[%d]: unknown layer type \"%s\"",
-                        i, e->valuestring);
+                cfg_err(c->err, c->errlen, c->path, "layer_types[%d]: unknown layer type \"%s\"", i,
+                        e->valuestring);
                 return -1;
             }
             cfg->layer_kind[i] = (stage_kind)k;
@@ -521,8 +528,8 @@ static int parse_root(cfg_ctx *c, const cJSON *root, stage_config *cfg)
     if (get_int(c, root, "", "num_hidden_layers", 1, 1, &cfg->n_layers)) return -1;
     if (get_int(c, root, "", "vocab_size", 1, 1, &cfg->vocab)) return -1;
     if (cfg->n_layers > STAGE_MAX_LAYERS) {
-        cfg_err(c->err, c->errlen, c->path, "num_hidden_layers: %d is more than %d",
-                cfg->n_layers, STAGE_MAX_LAYERS);
+        cfg_err(c->err, c->errlen, c->path, "num_hidden_layers: %d is more than %d", cfg->n_layers,
+                STAGE_MAX_LAYERS);
         return -1;
     }
 
@@ -541,7 +548,8 @@ static int parse_root(cfg_ctx *c, const cJSON *root, stage_config *cfg)
         if (cfg->hidden % cfg->n_heads != 0) {
             cfg_err(c->err, c->errlen, c->path,
                     "hidden_size (%d) is not a multiple of num_attention_heads (%d) and there "
-                    "is no head_dim", cfg->hidden, cfg->n_heads);
+                    "is no head_dim",
+                    cfg->hidden, cfg->n_heads);
             return -1;
         }
         cfg->head_dim = cfg->hidden / cfg->n_heads;
@@ -550,8 +558,7 @@ static int parse_root(cfg_ctx *c, const cJSON *root, stage_config *cfg)
     if (get_float(c, root, "", "rms_norm_eps", 0.0, 1, FLT_MAX, &cfg->eps)) return -1;
     const cJSON *rp = get_opt(root, "rope_parameters"); /* checked by check_unsupported */
     if (rp && get_opt(rp, "rope_theta")) {
-        if (get_float(c, rp, "rope_parameters.", "rope_theta", 0.0, 1, FLT_MAX,
-                      &cfg->rope_theta))
+        if (get_float(c, rp, "rope_parameters.", "rope_theta", 0.0, 1, FLT_MAX, &cfg->rope_theta))
             return -1;
     } else if (get_float(c, root, "", "rope_theta", 0.0, 1, FLT_MAX, &cfg->rope_theta)) {
         return -1;
@@ -606,8 +613,11 @@ static void line_col(const char *text, size_t off, int *line, int *col)
     *line = 1;
     *col = 1;
     for (size_t i = 0; i < off && text[i]; i++) {
-        if (text[i] == '\n') { (*line)++; *col = 1; }
-        else (*col)++;
+        if (text[i] == '\n') {
+            (*line)++;
+            *col = 1;
+        } else
+            (*col)++;
     }
 }
 

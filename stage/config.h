@@ -34,31 +34,31 @@ typedef enum { STAGE_SCALE_NONE = 0, STAGE_SCALE_SIGMOID } stage_router_scale;
 typedef enum { STAGE_GRAN_SEQUENCE = 0, STAGE_GRAN_TOKEN } stage_granularity;
 
 typedef struct {
-    int hidden;          /* hidden_size D */
-    int inter;           /* intermediate_size */
-    int n_heads;         /* num_attention_heads */
-    int n_kv_heads;      /* num_key_value_heads (defaults to n_heads) */
-    int head_dim;        /* head_dim key, else hidden / n_heads */
-    int n_layers;        /* num_hidden_layers */
-    int vocab;           /* vocab_size */
-    int max_pos;         /* max_position_embeddings (default 2048) */
-    float eps;           /* rms_norm_eps (default 1e-6) */
-    float rope_theta;    /* rope_theta (default 10000) */
-    int tie_embeddings;  /* tie_word_embeddings (default 0) */
-    int eos_token_id;    /* -1 when absent (or a list: first entry) */
+    int hidden;             /* hidden_size D */
+    int inter;              /* intermediate_size */
+    int n_heads;            /* num_attention_heads */
+    int n_kv_heads;         /* num_key_value_heads (defaults to n_heads) */
+    int head_dim;           /* head_dim key, else hidden / n_heads */
+    int n_layers;           /* num_hidden_layers */
+    int vocab;              /* vocab_size */
+    int max_pos;            /* max_position_embeddings (default 2048) */
+    float eps;              /* rms_norm_eps (default 1e-6) */
+    float rope_theta;       /* rope_theta (default 10000) */
+    int tie_embeddings;     /* tie_word_embeddings (default 0) */
+    int eos_token_id;       /* -1 when absent (or a list: first entry) */
     stage_kind *layer_kind; /* [n_layers] */
 
     /* "mod" settings (also the router of mode_staged) */
-    double mod_capacity;           /* default 0.125 (double: topk k = floor(capacity*T) must match Python) */
-    stage_routing mod_routing;     /* default threshold */
-    double mod_threshold;          /* default 0.5 */
-    stage_router_scale mod_scale;  /* default none: g(r) = r */
+    double mod_capacity; /* default 0.125 (double: topk k = floor(capacity*T) must match Python) */
+    stage_routing mod_routing;    /* default threshold */
+    double mod_threshold;         /* default 0.5 */
+    stage_router_scale mod_scale; /* default none: g(r) = r */
 
     /* "mode" settings */
-    int n_experts;          /* num_experts, default 4 */
-    int n_noop_experts;     /* num_noop_experts, default 0 */
-    int experts_per_token;  /* default 1 */
-    int expert_inter;       /* expert_intermediate_size, default intermediate_size */
+    int n_experts;         /* num_experts, default 4 */
+    int n_noop_experts;    /* num_noop_experts, default 0 */
+    int experts_per_token; /* default 1 */
+    int expert_inter;      /* expert_intermediate_size, default intermediate_size */
 
     /* "mindskip" settings */
     stage_granularity ms_granularity; /* default sequence */
@@ -67,19 +67,19 @@ typedef struct {
 
 int stage_config_load(const char *dir, stage_config *cfg, char *err, size_t errlen);
 /* Parse config.json text (for tests); `path` is only used in messages. */
-int stage_config_parse(const char *json_text, const char *path, stage_config *cfg,
-                       char *err, size_t errlen);
+int stage_config_parse(const char *json_text, const char *path, stage_config *cfg, char *err,
+                       size_t errlen);
 void stage_config_free(stage_config *cfg);
 /* Zero *cfg and set every default this header documents (layer_kind stays NULL). */
 void stage_config_defaults(stage_config *cfg);
 
 /* The FLOP model, per row (2 FLOPs per multiply-add): the one used by --stats and by the
  * partitioner's cost model. */
-double stage_flops_attn_proj(const stage_config *c);           /* q, k, v, o projections */
+double stage_flops_attn_proj(const stage_config *c);            /* q, k, v, o projections */
 double stage_flops_attn_ctx(const stage_config *c, double ctx); /* scores + mix over ctx entries */
-double stage_flops_mlp(const stage_config *c);                 /* dense SwiGLU MLP */
-double stage_flops_expert(const stage_config *c);              /* one MoE expert */
-double stage_flops_gate(const stage_config *c, int n_gate);    /* MoE gate of n_gate rows */
+double stage_flops_mlp(const stage_config *c);                  /* dense SwiGLU MLP */
+double stage_flops_expert(const stage_config *c);               /* one MoE expert */
+double stage_flops_gate(const stage_config *c, int n_gate);     /* MoE gate of n_gate rows */
 
 const char *stage_kind_name(stage_kind k);
 /* Does a layer of this kind carry a causal or top-k MoD router (mod, mode_staged)? */

@@ -3,8 +3,18 @@
 
 #include <string.h>
 
-static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
-static inline float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t f32_bits(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+static inline float bits_f32(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
 
 float stage_bf16_to_f32(uint16_t h) { return bits_f32((uint32_t)h << 16); }
 
@@ -28,7 +38,10 @@ float stage_f16_to_f32(uint16_t h)
             u = sign;
         } else { /* subnormal: normalise */
             int e = -1;
-            do { man <<= 1; e++; } while (!(man & 0x400u));
+            do {
+                man <<= 1;
+                e++;
+            } while (!(man & 0x400u));
             man &= 0x3ffu;
             u = sign | ((uint32_t)(127 - 15 - e) << 23) | (man << 13);
         }
@@ -45,8 +58,8 @@ uint16_t stage_f32_to_f16(float f)
     uint32_t u = f32_bits(f);
     uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
     uint32_t absu = u & 0x7fffffffu;
-    if (absu > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);   /* NaN */
-    if (absu >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);  /* rounds to >= 65520: inf */
+    if (absu > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);  /* NaN */
+    if (absu >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds to >= 65520: inf */
     int exp = (int)(absu >> 23) - 127 + 15;
     uint32_t man = absu & 0x7fffffu;
     if (exp <= 0) { /* f16 subnormal or zero */
@@ -66,10 +79,18 @@ uint16_t stage_f32_to_f16(float f)
 }
 
 void stage_bf16_to_f32_n(const uint16_t *src, float *dst, size_t n)
-{ for (size_t i = 0; i < n; i++) dst[i] = stage_bf16_to_f32(src[i]); }
+{
+    for (size_t i = 0; i < n; i++) dst[i] = stage_bf16_to_f32(src[i]);
+}
 void stage_f32_to_bf16_n(const float *src, uint16_t *dst, size_t n)
-{ for (size_t i = 0; i < n; i++) dst[i] = stage_f32_to_bf16(src[i]); }
+{
+    for (size_t i = 0; i < n; i++) dst[i] = stage_f32_to_bf16(src[i]);
+}
 void stage_f16_to_f32_n(const uint16_t *src, float *dst, size_t n)
-{ for (size_t i = 0; i < n; i++) dst[i] = stage_f16_to_f32(src[i]); }
+{
+    for (size_t i = 0; i < n; i++) dst[i] = stage_f16_to_f32(src[i]);
+}
 void stage_f32_to_f16_n(const float *src, uint16_t *dst, size_t n)
-{ for (size_t i = 0; i < n; i++) dst[i] = stage_f32_to_f16(src[i]); }
+{
+    for (size_t i = 0; i < n; i++) dst[i] = stage_f32_to_f16(src[i]);
+}

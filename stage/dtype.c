@@ -21,8 +21,14 @@ static const struct {
 
 int stage_dtype_valid(int d) { return d >= 0 && d < STAGE_N_DTYPES; }
 size_t stage_dtype_size(stage_dtype d) { return stage_dtype_valid((int)d) ? TABLE[d].size : 0; }
-const char *stage_dtype_name(stage_dtype d) { return stage_dtype_valid((int)d) ? TABLE[d].name : "?"; }
-const char *stage_dtype_st_name(stage_dtype d) { return stage_dtype_valid((int)d) ? TABLE[d].st_name : "?"; }
+const char *stage_dtype_name(stage_dtype d)
+{
+    return stage_dtype_valid((int)d) ? TABLE[d].name : "?";
+}
+const char *stage_dtype_st_name(stage_dtype d)
+{
+    return stage_dtype_valid((int)d) ? TABLE[d].st_name : "?";
+}
 
 int stage_dtype_parse(const char *s, stage_dtype *out)
 {
@@ -42,8 +48,10 @@ void stage_dtype_to_f32(stage_dtype d, const void *src, float *dst, size_t n)
         return;
     }
     if (((uintptr_t)p & 1u) == 0) {
-        if (d == STAGE_F16) stage_f16_to_f32_n((const uint16_t *)src, dst, n);
-        else stage_bf16_to_f32_n((const uint16_t *)src, dst, n);
+        if (d == STAGE_F16)
+            stage_f16_to_f32_n((const uint16_t *)src, dst, n);
+        else
+            stage_bf16_to_f32_n((const uint16_t *)src, dst, n);
         return;
     }
     for (size_t i = 0; i < n; i++) { /* odd address: read each half through memcpy */

@@ -17,12 +17,12 @@
 typedef enum { STAGE_F32 = 0, STAGE_BF16 = 1, STAGE_F16 = 2 } stage_dtype;
 #define STAGE_N_DTYPES 3
 
-size_t stage_dtype_size(stage_dtype d);          /* 4, 2, 2; 0 for a value outside the table */
-const char *stage_dtype_name(stage_dtype d);     /* "f32", "bf16", "f16" */
-const char *stage_dtype_st_name(stage_dtype d);  /* safetensors header names "F32", "BF16", "F16" */
+size_t stage_dtype_size(stage_dtype d);         /* 4, 2, 2; 0 for a value outside the table */
+const char *stage_dtype_name(stage_dtype d);    /* "f32", "bf16", "f16" */
+const char *stage_dtype_st_name(stage_dtype d); /* safetensors header names "F32", "BF16", "F16" */
 /* Accepts either spelling, any case ("bf16", "BF16"). 0 ok, -1 unknown. */
 int stage_dtype_parse(const char *s, stage_dtype *out);
-int stage_dtype_valid(int d);                    /* d is a member of the table */
+int stage_dtype_valid(int d); /* d is a member of the table */
 
 /* n elements of dtype d at src (raw bytes) -> f32 dst, and back. */
 void stage_dtype_to_f32(stage_dtype d, const void *src, float *dst, size_t n);

@@ -12,7 +12,6 @@ double stage_now_s(void)
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-
 void stage_matmul(const float *x, int m, int k, const float *w, int n, float *y)
 {
     if (m <= 0 || n <= 0) return;
@@ -60,9 +59,13 @@ void stage_swiglu(float *a, const float *b, long n)
 void stage_softmax(float *v, int n)
 {
     float mx = v[0];
-    for (int i = 1; i < n; i++) if (v[i] > mx) mx = v[i];
+    for (int i = 1; i < n; i++)
+        if (v[i] > mx) mx = v[i];
     double sum = 0.0;
-    for (int i = 0; i < n; i++) { v[i] = expf(v[i] - mx); sum += v[i]; }
+    for (int i = 0; i < n; i++) {
+        v[i] = expf(v[i] - mx);
+        sum += v[i];
+    }
     float inv = (float)(1.0 / sum);
     for (int i = 0; i < n; i++) v[i] *= inv;
 }

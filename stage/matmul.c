@@ -51,12 +51,16 @@ static void c_rows(const float *x, int m, const stage_weight *w, int r0, int r1,
             const float *xi = x + (size_t)i * k;
             float a[8] = {0};
             for (int c = 0; c < k; c++) a[c & 7] += c_elem(wj, c, w->dtype) * xi[c];
-            y[(size_t)i * n + j] = ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+            y[(size_t)i * n + j] =
+                ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
         }
     }
 }
 
-static void c_cvt_f32(const void *src, float *dst, size_t n) { memcpy(dst, src, n * sizeof(float)); }
+static void c_cvt_f32(const void *src, float *dst, size_t n)
+{
+    memcpy(dst, src, n * sizeof(float));
+}
 static void c_cvt_bf16(const void *src, float *dst, size_t n) { stage_bf16_to_f32_n(src, dst, n); }
 static void c_cvt_f16(const void *src, float *dst, size_t n) { stage_f16_to_f32_n(src, dst, n); }
 
@@ -81,9 +85,13 @@ void stage_mm_softmax_rows(float *probs, int n_q, int n_ctx)
     for (int h = 0; h < n_q; h++) {
         float *p = probs + (size_t)h * n_ctx;
         float mx = p[0];
-        for (int t = 1; t < n_ctx; t++) if (p[t] > mx) mx = p[t];
+        for (int t = 1; t < n_ctx; t++)
+            if (p[t] > mx) mx = p[t];
         float sum = 0.0f;
-        for (int t = 0; t < n_ctx; t++) { p[t] = expf(p[t] - mx); sum += p[t]; }
+        for (int t = 0; t < n_ctx; t++) {
+            p[t] = expf(p[t] - mx);
+            sum += p[t];
+        }
         const float inv = 1.0f / sum;
         for (int t = 0; t < n_ctx; t++) p[t] *= inv;
     }
@@ -126,7 +134,7 @@ const mm_ops stage_mm_ops_c = {
 /* dispatch                                                            */
 /* ================================================================== */
 
-static const mm_ops *g_ops;     /* the variant in use; NULL until the first call */
+static const mm_ops *g_ops; /* the variant in use; NULL until the first call */
 static stage_isa g_isa;
 static stage_path g_path = STAGE_PATH_AUTO;
 
@@ -173,7 +181,10 @@ const char *stage_blas_coretype_hint(void)
     return NULL;
 }
 
-int stage_matmul_m_small(stage_dtype d) { return d == STAGE_F32 ? STAGE_M_SMALL : STAGE_M_SMALL_16BIT; }
+int stage_matmul_m_small(stage_dtype d)
+{
+    return d == STAGE_F32 ? STAGE_M_SMALL : STAGE_M_SMALL_16BIT;
+}
 
 const char *stage_isa_name(stage_isa isa)
 {
@@ -230,23 +241,23 @@ typedef void (*pool_fn)(void *arg, int task, int tid);
 #define MAX_TASKS 0xffff
 
 static struct {
-    int n;                    /* threads in all, the caller included */
-    pthread_t *th;            /* [n - 1] workers */
-    int *tids;                /* [n - 1] their ids 1..n-1 */
-    _Atomic uint64_t job;     /* the word above */
-    _Atomic int left;         /* tasks of the current job not finished yet */
+    int n;                /* threads in all, the caller included */
+    pthread_t *th;        /* [n - 1] workers */
+    int *tids;            /* [n - 1] their ids 1..n-1 */
+    _Atomic uint64_t job; /* the word above */
+    _Atomic int left;     /* tasks of the current job not finished yet */
     _Atomic(pool_fn) fn;
     _Atomic(void *) arg;
-    _Atomic int sleeping;     /* workers in (or entering) cond_wait */
+    _Atomic int sleeping; /* workers in (or entering) cond_wait */
     _Atomic int stop;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    float **tile;             /* [n] per-thread [STAGE_TILE_N][STAGE_TILE_K], grown once */
+    float **tile; /* [n] per-thread [STAGE_TILE_N][STAGE_TILE_K], grown once */
 } P = {.n = 1, .mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
 
-static float *g_tile0;              /* the caller's tile scratch when there is no pool */
-static uint16_t *g_xs;              /* split x [m][2][kp] (AVX-512 BF16) */
-static size_t g_xs_cap;             /* elements */
+static float *g_tile0;  /* the caller's tile scratch when there is no pool */
+static uint16_t *g_xs;  /* split x [m][2][kp] (AVX-512 BF16) */
+static size_t g_xs_cap; /* elements */
 
 static long now_ns(void)
 {
@@ -282,7 +293,8 @@ static void *pool_worker(void *p)
             for (unsigned spin = 1;; spin++) {
                 CPU_RELAX();
                 cur = atomic_load_explicit(&P.job, memory_order_acquire);
-                if (JOB_GEN(cur) != seen || atomic_load_explicit(&P.stop, memory_order_relaxed)) break;
+                if (JOB_GEN(cur) != seen || atomic_load_explicit(&P.stop, memory_order_relaxed))
+                    break;
                 if ((spin & 63) == 0 && now_ns() - t0 > SPIN_NS) {
                     /* Sleep. The caller publishes the job, then reads `sleeping`; we raise
                      * `sleeping`, then re-read the job (both seq_cst): one of us sees the other. */
@@ -377,7 +389,8 @@ int stage_threads_init(int n, char *err, size_t errlen)
         P.tids[i] = i + 1;
         int rc = pthread_create(&P.th[i], NULL, pool_worker, &P.tids[i]);
         if (rc) {
-            snprintf(err, errlen, "threads: cannot start thread %d of %d: %s", i + 2, n, strerror(rc));
+            snprintf(err, errlen, "threads: cannot start thread %d of %d: %s", i + 2, n,
+                     strerror(rc));
             P.n = i + 1; /* join the ones that started */
             stage_threads_free();
             return -1;
@@ -461,9 +474,10 @@ static void large_task(void *a, int t, int tid)
     float **slot = tile_slot(tid);
     if (!*slot) *slot = malloc((size_t)STAGE_TILE_N * STAGE_TILE_K * sizeof(float));
     float *buf = *slot; /* [rn][kc] */
-    if (!buf) { /* no scratch: the allocation-free kernel does this tile */
-        mm_rows_fn f = w->dtype == STAGE_BF16 && j->ops->rows_nosplit_bf16 ? j->ops->rows_nosplit_bf16
-                                                                           : j->ops->rows[w->dtype];
+    if (!buf) {         /* no scratch: the allocation-free kernel does this tile */
+        mm_rows_fn f = w->dtype == STAGE_BF16 && j->ops->rows_nosplit_bf16
+                           ? j->ops->rows_nosplit_bf16
+                           : j->ops->rows[w->dtype];
         f(j->x, m, w, r0, r0 + rn, j->y, NULL);
         return;
     }
@@ -495,7 +509,8 @@ void stage_matmul_w(const float *x, int m, const stage_weight *w, float *y)
         return;
     }
     const mm_ops *o = ops();
-    int small = g_path == STAGE_PATH_SMALL || (g_path == STAGE_PATH_AUTO && m <= stage_matmul_m_small(w->dtype));
+    int small = g_path == STAGE_PATH_SMALL ||
+                (g_path == STAGE_PATH_AUTO && m <= stage_matmul_m_small(w->dtype));
     if (small)
         run_small(x, m, w, y, o);
     else
@@ -513,8 +528,8 @@ void stage_attend_gqa(const float *q, int n_q, const float *k, const float *v, s
     ops()->attend(q, n_q, k, v, stride, n_ctx, hd, scale, probs, out);
 }
 
-void stage_attend(const float *q, const float *k, const float *v, size_t stride, int n_ctx,
-                  int hd, float scale, float *probs, float *out)
+void stage_attend(const float *q, const float *k, const float *v, size_t stride, int n_ctx, int hd,
+                  float scale, float *probs, float *out)
 {
     stage_attend_gqa(q, 1, k, v, stride, n_ctx, hd, scale, probs, out);
 }

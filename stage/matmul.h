@@ -78,7 +78,7 @@ typedef enum { STAGE_ISA_C = 0, STAGE_ISA_AVX2, STAGE_ISA_AVX512, STAGE_ISA_AVX5
  * (30 vs 70-90 GFLOP/s on one core) and is no faster at m = 1 (memory-bound either way),
  * while being less exact (~4e-6 vs ~4e-7). It stays selectable (stage_matmul_force_isa). */
 stage_isa stage_isa_best(void);
-int stage_isa_supported(stage_isa isa); /* 1 if this CPU can run it */
+int stage_isa_supported(stage_isa isa);    /* 1 if this CPU can run it */
 const char *stage_isa_name(stage_isa isa); /* "c", "avx2", "avx512", "avx512bf16" */
 /* Use isa from now on (0), or -1 when the CPU cannot run it. */
 int stage_matmul_force_isa(stage_isa isa);
@@ -101,8 +101,8 @@ const char *stage_blas_coretype_hint(void);
  * product per t, the softmax is scalar expf in order (the same code in every variant), out
  * accumulates p_t v_t over t in order. The scalar loops this replaces read q·k_t one float at
  * a time; here k_t and v_t are read in vectors, and once per KV head for a GQA group. */
-void stage_attend(const float *q, const float *k, const float *v, size_t stride, int n_ctx,
-                  int hd, float scale, float *probs, float *out);
+void stage_attend(const float *q, const float *k, const float *v, size_t stride, int n_ctx, int hd,
+                  float scale, float *probs, float *out);
 /* GQA: the n_q query heads q [n_q][hd] that share one KV head, at once, so each k_t / v_t is
  * read once for all of them; probs [n_q][n_ctx], out [n_q][hd]. Head h's results are
  * bit-identical to stage_attend on head h alone. */

@@ -17,12 +17,11 @@
 
 #include "stage/dtype.h"
 
-typedef void (*mm_rows_fn)(const float *x, int m, const stage_weight *w, int r0, int r1,
-                           float *y, const uint16_t *xs);
+typedef void (*mm_rows_fn)(const float *x, int m, const stage_weight *w, int r0, int r1, float *y,
+                           const uint16_t *xs);
 typedef void (*mm_cvt_fn)(const void *src, float *dst, size_t n);
-typedef void (*mm_attend_fn)(const float *q, int n_q, const float *k, const float *v,
-                             size_t stride, int n_ctx, int hd, float scale, float *probs,
-                             float *out);
+typedef void (*mm_attend_fn)(const float *q, int n_q, const float *k, const float *v, size_t stride,
+                             int n_ctx, int hd, float scale, float *probs, float *out);
 
 typedef struct {
     mm_rows_fn rows[STAGE_N_DTYPES];

@@ -29,8 +29,7 @@
  * tail (full: all 16). */
 static T512 INL __m512 ld512(const void *p, stage_dtype dt, int full, __mmask16 msk)
 {
-    if (dt == STAGE_F32)
-        return full ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(msk, p);
+    if (dt == STAGE_F32) return full ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(msk, p);
     __m256i h = full ? _mm256_loadu_si256((const __m256i *)p) : _mm256_maskz_loadu_epi16(msk, p);
     if (dt == STAGE_BF16)
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -81,44 +80,43 @@ static T512 INL void blk512(const float *x, const void *w, int k, int R, int MB,
         for (int i = 0; i < MB; i++) y[(size_t)i * ldy + r] = _mm512_reduce_add_ps(acc[r][i]);
 }
 
-#define ROWS_BODY(BLK, ...)                                                                   \
-    do {                                                                                      \
-        const int n = w->rows, k = w->cols;                                                   \
-        int j = r0;                                                                           \
-        for (; j + 4 <= r1; j += 4) {                                                         \
-            const void *wj = elem(w->data, (size_t)j * k, DT);                                \
-            int i = 0;                                                                        \
-            for (; i + 4 <= m; i += 4) BLK(__VA_ARGS__, 4, 4);                                \
-            switch (m - i) {                                                                  \
-            case 3: BLK(__VA_ARGS__, 4, 3); break;                                            \
-            case 2: BLK(__VA_ARGS__, 4, 2); break;                                            \
-            case 1: BLK(__VA_ARGS__, 4, 1); break;                                            \
-            default: break;                                                                   \
-            }                                                                                 \
-        }                                                                                     \
-        for (; j < r1; j++) {                                                                 \
-            const void *wj = elem(w->data, (size_t)j * k, DT);                                \
-            int i = 0;                                                                        \
-            for (; i + 4 <= m; i += 4) BLK(__VA_ARGS__, 1, 4);                                \
-            switch (m - i) {                                                                  \
-            case 3: BLK(__VA_ARGS__, 1, 3); break;                                            \
-            case 2: BLK(__VA_ARGS__, 1, 2); break;                                            \
-            case 1: BLK(__VA_ARGS__, 1, 1); break;                                            \
-            default: break;                                                                   \
-            }                                                                                 \
-        }                                                                                     \
+#define ROWS_BODY(BLK, ...)                                                                        \
+    do {                                                                                           \
+        const int n = w->rows, k = w->cols;                                                        \
+        int j = r0;                                                                                \
+        for (; j + 4 <= r1; j += 4) {                                                              \
+            const void *wj = elem(w->data, (size_t)j * k, DT);                                     \
+            int i = 0;                                                                             \
+            for (; i + 4 <= m; i += 4) BLK(__VA_ARGS__, 4, 4);                                     \
+            switch (m - i) {                                                                       \
+            case 3: BLK(__VA_ARGS__, 4, 3); break;                                                 \
+            case 2: BLK(__VA_ARGS__, 4, 2); break;                                                 \
+            case 1: BLK(__VA_ARGS__, 4, 1); break;                                                 \
+            default: break;                                                                        \
+            }                                                                                      \
+        }                                                                                          \
+        for (; j < r1; j++) {                                                                      \
+            const void *wj = elem(w->data, (size_t)j * k, DT);                                     \
+            int i = 0;                                                                             \
+            for (; i + 4 <= m; i += 4) BLK(__VA_ARGS__, 1, 4);                                     \
+            switch (m - i) {                                                                       \
+            case 3: BLK(__VA_ARGS__, 1, 3); break;                                                 \
+            case 2: BLK(__VA_ARGS__, 1, 2); break;                                                 \
+            case 1: BLK(__VA_ARGS__, 1, 1); break;                                                 \
+            default: break;                                                                        \
+            }                                                                                      \
+        }                                                                                          \
     } while (0)
 
-#define B512(dummy, RR, MM) \
-    blk512(x + (size_t)i * k, wj, k, RR, MM, DT, y + (size_t)i * n + j, n)
+#define B512(dummy, RR, MM) blk512(x + (size_t)i * k, wj, k, RR, MM, DT, y + (size_t)i * n + j, n)
 
-#define DEF_ROWS512(NAME, DTV)                                                                \
-    static T512 void NAME(const float *x, int m, const stage_weight *w, int r0, int r1,      \
-                          float *y, const uint16_t *xs)                                       \
-    {                                                                                         \
-        (void)xs;                                                                             \
-        const stage_dtype DT = DTV;                                                           \
-        ROWS_BODY(B512, 0);                                                                   \
+#define DEF_ROWS512(NAME, DTV)                                                                     \
+    static T512 void NAME(const float *x, int m, const stage_weight *w, int r0, int r1, float *y,  \
+                          const uint16_t *xs)                                                      \
+    {                                                                                              \
+        (void)xs;                                                                                  \
+        const stage_dtype DT = DTV;                                                                \
+        ROWS_BODY(B512, 0);                                                                        \
     }
 DEF_ROWS512(rows512_f32, STAGE_F32)
 DEF_ROWS512(rows512_bf16, STAGE_BF16)
@@ -175,7 +173,7 @@ static TBF INL void blkbf(const uint16_t *xs, int kp, const uint16_t *w, int k, 
         for (int i = 0; i < MB; i++) y[(size_t)i * ldy + r] = _mm512_reduce_add_ps(acc[r][i]);
 }
 
-#define BBF(dummy, RR, MM) \
+#define BBF(dummy, RR, MM)                                                                         \
     blkbf(xs + (size_t)i * 2 * kp, kp, wj, k, RR, MM, y + (size_t)i * n + j, n)
 
 static TBF void rowsbf_bf16(const float *x, int m, const stage_weight *w, int r0, int r1, float *y,
@@ -231,14 +229,15 @@ static T512 void attend512(const float *q, int n_q, const float *k, const float 
             for (int c = 0; c < full; c++) {
                 __m512 kv = _mm512_loadu_ps(kt + c * 16);
                 for (int h = 0; h < nh; h++)
-                    acc[h] = _mm512_fmadd_ps(_mm512_loadu_ps(q + (size_t)(h0 + h) * hd + c * 16), kv,
-                                             acc[h]);
+                    acc[h] = _mm512_fmadd_ps(_mm512_loadu_ps(q + (size_t)(h0 + h) * hd + c * 16),
+                                             kv, acc[h]);
             }
             if (tm) {
                 __m512 kv = _mm512_maskz_loadu_ps(tm, kt + full * 16);
                 for (int h = 0; h < nh; h++)
                     acc[h] = _mm512_fmadd_ps(
-                        _mm512_maskz_loadu_ps(tm, q + (size_t)(h0 + h) * hd + full * 16), kv, acc[h]);
+                        _mm512_maskz_loadu_ps(tm, q + (size_t)(h0 + h) * hd + full * 16), kv,
+                        acc[h]);
             }
             for (int h = 0; h < nh; h++)
                 probs[(size_t)(h0 + h) * n_ctx + t] = _mm512_reduce_add_ps(acc[h]) * scale;
@@ -278,7 +277,8 @@ static T256 INL __m256 ld256(const void *p, stage_dtype dt, int n)
     }
     if (dt == STAGE_F32) return _mm256_loadu_ps(p);
     __m128i h = _mm_loadu_si128((const __m128i *)p);
-    if (dt == STAGE_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    if (dt == STAGE_BF16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     return _mm256_cvtph_ps(h);
 }
 
@@ -329,26 +329,26 @@ static T256 INL void blk256(const float *x, const void *w, int k, int R, int MB,
 }
 
 /* ROWS_BODY with x-row blocks of 2 (MB 3 and 4 fall back to 2 + 1 / 2 + 2). */
-#define B256(dummy, RR, MM)                                                                   \
-    do {                                                                                      \
-        if ((MM) >= 2) {                                                                      \
-            blk256(x + (size_t)i * k, wj, k, RR, 2, DT, y + (size_t)i * n + j, n);            \
-            if ((MM) == 4)                                                                    \
+#define B256(dummy, RR, MM)                                                                        \
+    do {                                                                                           \
+        if ((MM) >= 2) {                                                                           \
+            blk256(x + (size_t)i * k, wj, k, RR, 2, DT, y + (size_t)i * n + j, n);                 \
+            if ((MM) == 4)                                                                         \
                 blk256(x + (size_t)(i + 2) * k, wj, k, RR, 2, DT, y + (size_t)(i + 2) * n + j, n); \
-            else if ((MM) == 3)                                                               \
+            else if ((MM) == 3)                                                                    \
                 blk256(x + (size_t)(i + 2) * k, wj, k, RR, 1, DT, y + (size_t)(i + 2) * n + j, n); \
-        } else {                                                                              \
-            blk256(x + (size_t)i * k, wj, k, RR, 1, DT, y + (size_t)i * n + j, n);            \
-        }                                                                                     \
+        } else {                                                                                   \
+            blk256(x + (size_t)i * k, wj, k, RR, 1, DT, y + (size_t)i * n + j, n);                 \
+        }                                                                                          \
     } while (0)
 
-#define DEF_ROWS256(NAME, DTV)                                                                \
-    static T256 void NAME(const float *x, int m, const stage_weight *w, int r0, int r1,      \
-                          float *y, const uint16_t *xs)                                       \
-    {                                                                                         \
-        (void)xs;                                                                             \
-        const stage_dtype DT = DTV;                                                           \
-        ROWS_BODY(B256, 0);                                                                   \
+#define DEF_ROWS256(NAME, DTV)                                                                     \
+    static T256 void NAME(const float *x, int m, const stage_weight *w, int r0, int r1, float *y,  \
+                          const uint16_t *xs)                                                      \
+    {                                                                                              \
+        (void)xs;                                                                                  \
+        const stage_dtype DT = DTV;                                                                \
+        ROWS_BODY(B256, 0);                                                                        \
     }
 DEF_ROWS256(rows256_f32, STAGE_F32)
 DEF_ROWS256(rows256_bf16, STAGE_BF16)
@@ -396,8 +396,8 @@ static T256 void attend256(const float *q, int n_q, const float *k, const float 
             if (tail) {
                 __m256 kv = ld256(kt + full * 8, STAGE_F32, tail);
                 for (int h = 0; h < nh; h++)
-                    acc[h] = _mm256_fmadd_ps(ld256(q + (size_t)(h0 + h) * hd + full * 8, STAGE_F32, tail),
-                                             kv, acc[h]);
+                    acc[h] = _mm256_fmadd_ps(
+                        ld256(q + (size_t)(h0 + h) * hd + full * 8, STAGE_F32, tail), kv, acc[h]);
             }
             for (int h = 0; h < nh; h++)
                 probs[(size_t)(h0 + h) * n_ctx + t] = hsum256(acc[h]) * scale;

@@ -6,8 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-int npy_write_f32(const char *path, const float *data, int ndim, const int64_t *shape,
-                  char *err, size_t errlen)
+int npy_write_f32(const char *path, const float *data, int ndim, const int64_t *shape, char *err,
+                  size_t errlen)
 {
     char dict[256];
     int n = snprintf(dict, sizeof dict, "{'descr': '<f4', 'fortran_order': False, 'shape': (");
@@ -27,8 +27,8 @@ int npy_write_f32(const char *path, const float *data, int ndim, const int64_t *
         return -1;
     }
     unsigned hl = (unsigned)(n + pad + 1);
-    unsigned char pre[10] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0, (unsigned char)(hl & 0xff),
-                             (unsigned char)(hl >> 8)};
+    unsigned char pre[10] = {
+        0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0, (unsigned char)(hl & 0xff), (unsigned char)(hl >> 8)};
     int ok = fwrite(pre, 1, 10, f) == 10 && fwrite(dict, 1, (size_t)n, f) == (size_t)n;
     for (size_t i = 0; ok && i < pad; i++) ok = fputc(' ', f) != EOF;
     ok = ok && fputc('\n', f) != EOF;

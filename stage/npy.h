@@ -7,8 +7,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-int npy_write_f32(const char *path, const float *data, int ndim, const int64_t *shape,
-                  char *err, size_t errlen);
+int npy_write_f32(const char *path, const float *data, int ndim, const int64_t *shape, char *err,
+                  size_t errlen);
 int npy_read_f32(const char *path, float **data, int *ndim, int64_t shape[8], char *err,
                  size_t errlen);
 

@@ -131,14 +131,14 @@ static int dtype_from_header(const char *s, stage_dtype *out)
 /* ================================================================== */
 
 typedef struct {
-    char *path;            /* dir/name: what messages and st_tensor.file show */
-    char *wm_name;         /* sharded: the file name as the weight_map spells it */
-    char *first_user;      /* sharded: first tensor the index maps here (for messages) */
-    int state;             /* 0 not opened yet, 1 open, -1 failed (fail_msg says why) */
+    char *path;       /* dir/name: what messages and st_tensor.file show */
+    char *wm_name;    /* sharded: the file name as the weight_map spells it */
+    char *first_user; /* sharded: first tensor the index maps here (for messages) */
+    int state;        /* 0 not opened yet, 1 open, -1 failed (fail_msg says why) */
     char *fail_msg;
     void *map;
     size_t map_len;
-    const uint8_t *data;   /* data region: map + 8 + N */
+    const uint8_t *data; /* data region: map + 8 + N */
     size_t data_len;
 } st_file;
 
@@ -148,7 +148,7 @@ typedef struct {
     stage_dtype dtype;
     int ndim;
     int64_t shape[ST_MAX_DIMS];
-    size_t begin, nbytes;  /* within the data region */
+    size_t begin, nbytes; /* within the data region */
 } st_hdr_ent;
 
 static void hdr_free(st_hdr_ent *h, size_t n)
@@ -183,7 +183,9 @@ static int parse_entry(const char *path, const char *name, const cJSON *j, size_
     const cJSON *off = cJSON_GetObjectItemCaseSensitive(j, "data_offsets");
     if (!dt || !sh || !off) {
         st_err(err, errlen, "%s: tensor %s: missing %s", path, name,
-               !dt ? "dtype" : !sh ? "shape" : "data_offsets");
+               !dt   ? "dtype"
+               : !sh ? "shape"
+                     : "data_offsets");
         return -1;
     }
     if (!cJSON_IsString(dt)) {
@@ -191,8 +193,8 @@ static int parse_entry(const char *path, const char *name, const cJSON *j, size_
         return -1;
     }
     if (dtype_from_header(dt->valuestring, &e->dtype)) {
-        st_err(err, errlen, "%s: tensor %s: unsupported dtype \"%s\" (only F32, F16, BF16)",
-               path, name, dt->valuestring);
+        st_err(err, errlen, "%s: tensor %s: unsupported dtype \"%s\" (only F32, F16, BF16)", path,
+               name, dt->valuestring);
         return -1;
     }
     if (!cJSON_IsArray(sh)) {
@@ -208,7 +210,8 @@ static int parse_entry(const char *path, const char *name, const cJSON *j, size_
     uint64_t esz = stage_dtype_size(e->dtype), nbytes = esz;
     int i = 0;
     const cJSON *d;
-    cJSON_ArrayForEach(d, sh) {
+    cJSON_ArrayForEach(d, sh)
+    {
         uint64_t v;
         if (!json_uint(d, &v)) {
             st_err(err, errlen, "%s: tensor %s: shape[%d] is not a non-negative integer", path,
@@ -238,7 +241,8 @@ static int parse_entry(const char *path, const char *name, const cJSON *j, size_
     if (en > data_len) {
         st_err(err, errlen,
                "%s: tensor %s: data_offsets [%llu, %llu] past the end of the data region "
-               "(%zu bytes)", path, name, (unsigned long long)b, (unsigned long long)en, data_len);
+               "(%zu bytes)",
+               path, name, (unsigned long long)b, (unsigned long long)en, data_len);
         return -1;
     }
     if (en - b != nbytes) {
@@ -266,15 +270,15 @@ static int parse_header(const char *path, const char *text, size_t n, size_t dat
     cJSON *root = cJSON_ParseWithLengthOpts(text, n, &end, 0);
     if (!root) {
         size_t at = (end && end >= text) ? (size_t)(end - text) : 0;
-        st_err(err, errlen, "%s: header is not valid JSON (near header byte %zu of %zu)", path,
-               at, n);
+        st_err(err, errlen, "%s: header is not valid JSON (near header byte %zu of %zu)", path, at,
+               n);
         return -1;
     }
     /* Only whitespace padding may follow the JSON value. */
     for (const char *p = end; p && p < text + n; p++) {
         if (*p != ' ' && *p != '\t' && *p != '\n' && *p != '\r') {
-            st_err(err, errlen, "%s: header has junk after the JSON (header byte %zu of %zu)",
-                   path, (size_t)(p - text), n);
+            st_err(err, errlen, "%s: header has junk after the JSON (header byte %zu of %zu)", path,
+                   (size_t)(p - text), n);
             cJSON_Delete(root);
             return -1;
         }
@@ -291,7 +295,8 @@ static int parse_header(const char *path, const char *text, size_t n, size_t dat
     size_t cnt = 0;
     if (!h) goto oom;
     const cJSON *it;
-    cJSON_ArrayForEach(it, root) {
+    cJSON_ArrayForEach(it, root)
+    {
         const char *name = it->string ? it->string : "";
         if (strcmp(name, "__metadata__") == 0) continue;
         if (parse_entry(path, name, it, data_len, &h[cnt], err, errlen)) goto fail;
@@ -310,8 +315,8 @@ static int parse_header(const char *path, const char *text, size_t n, size_t dat
         const st_hdr_ent *e = by_off[i];
         if (e->nbytes == 0) continue;
         if (far && e->begin < far->begin + far->nbytes) {
-            st_err(err, errlen, "%s: tensors %s and %s overlap in the data region", path,
-                   far->name, e->name);
+            st_err(err, errlen, "%s: tensors %s and %s overlap in the data region", path, far->name,
+                   e->name);
             goto fail;
         }
         if (!far || e->begin + e->nbytes > far->begin + far->nbytes) far = e;
@@ -422,26 +427,26 @@ fail:
 
 typedef struct {
     char *name;
-    int file;              /* index into m->files */
-    int known;             /* dtype/shape/offsets filled from the file's header */
+    int file;  /* index into m->files */
+    int known; /* dtype/shape/offsets filled from the file's header */
     stage_dtype dtype;
     int ndim;
     int64_t shape[ST_MAX_DIMS];
     size_t begin, nbytes;
-    const float *f32;      /* handed out by st_get_f32 (zero-copy or == owned) */
-    float *owned;          /* converted copy [numel], freed by st_close */
-    const void *wdata;     /* handed out by st_get_weight (zero-copy or == wowned) */
-    void *wowned;          /* aligned / converted copy [numel] in wdtype, freed by st_close */
+    const float *f32;  /* handed out by st_get_f32 (zero-copy or == owned) */
+    float *owned;      /* converted copy [numel], freed by st_close */
+    const void *wdata; /* handed out by st_get_weight (zero-copy or == wowned) */
+    void *wowned;      /* aligned / converted copy [numel] in wdtype, freed by st_close */
     stage_dtype wdtype;
 } st_entry;
 
 struct st_model {
     char *dir;
-    char *label;           /* model.safetensors or the index: "FILE" of missing-tensor errors */
+    char *label; /* model.safetensors or the index: "FILE" of missing-tensor errors */
     int sharded;
     st_file *files;
     int n_files;
-    st_entry *ents;        /* sorted by name */
+    st_entry *ents; /* sorted by name */
     size_t n_ents;
     size_t loaded_bytes;
 };
@@ -598,8 +603,8 @@ static int open_index(st_model *m, char *err, size_t errlen)
                (end && end >= text) ? (size_t)(end - text) : (size_t)0);
         goto out;
     }
-    const cJSON *wm = cJSON_IsObject(root) ? cJSON_GetObjectItemCaseSensitive(root, "weight_map")
-                                           : NULL;
+    const cJSON *wm =
+        cJSON_IsObject(root) ? cJSON_GetObjectItemCaseSensitive(root, "weight_map") : NULL;
     if (!cJSON_IsObject(wm)) {
         st_err(err, errlen, "%s: no \"weight_map\" object", m->label);
         goto out;
@@ -609,7 +614,8 @@ static int open_index(st_model *m, char *err, size_t errlen)
     if (!m->ents) goto oom;
     int cap = 0, last = -1;
     const cJSON *it;
-    cJSON_ArrayForEach(it, wm) {
+    cJSON_ArrayForEach(it, wm)
+    {
         const char *name = it->string ? it->string : "";
         if (!cJSON_IsString(it) || it->valuestring[0] == '\0') {
             st_err(err, errlen, "%s: weight_map: tensor %s: file name is not a non-empty string",
@@ -778,8 +784,8 @@ static st_entry *get_checked(st_model *m, const char *name, int ndim, const int6
     return ent_lookup(m, name);
 }
 
-const float *st_get_f32(st_model *m, const char *name, int ndim, const int64_t *shape,
-                        char *err, size_t errlen)
+const float *st_get_f32(st_model *m, const char *name, int ndim, const int64_t *shape, char *err,
+                        size_t errlen)
 {
     st_tensor t;
     st_entry *e = get_checked(m, name, ndim, shape, &t, err, errlen);
@@ -791,8 +797,8 @@ const float *st_get_f32(st_model *m, const char *name, int ndim, const int64_t *
     } else {
         e->owned = malloc((numel ? numel : 1) * sizeof(float)); /* [numel] */
         if (!e->owned) {
-            st_err(err, errlen, "%s: out of memory converting tensor %s (%zu values)", t.file,
-                   name, numel);
+            st_err(err, errlen, "%s: out of memory converting tensor %s (%zu values)", t.file, name,
+                   numel);
             return NULL;
         }
         stage_dtype_to_f32(t.dtype, t.data, e->owned, numel);
@@ -824,7 +830,7 @@ int st_get_weight(st_model *m, const char *name, int64_t rows, int64_t cols, int
     }
     if (dt == t.dtype && ((uintptr_t)t.data % es) == 0) {
         e->wdata = t.data; /* zero-copy into the mmap */
-    } else { /* misaligned in the file, or converted at load (--weights-dtype) */
+    } else {               /* misaligned in the file, or converted at load (--weights-dtype) */
         if (e->wowned) {
             st_err(err, errlen, "%s: tensor %s asked for in two dtypes", t.file, name);
             return -1;
@@ -832,7 +838,7 @@ int st_get_weight(st_model *m, const char *name, int64_t rows, int64_t cols, int
         e->wowned = aligned_alloc(64, (numel * es + 63) / 64 * 64 + 64); /* [numel] in dt */
         if (!e->wowned) {
             st_err(err, errlen, "%s: out of memory loading tensor %s (%zu values)", t.file, name,
-                    numel);
+                   numel);
             return -1;
         }
         if (dt == t.dtype) {
@@ -861,11 +867,7 @@ const char *st_name_at(const st_model *m, size_t i)
     return m && i < m->n_ents ? m->ents[i].name : NULL;
 }
 
-size_t st_loaded_bytes(const st_model *m)
-{
-    return m ? m->loaded_bytes : 0;
-}
-
+size_t st_loaded_bytes(const st_model *m) { return m ? m->loaded_bytes : 0; }
 
 /* ================================================================== */
 /* writing: the streaming writer, st_writer on top of it, patching     */
@@ -877,33 +879,33 @@ typedef struct {
     int ndim;
     int64_t shape[ST_MAX_DIMS];
     uint64_t nbytes;
-    uint64_t offset;       /* within its file's data region */
-    int file;              /* index into st_stream.files */
+    uint64_t offset; /* within its file's data region */
+    int file;        /* index into st_stream.files */
 } st_stensor;
 
 typedef struct {
-    char *path;            /* dir/name */
-    char name[64];         /* the name the index's weight_map gives */
-    int created;           /* exists on disk: removed when the stream fails */
+    char *path;    /* dir/name */
+    char name[64]; /* the name the index's weight_map gives */
+    int created;   /* exists on disk: removed when the stream fails */
 } st_sfile;
 
 /* f32 values converted per call of st_stream_write_f32 at most (the conversion buffer). */
 #define ST_CVT_N 65536
 
 struct st_stream {
-    st_stensor *t;         /* [n] declaration order = file order */
+    st_stensor *t; /* [n] declaration order = file order */
     size_t n, cap;
-    int state;             /* 0 declaring, 1 writing, 2 finished, -1 failed */
-    st_sfile *files;       /* [n_files] */
+    int state;       /* 0 declaring, 1 writing, 2 finished, -1 failed */
+    st_sfile *files; /* [n_files] */
     int n_files, sharded;
-    char *index_path;      /* sharded: dir/model.safetensors.index.json */
+    char *index_path; /* sharded: dir/model.safetensors.index.json */
     int index_created;
-    FILE *cur;             /* the open file (files[cur_file]) or NULL */
+    FILE *cur; /* the open file (files[cur_file]) or NULL */
     int cur_file;
-    size_t ti;             /* tensor the next byte belongs to */
-    uint64_t t_done;       /* bytes of tensor ti written */
+    size_t ti;       /* tensor the next byte belongs to */
+    uint64_t t_done; /* bytes of tensor ti written */
     uint64_t total, written;
-    uint8_t *cvt;          /* [ST_CVT_N * 4] f32 -> dtype conversion buffer */
+    uint8_t *cvt; /* [ST_CVT_N * 4] f32 -> dtype conversion buffer */
 };
 
 st_stream *st_stream_new(void)
@@ -1131,8 +1133,10 @@ int st_stream_begin(st_stream *s, const char *dir, int n_shards, char *err, size
         int stale = is_regular_file(single);
         free(single);
         if (stale) {
-            st_err(err, errlen, "%s: already holds " ST_SINGLE_NAME
-                   " (readers would use it instead of the shards); remove it first", dir);
+            st_err(err, errlen,
+                   "%s: already holds " ST_SINGLE_NAME
+                   " (readers would use it instead of the shards); remove it first",
+                   dir);
             return -1;
         }
         /* Balanced by bytes in declaration order: tensor i goes to the next shard once the
@@ -1142,7 +1146,7 @@ int st_stream_begin(st_stream *s, const char *dir, int n_shards, char *err, size
         size_t in_f = 0;
         for (size_t i = 0; i < s->n; i++) {
             if (f < ns - 1 && in_f > 0) {
-                size_t left_t = s->n - i;            /* tensors not yet placed, i included */
+                size_t left_t = s->n - i;             /* tensors not yet placed, i included */
                 size_t left_f = (size_t)(ns - 1 - f); /* shards after f */
                 double mid = acc + 0.5 * (double)s->t[i].nbytes;
                 if (left_t <= left_f || mid > total * (double)(f + 1) / (double)ns) {
@@ -1187,7 +1191,7 @@ int st_stream_write(st_stream *s, const void *bytes, size_t n, char *err, size_t
         stream_skip_empty(s);
         if (s->ti == s->n) {
             st_err(err, errlen, "%s: %zu bytes more than the declared tensors hold",
-                    s->files[s->n_files - 1].path, n);
+                   s->files[s->n_files - 1].path, n);
             stream_fail(s);
             return -1;
         }
@@ -1218,7 +1222,8 @@ int st_stream_write(st_stream *s, const void *bytes, size_t n, char *err, size_t
 int st_stream_write_f32(st_stream *s, const float *v, size_t n, char *err, size_t errlen)
 {
     if (!s || s->state != 1 || (n > 0 && !v)) {
-        st_err(err, errlen, "st_stream_write_f32: stream not writable (not begun, failed or "
+        st_err(err, errlen,
+               "st_stream_write_f32: stream not writable (not begun, failed or "
                "finished)");
         return -1;
     }
@@ -1279,14 +1284,15 @@ out:
 int st_stream_finish(st_stream *s, char *err, size_t errlen)
 {
     if (!s || s->state != 1) {
-        st_err(err, errlen, "st_stream_finish: stream not writable (not begun, failed or finished)");
+        st_err(err, errlen,
+               "st_stream_finish: stream not writable (not begun, failed or finished)");
         return -1;
     }
     stream_skip_empty(s);
     if (s->ti < s->n) {
         st_err(err, errlen, "%s: tensor %s incomplete: %llu of %llu bytes of the model written",
-               s->files[s->t[s->ti].file].path, s->t[s->ti].name,
-               (unsigned long long)s->written, (unsigned long long)s->total);
+               s->files[s->t[s->ti].file].path, s->t[s->ti].name, (unsigned long long)s->written,
+               (unsigned long long)s->total);
         stream_fail(s);
         return -1;
     }
@@ -1305,15 +1311,9 @@ int st_stream_finish(st_stream *s, char *err, size_t errlen)
     return 0;
 }
 
-uint64_t st_stream_total_bytes(const st_stream *s)
-{
-    return s ? s->total : 0;
-}
+uint64_t st_stream_total_bytes(const st_stream *s) { return s ? s->total : 0; }
 
-uint64_t st_stream_written_bytes(const st_stream *s)
-{
-    return s ? s->written : 0;
-}
+uint64_t st_stream_written_bytes(const st_stream *s) { return s ? s->written : 0; }
 
 /* ---- st_writer: collect, then stream out ---- */
 
@@ -1322,19 +1322,16 @@ typedef struct {
     stage_dtype dtype;
     int ndim;
     int64_t shape[ST_MAX_DIMS];
-    void *bytes;           /* [nbytes] in dtype, little-endian */
+    void *bytes; /* [nbytes] in dtype, little-endian */
     size_t nbytes;
 } st_wtensor;
 
 struct st_writer {
-    st_wtensor *t;         /* insertion order */
+    st_wtensor *t; /* insertion order */
     size_t n, cap;
 };
 
-st_writer *st_writer_new(void)
-{
-    return calloc(1, sizeof(st_writer));
-}
+st_writer *st_writer_new(void) { return calloc(1, sizeof(st_writer)); }
 
 void st_writer_free(st_writer *w)
 {

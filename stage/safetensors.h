@@ -40,16 +40,15 @@
 
 #include "stage/dtype.h"
 
-
 #define ST_MAX_DIMS 8
 
 typedef struct {
     stage_dtype dtype;
     int ndim;
     int64_t shape[ST_MAX_DIMS];
-    const void *data;   /* raw bytes in the file's dtype (inside the mmap) */
+    const void *data; /* raw bytes in the file's dtype (inside the mmap) */
     size_t nbytes;
-    const char *file;   /* path of the file that holds it */
+    const char *file; /* path of the file that holds it */
 } st_tensor;
 
 typedef struct st_model st_model;
@@ -65,8 +64,8 @@ int st_find(st_model *m, const char *name, st_tensor *t, char *err, size_t errle
 /* The tensor as f32 with exactly the expected shape (ndim dims). Returns a pointer owned by
  * m (zero-copy into the mmap for aligned F32 data, else a converted copy), or NULL with a
  * message: "FILE: missing tensor NAME", "FILE: tensor NAME has shape [..], expected [..]". */
-const float *st_get_f32(st_model *m, const char *name, int ndim, const int64_t *shape,
-                        char *err, size_t errlen);
+const float *st_get_f32(st_model *m, const char *name, int ndim, const int64_t *shape, char *err,
+                        size_t errlen);
 
 /* A 2-D weight [rows][cols] in its checkpoint dtype (want < 0) or converted to dtype `want`
  * (e.g. f32 -> bf16 at load): zero-copy into the mmap when stored in that dtype and aligned
@@ -81,7 +80,6 @@ const char *st_name_at(const st_model *m, size_t i);
 
 /* Bytes handed out so far by st_get_f32 (as f32) and st_get_weight (in their dtype). */
 size_t st_loaded_bytes(const st_model *m);
-
 
 /* ---- writing ---- */
 typedef struct st_stream st_stream;

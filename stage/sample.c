@@ -35,12 +35,20 @@ double stage_rng_uniform(stage_rng *r)
 {
     uint64_t *s = r->s;
     uint64_t out = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
-    s[2] ^= s[0]; s[3] ^= s[1]; s[1] ^= s[2]; s[0] ^= s[3]; s[2] ^= t; s[3] = rotl(s[3], 45);
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 45);
     return (double)(out >> 11) * 0x1.0p-53;
 }
 
 /* ---- sampling ---------------------------------------------------------------------------- */
-typedef struct { float p; int id; } cand;
+typedef struct {
+    float p;
+    int id;
+} cand;
 
 static int cand_cmp(const void *a, const void *b)
 {
@@ -72,7 +80,10 @@ int stage_sample(const float *logits, int vocab, float temperature, float top_p,
         double cum = 0.0;
         for (n = 0; n < vocab; n++) {
             cum += c[n].p;
-            if (cum >= top_p * sum) { n++; break; }
+            if (cum >= top_p * sum) {
+                n++;
+                break;
+            }
         }
         if (n > vocab) n = vocab;
         total = 0.0;
@@ -89,7 +100,8 @@ int stage_sample(const float *logits, int vocab, float temperature, float top_p,
 double stage_nll(const float *logits, int vocab, int target)
 {
     double mx = logits[0];
-    for (int i = 1; i < vocab; i++) if (logits[i] > mx) mx = logits[i];
+    for (int i = 1; i < vocab; i++)
+        if (logits[i] > mx) mx = logits[i];
     double sum = 0.0;
     for (int i = 0; i < vocab; i++) sum += exp((double)logits[i] - mx);
     return -(((double)logits[target] - mx) - log(sum));

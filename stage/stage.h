@@ -41,7 +41,7 @@
 
 /* Row flags (the same bits the wire uses: comm/comm.h COMM_ROW_*). */
 #define STAGE_ROW_NEED_LOGITS 1u
-#define STAGE_ROW_PROMPT      2u
+#define STAGE_ROW_PROMPT 2u
 
 typedef struct stage_model stage_model;
 typedef struct stage_state stage_state;
@@ -62,8 +62,8 @@ typedef struct {
 } stage_batch;
 
 /* ---- model ---------------------------------------------------------------------------- */
-int stage_model_load(const char *dir, const stage_config *cfg, stage_range range,
-                     stage_model **out, char *err, size_t errlen);
+int stage_model_load(const char *dir, const stage_config *cfg, stage_range range, stage_model **out,
+                     char *err, size_t errlen);
 /* The same with the weight matrices held in dtype `weights_dtype` (a stage_dtype; -1: as
  * stored). Converting at load (e.g. an f32 checkpoint to bf16) makes an owned copy in that
  * dtype; as stored they are zero-copy views of the mmap'd safetensors. */
@@ -123,8 +123,8 @@ void stage_state_slot_release(stage_state *s, int slot);
 int stage_state_slot_len(const stage_state *s, int slot);
 
 /* Run the stage's layers on the present rows of x [b->n][D] (present [b->n] 0/1), in place. */
-int stage_forward(stage_state *s, const stage_batch *b, float *x, const uint8_t *present,
-                  char *err, size_t errlen);
+int stage_forward(stage_state *s, const stage_batch *b, float *x, const uint8_t *present, char *err,
+                  size_t errlen);
 /* The same for a sub-range [first, last] of the stage's layers (router calibration). The slot
  * reset of position-0 prompt rows happens only when first is the stage's first layer. */
 int stage_forward_range(stage_state *s, const stage_batch *b, float *x, const uint8_t *present,
@@ -134,8 +134,8 @@ void stage_state_set_progress(stage_state *s, void (*fn)(void *), void *arg);
 
 /* Head: logits [n_rows][vocab] of rows `rows` [n_rows] of x [*][D] (final norm + lm_head),
  * computed in one GEMM over exactly those rows. */
-int stage_head_logits(stage_state *s, const float *x, const int *rows, int n_rows,
-                      float *logits, char *err, size_t errlen);
+int stage_head_logits(stage_state *s, const float *x, const int *rows, int n_rows, float *logits,
+                      char *err, size_t errlen);
 
 /* ---- tensor-parallel stages (a model loaded by stage_model_load_tp with K > 1) -------------
  * The leader (group rank 0) is driven by the pipeline as usual: stage_forward(_range),
@@ -155,13 +155,13 @@ double stage_state_tp_io_bytes(const stage_state *s);
 
 /* ---- stats ---------------------------------------------------------------------------- */
 typedef struct {
-    uint64_t rows;         /* micro-batch rows that passed this layer (present or not) */
-    uint64_t active;       /* rows the layer computed on (routed: selected; mindskip: attention kept) */
-    uint64_t kv_entries;   /* K/V entries written */
-    double flops;          /* executed */
-    double flops_dense;    /* had every row computed the whole layer (dense equivalent) */
-    double seconds;        /* wall time inside this layer */
-    double tp_bytes;       /* bytes moved inside the stage's rank group by this layer (tp.h) */
+    uint64_t rows;   /* micro-batch rows that passed this layer (present or not) */
+    uint64_t active; /* rows the layer computed on (routed: selected; mindskip: attention kept) */
+    uint64_t kv_entries; /* K/V entries written */
+    double flops;        /* executed */
+    double flops_dense;  /* had every row computed the whole layer (dense equivalent) */
+    double seconds;      /* wall time inside this layer */
+    double tp_bytes;     /* bytes moved inside the stage's rank group by this layer (tp.h) */
 } stage_layer_stats;
 
 /* Stats of layer l (must be in the stage's range). */
@@ -170,7 +170,9 @@ const stage_layer_stats *stage_state_layer_stats(const stage_state *s, int layer
 size_t stage_state_kv_alloc_bytes(const stage_state *s);
 
 /* ---- sampling ------------------------------------------------------------------------- */
-typedef struct { uint64_t s[4]; } stage_rng;
+typedef struct {
+    uint64_t s[4];
+} stage_rng;
 /* The generator of sequence `index` under `seed` (independent of batching and ranks). */
 void stage_rng_seed(stage_rng *r, uint64_t seed, uint64_t index);
 double stage_rng_uniform(stage_rng *r); /* [0, 1) */

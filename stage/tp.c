@@ -17,20 +17,20 @@ extern void descinit_(int *desc, const int *m, const int *n, const int *mb, cons
                       const int *irsrc, const int *icsrc, const int *ictxt, const int *lld,
                       int *info);
 extern void psgemm_(const char *transa, const char *transb, const int *m, const int *n,
-                    const int *k, const float *alpha, const float *a, const int *ia,
-                    const int *ja, const int *desca, const float *b, const int *ib,
-                    const int *jb, const int *descb, const float *beta, float *c,
-                    const int *ic, const int *jc, const int *descc);
+                    const int *k, const float *alpha, const float *a, const int *ia, const int *ja,
+                    const int *desca, const float *b, const int *ib, const int *jb,
+                    const int *descb, const float *beta, float *c, const int *ic, const int *jc,
+                    const int *descc);
 
 struct stage_tp {
-    MPI_Comm comm;   /* dup of the group */
+    MPI_Comm comm; /* dup of the group */
     int K, rank;
     int handle, ctx; /* BLACS system handle, grid context (K x 1) */
     double bytes;
-    size_t cap;      /* floats in each scratch buffer */
-    float *xb;       /* [rows][k_loc] this rank's slice of a full x */
-    float *cb;       /* [rows][n_loc] local product before the gather */
-    float *gb;       /* [rows][width] gathered products, rank by rank */
+    size_t cap;           /* floats in each scratch buffer */
+    float *xb;            /* [rows][k_loc] this rank's slice of a full x */
+    float *cb;            /* [rows][n_loc] local product before the gather */
+    float *gb;            /* [rows][width] gathered products, rank by rank */
     int *counts, *displs; /* [K] allgather */
 };
 
@@ -40,7 +40,10 @@ int stage_tp_new(MPI_Comm group, stage_tp **out, char *err, size_t errlen)
 {
     *out = NULL;
     stage_tp *tp = calloc(1, sizeof *tp);
-    if (!tp) { snprintf(err, errlen, "out of memory"); return -1; }
+    if (!tp) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
     MPI_Comm_dup(group, &tp->comm);
     MPI_Comm_size(tp->comm, &tp->K);
     MPI_Comm_rank(tp->comm, &tp->rank);
@@ -52,8 +55,9 @@ int stage_tp_new(MPI_Comm group, stage_tp **out, char *err, size_t errlen)
     int pr, pc, myr, myc;
     Cblacs_gridinfo(tp->ctx, &pr, &pc, &myr, &myc);
     if (!tp->counts || !tp->displs || pr != tp->K || pc != 1 || myr != tp->rank) {
-        snprintf(err, errlen, "BLACS grid %d x 1 on the stage's %d ranks failed (got %d x %d, row %d)",
-                 tp->K, tp->K, pr, pc, myr);
+        snprintf(err, errlen,
+                 "BLACS grid %d x 1 on the stage's %d ranks failed (got %d x %d, row %d)", tp->K,
+                 tp->K, pr, pc, myr);
         stage_tp_free(tp);
         return -1;
     }
@@ -67,7 +71,11 @@ void stage_tp_free(stage_tp *tp)
     if (tp->ctx >= 0 && tp->K > 0) Cblacs_gridexit(tp->ctx);
     Cfree_blacs_system_handle(tp->handle);
     MPI_Comm_free(&tp->comm);
-    free(tp->xb); free(tp->cb); free(tp->gb); free(tp->counts); free(tp->displs);
+    free(tp->xb);
+    free(tp->cb);
+    free(tp->gb);
+    free(tp->counts);
+    free(tp->displs);
     free(tp);
 }
 
@@ -81,12 +89,17 @@ int stage_tp_reserve(stage_tp *tp, int rows, int width, char *err, size_t errlen
 {
     size_t need = (size_t)(rows < 1 ? 1 : rows) * (size_t)(width < 1 ? 1 : width);
     if (need <= tp->cap) return 0;
-    free(tp->xb); free(tp->cb); free(tp->gb);
+    free(tp->xb);
+    free(tp->cb);
+    free(tp->gb);
     tp->xb = malloc(need * sizeof(float));
     tp->cb = malloc(need * sizeof(float));
     tp->gb = malloc(need * sizeof(float));
     tp->cap = tp->xb && tp->cb && tp->gb ? need : 0;
-    if (!tp->cap) { snprintf(err, errlen, "out of memory sizing the tensor-parallel scratch"); return -1; }
+    if (!tp->cap) {
+        snprintf(err, errlen, "out of memory sizing the tensor-parallel scratch");
+        return -1;
+    }
     return 0;
 }
 
@@ -97,7 +110,10 @@ static int split_of(int n, int K, int p, int *off)
     return numroc_(&n, &mb, &p, &zero, &K);
 }
 
-int stage_tp_split(const stage_tp *tp, int n, int *off) { return split_of(n, tp->K, tp->rank, off); }
+int stage_tp_split(const stage_tp *tp, int n, int *off)
+{
+    return split_of(n, tp->K, tp->rank, off);
+}
 
 int stage_tp_weight_init(stage_tp *tp, const stage_weight *full, stage_tp_weight *w, char *err,
                          size_t errlen)
@@ -125,7 +141,8 @@ int stage_tp_weight_init(stage_tp *tp, const stage_weight *full, stage_tp_weight
     descinit_(w->desc, &w->n, &w->k, &mb, &w->k, &zero, &zero, &tp->ctx, &lld, &info);
     if (info) {
         stage_tp_weight_free(w);
-        snprintf(err, errlen, "descinit of a %d x %d weight failed (info %d)", full->rows, full->cols, info);
+        snprintf(err, errlen, "descinit of a %d x %d weight failed (info %d)", full->rows,
+                 full->cols, info);
         return -1;
     }
     return 0;
@@ -145,7 +162,8 @@ void stage_tp_matmul(stage_tp *tp, const float *x, int x_local, int m, const sta
     const int K = tp->K, n = w->n, k = w->k;
     int k0, kl = stage_tp_split(tp, k, &k0);
     if ((size_t)m * (size_t)(n > k ? n : k) > tp->cap) {
-        fprintf(stderr, "stage_tp_matmul: %d x %d exceeds the reserved scratch\n", m, n > k ? n : k);
+        fprintf(stderr, "stage_tp_matmul: %d x %d exceeds the reserved scratch\n", m,
+                n > k ? n : k);
         abort();
     }
     const float *B = x;
@@ -161,12 +179,13 @@ void stage_tp_matmul(stage_tp *tp, const float *x, int x_local, int m, const sta
     descinit_(descb, &k, &m, &mbk, &m, &zero, &zero, &tp->ctx, &lldb, &info);
     if (!info) descinit_(descc, &n, &m, &mbn, &m, &zero, &zero, &tp->ctx, &lldc, &info);
     if (info) {
-        fprintf(stderr, "stage_tp_matmul: descinit failed (info %d, m %d n %d k %d)\n", info, m, n, k);
+        fprintf(stderr, "stage_tp_matmul: descinit failed (info %d, m %d n %d k %d)\n", info, m, n,
+                k);
         abort();
     }
     const float alpha = 1.0f, beta = 0.0f;
-    psgemm_("N", "N", &n, &m, &k, &alpha, w->a, &one, &one, w->desc, B, &one, &one, descb, &beta,
-            C, &one, &one, descc);
+    psgemm_("N", "N", &n, &m, &k, &alpha, w->a, &one, &one, w->desc, B, &one, &one, descb, &beta, C,
+            &one, &one, descc);
     tp->bytes += (double)k * m * sizeof(float) * (K - 1);
     if (y_local) return;
     /* gather: rank p's [m][n_loc_p] block after rank p-1's, then interleave into rows */
@@ -183,6 +202,7 @@ void stage_tp_matmul(stage_tp *tp, const float *x, int x_local, int m, const sta
         int nl = tp->counts[p] / m;
         const float *src = tp->gb + tp->displs[p];
         for (int j = 0; j < m; j++)
-            memcpy(y + (size_t)j * n + (size_t)p * mbn, src + (size_t)j * nl, (size_t)nl * sizeof(float));
+            memcpy(y + (size_t)j * n + (size_t)p * mbn, src + (size_t)j * nl,
+                   (size_t)nl * sizeof(float));
     }
 }

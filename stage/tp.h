@@ -1,7 +1,7 @@
 /* stage/tp.h — tensor parallelism inside one pipeline stage on ScaLAPACK (SPEC §5, issue 10).
  *
  * A stage may span a group of K ranks (K = 1: none of this is used; the single-rank path in
- * stage.c is unchanged and never calls ScaLAPACK). The group is a BLACS process grid of
+ * stage/layers.c is unchanged and never calls ScaLAPACK). The group is a BLACS process grid of
  * K x 1 (K process rows, one process column) built on the group's communicator.
  *
  * Distribution. A projection W [n][k] (HF nn.Linear [out][in], y = x W^T) is the ScaLAPACK
@@ -64,10 +64,10 @@ double stage_tp_bytes(const stage_tp *tp);
 void stage_tp_count(stage_tp *tp, double bytes);
 
 typedef struct {
-    int n, k;        /* the full W [n][k] */
-    int n_loc, r0;   /* this rank's rows [r0, r0 + n_loc) of W */
-    float *a;        /* [k][max(1,n_loc)] column-major local block (n_loc x k, lld max(1,n_loc)) */
-    int desc[9];     /* ScaLAPACK descriptor of W */
+    int n, k;      /* the full W [n][k] */
+    int n_loc, r0; /* this rank's rows [r0, r0 + n_loc) of W */
+    float *a;      /* [k][max(1,n_loc)] column-major local block (n_loc x k, lld max(1,n_loc)) */
+    int desc[9];   /* ScaLAPACK descriptor of W */
 } stage_tp_weight;
 
 /* This rank's slice of `full` (any dtype; only its rows are read), converted to f32. */

@@ -55,9 +55,9 @@ static double median(double *v, int n)
 
 typedef struct {
     const uint64_t *p;
-    size_t n;       /* words */
-    size_t piece;   /* words per timed piece (0: one piece) */
-    double gbs;     /* out: median GB/s over the pieces */
+    size_t n;     /* words */
+    size_t piece; /* words per timed piece (0: one piece) */
+    double gbs;   /* out: median GB/s over the pieces */
     uint64_t sum;
 } reader;
 
@@ -202,9 +202,11 @@ int main(int argc, char **argv)
             bw_only = 1;
         } else if (!strcmp(argv[i], "--shape") && i + 1 < argc && n_shapes < 16) {
             int *sh = shapes[n_shapes++];
-            if (sscanf(argv[++i], "%d,%d,%d", &sh[0], &sh[1], &sh[2]) != 3 || sh[0] < 1 || sh[1] < 1 ||
-                sh[2] < 1 || (double)sh[0] * sh[2] > 64e6 || (double)sh[1] * sh[2] > 256e6) {
-                fprintf(stderr, "bench_kernels: --shape %s: expected m,k,n (positive, not huge)\n", argv[i]);
+            if (sscanf(argv[++i], "%d,%d,%d", &sh[0], &sh[1], &sh[2]) != 3 || sh[0] < 1 ||
+                sh[1] < 1 || sh[2] < 1 || (double)sh[0] * sh[2] > 64e6 ||
+                (double)sh[1] * sh[2] > 256e6) {
+                fprintf(stderr, "bench_kernels: --shape %s: expected m,k,n (positive, not huge)\n",
+                        argv[i]);
                 return 2;
             }
         } else if (!strcmp(argv[i], "--isa") && i + 1 < argc) {
@@ -212,12 +214,14 @@ int main(int argc, char **argv)
             for (int s = 0; s < STAGE_N_ISAS; s++)
                 if (!strcmp(name, stage_isa_name((stage_isa)s))) only = s;
             if (only < 0 || !stage_isa_supported((stage_isa)only)) {
-                fprintf(stderr, "bench_kernels: --isa %s: unknown or not supported by this CPU\n", name);
+                fprintf(stderr, "bench_kernels: --isa %s: unknown or not supported by this CPU\n",
+                        name);
                 return 2;
             }
         } else {
-            fprintf(stderr, "usage: bench_kernels [--threads N] [--quick] [--isa c|avx2|avx512|avx512bf16] "
-                            "[--bw-only [--shape m,k,n ...]]\n");
+            fprintf(stderr,
+                    "usage: bench_kernels [--threads N] [--quick] [--isa c|avx2|avx512|avx512bf16] "
+                    "[--bw-only [--shape m,k,n ...]]\n");
             return 2;
         }
     }
@@ -243,7 +247,8 @@ int main(int argc, char **argv)
         rng ^= rng >> 7;
         rng ^= rng << 17;
         /* sign, exponent 119..126 (|v| in [2^-8, 1)), 7 random mantissa bits */
-        arena[i] = (uint16_t)(((rng >> 20) & 0x8000u) | ((119u + ((rng >> 8) & 7u)) << 7) | (rng & 0x7fu));
+        arena[i] =
+            (uint16_t)(((rng >> 20) & 0x8000u) | ((119u + ((rng >> 8) & 7u)) << 7) | (rng & 0x7fu));
     }
     printf("# bench_kernels threads=%d best_isa=%s m_small_f32=%d m_small_16bit=%d tile_n=%d "
            "tile_k=%d\n",
@@ -253,7 +258,8 @@ int main(int argc, char **argv)
     printf("blas corename=%s coretype_hint=%s\n", openblas_get_corename(), hint ? hint : "none");
     if (hint)
         printf("# OpenBLAS runs generic kernels on this CPU: rerun with OPENBLAS_CORETYPE=%s for a "
-               "fair sgemm baseline\n", hint);
+               "fair sgemm baseline\n",
+               hint);
     /* 32 MiB pieces: a 4096 x 4096 bf16 weight */
     const size_t piece = (size_t)32 << 20 >> 3;
     double bwn = 0;
@@ -269,14 +275,16 @@ int main(int argc, char **argv)
         /* the shapes a benchmark script asks for: OpenBLAS on nt threads vs the kernels */
         for (int q = 0; q < n_shapes; q++) {
             const int m = shapes[q][0], k = shapes[q][1], n = shapes[q][2];
-            float *xs = malloc((size_t)m * k * sizeof *xs), *ys = malloc((size_t)m * n * sizeof *ys);
+            float *xs = malloc((size_t)m * k * sizeof *xs),
+                  *ys = malloc((size_t)m * n * sizeof *ys);
             float *wf = malloc((size_t)n * k * sizeof *wf);
             uint16_t *wb = malloc((size_t)n * k * 2);
             if (!xs || !ys || !wf || !wb) {
                 fprintf(stderr, "bench_kernels: out of memory for --shape\n");
                 return 1;
             }
-            for (size_t i = 0; i < (size_t)m * k; i++) xs[i] = (float)((i * 2654435761u) % 2001) / 1000.0f - 1.0f;
+            for (size_t i = 0; i < (size_t)m * k; i++)
+                xs[i] = (float)((i * 2654435761u) % 2001) / 1000.0f - 1.0f;
             for (size_t i = 0; i < (size_t)n * k; i++) {
                 wf[i] = (float)((i * 40503u) % 2001) / 1000.0f - 1.0f;
                 wb[i] = arena[i % (arena_bytes / 2)];
@@ -285,7 +293,8 @@ int main(int argc, char **argv)
             for (int r = 0; r < 7; r++) {
                 openblas_set_num_threads(nt);
                 double t0 = now_s();
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, xs, k, wf, k, 0.0f, ys, n);
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, xs, k, wf, k,
+                            0.0f, ys, n);
                 tb[r] = now_s() - t0;
                 openblas_set_num_threads(1);
                 stage_weight w32 = {STAGE_F32, n, k, wf}, w16 = {STAGE_BF16, n, k, wb};
@@ -297,8 +306,9 @@ int main(int argc, char **argv)
                 t16[r] = now_s() - t0;
             }
             double fl = 2.0 * m * n * k / 1e9;
-            printf("shape m=%d k=%d n=%d threads=%d sgemm_gflops=%.2f f32_gflops=%.2f bf16_gflops=%.2f\n", m,
-                   k, n, nt, fl / median(tb, 7), fl / median(tf, 7), fl / median(t16, 7));
+            printf("shape m=%d k=%d n=%d threads=%d sgemm_gflops=%.2f f32_gflops=%.2f "
+                   "bf16_gflops=%.2f\n",
+                   m, k, n, nt, fl / median(tb, 7), fl / median(tf, 7), fl / median(t16, 7));
             free(xs);
             free(ys);
             free(wf);
@@ -313,7 +323,8 @@ int main(int argc, char **argv)
     const int ns[] = {4096, 14336};
     float *x = malloc((size_t)M_MAX * 14336 * sizeof *x);
     float *y = malloc((size_t)M_MAX * 14336 * sizeof *y);
-    for (size_t i = 0; i < (size_t)M_MAX * 14336; i++) x[i] = (float)((i * 2654435761u) % 2001) / 1000.0f - 1.0f;
+    for (size_t i = 0; i < (size_t)M_MAX * 14336; i++)
+        x[i] = (float)((i * 2654435761u) % 2001) / 1000.0f - 1.0f;
     const stage_dtype dts[] = {STAGE_F32, STAGE_BF16};
 
     /* ---- decode shapes ---- */
@@ -324,14 +335,17 @@ int main(int argc, char **argv)
         for (int d = 0; d < 2; d++)
             for (int ni = 0; ni < 2; ni++)
                 for (int mi = 0; mi < 3; mi++) {
-                    if (s == STAGE_ISA_C && (ni == 1 || ms[mi] > 4) && only < 0) continue; /* slow */
+                    if (s == STAGE_ISA_C && (ni == 1 || ms[mi] > 4) && only < 0)
+                        continue; /* slow */
                     const int n = ns[ni], m = ms[mi];
-                    double t = time_matmul(x, m, n, K, dts[d], (const char *)arena, arena_bytes, y, reps);
+                    double t =
+                        time_matmul(x, m, n, K, dts[d], (const char *)arena, arena_bytes, y, reps);
                     double bytes = (double)n * K * (dts[d] == STAGE_F32 ? 4 : 2);
                     printf("gemv isa=%s dtype=%s m=%d k=%d n=%d threads=%d us=%.1f gbs=%.2f "
                            "of_read_bw=%.2f gflops=%.2f\n",
-                           stage_isa_name((stage_isa)s), dts[d] == STAGE_F32 ? "f32" : "bf16", m, K, n,
-                           nt, t * 1e6, bytes / t / 1e9, bytes / t / 1e9 / bwn, 2.0 * m * n * K / t / 1e9);
+                           stage_isa_name((stage_isa)s), dts[d] == STAGE_F32 ? "f32" : "bf16", m, K,
+                           n, nt, t * 1e6, bytes / t / 1e9, bytes / t / 1e9 / bwn,
+                           2.0 * m * n * K / t / 1e9);
                     fflush(stdout);
                 }
     }
@@ -348,8 +362,8 @@ int main(int argc, char **argv)
             double tl = time_matmul(x, m, n, K, dts[d], (const char *)arena, arena_bytes, y, reps);
             printf("cross isa=%s dtype=%s m=%d k=%d n=%d threads=%d small_us=%.1f large_us=%.1f "
                    "faster=%s\n",
-                   stage_isa_name(stage_matmul_isa()), dts[d] == STAGE_F32 ? "f32" : "bf16", m, K, n, nt,
-                   ts * 1e6, tl * 1e6, ts <= tl ? "small" : "large");
+                   stage_isa_name(stage_matmul_isa()), dts[d] == STAGE_F32 ? "f32" : "bf16", m, K,
+                   n, nt, ts * 1e6, tl * 1e6, ts <= tl ? "small" : "large");
             fflush(stdout);
         }
     stage_matmul_force_path(STAGE_PATH_AUTO);
@@ -365,8 +379,8 @@ int main(int argc, char **argv)
         const float *wf = (const float *)arena;
         for (int r = -1; r < preps; r++) {
             double t0 = now_s();
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M_PRE, n, K, 1.0f, x, K, wf, K, 0.0f,
-                        y, n);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M_PRE, n, K, 1.0f, x, K, wf, K,
+                        0.0f, y, n);
             if (r >= 0) ts[r] = now_s() - t0;
         }
         openblas_set_num_threads(1);
@@ -377,11 +391,13 @@ int main(int argc, char **argv)
             if (!stage_isa_supported((stage_isa)s) || (only >= 0 && s != only)) continue;
             stage_matmul_force_isa((stage_isa)s);
             for (int d = 0; d < 2; d++) {
-                double t = time_matmul(x, M_PRE, n, K, dts[d], (const char *)arena, arena_bytes, y, preps);
-                printf("prefill isa=%s dtype=%s m=%d k=%d n=%d threads=%d gflops=%.2f sgemm_gflops=%.2f "
+                double t =
+                    time_matmul(x, M_PRE, n, K, dts[d], (const char *)arena, arena_bytes, y, preps);
+                printf("prefill isa=%s dtype=%s m=%d k=%d n=%d threads=%d gflops=%.2f "
+                       "sgemm_gflops=%.2f "
                        "of_sgemm=%.2f\n",
-                       stage_isa_name((stage_isa)s), dts[d] == STAGE_F32 ? "f32" : "bf16", M_PRE, K, n, nt,
-                       flops / t / 1e9, sg, flops / t / 1e9 / sg);
+                       stage_isa_name((stage_isa)s), dts[d] == STAGE_F32 ? "f32" : "bf16", M_PRE, K,
+                       n, nt, flops / t / 1e9, sg, flops / t / 1e9 / sg);
                 fflush(stdout);
             }
         }
@@ -393,7 +409,8 @@ int main(int argc, char **argv)
         float *kv = malloc((size_t)n_ctx * stride * 2 * sizeof *kv);
         float *probs = malloc((size_t)n_q * n_ctx * sizeof *probs);
         float out[4 * 128];
-        for (size_t i = 0; i < (size_t)n_ctx * stride * 2; i++) kv[i] = (float)(i % 97) / 97.0f - 0.5f;
+        for (size_t i = 0; i < (size_t)n_ctx * stride * 2; i++)
+            kv[i] = (float)(i % 97) / 97.0f - 0.5f;
         for (int s = 0; s < STAGE_N_ISAS; s++) {
             if (!stage_isa_supported((stage_isa)s) || (only >= 0 && s != only)) continue;
             stage_matmul_force_isa((stage_isa)s);
@@ -405,8 +422,9 @@ int main(int argc, char **argv)
                 if (r >= 0) t[r] = now_s() - t0;
             }
             const double md = median(t, 20);
-            printf("attend isa=%s hd=%d n_q=%d n_ctx=%d us=%.1f gflops=%.2f\n", stage_isa_name((stage_isa)s),
-                   hd, n_q, n_ctx, md * 1e6, 4.0 * n_q * n_ctx * hd / md / 1e9);
+            printf("attend isa=%s hd=%d n_q=%d n_ctx=%d us=%.1f gflops=%.2f\n",
+                   stage_isa_name((stage_isa)s), hd, n_q, n_ctx, md * 1e6,
+                   4.0 * n_q * n_ctx * hd / md / 1e9);
             fflush(stdout);
         }
         free(kv);

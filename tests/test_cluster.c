@@ -40,8 +40,7 @@ static void expect_yaml_err(const char *text, const char *prefix)
 static int contains(const char *hay, const char *needle)
 {
     int ok = strstr(hay, needle) != NULL;
-    if (!ok)
-        fprintf(stderr, "\n  expected '%s'\n  in '%s'\n", needle, hay);
+    if (!ok) fprintf(stderr, "\n  expected '%s'\n  in '%s'\n", needle, hay);
     return ok;
 }
 
@@ -88,14 +87,10 @@ static void test_yaml_flatten(void)
         int is_list, n, line, col;
         const char *v0;
     } want[] = {
-        {"model", 0, 1, 2, 8, "out/demo"},
-        {"mod.capacity", 0, 1, 4, 13, "0.25"},
-        {"mod.deeper.x", 0, 1, 6, 8, "quoted"},
-        {"stages", 1, 3, 7, 9, "0-1"},
-        {"prompt-ids", 1, 2, 9, 3, "1,2,3"},
-        {"empty", 1, 0, 11, 8, NULL},
-        {"flow.a", 0, 1, 12, 11, "1"},
-        {"flow.b", 1, 1, 12, 17, "x"},
+        {"model", 0, 1, 2, 8, "out/demo"},      {"mod.capacity", 0, 1, 4, 13, "0.25"},
+        {"mod.deeper.x", 0, 1, 6, 8, "quoted"}, {"stages", 1, 3, 7, 9, "0-1"},
+        {"prompt-ids", 1, 2, 9, 3, "1,2,3"},    {"empty", 1, 0, 11, 8, NULL},
+        {"flow.a", 0, 1, 12, 11, "1"},          {"flow.b", 1, 1, 12, 17, "x"},
     };
     for (int i = 0; i < 8; i++) {
         const cluster_yaml_entry *e = &y.e[i];
@@ -104,8 +99,7 @@ static void test_yaml_flatten(void)
         CU_ASSERT_EQUAL(e->n_vals, want[i].n);
         CU_ASSERT_EQUAL(e->line, want[i].line);
         CU_ASSERT_EQUAL(e->col, want[i].col);
-        if (want[i].v0)
-            CU_ASSERT_STRING_EQUAL(e->vals[0], want[i].v0);
+        if (want[i].v0) CU_ASSERT_STRING_EQUAL(e->vals[0], want[i].v0);
     }
     const cluster_yaml_entry *st = cluster_yaml_get(&y, "stages");
     CU_ASSERT_PTR_EQUAL(st, &y.e[3]);
@@ -168,13 +162,15 @@ static void test_yaml_structure_errors(void)
     expect_yaml_err("m:\n  x: 1\n  x: 2\n", "t.yaml:3:3: key m.x given twice");
     expect_yaml_err("a:\n  - [1, 2]\n", "t.yaml:2:5: a: item 1 is a list");
     /* a list item may be a flat mapping ("k=v k=v"), not a nested one */
-    expect_yaml_err("a:\n  - ok\n  - k: {x: 1}\n", "t.yaml:3:5: a: item 2: a mapping in a list may only hold plain");
+    expect_yaml_err("a:\n  - ok\n  - k: {x: 1}\n",
+                    "t.yaml:3:5: a: item 2: a mapping in a list may only hold plain");
     expect_yaml_err("a:\n  - k: x=1\n", "t.yaml:2:5: a: item 1: a mapping in a list");
     {
         const char *txt = "stages:\n  - {layers: \"0-2\", ranks: 2}\n  - layers: 3-5\n";
         cluster_yaml y;
         char err[256];
-        CU_ASSERT_EQUAL_FATAL(cluster_yaml_parse(txt, strlen(txt), "t.yaml", &y, err, sizeof err), 0);
+        CU_ASSERT_EQUAL_FATAL(cluster_yaml_parse(txt, strlen(txt), "t.yaml", &y, err, sizeof err),
+                              0);
         const cluster_yaml_entry *e = cluster_yaml_get(&y, "stages");
         CU_ASSERT_FATAL(e && e->is_list && e->n_vals == 2);
         CU_ASSERT_STRING_EQUAL(e->vals[0], "layers=0-2 ranks=2");
@@ -214,34 +210,30 @@ static void test_yaml_typed(void)
     int b;
     CU_ASSERT_EQUAL(cluster_yaml_int(&y, cluster_yaml_get(&y, "n"), 0, 100, &v, err, ERRLEN), 0);
     CU_ASSERT_EQUAL(v, 42);
-    CU_ASSERT_EQUAL(cluster_yaml_int(&y, cluster_yaml_get(&y, "neg"), -10, 0, &v, err, ERRLEN),
-                    0);
+    CU_ASSERT_EQUAL(cluster_yaml_int(&y, cluster_yaml_get(&y, "neg"), -10, 0, &v, err, ERRLEN), 0);
     CU_ASSERT_EQUAL(v, -7);
-    CU_ASSERT_NOT_EQUAL(cluster_yaml_int(&y, cluster_yaml_get(&y, "n"), 0, 10, &v, err, ERRLEN),
-                        0);
+    CU_ASSERT_NOT_EQUAL(cluster_yaml_int(&y, cluster_yaml_get(&y, "n"), 0, 10, &v, err, ERRLEN), 0);
     CU_ASSERT_STRING_EQUAL(err, "t.yaml:1:4: n: expected an integer in [0, 10], got '42'");
-    CU_ASSERT_NOT_EQUAL(
-        cluster_yaml_int(&y, cluster_yaml_get(&y, "neg"), 0, 10, &v, err, ERRLEN), 0);
-    CU_ASSERT_STRING_EQUAL(err, "t.yaml:2:6: neg: expected an integer in [0, 10], got '-7'");
-    CU_ASSERT_NOT_EQUAL(
-        cluster_yaml_int(&y, cluster_yaml_get(&y, "big"), 0, 10, &v, err, ERRLEN), 0);
-    CU_ASSERT(contains(err, "t.yaml:3:6: big: expected an integer"));
-    CU_ASSERT_NOT_EQUAL(cluster_yaml_int(&y, cluster_yaml_get(&y, "f"), 0, 10, &v, err, ERRLEN),
+    CU_ASSERT_NOT_EQUAL(cluster_yaml_int(&y, cluster_yaml_get(&y, "neg"), 0, 10, &v, err, ERRLEN),
                         0);
+    CU_ASSERT_STRING_EQUAL(err, "t.yaml:2:6: neg: expected an integer in [0, 10], got '-7'");
+    CU_ASSERT_NOT_EQUAL(cluster_yaml_int(&y, cluster_yaml_get(&y, "big"), 0, 10, &v, err, ERRLEN),
+                        0);
+    CU_ASSERT(contains(err, "t.yaml:3:6: big: expected an integer"));
+    CU_ASSERT_NOT_EQUAL(cluster_yaml_int(&y, cluster_yaml_get(&y, "f"), 0, 10, &v, err, ERRLEN), 0);
     CU_ASSERT(contains(err, "t.yaml:4:4: f: expected an integer"));
-    CU_ASSERT_NOT_EQUAL(
-        cluster_yaml_int(&y, cluster_yaml_get(&y, "half"), 0, 100, &v, err, ERRLEN), 0);
+    CU_ASSERT_NOT_EQUAL(cluster_yaml_int(&y, cluster_yaml_get(&y, "half"), 0, 100, &v, err, ERRLEN),
+                        0);
     CU_ASSERT(contains(err, "got '12x'"));
-    CU_ASSERT_NOT_EQUAL(
-        cluster_yaml_int(&y, cluster_yaml_get(&y, "list"), 0, 10, &v, err, ERRLEN), 0);
+    CU_ASSERT_NOT_EQUAL(cluster_yaml_int(&y, cluster_yaml_get(&y, "list"), 0, 10, &v, err, ERRLEN),
+                        0);
     CU_ASSERT_STRING_EQUAL(err, "t.yaml:6:7: list: expected an integer in [0, 10], got a list");
     CU_ASSERT_NOT_EQUAL(cluster_yaml_int(&y, NULL, 0, 10, &v, err, ERRLEN), 0);
 
-    CU_ASSERT_EQUAL(
-        cluster_yaml_double(&y, cluster_yaml_get(&y, "f"), 0, 1, &d, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL(cluster_yaml_double(&y, cluster_yaml_get(&y, "f"), 0, 1, &d, err, ERRLEN), 0);
     CU_ASSERT_DOUBLE_EQUAL(d, 1.5e-3, 1e-15);
-    CU_ASSERT_NOT_EQUAL(
-        cluster_yaml_double(&y, cluster_yaml_get(&y, "n"), 0, 1, &d, err, ERRLEN), 0);
+    CU_ASSERT_NOT_EQUAL(cluster_yaml_double(&y, cluster_yaml_get(&y, "n"), 0, 1, &d, err, ERRLEN),
+                        0);
     CU_ASSERT_STRING_EQUAL(err, "t.yaml:1:4: n: expected a number in [0, 1], got '42'");
     CU_ASSERT_NOT_EQUAL(
         cluster_yaml_double(&y, cluster_yaml_get(&y, "word"), 0, 1, &d, err, ERRLEN), 0);
@@ -328,8 +320,7 @@ static void test_spec_full(void)
     cluster_model_spec s;
     char err[ERRLEN];
     int rc = spec_parse(text, &s, err);
-    if (rc)
-        fprintf(stderr, "\n  %s\n", err);
+    if (rc) fprintf(stderr, "\n  %s\n", err);
     CU_ASSERT_EQUAL_FATAL(rc, 0);
     const stage_config *c = &s.cfg;
     CU_ASSERT_EQUAL(c->hidden, 64);
@@ -344,11 +335,10 @@ static void test_spec_full(void)
     CU_ASSERT_DOUBLE_EQUAL(c->rope_theta, 500000.0, 1e-3);
     CU_ASSERT_EQUAL(c->tie_embeddings, 1);
     CU_ASSERT_EQUAL(c->eos_token_id, -1);
-    static const stage_kind kinds[6] = {STAGE_KIND_DENSE,       STAGE_KIND_MOD,
-                                        STAGE_KIND_MODE_STAGED, STAGE_KIND_MINDSKIP,
+    static const stage_kind kinds[6] = {STAGE_KIND_DENSE,           STAGE_KIND_MOD,
+                                        STAGE_KIND_MODE_STAGED,     STAGE_KIND_MINDSKIP,
                                         STAGE_KIND_MODE_INTEGRATED, STAGE_KIND_MOD};
-    for (int i = 0; i < 6; i++)
-        CU_ASSERT_EQUAL(c->layer_kind[i], kinds[i]);
+    for (int i = 0; i < 6; i++) CU_ASSERT_EQUAL(c->layer_kind[i], kinds[i]);
     CU_ASSERT_DOUBLE_EQUAL(c->mod_capacity, 0.25, 1e-7);
     CU_ASSERT_EQUAL(c->mod_routing, STAGE_ROUTING_PREDICTOR);
     CU_ASSERT_DOUBLE_EQUAL(c->mod_threshold, 0.4, 1e-7);
@@ -390,8 +380,7 @@ static void test_spec_defaults(void)
     CU_ASSERT_DOUBLE_EQUAL(c->rope_theta, 10000.0, 1e-6);
     CU_ASSERT_EQUAL(c->tie_embeddings, 0);
     CU_ASSERT_EQUAL(c->eos_token_id, -1);
-    for (int i = 0; i < 3; i++)
-        CU_ASSERT_EQUAL(c->layer_kind[i], STAGE_KIND_DENSE);
+    for (int i = 0; i < 3; i++) CU_ASSERT_EQUAL(c->layer_kind[i], STAGE_KIND_DENSE);
     CU_ASSERT_DOUBLE_EQUAL(c->mod_capacity, 0.125, 1e-9);
     CU_ASSERT_EQUAL(c->mod_routing, STAGE_ROUTING_THRESHOLD);
     CU_ASSERT_DOUBLE_EQUAL(c->mod_threshold, 0.5, 1e-9);
@@ -430,14 +419,12 @@ static void test_spec_layer_pattern(void)
                                        STAGE_KIND_DENSE, STAGE_KIND_MOD, STAGE_KIND_MINDSKIP,
                                        STAGE_KIND_DENSE};
     CU_ASSERT_EQUAL(s.cfg.n_layers, 7);
-    for (int i = 0; i < 7; i++)
-        CU_ASSERT_EQUAL(s.cfg.layer_kind[i], want[i]);
+    for (int i = 0; i < 7; i++) CU_ASSERT_EQUAL(s.cfg.layer_kind[i], want[i]);
     cluster_model_spec_free(&s);
     /* block-list form, one kind */
     snprintf(text, sizeof text, "%snum_hidden_layers: 4\nlayer_pattern:\n  - mode_staged\n", base);
     CU_ASSERT_EQUAL_FATAL(spec_parse(text, &s, err), 0);
-    for (int i = 0; i < 4; i++)
-        CU_ASSERT_EQUAL(s.cfg.layer_kind[i], STAGE_KIND_MODE_STAGED);
+    for (int i = 0; i < 4; i++) CU_ASSERT_EQUAL(s.cfg.layer_kind[i], STAGE_KIND_MODE_STAGED);
     cluster_model_spec_free(&s);
     /* layer_types alone sets the layer count */
     snprintf(text, sizeof text, "%slayer_types: [mod, dense]\n", base);
@@ -453,10 +440,10 @@ static void test_spec_errors(void)
     const char *base = "hidden_size: 64\nintermediate_size: 128\nvocab_size: 97\n"
                        "num_hidden_layers: 4\n";
     char t[1024];
-#define SPEC_ERR(extra, msg)                                                                     \
-    do {                                                                                         \
-        snprintf(t, sizeof t, "%s%s", base, extra);                                              \
-        expect_spec_err(t, msg);                                                                 \
+#define SPEC_ERR(extra, msg)                                                                       \
+    do {                                                                                           \
+        snprintf(t, sizeof t, "%s%s", base, extra);                                                \
+        expect_spec_err(t, msg);                                                                   \
     } while (0)
     /* base is 4 lines, so the extra text starts on line 5 */
     SPEC_ERR("", "m.yaml: missing required key num_attention_heads");
@@ -534,8 +521,7 @@ static void test_spec_examples(void)
         int routing;
     } ex[] = {
         {"configs/models/dense.yaml", 6, STAGE_KIND_DENSE, STAGE_KIND_DENSE, -1},
-        {"configs/models/mod.yaml", 6, STAGE_KIND_DENSE, STAGE_KIND_MOD,
-         STAGE_ROUTING_THRESHOLD},
+        {"configs/models/mod.yaml", 6, STAGE_KIND_DENSE, STAGE_KIND_MOD, STAGE_ROUTING_THRESHOLD},
         {"configs/models/mod_predictor.yaml", 6, STAGE_KIND_DENSE, STAGE_KIND_MOD,
          STAGE_ROUTING_PREDICTOR},
         {"configs/models/mod_topk.yaml", 6, STAGE_KIND_DENSE, STAGE_KIND_MOD, STAGE_ROUTING_TOPK},
@@ -544,8 +530,7 @@ static void test_spec_examples(void)
          STAGE_KIND_MODE_INTEGRATED, -1},
         {"configs/models/mindskip.yaml", 6, STAGE_KIND_DENSE, STAGE_KIND_DENSE, -1},
         {"configs/models/mixed.yaml", 6, STAGE_KIND_DENSE, STAGE_KIND_MOD, -1},
-        {"configs/models/demo.yaml", 12, STAGE_KIND_MOD, STAGE_KIND_MOD,
-         STAGE_ROUTING_THRESHOLD},
+        {"configs/models/demo.yaml", 12, STAGE_KIND_MOD, STAGE_KIND_MOD, STAGE_ROUTING_THRESHOLD},
     };
     if (access("configs/models/dense.yaml", R_OK) != 0) {
         fprintf(stderr, "\n  configs/models not found from here: run from the repo root\n");
@@ -556,16 +541,13 @@ static void test_spec_examples(void)
         cluster_model_spec s;
         char err[ERRLEN] = "";
         int rc = cluster_model_spec_load(ex[i].file, &s, err, ERRLEN);
-        if (rc)
-            fprintf(stderr, "\n  %s\n", err);
+        if (rc) fprintf(stderr, "\n  %s\n", err);
         CU_ASSERT_EQUAL(rc, 0);
-        if (rc)
-            continue;
+        if (rc) continue;
         CU_ASSERT_EQUAL(s.cfg.n_layers, ex[i].n_layers);
         CU_ASSERT_EQUAL(s.cfg.layer_kind[0], ex[i].k0);
         CU_ASSERT_EQUAL(s.cfg.layer_kind[1], ex[i].k1);
-        if (ex[i].routing >= 0)
-            CU_ASSERT_EQUAL((int)s.cfg.mod_routing, ex[i].routing);
+        if (ex[i].routing >= 0) CU_ASSERT_EQUAL((int)s.cfg.mod_routing, ex[i].routing);
         cluster_model_spec_free(&s);
     }
 }
@@ -673,8 +655,7 @@ static void test_partition_dense(void)
     /* a single stage holds embedding and head once even when tied */
     cluster_plan_free(&p);
     CU_ASSERT_EQUAL_FATAL(cluster_partition_auto(&c, 6, &p, err, ERRLEN), 0);
-    for (int t = 0; t < 6; t++)
-        CU_ASSERT_EQUAL(p.st[t].first, t);
+    for (int t = 0; t < 6; t++) CU_ASSERT_EQUAL(p.st[t].first, t);
     cluster_plan_free(&p);
 
     CU_ASSERT_NOT_EQUAL(cluster_partition_auto(&c, 8, &p, err, ERRLEN), 0);
@@ -722,8 +703,7 @@ static void test_partition_prefers_sparse(void)
 
     /* ... but with 6 stages each mod layer is its own stage: boundaries before them sparse */
     CU_ASSERT_EQUAL_FATAL(cluster_partition_auto(&c, 6, &p, err, ERRLEN), 0);
-    for (int t = 1; t < 6; t++)
-        CU_ASSERT_EQUAL(p.st[t].sparse_in, t % 2);
+    for (int t = 1; t < 6; t++) CU_ASSERT_EQUAL(p.st[t].sparse_in, t % 2);
     cluster_plan_free(&p);
     stage_config_free(&c);
 
@@ -764,8 +744,7 @@ static void test_partition_why(void)
     stage_config c = tiny_cfg("dmskim");
     static const char *const r3[] = {"0-1", "2-3", "4-5"};
     CU_ASSERT_EQUAL_FATAL(cluster_partition_explicit(&c, r3, 3, 3, &p, err, ERRLEN), 0);
-    CU_ASSERT_STRING_EQUAL(p.st[1].why,
-                           "stage 1 has mindskip layers (3): every row must reach it");
+    CU_ASSERT_STRING_EQUAL(p.st[1].why, "stage 1 has mindskip layers (3): every row must reach it");
     CU_ASSERT_STRING_EQUAL(p.st[2].why,
                            "stage 2 has mode_integrated layers (4): every row must reach it");
     cluster_plan_free(&p);
@@ -814,8 +793,7 @@ static void expect_explicit_err(const stage_config *c, const char *const *r, int
     CU_ASSERT_NOT_EQUAL(cluster_partition_explicit(c, r, n, stages, &p, err, ERRLEN), 0);
     CU_ASSERT_PTR_NULL(p.st);
     CU_ASSERT_STRING_EQUAL(err, msg);
-    if (strcmp(err, msg) != 0)
-        fprintf(stderr, "\n  expected '%s'\n  got      '%s'\n", msg, err);
+    if (strcmp(err, msg) != 0) fprintf(stderr, "\n  expected '%s'\n  got      '%s'\n", msg, err);
 }
 
 static void test_partition_explicit(void)
@@ -928,8 +906,7 @@ static void test_plan_print(void)
 static void test_partition_large(void)
 {
     char kinds[321];
-    for (int i = 0; i < 320; i++)
-        kinds[i] = (i % 4 == 0) ? 'd' : 'm';
+    for (int i = 0; i < 320; i++) kinds[i] = (i % 4 == 0) ? 'd' : 'm';
     kinds[320] = '\0';
     stage_config c = tiny_cfg(kinds);
     cluster_plan p;
@@ -937,8 +914,7 @@ static void test_partition_large(void)
     CU_ASSERT_EQUAL_FATAL(cluster_partition_auto(&c, 64, &p, err, ERRLEN), 0);
     CU_ASSERT_EQUAL(p.st[0].first, 0);
     CU_ASSERT_EQUAL(p.st[63].last, 319);
-    for (int t = 1; t < 64; t++)
-        CU_ASSERT_EQUAL(p.st[t].first, p.st[t - 1].last + 1);
+    for (int t = 1; t < 64; t++) CU_ASSERT_EQUAL(p.st[t].first, p.st[t - 1].last + 1);
     cluster_plan_free(&p);
     stage_config_free(&c);
 }
@@ -1032,8 +1008,9 @@ static void test_partition_memory(void)
  * predictor, topk, MoDE, mindskip, mixed), each stage of a 3-stage plan. */
 static void test_plan_weights_match_loader(void)
 {
-    static const char *models[] = {"dense", "mod", "mod_all", "mod_predictor", "mod_topk",
-                                   "mode_staged", "mode_integrated", "mindskip", "mixed"};
+    static const char *models[] = {"dense",           "mod",      "mod_all",
+                                   "mod_predictor",   "mod_topk", "mode_staged",
+                                   "mode_integrated", "mindskip", "mixed"};
     const char *fix = getenv("MODPIPE_FIXTURES") ? getenv("MODPIPE_FIXTURES") : "tests/fixtures";
     for (size_t i = 0; i < sizeof models / sizeof *models; i++) {
         char dir[512], err[ERRLEN];
@@ -1092,8 +1069,8 @@ static void test_weight_dtype(void)
     CU_ASSERT_EQUAL(dt, STAGE_F16);
     w = st_writer_new();
     CU_ASSERT_EQUAL(st_writer_add(w, "model.embed_tokens.weight", STAGE_F32, 2, sh, v), 0);
-    CU_ASSERT_EQUAL(st_writer_add(w, "model.layers.0.self_attn.q_proj.weight", STAGE_BF16, 2, sh,
-                                  v), 0);
+    CU_ASSERT_EQUAL(
+        st_writer_add(w, "model.layers.0.self_attn.q_proj.weight", STAGE_BF16, 2, sh, v), 0);
     CU_ASSERT_EQUAL_FATAL(st_writer_save(w, d, 1, err, ERRLEN), 0);
     st_writer_free(w);
     CU_ASSERT_EQUAL(cluster_weight_dtype(d, &dt, err, ERRLEN), 0);
@@ -1109,8 +1086,7 @@ static void test_weight_dtype(void)
 
 int main(void)
 {
-    if (CU_initialize_registry() != CUE_SUCCESS)
-        return 2;
+    if (CU_initialize_registry() != CUE_SUCCESS) return 2;
     CU_pSuite y = CU_add_suite("yamlcfg", NULL, NULL);
     CU_pSuite m = CU_add_suite("modelspec", NULL, NULL);
     CU_pSuite p = CU_add_suite("partition", NULL, NULL);

@@ -98,8 +98,8 @@ static void test_wire_names(void)
 
 static void test_wire_f32(void)
 {
-    const float v[] = {0.0f, -0.0f, 1.0f, -2.5f, 0.1f, 3.4028235e38f, 1e-45f, 1.17549435e-38f,
-                       INFINITY, -INFINITY, NAN};
+    const float v[] = {0.0f,   -0.0f,           1.0f,     -2.5f,     0.1f, 3.4028235e38f,
+                       1e-45f, 1.17549435e-38f, INFINITY, -INFINITY, NAN};
     const size_t n = sizeof v / sizeof v[0];
     uint8_t raw[4 * 16 + 1];
     float back[16];
@@ -142,11 +142,11 @@ static void test_wire_bf16(void)
         {-2.5f, 0xc020, -2.5f},
         {0.0f, 0x0000, 0.0f},
         {-0.0f, 0x8000, -0.0f},
-        {65504.0f, 0x4780, 65536.0f},                          /* 0x477fe000 rounds up */
-        {1.0f + 0x1p-8f, 0x3f80, 1.0f},                         /* tie -> even (down) */
-        {1.0f + 3 * 0x1p-8f, 0x3f82, 1.0f + 0x1p-6f},           /* tie -> even (up) */
-        {1.0f + 0x1p-8f + 0x1p-20f, 0x3f81, 1.0f + 0x1p-7f},    /* just above the tie */
-        {3.4028235e38f, 0x7f80, INFINITY},                      /* max float overflows */
+        {65504.0f, 0x4780, 65536.0f},                        /* 0x477fe000 rounds up */
+        {1.0f + 0x1p-8f, 0x3f80, 1.0f},                      /* tie -> even (down) */
+        {1.0f + 3 * 0x1p-8f, 0x3f82, 1.0f + 0x1p-6f},        /* tie -> even (up) */
+        {1.0f + 0x1p-8f + 0x1p-20f, 0x3f81, 1.0f + 0x1p-7f}, /* just above the tie */
+        {3.4028235e38f, 0x7f80, INFINITY},                   /* max float overflows */
         {INFINITY, 0x7f80, INFINITY},
         {-INFINITY, 0xff80, -INFINITY},
     };
@@ -167,24 +167,24 @@ static void test_wire_f16(void)
     const struct wire_case c[] = {
         {1.0f, 0x3c00, 1.0f},
         {-2.5f, 0xc100, -2.5f},
-        {65504.0f, 0x7bff, 65504.0f},                    /* f16 max */
-        {65519.0f, 0x7bff, 65504.0f},                    /* below the overflow tie */
-        {65520.0f, 0x7c00, INFINITY},                    /* the tie rounds to inf */
+        {65504.0f, 0x7bff, 65504.0f}, /* f16 max */
+        {65519.0f, 0x7bff, 65504.0f}, /* below the overflow tie */
+        {65520.0f, 0x7c00, INFINITY}, /* the tie rounds to inf */
         {-1e6f, 0xfc00, -INFINITY},
-        {0x1p-14f, 0x0400, 0x1p-14f},                    /* smallest normal */
-        {0x1p-24f, 0x0001, 0x1p-24f},                    /* smallest subnormal */
-        {1e-8f, 0x0000, 0.0f},                           /* < half the smallest subnormal */
+        {0x1p-14f, 0x0400, 0x1p-14f}, /* smallest normal */
+        {0x1p-24f, 0x0001, 0x1p-24f}, /* smallest subnormal */
+        {1e-8f, 0x0000, 0.0f},        /* < half the smallest subnormal */
         {-1e-8f, 0x8000, -0.0f},
         {6e-8f, 0x0001, 0x1p-24f},
         {1e-7f, 0x0002, 0x1p-23f},
-        {1e-5f, 0x00a8, 168 * 0x1p-24f},                 /* subnormal 168 x 2^-24 */
-        {0x1p-25f, 0x0000, 0.0f},                        /* tie 0 | 1 -> even 0 */
-        {3 * 0x1p-25f, 0x0002, 0x1p-23f},                /* tie 1 | 2 -> even 2 */
-        {1.0f + 0x1p-11f, 0x3c00, 1.0f},                 /* tie -> even (down) */
-        {1.0f + 3 * 0x1p-11f, 0x3c02, 1.0f + 0x1p-9f},   /* tie -> even (up) */
+        {1e-5f, 0x00a8, 168 * 0x1p-24f},               /* subnormal 168 x 2^-24 */
+        {0x1p-25f, 0x0000, 0.0f},                      /* tie 0 | 1 -> even 0 */
+        {3 * 0x1p-25f, 0x0002, 0x1p-23f},              /* tie 1 | 2 -> even 2 */
+        {1.0f + 0x1p-11f, 0x3c00, 1.0f},               /* tie -> even (down) */
+        {1.0f + 3 * 0x1p-11f, 0x3c02, 1.0f + 0x1p-9f}, /* tie -> even (up) */
         {2049.0f, 0x6800, 2048.0f},
         {2051.0f, 0x6802, 2052.0f},
-        {0x1p-14f - 0x1p-25f, 0x0400, 0x1p-14f},         /* subnormal rounds up to normal */
+        {0x1p-14f - 0x1p-25f, 0x0400, 0x1p-14f}, /* subnormal rounds up to normal */
     };
     check_wire_cases(STAGE_F16, c, sizeof c / sizeof c[0]);
     uint8_t raw[2];
@@ -378,9 +378,19 @@ static void test_empty_chain(void)
         token[i] = i + 1;
         flags[i] = COMM_ROW_PROMPT;
     }
-    comm_packet p = {.kind = COMM_PKT_ROWS, .mb = 1, .sender = 0, .receiver = 1, .mb_rows = 8,
-                     .n_rows = 0, .dtype = STAGE_F32, .present = present, .has_desc = 1,
-                     .slot = slot, .pos = pos, .token = token, .flags = flags};
+    comm_packet p = {.kind = COMM_PKT_ROWS,
+                     .mb = 1,
+                     .sender = 0,
+                     .receiver = 1,
+                     .mb_rows = 8,
+                     .n_rows = 0,
+                     .dtype = STAGE_F32,
+                     .present = present,
+                     .has_desc = 1,
+                     .slot = slot,
+                     .pos = pos,
+                     .token = token,
+                     .flags = flags};
     uint8_t buf[512];
     char err[256] = "";
     size_t hb, pb;
@@ -400,8 +410,14 @@ static void test_empty_chain(void)
     for (int i = 0; i < 8 * 16; i++) CU_ASSERT_EQUAL(y[i], 5.0f);
 
     /* mb_rows 0: an empty micro-batch still decodes, with non-NULL (empty) arrays */
-    comm_packet e = {.kind = COMM_PKT_ROWS, .mb = 2, .sender = 0, .receiver = 1, .mb_rows = 0,
-                     .n_rows = 0, .dtype = STAGE_BF16, .has_desc = 1};
+    comm_packet e = {.kind = COMM_PKT_ROWS,
+                     .mb = 2,
+                     .sender = 0,
+                     .receiver = 1,
+                     .mb_rows = 0,
+                     .n_rows = 0,
+                     .dtype = STAGE_BF16,
+                     .has_desc = 1};
     total = comm_pack(&e, NULL, 16, NULL, buf, sizeof buf, &hb, &pb, err, sizeof err);
     CU_ASSERT_FATAL(total > 0);
     CU_ASSERT_EQUAL(hb, 4 + reference_header_size(buf, total));
@@ -421,8 +437,13 @@ static void test_tokens(void)
     comm_mask_set(present, 2);
     comm_mask_set(present, 5);
     const int32_t tok[3] = {5, 0, 2147483647};
-    comm_packet p = {.kind = COMM_PKT_TOKENS, .mb = 9, .sender = 2, .receiver = 0, .mb_rows = 6,
-                     .n_rows = 3, .present = present};
+    comm_packet p = {.kind = COMM_PKT_TOKENS,
+                     .mb = 9,
+                     .sender = 2,
+                     .receiver = 0,
+                     .mb_rows = 6,
+                     .n_rows = 3,
+                     .present = present};
     uint8_t buf[256];
     char err[256] = "";
     size_t hb, pb;
@@ -450,8 +471,13 @@ static void test_tokens(void)
 static void test_end(void)
 {
     uint8_t present[1] = {0};
-    comm_packet p = {.kind = COMM_PKT_END, .mb = 77, .sender = 0, .receiver = 1, .mb_rows = 3,
-                     .n_rows = 0, .present = present};
+    comm_packet p = {.kind = COMM_PKT_END,
+                     .mb = 77,
+                     .sender = 0,
+                     .receiver = 1,
+                     .mb_rows = 3,
+                     .n_rows = 0,
+                     .present = present};
     uint8_t buf[128];
     char err[256] = "";
     size_t hb, pb;
@@ -492,8 +518,13 @@ static void test_unpack_failure_zeroes(void)
     comm_mask_set(present, 0);
     comm_mask_set(present, 3);
     const int32_t tok[2] = {7, 11};
-    comm_packet p = {.kind = COMM_PKT_TOKENS, .mb = 42, .sender = 1, .receiver = 0, .mb_rows = 5,
-                     .n_rows = 2, .present = present};
+    comm_packet p = {.kind = COMM_PKT_TOKENS,
+                     .mb = 42,
+                     .sender = 1,
+                     .receiver = 0,
+                     .mb_rows = 5,
+                     .n_rows = 2,
+                     .present = present};
     uint8_t buf[128];
     char err[256] = "";
     size_t hb, pb;
@@ -557,10 +588,21 @@ static void test_limits(void)
     for (int a = 0; a < S; a++)
         for (int b = a + 1; b < S; b++) bp[nb++] = (comm_bypass){a, b};
     CU_ASSERT_EQUAL(nb, S * (S - 1) / 2);
-    comm_packet p = {.kind = COMM_PKT_ROWS, .mb = UINT64_MAX, .sender = S - 2,
-                     .receiver = S - 1, .mb_rows = R, .n_rows = R, .dtype = STAGE_F32,
-                     .present = present, .has_desc = 1, .slot = big, .pos = big, .token = big,
-                     .flags = flags, .n_bypass = nb, .bypass = bp};
+    comm_packet p = {.kind = COMM_PKT_ROWS,
+                     .mb = UINT64_MAX,
+                     .sender = S - 2,
+                     .receiver = S - 1,
+                     .mb_rows = R,
+                     .n_rows = R,
+                     .dtype = STAGE_F32,
+                     .present = present,
+                     .has_desc = 1,
+                     .slot = big,
+                     .pos = big,
+                     .token = big,
+                     .flags = flags,
+                     .n_bypass = nb,
+                     .bypass = bp};
     size_t cap = comm_packet_max_bytes(R, D, S);
     uint8_t *buf = malloc(cap);
     char err[256] = "";
@@ -702,39 +744,78 @@ static void test_pack_errors(void)
     free(buf);
 
     comm_packet p;
-    p = f.p; p.n_rows = 3;                 expect_pack_fail(&p, f.x, D5, NULL, "n_rows says");
-    p = f.p; p.n_rows = 11;                expect_pack_fail(&p, f.x, D5, NULL, "n_rows 11");
-    p = f.p; p.has_desc = 0;               expect_pack_fail(&p, f.x, D5, NULL, "without a descriptor");
-    p = f.p; p.receiver = 3;               expect_pack_fail(&p, f.x, D5, NULL, "with a descriptor");
-    p = f.p; p.receiver = 0;               expect_pack_fail(&p, f.x, D5, NULL, "forward");
-    p = f.p; p.sender = -1;                expect_pack_fail(&p, f.x, D5, NULL, "out of range");
-    p = f.p; p.dtype = (stage_dtype)3; expect_pack_fail(&p, f.x, D5, NULL, "dtype");
-    p = f.p; p.kind = (comm_pkt_kind)3;    expect_pack_fail(&p, f.x, D5, NULL, "kind");
-    p = f.p;                               expect_pack_fail(&p, f.x, 0, NULL, "D > 0");
-    p = f.p;                               expect_pack_fail(&p, NULL, D5, NULL, "needs x");
-    p = f.p; p.n_bypass = -1;              expect_pack_fail(&p, f.x, D5, NULL, "bypass");
+    p = f.p;
+    p.n_rows = 3;
+    expect_pack_fail(&p, f.x, D5, NULL, "n_rows says");
+    p = f.p;
+    p.n_rows = 11;
+    expect_pack_fail(&p, f.x, D5, NULL, "n_rows 11");
+    p = f.p;
+    p.has_desc = 0;
+    expect_pack_fail(&p, f.x, D5, NULL, "without a descriptor");
+    p = f.p;
+    p.receiver = 3;
+    expect_pack_fail(&p, f.x, D5, NULL, "with a descriptor");
+    p = f.p;
+    p.receiver = 0;
+    expect_pack_fail(&p, f.x, D5, NULL, "forward");
+    p = f.p;
+    p.sender = -1;
+    expect_pack_fail(&p, f.x, D5, NULL, "out of range");
+    p = f.p;
+    p.dtype = (stage_dtype)3;
+    expect_pack_fail(&p, f.x, D5, NULL, "dtype");
+    p = f.p;
+    p.kind = (comm_pkt_kind)3;
+    expect_pack_fail(&p, f.x, D5, NULL, "kind");
+    p = f.p;
+    expect_pack_fail(&p, f.x, 0, NULL, "D > 0");
+    p = f.p;
+    expect_pack_fail(&p, NULL, D5, NULL, "needs x");
+    p = f.p;
+    p.n_bypass = -1;
+    expect_pack_fail(&p, f.x, D5, NULL, "bypass");
     int32_t neg[MB10];
     memcpy(neg, f.pos, sizeof neg);
     neg[9] = -5;
-    p = f.p; p.pos = neg;                  expect_pack_fail(&p, f.x, D5, NULL, "negative");
+    p = f.p;
+    p.pos = neg;
+    expect_pack_fail(&p, f.x, D5, NULL, "negative");
     uint8_t fl[MB10] = {0};
     fl[2] = 8;
-    p = f.p; p.flags = fl;                 expect_pack_fail(&p, f.x, D5, NULL, "flags");
+    p = f.p;
+    p.flags = fl;
+    expect_pack_fail(&p, f.x, D5, NULL, "flags");
     comm_bypass dup[2] = {{0, 2}, {0, 2}}, back[1] = {{2, 1}};
-    p = f.p; p.bypass = dup; p.n_bypass = 2; expect_pack_fail(&p, f.x, D5, NULL, "twice");
-    p = f.p; p.bypass = back; p.n_bypass = 1; expect_pack_fail(&p, f.x, D5, NULL, "bypass 2 -> 1");
+    p = f.p;
+    p.bypass = dup;
+    p.n_bypass = 2;
+    expect_pack_fail(&p, f.x, D5, NULL, "twice");
+    p = f.p;
+    p.bypass = back;
+    p.n_bypass = 1;
+    expect_pack_fail(&p, f.x, D5, NULL, "bypass 2 -> 1");
     uint8_t trail[2] = {0x19, 0x06}; /* rows 0,3,4 + bit 9 + bit 10 (past mb_rows 10) */
-    p = f.p; p.present = trail; p.n_rows = 5; expect_pack_fail(&p, f.x, D5, NULL, "past mb_rows");
-    p = f.p; p.present = NULL;             expect_pack_fail(&p, f.x, D5, NULL, "mask");
+    p = f.p;
+    p.present = trail;
+    p.n_rows = 5;
+    expect_pack_fail(&p, f.x, D5, NULL, "past mb_rows");
+    p = f.p;
+    p.present = NULL;
+    expect_pack_fail(&p, f.x, D5, NULL, "mask");
 
     uint8_t m1[1] = {0x03};
-    comm_packet t = {.kind = COMM_PKT_TOKENS, .sender = 3, .receiver = 0, .mb_rows = 2,
-                     .n_rows = 2, .present = m1};
+    comm_packet t = {.kind = COMM_PKT_TOKENS,
+                     .sender = 3,
+                     .receiver = 0,
+                     .mb_rows = 2,
+                     .n_rows = 2,
+                     .present = m1};
     const int32_t badtok[2] = {1, -1};
     expect_pack_fail(&t, NULL, 0, NULL, "without tokens");
     expect_pack_fail(&t, NULL, 0, badtok, "negative");
-    comm_packet e = {.kind = COMM_PKT_END, .sender = 0, .receiver = 1, .mb_rows = 2,
-                     .n_rows = 2, .present = m1};
+    comm_packet e = {
+        .kind = COMM_PKT_END, .sender = 0, .receiver = 1, .mb_rows = 2, .n_rows = 2, .present = m1};
     expect_pack_fail(&e, NULL, 0, NULL, "END packet with 2 rows");
     expect_pack_fail(NULL, NULL, 0, NULL, "no header");
 }
@@ -895,30 +976,52 @@ static void test_sampling_desc(void)
     /* pack rejects */
     uint8_t bad_fl[MB10] = {0};
     bad_fl[4] = COMM_ROW_SAMPLE;
-    p = f.p; p.flags = bad_fl;             expect_pack_fail(&p, f.x, D5, NULL, "row 4 samples without logits");
+    p = f.p;
+    p.flags = bad_fl;
+    expect_pack_fail(&p, f.x, D5, NULL, "row 4 samples without logits");
     float nan_t[MB10];
     memcpy(nan_t, temp, sizeof nan_t);
     nan_t[1] = NAN;
-    p = f.p; p.flags = fl; p.temperature = nan_t; expect_pack_fail(&p, f.x, D5, NULL, "row 1 has temperature nan");
+    p = f.p;
+    p.flags = fl;
+    p.temperature = nan_t;
+    expect_pack_fail(&p, f.x, D5, NULL, "row 1 has temperature nan");
     float zero_p[MB10];
     memcpy(zero_p, top_p, sizeof zero_p);
     zero_p[3] = 0.0f;
-    p = f.p; p.flags = fl; p.top_p = zero_p; expect_pack_fail(&p, f.x, D5, NULL, "row 3 has temperature");
+    p = f.p;
+    p.flags = fl;
+    p.top_p = zero_p;
+    expect_pack_fail(&p, f.x, D5, NULL, "row 3 has temperature");
     int32_t bad_t[MB10];
     memcpy(bad_t, target, sizeof bad_t);
     bad_t[5] = -2;
-    p = f.p; p.target = bad_t;             expect_pack_fail(&p, f.x, D5, NULL, "row 5 has target -2");
+    p = f.p;
+    p.target = bad_t;
+    expect_pack_fail(&p, f.x, D5, NULL, "row 5 has target -2");
     int32_t dup[2] = {4, 4}, negr[1] = {-1};
-    p = f.p; p.release = dup; p.n_release = 2; expect_pack_fail(&p, f.x, D5, NULL, "slot 4 released twice");
-    p = f.p; p.release = negr; p.n_release = 1; expect_pack_fail(&p, f.x, D5, NULL, "release of slot -1");
+    p = f.p;
+    p.release = dup;
+    p.n_release = 2;
+    expect_pack_fail(&p, f.x, D5, NULL, "slot 4 released twice");
+    p = f.p;
+    p.release = negr;
+    p.n_release = 1;
+    expect_pack_fail(&p, f.x, D5, NULL, "release of slot -1");
     static int32_t many[COMM_MAX_RELEASE + 1];
     for (int k = 0; k <= COMM_MAX_RELEASE; k++) many[k] = k;
-    p = f.p; p.release = many; p.n_release = COMM_MAX_RELEASE + 1;
+    p = f.p;
+    p.release = many;
+    p.n_release = COMM_MAX_RELEASE + 1;
     expect_pack_fail(&p, f.x, D5, NULL, "slot releases (limit");
-    p = f.p; p.release = many; p.n_release = COMM_MAX_RELEASE; /* the limit itself fits */
+    p = f.p;
+    p.release = many;
+    p.n_release = COMM_MAX_RELEASE; /* the limit itself fits */
     CU_ASSERT(comm_pack(&p, f.x, D5, NULL, buf, cap, &hb, &pb, err, sizeof err) > 0);
-    CU_ASSERT_EQUAL(comm_unpack(u, buf, comm_pack(&p, f.x, D5, NULL, buf, cap, &hb, &pb, err, sizeof err),
-                                D5, &q, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(comm_unpack(u, buf,
+                                comm_pack(&p, f.x, D5, NULL, buf, cap, &hb, &pb, err, sizeof err),
+                                D5, &q, err, sizeof err),
+                    0);
     CU_ASSERT_EQUAL(q.n_release, COMM_MAX_RELEASE);
 
     /* unpack rejects a sampling array of the wrong length and too many releases */
@@ -1251,7 +1354,7 @@ static void test_unpack_flips(void)
     comm_unpacker *u = comm_unpacker_init(MAXR, S4), *u2 = comm_unpacker_init(MAXR, S4);
     size_t cap = comm_packet_max_bytes(MAXR, D5, S4);
     uint8_t *re = malloc(cap);
-    float *y = malloc((size_t)MAXR * D5 * sizeof *y);  /* [MAXR][D] */
+    float *y = malloc((size_t)MAXR * D5 * sizeof *y); /* [MAXR][D] */
     int32_t tok[MAXR];
     int ok = 0, failed = 0, silent = 0;
     for (int it = 0; it < ITER; it++) {

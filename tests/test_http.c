@@ -33,7 +33,8 @@ static void expect_bad(serve_req_kind k, const char *json, const char *field)
     int rc = parse(k, json, &r, param, err);
     CU_ASSERT_NOT_EQUAL(rc, 0);
     CU_ASSERT_STRING_EQUAL(param, field);
-    if (strcmp(param, field)) fprintf(stderr, "\n  %s: param '%s', want '%s' (%s)\n", json, param, field, err);
+    if (strcmp(param, field))
+        fprintf(stderr, "\n  %s: param '%s', want '%s' (%s)\n", json, param, field, err);
     CU_ASSERT(err[0] != 0);
     CU_ASSERT_PTR_NULL(r.prompt_text);
     CU_ASSERT_PTR_NULL(r.msgs);
@@ -44,11 +45,13 @@ static void test_parse_completion(void)
 {
     serve_request r;
     char param[96], err[512];
-    CU_ASSERT_EQUAL(parse(SERVE_REQ_COMPLETION,
-                          "{\"model\":\"m\",\"prompt\":\"Once\",\"max_tokens\":7,\"temperature\":0,"
-                          "\"top_p\":0.5,\"seed\":42,\"stop\":[\"a\",\"\",\"bc\"],\"stream\":true,"
-                          "\"stream_options\":{\"include_usage\":true},\"n\":1,\"frequency_penalty\":0}",
-                          &r, param, err), 0);
+    CU_ASSERT_EQUAL(
+        parse(SERVE_REQ_COMPLETION,
+              "{\"model\":\"m\",\"prompt\":\"Once\",\"max_tokens\":7,\"temperature\":0,"
+              "\"top_p\":0.5,\"seed\":42,\"stop\":[\"a\",\"\",\"bc\"],\"stream\":true,"
+              "\"stream_options\":{\"include_usage\":true},\"n\":1,\"frequency_penalty\":0}",
+              &r, param, err),
+        0);
     CU_ASSERT_STRING_EQUAL(r.model, "m");
     CU_ASSERT_STRING_EQUAL(r.prompt_text, "Once");
     CU_ASSERT_EQUAL(r.max_tokens, 7);
@@ -67,7 +70,8 @@ static void test_parse_completion(void)
     CU_ASSERT_EQUAL(r.max_tokens, 0);
     CU_ASSERT_EQUAL(r.n_stop, 0);
     serve_request_free(&r);
-    CU_ASSERT_EQUAL(parse(SERVE_REQ_COMPLETION, "{\"prompt\":[[5,6]],\"stop\":\"x\"}", &r, param, err), 0);
+    CU_ASSERT_EQUAL(
+        parse(SERVE_REQ_COMPLETION, "{\"prompt\":[[5,6]],\"stop\":\"x\"}", &r, param, err), 0);
     CU_ASSERT_EQUAL(r.n_prompt_ids, 2);
     CU_ASSERT_STRING_EQUAL(r.stop[0], "x");
     serve_request_free(&r);
@@ -97,9 +101,11 @@ static void test_parse_errors(void)
     expect_bad(SERVE_REQ_COMPLETION, "{\"prompt\":\"a\",\"seed\":-1}", "seed");
     expect_bad(SERVE_REQ_COMPLETION, "{\"prompt\":\"a\",\"stop\":5}", "stop");
     expect_bad(SERVE_REQ_COMPLETION, "{\"prompt\":\"a\",\"stop\":[\"a\",1]}", "stop");
-    expect_bad(SERVE_REQ_COMPLETION, "{\"prompt\":\"a\",\"stop\":[\"a\",\"b\",\"c\",\"d\",\"e\"]}", "stop");
+    expect_bad(SERVE_REQ_COMPLETION, "{\"prompt\":\"a\",\"stop\":[\"a\",\"b\",\"c\",\"d\",\"e\"]}",
+               "stop");
     expect_bad(SERVE_REQ_COMPLETION, "{\"prompt\":\"a\",\"stream\":1}", "stream");
-    expect_bad(SERVE_REQ_COMPLETION, "{\"prompt\":\"a\",\"stream_options\":{\"include_usage\":\"y\"}}",
+    expect_bad(SERVE_REQ_COMPLETION,
+               "{\"prompt\":\"a\",\"stream_options\":{\"include_usage\":\"y\"}}",
                "stream_options.include_usage");
     expect_bad(SERVE_REQ_COMPLETION, "{\"prompt\":\"a\",\"n\":2}", "n");
     expect_bad(SERVE_REQ_COMPLETION, "{\"prompt\":\"a\",\"echo\":true}", "echo");
@@ -107,7 +113,9 @@ static void test_parse_errors(void)
     expect_bad(SERVE_REQ_COMPLETION, "{\"prompt\":\"a\",\"model\":5}", "model");
     expect_bad(SERVE_REQ_CHAT, "{\"messages\":[]}", "messages");
     expect_bad(SERVE_REQ_CHAT, "{\"prompt\":\"a\"}", "messages");
-    expect_bad(SERVE_REQ_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"a\"},{\"role\":\"bot\",\"content\":\"b\"}]}",
+    expect_bad(SERVE_REQ_CHAT,
+               "{\"messages\":[{\"role\":\"user\",\"content\":\"a\"},{\"role\":\"bot\",\"content\":"
+               "\"b\"}]}",
                "messages[1].role");
     expect_bad(SERVE_REQ_CHAT, "{\"messages\":[{\"role\":\"user\"}]}", "messages[0].content");
     expect_bad(SERVE_REQ_CHAT, "{\"messages\":[\"hi\"]}", "messages[0].role");
@@ -125,13 +133,15 @@ static void test_parse_chat(void)
                           "{\"messages\":[{\"role\":\"developer\",\"content\":\"be brief\"},"
                           "{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"he\"},"
                           "{\"type\":\"text\",\"text\":\"llo\"}]}],\"max_completion_tokens\":3}",
-                          &r, param, err), 0);
+                          &r, param, err),
+                    0);
     CU_ASSERT_EQUAL(r.n_msgs, 2);
     CU_ASSERT_STRING_EQUAL(r.msgs[0].role, "system");
     CU_ASSERT_STRING_EQUAL(r.msgs[1].content, "hello");
     CU_ASSERT_EQUAL(r.max_tokens, 3);
     serve_request_free(&r);
-    CU_ASSERT_EQUAL(parse(SERVE_REQ_TOKENIZE, "{\"content\":\"x\",\"with_pieces\":true}", &r, param, err), 0);
+    CU_ASSERT_EQUAL(
+        parse(SERVE_REQ_TOKENIZE, "{\"content\":\"x\",\"with_pieces\":true}", &r, param, err), 0);
     CU_ASSERT(r.with_pieces && !r.add_special);
     serve_request_free(&r);
 }
@@ -140,10 +150,17 @@ static void test_chat_templates(void)
 {
     serve_msg m[3] = {{"system", "S"}, {"user", "U"}, {"assistant", "A"}};
     serve_msg m2[4] = {{"system", "S"}, {"user", "U"}, {"assistant", "A"}, {"user", "V"}};
-    struct { const char *name; serve_msg *m; int n; const char *want; } cases[] = {
-        {"chatml", m, 2, "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n"},
-        {"llama3", m, 2, "<|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|><|start_header_id|>user"
-                         "<|end_header_id|>\n\nU<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"},
+    struct {
+        const char *name;
+        serve_msg *m;
+        int n;
+        const char *want;
+    } cases[] = {
+        {"chatml", m, 2,
+         "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n"},
+        {"llama3", m, 2,
+         "<|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|><|start_header_id|>user"
+         "<|end_header_id|>\n\nU<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"},
         {"zephyr", m, 2, "<|system|>\nS</s>\n<|user|>\nU</s>\n<|assistant|>\n"},
         {"llama2", m, 2, "[INST] <<SYS>>\nS\n<</SYS>>\n\nU [/INST]"},
         {"llama2", m2, 4, "[INST] <<SYS>>\nS\n<</SYS>>\n\nU [/INST] A </s><s>[INST] V [/INST]"},
@@ -175,8 +192,8 @@ static void test_chat_templates(void)
 
 typedef struct {
     int status;
-    char *head;  /* headers, NUL-terminated */
-    char *body;  /* de-chunked */
+    char *head; /* headers, NUL-terminated */
+    char *body; /* de-chunked */
     size_t body_len;
 } http_resp;
 
@@ -194,22 +211,29 @@ static int dial(void)
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)g_port)};
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (connect(fd, (struct sockaddr *)&a, sizeof a)) { close(fd); return -1; }
+    if (connect(fd, (struct sockaddr *)&a, sizeof a)) {
+        close(fd);
+        return -1;
+    }
     return fd;
 }
 
-static void send_req(int fd, const char *method, const char *path, const char *body, const char *extra)
+static void send_req(int fd, const char *method, const char *path, const char *body,
+                     const char *extra)
 {
     char head[1024];
     size_t bl = body ? strlen(body) : 0;
-    int k = snprintf(head, sizeof head, "%s %s HTTP/1.1\r\nHost: t\r\nConnection: close\r\n%s%s"
-                     "Content-Length: %zu\r\n\r\n", method, path, body ? "Content-Type: application/json\r\n" : "",
+    int k = snprintf(head, sizeof head,
+                     "%s %s HTTP/1.1\r\nHost: t\r\nConnection: close\r\n%s%s"
+                     "Content-Length: %zu\r\n\r\n",
+                     method, path, body ? "Content-Type: application/json\r\n" : "",
                      extra ? extra : "", bl);
     if (write(fd, head, (size_t)k) < 0) return;
     if (bl && write(fd, body, bl) < 0) return;
 }
 
-static int http(const char *method, const char *path, const char *body, const char *extra, http_resp *r)
+static int http(const char *method, const char *path, const char *body, const char *extra,
+                http_resp *r)
 {
     memset(r, 0, sizeof *r);
     int fd = dial();
@@ -226,7 +250,10 @@ static int http(const char *method, const char *path, const char *body, const ch
     close(fd);
     buf[n] = 0;
     char *sep = strstr(buf, "\r\n\r\n");
-    if (!sep || sscanf(buf, "HTTP/1.%*d %d", &r->status) != 1) { free(buf); return -1; }
+    if (!sep || sscanf(buf, "HTTP/1.%*d %d", &r->status) != 1) {
+        free(buf);
+        return -1;
+    }
     *sep = 0;
     r->head = strdup(buf);
     char *b = sep + 4;
@@ -264,7 +291,10 @@ static char *sse_text(const char *body, int *done, int *chunks, char *finish, in
     finish[0] = 0;
     *usage_total = -1;
     for (const char *p = body; (p = strstr(p, "data: ")); p += 6) {
-        if (!strncmp(p + 6, "[DONE]", 6)) { *done = 1; continue; }
+        if (!strncmp(p + 6, "[DONE]", 6)) {
+            *done = 1;
+            continue;
+        }
         (*chunks)++;
         const char *key = strstr(p, "\"text\":\"") ? "\"text\":\"" : "\"content\":\"";
         const char *end = strstr(p, "\n\n");
@@ -272,8 +302,12 @@ static char *sse_text(const char *body, int *done, int *chunks, char *finish, in
         if (t && (!end || t < end)) {
             t += strlen(key);
             while (*t && *t != '"') {
-                if (*t == '\\') { t++; out[n++] = *t == 'n' ? '\n' : *t; t++; }
-                else out[n++] = *t++;
+                if (*t == '\\') {
+                    t++;
+                    out[n++] = *t == 'n' ? '\n' : *t;
+                    t++;
+                } else
+                    out[n++] = *t++;
             }
         }
         const char *f = strstr(p, "\"finish_reason\":\"");
@@ -289,7 +323,7 @@ static void all_ids(const char *body, char *out, size_t n)
 {
     out[0] = 0;
     size_t k = 0;
-    for (const char *p = body; (p = strstr(p, "\"token_ids\":[")); ) {
+    for (const char *p = body; (p = strstr(p, "\"token_ids\":["));) {
         p += 13;
         const char *e = strchr(p, ']');
         if (!e) break;
@@ -321,8 +355,14 @@ static int start(int slots, int ctx, int queue, const char *key, const char *cha
     char err[256];
     tok_load("double", &g_tok, err, sizeof err);
     g_q = srvq_new(slots, ctx, queue, tok_vocab_size(g_tok), tok_eos(g_tok));
-    serve_opts o = {.host = "127.0.0.1", .port = 0, .api_key = key, .model_name = "echo",
-                    .chat = serve_chat_find(chat), .ctx = ctx, .shutdown_grace_s = grace, .quiet = 1};
+    serve_opts o = {.host = "127.0.0.1",
+                    .port = 0,
+                    .api_key = key,
+                    .model_name = "echo",
+                    .chat = serve_chat_find(chat),
+                    .ctx = ctx,
+                    .shutdown_grace_s = grace,
+                    .quiet = 1};
     if (serve_server_start(&o, g_q, g_tok, &g_s, err, sizeof err)) {
         fprintf(stderr, "\n  serve_server_start: %s\n", err);
         return -1;
@@ -380,7 +420,8 @@ static void test_health_models_tokenize(void)
     CU_ASSERT_STRING_EQUAL(r.body, "{\"tokens\":[256,104,105]}");
     resp_free(&r);
     http("POST", "/tokenize", "{\"content\":\"h\\\"\",\"with_pieces\":true}", NULL, &r);
-    CU_ASSERT_STRING_EQUAL(r.body, "{\"tokens\":[{\"id\":104,\"piece\":\"h\"},{\"id\":34,\"piece\":\"\\\"\"}]}");
+    CU_ASSERT_STRING_EQUAL(
+        r.body, "{\"tokens\":[{\"id\":104,\"piece\":\"h\"},{\"id\":34,\"piece\":\"\\\"\"}]}");
     resp_free(&r);
     http("POST", "/detokenize", "{\"tokens\":[104,105,10]}", NULL, &r);
     CU_ASSERT_EQUAL(r.status, 200);
@@ -395,11 +436,13 @@ static void test_completion(void)
     serve_server_set_ready(g_s);
     http_resp r;
     /* the double echoes "hello " -> "hello hell" in 10 tokens */
-    http("POST", "/v1/completions", "{\"prompt\":\"hello \",\"max_tokens\":10,\"temperature\":0}", NULL, &r);
+    http("POST", "/v1/completions", "{\"prompt\":\"hello \",\"max_tokens\":10,\"temperature\":0}",
+         NULL, &r);
     CU_ASSERT_EQUAL(r.status, 200);
     CU_ASSERT(has(r.body, "\"text\":\"hello hell\""));
     CU_ASSERT(has(r.body, "\"finish_reason\":\"length\""));
-    CU_ASSERT(has(r.body, "\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":10,\"total_tokens\":17}"));
+    CU_ASSERT(has(r.body,
+                  "\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":10,\"total_tokens\":17}"));
     CU_ASSERT(has(r.body, "\"token_ids\":[104,101,108,108,111,32,104,101,108,108]"));
     CU_ASSERT(has(r.body, "\"object\":\"text_completion\""));
     resp_free(&r);
@@ -409,22 +452,26 @@ static void test_completion(void)
     CU_ASSERT(has(r.body, "\"finish_reason\":\"stop\""));
     resp_free(&r);
     /* ignore_eos keeps going */
-    http("POST", "/completions", "{\"prompt\":[256,120,257],\"max_tokens\":4,\"ignore_eos\":true}", NULL, &r);
+    http("POST", "/completions", "{\"prompt\":[256,120,257],\"max_tokens\":4,\"ignore_eos\":true}",
+         NULL, &r);
     CU_ASSERT(has(r.body, "\"text\":\"xx\""));
     CU_ASSERT(has(r.body, "\"finish_reason\":\"length\""));
     resp_free(&r);
     /* stop strings: the earliest match wins, nothing of it is returned */
-    http("POST", "/v1/completions", "{\"prompt\":\"hello \",\"max_tokens\":40,\"stop\":[\"o h\",\"lo \"]}", NULL, &r);
+    http("POST", "/v1/completions",
+         "{\"prompt\":\"hello \",\"max_tokens\":40,\"stop\":[\"o h\",\"lo \"]}", NULL, &r);
     CU_ASSERT(has(r.body, "\"text\":\"hel\""));
     CU_ASSERT(has(r.body, "\"finish_reason\":\"stop\""));
     CU_ASSERT(has(r.body, "\"completion_tokens\":6"));
     resp_free(&r);
     /* UTF-8: a 2-byte character arrives as two tokens and is never split */
-    http("POST", "/v1/completions", "{\"prompt\":\"\xc3\xa9t\xc3\xa9\",\"max_tokens\":5}", NULL, &r);
+    http("POST", "/v1/completions", "{\"prompt\":\"\xc3\xa9t\xc3\xa9\",\"max_tokens\":5}", NULL,
+         &r);
     CU_ASSERT(has(r.body, "\"text\":\"\xc3\xa9t\xc3\xa9\""));
     resp_free(&r);
     /* chat with the plain template */
-    http("POST", "/v1/chat/completions", "{\"messages\":[{\"role\":\"user\",\"content\":\"ab\"}],\"max_tokens\":3}", NULL, &r);
+    http("POST", "/v1/chat/completions",
+         "{\"messages\":[{\"role\":\"user\",\"content\":\"ab\"}],\"max_tokens\":3}", NULL, &r);
     CU_ASSERT_EQUAL(r.status, 200);
     CU_ASSERT(has(r.body, "\"message\":{\"role\":\"assistant\",\"content\":\"aba\"}"));
     CU_ASSERT(has(r.body, "\"object\":\"chat.completion\""));
@@ -440,7 +487,8 @@ static void test_streaming(void)
     int done, chunks, total;
     char fin[16];
     http("POST", "/v1/completions",
-         "{\"prompt\":\"hello \",\"max_tokens\":10,\"stream\":true,\"stream_options\":{\"include_usage\":true}}",
+         "{\"prompt\":\"hello "
+         "\",\"max_tokens\":10,\"stream\":true,\"stream_options\":{\"include_usage\":true}}",
          NULL, &r);
     CU_ASSERT_EQUAL(r.status, 200);
     CU_ASSERT(has(r.head, "text/event-stream"));
@@ -469,7 +517,8 @@ static void test_streaming(void)
     resp_free(&r);
     /* chat stream: a role chunk first, deltas, finish */
     http("POST", "/v1/chat/completions",
-         "{\"messages\":[{\"role\":\"user\",\"content\":\"xy\"}],\"max_tokens\":4,\"stream\":true}", NULL, &r);
+         "{\"messages\":[{\"role\":\"user\",\"content\":\"xy\"}],\"max_tokens\":4,\"stream\":true}",
+         NULL, &r);
     CU_ASSERT(has(r.body, "\"delta\":{\"role\":\"assistant\",\"content\":\"\"}"));
     CU_ASSERT(has(r.body, "chat.completion.chunk"));
     t = sse_text(r.body, &done, &chunks, fin, &total);
@@ -506,7 +555,8 @@ static void test_errors(void)
     CU_ASSERT_EQUAL(r.status, 400);
     CU_ASSERT(has(r.body, "\"param\":\"top_p\""));
     resp_free(&r);
-    http("POST", "/v1/completions", "{\"prompt\":\"0123456789012345678901234567890123456789\"}", auth, &r);
+    http("POST", "/v1/completions", "{\"prompt\":\"0123456789012345678901234567890123456789\"}",
+         auth, &r);
     CU_ASSERT_EQUAL(r.status, 400);
     CU_ASSERT(has(r.body, "\"code\":\"context_length_exceeded\""));
     CU_ASSERT(has(r.body, "\"param\":\"prompt\""));
@@ -524,9 +574,11 @@ static void test_errors(void)
     /* queue full: 1 slot + 1 waiting; a slow step keeps them busy */
     srvq_double_set_step(g_q, 20000);
     int fd1 = dial(), fd2 = dial();
-    send_req(fd1, "POST", "/v1/completions", "{\"prompt\":\"a\",\"max_tokens\":20,\"stream\":true}", auth);
+    send_req(fd1, "POST", "/v1/completions", "{\"prompt\":\"a\",\"max_tokens\":20,\"stream\":true}",
+             auth);
     usleep(100000);
-    send_req(fd2, "POST", "/v1/completions", "{\"prompt\":\"a\",\"max_tokens\":20,\"stream\":true}", auth);
+    send_req(fd2, "POST", "/v1/completions", "{\"prompt\":\"a\",\"max_tokens\":20,\"stream\":true}",
+             auth);
     usleep(100000);
     http("POST", "/v1/completions", "{\"prompt\":\"a\",\"max_tokens\":2}", auth, &r);
     CU_ASSERT_EQUAL(r.status, 503);
@@ -555,29 +607,41 @@ static void test_disconnect_frees_slot(void)
     srvq_double_set_step(g_q, 10000);
     /* a streaming and a non-streaming request, each hung up on mid-generation */
     int fds[2] = {dial(), dial()};
-    send_req(fds[0], "POST", "/v1/completions", "{\"prompt\":\"a\",\"max_tokens\":3000,\"stream\":true}", NULL);
+    send_req(fds[0], "POST", "/v1/completions",
+             "{\"prompt\":\"a\",\"max_tokens\":3000,\"stream\":true}", NULL);
     send_req(fds[1], "POST", "/v1/completions", "{\"prompt\":\"b\",\"max_tokens\":3000}", NULL);
     char buf[256];
     CU_ASSERT(read(fds[0], buf, sizeof buf) > 0); /* the stream started */
     long used = -1;
-    for (int i = 0; i < 100 && used != 2; i++) { usleep(20000); used = metric("modpipe_slots_in_use"); }
+    for (int i = 0; i < 100 && used != 2; i++) {
+        usleep(20000);
+        used = metric("modpipe_slots_in_use");
+    }
     CU_ASSERT_EQUAL(used, 2);
     close(fds[0]);
     close(fds[1]);
-    for (int i = 0; i < 200 && used != 0; i++) { usleep(20000); used = metric("modpipe_slots_in_use"); }
+    for (int i = 0; i < 200 && used != 0; i++) {
+        usleep(20000);
+        used = metric("modpipe_slots_in_use");
+    }
     CU_ASSERT_EQUAL(used, 0);
     CU_ASSERT(metric("modpipe_generated_tokens_total") < 2000);
     stop();
 }
 
-typedef struct { int i; char *text; int status; } conc_arg;
+typedef struct {
+    int i;
+    char *text;
+    int status;
+} conc_arg;
 
 static void *conc_worker(void *p)
 {
     conc_arg *a = p;
     char body[256];
-    snprintf(body, sizeof body, "{\"prompt\":\"req%02d-\",\"max_tokens\":24,\"stream\":%s,\"temperature\":0}",
-             a->i, a->i % 2 ? "true" : "false");
+    snprintf(body, sizeof body,
+             "{\"prompt\":\"req%02d-\",\"max_tokens\":24,\"stream\":%s,\"temperature\":0}", a->i,
+             a->i % 2 ? "true" : "false");
     http_resp r;
     if (http("POST", "/v1/completions", body, NULL, &r)) return NULL;
     a->status = r.status;
@@ -609,7 +673,8 @@ static void test_concurrent(void)
         snprintf(want, sizeof want, "req%02d-req%02d-req%02d-req%02d-", i, i, i, i);
         CU_ASSERT_EQUAL(a[i].status, 200);
         CU_ASSERT(a[i].text && !strcmp(a[i].text, want));
-        if (a[i].text && strcmp(a[i].text, want)) fprintf(stderr, "\n  #%d: got [%s]\n", i, a[i].text);
+        if (a[i].text && strcmp(a[i].text, want))
+            fprintf(stderr, "\n  #%d: got [%s]\n", i, a[i].text);
         free(a[i].text);
     }
     stop();
@@ -628,7 +693,8 @@ static void test_shutdown(void)
     srvq_double_set_step(g_q, 5000);
     int quick = dial(), slow = dial();
     send_req(quick, "POST", "/v1/completions", "{\"prompt\":\"q\",\"max_tokens\":10}", NULL);
-    send_req(slow, "POST", "/v1/completions", "{\"prompt\":\"s\",\"max_tokens\":3000,\"stream\":true}", NULL);
+    send_req(slow, "POST", "/v1/completions",
+             "{\"prompt\":\"s\",\"max_tokens\":3000,\"stream\":true}", NULL);
     usleep(30000);
     pthread_t th;
     pthread_create(&th, NULL, shutdown_thread, NULL);

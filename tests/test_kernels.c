@@ -105,7 +105,10 @@ static double rel_err_f(const float *a, const float *b, size_t count)
 }
 
 static const stage_dtype DTYPES[] = {STAGE_F32, STAGE_BF16, STAGE_F16};
-static const char *dt_name(stage_dtype d) { return d == STAGE_F32 ? "f32" : d == STAGE_BF16 ? "bf16" : "f16"; }
+static const char *dt_name(stage_dtype d)
+{
+    return d == STAGE_F32 ? "f32" : d == STAGE_BF16 ? "bf16" : "f16";
+}
 
 static void threads(int n)
 {
@@ -124,7 +127,8 @@ static void threads(int n)
 static void check_shape(int n, int k, const int *ms, int n_ms, double worst[STAGE_N_ISAS][3])
 {
     int mmax = 0;
-    for (int t = 0; t < n_ms; t++) if (ms[t] > mmax) mmax = ms[t];
+    for (int t = 0; t < n_ms; t++)
+        if (ms[t] > mmax) mmax = ms[t];
     float *x = malloc((size_t)mmax * k * sizeof *x);
     float *src = malloc((size_t)n * k * sizeof *src);
     float *wr = malloc((size_t)n * k * sizeof *wr);
@@ -146,9 +150,10 @@ static void check_shape(int n, int k, const int *ms, int n_ms, double worst[STAG
                 if (!stage_isa_supported((stage_isa)isa)) continue;
                 CU_ASSERT_EQUAL_FATAL(stage_matmul_force_isa((stage_isa)isa), 0);
                 for (int p = 0; p < 2; p++) {
-                    stage_path path = p == 0 ? STAGE_PATH_AUTO
-                                             : (m <= stage_matmul_m_small(DTYPES[d]) ? STAGE_PATH_LARGE
-                                                                                     : STAGE_PATH_SMALL);
+                    stage_path path =
+                        p == 0 ? STAGE_PATH_AUTO
+                               : (m <= stage_matmul_m_small(DTYPES[d]) ? STAGE_PATH_LARGE
+                                                                       : STAGE_PATH_SMALL);
                     stage_matmul_force_path(path);
                     for (size_t i = 0; i < (size_t)m * n; i++) y[i] = NAN;
                     stage_matmul_w(x, m, &w, y);
@@ -156,9 +161,10 @@ static void check_shape(int n, int k, const int *ms, int n_ms, double worst[STAG
                     double ec = rel_err_f(y, yc, (size_t)m * n);
                     if (e > worst[isa][d]) worst[isa][d] = e;
                     if (e > TOL || ec > 2 * TOL)
-                        fprintf(stderr, "\n  %s %s n=%d k=%d m=%d path=%d: rel err %.3g (vs C %.3g)\n",
-                                stage_isa_name((stage_isa)isa), dt_name(DTYPES[d]), n, k, m, (int)path,
-                                e, ec);
+                        fprintf(stderr,
+                                "\n  %s %s n=%d k=%d m=%d path=%d: rel err %.3g (vs C %.3g)\n",
+                                stage_isa_name((stage_isa)isa), dt_name(DTYPES[d]), n, k, m,
+                                (int)path, e, ec);
                     CU_ASSERT(e <= TOL);
                     CU_ASSERT(ec <= 2 * TOL);
                 }
@@ -181,8 +187,8 @@ static void print_worst(const char *what, double worst[STAGE_N_ISAS][3])
     if (!verbose()) return;
     for (int isa = 0; isa < STAGE_N_ISAS; isa++) {
         if (!stage_isa_supported((stage_isa)isa)) continue;
-        fprintf(stderr, "\n  %s %-10s f32 %.3g  bf16 %.3g  f16 %.3g", what, stage_isa_name((stage_isa)isa),
-                worst[isa][0], worst[isa][1], worst[isa][2]);
+        fprintf(stderr, "\n  %s %-10s f32 %.3g  bf16 %.3g  f16 %.3g", what,
+                stage_isa_name((stage_isa)isa), worst[isa][0], worst[isa][1], worst[isa][2]);
     }
 }
 
@@ -196,9 +202,9 @@ static void test_matmul_m_sweep(void)
     double worst[STAGE_N_ISAS][3] = {{0}};
     for (int th = 1; th <= 2; th++) {
         threads(th);
-        check_shape(37, 67, ms, 44, worst);   /* k: 4 x 16 + 3; n: 9 row blocks + 1 */
-        check_shape(6, 33, ms, 44, worst);    /* k just past one bf16 pair chunk */
-        check_shape(5, 5, ms, 44, worst);     /* k < every vector width */
+        check_shape(37, 67, ms, 44, worst); /* k: 4 x 16 + 3; n: 9 row blocks + 1 */
+        check_shape(6, 33, ms, 44, worst);  /* k just past one bf16 pair chunk */
+        check_shape(5, 5, ms, 44, worst);   /* k < every vector width */
     }
     stage_threads_free();
     print_worst("m sweep", worst);
@@ -210,11 +216,11 @@ static void test_matmul_large_shapes(void)
     double worst[STAGE_N_ISAS][3] = {{0}};
     threads(2);
     const int ms1[] = {1, 4, 16, 17, 24};
-    check_shape(531, 300, ms1, 5, worst);     /* 3 tiles; k not a multiple of 16 */
+    check_shape(531, 300, ms1, 5, worst); /* 3 tiles; k not a multiple of 16 */
     const int ms2[] = {1, 3, 17};
     check_shape(13, STAGE_TILE_K * 2 + 37, ms2, 3, worst); /* k in 3 converted blocks */
     const int ms3[] = {2, 20};
-    check_shape(64, 4096, ms3, 2, worst);     /* decode-sized dot products */
+    check_shape(64, 4096, ms3, 2, worst); /* decode-sized dot products */
     stage_threads_free();
     print_worst("large", worst);
 }
@@ -302,7 +308,8 @@ static void test_matmul_row_independent(void)
                 stage_matmul_w(x, 1, &w7, y1);
                 same &= !memcmp(y1, ym, 7 * sizeof(float));
                 if (!same)
-                    fprintf(stderr, "\n  %s %s m=%d: a row's result depends on the rows around it\n",
+                    fprintf(stderr,
+                            "\n  %s %s m=%d: a row's result depends on the rows around it\n",
                             stage_isa_name((stage_isa)isa), dt_name(DTYPES[d]), m);
                 CU_ASSERT(same);
             }
@@ -370,11 +377,15 @@ static void ref_attend(const float *q, int n_q, const float *k, const float *v, 
         double *p = probs + (size_t)h * n_ctx, mx = -INFINITY, sum = 0.0;
         for (int t = 0; t < n_ctx; t++) {
             double s = 0.0;
-            for (int i = 0; i < hd; i++) s += (double)q[(size_t)h * hd + i] * k[(size_t)t * stride + i];
+            for (int i = 0; i < hd; i++)
+                s += (double)q[(size_t)h * hd + i] * k[(size_t)t * stride + i];
             p[t] = s * scale;
             if (p[t] > mx) mx = p[t];
         }
-        for (int t = 0; t < n_ctx; t++) { p[t] = exp(p[t] - mx); sum += p[t]; }
+        for (int t = 0; t < n_ctx; t++) {
+            p[t] = exp(p[t] - mx);
+            sum += p[t];
+        }
         for (int t = 0; t < n_ctx; t++) p[t] /= sum;
         for (int i = 0; i < hd; i++) {
             double o = 0.0;
@@ -420,7 +431,8 @@ static void test_attend(void)
                     if (e > worst[isa]) worst[isa] = e;
                     if (ep > worst[isa]) worst[isa] = ep;
                     if (e > TOL || ep > TOL)
-                        fprintf(stderr, "\n  attend %s hd=%d n_ctx=%d n_q=%d: out %.3g probs %.3g\n",
+                        fprintf(stderr,
+                                "\n  attend %s hd=%d n_ctx=%d n_q=%d: out %.3g probs %.3g\n",
                                 stage_isa_name((stage_isa)isa), hd, n_ctx, n_q, e, ep);
                     CU_ASSERT(e <= TOL);
                     CU_ASSERT(ep <= TOL);
@@ -428,21 +440,31 @@ static void test_attend(void)
                     for (int h = 0; h < n_q; h++) {
                         stage_attend(q + (size_t)h * hd, kh, vh, stride, n_ctx, hd, scale, p1, o1);
                         same &= !memcmp(o1, out + (size_t)h * hd, (size_t)hd * sizeof(float));
-                        same &= !memcmp(p1, probs + (size_t)h * n_ctx, (size_t)n_ctx * sizeof(float));
+                        same &=
+                            !memcmp(p1, probs + (size_t)h * n_ctx, (size_t)n_ctx * sizeof(float));
                     }
                     if (!same)
-                        fprintf(stderr, "\n  attend %s hd=%d n_ctx=%d n_q=%d: GQA head != head alone\n",
+                        fprintf(stderr,
+                                "\n  attend %s hd=%d n_ctx=%d n_q=%d: GQA head != head alone\n",
                                 stage_isa_name((stage_isa)isa), hd, n_ctx, n_q);
                     CU_ASSERT(same);
                 }
-                free(q); free(kk); free(vv); free(probs); free(out); free(p1); free(o1);
-                free(rp); free(ro);
+                free(q);
+                free(kk);
+                free(vv);
+                free(probs);
+                free(out);
+                free(p1);
+                free(o1);
+                free(rp);
+                free(ro);
             }
     stage_matmul_force_isa(stage_isa_best());
     if (verbose())
         for (int isa = 0; isa < STAGE_N_ISAS; isa++)
             if (stage_isa_supported((stage_isa)isa))
-                fprintf(stderr, "\n  attend %-10s worst rel err %.3g", stage_isa_name((stage_isa)isa), worst[isa]);
+                fprintf(stderr, "\n  attend %-10s worst rel err %.3g",
+                        stage_isa_name((stage_isa)isa), worst[isa]);
 }
 
 /* ================================================================== */
@@ -493,22 +515,28 @@ typedef struct {
     const char *name;
     CU_TestFunc fn;
 } test_def;
-#define T_(f) {#f, f}
+#define T_(f)                                                                                      \
+    {                                                                                              \
+#f, f                                                                                      \
+    }
 
 int main(void)
 {
     static const test_def tests[] = {
-        T_(test_edges), T_(test_matmul_m_sweep), T_(test_matmul_large_shapes),
-        T_(test_matmul_threads_bitwise), T_(test_matmul_row_independent), T_(test_pool_sleep_wake), T_(test_attend),
+        T_(test_edges),
+        T_(test_matmul_m_sweep),
+        T_(test_matmul_large_shapes),
+        T_(test_matmul_threads_bitwise),
+        T_(test_matmul_row_independent),
+        T_(test_pool_sleep_wake),
+        T_(test_attend),
     };
     if (CU_initialize_registry() != CUE_SUCCESS) return 1;
     CU_pSuite s = CU_add_suite("kernels", NULL, NULL);
     if (!s) return 1;
     for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++)
         if (!CU_add_test(s, tests[i].name, tests[i].fn)) return 1;
-    if (verbose()) {
-        fprintf(stderr, "best variant: %s\n", stage_isa_name(stage_isa_best()));
-    }
+    if (verbose()) { fprintf(stderr, "best variant: %s\n", stage_isa_name(stage_isa_best())); }
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();
     unsigned fails = CU_get_number_of_failures();

@@ -37,8 +37,10 @@ static const char *fixtures(void)
 
 static void fx_path(char *buf, size_t len, const char *a, const char *b)
 {
-    if (b) snprintf(buf, len, "%s/%s/%s", fixtures(), a, b);
-    else snprintf(buf, len, "%s/%s", fixtures(), a);
+    if (b)
+        snprintf(buf, len, "%s/%s/%s", fixtures(), a, b);
+    else
+        snprintf(buf, len, "%s/%s", fixtures(), a);
 }
 
 static unsigned char *slurp(const char *path, size_t *len)
@@ -85,7 +87,10 @@ static unsigned char *raw_tensor(const char *file, const char *name, char *dtype
 {
     size_t len;
     unsigned char *b = slurp(file, &len);
-    if (!b || len < 8) { free(b); return NULL; }
+    if (!b || len < 8) {
+        free(b);
+        return NULL;
+    }
     uint64_t n = 0;
     for (int i = 7; i >= 0; i--) n = (n << 8) | b[i];
     cJSON *h = cJSON_ParseWithLength((const char *)b + 8, (size_t)n);
@@ -119,16 +124,19 @@ static float hand_f16(const unsigned char *p)
     unsigned h = (unsigned)p[0] | ((unsigned)p[1] << 8);
     int s = (h >> 15) & 1, e = (h >> 10) & 31, m = h & 1023;
     double v;
-    if (e == 0) v = ldexp(m, -24);
-    else if (e == 31) v = m ? NAN : INFINITY;
-    else v = ldexp(m + 1024, e - 25);
+    if (e == 0)
+        v = ldexp(m, -24);
+    else if (e == 31)
+        v = m ? NAN : INFINITY;
+    else
+        v = ldexp(m + 1024, e - 25);
     return (float)(s ? -v : v);
 }
 
 static float hand_f32(const unsigned char *p)
 {
-    uint32_t u = (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) |
-                 ((uint32_t)p[3] << 24);
+    uint32_t u =
+        (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
     float f;
     memcpy(&f, &u, 4);
     return f;
@@ -228,8 +236,9 @@ static void test_config_kind_names(void)
 /* config: defaults, Router-Tuning form, errors                        */
 /* ================================================================== */
 
-#define BASE "\"hidden_size\": 64, \"intermediate_size\": 128, \"num_attention_heads\": 4, " \
-             "\"vocab_size\": 97"
+#define BASE                                                                                       \
+    "\"hidden_size\": 64, \"intermediate_size\": 128, \"num_attention_heads\": 4, "                \
+    "\"vocab_size\": 97"
 
 static int parse(const char *json, stage_config *c, char *err, size_t errlen)
 {
@@ -293,8 +302,7 @@ static void test_config_defaults(void)
     CU_ASSERT_EQUAL(rc, 0);
     CU_ASSERT_EQUAL(c.eos_token_id, 2);
     stage_config_free(&c);
-    rc = parse("{" BASE ", \"num_hidden_layers\": 1, \"eos_token_id\": null}", &c, err,
-               sizeof err);
+    rc = parse("{" BASE ", \"num_hidden_layers\": 1, \"eos_token_id\": null}", &c, err, sizeof err);
     CU_ASSERT_EQUAL(rc, 0);
     CU_ASSERT_EQUAL(c.eos_token_id, -1);
     stage_config_free(&c);
@@ -306,7 +314,8 @@ static void test_config_router_tuning(void)
     char err[512];
     int rc = parse("{" BASE ", \"num_hidden_layers\": 4, "
                    "\"is_mindskip\": [false, true, true, false], \"threshold\": 0.3, "
-                   "\"granularity\": \"attn_token\"}", &c, err, sizeof err);
+                   "\"granularity\": \"attn_token\"}",
+                   &c, err, sizeof err);
     if (rc) fprintf(stderr, "\n  %s\n", err);
     CU_ASSERT_EQUAL_FATAL(rc, 0);
     CU_ASSERT_EQUAL(c.layer_kind[0], STAGE_KIND_DENSE);
@@ -318,7 +327,8 @@ static void test_config_router_tuning(void)
     stage_config_free(&c);
 
     rc = parse("{" BASE ", \"num_hidden_layers\": 2, \"is_mindskip\": [true, true], "
-               "\"granularity\": \"attn_sequence\"}", &c, err, sizeof err);
+               "\"granularity\": \"attn_sequence\"}",
+               &c, err, sizeof err);
     CU_ASSERT_EQUAL_FATAL(rc, 0);
     CU_ASSERT_EQUAL(c.layer_kind[0], STAGE_KIND_MINDSKIP);
     CU_ASSERT_EQUAL(c.layer_kind[1], STAGE_KIND_MINDSKIP);
@@ -328,7 +338,8 @@ static void test_config_router_tuning(void)
 
     /* layer_types wins over is_mindskip; then the top-level threshold is not MindSkip's */
     rc = parse("{" BASE ", \"num_hidden_layers\": 2, \"is_mindskip\": [true, true], "
-               "\"threshold\": 0.9, \"layer_types\": [\"dense\", \"mod\"]}", &c, err, sizeof err);
+               "\"threshold\": 0.9, \"layer_types\": [\"dense\", \"mod\"]}",
+               &c, err, sizeof err);
     CU_ASSERT_EQUAL_FATAL(rc, 0);
     CU_ASSERT_EQUAL(c.layer_kind[0], STAGE_KIND_DENSE);
     CU_ASSERT_EQUAL(c.layer_kind[1], STAGE_KIND_MOD);
@@ -344,7 +355,8 @@ static void test_config_router_tuning(void)
     CU_ASSERT_NOT_EQUAL(rc, 0);
     ASSERT_HAS(err, "is_mindskip[1]");
     rc = parse("{" BASE ", \"num_hidden_layers\": 1, \"is_mindskip\": [true], "
-               "\"granularity\": \"block\"}", &c, err, sizeof err);
+               "\"granularity\": \"block\"}",
+               &c, err, sizeof err);
     CU_ASSERT_NOT_EQUAL(rc, 0);
     ASSERT_HAS(err, "\"block\"");
 }
@@ -361,26 +373,28 @@ static const bad_cfg bad_cfgs[] = {
     {"{\"intermediate_size\": 128, \"num_attention_heads\": 4, \"vocab_size\": 97, " L2 "}",
      "missing key \"hidden_size\""},
     {"{\"hidden_size\": \"64\", \"intermediate_size\": 128, \"num_attention_heads\": 4, "
-     "\"vocab_size\": 97, " L2 "}", "hidden_size"},
+     "\"vocab_size\": 97, " L2 "}",
+     "hidden_size"},
     {"{\"hidden_size\": 64.5, \"intermediate_size\": 128, \"num_attention_heads\": 4, "
-     "\"vocab_size\": 97, " L2 "}", "hidden_size"},
+     "\"vocab_size\": 97, " L2 "}",
+     "hidden_size"},
     {"{" BASE ", \"num_hidden_layers\": 0}", "num_hidden_layers"},
     {"{" BASE ", \"num_hidden_layers\": 4, \"layer_types\": "
-     "[\"dense\", \"mod\", \"dense\", \"moe\"]}", "layer_types[3]: unknown layer type \"moe\""},
-    {"{" BASE ", \"num_hidden_layers\": 3, \"layer_types\": [\"dense\", \"mod\"]}",
-     "layer_types"},
+     "[\"dense\", \"mod\", \"dense\", \"moe\"]}",
+     "layer_types[3]: unknown layer type \"moe\""},
+    {"{" BASE ", \"num_hidden_layers\": 3, \"layer_types\": [\"dense\", \"mod\"]}", "layer_types"},
     {"{" BASE ", " L2 ", \"layer_types\": \"dense\"}", "layer_types"},
     {"{" BASE ", " L2 ", \"rope_scaling\": {\"type\": \"linear\", \"factor\": 2.0}}",
      "rope_scaling"},
     {"{" BASE ", " L2 ", \"attention_bias\": true}", "attention_bias"},
     {"{" BASE ", " L2 ", \"mlp_bias\": true}", "mlp_bias"},
     {"{" BASE ", " L2 ", \"sliding_window\": 4096}", "sliding_window"},
-    {"{" BASE ", " L2 ", \"use_sliding_window\": true, \"sliding_window\": 16}",
-     "sliding_window"},
+    {"{" BASE ", " L2 ", \"use_sliding_window\": true, \"sliding_window\": 16}", "sliding_window"},
     {"{" BASE ", " L2 ", \"hidden_act\": \"gelu\"}", "hidden_act"},
     {"{" BASE ", " L2 ", \"hidden_activation\": \"gelu_pytorch_tanh\"}", "hidden_activation"},
     {"{\"hidden_size\": 66, \"intermediate_size\": 128, \"num_attention_heads\": 4, "
-     "\"vocab_size\": 97, " L2 "}", "hidden_size"},
+     "\"vocab_size\": 97, " L2 "}",
+     "hidden_size"},
     {"{" BASE ", " L2 ", \"num_key_value_heads\": 3}", "num_key_value_heads"},
     {"{" BASE ", " L2 ", \"mod\": {\"capacity\": 0}}", "mod.capacity"},
     {"{" BASE ", " L2 ", \"mod\": {\"capacity\": 1.5}}", "mod.capacity"},
@@ -457,8 +471,9 @@ static void check_tensor(st_model *m, const char *file, const char *name, int nd
     CU_ASSERT_EQUAL(nb, numel * esz);
     size_t bad = 0;
     for (size_t i = 0; i < numel; i++) {
-        float want = esz == 4 ? hand_f32(raw + 4 * i)
-                   : strcmp(dt, "BF16") == 0 ? hand_bf16(raw + 2 * i) : hand_f16(raw + 2 * i);
+        float want = esz == 4                  ? hand_f32(raw + 4 * i)
+                     : strcmp(dt, "BF16") == 0 ? hand_bf16(raw + 2 * i)
+                                               : hand_f16(raw + 2 * i);
         if (memcmp(&want, &p[i], 4) != 0) bad++;
     }
     CU_ASSERT_EQUAL(bad, 0);
@@ -500,11 +515,12 @@ static void test_st_f32_fixture(void)
     CU_ASSERT_EQUAL(st_loaded_bytes(m), (97 * 64 + 64 * 128 + 64) * 4);
 
     const int64_t wrong[2] = {64, 64};
-    CU_ASSERT_PTR_NULL(st_get_f32(m, "model.layers.0.mlp.down_proj.weight", 2, wrong, err,
-                                  sizeof err));
+    CU_ASSERT_PTR_NULL(
+        st_get_f32(m, "model.layers.0.mlp.down_proj.weight", 2, wrong, err, sizeof err));
     snprintf(want, sizeof want,
              "%s: tensor model.layers.0.mlp.down_proj.weight has shape [64, 128], expected "
-             "[64, 64]", file);
+             "[64, 64]",
+             file);
     CU_ASSERT_STRING_EQUAL(err, want);
     CU_ASSERT_PTR_NULL(st_get_f32(m, "model.norm.weight", 2, wrong, err, sizeof err));
     ASSERT_HAS(err, "has shape [64], expected [64, 64]");
@@ -561,7 +577,8 @@ static void test_st_sharded_fixture(void)
     CU_ASSERT_FATAL(cJSON_IsObject(wm));
     int n_checked[2] = {0, 0};
     const cJSON *it;
-    cJSON_ArrayForEach(it, wm) {
+    cJSON_ArrayForEach(it, wm)
+    {
         int shard = strstr(it->valuestring, "00002-of") ? 1 : 0;
         const char *file = shard ? s2 : s1;
         const char *nm = it->string;
@@ -579,8 +596,8 @@ static void test_st_sharded_fixture(void)
 
     /* the predictor router of a mod layer */
     st_tensor t;
-    CU_ASSERT_EQUAL(st_find(m, "model.layers.1.router_predictor.fc1.weight", &t, err,
-                            sizeof err), 1);
+    CU_ASSERT_EQUAL(st_find(m, "model.layers.1.router_predictor.fc1.weight", &t, err, sizeof err),
+                    1);
     CU_ASSERT_EQUAL(t.ndim, 2);
     CU_ASSERT_EQUAL(t.shape[1], 64);
 
@@ -645,8 +662,8 @@ static st_writer *build_writer(void)
         size_t n = wnumel(&wspecs[k]);
         float *v = malloc(n * sizeof *v);
         wvalues(k, v, n);
-        CU_ASSERT_EQUAL(st_writer_add(w, wspecs[k].name, wspecs[k].dt, wspecs[k].ndim,
-                                      wspecs[k].shape, v), 0);
+        CU_ASSERT_EQUAL(
+            st_writer_add(w, wspecs[k].name, wspecs[k].dt, wspecs[k].ndim, wspecs[k].shape, v), 0);
         free(v);
     }
     return w;
@@ -663,8 +680,8 @@ static void check_readback(const char *dir)
         size_t n = wnumel(&wspecs[k]);
         float *v = malloc(n * sizeof *v);
         wvalues(k, v, n);
-        const float *p = st_get_f32(m, wspecs[k].name, wspecs[k].ndim, wspecs[k].shape, err,
-                                    sizeof err);
+        const float *p =
+            st_get_f32(m, wspecs[k].name, wspecs[k].ndim, wspecs[k].shape, err, sizeof err);
         if (!p) fprintf(stderr, "\n  %s\n", err);
         CU_ASSERT_PTR_NOT_NULL_FATAL(p);
         st_tensor t;
@@ -700,7 +717,8 @@ static void check_file_layout(const char *dir, const char *name, size_t *n_tenso
     CU_ASSERT_PTR_NOT_NULL_FATAL(h);
     size_t total = 0, cnt = 0;
     const cJSON *it;
-    cJSON_ArrayForEach(it, h) {
+    cJSON_ArrayForEach(it, h)
+    {
         if (strcmp(it->string, "__metadata__") == 0) continue;
         const cJSON *off = cJSON_GetObjectItemCaseSensitive(it, "data_offsets");
         CU_ASSERT_EQUAL((size_t)cJSON_GetArrayItem(off, 0)->valuedouble, total);
@@ -734,8 +752,7 @@ static void test_writer_roundtrip(void)
     if (rc) fprintf(stderr, "\n  %s\n", err);
     CU_ASSERT_EQUAL_FATAL(rc, 0);
     size_t sum = 0;
-    const char *shards[3] = {"model-00001-of-00003.safetensors",
-                             "model-00002-of-00003.safetensors",
+    const char *shards[3] = {"model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
                              "model-00003-of-00003.safetensors"};
     for (int s = 0; s < 3; s++) {
         check_file_layout(d3, shards[s], &cnt);
@@ -752,8 +769,8 @@ static void test_writer_roundtrip(void)
     char *text = (char *)slurp(path, &len);
     CU_ASSERT_PTR_NOT_NULL_FATAL(text);
     cJSON *root = cJSON_Parse(text);
-    cJSON *ts = cJSON_GetObjectItemCaseSensitive(
-        cJSON_GetObjectItemCaseSensitive(root, "metadata"), "total_size");
+    cJSON *ts = cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(root, "metadata"),
+                                                 "total_size");
     size_t total = 0;
     for (int k = 0; k < N_WSPEC; k++) total += wnumel(&wspecs[k]) * stage_dtype_size(wspecs[k].dt);
     CU_ASSERT(cJSON_IsNumber(ts) && (size_t)ts->valuedouble == total);
@@ -762,7 +779,8 @@ static void test_writer_roundtrip(void)
     int k = 0;
     const char *prev = "";
     const cJSON *it;
-    cJSON_ArrayForEach(it, wm) {
+    cJSON_ArrayForEach(it, wm)
+    {
         CU_ASSERT_STRING_EQUAL(it->string, wspecs[k].name);
         CU_ASSERT(strcmp(prev, it->valuestring) <= 0);
         prev = it->valuestring;
@@ -858,13 +876,16 @@ typedef struct {
 #define E(name, body) "\"" name "\": " body
 static const bad_st bad_sts[] = {
     /* file shorter than 8 bytes: header "" + truncation handled below */
-    {"", 0, 1000, "past the end"},                        /* header length past EOF */
+    {"", 0, 1000, "past the end"}, /* header length past EOF */
     {"{\"a\": {", 0, -1, "not valid JSON"},
     {"[1, 2]", 0, -1, "not a JSON object"},
     {"{\"a\": 3}", 0, -1, "tensor a"},
-    {"{" E("w", "{\"shape\": [2], \"data_offsets\": [0, 8]}") "}", 8, -1, "tensor w: missing dtype"},
-    {"{" E("w", "{\"dtype\": \"F32\", \"data_offsets\": [0, 8]}") "}", 8, -1, "tensor w: missing shape"},
-    {"{" E("w", "{\"dtype\": \"F32\", \"shape\": [2]}") "}", 8, -1, "tensor w: missing data_offsets"},
+    {"{" E("w", "{\"shape\": [2], \"data_offsets\": [0, 8]}") "}", 8, -1,
+     "tensor w: missing dtype"},
+    {"{" E("w", "{\"dtype\": \"F32\", \"data_offsets\": [0, 8]}") "}", 8, -1,
+     "tensor w: missing shape"},
+    {"{" E("w", "{\"dtype\": \"F32\", \"shape\": [2]}") "}", 8, -1,
+     "tensor w: missing data_offsets"},
     {"{" E("w", "{\"dtype\": 7, \"shape\": [2], \"data_offsets\": [0, 8]}") "}", 8, -1, "tensor w"},
     {"{" E("w", "{\"dtype\": \"F32\", \"shape\": \"2\", \"data_offsets\": [0, 8]}") "}", 8, -1,
      "tensor w"},
@@ -877,22 +898,23 @@ static const bad_st bad_sts[] = {
     {"{" E("w", "{\"dtype\": \"I64\", \"shape\": [1], \"data_offsets\": [0, 8]}") "}", 8, -1,
      "tensor w: unsupported dtype \"I64\""},
     {"{" E("w", "{\"dtype\": \"F32\", \"shape\": [2], \"data_offsets\": [0, 16]}") "}", 8, -1,
-     "tensor w"},                                          /* past the data region */
+     "tensor w"}, /* past the data region */
     {"{" E("w", "{\"dtype\": \"F32\", \"shape\": [2], \"data_offsets\": [8, 0]}") "}", 8, -1,
-     "tensor w"},                                          /* end < begin */
+     "tensor w"}, /* end < begin */
     {"{" E("w", "{\"dtype\": \"F32\", \"shape\": [3], \"data_offsets\": [0, 8]}") "}", 16, -1,
-     "tensor w"},                                          /* length != numel * size */
-    {"{" E("u", "{\"dtype\": \"F32\", \"shape\": [2], \"data_offsets\": [0, 8]}") ", "
-         E("v", "{\"dtype\": \"F16\", \"shape\": [2], \"data_offsets\": [6, 10]}") "}", 16, -1,
-     "overlap"},
-    {"{" E("u", "{\"dtype\": \"F32\", \"shape\": [4], \"data_offsets\": [0, 16]}") ", "
-         E("v", "{\"dtype\": \"F16\", \"shape\": [2], \"data_offsets\": [4, 8]}") "}", 16, -1,
-     "tensors u and v overlap"},                           /* one inside the other */
-    {"{" E("u", "{\"dtype\": \"F32\", \"shape\": [1], \"data_offsets\": [0, 4]}") ", "
-         E("u", "{\"dtype\": \"F32\", \"shape\": [1], \"data_offsets\": [4, 8]}") "}", 8, -1,
-     "tensor u appears twice"},
+     "tensor w"}, /* length != numel * size */
+    {"{" E("u", "{\"dtype\": \"F32\", \"shape\": [2], \"data_offsets\": [0, 8]}") ", " E(
+         "v", "{\"dtype\": \"F16\", \"shape\": [2], \"data_offsets\": [6, 10]}") "}",
+     16, -1, "overlap"},
+    {"{" E("u", "{\"dtype\": \"F32\", \"shape\": [4], \"data_offsets\": [0, 16]}") ", " E(
+         "v", "{\"dtype\": \"F16\", \"shape\": [2], \"data_offsets\": [4, 8]}") "}",
+     16, -1, "tensors u and v overlap"}, /* one inside the other */
+    {"{" E("u", "{\"dtype\": \"F32\", \"shape\": [1], \"data_offsets\": [0, 4]}") ", " E(
+         "u", "{\"dtype\": \"F32\", \"shape\": [1], \"data_offsets\": [4, 8]}") "}",
+     8, -1, "tensor u appears twice"},
     {"{" E("w", "{\"dtype\": \"F32\", \"shape\": [1,1,1,1,1,1,1,1,1], "
-                "\"data_offsets\": [0, 4]}") "}", 4, -1, "tensor w"},
+                "\"data_offsets\": [0, 4]}") "}",
+     4, -1, "tensor w"},
     {"{} xx", 0, -1, "junk"},
 };
 
@@ -918,8 +940,8 @@ static void test_st_malformed(void)
 
     for (size_t i = 0; i < sizeof bad_sts / sizeof bad_sts[0]; i++) {
         size_t len;
-        unsigned char *b = make_st(bad_sts[i].header, bad_sts[i].data_len,
-                                   bad_sts[i].n_override, &len);
+        unsigned char *b =
+            make_st(bad_sts[i].header, bad_sts[i].data_len, bad_sts[i].n_override, &len);
         spit(dir, "model.safetensors", b, len);
         free(b);
         err[0] = '\0';
@@ -937,15 +959,18 @@ static void test_st_malformed(void)
 
     /* accepted oddities: __metadata__, zero-size tensors, space padding, unaligned F32 */
     {
+        // clang-format off
         const char *h = "{\"__metadata__\": {\"format\": \"pt\"}, "
                         E("z", "{\"dtype\": \"F32\", \"shape\": [0, 3], \"data_offsets\": [2, 2]}") ", "
                         E("h", "{\"dtype\": \"F16\", \"shape\": [1], \"data_offsets\": [0, 2]}") ", "
                         E("w", "{\"dtype\": \"F32\", \"shape\": [2], \"data_offsets\": [2, 10]}")
                         "}   ";
+        // clang-format on
         size_t len;
         unsigned char *b = make_st(h, 10, -1, &len);
         size_t data = len - 10;
-        b[data + 0] = 0x00; b[data + 1] = 0x3c;              /* f16 1.0 */
+        b[data + 0] = 0x00;
+        b[data + 1] = 0x3c; /* f16 1.0 */
         const float two[2] = {2.5f, -3.0f};
         memcpy(b + data + 2, two, 8);
         spit(dir, "model.safetensors", b, len);
@@ -970,7 +995,8 @@ static void test_st_malformed(void)
     /* ---- sharded ---- */
     char idx[1024];
     snprintf(idx, sizeof idx, "%s/model.safetensors.index.json", dir);
-    const char *good = "{" E("a", "{\"dtype\": \"F32\", \"shape\": [2], \"data_offsets\": [0, 8]}") "}";
+    const char *good =
+        "{" E("a", "{\"dtype\": \"F32\", \"shape\": [2], \"data_offsets\": [0, 8]}") "}";
     size_t glen;
     unsigned char *gb = make_st(good, 8, -1, &glen);
     spit(dir, "s1.safetensors", gb, glen);
@@ -1088,7 +1114,8 @@ static void test_st_fuzz(void)
             s = s * 1664525u + 1013904223u;
             size_t at = (s >> 8) % (8 + hn);
             s = s * 1664525u + 1013904223u;
-            c[at] = (iter & 1) ? (unsigned char)(s >> 24) : (unsigned char)(c[at] ^ (1u << (s >> 29)));
+            c[at] =
+                (iter & 1) ? (unsigned char)(s >> 24) : (unsigned char)(c[at] ^ (1u << (s >> 29)));
         }
         spit(dir, "model.safetensors", c, len);
         (void)open_and_touch(dir);
@@ -1152,8 +1179,8 @@ static st_stream *declare_wspecs(void)
     st_stream *s = st_stream_new();
     CU_ASSERT_PTR_NOT_NULL_FATAL(s);
     for (int k = 0; k < N_WSPEC; k++)
-        CU_ASSERT_EQUAL(st_stream_declare(s, wspecs[k].name, wspecs[k].dt, wspecs[k].ndim,
-                                          wspecs[k].shape), 0);
+        CU_ASSERT_EQUAL(
+            st_stream_declare(s, wspecs[k].name, wspecs[k].dt, wspecs[k].ndim, wspecs[k].shape), 0);
     return s;
 }
 
@@ -1199,8 +1226,8 @@ static int stream_bytes(const char *src, const char *dir, size_t chunk, char *er
         CU_ASSERT_EQUAL(st_find(m, wspecs[k].name, &t, err, errlen), 1);
         const uint8_t *p = t.data;
         for (size_t o = 0; !rc && o < t.nbytes; o += chunk)
-            rc = st_stream_write(s, p + o, t.nbytes - o < chunk ? t.nbytes - o : chunk, err,
-                                 errlen);
+            rc =
+                st_stream_write(s, p + o, t.nbytes - o < chunk ? t.nbytes - o : chunk, err, errlen);
     }
     if (!rc) rc = st_stream_finish(s, err, errlen);
     st_stream_free(s);
@@ -1264,7 +1291,8 @@ static void test_stream_identical(void)
     CU_ASSERT_EQUAL(cJSON_GetArraySize(wm), N_WSPEC);
     CU_ASSERT_DOUBLE_EQUAL(cJSON_GetObjectItemCaseSensitive(
                                cJSON_GetObjectItemCaseSensitive(j, "metadata"), "total_size")
-                               ->valuedouble, (double)want_total, 0);
+                               ->valuedouble,
+                           (double)want_total, 0);
     size_t in_files = 0;
     for (int f = 1; f <= 3; f++) {
         char name[64];

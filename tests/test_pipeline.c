@@ -23,8 +23,10 @@
 
 static const char *BIN, *FIX;
 static char TMP[256];
-static const char *PROMPTS = "--prompt-ids 3,14,15,92,65,35 --prompt-ids 89,79 --prompt-ids 32,38,46,26";
-#define MPIRUN "mpirun --allow-run-as-root --oversubscribe --mca btl self,tcp --mca btl_tcp_if_include lo"
+static const char *PROMPTS =
+    "--prompt-ids 3,14,15,92,65,35 --prompt-ids 89,79 --prompt-ids 32,38,46,26";
+#define MPIRUN                                                                                     \
+    "mpirun --allow-run-as-root --oversubscribe --mca btl self,tcp --mca btl_tcp_if_include lo"
 
 /* ---- helpers ------------------------------------------------------------------------------ */
 
@@ -54,7 +56,8 @@ static int files_identical(const char *a, const char *b)
 static const cJSON *find_link(const cJSON *stats, const char *name)
 {
     const cJSON *l;
-    cJSON_ArrayForEach(l, cJSON_GetObjectItemCaseSensitive(stats, "links")) {
+    cJSON_ArrayForEach(l, cJSON_GetObjectItemCaseSensitive(stats, "links"))
+    {
         const cJSON *n = cJSON_GetObjectItemCaseSensitive(l, "link");
         if (cJSON_IsString(n) && !strcmp(n->valuestring, name)) return l;
     }
@@ -71,8 +74,9 @@ static int tokens_match(const char *model)
 
 /* ---- exactness ----------------------------------------------------------------------------- */
 
-static const char *GEN_MODELS[] = {"dense", "mod", "mod_all", "mod_predictor", "mode_staged",
-                                   "mode_integrated", "mindskip", "mindskip_token", "mixed"};
+static const char *GEN_MODELS[] = {
+    "dense",           "mod",      "mod_all",        "mod_predictor", "mode_staged",
+    "mode_integrated", "mindskip", "mindskip_token", "mixed"};
 static const char *EVAL_MODELS[] = {"dense", "mod", "mod_topk", "mixed"};
 
 static void check_generate(const char *model, const char *extra, const char *tag)
@@ -80,8 +84,9 @@ static void check_generate(const char *model, const char *extra, const char *tag
     char one[512], many[512], want[512];
     snprintf(one, sizeof one, "%s/%s-%s-np1.npy", TMP, model, tag);
     snprintf(want, sizeof want, "%s/%s.generate.npy", FIX, model);
-    int rc = run(120, "%s -np 1 %s generate --model %s/%s %s --max-new 5 --quiet %s --dump-logits %s",
-                 MPIRUN, BIN, FIX, model, PROMPTS, extra, one);
+    int rc =
+        run(120, "%s -np 1 %s generate --model %s/%s %s --max-new 5 --quiet %s --dump-logits %s",
+            MPIRUN, BIN, FIX, model, PROMPTS, extra, one);
     CU_ASSERT_EQUAL_FATAL(rc, 0);
     CU_ASSERT(tokens_match(model));
     double rel = npy_rel_err(one, want);
@@ -89,13 +94,15 @@ static void check_generate(const char *model, const char *extra, const char *tag
     if (!(rel <= 1e-4)) fprintf(stderr, "\n%s: rel err %g vs known answer\n", model, rel);
     for (int np = 2; np <= 4; np++) {
         snprintf(many, sizeof many, "%s/%s-%s-np%d.npy", TMP, model, tag, np);
-        rc = run(120, "%s -np %d %s generate --model %s/%s %s --max-new 5 --quiet %s --dump-logits %s",
+        rc = run(120,
+                 "%s -np %d %s generate --model %s/%s %s --max-new 5 --quiet %s --dump-logits %s",
                  MPIRUN, np, BIN, FIX, model, PROMPTS, extra, many);
         CU_ASSERT_EQUAL(rc, 0);
         CU_ASSERT(tokens_match(model));
         int same = files_identical(one, many);
         CU_ASSERT(same);
-        if (!same) fprintf(stderr, "\n%s -np %d (%s): logits differ from -np 1\n", model, np, extra);
+        if (!same)
+            fprintf(stderr, "\n%s -np %d (%s): logits differ from -np 1\n", model, np, extra);
     }
 }
 
@@ -119,14 +126,20 @@ static void test_eval_exact(void)
         char one[512], many[512], want[512];
         snprintf(one, sizeof one, "%s/%s-eval-np1.npy", TMP, m);
         snprintf(want, sizeof want, "%s/%s.eval.npy", FIX, m);
-        CU_ASSERT_EQUAL_FATAL(run(120, "%s -np 1 %s eval --model %s/%s --tokens-file %s/eval_tokens.txt "
-                                  "--micro-batch 8 --quiet --dump-logits %s", MPIRUN, BIN, FIX, m, FIX, one), 0);
+        CU_ASSERT_EQUAL_FATAL(run(120,
+                                  "%s -np 1 %s eval --model %s/%s --tokens-file %s/eval_tokens.txt "
+                                  "--micro-batch 8 --quiet --dump-logits %s",
+                                  MPIRUN, BIN, FIX, m, FIX, one),
+                              0);
         CU_ASSERT(strstr(OUT, "perplexity") != NULL);
         CU_ASSERT(npy_rel_err(one, want) <= 1e-4);
         for (int np = 2; np <= 4; np++) {
             snprintf(many, sizeof many, "%s/%s-eval-np%d.npy", TMP, m, np);
-            CU_ASSERT_EQUAL(run(120, "%s -np %d %s eval --model %s/%s --tokens-file %s/eval_tokens.txt "
-                                "--micro-batch 8 --quiet --dump-logits %s", MPIRUN, np, BIN, FIX, m, FIX, many), 0);
+            CU_ASSERT_EQUAL(run(120,
+                                "%s -np %d %s eval --model %s/%s --tokens-file %s/eval_tokens.txt "
+                                "--micro-batch 8 --quiet --dump-logits %s",
+                                MPIRUN, np, BIN, FIX, m, FIX, many),
+                            0);
             CU_ASSERT(files_identical(one, many));
         }
     }
@@ -139,15 +152,19 @@ static void check_routes(const char *model)
 {
     char stats[512], path[512];
     snprintf(stats, sizeof stats, "%s/%s-routes.json", TMP, model);
-    CU_ASSERT_EQUAL_FATAL(run(120, "%s -np 3 %s generate --model %s/%s %s --max-new 5 --quiet "
-                              "--stages 0-1,2-3,4-5 --stats %s", MPIRUN, BIN, FIX, model, PROMPTS, stats), 0);
+    CU_ASSERT_EQUAL_FATAL(run(120,
+                              "%s -np 3 %s generate --model %s/%s %s --max-new 5 --quiet "
+                              "--stages 0-1,2-3,4-5 --stats %s",
+                              MPIRUN, BIN, FIX, model, PROMPTS, stats),
+                          0);
     snprintf(path, sizeof path, "%s/%s.routes-3stages.json", FIX, model);
     cJSON *want = read_json(path), *got = read_json(stats);
     CU_ASSERT_PTR_NOT_NULL_FATAL(want);
     CU_ASSERT_PTR_NOT_NULL_FATAL(got);
     const cJSON *wl;
     double rows = 0;
-    cJSON_ArrayForEach(wl, cJSON_GetObjectItemCaseSensitive(want, "links")) {
+    cJSON_ArrayForEach(wl, cJSON_GetObjectItemCaseSensitive(want, "links"))
+    {
         const cJSON *gl = find_link(got, wl->string);
         CU_ASSERT_PTR_NOT_NULL(gl);
         if (!gl) continue;
@@ -158,7 +175,8 @@ static void check_routes(const char *model)
     /* no row link beyond the listed ones (the tokens link 2->0 is separate) */
     const cJSON *gl;
     double got_rows = 0;
-    cJSON_ArrayForEach(gl, cJSON_GetObjectItemCaseSensitive(got, "links")) {
+    cJSON_ArrayForEach(gl, cJSON_GetObjectItemCaseSensitive(got, "links"))
+    {
         const cJSON *k = cJSON_GetObjectItemCaseSensitive(gl, "kind");
         if (strcmp(k->valuestring, "tokens")) got_rows += jnum(gl, "rows");
         CU_ASSERT(jnum(gl, "header_bytes") > 0);
@@ -167,8 +185,9 @@ static void check_routes(const char *model)
     const cJSON *tot = cJSON_GetObjectItemCaseSensitive(got, "total");
     CU_ASSERT_EQUAL(jnum(tot, "payload_bytes"), jnum(want, "payload_bytes"));
     CU_ASSERT_EQUAL(jnum(tot, "dense_bytes"), jnum(want, "dense_bytes"));
-    CU_ASSERT_EQUAL(jnum(tot, "wire_bytes"),
-                    jnum(tot, "header_bytes") + jnum(tot, "payload_bytes") + jnum(tot, "token_bytes"));
+    CU_ASSERT_EQUAL(jnum(tot, "wire_bytes"), jnum(tot, "header_bytes") +
+                                                 jnum(tot, "payload_bytes") +
+                                                 jnum(tot, "token_bytes"));
     /* one chain packet per link per micro-batch (+ END), even when empty */
     const cJSON *c01 = find_link(got, "0->1");
     CU_ASSERT_EQUAL(jnum(c01, "packets"), jnum(got, "micro_batches") + 1);
@@ -185,12 +204,16 @@ static void test_wire_dtype_and_dense_transport(void)
     char stats[512], a[512], b[512];
     snprintf(stats, sizeof stats, "%s/bf16.json", TMP);
     snprintf(a, sizeof a, "%s/bf16.npy", TMP);
-    CU_ASSERT_EQUAL_FATAL(run(120, "%s -np 3 %s generate --model %s/mod_all %s --max-new 5 --quiet "
-                              "--wire-dtype bf16 --stats %s --dump-logits %s", MPIRUN, BIN, FIX, PROMPTS, stats, a), 0);
+    CU_ASSERT_EQUAL_FATAL(run(120,
+                              "%s -np 3 %s generate --model %s/mod_all %s --max-new 5 --quiet "
+                              "--wire-dtype bf16 --stats %s --dump-logits %s",
+                              MPIRUN, BIN, FIX, PROMPTS, stats, a),
+                          0);
     cJSON *s = read_json(stats);
     CU_ASSERT_PTR_NOT_NULL_FATAL(s);
     const cJSON *l;
-    cJSON_ArrayForEach(l, cJSON_GetObjectItemCaseSensitive(s, "links")) {
+    cJSON_ArrayForEach(l, cJSON_GetObjectItemCaseSensitive(s, "links"))
+    {
         if (!strcmp(cJSON_GetObjectItemCaseSensitive(l, "kind")->valuestring, "tokens")) continue;
         CU_ASSERT_EQUAL(jnum(l, "payload_bytes"), jnum(l, "rows") * 64 * 2);
         if (!strcmp(cJSON_GetObjectItemCaseSensitive(l, "kind")->valuestring, "chain"))
@@ -204,10 +227,16 @@ static void test_wire_dtype_and_dense_transport(void)
     snprintf(stats, sizeof stats, "%s/dense-tr.json", TMP);
     snprintf(a, sizeof a, "%s/sparse-tr.npy", TMP);
     snprintf(b, sizeof b, "%s/dense-tr.npy", TMP);
-    CU_ASSERT_EQUAL(run(120, "%s -np 4 %s generate --model %s/mod_all %s --max-new 5 --quiet "
-                        "--dump-logits %s", MPIRUN, BIN, FIX, PROMPTS, a), 0);
-    CU_ASSERT_EQUAL(run(120, "%s -np 4 %s generate --model %s/mod_all %s --max-new 5 --quiet "
-                        "--transport dense --stats %s --dump-logits %s", MPIRUN, BIN, FIX, PROMPTS, stats, b), 0);
+    CU_ASSERT_EQUAL(run(120,
+                        "%s -np 4 %s generate --model %s/mod_all %s --max-new 5 --quiet "
+                        "--dump-logits %s",
+                        MPIRUN, BIN, FIX, PROMPTS, a),
+                    0);
+    CU_ASSERT_EQUAL(run(120,
+                        "%s -np 4 %s generate --model %s/mod_all %s --max-new 5 --quiet "
+                        "--transport dense --stats %s --dump-logits %s",
+                        MPIRUN, BIN, FIX, PROMPTS, stats, b),
+                    0);
     CU_ASSERT(files_identical(a, b));
     s = read_json(stats);
     CU_ASSERT_PTR_NOT_NULL_FATAL(s);
@@ -221,8 +250,12 @@ static void test_topk_dense_links_and_stage_times(void)
 {
     char stats[512];
     snprintf(stats, sizeof stats, "%s/topk.json", TMP);
-    CU_ASSERT_EQUAL_FATAL(run(120, "%s -np 3 %s eval --model %s/mod_topk --tokens-file %s/eval_tokens.txt "
-                              "--quiet --stats %s", MPIRUN, BIN, FIX, FIX, stats), 0);
+    CU_ASSERT_EQUAL_FATAL(
+        run(120,
+            "%s -np 3 %s eval --model %s/mod_topk --tokens-file %s/eval_tokens.txt "
+            "--quiet --stats %s",
+            MPIRUN, BIN, FIX, FIX, stats),
+        0);
     cJSON *s = read_json(stats);
     CU_ASSERT_PTR_NOT_NULL_FATAL(s);
     const cJSON *tot = cJSON_GetObjectItemCaseSensitive(s, "total");
@@ -231,16 +264,19 @@ static void test_topk_dense_links_and_stage_times(void)
     CU_ASSERT_EQUAL(jnum(find_link(s, "1->2"), "rows"), 16);
     const cJSON *st;
     int n = 0;
-    cJSON_ArrayForEach(st, cJSON_GetObjectItemCaseSensitive(s, "stages")) {
+    cJSON_ArrayForEach(st, cJSON_GetObjectItemCaseSensitive(s, "stages"))
+    {
         CU_ASSERT(jnum(st, "busy_s") > 0);
         CU_ASSERT(jnum(st, "wait_s") >= 0);
         n++;
     }
     CU_ASSERT_EQUAL(n, 3);
     const cJSON *ly;
-    cJSON_ArrayForEach(ly, cJSON_GetObjectItemCaseSensitive(s, "layers")) {
+    cJSON_ArrayForEach(ly, cJSON_GetObjectItemCaseSensitive(s, "layers"))
+    {
         if (strcmp(cJSON_GetObjectItemCaseSensitive(ly, "type")->valuestring, "mod")) continue;
-        CU_ASSERT_DOUBLE_EQUAL(jnum(ly, "participation"), 0.25, 1e-12); /* k = floor(0.25 * 8) of 8 */
+        CU_ASSERT_DOUBLE_EQUAL(jnum(ly, "participation"), 0.25,
+                               1e-12); /* k = floor(0.25 * 8) of 8 */
     }
     cJSON_Delete(s);
 }
@@ -253,8 +289,10 @@ static void test_yaml_config_and_override(void)
     snprintf(cfg, sizeof cfg, "%s/run.yaml", TMP);
     FILE *f = fopen(cfg, "w");
     CU_ASSERT_PTR_NOT_NULL_FATAL(f);
-    fprintf(f, "model: %s/mod_all\nstages: [\"0-1\", \"2-3\", \"4-5\"]\nmax-new: 2\nquiet: true\n"
-               "prompt-ids:\n  - \"3,14,15,92,65,35\"\n  - \"89,79\"\n  - \"32,38,46,26\"\n", FIX);
+    fprintf(f,
+            "model: %s/mod_all\nstages: [\"0-1\", \"2-3\", \"4-5\"]\nmax-new: 2\nquiet: true\n"
+            "prompt-ids:\n  - \"3,14,15,92,65,35\"\n  - \"89,79\"\n  - \"32,38,46,26\"\n",
+            FIX);
     fclose(f);
     CU_ASSERT_EQUAL(run(120, "%s -np 3 %s generate --config %s", MPIRUN, BIN, cfg), 0);
     CU_ASSERT(strstr(OUT, "generated 70,66\n") != NULL);
@@ -284,8 +322,10 @@ static void test_partition_command(void)
 {
     CU_ASSERT_EQUAL(run(30, "%s partition --model %s/mod -n 3", BIN, FIX), 0);
     CU_ASSERT(strstr(OUT, "dense") != NULL);
-    CU_ASSERT_EQUAL(run(30, "%s partition --model %s/mod_all -n 3 --stages 0-1,2-3,4-5", BIN, FIX), 0);
-    CU_ASSERT_NOT_EQUAL(run(30, "%s partition --model %s/mod_all -n 3 --stages 0-1,3-2,4-5", BIN, FIX), 0);
+    CU_ASSERT_EQUAL(run(30, "%s partition --model %s/mod_all -n 3 --stages 0-1,2-3,4-5", BIN, FIX),
+                    0);
+    CU_ASSERT_NOT_EQUAL(
+        run(30, "%s partition --model %s/mod_all -n 3 --stages 0-1,3-2,4-5", BIN, FIX), 0);
     CU_ASSERT_NOT_EQUAL(run(30, "%s partition --model %s/mod_all -n 8", BIN, FIX), 0);
     CU_ASSERT(strstr(OUT, "8 stages") != NULL);
 }
@@ -295,42 +335,70 @@ static void test_partition_command(void)
 static void test_bad_input(void)
 {
     /* token id out of range */
-    CU_ASSERT_NOT_EQUAL(run(60, "%s -np 2 %s generate --model %s/mod --prompt-ids 1,2,97 --quiet", MPIRUN, BIN, FIX), 0);
+    CU_ASSERT_NOT_EQUAL(run(60, "%s -np 2 %s generate --model %s/mod --prompt-ids 1,2,97 --quiet",
+                            MPIRUN, BIN, FIX),
+                        0);
     CU_ASSERT(strstr(OUT, "97") && strstr(OUT, "out of range"));
     /* a topk model cannot decode */
-    CU_ASSERT_NOT_EQUAL(run(60, "%s -np 1 %s generate --model %s/mod_topk --prompt-ids 1,2 --quiet", MPIRUN, BIN, FIX), 0);
+    CU_ASSERT_NOT_EQUAL(run(60, "%s -np 1 %s generate --model %s/mod_topk --prompt-ids 1,2 --quiet",
+                            MPIRUN, BIN, FIX),
+                        0);
     CU_ASSERT(strstr(OUT, "eval") != NULL);
     /* an empty stage range */
-    CU_ASSERT_NOT_EQUAL(run(60, "%s -np 2 %s generate --model %s/mod --prompt-ids 1,2 --stages 0-2,4-3 --quiet",
-                            MPIRUN, BIN, FIX), 0);
+    CU_ASSERT_NOT_EQUAL(
+        run(60, "%s -np 2 %s generate --model %s/mod --prompt-ids 1,2 --stages 0-2,4-3 --quiet",
+            MPIRUN, BIN, FIX),
+        0);
     /* more ranks than layers */
-    CU_ASSERT_NOT_EQUAL(run(60, "%s -np 7 %s generate --model %s/mod --prompt-ids 1,2 --quiet", MPIRUN, BIN, FIX), 0);
+    CU_ASSERT_NOT_EQUAL(
+        run(60, "%s -np 7 %s generate --model %s/mod --prompt-ids 1,2 --quiet", MPIRUN, BIN, FIX),
+        0);
     /* missing model / missing tensor / truncated safetensors: named */
-    CU_ASSERT_NOT_EQUAL(run(60, "%s -np 2 %s generate --model %s/nope --prompt-ids 1,2 --quiet", MPIRUN, BIN, TMP), 0);
+    CU_ASSERT_NOT_EQUAL(
+        run(60, "%s -np 2 %s generate --model %s/nope --prompt-ids 1,2 --quiet", MPIRUN, BIN, TMP),
+        0);
     CU_ASSERT(strstr(OUT, "nope") != NULL);
     char d[512];
     snprintf(d, sizeof d, "%s/trunc", TMP);
-    CU_ASSERT_EQUAL(run(30, "mkdir -p %s && cp %s/mod/config.json %s/ && head -c 300000 %s/mod/model.safetensors > %s/model.safetensors",
-                        d, FIX, d, FIX, d), 0);
-    CU_ASSERT_NOT_EQUAL(run(60, "%s -np 3 %s generate --model %s --prompt-ids 1,2 --quiet", MPIRUN, BIN, d), 0);
+    CU_ASSERT_EQUAL(run(30,
+                        "mkdir -p %s && cp %s/mod/config.json %s/ && head -c 300000 "
+                        "%s/mod/model.safetensors > %s/model.safetensors",
+                        d, FIX, d, FIX, d),
+                    0);
+    CU_ASSERT_NOT_EQUAL(
+        run(60, "%s -np 3 %s generate --model %s --prompt-ids 1,2 --quiet", MPIRUN, BIN, d), 0);
     CU_ASSERT(strstr(OUT, "model.safetensors") != NULL);
     /* unknown layer type in config.json */
     snprintf(d, sizeof d, "%s/badtype", TMP);
-    CU_ASSERT_EQUAL(run(30, "mkdir -p %s && sed s/mode_staged/moe_wat/ %s/mixed/config.json > %s/config.json && cp %s/mixed/model.safetensors %s/",
-                        d, FIX, d, FIX, d), 0);
-    CU_ASSERT_NOT_EQUAL(run(60, "%s -np 2 %s generate --model %s --prompt-ids 1,2 --quiet", MPIRUN, BIN, d), 0);
+    CU_ASSERT_EQUAL(run(30,
+                        "mkdir -p %s && sed s/mode_staged/moe_wat/ %s/mixed/config.json > "
+                        "%s/config.json && cp %s/mixed/model.safetensors %s/",
+                        d, FIX, d, FIX, d),
+                    0);
+    CU_ASSERT_NOT_EQUAL(
+        run(60, "%s -np 2 %s generate --model %s --prompt-ids 1,2 --quiet", MPIRUN, BIN, d), 0);
     CU_ASSERT(strstr(OUT, "moe_wat") != NULL);
     /* unknown flag, bad numbers */
-    CU_ASSERT_NOT_EQUAL(run(30, "%s -np 1 %s generate --model %s/mod --prompt-ids 1 --frobnicate", MPIRUN, BIN, FIX), 0);
+    CU_ASSERT_NOT_EQUAL(run(30, "%s -np 1 %s generate --model %s/mod --prompt-ids 1 --frobnicate",
+                            MPIRUN, BIN, FIX),
+                        0);
     CU_ASSERT(strstr(OUT, "frobnicate") != NULL);
-    CU_ASSERT_NOT_EQUAL(run(30, "%s -np 1 %s generate --model %s/mod --prompt-ids 1 --micro-batch 0", MPIRUN, BIN, FIX), 0);
+    CU_ASSERT_NOT_EQUAL(run(30,
+                            "%s -np 1 %s generate --model %s/mod --prompt-ids 1 --micro-batch 0",
+                            MPIRUN, BIN, FIX),
+                        0);
     CU_ASSERT(strstr(OUT, "--micro-batch") != NULL);
     /* a context too short for the prompt + new tokens; slots fewer than a decode group */
-    CU_ASSERT_NOT_EQUAL(run(30, "%s -np 2 %s generate --model %s/mod --prompt-ids 1,2,3 --max-new 4 --ctx 5 --quiet",
-                            MPIRUN, BIN, FIX), 0);
+    CU_ASSERT_NOT_EQUAL(
+        run(30,
+            "%s -np 2 %s generate --model %s/mod --prompt-ids 1,2,3 --max-new 4 --ctx 5 --quiet",
+            MPIRUN, BIN, FIX),
+        0);
     CU_ASSERT(strstr(OUT, "needs 6 positions") && strstr(OUT, "--ctx is 5"));
-    CU_ASSERT_NOT_EQUAL(run(30, "%s -np 1 %s generate --model %s/mod %s --groups 1 --slots 2 --quiet",
-                            MPIRUN, BIN, FIX, PROMPTS), 0);
+    CU_ASSERT_NOT_EQUAL(run(30,
+                            "%s -np 1 %s generate --model %s/mod %s --groups 1 --slots 2 --quiet",
+                            MPIRUN, BIN, FIX, PROMPTS),
+                        0);
     CU_ASSERT(strstr(OUT, "--slots 2") != NULL);
 }
 
@@ -356,8 +424,10 @@ static void test_eval_ragged(void)
         fprintf(f, "%s\n", lines[i]);
         fclose(f);
         snprintf(dl[i], sizeof dl[i], "%s/line%d.npy", TMP, i);
-        CU_ASSERT_EQUAL_FATAL(run(60, "%s -np 1 %s eval --model %s/mod --tokens-file %s --quiet --dump-logits %s",
-                                  MPIRUN, BIN, FIX, one, dl[i]), 0);
+        CU_ASSERT_EQUAL_FATAL(
+            run(60, "%s -np 1 %s eval --model %s/mod --tokens-file %s --quiet --dump-logits %s",
+                MPIRUN, BIN, FIX, one, dl[i]),
+            0);
         sum += parse_nll() * targets[i];
     }
     double want = sum / 8;
@@ -368,15 +438,25 @@ static void test_eval_ragged(void)
     snprintf(d_all, sizeof d_all, "%s/ragged1.npy", TMP);
     snprintf(d_np3, sizeof d_np3, "%s/ragged3.npy", TMP);
     snprintf(d_slot, sizeof d_slot, "%s/ragged-slot.npy", TMP);
-    CU_ASSERT_EQUAL_FATAL(run(60, "%s -np 1 %s eval --model %s/mod --tokens-file %s --quiet --micro-batch 4 "
-                              "--dump-logits %s", MPIRUN, BIN, FIX, tf, d_all), 0);
+    CU_ASSERT_EQUAL_FATAL(
+        run(60,
+            "%s -np 1 %s eval --model %s/mod --tokens-file %s --quiet --micro-batch 4 "
+            "--dump-logits %s",
+            MPIRUN, BIN, FIX, tf, d_all),
+        0);
     CU_ASSERT(strstr(OUT, "8 scored") != NULL);
     CU_ASSERT(fabs(parse_nll() - want) < 2e-6);
-    CU_ASSERT_EQUAL(run(60, "%s -np 3 %s eval --model %s/mod --tokens-file %s --quiet --micro-batch 4 "
-                        "--dump-logits %s", MPIRUN, BIN, FIX, tf, d_np3), 0);
+    CU_ASSERT_EQUAL(run(60,
+                        "%s -np 3 %s eval --model %s/mod --tokens-file %s --quiet --micro-batch 4 "
+                        "--dump-logits %s",
+                        MPIRUN, BIN, FIX, tf, d_np3),
+                    0);
     CU_ASSERT(files_identical(d_all, d_np3));
-    CU_ASSERT_EQUAL(run(60, "%s -np 2 %s eval --model %s/mod --tokens-file %s --quiet --slots 1 "
-                        "--dump-logits %s", MPIRUN, BIN, FIX, tf, d_slot), 0);
+    CU_ASSERT_EQUAL(run(60,
+                        "%s -np 2 %s eval --model %s/mod --tokens-file %s --quiet --slots 1 "
+                        "--dump-logits %s",
+                        MPIRUN, BIN, FIX, tf, d_slot),
+                    0);
     CU_ASSERT(fabs(parse_nll() - want) < 2e-6);
     /* the layout: line i at [i, 0..len), NaN after; each line as its own eval run */
     float *a = NULL, *b = NULL;
@@ -413,23 +493,34 @@ static void test_generate_eos(void)
 {
     char d[512], full[512], e1[512], e3[512];
     snprintf(d, sizeof d, "%s/mod_eos", TMP);
-    CU_ASSERT_EQUAL_FATAL(run(30, "mkdir -p %s && sed \"s/\\\"vocab_size\\\": 97,/\\\"vocab_size\\\": 97, \\\"eos_token_id\\\": 56,/\" "
-                              "%s/mod/config.json > %s/config.json && ln -sf $(realpath %s/mod/model.safetensors) %s/",
-                              d, FIX, d, FIX, d), 0);
+    CU_ASSERT_EQUAL_FATAL(run(30,
+                              "mkdir -p %s && sed \"s/\\\"vocab_size\\\": 97,/\\\"vocab_size\\\": "
+                              "97, \\\"eos_token_id\\\": 56,/\" "
+                              "%s/mod/config.json > %s/config.json && ln -sf $(realpath "
+                              "%s/mod/model.safetensors) %s/",
+                              d, FIX, d, FIX, d),
+                          0);
     CU_ASSERT_EQUAL_FATAL(run(30, "grep -c eos_token_id %s/config.json", d), 0);
     snprintf(full, sizeof full, "%s/eos-full.npy", TMP);
     snprintf(e1, sizeof e1, "%s/eos-np1.npy", TMP);
     snprintf(e3, sizeof e3, "%s/eos-np3.npy", TMP);
-    CU_ASSERT_EQUAL_FATAL(run(60, "%s -np 1 %s generate --model %s %s --max-new 5 --quiet --ignore-eos --dump-logits %s",
-                              MPIRUN, BIN, d, PROMPTS, full), 0);
+    CU_ASSERT_EQUAL_FATAL(
+        run(60,
+            "%s -np 1 %s generate --model %s %s --max-new 5 --quiet --ignore-eos --dump-logits %s",
+            MPIRUN, BIN, d, PROMPTS, full),
+        0);
     CU_ASSERT(tokens_match("mod"));
-    CU_ASSERT_EQUAL_FATAL(run(60, "%s -np 1 %s generate --model %s %s --max-new 5 --quiet --dump-logits %s",
-                              MPIRUN, BIN, d, PROMPTS, e1), 0);
+    CU_ASSERT_EQUAL_FATAL(
+        run(60, "%s -np 1 %s generate --model %s %s --max-new 5 --quiet --dump-logits %s", MPIRUN,
+            BIN, d, PROMPTS, e1),
+        0);
     CU_ASSERT(strstr(OUT, "generated 84,56\n") != NULL);
     CU_ASSERT(strstr(OUT, "generated 60,70,53,90,32\n") != NULL);
     CU_ASSERT(strstr(OUT, "generated 6,63,16,11,65\n") != NULL);
-    CU_ASSERT_EQUAL(run(60, "%s -np 3 %s generate --model %s %s --max-new 5 --quiet --dump-logits %s",
-                        MPIRUN, BIN, d, PROMPTS, e3), 0);
+    CU_ASSERT_EQUAL(run(60,
+                        "%s -np 3 %s generate --model %s %s --max-new 5 --quiet --dump-logits %s",
+                        MPIRUN, BIN, d, PROMPTS, e3),
+                    0);
     CU_ASSERT(strstr(OUT, "generated 84,56\n") != NULL);
     CU_ASSERT(files_identical(e1, e3));
     float *a = NULL, *b = NULL;
@@ -443,8 +534,10 @@ static void test_generate_eos(void)
     int nan_rows = 0, same = 1;
     for (size_t k = 0; k < n; k++) {
         int seq0_after = k / row < 5 && k / row >= 2; /* sequence 0 stopped after 2 tokens */
-        if (seq0_after) nan_rows += isnan(a[k]) != 0;
-        else same &= fabs((double)a[k] - b[k]) <= 1e-5 * (1 + fabs((double)b[k]));
+        if (seq0_after)
+            nan_rows += isnan(a[k]) != 0;
+        else
+            same &= fabs((double)a[k] - b[k]) <= 1e-5 * (1 + fabs((double)b[k]));
     }
     CU_ASSERT_EQUAL(nan_rows, 3 * 97);
     CU_ASSERT(same);
@@ -459,8 +552,12 @@ static void test_generate_eos(void)
 static void test_text_prompts(void)
 {
     for (int np = 1; np <= 3; np += 2) {
-        CU_ASSERT_EQUAL(run(120, "%s -np %d %s generate --model %s/stories260K --prompt \"Once upon a time\" "
-                            "--prompt-ids 1,403,407,261,378 --max-new 10 --quiet", MPIRUN, np, BIN, FIX), 0);
+        CU_ASSERT_EQUAL(
+            run(120,
+                "%s -np %d %s generate --model %s/stories260K --prompt \"Once upon a time\" "
+                "--prompt-ids 1,403,407,261,378 --max-new 10 --quiet",
+                MPIRUN, np, BIN, FIX),
+            0);
         CU_ASSERT(strstr(OUT, "generated 432,383,286,261,376,298,315,421,395,317\n") != NULL);
         CU_ASSERT(strstr(OUT, "text: , there was a little girl named Lily\n") != NULL);
     }
@@ -468,21 +565,32 @@ static void test_text_prompts(void)
     snprintf(tf, sizeof tf, "%s/docs.txt", TMP);
     snprintf(idf, sizeof idf, "%s/docs.ids", TMP);
     FILE *f = fopen(tf, "w");
-    fprintf(f, "Once upon a time, there was a little girl.\nShe liked to play.\n\n  \nTom had a big dog.\n");
+    fprintf(f, "Once upon a time, there was a little girl.\nShe liked to play.\n\n  \nTom had a "
+               "big dog.\n");
     fclose(f);
-    CU_ASSERT_EQUAL_FATAL(run(30, "printf \"Once upon a time, there was a little girl.\\nShe liked to play.\" > %s.1 && "
-                              "printf \"Tom had a big dog.\" > %s.2 && %s tokenize --model %s/stories260K --text-file %s.1 > %s && "
-                              "%s tokenize --model %s/stories260K --text-file %s.2 >> %s",
-                              tf, tf, BIN, FIX, tf, idf, BIN, FIX, tf, idf), 0);
-    CU_ASSERT_EQUAL_FATAL(run(60, "%s -np 2 %s eval --model %s/stories260K --tokens-file %s --quiet", MPIRUN, BIN, FIX, idf), 0);
+    CU_ASSERT_EQUAL_FATAL(
+        run(30,
+            "printf \"Once upon a time, there was a little girl.\\nShe liked to play.\" > %s.1 && "
+            "printf \"Tom had a big dog.\" > %s.2 && %s tokenize --model %s/stories260K "
+            "--text-file %s.1 > %s && "
+            "%s tokenize --model %s/stories260K --text-file %s.2 >> %s",
+            tf, tf, BIN, FIX, tf, idf, BIN, FIX, tf, idf),
+        0);
+    CU_ASSERT_EQUAL_FATAL(run(60,
+                              "%s -np 2 %s eval --model %s/stories260K --tokens-file %s --quiet",
+                              MPIRUN, BIN, FIX, idf),
+                          0);
     char *m = strstr(OUT, "eval: ");
     char want[256] = "";
     if (m) snprintf(want, sizeof want, "%.*s", (int)(strchr(m, '\n') - m), m);
     CU_ASSERT(strstr(want, "eval: 2 sequences") == want);
-    CU_ASSERT_EQUAL(run(60, "%s -np 2 %s eval --model %s/stories260K --text-file %s --quiet", MPIRUN, BIN, FIX, tf), 0);
+    CU_ASSERT_EQUAL(run(60, "%s -np 2 %s eval --model %s/stories260K --text-file %s --quiet",
+                        MPIRUN, BIN, FIX, tf),
+                    0);
     CU_ASSERT(want[0] && strstr(OUT, want) != NULL);
     /* a model without tokenizer.json: a clear error */
-    CU_ASSERT_NOT_EQUAL(run(30, "%s -np 1 %s generate --model %s/mod --prompt hello --quiet", MPIRUN, BIN, FIX), 0);
+    CU_ASSERT_NOT_EQUAL(
+        run(30, "%s -np 1 %s generate --model %s/mod --prompt hello --quiet", MPIRUN, BIN, FIX), 0);
     CU_ASSERT(strstr(OUT, "tokenizer") != NULL);
 }
 
@@ -498,18 +606,26 @@ static void test_default_groups(void)
     fclose(f);
     snprintf(stats, sizeof stats, "%s/g16.json", TMP);
     for (int np = 1; np <= 2; np++) {
-        CU_ASSERT_EQUAL_FATAL(run(60, "%s -np %d %s generate --model %s/mod --prompts-file %s --max-new 5 "
-                                  "--quiet --stats %s", MPIRUN, np, BIN, FIX, pf, stats), 0);
+        CU_ASSERT_EQUAL_FATAL(
+            run(60,
+                "%s -np %d %s generate --model %s/mod --prompts-file %s --max-new 5 "
+                "--quiet --stats %s",
+                MPIRUN, np, BIN, FIX, pf, stats),
+            0);
         cJSON *j = read_json(stats);
         CU_ASSERT_PTR_NOT_NULL_FATAL(j);
         CU_ASSERT_EQUAL(jnum(j, "micro_batches"), 2 + 2 * 4);
         cJSON_Delete(j);
     }
-    CU_ASSERT_EQUAL_FATAL(run(60, "%s -np 1 %s generate --model %s/mod --prompts-file %s --max-new 5 "
-                              "--micro-batch 4 --quiet --stats %s", MPIRUN, BIN, FIX, pf, stats), 0);
+    CU_ASSERT_EQUAL_FATAL(run(60,
+                              "%s -np 1 %s generate --model %s/mod --prompts-file %s --max-new 5 "
+                              "--micro-batch 4 --quiet --stats %s",
+                              MPIRUN, BIN, FIX, pf, stats),
+                          0);
     cJSON *j = read_json(stats);
     CU_ASSERT_PTR_NOT_NULL_FATAL(j);
-    CU_ASSERT_EQUAL(jnum(j, "micro_batches"), 4 * 2 + 4 * 4); /* 8 rows of prompt a group: 2 chunks */
+    CU_ASSERT_EQUAL(jnum(j, "micro_batches"),
+                    4 * 2 + 4 * 4); /* 8 rows of prompt a group: 2 chunks */
     cJSON_Delete(j);
 }
 
@@ -521,17 +637,22 @@ static void test_dead_rank(void)
     snprintf(spec, sizeof spec, "%s/slow.yaml", TMP);
     FILE *f = fopen(spec, "w");
     CU_ASSERT_PTR_NOT_NULL_FATAL(f);
-    fprintf(f, "hidden_size: 256\nintermediate_size: 512\nnum_attention_heads: 4\nnum_key_value_heads: 4\n"
-               "num_hidden_layers: 6\nvocab_size: 512\nmax_position_embeddings: 4096\nlayer_pattern: [dense]\n");
+    fprintf(
+        f,
+        "hidden_size: 256\nintermediate_size: 512\nnum_attention_heads: 4\nnum_key_value_heads: 4\n"
+        "num_hidden_layers: 6\nvocab_size: 512\nmax_position_embeddings: 4096\nlayer_pattern: "
+        "[dense]\n");
     fclose(f);
-    CU_ASSERT_EQUAL_FATAL(run(120, "%s init-model --spec %s --out %s --quiet", BIN, spec, model), 0);
+    CU_ASSERT_EQUAL_FATAL(run(120, "%s init-model --spec %s --out %s --quiet", BIN, spec, model),
+                          0);
     /* kill the last rank after a second; generating 3000 tokens takes far longer */
     double t0 = 0;
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     t0 = ts.tv_sec + ts.tv_nsec * 1e-9;
-    int rc = run(90, "%s -np 3 %s generate --model %s --prompt-ids 1,2,3 --max-new 3000 --quiet & "
-                     "sleep 2; pkill -9 -n -f \"[m]odpipe generate --model %s\"; wait $!",
+    int rc = run(90,
+                 "%s -np 3 %s generate --model %s --prompt-ids 1,2,3 --max-new 3000 --quiet & "
+                 "sleep 2; pkill -9 -n -f \"[m]odpipe generate --model %s\"; wait $!",
                  MPIRUN, BIN, model, model);
     clock_gettime(CLOCK_MONOTONIC, &ts);
     double el = ts.tv_sec + ts.tv_nsec * 1e-9 - t0;
@@ -547,10 +668,14 @@ static void test_dead_rank(void)
  * before init-model streamed: the streaming writer must give the same bytes (here with the
  * draw split over 3 threads). */
 static const char *MOD_BF16_SHA[] = {
-    "4b0cb950a12a537f8b330ce5e40048afd7d6400b8041596fd1b3614fc7fbd222  model-00001-of-00003.safetensors",
-    "f49ca75570b5aae52864d516c416d685e1ba4f36c71c07944a66ad8383e18a8e  model-00002-of-00003.safetensors",
-    "798ebafecec19efbbfda8e08d1c79549c128da9882a6cd09decff30c0c161ad7  model-00003-of-00003.safetensors",
-    "952ab0bdb162487f2c0699e5a4b1ab3d887c79576db9e3ff7b7f806be5ad8376  model.safetensors.index.json",
+    "4b0cb950a12a537f8b330ce5e40048afd7d6400b8041596fd1b3614fc7fbd222  "
+    "model-00001-of-00003.safetensors",
+    "f49ca75570b5aae52864d516c416d685e1ba4f36c71c07944a66ad8383e18a8e  "
+    "model-00002-of-00003.safetensors",
+    "798ebafecec19efbbfda8e08d1c79549c128da9882a6cd09decff30c0c161ad7  "
+    "model-00003-of-00003.safetensors",
+    "952ab0bdb162487f2c0699e5a4b1ab3d887c79576db9e3ff7b7f806be5ad8376  "
+    "model.safetensors.index.json",
 };
 
 static void test_init_model_stream(void)
@@ -558,19 +683,27 @@ static void test_init_model_stream(void)
     char m1[512], m2[512];
     snprintf(m1, sizeof m1, "%s/stream-nc", TMP);
     snprintf(m2, sizeof m2, "%s/stream-cal", TMP);
-    CU_ASSERT_EQUAL_FATAL(run(120, "%s init-model --spec configs/models/mod.yaml --out %s --dtype bf16 "
-                                   "--shards 3 --no-calibrate --quiet --threads 3", BIN, m1), 0);
+    CU_ASSERT_EQUAL_FATAL(run(120,
+                              "%s init-model --spec configs/models/mod.yaml --out %s --dtype bf16 "
+                              "--shards 3 --no-calibrate --quiet --threads 3",
+                              BIN, m1),
+                          0);
     CU_ASSERT_EQUAL(OUT[0], 0); /* --quiet: no progress */
     CU_ASSERT_EQUAL_FATAL(run(30, "cd %s && sha256sum model*", m1), 0);
     for (size_t i = 0; i < sizeof MOD_BF16_SHA / sizeof *MOD_BF16_SHA; i++) {
         int has = strstr(OUT, MOD_BF16_SHA[i]) != NULL;
         CU_ASSERT(has);
-        if (!has) fprintf(stderr, "\n  init-model output changed: want %s\n  got %s", MOD_BF16_SHA[i], OUT);
+        if (!has)
+            fprintf(stderr, "\n  init-model output changed: want %s\n  got %s", MOD_BF16_SHA[i],
+                    OUT);
     }
 
     /* calibrated: progress line, routers calibrated from the written files */
-    CU_ASSERT_EQUAL_FATAL(run(120, "%s init-model --spec configs/models/mod.yaml --out %s --dtype bf16 "
-                                   "--shards 3", BIN, m2), 0);
+    CU_ASSERT_EQUAL_FATAL(run(120,
+                              "%s init-model --spec configs/models/mod.yaml --out %s --dtype bf16 "
+                              "--shards 3",
+                              BIN, m2),
+                          0);
     /* 2 x (embedding and lm_head 97 x 64 + 6 layers of 12288 + 24576 + 128, 3 routers of 65,
      * model.norm 64) = 469254 bytes */
     CU_ASSERT(strstr(OUT, "init-model: 0.47 / 0.47 MB written") != NULL);
@@ -583,27 +716,36 @@ static void test_init_model_stream(void)
     }
     CU_ASSERT_EQUAL(n_layers, 3);
     /* the biases were patched in place: they differ from the uncalibrated files' zeros */
-    CU_ASSERT_NOT_EQUAL(run(30, "cmp -s %s/model-00002-of-00003.safetensors %s/model-00002-of-00003.safetensors",
-                            m1, m2), 0);
-    CU_ASSERT_EQUAL(run(30, "cmp -s %s/model-00001-of-00003.safetensors %s/model-00001-of-00003.safetensors",
-                        m1, m2), 0); /* embedding + layer 0: no router */
+    CU_ASSERT_NOT_EQUAL(
+        run(30, "cmp -s %s/model-00002-of-00003.safetensors %s/model-00002-of-00003.safetensors",
+            m1, m2),
+        0);
+    CU_ASSERT_EQUAL(
+        run(30, "cmp -s %s/model-00001-of-00003.safetensors %s/model-00001-of-00003.safetensors",
+            m1, m2),
+        0); /* embedding + layer 0: no router */
 
     /* generate runs it; N ranks bit-identical to 1; each rank's peak RSS in the stats */
     char one[512], three[512], stats[512];
     snprintf(one, sizeof one, "%s/stream-np1.npy", TMP);
     snprintf(three, sizeof three, "%s/stream-np3.npy", TMP);
     snprintf(stats, sizeof stats, "%s/stream-stats.json", TMP);
-    CU_ASSERT_EQUAL_FATAL(run(120, "%s -np 1 %s generate --model %s %s --max-new 4 --quiet --dump-logits %s",
-                              MPIRUN, BIN, m2, PROMPTS, one), 0);
-    CU_ASSERT_EQUAL_FATAL(run(120, "%s -np 3 %s generate --model %s %s --max-new 4 --dump-logits %s --stats %s",
-                              MPIRUN, BIN, m2, PROMPTS, three, stats), 0);
+    CU_ASSERT_EQUAL_FATAL(
+        run(120, "%s -np 1 %s generate --model %s %s --max-new 4 --quiet --dump-logits %s", MPIRUN,
+            BIN, m2, PROMPTS, one),
+        0);
+    CU_ASSERT_EQUAL_FATAL(
+        run(120, "%s -np 3 %s generate --model %s %s --max-new 4 --dump-logits %s --stats %s",
+            MPIRUN, BIN, m2, PROMPTS, three, stats),
+        0);
     CU_ASSERT(files_identical(one, three));
     CU_ASSERT(strstr(OUT, "[modpipe] peak RSS per stage: 0: ") != NULL);
     cJSON *j = read_json(stats);
     CU_ASSERT_PTR_NOT_NULL_FATAL(j);
     const cJSON *st;
     int n = 0;
-    cJSON_ArrayForEach(st, cJSON_GetObjectItemCaseSensitive(j, "stages")) {
+    cJSON_ArrayForEach(st, cJSON_GetObjectItemCaseSensitive(j, "stages"))
+    {
         double rss = jnum(st, "peak_rss_bytes"), w = jnum(st, "weight_bytes");
         CU_ASSERT(rss > w && rss > 1e6 && rss < 1e9);
         n++;
@@ -612,34 +754,45 @@ static void test_init_model_stream(void)
     cJSON_Delete(j);
 
     /* a directory that cannot be made: one line, non-zero, nothing left behind */
-    CU_ASSERT_NOT_EQUAL(run(30, "%s init-model --spec configs/models/mod.yaml --out %s/x/y --quiet",
-                            BIN, one), 0);
+    CU_ASSERT_NOT_EQUAL(
+        run(30, "%s init-model --spec configs/models/mod.yaml --out %s/x/y --quiet", BIN, one), 0);
     CU_ASSERT(strstr(OUT, "cannot create directory") != NULL);
 }
 
 static void test_partition_memory_command(void)
 {
     /* fixture mod (f32): explicit plan under a limit too small for it */
-    CU_ASSERT_EQUAL(run(30, "%s partition --model %s/mod -n 2 --mem-per-rank 1G --slots 4 --ctx 128",
-                        BIN, FIX), 0);
+    CU_ASSERT_EQUAL(
+        run(30, "%s partition --model %s/mod -n 2 --mem-per-rank 1G --slots 4 --ctx 128", BIN, FIX),
+        0);
     CU_ASSERT(strstr(OUT, "KV MiB  work MiB  total MiB") != NULL);
     CU_ASSERT(strstr(OUT, "KV for 4 sequences of 128 positions") != NULL);
     CU_ASSERT(strstr(OUT, "of --mem-per-rank 1.00 GiB") != NULL);
     CU_ASSERT(strstr(OUT, "(f32, as in the checkpoint)") != NULL);
-    CU_ASSERT_NOT_EQUAL(run(30, "%s partition --model %s/mod -n 2 --stages 0-2,3-5 --mem-per-rank 20M",
-                            BIN, FIX), 0);
-    CU_ASSERT(strstr(OUT, "modpipe partition: --stages: stage 0 does not fit --mem-per-rank 20.0 MiB: "
-                          "its layers 0-2 need") != NULL);
-    CU_ASSERT_NOT_EQUAL(run(30, "%s partition --model %s/mod -n 2 --mem-per-rank 20M", BIN, FIX), 0);
-    CU_ASSERT(strstr(OUT, "no split of 6 layers into 2 stages fits --mem-per-rank 20.0 MiB") != NULL);
-    CU_ASSERT_NOT_EQUAL(run(30, "%s partition --model %s/mod -n 2 --mem-per-rank lots", BIN, FIX), 0);
+    CU_ASSERT_NOT_EQUAL(
+        run(30, "%s partition --model %s/mod -n 2 --stages 0-2,3-5 --mem-per-rank 20M", BIN, FIX),
+        0);
+    CU_ASSERT(strstr(OUT,
+                     "modpipe partition: --stages: stage 0 does not fit --mem-per-rank 20.0 MiB: "
+                     "its layers 0-2 need") != NULL);
+    CU_ASSERT_NOT_EQUAL(run(30, "%s partition --model %s/mod -n 2 --mem-per-rank 20M", BIN, FIX),
+                        0);
+    CU_ASSERT(strstr(OUT, "no split of 6 layers into 2 stages fits --mem-per-rank 20.0 MiB") !=
+              NULL);
+    CU_ASSERT_NOT_EQUAL(run(30, "%s partition --model %s/mod -n 2 --mem-per-rank lots", BIN, FIX),
+                        0);
     CU_ASSERT(strstr(OUT, "--mem-per-rank: expected a size like 6G") != NULL);
     /* generate checks the same limit (its own slots and positions) before it loads anything */
-    CU_ASSERT_NOT_EQUAL(run(60, "%s -np 2 %s generate --model %s/mod --prompt-ids 1,2 --mem-per-rank 20M",
-                            MPIRUN, BIN, FIX), 0);
+    CU_ASSERT_NOT_EQUAL(
+        run(60, "%s -np 2 %s generate --model %s/mod --prompt-ids 1,2 --mem-per-rank 20M", MPIRUN,
+            BIN, FIX),
+        0);
     CU_ASSERT(strstr(OUT, "fits --mem-per-rank 20.0 MiB") != NULL);
-    CU_ASSERT_EQUAL(run(60, "%s -np 2 %s generate --model %s/mod --prompt-ids 1,2 --max-new 2 --quiet "
-                            "--mem-per-rank 200M", MPIRUN, BIN, FIX), 0);
+    CU_ASSERT_EQUAL(run(60,
+                        "%s -np 2 %s generate --model %s/mod --prompt-ids 1,2 --max-new 2 --quiet "
+                        "--mem-per-rank 200M",
+                        MPIRUN, BIN, FIX),
+                    0);
 }
 
 int main(void)
@@ -647,13 +800,17 @@ int main(void)
     BIN = getenv("MODPIPE") ? getenv("MODPIPE") : "build/modpipe";
     FIX = getenv("MODPIPE_FIXTURES") ? getenv("MODPIPE_FIXTURES") : "tests/fixtures";
     snprintf(TMP, sizeof TMP, "/tmp/modpipe-test-XXXXXX");
-    if (!mkdtemp(TMP)) { perror("mkdtemp"); return 1; }
+    if (!mkdtemp(TMP)) {
+        perror("mkdtemp");
+        return 1;
+    }
     if (tu_mpi_env("test_pipeline", BIN)) return 1;
 
     if (CU_initialize_registry() != CUE_SUCCESS) return 1;
     CU_pSuite s = CU_add_suite("pipeline", NULL, NULL);
     CU_add_test(s, "generate exact, default micro-batching, np 1-4", test_generate_exact_default);
-    CU_add_test(s, "generate exact, micro-batch 3, one group, np 1-4", test_generate_exact_microbatch);
+    CU_add_test(s, "generate exact, micro-batch 3, one group, np 1-4",
+                test_generate_exact_microbatch);
     CU_add_test(s, "eval exact incl. topk, np 1-4", test_eval_exact);
     CU_add_test(s, "byte counters = fixture routes (mod_all)", test_routes_mod_all);
     CU_add_test(s, "byte counters = fixture routes (mixed)", test_routes_mixed);

@@ -27,7 +27,8 @@
 
 static const char *BIN, *FIX;
 static char TMP[256];
-#define MPIRUN "mpirun --allow-run-as-root --oversubscribe --mca btl self,tcp --mca btl_tcp_if_include lo"
+#define MPIRUN                                                                                     \
+    "mpirun --allow-run-as-root --oversubscribe --mca btl self,tcp --mca btl_tcp_if_include lo"
 #define TRAIN_ARGS "--layers 2-4 --seq-len 16 --batch 6 --steps 8 --lr 0.05 --eval-every 4 --quiet"
 
 static char OUT[1 << 16];
@@ -51,11 +52,11 @@ static int run(int secs, const char *fmt, ...)
     return rc;
 }
 
-#define ASSERT_OUT_HAS(needle)                                                       \
-    do {                                                                             \
-        int has_ = strstr(OUT, (needle)) != NULL;                                    \
-        if (!has_) fprintf(stderr, "\n  output lacks \"%s\":\n%s\n", (needle), OUT); \
-        CU_ASSERT(has_);                                                             \
+#define ASSERT_OUT_HAS(needle)                                                                     \
+    do {                                                                                           \
+        int has_ = strstr(OUT, (needle)) != NULL;                                                  \
+        if (!has_) fprintf(stderr, "\n  output lacks \"%s\":\n%s\n", (needle), OUT);               \
+        CU_ASSERT(has_);                                                                           \
     } while (0)
 
 /* documents of token ids with some structure (a repeated motif per document) */
@@ -79,7 +80,10 @@ static int read_routers(const char *dir, float *w, float *b)
 {
     st_model *m = NULL;
     char err[512];
-    if (st_open(dir, &m, err, sizeof err)) { fprintf(stderr, "\n  %s\n", err); return -1; }
+    if (st_open(dir, &m, err, sizeof err)) {
+        fprintf(stderr, "\n  %s\n", err);
+        return -1;
+    }
     int rc = 0;
     for (int i = 0; i < 3 && !rc; i++) {
         char name[128];
@@ -88,7 +92,11 @@ static int read_routers(const char *dir, float *w, float *b)
         const float *p = st_get_f32(m, name, 2, s2, err, sizeof err);
         snprintf(name, sizeof name, "model.layers.%d.router.bias", 2 + i);
         const float *q = st_get_f32(m, name, 1, s1, err, sizeof err);
-        if (!p || !q) { fprintf(stderr, "\n  %s\n", err); rc = -1; break; }
+        if (!p || !q) {
+            fprintf(stderr, "\n  %s\n", err);
+            rc = -1;
+            break;
+        }
         memcpy(w + i * 64, p, 64 * sizeof *w);
         b[i] = q[0];
     }
@@ -100,9 +108,11 @@ static void k_agree(const char *gran)
 {
     float w1[192], b1[3], wk[192], bk[3];
     for (int k = 1; k <= 3; k++) {
-        int rc = run(120, MPIRUN " -np %d %s router-tune --model %s/dense --data-ids %s/train.txt "
-                     "--eval-data-ids %s/eval.txt --out %s/%s-np%d --granularity %s " TRAIN_ARGS,
-                     k, BIN, FIX, TMP, TMP, TMP, gran, k, gran);
+        int rc =
+            run(120,
+                MPIRUN " -np %d %s router-tune --model %s/dense --data-ids %s/train.txt "
+                       "--eval-data-ids %s/eval.txt --out %s/%s-np%d --granularity %s " TRAIN_ARGS,
+                k, BIN, FIX, TMP, TMP, TMP, gran, k, gran);
         CU_ASSERT_EQUAL_FATAL(rc, 0);
         char dir[512];
         snprintf(dir, sizeof dir, "%s/%s-np%d", TMP, gran, k);
@@ -117,7 +127,8 @@ static void k_agree(const char *gran)
         double md = 0;
         for (int i = 0; i < 192; i++) md = fmax(md, fabs(w1[i] - wk[i]));
         for (int i = 0; i < 3; i++) md = fmax(md, fabs(b1[i] - bk[i]));
-        if (getenv("MODPIPE_TEST_VERBOSE")) fprintf(stderr, "\n  %s np %d: max diff %.3g\n", gran, k, md);
+        if (getenv("MODPIPE_TEST_VERBOSE"))
+            fprintf(stderr, "\n  %s np %d: max diff %.3g\n", gran, k, md);
         CU_ASSERT(md <= 1e-5);
     }
 }
@@ -133,7 +144,8 @@ static void test_output_dir(void)
     char err[512];
     CU_ASSERT_FATAL(stage_config_load(dir, &cfg, err, sizeof err) == 0);
     for (int l = 0; l < cfg.n_layers; l++)
-        CU_ASSERT_EQUAL(cfg.layer_kind[l], l >= 2 && l <= 4 ? STAGE_KIND_MINDSKIP : STAGE_KIND_DENSE);
+        CU_ASSERT_EQUAL(cfg.layer_kind[l],
+                        l >= 2 && l <= 4 ? STAGE_KIND_MINDSKIP : STAGE_KIND_DENSE);
     CU_ASSERT_EQUAL(cfg.ms_granularity, STAGE_GRAN_SEQUENCE);
     stage_config_free(&cfg);
     snprintf(path, sizeof path, "%s/model.safetensors", dir);
@@ -158,10 +170,16 @@ static void test_output_dir(void)
     CU_ASSERT_STRING_EQUAL(r->valuestring, "routers.safetensors");
     cJSON_Delete(root);
     /* the engine serves it: eval with per-layer participation */
-    CU_ASSERT_EQUAL(run(60, "%s router-tune --model %s/dense --data-ids %s/eval.txt --seq-len 16 "
-                        "--dump-sequences %s/eval-seqs.txt", BIN, FIX, TMP, TMP), 0);
-    CU_ASSERT_EQUAL(run(60, MPIRUN " -np 2 %s eval --model %s --tokens-file %s/eval-seqs.txt "
-                        "--stats %s/stats.json --quiet", BIN, dir, TMP, TMP), 0);
+    CU_ASSERT_EQUAL(run(60,
+                        "%s router-tune --model %s/dense --data-ids %s/eval.txt --seq-len 16 "
+                        "--dump-sequences %s/eval-seqs.txt",
+                        BIN, FIX, TMP, TMP),
+                    0);
+    CU_ASSERT_EQUAL(run(60,
+                        MPIRUN " -np 2 %s eval --model %s --tokens-file %s/eval-seqs.txt "
+                               "--stats %s/stats.json --quiet",
+                        BIN, dir, TMP, TMP),
+                    0);
     ASSERT_OUT_HAS("mean NLL");
 }
 
@@ -171,25 +189,35 @@ static void test_resume(void)
     char src[512];
     snprintf(src, sizeof src, "%s/sequence-np1", TMP);
     CU_ASSERT_FATAL(read_routers(src, w0, b0) == 0);
-    CU_ASSERT_NOT_EQUAL(run(60, "%s router-tune --model %s --data-ids %s/train.txt --out %s/x "
-                            "--layers 3", BIN, src, TMP, TMP), 0);
+    CU_ASSERT_NOT_EQUAL(run(60,
+                            "%s router-tune --model %s --data-ids %s/train.txt --out %s/x "
+                            "--layers 3",
+                            BIN, src, TMP, TMP),
+                        0);
     ASSERT_OUT_HAS("layer 3 already has a router");
     ASSERT_OUT_HAS("--resume");
-    CU_ASSERT_NOT_EQUAL(run(60, "%s router-tune --model %s --data-ids %s/train.txt --out %s/x "
-                            "--layers 1-3 --resume", BIN, src, TMP, TMP), 0);
+    CU_ASSERT_NOT_EQUAL(run(60,
+                            "%s router-tune --model %s --data-ids %s/train.txt --out %s/x "
+                            "--layers 1-3 --resume",
+                            BIN, src, TMP, TMP),
+                        0);
     ASSERT_OUT_HAS("no router on layer 1");
     /* 0 steps: the routers come back unchanged; the new index still reaches the base weights */
-    CU_ASSERT_EQUAL(run(60, "%s router-tune --model %s --data-ids %s/train.txt --out %s/resumed "
-                        "--layers 2-4 --seq-len 16 --batch 6 --steps 0 --resume --quiet", BIN, src,
-                        TMP, TMP), 0);
+    CU_ASSERT_EQUAL(run(60,
+                        "%s router-tune --model %s --data-ids %s/train.txt --out %s/resumed "
+                        "--layers 2-4 --seq-len 16 --batch 6 --steps 0 --resume --quiet",
+                        BIN, src, TMP, TMP),
+                    0);
     char dir[512];
     snprintf(dir, sizeof dir, "%s/resumed", TMP);
     CU_ASSERT_FATAL(read_routers(dir, w1, b1) == 0);
     CU_ASSERT(!memcmp(w0, w1, sizeof w0) && !memcmp(b0, b1, sizeof b0));
     /* and more steps continue from them */
-    CU_ASSERT_EQUAL(run(60, "%s router-tune --model %s --data-ids %s/train.txt --out %s/resumed2 "
-                        "--layers 2-4 --seq-len 16 --batch 6 --steps 2 --resume --quiet", BIN, src,
-                        TMP, TMP), 0);
+    CU_ASSERT_EQUAL(run(60,
+                        "%s router-tune --model %s --data-ids %s/train.txt --out %s/resumed2 "
+                        "--layers 2-4 --seq-len 16 --batch 6 --steps 2 --resume --quiet",
+                        BIN, src, TMP, TMP),
+                    0);
     snprintf(dir, sizeof dir, "%s/resumed2", TMP);
     CU_ASSERT_FATAL(read_routers(dir, w1, b1) == 0);
     double md = 0;
@@ -200,20 +228,33 @@ static void test_resume(void)
 static void test_bad_input(void)
 {
     CU_ASSERT_EQUAL(run(60, "%s router-tune --model %s/dense --data-ids %s/nope.txt --out %s/x",
-                        BIN, FIX, TMP, TMP), 1);
+                        BIN, FIX, TMP, TMP),
+                    1);
     ASSERT_OUT_HAS("cannot open");
     ASSERT_OUT_HAS("nope.txt");
-    CU_ASSERT_EQUAL(run(60, "%s router-tune --model %s/dense --data-ids %s/eval.txt --out %s/x "
-                        "--seq-len 64 --batch 64", BIN, FIX, TMP, TMP), 1);
+    CU_ASSERT_EQUAL(run(60,
+                        "%s router-tune --model %s/dense --data-ids %s/eval.txt --out %s/x "
+                        "--seq-len 64 --batch 64",
+                        BIN, FIX, TMP, TMP),
+                    1);
     ASSERT_OUT_HAS("fewer than one batch");
-    CU_ASSERT_EQUAL(run(60, "%s router-tune --model %s/dense --data-ids %s/train.txt --out %s/x "
-                        "--layers 3-6", BIN, FIX, TMP, TMP), 1);
+    CU_ASSERT_EQUAL(run(60,
+                        "%s router-tune --model %s/dense --data-ids %s/train.txt --out %s/x "
+                        "--layers 3-6",
+                        BIN, FIX, TMP, TMP),
+                    1);
     ASSERT_OUT_HAS("layer 6 is out of range");
-    CU_ASSERT_EQUAL(run(60, MPIRUN " -np 3 %s router-tune --model %s/dense --data-ids %s/train.txt "
-                        "--out %s/x --batch 2", BIN, FIX, TMP, TMP), 1);
+    CU_ASSERT_EQUAL(run(60,
+                        MPIRUN " -np 3 %s router-tune --model %s/dense --data-ids %s/train.txt "
+                               "--out %s/x --batch 2",
+                        BIN, FIX, TMP, TMP),
+                    1);
     ASSERT_OUT_HAS("smaller than the 3 ranks");
-    CU_ASSERT_EQUAL(run(60, "%s router-tune --model %s/dense --data-ids %s/train.txt --out %s/x "
-                        "--target-skip 1.5", BIN, FIX, TMP, TMP), 1);
+    CU_ASSERT_EQUAL(run(60,
+                        "%s router-tune --model %s/dense --data-ids %s/train.txt --out %s/x "
+                        "--target-skip 1.5",
+                        BIN, FIX, TMP, TMP),
+                    1);
     ASSERT_OUT_HAS("--target-skip");
     CU_ASSERT_EQUAL(run(60, "%s router-tune --model %s/dense --out %s/x", BIN, FIX, TMP), 1);
     ASSERT_OUT_HAS("--data");
@@ -233,31 +274,37 @@ static void test_text_data(void)
     fprintf(f, "Once upon a time, there was a cat.\nIt was happy.\n\n  \nThe dog ran home.\n");
     fclose(f);
     char want[4096] = "";
-    CU_ASSERT_EQUAL_FATAL(run(30, "%s tokenize --model %s/stories260K --text \"$(printf \"Once upon a "
-                              "time, there was a cat.\\nIt was happy.\")\"", BIN, FIX), 0);
+    CU_ASSERT_EQUAL_FATAL(run(30,
+                              "%s tokenize --model %s/stories260K --text \"$(printf \"Once upon a "
+                              "time, there was a cat.\\nIt was happy.\")\"",
+                              BIN, FIX),
+                          0);
     strcat(want, OUT);
-    CU_ASSERT_EQUAL_FATAL(run(30, "%s tokenize --model %s/stories260K --text \"The dog ran home.\"",
-                              BIN, FIX), 0);
+    CU_ASSERT_EQUAL_FATAL(
+        run(30, "%s tokenize --model %s/stories260K --text \"The dog ran home.\"", BIN, FIX), 0);
     strcat(want, OUT);
     int ids[512], n = 0;
     for (char *t = strtok(want, " \n"); t && n < 512; t = strtok(NULL, " \n")) ids[n++] = atoi(t);
     CU_ASSERT_FATAL(n > 16 && ids[0] == 1);
-    CU_ASSERT_EQUAL_FATAL(run(30, "%s router-tune --model %s/stories260K --data %s --seq-len 8 "
-                              "--dump-sequences %s/docs.ids 2>/dev/null && cat %s/docs.ids", BIN, FIX, path, TMP,
-                              TMP), 0);
+    CU_ASSERT_EQUAL_FATAL(run(30,
+                              "%s router-tune --model %s/stories260K --data %s --seq-len 8 "
+                              "--dump-sequences %s/docs.ids 2>/dev/null && cat %s/docs.ids",
+                              BIN, FIX, path, TMP, TMP),
+                          0);
     int got[512], m = 0;
-    for (char *t = strtok(OUT, ",\n"); t && m < 512; t = strtok(NULL, ",\n"))
-        got[m++] = atoi(t);
+    for (char *t = strtok(OUT, ",\n"); t && m < 512; t = strtok(NULL, ",\n")) got[m++] = atoi(t);
     CU_ASSERT_EQUAL(m, n / 8 * 8);
     for (int i = 0; i < m && i < n; i++) CU_ASSERT_EQUAL(got[i], ids[i]);
 }
 
 static void test_sigint(void)
 {
-    int rc = run(120, "%s router-tune --model %s/dense --data-ids %s/train.txt --out %s/int "
+    int rc = run(120,
+                 "%s router-tune --model %s/dense --data-ids %s/train.txt --out %s/int "
                  "--layers 2-4 --seq-len 16 --batch 6 --steps 100000000 --log-every 1 "
                  "> %s/int.log 2>&1 & p=$!; "
-                 "i=0; while ! grep -q \"step 3/\" %s/int.log && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; "
+                 "i=0; while ! grep -q \"step 3/\" %s/int.log && [ $i -lt 600 ]; do sleep 0.1; "
+                 "i=$((i+1)); done; "
                  "kill -INT $p; wait $p; echo rc=$?; cat %s/int.log",
                  BIN, FIX, TMP, TMP, TMP, TMP, TMP);
     CU_ASSERT_EQUAL(rc, 0);
@@ -274,7 +321,10 @@ int main(void)
     BIN = getenv("MODPIPE") ? getenv("MODPIPE") : "build/modpipe";
     FIX = getenv("MODPIPE_FIXTURES") ? getenv("MODPIPE_FIXTURES") : "tests/fixtures";
     snprintf(TMP, sizeof TMP, "/tmp/modpipe-rt-XXXXXX");
-    if (!mkdtemp(TMP)) { perror("mkdtemp"); return 1; }
+    if (!mkdtemp(TMP)) {
+        perror("mkdtemp");
+        return 1;
+    }
     if (tu_mpi_env("test_routertune", BIN)) return 1;
     char path[512];
     snprintf(path, sizeof path, "%s/train.txt", TMP);

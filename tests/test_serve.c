@@ -29,7 +29,8 @@
 #include "stage/config.h"
 #include "tests/testutil.h"
 
-#define MPIRUN "mpirun --allow-run-as-root --oversubscribe --mca btl self,tcp --mca btl_tcp_if_include lo"
+#define MPIRUN                                                                                     \
+    "mpirun --allow-run-as-root --oversubscribe --mca btl self,tcp --mca btl_tcp_if_include lo"
 enum { NREQ = 32, MAXP = 24, MAX_NEW = 12 };
 
 /* ======================================================================================
@@ -43,7 +44,7 @@ typedef struct {
     int n_tok, n_done;
     srvq_finish why;
     long id;
-    int cancel_after;    /* > 0: cancel from on_token after this many tokens */
+    int cancel_after; /* > 0: cancel from on_token after this many tokens */
 } req;
 
 static srvq *Q;
@@ -91,7 +92,8 @@ static double cpu_s(void)
 {
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
-    return ru.ru_utime.tv_sec + ru.ru_utime.tv_usec * 1e-6 + ru.ru_stime.tv_sec + ru.ru_stime.tv_usec * 1e-6;
+    return ru.ru_utime.tv_sec + ru.ru_utime.tv_usec * 1e-6 + ru.ru_stime.tv_sec +
+           ru.ru_stime.tv_usec * 1e-6;
 }
 
 static double idle_cpu = -1;
@@ -108,8 +110,12 @@ static void *client_forever(void *arg)
     r[0].n_prompt = 1;
     char err[256];
     for (;;) {
-        srvq_request q = {.prompt = r[0].prompt, .n_prompt = 1, .max_tokens = 12, .top_p = 1,
-                          .on_done = on_done, .arg = &r[0]};
+        srvq_request q = {.prompt = r[0].prompt,
+                          .n_prompt = 1,
+                          .max_tokens = 12,
+                          .top_p = 1,
+                          .on_done = on_done,
+                          .arg = &r[0]};
         srvq_submit(Q, &q, err, sizeof err); /* full: try again later */
         struct timespec ts = {0, 2000000};
         nanosleep(&ts, NULL);
@@ -131,9 +137,15 @@ static void *client(void *arg)
     char err[256];
     for (int i = 0; i <= NREQ; i++) {
         req *r = &R[i];
-        srvq_request q = {.prompt = r->prompt, .n_prompt = r->n_prompt,
-                          .max_tokens = i == NREQ ? 200 : MAX_NEW, .temperature = 0, .top_p = 1,
-                          .seed = (uint64_t)i, .on_token = on_token, .on_done = on_done, .arg = r};
+        srvq_request q = {.prompt = r->prompt,
+                          .n_prompt = r->n_prompt,
+                          .max_tokens = i == NREQ ? 200 : MAX_NEW,
+                          .temperature = 0,
+                          .top_p = 1,
+                          .seed = (uint64_t)i,
+                          .on_token = on_token,
+                          .on_done = on_done,
+                          .arg = r};
         pthread_mutex_lock(&mu); /* on_token may read r->id */
         r->id = srvq_submit(Q, &q, err, sizeof err);
         pthread_mutex_unlock(&mu);
@@ -184,8 +196,15 @@ static int worker(int argc, char **argv)
     R[NREQ].n_prompt = 1;
     R[NREQ].cancel_after = 3;
     const int ctx = 64;
-    cluster_serve_opts o = {.weights_dtype = -1, .model_dir = model, .cfg = &cfg, .plan = &plan, .slots = slots, .ctx = ctx,
-                            .micro_batch = 8, .max_in_flight = 2 * size, .wire = STAGE_F32,
+    cluster_serve_opts o = {.weights_dtype = -1,
+                            .model_dir = model,
+                            .cfg = &cfg,
+                            .plan = &plan,
+                            .slots = slots,
+                            .ctx = ctx,
+                            .micro_batch = 8,
+                            .max_in_flight = 2 * size,
+                            .wire = STAGE_F32,
                             .timeout_s = 60};
     pthread_t th;
     if (rank == 0) {
@@ -199,7 +218,8 @@ static int worker(int argc, char **argv)
         pthread_join(th, NULL);
         for (int i = 0; i <= NREQ; i++) {
             printf("req %d done %d why %d tokens ", i, R[i].n_done, (int)R[i].why);
-            for (int k = 0; k < R[i].n_tok && k < 256; k++) printf("%s%d", k ? "," : "", R[i].tok[k]);
+            for (int k = 0; k < R[i].n_tok && k < 256; k++)
+                printf("%s%d", k ? "," : "", R[i].tok[k]);
             printf("\n");
         }
         srvq_stats st;
@@ -209,7 +229,8 @@ static int worker(int argc, char **argv)
                st.running, st.queued, st.n_links);
         for (int l = 0; l < st.n_links; l++)
             printf("link %d->%d bytes %llu dense %llu\n", st.link[l].from, st.link[l].to,
-                   (unsigned long long)st.link[l].bytes, (unsigned long long)st.link[l].dense_bytes);
+                   (unsigned long long)st.link[l].bytes,
+                   (unsigned long long)st.link[l].dense_bytes);
         printf("idle_cpu %.3f\n", idle_cpu);
         fflush(stdout);
         srvq_free(Q);
@@ -253,8 +274,9 @@ static int make_reference(void)
         fprintf(f, "\n");
     }
     fclose(f);
-    int rc = run(300, "%s -np 1 %s generate --model %s/stories260K --prompts-file %s --max-new %d --quiet",
-                 MPIRUN, BIN, FIX, prompts, MAX_NEW);
+    int rc = run(
+        300, "%s -np 1 %s generate --model %s/stories260K --prompts-file %s --max-new %d --quiet",
+        MPIRUN, BIN, FIX, prompts, MAX_NEW);
     if (rc) return rc;
     char *line = OUT;
     for (int i = 0; i < NREQ; i++) {
@@ -267,8 +289,10 @@ static int make_reference(void)
         memcpy(want[i], g, n);
         want[i][n] = 0;
         size_t L = strlen(want[i]);
-        if (L >= 2 && !strcmp(want[i] + L - 2, ",2")) want[i][L - 2] = 0;
-        else if (!strcmp(want[i], "2")) want[i][0] = 0;
+        if (L >= 2 && !strcmp(want[i] + L - 2, ",2"))
+            want[i][L - 2] = 0;
+        else if (!strcmp(want[i], "2"))
+            want[i][0] = 0;
         line = e + 1;
     }
     return 0;
@@ -276,7 +300,8 @@ static int make_reference(void)
 
 static void check_serve(int np, int slots)
 {
-    int rc = run(300, "%s -np %d %s --worker %s/stories260K %s %d", MPIRUN, np, SELF, FIX, prompts, slots);
+    int rc = run(300, "%s -np %d %s --worker %s/stories260K %s %d", MPIRUN, np, SELF, FIX, prompts,
+                 slots);
     CU_ASSERT_EQUAL_FATAL(rc, 0);
     int same = 0, once = 0;
     for (int i = 0; i < NREQ; i++) {
@@ -289,8 +314,11 @@ static void check_serve(int np, int slots)
         once += done == 1 && (why == SRVQ_FINISH_STOP || why == SRVQ_FINISH_LENGTH);
         char *t = strstr(l, "tokens ") + 7, *e = strchr(t, '\n');
         size_t n = (size_t)(e - t);
-        if (n == strlen(want[i]) && !strncmp(t, want[i], n)) same++;
-        else fprintf(stderr, "\n  -np %d request %d: %.*s\n  generate:      %s\n", np, i, (int)n, t, want[i]);
+        if (n == strlen(want[i]) && !strncmp(t, want[i], n))
+            same++;
+        else
+            fprintf(stderr, "\n  -np %d request %d: %.*s\n  generate:      %s\n", np, i, (int)n, t,
+                    want[i]);
     }
     CU_ASSERT_EQUAL(same, NREQ);
     CU_ASSERT_EQUAL(once, NREQ);
@@ -341,12 +369,14 @@ static void test_dead_rank(void)
 {
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    int rc = run(90, "%s -np 3 %s --worker %s/stories260K %s 4 forever & sleep 3; "
-                     "pkill -9 -n -f \"[t]est_serve --worker %s/stories260K\"; wait $!",
+    int rc = run(90,
+                 "%s -np 3 %s --worker %s/stories260K %s 4 forever & sleep 3; "
+                 "pkill -9 -n -f \"[t]est_serve --worker %s/stories260K\"; wait $!",
                  MPIRUN, SELF, FIX, prompts, FIX);
     clock_gettime(CLOCK_MONOTONIC, &t1);
     double el = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9;
-    CU_ASSERT_NOT_EQUAL(rc, 0); /* (mpirun itself exits 137 here; el tells it from the run timeout) */
+    CU_ASSERT_NOT_EQUAL(rc,
+                        0); /* (mpirun itself exits 137 here; el tells it from the run timeout) */
     CU_ASSERT(el < 60.0);
     CU_ASSERT(strstr(OUT, "rank") != NULL);
     char pat[600];

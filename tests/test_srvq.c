@@ -15,7 +15,7 @@
 typedef struct {
     int32_t tok[64];
     int n_tok;
-    int n_done;            /* on_done calls (must end at 1) */
+    int n_done; /* on_done calls (must end at 1) */
     srvq_finish why;
     int n_prompt, n_gen;
     char msg[64];
@@ -40,8 +40,15 @@ static void on_done(void *arg, srvq_finish why, int n_prompt, int n_gen, const c
 
 static long submit(srvq *q, client *c, const int32_t *p, int n, int max_tokens, char *err)
 {
-    srvq_request r = {.prompt = p, .n_prompt = n, .max_tokens = max_tokens, .temperature = 0,
-                      .top_p = 1, .seed = 9, .on_token = on_token, .on_done = on_done, .arg = c};
+    srvq_request r = {.prompt = p,
+                      .n_prompt = n,
+                      .max_tokens = max_tokens,
+                      .temperature = 0,
+                      .top_p = 1,
+                      .seed = 9,
+                      .on_token = on_token,
+                      .on_done = on_done,
+                      .arg = c};
     return srvq_submit(q, &r, err, 256);
 }
 
@@ -71,7 +78,8 @@ static void test_submit_errors(void)
     CU_ASSERT(strstr(err, "50 out of range") != NULL);
     CU_ASSERT_EQUAL(submit(q, &c[0], P5, 5, 0, err), SRVQ_ERR_BAD);
     CU_ASSERT(strstr(err, "max_tokens") != NULL);
-    srvq_request r = {.prompt = P5, .n_prompt = 5, .max_tokens = 2, .top_p = 0, .on_done = on_done, .arg = &c[0]};
+    srvq_request r = {
+        .prompt = P5, .n_prompt = 5, .max_tokens = 2, .top_p = 0, .on_done = on_done, .arg = &c[0]};
     CU_ASSERT_EQUAL(srvq_submit(q, &r, err, sizeof err), SRVQ_ERR_BAD);
     CU_ASSERT(strstr(err, "top_p") != NULL);
     /* ctx 8: a prompt of 8 leaves no room, 7 does */
@@ -109,12 +117,15 @@ static void test_schedule(void)
     CU_ASSERT_EQUAL_FATAL(cluster_mb_init(&mb, 4), 0);
     CU_ASSERT_EQUAL_FATAL(cluster_mb_init(&old, 4), 0);
     client a, b, c, d;
-    memset(&a, 0, sizeof a); memset(&b, 0, sizeof b); memset(&c, 0, sizeof c); memset(&d, 0, sizeof d);
+    memset(&a, 0, sizeof a);
+    memset(&b, 0, sizeof b);
+    memset(&c, 0, sizeof c);
+    memset(&d, 0, sizeof d);
     char err[256];
     CU_ASSERT_EQUAL(srvq_sched_ops.next(q, &mb), 0); /* nothing yet */
-    long ia = submit(q, &a, P5, 5, 3, err);  /* slot 0 */
-    long ib = submit(q, &b, P3, 3, 10, err); /* slot 1 */
-    long ic = submit(q, &c, P3, 3, 2, err);  /* waits */
+    long ia = submit(q, &a, P5, 5, 3, err);          /* slot 0 */
+    long ib = submit(q, &b, P3, 3, 10, err);         /* slot 1 */
+    long ic = submit(q, &c, P3, 3, 2, err);          /* waits */
     CU_ASSERT(ia == 0 && ib == 1 && ic == 2);
 
     /* mb 1: a's first 4 prompt rows (R = 4) */
@@ -132,7 +143,8 @@ static void test_schedule(void)
     /* mb 2: a's last prompt row (samples), then b's 3 rows */
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
     CU_ASSERT_EQUAL(mb.n, 4);
-    CU_ASSERT(mb.slot[0] == 0 && mb.pos[0] == 4 && mb.flags[0] == (COMM_ROW_PROMPT | COMM_ROW_NEED_LOGITS | COMM_ROW_SAMPLE));
+    CU_ASSERT(mb.slot[0] == 0 && mb.pos[0] == 4 &&
+              mb.flags[0] == (COMM_ROW_PROMPT | COMM_ROW_NEED_LOGITS | COMM_ROW_SAMPLE));
     CU_ASSERT(mb.step[0] == 0 && mb.seed[0] == 9 && mb.seq[0] == 0 && mb.top_p[0] == 1.0f);
     for (int i = 1; i < 4; i++) CU_ASSERT(mb.slot[i] == 1 && mb.pos[i] == i - 1);
     CU_ASSERT_EQUAL(mb.flags[3], COMM_ROW_PROMPT | COMM_ROW_NEED_LOGITS | COMM_ROW_SAMPLE);
@@ -177,7 +189,8 @@ static void test_schedule(void)
     long id = submit(q, &d, P7, 7, 10, err); /* ctx 9: inputs at 7, 8 -> 3 new tokens at most */
     CU_ASSERT_EQUAL(id, 3);
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
-    CU_ASSERT_EQUAL(mb.n_release, 1); /* d took one slot (its reset covers it), the other is announced */
+    CU_ASSERT_EQUAL(mb.n_release,
+                    1); /* d took one slot (its reset covers it), the other is announced */
     CU_ASSERT_EQUAL(mb.n, 4);
     give_back(q, &mb, NULL);
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
@@ -190,7 +203,8 @@ static void test_schedule(void)
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
     CU_ASSERT(mb.n == 1 && mb.pos[0] == 8);
     give_back(q, &mb, NULL);
-    CU_ASSERT(d.n_done == 1 && d.why == SRVQ_FINISH_LENGTH && d.n_gen == 3 && strstr(d.msg, "context"));
+    CU_ASSERT(d.n_done == 1 && d.why == SRVQ_FINISH_LENGTH && d.n_gen == 3 &&
+              strstr(d.msg, "context"));
     CU_ASSERT_EQUAL(srvq_sched_ops.next(q, &mb), 0);
     srvq_get_stats(q, &st);
     CU_ASSERT(st.requests_total == 4 && st.generated_tokens == 3 + 1 + 1 + 3 && st.running == 0);
@@ -202,8 +216,9 @@ static void test_schedule(void)
     cluster_link_bytes lb[2] = {{0, 1, 1000, 4000}, {1, 0, 64, 0}};
     srvq_sched_ops.links(q, lb, 2);
     srvq_get_stats(q, &st);
-    CU_ASSERT(st.n_links == 2 && st.link[0].from == 0 && st.link[0].to == 1 && st.link[0].bytes == 1000 &&
-              st.link[0].dense_bytes == 4000 && st.link[1].from == 1 && st.link[1].dense_bytes == 0);
+    CU_ASSERT(st.n_links == 2 && st.link[0].from == 0 && st.link[0].to == 1 &&
+              st.link[0].bytes == 1000 && st.link[0].dense_bytes == 4000 && st.link[1].from == 1 &&
+              st.link[1].dense_bytes == 0);
     cluster_mb_free(&mb);
     cluster_mb_free(&old);
     cluster_mb_free(&mb4);
@@ -259,7 +274,12 @@ static void test_whole_prompts(void)
 }
 
 /* Many threads submit at once while the "pipeline" runs: ids unique, every request done once. */
-typedef struct { srvq *q; client *c; int n; long *ids; } sub_arg;
+typedef struct {
+    srvq *q;
+    client *c;
+    int n;
+    long *ids;
+} sub_arg;
 static void *submitter(void *p)
 {
     sub_arg *a = p;
@@ -286,8 +306,10 @@ static void test_threads(void)
     cluster_mb_init(&mb, 16);
     int joined = 0;
     for (int it = 0; it < 100000; it++) {
-        if (srvq_sched_ops.next(q, &mb)) give_back(q, &mb, NULL);
-        else if (joined) break;
+        if (srvq_sched_ops.next(q, &mb))
+            give_back(q, &mb, NULL);
+        else if (joined)
+            break;
         else {
             for (int t = 0; t < T; t++) pthread_join(th[t], NULL);
             joined = 1;

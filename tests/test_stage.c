@@ -47,12 +47,12 @@ static const char *fixtures(void)
 }
 
 /* |got - want| <= tol, with a message naming what failed. */
-#define ASSERT_NEAR(got, want, tol, what)                                                  \
-    do {                                                                                   \
-        double g_ = (double)(got), w_ = (double)(want);                                    \
-        int ok_ = fabs(g_ - w_) <= (tol);                                                  \
-        if (!ok_) fprintf(stderr, "\n  %s: got %.9g, want %.9g\n", (what), g_, w_);        \
-        CU_ASSERT(ok_);                                                                    \
+#define ASSERT_NEAR(got, want, tol, what)                                                          \
+    do {                                                                                           \
+        double g_ = (double)(got), w_ = (double)(want);                                            \
+        int ok_ = fabs(g_ - w_) <= (tol);                                                          \
+        if (!ok_) fprintf(stderr, "\n  %s: got %.9g, want %.9g\n", (what), g_, w_);                \
+        CU_ASSERT(ok_);                                                                            \
     } while (0)
 
 /* max |a - b| / max |b| */
@@ -74,13 +74,26 @@ static uint32_t lcg(void)
     g_lcg = g_lcg * 1664525u + 1013904223u;
     return g_lcg >> 8; /* 24 bits */
 }
-static float rnd_unit(void) { return (float)((double)lcg() / 16777216.0 * 2.0 - 1.0); } /* [-1, 1) */
+static float rnd_unit(void)
+{
+    return (float)((double)lcg() / 16777216.0 * 2.0 - 1.0);
+} /* [-1, 1) */
 static float rnd_q(void) { return (float)((int)(lcg() % 17u) - 8) / 16.0f; } /* k/16 in [-.5, .5] */
 
 static char *make_tmpdir(void) { return make_tmpdir_tagged("stage"); }
 
-static float f_of(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
-static uint32_t bits_of(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static float f_of(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static uint32_t bits_of(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
 
 /* ================================================================== */
 /* 1. kernels                                                          */
@@ -103,19 +116,23 @@ static void check_matmul_shape(int m, int k, int n)
                 mag += fabs((double)x[i * k + t] * w[j * k + t]);
             }
             if (fabs(y[i * n + j] - s) > 1e-5 * (1.0 + mag)) {
-                if (!bad) fprintf(stderr, "\n  matmul %dx%dx%d [%d][%d]: %g vs %g\n", m, k, n, i, j, y[i * n + j], s);
+                if (!bad)
+                    fprintf(stderr, "\n  matmul %dx%dx%d [%d][%d]: %g vs %g\n", m, k, n, i, j,
+                            y[i * n + j], s);
                 bad++;
             }
         }
     CU_ASSERT_EQUAL(bad, 0);
-    free(x); free(w); free(y);
+    free(x);
+    free(w);
+    free(y);
 }
 
 static void test_matmul(void)
 {
     g_lcg = 1;
     check_matmul_shape(1, 1, 1);
-    check_matmul_shape(1, 64, 97);  /* one decode row through lm_head */
+    check_matmul_shape(1, 64, 97); /* one decode row through lm_head */
     check_matmul_shape(3, 5, 7);
     check_matmul_shape(17, 64, 128); /* m > 16: OpenBLAS switches kernels there */
     check_matmul_shape(40, 33, 19);
@@ -157,7 +174,8 @@ static void test_rope(void)
     ASSERT_NEAR(inv[1], 0.01, 1e-9, "inv_freq[1] = 10000^(-2/4)");
     float inv8[4];
     stage_rope_inv_freq(100.0f, 8, inv8);
-    for (int i = 0; i < 4; i++) ASSERT_NEAR(inv8[i], pow(100.0, -2.0 * i / 8.0), 1e-7, "inv_freq hd 8");
+    for (int i = 0; i < 4; i++)
+        ASSERT_NEAR(inv8[i], pow(100.0, -2.0 * i / 8.0), 1e-7, "inv_freq hd 8");
 
     /* head_dim 4, two heads, pos 2: pairs (0,2) angle 2*1, (1,3) angle 2*0.01 */
     float v[8] = {1, 2, 3, 4, -1, 0.5f, 2, -3};
@@ -314,11 +332,11 @@ static void test_convert_f16(void)
     CU_ASSERT_EQUAL(stage_f32_to_f16(0x1p-24f), 0x0001);
     CU_ASSERT_EQUAL(stage_f32_to_f16(0x1p-25f), 0x0000);
     CU_ASSERT_EQUAL(stage_f32_to_f16(0x1p-25f * 1.0001f), 0x0001);
-    CU_ASSERT_EQUAL(stage_f32_to_f16(3 * 0x1p-25f), 0x0002); /* tie 1.5 units -> 2 */
-    CU_ASSERT_EQUAL(stage_f32_to_f16(5 * 0x1p-25f), 0x0002); /* tie 2.5 units -> 2 */
-    CU_ASSERT_EQUAL(stage_f32_to_f16(1023 * 0x1p-24f), 0x03ff); /* largest subnormal */
+    CU_ASSERT_EQUAL(stage_f32_to_f16(3 * 0x1p-25f), 0x0002);       /* tie 1.5 units -> 2 */
+    CU_ASSERT_EQUAL(stage_f32_to_f16(5 * 0x1p-25f), 0x0002);       /* tie 2.5 units -> 2 */
+    CU_ASSERT_EQUAL(stage_f32_to_f16(1023 * 0x1p-24f), 0x03ff);    /* largest subnormal */
     CU_ASSERT_EQUAL(stage_f32_to_f16(1023.5f * 0x1p-24f), 0x0400); /* tie rounds into normal */
-    CU_ASSERT_EQUAL(stage_f32_to_f16(0x1p-14f), 0x0400);        /* smallest normal */
+    CU_ASSERT_EQUAL(stage_f32_to_f16(0x1p-14f), 0x0400);           /* smallest normal */
     CU_ASSERT_EQUAL(stage_f32_to_f16(-0x1p-24f), 0x8001);
     CU_ASSERT_EQUAL(stage_f32_to_f16(1e-10f), 0x0000);
     CU_ASSERT_EQUAL(stage_f32_to_f16(FLT_MIN), 0x0000);
@@ -358,11 +376,14 @@ static void test_convert_f16(void)
         uint16_t lo = 0, top = 0x7bff; /* positive f16 bit patterns are ordered by value */
         while (lo < top) {
             uint16_t mid = (uint16_t)((lo + top + 1) / 2);
-            if (stage_f16_to_f32(mid) <= fabsf(f)) lo = mid;
-            else top = (uint16_t)(mid - 1);
+            if (stage_f16_to_f32(mid) <= fabsf(f))
+                lo = mid;
+            else
+                top = (uint16_t)(mid - 1);
         }
         uint16_t hi = (uint16_t)(lo + 1);
-        double dl = fabs(fabsf(f) - stage_f16_to_f32(lo)), dh = fabs(stage_f16_to_f32(hi) - fabsf(f));
+        double dl = fabs(fabsf(f) - stage_f16_to_f32(lo)),
+               dh = fabs(stage_f16_to_f32(hi) - fabsf(f));
         uint16_t want = (dl < dh || (dl == dh && !(lo & 1))) ? lo : hi;
         if (f < 0) want |= 0x8000;
         if (got != want && !(f < 0 && want == 0x8000 && got == 0x8000)) bad_rt++;
@@ -543,7 +564,10 @@ static int read_gen_tokens(const char *name, int32_t toks[NSEQ][NNEW])
         for (int j = 0; j < NNEW; j++) {
             char *end;
             long v = strtol(p, &end, 10);
-            if (end == p) { fclose(f); return -1; }
+            if (end == p) {
+                fclose(f);
+                return -1;
+            }
             toks[s][j] = (int32_t)v;
             p = end;
             if (*p == ',') p++;
@@ -554,7 +578,8 @@ static int read_gen_tokens(const char *name, int32_t toks[NSEQ][NNEW])
     return s == NSEQ ? 0 : -1;
 }
 
-static float *read_npy(const char *name, const char *suffix, int ndim_want, const int64_t *shape_want)
+static float *read_npy(const char *name, const char *suffix, int ndim_want,
+                       const int64_t *shape_want)
 {
     char path[1024], err[ERRLEN];
     snprintf(path, sizeof path, "%s/%s.%s.npy", fixtures(), name, suffix);
@@ -612,7 +637,8 @@ static void check_generate(const char *name)
     stage_state *st = state_new(f.m, 1, 16, 64);
     CU_ASSERT_FATAL(st != NULL);
     int rc = 0;
-    for (int s = 0; s < NSEQ && !rc; s++) rc = gen_one(st, f.m, s, 0, got + (size_t)s * NNEW * V, got_tok[s]);
+    for (int s = 0; s < NSEQ && !rc; s++)
+        rc = gen_one(st, f.m, s, 0, got + (size_t)s * NNEW * V, got_tok[s]);
     CU_ASSERT_EQUAL(rc, 0);
     stage_state_free(st);
     double e1 = rel_err(got, want, (size_t)NSEQ * NNEW * V);
@@ -627,7 +653,8 @@ static void check_generate(const char *name)
     stage_state_free(st);
     double e2 = rel_err(bat, want, (size_t)NSEQ * NNEW * V);
     check_tokens(name, "batched", bat_tok, want_tok);
-    if (verbose() || !(e2 <= 1e-4)) fprintf(stderr, "\n  %s generate batched: rel err %.3g\n", name, e2);
+    if (verbose() || !(e2 <= 1e-4))
+        fprintf(stderr, "\n  %s generate batched: rel err %.3g\n", name, e2);
     CU_ASSERT(e2 <= 1e-4);
     double e3 = rel_err(bat, got, (size_t)NSEQ * NNEW * V);
     CU_ASSERT(e3 <= 1e-5);
@@ -697,10 +724,12 @@ static void check_eval(const char *name)
     float *tmp = calloc((size_t)16 * V, sizeof *tmp);
     CU_ASSERT_EQUAL(run_rows(st, f.m, 16, sl, ps, tk, fl, tmp), 16);
     for (int r = 0; r < 16; r++)
-        memcpy(bat + ((size_t)(r % 2) * 8 + r / 2) * V, tmp + (size_t)r * V, (size_t)V * sizeof *tmp);
+        memcpy(bat + ((size_t)(r % 2) * 8 + r / 2) * V, tmp + (size_t)r * V,
+               (size_t)V * sizeof *tmp);
     stage_state_free(st);
     double e2 = rel_err(bat, want, (size_t)16 * V);
-    if (verbose() || !(e2 <= 1e-4)) fprintf(stderr, "\n  %s eval batched: rel err %.3g\n", name, e2);
+    if (verbose() || !(e2 <= 1e-4))
+        fprintf(stderr, "\n  %s eval batched: rel err %.3g\n", name, e2);
     CU_ASSERT(e2 <= 1e-4);
 
     /* NLL of the teacher-forced next tokens agrees with the fixture's logits */
@@ -717,7 +746,8 @@ static void check_eval(const char *name)
     fx_close(&f);
 }
 
-#define GEN_TEST(M) static void test_gen_##M(void) { check_generate(#M); }
+#define GEN_TEST(M)                                                                                \
+    static void test_gen_##M(void) { check_generate(#M); }
 GEN_TEST(dense)
 GEN_TEST(mod)
 GEN_TEST(mod_all)
@@ -727,7 +757,8 @@ GEN_TEST(mode_integrated)
 GEN_TEST(mindskip)
 GEN_TEST(mindskip_token)
 GEN_TEST(mixed)
-#define EVAL_TEST(M) static void test_eval_##M(void) { check_eval(#M); }
+#define EVAL_TEST(M)                                                                               \
+    static void test_eval_##M(void) { check_eval(#M); }
 EVAL_TEST(dense)
 EVAL_TEST(mod)
 EVAL_TEST(mod_topk)
@@ -759,7 +790,8 @@ static char *rewrite_fixture(const char *name, stage_dtype round_to, stage_dtype
         uint16_t *h = v ? malloc(n * 2 + 2) : NULL;
         rc = !r || !h;
         if (!rc) { /* round through the dtype: exactly the values a bf16 / f16 checkpoint holds */
-            if (round_to == STAGE_F32) memcpy(r, v, n * sizeof *r);
+            if (round_to == STAGE_F32)
+                memcpy(r, v, n * sizeof *r);
             else {
                 stage_dtype_from_f32(round_to, v, h, n);
                 stage_dtype_to_f32(round_to, h, r, n);
@@ -819,14 +851,14 @@ static void check_weights_dtype(const char *name, stage_dtype dt)
     const size_t n = (size_t)NSEQ * NNEW * f.cfg.vocab;
     size_t f32_bytes = 0;
     fx_close(&f);
-    char *as_f32 = rewrite_fixture(name, dt, STAGE_F32);   /* rounded values, stored f32 */
-    char *as_dt = rewrite_fixture(name, dt, dt);           /* the same values, stored in dt */
+    char *as_f32 = rewrite_fixture(name, dt, STAGE_F32); /* rounded values, stored f32 */
+    char *as_dt = rewrite_fixture(name, dt, dt);         /* the same values, stored in dt */
     CU_ASSERT_FATAL(as_f32 && as_dt);
     float *a = calloc(n, sizeof *a), *b = calloc(n, sizeof *b), *c = calloc(n, sizeof *c);
     int32_t ta[NSEQ * NNEW], tb[NSEQ * NNEW], tc[NSEQ * NNEW];
-    CU_ASSERT_FATAL(gen_dir(as_f32, -1, a, ta) == 0);        /* f32 kernels */
-    CU_ASSERT_FATAL(gen_dir(as_dt, -1, b, tb) == 0);         /* dt kernels, as stored */
-    CU_ASSERT_FATAL(gen_dir(as_f32, (int)dt, c, tc) == 0);   /* converted at load */
+    CU_ASSERT_FATAL(gen_dir(as_f32, -1, a, ta) == 0);      /* f32 kernels */
+    CU_ASSERT_FATAL(gen_dir(as_dt, -1, b, tb) == 0);       /* dt kernels, as stored */
+    CU_ASSERT_FATAL(gen_dir(as_f32, (int)dt, c, tc) == 0); /* converted at load */
     double e = rel_err(b, a, n);
     if (verbose() || !(e <= 1e-4))
         fprintf(stderr, "\n  %s as %s vs f32 on the same values: rel err %.3g\n", name,
@@ -856,36 +888,39 @@ static void check_weights_dtype(const char *name, stage_dtype dt)
 }
 static void test_weights_bf16_dense(void) { check_weights_dtype("dense", STAGE_BF16); }
 static void test_weights_bf16_mixed(void) { check_weights_dtype("mixed", STAGE_BF16); }
-static void test_weights_f16_mode_integrated(void) { check_weights_dtype("mode_integrated", STAGE_F16); }
+static void test_weights_f16_mode_integrated(void)
+{
+    check_weights_dtype("mode_integrated", STAGE_F16);
+}
 static void test_weights_f16_mod(void) { check_weights_dtype("mod", STAGE_F16); }
 
 /* ================================================================== */
 /* 3. every layer type on a tiny model vs a double-precision reference */
 /* ================================================================== */
 
-#define TD 8             /* hidden */
-#define TNH 2            /* heads */
-#define TNKV 1           /* kv heads (GQA: both heads share one) */
-#define THD 4            /* head_dim */
+#define TD 8   /* hidden */
+#define TNH 2  /* heads */
+#define TNKV 1 /* kv heads (GQA: both heads share one) */
+#define THD 4  /* head_dim */
 #define TQD (TNH * THD)
 #define TKVD (TNKV * THD)
-#define TI 6             /* intermediate */
-#define TV 5             /* vocab */
-#define TG 3             /* gate rows at most (E + noop) */
-#define TIE 3            /* expert intermediate */
-#define TPH 3            /* predictor hidden */
-#define RMAX 16          /* rows of a scenario at most */
+#define TI 6    /* intermediate */
+#define TV 5    /* vocab */
+#define TG 3    /* gate rows at most (E + noop) */
+#define TIE 3   /* expert intermediate */
+#define TPH 3   /* predictor hidden */
+#define RMAX 16 /* rows of a scenario at most */
 
 typedef struct {
     stage_kind kind;
     const char *routing; /* mod.routing */
     int scale_sigmoid;   /* mod.router_scale */
     double capacity, mod_thr;
-    int E, n_noop, ept;  /* mode */
-    const char *gran;    /* mindskip.granularity */
+    int E, n_noop, ept; /* mode */
+    const char *gran;   /* mindskip.granularity */
     double ms_thr;
     int has_rb, has_pred;
-    const char *extra;   /* a tensor [TD] the engine does not read (tiny_write adds it) */
+    const char *extra; /* a tensor [TD] the engine does not read (tiny_write adds it) */
     float eps, theta;
     float ln1[TD], ln2[TD];
     float wq[TQD * TD], wk[TKVD * TD], wv[TKVD * TD], wo[TD * TQD];
@@ -970,8 +1005,8 @@ static int tiny_write(const tiny *t, const char *dir, const char *omit)
             " \"expert_intermediate_size\": %d},\n"
             " \"mindskip\": {\"granularity\": \"%s\", \"threshold\": %.17g}}\n",
             TD, TI, TNH, TNKV, TV, t->eps, t->theta, stage_kind_name(t->kind), t->capacity,
-            t->routing, t->mod_thr, t->scale_sigmoid ? "sigmoid" : "none", t->E, t->n_noop,
-            t->ept, TIE, t->gran, t->ms_thr);
+            t->routing, t->mod_thr, t->scale_sigmoid ? "sigmoid" : "none", t->E, t->n_noop, t->ept,
+            TIE, t->gran, t->ms_thr);
     if (fclose(f)) return -1;
 
     st_writer *w = st_writer_new();
@@ -979,7 +1014,11 @@ static int tiny_write(const tiny *t, const char *dir, const char *omit)
     int rc = 0;
     char name[256];
 #define ADD(nm, d0, d1, data) rc |= st_add(w, omit, nm, d0, d1, data)
-#define LADD(sfx, d0, d1, data) do { snprintf(name, sizeof name, "model.layers.0.%s", sfx); ADD(name, d0, d1, data); } while (0)
+#define LADD(sfx, d0, d1, data)                                                                    \
+    do {                                                                                           \
+        snprintf(name, sizeof name, "model.layers.0.%s", sfx);                                     \
+        ADD(name, d0, d1, data);                                                                   \
+    } while (0)
     ADD("model.embed_tokens.weight", TV, TD, t->embed);
     LADD("input_layernorm.weight", TD, 0, t->ln1);
     LADD("post_attention_layernorm.weight", TD, 0, t->ln2);
@@ -1056,11 +1095,11 @@ static void tiny_unload(tiny_model *tm)
 /* ---- the reference, in double, straight from SPEC §2 ---- */
 
 typedef struct {
-    int att;      /* routed: selected; mindskip: attention kept; others: 1 */
-    int tok_keep; /* mindskip: the per-token decision sigmoid(w.h_t) > threshold */
-    int winner;   /* MoE: the (first) chosen gate row */
-    double r;     /* router score w.x + b */
-    double xp[TD];/* x' = x + a (x where attention is skipped) */
+    int att;       /* routed: selected; mindskip: attention kept; others: 1 */
+    int tok_keep;  /* mindskip: the per-token decision sigmoid(w.h_t) > threshold */
+    int winner;    /* MoE: the (first) chosen gate row */
+    double r;      /* router score w.x + b */
+    double xp[TD]; /* x' = x + a (x where attention is skipped) */
 } ref_row;
 
 static double sigm(double z) { return 1.0 / (1.0 + exp(-z)); }
@@ -1192,7 +1231,8 @@ static void ref_layer(const tiny *t, int T, const float *x, const int *pos, cons
         double s = rb;
         for (int i = 0; i < TD; i++) s += (double)t->rw[i] * mean[i] / cnt;
         int keep = sigm(s) > t->ms_thr;
-        for (int r = 0; r < T; r++) info[r].att = strcmp(t->gran, "token") ? keep : info[r].tok_keep;
+        for (int r = 0; r < T; r++)
+            info[r].att = strcmp(t->gran, "token") ? keep : info[r].tok_keep;
     }
     for (int r = 0; r < T; r++) {
         ref_lin(t->wq, TQD, TD, h[r], q[r]);
@@ -1430,9 +1470,9 @@ static void tiny_hand(tiny *t)
 }
 
 static const float HAND_X[3 * TD] = {
-    2, 2, -2, 2, 2, -2, 2, 2,   /* h[0..4) = [ 1, 1,-1, 1] */
-    -2, 2, 2, -2, 2, 2, -2, 2,  /* h[0..4) = [-1, 1, 1,-1] */
-    2, -2, 2, 2, -2, 2, 2, -2,  /* h[0..4) = [ 1,-1, 1, 1] */
+    2,  2,  -2, 2,  2,  -2, 2,  2,  /* h[0..4) = [ 1, 1,-1, 1] */
+    -2, 2,  2,  -2, 2,  2,  -2, 2,  /* h[0..4) = [-1, 1, 1,-1] */
+    2,  -2, 2,  2,  -2, 2,  2,  -2, /* h[0..4) = [ 1,-1, 1, 1] */
 };
 
 static void check_hand(const tiny *t, const stage_model *m, const double *want, const char *what)
@@ -1473,8 +1513,8 @@ static void test_layer_dense_hand(void)
     /* y_t = x_t + tile(mean_{u<=t} h_u[0..4)) */
     const double th = 1.0 / 3.0;
     const double want[3 * TD] = {
-        3, 3, -3, 3, 3, -1, 1, 3,                                     /* + [1,1,-1,1] */
-        -2, 3, 2, -2, 2, 3, -2, 2,                                    /* + [0,1,0,0] */
+        3,      3,       -3,     3,      3,       -1,     1,      3,       /* + [1,1,-1,1] */
+        -2,     3,       2,      -2,     2,       3,      -2,     2,       /* + [0,1,0,0] */
         2 + th, -2 + th, 2 + th, 2 + th, -2 + th, 2 + th, 2 + th, -2 + th, /* + 1/3 */
     };
     check_hand(&t, tm.m, want, "dense hand");
@@ -1492,9 +1532,7 @@ static void test_layer_mod_hand(void)
      * y_0 = x_0 + 3 tile(h_0), y_1 = x_1, y_2 = x_2 + 3 tile(mean(h_0, h_2)) = x_2 + 3 [1,0,0,1]
      * (were row 1 in the cache: x_2 + 3 * 1/3 = x_2 + 1). */
     const double want[3 * TD] = {
-        5, 5, -5, 5, 5, 1, -1, 5,
-        -2, 2, 2, -2, 2, 2, -2, 2,
-        5, -2, 2, 5, 1, 2, 2, 1,
+        5, 5, -5, 5, 5, 1, -1, 5, -2, 2, 2, -2, 2, 2, -2, 2, 5, -2, 2, 5, 1, 2, 2, 1,
     };
     check_hand(&t, tm.m, want, "mod hand");
     CU_ASSERT(stage_router_score(tm.m, 0, HAND_X) == 3.0f);
@@ -1526,7 +1564,8 @@ static void test_layer_dense(void)
     int32_t tok[3] = {3, 0, 4};
     float e[3 * TD];
     CU_ASSERT_EQUAL(stage_embed(tm.m, tok, 3, e, err, sizeof err), 0);
-    for (int r = 0; r < 3; r++) CU_ASSERT(memcmp(e + r * TD, t.embed + tok[r] * TD, TD * sizeof(float)) == 0);
+    for (int r = 0; r < 3; r++)
+        CU_ASSERT(memcmp(e + r * TD, t.embed + tok[r] * TD, TD * sizeof(float)) == 0);
     stage_state *st = state_new(tm.m, 1, 4, 8);
     CU_ASSERT_FATAL(st != NULL);
     int rows[2] = {2, 0};
@@ -1561,7 +1600,8 @@ static void check_mod_threshold(int sigmoid_scale)
     tiny_check_seq(&t, tm.m, 6, 3, x, MODE_ONE | MODE_PREFILL_DECODE | MODE_ROWWISE, what, info);
     for (int r = 0; r < 6; r++) CU_ASSERT_EQUAL(info[r].att, MOD_SEL[r]);
     for (int r = 0; r < 6; r++) {
-        ASSERT_NEAR(stage_router_score(tm.m, 0, x + r * TD), 2.0 * MOD_X0[r] - 1.0, 1e-6, "router score with bias");
+        ASSERT_NEAR(stage_router_score(tm.m, 0, x + r * TD), 2.0 * MOD_X0[r] - 1.0, 1e-6,
+                    "router score with bias");
         CU_ASSERT_EQUAL(stage_router_selects(tm.m, 0, x + r * TD), MOD_SEL[r]);
     }
 
@@ -1581,7 +1621,8 @@ static void check_mod_threshold(int sigmoid_scale)
     CU_ASSERT_EQUAL(fwd_rows(st, 6, slot, ps, fl, out, err, sizeof err), 0);
     double d = 0.0;
     for (int i = 0; i < TD; i++) d = fmax(d, fabs(out[2 * TD + i] - yall[2 * TD + i]));
-    if (verbose()) fprintf(stderr, "\n  %s: row 2 differs by %.3g from a cache holding row 1\n", what, d);
+    if (verbose())
+        fprintf(stderr, "\n  %s: row 2 differs by %.3g from a cache holding row 1\n", what, d);
     CU_ASSERT(d > 1e-3);
     stage_state_free(st);
 
@@ -1617,7 +1658,8 @@ static void test_layer_mod_predictor(void)
     float x[6 * TD];
     make_x(x, 6, MOD_X0, 9);
     ref_row info[6];
-    tiny_check_seq(&t, tm.m, 6, 3, x, MODE_ONE | MODE_PREFILL_DECODE | MODE_ROWWISE, "mod predictor", info);
+    tiny_check_seq(&t, tm.m, 6, 3, x, MODE_ONE | MODE_PREFILL_DECODE | MODE_ROWWISE,
+                   "mod predictor", info);
     const int want_sel[6] = {0, 1, 0, 0, 1, 0};
     for (int r = 0; r < 6; r++) {
         CU_ASSERT_EQUAL(info[r].att, want_sel[r]);
@@ -1664,7 +1706,8 @@ static void test_layer_mod_topk(void)
                      STAGE_ROW_NEED_LOGITS};
     char err[ERRLEN] = "";
     CU_ASSERT_EQUAL(fwd_rows(st, 4, slot, ps, fl, out, err, sizeof err), 0);
-    CU_ASSERT_NOT_EQUAL(fwd_rows(st, 1, slot + 4, ps + 4, fl + 4, out + 4 * TD, err, sizeof err), 0);
+    CU_ASSERT_NOT_EQUAL(fwd_rows(st, 1, slot + 4, ps + 4, fl + 4, out + 4 * TD, err, sizeof err),
+                        0);
     ASSERT_HAS(err, "topk");
     stage_state_free(st);
     tiny_unload(&tm);
@@ -1682,7 +1725,8 @@ static void test_layer_mode_staged(void)
     float x[6 * TD];
     make_x(x, 6, MOD_X0, 12);
     ref_row info[6];
-    tiny_check_seq(&t, tm.m, 6, 3, x, MODE_ONE | MODE_PREFILL_DECODE | MODE_ROWWISE, "mode_staged", info);
+    tiny_check_seq(&t, tm.m, 6, 3, x, MODE_ONE | MODE_PREFILL_DECODE | MODE_ROWWISE, "mode_staged",
+                   info);
     for (int r = 0; r < 6; r++) CU_ASSERT_EQUAL(info[r].att, MOD_SEL[r]);
     tiny_unload(&tm);
 }
@@ -1711,7 +1755,8 @@ static void test_layer_mode_integrated(void)
         x[r * TD + dom[r]] = 3.0f;
     }
     ref_row info[6];
-    tiny_check_seq(&t, tm.m, 6, 3, x, MODE_ONE | MODE_PREFILL_DECODE | MODE_ROWWISE, "mode_integrated", info);
+    tiny_check_seq(&t, tm.m, 6, 3, x, MODE_ONE | MODE_PREFILL_DECODE | MODE_ROWWISE,
+                   "mode_integrated", info);
     const int want_win[6] = {2, 0, 1, 2, 0, 1};
     for (int r = 0; r < 6; r++) CU_ASSERT_EQUAL(info[r].winner, want_win[r]);
     /* a no-op winner skips the MLP: y = x + a exactly as after attention */
@@ -1806,7 +1851,8 @@ static void test_layer_mindskip_sequence(void)
     CU_ASSERT_FATAL(st != NULL);
     memcpy(out, xa, sizeof out);
     CU_ASSERT_EQUAL(fwd_rows(st, 2, slot, ps, fl, out, err, sizeof err), 0);
-    CU_ASSERT_NOT_EQUAL(fwd_rows(st, 1, slot + 2, ps + 2, fl + 2, out + 2 * TD, err, sizeof err), 0);
+    CU_ASSERT_NOT_EQUAL(fwd_rows(st, 1, slot + 2, ps + 2, fl + 2, out + 2 * TD, err, sizeof err),
+                        0);
     stage_state_free(st);
     tiny_unload(&tm);
 }
@@ -1823,7 +1869,8 @@ static void test_layer_mindskip_token(void)
     float x[6 * TD], x0[6] = {2, -1.5f, 0.4f, -2, 1.5f, -0.75f};
     make_x(x, 6, x0, 16);
     ref_row info[6];
-    tiny_check_seq(&t, tm.m, 6, 3, x, MODE_ONE | MODE_PREFILL_DECODE | MODE_ROWWISE, "mindskip token", info);
+    tiny_check_seq(&t, tm.m, 6, 3, x, MODE_ONE | MODE_PREFILL_DECODE | MODE_ROWWISE,
+                   "mindskip token", info);
     const int want[6] = {1, 0, 1, 0, 1, 0};
     for (int r = 0; r < 6; r++) CU_ASSERT_EQUAL(info[r].att, want[r]);
     tiny_unload(&tm);
@@ -1869,7 +1916,8 @@ static void check_recompute(const char *name)
         if (e > worst) worst = e;
         for (int j = 0; j < NNEW; j++) CU_ASSERT_EQUAL(argmax(full + (size_t)j * V, V), toks[j]);
     }
-    if (verbose() || !(worst <= 1e-5)) fprintf(stderr, "\n  %s cache vs recompute: rel err %.3g\n", name, worst);
+    if (verbose() || !(worst <= 1e-5))
+        fprintf(stderr, "\n  %s cache vs recompute: rel err %.3g\n", name, worst);
     CU_ASSERT(worst <= 1e-5);
     stage_state_free(st);
     free(cached);
@@ -1877,7 +1925,8 @@ static void check_recompute(const char *name)
     fx_close(&f);
 }
 
-#define RECOMP_TEST(M) static void test_recompute_##M(void) { check_recompute(#M); }
+#define RECOMP_TEST(M)                                                                             \
+    static void test_recompute_##M(void) { check_recompute(#M); }
 RECOMP_TEST(dense)
 RECOMP_TEST(mod)
 RECOMP_TEST(mod_all)
@@ -1926,7 +1975,8 @@ static void check_kv_entries(const char *name)
             for (int l = 0; l < L; l++) {
                 if (stage_kind_is_routed(c->layer_kind[l])) {
                     int cnt = 0;
-                    for (int i = 0; i < n; i++) cnt += stage_router_selects(f.m, l, x + (size_t)i * D);
+                    for (int i = 0; i < n; i++)
+                        cnt += stage_router_selects(f.m, l, x + (size_t)i * D);
                     want[l] += (uint64_t)cnt;
                 } else {
                     want[l] += (uint64_t)n;
@@ -1969,8 +2019,15 @@ static void test_kv_entries_mixed(void) { check_kv_entries("mixed"); }
 static void test_kv_alloc_capacity(void)
 {
     fxm d, m;
-    if (fx_open("dense", &d)) { CU_FAIL("dense"); return; }
-    if (fx_open("mod_all", &m)) { CU_FAIL("mod_all"); fx_close(&d); return; }
+    if (fx_open("dense", &d)) {
+        CU_FAIL("dense");
+        return;
+    }
+    if (fx_open("mod_all", &m)) {
+        CU_FAIL("mod_all");
+        fx_close(&d);
+        return;
+    }
     stage_state *sd = state_new(d.m, 4, 8, 256), *sm = state_new(m.m, 4, 8, 256);
     CU_ASSERT_FATAL(sd && sm);
     size_t bd = stage_state_kv_alloc_bytes(sd), bm = stage_state_kv_alloc_bytes(sm);
@@ -1990,7 +2047,10 @@ static void test_kv_alloc_capacity(void)
 static void test_slot_reset_release(void)
 {
     fxm f;
-    if (fx_open("dense", &f)) { CU_FAIL("dense"); return; }
+    if (fx_open("dense", &f)) {
+        CU_FAIL("dense");
+        return;
+    }
     stage_state *st = state_new(f.m, 2, 8, 4);
     CU_ASSERT_FATAL(st != NULL);
     const int D = f.cfg.hidden;
@@ -2202,7 +2262,8 @@ static void test_err_missing_tensor(void)
     expect_missing(STAGE_KIND_DENSE, NULL, "lm_head.weight");
     expect_missing(STAGE_KIND_MOD, NULL, "model.layers.0.router.weight");
     expect_missing(STAGE_KIND_MOD, "predictor", "model.layers.0.router_predictor.fc2.weight");
-    expect_missing(STAGE_KIND_MODE_STAGED, NULL, "model.layers.0.block_sparse_moe.experts.2.w3.weight");
+    expect_missing(STAGE_KIND_MODE_STAGED, NULL,
+                   "model.layers.0.block_sparse_moe.experts.2.w3.weight");
     expect_missing(STAGE_KIND_MINDSKIP, NULL, "model.layers.0.router.weight");
 }
 
@@ -2211,9 +2272,12 @@ static void test_err_missing_tensor(void)
 static void test_err_unknown_tensor(void)
 {
     static const char *const extras[] = {
-        "model.layers.0.self_attn.q_proj.bias", "model.layers.0.self_attn.k_norm.weight",
-        "model.layers.0.mlp.down_proj.bias", "model.layers.7.input_layernorm.weight",
-        "model.rotary.weight", "model.layers.0.block_sparse_moe.experts.x.w1.weight",
+        "model.layers.0.self_attn.q_proj.bias",
+        "model.layers.0.self_attn.k_norm.weight",
+        "model.layers.0.mlp.down_proj.bias",
+        "model.layers.7.input_layernorm.weight",
+        "model.rotary.weight",
+        "model.layers.0.block_sparse_moe.experts.x.w1.weight",
     };
     for (size_t i = 0; i < sizeof extras / sizeof *extras; i++) {
         tiny t;
@@ -2313,45 +2377,62 @@ static int add_suite(const char *name, const test_def *tests, int n)
     return 0;
 }
 
-#define T_(f) {#f, f}
+#define T_(f)                                                                                      \
+    {                                                                                              \
+#f, f                                                                                      \
+    }
 #define N_(a) ((int)(sizeof(a) / sizeof(a[0])))
 
 int main(void)
 {
     static const test_def kernels[] = {
-        T_(test_matmul), T_(test_rmsnorm), T_(test_rope), T_(test_softmax_swiglu_dot),
+        T_(test_matmul),       T_(test_rmsnorm),     T_(test_rope), T_(test_softmax_swiglu_dot),
         T_(test_convert_bf16), T_(test_convert_f16),
     };
     static const test_def fixtures_t[] = {
-        T_(test_gen_dense), T_(test_gen_mod), T_(test_gen_mod_all), T_(test_gen_mod_predictor),
-        T_(test_gen_mode_staged), T_(test_gen_mode_integrated), T_(test_gen_mindskip),
-        T_(test_gen_mindskip_token), T_(test_gen_mixed), T_(test_eval_dense), T_(test_eval_mod),
-        T_(test_eval_mod_topk), T_(test_eval_mixed), T_(test_weights_bf16_dense),
-        T_(test_weights_bf16_mixed), T_(test_weights_f16_mode_integrated), T_(test_weights_f16_mod),
+        T_(test_gen_dense),          T_(test_gen_mod),
+        T_(test_gen_mod_all),        T_(test_gen_mod_predictor),
+        T_(test_gen_mode_staged),    T_(test_gen_mode_integrated),
+        T_(test_gen_mindskip),       T_(test_gen_mindskip_token),
+        T_(test_gen_mixed),          T_(test_eval_dense),
+        T_(test_eval_mod),           T_(test_eval_mod_topk),
+        T_(test_eval_mixed),         T_(test_weights_bf16_dense),
+        T_(test_weights_bf16_mixed), T_(test_weights_f16_mode_integrated),
+        T_(test_weights_f16_mod),
     };
     static const test_def layers[] = {
-        T_(test_layer_dense_hand), T_(test_layer_mod_hand), T_(test_layer_dense),
-        T_(test_layer_mod_threshold), T_(test_layer_mod_sigmoid), T_(test_layer_mod_predictor),
-        T_(test_layer_mod_topk), T_(test_layer_mode_staged), T_(test_layer_mode_integrated),
-        T_(test_layer_mindskip_sequence), T_(test_layer_mindskip_token),
+        T_(test_layer_dense_hand),      T_(test_layer_mod_hand),
+        T_(test_layer_dense),           T_(test_layer_mod_threshold),
+        T_(test_layer_mod_sigmoid),     T_(test_layer_mod_predictor),
+        T_(test_layer_mod_topk),        T_(test_layer_mode_staged),
+        T_(test_layer_mode_integrated), T_(test_layer_mindskip_sequence),
+        T_(test_layer_mindskip_token),
     };
     static const test_def cache[] = {
-        T_(test_recompute_dense), T_(test_recompute_mod), T_(test_recompute_mod_all),
-        T_(test_recompute_mod_predictor), T_(test_recompute_mode_staged),
-        T_(test_recompute_mode_integrated), T_(test_recompute_mindskip),
-        T_(test_recompute_mindskip_token), T_(test_recompute_mixed), T_(test_kv_entries_mod),
-        T_(test_kv_entries_mod_all), T_(test_kv_entries_mod_predictor),
-        T_(test_kv_entries_mode_staged), T_(test_kv_entries_mixed), T_(test_kv_alloc_capacity), T_(test_slot_reset_release), T_(test_rng_seed_draw),
+        T_(test_recompute_dense),        T_(test_recompute_mod),
+        T_(test_recompute_mod_all),      T_(test_recompute_mod_predictor),
+        T_(test_recompute_mode_staged),  T_(test_recompute_mode_integrated),
+        T_(test_recompute_mindskip),     T_(test_recompute_mindskip_token),
+        T_(test_recompute_mixed),        T_(test_kv_entries_mod),
+        T_(test_kv_entries_mod_all),     T_(test_kv_entries_mod_predictor),
+        T_(test_kv_entries_mode_staged), T_(test_kv_entries_mixed),
+        T_(test_kv_alloc_capacity),      T_(test_slot_reset_release),
+        T_(test_rng_seed_draw),
     };
     static const test_def sampling[] = {
-        T_(test_sample_greedy), T_(test_sample_reproducible), T_(test_sample_top_p),
-        T_(test_sample_frequencies), T_(test_nll),
+        T_(test_sample_greedy), T_(test_sample_reproducible),
+        T_(test_sample_top_p),  T_(test_sample_frequencies),
+        T_(test_nll),
     };
     static const test_def errors[] = {
-        T_(test_err_missing_tensor), T_(test_err_unknown_tensor), T_(test_err_embed_range), T_(test_err_slot_range),
+        T_(test_err_missing_tensor),
+        T_(test_err_unknown_tensor),
+        T_(test_err_embed_range),
+        T_(test_err_slot_range),
     };
     if (CU_initialize_registry() != CUE_SUCCESS) return 1;
-    if (add_suite("kernels", kernels, N_(kernels)) || add_suite("fixtures", fixtures_t, N_(fixtures_t)) ||
+    if (add_suite("kernels", kernels, N_(kernels)) ||
+        add_suite("fixtures", fixtures_t, N_(fixtures_t)) ||
         add_suite("layers", layers, N_(layers)) || add_suite("cache", cache, N_(cache)) ||
         add_suite("sampling", sampling, N_(sampling)) || add_suite("errors", errors, N_(errors))) {
         CU_cleanup_registry();

@@ -55,7 +55,7 @@ static int utf8_ok(const char *s, size_t n)
 {
     const unsigned char *u = (const unsigned char *)s;
     for (size_t i = 0; i < n;) {
-        int k = u[i] < 0x80                     ? 0
+        int k = u[i] < 0x80                      ? 0
                 : (u[i] >= 0xC2 && u[i] <= 0xDF) ? 1
                 : (u[i] >= 0xE0 && u[i] <= 0xEF) ? 2
                 : (u[i] >= 0xF0 && u[i] <= 0xF4) ? 3
@@ -83,8 +83,10 @@ static int stream_matches(const tok_tokenizer *t, const int32_t *ids, int n, int
     for (int i = 0; ok && i <= n; i++) {
         const char *p;
         size_t pl;
-        if (i < n) ok = tok_stream_push(s, ids[i], &p, &pl, err, sizeof err) == 0;
-        else ok = tok_stream_flush(s, &p, &pl) == 0;
+        if (i < n)
+            ok = tok_stream_push(s, ids[i], &p, &pl, err, sizeof err) == 0;
+        else
+            ok = tok_stream_flush(s, &p, &pl) == 0;
         if (!ok) break;
         if (!utf8_ok(p, pl)) {
             fprintf(stderr, "\n  stream piece %d is not whole UTF-8\n", i);
@@ -106,8 +108,10 @@ static int stream_matches(const tok_tokenizer *t, const int32_t *ids, int n, int
         for (int i = 0; ok && i <= n; i++) {
             const char *p;
             size_t pl;
-            if (i < n) ok = tok_stream_push(s, ids[i], &p, &pl, err, sizeof err) == 0;
-            else tok_stream_flush(s, &p, &pl);
+            if (i < n)
+                ok = tok_stream_push(s, ids[i], &p, &pl, err, sizeof err) == 0;
+            else
+                tok_stream_flush(s, &p, &pl);
             if (ok && used + pl <= full_len) memcpy(acc + used, p, pl);
             used += pl;
         }
@@ -318,8 +322,8 @@ static void load_fails(const char *json, const char *needle);
 
 /* Constructs the real files do not exercise, with answers worked out by hand from the
  * Hugging Face semantics (tokenizers' SplitDelimiterBehavior, ignore_merges, fuse_unk, ...). */
-#define HM_VOCAB                                                                            \
-    "{\"a\":0,\"b\":1,\"c\":2,\"ab\":3,\"bc\":4,\"abc\":5,\" \":6,\"<unk>\":7,\"1\":8,"    \
+#define HM_VOCAB                                                                                   \
+    "{\"a\":0,\"b\":1,\"c\":2,\"ab\":3,\"bc\":4,\"abc\":5,\" \":6,\"<unk>\":7,\"1\":8,"            \
     "\"2\":9,\"a \":10,\" b\":11,\"  \":12,\"12\":13,\"x\":16,\"y\":17}"
 #define HM_MERGES "[[\"b\",\"c\"],[\"a\",\" \"],[\" \",\"b\"],[\" \",\" \"],\"1 2\"]"
 
@@ -357,24 +361,23 @@ static void expect_ids(const tok_tokenizer *t, const char *text, int special, co
     CU_ASSERT(same);
     free(ids);
 }
-#define EXPECT(t, text, special, ...)                                                       \
-    do {                                                                                    \
-        const int32_t w_[] = {__VA_ARGS__};                                                 \
-        expect_ids(t, text, special, w_, (int)(sizeof w_ / sizeof w_[0]));                  \
+#define EXPECT(t, text, special, ...)                                                              \
+    do {                                                                                           \
+        const int32_t w_[] = {__VA_ARGS__};                                                        \
+        expect_ids(t, text, special, w_, (int)(sizeof w_ / sizeof w_[0]));                         \
     } while (0)
 
 static void test_hand_made(void)
 {
     /* merges with a space in a token need the pair form: " b" as a string is an error */
-    load_fails("{\"model\": {\"type\": \"BPE\", \"vocab\": " HM_VOCAB
-               ", \"merges\": [\"  b\"]}}",
+    load_fails("{\"model\": {\"type\": \"BPE\", \"vocab\": " HM_VOCAB ", \"merges\": [\"  b\"]}}",
                "merge 0 \"  b\" is not \"left right\"");
 
     tok_tokenizer *t;
     /* no pre-tokenizer: one piece; a+' ' (rank 1) before ' '+b (rank 2) */
     CU_ASSERT_FATAL((t = hm_load(NULL, "", NULL)) != NULL);
     EXPECT(t, "a b", 1, 10, 1);
-    EXPECT(t, "abc", 1, 0, 4);          /* merges only: a, bc */
+    EXPECT(t, "abc", 1, 0, 4);              /* merges only: a, bc */
     EXPECT(t, "axyzb", 1, 0, 16, 17, 7, 1); /* z has no token: <unk> */
     EXPECT(t, "a12", 1, 0, 13);
     /* no decoder: tokens joined with a space */
@@ -389,9 +392,10 @@ static void test_hand_made(void)
     }
     tok_free(t);
 
-    CU_ASSERT_FATAL((t = hm_load(NULL, ", \"ignore_merges\": true, \"fuse_unk\": true", NULL)) != NULL);
-    EXPECT(t, "abc", 1, 5);             /* the whole piece is a token */
-    EXPECT(t, "azzb", 1, 0, 7, 1);      /* consecutive unknowns fused */
+    CU_ASSERT_FATAL((t = hm_load(NULL, ", \"ignore_merges\": true, \"fuse_unk\": true", NULL)) !=
+                    NULL);
+    EXPECT(t, "abc", 1, 5);        /* the whole piece is a token */
+    EXPECT(t, "azzb", 1, 0, 7, 1); /* consecutive unknowns fused */
     tok_free(t);
 
     static const struct {
@@ -399,18 +403,48 @@ static void test_hand_made(void)
         int32_t want[6];
         int n;
     } split[] = {
-        {"{\"type\":\"Split\",\"pattern\":{\"String\":\" \"},\"behavior\":\"Isolated\"}", "a b", {0, 6, 1}, 3},
-        {"{\"type\":\"Split\",\"pattern\":{\"String\":\" \"},\"behavior\":\"Removed\"}", "a b", {0, 1}, 2},
-        {"{\"type\":\"Split\",\"pattern\":{\"String\":\" \"},\"behavior\":\"MergedWithPrevious\"}", "a b", {10, 1}, 2},
-        {"{\"type\":\"Split\",\"pattern\":{\"String\":\" \"},\"behavior\":\"MergedWithNext\"}", "a b", {0, 11}, 2},
-        {"{\"type\":\"Split\",\"pattern\":{\"String\":\" \"},\"behavior\":\"Contiguous\"}", "a  b", {0, 12, 1}, 3},
-        {"{\"type\":\"Split\",\"pattern\":{\"String\":\" \"},\"behavior\":\"Isolated\"}", "a  b", {0, 6, 6, 1}, 4},
-        {"{\"type\":\"Split\",\"pattern\":{\"Regex\":\"\\\\s+\"},\"behavior\":\"Removed\",\"invert\":true}", "a  b", {12}, 1},
-        {"{\"type\":\"Split\",\"pattern\":{\"Regex\":\"b*\"},\"behavior\":\"Isolated\"}", "abba", {0, 1, 1, 0}, 4},
+        {"{\"type\":\"Split\",\"pattern\":{\"String\":\" \"},\"behavior\":\"Isolated\"}",
+         "a b",
+         {0, 6, 1},
+         3},
+        {"{\"type\":\"Split\",\"pattern\":{\"String\":\" \"},\"behavior\":\"Removed\"}",
+         "a b",
+         {0, 1},
+         2},
+        {"{\"type\":\"Split\",\"pattern\":{\"String\":\" \"},\"behavior\":\"MergedWithPrevious\"}",
+         "a b",
+         {10, 1},
+         2},
+        {"{\"type\":\"Split\",\"pattern\":{\"String\":\" \"},\"behavior\":\"MergedWithNext\"}",
+         "a b",
+         {0, 11},
+         2},
+        {"{\"type\":\"Split\",\"pattern\":{\"String\":\" \"},\"behavior\":\"Contiguous\"}",
+         "a  b",
+         {0, 12, 1},
+         3},
+        {"{\"type\":\"Split\",\"pattern\":{\"String\":\" \"},\"behavior\":\"Isolated\"}",
+         "a  b",
+         {0, 6, 6, 1},
+         4},
+        {"{\"type\":\"Split\",\"pattern\":{\"Regex\":\"\\\\s+\"},\"behavior\":\"Removed\","
+         "\"invert\":true}",
+         "a  b",
+         {12},
+         1},
+        {"{\"type\":\"Split\",\"pattern\":{\"Regex\":\"b*\"},\"behavior\":\"Isolated\"}",
+         "abba",
+         {0, 1, 1, 0},
+         4},
         {"{\"type\":\"Digits\",\"individual_digits\":true}", "a12", {0, 8, 9}, 3},
         {"{\"type\":\"Digits\",\"individual_digits\":false}", "a12 12", {0, 13, 6, 13}, 4},
-        {"{\"type\":\"Sequence\",\"pretokenizers\":[{\"type\":\"Digits\",\"individual_digits\":false},"
-         "{\"type\":\"Split\",\"pattern\":{\"String\":\" \"},\"behavior\":\"MergedWithPrevious\"}]}", "a 12", {10, 13}, 2},
+        {"{\"type\":\"Sequence\",\"pretokenizers\":[{\"type\":\"Digits\",\"individual_digits\":"
+         "false},"
+         "{\"type\":\"Split\",\"pattern\":{\"String\":\" "
+         "\"},\"behavior\":\"MergedWithPrevious\"}]}",
+         "a 12",
+         {10, 13},
+         2},
     };
     for (size_t k = 0; k < sizeof split / sizeof split[0]; k++) {
         CU_ASSERT_FATAL((t = hm_load(split[k].pre, "", NULL)) != NULL);
@@ -432,7 +466,7 @@ static void test_hand_made(void)
     EXPECT(t, "xyb", 1, 16, 17, 1);
     CU_ASSERT_EQUAL(tok_vocab_size(t), 23);
     CU_ASSERT(!tok_is_special(t, 20));
-    {   /* ids 14, 15, 18, 19 are holes: not decodable */
+    { /* ids 14, 15, 18, 19 are holes: not decodable */
         const int32_t hole[] = {14};
         char *txt, err[256];
         size_t len;
@@ -440,7 +474,8 @@ static void test_hand_made(void)
         ASSERT_HAS(err, "id 14 is not in the vocab");
     }
     tok_free(t);
-    const char *norm = "\"normalizer\": {\"type\":\"Replace\",\"pattern\":{\"Regex\":\" +\"},\"content\":\" \"},";
+    const char *norm =
+        "\"normalizer\": {\"type\":\"Replace\",\"pattern\":{\"Regex\":\" +\"},\"content\":\" \"},";
     CU_ASSERT_FATAL((t = hm_load(NULL, "", norm)) != NULL);
     EXPECT(t, "a    b", 1, 10, 1);
     tok_free(t);
@@ -455,7 +490,8 @@ static void test_hand_made(void)
              "\"unk_token\": \"<unk>\", \"vocab\": " HM_VOCAB ", \"merges\": " HM_MERGES "}}");
     const char *files[][2] = {
         {"tokenizer.json", json},
-        {"tokenizer_config.json", "{\"add_bos_token\": true, \"bos_token\": {\"content\": \"<s>\"}}"},
+        {"tokenizer_config.json",
+         "{\"add_bos_token\": true, \"bos_token\": {\"content\": \"<s>\"}}"},
         {"config.json", "{\"bos_token_id\": 0, \"eos_token_id\": [19, 2]}"},
     };
     for (int k = 0; k < 3; k++) {
@@ -502,8 +538,8 @@ static void load_fails(const char *json, const char *needle)
     if (rc == 0) tok_free(t);
 }
 
-#define TINY_MODEL(extra)                                                                   \
-    "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 1, \"ab\": 2}, "          \
+#define TINY_MODEL(extra)                                                                          \
+    "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 1, \"ab\": 2}, "                 \
     "\"merges\": [\"a b\"]" extra "}}"
 
 static void test_errors(void)
@@ -574,10 +610,11 @@ static void test_errors(void)
     /* an empty-string token in the vocab is legal (the fuzzer found the "▁"-run scan reading
      * past its NUL): it loads, and "▁" cuts stay on */
     {
-        const char *j = "{\"normalizer\": {\"type\": \"Replace\", \"pattern\": {\"String\": \" \"}, "
-                        "\"content\": \"\xe2\x96\x81\"}, \"model\": {\"type\": \"BPE\", \"vocab\": "
-                        "{\"\": 0, \"\xe2\x96\x81\": 1, \"a\": 2, \"\xe2\x96\x81\x61\": 3}, "
-                        "\"merges\": [[\"\xe2\x96\x81\", \"a\"]]}}";
+        const char *j =
+            "{\"normalizer\": {\"type\": \"Replace\", \"pattern\": {\"String\": \" \"}, "
+            "\"content\": \"\xe2\x96\x81\"}, \"model\": {\"type\": \"BPE\", \"vocab\": "
+            "{\"\": 0, \"\xe2\x96\x81\": 1, \"a\": 2, \"\xe2\x96\x81\x61\": 3}, "
+            "\"merges\": [[\"\xe2\x96\x81\", \"a\"]]}}";
         tok_tokenizer *e;
         CU_ASSERT_FATAL(tok_load_json("empty", j, strlen(j), &e, err, sizeof err) == 0);
         int32_t *v;
@@ -590,8 +627,8 @@ static void test_errors(void)
     }
 
     /* encode / decode errors on a good tokenizer */
-    CU_ASSERT_FATAL(tok_load_json("tiny", TINY_MODEL(""), strlen(TINY_MODEL("")), &t, err,
-                                  sizeof err) == 0);
+    CU_ASSERT_FATAL(
+        tok_load_json("tiny", TINY_MODEL(""), strlen(TINY_MODEL("")), &t, err, sizeof err) == 0);
     int32_t *ids = (int32_t *)1;
     int n = 7;
     CU_ASSERT(tok_encode(t, "abc", 3, 1, &ids, &n, err, sizeof err) != 0);
@@ -600,7 +637,8 @@ static void test_errors(void)
     CU_ASSERT_EQUAL(n, 0);
     CU_ASSERT(tok_encode(t, "a\xff", 2, 1, &ids, &n, err, sizeof err) != 0);
     ASSERT_HAS(err, "not valid UTF-8 (byte 1)");
-    CU_ASSERT(tok_encode(t, "ab\xed\xa0\x80", 5, 1, &ids, &n, err, sizeof err) != 0); /* surrogate */
+    CU_ASSERT(tok_encode(t, "ab\xed\xa0\x80", 5, 1, &ids, &n, err, sizeof err) !=
+              0); /* surrogate */
     ASSERT_HAS(err, "not valid UTF-8 (byte 2)");
     CU_ASSERT_FATAL(tok_encode(t, "abab", 4, 1, &ids, &n, err, sizeof err) == 0);
     CU_ASSERT(n == 2 && ids[0] == 2 && ids[1] == 2);
@@ -677,8 +715,7 @@ static int run_cli(const char *args, char *out, size_t cap)
     size_t n = fread(out, 1, cap - 1, p);
     out[n] = 0;
     char rest[4096]; /* drain: a child writing into a closed pipe would die of SIGPIPE */
-    while (fread(rest, 1, sizeof rest, p) > 0) {
-    }
+    while (fread(rest, 1, sizeof rest, p) > 0) {}
     int st = pclose(p);
     return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
@@ -697,11 +734,12 @@ static void test_cli(void)
     snprintf(args, sizeof args, "detokenize --model %s --ids '1 403 407 261 378,432'", m);
     CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 0);
     CU_ASSERT_STRING_EQUAL(out, "<s> Once upon a time,\n");
-    snprintf(args, sizeof args, "detokenize --model %s --ids '1 403 407 261 378' --skip-special", m);
+    snprintf(args, sizeof args, "detokenize --model %s --ids '1 403 407 261 378' --skip-special",
+             m);
     CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 0);
     CU_ASSERT_STRING_EQUAL(out, "Once upon a time\n");
-    snprintf(args, sizeof args, "tokenize --tokenizer %s --text-file %s", path_of("gpt2/tokenizer.json"),
-             path_of("tok/tinystories-head.txt"));
+    snprintf(args, sizeof args, "tokenize --tokenizer %s --text-file %s",
+             path_of("gpt2/tokenizer.json"), path_of("tok/tinystories-head.txt"));
     CU_ASSERT_EQUAL(run_cli(args, out, sizeof out), 0);
     ASSERT_HAS(out, "7454 2402 257 640 11 612 373 257 1310 2576 3706 20037");
 
@@ -746,7 +784,7 @@ static void test_cli(void)
 int main(void)
 {
     FIX = getenv("MODPIPE_FIXTURES") && *getenv("MODPIPE_FIXTURES") ? getenv("MODPIPE_FIXTURES")
-                                                                     : "tests/fixtures";
+                                                                    : "tests/fixtures";
     if (CU_initialize_registry() != CUE_SUCCESS) return 2;
     CU_pSuite s = CU_add_suite("tok", NULL, NULL);
     if (!s) return 2;

@@ -20,11 +20,14 @@
 static const char *BIN, *FIX;
 static char *TMP;
 static char OUT[1 << 16];
-static const char *PROMPTS = "--prompt-ids 3,14,15,92,65,35 --prompt-ids 89,79 --prompt-ids 32,38,46,26";
-#define MPIRUN "mpirun --allow-run-as-root --oversubscribe --mca btl self,tcp --mca btl_tcp_if_include lo"
+static const char *PROMPTS =
+    "--prompt-ids 3,14,15,92,65,35 --prompt-ids 89,79 --prompt-ids 32,38,46,26";
+#define MPIRUN                                                                                     \
+    "mpirun --allow-run-as-root --oversubscribe --mca btl self,tcp --mca btl_tcp_if_include lo"
 
-static const char *GEN_MODELS[] = {"dense", "mod", "mod_all", "mod_predictor", "mode_staged",
-                                   "mode_integrated", "mindskip", "mindskip_token", "mixed"};
+static const char *GEN_MODELS[] = {
+    "dense",           "mod",      "mod_all",        "mod_predictor", "mode_staged",
+    "mode_integrated", "mindskip", "mindskip_token", "mixed"};
 static const char *EVAL_MODELS[] = {"dense", "mod", "mod_topk", "mixed"};
 
 /* Every line of the fixture's M.generate.txt is in OUT. */
@@ -50,10 +53,15 @@ static void check_tp(const char *kind, const char *m, const char *args)
         snprintf(got, sizeof got, "%s/%s-%s-np%d.npy", TMP, m, kind, np);
         snprintf(want, sizeof want, "%s/%s.%s.npy", FIX, m, kind);
         snprintf(what, sizeof what, "%s %s -np %d --tp 2", m, kind, np);
-        int rc = tu_run(OUT, sizeof OUT, 120, "%s -np %d %s %s --model %s/%s %s --tp 2 --quiet "
-                        "--dump-logits %s", MPIRUN, np, BIN, kind, FIX, m, args, got);
+        int rc = tu_run(OUT, sizeof OUT, 120,
+                        "%s -np %d %s %s --model %s/%s %s --tp 2 --quiet "
+                        "--dump-logits %s",
+                        MPIRUN, np, BIN, kind, FIX, m, args, got);
         CU_ASSERT_EQUAL(rc, 0);
-        if (rc) { fprintf(stderr, "\n%s: rc %d\n%s", what, rc, OUT); continue; }
+        if (rc) {
+            fprintf(stderr, "\n%s: rc %d\n%s", what, rc, OUT);
+            continue;
+        }
         if (!strcmp(kind, "generate")) CU_ASSERT(tokens_match(m));
         check_rel(got, want, what);
     }
@@ -63,14 +71,16 @@ static void test_generate_tp(void)
 {
     char args[512];
     snprintf(args, sizeof args, "%s --max-new 5", PROMPTS);
-    for (size_t i = 0; i < sizeof GEN_MODELS / sizeof *GEN_MODELS; i++) check_tp("generate", GEN_MODELS[i], args);
+    for (size_t i = 0; i < sizeof GEN_MODELS / sizeof *GEN_MODELS; i++)
+        check_tp("generate", GEN_MODELS[i], args);
 }
 
 static void test_eval_tp(void)
 {
     char args[512];
     snprintf(args, sizeof args, "--tokens-file %s/eval_tokens.txt --micro-batch 8", FIX);
-    for (size_t i = 0; i < sizeof EVAL_MODELS / sizeof *EVAL_MODELS; i++) check_tp("eval", EVAL_MODELS[i], args);
+    for (size_t i = 0; i < sizeof EVAL_MODELS / sizeof *EVAL_MODELS; i++)
+        check_tp("eval", EVAL_MODELS[i], args);
 }
 
 static const cJSON *jat(const cJSON *o, const char *arr, int i)
@@ -84,14 +94,21 @@ static void test_stats_tp(void)
     char s1[512], s2[512];
     snprintf(s1, sizeof s1, "%s/st1.json", TMP);
     snprintf(s2, sizeof s2, "%s/st2.json", TMP);
-    CU_ASSERT_EQUAL_FATAL(tu_run(OUT, sizeof OUT, 120, "%s -np 2 %s generate --model %s/mod %s "
-                                 "--max-new 5 --quiet --stats %s", MPIRUN, BIN, FIX, PROMPTS, s1), 0);
-    CU_ASSERT_EQUAL_FATAL(tu_run(OUT, sizeof OUT, 120, "%s -np 4 %s generate --model %s/mod %s "
-                                 "--max-new 5 --tp 2 --quiet --stats %s", MPIRUN, BIN, FIX, PROMPTS, s2), 0);
+    CU_ASSERT_EQUAL_FATAL(tu_run(OUT, sizeof OUT, 120,
+                                 "%s -np 2 %s generate --model %s/mod %s "
+                                 "--max-new 5 --quiet --stats %s",
+                                 MPIRUN, BIN, FIX, PROMPTS, s1),
+                          0);
+    CU_ASSERT_EQUAL_FATAL(tu_run(OUT, sizeof OUT, 120,
+                                 "%s -np 4 %s generate --model %s/mod %s "
+                                 "--max-new 5 --tp 2 --quiet --stats %s",
+                                 MPIRUN, BIN, FIX, PROMPTS, s2),
+                          0);
     cJSON *a = tu_read_json(s1), *b = tu_read_json(s2);
     CU_ASSERT_FATAL(a && b);
     /* the sparse pipeline is the same: same links, same bytes */
-    const cJSON *ta = cJSON_GetObjectItemCaseSensitive(a, "total"), *tb = cJSON_GetObjectItemCaseSensitive(b, "total");
+    const cJSON *ta = cJSON_GetObjectItemCaseSensitive(a, "total"),
+                *tb = cJSON_GetObjectItemCaseSensitive(b, "total");
     CU_ASSERT(tu_jnum(ta, "wire_bytes") > 0);
     CU_ASSERT_EQUAL(tu_jnum(ta, "wire_bytes"), tu_jnum(tb, "wire_bytes"));
     CU_ASSERT_EQUAL(tu_jnum(ta, "payload_bytes"), tu_jnum(tb, "payload_bytes"));
@@ -107,7 +124,8 @@ static void test_stats_tp(void)
     CU_ASSERT_EQUAL(tu_jnum(l0, "tp_bytes"), tu_jnum(l0, "rows") * 2560.0);
     double sum_layers = 0;
     for (int l = 0; l < 6; l++) sum_layers += tu_jnum(jat(b, "layers", l), "tp_bytes");
-    double io = tu_jnum(jat(b, "stages", 0), "tp_io_bytes") + tu_jnum(jat(b, "stages", 1), "tp_io_bytes");
+    double io =
+        tu_jnum(jat(b, "stages", 0), "tp_io_bytes") + tu_jnum(jat(b, "stages", 1), "tp_io_bytes");
     CU_ASSERT(io > 0);
     CU_ASSERT(fabs(tu_jnum(tb, "tp_bytes") - sum_layers - io) < 0.5);
     /* per rank: KV exactly half (heads split), weights about half (norms, routers, embedding
@@ -117,7 +135,8 @@ static void test_stats_tp(void)
         CU_ASSERT_EQUAL(tu_jnum(eb, "ranks"), 2);
         CU_ASSERT_EQUAL(tu_jnum(eb, "kv_bytes_allocated") * 2, tu_jnum(ea, "kv_bytes_allocated"));
     }
-    double w1 = tu_jnum(jat(a, "stages", 1), "weight_bytes"), w2 = tu_jnum(jat(b, "stages", 1), "weight_bytes");
+    double w1 = tu_jnum(jat(a, "stages", 1), "weight_bytes"),
+           w2 = tu_jnum(jat(b, "stages", 1), "weight_bytes");
     CU_ASSERT(w2 < 0.55 * w1 && w2 > 0.45 * w1);
     cJSON_Delete(a);
     cJSON_Delete(b);
@@ -126,18 +145,24 @@ static void test_stats_tp(void)
 static void test_bad_input_tp(void)
 {
     /* -np not a multiple of K */
-    int rc = tu_run(OUT, sizeof OUT, 60, "%s -np 3 %s generate --model %s/dense --prompt-ids 1,2 "
-                    "--max-new 2 --tp 2 --quiet", MPIRUN, BIN, FIX);
+    int rc = tu_run(OUT, sizeof OUT, 60,
+                    "%s -np 3 %s generate --model %s/dense --prompt-ids 1,2 "
+                    "--max-new 2 --tp 2 --quiet",
+                    MPIRUN, BIN, FIX);
     CU_ASSERT(rc != 0 && rc < 128);
     ASSERT_HAS(OUT, "-np 3 is not a multiple of --tp 2");
     /* K larger than the heads allow (4 heads, 2 KV heads) */
-    rc = tu_run(OUT, sizeof OUT, 60, "%s -np 4 %s generate --model %s/dense --prompt-ids 1,2 "
-                "--max-new 2 --tp 4 --quiet", MPIRUN, BIN, FIX);
+    rc = tu_run(OUT, sizeof OUT, 60,
+                "%s -np 4 %s generate --model %s/dense --prompt-ids 1,2 "
+                "--max-new 2 --tp 4 --quiet",
+                MPIRUN, BIN, FIX);
     CU_ASSERT(rc != 0 && rc < 128);
     ASSERT_HAS(OUT, "4 ranks cannot split num_attention_heads 4 and num_key_value_heads 2");
     /* a grid that does not divide the heads */
-    rc = tu_run(OUT, sizeof OUT, 60, "%s -np 3 %s eval --model %s/dense --tokens-file %s/eval_tokens.txt "
-                "--tp 3 --quiet", MPIRUN, BIN, FIX, FIX);
+    rc = tu_run(OUT, sizeof OUT, 60,
+                "%s -np 3 %s eval --model %s/dense --tokens-file %s/eval_tokens.txt "
+                "--tp 3 --quiet",
+                MPIRUN, BIN, FIX, FIX);
     CU_ASSERT(rc != 0 && rc < 128);
     ASSERT_HAS(OUT, "3 ranks cannot split");
     rc = tu_run(OUT, sizeof OUT, 30, "%s partition --model %s/dense -n 2 --tp 4", BIN, FIX);
@@ -153,12 +178,18 @@ static void test_k4(void)
     char one[512], four[512];
     snprintf(one, sizeof one, "%s/k4-np1.npy", TMP);
     snprintf(four, sizeof four, "%s/k4-np4.npy", TMP);
-    CU_ASSERT_EQUAL_FATAL(tu_run(OUT, sizeof OUT, 120, "%s -np 1 %s generate --model %s/stories260K %s "
-                                 "--max-new 8 --quiet --dump-logits %s", MPIRUN, BIN, FIX, PROMPTS, one), 0);
+    CU_ASSERT_EQUAL_FATAL(tu_run(OUT, sizeof OUT, 120,
+                                 "%s -np 1 %s generate --model %s/stories260K %s "
+                                 "--max-new 8 --quiet --dump-logits %s",
+                                 MPIRUN, BIN, FIX, PROMPTS, one),
+                          0);
     char gen1[sizeof OUT];
     snprintf(gen1, sizeof gen1, "%s", OUT);
-    CU_ASSERT_EQUAL_FATAL(tu_run(OUT, sizeof OUT, 120, "%s -np 4 %s generate --model %s/stories260K %s "
-                                 "--max-new 8 --tp 4 --quiet --dump-logits %s", MPIRUN, BIN, FIX, PROMPTS, four), 0);
+    CU_ASSERT_EQUAL_FATAL(tu_run(OUT, sizeof OUT, 120,
+                                 "%s -np 4 %s generate --model %s/stories260K %s "
+                                 "--max-new 8 --tp 4 --quiet --dump-logits %s",
+                                 MPIRUN, BIN, FIX, PROMPTS, four),
+                          0);
     CU_ASSERT_STRING_EQUAL(OUT, gen1); /* the same tokens (and summary line) */
     check_rel(four, one, "stories260K --tp 4 vs -np 1");
 }
@@ -169,8 +200,10 @@ static void test_stage_ranks(void)
     char got[512], want[512], yaml[512];
     snprintf(want, sizeof want, "%s/mode_staged.generate.npy", FIX);
     snprintf(got, sizeof got, "%s/ranks-cli.npy", TMP);
-    int rc = tu_run(OUT, sizeof OUT, 120, "%s -np 3 %s generate --model %s/mode_staged %s --max-new 5 "
-                    "--stages 0-2:2,3-5 --quiet --dump-logits %s", MPIRUN, BIN, FIX, PROMPTS, got);
+    int rc = tu_run(OUT, sizeof OUT, 120,
+                    "%s -np 3 %s generate --model %s/mode_staged %s --max-new 5 "
+                    "--stages 0-2:2,3-5 --quiet --dump-logits %s",
+                    MPIRUN, BIN, FIX, PROMPTS, got);
     CU_ASSERT_EQUAL(rc, 0);
     CU_ASSERT(tokens_match("mode_staged"));
     check_rel(got, want, "mode_staged --stages 0-2:2,3-5");
@@ -180,17 +213,22 @@ static void test_stage_ranks(void)
     fprintf(f, "stages:\n  - {layers: \"0-2\", ranks: 1}\n  - layers: 3-5\n    ranks: 2\n");
     fclose(f);
     snprintf(got, sizeof got, "%s/ranks-yaml.npy", TMP);
-    rc = tu_run(OUT, sizeof OUT, 120, "%s -np 3 %s generate --model %s/mode_staged %s --max-new 5 "
-                "--config %s --quiet --dump-logits %s", MPIRUN, BIN, FIX, PROMPTS, yaml, got);
+    rc = tu_run(OUT, sizeof OUT, 120,
+                "%s -np 3 %s generate --model %s/mode_staged %s --max-new 5 "
+                "--config %s --quiet --dump-logits %s",
+                MPIRUN, BIN, FIX, PROMPTS, yaml, got);
     CU_ASSERT_EQUAL(rc, 0);
     CU_ASSERT(tokens_match("mode_staged"));
     check_rel(got, want, "mode_staged YAML stages 0-2 x1, 3-5 x2");
     /* the ranks must add up to -np */
-    rc = tu_run(OUT, sizeof OUT, 60, "%s -np 4 %s generate --model %s/mode_staged --prompt-ids 1,2 "
-                "--config %s --quiet", MPIRUN, BIN, FIX, yaml);
+    rc = tu_run(OUT, sizeof OUT, 60,
+                "%s -np 4 %s generate --model %s/mode_staged --prompt-ids 1,2 "
+                "--config %s --quiet",
+                MPIRUN, BIN, FIX, yaml);
     CU_ASSERT(rc != 0 && rc < 128);
     ASSERT_HAS(OUT, "the plan's stages need 3 ranks in all but the job has 4");
-    rc = tu_run(OUT, sizeof OUT, 30, "%s partition --model %s/dense -n 2 --stages 0-2:2,3-5:x", BIN, FIX);
+    rc = tu_run(OUT, sizeof OUT, 30, "%s partition --model %s/dense -n 2 --stages 0-2:2,3-5:x", BIN,
+                FIX);
     CU_ASSERT(rc != 0 && rc < 128);
     ASSERT_HAS(OUT, "ranks after ':' must be 1..64");
 }
@@ -208,15 +246,20 @@ int main(void)
     BIN = getenv("MODPIPE") ? getenv("MODPIPE") : "build/modpipe";
     FIX = getenv("MODPIPE_FIXTURES") ? getenv("MODPIPE_FIXTURES") : "tests/fixtures";
     TMP = make_tmpdir_tagged("tp");
-    if (!TMP) { perror("mkdtemp"); return 1; }
+    if (!TMP) {
+        perror("mkdtemp");
+        return 1;
+    }
     if (tu_mpi_env("test_tp", BIN)) return 1;
     if (CU_initialize_registry() != CUE_SUCCESS) return 1;
     CU_pSuite s = CU_add_suite("tp", NULL, NULL);
-    CU_add_test(s, "generate, every fixture, --tp 2 at -np 2 and 4 = known answers", test_generate_tp);
+    CU_add_test(s, "generate, every fixture, --tp 2 at -np 2 and 4 = known answers",
+                test_generate_tp);
     CU_add_test(s, "eval incl. topk, --tp 2 at -np 2 and 4 = known answers", test_eval_tp);
     CU_add_test(s, "stats: same links, group bytes, weights and KV per rank", test_stats_tp);
     CU_add_test(s, "--tp 4 (stories260K) = one rank within 1e-4", test_k4);
-    CU_add_test(s, "K per stage (--stages A-B:K, YAML {layers, ranks}) = known answers", test_stage_ranks);
+    CU_add_test(s, "K per stage (--stages A-B:K, YAML {layers, ranks}) = known answers",
+                test_stage_ranks);
     CU_add_test(s, "partition prints the rank groups", test_partition_tp);
     CU_add_test(s, "bad input: -np, heads, grid", test_bad_input_tp);
     CU_basic_set_mode(CU_BRM_VERBOSE);

@@ -77,11 +77,11 @@ static int write_model(const char *dir, const char *kinds, const char *gran, con
     fill(buf, V * D, 1.0, 0);
     rc |= add(w, "model.embed_tokens.weight", V, D, buf);
     for (int l = 0; l < NL; l++) {
-#define LA(sfx, d0, d1, sc, off)                                         \
-    do {                                                                 \
-        fill(buf, (d0) * ((d1) ? (d1) : 1), sc, off);                    \
-        snprintf(name, sizeof name, "model.layers.%d.%s", l, sfx);       \
-        rc |= add(w, name, d0, d1, buf);                                 \
+#define LA(sfx, d0, d1, sc, off)                                                                   \
+    do {                                                                                           \
+        fill(buf, (d0) * ((d1) ? (d1) : 1), sc, off);                                              \
+        snprintf(name, sizeof name, "model.layers.%d.%s", l, sfx);                                 \
+        rc |= add(w, name, d0, d1, buf);                                                           \
     } while (0)
         LA("input_layernorm.weight", D, 0, 0.3, 1.0);
         LA("post_attention_layernorm.weight", D, 0, 0.3, 1.0);
@@ -164,8 +164,8 @@ static int fx_open(fixture *fx)
     memset(fx, 0, sizeof *fx);
     fx->dir = make_tmpdir_tagged("train");
     char err[512];
-    if (!fx->dir || write_model(fx->dir, "[\"dense\", \"dense\", \"dense\"]", "sequence", NULL,
-                                NULL, NULL, 0))
+    if (!fx->dir ||
+        write_model(fx->dir, "[\"dense\", \"dense\", \"dense\"]", "sequence", NULL, NULL, NULL, 0))
         return -1;
     if (train_model_load(fx->dir, &fx->m, err, sizeof err)) {
         fprintf(stderr, "\n  %s\n", err);
@@ -208,8 +208,8 @@ static train_setup setup_of(stage_granularity g, train_gate gate, train_penalty 
 }
 
 /* Max relative error of the analytic gradient against central differences (h = 1e-5). */
-static double grad_check(train_model *m, stage_granularity gran, train_gate gate,
-                         train_penalty pen, double *kept)
+static double grad_check(train_model *m, stage_granularity gran, train_gate gate, train_penalty pen,
+                         double *kept)
 {
     char err[256];
     make_tokens();
@@ -268,8 +268,9 @@ static double grad_check(train_model *m, stage_granularity gran, train_gate gate
     train_ws_free(ws);
     free(off);
     if (getenv("MODPIPE_TEST_VERBOSE"))
-        fprintf(stderr, "\n  gran %d gate %d pen %d: max |grad| %.3g, max rel err %.3g, kept %.2f\n",
-                gran, gate, pen, maxg, maxerr / maxg, *kept);
+        fprintf(stderr,
+                "\n  gran %d gate %d pen %d: max |grad| %.3g, max rel err %.3g, kept %.2f\n", gran,
+                gate, pen, maxg, maxerr / maxg, *kept);
     CU_ASSERT(maxg > 1e-4); /* the check is not vacuous */
     return maxerr / maxg;
 }
@@ -286,11 +287,26 @@ static void check(stage_granularity gran, train_gate gate, train_penalty pen)
     fx_close(&fx);
 }
 
-static void test_grad_seq_soft(void) { check(STAGE_GRAN_SEQUENCE, TRAIN_GATE_SOFT, TRAIN_PENALTY_GLOBAL); }
-static void test_grad_tok_soft(void) { check(STAGE_GRAN_TOKEN, TRAIN_GATE_SOFT, TRAIN_PENALTY_GLOBAL); }
-static void test_grad_seq_ste(void) { check(STAGE_GRAN_SEQUENCE, TRAIN_GATE_STE, TRAIN_PENALTY_GLOBAL); }
-static void test_grad_tok_ste(void) { check(STAGE_GRAN_TOKEN, TRAIN_GATE_STE, TRAIN_PENALTY_LAYER); }
-static void test_grad_tok_soft_layer(void) { check(STAGE_GRAN_TOKEN, TRAIN_GATE_SOFT, TRAIN_PENALTY_LAYER); }
+static void test_grad_seq_soft(void)
+{
+    check(STAGE_GRAN_SEQUENCE, TRAIN_GATE_SOFT, TRAIN_PENALTY_GLOBAL);
+}
+static void test_grad_tok_soft(void)
+{
+    check(STAGE_GRAN_TOKEN, TRAIN_GATE_SOFT, TRAIN_PENALTY_GLOBAL);
+}
+static void test_grad_seq_ste(void)
+{
+    check(STAGE_GRAN_SEQUENCE, TRAIN_GATE_STE, TRAIN_PENALTY_GLOBAL);
+}
+static void test_grad_tok_ste(void)
+{
+    check(STAGE_GRAN_TOKEN, TRAIN_GATE_STE, TRAIN_PENALTY_LAYER);
+}
+static void test_grad_tok_soft_layer(void)
+{
+    check(STAGE_GRAN_TOKEN, TRAIN_GATE_SOFT, TRAIN_PENALTY_LAYER);
+}
 
 /* f32 (cblas_sgemm) against f64 */
 static void test_f32_vs_f64(void)
@@ -371,8 +387,8 @@ static void engine_vs_train(stage_granularity gran)
     fx_close(&fx);
     char *dir = make_tmpdir_tagged("train");
     const char *gname = gran == STAGE_GRAN_TOKEN ? "token" : "sequence";
-    CU_ASSERT_FATAL(write_model(dir, "[\"mindskip\", \"dense\", \"mindskip\"]", gname, w, b,
-                                ROUTED, 2) == 0);
+    CU_ASSERT_FATAL(
+        write_model(dir, "[\"mindskip\", \"dense\", \"mindskip\"]", gname, w, b, ROUTED, 2) == 0);
     double ref[NS];
     engine_nll(dir, ref);
     char err[512];
@@ -460,7 +476,8 @@ static void test_bad_input(void)
     fx_close(&fx);
     /* MoD layers are refused */
     char *dir = make_tmpdir_tagged("train");
-    CU_ASSERT_FATAL(write_model(dir, "[\"dense\", \"mod\", \"dense\"]", "sequence", NULL, NULL, NULL, 0) == 0);
+    CU_ASSERT_FATAL(
+        write_model(dir, "[\"dense\", \"mod\", \"dense\"]", "sequence", NULL, NULL, NULL, 0) == 0);
     train_model *m = NULL;
     CU_ASSERT(train_model_load(dir, &m, err, sizeof err) != 0);
     ASSERT_HAS(err, "layer 1 is mod");

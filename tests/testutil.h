@@ -66,11 +66,11 @@ static inline void rm_tmpdir(char *dir)
 }
 
 /* Assert that an error message contains `needle`, printing both when it does not. */
-#define ASSERT_HAS(msg, needle)                                                            \
-    do {                                                                                   \
-        int has_ = strstr((msg), (needle)) != NULL;                                        \
-        if (!has_) fprintf(stderr, "\n  message \"%s\" lacks \"%s\"\n", (msg), (needle)); \
-        CU_ASSERT(has_);                                                                   \
+#define ASSERT_HAS(msg, needle)                                                                    \
+    do {                                                                                           \
+        int has_ = strstr((msg), (needle)) != NULL;                                                \
+        if (!has_) fprintf(stderr, "\n  message \"%s\" lacks \"%s\"\n", (msg), (needle));          \
+        CU_ASSERT(has_);                                                                           \
     } while (0)
 
 /* Run a shell command under `timeout -s KILL secs` with stdout+stderr into out [cap];
@@ -104,8 +104,9 @@ static inline double tu_npy_rel_err(const char *a, const char *b)
     int64_t sa[8], sb[8];
     char err[256];
     double rel = INFINITY;
-    if (!npy_read_f32(a, &x, &na, sa, err, sizeof err) && !npy_read_f32(b, &y, &nb, sb, err, sizeof err) &&
-        na == nb && !memcmp(sa, sb, (size_t)na * sizeof *sa)) {
+    if (!npy_read_f32(a, &x, &na, sa, err, sizeof err) &&
+        !npy_read_f32(b, &y, &nb, sb, err, sizeof err) && na == nb &&
+        !memcmp(sa, sb, (size_t)na * sizeof *sa)) {
         size_t n = 1;
         for (int i = 0; i < na; i++) n *= (size_t)sa[i];
         double md = 0, mb = 0;

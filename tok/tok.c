@@ -300,11 +300,11 @@ typedef struct {
     size_t errlen;
 } tok_ld;
 
-#define LD_ERR(ld, ...)                                                                   \
-    do {                                                                                  \
-        char m_[512];                                                                     \
-        snprintf(m_, sizeof m_, __VA_ARGS__);                                             \
-        tok_set_err((ld)->err, (ld)->errlen, "%s: %s", (ld)->file, m_);                   \
+#define LD_ERR(ld, ...)                                                                            \
+    do {                                                                                           \
+        char m_[512];                                                                              \
+        snprintf(m_, sizeof m_, __VA_ARGS__);                                                      \
+        tok_set_err((ld)->err, (ld)->errlen, "%s: %s", (ld)->file, m_);                            \
     } while (0)
 
 static const char *j_type_name(const cJSON *j)
@@ -340,8 +340,7 @@ static int j_id(const cJSON *v, int32_t *out)
 }
 
 /* Set id's string, growing the tables. A second, different string for an id is an error. */
-static int tok_set_token(tok_ld *ld, int32_t id, const char *s, size_t len, uint8_t flags,
-                         int *cap)
+static int tok_set_token(tok_ld *ld, int32_t id, const char *s, size_t len, uint8_t flags, int *cap)
 {
     tok_tokenizer *t = ld->t;
     if (id >= *cap) {
@@ -638,8 +637,8 @@ static int index_added(tok_ld *ld)
             if ((uint8_t)t->added[k].content[0] == b) t->added_order[n++] = k;
         /* insertion sort by length, descending (few tokens per first byte) */
         for (int i = start + 1; i < n; i++)
-            for (int j = i; j > start && t->added[t->added_order[j]].len >
-                                             t->added[t->added_order[j - 1]].len;
+            for (int j = i;
+                 j > start && t->added[t->added_order[j]].len > t->added[t->added_order[j - 1]].len;
                  j--) {
                 int s = t->added_order[j];
                 t->added_order[j] = t->added_order[j - 1];
@@ -665,7 +664,8 @@ static pcre2_code *parse_pattern(tok_ld *ld, const cJSON *p, const char *what)
         return NULL;
     }
     char msg[256];
-    pcre2_code *re = tok_re_compile(v->valuestring, strlen(v->valuestring), v == s, msg, sizeof msg);
+    pcre2_code *re =
+        tok_re_compile(v->valuestring, strlen(v->valuestring), v == s, msg, sizeof msg);
     if (!re) LD_ERR(ld, "%s: PCRE2 rejects the pattern \"%.80s\": %s", what, v->valuestring, msg);
     return re;
 }
@@ -812,9 +812,12 @@ static int parse_metaspace(tok_ld *ld, const cJSON *j, const char *what, char **
     }
     const cJSON *ps = cJSON_GetObjectItemCaseSensitive(j, "prepend_scheme");
     if (cJSON_IsString(ps)) {
-        if (strcmp(ps->valuestring, "always") == 0) *scheme = TOK_PREPEND_ALWAYS;
-        else if (strcmp(ps->valuestring, "first") == 0) *scheme = TOK_PREPEND_FIRST;
-        else if (strcmp(ps->valuestring, "never") == 0) *scheme = TOK_PREPEND_NEVER;
+        if (strcmp(ps->valuestring, "always") == 0)
+            *scheme = TOK_PREPEND_ALWAYS;
+        else if (strcmp(ps->valuestring, "first") == 0)
+            *scheme = TOK_PREPEND_FIRST;
+        else if (strcmp(ps->valuestring, "never") == 0)
+            *scheme = TOK_PREPEND_NEVER;
         else {
             LD_ERR(ld, "%s: prepend_scheme \"%.20s\" is not supported", what, ps->valuestring);
             return -1;
@@ -857,7 +860,8 @@ static int parse_pre(tok_ld *ld, const cJSON *j, int depth)
             j_bool(ld, j, "use_regex", 1, &use_regex, "pre_tokenizer ByteLevel"))
             return -1;
         if (use_regex) {
-            p.re = tok_re_compile(tok_gpt2_pattern, sizeof tok_gpt2_pattern - 1, 0, msg, sizeof msg);
+            p.re =
+                tok_re_compile(tok_gpt2_pattern, sizeof tok_gpt2_pattern - 1, 0, msg, sizeof msg);
             if (!p.re) {
                 LD_ERR(ld, "PCRE2 rejects the GPT-2 pattern: %s", msg);
                 return -1;
@@ -982,11 +986,13 @@ static int parse_post(tok_ld *ld, const cJSON *j, int depth)
                     LD_ERR(ld, "post_processor: SpecialToken without an id");
                     return -1;
                 }
-                if (seen_seq ? template_ids(ld, special, id->valuestring, &t->pp_suffix, &t->n_suffix)
-                             : template_ids(ld, special, id->valuestring, &t->pp_prefix, &t->n_prefix))
+                if (seen_seq
+                        ? template_ids(ld, special, id->valuestring, &t->pp_suffix, &t->n_suffix)
+                        : template_ids(ld, special, id->valuestring, &t->pp_prefix, &t->n_prefix))
                     return -1;
             } else {
-                LD_ERR(ld, "post_processor: a \"single\" item is neither SpecialToken nor Sequence");
+                LD_ERR(ld,
+                       "post_processor: a \"single\" item is neither SpecialToken nor Sequence");
                 return -1;
             }
         }
@@ -1086,7 +1092,8 @@ static int parse_decoder(tok_ld *ld, const cJSON *j, tok_dec_cfg *c, int depth)
         size_t bad;
         uint32_t cp;
         if (!cJSON_IsString(ct) || !cJSON_IsNumber(st) || !cJSON_IsNumber(sp) ||
-            ct->valuestring[0] == 0 || !tok_utf8_valid(ct->valuestring, strlen(ct->valuestring), &bad) ||
+            ct->valuestring[0] == 0 ||
+            !tok_utf8_valid(ct->valuestring, strlen(ct->valuestring), &bad) ||
             (size_t)tok_utf8_next(ct->valuestring, strlen(ct->valuestring), 0, &cp) !=
                 strlen(ct->valuestring) ||
             st->valuedouble < 0 || st->valuedouble > 64) {
@@ -1202,8 +1209,10 @@ static int build_decoder(tok_ld *ld, const tok_dec_cfg *c)
                 uint32_t cp;
                 i += (size_t)tok_utf8_next(s, len, i, &cp);
                 int b = tok_cp_byte(cp);
-                if (b < 0) ok = 0;
-                else piece[pl++] = (char)b;
+                if (b < 0)
+                    ok = 0;
+                else
+                    piece[pl++] = (char)b;
             }
             if (ok) {
                 s = piece;
@@ -1338,8 +1347,8 @@ static int load_configs(tok_tokenizer *t, const char *dir, char *err, size_t err
         cJSON_Delete(j);
     }
     if (bos >= t->n_vocab || eos >= t->n_vocab) {
-        tok_set_err(err, errlen, "%s: BOS %d / EOS %d outside the vocab (%d tokens)", dir,
-                    (int)bos, (int)eos, t->n_vocab);
+        tok_set_err(err, errlen, "%s: BOS %d / EOS %d outside the vocab (%d tokens)", dir, (int)bos,
+                    (int)eos, t->n_vocab);
         return -1;
     }
     if (bos >= 0) t->bos = bos;
@@ -1356,7 +1365,8 @@ static int load_configs(tok_tokenizer *t, const char *dir, char *err, size_t err
         memmove(t->pp_prefix, t->pp_prefix + 1, (size_t)(t->n_prefix - 1) * sizeof(int32_t));
         t->n_prefix--;
     }
-    if (add_eos == 1 && t->eos >= 0 && !(t->n_suffix > 0 && t->pp_suffix[t->n_suffix - 1] == t->eos)) {
+    if (add_eos == 1 && t->eos >= 0 &&
+        !(t->n_suffix > 0 && t->pp_suffix[t->n_suffix - 1] == t->eos)) {
         int32_t *np = realloc(t->pp_suffix, (size_t)(t->n_suffix + 1) * sizeof *np);
         if (!np) goto oom;
         np[t->n_suffix++] = t->eos;
@@ -1391,7 +1401,8 @@ static int tok_build(tok_tokenizer *t, const cJSON *root, tok_ld *ld)
     }
     if (parse_model(ld, cJSON_GetObjectItemCaseSensitive(root, "model"), &cap) ||
         parse_added(ld, cJSON_GetObjectItemCaseSensitive(root, "added_tokens"), &cap) ||
-        index_added(ld) || parse_normalizer(ld, cJSON_GetObjectItemCaseSensitive(root, "normalizer"), 0) ||
+        index_added(ld) ||
+        parse_normalizer(ld, cJSON_GetObjectItemCaseSensitive(root, "normalizer"), 0) ||
         parse_pre(ld, cJSON_GetObjectItemCaseSensitive(root, "pre_tokenizer"), 0) ||
         parse_post(ld, cJSON_GetObjectItemCaseSensitive(root, "post_processor"), 0) ||
         parse_decoder(ld, cJSON_GetObjectItemCaseSensitive(root, "decoder"), &dc, 0))

@@ -38,24 +38,24 @@ int tok_load(const char *path, tok_tokenizer **out, char *err, size_t errlen);
 /* The same from a tokenizer.json already in memory (json[0..len), need not be NUL-ended);
  * name is used in messages. No config files are read: BOS is the first special token of the
  * post-processor's template (if any), EOS is -1. */
-int tok_load_json(const char *name, const char *json, size_t len, tok_tokenizer **out,
-                  char *err, size_t errlen);
+int tok_load_json(const char *name, const char *json, size_t len, tok_tokenizer **out, char *err,
+                  size_t errlen);
 void tok_free(tok_tokenizer *t);
 
-int tok_vocab_size(const tok_tokenizer *t);  /* highest id + 1, added tokens included */
-int tok_bos(const tok_tokenizer *t);         /* -1: none */
-int tok_eos(const tok_tokenizer *t);         /* -1: none */
+int tok_vocab_size(const tok_tokenizer *t); /* highest id + 1, added tokens included */
+int tok_bos(const tok_tokenizer *t);        /* -1: none */
+int tok_eos(const tok_tokenizer *t);        /* -1: none */
 int tok_is_special(const tok_tokenizer *t, int32_t id);
 
 /* UTF-8 text -> ids. add_special: the post-processor's tokens (e.g. BOS) are added and
  * special tokens written in the text are recognised; 0: plain text only (--no-special). */
-int tok_encode(const tok_tokenizer *t, const char *text, size_t len, int add_special,
-               int32_t **ids, int *n_ids, char *err, size_t errlen);
+int tok_encode(const tok_tokenizer *t, const char *text, size_t len, int add_special, int32_t **ids,
+               int *n_ids, char *err, size_t errlen);
 
 /* ids -> UTF-8 text (NUL-terminated, malloc'd; *len without the NUL). skip_special drops
  * special tokens. An id outside the vocab is an error. */
-int tok_decode(const tok_tokenizer *t, const int32_t *ids, int n, int skip_special,
-               char **text, size_t *len, char *err, size_t errlen);
+int tok_decode(const tok_tokenizer *t, const int32_t *ids, int n, int skip_special, char **text,
+               size_t *len, char *err, size_t errlen);
 
 /* Streaming detokenisation: push ids one at a time, get the text they complete. Never
  * returns part of a UTF-8 character (at most 3 bytes are held back); the result of all

@@ -20,13 +20,13 @@
 struct tok_stream {
     const tok_tokenizer *t;
     int skip_special;
-    int first_token;     /* no token taken yet (the Metaspace decoder's first-token strip) */
-    int strip_left;      /* leading characters the Strip decoder may still drop */
+    int first_token; /* no token taken yet (the Metaspace decoder's first-token strip) */
+    int strip_left;  /* leading characters the Strip decoder may still drop */
     /* UTF-8 decoder state: an incomplete sequence of pend_n bytes, need more to come */
     uint8_t pend[4];
     int pend_n, need;
-    uint8_t lo, hi;      /* the allowed range of the next byte */
-    char *out;           /* [out_cap] the text of the last push / flush */
+    uint8_t lo, hi; /* the allowed range of the next byte */
+    char *out;      /* [out_cap] the text of the last push / flush */
     size_t out_len, out_cap;
 };
 
@@ -78,7 +78,8 @@ static void feed_byte(tok_stream *s, uint8_t b)
                 emit_char(s, &c, 1);
                 return;
             }
-            if (b >= 0xC2 && b <= 0xDF) s->need = 1;
+            if (b >= 0xC2 && b <= 0xDF)
+                s->need = 1;
             else if (b >= 0xE0 && b <= 0xEF) {
                 s->need = 2;
                 if (b == 0xE0) s->lo = 0xA0;

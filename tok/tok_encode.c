@@ -32,9 +32,9 @@ typedef struct {
 
 /* Pieces of text: their bytes back to back in buf, spans into it. */
 typedef struct {
-    char *buf;     /* [cap] */
+    char *buf; /* [cap] */
     size_t len, cap;
-    tok_span *sp;  /* [sp_cap] */
+    tok_span *sp; /* [sp_cap] */
     size_t n, sp_cap;
 } tok_pieces;
 
@@ -48,16 +48,16 @@ typedef struct {
     size_t errlen;
     pcre2_match_data *md;
     pcre2_match_context *mctx; /* the backtracking limit of this call (see tok_encode) */
-    tok_pieces p[2];     /* ping-pong between pre-tokenizer steps */
-    char *nbuf[2];       /* normalizer ping-pong, [nbuf_cap[i]] */
+    tok_pieces p[2];           /* ping-pong between pre-tokenizer steps */
+    char *nbuf[2];             /* normalizer ping-pong, [nbuf_cap[i]] */
     size_t nbuf_cap[2];
     /* BPE, [sym_cap] each */
     int32_t *sym, *prev, *next;
     size_t sym_cap;
-    tok_heap_ent *heap;  /* [heap_cap] */
+    tok_heap_ent *heap; /* [heap_cap] */
     size_t heap_n, heap_cap;
     /* output */
-    int32_t *ids;        /* [ids_cap] */
+    int32_t *ids; /* [ids_cap] */
     size_t n_ids, ids_cap;
 } tok_ws;
 
@@ -120,8 +120,7 @@ static int re_next(tok_ws *w, const pcre2_code *re, const char *s, size_t len, s
     size_t at = *pos;
     uint32_t opts = 0;
     while (at <= len) {
-        int rc = pcre2_match(re, (PCRE2_SPTR)s, len, at, opts | PCRE2_NO_UTF_CHECK, w->md,
-                             w->mctx);
+        int rc = pcre2_match(re, (PCRE2_SPTR)s, len, at, opts | PCRE2_NO_UTF_CHECK, w->md, w->mctx);
         if (rc == PCRE2_ERROR_NOMATCH) {
             if (opts == 0) return 0;
             /* no non-empty match here: move one character on */
@@ -216,9 +215,9 @@ static int normalize(tok_ws *w, const char *s, size_t len, const char **out, siz
 static int split_piece(tok_ws *w, const tok_pre *p, const char *s, size_t len, tok_pieces *out)
 {
     size_t pos = 0, ms, me, at = 0;
-    size_t added = 0;      /* pieces this call added */
-    int open_next = 0;     /* MERGED_NEXT: the last piece is a delimiter taking what follows */
-    int prev_delim = 0;    /* CONTIGUOUS */
+    size_t added = 0;   /* pieces this call added */
+    int open_next = 0;  /* MERGED_NEXT: the last piece is a delimiter taking what follows */
+    int prev_delim = 0; /* CONTIGUOUS */
     for (;;) {
         int r = re_next(w, p->re, s, len, &pos, &ms, &me);
         if (r < 0) return -1;
@@ -230,7 +229,10 @@ static int split_piece(tok_ws *w, const tok_pre *p, const char *s, size_t len, t
             int delim = part ^ p->invert;
             int rc = 0;
             switch (p->behavior) {
-            case TOK_SPLIT_ISOLATED: rc = pieces_add(w, out, s + a, b - a); added++; break;
+            case TOK_SPLIT_ISOLATED:
+                rc = pieces_add(w, out, s + a, b - a);
+                added++;
+                break;
             case TOK_SPLIT_REMOVED:
                 if (!delim) {
                     rc = pieces_add(w, out, s + a, b - a);
@@ -324,8 +326,9 @@ static int pre_step(tok_ws *w, const tok_pre *p, const tok_pieces *in, tok_piece
             size_t o = 0;
             int prepend = p->prepend == TOK_PREPEND_ALWAYS ||
                           (p->prepend == TOK_PREPEND_FIRST && k == 0 && first_at_start);
-            int starts = len > 0 && (s[0] == ' ' || (len >= p->replacement_len &&
-                                                     memcmp(s, p->replacement, p->replacement_len) == 0));
+            int starts =
+                len > 0 && (s[0] == ' ' || (len >= p->replacement_len &&
+                                            memcmp(s, p->replacement, p->replacement_len) == 0));
             if (prepend && !starts && len > 0) {
                 memcpy(tmp, p->replacement, p->replacement_len);
                 o = p->replacement_len;
@@ -503,7 +506,10 @@ static int encode_section(tok_ws *w, const char *s, size_t len, int at_start)
     return 0;
 }
 
-static int is_ws(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; }
+static int is_ws(char c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
+}
 static int is_word(char c)
 {
     return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_' ||
@@ -526,8 +532,8 @@ static void ws_free(tok_ws *w)
     free(w->ids);
 }
 
-int tok_encode(const tok_tokenizer *t, const char *text, size_t len, int add_special,
-               int32_t **ids, int *n_ids, char *err, size_t errlen)
+int tok_encode(const tok_tokenizer *t, const char *text, size_t len, int add_special, int32_t **ids,
+               int *n_ids, char *err, size_t errlen)
 {
     if (ids) *ids = NULL;
     if (n_ids) *n_ids = 0;

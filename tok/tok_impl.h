@@ -56,10 +56,10 @@ typedef struct {
 typedef enum { TOK_NORM_PREPEND, TOK_NORM_REPLACE } tok_norm_kind;
 typedef struct {
     tok_norm_kind kind;
-    char *str;       /* PREPEND: the prefix; REPLACE: the replacement content */
+    char *str; /* PREPEND: the prefix; REPLACE: the replacement content */
     size_t str_len;
-    pcre2_code *re;  /* REPLACE with a Regex pattern */
-    char *lit;       /* REPLACE with a String pattern (matched with memmem) */
+    pcre2_code *re; /* REPLACE with a Regex pattern */
+    char *lit;      /* REPLACE with a String pattern (matched with memmem) */
     size_t lit_len;
 } tok_norm;
 
@@ -97,49 +97,49 @@ typedef struct {
 
 /* Token flags. */
 #define TOKF_SPECIAL 1u /* an added token marked "special": skip_special drops it */
-#define TOKF_ADDED   2u /* an added token: matched in the text before the model */
-#define TOKF_BYTE    4u /* a <0xNN> byte-fallback token of the model vocab */
+#define TOKF_ADDED 2u   /* an added token: matched in the text before the model */
+#define TOKF_BYTE 4u    /* a <0xNN> byte-fallback token of the model vocab */
 
 struct tok_tokenizer {
-    char *name; /* the file, for messages */
-    int n_vocab;         /* highest id + 1 */
-    char **str;          /* [n_vocab] token string (NUL-terminated), NULL for an unused id */
-    uint32_t *str_len;   /* [n_vocab] */
-    uint8_t *flags;      /* [n_vocab] TOKF_* */
+    char *name;        /* the file, for messages */
+    int n_vocab;       /* highest id + 1 */
+    char **str;        /* [n_vocab] token string (NUL-terminated), NULL for an unused id */
+    uint32_t *str_len; /* [n_vocab] */
+    uint8_t *flags;    /* [n_vocab] TOKF_* */
 
-    tok_map vocab;       /* model vocab string -> id */
+    tok_map vocab; /* model vocab string -> id */
     tok_merges merges;
     int byte_fallback, fuse_unk, ignore_merges;
-    int32_t unk_id;      /* -1: none */
-    int sp_split;        /* no token has "▁" right after another character, so no merge can
+    int32_t unk_id;       /* -1: none */
+    int sp_split;         /* no token has "▁" right after another character, so no merge can
                           * cross the start of a "▁" run: BPE may cut pieces there (exact, and
                           * it keeps the heap small on texts without a pre-tokenizer) */
-    int32_t byte_id[256];/* the <0xNN> token of byte NN, -1 where missing */
+    int32_t byte_id[256]; /* the <0xNN> token of byte NN, -1 where missing */
 
-    tok_norm *norm;      /* [n_norm] applied in order */
+    tok_norm *norm; /* [n_norm] applied in order */
     int n_norm;
-    tok_pre *pre;        /* [n_pre] applied in order */
+    tok_pre *pre; /* [n_pre] applied in order */
     int n_pre;
 
-    tok_added *added;    /* [n_added] */
+    tok_added *added; /* [n_added] */
     int n_added;
     int16_t *added_first; /* [257] added[] sorted by first byte: indices for byte b are
                            * added_order[added_first[b] .. added_first[b+1]) */
-    int *added_order;    /* [n_added] longest first within a first byte */
+    int *added_order;     /* [n_added] longest first within a first byte */
 
-    int32_t *pp_prefix;  /* [n_prefix] ids the post-processor puts before the text */
+    int32_t *pp_prefix; /* [n_prefix] ids the post-processor puts before the text */
     int n_prefix;
-    int32_t *pp_suffix;  /* [n_suffix] ... and after it */
+    int32_t *pp_suffix; /* [n_suffix] ... and after it */
     int n_suffix;
 
     /* Decoder: per id the bytes it contributes, before the lossy UTF-8 pass. */
-    char *dec_pool;      /* all decoded pieces back to back */
-    uint32_t *dec_off;   /* [n_vocab + 1] offsets into dec_pool */
-    size_t dec_max;      /* longest piece */
-    int dec_strip_n;     /* Strip after Fuse: up to this many leading chars ... */
-    uint32_t dec_strip_cp; /* ... equal to this code point are dropped from the output */
+    char *dec_pool;            /* all decoded pieces back to back */
+    uint32_t *dec_off;         /* [n_vocab + 1] offsets into dec_pool */
+    size_t dec_max;            /* longest piece */
+    int dec_strip_n;           /* Strip after Fuse: up to this many leading chars ... */
+    uint32_t dec_strip_cp;     /* ... equal to this code point are dropped from the output */
     int dec_strip_first_space; /* Metaspace decoder: the first token loses a leading ' ' */
-    int dec_join_space;  /* no decoder at all: tokens are joined with ' ' (as HF does) */
+    int dec_join_space;        /* no decoder at all: tokens are joined with ' ' (as HF does) */
 
     int bos, eos;
 };

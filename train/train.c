@@ -19,29 +19,29 @@ typedef struct {
 struct train_model {
     stage_config cfg;
     st_model *st;
-    lw_f32 *L;                /* [n_layers] pointers owned by st */
+    lw_f32 *L; /* [n_layers] pointers owned by st */
     const float *embed, *norm, *lm;
-    double *dbl;              /* every tensor above converted to double, one block (lazy) */
+    double *dbl; /* every tensor above converted to double, one block (lazy) */
     size_t dbl_n;
 };
 
 struct train_ws {
     train_model *m;
-    train_setup setup;        /* layers points at own copy */
-    int *layers;              /* [n_routed] */
-    int *route_of;            /* [n_layers] routed index or -1 */
+    train_setup setup; /* layers points at own copy */
+    int *layers;       /* [n_routed] */
+    int *route_of;     /* [n_layers] routed index or -1 */
     int n_layers, first, max_seqs, T, D, nh, nkv, hd, FF, V;
     double eps;
     int use_double;
-    int n_seq;                /* of the last forward */
+    int n_seq; /* of the last forward */
     double inv_ntok;
     double nll_sum;
     long n_targets, n_gates;
     double *gate_sum, *sig_sum; /* [n_routed] */
-    double *rw;               /* [n_routed][D] the last forward's router weights (dh = dz w) */
+    double *rw;                 /* [n_routed][D] the last forward's router weights (dh = dz w) */
     train_stats stats;
-    void *acts;               /* acts_f or acts_d */
-    void *wts;                /* wts_f or wts_d */
+    void *acts; /* acts_f or acts_d */
+    void *wts;  /* wts_f or wts_d */
 };
 
 /* ---- the two precisions ---------------------------------------------------------------- */
@@ -77,14 +77,22 @@ int train_model_load(const char *dir, train_model **out, char *err, size_t errle
 {
     *out = NULL;
     train_model *m = calloc(1, sizeof *m);
-    if (!m) { snprintf(err, errlen, "out of memory"); return -1; }
-    if (stage_config_load(dir, &m->cfg, err, errlen)) { free(m); return -1; }
+    if (!m) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    if (stage_config_load(dir, &m->cfg, err, errlen)) {
+        free(m);
+        return -1;
+    }
     const stage_config *c = &m->cfg;
     for (int l = 0; l < c->n_layers; l++) {
         stage_kind k = c->layer_kind[l];
         if (k != STAGE_KIND_DENSE && k != STAGE_KIND_MINDSKIP) {
-            snprintf(err, errlen, "%s: layer %d is %s: router-tuning trains MindSkip routers on "
-                     "dense or mindskip layers only", dir, l, stage_kind_name(k));
+            snprintf(err, errlen,
+                     "%s: layer %d is %s: router-tuning trains MindSkip routers on "
+                     "dense or mindskip layers only",
+                     dir, l, stage_kind_name(k));
             train_model_free(m);
             return -1;
         }
@@ -95,15 +103,25 @@ int train_model_load(const char *dir, train_model **out, char *err, size_t errle
         train_model_free(m);
         return -1;
     }
-    if (st_open(dir, &m->st, err, errlen)) { train_model_free(m); return -1; }
+    if (st_open(dir, &m->st, err, errlen)) {
+        train_model_free(m);
+        return -1;
+    }
     m->L = calloc((size_t)c->n_layers, sizeof *m->L);
-    if (!m->L) { snprintf(err, errlen, "out of memory"); train_model_free(m); return -1; }
+    if (!m->L) {
+        snprintf(err, errlen, "out of memory");
+        train_model_free(m);
+        return -1;
+    }
     const int D = c->hidden, qd = c->n_heads * c->head_dim, kvd = c->n_kv_heads * c->head_dim;
     char name[256];
-#define GET(dst, sfx, d0, d1)                                                        \
-    do {                                                                             \
-        snprintf(name, sizeof name, "model.layers.%d.%s", l, sfx);                   \
-        if (!((dst) = get2(m, name, d0, d1, err, errlen))) { train_model_free(m); return -1; } \
+#define GET(dst, sfx, d0, d1)                                                                      \
+    do {                                                                                           \
+        snprintf(name, sizeof name, "model.layers.%d.%s", l, sfx);                                 \
+        if (!((dst) = get2(m, name, d0, d1, err, errlen))) {                                       \
+            train_model_free(m);                                                                   \
+            return -1;                                                                             \
+        }                                                                                          \
     } while (0)
     for (int l = 0; l < c->n_layers; l++) {
         lw_f32 *L = &m->L[l];
@@ -120,8 +138,8 @@ int train_model_load(const char *dir, train_model **out, char *err, size_t errle
 #undef GET
     if (!(m->embed = get2(m, "model.embed_tokens.weight", c->vocab, D, err, errlen)) ||
         !(m->norm = get2(m, "model.norm.weight", D, 0, err, errlen)) ||
-        !(m->lm = c->tie_embeddings ? m->embed
-                                    : get2(m, "lm_head.weight", c->vocab, D, err, errlen))) {
+        !(m->lm =
+              c->tie_embeddings ? m->embed : get2(m, "lm_head.weight", c->vocab, D, err, errlen))) {
         train_model_free(m);
         return -1;
     }
@@ -160,7 +178,12 @@ static int make_wts(train_ws *ws, char *err, size_t errlen)
     if (!ws->use_double) {
         wts_f *w = calloc(1, sizeof *w);
         lw_f *L = calloc((size_t)nl, sizeof *L);
-        if (!w || !L) { free(w); free(L); snprintf(err, errlen, "out of memory"); return -1; }
+        if (!w || !L) {
+            free(w);
+            free(L);
+            snprintf(err, errlen, "out of memory");
+            return -1;
+        }
         for (int l = 0; l < nl; l++) {
             const lw_f32 *s = &m->L[l];
             L[l] = (lw_f){s->ln1, s->ln2, s->wq, s->wk, s->wv, s->wo, s->wg, s->wu, s->wd};
@@ -176,12 +199,20 @@ static int make_wts(train_ws *ws, char *err, size_t errlen)
     size_t total = per * nl + V * D + D + (c->tie_embeddings ? 0 : V * D);
     if (!m->dbl) {
         m->dbl = malloc(total * sizeof(double));
-        if (!m->dbl) { snprintf(err, errlen, "out of memory (double weights)"); return -1; }
+        if (!m->dbl) {
+            snprintf(err, errlen, "out of memory (double weights)");
+            return -1;
+        }
         m->dbl_n = total;
     }
     wts_d *w = calloc(1, sizeof *w);
     lw_d *L = calloc((size_t)nl, sizeof *L);
-    if (!w || !L) { free(w); free(L); snprintf(err, errlen, "out of memory"); return -1; }
+    if (!w || !L) {
+        free(w);
+        free(L);
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
     double *p = m->dbl;
     for (int l = 0; l < nl; l++) {
         const lw_f32 *s = &m->L[l];
@@ -214,19 +245,25 @@ train_ws *train_ws_new(train_model *m, const train_setup *s, int max_seqs, int s
         return NULL;
     }
     for (int i = 0; i < s->n_routed; i++) {
-        if (s->layers[i] < 0 || s->layers[i] >= c->n_layers || (i && s->layers[i] <= s->layers[i - 1])) {
+        if (s->layers[i] < 0 || s->layers[i] >= c->n_layers ||
+            (i && s->layers[i] <= s->layers[i - 1])) {
             snprintf(err, errlen, "routed layers must be distinct, increasing and in 0..%d",
                      c->n_layers - 1);
             return NULL;
         }
     }
     if (seq_len < 2 || seq_len > c->max_pos || max_seqs < 1) {
-        snprintf(err, errlen, "sequence length %d must be in 2..%d (max_position_embeddings), "
-                 "batch %d >= 1", seq_len, c->max_pos, max_seqs);
+        snprintf(err, errlen,
+                 "sequence length %d must be in 2..%d (max_position_embeddings), "
+                 "batch %d >= 1",
+                 seq_len, c->max_pos, max_seqs);
         return NULL;
     }
     train_ws *ws = calloc(1, sizeof *ws);
-    if (!ws) { snprintf(err, errlen, "out of memory"); return NULL; }
+    if (!ws) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
     ws->m = m;
     ws->setup = *s;
     ws->layers = malloc((size_t)s->n_routed * sizeof *ws->layers);
@@ -255,7 +292,10 @@ train_ws *train_ws_new(train_model *m, const train_setup *s, int max_seqs, int s
     ws->V = c->vocab;
     ws->eps = c->eps;
     ws->use_double = use_double;
-    if (make_wts(ws, err, errlen)) { train_ws_free(ws); return NULL; }
+    if (make_wts(ws, err, errlen)) {
+        train_ws_free(ws);
+        return NULL;
+    }
     int rc;
     if (use_double) {
         acts_d *A = calloc(1, sizeof *A);
@@ -279,13 +319,17 @@ void train_ws_free(train_ws *ws)
 {
     if (!ws) return;
     if (ws->acts) {
-        if (ws->use_double) acts_free_d(ws->acts);
-        else acts_free_f(ws->acts);
+        if (ws->use_double)
+            acts_free_d(ws->acts);
+        else
+            acts_free_f(ws->acts);
         free(ws->acts);
     }
     if (ws->wts) {
-        if (ws->use_double) free(((wts_d *)ws->wts)->L);
-        else free(((wts_f *)ws->wts)->L);
+        if (ws->use_double)
+            free(((wts_d *)ws->wts)->L);
+        else
+            free(((wts_f *)ws->wts)->L);
         free(ws->wts);
     }
     free(ws->layers);
@@ -296,9 +340,8 @@ void train_ws_free(train_ws *ws)
     free(ws);
 }
 
-int train_forward(train_ws *ws, const int32_t *tokens, int n_seq, const double *w,
-                  const double *b, double inv_ntok, const double *gate_offset, char *err,
-                  size_t errlen)
+int train_forward(train_ws *ws, const int32_t *tokens, int n_seq, const double *w, const double *b,
+                  double inv_ntok, const double *gate_offset, char *err, size_t errlen)
 {
     if (n_seq < 1 || n_seq > ws->max_seqs) {
         snprintf(err, errlen, "%d sequences, the workspace holds 1..%d", n_seq, ws->max_seqs);
@@ -316,7 +359,8 @@ int train_forward(train_ws *ws, const int32_t *tokens, int n_seq, const double *
         }
     }
     memcpy(ws->rw, w, (size_t)ws->setup.n_routed * ws->D * sizeof *ws->rw);
-    if (ws->use_double) return forward_d(ws, ws->acts, ws->wts, tokens, n_seq, w, b, inv_ntok, gate_offset);
+    if (ws->use_double)
+        return forward_d(ws, ws->acts, ws->wts, tokens, n_seq, w, b, inv_ntok, gate_offset);
     return forward_f(ws, ws->acts, ws->wts, tokens, n_seq, w, b, inv_ntok, gate_offset);
 }
 
@@ -376,8 +420,10 @@ double train_penalty_coef(const train_setup *s, const double *gate_sum, double n
 
 void train_backward(train_ws *ws, const double *coef, double *grad_w, double *grad_b)
 {
-    if (ws->use_double) backward_d(ws, ws->acts, ws->wts, coef, grad_w, grad_b, ws->rw);
-    else backward_f(ws, ws->acts, ws->wts, coef, grad_w, grad_b, ws->rw);
+    if (ws->use_double)
+        backward_d(ws, ws->acts, ws->wts, coef, grad_w, grad_b, ws->rw);
+    else
+        backward_f(ws, ws->acts, ws->wts, coef, grad_w, grad_b, ws->rw);
 }
 
 /* ---- AdamW ----------------------------------------------------------------------------- */

@@ -49,23 +49,23 @@ typedef enum { TRAIN_GATE_STE = 0, TRAIN_GATE_SOFT = 1 } train_gate;
 typedef enum { TRAIN_PENALTY_GLOBAL = 0, TRAIN_PENALTY_LAYER = 1 } train_penalty;
 
 typedef struct {
-    int n_routed;            /* |R| >= 1 */
-    const int *layers;       /* [n_routed] routed layer indices, strictly increasing */
+    int n_routed;      /* |R| >= 1 */
+    const int *layers; /* [n_routed] routed layer indices, strictly increasing */
     stage_granularity gran;
     train_gate gate;
     train_penalty penalty;
-    double threshold;        /* inference threshold tau (STE forward uses it too) */
-    double target_keep;      /* k* = 1 - target_skip */
-    double lambda;           /* penalty weight */
+    double threshold;   /* inference threshold tau (STE forward uses it too) */
+    double target_keep; /* k* = 1 - target_skip */
+    double lambda;      /* penalty weight */
 } train_setup;
 
 /* What one forward measured on its sequences (arrays owned by the workspace, [n_routed]). */
 typedef struct {
-    double nll_sum;          /* sum of -log p(next token) over the targets */
-    long n_targets;          /* n_seq * (T - 1) */
-    const double *gate_sum;  /* sum of the gates g per routed layer */
-    const double *sig_sum;   /* sum of sigmoid(z) per routed layer (soft score) */
-    long n_gates;            /* gates per routed layer: n_seq (sequence) or n_seq * T (token) */
+    double nll_sum;         /* sum of -log p(next token) over the targets */
+    long n_targets;         /* n_seq * (T - 1) */
+    const double *gate_sum; /* sum of the gates g per routed layer */
+    const double *sig_sum;  /* sum of sigmoid(z) per routed layer (soft score) */
+    long n_gates;           /* gates per routed layer: n_seq (sequence) or n_seq * T (token) */
 } train_stats;
 
 int train_model_load(const char *dir, train_model **out, char *err, size_t errlen);
@@ -84,9 +84,8 @@ void train_ws_free(train_ws *ws);
  * [n_routed][n_gates] constants added to sigmoid(z): with offset = hard - sigmoid at a point,
  * the soft forward equals the STE forward there and its exact gradient is the STE gradient.
  * Returns 0, or -1 (token out of range, n_seq too large) with err. */
-int train_forward(train_ws *ws, const int32_t *tokens, int n_seq, const double *w,
-                  const double *b, double inv_ntok, const double *gate_offset, char *err,
-                  size_t errlen);
+int train_forward(train_ws *ws, const int32_t *tokens, int n_seq, const double *w, const double *b,
+                  double inv_ntok, const double *gate_offset, char *err, size_t errlen);
 const train_stats *train_ws_stats(const train_ws *ws);
 /* Switch the gate of later forwards (held-out evaluation uses the STE forward = inference). */
 void train_ws_set_gate(train_ws *ws, train_gate gate);
@@ -105,8 +104,8 @@ void train_backward(train_ws *ws, const double *coef, double *grad_w, double *gr
 /* ---- AdamW on a flat double parameter vector ------------------------------------------ */
 typedef struct {
     int n;
-    long t;           /* steps taken */
-    double *m, *v;    /* [n] moments */
+    long t;        /* steps taken */
+    double *m, *v; /* [n] moments */
 } train_adamw;
 int train_adamw_init(train_adamw *o, int n);
 void train_adamw_free(train_adamw *o);

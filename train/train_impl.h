@@ -4,51 +4,51 @@
 
 /* Weights of one precision (float: pointers into the st_model; double: owned copies). */
 typedef struct {
-    const R *ln1, *ln2;       /* [D] */
-    const R *wq;              /* [qd][D] */
-    const R *wk, *wv;         /* [kvd][D] */
-    const R *wo;              /* [D][qd] */
-    const R *wg, *wu;         /* [FF][D] */
-    const R *wd;              /* [D][FF] */
+    const R *ln1, *ln2; /* [D] */
+    const R *wq;        /* [qd][D] */
+    const R *wk, *wv;   /* [kvd][D] */
+    const R *wo;        /* [D][qd] */
+    const R *wg, *wu;   /* [FF][D] */
+    const R *wd;        /* [D][FF] */
 } RN(lw);
 
 typedef struct {
-    RN(lw) *L;                /* [n_layers] */
-    const R *embed;           /* [V][D] */
-    const R *norm;            /* [D] */
-    const R *lm;              /* [V][D] */
+    RN(lw) * L;     /* [n_layers] */
+    const R *embed; /* [V][D] */
+    const R *norm;  /* [D] */
+    const R *lm;    /* [V][D] */
 } RN(wts);
 
 /* Activations of one precision. Slot li = layer - first (first = first routed layer); layers
  * before `first` run in slot 0 and are overwritten (they get no gradient). N = max_seqs * T. */
 typedef struct {
-    R *x;                     /* [nl][N][D] layer input */
-    R *h;                     /* [nl][N][D] rmsnorm(x, ln1) */
-    R *r1, *r2;               /* [nl][N] 1/rms of x and x2 */
-    R *q;                     /* [nl][N][qd] roped */
-    R *k;                     /* [nl][N][kvd] roped */
-    R *v;                     /* [nl][N][kvd] */
-    R *att;                   /* [nl][N][qd] attention before o_proj */
-    R *a;                     /* [nl][N][D] attention output */
-    R *x2;                    /* [nl][N][D] x + g a */
-    R *f1, *f3;               /* [nl][N][FF] gate / up projections (pre-activation) */
-    R *z, *sg, *g;            /* [n_routed][N] router logit, sigmoid, gate (per row or per seq) */
-    R *mean;                  /* [n_routed][max_seqs][D] sequence granularity: mean_t h_t */
-    R *res;                   /* [N][D] running residual; after the forward: x_L */
-    R *rf;                    /* [N] 1/rms of x_L */
-    R *dres;                  /* [N][D] dLoss/d(layer output), running */
-    R *h2;                    /* [N][D] scratch: rmsnorm(x2) / dh2 */
-    R *u;                     /* [N][FF] scratch: silu(f1) f3 / du */
-    R *df1, *df3;             /* [N][FF] */
-    R *dx2;                   /* [N][D] */
-    R *dh;                    /* [N][D] dh; da; dLoss/dhf in the head */
-    R *datt;                  /* [N][qd] */
-    R *dq;                    /* [N][qd] */
-    R *dk, *dv;               /* [N][kvd] */
-    R *dg;                    /* [N] dLoss/dgate (per row or per seq) */
-    R *logit;                 /* [LCH][V] a chunk of logits / dlogits */
-    R *e;                     /* [T] attention weights of one query */
-    R *inv_freq;              /* [hd/2] */
+    R *x;          /* [nl][N][D] layer input */
+    R *h;          /* [nl][N][D] rmsnorm(x, ln1) */
+    R *r1, *r2;    /* [nl][N] 1/rms of x and x2 */
+    R *q;          /* [nl][N][qd] roped */
+    R *k;          /* [nl][N][kvd] roped */
+    R *v;          /* [nl][N][kvd] */
+    R *att;        /* [nl][N][qd] attention before o_proj */
+    R *a;          /* [nl][N][D] attention output */
+    R *x2;         /* [nl][N][D] x + g a */
+    R *f1, *f3;    /* [nl][N][FF] gate / up projections (pre-activation) */
+    R *z, *sg, *g; /* [n_routed][N] router logit, sigmoid, gate (per row or per seq) */
+    R *mean;       /* [n_routed][max_seqs][D] sequence granularity: mean_t h_t */
+    R *res;        /* [N][D] running residual; after the forward: x_L */
+    R *rf;         /* [N] 1/rms of x_L */
+    R *dres;       /* [N][D] dLoss/d(layer output), running */
+    R *h2;         /* [N][D] scratch: rmsnorm(x2) / dh2 */
+    R *u;          /* [N][FF] scratch: silu(f1) f3 / du */
+    R *df1, *df3;  /* [N][FF] */
+    R *dx2;        /* [N][D] */
+    R *dh;         /* [N][D] dh; da; dLoss/dhf in the head */
+    R *datt;       /* [N][qd] */
+    R *dq;         /* [N][qd] */
+    R *dk, *dv;    /* [N][kvd] */
+    R *dg;         /* [N] dLoss/dgate (per row or per seq) */
+    R *logit;      /* [LCH][V] a chunk of logits / dlogits */
+    R *e;          /* [T] attention weights of one query */
+    R *inv_freq;   /* [hd/2] */
 } RN(acts);
 
 static void RN(mm_nt)(const R *a, int m, int k, const R *b, int n, R *c, R beta)
@@ -77,8 +77,7 @@ static void RN(rmsnorm)(const R *x, int m, int d, const R *w, double eps, R *y, 
 }
 
 /* dx += d rmsnorm(x, w)/dx ^T dy, row by row: y = x r w, r = (mean x^2 + eps)^-1/2. */
-static void RN(rmsnorm_back)(const R *x, int m, int d, const R *w, const R *inv, const R *dy,
-                             R *dx)
+static void RN(rmsnorm_back)(const R *x, int m, int d, const R *w, const R *inv, const R *dy, R *dx)
 {
     for (int i = 0; i < m; i++) {
         const R *xi = x + (size_t)i * d, *gi = dy + (size_t)i * d;
@@ -111,7 +110,7 @@ static inline R RN(sigm)(R z) { return (R)1 / ((R)1 + EXPR(-z)); }
 
 /* Causal attention of one sequence (rows base .. base+T-1): att = softmax(q k^T / sqrt(hd) +
  * log key weight) v, key j < i weighted by gk[j] (NULL: 1), a row's own key by 1. */
-static void RN(attn_fwd)(const train_ws *ws, RN(acts) *A, const R *q, const R *k, const R *v,
+static void RN(attn_fwd)(const train_ws *ws, RN(acts) * A, const R *q, const R *k, const R *v,
                          const R *gk, R *att, int base)
 {
     const int T = ws->T, nh = ws->nh, nkv = ws->nkv, hd = ws->hd, qd = nh * hd, kvd = nkv * hd;
@@ -153,7 +152,7 @@ static void RN(attn_fwd)(const train_ws *ws, RN(acts) *A, const R *q, const R *k
 
 /* Backward of attn_fwd given datt: dq, dk, dv (+= for the sequence's rows, zeroed by the
  * caller) and, when gk, dgk[j] += dLoss/dgk_j. */
-static void RN(attn_back)(const train_ws *ws, RN(acts) *A, const R *q, const R *k, const R *v,
+static void RN(attn_back)(const train_ws *ws, RN(acts) * A, const R *q, const R *k, const R *v,
                           const R *gk, const R *att, const R *datt, R *dq, R *dk, R *dv, R *dgk,
                           int base)
 {
@@ -193,7 +192,7 @@ static void RN(attn_back)(const train_ws *ws, RN(acts) *A, const R *q, const R *
                 const R *vj = v + nj * kvd + (size_t)kh * hd;
                 R *dkj = dk + nj * kvd + (size_t)kh * hd;
                 R *dvj = dv + nj * kvd + (size_t)kh * hd;
-                const R u = e[j] * rZ;                                /* dp / dweight */
+                const R u = e[j] * rZ; /* dp / dweight */
                 const R p = u * ((gk && j < i) ? gk[nj] : (R)1);
                 R dp = 0;
                 for (int c = 0; c < hd; c++) dp += doi[c] * vj[c];
@@ -216,7 +215,7 @@ static R RN(gate_of)(const train_ws *ws, R sg, const double *off)
     return sg + (off ? (R)*off : (R)0);
 }
 
-static int RN(forward)(train_ws *ws, RN(acts) *A, const RN(wts) *W, const int32_t *tokens,
+static int RN(forward)(train_ws *ws, RN(acts) * A, const RN(wts) * W, const int32_t *tokens,
                        int n_seq, const double *rw, const double *rb, double inv_ntok,
                        const double *gate_offset)
 {
@@ -269,7 +268,8 @@ static int RN(forward)(train_ws *ws, RN(acts) *A, const RN(wts) *W, const int32_
                 }
                 z[gi] = (R)zz;
                 sg[gi] = RN(sigm)((R)zz);
-                g[gi] = RN(gate_of)(ws, sg[gi], gate_offset ? gate_offset + (size_t)ri * ng + gi : NULL);
+                g[gi] = RN(gate_of)(ws, sg[gi],
+                                    gate_offset ? gate_offset + (size_t)ri * ng + gi : NULL);
                 ws->gate_sum[ri] += g[gi];
                 ws->sig_sum[ri] += sg[gi];
             }
@@ -312,7 +312,8 @@ static int RN(forward)(train_ws *ws, RN(acts) *A, const RN(wts) *W, const int32_
             int tgt = tokens[n + 1];
             const R logit_t = lg[tgt];
             double mx = lg[0];
-            for (int u = 1; u < V; u++) if (lg[u] > mx) mx = lg[u];
+            for (int u = 1; u < V; u++)
+                if (lg[u] > mx) mx = lg[u];
             double se = 0.0;
             const R mxr = (R)mx;
             for (int u = 0; u < V; u++) {
@@ -335,7 +336,7 @@ static int RN(forward)(train_ws *ws, RN(acts) *A, const RN(wts) *W, const int32_
     return 0;
 }
 
-static void RN(backward)(train_ws *ws, RN(acts) *A, const RN(wts) *W, const double *coef,
+static void RN(backward)(train_ws *ws, RN(acts) * A, const RN(wts) * W, const double *coef,
                          double *grad_w, double *grad_b, const double *rw)
 {
     const int T = ws->T, D = ws->D, qd = ws->nh * ws->hd, kvd = ws->nkv * ws->hd, FF = ws->FF;
@@ -348,7 +349,8 @@ static void RN(backward)(train_ws *ws, RN(acts) *A, const RN(wts) *W, const doub
         const RN(lw) *L = &W->L[l];
         const int li = l - ws->first, ri = ws->route_of[l];
         const R *x = A->x + li * NMAX * D, *h = A->h + li * NMAX * D, *x2 = A->x2 + li * NMAX * D;
-        const R *q = A->q + li * NMAX * qd, *k = A->k + li * NMAX * kvd, *v = A->v + li * NMAX * kvd;
+        const R *q = A->q + li * NMAX * qd, *k = A->k + li * NMAX * kvd,
+                *v = A->v + li * NMAX * kvd;
         const R *att = A->att + li * NMAX * qd, *a = A->a + li * NMAX * D;
         const R *f1 = A->f1 + li * NMAX * FF, *f3 = A->f3 + li * NMAX * FF;
         const R *r1 = A->r1 + li * NMAX, *r2 = A->r2 + li * NMAX;
@@ -382,9 +384,10 @@ static void RN(backward)(train_ws *ws, RN(acts) *A, const RN(wts) *W, const doub
         memset(A->dq, 0, (size_t)N * qd * sizeof(R));
         memset(A->dk, 0, (size_t)N * kvd * sizeof(R));
         memset(A->dv, 0, (size_t)N * kvd * sizeof(R));
-        for (int s = 0; s < n_seq; s++)
-            RN(attn_back)(ws, A, q, k, v, tok_gran ? g : NULL, att, A->datt, A->dq, A->dk, A->dv,
-                          A->dg, s * T);
+        for (int s = 0; s < n_seq; s++) {
+            RN(attn_back)
+            (ws, A, q, k, v, tok_gran ? g : NULL, att, A->datt, A->dq, A->dk, A->dv, A->dg, s * T);
+        }
         for (int n = 0; n < N; n++) {
             RN(rope)(A->dq + (size_t)n * qd, ws->nh, ws->hd, n % T, A->inv_freq, -1);
             RN(rope)(A->dk + (size_t)n * kvd, ws->nkv, ws->hd, n % T, A->inv_freq, -1);
@@ -421,18 +424,45 @@ static void RN(backward)(train_ws *ws, RN(acts) *A, const RN(wts) *W, const doub
     }
 }
 
-static void RN(acts_free)(RN(acts) *A)
+static void RN(acts_free)(RN(acts) * A)
 {
-    free(A->x); free(A->h); free(A->r1); free(A->r2); free(A->q); free(A->k); free(A->v);
-    free(A->att); free(A->a); free(A->x2); free(A->f1); free(A->f3); free(A->z); free(A->sg);
-    free(A->g); free(A->mean); free(A->res); free(A->rf); free(A->dres); free(A->h2); free(A->u);
-    free(A->df1); free(A->df3); free(A->dx2); free(A->dh); free(A->datt); free(A->dq);
-    free(A->dk); free(A->dv); free(A->dg); free(A->logit); free(A->e);
+    free(A->x);
+    free(A->h);
+    free(A->r1);
+    free(A->r2);
+    free(A->q);
+    free(A->k);
+    free(A->v);
+    free(A->att);
+    free(A->a);
+    free(A->x2);
+    free(A->f1);
+    free(A->f3);
+    free(A->z);
+    free(A->sg);
+    free(A->g);
+    free(A->mean);
+    free(A->res);
+    free(A->rf);
+    free(A->dres);
+    free(A->h2);
+    free(A->u);
+    free(A->df1);
+    free(A->df3);
+    free(A->dx2);
+    free(A->dh);
+    free(A->datt);
+    free(A->dq);
+    free(A->dk);
+    free(A->dv);
+    free(A->dg);
+    free(A->logit);
+    free(A->e);
     free(A->inv_freq);
     memset(A, 0, sizeof *A);
 }
 
-static int RN(acts_alloc)(RN(acts) *A, const train_ws *ws, float theta)
+static int RN(acts_alloc)(RN(acts) * A, const train_ws *ws, float theta)
 {
     const size_t N = (size_t)ws->max_seqs * ws->T, D = ws->D, FF = ws->FF, V = ws->V;
     const size_t qd = (size_t)ws->nh * ws->hd, kvd = (size_t)ws->nkv * ws->hd;
@@ -447,8 +477,8 @@ static int RN(acts_alloc)(RN(acts) *A, const train_ws *ws, float theta)
              AL(A->dres, N * D) && AL(A->h2, N * D) && AL(A->u, N * FF) && AL(A->df1, N * FF) &&
              AL(A->df3, N * FF) && AL(A->dx2, N * D) && AL(A->dh, N * D) && AL(A->datt, N * qd) &&
              AL(A->dq, N * qd) && AL(A->dk, N * kvd) && AL(A->dv, N * kvd) && AL(A->dg, N) &&
-             AL(A->logit, (size_t)LCH * V) &&
-             AL(A->e, (size_t)ws->T) && AL(A->inv_freq, (size_t)ws->hd / 2 + 1);
+             AL(A->logit, (size_t)LCH * V) && AL(A->e, (size_t)ws->T) &&
+             AL(A->inv_freq, (size_t)ws->hd / 2 + 1);
 #undef AL
     if (!ok) {
         RN(acts_free)(A);

@@ -46,15 +46,22 @@ static void *loop(void *arg)
     while (!q->stop) {
         /* admit */
         for (dreq *d = q->list; d && q->used < q->slots; d = d->next)
-            if (!d->running && !d->cancel) { d->running = 1; q->used++; q->queued--; q->running++; }
+            if (!d->running && !d->cancel) {
+                d->running = 1;
+                q->used++;
+                q->queued--;
+                q->running++;
+            }
         /* one step */
         dreq **pp = &q->list;
         while (*pp) {
             dreq *d = *pp;
             srvq_finish why = SRVQ_FINISH_LENGTH;
             int end = 0;
-            if (d->cancel) { why = SRVQ_FINISH_CANCELLED; end = 1; }
-            else if (d->running) {
+            if (d->cancel) {
+                why = SRVQ_FINISH_CANCELLED;
+                end = 1;
+            } else if (d->running) {
                 int base = d->r.n_prompt > 1 && d->prompt[0] == 256 ? 1 : 0;
                 int32_t t = d->prompt[base + d->n_gen % (d->r.n_prompt - base)];
                 d->n_gen++;
@@ -64,12 +71,19 @@ static void *loop(void *arg)
                 pthread_mutex_unlock(&q->mu);
                 d->r.on_token(d->r.arg, t);
                 pthread_mutex_lock(&q->mu);
-                if (t == q->eos && !d->r.ignore_eos) { why = SRVQ_FINISH_STOP; end = 1; }
-                else if (d->n_gen >= d->r.max_tokens || d->r.n_prompt + d->n_gen >= q->ctx) end = 1;
+                if (t == q->eos && !d->r.ignore_eos) {
+                    why = SRVQ_FINISH_STOP;
+                    end = 1;
+                } else if (d->n_gen >= d->r.max_tokens || d->r.n_prompt + d->n_gen >= q->ctx)
+                    end = 1;
             }
             if (end) {
                 *pp = d->next;
-                if (d->running) { q->used--; q->running--; } else q->queued--;
+                if (d->running) {
+                    q->used--;
+                    q->running--;
+                } else
+                    q->queued--;
                 finish(q, d, why, why == SRVQ_FINISH_CANCELLED ? "cancelled" : "");
                 free(d->prompt);
                 free(d);
@@ -91,7 +105,11 @@ srvq *srvq_new(int slots, int ctx, int queue_cap, int vocab, int eos)
     srvq *q = calloc(1, sizeof *q);
     if (!q) return NULL;
     pthread_mutex_init(&q->mu, NULL);
-    q->slots = slots; q->ctx = ctx; q->cap = queue_cap; q->vocab = vocab; q->eos = eos;
+    q->slots = slots;
+    q->ctx = ctx;
+    q->cap = queue_cap;
+    q->vocab = vocab;
+    q->eos = eos;
     const char *e = getenv("SRVQ_DOUBLE_STEP_US");
     q->step_us = e ? (unsigned)atoi(e) : 2000;
     q->st.n_links = 1;
@@ -131,15 +149,25 @@ void srvq_free(srvq *q)
 
 long srvq_submit(srvq *q, const srvq_request *r, char *err, size_t errlen)
 {
-    if (r->n_prompt < 1) { snprintf(err, errlen, "empty prompt"); return SRVQ_ERR_BAD; }
+    if (r->n_prompt < 1) {
+        snprintf(err, errlen, "empty prompt");
+        return SRVQ_ERR_BAD;
+    }
     for (int i = 0; i < r->n_prompt; i++)
         if (r->prompt[i] < 0 || r->prompt[i] >= q->vocab) {
             snprintf(err, errlen, "token id %d out of range", r->prompt[i]);
             return SRVQ_ERR_BAD;
         }
-    if (r->n_prompt + 1 > q->ctx) { snprintf(err, errlen, "prompt too long"); return SRVQ_ERR_TOO_LONG; }
+    if (r->n_prompt + 1 > q->ctx) {
+        snprintf(err, errlen, "prompt too long");
+        return SRVQ_ERR_TOO_LONG;
+    }
     pthread_mutex_lock(&q->mu);
-    if (q->closed) { pthread_mutex_unlock(&q->mu); snprintf(err, errlen, "shutting down"); return SRVQ_ERR_CLOSED; }
+    if (q->closed) {
+        pthread_mutex_unlock(&q->mu);
+        snprintf(err, errlen, "shutting down");
+        return SRVQ_ERR_CLOSED;
+    }
     long free_slots = q->slots - q->used;
     if (q->queued >= q->cap + (free_slots > 0 ? free_slots : 0)) {
         pthread_mutex_unlock(&q->mu);

@@ -8,45 +8,82 @@
 
 #include "tok/tok.h"
 
-struct tok_tokenizer { int dummy; };
+struct tok_tokenizer {
+    int dummy;
+};
 static struct tok_tokenizer the_tok;
 
 int tok_load(const char *path, tok_tokenizer **out, char *err, size_t errlen)
 {
-    (void)path; (void)err; (void)errlen;
+    (void)path;
+    (void)err;
+    (void)errlen;
     *out = &the_tok;
     return 0;
 }
 void tok_free(tok_tokenizer *t) { (void)t; }
-int tok_vocab_size(const tok_tokenizer *t) { (void)t; return 258; }
-int tok_bos(const tok_tokenizer *t) { (void)t; return 256; }
-int tok_eos(const tok_tokenizer *t) { (void)t; return 257; }
-int tok_is_special(const tok_tokenizer *t, int32_t id) { (void)t; return id >= 256; }
-
-int tok_encode(const tok_tokenizer *t, const char *text, size_t len, int add_special,
-               int32_t **ids, int *n_ids, char *err, size_t errlen)
+int tok_vocab_size(const tok_tokenizer *t)
 {
-    (void)t; (void)err; (void)errlen;
+    (void)t;
+    return 258;
+}
+int tok_bos(const tok_tokenizer *t)
+{
+    (void)t;
+    return 256;
+}
+int tok_eos(const tok_tokenizer *t)
+{
+    (void)t;
+    return 257;
+}
+int tok_is_special(const tok_tokenizer *t, int32_t id)
+{
+    (void)t;
+    return id >= 256;
+}
+
+int tok_encode(const tok_tokenizer *t, const char *text, size_t len, int add_special, int32_t **ids,
+               int *n_ids, char *err, size_t errlen)
+{
+    (void)t;
+    (void)err;
+    (void)errlen;
     *ids = malloc((len + 1) * sizeof **ids);
     int n = 0;
     if (add_special) (*ids)[n++] = 256;
     for (size_t i = 0; i < len; i++) {
-        if (add_special && i + 4 <= len && !memcmp(text + i, "</s>", 4)) { (*ids)[n++] = 257; i += 3; continue; }
+        if (add_special && i + 4 <= len && !memcmp(text + i, "</s>", 4)) {
+            (*ids)[n++] = 257;
+            i += 3;
+            continue;
+        }
         (*ids)[n++] = (unsigned char)text[i];
     }
     *n_ids = n;
     return 0;
 }
 
-int tok_decode(const tok_tokenizer *t, const int32_t *ids, int n, int skip_special,
-               char **text, size_t *len, char *err, size_t errlen)
+int tok_decode(const tok_tokenizer *t, const int32_t *ids, int n, int skip_special, char **text,
+               size_t *len, char *err, size_t errlen)
 {
     (void)t;
     char *s = malloc((size_t)n * 4 + 1);
     size_t k = 0;
     for (int i = 0; i < n; i++) {
-        if (ids[i] < 0 || ids[i] > 257) { free(s); snprintf(err, errlen, "id %d out of range", ids[i]); return -1; }
-        if (ids[i] >= 256) { if (!skip_special) { const char *p = ids[i] == 256 ? "<s>" : "</s>"; memcpy(s + k, p, strlen(p)); k += strlen(p); } continue; }
+        if (ids[i] < 0 || ids[i] > 257) {
+            free(s);
+            snprintf(err, errlen, "id %d out of range", ids[i]);
+            return -1;
+        }
+        if (ids[i] >= 256) {
+            if (!skip_special) {
+                const char *p = ids[i] == 256 ? "<s>" : "</s>";
+                memcpy(s + k, p, strlen(p));
+                k += strlen(p);
+            }
+            continue;
+        }
         s[k++] = (char)ids[i];
     }
     s[k] = 0;
@@ -55,7 +92,12 @@ int tok_decode(const tok_tokenizer *t, const int32_t *ids, int n, int skip_speci
     return 0;
 }
 
-struct tok_stream { int skip; char buf[64]; size_t n; char out[80]; };
+struct tok_stream {
+    int skip;
+    char buf[64];
+    size_t n;
+    char out[80];
+};
 
 tok_stream *tok_stream_new(const tok_tokenizer *t, int skip_special)
 {
@@ -71,7 +113,11 @@ static size_t complete(const char *b, size_t n)
     size_t i = 0, ok = 0;
     while (i < n) {
         unsigned char c = (unsigned char)b[i];
-        size_t k = c < 0x80 ? 1 : (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : (c & 0xF8) == 0xF0 ? 4 : 1;
+        size_t k = c < 0x80             ? 1
+                   : (c & 0xE0) == 0xC0 ? 2
+                   : (c & 0xF0) == 0xE0 ? 3
+                   : (c & 0xF8) == 0xF0 ? 4
+                                        : 1;
         if (i + k > n) break;
         i += k;
         ok = i;
@@ -79,11 +125,19 @@ static size_t complete(const char *b, size_t n)
     return ok;
 }
 
-int tok_stream_push(tok_stream *s, int32_t id, const char **piece, size_t *len, char *err, size_t errlen)
+int tok_stream_push(tok_stream *s, int32_t id, const char **piece, size_t *len, char *err,
+                    size_t errlen)
 {
-    if (id < 0 || id > 257) { snprintf(err, errlen, "id %d out of range", id); return -1; }
+    if (id < 0 || id > 257) {
+        snprintf(err, errlen, "id %d out of range", id);
+        return -1;
+    }
     if (id >= 256) {
-        if (s->skip) { *piece = ""; *len = 0; return 0; }
+        if (s->skip) {
+            *piece = "";
+            *len = 0;
+            return 0;
+        }
         const char *p = id == 256 ? "<s>" : "</s>";
         memcpy(s->buf + s->n, p, strlen(p));
         s->n += strlen(p);

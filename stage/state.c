@@ -1,0 +1,398 @@
+/* stage/state.c — a stage's state: KV slot pool, workspace, stats, slots, and the
+ * tensor-parallel group protocol around the layer math (SPEC §2, §5). See stage.h. */
+#include "stage/stage_impl.h"
+
+#include <mpi.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "stage/kernels.h"
+
+/* ========================================================================================
+ * State: KV caches, workspace, stats
+ * ===================================================================================== */
+
+stage_state *stage_state_init(const stage_model *m, int n_slots, int max_rows, int max_seq,
+                              char *err, size_t errlen)
+{
+    const stage_config *c = &m->cfg;
+    stage_state *s = calloc(1, sizeof *s);
+    if (!s) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    s->m = m;
+    s->n_layers = m->range.last >= m->range.first ? m->range.last - m->range.first + 1 : 0;
+    s->n_slots = n_slots;
+    s->max_rows = max_rows < 1 ? 1 : max_rows;
+    s->max_seq = max_seq;
+    const size_t R = (size_t)s->max_rows, D = (size_t)c->hidden;
+    const size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
+    size_t ff = (size_t)(c->inter > c->expert_inter ? c->inter : c->expert_inter);
+    size_t ng = (size_t)(c->n_experts + c->n_noop_experts + 1);
+    size_t ept = (size_t)(c->experts_per_token > 0 ? c->experts_per_token : 1);
+
+    s->tp = m->tp;
+    const int K = s->tp ? stage_tp_size(s->tp) : 1;
+    s->nh_l = c->n_heads / K;
+    s->nkv_l = c->n_kv_heads / K;
+    s->ff_l = c->inter;
+    s->fe_l = c->expert_inter;
+    if (s->tp) {
+        int off;
+        s->ff_l = stage_tp_split(s->tp, c->inter, &off);
+        s->fe_l = stage_tp_split(s->tp, c->expert_inter, &off);
+    }
+    const size_t kvd_l = (size_t)s->nkv_l * c->head_dim;        /* this rank's K/V width */
+    const size_t n_seq = (size_t)s->n_layers * (size_t)n_slots; /* (layer, slot) caches */
+    s->kv = calloc(n_seq + 1, sizeof *s->kv);
+    /* calloc: Linux backs a page on its first write, so positions a routed layer never
+     * stores cost address space only; the size is fixed here either way. */
+    s->kv_k = calloc(n_seq * (size_t)max_seq * kvd_l + 1, sizeof(float));
+    s->kv_v = calloc(n_seq * (size_t)max_seq * kvd_l + 1, sizeof(float));
+    s->kv_pos = calloc(n_seq * (size_t)max_seq + 1, sizeof(int32_t));
+    s->released = calloc((size_t)n_slots + 1, 1);
+    s->ms_keep = malloc((size_t)s->n_layers * n_slots + 1);
+    s->stats = calloc((size_t)s->n_layers + 1, sizeof *s->stats);
+    s->act = malloc(R * sizeof(int));
+    s->act2 = malloc(R * sizeof(int));
+    s->ent = malloc(R * sizeof(int));
+    s->erow = malloc(R * sizeof(int));
+    s->sel_e = malloc(R * ept * sizeof(int));
+    s->sel_w = malloc(R * ept * sizeof(float));
+    s->score = malloc(R * sizeof(float));
+    s->xin = malloc(R * D * sizeof(float));
+    s->h = malloc(R * D * sizeof(float));
+    s->q = malloc(R * qd * sizeof(float));
+    s->k = malloc(R * kvd * sizeof(float));
+    s->v = malloc(R * kvd * sizeof(float));
+    s->att = malloc(R * qd * sizeof(float));
+    s->a = malloc(R * D * sizeof(float));
+    s->x2 = malloc(R * D * sizeof(float));
+    s->h2 = malloc(R * D * sizeof(float));
+    s->f1 = malloc(R * ff * sizeof(float));
+    s->f3 = malloc(R * ff * sizeof(float));
+    s->mo = malloc(R * D * sizeof(float));
+    s->ex = malloc(R * D * sizeof(float));
+    s->eo = malloc(R * D * sizeof(float));
+    s->gate = malloc(R * ng * sizeof(float));
+    s->probs = malloc((size_t)(max_seq + 1) * (c->n_heads / c->n_kv_heads) * sizeof(float));
+    s->mean = malloc(D * sizeof(float));
+    int ok = s->kv && s->kv_k && s->kv_v && s->kv_pos && s->released && s->ms_keep && s->stats &&
+             s->act && s->act2 && s->ent && s->erow && s->sel_e && s->sel_w && s->score && s->xin &&
+             s->h && s->q && s->k && s->v && s->att && s->a && s->x2 && s->h2 && s->f1 && s->f3 &&
+             s->mo && s->ex && s->eo && s->gate && s->probs && s->mean;
+    memset(s->ms_keep, -1, (size_t)s->n_layers * n_slots + 1);
+    /* Every (layer, slot) cache gets max_seq entries of the pool: no growth at run time. */
+    for (size_t i = 0; ok && i < n_seq; i++) {
+        kv_seq *c2 = &s->kv[i];
+        c2->cap = max_seq;
+        c2->pos = s->kv_pos + i * (size_t)max_seq;
+        c2->k = s->kv_k + i * (size_t)max_seq * kvd_l;
+        c2->v = s->kv_v + i * (size_t)max_seq * kvd_l;
+    }
+    if (ok && s->tp) {
+        size_t V = (size_t)c->vocab, w = D > ff ? D : ff;
+        if (w < qd) w = qd;
+        if (w < V) w = V;
+        s->op_bytes = R * (3 * sizeof(int32_t) + 2) + R * D * sizeof(float);
+        s->f_i32 = malloc(3 * R * sizeof(int32_t));
+        s->f_u8 = malloc(2 * R);
+        s->f_x = malloc(R * D * sizeof(float));
+        s->f_buf = malloc(s->op_bytes);
+        s->f_logits = m->has_head ? malloc(R * V * sizeof(float)) : NULL;
+        ok = s->f_i32 && s->f_u8 && s->f_x && s->f_buf && (s->f_logits || !m->has_head) &&
+             !stage_tp_reserve(s->tp, (int)R, (int)w, err, errlen);
+    }
+    if (!ok) {
+        snprintf(err, errlen,
+                 "out of memory sizing the stage state (%d slots, %d rows, %d positions)", n_slots,
+                 max_rows, max_seq);
+        stage_state_free(s);
+        return NULL;
+    }
+    return s;
+}
+
+void stage_state_free(stage_state *s)
+{
+    if (!s) return;
+    free(s->kv);
+    free(s->kv_k);
+    free(s->kv_v);
+    free(s->kv_pos);
+    free(s->released);
+    free(s->ms_keep);
+    free(s->stats);
+    free(s->act);
+    free(s->act2);
+    free(s->ent);
+    free(s->erow);
+    free(s->sel_e);
+    free(s->sel_w);
+    free(s->score);
+    free(s->xin);
+    free(s->h);
+    free(s->q);
+    free(s->k);
+    free(s->v);
+    free(s->att);
+    free(s->a);
+    free(s->x2);
+    free(s->h2);
+    free(s->f1);
+    free(s->f3);
+    free(s->mo);
+    free(s->ex);
+    free(s->eo);
+    free(s->gate);
+    free(s->probs);
+    free(s->mean);
+    free(s->f_i32);
+    free(s->f_u8);
+    free(s->f_x);
+    free(s->f_buf);
+    free(s->f_logits);
+    free(s);
+}
+
+const stage_layer_stats *stage_state_layer_stats(const stage_state *s, int layer)
+{
+    int li = layer - s->m->range.first;
+    if (li < 0 || li >= s->n_layers) return NULL;
+    return &s->stats[li];
+}
+
+int stage_state_slots(const stage_state *s) { return s->n_slots; }
+int stage_state_ctx(const stage_state *s) { return s->max_seq; }
+
+void stage_slot_reset_impl(stage_state *s, int slot)
+{
+    if (slot < 0 || slot >= s->n_slots) return;
+    for (int li = 0; li < s->n_layers; li++) {
+        kv_at(s, li, slot)->n = 0;
+        s->ms_keep[(size_t)li * s->n_slots + slot] = -1;
+    }
+    s->released[slot] = 0;
+}
+
+static void slot_release_impl(stage_state *s, int slot)
+{
+    if (slot < 0 || slot >= s->n_slots) return;
+    stage_slot_reset_impl(s, slot);
+    s->released[slot] = 1;
+}
+
+/* ---- tensor-parallel group protocol: the leader (group rank 0) runs the pipeline and
+ * broadcasts each operation on the stage state; the other ranks (followers) repeat it. ---- */
+enum { TP_OP_STOP = 0, TP_OP_FORWARD, TP_OP_HEAD, TP_OP_RESET, TP_OP_RELEASE };
+enum { TP_HDR = 8 }; /* op, n, first, last, slot, n_present, 0, 0 */
+
+static int tp_leader(const stage_state *s)
+{
+    return s->tp && !s->tp_stopped && stage_tp_rank(s->tp) == 0;
+}
+
+static void tp_count_io(stage_state *s, size_t bytes)
+{
+    s->tp_io_bytes += (double)bytes * (stage_tp_size(s->tp) - 1);
+}
+
+/* The header goes by a non-blocking broadcast so an idle follower can sleep between polls. */
+static void tp_send_hdr(stage_state *s, int op, int n, int first, int last, int slot, int np)
+{
+    int32_t hdr[TP_HDR] = {op, n, first, last, slot, np, 0, 0};
+    MPI_Request rq;
+    MPI_Ibcast(hdr, TP_HDR, MPI_INT32_T, 0, stage_tp_comm(s->tp), &rq);
+    MPI_Wait(&rq, MPI_STATUS_IGNORE);
+    tp_count_io(s, sizeof hdr);
+}
+
+static void tp_recv_hdr(stage_state *s, int32_t *hdr)
+{
+    MPI_Request rq;
+    MPI_Ibcast(hdr, TP_HDR, MPI_INT32_T, 0, stage_tp_comm(s->tp), &rq);
+    long spins = 0, nap_ns = 1000;
+    for (;;) {
+        int done = 0;
+        MPI_Test(&rq, &done, MPI_STATUS_IGNORE);
+        if (done) return;
+        if (++spins < 2000) continue; /* a busy stage: the next op is microseconds away */
+        struct timespec ts = {0, nap_ns};
+        nanosleep(&ts, NULL);
+        if (nap_ns < 1000000) nap_ns *= 2;
+    }
+}
+
+void stage_state_slot_reset(stage_state *s, int slot)
+{
+    if (tp_leader(s)) tp_send_hdr(s, TP_OP_RESET, 0, 0, 0, slot, 0);
+    stage_slot_reset_impl(s, slot);
+}
+
+void stage_state_slot_release(stage_state *s, int slot)
+{
+    if (tp_leader(s)) tp_send_hdr(s, TP_OP_RELEASE, 0, 0, 0, slot, 0);
+    slot_release_impl(s, slot);
+}
+
+int stage_state_slot_len(const stage_state *s, int slot)
+{
+    if (slot < 0 || slot >= s->n_slots) return -1;
+    int n = 0;
+    for (int li = 0; li < s->n_layers; li++) {
+        const kv_seq *c = &s->kv[(size_t)li * s->n_slots + slot];
+        if (c->n > 0 && c->pos[c->n - 1] + 1 > n) n = c->pos[c->n - 1] + 1;
+    }
+    return n;
+}
+
+size_t stage_state_kv_alloc_bytes(const stage_state *s)
+{
+    const stage_config *c = &s->m->cfg;
+    size_t kvd = (size_t)s->nkv_l * c->head_dim, total = 0;
+    for (size_t i = 0; i < (size_t)s->n_layers * s->n_slots; i++)
+        total += (size_t)s->kv[i].cap * kvd * 2 * stage_dtype_size(STAGE_KV_DTYPE);
+    return total;
+}
+
+void stage_state_set_progress(stage_state *s, void (*fn)(void *), void *arg)
+{
+    s->progress = fn;
+    s->progress_arg = arg;
+}
+
+int stage_forward(stage_state *s, const stage_batch *b, float *x, const uint8_t *present, char *err,
+                  size_t errlen)
+{
+    return stage_forward_range(s, b, x, present, s->m->range.first, s->m->range.last, err, errlen);
+}
+
+/* Leader: the micro-batch's descriptor, present mask and present rows to the group. */
+static int tp_send_forward(stage_state *s, const stage_batch *b, const float *x,
+                           const uint8_t *present, int first, int last, char *err, size_t errlen)
+{
+    const int D = s->m->cfg.hidden, n = b->n;
+    if (n > s->max_rows) {
+        snprintf(err, errlen, "micro-batch of %d rows exceeds the workspace (%d rows)", n,
+                 s->max_rows);
+        return -1;
+    }
+    uint8_t *p = s->f_buf;
+    memcpy(p, b->slot, (size_t)n * 4);
+    p += (size_t)n * 4;
+    memcpy(p, b->pos, (size_t)n * 4);
+    p += (size_t)n * 4;
+    memcpy(p, b->token, (size_t)n * 4);
+    p += (size_t)n * 4;
+    memcpy(p, b->flags, (size_t)n);
+    p += n;
+    memcpy(p, present, (size_t)n);
+    p += n;
+    int np = 0;
+    for (int i = 0; i < n; i++)
+        if (present[i]) {
+            memcpy(p, x + (size_t)i * D, (size_t)D * sizeof(float));
+            p += (size_t)D * sizeof(float);
+            np++;
+        }
+    size_t len = (size_t)(p - s->f_buf);
+    tp_send_hdr(s, TP_OP_FORWARD, n, first, last, 0, np);
+    MPI_Bcast(s->f_buf, (int)len, MPI_BYTE, 0, stage_tp_comm(s->tp));
+    tp_count_io(s, len);
+    return 0;
+}
+
+int stage_forward_range(stage_state *s, const stage_batch *b, float *x, const uint8_t *present,
+                        int first, int last, char *err, size_t errlen)
+{
+    if (tp_leader(s) && tp_send_forward(s, b, x, present, first, last, err, errlen)) return -1;
+    return stage_forward_impl(s, b, x, present, first, last, err, errlen);
+}
+
+int stage_head_logits(stage_state *s, const float *x, const int *rows, int n_rows, float *logits,
+                      char *err, size_t errlen)
+{
+    if (tp_leader(s) && s->m->has_head && n_rows > 0 && n_rows <= s->max_rows) {
+        const int D = s->m->cfg.hidden;
+        float *p = (float *)(void *)s->f_buf;
+        for (int j = 0; j < n_rows; j++)
+            memcpy(p + (size_t)j * D, x + (size_t)rows[j] * D, (size_t)D * sizeof(float));
+        tp_send_hdr(s, TP_OP_HEAD, n_rows, 0, 0, 0, 0);
+        MPI_Bcast(s->f_buf, n_rows * D * (int)sizeof(float), MPI_BYTE, 0, stage_tp_comm(s->tp));
+        tp_count_io(s, (size_t)n_rows * D * sizeof(float));
+    }
+    double tb0 = s->tp ? stage_tp_bytes(s->tp) : 0.0;
+    int rc = stage_head_impl(s, x, rows, n_rows, logits, err, errlen);
+    if (s->tp) s->tp_io_bytes += stage_tp_bytes(s->tp) - tb0;
+    return rc;
+}
+
+void stage_state_tp_stop(stage_state *s)
+{
+    if (!tp_leader(s)) return;
+    tp_send_hdr(s, TP_OP_STOP, 0, 0, 0, 0, 0);
+    s->tp_stopped = 1;
+}
+
+double stage_state_tp_io_bytes(const stage_state *s) { return s->tp_io_bytes; }
+
+int stage_state_tp_follow(stage_state *s, char *err, size_t errlen)
+{
+    if (!s->tp || stage_tp_rank(s->tp) == 0) {
+        snprintf(err, errlen, "stage_state_tp_follow: not a follower of a tensor-parallel stage");
+        return -1;
+    }
+    const int D = s->m->cfg.hidden, R = s->max_rows;
+    for (;;) {
+        int32_t h[TP_HDR];
+        tp_recv_hdr(s, h);
+        const int op = h[0], n = h[1], np = h[5];
+        if (op == TP_OP_STOP) return 0;
+        if (op == TP_OP_RESET || op == TP_OP_RELEASE) {
+            if (op == TP_OP_RESET)
+                stage_slot_reset_impl(s, h[4]);
+            else
+                slot_release_impl(s, h[4]);
+            continue;
+        }
+        if (n < 0 || n > R || np < 0 || np > n || (op != TP_OP_FORWARD && op != TP_OP_HEAD)) {
+            snprintf(err, errlen, "tensor-parallel op %d with %d rows (%d present) from the leader",
+                     op, n, np);
+            return -1;
+        }
+        int32_t *slot = s->f_i32, *pos = slot + R, *tok = pos + R;
+        uint8_t *flags = s->f_u8, *present = flags + R;
+        if (op == TP_OP_HEAD) {
+            MPI_Bcast(s->f_buf, n * D * (int)sizeof(float), MPI_BYTE, 0, stage_tp_comm(s->tp));
+            for (int j = 0; j < n; j++) slot[j] = j; /* the rows come packed */
+            if (stage_head_impl(s, (const float *)(void *)s->f_buf, slot, n, s->f_logits, err,
+                                errlen))
+                return -1;
+            continue;
+        }
+        size_t len = (size_t)n * 14 + (size_t)np * D * sizeof(float);
+        MPI_Bcast(s->f_buf, (int)len, MPI_BYTE, 0, stage_tp_comm(s->tp));
+        const uint8_t *p = s->f_buf;
+        memcpy(slot, p, (size_t)n * 4);
+        p += (size_t)n * 4;
+        memcpy(pos, p, (size_t)n * 4);
+        p += (size_t)n * 4;
+        memcpy(tok, p, (size_t)n * 4);
+        p += (size_t)n * 4;
+        memcpy(flags, p, (size_t)n);
+        p += n;
+        memcpy(present, p, (size_t)n);
+        p += n;
+        for (int i = 0; i < n; i++)
+            if (present[i]) {
+                memcpy(s->f_x + (size_t)i * D, p, (size_t)D * sizeof(float));
+                p += (size_t)D * sizeof(float);
+            }
+        stage_batch b = {.n = n, .slot = slot, .pos = pos, .token = tok, .flags = flags};
+        if (stage_forward_impl(s, &b, s->f_x, present, h[2], h[3], err, errlen)) return -1;
+    }
+}
