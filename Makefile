@@ -48,13 +48,18 @@ CUNIT   := $(shell pkg-config --libs cunit 2>/dev/null)
 PROTO_SRC := $(B)/proto/modpipe.pb-c.c
 PROTO_HDR := $(B)/proto/modpipe.pb-c.h
 
+# The layers, top-down (each may include only those below it; docs/ARCHITECTURE.md):
+#   cli -> serve -> engine -> comm, train -> stage, tok -> base
+BASE_SRC    := $(wildcard base/*.c)
 STAGE_SRC   := $(wildcard stage/*.c)
 TRAIN_SRC   := $(wildcard train/*.c)
 COMM_SRC    := $(wildcard comm/*.c)
-CLUSTER_SRC := $(filter-out cluster/main.c,$(wildcard cluster/*.c))
+ENGINE_SRC  := $(wildcard engine/*.c)
 TOK_SRC     := $(wildcard tok/*.c)
 SERVE_SRC   := $(wildcard serve/*.c)
-LIB_OBJ     := $(patsubst %.c,$(B)/%.o,$(STAGE_SRC) $(TRAIN_SRC) $(COMM_SRC) $(CLUSTER_SRC) $(TOK_SRC) $(SERVE_SRC)) $(B)/proto/modpipe.pb-c.o
+CLI_SRC     := $(filter-out cli/main.c,$(wildcard cli/*.c))
+ALL_LIB_SRC := $(BASE_SRC) $(STAGE_SRC) $(TRAIN_SRC) $(COMM_SRC) $(ENGINE_SRC) $(TOK_SRC) $(SERVE_SRC) $(CLI_SRC)
+LIB_OBJ     := $(patsubst %.c,$(B)/%.o,$(ALL_LIB_SRC)) $(B)/proto/modpipe.pb-c.o
 TEST_SRC    := $(wildcard tests/test_*.c)
 TEST_BIN    := $(patsubst tests/%.c,$(B)/tests/%,$(TEST_SRC))
 
@@ -74,9 +79,9 @@ $(B)/%.o: %.c $(PROTO_HDR)
 	$(CC) $(CFLAGS) -c $< -o $@
 
 $(B)/libmodpipe.a: $(LIB_OBJ)
-	ar rcs $@ $^
+	rm -f $@; ar rcs $@ $^
 
-$(B)/modpipe: $(B)/cluster/main.o $(B)/libmodpipe.a
+$(B)/modpipe: $(B)/cli/main.o $(B)/libmodpipe.a
 	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
 
 $(B)/tests/%: $(B)/tests/%.o $(B)/libmodpipe.a
@@ -150,7 +155,7 @@ FZ_CFLAGS := -std=c11 -Wall -Wextra -D_GNU_SOURCE -O1 -g $(FZ_SAN) -MMD -MP \
              $(shell pkg-config --cflags $(PKGS) 2>/dev/null) -I. -I$(FZ)/proto
 # The matmul kernels use CPU-feature builtins clang 14 rejects ("f16c"); no target needs them.
 FZ_EXCLUDE := stage/matmul.c stage/matmul_x86.c
-FZ_LIB_OBJ := $(patsubst %.c,$(FZ)/%.o,$(filter-out $(FZ_EXCLUDE),$(STAGE_SRC) $(TRAIN_SRC) $(COMM_SRC) $(CLUSTER_SRC) $(TOK_SRC) $(SERVE_SRC))) \
+FZ_LIB_OBJ := $(patsubst %.c,$(FZ)/%.o,$(filter-out $(FZ_EXCLUDE),$(ALL_LIB_SRC))) \
               $(FZ)/proto/modpipe.pb-c.o
 FZ_SRC    := $(wildcard fuzz/fuzz_*.c)
 FZ_BIN    := $(patsubst fuzz/%.c,$(FZ)/%,$(FZ_SRC))
@@ -170,7 +175,7 @@ $(FZ)/%.o: %.c $(FZ)/proto/modpipe.pb-c.h
 	$(FZ_CC) $(FZ_CFLAGS) -fsanitize=fuzzer-no-link -c $< -o $@
 
 $(FZ)/libmodpipe.a: $(FZ_LIB_OBJ)
-	ar rcs $@ $^
+	rm -f $@; ar rcs $@ $^
 
 $(FZ)/fuzz_%: fuzz/fuzz_%.c fuzz/fuzz_util.h $(FZ)/libmodpipe.a
 	$(FZ_CC) $(FZ_CFLAGS) -Werror -fsanitize=fuzzer $< $(FZ)/libmodpipe.a $(LDLIBS) -o $@

@@ -7,7 +7,7 @@
  *   3. serve_server: a libmicrohttpd daemon (one thread per connection) that answers
  *        POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
  *        POST /tokenize, POST /detokenize, GET /metrics
- *      and talks to the pipeline only through cluster/srvq.h. The srvq callbacks (pipeline
+ *      and talks to the pipeline only through serve/queue.h. The srvq callbacks (pipeline
  *      thread) only copy a token id into a preallocated per-request array and signal a
  *      condition variable; detokenisation (tok_stream), stop-string matching and writing to
  *      the socket happen on the connection's own thread, so a slow client never blocks the
@@ -26,7 +26,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "cluster/srvq.h"
+#include "serve/queue.h"
 #include "tok/tok.h"
 
 /* ---- 1. request parser ------------------------------------------------------------------ */

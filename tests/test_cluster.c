@@ -5,9 +5,9 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "cluster/modelspec.h"
-#include "cluster/partition.h"
-#include "cluster/yamlcfg.h"
+#include "cli/modelspec.h"
+#include "engine/partition.h"
+#include "cli/yamlcfg.h"
 #include "stage/safetensors.h"
 #include "stage/stage.h"
 #include "tests/testutil.h"
@@ -16,16 +16,16 @@
 
 /* ---- helpers ---------------------------------------------------------------------------- */
 
-static int yparse(const char *text, cluster_yaml *y, char *err)
+static int yparse(const char *text, cli_yaml *y, char *err)
 {
     err[0] = '\0';
-    return cluster_yaml_parse(text, strlen(text), "t.yaml", y, err, ERRLEN);
+    return cli_yaml_parse(text, strlen(text), "t.yaml", y, err, ERRLEN);
 }
 
 /* Parse must fail with an error that starts with `prefix`. */
 static void expect_yaml_err(const char *text, const char *prefix)
 {
-    cluster_yaml y;
+    cli_yaml y;
     char err[ERRLEN];
     int rc = yparse(text, &y, err);
     CU_ASSERT_NOT_EQUAL(rc, 0);
@@ -34,7 +34,7 @@ static void expect_yaml_err(const char *text, const char *prefix)
         fprintf(stderr, "\n  expected prefix '%s'\n  got '%s'\n", prefix, err);
     CU_ASSERT_EQUAL(y.n, 0);
     CU_ASSERT_PTR_NULL(y.e);
-    cluster_yaml_free(&y);
+    cli_yaml_free(&y);
 }
 
 static int contains(const char *hay, const char *needle)
@@ -44,21 +44,21 @@ static int contains(const char *hay, const char *needle)
     return ok;
 }
 
-static int spec_parse(const char *text, cluster_model_spec *s, char *err)
+static int spec_parse(const char *text, cli_model_spec *s, char *err)
 {
     err[0] = '\0';
-    return cluster_model_spec_parse(text, strlen(text), "m.yaml", s, err, ERRLEN);
+    return cli_model_spec_parse(text, strlen(text), "m.yaml", s, err, ERRLEN);
 }
 
 static void expect_spec_err(const char *text, const char *msg)
 {
-    cluster_model_spec s;
+    cli_model_spec s;
     char err[ERRLEN];
     int rc = spec_parse(text, &s, err);
     CU_ASSERT_NOT_EQUAL(rc, 0);
     CU_ASSERT_PTR_NULL(s.cfg.layer_kind);
     CU_ASSERT(contains(err, msg));
-    cluster_model_spec_free(&s);
+    cli_model_spec_free(&s);
 }
 
 /* ---- YAML ------------------------------------------------------------------------------- */
@@ -77,7 +77,7 @@ static void test_yaml_flatten(void)
                        "  - 4\n"
                        "empty: []\n"
                        "flow: {a: 1, b: [x]}\n";
-    cluster_yaml y;
+    cli_yaml y;
     char err[ERRLEN];
     CU_ASSERT_EQUAL_FATAL(yparse(text, &y, err), 0);
     CU_ASSERT_EQUAL_FATAL(y.n, 8);
@@ -93,7 +93,7 @@ static void test_yaml_flatten(void)
         {"flow.a", 0, 1, 12, 11, "1"},          {"flow.b", 1, 1, 12, 17, "x"},
     };
     for (int i = 0; i < 8; i++) {
-        const cluster_yaml_entry *e = &y.e[i];
+        const cli_yaml_entry *e = &y.e[i];
         CU_ASSERT_STRING_EQUAL(e->key, want[i].key);
         CU_ASSERT_EQUAL(e->is_list, want[i].is_list);
         CU_ASSERT_EQUAL(e->n_vals, want[i].n);
@@ -101,35 +101,35 @@ static void test_yaml_flatten(void)
         CU_ASSERT_EQUAL(e->col, want[i].col);
         if (want[i].v0) CU_ASSERT_STRING_EQUAL(e->vals[0], want[i].v0);
     }
-    const cluster_yaml_entry *st = cluster_yaml_get(&y, "stages");
+    const cli_yaml_entry *st = cli_yaml_get(&y, "stages");
     CU_ASSERT_PTR_EQUAL(st, &y.e[3]);
     CU_ASSERT_STRING_EQUAL(st->vals[1], "2-3");
     CU_ASSERT_STRING_EQUAL(st->vals[2], "4-5");
-    CU_ASSERT_STRING_EQUAL(cluster_yaml_get(&y, "prompt-ids")->vals[1], "4");
-    CU_ASSERT_PTR_NULL(cluster_yaml_get(&y, "mod"));
-    CU_ASSERT_PTR_NULL(cluster_yaml_get(&y, "nope"));
-    CU_ASSERT_PTR_NULL(cluster_yaml_get(NULL, "model"));
-    cluster_yaml_free(&y);
-    cluster_yaml_free(&y); /* freed twice: the struct was zeroed */
-    cluster_yaml_free(NULL);
+    CU_ASSERT_STRING_EQUAL(cli_yaml_get(&y, "prompt-ids")->vals[1], "4");
+    CU_ASSERT_PTR_NULL(cli_yaml_get(&y, "mod"));
+    CU_ASSERT_PTR_NULL(cli_yaml_get(&y, "nope"));
+    CU_ASSERT_PTR_NULL(cli_yaml_get(NULL, "model"));
+    cli_yaml_free(&y);
+    cli_yaml_free(&y); /* freed twice: the struct was zeroed */
+    cli_yaml_free(NULL);
 }
 
 static void test_yaml_empty(void)
 {
-    cluster_yaml y;
+    cli_yaml y;
     char err[ERRLEN];
     CU_ASSERT_EQUAL(yparse("", &y, err), 0);
     CU_ASSERT_EQUAL(y.n, 0);
-    cluster_yaml_free(&y);
+    cli_yaml_free(&y);
     CU_ASSERT_EQUAL(yparse("# nothing but a comment\n", &y, err), 0);
     CU_ASSERT_EQUAL(y.n, 0);
-    cluster_yaml_free(&y);
+    cli_yaml_free(&y);
     /* a key without a value is an empty scalar */
     CU_ASSERT_EQUAL_FATAL(yparse("a:\nb: 1\n", &y, err), 0);
     CU_ASSERT_EQUAL_FATAL(y.n, 2);
     CU_ASSERT_EQUAL(y.e[0].is_list, 0);
     CU_ASSERT_STRING_EQUAL(y.e[0].vals[0], "");
-    cluster_yaml_free(&y);
+    cli_yaml_free(&y);
 }
 
 static void test_yaml_syntax_errors(void)
@@ -140,7 +140,7 @@ static void test_yaml_syntax_errors(void)
     /* unclosed flow sequence: found at the end of the input, line 3 col 1 (after 2 lines) */
     expect_yaml_err("x: 1\nstages: [0-1, 2-3\n", "t.yaml:3:1: did not find expected ',' or ']'");
     CU_ASSERT(1);
-    cluster_yaml y;
+    cli_yaml y;
     char err[ERRLEN];
     CU_ASSERT_NOT_EQUAL(yparse("x: 1\nstages: [0-1, 2-3\n", &y, err), 0);
     CU_ASSERT(contains(err, "while parsing a flow sequence at 2:9"));
@@ -167,15 +167,14 @@ static void test_yaml_structure_errors(void)
     expect_yaml_err("a:\n  - k: x=1\n", "t.yaml:2:5: a: item 1: a mapping in a list");
     {
         const char *txt = "stages:\n  - {layers: \"0-2\", ranks: 2}\n  - layers: 3-5\n";
-        cluster_yaml y;
+        cli_yaml y;
         char err[256];
-        CU_ASSERT_EQUAL_FATAL(cluster_yaml_parse(txt, strlen(txt), "t.yaml", &y, err, sizeof err),
-                              0);
-        const cluster_yaml_entry *e = cluster_yaml_get(&y, "stages");
+        CU_ASSERT_EQUAL_FATAL(cli_yaml_parse(txt, strlen(txt), "t.yaml", &y, err, sizeof err), 0);
+        const cli_yaml_entry *e = cli_yaml_get(&y, "stages");
         CU_ASSERT_FATAL(e && e->is_list && e->n_vals == 2);
         CU_ASSERT_STRING_EQUAL(e->vals[0], "layers=0-2 ranks=2");
         CU_ASSERT_STRING_EQUAL(e->vals[1], "layers=3-5");
-        cluster_yaml_free(&y);
+        cli_yaml_free(&y);
     }
     expect_yaml_err("? [a, b]\n: 1\n", "t.yaml:1:3: a key must be a plain value");
     expect_yaml_err("a: &x 1\nb: 2\n", "t.yaml:1:4: anchors (&name) are not supported");
@@ -186,20 +185,20 @@ static void test_yaml_structure_errors(void)
 
 static void test_yaml_check_keys(void)
 {
-    cluster_yaml y;
+    cli_yaml y;
     char err[ERRLEN];
     CU_ASSERT_EQUAL_FATAL(yparse("model: m\nmod:\n  capcity: 0.3\n", &y, err), 0);
     static const char *const ok[] = {"model", "mod.capacity", NULL};
-    CU_ASSERT_NOT_EQUAL(cluster_yaml_check_keys(&y, ok, err, ERRLEN), 0);
+    CU_ASSERT_NOT_EQUAL(cli_yaml_check_keys(&y, ok, err, ERRLEN), 0);
     CU_ASSERT_STRING_EQUAL(err, "t.yaml:3:12: unknown key mod.capcity");
     static const char *const ok2[] = {"model", "mod.capcity", NULL};
-    CU_ASSERT_EQUAL(cluster_yaml_check_keys(&y, ok2, err, ERRLEN), 0);
-    cluster_yaml_free(&y);
+    CU_ASSERT_EQUAL(cli_yaml_check_keys(&y, ok2, err, ERRLEN), 0);
+    cli_yaml_free(&y);
 }
 
 static void test_yaml_typed(void)
 {
-    cluster_yaml y;
+    cli_yaml y;
     char err[ERRLEN];
     const char *text = "n: 42\nneg: -7\nbig: 100000000000000000000000\nf: 1.5e-3\n"
                        "word: abc\nlist: [1, 2]\nyes: Yes\nno: off\nt: true\nhalf: 12x\n"
@@ -208,50 +207,44 @@ static void test_yaml_typed(void)
     long v;
     double d;
     int b;
-    CU_ASSERT_EQUAL(cluster_yaml_int(&y, cluster_yaml_get(&y, "n"), 0, 100, &v, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL(cli_yaml_int(&y, cli_yaml_get(&y, "n"), 0, 100, &v, err, ERRLEN), 0);
     CU_ASSERT_EQUAL(v, 42);
-    CU_ASSERT_EQUAL(cluster_yaml_int(&y, cluster_yaml_get(&y, "neg"), -10, 0, &v, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL(cli_yaml_int(&y, cli_yaml_get(&y, "neg"), -10, 0, &v, err, ERRLEN), 0);
     CU_ASSERT_EQUAL(v, -7);
-    CU_ASSERT_NOT_EQUAL(cluster_yaml_int(&y, cluster_yaml_get(&y, "n"), 0, 10, &v, err, ERRLEN), 0);
+    CU_ASSERT_NOT_EQUAL(cli_yaml_int(&y, cli_yaml_get(&y, "n"), 0, 10, &v, err, ERRLEN), 0);
     CU_ASSERT_STRING_EQUAL(err, "t.yaml:1:4: n: expected an integer in [0, 10], got '42'");
-    CU_ASSERT_NOT_EQUAL(cluster_yaml_int(&y, cluster_yaml_get(&y, "neg"), 0, 10, &v, err, ERRLEN),
-                        0);
+    CU_ASSERT_NOT_EQUAL(cli_yaml_int(&y, cli_yaml_get(&y, "neg"), 0, 10, &v, err, ERRLEN), 0);
     CU_ASSERT_STRING_EQUAL(err, "t.yaml:2:6: neg: expected an integer in [0, 10], got '-7'");
-    CU_ASSERT_NOT_EQUAL(cluster_yaml_int(&y, cluster_yaml_get(&y, "big"), 0, 10, &v, err, ERRLEN),
-                        0);
+    CU_ASSERT_NOT_EQUAL(cli_yaml_int(&y, cli_yaml_get(&y, "big"), 0, 10, &v, err, ERRLEN), 0);
     CU_ASSERT(contains(err, "t.yaml:3:6: big: expected an integer"));
-    CU_ASSERT_NOT_EQUAL(cluster_yaml_int(&y, cluster_yaml_get(&y, "f"), 0, 10, &v, err, ERRLEN), 0);
+    CU_ASSERT_NOT_EQUAL(cli_yaml_int(&y, cli_yaml_get(&y, "f"), 0, 10, &v, err, ERRLEN), 0);
     CU_ASSERT(contains(err, "t.yaml:4:4: f: expected an integer"));
-    CU_ASSERT_NOT_EQUAL(cluster_yaml_int(&y, cluster_yaml_get(&y, "half"), 0, 100, &v, err, ERRLEN),
-                        0);
+    CU_ASSERT_NOT_EQUAL(cli_yaml_int(&y, cli_yaml_get(&y, "half"), 0, 100, &v, err, ERRLEN), 0);
     CU_ASSERT(contains(err, "got '12x'"));
-    CU_ASSERT_NOT_EQUAL(cluster_yaml_int(&y, cluster_yaml_get(&y, "list"), 0, 10, &v, err, ERRLEN),
-                        0);
+    CU_ASSERT_NOT_EQUAL(cli_yaml_int(&y, cli_yaml_get(&y, "list"), 0, 10, &v, err, ERRLEN), 0);
     CU_ASSERT_STRING_EQUAL(err, "t.yaml:6:7: list: expected an integer in [0, 10], got a list");
-    CU_ASSERT_NOT_EQUAL(cluster_yaml_int(&y, NULL, 0, 10, &v, err, ERRLEN), 0);
+    CU_ASSERT_NOT_EQUAL(cli_yaml_int(&y, NULL, 0, 10, &v, err, ERRLEN), 0);
 
-    CU_ASSERT_EQUAL(cluster_yaml_double(&y, cluster_yaml_get(&y, "f"), 0, 1, &d, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL(cli_yaml_double(&y, cli_yaml_get(&y, "f"), 0, 1, &d, err, ERRLEN), 0);
     CU_ASSERT_DOUBLE_EQUAL(d, 1.5e-3, 1e-15);
-    CU_ASSERT_NOT_EQUAL(cluster_yaml_double(&y, cluster_yaml_get(&y, "n"), 0, 1, &d, err, ERRLEN),
-                        0);
+    CU_ASSERT_NOT_EQUAL(cli_yaml_double(&y, cli_yaml_get(&y, "n"), 0, 1, &d, err, ERRLEN), 0);
     CU_ASSERT_STRING_EQUAL(err, "t.yaml:1:4: n: expected a number in [0, 1], got '42'");
-    CU_ASSERT_NOT_EQUAL(
-        cluster_yaml_double(&y, cluster_yaml_get(&y, "word"), 0, 1, &d, err, ERRLEN), 0);
+    CU_ASSERT_NOT_EQUAL(cli_yaml_double(&y, cli_yaml_get(&y, "word"), 0, 1, &d, err, ERRLEN), 0);
     CU_ASSERT(contains(err, "t.yaml:5:7: word: expected a number"));
-    CU_ASSERT_NOT_EQUAL(
-        cluster_yaml_double(&y, cluster_yaml_get(&y, "nan"), -1e9, 1e9, &d, err, ERRLEN), 0);
-    CU_ASSERT_NOT_EQUAL(
-        cluster_yaml_double(&y, cluster_yaml_get(&y, "hex"), -1e9, 1e9, &d, err, ERRLEN), 0);
+    CU_ASSERT_NOT_EQUAL(cli_yaml_double(&y, cli_yaml_get(&y, "nan"), -1e9, 1e9, &d, err, ERRLEN),
+                        0);
+    CU_ASSERT_NOT_EQUAL(cli_yaml_double(&y, cli_yaml_get(&y, "hex"), -1e9, 1e9, &d, err, ERRLEN),
+                        0);
 
-    CU_ASSERT_EQUAL(cluster_yaml_bool(&y, cluster_yaml_get(&y, "yes"), &b, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL(cli_yaml_bool(&y, cli_yaml_get(&y, "yes"), &b, err, ERRLEN), 0);
     CU_ASSERT_EQUAL(b, 1);
-    CU_ASSERT_EQUAL(cluster_yaml_bool(&y, cluster_yaml_get(&y, "no"), &b, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL(cli_yaml_bool(&y, cli_yaml_get(&y, "no"), &b, err, ERRLEN), 0);
     CU_ASSERT_EQUAL(b, 0);
-    CU_ASSERT_EQUAL(cluster_yaml_bool(&y, cluster_yaml_get(&y, "t"), &b, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL(cli_yaml_bool(&y, cli_yaml_get(&y, "t"), &b, err, ERRLEN), 0);
     CU_ASSERT_EQUAL(b, 1);
-    CU_ASSERT_NOT_EQUAL(cluster_yaml_bool(&y, cluster_yaml_get(&y, "n"), &b, err, ERRLEN), 0);
+    CU_ASSERT_NOT_EQUAL(cli_yaml_bool(&y, cli_yaml_get(&y, "n"), &b, err, ERRLEN), 0);
     CU_ASSERT_STRING_EQUAL(err, "t.yaml:1:4: n: expected true or false, got '42'");
-    cluster_yaml_free(&y);
+    cli_yaml_free(&y);
 }
 
 static void test_yaml_load_file(void)
@@ -262,17 +255,17 @@ static void test_yaml_load_file(void)
     const char *text = "a:\n  b: [x, y]\n";
     CU_ASSERT_EQUAL(write(fd, text, strlen(text)), (ssize_t)strlen(text));
     close(fd);
-    cluster_yaml y;
+    cli_yaml y;
     char err[ERRLEN];
-    CU_ASSERT_EQUAL_FATAL(cluster_yaml_load(path, &y, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL_FATAL(cli_yaml_load(path, &y, err, ERRLEN), 0);
     CU_ASSERT_STRING_EQUAL(y.path, path);
     CU_ASSERT_EQUAL(y.n, 1);
     CU_ASSERT_STRING_EQUAL(y.e[0].key, "a.b");
     CU_ASSERT_EQUAL(y.e[0].line, 2);
     CU_ASSERT_EQUAL(y.e[0].col, 6);
-    cluster_yaml_free(&y);
+    cli_yaml_free(&y);
     unlink(path);
-    CU_ASSERT_NOT_EQUAL(cluster_yaml_load("/nonexistent/x.yaml", &y, err, ERRLEN), 0);
+    CU_ASSERT_NOT_EQUAL(cli_yaml_load("/nonexistent/x.yaml", &y, err, ERRLEN), 0);
     CU_ASSERT(contains(err, "/nonexistent/x.yaml: cannot open"));
 }
 
@@ -317,7 +310,7 @@ static void test_spec_full(void)
                        "  enabled: true\n"
                        "  prompts: 8\n"
                        "  length: 24\n";
-    cluster_model_spec s;
+    cli_model_spec s;
     char err[ERRLEN];
     int rc = spec_parse(text, &s, err);
     if (rc) fprintf(stderr, "\n  %s\n", err);
@@ -359,17 +352,17 @@ static void test_spec_full(void)
     CU_ASSERT_EQUAL(s.calibrate, 1);
     CU_ASSERT_EQUAL(s.calib_prompts, 8);
     CU_ASSERT_EQUAL(s.calib_length, 24);
-    cluster_model_spec_free(&s);
+    cli_model_spec_free(&s);
     CU_ASSERT_PTR_NULL(s.cfg.layer_kind);
-    cluster_model_spec_free(&s);
-    cluster_model_spec_free(NULL);
+    cli_model_spec_free(&s);
+    cli_model_spec_free(NULL);
 }
 
 static void test_spec_defaults(void)
 {
     const char *text = "hidden_size: 32\nintermediate_size: 48\nnum_attention_heads: 2\n"
                        "num_hidden_layers: 3\nvocab_size: 50\n";
-    cluster_model_spec s;
+    cli_model_spec s;
     char err[ERRLEN];
     CU_ASSERT_EQUAL_FATAL(spec_parse(text, &s, err), 0);
     const stage_config *c = &s.cfg;
@@ -401,12 +394,12 @@ static void test_spec_defaults(void)
     CU_ASSERT_EQUAL(s.calibrate, 0);
     CU_ASSERT_EQUAL(s.calib_prompts, 16);
     CU_ASSERT_EQUAL(s.calib_length, 32);
-    cluster_model_spec_free(&s);
+    cli_model_spec_free(&s);
 }
 
 static void test_spec_layer_pattern(void)
 {
-    cluster_model_spec s;
+    cli_model_spec s;
     char err[ERRLEN];
     const char *base = "hidden_size: 64\nintermediate_size: 128\nnum_attention_heads: 4\n"
                        "vocab_size: 97\n";
@@ -420,19 +413,19 @@ static void test_spec_layer_pattern(void)
                                        STAGE_KIND_DENSE};
     CU_ASSERT_EQUAL(s.cfg.n_layers, 7);
     for (int i = 0; i < 7; i++) CU_ASSERT_EQUAL(s.cfg.layer_kind[i], want[i]);
-    cluster_model_spec_free(&s);
+    cli_model_spec_free(&s);
     /* block-list form, one kind */
     snprintf(text, sizeof text, "%snum_hidden_layers: 4\nlayer_pattern:\n  - mode_staged\n", base);
     CU_ASSERT_EQUAL_FATAL(spec_parse(text, &s, err), 0);
     for (int i = 0; i < 4; i++) CU_ASSERT_EQUAL(s.cfg.layer_kind[i], STAGE_KIND_MODE_STAGED);
-    cluster_model_spec_free(&s);
+    cli_model_spec_free(&s);
     /* layer_types alone sets the layer count */
     snprintf(text, sizeof text, "%slayer_types: [mod, dense]\n", base);
     CU_ASSERT_EQUAL_FATAL(spec_parse(text, &s, err), 0);
     CU_ASSERT_EQUAL(s.cfg.n_layers, 2);
     CU_ASSERT_EQUAL(s.cfg.layer_kind[0], STAGE_KIND_MOD);
     CU_ASSERT_EQUAL(s.cfg.layer_kind[1], STAGE_KIND_DENSE);
-    cluster_model_spec_free(&s);
+    cli_model_spec_free(&s);
 }
 
 static void test_spec_errors(void)
@@ -505,9 +498,9 @@ static void test_spec_errors(void)
                     "m.yaml: missing required key num_hidden_layers");
     /* YAML errors come through with their position */
     expect_spec_err("hidden_size: 64\n  vocab_size: 3\n", "m.yaml:2:13: mapping values");
-    cluster_model_spec s;
+    cli_model_spec s;
     char err[ERRLEN];
-    CU_ASSERT_NOT_EQUAL(cluster_model_spec_load("/nonexistent.yaml", &s, err, ERRLEN), 0);
+    CU_ASSERT_NOT_EQUAL(cli_model_spec_load("/nonexistent.yaml", &s, err, ERRLEN), 0);
     CU_ASSERT(contains(err, "/nonexistent.yaml: cannot open"));
 }
 
@@ -538,9 +531,9 @@ static void test_spec_examples(void)
         return;
     }
     for (size_t i = 0; i < sizeof ex / sizeof ex[0]; i++) {
-        cluster_model_spec s;
+        cli_model_spec s;
         char err[ERRLEN] = "";
-        int rc = cluster_model_spec_load(ex[i].file, &s, err, ERRLEN);
+        int rc = cli_model_spec_load(ex[i].file, &s, err, ERRLEN);
         if (rc) fprintf(stderr, "\n  %s\n", err);
         CU_ASSERT_EQUAL(rc, 0);
         if (rc) continue;
@@ -548,7 +541,7 @@ static void test_spec_examples(void)
         CU_ASSERT_EQUAL(s.cfg.layer_kind[0], ex[i].k0);
         CU_ASSERT_EQUAL(s.cfg.layer_kind[1], ex[i].k1);
         if (ex[i].routing >= 0) CU_ASSERT_EQUAL((int)s.cfg.mod_routing, ex[i].routing);
-        cluster_model_spec_free(&s);
+        cli_model_spec_free(&s);
     }
 }
 
@@ -589,7 +582,7 @@ static stage_config tiny_cfg(const char *kinds)
     return c;
 }
 
-static void expect_ranges(const cluster_plan *p, const int *firsts, int n)
+static void expect_ranges(const engine_plan *p, const int *firsts, int n)
 {
     CU_ASSERT_EQUAL_FATAL(p->n_stages, n);
     for (int t = 0; t < n; t++) {
@@ -604,31 +597,31 @@ static void test_layer_cost(void)
 {
     stage_config c = tiny_cfg("dmsik");
     /* attention 2*64*16*(2*4+2*2) = 24576, MLP 6*64*128 = 49152 */
-    CU_ASSERT_DOUBLE_EQUAL(cluster_layer_cost(&c, 0), 73728.0, 1e-6);
-    CU_ASSERT_DOUBLE_EQUAL(cluster_layer_cost(&c, 1), 0.125 * 73728.0, 1e-6);
+    CU_ASSERT_DOUBLE_EQUAL(engine_layer_cost(&c, 0), 73728.0, 1e-6);
+    CU_ASSERT_DOUBLE_EQUAL(engine_layer_cost(&c, 1), 0.125 * 73728.0, 1e-6);
     /* staged: capacity * (attn + gate 2*64*4 + 1 expert 6*64*64) */
-    CU_ASSERT_DOUBLE_EQUAL(cluster_layer_cost(&c, 2), 0.125 * (24576 + 512 + 24576), 1e-6);
+    CU_ASSERT_DOUBLE_EQUAL(engine_layer_cost(&c, 2), 0.125 * (24576 + 512 + 24576), 1e-6);
     /* integrated: attn + gate 2*64*5 + 4/5 of an expert */
-    CU_ASSERT_DOUBLE_EQUAL(cluster_layer_cost(&c, 3), 24576 + 640 + 0.8 * 24576, 1e-6);
-    CU_ASSERT_DOUBLE_EQUAL(cluster_layer_cost(&c, 4), 73728.0, 1e-6);
-    CU_ASSERT_DOUBLE_EQUAL(cluster_layer_cost(&c, 5), 0.0, 0);
-    CU_ASSERT_DOUBLE_EQUAL(cluster_layer_cost(&c, -1), 0.0, 0);
+    CU_ASSERT_DOUBLE_EQUAL(engine_layer_cost(&c, 3), 24576 + 640 + 0.8 * 24576, 1e-6);
+    CU_ASSERT_DOUBLE_EQUAL(engine_layer_cost(&c, 4), 73728.0, 1e-6);
+    CU_ASSERT_DOUBLE_EQUAL(engine_layer_cost(&c, 5), 0.0, 0);
+    CU_ASSERT_DOUBLE_EQUAL(engine_layer_cost(&c, -1), 0.0, 0);
     /* f32 bytes: attention 12288 + norms 128 + MLP 24576 floats, routers D (+1 bias) */
-    CU_ASSERT_EQUAL(cluster_layer_weight_bytes(&c, 0, 4), (size_t)36992 * 4);
-    CU_ASSERT_EQUAL(cluster_layer_weight_bytes(&c, 1, 4), (size_t)(36992 + 65) * 4);
-    CU_ASSERT_EQUAL(cluster_layer_weight_bytes(&c, 2, 4),
+    CU_ASSERT_EQUAL(engine_layer_weight_bytes(&c, 0, 4), (size_t)36992 * 4);
+    CU_ASSERT_EQUAL(engine_layer_weight_bytes(&c, 1, 4), (size_t)(36992 + 65) * 4);
+    CU_ASSERT_EQUAL(engine_layer_weight_bytes(&c, 2, 4),
                     (size_t)(12416 + 4 * 12288 + 4 * 64 + 65) * 4);
-    CU_ASSERT_EQUAL(cluster_layer_weight_bytes(&c, 3, 4), (size_t)(12416 + 4 * 12288 + 5 * 64) * 4);
-    CU_ASSERT_EQUAL(cluster_layer_weight_bytes(&c, 4, 4), (size_t)(36992 + 64) * 4);
+    CU_ASSERT_EQUAL(engine_layer_weight_bytes(&c, 3, 4), (size_t)(12416 + 4 * 12288 + 5 * 64) * 4);
+    CU_ASSERT_EQUAL(engine_layer_weight_bytes(&c, 4, 4), (size_t)(36992 + 64) * 4);
     stage_config_free(&c);
 }
 
 static void test_partition_dense(void)
 {
     stage_config c = tiny_cfg("dddddd");
-    cluster_plan p;
+    engine_plan p;
     char err[ERRLEN];
-    CU_ASSERT_EQUAL_FATAL(cluster_partition_auto(&c, 3, &p, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL_FATAL(engine_partition_auto(&c, 3, &p, err, ERRLEN), 0);
     static const int want[] = {0, 2, 4};
     expect_ranges(&p, want, 3);
     CU_ASSERT_EQUAL(p.st[2].last, 5);
@@ -643,154 +636,154 @@ static void test_partition_dense(void)
     CU_ASSERT_STRING_EQUAL(p.st[0].why, "stage 0 embeds every row");
     CU_ASSERT_STRING_EQUAL(p.st[1].why, "stage 1 has dense layers (2, 3): every row must reach it");
     CU_ASSERT_STRING_EQUAL(p.st[2].why, "stage 2 has dense layers (4, 5): every row must reach it");
-    cluster_plan_free(&p);
-    cluster_plan_free(&p);
-    cluster_plan_free(NULL);
+    engine_plan_free(&p);
+    engine_plan_free(&p);
+    engine_plan_free(NULL);
 
     /* one stage and one stage per layer are both fine */
-    CU_ASSERT_EQUAL_FATAL(cluster_partition_auto(&c, 1, &p, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL_FATAL(engine_partition_auto(&c, 1, &p, err, ERRLEN), 0);
     CU_ASSERT_EQUAL(p.st[0].first, 0);
     CU_ASSERT_EQUAL(p.st[0].last, 5);
     CU_ASSERT_DOUBLE_EQUAL(p.st[0].compute_share, 1.0, 1e-12);
     /* a single stage holds embedding and head once even when tied */
-    cluster_plan_free(&p);
-    CU_ASSERT_EQUAL_FATAL(cluster_partition_auto(&c, 6, &p, err, ERRLEN), 0);
+    engine_plan_free(&p);
+    CU_ASSERT_EQUAL_FATAL(engine_partition_auto(&c, 6, &p, err, ERRLEN), 0);
     for (int t = 0; t < 6; t++) CU_ASSERT_EQUAL(p.st[t].first, t);
-    cluster_plan_free(&p);
+    engine_plan_free(&p);
 
-    CU_ASSERT_NOT_EQUAL(cluster_partition_auto(&c, 8, &p, err, ERRLEN), 0);
+    CU_ASSERT_NOT_EQUAL(engine_partition_auto(&c, 8, &p, err, ERRLEN), 0);
     CU_ASSERT_STRING_EQUAL(err,
                            "cannot split 6 layers into 8 stages: a stage needs at least one layer");
     CU_ASSERT_PTR_NULL(p.st);
-    CU_ASSERT_NOT_EQUAL(cluster_partition_auto(&c, 0, &p, err, ERRLEN), 0);
+    CU_ASSERT_NOT_EQUAL(engine_partition_auto(&c, 0, &p, err, ERRLEN), 0);
     stage_config_free(&c);
 }
 
 static void test_partition_prefers_sparse(void)
 {
-    cluster_plan p;
+    engine_plan p;
     char err[ERRLEN];
     /* d d m m m m m m into 2: the cheapest bottleneck is [d][d m*6] (141440 FLOPs), but
      * [d d][m*6] (147456) is within 10% and its boundary carries only routed rows */
     stage_config c = tiny_cfg("ddmmmmmm");
-    CU_ASSERT_EQUAL_FATAL(cluster_partition_auto(&c, 2, &p, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL_FATAL(engine_partition_auto(&c, 2, &p, err, ERRLEN), 0);
     static const int want[] = {0, 2};
     expect_ranges(&p, want, 2);
     CU_ASSERT_EQUAL(p.st[1].sparse_in, 1);
     CU_ASSERT_STRING_EQUAL(p.st[1].why, "");
-    cluster_plan_free(&p);
+    engine_plan_free(&p);
     stage_config_free(&c);
 
     /* d d d m m m into 2: the sparse split [d d d][m m m] is 50% over the optimum: not taken */
     c = tiny_cfg("dddmmm");
-    CU_ASSERT_EQUAL_FATAL(cluster_partition_auto(&c, 2, &p, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL_FATAL(engine_partition_auto(&c, 2, &p, err, ERRLEN), 0);
     static const int want2[] = {0, 2};
     expect_ranges(&p, want2, 2);
     CU_ASSERT_EQUAL(p.st[1].sparse_in, 0);
     CU_ASSERT_STRING_EQUAL(p.st[1].why, "stage 1 has dense layers (2): every row must reach it");
-    cluster_plan_free(&p);
+    engine_plan_free(&p);
     stage_config_free(&c);
 
     /* dense, mod alternating into 3: no stage can be routed-only within budget; 2/2/2 */
     c = tiny_cfg("dmdmdm");
-    CU_ASSERT_EQUAL_FATAL(cluster_partition_auto(&c, 3, &p, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL_FATAL(engine_partition_auto(&c, 3, &p, err, ERRLEN), 0);
     static const int want3[] = {0, 2, 4};
     expect_ranges(&p, want3, 3);
     CU_ASSERT_EQUAL(p.st[1].sparse_in, 0);
     CU_ASSERT_EQUAL(p.st[2].sparse_in, 0);
     CU_ASSERT_STRING_EQUAL(p.st[1].why, "stage 1 has dense layers (2): every row must reach it");
-    cluster_plan_free(&p);
+    engine_plan_free(&p);
 
     /* ... but with 6 stages each mod layer is its own stage: boundaries before them sparse */
-    CU_ASSERT_EQUAL_FATAL(cluster_partition_auto(&c, 6, &p, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL_FATAL(engine_partition_auto(&c, 6, &p, err, ERRLEN), 0);
     for (int t = 1; t < 6; t++) CU_ASSERT_EQUAL(p.st[t].sparse_in, t % 2);
-    cluster_plan_free(&p);
+    engine_plan_free(&p);
     stage_config_free(&c);
 
     /* blocks d m m m d m m m into 4: boundaries land before the mod runs */
     c = tiny_cfg("dmmmdmmm");
-    CU_ASSERT_EQUAL_FATAL(cluster_partition_auto(&c, 4, &p, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL_FATAL(engine_partition_auto(&c, 4, &p, err, ERRLEN), 0);
     static const int want4[] = {0, 1, 4, 5};
     expect_ranges(&p, want4, 4);
     CU_ASSERT_EQUAL(p.st[1].sparse_in, 1);
     CU_ASSERT_EQUAL(p.st[2].sparse_in, 0);
     CU_ASSERT_EQUAL(p.st[3].sparse_in, 1);
-    cluster_plan_free(&p);
+    engine_plan_free(&p);
     stage_config_free(&c);
 
     /* every layer routed: every boundary can be sparse */
     c = tiny_cfg("mmmsss");
-    CU_ASSERT_EQUAL_FATAL(cluster_partition_auto(&c, 3, &p, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL_FATAL(engine_partition_auto(&c, 3, &p, err, ERRLEN), 0);
     CU_ASSERT_EQUAL(p.st[1].sparse_in, 1);
     CU_ASSERT_EQUAL(p.st[2].sparse_in, 1);
-    cluster_plan_free(&p);
+    engine_plan_free(&p);
     /* top-k routing is not causal: none can */
     c.mod_routing = STAGE_ROUTING_TOPK;
-    CU_ASSERT_EQUAL_FATAL(cluster_partition_auto(&c, 3, &p, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL_FATAL(engine_partition_auto(&c, 3, &p, err, ERRLEN), 0);
     for (int t = 1; t < 3; t++) {
         CU_ASSERT_EQUAL(p.st[t].sparse_in, 0);
         CU_ASSERT_STRING_EQUAL(p.st[t].why,
                                "topk routing is non-causal: every boundary carries every row");
     }
-    cluster_plan_free(&p);
+    engine_plan_free(&p);
     stage_config_free(&c);
 }
 
 static void test_partition_why(void)
 {
-    cluster_plan p;
+    engine_plan p;
     char err[ERRLEN];
     /* the mixed fixture: dense, mod, mode_staged, mindskip, mode_integrated, mod */
     stage_config c = tiny_cfg("dmskim");
     static const char *const r3[] = {"0-1", "2-3", "4-5"};
-    CU_ASSERT_EQUAL_FATAL(cluster_partition_explicit(&c, r3, 3, 3, &p, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL_FATAL(engine_partition_explicit(&c, r3, 3, 3, &p, err, ERRLEN), 0);
     CU_ASSERT_STRING_EQUAL(p.st[1].why, "stage 1 has mindskip layers (3): every row must reach it");
     CU_ASSERT_STRING_EQUAL(p.st[2].why,
                            "stage 2 has mode_integrated layers (4): every row must reach it");
-    cluster_plan_free(&p);
+    engine_plan_free(&p);
     static const char *const r2[] = {"0", "1-5"};
-    CU_ASSERT_EQUAL_FATAL(cluster_partition_explicit(&c, r2, 2, 2, &p, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL_FATAL(engine_partition_explicit(&c, r2, 2, 2, &p, err, ERRLEN), 0);
     CU_ASSERT_STRING_EQUAL(p.st[1].why, "stage 1 has mindskip layers (3) and mode_integrated "
                                         "layers (4): every row must reach it");
-    cluster_plan_free(&p);
+    engine_plan_free(&p);
     static const char *const r2b[] = {"0-1", "2"};
     stage_config_free(&c);
 
     /* the mindskip fixture: dense, dense, mindskip x3, dense */
     c = tiny_cfg("ddkkkd");
     static const char *const r[] = {"0", "1-5"};
-    CU_ASSERT_EQUAL_FATAL(cluster_partition_explicit(&c, r, 2, 2, &p, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL_FATAL(engine_partition_explicit(&c, r, 2, 2, &p, err, ERRLEN), 0);
     CU_ASSERT_STRING_EQUAL(p.st[1].why, "stage 1 has dense layers (1, 5) and mindskip layers "
                                         "(2-4): every row must reach it");
-    cluster_plan_free(&p);
+    engine_plan_free(&p);
     stage_config_free(&c);
 
     /* all three kinds, and a long layer list stays inside why[] */
     c = tiny_cfg("mdkidkidkidkidkidkidkidkidkidkidkidkidkid");
     static const char *const rl[] = {"0", "1-40"};
-    CU_ASSERT_EQUAL_FATAL(cluster_partition_explicit(&c, rl, 2, 2, &p, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL_FATAL(engine_partition_explicit(&c, rl, 2, 2, &p, err, ERRLEN), 0);
     CU_ASSERT(contains(p.st[1].why, "stage 1 has dense layers (1, 4, 7,"));
     CU_ASSERT(contains(p.st[1].why, ", ...)"));
     CU_ASSERT(strlen(p.st[1].why) < sizeof p.st[1].why);
-    cluster_plan_free(&p);
+    engine_plan_free(&p);
     stage_config_free(&c);
 
     /* a routed-only stage: sparse, and an explicit single-layer range */
     c = tiny_cfg("ddm");
-    CU_ASSERT_EQUAL_FATAL(cluster_partition_explicit(&c, r2b, 2, 2, &p, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL_FATAL(engine_partition_explicit(&c, r2b, 2, 2, &p, err, ERRLEN), 0);
     CU_ASSERT_EQUAL(p.st[1].first, 2);
     CU_ASSERT_EQUAL(p.st[1].last, 2);
     CU_ASSERT_EQUAL(p.st[1].sparse_in, 1);
-    cluster_plan_free(&p);
+    engine_plan_free(&p);
     stage_config_free(&c);
 }
 
 static void expect_explicit_err(const stage_config *c, const char *const *r, int n, int stages,
                                 const char *msg)
 {
-    cluster_plan p;
+    engine_plan p;
     char err[ERRLEN] = "";
-    CU_ASSERT_NOT_EQUAL(cluster_partition_explicit(c, r, n, stages, &p, err, ERRLEN), 0);
+    CU_ASSERT_NOT_EQUAL(engine_partition_explicit(c, r, n, stages, &p, err, ERRLEN), 0);
     CU_ASSERT_PTR_NULL(p.st);
     CU_ASSERT_STRING_EQUAL(err, msg);
     if (strcmp(err, msg) != 0) fprintf(stderr, "\n  expected '%s'\n  got      '%s'\n", msg, err);
@@ -799,17 +792,17 @@ static void expect_explicit_err(const stage_config *c, const char *const *r, int
 static void test_partition_explicit(void)
 {
     stage_config c = tiny_cfg("dmdmdm");
-    cluster_plan p;
+    engine_plan p;
     char err[ERRLEN];
     static const char *const good[] = {"0-1", " 2 - 4 ", "5"};
-    CU_ASSERT_EQUAL_FATAL(cluster_partition_explicit(&c, good, 3, 3, &p, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL_FATAL(engine_partition_explicit(&c, good, 3, 3, &p, err, ERRLEN), 0);
     static const int want[] = {0, 2, 5};
     expect_ranges(&p, want, 3);
     CU_ASSERT_EQUAL(p.st[1].last, 4);
     CU_ASSERT_EQUAL(p.st[2].sparse_in, 1); /* [mod] alone */
     CU_ASSERT_DOUBLE_EQUAL(p.st[0].compute_share + p.st[1].compute_share + p.st[2].compute_share,
                            1.0, 1e-12);
-    cluster_plan_free(&p);
+    engine_plan_free(&p);
 
     static const char *const two[] = {"0-2", "3-5"};
     expect_explicit_err(&c, two, 2, 3, "stages: 2 ranges given but the job has 3 ranks");
@@ -852,22 +845,22 @@ static void test_partition_explicit(void)
     stage_config_free(&c);
 }
 
-static char *print_plan(const stage_config *c, const cluster_plan *p)
+static char *print_plan(const stage_config *c, const engine_plan *p)
 {
     char *buf = NULL;
     size_t len = 0;
     FILE *f = open_memstream(&buf, &len);
-    cluster_plan_print(c, p, f);
+    engine_plan_print(c, p, f);
     fclose(f);
     return buf;
 }
 
 static void test_plan_print(void)
 {
-    cluster_plan p;
+    engine_plan p;
     char err[ERRLEN];
     stage_config c = tiny_cfg("mmmmmm");
-    CU_ASSERT_EQUAL_FATAL(cluster_partition_auto(&c, 3, &p, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL_FATAL(engine_partition_auto(&c, 3, &p, err, ERRLEN), 0);
     char *s = print_plan(&c, &p);
     CU_ASSERT(contains(s, "mod x2"));
     CU_ASSERT(contains(s, "[head]"));
@@ -881,11 +874,11 @@ static void test_plan_print(void)
     CU_ASSERT(contains(s, "sparse: only the rows its routers select"));
     CU_ASSERT(!strstr(s, "mix routed"));
     free(s);
-    cluster_plan_free(&p);
+    engine_plan_free(&p);
     stage_config_free(&c);
 
     c = tiny_cfg("dmdmdm");
-    CU_ASSERT_EQUAL_FATAL(cluster_partition_auto(&c, 3, &p, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL_FATAL(engine_partition_auto(&c, 3, &p, err, ERRLEN), 0);
     s = print_plan(&c, &p);
     CU_ASSERT(contains(s, "dense, mod"));
     CU_ASSERT(contains(s, "all: stage 1 has dense layers (2): every row must reach it"));
@@ -893,12 +886,12 @@ static void test_plan_print(void)
     CU_ASSERT(contains(s, "0 of 2 boundaries"));
     CU_ASSERT(contains(s, "the same as a dense pipeline"));
     free(s);
-    cluster_plan_free(&p);
-    CU_ASSERT_EQUAL_FATAL(cluster_partition_auto(&c, 1, &p, err, ERRLEN), 0);
+    engine_plan_free(&p);
+    CU_ASSERT_EQUAL_FATAL(engine_partition_auto(&c, 1, &p, err, ERRLEN), 0);
     s = print_plan(&c, &p);
     CU_ASSERT(contains(s, "one stage: nothing crosses the wire"));
     free(s);
-    cluster_plan_free(&p);
+    engine_plan_free(&p);
     stage_config_free(&c);
 }
 
@@ -909,13 +902,13 @@ static void test_partition_large(void)
     for (int i = 0; i < 320; i++) kinds[i] = (i % 4 == 0) ? 'd' : 'm';
     kinds[320] = '\0';
     stage_config c = tiny_cfg(kinds);
-    cluster_plan p;
+    engine_plan p;
     char err[ERRLEN];
-    CU_ASSERT_EQUAL_FATAL(cluster_partition_auto(&c, 64, &p, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL_FATAL(engine_partition_auto(&c, 64, &p, err, ERRLEN), 0);
     CU_ASSERT_EQUAL(p.st[0].first, 0);
     CU_ASSERT_EQUAL(p.st[63].last, 319);
     for (int t = 1; t < 64; t++) CU_ASSERT_EQUAL(p.st[t].first, p.st[t - 1].last + 1);
-    cluster_plan_free(&p);
+    engine_plan_free(&p);
     stage_config_free(&c);
 }
 
@@ -925,11 +918,11 @@ static void test_partition_large(void)
 static void test_partition_memory(void)
 {
     stage_config c = tiny_cfg("dmdm");
-    cluster_plan p;
+    engine_plan p;
     char err[ERRLEN];
-    cluster_mem_opts mo = {STAGE_BF16, 0, 2, 40, 4};
+    engine_mem_opts mo = {STAGE_BF16, 0, 2, 40, 4};
     const char *r2[] = {"0-1", "2-3"};
-    CU_ASSERT_EQUAL_FATAL(cluster_partition_explicit_mem(&c, r2, 2, 2, &mo, &p, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL_FATAL(engine_partition_explicit_mem(&c, r2, 2, 2, &mo, &p, err, ERRLEN), 0);
     CU_ASSERT(p.have_mem);
     /* stage 0: two layers + embedding 97 x 64 + layer 3's router; stage 1: two layers + f32
      * norm + lm_head + layer 1's router */
@@ -942,7 +935,7 @@ static void test_partition_memory(void)
     /* workspace: 4 rows x 4 bytes x (8D + 2qd + 2kvd + 2I + gate 6 + 2 + 5 + pipeline 4D + 8
      * = 1237) + 4 x (ctx + 1 + D) = 20212; the head adds 4 x 4 x 97 logits + 8 x 97 scratch;
      * and the runtime allowance */
-    size_t rt = CLUSTER_RUNTIME_BYTES;
+    size_t rt = ENGINE_RUNTIME_BYTES;
     CU_ASSERT_EQUAL(p.st[0].work_bytes, (size_t)20212 + rt);
     CU_ASSERT_EQUAL(p.st[1].work_bytes, (size_t)20212 + 4 * 4 * 97 + 8 * 97 + rt);
     for (int t = 0; t < 2; t++)
@@ -950,23 +943,23 @@ static void test_partition_memory(void)
                         p.st[t].weight_bytes + p.st[t].kv_bytes + p.st[t].work_bytes);
     size_t need1 = p.st[1].mem_bytes;
     CU_ASSERT(need1 > p.st[0].mem_bytes);
-    cluster_plan_free(&p);
+    engine_plan_free(&p);
 
     /* the same plan in f32 (plain variant) */
-    CU_ASSERT_EQUAL_FATAL(cluster_partition_explicit(&c, r2, 2, 2, &p, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL_FATAL(engine_partition_explicit(&c, r2, 2, 2, &p, err, ERRLEN), 0);
     CU_ASSERT_EQUAL(p.st[0].weight_bytes, (size_t)(36992 + 37057 + 97 * 64 + 65) * 4);
     CU_ASSERT(!p.have_mem);
-    cluster_plan_free(&p);
+    engine_plan_free(&p);
 
     /* a limit one byte short of stage 1: refused, naming the stage and what it needs */
     mo.mem_per_rank = need1 - 1;
-    CU_ASSERT_NOT_EQUAL(cluster_partition_explicit_mem(&c, r2, 2, 2, &mo, &p, err, ERRLEN), 0);
+    CU_ASSERT_NOT_EQUAL(engine_partition_explicit_mem(&c, r2, 2, 2, &mo, &p, err, ERRLEN), 0);
     ASSERT_HAS(err, "stages: stage 1 does not fit --mem-per-rank 40.2 MiB: its layers 2-3 need "
                     "40.2 MiB (weights 0.2 MiB bf16, KV 0.0 MiB, workspace 40.0 MiB)");
     CU_ASSERT_PTR_NULL(p.st);
     mo.mem_per_rank = need1;
-    CU_ASSERT_EQUAL(cluster_partition_explicit_mem(&c, r2, 2, 2, &mo, &p, err, ERRLEN), 0);
-    cluster_plan_free(&p);
+    CU_ASSERT_EQUAL(engine_partition_explicit_mem(&c, r2, 2, 2, &mo, &p, err, ERRLEN), 0);
+    engine_plan_free(&p);
     stage_config_free(&c);
 
     /* auto: a big vocab makes the head the costly stage, so the cost optimum puts 5 of 6
@@ -974,18 +967,18 @@ static void test_partition_memory(void)
      * the split to 0-3 | 4-5 */
     c = tiny_cfg("dddddd");
     c.vocab = 4000;
-    cluster_mem_opts m2 = {STAGE_BF16, 0, 1, 8, 1};
-    CU_ASSERT_EQUAL_FATAL(cluster_partition_auto_mem(&c, 2, &m2, &p, err, ERRLEN), 0);
+    engine_mem_opts m2 = {STAGE_BF16, 0, 1, 8, 1};
+    CU_ASSERT_EQUAL_FATAL(engine_partition_auto_mem(&c, 2, &m2, &p, err, ERRLEN), 0);
     CU_ASSERT_EQUAL(p.st[1].first, 5);
     size_t stage0_5 = p.st[0].mem_bytes;
-    cluster_plan_free(&p);
+    engine_plan_free(&p);
     const char *r43[] = {"0-3", "4-5"};
-    CU_ASSERT_EQUAL_FATAL(cluster_partition_explicit_mem(&c, r43, 2, 2, &m2, &p, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL_FATAL(engine_partition_explicit_mem(&c, r43, 2, 2, &m2, &p, err, ERRLEN), 0);
     /* one dense layer (74240 bytes) and its 8-position KV of 260-byte entries */
     CU_ASSERT_EQUAL(stage0_5 - p.st[0].mem_bytes, (size_t)74240 + 8 * 260);
     m2.mem_per_rank = p.st[0].mem_bytes > p.st[1].mem_bytes ? p.st[0].mem_bytes : p.st[1].mem_bytes;
-    cluster_plan_free(&p);
-    CU_ASSERT_EQUAL_FATAL(cluster_partition_auto_mem(&c, 2, &m2, &p, err, ERRLEN), 0);
+    engine_plan_free(&p);
+    CU_ASSERT_EQUAL_FATAL(engine_partition_auto_mem(&c, 2, &m2, &p, err, ERRLEN), 0);
     CU_ASSERT_EQUAL(p.st[1].first, 4);
     for (int t = 0; t < 2; t++) CU_ASSERT(p.st[t].mem_bytes <= m2.mem_per_rank);
     char *txt = print_plan(&c, &p);
@@ -994,10 +987,10 @@ static void test_partition_memory(void)
     ASSERT_HAS(txt, "KV for 1 sequence of 8 positions");
     ASSERT_HAS(txt, "of --mem-per-rank 40.8 MiB");
     free(txt);
-    cluster_plan_free(&p);
+    engine_plan_free(&p);
     /* nothing fits: the message names the best plan's largest stage */
     m2.mem_per_rank = 1 << 20;
-    CU_ASSERT_NOT_EQUAL(cluster_partition_auto_mem(&c, 2, &m2, &p, err, ERRLEN), 0);
+    CU_ASSERT_NOT_EQUAL(engine_partition_auto_mem(&c, 2, &m2, &p, err, ERRLEN), 0);
     ASSERT_HAS(err, "no split of 6 layers into 2 stages fits --mem-per-rank 1.0 MiB: in the best "
                     "one, layers 3-5 need 40.8 MiB (weights 0.7 MiB bf16");
     ASSERT_HAS(err, "use more ranks or a larger limit");
@@ -1017,10 +1010,10 @@ static void test_plan_weights_match_loader(void)
         snprintf(dir, sizeof dir, "%s/%s", fix, models[i]);
         stage_config c;
         CU_ASSERT_EQUAL_FATAL(stage_config_load(dir, &c, err, ERRLEN), 0);
-        cluster_mem_opts mo = {STAGE_F32, 0, 1, 16, 4};
-        CU_ASSERT_EQUAL_FATAL(cluster_weight_dtype(dir, &mo.weight_dtype, err, ERRLEN), 0);
-        cluster_plan p;
-        CU_ASSERT_EQUAL_FATAL(cluster_partition_auto_mem(&c, 3, &mo, &p, err, ERRLEN), 0);
+        engine_mem_opts mo = {STAGE_F32, 0, 1, 16, 4};
+        CU_ASSERT_EQUAL_FATAL(engine_weight_dtype(dir, &mo.weight_dtype, err, ERRLEN), 0);
+        engine_plan p;
+        CU_ASSERT_EQUAL_FATAL(engine_partition_auto_mem(&c, 3, &mo, &p, err, ERRLEN), 0);
         for (int t = 0; t < 3; t++) {
             stage_range r = {p.st[t].first, p.st[t].last, t == 0, t == 2};
             stage_model *m = NULL;
@@ -1032,7 +1025,7 @@ static void test_plan_weights_match_loader(void)
                         p.st[t].weight_bytes, got);
             stage_model_free(m);
         }
-        cluster_plan_free(&p);
+        engine_plan_free(&p);
         stage_config_free(&c);
     }
 }
@@ -1040,15 +1033,15 @@ static void test_plan_weights_match_loader(void)
 static void test_parse_size(void)
 {
     size_t v = 0;
-    CU_ASSERT(cluster_parse_size("6G", &v) == 0 && v == (size_t)6 << 30);
-    CU_ASSERT(cluster_parse_size("5000M", &v) == 0 && v == (size_t)5000 << 20);
-    CU_ASSERT(cluster_parse_size("1.5GiB", &v) == 0 && v == (size_t)3 << 29);
-    CU_ASSERT(cluster_parse_size("512k", &v) == 0 && v == (size_t)512 << 10);
-    CU_ASSERT(cluster_parse_size("100", &v) == 0 && v == 100);
-    CU_ASSERT(cluster_parse_size("64MB", &v) == 0 && v == (size_t)64 << 20);
+    CU_ASSERT(engine_parse_size("6G", &v) == 0 && v == (size_t)6 << 30);
+    CU_ASSERT(engine_parse_size("5000M", &v) == 0 && v == (size_t)5000 << 20);
+    CU_ASSERT(engine_parse_size("1.5GiB", &v) == 0 && v == (size_t)3 << 29);
+    CU_ASSERT(engine_parse_size("512k", &v) == 0 && v == (size_t)512 << 10);
+    CU_ASSERT(engine_parse_size("100", &v) == 0 && v == 100);
+    CU_ASSERT(engine_parse_size("64MB", &v) == 0 && v == (size_t)64 << 20);
     static const char *bad[] = {"", "G", "6X", "-1G", "6GG", "6 G B", "nan", NULL};
-    for (int i = 0; bad[i]; i++) CU_ASSERT_NOT_EQUAL(cluster_parse_size(bad[i], &v), 0);
-    CU_ASSERT_NOT_EQUAL(cluster_parse_size(NULL, &v), 0);
+    for (int i = 0; bad[i]; i++) CU_ASSERT_NOT_EQUAL(engine_parse_size(bad[i], &v), 0);
+    CU_ASSERT_NOT_EQUAL(engine_parse_size(NULL, &v), 0);
 }
 
 /* The dtype comes from the safetensors headers, not from config.json. */
@@ -1058,14 +1051,14 @@ static void test_weight_dtype(void)
     char *d = make_tmpdir_tagged("cluster");
     CU_ASSERT_PTR_NOT_NULL_FATAL(d);
     stage_dtype dt = STAGE_F32;
-    CU_ASSERT_NOT_EQUAL(cluster_weight_dtype(d, &dt, err, ERRLEN), 0); /* no model */
+    CU_ASSERT_NOT_EQUAL(engine_weight_dtype(d, &dt, err, ERRLEN), 0); /* no model */
     float v[4] = {0};
     int64_t sh[2] = {2, 2};
     st_writer *w = st_writer_new();
     CU_ASSERT_EQUAL(st_writer_add(w, "model.embed_tokens.weight", STAGE_F16, 2, sh, v), 0);
     CU_ASSERT_EQUAL_FATAL(st_writer_save(w, d, 1, err, ERRLEN), 0);
     st_writer_free(w);
-    CU_ASSERT_EQUAL(cluster_weight_dtype(d, &dt, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL(engine_weight_dtype(d, &dt, err, ERRLEN), 0);
     CU_ASSERT_EQUAL(dt, STAGE_F16);
     w = st_writer_new();
     CU_ASSERT_EQUAL(st_writer_add(w, "model.embed_tokens.weight", STAGE_F32, 2, sh, v), 0);
@@ -1073,13 +1066,13 @@ static void test_weight_dtype(void)
         st_writer_add(w, "model.layers.0.self_attn.q_proj.weight", STAGE_BF16, 2, sh, v), 0);
     CU_ASSERT_EQUAL_FATAL(st_writer_save(w, d, 1, err, ERRLEN), 0);
     st_writer_free(w);
-    CU_ASSERT_EQUAL(cluster_weight_dtype(d, &dt, err, ERRLEN), 0);
+    CU_ASSERT_EQUAL(engine_weight_dtype(d, &dt, err, ERRLEN), 0);
     CU_ASSERT_EQUAL(dt, STAGE_BF16); /* the projections decide */
     w = st_writer_new();
     CU_ASSERT_EQUAL(st_writer_add(w, "other", STAGE_F32, 2, sh, v), 0);
     CU_ASSERT_EQUAL_FATAL(st_writer_save(w, d, 1, err, ERRLEN), 0);
     st_writer_free(w);
-    CU_ASSERT_NOT_EQUAL(cluster_weight_dtype(d, &dt, err, ERRLEN), 0);
+    CU_ASSERT_NOT_EQUAL(engine_weight_dtype(d, &dt, err, ERRLEN), 0);
     ASSERT_HAS(err, "to read the weight dtype from");
     rm_tmpdir(d);
 }

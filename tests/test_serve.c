@@ -1,4 +1,4 @@
-/* tests/test_serve.c — cluster_serve (cluster/serve_loop.h) through the srvq, no HTTP.
+/* tests/test_serve.c — serve_loop_run (serve/loop.h) through the srvq, no HTTP.
  *
  * The CUnit side starts this same binary under mpirun (`test_serve --worker ...`): rank 0
  * builds the srvq, a client thread submits 32 concurrent greedy requests on the real
@@ -23,9 +23,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "cluster/partition.h"
-#include "cluster/serve_loop.h"
-#include "cluster/srvq.h"
+#include "engine/partition.h"
+#include "serve/loop.h"
+#include "serve/queue.h"
 #include "stage/config.h"
 #include "tests/testutil.h"
 
@@ -172,9 +172,9 @@ static int worker(int argc, char **argv)
     MPI_Comm_size(MPI_COMM_WORLD, &size);
     char err[1024];
     stage_config cfg;
-    cluster_plan plan;
+    engine_plan plan;
     if (stage_config_load(model, &cfg, err, sizeof err) ||
-        cluster_partition_auto(&cfg, size, &plan, err, sizeof err)) {
+        engine_partition_auto(&cfg, size, &plan, err, sizeof err)) {
         fprintf(stderr, "worker: %s\n", err);
         MPI_Abort(MPI_COMM_WORLD, 1);
     }
@@ -196,23 +196,23 @@ static int worker(int argc, char **argv)
     R[NREQ].n_prompt = 1;
     R[NREQ].cancel_after = 3;
     const int ctx = 64;
-    cluster_serve_opts o = {.weights_dtype = -1,
-                            .model_dir = model,
-                            .cfg = &cfg,
-                            .plan = &plan,
-                            .slots = slots,
-                            .ctx = ctx,
-                            .micro_batch = 8,
-                            .max_in_flight = 2 * size,
-                            .wire = STAGE_F32,
-                            .timeout_s = 60};
+    serve_loop_opts o = {.weights_dtype = -1,
+                         .model_dir = model,
+                         .cfg = &cfg,
+                         .plan = &plan,
+                         .slots = slots,
+                         .ctx = ctx,
+                         .micro_batch = 8,
+                         .max_in_flight = 2 * size,
+                         .wire = STAGE_F32,
+                         .timeout_s = 60};
     pthread_t th;
     if (rank == 0) {
         Q = srvq_new(slots, ctx, 2 * NREQ, cfg.vocab, cfg.eos_token_id);
         pthread_create(&th, NULL, forever ? client_forever : client, NULL);
     }
-    int rc = cluster_serve(MPI_COMM_WORLD, &o, Q, on_ready, NULL, err, sizeof err);
-    if (rc) fprintf(stderr, "cluster_serve: %s\n", err);
+    int rc = serve_loop_run(MPI_COMM_WORLD, &o, Q, on_ready, NULL, err, sizeof err);
+    if (rc) fprintf(stderr, "serve_loop_run: %s\n", err);
     if (rank == 0 && rc) on_ready(NULL); /* the client finds the queue closed and stops */
     if (rank == 0) {
         pthread_join(th, NULL);
@@ -235,7 +235,7 @@ static int worker(int argc, char **argv)
         fflush(stdout);
         srvq_free(Q);
     }
-    cluster_plan_free(&plan);
+    engine_plan_free(&plan);
     stage_config_free(&cfg);
     MPI_Finalize();
     return rc ? 1 : 0;

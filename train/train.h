@@ -1,5 +1,5 @@
 /* train/train.h — Router-Tuning core (issue 9, SPEC §2.4): train only MindSkip routers of a
- * frozen dense Llama checkpoint. Pure C, no MPI: the data-parallel driver (cluster/routertune.c)
+ * frozen dense Llama checkpoint. Pure C, no MPI: the data-parallel driver (cli/routertune.c)
  * splits a batch over ranks and sums what this module returns.
  *
  * Model: train_model_load() reads DIR/config.json (stage/config.h) and every frozen tensor as

@@ -1,5 +1,5 @@
-/* tests/serve/double_srvq.c — TEST DOUBLE of cluster/srvq.h for the HTTP layer's unit tests.
- * Not the product: `modpipe serve` links the real queue (cluster/srvq.c). A thread plays the
+/* tests/serve/double_srvq.c — TEST DOUBLE of serve/queue.h for the HTTP layer's unit tests.
+ * Not the product: `modpipe serve` links the real queue (serve/queue.c). A thread plays the
  * pipeline: every SRVQ_DOUBLE_STEP_US microseconds (default 2000) it admits queued requests
  * into free slots and gives each running request one token. Token j of a request is its
  * prompt's (j mod n)-th id after a leading BOS (256), i.e. it echoes the prompt over and
@@ -11,7 +11,7 @@
 #include <stdio.h>
 #include <unistd.h>
 
-#include "cluster/srvq.h"
+#include "serve/queue.h"
 
 typedef struct dreq {
     srvq_request r;

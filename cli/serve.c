@@ -1,0 +1,410 @@
+/* cli/serve.c — `modpipe serve`: options, tokenizer, HTTP server, signals (see cmd.h). */
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cli/serve.h"
+#include "serve/serve.h"
+#include "stage/matmul.h"
+
+typedef struct {
+    const char *name;
+    const char *metavar; /* NULL: a switch */
+    const char *help;
+} sopt;
+
+static const sopt SOPTS[] = {
+    {"model", "DIR", "model directory (config.json + safetensors + tokenizer.json)"},
+    {"tokenizer", "PATH", "tokenizer.json or its directory (default: the model directory)"},
+    {"host", "ADDR", "address to listen on (default 127.0.0.1; 0.0.0.0 or :: for all)"},
+    {"port", "N", "TCP port (default 8080; 0: any free port, printed at start)"},
+    {"slots", "N", "sequences decoded at once = KV-cache slots (default 8)"},
+    {"ctx", "N", "positions per slot, prompt + generated (default: the model's max, at most 4096)"},
+    {"queue", "N", "requests waiting for a slot at most; beyond: 503 + Retry-After (default 64)"},
+    {"api-key", "KEY",
+     "require 'Authorization: Bearer KEY' (all routes but /health); "
+     "default: $MODPIPE_API_KEY if set"},
+    {"chat-template", "NAME",
+     "chat template: chatml, llama2, llama3, zephyr, plain, or auto "
+     "(default: from tokenizer_config.json, else plain)"},
+    {"name", "ID", "model id in /v1/models and responses (default: the directory's name)"},
+    {"shutdown-grace", "SEC", "on SIGTERM, running requests get this long to finish (default 30)"},
+    {"micro-batch", "R", "most rows per micro-batch (default 32)"},
+    {"max-in-flight", "K", "micro-batches in flight at once (default 2 x stages)"},
+    {"stages", "auto|A-B,...", "layer range of each stage, or auto (default)"},
+    {"tp", "K", "every stage spans K ranks (tensor parallelism, -np = stages x K; default 1)"},
+    {"wire-dtype", "f32|bf16|f16", "activation dtype between ranks (default f32)"},
+    {"weights-dtype", "f32|bf16|f16", "dtype the weight matrices are held in (default: as stored)"},
+    {"transport", "sparse|dense", "sparse (default) or dense: every row on every link (baseline)"},
+    {"threads", "N", "BLAS threads per rank (default 1)"},
+    {"timeout", "SEC",
+     "abort when a peer rank sends nothing for SEC seconds while work is "
+     "pending (default 300)"},
+    {"quiet", NULL, "no log lines on stderr"},
+    {"help", NULL, "this help"},
+};
+#define N_SOPTS ((int)(sizeof SOPTS / sizeof SOPTS[0]))
+
+static void usage(FILE *f)
+{
+    fprintf(f, "modpipe serve: an OpenAI-compatible HTTP server (rank 0) over the pipeline.\n"
+               "Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,\n"
+               "GET /health, POST /tokenize, POST /detokenize, GET /metrics.\n\n"
+               "usage: mpirun -np N modpipe serve --model DIR [options]\n\noptions:\n");
+    for (int i = 0; i < N_SOPTS; i++) {
+        char left[64];
+        snprintf(left, sizeof left, "--%s%s%s", SOPTS[i].name, SOPTS[i].metavar ? " " : "",
+                 SOPTS[i].metavar ? SOPTS[i].metavar : "");
+        fprintf(f, "  %-28s %s\n", left, SOPTS[i].help);
+    }
+    fprintf(
+        f,
+        "\nexample:\n  mpirun --oversubscribe -np 2 modpipe serve --model stories260K --port 8080\n"
+        "  curl -s localhost:8080/v1/completions -H 'Content-Type: application/json' \\\n"
+        "       -d '{\"prompt\": \"Once upon a time\", \"max_tokens\": 32, \"temperature\": 0}'\n");
+}
+
+typedef struct {
+    const char *v[N_SOPTS];
+} sargs;
+
+static int sidx(const char *n)
+{
+    for (int i = 0; i < N_SOPTS; i++)
+        if (!strcmp(SOPTS[i].name, n)) return i;
+    return -1;
+}
+
+static const char *get(const sargs *a, const char *n) { return a->v[sidx(n)]; }
+
+static int parse_args(int argc, char **argv, sargs *a, char *err, size_t errlen)
+{
+    memset(a, 0, sizeof *a);
+    for (int k = 0; k < argc; k++) {
+        const char *arg = argv[k];
+        if (!strcmp(arg, "-h")) arg = "--help";
+        if (strncmp(arg, "--", 2)) {
+            snprintf(err, errlen, "unexpected argument '%s' (see modpipe serve --help)", arg);
+            return -1;
+        }
+        char name[64];
+        const char *eq = strchr(arg + 2, '=');
+        size_t nl = eq ? (size_t)(eq - arg - 2) : strlen(arg + 2);
+        snprintf(name, sizeof name, "%.*s", (int)(nl < 63 ? nl : 63), arg + 2);
+        int i = sidx(name);
+        if (i < 0) {
+            snprintf(err, errlen, "unknown option '%s' for serve (see modpipe serve --help)", arg);
+            return -1;
+        }
+        if (a->v[i]) {
+            snprintf(err, errlen, "--%s given twice", name);
+            return -1;
+        }
+        if (!SOPTS[i].metavar) {
+            if (eq) {
+                snprintf(err, errlen, "--%s takes no value", name);
+                return -1;
+            }
+            a->v[i] = "1";
+        } else if (eq) {
+            a->v[i] = eq + 1;
+        } else {
+            if (k + 1 >= argc) {
+                snprintf(err, errlen, "--%s needs a value (%s)", name, SOPTS[i].metavar);
+                return -1;
+            }
+            a->v[i] = argv[++k];
+        }
+    }
+    return 0;
+}
+
+static int get_long(const sargs *a, const char *n, long lo, long hi, long dflt, long *out,
+                    char *err, size_t errlen)
+{
+    const char *s = get(a, n);
+    *out = dflt;
+    if (!s) return 0;
+    char *end;
+    errno = 0;
+    long x = strtol(s, &end, 10);
+    if (errno || end == s || *end || x < lo || x > hi) {
+        snprintf(err, errlen, "--%s: expected an integer in [%ld, %ld], got '%s'", n, lo, hi, s);
+        return -1;
+    }
+    *out = x;
+    return 0;
+}
+
+static int get_double(const sargs *a, const char *n, double lo, double hi, double dflt, double *out,
+                      char *err, size_t errlen)
+{
+    const char *s = get(a, n);
+    *out = dflt;
+    if (!s) return 0;
+    char *end;
+    errno = 0;
+    double x = strtod(s, &end);
+    if (errno || end == s || *end || !(x >= lo && x <= hi)) {
+        snprintf(err, errlen, "--%s: expected a number in [%g, %g], got '%s'", n, lo, hi, s);
+        return -1;
+    }
+    *out = x;
+    return 0;
+}
+
+typedef struct {
+    stage_config cfg;
+    int have_cfg;
+    engine_plan plan;
+    int have_plan;
+    serve_pipeline p;
+    serve_opts so;
+    char name[256];
+    const char *tok_path;
+    double grace;
+} setup;
+
+static int make_setup(const sargs *a, int n_ranks, setup *st, char *err, size_t errlen)
+{
+    const char *model = get(a, "model");
+    if (!model) {
+        snprintf(err, errlen, "--model DIR is required (see modpipe serve --help)");
+        return -1;
+    }
+    if (stage_config_load(model, &st->cfg, err, errlen)) return -1;
+    st->have_cfg = 1;
+    const stage_config *cfg = &st->cfg;
+    long tp;
+    if (get_long(a, "tp", 1, 64, 1, &tp, err, errlen)) return -1;
+    if (n_ranks % tp) {
+        snprintf(err, errlen, "-np %d is not a multiple of --tp %ld (every stage spans %ld ranks)",
+                 n_ranks, tp, tp);
+        return -1;
+    }
+    n_ranks /= (int)tp; /* stages from here on (engine/topo.h) */
+    for (int l = 0; l < cfg->n_layers; l++)
+        if (stage_kind_is_routed(cfg->layer_kind[l]) && cfg->mod_routing == STAGE_ROUTING_TOPK) {
+            snprintf(err, errlen,
+                     "%s uses topk routing, which is non-causal: it cannot decode token "
+                     "by token, so it cannot be served",
+                     model);
+            return -1;
+        }
+    serve_pipeline *p = &st->p;
+    p->model_dir = model;
+    p->cfg = cfg;
+    long v;
+    double d;
+    int max_ctx = cfg->max_pos > 0 ? (cfg->max_pos < 4096 ? cfg->max_pos : 4096) : 2048;
+    if (get_long(a, "slots", 1, 4096, 8, &v, err, errlen)) return -1;
+    p->slots = (int)v;
+    if (get_long(a, "ctx", 2, 1 << 20, max_ctx, &v, err, errlen)) return -1;
+    p->ctx = (int)v;
+    if (get_long(a, "queue", 0, 1 << 20, 64, &v, err, errlen)) return -1;
+    p->queue = (int)v;
+    if (get_long(a, "micro-batch", 1, 1 << 20, 32, &v, err, errlen)) return -1;
+    p->micro_batch = (int)v;
+    if (get_long(a, "max-in-flight", 2, 4096, 2L * n_ranks < 2 ? 2 : 2L * n_ranks, &v, err, errlen))
+        return -1;
+    p->max_in_flight = (int)v;
+    if (get_double(a, "timeout", 1.0, 1e7, 300.0, &d, err, errlen)) return -1;
+    p->timeout_s = d;
+    if (get_long(a, "threads", 1, 1024, 1, &v, err, errlen)) return -1;
+    if (stage_threads_init((int)v, err, errlen)) return -1;
+    const char *wd = get(a, "wire-dtype");
+    p->wire = STAGE_F32;
+    if (wd && stage_dtype_parse(wd, &p->wire)) {
+        snprintf(err, errlen, "--wire-dtype: expected f32, bf16 or f16, got '%s'", wd);
+        return -1;
+    }
+    const char *wts = get(a, "weights-dtype");
+    stage_dtype wdt = STAGE_F32;
+    if (wts && stage_dtype_parse(wts, &wdt)) {
+        snprintf(err, errlen, "--weights-dtype: expected f32, bf16 or f16, got '%s'", wts);
+        return -1;
+    }
+    p->weights_dtype = wts ? (int)wdt : -1;
+    const char *tr = get(a, "transport");
+    if (tr && strcmp(tr, "sparse") && strcmp(tr, "dense")) {
+        snprintf(err, errlen, "--transport: expected sparse or dense, got '%s'", tr);
+        return -1;
+    }
+    p->dense_transport = tr && !strcmp(tr, "dense");
+    p->progress = !get(a, "quiet");
+
+    const char *stages = get(a, "stages");
+    int rc;
+    if (!stages || !strcmp(stages, "auto")) {
+        rc = engine_partition_auto(cfg, n_ranks, &st->plan, err, errlen);
+    } else {
+        char buf[4096];
+        snprintf(buf, sizeof buf, "%s", stages);
+        char *ranges[256];
+        int nr = 0;
+        char *save = NULL;
+        for (char *t = strtok_r(buf, ", ", &save); t && nr < 256; t = strtok_r(NULL, ", ", &save))
+            ranges[nr++] = t;
+        rc = engine_partition_explicit(cfg, (const char *const *)ranges, nr, n_ranks, &st->plan,
+                                       err, errlen);
+    }
+    if (rc) return -1;
+    st->have_plan = 1;
+    for (int s = 0; s < st->plan.n_stages; s++) st->plan.st[s].ranks = (int)tp;
+    p->plan = &st->plan;
+
+    /* HTTP side (used on rank 0) */
+    serve_opts *so = &st->so;
+    so->host = get(a, "host") ? get(a, "host") : "127.0.0.1";
+    if (get_long(a, "port", 0, 65535, 8080, &v, err, errlen)) return -1;
+    so->port = (int)v;
+    so->api_key = get(a, "api-key") ? get(a, "api-key") : getenv("MODPIPE_API_KEY");
+    const char *ct = get(a, "chat-template");
+    if (!ct || !strcmp(ct, "auto"))
+        so->chat = serve_chat_detect(model);
+    else if (!(so->chat = serve_chat_find(ct))) {
+        snprintf(err, errlen, "--chat-template: unknown template '%s' (known: %s, auto)", ct,
+                 serve_chat_names());
+        return -1;
+    }
+    const char *nm = get(a, "name");
+    if (!nm) {
+        size_t n = strlen(model);
+        while (n > 1 && model[n - 1] == '/') n--;
+        const char *b = model + n;
+        while (b > model && b[-1] != '/') b--;
+        snprintf(st->name, sizeof st->name, "%.*s", (int)(model + n - b), b);
+    } else {
+        snprintf(st->name, sizeof st->name, "%s", nm);
+    }
+    so->model_name = st->name;
+    so->ctx = p->ctx;
+    so->quiet = !p->progress;
+    if (get_double(a, "shutdown-grace", 0.0, 1e6, 30.0, &d, err, errlen)) return -1;
+    so->shutdown_grace_s = d > 0 ? d : 1e-3;
+    st->tok_path = get(a, "tokenizer") ? get(a, "tokenizer") : model;
+    return 0;
+}
+
+static void setup_free(setup *st)
+{
+    if (st->have_plan) engine_plan_free(&st->plan);
+    if (st->have_cfg) stage_config_free(&st->cfg);
+}
+
+static void on_ready(void *arg) { serve_server_set_ready(arg); }
+
+typedef struct {
+    serve_server *s;
+    int quiet;
+    int cancelled;
+    volatile int stop_only; /* the pipeline ended on its own: do not drain */
+} ctl_arg;
+
+/* Waits for SIGTERM / SIGINT (or a notify), then drains the server. */
+static void *control(void *p)
+{
+    ctl_arg *c = p;
+    int sig = serve_signals_wait();
+    if (c->stop_only) return NULL;
+    if (!c->quiet)
+        fprintf(stderr, "modpipe serve: %s: no new requests; finishing the running ones\n",
+                sig == SIGTERM  ? "SIGTERM"
+                : sig == SIGINT ? "SIGINT"
+                                : "stop");
+    c->cancelled = serve_server_shutdown(c->s);
+    if (!c->quiet && c->cancelled)
+        fprintf(stderr, "modpipe serve: %d request(s) cut at the shutdown deadline\n",
+                c->cancelled);
+    return NULL;
+}
+
+int cli_serve_main(int argc, char **argv, serve_pipeline_fn run)
+{
+    int prov = 0;
+    MPI_Init_thread(NULL, NULL, MPI_THREAD_FUNNELED, &prov);
+    int rank, size;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    char err[1024] = "";
+    sargs a;
+    setup st;
+    memset(&st, 0, sizeof st);
+    int rc = parse_args(argc, argv, &a, err, sizeof err);
+    if (!rc && get(&a, "help")) {
+        if (rank == 0) usage(stdout);
+        MPI_Finalize();
+        return 0;
+    }
+    if (!rc) rc = make_setup(&a, size, &st, err, sizeof err);
+
+    tok_tokenizer *tok = NULL;
+    srvq *q = NULL;
+    serve_server *srv = NULL;
+    if (!rc && rank == 0) {
+        rc = tok_load(st.tok_path, &tok, err, sizeof err);
+        if (!rc && tok_vocab_size(tok) > st.cfg.vocab) {
+            snprintf(err, sizeof err, "%s: the tokenizer has %d ids, the model's vocab only %d",
+                     st.tok_path, tok_vocab_size(tok), st.cfg.vocab);
+            rc = -1;
+        }
+        if (!rc && !(q = srvq_new(st.p.slots, st.p.ctx, st.p.queue, st.cfg.vocab, tok_eos(tok)))) {
+            snprintf(err, sizeof err, "out of memory (queue)");
+            rc = -1;
+        }
+        if (!rc) rc = serve_signals_install(err, sizeof err);
+        if (!rc) rc = serve_server_start(&st.so, q, tok, &srv, err, sizeof err);
+    }
+    if (rank != 0) {
+        /* mpirun forwards SIGTERM to every rank: only rank 0 decides when the pipeline ends */
+        signal(SIGTERM, SIG_IGN);
+        signal(SIGINT, SIG_IGN);
+    }
+    int bad = rc ? rank : size, first_bad = size;
+    MPI_Allreduce(&bad, &first_bad, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+    if (first_bad < size) {
+        if (rank == first_bad) fprintf(stderr, "modpipe serve: %s\n", err);
+        serve_server_free(srv);
+        srvq_free(q);
+        tok_free(tok);
+        setup_free(&st);
+        stage_threads_free();
+        MPI_Finalize();
+        return 2;
+    }
+    pthread_t ctl;
+    ctl_arg ca = {.s = srv, .quiet = !st.p.progress};
+    if (rank == 0) {
+        fprintf(stderr,
+                "modpipe serve: listening on http://%s:%d (pid %d), model %s, %d stage%s, "
+                "%d slots x %d positions, chat template %s\n",
+                st.so.host, serve_server_port(srv), (int)getpid(), st.name, st.plan.n_stages,
+                st.plan.n_stages > 1 ? "s" : "", st.p.slots, st.p.ctx, serve_chat_name(st.so.chat));
+        pthread_create(&ctl, NULL, control, &ca);
+        st.p.q = q;
+        st.p.on_ready = on_ready;
+        st.p.ready_arg = srv;
+    }
+    rc = run(MPI_COMM_WORLD, &st.p, err, sizeof err);
+    if (rank == 0) {
+        if (rc) {
+            fprintf(stderr, "modpipe serve: the pipeline failed: %s\n", err);
+            serve_server_abort(srv, err);
+            ca.stop_only = 1;
+        }
+        serve_signals_notify();
+        pthread_join(ctl, NULL);
+        serve_server_free(srv);
+        srvq_free(q);
+        tok_free(tok);
+        if (!rc && st.p.progress) fprintf(stderr, "modpipe serve: stopped\n");
+    }
+    setup_free(&st);
+    stage_threads_free();
+    MPI_Finalize();
+    return rc ? 1 : 0;
+}

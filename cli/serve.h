@@ -1,0 +1,57 @@
+/* cli/serve.h — the `modpipe serve` command (issue 8), called from cli/main.c.
+ *
+ *   mpirun -np N modpipe serve --model DIR [--host 127.0.0.1] [--port 8080] [--slots N]
+ *       [--ctx N] [--queue N] [--api-key KEY] [--chat-template NAME|auto] [pipeline options]
+ *
+ * Every rank calls cli_serve_main (it calls MPI_Init_thread / MPI_Finalize itself). All ranks
+ * parse the same argv and agree on errors. Rank 0 loads the tokenizer, opens the HTTP port at
+ * once (/health says 503 until the pipeline is ready), and runs the pipeline loop on the main
+ * thread through `run`; the other ranks run their stage loop through `run` with q == NULL.
+ * The HTTP threads never call MPI (MPI_THREAD_FUNNELED).
+ *
+ * SIGTERM / SIGINT on rank 0: stop accepting, finish running requests within
+ * --shutdown-grace seconds (then cancel them), `run` returns once the queue is closed and
+ * idle, exit 0. The other ranks ignore SIGTERM (mpirun forwards it to every rank): they end
+ * when rank 0's pipeline tells them to.
+ *
+ * `run` is the pipeline side (the scheduler's serve loop): it returns 0 when the queue was
+ * closed and drained, non-zero with one line in err when the pipeline failed (a dead rank).
+ * Returns the process exit code: 0, 1 (pipeline failure), 2 (bad options).
+ */
+#ifndef CLI_SERVE_H
+#define CLI_SERVE_H
+
+#include <mpi.h>
+
+#include "engine/partition.h"
+#include "serve/queue.h"
+#include "comm/comm.h"
+#include "stage/config.h"
+#include "stage/dtype.h"
+
+typedef struct {
+    const char *model_dir;
+    const stage_config *cfg;
+    const engine_plan *plan; /* one stage per rank */
+    int slots, ctx, queue;   /* --slots, --ctx (positions per slot), --queue */
+    int micro_batch;         /* most rows per micro-batch */
+    int max_in_flight;
+    stage_dtype wire;  /* activation dtype between ranks */
+    int weights_dtype; /* stage_dtype of the weight matrices; -1: as stored */
+    int dense_transport;
+    double timeout_s; /* longest wait for a peer */
+    int progress;     /* !--quiet */
+    srvq *q;          /* rank 0: the queue the HTTP layer fills; other ranks: NULL */
+    /* rank 0: call once every rank has loaded its stage (then /health says 200) */
+    void (*on_ready)(void *arg);
+    void *ready_arg;
+} serve_pipeline;
+
+typedef int (*serve_pipeline_fn)(MPI_Comm comm, const serve_pipeline *p, char *err, size_t errlen);
+
+int cli_serve_main(int argc, char **argv, serve_pipeline_fn run);
+
+/* The default `run`: serve_loop_run (serve/loop.h). */
+int serve_pipeline_run(MPI_Comm comm, const serve_pipeline *p, char *err, size_t errlen);
+
+#endif

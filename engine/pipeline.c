@@ -1,0 +1,1221 @@
+/* engine/pipeline.c — the pipeline loop (every rank) and the batch job. See pipeline.h. */
+#include "engine/pipeline.h"
+
+#include <cJSON.h>
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+
+#include "engine/batch.h"
+#include "engine/topo.h"
+#include "comm/link.h"
+#include "stage/kernels.h"
+#include "stage/npy.h"
+#include "stage/stage.h"
+#include "stage/tp.h"
+
+enum { TAG_CHAIN = 1, TAG_BYPASS = 2, TAG_TOKENS = 3, TAG_REPORT = 4 };
+
+/* ========================================================================================
+ * Loop state
+ * ===================================================================================== */
+
+struct engine_loop {
+    engine_loop_opts o; /* copy; pointers inside stay the caller's */
+    const engine_sched_ops *ops;
+    void *self;
+    MPI_Comm comm;     /* the stage leaders (rank = stage); MPI_COMM_NULL on a follower */
+    int rank, S, head; /* rank: this stage; head: stage S-1 */
+    /* tensor-parallel stages (engine/topo.h): all MPI_COMM_NULL / NULL / 0 without */
+    MPI_Comm world;          /* the caller's communicator: every rank of the job */
+    MPI_Comm group, leaders; /* this stage's ranks; the leaders (owned, freed at close) */
+    stage_tp *tp;            /* this stage's BLACS grid (K > 1) */
+    int follower;            /* 1: not the group leader: repeats its leader's stage ops */
+    int D, V, R;             /* width, vocab, max rows of a micro-batch */
+    stage_model *m;
+    stage_state *st;
+    comm_links *links;
+    comm_unpacker *unp;
+    size_t pkt_max;
+
+    engine_mb d;         /* the micro-batch being processed (cap R) */
+    float *x;            /* [R][D] residual rows of the micro-batch */
+    uint8_t *present;    /* [R] rows this stage holds */
+    int *dest;           /* [R] next stage of each row, -1: journey ends */
+    uint8_t *masks;      /* [S][mask_bytes(R)] per-destination present masks */
+    comm_bypass *byp_in; /* [S*S] announced bypass packets (to >= this stage) */
+    int n_byp_in;
+    comm_bypass *byp_out; /* [S*S] */
+
+    uint8_t *rbuf[2]; /* [pkt_max] chain receive, double-buffered */
+    MPI_Request rreq[2];
+    uint8_t *bbuf; /* [pkt_max] bypass receive */
+    uint8_t *tbuf; /* [pkt_max] tokens receive (stage 0) */
+    MPI_Request treq;
+
+    /* head */
+    int *lrows;    /* [R] rows needing logits */
+    int *srows;    /* [R] rows sampled */
+    int32_t *ltok; /* [R] sampled tokens, by srows */
+    float *logits; /* [R][V] */
+    void *scratch; /* [2V] sampling */
+    float *dump;   /* [dump_seqs][dump_len][V] */
+    double nll_sum;
+    long nll_count;
+
+    /* stage 0 */
+    engine_mb *fl; /* [max_in_flight] FIFO of issued micro-batches (cap R) */
+    int fl_head, fl_n;
+    int32_t *tok_by_row; /* [R] */
+    uint64_t next_mb;
+    long tokens_done, mb_done;
+    double t_tokens; /* last time a micro-batch came back (timeout) */
+    int finished;
+
+    /* link reports (serve): rank s > 0 -> 0, rep_len uint64 each */
+    int rep_len;           /* S * 4 counters + dense_rows + final flag */
+    uint64_t *rep_in;      /* rank 0: [S][rep_len] receive buffers */
+    uint64_t *rep_tab;     /* rank 0: [S][rep_len] latest report of each rank */
+    MPI_Request *rep_req;  /* rank 0: [S] */
+    uint64_t rep_packets;  /* ranks > 0: packets counted at the last report */
+    double rep_t;          /* last report sent (ranks > 0) / handed to ops->links (0) */
+    engine_link_bytes *lb; /* rank 0: [S*S] */
+
+    /* accounting */
+    double dense_rows; /* rows a dense pipeline sends on link rank -> rank+1 */
+    double busy_s;
+    double t_start, t_last_progress;
+};
+
+static void progress_cb(void *arg) { comm_links_progress(arg); }
+int engine_loop_rank(const engine_loop *L) { return L->follower ? -1 : L->rank; }
+
+/* ========================================================================================
+ * Sending
+ * ===================================================================================== */
+
+static void send_packet(engine_loop *c, const comm_packet *h, const int32_t *tokens, int dest_rank,
+                        int tag)
+{
+    size_t cap, hb = 0, pb = 0;
+    char err[256];
+    uint8_t *buf = comm_links_acquire(c->links, &cap);
+    size_t len = comm_pack(h, c->x, c->D, tokens, buf, cap, &hb, &pb, err, sizeof err);
+    if (!len)
+        COMM_FATAL("packing micro-batch %llu for stage %d: %s", (unsigned long long)h->mb,
+                   dest_rank, err);
+    comm_links_send(c->links, buf, len, dest_rank, tag, hb, pb, h->n_rows);
+}
+
+/* Sampling arrays equal to the wire default are left off (comm.h). */
+static int all_f(const float *a, int n, float v)
+{
+    for (int i = 0; i < n; i++)
+        if (a[i] != v) return 0;
+    return 1;
+}
+static int all_u64(const uint64_t *a, int n, uint64_t v)
+{
+    for (int i = 0; i < n; i++)
+        if (a[i] != v) return 0;
+    return 1;
+}
+static int all_u32(const uint32_t *a, int n, uint32_t v)
+{
+    for (int i = 0; i < n; i++)
+        if (a[i] != v) return 0;
+    return 1;
+}
+static int all_i32(const int32_t *a, int n, int32_t v)
+{
+    for (int i = 0; i < n; i++)
+        if (a[i] != v) return 0;
+    return 1;
+}
+
+/* After the stage's layers: every held row goes to the next stage that needs it, to the head
+ * when only its logits are still needed, or nowhere. One chain packet to rank+1 always. */
+static void route_and_send(engine_loop *c)
+{
+    const int n = c->d.n, s = c->rank, S = c->S;
+    const uint64_t mb = c->d.id;
+    const engine_plan *pl = c->o.plan;
+    int rows_to[64] = {0};
+    memset(c->masks, 0, (size_t)S * comm_mask_bytes(c->R));
+    for (int i = 0; i < n; i++) {
+        c->dest[i] = -1;
+        if (!c->present[i]) continue;
+        const float *xi = c->x + (size_t)i * c->D;
+        if (c->o.dense_transport) c->dest[i] = s + 1;
+        for (int t = s + 1; t < S && c->dest[i] < 0; t++)
+            if (stage_range_needs_row(c->m, pl->st[t].first, pl->st[t].last, xi)) c->dest[i] = t;
+        if (c->dest[i] < 0 && (c->d.flags[i] & COMM_ROW_NEED_LOGITS)) c->dest[i] = S - 1;
+        if (c->dest[i] >= 0) {
+            comm_mask_set(c->masks + (size_t)c->dest[i] * comm_mask_bytes(c->R), i);
+            rows_to[c->dest[i]]++;
+        }
+    }
+    int nb = 0;
+    for (int k = 0; k < c->n_byp_in; k++)
+        c->byp_out[nb++] = c->byp_in[k]; /* still ahead: tell the next stage */
+    comm_packet h = {
+        .kind = COMM_PKT_ROWS, .mb = mb, .sender = s, .mb_rows = n, .dtype = c->o.wire};
+    for (int t = s + 2; t < S; t++) {
+        if (!rows_to[t]) continue;
+        h.receiver = t;
+        h.n_rows = rows_to[t];
+        h.present = c->masks + (size_t)t * comm_mask_bytes(c->R);
+        send_packet(c, &h, NULL, t, TAG_BYPASS);
+        c->byp_out[nb++] = (comm_bypass){s, t};
+    }
+    const engine_mb *d = &c->d;
+    h.receiver = s + 1;
+    h.n_rows = rows_to[s + 1];
+    h.present = c->masks + (size_t)(s + 1) * comm_mask_bytes(c->R);
+    h.has_desc = 1;
+    h.slot = d->slot;
+    h.pos = d->pos;
+    h.token = d->token;
+    h.flags = d->flags;
+    h.temperature = all_f(d->temperature, n, 0.0f) ? NULL : d->temperature;
+    h.top_p = all_f(d->top_p, n, 1.0f) ? NULL : d->top_p;
+    h.seed = all_u64(d->seed, n, 0) ? NULL : d->seed;
+    h.seq = all_u64(d->seq, n, 0) ? NULL : d->seq;
+    h.step = all_u32(d->step, n, 0) ? NULL : d->step;
+    h.target = all_i32(d->target, n, -1) ? NULL : d->target;
+    h.n_release = d->n_release;
+    h.release = d->release;
+    h.n_bypass = nb;
+    h.bypass = c->byp_out;
+    send_packet(c, &h, NULL, s + 1, TAG_CHAIN);
+    c->dense_rows += n;
+}
+
+/* ========================================================================================
+ * Head: logits of the rows that need them, then NLL of their targets, sampling of the SAMPLE
+ * rows (each from its own (seed, seq, step) generator) and --dump-logits. Returns how many
+ * rows it sampled (rows in srows, tokens in ltok).
+ * ===================================================================================== */
+
+static int head_step(engine_loop *c)
+{
+    const engine_mb *d = &c->d;
+    char err[256];
+    int nl = 0, ns = 0;
+    for (int i = 0; i < d->n; i++) {
+        if (!(d->flags[i] & COMM_ROW_NEED_LOGITS)) continue;
+        if (!c->present[i])
+            COMM_FATAL("row %d (slot %d, position %d) needs logits but never reached the head", i,
+                       d->slot[i], d->pos[i]);
+        c->lrows[nl++] = i;
+    }
+    if (stage_head_logits(c->st, c->x, c->lrows, nl, c->logits, err, sizeof err))
+        COMM_FATAL("head: %s", err);
+    for (int k = 0; k < nl; k++) {
+        const int i = c->lrows[k];
+        const float *lg = c->logits + (size_t)k * c->V;
+        if (d->target[i] >= c->V)
+            COMM_FATAL("row %d: target token %d out of range [0, %d)", i, d->target[i], c->V);
+        if (d->target[i] >= 0) {
+            c->nll_sum += stage_nll(lg, c->V, d->target[i]);
+            c->nll_count++;
+        }
+        if (d->flags[i] & COMM_ROW_SAMPLE) {
+            stage_rng r;
+            stage_rng_seed_draw(&r, d->seed[i], d->seq[i], d->step[i]);
+            c->srows[ns] = i;
+            c->ltok[ns++] = stage_sample(lg, c->V, d->temperature[i], d->top_p[i], &r, c->scratch);
+        }
+        if (c->dump) {
+            uint64_t col =
+                c->o.dump_index == ENGINE_DUMP_BY_STEP ? d->step[i] : (uint64_t)d->pos[i];
+            if (d->seq[i] >= (uint64_t)c->o.dump_seqs || col >= (uint64_t)c->o.dump_len)
+                COMM_FATAL(
+                    "row %d: sequence %llu step/position %llu outside --dump-logits [%d, %d]", i,
+                    (unsigned long long)d->seq[i], (unsigned long long)col, c->o.dump_seqs,
+                    c->o.dump_len);
+            memcpy(c->dump + ((size_t)d->seq[i] * c->o.dump_len + col) * c->V, lg,
+                   (size_t)c->V * 4);
+        }
+    }
+    return ns;
+}
+
+/* Stage 0: micro-batch `mb` is back (FIFO order) with tokens tok_by_row at mask. */
+static void complete(engine_loop *c, uint64_t mb, const int32_t *tok_by_row, const uint8_t *mask)
+{
+    engine_mb *f = &c->fl[c->fl_head];
+    if (c->fl_n == 0 || f->id != mb)
+        COMM_FATAL("tokens for micro-batch %llu arrived out of order", (unsigned long long)mb);
+    for (int i = 0; i < f->n; i++) {
+        if (!(f->flags[i] & COMM_ROW_SAMPLE)) continue;
+        if (!comm_mask_get(mask, i))
+            COMM_FATAL("micro-batch %llu: no token for row %d", (unsigned long long)mb, i);
+        if (tok_by_row[i] < 0 || tok_by_row[i] >= c->V)
+            COMM_FATAL("micro-batch %llu: token %d out of range", (unsigned long long)mb,
+                       tok_by_row[i]);
+        c->tokens_done++;
+    }
+    c->ops->done(c->self, f, tok_by_row);
+    c->fl_head = (c->fl_head + 1) % c->o.max_in_flight;
+    c->fl_n--;
+    c->mb_done++;
+    c->t_tokens = stage_now_s();
+}
+
+/* Run this stage's layers on the current micro-batch, then pass it on. */
+static void process_mb(engine_loop *c)
+{
+    char err[512];
+    engine_mb *d = &c->d;
+    const uint64_t mb = d->id;
+    double t0 = stage_now_s();
+    for (int k = 0; k < d->n_release; k++) {
+        if (d->release[k] < 0 || d->release[k] >= c->o.slots)
+            COMM_FATAL("micro-batch %llu releases slot %d of %d", (unsigned long long)mb,
+                       d->release[k], c->o.slots);
+        stage_state_slot_release(c->st, d->release[k]);
+    }
+    stage_batch b = {d->n, d->slot, d->pos, d->token, d->flags};
+    if (stage_forward(c->st, &b, c->x, c->present, err, sizeof err))
+        COMM_FATAL("micro-batch %llu: %s", (unsigned long long)mb, err);
+    if (c->rank != c->head) {
+        route_and_send(c);
+        c->busy_s += stage_now_s() - t0;
+        return;
+    }
+    int ns = head_step(c);
+    c->busy_s += stage_now_s() - t0;
+    uint8_t *mask = c->masks;
+    memset(mask, 0, comm_mask_bytes(d->n));
+    for (int k = 0; k < ns; k++) comm_mask_set(mask, c->srows[k]);
+    if (c->rank == 0) { /* single stage: stage 0 is the head */
+        for (int k = 0; k < ns; k++) c->tok_by_row[c->srows[k]] = c->ltok[k];
+        complete(c, mb, c->tok_by_row, mask);
+        return;
+    }
+    comm_packet h = {.kind = COMM_PKT_TOKENS,
+                     .mb = mb,
+                     .sender = c->rank,
+                     .receiver = 0,
+                     .mb_rows = d->n,
+                     .n_rows = ns,
+                     .dtype = c->o.wire,
+                     .present = mask};
+    send_packet(c, &h, c->ltok, 0, TAG_TOKENS);
+}
+
+/* ========================================================================================
+ * Link reports (serve): ranks > 0 send their outgoing counters to rank 0
+ * ===================================================================================== */
+
+static uint64_t packets_sent(const engine_loop *c)
+{
+    uint64_t n = 0;
+    for (int t = 0; t < c->S; t++) n += comm_links_stats(c->links, t)->packets;
+    return n;
+}
+
+/* [S][packets, header, payload, rows], dense_rows, final */
+static void report_fill(const engine_loop *c, uint64_t *v, int final)
+{
+    for (int t = 0; t < c->S; t++) {
+        const comm_link_stats *ls = comm_links_stats(c->links, t);
+        v[t * 4 + 0] = ls->packets;
+        v[t * 4 + 1] = ls->header_bytes;
+        v[t * 4 + 2] = ls->payload_bytes;
+        v[t * 4 + 3] = ls->rows;
+    }
+    v[c->S * 4] = (uint64_t)c->dense_rows;
+    v[c->S * 4 + 1] = (uint64_t) final;
+}
+
+/* Rank > 0: at most every 0.25 s when counters moved (or final). The report itself goes on
+ * link rank -> 0 and is counted there as payload. */
+static void report_send(engine_loop *c, int final)
+{
+    if (!c->o.serve || c->rank == 0) return;
+    double t = stage_now_s();
+    uint64_t p = packets_sent(c);
+    if (!final && (p == c->rep_packets || t - c->rep_t < 0.25)) return;
+    size_t cap;
+    uint8_t *buf = comm_links_acquire(c->links, &cap);
+    size_t len = (size_t)c->rep_len * sizeof(uint64_t);
+    if (len > cap) COMM_FATAL("link report of %zu bytes exceeds the send buffer", len);
+    uint64_t v[64 * 4 + 2];
+    report_fill(c, v, final);
+    memcpy(buf, v, len);
+    comm_links_send(c->links, buf, len, 0, TAG_REPORT, 0, len, 0);
+    c->rep_packets = packets_sent(c);
+    c->rep_t = t;
+}
+
+static void report_post(engine_loop *c, int s)
+{
+    MPI_Irecv(c->rep_in + (size_t)s * c->rep_len, c->rep_len * 8, MPI_BYTE, s, TAG_REPORT, c->comm,
+              &c->rep_req[s]);
+}
+
+/* Rank 0: take the reports that arrived; every 0.25 s hand all links to the scheduler. */
+static void report_poll(engine_loop *c, int force)
+{
+    if (!c->o.serve || c->rank != 0) return;
+    for (int s = 1; s < c->S; s++) {
+        int done = 0;
+        if (c->rep_req[s] == MPI_REQUEST_NULL) continue;
+        MPI_Test(&c->rep_req[s], &done, MPI_STATUS_IGNORE);
+        if (!done) continue;
+        memcpy(c->rep_tab + (size_t)s * c->rep_len, c->rep_in + (size_t)s * c->rep_len,
+               (size_t)c->rep_len * 8);
+        if (!c->rep_tab[(size_t)s * c->rep_len + c->S * 4 + 1]) report_post(c, s);
+    }
+    double t = stage_now_s();
+    if (!c->ops->links || (!force && t - c->rep_t < 0.25)) return;
+    c->rep_t = t;
+    report_fill(c, c->rep_tab, 0); /* rank 0's own counters */
+    const double ws = (double)stage_dtype_size(c->o.wire);
+    int n = 0;
+    for (int s = 0; s < c->S; s++) {
+        const uint64_t *v = c->rep_tab + (size_t)s * c->rep_len;
+        for (int t2 = 0; t2 < c->S; t2++) {
+            if (t2 == s || (v[t2 * 4] == 0 && t2 != s + 1)) continue;
+            engine_link_bytes *e = &c->lb[n++];
+            e->from = s;
+            e->to = t2;
+            e->bytes = v[t2 * 4 + 1] + v[t2 * 4 + 2];
+            e->dense_bytes = t2 == s + 1 ? (uint64_t)((double)v[c->S * 4] * c->D * ws) : 0;
+        }
+    }
+    c->ops->links(c->self, c->lb, n);
+}
+
+/* ========================================================================================
+ * Stage 0
+ * ===================================================================================== */
+
+static void print_progress(engine_loop *c, int force)
+{
+    double t = stage_now_s();
+    if (!c->o.progress || (!force && t - c->t_last_progress < 2.0)) return;
+    c->t_last_progress = t;
+    double el = t - c->t_start;
+    if (c->o.progress_tokens)
+        fprintf(stderr, "[modpipe] %ld/%ld tokens, %ld micro-batches, %.1f s, %.1f tok/s\n",
+                c->tokens_done, c->o.progress_total, c->mb_done, el,
+                el > 0 ? c->tokens_done / el : 0.0);
+    else
+        fprintf(stderr, "[modpipe] %ld/%ld micro-batches, %.1f s\n", c->mb_done,
+                c->o.progress_total, el);
+}
+
+static void recv_tokens(engine_loop *c, size_t len)
+{
+    char err[256];
+    comm_packet p;
+    if (comm_unpack(c->unp, c->tbuf, len, c->D, &p, err, sizeof err))
+        COMM_FATAL("tokens packet from rank %d (%zu bytes): %s", c->head, len, err);
+    if (p.kind != COMM_PKT_TOKENS || p.sender != c->head)
+        COMM_FATAL("expected a tokens packet from rank %d, got kind %d from stage %d", c->head,
+                   (int)p.kind, p.sender);
+    comm_scatter_tokens(&p, c->tok_by_row);
+    /* copy the mask: the unpacker's storage is reused by the next unpack */
+    memcpy(c->masks, p.present, comm_mask_bytes(p.mb_rows));
+    complete(c, p.mb, c->tok_by_row, c->masks);
+}
+
+/* Issue the micro-batch the scheduler just wrote into fl slot f. */
+static void issue(engine_loop *c, engine_mb *f)
+{
+    char err[256];
+    if (f->n < 1 || f->n > c->R || f->n_release < 0 || f->n_release > COMM_MAX_RELEASE)
+        COMM_FATAL("the scheduler made a micro-batch of %d rows (1..%d), %d releases", f->n, c->R,
+                   f->n_release);
+    f->id = c->next_mb++;
+    c->fl_n++;
+    if (c->S > 1 && c->treq == MPI_REQUEST_NULL) {
+        MPI_Irecv(c->tbuf, (int)c->pkt_max, MPI_BYTE, c->head, TAG_TOKENS, c->comm, &c->treq);
+        if (c->fl_n == 1) c->t_tokens = stage_now_s();
+    }
+    engine_mb_copy(&c->d, f);
+    double t0 = stage_now_s();
+    if (stage_embed(c->m, c->d.token, c->d.n, c->x, err, sizeof err))
+        COMM_FATAL("micro-batch %llu: %s", (unsigned long long)f->id, err);
+    memset(c->present, 1, (size_t)c->d.n);
+    c->n_byp_in = 0;
+    c->busy_s += stage_now_s() - t0;
+    process_mb(c);
+}
+
+/* Wait for the head's tokens packet for at most max_s seconds (forever: max_s < 0), with
+ * the peer timeout. Returns 1 when one arrived (and was applied). */
+static int wait_tokens(engine_loop *c, double max_s)
+{
+    double t0 = stage_now_s();
+    MPI_Status st;
+    for (long spin = 0;; spin++) {
+        int done = 0;
+        MPI_Test(&c->treq, &done, &st);
+        if (done) {
+            int n = 0;
+            MPI_Get_count(&st, MPI_BYTE, &n);
+            c->treq = MPI_REQUEST_NULL;
+            recv_tokens(c, (size_t)n);
+            if (c->fl_n > 0)
+                MPI_Irecv(c->tbuf, (int)c->pkt_max, MPI_BYTE, c->head, TAG_TOKENS, c->comm,
+                          &c->treq);
+            return 1;
+        }
+        comm_links_progress(c->links);
+        double t = stage_now_s();
+        if (t - c->t_tokens > c->o.timeout_s)
+            COMM_FATAL("no tokens packet from rank %d for %.0f s: that rank is gone or stuck",
+                       c->head, c->o.timeout_s);
+        if (max_s >= 0 && t - t0 >= max_s) return 0;
+        if (spin > 64) {
+            struct timespec ts = {0, 20000};
+            nanosleep(&ts, NULL);
+        }
+    }
+}
+
+static int step0(engine_loop *c)
+{
+    if (c->finished) return 0;
+    int issued = 0;
+    while (c->fl_n < c->o.max_in_flight) {
+        engine_mb *f = &c->fl[(c->fl_head + c->fl_n) % c->o.max_in_flight];
+        f->n = 0;
+        f->n_release = 0;
+        if (!c->ops->next(c->self, f)) break;
+        issue(c, f);
+        issued++;
+        print_progress(c, 0);
+    }
+    report_poll(c, 0);
+    if (c->fl_n == 0) {
+        if (c->ops->finished(c->self)) {
+            c->finished = 1;
+            return 0;
+        }
+        if (!issued && c->ops->wait) c->ops->wait(c->self, 0.05);
+        return 1;
+    }
+    /* A server looks for new work every millisecond while it may issue more. */
+    int may_issue = c->ops->wait && c->fl_n < c->o.max_in_flight;
+    wait_tokens(c, may_issue ? 0.001 : -1.0);
+    print_progress(c, 0);
+    return 1;
+}
+
+/* ========================================================================================
+ * Stage s > 0
+ * ===================================================================================== */
+
+/* Wait for the next chain packet. Batch runs: the peer timeout applies. A server may idle
+ * for ever: no timeout (a dead rank ends the job through mpirun), sleeps growing to 1 ms so
+ * an idle rank does not spin a core, and link reports go out meanwhile. */
+static size_t wait_chain(engine_loop *c, MPI_Request *req)
+{
+    if (!c->o.serve) return comm_links_wait_recv(c->links, req, c->rank - 1, "chain packet");
+    double t0 = stage_now_s();
+    MPI_Status st;
+    for (long spin = 0;; spin++) {
+        int done = 0;
+        MPI_Test(req, &done, &st);
+        if (done) break;
+        comm_links_progress(c->links);
+        report_send(c, 0);
+        double waited = stage_now_s() - t0;
+        if (spin > 64) {
+            struct timespec ts = {0, waited < 0.01 ? 20000 : waited < 0.2 ? 200000 : 1000000};
+            nanosleep(&ts, NULL);
+        }
+    }
+    int n = 0;
+    MPI_Get_count(&st, MPI_BYTE, &n);
+    return (size_t)n;
+}
+
+static void stageN_loop(engine_loop *c)
+{
+    char err[256];
+    const int s = c->rank;
+    int cur = 0;
+    MPI_Irecv(c->rbuf[0], (int)c->pkt_max, MPI_BYTE, s - 1, TAG_CHAIN, c->comm, &c->rreq[0]);
+    for (;;) {
+        size_t len = wait_chain(c, &c->rreq[cur]);
+        comm_packet p;
+        if (comm_unpack(c->unp, c->rbuf[cur], len, c->D, &p, err, sizeof err))
+            COMM_FATAL("chain packet from rank %d (%zu bytes): %s", s - 1, len, err);
+        if (p.sender != s - 1 || p.receiver != s)
+            COMM_FATAL("chain packet from rank %d says %d -> %d", s - 1, p.sender, p.receiver);
+        if (p.kind == COMM_PKT_END) {
+            if (c->rank != c->head) {
+                comm_packet h = p;
+                h.sender = s;
+                h.receiver = s + 1;
+                send_packet(c, &h, NULL, s + 1, TAG_CHAIN);
+            }
+            break;
+        }
+        if (p.kind != COMM_PKT_ROWS || !p.has_desc)
+            COMM_FATAL("chain packet from rank %d: not a rows packet with a descriptor", s - 1);
+        if (p.mb_rows > c->R)
+            COMM_FATAL("micro-batch %llu has %d rows, more than this run's %d",
+                       (unsigned long long)p.mb, p.mb_rows, c->R);
+        MPI_Irecv(c->rbuf[cur ^ 1], (int)c->pkt_max, MPI_BYTE, s - 1, TAG_CHAIN, c->comm,
+                  &c->rreq[cur ^ 1]);
+        double t0 = stage_now_s();
+        const uint64_t mb = p.mb;
+        const int n = p.mb_rows;
+        engine_mb *d = &c->d;
+        d->n = n;
+        d->id = mb;
+        memcpy(d->slot, p.slot, (size_t)n * 4);
+        memcpy(d->pos, p.pos, (size_t)n * 4);
+        memcpy(d->token, p.token, (size_t)n * 4);
+        memcpy(d->flags, p.flags, (size_t)n);
+        memcpy(d->temperature, p.temperature, (size_t)n * 4);
+        memcpy(d->top_p, p.top_p, (size_t)n * 4);
+        memcpy(d->seed, p.seed, (size_t)n * 8);
+        memcpy(d->seq, p.seq, (size_t)n * 8);
+        memcpy(d->step, p.step, (size_t)n * 4);
+        memcpy(d->target, p.target, (size_t)n * 4);
+        d->n_release = p.n_release;
+        memcpy(d->release, p.release, (size_t)p.n_release * 4);
+        for (int i = 0; i < n; i++) c->present[i] = (uint8_t)comm_mask_get(p.present, i);
+        comm_scatter_rows(&p, c->D, c->x);
+        int n_from = 0, from[64];
+        c->n_byp_in = 0;
+        for (int k = 0; k < p.n_bypass; k++) {
+            if (p.bypass[k].to == s)
+                from[n_from++] = p.bypass[k].from;
+            else if (p.bypass[k].to > s)
+                c->byp_in[c->n_byp_in++] = p.bypass[k];
+            else
+                COMM_FATAL("chain packet lists a bypass packet %d -> %d behind stage %d",
+                           p.bypass[k].from, p.bypass[k].to, s);
+        }
+        c->busy_s += stage_now_s() - t0;
+        for (int k = 0; k < n_from; k++) {
+            MPI_Request rq;
+            MPI_Irecv(c->bbuf, (int)c->pkt_max, MPI_BYTE, from[k], TAG_BYPASS, c->comm, &rq);
+            size_t bl = comm_links_wait_recv(c->links, &rq, from[k], "bypass packet");
+            comm_packet q;
+            if (comm_unpack(c->unp, c->bbuf, bl, c->D, &q, err, sizeof err))
+                COMM_FATAL("bypass packet from rank %d (%zu bytes): %s", from[k], bl, err);
+            if (q.kind != COMM_PKT_ROWS || q.mb != mb || q.mb_rows != n || q.receiver != s)
+                COMM_FATAL("bypass packet from rank %d is for micro-batch %llu (%d rows), "
+                           "expected %llu (%d rows)",
+                           from[k], (unsigned long long)q.mb, q.mb_rows, (unsigned long long)mb, n);
+            for (int i = 0; i < n; i++) {
+                if (!comm_mask_get(q.present, i)) continue;
+                if (c->present[i])
+                    COMM_FATAL("micro-batch %llu: row %d delivered twice", (unsigned long long)mb,
+                               i);
+                c->present[i] = 1;
+            }
+            comm_scatter_rows(&q, c->D, c->x);
+        }
+        process_mb(c);
+        report_send(c, 0);
+        cur ^= 1;
+    }
+    report_send(c, 1);
+}
+
+int engine_loop_step(engine_loop *L)
+{
+    if (L->follower) {
+        char err[512];
+        if (!L->finished && stage_state_tp_follow(L->st, err, sizeof err))
+            COMM_FATAL("stage %d follower: %s", L->rank, err);
+        L->finished = 1;
+        return 0;
+    }
+    if (L->rank == 0) return step0(L);
+    if (!L->finished) {
+        stageN_loop(L);
+        L->finished = 1;
+    }
+    return 0;
+}
+
+/* ========================================================================================
+ * Stats: gathered on rank 0, written as JSON, one summary line.
+ * ===================================================================================== */
+
+enum { ST_LINK = 4, ST_FIXED = 9, ST_LAYER = 7 };
+
+static double *stats_vector(engine_loop *c, int *len)
+{
+    const int S = c->S, L = c->o.cfg->n_layers;
+    *len = S * ST_LINK + ST_FIXED + L * ST_LAYER;
+    double *v = calloc((size_t)*len, sizeof *v);
+    if (!v) COMM_FATAL("out of memory");
+    for (int t = 0; t < S; t++) {
+        const comm_link_stats *ls = comm_links_stats(c->links, t);
+        v[t * ST_LINK + 0] = (double)ls->packets;
+        v[t * ST_LINK + 1] = (double)ls->header_bytes;
+        v[t * ST_LINK + 2] = (double)ls->payload_bytes;
+        v[t * ST_LINK + 3] = (double)ls->rows;
+    }
+    double *f = v + S * ST_LINK;
+    f[0] = c->dense_rows;
+    f[1] = c->busy_s;
+    f[2] = comm_links_wait_seconds(c->links);
+    f[3] = (double)stage_model_weight_bytes(c->m);
+    f[4] = (double)stage_state_kv_alloc_bytes(c->st);
+    f[5] = c->nll_sum;
+    f[6] = (double)c->nll_count;
+    struct rusage ru; /* peak resident set of this rank (Linux: KiB), mmap'd weights included */
+    f[7] = getrusage(RUSAGE_SELF, &ru) == 0 ? (double)ru.ru_maxrss * 1024.0 : 0.0;
+    f[8] = stage_state_tp_io_bytes(c->st);
+    double *lv = f + ST_FIXED;
+    stage_range r = stage_model_range(c->m);
+    for (int l = r.first; l <= r.last; l++) {
+        const stage_layer_stats *ls = stage_state_layer_stats(c->st, l);
+        double *e = lv + l * ST_LAYER;
+        e[0] = (double)ls->rows;
+        e[1] = (double)ls->active;
+        e[2] = (double)ls->kv_entries;
+        e[3] = ls->flops;
+        e[4] = ls->flops_dense;
+        e[5] = ls->seconds;
+        e[6] = ls->tp_bytes;
+    }
+    return v;
+}
+
+static void report(engine_loop *c, const double *all, int len, double seconds,
+                   engine_loop_result *res)
+{
+    const engine_loop_opts *o = &c->o;
+    const stage_config *cfg = o->cfg;
+    const int S = c->S, L = cfg->n_layers, D = c->D;
+    const double ws = (double)stage_dtype_size(o->wire);
+    const double kvd = (double)cfg->n_kv_heads * cfg->head_dim;
+    const double kvs = (double)stage_dtype_size(STAGE_KV_DTYPE); /* bytes of a K or V value */
+    double hdr = 0, pay = 0, tok_bytes = 0, dense = 0, rows_total = 0, tp_total = 0;
+
+    cJSON *j = cJSON_CreateObject();
+    cJSON_AddStringToObject(j, "command", o->command ? o->command : "");
+    cJSON_AddStringToObject(j, "model", o->model_dir);
+    cJSON_AddNumberToObject(j, "ranks", S);
+    cJSON_AddStringToObject(j, "wire_dtype", stage_dtype_name(o->wire));
+    cJSON_AddStringToObject(j, "weights_dtype",
+                            o->weights_dtype < 0 ? "checkpoint"
+                                                 : stage_dtype_name((stage_dtype)o->weights_dtype));
+    cJSON_AddStringToObject(j, "transport", o->dense_transport ? "dense" : "sparse");
+    cJSON_AddNumberToObject(j, "micro_batch", o->micro_batch);
+    cJSON_AddNumberToObject(j, "max_in_flight", o->max_in_flight);
+    cJSON_AddNumberToObject(j, "hidden_size", D);
+    cJSON_AddNumberToObject(j, "micro_batches", (double)c->next_mb);
+
+    cJSON *stages = cJSON_AddArrayToObject(j, "stages");
+    for (int s = 0; s < S; s++) {
+        const double *f = all + (size_t)s * len + S * ST_LINK;
+        cJSON *e = cJSON_CreateObject();
+        char r[32];
+        snprintf(r, sizeof r, "%d-%d", o->plan->st[s].first, o->plan->st[s].last);
+        cJSON_AddNumberToObject(e, "stage", s);
+        cJSON_AddStringToObject(e, "layers", r);
+        cJSON_AddNumberToObject(e, "busy_s", f[1]);
+        cJSON_AddNumberToObject(e, "wait_s", f[2]);
+        cJSON_AddNumberToObject(e, "busy_fraction", seconds > 0 ? f[1] / seconds : 0);
+        cJSON_AddNumberToObject(e, "weight_bytes", f[3]);
+        cJSON_AddNumberToObject(e, "kv_bytes_allocated", f[4]);
+        cJSON_AddNumberToObject(e, "peak_rss_bytes", f[7]);
+        /* tensor parallelism: ranks of the stage, and the bytes moved inside its group outside
+         * the layers (micro-batches handed to the group, LM head); weight, KV and RSS bytes
+         * above are the leader's (each rank of the group holds about as much) */
+        cJSON_AddNumberToObject(e, "ranks", engine_stage_ranks(&o->plan->st[s]));
+        cJSON_AddNumberToObject(e, "tp_io_bytes", f[8]);
+        tp_total += f[8];
+        cJSON_AddItemToArray(stages, e);
+    }
+    if (o->stats_path && o->progress) {
+        fprintf(stderr, "[modpipe] peak RSS per stage:");
+        for (int s = 0; s < S; s++) {
+            const double *f = all + (size_t)s * len + S * ST_LINK;
+            fprintf(stderr, "%s %d: %.1f MiB (weights %.1f MiB, KV %.1f MiB)", s ? "," : "", s,
+                    f[7] / 1048576.0, f[3] / 1048576.0, f[4] / 1048576.0);
+        }
+        fprintf(stderr, "\n");
+    }
+
+    cJSON *links = cJSON_AddArrayToObject(j, "links");
+    for (int s = 0; s < S; s++) {
+        const double *v = all + (size_t)s * len;
+        const double dense_rows = v[S * ST_LINK];
+        for (int t = 0; t < S; t++) {
+            const double *ls = v + t * ST_LINK;
+            int chain = t == s + 1;
+            if (ls[0] == 0 && !chain) continue;
+            cJSON *e = cJSON_CreateObject();
+            char name[32];
+            snprintf(name, sizeof name, "%d->%d", s, t);
+            const char *kind = chain ? "chain" : (t > s ? "bypass" : "tokens");
+            cJSON_AddStringToObject(e, "link", name);
+            cJSON_AddNumberToObject(e, "from", s);
+            cJSON_AddNumberToObject(e, "to", t);
+            cJSON_AddStringToObject(e, "kind", kind);
+            cJSON_AddNumberToObject(e, "packets", ls[0]);
+            cJSON_AddNumberToObject(e, "rows", ls[3]);
+            cJSON_AddNumberToObject(e, "header_bytes", ls[1]);
+            cJSON_AddNumberToObject(e, "payload_bytes", ls[2]);
+            cJSON_AddNumberToObject(e, "dense_rows", chain ? dense_rows : 0);
+            cJSON_AddNumberToObject(e, "dense_bytes", chain ? dense_rows * D * ws : 0);
+            cJSON_AddItemToArray(links, e);
+            hdr += ls[1];
+            if (t > s)
+                pay += ls[2];
+            else
+                tok_bytes += ls[2];
+            if (chain) dense += dense_rows * D * ws;
+        }
+    }
+
+    cJSON *layers = cJSON_AddArrayToObject(j, "layers");
+    double kv = 0, kv_dense = 0, fl = 0, fl_dense = 0;
+    for (int l = 0; l < L; l++) {
+        int s = 0;
+        while (s < S - 1 && l > o->plan->st[s].last) s++;
+        const double *e = all + (size_t)s * len + S * ST_LINK + ST_FIXED + l * ST_LAYER;
+        cJSON *x = cJSON_CreateObject();
+        cJSON_AddNumberToObject(x, "layer", l);
+        cJSON_AddStringToObject(x, "type", stage_kind_name(cfg->layer_kind[l]));
+        cJSON_AddNumberToObject(x, "stage", s);
+        cJSON_AddNumberToObject(x, "rows", e[0]);
+        cJSON_AddNumberToObject(x, "active_rows", e[1]);
+        cJSON_AddNumberToObject(x, "participation", e[0] > 0 ? e[1] / e[0] : 0);
+        cJSON_AddNumberToObject(x, "kv_bytes", e[2] * kvd * 2 * kvs);
+        cJSON_AddNumberToObject(x, "kv_bytes_dense", e[0] * kvd * 2 * kvs);
+        cJSON_AddNumberToObject(x, "flops", e[3]);
+        cJSON_AddNumberToObject(x, "flops_dense", e[4]);
+        cJSON_AddNumberToObject(x, "seconds", e[5]);
+        cJSON_AddNumberToObject(x, "tp_bytes", e[6]); /* inside the stage's rank group */
+        tp_total += e[6];
+        cJSON_AddItemToArray(layers, x);
+        kv += e[2] * kvd * 2 * kvs;
+        kv_dense += e[0] * kvd * 2 * kvs;
+        fl += e[3];
+        fl_dense += e[4];
+        if (l == 0) rows_total = e[0];
+    }
+    double wire = hdr + pay + tok_bytes;
+    cJSON *tot = cJSON_AddObjectToObject(j, "total");
+    cJSON_AddNumberToObject(tot, "header_bytes", hdr);
+    cJSON_AddNumberToObject(tot, "payload_bytes", pay);
+    cJSON_AddNumberToObject(tot, "token_bytes", tok_bytes);
+    cJSON_AddNumberToObject(tot, "wire_bytes", wire);
+    cJSON_AddNumberToObject(tot, "dense_bytes", dense);
+    cJSON_AddNumberToObject(tot, "payload_ratio", dense > 0 ? pay / dense : 0);
+    cJSON_AddNumberToObject(tot, "ratio", dense > 0 ? wire / dense : 0);
+    /* bytes moved inside tensor-parallel stage groups (not on pipeline links; 0 without) */
+    cJSON_AddNumberToObject(tot, "tp_bytes", tp_total);
+    cJSON_AddNumberToObject(j, "kv_bytes", kv);
+    cJSON_AddNumberToObject(j, "kv_bytes_dense", kv_dense);
+    cJSON_AddNumberToObject(j, "flops", fl);
+    cJSON_AddNumberToObject(j, "flops_dense", fl_dense);
+    cJSON_AddNumberToObject(j, "rows", rows_total);
+    double ntok = o->progress_tokens ? (double)c->tokens_done : rows_total;
+    cJSON_AddNumberToObject(j, "tokens", ntok);
+    cJSON_AddNumberToObject(j, "seconds", seconds);
+    cJSON_AddNumberToObject(j, "tokens_per_s", seconds > 0 ? ntok / seconds : 0);
+
+    double nll = 0, nn = 0;
+    for (int s = 0; s < S; s++) {
+        nll += all[(size_t)s * len + S * ST_LINK + 5];
+        nn += all[(size_t)s * len + S * ST_LINK + 6];
+    }
+    if (o->report_nll) {
+        cJSON_AddNumberToObject(j, "mean_nll", nn > 0 ? nll / nn : 0);
+        cJSON_AddNumberToObject(j, "perplexity", nn > 0 ? exp(nll / nn) : 0);
+    }
+    res->nll_sum = nll;
+    res->nll_count = (long)nn;
+    res->wire_bytes = wire;
+    res->dense_bytes = dense;
+    res->payload_bytes = pay;
+    res->header_bytes = hdr;
+
+    if (o->stats_path) {
+        char *txt = cJSON_Print(j);
+        FILE *f = fopen(o->stats_path, "w");
+        if (!f || !txt || fputs(txt, f) < 0 || fputc('\n', f) == EOF)
+            fprintf(stderr, "modpipe: cannot write stats file %s\n", o->stats_path);
+        if (f) fclose(f);
+        free(txt);
+    }
+    cJSON_Delete(j);
+}
+
+/* ========================================================================================
+ * Set-up and the run
+ * ===================================================================================== */
+
+/* ========================================================================================
+ * Open / close
+ * ===================================================================================== */
+
+static void loop_free(engine_loop *c)
+{
+    if (!c) return;
+    stage_state_free(c->st);
+    stage_model_free(c->m);
+    comm_links_free(c->links);
+    comm_unpacker_free(c->unp);
+    engine_mb_free(&c->d);
+    free(c->x);
+    free(c->present);
+    free(c->dest);
+    free(c->masks);
+    free(c->byp_in);
+    free(c->byp_out);
+    free(c->rbuf[0]);
+    free(c->rbuf[1]);
+    free(c->bbuf);
+    free(c->tbuf);
+    free(c->lrows);
+    free(c->srows);
+    free(c->ltok);
+    free(c->logits);
+    free(c->scratch);
+    free(c->dump);
+    free(c->tok_by_row);
+    if (c->fl) {
+        for (int i = 0; i < c->o.max_in_flight; i++) engine_mb_free(&c->fl[i]);
+        free(c->fl);
+    }
+    free(c->rep_in);
+    free(c->rep_tab);
+    free(c->rep_req);
+    free(c->lb);
+    stage_tp_free(c->tp);
+    if (c->group != MPI_COMM_NULL) MPI_Comm_free(&c->group);
+    if (c->leaders != MPI_COMM_NULL) MPI_Comm_free(&c->leaders);
+    free(c);
+}
+
+/* Everything that can fail before the first packet. Returns 0 or -1 with err. */
+static int loop_init(engine_loop *c, char *err, size_t errlen)
+{
+    const engine_loop_opts *o = &c->o;
+    const stage_config *cfg = o->cfg;
+    const engine_stage_plan *me = &o->plan->st[c->rank];
+    c->D = cfg->hidden;
+    c->V = cfg->vocab;
+    c->head = c->S - 1;
+    c->R = o->max_rows > 0 ? o->max_rows : 1;
+    if (c->S > 64) {
+        snprintf(err, errlen, "at most 64 stages are supported");
+        return -1;
+    }
+    if (o->slots < 1 || o->ctx < 1 || o->max_in_flight < 1) {
+        snprintf(err, errlen, "slots %d, ctx %d, max_in_flight %d: each must be >= 1", o->slots,
+                 o->ctx, o->max_in_flight);
+        return -1;
+    }
+    if (o->ctx > cfg->max_pos) {
+        snprintf(err, errlen, "--ctx %d exceeds max_position_embeddings %d", o->ctx, cfg->max_pos);
+        return -1;
+    }
+    /* the embedding lookup is the leader's; every rank of a tensor-parallel head holds its
+     * slice of lm_head */
+    stage_range r = {me->first, me->last, c->rank == 0 && !c->follower, c->rank == c->S - 1};
+    if (stage_model_load_tp(o->model_dir, cfg, r, o->weights_dtype, c->tp, &c->m, err, errlen))
+        return -1;
+    c->st = stage_state_init(c->m, o->slots, c->R, o->ctx, err, errlen);
+    if (!c->st) return -1;
+    if (c->follower) return 0; /* no pipeline links, no scheduler: the leader's */
+    c->pkt_max = comm_packet_max_bytes(c->R, c->D, c->S);
+    int n_bufs = o->max_in_flight * c->S + 4;
+    c->links = comm_links_init(c->comm, c->S, c->pkt_max, n_bufs, o->timeout_s);
+    c->unp = comm_unpacker_init(c->R, c->S);
+    if (c->links) stage_state_set_progress(c->st, progress_cb, c->links);
+    const size_t R = (size_t)c->R, D = (size_t)c->D, V = (size_t)c->V, S = (size_t)c->S;
+    int ok = c->links && c->unp && !engine_mb_init(&c->d, c->R);
+    c->x = malloc(R * D * sizeof(float));
+    c->present = malloc(R);
+    c->dest = malloc(R * sizeof(int));
+    c->masks = calloc(S, comm_mask_bytes(c->R) + 1);
+    c->byp_in = malloc(S * S * sizeof *c->byp_in);
+    c->byp_out = malloc(S * S * sizeof *c->byp_out);
+    c->rep_len = (int)S * 4 + 2;
+    ok = ok && c->x && c->present && c->dest && c->masks && c->byp_in && c->byp_out;
+    if (ok && c->rank > 0) {
+        c->rbuf[0] = malloc(c->pkt_max);
+        c->rbuf[1] = malloc(c->pkt_max);
+        c->bbuf = malloc(c->pkt_max);
+        ok = c->rbuf[0] && c->rbuf[1] && c->bbuf;
+    }
+    c->rreq[0] = c->rreq[1] = c->treq = MPI_REQUEST_NULL;
+    if (ok && c->rank == c->head) {
+        c->lrows = malloc(R * sizeof(int));
+        c->srows = malloc(R * sizeof(int));
+        c->ltok = malloc(R * 4);
+        c->logits = malloc(R * V * sizeof(float));
+        c->scratch = malloc(2 * V * sizeof(float) + 16);
+        ok = c->lrows && c->srows && c->ltok && c->logits && c->scratch;
+        if (ok && o->dump_path) {
+            FILE *f = fopen(o->dump_path, "wb"); /* fail now, not after the run */
+            if (!f) {
+                snprintf(err, errlen, "--dump-logits %s: cannot write: %s", o->dump_path,
+                         strerror(errno));
+                return -1;
+            }
+            fclose(f);
+            size_t n = (size_t)o->dump_seqs * (size_t)o->dump_len * V;
+            c->dump = malloc(n * sizeof(float));
+            if (!c->dump) {
+                snprintf(err, errlen, "cannot allocate %.1f MiB for --dump-logits",
+                         (double)n * 4 / 1048576.0);
+                return -1;
+            }
+            for (size_t i = 0; i < n; i++) c->dump[i] = NAN; /* never computed */
+        }
+    }
+    if (ok && c->rank == 0 && o->stats_path) {
+        FILE *f = fopen(o->stats_path, "w"); /* fail now, not after the run */
+        if (!f) {
+            snprintf(err, errlen, "--stats %s: cannot write: %s", o->stats_path, strerror(errno));
+            return -1;
+        }
+        fclose(f);
+    }
+    if (ok && c->rank == 0) {
+        c->tbuf = malloc(c->pkt_max);
+        c->tok_by_row = calloc(R, sizeof *c->tok_by_row);
+        c->fl = calloc((size_t)o->max_in_flight, sizeof *c->fl);
+        ok = c->tbuf && c->tok_by_row && c->fl;
+        for (int i = 0; ok && i < o->max_in_flight; i++) ok = !engine_mb_init(&c->fl[i], c->R);
+        c->rep_in = calloc(S * (size_t)c->rep_len, 8);
+        c->rep_tab = calloc(S * (size_t)c->rep_len, 8);
+        c->rep_req = malloc(S * sizeof *c->rep_req);
+        c->lb = calloc(S * S, sizeof *c->lb);
+        ok = ok && c->rep_in && c->rep_tab && c->rep_req && c->lb;
+        for (size_t s = 0; ok && s < S; s++) c->rep_req[s] = MPI_REQUEST_NULL;
+    }
+    if (!ok) {
+        snprintf(err, errlen, "out of memory sizing the run buffers");
+        return -1;
+    }
+    return 0;
+}
+
+int engine_loop_open(MPI_Comm comm, const engine_loop_opts *o, const engine_sched_ops *ops,
+                     void *self, engine_loop **out, char *err, size_t errlen)
+{
+    *out = NULL;
+    engine_loop *c = calloc(1, sizeof *c);
+    int rank, size;
+    MPI_Comm_rank(comm, &rank);
+    MPI_Comm_size(comm, &size);
+    char myerr[1024] = "";
+    int rc = 0;
+    engine_topo topo;
+    memset(&topo, 0, sizeof topo);
+    if (!c) {
+        snprintf(myerr, sizeof myerr, "out of memory");
+        rc = -1;
+    } else {
+        c->o = *o;
+        c->ops = ops;
+        c->self = self;
+        c->comm = comm;
+        c->world = comm;
+        c->group = c->leaders = MPI_COMM_NULL;
+        c->rank = rank;
+        c->S = size;
+        /* identical inputs on every rank: a topology error is the same everywhere */
+        rc = engine_topo_init(&topo, o->plan, size, o->cfg, myerr, sizeof myerr);
+        if (!rc && topo.tp) {
+            int g, s = engine_topo_stage_of(&topo, rank, &g);
+            MPI_Comm_split(comm, s, rank, &c->group);
+            MPI_Comm_split(comm, g == 0 ? 0 : MPI_UNDEFINED, rank, &c->leaders);
+            c->follower = g != 0;
+            c->comm = c->leaders;
+            c->rank = s;
+            c->S = topo.n_stages;
+            if (topo.ranks[s] > 1) rc = stage_tp_new(c->group, &c->tp, myerr, sizeof myerr);
+        }
+        if (!rc && rank == 0 && (!ops || !ops->next || !ops->done || !ops->finished)) {
+            snprintf(myerr, sizeof myerr, "no scheduler");
+            rc = -1;
+        } else if (!rc) {
+            rc = loop_init(c, myerr, sizeof myerr);
+        }
+    }
+    engine_topo_free(&topo);
+    /* All ranks agree on start-up failures; the lowest failing rank tells. */
+    int bad = rc ? rank : size, first_bad = size;
+    MPI_Allreduce(&bad, &first_bad, 1, MPI_INT, MPI_MIN, comm);
+    if (first_bad < size) {
+        if (rank == first_bad)
+            snprintf(err, errlen, "rank %d: %s", rank, myerr);
+        else
+            snprintf(err, errlen, "rank %d failed to start", first_bad);
+        loop_free(c);
+        return first_bad == rank ? -1 : -2;
+    }
+    if (c->o.serve && rank == 0)
+        for (int s = 1; s < c->S; s++) report_post(c, s);
+    MPI_Barrier(comm);
+    c->t_start = c->t_last_progress = c->t_tokens = stage_now_s();
+    *out = c;
+    return 0;
+}
+
+int engine_loop_close(engine_loop *c, engine_loop_result *res, char *err, size_t errlen)
+{
+    if (res) memset(res, 0, sizeof *res);
+    if (c->follower) { /* until the leader's STOP; its stats are the leader's to report */
+        engine_loop_step(c);
+        loop_free(c);
+        return 0;
+    }
+    if (c->rank == 0) {
+        while (c->fl_n > 0) wait_tokens(c, -1.0); /* a caller that stops early: drain */
+        if (c->S > 1) {
+            comm_packet h = {.kind = COMM_PKT_END,
+                             .mb = c->next_mb,
+                             .sender = 0,
+                             .receiver = 1,
+                             .mb_rows = 0,
+                             .n_rows = 0,
+                             .dtype = c->o.wire,
+                             .present = c->masks};
+            send_packet(c, &h, NULL, 1, TAG_CHAIN);
+        }
+        /* every rank's final report (serve), so no receive is left posted */
+        for (int s = 1; c->o.serve && s < c->S; s++)
+            while (c->rep_req[s] != MPI_REQUEST_NULL) {
+                comm_links_wait_recv(c->links, &c->rep_req[s], s, "final link report");
+                c->rep_req[s] = MPI_REQUEST_NULL;
+                memcpy(c->rep_tab + (size_t)s * c->rep_len, c->rep_in + (size_t)s * c->rep_len,
+                       (size_t)c->rep_len * 8);
+                if (!c->rep_tab[(size_t)s * c->rep_len + c->S * 4 + 1]) report_post(c, s);
+            }
+        report_poll(c, 1);
+        print_progress(c, 1);
+    } else if (!c->finished) {
+        stageN_loop(c);
+        c->finished = 1;
+    }
+    stage_state_tp_stop(c->st); /* this stage's followers leave their loop */
+    comm_links_drain(c->links);
+    double seconds = stage_now_s() - c->t_start;
+    MPI_Barrier(c->comm);
+
+    /* --dump-logits from the head */
+    int dump_ok = 1;
+    char dump_err[512] = "";
+    if (c->rank == c->head && c->dump) {
+        int64_t shape[3] = {c->o.dump_seqs, c->o.dump_len, c->V};
+        dump_ok = !npy_write_f32(c->o.dump_path, c->dump, 3, shape, dump_err, sizeof dump_err);
+    }
+    MPI_Bcast(&dump_ok, 1, MPI_INT, c->head, c->comm);
+
+    int len = 0;
+    double *mine = stats_vector(c, &len);
+    double *all = c->rank == 0 ? malloc((size_t)len * c->S * sizeof(double)) : NULL;
+    MPI_Gather(mine, len, MPI_DOUBLE, all, len, MPI_DOUBLE, 0, c->comm);
+    if (c->rank == 0) {
+        engine_loop_result r;
+        memset(&r, 0, sizeof r);
+        report(c, all, len, seconds, &r);
+        r.seconds = seconds;
+        r.tokens = c->tokens_done;
+        if (res) *res = r;
+    }
+    free(all);
+    free(mine);
+    int rank = c->rank, head = c->head;
+    loop_free(c);
+    if (!dump_ok) {
+        snprintf(err, errlen, "rank %d: %s", head, dump_err);
+        return rank == head ? -1 : -2;
+    }
+    return 0;
+}
+
+/* ========================================================================================
+ * The batch job
+ * ===================================================================================== */
+
+int engine_run(MPI_Comm comm, const engine_run_opts *o, engine_run_result *res, char *err,
+               size_t errlen)
+{
+    memset(res, 0, sizeof *res);
+    int rank;
+    MPI_Comm_rank(comm, &rank);
+    engine_batch *b = NULL;
+    /* every rank plans the same run from the same options: the errors agree */
+    if (engine_batch_new(o, &b, err, errlen)) return rank == 0 ? -1 : -2;
+    const int gen = o->kind == ENGINE_RUN_GENERATE;
+    int tmax = 0;
+    for (int s = 0; s < o->n_seqs; s++)
+        if (o->seq_len[s] > tmax) tmax = o->seq_len[s];
+    engine_loop_opts lo = {
+        .model_dir = o->model_dir,
+        .cfg = o->cfg,
+        .plan = o->plan,
+        .slots = engine_batch_slots(b),
+        .ctx = engine_batch_ctx(b),
+        .max_rows =
+            engine_batch_max_rows(b) > o->micro_batch ? engine_batch_max_rows(b) : o->micro_batch,
+        .max_in_flight = o->max_in_flight,
+        .wire = o->wire,
+        .weights_dtype = o->weights_dtype,
+        .dense_transport = o->dense_transport,
+        .timeout_s = o->timeout_s,
+        .serve = 0,
+        .dump_path = o->dump_path,
+        .dump_index = gen ? ENGINE_DUMP_BY_STEP : ENGINE_DUMP_BY_POS,
+        .dump_seqs = o->n_seqs,
+        .dump_len = gen ? o->max_new : tmax,
+        .progress = o->progress,
+        .progress_total =
+            gen ? (long)o->n_seqs * o->max_new : engine_batch_prefill_micro_batches(b),
+        .progress_tokens = gen,
+        .stats_path = o->stats_path,
+        .command = o->command,
+        .micro_batch = o->micro_batch,
+        .report_nll = !gen,
+    };
+    engine_loop *L = NULL;
+    int rc = engine_loop_open(comm, &lo, &engine_batch_ops, b, &L, err, errlen);
+    if (rc) {
+        engine_batch_free(b);
+        return rc;
+    }
+    while (engine_loop_step(L)) {}
+    engine_loop_result lr;
+    rc = engine_loop_close(L, &lr, err, errlen);
+    if (rank == 0) {
+        res->nll_sum = lr.nll_sum;
+        res->nll_count = lr.nll_count;
+        res->seconds = lr.seconds;
+        res->wire_bytes = lr.wire_bytes;
+        res->dense_bytes = lr.dense_bytes;
+        res->payload_bytes = lr.payload_bytes;
+        res->header_bytes = lr.header_bytes;
+        if (gen) engine_batch_take_generated(b, &res->generated, &res->n_generated);
+    }
+    engine_batch_free(b);
+    return rc;
+}
+
+void engine_run_result_free(engine_run_result *res)
+{
+    if (!res) return;
+    free(res->generated);
+    free(res->n_generated);
+    res->generated = NULL;
+    res->n_generated = NULL;
+}

@@ -1,0 +1,54 @@
+/* serve/loop.h — `modpipe serve`'s pipeline side (issue 8.4).
+ *
+ * serve_loop_run is called by every rank of `comm` after the HTTP layer has been set up on
+ * rank 0. Rank 0 runs the pipeline loop (engine/pipeline.h) with the srvq scheduler
+ * (serve/queue_sched.h: continuous batching — requests join between micro-batches, prompts
+ * are prefilled in chunks of at most micro_batch rows mixed with decode rows, a finished or
+ * cancelled request frees its slot at once); ranks > 0 run their stage loop until rank 0
+ * ends the run. The sparse transport and the byte accounting are the ones of generate; the
+ * per-link bytes (and what a dense pipeline would have sent) reach srvq_get_stats at least
+ * once a second: ranks > 0 send their counters to rank 0 at most every 0.25 s while they
+ * change (a small message on link s -> 0, counted on that link as payload).
+ *
+ * Rank 0 passes the queue `q` (srvq_new(o->slots, o->ctx, ...), owned by the caller; other
+ * ranks pass NULL) and `ready`, called once on rank 0 when every rank has loaded its stage
+ * (the HTTP layer then answers /health with 200); ready may be NULL.
+ *
+ * Shutdown: the caller calls srvq_close(q) (from a normal thread, e.g. one that waits for
+ * SIGTERM with sigwait: srvq_close takes a mutex, so not from a signal handler); queued and
+ * running requests go on, then serve_loop_run returns 0 on every rank. The caller may
+ * srvq_cancel what has not finished by its deadline. When idle, rank 0 sleeps on the queue's
+ * condvar (50 ms timed waits) and ranks > 0 in growing sleeps: no core spins.
+ * Errors: start-up failures (model, memory, bad options: a topk model, q's slots/ctx not
+ * o's) return non-zero with one line in err on the failing rank (-1; -2 elsewhere); every
+ * request already submitted then ends with SRVQ_FINISH_ERROR. A dead or stuck rank during
+ * the run ends the job through COMM_FATAL / mpirun with a message, never a hang.
+ */
+#ifndef SERVE_LOOP_H
+#define SERVE_LOOP_H
+
+#include <mpi.h>
+#include <stddef.h>
+
+#include "engine/partition.h"
+#include "serve/queue.h"
+#include "comm/comm.h"
+#include "stage/config.h"
+
+typedef struct {
+    const char *model_dir;
+    const stage_config *cfg;
+    const engine_plan *plan; /* n_stages == ranks of comm */
+    int slots, ctx;          /* KV slot pool (must equal the srvq's) */
+    int micro_batch;         /* most rows a micro-batch (R) */
+    int max_in_flight;       /* micro-batches in flight (>= 1; e.g. 2 x stages) */
+    stage_dtype wire;
+    int weights_dtype; /* stage_dtype the weight matrices are held in; -1: as stored */
+    int dense_transport;
+    double timeout_s; /* peer timeout while work is in flight */
+} serve_loop_opts;
+
+int serve_loop_run(MPI_Comm comm, const serve_loop_opts *o, srvq *q, void (*ready)(void *),
+                   void *arg, char *err, size_t errlen);
+
+#endif

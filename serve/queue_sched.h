@@ -1,0 +1,32 @@
+/* serve/queue_sched.h — the server queue (srvq.h) as a pipeline scheduler (sched.h).
+ *
+ * Used by serve_loop_run (serve_loop.h) on rank 0, and by tests that drive the scheduler by
+ * hand. The policy, per micro-batch of at most `micro_batch` rows:
+ *   1. cancelled requests end (on_done CANCELLED) and free their slot at once; queued
+ *      requests take free slots in arrival order;
+ *   2. one decode row for every running request whose previous token is back (decode first:
+ *      inter-token latency);
+ *   3. the rest of the rows: prompt chunks of running requests in arrival order (a request's
+ *      prompt may span several micro-batches; whole_prompts: never cut, for mindskip
+ *      sequence-granularity models, then a micro-batch may hold up to max_rows rows);
+ *   4. slot releases not yet announced ride along.
+ * A request ends when it samples EOS (STOP; the EOS is not passed to on_token and not
+ * counted), reaches max_tokens, or its slot's context is full (LENGTH). Sampling of request r:
+ * stage_rng_seed_draw(r.seed, 0, j) for its new token j — the same seed gives the same
+ * tokens whatever else runs. Callbacks run after the queue's lock is released.
+ */
+#ifndef SERVE_QUEUE_SCHED_H
+#define SERVE_QUEUE_SCHED_H
+
+#include "engine/sched.h"
+#include "serve/queue.h"
+
+/* Before the first next(): rows per micro-batch, whether prompts must stay whole, and the
+ * most rows a micro-batch may have (>= micro_batch; whole_prompts: >= ctx). 0 or -1 (OOM). */
+int srvq_sched_config(srvq *q, int micro_batch, int whole_prompts, int max_rows);
+extern const engine_sched_ops srvq_sched_ops;
+/* The pipeline failed: every queued and running request ends with ERROR and msg; the queue
+ * closes. */
+void srvq_fail_all(srvq *q, const char *msg);
+
+#endif
