@@ -1,6 +1,7 @@
 /* engine/batch.c — the generate / eval scheduler. See batch.h and pipeline.h. */
 #include "engine/batch.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -88,6 +89,17 @@ void engine_batch_free(engine_batch *b)
 
 int engine_batch_new(const engine_run_opts *o, engine_batch **out, char *err, size_t errlen)
 {
+    /* sampling state travels on the wire, where unpack refuses it (docs/SPEC.md §4.9):
+     * refuse it here, before any rank starts, with the option's name */
+    if (o->kind == ENGINE_RUN_GENERATE &&
+        (!(o->top_p > 0.0f && o->top_p <= 1.0f) || !(o->temperature >= 0.0f) ||
+         !isfinite(o->temperature))) {
+        snprintf(err, errlen,
+                 "--top-p must be in (0, 1] and --temperature a finite number >= 0 "
+                 "(got top-p %g, temperature %g)",
+                 (double)o->top_p, (double)o->temperature);
+        return -1;
+    }
     *out = NULL;
     const int gen = o->kind == ENGINE_RUN_GENERATE, n = o->n_seqs;
     if (n < 1 || o->micro_batch < 1) {

@@ -339,6 +339,15 @@ static void test_bad_input(void)
                             MPIRUN, BIN, FIX),
                         0);
     CU_ASSERT(strstr(OUT, "97") && strstr(OUT, "out of range"));
+    /* sampling state the wire would refuse: named before the run, at any -np */
+    for (int np = 1; np <= 2; np++) {
+        CU_ASSERT_NOT_EQUAL(run(60,
+                                "%s -np %d %s generate --model %s/mod --prompt-ids 1,2 --quiet "
+                                "--temperature 0.8 --top-p 0",
+                                MPIRUN, np, BIN, FIX),
+                            0);
+        CU_ASSERT(strstr(OUT, "--top-p must be in (0, 1]") != NULL);
+    }
     /* a topk model cannot decode */
     CU_ASSERT_NOT_EQUAL(run(60, "%s -np 1 %s generate --model %s/mod_topk --prompt-ids 1,2 --quiet",
                             MPIRUN, BIN, FIX),
