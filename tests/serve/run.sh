@@ -210,11 +210,13 @@ check "SIGTERM at -np 4 --tp 2: exit 0" '[ "$RC" = 0 ]'
 check "serve -np 1 --tp 2: exit 2" 'badrun "-np 1 is not a multiple of --tp 2" --model "$MODEL" --tp 2'
 
 # ---- one slot, one queue place: 503 when full; a disconnect frees the slot ------------------
-start_server small 1 --slots 1 --queue 1
+start_server small 2 --slots 1 --queue 1
 P=$PORT_small
 LONG='{"prompt":"Once upon a time","max_tokens":500,"ignore_eos":true,"stream":true}'
-# two long streams fill the slot and the queue place (waited for on /metrics, so the test does
-# not depend on timing); then two more long streams and a short probe must all be refused
+# two long streams fill the slot and the queue place (waited for on /metrics); rank 1 is then
+# stopped (SIGSTOP) so the running stream cannot finish before the refusals are tried: 500 tokens
+# of this model take well under a second, and on a loaded machine the slot freed itself in time.
+# Rank 0 keeps answering HTTP meanwhile; SIGCONT lets both streams finish.
 cpids=()
 for k in 1 2; do
     curl -sN -D "$TMP/long$k.head" -o /dev/null "http://127.0.0.1:$P/v1/completions" \
@@ -225,16 +227,19 @@ for k in 1 2; do
         sleep 0.05
     done
 done
+rank1=$(pgrep -P "$MPI_small" -x modpipe | grep -vx "$PID_small" | head -1)
+[ -n "$rank1" ] && kill -STOP "$rank1"
 for k in 3 4; do
     curl -sN -D "$TMP/long$k.head" -o /dev/null "http://127.0.0.1:$P/v1/completions" \
         -H 'Content-Type: application/json' -d "$LONG"
 done
 code=$(status $P POST /v1/completions '{"prompt":"Once","max_tokens":1}')
 [ "$code" = 503 ] && cp "$TMP/head" "$TMP/long0.head"
+[ -n "$rank1" ] && kill -CONT "$rank1"
 wait "${cpids[@]}"
 n503=$(grep -l '^HTTP/1.1 503' "$TMP"/long*.head 2>/dev/null | wc -l)
 n200=$(grep -l '^HTTP/1.1 200' "$TMP"/long[1-4].head 2>/dev/null | wc -l)
-check "queue full -> 503 ($n503 refused, $n200 of 4 long streams served)" '[ "$n503" = 3 -a "$n200" = 2 ]'
+check "queue full -> 503 ($n503 refused, $n200 of 4 long streams served; rank 1 stopped: ${rank1:-not found})" '[ -n "$rank1" -a "$n503" = 3 -a "$n200" = 2 ]'
 check "every 503 carries Retry-After" '[ "$(grep -il "^Retry-After: 1" $(grep -l "^HTTP/1.1 503" "$TMP"/long*.head) | wc -l)" = "$n503" ]'
 before=$(metric $P modpipe_generated_tokens_total)
 # read the first event, then hang up
