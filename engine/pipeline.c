@@ -10,7 +10,6 @@
 #include <sys/resource.h>
 #include <time.h>
 
-#include "engine/batch.h"
 #include "engine/topo.h"
 #include "comm/link.h"
 #include "stage/kernels.h"
@@ -1142,80 +1141,4 @@ int engine_loop_close(engine_loop *c, engine_loop_result *res, char *err, size_t
         return rank == head ? -1 : -2;
     }
     return 0;
-}
-
-/* ========================================================================================
- * The batch job
- * ===================================================================================== */
-
-int engine_run(MPI_Comm comm, const engine_run_opts *o, engine_run_result *res, char *err,
-               size_t errlen)
-{
-    memset(res, 0, sizeof *res);
-    int rank;
-    MPI_Comm_rank(comm, &rank);
-    engine_batch *b = NULL;
-    /* every rank plans the same run from the same options: the errors agree */
-    if (engine_batch_new(o, &b, err, errlen)) return rank == 0 ? -1 : -2;
-    const int gen = o->kind == ENGINE_RUN_GENERATE;
-    int tmax = 0;
-    for (int s = 0; s < o->n_seqs; s++)
-        if (o->seq_len[s] > tmax) tmax = o->seq_len[s];
-    engine_loop_opts lo = {
-        .model_dir = o->model_dir,
-        .cfg = o->cfg,
-        .plan = o->plan,
-        .slots = engine_batch_slots(b),
-        .ctx = engine_batch_ctx(b),
-        .max_rows =
-            engine_batch_max_rows(b) > o->micro_batch ? engine_batch_max_rows(b) : o->micro_batch,
-        .max_in_flight = o->max_in_flight,
-        .wire = o->wire,
-        .weights_dtype = o->weights_dtype,
-        .dense_transport = o->dense_transport,
-        .timeout_s = o->timeout_s,
-        .serve = 0,
-        .dump_path = o->dump_path,
-        .dump_index = gen ? ENGINE_DUMP_BY_STEP : ENGINE_DUMP_BY_POS,
-        .dump_seqs = o->n_seqs,
-        .dump_len = gen ? o->max_new : tmax,
-        .progress = o->progress,
-        .progress_total =
-            gen ? (long)o->n_seqs * o->max_new : engine_batch_prefill_micro_batches(b),
-        .progress_tokens = gen,
-        .stats_path = o->stats_path,
-        .command = o->command,
-        .micro_batch = o->micro_batch,
-        .report_nll = !gen,
-    };
-    engine_loop *L = NULL;
-    int rc = engine_loop_open(comm, &lo, &engine_batch_ops, b, &L, err, errlen);
-    if (rc) {
-        engine_batch_free(b);
-        return rc;
-    }
-    while (engine_loop_step(L)) {}
-    engine_loop_result lr;
-    rc = engine_loop_close(L, &lr, err, errlen);
-    if (rank == 0) {
-        res->nll_sum = lr.nll_sum;
-        res->nll_count = lr.nll_count;
-        res->seconds = lr.seconds;
-        res->wire_bytes = lr.wire_bytes;
-        res->dense_bytes = lr.dense_bytes;
-        res->payload_bytes = lr.payload_bytes;
-        res->header_bytes = lr.header_bytes;
-        if (gen) engine_batch_take_generated(b, &res->generated, &res->n_generated);
-    }
-    engine_batch_free(b);
-    return rc;
-}
-
-void engine_run_result_free(engine_run_result *res)
-{
-    if (!res) return;
-    free(res->generated);
-    free(res->n_generated);
-    res->generated = NULL;
-    res->n_generated = NULL;
 }
