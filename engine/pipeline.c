@@ -11,11 +11,11 @@
 #include <time.h>
 
 #include "engine/topo.h"
+#include "engine/tp.h"
 #include "comm/link.h"
 #include "stage/kernels.h"
 #include "stage/npy.h"
 #include "stage/stage.h"
-#include "stage/tp.h"
 
 enum { TAG_CHAIN = 1, TAG_BYPASS = 2, TAG_TOKENS = 3, TAG_REPORT = 4 };
 
@@ -895,7 +895,7 @@ static void loop_free(engine_loop *c)
     free(c->rep_tab);
     free(c->rep_req);
     free(c->lb);
-    stage_tp_free(c->tp);
+    engine_tp_free(c->tp);
     if (c->group != MPI_COMM_NULL) MPI_Comm_free(&c->group);
     if (c->leaders != MPI_COMM_NULL) MPI_Comm_free(&c->leaders);
     free(c);
@@ -1041,7 +1041,7 @@ int engine_loop_open(MPI_Comm comm, const engine_loop_opts *o, const engine_sche
             c->comm = c->leaders;
             c->rank = s;
             c->S = topo.n_stages;
-            if (topo.ranks[s] > 1) rc = stage_tp_new(c->group, &c->tp, myerr, sizeof myerr);
+            if (topo.ranks[s] > 1) rc = engine_tp_new(c->group, &c->tp, myerr, sizeof myerr);
         }
         if (!rc && rank == 0 && (!ops || !ops->next || !ops->done || !ops->finished)) {
             snprintf(myerr, sizeof myerr, "no scheduler");
