@@ -211,14 +211,14 @@ static void finish_seq(engine_batch *b, group *g, int s)
     engine_slot_release(&b->pool, b->slot[s]);
 }
 
-static void set_sampling(const engine_batch *b, engine_mb *mb, int i)
+static void set_sampling(const engine_batch *b, stage_batch *mb, int i)
 {
     mb->temperature[i] = b->o->temperature;
     mb->top_p[i] = b->o->top_p;
     mb->seed[i] = b->o->seed;
 }
 
-static int batch_next(void *self, engine_mb *mb)
+static int batch_next(void *self, stage_batch *mb)
 {
     engine_batch *b = self;
     const engine_run_opts *o = b->o;
@@ -241,13 +241,13 @@ static int batch_next(void *self, engine_mb *mb)
                 const piece *pc = &b->pc[p];
                 const int s = pc->seq, len = o->seq_len[s];
                 for (int t = pc->start; t < pc->start + pc->len; t++) {
-                    uint8_t fl = COMM_ROW_PROMPT;
+                    uint8_t fl = STAGE_ROW_PROMPT;
                     if (!gen)
-                        fl |= COMM_ROW_NEED_LOGITS;
+                        fl |= STAGE_ROW_NEED_LOGITS;
                     else if (t == len - 1)
-                        fl |= COMM_ROW_NEED_LOGITS | COMM_ROW_SAMPLE;
+                        fl |= STAGE_ROW_NEED_LOGITS | STAGE_ROW_SAMPLE;
                     int i =
-                        engine_mb_add(mb, b->slot[s], t, o->seq_tokens[s][t], fl, (uint64_t)s, 0);
+                        stage_batch_add(mb, b->slot[s], t, o->seq_tokens[s][t], fl, (uint64_t)s, 0);
                     if (gen && t == len - 1) set_sampling(b, mb, i);
                     if (!gen && t + 1 < len) mb->target[i] = o->seq_tokens[s][t + 1];
                 }
@@ -256,9 +256,9 @@ static int batch_next(void *self, engine_mb *mb)
             for (int s = g->seq0; s < g->seq1; s++) {
                 if (b->stopped[s]) continue;
                 int j = b->count[s];
-                int i = engine_mb_add(
+                int i = stage_batch_add(
                     mb, b->slot[s], o->seq_len[s] + j - 1, b->gen[(size_t)s * o->max_new + j - 1],
-                    COMM_ROW_NEED_LOGITS | COMM_ROW_SAMPLE, (uint64_t)s, (uint32_t)j);
+                    STAGE_ROW_NEED_LOGITS | STAGE_ROW_SAMPLE, (uint64_t)s, (uint32_t)j);
                 set_sampling(b, mb, i);
             }
         }
@@ -274,7 +274,7 @@ static int batch_next(void *self, engine_mb *mb)
 
 static group *group_of(engine_batch *b, int s) { return &b->g[s / b->gs]; }
 
-static void batch_done(void *self, const engine_mb *mb, const int32_t *tok)
+static void batch_done(void *self, const stage_batch *mb, const int32_t *tok)
 {
     engine_batch *b = self;
     const engine_run_opts *o = b->o;
@@ -282,7 +282,7 @@ static void batch_done(void *self, const engine_mb *mb, const int32_t *tok)
     group *g = group_of(b, (int)mb->seq[0]);
     for (int i = 0; i < mb->n; i++) {
         int s = (int)mb->seq[i];
-        if (gen && (mb->flags[i] & COMM_ROW_SAMPLE)) {
+        if (gen && (mb->flags[i] & STAGE_ROW_SAMPLE)) {
             b->gen[(size_t)s * o->max_new + b->count[s]++] = tok[i];
             if (b->count[s] >= o->max_new || (!o->ignore_eos && o->eos >= 0 && tok[i] == o->eos))
                 finish_seq(b, g, s);

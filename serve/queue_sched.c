@@ -112,18 +112,19 @@ static void sweep(srvq *q)
     }
 }
 
-static void add_row(engine_mb *mb, const rq *r, int32_t pos, int32_t tok, uint8_t fl, uint32_t step)
+static void add_row(stage_batch *mb, const rq *r, int32_t pos, int32_t tok, uint8_t fl,
+                    uint32_t step)
 {
-    int i = engine_mb_add(mb, r->slot, pos, tok, fl, 0, step);
+    int i = stage_batch_add(mb, r->slot, pos, tok, fl, 0, step);
     mb->tag[i] = (uint64_t)r->id;
-    if (fl & COMM_ROW_SAMPLE) {
+    if (fl & STAGE_ROW_SAMPLE) {
         mb->temperature[i] = r->r.temperature;
         mb->top_p[i] = r->r.top_p;
         mb->seed[i] = r->r.seed;
     }
 }
 
-static int sched_next(void *self, engine_mb *mb)
+static int sched_next(void *self, stage_batch *mb)
 {
     srvq *q = self;
     pthread_mutex_lock(&q->mu);
@@ -134,7 +135,7 @@ static int sched_next(void *self, engine_mb *mb)
     for (rq *r = q->run_head; r && mb->n < R; r = r->next)
         if (r->n_prefilled == r->r.n_prompt && r->inflight == 0) {
             add_row(mb, r, r->r.n_prompt + r->n_gen - 1, r->last,
-                    COMM_ROW_NEED_LOGITS | COMM_ROW_SAMPLE, (uint32_t)r->n_gen);
+                    STAGE_ROW_NEED_LOGITS | STAGE_ROW_SAMPLE, (uint32_t)r->n_gen);
             r->inflight++;
         }
     for (rq *r = q->run_head; r && mb->n < (q->whole ? q->max_rows : R); r = r->next) {
@@ -149,8 +150,8 @@ static int sched_next(void *self, engine_mb *mb)
         int take = left < room ? left : room;
         for (int k = 0; k < take; k++) {
             int t = r->n_prefilled++;
-            uint8_t fl = COMM_ROW_PROMPT;
-            if (t == r->r.n_prompt - 1) fl |= COMM_ROW_NEED_LOGITS | COMM_ROW_SAMPLE;
+            uint8_t fl = STAGE_ROW_PROMPT;
+            if (t == r->r.n_prompt - 1) fl |= STAGE_ROW_NEED_LOGITS | STAGE_ROW_SAMPLE;
             add_row(mb, r, t, r->prompt[t], fl, 0);
             r->inflight++;
         }
@@ -172,7 +173,7 @@ static int sched_next(void *self, engine_mb *mb)
     return mb->n > 0;
 }
 
-static void sched_done(void *self, const engine_mb *mb, const int32_t *tok)
+static void sched_done(void *self, const stage_batch *mb, const int32_t *tok)
 {
     srvq *q = self;
     pthread_mutex_lock(&q->mu);
@@ -182,7 +183,7 @@ static void sched_done(void *self, const engine_mb *mb, const int32_t *tok)
         rq *r = q->by_slot[slot];
         if (!r || (uint64_t)r->id != mb->tag[i]) continue; /* its request ended: skip */
         r->inflight--;
-        if (!(mb->flags[i] & COMM_ROW_SAMPLE) || r->state != RQ_RUNNING) continue;
+        if (!(mb->flags[i] & STAGE_ROW_SAMPLE) || r->state != RQ_RUNNING) continue;
         int32_t t = tok[i];
         if (q->eos >= 0 && t == q->eos && !r->r.ignore_eos) {
             end_running(q, r, SRVQ_FINISH_STOP, "stop");

@@ -188,6 +188,11 @@ static void slot_release_impl(stage_state *s, int slot)
  * broadcasts each operation on the stage state; the other ranks (followers) repeat it. ---- */
 enum { TP_OP_STOP = 0, TP_OP_FORWARD, TP_OP_HEAD, TP_OP_RESET, TP_OP_RELEASE };
 enum { TP_HDR = 8 }; /* op, n, first, last, slot, n_present, 0, 0 */
+/* A FORWARD carries per row: slot, pos, token (4 bytes each), flags, present (1 each). */
+enum { TP_ROW_BYTES = 14 };
+_Static_assert(sizeof *((stage_batch *)0)->slot == 4 && sizeof *((stage_batch *)0)->pos == 4 &&
+                   sizeof *((stage_batch *)0)->token == 4 && sizeof *((stage_batch *)0)->flags == 1,
+               "TP_ROW_BYTES: the FORWARD encoding of a row");
 
 static int tp_leader(const stage_state *s)
 {
@@ -354,7 +359,7 @@ int stage_state_tp_follow(stage_state *s, char *err, size_t errlen)
                 return -1;
             continue;
         }
-        size_t len = (size_t)n * 14 + (size_t)np * D * sizeof(float);
+        size_t len = (size_t)n * TP_ROW_BYTES + (size_t)np * D * sizeof(float);
         s->tp->bcast(s->tp, s->f_buf, len);
         const uint8_t *p = s->f_buf;
         memcpy(slot, p, (size_t)n * 4);
