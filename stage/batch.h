@@ -44,9 +44,9 @@
     X(uint64_t, tag, 0, "the scheduler's own row tag (never sent; stage_batch_add: seq)")
 
 typedef struct {
-    int n;       /* rows (0 .. cap) */
-    int cap;     /* rows allocated; 0: a view */
-    uint64_t id; /* micro-batch number (set by the loop) */
+    int n;                                             /* rows (0 .. cap) */
+    int cap;                                           /* rows allocated; 0: a view */
+    uint64_t id;                                       /* micro-batch number (set by the loop) */
 #define STAGE_BATCH_FIELD(T, name, def, what) T *name; /* [cap] what */
     STAGE_BATCH_ROWS(STAGE_BATCH_FIELD)
 #undef STAGE_BATCH_FIELD
