@@ -545,7 +545,9 @@ static int dnnl_plan(mm_job *j)
 static void run_large(const float *x, int m, const stage_weight *w, float *y, const mm_ops *o)
 {
     mm_job j = {.x = x, .m = m, .w = w, .y = y, .ops = o};
-    j.use_dnnl = g_engine != STAGE_ENGINE_BLAS && dnnl_plan(&j);
+    j.use_dnnl = (g_engine == STAGE_ENGINE_ONEDNN ||
+                  (g_engine == STAGE_ENGINE_AUTO && stage_dnnl_preferred())) &&
+                 dnnl_plan(&j);
     /* Several pool threads call sgemm at once: each must run single-threaded (an earlier
      * openblas_set_num_threads(n) would make them queue for OpenBLAS's own threads). */
     if (!j.use_dnnl && P.n > 1 && openblas_get_num_threads() != 1) openblas_set_num_threads(1);
@@ -589,7 +591,9 @@ const char *stage_matmul_large_engine(int m, int k, char *buf, size_t len)
 {
     stage_dnnl_shape s = {
         .m = m, .n = STAGE_TILE_N, .k = k, .ldx = k, .ldw = k, .ldy = STAGE_TILE_N};
-    const char *impl = g_engine == STAGE_ENGINE_BLAS ? NULL : stage_dnnl_impl(&s);
+    const int want = g_engine == STAGE_ENGINE_ONEDNN ||
+                     (g_engine == STAGE_ENGINE_AUTO && stage_dnnl_preferred());
+    const char *impl = want ? stage_dnnl_impl(&s) : NULL;
     snprintf(buf, len, "%s%s", impl ? "onednn:" : "openblas", impl ? impl : "");
     return buf;
 }

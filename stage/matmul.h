@@ -12,8 +12,8 @@
  *     f32 in STAGE_TILE_K-column blocks in a per-thread scratch and multiplied block by block.
  *     Tiles are handed to the pool's threads in any order. The tile matmul is oneDNN's
  *     (stage/onednn.h: the weights in their checkpoint layout, a primitive created once per
- *     tile shape and cached, run inside the pool thread) or, when oneDNN has no real kernel
- *     for the shape, OpenBLAS's cblas_sgemm. Debian's oneDNN 2.6 has bf16 matmul kernels only
+ *     tile shape and cached, run inside the pool thread) on CPUs where oneDNN has AVX-512 or
+ *     better kernels, else OpenBLAS's cblas_sgemm (stage_matmul_force_engine). Debian's oneDNN 2.6 has bf16 matmul kernels only
  *     on AVX-512 CPUs and none mixing f32 activations with bf16 weights, so 16-bit weights
  *     always go through the exact f32 conversion (no rounding of activations).
  *
@@ -95,9 +95,11 @@ stage_isa stage_matmul_isa(void); /* the variant in use */
 typedef enum { STAGE_PATH_AUTO = 0, STAGE_PATH_SMALL, STAGE_PATH_LARGE } stage_path;
 void stage_matmul_force_path(stage_path p); /* AUTO: by m (the default) */
 
-/* The large path's tile engine. AUTO (the default) = ONEDNN: oneDNN's f32 matmul whenever it
- * has a kernel that is not a reference one for every tile shape of the call, else OpenBLAS for
- * that call (each shape decides the same way on every rank of a run on one kind of CPU). */
+/* The large path's tile engine. ONEDNN: oneDNN's f32 matmul whenever it has a kernel that is
+ * not a reference one for every tile shape of the call, else OpenBLAS for that call. AUTO (the
+ * default): ONEDNN where oneDNN dispatches to AVX-512 or better, OpenBLAS on AVX2 and below
+ * (oneDNN's AVX2 f32 gemm measured 0.8-0.9x OpenBLAS's at 256 rows here: docs/BENCH.md). Each
+ * shape decides the same way on every rank of a run on one kind of CPU. */
 typedef enum { STAGE_ENGINE_AUTO = 0, STAGE_ENGINE_BLAS, STAGE_ENGINE_ONEDNN } stage_engine;
 void stage_matmul_force_engine(stage_engine e);
 /* What the large path runs for an f32 tile of m rows, k columns: oneDNN's implementation name

@@ -223,6 +223,13 @@ void stage_dnnl_tile(int handle, int tid, const float *x, const float *w, float 
     dnnl_stream_wait(D.st[tid]);
 }
 
+int stage_dnnl_preferred(void)
+{
+    /* an ISA value is a bit set including every ISA below it (dnnl_types.h) */
+    const unsigned core = dnnl_cpu_isa_avx512_core;
+    return ((unsigned)dnnl_get_effective_cpu_isa() & core) == core;
+}
+
 const char *stage_dnnl_impl(const stage_dnnl_shape *s)
 {
     int h = stage_dnnl_prepare(s, 1);

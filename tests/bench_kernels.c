@@ -15,7 +15,8 @@
  *            weights rotate through copies filling 1 GiB so they come from memory, not the L3;
  *   cross    small path vs large path for m around STAGE_M_SMALL (how it was chosen);
  *   prefill  m = 256 GFLOP/s per variant vs one cblas_sgemm call (OpenBLAS on N threads) on the
- *            same f32 shape.
+ *            same f32 shape; prefill_engine: the large path with its tiles on OpenBLAS and on
+ *            oneDNN (stage/onednn.h), f32 and bf16 weights.
  *   attend   stage_attend_gqa, 4 query heads sharing a KV head, hd 128, 2048 cached positions.
  * Times are the median of the repetitions; on a loaded machine they are noisy.
  */
@@ -401,6 +402,28 @@ int main(int argc, char **argv)
                 fflush(stdout);
             }
         }
+        /* the large path's two tile engines, interleaved so load changes hit both alike */
+        stage_matmul_force_isa(only >= 0 ? (stage_isa)only : stage_isa_best());
+        for (int d = 0; d < 2; d++) {
+            double te[2][3];
+            for (int rr = 0; rr < 3; rr++)
+                for (int e = 0; e < 2; e++) {
+                    stage_matmul_force_engine(e ? STAGE_ENGINE_ONEDNN : STAGE_ENGINE_BLAS);
+                    te[e][rr] = time_matmul(x, M_PRE, n, K, dts[d], (const char *)arena,
+                                            arena_bytes, y, preps);
+                }
+            for (int e = 0; e < 2; e++) {
+                char eng[96];
+                stage_matmul_force_engine(e ? STAGE_ENGINE_ONEDNN : STAGE_ENGINE_BLAS);
+                stage_matmul_large_engine(M_PRE, K, eng, sizeof eng);
+                printf("prefill_engine engine=\"%s\" dtype=%s m=%d k=%d n=%d threads=%d "
+                       "gflops=%.2f\n",
+                       eng, dts[d] == STAGE_F32 ? "f32" : "bf16", M_PRE, K, n, nt,
+                       flops / median(te[e], 3) / 1e9);
+            }
+            fflush(stdout);
+        }
+        stage_matmul_force_engine(STAGE_ENGINE_AUTO);
     }
     /* ---- attention: one GQA group (4 query heads, hd 128) over a long context ---- */
     {

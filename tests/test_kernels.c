@@ -5,7 +5,8 @@
  *      odd k and n not a multiple of the row block, both paths: max |y - ref| / max |ref| <= 1e-5,
  *      the reference being computed in double on the same bf16/f16-rounded weights; each SIMD
  *      variant against the plain C one;
- *   2. determinism: thread counts 1, 2, 3 give bit-identical results (both paths); a row of a
+ *   2. determinism: thread counts 1, 2, 3 give bit-identical results (both paths, the large one
+ *      on both engines); a row of a
  *      small-path call with m = 8 is bit-identical to that row computed alone;
  *   3. attention (one head and GQA groups) against a double reference; a GQA head is
  *      bit-identical to the same head alone;
@@ -249,8 +250,9 @@ static void test_matmul_threads_bitwise(void)
         for (int isa = 0; isa < STAGE_N_ISAS; isa++) {
             if (!stage_isa_supported((stage_isa)isa)) continue;
             stage_matmul_force_isa((stage_isa)isa);
-            for (int mi = 0; mi < 5; mi++) {
-                const int m = ms[mi];
+            for (int mi = 0; mi < 5 * 2; mi++) {
+                const int m = ms[mi % 5], eng = mi / 5; /* large path on OpenBLAS, oneDNN */
+                stage_matmul_force_engine(eng ? STAGE_ENGINE_ONEDNN : STAGE_ENGINE_BLAS);
                 for (int th = 1; th <= 3; th++) {
                     threads(th);
                     memset(y[th - 1], 0xff, (size_t)m * n * sizeof(float));
@@ -259,10 +261,12 @@ static void test_matmul_threads_bitwise(void)
                 int same = !memcmp(y[0], y[1], (size_t)m * n * sizeof(float)) &&
                            !memcmp(y[0], y[2], (size_t)m * n * sizeof(float));
                 if (!same)
-                    fprintf(stderr, "\n  %s %s m=%d: results differ between 1, 2, 3 threads\n",
-                            stage_isa_name((stage_isa)isa), dt_name(DTYPES[d]), m);
+                    fprintf(stderr, "\n  %s %s m=%d %s: results differ between 1, 2, 3 threads\n",
+                            stage_isa_name((stage_isa)isa), dt_name(DTYPES[d]), m,
+                            eng ? "onednn" : "openblas");
                 CU_ASSERT(same);
             }
+            stage_matmul_force_engine(STAGE_ENGINE_AUTO);
         }
         free((void *)w.data);
     }
@@ -282,9 +286,11 @@ static void test_matmul_onednn(void)
 {
     char eng[96];
     stage_matmul_large_engine(100, 300, eng, sizeof eng);
-    if (verbose()) fprintf(stderr, "\n  large-path engine (m=100, k=300): %s\n", eng);
+    if (verbose()) fprintf(stderr, "\n  large-path engine by default (m=100, k=300): %s\n", eng);
+    stage_matmul_force_engine(STAGE_ENGINE_ONEDNN);
 #if defined(__x86_64__)
-    CU_ASSERT(!strncmp(eng, "onednn:", 7));
+    /* oneDNN has non-reference f32 kernels on every x86-64 CPU (SSE4.1 and up) */
+    CU_ASSERT(!strncmp(stage_matmul_large_engine(100, 300, eng, sizeof eng), "onednn:", 7));
 #endif
     stage_matmul_force_engine(STAGE_ENGINE_BLAS);
     CU_ASSERT_STRING_EQUAL(stage_matmul_large_engine(100, 300, eng, sizeof eng), "openblas");
