@@ -98,7 +98,8 @@ void stage_matmul_force_path(stage_path p); /* AUTO: by m (the default) */
 /* The large path's tile engine. ONEDNN: oneDNN's f32 matmul whenever it has a kernel that is
  * not a reference one for every tile shape of the call, else OpenBLAS for that call. AUTO (the
  * default): ONEDNN where oneDNN dispatches to AVX-512 or better, OpenBLAS on AVX2 and below
- * (oneDNN's AVX2 f32 gemm measured 0.8-0.9x OpenBLAS's at 256 rows here: docs/BENCH.md). Each
+ * (oneDNN's AVX2 f32 gemm measured level with OpenBLAS's on an AMD EPYC, 0.8-1.4x by shape on a
+ * shared machine: docs/BENCH.md bench-matmul; its AVX-512 brgemm kernels beat it). Each
  * shape decides the same way on every rank of a run on one kind of CPU. */
 typedef enum { STAGE_ENGINE_AUTO = 0, STAGE_ENGINE_BLAS, STAGE_ENGINE_ONEDNN } stage_engine;
 void stage_matmul_force_engine(stage_engine e);

@@ -41,8 +41,9 @@ void stage_dnnl_tile(int handle, int tid, const float *x, const float *w, float 
  * ("gemm:jit isa=avx2", "brg:avx512_core_amx isa=avx512_core_amx"...),
  * or NULL when there is none that is not a reference implementation. */
 const char *stage_dnnl_impl(const stage_dnnl_shape *s);
-/* 1 when oneDNN dispatches to AVX-512 or better (its brgemm kernels: measured faster than
- * OpenBLAS there); on AVX2 and below its f32 gemm measured 0.8-0.9x OpenBLAS's (docs/BENCH.md). */
+/* 1 when oneDNN dispatches to AVX-512 or better (its brgemm kernels: 372 GFLOP/s f32 on 2 Xeon
+ * cores where OpenBLAS gave 242); on AVX2 its f32 gemm measured level with OpenBLAS's, no gain
+ * (docs/BENCH.md, bench-matmul), so the default stays OpenBLAS there. */
 int stage_dnnl_preferred(void);
 int stage_dnnl_cached(void); /* shapes in the cache (tests) */
 void stage_dnnl_free(void);  /* drop every primitive, stream and scratchpad */
