@@ -2014,8 +2014,9 @@ static void test_kv_entries_mod_predictor(void) { check_kv_entries("mod_predicto
 static void test_kv_entries_mode_staged(void) { check_kv_entries("mode_staged"); }
 static void test_kv_entries_mixed(void) { check_kv_entries("mixed"); }
 
-/* The slot pool is sized at init: every layer gets slots x ctx entries, routed or not (no
- * growth at run time), so both models reserve the same bytes. */
+/* Without a --kv-mem budget the page pool holds every position of every slot on every layer
+ * (K + V + an int32 position per entry), routed or not; tests/test_kv.c checks the pages a
+ * routed layer actually takes. */
 static void test_kv_alloc_capacity(void)
 {
     fxm d, m;
@@ -2032,7 +2033,7 @@ static void test_kv_alloc_capacity(void)
     CU_ASSERT_FATAL(sd && sm);
     size_t bd = stage_state_kv_alloc_bytes(sd), bm = stage_state_kv_alloc_bytes(sm);
     const size_t kvd = (size_t)d.cfg.n_kv_heads * d.cfg.head_dim;
-    CU_ASSERT_EQUAL(bd, (size_t)6 * 4 * 256 * kvd * 2 * sizeof(float));
+    CU_ASSERT_EQUAL(bd, (size_t)6 * 4 * 256 * (kvd * 2 * sizeof(float) + sizeof(int32_t)));
     CU_ASSERT_EQUAL(bm, bd);
     CU_ASSERT_EQUAL(stage_state_slots(sd), 4);
     CU_ASSERT_EQUAL(stage_state_ctx(sd), 256);
