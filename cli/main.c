@@ -90,6 +90,11 @@ static const opt_def OPTS[] = {
     {"ctx", "N", C_GEN | C_EVAL | C_PART, 0,
      "positions per slot (default: the longest need, prompt + max-new - 1 or the longest line); "
      "a sequence that needs more is an error. partition: default max_position_embeddings"},
+    {"kv-page", "N", C_GEN | C_EVAL, 0, "KV cache positions per page (default 16)"},
+    {"kv-mem", "SIZE", C_GEN | C_EVAL, 0,
+     "KV page pool per rank, e.g. 512M; a run that needs more pages is an error. Default: "
+     "what --mem-per-rank leaves after the stage's weights and workspace, else every position "
+     "of every slot on every layer"},
     {"ignore-eos", NULL, C_GEN, 0,
      "do not stop at the model's EOS token (config.json eos_token_id): always max-new tokens"},
     {"threads", "N", C_GEN | C_EVAL | C_INIT, 0,
@@ -835,6 +840,15 @@ static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *er
     if (opt_long(o, "ctx", 1, 1 << 24, 0, &ctxn, err, errlen)) return -1;
     ro->slots = (int)slots;
     ro->ctx = (int)ctxn;
+    long kvp;
+    if (opt_long(o, "kv-page", 1, 1 << 20, 16, &kvp, err, errlen)) return -1;
+    ro->kv.page = (int)kvp;
+    const char *km = opt_str(o, "kv-mem");
+    if (km && (engine_parse_size(km, &ro->kv.mem_bytes) || ro->kv.mem_bytes == 0)) {
+        snprintf(err, errlen, "%s: expected a size like 512M or 2G, got '%s'",
+                 o->v[opt_index("kv-mem")].origin, km);
+        return -1;
+    }
     ro->n_seqs = r->sq.n;
     ro->seq_tokens = r->sq.tok;
     ro->seq_len = r->sq.len;

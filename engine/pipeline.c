@@ -649,7 +649,7 @@ int engine_loop_step(engine_loop *L)
  * Stats: gathered on rank 0, written as JSON, one summary line.
  * ===================================================================================== */
 
-enum { ST_LINK = 4, ST_FIXED = 9, ST_LAYER = 7 };
+enum { ST_LINK = 4, ST_FIXED = 14, ST_LAYER = 7 };
 
 static double *stats_vector(engine_loop *c, int *len)
 {
@@ -675,6 +675,13 @@ static double *stats_vector(engine_loop *c, int *len)
     struct rusage ru; /* peak resident set of this rank (Linux: KiB), mmap'd weights included */
     f[7] = getrusage(RUSAGE_SELF, &ru) == 0 ? (double)ru.ru_maxrss * 1024.0 : 0.0;
     f[8] = stage_state_tp_io_bytes(c->st);
+    stage_kv_stats ks; /* the paged pool (docs/SPEC.md §11) */
+    stage_state_kv_stats(c->st, &ks);
+    f[9] = ks.page;
+    f[10] = ks.pages_total;
+    f[11] = ks.pages_peak;
+    f[12] = ks.pages_used;
+    f[13] = (double)ks.page_bytes;
     double *lv = f + ST_FIXED;
     stage_range r = stage_model_range(c->m);
     for (int l = r.first; l <= r.last; l++) {
@@ -729,6 +736,13 @@ static void report(engine_loop *c, const double *all, int len, double seconds,
         cJSON_AddNumberToObject(e, "busy_fraction", seconds > 0 ? f[1] / seconds : 0);
         cJSON_AddNumberToObject(e, "weight_bytes", f[3]);
         cJSON_AddNumberToObject(e, "kv_bytes_allocated", f[4]);
+        /* the page pool: its size, the most pages held at once, pages still held once every
+         * slot was released at the end (0 unless the accounting lost pages) */
+        cJSON_AddNumberToObject(e, "kv_page_positions", f[9]);
+        cJSON_AddNumberToObject(e, "kv_pages_total", f[10]);
+        cJSON_AddNumberToObject(e, "kv_pages_peak", f[11]);
+        cJSON_AddNumberToObject(e, "kv_pages_used_at_end", f[12]);
+        cJSON_AddNumberToObject(e, "kv_bytes_peak", f[11] * f[13]);
         cJSON_AddNumberToObject(e, "peak_rss_bytes", f[7]);
         /* tensor parallelism: ranks of the stage, and the bytes moved inside its group outside
          * the layers (micro-batches handed to the group, LM head); weight, KV and RSS bytes
@@ -930,7 +944,14 @@ static int loop_init(engine_loop *c, char *err, size_t errlen)
     stage_range r = {me->first, me->last, c->rank == 0 && !c->follower, c->rank == c->S - 1};
     if (stage_model_load_tp(o->model_dir, cfg, r, o->weights_dtype, c->tp, &c->m, err, errlen))
         return -1;
-    c->st = stage_state_init(c->m, o->slots, c->R, o->ctx, err, errlen);
+    /* KV pool budget (docs/SPEC.md §11): --kv-mem, else what --mem-per-rank leaves after the
+     * planner's weights and workspace of this stage (one rank per stage), else every position */
+    stage_kv_opts kv = o->kv;
+    if (!kv.mem_bytes && o->plan->have_mem && o->plan->mem.mem_per_rank && me->ranks <= 1) {
+        size_t used = me->weight_bytes + me->work_bytes;
+        if (o->plan->mem.mem_per_rank > used) kv.mem_bytes = o->plan->mem.mem_per_rank - used;
+    }
+    c->st = stage_state_init_kv(c->m, o->slots, c->R, o->ctx, &kv, err, errlen);
     if (!c->st) return -1;
     if (c->follower) return 0; /* no pipeline links, no scheduler: the leader's */
     c->pkt_max = comm_packet_max_bytes(c->R, c->D, c->S);
@@ -1108,6 +1129,9 @@ int engine_loop_close(engine_loop *c, engine_loop_result *res, char *err, size_t
         c->finished = 1;
     }
     stage_state_tp_stop(c->st); /* this stage's followers leave their loop */
+    /* the run is over: every sequence has ended, so every slot gives its pages back (the
+     * stats then show any page the accounting lost, docs/SPEC.md §11) */
+    for (int s = 0; s < c->o.slots; s++) stage_state_slot_release(c->st, s);
     comm_links_drain(c->links);
     double seconds = stage_now_s() - c->t_start;
     MPI_Barrier(c->comm);
@@ -1167,6 +1191,7 @@ int engine_run(MPI_Comm comm, const engine_run_opts *o, engine_run_result *res, 
         .plan = o->plan,
         .slots = engine_batch_slots(b),
         .ctx = engine_batch_ctx(b),
+        .kv = o->kv,
         .max_rows =
             engine_batch_max_rows(b) > o->micro_batch ? engine_batch_max_rows(b) : o->micro_batch,
         .max_in_flight = o->max_in_flight,

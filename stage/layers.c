@@ -70,8 +70,9 @@ static double attention(stage_state *s, int li, const layer_w *L, const stage_ba
         if (e == KV_EXHAUSTED) {
             snprintf(err, errlen,
                      "layer %d: slot %d position %d: KV pool exhausted (all %d pages of %d "
-                     "positions in use; raise --kv-mem or lower --slots)",
-                     s->m->range.first + li, b->slot[r], b->pos[r], s->pool.n_pages, s->pool.page);
+                     "positions, %zu bytes, in use; raise --kv-mem or lower --slots)",
+                     s->m->range.first + li, b->slot[r], b->pos[r], s->pool.n_pages, s->pool.page,
+                     stage_state_kv_alloc_bytes(s));
             return -1;
         }
         s->ent[j] = e;

@@ -27,8 +27,10 @@ static void mem_text(double b, char *out, size_t n)
         snprintf(out, n, "%.2f GiB", b / (1024.0 * 1024 * 1024));
     else if (b >= 1024.0 * 1024)
         snprintf(out, n, "%.1f MiB", b / (1024.0 * 1024));
-    else
+    else if (b >= 1024.0)
         snprintf(out, n, "%.1f KiB", b / 1024.0);
+    else
+        snprintf(out, n, "%.0f B", b);
 }
 
 stage_state *stage_state_init_kv(const stage_model *m, int n_slots, int max_rows, int max_seq,
