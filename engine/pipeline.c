@@ -19,6 +19,7 @@
 #include "stage/tp.h"
 
 enum { TAG_CHAIN = 1, TAG_BYPASS = 2, TAG_TOKENS = 3, TAG_REPORT = 4 };
+enum { REP_KV = 8 }; /* KV pool counters in a link report (report_fill) */
 
 /* ========================================================================================
  * Loop state
@@ -77,13 +78,14 @@ struct engine_loop {
     int finished;
 
     /* link reports (serve): rank s > 0 -> 0, rep_len uint64 each */
-    int rep_len;           /* S * 4 counters + dense_rows + final flag */
+    int rep_len;           /* S * 4 counters + dense_rows + final flag + REP_KV pool counters */
     uint64_t *rep_in;      /* rank 0: [S][rep_len] receive buffers */
     uint64_t *rep_tab;     /* rank 0: [S][rep_len] latest report of each rank */
     MPI_Request *rep_req;  /* rank 0: [S] */
     uint64_t rep_packets;  /* ranks > 0: packets counted at the last report */
     double rep_t;          /* last report sent (ranks > 0) / handed to ops->links (0) */
     engine_link_bytes *lb; /* rank 0: [S*S] */
+    engine_kv_report *kvr; /* rank 0: [S] */
 
     /* accounting */
     double dense_rows; /* rows a dense pipeline sends on link rank -> rank+1 */
@@ -320,7 +322,7 @@ static uint64_t packets_sent(const engine_loop *c)
     return n;
 }
 
-/* [S][packets, header, payload, rows], dense_rows, final */
+/* [S][packets, header, payload, rows], dense_rows, final, [REP_KV] the KV pool */
 static void report_fill(const engine_loop *c, uint64_t *v, int final)
 {
     for (int t = 0; t < c->S; t++) {
@@ -332,6 +334,17 @@ static void report_fill(const engine_loop *c, uint64_t *v, int final)
     }
     v[c->S * 4] = (uint64_t)c->dense_rows;
     v[c->S * 4 + 1] = (uint64_t) final;
+    stage_kv_stats k;
+    stage_state_kv_stats(c->st, &k);
+    uint64_t *kv = v + c->S * 4 + 2; /* [REP_KV] */
+    kv[0] = (uint64_t)k.pages_total;
+    kv[1] = (uint64_t)k.pages_used;
+    kv[2] = (uint64_t)k.pages_peak;
+    kv[3] = k.page_bytes;
+    kv[4] = k.bytes_dense;
+    kv[5] = (uint64_t)k.pages_routed;
+    kv[6] = (uint64_t)k.pages_skip;
+    kv[7] = (uint64_t)k.pages_full;
 }
 
 /* Rank > 0: at most every 0.25 s when counters moved (or final). The report itself goes on
@@ -346,7 +359,7 @@ static void report_send(engine_loop *c, int final)
     uint8_t *buf = comm_links_acquire(c->links, &cap);
     size_t len = (size_t)c->rep_len * sizeof(uint64_t);
     if (len > cap) COMM_FATAL("link report of %zu bytes exceeds the send buffer", len);
-    uint64_t v[64 * 4 + 2];
+    uint64_t v[64 * 4 + 2 + REP_KV];
     report_fill(c, v, final);
     memcpy(buf, v, len);
     comm_links_send(c->links, buf, len, 0, TAG_REPORT, 0, len, 0);
@@ -391,6 +404,12 @@ static void report_poll(engine_loop *c, int force)
         }
     }
     c->ops->links(c->self, c->lb, n);
+    if (!c->ops->kv) return;
+    for (int s = 0; s < c->S; s++) {
+        const uint64_t *kv = c->rep_tab + (size_t)s * c->rep_len + c->S * 4 + 2;
+        c->kvr[s] = (engine_kv_report){s, kv[0], kv[1], kv[2], kv[3], kv[4], kv[5], kv[6], kv[7]};
+    }
+    c->ops->kv(c->self, c->kvr, c->S);
 }
 
 /* ========================================================================================
@@ -910,6 +929,7 @@ static void loop_free(engine_loop *c)
     free(c->rep_tab);
     free(c->rep_req);
     free(c->lb);
+    free(c->kvr);
     stage_tp_free(c->tp);
     if (c->group != MPI_COMM_NULL) MPI_Comm_free(&c->group);
     if (c->leaders != MPI_COMM_NULL) MPI_Comm_free(&c->leaders);
@@ -967,7 +987,7 @@ static int loop_init(engine_loop *c, char *err, size_t errlen)
     c->masks = calloc(S, comm_mask_bytes(c->R) + 1);
     c->byp_in = malloc(S * S * sizeof *c->byp_in);
     c->byp_out = malloc(S * S * sizeof *c->byp_out);
-    c->rep_len = (int)S * 4 + 2;
+    c->rep_len = (int)S * 4 + 2 + REP_KV;
     ok = ok && c->x && c->present && c->dest && c->masks && c->byp_in && c->byp_out;
     if (ok && c->rank > 0) {
         c->rbuf[0] = malloc(c->pkt_max);
@@ -1019,7 +1039,8 @@ static int loop_init(engine_loop *c, char *err, size_t errlen)
         c->rep_tab = calloc(S * (size_t)c->rep_len, 8);
         c->rep_req = malloc(S * sizeof *c->rep_req);
         c->lb = calloc(S * S, sizeof *c->lb);
-        ok = ok && c->rep_in && c->rep_tab && c->rep_req && c->lb;
+        c->kvr = calloc(S, sizeof *c->kvr);
+        ok = ok && c->rep_in && c->rep_tab && c->rep_req && c->lb && c->kvr;
         for (size_t s = 0; ok && s < S; s++) c->rep_req[s] = MPI_REQUEST_NULL;
     }
     if (!ok) {

@@ -112,7 +112,7 @@ void stage_attend_gqa(const float *q, int n_q, const float *k, const float *v, s
 /* Entries of a paged cache (stage/kv.h, docs/SPEC.md §11): entry t0 + t of the view, t in
  * [0, n_ctx), is k_t = k + pages[(t0+t) / page] * page_stride + ((t0+t) % page) * stride (v_t
  * likewise). A contiguous cache is one page: pages = {0}, page >= t0 + n_ctx. */
-typedef struct {
+typedef struct stage_kv_view {
     const float *k, *v;   /* pool bases, the KV head's offset included */
     const int32_t *pages; /* page ids in entry order */
     int page;             /* entries per page */

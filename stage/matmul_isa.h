@@ -16,7 +16,8 @@
 #include <stdint.h>
 
 #include "stage/dtype.h"
-#include "stage/matmul.h"
+
+typedef struct stage_kv_view stage_kv_view; /* stage/matmul.h */
 
 typedef void (*mm_rows_fn)(const float *x, int m, const stage_weight *w, int r0, int r1, float *y,
                            const uint16_t *xs);

@@ -9,6 +9,7 @@
  * MB only choose how many accumulators run side by side, so an output's rounding never
  * depends on the block it fell in (stage/matmul.h: reduction order).
  */
+#include "stage/matmul.h"
 #include "stage/matmul_isa.h"
 
 #if defined(__x86_64__)

@@ -122,15 +122,16 @@ static void test_attend_paged(void)
         }
     const stage_isa was = stage_matmul_isa();
     for (int isa = STAGE_ISA_C; isa <= STAGE_ISA_AVX512BF16; isa++)
-    for (int t0 = 0; t0 < 12 && stage_isa_supported((stage_isa)isa); t0 += 11) {
-        /* every variant, from the start and from inside page 2 */
-        stage_matmul_force_isa((stage_isa)isa);
-        stage_attend_gqa(q, NQ, cont_k + t0 * stride + HD, cont_v + t0 * stride + HD, stride,
-                         NC - t0, HD, 0.3f, pr, o1);
-        stage_kv_view kv = {pool_k + HD, pool_v + HD, pages, PG, t0, (size_t)PG * stride, stride};
-        stage_attend_paged(q, NQ, &kv, NC - t0, HD, 0.3f, pr, o2);
-        CU_ASSERT(memcmp(o1, o2, sizeof o1) == 0);
-    }
+        for (int t0 = 0; t0 < 12 && stage_isa_supported((stage_isa)isa); t0 += 11) {
+            /* every variant, from the start and from inside page 2 */
+            stage_matmul_force_isa((stage_isa)isa);
+            stage_attend_gqa(q, NQ, cont_k + t0 * stride + HD, cont_v + t0 * stride + HD, stride,
+                             NC - t0, HD, 0.3f, pr, o1);
+            stage_kv_view kv = {pool_k + HD, pool_v + HD,         pages, PG,
+                                t0,          (size_t)PG * stride, stride};
+            stage_attend_paged(q, NQ, &kv, NC - t0, HD, 0.3f, pr, o2);
+            CU_ASSERT(memcmp(o1, o2, sizeof o1) == 0);
+        }
     stage_matmul_force_isa(was);
     free(cont_k);
     free(cont_v);
@@ -177,8 +178,8 @@ static const int PLEN[NSEQ] = {7, 2, 5, 2};
 /* One forward of n rows (every row present), logits of the NEED_LOGITS rows appended to
  * *out. Returns 0, or -1 with err. */
 static int fwd(stage_state *st, const stage_model *m, int n, const int32_t *slot,
-               const int32_t *pos, const int32_t *tok, const uint8_t *flags, float **out,
-               char *err, size_t errlen)
+               const int32_t *pos, const int32_t *tok, const uint8_t *flags, float **out, char *err,
+               size_t errlen)
 {
     const stage_config *c = stage_model_config(m);
     float x[MAXROWS * 128];
@@ -415,17 +416,18 @@ static void test_pages_follow_router(void)
     fx_close(&m);
 }
 
-#define T_(f) {#f, f}
+#define T_(f)                                                                                      \
+    {                                                                                              \
+#f, f                                                                                      \
+    }
 
 int main(void)
 {
     static const test_def tests[] = {
-        T_(test_pool_pages),          T_(test_attend_paged),
-        T_(test_paged_dense),         T_(test_paged_mod),
-        T_(test_paged_mod_all),       T_(test_paged_mod_predictor),
-        T_(test_paged_mod_topk),      T_(test_paged_mode_staged),
-        T_(test_paged_mode_integrated), T_(test_paged_mindskip),
-        T_(test_paged_mindskip_token), T_(test_paged_mixed),
+        T_(test_pool_pages),          T_(test_attend_paged),         T_(test_paged_dense),
+        T_(test_paged_mod),           T_(test_paged_mod_all),        T_(test_paged_mod_predictor),
+        T_(test_paged_mod_topk),      T_(test_paged_mode_staged),    T_(test_paged_mode_integrated),
+        T_(test_paged_mindskip),      T_(test_paged_mindskip_token), T_(test_paged_mixed),
         T_(test_pages_follow_router),
     };
     if (CU_initialize_registry() != CUE_SUCCESS) return 1;

@@ -88,8 +88,9 @@ static double pages_peak(const char *model, int np)
 {
     char stats[512];
     snprintf(stats, sizeof stats, "%s/%s-np%d-stats.json", TMP, model, np);
-    int rc = run(120, "%s -np %d %s generate --model %s/%s %s --max-new 5 --kv-page 1 --quiet "
-                      "--stats %s",
+    int rc = run(120,
+                 "%s -np %d %s generate --model %s/%s %s --max-new 5 --kv-page 1 --quiet "
+                 "--stats %s",
                  MPIRUN, np, BIN, FIX, model, PROMPTS, stats);
     CU_ASSERT_EQUAL(rc, 0);
     cJSON *j = tu_read_json(stats);
@@ -127,15 +128,17 @@ static void test_refusals(void)
     const char *model = "mod";
     /* 6 pages of 4 positions hold the prompt of one layer and not much more */
     for (int np = 1; np <= 3; np += 2) {
-        int rc = run(120, "%s -np %d %s generate --model %s/%s %s --max-new 5 --kv-page 4 "
-                          "--kv-mem 3K --quiet",
+        int rc = run(120,
+                     "%s -np %d %s generate --model %s/%s %s --max-new 5 --kv-page 4 "
+                     "--kv-mem 3K --quiet",
                      MPIRUN, np, BIN, FIX, model, PROMPTS);
         CU_ASSERT_NOT_EQUAL(rc, 0);
         ASSERT_HAS(OUT, "KV pool exhausted");
         ASSERT_HAS(OUT, "raise --kv-mem");
     }
-    CU_ASSERT_NOT_EQUAL(run(60, "%s -np 1 %s eval --model %s/%s --tokens-file %s/eval_tokens.txt "
-                                "--kv-mem 3K --kv-page 4 --quiet",
+    CU_ASSERT_NOT_EQUAL(run(60,
+                            "%s -np 1 %s eval --model %s/%s --tokens-file %s/eval_tokens.txt "
+                            "--kv-mem 3K --kv-page 4 --quiet",
                             MPIRUN, BIN, FIX, model, FIX),
                         0);
     ASSERT_HAS(OUT, "KV pool exhausted");
@@ -143,13 +146,11 @@ static void test_refusals(void)
                             MPIRUN, BIN, FIX, model, PROMPTS),
                         0);
     ASSERT_HAS(OUT, "--kv-mem 100 B holds no KV page (a page of 16 positions is");
-    CU_ASSERT_NOT_EQUAL(run(60, "%s generate --model %s/%s %s --kv-mem lots --quiet", BIN, FIX,
-                            model, PROMPTS),
-                        0);
+    CU_ASSERT_NOT_EQUAL(
+        run(60, "%s generate --model %s/%s %s --kv-mem lots --quiet", BIN, FIX, model, PROMPTS), 0);
     ASSERT_HAS(OUT, "--kv-mem: expected a size like 512M or 2G, got 'lots'");
-    CU_ASSERT_NOT_EQUAL(run(60, "%s generate --model %s/%s %s --kv-page 0 --quiet", BIN, FIX,
-                            model, PROMPTS),
-                        0);
+    CU_ASSERT_NOT_EQUAL(
+        run(60, "%s generate --model %s/%s %s --kv-page 0 --quiet", BIN, FIX, model, PROMPTS), 0);
     ASSERT_HAS(OUT, "--kv-page");
 }
 
