@@ -19,6 +19,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "base/err.h"
 #include "cli/initmodel.h"
 #include "cli/modelspec.h"
 #include "engine/partition.h"
@@ -910,18 +911,6 @@ static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *er
     return 0;
 }
 
-static void human_bytes(double b, char *out, size_t n)
-{
-    if (b >= 1024.0 * 1024 * 1024)
-        snprintf(out, n, "%.2f GiB", b / (1024.0 * 1024 * 1024));
-    else if (b >= 1024.0 * 1024)
-        snprintf(out, n, "%.2f MiB", b / (1024.0 * 1024));
-    else if (b >= 1024.0)
-        snprintf(out, n, "%.1f KiB", b / 1024.0);
-    else
-        snprintf(out, n, "%.0f B", b);
-}
-
 static int cmd_run(int cmd, int argc, char **argv)
 {
     MPI_Init(NULL, NULL);
@@ -1003,10 +992,10 @@ static int cmd_run(int cmd, int argc, char **argv)
         }
         if (r.plan.n_stages > 1) {
             char w[32], d[32], p[32], h[32];
-            human_bytes(res.wire_bytes, w, sizeof w);
-            human_bytes(res.dense_bytes, d, sizeof d);
-            human_bytes(res.payload_bytes, p, sizeof p);
-            human_bytes(res.header_bytes, h, sizeof h);
+            base_human_bytes(res.wire_bytes, w, sizeof w);
+            base_human_bytes(res.dense_bytes, d, sizeof d);
+            base_human_bytes(res.payload_bytes, p, sizeof p);
+            base_human_bytes(res.header_bytes, h, sizeof h);
             printf("wire %s vs dense %s (%.1f%%): payload %s (%.1f%% of dense), headers %s\n", w, d,
                    res.dense_bytes > 0 ? 100.0 * res.wire_bytes / res.dense_bytes : 0.0, p,
                    res.dense_bytes > 0 ? 100.0 * res.payload_bytes / res.dense_bytes : 0.0, h);

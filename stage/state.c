@@ -9,6 +9,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "base/err.h"
 #include "stage/kernels.h"
 
 /* ========================================================================================
@@ -19,18 +20,6 @@ stage_state *stage_state_init(const stage_model *m, int n_slots, int max_rows, i
                               char *err, size_t errlen)
 {
     return stage_state_init_kv(m, n_slots, max_rows, max_seq, NULL, err, errlen);
-}
-
-static void mem_text(double b, char *out, size_t n)
-{
-    if (b >= 1024.0 * 1024 * 1024)
-        snprintf(out, n, "%.2f GiB", b / (1024.0 * 1024 * 1024));
-    else if (b >= 1024.0 * 1024)
-        snprintf(out, n, "%.1f MiB", b / (1024.0 * 1024));
-    else if (b >= 1024.0)
-        snprintf(out, n, "%.1f KiB", b / 1024.0);
-    else
-        snprintf(out, n, "%.0f B", b);
 }
 
 stage_state *stage_state_init_kv(const stage_model *m, int n_slots, int max_rows, int max_seq,
@@ -83,8 +72,8 @@ stage_state *stage_state_init_kv(const stage_model *m, int n_slots, int max_rows
         if (n_pages > full) n_pages = full;
         if (n_pages < 1 && n_seq > 0) {
             char a[32], b2[32];
-            mem_text((double)kvo->mem_bytes, a, sizeof a);
-            mem_text((double)pb, b2, sizeof b2);
+            base_human_bytes((double)kvo->mem_bytes, a, sizeof a);
+            base_human_bytes((double)pb, b2, sizeof b2);
             snprintf(err, errlen, "--kv-mem %s holds no KV page (a page of %d positions is %s)", a,
                      page, b2);
             free(s);

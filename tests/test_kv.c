@@ -141,34 +141,16 @@ static void test_attend_paged(void)
 
 /* ---- 3. fixtures: paged vs one page per (layer, slot) ------------------------------------ */
 
-typedef struct {
-    stage_config cfg;
-    stage_model *m;
-} fxm;
+typedef tu_model fxm;
 
 static int fx_open(const char *name, fxm *f)
 {
-    char dir[1024], err[ERRLEN];
-    memset(f, 0, sizeof *f);
+    char dir[1024];
     snprintf(dir, sizeof dir, "%s/%s", fixtures(), name);
-    if (stage_config_load(dir, &f->cfg, err, sizeof err)) {
-        fprintf(stderr, "\n  %s: %s\n", name, err);
-        return -1;
-    }
-    stage_range r = {0, f->cfg.n_layers - 1, 1, 1};
-    if (stage_model_load(dir, &f->cfg, r, &f->m, err, sizeof err)) {
-        fprintf(stderr, "\n  %s: %s\n", name, err);
-        stage_config_free(&f->cfg);
-        return -1;
-    }
-    return 0;
+    return tu_model_open(dir, f);
 }
 
-static void fx_close(fxm *f)
-{
-    stage_model_free(f->m);
-    stage_config_free(&f->cfg);
-}
+#define fx_close tu_model_close
 
 enum { NSEQ = 4, NSLOT = 3, NNEW = 6, CTX = 24, MAXROWS = 24 };
 static const int32_t PROMPTS[NSEQ][7] = {

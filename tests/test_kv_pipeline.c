@@ -20,25 +20,12 @@ static const char *BIN, *FIX;
 static char TMP[256];
 static const char *PROMPTS =
     "--prompt-ids 3,14,15,92,65,35 --prompt-ids 89,79 --prompt-ids 32,38,46,26";
-#define MPIRUN                                                                                     \
-    "mpirun --allow-run-as-root --oversubscribe --mca btl self,tcp --mca btl_tcp_if_include lo"
+#define MPIRUN TU_MPIRUN
 
 static char OUT[1 << 16];
 #define run(secs, ...) tu_run(OUT, sizeof OUT, (secs), __VA_ARGS__)
 
-static int files_identical(const char *a, const char *b)
-{
-    FILE *fa = fopen(a, "rb"), *fb = fopen(b, "rb");
-    int same = fa && fb;
-    while (same) {
-        int ca = fgetc(fa), cb = fgetc(fb);
-        if (ca != cb) same = 0;
-        if (ca == EOF || cb == EOF) break;
-    }
-    if (fa) fclose(fa);
-    if (fb) fclose(fb);
-    return same;
-}
+#define files_identical tu_files_identical
 
 static const char *GEN_MODELS[] = {
     "dense",           "mod",      "mod_all",        "mod_predictor", "mode_staged",

@@ -409,34 +409,16 @@ static void test_convert_f16(void)
 static const int32_t PROMPTS[NSEQ][6] = {{3, 14, 15, 92, 65, 35}, {89, 79}, {32, 38, 46, 26}};
 static const int PLEN[NSEQ] = {6, 2, 4};
 
-typedef struct {
-    stage_config cfg;
-    stage_model *m;
-} fxm;
+typedef tu_model fxm;
 
 static int fx_open(const char *name, fxm *f)
 {
-    char dir[1024], err[ERRLEN];
-    memset(f, 0, sizeof *f);
+    char dir[1024];
     snprintf(dir, sizeof dir, "%s/%s", fixtures(), name);
-    if (stage_config_load(dir, &f->cfg, err, sizeof err)) {
-        fprintf(stderr, "\n  %s: %s\n", name, err);
-        return -1;
-    }
-    stage_range r = {0, f->cfg.n_layers - 1, 1, 1};
-    if (stage_model_load(dir, &f->cfg, r, &f->m, err, sizeof err)) {
-        fprintf(stderr, "\n  %s: %s\n", name, err);
-        stage_config_free(&f->cfg);
-        return -1;
-    }
-    return 0;
+    return tu_model_open(dir, f);
 }
 
-static void fx_close(fxm *f)
-{
-    stage_model_free(f->m);
-    stage_config_free(&f->cfg);
-}
+#define fx_close tu_model_close
 
 static stage_state *state_new(const stage_model *m, int slots, int rows, int seq)
 {
