@@ -26,7 +26,8 @@ static const sopt SOPTS[] = {
     {"ctx", "N", "positions per slot, prompt + generated (default: the model's max, at most 4096)"},
     {"kv-page", "N", "KV cache positions per page (default 16)"},
     {"kv-mem", "SIZE",
-     "KV page pool per rank, e.g. 512M (default: every position of every slot on every layer)"},
+     "KV page pool per rank, e.g. 512M (default: every position of every slot on every "
+     "layer); requests are admitted by it, the newest preempted and recomputed under pressure"},
     {"queue", "N", "requests waiting for a slot at most; beyond: 503 + Retry-After (default 64)"},
     {"api-key", "KEY",
      "require 'Authorization: Bearer KEY' (all routes but /health); "

@@ -313,7 +313,7 @@ size_t comm_pack(const comm_packet *hdr, const float *x, int D, const int32_t *t
             return 0;
         }
         for (int k = 0; k < hdr->n_rows; k++)
-            if (tokens[k] < 0) {
+            if (tokens[k] < 0 && tokens[k] != STAGE_TOKEN_KV_LOST) {
                 comm_err(err, errlen, "comm_pack mb %llu %d->%d: token %d is negative (%d)", mb,
                          hdr->sender, hdr->receiver, k, (int)tokens[k]);
                 return 0;
@@ -694,7 +694,7 @@ static int comm_unpack_fill(comm_unpacker *u, const uint8_t *buf, size_t len, in
     if (out->kind == COMM_PKT_TOKENS)
         for (int k = 0; k < out->n_rows; k++) {
             int32_t t = comm_packet_token(out, k);
-            if (t < 0) {
+            if (t < 0 && t != STAGE_TOKEN_KV_LOST) {
                 comm_err(err, errlen, "packet mb %llu %d->%d: token %d is negative (%d)", mb,
                          out->sender, out->receiver, k, (int)t);
                 return -1;

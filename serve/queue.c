@@ -36,6 +36,7 @@ srvq *srvq_new(int slots, int ctx, int queue_cap, int vocab, int eos)
     pthread_cond_init(&q->cv, &ca);
     pthread_condattr_destroy(&ca);
     q->st.slots = slots;
+    for (int i = 0; i < SRVQ_MAX_LINKS; i++) q->keep[i] = 1.0; /* every row kept until measured */
     return q;
 }
 
@@ -43,6 +44,7 @@ void srvq_rq_free(rq *r)
 {
     if (!r) return;
     free(r->prompt);
+    free(r->gen);
     free(r);
 }
 
@@ -108,7 +110,11 @@ long srvq_submit(srvq *q, const srvq_request *r, char *err, size_t errlen)
     }
     rq *n = calloc(1, sizeof *n);
     int32_t *p = n ? malloc((size_t)r->n_prompt * sizeof *p) : NULL;
-    if (!p) {
+    /* the context bounds the tokens a request can make, whatever max_tokens says */
+    int32_t *g =
+        p ? malloc((size_t)(r->max_tokens < q->ctx ? r->max_tokens : q->ctx) * sizeof *g) : NULL;
+    if (!g) {
+        free(p);
         free(n);
         snprintf(err, errlen, "out of memory");
         return SRVQ_ERR_FULL;
@@ -117,6 +123,8 @@ long srvq_submit(srvq *q, const srvq_request *r, char *err, size_t errlen)
     n->r = *r;
     n->r.prompt = p;
     n->prompt = p;
+    n->gen = g;
+    n->n_fill = r->n_prompt;
     n->slot = -1;
     pthread_mutex_lock(&q->mu);
     long rc;

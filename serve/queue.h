@@ -74,6 +74,7 @@ typedef struct {
     int slots, slots_used;
     uint64_t requests_total; /* accepted by srvq_submit */
     uint64_t prompt_tokens, generated_tokens;
+    uint64_t preemptions; /* sequences whose KV was given up and recomputed (docs/SPEC.md §11) */
     /* pipeline links, refreshed by the pipeline at least once a second */
     int n_links;
     struct {

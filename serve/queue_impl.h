@@ -23,10 +23,16 @@ typedef struct rq {
     int state;
     int cancelled;
     int slot;
-    int n_prefilled; /* prompt rows issued */
+    int n_fill;      /* rows to prefill at this admission: the prompt, then the tokens
+                      * generated before a preemption (recomputed, docs/SPEC.md §11) */
+    int n_prefilled; /* of those, rows issued */
+    int n_issued;    /* rows issued at this admission (prefill and decode) */
     int n_gen;       /* tokens generated (EOS excluded) */
+    int32_t *gen;    /* [min(max_tokens, ctx)] those tokens */
     int32_t last;    /* last generated token: the next decode row's input */
     int inflight;    /* rows issued, not back */
+    uint32_t epoch;  /* admissions so far; the rows' tag names it (srvq_rq_tag) */
+    int lost_alone;  /* the pool ran out under it while nothing else ran */
     struct rq *next; /* queue / running list order */
 } rq;
 
@@ -55,8 +61,16 @@ struct srvq {
     event *ev; /* [ev_cap] */
     int n_ev, ev_cap;
     char fail_msg[256];
-    srvq_stats st;
+    srvq_stats st;               /* st.kv: the stages' pools, the basis of admission by memory */
+    double keep[SRVQ_MAX_LINKS]; /* per stage: pages held / pages had every layer kept every row */
 };
+
+/* The tag of r's rows at this admission: rows of an earlier one (before a preemption) that come
+ * back later are skipped. */
+static inline uint64_t srvq_rq_tag(const rq *r)
+{
+    return (uint64_t)r->id << 20 | (r->epoch & 0xfffff);
+}
 
 /* Frees a request and its prompt copy (NULL: no-op). */
 void srvq_rq_free(rq *r);

@@ -23,7 +23,13 @@
 #define STAGE_ROW_NEED_LOGITS 1u /* the head must compute this row's logits */
 #define STAGE_ROW_PROMPT 2u      /* a prompt (prefill / eval) row, not a decode row */
 #define STAGE_ROW_SAMPLE 4u      /* the head samples a token for it (needs NEED_LOGITS) */
-#define STAGE_ROW_ALL (STAGE_ROW_NEED_LOGITS | STAGE_ROW_PROMPT | STAGE_ROW_SAMPLE)
+#define STAGE_ROW_KV_LOST 8u     /* its sequence's KV was lost on an earlier stage (stage.h) */
+#define STAGE_ROW_ALL                                                                              \
+    (STAGE_ROW_NEED_LOGITS | STAGE_ROW_PROMPT | STAGE_ROW_SAMPLE | STAGE_ROW_KV_LOST)
+
+/* The head's answer for a SAMPLE row of a STAGE_ROW_KV_LOST sequence: no token (stage.h soft
+ * mode; the scheduler recomputes the sequence). The one negative id a TOKENS packet carries. */
+#define STAGE_TOKEN_KV_LOST (-1)
 
 /* Most slot releases one micro-batch may carry (the scheduler sends the rest in later ones). */
 #define STAGE_MAX_RELEASE 256

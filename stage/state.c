@@ -84,6 +84,7 @@ stage_state *stage_state_init_kv(const stage_model *m, int n_slots, int max_rows
     s->kv_seen = calloc((size_t)n_slots + 1, sizeof(int32_t));
     int pool_ok = !kv_pool_init(&s->pool, page, (int)n_pages, kvd_l);
     s->released = calloc((size_t)n_slots + 1, 1);
+    s->lost = calloc((size_t)n_slots + 1, 1);
     s->ms_keep = malloc((size_t)s->n_layers * n_slots + 1);
     s->stats = calloc((size_t)s->n_layers + 1, sizeof *s->stats);
     s->act = malloc(R * sizeof(int));
@@ -110,10 +111,10 @@ stage_state *stage_state_init_kv(const stage_model *m, int n_slots, int max_rows
     s->gate = malloc(R * ng * sizeof(float));
     s->probs = malloc((size_t)(max_seq + 1) * (c->n_heads / c->n_kv_heads) * sizeof(float));
     s->mean = malloc(D * sizeof(float));
-    int ok = pool_ok && s->kv && s->kv_pt && s->kv_seen && s->released && s->ms_keep && s->stats &&
-             s->act && s->act2 && s->ent && s->erow && s->sel_e && s->sel_w && s->score && s->xin &&
-             s->h && s->q && s->k && s->v && s->att && s->a && s->x2 && s->h2 && s->f1 && s->f3 &&
-             s->mo && s->ex && s->eo && s->gate && s->probs && s->mean;
+    int ok = pool_ok && s->kv && s->kv_pt && s->kv_seen && s->released && s->lost && s->ms_keep &&
+             s->stats && s->act && s->act2 && s->ent && s->erow && s->sel_e && s->sel_w &&
+             s->score && s->xin && s->h && s->q && s->k && s->v && s->att && s->a && s->x2 &&
+             s->h2 && s->f1 && s->f3 && s->mo && s->ex && s->eo && s->gate && s->probs && s->mean;
     memset(s->ms_keep, -1, (size_t)s->n_layers * n_slots + 1);
     for (size_t i = 0; ok && i < n_seq; i++) {
         s->kv[i].pt = s->kv_pt + i * (size_t)s->kv_max_pages;
@@ -150,6 +151,7 @@ void stage_state_free(stage_state *s)
     free(s->kv_pt);
     free(s->kv_seen);
     free(s->released);
+    free(s->lost);
     free(s->ms_keep);
     free(s->stats);
     free(s->act);
@@ -203,6 +205,21 @@ void stage_slot_reset_impl(stage_state *s, int slot)
     }
     s->kv_seen[slot] = 0;
     s->released[slot] = 0;
+    s->lost[slot] = 0;
+}
+
+void stage_slot_lose_impl(stage_state *s, int slot)
+{
+    if (slot < 0 || slot >= s->n_slots || s->lost[slot]) return;
+    for (int li = 0; li < s->n_layers; li++) kv_seq_clear(&s->pool, kv_at(s, li, slot));
+    s->lost[slot] = 1;
+}
+
+void stage_state_kv_soft(stage_state *s, int on) { s->kv_soft = on; }
+
+int stage_state_slot_lost(const stage_state *s, int slot)
+{
+    return slot >= 0 && slot < s->n_slots && s->lost[slot];
 }
 
 static void slot_release_impl(stage_state *s, int slot)
@@ -298,6 +315,7 @@ void stage_state_kv_stats(const stage_state *s, stage_kv_stats *o)
 {
     memset(o, 0, sizeof *o);
     o->page = s->pool.page;
+    o->kv_layers = s->n_layers;
     o->pages_total = s->pool.n_pages;
     o->pages_used = kv_pool_used(&s->pool);
     o->pages_peak = s->pool.n_pages - s->pool.n_free_min;

@@ -403,6 +403,90 @@ static void test_pages_follow_router(void)
     fx_close(&m);
 }
 
+/* Soft mode (the server): a sequence the pool runs out under is lost on the stage — its
+ * pages come back, its later rows are dropped without an error until its slot is reset — and
+ * the other sequences' results do not change. A row flagged STAGE_ROW_KV_LOST (lost on an
+ * earlier stage) loses its slot on this one too. */
+static void test_soft_lost(void)
+{
+    fxm d;
+    char err[ERRLEN] = "";
+    CU_ASSERT_FATAL(fx_open("dense", &d) == 0);
+    const int L = d.cfg.n_layers, V = d.cfg.vocab;
+    const size_t pb = kv_page_bytes(1, (size_t)d.cfg.n_kv_heads * d.cfg.head_dim);
+    stage_state *ref = state_kv(d.m, 1, 0, err, sizeof err);
+    stage_state *soft = state_kv(d.m, 1, (size_t)(4 * L + 6) * pb, err, sizeof err);
+    CU_ASSERT_FATAL(ref && soft);
+    stage_state_kv_soft(soft, 1);
+    stage_state_kv_soft(ref, 1);
+    float *lr = malloc((size_t)V * 4 * 4), *ls = malloc((size_t)V * 4 * 4), *o;
+    /* slot 0: a prompt of 4 rows (4 L pages); slot 1: a prompt of 12 rows (12 L: too many) */
+    int32_t sl[12], ps[12], tk[12];
+    uint8_t fl[12];
+    for (int i = 0; i < 12; i++) {
+        sl[i] = i < 4 ? 0 : 1;
+        ps[i] = i < 4 ? i : i - 4;
+        tk[i] = (5 * i + 2) % V;
+        fl[i] = STAGE_ROW_PROMPT | (i == 3 || i == 11 ? STAGE_ROW_NEED_LOGITS : 0);
+    }
+    stage_state *st[2] = {ref, soft};
+    float *lg[2] = {lr, ls};
+    for (int k = 0; k < 2; k++) {
+        o = lg[k];
+        CU_ASSERT_EQUAL_FATAL(fwd(st[k], d.m, 4, sl, ps, tk, fl, &o, err, sizeof err), 0);
+        CU_ASSERT_EQUAL_FATAL(
+            fwd(st[k], d.m, 8, sl + 4, ps + 4, tk + 4, fl + 4, &o, err, sizeof err), 0);
+    }
+    CU_ASSERT_EQUAL(stage_state_slot_lost(ref, 1), 0);
+    CU_ASSERT_EQUAL(stage_state_slot_lost(soft, 1), 1);
+    CU_ASSERT_EQUAL(stage_state_slot_lost(soft, 0), 0);
+    stage_kv_stats k;
+    stage_state_kv_stats(soft, &k);
+    CU_ASSERT_EQUAL(k.pages_used, 4 * L); /* slot 1 gave every page back */
+    CU_ASSERT_EQUAL(memcmp(lr, ls, (size_t)V * 4), 0);
+    /* decode rows of both slots: slot 0's logits are the reference's, slot 1's row is dropped */
+    int32_t s2[2] = {0, 1}, p2[2] = {4, 8}, t2[2] = {7, 9};
+    uint8_t f2[2] = {STAGE_ROW_NEED_LOGITS, STAGE_ROW_NEED_LOGITS};
+    o = lr;
+    CU_ASSERT_EQUAL_FATAL(fwd(ref, d.m, 2, s2, p2, t2, f2, &o, err, sizeof err), 0);
+    o = ls;
+    CU_ASSERT_EQUAL_FATAL(fwd(soft, d.m, 2, s2, p2, t2, f2, &o, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(memcmp(lr, ls, (size_t)V * 4), 0);
+    stage_state_kv_stats(soft, &k);
+    CU_ASSERT_EQUAL(k.pages_used, 5 * L);
+    /* a row flagged lost on an earlier stage: ref loses slot 1 too, its pages come back */
+    f2[1] |= STAGE_ROW_KV_LOST;
+    p2[0] = 5;
+    p2[1] = 9;
+    o = lr;
+    CU_ASSERT_EQUAL_FATAL(fwd(ref, d.m, 2, s2, p2, t2, f2, &o, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(stage_state_slot_lost(ref, 1), 1);
+    stage_state_kv_stats(ref, &k);
+    CU_ASSERT_EQUAL(k.pages_used, 6 * L);
+    /* the slot's next sequence (a position-0 prompt row) starts clean */
+    stage_state_slot_release(soft, 0);
+    int32_t s3 = 1, p3 = 0, t3 = 4;
+    uint8_t f3 = STAGE_ROW_PROMPT | STAGE_ROW_NEED_LOGITS;
+    o = ls;
+    CU_ASSERT_EQUAL_FATAL(fwd(soft, d.m, 1, &s3, &p3, &t3, &f3, &o, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(stage_state_slot_lost(soft, 1), 0);
+    stage_state_kv_stats(soft, &k);
+    CU_ASSERT_EQUAL(k.pages_used, L);
+    for (int s = 0; s < NSLOT; s++) {
+        stage_state_slot_release(ref, s);
+        stage_state_slot_release(soft, s);
+    }
+    stage_state_kv_stats(soft, &k);
+    CU_ASSERT_EQUAL(k.pages_used, 0);
+    stage_state_kv_stats(ref, &k);
+    CU_ASSERT_EQUAL(k.pages_used, 0);
+    stage_state_free(ref);
+    stage_state_free(soft);
+    free(lr);
+    free(ls);
+    fx_close(&d);
+}
+
 #define T_(f)                                                                                      \
     {                                                                                              \
 #f, f                                                                                      \
@@ -411,11 +495,20 @@ static void test_pages_follow_router(void)
 int main(void)
 {
     static const test_def tests[] = {
-        T_(test_pool_pages),          T_(test_attend_paged),         T_(test_paged_dense),
-        T_(test_paged_mod),           T_(test_paged_mod_all),        T_(test_paged_mod_predictor),
-        T_(test_paged_mod_topk),      T_(test_paged_mode_staged),    T_(test_paged_mode_integrated),
-        T_(test_paged_mindskip),      T_(test_paged_mindskip_token), T_(test_paged_mixed),
+        T_(test_pool_pages),
+        T_(test_attend_paged),
+        T_(test_paged_dense),
+        T_(test_paged_mod),
+        T_(test_paged_mod_all),
+        T_(test_paged_mod_predictor),
+        T_(test_paged_mod_topk),
+        T_(test_paged_mode_staged),
+        T_(test_paged_mode_integrated),
+        T_(test_paged_mindskip),
+        T_(test_paged_mindskip_token),
+        T_(test_paged_mixed),
         T_(test_pages_follow_router),
+        T_(test_soft_lost),
     };
     if (CU_initialize_registry() != CUE_SUCCESS) return 1;
     CU_pSuite s = CU_add_suite("kv", NULL, NULL);

@@ -24,8 +24,10 @@
 #include <unistd.h>
 
 #include "engine/partition.h"
+#include "engine/pipeline.h"
 #include "serve/loop.h"
 #include "serve/queue.h"
+#include "serve/queue_sched.h"
 #include "stage/config.h"
 #include "tests/testutil.h"
 
@@ -97,6 +99,32 @@ static double cpu_s(void)
 }
 
 static double idle_cpu = -1;
+static size_t kv_mem;           /* --kv-mem of the run (0: the default, room for everything) */
+static long kv_used_after = -1; /* pages held on all stages once every request ended */
+/* blind: the queue never sees the pools' reports, so it admits by slots alone and the stages
+ * run out of pages (the stage's soft mode and the recompute of lost sequences); the reports
+ * are kept here instead */
+static int blind;
+static pthread_mutex_t kv_mu = PTHREAD_MUTEX_INITIALIZER;
+static engine_kv_report kv_seen[SRVQ_MAX_LINKS];
+static int n_kv_seen;
+static void blind_kv(void *self, const engine_kv_report *k, int n)
+{
+    (void)self;
+    pthread_mutex_lock(&kv_mu);
+    n_kv_seen = n < SRVQ_MAX_LINKS ? n : SRVQ_MAX_LINKS;
+    memcpy(kv_seen, k, (size_t)n_kv_seen * sizeof *k);
+    pthread_mutex_unlock(&kv_mu);
+}
+static void kv_now(srvq_stats *st)
+{
+    srvq_get_stats(Q, st);
+    if (!blind) return;
+    pthread_mutex_lock(&kv_mu);
+    st->n_kv = n_kv_seen;
+    memcpy(st->kv, kv_seen, (size_t)n_kv_seen * sizeof *kv_seen);
+    pthread_mutex_unlock(&kv_mu);
+}
 static int forever; /* keep submitting, never close: the dead-rank test kills a rank */
 
 static void *client_forever(void *arg)
@@ -155,6 +183,20 @@ static void *client(void *arg)
             nanosleep(&ts, NULL);
         }
     }
+    if (kv_mem) { /* every request ends, then the stages' pools report every page back */
+        pthread_mutex_lock(&mu);
+        while (n_done_all < NREQ + 1) pthread_cond_wait(&cv, &mu);
+        pthread_mutex_unlock(&mu);
+        for (int t = 0; t < 200 && kv_used_after != 0; t++) {
+            srvq_stats st;
+            kv_now(&st);
+            long used = 0;
+            for (int k = 0; k < st.n_kv; k++) used += (long)st.kv[k].pages_used;
+            if (st.n_kv > 0) kv_used_after = used;
+            struct timespec ts = {0, 50000000};
+            if (kv_used_after) nanosleep(&ts, NULL);
+        }
+    }
     srvq_close(Q); /* like SIGTERM: running and queued requests still finish */
     return NULL;
 }
@@ -165,6 +207,8 @@ static int worker(int argc, char **argv)
     const char *model = argv[2], *prompts = argv[3];
     int slots = atoi(argv[4]);
     forever = argc > 5 && !strcmp(argv[5], "forever");
+    if (argc > 5 && !forever) kv_mem = (size_t)atol(argv[5]);
+    blind = argc > 6 && !strcmp(argv[6], "blind");
     int provided;
     MPI_Init_thread(NULL, NULL, MPI_THREAD_FUNNELED, &provided);
     int rank, size;
@@ -205,13 +249,44 @@ static int worker(int argc, char **argv)
                          .micro_batch = 8,
                          .max_in_flight = 2 * size,
                          .wire = STAGE_F32,
+                         /* pages of 4 positions: a request outgrows the page of growth admission
+                          * gave it, so a full pool preempts */
+                         .kv = {.page = kv_mem ? 4 : 0, .mem_bytes = kv_mem},
                          .timeout_s = 60};
     pthread_t th;
     if (rank == 0) {
         Q = srvq_new(slots, ctx, 2 * NREQ, cfg.vocab, cfg.eos_token_id);
         pthread_create(&th, NULL, forever ? client_forever : client, NULL);
     }
-    int rc = serve_loop_run(MPI_COMM_WORLD, &o, Q, on_ready, NULL, err, sizeof err);
+    int rc;
+    if (!blind) {
+        rc = serve_loop_run(MPI_COMM_WORLD, &o, Q, on_ready, NULL, err, sizeof err);
+    } else { /* serve_loop_run's loop with the queue's ops but its own kv op */
+        engine_sched_ops ops = srvq_sched_ops;
+        ops.kv = blind_kv;
+        engine_loop_opts lo = {.model_dir = model,
+                               .cfg = &cfg,
+                               .plan = &plan,
+                               .slots = slots,
+                               .ctx = ctx,
+                               .kv = o.kv,
+                               .max_rows = o.micro_batch,
+                               .max_in_flight = o.max_in_flight,
+                               .wire = STAGE_F32,
+                               .weights_dtype = -1,
+                               .timeout_s = 60,
+                               .serve = 1,
+                               .command = "serve",
+                               .micro_batch = o.micro_batch};
+        engine_loop *L = NULL;
+        if (rank == 0) srvq_sched_config(Q, o.micro_batch, 0, o.micro_batch);
+        rc = engine_loop_open(MPI_COMM_WORLD, &lo, &ops, Q, &L, err, sizeof err);
+        if (!rc) {
+            if (rank == 0) on_ready(NULL);
+            while (engine_loop_step(L)) {}
+            rc = engine_loop_close(L, NULL, err, sizeof err);
+        }
+    }
     if (rc) fprintf(stderr, "serve_loop_run: %s\n", err);
     if (rank == 0 && rc) on_ready(NULL); /* the client finds the queue closed and stops */
     if (rank == 0) {
@@ -223,7 +298,7 @@ static int worker(int argc, char **argv)
             printf("\n");
         }
         srvq_stats st;
-        srvq_get_stats(Q, &st);
+        kv_now(&st);
         printf("stats requests %llu generated %llu running %ld queued %ld links %d\n",
                (unsigned long long)st.requests_total, (unsigned long long)st.generated_tokens,
                st.running, st.queued, st.n_links);
@@ -232,6 +307,8 @@ static int worker(int argc, char **argv)
                    (unsigned long long)st.link[l].bytes,
                    (unsigned long long)st.link[l].dense_bytes);
         printf("idle_cpu %.3f\n", idle_cpu);
+        printf("preemptions %llu kv_used_after %ld stages %d\n", (unsigned long long)st.preemptions,
+               kv_used_after, st.n_kv);
         fflush(stdout);
         srvq_free(Q);
     }
@@ -298,10 +375,10 @@ static int make_reference(void)
     return 0;
 }
 
-static void check_serve(int np, int slots)
+static void check_serve(int np, int slots, long kv_mem_bytes, const char *mode)
 {
-    int rc = run(300, "%s -np %d %s --worker %s/stories260K %s %d", MPIRUN, np, SELF, FIX, prompts,
-                 slots);
+    int rc = run(300, "%s -np %d %s --worker %s/stories260K %s %d %ld %s", MPIRUN, np, SELF, FIX,
+                 prompts, slots, kv_mem_bytes, mode);
     CU_ASSERT_EQUAL_FATAL(rc, 0);
     int same = 0, once = 0;
     for (int i = 0; i < NREQ; i++) {
@@ -362,6 +439,19 @@ static void check_serve(int np, int slots)
     if (ic) idle = atof(ic + 9);
     CU_ASSERT(idle < 0.3); /* one idle second: rank 0 sleeps on the condvar */
     if (!(idle < 0.3)) fprintf(stderr, "\n  idle second used %.3f s of CPU\n", idle);
+    if (!kv_mem_bytes) return;
+    /* a pool too small for 8 sequences at once: sequences were preempted and recomputed (the
+     * tokens above are still generate's), and every page came back, cancelled request included */
+    unsigned long long pre = 0;
+    long used = -1;
+    int stages = 0;
+    char *k = strstr(OUT, "preemptions ");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(k);
+    sscanf(k, "preemptions %llu kv_used_after %ld stages %d", &pre, &used, &stages);
+    CU_ASSERT(pre > 0);
+    CU_ASSERT_EQUAL(used, 0);
+    CU_ASSERT_EQUAL(stages, np);
+    fprintf(stderr, " [-np %d: %llu preemptions] ", np, pre);
 }
 
 /* A rank killed while the server runs: the job ends (non-zero, naming the rank), no hang. The kill
@@ -389,8 +479,15 @@ static void test_dead_rank(void)
 }
 
 static void test_reference(void) { CU_ASSERT_EQUAL_FATAL(make_reference(), 0); }
-static void test_serve_np1(void) { check_serve(1, 8); }
-static void test_serve_np3(void) { check_serve(3, 8); }
+static void test_serve_np1(void) { check_serve(1, 8, 0, ""); }
+static void test_serve_np3(void) { check_serve(3, 8, 0, ""); }
+/* pages of 4 positions: 1040 bytes on stories260K (4 x (2 x 32 floats + a position)); a
+ * request takes up to 8 pages on each of the 5 layers */
+static void test_serve_kv_np1(void) { check_serve(1, 8, 100 * 1040, ""); }
+static void test_serve_kv_np3(void) { check_serve(3, 8, 40 * 1040, ""); }
+/* admission by slots alone: the stages run out, lose sequences, the queue recomputes them */
+static void test_serve_kv_lost_np1(void) { check_serve(1, 8, 100 * 1040, "blind"); }
+static void test_serve_kv_lost_np3(void) { check_serve(3, 8, 40 * 1040, "blind"); }
 
 /* A model the server cannot decode (topk) and a queue that does not match: one line, every
  * submitted request ends with ERROR. */
@@ -417,6 +514,14 @@ int main(int argc, char **argv)
     CU_add_test(s, "reference: modpipe generate on 32 prompts", test_reference);
     CU_add_test(s, "32 concurrent greedy requests = generate, np 1", test_serve_np1);
     CU_add_test(s, "32 concurrent greedy requests = generate, np 3", test_serve_np3);
+    CU_add_test(s, "KV pool too small: preemption, same tokens, no page lost, np 1",
+                test_serve_kv_np1);
+    CU_add_test(s, "KV pool too small: preemption, same tokens, no page lost, np 3",
+                test_serve_kv_np3);
+    CU_add_test(s, "KV pool runs out on the stages: sequences lost and recomputed, np 1",
+                test_serve_kv_lost_np1);
+    CU_add_test(s, "KV pool runs out on the stages: sequences lost and recomputed, np 3",
+                test_serve_kv_lost_np3);
     CU_add_test(s, "start-up errors", test_serve_errors);
     CU_add_test(s, "a dead rank ends the server", test_dead_rank);
     CU_basic_set_mode(CU_BRM_VERBOSE);

@@ -166,7 +166,8 @@ static void test_schedule(void)
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
     CU_ASSERT(b.n_done == 1 && b.why == SRVQ_FINISH_CANCELLED && b.n_gen == 1);
     CU_ASSERT_EQUAL(mb.n, 3); /* c's prompt in slot 1; a still has a row in flight */
-    for (int i = 0; i < 3; i++) CU_ASSERT(mb.slot[i] == 1 && mb.pos[i] == i && mb.tag[i] == 2u);
+    for (int i = 0; i < 3; i++)
+        CU_ASSERT(mb.slot[i] == 1 && mb.pos[i] == i && mb.tag[i] == (uint64_t)2 << 20);
     CU_ASSERT_EQUAL(mb.n_release, 0); /* c's position-0 row resets slot 1: no release needed */
     stage_batch mb4;
     stage_batch_init(&mb4, 4);
@@ -205,6 +206,10 @@ static void test_schedule(void)
     give_back(q, &mb, NULL);
     CU_ASSERT(d.n_done == 1 && d.why == SRVQ_FINISH_LENGTH && d.n_gen == 3 &&
               strstr(d.msg, "context"));
+    /* d's slot: released at once, in a micro-batch of its own */
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT(mb.n == 0 && mb.n_release == 1);
+    give_back(q, &mb, NULL);
     CU_ASSERT_EQUAL(srvq_sched_ops.next(q, &mb), 0);
     srvq_get_stats(q, &st);
     CU_ASSERT(st.requests_total == 4 && st.generated_tokens == 3 + 1 + 1 + 3 && st.running == 0);
@@ -269,6 +274,93 @@ static void test_whole_prompts(void)
     CU_ASSERT(mb.n == 3 && mb.slot[0] == 0);
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
     CU_ASSERT(mb.n == 7 && mb.slot[0] == 1 && mb.pos[6] == 6);
+    stage_batch_free(&mb);
+    srvq_free(q);
+}
+
+/* Admission by memory and preemption (docs/SPEC.md §11). One stage reports pages of 4
+ * positions on 2 layers, 12 pages: a running request of n positions counts 2 * ceil((n+1)/4)
+ * pages, a new one 2 * ceil((prompt + 4) / 4). */
+static void done_tok(srvq *q, const stage_batch *mb, int32_t tok_all, int slot, int32_t tok_slot)
+{
+    int32_t tok[64];
+    for (int i = 0; i < mb->n; i++) tok[i] = mb->slot[i] == slot ? tok_slot : tok_all;
+    srvq_sched_ops.done(q, mb, tok);
+}
+
+static void test_preempt(void)
+{
+    static const int32_t P6[6] = {1, 2, 3, 4, 5, 6};
+    srvq *q = srvq_new(3, 32, 4, 50, -1);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 8, 0, 8), 0);
+    engine_kv_report kr = {.stage = 0, .page = 4, .kv_layers = 2, .pages_total = 12};
+    srvq_sched_ops.kv(q, &kr, 1);
+    stage_batch mb;
+    stage_batch_init(&mb, 8);
+    client c[3];
+    memset(c, 0, sizeof c);
+    char err[256];
+    for (int i = 0; i < 3; i++) CU_ASSERT_EQUAL(submit(q, &c[i], P6, 6, 4, err), i);
+    /* a (4 pages) + b (2 * ceil(10/4) = 6) fit in 12; with them c (6 more) does not */
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    srvq_stats st;
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.running == 2 && st.queued == 1);
+    CU_ASSERT(mb.n == 8 && mb.slot[0] == 0 && mb.slot[6] == 1 && mb.slot[7] == 1);
+    give_back(q, &mb, NULL); /* a: token 100 */
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT(mb.n == 5 && mb.slot[0] == 0 && mb.pos[0] == 6 && mb.slot[4] == 1);
+    give_back(q, &mb, NULL); /* a: 100 100, b: 101 */
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT(mb.n == 2 && mb.slot[1] == 1 && mb.pos[1] == 6 && mb.token[1] == 101);
+    done_tok(q, &mb, 7, -1, 0); /* a: 100 100 7, b: 101 7 */
+    /* b's next row: a stage ran out of pages under it -> b is recomputed */
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT(mb.n == 2 && mb.slot[1] == 1 && mb.pos[1] == 7 && mb.token[1] == 7);
+    done_tok(q, &mb, 9, 1, STAGE_TOKEN_KV_LOST); /* a: its 4th token, LENGTH */
+    CU_ASSERT(c[0].n_done == 1 && c[0].why == SRVQ_FINISH_LENGTH && c[0].n_tok == 4);
+    CU_ASSERT(c[1].n_done == 0 && c[1].n_tok == 2);
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.preemptions == 1 && st.running == 0 && st.queued == 2);
+    /* b first again (the queue's head), then c; b replays its prompt and the 2 tokens it
+     * made, the last row sampling its 3rd token (step 2); b and c take the two slots just
+     * freed (their resets cover the releases) */
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT_EQUAL(mb.n, 8);
+    CU_ASSERT_EQUAL(mb.n_release, 0);
+    int b_slot = mb.slot[0];
+    for (int i = 0; i < 8; i++) {
+        CU_ASSERT(mb.slot[i] == b_slot && mb.pos[i] == i);
+        CU_ASSERT_EQUAL(mb.tag[i], (uint64_t)1 << 20 | 1u); /* request 1, second admission */
+    }
+    CU_ASSERT(mb.token[5] == 6 && mb.token[6] == 101 && mb.token[7] == 7);
+    CU_ASSERT_EQUAL(mb.flags[5], STAGE_ROW_PROMPT);
+    CU_ASSERT_EQUAL(mb.flags[6], 0);
+    CU_ASSERT(mb.flags[7] == (STAGE_ROW_NEED_LOGITS | STAGE_ROW_SAMPLE) && mb.step[7] == 2);
+    give_back(q, &mb, NULL);
+    CU_ASSERT(c[1].n_tok == 3 && c[1].tok[0] == 101 && c[1].tok[1] == 7);
+    /* the pool shrinks (a report says so): the running ones no longer fit -> the newest (c)
+     * gives way; the last one is never preempted */
+    srvq_get_stats(q, &st);
+    CU_ASSERT_EQUAL(st.running, 2);
+    kr.pages_total = 6;
+    srvq_sched_ops.kv(q, &kr, 1);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.preemptions == 2 && st.running == 1 && st.queued == 1);
+    CU_ASSERT(mb.n == 1 && mb.slot[0] == b_slot && mb.pos[0] == 8);
+    give_back(q, &mb, NULL); /* b: 4 tokens, done */
+    CU_ASSERT(c[1].n_done == 1 && c[1].why == SRVQ_FINISH_LENGTH && c[1].n_tok == 4);
+    /* c alone: lost twice with nothing else running -> it cannot fit: ERROR */
+    for (int k = 0; k < 2; k++) {
+        CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+        CU_ASSERT(mb.n == 6 && mb.pos[5] == 5);
+        done_tok(q, &mb, 0, mb.slot[0], STAGE_TOKEN_KV_LOST);
+    }
+    CU_ASSERT(c[2].n_done == 1 && c[2].why == SRVQ_FINISH_ERROR && strstr(c[2].msg, "--kv-mem"));
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.preemptions == 3 && st.running == 0 && st.queued == 0);
+    CU_ASSERT(srvq_idle(q));
     stage_batch_free(&mb);
     srvq_free(q);
 }
@@ -338,6 +430,7 @@ int main(void)
     CU_add_test(s, "schedule: chunks, decode, stops, cancel frees the slot", test_schedule);
     CU_add_test(s, "cancel queued; fail_all", test_cancel_queued_and_fail);
     CU_add_test(s, "whole prompts", test_whole_prompts);
+    CU_add_test(s, "admission by memory, preemption, recompute", test_preempt);
     CU_add_test(s, "concurrent submits", test_threads);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();

@@ -193,6 +193,7 @@ kv_pools() { # every stage's page pool is on /metrics
     done
 }
 check "/metrics has the KV page pool of every stage" kv_pools
+check "/metrics counts preemptions" 'grep -q "^modpipe_preemptions_total [0-9]" <<<"$m"'
 # bad options: one line on stderr, exit 2, no hang
 badrun() { # badrun "expected text" ARGS...
     local want=$1; shift
