@@ -25,9 +25,15 @@ static const sopt SOPTS[] = {
     {"slots", "N", "sequences decoded at once = KV-cache slots (default 8)"},
     {"ctx", "N", "positions per slot, prompt + generated (default: the model's max, at most 4096)"},
     {"queue", "N", "requests waiting for a slot at most; beyond: 503 + Retry-After (default 64)"},
-    {"api-key", "KEY",
-     "require 'Authorization: Bearer KEY' (all routes but /health); "
-     "default: $MODPIPE_API_KEY if set"},
+    {"api-key-file", "PATH",
+     "require 'Authorization: Bearer KEY' (all routes but GET /health), KEY = the file's first "
+     "line; default: $MODPIPE_API_KEY if set (a key is never taken on the command line: ps "
+     "shows it)"},
+    {"api-key", "KEY", NULL}, /* refused: see api-key-file */
+    {"max-connections", "N", "HTTP connections served at once; beyond: 503 (default 256)"},
+    {"idle-timeout", "SEC",
+     "close a connection idle this long, waiting for its request or kept alive between "
+     "requests; 0: never (default 30)"},
     {"chat-template", "NAME",
      "chat template: chatml, llama2, llama3, zephyr, plain, or auto "
      "(default: from tokenizer_config.json, else plain)"},
@@ -56,6 +62,7 @@ static void usage(FILE *f)
                "GET /health, POST /tokenize, POST /detokenize, GET /metrics.\n\n"
                "usage: mpirun -np N modpipe serve --model DIR [options]\n\noptions:\n");
     for (int i = 0; i < N_SOPTS; i++) {
+        if (!SOPTS[i].help) continue;
         char left[64];
         snprintf(left, sizeof left, "--%s%s%s", SOPTS[i].name, SOPTS[i].metavar ? " " : "",
                  SOPTS[i].metavar ? SOPTS[i].metavar : "");
@@ -165,9 +172,35 @@ typedef struct {
     serve_pipeline p;
     serve_opts so;
     char name[256];
+    char key[512]; /* the API key read from --api-key-file */
     const char *tok_path;
     double grace;
 } setup;
+
+/* The API key: the first line of `path` (without its line end), non-empty. */
+static int read_key_file(const char *path, char *key, size_t keylen, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        snprintf(err, errlen, "--api-key-file %s: %s", path, strerror(errno));
+        return -1;
+    }
+    int ok = fgets(key, (int)keylen, f) != NULL;
+    fclose(f);
+    size_t n = ok ? strlen(key) : 0;
+    int whole = n > 0 && (key[n - 1] == '\n' || n < keylen - 1);
+    while (n > 0 && (key[n - 1] == '\n' || key[n - 1] == '\r')) key[--n] = 0;
+    if (!whole) {
+        snprintf(err, errlen, "--api-key-file %s: the first line is longer than %zu bytes", path,
+                 keylen - 2);
+        return -1;
+    }
+    if (!n) {
+        snprintf(err, errlen, "--api-key-file %s: the first line (the key) is empty", path);
+        return -1;
+    }
+    return 0;
+}
 
 static int make_setup(const sargs *a, int n_ranks, setup *st, char *err, size_t errlen)
 {
@@ -200,7 +233,14 @@ static int make_setup(const sargs *a, int n_ranks, setup *st, char *err, size_t 
     p->cfg = cfg;
     long v;
     double d;
-    int max_ctx = cfg->max_pos > 0 ? (cfg->max_pos < 4096 ? cfg->max_pos : 4096) : 2048;
+    if (cfg->max_pos < 2) {
+        snprintf(err, errlen,
+                 "%s/config.json: max_position_embeddings is %d; serving needs at least 2 "
+                 "positions (a prompt token and a new one)",
+                 model, cfg->max_pos);
+        return -1;
+    }
+    int max_ctx = cfg->max_pos < 4096 ? cfg->max_pos : 4096;
     if (get_long(a, "slots", 1, 4096, 8, &v, err, errlen)) return -1;
     p->slots = (int)v;
     if (get_long(a, "ctx", 2, 1 << 20, max_ctx, &v, err, errlen)) return -1;
@@ -262,7 +302,22 @@ static int make_setup(const sargs *a, int n_ranks, setup *st, char *err, size_t 
     so->host = get(a, "host") ? get(a, "host") : "127.0.0.1";
     if (get_long(a, "port", 0, 65535, 8080, &v, err, errlen)) return -1;
     so->port = (int)v;
-    so->api_key = get(a, "api-key") ? get(a, "api-key") : getenv("MODPIPE_API_KEY");
+    if (get(a, "api-key")) {
+        snprintf(err, errlen,
+                 "--api-key: a key on the command line is visible to every user in ps; put it in "
+                 "a file (--api-key-file PATH) or in the environment (MODPIPE_API_KEY)");
+        return -1;
+    }
+    if (get(a, "api-key-file")) {
+        if (read_key_file(get(a, "api-key-file"), st->key, sizeof st->key, err, errlen)) return -1;
+        so->api_key = st->key;
+    } else {
+        so->api_key = getenv("MODPIPE_API_KEY");
+    }
+    if (get_long(a, "max-connections", 1, 100000, 256, &v, err, errlen)) return -1;
+    so->max_connections = (int)v;
+    if (get_long(a, "idle-timeout", 0, 86400, 30, &v, err, errlen)) return -1;
+    so->idle_timeout_s = (int)v;
     const char *ct = get(a, "chat-template");
     if (!ct || !strcmp(ct, "auto"))
         so->chat = serve_chat_detect(model);
@@ -353,7 +408,7 @@ int cli_serve_main(int argc, char **argv, serve_pipeline_fn run)
             rc = -1;
         }
         if (!rc && !(q = srvq_new(st.p.slots, st.p.ctx, st.p.queue, st.cfg.vocab, tok_eos(tok)))) {
-            snprintf(err, sizeof err, "out of memory (queue)");
+            snprintf(err, sizeof err, "out of memory (a queue of %d slots)", st.p.slots);
             rc = -1;
         }
         if (!rc) rc = serve_signals_install(err, sizeof err);

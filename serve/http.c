@@ -206,6 +206,8 @@ static const int STATUSES[] = {200, 400, 401, 404, 405, 413, 500, 503};
 
 typedef struct gen gen;
 
+#define CONN_SPARE 16 /* connections MHD takes beyond serve_opts.max_connections (to say 503) */
+
 struct serve_server {
     struct MHD_Daemon *d;
     srvq *q;
@@ -213,7 +215,11 @@ struct serve_server {
     char *host, *api_key, *model_name;
     const serve_chat_template *chat;
     int ctx, vocab, eos, port, quiet;
-    int32_t end_id; /* the chat template's end-of-turn token, -1: none */
+    int max_conns;      /* connections answered; beyond: 503 (MHD's own limit is a little higher) */
+    unsigned idle_s;    /* MHD's connection timeout (s); 0 while a generation runs */
+    size_t max_text;    /* bytes of prompt text at most: what ctx tokens can spell */
+    atomic_int n_conns; /* open TCP connections */
+    int32_t end_id;     /* the chat template's end-of-turn token, -1: none */
     double grace_s;
     long created;  /* start time (unix), for /v1/models */
     int listen_fd; /* after quiesce: closed after MHD_stop_daemon */
@@ -275,7 +281,6 @@ typedef enum { R_NONE, R_COMPL, R_CHAT, R_MODELS, R_HEALTH, R_TOK, R_DETOK, R_ME
 typedef struct {
     route_id route;
     sb body;
-    int too_big;
     gen *g; /* a streaming response's request, released on completion */
 } conn_ctx;
 
@@ -329,8 +334,9 @@ static void error_json(sb *b, const char *msg, const char *type, const char *par
     sb_str(b, "}}");
 }
 
-static enum MHD_Result reply_error(serve_server *s, struct MHD_Connection *c, int status,
-                                   const char *msg, const char *param, const char *code)
+static enum MHD_Result reply_error_h(serve_server *s, struct MHD_Connection *c, int status,
+                                     const char *msg, const char *param, const char *code,
+                                     const char *h1, const char *v1)
 {
     const char *type = status == 401   ? "authentication_error"
                        : status >= 500 ? (status == 503 ? "unavailable_error" : "server_error")
@@ -345,10 +351,17 @@ static enum MHD_Result reply_error(serve_server *s, struct MHD_Connection *c, in
     MHD_add_response_header(r, "Content-Type", "application/json");
     if (status == 503) MHD_add_response_header(r, "Retry-After", "1");
     if (status == 401) MHD_add_response_header(r, "WWW-Authenticate", "Bearer");
+    if (h1) MHD_add_response_header(r, h1, v1);
     enum MHD_Result ok = MHD_queue_response(c, (unsigned)status, r);
     MHD_destroy_response(r);
     count_status(s, status);
     return ok;
+}
+
+static enum MHD_Result reply_error(serve_server *s, struct MHD_Connection *c, int status,
+                                   const char *msg, const char *param, const char *code)
+{
+    return reply_error_h(s, c, status, msg, param, code, NULL, NULL);
 }
 
 /* ========================================================================================
@@ -706,11 +719,51 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
  * Endpoints
  * ===================================================================================== */
 
+/* A body with more JSON values than a prompt of ctx tokens can need is refused before it is
+ * parsed: parsing costs a cJSON node per value. Chat messages take a few values each. */
+static int too_many_values(serve_server *s, conn_ctx *cc, char *err, size_t errlen)
+{
+    long n = serve_json_values(cc->body.p ? cc->body.p : "", cc->body.n);
+    long most = 4L * s->ctx + 1024;
+    if (n <= most) return 0;
+    snprintf(err, errlen,
+             "the request holds %ld JSON values, more than a prompt for a context of %d tokens "
+             "can need (%ld)",
+             n, s->ctx, most);
+    return 1;
+}
+
+/* A text longer than ctx tokens can spell is refused before it is tokenized (the tokenizer
+ * takes memory in proportion to the text). */
+static int text_too_long(serve_server *s, size_t len, char *err, size_t errlen)
+{
+    if (len <= s->max_text) return 0;
+    snprintf(err, errlen,
+             "the prompt is %zu bytes; the context holds %d tokens, at most %zu bytes of text "
+             "with this tokenizer",
+             len, s->ctx, s->max_text);
+    return 1;
+}
+
+/* The queue's messages start with the field they are about ("top_p: ..."). */
+static const char *queue_field(const char *err, const char *dflt)
+{
+    static const char *const F[] = {"top_p", "temperature", "max_tokens"};
+    for (size_t i = 0; i < sizeof F / sizeof F[0]; i++) {
+        size_t n = strlen(F[i]);
+        if (!strncmp(err, F[i], n) && err[n] == ':') return F[i];
+    }
+    return dflt;
+}
+
 static enum MHD_Result do_generate(serve_server *s, struct MHD_Connection *c, conn_ctx *cc)
 {
     int chat = cc->route == R_CHAT;
     serve_request rq;
     char param[96], err[512];
+    const char *pfield = chat ? "messages" : "prompt";
+    if (too_many_values(s, cc, err, sizeof err))
+        return reply_error(s, c, 400, err, pfield, "context_length_exceeded");
     if (serve_request_parse(chat ? SERVE_REQ_CHAT : SERVE_REQ_COMPLETION,
                             cc->body.p ? cc->body.p : "", cc->body.n, s->vocab, &rq, param,
                             sizeof param, err, sizeof err))
@@ -726,20 +779,20 @@ static enum MHD_Result do_generate(serve_server *s, struct MHD_Connection *c, co
     /* prompt -> ids */
     int32_t *ids = NULL;
     int n_ids = 0;
-    const char *pfield = chat ? "messages" : "prompt";
     if (rq.prompt_ids) {
         ids = rq.prompt_ids;
         n_ids = rq.n_prompt_ids;
         rq.prompt_ids = NULL;
     } else {
         char *text = chat ? serve_chat_apply(s->chat, rq.msgs, rq.n_msgs) : rq.prompt_text;
-        int rc =
-            text ? tok_encode(s->tok, text, strlen(text), 1, &ids, &n_ids, err, sizeof err) : -1;
+        int rc = -1, too_long = text && text_too_long(s, strlen(text), err, sizeof err);
+        if (text && !too_long)
+            rc = tok_encode(s->tok, text, strlen(text), 1, &ids, &n_ids, err, sizeof err);
         if (!text) snprintf(err, sizeof err, "out of memory");
         if (chat) free(text);
         if (rc) {
             serve_request_free(&rq);
-            return reply_error(s, c, 400, err, pfield, NULL);
+            return reply_error(s, c, 400, err, pfield, too_long ? "context_length_exceeded" : NULL);
         }
     }
     if (n_ids == 0) {
@@ -805,6 +858,9 @@ static enum MHD_Result do_generate(serve_server *s, struct MHD_Connection *c, co
              atomic_fetch_add(&s->next_id, 1));
     g->created = (long)time(NULL);
     g->refs = 2;
+    /* a generation may wait long for a slot or between tokens (the client's hang-up is seen
+     * on its socket): no idle timeout until it is answered (restored in `completed`) */
+    MHD_set_connection_option(c, MHD_CONNECTION_OPTION_TIMEOUT, 0u);
     g->t_submit = now_s();
 
     srvq_request r = {
@@ -838,7 +894,7 @@ static enum MHD_Result do_generate(serve_server *s, struct MHD_Connection *c, co
         pthread_mutex_unlock(&s->mu);
         gen_free(g);
         int st = id == SRVQ_ERR_FULL || id == SRVQ_ERR_CLOSED ? 503 : 400;
-        return reply_error(s, c, st, err, st == 400 ? pfield : NULL,
+        return reply_error(s, c, st, err, st == 400 ? queue_field(err, pfield) : NULL,
                            id == SRVQ_ERR_TOO_LONG ? "context_length_exceeded" : NULL);
     }
     pthread_mutex_lock(&g->mu);
@@ -905,6 +961,8 @@ static enum MHD_Result do_tokenize(serve_server *s, struct MHD_Connection *c, co
 {
     serve_request rq;
     char param[96], err[512];
+    if (too_many_values(s, cc, err, sizeof err))
+        return reply_error(s, c, 400, err, detok ? "tokens" : "content", NULL);
     if (serve_request_parse(detok ? SERVE_REQ_DETOKENIZE : SERVE_REQ_TOKENIZE,
                             cc->body.p ? cc->body.p : "", cc->body.n, s->vocab, &rq, param,
                             sizeof param, err, sizeof err))
@@ -925,7 +983,8 @@ static enum MHD_Result do_tokenize(serve_server *s, struct MHD_Connection *c, co
     } else {
         int32_t *ids = NULL;
         int n = 0;
-        if (tok_encode(s->tok, rq.prompt_text, strlen(rq.prompt_text), rq.add_special, &ids, &n,
+        if (text_too_long(s, strlen(rq.prompt_text), err, sizeof err) ||
+            tok_encode(s->tok, rq.prompt_text, strlen(rq.prompt_text), rq.add_special, &ids, &n,
                        err, sizeof err)) {
             serve_request_free(&rq);
             return reply_error(s, c, 400, err, "content", NULL);
@@ -989,10 +1048,12 @@ static enum MHD_Result do_metrics(serve_server *s, struct MHD_Connection *c)
         "# HELP modpipe_slots_total KV-cache slots.\n"
         "# TYPE modpipe_slots_total gauge\nmodpipe_slots_total %d\n"
         "# HELP modpipe_ready 1 once the model is loaded.\n"
-        "# TYPE modpipe_ready gauge\nmodpipe_ready %d\n",
+        "# TYPE modpipe_ready gauge\nmodpipe_ready %d\n"
+        "# HELP modpipe_connections_open Open HTTP connections.\n"
+        "# TYPE modpipe_connections_open gauge\nmodpipe_connections_open %d\n",
         (unsigned long long)st.requests_total, (unsigned long long)st.prompt_tokens,
         (unsigned long long)st.generated_tokens, st.queued, st.running, st.slots_used, st.slots,
-        atomic_load(&s->ready));
+        atomic_load(&s->ready), atomic_load(&s->n_conns));
     histo_print(&b, "modpipe_ttft_seconds", "Time from request to first generated token.", &ttft);
     histo_print(&b, "modpipe_inter_token_seconds", "Time between consecutive tokens of a request.",
                 &itl);
@@ -1061,6 +1122,28 @@ static int key_ok(const char *given, const char *want)
     return !diff;
 }
 
+/* The Content-Length headers of a request (MHD keeps every header line). */
+typedef struct {
+    int n, differ;
+    unsigned long long v[2]; /* the first value, and the first one that differs */
+} cl_scan;
+
+static enum MHD_Result cl_iter(void *cls, enum MHD_ValueKind kind, const char *key,
+                               const char *value)
+{
+    (void)kind;
+    cl_scan *cl = cls;
+    if (strcasecmp(key, "Content-Length") || !value) return MHD_YES;
+    unsigned long long v = strtoull(value, NULL, 10);
+    if (cl->n++ == 0)
+        cl->v[0] = v;
+    else if (v != cl->v[0] && !cl->differ) {
+        cl->v[1] = v;
+        cl->differ = 1;
+    }
+    return MHD_YES;
+}
+
 static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *url,
                                const char *method, const char *version, const char *upload,
                                size_t *upload_size, void **req_cls)
@@ -1069,7 +1152,17 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
     serve_server *s = cls;
     conn_ctx *cc = *req_cls;
     if (!cc) {
-        /* first call: headers only. Route, method and key are checked before the body. */
+        /* first call: headers only. Everything that can refuse the request is checked before
+         * a byte of the body is read: the connection count, the key (even for an unknown
+         * route: the server's routes are not shown to a client without it), route, method,
+         * and the declared body size. MHD closes a connection whose body was not read. */
+        int open = atomic_load(&s->n_conns);
+        if (open > s->max_conns) {
+            char m[200];
+            snprintf(m, sizeof m, "too many connections: %d open, at most %d are served", open,
+                     s->max_conns);
+            return reply_error_h(s, c, 503, m, NULL, NULL, "Connection", "close");
+        }
         int found = -1, path_known = 0;
         for (int i = 0; i < N_ROUTES; i++)
             if (!strcmp(url, ROUTES[i].path)) {
@@ -1078,6 +1171,14 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
                     (!strcmp(method, "HEAD") && !strcmp(ROUTES[i].method, "GET")))
                     found = i;
             }
+        if (s->api_key && !(found >= 0 && ROUTES[found].id == R_HEALTH)) {
+            const char *auth = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Authorization");
+            if (!auth)
+                return reply_error(s, c, 401, "missing API key: send 'Authorization: Bearer KEY'",
+                                   NULL, "invalid_api_key");
+            if (strncasecmp(auth, "Bearer ", 7) || !key_ok(auth + 7, s->api_key))
+                return reply_error(s, c, 401, "incorrect API key", NULL, "invalid_api_key");
+        }
         if (!path_known) {
             char m[300];
             snprintf(m, sizeof m, "unknown route %.200s", url);
@@ -1096,13 +1197,19 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
             sb_free(&b);
             return r;
         }
-        if (s->api_key && ROUTES[found].id != R_HEALTH) {
-            const char *auth = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Authorization");
-            if (!auth)
-                return reply_error(s, c, 401, "missing API key: send 'Authorization: Bearer KEY'",
-                                   NULL, "invalid_api_key");
-            if (strncasecmp(auth, "Bearer ", 7) || !key_ok(auth + 7, s->api_key))
-                return reply_error(s, c, 401, "incorrect API key", NULL, "invalid_api_key");
+        cl_scan cl = {0};
+        MHD_get_connection_values(c, MHD_HEADER_KIND, cl_iter, &cl);
+        if (cl.differ) {
+            char m[160];
+            snprintf(m, sizeof m, "two different Content-Length headers (%llu and %llu)", cl.v[0],
+                     cl.v[1]);
+            return reply_error_h(s, c, 400, m, NULL, NULL, "Connection", "close");
+        }
+        if (cl.n && cl.v[0] > SERVE_MAX_BODY) {
+            char m[160];
+            snprintf(m, sizeof m, "the request body (Content-Length %llu) exceeds %u bytes",
+                     cl.v[0], SERVE_MAX_BODY);
+            return reply_error_h(s, c, 413, m, NULL, NULL, "Connection", "close");
         }
         cc = calloc(1, sizeof *cc);
         if (!cc) return MHD_NO;
@@ -1111,17 +1218,17 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
         return MHD_YES;
     }
     if (*upload_size) {
-        if (cc->body.n + *upload_size > SERVE_MAX_BODY)
-            cc->too_big = 1;
-        else
-            sb_add(&cc->body, upload, *upload_size);
+        /* a chunked body has no length up front: it is cut where it passes the limit */
+        if (cc->body.n + *upload_size > SERVE_MAX_BODY) {
+            if (!s->quiet)
+                fprintf(stderr, "modpipe serve: a chunked request body passed %u bytes: closed\n",
+                        SERVE_MAX_BODY);
+            count_status(s, 413);
+            return MHD_NO;
+        }
+        sb_add(&cc->body, upload, *upload_size);
         *upload_size = 0;
         return MHD_YES;
-    }
-    if (cc->too_big) {
-        char m[128];
-        snprintf(m, sizeof m, "the request body exceeds %u bytes", SERVE_MAX_BODY);
-        return reply_error(s, c, 413, m, NULL, NULL);
     }
     if (cc->body.oom) return reply_error(s, c, 500, "out of memory", NULL, NULL);
     switch (cc->route) {
@@ -1144,13 +1251,14 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
 static void completed(void *cls, struct MHD_Connection *c, void **req_cls,
                       enum MHD_RequestTerminationCode why)
 {
-    (void)c;
     (void)why;
     serve_server *s = cls;
     conn_ctx *cc = *req_cls;
     if (!cc) return;
     if (cc->g) {
         gen *g = cc->g;
+        /* a kept-alive connection is idle again: give it its timeout back */
+        MHD_set_connection_option(c, MHD_CONNECTION_OPTION_TIMEOUT, s->idle_s);
         /* ended before the queue was done with it (client gone, write error): free the slot */
         pthread_mutex_lock(&g->mu);
         int done = g->done;
@@ -1169,6 +1277,18 @@ static void completed(void *cls, struct MHD_Connection *c, void **req_cls,
 /* ========================================================================================
  * Start / stop
  * ===================================================================================== */
+
+static void on_connection(void *cls, struct MHD_Connection *c, void **socket_context,
+                          enum MHD_ConnectionNotificationCode toe)
+{
+    (void)c;
+    (void)socket_context;
+    serve_server *s = cls;
+    if (toe == MHD_CONNECTION_NOTIFY_STARTED)
+        atomic_fetch_add(&s->n_conns, 1);
+    else
+        atomic_fetch_sub(&s->n_conns, 1);
+}
 
 static void mhd_log(void *cls, const char *fmt, va_list ap)
 {
@@ -1204,6 +1324,9 @@ int serve_server_start(const serve_opts *o, srvq *q, const tok_tokenizer *tok, s
     s->created = (long)time(NULL);
     s->listen_fd = -1;
     s->end_id = -1;
+    s->max_conns = o->max_connections > 0 ? o->max_connections : 256;
+    s->idle_s = o->idle_timeout_s > 0 ? (unsigned)o->idle_timeout_s : 0u;
+    s->max_text = (size_t)s->ctx * tok_max_piece_bytes(tok) + 16;
     const char *marker = serve_chat_end_marker(s->chat);
     if (marker) {
         int32_t *ids = NULL;
@@ -1233,8 +1356,10 @@ int serve_server_start(const serve_opts *o, srvq *q, const tok_tokenizer *tok, s
     s->d = MHD_start_daemon(
         flags, (uint16_t)o->port, NULL, NULL, handler, s, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, s,
         MHD_OPTION_SOCK_ADDR, ai->ai_addr, MHD_OPTION_NOTIFY_COMPLETED, completed, s,
-        MHD_OPTION_CONNECTION_LIMIT, (unsigned)(o->max_connections > 0 ? o->max_connections : 256),
-        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)0, MHD_OPTION_END);
+        MHD_OPTION_NOTIFY_CONNECTION, on_connection, s,
+        /* a few more than served, so the ones beyond get a 503 instead of a silent close */
+        MHD_OPTION_CONNECTION_LIMIT, (unsigned)(s->max_conns + CONN_SPARE),
+        MHD_OPTION_CONNECTION_TIMEOUT, s->idle_s, MHD_OPTION_END);
     freeaddrinfo(ai);
     if (!s->d) {
         snprintf(err, errlen, "cannot listen on %s:%d (%s)", s->host, o->port,

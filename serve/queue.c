@@ -174,7 +174,11 @@ long srvq_submit(srvq *q, const srvq_request *r, char *err, size_t errlen)
         snprintf(err, errlen, "the server is shutting down");
         rc = SRVQ_ERR_CLOSED;
     } else if (q->n_queued - free_slots >= q->queue_cap) {
-        snprintf(err, errlen, "queue full (%ld waiting for %d slots)", q->n_queued, q->slots);
+        /* queued requests that a free slot will take are not waiting */
+        snprintf(err, errlen,
+                 "queue full: %ld request(s) waiting for a slot (at most %d), all %d slots "
+                 "taken",
+                 q->n_queued - free_slots, q->queue_cap, q->slots);
         rc = SRVQ_ERR_FULL;
     } else {
         rc = n->id = q->next_id++;
