@@ -26,14 +26,13 @@ static const sopt SOPTS[] = {
     {"ctx", "N", "positions per slot, prompt + generated (default: the model's max, at most 4096)"},
     {"queue", "N", "requests waiting for a slot at most; beyond: 503 + Retry-After (default 64)"},
     {"api-key-file", "PATH",
-     "require 'Authorization: Bearer KEY' (all routes but GET /health), KEY = the file's first "
-     "line; default: $MODPIPE_API_KEY if set (a key is never taken on the command line: ps "
-     "shows it)"},
+     "require 'Authorization: Bearer KEY' (all routes but GET /health), KEY = the file's "
+     "first line (default: $MODPIPE_API_KEY if set; never on the command line)"},
     {"api-key", "KEY", NULL}, /* refused: see api-key-file */
     {"max-connections", "N", "HTTP connections served at once; beyond: 503 (default 256)"},
     {"idle-timeout", "SEC",
-     "close a connection idle this long, waiting for its request or kept alive between "
-     "requests; 0: never (default 30)"},
+     "close a connection idle this long (before its request, or kept alive); 0: never "
+     "(default 30)"},
     {"chat-template", "NAME",
      "chat template: chatml, llama2, llama3, zephyr, plain, or auto "
      "(default: from tokenizer_config.json, else plain)"},
@@ -188,7 +187,7 @@ static int read_key_file(const char *path, char *key, size_t keylen, char *err, 
     int ok = fgets(key, (int)keylen, f) != NULL;
     fclose(f);
     size_t n = ok ? strlen(key) : 0;
-    int whole = n > 0 && (key[n - 1] == '\n' || n < keylen - 1);
+    int whole = n == 0 || key[n - 1] == '\n' || n < keylen - 1;
     while (n > 0 && (key[n - 1] == '\n' || key[n - 1] == '\r')) key[--n] = 0;
     if (!whole) {
         snprintf(err, errlen, "--api-key-file %s: the first line is longer than %zu bytes", path,

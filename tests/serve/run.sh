@@ -152,7 +152,8 @@ check "SIGTERM: no new connections" '[ "$(curl -s -o /dev/null -w '\''%{http_cod
 
 # ---- -np 3 with an API key and a small context: client + every error status ---------------
 KEY=test-key-123
-start_server np3 3 --slots 8 --queue 64 --ctx 64 --api-key $KEY
+printf '%s\n' "$KEY" >"$TMP/key"
+start_server np3 3 --slots 8 --queue 64 --ctx 64 --api-key-file "$TMP/key"
 AUTH="Authorization: Bearer $KEY"
 if node "$HERE/client.mjs" "http://127.0.0.1:$PORT_np3/v1" "$KEY" "$TMP/expected.json" >"$TMP/client3.txt" 2>&1; then
     ok "openai client at -np 3 ($(tail -1 "$TMP/client3.txt"))"
@@ -195,8 +196,33 @@ check "serve --model missing dir: exit 2" 'badrun "config.json" --model "$TMP/no
 check "serve --chat-template unknown: exit 2" 'badrun "unknown template .vicuna." --model "$MODEL" --chat-template vicuna'
 check "serve --port 70000: exit 2" 'badrun "expected an integer in \[0, 65535\]" --model "$MODEL" --port 70000'
 check "serve on a port in use: exit 2" 'badrun "cannot listen on 127.0.0.1:$PORT_np3" --model "$MODEL" --port $PORT_np3'
+check "the key from --api-key-file is not in ps" '! ps -o args= -p "$PID_np3,$MPI_np3" | grep -qF -- "$KEY"'
+check "serve --api-key KEY (visible in ps): exit 2" 'badrun "visible to every user in ps" --model "$MODEL" --api-key abc'
+check "serve --api-key-file missing: exit 2" 'badrun "api-key-file $TMP/nokey: No such file" --model "$MODEL" --api-key-file "$TMP/nokey"'
+: >"$TMP/emptykey"
+check "serve --api-key-file empty: exit 2" 'badrun "the first line (the key) is empty" --model "$MODEL" --api-key-file "$TMP/emptykey"'
+# a model directory whose config.json is edited: link the rest
+edited_model() { # edited_model DIR 'js expression on c'
+    mkdir -p "$1"
+    for f in "$MODEL"/*; do [ "$(basename "$f")" = config.json ] || ln -sf "$f" "$1/"; done
+    node -e 'const fs=require("fs"); const c=JSON.parse(fs.readFileSync(process.argv[1])); '"$2"'; fs.writeFileSync(process.argv[2], JSON.stringify(c))' \
+        "$MODEL/config.json" "$1/config.json"
+}
+edited_model "$TMP/pos1" 'c.max_position_embeddings = 1'
+check "serve: max_position_embeddings 1: exit 2" 'badrun "max_position_embeddings is 1; serving needs at least 2" --model "$TMP/pos1"'
+edited_model "$TMP/eosbig" 'c.eos_token_id = 99999'
+check "serve: eos_token_id outside the vocab: exit 2" 'badrun "eos_token_id: 99999 is outside the vocab" --model "$TMP/eosbig"'
 stop_server np3
 check "SIGTERM at -np 3: exit 0" '[ "$RC" = 0 ]'
+
+# the key from the environment
+MODPIPE_API_KEY=env-key-456 start_server envk 1 --slots 1 --ctx 64
+check "MODPIPE_API_KEY: no key -> 401" '[ "$(status $PORT_envk GET /v1/models)" = 401 ]'
+check "MODPIPE_API_KEY: its key -> 200" '[ "$(status $PORT_envk GET /v1/models "" "Authorization: Bearer env-key-456")" = 200 ]'
+# a NUL in chat content and bytes after the JSON reach the real server as 400s naming them
+code=$(status $PORT_envk POST /v1/chat/completions '{"messages":[{"role":"user","content":"hi\u0000there"}]}' "Authorization: Bearer env-key-456")
+check "NUL in chat content -> 400 naming messages[0].content" '[ "$code" = 400 ] && grep -q '\''"param":"messages\[0\].content"'\'' "$TMP/body"'
+stop_server envk
 
 # ---- tensor-parallel stages: 2 stages x 2 ranks (--tp 2) give the same greedy tokens ----------
 start_server tp2 4 --tp 2 --slots 8 --queue 64 --ctx 64
