@@ -751,25 +751,30 @@ static char *raw(const char *req)
 }
 
 /* Holes an attacker found: each is refused before it costs memory or locks clients out. */
+/* One request; asserts its status and that the body holds want and want2 (NULL: skip). */
+static void expect_http(const char *method, const char *path, const char *body, const char *extra,
+                        int status, const char *want, const char *want2)
+{
+    http_resp r;
+    http(method, path, body, extra, &r);
+    CU_ASSERT_EQUAL(r.status, status);
+    if (r.status != status)
+        fprintf(stderr, "\n  %s %s: %d, want %d\n", method, path, r.status, status);
+    if (want) CU_ASSERT(has(r.body, want));
+    if (want2) CU_ASSERT(has(r.body, want2));
+    resp_free(&r);
+}
+
 static void test_hardening(void)
 {
     CU_ASSERT_EQUAL_FATAL(start(1, 32, 1, "sekrit", "plain", 1), 0);
     serve_server_set_ready(g_s);
     const char *auth = "Authorization: Bearer sekrit\r\n";
-    http_resp r;
     /* the key comes before 404 / 405: routes are not shown without it */
-    http("GET", "/v2/nothing", NULL, NULL, &r);
-    CU_ASSERT_EQUAL(r.status, 401);
-    resp_free(&r);
-    http("GET", "/v1/completions", NULL, NULL, &r);
-    CU_ASSERT_EQUAL(r.status, 401);
-    resp_free(&r);
-    http("DELETE", "/health", NULL, NULL, &r);
-    CU_ASSERT_EQUAL(r.status, 401);
-    resp_free(&r);
-    http("HEAD", "/health", NULL, NULL, &r);
-    CU_ASSERT_EQUAL(r.status, 200);
-    resp_free(&r);
+    expect_http("GET", "/v2/nothing", NULL, NULL, 401, NULL, NULL);
+    expect_http("GET", "/v1/completions", NULL, NULL, 401, NULL, NULL);
+    expect_http("DELETE", "/health", NULL, NULL, 401, NULL, NULL);
+    expect_http("HEAD", "/health", NULL, NULL, 200, NULL, NULL);
     /* ... and before the body: a 1000 MiB upload is answered at once, nothing read */
     double t0 = mono();
     char *x = raw("POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
@@ -814,35 +819,23 @@ static void test_hardening(void)
     size_t at = strlen(big);
     memset(big + at, 'x', 20000);
     snprintf(big + at + 20000, 8, "\"}");
-    http("POST", "/v1/completions", big, auth, &r);
-    CU_ASSERT_EQUAL(r.status, 400);
-    CU_ASSERT(has(r.body, "the prompt is 20000 bytes; the context holds 32 tokens"));
-    CU_ASSERT(has(r.body, "\"code\":\"context_length_exceeded\""));
-    resp_free(&r);
+    expect_http("POST", "/v1/completions", big, auth, 400,
+                "the prompt is 20000 bytes; the context holds 32 tokens",
+                "\"code\":\"context_length_exceeded\"");
     snprintf(big, 64, "{\"prompt\":[");
     at = strlen(big);
     for (int i = 0; i < 5000; i++) at += (size_t)snprintf(big + at, 8, "%s7", i ? "," : "");
     snprintf(big + at, 8, "]}");
-    http("POST", "/v1/completions", big, auth, &r);
-    CU_ASSERT_EQUAL(r.status, 400);
-    CU_ASSERT(has(r.body, "the request holds 5002 JSON values"));
-    CU_ASSERT(has(r.body, "\"param\":\"prompt\""));
-    resp_free(&r);
+    expect_http("POST", "/v1/completions", big, auth, 400, "the request holds 5002 JSON values",
+                "\"param\":\"prompt\"");
     free(big);
     /* NUL and trailing bytes through the server */
-    http("POST", "/v1/completions", "{\"prompt\":\"a\",\"stop\":\"b\\u0000\"}", auth, &r);
-    CU_ASSERT_EQUAL(r.status, 400);
-    CU_ASSERT(has(r.body, "\"param\":\"stop\""));
-    resp_free(&r);
-    http("POST", "/v1/completions", "{\"prompt\":\"a\"}garbage", auth, &r);
-    CU_ASSERT_EQUAL(r.status, 400);
-    CU_ASSERT(has(r.body, "goes on after the JSON object"));
-    resp_free(&r);
-    http("POST", "/v1/completions", "{\"prompt\":\"a\",\"top_p\":1e-300}", auth, &r);
-    CU_ASSERT_EQUAL(r.status, 400);
-    CU_ASSERT(has(r.body, "\"param\":\"top_p\""));
-    CU_ASSERT(has(r.body, "1e-300"));
-    resp_free(&r);
+    expect_http("POST", "/v1/completions", "{\"prompt\":\"a\",\"stop\":\"b\\u0000\"}", auth, 400,
+                "\"param\":\"stop\"", NULL);
+    expect_http("POST", "/v1/completions", "{\"prompt\":\"a\"}garbage", auth, 400,
+                "goes on after the JSON object", NULL);
+    expect_http("POST", "/v1/completions", "{\"prompt\":\"a\",\"top_p\":1e-300}", auth, 400,
+                "\"param\":\"top_p\"", "1e-300");
     stop();
 }
 
