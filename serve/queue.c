@@ -20,7 +20,9 @@ enum { RQ_QUEUED = 0, RQ_RUNNING, RQ_DONE };
 typedef struct rq {
     long id;
     srvq_request r;  /* r.prompt points at prompt below */
-    int32_t *prompt; /* [n_prompt] own copy */
+    int32_t *prompt; /* [n_prompt + gen_cap] own copy, then the tokens generated so far */
+    int gen_cap;     /* tokens it can generate at most (max_tokens, or what the context holds) */
+    int n_fill;      /* positions to prefill: n_prompt; after srvq_rewind prompt + tokens - 1 */
     int state;
     int cancelled;
     int slot;
@@ -57,6 +59,8 @@ struct srvq {
     int n_ev, ev_cap;
     char fail_msg[256];
     srvq_stats st;
+    void (*notify)(void *arg); /* srvq_set_notify: called with mu held on every kick */
+    void *notify_arg;
 };
 
 srvq *srvq_new(int slots, int ctx, int queue_cap, int vocab, int eos)
@@ -118,6 +122,7 @@ static void kick(srvq *q)
 {
     q->kick = 1;
     pthread_cond_signal(&q->cv);
+    if (q->notify) q->notify(q->notify_arg);
 }
 
 long srvq_submit(srvq *q, const srvq_request *r, char *err, size_t errlen)
@@ -156,7 +161,10 @@ long srvq_submit(srvq *q, const srvq_request *r, char *err, size_t errlen)
         return SRVQ_ERR_TOO_LONG;
     }
     rq *n = calloc(1, sizeof *n);
-    int32_t *p = n ? malloc((size_t)r->n_prompt * sizeof *p) : NULL;
+    /* the context ends a request after ctx + 1 - n_prompt tokens at most */
+    int gen_cap =
+        r->max_tokens < q->ctx + 1 - r->n_prompt ? r->max_tokens : q->ctx + 1 - r->n_prompt;
+    int32_t *p = n ? malloc((size_t)(r->n_prompt + gen_cap) * sizeof *p) : NULL;
     if (!p) {
         free(n);
         snprintf(err, errlen, "out of memory");
@@ -166,6 +174,8 @@ long srvq_submit(srvq *q, const srvq_request *r, char *err, size_t errlen)
     n->r = *r;
     n->r.prompt = p;
     n->prompt = p;
+    n->gen_cap = gen_cap;
+    n->n_fill = r->n_prompt;
     n->slot = -1;
     pthread_mutex_lock(&q->mu);
     long rc;
@@ -355,13 +365,13 @@ static int sched_next(void *self, engine_mb *mb)
     mb->n = 0;
     const int R = q->R;
     for (rq *r = q->run_head; r && mb->n < R; r = r->next)
-        if (r->n_prefilled == r->r.n_prompt && r->inflight == 0) {
+        if (r->n_prefilled == r->n_fill && r->inflight == 0) {
             add_row(mb, r, r->r.n_prompt + r->n_gen - 1, r->last,
                     COMM_ROW_NEED_LOGITS | COMM_ROW_SAMPLE, (uint32_t)r->n_gen);
             r->inflight++;
         }
     for (rq *r = q->run_head; r && mb->n < (q->whole ? q->max_rows : R); r = r->next) {
-        int left = r->r.n_prompt - r->n_prefilled;
+        int left = r->n_fill - r->n_prefilled;
         if (left == 0) continue;
         int room = R - mb->n;
         if (q->whole) {
@@ -373,7 +383,8 @@ static int sched_next(void *self, engine_mb *mb)
         for (int k = 0; k < take; k++) {
             int t = r->n_prefilled++;
             uint8_t fl = COMM_ROW_PROMPT;
-            if (t == r->r.n_prompt - 1) fl |= COMM_ROW_NEED_LOGITS | COMM_ROW_SAMPLE;
+            /* a replayed request's next token comes from its decode row, not the prefill */
+            if (t == r->n_fill - 1 && r->n_gen == 0) fl |= COMM_ROW_NEED_LOGITS | COMM_ROW_SAMPLE;
             add_row(mb, r, t, r->prompt[t], fl, 0);
             r->inflight++;
         }
@@ -411,6 +422,7 @@ static void sched_done(void *self, const engine_mb *mb, const int32_t *tok)
             end_running(q, r, SRVQ_FINISH_STOP, "stop");
             continue;
         }
+        if (r->n_gen < r->gen_cap) r->prompt[r->r.n_prompt + r->n_gen] = t;
         r->n_gen++;
         r->last = t;
         q->st.generated_tokens++;
@@ -480,6 +492,32 @@ const engine_sched_ops srvq_sched_ops = {
     .wait = sched_wait,
     .links = sched_links,
 };
+
+void srvq_set_notify(srvq *q, void (*fn)(void *arg), void *arg)
+{
+    pthread_mutex_lock(&q->mu);
+    q->notify = fn;
+    q->notify_arg = arg;
+    pthread_mutex_unlock(&q->mu);
+}
+
+void srvq_rewind(srvq *q)
+{
+    pthread_mutex_lock(&q->mu);
+    q->st.restarts++;
+    for (rq *r = q->run_head; r; r = r->next) {
+        /* the input of the next decode row (the last token) is not prefilled */
+        r->n_fill = r->n_gen > 0 ? r->r.n_prompt + r->n_gen - 1 : r->r.n_prompt;
+        if (r->n_prefilled > 0) {
+            q->st.replayed_requests++;
+            q->st.replayed_tokens += (uint64_t)r->n_fill;
+        }
+        r->n_prefilled = 0;
+        r->inflight = 0;
+    }
+    kick(q);
+    pthread_mutex_unlock(&q->mu);
+}
 
 void srvq_fail_all(srvq *q, const char *msg)
 {
