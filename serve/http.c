@@ -224,6 +224,7 @@ struct serve_server {
     long created;  /* start time (unix), for /v1/models */
     int listen_fd; /* after quiesce: closed after MHD_stop_daemon */
     atomic_int ready, closing, shut_done, aborted;
+    atomic_int recovering; /* the front is restarting the job (serve/front.h) */
     char abort_msg[512]; /* written once before aborted is set */
     atomic_long next_id;
 
@@ -932,7 +933,8 @@ static enum MHD_Result do_generate(serve_server *s, struct MHD_Connection *c, co
         gen_cancel(g);
         return MHD_NO; /* client gone: close */
     }
-    if (g->failed) return reply_error(s, c, 500, gen_errmsg(g), NULL, NULL);
+    /* the pipeline failed (a job past its restarts): unavailable; the detokeniser: ours */
+    if (g->failed) return reply_error(s, c, g->cmsg[0] ? 500 : 503, gen_errmsg(g), NULL, NULL);
     sb b = {0};
     sb_fmt(&b, "{\"id\":\"%s\",\"object\":\"%s\",\"created\":%ld,\"model\":", g->cid,
            chat ? "chat.completion" : "text_completion", g->created);
@@ -1050,10 +1052,20 @@ static enum MHD_Result do_metrics(serve_server *s, struct MHD_Connection *c)
         "# HELP modpipe_ready 1 once the model is loaded.\n"
         "# TYPE modpipe_ready gauge\nmodpipe_ready %d\n"
         "# HELP modpipe_connections_open Open HTTP connections.\n"
-        "# TYPE modpipe_connections_open gauge\nmodpipe_connections_open %d\n",
+        "# TYPE modpipe_connections_open gauge\nmodpipe_connections_open %d\n"
+        "# HELP modpipe_restarts_total Times the front restarted the pipeline job.\n"
+        "# TYPE modpipe_restarts_total counter\nmodpipe_restarts_total %llu\n"
+        "# HELP modpipe_replayed_requests_total Running requests replayed on a restarted job.\n"
+        "# TYPE modpipe_replayed_requests_total counter\nmodpipe_replayed_requests_total %llu\n"
+        "# HELP modpipe_replayed_tokens_total Positions prefilled again (prompt + tokens sent).\n"
+        "# TYPE modpipe_replayed_tokens_total counter\nmodpipe_replayed_tokens_total %llu\n"
+        "# HELP modpipe_recovering 1 while the pipeline job is being restarted.\n"
+        "# TYPE modpipe_recovering gauge\nmodpipe_recovering %d\n",
         (unsigned long long)st.requests_total, (unsigned long long)st.prompt_tokens,
         (unsigned long long)st.generated_tokens, st.queued, st.running, st.slots_used, st.slots,
-        atomic_load(&s->ready), atomic_load(&s->n_conns));
+        atomic_load(&s->ready), atomic_load(&s->n_conns), (unsigned long long)st.restarts,
+        (unsigned long long)st.replayed_requests, (unsigned long long)st.replayed_tokens,
+        atomic_load(&s->recovering));
     histo_print(&b, "modpipe_ttft_seconds", "Time from request to first generated token.", &ttft);
     histo_print(&b, "modpipe_inter_token_seconds", "Time between consecutive tokens of a request.",
                 &itl);
@@ -1239,6 +1251,9 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
     case R_METRICS: return do_metrics(s, c);
     case R_MODELS: return do_models(s, c);
     case R_HEALTH:
+        if (atomic_load(&s->recovering))
+            return reply_error(s, c, 503, "recovering: the pipeline is being restarted", NULL,
+                               "recovering");
         if (atomic_load(&s->ready)) {
             static const char ok[] = "{\"status\":\"ok\"}";
             return reply(s, c, 200, "application/json", ok, sizeof ok - 1, NULL, NULL);
@@ -1375,6 +1390,7 @@ int serve_server_start(const serve_opts *o, srvq *q, const tok_tokenizer *tok, s
 
 int serve_server_port(const serve_server *s) { return s->port; }
 void serve_server_set_ready(serve_server *s) { atomic_store(&s->ready, 1); }
+void serve_server_set_recovering(serve_server *s, int on) { atomic_store(&s->recovering, on); }
 
 int serve_server_shutdown(serve_server *s)
 {

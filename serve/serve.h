@@ -124,6 +124,9 @@ int serve_server_start(const serve_opts *o, srvq *q, const tok_tokenizer *tok, s
                        char *err, size_t errlen);
 int serve_server_port(const serve_server *s);
 void serve_server_set_ready(serve_server *s);
+/* on: the pipeline is being restarted (serve/front.h): /health answers 503 "recovering";
+ * requests are still taken (they wait in the queue). */
+void serve_server_set_recovering(serve_server *s, int on);
 
 /* Graceful stop: no new connections or requests (503), srvq_close, wait up to the grace
  * period for running requests, then cancel what is left and wait for it to end. Returns the
