@@ -25,11 +25,11 @@ typedef struct {
     srvq *q;
     serve_server *srv;
     char dir[40], path[96]; /* the socket's directory (ours, 0700) and path */
-    int lfd;                 /* listening socket */
-    int wake[2];             /* srvq_set_notify writes here */
-    pid_t pid;               /* the job (mpirun, its own process group); 0: none */
-    int status;              /* its wait status once reaped */
-    int fd;                  /* the channel, -1: none */
+    int lfd;                /* listening socket */
+    int wake[2];            /* srvq_set_notify writes here */
+    pid_t pid;              /* the job (mpirun, its own process group); 0: none */
+    int status;             /* its wait status once reaped */
+    int fd;                 /* the channel, -1: none */
     chan_reader rd;
     engine_mb *fl; /* [max_in_flight] micro-batches in flight, oldest at fl_head */
     int fl_head, fl_n;
@@ -86,19 +86,20 @@ static void describe_exit(int status, char *buf, size_t n)
         snprintf(buf, n, "status %d", status);
 }
 
-/* End the job: SIGTERM to its process group (mpirun forwards it; a stopped process gets it
- * when continued), SIGKILL after 2 s. */
-static void kill_job(front *f)
+/* End the job: a job whose rank died is being torn down by mpirun already, give it `grace`
+ * seconds; then SIGTERM to its process group, SIGKILL after 2 s (a stopped rank too). */
+static void kill_job(front *f, double grace)
 {
     if (f->fd >= 0) {
         close(f->fd);
         f->fd = -1;
     }
+    double t0 = now_s();
+    while (f->pid && !job_exited(f) && now_s() - t0 < grace) usleep(20000);
     if (!f->pid) return;
     pid_t pg = f->pid;
-    kill(-pg, SIGTERM);
-    kill(-pg, SIGCONT);
-    double t0 = now_s();
+    kill(pg, SIGTERM);
+    t0 = now_s();
     while (!job_exited(f) && now_s() - t0 < 2.0) usleep(20000);
     if (f->pid) {
         kill(-pg, SIGKILL);
@@ -200,7 +201,7 @@ static int start_job(front *f, char *err, size_t errlen)
 }
 
 /* Frames from the job: results complete micro-batches in issue order. 0, or -1 with err. */
-static int take_frames(front *f, double *last_rx, char *err, size_t errlen)
+static int take_frames(front *f, double *last_rx, double *last_res, char *err, size_t errlen)
 {
     if (chan_read(&f->rd, f->fd)) {
         snprintf(err, errlen, "the job's rank 0 closed the channel");
@@ -222,6 +223,7 @@ static int take_frames(front *f, double *last_rx, char *err, size_t errlen)
             memcpy(f->tok, p + sizeof n, (size_t)n * sizeof(int32_t));
             f->fl_head = (f->fl_head + 1) % f->o->max_in_flight;
             f->fl_n--;
+            *last_res = *last_rx;
             srvq_sched_ops.done(f->q, mb, f->tok);
         } else if (type == CHAN_LINKS && len >= sizeof(int32_t)) {
             int32_t n;
@@ -247,7 +249,9 @@ static int take_frames(front *f, double *last_rx, char *err, size_t errlen)
 static int relay(front *f, char *err, size_t errlen)
 {
     const int K = f->o->max_in_flight;
-    double last_rx = now_s();
+    /* Two clocks: any frame (rank 0 beats while its loop runs), and results: rank 0 keeps
+     * beating while it waits for a stopped rank, so work in flight must come back. */
+    double last_rx = now_s(), last_res = last_rx;
     for (;;) {
         while (f->fl_n < K) {
             engine_mb *mb = &f->fl[(f->fl_head + f->fl_n) % K];
@@ -259,27 +263,28 @@ static int relay(front *f, char *err, size_t errlen)
                 snprintf(err, errlen, "the channel to the job broke");
                 return -1;
             }
-            if (f->fl_n == 0) last_rx = now_s(); /* the stall clock runs from here */
+            if (f->fl_n == 0) last_res = now_s(); /* the result clock runs from here */
             f->fl_n++;
         }
         if (f->fl_n == 0 && srvq_sched_ops.finished(f->q)) return 1;
-        struct pollfd pf[2] = {{.fd = f->fd, .events = POLLIN}, {.fd = f->wake[0], .events = POLLIN}};
+        struct pollfd pf[2] = {{.fd = f->fd, .events = POLLIN},
+                               {.fd = f->wake[0], .events = POLLIN}};
         poll(pf, 2, 50);
         if (pf[1].revents & POLLIN) {
             char b[64];
             while (read(f->wake[0], b, sizeof b) > 0) {}
         }
-        if (pf[0].revents && take_frames(f, &last_rx, err, errlen)) return -1;
+        if (pf[0].revents && take_frames(f, &last_rx, &last_res, err, errlen)) return -1;
         if (job_exited(f)) {
             char st[64];
             describe_exit(f->status, st, sizeof st);
             snprintf(err, errlen, "the job ended (%s)", st);
             return -1;
         }
-        double quiet = now_s() - last_rx;
-        if (quiet > f->o->stall_s) {
+        double t = now_s(), quiet = t - last_rx, slow = f->fl_n > 0 ? t - last_res : 0;
+        if (quiet > f->o->stall_s || slow > f->o->stall_s) {
             snprintf(err, errlen, "no word from the job for %.1f s (%d micro-batch%s in flight)",
-                     quiet, f->fl_n, f->fl_n == 1 ? "" : "es");
+                     quiet > slow ? quiet : slow, f->fl_n, f->fl_n == 1 ? "" : "es");
             return -1;
         }
     }
@@ -323,7 +328,7 @@ static int setup(front *f, char *err, size_t errlen)
 static void teardown(front *f)
 {
     srvq_set_notify(f->q, NULL, NULL);
-    kill_job(f);
+    kill_job(f, 0);
     chan_reader_free(&f->rd);
     for (int i = 0; f->fl && i < f->o->max_in_flight; i++) engine_mb_free(&f->fl[i]);
     free(f->fl);
@@ -336,8 +341,7 @@ static void teardown(front *f)
     if (f->dir[0]) rmdir(f->dir);
 }
 
-int serve_front_run(const serve_front_opts *o, srvq *q, serve_server *srv, char *err,
-                    size_t errlen)
+int serve_front_run(const serve_front_opts *o, srvq *q, serve_server *srv, char *err, size_t errlen)
 {
     front f;
     memset(&f, 0, sizeof f);
@@ -357,8 +361,8 @@ int serve_front_run(const serve_front_opts *o, srvq *q, serve_server *srv, char 
             else {
                 srvq_stats st;
                 srvq_get_stats(q, &st);
-                say(&f, "the job is back after %.1f s; %llu request(s) replayed so far", t_up - t_fail,
-                    (unsigned long long)st.replayed_requests);
+                say(&f, "the job is back after %.1f s; %llu request(s) replayed so far",
+                    t_up - t_fail, (unsigned long long)st.replayed_requests);
                 serve_server_set_recovering(srv, 0);
             }
             ever = 1;
@@ -376,7 +380,7 @@ int serve_front_run(const serve_front_opts *o, srvq *q, serve_server *srv, char 
             rc = -1;
             break;
         }
-        kill_job(&f);
+        kill_job(&f, strstr(why, "no word from") ? 0.0 : 1.0);
         f.fl_head = f.fl_n = 0;
         if (++failures > o->max_restarts) {
             snprintf(err, errlen, "the job failed %d time%s in a row (--max-restarts %d): %s",

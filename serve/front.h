@@ -7,8 +7,9 @@
  * in, sampled tokens out (serve/loop.h serve_loop_run_job).
  *
  * serve_front_run runs the relay on the caller's thread. When the job dies (mpirun exits, the
- * channel closes) or stalls (no frame for stall_s seconds: the job beats every 0.25 s while
- * its loop runs), the front ends it (SIGTERM, then SIGKILL, to its process group), waits a
+ * channel closes) or stalls (no frame for stall_s seconds — the job beats every 0.25 s while
+ * its loop runs — or, with work in flight, no result for stall_s seconds: a micro-batch's
+ * round trip must take less), the front ends it (SIGTERM, then SIGKILL, to its process group), waits a
  * back-off (0.5 s, doubling, at most 5 s), starts it again and rewinds the queue
  * (srvq_rewind): every running request prefills its prompt and the tokens already sent and
  * goes on with the same seed and step, so its client gets the text of an uninterrupted run

@@ -225,7 +225,7 @@ struct serve_server {
     int listen_fd; /* after quiesce: closed after MHD_stop_daemon */
     atomic_int ready, closing, shut_done, aborted;
     atomic_int recovering; /* the front is restarting the job (serve/front.h) */
-    char abort_msg[512]; /* written once before aborted is set */
+    char abort_msg[512];   /* written once before aborted is set */
     atomic_long next_id;
 
     pthread_mutex_t mu;                  /* guards everything below */

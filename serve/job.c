@@ -21,7 +21,7 @@
 typedef struct {
     int fd;
     chan_reader rd;
-    int ended;  /* END received, or the front is gone */
+    int ended; /* END received, or the front is gone */
     double t_beat;
     int32_t *tok; /* [max_rows] a RESULT's tokens */
     int max_rows;
@@ -37,7 +37,8 @@ static double now_s(void)
 static void send_or_end(job *j, uint32_t type, const void *a, size_t na, const void *b, size_t nb)
 {
     if (j->ended) return;
-    if (chan_send(j->fd, type, a, na, b, nb)) j->ended = 1;
+    if (chan_send(j->fd, type, a, na, b, nb))
+        j->ended = 1;
     else if (type == CHAN_BEAT || type == CHAN_RESULT)
         j->t_beat = now_s();
 }
