@@ -112,6 +112,8 @@ test: $(TEST_BIN) $(B)/modpipe format-check
 	@set -e; for t in $(TEST_BIN); do echo "== $$t"; MODPIPE=$(B)/modpipe $$t; done
 	@echo "== tests/serve/run.sh (modpipe serve with curl and the openai npm client)"
 	@bash tests/serve/run.sh $(B)/modpipe
+	@echo "== tests/serve/recover.sh (the front: kill -9 / SIGSTOP of a rank, replay)"
+	@bash tests/serve/recover.sh $(B)/modpipe
 ifneq ($(SANITIZE),1)
 	@bash tests/scripts/run.sh $(B)/modpipe
 endif
