@@ -36,6 +36,7 @@ typedef struct {
     uint8_t *pack; /* [chan_mb_size(max_rows, COMM_MAX_RELEASE)] */
     int32_t *tok;  /* [max_rows] a RESULT's tokens, aligned */
     engine_link_bytes links[SRVQ_MAX_LINKS];
+    double t_fail; /* when the last failure was detected, until the first new token after it */
 } front;
 
 static double now_s(void)
@@ -221,6 +222,12 @@ static int take_frames(front *f, double *last_rx, double *last_res, char *err, s
                 return -1;
             }
             memcpy(f->tok, p + sizeof n, (size_t)n * sizeof(int32_t));
+            for (int i = 0; f->t_fail > 0 && i < n; i++)
+                if (f->tok[i] >= 0) {
+                    say(f, "the first new token came %.2f s after the failure was detected",
+                        *last_rx - f->t_fail);
+                    f->t_fail = 0;
+                }
             f->fl_head = (f->fl_head + 1) % f->o->max_in_flight;
             f->fl_n--;
             *last_res = *last_rx;
@@ -380,6 +387,7 @@ int serve_front_run(const serve_front_opts *o, srvq *q, serve_server *srv, char 
             rc = -1;
             break;
         }
+        f.t_fail = now_s();
         kill_job(&f, strstr(why, "no word from") ? 0.0 : 1.0);
         f.fl_head = f.fl_n = 0;
         if (++failures > o->max_restarts) {

@@ -124,6 +124,9 @@ disrupt "SIGSTOP-rank-1" STOP 1
 grep -q "no word from the job for 2" "$TMP/a.err" && ok "SIGSTOP: detected as a stall after --stall-timeout 2" || bad "SIGSTOP: detected as a stall" "$(tail -3 "$TMP/a.err")"
 check "/metrics: 3 restarts, tokens re-prefilled" '[ "$(metric $P modpipe_restarts_total)" = 3 ] && [ "$(metric $P modpipe_replayed_tokens_total)" -gt 0 ]'
 
+echo "-- the front's log of the three recoveries (docs/SERVE.md: the timeline):"
+grep "^modpipe serve: the " "$TMP/a.err"
+
 # SIGTERM to the front during streams: drain, exit 0, the job gone
 node "$STREAMS" "http://127.0.0.1:$P" "$TMP/term.json" 2 100 >"$TMP/term.txt" 2>&1 &
 cpid=$!
