@@ -97,69 +97,53 @@ int chan_next(chan_reader *r, uint32_t *type, const uint8_t **payload, uint32_t 
     return 1;
 }
 
-/* Row fields, in this order: slot pos token (i32) flags (u8) temperature top_p (f32)
- * seed seq (u64) step (u32) target (i32); after the rows the releases (i32). */
-#define ROW_BYTES (3 * 4 + 1 + 2 * 4 + 2 * 8 + 4 + 4)
+/* The row columns of STAGE_BATCH_ROWS but tag (the scheduler's own), column by column, then
+ * the releases. */
+#define COL_BYTES(T, name, def, what) +sizeof(T)
+#define ROW_BYTES (0 STAGE_BATCH_ROWS(COL_BYTES) - sizeof(uint64_t))
 
 size_t chan_mb_size(int rows, int releases)
 {
     return 2 * sizeof(int32_t) + (size_t)rows * ROW_BYTES + (size_t)releases * sizeof(int32_t);
 }
 
-#define PUT(src, n)                                                                                \
-    do {                                                                                           \
-        memcpy(o, (src), (n));                                                                     \
-        o += (n);                                                                                  \
-    } while (0)
-
-size_t chan_mb_pack(const engine_mb *mb, uint8_t *out)
+size_t chan_mb_pack(const stage_batch *mb, uint8_t *out)
 {
     uint8_t *o = out;
     int32_t head[2] = {mb->n, mb->n_release};
-    size_t n = (size_t)mb->n;
-    PUT(head, sizeof head);
-    PUT(mb->slot, n * 4);
-    PUT(mb->pos, n * 4);
-    PUT(mb->token, n * 4);
-    PUT(mb->flags, n);
-    PUT(mb->temperature, n * 4);
-    PUT(mb->top_p, n * 4);
-    PUT(mb->seed, n * 8);
-    PUT(mb->seq, n * 8);
-    PUT(mb->step, n * 4);
-    PUT(mb->target, n * 4);
-    PUT(mb->release, (size_t)mb->n_release * 4);
+    memcpy(o, head, sizeof head);
+    o += sizeof head;
+#define PUT(T, name, def, what)                                                                    \
+    if (strcmp(#name, "tag")) {                                                                    \
+        memcpy(o, mb->name, (size_t)mb->n * sizeof(T));                                            \
+        o += (size_t)mb->n * sizeof(T);                                                            \
+    }
+    STAGE_BATCH_ROWS(PUT)
+#undef PUT
+    memcpy(o, mb->release, (size_t)mb->n_release * sizeof *mb->release);
+    o += (size_t)mb->n_release * sizeof *mb->release;
     return (size_t)(o - out);
 }
 
-#define GET(dst, n)                                                                                \
-    do {                                                                                           \
-        memcpy((dst), p, (n));                                                                     \
-        p += (n);                                                                                  \
-    } while (0)
-
-int chan_mb_unpack(const uint8_t *p, size_t len, engine_mb *mb)
+int chan_mb_unpack(const uint8_t *p, size_t len, stage_batch *mb)
 {
     int32_t head[2];
     if (len < sizeof head) return -1;
-    GET(head, sizeof head);
-    if (head[0] < 0 || head[0] > mb->cap || head[1] < 0 || head[1] > COMM_MAX_RELEASE ||
+    memcpy(head, p, sizeof head);
+    p += sizeof head;
+    if (head[0] < 0 || head[0] > mb->cap || head[1] < 0 || head[1] > STAGE_MAX_RELEASE ||
         len != chan_mb_size(head[0], head[1]))
         return -1;
-    size_t n = (size_t)head[0];
     mb->n = head[0];
     mb->n_release = head[1];
-    GET(mb->slot, n * 4);
-    GET(mb->pos, n * 4);
-    GET(mb->token, n * 4);
-    GET(mb->flags, n);
-    GET(mb->temperature, n * 4);
-    GET(mb->top_p, n * 4);
-    GET(mb->seed, n * 8);
-    GET(mb->seq, n * 8);
-    GET(mb->step, n * 4);
-    GET(mb->target, n * 4);
-    GET(mb->release, (size_t)mb->n_release * 4);
-    for (size_t i = 0; i < n; i++) mb->tag[i] = 0;
+#define GET(T, name, def, what)                                                                    \
+    if (strcmp(#name, "tag")) {                                                                    \
+        memcpy(mb->name, p, (size_t)mb->n * sizeof(T));                                            \
+        p += (size_t)mb->n * sizeof(T);                                                            \
+    }
+    STAGE_BATCH_ROWS(GET)
+#undef GET
+    memcpy(mb->release, p, (size_t)mb->n_release * sizeof *mb->release);
+    for (int i = 0; i < mb->n; i++) mb->tag[i] = 0;
     return 0;
 }

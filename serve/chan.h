@@ -11,7 +11,7 @@
  *                 rank has loaded its stage; RESULT {n, tok[n]} per micro-batch, in issue
  *                 order; LINKS {n, {from, to, bytes, dense_bytes}[n]}; BEAT (at least every
  *                 0.25 s while the loop runs: the front's stall detector); ERROR {text}
- *   front -> job: MB (an engine_mb: rows, sampling state, slot releases); END (drain, exit)
+ *   front -> job: MB (a stage_batch: rows, sampling state, slot releases); END (drain, exit)
  *
  * chan_reader buffers what a non-blocking socket gives and hands out whole frames. Errors:
  * -1 (a broken or closed socket, a frame that does not parse); no allocation per frame once
@@ -61,7 +61,7 @@ int chan_next(chan_reader *r, uint32_t *type, const uint8_t **payload, uint32_t 
  * chan_mb_pack into out (returns the bytes written); chan_mb_unpack reads one back, -1 when
  * the payload is not one (or has more rows than mb->cap). */
 size_t chan_mb_size(int rows, int releases);
-size_t chan_mb_pack(const engine_mb *mb, uint8_t *out);
-int chan_mb_unpack(const uint8_t *p, size_t n, engine_mb *mb);
+size_t chan_mb_pack(const stage_batch *mb, uint8_t *out);
+int chan_mb_unpack(const uint8_t *p, size_t n, stage_batch *mb);
 
 #endif

@@ -31,9 +31,9 @@ typedef struct {
     int status;             /* its wait status once reaped */
     int fd;                 /* the channel, -1: none */
     chan_reader rd;
-    engine_mb *fl; /* [max_in_flight] micro-batches in flight, oldest at fl_head */
+    stage_batch *fl; /* [max_in_flight] micro-batches in flight, oldest at fl_head */
     int fl_head, fl_n;
-    uint8_t *pack; /* [chan_mb_size(max_rows, COMM_MAX_RELEASE)] */
+    uint8_t *pack; /* [chan_mb_size(max_rows, STAGE_MAX_RELEASE)] */
     int32_t *tok;  /* [max_rows] a RESULT's tokens, aligned */
     engine_link_bytes links[SRVQ_MAX_LINKS];
     double t_fail; /* when the last failure was detected, until the first new token after it */
@@ -216,7 +216,7 @@ static int take_frames(front *f, double *last_rx, double *last_res, char *err, s
         if (type == CHAN_RESULT) {
             int32_t n = -1;
             if (len >= sizeof n) memcpy(&n, p, sizeof n);
-            engine_mb *mb = &f->fl[f->fl_head];
+            stage_batch *mb = &f->fl[f->fl_head];
             if (f->fl_n == 0 || n != mb->n || len != sizeof n + (size_t)n * sizeof(int32_t)) {
                 snprintf(err, errlen, "a result from the job that matches no micro-batch");
                 return -1;
@@ -261,7 +261,7 @@ static int relay(front *f, char *err, size_t errlen)
     double last_rx = now_s(), last_res = last_rx;
     for (;;) {
         while (f->fl_n < K) {
-            engine_mb *mb = &f->fl[(f->fl_head + f->fl_n) % K];
+            stage_batch *mb = &f->fl[(f->fl_head + f->fl_n) % K];
             mb->n = 0;
             mb->n_release = 0;
             if (!srvq_sched_ops.next(f->q, mb)) break;
@@ -319,11 +319,11 @@ static int setup(front *f, char *err, size_t errlen)
         return -1;
     }
     f->fl = calloc((size_t)o->max_in_flight, sizeof *f->fl);
-    f->pack = malloc(chan_mb_size(o->max_rows, COMM_MAX_RELEASE));
+    f->pack = malloc(chan_mb_size(o->max_rows, STAGE_MAX_RELEASE));
     f->tok = malloc((size_t)o->max_rows * sizeof *f->tok);
     int ok = f->fl && f->pack && f->tok &&
              !srvq_sched_config(f->q, o->micro_batch, o->whole_prompts, o->max_rows);
-    for (int i = 0; ok && i < o->max_in_flight; i++) ok = !engine_mb_init(&f->fl[i], o->max_rows);
+    for (int i = 0; ok && i < o->max_in_flight; i++) ok = !stage_batch_init(&f->fl[i], o->max_rows);
     if (!ok) {
         snprintf(err, errlen, "out of memory");
         return -1;
@@ -337,7 +337,7 @@ static void teardown(front *f)
     srvq_set_notify(f->q, NULL, NULL);
     kill_job(f, 0);
     chan_reader_free(&f->rd);
-    for (int i = 0; f->fl && i < f->o->max_in_flight; i++) engine_mb_free(&f->fl[i]);
+    for (int i = 0; f->fl && i < f->o->max_in_flight; i++) stage_batch_free(&f->fl[i]);
     free(f->fl);
     free(f->pack);
     free(f->tok);

@@ -48,7 +48,7 @@ static void beat(job *j)
     if (now_s() - j->t_beat >= BEAT_S) send_or_end(j, CHAN_BEAT, NULL, 0, NULL, 0);
 }
 
-static int job_next(void *self, engine_mb *mb)
+static int job_next(void *self, stage_batch *mb)
 {
     job *j = self;
     beat(j);
@@ -77,12 +77,12 @@ static int job_next(void *self, engine_mb *mb)
     return 0;
 }
 
-static void job_done(void *self, const engine_mb *mb, const int32_t *tok)
+static void job_done(void *self, const stage_batch *mb, const int32_t *tok)
 {
     job *j = self;
     int32_t n = mb->n;
     for (int i = 0; i < mb->n && i < j->max_rows; i++)
-        j->tok[i] = (mb->flags[i] & COMM_ROW_SAMPLE) ? tok[i] : -1;
+        j->tok[i] = (mb->flags[i] & STAGE_ROW_SAMPLE) ? tok[i] : -1;
     send_or_end(j, CHAN_RESULT, &n, sizeof n, j->tok, (size_t)n * sizeof *j->tok);
 }
 
