@@ -10,37 +10,14 @@
 #     503 + error JSON; the front exits 1
 #   - a job that cannot start: exit 1 with the reason; --ranks 1 runs in the front's process
 # Prints one line per check, then "N passed, N failed"; exits 1 on any failure.
-set -u
-HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(cd "$HERE/../.." && pwd)
-BIN=$(realpath "${1:-$ROOT/build/modpipe}")
-MODEL=$ROOT/tests/fixtures/stories260K
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OPENBLAS_NUM_THREADS=1
-TMP=$(mktemp -d /tmp/modpipe-recover-XXXXXX)
-PASS=0
-FAIL=0
-FRONTS=()
-
-cleanup() {
-    for p in "${FRONTS[@]}"; do kill -TERM "$p" 2>/dev/null; done
-    for p in "${FRONTS[@]}"; do wait "$p" 2>/dev/null; done
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-ok() { PASS=$((PASS + 1)); echo "ok   $1"; }
-bad() { FAIL=$((FAIL + 1)); echo "FAIL $1${2:+: $2}"; }
-check() { if eval "$2"; then ok "$1"; else bad "$1"; fi; }
-
-[ -x "$BIN" ] || { echo "tests/serve/recover: $BIN is not built"; exit 1; }
-command -v node >/dev/null || { echo "tests/serve/recover: node is required"; exit 1; }
+. "$(dirname "$0")/lib.sh"
 
 # start_front NAME ARGS... : PORT_<NAME>, PID_<NAME> (the front)
 start_front() {
     local name=$1; shift
     "$BIN" serve --model "$MODEL" --port 0 "$@" >"$TMP/$name.out" 2>"$TMP/$name.err" &
     local pid=$! port="" i
-    FRONTS+=("$pid")
+    PIDS+=("$pid")
     for i in $(seq 300); do
         port=$(sed -n 's/.*listening on http:\/\/127.0.0.1:\([0-9]*\) .*/\1/p' "$TMP/$name.err")
         [ -n "$port" ] && break
@@ -55,8 +32,6 @@ start_front() {
     printf -v "PORT_$name" %s "$port"
     printf -v "PID_$name" %s "$pid"
 }
-
-metric() { curl -s "http://127.0.0.1:$1/metrics" | awk -v n="$2" '$1 == n { print $2 }'; }
 
 # rankpid FRONT_PID R: the pid of the job's rank R (a child of the front's mpirun)
 rankpid() {

@@ -10,34 +10,7 @@
 #   - SIGTERM: a running stream still ends with [DONE], the server exits 0
 # Servers listen on 127.0.0.1 on a free port (--port 0). Prints one line per check, then
 # "N passed, N failed"; exits 1 on any failure.
-set -u
-HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(cd "$HERE/../.." && pwd)
-BIN=$(realpath "${1:-$ROOT/build/modpipe}")
-MODEL=$ROOT/tests/fixtures/stories260K
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OPENBLAS_NUM_THREADS=1
-TMP=$(mktemp -d /tmp/modpipe-serve-XXXXXX)
-PASS=0
-FAIL=0
-MPIRUNS=()
-
-cleanup() {
-    for p in "${MPIRUNS[@]}"; do kill -TERM "$p" 2>/dev/null; done
-    for p in "${MPIRUNS[@]}"; do wait "$p" 2>/dev/null; done
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-ok() { PASS=$((PASS + 1)); echo "ok   $1"; }
-bad() { FAIL=$((FAIL + 1)); echo "FAIL $1${2:+: $2}"; }
-check() { # check "what" 'shell condition'
-    if eval "$2"; then ok "$1"; else bad "$1"; fi
-}
-
-[ -x "$BIN" ] || { echo "tests/serve: $BIN is not built"; exit 1; }
-[ -f "$MODEL/tokenizer.json" ] || { echo "tests/serve: $MODEL is missing"; exit 1; }
-command -v curl >/dev/null || { echo "tests/serve: curl is required"; exit 1; }
-command -v node >/dev/null || { echo "tests/serve: node is required (the openai client test)"; exit 1; }
+. "$(dirname "$0")/lib.sh"
 
 # the official client, pinned by package-lock.json; offline from the npm cache when possible
 if ! (cd "$HERE" && { npm ci --offline --no-audit --no-fund >"$TMP/npm.log" 2>&1 ||
@@ -53,7 +26,7 @@ start_server() {
     mpirun --oversubscribe -np "$np" "$BIN" serve --model "$MODEL" --port 0 "$@" \
         >"$TMP/$name.out" 2>"$TMP/$name.err" &
     local mp=$!
-    MPIRUNS+=("$mp")
+    PIDS+=("$mp")
     local port="" pid="" i
     for i in $(seq 300); do
         port=$(sed -n 's/.*listening on http:\/\/127.0.0.1:\([0-9]*\) (pid \([0-9]*\)).*/\1/p' "$TMP/$name.err")
@@ -84,10 +57,6 @@ stop_server() {
     kill -TERM "$pid"
     wait "$mp"
     RC=$?
-}
-
-metric() { # metric PORT NAME [KEYHEADER]
-    curl -s ${3:+-H "$3"} "http://127.0.0.1:$1/metrics" | awk -v n="$2" '$1 == n { print $2 }'
 }
 
 # status PORT METHOD PATH [BODY] [HEADER] -> "CODE" and the body in $TMP/body, headers in $TMP/head
