@@ -29,6 +29,31 @@ metric() { # metric PORT NAME [KEYHEADER]
     curl -s ${3:+-H "$3"} "http://127.0.0.1:$1/metrics" | awk -v n="$2" '$1 == n { print $2 }'
 }
 
+# await_server NAME LAUNCHED_PID: wait for the "listening" line in $TMP/NAME.err and for
+# /health 200; sets PORT_<NAME> and PID_<NAME> (the process serving HTTP: rank 0 or the front)
+await_server() {
+    local name=$1 lp=$2 port="" pid="" i
+    local re='s/.*listening on http:\/\/127.0.0.1:\([0-9]*\) (pid \([0-9]*\)).*/'
+    for i in $(seq 300); do
+        port=$(sed -n "${re}\1/p" "$TMP/$name.err")
+        pid=$(sed -n "${re}\2/p" "$TMP/$name.err")
+        [ -n "$port" ] && break
+        kill -0 "$lp" 2>/dev/null || break
+        sleep 0.1
+    done
+    if [ -z "$port" ]; then
+        cat "$TMP/$name.err"
+        echo "tests/serve: FAILED: server $name did not start"
+        exit 1
+    fi
+    for i in $(seq 300); do
+        [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/health")" = 200 ] && break
+        sleep 0.1
+    done
+    printf -v "PORT_$name" %s "$port"
+    printf -v "PID_$name" %s "$pid"
+}
+
 [ -x "$BIN" ] || { echo "tests/serve: $BIN is not built"; exit 1; }
 [ -f "$MODEL/tokenizer.json" ] || { echo "tests/serve: $MODEL is missing"; exit 1; }
 command -v curl >/dev/null || { echo "tests/serve: curl is required"; exit 1; }

@@ -16,21 +16,8 @@
 start_front() {
     local name=$1; shift
     "$BIN" serve --model "$MODEL" --port 0 "$@" >"$TMP/$name.out" 2>"$TMP/$name.err" &
-    local pid=$! port="" i
-    PIDS+=("$pid")
-    for i in $(seq 300); do
-        port=$(sed -n 's/.*listening on http:\/\/127.0.0.1:\([0-9]*\) .*/\1/p' "$TMP/$name.err")
-        [ -n "$port" ] && break
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    [ -n "$port" ] || { cat "$TMP/$name.err"; echo "tests/serve/recover: FAILED: front $name did not start"; exit 1; }
-    for i in $(seq 300); do
-        [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/health")" = 200 ] && break
-        sleep 0.1
-    done
-    printf -v "PORT_$name" %s "$port"
-    printf -v "PID_$name" %s "$pid"
+    PIDS+=("$!")
+    await_server "$name" "$!"
 }
 
 # rankpid FRONT_PID R: the pid of the job's rank R (a child of the front's mpirun)

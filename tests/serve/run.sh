@@ -27,25 +27,7 @@ start_server() {
         >"$TMP/$name.out" 2>"$TMP/$name.err" &
     local mp=$!
     PIDS+=("$mp")
-    local port="" pid="" i
-    for i in $(seq 300); do
-        port=$(sed -n 's/.*listening on http:\/\/127.0.0.1:\([0-9]*\) (pid \([0-9]*\)).*/\1/p' "$TMP/$name.err")
-        pid=$(sed -n 's/.*listening on http:\/\/127.0.0.1:\([0-9]*\) (pid \([0-9]*\)).*/\2/p' "$TMP/$name.err")
-        [ -n "$port" ] && break
-        kill -0 "$mp" 2>/dev/null || break
-        sleep 0.1
-    done
-    if [ -z "$port" ]; then
-        cat "$TMP/$name.err"
-        echo "tests/serve: FAILED: server $name did not start"
-        exit 1
-    fi
-    for i in $(seq 300); do
-        [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/health")" = 200 ] && break
-        sleep 0.1
-    done
-    printf -v "PORT_$name" %s "$port"
-    printf -v "PID_$name" %s "$pid"
+    await_server "$name" "$mp"
     printf -v "MPI_$name" %s "$mp"
 }
 
