@@ -11,6 +11,7 @@ void serve_pipeline_loop_opts(const serve_pipeline *p, serve_loop_opts *out)
         .plan = p->plan,
         .slots = p->slots,
         .ctx = p->ctx,
+        .kv = p->kv,
         .micro_batch = p->micro_batch,
         .max_in_flight = p->max_in_flight,
         .wire = p->wire,
