@@ -516,10 +516,12 @@ static int job_argv(const sargs *a, const setup *st, int ranks, argv_b *b, char 
         ab_add(b, "--slots") | ab_num(b, st->p.slots) | ab_add(b, "--ctx") | ab_num(b, st->p.ctx);
     bad |= ab_add(b, "--micro-batch") | ab_num(b, st->p.micro_batch);
     bad |= ab_add(b, "--max-in-flight") | ab_num(b, st->p.max_in_flight);
-    static const char *const PASS[] = {"stages",    "tp",      "wire-dtype", "weights-dtype",
-                                       "transport", "threads", "timeout"};
-    static char names[7][24];
-    for (int i = 0; i < 7; i++)
+    static const char *const PASS[] = {"stages",        "tp",        "wire-dtype",
+                                       "weights-dtype", "transport", "threads",
+                                       "timeout",       "kv-page",   "kv-mem"};
+    enum { N_PASS = sizeof PASS / sizeof PASS[0] };
+    static char names[N_PASS][24];
+    for (int i = 0; i < N_PASS; i++)
         if (get(a, PASS[i])) {
             snprintf(names[i], sizeof names[i], "--%s", PASS[i]);
             bad |= ab_add(b, names[i]) | ab_add(b, get(a, PASS[i]));

@@ -10,7 +10,8 @@
  *   job -> front: HELLO {slots, ctx, vocab, ranks, pid} once connected; READY once every
  *                 rank has loaded its stage; RESULT {n, tok[n]} per micro-batch, in issue
  *                 order; LINKS {n, {from, to, bytes, dense_bytes}[n]}; BEAT (at least every
- *                 0.25 s while the loop runs: the front's stall detector); ERROR {text}
+ *                 0.25 s while the loop runs: the front's stall detector); ERROR {text};
+ *                 KV {n, engine_kv_report[n]} (the stages' KV page pools, with LINKS)
  *   front -> job: MB (a stage_batch: rows, sampling state, slot releases); END (drain, exit)
  *
  * chan_reader buffers what a non-blocking socket gives and hands out whole frames. Errors:
@@ -34,6 +35,7 @@ enum {
     CHAN_BEAT,
     CHAN_END,
     CHAN_ERROR,
+    CHAN_KV,
 };
 
 #define CHAN_MAX_FRAME (64u << 20) /* a frame larger than this is a protocol error */

@@ -36,6 +36,7 @@ typedef struct {
     uint8_t *pack; /* [chan_mb_size(max_rows, STAGE_MAX_RELEASE)] */
     int32_t *tok;  /* [max_rows] a RESULT's tokens, aligned */
     engine_link_bytes links[SRVQ_MAX_LINKS];
+    engine_kv_report kv[SRVQ_MAX_LINKS];
     double t_fail; /* when the last failure was detected, until the first new token after it */
 } front;
 
@@ -240,6 +241,14 @@ static int take_frames(front *f, double *last_rx, double *last_res, char *err, s
                 continue;
             memcpy(f->links, p + sizeof n, (size_t)n * sizeof(engine_link_bytes));
             srvq_sched_ops.links(f->q, f->links, n);
+        } else if (type == CHAN_KV && len >= sizeof(int32_t)) {
+            int32_t n;
+            memcpy(&n, p, sizeof n);
+            if (n < 0 || n > SRVQ_MAX_LINKS ||
+                len != sizeof n + (size_t)n * sizeof(engine_kv_report))
+                continue;
+            memcpy(f->kv, p + sizeof n, (size_t)n * sizeof(engine_kv_report));
+            srvq_sched_ops.kv(f->q, f->kv, n);
         } else if (type == CHAN_ERROR) {
             snprintf(err, errlen, "%.*s", (int)(len < 400 ? len : 400), (const char *)p);
             return -1;

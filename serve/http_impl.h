@@ -131,17 +131,15 @@ typedef struct {
 
 /* ---- replies (http_util.c) and generation requests (http_gen.c) ---- */
 void count_status(serve_server *s, int status);
-enum MHD_Result reply(serve_server *s, struct MHD_Connection *c, int status,
-                             const char *ctype, const char *body, size_t len, const char *h1,
-                             const char *v1);
+enum MHD_Result reply(serve_server *s, struct MHD_Connection *c, int status, const char *ctype,
+                      const char *body, size_t len, const char *h1, const char *v1);
 enum MHD_Result reply_json(serve_server *s, struct MHD_Connection *c, int status, sb *b);
-void error_json(sb *b, const char *msg, const char *type, const char *param,
-                       const char *code);
+void error_json(sb *b, const char *msg, const char *type, const char *param, const char *code);
 enum MHD_Result reply_error_h(serve_server *s, struct MHD_Connection *c, int status,
-                                     const char *msg, const char *param, const char *code,
-                                     const char *h1, const char *v1);
-enum MHD_Result reply_error(serve_server *s, struct MHD_Connection *c, int status,
-                                   const char *msg, const char *param, const char *code);
+                              const char *msg, const char *param, const char *code, const char *h1,
+                              const char *v1);
+enum MHD_Result reply_error(serve_server *s, struct MHD_Connection *c, int status, const char *msg,
+                            const char *param, const char *code);
 void gen_free(gen *g);
 void gen_unref(gen *g);
 void active_remove(serve_server *s, gen *g);

@@ -180,9 +180,8 @@ void count_status(serve_server *s, int status)
     pthread_mutex_unlock(&s->mu);
 }
 
-enum MHD_Result reply(serve_server *s, struct MHD_Connection *c, int status,
-                             const char *ctype, const char *body, size_t len, const char *h1,
-                             const char *v1)
+enum MHD_Result reply(serve_server *s, struct MHD_Connection *c, int status, const char *ctype,
+                      const char *body, size_t len, const char *h1, const char *v1)
 {
     struct MHD_Response *r =
         MHD_create_response_from_buffer(len, (void *)body, MHD_RESPMEM_MUST_COPY);
@@ -201,8 +200,7 @@ enum MHD_Result reply_json(serve_server *s, struct MHD_Connection *c, int status
     return reply(s, c, status, "application/json", b->p ? b->p : "", b->n, NULL, NULL);
 }
 
-void error_json(sb *b, const char *msg, const char *type, const char *param,
-                       const char *code)
+void error_json(sb *b, const char *msg, const char *type, const char *param, const char *code)
 {
     sb_str(b, "{\"error\":{\"message\":");
     sb_json(b, msg, strlen(msg));
@@ -222,8 +220,8 @@ void error_json(sb *b, const char *msg, const char *type, const char *param,
 }
 
 enum MHD_Result reply_error_h(serve_server *s, struct MHD_Connection *c, int status,
-                                     const char *msg, const char *param, const char *code,
-                                     const char *h1, const char *v1)
+                              const char *msg, const char *param, const char *code, const char *h1,
+                              const char *v1)
 {
     const char *type = status == 401   ? "authentication_error"
                        : status >= 500 ? (status == 503 ? "unavailable_error" : "server_error")
@@ -245,8 +243,8 @@ enum MHD_Result reply_error_h(serve_server *s, struct MHD_Connection *c, int sta
     return ok;
 }
 
-enum MHD_Result reply_error(serve_server *s, struct MHD_Connection *c, int status,
-                                   const char *msg, const char *param, const char *code)
+enum MHD_Result reply_error(serve_server *s, struct MHD_Connection *c, int status, const char *msg,
+                            const char *param, const char *code)
 {
     return reply_error_h(s, c, status, msg, param, code, NULL, NULL);
 }

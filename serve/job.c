@@ -106,12 +106,20 @@ static void job_links(void *self, const engine_link_bytes *l, int n)
     send_or_end(j, CHAN_LINKS, &k, sizeof k, l, (size_t)n * sizeof *l);
 }
 
+static void job_kv(void *self, const engine_kv_report *k, int n)
+{
+    job *j = self;
+    int32_t m = n;
+    send_or_end(j, CHAN_KV, &m, sizeof m, k, (size_t)n * sizeof *k);
+}
+
 static const engine_sched_ops job_ops = {
     .next = job_next,
     .done = job_done,
     .finished = job_finished,
     .wait = job_wait,
     .links = job_links,
+    .kv = job_kv,
 };
 
 static void on_ready(void *arg)
