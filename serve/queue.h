@@ -75,6 +75,8 @@ typedef struct {
     uint64_t requests_total; /* accepted by srvq_submit */
     uint64_t prompt_tokens, generated_tokens;
     uint64_t preemptions; /* sequences whose KV was given up and recomputed (docs/SPEC.md §11) */
+    /* srvq_rewind: pipeline restarts, requests replayed, positions prefilled again */
+    uint64_t restarts, replayed_requests, replayed_tokens;
     /* pipeline links, refreshed by the pipeline at least once a second */
     int n_links;
     struct {

@@ -19,16 +19,16 @@ enum { RQ_QUEUED = 0, RQ_RUNNING, RQ_DONE };
 typedef struct rq {
     long id;
     srvq_request r;  /* r.prompt points at prompt below */
-    int32_t *prompt; /* [n_prompt] own copy */
+    int32_t *prompt; /* [n_prompt + gen_cap] own copy, then the tokens generated so far */
+    int gen_cap;     /* tokens it can generate at most (max_tokens, or what the context holds) */
+    int n_fill;      /* positions to prefill: n_prompt; replayed (a preemption, srvq_rewind):
+                      * prompt + tokens - 1 */
     int state;
     int cancelled;
     int slot;
-    int n_fill;      /* rows to prefill at this admission: the prompt, then the tokens
-                      * generated before a preemption (recomputed, docs/SPEC.md §11) */
-    int n_prefilled; /* of those, rows issued */
+    int n_prefilled; /* of the n_fill, rows issued */
     int n_issued;    /* rows issued at this admission (prefill and decode) */
     int n_gen;       /* tokens generated (EOS excluded) */
-    int32_t *gen;    /* [min(max_tokens, ctx)] those tokens */
     int32_t last;    /* last generated token: the next decode row's input */
     int inflight;    /* rows issued, not back */
     uint32_t epoch;  /* admissions so far; the rows' tag names it (srvq_rq_tag) */
@@ -63,6 +63,8 @@ struct srvq {
     char fail_msg[256];
     srvq_stats st;               /* st.kv: the stages' pools, the basis of admission by memory */
     double keep[SRVQ_MAX_LINKS]; /* per stage: pages held / pages had every layer kept every row */
+    void (*notify)(void *arg);   /* srvq_set_notify: called with mu held on every kick */
+    void *notify_arg;
 };
 
 /* The tag of r's rows at this admission: rows of an earlier one (before a preemption) that come

@@ -80,16 +80,24 @@ static void end_running(srvq *q, rq *r, srvq_finish why, const char *msg)
     push_ev(q, r, 1, 0, why, msg);
 }
 
+/* Start r's sequence over (its KV is gone: a preemption, or the pipeline restarted): prefill
+ * its prompt and the tokens it made so far but the last — the same tokens at the same
+ * positions, so its KV comes out as it was — and the next token comes from the usual decode
+ * row (the last token as input, step n_gen). */
+static void srvq_rq_replay(rq *r)
+{
+    r->n_fill = r->n_gen > 0 ? r->r.n_prompt + r->n_gen - 1 : r->r.n_prompt;
+    r->n_prefilled = r->n_issued = r->inflight = 0;
+}
+
 /* Preemption (docs/SPEC.md §11): r gives its slot and pages up and waits at the head of the
- * queue; readmitted, it prefills its prompt and the tokens it made so far (their rows carry
- * the same tokens at the same positions, so its KV and next token come out as they would
- * have), then decodes on. Its rows still in flight are skipped (the tag names the epoch). */
+ * queue; readmitted, it is replayed (srvq_rq_replay), then decodes on. Its rows still in
+ * flight are skipped (the tag names the admission). */
 static void preempt(srvq *q, rq *r)
 {
     unlink_running(q, r);
     r->state = RQ_QUEUED;
-    r->n_fill = r->r.n_prompt + r->n_gen;
-    r->n_prefilled = r->n_issued = r->inflight = 0;
+    srvq_rq_replay(r);
     r->epoch++;
     r->next = q->qhead;
     q->qhead = r;
@@ -220,10 +228,11 @@ static int sched_next(void *self, stage_batch *mb)
         int take = left < room ? left : room;
         for (int k = 0; k < take; k++) {
             int t = r->n_prefilled++;
+            /* a replayed request's generated tokens are decode rows (no PROMPT flag), and
+             * its next token comes from its decode row, not the prefill */
             uint8_t fl = t < np ? STAGE_ROW_PROMPT : 0;
-            if (t == r->n_fill - 1) fl |= STAGE_ROW_NEED_LOGITS | STAGE_ROW_SAMPLE;
-            add_row(mb, r, t, t < np ? r->prompt[t] : r->gen[t - np], fl,
-                    (uint32_t)(t + 1 - np < 0 ? 0 : t + 1 - np));
+            if (t == r->n_fill - 1 && r->n_gen == 0) fl |= STAGE_ROW_NEED_LOGITS | STAGE_ROW_SAMPLE;
+            add_row(mb, r, t, r->prompt[t], fl, 0);
         }
         if (whole) break; /* one whole prompt a micro-batch keeps mindskip's mean per prompt */
     }
@@ -273,7 +282,8 @@ static void sched_done(void *self, const stage_batch *mb, const int32_t *tok)
             end_running(q, r, SRVQ_FINISH_STOP, "stop");
             continue;
         }
-        r->gen[r->n_gen++] = t;
+        if (r->n_gen < r->gen_cap) r->prompt[r->r.n_prompt + r->n_gen] = t;
+        r->n_gen++;
         r->last = t;
         q->st.generated_tokens++;
         push_ev(q, r, 0, t, 0, NULL);
@@ -365,6 +375,30 @@ const engine_sched_ops srvq_sched_ops = {
     .links = sched_links,
     .kv = sched_kv,
 };
+
+void srvq_set_notify(srvq *q, void (*fn)(void *arg), void *arg)
+{
+    pthread_mutex_lock(&q->mu);
+    q->notify = fn;
+    q->notify_arg = arg;
+    pthread_mutex_unlock(&q->mu);
+}
+
+void srvq_rewind(srvq *q)
+{
+    pthread_mutex_lock(&q->mu);
+    q->st.restarts++;
+    for (rq *r = q->run_head; r; r = r->next) {
+        int replayed = r->n_prefilled > 0;
+        srvq_rq_replay(r);
+        if (replayed) {
+            q->st.replayed_requests++;
+            q->st.replayed_tokens += (uint64_t)r->n_fill;
+        }
+    }
+    srvq_kick(q);
+    pthread_mutex_unlock(&q->mu);
+}
 
 void srvq_fail_all(srvq *q, const char *msg)
 {

@@ -91,7 +91,9 @@ static void test_submit_errors(void)
     CU_ASSERT_EQUAL(submit(q, &c[1], P3, 3, 4, err), 1);
     CU_ASSERT_EQUAL(submit(q, &c[2], P3, 3, 4, err), 2);
     CU_ASSERT_EQUAL(submit(q, &c[3], P3, 3, 4, err), SRVQ_ERR_FULL);
-    CU_ASSERT(strstr(err, "queue full") != NULL);
+    /* 3 queued, 2 of them about to take the free slots: 1 waits */
+    CU_ASSERT_STRING_EQUAL(
+        err, "queue full: 1 request(s) waiting for a slot (at most 1), all 2 slots taken");
     srvq_stats st;
     srvq_get_stats(q, &st);
     CU_ASSERT_EQUAL(st.queued, 3);
@@ -322,21 +324,25 @@ static void test_preempt(void)
     CU_ASSERT(c[1].n_done == 0 && c[1].n_tok == 2);
     srvq_get_stats(q, &st);
     CU_ASSERT(st.preemptions == 1 && st.running == 0 && st.queued == 2);
-    /* b first again (the queue's head), then c; b replays its prompt and the 2 tokens it
-     * made, the last row sampling its 3rd token (step 2); b and c take the two slots just
-     * freed (their resets cover the releases) */
+    /* b first again (the queue's head), then c; b replays its prompt and its first token (a
+     * decode row: no PROMPT flag), then its decode row (input: its 2nd token) samples its
+     * 3rd token at step 2; b and c take the two slots just freed (their resets cover the
+     * releases) */
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
     CU_ASSERT_EQUAL(mb.n, 8);
     CU_ASSERT_EQUAL(mb.n_release, 0);
     int b_slot = mb.slot[0];
-    for (int i = 0; i < 8; i++) {
+    for (int i = 0; i < 7; i++) {
         CU_ASSERT(mb.slot[i] == b_slot && mb.pos[i] == i);
         CU_ASSERT_EQUAL(mb.tag[i], (uint64_t)1 << 20 | 1u); /* request 1, second admission */
+        CU_ASSERT_EQUAL(mb.flags[i], i < 6 ? STAGE_ROW_PROMPT : 0);
     }
-    CU_ASSERT(mb.token[5] == 6 && mb.token[6] == 101 && mb.token[7] == 7);
-    CU_ASSERT_EQUAL(mb.flags[5], STAGE_ROW_PROMPT);
-    CU_ASSERT_EQUAL(mb.flags[6], 0);
-    CU_ASSERT(mb.flags[7] == (STAGE_ROW_NEED_LOGITS | STAGE_ROW_SAMPLE) && mb.step[7] == 2);
+    CU_ASSERT(mb.token[5] == 6 && mb.token[6] == 101);
+    CU_ASSERT(mb.slot[7] != b_slot && mb.pos[7] == 0); /* c's first prompt row */
+    give_back(q, &mb, NULL);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT(mb.slot[0] == b_slot && mb.pos[0] == 7 && mb.token[0] == 7 && mb.step[0] == 2 &&
+              mb.flags[0] == (STAGE_ROW_NEED_LOGITS | STAGE_ROW_SAMPLE));
     give_back(q, &mb, NULL);
     CU_ASSERT(c[1].n_tok == 3 && c[1].tok[0] == 101 && c[1].tok[1] == 7);
     /* the pool shrinks (a report says so): the running ones no longer fit -> the newest (c)
@@ -344,6 +350,7 @@ static void test_preempt(void)
     srvq_get_stats(q, &st);
     CU_ASSERT_EQUAL(st.running, 2);
     kr.pages_total = 6;
+    kr.pages_used = 8; /* all the rows issued, kept on both layers: keep stays 1 */
     srvq_sched_ops.kv(q, &kr, 1);
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
     srvq_get_stats(q, &st);
@@ -352,9 +359,12 @@ static void test_preempt(void)
     give_back(q, &mb, NULL); /* b: 4 tokens, done */
     CU_ASSERT(c[1].n_done == 1 && c[1].why == SRVQ_FINISH_LENGTH && c[1].n_tok == 4);
     /* c alone: lost twice with nothing else running -> it cannot fit: ERROR */
-    for (int k = 0; k < 2; k++) {
+    for (int k = 0; k < 2; k++) { /* its prompt (it made 1 token), then its decode row */
         CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
-        CU_ASSERT(mb.n == 6 && mb.pos[5] == 5);
+        CU_ASSERT(mb.n == 6 && mb.pos[5] == 5 && mb.flags[5] == STAGE_ROW_PROMPT);
+        give_back(q, &mb, NULL);
+        CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+        CU_ASSERT(mb.n == 1 && mb.pos[0] == 6 && mb.step[0] == 1);
         done_tok(q, &mb, 0, mb.slot[0], STAGE_TOKEN_KV_LOST);
     }
     CU_ASSERT(c[2].n_done == 1 && c[2].why == SRVQ_FINISH_ERROR && strstr(c[2].msg, "--kv-mem"));
@@ -378,6 +388,56 @@ static void *submitter(void *p)
     char err[256];
     for (int i = 0; i < a->n; i++) a->ids[i] = submit(a->q, &a->c[i], P3, 3, 3, err);
     return NULL;
+}
+
+/* A restart: rows in flight are forgotten, the request prefills its prompt + tokens so far
+ * (but the last) without sampling, then decodes from its last token at the same step. */
+static void test_rewind(void)
+{
+    srvq *q = srvq_new(1, 16, 4, 50, -1);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(q);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 4, 0, 4), 0);
+    stage_batch mb;
+    CU_ASSERT_EQUAL_FATAL(stage_batch_init(&mb, 4), 0);
+    client a;
+    memset(&a, 0, sizeof a);
+    char err[256];
+    CU_ASSERT_EQUAL(submit(q, &a, P3, 3, 6, err), 0);
+    /* prompt (3 rows, samples 100), then 2 decode steps: 100, 100, 100 generated */
+    for (int k = 0; k < 3; k++) {
+        CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+        give_back(q, &mb, NULL);
+    }
+    CU_ASSERT_EQUAL(a.n_tok, 3);
+    /* a decode row is in flight when the pipeline dies */
+    int32_t force[1] = {7};
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT(mb.n == 1 && mb.pos[0] == 5 && mb.step[0] == 3);
+    srvq_rewind(q);
+    /* re-prefill: P3 + 100, 100 at positions 0..4, no sampling (4 + 1 rows, R = 4) */
+    int32_t want[5] = {7, 8, 9, 100, 100};
+    int at = 0;
+    for (int k = 0; k < 2; k++) {
+        CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+        for (int i = 0; i < mb.n; i++, at++) {
+            CU_ASSERT(mb.pos[i] == at && mb.token[i] == want[at]);
+            CU_ASSERT_EQUAL(mb.flags[i], at < 3 ? STAGE_ROW_PROMPT : 0); /* made: decode rows */
+        }
+        give_back(q, &mb, NULL);
+    }
+    CU_ASSERT_EQUAL(at, 5);
+    CU_ASSERT_EQUAL(a.n_tok, 3); /* no token from the re-prefill */
+    /* then the decode row that was lost: last token 100 at position 5, step 3 */
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT(mb.n == 1 && mb.pos[0] == 5 && mb.token[0] == 100 && mb.step[0] == 3);
+    CU_ASSERT_EQUAL(mb.flags[0], STAGE_ROW_NEED_LOGITS | STAGE_ROW_SAMPLE);
+    give_back(q, &mb, force);
+    CU_ASSERT(a.n_tok == 4 && a.tok[3] == 7);
+    srvq_stats st;
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.restarts == 1 && st.replayed_requests == 1 && st.replayed_tokens == 5);
+    stage_batch_free(&mb);
+    srvq_free(q);
 }
 
 static void test_threads(void)
@@ -432,6 +492,7 @@ int main(void)
     CU_add_test(s, "whole prompts", test_whole_prompts);
     CU_add_test(s, "admission by memory, preemption, recompute", test_preempt);
     CU_add_test(s, "concurrent submits", test_threads);
+    CU_add_test(s, "rewind after a restart", test_rewind);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();
     unsigned fails = CU_get_number_of_failures();
