@@ -140,6 +140,16 @@ int stage_state_slot_len(const stage_state *s, int slot);
  * the pages freed (0 for a layer / slot out of range). */
 int stage_state_slot_drop_before(stage_state *s, int layer, int slot, int pos);
 
+/* Prefix reuse (docs/SPEC.md §11): slot dst's sequence becomes the positions < pos of slot
+ * src's, on every layer of the stage, without computing them: each layer's entries before pos
+ * are shared page by page (the partial last page copied), so both read the same K/V and go on
+ * appending independently; src is unchanged. dst is reset first; its next row has position
+ * >= pos. Meant for causal routing only (a layer's kept rows of a prefix must not depend on
+ * what follows it: threshold / predictor MoD, token MindSkip, dense). Returns 0, or -1 (src
+ * == dst, out of range, src released / lost / with dropped positions, or no page for a copy:
+ * dst is then empty). */
+int stage_state_slot_share(stage_state *s, int src, int dst, int pos);
+
 /* Run the stage's layers on the present rows of x [b->n][D] (present [b->n] 0/1), in place. */
 int stage_forward(stage_state *s, const stage_batch *b, float *x, const uint8_t *present, char *err,
                   size_t errlen);

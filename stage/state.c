@@ -231,7 +231,15 @@ static void slot_release_impl(stage_state *s, int slot)
 
 /* ---- tensor-parallel group protocol: the leader (group rank 0) runs the pipeline and
  * broadcasts each operation on the stage state; the other ranks (followers) repeat it. ---- */
-enum { TP_OP_STOP = 0, TP_OP_FORWARD, TP_OP_HEAD, TP_OP_RESET, TP_OP_RELEASE, TP_OP_DROP };
+enum {
+    TP_OP_STOP = 0,
+    TP_OP_FORWARD,
+    TP_OP_HEAD,
+    TP_OP_RESET,
+    TP_OP_RELEASE,
+    TP_OP_DROP,
+    TP_OP_SHARE
+};
 enum { TP_HDR = 8 }; /* op, n, first, last, slot, n_present, 0, 0 */
 /* A FORWARD carries per row: slot, pos, token (4 bytes each), flags, present (1 each). */
 enum { TP_ROW_BYTES = 14 };
@@ -294,6 +302,31 @@ int stage_state_slot_drop_before(stage_state *s, int layer, int slot, int pos)
 {
     if (tp_leader(s)) tp_send_hdr(s, TP_OP_DROP, pos, layer, 0, slot, 0);
     return drop_before_impl(s, layer, slot, pos);
+}
+
+static int share_impl(stage_state *s, int src, int dst, int pos)
+{
+    if (src < 0 || src >= s->n_slots || dst < 0 || dst >= s->n_slots || src == dst ||
+        s->released[src] || s->lost[src])
+        return -1;
+    stage_slot_reset_impl(s, dst);
+    for (int li = 0; li < s->n_layers; li++) {
+        const kv_seq *a = kv_at(s, li, src);
+        if (a->lo > 0 ||
+            kv_share(&s->pool, a, kv_entries_before(&s->pool, a, pos), kv_at(s, li, dst))) {
+            stage_slot_reset_impl(s, dst); /* a dropped prefix, or no page for the copy */
+            return -1;
+        }
+        s->ms_keep[(size_t)li * s->n_slots + dst] = s->ms_keep[(size_t)li * s->n_slots + src];
+    }
+    s->kv_seen[dst] = pos < s->kv_seen[src] ? pos : s->kv_seen[src];
+    return 0;
+}
+
+int stage_state_slot_share(stage_state *s, int src, int dst, int pos)
+{
+    if (tp_leader(s)) tp_send_hdr(s, TP_OP_SHARE, pos, src, 0, dst, 0);
+    return share_impl(s, src, dst, pos);
 }
 
 size_t stage_state_kv_alloc_bytes(const stage_state *s)
@@ -432,6 +465,10 @@ int stage_state_tp_follow(stage_state *s, char *err, size_t errlen)
         if (op == TP_OP_STOP) return 0;
         if (op == TP_OP_DROP) {
             drop_before_impl(s, h[2], h[4], n);
+            continue;
+        }
+        if (op == TP_OP_SHARE) { /* the same pool state as the leader's: the same outcome */
+            share_impl(s, h[2], h[4], n);
             continue;
         }
         if (op == TP_OP_RESET || op == TP_OP_RELEASE) {

@@ -97,6 +97,64 @@ static void test_pool_pages(void)
     kv_pool_free(&p);
 }
 
+/* Sharing the first entries of a sequence (prefix reuse): full pages by reference, the
+ * partial last page copied; a page goes back when its last holder lets go. */
+static const float *entry_k(const kv_pool *p, const kv_seq *c, int e)
+{
+    return p->k + ((size_t)c->pt[e / p->page] * p->page + e % p->page) * p->kvd;
+}
+
+static void test_pool_share(void)
+{
+    kv_pool p;
+    CU_ASSERT_FATAL(kv_pool_init(&p, 4, 6, 2) == 0);
+    int32_t pt_a[4], pt_b[4], pt_c[4];
+    kv_seq a = {0, 0, pt_a}, b = {0, 0, pt_b}, c = {0, 0, pt_c};
+    for (int i = 0; i < 10; i++) {
+        float k[2] = {(float)i, -(float)i}, v[2] = {2.0f * i, 1};
+        CU_ASSERT_EQUAL(kv_append(&p, &a, 4, 3 * i, k, v), i); /* positions 0, 3, .. 27 */
+    }
+    CU_ASSERT_EQUAL(kv_pool_used(&p), 3);
+    CU_ASSERT_EQUAL(kv_entries_before(&p, &a, 18), 6);
+    CU_ASSERT_EQUAL(kv_entries_before(&p, &a, 17), 6);
+    CU_ASSERT_EQUAL(kv_entries_before(&p, &a, 0), 0);
+    CU_ASSERT_EQUAL(kv_entries_before(&p, &a, 1000), 10);
+    /* b: a's first 6 entries = page 0 shared + entries 4, 5 copied into a page of its own */
+    CU_ASSERT_EQUAL(kv_share(&p, &a, 6, &b), 0);
+    CU_ASSERT_EQUAL(b.n, 6);
+    CU_ASSERT_EQUAL(pt_b[0], pt_a[0]);
+    CU_ASSERT(pt_b[1] != pt_a[1]);
+    CU_ASSERT_EQUAL(kv_pool_used(&p), 4);
+    for (int e = 0; e < 6; e++) {
+        CU_ASSERT_EQUAL(kv_pos_at(&p, &b, e), 3 * e);
+        CU_ASSERT_EQUAL(memcmp(entry_k(&p, &b, e), entry_k(&p, &a, e), 2 * sizeof(float)), 0);
+    }
+    /* b appends after its copy; a's entries 6, 7 (the same page offsets in a's page) stay */
+    float k9[2] = {99, 99};
+    CU_ASSERT_EQUAL(kv_append(&p, &b, 4, 100, k9, k9), 6);
+    CU_ASSERT_EQUAL(kv_pos_at(&p, &a, 6), 18);
+    CU_ASSERT_EQUAL(entry_k(&p, &a, 6)[0], 6.0f);
+    /* a page-aligned share copies nothing */
+    CU_ASSERT_EQUAL(kv_share(&p, &a, 8, &c), 0);
+    CU_ASSERT_EQUAL(kv_pool_used(&p), 4);
+    /* a lets go: pages 0 and 1 are still held (by b, c), a's last page goes back */
+    kv_seq_clear(&p, &a);
+    CU_ASSERT_EQUAL(kv_pool_used(&p), 3);
+    CU_ASSERT_EQUAL(kv_pos_at(&p, &c, 7), 21);
+    kv_seq_clear(&p, &c);
+    CU_ASSERT_EQUAL(kv_pool_used(&p), 2);
+    /* a copy the pool has no page for: KV_EXHAUSTED, nothing shared */
+    for (int i = 0; i < 16; i++) kv_append(&p, &a, 4, i, k9, k9); /* 4 more pages: full */
+    CU_ASSERT_EQUAL(kv_pool_used(&p), 6);
+    CU_ASSERT_EQUAL(kv_share(&p, &a, 5, &c), KV_EXHAUSTED);
+    CU_ASSERT_EQUAL(c.n, 0);
+    kv_seq_clear(&p, &a);
+    kv_seq_clear(&p, &b);
+    CU_ASSERT_EQUAL(kv_pool_used(&p), 0);
+    for (int i = 0; i < 6; i++) CU_ASSERT_EQUAL(p.ref[i], 0);
+    kv_pool_free(&p);
+}
+
 /* ---- 2. the kernel over pages ---------------------------------------------------------- */
 
 static void test_attend_paged(void)
@@ -487,6 +545,56 @@ static void test_soft_lost(void)
     fx_close(&d);
 }
 
+/* Prefix reuse on one stage: slot 1 takes the first 8 positions of slot 0's prompt by
+ * stage_state_slot_share and computes only the rest; its last row's logits are those of the
+ * whole prompt computed in slot 0 (causal routing: a prefix's kept rows do not depend on what
+ * follows). Pages of 3 positions: shared pages are counted once, a partial one copied. */
+static void check_share(const char *name)
+{
+    fxm f;
+    char err[ERRLEN] = "";
+    CU_ASSERT_FATAL(fx_open(name, &f) == 0);
+    const int V = f.cfg.vocab;
+    stage_state *st = state_kv(f.m, 3, 0, err, sizeof err);
+    CU_ASSERT_FATAL(st != NULL);
+    float *ref = malloc((size_t)V * 4), *got = malloc((size_t)V * 4), *o;
+    int32_t sl[12], ps[12], tk[12];
+    uint8_t fl[12];
+    for (int i = 0; i < 12; i++) {
+        sl[i] = 0;
+        ps[i] = i;
+        tk[i] = (11 * i + 5) % V;
+        fl[i] = STAGE_ROW_PROMPT | (i == 11 ? STAGE_ROW_NEED_LOGITS : 0);
+    }
+    o = ref;
+    CU_ASSERT_EQUAL_FATAL(fwd(st, f.m, 12, sl, ps, tk, fl, &o, err, sizeof err), 0);
+    stage_kv_stats k0, k1;
+    stage_state_kv_stats(st, &k0);
+    CU_ASSERT_EQUAL(stage_state_slot_share(st, 0, 0, 8), -1);
+    CU_ASSERT_EQUAL(stage_state_slot_share(st, 0, NSLOT, 8), -1);
+    CU_ASSERT_EQUAL_FATAL(stage_state_slot_share(st, 0, 1, 8), 0);
+    stage_state_kv_stats(st, &k1);
+    CU_ASSERT(k1.pages_used - k0.pages_used <= f.cfg.n_layers); /* at most a copy a layer */
+    stage_state_slot_release(st, 0); /* the shared pages stay with slot 1 */
+    for (int i = 0; i < 4; i++) sl[8 + i] = 1;
+    o = got;
+    CU_ASSERT_EQUAL_FATAL(fwd(st, f.m, 4, sl + 8, ps + 8, tk + 8, fl + 8, &o, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(memcmp(ref, got, (size_t)V * 4), 0);
+    stage_state_slot_release(st, 1);
+    stage_state_kv_stats(st, &k1);
+    CU_ASSERT_EQUAL(k1.pages_used, 0);
+    CU_ASSERT_EQUAL(stage_state_slot_share(st, 1, 2, 8), -1); /* a released source */
+    stage_state_free(st);
+    free(ref);
+    free(got);
+    fx_close(&f);
+}
+static void test_share_dense(void) { check_share("dense"); }
+static void test_share_mod(void) { check_share("mod"); }
+static void test_share_mod_predictor(void) { check_share("mod_predictor"); }
+static void test_share_mindskip_token(void) { check_share("mindskip_token"); }
+static void test_share_mode_staged(void) { check_share("mode_staged"); }
+
 #define T_(f)                                                                                      \
     {                                                                                              \
 #f, f                                                                                      \
@@ -496,6 +604,12 @@ int main(void)
 {
     static const test_def tests[] = {
         T_(test_pool_pages),
+        T_(test_pool_share),
+        T_(test_share_dense),
+        T_(test_share_mod),
+        T_(test_share_mod_predictor),
+        T_(test_share_mindskip_token),
+        T_(test_share_mode_staged),
         T_(test_attend_paged),
         T_(test_paged_dense),
         T_(test_paged_mod),
