@@ -245,5 +245,37 @@ check "disconnect cancels the sequence ($((after - before)) of 500 tokens genera
 stop_server small
 check "SIGTERM when idle: exit 0" '[ "$RC" = 0 ]'
 
+# ---- a KV pool too small for 8 streams, behind the front (--ranks 3): admitted by memory,
+# preempted and recomputed (docs/SPEC.md §11), the tokens still generate's, every page back ----
+"$BIN" serve --model "$MODEL" --port 0 --ranks 3 --mpi-args '--oversubscribe' --slots 8 --ctx 64 \
+    --kv-page 4 --kv-mem 41600 >"$TMP/kv.out" 2>"$TMP/kv.err" &
+PIDS+=("$!")
+kvpid=$!
+await_server kv "$kvpid"
+if node "$HERE/client.mjs" "http://127.0.0.1:$PORT_kv/v1" "" "$TMP/expected.json" >"$TMP/clientkv.txt" 2>&1; then
+    ok "openai client, KV pool of 40 pages a stage, --ranks 3 ($(tail -1 "$TMP/clientkv.txt"))"
+else
+    cat "$TMP/clientkv.txt"; bad "openai client, KV pool of 40 pages a stage, --ranks 3"
+fi
+pre=$(metric "$PORT_kv" modpipe_preemptions_total)
+check "the small pool preempted ($pre preemptions)" '[ "${pre:-0}" -gt 0 ]'
+kv_back() { # every stage reports every page back
+    local m s
+    for i in $(seq 100); do
+        m=$(curl -s "http://127.0.0.1:$PORT_kv/metrics")
+        for s in 0 1 2; do
+            grep -q "^modpipe_kv_pages_used{stage=\"$s\"} 0$" <<<"$m" || break
+            [ $s = 2 ] && return 0
+        done
+        sleep 0.05
+    done
+    return 1
+}
+check "every KV page back once the streams ended" kv_back
+kill -TERM "$PID_kv"
+wait "$kvpid"
+RC=$?
+check "SIGTERM to the front: exit 0" '[ "$RC" = 0 ]'
+
 echo "serve: $PASS passed, $FAIL failed"
 [ $FAIL = 0 ]
