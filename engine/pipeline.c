@@ -280,6 +280,14 @@ static void process_mb(engine_loop *c)
                        d->release[k], c->o.slots);
         stage_state_slot_release(c->st, d->release[k]);
     }
+    for (int k = 0; k < d->n_share; k++) { /* prefix reuse (docs/SPEC.md §11) */
+        const int32_t *t = d->share + 3 * k;
+        if (t[0] >= c->o.slots || t[1] >= c->o.slots)
+            COMM_FATAL("micro-batch %llu shares slot %d into %d of %d", (unsigned long long)mb,
+                       t[0], t[1], c->o.slots);
+        /* on failure (the source lost here, no page for a copy) dst is lost: recomputed */
+        stage_state_slot_share(c->st, t[0], t[1], t[2]);
+    }
     /* a micro-batch of releases only (a server's idle pool gets its pages back at once) */
     if (d->n > 0 && stage_forward(c->st, d, c->x, c->present, err, sizeof err))
         COMM_FATAL("micro-batch %llu: %s", (unsigned long long)mb, err);
@@ -463,7 +471,7 @@ static void issue(engine_loop *c, stage_batch *f)
 {
     char err[256];
     if (f->n < 0 || f->n > c->R || f->n_release < 0 || f->n_release > STAGE_MAX_RELEASE ||
-        (f->n == 0 && f->n_release == 0))
+        f->n_share < 0 || f->n_share > STAGE_MAX_SHARE || (f->n == 0 && f->n_release == 0))
         COMM_FATAL("the scheduler made a micro-batch of %d rows (0..%d), %d releases", f->n, c->R,
                    f->n_release);
     f->id = c->next_mb++;
@@ -522,6 +530,7 @@ static int step0(engine_loop *c)
         stage_batch *f = &c->fl[(c->fl_head + c->fl_n) % c->o.max_in_flight];
         f->n = 0;
         f->n_release = 0;
+        f->n_share = 0;
         if (!c->ops->next(c->self, f)) break;
         issue(c, f);
         issued++;

@@ -340,6 +340,15 @@ static void metrics_kv(sb *b, const srvq_stats *st)
            "pressure and recomputed.\n"
            "# TYPE modpipe_preemptions_total counter\nmodpipe_preemptions_total %llu\n",
            (unsigned long long)st->preemptions);
+    sb_fmt(b,
+           "# HELP modpipe_prefix_cache_hits_total Requests that started from the KV pages of a "
+           "running request's identical prompt prefix.\n"
+           "# TYPE modpipe_prefix_cache_hits_total counter\nmodpipe_prefix_cache_hits_total %llu\n"
+           "# HELP modpipe_prefix_cache_tokens_total Prompt positions those requests did not "
+           "compute.\n"
+           "# TYPE modpipe_prefix_cache_tokens_total counter\n"
+           "modpipe_prefix_cache_tokens_total %llu\n",
+           (unsigned long long)st->prefix_hits, (unsigned long long)st->prefix_tokens);
     int n = st->n_kv < SRVQ_MAX_LINKS ? st->n_kv : SRVQ_MAX_LINKS;
     for (size_t m = 0; m < sizeof M / sizeof *M; m++) {
         sb_fmt(b, "# HELP %s %s\n# TYPE %s %s\n", M[m].name, M[m].help, M[m].name, M[m].type);

@@ -182,6 +182,13 @@ int srvq_idle(srvq *q)
     return idle;
 }
 
+void srvq_set_prefix_reuse(srvq *q, int on)
+{
+    pthread_mutex_lock(&q->mu);
+    q->prefix_off = !on;
+    pthread_mutex_unlock(&q->mu);
+}
+
 void srvq_get_stats(srvq *q, srvq_stats *out)
 {
     pthread_mutex_lock(&q->mu);

@@ -33,6 +33,7 @@ typedef struct rq {
     int inflight;    /* rows issued, not back */
     uint32_t epoch;  /* admissions so far; the rows' tag names it (srvq_rq_tag) */
     int lost_alone;  /* the pool ran out under it while nothing else ran */
+    int no_share;    /* lost once: recomputed without a shared prefix */
     struct rq *next; /* queue / running list order */
 } rq;
 
@@ -63,7 +64,10 @@ struct srvq {
     char fail_msg[256];
     srvq_stats st;               /* st.kv: the stages' pools, the basis of admission by memory */
     double keep[SRVQ_MAX_LINKS]; /* per stage: pages held / pages had every layer kept every row */
-    void (*notify)(void *arg);   /* srvq_set_notify: called with mu held on every kick */
+    int prefix_off;              /* srvq_set_prefix_reuse(q, 0) */
+    int n_share;                 /* prefix shares for the next micro-batch */
+    int32_t share[3 * STAGE_MAX_SHARE];
+    void (*notify)(void *arg); /* srvq_set_notify: called with mu held on every kick */
     void *notify_arg;
 };
 

@@ -144,6 +144,36 @@ static long reserve_positions(const srvq *q)
     return p;
 }
 
+/* Prefix reuse at r's admission: the running request whose issued positions share the most
+ * whole blocks with r's (at least one, at most r's fill less one row) gives them to r. Its
+ * rows at those positions were issued before this micro-batch, so every stage has them when
+ * the share (applied before this micro-batch's rows) arrives. */
+static void prefix_reuse(srvq *q, rq *r)
+{
+    if (q->prefix_off || q->whole || r->no_share || q->n_share >= STAGE_MAX_SHARE) return;
+    const rq *best = NULL;
+    int best_n = 0;
+    for (const rq *s = q->run_head; s; s = s->next) {
+        if (s == r || s->state != RQ_RUNNING) continue;
+        int avail = s->n_prefilled < s->n_fill ? s->n_prefilled : s->n_fill;
+        int lim = avail < r->n_fill - 1 ? avail : r->n_fill - 1, n = 0;
+        while (n < lim && s->prompt[n] == r->prompt[n]) n++;
+        n -= n % SRVQ_PREFIX_BLOCK;
+        if (n > best_n) {
+            best = s;
+            best_n = n;
+        }
+    }
+    if (!best) return;
+    int32_t *t = q->share + 3 * q->n_share++;
+    t[0] = best->slot;
+    t[1] = r->slot;
+    t[2] = best_n;
+    r->n_prefilled = best_n;
+    q->st.prefix_hits++;
+    q->st.prefix_tokens += (uint64_t)best_n;
+}
+
 static void sweep(srvq *q)
 {
     /* cancelled: queued ones leave the queue, running ones their slot */
@@ -185,6 +215,7 @@ static void sweep(srvq *q)
             q->run_head = r;
         q->run_tail = r;
         q->n_running++;
+        prefix_reuse(q, r);
     }
 }
 
@@ -239,6 +270,9 @@ static int sched_next(void *self, stage_batch *mb)
     /* releases go out at once, in a micro-batch of their own when no row is ready: the
      * stages' pages come back before the next admission needs them */
     engine_slot_announce(&q->pool, mb);
+    mb->n_share = q->n_share; /* after the releases, before the rows (stage/batch.h) */
+    memcpy(mb->share, q->share, (size_t)q->n_share * 3 * sizeof *q->share);
+    q->n_share = 0;
     int n_ev = q->n_ev;
     event *ev = NULL;
     event local[64];
@@ -251,7 +285,7 @@ static int sched_next(void *self, stage_batch *mb)
     pthread_mutex_unlock(&q->mu);
     flush_ev(ev, n_ev);
     if (ev != local) free(ev);
-    return mb->n > 0 || mb->n_release > 0;
+    return mb->n > 0 || mb->n_release > 0 || mb->n_share > 0;
 }
 
 static void sched_done(void *self, const stage_batch *mb, const int32_t *tok)
@@ -267,6 +301,7 @@ static void sched_done(void *self, const stage_batch *mb, const int32_t *tok)
         if (!(mb->flags[i] & STAGE_ROW_SAMPLE) || r->state != RQ_RUNNING) continue;
         int32_t t = tok[i];
         if (t == STAGE_TOKEN_KV_LOST) { /* a stage's pool ran out under it: recompute */
+            r->no_share = 1;            /* (or a shared prefix was not there) */
             r->lost_alone += q->n_running == 1;
             if (r->lost_alone < 2) {
                 preempt(q, r);

@@ -31,6 +31,8 @@
  * most rows a micro-batch may have (>= micro_batch; whole_prompts: >= ctx). 0 or -1 (OOM). */
 int srvq_sched_config(srvq *q, int micro_batch, int whole_prompts, int max_rows);
 extern const engine_sched_ops srvq_sched_ops;
+/* Prefix reuse (srvq_set_prefix_reuse): shares of SRVQ_PREFIX_BLOCK positions at a time. */
+#define SRVQ_PREFIX_BLOCK 16
 /* The pipeline failed: every queued and running request ends with ERROR and msg; the queue
  * closes. */
 void srvq_fail_all(srvq *q, const char *msg);

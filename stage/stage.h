@@ -147,7 +147,8 @@ int stage_state_slot_drop_before(stage_state *s, int layer, int slot, int pos);
  * >= pos. Meant for causal routing only (a layer's kept rows of a prefix must not depend on
  * what follows it: threshold / predictor MoD, token MindSkip, dense). Returns 0, or -1 (src
  * == dst, out of range, src released / lost / with dropped positions, or no page for a copy:
- * dst is then empty). */
+ * dst is then empty, and lost in soft mode so that its rows are recomputed, not run on an
+ * empty cache). */
 int stage_state_slot_share(stage_state *s, int src, int dst, int pos);
 
 /* Run the stage's layers on the present rows of x [b->n][D] (present [b->n] 0/1), in place. */

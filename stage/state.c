@@ -306,18 +306,19 @@ int stage_state_slot_drop_before(stage_state *s, int layer, int slot, int pos)
 
 static int share_impl(stage_state *s, int src, int dst, int pos)
 {
-    if (src < 0 || src >= s->n_slots || dst < 0 || dst >= s->n_slots || src == dst ||
-        s->released[src] || s->lost[src])
-        return -1;
+    if (src < 0 || src >= s->n_slots || dst < 0 || dst >= s->n_slots || src == dst) return -1;
     stage_slot_reset_impl(s, dst);
-    for (int li = 0; li < s->n_layers; li++) {
+    int ok = !s->released[src] && !s->lost[src];
+    for (int li = 0; ok && li < s->n_layers; li++) {
         const kv_seq *a = kv_at(s, li, src);
-        if (a->lo > 0 ||
-            kv_share(&s->pool, a, kv_entries_before(&s->pool, a, pos), kv_at(s, li, dst))) {
-            stage_slot_reset_impl(s, dst); /* a dropped prefix, or no page for the copy */
-            return -1;
-        }
+        ok = a->lo == 0 &&
+             !kv_share(&s->pool, a, kv_entries_before(&s->pool, a, pos), kv_at(s, li, dst));
         s->ms_keep[(size_t)li * s->n_slots + dst] = s->ms_keep[(size_t)li * s->n_slots + src];
+    }
+    if (!ok) { /* no source here, a dropped prefix, or no page for the copy */
+        stage_slot_reset_impl(s, dst);
+        if (s->kv_soft) stage_slot_lose_impl(s, dst); /* its rows must not run on nothing */
+        return -1;
     }
     s->kv_seen[dst] = pos < s->kv_seen[src] ? pos : s->kv_seen[src];
     return 0;

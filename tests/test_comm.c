@@ -786,6 +786,13 @@ static void test_pack_errors(void)
     p = f.p;
     p.rows.flags = fl;
     expect_pack_fail(&p, f.x, D5, NULL, "flags");
+    int32_t sh[3] = {1, 1, 4}; /* a prefix share of a slot into itself */
+    p = f.p;
+    p.rows.n_share = 1;
+    p.rows.share = sh;
+    expect_pack_fail(&p, f.x, D5, NULL, "share of slot 1");
+    p.rows.n_share = STAGE_MAX_SHARE + 1;
+    expect_pack_fail(&p, f.x, D5, NULL, "prefix shares");
     comm_bypass dup[2] = {{0, 2}, {0, 2}}, back[1] = {{2, 1}};
     p = f.p;
     p.bypass = dup;

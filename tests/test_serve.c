@@ -209,6 +209,7 @@ static int worker(int argc, char **argv)
     forever = argc > 5 && !strcmp(argv[5], "forever");
     if (argc > 5 && !forever) kv_mem = (size_t)atol(argv[5]);
     blind = argc > 6 && !strcmp(argv[6], "blind");
+    int noprefix = argc > 6 && !strcmp(argv[6], "noprefix");
     int provided;
     MPI_Init_thread(NULL, NULL, MPI_THREAD_FUNNELED, &provided);
     int rank, size;
@@ -256,6 +257,7 @@ static int worker(int argc, char **argv)
     pthread_t th;
     if (rank == 0) {
         Q = srvq_new(slots, ctx, 2 * NREQ, cfg.vocab, cfg.eos_token_id);
+        if (noprefix) srvq_set_prefix_reuse(Q, 0);
         pthread_create(&th, NULL, forever ? client_forever : client, NULL);
     }
     int rc;
@@ -309,6 +311,8 @@ static int worker(int argc, char **argv)
         printf("idle_cpu %.3f\n", idle_cpu);
         printf("preemptions %llu kv_used_after %ld stages %d\n", (unsigned long long)st.preemptions,
                kv_used_after, st.n_kv);
+        printf("prefix_hits %llu tokens %llu\n", (unsigned long long)st.prefix_hits,
+               (unsigned long long)st.prefix_tokens);
         fflush(stdout);
         srvq_free(Q);
     }
@@ -329,22 +333,27 @@ static char OUT[1 << 17];
 /* a shell command, stdout+stderr into OUT, killed after secs (tests/testutil.h) */
 #define run(secs, ...) tu_run(OUT, sizeof OUT, (secs), __VA_ARGS__)
 
-static char want[NREQ][2048];
-static char prompts[512];
+static char want[NREQ][2048], want_px[NREQ][2048];
+static char prompts[512], prompts_px[512];
+static char (*W)[2048] = want; /* the reference check_serve compares with, and its prompts */
+static const char *PF = prompts;
 
 /* 32 prompts of 1..20 random ids (fixed seed) and what `modpipe generate` makes of them,
- * without the EOS id that ends a line (the server does not pass EOS on). */
-static int make_reference(void)
+ * without the EOS id that ends a line (the server does not pass EOS on). shared > 0: every
+ * prompt is the same `shared` ids, then 1..6 of its own (prefix reuse). */
+static int make_reference_of(const char *name, int shared, char *pf, char (*want)[2048])
 {
-    snprintf(prompts, sizeof prompts, "%s/prompts.txt", TMP);
+    snprintf(pf, 512, "%s/%s", TMP, name);
+    const char *prompts = pf;
     FILE *f = fopen(prompts, "w");
     if (!f) return -1;
     uint64_t x = 12345;
     for (int i = 0; i < NREQ; i++) {
         x = x * 6364136223846793005ull + 1442695040888963407ull;
-        int n = 1 + (int)((x >> 33) % 20);
+        int n = shared ? shared + 1 + (int)((x >> 33) % 6) : 1 + (int)((x >> 33) % 20);
         fprintf(f, "1"); /* BOS, like a tokenized prompt */
-        for (int k = 1; k < n; k++) {
+        for (int k = 1; k < shared; k++) fprintf(f, ",%d", 3 + (k * 37) % 509);
+        for (int k = shared ? shared : 1; k < n; k++) {
             x = x * 6364136223846793005ull + 1442695040888963407ull;
             fprintf(f, ",%d", 3 + (int)((x >> 33) % 509));
         }
@@ -374,11 +383,16 @@ static int make_reference(void)
     }
     return 0;
 }
+static int make_reference(void)
+{
+    return make_reference_of("prompts.txt", 0, prompts, want) ||
+           make_reference_of("prompts_px.txt", 18, prompts_px, want_px);
+}
 
 static void check_serve(int np, int slots, long kv_mem_bytes, const char *mode)
 {
     int rc = run(300, "%s -np %d %s --worker %s/stories260K %s %d %ld %s", MPIRUN, np, SELF, FIX,
-                 prompts, slots, kv_mem_bytes, mode);
+                 PF, slots, kv_mem_bytes, mode);
     CU_ASSERT_EQUAL_FATAL(rc, 0);
     int same = 0, once = 0;
     for (int i = 0; i < NREQ; i++) {
@@ -391,11 +405,11 @@ static void check_serve(int np, int slots, long kv_mem_bytes, const char *mode)
         once += done == 1 && (why == SRVQ_FINISH_STOP || why == SRVQ_FINISH_LENGTH);
         char *t = strstr(l, "tokens ") + 7, *e = strchr(t, '\n');
         size_t n = (size_t)(e - t);
-        if (n == strlen(want[i]) && !strncmp(t, want[i], n))
+        if (n == strlen(W[i]) && !strncmp(t, W[i], n))
             same++;
         else
             fprintf(stderr, "\n  -np %d request %d: %.*s\n  generate:      %s\n", np, i, (int)n, t,
-                    want[i]);
+                    W[i]);
     }
     CU_ASSERT_EQUAL(same, NREQ);
     CU_ASSERT_EQUAL(once, NREQ);
@@ -439,6 +453,14 @@ static void check_serve(int np, int slots, long kv_mem_bytes, const char *mode)
     if (ic) idle = atof(ic + 9);
     CU_ASSERT(idle < 0.3); /* one idle second: rank 0 sleeps on the condvar */
     if (!(idle < 0.3)) fprintf(stderr, "\n  idle second used %.3f s of CPU\n", idle);
+    unsigned long long hits = 0;
+    char *ph = strstr(OUT, "prefix_hits ");
+    if (ph) hits = strtoull(ph + 12, NULL, 10);
+    if (PF == prompts_px && !strcmp(mode, "noprefix")) CU_ASSERT_EQUAL(hits, 0);
+    if (PF == prompts_px && strcmp(mode, "noprefix")) {
+        CU_ASSERT(hits > 0); /* and the tokens above are still generate's */
+        fprintf(stderr, " [-np %d: %llu prefix hits] ", np, hits);
+    }
     if (!kv_mem_bytes) return;
     /* a pool too small for 8 sequences at once: sequences were preempted and recomputed (the
      * tokens above are still generate's), and every page came back, cancelled request included */
@@ -485,6 +507,21 @@ static void test_serve_np3(void) { check_serve(3, 8, 0, ""); }
  * request takes up to 8 pages on each of the 5 layers */
 static void test_serve_kv_np1(void) { check_serve(1, 8, 100 * 1040, ""); }
 static void test_serve_kv_np3(void) { check_serve(3, 8, 40 * 1040, ""); }
+/* 32 prompts sharing their first 18 positions: with prefix reuse (16 of them shared from a
+ * running request) and without, the tokens are generate's */
+static void check_px(int np, long kv, const char *mode)
+{
+    W = want_px;
+    PF = prompts_px;
+    check_serve(np, 8, kv, mode);
+    W = want;
+    PF = prompts;
+}
+static void test_serve_px_np1(void) { check_px(1, 0, ""); }
+static void test_serve_px_np3(void) { check_px(3, 0, ""); }
+static void test_serve_px_off_np3(void) { check_px(3, 0, "noprefix"); }
+static void test_serve_px_kv_np3(void) { check_px(3, 40 * 1040, "blind"); }
+
 /* admission by slots alone: the stages run out, lose sequences, the queue recomputes them */
 static void test_serve_kv_lost_np1(void) { check_serve(1, 8, 100 * 1040, "blind"); }
 static void test_serve_kv_lost_np3(void) { check_serve(3, 8, 40 * 1040, "blind"); }
@@ -522,6 +559,11 @@ int main(int argc, char **argv)
                 test_serve_kv_lost_np1);
     CU_add_test(s, "KV pool runs out on the stages: sequences lost and recomputed, np 3",
                 test_serve_kv_lost_np3);
+    CU_add_test(s, "shared prompt prefixes: reused, same tokens, np 1", test_serve_px_np1);
+    CU_add_test(s, "shared prompt prefixes: reused, same tokens, np 3", test_serve_px_np3);
+    CU_add_test(s, "shared prompt prefixes, reuse off: same tokens, np 3", test_serve_px_off_np3);
+    CU_add_test(s, "shared prefixes in a pool that runs out: same tokens, pages back, np 3",
+                test_serve_px_kv_np3);
     CU_add_test(s, "start-up errors", test_serve_errors);
     CU_add_test(s, "a dead rank ends the server", test_dead_rank);
     CU_basic_set_mode(CU_BRM_VERBOSE);

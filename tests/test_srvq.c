@@ -375,6 +375,45 @@ static void test_preempt(void)
     srvq_free(q);
 }
 
+/* Prefix reuse: b's prompt starts with the 16 positions a has issued: b starts from a share
+ * of them (applied by the stages before the micro-batch's rows) and computes the rest. */
+static void test_prefix_reuse(void)
+{
+    int32_t p20[20], p18[18];
+    for (int i = 0; i < 20; i++) p20[i] = 3 + i;
+    memcpy(p18, p20, sizeof p18);
+    p18[17] = 40; /* a different 18th token: still 16 (one block) in common */
+    srvq *q = srvq_new(3, 32, 4, 50, -1);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 8, 0, 8), 0);
+    stage_batch mb;
+    stage_batch_init(&mb, 8);
+    client c[3];
+    memset(c, 0, sizeof c);
+    char err[256];
+    CU_ASSERT_EQUAL(submit(q, &c[0], p20, 20, 2, err), 0);
+    for (int k = 0; k < 2; k++) { /* a's first 16 rows issued (not back yet) */
+        CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+        CU_ASSERT(mb.n == 8 && mb.n_share == 0);
+    }
+    CU_ASSERT_EQUAL(submit(q, &c[1], p18, 18, 2, err), 1);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT_EQUAL(mb.n_share, 1);
+    CU_ASSERT(mb.share[0] == 0 && mb.share[1] == 1 && mb.share[2] == 16);
+    /* a's last 4 rows, then b's from position 16 */
+    CU_ASSERT(mb.n == 6 && mb.slot[3] == 0 && mb.pos[3] == 19 && mb.slot[4] == 1 &&
+              mb.pos[4] == 16 && mb.token[5] == 40 && (mb.flags[5] & STAGE_ROW_SAMPLE));
+    srvq_stats st;
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.prefix_hits == 1 && st.prefix_tokens == 16);
+    /* off: c (the same prompt) computes everything */
+    srvq_set_prefix_reuse(q, 0);
+    CU_ASSERT_EQUAL(submit(q, &c[2], p20, 20, 2, err), 2);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT(mb.n_share == 0 && mb.slot[0] == 2 && mb.pos[0] == 0);
+    stage_batch_free(&mb);
+    srvq_free(q);
+}
+
 /* Many threads submit at once while the "pipeline" runs: ids unique, every request done once. */
 typedef struct {
     srvq *q;
@@ -491,6 +530,7 @@ int main(void)
     CU_add_test(s, "cancel queued; fail_all", test_cancel_queued_and_fail);
     CU_add_test(s, "whole prompts", test_whole_prompts);
     CU_add_test(s, "admission by memory, preemption, recompute", test_preempt);
+    CU_add_test(s, "prefix reuse from a running request", test_prefix_reuse);
     CU_add_test(s, "concurrent submits", test_threads);
     CU_add_test(s, "rewind after a restart", test_rewind);
     CU_basic_set_mode(CU_BRM_VERBOSE);
