@@ -272,6 +272,25 @@ kv_back() { # every stage reports every page back
     return 1
 }
 check "every KV page back once the streams ended" kv_back
+# prefix reuse through the front: B's prompt = A's, sent while A runs, starts from A's pages
+PX=$(seq -s, 3 22)
+one() { # one MAX_TOKENS OUT: a greedy completion of the 20-token prompt, its text in OUT
+    curl -s "http://127.0.0.1:$PORT_kv/v1/completions" -H 'Content-Type: application/json' \
+        -d "{\"prompt\":[$PX],\"max_tokens\":$1,\"temperature\":0,\"ignore_eos\":true}" |
+        sed 's/.*"text":"\([^"]*\)".*/\1/' >"$2"
+}
+one 8 "$TMP/px_ref.txt"
+h0=$(metric "$PORT_kv" modpipe_prefix_cache_hits_total)
+curl -sN "http://127.0.0.1:$PORT_kv/v1/completions" -H 'Content-Type: application/json' \
+    -d "{\"prompt\":[$PX],\"max_tokens\":30,\"temperature\":0,\"ignore_eos\":true,\"stream\":true}" \
+    >"$TMP/px_a.txt" &
+apid=$!
+for i in $(seq 200); do [ -s "$TMP/px_a.txt" ] && break; sleep 0.01; done
+one 8 "$TMP/px_b.txt"
+wait $apid
+h1=$(metric "$PORT_kv" modpipe_prefix_cache_hits_total)
+check "prefix reuse through the front: hit ($h0 -> $h1), the same text as alone" \
+    '[ "${h1:-0}" -gt "${h0:-0}" ] && [ -s "$TMP/px_ref.txt" ] && cmp -s "$TMP/px_ref.txt" "$TMP/px_b.txt"'
 kill -TERM "$PID_kv"
 wait "$kvpid"
 RC=$?
