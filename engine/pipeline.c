@@ -471,7 +471,8 @@ static void issue(engine_loop *c, stage_batch *f)
 {
     char err[256];
     if (f->n < 0 || f->n > c->R || f->n_release < 0 || f->n_release > STAGE_MAX_RELEASE ||
-        f->n_share < 0 || f->n_share > STAGE_MAX_SHARE || (f->n == 0 && f->n_release == 0))
+        f->n_share < 0 || f->n_share > STAGE_MAX_SHARE ||
+        (f->n == 0 && f->n_release == 0 && f->n_share == 0))
         COMM_FATAL("the scheduler made a micro-batch of %d rows (0..%d), %d releases", f->n, c->R,
                    f->n_release);
     f->id = c->next_mb++;

@@ -5,7 +5,8 @@
  * calls the scheduler's ops (like an event loop calls its handlers):
  *
  *   next(self, mb)      fill mb with the next micro-batch (1), or say nothing is ready (0);
- *                       a micro-batch of no rows carrying slot releases only is fine
+ *                       a micro-batch of no rows carrying slot releases or prefix
+ *                       shares only is fine
  *   done(self, mb, tok) the micro-batch came back from the head: tok[i] is the token sampled
  *                       for row i when mb->flags[i] has STAGE_ROW_SAMPLE, or
  *                       STAGE_TOKEN_KV_LOST when a stage's KV pool ran out under the row's

@@ -32,7 +32,8 @@ typedef struct rq {
     int32_t last;    /* last generated token: the next decode row's input */
     int inflight;    /* rows issued, not back */
     uint32_t epoch;  /* admissions so far; the rows' tag names it (srvq_rq_tag) */
-    int lost_alone;  /* the pool ran out under it while nothing else ran */
+    int solo;        /* admitted with nothing running and nothing admitted since: the pools
+                      * hold its pages only */
     int no_share;    /* lost once: recomputed without a shared prefix */
     struct rq *next; /* queue / running list order */
 } rq;

@@ -208,6 +208,8 @@ static void sweep(srvq *q)
         r->next = NULL;
         r->slot = engine_slot_acquire(&q->pool);
         r->state = RQ_RUNNING;
+        r->solo = q->n_running == 0;
+        for (rq *o = q->run_head; o; o = o->next) o->solo = 0;
         q->by_slot[r->slot] = r;
         if (q->run_tail)
             q->run_tail->next = r;
@@ -302,14 +304,13 @@ static void sched_done(void *self, const stage_batch *mb, const int32_t *tok)
         int32_t t = tok[i];
         if (t == STAGE_TOKEN_KV_LOST) { /* a stage's pool ran out under it: recompute */
             r->no_share = 1;            /* (or a shared prefix was not there) */
-            r->lost_alone += q->n_running == 1;
-            if (r->lost_alone < 2) {
+            if (!r->solo) {
                 preempt(q, r);
                 for (int s = 0; s < q->st.n_kv; s++) /* the estimate was low */
                     q->keep[s] = q->keep[s] * 1.25 < 1.0 ? q->keep[s] * 1.25 : 1.0;
                 continue;
             }
-            /* alone twice, every other page free: it cannot fit */
+            /* every page of every pool was free for it: it cannot fit */
             end_running(q, r, SRVQ_FINISH_ERROR, "KV pool too small for it (raise --kv-mem)");
             continue;
         }
