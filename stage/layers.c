@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "stage/arch.h"
 #include "stage/kernels.h"
 #include "stage/matmul.h"
 
@@ -24,6 +25,30 @@ static void mm(const stage_state *s, const float *x, int m, const stage_weight *
         stage_tp_matmul(s->tp, x, x_local, m, t, y, y_local);
     else
         stage_matmul_w(x, m, w, y);
+}
+
+/* y [m][n] += b [n] (b NULL: no bias). */
+static void add_bias(float *y, int m, int n, const float *b)
+{
+    if (!b) return;
+    for (int j = 0; j < m; j++)
+        for (int i = 0; i < n; i++) y[(size_t)j * n + i] += b[i];
+}
+
+/* First cache entry a row at position p sees under window w (entries [0, own] in position
+ * order; w 0: all of them): the first with pos > p - w (docs/SPEC.md §10). */
+static int window_start(const kv_seq *cs, int own, int p, int w)
+{
+    if (w <= 0 || p - w < cs->pos[0]) return 0;
+    int lo = 0, hi = own; /* pos[own] = p > p - w: the answer is in [0, own] */
+    while (lo < hi) {
+        int mid = lo + (hi - lo) / 2;
+        if (cs->pos[mid] > p - w)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    return lo;
 }
 
 static void gather(const float *x, const int *idx, int m, int D, float *dst)
@@ -45,10 +70,19 @@ static double attention(stage_state *s, int li, const layer_w *L, const stage_ba
     const int hd = c->head_dim, nh = s->nh_l, nkv = s->nkv_l;
     const int qd = nh * hd, kvd = nkv * hd, grp = nh / nkv;
     const float scale = 1.0f / sqrtf((float)hd);
+    const int win = stage_layer_window(c, s->m->range.first + li);
 
     mm(s, h, m, &L->wq, &L->tq, 0, 1, s->q);
     mm(s, h, m, &L->wk, &L->tk, 0, 1, s->k);
     mm(s, h, m, &L->wv, &L->tv, 0, 1, s->v);
+    /* biases of this rank's features (all of them on one rank), then Qwen3's per-head norms */
+    add_bias(s->q, m, qd, L->bq ? L->bq + s->q_off : NULL);
+    add_bias(s->k, m, kvd, L->bk ? L->bk + s->kv_off : NULL);
+    add_bias(s->v, m, kvd, L->bv ? L->bv + s->kv_off : NULL);
+    if (L->qnorm) {
+        stage_rmsnorm(s->q, m * nh, hd, L->qnorm, c->eps, s->q);
+        stage_rmsnorm(s->k, m * nkv, hd, L->knorm, c->eps, s->k);
+    }
     for (int j = 0; j < m; j++) {
         int r = idx[j];
         stage_rope(s->q + (size_t)j * qd, nh, hd, b->pos[r], s->m->inv_freq);
@@ -72,15 +106,19 @@ static double attention(stage_state *s, int li, const layer_w *L, const stage_ba
     double ctx_total = 0.0;
     for (int j = 0; j < m; j++) {
         const kv_seq *cs = kv_at(s, li, b->slot[idx[j]]);
-        int n_ctx = s->ent[j] + 1; /* entries are in position order: a causal prefix */
+        /* entries are in position order: a causal prefix, cut to the window's start */
+        int e0 = window_start(cs, s->ent[j], b->pos[idx[j]], win);
+        int n_ctx = s->ent[j] + 1 - e0;
+        const float *k0 = cs->k + (size_t)e0 * kvd, *v0 = cs->v + (size_t)e0 * kvd;
         ctx_total += n_ctx;
         /* the grp query heads sharing KV head kh are contiguous in q: one pass over K/V */
         for (int kh = 0; kh < nkv; kh++)
             stage_attend_gqa(s->q + (size_t)j * qd + (size_t)kh * grp * hd, grp,
-                             cs->k + (size_t)kh * hd, cs->v + (size_t)kh * hd, (size_t)kvd, n_ctx,
-                             hd, scale, s->probs, s->att + (size_t)j * qd + (size_t)kh * grp * hd);
+                             k0 + (size_t)kh * hd, v0 + (size_t)kh * hd, (size_t)kvd, n_ctx, hd,
+                             scale, s->probs, s->att + (size_t)j * qd + (size_t)kh * grp * hd);
     }
     mm(s, s->att, m, &L->wo, &L->to, 1, 0, s->a);
+    add_bias(s->a, m, c->hidden, L->bo);
     return ctx_total;
 }
 
@@ -90,8 +128,11 @@ static void mlp(stage_state *s, const layer_w *L, int m)
     const int I = s->ff_l; /* this rank's intermediate features (all on one rank) */
     mm(s, s->h2, m, &L->w_gate, &L->tgate, 0, 1, s->f1);
     mm(s, s->h2, m, &L->w_up, &L->tup, 0, 1, s->f3);
+    add_bias(s->f1, m, I, L->bgate ? L->bgate + s->ff_off : NULL);
+    add_bias(s->f3, m, I, L->bup ? L->bup + s->ff_off : NULL);
     stage_swiglu(s->f1, s->f3, (long)m * I);
     mm(s, s->f1, m, &L->w_down, &L->tdown, 1, 0, s->mo);
+    add_bias(s->mo, m, s->m->cfg.hidden, L->bdown);
 }
 
 /* Mixture of experts on h2 [m][D] into s->mo. staged: softmax over E, top experts_per_token,

@@ -43,8 +43,10 @@ stage_state *stage_state_init(const stage_model *m, int n_slots, int max_rows, i
     s->fe_l = c->expert_inter;
     if (s->tp) {
         int off;
-        s->ff_l = stage_tp_split(s->tp, c->inter, &off);
+        s->ff_l = stage_tp_split(s->tp, c->inter, &s->ff_off);
         s->fe_l = stage_tp_split(s->tp, c->expert_inter, &off);
+        stage_tp_split(s->tp, (int)qd, &s->q_off); /* head-aligned: K divides the heads */
+        stage_tp_split(s->tp, (int)kvd, &s->kv_off);
     }
     const size_t kvd_l = (size_t)s->nkv_l * c->head_dim;        /* this rank's K/V width */
     const size_t n_seq = (size_t)s->n_layers * (size_t)n_slots; /* (layer, slot) caches */
