@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "stage/arch.h"
 #include "stage/kernels.h"
 #include "stage/safetensors.h"
 
@@ -96,6 +97,20 @@ int train_model_load(const char *dir, train_model **out, char *err, size_t errle
             train_model_free(m);
             return -1;
         }
+    }
+    /* The training forward is plain Llama's: a block variant it does not compute would train
+     * the routers against the wrong model (docs/SPEC.md §10). */
+    const char *variant = c->qkv_bias || c->o_bias ? "attention biases"
+                          : c->mlp_bias            ? "MLP biases"
+                          : c->qk_norm             ? "per-head q/k norms"
+                          : c->rope_type           ? "RoPE scaling"
+                          : c->window              ? "sliding-window attention"
+                                                   : NULL;
+    if (variant) {
+        snprintf(err, errlen, "%s: Router-Tuning does not support %s (model_type %s) yet", dir,
+                 variant, stage_arch_name(c->arch));
+        train_model_free(m);
+        return -1;
     }
     if (c->n_heads % c->n_kv_heads || c->head_dim % 2) {
         snprintf(err, errlen, "%s: %d heads / %d kv heads / head_dim %d not supported", dir,
