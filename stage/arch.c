@@ -67,9 +67,8 @@ static int parse_family(stage_cfg_ctx *c, const cJSON *root, stage_config *cfg)
                 return -1;
             }
             if (from_arch >= 0 && a != from_arch) {
-                stage_cfg_err(c->err, c->errlen, c->path,
-                              "architectures: lists both %s and %s", arch_names[from_arch],
-                              arch_names[a]);
+                stage_cfg_err(c->err, c->errlen, c->path, "architectures: lists both %s and %s",
+                              arch_names[from_arch], arch_names[a]);
                 return -1;
             }
             from_arch = a;
@@ -120,8 +119,8 @@ static int parse_rope_obj(stage_cfg_ctx *c, const cJSON *o, const char *key, sta
         return -1;
     }
     const char *type = t ? t->valuestring : "default";
-    static const char *const known[] = {"rope_type",       "type",
-                                        "factor",          "low_freq_factor",
+    static const char *const known[] = {"rope_type",        "type",
+                                        "factor",           "low_freq_factor",
                                         "high_freq_factor", "original_max_position_embeddings",
                                         "rope_theta"};
     const cJSON *e;
@@ -197,7 +196,7 @@ void stage_arch_inv_freq(const stage_config *c, float *inv_freq)
         for (int i = 0; i < half; i++) {
             double f = inv_freq[i], wl = 2.0 * pi / f;
             if (wl > lo_wl) {
-                f /= c->rope_factor; /* low frequencies: scaled */
+                f /= c->rope_factor;  /* low frequencies: scaled */
             } else if (wl >= hi_wl) { /* between: interpolated */
                 double sm = (c->rope_orig_ctx / wl - c->rope_low_freq) /
                             (c->rope_high_freq - c->rope_low_freq);

@@ -17,11 +17,7 @@
 #include "stage/config.h"
 #include "stage/config_json.h"
 
-int stage_arch_parse(stage_cfg_ctx *c, const cJSON *root, stage_config *cfg);
-
-/* Is `list` Hugging Face's layer_types (every entry "full_attention" or "sliding_attention"),
- * as opposed to modpipe's layer kinds? */
-int stage_arch_hf_layer_types(const cJSON *list);
+/* stage_arch_parse and stage_arch_hf_layer_types: declared in stage/config_json.h. */
 
 const char *stage_arch_name(stage_arch a);
 

@@ -4,7 +4,6 @@
  * absent (HF writes e.g. "rope_scaling": null, "num_key_value_heads": null).
  */
 #include "stage/config.h"
-#include "stage/arch.h"
 #include "stage/config_json.h"
 
 #include <cJSON.h>

@@ -45,7 +45,7 @@ typedef enum {
 
 typedef enum { STAGE_ROPE_DEFAULT = 0, STAGE_ROPE_LINEAR, STAGE_ROPE_LLAMA3 } stage_rope_type;
 
-typedef struct {
+typedef struct stage_config {
     int hidden;             /* hidden_size D */
     int inter;              /* intermediate_size */
     int n_heads;            /* num_attention_heads */

@@ -21,13 +21,21 @@ const char *stage_cj_type_name(const cJSON *j);
 const cJSON *stage_cj_opt(const cJSON *obj, const char *key);
 int stage_cj_is_int(const cJSON *j);
 /* Integer >= min; required: missing is an error, else *out keeps its value. */
-int stage_cj_int(stage_cfg_ctx *c, const cJSON *obj, const char *pfx, const char *key,
-                 int required, int min, int *out);
+int stage_cj_int(stage_cfg_ctx *c, const cJSON *obj, const char *pfx, const char *key, int required,
+                 int min, int *out);
 /* Number in (lo or [lo, hi]; *out keeps its value when absent. */
-int stage_cj_double(stage_cfg_ctx *c, const cJSON *obj, const char *pfx, const char *key,
-                    double lo, int lo_open, double hi, double *out);
+int stage_cj_double(stage_cfg_ctx *c, const cJSON *obj, const char *pfx, const char *key, double lo,
+                    int lo_open, double hi, double *out);
 int stage_cj_float(stage_cfg_ctx *c, const cJSON *obj, const char *pfx, const char *key, double lo,
                    int lo_open, double hi, float *out);
 int stage_cj_bool(stage_cfg_ctx *c, const cJSON *obj, const char *key, int *out);
+
+/* stage/arch.c's part of the parse (declared here so config.c need not include arch.h):
+ * the block-variant keys into cfg (n_layers and head_dim already set; see arch.h), and
+ * whether a layer_types list is Hugging Face's ("full_attention" / "sliding_attention"
+ * entries) rather than modpipe's layer kinds. */
+struct stage_config;
+int stage_arch_parse(stage_cfg_ctx *c, const cJSON *root, struct stage_config *cfg);
+int stage_arch_hf_layer_types(const cJSON *list);
 
 #endif

@@ -51,6 +51,31 @@ static int window_start(const kv_seq *cs, int own, int p, int w)
     return lo;
 }
 
+/* A windowed layer's cache is full before row j (of rows idx [m] of b) appends: drop the
+ * entries no row of this call or any later one can see — pos <= p0 - w, p0 the position of
+ * the slot's first row in this call — and move the own-entry indices of the slot's rows
+ * appended before j with them. At most w - 1 entries survive, so the call's rows fit. */
+static void window_compact(stage_state *s, kv_seq *cs, const int *idx, int j, const stage_batch *b,
+                           int w, int kvd)
+{
+    const int slot = b->slot[idx[j]];
+    int p0 = b->pos[idx[j]];
+    for (int u = 0; u < j; u++)
+        if (b->slot[idx[u]] == slot) {
+            p0 = b->pos[idx[u]];
+            break;
+        }
+    int drop = 0;
+    while (drop < cs->n && cs->pos[drop] <= p0 - w) drop++;
+    if (!drop) return;
+    cs->n -= drop;
+    memmove(cs->pos, cs->pos + drop, (size_t)cs->n * sizeof *cs->pos);
+    memmove(cs->k, cs->k + (size_t)drop * kvd, (size_t)cs->n * kvd * sizeof(float));
+    memmove(cs->v, cs->v + (size_t)drop * kvd, (size_t)cs->n * kvd * sizeof(float));
+    for (int u = 0; u < j; u++)
+        if (b->slot[idx[u]] == slot) s->ent[u] -= drop;
+}
+
 static void gather(const float *x, const int *idx, int m, int D, float *dst)
 {
     for (int j = 0; j < m; j++)
@@ -93,6 +118,7 @@ static double attention(stage_state *s, int li, const layer_w *L, const stage_ba
                      s->m->range.first + li, b->slot[r], b->pos[r], cs->pos[cs->n - 1]);
             return -1;
         }
+        if (win && cs->n == cs->cap) window_compact(s, cs, idx, j, b, win, kvd);
         if (kv_reserve(cs, cs->n + 1, kvd, s->max_seq)) {
             snprintf(err, errlen, "layer %d: slot %d KV cache full (%d positions)",
                      s->m->range.first + li, b->slot[r], s->max_seq);

@@ -88,9 +88,11 @@ struct stage_state {
     int n_layers;                   /* layers in range */
     int n_slots, max_rows, max_seq; /* max_seq: positions per slot (--ctx) */
     kv_seq *kv;                     /* [n_layers][n_slots] views into the pools below */
-    float *kv_k, *kv_v;             /* [n_layers][n_slots][max_seq][kv_dim] the slot pool */
-    int32_t *kv_pos;                /* [n_layers][n_slots][max_seq] */
-    uint8_t *released;              /* [n_slots] 1: no sequence holds the slot (until a reset) */
+    /* the slot pool: per layer, n_slots caches of cap entries (cap: max_seq, or less for a
+     * windowed layer: state.c kv_layer_cap) */
+    float *kv_k, *kv_v;       /* [n_layers][n_slots][cap][kv_dim] */
+    int32_t *kv_pos;          /* [n_layers][n_slots][cap] */
+    uint8_t *released;        /* [n_slots] 1: no sequence holds the slot (until a reset) */
     int8_t *ms_keep;          /* [n_layers][n_slots] mindskip sequence decision: -1 undecided */
     stage_layer_stats *stats; /* [n_layers] */
     /* workspace, all [max_rows][...] unless noted */

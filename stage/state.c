@@ -9,11 +9,21 @@
 #include <string.h>
 #include <time.h>
 
+#include "stage/arch.h"
 #include "stage/kernels.h"
 
 /* ========================================================================================
  * State: KV caches, workspace, stats
  * ===================================================================================== */
+
+/* Entries a (layer, slot) cache holds: ctx; for a windowed layer (docs/SPEC.md §10) at most
+ * 2W + max_rows — W - 1 entries still visible plus a micro-batch's rows always fit once the
+ * dead ones are dropped, and the slack of W makes that compaction (layers.c) rare. */
+static int kv_layer_cap(const stage_state *s, int layer)
+{
+    long w = stage_layer_window(&s->m->cfg, layer), cap = 2 * w + s->max_rows;
+    return w > 0 && cap < s->max_seq ? (int)cap : s->max_seq;
+}
 
 stage_state *stage_state_init(const stage_model *m, int n_slots, int max_rows, int max_seq,
                               char *err, size_t errlen)
@@ -50,12 +60,15 @@ stage_state *stage_state_init(const stage_model *m, int n_slots, int max_rows, i
     }
     const size_t kvd_l = (size_t)s->nkv_l * c->head_dim;        /* this rank's K/V width */
     const size_t n_seq = (size_t)s->n_layers * (size_t)n_slots; /* (layer, slot) caches */
+    size_t n_ent = 0; /* entries of the pool: the sum of every (layer, slot) cache's cap */
+    for (int li = 0; li < s->n_layers; li++)
+        n_ent += (size_t)n_slots * kv_layer_cap(s, m->range.first + li);
     s->kv = calloc(n_seq + 1, sizeof *s->kv);
     /* calloc: Linux backs a page on its first write, so positions a routed layer never
      * stores cost address space only; the size is fixed here either way. */
-    s->kv_k = calloc(n_seq * (size_t)max_seq * kvd_l + 1, sizeof(float));
-    s->kv_v = calloc(n_seq * (size_t)max_seq * kvd_l + 1, sizeof(float));
-    s->kv_pos = calloc(n_seq * (size_t)max_seq + 1, sizeof(int32_t));
+    s->kv_k = calloc(n_ent * kvd_l + 1, sizeof(float));
+    s->kv_v = calloc(n_ent * kvd_l + 1, sizeof(float));
+    s->kv_pos = calloc(n_ent + 1, sizeof(int32_t));
     s->released = calloc((size_t)n_slots + 1, 1);
     s->ms_keep = malloc((size_t)s->n_layers * n_slots + 1);
     s->stats = calloc((size_t)s->n_layers + 1, sizeof *s->stats);
@@ -88,13 +101,14 @@ stage_state *stage_state_init(const stage_model *m, int n_slots, int max_rows, i
              s->h && s->q && s->k && s->v && s->att && s->a && s->x2 && s->h2 && s->f1 && s->f3 &&
              s->mo && s->ex && s->eo && s->gate && s->probs && s->mean;
     memset(s->ms_keep, -1, (size_t)s->n_layers * n_slots + 1);
-    /* Every (layer, slot) cache gets max_seq entries of the pool: no growth at run time. */
-    for (size_t i = 0; ok && i < n_seq; i++) {
+    /* Every (layer, slot) cache gets its cap of the pool: no growth at run time. */
+    for (size_t i = 0, e = 0; ok && i < n_seq; i++) {
         kv_seq *c2 = &s->kv[i];
-        c2->cap = max_seq;
-        c2->pos = s->kv_pos + i * (size_t)max_seq;
-        c2->k = s->kv_k + i * (size_t)max_seq * kvd_l;
-        c2->v = s->kv_v + i * (size_t)max_seq * kvd_l;
+        c2->cap = kv_layer_cap(s, m->range.first + (int)(i / (size_t)n_slots));
+        c2->pos = s->kv_pos + e;
+        c2->k = s->kv_k + e * kvd_l;
+        c2->v = s->kv_v + e * kvd_l;
+        e += (size_t)c2->cap;
     }
     if (ok && s->tp) {
         size_t V = (size_t)c->vocab, w = D > ff ? D : ff;
