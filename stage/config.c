@@ -617,12 +617,20 @@ void stage_config_free(stage_config *cfg)
 double stage_flops_attn_proj(const stage_config *c)
 {
     double qd = (double)c->n_heads * c->head_dim, kvd = (double)c->n_kv_heads * c->head_dim;
-    return 2.0 * c->hidden * (qd + 2 * kvd) + 2.0 * qd * c->hidden;
+    double f = 2.0 * c->hidden * (qd + 2 * kvd) + 2.0 * qd * c->hidden;
+    /* docs/SPEC.md §10: a bias add is one FLOP per feature, an RMSNorm about four */
+    if (c->qkv_bias) f += qd + 2 * kvd;
+    if (c->o_bias) f += c->hidden;
+    if (c->qk_norm) f += 4.0 * (qd + kvd);
+    return f;
 }
 double stage_flops_attn_ctx(const stage_config *c, double ctx)
 {
     return 4.0 * c->n_heads * c->head_dim * ctx;
 }
-double stage_flops_mlp(const stage_config *c) { return 6.0 * c->hidden * c->inter; }
+double stage_flops_mlp(const stage_config *c)
+{
+    return 6.0 * c->hidden * c->inter + (c->mlp_bias ? 2.0 * c->inter + c->hidden : 0.0);
+}
 double stage_flops_expert(const stage_config *c) { return 6.0 * c->hidden * c->expert_inter; }
 double stage_flops_gate(const stage_config *c, int n_gate) { return 2.0 * c->hidden * n_gate; }

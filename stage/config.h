@@ -101,7 +101,7 @@ void stage_config_defaults(stage_config *cfg);
 
 /* The FLOP model, per row (2 FLOPs per multiply-add): the one used by --stats and by the
  * partitioner's cost model. */
-double stage_flops_attn_proj(const stage_config *c);            /* q, k, v, o projections */
+double stage_flops_attn_proj(const stage_config *c); /* q, k, v, o projections (+ biases, norms) */
 double stage_flops_attn_ctx(const stage_config *c, double ctx); /* scores + mix over ctx entries */
 double stage_flops_mlp(const stage_config *c);                  /* dense SwiGLU MLP */
 double stage_flops_expert(const stage_config *c);               /* one MoE expert */

@@ -275,11 +275,12 @@ static int route_rows(stage_state *s, int l, const stage_batch *b, const float *
     return m;
 }
 
-static void count_attn(stage_layer_stats *st, const stage_config *c, const stage_batch *b,
+/* win: the layer's sliding window (0: none) — a dense layer would attend min(pos + 1, win) */
+static void count_attn(stage_layer_stats *st, const stage_config *c, const stage_batch *b, int win,
                        double rows_done, double ctx_done)
 {
     double dense_ctx = 0.0;
-    for (int i = 0; i < b->n; i++) dense_ctx += b->pos[i] + 1;
+    for (int i = 0; i < b->n; i++) dense_ctx += win > 0 && b->pos[i] >= win ? win : b->pos[i] + 1;
     st->flops += rows_done * stage_flops_attn_proj(c) + stage_flops_attn_ctx(c, ctx_done);
     st->flops_dense += b->n * stage_flops_attn_proj(c) + stage_flops_attn_ctx(c, dense_ctx);
 }
@@ -317,7 +318,7 @@ static int block_routed(stage_state *s, int li, int l, const layer_w *L, const s
         for (int i = 0; i < D; i++) xo[i] = xi[i] + g * (a[i] + mo[i]);
     }
     st->kv_entries += m;
-    count_attn(st, c, b, m, ctx);
+    count_attn(st, c, b, stage_layer_window(c, l), m, ctx);
     if (L->kind == STAGE_KIND_MODE_STAGED) {
         double per_row = stage_flops_gate(c, L->n_gate);
         st->flops += m * per_row + evals * stage_flops_expert(c);
@@ -428,7 +429,7 @@ static int block_full(stage_state *s, int li, int l, const layer_w *L, const sta
     }
     st->active += nk;
     st->kv_entries += nk;
-    count_attn(st, c, b, nk, ctx);
+    count_attn(st, c, b, stage_layer_window(c, l), nk, ctx);
     if (L->kind == STAGE_KIND_MODE_INTEGRATED) {
         double per_row = stage_flops_gate(c, L->n_gate);
         st->flops += m * per_row + evals * stage_flops_expert(c);

@@ -31,8 +31,8 @@ static char OUT[1 << 16];
 static const char *PROMPTS =
     "--prompt-ids 3,14,15,92,65,35,89,79,32,38,46,26 --prompt-ids 89,79 --prompt-ids 32,38,46,26";
 
-static const char *MODELS[] = {"llama3", "llama3_mod", "mistral", "mistral_mod",
-                               "qwen2",  "qwen2_mindskip", "qwen3", "qwen3_mod"};
+static const char *MODELS[] = {"llama3", "llama3_mod",     "mistral", "mistral_mod",
+                               "qwen2",  "qwen2_mindskip", "qwen3",   "qwen3_mod"};
 #define N_MODELS (sizeof MODELS / sizeof *MODELS)
 
 /* ---- config ------------------------------------------------------------------------------ */
@@ -182,8 +182,7 @@ static const bad_cfg bad_cfgs[] = {
     {"{" BASE ", \"model_type\": \"qwen3\"}", "head_dim: missing"},
     {"{" BASE ", \"model_type\": \"qwen2\", \"architectures\": [\"LlamaForCausalLM\"]}",
      "name different families"},
-    {"{" BASE ", \"architectures\": [\"LlamaForCausalLM\", \"Qwen2ForCausalLM\"]}",
-     "lists both"},
+    {"{" BASE ", \"architectures\": [\"LlamaForCausalLM\", \"Qwen2ForCausalLM\"]}", "lists both"},
     {"{" BASE ", \"model_type\": \"qwen2_moe\"}", "model_type: \"qwen2_moe\""},
     {"{" BASE ", \"attention_bias\": 1}", "attention_bias: expected a boolean"},
     {"{" BASE ", \"head_dim\": 15}", "head_dim: 15 is odd"},
@@ -340,8 +339,9 @@ static void check_model(const char *model, const char *extra, const char *tag, i
     snprintf(one, sizeof one, "%s/%s-%s-np1.npy", TMP, model, tag);
     snprintf(want, sizeof want, "%s/arch/%s.generate.npy", FIX, model);
     snprintf(txt, sizeof txt, "%s/arch/%s.generate.txt", FIX, model);
-    int rc = run(120, "%s -np 1 %s generate --model %s/arch/%s %s --max-new 5 --quiet %s "
-                      "--dump-logits %s",
+    int rc = run(120,
+                 "%s -np 1 %s generate --model %s/arch/%s %s --max-new 5 --quiet %s "
+                 "--dump-logits %s",
                  MPIRUN, BIN, FIX, model, PROMPTS, extra, one);
     if (rc) fprintf(stderr, "\n%s\n", OUT);
     CU_ASSERT_EQUAL_FATAL(rc, 0);
@@ -351,8 +351,9 @@ static void check_model(const char *model, const char *extra, const char *tag, i
     if (!(rel <= 1e-4)) fprintf(stderr, "\n%s (%s): rel err %g vs known answer\n", model, tag, rel);
     for (int np = 2; np <= np_max; np++) {
         snprintf(many, sizeof many, "%s/%s-%s-np%d.npy", TMP, model, tag, np);
-        rc = run(120, "%s -np %d %s generate --model %s/arch/%s %s --max-new 5 --quiet %s "
-                      "--dump-logits %s",
+        rc = run(120,
+                 "%s -np %d %s generate --model %s/arch/%s %s --max-new 5 --quiet %s "
+                 "--dump-logits %s",
                  MPIRUN, np, BIN, FIX, model, PROMPTS, extra, many);
         CU_ASSERT_EQUAL(rc, 0);
         CU_ASSERT(tu_lines_in(OUT, txt));
@@ -384,8 +385,9 @@ static void test_exact_tp(void)
         snprintf(want, sizeof want, "%s/arch/%s.generate.npy", FIX, MODELS[i]);
         snprintf(txt, sizeof txt, "%s/arch/%s.generate.txt", FIX, MODELS[i]);
         int np = i % 2 ? 4 : 2; /* routed models: two stages of two ranks */
-        int rc = run(120, "%s -np %d %s generate --model %s/arch/%s --tp 2 %s --max-new 5 --quiet "
-                          "--dump-logits %s",
+        int rc = run(120,
+                     "%s -np %d %s generate --model %s/arch/%s --tp 2 %s --max-new 5 --quiet "
+                     "--dump-logits %s",
                      MPIRUN, np, BIN, FIX, MODELS[i], PROMPTS, out);
         if (rc) fprintf(stderr, "\n%s\n", OUT);
         CU_ASSERT_EQUAL(rc, 0);
@@ -399,8 +401,10 @@ static void test_exact_tp(void)
 /* Router-Tuning's training forward is plain Llama's: a model with a variant is refused */
 static void test_router_tune_refuses(void)
 {
-    int rc = run(60, "%s -np 1 %s router-tune --model %s/arch/qwen2 --data-ids %s/eval_tokens.txt --seq-len 4 --batch 2 "
-                     "--out %s/rt 2>&1",
+    int rc = run(60,
+                 "%s -np 1 %s router-tune --model %s/arch/qwen2 --data-ids %s/eval_tokens.txt "
+                 "--seq-len 4 --batch 2 "
+                 "--out %s/rt 2>&1",
                  MPIRUN, BIN, FIX, FIX, TMP);
     CU_ASSERT_NOT_EQUAL(rc, 0);
     ASSERT_HAS(OUT, "Router-Tuning does not support attention biases");
