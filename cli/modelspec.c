@@ -9,6 +9,8 @@
 #include <string.h>
 #include <strings.h>
 
+#include <cJSON.h>
+
 #include "cli/yamlcfg.h"
 
 static const char *const spec_keys[] = {
@@ -44,6 +46,18 @@ static const char *const spec_keys[] = {
     "calibrate.enabled",
     "calibrate.prompts",
     "calibrate.length",
+    "head_dim",
+    "model_type",
+    "attention_bias",
+    "mlp_bias",
+    "sliding_window",
+    "use_sliding_window",
+    "max_window_layers",
+    "rope_scaling.rope_type",
+    "rope_scaling.factor",
+    "rope_scaling.low_freq_factor",
+    "rope_scaling.high_freq_factor",
+    "rope_scaling.original_max_position_embeddings",
     NULL,
 };
 
@@ -196,6 +210,88 @@ static int parse_layers(const cli_yaml *y, stage_config *c, char *err, size_t er
     return 0;
 }
 
+/* The block-variant keys of the YAML into s->arch_keys, as config.json will carry them, then
+ * the config's own parser on them (with the sizes) sets cfg's flags: one set of rules. */
+static int parse_arch(const cli_yaml *y, cli_model_spec *s, char *err, size_t errlen)
+{
+    static const char *const bools[] = {"attention_bias", "mlp_bias", "use_sliding_window"};
+    static const char *const ints[] = {"sliding_window", "max_window_layers"};
+    static const char *const rope_nums[] = {"factor", "low_freq_factor", "high_freq_factor",
+                                            "original_max_position_embeddings"};
+    cJSON *a = cJSON_CreateObject(), *rs = NULL;
+    s->arch_keys = a;
+    if (!a) return err_at(y, NULL, err, errlen, "out of memory");
+    const cli_yaml_entry *e = cli_yaml_get(y, "model_type");
+    if (e) {
+        if (e->is_list || e->n_vals != 1)
+            return err_at(y, e, err, errlen, "model_type: expected a name, got a list");
+        cJSON_AddStringToObject(a, "model_type", e->vals[0]);
+    }
+    for (size_t i = 0; i < sizeof bools / sizeof *bools; i++) {
+        int v = 0;
+        if (!cli_yaml_get(y, bools[i])) continue;
+        if (opt_bool(y, bools[i], &v, err, errlen)) return -1;
+        cJSON_AddBoolToObject(a, bools[i], v);
+    }
+    for (size_t i = 0; i < sizeof ints / sizeof *ints; i++) {
+        int v = 0;
+        if (!cli_yaml_get(y, ints[i])) continue;
+        if (opt_int(y, ints[i], 0, INT_MAX, &v, err, errlen)) return -1;
+        cJSON_AddNumberToObject(a, ints[i], v);
+    }
+    e = cli_yaml_get(y, "rope_scaling.rope_type");
+    if (e) {
+        if (e->is_list || e->n_vals != 1)
+            return err_at(y, e, err, errlen, "rope_scaling.rope_type: expected a name");
+        rs = cJSON_AddObjectToObject(a, "rope_scaling");
+        cJSON_AddStringToObject(rs, "rope_type", e->vals[0]);
+    }
+    for (size_t i = 0; i < sizeof rope_nums / sizeof *rope_nums; i++) {
+        char key[64];
+        snprintf(key, sizeof key, "rope_scaling.%s", rope_nums[i]);
+        e = cli_yaml_get(y, key);
+        if (!e) continue;
+        if (!rs) return err_at(y, e, err, errlen, "%s: give rope_scaling.rope_type too", key);
+        double v = 0;
+        if (opt_num(y, key, 0, 1, 1e300, 0, &v, err, errlen)) return -1;
+        cJSON_AddNumberToObject(rs, rope_nums[i], v);
+    }
+    /* the config's parser on these keys and the sizes: the same rules as a model directory */
+    cJSON *j = cJSON_Duplicate(a, 1);
+    stage_config *c = &s->cfg;
+    if (j) {
+        cJSON_AddNumberToObject(j, "hidden_size", c->hidden);
+        cJSON_AddNumberToObject(j, "intermediate_size", c->inter);
+        cJSON_AddNumberToObject(j, "num_attention_heads", c->n_heads);
+        cJSON_AddNumberToObject(j, "num_key_value_heads", c->n_kv_heads);
+        cJSON_AddNumberToObject(j, "num_hidden_layers", c->n_layers);
+        cJSON_AddNumberToObject(j, "vocab_size", c->vocab);
+        cJSON_AddNumberToObject(j, "head_dim", c->head_dim);
+    }
+    char *txt = j ? cJSON_PrintUnformatted(j) : NULL;
+    cJSON_Delete(j);
+    if (!txt) return err_at(y, NULL, err, errlen, "out of memory");
+    stage_config v;
+    char e2[400];
+    int rc = stage_config_parse(txt, "config.json", &v, e2, sizeof e2);
+    free(txt);
+    if (rc) return err_at(y, NULL, err, errlen, "as %s", e2);
+    c->arch = v.arch;
+    c->qkv_bias = v.qkv_bias;
+    c->o_bias = v.o_bias;
+    c->mlp_bias = v.mlp_bias;
+    c->qk_norm = v.qk_norm;
+    c->rope_type = v.rope_type;
+    c->rope_factor = v.rope_factor;
+    c->rope_low_freq = v.rope_low_freq;
+    c->rope_high_freq = v.rope_high_freq;
+    c->rope_orig_ctx = v.rope_orig_ctx;
+    c->window = v.window;
+    c->window_from = v.window_from;
+    stage_config_free(&v);
+    return 0;
+}
+
 static void set_defaults(cli_model_spec *s)
 {
     stage_config_defaults(&s->cfg);
@@ -238,22 +334,21 @@ static int fill(const cli_yaml *y, cli_model_spec *s, char *err, size_t errlen)
     c->rope_theta = theta;
 
     const cli_yaml_entry *he = cli_yaml_get(y, "num_attention_heads");
-    if (c->hidden % c->n_heads)
+    if (c->hidden % c->n_heads && !cli_yaml_get(y, "head_dim"))
         return err_at(y, he, err, errlen,
                       "num_attention_heads: hidden_size %d is not divisible by %d heads", c->hidden,
                       c->n_heads);
     c->head_dim = c->hidden / c->n_heads;
+    if (opt_int(y, "head_dim", 2, 1 << 16, &c->head_dim, err, errlen)) return -1;
     if (c->head_dim % 2) /* rotate_half RoPE pairs up the two halves of a head */
-        return err_at(y, he, err, errlen,
-                      "num_attention_heads: head_dim %d (hidden_size / heads) must be even "
-                      "for RoPE",
-                      c->head_dim);
+        return err_at(y, cli_yaml_get(y, "head_dim") ? cli_yaml_get(y, "head_dim") : he, err,
+                      errlen, "head_dim: %d must be even for RoPE", c->head_dim);
     if (c->n_heads % c->n_kv_heads)
         return err_at(y, cli_yaml_get(y, "num_key_value_heads"), err, errlen,
                       "num_key_value_heads: %d attention heads are not divisible by %d KV heads",
                       c->n_heads, c->n_kv_heads);
 
-    if (parse_layers(y, c, err, errlen)) return -1;
+    if (parse_layers(y, c, err, errlen) || parse_arch(y, s, err, errlen)) return -1;
 
     static const char *const routing_names[] = {"threshold", "predictor", "topk", NULL};
     static const int routing_vals[] = {STAGE_ROUTING_THRESHOLD, STAGE_ROUTING_PREDICTOR,
@@ -367,4 +462,6 @@ void cli_model_spec_free(cli_model_spec *spec)
     if (!spec) return;
     free(spec->cfg.layer_kind);
     spec->cfg.layer_kind = NULL;
+    cJSON_Delete(spec->arch_keys);
+    spec->arch_keys = NULL;
 }

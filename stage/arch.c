@@ -25,6 +25,11 @@ const char *stage_arch_name(stage_arch a)
     return (int)a >= 0 && (int)a < N_ARCH ? type_names[a] : "?";
 }
 
+const char *stage_arch_class_name(stage_arch a)
+{
+    return (int)a >= 0 && (int)a < N_ARCH ? arch_names[a] : "?";
+}
+
 static int lookup(const char *const *names, const char *s)
 {
     for (int i = 0; i < N_ARCH; i++)

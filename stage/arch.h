@@ -19,7 +19,8 @@
 
 /* stage_arch_parse and stage_arch_hf_layer_types: declared in stage/config_json.h. */
 
-const char *stage_arch_name(stage_arch a);
+const char *stage_arch_name(stage_arch a);       /* its model_type, "qwen2" */
+const char *stage_arch_class_name(stage_arch a); /* its architectures entry, "Qwen2ForCausalLM" */
 
 /* inv_freq [head_dim/2]: rope_theta's frequencies with the config's scaling applied. */
 void stage_arch_inv_freq(const stage_config *c, float *inv_freq);

@@ -331,6 +331,50 @@ static void test_window_kv_bound(void)
     stage_config_free(&cfg);
 }
 
+/* init-model on configs/models/{llama3,mistral,qwen2,qwen3}.yaml: the written config.json
+ * reads back as the family, the model loads (every tensor of the variant present), runs at
+ * -np 2, and partition counts a windowed layer's bounded cache. */
+static void test_init_model_specs(void)
+{
+    static const char *const specs[] = {"llama3", "mistral", "qwen2", "qwen3"};
+    for (int i = 0; i < 4; i++) {
+        char dir[512], err[512];
+        snprintf(dir, sizeof dir, "%s/im-%s", TMP, specs[i]);
+        int rc = run(300, "%s init-model --spec configs/models/%s.yaml --out %s --quiet", BIN,
+                     specs[i], dir);
+        if (rc) fprintf(stderr, "\n%s\n", OUT);
+        CU_ASSERT_EQUAL_FATAL(rc, 0);
+        stage_config c;
+        stage_model *m = NULL;
+        CU_ASSERT_EQUAL_FATAL(load(dir, &c, &m, err, sizeof err), 0);
+        CU_ASSERT_EQUAL(c.arch, (stage_arch)i);
+        switch (i) {
+        case 0: CU_ASSERT(c.rope_type == STAGE_ROPE_LLAMA3 && c.tie_embeddings); break;
+        case 1: CU_ASSERT(c.window == 32 && c.window_from == 0 && !c.qkv_bias); break;
+        case 2: CU_ASSERT(c.qkv_bias && c.window == 32 && c.window_from == 3); break;
+        case 3: CU_ASSERT(c.qk_norm && c.head_dim == 32 && !c.qkv_bias); break;
+        }
+        stage_model_free(m);
+        stage_config_free(&c);
+        rc = run(120, "%s -np 2 %s generate --model %s --prompt-ids 1,2,3,4,5 --max-new 40 --quiet",
+                 MPIRUN, BIN, dir);
+        CU_ASSERT_EQUAL(rc, 0);
+        CU_ASSERT(strstr(OUT, "generated ") != NULL);
+    }
+    /* mistral: 6 windowed layers of 2 x 32 + 8 entries (not 256, nor the routed layers'
+     * 1.25 x capacity x ctx + 8 = 88), each f32 K and V of 2 x 16 features and an int32
+     * position: 6 x 72 x 260 bytes = 0.11 MiB (0.26 without the window) */
+    char dir[512];
+    snprintf(dir, sizeof dir, "%s/im-mistral", TMP);
+    CU_ASSERT_EQUAL(
+        run(60, "%s partition --model %s -n 1 --ctx 256 --micro-batch 8 --slots 1", BIN, dir), 0);
+    const char *row = strstr(OUT, "3 dense + 3 mod");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(row);
+    double w = 0, kv = 0;
+    CU_ASSERT_EQUAL(sscanf(row, "3 dense + 3 mod %*f%% %lf %lf", &w, &kv), 2);
+    CU_ASSERT_DOUBLE_EQUAL(kv, 6 * 72 * 260 / (1024.0 * 1024.0), 0.006);
+}
+
 /* ---- exactness under mpirun ------------------------------------------------------------- */
 
 static void check_model(const char *model, const char *extra, const char *tag, int np_max)
@@ -431,6 +475,7 @@ int main(void)
         CU_add_test(s, "generate exact, np 1-4", test_exact_default);
         CU_add_test(s, "generate exact, micro-batch 3, np 1-3", test_exact_microbatch);
         CU_add_test(s, "generate --tp 2 within 1e-4", test_exact_tp);
+        CU_add_test(s, "init-model specs of each family", test_init_model_specs);
     }
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();
