@@ -340,9 +340,13 @@ static int fill(const cli_yaml *y, cli_model_spec *s, char *err, size_t errlen)
                       c->n_heads);
     c->head_dim = c->hidden / c->n_heads;
     if (opt_int(y, "head_dim", 2, 1 << 16, &c->head_dim, err, errlen)) return -1;
+    const cli_yaml_entry *hde = cli_yaml_get(y, "head_dim");
     if (c->head_dim % 2) /* rotate_half RoPE pairs up the two halves of a head */
-        return err_at(y, cli_yaml_get(y, "head_dim") ? cli_yaml_get(y, "head_dim") : he, err,
-                      errlen, "head_dim: %d must be even for RoPE", c->head_dim);
+        return hde ? err_at(y, hde, err, errlen, "head_dim: %d must be even for RoPE", c->head_dim)
+                   : err_at(y, he, err, errlen,
+                            "num_attention_heads: head_dim %d (hidden_size / heads) must be even "
+                            "for RoPE",
+                            c->head_dim);
     if (c->n_heads % c->n_kv_heads)
         return err_at(y, cli_yaml_get(y, "num_key_value_heads"), err, errlen,
                       "num_key_value_heads: %d attention heads are not divisible by %d KV heads",
