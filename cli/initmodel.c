@@ -255,53 +255,7 @@ out:
 /* ---- config.json ------------------------------------------------------------------------ */
 static int write_config(const cli_model_spec *sp, const char *dir, char *err, size_t errlen)
 {
-    const stage_config *c = &sp->cfg;
-    static const char *routing[] = {"threshold", "predictor", "topk"};
-    cJSON *j = cJSON_CreateObject();
-    cJSON *arch = cJSON_AddArrayToObject(j, "architectures");
-    cJSON_AddItemToArray(arch, cJSON_CreateString(stage_arch_class_name(c->arch)));
-    cJSON_AddStringToObject(j, "model_type", stage_arch_name(c->arch));
-    cJSON_AddNumberToObject(j, "hidden_size", c->hidden);
-    cJSON_AddNumberToObject(j, "intermediate_size", c->inter);
-    cJSON_AddNumberToObject(j, "num_attention_heads", c->n_heads);
-    cJSON_AddNumberToObject(j, "num_key_value_heads", c->n_kv_heads);
-    cJSON_AddNumberToObject(j, "num_hidden_layers", c->n_layers);
-    cJSON_AddNumberToObject(j, "vocab_size", c->vocab);
-    cJSON_AddNumberToObject(j, "rms_norm_eps", c->eps);
-    cJSON_AddNumberToObject(j, "rope_theta", c->rope_theta);
-    cJSON_AddNumberToObject(j, "max_position_embeddings", c->max_pos);
-    cJSON_AddBoolToObject(j, "tie_word_embeddings", c->tie_embeddings);
-    cJSON_AddNumberToObject(j, "head_dim", c->head_dim);
-    cJSON_AddStringToObject(j, "hidden_act", "silu");
-    /* the block variant's keys as the spec gave them (its flags were parsed from them) */
-    const cJSON *ak;
-    cJSON_ArrayForEach(ak, sp->arch_keys)
-    {
-        if (strcmp(ak->string, "model_type") == 0) continue;
-        cJSON_AddItemToObject(j, ak->string, cJSON_Duplicate(ak, 1));
-    }
-    cJSON_AddStringToObject(j, "torch_dtype",
-                            sp->dtype == STAGE_F32    ? "float32"
-                            : sp->dtype == STAGE_BF16 ? "bfloat16"
-                                                      : "float16");
-    cJSON *lt = cJSON_AddArrayToObject(j, "layer_types");
-    for (int l = 0; l < c->n_layers; l++)
-        cJSON_AddItemToArray(lt, cJSON_CreateString(stage_kind_name(c->layer_kind[l])));
-    cJSON *mod = cJSON_AddObjectToObject(j, "mod");
-    cJSON_AddNumberToObject(mod, "capacity", c->mod_capacity);
-    cJSON_AddStringToObject(mod, "routing", routing[c->mod_routing]);
-    cJSON_AddNumberToObject(mod, "threshold", c->mod_threshold);
-    cJSON_AddStringToObject(mod, "router_scale",
-                            c->mod_scale == STAGE_SCALE_SIGMOID ? "sigmoid" : "none");
-    cJSON *mode = cJSON_AddObjectToObject(j, "mode");
-    cJSON_AddNumberToObject(mode, "num_experts", c->n_experts);
-    cJSON_AddNumberToObject(mode, "num_noop_experts", c->n_noop_experts);
-    cJSON_AddNumberToObject(mode, "experts_per_token", c->experts_per_token);
-    cJSON_AddNumberToObject(mode, "expert_intermediate_size", c->expert_inter);
-    cJSON *ms = cJSON_AddObjectToObject(j, "mindskip");
-    cJSON_AddStringToObject(ms, "granularity",
-                            c->ms_granularity == STAGE_GRAN_TOKEN ? "token" : "sequence");
-    cJSON_AddNumberToObject(ms, "threshold", c->ms_threshold);
+    cJSON *j = cli_model_spec_config_json(sp);
     char *txt = cJSON_Print(j);
     cJSON_Delete(j);
     char path[4096];

@@ -12,6 +12,7 @@
 #include <cJSON.h>
 
 #include "cli/yamlcfg.h"
+#include "stage/arch.h"
 
 static const char *const spec_keys[] = {
     "hidden_size",
@@ -210,6 +211,58 @@ static int parse_layers(const cli_yaml *y, stage_config *c, char *err, size_t er
     return 0;
 }
 
+cJSON *cli_model_spec_config_json(const cli_model_spec *sp)
+{
+    const stage_config *c = &sp->cfg;
+    static const char *routing[] = {"threshold", "predictor", "topk"};
+    cJSON *j = cJSON_CreateObject();
+    cJSON *arch = cJSON_AddArrayToObject(j, "architectures");
+    cJSON_AddItemToArray(arch, cJSON_CreateString(stage_arch_class_name(c->arch)));
+    cJSON_AddStringToObject(j, "model_type", stage_arch_name(c->arch));
+    cJSON_AddNumberToObject(j, "hidden_size", c->hidden);
+    cJSON_AddNumberToObject(j, "intermediate_size", c->inter);
+    cJSON_AddNumberToObject(j, "num_attention_heads", c->n_heads);
+    cJSON_AddNumberToObject(j, "num_key_value_heads", c->n_kv_heads);
+    cJSON_AddNumberToObject(j, "num_hidden_layers", c->n_layers);
+    cJSON_AddNumberToObject(j, "vocab_size", c->vocab);
+    cJSON_AddNumberToObject(j, "rms_norm_eps", c->eps);
+    cJSON_AddNumberToObject(j, "rope_theta", c->rope_theta);
+    cJSON_AddNumberToObject(j, "max_position_embeddings", c->max_pos);
+    cJSON_AddBoolToObject(j, "tie_word_embeddings", c->tie_embeddings);
+    cJSON_AddNumberToObject(j, "head_dim", c->head_dim);
+    cJSON_AddStringToObject(j, "hidden_act", "silu");
+    /* the block variant's keys as the spec gave them (its flags were parsed from them) */
+    const cJSON *ak;
+    cJSON_ArrayForEach(ak, sp->arch_keys)
+    {
+        if (strcmp(ak->string, "model_type") == 0) continue;
+        cJSON_AddItemToObject(j, ak->string, cJSON_Duplicate(ak, 1));
+    }
+    cJSON_AddStringToObject(j, "torch_dtype",
+                            sp->dtype == STAGE_F32    ? "float32"
+                            : sp->dtype == STAGE_BF16 ? "bfloat16"
+                                                      : "float16");
+    cJSON *lt = cJSON_AddArrayToObject(j, "layer_types");
+    for (int l = 0; l < c->n_layers; l++)
+        cJSON_AddItemToArray(lt, cJSON_CreateString(stage_kind_name(c->layer_kind[l])));
+    cJSON *mod = cJSON_AddObjectToObject(j, "mod");
+    cJSON_AddNumberToObject(mod, "capacity", c->mod_capacity);
+    cJSON_AddStringToObject(mod, "routing", routing[c->mod_routing]);
+    cJSON_AddNumberToObject(mod, "threshold", c->mod_threshold);
+    cJSON_AddStringToObject(mod, "router_scale",
+                            c->mod_scale == STAGE_SCALE_SIGMOID ? "sigmoid" : "none");
+    cJSON *mode = cJSON_AddObjectToObject(j, "mode");
+    cJSON_AddNumberToObject(mode, "num_experts", c->n_experts);
+    cJSON_AddNumberToObject(mode, "num_noop_experts", c->n_noop_experts);
+    cJSON_AddNumberToObject(mode, "experts_per_token", c->experts_per_token);
+    cJSON_AddNumberToObject(mode, "expert_intermediate_size", c->expert_inter);
+    cJSON *ms = cJSON_AddObjectToObject(j, "mindskip");
+    cJSON_AddStringToObject(ms, "granularity",
+                            c->ms_granularity == STAGE_GRAN_TOKEN ? "token" : "sequence");
+    cJSON_AddNumberToObject(ms, "threshold", c->ms_threshold);
+    return j;
+}
+
 /* The block-variant keys of the YAML into s->arch_keys, as config.json will carry them, then
  * the config's own parser on them (with the sizes) sets cfg's flags: one set of rules. */
 static int parse_arch(const cli_yaml *y, cli_model_spec *s, char *err, size_t errlen)
@@ -256,17 +309,15 @@ static int parse_arch(const cli_yaml *y, cli_model_spec *s, char *err, size_t er
         if (opt_num(y, key, 0, 1, 1e300, 0, &v, err, errlen)) return -1;
         cJSON_AddNumberToObject(rs, rope_nums[i], v);
     }
-    /* the config's parser on these keys and the sizes: the same rules as a model directory */
-    cJSON *j = cJSON_Duplicate(a, 1);
+    /* the config.json this spec will write, through the parser a model directory meets (the
+     * family from the YAML's model_type, not the default the flags still hold) */
+    cJSON *j = cli_model_spec_config_json(s);
     stage_config *c = &s->cfg;
     if (j) {
-        cJSON_AddNumberToObject(j, "hidden_size", c->hidden);
-        cJSON_AddNumberToObject(j, "intermediate_size", c->inter);
-        cJSON_AddNumberToObject(j, "num_attention_heads", c->n_heads);
-        cJSON_AddNumberToObject(j, "num_key_value_heads", c->n_kv_heads);
-        cJSON_AddNumberToObject(j, "num_hidden_layers", c->n_layers);
-        cJSON_AddNumberToObject(j, "vocab_size", c->vocab);
-        cJSON_AddNumberToObject(j, "head_dim", c->head_dim);
+        cJSON_DeleteItemFromObject(j, "architectures");
+        cJSON_DeleteItemFromObject(j, "model_type");
+        const cJSON *mt = cJSON_GetObjectItem(a, "model_type");
+        if (mt) cJSON_AddItemToObject(j, "model_type", cJSON_Duplicate(mt, 1));
     }
     char *txt = j ? cJSON_PrintUnformatted(j) : NULL;
     cJSON_Delete(j);
@@ -352,7 +403,7 @@ static int fill(const cli_yaml *y, cli_model_spec *s, char *err, size_t errlen)
                       "num_key_value_heads: %d attention heads are not divisible by %d KV heads",
                       c->n_heads, c->n_kv_heads);
 
-    if (parse_layers(y, c, err, errlen) || parse_arch(y, s, err, errlen)) return -1;
+    if (parse_layers(y, c, err, errlen)) return -1;
 
     static const char *const routing_names[] = {"threshold", "predictor", "topk", NULL};
     static const int routing_vals[] = {STAGE_ROUTING_THRESHOLD, STAGE_ROUTING_PREDICTOR,
@@ -425,7 +476,7 @@ static int fill(const cli_yaml *y, cli_model_spec *s, char *err, size_t errlen)
         return err_at(y, cli_yaml_get(y, "calibrate.length"), err, errlen,
                       "calibrate.length: %d is more than max_position_embeddings (%d)",
                       s->calib_length, c->max_pos);
-    return 0;
+    return parse_arch(y, s, err, errlen); /* last: it checks the whole config.json */
 }
 
 static int from_yaml(const cli_yaml *y, cli_model_spec *spec, char *err, size_t errlen)

@@ -59,5 +59,8 @@ int cli_model_spec_load(const char *path, cli_model_spec *spec, char *err, size_
 int cli_model_spec_parse(const char *text, size_t len, const char *path, cli_model_spec *spec,
                          char *err, size_t errlen);
 void cli_model_spec_free(cli_model_spec *spec);
+/* The config.json of a model made from this spec (SPEC §3; the caller cJSON_Deletes it), or
+ * NULL when out of memory. */
+struct cJSON *cli_model_spec_config_json(const cli_model_spec *spec);
 
 #endif
