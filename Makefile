@@ -109,6 +109,8 @@ endif
 # tests/scripts/run.sh checks the benchmark scripts' own logic (CSV rows, netns cleanup; needs
 # root): it runs once, in the plain build (the sanitizer pass re-checks the C code only).
 test: $(TEST_BIN) $(B)/modpipe format-check
+	@echo "== scripts/check-layers (include graph vs the layers, no module cycles)"
+	@python3 scripts/check-layers
 	@set -e; for t in $(TEST_BIN); do echo "== $$t"; MODPIPE=$(B)/modpipe $$t; done
 	@echo "== tests/serve/run.sh (modpipe serve with curl and the openai npm client)"
 	@bash tests/serve/run.sh $(B)/modpipe
