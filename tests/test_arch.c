@@ -312,7 +312,7 @@ static void test_window_kv_bound(void)
     for (int t = 0; t < T; t++) {
         int32_t slot = 1, pos = t, tok = (t * 37 + 11) % V;
         uint8_t fl = STAGE_ROW_NEED_LOGITS | (t < 8 ? STAGE_ROW_PROMPT : 0), present = 1;
-        stage_batch b = {1, &slot, &pos, &tok, &fl};
+        stage_batch b = {.n = 1, .slot = &slot, .pos = &pos, .token = &tok, .flags = &fl};
         int row = 0;
         CU_ASSERT_EQUAL_FATAL(stage_embed(m, &tok, 1, x[0], err, sizeof err), 0);
         memcpy(x[1], x[0], sizeof x[0]);
