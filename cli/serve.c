@@ -29,7 +29,7 @@ static const sopt SOPTS[] = {
      "require 'Authorization: Bearer KEY' (all routes but /health); "
      "default: $MODPIPE_API_KEY if set"},
     {"chat-template", "NAME",
-     "chat template: chatml, llama2, llama3, zephyr, plain, or auto "
+     "chat template: chatml, llama2, llama3, mistral, zephyr, plain, or auto "
      "(default: from tokenizer_config.json, else plain)"},
     {"name", "ID", "model id in /v1/models and responses (default: the directory's name)"},
     {"shutdown-grace", "SEC", "on SIGTERM, running requests get this long to finish (default 30)"},

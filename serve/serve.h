@@ -77,7 +77,7 @@ void serve_request_free(serve_request *r);
 
 /* ---- 2. chat templates ------------------------------------------------------------------ */
 
-/* Names: "chatml", "llama2", "llama3", "zephyr", "plain" (see README). */
+/* Names: "chatml", "llama2", "llama3", "mistral", "zephyr", "plain" (see README). */
 typedef struct serve_chat_template serve_chat_template;
 
 /* NULL when the name is unknown. */
