@@ -41,7 +41,8 @@ endif
 CC      := gcc
 CFLAGS  := -std=c11 -Wall -Wextra -Werror -D_GNU_SOURCE $(OPT) $(SANFLAGS) -MMD -MP \
            $(shell pkg-config --cflags $(PKGS) 2>/dev/null) -I. -I$(B)/proto
-LDLIBS  := $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lscalapack-openmpi -lm
+# oneDNN (libdnnl-dev) ships no .pc file; Debian builds it on OpenMP (libgomp).
+LDLIBS  := $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lscalapack-openmpi -ldnnl -lgomp -lm
 LDFLAGS := $(SANFLAGS)
 CUNIT   := $(shell pkg-config --libs cunit 2>/dev/null)
 
@@ -112,6 +113,8 @@ test: $(TEST_BIN) $(B)/modpipe format-check
 	@echo "== scripts/check-layers (include graph vs the layers, no module cycles)"
 	@python3 scripts/check-layers
 	@set -e; for t in $(TEST_BIN); do echo "== $$t"; MODPIPE=$(B)/modpipe $$t; done
+	@echo "== $(B)/tests/test_kernels with ONEDNN_MAX_CPU_ISA=SSE41 (oneDNN's capped kernels)"
+	@ONEDNN_MAX_CPU_ISA=SSE41 $(B)/tests/test_kernels
 	@echo "== tests/serve/run.sh (modpipe serve with curl and the openai npm client)"
 	@bash tests/serve/run.sh $(B)/modpipe
 ifneq ($(SANITIZE),1)

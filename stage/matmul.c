@@ -4,6 +4,7 @@
 
 #include "stage/convert.h"
 #include "stage/matmul_isa.h"
+#include "stage/onednn.h"
 
 #include <cblas.h>
 #include <math.h>
@@ -137,6 +138,7 @@ const mm_ops stage_mm_ops_c = {
 static const mm_ops *g_ops; /* the variant in use; NULL until the first call */
 static stage_isa g_isa;
 static stage_path g_path = STAGE_PATH_AUTO;
+static stage_engine g_engine = STAGE_ENGINE_AUTO;
 
 int stage_isa_supported(stage_isa isa)
 {
@@ -225,6 +227,7 @@ stage_isa stage_matmul_isa(void)
 }
 
 void stage_matmul_force_path(stage_path p) { g_path = p; }
+void stage_matmul_force_engine(stage_engine e) { g_engine = e; }
 
 /* ================================================================== */
 /* thread pool                                                         */
@@ -285,6 +288,7 @@ static void pool_run_tasks(uint32_t gen, int tid)
 static void *pool_worker(void *p)
 {
     const int tid = *(const int *)p;
+    stage_dnnl_thread_init();
     uint32_t seen = JOB_GEN(atomic_load(&P.job));
     for (;;) {
         uint64_t cur = atomic_load_explicit(&P.job, memory_order_acquire);
@@ -365,6 +369,7 @@ void stage_threads_free(void)
     free(g_xs);
     g_xs = NULL;
     g_xs_cap = 0;
+    stage_dnnl_free();
 }
 
 int stage_threads_init(int n, char *err, size_t errlen)
@@ -415,6 +420,9 @@ typedef struct {
     const uint16_t *xs;
     int chunk; /* weight rows per task (small path) */
     const mm_ops *ops;
+    int use_dnnl;    /* large path: tiles on oneDNN (dn) rather than OpenBLAS */
+    int kc_full;     /* large path: columns of a full k block */
+    int dn[2][2][2]; /* oneDNN handles by [last row tile][last k block][accumulate] */
 } mm_job;
 
 static void small_task(void *a, int t, int tid)
@@ -459,6 +467,20 @@ static void run_small(const float *x, int m, const stage_weight *w, float *y, co
     pool_run(small_task, &j, (n + chunk - 1) / chunk);
 }
 
+/* One f32 tile product, y [m][rn] (+)= x [m][kc] · Wt^T, on oneDNN when the call prepared
+ * its primitives (dn[tail][ktail][acc] >= 0), else single-threaded cblas_sgemm. */
+static void tile_gemm(const mm_job *j, int tid, int rn, int kc, const float *x, int ldx,
+                      const float *wt, int ldw, float *y, int acc)
+{
+    if (j->use_dnnl) {
+        int h = j->dn[rn != STAGE_TILE_N][kc != j->kc_full][acc];
+        stage_dnnl_tile(h, tid, x, wt, y);
+        return;
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, j->m, rn, kc, 1.0f, x, ldx, wt, ldw,
+                acc ? 1.0f : 0.0f, y, j->w->rows);
+}
+
 static void large_task(void *a, int t, int tid)
 {
     const mm_job *j = a;
@@ -467,8 +489,7 @@ static void large_task(void *a, int t, int tid)
     const int r0 = t * STAGE_TILE_N;
     const int rn = n - r0 < STAGE_TILE_N ? n - r0 : STAGE_TILE_N;
     if (w->dtype == STAGE_F32) {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, rn, k, 1.0f, j->x, k,
-                    (const float *)w->data + (size_t)r0 * k, k, 0.0f, j->y + r0, n);
+        tile_gemm(j, tid, rn, k, j->x, k, (const float *)w->data + (size_t)r0 * k, k, j->y + r0, 0);
         return;
     }
     float **slot = tile_slot(tid);
@@ -487,17 +508,49 @@ static void large_task(void *a, int t, int tid)
         for (int r = 0; r < rn; r++)
             j->ops->cvt[w->dtype]((const char *)w->data + ((size_t)(r0 + r) * k + c0) * es,
                                   buf + (size_t)r * kc, (size_t)kc);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, rn, kc, 1.0f, j->x + c0, k, buf, kc,
-                    c0 ? 1.0f : 0.0f, j->y + r0, n);
+        tile_gemm(j, tid, rn, kc, j->x + c0, k, buf, kc, j->y + r0, c0 > 0);
     }
+}
+
+/* oneDNN primitives for every tile shape of this call, all or none (so a call's tiles all take
+ * the same engine). 1 when they are ready. */
+static int dnnl_plan(mm_job *j)
+{
+    const stage_weight *w = j->w;
+    const int n = w->rows, k = w->cols;
+    const int f32 = w->dtype == STAGE_F32;
+    j->kc_full = f32 || k < STAGE_TILE_K ? k : STAGE_TILE_K;
+    memset(j->dn, 0xff, sizeof j->dn); /* -1: not needed */
+    for (int tail = 0; tail < 2; tail++) {
+        const int rn = tail ? n % STAGE_TILE_N : (n >= STAGE_TILE_N ? STAGE_TILE_N : 0);
+        if (!rn) continue;
+        /* the k blocks large_task walks: one for f32, STAGE_TILE_K columns each otherwise */
+        for (int c0 = 0; c0 < k; c0 += f32 ? k : STAGE_TILE_K) {
+            const int kc = f32 || k - c0 >= STAGE_TILE_K ? (f32 ? k : STAGE_TILE_K) : k - c0;
+            int *h = &j->dn[tail][kc != j->kc_full][c0 > 0];
+            if (*h >= 0) continue;
+            stage_dnnl_shape s = {.m = j->m,
+                                  .n = rn,
+                                  .k = kc,
+                                  .ldx = k,
+                                  .ldw = f32 ? k : kc,
+                                  .ldy = n,
+                                  .acc = c0 > 0};
+            if ((*h = stage_dnnl_prepare(&s, P.n)) < 0) return 0;
+        }
+    }
+    return 1;
 }
 
 static void run_large(const float *x, int m, const stage_weight *w, float *y, const mm_ops *o)
 {
     mm_job j = {.x = x, .m = m, .w = w, .y = y, .ops = o};
+    j.use_dnnl = (g_engine == STAGE_ENGINE_ONEDNN ||
+                  (g_engine == STAGE_ENGINE_AUTO && stage_dnnl_preferred())) &&
+                 dnnl_plan(&j);
     /* Several pool threads call sgemm at once: each must run single-threaded (an earlier
      * openblas_set_num_threads(n) would make them queue for OpenBLAS's own threads). */
-    if (P.n > 1 && openblas_get_num_threads() != 1) openblas_set_num_threads(1);
+    if (!j.use_dnnl && P.n > 1 && openblas_get_num_threads() != 1) openblas_set_num_threads(1);
     pool_run(large_task, &j, (w->rows + STAGE_TILE_N - 1) / STAGE_TILE_N);
 }
 
@@ -532,4 +585,15 @@ void stage_attend(const float *q, const float *k, const float *v, size_t stride,
                   float scale, float *probs, float *out)
 {
     stage_attend_gqa(q, 1, k, v, stride, n_ctx, hd, scale, probs, out);
+}
+
+const char *stage_matmul_large_engine(int m, int k, char *buf, size_t len)
+{
+    stage_dnnl_shape s = {
+        .m = m, .n = STAGE_TILE_N, .k = k, .ldx = k, .ldw = k, .ldy = STAGE_TILE_N};
+    const int want = g_engine == STAGE_ENGINE_ONEDNN ||
+                     (g_engine == STAGE_ENGINE_AUTO && stage_dnnl_preferred());
+    const char *impl = want ? stage_dnnl_impl(&s) : NULL;
+    snprintf(buf, len, "%s%s", impl ? "onednn:" : "openblas", impl ? impl : "");
+    return buf;
 }

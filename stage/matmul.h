@@ -8,19 +8,25 @@
  *     no packing, no allocation; blocks of 4 weight rows x up to 4 rows of x are held in
  *     registers. Work is split over output columns (weight rows) between the pool's threads.
  *   - large (larger m, prefill): fixed tiles of STAGE_TILE_N weight rows; f32 tiles go
- *     straight to single-threaded cblas_sgemm, bf16/f16 tiles are first converted (exactly) to
+ *     straight to a single-threaded f32 matmul, bf16/f16 tiles are first converted (exactly) to
  *     f32 in STAGE_TILE_K-column blocks in a per-thread scratch and multiplied block by block.
- *     Tiles are handed to the pool's threads in any order.
+ *     Tiles are handed to the pool's threads in any order. The tile matmul is oneDNN's
+ *     (stage/onednn.h: the weights in their checkpoint layout, a primitive created once per
+ *     tile shape and cached, run inside the pool thread) on CPUs where oneDNN has AVX-512 or
+ *     better kernels, else OpenBLAS's cblas_sgemm (stage_matmul_force_engine). Debian's oneDNN 2.6 has bf16 matmul kernels only
+ *     on AVX-512 CPUs and none mixing f32 activations with bf16 weights, so 16-bit weights
+ *     always go through the exact f32 conversion (no rounding of activations).
  *
  * Reduction order (why N-rank runs stay bit-identical to 1-rank runs): every output element
  * y[i][j] is computed by one thread from x row i and weight row j alone, in an order that is
  * fixed by (ISA variant, dtype, k) on the small path and by (OpenBLAS kernel, m, k) on the
- * large one (OpenBLAS's order can change with the number of rows; the tile shapes are fixed).
+ * large one (oneDNN's and OpenBLAS's order can change with the number of rows; the tile shapes
+ * are fixed, and the engine is chosen per shape, the same on every rank).
  * It does not depend on the thread count, on which thread ran it, or, on the small path, on m
  * or on the other rows in the call: row i of a call with any m up to the threshold is
  * bit-identical to the same row computed alone with m = 1 (so is column j to the same weight
- * row in a weight of other rows). Different ISA variants, and OpenBLAS kernels (CPUs,
- * OPENBLAS_CORETYPE), give different roundings: ranks that must agree bit for bit must run the
+ * row in a weight of other rows). Different ISA variants, and oneDNN / OpenBLAS kernels (CPUs,
+ * ONEDNN_MAX_CPU_ISA, OPENBLAS_CORETYPE), give different roundings: ranks that must agree bit for bit must run the
  * same ones (stage_matmul_force_isa can pin the variant).
  *
  * Accuracy (tests/test_kernels.c, against a double reference on the same bf16/f16-rounded
@@ -34,7 +40,9 @@
  * Threads: one process-wide pool. stage_threads_init(n) starts n - 1 workers (the caller is
  * the n-th); workers spin ~50 us after a job, then sleep on a condition variable. Without init
  * everything runs in the caller. It also sets OpenBLAS to 1 thread: its own spinning threads
- * fought the MPI progress loop, and the pool gives the large path its parallelism.
+ * fought the MPI progress loop, and the pool gives the large path its parallelism. oneDNN runs
+ * on the same pool: each pool thread sets OpenMP's thread count to 1 for itself, so oneDNN never
+ * starts threads of its own and --threads N is the whole process's compute parallelism.
  * stage_matmul_w and stage_attend* are not re-entrant: one caller thread at a time (the stage's
  * thread). Errors: init returns non-zero (with the reason) when threads or memory cannot be
  * had; the matmul itself cannot fail (scratch for the large path and for the BF16 path's
@@ -86,6 +94,18 @@ stage_isa stage_matmul_isa(void); /* the variant in use */
 
 typedef enum { STAGE_PATH_AUTO = 0, STAGE_PATH_SMALL, STAGE_PATH_LARGE } stage_path;
 void stage_matmul_force_path(stage_path p); /* AUTO: by m (the default) */
+
+/* The large path's tile engine. ONEDNN: oneDNN's f32 matmul whenever it has a kernel that is
+ * not a reference one for every tile shape of the call, else OpenBLAS for that call. AUTO (the
+ * default): ONEDNN where oneDNN dispatches to AVX-512 or better, OpenBLAS on AVX2 and below
+ * (oneDNN's AVX2 f32 gemm measured level with OpenBLAS's on an AMD EPYC, 0.8-1.4x by shape on a
+ * shared machine: docs/BENCH.md bench-matmul; its AVX-512 brgemm kernels beat it). Each
+ * shape decides the same way on every rank of a run on one kind of CPU. */
+typedef enum { STAGE_ENGINE_AUTO = 0, STAGE_ENGINE_BLAS, STAGE_ENGINE_ONEDNN } stage_engine;
+void stage_matmul_force_engine(stage_engine e);
+/* What the large path runs for an f32 tile of m rows, k columns: oneDNN's implementation name
+ * ("gemm:jit", "brg:avx512_core_amx"...) or "openblas" (written into buf, returned). */
+const char *stage_matmul_large_engine(int m, int k, char *buf, size_t len);
 
 /* OpenBLAS built with DYNAMIC_ARCH picks its kernels from the CPU id; on a CPU it does not
  * know (a VM's generic "Intel Xeon Processor") it falls back to Prescott (SSE3) kernels, 4x

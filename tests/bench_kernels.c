@@ -4,7 +4,8 @@
  *
  * Prints one `key=value ...` line per measurement (lines starting with # are comments):
  *   --bw-only: only the bw lines, then for each --shape m,k,n one `shape` line: cblas_sgemm
- *            (OpenBLAS on N threads) vs stage_matmul_w with f32 and bf16 weights, GFLOP/s
+ *            (OpenBLAS on N threads) vs stage_matmul_w with f32 and bf16 weights, GFLOP/s, with
+ *            the default large-path engine (engine=) and with the tiles forced onto oneDNN
  *            (scripts/bench-decode's reference for prefill);
  *   bw       read bandwidth of this machine: 1, 2, 4 .. N threads summing a 1 GiB buffer, best
  *            of 5 passes (read_gbs),
@@ -15,7 +16,8 @@
  *            weights rotate through copies filling 1 GiB so they come from memory, not the L3;
  *   cross    small path vs large path for m around STAGE_M_SMALL (how it was chosen);
  *   prefill  m = 256 GFLOP/s per variant vs one cblas_sgemm call (OpenBLAS on N threads) on the
- *            same f32 shape.
+ *            same f32 shape; prefill_engine: the large path with its tiles on OpenBLAS and on
+ *            oneDNN (stage/onednn.h), f32 and bf16 weights.
  *   attend   stage_attend_gqa, 4 query heads sharing a KV head, hd 128, 2048 cached positions.
  * Times are the median of the repetitions; on a loaded machine they are noisy.
  */
@@ -289,7 +291,7 @@ int main(int argc, char **argv)
                 wf[i] = (float)((i * 40503u) % 2001) / 1000.0f - 1.0f;
                 wb[i] = arena[i % (arena_bytes / 2)];
             }
-            double tb[7], tf[7], t16[7];
+            double tb[7], tf[7], t16[7], tdf[7], td16[7];
             for (int r = 0; r < 7; r++) {
                 openblas_set_num_threads(nt);
                 double t0 = now_s();
@@ -304,11 +306,29 @@ int main(int argc, char **argv)
                 t0 = now_s();
                 stage_matmul_w(xs, m, &w16, ys);
                 t16[r] = now_s() - t0;
+                /* the large path with its tiles on oneDNN, whatever the default engine is */
+                stage_matmul_force_engine(STAGE_ENGINE_ONEDNN);
+                t0 = now_s();
+                stage_matmul_w(xs, m, &w32, ys);
+                tdf[r] = now_s() - t0;
+                t0 = now_s();
+                stage_matmul_w(xs, m, &w16, ys);
+                td16[r] = now_s() - t0;
+                stage_matmul_force_engine(STAGE_ENGINE_AUTO);
             }
             double fl = 2.0 * m * n * k / 1e9;
+            char eng[96], engd[96];
+            stage_matmul_large_engine(m, k, eng, sizeof eng);
+            stage_matmul_force_engine(STAGE_ENGINE_ONEDNN);
+            stage_matmul_large_engine(m, k, engd, sizeof engd);
+            stage_matmul_force_engine(STAGE_ENGINE_AUTO);
+            for (char *c = eng; *c; c++) *c = *c == ' ' ? ',' : *c;
+            for (char *c = engd; *c; c++) *c = *c == ' ' ? ',' : *c;
             printf("shape m=%d k=%d n=%d threads=%d sgemm_gflops=%.2f f32_gflops=%.2f "
-                   "bf16_gflops=%.2f\n",
-                   m, k, n, nt, fl / median(tb, 7), fl / median(tf, 7), fl / median(t16, 7));
+                   "bf16_gflops=%.2f engine=%s onednn_f32_gflops=%.2f onednn_bf16_gflops=%.2f "
+                   "onednn_engine=%s\n",
+                   m, k, n, nt, fl / median(tb, 7), fl / median(tf, 7), fl / median(t16, 7), eng,
+                   fl / median(tdf, 7), fl / median(td16, 7), engd);
             free(xs);
             free(ys);
             free(wf);
@@ -401,6 +421,28 @@ int main(int argc, char **argv)
                 fflush(stdout);
             }
         }
+        /* the large path's two tile engines, interleaved so load changes hit both alike */
+        stage_matmul_force_isa(only >= 0 ? (stage_isa)only : stage_isa_best());
+        for (int d = 0; d < 2; d++) {
+            double te[2][3];
+            for (int rr = 0; rr < 3; rr++)
+                for (int e = 0; e < 2; e++) {
+                    stage_matmul_force_engine(e ? STAGE_ENGINE_ONEDNN : STAGE_ENGINE_BLAS);
+                    te[e][rr] = time_matmul(x, M_PRE, n, K, dts[d], (const char *)arena,
+                                            arena_bytes, y, preps);
+                }
+            for (int e = 0; e < 2; e++) {
+                char eng[96];
+                stage_matmul_force_engine(e ? STAGE_ENGINE_ONEDNN : STAGE_ENGINE_BLAS);
+                stage_matmul_large_engine(M_PRE, K, eng, sizeof eng);
+                printf("prefill_engine engine=\"%s\" dtype=%s m=%d k=%d n=%d threads=%d "
+                       "gflops=%.2f\n",
+                       eng, dts[d] == STAGE_F32 ? "f32" : "bf16", M_PRE, K, n, nt,
+                       flops / median(te[e], 3) / 1e9);
+            }
+            fflush(stdout);
+        }
+        stage_matmul_force_engine(STAGE_ENGINE_AUTO);
     }
     /* ---- attention: one GQA group (4 query heads, hd 128) over a long context ---- */
     {

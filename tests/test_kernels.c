@@ -5,17 +5,21 @@
  *      odd k and n not a multiple of the row block, both paths: max |y - ref| / max |ref| <= 1e-5,
  *      the reference being computed in double on the same bf16/f16-rounded weights; each SIMD
  *      variant against the plain C one;
- *   2. determinism: thread counts 1, 2, 3 give bit-identical results (both paths); a row of a
+ *   2. determinism: thread counts 1, 2, 3 give bit-identical results (both paths, the large one
+ *      on both engines); a row of a
  *      small-path call with m = 8 is bit-identical to that row computed alone;
  *   3. attention (one head and GQA groups) against a double reference; a GQA head is
  *      bit-identical to the same head alone;
  *   4. the thread pool: 2000 jobs back to back and jobs after the workers went to sleep give
  *      the single-thread bits;
- *   5. edge cases and errors: m = 0, k = 0, bad thread counts, unsupported variants.
+ *   5. edge cases and errors: m = 0, k = 0, bad thread counts, unsupported variants;
+ *   6. the large path on oneDNN vs on OpenBLAS vs the reference, primitives cached (make test
+ *      runs this program a second time with ONEDNN_MAX_CPU_ISA=SSE41: the capped kernels).
  * MODPIPE_TEST_VERBOSE=1 prints the measured errors.
  */
 #include "stage/convert.h"
 #include "stage/matmul.h"
+#include "stage/onednn.h"
 
 #include <CUnit/Basic.h>
 #include <math.h>
@@ -246,8 +250,9 @@ static void test_matmul_threads_bitwise(void)
         for (int isa = 0; isa < STAGE_N_ISAS; isa++) {
             if (!stage_isa_supported((stage_isa)isa)) continue;
             stage_matmul_force_isa((stage_isa)isa);
-            for (int mi = 0; mi < 5; mi++) {
-                const int m = ms[mi];
+            for (int mi = 0; mi < 5 * 2; mi++) {
+                const int m = ms[mi % 5], eng = mi / 5; /* large path on OpenBLAS, oneDNN */
+                stage_matmul_force_engine(eng ? STAGE_ENGINE_ONEDNN : STAGE_ENGINE_BLAS);
                 for (int th = 1; th <= 3; th++) {
                     threads(th);
                     memset(y[th - 1], 0xff, (size_t)m * n * sizeof(float));
@@ -256,10 +261,12 @@ static void test_matmul_threads_bitwise(void)
                 int same = !memcmp(y[0], y[1], (size_t)m * n * sizeof(float)) &&
                            !memcmp(y[0], y[2], (size_t)m * n * sizeof(float));
                 if (!same)
-                    fprintf(stderr, "\n  %s %s m=%d: results differ between 1, 2, 3 threads\n",
-                            stage_isa_name((stage_isa)isa), dt_name(DTYPES[d]), m);
+                    fprintf(stderr, "\n  %s %s m=%d %s: results differ between 1, 2, 3 threads\n",
+                            stage_isa_name((stage_isa)isa), dt_name(DTYPES[d]), m,
+                            eng ? "onednn" : "openblas");
                 CU_ASSERT(same);
             }
+            stage_matmul_force_engine(STAGE_ENGINE_AUTO);
         }
         free((void *)w.data);
     }
@@ -269,6 +276,83 @@ static void test_matmul_threads_bitwise(void)
     free(src);
     free(wr);
     for (int t = 0; t < 3; t++) free(y[t]);
+}
+
+/* The large path's two tile engines: oneDNN (the default where it has a kernel: every x86-64
+ * CPU, whatever ONEDNN_MAX_CPU_ISA caps it to) and OpenBLAS, each within TOL of the double
+ * reference and of each other, for f32 and for converted bf16/f16 tiles (row tiles with a
+ * tail, k in several converted blocks); a second call reuses the cached primitives. */
+static void test_matmul_onednn(void)
+{
+    char eng[96];
+    stage_matmul_large_engine(100, 300, eng, sizeof eng);
+    if (verbose()) fprintf(stderr, "\n  large-path engine by default (m=100, k=300): %s\n", eng);
+    stage_matmul_force_engine(STAGE_ENGINE_ONEDNN);
+#if defined(__x86_64__)
+    /* oneDNN has non-reference f32 kernels on every x86-64 CPU (SSE4.1 and up) */
+    CU_ASSERT(!strncmp(stage_matmul_large_engine(100, 300, eng, sizeof eng), "onednn:", 7));
+#endif
+    stage_matmul_force_engine(STAGE_ENGINE_BLAS);
+    CU_ASSERT_STRING_EQUAL(stage_matmul_large_engine(100, 300, eng, sizeof eng), "openblas");
+    stage_matmul_force_engine(STAGE_ENGINE_AUTO);
+    threads(2);
+    const int shapes[][2] = {{531, 300}, {300, STAGE_TILE_K * 2 + 37}, {256, 64}};
+    const int ms[] = {33, 65, 100};
+    double worst = 0.0, worst_x = 0.0;
+    for (int si = 0; si < 3; si++) {
+        const int n = shapes[si][0], k = shapes[si][1], mmax = 100;
+        float *x = malloc((size_t)mmax * k * sizeof *x);
+        float *src = malloc((size_t)n * k * sizeof *src);
+        float *wr = malloc((size_t)n * k * sizeof *wr);
+        float *yd = malloc((size_t)mmax * n * sizeof *yd), *yb = malloc((size_t)mmax * n * 4);
+        double *ref = malloc((size_t)mmax * n * sizeof *ref);
+        fill(x, (size_t)mmax * k);
+        fill(src, (size_t)n * k);
+        for (int d = 0; d < 3; d++) {
+            stage_weight w;
+            make_weight(DTYPES[d], n, k, src, &w, wr);
+            for (int mi = 0; mi < 3; mi++) {
+                const int m = ms[mi];
+                ref_matmul(x, m, k, wr, n, ref);
+                stage_matmul_force_path(STAGE_PATH_LARGE);
+                stage_matmul_force_engine(STAGE_ENGINE_BLAS);
+                stage_matmul_w(x, m, &w, yb);
+                stage_matmul_force_engine(STAGE_ENGINE_ONEDNN);
+                memset(yd, 0xff, (size_t)m * n * sizeof *yd);
+                stage_matmul_w(x, m, &w, yd);
+                const int cached = stage_dnnl_cached();
+                stage_matmul_w(x, m, &w, yd); /* the same shapes: no new primitive */
+                CU_ASSERT_EQUAL(stage_dnnl_cached(), cached);
+                double ed = rel_err_d(yd, ref, (size_t)m * n);
+                double eb = rel_err_d(yb, ref, (size_t)m * n);
+                double ex = rel_err_f(yd, yb, (size_t)m * n);
+                if (ed > worst) worst = ed;
+                if (ex > worst_x) worst_x = ex;
+                if (!(ed <= TOL && eb <= TOL && ex <= 2 * TOL))
+                    fprintf(stderr, "\n  %s n=%d k=%d m=%d: onednn %.3g openblas %.3g apart %.3g\n",
+                            dt_name(DTYPES[d]), n, k, m, ed, eb, ex);
+                CU_ASSERT(ed <= TOL);
+                CU_ASSERT(eb <= TOL);
+                CU_ASSERT(ex <= 2 * TOL);
+            }
+            free((void *)w.data);
+        }
+        free(x);
+        free(src);
+        free(wr);
+        free(yd);
+        free(yb);
+        free(ref);
+    }
+    stage_matmul_force_path(STAGE_PATH_AUTO);
+    stage_matmul_force_engine(STAGE_ENGINE_AUTO);
+    CU_ASSERT(stage_dnnl_cached() > 0);
+    CU_ASSERT(stage_dnnl_cached() <= STAGE_DNNL_CACHE);
+    stage_threads_free();
+    CU_ASSERT_EQUAL(stage_dnnl_cached(), 0);
+    if (verbose())
+        fprintf(stderr, "  onednn: worst rel err %.3g vs reference, %.3g vs openblas\n", worst,
+                worst_x);
 }
 
 /* A row's result on the small path does not depend on the other rows in the call (m = 8 and
@@ -527,6 +611,7 @@ int main(void)
         T_(test_matmul_m_sweep),
         T_(test_matmul_large_shapes),
         T_(test_matmul_threads_bitwise),
+        T_(test_matmul_onednn),
         T_(test_matmul_row_independent),
         T_(test_pool_sleep_wake),
         T_(test_attend),
