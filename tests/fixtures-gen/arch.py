@@ -11,8 +11,8 @@ absolute position). It follows Hugging Face transformers' semantics for each fam
            use_sliding_window
   qwen3:   q/k/v/o biases iff attention_bias, RMSNorm over each head of q and of k (before
            RoPE), explicit head_dim; window rules as qwen2
-and modpipe's routed kinds (docs/SPEC.md §2.2 MoD with threshold routing, §2.4 MindSkip with
-token granularity). Computation in float32 like the engine; every routing decision is checked
+and modpipe's routed kinds (docs/SPEC.md §2.2 MoD with threshold routing, §2.3 MoDE staged and
+integrated, §2.4 MindSkip with token granularity). Computation in float32 like the engine; every routing decision is checked
 to lie at least MARGIN away from its threshold so that rounding cannot flip it.
 
 Run: /usr/bin/python3 tests/fixtures-gen/arch.py [OUTDIR]   (default tests/fixtures/arch)
@@ -60,7 +60,14 @@ MODELS = {
                   rope={"rope_type": "linear", "factor": 4.0}),
     "qwen3_mod": dict(arch="qwen3", kinds=["mod", "dense", "mod", "dense"], head_dim=24,
                       attention_bias=True, rope={"type": "linear", "factor": 4.0}),
+    # Qwen3 with MoDE layers (§2.3: integrated and staged) and a window of 3 on layers >= 1
+    "qwen3_mode": dict(arch="qwen3", kinds=["mode_integrated", "mode_staged", "dense",
+                                            "mode_staged"],
+                       head_dim=24, window=3, max_window_layers=1),
 }
+
+# MoDE settings (config "mode"): E experts, N no-op experts (integrated), k per row (staged)
+MODE = dict(E=4, N=1, k=2, Ie=48)
 
 ARCH_NAMES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
               "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -114,6 +121,9 @@ def make_config(name, spec):
         c["mod"] = {"capacity": 0.5, "routing": "threshold", "threshold": 0.5,
                     "router_scale": "none"}
         c["mindskip"] = {"granularity": "token", "threshold": 0.5}
+    if any(k.startswith("mode_") for k in spec["kinds"]):
+        c["mode"] = {"num_experts": MODE["E"], "num_noop_experts": MODE["N"],
+                     "experts_per_token": MODE["k"], "expert_intermediate_size": MODE["Ie"]}
     return c
 
 
@@ -150,14 +160,23 @@ def make_weights(spec, rng):
         if fl["qk_norm"]:
             W[p + "self_attn.q_norm.weight"] = vec(hd, 0.2, 1.0)
             W[p + "self_attn.k_norm.weight"] = vec(hd, 0.2, 1.0)
-        W[p + "mlp.gate_proj.weight"] = mat(I, D)
-        W[p + "mlp.up_proj.weight"] = mat(I, D)
-        W[p + "mlp.down_proj.weight"] = mat(D, I)
+        if kind.startswith("mode_"):
+            G = MODE["E"] + (MODE["N"] if kind == "mode_integrated" else 0)
+            W[p + "block_sparse_moe.gate.weight"] = mat(G, D, 3.0 / math.sqrt(D))
+            for e in range(MODE["E"]):
+                q = p + "block_sparse_moe.experts.%d." % e
+                W[q + "w1.weight"] = mat(MODE["Ie"], D)
+                W[q + "w2.weight"] = mat(D, MODE["Ie"])
+                W[q + "w3.weight"] = mat(MODE["Ie"], D)
+        else:
+            W[p + "mlp.gate_proj.weight"] = mat(I, D)
+            W[p + "mlp.up_proj.weight"] = mat(I, D)
+            W[p + "mlp.down_proj.weight"] = mat(D, I)
         if fl["mlp_bias"]:
             W[p + "mlp.gate_proj.bias"] = vec(I, 0.1)
             W[p + "mlp.up_proj.bias"] = vec(I, 0.1)
             W[p + "mlp.down_proj.bias"] = vec(D, 0.1)
-        if kind in ("mod", "mindskip"):
+        if kind in ("mod", "mindskip", "mode_staged"):
             W[p + "router.weight"] = mat(1, D, 1.0 / math.sqrt(D))
             W[p + "router.bias"] = vec(1, 0.1)
     W["model.norm.weight"] = vec(D, 0.1, 1.0)
@@ -289,6 +308,35 @@ def mlp(W, p, spec, h2):
     return m.astype(f32)
 
 
+def moe(W, p, kind, h2):
+    """docs/SPEC.md §2.3: staged: softmax over E, the k largest renormalised; integrated:
+    softmax over E + N, the largest wins (a no-op winner gives 0), weighted by its p."""
+    g = (h2 @ W[p + "block_sparse_moe.gate.weight"].T).astype(np.float64)
+    g = np.exp(g - g.max(axis=1, keepdims=True))
+    g = (g / g.sum(axis=1, keepdims=True)).astype(f32)
+    k = 1 if kind == "mode_integrated" else MODE["k"]
+    out = np.zeros_like(h2)
+    for i in range(h2.shape[0]):
+        order = np.argsort(-g[i], kind="stable")
+        srt = g[i][order]
+        if srt[k - 1] - srt[k] < MARGIN:
+            raise Margin()  # the choice of experts too close to call
+        chosen = order[:k]
+        wts = g[i][chosen] if kind == "mode_integrated" else g[i][chosen] / g[i][chosen].sum()
+        for e, w in sorted(zip(chosen, wts)):  # accumulated in expert order, as the engine
+            if e >= MODE["E"]:
+                continue  # a no-op expert
+            q = p + "block_sparse_moe.experts.%d." % e
+            y = (silu(h2[i] @ W[q + "w1.weight"].T) * (h2[i] @ W[q + "w3.weight"].T)) @ \
+                W[q + "w2.weight"].T
+            out[i] += f32(w) * y.astype(f32)
+    return out
+
+
+def ffn(W, p, spec, kind, h2):
+    return moe(W, p, kind, h2) if kind.startswith("mode_") else mlp(W, p, spec, h2)
+
+
 def forward(W, spec, tokens):
     eps = BASE["eps"]
     x = W["model.embed_tokens.weight"][np.array(tokens)].astype(f32)
@@ -298,7 +346,7 @@ def forward(W, spec, tokens):
         p = "model.layers.%d." % l
         win = windowed(spec, l)
         ln1, ln2 = W[p + "input_layernorm.weight"], W[p + "post_attention_layernorm.weight"]
-        if kind == "mod":  # §2.2: r on the block input, selected iff sigmoid(r) > 0.5
+        if kind in ("mod", "mode_staged"):  # §2.2: r on the block input, sigmoid(r) > 0.5
             r = (x @ W[p + "router.weight"][0] + W[p + "router.bias"][0]).astype(f32)
             pr = sigmoid(r)
             check_margin(pr, 0.5)
@@ -307,7 +355,7 @@ def forward(W, spec, tokens):
                 continue
             xin = x[sel]
             a = attention(W, p, spec, rmsnorm(xin, ln1, eps), pos[sel], win)
-            m = mlp(W, p, spec, rmsnorm(xin + a, ln2, eps))
+            m = ffn(W, p, spec, kind, rmsnorm(xin + a, ln2, eps))
             x = x.copy()
             x[sel] = xin + r[sel][:, None] * (a + m)
             continue
@@ -320,7 +368,7 @@ def forward(W, spec, tokens):
         x2 = x.copy()
         if len(keep):
             x2[keep] = x[keep] + attention(W, p, spec, h[keep], pos[keep], win)
-        x = x2 + mlp(W, p, spec, rmsnorm(x2, ln2, eps))
+        x = x2 + ffn(W, p, spec, kind, rmsnorm(x2, ln2, eps))
     lm = W["model.embed_tokens.weight"] if spec.get("tie") else W["lm_head.weight"]
     return (rmsnorm(x[-1:], W["model.norm.weight"], eps) @ lm.T)[0].astype(f32)
 
