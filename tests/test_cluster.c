@@ -1007,12 +1007,14 @@ static void test_partition_memory(void)
 }
 
 /* The plan's weight bytes are what the loader holds: every fixture (f32, bf16; dense, mod,
- * predictor, topk, MoDE, mindskip, mixed), each stage of a 3-stage plan. */
+ * predictor, topk, MoDE, mindskip, mixed; the block families), each stage of a 3-stage plan. */
 static void test_plan_weights_match_loader(void)
 {
-    static const char *models[] = {"dense",           "mod",      "mod_all",
-                                   "mod_predictor",   "mod_topk", "mode_staged",
-                                   "mode_integrated", "mindskip", "mixed"};
+    static const char *models[] = {"dense", "mod", "mod_all", "mod_predictor", "mod_topk",
+                                   "mode_staged", "mode_integrated", "mindskip", "mixed",
+                                   /* docs/SPEC.md §10: biases, q/k norms, tied, MoDE */
+                                   "arch/llama3", "arch/qwen2", "arch/qwen3_mod", "arch/qwen3_mode",
+                                   "arch/mistral_mod"};
     const char *fix = getenv("MODPIPE_FIXTURES") ? getenv("MODPIPE_FIXTURES") : "tests/fixtures";
     for (size_t i = 0; i < sizeof models / sizeof *models; i++) {
         char dir[512], err[ERRLEN];
