@@ -32,8 +32,9 @@ static char OUT[1 << 16];
 static const char *PROMPTS =
     "--prompt-ids 3,14,15,92,65,35,89,79,32,38,46,26 --prompt-ids 89,79 --prompt-ids 32,38,46,26";
 
-static const char *MODELS[] = {"llama3",         "llama3_mod", "mistral",   "mistral_mod", "qwen2",
-                               "qwen2_mindskip", "qwen3",      "qwen3_mod", "qwen3_mode"};
+static const char *MODELS[] = {"llama3",     "llama3_mod",     "mistral", "mistral_mod",
+                               "qwen2",      "qwen2_mindskip", "qwen3",   "qwen3_mod",
+                               "qwen3_mode", "llama3_mindskip"};
 #define N_MODELS (sizeof MODELS / sizeof *MODELS)
 
 /* ---- config ------------------------------------------------------------------------------ */

@@ -12,7 +12,7 @@ absolute position). It follows Hugging Face transformers' semantics for each fam
   qwen3:   q/k/v/o biases iff attention_bias, RMSNorm over each head of q and of k (before
            RoPE), explicit head_dim; window rules as qwen2
 and modpipe's routed kinds (docs/SPEC.md §2.2 MoD with threshold routing, §2.3 MoDE staged and
-integrated, §2.4 MindSkip with token granularity). Computation in float32 like the engine; every routing decision is checked
+integrated, §2.4 MindSkip with token and sequence granularity). Computation in float32 like the engine; every routing decision is checked
 to lie at least MARGIN away from its threshold so that rounding cannot flip it.
 
 Run: /usr/bin/python3 tests/fixtures-gen/arch.py [OUTDIR]   (default tests/fixtures/arch)
@@ -60,11 +60,21 @@ MODELS = {
                   rope={"rope_type": "linear", "factor": 4.0}),
     "qwen3_mod": dict(arch="qwen3", kinds=["mod", "dense", "mod", "dense"], head_dim=24,
                       attention_bias=True, rope={"type": "linear", "factor": 4.0}),
+    # Llama 3 with sequence-granularity MindSkip (one decision per prompt, §2.4), tied
+    "llama3_mindskip": dict(arch="llama", kinds=["dense", "mindskip", "mindskip", "dense"],
+                            tie=True, ms_gran="sequence",
+                            rope={"rope_type": "llama3", "factor": 8.0,
+                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                  "original_max_position_embeddings": 32}),
     # Qwen3 with MoDE layers (§2.3: integrated and staged) and a window of 3 on layers >= 1
     "qwen3_mode": dict(arch="qwen3", kinds=["mode_integrated", "mode_staged", "dense",
                                             "mode_staged"],
                        head_dim=24, window=3, max_window_layers=1),
 }
+
+# Each model's seed block (fixed, so adding a model leaves the others' bytes alone)
+SEEDS = {"llama3": 1, "llama3_mod": 2, "mistral": 3, "mistral_mod": 4, "qwen2": 5,
+         "qwen2_mindskip": 6, "qwen3": 7, "qwen3_mod": 8, "qwen3_mode": 9, "llama3_mindskip": 10}
 
 # MoDE settings (config "mode"): E experts, N no-op experts (integrated), k per row (staged)
 MODE = dict(E=4, N=1, k=2, Ie=48)
@@ -120,7 +130,7 @@ def make_config(name, spec):
         c["layer_types"] = spec["kinds"]
         c["mod"] = {"capacity": 0.5, "routing": "threshold", "threshold": 0.5,
                     "router_scale": "none"}
-        c["mindskip"] = {"granularity": "token", "threshold": 0.5}
+        c["mindskip"] = {"granularity": spec.get("ms_gran", "token"), "threshold": 0.5}
     if any(k.startswith("mode_") for k in spec["kinds"]):
         c["mode"] = {"num_experts": MODE["E"], "num_noop_experts": MODE["N"],
                      "experts_per_token": MODE["k"], "expert_intermediate_size": MODE["Ie"]}
@@ -337,7 +347,7 @@ def ffn(W, p, spec, kind, h2):
     return moe(W, p, kind, h2) if kind.startswith("mode_") else mlp(W, p, spec, h2)
 
 
-def forward(W, spec, tokens):
+def forward(W, spec, tokens, n_prompt):
     eps = BASE["eps"]
     x = W["model.embed_tokens.weight"][np.array(tokens)].astype(f32)
     T = len(tokens)
@@ -361,7 +371,18 @@ def forward(W, spec, tokens):
             continue
         h = rmsnorm(x, ln1, eps)
         keep = np.arange(T)
-        if kind == "mindskip":  # §2.4 token granularity: router on h
+        if kind == "mindskip" and spec.get("ms_gran", "token") == "sequence":
+            # §2.4: one decision per sequence on the mean of h over its prompt rows (summed in
+            # float in row order, divided in float), reused for every decode row
+            mean = np.zeros(BASE["hidden"], dtype=f32)
+            for t in range(n_prompt):
+                mean = (mean + h[t]).astype(f32)
+            mean = (mean / f32(n_prompt)).astype(f32)
+            pr = sigmoid(np.array([mean @ W[p + "router.weight"][0] + W[p + "router.bias"][0]],
+                                  dtype=f32))
+            check_margin(pr, 0.5)
+            keep = np.arange(T) if pr[0] > 0.5 else np.arange(0)
+        elif kind == "mindskip":  # §2.4 token granularity: router on h
             pr = sigmoid((h @ W[p + "router.weight"][0] + W[p + "router.bias"][0]).astype(f32))
             check_margin(pr, 0.5)
             keep = np.nonzero(pr > 0.5)[0]
@@ -380,7 +401,7 @@ def generate(W, spec):
         seq = list(pr)
         out = []
         for j in range(NEW):
-            lg = forward(W, spec, seq)
+            lg = forward(W, spec, seq, len(pr))
             srt = np.sort(lg)
             if srt[-1] - srt[-2] < 1e-3 * max(1.0, abs(srt[-1])):
                 raise Margin()  # greedy choice too close to call
@@ -395,9 +416,9 @@ def generate(W, spec):
 def main():
     outdir = sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures/arch"
     os.makedirs(outdir, exist_ok=True)
-    for i, (name, spec) in enumerate(sorted(MODELS.items())):
+    for name, spec in sorted(MODELS.items()):
         for attempt in range(50):
-            rng = np.random.default_rng(1000 * (i + 1) + attempt)
+            rng = np.random.default_rng(1000 * SEEDS[name] + attempt)
             W = make_weights(spec, rng)
             try:
                 logits, toks = generate(W, spec)
