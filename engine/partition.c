@@ -106,9 +106,10 @@ static size_t head_bytes(const stage_config *c, int n_stages, size_t es)
     return b;
 }
 
-/* K/V bytes of one attention layer for one sequence, as stage_state_init reserves them: every
- * position on non-routed layers, about 1.25 x capacity (+ 8) on routed ones, at most 2W + rows
- * on windowed ones; K and V in STAGE_KV_DTYPE plus an int32 position per entry. */
+/* K/V bytes one attention layer is expected to hold for one sequence in the paged cache
+ * (docs/SPEC.md §11): every position on non-routed layers, about 1.25 x capacity (+ 8) on
+ * routed ones (threshold routing may keep more); K and V in STAGE_KV_DTYPE plus an int32
+ * position per entry. */
 static double kv_layer_bytes(const stage_config *c, int layer, int ctx, int rows)
 {
     int cap = ctx;
@@ -116,9 +117,10 @@ static double kv_layer_bytes(const stage_config *c, int layer, int ctx, int rows
         cap = (int)ceil(c->mod_capacity * ctx * 1.25) + 8;
         if (cap > ctx) cap = ctx;
     }
-    /* a windowed layer's cache: 2W + rows entries at most (stage/state.c, docs/SPEC.md §10) */
+    /* a windowed layer gives its pages back: it holds the W - 1 entries still visible and a
+     * micro-batch's rows (docs/SPEC.md §10.4; its partly used pages aside) */
     long w = stage_layer_window(c, layer);
-    if (w > 0 && 2 * w + rows < cap) cap = (int)(2 * w + rows);
+    if (w > 0 && w - 1 + rows < cap) cap = (int)(w - 1 + rows);
     double kvd = (double)c->n_kv_heads * c->head_dim;
     return (double)cap * (2.0 * kvd * (double)stage_dtype_size(STAGE_KV_DTYPE) + 4.0);
 }

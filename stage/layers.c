@@ -35,45 +35,20 @@ static void add_bias(float *y, int m, int n, const float *b)
         for (int i = 0; i < n; i++) y[(size_t)j * n + i] += b[i];
 }
 
-/* First cache entry a row at position p sees under window w (entries [0, own] in position
- * order; w 0: all of them): the first with pos > p - w (docs/SPEC.md §10). */
-static int window_start(const kv_seq *cs, int own, int p, int w)
+/* First cache entry a row at position p sees under window w (entries [lo, own] in position
+ * order; w 0: all of them): the first with pos > p - w (docs/SPEC.md §10.4). */
+static int window_start(const kv_pool *pool, const kv_seq *cs, int own, int p, int w)
 {
-    if (w <= 0 || p - w < cs->pos[0]) return 0;
-    int lo = 0, hi = own; /* pos[own] = p > p - w: the answer is in [0, own] */
+    int lo = cs->lo, hi = own; /* pos[own] = p > p - w: the answer is in [lo, own] */
+    if (w <= 0 || p - w < kv_pos_at(pool, cs, lo)) return lo;
     while (lo < hi) {
         int mid = lo + (hi - lo) / 2;
-        if (cs->pos[mid] > p - w)
+        if (kv_pos_at(pool, cs, mid) > p - w)
             hi = mid;
         else
             lo = mid + 1;
     }
     return lo;
-}
-
-/* A windowed layer's cache is full before row j (of rows idx [m] of b) appends: drop the
- * entries no row of this call or any later one can see — pos <= p0 - w, p0 the position of
- * the slot's first row in this call — and move the own-entry indices of the slot's rows
- * appended before j with them. At most w - 1 entries survive, so the call's rows fit. */
-static void window_compact(stage_state *s, kv_seq *cs, const int *idx, int j, const stage_batch *b,
-                           int w, int kvd)
-{
-    const int slot = b->slot[idx[j]];
-    int p0 = b->pos[idx[j]];
-    for (int u = 0; u < j; u++)
-        if (b->slot[idx[u]] == slot) {
-            p0 = b->pos[idx[u]];
-            break;
-        }
-    int drop = 0;
-    while (drop < cs->n && cs->pos[drop] <= p0 - w) drop++;
-    if (!drop) return;
-    cs->n -= drop;
-    memmove(cs->pos, cs->pos + drop, (size_t)cs->n * sizeof *cs->pos);
-    memmove(cs->k, cs->k + (size_t)drop * kvd, (size_t)cs->n * kvd * sizeof(float));
-    memmove(cs->v, cs->v + (size_t)drop * kvd, (size_t)cs->n * kvd * sizeof(float));
-    for (int u = 0; u < j; u++)
-        if (b->slot[idx[u]] == slot) s->ent[u] -= drop;
 }
 
 static void gather(const float *x, const int *idx, int m, int D, float *dst)
@@ -113,35 +88,55 @@ static double attention(stage_state *s, int li, const layer_w *L, const stage_ba
         stage_rope(s->q + (size_t)j * qd, nh, hd, b->pos[r], s->m->inv_freq);
         stage_rope(s->k + (size_t)j * kvd, nkv, hd, b->pos[r], s->m->inv_freq);
         kv_seq *cs = kv_at(s, li, b->slot[r]);
-        if (cs->n > 0 && cs->pos[cs->n - 1] >= b->pos[r]) {
+        if (win) { /* the slot's first row here: its pages no row now or later sees go back */
+            int first = 1;
+            for (int u = 0; u < j && first; u++) first = b->slot[idx[u]] != b->slot[r];
+            if (first) kv_drop_before(&s->pool, cs, b->pos[r] - win + 1);
+        }
+        if (cs->n > cs->lo && kv_pos_at(&s->pool, cs, cs->n - 1) >= b->pos[r]) {
             snprintf(err, errlen, "layer %d: slot %d position %d arrives after position %d",
-                     s->m->range.first + li, b->slot[r], b->pos[r], cs->pos[cs->n - 1]);
+                     s->m->range.first + li, b->slot[r], b->pos[r],
+                     kv_pos_at(&s->pool, cs, cs->n - 1));
             return -1;
         }
-        if (win && cs->n == cs->cap) window_compact(s, cs, idx, j, b, win, kvd);
-        if (kv_reserve(cs, cs->n + 1, kvd, s->max_seq)) {
+        int e = kv_append(&s->pool, cs, s->kv_max_pages, b->pos[r], s->k + (size_t)j * kvd,
+                          s->v + (size_t)j * kvd);
+        if (e == KV_FULL) {
             snprintf(err, errlen, "layer %d: slot %d KV cache full (%d positions)",
                      s->m->range.first + li, b->slot[r], s->max_seq);
             return -1;
         }
-        cs->pos[cs->n] = b->pos[r];
-        memcpy(cs->k + (size_t)cs->n * kvd, s->k + (size_t)j * kvd, (size_t)kvd * sizeof(float));
-        memcpy(cs->v + (size_t)cs->n * kvd, s->v + (size_t)j * kvd, (size_t)kvd * sizeof(float));
-        s->ent[j] = cs->n++;
+        if (e == KV_EXHAUSTED) {
+            snprintf(err, errlen,
+                     "layer %d: slot %d position %d: KV pool exhausted (all %d pages of %d "
+                     "positions, %zu bytes, in use; raise --kv-mem or lower --slots)",
+                     s->m->range.first + li, b->slot[r], b->pos[r], s->pool.n_pages, s->pool.page,
+                     stage_state_kv_alloc_bytes(s));
+            return -1;
+        }
+        s->ent[j] = e;
     }
     double ctx_total = 0.0;
+    const size_t ps = (size_t)s->pool.page * kvd; /* floats from one page to the next */
     for (int j = 0; j < m; j++) {
         const kv_seq *cs = kv_at(s, li, b->slot[idx[j]]);
-        /* entries are in position order: a causal prefix, cut to the window's start */
-        int e0 = window_start(cs, s->ent[j], b->pos[idx[j]], win);
+        /* entries are in position order: a causal prefix, from the first one still held
+         * (a window: from the first one within it) */
+        const int e0 = window_start(&s->pool, cs, s->ent[j], b->pos[idx[j]], win);
         int n_ctx = s->ent[j] + 1 - e0;
-        const float *k0 = cs->k + (size_t)e0 * kvd, *v0 = cs->v + (size_t)e0 * kvd;
         ctx_total += n_ctx;
         /* the grp query heads sharing KV head kh are contiguous in q: one pass over K/V */
-        for (int kh = 0; kh < nkv; kh++)
-            stage_attend_gqa(s->q + (size_t)j * qd + (size_t)kh * grp * hd, grp,
-                             k0 + (size_t)kh * hd, v0 + (size_t)kh * hd, (size_t)kvd, n_ctx, hd,
-                             scale, s->probs, s->att + (size_t)j * qd + (size_t)kh * grp * hd);
+        for (int kh = 0; kh < nkv; kh++) {
+            const stage_kv_view kv = {.k = s->pool.k + (size_t)kh * hd,
+                                      .v = s->pool.v + (size_t)kh * hd,
+                                      .pages = cs->pt,
+                                      .page = s->pool.page,
+                                      .t0 = e0,
+                                      .page_stride = ps,
+                                      .stride = (size_t)kvd};
+            stage_attend_paged(s->q + (size_t)j * qd + (size_t)kh * grp * hd, grp, &kv, n_ctx, hd,
+                               scale, s->probs, s->att + (size_t)j * qd + (size_t)kh * grp * hd);
+        }
     }
     mm(s, s->att, m, &L->wo, &L->to, 1, 0, s->a);
     add_bias(s->a, m, c->hidden, L->bo);
@@ -470,6 +465,8 @@ int stage_forward_impl(stage_state *s, const stage_batch *b, float *x, const uin
     for (int i = 0; i < b->n && first == M->range.first; i++)
         if (b->pos[i] == 0 && (b->flags[i] & STAGE_ROW_PROMPT))
             stage_slot_reset_impl(s, b->slot[i]);
+    for (int i = 0; i < b->n && first == M->range.first; i++)
+        if (b->pos[i] + 1 > s->kv_seen[b->slot[i]]) s->kv_seen[b->slot[i]] = b->pos[i] + 1;
     for (int i = 0; i < b->n; i++)
         if (s->released[b->slot[i]]) {
             snprintf(err, errlen,

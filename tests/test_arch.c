@@ -286,9 +286,10 @@ static void test_tensor_refusals(void)
     CU_ASSERT_PTR_NULL(m);
 }
 
-/* A windowed layer's cache holds at most 2W + max_rows entries (not ctx), and a long decode
- * through the bounded cache (compacting as it fills) gives the same bits as an unbounded
- * one fed the same rows. */
+/* A windowed layer gives its KV pages back (docs/SPEC.md §10.4): its pool is sized to the
+ * window — ceil((W - 1 + rows) / page) + 1 pages per (layer, slot), not ctx / page — and a
+ * decode far longer than that runs in it with the same bits as an unbounded cache fed the
+ * same rows. */
 static void test_window_kv_bound(void)
 {
     char dir[512], err[512];
@@ -296,17 +297,19 @@ static void test_window_kv_bound(void)
     stage_config cfg;
     stage_model *m = NULL;
     CU_ASSERT_EQUAL_FATAL(load(dir, &cfg, &m, err, sizeof err), 0);
-    const int W = cfg.window, T = 60, D = cfg.hidden, V = cfg.vocab;
+    const int W = cfg.window, T = 200, D = cfg.hidden, V = cfg.vocab, P = 16;
     CU_ASSERT_EQUAL_FATAL(W, 4);
     const size_t kvd = (size_t)cfg.n_kv_heads * cfg.head_dim;
+    const size_t page_bytes = (size_t)P * (2 * kvd * sizeof(float) + sizeof(int32_t));
+    /* ring: 1-row micro-batches, 1000 positions: (3 + 1) / 16 -> 1 page + 1 per (layer, slot);
+     * full: a window wider than the context (rows 2T), so ceil(200 / 16) = 13 pages each */
     stage_state *ring = stage_state_init(m, 2, 1, 1000, err, sizeof err);
     stage_state *full = stage_state_init(m, 2, 2 * T, T, err, sizeof err);
     CU_ASSERT_PTR_NOT_NULL_FATAL(ring);
     CU_ASSERT_PTR_NOT_NULL_FATAL(full);
-    CU_ASSERT_EQUAL(stage_state_kv_alloc_bytes(ring),
-                    (size_t)cfg.n_layers * 2 * (2 * W + 1) * kvd * 2 * sizeof(float));
+    CU_ASSERT_EQUAL(stage_state_kv_alloc_bytes(ring), (size_t)cfg.n_layers * 2 * 2 * page_bytes);
     CU_ASSERT_EQUAL(stage_state_kv_alloc_bytes(full),
-                    (size_t)cfg.n_layers * 2 * T * kvd * 2 * sizeof(float));
+                    (size_t)cfg.n_layers * 2 * ((T + P - 1) / P) * page_bytes);
     float x[2][64], lr[97], lf[97];
     CU_ASSERT_FATAL(D <= 64 && V <= 97);
     int same = 1;
@@ -327,6 +330,9 @@ static void test_window_kv_bound(void)
     }
     CU_ASSERT(same);
     CU_ASSERT_EQUAL(stage_state_slot_len(ring, 1), T);
+    stage_kv_stats ks;
+    stage_state_kv_stats(ring, &ks);
+    CU_ASSERT(ks.pages_peak <= cfg.n_layers * 2); /* one slot: two pages a layer at most */
     stage_state_free(ring);
     stage_state_free(full);
     stage_model_free(m);
@@ -363,9 +369,9 @@ static void test_init_model_specs(void)
         CU_ASSERT_EQUAL(rc, 0);
         CU_ASSERT(strstr(OUT, "generated ") != NULL);
     }
-    /* mistral: 6 windowed layers of 2 x 32 + 8 entries (not 256, nor the routed layers'
+    /* mistral: 6 windowed layers of 32 - 1 + 8 entries (not 256, nor the routed layers'
      * 1.25 x capacity x ctx + 8 = 88), each f32 K and V of 2 x 16 features and an int32
-     * position: 6 x 72 x 260 bytes = 0.11 MiB (0.26 without the window) */
+     * position: 6 x 39 x 260 bytes = 0.06 MiB (0.26 without the window) */
     char dir[512];
     snprintf(dir, sizeof dir, "%s/im-mistral", TMP);
     CU_ASSERT_EQUAL(
@@ -374,7 +380,7 @@ static void test_init_model_specs(void)
     CU_ASSERT_PTR_NOT_NULL_FATAL(row);
     double w = 0, kv = 0;
     CU_ASSERT_EQUAL(sscanf(row, "3 dense + 3 mod %*f%% %lf %lf", &w, &kv), 2);
-    CU_ASSERT_DOUBLE_EQUAL(kv, 6 * 72 * 260 / (1024.0 * 1024.0), 0.006);
+    CU_ASSERT_DOUBLE_EQUAL(kv, 6 * 39 * 260 / (1024.0 * 1024.0), 0.006);
 }
 
 /* ---- exactness under mpirun ------------------------------------------------------------- */
@@ -414,12 +420,12 @@ static void test_exact_default(void)
     for (size_t i = 0; i < N_MODELS; i++) check_model(MODELS[i], "", "default", 4);
 }
 
-/* prompts cut into micro-batches of 3 rows: the window spans micro-batches (and the windowed
- * caches of 2W + 3 entries compact) */
+/* prompts cut into micro-batches of 3 rows: the window spans micro-batches, and with pages of
+ * 2 positions the windowed layers give pages back as the window passes */
 static void test_exact_microbatch(void)
 {
     for (size_t i = 0; i < N_MODELS; i++)
-        check_model(MODELS[i], "--micro-batch 3 --groups 1", "mb3", 3);
+        check_model(MODELS[i], "--micro-batch 3 --groups 1 --kv-page 2", "mb3", 3);
 }
 
 /* tensor-parallel stages: biases and q/k norms on each rank's heads, within 1e-4 */
@@ -484,7 +490,7 @@ int main(void)
     CU_add_test(s, "router-tune on each family", test_router_tune);
     if (!getenv("MODPIPE_TEST_QUICK")) { /* the mpirun runs (development: skip them) */
         CU_add_test(s, "generate exact, np 1-4", test_exact_default);
-        CU_add_test(s, "generate exact, micro-batch 3, np 1-3", test_exact_microbatch);
+        CU_add_test(s, "generate exact, micro-batch 3, pages of 2, np 1-3", test_exact_microbatch);
         CU_add_test(s, "generate --tp 2 within 1e-4", test_exact_tp);
         CU_add_test(s, "init-model specs of each family", test_init_model_specs);
     }
