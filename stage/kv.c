@@ -98,7 +98,7 @@ int kv_drop_before(kv_pool *p, kv_seq *c, int32_t pos)
 int kv_share(kv_pool *p, const kv_seq *src, int n_entries, kv_seq *dst)
 {
     kv_seq_clear(p, dst);
-    const int full = n_entries / p->page, part = n_entries % p->page;
+    const int lo = src->lo / p->page, full = n_entries / p->page, part = n_entries % p->page;
     if (part) { /* the copy first: on failure nothing is shared */
         int id = take_page(p);
         if (id < 0) return KV_EXHAUSTED;
@@ -108,12 +108,12 @@ int kv_share(kv_pool *p, const kv_seq *src, int n_entries, kv_seq *dst)
         memcpy(p->v + to * p->kvd, p->v + from * p->kvd, (size_t)part * p->kvd * sizeof(float));
         dst->pt[full] = id;
     }
-    for (int pi = 0; pi < full; pi++) {
+    for (int pi = lo; pi < full; pi++) {
         dst->pt[pi] = src->pt[pi];
         p->ref[src->pt[pi]]++;
     }
     dst->n = n_entries;
-    dst->lo = 0;
+    dst->lo = src->lo;
     return 0;
 }
 

@@ -60,8 +60,8 @@ static inline int kv_pool_used(const kv_pool *p) { return p->n_pages - p->n_free
  * entry index, KV_FULL when c already holds max_pages * page entries, or KV_EXHAUSTED when
  * the entry needs a new page and the pool has none (c unchanged either way). */
 int kv_append(kv_pool *p, kv_seq *c, int max_pages, int32_t pos, const float *k, const float *v);
-/* Empty dst (its pages let go) and give it the entries [0, n_entries) of src (n_entries <=
- * src->n, none of them dropped: src->lo == 0), whose page table has max_pages entries: the
+/* Empty dst (its pages let go) and give it the entries [src->lo, n_entries) of src (src->lo
+ * <= n_entries <= src->n; dst->lo = src->lo: what src dropped, dst has not either): the
  * full pages are shared (one more holder each), the partial last page (n_entries not a
  * multiple of page) is a new page with those entries copied. Returns 0, or KV_EXHAUSTED when
  * the copy needs a page the pool has none of (dst is then empty). */

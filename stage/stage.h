@@ -148,7 +148,8 @@ int stage_state_slot_drop_before(stage_state *s, int layer, int slot, int pos);
  * what follows it: threshold / predictor MoD, token MindSkip, dense). Returns 0, or -1 (src
  * == dst, out of range, src released / lost / with dropped positions, or no page for a copy:
  * dst is then empty, and lost in soft mode so that its rows are recomputed, not run on an
- * empty cache). */
+ * empty cache). A sliding-window layer shares from the first entry src still holds, which
+ * must be at or before the first one a row at pos sees. */
 int stage_state_slot_share(stage_state *s, int src, int dst, int pos);
 
 /* Run the stage's layers on the present rows of x [b->n][D] (present [b->n] 0/1), in place. */

@@ -327,8 +327,12 @@ static int share_impl(stage_state *s, int src, int dst, int pos)
     int ok = !s->released[src] && !s->lost[src];
     for (int li = 0; ok && li < s->n_layers; li++) {
         const kv_seq *a = kv_at(s, li, src);
-        ok = a->lo == 0 &&
-             !kv_share(&s->pool, a, kv_entries_before(&s->pool, a, pos), kv_at(s, li, dst));
+        /* a sliding window may have dropped src's first pages: fine while everything a row at
+         * pos sees (positions > pos - W) is still held */
+        const int w = stage_layer_window(&s->m->cfg, s->m->range.first + li);
+        const int n = kv_entries_before(&s->pool, a, pos);
+        ok = (a->lo == 0 || (n > a->lo && w > 0 && kv_pos_at(&s->pool, a, a->lo) <= pos - w + 1)) &&
+             !kv_share(&s->pool, a, n, kv_at(s, li, dst));
         s->ms_keep[(size_t)li * s->n_slots + dst] = s->ms_keep[(size_t)li * s->n_slots + src];
     }
     if (!ok) { /* no source here, a dropped prefix, or no page for the copy */

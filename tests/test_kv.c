@@ -549,7 +549,7 @@ static void test_soft_lost(void)
  * stage_state_slot_share and computes only the rest; its last row's logits are those of the
  * whole prompt computed in slot 0 (causal routing: a prefix's kept rows do not depend on what
  * follows). Pages of 3 positions: shared pages are counted once, a partial one copied. */
-static void check_share(const char *name)
+static void check_share(const char *name, int split)
 {
     fxm f;
     char err[ERRLEN] = "";
@@ -567,7 +567,14 @@ static void check_share(const char *name)
         fl[i] = STAGE_ROW_PROMPT | (i == 11 ? STAGE_ROW_NEED_LOGITS : 0);
     }
     o = ref;
-    CU_ASSERT_EQUAL_FATAL(fwd(st, f.m, 12, sl, ps, tk, fl, &o, err, sizeof err), 0);
+    if (split) { /* two micro-batches: a sliding window drops slot 0's first pages at row 8 */
+        float *o8 = got;
+        CU_ASSERT_EQUAL_FATAL(fwd(st, f.m, 8, sl, ps, tk, fl, &o8, err, sizeof err), 0);
+        CU_ASSERT_EQUAL_FATAL(fwd(st, f.m, 4, sl + 8, ps + 8, tk + 8, fl + 8, &o, err, sizeof err),
+                              0);
+    } else {
+        CU_ASSERT_EQUAL_FATAL(fwd(st, f.m, 12, sl, ps, tk, fl, &o, err, sizeof err), 0);
+    }
     stage_kv_stats k0, k1;
     stage_state_kv_stats(st, &k0);
     CU_ASSERT_EQUAL(stage_state_slot_share(st, 0, 0, 8), -1);
@@ -589,11 +596,13 @@ static void check_share(const char *name)
     free(got);
     fx_close(&f);
 }
-static void test_share_dense(void) { check_share("dense"); }
-static void test_share_mod(void) { check_share("mod"); }
-static void test_share_mod_predictor(void) { check_share("mod_predictor"); }
-static void test_share_mindskip_token(void) { check_share("mindskip_token"); }
-static void test_share_mode_staged(void) { check_share("mode_staged"); }
+static void test_share_dense(void) { check_share("dense", 0); }
+static void test_share_mod(void) { check_share("mod", 0); }
+static void test_share_mod_predictor(void) { check_share("mod_predictor", 0); }
+static void test_share_mindskip_token(void) { check_share("mindskip_token", 0); }
+static void test_share_mode_staged(void) { check_share("mode_staged", 0); }
+static void test_share_window(void) { check_share("arch/mistral", 1); }
+static void test_share_window_mod(void) { check_share("arch/mistral_mod", 1); }
 
 #define T_(f)                                                                                      \
     {                                                                                              \
@@ -610,6 +619,8 @@ int main(void)
         T_(test_share_mod_predictor),
         T_(test_share_mindskip_token),
         T_(test_share_mode_staged),
+        T_(test_share_window),
+        T_(test_share_window_mod),
         T_(test_attend_paged),
         T_(test_paged_dense),
         T_(test_paged_mod),
