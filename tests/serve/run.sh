@@ -272,29 +272,40 @@ kv_back() { # every stage reports every page back
     return 1
 }
 check "every KV page back once the streams ended" kv_back
-# prefix reuse through the front: B's prompt = A's, sent while A runs, starts from A's pages
-PX=$(seq -s, 3 22)
-one() { # one MAX_TOKENS OUT: a greedy completion of the 20-token prompt, its text in OUT
-    curl -s "http://127.0.0.1:$PORT_kv/v1/completions" -H 'Content-Type: application/json' \
-        -d "{\"prompt\":[$PX],\"max_tokens\":$1,\"temperature\":0,\"ignore_eos\":true}" |
-        sed 's/.*"text":"\([^"]*\)".*/\1/' >"$2"
-}
-one 8 "$TMP/px_ref.txt"
-h0=$(metric "$PORT_kv" modpipe_prefix_cache_hits_total)
-curl -sN "http://127.0.0.1:$PORT_kv/v1/completions" -H 'Content-Type: application/json' \
-    -d "{\"prompt\":[$PX],\"max_tokens\":30,\"temperature\":0,\"ignore_eos\":true,\"stream\":true}" \
-    >"$TMP/px_a.txt" &
-apid=$!
-for i in $(seq 200); do [ -s "$TMP/px_a.txt" ] && break; sleep 0.01; done
-one 8 "$TMP/px_b.txt"
-wait $apid
-h1=$(metric "$PORT_kv" modpipe_prefix_cache_hits_total)
-check "prefix reuse through the front: hit ($h0 -> $h1), the same text as alone" \
-    '[ "${h1:-0}" -gt "${h0:-0}" ] && [ -s "$TMP/px_ref.txt" ] && cmp -s "$TMP/px_ref.txt" "$TMP/px_b.txt"'
 kill -TERM "$PID_kv"
 wait "$kvpid"
 RC=$?
 check "SIGTERM to the front: exit 0" '[ "$RC" = 0 ]'
+
+# ---- prefix reuse through the front (--ranks 2; a pool with room for both) ----
+"$BIN" serve --model "$MODEL" --port 0 --ranks 2 --mpi-args '--oversubscribe' --slots 4 --ctx 512 \
+    >"$TMP/px.out" 2>"$TMP/px.err" &
+PIDS+=("$!")
+pxpid=$!
+await_server px "$pxpid"
+# B's prompt = A's, sent while A runs, starts from A's pages
+PX=$(seq -s, 3 22)
+one() { # one MAX_TOKENS OUT: a greedy completion of the 20-token prompt, its text in OUT
+    curl -s "http://127.0.0.1:$PORT_px/v1/completions" -H 'Content-Type: application/json' \
+        -d "{\"prompt\":[$PX],\"max_tokens\":$1,\"temperature\":0,\"ignore_eos\":true}" |
+        sed 's/.*"text":"\([^"]*\)".*/\1/' >"$2"
+}
+one 8 "$TMP/px_ref.txt"
+h0=$(metric "$PORT_px" modpipe_prefix_cache_hits_total)
+curl -sN "http://127.0.0.1:$PORT_px/v1/completions" -H 'Content-Type: application/json' \
+    -d "{\"prompt\":[$PX],\"max_tokens\":480,\"temperature\":0,\"ignore_eos\":true,\"stream\":true}" \
+    >"$TMP/px_a.txt" &
+apid=$!
+# A's prompt is in the pipeline once tokens stream back (A runs long enough for B to arrive)
+for i in $(seq 500); do [ -s "$TMP/px_a.txt" ] && break; sleep 0.01; done
+one 8 "$TMP/px_b.txt"
+wait $apid
+h1=$(metric "$PORT_px" modpipe_prefix_cache_hits_total)
+check "prefix reuse through the front: hit ($h0 -> $h1), the same text as alone" \
+    '[ "${h1:-0}" -gt "${h0:-0}" ] && [ -s "$TMP/px_ref.txt" ] && cmp -s "$TMP/px_ref.txt" "$TMP/px_b.txt"'
+kill -TERM "$PID_px"
+wait "$pxpid"
+
 
 echo "serve: $PASS passed, $FAIL failed"
 [ $FAIL = 0 ]
