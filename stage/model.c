@@ -31,6 +31,17 @@ static int get_m(stage_model *m, const char *name, int64_t d0, int64_t d1, stage
     return 0;
 }
 
+/* The embedding and the MoE gate (a router): with q8_0 weights they keep the checkpoint's
+ * dtype (docs/SPEC.md §9), else as get_m. */
+static int get_m_unquantized(stage_model *m, const char *name, int64_t d0, int64_t d1,
+                             stage_weight *w, char *err, size_t errlen)
+{
+    int want = m->weights_dtype == STAGE_Q8_0 ? -1 : m->weights_dtype;
+    if (st_get_weight(m->st, name, d0, d1, want, w, err, errlen)) return -1;
+    m->weight_bytes += stage_weight_bytes(w);
+    return 0;
+}
+
 /* A big projection: on one rank get_m; on a tensor-parallel group only this rank's row slice,
  * converted to f32 (psgemm), and w keeps the full shape with data NULL. */
 static int get_pm(stage_model *m, const char *name, int64_t d0, int64_t d1, stage_weight *w,
@@ -131,7 +142,7 @@ static int load_layer(stage_model *m, int l, char *err, size_t errlen)
         int E = c->n_experts, Ie = c->expert_inter;
         L->n_gate = E + (L->kind == STAGE_KIND_MODE_INTEGRATED ? c->n_noop_experts : 0);
         LNAME(name, l, "block_sparse_moe.gate.weight");
-        NEED0(get_m(m, name, L->n_gate, D, &L->moe_gate, err, errlen));
+        NEED0(get_m_unquantized(m, name, L->n_gate, D, &L->moe_gate, err, errlen));
         L->ew1 = calloc((size_t)E, sizeof *L->ew1);
         L->ew2 = calloc((size_t)E, sizeof *L->ew2);
         L->ew3 = calloc((size_t)E, sizeof *L->ew3);
@@ -287,6 +298,11 @@ int stage_model_load_tp(const char *dir, const stage_config *cfg, stage_range ra
     memcpy(m->cfg.layer_kind, cfg->layer_kind, (size_t)cfg->n_layers * sizeof *cfg->layer_kind);
     m->range = range;
     m->weights_dtype = weights_dtype;
+    if (weights_dtype == STAGE_Q8_0 && tp && stage_tp_size(tp) > 1) {
+        snprintf(err, errlen, "q8_0 weights: not with tensor-parallel stages (they multiply f32)");
+        stage_model_free(m);
+        return -1;
+    }
     m->tp = tp && stage_tp_size(tp) > 1 ? tp : NULL;
     m->has_head = range.head;
     stage_rope_inv_freq(cfg->rope_theta, cfg->head_dim, m->inv_freq);
@@ -314,7 +330,8 @@ int stage_model_load_tp(const char *dir, const stage_config *cfg, stage_range ra
     /* a tensor-parallel head holds its slice of lm_head (or of the tied embedding); the
      * embedding lookup is the group leader's (range.embed) */
     if (!rc && (range.embed || (range.head && cfg->tie_embeddings && !m->tp)))
-        rc = get_m(m, "model.embed_tokens.weight", cfg->vocab, D, &m->embed, e2, sizeof e2);
+        rc = get_m_unquantized(m, "model.embed_tokens.weight", cfg->vocab, D, &m->embed, e2,
+                               sizeof e2);
     if (!rc && range.head) {
         rc = !(m->norm = get_w(m, "model.norm.weight", 1, D, 0, e2, sizeof e2));
         if (!rc && m->tp)

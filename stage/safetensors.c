@@ -437,6 +437,7 @@ typedef struct {
     float *owned;      /* converted copy [numel], freed by st_close */
     const void *wdata; /* handed out by st_get_weight (zero-copy or == wowned) */
     void *wowned;      /* aligned / converted copy [numel] in wdtype, freed by st_close */
+    const uint16_t *wscale; /* Q8_0: the scales handed out with wdata (inside wowned) */
     stage_dtype wdtype;
 } st_entry;
 
@@ -808,6 +809,47 @@ const float *st_get_f32(st_model *m, const char *name, int ndim, const int64_t *
     return e->f32;
 }
 
+/* Q8_0 at load: row by row from the mmap'd tensor through one f32 row (never an f32 copy of
+ * the tensor) into one owned buffer, int8 q [rows][cols] then f16 d [rows][blocks]. */
+static int quantize_q8(st_model *m, st_entry *e, const st_tensor *t, const char *name,
+                       stage_weight *out, char *err, size_t errlen)
+{
+    if (e->wowned) {
+        st_err(err, errlen, "%s: tensor %s asked for in two dtypes", t->file, name);
+        return -1;
+    }
+    const size_t rows = (size_t)out->rows, cols = (size_t)out->cols;
+    const size_t nb = (size_t)stage_q8_blocks(out->cols), qbytes = (rows * cols + 63) / 64 * 64;
+    const size_t total = qbytes + rows * nb * 2;
+    e->wowned = aligned_alloc(64, (total + 63) / 64 * 64);
+    float *row = malloc((cols ? cols : 1) * sizeof *row);
+    if (!e->wowned || !row) {
+        free(row);
+        st_err(err, errlen, "%s: out of memory quantizing tensor %s to q8_0", t->file, name);
+        return -1;
+    }
+    int8_t *q = e->wowned;
+    uint16_t *d = (uint16_t *)((char *)e->wowned + qbytes);
+    const size_t ses = stage_dtype_size(t->dtype);
+    for (size_t r = 0; r < rows; r++) {
+        stage_dtype_to_f32(t->dtype, (const char *)t->data + r * cols * ses, row, cols);
+        if (stage_q8_quantize_row(row, (int)cols, q + r * cols, d + r * nb)) {
+            st_err(err, errlen, "%s: tensor %s: a non-finite value in row %zu cannot be q8_0",
+                   t->file, name, r);
+            free(row);
+            return -1;
+        }
+    }
+    free(row);
+    e->wdata = q;
+    e->wscale = d;
+    e->wdtype = STAGE_Q8_0;
+    out->data = q;
+    out->scale = d;
+    m->loaded_bytes += stage_weight_bytes(out);
+    return 0;
+}
+
 int st_get_weight(st_model *m, const char *name, int64_t rows, int64_t cols, int want,
                   stage_weight *out, char *err, size_t errlen)
 {
@@ -824,10 +866,13 @@ int st_get_weight(st_model *m, const char *name, int64_t rows, int64_t cols, int
     out->dtype = dt;
     out->rows = (int)rows;
     out->cols = (int)cols;
+    out->scale = NULL;
     if (e->wdata && e->wdtype == dt) {
         out->data = e->wdata;
+        out->scale = e->wscale;
         return 0;
     }
+    if (dt == STAGE_Q8_0) return quantize_q8(m, e, &t, name, out, err, errlen);
     if (dt == t.dtype && ((uintptr_t)t.data % es) == 0) {
         e->wdata = t.data; /* zero-copy into the mmap */
     } else {               /* misaligned in the file, or converted at load (--weights-dtype) */
