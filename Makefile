@@ -110,6 +110,8 @@ endif
 # tests/scripts/run.sh checks the benchmark scripts' own logic (CSV rows, netns cleanup; needs
 # root): it runs once, in the plain build (the sanitizer pass re-checks the C code only).
 test: $(TEST_BIN) $(B)/modpipe format-check
+	@echo "== scripts/check-layers (include graph vs the layers, no module cycles)"
+	@python3 scripts/check-layers
 	@set -e; for t in $(TEST_BIN); do echo "== $$t"; MODPIPE=$(B)/modpipe $$t; done
 	@echo "== $(B)/tests/test_kernels with ONEDNN_MAX_CPU_ISA=SSE41 (oneDNN's capped kernels)"
 	@ONEDNN_MAX_CPU_ISA=SSE41 $(B)/tests/test_kernels

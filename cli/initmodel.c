@@ -296,28 +296,23 @@ static int write_config(const cli_model_spec *sp, const char *dir, char *err, si
 /* ---- calibration -------------------------------------------------------------------------- */
 typedef struct {
     int n;
-    int32_t *slot, *pos, *tok; /* [n] */
-    uint8_t *flags, *present;  /* [n] */
-    float *x;                  /* [n][D] */
+    stage_batch rows; /* n rows: the calibration prompts, every row a prompt row */
+    uint8_t *present; /* [n] */
+    float *x;         /* [n][D] */
 } calib_batch;
 
 static int batch_init(calib_batch *b, const stage_config *c, int prompts, int len, uint64_t seed)
 {
     b->n = prompts * len;
-    b->slot = malloc((size_t)b->n * 4);
-    b->pos = malloc((size_t)b->n * 4);
-    b->tok = malloc((size_t)b->n * 4);
-    b->flags = malloc((size_t)b->n);
+    if (stage_batch_init(&b->rows, b->n)) return -1;
     b->present = malloc((size_t)b->n);
     b->x = malloc((size_t)b->n * c->hidden * sizeof(float));
-    if (!b->slot || !b->pos || !b->tok || !b->flags || !b->present || !b->x) return -1;
+    if (!b->present || !b->x) return -1;
     stage_rng r;
     stage_rng_seed(&r, seed, 0x63616c6962ull);
     for (int i = 0; i < b->n; i++) {
-        b->slot[i] = i / len;
-        b->pos[i] = i % len;
-        b->tok[i] = (int32_t)(stage_rng_uniform(&r) * c->vocab);
-        b->flags[i] = STAGE_ROW_PROMPT;
+        stage_batch_add(&b->rows, i / len, i % len, (int32_t)(stage_rng_uniform(&r) * c->vocab),
+                        STAGE_ROW_PROMPT, 0, 0);
         b->present[i] = 1;
     }
     return 0;
@@ -325,10 +320,7 @@ static int batch_init(calib_batch *b, const stage_config *c, int prompts, int le
 
 static void batch_free(calib_batch *b)
 {
-    free(b->slot);
-    free(b->pos);
-    free(b->tok);
-    free(b->flags);
+    stage_batch_free(&b->rows);
     free(b->present);
     free(b->x);
 }
@@ -357,7 +349,7 @@ static int embed_rows(const char *dir, const stage_config *c, calib_batch *b, ch
     if (r > 0) {
         const size_t D = (size_t)c->hidden, row = D * stage_dtype_size(t.dtype);
         for (int i = 0; i < b->n; i++)
-            stage_dtype_to_f32(t.dtype, (const uint8_t *)t.data + (size_t)b->tok[i] * row,
+            stage_dtype_to_f32(t.dtype, (const uint8_t *)t.data + (size_t)b->rows.token[i] * row,
                                b->x + (size_t)i * D, D);
     }
     st_close(st);
@@ -387,7 +379,6 @@ static int run_layers(const cli_model_spec *sp, const char *dir, uint64_t seed, 
         goto out;
     }
     if (embed_rows(dir, c, &b, err, errlen)) goto out;
-    stage_batch sb = {b.n, b.slot, b.pos, b.tok, b.flags};
     const double thr_logit = log(c->mod_threshold / (1.0 - c->mod_threshold));
     progress pg;
     progress_init(&pg, msg);
@@ -406,7 +397,7 @@ static int run_layers(const cli_model_spec *sp, const char *dir, uint64_t seed, 
             double cut = k < b.n ? 0.5 * ((double)v[k - 1] + v[k]) : (double)v[b.n - 1] - 1.0;
             stage_router_shift(m, l, (float)(thr_logit - cut));
         }
-        if (stage_forward_range(st, &sb, b.x, b.present, l, l, err, errlen)) goto out;
+        if (stage_forward_range(st, &b.rows, b.x, b.present, l, l, err, errlen)) goto out;
         const stage_layer_stats *ls = stage_state_layer_stats(st, l);
         part[l] = ls->rows ? (double)ls->active / (double)ls->rows : 0.0;
         if (routed) {

@@ -23,7 +23,7 @@
 #include "cli/modelspec.h"
 #include "engine/partition.h"
 #include "engine/topo.h"
-#include "engine/pipeline.h"
+#include "engine/batch.h"
 #include "cli/routertune.h"
 #include "cli/tokenize.h"
 #include "cli/serve.h"

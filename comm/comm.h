@@ -25,9 +25,9 @@
  * protobuf fields; sender/receiver >= n_stages; ROWS going backwards (sender >= receiver);
  * a descriptor on anything but a ROWS chain packet, or a ROWS chain packet without one; a
  * bypass list without a descriptor; bypass entries not from < to, or listed twice; negative
- * slot/pos/token ids; flags bits other than COMM_ROW_*; SAMPLE without NEED_LOGITS; a SAMPLE
+ * slot/pos/token ids; flags bits other than STAGE_ROW_*; SAMPLE without NEED_LOGITS; a SAMPLE
  * row whose temperature is not finite or whose top_p is not in (0, 1]; target < -1; more than
- * COMM_MAX_RELEASE releases, negative or repeated ones; END with rows; more than
+ * STAGE_MAX_RELEASE releases, negative or repeated ones; END with rows; more than
  * COMM_MAX_BYPASS entries. A failed comm_unpack zeroes *out (and, having reset the arena,
  * ends the previous packet's lifetime too).
  */
@@ -37,6 +37,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "stage/batch.h"
 #include "stage/dtype.h"
 
 /* ---- present-rows bitmasks ---- */
@@ -49,13 +50,8 @@ int comm_mask_count(const uint8_t *m, int n);
 /* ---- packets ---- */
 typedef enum { COMM_PKT_ROWS = 0, COMM_PKT_TOKENS = 1, COMM_PKT_END = 2 } comm_pkt_kind;
 
-/* Per-row flags in the micro-batch descriptor. */
-#define COMM_ROW_NEED_LOGITS 1u /* the head must compute this row's logits */
-#define COMM_ROW_PROMPT 2u      /* a prompt (prefill / eval) row, not a decode row */
-#define COMM_ROW_SAMPLE 4u      /* the head samples a token for it (needs NEED_LOGITS) */
-
-/* Most slot releases one descriptor may list (the sender carries the rest in later ones). */
-#define COMM_MAX_RELEASE 256
+/* Per-row flags on the wire: STAGE_ROW_* (stage/batch.h); slot releases per descriptor: at
+ * most STAGE_MAX_RELEASE. */
 
 typedef struct {
     int from, to; /* stage `from` sent a bypass packet for this micro-batch to stage `to` */
@@ -75,23 +71,15 @@ typedef struct {
     stage_dtype dtype;      /* payload dtype of ROWS packets */
     const uint8_t *present; /* [comm_mask_bytes(mb_rows)] */
 
-    /* Chain packets (sender + 1 == receiver) carry the descriptor; else has_desc = 0. */
+    /* Chain packets (sender + 1 == receiver) carry the descriptor; else has_desc = 0.
+     * rows: the micro-batch's row descriptor (stage/batch.h) as a view; its n and id are
+     * mb_rows and mb (comm_pack reads those two from the header fields above), its tag is
+     * not sent (NULL after comm_unpack). comm_pack: slot, pos, token and flags are required;
+     * a NULL sampling / scoring column (temperature, top_p, seed, seq, step, target) is left
+     * off the wire and means every row has its default (stage/batch.h); comm_unpack always
+     * sets all of them (into its arena or at shared defaults: read only). */
     int has_desc;
-    const int32_t *slot;  /* [mb_rows] sequence slot of each row */
-    const int32_t *pos;   /* [mb_rows] absolute position */
-    const int32_t *token; /* [mb_rows] input token id */
-    const uint8_t *flags; /* [mb_rows] COMM_ROW_* bits */
-    /* Per-row sampling / scoring state (the head reads it on NEED_LOGITS rows). comm_pack:
-     * a NULL array is left off the wire and means every row has the default (temperature 0,
-     * top_p 1, seed 0, seq 0, step 0, target -1); comm_unpack always sets all six. */
-    const float *temperature; /* [mb_rows] <= 0: greedy */
-    const float *top_p;       /* [mb_rows] (0, 1] on SAMPLE rows */
-    const uint64_t *seed;     /* [mb_rows] */
-    const uint64_t *seq;      /* [mb_rows] sequence id: the sampling stream (and dump row) */
-    const uint32_t *step;     /* [mb_rows] draw index within the sequence */
-    const int32_t *target;    /* [mb_rows] token scored by NLL, -1: none */
-    int n_release;
-    const int32_t *release; /* [n_release] slots released before this micro-batch's rows */
+    stage_batch rows;
     int n_bypass;
     const comm_bypass *bypass; /* [n_bypass] */
 

@@ -19,6 +19,28 @@
 #include "modpipe.pb-c.h"
 #include "stage/convert.h"
 
+/* The descriptor goes on the wire as protobuf-c arrays that point at the batch's own columns
+ * (no copy), so each column's element type must be the protobuf field's; the flags byte
+ * carries the STAGE_ROW_* bits with the values proto/modpipe.proto documents. */
+#define COMM_SAME_ELEM(f)                                                                          \
+    _Static_assert(sizeof *((Modpipe__BatchDesc *)0)->f == sizeof *((stage_batch *)0)->f,          \
+                   "wire column " #f " differs from stage_batch's")
+COMM_SAME_ELEM(slot);
+COMM_SAME_ELEM(pos);
+COMM_SAME_ELEM(token);
+COMM_SAME_ELEM(temperature);
+COMM_SAME_ELEM(top_p);
+COMM_SAME_ELEM(seed);
+COMM_SAME_ELEM(seq);
+COMM_SAME_ELEM(step);
+COMM_SAME_ELEM(target);
+COMM_SAME_ELEM(release);
+#undef COMM_SAME_ELEM
+_Static_assert(sizeof *((stage_batch *)0)->flags == 1 && STAGE_ROW_ALL <= 0xff,
+               "one flags byte per row on the wire");
+_Static_assert(STAGE_ROW_NEED_LOGITS == 1 && STAGE_ROW_PROMPT == 2 && STAGE_ROW_SAMPLE == 4,
+               "flag bits as proto/modpipe.proto documents them");
+
 #define COMM_PREFIX_BYTES 4
 
 /* ---------------------------------------------------------------- errors */
@@ -98,7 +120,7 @@ size_t comm_packet_max_bytes(int mb_rows, int D, int n_stages)
      * per row temperature, top_p (4 + 4), seed, seq (10 + 10), step, target (5 + 5); the
      * release list (10 a value) */
     size_t desc = comm_add(10 * (1 + 5) + (1 + 5), comm_add(comm_mul(r, 3 * 10 + 38), r));
-    desc = comm_add(desc, (size_t)COMM_MAX_RELEASE * 10);
+    desc = comm_add(desc, (size_t)STAGE_MAX_RELEASE * 10);
     h = comm_add(h, comm_add(1 + 5, desc));
     /* bypass entry: tag + 1-byte length + 2 x (tag + uint32 varint) = 14 */
     h = comm_add(h, comm_mul(nb, 14));
@@ -169,60 +191,61 @@ static int comm_check(const comm_packet *p, int n_stages, char *err, size_t errl
         return -1;
     }
     if (p->has_desc) {
-        if (p->mb_rows > 0 && (!p->slot || !p->pos || !p->token || !p->flags)) {
+        if (p->mb_rows > 0 && (!p->rows.slot || !p->rows.pos || !p->rows.token || !p->rows.flags)) {
             comm_err(err, errlen, "packet mb %llu %d->%d: descriptor arrays missing", mb, p->sender,
                      p->receiver);
             return -1;
         }
         for (int i = 0; i < p->mb_rows; i++) {
-            if ((p->flags[i] & COMM_ROW_SAMPLE) && !(p->flags[i] & COMM_ROW_NEED_LOGITS)) {
+            if ((p->rows.flags[i] & STAGE_ROW_SAMPLE) &&
+                !(p->rows.flags[i] & STAGE_ROW_NEED_LOGITS)) {
                 comm_err(err, errlen, "packet mb %llu %d->%d: row %d samples without logits", mb,
                          p->sender, p->receiver, i);
                 return -1;
             }
-            float temp = p->temperature ? p->temperature[i] : 0.0f;
-            float top_p = p->top_p ? p->top_p[i] : 1.0f;
-            if ((p->flags[i] & COMM_ROW_SAMPLE) &&
+            float temp = p->rows.temperature ? p->rows.temperature[i] : 0.0f;
+            float top_p = p->rows.top_p ? p->rows.top_p[i] : 1.0f;
+            if ((p->rows.flags[i] & STAGE_ROW_SAMPLE) &&
                 (!isfinite(temp) || !(top_p > 0.0f && top_p <= 1.0f))) {
                 comm_err(err, errlen, "packet mb %llu %d->%d: row %d has temperature %g, top_p %g",
                          mb, p->sender, p->receiver, i, (double)temp, (double)top_p);
                 return -1;
             }
-            if (p->target && p->target[i] < -1) {
+            if (p->rows.target && p->rows.target[i] < -1) {
                 comm_err(err, errlen, "packet mb %llu %d->%d: row %d has target %d", mb, p->sender,
-                         p->receiver, i, (int)p->target[i]);
+                         p->receiver, i, (int)p->rows.target[i]);
                 return -1;
             }
-            if (p->slot[i] < 0 || p->pos[i] < 0 || p->token[i] < 0) {
+            if (p->rows.slot[i] < 0 || p->rows.pos[i] < 0 || p->rows.token[i] < 0) {
                 comm_err(err, errlen,
                          "packet mb %llu %d->%d: row %d has slot %d pos %d token %d (negative)", mb,
-                         p->sender, p->receiver, i, (int)p->slot[i], (int)p->pos[i],
-                         (int)p->token[i]);
+                         p->sender, p->receiver, i, (int)p->rows.slot[i], (int)p->rows.pos[i],
+                         (int)p->rows.token[i]);
                 return -1;
             }
-            if (p->flags[i] & ~(COMM_ROW_NEED_LOGITS | COMM_ROW_PROMPT | COMM_ROW_SAMPLE)) {
+            if (p->rows.flags[i] & ~STAGE_ROW_ALL) {
                 comm_err(err, errlen, "packet mb %llu %d->%d: row %d has unknown flags 0x%02x", mb,
-                         p->sender, p->receiver, i, (unsigned)p->flags[i]);
+                         p->sender, p->receiver, i, (unsigned)p->rows.flags[i]);
                 return -1;
             }
         }
     }
-    if (p->n_release < 0 || p->n_release > COMM_MAX_RELEASE || (p->n_release > 0 && !p->release) ||
-        (p->n_release > 0 && !p->has_desc)) {
+    if (p->rows.n_release < 0 || p->rows.n_release > STAGE_MAX_RELEASE ||
+        (p->rows.n_release > 0 && !p->rows.release) || (p->rows.n_release > 0 && !p->has_desc)) {
         comm_err(err, errlen, "packet mb %llu %d->%d: %d slot releases (limit %d, descriptor only)",
-                 mb, p->sender, p->receiver, p->n_release, COMM_MAX_RELEASE);
+                 mb, p->sender, p->receiver, p->rows.n_release, STAGE_MAX_RELEASE);
         return -1;
     }
-    for (int k = 0; k < p->n_release; k++) {
-        if (p->release[k] < 0) {
+    for (int k = 0; k < p->rows.n_release; k++) {
+        if (p->rows.release[k] < 0) {
             comm_err(err, errlen, "packet mb %llu %d->%d: release of slot %d", mb, p->sender,
-                     p->receiver, (int)p->release[k]);
+                     p->receiver, (int)p->rows.release[k]);
             return -1;
         }
-        for (int j = 0; j < k; j++) /* n_release <= COMM_MAX_RELEASE: quadratic is fine */
-            if (p->release[j] == p->release[k]) {
+        for (int j = 0; j < k; j++) /* n_release <= STAGE_MAX_RELEASE: quadratic is fine */
+            if (p->rows.release[j] == p->rows.release[k]) {
                 comm_err(err, errlen, "packet mb %llu %d->%d: slot %d released twice", mb,
-                         p->sender, p->receiver, (int)p->release[k]);
+                         p->sender, p->receiver, (int)p->rows.release[k]);
                 return -1;
             }
     }
@@ -314,26 +337,26 @@ size_t comm_pack(const comm_packet *hdr, const float *x, int D, const int32_t *t
     if (hdr->has_desc) {
         size_t r = (size_t)hdr->mb_rows;
         desc.n_slot = desc.n_pos = desc.n_token = r;
-        desc.slot = (int32_t *)hdr->slot;
-        desc.pos = (int32_t *)hdr->pos;
-        desc.token = (int32_t *)hdr->token;
+        desc.slot = hdr->rows.slot;
+        desc.pos = hdr->rows.pos;
+        desc.token = hdr->rows.token;
         desc.flags.len = r;
-        desc.flags.data = (uint8_t *)hdr->flags;
+        desc.flags.data = hdr->rows.flags;
         /* an absent sampling array means "every row has the default" (comm.h) */
-        desc.n_temperature = hdr->temperature ? r : 0;
-        desc.n_top_p = hdr->top_p ? r : 0;
-        desc.n_seed = hdr->seed ? r : 0;
-        desc.n_seq = hdr->seq ? r : 0;
-        desc.n_step = hdr->step ? r : 0;
-        desc.n_target = hdr->target ? r : 0;
-        desc.temperature = (float *)hdr->temperature;
-        desc.top_p = (float *)hdr->top_p;
-        desc.seed = (uint64_t *)hdr->seed;
-        desc.seq = (uint64_t *)hdr->seq;
-        desc.step = (uint32_t *)hdr->step;
-        desc.target = (int32_t *)hdr->target;
-        desc.n_release = (size_t)hdr->n_release;
-        desc.release = (int32_t *)hdr->release;
+        desc.n_temperature = hdr->rows.temperature ? r : 0;
+        desc.n_top_p = hdr->rows.top_p ? r : 0;
+        desc.n_seed = hdr->rows.seed ? r : 0;
+        desc.n_seq = hdr->rows.seq ? r : 0;
+        desc.n_step = hdr->rows.step ? r : 0;
+        desc.n_target = hdr->rows.target ? r : 0;
+        desc.temperature = hdr->rows.temperature;
+        desc.top_p = hdr->rows.top_p;
+        desc.seed = hdr->rows.seed;
+        desc.seq = hdr->rows.seq;
+        desc.step = hdr->rows.step;
+        desc.target = hdr->rows.target;
+        desc.n_release = (size_t)hdr->rows.n_release;
+        desc.release = hdr->rows.release;
         h.desc = &desc;
     }
     for (int k = 0; k < hdr->n_bypass; k++) {
@@ -434,7 +457,7 @@ static size_t comm_arena_bytes(int max_mb_rows, int n_stages)
     a = comm_add(a, comm_mask_bytes(max_mb_rows));         /* present */
     a = comm_add(a, comm_mul(r, 3 * sizeof(int32_t) + 1)); /* slot, pos, token, flags */
     a = comm_add(a, comm_mul(r, 2 * sizeof(float) + 2 * sizeof(uint64_t) + 2 * sizeof(int32_t)));
-    a = comm_add(a, (size_t)COMM_MAX_RELEASE * sizeof(int32_t)); /* release */
+    a = comm_add(a, (size_t)STAGE_MAX_RELEASE * sizeof(int32_t)); /* release */
     a = comm_add(
         a, comm_mul(nb, sizeof(Modpipe__Bypass *) + sizeof(Modpipe__Bypass) + sizeof(comm_bypass)));
     a = comm_add(a, comm_mul(2 * members, 64));           /* scan slabs */
@@ -491,8 +514,9 @@ void comm_unpacker_free(comm_unpacker *u)
 }
 
 /* Stand-ins for empty arrays, so a valid packet never has NULL pointers. */
-static const uint8_t comm_empty_u8[8];
-static const int32_t comm_empty_i32[1];
+/* Targets of empty arrays in a decoded packet (never written: the views are read only). */
+static uint8_t comm_empty_u8[8];
+static int32_t comm_empty_i32[1];
 
 /* The decoder proper; it fills *out as it checks, so comm_unpack zeroes *out when it fails
  * (the contract in comm.h: a caller never sees a half-filled packet). */
@@ -574,9 +598,9 @@ static int comm_unpack_fill(comm_unpacker *u, const uint8_t *buf, size_t len, in
                 d->n_seed, d->n_seq, d->n_step, d->n_target, (unsigned)h->mb_rows);
             return -1;
         }
-        if (d->n_release > COMM_MAX_RELEASE) {
+        if (d->n_release > STAGE_MAX_RELEASE) {
             comm_err(err, errlen, "packet mb %llu: %zu slot releases (limit %d)", mb, d->n_release,
-                     COMM_MAX_RELEASE);
+                     STAGE_MAX_RELEASE);
             return -1;
         }
         if (d->n_slot != h->mb_rows || d->n_pos != h->mb_rows || d->n_token != h->mb_rows ||
@@ -605,19 +629,21 @@ static int comm_unpack_fill(comm_unpacker *u, const uint8_t *buf, size_t len, in
     out->present = h->present.data ? h->present.data : comm_empty_u8;
     if (h->desc) {
         out->has_desc = 1;
-        out->slot = h->desc->slot ? h->desc->slot : comm_empty_i32;
-        out->pos = h->desc->pos ? h->desc->pos : comm_empty_i32;
-        out->token = h->desc->token ? h->desc->token : comm_empty_i32;
-        out->flags = h->desc->flags.data ? h->desc->flags.data : comm_empty_u8;
+        out->rows.n = out->mb_rows;
+        out->rows.id = out->mb;
+        out->rows.slot = h->desc->slot ? h->desc->slot : comm_empty_i32;
+        out->rows.pos = h->desc->pos ? h->desc->pos : comm_empty_i32;
+        out->rows.token = h->desc->token ? h->desc->token : comm_empty_i32;
+        out->rows.flags = h->desc->flags.data ? h->desc->flags.data : comm_empty_u8;
         const Modpipe__BatchDesc *d = h->desc;
-        out->temperature = d->n_temperature ? d->temperature : u->def_zero_f32;
-        out->top_p = d->n_top_p ? d->top_p : u->def_one_f32;
-        out->seed = d->n_seed ? d->seed : u->def_zero_u64;
-        out->seq = d->n_seq ? d->seq : u->def_zero_u64;
-        out->step = d->n_step ? d->step : u->def_zero_u32;
-        out->target = d->n_target ? d->target : u->def_minus1_i32;
-        out->n_release = (int)d->n_release;
-        out->release = d->release ? d->release : comm_empty_i32;
+        out->rows.temperature = d->n_temperature ? d->temperature : u->def_zero_f32;
+        out->rows.top_p = d->n_top_p ? d->top_p : u->def_one_f32;
+        out->rows.seed = d->n_seed ? d->seed : u->def_zero_u64;
+        out->rows.seq = d->n_seq ? d->seq : u->def_zero_u64;
+        out->rows.step = d->n_step ? d->step : u->def_zero_u32;
+        out->rows.target = d->n_target ? d->target : u->def_minus1_i32;
+        out->rows.n_release = (int)d->n_release;
+        out->rows.release = d->release ? d->release : comm_empty_i32;
     }
     if (h->n_bypass > 0) {
         /* [n_bypass] in the arena, like the rest of the decoded header */

@@ -1,4 +1,4 @@
-/* engine/batch.c — the generate / eval scheduler. See batch.h and pipeline.h. */
+/* engine/batch.c — the batch job and its scheduler (generate / eval). See batch.h. */
 #include "engine/batch.h"
 
 #include <math.h>
@@ -211,14 +211,14 @@ static void finish_seq(engine_batch *b, group *g, int s)
     engine_slot_release(&b->pool, b->slot[s]);
 }
 
-static void set_sampling(const engine_batch *b, engine_mb *mb, int i)
+static void set_sampling(const engine_batch *b, stage_batch *mb, int i)
 {
     mb->temperature[i] = b->o->temperature;
     mb->top_p[i] = b->o->top_p;
     mb->seed[i] = b->o->seed;
 }
 
-static int batch_next(void *self, engine_mb *mb)
+static int batch_next(void *self, stage_batch *mb)
 {
     engine_batch *b = self;
     const engine_run_opts *o = b->o;
@@ -241,13 +241,13 @@ static int batch_next(void *self, engine_mb *mb)
                 const piece *pc = &b->pc[p];
                 const int s = pc->seq, len = o->seq_len[s];
                 for (int t = pc->start; t < pc->start + pc->len; t++) {
-                    uint8_t fl = COMM_ROW_PROMPT;
+                    uint8_t fl = STAGE_ROW_PROMPT;
                     if (!gen)
-                        fl |= COMM_ROW_NEED_LOGITS;
+                        fl |= STAGE_ROW_NEED_LOGITS;
                     else if (t == len - 1)
-                        fl |= COMM_ROW_NEED_LOGITS | COMM_ROW_SAMPLE;
+                        fl |= STAGE_ROW_NEED_LOGITS | STAGE_ROW_SAMPLE;
                     int i =
-                        engine_mb_add(mb, b->slot[s], t, o->seq_tokens[s][t], fl, (uint64_t)s, 0);
+                        stage_batch_add(mb, b->slot[s], t, o->seq_tokens[s][t], fl, (uint64_t)s, 0);
                     if (gen && t == len - 1) set_sampling(b, mb, i);
                     if (!gen && t + 1 < len) mb->target[i] = o->seq_tokens[s][t + 1];
                 }
@@ -256,9 +256,9 @@ static int batch_next(void *self, engine_mb *mb)
             for (int s = g->seq0; s < g->seq1; s++) {
                 if (b->stopped[s]) continue;
                 int j = b->count[s];
-                int i = engine_mb_add(
+                int i = stage_batch_add(
                     mb, b->slot[s], o->seq_len[s] + j - 1, b->gen[(size_t)s * o->max_new + j - 1],
-                    COMM_ROW_NEED_LOGITS | COMM_ROW_SAMPLE, (uint64_t)s, (uint32_t)j);
+                    STAGE_ROW_NEED_LOGITS | STAGE_ROW_SAMPLE, (uint64_t)s, (uint32_t)j);
                 set_sampling(b, mb, i);
             }
         }
@@ -274,7 +274,7 @@ static int batch_next(void *self, engine_mb *mb)
 
 static group *group_of(engine_batch *b, int s) { return &b->g[s / b->gs]; }
 
-static void batch_done(void *self, const engine_mb *mb, const int32_t *tok)
+static void batch_done(void *self, const stage_batch *mb, const int32_t *tok)
 {
     engine_batch *b = self;
     const engine_run_opts *o = b->o;
@@ -282,7 +282,7 @@ static void batch_done(void *self, const engine_mb *mb, const int32_t *tok)
     group *g = group_of(b, (int)mb->seq[0]);
     for (int i = 0; i < mb->n; i++) {
         int s = (int)mb->seq[i];
-        if (gen && (mb->flags[i] & COMM_ROW_SAMPLE)) {
+        if (gen && (mb->flags[i] & STAGE_ROW_SAMPLE)) {
             b->gen[(size_t)s * o->max_new + b->count[s]++] = tok[i];
             if (b->count[s] >= o->max_new || (!o->ignore_eos && o->eos >= 0 && tok[i] == o->eos))
                 finish_seq(b, g, s);
@@ -309,3 +309,79 @@ const engine_sched_ops engine_batch_ops = {
     .wait = NULL,
     .links = NULL,
 };
+
+/* ========================================================================================
+ * The batch job
+ * ===================================================================================== */
+
+int engine_run(MPI_Comm comm, const engine_run_opts *o, engine_run_result *res, char *err,
+               size_t errlen)
+{
+    memset(res, 0, sizeof *res);
+    int rank;
+    MPI_Comm_rank(comm, &rank);
+    engine_batch *b = NULL;
+    /* every rank plans the same run from the same options: the errors agree */
+    if (engine_batch_new(o, &b, err, errlen)) return rank == 0 ? -1 : -2;
+    const int gen = o->kind == ENGINE_RUN_GENERATE;
+    int tmax = 0;
+    for (int s = 0; s < o->n_seqs; s++)
+        if (o->seq_len[s] > tmax) tmax = o->seq_len[s];
+    engine_loop_opts lo = {
+        .model_dir = o->model_dir,
+        .cfg = o->cfg,
+        .plan = o->plan,
+        .slots = engine_batch_slots(b),
+        .ctx = engine_batch_ctx(b),
+        .max_rows =
+            engine_batch_max_rows(b) > o->micro_batch ? engine_batch_max_rows(b) : o->micro_batch,
+        .max_in_flight = o->max_in_flight,
+        .wire = o->wire,
+        .weights_dtype = o->weights_dtype,
+        .dense_transport = o->dense_transport,
+        .timeout_s = o->timeout_s,
+        .serve = 0,
+        .dump_path = o->dump_path,
+        .dump_index = gen ? ENGINE_DUMP_BY_STEP : ENGINE_DUMP_BY_POS,
+        .dump_seqs = o->n_seqs,
+        .dump_len = gen ? o->max_new : tmax,
+        .progress = o->progress,
+        .progress_total =
+            gen ? (long)o->n_seqs * o->max_new : engine_batch_prefill_micro_batches(b),
+        .progress_tokens = gen,
+        .stats_path = o->stats_path,
+        .command = o->command,
+        .micro_batch = o->micro_batch,
+        .report_nll = !gen,
+    };
+    engine_loop *L = NULL;
+    int rc = engine_loop_open(comm, &lo, &engine_batch_ops, b, &L, err, errlen);
+    if (rc) {
+        engine_batch_free(b);
+        return rc;
+    }
+    while (engine_loop_step(L)) {}
+    engine_loop_result lr;
+    rc = engine_loop_close(L, &lr, err, errlen);
+    if (rank == 0) {
+        res->nll_sum = lr.nll_sum;
+        res->nll_count = lr.nll_count;
+        res->seconds = lr.seconds;
+        res->wire_bytes = lr.wire_bytes;
+        res->dense_bytes = lr.dense_bytes;
+        res->payload_bytes = lr.payload_bytes;
+        res->header_bytes = lr.header_bytes;
+        if (gen) engine_batch_take_generated(b, &res->generated, &res->n_generated);
+    }
+    engine_batch_free(b);
+    return rc;
+}
+
+void engine_run_result_free(engine_run_result *res)
+{
+    if (!res) return;
+    free(res->generated);
+    free(res->n_generated);
+    res->generated = NULL;
+    res->n_generated = NULL;
+}

@@ -10,13 +10,12 @@
 #include <sys/resource.h>
 #include <time.h>
 
-#include "engine/batch.h"
 #include "engine/topo.h"
+#include "engine/tp.h"
 #include "comm/link.h"
 #include "stage/kernels.h"
 #include "stage/npy.h"
 #include "stage/stage.h"
-#include "stage/tp.h"
 
 enum { TAG_CHAIN = 1, TAG_BYPASS = 2, TAG_TOKENS = 3, TAG_REPORT = 4 };
 
@@ -42,7 +41,7 @@ struct engine_loop {
     comm_unpacker *unp;
     size_t pkt_max;
 
-    engine_mb d;         /* the micro-batch being processed (cap R) */
+    stage_batch d;       /* the micro-batch being processed (cap R) */
     float *x;            /* [R][D] residual rows of the micro-batch */
     uint8_t *present;    /* [R] rows this stage holds */
     int *dest;           /* [R] next stage of each row, -1: journey ends */
@@ -68,7 +67,7 @@ struct engine_loop {
     long nll_count;
 
     /* stage 0 */
-    engine_mb *fl; /* [max_in_flight] FIFO of issued micro-batches (cap R) */
+    stage_batch *fl; /* [max_in_flight] FIFO of issued micro-batches (cap R) */
     int fl_head, fl_n;
     int32_t *tok_by_row; /* [R] */
     uint64_t next_mb;
@@ -153,7 +152,7 @@ static void route_and_send(engine_loop *c)
         if (c->o.dense_transport) c->dest[i] = s + 1;
         for (int t = s + 1; t < S && c->dest[i] < 0; t++)
             if (stage_range_needs_row(c->m, pl->st[t].first, pl->st[t].last, xi)) c->dest[i] = t;
-        if (c->dest[i] < 0 && (c->d.flags[i] & COMM_ROW_NEED_LOGITS)) c->dest[i] = S - 1;
+        if (c->dest[i] < 0 && (c->d.flags[i] & STAGE_ROW_NEED_LOGITS)) c->dest[i] = S - 1;
         if (c->dest[i] >= 0) {
             comm_mask_set(c->masks + (size_t)c->dest[i] * comm_mask_bytes(c->R), i);
             rows_to[c->dest[i]]++;
@@ -172,23 +171,19 @@ static void route_and_send(engine_loop *c)
         send_packet(c, &h, NULL, t, TAG_BYPASS);
         c->byp_out[nb++] = (comm_bypass){s, t};
     }
-    const engine_mb *d = &c->d;
+    const stage_batch *d = &c->d;
     h.receiver = s + 1;
     h.n_rows = rows_to[s + 1];
     h.present = c->masks + (size_t)(s + 1) * comm_mask_bytes(c->R);
     h.has_desc = 1;
-    h.slot = d->slot;
-    h.pos = d->pos;
-    h.token = d->token;
-    h.flags = d->flags;
-    h.temperature = all_f(d->temperature, n, 0.0f) ? NULL : d->temperature;
-    h.top_p = all_f(d->top_p, n, 1.0f) ? NULL : d->top_p;
-    h.seed = all_u64(d->seed, n, 0) ? NULL : d->seed;
-    h.seq = all_u64(d->seq, n, 0) ? NULL : d->seq;
-    h.step = all_u32(d->step, n, 0) ? NULL : d->step;
-    h.target = all_i32(d->target, n, -1) ? NULL : d->target;
-    h.n_release = d->n_release;
-    h.release = d->release;
+    h.rows = *d; /* a view of the micro-batch; an all-default column stays off the wire */
+    h.rows.tag = NULL;
+    if (all_f(d->temperature, n, 0.0f)) h.rows.temperature = NULL;
+    if (all_f(d->top_p, n, 1.0f)) h.rows.top_p = NULL;
+    if (all_u64(d->seed, n, 0)) h.rows.seed = NULL;
+    if (all_u64(d->seq, n, 0)) h.rows.seq = NULL;
+    if (all_u32(d->step, n, 0)) h.rows.step = NULL;
+    if (all_i32(d->target, n, -1)) h.rows.target = NULL;
     h.n_bypass = nb;
     h.bypass = c->byp_out;
     send_packet(c, &h, NULL, s + 1, TAG_CHAIN);
@@ -203,11 +198,11 @@ static void route_and_send(engine_loop *c)
 
 static int head_step(engine_loop *c)
 {
-    const engine_mb *d = &c->d;
+    const stage_batch *d = &c->d;
     char err[256];
     int nl = 0, ns = 0;
     for (int i = 0; i < d->n; i++) {
-        if (!(d->flags[i] & COMM_ROW_NEED_LOGITS)) continue;
+        if (!(d->flags[i] & STAGE_ROW_NEED_LOGITS)) continue;
         if (!c->present[i])
             COMM_FATAL("row %d (slot %d, position %d) needs logits but never reached the head", i,
                        d->slot[i], d->pos[i]);
@@ -224,7 +219,7 @@ static int head_step(engine_loop *c)
             c->nll_sum += stage_nll(lg, c->V, d->target[i]);
             c->nll_count++;
         }
-        if (d->flags[i] & COMM_ROW_SAMPLE) {
+        if (d->flags[i] & STAGE_ROW_SAMPLE) {
             stage_rng r;
             stage_rng_seed_draw(&r, d->seed[i], d->seq[i], d->step[i]);
             c->srows[ns] = i;
@@ -248,11 +243,11 @@ static int head_step(engine_loop *c)
 /* Stage 0: micro-batch `mb` is back (FIFO order) with tokens tok_by_row at mask. */
 static void complete(engine_loop *c, uint64_t mb, const int32_t *tok_by_row, const uint8_t *mask)
 {
-    engine_mb *f = &c->fl[c->fl_head];
+    stage_batch *f = &c->fl[c->fl_head];
     if (c->fl_n == 0 || f->id != mb)
         COMM_FATAL("tokens for micro-batch %llu arrived out of order", (unsigned long long)mb);
     for (int i = 0; i < f->n; i++) {
-        if (!(f->flags[i] & COMM_ROW_SAMPLE)) continue;
+        if (!(f->flags[i] & STAGE_ROW_SAMPLE)) continue;
         if (!comm_mask_get(mask, i))
             COMM_FATAL("micro-batch %llu: no token for row %d", (unsigned long long)mb, i);
         if (tok_by_row[i] < 0 || tok_by_row[i] >= c->V)
@@ -271,7 +266,7 @@ static void complete(engine_loop *c, uint64_t mb, const int32_t *tok_by_row, con
 static void process_mb(engine_loop *c)
 {
     char err[512];
-    engine_mb *d = &c->d;
+    stage_batch *d = &c->d;
     const uint64_t mb = d->id;
     double t0 = stage_now_s();
     for (int k = 0; k < d->n_release; k++) {
@@ -280,8 +275,7 @@ static void process_mb(engine_loop *c)
                        d->release[k], c->o.slots);
         stage_state_slot_release(c->st, d->release[k]);
     }
-    stage_batch b = {d->n, d->slot, d->pos, d->token, d->flags};
-    if (stage_forward(c->st, &b, c->x, c->present, err, sizeof err))
+    if (stage_forward(c->st, d, c->x, c->present, err, sizeof err))
         COMM_FATAL("micro-batch %llu: %s", (unsigned long long)mb, err);
     if (c->rank != c->head) {
         route_and_send(c);
@@ -428,10 +422,10 @@ static void recv_tokens(engine_loop *c, size_t len)
 }
 
 /* Issue the micro-batch the scheduler just wrote into fl slot f. */
-static void issue(engine_loop *c, engine_mb *f)
+static void issue(engine_loop *c, stage_batch *f)
 {
     char err[256];
-    if (f->n < 1 || f->n > c->R || f->n_release < 0 || f->n_release > COMM_MAX_RELEASE)
+    if (f->n < 1 || f->n > c->R || f->n_release < 0 || f->n_release > STAGE_MAX_RELEASE)
         COMM_FATAL("the scheduler made a micro-batch of %d rows (1..%d), %d releases", f->n, c->R,
                    f->n_release);
     f->id = c->next_mb++;
@@ -440,7 +434,7 @@ static void issue(engine_loop *c, engine_mb *f)
         MPI_Irecv(c->tbuf, (int)c->pkt_max, MPI_BYTE, c->head, TAG_TOKENS, c->comm, &c->treq);
         if (c->fl_n == 1) c->t_tokens = stage_now_s();
     }
-    engine_mb_copy(&c->d, f);
+    stage_batch_copy(&c->d, f);
     double t0 = stage_now_s();
     if (stage_embed(c->m, c->d.token, c->d.n, c->x, err, sizeof err))
         COMM_FATAL("micro-batch %llu: %s", (unsigned long long)f->id, err);
@@ -487,7 +481,7 @@ static int step0(engine_loop *c)
     if (c->finished) return 0;
     int issued = 0;
     while (c->fl_n < c->o.max_in_flight) {
-        engine_mb *f = &c->fl[(c->fl_head + c->fl_n) % c->o.max_in_flight];
+        stage_batch *f = &c->fl[(c->fl_head + c->fl_n) % c->o.max_in_flight];
         f->n = 0;
         f->n_release = 0;
         if (!c->ops->next(c->self, f)) break;
@@ -572,21 +566,7 @@ static void stageN_loop(engine_loop *c)
         double t0 = stage_now_s();
         const uint64_t mb = p.mb;
         const int n = p.mb_rows;
-        engine_mb *d = &c->d;
-        d->n = n;
-        d->id = mb;
-        memcpy(d->slot, p.slot, (size_t)n * 4);
-        memcpy(d->pos, p.pos, (size_t)n * 4);
-        memcpy(d->token, p.token, (size_t)n * 4);
-        memcpy(d->flags, p.flags, (size_t)n);
-        memcpy(d->temperature, p.temperature, (size_t)n * 4);
-        memcpy(d->top_p, p.top_p, (size_t)n * 4);
-        memcpy(d->seed, p.seed, (size_t)n * 8);
-        memcpy(d->seq, p.seq, (size_t)n * 8);
-        memcpy(d->step, p.step, (size_t)n * 4);
-        memcpy(d->target, p.target, (size_t)n * 4);
-        d->n_release = p.n_release;
-        memcpy(d->release, p.release, (size_t)p.n_release * 4);
+        stage_batch_copy(&c->d, &p.rows); /* p lives until the next unpack (bypass) */
         for (int i = 0; i < n; i++) c->present[i] = (uint8_t)comm_mask_get(p.present, i);
         comm_scatter_rows(&p, c->D, c->x);
         int n_from = 0, from[64];
@@ -870,7 +850,7 @@ static void loop_free(engine_loop *c)
     stage_model_free(c->m);
     comm_links_free(c->links);
     comm_unpacker_free(c->unp);
-    engine_mb_free(&c->d);
+    stage_batch_free(&c->d);
     free(c->x);
     free(c->present);
     free(c->dest);
@@ -889,14 +869,14 @@ static void loop_free(engine_loop *c)
     free(c->dump);
     free(c->tok_by_row);
     if (c->fl) {
-        for (int i = 0; i < c->o.max_in_flight; i++) engine_mb_free(&c->fl[i]);
+        for (int i = 0; i < c->o.max_in_flight; i++) stage_batch_free(&c->fl[i]);
         free(c->fl);
     }
     free(c->rep_in);
     free(c->rep_tab);
     free(c->rep_req);
     free(c->lb);
-    stage_tp_free(c->tp);
+    engine_tp_free(c->tp);
     if (c->group != MPI_COMM_NULL) MPI_Comm_free(&c->group);
     if (c->leaders != MPI_COMM_NULL) MPI_Comm_free(&c->leaders);
     free(c);
@@ -939,7 +919,7 @@ static int loop_init(engine_loop *c, char *err, size_t errlen)
     c->unp = comm_unpacker_init(c->R, c->S);
     if (c->links) stage_state_set_progress(c->st, progress_cb, c->links);
     const size_t R = (size_t)c->R, D = (size_t)c->D, V = (size_t)c->V, S = (size_t)c->S;
-    int ok = c->links && c->unp && !engine_mb_init(&c->d, c->R);
+    int ok = c->links && c->unp && !stage_batch_init(&c->d, c->R);
     c->x = malloc(R * D * sizeof(float));
     c->present = malloc(R);
     c->dest = malloc(R * sizeof(int));
@@ -993,7 +973,7 @@ static int loop_init(engine_loop *c, char *err, size_t errlen)
         c->tok_by_row = calloc(R, sizeof *c->tok_by_row);
         c->fl = calloc((size_t)o->max_in_flight, sizeof *c->fl);
         ok = c->tbuf && c->tok_by_row && c->fl;
-        for (int i = 0; ok && i < o->max_in_flight; i++) ok = !engine_mb_init(&c->fl[i], c->R);
+        for (int i = 0; ok && i < o->max_in_flight; i++) ok = !stage_batch_init(&c->fl[i], c->R);
         c->rep_in = calloc(S * (size_t)c->rep_len, 8);
         c->rep_tab = calloc(S * (size_t)c->rep_len, 8);
         c->rep_req = malloc(S * sizeof *c->rep_req);
@@ -1042,7 +1022,7 @@ int engine_loop_open(MPI_Comm comm, const engine_loop_opts *o, const engine_sche
             c->comm = c->leaders;
             c->rank = s;
             c->S = topo.n_stages;
-            if (topo.ranks[s] > 1) rc = stage_tp_new(c->group, &c->tp, myerr, sizeof myerr);
+            if (topo.ranks[s] > 1) rc = engine_tp_new(c->group, &c->tp, myerr, sizeof myerr);
         }
         if (!rc && rank == 0 && (!ops || !ops->next || !ops->done || !ops->finished)) {
             snprintf(myerr, sizeof myerr, "no scheduler");
@@ -1142,80 +1122,4 @@ int engine_loop_close(engine_loop *c, engine_loop_result *res, char *err, size_t
         return rank == head ? -1 : -2;
     }
     return 0;
-}
-
-/* ========================================================================================
- * The batch job
- * ===================================================================================== */
-
-int engine_run(MPI_Comm comm, const engine_run_opts *o, engine_run_result *res, char *err,
-               size_t errlen)
-{
-    memset(res, 0, sizeof *res);
-    int rank;
-    MPI_Comm_rank(comm, &rank);
-    engine_batch *b = NULL;
-    /* every rank plans the same run from the same options: the errors agree */
-    if (engine_batch_new(o, &b, err, errlen)) return rank == 0 ? -1 : -2;
-    const int gen = o->kind == ENGINE_RUN_GENERATE;
-    int tmax = 0;
-    for (int s = 0; s < o->n_seqs; s++)
-        if (o->seq_len[s] > tmax) tmax = o->seq_len[s];
-    engine_loop_opts lo = {
-        .model_dir = o->model_dir,
-        .cfg = o->cfg,
-        .plan = o->plan,
-        .slots = engine_batch_slots(b),
-        .ctx = engine_batch_ctx(b),
-        .max_rows =
-            engine_batch_max_rows(b) > o->micro_batch ? engine_batch_max_rows(b) : o->micro_batch,
-        .max_in_flight = o->max_in_flight,
-        .wire = o->wire,
-        .weights_dtype = o->weights_dtype,
-        .dense_transport = o->dense_transport,
-        .timeout_s = o->timeout_s,
-        .serve = 0,
-        .dump_path = o->dump_path,
-        .dump_index = gen ? ENGINE_DUMP_BY_STEP : ENGINE_DUMP_BY_POS,
-        .dump_seqs = o->n_seqs,
-        .dump_len = gen ? o->max_new : tmax,
-        .progress = o->progress,
-        .progress_total =
-            gen ? (long)o->n_seqs * o->max_new : engine_batch_prefill_micro_batches(b),
-        .progress_tokens = gen,
-        .stats_path = o->stats_path,
-        .command = o->command,
-        .micro_batch = o->micro_batch,
-        .report_nll = !gen,
-    };
-    engine_loop *L = NULL;
-    int rc = engine_loop_open(comm, &lo, &engine_batch_ops, b, &L, err, errlen);
-    if (rc) {
-        engine_batch_free(b);
-        return rc;
-    }
-    while (engine_loop_step(L)) {}
-    engine_loop_result lr;
-    rc = engine_loop_close(L, &lr, err, errlen);
-    if (rank == 0) {
-        res->nll_sum = lr.nll_sum;
-        res->nll_count = lr.nll_count;
-        res->seconds = lr.seconds;
-        res->wire_bytes = lr.wire_bytes;
-        res->dense_bytes = lr.dense_bytes;
-        res->payload_bytes = lr.payload_bytes;
-        res->header_bytes = lr.header_bytes;
-        if (gen) engine_batch_take_generated(b, &res->generated, &res->n_generated);
-    }
-    engine_batch_free(b);
-    return rc;
-}
-
-void engine_run_result_free(engine_run_result *res)
-{
-    if (!res) return;
-    free(res->generated);
-    free(res->n_generated);
-    res->generated = NULL;
-    res->n_generated = NULL;
 }

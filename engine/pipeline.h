@@ -1,4 +1,4 @@
-/* engine/pipeline.h — the distributed program: the pipeline loop + the batch job (SPEC §4).
+/* engine/pipeline.h — the distributed program: the pipeline loop (SPEC §4).
  *
  * Every rank of `comm` is one stage (-np 1 is the same code with a single stage that is also
  * the head) — unless the plan gives stages several ranks (plan->st[s].ranks, --tp K,
@@ -20,30 +20,12 @@
  * stage loop until rank 0 ends the run, then returns 0), engine_loop_close (every rank,
  * collective: END packets, stats gathered on rank 0, --dump-logits written by the head).
  * A server steps forever; a batch job until done. The scheduler (engine/sched.h) is asked
- * for each micro-batch and gets the sampled tokens back; it exists on rank 0 only.
+ * for each micro-batch and gets the sampled tokens back; it exists on rank 0 only. The batch
+ * job (engine/batch.h: generate / eval) is one scheduler, the server's queue
+ * (serve/queue_sched.h) another.
  *
- * The batch job (engine_run: generate / eval) is one scheduler. Its micro-batching depends
- * only on the options (never on the rank count), so an N-rank run computes every layer on
- * exactly the rows a 1-rank run does: with the f32 wire the logits are bit-identical.
- *   generate: sequences form decode groups (--groups G, default below); a group's prompts
- *             are cut into micro-batches of at most micro_batch rows (a prompt is never cut
- *             when the model has mindskip sequence-granularity or topk layers), then each
- *             decode step of the group (its sequences not yet stopped) is one micro-batch.
- *             Groups interleave so several micro-batches are in flight. A group starts when
- *             --slots has a free slot for each of its sequences. Default G =
- *             max(ceil(n / R), min(8, floor(n / 8))), at least 1: decode micro-batches keep
- *             >= 8 rows when there are >= 8 sequences (no 2-row GEMMs), at most 8 groups
- *             unless more are needed to keep a group <= R rows.
- *             A sequence stops at max_new tokens or at EOS (config eos_token_id; not with
- *             ignore_eos); its slot is released at once.
- *   eval:     the lines (any lengths), cut the same way into micro-batches of at most
- *             micro_batch rows, slots-many sequences at a time.
- *
- * Sampling: the draw for new token j of sequence i is stage_rng_seed_draw(seed, i, j), on
- * whichever rank is the head: independent of batching and rank count.
- *
- * Results: rank 0 gets generated tokens / NLL in `res`; the head writes --dump-logits; rank 0
- * writes --stats. Fatal errors during the run abort the job through COMM_FATAL.
+ * Results: the head writes --dump-logits; rank 0 writes --stats. Fatal errors during the run
+ * abort the job through COMM_FATAL.
  */
 #ifndef ENGINE_PIPELINE_H
 #define ENGINE_PIPELINE_H
@@ -107,52 +89,5 @@ int engine_loop_step(engine_loop *L);
  * writes --stats / --dump-logits, frees L. res may be NULL. Returns 0 or -1/-2 like open. */
 int engine_loop_close(engine_loop *L, engine_loop_result *res, char *err, size_t errlen);
 int engine_loop_rank(const engine_loop *L);
-
-/* ---- the batch job --------------------------------------------------------------------- */
-
-typedef enum { ENGINE_RUN_GENERATE = 0, ENGINE_RUN_EVAL } engine_run_kind;
-
-typedef struct {
-    engine_run_kind kind;
-    const char *model_dir;
-    const stage_config *cfg;
-    const engine_plan *plan; /* n_stages == ranks of comm */
-    int n_seqs;
-    int32_t *const *seq_tokens; /* [n_seqs][seq_len[s]]: prompts (generate) or lines (eval) */
-    const int *seq_len;         /* [n_seqs] */
-    int max_new;                /* generate: new tokens per sequence at most */
-    float temperature, top_p;
-    uint64_t seed;
-    int eos;           /* generate: stop token (-1 none) */
-    int ignore_eos;    /* generate: keep going past EOS */
-    int slots;         /* KV slots (0: n_seqs) */
-    int ctx;           /* positions per slot (0: the longest need) */
-    int micro_batch;   /* most rows per micro-batch (R) */
-    int groups;        /* generate: decode groups (0: the default above) */
-    int max_in_flight; /* micro-batches in flight (>= 1) */
-    stage_dtype wire;
-    int weights_dtype;      /* stage_dtype the weight matrices are held in; -1: as stored */
-    int dense_transport;    /* baseline: every row on every chain link (same compute) */
-    double timeout_s;       /* longest wait for a peer before aborting */
-    int progress;           /* rank 0 prints progress lines on stderr */
-    const char *dump_path;  /* --dump-logits (NULL: none) */
-    const char *stats_path; /* --stats (NULL: none) */
-    const char *command;    /* "generate" / "eval", for the stats file */
-} engine_run_opts;
-
-typedef struct {
-    int32_t *generated; /* rank 0, generate: [n_seqs][max_new] */
-    int *n_generated;   /* rank 0, generate: [n_seqs] tokens made (EOS included) */
-    double nll_sum;     /* rank 0, eval */
-    long nll_count;
-    double seconds;
-    double wire_bytes, dense_bytes, payload_bytes, header_bytes;
-} engine_run_result;
-
-/* Returns 0 on success; startup problems (load errors etc.) are agreed on by all ranks and
- * reported by the lowest failing rank in err (other ranks get a short err), non-zero return. */
-int engine_run(MPI_Comm comm, const engine_run_opts *o, engine_run_result *res, char *err,
-               size_t errlen);
-void engine_run_result_free(engine_run_result *res);
 
 #endif

@@ -6,7 +6,7 @@
  *
  *   next(self, mb)      fill mb with the next micro-batch (1), or say nothing is ready (0)
  *   done(self, mb, tok) the micro-batch came back from the head: tok[i] is the token sampled
- *                       for row i when mb->flags[i] has COMM_ROW_SAMPLE. Called once per
+ *                       for row i when mb->flags[i] has STAGE_ROW_SAMPLE. Called once per
  *                       issued micro-batch, in issue order, with the rows as issued.
  *   finished(self)      1 once nothing more will ever come (the loop then ends); checked
  *                       only when nothing is in flight
@@ -15,7 +15,8 @@
  *   links(self, l, n)   per-link byte counters of every rank, at least once a second while
  *                       work runs (NULL: not wanted)
  *
- * All ops run on the loop's thread (rank 0's). A micro-batch carries everything a stage and
+ * All ops run on the loop's thread (rank 0's). A micro-batch (stage_batch, stage/batch.h:
+ * the one row descriptor of scheduler, loop, packets and stage) carries everything a stage and
  * the head need: rows (slot, position, input token, flags) plus each row's sampling / scoring
  * state (temperature, top_p, seed, sequence id, step, NLL target) — so the head keeps no
  * table of sequences — and the slots released since the previous micro-batch. Each draw is
@@ -24,7 +25,7 @@
  * KV slots: engine_slot_pool is the bookkeeping a scheduler uses on rank 0 (which slot is
  * free; which releases the stages have not been told yet). A slot is reset on every stage by
  * its sequence's position-0 prompt row; a release travels in the next micro-batch's
- * descriptor (at most COMM_MAX_RELEASE a micro-batch; re-acquiring a slot whose release was
+ * descriptor (at most STAGE_MAX_RELEASE a micro-batch; re-acquiring a slot whose release was
  * not sent yet drops it: the new sequence's reset supersedes it).
  */
 #ifndef ENGINE_SCHED_H
@@ -32,34 +33,7 @@
 
 #include <stdint.h>
 
-#include "comm/comm.h"
-
-typedef struct {
-    int n;              /* rows (1 .. cap) */
-    int cap;            /* rows allocated */
-    int32_t *slot;      /* [cap] KV slot */
-    int32_t *pos;       /* [cap] absolute position */
-    int32_t *token;     /* [cap] input token */
-    uint8_t *flags;     /* [cap] COMM_ROW_* */
-    float *temperature; /* [cap] <= 0: greedy */
-    float *top_p;       /* [cap] (0, 1] */
-    uint64_t *seed;     /* [cap] */
-    uint64_t *seq;      /* [cap] sequence id: sampling stream; --dump-logits row */
-    uint32_t *step;     /* [cap] draw index (generate: index of the new token) */
-    int32_t *target;    /* [cap] token whose NLL the head adds up, -1: none */
-    uint64_t *tag;      /* [cap] the scheduler's own row tag (not sent; engine_mb_add: seq) */
-    int n_release;
-    int32_t *release; /* [COMM_MAX_RELEASE] slots released before these rows */
-    uint64_t id;      /* set by the loop: micro-batch number */
-} engine_mb;
-
-int engine_mb_init(engine_mb *mb, int cap); /* 0 or -1 (out of memory) */
-void engine_mb_free(engine_mb *mb);
-void engine_mb_copy(engine_mb *dst, const engine_mb *src); /* dst->cap >= src->n */
-/* Append a row with default sampling state (greedy, top_p 1, seed 0, target -1); returns its
- * index. The caller checks n < cap. */
-int engine_mb_add(engine_mb *mb, int32_t slot, int32_t pos, int32_t token, uint8_t flags,
-                  uint64_t seq, uint32_t step);
+#include "stage/batch.h"
 
 typedef struct {
     int from, to;
@@ -68,8 +42,8 @@ typedef struct {
 } engine_link_bytes;
 
 typedef struct {
-    int (*next)(void *self, engine_mb *mb);
-    void (*done)(void *self, const engine_mb *mb, const int32_t *tok);
+    int (*next)(void *self, stage_batch *mb);
+    void (*done)(void *self, const stage_batch *mb, const int32_t *tok);
     int (*finished)(void *self);
     void (*wait)(void *self, double timeout_s);
     void (*links)(void *self, const engine_link_bytes *l, int n);
@@ -88,7 +62,7 @@ int engine_slot_pool_init(engine_slot_pool *p, int n); /* 0 or -1 */
 void engine_slot_pool_free(engine_slot_pool *p);
 int engine_slot_acquire(engine_slot_pool *p); /* a free slot, or -1 */
 void engine_slot_release(engine_slot_pool *p, int slot);
-/* Move up to COMM_MAX_RELEASE pending releases into mb->release. */
-void engine_slot_announce(engine_slot_pool *p, engine_mb *mb);
+/* Move up to STAGE_MAX_RELEASE pending releases into mb->release. */
+void engine_slot_announce(engine_slot_pool *p, stage_batch *mb);
 
 #endif

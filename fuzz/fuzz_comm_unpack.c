@@ -27,17 +27,22 @@ static void same_packet(const comm_packet *a, const comm_packet *b)
     size_t r = (size_t)a->mb_rows;
     FUZZ_CHECK(memcmp(a->present, b->present, comm_mask_bytes(a->mb_rows)) == 0);
     if (a->has_desc) {
-        FUZZ_CHECK(memcmp(a->slot, b->slot, r * 4) == 0 && memcmp(a->pos, b->pos, r * 4) == 0 &&
-                   memcmp(a->token, b->token, r * 4) == 0 && memcmp(a->flags, b->flags, r) == 0);
+        FUZZ_CHECK(memcmp(a->rows.slot, b->rows.slot, r * 4) == 0 &&
+                   memcmp(a->rows.pos, b->rows.pos, r * 4) == 0 &&
+                   memcmp(a->rows.token, b->rows.token, r * 4) == 0 &&
+                   memcmp(a->rows.flags, b->rows.flags, r) == 0);
         /* comm_unpack sets all six sampling arrays on a descriptor */
-        FUZZ_CHECK(a->temperature && a->top_p && a->seed && a->seq && a->step && a->target);
-        FUZZ_CHECK(memcmp(a->temperature, b->temperature, r * 4) == 0 &&
-                   memcmp(a->top_p, b->top_p, r * 4) == 0 && memcmp(a->seed, b->seed, r * 8) == 0 &&
-                   memcmp(a->seq, b->seq, r * 8) == 0 && memcmp(a->step, b->step, r * 4) == 0 &&
-                   memcmp(a->target, b->target, r * 4) == 0);
-        FUZZ_CHECK(
-            a->n_release == b->n_release &&
-            (a->n_release == 0 || memcmp(a->release, b->release, (size_t)a->n_release * 4) == 0));
+        FUZZ_CHECK(a->rows.temperature && a->rows.top_p && a->rows.seed && a->rows.seq &&
+                   a->rows.step && a->rows.target);
+        FUZZ_CHECK(memcmp(a->rows.temperature, b->rows.temperature, r * 4) == 0 &&
+                   memcmp(a->rows.top_p, b->rows.top_p, r * 4) == 0 &&
+                   memcmp(a->rows.seed, b->rows.seed, r * 8) == 0 &&
+                   memcmp(a->rows.seq, b->rows.seq, r * 8) == 0 &&
+                   memcmp(a->rows.step, b->rows.step, r * 4) == 0 &&
+                   memcmp(a->rows.target, b->rows.target, r * 4) == 0);
+        FUZZ_CHECK(a->rows.n_release == b->rows.n_release &&
+                   (a->rows.n_release == 0 ||
+                    memcmp(a->rows.release, b->rows.release, (size_t)a->rows.n_release * 4) == 0));
     }
     for (int k = 0; k < a->n_bypass; k++)
         FUZZ_CHECK(a->bypass[k].from == b->bypass[k].from && a->bypass[k].to == b->bypass[k].to);

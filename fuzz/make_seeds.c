@@ -61,8 +61,8 @@ int main(int argc, char **argv)
     comm_mask_set(present, 3);
     int32_t slot[R] = {0, 1, 2, 3, 4}, pos[R] = {7, 7, 8, 0, 100},
             token[R] = {1, 403, 407, 261, 378};
-    uint8_t flags[R] = {COMM_ROW_PROMPT, 0, COMM_ROW_NEED_LOGITS,
-                        COMM_ROW_PROMPT | COMM_ROW_NEED_LOGITS, 0};
+    uint8_t flags[R] = {STAGE_ROW_PROMPT, 0, STAGE_ROW_NEED_LOGITS,
+                        STAGE_ROW_PROMPT | STAGE_ROW_NEED_LOGITS, 0};
     comm_bypass bp[2] = {{0, 2}, {1, 3}};
     uint8_t buf[4096];
     static const char *dt_name[3] = {"f32", "bf16", "f16"};
@@ -76,10 +76,10 @@ int main(int argc, char **argv)
                          .dtype = (stage_dtype)dt,
                          .present = present,
                          .has_desc = 1,
-                         .slot = slot,
-                         .pos = pos,
-                         .token = token,
-                         .flags = flags,
+                         .rows.slot = slot,
+                         .rows.pos = pos,
+                         .rows.token = token,
+                         .rows.flags = flags,
                          .n_bypass = 2,
                          .bypass = bp};
         char name[64];
@@ -101,9 +101,9 @@ int main(int argc, char **argv)
         uint64_t seed[R] = {0, 42, 7, 0, UINT64_MAX}, seq[R] = {0, 1, 2, 3, 4};
         uint32_t step[R] = {0, 3, 0, 9, 1};
         int32_t target[R] = {-1, 403, -1, 2, 511};
-        uint8_t sflags[R] = {COMM_ROW_PROMPT, COMM_ROW_NEED_LOGITS | COMM_ROW_SAMPLE,
-                             COMM_ROW_NEED_LOGITS | COMM_ROW_SAMPLE,
-                             COMM_ROW_PROMPT | COMM_ROW_NEED_LOGITS, 0};
+        uint8_t sflags[R] = {STAGE_ROW_PROMPT, STAGE_ROW_NEED_LOGITS | STAGE_ROW_SAMPLE,
+                             STAGE_ROW_NEED_LOGITS | STAGE_ROW_SAMPLE,
+                             STAGE_ROW_PROMPT | STAGE_ROW_NEED_LOGITS, 0};
         int32_t rel[3] = {5, 0, 17};
         comm_packet sp = {.kind = COMM_PKT_ROWS,
                           .mb = 1000,
@@ -114,18 +114,18 @@ int main(int argc, char **argv)
                           .dtype = STAGE_BF16,
                           .present = present,
                           .has_desc = 1,
-                          .slot = slot,
-                          .pos = pos,
-                          .token = token,
-                          .flags = sflags,
-                          .temperature = temp,
-                          .top_p = top_p,
-                          .seed = seed,
-                          .seq = seq,
-                          .step = step,
-                          .target = target,
-                          .n_release = 3,
-                          .release = rel};
+                          .rows.slot = slot,
+                          .rows.pos = pos,
+                          .rows.token = token,
+                          .rows.flags = sflags,
+                          .rows.temperature = temp,
+                          .rows.top_p = top_p,
+                          .rows.seed = seed,
+                          .rows.seq = seq,
+                          .rows.step = step,
+                          .rows.target = target,
+                          .rows.n_release = 3,
+                          .rows.release = rel};
         put("rows-chain-sampling", D, buf, pack(&sp, x, D, NULL, buf, sizeof buf));
     }
     uint8_t none[1] = {0};
@@ -137,10 +137,10 @@ int main(int argc, char **argv)
                          .n_rows = 0,
                          .present = none,
                          .has_desc = 1,
-                         .slot = slot,
-                         .pos = pos,
-                         .token = token,
-                         .flags = flags};
+                         .rows.slot = slot,
+                         .rows.pos = pos,
+                         .rows.token = token,
+                         .rows.flags = flags};
     put("rows-empty-chain", D, buf, pack(&empty, x, D, NULL, buf, sizeof buf));
     const int32_t tok[3] = {5, 0, 2147483647};
     comm_packet tp = {.kind = COMM_PKT_TOKENS,

@@ -1,6 +1,6 @@
-/* serve/queue_sched.h — the server queue (srvq.h) as a pipeline scheduler (sched.h).
+/* serve/queue_sched.h — the server queue (serve/queue.h) as a pipeline scheduler (engine/sched.h).
  *
- * Used by serve_loop_run (serve_loop.h) on rank 0, and by tests that drive the scheduler by
+ * Used by serve_loop_run (serve/loop.h) on rank 0, and by tests that drive the scheduler by
  * hand. The policy, per micro-batch of at most `micro_batch` rows:
  *   1. cancelled requests end (on_done CANCELLED) and free their slot at once; queued
  *      requests take free slots in arrival order;

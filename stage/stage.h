@@ -5,7 +5,8 @@
  * of *every* routed layer are loaded on every stage: they are small, and the stage holding a
  * row must decide which later stages will compute on it (SPEC §4).
  *
- * Work comes as micro-batches (stage_batch): n rows, each (slot, pos, token, flags). The
+ * Work comes as micro-batches (stage_batch, stage/batch.h): n rows, each (slot, pos, token,
+ * flags; the stage reads only these four columns). The
  * caller keeps the residual stream x [n][D] and a present[n] mask (which rows this stage
  * holds). stage_forward runs the stage's layers on the present rows; each layer computes on
  * the compacted set of rows it selects, always in micro-batch order, so a layer's GEMMs see
@@ -33,15 +34,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "stage/batch.h"
 #include "stage/config.h"
 #include "stage/dtype.h"
 
 /* KV caches hold K and V in this dtype. */
 #define STAGE_KV_DTYPE STAGE_F32
-
-/* Row flags (the same bits the wire uses: comm/comm.h COMM_ROW_*). */
-#define STAGE_ROW_NEED_LOGITS 1u
-#define STAGE_ROW_PROMPT 2u
 
 typedef struct stage_model stage_model;
 typedef struct stage_state stage_state;
@@ -52,14 +50,6 @@ typedef struct {
     int embed;       /* load model.embed_tokens (stage 0) */
     int head;        /* load model.norm + lm_head (last stage) */
 } stage_range;
-
-typedef struct {
-    int n;                /* rows in the micro-batch */
-    const int32_t *slot;  /* [n] sequence slot */
-    const int32_t *pos;   /* [n] absolute position */
-    const int32_t *token; /* [n] input token */
-    const uint8_t *flags; /* [n] STAGE_ROW_* */
-} stage_batch;
 
 /* ---- model ---------------------------------------------------------------------------- */
 int stage_model_load(const char *dir, const stage_config *cfg, stage_range range, stage_model **out,

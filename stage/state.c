@@ -2,12 +2,10 @@
  * tensor-parallel group protocol around the layer math (SPEC §2, §5). See stage.h. */
 #include "stage/stage_impl.h"
 
-#include <mpi.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "stage/kernels.h"
 
@@ -190,6 +188,11 @@ static void slot_release_impl(stage_state *s, int slot)
  * broadcasts each operation on the stage state; the other ranks (followers) repeat it. ---- */
 enum { TP_OP_STOP = 0, TP_OP_FORWARD, TP_OP_HEAD, TP_OP_RESET, TP_OP_RELEASE };
 enum { TP_HDR = 8 }; /* op, n, first, last, slot, n_present, 0, 0 */
+/* A FORWARD carries per row: slot, pos, token (4 bytes each), flags, present (1 each). */
+enum { TP_ROW_BYTES = 14 };
+_Static_assert(sizeof *((stage_batch *)0)->slot == 4 && sizeof *((stage_batch *)0)->pos == 4 &&
+                   sizeof *((stage_batch *)0)->token == 4 && sizeof *((stage_batch *)0)->flags == 1,
+               "TP_ROW_BYTES: the FORWARD encoding of a row");
 
 static int tp_leader(const stage_state *s)
 {
@@ -201,30 +204,12 @@ static void tp_count_io(stage_state *s, size_t bytes)
     s->tp_io_bytes += (double)bytes * (stage_tp_size(s->tp) - 1);
 }
 
-/* The header goes by a non-blocking broadcast so an idle follower can sleep between polls. */
+/* The header goes by the group's idle broadcast: a waiting follower sleeps between polls. */
 static void tp_send_hdr(stage_state *s, int op, int n, int first, int last, int slot, int np)
 {
     int32_t hdr[TP_HDR] = {op, n, first, last, slot, np, 0, 0};
-    MPI_Request rq;
-    MPI_Ibcast(hdr, TP_HDR, MPI_INT32_T, 0, stage_tp_comm(s->tp), &rq);
-    MPI_Wait(&rq, MPI_STATUS_IGNORE);
+    s->tp->bcast_idle(s->tp, hdr, TP_HDR);
     tp_count_io(s, sizeof hdr);
-}
-
-static void tp_recv_hdr(stage_state *s, int32_t *hdr)
-{
-    MPI_Request rq;
-    MPI_Ibcast(hdr, TP_HDR, MPI_INT32_T, 0, stage_tp_comm(s->tp), &rq);
-    long spins = 0, nap_ns = 1000;
-    for (;;) {
-        int done = 0;
-        MPI_Test(&rq, &done, MPI_STATUS_IGNORE);
-        if (done) return;
-        if (++spins < 2000) continue; /* a busy stage: the next op is microseconds away */
-        struct timespec ts = {0, nap_ns};
-        nanosleep(&ts, NULL);
-        if (nap_ns < 1000000) nap_ns *= 2;
-    }
 }
 
 void stage_state_slot_reset(stage_state *s, int slot)
@@ -301,7 +286,7 @@ static int tp_send_forward(stage_state *s, const stage_batch *b, const float *x,
         }
     size_t len = (size_t)(p - s->f_buf);
     tp_send_hdr(s, TP_OP_FORWARD, n, first, last, 0, np);
-    MPI_Bcast(s->f_buf, (int)len, MPI_BYTE, 0, stage_tp_comm(s->tp));
+    s->tp->bcast(s->tp, s->f_buf, len);
     tp_count_io(s, len);
     return 0;
 }
@@ -322,7 +307,7 @@ int stage_head_logits(stage_state *s, const float *x, const int *rows, int n_row
         for (int j = 0; j < n_rows; j++)
             memcpy(p + (size_t)j * D, x + (size_t)rows[j] * D, (size_t)D * sizeof(float));
         tp_send_hdr(s, TP_OP_HEAD, n_rows, 0, 0, 0, 0);
-        MPI_Bcast(s->f_buf, n_rows * D * (int)sizeof(float), MPI_BYTE, 0, stage_tp_comm(s->tp));
+        s->tp->bcast(s->tp, s->f_buf, (size_t)n_rows * D * sizeof(float));
         tp_count_io(s, (size_t)n_rows * D * sizeof(float));
     }
     double tb0 = s->tp ? stage_tp_bytes(s->tp) : 0.0;
@@ -349,7 +334,7 @@ int stage_state_tp_follow(stage_state *s, char *err, size_t errlen)
     const int D = s->m->cfg.hidden, R = s->max_rows;
     for (;;) {
         int32_t h[TP_HDR];
-        tp_recv_hdr(s, h);
+        s->tp->bcast_idle(s->tp, h, TP_HDR);
         const int op = h[0], n = h[1], np = h[5];
         if (op == TP_OP_STOP) return 0;
         if (op == TP_OP_RESET || op == TP_OP_RELEASE) {
@@ -367,15 +352,15 @@ int stage_state_tp_follow(stage_state *s, char *err, size_t errlen)
         int32_t *slot = s->f_i32, *pos = slot + R, *tok = pos + R;
         uint8_t *flags = s->f_u8, *present = flags + R;
         if (op == TP_OP_HEAD) {
-            MPI_Bcast(s->f_buf, n * D * (int)sizeof(float), MPI_BYTE, 0, stage_tp_comm(s->tp));
+            s->tp->bcast(s->tp, s->f_buf, (size_t)n * D * sizeof(float));
             for (int j = 0; j < n; j++) slot[j] = j; /* the rows come packed */
             if (stage_head_impl(s, (const float *)(void *)s->f_buf, slot, n, s->f_logits, err,
                                 errlen))
                 return -1;
             continue;
         }
-        size_t len = (size_t)n * 14 + (size_t)np * D * sizeof(float);
-        MPI_Bcast(s->f_buf, (int)len, MPI_BYTE, 0, stage_tp_comm(s->tp));
+        size_t len = (size_t)n * TP_ROW_BYTES + (size_t)np * D * sizeof(float);
+        s->tp->bcast(s->tp, s->f_buf, len);
         const uint8_t *p = s->f_buf;
         memcpy(slot, p, (size_t)n * 4);
         p += (size_t)n * 4;

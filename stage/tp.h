@@ -1,4 +1,6 @@
-/* stage/tp.h — tensor parallelism inside one pipeline stage on ScaLAPACK (SPEC §5, issue 10).
+/* stage/tp.h — tensor parallelism inside one pipeline stage: what the layer math needs from
+ * the stage's group of ranks, as operations the engine provides (engine/tp.h builds them on
+ * ScaLAPACK and MPI; stage/ itself makes no MPI call). SPEC §5.
  *
  * A stage may span a group of K ranks (K = 1: none of this is used; the single-rank path in
  * stage/layers.c is unchanged and never calls ScaLAPACK). The group is a BLACS process grid of
@@ -31,58 +33,82 @@
  * counts B (K-1); a psgemm counts its X^T operand k*m*4 (K-1) (every rank needs all of it;
  * this is the data PBLAS must move, a model of its traffic: PBLAS does its own MPI calls).
  *
- * Threads: one caller thread (the stage's). Errors: stage_tp_new / stage_tp_weight_init return
- * non-zero with one line in err; stage_tp_matmul cannot fail (its scratch is sized by
- * stage_tp_reserve; a call beyond it is a programming error and aborts).
- * *_free(NULL) is a no-op. The group communicator is the caller's (stage_tp_new dups it).
+ * The group protocol (stage/state.c): the leader (group rank 0) runs the pipeline and
+ * broadcasts each operation on the stage state (bcast_idle: a small header; bcast: its data);
+ * the followers repeat it. Both are collective over the group, rank 0 the root.
+ *
+ * Threads: one caller thread (the stage's). Errors: reserve / weight_init return non-zero
+ * with one line in err; matmul cannot fail (its scratch is sized by reserve; a call beyond it
+ * is a programming error and aborts). stage_tp_weight_free(NULL) is a no-op. The stage never
+ * owns a stage_tp: its maker (engine/tp.h) frees it after the stage.
  */
 #ifndef STAGE_TP_H
 #define STAGE_TP_H
 
-#include <mpi.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "stage/dtype.h"
-
-typedef struct stage_tp stage_tp;
-
-/* Collective over `group` (every rank of it). */
-int stage_tp_new(MPI_Comm group, stage_tp **out, char *err, size_t errlen);
-void stage_tp_free(stage_tp *tp);
-int stage_tp_size(const stage_tp *tp);
-int stage_tp_rank(const stage_tp *tp);
-MPI_Comm stage_tp_comm(const stage_tp *tp);
-
-/* Scratch for matmuls of up to `rows` rows and `width` features (n or k) at once. */
-int stage_tp_reserve(stage_tp *tp, int rows, int width, char *err, size_t errlen);
-
-/* This rank's slice of n features: returns its length, *off its first feature. */
-int stage_tp_split(const stage_tp *tp, int n, int *off);
-
-/* Bytes moved inside the group so far (see above), and adding to it. */
-double stage_tp_bytes(const stage_tp *tp);
-void stage_tp_count(stage_tp *tp, double bytes);
 
 typedef struct {
     int n, k;      /* the full W [n][k] */
     int n_loc, r0; /* this rank's rows [r0, r0 + n_loc) of W */
     float *a;      /* [k][max(1,n_loc)] column-major local block (n_loc x k, lld max(1,n_loc)) */
-    int desc[9];   /* ScaLAPACK descriptor of W */
+    int desc[9];   /* ScaLAPACK descriptor of W (filled by weight_init) */
 } stage_tp_weight;
 
-/* This rank's slice of `full` (any dtype; only its rows are read), converted to f32. */
-int stage_tp_weight_init(stage_tp *tp, const stage_weight *full, stage_tp_weight *w, char *err,
-                         size_t errlen);
+typedef struct stage_tp stage_tp;
+struct stage_tp {
+    int size, rank; /* K ranks in the group; this rank's place in it (0: the leader) */
+    double bytes;   /* moved inside the group by reserve/matmul so far (see Accounting) */
+    /* Scratch for matmuls of up to `rows` rows and `width` features (n or k) at once. */
+    int (*reserve)(stage_tp *tp, int rows, int width, char *err, size_t errlen);
+    /* This rank's slice of `full` (any dtype; only its rows are read), converted to f32. */
+    int (*weight_init)(stage_tp *tp, const stage_weight *full, stage_tp_weight *w, char *err,
+                       size_t errlen);
+    /* y = x W^T over the group (collective: every rank calls it with the same m and w).
+     * x: x_local ? [m][k_loc] (this rank's feature slice) : [m][k] (the full rows, same on
+     * every rank). y: y_local ? [m][n_loc] : [m][n] (gathered: the same on every rank).
+     * m <= 0: no-op. */
+    void (*matmul)(stage_tp *tp, const float *x, int x_local, int m, const stage_tp_weight *w,
+                   float *y, int y_local);
+    /* buf [len] bytes: rank 0's to every rank of the group (blocking). */
+    void (*bcast)(stage_tp *tp, void *buf, size_t len);
+    /* hdr [n]: the same for an operation header; a follower waiting for the next operation
+     * polls, then sleeps between polls (an idle stage costs no core). */
+    void (*bcast_idle)(stage_tp *tp, int32_t *hdr, int n);
+};
+
+static inline int stage_tp_size(const stage_tp *tp) { return tp->size; }
+static inline int stage_tp_rank(const stage_tp *tp) { return tp->rank; }
+static inline double stage_tp_bytes(const stage_tp *tp) { return tp->bytes; }
+static inline int stage_tp_reserve(stage_tp *tp, int rows, int width, char *err, size_t errlen)
+{
+    return tp->reserve(tp, rows, width, err, errlen);
+}
+static inline int stage_tp_weight_init(stage_tp *tp, const stage_weight *full, stage_tp_weight *w,
+                                       char *err, size_t errlen)
+{
+    return tp->weight_init(tp, full, w, err, errlen);
+}
+static inline void stage_tp_matmul(stage_tp *tp, const float *x, int x_local, int m,
+                                   const stage_tp_weight *w, float *y, int y_local)
+{
+    tp->matmul(tp, x, x_local, m, w, y, y_local);
+}
+
+/* Rank p's slice of n features split over K ranks in blocks of ceil(n / K): returns its
+ * length, *off its first feature (what ScaLAPACK's numroc gives for one block per rank). */
+int stage_tp_split_of(int n, int K, int p, int *off);
+static inline int stage_tp_split(const stage_tp *tp, int n, int *off)
+{
+    return stage_tp_split_of(n, tp->size, tp->rank, off);
+}
+
 void stage_tp_weight_free(stage_tp_weight *w);
 static inline size_t stage_tp_weight_bytes(const stage_tp_weight *w)
 {
     return (size_t)w->n_loc * (size_t)w->k * sizeof(float);
 }
-
-/* y = x W^T over the group (collective: every rank calls it with the same m and w).
- * x: x_local ? [m][k_loc] (this rank's feature slice) : [m][k] (the full rows, same on every
- * rank). y: y_local ? [m][n_loc] : [m][n] (gathered: the same on every rank). m <= 0: no-op. */
-void stage_tp_matmul(stage_tp *tp, const float *x, int x_local, int m, const stage_tp_weight *w,
-                     float *y, int y_local);
 
 #endif

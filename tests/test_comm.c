@@ -236,10 +236,10 @@ static void fixture_init(fixture *f, stage_dtype dtype)
     p->dtype = dtype;
     p->present = f->present;
     p->has_desc = 1;
-    p->slot = f->slot;
-    p->pos = f->pos;
-    p->token = f->token;
-    p->flags = f->flags;
+    p->rows.slot = f->slot;
+    p->rows.pos = f->pos;
+    p->rows.token = f->token;
+    p->rows.flags = f->flags;
     p->n_bypass = 3;
     p->bypass = f->bypass;
 }
@@ -270,10 +270,10 @@ static void assert_same_header(const comm_packet *a, const comm_packet *b)
     CU_ASSERT_EQUAL(a->has_desc, b->has_desc);
     if (a->has_desc && b->has_desc) {
         size_t r = (size_t)a->mb_rows;
-        CU_ASSERT_EQUAL(memcmp(a->slot, b->slot, r * 4), 0);
-        CU_ASSERT_EQUAL(memcmp(a->pos, b->pos, r * 4), 0);
-        CU_ASSERT_EQUAL(memcmp(a->token, b->token, r * 4), 0);
-        CU_ASSERT_EQUAL(memcmp(a->flags, b->flags, r), 0);
+        CU_ASSERT_EQUAL(memcmp(a->rows.slot, b->rows.slot, r * 4), 0);
+        CU_ASSERT_EQUAL(memcmp(a->rows.pos, b->rows.pos, r * 4), 0);
+        CU_ASSERT_EQUAL(memcmp(a->rows.token, b->rows.token, r * 4), 0);
+        CU_ASSERT_EQUAL(memcmp(a->rows.flags, b->rows.flags, r), 0);
     }
     CU_ASSERT_EQUAL(a->n_bypass, b->n_bypass);
     if (a->n_bypass == b->n_bypass)
@@ -313,7 +313,7 @@ static void roundtrip_rows(const fixture *f, int D, int n_stages)
     CU_ASSERT_PTR_EQUAL(q.payload, buf + hb);
     CU_ASSERT_EQUAL(q.payload_bytes, pb);
     if (!p->has_desc) {
-        CU_ASSERT_PTR_NULL(q.slot);
+        CU_ASSERT_PTR_NULL(q.rows.slot);
         CU_ASSERT_PTR_NULL(q.bypass);
     }
 
@@ -356,8 +356,8 @@ static void test_rows_non_chain(void)
         f.p.sender = 0;
         f.p.receiver = 3; /* a bypass packet: no descriptor, no bypass list */
         f.p.has_desc = 0;
-        f.p.slot = f.p.pos = f.p.token = NULL;
-        f.p.flags = NULL;
+        f.p.rows.slot = f.p.rows.pos = f.p.rows.token = NULL;
+        f.p.rows.flags = NULL;
         f.p.n_bypass = 0;
         f.p.bypass = NULL;
         roundtrip_rows(&f, D5, S4);
@@ -376,7 +376,7 @@ static void test_empty_chain(void)
         slot[i] = i;
         pos[i] = i;
         token[i] = i + 1;
-        flags[i] = COMM_ROW_PROMPT;
+        flags[i] = STAGE_ROW_PROMPT;
     }
     comm_packet p = {.kind = COMM_PKT_ROWS,
                      .mb = 1,
@@ -387,10 +387,10 @@ static void test_empty_chain(void)
                      .dtype = STAGE_F32,
                      .present = present,
                      .has_desc = 1,
-                     .slot = slot,
-                     .pos = pos,
-                     .token = token,
-                     .flags = flags};
+                     .rows.slot = slot,
+                     .rows.pos = pos,
+                     .rows.token = token,
+                     .rows.flags = flags};
     uint8_t buf[512];
     char err[256] = "";
     size_t hb, pb;
@@ -425,7 +425,7 @@ static void test_empty_chain(void)
     CU_ASSERT_FATAL(comm_unpack(u, buf, total, 16, &q, err, sizeof err) == 0);
     CU_ASSERT_EQUAL(q.mb_rows, 0);
     CU_ASSERT_EQUAL(q.has_desc, 1);
-    CU_ASSERT(q.present && q.slot && q.pos && q.token && q.flags);
+    CU_ASSERT(q.present && q.rows.slot && q.rows.pos && q.rows.token && q.rows.flags);
     printf("\n  empty chain packet, 8 rows: %zu header bytes; 0 rows: %zu\n", (size_t)63, hb);
     comm_unpacker_free(u);
 }
@@ -581,7 +581,7 @@ static void test_limits(void)
     memset(present, 0xff, sizeof present);
     for (int i = 0; i < R; i++) {
         big[i] = INT32_MAX;
-        flags[i] = COMM_ROW_NEED_LOGITS | COMM_ROW_PROMPT;
+        flags[i] = STAGE_ROW_NEED_LOGITS | STAGE_ROW_PROMPT;
     }
     for (int i = 0; i < R * D; i++) x[i] = (float)i;
     int nb = 0;
@@ -597,10 +597,10 @@ static void test_limits(void)
                      .dtype = STAGE_F32,
                      .present = present,
                      .has_desc = 1,
-                     .slot = big,
-                     .pos = big,
-                     .token = big,
-                     .flags = flags,
+                     .rows.slot = big,
+                     .rows.pos = big,
+                     .rows.token = big,
+                     .rows.flags = flags,
                      .n_bypass = nb,
                      .bypass = bp};
     size_t cap = comm_packet_max_bytes(R, D, S);
@@ -670,7 +670,7 @@ static void test_lifetime(void)
     assert_same_header(&g.p, &p2);
     CU_ASSERT_FATAL(comm_unpack(u1, b, lb, D5, &p3, err, sizeof err) == 0);
     assert_same_header(&g.p, &p3);
-    CU_ASSERT_EQUAL(p3.slot[0], 99);
+    CU_ASSERT_EQUAL(p3.rows.slot[0], 99);
     comm_unpacker_free(u1);
     comm_unpacker_free(u2);
     free(a);
@@ -779,12 +779,12 @@ static void test_pack_errors(void)
     memcpy(neg, f.pos, sizeof neg);
     neg[9] = -5;
     p = f.p;
-    p.pos = neg;
+    p.rows.pos = neg;
     expect_pack_fail(&p, f.x, D5, NULL, "negative");
     uint8_t fl[MB10] = {0};
     fl[2] = 8;
     p = f.p;
-    p.flags = fl;
+    p.rows.flags = fl;
     expect_pack_fail(&p, f.x, D5, NULL, "flags");
     comm_bypass dup[2] = {{0, 2}, {0, 2}}, back[1] = {{2, 1}};
     p = f.p;
@@ -925,18 +925,18 @@ static void test_sampling_desc(void)
         seq[i] = (uint64_t)i * 1000003u;
         step[i] = (uint32_t)(i * 300);
         target[i] = i % 3 == 0 ? -1 : 50 * i;
-        fl[i] = (uint8_t)(i % 2 ? COMM_ROW_NEED_LOGITS | COMM_ROW_SAMPLE : COMM_ROW_PROMPT);
+        fl[i] = (uint8_t)(i % 2 ? STAGE_ROW_NEED_LOGITS | STAGE_ROW_SAMPLE : STAGE_ROW_PROMPT);
     }
     comm_packet p = f.p;
-    p.flags = fl;
-    p.temperature = temp;
-    p.top_p = top_p;
-    p.seed = seed;
-    p.seq = seq;
-    p.step = step;
-    p.target = target;
-    p.n_release = 3;
-    p.release = rel;
+    p.rows.flags = fl;
+    p.rows.temperature = temp;
+    p.rows.top_p = top_p;
+    p.rows.seed = seed;
+    p.rows.seq = seq;
+    p.rows.step = step;
+    p.rows.target = target;
+    p.rows.n_release = 3;
+    p.rows.release = rel;
     size_t cap = comm_packet_max_bytes(MB10, D5, S4);
     uint8_t *buf = malloc(cap);
     char err[256] = "";
@@ -950,15 +950,16 @@ static void test_sampling_desc(void)
     CU_ASSERT_EQUAL_FATAL(comm_unpack(u, buf, n, D5, &q, err, sizeof err), 0);
     assert_same_header(&p, &q);
     for (int i = 0; i < MB10; i++) {
-        CU_ASSERT_EQUAL(f32_bits(q.temperature[i]), f32_bits(temp[i]));
-        CU_ASSERT_EQUAL(f32_bits(q.top_p[i]), f32_bits(top_p[i]));
-        CU_ASSERT_EQUAL(q.seed[i], seed[i]);
-        CU_ASSERT_EQUAL(q.seq[i], seq[i]);
-        CU_ASSERT_EQUAL(q.step[i], step[i]);
-        CU_ASSERT_EQUAL(q.target[i], target[i]);
+        CU_ASSERT_EQUAL(f32_bits(q.rows.temperature[i]), f32_bits(temp[i]));
+        CU_ASSERT_EQUAL(f32_bits(q.rows.top_p[i]), f32_bits(top_p[i]));
+        CU_ASSERT_EQUAL(q.rows.seed[i], seed[i]);
+        CU_ASSERT_EQUAL(q.rows.seq[i], seq[i]);
+        CU_ASSERT_EQUAL(q.rows.step[i], step[i]);
+        CU_ASSERT_EQUAL(q.rows.target[i], target[i]);
     }
-    CU_ASSERT_EQUAL(q.n_release, 3);
-    CU_ASSERT(q.n_release == 3 && q.release[0] == 7 && q.release[1] == 0 && q.release[2] == 300000);
+    CU_ASSERT_EQUAL(q.rows.n_release, 3);
+    CU_ASSERT(q.rows.n_release == 3 && q.rows.release[0] == 7 && q.rows.release[1] == 0 &&
+              q.rows.release[2] == 300000);
 
     /* absent arrays: every row gets the default, and the header is smaller */
     size_t hb_full = hb;
@@ -968,61 +969,61 @@ static void test_sampling_desc(void)
     CU_ASSERT(hb < hb_full);
     CU_ASSERT_EQUAL_FATAL(comm_unpack(u, buf, n, D5, &q, err, sizeof err), 0);
     for (int i = 0; i < MB10; i++) {
-        CU_ASSERT(q.temperature[i] == 0.0f && q.top_p[i] == 1.0f && q.seed[i] == 0 &&
-                  q.seq[i] == 0 && q.step[i] == 0 && q.target[i] == -1);
+        CU_ASSERT(q.rows.temperature[i] == 0.0f && q.rows.top_p[i] == 1.0f && q.rows.seed[i] == 0 &&
+                  q.rows.seq[i] == 0 && q.rows.step[i] == 0 && q.rows.target[i] == -1);
     }
-    CU_ASSERT_EQUAL(q.n_release, 0);
+    CU_ASSERT_EQUAL(q.rows.n_release, 0);
 
     /* pack rejects */
     uint8_t bad_fl[MB10] = {0};
-    bad_fl[4] = COMM_ROW_SAMPLE;
+    bad_fl[4] = STAGE_ROW_SAMPLE;
     p = f.p;
-    p.flags = bad_fl;
+    p.rows.flags = bad_fl;
     expect_pack_fail(&p, f.x, D5, NULL, "row 4 samples without logits");
     float nan_t[MB10];
     memcpy(nan_t, temp, sizeof nan_t);
     nan_t[1] = NAN;
     p = f.p;
-    p.flags = fl;
-    p.temperature = nan_t;
+    p.rows.flags = fl;
+    p.rows.temperature = nan_t;
     expect_pack_fail(&p, f.x, D5, NULL, "row 1 has temperature nan");
     float zero_p[MB10];
     memcpy(zero_p, top_p, sizeof zero_p);
     zero_p[3] = 0.0f;
     p = f.p;
-    p.flags = fl;
-    p.top_p = zero_p;
+    p.rows.flags = fl;
+    p.rows.top_p = zero_p;
     expect_pack_fail(&p, f.x, D5, NULL, "row 3 has temperature");
     int32_t bad_t[MB10];
     memcpy(bad_t, target, sizeof bad_t);
     bad_t[5] = -2;
     p = f.p;
-    p.target = bad_t;
+    p.rows.target = bad_t;
     expect_pack_fail(&p, f.x, D5, NULL, "row 5 has target -2");
     int32_t dup[2] = {4, 4}, negr[1] = {-1};
     p = f.p;
-    p.release = dup;
-    p.n_release = 2;
+    p.rows.release = dup;
+    p.rows.n_release = 2;
     expect_pack_fail(&p, f.x, D5, NULL, "slot 4 released twice");
     p = f.p;
-    p.release = negr;
-    p.n_release = 1;
+    p.rows.release = negr;
+    p.rows.n_release = 1;
     expect_pack_fail(&p, f.x, D5, NULL, "release of slot -1");
-    static int32_t many[COMM_MAX_RELEASE + 1];
-    for (int k = 0; k <= COMM_MAX_RELEASE; k++) many[k] = k;
+    static int32_t many[STAGE_MAX_RELEASE + 1];
+    for (int k = 0; k <= STAGE_MAX_RELEASE; k++) many[k] = k;
     p = f.p;
-    p.release = many;
-    p.n_release = COMM_MAX_RELEASE + 1;
+    p.rows.release = many;
+    p.rows.n_release = STAGE_MAX_RELEASE + 1;
     expect_pack_fail(&p, f.x, D5, NULL, "slot releases (limit");
     p = f.p;
-    p.release = many;
-    p.n_release = COMM_MAX_RELEASE; /* the limit itself fits */
+    p.rows.release = many;
+    p.rows.n_release = STAGE_MAX_RELEASE; /* the limit itself fits */
     CU_ASSERT(comm_pack(&p, f.x, D5, NULL, buf, cap, &hb, &pb, err, sizeof err) > 0);
     CU_ASSERT_EQUAL(comm_unpack(u, buf,
                                 comm_pack(&p, f.x, D5, NULL, buf, cap, &hb, &pb, err, sizeof err),
                                 D5, &q, err, sizeof err),
                     0);
-    CU_ASSERT_EQUAL(q.n_release, COMM_MAX_RELEASE);
+    CU_ASSERT_EQUAL(q.rows.n_release, STAGE_MAX_RELEASE);
 
     /* unpack rejects a sampling array of the wrong length and too many releases */
     static uint8_t rbuf[RAW_CAP];
@@ -1039,7 +1040,7 @@ static void test_sampling_desc(void)
     n = raw_packet(&r.h, 4 * ROWB, rbuf, RAW_CAP);
     expect_unpack_fail(u, rbuf, n, D5, "11 targets");
     raw_init(&r);
-    r.d.n_release = COMM_MAX_RELEASE + 1;
+    r.d.n_release = STAGE_MAX_RELEASE + 1;
     r.d.release = many;
     n = raw_packet(&r.h, 4 * ROWB, rbuf, RAW_CAP);
     expect_unpack_fail(u, rbuf, n, D5, "slot releases (limit");
@@ -1339,7 +1340,8 @@ static void check_self_consistent(const comm_packet *q, const uint8_t *buf, size
     CU_ASSERT_EQUAL(q->payload_bytes, want);
     CU_ASSERT_EQUAL(q->has_desc, q->kind == COMM_PKT_ROWS && q->receiver == q->sender + 1);
     for (int i = 0; q->has_desc && i < q->mb_rows; i++)
-        CU_ASSERT(q->slot[i] >= 0 && q->pos[i] >= 0 && q->token[i] >= 0 && q->flags[i] < 8);
+        CU_ASSERT(q->rows.slot[i] >= 0 && q->rows.pos[i] >= 0 && q->rows.token[i] >= 0 &&
+                  q->rows.flags[i] < 8);
     for (int k = 0; k < q->n_bypass; k++)
         CU_ASSERT(q->bypass[k].from >= 0 && q->bypass[k].from < q->bypass[k].to &&
                   q->bypass[k].to < n_stages);

@@ -364,15 +364,19 @@ static void check_serve(int np, int slots)
     if (!(idle < 0.3)) fprintf(stderr, "\n  idle second used %.3f s of CPU\n", idle);
 }
 
-/* A rank killed while the server runs: the job ends (non-zero, naming the rank), no hang. */
+/* A rank killed while the server runs: the job ends (non-zero, naming the rank), no hang. The kill
+   waits for all three ranks to exist (a fixed sleep lost the race on a loaded machine). */
 static void test_dead_rank(void)
 {
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    int rc = run(90,
-                 "%s -np 3 %s --worker %s/stories260K %s 4 forever & sleep 3; "
-                 "pkill -9 -n -f \"[t]est_serve --worker %s/stories260K\"; wait $!",
-                 MPIRUN, SELF, FIX, prompts, FIX);
+    int rc =
+        run(90,
+            "%s -np 3 %s --worker %s/stories260K %s 4 forever & "
+            "for i in $(seq 300); do [ $(pgrep -c -f \"[t]est_serve --worker %s/stories260K\") "
+            "-ge 3 ] && break; sleep 0.1; done; sleep 1; "
+            "pkill -9 -n -f \"[t]est_serve --worker %s/stories260K\"; wait $!",
+            MPIRUN, SELF, FIX, prompts, FIX, FIX);
     clock_gettime(CLOCK_MONOTONIC, &t1);
     double el = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9;
     CU_ASSERT_NOT_EQUAL(rc,

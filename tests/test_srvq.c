@@ -53,7 +53,7 @@ static long submit(srvq *q, client *c, const int32_t *p, int n, int max_tokens, 
 }
 
 /* The fake head: token for row i = 100 + slot (or what `force` says for a slot). */
-static void give_back(srvq *q, const engine_mb *mb, const int32_t *force_by_slot)
+static void give_back(srvq *q, const stage_batch *mb, const int32_t *force_by_slot)
 {
     int32_t tok[64];
     for (int i = 0; i < mb->n; i++)
@@ -113,9 +113,9 @@ static void test_schedule(void)
     srvq *q = srvq_new(2, 9, 4, 50, 2);
     CU_ASSERT_PTR_NOT_NULL_FATAL(q);
     CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 4, 0, 4), 0);
-    engine_mb mb, old;
-    CU_ASSERT_EQUAL_FATAL(engine_mb_init(&mb, 4), 0);
-    CU_ASSERT_EQUAL_FATAL(engine_mb_init(&old, 4), 0);
+    stage_batch mb, old;
+    CU_ASSERT_EQUAL_FATAL(stage_batch_init(&mb, 4), 0);
+    CU_ASSERT_EQUAL_FATAL(stage_batch_init(&old, 4), 0);
     client a, b, c, d;
     memset(&a, 0, sizeof a);
     memset(&b, 0, sizeof b);
@@ -133,7 +133,7 @@ static void test_schedule(void)
     CU_ASSERT_EQUAL(mb.n, 4);
     for (int i = 0; i < 4; i++) {
         CU_ASSERT(mb.slot[i] == 0 && mb.pos[i] == i && mb.token[i] == P5[i]);
-        CU_ASSERT_EQUAL(mb.flags[i], COMM_ROW_PROMPT);
+        CU_ASSERT_EQUAL(mb.flags[i], STAGE_ROW_PROMPT);
         CU_ASSERT_EQUAL(mb.tag[i], 0u);
     }
     srvq_stats st;
@@ -144,12 +144,12 @@ static void test_schedule(void)
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
     CU_ASSERT_EQUAL(mb.n, 4);
     CU_ASSERT(mb.slot[0] == 0 && mb.pos[0] == 4 &&
-              mb.flags[0] == (COMM_ROW_PROMPT | COMM_ROW_NEED_LOGITS | COMM_ROW_SAMPLE));
+              mb.flags[0] == (STAGE_ROW_PROMPT | STAGE_ROW_NEED_LOGITS | STAGE_ROW_SAMPLE));
     CU_ASSERT(mb.step[0] == 0 && mb.seed[0] == 9 && mb.seq[0] == 0 && mb.top_p[0] == 1.0f);
     for (int i = 1; i < 4; i++) CU_ASSERT(mb.slot[i] == 1 && mb.pos[i] == i - 1);
-    CU_ASSERT_EQUAL(mb.flags[3], COMM_ROW_PROMPT | COMM_ROW_NEED_LOGITS | COMM_ROW_SAMPLE);
+    CU_ASSERT_EQUAL(mb.flags[3], STAGE_ROW_PROMPT | STAGE_ROW_NEED_LOGITS | STAGE_ROW_SAMPLE);
     /* while mb 2 is in flight nothing else is ready */
-    engine_mb_copy(&old, &mb);
+    stage_batch_copy(&old, &mb);
     CU_ASSERT_EQUAL(srvq_sched_ops.next(q, &mb), 0);
     give_back(q, &old, NULL); /* a gets 100, b gets 101 */
     CU_ASSERT(a.n_tok == 1 && a.tok[0] == 100 && b.n_tok == 1 && b.tok[0] == 101);
@@ -158,8 +158,8 @@ static void test_schedule(void)
     CU_ASSERT_EQUAL(mb.n, 2);
     CU_ASSERT(mb.slot[0] == 0 && mb.pos[0] == 5 && mb.token[0] == 100 && mb.step[0] == 1);
     CU_ASSERT(mb.slot[1] == 1 && mb.pos[1] == 3 && mb.token[1] == 101 && mb.step[1] == 1);
-    CU_ASSERT_EQUAL(mb.flags[0], COMM_ROW_NEED_LOGITS | COMM_ROW_SAMPLE);
-    engine_mb_copy(&old, &mb);
+    CU_ASSERT_EQUAL(mb.flags[0], STAGE_ROW_NEED_LOGITS | STAGE_ROW_SAMPLE);
+    stage_batch_copy(&old, &mb);
     /* b is cancelled while its decode row is in flight: its slot goes to c at once */
     srvq_cancel(q, ib);
     CU_ASSERT_EQUAL(b.n_done, 0); /* callbacks run on the pipeline thread */
@@ -168,9 +168,9 @@ static void test_schedule(void)
     CU_ASSERT_EQUAL(mb.n, 3); /* c's prompt in slot 1; a still has a row in flight */
     for (int i = 0; i < 3; i++) CU_ASSERT(mb.slot[i] == 1 && mb.pos[i] == i && mb.tag[i] == 2u);
     CU_ASSERT_EQUAL(mb.n_release, 0); /* c's position-0 row resets slot 1: no release needed */
-    engine_mb mb4;
-    engine_mb_init(&mb4, 4);
-    engine_mb_copy(&mb4, &mb);
+    stage_batch mb4;
+    stage_batch_init(&mb4, 4);
+    stage_batch_copy(&mb4, &mb);
     /* the stale mb 3 comes back: a gets its token, b's row is skipped */
     give_back(q, &old, NULL);
     CU_ASSERT(a.n_tok == 2 && b.n_tok == 1 && b.n_done == 1);
@@ -219,9 +219,9 @@ static void test_schedule(void)
     CU_ASSERT(st.n_links == 2 && st.link[0].from == 0 && st.link[0].to == 1 &&
               st.link[0].bytes == 1000 && st.link[0].dense_bytes == 4000 && st.link[1].from == 1 &&
               st.link[1].dense_bytes == 0);
-    engine_mb_free(&mb);
-    engine_mb_free(&old);
-    engine_mb_free(&mb4);
+    stage_batch_free(&mb);
+    stage_batch_free(&old);
+    stage_batch_free(&mb4);
     srvq_free(q);
 }
 
@@ -230,8 +230,8 @@ static void test_cancel_queued_and_fail(void)
 {
     srvq *q = srvq_new(1, 16, 4, 50, -1);
     CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 8, 0, 8), 0);
-    engine_mb mb;
-    engine_mb_init(&mb, 8);
+    stage_batch mb;
+    stage_batch_init(&mb, 8);
     client c[3];
     memset(c, 0, sizeof c);
     char err[256];
@@ -248,7 +248,7 @@ static void test_cancel_queued_and_fail(void)
     CU_ASSERT_EQUAL(c[1].n_done, 1);
     CU_ASSERT(srvq_idle(q));
     CU_ASSERT_EQUAL(submit(q, &c[0], P3, 3, 5, err), SRVQ_ERR_CLOSED);
-    engine_mb_free(&mb);
+    stage_batch_free(&mb);
     srvq_free(q);
 }
 
@@ -258,8 +258,8 @@ static void test_whole_prompts(void)
 {
     srvq *q = srvq_new(3, 16, 4, 50, -1);
     CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 4, 1, 16), 0);
-    engine_mb mb;
-    engine_mb_init(&mb, 16);
+    stage_batch mb;
+    stage_batch_init(&mb, 16);
     client c[3];
     memset(c, 0, sizeof c);
     char err[256];
@@ -269,7 +269,7 @@ static void test_whole_prompts(void)
     CU_ASSERT(mb.n == 3 && mb.slot[0] == 0);
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
     CU_ASSERT(mb.n == 7 && mb.slot[0] == 1 && mb.pos[6] == 6);
-    engine_mb_free(&mb);
+    stage_batch_free(&mb);
     srvq_free(q);
 }
 
@@ -302,8 +302,8 @@ static void test_threads(void)
         a[t] = (sub_arg){q, c[t], N, ids[t]};
         pthread_create(&th[t], NULL, submitter, &a[t]);
     }
-    engine_mb mb;
-    engine_mb_init(&mb, 16);
+    stage_batch mb;
+    stage_batch_init(&mb, 16);
     int joined = 0;
     for (int it = 0; it < 100000; it++) {
         if (srvq_sched_ops.next(q, &mb))
@@ -326,7 +326,7 @@ static void test_threads(void)
             ok &= c[t][i].n_done == 1 && c[t][i].why == SRVQ_FINISH_LENGTH && c[t][i].n_tok == 3;
         }
     CU_ASSERT(ok);
-    engine_mb_free(&mb);
+    stage_batch_free(&mb);
     srvq_free(q);
 }
 

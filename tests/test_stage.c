@@ -461,7 +461,11 @@ static int run_rows(stage_state *st, const stage_model *m, int n, const int32_t 
         memset(present, 1, (size_t)n);
         for (int i = 0; i < n; i++)
             if (flags[i] & STAGE_ROW_NEED_LOGITS) rows[nl++] = i;
-        stage_batch b = {n, slot, pos, tok, flags};
+        stage_batch b = {.n = n,
+                         .slot = (int32_t *)slot,
+                         .pos = (int32_t *)pos,
+                         .token = (int32_t *)tok,
+                         .flags = (uint8_t *)flags};
         rc = stage_embed(m, tok, n, x, err, sizeof err);
         if (!rc) rc = stage_forward(st, &b, x, present, err, sizeof err);
         if (!rc) rc = stage_head_logits(st, x, rows, nl, logits, err, sizeof err);
@@ -1312,7 +1316,11 @@ static int fwd_rows(stage_state *st, int n, const int32_t *slot, const int32_t *
     int32_t tok[RMAX * 4] = {0};
     uint8_t present[RMAX * 4];
     memset(present, 1, sizeof present);
-    stage_batch b = {n, slot, pos, tok, flags};
+    stage_batch b = {.n = n,
+                     .slot = (int32_t *)slot,
+                     .pos = (int32_t *)pos,
+                     .token = (int32_t *)tok,
+                     .flags = (uint8_t *)flags};
     return stage_forward(st, &b, x, present, err, errlen);
 }
 
@@ -1967,7 +1975,7 @@ static void check_kv_entries(const char *name)
                 fl[i] = step == 0 ? STAGE_ROW_PROMPT : STAGE_ROW_NEED_LOGITS;
                 present[i] = 1;
             }
-            stage_batch b = {n, sl, ps, tk, fl};
+            stage_batch b = {.n = n, .slot = sl, .pos = ps, .token = tk, .flags = fl};
             float x[8 * 64], x2[8 * 64];
             CU_ASSERT_FATAL(D <= 64);
             CU_ASSERT_EQUAL(stage_embed(f.m, tk, n, x, err, sizeof err), 0);
@@ -2060,7 +2068,7 @@ static void test_slot_reset_release(void)
     uint8_t fl[4] = {STAGE_ROW_PROMPT, STAGE_ROW_PROMPT, STAGE_ROW_PROMPT, STAGE_ROW_PROMPT};
     uint8_t present[4] = {1, 1, 1, 1};
     char err[256];
-    stage_batch b = {4, slot, pos, tok, fl};
+    stage_batch b = {.n = 4, .slot = slot, .pos = pos, .token = tok, .flags = fl};
     CU_ASSERT_EQUAL_FATAL(stage_embed(f.m, tok, 4, x, err, sizeof err), 0);
     CU_ASSERT_EQUAL_FATAL(stage_forward(st, &b, x, present, err, sizeof err), 0);
     CU_ASSERT_EQUAL(stage_state_slot_len(st, 1), 4);
@@ -2068,7 +2076,7 @@ static void test_slot_reset_release(void)
     /* position 4 is past ctx 4 */
     int32_t p4 = 4, t4 = 9, s1 = 1;
     uint8_t f0 = 0, one = 1;
-    stage_batch d = {1, &s1, &p4, &t4, &f0};
+    stage_batch d = {.n = 1, .slot = &s1, .pos = &p4, .token = &t4, .flags = &f0};
     CU_ASSERT_EQUAL(stage_embed(f.m, &t4, 1, y, err, sizeof err), 0);
     CU_ASSERT_NOT_EQUAL(stage_forward(st, &d, y, &one, err, sizeof err), 0);
     CU_ASSERT(strstr(err, "4 positions") != NULL);
@@ -2076,7 +2084,7 @@ static void test_slot_reset_release(void)
     stage_state_slot_release(st, 1);
     CU_ASSERT_EQUAL(stage_state_slot_len(st, 1), 0);
     int32_t p1 = 1;
-    stage_batch d1 = {1, &s1, &p1, &t4, &f0};
+    stage_batch d1 = {.n = 1, .slot = &s1, .pos = &p1, .token = &t4, .flags = &f0};
     CU_ASSERT_NOT_EQUAL(stage_forward(st, &d1, y, &one, err, sizeof err), 0);
     CU_ASSERT(strstr(err, "released") != NULL);
     CU_ASSERT_EQUAL_FATAL(stage_embed(f.m, tok, 4, y, err, sizeof err), 0);
@@ -2086,7 +2094,7 @@ static void test_slot_reset_release(void)
     stage_state_slot_release(st, 0);
     stage_state_slot_reset(st, 0);
     int32_t s0 = 0, p0 = 0;
-    stage_batch d0 = {1, &s0, &p0, &t4, &f0};
+    stage_batch d0 = {.n = 1, .slot = &s0, .pos = &p0, .token = &t4, .flags = &f0};
     CU_ASSERT_EQUAL(stage_embed(f.m, &t4, 1, y, err, sizeof err), 0);
     CU_ASSERT_EQUAL(stage_forward(st, &d0, y, &one, err, sizeof err), 0);
     stage_state_free(st);

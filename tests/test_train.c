@@ -364,7 +364,7 @@ static void engine_nll(const char *dir, double *nll /* [NS] */)
             present[t] = 1;
             rows[t] = t;
         }
-        stage_batch b = {T, slot, pos, TOKS + s * T, flags};
+        stage_batch b = {.n = T, .slot = slot, .pos = pos, .token = TOKS + s * T, .flags = flags};
         CU_ASSERT(stage_embed(m, TOKS + s * T, T, x, err, sizeof err) == 0);
         if (stage_forward(st, &b, x, present, err, sizeof err)) fprintf(stderr, "\n  %s\n", err);
         CU_ASSERT(stage_head_logits(st, x, rows, T, logits, err, sizeof err) == 0);

@@ -1,0 +1,66 @@
+/* serve/queue_impl.h — the inside of the server queue (serve/queue.h), shared by its two
+ * sides: serve/queue.c (the HTTP threads: submit, cancel, stats) and serve/queue_sched.c
+ * (the pipeline thread: the scheduler). Not for other modules.
+ *
+ * One mutex (srvq.mu) guards everything; HTTP threads hold it for O(prompt) in submit and O(1)
+ * elsewhere. The pipeline thread collects callback events under the lock and runs them
+ * after unlocking, so a callback may call srvq_cancel / srvq_get_stats.
+ */
+#ifndef SERVE_QUEUE_IMPL_H
+#define SERVE_QUEUE_IMPL_H
+
+#include <pthread.h>
+
+#include "engine/sched.h"
+#include "serve/queue.h"
+
+enum { RQ_QUEUED = 0, RQ_RUNNING, RQ_DONE };
+
+typedef struct rq {
+    long id;
+    srvq_request r;  /* r.prompt points at prompt below */
+    int32_t *prompt; /* [n_prompt] own copy */
+    int state;
+    int cancelled;
+    int slot;
+    int n_prefilled; /* prompt rows issued */
+    int n_gen;       /* tokens generated (EOS excluded) */
+    int32_t last;    /* last generated token: the next decode row's input */
+    int inflight;    /* rows issued, not back */
+    struct rq *next; /* queue / running list order */
+} rq;
+
+typedef struct {
+    rq *r;
+    int done; /* 0: token, 1: on_done */
+    int32_t tok;
+    srvq_finish why;
+    const char *msg;
+} event;
+
+struct srvq {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int slots, ctx, queue_cap, vocab, eos;
+    int R, whole, max_rows;
+    int closed;
+    int kick; /* something happened since the last wait */
+    long next_id;
+    rq *qhead, *qtail; /* waiting for a slot, arrival order */
+    long n_queued;
+    rq *run_head, *run_tail; /* holding a slot, admission order */
+    long n_running;
+    rq **by_slot; /* [slots] running request of each slot, NULL: free */
+    engine_slot_pool pool;
+    event *ev; /* [ev_cap] */
+    int n_ev, ev_cap;
+    char fail_msg[256];
+    srvq_stats st;
+};
+
+/* Frees a request and its prompt copy (NULL: no-op). */
+void srvq_rq_free(rq *r);
+/* Wakes the scheduler's wait (q->mu held). */
+void srvq_kick(srvq *q);
+
+#endif
