@@ -42,17 +42,21 @@ void stage_dtype_from_f32(stage_dtype d, const float *src, void *dst, size_t n);
 typedef struct {
     stage_dtype dtype; /* any weight dtype, STAGE_Q8_0 included */
     int rows, cols;
-    const void *data;     /* [rows][cols] elements; Q8_0: int8 q [rows][cols] */
+    const void *data;      /* [rows][cols] elements; Q8_0: int8 q [rows][cols] */
     const uint16_t *scale; /* Q8_0 only: f16 d [rows][stage_q8_blocks(cols)], else NULL; a
                             * row's last block holds cols % 32 values when that is not 0 */
 } stage_weight;
 
 static inline int stage_q8_blocks(int cols) { return (cols + STAGE_Q8_BLOCK - 1) / STAGE_Q8_BLOCK; }
+/* Bytes of a rows x cols matrix held in weight dtype d (Q8_0: cols int8 + 2 per block a row). */
+static inline size_t stage_matrix_bytes(stage_dtype d, size_t rows, size_t cols)
+{
+    if (d == STAGE_Q8_0) return rows * (cols + 2 * (size_t)stage_q8_blocks((int)cols));
+    return rows * cols * stage_dtype_size(d);
+}
 static inline size_t stage_weight_bytes(const stage_weight *w)
 {
-    if (w->dtype == STAGE_Q8_0)
-        return (size_t)w->rows * ((size_t)w->cols + 2 * (size_t)stage_q8_blocks(w->cols));
-    return (size_t)w->rows * (size_t)w->cols * stage_dtype_size(w->dtype);
+    return stage_matrix_bytes(w->dtype, (size_t)w->rows, (size_t)w->cols);
 }
 /* Row r of w as f32 into dst [cols] (embedding lookups, small router vectors). */
 void stage_weight_row_f32(const stage_weight *w, int r, float *dst);

@@ -115,8 +115,8 @@ static T256 INL void blkq8(const float *x, const int8_t *q, const uint16_t *d, i
         }
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++)
-            acc[r] = _mm256_fmadd_ps(p[r], _mm256_set1_ps(_cvtsh_ss(d[(size_t)r * nb + b])),
-                                     acc[r]);
+            acc[r] =
+                _mm256_fmadd_ps(p[r], _mm256_set1_ps(_cvtsh_ss(d[(size_t)r * nb + b])), acc[r]);
     }
     if (full < nb) { /* the row's short last block */
         const int c0 = full * QB;
@@ -132,8 +132,8 @@ static T256 INL void blkq8(const float *x, const int8_t *q, const uint16_t *d, i
         }
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++)
-            acc[r] = _mm256_fmadd_ps(p[r], _mm256_set1_ps(_cvtsh_ss(d[(size_t)r * nb + full])),
-                                     acc[r]);
+            acc[r] =
+                _mm256_fmadd_ps(p[r], _mm256_set1_ps(_cvtsh_ss(d[(size_t)r * nb + full])), acc[r]);
     }
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++) y[r] = hsum(acc[r]);

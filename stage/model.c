@@ -22,21 +22,26 @@ static const float *get_w(stage_model *m, const char *name, int ndim, int64_t d0
     return p;
 }
 
-/* A weight matrix [d0][d1], kept in its dtype (no f32 copy). */
-static int get_m(stage_model *m, const char *name, int64_t d0, int64_t d1, stage_weight *w,
-                 char *err, size_t errlen)
+int stage_q8_quantizes(const char *name)
 {
-    if (st_get_weight(m->st, name, d0, d1, m->weights_dtype, w, err, errlen)) return -1;
-    m->weight_bytes += stage_weight_bytes(w);
+    static const char *const tails[] = {"_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight"};
+    size_t n = strlen(name);
+    if (!strcmp(name, "lm_head.weight")) return 1;
+    if (strncmp(name, "model.layers.", 13)) return 0;
+    for (size_t i = 0; i < sizeof tails / sizeof *tails; i++) {
+        size_t t = strlen(tails[i]);
+        if (n > t && !strcmp(name + n - t, tails[i])) return 1;
+    }
     return 0;
 }
 
-/* The embedding and the MoE gate (a router): with q8_0 weights they keep the checkpoint's
- * dtype (docs/SPEC.md §9), else as get_m. */
-static int get_m_unquantized(stage_model *m, const char *name, int64_t d0, int64_t d1,
-                             stage_weight *w, char *err, size_t errlen)
+/* A weight matrix [d0][d1], kept in its dtype (no f32 copy); with q8_0 weights only the
+ * matrices stage_q8_quantizes names are quantized, the others keep the checkpoint's dtype. */
+static int get_m(stage_model *m, const char *name, int64_t d0, int64_t d1, stage_weight *w,
+                 char *err, size_t errlen)
 {
-    int want = m->weights_dtype == STAGE_Q8_0 ? -1 : m->weights_dtype;
+    int want = m->weights_dtype;
+    if (want == STAGE_Q8_0 && !stage_q8_quantizes(name)) want = -1;
     if (st_get_weight(m->st, name, d0, d1, want, w, err, errlen)) return -1;
     m->weight_bytes += stage_weight_bytes(w);
     return 0;
@@ -142,7 +147,7 @@ static int load_layer(stage_model *m, int l, char *err, size_t errlen)
         int E = c->n_experts, Ie = c->expert_inter;
         L->n_gate = E + (L->kind == STAGE_KIND_MODE_INTEGRATED ? c->n_noop_experts : 0);
         LNAME(name, l, "block_sparse_moe.gate.weight");
-        NEED0(get_m_unquantized(m, name, L->n_gate, D, &L->moe_gate, err, errlen));
+        NEED0(get_m(m, name, L->n_gate, D, &L->moe_gate, err, errlen));
         L->ew1 = calloc((size_t)E, sizeof *L->ew1);
         L->ew2 = calloc((size_t)E, sizeof *L->ew2);
         L->ew3 = calloc((size_t)E, sizeof *L->ew3);
@@ -330,8 +335,7 @@ int stage_model_load_tp(const char *dir, const stage_config *cfg, stage_range ra
     /* a tensor-parallel head holds its slice of lm_head (or of the tied embedding); the
      * embedding lookup is the group leader's (range.embed) */
     if (!rc && (range.embed || (range.head && cfg->tie_embeddings && !m->tp)))
-        rc = get_m_unquantized(m, "model.embed_tokens.weight", cfg->vocab, D, &m->embed, e2,
-                               sizeof e2);
+        rc = get_m(m, "model.embed_tokens.weight", cfg->vocab, D, &m->embed, e2, sizeof e2);
     if (!rc && range.head) {
         rc = !(m->norm = get_w(m, "model.norm.weight", 1, D, 0, e2, sizeof e2));
         if (!rc && m->tp)

@@ -433,10 +433,10 @@ typedef struct {
     int ndim;
     int64_t shape[ST_MAX_DIMS];
     size_t begin, nbytes;
-    const float *f32;  /* handed out by st_get_f32 (zero-copy or == owned) */
-    float *owned;      /* converted copy [numel], freed by st_close */
-    const void *wdata; /* handed out by st_get_weight (zero-copy or == wowned) */
-    void *wowned;      /* aligned / converted copy [numel] in wdtype, freed by st_close */
+    const float *f32;       /* handed out by st_get_f32 (zero-copy or == owned) */
+    float *owned;           /* converted copy [numel], freed by st_close */
+    const void *wdata;      /* handed out by st_get_weight (zero-copy or == wowned) */
+    void *wowned;           /* aligned / converted copy [numel] in wdtype, freed by st_close */
     const uint16_t *wscale; /* Q8_0: the scales handed out with wdata (inside wowned) */
     stage_dtype wdtype;
 } st_entry;

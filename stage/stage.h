@@ -60,6 +60,10 @@ int stage_model_load(const char *dir, const stage_config *cfg, stage_range range
  * every weight matrix at load, row by row (docs/SPEC.md §9), except the embedding and the MoE
  * gate, which keep their dtype (norms and routers are f32 always); a matrix with a non-finite
  * value is an error. */
+/* 1 when q8_0 weights quantize the tensor of this name: the projections of attention, MLP and
+ * experts (model.layers.*_proj.weight, *.w1/w2/w3.weight) and lm_head.weight; not the
+ * embedding, the MoE gate (a router), norms, routers and predictors (docs/SPEC.md §9). */
+int stage_q8_quantizes(const char *name);
 int stage_model_load_dtype(const char *dir, const stage_config *cfg, stage_range range,
                            int weights_dtype, stage_model **out, char *err, size_t errlen);
 /* A stage spread over a tensor-parallel group (stage/tp.h; tp NULL or of one rank: exactly

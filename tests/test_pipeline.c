@@ -119,6 +119,15 @@ static void test_generate_exact_microbatch(void)
         check_generate(GEN_MODELS[i], "--micro-batch 3 --groups 1", "mb3");
 }
 
+/* eval of the fixture tokens of model m at -np np (extra options), logits into out */
+static int run_eval(const char *m, int np, const char *extra, const char *out)
+{
+    return run(120,
+               "%s -np %d %s eval --model %s/%s --tokens-file %s/eval_tokens.txt --micro-batch 8 "
+               "--quiet %s --dump-logits %s",
+               MPIRUN, np, BIN, FIX, m, FIX, extra, out);
+}
+
 static void test_eval_exact(void)
 {
     for (size_t i = 0; i < sizeof EVAL_MODELS / sizeof *EVAL_MODELS; i++) {
@@ -126,23 +135,66 @@ static void test_eval_exact(void)
         char one[512], many[512], want[512];
         snprintf(one, sizeof one, "%s/%s-eval-np1.npy", TMP, m);
         snprintf(want, sizeof want, "%s/%s.eval.npy", FIX, m);
-        CU_ASSERT_EQUAL_FATAL(run(120,
-                                  "%s -np 1 %s eval --model %s/%s --tokens-file %s/eval_tokens.txt "
-                                  "--micro-batch 8 --quiet --dump-logits %s",
-                                  MPIRUN, BIN, FIX, m, FIX, one),
-                              0);
+        CU_ASSERT_EQUAL_FATAL(run_eval(m, 1, "", one), 0);
         CU_ASSERT(strstr(OUT, "perplexity") != NULL);
         CU_ASSERT(npy_rel_err(one, want) <= 1e-4);
         for (int np = 2; np <= 4; np++) {
             snprintf(many, sizeof many, "%s/%s-eval-np%d.npy", TMP, m, np);
-            CU_ASSERT_EQUAL(run(120,
-                                "%s -np %d %s eval --model %s/%s --tokens-file %s/eval_tokens.txt "
-                                "--micro-batch 8 --quiet --dump-logits %s",
-                                MPIRUN, np, BIN, FIX, m, FIX, many),
-                            0);
+            CU_ASSERT_EQUAL(run_eval(m, np, "", many), 0);
             CU_ASSERT(files_identical(one, many));
         }
     }
+}
+
+/* --weights-dtype q8_0 (docs/SPEC.md §9): np 2 and 3 give the bits of np 1 (generate and
+ * eval), the fixtures' tokens where no routing decision flips (dense, mode_integrated), the
+ * stats name the dtype; a TP stage refuses it, as an unknown dtype is refused. */
+static void test_q8_0_ranks(void)
+{
+    static const char *models[] = {"dense", "mode_integrated", "mixed"};
+    for (size_t i = 0; i < sizeof models / sizeof *models; i++) {
+        const char *m = models[i];
+        char one[512], many[512], stats[512];
+        snprintf(one, sizeof one, "%s/%s-q8-np1.npy", TMP, m);
+        snprintf(stats, sizeof stats, "%s/%s-q8.json", TMP, m);
+        CU_ASSERT_EQUAL_FATAL(run(120,
+                                  "%s -np 1 %s generate --model %s/%s %s --max-new 5 --quiet "
+                                  "--weights-dtype q8_0 --stats %s --dump-logits %s",
+                                  MPIRUN, BIN, FIX, m, PROMPTS, stats, one),
+                              0);
+        if (strcmp(m, "mixed")) CU_ASSERT(tokens_match(m));
+        cJSON *st = read_json(stats);
+        CU_ASSERT_PTR_NOT_NULL_FATAL(st);
+        const cJSON *wd = cJSON_GetObjectItemCaseSensitive(st, "weights_dtype");
+        CU_ASSERT(cJSON_IsString(wd) && !strcmp(wd->valuestring, "q8_0"));
+        cJSON_Delete(st);
+        for (int np = 2; np <= 3; np++) {
+            snprintf(many, sizeof many, "%s/%s-q8-np%d.npy", TMP, m, np);
+            CU_ASSERT_EQUAL(run(120,
+                                "%s -np %d %s generate --model %s/%s %s --max-new 5 --quiet "
+                                "--weights-dtype q8_0 --dump-logits %s",
+                                MPIRUN, np, BIN, FIX, m, PROMPTS, many),
+                            0);
+            int same = files_identical(one, many);
+            CU_ASSERT(same);
+            if (!same) fprintf(stderr, "\n%s q8_0 -np %d: logits differ from -np 1\n", m, np);
+        }
+    }
+    char one[512], many[512];
+    snprintf(one, sizeof one, "%s/mixed-q8-eval-np1.npy", TMP);
+    snprintf(many, sizeof many, "%s/mixed-q8-eval-np3.npy", TMP);
+    CU_ASSERT_EQUAL(run_eval("mixed", 1, "--weights-dtype q8_0", one), 0);
+    CU_ASSERT_EQUAL(run_eval("mixed", 3, "--weights-dtype q8_0", many), 0);
+    CU_ASSERT(files_identical(one, many));
+    CU_ASSERT_NOT_EQUAL(
+        run(60, "%s generate --model %s/dense --prompt-ids 1 --weights-dtype q4", BIN, FIX), 0);
+    CU_ASSERT(strstr(OUT, "--weights-dtype: expected f32, bf16, f16 or q8_0, got 'q4'") != NULL);
+    CU_ASSERT_NOT_EQUAL(run(120,
+                            "%s -np 2 %s generate --model %s/dense --prompt-ids 1 --tp 2 --quiet "
+                            "--weights-dtype q8_0",
+                            MPIRUN, BIN, FIX),
+                        0);
+    CU_ASSERT(strstr(OUT, "q8_0 weights: not with tensor-parallel stages") != NULL);
 }
 
 /* ---- byte accounting ----------------------------------------------------------------------- */
@@ -821,6 +873,7 @@ int main(void)
     CU_add_test(s, "generate exact, micro-batch 3, one group, np 1-4",
                 test_generate_exact_microbatch);
     CU_add_test(s, "eval exact incl. topk, np 1-4", test_eval_exact);
+    CU_add_test(s, "q8_0 weights: np 1-3 bitwise, refusals", test_q8_0_ranks);
     CU_add_test(s, "byte counters = fixture routes (mod_all)", test_routes_mod_all);
     CU_add_test(s, "byte counters = fixture routes (mixed)", test_routes_mixed);
     CU_add_test(s, "bf16 wire bytes; dense transport", test_wire_dtype_and_dense_transport);
