@@ -19,6 +19,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "base/err.h"
 #include "cli/initmodel.h"
 #include "cli/modelspec.h"
 #include "engine/partition.h"
@@ -90,6 +91,11 @@ static const opt_def OPTS[] = {
     {"ctx", "N", C_GEN | C_EVAL | C_PART, 0,
      "positions per slot (default: the longest need, prompt + max-new - 1 or the longest line); "
      "a sequence that needs more is an error. partition: default max_position_embeddings"},
+    {"kv-page", "N", C_GEN | C_EVAL, 0, "KV cache positions per page (default 16)"},
+    {"kv-mem", "SIZE", C_GEN | C_EVAL, 0,
+     "KV page pool per rank, e.g. 512M; a run that needs more pages is an error. Default: "
+     "what --mem-per-rank leaves after the stage's weights and workspace, else every position "
+     "of every slot on every layer"},
     {"ignore-eos", NULL, C_GEN, 0,
      "do not stop at the model's EOS token (config.json eos_token_id): always max-new tokens"},
     {"threads", "N", C_GEN | C_EVAL | C_INIT, 0,
@@ -836,6 +842,15 @@ static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *er
     if (opt_long(o, "ctx", 1, 1 << 24, 0, &ctxn, err, errlen)) return -1;
     ro->slots = (int)slots;
     ro->ctx = (int)ctxn;
+    long kvp;
+    if (opt_long(o, "kv-page", 1, 1 << 20, 16, &kvp, err, errlen)) return -1;
+    ro->kv.page = (int)kvp;
+    const char *km = opt_str(o, "kv-mem");
+    if (km && (engine_parse_size(km, &ro->kv.mem_bytes) || ro->kv.mem_bytes == 0)) {
+        snprintf(err, errlen, "%s: expected a size like 512M or 2G, got '%s'",
+                 o->v[opt_index("kv-mem")].origin, km);
+        return -1;
+    }
     ro->n_seqs = r->sq.n;
     ro->seq_tokens = r->sq.tok;
     ro->seq_len = r->sq.len;
@@ -896,18 +911,6 @@ static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *er
     ro->plan = &r->plan;
     if (!inflight) ro->max_in_flight = 2 * r->plan.n_stages; /* default 2 x stages */
     return 0;
-}
-
-static void human_bytes(double b, char *out, size_t n)
-{
-    if (b >= 1024.0 * 1024 * 1024)
-        snprintf(out, n, "%.2f GiB", b / (1024.0 * 1024 * 1024));
-    else if (b >= 1024.0 * 1024)
-        snprintf(out, n, "%.2f MiB", b / (1024.0 * 1024));
-    else if (b >= 1024.0)
-        snprintf(out, n, "%.1f KiB", b / 1024.0);
-    else
-        snprintf(out, n, "%.0f B", b);
 }
 
 static int cmd_run(int cmd, int argc, char **argv)
@@ -991,10 +994,10 @@ static int cmd_run(int cmd, int argc, char **argv)
         }
         if (r.plan.n_stages > 1) {
             char w[32], d[32], p[32], h[32];
-            human_bytes(res.wire_bytes, w, sizeof w);
-            human_bytes(res.dense_bytes, d, sizeof d);
-            human_bytes(res.payload_bytes, p, sizeof p);
-            human_bytes(res.header_bytes, h, sizeof h);
+            base_human_bytes(res.wire_bytes, w, sizeof w);
+            base_human_bytes(res.dense_bytes, d, sizeof d);
+            base_human_bytes(res.payload_bytes, p, sizeof p);
+            base_human_bytes(res.header_bytes, h, sizeof h);
             printf("wire %s vs dense %s (%.1f%%): payload %s (%.1f%% of dense), headers %s\n", w, d,
                    res.dense_bytes > 0 ? 100.0 * res.wire_bytes / res.dense_bytes : 0.0, p,
                    res.dense_bytes > 0 ? 100.0 * res.payload_bytes / res.dense_bytes : 0.0, h);

@@ -24,6 +24,9 @@ static const sopt SOPTS[] = {
     {"port", "N", "TCP port (default 8080; 0: any free port, printed at start)"},
     {"slots", "N", "sequences decoded at once = KV-cache slots (default 8)"},
     {"ctx", "N", "positions per slot, prompt + generated (default: the model's max, at most 4096)"},
+    {"kv-page", "N", "KV cache positions per page (default 16)"},
+    {"kv-mem", "SIZE",
+     "KV page pool per rank, e.g. 512M (default: every position of every slot on every layer)"},
     {"queue", "N", "requests waiting for a slot at most; beyond: 503 + Retry-After (default 64)"},
     {"api-key", "KEY",
      "require 'Authorization: Bearer KEY' (all routes but /health); "
@@ -206,6 +209,13 @@ static int make_setup(const sargs *a, int n_ranks, setup *st, char *err, size_t 
     p->slots = (int)v;
     if (get_long(a, "ctx", 2, 1 << 20, max_ctx, &v, err, errlen)) return -1;
     p->ctx = (int)v;
+    if (get_long(a, "kv-page", 1, 1 << 20, 16, &v, err, errlen)) return -1;
+    p->kv.page = (int)v;
+    const char *km = get(a, "kv-mem");
+    if (km && (engine_parse_size(km, &p->kv.mem_bytes) || p->kv.mem_bytes == 0)) {
+        snprintf(err, errlen, "--kv-mem: expected a size like 512M or 2G, got '%s'", km);
+        return -1;
+    }
     if (get_long(a, "queue", 0, 1 << 20, 64, &v, err, errlen)) return -1;
     p->queue = (int)v;
     if (get_long(a, "micro-batch", 1, 1 << 20, 32, &v, err, errlen)) return -1;
