@@ -12,6 +12,7 @@
  * Large path: tiles dequantized to f32 (q * d is exact in f32: 8 x 11 significant bits) and
  * multiplied by the f32 tile engine, as the 16-bit dtypes are.
  */
+#include "stage/matmul.h"
 #include "stage/matmul_isa.h"
 
 #include <math.h>
