@@ -299,7 +299,7 @@ int main(int argc, char **argv)
                             0.0f, ys, n);
                 tb[r] = now_s() - t0;
                 openblas_set_num_threads(1);
-                stage_weight w32 = {STAGE_F32, n, k, wf}, w16 = {STAGE_BF16, n, k, wb};
+                stage_weight w32 = {STAGE_F32, n, k, wf, NULL}, w16 = {STAGE_BF16, n, k, wb, NULL};
                 t0 = now_s();
                 stage_matmul_w(xs, m, &w32, ys);
                 tf[r] = now_s() - t0;
