@@ -664,21 +664,34 @@ out:
     return rc;
 }
 
-int engine_weight_dtype(const char *dir, stage_dtype *out, char *err, size_t errlen)
+/* The dtype of the first of names[0..n) the model in dir has. */
+static int first_dtype(const char *dir, const char *const *names, int n, stage_dtype *out,
+                       char *err, size_t errlen)
 {
     st_model *m = NULL;
     if (st_open(dir, &m, err, errlen)) return -1;
-    static const char *const names[] = {"model.layers.0.self_attn.q_proj.weight",
-                                        "model.embed_tokens.weight"};
     int r = 0;
     st_tensor t;
-    for (int i = 0; i < 2 && r == 0; i++) r = st_find(m, names[i], &t, err, errlen);
+    for (int i = 0; i < n && r == 0; i++) r = st_find(m, names[i], &t, err, errlen);
     if (r == 0)
-        base_set_err(err, errlen, "%s: no %s or %s to read the weight dtype from", dir, names[0],
-                     names[1]);
+        base_set_err(err, errlen, "%s: no %s%s%s to read the weight dtype from", dir, names[0],
+                     n > 1 ? " or " : "", n > 1 ? names[1] : "");
     if (r > 0) *out = t.dtype;
     st_close(m);
     return r > 0 ? 0 : -1;
+}
+
+int engine_weight_dtype(const char *dir, stage_dtype *out, char *err, size_t errlen)
+{
+    static const char *const names[] = {"model.layers.0.self_attn.q_proj.weight",
+                                        "model.embed_tokens.weight"};
+    return first_dtype(dir, names, 2, out, err, errlen);
+}
+
+int engine_keep_dtype(const char *dir, stage_dtype *out, char *err, size_t errlen)
+{
+    static const char *const names[] = {"model.embed_tokens.weight"};
+    return first_dtype(dir, names, 1, out, err, errlen);
 }
 
 int engine_parse_size(const char *s, size_t *out)

@@ -87,6 +87,8 @@ int engine_partition_explicit_mem(const stage_config *cfg, const char *const *ra
  * layer 0's q_proj, else of the embedding): what is in the files, whatever config.json's
  * torch_dtype says. 0, or -1 with the loader's message. */
 int engine_weight_dtype(const char *dir, stage_dtype *out, char *err, size_t errlen);
+/* The dtype of the embedding in `dir`: what q8_0 weights keep it (and the MoE gate) in. */
+int engine_keep_dtype(const char *dir, stage_dtype *out, char *err, size_t errlen);
 /* "6G", "5000M", "512k", "1.5GiB", plain bytes: K/M/G/T are powers of 1024. 0 or -1. */
 int engine_parse_size(const char *s, size_t *out);
 /* The human-readable table `modpipe partition` prints. */
