@@ -2,15 +2,16 @@
  * small path's row kernels (plain C and AVX2+FMA+F16C; AVX-512 CPUs run the AVX2 one) and the
  * large path's tile dequantization.
  *
- * Small path: y = x · W^T with each weight dequantized on the fly, activations kept in f32
- * (not quantized as llama.cpp does: the only error is the weights' own). Reduction order of
- * one output, the same in both variants: per block of 32 columns, eight lane sums p[l] of
- * q[c] * x[c] (lane l = c % 8, fused multiply-adds in column order), then acc[l] += p[l] * d
- * (fused), and at the end ((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7)). It depends on cols alone,
- * not on m, the thread or the rows around (stage/matmul.h: reduction order).
+ * Small path: y = x · W^T with each weight dequantized on the fly (w = q * d, exact in f32:
+ * 8 x 11 significant bits), activations kept in f32 (not quantized as llama.cpp does: the only
+ * error is the weights' own). Reduction order of one output, the same in both variants: eight
+ * lane sums acc[l] += w[c] * x[c] (lane l = c % 8, fused multiply-adds in column order), then
+ * ((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7)). It depends on cols alone, not on m, the thread or the
+ * rows around (stage/matmul.h: reduction order). The AVX2 kernel dequantizes each group of 8
+ * weights once for up to 2 x rows (batched decode).
  *
- * Large path: tiles dequantized to f32 (q * d is exact in f32: 8 x 11 significant bits) and
- * multiplied by the f32 tile engine, as the 16-bit dtypes are.
+ * Large path: tiles dequantized to f32 and multiplied by the f32 tile engine, as the 16-bit
+ * dtypes are.
  */
 #include "stage/matmul.h"
 #include "stage/matmul_isa.h"
@@ -38,13 +39,8 @@ void stage_mm_q8_rows_c(const float *x, int m, const stage_weight *w, int r0, in
         for (int i = 0; i < m; i++) {
             const float *xi = x + (size_t)i * k;
             float acc[8] = {0};
-            for (int b = 0; b < nb; b++) {
-                const int c0 = b * QB, c1 = c0 + QB < k ? c0 + QB : k;
-                float p[8] = {0};
-                for (int c = c0; c < c1; c++) p[c & 7] = fmaf((float)q[c], xi[c], p[c & 7]);
-                const float dd = stage_f16_to_f32(d[b]);
-                for (int l = 0; l < 8; l++) acc[l] = fmaf(p[l], dd, acc[l]);
-            }
+            for (int c = 0; c < k; c++)
+                acc[c & 7] = fmaf((float)q[c] * stage_f16_to_f32(d[c / QB]), xi[c], acc[c & 7]);
             y[(size_t)i * n + j] = lanes_sum(acc);
         }
     }
@@ -94,70 +90,83 @@ static T256 INL float hsum(__m256 a)
     return lanes_sum(t);
 }
 
-/* y[r * 1] for R weight rows (q rows at q + r*k, scales at d + r*nb) against one x row. */
+/* 8 weights of a row as f32: q * d */
+static T256 INL __m256 dq8(const int8_t *q, int n, __m256 d) { return _mm256_mul_ps(ldq(q, n), d); }
+
+/* y[i*ldy + r] = x_i · w_r for r < R weight rows (q rows at q + r*k, scales at d + r*nb) and
+ * i < MB x rows (at x + i*k); columns in groups of 8, a short group zero padded. */
 static T256 INL void blkq8(const float *x, const int8_t *q, const uint16_t *d, int k, int nb, int R,
-                           float *y)
+                           int MB, float *y, int ldy)
 {
-    __m256 acc[4];
+    __m256 acc[4][2];
 #pragma GCC unroll 4
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-    const int full = k / QB;
-    for (int b = 0; b < full; b++) {
-        const int c0 = b * QB;
-        __m256 p[4];
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 2
+        for (int i = 0; i < MB; i++) acc[r][i] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        __m256 dv[4];
 #pragma GCC unroll 4
-        for (int r = 0; r < R; r++) p[r] = _mm256_setzero_ps();
+        for (int r = 0; r < R; r++) dv[r] = _mm256_set1_ps(_cvtsh_ss(d[(size_t)r * nb + b]));
+        const int c1 = (b + 1) * QB < k ? (b + 1) * QB : k;
+        if (c1 - b * QB == QB) {
 #pragma GCC unroll 4
-        for (int v = 0; v < 4; v++) {
-            const __m256 xv = _mm256_loadu_ps(x + c0 + v * 8);
+            for (int v = 0; v < 4; v++) {
+                const int c = b * QB + v * 8;
+                __m256 xv[2];
+#pragma GCC unroll 2
+                for (int i = 0; i < MB; i++) xv[i] = _mm256_loadu_ps(x + (size_t)i * k + c);
 #pragma GCC unroll 4
-            for (int r = 0; r < R; r++)
-                p[r] = _mm256_fmadd_ps(ldq(q + (size_t)r * k + c0 + v * 8, 8), xv, p[r]);
+                for (int r = 0; r < R; r++) {
+                    const __m256 wv = dq8(q + (size_t)r * k + c, 8, dv[r]);
+#pragma GCC unroll 2
+                    for (int i = 0; i < MB; i++) acc[r][i] = _mm256_fmadd_ps(wv, xv[i], acc[r][i]);
+                }
+            }
+        } else { /* the row's short last block */
+            for (int c = b * QB; c < c1; c += 8) {
+                const int cn = c1 - c < 8 ? c1 - c : 8;
+                __m256 xv[2];
+#pragma GCC unroll 2
+                for (int i = 0; i < MB; i++) xv[i] = ldx(x + (size_t)i * k + c, cn);
+#pragma GCC unroll 4
+                for (int r = 0; r < R; r++) {
+                    const __m256 wv = dq8(q + (size_t)r * k + c, cn, dv[r]);
+#pragma GCC unroll 2
+                    for (int i = 0; i < MB; i++) acc[r][i] = _mm256_fmadd_ps(wv, xv[i], acc[r][i]);
+                }
+            }
         }
-#pragma GCC unroll 4
-        for (int r = 0; r < R; r++)
-            acc[r] =
-                _mm256_fmadd_ps(p[r], _mm256_set1_ps(_cvtsh_ss(d[(size_t)r * nb + b])), acc[r]);
-    }
-    if (full < nb) { /* the row's short last block */
-        const int c0 = full * QB;
-        __m256 p[4];
-#pragma GCC unroll 4
-        for (int r = 0; r < R; r++) p[r] = _mm256_setzero_ps();
-        for (int c = c0; c < k; c += 8) {
-            const int cn = k - c < 8 ? k - c : 8;
-            const __m256 xv = ldx(x + c, cn);
-#pragma GCC unroll 4
-            for (int r = 0; r < R; r++)
-                p[r] = _mm256_fmadd_ps(ldq(q + (size_t)r * k + c, cn), xv, p[r]);
-        }
-#pragma GCC unroll 4
-        for (int r = 0; r < R; r++)
-            acc[r] =
-                _mm256_fmadd_ps(p[r], _mm256_set1_ps(_cvtsh_ss(d[(size_t)r * nb + full])), acc[r]);
     }
 #pragma GCC unroll 4
-    for (int r = 0; r < R; r++) y[r] = hsum(acc[r]);
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 2
+        for (int i = 0; i < MB; i++) y[(size_t)i * ldy + r] = hsum(acc[r][i]);
 }
 
-/* Groups of 4 weight rows (then single rows), each against every x row in turn while the
- * group's rows stay in L1. */
+/* Groups of 4 weight rows (then single rows), each against pairs of x rows (then a single one)
+ * while the group's rows stay in L1. */
 T256 void stage_mm_q8_rows_avx2(const float *x, int m, const stage_weight *w, int r0, int r1,
                                 float *y, const uint16_t *xs)
 {
     (void)xs;
     const int n = w->rows, k = w->cols, nb = stage_q8_blocks(k);
     const int8_t *q = w->data;
-    float t[4];
     int j = r0;
-    for (; j + 4 <= r1; j += 4)
-        for (int i = 0; i < m; i++) {
-            blkq8(x + (size_t)i * k, q + (size_t)j * k, w->scale + (size_t)j * nb, k, nb, 4, t);
-            memcpy(y + (size_t)i * n + j, t, sizeof t);
-        }
-    for (; j < r1; j++)
-        for (int i = 0; i < m; i++)
-            blkq8(x + (size_t)i * k, q + (size_t)j * k, w->scale + (size_t)j * nb, k, nb, 1,
-                  y + (size_t)i * n + j);
+    for (; j + 4 <= r1; j += 4) {
+        const int8_t *qj = q + (size_t)j * k;
+        const uint16_t *dj = w->scale + (size_t)j * nb;
+        int i = 0;
+        for (; i + 2 <= m; i += 2)
+            blkq8(x + (size_t)i * k, qj, dj, k, nb, 4, 2, y + (size_t)i * n + j, n);
+        if (i < m) blkq8(x + (size_t)i * k, qj, dj, k, nb, 4, 1, y + (size_t)i * n + j, n);
+    }
+    for (; j < r1; j++) {
+        const int8_t *qj = q + (size_t)j * k;
+        const uint16_t *dj = w->scale + (size_t)j * nb;
+        int i = 0;
+        for (; i + 2 <= m; i += 2)
+            blkq8(x + (size_t)i * k, qj, dj, k, nb, 1, 2, y + (size_t)i * n + j, n);
+        if (i < m) blkq8(x + (size_t)i * k, qj, dj, k, nb, 1, 1, y + (size_t)i * n + j, n);
+    }
 }
 #endif
