@@ -977,6 +977,13 @@ static void test_weights_f16_mode_integrated(void)
     check_weights_dtype("mode_integrated", STAGE_F16);
 }
 static void test_weights_f16_mod(void) { check_weights_dtype("mod", STAGE_F16); }
+/* the block variants of docs/SPEC.md §10 (biases, q/k norms stay f32 vectors) */
+static void test_weights_bf16_qwen3_mod(void) { check_weights_dtype("arch/qwen3_mod", STAGE_BF16); }
+static void test_weights_f16_mistral_mod(void)
+{
+    check_weights_dtype("arch/mistral_mod", STAGE_F16);
+}
+static void test_weights_bf16_llama3(void) { check_weights_dtype("arch/llama3", STAGE_BF16); }
 
 /* ================================================================== */
 /* 3. every layer type on a tiny model vs a double-precision reference */
@@ -2505,6 +2512,9 @@ int main(void)
         T_(test_q8_mindskip),
         T_(test_q8_mindskip_token),
         T_(test_q8_mixed),
+        T_(test_weights_bf16_qwen3_mod),
+        T_(test_weights_f16_mistral_mod),
+        T_(test_weights_bf16_llama3),
     };
     static const test_def layers[] = {
         T_(test_layer_dense_hand),      T_(test_layer_mod_hand),
