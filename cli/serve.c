@@ -32,8 +32,12 @@ static const sopt SOPTS[] = {
     {"ctx", "N", "positions per slot, prompt + generated (default: the model's max, at most 4096)"},
     {"kv-page", "N", "KV cache positions per page (default 16)"},
     {"kv-mem", "SIZE",
-     "KV page pool per rank, e.g. 512M (default: every position of every slot on every layer)"},
+     "KV page pool per rank, e.g. 512M (default: every position of every slot on every "
+     "layer); requests are admitted by it, the newest preempted and recomputed under pressure"},
     {"queue", "N", "requests waiting for a slot at most; beyond: 503 + Retry-After (default 64)"},
+    {"no-prefix-reuse", NULL,
+     "compute every prompt in full (default: a prompt whose first 16k positions a running "
+     "request holds starts from its KV pages; causal routing only)"},
     {"api-key-file", "PATH",
      "require 'Authorization: Bearer KEY' (all routes but GET /health), KEY = the file's "
      "first line (default: $MODPIPE_API_KEY if set; never on the command line)"},
@@ -199,6 +203,7 @@ typedef struct {
     char key[512]; /* the API key read from --api-key-file */
     const char *tok_path;
     double grace;
+    int no_prefix_reuse; /* --no-prefix-reuse */
 } setup;
 
 /* The API key: the first line of `path` (without its line end), non-empty. */
@@ -307,6 +312,7 @@ static int make_setup(const sargs *a, int n_ranks, setup *st, char *err, size_t 
     }
     p->dense_transport = tr && !strcmp(tr, "dense");
     p->progress = !get(a, "quiet");
+    st->no_prefix_reuse = get(a, "no-prefix-reuse") != NULL;
 
     const char *stages = get(a, "stages");
     int rc;
@@ -399,6 +405,7 @@ static int start_http(setup *st, tok_tokenizer **tok, srvq **q, serve_server **s
         snprintf(err, errlen, "out of memory (a queue of %d slots)", st->p.slots);
         rc = -1;
     }
+    if (!rc && st->no_prefix_reuse) srvq_set_prefix_reuse(*q, 0);
     if (!rc) rc = serve_signals_install(err, errlen);
     if (!rc) rc = serve_server_start(&st->so, *q, *tok, srv, err, errlen);
     return rc;
