@@ -29,6 +29,7 @@ typedef struct rq {
     int n_gen;       /* tokens generated (EOS excluded) */
     int32_t last;    /* last generated token: the next decode row's input */
     int inflight;    /* rows issued, not back */
+    int group;       /* decode group + 1 (0: none yet; serve/queue_sched.c) */
     struct rq *next; /* queue / running list order */
 } rq;
 
@@ -45,6 +46,7 @@ struct srvq {
     pthread_cond_t cv;
     int slots, ctx, queue_cap, vocab, eos;
     int R, whole, max_rows;
+    int groups, rr; /* decode groups wanted (srvq_sched_groups), the next one to try */
     int closed;
     int kick; /* something happened since the last wait */
     long next_id;
