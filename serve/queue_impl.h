@@ -47,6 +47,7 @@ struct srvq {
     int slots, ctx, queue_cap, vocab, eos;
     int R, whole, max_rows;
     int groups, rr; /* decode groups wanted (srvq_sched_groups), the next one to try */
+    int dec_out;    /* micro-batches with decode rows in flight */
     int closed;
     int kick; /* something happened since the last wait */
     long next_id;

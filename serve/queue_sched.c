@@ -198,6 +198,15 @@ static void decode_rows(srvq *q, stage_batch *mb)
     }
 }
 
+/* decode rows: sampled, not a prompt's */
+static int decode_rows_in(const stage_batch *mb)
+{
+    int n = 0;
+    for (int i = 0; i < mb->n; i++)
+        n += (mb->flags[i] & STAGE_ROW_SAMPLE) && !(mb->flags[i] & STAGE_ROW_PROMPT);
+    return n;
+}
+
 static int sched_next(void *self, stage_batch *mb)
 {
     srvq *q = self;
@@ -227,7 +236,17 @@ static int sched_next(void *self, stage_batch *mb)
         }
         if (q->whole) break; /* one whole prompt a micro-batch keeps mindskip's mean per prompt */
     }
-    if (mb->n > 0) engine_slot_announce(&q->pool, mb);
+    if (mb->n > 0) {
+        engine_slot_announce(&q->pool, mb);
+        int nd = decode_rows_in(mb);
+        q->st.micro_batches++;
+        if (nd) {
+            q->dec_out++;
+            q->st.decode_micro_batches++;
+            q->st.decode_rows += (uint64_t)nd;
+            q->st.decode_in_flight += (uint64_t)q->dec_out;
+        }
+    }
     int n_ev = q->n_ev;
     event *ev = NULL;
     event local[64];
@@ -248,6 +267,7 @@ static void sched_done(void *self, const stage_batch *mb, const int32_t *tok)
     srvq *q = self;
     pthread_mutex_lock(&q->mu);
     q->n_ev = 0;
+    if (decode_rows_in(mb) && q->dec_out > 0) q->dec_out--;
     for (int i = 0; i < mb->n; i++) {
         int slot = mb->slot[i];
         rq *r = q->by_slot[slot];
@@ -360,6 +380,7 @@ void srvq_rewind(srvq *q)
 {
     pthread_mutex_lock(&q->mu);
     q->st.restarts++;
+    q->dec_out = 0; /* what was in flight is forgotten */
     for (rq *r = q->run_head; r; r = r->next) {
         /* the input of the next decode row (the last token) is not prefilled */
         r->n_fill = r->n_gen > 0 ? r->r.n_prompt + r->n_gen - 1 : r->r.n_prompt;

@@ -382,6 +382,12 @@ static void test_decode_groups(void)
         CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &b), 1);
         CU_ASSERT(b.n == 2 && b.slot[0] == 1 && b.slot[1] == 2);
     }
+    /* the counters: 10 decode micro-batches of 19 rows, the first alone in flight, the rest
+     * with the other group's */
+    srvq_stats st;
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.micro_batches == 12 && st.decode_micro_batches == 10);
+    CU_ASSERT(st.decode_rows == 19 && st.decode_in_flight == 19);
     /* slots 1 and 2 end: group 0 {0, 3} is over its share (1 of 2): 3 moves to group 1 */
     srvq_cancel(q, 1);
     srvq_cancel(q, 2);
