@@ -43,7 +43,7 @@ static const sopt SOPTS[] = {
      "close a connection idle this long (before its request, or kept alive); 0: never "
      "(default 30)"},
     {"chat-template", "NAME",
-     "chat template: chatml, llama2, llama3, zephyr, plain, or auto "
+     "chat template: chatml, llama2, llama3, mistral, zephyr, plain, or auto "
      "(default: from tokenizer_config.json, else plain)"},
     {"name", "ID", "model id in /v1/models and responses (default: the directory's name)"},
     {"shutdown-grace", "SEC", "on SIGTERM, running requests get this long to finish (default 30)"},
