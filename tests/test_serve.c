@@ -365,7 +365,9 @@ static void check_serve(int np, int slots)
 }
 
 /* A rank killed while the server runs: the job ends (non-zero, naming the rank), no hang. The kill
-   waits for all three ranks to exist (a fixed sleep lost the race on a loaded machine). */
+   waits for all three ranks to exist (a fixed sleep lost the race on a loaded machine); the
+   patterns name this run's prompts file (under its own temporary directory), so a test_serve
+   of another checkout running at the same time is neither counted nor killed. */
 static void test_dead_rank(void)
 {
     struct timespec t0, t1;
@@ -373,18 +375,18 @@ static void test_dead_rank(void)
     int rc =
         run(90,
             "%s -np 3 %s --worker %s/stories260K %s 4 forever & "
-            "for i in $(seq 300); do [ $(pgrep -c -f \"[t]est_serve --worker %s/stories260K\") "
+            "for i in $(seq 300); do [ $(pgrep -c -f \"[t]est_serve --worker %s/stories260K %s\") "
             "-ge 3 ] && break; sleep 0.1; done; sleep 1; "
-            "pkill -9 -n -f \"[t]est_serve --worker %s/stories260K\"; wait $!",
-            MPIRUN, SELF, FIX, prompts, FIX, FIX);
+            "pkill -9 -n -f \"[t]est_serve --worker %s/stories260K %s\"; wait $!",
+            MPIRUN, SELF, FIX, prompts, FIX, prompts, FIX, prompts);
     clock_gettime(CLOCK_MONOTONIC, &t1);
     double el = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9;
     CU_ASSERT_NOT_EQUAL(rc,
                         0); /* (mpirun itself exits 137 here; el tells it from the run timeout) */
     CU_ASSERT(el < 60.0);
     CU_ASSERT(strstr(OUT, "rank") != NULL);
-    char pat[600];
-    snprintf(pat, sizeof pat, "pgrep -f \"[t]est_serve --worker %s/stories260K\"", FIX);
+    char pat[1200];
+    snprintf(pat, sizeof pat, "pgrep -f \"[t]est_serve --worker %s/stories260K %s\"", FIX, prompts);
     CU_ASSERT(run(5, "%s", pat) != 0); /* nobody left */
 }
 
