@@ -3,6 +3,7 @@
  *   modpipe generate | eval    (under mpirun: one rank per pipeline stage; -np 1 works too)
  *   modpipe partition          (no MPI: print the stage plan)
  *   modpipe init-model         (no MPI: write a random model from a YAML spec)
+ *   modpipe quantize           (no MPI: a copy with Q8_0 projections, cli/quantize.h)
  *   modpipe router-tune        (under mpirun, data-parallel: cli/routertune.h)
  *   modpipe tokenize | detokenize (no MPI: text <-> ids, cli/tokenize.h)
  *   modpipe serve              (under mpirun: OpenAI-compatible HTTP server, cli/serve.h)
@@ -22,6 +23,7 @@
 #include "base/err.h"
 #include "cli/initmodel.h"
 #include "cli/modelspec.h"
+#include "cli/quantize.h"
 #include "engine/partition.h"
 #include "engine/topo.h"
 #include "engine/batch.h"
@@ -41,7 +43,7 @@
  * Options
  * ===================================================================================== */
 
-enum { C_GEN = 1, C_EVAL = 2, C_PART = 4, C_INIT = 8 };
+enum { C_GEN = 1, C_EVAL = 2, C_PART = 4, C_INIT = 8, C_QUANT = 16 };
 
 typedef struct {
     const char *name;    /* without "--" */
@@ -52,7 +54,7 @@ typedef struct {
 } opt_def;
 
 static const opt_def OPTS[] = {
-    {"model", "DIR", C_GEN | C_EVAL | C_PART, 0,
+    {"model", "DIR", C_GEN | C_EVAL | C_PART | C_QUANT, 0,
      "model directory: config.json + model.safetensors (or sharded with its index)"},
     {"config", "FILE.yaml", C_GEN | C_EVAL, 0,
      "read options from a YAML file (keys = option names without --); flags override it"},
@@ -110,9 +112,10 @@ static const opt_def OPTS[] = {
     {"tp", "K", C_GEN | C_EVAL | C_PART, 0,
      "tensor parallelism: every stage spans K ranks (-np = stages x K; ScaLAPACK inside a "
      "stage, only each stage's first rank sends pipeline packets). Default 1"},
-    {"weights-dtype", "f32|bf16|f16", C_GEN | C_EVAL, 0,
+    {"weights-dtype", "f32|bf16|f16|q8_0", C_GEN | C_EVAL, 0,
      "hold the weight matrices in this dtype, converting at load (e.g. an f32 checkpoint as "
-     "bf16: half the memory and bytes read per token); default: as stored in the checkpoint"},
+     "bf16: half the memory and bytes read per token; q8_0: int8 blocks of 32 with an f16 "
+     "scale, 1.06 bytes a weight, embedding and MoE gate kept as stored); default: as stored"},
     {"wire-dtype", "f32|bf16|f16", C_GEN | C_EVAL, 0,
      "activation dtype between ranks: f32 exact (default); bf16/f16 halve bytes, lossy"},
     {"transport", "sparse|dense", C_GEN | C_EVAL, 0,
@@ -127,20 +130,21 @@ static const opt_def OPTS[] = {
      "savings, per-stage busy/wait time, tokens/s"},
     {"timeout", "SEC", C_GEN | C_EVAL, 0,
      "abort the job when a peer rank sends nothing for SEC seconds (default 300)"},
-    {"quiet", NULL, C_GEN | C_EVAL | C_INIT, 0, "no progress lines on stderr"},
+    {"quiet", NULL, C_GEN | C_EVAL | C_INIT | C_QUANT, 0, "no progress lines on stderr"},
     {"n", "N", C_PART, 0, "partition: number of stages (ranks)"},
     {"mem-per-rank", "SIZE", C_GEN | C_EVAL | C_PART, 0,
      "memory a rank may use, e.g. 6G or 5000M: the auto plan only uses stages that fit (weights "
      "in the checkpoint dtype + KV cache + workspace), an explicit plan that does not is refused"},
     {"spec", "FILE.yaml", C_INIT, 0, "init-model: the model spec (see configs/models/)"},
-    {"out", "DIR", C_INIT, 0, "init-model: output directory (created if missing)"},
+    {"out", "DIR", C_INIT | C_QUANT, 0,
+     "init-model, quantize: output directory (created if missing)"},
     {"dtype", "f32|bf16|f16", C_INIT, 0, "init-model: weight dtype (overrides output.dtype)"},
     {"shards", "N", C_INIT, 0,
      "init-model: number of safetensors shards (overrides output.shards)"},
     {"calibrate", NULL, C_INIT, 0,
      "init-model: calibrate router biases to the capacity (overrides the spec)"},
     {"no-calibrate", NULL, C_INIT, 0, "init-model: do not calibrate"},
-    {"help", NULL, C_GEN | C_EVAL | C_PART | C_INIT, 0, "this help"},
+    {"help", NULL, C_GEN | C_EVAL | C_PART | C_INIT | C_QUANT, 0, "this help"},
 };
 #define N_OPTS ((int)(sizeof OPTS / sizeof OPTS[0]))
 
@@ -185,7 +189,8 @@ static const char *cmd_name(int cmd)
     return cmd == C_GEN    ? "generate"
            : cmd == C_EVAL ? "eval"
            : cmd == C_PART ? "partition"
-                           : "init-model";
+           : cmd == C_INIT ? "init-model"
+                           : "quantize";
 }
 
 /* argv, then --config YAML for options the command line did not give. */
@@ -343,6 +348,7 @@ static void usage_main(FILE *f)
         "  mpirun -np N modpipe eval --model DIR (--tokens-file F | --text-file F) [options]\n"
         "  modpipe partition --model DIR -n N [--stages ...]\n"
         "  modpipe init-model --spec F.yaml --out DIR [options]\n"
+        "  modpipe quantize --model DIR --out DIR      (Q8_0 projections, docs/SPEC.md §9)\n"
         "  mpirun -np K modpipe router-tune --model DIR --data FILE --out DIR [options]\n"
         "  mpirun -np N modpipe serve --model DIR [--port 8080] [options]   (HTTP, OpenAI API)\n"
         "  modpipe tokenize --model DIR --text S [--no-special]\n"
@@ -375,6 +381,12 @@ static void usage_cmd(FILE *f, int cmd)
             "safetensors) from a YAML spec, streamed to disk with a progress line (any size:\n"
             "memory stays small); optionally calibrate router biases, layer by layer from the\n"
             "written files, so that measured participation matches the configured capacity.\n",
+        [C_QUANT] =
+            "modpipe quantize: write a copy of a model with its projections (attention, MLP,\n"
+            "experts, untied lm_head) stored as Q8_0 (int8 blocks of 32 + an f16 scale,\n"
+            "docs/SPEC.md §9), the embedding, MoE gate, norms and routers as stored. The\n"
+            "result loads in place (no conversion, no --weights-dtype needed) and computes the\n"
+            "same bits as --weights-dtype q8_0 on the original. No MPI needed.\n",
     };
     fprintf(f, "%s\noptions:\n", intro[cmd]);
     for (int i = 0; i < N_OPTS; i++) {
@@ -757,7 +769,8 @@ static int mem_opts(const opts *o, const char *model, engine_mem_opts *m, char *
                  o->v[opt_index("mem-per-rank")].origin, lim);
         return -1;
     }
-    return engine_weight_dtype(model, &m->weight_dtype, err, errlen);
+    if (engine_weight_dtype(model, &m->weight_dtype, err, errlen)) return -1;
+    return engine_keep_dtype(model, &m->keep_dtype, err, errlen);
 }
 
 static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *err, size_t errlen)
@@ -875,8 +888,8 @@ static int setup_run(const opts *o, int cmd, int n_ranks, run_setup *r, char *er
     const char *wts = opt_str(o, "weights-dtype");
     stage_dtype wdt;
     ro->weights_dtype = -1;
-    if (wts && stage_dtype_parse(wts, &wdt)) {
-        snprintf(err, errlen, "%s: expected f32, bf16 or f16, got '%s'",
+    if (wts && stage_wdtype_parse(wts, &wdt)) {
+        snprintf(err, errlen, "%s: expected f32, bf16, f16 or q8_0, got '%s'",
                  o->v[opt_index("weights-dtype")].origin, wts);
         return -1;
     }
@@ -1070,6 +1083,31 @@ static int cmd_partition(int argc, char **argv)
     return rc ? 1 : 0;
 }
 
+static int cmd_quantize(int argc, char **argv)
+{
+    char err[1024];
+    opts o;
+    int rc = opts_parse(&o, C_QUANT, argc, argv, err, sizeof err);
+    if (!rc && opt_has(&o, "help")) {
+        usage_cmd(stdout, C_QUANT);
+        opts_free(&o);
+        return 0;
+    }
+    const char *model = rc ? NULL : opt_str(&o, "model"), *out = rc ? NULL : opt_str(&o, "out");
+    if (!rc && (!model || !out)) {
+        snprintf(err, sizeof err, "--model DIR and --out DIR are required");
+        rc = -1;
+    }
+    FILE *log = !rc && opt_has(&o, "quiet") ? NULL : stderr;
+    if (!rc) rc = cli_quantize(model, out, log, err, sizeof err);
+    if (rc)
+        fprintf(stderr, "modpipe quantize: %s\n", err);
+    else if (log)
+        fprintf(log, "quantize: wrote %s\n", out);
+    opts_free(&o);
+    return rc ? 1 : 0;
+}
+
 static int cmd_init_model(int argc, char **argv)
 {
     char err[1024];
@@ -1157,6 +1195,7 @@ int main(int argc, char **argv)
     if (!strcmp(argv[1], "eval")) return cmd_run(C_EVAL, argc - 2, argv + 2);
     if (!strcmp(argv[1], "partition")) return cmd_partition(argc - 2, argv + 2);
     if (!strcmp(argv[1], "init-model")) return cmd_init_model(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "quantize")) return cmd_quantize(argc - 2, argv + 2);
     if (!strcmp(argv[1], "router-tune")) return cli_routertune_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "serve")) return cli_serve_main(argc - 2, argv + 2, serve_pipeline_run);
     if (!strcmp(argv[1], "tokenize")) return cli_tok_tokenize(argc - 2, argv + 2);

@@ -55,7 +55,8 @@ static const sopt SOPTS[] = {
     {"stages", "auto|A-B,...", "layer range of each stage, or auto (default)"},
     {"tp", "K", "every stage spans K ranks (tensor parallelism, -np = stages x K; default 1)"},
     {"wire-dtype", "f32|bf16|f16", "activation dtype between ranks (default f32)"},
-    {"weights-dtype", "f32|bf16|f16", "dtype the weight matrices are held in (default: as stored)"},
+    {"weights-dtype", "f32|bf16|f16|q8_0",
+     "dtype the weight matrices are held in (default: as stored)"},
     {"transport", "sparse|dense", "sparse (default) or dense: every row on every link (baseline)"},
     {"threads", "N", "BLAS threads per rank (default 1)"},
     {"timeout", "SEC",
@@ -299,8 +300,8 @@ static int make_setup(const sargs *a, int n_ranks, setup *st, char *err, size_t 
     }
     const char *wts = get(a, "weights-dtype");
     stage_dtype wdt = STAGE_F32;
-    if (wts && stage_dtype_parse(wts, &wdt)) {
-        snprintf(err, errlen, "--weights-dtype: expected f32, bf16 or f16, got '%s'", wts);
+    if (wts && stage_wdtype_parse(wts, &wdt)) {
+        snprintf(err, errlen, "--weights-dtype: expected f32, bf16, f16 or q8_0, got '%s'", wts);
         return -1;
     }
     p->weights_dtype = wts ? (int)wdt : -1;
