@@ -53,6 +53,9 @@ static const sopt SOPTS[] = {
     {"shutdown-grace", "SEC", "on SIGTERM, running requests get this long to finish (default 30)"},
     {"micro-batch", "R", "most rows per micro-batch (default 32)"},
     {"max-in-flight", "K", "micro-batches in flight at once (default 2 x stages)"},
+    {"decode-groups", "G",
+     "split the decoding requests into G groups, one micro-batch each (default: the stage "
+     "count, so every stage has a decode micro-batch)"},
     {"stages", "auto|A-B,...", "layer range of each stage, or auto (default)"},
     {"tp", "K", "every stage spans K ranks (tensor parallelism, -np = stages x K; default 1)"},
     {"wire-dtype", "f32|bf16|f16", "activation dtype between ranks (default f32)"},
@@ -288,6 +291,8 @@ static int make_setup(const sargs *a, int n_ranks, setup *st, char *err, size_t 
     if (get_long(a, "max-in-flight", 2, 4096, 2L * n_ranks < 2 ? 2 : 2L * n_ranks, &v, err, errlen))
         return -1;
     p->max_in_flight = (int)v;
+    if (get_long(a, "decode-groups", 1, 4096, n_ranks, &v, err, errlen)) return -1;
+    p->decode_groups = (int)v;
     if (get_double(a, "timeout", 1.0, 1e7, 300.0, &d, err, errlen)) return -1;
     p->timeout_s = d;
     if (get_long(a, "threads", 1, 1024, 1, &v, err, errlen)) return -1;
@@ -582,6 +587,7 @@ static int front_main(const sargs *a, int ranks)
         .whole_prompts = whole,
         .max_rows = max_rows,
         .max_in_flight = st.p.max_in_flight,
+        .decode_groups = st.p.decode_groups,
         .stall_s = stall,
         .max_restarts = (int)restarts,
         .start_timeout_s = st.p.timeout_s,

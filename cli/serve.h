@@ -43,6 +43,7 @@ typedef struct {
     stage_kv_opts kv;        /* --kv-page, --kv-mem */
     int micro_batch;         /* most rows per micro-batch */
     int max_in_flight;
+    int decode_groups; /* srvq_sched_groups (--decode-groups; default the stage count) */
     stage_dtype wire;  /* activation dtype between ranks */
     int weights_dtype; /* stage_dtype of the weight matrices; -1: as stored */
     int dense_transport;

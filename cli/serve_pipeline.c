@@ -14,6 +14,7 @@ void serve_pipeline_loop_opts(const serve_pipeline *p, serve_loop_opts *out)
         .kv = p->kv,
         .micro_batch = p->micro_batch,
         .max_in_flight = p->max_in_flight,
+        .decode_groups = p->decode_groups,
         .wire = p->wire,
         .weights_dtype = p->weights_dtype,
         .dense_transport = p->dense_transport,

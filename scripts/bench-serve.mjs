@@ -3,9 +3,11 @@
 //
 //   node scripts/bench-serve.mjs --url http://127.0.0.1:PORT --csv OUT.csv --tag "k=v,..."
 //        [--concurrency 1,4,16,64 | --rate R] [--requests N] [--prompt-len P] [--output-len O]
-//        [--seed S]
+//        [--seed S] [--prompts-file F]
 //
-// Every request: a random id prompt of P tokens (seeded), max_tokens O, ignore_eos (fixed
+// Every request: a random id prompt of P tokens (seeded; --prompts-file: the file's lines of
+// comma-separated ids in turn, request i gets line i mod lines — the sequences the generate
+// baseline runs), max_tokens O, ignore_eos (fixed
 // output length), greedy, stream with include_usage and ?return_token_ids=1 (so tokens are
 // counted exactly even when one SSE event carries several). Per level (one concurrency, or
 // the Poisson rate with unbounded concurrency) it sends N requests and measures
@@ -15,7 +17,7 @@
 //   output tok/s = all output tokens / (last response end - first request sent)
 // p50 / p99 / mean of each, and the bytes the pipeline links sent (with what a dense pipeline
 // would have) during the level, from /metrics. One CSV row per level: the tag's values first.
-import { appendFileSync, existsSync, writeFileSync } from "node:fs";
+import { appendFileSync, existsSync, readFileSync, writeFileSync } from "node:fs";
 
 const args = Object.fromEntries((() => {
   const a = process.argv.slice(2), out = [];
@@ -44,14 +46,17 @@ const now = () => Number(process.hrtime.bigint()) / 1e9;
 async function metrics() {
   const t = await (await fetch(`${url}/metrics`, { headers: auth() })).text();
   let bytes = 0, dense = 0, gen = 0;
+  const c = {}; // the scheduler's micro-batch counters
   for (const line of t.split("\n")) {
+    const k = line.match(/^modpipe_(micro_batches|decode_micro_batches|decode_rows|decode_in_flight)_total (\d+)/);
+    if (k) c[k[1]] = +k[2];
     const m = line.match(/^(modpipe_link_bytes_total|modpipe_link_dense_bytes_total|modpipe_generated_tokens_total)(\{[^}]*\})? (\d+)/);
     if (!m) continue;
     if (m[1] === "modpipe_link_bytes_total") bytes += +m[3];
     else if (m[1] === "modpipe_link_dense_bytes_total") dense += +m[3];
     else gen += +m[3];
   }
-  return { bytes, dense, gen };
+  return { bytes, dense, gen, c };
 }
 const auth = () => (process.env.MODPIPE_API_KEY ? { Authorization: `Bearer ${process.env.MODPIPE_API_KEY}` } : {});
 
@@ -101,6 +106,14 @@ function pct(xs, p) {
 const mean = xs => xs.length ? xs.reduce((s, x) => s + x, 0) / xs.length : NaN;
 const ms = x => (1000 * x).toFixed(3);
 
+// the scheduler during the level: micro-batches, decode rows per decode micro-batch, and the
+// decode pipeline depth (decode micro-batches in flight when one is issued, itself included)
+function depth(a, b) {
+  const d = k => (b[k] ?? 0) - (a[k] ?? 0), n = d("decode_micro_batches");
+  return { micro_batches: d("micro_batches"), decode_rows_per_mb: n ? (d("decode_rows") / n).toFixed(2) : "",
+           decode_depth: n ? (d("decode_in_flight") / n).toFixed(2) : "" };
+}
+
 async function level(lv, prompts) {
   const m0 = await metrics();
   const t0 = now();
@@ -133,6 +146,7 @@ async function level(lv, prompts) {
     itl_mean_ms: ms(mean(itl)), itl_p50_ms: ms(pct(itl, 50)), itl_p99_ms: ms(pct(itl, 99)),
     output_tokens: toks, wire_bytes: m1.bytes - m0.bytes, dense_bytes: m1.dense - m0.dense,
     wire_vs_dense: m1.dense > m0.dense ? ((m1.bytes - m0.bytes) / (m1.dense - m0.dense)).toFixed(4) : "",
+    ...depth(m0.c, m1.c),
   };
 }
 
@@ -142,8 +156,12 @@ for (let i = 0; ; i++) { // the server may still be loading
   await new Promise(r => setTimeout(r, 100));
 }
 const V = await vocab();
-const mkprompts = () => Array.from({ length: nreq }, () =>
-  Array.from({ length: plen }, () => 3 + Math.floor(rnd() * (V - 3))));
+const fileprompts = args["prompts-file"]
+  ? readFileSync(args["prompts-file"], "utf8").trim().split("\n").map(l => l.split(",").map(Number))
+  : null;
+const mkprompts = () => fileprompts
+  ? Array.from({ length: nreq }, (_, i) => fileprompts[i % fileprompts.length])
+  : Array.from({ length: nreq }, () => Array.from({ length: plen }, () => 3 + Math.floor(rnd() * (V - 3))));
 await one(mkprompts()[0]); // warm-up: first-touch of the weights and caches
 for (const lv of levels) {
   const row = await level(lv, mkprompts());
@@ -152,7 +170,8 @@ for (const lv of levels) {
   appendFileSync(args.csv, [...tag.map(([, v]) => v), ...Object.values(row)].join(",") + "\n");
   console.error(`bench-serve: ${tag.map(([k, v]) => `${k}=${v}`).join(" ")} ${lv.mode} ${lv.value}: ` +
                 `${row.output_tok_s} tok/s, TTFT p50 ${row.ttft_p50_ms} ms p99 ${row.ttft_p99_ms} ms, ` +
-                `TPOT p50 ${row.tpot_p50_ms} ms, ITL p50 ${row.itl_p50_ms} p99 ${row.itl_p99_ms} ms` +
+                `TPOT p50 ${row.tpot_p50_ms} ms, ITL p50 ${row.itl_p50_ms} p99 ${row.itl_p99_ms} ms, ` +
+                `decode ${row.decode_rows_per_mb} rows/mb at depth ${row.decode_depth}` +
                 (row.failed ? `, ${row.failed} FAILED` : ""));
   if (row.failed) process.exitCode = 1;
 }

@@ -338,6 +338,7 @@ static int setup(front *f, char *err, size_t errlen)
         snprintf(err, errlen, "out of memory");
         return -1;
     }
+    srvq_sched_groups(f->q, o->decode_groups);
     srvq_set_notify(f->q, wake_fn, f);
     return 0;
 }

@@ -35,6 +35,7 @@ typedef struct {
     int slots, ctx;        /* the job's HELLO must agree (the queue's) */
     int micro_batch, whole_prompts, max_rows; /* as serve_loop_rows says for the job */
     int max_in_flight;                        /* micro-batches in flight */
+    int decode_groups;                        /* the queue's (srvq_sched_groups) */
     double stall_s;                           /* silence that counts as a stuck job */
     int max_restarts;                         /* restarts in a row, then give up */
     double start_timeout_s;                   /* longest wait for a (re)started job's READY */

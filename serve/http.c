@@ -420,12 +420,25 @@ static enum MHD_Result do_metrics(serve_server *s, struct MHD_Connection *c)
         "# HELP modpipe_replayed_tokens_total Positions prefilled again (prompt + tokens sent).\n"
         "# TYPE modpipe_replayed_tokens_total counter\nmodpipe_replayed_tokens_total %llu\n"
         "# HELP modpipe_recovering 1 while the pipeline job is being restarted.\n"
-        "# TYPE modpipe_recovering gauge\nmodpipe_recovering %d\n",
+        "# TYPE modpipe_recovering gauge\nmodpipe_recovering %d\n"
+        "# HELP modpipe_micro_batches_total Micro-batches the scheduler issued.\n"
+        "# TYPE modpipe_micro_batches_total counter\nmodpipe_micro_batches_total %llu\n"
+        "# HELP modpipe_decode_micro_batches_total Micro-batches with decode rows.\n"
+        "# TYPE modpipe_decode_micro_batches_total counter\n"
+        "modpipe_decode_micro_batches_total %llu\n"
+        "# HELP modpipe_decode_rows_total Decode rows issued.\n"
+        "# TYPE modpipe_decode_rows_total counter\nmodpipe_decode_rows_total %llu\n"
+        "# HELP modpipe_decode_in_flight_total Summed over decode micro-batches: those in flight "
+        "once it was issued (itself included); / modpipe_decode_micro_batches_total = the decode "
+        "pipeline depth.\n"
+        "# TYPE modpipe_decode_in_flight_total counter\nmodpipe_decode_in_flight_total %llu\n",
         (unsigned long long)st.requests_total, (unsigned long long)st.prompt_tokens,
         (unsigned long long)st.generated_tokens, st.queued, st.running, st.slots_used, st.slots,
         atomic_load(&s->ready), atomic_load(&s->n_conns), (unsigned long long)st.restarts,
         (unsigned long long)st.replayed_requests, (unsigned long long)st.replayed_tokens,
-        atomic_load(&s->recovering));
+        atomic_load(&s->recovering), (unsigned long long)st.micro_batches,
+        (unsigned long long)st.decode_micro_batches, (unsigned long long)st.decode_rows,
+        (unsigned long long)st.decode_in_flight);
     histo_print(&b, "modpipe_ttft_seconds", "Time from request to first generated token.", &ttft);
     histo_print(&b, "modpipe_inter_token_seconds", "Time between consecutive tokens of a request.",
                 &itl);

@@ -46,6 +46,8 @@ int serve_loop_run(MPI_Comm comm, const serve_loop_opts *o, srvq *q, void (*read
                 bad = why;
             } else if (srvq_sched_config(q, o->micro_batch, whole, max_rows)) {
                 bad = "out of memory";
+            } else {
+                srvq_sched_groups(q, o->decode_groups > 0 ? o->decode_groups : o->plan->n_stages);
             }
         }
     }

@@ -45,6 +45,7 @@ typedef struct {
     stage_kv_opts kv;        /* --kv-page / --kv-mem (0: defaults, stage/stage.h) */
     int micro_batch;         /* most rows a micro-batch (R) */
     int max_in_flight;       /* micro-batches in flight (>= 1; e.g. 2 x stages) */
+    int decode_groups;       /* the queue's decode groups (0: one per stage) */
     stage_dtype wire;
     int weights_dtype; /* stage_dtype the weight matrices are held in; -1: as stored */
     int dense_transport;

@@ -78,6 +78,10 @@ typedef struct {
     uint64_t prefix_hits, prefix_tokens; /* admissions that reused a running prefix; positions */
     /* srvq_rewind: pipeline restarts, requests replayed, positions prefilled again */
     uint64_t restarts, replayed_requests, replayed_tokens;
+    /* micro-batches issued; of them those with decode rows, their decode rows, and summed
+     * over those the decode micro-batches in flight once it was issued (itself included):
+     * decode_in_flight / decode_micro_batches is the pipeline depth decode ran at */
+    uint64_t micro_batches, decode_micro_batches, decode_rows, decode_in_flight;
     /* pipeline links, refreshed by the pipeline at least once a second */
     int n_links;
     struct {

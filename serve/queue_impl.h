@@ -31,6 +31,7 @@ typedef struct rq {
     int n_gen;       /* tokens generated (EOS excluded) */
     int32_t last;    /* last generated token: the next decode row's input */
     int inflight;    /* rows issued, not back */
+    int group;       /* decode group + 1 (0: none yet; serve/queue_sched.c) */
     uint32_t epoch;  /* admissions so far; the rows' tag names it (srvq_rq_tag) */
     int solo;        /* admitted with nothing running and nothing admitted since: the pools
                       * hold its pages only */
@@ -51,6 +52,8 @@ struct srvq {
     pthread_cond_t cv;
     int slots, ctx, queue_cap, vocab, eos;
     int R, whole, max_rows;
+    int groups, rr; /* decode groups wanted (srvq_sched_groups), the next one to try */
+    int dec_out;    /* micro-batches with decode rows in flight */
     int closed;
     int kick; /* something happened since the last wait */
     long next_id;

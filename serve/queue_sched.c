@@ -88,6 +88,7 @@ static void srvq_rq_replay(rq *r)
 {
     r->n_fill = r->n_gen > 0 ? r->r.n_prompt + r->n_gen - 1 : r->r.n_prompt;
     r->n_prefilled = r->n_issued = r->inflight = 0;
+    r->group = 0; /* joins a decode group again once its replay is in */
 }
 
 /* Preemption (docs/SPEC.md §11): r gives its slot and pages up and waits at the head of the
@@ -234,6 +235,88 @@ static void add_row(stage_batch *mb, rq *r, int32_t pos, int32_t tok, uint8_t fl
     }
 }
 
+/* ---- decode groups (policy step 2, serve/queue_sched.h) ---- */
+#define MAX_GROUPS 64
+
+static int decoding(const rq *r) { return r->n_prefilled == r->n_fill; }
+
+static void decode_row(stage_batch *mb, rq *r)
+{
+    add_row(mb, r, r->r.n_prompt + r->n_gen - 1, r->last, STAGE_ROW_NEED_LOGITS | STAGE_ROW_SAMPLE,
+            (uint32_t)r->n_gen);
+}
+
+/* The smallest group (ties: one with nothing in flight, then the lowest). */
+static int smallest(const int *size, const int *busy, int G)
+{
+    int b = 0;
+    for (int g = 1; g < G; g++)
+        if (size[g] < size[b] || (size[g] == size[b] && busy[b] && !busy[g])) b = g;
+    return b;
+}
+
+static void decode_rows(srvq *q, stage_batch *mb)
+{
+    int n = 0;
+    for (const rq *r = q->run_head; r; r = r->next) n += decoding(r);
+    if (n == 0) return;
+    const int R = q->R;
+    int G = q->groups < 1 ? 1 : q->groups;
+    if (G > n) G = n;
+    if (G < (n + R - 1) / R) G = (n + R - 1) / R; /* a group's rows fit one micro-batch */
+    if (G > MAX_GROUPS) G = MAX_GROUPS;
+    int size[MAX_GROUPS] = {0}, busy[MAX_GROUPS] = {0}, ready[MAX_GROUPS] = {0};
+    for (rq *r = q->run_head; r; r = r->next) {
+        if (!decoding(r)) continue;
+        if (r->group > G) r->group = 0; /* fewer groups now: join again */
+        if (!r->group) continue;
+        int g = r->group - 1;
+        size[g]++;
+        if (r->inflight)
+            busy[g] = 1;
+        else
+            ready[g]++;
+    }
+    /* newcomers (their last prompt row is back) join the smallest group */
+    for (rq *r = q->run_head; r; r = r->next)
+        if (decoding(r) && !r->group && !r->inflight) {
+            int g = smallest(size, busy, G);
+            r->group = g + 1;
+            size[g]++;
+            ready[g]++;
+        }
+    int g = -1;
+    for (int k = 0; k < G && g < 0; k++) {
+        int c = (q->rr + k) % G;
+        if (!busy[c] && ready[c]) g = c;
+    }
+    if (g < 0) return;
+    q->rr = (g + 1) % G;
+    int cap = (n + G - 1) / G;
+    if (cap > R) cap = R;
+    for (rq *r = q->run_head; r; r = r->next) {
+        if (r->group != g + 1 || r->inflight || !decoding(r)) continue;
+        if (mb->n < cap) {
+            decode_row(mb, r);
+            continue;
+        }
+        /* more than its share: to a smaller group, whose next micro-batch takes it */
+        size[g]--;
+        int h = smallest(size, busy, G);
+        size[h]++;
+        r->group = h + 1;
+    }
+}
+
+/* decode rows: sampled, not a prompt's */
+static int decode_rows_in(const stage_batch *mb)
+{
+    int n = 0;
+    for (int i = 0; i < mb->n; i++)
+        n += (mb->flags[i] & STAGE_ROW_SAMPLE) && !(mb->flags[i] & STAGE_ROW_PROMPT);
+    return n;
+}
+
 static int sched_next(void *self, stage_batch *mb)
 {
     srvq *q = self;
@@ -242,10 +325,7 @@ static int sched_next(void *self, stage_batch *mb)
     sweep(q);
     mb->n = 0;
     const int R = q->R;
-    for (rq *r = q->run_head; r && mb->n < R; r = r->next)
-        if (r->n_prefilled == r->n_fill && r->inflight == 0)
-            add_row(mb, r, r->r.n_prompt + r->n_gen - 1, r->last,
-                    STAGE_ROW_NEED_LOGITS | STAGE_ROW_SAMPLE, (uint32_t)r->n_gen);
+    decode_rows(q, mb);
     for (rq *r = q->run_head; r && mb->n < (q->whole ? q->max_rows : R); r = r->next) {
         const int np = r->r.n_prompt;
         int left = r->n_fill - r->n_prefilled;
@@ -275,6 +355,16 @@ static int sched_next(void *self, stage_batch *mb)
     mb->n_share = q->n_share; /* after the releases, before the rows (stage/batch.h) */
     memcpy(mb->share, q->share, (size_t)q->n_share * 3 * sizeof *q->share);
     q->n_share = 0;
+    if (mb->n > 0) {
+        int nd = decode_rows_in(mb);
+        q->st.micro_batches++;
+        if (nd) {
+            q->dec_out++;
+            q->st.decode_micro_batches++;
+            q->st.decode_rows += (uint64_t)nd;
+            q->st.decode_in_flight += (uint64_t)q->dec_out;
+        }
+    }
     int n_ev = q->n_ev;
     event *ev = NULL;
     event local[64];
@@ -295,6 +385,7 @@ static void sched_done(void *self, const stage_batch *mb, const int32_t *tok)
     srvq *q = self;
     pthread_mutex_lock(&q->mu);
     q->n_ev = 0;
+    if (decode_rows_in(mb) && q->dec_out > 0) q->dec_out--;
     for (int i = 0; i < mb->n; i++) {
         int slot = mb->slot[i];
         rq *r = q->by_slot[slot];
@@ -412,6 +503,13 @@ const engine_sched_ops srvq_sched_ops = {
     .kv = sched_kv,
 };
 
+void srvq_sched_groups(srvq *q, int groups)
+{
+    pthread_mutex_lock(&q->mu);
+    q->groups = groups < 1 ? 1 : groups;
+    pthread_mutex_unlock(&q->mu);
+}
+
 void srvq_set_notify(srvq *q, void (*fn)(void *arg), void *arg)
 {
     pthread_mutex_lock(&q->mu);
@@ -424,6 +522,7 @@ void srvq_rewind(srvq *q)
 {
     pthread_mutex_lock(&q->mu);
     q->st.restarts++;
+    q->dec_out = 0; /* what was in flight is forgotten */
     for (rq *r = q->run_head; r; r = r->next) {
         int replayed = r->n_prefilled > 0;
         srvq_rq_replay(r);

@@ -6,8 +6,14 @@
  *      running requests no longer fit the stages' KV pools (the pools' reports, .kv) the
  *      newest is preempted; queued requests take free slots in arrival order when the pools
  *      can hold them too (admission by memory, docs/SPEC.md §11);
- *   2. one decode row for every running request whose previous token is back (decode first:
- *      inter-token latency);
+ *   2. decode first (inter-token latency): the running requests whose prompt is in are
+ *      split into G decode groups (G = srvq_sched_groups, at most one per such request, at
+ *      least enough for R rows a group), as generate's groups are (engine/batch.h): a
+ *      request joins the smallest group when its first decode row is ready and stays there;
+ *      a micro-batch carries the rows of one group none of whose rows are in flight, taken
+ *      in turn, at most ceil(n / G) of them (the rest move to a smaller group, so ends and
+ *      joins even the groups out). With S stages and G = S, S decode micro-batches are in
+ *      flight and no stage waits for the one micro-batch of every row;
  *   3. the rest of the rows: prompt chunks of running requests in arrival order (a request's
  *      prompt may span several micro-batches; whole_prompts: never cut, for mindskip
  *      sequence-granularity models, then a micro-batch may hold up to max_rows rows);
@@ -30,6 +36,9 @@
 /* Before the first next(): rows per micro-batch, whether prompts must stay whole, and the
  * most rows a micro-batch may have (>= micro_batch; whole_prompts: >= ctx). 0 or -1 (OOM). */
 int srvq_sched_config(srvq *q, int micro_batch, int whole_prompts, int max_rows);
+/* Decode groups (default 1): with S pipeline stages, S groups keep S decode micro-batches in
+ * flight (policy step 2). Any time; values < 1 count as 1. */
+void srvq_sched_groups(srvq *q, int groups);
 extern const engine_sched_ops srvq_sched_ops;
 /* Prefix reuse (srvq_set_prefix_reuse): shares of SRVQ_PREFIX_BLOCK positions at a time. */
 #define SRVQ_PREFIX_BLOCK 16

@@ -477,9 +477,9 @@ static void check_serve(int np, int slots, long kv_mem_bytes, const char *mode)
 }
 
 /* A rank killed while the server runs: the job ends (non-zero, naming the rank), no hang. The kill
-   waits for all three ranks to exist (a fixed sleep lost the race on a loaded machine). The
-   process pattern names this run's own prompts file (a mkdtemp path): other test_serve runs on
-   the machine (other checkouts) use the same relative fixture path. */
+   waits for all three ranks to exist (a fixed sleep lost the race on a loaded machine); the
+   patterns name this run's prompts file (under its own temporary directory), so a test_serve
+   of another checkout running at the same time is neither counted nor killed. */
 static void test_dead_rank(void)
 {
     struct timespec t0, t1;

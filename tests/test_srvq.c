@@ -479,6 +479,76 @@ static void test_rewind(void)
     srvq_free(q);
 }
 
+/* Decode groups (serve/queue_sched.h step 2): with 2 groups, 4 decoding requests go as two
+ * micro-batches of 2 rows that are in flight together, each request staying in its group;
+ * a group left with more than its share gives the rest to a smaller one. */
+static void test_decode_groups(void)
+{
+    srvq *q = srvq_new(4, 16, 4, 50, -1);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(q);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 8, 0, 8), 0);
+    srvq_sched_groups(q, 2);
+    stage_batch a, b;
+    CU_ASSERT_EQUAL_FATAL(stage_batch_init(&a, 8), 0);
+    CU_ASSERT_EQUAL_FATAL(stage_batch_init(&b, 8), 0);
+    client c[4];
+    memset(c, 0, sizeof c);
+    char err[256];
+    for (int i = 0; i < 4; i++) CU_ASSERT_EQUAL(submit(q, &c[i], P3, 3, 12, err), i);
+    /* prompts: 8 rows (slots 0, 1 and 2 rows of 2), then 4 (the rest of 2, 3) */
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &a), 1);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &b), 1);
+    CU_ASSERT(a.n == 8 && b.n == 4);
+    give_back(q, &a, NULL);
+    /* slots 0 and 1 are ready and join groups 0 and 1: one micro-batch each */
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &a), 1);
+    CU_ASSERT(a.n == 1 && a.slot[0] == 0);
+    /* slot 2 joins group 1 (as small as group 0, and not in flight): it goes with slot 1;
+     * slot 3 joins group 0, in flight: it waits */
+    give_back(q, &b, NULL);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &b), 1);
+    CU_ASSERT(b.n == 2 && b.slot[0] == 1 && b.slot[1] == 2);
+    stage_batch extra;
+    CU_ASSERT_EQUAL_FATAL(stage_batch_init(&extra, 8), 0);
+    CU_ASSERT_EQUAL(srvq_sched_ops.next(q, &extra), 0);
+    /* steady state: {0, 3} and {1, 2}, two micro-batches in flight */
+    for (int k = 0; k < 4; k++) {
+        give_back(q, &a, NULL);
+        CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &a), 1);
+        CU_ASSERT(a.n == 2 && a.slot[0] == 0 && a.slot[1] == 3);
+        CU_ASSERT_EQUAL(srvq_sched_ops.next(q, &extra), 0);
+        give_back(q, &b, NULL);
+        CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &b), 1);
+        CU_ASSERT(b.n == 2 && b.slot[0] == 1 && b.slot[1] == 2);
+    }
+    /* the counters: 10 decode micro-batches of 19 rows, the first alone in flight, the rest
+     * with the other group's */
+    srvq_stats st;
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.micro_batches == 12 && st.decode_micro_batches == 10);
+    CU_ASSERT(st.decode_rows == 19 && st.decode_in_flight == 19);
+    /* slots 1 and 2 end: group 0 {0, 3} is over its share (1 of 2): 3 moves to group 1 */
+    srvq_cancel(q, 1);
+    srvq_cancel(q, 2);
+    give_back(q, &b, NULL);
+    give_back(q, &a, NULL);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &a), 1);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &b), 1);
+    CU_ASSERT(a.n == 1 && a.slot[0] == 0 && b.n == 1 && b.slot[0] == 3);
+    give_back(q, &a, NULL);
+    give_back(q, &b, NULL);
+    /* every token is the one the head gave, the same as without groups */
+    CU_ASSERT(c[0].n_tok == 7 && c[3].n_tok == 6);
+    for (int i = 0; i < 4; i += 3) {
+        for (int j = 0; j < c[i].n_tok && j < 64; j++) CU_ASSERT_EQUAL(c[i].tok[j], 100 + i);
+    }
+    CU_ASSERT(c[1].n_done == 1 && c[1].why == SRVQ_FINISH_CANCELLED);
+    stage_batch_free(&a);
+    stage_batch_free(&b);
+    stage_batch_free(&extra);
+    srvq_free(q);
+}
+
 static void test_threads(void)
 {
     enum { T = 4, N = 50 };
@@ -533,6 +603,7 @@ int main(void)
     CU_add_test(s, "prefix reuse from a running request", test_prefix_reuse);
     CU_add_test(s, "concurrent submits", test_threads);
     CU_add_test(s, "rewind after a restart", test_rewind);
+    CU_add_test(s, "decode groups", test_decode_groups);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();
     unsigned fails = CU_get_number_of_failures();
