@@ -26,4 +26,9 @@
 int cli_init_model(const cli_model_spec *spec, const char *dir, FILE *log, char *err,
                    size_t errlen);
 
+/* `modpipe init-model --spec F.yaml --out DIR [options]` (argv excludes the command name): the
+ * options override the spec's; errors print one line "modpipe init-model: ...". No MPI.
+ * Returns the exit status (0, or 1 on any error). */
+int cli_init_model_main(int argc, char **argv);
+
 #endif

@@ -16,6 +16,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "cli/opts.h"
 #include "stage/config.h"
 #include "stage/kernels.h"
 #include "stage/safetensors.h"
@@ -29,170 +30,19 @@
 #pragma GCC diagnostic ignored "-Wformat-truncation"
 
 /* ========================================================================================
- * Options
+ * Options (the table: cli/opts.c)
  * ===================================================================================== */
 
-typedef struct {
-    const char *name, *metavar, *help;
-} rt_opt;
-
-static const rt_opt RT_OPTS[] = {
-    {"model", "DIR", "dense (or MindSkip, with --resume) model directory to tune"},
-    {"data", "FILE",
-     "training text: documents separated by blank lines, tokenized with DIR's tokenizer.json"},
-    {"data-ids", "FILE",
-     "training data already tokenized: one document per line, ids separated by commas or spaces"},
-    {"out", "DIR", "output model directory (created; must not hold a model.safetensors)"},
-    {"layers", "A-B,...",
-     "layers that get a router, e.g. 1-3 or 1,3 (default: every layer but the first)"},
-    {"granularity", "token|sequence", "MindSkip granularity (default sequence, the paper's)"},
-    {"target-skip", "F",
-     "fraction of attention to skip, 0 <= F < 1 (default 0.3): the penalty drives the kept "
-     "fraction to 1 - F"},
-    {"threshold", "TAU",
-     "inference threshold written to config.json; the STE gate uses it too (default 0.5)"},
-    {"gate", "ste|soft",
-     "training gate: ste (paper: hard 0/1 forward, straight-through gradient; default) or soft "
-     "(sigmoid score)"},
-    {"penalty", "global|layer",
-     "kept-fraction penalty over all routed layers together (default) or per layer (paper's code)"},
-    {"lambda", "L", "penalty weight (default 1)"},
-    {"seq-len", "T", "tokens per training sequence (default 128)"},
-    {"batch", "B", "sequences per step, split over the ranks (default 16; >= ranks)"},
-    {"steps", "N", "optimizer steps (default 200)"},
-    {"lr", "LR", "AdamW learning rate (default 0.01)"},
-    {"lr-decay", "linear|none",
-     "learning-rate schedule: linear decay to 0 over --steps (default, as HF Trainer) or constant"},
-    {"weight-decay", "WD",
-     "AdamW decoupled weight decay of router weights, not biases (default 0)"},
-    {"init-bias", "B0",
-     "initial router bias (default 0.5: with w ~ N(0, 0.01^2) every gate starts open, sigmoid ~ "
-     "0.62, close enough to the threshold to move in tens of steps)"},
-    {"seed", "S", "seed of the router init and the batch order (default 0)"},
-    {"eval-data", "FILE",
-     "held-out text (same format as --data) evaluated every --eval-every steps; the best routers "
-     "by held-out loss are written"},
-    {"eval-data-ids", "FILE", "held-out data already tokenized (same format as --data-ids)"},
-    {"eval-every", "N", "steps between held-out evaluations (default 25)"},
-    {"log-every", "N", "steps between progress lines (default 10)"},
-    {"dump-sequences", "FILE",
-     "write the held-out sequences (else the training ones) as id lines for 'modpipe eval "
-     "--tokens-file' and exit"},
-    {"resume", NULL, "continue from the routers the model already has on --layers"},
-    {"random-skip", "F,F,...",
-     "no training: write RANDOM routers (w ~ N(0, 1/D)) whose biases are calibrated on --data so "
-     "that routed layer i skips fraction F_i (one F per --layers entry): the baseline a trained "
-     "router must beat"},
-    {"threads", "N", "BLAS threads per rank (default 1)"},
-    {"quiet", NULL, "no progress lines"},
-    {"help", NULL, "this help"},
-};
-#define RT_N_OPTS ((int)(sizeof RT_OPTS / sizeof RT_OPTS[0]))
-
-typedef struct {
-    const char *val[RT_N_OPTS]; /* NULL: not given; switches: "" */
-} rt_args;
-
-static int rt_opt_index(const char *name)
+static void rt_usage(void)
 {
-    for (int i = 0; i < RT_N_OPTS; i++)
-        if (!strcmp(RT_OPTS[i].name, name)) return i;
-    return -1;
-}
-
-static const char *arg(const rt_args *a, const char *name) { return a->val[rt_opt_index(name)]; }
-
-static void rt_usage(FILE *f)
-{
-    fprintf(
-        f, "modpipe router-tune: turn a dense checkpoint into a MindSkip model by training only\n"
-           "its routers (Router-Tuning, He et al. 2024; docs/ROUTER-TUNING.md has the equations).\n"
-           "Data-parallel under mpirun: each rank computes a shard of every batch.\n\n"
-           "usage: mpirun -np K modpipe router-tune --model DIR --data FILE --out DIR [options]\n\n"
-           "options:\n");
-    for (int i = 0; i < RT_N_OPTS; i++) {
-        char left[64];
-        snprintf(left, sizeof left, "--%s%s%s", RT_OPTS[i].name, RT_OPTS[i].metavar ? " " : "",
-                 RT_OPTS[i].metavar ? RT_OPTS[i].metavar : "");
-        fprintf(f, "  %-26s %s\n", left, RT_OPTS[i].help);
-    }
-    fprintf(f,
-            "\nexample:\n  mpirun -np 2 modpipe router-tune --model stories260K --data train.txt "
-            "--eval-data heldout.txt --out stories260K-ms --layers 1-4 --target-skip 0.3\n");
-}
-
-static int parse_args(int argc, char **argv, rt_args *a, char *err, size_t errlen)
-{
-    memset(a, 0, sizeof *a);
-    for (int i = 0; i < argc; i++) {
-        const char *s = argv[i];
-        if (strncmp(s, "--", 2)) {
-            snprintf(err, errlen, "unexpected argument '%s' (options start with --)", s);
-            return -1;
-        }
-        char name[64];
-        const char *eq = strchr(s + 2, '=');
-        size_t nl = eq ? (size_t)(eq - s - 2) : strlen(s + 2);
-        if (nl >= sizeof name) nl = sizeof name - 1;
-        memcpy(name, s + 2, nl);
-        name[nl] = 0;
-        int k = rt_opt_index(name);
-        if (k < 0) {
-            snprintf(err, errlen, "unknown option --%s (see modpipe router-tune --help)", name);
-            return -1;
-        }
-        if (!RT_OPTS[k].metavar) {
-            if (eq) {
-                snprintf(err, errlen, "--%s takes no value", name);
-                return -1;
-            }
-            a->val[k] = "";
-        } else if (eq) {
-            a->val[k] = eq + 1;
-        } else {
-            if (i + 1 >= argc) {
-                snprintf(err, errlen, "--%s needs a value (%s)", name, RT_OPTS[k].metavar);
-                return -1;
-            }
-            a->val[k] = argv[++i];
-        }
-    }
-    return 0;
-}
-
-static int get_long(const rt_args *a, const char *name, long lo, long hi, long def, long *out,
-                    char *err, size_t errlen)
-{
-    const char *s = arg(a, name);
-    *out = def;
-    if (!s) return 0;
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi) {
-        snprintf(err, errlen, "--%s: expected an integer in %ld..%ld, got '%s'", name, lo, hi, s);
-        return -1;
-    }
-    *out = v;
-    return 0;
-}
-
-static int get_double(const rt_args *a, const char *name, double lo, double hi, int hi_open,
-                      double def, double *out, char *err, size_t errlen)
-{
-    const char *s = arg(a, name);
-    *out = def;
-    if (!s) return 0;
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (errno || end == s || *end || !(v >= lo) || (hi_open ? !(v < hi) : !(v <= hi))) {
-        snprintf(err, errlen, "--%s: expected a number in [%g, %g%s, got '%s'", name, lo, hi,
-                 hi_open ? ")" : "]", s);
-        return -1;
-    }
-    *out = v;
-    return 0;
+    cli_opts_usage(
+        stdout, CLI_ROUTER_TUNE,
+        "modpipe router-tune: turn a dense checkpoint into a MindSkip model by training only\n"
+        "its routers (Router-Tuning, He et al. 2024; docs/ROUTER-TUNING.md has the equations).\n"
+        "Data-parallel under mpirun: each rank computes a shard of every batch.\n\n"
+        "usage: mpirun -np K modpipe router-tune --model DIR --data FILE --out DIR [options]\n",
+        "  mpirun -np 2 modpipe router-tune --model stories260K --data train.txt "
+        "--eval-data heldout.txt --out stories260K-ms --layers 1-4 --target-skip 0.3\n");
 }
 
 /* "1-3,5" -> sorted distinct layer list. */
@@ -989,7 +839,7 @@ static int calibrate_random(rt_ctx *c, const rt_seqs *s, const double *skip, dou
     return rc;
 }
 
-static int quiet_flag(const rt_args *a) { return arg(a, "quiet") != NULL; }
+static int quiet_flag(const cli_opts *a) { return cli_opt_str(a, "quiet") != NULL; }
 
 static double mean_of(const double *v, int n)
 {
@@ -1005,10 +855,11 @@ int cli_routertune_main(int argc, char **argv)
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &size);
     char err[RT_ERR] = "";
-    rt_args a;
-    int rc = parse_args(argc, argv, &a, err, sizeof err);
-    if (!rc && arg(&a, "help")) {
-        if (rank == 0) rt_usage(stdout);
+    cli_opts a;
+    int rc = cli_opts_parse(&a, CLI_ROUTER_TUNE, argc, argv, err, sizeof err);
+    if (!rc && cli_opt_has(&a, "help")) {
+        if (rank == 0) rt_usage();
+        cli_opts_free(&a);
         MPI_Finalize();
         return 0;
     }
@@ -1033,8 +884,9 @@ int cli_routertune_main(int argc, char **argv)
     memset(&opt, 0, sizeof opt);
     cJSON *record = NULL;
 
-    const char *model = rc ? NULL : arg(&a, "model"), *out = rc ? NULL : arg(&a, "out");
-    const char *dump = rc ? NULL : arg(&a, "dump-sequences");
+    const char *model = rc ? NULL : cli_opt_str(&a, "model"),
+               *out = rc ? NULL : cli_opt_str(&a, "out");
+    const char *dump = rc ? NULL : cli_opt_str(&a, "dump-sequences");
     if (!rc && !model) {
         snprintf(err, sizeof err, "--model DIR is required (see modpipe router-tune --help)");
         rc = -1;
@@ -1043,67 +895,42 @@ int cli_routertune_main(int argc, char **argv)
         snprintf(err, sizeof err, "--out DIR is required");
         rc = -1;
     }
-    if (!rc && !!arg(&a, "data") + !!arg(&a, "data-ids") != 1) {
+    if (!rc && !!cli_opt_str(&a, "data") + !!cli_opt_str(&a, "data-ids") != 1) {
         snprintf(err, sizeof err, "give exactly one of --data FILE and --data-ids FILE");
         rc = -1;
     }
-    if (!rc && arg(&a, "eval-data") && arg(&a, "eval-data-ids")) {
+    if (!rc && cli_opt_str(&a, "eval-data") && cli_opt_str(&a, "eval-data-ids")) {
         snprintf(err, sizeof err, "give at most one of --eval-data and --eval-data-ids");
         rc = -1;
     }
     long T = 0, B = 0, steps = 0, seed = 0, eval_every = 0, log_every = 0, threads = 1;
     double tskip = 0, thr = 0, lambda = 0, lr = 0, wd = 0, b0 = 0;
-    const char *s0;
-    if (!rc) rc = get_long(&a, "seq-len", 2, 1 << 20, 128, &T, err, sizeof err);
-    if (!rc) rc = get_long(&a, "batch", 1, 1 << 20, 16, &B, err, sizeof err);
-    if (!rc) rc = get_long(&a, "steps", 0, 100000000, 200, &steps, err, sizeof err);
-    if (!rc) rc = get_long(&a, "seed", 0, LONG_MAX, 0, &seed, err, sizeof err);
-    if (!rc) rc = get_long(&a, "eval-every", 1, 100000000, 25, &eval_every, err, sizeof err);
-    if (!rc) rc = get_long(&a, "log-every", 1, 100000000, 10, &log_every, err, sizeof err);
-    if (!rc) rc = get_long(&a, "threads", 1, 1024, 1, &threads, err, sizeof err);
-    if (!rc) rc = get_double(&a, "target-skip", 0.0, 1.0, 1, 0.3, &tskip, err, sizeof err);
-    if (!rc) rc = get_double(&a, "threshold", 0.0, 1.0, 1, 0.5, &thr, err, sizeof err);
-    if (!rc) rc = get_double(&a, "lambda", 0.0, 1e9, 0, 1.0, &lambda, err, sizeof err);
-    if (!rc) rc = get_double(&a, "lr", 0.0, 1e3, 0, 0.01, &lr, err, sizeof err);
-    if (!rc) rc = get_double(&a, "weight-decay", 0.0, 1e3, 0, 0.0, &wd, err, sizeof err);
-    if (!rc) rc = get_double(&a, "init-bias", -1e3, 1e3, 0, 0.5, &b0, err, sizeof err);
-    int lr_linear = 1;
-    if (!rc && (s0 = arg(&a, "lr-decay"))) {
-        if (!strcmp(s0, "none"))
-            lr_linear = 0;
-        else if (strcmp(s0, "linear")) {
-            snprintf(err, sizeof err, "--lr-decay: expected linear or none, got '%s'", s0);
-            rc = -1;
-        }
-    }
-    stage_granularity gran = STAGE_GRAN_SEQUENCE;
-    train_gate gate = TRAIN_GATE_STE;
-    train_penalty pen = TRAIN_PENALTY_GLOBAL;
-    const char *s;
-    if (!rc && (s = arg(&a, "granularity"))) {
-        if (!strcmp(s, "token"))
-            gran = STAGE_GRAN_TOKEN;
-        else if (strcmp(s, "sequence")) {
-            snprintf(err, sizeof err, "--granularity: expected token or sequence, got '%s'", s);
-            rc = -1;
-        }
-    }
-    if (!rc && (s = arg(&a, "gate"))) {
-        if (!strcmp(s, "soft"))
-            gate = TRAIN_GATE_SOFT;
-        else if (strcmp(s, "ste")) {
-            snprintf(err, sizeof err, "--gate: expected ste or soft, got '%s'", s);
-            rc = -1;
-        }
-    }
-    if (!rc && (s = arg(&a, "penalty"))) {
-        if (!strcmp(s, "layer"))
-            pen = TRAIN_PENALTY_LAYER;
-        else if (strcmp(s, "global")) {
-            snprintf(err, sizeof err, "--penalty: expected global or layer, got '%s'", s);
-            rc = -1;
-        }
-    }
+    if (!rc) rc = cli_opt_long(&a, "seq-len", 2, 1 << 20, 128, &T, err, sizeof err);
+    if (!rc) rc = cli_opt_long(&a, "batch", 1, 1 << 20, 16, &B, err, sizeof err);
+    if (!rc) rc = cli_opt_long(&a, "steps", 0, 100000000, 200, &steps, err, sizeof err);
+    if (!rc) rc = cli_opt_long(&a, "seed", 0, LONG_MAX, 0, &seed, err, sizeof err);
+    if (!rc) rc = cli_opt_long(&a, "eval-every", 1, 100000000, 25, &eval_every, err, sizeof err);
+    if (!rc) rc = cli_opt_long(&a, "log-every", 1, 100000000, 10, &log_every, err, sizeof err);
+    if (!rc) rc = cli_opt_long(&a, "threads", 1, 1024, 1, &threads, err, sizeof err);
+    if (!rc) rc = cli_opt_double(&a, "target-skip", 0.0, 1.0, 1, 0.3, &tskip, err, sizeof err);
+    if (!rc) rc = cli_opt_double(&a, "threshold", 0.0, 1.0, 1, 0.5, &thr, err, sizeof err);
+    if (!rc) rc = cli_opt_double(&a, "lambda", 0.0, 1e9, 0, 1.0, &lambda, err, sizeof err);
+    if (!rc) rc = cli_opt_double(&a, "lr", 0.0, 1e3, 0, 0.01, &lr, err, sizeof err);
+    if (!rc) rc = cli_opt_double(&a, "weight-decay", 0.0, 1e3, 0, 0.0, &wd, err, sizeof err);
+    if (!rc) rc = cli_opt_double(&a, "init-bias", -1e3, 1e3, 0, 0.5, &b0, err, sizeof err);
+    static const char *const lr_decays[] = {"linear", "none", NULL};
+    static const char *const grans[] = {"sequence", "token", NULL};
+    static const char *const gates[] = {"ste", "soft", NULL};
+    static const char *const pens[] = {"global", "layer", NULL};
+    int lrd = 0, gr = 0, gt = 0, pn = 0;
+    if (!rc) rc = cli_opt_choice(&a, "lr-decay", lr_decays, 0, &lrd, err, sizeof err);
+    if (!rc) rc = cli_opt_choice(&a, "granularity", grans, 0, &gr, err, sizeof err);
+    if (!rc) rc = cli_opt_choice(&a, "gate", gates, 0, &gt, err, sizeof err);
+    if (!rc) rc = cli_opt_choice(&a, "penalty", pens, 0, &pn, err, sizeof err);
+    int lr_linear = lrd == 0;
+    stage_granularity gran = gr ? STAGE_GRAN_TOKEN : STAGE_GRAN_SEQUENCE;
+    train_gate gate = gt ? TRAIN_GATE_SOFT : TRAIN_GATE_STE;
+    train_penalty pen = pn ? TRAIN_PENALTY_LAYER : TRAIN_PENALTY_GLOBAL;
     if (!rc && B < size) {
         snprintf(err, sizeof err,
                  "--batch %ld is smaller than the %d ranks: every rank needs a "
@@ -1119,8 +946,9 @@ int cli_routertune_main(int argc, char **argv)
         rc = -1;
     }
     if (!rc) {
-        if (arg(&a, "layers"))
-            rc = parse_layers(arg(&a, "layers"), cfg.n_layers, &layers, &n_routed, err, sizeof err);
+        if (cli_opt_str(&a, "layers"))
+            rc = parse_layers(cli_opt_str(&a, "layers"), cfg.n_layers, &layers, &n_routed, err,
+                              sizeof err);
         else if (cfg.n_layers < 2) {
             snprintf(err, sizeof err, "the model has one layer: give --layers 0");
             rc = -1;
@@ -1132,7 +960,7 @@ int cli_routertune_main(int argc, char **argv)
     }
     /* existing routers: refuse, or continue from them with --resume */
     st_model *stm = NULL;
-    int resume = !rc && arg(&a, "resume");
+    int resume = !rc && cli_opt_str(&a, "resume");
     if (!rc) rc = st_open(model, &stm, err, sizeof err);
     if (!rc) {
         for (int i = 0; i < n_routed && !rc; i++) {
@@ -1210,22 +1038,22 @@ int cli_routertune_main(int argc, char **argv)
     }
     st_close(stm);
     if (!rc)
-        rc = load_seqs(arg(&a, "data"), arg(&a, "data-ids"), model, cfg.vocab, (int)T, &tr, err,
-                       sizeof err);
+        rc = load_seqs(cli_opt_str(&a, "data"), cli_opt_str(&a, "data-ids"), model, cfg.vocab,
+                       (int)T, &tr, err, sizeof err);
     if (!rc && !dump && tr.n < B) {
         snprintf(err, sizeof err,
                  "%s: %ld tokens make %d sequences of %ld, fewer than one batch "
                  "(--batch %ld needs %ld tokens)",
-                 arg(&a, "data") ? arg(&a, "data") : arg(&a, "data-ids"), tr.n_tokens, tr.n, T, B,
-                 B * T);
+                 cli_opt_str(&a, "data") ? cli_opt_str(&a, "data") : cli_opt_str(&a, "data-ids"),
+                 tr.n_tokens, tr.n, T, B, B * T);
         rc = -1;
     }
-    const char *evp = rc                     ? NULL
-                      : arg(&a, "eval-data") ? arg(&a, "eval-data")
-                                             : arg(&a, "eval-data-ids");
+    const char *evp = rc                             ? NULL
+                      : cli_opt_str(&a, "eval-data") ? cli_opt_str(&a, "eval-data")
+                                                     : cli_opt_str(&a, "eval-data-ids");
     if (evp) {
-        rc = load_seqs(arg(&a, "eval-data"), arg(&a, "eval-data-ids"), model, cfg.vocab, (int)T,
-                       &ev, err, sizeof err);
+        rc = load_seqs(cli_opt_str(&a, "eval-data"), cli_opt_str(&a, "eval-data-ids"), model,
+                       cfg.vocab, (int)T, &ev, err, sizeof err);
         if (!rc && ev.n < size) {
             snprintf(err, sizeof err,
                      "%s: %ld tokens make %d held-out sequences of %ld; need at least "
@@ -1286,9 +1114,9 @@ int cli_routertune_main(int argc, char **argv)
     }
     if (agree(rc, rank, size, err)) goto done;
 
-    if (arg(&a, "random-skip")) {
+    if (cli_opt_str(&a, "random-skip")) {
         double *fr = calloc((size_t)n_routed, sizeof *fr);
-        const char *p = arg(&a, "random-skip");
+        const char *p = cli_opt_str(&a, "random-skip");
         int nf = 0;
         rc = fr ? 0 : -1;
         while (!rc && *p) {
@@ -1306,7 +1134,7 @@ int cli_routertune_main(int argc, char **argv)
             snprintf(err, sizeof err,
                      "--random-skip %s: expected %d fractions in [0, 1] (one per "
                      "routed layer)",
-                     arg(&a, "random-skip"), n_routed);
+                     cli_opt_str(&a, "random-skip"), n_routed);
             rc = -1;
         }
         if (!rc) rc = calibrate_random(&c, &tr, fr, thr, (uint64_t)seed, w, b, err, sizeof err);
@@ -1316,7 +1144,7 @@ int cli_routertune_main(int argc, char **argv)
         cJSON_AddStringToObject(
             record, "method",
             "random routers (baseline), biases calibrated by modpipe router-tune --random-skip");
-        cJSON_AddStringToObject(record, "random_skip", arg(&a, "random-skip"));
+        cJSON_AddStringToObject(record, "random_skip", cli_opt_str(&a, "random-skip"));
         if (rank == 0) {
             rt_out o = {model, out, layers, n_routed, D, gran, thr, record};
             rc = write_output(&o, w, b, err, sizeof err);
@@ -1331,7 +1159,7 @@ int cli_routertune_main(int argc, char **argv)
 
     signal(SIGINT, on_signal);
     signal(SIGTERM, on_signal);
-    const int quiet = arg(&a, "quiet") != NULL;
+    const int quiet = cli_opt_str(&a, "quiet") != NULL;
     if (rank == 0 && !quiet) {
         fprintf(stderr, "router-tune: %d rank%s, layers", size, size > 1 ? "s" : "");
         for (int i = 0; i < n_routed; i++) fprintf(stderr, "%s%d", i ? "," : " ", layers[i]);
@@ -1482,6 +1310,7 @@ cleanup:
     free(perm);
     free(wd_mask);
     if (have_cfg) stage_config_free(&cfg);
+    cli_opts_free(&a);
     MPI_Finalize();
     return exit_code;
 }

@@ -8,153 +8,22 @@
 #include <unistd.h>
 
 #include "cli/serve.h"
+#include "cli/opts.h"
+#include "cli/plan.h"
 #include "serve/serve.h"
 #include "stage/matmul.h"
 
-typedef struct {
-    const char *name;
-    const char *metavar; /* NULL: a switch */
-    const char *help;
-} sopt;
-
-static const sopt SOPTS[] = {
-    {"model", "DIR", "model directory (config.json + safetensors + tokenizer.json)"},
-    {"tokenizer", "PATH", "tokenizer.json or its directory (default: the model directory)"},
-    {"host", "ADDR", "address to listen on (default 127.0.0.1; 0.0.0.0 or :: for all)"},
-    {"port", "N", "TCP port (default 8080; 0: any free port, printed at start)"},
-    {"slots", "N", "sequences decoded at once = KV-cache slots (default 8)"},
-    {"ctx", "N", "positions per slot, prompt + generated (default: the model's max, at most 4096)"},
-    {"queue", "N", "requests waiting for a slot at most; beyond: 503 + Retry-After (default 64)"},
-    {"api-key", "KEY",
-     "require 'Authorization: Bearer KEY' (all routes but /health); "
-     "default: $MODPIPE_API_KEY if set"},
-    {"chat-template", "NAME",
-     "chat template: chatml, llama2, llama3, zephyr, plain, or auto "
-     "(default: from tokenizer_config.json, else plain)"},
-    {"name", "ID", "model id in /v1/models and responses (default: the directory's name)"},
-    {"shutdown-grace", "SEC", "on SIGTERM, running requests get this long to finish (default 30)"},
-    {"micro-batch", "R", "most rows per micro-batch (default 32)"},
-    {"max-in-flight", "K", "micro-batches in flight at once (default 2 x stages)"},
-    {"stages", "auto|A-B,...", "layer range of each stage, or auto (default)"},
-    {"tp", "K", "every stage spans K ranks (tensor parallelism, -np = stages x K; default 1)"},
-    {"wire-dtype", "f32|bf16|f16", "activation dtype between ranks (default f32)"},
-    {"weights-dtype", "f32|bf16|f16", "dtype the weight matrices are held in (default: as stored)"},
-    {"transport", "sparse|dense", "sparse (default) or dense: every row on every link (baseline)"},
-    {"threads", "N", "BLAS threads per rank (default 1)"},
-    {"timeout", "SEC",
-     "abort when a peer rank sends nothing for SEC seconds while work is "
-     "pending (default 300)"},
-    {"quiet", NULL, "no log lines on stderr"},
-    {"help", NULL, "this help"},
-};
-#define N_SOPTS ((int)(sizeof SOPTS / sizeof SOPTS[0]))
-
-static void usage(FILE *f)
+static void usage(void)
 {
-    fprintf(f, "modpipe serve: an OpenAI-compatible HTTP server (rank 0) over the pipeline.\n"
-               "Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,\n"
-               "GET /health, POST /tokenize, POST /detokenize, GET /metrics.\n\n"
-               "usage: mpirun -np N modpipe serve --model DIR [options]\n\noptions:\n");
-    for (int i = 0; i < N_SOPTS; i++) {
-        char left[64];
-        snprintf(left, sizeof left, "--%s%s%s", SOPTS[i].name, SOPTS[i].metavar ? " " : "",
-                 SOPTS[i].metavar ? SOPTS[i].metavar : "");
-        fprintf(f, "  %-28s %s\n", left, SOPTS[i].help);
-    }
-    fprintf(
-        f,
-        "\nexample:\n  mpirun --oversubscribe -np 2 modpipe serve --model stories260K --port 8080\n"
+    cli_opts_usage(
+        stdout, CLI_SERVE,
+        "modpipe serve: an OpenAI-compatible HTTP server (rank 0) over the pipeline.\n"
+        "Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,\n"
+        "GET /health, POST /tokenize, POST /detokenize, GET /metrics.\n\n"
+        "usage: mpirun -np N modpipe serve --model DIR [options]\n",
+        "  mpirun --oversubscribe -np 2 modpipe serve --model stories260K --port 8080\n"
         "  curl -s localhost:8080/v1/completions -H 'Content-Type: application/json' \\\n"
         "       -d '{\"prompt\": \"Once upon a time\", \"max_tokens\": 32, \"temperature\": 0}'\n");
-}
-
-typedef struct {
-    const char *v[N_SOPTS];
-} sargs;
-
-static int sidx(const char *n)
-{
-    for (int i = 0; i < N_SOPTS; i++)
-        if (!strcmp(SOPTS[i].name, n)) return i;
-    return -1;
-}
-
-static const char *get(const sargs *a, const char *n) { return a->v[sidx(n)]; }
-
-static int parse_args(int argc, char **argv, sargs *a, char *err, size_t errlen)
-{
-    memset(a, 0, sizeof *a);
-    for (int k = 0; k < argc; k++) {
-        const char *arg = argv[k];
-        if (!strcmp(arg, "-h")) arg = "--help";
-        if (strncmp(arg, "--", 2)) {
-            snprintf(err, errlen, "unexpected argument '%s' (see modpipe serve --help)", arg);
-            return -1;
-        }
-        char name[64];
-        const char *eq = strchr(arg + 2, '=');
-        size_t nl = eq ? (size_t)(eq - arg - 2) : strlen(arg + 2);
-        snprintf(name, sizeof name, "%.*s", (int)(nl < 63 ? nl : 63), arg + 2);
-        int i = sidx(name);
-        if (i < 0) {
-            snprintf(err, errlen, "unknown option '%s' for serve (see modpipe serve --help)", arg);
-            return -1;
-        }
-        if (a->v[i]) {
-            snprintf(err, errlen, "--%s given twice", name);
-            return -1;
-        }
-        if (!SOPTS[i].metavar) {
-            if (eq) {
-                snprintf(err, errlen, "--%s takes no value", name);
-                return -1;
-            }
-            a->v[i] = "1";
-        } else if (eq) {
-            a->v[i] = eq + 1;
-        } else {
-            if (k + 1 >= argc) {
-                snprintf(err, errlen, "--%s needs a value (%s)", name, SOPTS[i].metavar);
-                return -1;
-            }
-            a->v[i] = argv[++k];
-        }
-    }
-    return 0;
-}
-
-static int get_long(const sargs *a, const char *n, long lo, long hi, long dflt, long *out,
-                    char *err, size_t errlen)
-{
-    const char *s = get(a, n);
-    *out = dflt;
-    if (!s) return 0;
-    char *end;
-    errno = 0;
-    long x = strtol(s, &end, 10);
-    if (errno || end == s || *end || x < lo || x > hi) {
-        snprintf(err, errlen, "--%s: expected an integer in [%ld, %ld], got '%s'", n, lo, hi, s);
-        return -1;
-    }
-    *out = x;
-    return 0;
-}
-
-static int get_double(const sargs *a, const char *n, double lo, double hi, double dflt, double *out,
-                      char *err, size_t errlen)
-{
-    const char *s = get(a, n);
-    *out = dflt;
-    if (!s) return 0;
-    char *end;
-    errno = 0;
-    double x = strtod(s, &end);
-    if (errno || end == s || *end || !(x >= lo && x <= hi)) {
-        snprintf(err, errlen, "--%s: expected a number in [%g, %g], got '%s'", n, lo, hi, s);
-        return -1;
-    }
-    *out = x;
-    return 0;
 }
 
 typedef struct {
@@ -169,9 +38,9 @@ typedef struct {
     double grace;
 } setup;
 
-static int make_setup(const sargs *a, int n_ranks, setup *st, char *err, size_t errlen)
+static int make_setup(const cli_opts *a, int n_ranks, setup *st, char *err, size_t errlen)
 {
-    const char *model = get(a, "model");
+    const char *model = cli_opt_str(a, "model");
     if (!model) {
         snprintf(err, errlen, "--model DIR is required (see modpipe serve --help)");
         return -1;
@@ -179,14 +48,6 @@ static int make_setup(const sargs *a, int n_ranks, setup *st, char *err, size_t 
     if (stage_config_load(model, &st->cfg, err, errlen)) return -1;
     st->have_cfg = 1;
     const stage_config *cfg = &st->cfg;
-    long tp;
-    if (get_long(a, "tp", 1, 64, 1, &tp, err, errlen)) return -1;
-    if (n_ranks % tp) {
-        snprintf(err, errlen, "-np %d is not a multiple of --tp %ld (every stage spans %ld ranks)",
-                 n_ranks, tp, tp);
-        return -1;
-    }
-    n_ranks /= (int)tp; /* stages from here on (engine/topo.h) */
     for (int l = 0; l < cfg->n_layers; l++)
         if (stage_kind_is_routed(cfg->layer_kind[l]) && cfg->mod_routing == STAGE_ROUTING_TOPK) {
             snprintf(err, errlen,
@@ -201,69 +62,44 @@ static int make_setup(const sargs *a, int n_ranks, setup *st, char *err, size_t 
     long v;
     double d;
     int max_ctx = cfg->max_pos > 0 ? (cfg->max_pos < 4096 ? cfg->max_pos : 4096) : 2048;
-    if (get_long(a, "slots", 1, 4096, 8, &v, err, errlen)) return -1;
+    if (cli_opt_long(a, "slots", 1, 4096, 8, &v, err, errlen)) return -1;
     p->slots = (int)v;
-    if (get_long(a, "ctx", 2, 1 << 20, max_ctx, &v, err, errlen)) return -1;
+    if (cli_opt_long(a, "ctx", 2, 1 << 20, max_ctx, &v, err, errlen)) return -1;
     p->ctx = (int)v;
-    if (get_long(a, "queue", 0, 1 << 20, 64, &v, err, errlen)) return -1;
+    if (cli_opt_long(a, "queue", 0, 1 << 20, 64, &v, err, errlen)) return -1;
     p->queue = (int)v;
-    if (get_long(a, "micro-batch", 1, 1 << 20, 32, &v, err, errlen)) return -1;
-    p->micro_batch = (int)v;
-    if (get_long(a, "max-in-flight", 2, 4096, 2L * n_ranks < 2 ? 2 : 2L * n_ranks, &v, err, errlen))
-        return -1;
-    p->max_in_flight = (int)v;
-    if (get_double(a, "timeout", 1.0, 1e7, 300.0, &d, err, errlen)) return -1;
-    p->timeout_s = d;
-    if (get_long(a, "threads", 1, 1024, 1, &v, err, errlen)) return -1;
-    if (stage_threads_init((int)v, err, errlen)) return -1;
-    const char *wd = get(a, "wire-dtype");
-    p->wire = STAGE_F32;
-    if (wd && stage_dtype_parse(wd, &p->wire)) {
-        snprintf(err, errlen, "--wire-dtype: expected f32, bf16 or f16, got '%s'", wd);
-        return -1;
-    }
-    const char *wts = get(a, "weights-dtype");
-    stage_dtype wdt = STAGE_F32;
-    if (wts && stage_dtype_parse(wts, &wdt)) {
-        snprintf(err, errlen, "--weights-dtype: expected f32, bf16 or f16, got '%s'", wts);
-        return -1;
-    }
-    p->weights_dtype = wts ? (int)wdt : -1;
-    const char *tr = get(a, "transport");
-    if (tr && strcmp(tr, "sparse") && strcmp(tr, "dense")) {
-        snprintf(err, errlen, "--transport: expected sparse or dense, got '%s'", tr);
-        return -1;
-    }
-    p->dense_transport = tr && !strcmp(tr, "dense");
-    p->progress = !get(a, "quiet");
+    cli_pipe_opts po;
+    if (cli_pipe_opts_read(a, &po, err, errlen)) return -1;
+    p->micro_batch = po.micro_batch;
+    p->timeout_s = po.timeout_s;
+    p->wire = po.wire;
+    p->weights_dtype = po.weights_dtype;
+    p->dense_transport = po.dense_transport;
+    p->progress = po.progress;
 
-    const char *stages = get(a, "stages");
-    int rc;
-    if (!stages || !strcmp(stages, "auto")) {
-        rc = engine_partition_auto(cfg, n_ranks, &st->plan, err, errlen);
-    } else {
-        char buf[4096];
-        snprintf(buf, sizeof buf, "%s", stages);
-        char *ranges[256];
-        int nr = 0;
-        char *save = NULL;
-        for (char *t = strtok_r(buf, ", ", &save); t && nr < 256; t = strtok_r(NULL, ", ", &save))
-            ranges[nr++] = t;
-        rc = engine_partition_explicit(cfg, (const char *const *)ranges, nr, n_ranks, &st->plan,
-                                       err, errlen);
+    engine_mem_opts mem;
+    int plan_mem = cli_opt_has(a, "mem-per-rank");
+    if (plan_mem) {
+        if (cli_mem_opts(a, model, &mem, err, errlen)) return -1;
+        if (p->weights_dtype >= 0) mem.weight_dtype = (stage_dtype)p->weights_dtype;
+        mem.slots = p->slots;
+        mem.ctx = p->ctx;
+        mem.micro_batch = p->micro_batch;
     }
-    if (rc) return -1;
+    if (cli_make_plan(a, cfg, n_ranks, 0, plan_mem ? &mem : NULL, &st->plan, err, errlen))
+        return -1;
     st->have_plan = 1;
-    for (int s = 0; s < st->plan.n_stages; s++) st->plan.st[s].ranks = (int)tp;
     p->plan = &st->plan;
+    p->max_in_flight = po.max_in_flight ? po.max_in_flight : 2 * st->plan.n_stages;
+    if (p->max_in_flight < 2) p->max_in_flight = 2;
 
     /* HTTP side (used on rank 0) */
     serve_opts *so = &st->so;
-    so->host = get(a, "host") ? get(a, "host") : "127.0.0.1";
-    if (get_long(a, "port", 0, 65535, 8080, &v, err, errlen)) return -1;
+    so->host = cli_opt_str(a, "host") ? cli_opt_str(a, "host") : "127.0.0.1";
+    if (cli_opt_long(a, "port", 0, 65535, 8080, &v, err, errlen)) return -1;
     so->port = (int)v;
-    so->api_key = get(a, "api-key") ? get(a, "api-key") : getenv("MODPIPE_API_KEY");
-    const char *ct = get(a, "chat-template");
+    so->api_key = cli_opt_str(a, "api-key") ? cli_opt_str(a, "api-key") : getenv("MODPIPE_API_KEY");
+    const char *ct = cli_opt_str(a, "chat-template");
     if (!ct || !strcmp(ct, "auto"))
         so->chat = serve_chat_detect(model);
     else if (!(so->chat = serve_chat_find(ct))) {
@@ -271,7 +107,7 @@ static int make_setup(const sargs *a, int n_ranks, setup *st, char *err, size_t 
                  serve_chat_names());
         return -1;
     }
-    const char *nm = get(a, "name");
+    const char *nm = cli_opt_str(a, "name");
     if (!nm) {
         size_t n = strlen(model);
         while (n > 1 && model[n - 1] == '/') n--;
@@ -284,9 +120,9 @@ static int make_setup(const sargs *a, int n_ranks, setup *st, char *err, size_t 
     so->model_name = st->name;
     so->ctx = p->ctx;
     so->quiet = !p->progress;
-    if (get_double(a, "shutdown-grace", 0.0, 1e6, 30.0, &d, err, errlen)) return -1;
+    if (cli_opt_double(a, "shutdown-grace", 0.0, 1e6, 0, 30.0, &d, err, errlen)) return -1;
     so->shutdown_grace_s = d > 0 ? d : 1e-3;
-    st->tok_path = get(a, "tokenizer") ? get(a, "tokenizer") : model;
+    st->tok_path = cli_opt_str(a, "tokenizer") ? cli_opt_str(a, "tokenizer") : model;
     return 0;
 }
 
@@ -331,12 +167,13 @@ int cli_serve_main(int argc, char **argv, serve_pipeline_fn run)
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &size);
     char err[1024] = "";
-    sargs a;
+    cli_opts a;
     setup st;
     memset(&st, 0, sizeof st);
-    int rc = parse_args(argc, argv, &a, err, sizeof err);
-    if (!rc && get(&a, "help")) {
-        if (rank == 0) usage(stdout);
+    int rc = cli_opts_parse(&a, CLI_SERVE, argc, argv, err, sizeof err);
+    if (!rc && cli_opt_has(&a, "help")) {
+        if (rank == 0) usage();
+        cli_opts_free(&a);
         MPI_Finalize();
         return 0;
     }
@@ -373,6 +210,7 @@ int cli_serve_main(int argc, char **argv, serve_pipeline_fn run)
         tok_free(tok);
         setup_free(&st);
         stage_threads_free();
+        cli_opts_free(&a);
         MPI_Finalize();
         return 2;
     }
@@ -405,6 +243,7 @@ int cli_serve_main(int argc, char **argv, serve_pipeline_fn run)
     }
     setup_free(&st);
     stage_threads_free();
+    cli_opts_free(&a);
     MPI_Finalize();
     return rc ? 1 : 0;
 }

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cli/opts.h"
 #include "tok/tok.h"
 
 typedef struct {
@@ -14,83 +15,51 @@ typedef struct {
     int no_special, skip_special, help;
 } cli_tok_opts;
 
-static void cli_tok_usage(FILE *f, int detok)
+static void cli_tok_usage(int detok)
 {
     if (!detok)
-        fprintf(f,
-                "modpipe tokenize: text -> token ids with a Hugging Face tokenizer.json.\n"
-                "Prints the ids space-separated on one line.\n\n"
-                "usage: modpipe tokenize (--model DIR | --tokenizer F) (--text S | --text-file F)"
-                " [--no-special]\n\n"
-                "options:\n"
-                "  --model DIR        model directory (tokenizer.json; BOS/EOS from\n"
-                "                     tokenizer_config.json / config.json there)\n"
-                "  --tokenizer F      a tokenizer.json file\n"
-                "  --text S           the text (UTF-8)\n"
-                "  --text-file F      the text is the whole file, bytes as they are\n"
-                "  --no-special       plain text: no BOS/template tokens, and special tokens\n"
-                "                     written in the text (e.g. \"<s>\") are ordinary text\n\n"
-                "example:\n  modpipe tokenize --model tests/fixtures/stories260K --text "
-                "\"Once upon a time\"\n");
+        cli_opts_usage(stdout, CLI_TOKENIZE,
+                       "modpipe tokenize: text -> token ids with a Hugging Face tokenizer.json.\n"
+                       "Prints the ids space-separated on one line.\n\n"
+                       "usage: modpipe tokenize (--model DIR | --tokenizer F) (--text S | "
+                       "--text-file F) [--no-special]\n",
+                       "  modpipe tokenize --model tests/fixtures/stories260K --text "
+                       "\"Once upon a time\"\n");
     else
-        fprintf(f, "modpipe detokenize: token ids -> text with a Hugging Face tokenizer.json.\n"
-                   "Prints the text, then a newline.\n\n"
-                   "usage: modpipe detokenize (--model DIR | --tokenizer F) (--ids \"1 2 3\" | "
-                   "--ids-file F) [--skip-special]\n\n"
-                   "options:\n"
-                   "  --model DIR        model directory holding tokenizer.json\n"
-                   "  --tokenizer F      a tokenizer.json file\n"
-                   "  --ids \"1 2 3\"      the ids, separated by spaces, commas or newlines\n"
-                   "  --ids-file F       the ids from a file (same separators)\n"
-                   "  --skip-special     drop special tokens (BOS, EOS, ...)\n\n"
-                   "example:\n  modpipe detokenize --model tests/fixtures/stories260K --ids "
-                   "\"1 403 407 261 378\"\n");
+        cli_opts_usage(stdout, CLI_DETOKENIZE,
+                       "modpipe detokenize: token ids -> text with a Hugging Face "
+                       "tokenizer.json.\nPrints the text, then a newline.\n\n"
+                       "usage: modpipe detokenize (--model DIR | --tokenizer F) (--ids \"1 2 3\" | "
+                       "--ids-file F) [--skip-special]\n",
+                       "  modpipe detokenize --model tests/fixtures/stories260K --ids "
+                       "\"1 403 407 261 378\"\n");
 }
 
+/* The options (the table: cli/opts.c), then the pairs of which exactly one is needed. */
 static int cli_tok_parse(int argc, char **argv, int detok, cli_tok_opts *o)
 {
     memset(o, 0, sizeof *o);
     const char *cmd = detok ? "detokenize" : "tokenize";
-    for (int i = 0; i < argc; i++) {
-        const char *a = argv[i];
-        const char **dst = NULL;
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            o->help = 1;
-            continue;
-        }
-        if (!strcmp(a, "--model"))
-            dst = &o->model;
-        else if (!strcmp(a, "--tokenizer"))
-            dst = &o->tokenizer;
-        else if (!detok && !strcmp(a, "--text"))
-            dst = &o->text;
-        else if (!detok && !strcmp(a, "--text-file"))
-            dst = &o->text_file;
-        else if (detok && !strcmp(a, "--ids"))
-            dst = &o->ids;
-        else if (detok && !strcmp(a, "--ids-file"))
-            dst = &o->ids_file;
-        else if (!detok && !strcmp(a, "--no-special")) {
-            o->no_special = 1;
-            continue;
-        } else if (detok && !strcmp(a, "--skip-special")) {
-            o->skip_special = 1;
-            continue;
-        } else {
-            fprintf(stderr, "modpipe %s: unknown option '%s' (try modpipe %s --help)\n", cmd, a,
-                    cmd);
-            return -1;
-        }
-        if (*dst) {
-            fprintf(stderr, "modpipe %s: %s given twice\n", cmd, a);
-            return -1;
-        }
-        if (i + 1 >= argc) {
-            fprintf(stderr, "modpipe %s: %s needs a value\n", cmd, a);
-            return -1;
-        }
-        *dst = argv[++i];
+    cli_opts a;
+    char err[1024];
+    if (cli_opts_parse(&a, detok ? CLI_DETOKENIZE : CLI_TOKENIZE, argc, argv, err, sizeof err)) {
+        fprintf(stderr, "modpipe %s: %s\n", cmd, err);
+        cli_opts_free(&a);
+        return -1;
     }
+    o->help = cli_opt_has(&a, "help");
+    o->model = cli_opt_str(&a, "model");
+    o->tokenizer = cli_opt_str(&a, "tokenizer");
+    if (detok) {
+        o->ids = cli_opt_str(&a, "ids");
+        o->ids_file = cli_opt_str(&a, "ids-file");
+        o->skip_special = cli_opt_has(&a, "skip-special");
+    } else {
+        o->text = cli_opt_str(&a, "text");
+        o->text_file = cli_opt_str(&a, "text-file");
+        o->no_special = cli_opt_has(&a, "no-special");
+    }
+    cli_opts_free(&a); /* the strings point into argv (no --config here) */
     if (o->help) return 0;
     if (!o->model == !o->tokenizer) {
         fprintf(stderr, "modpipe %s: give exactly one of --model DIR or --tokenizer F\n", cmd);
@@ -155,7 +124,7 @@ int cli_tok_tokenize(int argc, char **argv)
     cli_tok_opts o;
     if (cli_tok_parse(argc, argv, 0, &o)) return 2;
     if (o.help) {
-        cli_tok_usage(stdout, 0);
+        cli_tok_usage(0);
         return 0;
     }
     tok_tokenizer *t = cli_tok_load("tokenize", &o);
@@ -236,7 +205,7 @@ int cli_tok_detokenize(int argc, char **argv)
     cli_tok_opts o;
     if (cli_tok_parse(argc, argv, 1, &o)) return 2;
     if (o.help) {
-        cli_tok_usage(stdout, 1);
+        cli_tok_usage(1);
         return 0;
     }
     tok_tokenizer *t = cli_tok_load("detokenize", &o);

@@ -194,6 +194,8 @@ check "serve without --model: exit 2" 'badrun "--model DIR is required"'
 check "serve --model missing dir: exit 2" 'badrun "config.json" --model "$TMP/nope"'
 check "serve --chat-template unknown: exit 2" 'badrun "unknown template .vicuna." --model "$MODEL" --chat-template vicuna'
 check "serve --port 70000: exit 2" 'badrun "expected an integer in \[0, 65535\]" --model "$MODEL" --port 70000'
+check "serve --mem-per-rank 1K (the shared plan options): exit 2" 'badrun "fits --mem-per-rank 0.0 MiB" --model "$MODEL" --mem-per-rank 1K'
+check "serve --stages 0-1:K names its origin: exit 2" 'badrun "--stages: .0-1:0.: ranks after" --model "$MODEL" --stages 0-1:0,2-4'
 check "serve on a port in use: exit 2" 'badrun "cannot listen on 127.0.0.1:$PORT_np3" --model "$MODEL" --port $PORT_np3'
 stop_server np3
 check "SIGTERM at -np 3: exit 0" '[ "$RC" = 0 ]'
