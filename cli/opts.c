@@ -79,6 +79,11 @@ static const cli_opt_def OPTS[] = {
      "longest line; a sequence that needs more is an error); serve the model's "
      "max_position_embeddings, at most 4096 (prompt + generated); partition "
      "max_position_embeddings"},
+    {"kv-page", "N", PIPE, CLI_ONCE, "KV cache positions per page (default 16)"},
+    {"kv-mem", "SIZE", PIPE, CLI_ONCE,
+     "KV page pool per rank, e.g. 512M; a run that needs more pages is an error. Default: "
+     "what --mem-per-rank leaves after the stage's weights and workspace, else every position "
+     "of every slot on every layer"},
     /* ---- how the pipeline runs ----------------------------------------------------------- */
     {"max-in-flight", "K", PIPE, CLI_ONCE, "micro-batches in flight at once (default 2 x stages)"},
     {"weights-dtype", "f32|bf16|f16", PIPE, CLI_ONCE,

@@ -42,6 +42,15 @@ int cli_pipe_opts_read(const cli_opts *o, cli_pipe_opts *p, char *err, size_t er
     static const char *const transports[] = {"sparse", "dense", NULL};
     if (cli_opt_choice(o, "transport", transports, 0, &p->dense_transport, err, errlen)) return -1;
     p->progress = !cli_opt_has(o, "quiet");
+    long kvp;
+    if (cli_opt_long(o, "kv-page", 1, 1 << 20, 16, &kvp, err, errlen)) return -1;
+    p->kv.page = (int)kvp;
+    const char *km = cli_opt_str(o, "kv-mem");
+    if (km && (engine_parse_size(km, &p->kv.mem_bytes) || p->kv.mem_bytes == 0)) {
+        base_set_err(err, errlen, "%s: expected a size like 512M or 2G, got '%s'",
+                     cli_opt_origin(o, "kv-mem"), km);
+        return -1;
+    }
     return 0;
 }
 

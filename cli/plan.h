@@ -1,7 +1,7 @@
 /* cli/plan.h — the options every pipeline command shares, read once from the option table
  * (cli/opts.h): the stage plan (--stages, --tp, --mem-per-rank) and how the pipeline runs
  * (--micro-batch, --max-in-flight, --timeout, --threads, --wire-dtype, --weights-dtype,
- * --transport). generate, eval, serve and partition read them through these functions, so an
+ * --transport, --kv-page, --kv-mem). generate, eval, serve and partition read them through these functions, so an
  * option means the same in each.
  *
  * Errors: non-zero + one line in err naming the option where it came from ("--tp: ...",
@@ -16,6 +16,7 @@
 #include "engine/partition.h"
 #include "stage/config.h"
 #include "stage/dtype.h"
+#include "stage/stage.h"
 
 typedef struct {
     int micro_batch;   /* --micro-batch R (default 32) */
@@ -24,7 +25,8 @@ typedef struct {
     stage_dtype wire;  /* --wire-dtype (default f32) */
     int weights_dtype; /* --weights-dtype as a stage_dtype; -1: as stored */
     int dense_transport;
-    int progress; /* !--quiet */
+    int progress;     /* !--quiet */
+    stage_kv_opts kv; /* --kv-page (default 16), --kv-mem (0: absent) */
 } cli_pipe_opts;
 
 /* Reads the options above and starts the compute threads (--threads, stage_threads_init). */

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/err.h"
 #include "cli/opts.h"
 #include "cli/plan.h"
 #include "engine/batch.h"
@@ -389,6 +390,7 @@ static int setup_run(const cli_opts *o, int cmd, int n_ranks, run_setup *r, char
     ro->wire = po.wire;
     ro->weights_dtype = po.weights_dtype;
     ro->dense_transport = po.dense_transport;
+    ro->kv = po.kv;
     ro->dump_path = cli_opt_str(o, "dump-logits");
     ro->stats_path = cli_opt_str(o, "stats");
     ro->progress = po.progress;
@@ -410,18 +412,6 @@ static int setup_run(const cli_opts *o, int cmd, int n_ranks, run_setup *r, char
     ro->plan = &r->plan;
     if (!ro->max_in_flight) ro->max_in_flight = 2 * r->plan.n_stages; /* default 2 x stages */
     return 0;
-}
-
-static void human_bytes(double b, char *out, size_t n)
-{
-    if (b >= 1024.0 * 1024 * 1024)
-        snprintf(out, n, "%.2f GiB", b / (1024.0 * 1024 * 1024));
-    else if (b >= 1024.0 * 1024)
-        snprintf(out, n, "%.2f MiB", b / (1024.0 * 1024));
-    else if (b >= 1024.0)
-        snprintf(out, n, "%.1f KiB", b / 1024.0);
-    else
-        snprintf(out, n, "%.0f B", b);
 }
 
 int cli_run_main(int cmd, int argc, char **argv)
@@ -505,10 +495,10 @@ int cli_run_main(int cmd, int argc, char **argv)
         }
         if (r.plan.n_stages > 1) {
             char w[32], d[32], p[32], h[32];
-            human_bytes(res.wire_bytes, w, sizeof w);
-            human_bytes(res.dense_bytes, d, sizeof d);
-            human_bytes(res.payload_bytes, p, sizeof p);
-            human_bytes(res.header_bytes, h, sizeof h);
+            base_human_bytes(res.wire_bytes, w, sizeof w);
+            base_human_bytes(res.dense_bytes, d, sizeof d);
+            base_human_bytes(res.payload_bytes, p, sizeof p);
+            base_human_bytes(res.header_bytes, h, sizeof h);
             printf("wire %s vs dense %s (%.1f%%): payload %s (%.1f%% of dense), headers %s\n", w, d,
                    res.dense_bytes > 0 ? 100.0 * res.wire_bytes / res.dense_bytes : 0.0, p,
                    res.dense_bytes > 0 ? 100.0 * res.payload_bytes / res.dense_bytes : 0.0, h);

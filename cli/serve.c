@@ -76,6 +76,7 @@ static int make_setup(const cli_opts *a, int n_ranks, setup *st, char *err, size
     p->weights_dtype = po.weights_dtype;
     p->dense_transport = po.dense_transport;
     p->progress = po.progress;
+    p->kv = po.kv;
 
     engine_mem_opts mem;
     int plan_mem = cli_opt_has(a, "mem-per-rank");

@@ -28,12 +28,14 @@
 #include "comm/comm.h"
 #include "stage/config.h"
 #include "stage/dtype.h"
+#include "stage/stage.h"
 
 typedef struct {
     const char *model_dir;
     const stage_config *cfg;
     const engine_plan *plan; /* one stage per rank */
     int slots, ctx, queue;   /* --slots, --ctx (positions per slot), --queue */
+    stage_kv_opts kv;        /* --kv-page, --kv-mem */
     int micro_batch;         /* most rows per micro-batch */
     int max_in_flight;
     stage_dtype wire;  /* activation dtype between ranks */

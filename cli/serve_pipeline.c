@@ -11,6 +11,7 @@ int serve_pipeline_run(MPI_Comm comm, const serve_pipeline *p, char *err, size_t
         .plan = p->plan,
         .slots = p->slots,
         .ctx = p->ctx,
+        .kv = p->kv,
         .micro_batch = p->micro_batch,
         .max_in_flight = p->max_in_flight,
         .wire = p->wire,

@@ -333,6 +333,7 @@ int engine_run(MPI_Comm comm, const engine_run_opts *o, engine_run_result *res, 
         .plan = o->plan,
         .slots = engine_batch_slots(b),
         .ctx = engine_batch_ctx(b),
+        .kv = o->kv,
         .max_rows =
             engine_batch_max_rows(b) > o->micro_batch ? engine_batch_max_rows(b) : o->micro_batch,
         .max_in_flight = o->max_in_flight,

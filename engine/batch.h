@@ -57,6 +57,7 @@ typedef struct {
     int ignore_eos;    /* generate: keep going past EOS */
     int slots;         /* KV slots (0: n_seqs) */
     int ctx;           /* positions per slot (0: the longest need) */
+    stage_kv_opts kv;  /* --kv-page / --kv-mem (0: defaults) */
     int micro_batch;   /* most rows per micro-batch (R) */
     int groups;        /* generate: decode groups (0: the default above) */
     int max_in_flight; /* micro-batches in flight (>= 1) */

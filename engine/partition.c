@@ -97,9 +97,10 @@ static size_t head_bytes(const stage_config *c, int n_stages, size_t es)
     return b;
 }
 
-/* K/V bytes of one attention layer for one sequence, as stage_state_init reserves them: every
- * position on non-routed layers, about 1.25 x capacity (+ 8) on routed ones; K and V in STAGE_KV_DTYPE plus
- * an int32 position per entry. */
+/* K/V bytes one attention layer is expected to hold for one sequence in the paged cache
+ * (docs/SPEC.md §11): every position on non-routed layers, about 1.25 x capacity (+ 8) on
+ * routed ones (threshold routing may keep more); K and V in STAGE_KV_DTYPE plus an int32
+ * position per entry. */
 static double kv_layer_bytes(const stage_config *c, int layer, int ctx)
 {
     int cap = ctx;

@@ -16,10 +16,11 @@
  * in range, contiguous, covering all layers, non-empty; the count must equal n_stages.
  *
  * Memory (engine_mem_opts, the *_mem variants): each stage's weights in the checkpoint
- * dtype (weight_dtype; the plain variants assume f32), its KV cache sized as stage_state_init
- * sizes it for `slots` sequences of `ctx` positions (f32 K and V; attention layers every
- * position, routed layers about 1.25 x capacity of them + 8, as reserved at start: threshold
- * routing may outgrow that), and a workspace estimate (the stage's per-micro-batch buffers for
+ * dtype (weight_dtype; the plain variants assume f32), the KV pages it is expected to hold
+ * for `slots` sequences of `ctx` positions (f32 K and V; attention layers every position,
+ * routed layers about 1.25 x capacity of them + 8: threshold routing may keep more; without
+ * --kv-mem the pool gets what --mem-per-rank leaves, docs/SPEC.md §11), and a workspace
+ * estimate (the stage's per-micro-batch buffers for
  * `micro_batch` rows, the head's logits, the routers of every routed layer, which each stage
  * loads as f32, and ENGINE_RUNTIME_BYTES for MPI / BLAS / libc). With mem_per_rank > 0 the
  * auto partitioner only considers stages that fit (else: "no split ... fits", naming what the

@@ -18,6 +18,7 @@
 #include "stage/stage.h"
 
 enum { TAG_CHAIN = 1, TAG_BYPASS = 2, TAG_TOKENS = 3, TAG_REPORT = 4 };
+enum { REP_KV = 8 }; /* KV pool counters in a link report (report_fill) */
 
 /* ========================================================================================
  * Loop state
@@ -76,13 +77,14 @@ struct engine_loop {
     int finished;
 
     /* link reports (serve): rank s > 0 -> 0, rep_len uint64 each */
-    int rep_len;           /* S * 4 counters + dense_rows + final flag */
+    int rep_len;           /* S * 4 counters + dense_rows + final flag + REP_KV pool counters */
     uint64_t *rep_in;      /* rank 0: [S][rep_len] receive buffers */
     uint64_t *rep_tab;     /* rank 0: [S][rep_len] latest report of each rank */
     MPI_Request *rep_req;  /* rank 0: [S] */
     uint64_t rep_packets;  /* ranks > 0: packets counted at the last report */
     double rep_t;          /* last report sent (ranks > 0) / handed to ops->links (0) */
     engine_link_bytes *lb; /* rank 0: [S*S] */
+    engine_kv_report *kvr; /* rank 0: [S] */
 
     /* accounting */
     double dense_rows; /* rows a dense pipeline sends on link rank -> rank+1 */
@@ -314,7 +316,7 @@ static uint64_t packets_sent(const engine_loop *c)
     return n;
 }
 
-/* [S][packets, header, payload, rows], dense_rows, final */
+/* [S][packets, header, payload, rows], dense_rows, final, [REP_KV] the KV pool */
 static void report_fill(const engine_loop *c, uint64_t *v, int final)
 {
     for (int t = 0; t < c->S; t++) {
@@ -326,6 +328,17 @@ static void report_fill(const engine_loop *c, uint64_t *v, int final)
     }
     v[c->S * 4] = (uint64_t)c->dense_rows;
     v[c->S * 4 + 1] = (uint64_t) final;
+    stage_kv_stats k;
+    stage_state_kv_stats(c->st, &k);
+    uint64_t *kv = v + c->S * 4 + 2; /* [REP_KV] */
+    kv[0] = (uint64_t)k.pages_total;
+    kv[1] = (uint64_t)k.pages_used;
+    kv[2] = (uint64_t)k.pages_peak;
+    kv[3] = k.page_bytes;
+    kv[4] = k.bytes_dense;
+    kv[5] = (uint64_t)k.pages_routed;
+    kv[6] = (uint64_t)k.pages_skip;
+    kv[7] = (uint64_t)k.pages_full;
 }
 
 /* Rank > 0: at most every 0.25 s when counters moved (or final). The report itself goes on
@@ -340,7 +353,7 @@ static void report_send(engine_loop *c, int final)
     uint8_t *buf = comm_links_acquire(c->links, &cap);
     size_t len = (size_t)c->rep_len * sizeof(uint64_t);
     if (len > cap) COMM_FATAL("link report of %zu bytes exceeds the send buffer", len);
-    uint64_t v[64 * 4 + 2];
+    uint64_t v[64 * 4 + 2 + REP_KV];
     report_fill(c, v, final);
     memcpy(buf, v, len);
     comm_links_send(c->links, buf, len, 0, TAG_REPORT, 0, len, 0);
@@ -385,6 +398,12 @@ static void report_poll(engine_loop *c, int force)
         }
     }
     c->ops->links(c->self, c->lb, n);
+    if (!c->ops->kv) return;
+    for (int s = 0; s < c->S; s++) {
+        const uint64_t *kv = c->rep_tab + (size_t)s * c->rep_len + c->S * 4 + 2;
+        c->kvr[s] = (engine_kv_report){s, kv[0], kv[1], kv[2], kv[3], kv[4], kv[5], kv[6], kv[7]};
+    }
+    c->ops->kv(c->self, c->kvr, c->S);
 }
 
 /* ========================================================================================
@@ -629,7 +648,7 @@ int engine_loop_step(engine_loop *L)
  * Stats: gathered on rank 0, written as JSON, one summary line.
  * ===================================================================================== */
 
-enum { ST_LINK = 4, ST_FIXED = 9, ST_LAYER = 7 };
+enum { ST_LINK = 4, ST_FIXED = 14, ST_LAYER = 7 };
 
 static double *stats_vector(engine_loop *c, int *len)
 {
@@ -655,6 +674,13 @@ static double *stats_vector(engine_loop *c, int *len)
     struct rusage ru; /* peak resident set of this rank (Linux: KiB), mmap'd weights included */
     f[7] = getrusage(RUSAGE_SELF, &ru) == 0 ? (double)ru.ru_maxrss * 1024.0 : 0.0;
     f[8] = stage_state_tp_io_bytes(c->st);
+    stage_kv_stats ks; /* the paged pool (docs/SPEC.md §11) */
+    stage_state_kv_stats(c->st, &ks);
+    f[9] = ks.page;
+    f[10] = ks.pages_total;
+    f[11] = ks.pages_peak;
+    f[12] = ks.pages_used;
+    f[13] = (double)ks.page_bytes;
     double *lv = f + ST_FIXED;
     stage_range r = stage_model_range(c->m);
     for (int l = r.first; l <= r.last; l++) {
@@ -709,6 +735,13 @@ static void report(engine_loop *c, const double *all, int len, double seconds,
         cJSON_AddNumberToObject(e, "busy_fraction", seconds > 0 ? f[1] / seconds : 0);
         cJSON_AddNumberToObject(e, "weight_bytes", f[3]);
         cJSON_AddNumberToObject(e, "kv_bytes_allocated", f[4]);
+        /* the page pool: its size, the most pages held at once, pages still held once every
+         * slot was released at the end (0 unless the accounting lost pages) */
+        cJSON_AddNumberToObject(e, "kv_page_positions", f[9]);
+        cJSON_AddNumberToObject(e, "kv_pages_total", f[10]);
+        cJSON_AddNumberToObject(e, "kv_pages_peak", f[11]);
+        cJSON_AddNumberToObject(e, "kv_pages_used_at_end", f[12]);
+        cJSON_AddNumberToObject(e, "kv_bytes_peak", f[11] * f[13]);
         cJSON_AddNumberToObject(e, "peak_rss_bytes", f[7]);
         /* tensor parallelism: ranks of the stage, and the bytes moved inside its group outside
          * the layers (micro-batches handed to the group, LM head); weight, KV and RSS bytes
@@ -876,6 +909,7 @@ static void loop_free(engine_loop *c)
     free(c->rep_tab);
     free(c->rep_req);
     free(c->lb);
+    free(c->kvr);
     engine_tp_free(c->tp);
     if (c->group != MPI_COMM_NULL) MPI_Comm_free(&c->group);
     if (c->leaders != MPI_COMM_NULL) MPI_Comm_free(&c->leaders);
@@ -910,7 +944,14 @@ static int loop_init(engine_loop *c, char *err, size_t errlen)
     stage_range r = {me->first, me->last, c->rank == 0 && !c->follower, c->rank == c->S - 1};
     if (stage_model_load_tp(o->model_dir, cfg, r, o->weights_dtype, c->tp, &c->m, err, errlen))
         return -1;
-    c->st = stage_state_init(c->m, o->slots, c->R, o->ctx, err, errlen);
+    /* KV pool budget (docs/SPEC.md §11): --kv-mem, else what --mem-per-rank leaves after the
+     * planner's weights and workspace of this stage (one rank per stage), else every position */
+    stage_kv_opts kv = o->kv;
+    if (!kv.mem_bytes && o->plan->have_mem && o->plan->mem.mem_per_rank && me->ranks <= 1) {
+        size_t used = me->weight_bytes + me->work_bytes;
+        if (o->plan->mem.mem_per_rank > used) kv.mem_bytes = o->plan->mem.mem_per_rank - used;
+    }
+    c->st = stage_state_init_kv(c->m, o->slots, c->R, o->ctx, &kv, err, errlen);
     if (!c->st) return -1;
     if (c->follower) return 0; /* no pipeline links, no scheduler: the leader's */
     c->pkt_max = comm_packet_max_bytes(c->R, c->D, c->S);
@@ -926,7 +967,7 @@ static int loop_init(engine_loop *c, char *err, size_t errlen)
     c->masks = calloc(S, comm_mask_bytes(c->R) + 1);
     c->byp_in = malloc(S * S * sizeof *c->byp_in);
     c->byp_out = malloc(S * S * sizeof *c->byp_out);
-    c->rep_len = (int)S * 4 + 2;
+    c->rep_len = (int)S * 4 + 2 + REP_KV;
     ok = ok && c->x && c->present && c->dest && c->masks && c->byp_in && c->byp_out;
     if (ok && c->rank > 0) {
         c->rbuf[0] = malloc(c->pkt_max);
@@ -978,7 +1019,8 @@ static int loop_init(engine_loop *c, char *err, size_t errlen)
         c->rep_tab = calloc(S * (size_t)c->rep_len, 8);
         c->rep_req = malloc(S * sizeof *c->rep_req);
         c->lb = calloc(S * S, sizeof *c->lb);
-        ok = ok && c->rep_in && c->rep_tab && c->rep_req && c->lb;
+        c->kvr = calloc(S, sizeof *c->kvr);
+        ok = ok && c->rep_in && c->rep_tab && c->rep_req && c->lb && c->kvr;
         for (size_t s = 0; ok && s < S; s++) c->rep_req[s] = MPI_REQUEST_NULL;
     }
     if (!ok) {
@@ -1088,6 +1130,9 @@ int engine_loop_close(engine_loop *c, engine_loop_result *res, char *err, size_t
         c->finished = 1;
     }
     stage_state_tp_stop(c->st); /* this stage's followers leave their loop */
+    /* the run is over: every sequence has ended, so every slot gives its pages back (the
+     * stats then show any page the accounting lost, docs/SPEC.md §11) */
+    for (int s = 0; s < c->o.slots; s++) stage_state_slot_release(c->st, s);
     comm_links_drain(c->links);
     double seconds = stage_now_s() - c->t_start;
     MPI_Barrier(c->comm);

@@ -37,6 +37,7 @@
 #include "engine/sched.h"
 #include "comm/comm.h"
 #include "stage/config.h"
+#include "stage/stage.h"
 
 /* ---- the loop -------------------------------------------------------------------------- */
 
@@ -46,7 +47,8 @@ typedef struct {
     const char *model_dir;
     const stage_config *cfg;
     const engine_plan *plan; /* its stages' ranks add up to the ranks of comm */
-    int slots, ctx;          /* KV slot pool: slots x ctx positions, sized at open */
+    int slots, ctx;          /* KV slots x positions per slot */
+    stage_kv_opts kv;        /* the paged pool: page size, byte budget (0: defaults, stage.h) */
     int max_rows;            /* the most rows a micro-batch will have (workspace) */
     int max_in_flight;       /* micro-batches in flight (>= 1) */
     stage_dtype wire;

@@ -41,12 +41,22 @@ typedef struct {
     uint64_t dense_bytes; /* chain links: what a dense pipeline would send; else 0 */
 } engine_link_bytes;
 
+/* One stage's KV page pool now (stage_kv_stats, docs/SPEC.md §11), reported with the links. */
+typedef struct {
+    int stage;
+    uint64_t pages_total, pages_used, pages_peak, page_bytes;
+    uint64_t bytes_dense; /* a contiguous dense cache for the same sequences */
+    uint64_t pages_routed, pages_skip, pages_full; /* by layer kind: mod / mode_staged,
+                                                     * mindskip, dense / mode_integrated */
+} engine_kv_report;
+
 typedef struct {
     int (*next)(void *self, stage_batch *mb);
     void (*done)(void *self, const stage_batch *mb, const int32_t *tok);
     int (*finished)(void *self);
     void (*wait)(void *self, double timeout_s);
     void (*links)(void *self, const engine_link_bytes *l, int n);
+    void (*kv)(void *self, const engine_kv_report *k, int n_stages); /* with links; may be NULL */
 } engine_sched_ops;
 
 /* ---- slot pool (rank 0 bookkeeping) ---- */

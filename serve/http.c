@@ -954,6 +954,46 @@ static enum MHD_Result do_tokenize(serve_server *s, struct MHD_Connection *c, co
     return res;
 }
 
+/* The KV page pools (docs/SPEC.md §11), one series per stage. */
+static void metrics_kv(sb *b, const srvq_stats *st)
+{
+    static const struct {
+        const char *name, *type, *help;
+    } M[] = {
+        {"modpipe_kv_pages_total", "gauge", "Pages in the stage's KV pool."},
+        {"modpipe_kv_pages_used", "gauge", "KV pages held by sequences."},
+        {"modpipe_kv_pages_free", "gauge", "KV pages free."},
+        {"modpipe_kv_pages_peak", "gauge", "Most KV pages held at once since start."},
+        {"modpipe_kv_page_bytes", "gauge", "Bytes of one KV page (K, V and positions)."},
+        {"modpipe_kv_bytes_used", "gauge", "KV bytes held by sequences (pages used x page bytes)."},
+        {"modpipe_kv_bytes_dense", "gauge",
+         "KV bytes a dense model (every layer keeps every row, contiguous) would hold for the "
+         "same sequences."},
+    };
+    int n = st->n_kv < SRVQ_MAX_LINKS ? st->n_kv : SRVQ_MAX_LINKS;
+    for (size_t m = 0; m < sizeof M / sizeof *M; m++) {
+        sb_fmt(b, "# HELP %s %s\n# TYPE %s %s\n", M[m].name, M[m].help, M[m].name, M[m].type);
+        for (int i = 0; i < n; i++) {
+            const engine_kv_report *k = &st->kv[i];
+            uint64_t v[] = {k->pages_total, k->pages_used, k->pages_total - k->pages_used,
+                            k->pages_peak,  k->page_bytes, k->pages_used * k->page_bytes,
+                            k->bytes_dense};
+            sb_fmt(b, "%s{stage=\"%d\"} %llu\n", M[m].name, k->stage, (unsigned long long)v[m]);
+        }
+    }
+    sb_str(b, "# HELP modpipe_kv_pages_used_by_kind KV pages held, by layer kind (routed: mod "
+              "and mode_staged; mindskip; full: dense and mode_integrated).\n"
+              "# TYPE modpipe_kv_pages_used_by_kind gauge\n");
+    for (int i = 0; i < n; i++) {
+        const engine_kv_report *k = &st->kv[i];
+        const char *kind[] = {"routed", "mindskip", "full"};
+        uint64_t v[] = {k->pages_routed, k->pages_skip, k->pages_full};
+        for (int j = 0; j < 3; j++)
+            sb_fmt(b, "modpipe_kv_pages_used_by_kind{stage=\"%d\",kind=\"%s\"} %llu\n", k->stage,
+                   kind[j], (unsigned long long)v[j]);
+    }
+}
+
 static enum MHD_Result do_metrics(serve_server *s, struct MHD_Connection *c)
 {
     srvq_stats st;
@@ -1009,6 +1049,7 @@ static enum MHD_Result do_metrics(serve_server *s, struct MHD_Connection *c)
     for (int i = 0; i < nl; i++)
         sb_fmt(&b, "modpipe_link_dense_bytes_total{from=\"%d\",to=\"%d\"} %llu\n", st.link[i].from,
                st.link[i].to, (unsigned long long)st.link[i].dense_bytes);
+    metrics_kv(&b, &st);
     enum MHD_Result res =
         b.oom ? MHD_NO : reply(s, c, 200, "text/plain; version=0.0.4", b.p, b.n, NULL, NULL);
     sb_free(&b);

@@ -59,6 +59,7 @@ int serve_loop_run(MPI_Comm comm, const serve_loop_opts *o, srvq *q, void (*read
         .plan = o->plan,
         .slots = o->slots,
         .ctx = o->ctx,
+        .kv = o->kv,
         .max_rows = max_rows,
         .max_in_flight = o->max_in_flight,
         .wire = o->wire,

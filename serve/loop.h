@@ -34,12 +34,14 @@
 #include "serve/queue.h"
 #include "comm/comm.h"
 #include "stage/config.h"
+#include "stage/stage.h"
 
 typedef struct {
     const char *model_dir;
     const stage_config *cfg;
     const engine_plan *plan; /* n_stages == ranks of comm */
-    int slots, ctx;          /* KV slot pool (must equal the srvq's) */
+    int slots, ctx;          /* KV slots x positions per slot (must equal the srvq's) */
+    stage_kv_opts kv;        /* --kv-page / --kv-mem (0: defaults, stage/stage.h) */
     int micro_batch;         /* most rows a micro-batch (R) */
     int max_in_flight;       /* micro-batches in flight (>= 1; e.g. 2 x stages) */
     stage_dtype wire;

@@ -23,6 +23,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "engine/sched.h"
+
 typedef enum {
     SRVQ_FINISH_STOP = 0,  /* EOS sampled (or the HTTP layer matched a stop string and cancelled) */
     SRVQ_FINISH_LENGTH,    /* max_tokens reached, or the slot's context is full */
@@ -79,6 +81,9 @@ typedef struct {
         uint64_t bytes;       /* header + payload handed to MPI on this link */
         uint64_t dense_bytes; /* what a dense pipeline would have sent (chain links) */
     } link[SRVQ_MAX_LINKS];
+    /* KV page pool of each stage (docs/SPEC.md §11), refreshed with the links */
+    int n_kv;
+    engine_kv_report kv[SRVQ_MAX_LINKS];
 } srvq_stats;
 void srvq_get_stats(srvq *q, srvq_stats *out);
 

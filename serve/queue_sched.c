@@ -251,12 +251,23 @@ static void sched_links(void *self, const engine_link_bytes *l, int n)
     pthread_mutex_unlock(&q->mu);
 }
 
+static void sched_kv(void *self, const engine_kv_report *k, int n)
+{
+    srvq *q = self;
+    pthread_mutex_lock(&q->mu);
+    if (n > SRVQ_MAX_LINKS) n = SRVQ_MAX_LINKS;
+    q->st.n_kv = n;
+    memcpy(q->st.kv, k, (size_t)n * sizeof *k);
+    pthread_mutex_unlock(&q->mu);
+}
+
 const engine_sched_ops srvq_sched_ops = {
     .next = sched_next,
     .done = sched_done,
     .finished = sched_finished,
     .wait = sched_wait,
     .links = sched_links,
+    .kv = sched_kv,
 };
 
 void srvq_fail_all(srvq *q, const char *msg)

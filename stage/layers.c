@@ -54,31 +54,48 @@ static double attention(stage_state *s, int li, const layer_w *L, const stage_ba
         stage_rope(s->q + (size_t)j * qd, nh, hd, b->pos[r], s->m->inv_freq);
         stage_rope(s->k + (size_t)j * kvd, nkv, hd, b->pos[r], s->m->inv_freq);
         kv_seq *cs = kv_at(s, li, b->slot[r]);
-        if (cs->n > 0 && cs->pos[cs->n - 1] >= b->pos[r]) {
+        if (cs->n > cs->lo && kv_pos_at(&s->pool, cs, cs->n - 1) >= b->pos[r]) {
             snprintf(err, errlen, "layer %d: slot %d position %d arrives after position %d",
-                     s->m->range.first + li, b->slot[r], b->pos[r], cs->pos[cs->n - 1]);
+                     s->m->range.first + li, b->slot[r], b->pos[r],
+                     kv_pos_at(&s->pool, cs, cs->n - 1));
             return -1;
         }
-        if (kv_reserve(cs, cs->n + 1, kvd, s->max_seq)) {
+        int e = kv_append(&s->pool, cs, s->kv_max_pages, b->pos[r], s->k + (size_t)j * kvd,
+                          s->v + (size_t)j * kvd);
+        if (e == KV_FULL) {
             snprintf(err, errlen, "layer %d: slot %d KV cache full (%d positions)",
                      s->m->range.first + li, b->slot[r], s->max_seq);
             return -1;
         }
-        cs->pos[cs->n] = b->pos[r];
-        memcpy(cs->k + (size_t)cs->n * kvd, s->k + (size_t)j * kvd, (size_t)kvd * sizeof(float));
-        memcpy(cs->v + (size_t)cs->n * kvd, s->v + (size_t)j * kvd, (size_t)kvd * sizeof(float));
-        s->ent[j] = cs->n++;
+        if (e == KV_EXHAUSTED) {
+            snprintf(err, errlen,
+                     "layer %d: slot %d position %d: KV pool exhausted (all %d pages of %d "
+                     "positions, %zu bytes, in use; raise --kv-mem or lower --slots)",
+                     s->m->range.first + li, b->slot[r], b->pos[r], s->pool.n_pages, s->pool.page,
+                     stage_state_kv_alloc_bytes(s));
+            return -1;
+        }
+        s->ent[j] = e;
     }
     double ctx_total = 0.0;
+    const size_t ps = (size_t)s->pool.page * kvd; /* floats from one page to the next */
     for (int j = 0; j < m; j++) {
         const kv_seq *cs = kv_at(s, li, b->slot[idx[j]]);
-        int n_ctx = s->ent[j] + 1; /* entries are in position order: a causal prefix */
+        /* entries are in position order: a causal prefix, from the first one still held */
+        int n_ctx = s->ent[j] + 1 - cs->lo;
         ctx_total += n_ctx;
         /* the grp query heads sharing KV head kh are contiguous in q: one pass over K/V */
-        for (int kh = 0; kh < nkv; kh++)
-            stage_attend_gqa(s->q + (size_t)j * qd + (size_t)kh * grp * hd, grp,
-                             cs->k + (size_t)kh * hd, cs->v + (size_t)kh * hd, (size_t)kvd, n_ctx,
-                             hd, scale, s->probs, s->att + (size_t)j * qd + (size_t)kh * grp * hd);
+        for (int kh = 0; kh < nkv; kh++) {
+            const stage_kv_view kv = {.k = s->pool.k + (size_t)kh * hd,
+                                      .v = s->pool.v + (size_t)kh * hd,
+                                      .pages = cs->pt,
+                                      .page = s->pool.page,
+                                      .t0 = cs->lo,
+                                      .page_stride = ps,
+                                      .stride = (size_t)kvd};
+            stage_attend_paged(s->q + (size_t)j * qd + (size_t)kh * grp * hd, grp, &kv, n_ctx, hd,
+                               scale, s->probs, s->att + (size_t)j * qd + (size_t)kh * grp * hd);
+        }
     }
     mm(s, s->att, m, &L->wo, &L->to, 1, 0, s->a);
     return ctx_total;
@@ -402,6 +419,8 @@ int stage_forward_impl(stage_state *s, const stage_batch *b, float *x, const uin
     for (int i = 0; i < b->n && first == M->range.first; i++)
         if (b->pos[i] == 0 && (b->flags[i] & STAGE_ROW_PROMPT))
             stage_slot_reset_impl(s, b->slot[i]);
+    for (int i = 0; i < b->n && first == M->range.first; i++)
+        if (b->pos[i] + 1 > s->kv_seen[b->slot[i]]) s->kv_seen[b->slot[i]] = b->pos[i] + 1;
     for (int i = 0; i < b->n; i++)
         if (s->released[b->slot[i]]) {
             snprintf(err, errlen,

@@ -98,11 +98,13 @@ void stage_mm_softmax_rows(float *probs, int n_q, int n_ctx)
     }
 }
 
-static void c_attend(const float *q, int n_q, const float *k, const float *v, size_t stride,
-                     int n_ctx, int hd, float scale, float *probs, float *out)
+static void c_attend(const float *q, int n_q, const stage_kv_view *kv, int n_ctx, int hd,
+                     float scale, float *probs, float *out)
 {
+    mm_kv_it ik;
+    mm_kv_it_init(&ik, kv->k, kv);
     for (int t = 0; t < n_ctx; t++) {
-        const float *kt = k + (size_t)t * stride;
+        const float *kt = mm_kv_it_next(&ik);
         for (int h = 0; h < n_q; h++) {
             const float *qh = q + (size_t)h * hd;
             float a[8] = {0};
@@ -113,8 +115,10 @@ static void c_attend(const float *q, int n_q, const float *k, const float *v, si
     }
     stage_mm_softmax_rows(probs, n_q, n_ctx);
     memset(out, 0, (size_t)n_q * hd * sizeof(float));
+    mm_kv_it iv;
+    mm_kv_it_init(&iv, kv->v, kv);
     for (int t = 0; t < n_ctx; t++) {
-        const float *vt = v + (size_t)t * stride;
+        const float *vt = mm_kv_it_next(&iv);
         for (int h = 0; h < n_q; h++) {
             const float p = probs[(size_t)h * n_ctx + t];
             float *o = out + (size_t)h * hd;
@@ -578,7 +582,22 @@ void stage_attend_gqa(const float *q, int n_q, const float *k, const float *v, s
                       int n_ctx, int hd, float scale, float *probs, float *out)
 {
     if (n_q <= 0 || n_ctx <= 0) return;
-    ops()->attend(q, n_q, k, v, stride, n_ctx, hd, scale, probs, out);
+    static const int32_t page0 = 0; /* one page holding every entry */
+    const stage_kv_view kv = {.k = k,
+                              .v = v,
+                              .pages = &page0,
+                              .page = n_ctx,
+                              .t0 = 0,
+                              .page_stride = 0,
+                              .stride = stride};
+    ops()->attend(q, n_q, &kv, n_ctx, hd, scale, probs, out);
+}
+
+void stage_attend_paged(const float *q, int n_q, const stage_kv_view *kv, int n_ctx, int hd,
+                        float scale, float *probs, float *out)
+{
+    if (n_q <= 0 || n_ctx <= 0) return;
+    ops()->attend(q, n_q, kv, n_ctx, hd, scale, probs, out);
 }
 
 void stage_attend(const float *q, const float *k, const float *v, size_t stride, int n_ctx, int hd,

@@ -53,6 +53,7 @@
 #define STAGE_MATMUL_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "stage/dtype.h"
 
@@ -128,5 +129,20 @@ void stage_attend(const float *q, const float *k, const float *v, size_t stride,
  * bit-identical to stage_attend on head h alone. */
 void stage_attend_gqa(const float *q, int n_q, const float *k, const float *v, size_t stride,
                       int n_ctx, int hd, float scale, float *probs, float *out);
+/* Entries of a paged cache (stage/kv.h, docs/SPEC.md §11): entry t0 + t of the view, t in
+ * [0, n_ctx), is k_t = k + pages[(t0+t) / page] * page_stride + ((t0+t) % page) * stride (v_t
+ * likewise). A contiguous cache is one page: pages = {0}, page >= t0 + n_ctx. */
+typedef struct stage_kv_view {
+    const float *k, *v;   /* pool bases, the KV head's offset included */
+    const int32_t *pages; /* page ids in entry order */
+    int page;             /* entries per page */
+    int t0;               /* first entry attended */
+    size_t page_stride;   /* floats from page i to page i + 1 of the pool */
+    size_t stride;        /* floats from one entry to the next inside a page */
+} stage_kv_view;
+/* stage_attend_gqa over the entries of a view: the same arithmetic in the same order, so the
+ * results are bit-identical to stage_attend_gqa on the same entries laid out contiguously. */
+void stage_attend_paged(const float *q, int n_q, const stage_kv_view *kv, int n_ctx, int hd,
+                        float scale, float *probs, float *out);
 
 #endif

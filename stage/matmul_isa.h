@@ -17,11 +17,13 @@
 
 #include "stage/dtype.h"
 
+typedef struct stage_kv_view stage_kv_view; /* stage/matmul.h */
+
 typedef void (*mm_rows_fn)(const float *x, int m, const stage_weight *w, int r0, int r1, float *y,
                            const uint16_t *xs);
 typedef void (*mm_cvt_fn)(const void *src, float *dst, size_t n);
-typedef void (*mm_attend_fn)(const float *q, int n_q, const float *k, const float *v, size_t stride,
-                             int n_ctx, int hd, float scale, float *probs, float *out);
+typedef void (*mm_attend_fn)(const float *q, int n_q, const stage_kv_view *kv, int n_ctx, int hd,
+                             float scale, float *probs, float *out);
 
 typedef struct {
     mm_rows_fn rows[STAGE_N_DTYPES];
@@ -33,6 +35,40 @@ typedef struct {
 } mm_ops;
 
 static inline int mm_split_kp(int k) { return (k + 31) & ~31; }
+
+/* Walks the entries of a stage_kv_view in order: kv_it_next returns entry t0, t0 + 1, ...
+ * of the K (or V) side; the page id is read only when an entry starts a page. */
+typedef struct {
+    const float *base, *p;
+    const int32_t *pg;
+    int left, page;
+    size_t ps, st;
+} mm_kv_it;
+
+static inline void mm_kv_it_init(mm_kv_it *it, const float *base, const stage_kv_view *kv)
+{
+    const int off = kv->t0 % kv->page;
+    it->base = base;
+    it->pg = kv->pages + kv->t0 / kv->page;
+    it->page = kv->page;
+    it->left = kv->page - off;
+    it->ps = kv->page_stride;
+    it->st = kv->stride;
+    it->p = base + (size_t)it->pg[0] * it->ps + (size_t)off * it->st;
+}
+
+static inline const float *mm_kv_it_next(mm_kv_it *it)
+{
+    if (it->left == 0) {
+        it->pg++;
+        it->p = it->base + (size_t)it->pg[0] * it->ps;
+        it->left = it->page;
+    }
+    it->left--;
+    const float *r = it->p;
+    it->p += it->st;
+    return r;
+}
 
 extern const mm_ops stage_mm_ops_c;
 #if defined(__x86_64__)

@@ -9,6 +9,7 @@
  * MB only choose how many accumulators run side by side, so an output's rounding never
  * depends on the block it fell in (stage/matmul.h: reduction order).
  */
+#include "stage/matmul.h"
 #include "stage/matmul_isa.h"
 
 #if defined(__x86_64__)
@@ -215,15 +216,17 @@ static void cvt_f32(const void *src, float *dst, size_t n) { memcpy(dst, src, n 
 
 #define AH 8 /* query heads scored side by side */
 
-static T512 void attend512(const float *q, int n_q, const float *k, const float *v, size_t stride,
-                           int n_ctx, int hd, float scale, float *probs, float *out)
+static T512 void attend512(const float *q, int n_q, const stage_kv_view *kv, int n_ctx, int hd,
+                           float scale, float *probs, float *out)
 {
     const int full = hd / 16;
     const __mmask16 tm = (__mmask16)((1u << (hd % 16)) - 1u);
     for (int h0 = 0; h0 < n_q; h0 += AH) {
         const int nh = n_q - h0 < AH ? n_q - h0 : AH;
+        mm_kv_it ik;
+        mm_kv_it_init(&ik, kv->k, kv);
         for (int t = 0; t < n_ctx; t++) {
-            const float *kt = k + (size_t)t * stride;
+            const float *kt = mm_kv_it_next(&ik);
             __m512 acc[AH];
             for (int h = 0; h < nh; h++) acc[h] = _mm512_setzero_ps();
             for (int c = 0; c < full; c++) {
@@ -245,8 +248,10 @@ static T512 void attend512(const float *q, int n_q, const float *k, const float 
     }
     stage_mm_softmax_rows(probs, n_q, n_ctx);
     memset(out, 0, (size_t)n_q * hd * sizeof(float));
+    mm_kv_it iv;
+    mm_kv_it_init(&iv, kv->v, kv);
     for (int t = 0; t < n_ctx; t++) {
-        const float *vt = v + (size_t)t * stride;
+        const float *vt = mm_kv_it_next(&iv);
         for (int h = 0; h < n_q; h++) {
             const __m512 p = _mm512_set1_ps(probs[(size_t)h * n_ctx + t]);
             float *o = out + (size_t)h * hd;
@@ -377,14 +382,16 @@ static T256 void cvt256_f16(const void *src, float *dst, size_t n)
     }
 }
 
-static T256 void attend256(const float *q, int n_q, const float *k, const float *v, size_t stride,
-                           int n_ctx, int hd, float scale, float *probs, float *out)
+static T256 void attend256(const float *q, int n_q, const stage_kv_view *kv, int n_ctx, int hd,
+                           float scale, float *probs, float *out)
 {
     const int full = hd / 8, tail = hd % 8;
     for (int h0 = 0; h0 < n_q; h0 += AH) {
         const int nh = n_q - h0 < AH ? n_q - h0 : AH;
+        mm_kv_it ik;
+        mm_kv_it_init(&ik, kv->k, kv);
         for (int t = 0; t < n_ctx; t++) {
-            const float *kt = k + (size_t)t * stride;
+            const float *kt = mm_kv_it_next(&ik);
             __m256 acc[AH];
             for (int h = 0; h < nh; h++) acc[h] = _mm256_setzero_ps();
             for (int c = 0; c < full; c++) {
@@ -405,8 +412,10 @@ static T256 void attend256(const float *q, int n_q, const float *k, const float 
     }
     stage_mm_softmax_rows(probs, n_q, n_ctx);
     memset(out, 0, (size_t)n_q * hd * sizeof(float));
+    mm_kv_it iv;
+    mm_kv_it_init(&iv, kv->v, kv);
     for (int t = 0; t < n_ctx; t++) {
-        const float *vt = v + (size_t)t * stride;
+        const float *vt = mm_kv_it_next(&iv);
         for (int h = 0; h < n_q; h++) {
             const float p = probs[(size_t)h * n_ctx + t];
             const __m256 pv = _mm256_set1_ps(p);

@@ -13,10 +13,12 @@
  * exactly the same rows whatever stage split the run uses — which is what makes an N-rank run
  * bit-identical to a 1-rank run.
  *
- * KV cache: a slot pool. Per attention layer and sequence slot, only the positions that layer
- * attended with (routed / kept rows), in position order, at most `ctx` (max_seq) of them.
- * The whole pool (n_slots x ctx entries per layer) is allocated by stage_state_init: nothing
- * grows at run time, and a row past the slot's ctx is an error. A prompt row at position 0
+ * KV cache: paged (docs/SPEC.md §11). Per attention layer and sequence slot, only the
+ * positions that layer attended with (routed / kept rows), in position order, at most `ctx`
+ * (max_seq) of them, in pages of `page` positions taken from one pool per stage with a byte
+ * budget: a layer takes a page only when one of its kept rows starts one. The pool is
+ * allocated by stage_state_init(_kv): nothing grows at run time; a row past the slot's ctx,
+ * or one that needs a page when the pool has none, is an error. A prompt row at position 0
  * resets its slot on every layer of the stage (stage_state_slot_reset: a new sequence);
  * stage_state_slot_release ends a sequence — rows for that slot are then rejected until a
  * reset (a position-0 prompt row or an explicit reset). At init every slot is empty and usable.
@@ -101,6 +103,16 @@ float stage_router_bias(const stage_model *m, int layer);
  * per slot (ctx: prompt + new tokens of the longest sequence). */
 stage_state *stage_state_init(const stage_model *m, int n_slots, int max_rows, int max_seq,
                               char *err, size_t errlen);
+/* KV pool options (docs/SPEC.md §11). page: positions per page (0: 16). mem_bytes: the pool's
+ * budget on this rank (0: room for every position of every slot on every layer, the most
+ * the cache can use); a budget above that is cut to it, one below a page is an error. */
+typedef struct {
+    int page;
+    size_t mem_bytes;
+} stage_kv_opts;
+/* stage_state_init with KV pool options (NULL: the defaults). */
+stage_state *stage_state_init_kv(const stage_model *m, int n_slots, int max_rows, int max_seq,
+                                 const stage_kv_opts *kv, char *err, size_t errlen);
 void stage_state_free(stage_state *s);
 
 int stage_state_slots(const stage_state *s);
@@ -111,6 +123,11 @@ void stage_state_slot_reset(stage_state *s, int slot);
 void stage_state_slot_release(stage_state *s, int slot);
 /* Positions the slot holds on this stage (last cached position + 1, 0 when empty). */
 int stage_state_slot_len(const stage_state *s, int slot);
+/* Sliding windows: positions before `pos` of `slot` are no longer needed on `layer` (one of
+ * the stage's layers): the pages holding only such positions go back to the pool (never the
+ * page the next entry goes to). Attention then starts at the first entry still held. Returns
+ * the pages freed (0 for a layer / slot out of range). */
+int stage_state_slot_drop_before(stage_state *s, int layer, int slot, int pos);
 
 /* Run the stage's layers on the present rows of x [b->n][D] (present [b->n] 0/1), in place. */
 int stage_forward(stage_state *s, const stage_batch *b, float *x, const uint8_t *present, char *err,
@@ -156,8 +173,27 @@ typedef struct {
 
 /* Stats of layer l (must be in the stage's range). */
 const stage_layer_stats *stage_state_layer_stats(const stage_state *s, int layer);
-/* K/V bytes currently allocated by this stage's caches. */
+/* K/V bytes allocated by this stage's pool (pages x page bytes). */
 size_t stage_state_kv_alloc_bytes(const stage_state *s);
+
+/* The KV pool now (docs/SPEC.md §11). */
+typedef struct {
+    int page;             /* positions per page */
+    int pages_total;      /* pages in the pool */
+    int pages_used;       /* pages held by sequences now */
+    int pages_peak;       /* most pages held at once since init */
+    size_t page_bytes;    /* bytes of one page (K + V + positions) */
+    size_t bytes_used;    /* pages_used x page_bytes */
+    size_t bytes_dense;   /* what a contiguous dense cache would hold for the same sequences:
+                            * every layer of the stage, every position reached, K + V +
+                            * position per entry */
+    int64_t pages_routed; /* pages held by routed (mod / mode_staged) layers */
+    int64_t pages_skip;   /* by mindskip layers */
+    int64_t pages_full;   /* by dense / mode_integrated layers */
+} stage_kv_stats;
+void stage_state_kv_stats(const stage_state *s, stage_kv_stats *out);
+/* Pages layer `layer` holds now (-1 outside the stage). */
+int64_t stage_state_kv_layer_pages(const stage_state *s, int layer);
 
 /* ---- sampling ------------------------------------------------------------------------- */
 typedef struct {

@@ -7,6 +7,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "stage/kv.h"
 #include "stage/safetensors.h"
 #include "stage/stage.h"
 #include "stage/tp.h"
@@ -55,12 +56,6 @@ struct stage_model {
     size_t weight_bytes;  /* bytes of the tensors this stage holds, in their dtype */
 };
 
-typedef struct {
-    int n, cap;   /* entries used / allocated (cap = ctx: sized at init, never grows) */
-    int32_t *pos; /* [cap] positions, increasing (points into the layer's pool) */
-    float *k, *v; /* [cap][kv_dim] roped keys, values (point into the layer's pool) */
-} kv_seq;
-
 struct stage_state {
     const stage_model *m;
     /* tensor parallelism (m->tp): this rank's share of the heads and features; on one rank
@@ -79,10 +74,13 @@ struct stage_state {
     size_t op_bytes;
     int n_layers;                   /* layers in range */
     int n_slots, max_rows, max_seq; /* max_seq: positions per slot (--ctx) */
-    kv_seq *kv;                     /* [n_layers][n_slots] views into the pools below */
-    float *kv_k, *kv_v;             /* [n_layers][n_slots][max_seq][kv_dim] the slot pool */
-    int32_t *kv_pos;                /* [n_layers][n_slots][max_seq] */
-    uint8_t *released;              /* [n_slots] 1: no sequence holds the slot (until a reset) */
+    /* paged KV cache (stage/kv.h, docs/SPEC.md §11): one pool for every layer of the stage */
+    kv_pool pool;
+    int kv_max_pages;         /* pages a (layer, slot) cache may hold: ceil(max_seq / page) */
+    kv_seq *kv;               /* [n_layers][n_slots] page tables into pool */
+    int32_t *kv_pt;           /* [n_layers][n_slots][kv_max_pages] the page tables' storage */
+    int32_t *kv_seen;         /* [n_slots] positions the slot's sequence has reached here */
+    uint8_t *released;        /* [n_slots] 1: no sequence holds the slot (until a reset) */
     int8_t *ms_keep;          /* [n_layers][n_slots] mindskip sequence decision: -1 undecided */
     stage_layer_stats *stats; /* [n_layers] */
     /* workspace, all [max_rows][...] unless noted */
@@ -115,14 +113,6 @@ struct stage_state {
 static inline kv_seq *kv_at(stage_state *s, int li, int slot)
 {
     return &s->kv[(size_t)li * s->n_slots + slot];
-}
-
-/* The pool is sized at init: a slot holds at most max_seq entries per layer. */
-static inline int kv_reserve(kv_seq *c, int need, int kvd, int max_seq)
-{
-    (void)kvd;
-    (void)max_seq;
-    return need <= c->cap ? 0 : -1;
 }
 
 /* layers.c: the layers [first, last] on the present rows / the head's logits (the work each

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/err.h"
 #include "stage/kernels.h"
 
 /* ========================================================================================
@@ -16,7 +17,19 @@
 stage_state *stage_state_init(const stage_model *m, int n_slots, int max_rows, int max_seq,
                               char *err, size_t errlen)
 {
+    return stage_state_init_kv(m, n_slots, max_rows, max_seq, NULL, err, errlen);
+}
+
+stage_state *stage_state_init_kv(const stage_model *m, int n_slots, int max_rows, int max_seq,
+                                 const stage_kv_opts *kvo, char *err, size_t errlen)
+{
     const stage_config *c = &m->cfg;
+    const int page = kvo && kvo->page > 0 ? kvo->page : KV_PAGE_DEFAULT;
+    if (n_slots < 1 || max_seq < 1) {
+        snprintf(err, errlen, "stage state: %d slots, %d positions: each must be >= 1", n_slots,
+                 max_seq);
+        return NULL;
+    }
     stage_state *s = calloc(1, sizeof *s);
     if (!s) {
         snprintf(err, errlen, "out of memory");
@@ -46,12 +59,30 @@ stage_state *stage_state_init(const stage_model *m, int n_slots, int max_rows, i
     }
     const size_t kvd_l = (size_t)s->nkv_l * c->head_dim;        /* this rank's K/V width */
     const size_t n_seq = (size_t)s->n_layers * (size_t)n_slots; /* (layer, slot) caches */
+    /* The pool: by default every position of every slot on every layer (the most the cache
+     * can hold); a byte budget gives fewer pages (docs/SPEC.md §11). */
+    s->kv_max_pages = (max_seq + page - 1) / page;
+    const size_t pb = kv_page_bytes(page, kvd_l);
+    const double full = (double)n_seq * s->kv_max_pages;
+    double n_pages = full;
+    if (kvo && kvo->mem_bytes) {
+        n_pages = floor((double)kvo->mem_bytes / (double)pb);
+        if (n_pages > full) n_pages = full;
+        if (n_pages < 1 && n_seq > 0) {
+            char a[32], b2[32];
+            base_human_bytes((double)kvo->mem_bytes, a, sizeof a);
+            base_human_bytes((double)pb, b2, sizeof b2);
+            snprintf(err, errlen, "--kv-mem %s holds no KV page (a page of %d positions is %s)", a,
+                     page, b2);
+            free(s);
+            return NULL;
+        }
+    }
+    if (n_pages > 2147483647.0) n_pages = 2147483647.0;
     s->kv = calloc(n_seq + 1, sizeof *s->kv);
-    /* calloc: Linux backs a page on its first write, so positions a routed layer never
-     * stores cost address space only; the size is fixed here either way. */
-    s->kv_k = calloc(n_seq * (size_t)max_seq * kvd_l + 1, sizeof(float));
-    s->kv_v = calloc(n_seq * (size_t)max_seq * kvd_l + 1, sizeof(float));
-    s->kv_pos = calloc(n_seq * (size_t)max_seq + 1, sizeof(int32_t));
+    s->kv_pt = malloc((n_seq * (size_t)s->kv_max_pages + 1) * sizeof(int32_t));
+    s->kv_seen = calloc((size_t)n_slots + 1, sizeof(int32_t));
+    int pool_ok = !kv_pool_init(&s->pool, page, (int)n_pages, kvd_l);
     s->released = calloc((size_t)n_slots + 1, 1);
     s->ms_keep = malloc((size_t)s->n_layers * n_slots + 1);
     s->stats = calloc((size_t)s->n_layers + 1, sizeof *s->stats);
@@ -79,18 +110,14 @@ stage_state *stage_state_init(const stage_model *m, int n_slots, int max_rows, i
     s->gate = malloc(R * ng * sizeof(float));
     s->probs = malloc((size_t)(max_seq + 1) * (c->n_heads / c->n_kv_heads) * sizeof(float));
     s->mean = malloc(D * sizeof(float));
-    int ok = s->kv && s->kv_k && s->kv_v && s->kv_pos && s->released && s->ms_keep && s->stats &&
+    int ok = pool_ok && s->kv && s->kv_pt && s->kv_seen && s->released && s->ms_keep && s->stats &&
              s->act && s->act2 && s->ent && s->erow && s->sel_e && s->sel_w && s->score && s->xin &&
              s->h && s->q && s->k && s->v && s->att && s->a && s->x2 && s->h2 && s->f1 && s->f3 &&
              s->mo && s->ex && s->eo && s->gate && s->probs && s->mean;
     memset(s->ms_keep, -1, (size_t)s->n_layers * n_slots + 1);
-    /* Every (layer, slot) cache gets max_seq entries of the pool: no growth at run time. */
     for (size_t i = 0; ok && i < n_seq; i++) {
-        kv_seq *c2 = &s->kv[i];
-        c2->cap = max_seq;
-        c2->pos = s->kv_pos + i * (size_t)max_seq;
-        c2->k = s->kv_k + i * (size_t)max_seq * kvd_l;
-        c2->v = s->kv_v + i * (size_t)max_seq * kvd_l;
+        s->kv[i].pt = s->kv_pt + i * (size_t)s->kv_max_pages;
+        for (int j = 0; j < s->kv_max_pages; j++) s->kv[i].pt[j] = -1;
     }
     if (ok && s->tp) {
         size_t V = (size_t)c->vocab, w = D > ff ? D : ff;
@@ -118,10 +145,10 @@ stage_state *stage_state_init(const stage_model *m, int n_slots, int max_rows, i
 void stage_state_free(stage_state *s)
 {
     if (!s) return;
+    kv_pool_free(&s->pool);
     free(s->kv);
-    free(s->kv_k);
-    free(s->kv_v);
-    free(s->kv_pos);
+    free(s->kv_pt);
+    free(s->kv_seen);
     free(s->released);
     free(s->ms_keep);
     free(s->stats);
@@ -171,9 +198,10 @@ void stage_slot_reset_impl(stage_state *s, int slot)
 {
     if (slot < 0 || slot >= s->n_slots) return;
     for (int li = 0; li < s->n_layers; li++) {
-        kv_at(s, li, slot)->n = 0;
+        kv_seq_clear(&s->pool, kv_at(s, li, slot));
         s->ms_keep[(size_t)li * s->n_slots + slot] = -1;
     }
+    s->kv_seen[slot] = 0;
     s->released[slot] = 0;
 }
 
@@ -186,7 +214,7 @@ static void slot_release_impl(stage_state *s, int slot)
 
 /* ---- tensor-parallel group protocol: the leader (group rank 0) runs the pipeline and
  * broadcasts each operation on the stage state; the other ranks (followers) repeat it. ---- */
-enum { TP_OP_STOP = 0, TP_OP_FORWARD, TP_OP_HEAD, TP_OP_RESET, TP_OP_RELEASE };
+enum { TP_OP_STOP = 0, TP_OP_FORWARD, TP_OP_HEAD, TP_OP_RESET, TP_OP_RELEASE, TP_OP_DROP };
 enum { TP_HDR = 8 }; /* op, n, first, last, slot, n_present, 0, 0 */
 /* A FORWARD carries per row: slot, pos, token (4 bytes each), flags, present (1 each). */
 enum { TP_ROW_BYTES = 14 };
@@ -230,18 +258,65 @@ int stage_state_slot_len(const stage_state *s, int slot)
     int n = 0;
     for (int li = 0; li < s->n_layers; li++) {
         const kv_seq *c = &s->kv[(size_t)li * s->n_slots + slot];
-        if (c->n > 0 && c->pos[c->n - 1] + 1 > n) n = c->pos[c->n - 1] + 1;
+        if (c->n > c->lo) {
+            int p = kv_pos_at(&s->pool, c, c->n - 1) + 1;
+            if (p > n) n = p;
+        }
     }
     return n;
 }
 
+static int drop_before_impl(stage_state *s, int layer, int slot, int pos)
+{
+    const int li = layer - s->m->range.first;
+    if (li < 0 || li >= s->n_layers || slot < 0 || slot >= s->n_slots) return 0;
+    return kv_drop_before(&s->pool, kv_at(s, li, slot), pos);
+}
+
+int stage_state_slot_drop_before(stage_state *s, int layer, int slot, int pos)
+{
+    if (tp_leader(s)) tp_send_hdr(s, TP_OP_DROP, pos, layer, 0, slot, 0);
+    return drop_before_impl(s, layer, slot, pos);
+}
+
 size_t stage_state_kv_alloc_bytes(const stage_state *s)
 {
-    const stage_config *c = &s->m->cfg;
-    size_t kvd = (size_t)s->nkv_l * c->head_dim, total = 0;
-    for (size_t i = 0; i < (size_t)s->n_layers * s->n_slots; i++)
-        total += (size_t)s->kv[i].cap * kvd * 2 * stage_dtype_size(STAGE_KV_DTYPE);
-    return total;
+    return (size_t)s->pool.n_pages * kv_page_bytes(s->pool.page, s->pool.kvd);
+}
+
+int64_t stage_state_kv_layer_pages(const stage_state *s, int layer)
+{
+    const int li = layer - s->m->range.first;
+    if (li < 0 || li >= s->n_layers) return -1;
+    int64_t n = 0;
+    for (int slot = 0; slot < s->n_slots; slot++)
+        n += kv_seq_pages(&s->kv[(size_t)li * s->n_slots + slot], s->pool.page);
+    return n;
+}
+
+void stage_state_kv_stats(const stage_state *s, stage_kv_stats *o)
+{
+    memset(o, 0, sizeof *o);
+    o->page = s->pool.page;
+    o->pages_total = s->pool.n_pages;
+    o->pages_used = kv_pool_used(&s->pool);
+    o->pages_peak = s->pool.n_pages - s->pool.n_free_min;
+    o->page_bytes = kv_page_bytes(s->pool.page, s->pool.kvd);
+    o->bytes_used = (size_t)o->pages_used * o->page_bytes;
+    const size_t ent = o->page_bytes / (size_t)s->pool.page; /* bytes of one entry */
+    for (int slot = 0; slot < s->n_slots; slot++)
+        o->bytes_dense += (size_t)s->kv_seen[slot] * (size_t)s->n_layers * ent;
+    for (int li = 0; li < s->n_layers; li++) {
+        int layer = s->m->range.first + li;
+        int64_t n = stage_state_kv_layer_pages(s, layer);
+        stage_kind k = s->m->layers[layer].kind;
+        if (stage_kind_is_routed(k))
+            o->pages_routed += n;
+        else if (k == STAGE_KIND_MINDSKIP)
+            o->pages_skip += n;
+        else
+            o->pages_full += n;
+    }
 }
 
 void stage_state_set_progress(stage_state *s, void (*fn)(void *), void *arg)
@@ -337,6 +412,10 @@ int stage_state_tp_follow(stage_state *s, char *err, size_t errlen)
         s->tp->bcast_idle(s->tp, h, TP_HDR);
         const int op = h[0], n = h[1], np = h[5];
         if (op == TP_OP_STOP) return 0;
+        if (op == TP_OP_DROP) {
+            drop_before_impl(s, h[2], h[4], n);
+            continue;
+        }
         if (op == TP_OP_RESET || op == TP_OP_RELEASE) {
             if (op == TP_OP_RESET)
                 stage_slot_reset_impl(s, h[4]);

@@ -25,8 +25,7 @@ static const char *BIN, *FIX;
 static char TMP[256];
 static const char *PROMPTS =
     "--prompt-ids 3,14,15,92,65,35 --prompt-ids 89,79 --prompt-ids 32,38,46,26";
-#define MPIRUN                                                                                     \
-    "mpirun --allow-run-as-root --oversubscribe --mca btl self,tcp --mca btl_tcp_if_include lo"
+#define MPIRUN TU_MPIRUN
 
 /* ---- helpers ------------------------------------------------------------------------------ */
 
@@ -35,19 +34,7 @@ static char OUT[1 << 16];
 /* Run a shell command (stdout+stderr into OUT), killed after `secs`. Returns the exit code. */
 #define run(secs, ...) tu_run(OUT, sizeof OUT, (secs), __VA_ARGS__)
 
-static int files_identical(const char *a, const char *b)
-{
-    FILE *fa = fopen(a, "rb"), *fb = fopen(b, "rb");
-    int same = fa && fb;
-    while (same) {
-        int ca = fgetc(fa), cb = fgetc(fb);
-        if (ca != cb) same = 0;
-        if (ca == EOF || cb == EOF) break;
-    }
-    if (fa) fclose(fa);
-    if (fb) fclose(fb);
-    return same;
-}
+#define files_identical tu_files_identical
 
 #define npy_rel_err tu_npy_rel_err
 #define read_json tu_read_json

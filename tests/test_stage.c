@@ -409,34 +409,16 @@ static void test_convert_f16(void)
 static const int32_t PROMPTS[NSEQ][6] = {{3, 14, 15, 92, 65, 35}, {89, 79}, {32, 38, 46, 26}};
 static const int PLEN[NSEQ] = {6, 2, 4};
 
-typedef struct {
-    stage_config cfg;
-    stage_model *m;
-} fxm;
+typedef tu_model fxm;
 
 static int fx_open(const char *name, fxm *f)
 {
-    char dir[1024], err[ERRLEN];
-    memset(f, 0, sizeof *f);
+    char dir[1024];
     snprintf(dir, sizeof dir, "%s/%s", fixtures(), name);
-    if (stage_config_load(dir, &f->cfg, err, sizeof err)) {
-        fprintf(stderr, "\n  %s: %s\n", name, err);
-        return -1;
-    }
-    stage_range r = {0, f->cfg.n_layers - 1, 1, 1};
-    if (stage_model_load(dir, &f->cfg, r, &f->m, err, sizeof err)) {
-        fprintf(stderr, "\n  %s: %s\n", name, err);
-        stage_config_free(&f->cfg);
-        return -1;
-    }
-    return 0;
+    return tu_model_open(dir, f);
 }
 
-static void fx_close(fxm *f)
-{
-    stage_model_free(f->m);
-    stage_config_free(&f->cfg);
-}
+#define fx_close tu_model_close
 
 static stage_state *state_new(const stage_model *m, int slots, int rows, int seq)
 {
@@ -2022,8 +2004,9 @@ static void test_kv_entries_mod_predictor(void) { check_kv_entries("mod_predicto
 static void test_kv_entries_mode_staged(void) { check_kv_entries("mode_staged"); }
 static void test_kv_entries_mixed(void) { check_kv_entries("mixed"); }
 
-/* The slot pool is sized at init: every layer gets slots x ctx entries, routed or not (no
- * growth at run time), so both models reserve the same bytes. */
+/* Without a --kv-mem budget the page pool holds every position of every slot on every layer
+ * (K + V + an int32 position per entry), routed or not; tests/test_kv.c checks the pages a
+ * routed layer actually takes. */
 static void test_kv_alloc_capacity(void)
 {
     fxm d, m;
@@ -2040,7 +2023,7 @@ static void test_kv_alloc_capacity(void)
     CU_ASSERT_FATAL(sd && sm);
     size_t bd = stage_state_kv_alloc_bytes(sd), bm = stage_state_kv_alloc_bytes(sm);
     const size_t kvd = (size_t)d.cfg.n_kv_heads * d.cfg.head_dim;
-    CU_ASSERT_EQUAL(bd, (size_t)6 * 4 * 256 * kvd * 2 * sizeof(float));
+    CU_ASSERT_EQUAL(bd, (size_t)6 * 4 * 256 * (kvd * 2 * sizeof(float) + sizeof(int32_t)));
     CU_ASSERT_EQUAL(bm, bd);
     CU_ASSERT_EQUAL(stage_state_slots(sd), 4);
     CU_ASSERT_EQUAL(stage_state_ctx(sd), 256);

@@ -128,12 +128,17 @@ static void test_stats_tp(void)
         tu_jnum(jat(b, "stages", 0), "tp_io_bytes") + tu_jnum(jat(b, "stages", 1), "tp_io_bytes");
     CU_ASSERT(io > 0);
     CU_ASSERT(fabs(tu_jnum(tb, "tp_bytes") - sum_layers - io) < 0.5);
-    /* per rank: KV exactly half (heads split), weights about half (norms, routers, embedding
-     * lookup stay whole on the leader) */
+    /* per rank: the same KV pages with K and V exactly half as wide (heads split; the int32
+     * position of each entry stays, docs/SPEC.md §11), weights about half (norms, routers,
+     * embedding lookup stay whole on the leader) */
     for (int s = 0; s < 2; s++) {
         const cJSON *ea = jat(a, "stages", s), *eb = jat(b, "stages", s);
         CU_ASSERT_EQUAL(tu_jnum(eb, "ranks"), 2);
-        CU_ASSERT_EQUAL(tu_jnum(eb, "kv_bytes_allocated") * 2, tu_jnum(ea, "kv_bytes_allocated"));
+        CU_ASSERT_EQUAL(tu_jnum(eb, "kv_pages_total"), tu_jnum(ea, "kv_pages_total"));
+        double pos = tu_jnum(ea, "kv_pages_total") * tu_jnum(ea, "kv_page_positions") * 4;
+        CU_ASSERT(pos > 0);
+        CU_ASSERT_EQUAL((tu_jnum(eb, "kv_bytes_allocated") - pos) * 2,
+                        tu_jnum(ea, "kv_bytes_allocated") - pos);
     }
     double w1 = tu_jnum(jat(a, "stages", 1), "weight_bytes"),
            w2 = tu_jnum(jat(b, "stages", 1), "weight_bytes");

@@ -12,7 +12,9 @@
 #include <stdint.h>
 #include <sys/wait.h>
 
+#include "stage/config.h"
 #include "stage/npy.h"
+#include "stage/stage.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -63,6 +65,55 @@ static inline void rm_tmpdir(char *dir)
     }
     rmdir(dir);
     free(dir);
+}
+
+/* A model directory with every layer, the embedding and the head on one stage. 0, or -1
+ * with a line on stderr naming what failed (nothing to free then). */
+typedef struct {
+    stage_config cfg;
+    stage_model *m;
+} tu_model;
+
+static inline int tu_model_open(const char *dir, tu_model *f)
+{
+    char err[512];
+    memset(f, 0, sizeof *f);
+    if (stage_config_load(dir, &f->cfg, err, sizeof err)) {
+        fprintf(stderr, "\n  %s: %s\n", dir, err);
+        return -1;
+    }
+    stage_range r = {0, f->cfg.n_layers - 1, 1, 1};
+    if (stage_model_load(dir, &f->cfg, r, &f->m, err, sizeof err)) {
+        fprintf(stderr, "\n  %s: %s\n", dir, err);
+        stage_config_free(&f->cfg);
+        return -1;
+    }
+    return 0;
+}
+
+static inline void tu_model_close(tu_model *f)
+{
+    stage_model_free(f->m);
+    stage_config_free(&f->cfg);
+}
+
+/* mpirun as the tests run it: root allowed, more ranks than cores, TCP on loopback only. */
+#define TU_MPIRUN                                                                                  \
+    "mpirun --allow-run-as-root --oversubscribe --mca btl self,tcp --mca btl_tcp_if_include lo"
+
+/* 1 when files a and b both open and hold the same bytes. */
+static inline int tu_files_identical(const char *a, const char *b)
+{
+    FILE *fa = fopen(a, "rb"), *fb = fopen(b, "rb");
+    int same = fa && fb;
+    while (same) {
+        int ca = fgetc(fa), cb = fgetc(fb);
+        if (ca != cb) same = 0;
+        if (ca == EOF || cb == EOF) break;
+    }
+    if (fa) fclose(fa);
+    if (fb) fclose(fb);
+    return same;
 }
 
 /* Assert that an error message contains `needle`, printing both when it does not. */

@@ -183,6 +183,16 @@ check "/metrics has link bytes vs dense for 0->1 and 1->2" \
     'grep -q "^modpipe_link_bytes_total{from=\"0\",to=\"1\"} [1-9]" <<<"$m" && grep -q "^modpipe_link_dense_bytes_total{from=\"1\",to=\"2\"} [1-9]" <<<"$m"'
 ttft=$(awk '$1 == "modpipe_ttft_seconds_count" { print $2 }' <<<"$m")
 check "/metrics TTFT histogram counted every generation ($ttft)" '[ "${ttft:-0}" -ge 40 ]'
+kv_pools() { # every stage's page pool is on /metrics
+    local s
+    for s in 0 1 2; do
+        grep -q "^modpipe_kv_pages_total{stage=\"$s\"} [1-9]" <<<"$m" &&
+            grep -q "^modpipe_kv_bytes_dense{stage=\"$s\"} [0-9]" <<<"$m" &&
+            grep -q "^modpipe_kv_pages_used_by_kind{stage=\"$s\",kind=\"full\"} [0-9]" <<<"$m" ||
+            return 1
+    done
+}
+check "/metrics has the KV page pool of every stage" kv_pools
 # bad options: one line on stderr, exit 2, no hang
 badrun() { # badrun "expected text" ARGS...
     local want=$1; shift
@@ -193,6 +203,7 @@ badrun() { # badrun "expected text" ARGS...
 check "serve without --model: exit 2" 'badrun "--model DIR is required"'
 check "serve --model missing dir: exit 2" 'badrun "config.json" --model "$TMP/nope"'
 check "serve --chat-template unknown: exit 2" 'badrun "unknown template .vicuna." --model "$MODEL" --chat-template vicuna'
+check "serve --kv-mem lots: exit 2" 'badrun "--kv-mem: expected a size like 512M or 2G, got .lots." --model "$MODEL" --kv-mem lots'
 check "serve --port 70000: exit 2" 'badrun "expected an integer in \[0, 65535\]" --model "$MODEL" --port 70000'
 check "serve --mem-per-rank 1K (the shared plan options): exit 2" 'badrun "fits --mem-per-rank 0.0 MiB" --model "$MODEL" --mem-per-rank 1K'
 check "serve --stages 0-1:K names its origin: exit 2" 'badrun "--stages: .0-1:0.: ranks after" --model "$MODEL" --stages 0-1:0,2-4'
