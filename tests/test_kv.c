@@ -174,7 +174,12 @@ static int fwd(stage_state *st, const stage_model *m, int n, const int32_t *slot
     memset(present, 1, sizeof present);
     for (int i = 0; i < n; i++)
         if (flags[i] & STAGE_ROW_NEED_LOGITS) rows[nl++] = i;
-    stage_batch b = {n, slot, pos, tok, flags};
+    /* a read-only view of the caller's rows (the stage does not write them) */
+    stage_batch b = {.n = n,
+                     .slot = (int32_t *)slot,
+                     .pos = (int32_t *)pos,
+                     .token = (int32_t *)tok,
+                     .flags = (uint8_t *)flags};
     if (stage_embed(m, tok, n, x, err, errlen) || stage_forward(st, &b, x, present, err, errlen) ||
         stage_head_logits(st, x, rows, nl, *out, err, errlen))
         return -1;
