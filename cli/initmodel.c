@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "base/clock.h"
 #include "cli/opts.h"
 #include "stage/kernels.h"
 #include "stage/matmul.h"
@@ -176,13 +177,13 @@ static void progress_init(progress *p, FILE *log)
 {
     p->log = log;
     p->tty = log && isatty(fileno(log));
-    p->t0 = p->last = stage_now_s();
+    p->t0 = p->last = base_now_s();
 }
 
 static void progress_bytes(progress *p, uint64_t done, uint64_t total, int final)
 {
     if (!p->log) return;
-    double now = stage_now_s();
+    double now = base_now_s();
     if (!final && now - p->last < (p->tty ? 0.5 : 5.0)) return;
     p->last = now;
     double el = now - p->t0, rate = el > 0 ? (double)done / el : 0;
@@ -416,8 +417,8 @@ static int run_layers(const cli_model_spec *sp, const char *dir, uint64_t seed, 
         st = NULL;
         stage_model_free(m);
         m = NULL;
-        if (pg.log && stage_now_s() - pg.last >= 5.0) {
-            pg.last = stage_now_s();
+        if (pg.log && base_now_s() - pg.last >= 5.0) {
+            pg.last = base_now_s();
             fprintf(pg.log, "init-model: %s: layer %d of %d done, %.0f s\n",
                     adjust ? "calibrating" : "measuring", l + 1, L, pg.last - pg.t0);
         }

@@ -16,7 +16,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "base/clock.h"
+#include "base/file.h"
+#include "base/ids.h"
 #include "cli/opts.h"
+#include "comm/link.h"
 #include "stage/config.h"
 #include "stage/kernels.h"
 #include "stage/safetensors.h"
@@ -125,20 +129,7 @@ typedef struct {
     long n_tokens; /* in the stream before cutting */
 } rt_seqs;
 
-static int push_tok(int32_t **buf, long *n, long *cap, int32_t v)
-{
-    if (*n == *cap) {
-        long nc = *cap ? *cap * 2 : 4096;
-        int32_t *nb = realloc(*buf, (size_t)nc * sizeof *nb);
-        if (!nb) return -1;
-        *buf = nb;
-        *cap = nc;
-    }
-    (*buf)[(*n)++] = v;
-    return 0;
-}
-
-/* One document per line of ids. */
+/* One document per line of ids (base/ids.h). */
 static int read_ids_stream(const char *path, int vocab, int32_t **out, long *n_out, char *err,
                            size_t errlen)
 {
@@ -147,42 +138,23 @@ static int read_ids_stream(const char *path, int vocab, int32_t **out, long *n_o
         snprintf(err, errlen, "cannot open %s: %s", path, strerror(errno));
         return -1;
     }
-    int32_t *buf = NULL;
-    long n = 0, cap = 0;
+    base_ids ids = {0};
     char *line = NULL;
     size_t lcap = 0;
     int ln = 0, rc = 0;
     while (!rc && getline(&line, &lcap, f) >= 0) {
-        ln++;
-        const char *p = line;
-        for (;;) {
-            while (*p == ' ' || *p == '\t' || *p == ',' || *p == '\r' || *p == '\n') p++;
-            if (!*p) break;
-            char *end;
-            errno = 0;
-            long v = strtol(p, &end, 10);
-            if (end == p || errno || v < 0 || v >= vocab) {
-                snprintf(err, errlen, "%s:%d: expected token ids in 0..%d, got '%.20s'", path, ln,
-                         vocab - 1, p);
-                rc = -1;
-                break;
-            }
-            if (push_tok(&buf, &n, &cap, (int32_t)v)) {
-                snprintf(err, errlen, "out of memory reading %s", path);
-                rc = -1;
-                break;
-            }
-            p = end;
-        }
+        char where[600];
+        snprintf(where, sizeof where, "%s:%d", path, ++ln);
+        rc = base_ids_parse(line, vocab, &ids, where, err, errlen);
     }
     free(line);
     fclose(f);
     if (rc) {
-        free(buf);
+        base_ids_free(&ids);
         return -1;
     }
-    *out = buf;
-    *n_out = n;
+    *out = ids.v;
+    *n_out = ids.n;
     return 0;
 }
 
@@ -209,8 +181,7 @@ static int read_text_stream(const char *path, const char *model_dir, int vocab, 
         tok_free(tk);
         return -1;
     }
-    int32_t *buf = NULL;
-    long n = 0, cap = 0;
+    base_ids all = {0};
     char *line = NULL, *doc = NULL;
     size_t lcap = 0, dlen = 0, dcap = 0;
     int rc = 0, eof = 0;
@@ -245,7 +216,7 @@ static int read_text_stream(const char *path, const char *model_dir, int vocab, 
             break;
         }
         for (int i = 0; i < nid && !rc; i++)
-            if (push_tok(&buf, &n, &cap, ids[i])) {
+            if (base_ids_push(&all, ids[i])) {
                 snprintf(err, errlen, "out of memory");
                 rc = -1;
             }
@@ -257,11 +228,11 @@ static int read_text_stream(const char *path, const char *model_dir, int vocab, 
     fclose(f);
     tok_free(tk);
     if (rc) {
-        free(buf);
+        base_ids_free(&all);
         return -1;
     }
-    *out = buf;
-    *n_out = n;
+    *out = all.v;
+    *n_out = all.n;
     return 0;
 }
 
@@ -309,28 +280,6 @@ static int file_exists(const char *p)
 {
     struct stat sb;
     return stat(p, &sb) == 0 && S_ISREG(sb.st_mode);
-}
-
-static char *read_file(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    char *buf = NULL;
-    if (fseek(f, 0, SEEK_END) == 0) {
-        long sz = ftell(f);
-        rewind(f);
-        if (sz >= 0 && (buf = malloc((size_t)sz + 1))) {
-            if (fread(buf, 1, (size_t)sz, f) != (size_t)sz) {
-                free(buf);
-                buf = NULL;
-            } else {
-                buf[sz] = 0;
-                if (len) *len = (size_t)sz;
-            }
-        }
-    }
-    fclose(f);
-    return buf;
 }
 
 static int write_text(const char *path, const char *text, char *err, size_t errlen)
@@ -444,7 +393,7 @@ static int model_tensor_map(const char *dir, tensor_map *out, char *err, size_t 
         cJSON_Delete(root);
         return 0;
     }
-    char *text = read_file(index, NULL);
+    char *text = base_read_file(index, 0, NULL, NULL, 0);
     cJSON *root = text ? cJSON_Parse(text) : NULL;
     free(text);
     const cJSON *wm = root ? cJSON_GetObjectItemCaseSensitive(root, "weight_map") : NULL;
@@ -501,7 +450,7 @@ static int is_router_of(const char *name, const int *layers, int n)
 static int copy_file(const char *src, const char *dst, char *err, size_t errlen)
 {
     size_t len = 0;
-    char *buf = read_file(src, &len);
+    char *buf = base_read_file(src, 0, &len, NULL, 0);
     if (!buf) {
         snprintf(err, errlen, "cannot read %s", src);
         return -1;
@@ -603,7 +552,7 @@ static int write_output(const rt_out *o, const double *w, const double *b, char 
 
     /* 3. config.json */
     snprintf(path, sizeof path, "%s/config.json", o->model);
-    char *ctext = read_file(path, NULL);
+    char *ctext = base_read_file(path, 0, NULL, NULL, 0);
     cJSON *cfg = ctext ? cJSON_Parse(ctext) : NULL;
     free(ctext);
     if (!cJSON_IsObject(cfg)) {
@@ -768,11 +717,10 @@ static int run_batch(rt_ctx *c, const rt_seqs *s, const int *idx, int n, const d
 }
 
 /* Every rank agrees on a failure (one rank's err is printed). */
-static int agree(int rc, int rank, int size, char *err)
+static int agree(int rc, char *err)
 {
-    int bad = rc ? rank : size, first = size;
-    MPI_Allreduce(&bad, &first, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
-    if (first < size) {
+    int first = comm_first_failed(MPI_COMM_WORLD, rc != 0);
+    if (first >= 0) {
         MPI_Bcast(err, RT_ERR, MPI_CHAR, first, MPI_COMM_WORLD);
         return -1;
     }
@@ -1062,7 +1010,7 @@ int cli_routertune_main(int argc, char **argv)
             rc = -1;
         }
     }
-    if (agree(rc, rank, size, err)) goto done;
+    if (agree(rc, err)) goto done;
 
     if (dump) {
         const rt_seqs *ds = evp ? &ev : &tr;
@@ -1112,7 +1060,7 @@ int cli_routertune_main(int argc, char **argv)
             rc = -1;
         }
     }
-    if (agree(rc, rank, size, err)) goto done;
+    if (agree(rc, err)) goto done;
 
     if (cli_opt_str(&a, "random-skip")) {
         double *fr = calloc((size_t)n_routed, sizeof *fr);
@@ -1139,7 +1087,7 @@ int cli_routertune_main(int argc, char **argv)
         }
         if (!rc) rc = calibrate_random(&c, &tr, fr, thr, (uint64_t)seed, w, b, err, sizeof err);
         free(fr);
-        if (agree(rc, rank, size, err)) goto done;
+        if (agree(rc, err)) goto done;
         record = cJSON_CreateObject();
         cJSON_AddStringToObject(
             record, "method",
@@ -1175,7 +1123,7 @@ int cli_routertune_main(int argc, char **argv)
     int epoch_pos = tr.n; /* reshuffle at the start */
     double best = INFINITY;
     long best_step = -1, step = 0;
-    double t0 = stage_now_s(), tlog = t0;
+    double t0 = base_now_s(), tlog = t0;
     long tok_log = 0;
     int *bidx = malloc((size_t)B * sizeof *bidx);
     int *eidx = malloc((size_t)(ev.n ? ev.n : 1) * sizeof *eidx);
@@ -1235,7 +1183,7 @@ int cli_routertune_main(int argc, char **argv)
         }
         tok_log += B * T;
         if (rank == 0 && !quiet && ((step + 1) % log_every == 0 || step + 1 == steps)) {
-            double now = stage_now_s();
+            double now = base_now_s();
             fprintf(stderr,
                     "router-tune: step %ld/%ld loss %.4f (nll %.4f + penalty %.4f) kept %.3f "
                     "(soft %.3f) %.0f tok/s\n",
@@ -1245,12 +1193,12 @@ int cli_routertune_main(int argc, char **argv)
             tok_log = 0;
         }
     }
-    if (agree(rc, rank, size, err)) {
+    if (agree(rc, err)) {
         free(bidx);
         free(eidx);
         goto done;
     }
-    double secs = stage_now_s() - t0;
+    double secs = base_now_s() - t0;
     record = cJSON_CreateObject();
     cJSON_AddStringToObject(
         record, "method", "Router-Tuning (He et al. 2024, arXiv 2410.13184), modpipe router-tune");

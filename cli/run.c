@@ -10,8 +10,10 @@
 #include <string.h>
 
 #include "base/err.h"
+#include "base/ids.h"
 #include "cli/opts.h"
 #include "cli/plan.h"
+#include "comm/link.h"
 #include "engine/batch.h"
 #include "engine/partition.h"
 #include "stage/config.h"
@@ -43,54 +45,24 @@ static void usage(int cmd)
  * Token lists
  * ===================================================================================== */
 
-/* Parse "1,2,3" / "1 2 3" into a malloc'd array. */
+/* Parse "1,2,3" / "1 2 3" (base/ids.h) into a malloc'd array; an empty list is an error. */
 static int parse_ids(const char *s, int vocab, int32_t **out, int *n, const char *where, char *err,
                      size_t errlen)
 {
+    base_ids ids = {0};
     *out = NULL;
     *n = 0;
-    int cap = 16;
-    int32_t *ids = malloc((size_t)cap * sizeof *ids);
-    if (!ids) {
-        snprintf(err, errlen, "out of memory");
+    if (base_ids_parse(s, vocab, &ids, where, err, errlen)) {
+        base_ids_free(&ids);
         return -1;
     }
-    const char *p = s;
-    for (;;) {
-        while (*p == ' ' || *p == '\t' || *p == ',' || *p == '\r' || *p == '\n') p++;
-        if (!*p) break;
-        char *end;
-        errno = 0;
-        long v = strtol(p, &end, 10);
-        if (end == p || errno || (*end && !strchr(" \t,\r\n", *end))) {
-            snprintf(err, errlen, "%s: '%.20s' is not a token id", where, p);
-            free(ids);
-            return -1;
-        }
-        if (v < 0 || v >= vocab) {
-            snprintf(err, errlen, "%s: token id %ld out of range [0, %d)", where, v, vocab);
-            free(ids);
-            return -1;
-        }
-        if (*n == cap) {
-            cap *= 2;
-            int32_t *t = realloc(ids, (size_t)cap * sizeof *t);
-            if (!t) {
-                free(ids);
-                snprintf(err, errlen, "out of memory");
-                return -1;
-            }
-            ids = t;
-        }
-        ids[(*n)++] = (int32_t)v;
-        p = end;
-    }
-    if (*n == 0) {
-        snprintf(err, errlen, "%s: empty sequence", where);
-        free(ids);
+    if (ids.n == 0) {
+        base_set_err(err, errlen, "%s: empty sequence", where);
+        base_ids_free(&ids);
         return -1;
     }
-    *out = ids;
+    *out = ids.v;
+    *n = (int)ids.n;
     return 0;
 }
 
@@ -434,11 +406,9 @@ int cli_run_main(int cmd, int argc, char **argv)
     }
     if (!rc) rc = setup_run(&o, cmd, size, &r, err, sizeof err);
     /* every rank parsed the same input; still agree, so no rank runs on alone */
-    int bad = rc ? rank : size, first_bad = size;
-    MPI_Allreduce(&bad, &first_bad, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
-    if (first_bad < size) {
-        if (rank == first_bad)
-            fprintf(stderr, "modpipe %s: %s%s\n", cli_cmd_name(cmd), size > 1 ? "" : "", err);
+    int first_bad = comm_first_failed(MPI_COMM_WORLD, rc != 0);
+    if (first_bad >= 0) {
+        if (rank == first_bad) fprintf(stderr, "modpipe %s: %s\n", cli_cmd_name(cmd), err);
         run_setup_free(&r);
         cli_opts_free(&o);
         MPI_Finalize();

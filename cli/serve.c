@@ -10,6 +10,7 @@
 #include "cli/serve.h"
 #include "cli/opts.h"
 #include "cli/plan.h"
+#include "comm/link.h"
 #include "serve/serve.h"
 #include "stage/matmul.h"
 
@@ -202,9 +203,8 @@ int cli_serve_main(int argc, char **argv, serve_pipeline_fn run)
         signal(SIGTERM, SIG_IGN);
         signal(SIGINT, SIG_IGN);
     }
-    int bad = rc ? rank : size, first_bad = size;
-    MPI_Allreduce(&bad, &first_bad, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
-    if (first_bad < size) {
+    int first_bad = comm_first_failed(MPI_COMM_WORLD, rc != 0);
+    if (first_bad >= 0) {
         if (rank == first_bad) fprintf(stderr, "modpipe serve: %s\n", err);
         serve_server_free(srv);
         srvq_free(q);

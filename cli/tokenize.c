@@ -7,6 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/file.h"
+#include "base/ids.h"
 #include "cli/opts.h"
 #include "tok/tok.h"
 
@@ -76,35 +78,9 @@ static int cli_tok_parse(int argc, char **argv, int detok, cli_tok_opts *o)
 
 static char *cli_tok_read(const char *cmd, const char *path, size_t *len)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        fprintf(stderr, "modpipe %s: %s: %s\n", cmd, path, strerror(errno));
-        return NULL;
-    }
-    size_t cap = 65536, n = 0, r;
-    char *buf = malloc(cap + 1);
-    while (buf && (r = fread(buf + n, 1, cap - n, f)) > 0) {
-        n += r;
-        if (n == cap) {
-            char *nb = realloc(buf, 2 * cap + 1);
-            if (!nb) {
-                free(buf);
-                buf = NULL;
-                break;
-            }
-            buf = nb;
-            cap *= 2;
-        }
-    }
-    int bad = !buf || ferror(f);
-    fclose(f);
-    if (bad) {
-        fprintf(stderr, "modpipe %s: %s: read error\n", cmd, path);
-        free(buf);
-        return NULL;
-    }
-    buf[n] = 0;
-    *len = n;
+    char err[1024];
+    char *buf = base_read_file(path, 0, len, err, sizeof err);
+    if (!buf) fprintf(stderr, "modpipe %s: %s\n", cmd, err);
     return buf;
 }
 
@@ -158,45 +134,23 @@ int cli_tok_tokenize(int argc, char **argv)
     return rc;
 }
 
-/* Ids separated by spaces, commas or newlines. */
-static int cli_tok_parse_ids(const char *s, int32_t **out, int *n)
+/* Ids separated by spaces, commas or newlines (base/ids.h). */
+static int cli_tok_parse_ids(const char *s, const char *where, int32_t **out, int *n)
 {
-    size_t cap = 64;
-    int32_t *ids = malloc(cap * sizeof *ids);
-    *n = 0;
-    if (!ids) {
+    base_ids ids = {0};
+    char err[512];
+    if (base_ids_parse(s, (long)INT32_MAX + 1, &ids, where, err, sizeof err)) {
+        fprintf(stderr, "modpipe detokenize: %s\n", err);
+        base_ids_free(&ids);
+        return -1;
+    }
+    if (!ids.v && base_ids_push(&ids, 0) == 0) ids.n = 0; /* no ids: still an array */
+    if (!ids.v) {
         fprintf(stderr, "modpipe detokenize: out of memory\n");
         return -1;
     }
-    for (const char *p = s;;) {
-        while (*p == ' ' || *p == ',' || *p == '\n' || *p == '\r' || *p == '\t') p++;
-        if (!*p) break;
-        char *end;
-        errno = 0;
-        long v = strtol(p, &end, 10);
-        if (end == p || errno || v < 0 || v > INT32_MAX ||
-            (*end && *end != ' ' && *end != ',' && *end != '\n' && *end != '\r' && *end != '\t')) {
-            int w = 0;
-            while (p[w] && p[w] != ' ' && p[w] != ',' && p[w] != '\n' && w < 40) w++;
-            fprintf(stderr, "modpipe detokenize: id %d: '%.*s' is not a token id (>= 0)\n", *n + 1,
-                    w, p);
-            free(ids);
-            return -1;
-        }
-        if ((size_t)*n == cap) {
-            int32_t *ni = realloc(ids, 2 * cap * sizeof *ni);
-            if (!ni) {
-                free(ids);
-                fprintf(stderr, "modpipe detokenize: out of memory\n");
-                return -1;
-            }
-            ids = ni;
-            cap *= 2;
-        }
-        ids[(*n)++] = (int32_t)v;
-        p = end;
-    }
-    *out = ids;
+    *out = ids.v;
+    *n = (int)ids.n;
     return 0;
 }
 
@@ -228,7 +182,7 @@ int cli_tok_detokenize(int argc, char **argv)
     }
     int32_t *ids;
     int n, rc = 0;
-    if (cli_tok_parse_ids(src, &ids, &n)) {
+    if (cli_tok_parse_ids(src, o.ids_file ? o.ids_file : "--ids", &ids, &n)) {
         free(file);
         tok_free(t);
         return 2;

@@ -10,6 +10,8 @@
 #include <sys/resource.h>
 #include <time.h>
 
+#include "base/backoff.h"
+#include "base/clock.h"
 #include "engine/stats.h"
 #include "engine/topo.h"
 #include "engine/tp.h"
@@ -261,7 +263,7 @@ static void complete(engine_loop *c, uint64_t mb, const int32_t *tok_by_row, con
     c->fl_head = (c->fl_head + 1) % c->o.max_in_flight;
     c->fl_n--;
     c->mb_done++;
-    c->t_tokens = stage_now_s();
+    c->t_tokens = base_now_s();
 }
 
 /* Run this stage's layers on the current micro-batch, then pass it on. */
@@ -270,7 +272,7 @@ static void process_mb(engine_loop *c)
     char err[512];
     stage_batch *d = &c->d;
     const uint64_t mb = d->id;
-    double t0 = stage_now_s();
+    double t0 = base_now_s();
     for (int k = 0; k < d->n_release; k++) {
         if (d->release[k] < 0 || d->release[k] >= c->o.slots)
             COMM_FATAL("micro-batch %llu releases slot %d of %d", (unsigned long long)mb,
@@ -281,11 +283,11 @@ static void process_mb(engine_loop *c)
         COMM_FATAL("micro-batch %llu: %s", (unsigned long long)mb, err);
     if (c->rank != c->head) {
         route_and_send(c);
-        c->busy_s += stage_now_s() - t0;
+        c->busy_s += base_now_s() - t0;
         return;
     }
     int ns = head_step(c);
-    c->busy_s += stage_now_s() - t0;
+    c->busy_s += base_now_s() - t0;
     uint8_t *mask = c->masks;
     memset(mask, 0, comm_mask_bytes(d->n));
     for (int k = 0; k < ns; k++) comm_mask_set(mask, c->srows[k]);
@@ -362,7 +364,7 @@ static engine_report_tail report_tail(const engine_loop *c, int s)
 static void report_send(engine_loop *c, int final)
 {
     if (!c->o.serve || c->rank == 0) return;
-    double t = stage_now_s();
+    double t = base_now_s();
     uint64_t p = packets_sent(c);
     if (!final && (p == c->rep_packets || t - c->rep_t < 0.25)) return;
     size_t cap;
@@ -396,7 +398,7 @@ static void report_poll(engine_loop *c, int force)
                (size_t)c->rep_len * 8);
         if (!report_tail(c, s).final) report_post(c, s);
     }
-    double t = stage_now_s();
+    double t = base_now_s();
     if (!c->ops->links || (!force && t - c->rep_t < 0.25)) return;
     c->rep_t = t;
     report_fill(c, c->rep_tab, 0); /* rank 0's own counters */
@@ -437,7 +439,7 @@ static void report_poll(engine_loop *c, int force)
 
 static void print_progress(engine_loop *c, int force)
 {
-    double t = stage_now_s();
+    double t = base_now_s();
     if (!c->o.progress || (!force && t - c->t_last_progress < 2.0)) return;
     c->t_last_progress = t;
     double el = t - c->t_start;
@@ -476,15 +478,15 @@ static void issue(engine_loop *c, stage_batch *f)
     c->fl_n++;
     if (c->S > 1 && c->treq == MPI_REQUEST_NULL) {
         MPI_Irecv(c->tbuf, (int)c->pkt_max, MPI_BYTE, c->head, TAG_TOKENS, c->comm, &c->treq);
-        if (c->fl_n == 1) c->t_tokens = stage_now_s();
+        if (c->fl_n == 1) c->t_tokens = base_now_s();
     }
     stage_batch_copy(&c->d, f);
-    double t0 = stage_now_s();
+    double t0 = base_now_s();
     if (stage_embed(c->m, c->d.token, c->d.n, c->x, err, sizeof err))
         COMM_FATAL("micro-batch %llu: %s", (unsigned long long)f->id, err);
     memset(c->present, 1, (size_t)c->d.n);
     c->n_byp_in = 0;
-    c->busy_s += stage_now_s() - t0;
+    c->busy_s += base_now_s() - t0;
     process_mb(c);
 }
 
@@ -492,9 +494,11 @@ static void issue(engine_loop *c, stage_batch *f)
  * the peer timeout. Returns 1 when one arrived (and was applied). */
 static int wait_tokens(engine_loop *c, double max_s)
 {
-    double t0 = stage_now_s();
+    double t0 = base_now_s();
     MPI_Status st;
-    for (long spin = 0;; spin++) {
+    base_backoff bo;
+    base_backoff_init(&bo, BASE_BACKOFF_FIXED, 65, 20000);
+    for (;;) {
         int done = 0;
         MPI_Test(&c->treq, &done, &st);
         if (done) {
@@ -508,15 +512,12 @@ static int wait_tokens(engine_loop *c, double max_s)
             return 1;
         }
         comm_links_progress(c->links);
-        double t = stage_now_s();
+        double t = base_now_s();
         if (t - c->t_tokens > c->o.timeout_s)
             COMM_FATAL("no tokens packet from rank %d for %.0f s: that rank is gone or stuck",
                        c->head, c->o.timeout_s);
         if (max_s >= 0 && t - t0 >= max_s) return 0;
-        if (spin > 64) {
-            struct timespec ts = {0, 20000};
-            nanosleep(&ts, NULL);
-        }
+        base_backoff_wait(&bo);
     }
 }
 
@@ -559,19 +560,16 @@ static int step0(engine_loop *c)
 static size_t wait_chain(engine_loop *c, MPI_Request *req)
 {
     if (!c->o.serve) return comm_links_wait_recv(c->links, req, c->rank - 1, "chain packet");
-    double t0 = stage_now_s();
     MPI_Status st;
-    for (long spin = 0;; spin++) {
+    base_backoff bo;
+    base_backoff_init(&bo, BASE_BACKOFF_IDLE, 65, 20000);
+    for (;;) {
         int done = 0;
         MPI_Test(req, &done, &st);
         if (done) break;
         comm_links_progress(c->links);
         report_send(c, 0);
-        double waited = stage_now_s() - t0;
-        if (spin > 64) {
-            struct timespec ts = {0, waited < 0.01 ? 20000 : waited < 0.2 ? 200000 : 1000000};
-            nanosleep(&ts, NULL);
-        }
+        base_backoff_wait(&bo);
     }
     int n = 0;
     MPI_Get_count(&st, MPI_BYTE, &n);
@@ -607,7 +605,7 @@ static void stageN_loop(engine_loop *c)
                        (unsigned long long)p.mb, p.mb_rows, c->R);
         MPI_Irecv(c->rbuf[cur ^ 1], (int)c->pkt_max, MPI_BYTE, s - 1, TAG_CHAIN, c->comm,
                   &c->rreq[cur ^ 1]);
-        double t0 = stage_now_s();
+        double t0 = base_now_s();
         const uint64_t mb = p.mb;
         const int n = p.mb_rows;
         stage_batch_copy(&c->d, &p.rows); /* p lives until the next unpack (bypass) */
@@ -624,7 +622,7 @@ static void stageN_loop(engine_loop *c)
                 COMM_FATAL("chain packet lists a bypass packet %d -> %d behind stage %d",
                            p.bypass[k].from, p.bypass[k].to, s);
         }
-        c->busy_s += stage_now_s() - t0;
+        c->busy_s += base_now_s() - t0;
         for (int k = 0; k < n_from; k++) {
             MPI_Request rq;
             MPI_Irecv(c->bbuf, (int)c->pkt_max, MPI_BYTE, from[k], TAG_BYPASS, c->comm, &rq);
@@ -1077,9 +1075,8 @@ int engine_loop_open(MPI_Comm comm, const engine_loop_opts *o, const engine_sche
     }
     engine_topo_free(&topo);
     /* All ranks agree on start-up failures; the lowest failing rank tells. */
-    int bad = rc ? rank : size, first_bad = size;
-    MPI_Allreduce(&bad, &first_bad, 1, MPI_INT, MPI_MIN, comm);
-    if (first_bad < size) {
+    int first_bad = comm_first_failed(comm, rc != 0);
+    if (first_bad >= 0) {
         if (rank == first_bad)
             snprintf(err, errlen, "rank %d: %s", rank, myerr);
         else
@@ -1090,7 +1087,7 @@ int engine_loop_open(MPI_Comm comm, const engine_loop_opts *o, const engine_sche
     if (c->o.serve && rank == 0)
         for (int s = 1; s < c->S; s++) report_post(c, s);
     MPI_Barrier(comm);
-    c->t_start = c->t_last_progress = c->t_tokens = stage_now_s();
+    c->t_start = c->t_last_progress = c->t_tokens = base_now_s();
     *out = c;
     return 0;
 }
@@ -1136,7 +1133,7 @@ int engine_loop_close(engine_loop *c, engine_loop_result *res, char *err, size_t
      * stats then show any page the accounting lost, docs/SPEC.md §11) */
     for (int s = 0; s < c->o.slots; s++) stage_state_slot_release(c->st, s);
     comm_links_drain(c->links);
-    double seconds = stage_now_s() - c->t_start;
+    double seconds = base_now_s() - c->t_start;
     MPI_Barrier(c->comm);
 
     /* --dump-logits from the head */

@@ -23,6 +23,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "base/clock.h"
 #include "serve/serve.h"
 
 /* ========================================================================================
@@ -154,13 +155,6 @@ static void sb_json(sb *b, const char *s, size_t n)
         }
     }
     sb_add(b, "\"", 1);
-}
-
-static double now_s(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
 /* ========================================================================================
@@ -394,7 +388,7 @@ static void active_remove(serve_server *s, gen *g)
 static void on_token(void *arg, int32_t token)
 {
     gen *g = arg;
-    double t = now_s();
+    double t = base_now_s();
     pthread_mutex_lock(&g->mu);
     int first = g->n_toks == 0;
     double prev = g->t_last;
@@ -631,7 +625,7 @@ static int gen_step(gen *g)
         return 1;
     }
     /* a hang-up shows on the socket only when we look: at most every 100 ms */
-    double t = now_s();
+    double t = base_now_s();
     if (had == n || t - g->t_check > 0.1) {
         g->t_check = t;
         if (client_gone(g->fd)) return -1;
@@ -805,7 +799,7 @@ static enum MHD_Result do_generate(serve_server *s, struct MHD_Connection *c, co
              atomic_fetch_add(&s->next_id, 1));
     g->created = (long)time(NULL);
     g->refs = 2;
-    g->t_submit = now_s();
+    g->t_submit = base_now_s();
 
     srvq_request r = {
         .prompt = ids,
@@ -1301,8 +1295,8 @@ int serve_server_shutdown(serve_server *s)
      * shut it down so new clients are refused at once (it is closed after MHD_stop_daemon) */
     if (s->listen_fd >= 0) shutdown(s->listen_fd, SHUT_RDWR);
     srvq_close(s->q);
-    double t0 = now_s();
-    while (!srvq_idle(s->q) && now_s() - t0 < s->grace_s) usleep(20000);
+    double t0 = base_now_s();
+    while (!srvq_idle(s->q) && base_now_s() - t0 < s->grace_s) usleep(20000);
     int cancelled = 0;
     if (!srvq_idle(s->q)) {
         long ids[1024];
@@ -1316,16 +1310,16 @@ int serve_server_shutdown(serve_server *s)
             cancelled += n;
             if (n < 1024) break;
         }
-        t0 = now_s();
-        while (!srvq_idle(s->q) && now_s() - t0 < 10.0) usleep(20000);
+        t0 = base_now_s();
+        while (!srvq_idle(s->q) && base_now_s() - t0 < 10.0) usleep(20000);
     }
     /* let the connections write their last bytes */
-    t0 = now_s();
+    t0 = base_now_s();
     for (;;) {
         pthread_mutex_lock(&s->mu);
         int n = s->gen_conns;
         pthread_mutex_unlock(&s->mu);
-        if (!n || now_s() - t0 > 5.0) break;
+        if (!n || base_now_s() - t0 > 5.0) break;
         usleep(20000);
     }
     return cancelled;

@@ -63,7 +63,7 @@ typedef struct {
 
 static int ws_oom(tok_ws *w)
 {
-    tok_set_err(w->err, w->errlen, "%s: out of memory while encoding", w->t->name);
+    base_set_err(w->err, w->errlen, "%s: out of memory while encoding", w->t->name);
     return -1;
 }
 
@@ -133,8 +133,8 @@ static int re_next(tok_ws *w, const pcre2_code *re, const char *s, size_t len, s
         if (rc < 0) {
             PCRE2_UCHAR msg[120];
             pcre2_get_error_message(rc, msg, sizeof msg);
-            tok_set_err(w->err, w->errlen, "%s: regex match failed: %s", w->t->name,
-                        (const char *)msg);
+            base_set_err(w->err, w->errlen, "%s: regex match failed: %s", w->t->name,
+                         (const char *)msg);
             return -1;
         }
         PCRE2_SIZE *ov = pcre2_get_ovector_pointer(w->md);
@@ -438,9 +438,9 @@ static int bpe_piece(tok_ws *w, const char *s, size_t len)
                 if (!(t->fuse_unk && last_unk)) w->sym[n++] = t->unk_id;
                 last_unk = 1;
             } else {
-                tok_set_err(w->err, w->errlen,
-                            "%s: character U+%04X has no token (no byte fallback, no unk_token)",
-                            t->name, (unsigned)cp);
+                base_set_err(w->err, w->errlen,
+                             "%s: character U+%04X has no token (no byte fallback, no unk_token)",
+                             t->name, (unsigned)cp);
                 return -1;
             }
         }
@@ -538,16 +538,16 @@ int tok_encode(const tok_tokenizer *t, const char *text, size_t len, int add_spe
     if (ids) *ids = NULL;
     if (n_ids) *n_ids = 0;
     if (!t || !ids || !n_ids || (!text && len)) {
-        tok_set_err(err, errlen, "tok_encode: no tokenizer, text or output");
+        base_set_err(err, errlen, "tok_encode: no tokenizer, text or output");
         return -1;
     }
     if (len > TOK_MAX_TEXT) {
-        tok_set_err(err, errlen, "%s: text of %zu bytes (limit %zu)", t->name, len, TOK_MAX_TEXT);
+        base_set_err(err, errlen, "%s: text of %zu bytes (limit %zu)", t->name, len, TOK_MAX_TEXT);
         return -1;
     }
     size_t bad;
     if (!tok_utf8_valid(text ? text : "", len, &bad)) {
-        tok_set_err(err, errlen, "%s: text is not valid UTF-8 (byte %zu)", t->name, bad);
+        base_set_err(err, errlen, "%s: text is not valid UTF-8 (byte %zu)", t->name, bad);
         return -1;
     }
     tok_ws w;
@@ -603,7 +603,7 @@ int tok_encode(const tok_tokenizer *t, const char *text, size_t len, int add_spe
         for (int k = 0; k < t->n_suffix; k++)
             if (push_id(&w, t->pp_suffix[k])) goto fail;
     if (w.n_ids > (size_t)0x7fffffff) {
-        tok_set_err(err, errlen, "%s: too many tokens", t->name);
+        base_set_err(err, errlen, "%s: too many tokens", t->name);
         goto fail;
     }
     if (w.n_ids == 0 && !w.ids) { /* an empty result is still a malloc'd array */
