@@ -117,6 +117,8 @@ test: $(TEST_BIN) $(B)/modpipe format-check
 	@ONEDNN_MAX_CPU_ISA=SSE41 $(B)/tests/test_kernels
 	@echo "== tests/serve/run.sh (modpipe serve with curl and the openai npm client)"
 	@bash tests/serve/run.sh $(B)/modpipe
+	@echo "== tests/serve/recover.sh (the front: kill -9 / SIGSTOP of a rank, replay)"
+	@bash tests/serve/recover.sh $(B)/modpipe
 ifneq ($(SANITIZE),1)
 	@bash tests/scripts/run.sh $(B)/modpipe
 endif

@@ -114,9 +114,15 @@ static const cli_opt_def OPTS[] = {
      "TCP port (default 8080; 0: any free port, printed at start)"},
     {"queue", "N", CLI_SERVE, CLI_ONCE,
      "requests waiting for a slot at most; beyond: 503 + Retry-After (default 64)"},
-    {"api-key", "KEY", CLI_SERVE, CLI_ONCE,
-     "require 'Authorization: Bearer KEY' (all routes but /health); default: $MODPIPE_API_KEY "
-     "if set"},
+    {"api-key-file", "PATH", CLI_SERVE, CLI_ONCE,
+     "require 'Authorization: Bearer KEY' (all routes but GET /health), KEY = the file's first "
+     "line (default: $MODPIPE_API_KEY if set; never on the command line)"},
+    {"api-key", "KEY", CLI_SERVE, CLI_ONCE, NULL}, /* refused with a pointer to api-key-file */
+    {"max-connections", "N", CLI_SERVE, CLI_ONCE,
+     "HTTP connections served at once; beyond: 503 (default 256)"},
+    {"idle-timeout", "SEC", CLI_SERVE, CLI_ONCE,
+     "close a connection idle this long (before its request, or kept alive); 0: never "
+     "(default 30)"},
     {"chat-template", "NAME", CLI_SERVE, CLI_ONCE,
      "chat template: chatml, llama2, llama3, zephyr, plain, or auto (default: from "
      "tokenizer_config.json, else plain)"},
@@ -124,6 +130,21 @@ static const cli_opt_def OPTS[] = {
      "model id in /v1/models and responses (default: the directory's name)"},
     {"shutdown-grace", "SEC", CLI_SERVE, CLI_ONCE,
      "on SIGTERM, running requests get this long to finish (default 30)"},
+    /* ---- serve: the front that starts and restarts the MPI job (serve/front.h) ----------- */
+    {"ranks", "N", CLI_SERVE, CLI_ONCE,
+     "run the pipeline as an MPI job of N ranks that this process starts (mpirun) and restarts "
+     "when it dies or stalls; running requests are replayed (N = 1 without --hostfile / "
+     "--mpi-args: in this process)"},
+    {"hostfile", "FILE", CLI_SERVE, CLI_ONCE,
+     "with --ranks: mpirun --hostfile FILE (rank 0 must be this host)"},
+    {"mpi-args", "'ARGS'", CLI_SERVE, CLI_ONCE,
+     "with --ranks: more mpirun options, split at spaces"},
+    {"stall-timeout", "SEC", CLI_SERVE, CLI_ONCE,
+     "with --ranks: a job silent this long is stuck: restart (default 5)"},
+    {"max-restarts", "N", CLI_SERVE, CLI_ONCE,
+     "with --ranks: restarts in a row before giving up (exit 1; a job that ran 60 s resets the "
+     "count; default 3)"},
+    {"job", "SOCK", CLI_SERVE, CLI_ONCE, NULL}, /* internal: rank 0 of a job the front started */
     /* ---- init-model ---------------------------------------------------------------------- */
     {"spec", "FILE.yaml", CLI_INIT_MODEL, CLI_ONCE,
      "init-model: the model spec (see configs/models/)"},

@@ -7,10 +7,16 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <sys/socket.h>
+#include <sys/un.h>
+
 #include "cli/serve.h"
 #include "cli/opts.h"
 #include "cli/plan.h"
 #include "comm/link.h"
+#include "serve/chan.h"
+#include "serve/front.h"
+#include "serve/loop.h"
 #include "serve/serve.h"
 #include "stage/matmul.h"
 
@@ -21,8 +27,11 @@ static void usage(void)
         "modpipe serve: an OpenAI-compatible HTTP server (rank 0) over the pipeline.\n"
         "Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,\n"
         "GET /health, POST /tokenize, POST /detokenize, GET /metrics.\n\n"
-        "usage: mpirun -np N modpipe serve --model DIR [options]\n",
-        "  mpirun --oversubscribe -np 2 modpipe serve --model stories260K --port 8080\n"
+        "usage: modpipe serve --model DIR --ranks N [options]  (starts and supervises the MPI "
+        "job)\n"
+        "       mpirun -np N modpipe serve --model DIR [options]  (HTTP on rank 0; no "
+        "restarts)\n",
+        "  modpipe serve --model stories260K --ranks 2 --mpi-args '--oversubscribe' --port 8080\n"
         "  curl -s localhost:8080/v1/completions -H 'Content-Type: application/json' \\\n"
         "       -d '{\"prompt\": \"Once upon a time\", \"max_tokens\": 32, \"temperature\": 0}'\n");
 }
@@ -35,9 +44,35 @@ typedef struct {
     serve_pipeline p;
     serve_opts so;
     char name[256];
+    char key[512]; /* the API key read from --api-key-file */
     const char *tok_path;
     double grace;
 } setup;
+
+/* The API key: the first line of `path` (without its line end), non-empty. */
+static int read_key_file(const char *path, char *key, size_t keylen, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        snprintf(err, errlen, "--api-key-file %s: %s", path, strerror(errno));
+        return -1;
+    }
+    int ok = fgets(key, (int)keylen, f) != NULL;
+    fclose(f);
+    size_t n = ok ? strlen(key) : 0;
+    int whole = n == 0 || key[n - 1] == '\n' || n < keylen - 1;
+    while (n > 0 && (key[n - 1] == '\n' || key[n - 1] == '\r')) key[--n] = 0;
+    if (!whole) {
+        snprintf(err, errlen, "--api-key-file %s: the first line is longer than %zu bytes", path,
+                 keylen - 2);
+        return -1;
+    }
+    if (!n) {
+        snprintf(err, errlen, "--api-key-file %s: the first line (the key) is empty", path);
+        return -1;
+    }
+    return 0;
+}
 
 static int make_setup(const cli_opts *a, int n_ranks, setup *st, char *err, size_t errlen)
 {
@@ -62,7 +97,14 @@ static int make_setup(const cli_opts *a, int n_ranks, setup *st, char *err, size
     p->cfg = cfg;
     long v;
     double d;
-    int max_ctx = cfg->max_pos > 0 ? (cfg->max_pos < 4096 ? cfg->max_pos : 4096) : 2048;
+    if (cfg->max_pos < 2) {
+        snprintf(err, errlen,
+                 "%s/config.json: max_position_embeddings is %d; serving needs at least 2 "
+                 "positions (a prompt token and a new one)",
+                 model, cfg->max_pos);
+        return -1;
+    }
+    int max_ctx = cfg->max_pos < 4096 ? cfg->max_pos : 4096;
     if (cli_opt_long(a, "slots", 1, 4096, 8, &v, err, errlen)) return -1;
     p->slots = (int)v;
     if (cli_opt_long(a, "ctx", 2, 1 << 20, max_ctx, &v, err, errlen)) return -1;
@@ -100,7 +142,23 @@ static int make_setup(const cli_opts *a, int n_ranks, setup *st, char *err, size
     so->host = cli_opt_str(a, "host") ? cli_opt_str(a, "host") : "127.0.0.1";
     if (cli_opt_long(a, "port", 0, 65535, 8080, &v, err, errlen)) return -1;
     so->port = (int)v;
-    so->api_key = cli_opt_str(a, "api-key") ? cli_opt_str(a, "api-key") : getenv("MODPIPE_API_KEY");
+    if (cli_opt_str(a, "api-key")) {
+        snprintf(err, errlen,
+                 "--api-key: a key on the command line is visible to every user in ps; put it in "
+                 "a file (--api-key-file PATH) or in the environment (MODPIPE_API_KEY)");
+        return -1;
+    }
+    if (cli_opt_str(a, "api-key-file")) {
+        if (read_key_file(cli_opt_str(a, "api-key-file"), st->key, sizeof st->key, err, errlen))
+            return -1;
+        so->api_key = st->key;
+    } else {
+        so->api_key = getenv("MODPIPE_API_KEY");
+    }
+    if (cli_opt_long(a, "max-connections", 1, 100000, 256, &v, err, errlen)) return -1;
+    so->max_connections = (int)v;
+    if (cli_opt_long(a, "idle-timeout", 0, 86400, 30, &v, err, errlen)) return -1;
+    so->idle_timeout_s = (int)v;
     const char *ct = cli_opt_str(a, "chat-template");
     if (!ct || !strcmp(ct, "auto"))
         so->chat = serve_chat_detect(model);
@@ -136,6 +194,35 @@ static void setup_free(setup *st)
 
 static void on_ready(void *arg) { serve_server_set_ready(arg); }
 
+/* The HTTP side: tokenizer, queue, signal pipe, server (rank 0, or the front). */
+static int start_http(setup *st, tok_tokenizer **tok, srvq **q, serve_server **srv, char *err,
+                      size_t errlen)
+{
+    int rc = tok_load(st->tok_path, tok, err, errlen);
+    if (!rc && tok_vocab_size(*tok) > st->cfg.vocab) {
+        snprintf(err, errlen, "%s: the tokenizer has %d ids, the model's vocab only %d",
+                 st->tok_path, tok_vocab_size(*tok), st->cfg.vocab);
+        rc = -1;
+    }
+    if (!rc &&
+        !(*q = srvq_new(st->p.slots, st->p.ctx, st->p.queue, st->cfg.vocab, tok_eos(*tok)))) {
+        snprintf(err, errlen, "out of memory (a queue of %d slots)", st->p.slots);
+        rc = -1;
+    }
+    if (!rc) rc = serve_signals_install(err, errlen);
+    if (!rc) rc = serve_server_start(&st->so, *q, *tok, srv, err, errlen);
+    return rc;
+}
+
+static void print_listening(const setup *st, serve_server *srv)
+{
+    fprintf(stderr,
+            "modpipe serve: listening on http://%s:%d (pid %d), model %s, %d stage%s, "
+            "%d slots x %d positions, chat template %s\n",
+            st->so.host, serve_server_port(srv), (int)getpid(), st->name, st->plan.n_stages,
+            st->plan.n_stages > 1 ? "s" : "", st->p.slots, st->p.ctx, serve_chat_name(st->so.chat));
+}
+
 typedef struct {
     serve_server *s;
     int quiet;
@@ -161,8 +248,188 @@ static void *control(void *p)
     return NULL;
 }
 
+/* Job mode, rank 0: connect to the front's socket and say HELLO. */
+static int job_connect(const char *path, const setup *st, int size, int *fd, char *err,
+                       size_t errlen)
+{
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof a.sun_path) {
+        snprintf(err, errlen, "--job %s: path too long", path);
+        return -1;
+    }
+    snprintf(a.sun_path, sizeof a.sun_path, "%s", path);
+    *fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (*fd < 0 || connect(*fd, (struct sockaddr *)&a, sizeof a)) {
+        snprintf(err, errlen, "--job %s: %s (rank 0 must run on the front's host)", path,
+                 strerror(errno));
+        return -1;
+    }
+    chan_hello h = {st->p.slots, st->p.ctx, st->cfg.vocab, size, (int32_t)getpid()};
+    if (chan_send(*fd, CHAN_HELLO, &h, sizeof h, NULL, 0)) {
+        snprintf(err, errlen, "--job %s: %s", path, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+/* The job's command line: mpirun [--mpi-args] [--hostfile F] -np N <this binary> serve
+ * <the pipeline options, as resolved here> --job (the front appends the socket). */
+typedef struct {
+    char *v[128];
+    int n;
+    char buf[4096]; /* numbers and the split --mpi-args */
+    size_t used;
+} argv_b;
+
+static int ab_add(argv_b *b, const char *s)
+{
+    if (b->n >= 126) return -1;
+    b->v[b->n++] = (char *)s;
+    return 0;
+}
+
+static int ab_num(argv_b *b, long x)
+{
+    int k = snprintf(b->buf + b->used, sizeof b->buf - b->used, "%ld", x);
+    if (k < 0 || (size_t)k + 1 > sizeof b->buf - b->used) return -1;
+    int rc = ab_add(b, b->buf + b->used);
+    b->used += (size_t)k + 1;
+    return rc;
+}
+
+static int job_argv(const cli_opts *a, const setup *st, int ranks, argv_b *b, char *err,
+                    size_t errlen)
+{
+    static char exe[4096];
+    ssize_t k = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (k <= 0) {
+        snprintf(err, errlen, "cannot find this program (/proc/self/exe): %s", strerror(errno));
+        return -1;
+    }
+    exe[k] = 0;
+    int bad = ab_add(b, "mpirun");
+    if (cli_opt_str(a, "mpi-args")) {
+        size_t n = strlen(cli_opt_str(a, "mpi-args"));
+        if (n + 1 > sizeof b->buf - b->used)
+            bad = -1;
+        else {
+            char *m = b->buf + b->used;
+            memcpy(m, cli_opt_str(a, "mpi-args"), n + 1);
+            b->used += n + 1;
+            char *save = NULL;
+            for (char *t = strtok_r(m, " \t", &save); t && !bad; t = strtok_r(NULL, " \t", &save))
+                bad = ab_add(b, t);
+        }
+    }
+    if (cli_opt_str(a, "hostfile"))
+        bad |= ab_add(b, "--hostfile") | ab_add(b, cli_opt_str(a, "hostfile"));
+    bad |= ab_add(b, "-np") | ab_num(b, ranks) | ab_add(b, exe) | ab_add(b, "serve");
+    bad |= ab_add(b, "--model") | ab_add(b, cli_opt_str(a, "model"));
+    bad |=
+        ab_add(b, "--slots") | ab_num(b, st->p.slots) | ab_add(b, "--ctx") | ab_num(b, st->p.ctx);
+    bad |= ab_add(b, "--micro-batch") | ab_num(b, st->p.micro_batch);
+    bad |= ab_add(b, "--max-in-flight") | ab_num(b, st->p.max_in_flight);
+    /* the options the job reads itself; those from a --config file reach it with the file */
+    static const char *const PASS[] = {"config",     "stages",        "tp",        "mem-per-rank",
+                                       "wire-dtype", "weights-dtype", "transport", "threads",
+                                       "timeout",    "kv-page",       "kv-mem"};
+    enum { N_PASS = sizeof PASS / sizeof PASS[0] };
+    static char names[N_PASS][24];
+    for (int i = 0; i < N_PASS; i++)
+        if (cli_opt_has(a, PASS[i]) && !strncmp(cli_opt_origin(a, PASS[i]), "--", 2)) {
+            snprintf(names[i], sizeof names[i], "--%s", PASS[i]);
+            bad |= ab_add(b, names[i]) | ab_add(b, cli_opt_str(a, PASS[i]));
+        }
+    if (cli_opt_has(a, "quiet")) bad |= ab_add(b, "--quiet");
+    bad |= ab_add(b, "--job");
+    if (bad) {
+        snprintf(err, errlen, "the job's command line is too long (--mpi-args?)");
+        return -1;
+    }
+    b->v[b->n] = NULL;
+    return 0;
+}
+
+/* `modpipe serve --ranks N`: HTTP and the queue here, the pipeline in a job we start. */
+static int front_main(const cli_opts *a, int ranks)
+{
+    char err[1024] = "";
+    setup st;
+    memset(&st, 0, sizeof st);
+    tok_tokenizer *tok = NULL;
+    srvq *q = NULL;
+    serve_server *srv = NULL;
+    static argv_b b; /* the job's argv (the front's lifetime) */
+    memset(&b, 0, sizeof b);
+    double stall;
+    long restarts;
+    int rc = make_setup(a, ranks, &st, err, sizeof err);
+    if (!rc) rc = cli_opt_double(a, "stall-timeout", 0.1, 1e6, 0, 5.0, &stall, err, sizeof err);
+    if (!rc) rc = cli_opt_long(a, "max-restarts", 0, 1000000, 3, &restarts, err, sizeof err);
+    if (!rc) rc = job_argv(a, &st, ranks, &b, err, sizeof err);
+    if (!rc) rc = start_http(&st, &tok, &q, &srv, err, sizeof err);
+    if (rc) {
+        fprintf(stderr, "modpipe serve: %s\n", err);
+        serve_server_free(srv);
+        srvq_free(q);
+        tok_free(tok);
+        setup_free(&st);
+        stage_threads_free();
+        return 2;
+    }
+    serve_loop_opts lo;
+    serve_pipeline_loop_opts(&st.p, &lo);
+    int whole, max_rows = serve_loop_rows(&lo, &whole);
+    serve_front_opts fo = {
+        .job_argv = b.v,
+        .slots = st.p.slots,
+        .ctx = st.p.ctx,
+        .micro_batch = st.p.micro_batch,
+        .whole_prompts = whole,
+        .max_rows = max_rows,
+        .max_in_flight = st.p.max_in_flight,
+        .stall_s = stall,
+        .max_restarts = (int)restarts,
+        .start_timeout_s = st.p.timeout_s,
+        .quiet = !st.p.progress,
+    };
+    print_listening(&st, srv);
+    pthread_t ctl;
+    ctl_arg ca = {.s = srv, .quiet = !st.p.progress};
+    pthread_create(&ctl, NULL, control, &ca);
+    rc = serve_front_run(&fo, q, srv, err, sizeof err);
+    if (rc) {
+        fprintf(stderr, "modpipe serve: %s\n", err);
+        ca.stop_only = 1;
+    }
+    serve_signals_notify();
+    pthread_join(ctl, NULL);
+    if (rc) serve_server_shutdown(srv); /* the connections write their error events */
+    serve_server_free(srv);
+    srvq_free(q);
+    tok_free(tok);
+    if (!rc && st.p.progress) fprintf(stderr, "modpipe serve: stopped\n");
+    setup_free(&st);
+    stage_threads_free();
+    return rc ? 1 : 0;
+}
+
 int cli_serve_main(int argc, char **argv, serve_pipeline_fn run)
 {
+    {
+        /* the front: no MPI in this process, it starts the job (serve/front.h) */
+        cli_opts a;
+        char err[1024];
+        long ranks;
+        int front = !cli_opts_parse(&a, CLI_SERVE, argc, argv, err, sizeof err) &&
+                    !cli_opt_has(&a, "help") && !cli_opt_has(&a, "job") &&
+                    cli_opt_has(&a, "ranks") &&
+                    !cli_opt_long(&a, "ranks", 1, 1 << 16, 1, &ranks, err, sizeof err) &&
+                    (ranks > 1 || cli_opt_has(&a, "hostfile") || cli_opt_has(&a, "mpi-args"));
+        int rc = front ? front_main(&a, (int)ranks) : 0;
+        cli_opts_free(&a);
+        if (front) return rc;
+    }
     int prov = 0;
     MPI_Init_thread(NULL, NULL, MPI_THREAD_FUNNELED, &prov);
     int rank, size;
@@ -181,24 +448,25 @@ int cli_serve_main(int argc, char **argv, serve_pipeline_fn run)
     }
     if (!rc) rc = make_setup(&a, size, &st, err, sizeof err);
 
+    const char *job = rc ? NULL : cli_opt_str(&a, "job");
+    long ranks = 0;
+    if (!rc && cli_opt_str(&a, "ranks") && !job) {
+        rc = cli_opt_long(&a, "ranks", 1, 1 << 16, 1, &ranks, err, sizeof err);
+        if (!rc && ranks != size) {
+            snprintf(err, sizeof err,
+                     "--ranks %ld under mpirun -np %d: --ranks starts the job itself (run it "
+                     "without mpirun)",
+                     ranks, size);
+            rc = -1;
+        }
+    }
     tok_tokenizer *tok = NULL;
     srvq *q = NULL;
     serve_server *srv = NULL;
-    if (!rc && rank == 0) {
-        rc = tok_load(st.tok_path, &tok, err, sizeof err);
-        if (!rc && tok_vocab_size(tok) > st.cfg.vocab) {
-            snprintf(err, sizeof err, "%s: the tokenizer has %d ids, the model's vocab only %d",
-                     st.tok_path, tok_vocab_size(tok), st.cfg.vocab);
-            rc = -1;
-        }
-        if (!rc && !(q = srvq_new(st.p.slots, st.p.ctx, st.p.queue, st.cfg.vocab, tok_eos(tok)))) {
-            snprintf(err, sizeof err, "out of memory (queue)");
-            rc = -1;
-        }
-        if (!rc) rc = serve_signals_install(err, sizeof err);
-        if (!rc) rc = serve_server_start(&st.so, q, tok, &srv, err, sizeof err);
-    }
-    if (rank != 0) {
+    int chan = -1;
+    if (!rc && rank == 0 && !job) rc = start_http(&st, &tok, &q, &srv, err, sizeof err);
+    if (!rc && rank == 0 && job) rc = job_connect(job, &st, size, &chan, err, sizeof err);
+    if (rank != 0 && !job) {
         /* mpirun forwards SIGTERM to every rank: only rank 0 decides when the pipeline ends */
         signal(SIGTERM, SIG_IGN);
         signal(SIGINT, SIG_IGN);
@@ -206,6 +474,8 @@ int cli_serve_main(int argc, char **argv, serve_pipeline_fn run)
     int first_bad = comm_first_failed(MPI_COMM_WORLD, rc != 0);
     if (first_bad >= 0) {
         if (rank == first_bad) fprintf(stderr, "modpipe serve: %s\n", err);
+        if (rank == 0 && chan >= 0 && rank == first_bad)
+            chan_send(chan, CHAN_ERROR, err, strlen(err), NULL, 0);
         serve_server_free(srv);
         srvq_free(q);
         tok_free(tok);
@@ -215,14 +485,21 @@ int cli_serve_main(int argc, char **argv, serve_pipeline_fn run)
         MPI_Finalize();
         return 2;
     }
+    if (job) {
+        /* a job the front started: rank 0 relays, the front owns every request */
+        rc = serve_pipeline_run_job(MPI_COMM_WORLD, &st.p, chan, err, sizeof err);
+        if (rc && rank == 0) fprintf(stderr, "modpipe serve: job: %s\n", err);
+        if (chan >= 0) close(chan);
+        setup_free(&st);
+        stage_threads_free();
+        cli_opts_free(&a);
+        MPI_Finalize();
+        return rc ? 1 : 0;
+    }
     pthread_t ctl;
     ctl_arg ca = {.s = srv, .quiet = !st.p.progress};
     if (rank == 0) {
-        fprintf(stderr,
-                "modpipe serve: listening on http://%s:%d (pid %d), model %s, %d stage%s, "
-                "%d slots x %d positions, chat template %s\n",
-                st.so.host, serve_server_port(srv), (int)getpid(), st.name, st.plan.n_stages,
-                st.plan.n_stages > 1 ? "s" : "", st.p.slots, st.p.ctx, serve_chat_name(st.so.chat));
+        print_listening(&st, srv);
         pthread_create(&ctl, NULL, control, &ca);
         st.p.q = q;
         st.p.on_ready = on_ready;

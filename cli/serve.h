@@ -1,7 +1,11 @@
 /* cli/serve.h — the `modpipe serve` command (issue 8), called from cli/main.c.
  *
+ *   modpipe serve --model DIR --ranks N [--hostfile F] [--mpi-args '...'] [--stall-timeout S]
+ *       [--max-restarts N] [HTTP and pipeline options]: the front (serve/front.h) owns HTTP
+ *       and the queue and starts / restarts the MPI job (the same command with --job SOCK);
  *   mpirun -np N modpipe serve --model DIR [--host 127.0.0.1] [--port 8080] [--slots N]
- *       [--ctx N] [--queue N] [--api-key KEY] [--chat-template NAME|auto] [pipeline options]
+ *       [--ctx N] [--queue N] [--api-key-file F] [--chat-template NAME|auto] [pipeline options]
+ *       (the advanced form: HTTP on rank 0, no restarts).
  *
  * Every rank calls cli_serve_main (it calls MPI_Init_thread / MPI_Finalize itself). All ranks
  * parse the same argv and agree on errors. Rank 0 loads the tokenizer, opens the HTTP port at
@@ -24,6 +28,7 @@
 #include <mpi.h>
 
 #include "engine/partition.h"
+#include "serve/loop.h"
 #include "serve/queue.h"
 #include "comm/comm.h"
 #include "stage/config.h"
@@ -55,5 +60,10 @@ int cli_serve_main(int argc, char **argv, serve_pipeline_fn run);
 
 /* The default `run`: serve_loop_run (serve/loop.h). */
 int serve_pipeline_run(MPI_Comm comm, const serve_pipeline *p, char *err, size_t errlen);
+/* A job the front started (--job): serve_loop_run_job over the channel fd (rank 0). */
+int serve_pipeline_run_job(MPI_Comm comm, const serve_pipeline *p, int fd, char *err,
+                           size_t errlen);
+/* The loop options p stands for. */
+void serve_pipeline_loop_opts(const serve_pipeline *p, serve_loop_opts *o);
 
 #endif

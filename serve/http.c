@@ -1,11 +1,6 @@
-/* serve/http.c — the libmicrohttpd server of `modpipe serve` (contract in serve.h).
- *
- * Threads: MHD runs one thread per connection. The pipeline thread only enters on_token /
- * on_done, which append to a request's preallocated token array under its mutex and
- * signal; the connection thread turns tokens into text (tok_stream), holds back what may
- * be the start of a stop string, and writes JSON or SSE. A request object (gen) is shared
- * by the two sides and freed by whichever lets go last (refs).
- */
+/* serve/http.c — the libmicrohttpd server of `modpipe serve` (contract in serve.h): the
+ * endpoints, routing and the checks made before a body is read, start and stop, signals.
+ * The shared state and the other parts: serve/http_impl.h. */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -23,688 +18,57 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "base/clock.h"
-#include "serve/serve.h"
-
-/* ========================================================================================
- * Small helpers: growable byte buffer, JSON string escaping, clock
- * ===================================================================================== */
-
-typedef struct {
-    char *p; /* [cap] */
-    size_t n, cap;
-    int oom;
-} sb;
-
-static void sb_reserve(sb *b, size_t extra)
-{
-    if (b->oom || b->n + extra + 1 <= b->cap) return;
-    size_t cap = b->cap ? b->cap : 256;
-    while (cap < b->n + extra + 1) cap *= 2;
-    char *q = realloc(b->p, cap);
-    if (!q) {
-        b->oom = 1;
-        return;
-    }
-    b->p = q;
-    b->cap = cap;
-}
-
-static void sb_add(sb *b, const char *s, size_t k)
-{
-    sb_reserve(b, k);
-    if (b->oom) return;
-    memcpy(b->p + b->n, s, k);
-    b->n += k;
-    b->p[b->n] = 0;
-}
-
-static void sb_str(sb *b, const char *s) { sb_add(b, s, strlen(s)); }
-
-static void sb_fmt(sb *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void sb_fmt(sb *b, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    char tmp[512];
-    int k = vsnprintf(tmp, sizeof tmp, fmt, ap);
-    va_end(ap);
-    if (k < 0) return;
-    if ((size_t)k < sizeof tmp) {
-        sb_add(b, tmp, (size_t)k);
-        return;
-    }
-    sb_reserve(b, (size_t)k);
-    if (b->oom) return;
-    va_start(ap, fmt);
-    vsnprintf(b->p + b->n, (size_t)k + 1, fmt, ap);
-    va_end(ap);
-    b->n += (size_t)k;
-}
-
-static void sb_free(sb *b)
-{
-    free(b->p);
-    memset(b, 0, sizeof *b);
-}
-
-/* Length of the valid UTF-8 sequence at s[0..n), 0 if invalid. */
-static int utf8_len(const unsigned char *s, size_t n)
-{
-    unsigned c = s[0];
-    int k;
-    unsigned min;
-    if (c < 0x80) return 1;
-    if (c >= 0xC2 && c <= 0xDF) {
-        k = 2;
-        min = 0x80;
-    } else if ((c & 0xF0) == 0xE0) {
-        k = 3;
-        min = 0x800;
-    } else if (c >= 0xF0 && c <= 0xF4) {
-        k = 4;
-        min = 0x10000;
-    } else
-        return 0;
-    if (n < (size_t)k) return 0;
-    unsigned cp = c & (0x7F >> k);
-    for (int i = 1; i < k; i++) {
-        if ((s[i] & 0xC0) != 0x80) return 0;
-        cp = (cp << 6) | (s[i] & 0x3F);
-    }
-    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
-    return k;
-}
-
-/* A JSON string literal of s[0..n); invalid UTF-8 bytes become U+FFFD. */
-static void sb_json(sb *b, const char *s, size_t n)
-{
-    sb_reserve(b, n + 2);
-    sb_add(b, "\"", 1);
-    const unsigned char *u = (const unsigned char *)s;
-    size_t i = 0;
-    while (i < n) {
-        unsigned char c = u[i];
-        if (c == '"') {
-            sb_add(b, "\\\"", 2);
-            i++;
-        } else if (c == '\\') {
-            sb_add(b, "\\\\", 2);
-            i++;
-        } else if (c == '\n') {
-            sb_add(b, "\\n", 2);
-            i++;
-        } else if (c == '\r') {
-            sb_add(b, "\\r", 2);
-            i++;
-        } else if (c == '\t') {
-            sb_add(b, "\\t", 2);
-            i++;
-        } else if (c < 0x20 || c == 0x7F) {
-            sb_fmt(b, "\\u%04x", c);
-            i++;
-        } else {
-            int k = utf8_len(u + i, n - i);
-            if (!k) {
-                sb_add(b, "\\ufffd", 6);
-                i++;
-            } else {
-                sb_add(b, s + i, (size_t)k);
-                i += (size_t)k;
-            }
-        }
-    }
-    sb_add(b, "\"", 1);
-}
-
-/* ========================================================================================
- * Metrics
- * ===================================================================================== */
-
-#define N_BUCKETS 14
-static const double BUCKETS[N_BUCKETS] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-                                          0.25,  0.5,    1.0,   2.5,  5.0,   10.0, 30.0};
-typedef struct {
-    uint64_t count[N_BUCKETS + 1]; /* [N_BUCKETS + 1]: per bucket (not cumulative), last = +Inf */
-    uint64_t n;
-    double sum;
-} histo;
-
-static void histo_add(histo *h, double v)
-{
-    int i = 0;
-    while (i < N_BUCKETS && v > BUCKETS[i]) i++;
-    h->count[i]++;
-    h->n++;
-    h->sum += v;
-}
-
-static void histo_print(sb *b, const char *name, const char *help, const histo *h)
-{
-    sb_fmt(b, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
-    uint64_t cum = 0;
-    for (int i = 0; i < N_BUCKETS; i++) {
-        cum += h->count[i];
-        sb_fmt(b, "%s_bucket{le=\"%g\"} %llu\n", name, BUCKETS[i], (unsigned long long)cum);
-    }
-    sb_fmt(b, "%s_bucket{le=\"+Inf\"} %llu\n%s_sum %.6f\n%s_count %llu\n", name,
-           (unsigned long long)h->n, name, h->sum, name, (unsigned long long)h->n);
-}
-
-static const int STATUSES[] = {200, 400, 401, 404, 405, 413, 500, 503};
-#define N_STATUS ((int)(sizeof STATUSES / sizeof STATUSES[0]))
-
-/* ========================================================================================
- * Server and request state
- * ===================================================================================== */
-
-typedef struct gen gen;
-
-struct serve_server {
-    struct MHD_Daemon *d;
-    srvq *q;
-    const tok_tokenizer *tok;
-    char *host, *api_key, *model_name;
-    const serve_chat_template *chat;
-    int ctx, vocab, eos, port, quiet;
-    int32_t end_id; /* the chat template's end-of-turn token, -1: none */
-    double grace_s;
-    long created;  /* start time (unix), for /v1/models */
-    int listen_fd; /* after quiesce: closed after MHD_stop_daemon */
-    atomic_int ready, closing, shut_done, aborted;
-    char abort_msg[512]; /* written once before aborted is set */
-    atomic_long next_id;
-
-    pthread_mutex_t mu;                  /* guards everything below */
-    gen *active;                         /* requests the queue still holds (for cancel-all) */
-    int gen_conns;                       /* generation connections not yet completed by MHD */
-    uint64_t status_count[N_STATUS + 1]; /* [N_STATUS + 1] last: other codes */
-    histo ttft, itl;
-};
-
-/* One generation request, shared by the connection thread and the pipeline callbacks. */
-struct gen {
-    serve_server *srv;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    int refs;         /* queue side + connection side */
-    long id;          /* srvq id, -1 before submit returned */
-    gen *prev, *next; /* srv->active (under srv->mu) */
-    int in_active;
-
-    /* written by the pipeline thread under mu */
-    int32_t *toks; /* [cap] generated ids in order */
-    int n_toks, cap;
-    int done;
-    srvq_finish why;
-    char msg[256];
-    double t_submit, t_last;
-
-    /* connection thread only */
-    int chat, stream, include_usage, return_ids, ignore_eos;
-    int n_prompt;
-    int consumed;     /* toks[0..consumed) processed */
-    int ids_sent;     /* toks[0..ids_sent) reported in token_ids */
-    int n_completion; /* tokens counted in usage */
-    tok_stream *ts;
-    char *stop[SERVE_MAX_STOP];
-    int n_stop;
-    sb pend; /* decoded text that may still start a stop string */
-    sb text; /* non-stream: the completion text so far */
-    sb out;  /* stream: SSE bytes not yet handed to MHD */
-    size_t out_off;
-    const char *finish; /* NULL while running, else "stop" / "length" */
-    int failed;         /* the pipeline (msg) or the detokeniser (cmsg) failed */
-    char cmsg[256];
-    int cancelled; /* we asked the queue to cancel */
-    int writer_done;
-    int fd;         /* client socket, to notice a hang-up while we wait */
-    double t_check; /* last look at it */
-    char cid[48];
-    long created;
-};
-
-/* Per connection (MHD's req_cls). */
-typedef enum { R_NONE, R_COMPL, R_CHAT, R_MODELS, R_HEALTH, R_TOK, R_DETOK, R_METRICS } route_id;
-typedef struct {
-    route_id route;
-    sb body;
-    int too_big;
-    gen *g; /* a streaming response's request, released on completion */
-} conn_ctx;
-
-static void count_status(serve_server *s, int status)
-{
-    int i = 0;
-    while (i < N_STATUS && STATUSES[i] != status) i++;
-    pthread_mutex_lock(&s->mu);
-    s->status_count[i]++;
-    pthread_mutex_unlock(&s->mu);
-}
-
-static enum MHD_Result reply(serve_server *s, struct MHD_Connection *c, int status,
-                             const char *ctype, const char *body, size_t len, const char *h1,
-                             const char *v1)
-{
-    struct MHD_Response *r =
-        MHD_create_response_from_buffer(len, (void *)body, MHD_RESPMEM_MUST_COPY);
-    if (!r) return MHD_NO;
-    MHD_add_response_header(r, "Content-Type", ctype);
-    if (h1) MHD_add_response_header(r, h1, v1);
-    enum MHD_Result ok = MHD_queue_response(c, (unsigned)status, r);
-    MHD_destroy_response(r);
-    count_status(s, status);
-    return ok;
-}
-
-static enum MHD_Result reply_json(serve_server *s, struct MHD_Connection *c, int status, sb *b)
-{
-    if (b->oom) return MHD_NO;
-    return reply(s, c, status, "application/json", b->p ? b->p : "", b->n, NULL, NULL);
-}
-
-static void error_json(sb *b, const char *msg, const char *type, const char *param,
-                       const char *code)
-{
-    sb_str(b, "{\"error\":{\"message\":");
-    sb_json(b, msg, strlen(msg));
-    sb_str(b, ",\"type\":");
-    sb_json(b, type, strlen(type));
-    sb_str(b, ",\"param\":");
-    if (param && *param)
-        sb_json(b, param, strlen(param));
-    else
-        sb_str(b, "null");
-    sb_str(b, ",\"code\":");
-    if (code)
-        sb_json(b, code, strlen(code));
-    else
-        sb_str(b, "null");
-    sb_str(b, "}}");
-}
-
-static enum MHD_Result reply_error(serve_server *s, struct MHD_Connection *c, int status,
-                                   const char *msg, const char *param, const char *code)
-{
-    const char *type = status == 401   ? "authentication_error"
-                       : status >= 500 ? (status == 503 ? "unavailable_error" : "server_error")
-                       : status == 404 ? "not_found_error"
-                                       : "invalid_request_error";
-    sb b = {0};
-    error_json(&b, msg, type, param, code);
-    struct MHD_Response *r =
-        MHD_create_response_from_buffer(b.n, b.p ? b.p : (char *)"", MHD_RESPMEM_MUST_COPY);
-    sb_free(&b);
-    if (!r) return MHD_NO;
-    MHD_add_response_header(r, "Content-Type", "application/json");
-    if (status == 503) MHD_add_response_header(r, "Retry-After", "1");
-    if (status == 401) MHD_add_response_header(r, "WWW-Authenticate", "Bearer");
-    enum MHD_Result ok = MHD_queue_response(c, (unsigned)status, r);
-    MHD_destroy_response(r);
-    count_status(s, status);
-    return ok;
-}
-
-/* ========================================================================================
- * gen: lifetime and the pipeline callbacks
- * ===================================================================================== */
-
-static void gen_free(gen *g)
-{
-    if (!g) return;
-    free(g->toks);
-    tok_stream_free(g->ts);
-    for (int i = 0; i < g->n_stop; i++) free(g->stop[i]);
-    sb_free(&g->pend);
-    sb_free(&g->text);
-    sb_free(&g->out);
-    pthread_mutex_destroy(&g->mu);
-    pthread_cond_destroy(&g->cv);
-    free(g);
-}
-
-static void gen_unref(gen *g)
-{
-    pthread_mutex_lock(&g->mu);
-    int last = --g->refs == 0;
-    pthread_mutex_unlock(&g->mu);
-    if (last) gen_free(g);
-}
-
-static void active_remove(serve_server *s, gen *g)
-{
-    pthread_mutex_lock(&s->mu);
-    if (g->in_active) {
-        if (g->prev)
-            g->prev->next = g->next;
-        else
-            s->active = g->next;
-        if (g->next) g->next->prev = g->prev;
-        g->in_active = 0;
-    }
-    pthread_mutex_unlock(&s->mu);
-}
-
-static void on_token(void *arg, int32_t token)
-{
-    gen *g = arg;
-    double t = base_now_s();
-    pthread_mutex_lock(&g->mu);
-    int first = g->n_toks == 0;
-    double prev = g->t_last;
-    if (g->n_toks < g->cap) g->toks[g->n_toks++] = token;
-    g->t_last = t;
-    pthread_cond_signal(&g->cv);
-    pthread_mutex_unlock(&g->mu);
-    serve_server *s = g->srv;
-    pthread_mutex_lock(&s->mu);
-    if (first)
-        histo_add(&s->ttft, t - g->t_submit);
-    else
-        histo_add(&s->itl, t - prev);
-    pthread_mutex_unlock(&s->mu);
-}
-
-static void on_done(void *arg, srvq_finish why, int n_prompt, int n_generated, const char *msg)
-{
-    (void)n_prompt;
-    (void)n_generated;
-    gen *g = arg;
-    active_remove(g->srv, g);
-    pthread_mutex_lock(&g->mu);
-    g->done = 1;
-    g->why = why;
-    snprintf(g->msg, sizeof g->msg, "%s", msg ? msg : "");
-    pthread_cond_signal(&g->cv);
-    pthread_mutex_unlock(&g->mu);
-    gen_unref(g);
-}
-
-/* ========================================================================================
- * gen: turning tokens into output (connection thread)
- * ===================================================================================== */
-
-static void chunk_head(gen *g, sb *b)
-{
-    sb_fmt(b, "data: {\"id\":\"%s\",\"object\":\"%s\",\"created\":%ld,\"model\":", g->cid,
-           g->chat ? "chat.completion.chunk" : "text_completion", g->created);
-    sb_json(b, g->srv->model_name, strlen(g->srv->model_name));
-    sb_str(b, ",\"choices\":[{\"index\":0,");
-}
-
-static void token_ids(gen *g, sb *b, int upto)
-{
-    if (!g->return_ids) return;
-    sb_str(b, ",\"token_ids\":[");
-    for (int i = g->ids_sent; i < upto; i++)
-        sb_fmt(b, "%s%d", i > g->ids_sent ? "," : "", g->toks[i]);
-    sb_str(b, "]");
-    g->ids_sent = upto;
-}
-
-/* One SSE chunk with text (stream) or append to the full text. */
-static void emit(gen *g, const char *p, size_t n, int upto)
-{
-    if (!n) return;
-    if (!g->stream) {
-        sb_add(&g->text, p, n);
-        return;
-    }
-    sb *b = &g->out;
-    chunk_head(g, b);
-    if (g->chat) {
-        sb_str(b, "\"delta\":{\"content\":");
-        sb_json(b, p, n);
-        sb_str(b, "}");
-    } else {
-        sb_str(b, "\"text\":");
-        sb_json(b, p, n);
-    }
-    token_ids(g, b, upto);
-    sb_str(b, ",\"logprobs\":null,\"finish_reason\":null}]}\n\n");
-}
-
-/* Emit what can no longer be part of a stop string; on a full match emit the text before it
- * and finish with "stop". final: nothing more comes, release the held-back tail. */
-static int stop_scan(gen *g, int final, int upto)
-{
-    sb *p = &g->pend;
-    long best = -1;
-    for (int i = 0; i < g->n_stop; i++) {
-        const char *m = memmem(p->p ? p->p : "", p->n, g->stop[i], strlen(g->stop[i]));
-        if (m && (best < 0 || m - p->p < best)) best = m - p->p;
-    }
-    if (best >= 0) {
-        emit(g, p->p, (size_t)best, upto);
-        p->n = 0;
-        return 1;
-    }
-    size_t hold = 0;
-    for (int i = 0; !final && i < g->n_stop; i++) {
-        size_t sl = strlen(g->stop[i]);
-        for (size_t k = sl - 1 < p->n ? sl - 1 : p->n; k > hold; k--)
-            if (!memcmp(p->p + p->n - k, g->stop[i], k)) {
-                hold = k;
-                break;
-            }
-    }
-    size_t go = p->n - hold;
-    emit(g, p->p, go, upto);
-    memmove(p->p, p->p + go, hold);
-    p->n = hold;
-    if (p->p) p->p[p->n] = 0;
-    return 0;
-}
-
-static void gen_cancel(gen *g)
-{
-    if (g->cancelled || g->id < 0) return;
-    g->cancelled = 1;
-    srvq_cancel(g->srv->q, g->id);
-}
-
-/* Streams that asked for token ids get one event per token, also when the token has no text
- * yet (a partial UTF-8 character, a held-back stop prefix): clients time every token. */
-static void token_event(gen *g)
-{
-    if (!g->stream || !g->return_ids || g->ids_sent >= g->consumed + 1) return;
-    sb *b = &g->out;
-    chunk_head(g, b);
-    sb_str(b, g->chat ? "\"delta\":{\"content\":\"\"}" : "\"text\":\"\"");
-    token_ids(g, b, g->consumed + 1);
-    sb_str(b, ",\"logprobs\":null,\"finish_reason\":null}]}\n\n");
-}
-
-/* Process toks[consumed..n). */
-static void gen_process(gen *g, int n)
-{
-    serve_server *s = g->srv;
-    char err[256];
-    for (; g->consumed < n && !g->finish; g->consumed++) {
-        int32_t t = g->toks[g->consumed];
-        g->n_completion++;
-        if ((t == s->eos && !g->ignore_eos) || (g->chat && t == s->end_id)) {
-            g->finish = "stop";
-            if (t == s->end_id && t != s->eos) gen_cancel(g);
-            g->consumed++;
-            break;
-        }
-        const char *piece = NULL;
-        size_t len = 0;
-        /* a model whose vocab is larger than its tokenizer's (random benchmark models) may
-         * sample ids the tokenizer cannot spell: they count, but have no text */
-        if (t < 0 || t >= s->vocab) {
-            token_event(g);
-            continue;
-        }
-        if (tok_stream_push(g->ts, t, &piece, &len, err, sizeof err)) {
-            g->failed = 1;
-            snprintf(g->cmsg, sizeof g->cmsg, "detokenising: %.200s", err);
-            g->finish = "stop";
-            gen_cancel(g);
-            g->consumed++;
-            break;
-        }
-        sb_add(&g->pend, piece, len);
-        if (g->n_stop == 0) {
-            emit(g, g->pend.p, g->pend.n, g->consumed + 1);
-            g->pend.n = 0;
-        } else if (stop_scan(g, 0, g->consumed + 1)) {
-            g->finish = "stop";
-            gen_cancel(g);
-        }
-        if (!g->finish) token_event(g);
-    }
-}
-
-/* The queue is done with the request (done == 1) or we stopped it: flush the text. */
-static void gen_finish(gen *g, srvq_finish why)
-{
-    if (!g->finish) {
-        const char *piece = NULL;
-        size_t len = 0;
-        tok_stream_flush(g->ts, &piece, &len);
-        sb_add(&g->pend, piece, len);
-        if (g->n_stop && stop_scan(g, 1, g->consumed))
-            g->finish = "stop";
-        else {
-            emit(g, g->pend.p, g->pend.n, g->consumed);
-            g->pend.n = 0;
-            /* CANCELLED here: the server's shutdown deadline cut it (the client is still here) */
-            g->finish = why == SRVQ_FINISH_STOP ? "stop" : "length";
-            if (why == SRVQ_FINISH_ERROR) g->failed = 1;
-        }
-    }
-}
-
-/* The client hung up? (a zero-length peek on its socket, or an error) */
-static int client_gone(int fd)
-{
-    if (fd < 0) return 0;
-    struct pollfd p = {.fd = fd, .events = POLLIN | POLLRDHUP};
-    if (poll(&p, 1, 0) <= 0) return 0;
-    if (p.revents & (POLLERR | POLLHUP | POLLRDHUP | POLLNVAL)) return 1;
-    if (p.revents & POLLIN) {
-        char c;
-        ssize_t k = recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
-        return k == 0 || (k < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
-    }
-    return 0;
-}
-
-/* Wait (up to ~100 ms) for tokens or the end, then process them.
- * Returns 1 when the request is over (output complete), 0 otherwise, -1 if the client left. */
-static int gen_step(gen *g)
-{
-    pthread_mutex_lock(&g->mu);
-    if (g->consumed == g->n_toks && !g->done && !g->finish) {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_nsec += 100 * 1000000L;
-        if (ts.tv_nsec >= 1000000000L) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000L;
-        }
-        pthread_cond_timedwait(&g->cv, &g->mu, &ts);
-    }
-    int n = g->n_toks, done = g->done;
-    srvq_finish why = g->why;
-    pthread_mutex_unlock(&g->mu);
-    if (!done && atomic_load(&g->srv->aborted)) {
-        /* the pipeline is gone: no on_done will come */
-        g->failed = 1;
-        snprintf(g->cmsg, sizeof g->cmsg, "%.250s", g->srv->abort_msg);
-        g->finish = "stop";
-        return 1;
-    }
-    int had = g->consumed;
-    gen_process(g, n);
-    if (g->finish) return 1;
-    if (done && g->consumed == n) {
-        gen_finish(g, why);
-        return 1;
-    }
-    /* a hang-up shows on the socket only when we look: at most every 100 ms */
-    double t = base_now_s();
-    if (had == n || t - g->t_check > 0.1) {
-        g->t_check = t;
-        if (client_gone(g->fd)) return -1;
-    }
-    return 0;
-}
-
-static const char *gen_errmsg(gen *g)
-{
-    if (g->cmsg[0]) return g->cmsg;
-    pthread_mutex_lock(&g->mu);
-    const char *m = g->msg[0] ? g->msg : "the pipeline failed";
-    pthread_mutex_unlock(&g->mu);
-    return m;
-}
-
-static void usage_json(gen *g, sb *b)
-{
-    sb_fmt(b, "\"usage\":{\"prompt_tokens\":%d,\"completion_tokens\":%d,\"total_tokens\":%d}",
-           g->n_prompt, g->n_completion, g->n_prompt + g->n_completion);
-}
-
-/* Streaming: MHD asks for bytes; we wait for tokens on this connection's own thread. */
-static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
-{
-    (void)pos;
-    gen *g = cls;
-    for (;;) {
-        if (g->out_off < g->out.n) {
-            size_t k = g->out.n - g->out_off;
-            if (k > max) k = max;
-            memcpy(buf, g->out.p + g->out_off, k);
-            g->out_off += k;
-            if (g->out_off == g->out.n) g->out_off = g->out.n = 0;
-            return (ssize_t)k;
-        }
-        if (g->writer_done) return MHD_CONTENT_READER_END_OF_STREAM;
-        if (g->out.oom) return MHD_CONTENT_READER_END_WITH_ERROR;
-        int r = gen_step(g);
-        if (r < 0) {
-            gen_cancel(g);
-            return MHD_CONTENT_READER_END_WITH_ERROR;
-        }
-        if (r == 1) {
-            sb *b = &g->out;
-            if (g->failed) {
-                sb_str(b, "data: ");
-                error_json(b, gen_errmsg(g), "server_error", NULL, NULL);
-                sb_str(b, "\n\n");
-            } else {
-                chunk_head(g, b);
-                sb_str(b, g->chat ? "\"delta\":{}" : "\"text\":\"\"");
-                token_ids(g, b, g->consumed);
-                sb_fmt(b, ",\"logprobs\":null,\"finish_reason\":\"%s\"}]}\n\n", g->finish);
-                if (g->include_usage) {
-                    sb_fmt(b, "data: {\"id\":\"%s\",\"object\":\"%s\",\"created\":%ld,\"model\":",
-                           g->cid, g->chat ? "chat.completion.chunk" : "text_completion",
-                           g->created);
-                    sb_json(b, g->srv->model_name, strlen(g->srv->model_name));
-                    sb_str(b, ",\"choices\":[],");
-                    usage_json(g, b);
-                    sb_str(b, "}\n\n");
-                }
-            }
-            sb_str(b, "data: [DONE]\n\n");
-            g->writer_done = 1;
-        }
-    }
-}
+#include "serve/http_impl.h"
 
 /* ========================================================================================
  * Endpoints
  * ===================================================================================== */
+
+/* A body with more JSON values than a prompt of ctx tokens can need is refused before it is
+ * parsed: parsing costs a cJSON node per value. Chat messages take a few values each. */
+static int too_many_values(serve_server *s, conn_ctx *cc, char *err, size_t errlen)
+{
+    long n = serve_json_values(cc->body.p ? cc->body.p : "", cc->body.n);
+    long most = 4L * s->ctx + 1024;
+    if (n <= most) return 0;
+    snprintf(err, errlen,
+             "the request holds %ld JSON values, more than a prompt for a context of %d tokens "
+             "can need (%ld)",
+             n, s->ctx, most);
+    return 1;
+}
+
+/* A text longer than ctx tokens can spell is refused before it is tokenized (the tokenizer
+ * takes memory in proportion to the text). */
+static int text_too_long(serve_server *s, size_t len, char *err, size_t errlen)
+{
+    if (len <= s->max_text) return 0;
+    snprintf(err, errlen,
+             "the prompt is %zu bytes; the context holds %d tokens, at most %zu bytes of text "
+             "with this tokenizer",
+             len, s->ctx, s->max_text);
+    return 1;
+}
+
+/* The queue's messages start with the field they are about ("top_p: ..."). */
+static const char *queue_field(const char *err, const char *dflt)
+{
+    static const char *const F[] = {"top_p", "temperature", "max_tokens"};
+    for (size_t i = 0; i < sizeof F / sizeof F[0]; i++) {
+        size_t n = strlen(F[i]);
+        if (!strncmp(err, F[i], n) && err[n] == ':') return F[i];
+    }
+    return dflt;
+}
 
 static enum MHD_Result do_generate(serve_server *s, struct MHD_Connection *c, conn_ctx *cc)
 {
     int chat = cc->route == R_CHAT;
     serve_request rq;
     char param[96], err[512];
+    const char *pfield = chat ? "messages" : "prompt";
+    if (too_many_values(s, cc, err, sizeof err))
+        return reply_error(s, c, 400, err, pfield, "context_length_exceeded");
     if (serve_request_parse(chat ? SERVE_REQ_CHAT : SERVE_REQ_COMPLETION,
                             cc->body.p ? cc->body.p : "", cc->body.n, s->vocab, &rq, param,
                             sizeof param, err, sizeof err))
@@ -720,20 +84,20 @@ static enum MHD_Result do_generate(serve_server *s, struct MHD_Connection *c, co
     /* prompt -> ids */
     int32_t *ids = NULL;
     int n_ids = 0;
-    const char *pfield = chat ? "messages" : "prompt";
     if (rq.prompt_ids) {
         ids = rq.prompt_ids;
         n_ids = rq.n_prompt_ids;
         rq.prompt_ids = NULL;
     } else {
         char *text = chat ? serve_chat_apply(s->chat, rq.msgs, rq.n_msgs) : rq.prompt_text;
-        int rc =
-            text ? tok_encode(s->tok, text, strlen(text), 1, &ids, &n_ids, err, sizeof err) : -1;
+        int rc = -1, too_long = text && text_too_long(s, strlen(text), err, sizeof err);
+        if (text && !too_long)
+            rc = tok_encode(s->tok, text, strlen(text), 1, &ids, &n_ids, err, sizeof err);
         if (!text) snprintf(err, sizeof err, "out of memory");
         if (chat) free(text);
         if (rc) {
             serve_request_free(&rq);
-            return reply_error(s, c, 400, err, pfield, NULL);
+            return reply_error(s, c, 400, err, pfield, too_long ? "context_length_exceeded" : NULL);
         }
     }
     if (n_ids == 0) {
@@ -799,6 +163,9 @@ static enum MHD_Result do_generate(serve_server *s, struct MHD_Connection *c, co
              atomic_fetch_add(&s->next_id, 1));
     g->created = (long)time(NULL);
     g->refs = 2;
+    /* a generation may wait long for a slot or between tokens (the client's hang-up is seen
+     * on its socket): no idle timeout until it is answered (restored in `completed`) */
+    MHD_set_connection_option(c, MHD_CONNECTION_OPTION_TIMEOUT, 0u);
     g->t_submit = base_now_s();
 
     srvq_request r = {
@@ -811,8 +178,8 @@ static enum MHD_Result do_generate(serve_server *s, struct MHD_Connection *c, co
                     ? rq.seed
                     : ((uint64_t)time(NULL) * 2654435761u) ^ (uint64_t)atomic_load(&s->next_id),
         .ignore_eos = rq.ignore_eos,
-        .on_token = on_token,
-        .on_done = on_done,
+        .on_token = gen_on_token,
+        .on_done = gen_on_done,
         .arg = g,
     };
     serve_request_free(&rq);
@@ -832,7 +199,7 @@ static enum MHD_Result do_generate(serve_server *s, struct MHD_Connection *c, co
         pthread_mutex_unlock(&s->mu);
         gen_free(g);
         int st = id == SRVQ_ERR_FULL || id == SRVQ_ERR_CLOSED ? 503 : 400;
-        return reply_error(s, c, st, err, st == 400 ? pfield : NULL,
+        return reply_error(s, c, st, err, st == 400 ? queue_field(err, pfield) : NULL,
                            id == SRVQ_ERR_TOO_LONG ? "context_length_exceeded" : NULL);
     }
     pthread_mutex_lock(&g->mu);
@@ -870,7 +237,8 @@ static enum MHD_Result do_generate(serve_server *s, struct MHD_Connection *c, co
         gen_cancel(g);
         return MHD_NO; /* client gone: close */
     }
-    if (g->failed) return reply_error(s, c, 500, gen_errmsg(g), NULL, NULL);
+    /* the pipeline failed (a job past its restarts): unavailable; the detokeniser: ours */
+    if (g->failed) return reply_error(s, c, g->cmsg[0] ? 500 : 503, gen_errmsg(g), NULL, NULL);
     sb b = {0};
     sb_fmt(&b, "{\"id\":\"%s\",\"object\":\"%s\",\"created\":%ld,\"model\":", g->cid,
            chat ? "chat.completion" : "text_completion", g->created);
@@ -899,6 +267,8 @@ static enum MHD_Result do_tokenize(serve_server *s, struct MHD_Connection *c, co
 {
     serve_request rq;
     char param[96], err[512];
+    if (too_many_values(s, cc, err, sizeof err))
+        return reply_error(s, c, 400, err, detok ? "tokens" : "content", NULL);
     if (serve_request_parse(detok ? SERVE_REQ_DETOKENIZE : SERVE_REQ_TOKENIZE,
                             cc->body.p ? cc->body.p : "", cc->body.n, s->vocab, &rq, param,
                             sizeof param, err, sizeof err))
@@ -919,7 +289,8 @@ static enum MHD_Result do_tokenize(serve_server *s, struct MHD_Connection *c, co
     } else {
         int32_t *ids = NULL;
         int n = 0;
-        if (tok_encode(s->tok, rq.prompt_text, strlen(rq.prompt_text), rq.add_special, &ids, &n,
+        if (text_too_long(s, strlen(rq.prompt_text), err, sizeof err) ||
+            tok_encode(s->tok, rq.prompt_text, strlen(rq.prompt_text), rq.add_special, &ids, &n,
                        err, sizeof err)) {
             serve_request_free(&rq);
             return reply_error(s, c, 400, err, "content", NULL);
@@ -998,7 +369,7 @@ static enum MHD_Result do_metrics(serve_server *s, struct MHD_Connection *c)
                "# TYPE modpipe_requests_total counter\n");
     for (int i = 0; i <= N_STATUS; i++) {
         if (i < N_STATUS)
-            sb_fmt(&b, "modpipe_requests_total{status=\"%d\"} %llu\n", STATUSES[i],
+            sb_fmt(&b, "modpipe_requests_total{status=\"%d\"} %llu\n", HTTP_STATUSES[i],
                    (unsigned long long)s->status_count[i]);
         else
             sb_fmt(&b, "modpipe_requests_total{status=\"other\"} %llu\n",
@@ -1023,10 +394,22 @@ static enum MHD_Result do_metrics(serve_server *s, struct MHD_Connection *c)
         "# HELP modpipe_slots_total KV-cache slots.\n"
         "# TYPE modpipe_slots_total gauge\nmodpipe_slots_total %d\n"
         "# HELP modpipe_ready 1 once the model is loaded.\n"
-        "# TYPE modpipe_ready gauge\nmodpipe_ready %d\n",
+        "# TYPE modpipe_ready gauge\nmodpipe_ready %d\n"
+        "# HELP modpipe_connections_open Open HTTP connections.\n"
+        "# TYPE modpipe_connections_open gauge\nmodpipe_connections_open %d\n"
+        "# HELP modpipe_restarts_total Times the front restarted the pipeline job.\n"
+        "# TYPE modpipe_restarts_total counter\nmodpipe_restarts_total %llu\n"
+        "# HELP modpipe_replayed_requests_total Running requests replayed on a restarted job.\n"
+        "# TYPE modpipe_replayed_requests_total counter\nmodpipe_replayed_requests_total %llu\n"
+        "# HELP modpipe_replayed_tokens_total Positions prefilled again (prompt + tokens sent).\n"
+        "# TYPE modpipe_replayed_tokens_total counter\nmodpipe_replayed_tokens_total %llu\n"
+        "# HELP modpipe_recovering 1 while the pipeline job is being restarted.\n"
+        "# TYPE modpipe_recovering gauge\nmodpipe_recovering %d\n",
         (unsigned long long)st.requests_total, (unsigned long long)st.prompt_tokens,
         (unsigned long long)st.generated_tokens, st.queued, st.running, st.slots_used, st.slots,
-        atomic_load(&s->ready));
+        atomic_load(&s->ready), atomic_load(&s->n_conns), (unsigned long long)st.restarts,
+        (unsigned long long)st.replayed_requests, (unsigned long long)st.replayed_tokens,
+        atomic_load(&s->recovering));
     histo_print(&b, "modpipe_ttft_seconds", "Time from request to first generated token.", &ttft);
     histo_print(&b, "modpipe_inter_token_seconds", "Time between consecutive tokens of a request.",
                 &itl);
@@ -1096,6 +479,28 @@ static int key_ok(const char *given, const char *want)
     return !diff;
 }
 
+/* The Content-Length headers of a request (MHD keeps every header line). */
+typedef struct {
+    int n, differ;
+    unsigned long long v[2]; /* the first value, and the first one that differs */
+} cl_scan;
+
+static enum MHD_Result cl_iter(void *cls, enum MHD_ValueKind kind, const char *key,
+                               const char *value)
+{
+    (void)kind;
+    cl_scan *cl = cls;
+    if (strcasecmp(key, "Content-Length") || !value) return MHD_YES;
+    unsigned long long v = strtoull(value, NULL, 10);
+    if (cl->n++ == 0)
+        cl->v[0] = v;
+    else if (v != cl->v[0] && !cl->differ) {
+        cl->v[1] = v;
+        cl->differ = 1;
+    }
+    return MHD_YES;
+}
+
 static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *url,
                                const char *method, const char *version, const char *upload,
                                size_t *upload_size, void **req_cls)
@@ -1104,7 +509,17 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
     serve_server *s = cls;
     conn_ctx *cc = *req_cls;
     if (!cc) {
-        /* first call: headers only. Route, method and key are checked before the body. */
+        /* first call: headers only. Everything that can refuse the request is checked before
+         * a byte of the body is read: the connection count, the key (even for an unknown
+         * route: the server's routes are not shown to a client without it), route, method,
+         * and the declared body size. MHD closes a connection whose body was not read. */
+        int open = atomic_load(&s->n_conns);
+        if (open > s->max_conns) {
+            char m[200];
+            snprintf(m, sizeof m, "too many connections: %d open, at most %d are served", open,
+                     s->max_conns);
+            return reply_error_h(s, c, 503, m, NULL, NULL, "Connection", "close");
+        }
         int found = -1, path_known = 0;
         for (int i = 0; i < N_ROUTES; i++)
             if (!strcmp(url, ROUTES[i].path)) {
@@ -1113,6 +528,14 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
                     (!strcmp(method, "HEAD") && !strcmp(ROUTES[i].method, "GET")))
                     found = i;
             }
+        if (s->api_key && !(found >= 0 && ROUTES[found].id == R_HEALTH)) {
+            const char *auth = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Authorization");
+            if (!auth)
+                return reply_error(s, c, 401, "missing API key: send 'Authorization: Bearer KEY'",
+                                   NULL, "invalid_api_key");
+            if (strncasecmp(auth, "Bearer ", 7) || !key_ok(auth + 7, s->api_key))
+                return reply_error(s, c, 401, "incorrect API key", NULL, "invalid_api_key");
+        }
         if (!path_known) {
             char m[300];
             snprintf(m, sizeof m, "unknown route %.200s", url);
@@ -1131,13 +554,19 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
             sb_free(&b);
             return r;
         }
-        if (s->api_key && ROUTES[found].id != R_HEALTH) {
-            const char *auth = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Authorization");
-            if (!auth)
-                return reply_error(s, c, 401, "missing API key: send 'Authorization: Bearer KEY'",
-                                   NULL, "invalid_api_key");
-            if (strncasecmp(auth, "Bearer ", 7) || !key_ok(auth + 7, s->api_key))
-                return reply_error(s, c, 401, "incorrect API key", NULL, "invalid_api_key");
+        cl_scan cl = {0};
+        MHD_get_connection_values(c, MHD_HEADER_KIND, cl_iter, &cl);
+        if (cl.differ) {
+            char m[160];
+            snprintf(m, sizeof m, "two different Content-Length headers (%llu and %llu)", cl.v[0],
+                     cl.v[1]);
+            return reply_error_h(s, c, 400, m, NULL, NULL, "Connection", "close");
+        }
+        if (cl.n && cl.v[0] > SERVE_MAX_BODY) {
+            char m[160];
+            snprintf(m, sizeof m, "the request body (Content-Length %llu) exceeds %u bytes",
+                     cl.v[0], SERVE_MAX_BODY);
+            return reply_error_h(s, c, 413, m, NULL, NULL, "Connection", "close");
         }
         cc = calloc(1, sizeof *cc);
         if (!cc) return MHD_NO;
@@ -1146,17 +575,17 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
         return MHD_YES;
     }
     if (*upload_size) {
-        if (cc->body.n + *upload_size > SERVE_MAX_BODY)
-            cc->too_big = 1;
-        else
-            sb_add(&cc->body, upload, *upload_size);
+        /* a chunked body has no length up front: it is cut where it passes the limit */
+        if (cc->body.n + *upload_size > SERVE_MAX_BODY) {
+            if (!s->quiet)
+                fprintf(stderr, "modpipe serve: a chunked request body passed %u bytes: closed\n",
+                        SERVE_MAX_BODY);
+            count_status(s, 413);
+            return MHD_NO;
+        }
+        sb_add(&cc->body, upload, *upload_size);
         *upload_size = 0;
         return MHD_YES;
-    }
-    if (cc->too_big) {
-        char m[128];
-        snprintf(m, sizeof m, "the request body exceeds %u bytes", SERVE_MAX_BODY);
-        return reply_error(s, c, 413, m, NULL, NULL);
     }
     if (cc->body.oom) return reply_error(s, c, 500, "out of memory", NULL, NULL);
     switch (cc->route) {
@@ -1167,6 +596,9 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
     case R_METRICS: return do_metrics(s, c);
     case R_MODELS: return do_models(s, c);
     case R_HEALTH:
+        if (atomic_load(&s->recovering))
+            return reply_error(s, c, 503, "recovering: the pipeline is being restarted", NULL,
+                               "recovering");
         if (atomic_load(&s->ready)) {
             static const char ok[] = "{\"status\":\"ok\"}";
             return reply(s, c, 200, "application/json", ok, sizeof ok - 1, NULL, NULL);
@@ -1179,13 +611,14 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
 static void completed(void *cls, struct MHD_Connection *c, void **req_cls,
                       enum MHD_RequestTerminationCode why)
 {
-    (void)c;
     (void)why;
     serve_server *s = cls;
     conn_ctx *cc = *req_cls;
     if (!cc) return;
     if (cc->g) {
         gen *g = cc->g;
+        /* a kept-alive connection is idle again: give it its timeout back */
+        MHD_set_connection_option(c, MHD_CONNECTION_OPTION_TIMEOUT, s->idle_s);
         /* ended before the queue was done with it (client gone, write error): free the slot */
         pthread_mutex_lock(&g->mu);
         int done = g->done;
@@ -1204,6 +637,18 @@ static void completed(void *cls, struct MHD_Connection *c, void **req_cls,
 /* ========================================================================================
  * Start / stop
  * ===================================================================================== */
+
+static void on_connection(void *cls, struct MHD_Connection *c, void **socket_context,
+                          enum MHD_ConnectionNotificationCode toe)
+{
+    (void)c;
+    (void)socket_context;
+    serve_server *s = cls;
+    if (toe == MHD_CONNECTION_NOTIFY_STARTED)
+        atomic_fetch_add(&s->n_conns, 1);
+    else
+        atomic_fetch_sub(&s->n_conns, 1);
+}
 
 static void mhd_log(void *cls, const char *fmt, va_list ap)
 {
@@ -1239,6 +684,9 @@ int serve_server_start(const serve_opts *o, srvq *q, const tok_tokenizer *tok, s
     s->created = (long)time(NULL);
     s->listen_fd = -1;
     s->end_id = -1;
+    s->max_conns = o->max_connections > 0 ? o->max_connections : 256;
+    s->idle_s = o->idle_timeout_s > 0 ? (unsigned)o->idle_timeout_s : 0u;
+    s->max_text = (size_t)s->ctx * tok_max_piece_bytes(tok) + 16;
     const char *marker = serve_chat_end_marker(s->chat);
     if (marker) {
         int32_t *ids = NULL;
@@ -1268,8 +716,10 @@ int serve_server_start(const serve_opts *o, srvq *q, const tok_tokenizer *tok, s
     s->d = MHD_start_daemon(
         flags, (uint16_t)o->port, NULL, NULL, handler, s, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, s,
         MHD_OPTION_SOCK_ADDR, ai->ai_addr, MHD_OPTION_NOTIFY_COMPLETED, completed, s,
-        MHD_OPTION_CONNECTION_LIMIT, (unsigned)(o->max_connections > 0 ? o->max_connections : 256),
-        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)0, MHD_OPTION_END);
+        MHD_OPTION_NOTIFY_CONNECTION, on_connection, s,
+        /* a few more than served, so the ones beyond get a 503 instead of a silent close */
+        MHD_OPTION_CONNECTION_LIMIT, (unsigned)(s->max_conns + CONN_SPARE),
+        MHD_OPTION_CONNECTION_TIMEOUT, s->idle_s, MHD_OPTION_END);
     freeaddrinfo(ai);
     if (!s->d) {
         snprintf(err, errlen, "cannot listen on %s:%d (%s)", s->host, o->port,
@@ -1285,6 +735,7 @@ int serve_server_start(const serve_opts *o, srvq *q, const tok_tokenizer *tok, s
 
 int serve_server_port(const serve_server *s) { return s->port; }
 void serve_server_set_ready(serve_server *s) { atomic_store(&s->ready, 1); }
+void serve_server_set_recovering(serve_server *s, int on) { atomic_store(&s->recovering, on); }
 
 int serve_server_shutdown(serve_server *s)
 {

@@ -19,26 +19,23 @@ static int needs_whole_prompts(const stage_config *c, int *topk)
     return whole;
 }
 
+int serve_loop_rows(const serve_loop_opts *o, int *whole)
+{
+    int topk = 0;
+    *whole = needs_whole_prompts(o->cfg, &topk);
+    return *whole && o->ctx > o->micro_batch ? o->ctx : o->micro_batch;
+}
+
 int serve_loop_run(MPI_Comm comm, const serve_loop_opts *o, srvq *q, void (*ready)(void *),
                    void *arg, char *err, size_t errlen)
 {
     int rank;
     MPI_Comm_rank(comm, &rank);
-    int topk = 0, whole = needs_whole_prompts(o->cfg, &topk);
-    /* every rank checks the same options: the errors agree */
+    int whole, max_rows = serve_loop_rows(o, &whole);
     const char *bad = NULL;
     char why[256] = "";
-    if (topk)
-        bad = "the model uses topk routing, which is non-causal: it cannot decode token by token";
-    else if (o->slots < 1 || o->ctx < 2 || o->micro_batch < 1 || o->max_in_flight < 1) {
-        snprintf(why, sizeof why,
-                 "slots %d, ctx %d, micro-batch %d, max-in-flight %d: slots, "
-                 "micro-batch and max-in-flight must be >= 1, ctx >= 2",
-                 o->slots, o->ctx, o->micro_batch, o->max_in_flight);
-        bad = why;
-    }
     srvq_stats st;
-    if (!bad && rank == 0) {
+    if (rank == 0) {
         if (!q)
             bad = "rank 0 needs the request queue";
         else {
@@ -47,12 +44,37 @@ int serve_loop_run(MPI_Comm comm, const serve_loop_opts *o, srvq *q, void (*read
                 snprintf(why, sizeof why, "the queue has %d slots, the pipeline %d", st.slots,
                          o->slots);
                 bad = why;
+            } else if (srvq_sched_config(q, o->micro_batch, whole, max_rows)) {
+                bad = "out of memory";
             }
         }
     }
-    int max_rows = whole && o->ctx > o->micro_batch ? o->ctx : o->micro_batch;
-    if (!bad && rank == 0 && srvq_sched_config(q, o->micro_batch, whole, max_rows))
-        bad = "out of memory";
+    int rc = serve_loop_run_ops(comm, o, bad, &srvq_sched_ops, q, ready, arg, err, errlen);
+    if (rc && rank == 0 && q) srvq_fail_all(q, err);
+    return rc;
+}
+
+int serve_loop_run_ops(MPI_Comm comm, const serve_loop_opts *o, const char *bad0,
+                       const engine_sched_ops *ops, void *self, void (*ready)(void *), void *arg,
+                       char *err, size_t errlen)
+{
+    int rank;
+    MPI_Comm_rank(comm, &rank);
+    int topk = 0, whole;
+    needs_whole_prompts(o->cfg, &topk);
+    int max_rows = serve_loop_rows(o, &whole);
+    /* every rank checks the same options: the errors agree */
+    const char *bad = bad0;
+    char why[256] = "";
+    if (!bad && topk)
+        bad = "the model uses topk routing, which is non-causal: it cannot decode token by token";
+    else if (!bad && (o->slots < 1 || o->ctx < 2 || o->micro_batch < 1 || o->max_in_flight < 1)) {
+        snprintf(why, sizeof why,
+                 "slots %d, ctx %d, micro-batch %d, max-in-flight %d: slots, "
+                 "micro-batch and max-in-flight must be >= 1, ctx >= 2",
+                 o->slots, o->ctx, o->micro_batch, o->max_in_flight);
+        bad = why;
+    }
     engine_loop_opts lo = {
         .model_dir = o->model_dir,
         .cfg = o->cfg,
@@ -86,13 +108,10 @@ int serve_loop_run(MPI_Comm comm, const serve_loop_opts *o, srvq *q, void (*read
             snprintf(err, errlen, "another rank failed to start");
             rc = -2;
         } else {
-            rc = engine_loop_open(comm, &lo, &srvq_sched_ops, q, &L, err, errlen);
+            rc = engine_loop_open(comm, &lo, ops, self, &L, err, errlen);
         }
     }
-    if (rc) {
-        if (rank == 0 && q) srvq_fail_all(q, err);
-        return rc;
-    }
+    if (rc) return rc;
     if (rank == 0 && ready) ready(arg);
     while (engine_loop_step(L)) {}
     return engine_loop_close(L, NULL, err, errlen);

@@ -31,6 +31,7 @@
 #include <stddef.h>
 
 #include "engine/partition.h"
+#include "engine/sched.h"
 #include "serve/queue.h"
 #include "comm/comm.h"
 #include "stage/config.h"
@@ -52,5 +53,20 @@ typedef struct {
 
 int serve_loop_run(MPI_Comm comm, const serve_loop_opts *o, srvq *q, void (*ready)(void *),
                    void *arg, char *err, size_t errlen);
+
+/* The same loop with another scheduler on rank 0 (ops, self; bad: a start-up error found on
+ * this rank before, NULL: none — still collective). serve_loop_run is this with the queue. */
+int serve_loop_run_ops(MPI_Comm comm, const serve_loop_opts *o, const char *bad,
+                       const engine_sched_ops *ops, void *self, void (*ready)(void *), void *arg,
+                       char *err, size_t errlen);
+/* The most rows of a micro-batch, and whether prompts must stay whole (*whole), as the loop
+ * runs with o: a scheduler elsewhere (the front's queue) is configured the same way. */
+int serve_loop_rows(const serve_loop_opts *o, int *whole);
+
+/* The job side of the front (serve/front.h): rank 0's scheduler relays micro-batches from
+ * the front and sampled tokens back over fd, a connected socket (serve/chan.h). Rank 0 sends
+ * READY once every rank has loaded its stage and BEAT frames while it runs; the run ends (0)
+ * when the front sends END or goes away. Other ranks pass fd -1. */
+int serve_loop_run_job(MPI_Comm comm, const serve_loop_opts *o, int fd, char *err, size_t errlen);
 
 #endif

@@ -69,6 +69,7 @@ void srvq_kick(srvq *q)
 {
     q->kick = 1;
     pthread_cond_signal(&q->cv);
+    if (q->notify) q->notify(q->notify_arg);
 }
 
 long srvq_submit(srvq *q, const srvq_request *r, char *err, size_t errlen)
@@ -107,7 +108,10 @@ long srvq_submit(srvq *q, const srvq_request *r, char *err, size_t errlen)
         return SRVQ_ERR_TOO_LONG;
     }
     rq *n = calloc(1, sizeof *n);
-    int32_t *p = n ? malloc((size_t)r->n_prompt * sizeof *p) : NULL;
+    /* the context ends a request after ctx + 1 - n_prompt tokens at most */
+    int gen_cap =
+        r->max_tokens < q->ctx + 1 - r->n_prompt ? r->max_tokens : q->ctx + 1 - r->n_prompt;
+    int32_t *p = n ? malloc((size_t)(r->n_prompt + gen_cap) * sizeof *p) : NULL;
     if (!p) {
         free(n);
         snprintf(err, errlen, "out of memory");
@@ -117,6 +121,8 @@ long srvq_submit(srvq *q, const srvq_request *r, char *err, size_t errlen)
     n->r = *r;
     n->r.prompt = p;
     n->prompt = p;
+    n->gen_cap = gen_cap;
+    n->n_fill = r->n_prompt;
     n->slot = -1;
     pthread_mutex_lock(&q->mu);
     long rc;
@@ -125,7 +131,11 @@ long srvq_submit(srvq *q, const srvq_request *r, char *err, size_t errlen)
         snprintf(err, errlen, "the server is shutting down");
         rc = SRVQ_ERR_CLOSED;
     } else if (q->n_queued - free_slots >= q->queue_cap) {
-        snprintf(err, errlen, "queue full (%ld waiting for %d slots)", q->n_queued, q->slots);
+        /* queued requests that a free slot will take are not waiting */
+        snprintf(err, errlen,
+                 "queue full: %ld request(s) waiting for a slot (at most %d), all %d slots "
+                 "taken",
+                 q->n_queued - free_slots, q->queue_cap, q->slots);
         rc = SRVQ_ERR_FULL;
     } else {
         rc = n->id = q->next_id++;

@@ -74,6 +74,8 @@ typedef struct {
     int slots, slots_used;
     uint64_t requests_total; /* accepted by srvq_submit */
     uint64_t prompt_tokens, generated_tokens;
+    /* srvq_rewind: pipeline restarts, requests replayed, positions prefilled again */
+    uint64_t restarts, replayed_requests, replayed_tokens;
     /* pipeline links, refreshed by the pipeline at least once a second */
     int n_links;
     struct {

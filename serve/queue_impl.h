@@ -19,7 +19,9 @@ enum { RQ_QUEUED = 0, RQ_RUNNING, RQ_DONE };
 typedef struct rq {
     long id;
     srvq_request r;  /* r.prompt points at prompt below */
-    int32_t *prompt; /* [n_prompt] own copy */
+    int32_t *prompt; /* [n_prompt + gen_cap] own copy, then the tokens generated so far */
+    int gen_cap;     /* tokens it can generate at most (max_tokens, or what the context holds) */
+    int n_fill;      /* positions to prefill: n_prompt; after srvq_rewind prompt + tokens - 1 */
     int state;
     int cancelled;
     int slot;
@@ -56,6 +58,8 @@ struct srvq {
     int n_ev, ev_cap;
     char fail_msg[256];
     srvq_stats st;
+    void (*notify)(void *arg); /* srvq_set_notify: called with mu held on every kick */
+    void *notify_arg;
 };
 
 /* Frees a request and its prompt copy (NULL: no-op). */

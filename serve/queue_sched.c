@@ -133,13 +133,13 @@ static int sched_next(void *self, stage_batch *mb)
     mb->n = 0;
     const int R = q->R;
     for (rq *r = q->run_head; r && mb->n < R; r = r->next)
-        if (r->n_prefilled == r->r.n_prompt && r->inflight == 0) {
+        if (r->n_prefilled == r->n_fill && r->inflight == 0) {
             add_row(mb, r, r->r.n_prompt + r->n_gen - 1, r->last,
                     STAGE_ROW_NEED_LOGITS | STAGE_ROW_SAMPLE, (uint32_t)r->n_gen);
             r->inflight++;
         }
     for (rq *r = q->run_head; r && mb->n < (q->whole ? q->max_rows : R); r = r->next) {
-        int left = r->r.n_prompt - r->n_prefilled;
+        int left = r->n_fill - r->n_prefilled;
         if (left == 0) continue;
         int room = R - mb->n;
         if (q->whole) {
@@ -151,7 +151,8 @@ static int sched_next(void *self, stage_batch *mb)
         for (int k = 0; k < take; k++) {
             int t = r->n_prefilled++;
             uint8_t fl = STAGE_ROW_PROMPT;
-            if (t == r->r.n_prompt - 1) fl |= STAGE_ROW_NEED_LOGITS | STAGE_ROW_SAMPLE;
+            /* a replayed request's next token comes from its decode row, not the prefill */
+            if (t == r->n_fill - 1 && r->n_gen == 0) fl |= STAGE_ROW_NEED_LOGITS | STAGE_ROW_SAMPLE;
             add_row(mb, r, t, r->prompt[t], fl, 0);
             r->inflight++;
         }
@@ -189,6 +190,7 @@ static void sched_done(void *self, const stage_batch *mb, const int32_t *tok)
             end_running(q, r, SRVQ_FINISH_STOP, "stop");
             continue;
         }
+        if (r->n_gen < r->gen_cap) r->prompt[r->r.n_prompt + r->n_gen] = t;
         r->n_gen++;
         r->last = t;
         q->st.generated_tokens++;
@@ -269,6 +271,32 @@ const engine_sched_ops srvq_sched_ops = {
     .links = sched_links,
     .kv = sched_kv,
 };
+
+void srvq_set_notify(srvq *q, void (*fn)(void *arg), void *arg)
+{
+    pthread_mutex_lock(&q->mu);
+    q->notify = fn;
+    q->notify_arg = arg;
+    pthread_mutex_unlock(&q->mu);
+}
+
+void srvq_rewind(srvq *q)
+{
+    pthread_mutex_lock(&q->mu);
+    q->st.restarts++;
+    for (rq *r = q->run_head; r; r = r->next) {
+        /* the input of the next decode row (the last token) is not prefilled */
+        r->n_fill = r->n_gen > 0 ? r->r.n_prompt + r->n_gen - 1 : r->r.n_prompt;
+        if (r->n_prefilled > 0) {
+            q->st.replayed_requests++;
+            q->st.replayed_tokens += (uint64_t)r->n_fill;
+        }
+        r->n_prefilled = 0;
+        r->inflight = 0;
+    }
+    srvq_kick(q);
+    pthread_mutex_unlock(&q->mu);
+}
 
 void srvq_fail_all(srvq *q, const char *msg)
 {

@@ -28,5 +28,13 @@ extern const engine_sched_ops srvq_sched_ops;
 /* The pipeline failed: every queued and running request ends with ERROR and msg; the queue
  * closes. */
 void srvq_fail_all(srvq *q, const char *msg);
+/* The pipeline was restarted with empty KV caches (docs/SERVE.md, the front): micro-batches
+ * in flight are forgotten, and every running request prefills again its prompt plus the
+ * tokens it has generated but the last (without sampling), then goes on decoding from its
+ * last token with its own seed and step, so it continues exactly where it was. */
+void srvq_rewind(srvq *q);
+/* fn(arg) is called (with the queue's lock held: it must only signal, e.g. write to a pipe)
+ * whenever there may be new work: a submit, a cancel, a close, a rewind. NULL: none. */
+void srvq_set_notify(srvq *q, void (*fn)(void *arg), void *arg);
 
 #endif

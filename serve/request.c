@@ -1,5 +1,7 @@
 /* serve/request.c — JSON request bodies -> serve_request (pure; see serve.h). */
 #include <cjson/cJSON.h>
+#include <ctype.h>
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,6 +29,87 @@ void serve_request_free(serve_request *r)
     free(r->msgs);
     for (int i = 0; i < r->n_stop; i++) free(r->stop[i]);
     memset(r, 0, sizeof *r);
+}
+
+long serve_json_values(const char *json, size_t len)
+{
+    long n = 1;
+    int in_str = 0;
+    for (size_t i = 0; i < len; i++) {
+        char c = json[i];
+        if (in_str) {
+            if (c == '\\')
+                i++;
+            else if (c == '"')
+                in_str = 0;
+        } else if (c == '"') {
+            in_str = 1;
+        } else if (c == ',' || c == '[' || c == '{') {
+            n++;
+        }
+    }
+    return n;
+}
+
+/* The JSON path ("messages[1].content", "stop[0]") of the first string holding an escaped
+ * NUL (\u0000) in json[0..len), which cJSON has already accepted as an object. cJSON decodes
+ * the escape into a 0 byte, so every C string after it would silently end there. Returns 1
+ * with the path, 0 when there is none. Only the first levels are named (deeper: "..."). */
+#define NUL_DEPTH 16
+static int find_nul(const char *json, size_t len, char *path, size_t pathlen)
+{
+    struct {
+        int obj, idx;
+        const char *key; /* obj: the current member's name (raw, between the quotes) */
+        int key_len;
+    } st[NUL_DEPTH];
+    int depth = 0, want_key = 0;
+    for (size_t i = 0; i < len; i++) {
+        char c = json[i];
+        if (c == '{' || c == '[') {
+            if (depth < NUL_DEPTH) {
+                st[depth].obj = c == '{';
+                st[depth].idx = 0;
+                st[depth].key = "";
+                st[depth].key_len = 0;
+            }
+            depth++;
+            want_key = c == '{';
+        } else if (c == '}' || c == ']') {
+            depth--;
+        } else if (c == ',') {
+            if (depth > 0 && depth <= NUL_DEPTH && !st[depth - 1].obj) st[depth - 1].idx++;
+            want_key = depth > 0 && depth <= NUL_DEPTH && st[depth - 1].obj;
+        } else if (c == '"') {
+            size_t s0 = ++i;
+            int nul = 0;
+            for (; i < len && json[i] != '"'; i++)
+                if (json[i] == '\\') {
+                    if (i + 5 < len && json[i + 1] == 'u' && !memcmp(json + i + 2, "0000", 4))
+                        nul = 1;
+                    i++;
+                }
+            if (want_key) {
+                if (depth > 0 && depth <= NUL_DEPTH) {
+                    st[depth - 1].key = json + s0;
+                    st[depth - 1].key_len = (int)(i - s0);
+                }
+                want_key = 0;
+            }
+            if (!nul) continue;
+            size_t at = 0;
+            if (pathlen) path[0] = 0;
+            for (int d = 0; d < depth && d < NUL_DEPTH && at < pathlen; d++) {
+                int k = st[d].obj ? snprintf(path + at, pathlen - at, "%s%.*s", d ? "." : "",
+                                             st[d].key_len, st[d].key)
+                                  : snprintf(path + at, pathlen - at, "[%d]", st[d].idx);
+                if (k > 0) at += (size_t)k;
+            }
+            if (depth > NUL_DEPTH && at < pathlen) snprintf(path + at, pathlen - at, "...");
+            return 1;
+        }
+    }
+    return 0;
 }
 
 /* An integer-valued JSON number in [lo, hi]. */
@@ -118,10 +201,18 @@ int serve_request_parse(serve_req_kind kind, const char *json, size_t len, int v
     out->add_special = 1;
     if (paramlen) param[0] = 0;
     if (errlen) err[0] = 0;
-    cJSON *root = cJSON_ParseWithLength(json, len);
+    const char *end = NULL;
+    cJSON *root = cJSON_ParseWithLengthOpts(json, len, &end, 0);
     const cJSON *v;
     if (!root) FAIL("", "the request body is not valid JSON");
     if (!cJSON_IsObject(root)) FAIL("", "the request body must be a JSON object");
+    while (end < json + len && isspace((unsigned char)*end)) end++;
+    if (end < json + len)
+        FAIL("", "the request body goes on after the JSON object (byte %zu of %zu)",
+             (size_t)(end - json), len);
+    char nul[96];
+    if (find_nul(json, len, nul, sizeof nul))
+        FAIL(nul, "'%s' contains a NUL character (\\u0000), which is not allowed", nul);
 
     if (kind == SERVE_REQ_TOKENIZE) {
         v = cJSON_GetObjectItemCaseSensitive(root, "content");
@@ -228,6 +319,10 @@ int serve_request_parse(serve_req_kind kind, const char *json, size_t len, int v
         if (!cJSON_IsNumber(v) || !(v->valuedouble > 0 && v->valuedouble <= 1))
             FAIL("top_p", "'top_p' must be a number in (0, 1]");
         out->top_p = (float)v->valuedouble;
+        /* sampling works in single precision: a positive top_p below its range would be 0 */
+        if (!(out->top_p > 0))
+            FAIL("top_p", "'top_p' %g is below the smallest usable value %g (single precision)",
+                 v->valuedouble, (double)FLT_TRUE_MIN);
     }
     if ((v = cJSON_GetObjectItemCaseSensitive(root, "seed")) && !cJSON_IsNull(v)) {
         /* doubles hold integers exactly up to 2^53 */

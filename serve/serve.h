@@ -69,11 +69,17 @@ typedef struct {
 } serve_request;
 
 /* Parse and validate `json` (len bytes, need not be NUL-terminated). vocab > 0: token ids
- * must lie in [0, vocab). On error: non-zero, `param` gets the field name ("" when the body
- * itself is not a JSON object) and err one line; *out is left zeroed. */
+ * must lie in [0, vocab). Refused as well: bytes after the object, and a NUL (\u0000) in any
+ * string (C strings would end there; param names its path, e.g. "messages[0].content").
+ * On error: non-zero, `param` gets the field name ("" when the body itself is not a JSON
+ * object) and err one line; *out is left zeroed. */
 int serve_request_parse(serve_req_kind kind, const char *json, size_t len, int vocab,
                         serve_request *out, char *param, size_t paramlen, char *err, size_t errlen);
 void serve_request_free(serve_request *r);
+/* An upper bound on the number of values in json[0..len) (commas and opening brackets outside
+ * strings, + 1), counted without allocating: checked against the context before the body is
+ * parsed, since every parsed value costs a cJSON node (~64 bytes). */
+long serve_json_values(const char *json, size_t len);
 
 /* ---- 2. chat templates ------------------------------------------------------------------ */
 
@@ -104,7 +110,9 @@ typedef struct {
     const char *model_name;          /* id reported by /v1/models (e.g. the directory's basename) */
     const serve_chat_template *chat; /* NULL: "plain" */
     int ctx;                         /* positions per slot (prompt + generated) */
-    int max_connections;             /* MHD connection limit (default 256) */
+    int max_connections;             /* connections served at once (default 256); beyond: 503 */
+    int idle_timeout_s;              /* a connection idle this long (s) is closed (0: never);
+                                      * not while its generation runs */
     double shutdown_grace_s;         /* serve_server_shutdown: running requests get this long */
     int quiet;                       /* no log lines on stderr */
 } serve_opts;
@@ -116,6 +124,9 @@ int serve_server_start(const serve_opts *o, srvq *q, const tok_tokenizer *tok, s
                        char *err, size_t errlen);
 int serve_server_port(const serve_server *s);
 void serve_server_set_ready(serve_server *s);
+/* on: the pipeline is being restarted (serve/front.h): /health answers 503 "recovering";
+ * requests are still taken (they wait in the queue). */
+void serve_server_set_recovering(serve_server *s, int on);
 
 /* Graceful stop: no new connections or requests (503), srvq_close, wait up to the grace
  * period for running requests, then cancel what is left and wait for it to end. Returns the

@@ -576,6 +576,12 @@ static int parse_root(cfg_ctx *c, const cJSON *root, stage_config *cfg)
                         "eos_token_id: expected a non-negative integer or a list of them");
                 return -1;
             }
+            if (v->valuedouble >= cfg->vocab) {
+                cfg_err(c->err, c->errlen, c->path,
+                        "eos_token_id: %.0f is outside the vocab (vocab_size %d)", v->valuedouble,
+                        cfg->vocab);
+                return -1;
+            }
             cfg->eos_token_id = (int)v->valuedouble;
         }
     }

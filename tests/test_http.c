@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -18,6 +19,8 @@
 #include "tests/testutil.h"
 
 void srvq_double_set_step(srvq *q, unsigned us); /* tests/serve/double_srvq.c */
+
+static int has(const char *hay, const char *needle);
 
 /* ---- parser ----------------------------------------------------------------------------- */
 
@@ -123,6 +126,33 @@ static void test_parse_errors(void)
     expect_bad(SERVE_REQ_TOKENIZE, "{\"content\":\"a\",\"add_special\":1}", "add_special");
     expect_bad(SERVE_REQ_DETOKENIZE, "{\"tokens\":\"1 2\"}", "tokens");
     expect_bad(SERVE_REQ_DETOKENIZE, "{\"tokens\":[1,999]}", "tokens");
+    /* bytes after the object */
+    expect_bad(SERVE_REQ_COMPLETION, "{\"prompt\":\"a\"} x", "");
+    expect_bad(SERVE_REQ_COMPLETION, "{\"prompt\":\"a\"}{}", "");
+    /* a NUL would end the C string: refused, naming the field */
+    expect_bad(SERVE_REQ_COMPLETION, "{\"prompt\":\"ab\\u0000cd\"}", "prompt");
+    expect_bad(SERVE_REQ_COMPLETION, "{\"prompt\":\"a\",\"stop\":[\"x\",\"\\u0000\"]}", "stop[1]");
+    expect_bad(SERVE_REQ_CHAT,
+               "{\"messages\":[{\"role\":\"user\",\"content\":\"a\"},{\"role\":\"user\","
+               "\"content\":[{\"type\":\"text\",\"text\":\"b\\u0000\"}]}]}",
+               "messages[1].content[0].text");
+    expect_bad(SERVE_REQ_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"\\u0000\"}]}",
+               "messages[0].content");
+    expect_bad(SERVE_REQ_TOKENIZE, "{\"content\":\"\\u0000\"}", "content");
+    /* a top_p that single precision makes 0 */
+    serve_request r;
+    char param[96], err[512];
+    CU_ASSERT_NOT_EQUAL(
+        parse(SERVE_REQ_COMPLETION, "{\"prompt\":\"a\",\"top_p\":1e-300}", &r, param, err), 0);
+    CU_ASSERT_STRING_EQUAL(param, "top_p");
+    CU_ASSERT(has(err, "1e-300"));
+    /* what is not a NUL passes */
+    CU_ASSERT_EQUAL(
+        parse(SERVE_REQ_COMPLETION, "{\"prompt\":\"a\\\\u0000\\u0001\"} \n", &r, param, err), 0);
+    CU_ASSERT_STRING_EQUAL(r.prompt_text, "a\\u0000\x01");
+    serve_request_free(&r);
+    const char *vals = "{\"a\":[1,2,3],\"b\":\"[,{\"}";
+    CU_ASSERT_EQUAL(serve_json_values(vals, strlen(vals)), 6);
 }
 
 static void test_parse_chat(void)
@@ -350,6 +380,8 @@ static srvq *g_q;
 static serve_server *g_s;
 static tok_tokenizer *g_tok;
 
+static int g_max_conns, g_idle; /* serve_opts for the next start() (0: defaults) */
+
 static int start(int slots, int ctx, int queue, const char *key, const char *chat, double grace)
 {
     char err[256];
@@ -362,6 +394,8 @@ static int start(int slots, int ctx, int queue, const char *key, const char *cha
                     .chat = serve_chat_find(chat),
                     .ctx = ctx,
                     .shutdown_grace_s = grace,
+                    .max_connections = g_max_conns,
+                    .idle_timeout_s = g_idle,
                     .quiet = 1};
     if (serve_server_start(&o, g_q, g_tok, &g_s, err, sizeof err)) {
         fprintf(stderr, "\n  serve_server_start: %s\n", err);
@@ -680,6 +714,182 @@ static void test_concurrent(void)
     stop();
 }
 
+/* Read what the server sends on fd until it closes (or `secs` pass); returns the bytes. */
+static char *read_all(int fd, double secs, size_t *n_out)
+{
+    struct timeval tv = {.tv_sec = (long)secs, .tv_usec = (long)((secs - (long)secs) * 1e6)};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    size_t cap = 4096, n = 0;
+    char *buf = malloc(cap);
+    for (;;) {
+        if (n + 1024 > cap) buf = realloc(buf, cap *= 2);
+        ssize_t k = read(fd, buf + n, cap - n - 1);
+        if (k <= 0) break;
+        n += (size_t)k;
+    }
+    buf[n] = 0;
+    if (n_out) *n_out = n;
+    return buf;
+}
+
+static double mono(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* Raw request text on a new connection; the reply (until close or 5 s). */
+static char *raw(const char *req)
+{
+    int fd = dial();
+    if (fd < 0) return strdup("");
+    if (write(fd, req, strlen(req)) < 0) {}
+    char *r = read_all(fd, 5, NULL);
+    close(fd);
+    return r;
+}
+
+/* Holes an attacker found: each is refused before it costs memory or locks clients out. */
+/* One request; asserts its status and that the body holds want and want2 (NULL: skip). */
+static void expect_http(const char *method, const char *path, const char *body, const char *extra,
+                        int status, const char *want, const char *want2)
+{
+    http_resp r;
+    http(method, path, body, extra, &r);
+    CU_ASSERT_EQUAL(r.status, status);
+    if (r.status != status)
+        fprintf(stderr, "\n  %s %s: %d, want %d\n", method, path, r.status, status);
+    if (want) CU_ASSERT(has(r.body, want));
+    if (want2) CU_ASSERT(has(r.body, want2));
+    resp_free(&r);
+}
+
+static void test_hardening(void)
+{
+    CU_ASSERT_EQUAL_FATAL(start(1, 32, 1, "sekrit", "plain", 1), 0);
+    serve_server_set_ready(g_s);
+    const char *auth = "Authorization: Bearer sekrit\r\n";
+    /* the key comes before 404 / 405: routes are not shown without it */
+    expect_http("GET", "/v2/nothing", NULL, NULL, 401, NULL, NULL);
+    expect_http("GET", "/v1/completions", NULL, NULL, 401, NULL, NULL);
+    expect_http("DELETE", "/health", NULL, NULL, 401, NULL, NULL);
+    expect_http("HEAD", "/health", NULL, NULL, 200, NULL, NULL);
+    /* ... and before the body: a 1000 MiB upload is answered at once, nothing read */
+    double t0 = mono();
+    char *x = raw("POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                  "Content-Length: 1048576000\r\n\r\n{\"prompt\":");
+    CU_ASSERT(has(x, "HTTP/1.1 401"));
+    free(x);
+    x = raw("POST /v1/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer sekrit\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1048576000\r\n\r\n{\"prompt\":");
+    CU_ASSERT(has(x, "HTTP/1.1 413"));
+    CU_ASSERT(has(x, "Content-Length 1048576000"));
+    free(x);
+    CU_ASSERT(mono() - t0 < 3.0);
+    /* a chunked body is cut where it passes the limit: the connection closes */
+    {
+        int fd = dial();
+        const char *h = "POST /v1/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer "
+                        "sekrit\r\nTransfer-Encoding: chunked\r\n\r\n";
+        CU_ASSERT(write(fd, h, strlen(h)) > 0);
+        static char chunk[65536 + 16];
+        int hl = snprintf(chunk, sizeof chunk, "10000\r\n");
+        memset(chunk + hl, ' ', 65536);
+        memcpy(chunk + hl + 65536, "\r\n", 2);
+        size_t sent = 0;
+        signal(SIGPIPE, SIG_IGN);
+        while (sent < (64u << 20)) {
+            ssize_t k = write(fd, chunk, (size_t)hl + 65536 + 2);
+            if (k <= 0) break;
+            sent += (size_t)k;
+        }
+        CU_ASSERT(sent < (64u << 20)); /* refused well before 64 MiB */
+        close(fd);
+    }
+    /* two different Content-Length headers */
+    x = raw("POST /v1/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer sekrit\r\n"
+            "Content-Length: 14\r\nContent-Length: 4\r\n\r\n{\"prompt\":\"a\"}");
+    CU_ASSERT(has(x, "HTTP/1.1 400"));
+    CU_ASSERT(has(x, "two different Content-Length headers (14 and 4)"));
+    free(x);
+    /* a prompt too long for the context is refused before it is tokenized or parsed */
+    char *big = malloc(1 << 16);
+    snprintf(big, 64, "{\"prompt\":\"");
+    size_t at = strlen(big);
+    memset(big + at, 'x', 20000);
+    snprintf(big + at + 20000, 8, "\"}");
+    expect_http("POST", "/v1/completions", big, auth, 400,
+                "the prompt is 20000 bytes; the context holds 32 tokens",
+                "\"code\":\"context_length_exceeded\"");
+    snprintf(big, 64, "{\"prompt\":[");
+    at = strlen(big);
+    for (int i = 0; i < 5000; i++) at += (size_t)snprintf(big + at, 8, "%s7", i ? "," : "");
+    snprintf(big + at, 8, "]}");
+    expect_http("POST", "/v1/completions", big, auth, 400, "the request holds 5002 JSON values",
+                "\"param\":\"prompt\"");
+    free(big);
+    /* NUL and trailing bytes through the server */
+    expect_http("POST", "/v1/completions", "{\"prompt\":\"a\",\"stop\":\"b\\u0000\"}", auth, 400,
+                "\"param\":\"stop\"", NULL);
+    expect_http("POST", "/v1/completions", "{\"prompt\":\"a\"}garbage", auth, 400,
+                "goes on after the JSON object", NULL);
+    expect_http("POST", "/v1/completions", "{\"prompt\":\"a\",\"top_p\":1e-300}", auth, 400,
+                "\"param\":\"top_p\"", "1e-300");
+    stop();
+}
+
+/* Idle connections time out and the ones beyond the limit get a 503, so idle keep-alive
+ * connections cannot lock clients out; a generation itself is never cut by the timeout. */
+static void test_connection_limits(void)
+{
+    g_max_conns = 4;
+    g_idle = 1;
+    CU_ASSERT_EQUAL_FATAL(start(1, 4096, 8, NULL, "plain", 1), 0);
+    g_max_conns = g_idle = 0;
+    serve_server_set_ready(g_s);
+    int idle[4];
+    for (int i = 0; i < 4; i++) idle[i] = dial();
+    usleep(100000);
+    http_resp r;
+    http("GET", "/health", NULL, NULL, &r);
+    CU_ASSERT_EQUAL(r.status, 503);
+    CU_ASSERT(has(r.body, "too many connections: 5 open, at most 4 are served"));
+    CU_ASSERT(has(r.head, "Retry-After: 1"));
+    resp_free(&r);
+    /* after the idle timeout the silent ones are closed and clients are served again */
+    double t0 = mono();
+    char buf[16];
+    for (int i = 0; i < 4; i++) {
+        struct timeval tv = {.tv_sec = 5};
+        setsockopt(idle[i], SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        CU_ASSERT(read(idle[i], buf, sizeof buf) <= 0);
+        close(idle[i]);
+    }
+    CU_ASSERT(mono() - t0 < 4.0);
+    usleep(100000);
+    http("GET", "/health", NULL, NULL, &r);
+    CU_ASSERT_EQUAL(r.status, 200);
+    resp_free(&r);
+    /* generations longer than the timeout: a plain one (1.5 s) and a stream that waits in the
+     * queue behind it for as long before its first token */
+    srvq_double_set_step(g_q, 15000);
+    int a = dial(), b = dial();
+    send_req(a, "POST", "/v1/completions", "{\"prompt\":\"a\",\"max_tokens\":100}", NULL);
+    usleep(50000);
+    send_req(b, "POST", "/v1/completions", "{\"prompt\":\"b\",\"max_tokens\":5,\"stream\":true}",
+             NULL);
+    char *ra = read_all(a, 10, NULL), *rb = read_all(b, 10, NULL);
+    CU_ASSERT(has(ra, "HTTP/1.1 200"));
+    CU_ASSERT(has(ra, "\"finish_reason\":\"length\""));
+    CU_ASSERT(has(rb, "data: [DONE]"));
+    free(ra);
+    free(rb);
+    close(a);
+    close(b);
+    stop();
+}
+
 static void *shutdown_thread(void *p)
 {
     (void)p;
@@ -734,6 +944,8 @@ int main(void)
     CU_add_test(s, "completions", test_completion);
     CU_add_test(s, "streaming", test_streaming);
     CU_add_test(s, "errors and metrics", test_errors);
+    CU_add_test(s, "hardening: key, sizes, NUL, trailing bytes, top_p", test_hardening);
+    CU_add_test(s, "connection limit and idle timeout", test_connection_limits);
     CU_add_test(s, "disconnect frees the slot", test_disconnect_frees_slot);
     CU_add_test(s, "32 concurrent requests", test_concurrent);
     CU_add_test(s, "graceful shutdown", test_shutdown);

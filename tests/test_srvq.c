@@ -91,7 +91,9 @@ static void test_submit_errors(void)
     CU_ASSERT_EQUAL(submit(q, &c[1], P3, 3, 4, err), 1);
     CU_ASSERT_EQUAL(submit(q, &c[2], P3, 3, 4, err), 2);
     CU_ASSERT_EQUAL(submit(q, &c[3], P3, 3, 4, err), SRVQ_ERR_FULL);
-    CU_ASSERT(strstr(err, "queue full") != NULL);
+    /* 3 queued, 2 of them about to take the free slots: 1 waits */
+    CU_ASSERT_STRING_EQUAL(
+        err, "queue full: 1 request(s) waiting for a slot (at most 1), all 2 slots taken");
     srvq_stats st;
     srvq_get_stats(q, &st);
     CU_ASSERT_EQUAL(st.queued, 3);
@@ -288,6 +290,56 @@ static void *submitter(void *p)
     return NULL;
 }
 
+/* A restart: rows in flight are forgotten, the request prefills its prompt + tokens so far
+ * (but the last) without sampling, then decodes from its last token at the same step. */
+static void test_rewind(void)
+{
+    srvq *q = srvq_new(1, 16, 4, 50, -1);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(q);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 4, 0, 4), 0);
+    stage_batch mb;
+    CU_ASSERT_EQUAL_FATAL(stage_batch_init(&mb, 4), 0);
+    client a;
+    memset(&a, 0, sizeof a);
+    char err[256];
+    CU_ASSERT_EQUAL(submit(q, &a, P3, 3, 6, err), 0);
+    /* prompt (3 rows, samples 100), then 2 decode steps: 100, 100, 100 generated */
+    for (int k = 0; k < 3; k++) {
+        CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+        give_back(q, &mb, NULL);
+    }
+    CU_ASSERT_EQUAL(a.n_tok, 3);
+    /* a decode row is in flight when the pipeline dies */
+    int32_t force[1] = {7};
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT(mb.n == 1 && mb.pos[0] == 5 && mb.step[0] == 3);
+    srvq_rewind(q);
+    /* re-prefill: P3 + 100, 100 at positions 0..4, no sampling (4 + 1 rows, R = 4) */
+    int32_t want[5] = {7, 8, 9, 100, 100};
+    int at = 0;
+    for (int k = 0; k < 2; k++) {
+        CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+        for (int i = 0; i < mb.n; i++, at++) {
+            CU_ASSERT(mb.pos[i] == at && mb.token[i] == want[at]);
+            CU_ASSERT_EQUAL(mb.flags[i], STAGE_ROW_PROMPT);
+        }
+        give_back(q, &mb, NULL);
+    }
+    CU_ASSERT_EQUAL(at, 5);
+    CU_ASSERT_EQUAL(a.n_tok, 3); /* no token from the re-prefill */
+    /* then the decode row that was lost: last token 100 at position 5, step 3 */
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT(mb.n == 1 && mb.pos[0] == 5 && mb.token[0] == 100 && mb.step[0] == 3);
+    CU_ASSERT_EQUAL(mb.flags[0], STAGE_ROW_NEED_LOGITS | STAGE_ROW_SAMPLE);
+    give_back(q, &mb, force);
+    CU_ASSERT(a.n_tok == 4 && a.tok[3] == 7);
+    srvq_stats st;
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.restarts == 1 && st.replayed_requests == 1 && st.replayed_tokens == 5);
+    stage_batch_free(&mb);
+    srvq_free(q);
+}
+
 static void test_threads(void)
 {
     enum { T = 4, N = 50 };
@@ -339,6 +391,7 @@ int main(void)
     CU_add_test(s, "cancel queued; fail_all", test_cancel_queued_and_fail);
     CU_add_test(s, "whole prompts", test_whole_prompts);
     CU_add_test(s, "concurrent submits", test_threads);
+    CU_add_test(s, "rewind after a restart", test_rewind);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();
     unsigned fails = CU_get_number_of_failures();

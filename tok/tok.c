@@ -1501,6 +1501,8 @@ void tok_free(tok_tokenizer *t)
 int tok_vocab_size(const tok_tokenizer *t) { return t ? t->n_vocab : 0; }
 int tok_bos(const tok_tokenizer *t) { return t ? t->bos : -1; }
 int tok_eos(const tok_tokenizer *t) { return t ? t->eos : -1; }
+size_t tok_max_piece_bytes(const tok_tokenizer *t) { return t->dec_max > 0 ? t->dec_max : 1; }
+
 int tok_is_special(const tok_tokenizer *t, int32_t id)
 {
     return t && id >= 0 && id < t->n_vocab && (t->flags[id] & TOKF_SPECIAL);

@@ -46,6 +46,11 @@ int tok_vocab_size(const tok_tokenizer *t); /* highest id + 1, added tokens incl
 int tok_bos(const tok_tokenizer *t);        /* -1: none */
 int tok_eos(const tok_tokenizer *t);        /* -1: none */
 int tok_is_special(const tok_tokenizer *t, int32_t id);
+/* The most bytes of text one id decodes to (its longest piece, >= 1). With the supported
+ * normalizers (Prepend, Replace) a text of n ids is at most about n times this long, so a
+ * caller can refuse a text that cannot fit n ids before encoding it (encoding takes memory
+ * in proportion to the text). */
+size_t tok_max_piece_bytes(const tok_tokenizer *t);
 
 /* UTF-8 text -> ids. add_special: the post-processor's tokens (e.g. BOS) are added and
  * special tokens written in the text are recognised; 0: plain text only (--no-special). */

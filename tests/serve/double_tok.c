@@ -43,6 +43,12 @@ int tok_is_special(const tok_tokenizer *t, int32_t id)
     return id >= 256;
 }
 
+size_t tok_max_piece_bytes(const tok_tokenizer *t)
+{
+    (void)t;
+    return 4; /* "</s>" */
+}
+
 int tok_encode(const tok_tokenizer *t, const char *text, size_t len, int add_special, int32_t **ids,
                int *n_ids, char *err, size_t errlen)
 {

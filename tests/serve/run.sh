@@ -10,34 +10,7 @@
 #   - SIGTERM: a running stream still ends with [DONE], the server exits 0
 # Servers listen on 127.0.0.1 on a free port (--port 0). Prints one line per check, then
 # "N passed, N failed"; exits 1 on any failure.
-set -u
-HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(cd "$HERE/../.." && pwd)
-BIN=$(realpath "${1:-$ROOT/build/modpipe}")
-MODEL=$ROOT/tests/fixtures/stories260K
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OPENBLAS_NUM_THREADS=1
-TMP=$(mktemp -d /tmp/modpipe-serve-XXXXXX)
-PASS=0
-FAIL=0
-MPIRUNS=()
-
-cleanup() {
-    for p in "${MPIRUNS[@]}"; do kill -TERM "$p" 2>/dev/null; done
-    for p in "${MPIRUNS[@]}"; do wait "$p" 2>/dev/null; done
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-ok() { PASS=$((PASS + 1)); echo "ok   $1"; }
-bad() { FAIL=$((FAIL + 1)); echo "FAIL $1${2:+: $2}"; }
-check() { # check "what" 'shell condition'
-    if eval "$2"; then ok "$1"; else bad "$1"; fi
-}
-
-[ -x "$BIN" ] || { echo "tests/serve: $BIN is not built"; exit 1; }
-[ -f "$MODEL/tokenizer.json" ] || { echo "tests/serve: $MODEL is missing"; exit 1; }
-command -v curl >/dev/null || { echo "tests/serve: curl is required"; exit 1; }
-command -v node >/dev/null || { echo "tests/serve: node is required (the openai client test)"; exit 1; }
+. "$(dirname "$0")/lib.sh"
 
 # the official client, pinned by package-lock.json; offline from the npm cache when possible
 if ! (cd "$HERE" && { npm ci --offline --no-audit --no-fund >"$TMP/npm.log" 2>&1 ||
@@ -53,26 +26,8 @@ start_server() {
     mpirun --oversubscribe -np "$np" "$BIN" serve --model "$MODEL" --port 0 "$@" \
         >"$TMP/$name.out" 2>"$TMP/$name.err" &
     local mp=$!
-    MPIRUNS+=("$mp")
-    local port="" pid="" i
-    for i in $(seq 300); do
-        port=$(sed -n 's/.*listening on http:\/\/127.0.0.1:\([0-9]*\) (pid \([0-9]*\)).*/\1/p' "$TMP/$name.err")
-        pid=$(sed -n 's/.*listening on http:\/\/127.0.0.1:\([0-9]*\) (pid \([0-9]*\)).*/\2/p' "$TMP/$name.err")
-        [ -n "$port" ] && break
-        kill -0 "$mp" 2>/dev/null || break
-        sleep 0.1
-    done
-    if [ -z "$port" ]; then
-        cat "$TMP/$name.err"
-        echo "tests/serve: FAILED: server $name did not start"
-        exit 1
-    fi
-    for i in $(seq 300); do
-        [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/health")" = 200 ] && break
-        sleep 0.1
-    done
-    printf -v "PORT_$name" %s "$port"
-    printf -v "PID_$name" %s "$pid"
+    PIDS+=("$mp")
+    await_server "$name" "$mp"
     printf -v "MPI_$name" %s "$mp"
 }
 
@@ -84,10 +39,6 @@ stop_server() {
     kill -TERM "$pid"
     wait "$mp"
     RC=$?
-}
-
-metric() { # metric PORT NAME [KEYHEADER]
-    curl -s ${3:+-H "$3"} "http://127.0.0.1:$1/metrics" | awk -v n="$2" '$1 == n { print $2 }'
 }
 
 # status PORT METHOD PATH [BODY] [HEADER] -> "CODE" and the body in $TMP/body, headers in $TMP/head
@@ -152,7 +103,8 @@ check "SIGTERM: no new connections" '[ "$(curl -s -o /dev/null -w '\''%{http_cod
 
 # ---- -np 3 with an API key and a small context: client + every error status ---------------
 KEY=test-key-123
-start_server np3 3 --slots 8 --queue 64 --ctx 64 --api-key $KEY
+printf '%s\n' "$KEY" >"$TMP/key"
+start_server np3 3 --slots 8 --queue 64 --ctx 64 --api-key-file "$TMP/key"
 AUTH="Authorization: Bearer $KEY"
 if node "$HERE/client.mjs" "http://127.0.0.1:$PORT_np3/v1" "$KEY" "$TMP/expected.json" >"$TMP/client3.txt" 2>&1; then
     ok "openai client at -np 3 ($(tail -1 "$TMP/client3.txt"))"
@@ -208,8 +160,33 @@ check "serve --port 70000: exit 2" 'badrun "expected an integer in \[0, 65535\]"
 check "serve --mem-per-rank 1K (the shared plan options): exit 2" 'badrun "fits --mem-per-rank 0.0 MiB" --model "$MODEL" --mem-per-rank 1K'
 check "serve --stages 0-1:K names its origin: exit 2" 'badrun "--stages: .0-1:0.: ranks after" --model "$MODEL" --stages 0-1:0,2-4'
 check "serve on a port in use: exit 2" 'badrun "cannot listen on 127.0.0.1:$PORT_np3" --model "$MODEL" --port $PORT_np3'
+check "the key from --api-key-file is not in ps" '! ps -o args= -p "$PID_np3,$MPI_np3" | grep -qF -- "$KEY"'
+check "serve --api-key KEY (visible in ps): exit 2" 'badrun "visible to every user in ps" --model "$MODEL" --api-key abc'
+check "serve --api-key-file missing: exit 2" 'badrun "api-key-file $TMP/nokey: No such file" --model "$MODEL" --api-key-file "$TMP/nokey"'
+: >"$TMP/emptykey"
+check "serve --api-key-file empty: exit 2" 'badrun "the first line (the key) is empty" --model "$MODEL" --api-key-file "$TMP/emptykey"'
+# a model directory whose config.json is edited: link the rest
+edited_model() { # edited_model DIR 'js expression on c'
+    mkdir -p "$1"
+    for f in "$MODEL"/*; do [ "$(basename "$f")" = config.json ] || ln -sf "$f" "$1/"; done
+    node -e 'const fs=require("fs"); const c=JSON.parse(fs.readFileSync(process.argv[1])); '"$2"'; fs.writeFileSync(process.argv[2], JSON.stringify(c))' \
+        "$MODEL/config.json" "$1/config.json"
+}
+edited_model "$TMP/pos1" 'c.max_position_embeddings = 1'
+check "serve: max_position_embeddings 1: exit 2" 'badrun "max_position_embeddings is 1; serving needs at least 2" --model "$TMP/pos1"'
+edited_model "$TMP/eosbig" 'c.eos_token_id = 99999'
+check "serve: eos_token_id outside the vocab: exit 2" 'badrun "eos_token_id: 99999 is outside the vocab" --model "$TMP/eosbig"'
 stop_server np3
 check "SIGTERM at -np 3: exit 0" '[ "$RC" = 0 ]'
+
+# the key from the environment
+MODPIPE_API_KEY=env-key-456 start_server envk 1 --slots 1 --ctx 64
+check "MODPIPE_API_KEY: no key -> 401" '[ "$(status $PORT_envk GET /v1/models)" = 401 ]'
+check "MODPIPE_API_KEY: its key -> 200" '[ "$(status $PORT_envk GET /v1/models "" "Authorization: Bearer env-key-456")" = 200 ]'
+# a NUL in chat content and bytes after the JSON reach the real server as 400s naming them
+code=$(status $PORT_envk POST /v1/chat/completions '{"messages":[{"role":"user","content":"hi\u0000there"}]}' "Authorization: Bearer env-key-456")
+check "NUL in chat content -> 400 naming messages[0].content" '[ "$code" = 400 ] && grep -q '\''"param":"messages\[0\].content"'\'' "$TMP/body"'
+stop_server envk
 
 # ---- tensor-parallel stages: 2 stages x 2 ranks (--tp 2) give the same greedy tokens ----------
 start_server tp2 4 --tp 2 --slots 8 --queue 64 --ctx 64
