@@ -8,8 +8,8 @@
  *   ENGINE_LINK_STATS   one link from this rank to rank t (comm/link.h counters)
  *   ENGINE_RANK_STATS   one rank at the end of a run
  *   ENGINE_LAYER_STATS  one layer, on the rank of the stage that holds it
- * ENGINE_REPORT_STATS is the serve loop's periodic link report (rank > 0 -> 0, engine's
- * TAG_REPORT): the same links plus a few counters, as uint64 on the wire.
+ * ENGINE_REPORT_STATS is the serve loop's periodic link report (rank > 0 -> 0, tag 4,
+ * docs/SPEC.md §4.10): the same links plus a few counters, as uint64 on the wire, in list order.
  *
  * engine_stats_gather collects every rank's record on rank 0 (collective over comm).
  * Ownership: engine_stats owns its arrays (engine_stats_free). Threads: the caller's.
@@ -23,9 +23,9 @@
 
 #define ENGINE_LINK_STATS(X)                                                                       \
     X(packets, 1, "packets sent")                                                                  \
-    X(rows, 1, "rows sent")                                                                        \
     X(header_bytes, 1, "descriptor and mask bytes")                                                \
-    X(payload_bytes, 1, "activation (or token) bytes")
+    X(payload_bytes, 1, "activation (or token) bytes")                                             \
+    X(rows, 1, "rows sent")
 
 #define ENGINE_RANK_STATS(X)                                                                       \
     X(dense_rows, 0, "rows a dense pipeline sends on link rank -> rank+1")                         \
