@@ -93,8 +93,8 @@ static int make_setup(const cli_opts *a, int n_ranks, setup *st, char *err, size
             return -1;
         }
     serve_pipeline *p = &st->p;
-    p->model_dir = model;
-    p->cfg = cfg;
+    p->loop.model_dir = model;
+    p->loop.cfg = cfg;
     long v;
     double d;
     if (cfg->max_pos < 2) {
@@ -106,36 +106,36 @@ static int make_setup(const cli_opts *a, int n_ranks, setup *st, char *err, size
     }
     int max_ctx = cfg->max_pos < 4096 ? cfg->max_pos : 4096;
     if (cli_opt_long(a, "slots", 1, 4096, 8, &v, err, errlen)) return -1;
-    p->slots = (int)v;
+    p->loop.slots = (int)v;
     if (cli_opt_long(a, "ctx", 2, 1 << 20, max_ctx, &v, err, errlen)) return -1;
-    p->ctx = (int)v;
+    p->loop.ctx = (int)v;
     if (cli_opt_long(a, "queue", 0, 1 << 20, 64, &v, err, errlen)) return -1;
     p->queue = (int)v;
     cli_pipe_opts po;
     if (cli_pipe_opts_read(a, &po, err, errlen)) return -1;
-    p->micro_batch = po.micro_batch;
-    p->timeout_s = po.timeout_s;
-    p->wire = po.wire;
-    p->weights_dtype = po.weights_dtype;
-    p->dense_transport = po.dense_transport;
+    p->loop.micro_batch = po.micro_batch;
+    p->loop.timeout_s = po.timeout_s;
+    p->loop.wire = po.wire;
+    p->loop.weights_dtype = po.weights_dtype;
+    p->loop.dense_transport = po.dense_transport;
     p->progress = po.progress;
-    p->kv = po.kv;
+    p->loop.kv = po.kv;
 
     engine_mem_opts mem;
     int plan_mem = cli_opt_has(a, "mem-per-rank");
     if (plan_mem) {
         if (cli_mem_opts(a, model, &mem, err, errlen)) return -1;
-        if (p->weights_dtype >= 0) mem.weight_dtype = (stage_dtype)p->weights_dtype;
-        mem.slots = p->slots;
-        mem.ctx = p->ctx;
-        mem.micro_batch = p->micro_batch;
+        if (p->loop.weights_dtype >= 0) mem.weight_dtype = (stage_dtype)p->loop.weights_dtype;
+        mem.slots = p->loop.slots;
+        mem.ctx = p->loop.ctx;
+        mem.micro_batch = p->loop.micro_batch;
     }
     if (cli_make_plan(a, cfg, n_ranks, 0, plan_mem ? &mem : NULL, &st->plan, err, errlen))
         return -1;
     st->have_plan = 1;
-    p->plan = &st->plan;
-    p->max_in_flight = po.max_in_flight ? po.max_in_flight : 2 * st->plan.n_stages;
-    if (p->max_in_flight < 2) p->max_in_flight = 2;
+    p->loop.plan = &st->plan;
+    p->loop.max_in_flight = po.max_in_flight ? po.max_in_flight : 2 * st->plan.n_stages;
+    if (p->loop.max_in_flight < 2) p->loop.max_in_flight = 2;
 
     /* HTTP side (used on rank 0) */
     serve_opts *so = &st->so;
@@ -178,7 +178,7 @@ static int make_setup(const cli_opts *a, int n_ranks, setup *st, char *err, size
         snprintf(st->name, sizeof st->name, "%s", nm);
     }
     so->model_name = st->name;
-    so->ctx = p->ctx;
+    so->ctx = p->loop.ctx;
     so->quiet = !p->progress;
     if (cli_opt_double(a, "shutdown-grace", 0.0, 1e6, 0, 30.0, &d, err, errlen)) return -1;
     so->shutdown_grace_s = d > 0 ? d : 1e-3;
@@ -204,9 +204,9 @@ static int start_http(setup *st, tok_tokenizer **tok, srvq **q, serve_server **s
                  st->tok_path, tok_vocab_size(*tok), st->cfg.vocab);
         rc = -1;
     }
-    if (!rc &&
-        !(*q = srvq_new(st->p.slots, st->p.ctx, st->p.queue, st->cfg.vocab, tok_eos(*tok)))) {
-        snprintf(err, errlen, "out of memory (a queue of %d slots)", st->p.slots);
+    if (!rc && !(*q = srvq_new(st->p.loop.slots, st->p.loop.ctx, st->p.queue, st->cfg.vocab,
+                               tok_eos(*tok)))) {
+        snprintf(err, errlen, "out of memory (a queue of %d slots)", st->p.loop.slots);
         rc = -1;
     }
     if (!rc) rc = serve_signals_install(err, errlen);
@@ -220,7 +220,8 @@ static void print_listening(const setup *st, serve_server *srv)
             "modpipe serve: listening on http://%s:%d (pid %d), model %s, %d stage%s, "
             "%d slots x %d positions, chat template %s\n",
             st->so.host, serve_server_port(srv), (int)getpid(), st->name, st->plan.n_stages,
-            st->plan.n_stages > 1 ? "s" : "", st->p.slots, st->p.ctx, serve_chat_name(st->so.chat));
+            st->plan.n_stages > 1 ? "s" : "", st->p.loop.slots, st->p.loop.ctx,
+            serve_chat_name(st->so.chat));
 }
 
 typedef struct {
@@ -264,7 +265,7 @@ static int job_connect(const char *path, const setup *st, int size, int *fd, cha
                  strerror(errno));
         return -1;
     }
-    chan_hello h = {st->p.slots, st->p.ctx, st->cfg.vocab, size, (int32_t)getpid()};
+    chan_hello h = {st->p.loop.slots, st->p.loop.ctx, st->cfg.vocab, size, (int32_t)getpid()};
     if (chan_send(*fd, CHAN_HELLO, &h, sizeof h, NULL, 0)) {
         snprintf(err, errlen, "--job %s: %s", path, strerror(errno));
         return -1;
@@ -325,10 +326,10 @@ static int job_argv(const cli_opts *a, const setup *st, int ranks, argv_b *b, ch
         bad |= ab_add(b, "--hostfile") | ab_add(b, cli_opt_str(a, "hostfile"));
     bad |= ab_add(b, "-np") | ab_num(b, ranks) | ab_add(b, exe) | ab_add(b, "serve");
     bad |= ab_add(b, "--model") | ab_add(b, cli_opt_str(a, "model"));
-    bad |=
-        ab_add(b, "--slots") | ab_num(b, st->p.slots) | ab_add(b, "--ctx") | ab_num(b, st->p.ctx);
-    bad |= ab_add(b, "--micro-batch") | ab_num(b, st->p.micro_batch);
-    bad |= ab_add(b, "--max-in-flight") | ab_num(b, st->p.max_in_flight);
+    bad |= ab_add(b, "--slots") | ab_num(b, st->p.loop.slots) | ab_add(b, "--ctx") |
+           ab_num(b, st->p.loop.ctx);
+    bad |= ab_add(b, "--micro-batch") | ab_num(b, st->p.loop.micro_batch);
+    bad |= ab_add(b, "--max-in-flight") | ab_num(b, st->p.loop.max_in_flight);
     /* the options the job reads itself; those from a --config file reach it with the file */
     static const char *const PASS[] = {"config",     "stages",        "tp",        "mem-per-rank",
                                        "wire-dtype", "weights-dtype", "transport", "threads",
@@ -377,20 +378,18 @@ static int front_main(const cli_opts *a, int ranks)
         stage_threads_free();
         return 2;
     }
-    serve_loop_opts lo;
-    serve_pipeline_loop_opts(&st.p, &lo);
-    int whole, max_rows = serve_loop_rows(&lo, &whole);
+    int whole, max_rows = serve_loop_rows(&st.p.loop, &whole);
     serve_front_opts fo = {
         .job_argv = b.v,
-        .slots = st.p.slots,
-        .ctx = st.p.ctx,
-        .micro_batch = st.p.micro_batch,
+        .slots = st.p.loop.slots,
+        .ctx = st.p.loop.ctx,
+        .micro_batch = st.p.loop.micro_batch,
         .whole_prompts = whole,
         .max_rows = max_rows,
-        .max_in_flight = st.p.max_in_flight,
+        .max_in_flight = st.p.loop.max_in_flight,
         .stall_s = stall,
         .max_restarts = (int)restarts,
-        .start_timeout_s = st.p.timeout_s,
+        .start_timeout_s = st.p.loop.timeout_s,
         .quiet = !st.p.progress,
     };
     print_listening(&st, srv);
