@@ -15,7 +15,7 @@ else
   OPT      := -O2 -g
 endif
 
-PKGS    := ompi-c openblas libprotobuf-c yaml-0.1 libcjson libpcre2-8 libmicrohttpd
+PKGS    := ompi-c openblas libprotobuf-c yaml-0.1 libcjson libpcre2-8 libmicrohttpd icu-uc
 
 # ---- build dependencies (a fresh machine: `make test` before `make demo`) -----------------
 # Checked on every make, cheaply (scripts/check-deps: `command -v` and pkg-config, no apt).

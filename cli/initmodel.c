@@ -12,6 +12,7 @@
 
 #include "base/clock.h"
 #include "cli/opts.h"
+#include "stage/arch.h"
 #include "stage/kernels.h"
 #include "stage/matmul.h"
 #include "stage/safetensors.h"
@@ -125,6 +126,16 @@ static int plan_tensors(const cli_model_spec *sp, tensor_list *tl, char *err, si
         ADD(tl, LN("self_attn.v_proj.weight"), kvd, D, 0.0, sd);
         ADD(tl, LN("self_attn.o_proj.weight"), D, qd, 0.0, sd);
         ADD(tl, LN("post_attention_layernorm.weight"), D, 0, 1.0, 0.05);
+        if (c->qkv_bias) { /* docs/SPEC.md §10 */
+            ADD(tl, LN("self_attn.q_proj.bias"), qd, 0, 0.0, sd);
+            ADD(tl, LN("self_attn.k_proj.bias"), kvd, 0, 0.0, sd);
+            ADD(tl, LN("self_attn.v_proj.bias"), kvd, 0, 0.0, sd);
+        }
+        if (c->o_bias) ADD(tl, LN("self_attn.o_proj.bias"), D, 0, 0.0, sd);
+        if (c->qk_norm) {
+            ADD(tl, LN("self_attn.q_norm.weight"), c->head_dim, 0, 1.0, 0.05);
+            ADD(tl, LN("self_attn.k_norm.weight"), c->head_dim, 0, 1.0, 0.05);
+        }
         if (k == STAGE_KIND_MODE_STAGED || k == STAGE_KIND_MODE_INTEGRATED) {
             int G = c->n_experts + (k == STAGE_KIND_MODE_INTEGRATED ? c->n_noop_experts : 0);
             ADD(tl, LN("block_sparse_moe.gate.weight"), G, D, 0.0, sd);
@@ -143,6 +154,11 @@ static int plan_tensors(const cli_model_spec *sp, tensor_list *tl, char *err, si
             ADD(tl, LN("mlp.gate_proj.weight"), c->inter, D, 0.0, sd);
             ADD(tl, LN("mlp.up_proj.weight"), c->inter, D, 0.0, sd);
             ADD(tl, LN("mlp.down_proj.weight"), D, c->inter, 0.0, sd);
+            if (c->mlp_bias) {
+                ADD(tl, LN("mlp.gate_proj.bias"), c->inter, 0, 0.0, sd);
+                ADD(tl, LN("mlp.up_proj.bias"), c->inter, 0, 0.0, sd);
+                ADD(tl, LN("mlp.down_proj.bias"), D, 0, 0.0, sd);
+            }
         }
         if (stage_kind_is_routed(k) || k == STAGE_KIND_MINDSKIP) {
             ADD(tl, LN("router.weight"), 1, D, 0.0, rsd);
@@ -242,45 +258,7 @@ out:
 /* ---- config.json ------------------------------------------------------------------------ */
 static int write_config(const cli_model_spec *sp, const char *dir, char *err, size_t errlen)
 {
-    const stage_config *c = &sp->cfg;
-    static const char *routing[] = {"threshold", "predictor", "topk"};
-    cJSON *j = cJSON_CreateObject();
-    cJSON *arch = cJSON_AddArrayToObject(j, "architectures");
-    cJSON_AddItemToArray(arch, cJSON_CreateString("LlamaForCausalLM"));
-    cJSON_AddStringToObject(j, "model_type", "llama");
-    cJSON_AddNumberToObject(j, "hidden_size", c->hidden);
-    cJSON_AddNumberToObject(j, "intermediate_size", c->inter);
-    cJSON_AddNumberToObject(j, "num_attention_heads", c->n_heads);
-    cJSON_AddNumberToObject(j, "num_key_value_heads", c->n_kv_heads);
-    cJSON_AddNumberToObject(j, "num_hidden_layers", c->n_layers);
-    cJSON_AddNumberToObject(j, "vocab_size", c->vocab);
-    cJSON_AddNumberToObject(j, "rms_norm_eps", c->eps);
-    cJSON_AddNumberToObject(j, "rope_theta", c->rope_theta);
-    cJSON_AddNumberToObject(j, "max_position_embeddings", c->max_pos);
-    cJSON_AddBoolToObject(j, "tie_word_embeddings", c->tie_embeddings);
-    cJSON_AddStringToObject(j, "hidden_act", "silu");
-    cJSON_AddStringToObject(j, "torch_dtype",
-                            sp->dtype == STAGE_F32    ? "float32"
-                            : sp->dtype == STAGE_BF16 ? "bfloat16"
-                                                      : "float16");
-    cJSON *lt = cJSON_AddArrayToObject(j, "layer_types");
-    for (int l = 0; l < c->n_layers; l++)
-        cJSON_AddItemToArray(lt, cJSON_CreateString(stage_kind_name(c->layer_kind[l])));
-    cJSON *mod = cJSON_AddObjectToObject(j, "mod");
-    cJSON_AddNumberToObject(mod, "capacity", c->mod_capacity);
-    cJSON_AddStringToObject(mod, "routing", routing[c->mod_routing]);
-    cJSON_AddNumberToObject(mod, "threshold", c->mod_threshold);
-    cJSON_AddStringToObject(mod, "router_scale",
-                            c->mod_scale == STAGE_SCALE_SIGMOID ? "sigmoid" : "none");
-    cJSON *mode = cJSON_AddObjectToObject(j, "mode");
-    cJSON_AddNumberToObject(mode, "num_experts", c->n_experts);
-    cJSON_AddNumberToObject(mode, "num_noop_experts", c->n_noop_experts);
-    cJSON_AddNumberToObject(mode, "experts_per_token", c->experts_per_token);
-    cJSON_AddNumberToObject(mode, "expert_intermediate_size", c->expert_inter);
-    cJSON *ms = cJSON_AddObjectToObject(j, "mindskip");
-    cJSON_AddStringToObject(ms, "granularity",
-                            c->ms_granularity == STAGE_GRAN_TOKEN ? "token" : "sequence");
-    cJSON_AddNumberToObject(ms, "threshold", c->ms_threshold);
+    cJSON *j = cli_model_spec_config_json(sp);
     char *txt = cJSON_Print(j);
     cJSON_Delete(j);
     char path[4096];

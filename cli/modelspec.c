@@ -9,7 +9,10 @@
 #include <string.h>
 #include <strings.h>
 
+#include <cJSON.h>
+
 #include "cli/yamlcfg.h"
+#include "stage/arch.h"
 
 static const char *const spec_keys[] = {
     "hidden_size",
@@ -44,6 +47,18 @@ static const char *const spec_keys[] = {
     "calibrate.enabled",
     "calibrate.prompts",
     "calibrate.length",
+    "head_dim",
+    "model_type",
+    "attention_bias",
+    "mlp_bias",
+    "sliding_window",
+    "use_sliding_window",
+    "max_window_layers",
+    "rope_scaling.rope_type",
+    "rope_scaling.factor",
+    "rope_scaling.low_freq_factor",
+    "rope_scaling.high_freq_factor",
+    "rope_scaling.original_max_position_embeddings",
     NULL,
 };
 
@@ -196,6 +211,138 @@ static int parse_layers(const cli_yaml *y, stage_config *c, char *err, size_t er
     return 0;
 }
 
+cJSON *cli_model_spec_config_json(const cli_model_spec *sp)
+{
+    const stage_config *c = &sp->cfg;
+    static const char *routing[] = {"threshold", "predictor", "topk"};
+    cJSON *j = cJSON_CreateObject();
+    cJSON *arch = cJSON_AddArrayToObject(j, "architectures");
+    cJSON_AddItemToArray(arch, cJSON_CreateString(stage_arch_class_name(c->arch)));
+    cJSON_AddStringToObject(j, "model_type", stage_arch_name(c->arch));
+    cJSON_AddNumberToObject(j, "hidden_size", c->hidden);
+    cJSON_AddNumberToObject(j, "intermediate_size", c->inter);
+    cJSON_AddNumberToObject(j, "num_attention_heads", c->n_heads);
+    cJSON_AddNumberToObject(j, "num_key_value_heads", c->n_kv_heads);
+    cJSON_AddNumberToObject(j, "num_hidden_layers", c->n_layers);
+    cJSON_AddNumberToObject(j, "vocab_size", c->vocab);
+    cJSON_AddNumberToObject(j, "rms_norm_eps", c->eps);
+    cJSON_AddNumberToObject(j, "rope_theta", c->rope_theta);
+    cJSON_AddNumberToObject(j, "max_position_embeddings", c->max_pos);
+    cJSON_AddBoolToObject(j, "tie_word_embeddings", c->tie_embeddings);
+    cJSON_AddNumberToObject(j, "head_dim", c->head_dim);
+    cJSON_AddStringToObject(j, "hidden_act", "silu");
+    /* the block variant's keys as the spec gave them (its flags were parsed from them) */
+    const cJSON *ak;
+    cJSON_ArrayForEach(ak, sp->arch_keys)
+    {
+        if (strcmp(ak->string, "model_type") == 0) continue;
+        cJSON_AddItemToObject(j, ak->string, cJSON_Duplicate(ak, 1));
+    }
+    cJSON_AddStringToObject(j, "torch_dtype",
+                            sp->dtype == STAGE_F32    ? "float32"
+                            : sp->dtype == STAGE_BF16 ? "bfloat16"
+                                                      : "float16");
+    cJSON *lt = cJSON_AddArrayToObject(j, "layer_types");
+    for (int l = 0; l < c->n_layers; l++)
+        cJSON_AddItemToArray(lt, cJSON_CreateString(stage_kind_name(c->layer_kind[l])));
+    cJSON *mod = cJSON_AddObjectToObject(j, "mod");
+    cJSON_AddNumberToObject(mod, "capacity", c->mod_capacity);
+    cJSON_AddStringToObject(mod, "routing", routing[c->mod_routing]);
+    cJSON_AddNumberToObject(mod, "threshold", c->mod_threshold);
+    cJSON_AddStringToObject(mod, "router_scale",
+                            c->mod_scale == STAGE_SCALE_SIGMOID ? "sigmoid" : "none");
+    cJSON *mode = cJSON_AddObjectToObject(j, "mode");
+    cJSON_AddNumberToObject(mode, "num_experts", c->n_experts);
+    cJSON_AddNumberToObject(mode, "num_noop_experts", c->n_noop_experts);
+    cJSON_AddNumberToObject(mode, "experts_per_token", c->experts_per_token);
+    cJSON_AddNumberToObject(mode, "expert_intermediate_size", c->expert_inter);
+    cJSON *ms = cJSON_AddObjectToObject(j, "mindskip");
+    cJSON_AddStringToObject(ms, "granularity",
+                            c->ms_granularity == STAGE_GRAN_TOKEN ? "token" : "sequence");
+    cJSON_AddNumberToObject(ms, "threshold", c->ms_threshold);
+    return j;
+}
+
+/* The block-variant keys of the YAML into s->arch_keys, as config.json will carry them, then
+ * the config's own parser on them (with the sizes) sets cfg's flags: one set of rules. */
+static int parse_arch(const cli_yaml *y, cli_model_spec *s, char *err, size_t errlen)
+{
+    static const char *const bools[] = {"attention_bias", "mlp_bias", "use_sliding_window"};
+    static const char *const ints[] = {"sliding_window", "max_window_layers"};
+    static const char *const rope_nums[] = {"factor", "low_freq_factor", "high_freq_factor",
+                                            "original_max_position_embeddings"};
+    cJSON *a = cJSON_CreateObject(), *rs = NULL;
+    s->arch_keys = a;
+    if (!a) return err_at(y, NULL, err, errlen, "out of memory");
+    const cli_yaml_entry *e = cli_yaml_get(y, "model_type");
+    if (e) {
+        if (e->is_list || e->n_vals != 1)
+            return err_at(y, e, err, errlen, "model_type: expected a name, got a list");
+        cJSON_AddStringToObject(a, "model_type", e->vals[0]);
+    }
+    for (size_t i = 0; i < sizeof bools / sizeof *bools; i++) {
+        int v = 0;
+        if (!cli_yaml_get(y, bools[i])) continue;
+        if (opt_bool(y, bools[i], &v, err, errlen)) return -1;
+        cJSON_AddBoolToObject(a, bools[i], v);
+    }
+    for (size_t i = 0; i < sizeof ints / sizeof *ints; i++) {
+        int v = 0;
+        if (!cli_yaml_get(y, ints[i])) continue;
+        if (opt_int(y, ints[i], 0, INT_MAX, &v, err, errlen)) return -1;
+        cJSON_AddNumberToObject(a, ints[i], v);
+    }
+    e = cli_yaml_get(y, "rope_scaling.rope_type");
+    if (e) {
+        if (e->is_list || e->n_vals != 1)
+            return err_at(y, e, err, errlen, "rope_scaling.rope_type: expected a name");
+        rs = cJSON_AddObjectToObject(a, "rope_scaling");
+        cJSON_AddStringToObject(rs, "rope_type", e->vals[0]);
+    }
+    for (size_t i = 0; i < sizeof rope_nums / sizeof *rope_nums; i++) {
+        char key[64];
+        snprintf(key, sizeof key, "rope_scaling.%s", rope_nums[i]);
+        e = cli_yaml_get(y, key);
+        if (!e) continue;
+        if (!rs) return err_at(y, e, err, errlen, "%s: give rope_scaling.rope_type too", key);
+        double v = 0;
+        if (opt_num(y, key, 0, 1, 1e300, 0, &v, err, errlen)) return -1;
+        cJSON_AddNumberToObject(rs, rope_nums[i], v);
+    }
+    /* the config.json this spec will write, through the parser a model directory meets (the
+     * family from the YAML's model_type, not the default the flags still hold) */
+    cJSON *j = cli_model_spec_config_json(s);
+    stage_config *c = &s->cfg;
+    if (j) {
+        cJSON_DeleteItemFromObject(j, "architectures");
+        cJSON_DeleteItemFromObject(j, "model_type");
+        const cJSON *mt = cJSON_GetObjectItem(a, "model_type");
+        if (mt) cJSON_AddItemToObject(j, "model_type", cJSON_Duplicate(mt, 1));
+    }
+    char *txt = j ? cJSON_PrintUnformatted(j) : NULL;
+    cJSON_Delete(j);
+    if (!txt) return err_at(y, NULL, err, errlen, "out of memory");
+    stage_config v;
+    char e2[400];
+    int rc = stage_config_parse(txt, "config.json", &v, e2, sizeof e2);
+    free(txt);
+    if (rc) return err_at(y, NULL, err, errlen, "as %s", e2);
+    c->arch = v.arch;
+    c->qkv_bias = v.qkv_bias;
+    c->o_bias = v.o_bias;
+    c->mlp_bias = v.mlp_bias;
+    c->qk_norm = v.qk_norm;
+    c->rope_type = v.rope_type;
+    c->rope_factor = v.rope_factor;
+    c->rope_low_freq = v.rope_low_freq;
+    c->rope_high_freq = v.rope_high_freq;
+    c->rope_orig_ctx = v.rope_orig_ctx;
+    c->window = v.window;
+    c->window_from = v.window_from;
+    stage_config_free(&v);
+    return 0;
+}
+
 static void set_defaults(cli_model_spec *s)
 {
     stage_config_defaults(&s->cfg);
@@ -238,16 +385,19 @@ static int fill(const cli_yaml *y, cli_model_spec *s, char *err, size_t errlen)
     c->rope_theta = theta;
 
     const cli_yaml_entry *he = cli_yaml_get(y, "num_attention_heads");
-    if (c->hidden % c->n_heads)
+    if (c->hidden % c->n_heads && !cli_yaml_get(y, "head_dim"))
         return err_at(y, he, err, errlen,
                       "num_attention_heads: hidden_size %d is not divisible by %d heads", c->hidden,
                       c->n_heads);
     c->head_dim = c->hidden / c->n_heads;
+    if (opt_int(y, "head_dim", 2, 1 << 16, &c->head_dim, err, errlen)) return -1;
+    const cli_yaml_entry *hde = cli_yaml_get(y, "head_dim");
     if (c->head_dim % 2) /* rotate_half RoPE pairs up the two halves of a head */
-        return err_at(y, he, err, errlen,
-                      "num_attention_heads: head_dim %d (hidden_size / heads) must be even "
-                      "for RoPE",
-                      c->head_dim);
+        return hde ? err_at(y, hde, err, errlen, "head_dim: %d must be even for RoPE", c->head_dim)
+                   : err_at(y, he, err, errlen,
+                            "num_attention_heads: head_dim %d (hidden_size / heads) must be even "
+                            "for RoPE",
+                            c->head_dim);
     if (c->n_heads % c->n_kv_heads)
         return err_at(y, cli_yaml_get(y, "num_key_value_heads"), err, errlen,
                       "num_key_value_heads: %d attention heads are not divisible by %d KV heads",
@@ -326,7 +476,7 @@ static int fill(const cli_yaml *y, cli_model_spec *s, char *err, size_t errlen)
         return err_at(y, cli_yaml_get(y, "calibrate.length"), err, errlen,
                       "calibrate.length: %d is more than max_position_embeddings (%d)",
                       s->calib_length, c->max_pos);
-    return 0;
+    return parse_arch(y, s, err, errlen); /* last: it checks the whole config.json */
 }
 
 static int from_yaml(const cli_yaml *y, cli_model_spec *spec, char *err, size_t errlen)
@@ -367,4 +517,6 @@ void cli_model_spec_free(cli_model_spec *spec)
     if (!spec) return;
     free(spec->cfg.layer_kind);
     spec->cfg.layer_kind = NULL;
+    cJSON_Delete(spec->arch_keys);
+    spec->arch_keys = NULL;
 }

@@ -3,7 +3,15 @@
  * Keys (unknown keys are an error at file:line:col):
  *   hidden_size, intermediate_size, num_attention_heads, num_key_value_heads,
  *   num_hidden_layers, vocab_size, rms_norm_eps, rope_theta, max_position_embeddings,
- *   tie_word_embeddings                         — as in config.json (SPEC §3)
+ *   tie_word_embeddings, head_dim               — as in config.json (SPEC §3)
+ *   model_type (llama|mistral|qwen2|qwen3), attention_bias, mlp_bias, sliding_window,
+ *   use_sliding_window, max_window_layers, rope_scaling.rope_type (default|linear|llama3),
+ *   rope_scaling.factor, rope_scaling.low_freq_factor, rope_scaling.high_freq_factor,
+ *   rope_scaling.original_max_position_embeddings
+ *                                               — the block variant (docs/SPEC.md §10): written
+ *                                                 to config.json as given and read back by
+ *                                                 stage_config_parse, so the spec means exactly
+ *                                                 what the model directory will
  *   layer_types: [dense, mod, ...]              — one per layer, or
  *   layer_pattern: [dense, mod]                 — repeated to num_hidden_layers
  *   mod.capacity, mod.routing (threshold|predictor|topk), mod.threshold,
@@ -42,11 +50,17 @@ typedef struct {
     int calib_prompts;
     int calib_length;
     int threads; /* not a YAML key: init-model --threads (drawing the weights) */
+    /* the block-variant keys (model_type, biases, windows, rope_scaling) as config.json gets
+     * them; owned (cli_model_spec_free); cfg's flags were parsed from them */
+    struct cJSON *arch_keys;
 } cli_model_spec;
 
 int cli_model_spec_load(const char *path, cli_model_spec *spec, char *err, size_t errlen);
 int cli_model_spec_parse(const char *text, size_t len, const char *path, cli_model_spec *spec,
                          char *err, size_t errlen);
 void cli_model_spec_free(cli_model_spec *spec);
+/* The config.json of a model made from this spec (SPEC §3; the caller cJSON_Deletes it), or
+ * NULL when out of memory. */
+struct cJSON *cli_model_spec_config_json(const cli_model_spec *spec);
 
 #endif

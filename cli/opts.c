@@ -124,7 +124,7 @@ static const cli_opt_def OPTS[] = {
      "close a connection idle this long (before its request, or kept alive); 0: never "
      "(default 30)"},
     {"chat-template", "NAME", CLI_SERVE, CLI_ONCE,
-     "chat template: chatml, llama2, llama3, zephyr, plain, or auto (default: from "
+     "chat template: chatml, llama2, llama3, mistral, zephyr, plain, or auto (default: from "
      "tokenizer_config.json, else plain)"},
     {"name", "ID", CLI_SERVE, CLI_ONCE,
      "model id in /v1/models and responses (default: the directory's name)"},

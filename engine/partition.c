@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "stage/arch.h"
 #include "stage/safetensors.h"
 #include "stage/stage.h"
 
@@ -78,6 +79,14 @@ size_t engine_layer_weight_bytes(const stage_config *c, int layer, size_t elem_s
     case STAGE_KIND_DENSE:
     default: mat += (size_t)mlp_params(c); break;
     }
+    /* the block variant's vectors (docs/SPEC.md §10), f32 as the loader holds them */
+    size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
+    if (c->qkv_bias) vec += qd + 2 * kvd;
+    if (c->o_bias) vec += d;
+    if (c->qk_norm) vec += 2 * (size_t)c->head_dim;
+    int mlp_kind = c->layer_kind[layer] != STAGE_KIND_MODE_STAGED &&
+                   c->layer_kind[layer] != STAGE_KIND_MODE_INTEGRATED;
+    if (c->mlp_bias && mlp_kind) vec += 2 * (size_t)c->inter + d;
     return mat * elem_size + (vec + router_elems(c, layer)) * 4;
 }
 
@@ -101,13 +110,17 @@ static size_t head_bytes(const stage_config *c, int n_stages, size_t es)
  * (docs/SPEC.md §11): every position on non-routed layers, about 1.25 x capacity (+ 8) on
  * routed ones (threshold routing may keep more); K and V in STAGE_KV_DTYPE plus an int32
  * position per entry. */
-static double kv_layer_bytes(const stage_config *c, int layer, int ctx)
+static double kv_layer_bytes(const stage_config *c, int layer, int ctx, int rows)
 {
     int cap = ctx;
     if (stage_kind_is_routed(c->layer_kind[layer])) {
         cap = (int)ceil(c->mod_capacity * ctx * 1.25) + 8;
         if (cap > ctx) cap = ctx;
     }
+    /* a windowed layer gives its pages back: it holds the W - 1 entries still visible and a
+     * micro-batch's rows (docs/SPEC.md §10.4; its partly used pages aside) */
+    long w = stage_layer_window(c, layer);
+    if (w > 0 && w - 1 + rows < cap) cap = (int)(w - 1 + rows);
     double kvd = (double)c->n_kv_heads * c->head_dim;
     return (double)cap * (2.0 * kvd * (double)stage_dtype_size(STAGE_KV_DTYPE) + 4.0);
 }
@@ -159,7 +172,9 @@ static int costs_init(costs *k, const stage_config *c, int n_stages, const engin
     for (int l = 0; l < L; l++) {
         k->pc[l + 1] = k->pc[l] + engine_layer_cost(c, l);
         k->pw[l + 1] = k->pw[l] + (double)engine_layer_weight_bytes(c, l, k->es);
-        k->pkv[l + 1] = k->pkv[l] + (mem ? (double)mem->slots * kv_layer_bytes(c, l, mem->ctx) : 0);
+        k->pkv[l + 1] =
+            k->pkv[l] +
+            (mem ? (double)mem->slots * kv_layer_bytes(c, l, mem->ctx, mem->micro_batch) : 0);
         k->pr[l + 1] = k->pr[l] + 4.0 * (double)router_elems(c, l);
         k->pdense[l + 1] = k->pdense[l] + !stage_kind_is_routed(c->layer_kind[l]);
     }

@@ -7,7 +7,7 @@
 #include "base/file.h"
 #include "serve/serve.h"
 
-typedef enum { CT_CHATML, CT_LLAMA2, CT_LLAMA3, CT_ZEPHYR, CT_PLAIN } ct_kind;
+typedef enum { CT_CHATML, CT_LLAMA2, CT_LLAMA3, CT_MISTRAL, CT_ZEPHYR, CT_PLAIN } ct_kind;
 
 struct serve_chat_template {
     const char *name;
@@ -17,7 +17,8 @@ struct serve_chat_template {
 
 static const serve_chat_template TEMPLATES[] = {
     {"chatml", CT_CHATML, "<|im_end|>"}, {"llama2", CT_LLAMA2, NULL}, /* turns end with EOS </s> */
-    {"llama3", CT_LLAMA3, "<|eot_id|>"}, {"zephyr", CT_ZEPHYR, NULL}, /* turns end with EOS </s> */
+    {"llama3", CT_LLAMA3, "<|eot_id|>"}, {"mistral", CT_MISTRAL, NULL}, /* EOS </s> */
+    {"zephyr", CT_ZEPHYR, NULL}, /* turns end with EOS </s> */
     {"plain", CT_PLAIN, NULL},
 };
 #define N_TEMPLATES ((int)(sizeof TEMPLATES / sizeof TEMPLATES[0]))
@@ -30,7 +31,7 @@ const serve_chat_template *serve_chat_find(const char *name)
 }
 
 const char *serve_chat_name(const serve_chat_template *t) { return t ? t->name : "plain"; }
-const char *serve_chat_names(void) { return "chatml, llama2, llama3, zephyr, plain"; }
+const char *serve_chat_names(void) { return "chatml, llama2, llama3, mistral, zephyr, plain"; }
 const char *serve_chat_end_marker(const serve_chat_template *t) { return t ? t->end_marker : NULL; }
 
 const serve_chat_template *serve_chat_detect(const char *model_dir)
@@ -52,8 +53,8 @@ const serve_chat_template *serve_chat_detect(const char *model_dir)
             t = serve_chat_find("llama3");
         else if (strstr(s, "<|assistant|>"))
             t = serve_chat_find("zephyr");
-        else if (strstr(s, "[INST]"))
-            t = serve_chat_find("llama2");
+        else if (strstr(s, "[INST]")) /* Llama 2 wraps the system prompt in <<SYS>>, Mistral not */
+            t = serve_chat_find(strstr(s, "<<SYS>>") ? "llama2" : "mistral");
     }
     cJSON_Delete(root);
     free(buf);
@@ -160,6 +161,37 @@ char *serve_chat_apply(const serve_chat_template *t, const serve_msg *m, int n)
             open = 1;
         }
         if (open) put(&b, " [/INST]");
+        break;
+    }
+    case CT_MISTRAL: {
+        /* Mistral instruct: [INST] user [/INST]answer</s>[INST] user [/INST] (BOS comes from
+         * the tokenizer); it has no system role: the system messages go in front of the
+         * first user turn, separated by a blank line */
+        const char *sys = NULL;
+        int sys_done = 0;
+        for (int i = 0; i < n; i++)
+            if (!strcmp(m[i].role, "system")) sys = m[i].content; /* the last one */
+        for (int i = 0; i < n; i++) {
+            if (!strcmp(m[i].role, "system")) continue;
+            if (!strcmp(m[i].role, "user")) {
+                put(&b, "[INST] ");
+                if (sys && !sys_done) {
+                    put(&b, sys);
+                    put(&b, "\n\n");
+                }
+                sys_done = 1;
+                put(&b, m[i].content);
+                put(&b, " [/INST]");
+            } else {
+                put(&b, m[i].content);
+                put(&b, "</s>");
+            }
+        }
+        if (sys && !sys_done) { /* a system message and no user turn */
+            put(&b, "[INST] ");
+            put(&b, sys);
+            put(&b, " [/INST]");
+        }
         break;
     }
     case CT_PLAIN:

@@ -83,7 +83,7 @@ long serve_json_values(const char *json, size_t len);
 
 /* ---- 2. chat templates ------------------------------------------------------------------ */
 
-/* Names: "chatml", "llama2", "llama3", "zephyr", "plain" (see README). */
+/* Names: "chatml", "llama2", "llama3", "mistral", "zephyr", "plain" (see README). */
 typedef struct serve_chat_template serve_chat_template;
 
 /* NULL when the name is unknown. */

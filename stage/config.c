@@ -4,6 +4,7 @@
  * absent (HF writes e.g. "rope_scaling": null, "num_key_value_heads": null).
  */
 #include "stage/config.h"
+#include "stage/config_json.h"
 
 #include <cJSON.h>
 #include <errno.h>
@@ -24,9 +25,7 @@
 /* small helpers                                                       */
 /* ================================================================== */
 
-static void cfg_err(char *err, size_t errlen, const char *path, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-static void cfg_err(char *err, size_t errlen, const char *path, const char *fmt, ...)
+void stage_cfg_err(char *err, size_t errlen, const char *path, const char *fmt, ...)
 {
     if (!err || errlen == 0) return;
     int n = snprintf(err, errlen, "%s: ", path ? path : "config.json");
@@ -38,7 +37,7 @@ static void cfg_err(char *err, size_t errlen, const char *path, const char *fmt,
     va_end(ap);
 }
 
-static const char *json_type_name(const cJSON *j)
+const char *stage_cj_type_name(const cJSON *j)
 {
     if (!j) return "nothing";
     if (cJSON_IsNull(j)) return "null";
@@ -51,54 +50,47 @@ static const char *json_type_name(const cJSON *j)
 }
 
 /* Present and not null. */
-static const cJSON *get_opt(const cJSON *obj, const char *key)
+const cJSON *stage_cj_opt(const cJSON *obj, const char *key)
 {
     const cJSON *j = cJSON_GetObjectItemCaseSensitive(obj, key);
     return (j && !cJSON_IsNull(j)) ? j : NULL;
 }
 
-static int json_is_int(const cJSON *j)
+int stage_cj_is_int(const cJSON *j)
 {
     if (!cJSON_IsNumber(j)) return 0;
     double v = j->valuedouble;
     return isfinite(v) && v == floor(v) && v >= (double)INT_MIN && v <= (double)INT_MAX;
 }
 
-/* Context for one parse: where messages go. `pfx` is prepended to key names
- * ("mod." for keys inside the "mod" object). */
-typedef struct {
-    const char *path;
-    char *err;
-    size_t errlen;
-} cfg_ctx;
-
 /* Integer key. required: missing is an error; else *out keeps its default.
  * min: smallest accepted value. */
-static int get_int(cfg_ctx *c, const cJSON *obj, const char *pfx, const char *key, int required,
-                   int min, int *out)
+int stage_cj_int(stage_cfg_ctx *c, const cJSON *obj, const char *pfx, const char *key, int required,
+                 int min, int *out)
 {
-    const cJSON *j = get_opt(obj, key);
+    const cJSON *j = stage_cj_opt(obj, key);
     if (!j) {
         if (!required) return 0;
         const cJSON *raw = cJSON_GetObjectItemCaseSensitive(obj, key);
         if (raw)
-            cfg_err(c->err, c->errlen, c->path, "%s%s: expected an integer, got null", pfx, key);
+            stage_cfg_err(c->err, c->errlen, c->path, "%s%s: expected an integer, got null", pfx,
+                          key);
         else
-            cfg_err(c->err, c->errlen, c->path, "missing key \"%s%s\"", pfx, key);
+            stage_cfg_err(c->err, c->errlen, c->path, "missing key \"%s%s\"", pfx, key);
         return -1;
     }
-    if (!json_is_int(j)) {
+    if (!stage_cj_is_int(j)) {
         if (cJSON_IsNumber(j))
-            cfg_err(c->err, c->errlen, c->path, "%s%s: expected an integer, got %g", pfx, key,
-                    j->valuedouble);
+            stage_cfg_err(c->err, c->errlen, c->path, "%s%s: expected an integer, got %g", pfx, key,
+                          j->valuedouble);
         else
-            cfg_err(c->err, c->errlen, c->path, "%s%s: expected an integer, got %s", pfx, key,
-                    json_type_name(j));
+            stage_cfg_err(c->err, c->errlen, c->path, "%s%s: expected an integer, got %s", pfx, key,
+                          stage_cj_type_name(j));
         return -1;
     }
     int v = (int)j->valuedouble;
     if (v < min) {
-        cfg_err(c->err, c->errlen, c->path, "%s%s: must be >= %d, got %d", pfx, key, min, v);
+        stage_cfg_err(c->err, c->errlen, c->path, "%s%s: must be >= %d, got %d", pfx, key, min, v);
         return -1;
     }
     *out = v;
@@ -106,47 +98,47 @@ static int get_int(cfg_ctx *c, const cJSON *obj, const char *pfx, const char *ke
 }
 
 /* Number key (optional), range-checked: lo < v (lo_open) or lo <= v, and v <= hi. */
-static int get_double(cfg_ctx *c, const cJSON *obj, const char *pfx, const char *key, double lo,
-                      int lo_open, double hi, double *out)
+int stage_cj_double(stage_cfg_ctx *c, const cJSON *obj, const char *pfx, const char *key, double lo,
+                    int lo_open, double hi, double *out)
 {
-    const cJSON *j = get_opt(obj, key);
+    const cJSON *j = stage_cj_opt(obj, key);
     if (!j) return 0;
     if (!cJSON_IsNumber(j) || !isfinite(j->valuedouble)) {
-        cfg_err(c->err, c->errlen, c->path, "%s%s: expected a number, got %s", pfx, key,
-                json_type_name(j));
+        stage_cfg_err(c->err, c->errlen, c->path, "%s%s: expected a number, got %s", pfx, key,
+                      stage_cj_type_name(j));
         return -1;
     }
     double v = j->valuedouble;
     if ((lo_open ? !(v > lo) : !(v >= lo)) || v > hi) {
         if (hi >= FLT_MAX)
-            cfg_err(c->err, c->errlen, c->path, "%s%s: must be %s %g, got %g", pfx, key,
-                    lo_open ? ">" : ">=", lo, v);
+            stage_cfg_err(c->err, c->errlen, c->path, "%s%s: must be %s %g, got %g", pfx, key,
+                          lo_open ? ">" : ">=", lo, v);
         else
-            cfg_err(c->err, c->errlen, c->path, "%s%s: must be in %c%g, %g], got %g", pfx, key,
-                    lo_open ? '(' : '[', lo, hi, v);
+            stage_cfg_err(c->err, c->errlen, c->path, "%s%s: must be in %c%g, %g], got %g", pfx,
+                          key, lo_open ? '(' : '[', lo, hi, v);
         return -1;
     }
     *out = v;
     return 0;
 }
 
-static int get_float(cfg_ctx *c, const cJSON *obj, const char *pfx, const char *key, double lo,
-                     int lo_open, double hi, float *out)
+int stage_cj_float(stage_cfg_ctx *c, const cJSON *obj, const char *pfx, const char *key, double lo,
+                   int lo_open, double hi, float *out)
 {
     double v = *out;
-    if (get_double(c, obj, pfx, key, lo, lo_open, hi, &v)) return -1;
+    if (stage_cj_double(c, obj, pfx, key, lo, lo_open, hi, &v)) return -1;
     *out = (float)v;
     return 0;
 }
 
 /* Boolean key (optional). */
-static int get_bool(cfg_ctx *c, const cJSON *obj, const char *key, int *out)
+int stage_cj_bool(stage_cfg_ctx *c, const cJSON *obj, const char *key, int *out)
 {
-    const cJSON *j = get_opt(obj, key);
+    const cJSON *j = stage_cj_opt(obj, key);
     if (!j) return 0;
     if (!cJSON_IsBool(j)) {
-        cfg_err(c->err, c->errlen, c->path, "%s: expected a boolean, got %s", key,
-                json_type_name(j));
+        stage_cfg_err(c->err, c->errlen, c->path, "%s: expected a boolean, got %s", key,
+                      stage_cj_type_name(j));
         return -1;
     }
     *out = cJSON_IsTrue(j) ? 1 : 0;
@@ -154,15 +146,15 @@ static int get_bool(cfg_ctx *c, const cJSON *obj, const char *key, int *out)
 }
 
 /* String key (optional) matched against a table; *out = index of the match. */
-static int get_enum(cfg_ctx *c, const cJSON *obj, const char *pfx, const char *key,
+static int get_enum(stage_cfg_ctx *c, const cJSON *obj, const char *pfx, const char *key,
                     const char *const *names, const int *values, int n, const char *allowed,
                     int *out)
 {
-    const cJSON *j = get_opt(obj, key);
+    const cJSON *j = stage_cj_opt(obj, key);
     if (!j) return 0;
     if (!cJSON_IsString(j)) {
-        cfg_err(c->err, c->errlen, c->path, "%s%s: expected a string, got %s", pfx, key,
-                json_type_name(j));
+        stage_cfg_err(c->err, c->errlen, c->path, "%s%s: expected a string, got %s", pfx, key,
+                      stage_cj_type_name(j));
         return -1;
     }
     for (int i = 0; i < n; i++)
@@ -170,21 +162,21 @@ static int get_enum(cfg_ctx *c, const cJSON *obj, const char *pfx, const char *k
             *out = values[i];
             return 0;
         }
-    cfg_err(c->err, c->errlen, c->path, "%s%s: unknown value \"%s\" (expected %s)", pfx, key,
-            j->valuestring, allowed);
+    stage_cfg_err(c->err, c->errlen, c->path, "%s%s: unknown value \"%s\" (expected %s)", pfx, key,
+                  j->valuestring, allowed);
     return -1;
 }
 
 /* A settings sub-object ("mod", "mode", "mindskip"): absent/null -> NULL, else must be an
  * object. */
-static int get_obj(cfg_ctx *c, const cJSON *root, const char *key, const cJSON **out)
+static int get_obj(stage_cfg_ctx *c, const cJSON *root, const char *key, const cJSON **out)
 {
-    const cJSON *j = get_opt(root, key);
+    const cJSON *j = stage_cj_opt(root, key);
     *out = NULL;
     if (!j) return 0;
     if (!cJSON_IsObject(j)) {
-        cfg_err(c->err, c->errlen, c->path, "%s: expected an object, got %s", key,
-                json_type_name(j));
+        stage_cfg_err(c->err, c->errlen, c->path, "%s: expected an object, got %s", key,
+                      stage_cj_type_name(j));
         return -1;
     }
     *out = j;
@@ -195,133 +187,28 @@ static int get_obj(cfg_ctx *c, const cJSON *root, const char *key, const cJSON *
 /* unsupported features: a clear error, never silently ignored          */
 /* ================================================================== */
 
-static int check_unsupported(cfg_ctx *c, const cJSON *root)
+static int check_unsupported(stage_cfg_ctx *c, const cJSON *root)
 {
-    /* rope_scaling: only null or an explicit "default" type (= no scaling) is accepted. */
-    const cJSON *rs = get_opt(root, "rope_scaling");
-    if (rs) {
-        const cJSON *t = NULL;
-        if (cJSON_IsObject(rs)) {
-            t = cJSON_GetObjectItemCaseSensitive(rs, "rope_type");
-            if (!t) t = cJSON_GetObjectItemCaseSensitive(rs, "type");
-        }
-        if (!(cJSON_IsString(t) && strcmp(t->valuestring, "default") == 0)) {
-            if (cJSON_IsString(t))
-                cfg_err(c->err, c->errlen, c->path,
-                        "rope_scaling: type \"%s\" is not supported (only null)", t->valuestring);
-            else
-                cfg_err(c->err, c->errlen, c->path,
-                        "rope_scaling: is set (%s) but not supported (only null)",
-                        json_type_name(rs));
-            return -1;
-        }
-    }
-    /* transformers >= 5 style: rope_parameters {"rope_type": ..., "rope_theta": ...} */
-    const cJSON *rp = get_opt(root, "rope_parameters");
-    if (rp) {
-        const cJSON *t = cJSON_IsObject(rp) ? get_opt(rp, "rope_type") : NULL;
-        if (!cJSON_IsObject(rp) ||
-            (t && !(cJSON_IsString(t) && strcmp(t->valuestring, "default") == 0))) {
-            cfg_err(c->err, c->errlen, c->path,
-                    "rope_parameters: only rope_type \"default\" is supported");
-            return -1;
-        }
-    }
-
-    /* Sliding windows: Qwen2-style configs carry a sliding_window value with
-     * use_sliding_window false; that one is off. Anything else that turns it on is an error. */
-    int use_sw = -1;
-    if (get_bool(c, root, "use_sliding_window", &use_sw)) return -1;
-    if (use_sw == 1) {
-        cfg_err(c->err, c->errlen, c->path,
-                "use_sliding_window: sliding-window attention is not supported");
-        return -1;
-    }
-    const cJSON *sw = get_opt(root, "sliding_window");
-    if (sw && use_sw != 0) {
-        if (cJSON_IsNumber(sw))
-            cfg_err(c->err, c->errlen, c->path,
-                    "sliding_window: is %g; sliding-window attention is not supported",
-                    sw->valuedouble);
-        else
-            cfg_err(c->err, c->errlen, c->path,
-                    "sliding_window: is set (%s); sliding-window attention is not supported",
-                    json_type_name(sw));
-        return -1;
-    }
-
-    static const char *const bias_keys[] = {"attention_bias", "mlp_bias"};
-    for (size_t i = 0; i < sizeof bias_keys / sizeof bias_keys[0]; i++) {
-        int b = 0;
-        if (get_bool(c, root, bias_keys[i], &b)) return -1;
-        if (b) {
-            cfg_err(c->err, c->errlen, c->path, "%s: true is not supported (no biases)",
-                    bias_keys[i]);
-            return -1;
-        }
-    }
-
     static const char *const act_keys[] = {"hidden_act", "hidden_activation"};
     for (size_t i = 0; i < sizeof act_keys / sizeof act_keys[0]; i++) {
-        const cJSON *a = get_opt(root, act_keys[i]);
+        const cJSON *a = stage_cj_opt(root, act_keys[i]);
         if (!a) continue;
         if (!cJSON_IsString(a)) {
-            cfg_err(c->err, c->errlen, c->path, "%s: expected a string, got %s", act_keys[i],
-                    json_type_name(a));
+            stage_cfg_err(c->err, c->errlen, c->path, "%s: expected a string, got %s", act_keys[i],
+                          stage_cj_type_name(a));
             return -1;
         }
         /* "swish" is torch's other name for the same function. */
         if (strcmp(a->valuestring, "silu") != 0 && strcmp(a->valuestring, "swish") != 0) {
-            cfg_err(c->err, c->errlen, c->path, "%s: \"%s\" is not supported (only \"silu\")",
-                    act_keys[i], a->valuestring);
+            stage_cfg_err(c->err, c->errlen, c->path, "%s: \"%s\" is not supported (only \"silu\")",
+                          act_keys[i], a->valuestring);
             return -1;
         }
     }
 
-    /* The architecture: only the Llama block is implemented. Mistral's is the same block
-     * (its sliding window is refused above when on). Any other family (qwen2: q/k/v biases
-     * implied by the type; qwen3: per-head q/k norms; ...) would run with wrong math, so it
-     * is refused by name rather than guessed at. */
-    static const char *const types_ok[] = {"llama", "mistral"};
-    static const char *const archs_ok[] = {"LlamaForCausalLM", "MistralForCausalLM"};
-    const cJSON *mt = get_opt(root, "model_type");
-    if (mt) {
-        int ok = 0;
-        for (size_t i = 0; cJSON_IsString(mt) && i < sizeof types_ok / sizeof *types_ok; i++)
-            ok |= strcmp(mt->valuestring, types_ok[i]) == 0;
-        if (!ok) {
-            cfg_err(c->err, c->errlen, c->path,
-                    "model_type: \"%s\" is not supported (supported: llama, mistral)",
-                    cJSON_IsString(mt) ? mt->valuestring : json_type_name(mt));
-            return -1;
-        }
-    }
-    const cJSON *ar = get_opt(root, "architectures");
-    if (ar) {
-        if (!cJSON_IsArray(ar)) {
-            cfg_err(c->err, c->errlen, c->path, "architectures: expected a list, got %s",
-                    json_type_name(ar));
-            return -1;
-        }
-        const cJSON *e;
-        cJSON_ArrayForEach(e, ar)
-        {
-            int ok = 0;
-            for (size_t i = 0; cJSON_IsString(e) && i < sizeof archs_ok / sizeof *archs_ok; i++)
-                ok |= strcmp(e->valuestring, archs_ok[i]) == 0;
-            if (!ok) {
-                cfg_err(c->err, c->errlen, c->path,
-                        "architectures: \"%s\" is not supported (supported: LlamaForCausalLM, "
-                        "MistralForCausalLM)",
-                        cJSON_IsString(e) ? e->valuestring : "?");
-                return -1;
-            }
-        }
-    }
-
-    const cJSON *prf = get_opt(root, "partial_rotary_factor");
+    const cJSON *prf = stage_cj_opt(root, "partial_rotary_factor");
     if (prf && !(cJSON_IsNumber(prf) && prf->valuedouble == 1.0)) {
-        cfg_err(c->err, c->errlen, c->path, "partial_rotary_factor: only 1.0 is supported");
+        stage_cfg_err(c->err, c->errlen, c->path, "partial_rotary_factor: only 1.0 is supported");
         return -1;
     }
     return 0;
@@ -360,20 +247,22 @@ static int parse_granularity(const char *s, stage_granularity *out)
     return -1;
 }
 
-static int get_granularity(cfg_ctx *c, const cJSON *obj, const char *pfx, stage_granularity *out)
+static int get_granularity(stage_cfg_ctx *c, const cJSON *obj, const char *pfx,
+                           stage_granularity *out)
 {
-    const cJSON *g = get_opt(obj, "granularity");
+    const cJSON *g = stage_cj_opt(obj, "granularity");
     if (!g) return 0;
     if (!cJSON_IsString(g)) {
-        cfg_err(c->err, c->errlen, c->path, "%sgranularity: expected a string, got %s", pfx,
-                json_type_name(g));
+        stage_cfg_err(c->err, c->errlen, c->path, "%sgranularity: expected a string, got %s", pfx,
+                      stage_cj_type_name(g));
         return -1;
     }
     if (parse_granularity(g->valuestring, out)) {
-        cfg_err(c->err, c->errlen, c->path,
-                "%sgranularity: unknown value \"%s\" (expected sequence, token, attn_sequence "
-                "or attn_token)",
-                pfx, g->valuestring);
+        stage_cfg_err(
+            c->err, c->errlen, c->path,
+            "%sgranularity: unknown value \"%s\" (expected sequence, token, attn_sequence "
+            "or attn_token)",
+            pfx, g->valuestring);
         return -1;
     }
     return 0;
@@ -381,31 +270,32 @@ static int get_granularity(cfg_ctx *c, const cJSON *obj, const char *pfx, stage_
 
 /* Fill cfg->layer_kind from layer_types, else is_mindskip, else all dense.
  * *router_tuning = 1 when the is_mindskip form was used. */
-static int parse_layers(cfg_ctx *c, const cJSON *root, stage_config *cfg, int *router_tuning)
+static int parse_layers(stage_cfg_ctx *c, const cJSON *root, stage_config *cfg, int *router_tuning)
 {
     int n = cfg->n_layers;
     *router_tuning = 0;
     cfg->layer_kind = calloc((size_t)n, sizeof *cfg->layer_kind); /* [n_layers] */
     if (!cfg->layer_kind) {
-        cfg_err(c->err, c->errlen, c->path, "out of memory for %d layers", n);
+        stage_cfg_err(c->err, c->errlen, c->path, "out of memory for %d layers", n);
         return -1;
     }
 
-    const cJSON *lt = get_opt(root, "layer_types");
-    const cJSON *ims = get_opt(root, "is_mindskip");
+    const cJSON *lt = stage_cj_opt(root, "layer_types");
+    if (lt && stage_arch_hf_layer_types(lt)) lt = NULL; /* HF's attention kinds: stage/arch.c */
+    const cJSON *ims = stage_cj_opt(root, "is_mindskip");
     const cJSON *list = lt ? lt : ims;
     const char *key = lt ? "layer_types" : "is_mindskip";
     if (!list) return 0; /* plain Llama: all dense (calloc gave STAGE_KIND_DENSE) */
 
     if (!cJSON_IsArray(list)) {
-        cfg_err(c->err, c->errlen, c->path, "%s: expected a list, got %s", key,
-                json_type_name(list));
+        stage_cfg_err(c->err, c->errlen, c->path, "%s: expected a list, got %s", key,
+                      stage_cj_type_name(list));
         return -1;
     }
     int len = cJSON_GetArraySize(list);
     if (len != n) {
-        cfg_err(c->err, c->errlen, c->path, "%s: has %d entries but num_hidden_layers is %d", key,
-                len, n);
+        stage_cfg_err(c->err, c->errlen, c->path, "%s: has %d entries but num_hidden_layers is %d",
+                      key, len, n);
         return -1;
     }
     int i = 0;
@@ -414,23 +304,25 @@ static int parse_layers(cfg_ctx *c, const cJSON *root, stage_config *cfg, int *r
     {
         if (lt) {
             if (!cJSON_IsString(e)) {
-                cfg_err(c->err, c->errlen, c->path, "layer_types[%d]: expected a string, got %s", i,
-                        json_type_name(e));
+                stage_cfg_err(c->err, c->errlen, c->path,
+                              "layer_types[%d]: expected a string, got %s", i,
+                              stage_cj_type_name(e));
                 return -1;
             }
             int k;
             for (k = 0; k < N_KINDS; k++)
                 if (strcmp(e->valuestring, kind_names[k]) == 0) break;
             if (k == N_KINDS) {
-                cfg_err(c->err, c->errlen, c->path, "layer_types[%d]: unknown layer type \"%s\"", i,
-                        e->valuestring);
+                stage_cfg_err(c->err, c->errlen, c->path,
+                              "layer_types[%d]: unknown layer type \"%s\"", i, e->valuestring);
                 return -1;
             }
             cfg->layer_kind[i] = (stage_kind)k;
         } else {
             if (!cJSON_IsBool(e)) {
-                cfg_err(c->err, c->errlen, c->path, "is_mindskip[%d]: expected a boolean, got %s",
-                        i, json_type_name(e));
+                stage_cfg_err(c->err, c->errlen, c->path,
+                              "is_mindskip[%d]: expected a boolean, got %s", i,
+                              stage_cj_type_name(e));
                 return -1;
             }
             cfg->layer_kind[i] = cJSON_IsTrue(e) ? STAGE_KIND_MINDSKIP : STAGE_KIND_DENSE;
@@ -445,7 +337,7 @@ static int parse_layers(cfg_ctx *c, const cJSON *root, stage_config *cfg, int *r
 /* settings objects                                                     */
 /* ================================================================== */
 
-static int parse_mod(cfg_ctx *c, const cJSON *root, stage_config *cfg)
+static int parse_mod(stage_cfg_ctx *c, const cJSON *root, stage_config *cfg)
 {
     const cJSON *o;
     if (get_obj(c, root, "mod", &o)) return -1;
@@ -458,8 +350,8 @@ static int parse_mod(cfg_ctx *c, const cJSON *root, stage_config *cfg)
     int routing = (int)cfg->mod_routing, scale = (int)cfg->mod_scale;
     /* via locals: the fields' float width is the header's business */
     double cap = cfg->mod_capacity, thr = cfg->mod_threshold;
-    if (get_double(c, o, "mod.", "capacity", 0.0, 1, 1.0, &cap)) return -1;
-    if (get_double(c, o, "mod.", "threshold", 0.0, 0, 1.0, &thr)) return -1;
+    if (stage_cj_double(c, o, "mod.", "capacity", 0.0, 1, 1.0, &cap)) return -1;
+    if (stage_cj_double(c, o, "mod.", "threshold", 0.0, 0, 1.0, &thr)) return -1;
     cfg->mod_capacity = cap;
     cfg->mod_threshold = thr;
     if (get_enum(c, o, "mod.", "routing", rnames, rvals, 3, "threshold, predictor or topk",
@@ -472,36 +364,37 @@ static int parse_mod(cfg_ctx *c, const cJSON *root, stage_config *cfg)
     return 0;
 }
 
-static int parse_mode(cfg_ctx *c, const cJSON *root, stage_config *cfg)
+static int parse_mode(stage_cfg_ctx *c, const cJSON *root, stage_config *cfg)
 {
     const cJSON *o;
     if (get_obj(c, root, "mode", &o)) return -1;
     if (!o) return 0; /* mode layers without a "mode" object run on the header defaults */
-    if (get_int(c, o, "mode.", "num_experts", 0, 1, &cfg->n_experts)) return -1;
-    if (get_int(c, o, "mode.", "num_noop_experts", 0, 0, &cfg->n_noop_experts)) return -1;
-    if (get_int(c, o, "mode.", "experts_per_token", 0, 1, &cfg->experts_per_token)) return -1;
-    if (get_int(c, o, "mode.", "expert_intermediate_size", 0, 1, &cfg->expert_inter)) return -1;
+    if (stage_cj_int(c, o, "mode.", "num_experts", 0, 1, &cfg->n_experts)) return -1;
+    if (stage_cj_int(c, o, "mode.", "num_noop_experts", 0, 0, &cfg->n_noop_experts)) return -1;
+    if (stage_cj_int(c, o, "mode.", "experts_per_token", 0, 1, &cfg->experts_per_token)) return -1;
+    if (stage_cj_int(c, o, "mode.", "expert_intermediate_size", 0, 1, &cfg->expert_inter))
+        return -1;
     if (cfg->experts_per_token > cfg->n_experts) {
-        cfg_err(c->err, c->errlen, c->path,
-                "mode.experts_per_token: %d is more than mode.num_experts (%d)",
-                cfg->experts_per_token, cfg->n_experts);
+        stage_cfg_err(c->err, c->errlen, c->path,
+                      "mode.experts_per_token: %d is more than mode.num_experts (%d)",
+                      cfg->experts_per_token, cfg->n_experts);
         return -1;
     }
     return 0;
 }
 
-static int parse_mindskip(cfg_ctx *c, const cJSON *root, stage_config *cfg, int router_tuning)
+static int parse_mindskip(stage_cfg_ctx *c, const cJSON *root, stage_config *cfg, int router_tuning)
 {
     const cJSON *o;
     double thr = cfg->ms_threshold;
     if (get_obj(c, root, "mindskip", &o)) return -1;
     if (o) {
-        if (get_double(c, o, "mindskip.", "threshold", 0.0, 0, 1.0, &thr)) return -1;
+        if (stage_cj_double(c, o, "mindskip.", "threshold", 0.0, 0, 1.0, &thr)) return -1;
         if (get_granularity(c, o, "mindskip.", &cfg->ms_granularity)) return -1;
     }
     /* Router-Tuning keeps its settings at the top level; they win in that form. */
     if (router_tuning) {
-        if (get_double(c, root, "", "threshold", 0.0, 0, 1.0, &thr)) return -1;
+        if (stage_cj_double(c, root, "", "threshold", 0.0, 0, 1.0, &thr)) return -1;
         if (get_granularity(c, root, "", &cfg->ms_granularity)) return -1;
     }
     cfg->ms_threshold = thr;
@@ -512,74 +405,77 @@ static int parse_mindskip(cfg_ctx *c, const cJSON *root, stage_config *cfg, int 
 /* entry points                                                         */
 /* ================================================================== */
 
-static int parse_root(cfg_ctx *c, const cJSON *root, stage_config *cfg)
+static int parse_root(stage_cfg_ctx *c, const cJSON *root, stage_config *cfg)
 {
     if (!cJSON_IsObject(root)) {
-        cfg_err(c->err, c->errlen, c->path, "expected a JSON object at the top, got %s",
-                json_type_name(root));
+        stage_cfg_err(c->err, c->errlen, c->path, "expected a JSON object at the top, got %s",
+                      stage_cj_type_name(root));
         return -1;
     }
     if (check_unsupported(c, root)) return -1;
 
     /* required Llama keys */
-    if (get_int(c, root, "", "hidden_size", 1, 1, &cfg->hidden)) return -1;
-    if (get_int(c, root, "", "intermediate_size", 1, 1, &cfg->inter)) return -1;
-    if (get_int(c, root, "", "num_attention_heads", 1, 1, &cfg->n_heads)) return -1;
-    if (get_int(c, root, "", "num_hidden_layers", 1, 1, &cfg->n_layers)) return -1;
-    if (get_int(c, root, "", "vocab_size", 1, 1, &cfg->vocab)) return -1;
+    if (stage_cj_int(c, root, "", "hidden_size", 1, 1, &cfg->hidden)) return -1;
+    if (stage_cj_int(c, root, "", "intermediate_size", 1, 1, &cfg->inter)) return -1;
+    if (stage_cj_int(c, root, "", "num_attention_heads", 1, 1, &cfg->n_heads)) return -1;
+    if (stage_cj_int(c, root, "", "num_hidden_layers", 1, 1, &cfg->n_layers)) return -1;
+    if (stage_cj_int(c, root, "", "vocab_size", 1, 1, &cfg->vocab)) return -1;
     if (cfg->n_layers > STAGE_MAX_LAYERS) {
-        cfg_err(c->err, c->errlen, c->path, "num_hidden_layers: %d is more than %d", cfg->n_layers,
-                STAGE_MAX_LAYERS);
+        stage_cfg_err(c->err, c->errlen, c->path, "num_hidden_layers: %d is more than %d",
+                      cfg->n_layers, STAGE_MAX_LAYERS);
         return -1;
     }
 
     /* optional Llama keys */
     cfg->n_kv_heads = cfg->n_heads;
-    if (get_int(c, root, "", "num_key_value_heads", 0, 1, &cfg->n_kv_heads)) return -1;
+    if (stage_cj_int(c, root, "", "num_key_value_heads", 0, 1, &cfg->n_kv_heads)) return -1;
     if (cfg->n_heads % cfg->n_kv_heads != 0) {
-        cfg_err(c->err, c->errlen, c->path,
-                "num_attention_heads (%d) is not a multiple of num_key_value_heads (%d)",
-                cfg->n_heads, cfg->n_kv_heads);
+        stage_cfg_err(c->err, c->errlen, c->path,
+                      "num_attention_heads (%d) is not a multiple of num_key_value_heads (%d)",
+                      cfg->n_heads, cfg->n_kv_heads);
         return -1;
     }
-    if (get_opt(root, "head_dim")) {
-        if (get_int(c, root, "", "head_dim", 1, 1, &cfg->head_dim)) return -1;
+    if (stage_cj_opt(root, "head_dim")) {
+        if (stage_cj_int(c, root, "", "head_dim", 1, 1, &cfg->head_dim)) return -1;
     } else {
         if (cfg->hidden % cfg->n_heads != 0) {
-            cfg_err(c->err, c->errlen, c->path,
-                    "hidden_size (%d) is not a multiple of num_attention_heads (%d) and there "
-                    "is no head_dim",
-                    cfg->hidden, cfg->n_heads);
+            stage_cfg_err(
+                c->err, c->errlen, c->path,
+                "hidden_size (%d) is not a multiple of num_attention_heads (%d) and there "
+                "is no head_dim",
+                cfg->hidden, cfg->n_heads);
             return -1;
         }
         cfg->head_dim = cfg->hidden / cfg->n_heads;
     }
-    if (get_int(c, root, "", "max_position_embeddings", 0, 1, &cfg->max_pos)) return -1;
-    if (get_float(c, root, "", "rms_norm_eps", 0.0, 1, FLT_MAX, &cfg->eps)) return -1;
-    const cJSON *rp = get_opt(root, "rope_parameters"); /* checked by check_unsupported */
-    if (rp && get_opt(rp, "rope_theta")) {
-        if (get_float(c, rp, "rope_parameters.", "rope_theta", 0.0, 1, FLT_MAX, &cfg->rope_theta))
+    if (stage_cj_int(c, root, "", "max_position_embeddings", 0, 1, &cfg->max_pos)) return -1;
+    if (stage_cj_float(c, root, "", "rms_norm_eps", 0.0, 1, FLT_MAX, &cfg->eps)) return -1;
+    const cJSON *rp = stage_cj_opt(root, "rope_parameters"); /* its type: stage_arch_parse */
+    if (rp && stage_cj_opt(rp, "rope_theta")) {
+        if (stage_cj_float(c, rp, "rope_parameters.", "rope_theta", 0.0, 1, FLT_MAX,
+                           &cfg->rope_theta))
             return -1;
-    } else if (get_float(c, root, "", "rope_theta", 0.0, 1, FLT_MAX, &cfg->rope_theta)) {
+    } else if (stage_cj_float(c, root, "", "rope_theta", 0.0, 1, FLT_MAX, &cfg->rope_theta)) {
         return -1;
     }
-    if (get_bool(c, root, "tie_word_embeddings", &cfg->tie_embeddings)) return -1;
+    if (stage_cj_bool(c, root, "tie_word_embeddings", &cfg->tie_embeddings)) return -1;
+    if (stage_arch_parse(c, root, cfg)) return -1;
 
     /* eos_token_id: int, or a list (first entry), or absent/null -> -1 */
-    const cJSON *eos = get_opt(root, "eos_token_id");
+    const cJSON *eos = stage_cj_opt(root, "eos_token_id");
     if (eos) {
         const cJSON *v = eos;
         if (cJSON_IsArray(eos)) v = cJSON_GetArrayItem(eos, 0); /* empty list: stays -1 */
         if (v) {
-            if (!json_is_int(v) || v->valuedouble < 0) {
-                cfg_err(c->err, c->errlen, c->path,
-                        "eos_token_id: expected a non-negative integer or a list of them");
+            if (!stage_cj_is_int(v) || v->valuedouble < 0) {
+                stage_cfg_err(c->err, c->errlen, c->path,
+                              "eos_token_id: expected a non-negative integer or a list of them");
                 return -1;
             }
             if (v->valuedouble >= cfg->vocab) {
-                cfg_err(c->err, c->errlen, c->path,
-                        "eos_token_id: %.0f is outside the vocab (vocab_size %d)", v->valuedouble,
-                        cfg->vocab);
+                stage_cfg_err(c->err, c->errlen, c->path,
+                              "eos_token_id: %.0f is outside the vocab (vocab_size %d)",
+                              v->valuedouble, cfg->vocab);
                 return -1;
             }
             cfg->eos_token_id = (int)v->valuedouble;
@@ -632,12 +528,12 @@ int stage_config_parse(const char *json_text, const char *path, stage_config *cf
 {
     if (!path) path = "config.json";
     if (!cfg) {
-        cfg_err(err, errlen, path, "no output config");
+        stage_cfg_err(err, errlen, path, "no output config");
         return -1;
     }
     stage_config_defaults(cfg);
     if (!json_text) {
-        cfg_err(err, errlen, path, "no text");
+        stage_cfg_err(err, errlen, path, "no text");
         return -1;
     }
     const char *end = NULL;
@@ -646,10 +542,10 @@ int stage_config_parse(const char *json_text, const char *path, stage_config *cf
         int line = 1, col = 1;
         size_t off = end && end >= json_text ? (size_t)(end - json_text) : 0;
         line_col(json_text, off, &line, &col);
-        cfg_err(err, errlen, path, "not valid JSON (near line %d, column %d)", line, col);
+        stage_cfg_err(err, errlen, path, "not valid JSON (near line %d, column %d)", line, col);
         return -1;
     }
-    cfg_ctx c = {path, err, errlen};
+    stage_cfg_ctx c = {path, err, errlen};
     int rc = parse_root(&c, root, cfg);
     cJSON_Delete(root);
     if (rc) {
@@ -668,7 +564,7 @@ int stage_config_load(const char *dir, stage_config *cfg, char *err, size_t errl
     size_t plen = dl + strlen(sep) + sizeof "config.json";
     char *path = malloc(plen);
     if (!path) {
-        cfg_err(err, errlen, dir, "out of memory");
+        stage_cfg_err(err, errlen, dir, "out of memory");
         return -1;
     }
     snprintf(path, plen, "%s%sconfig.json", dir, sep);
@@ -677,36 +573,36 @@ int stage_config_load(const char *dir, stage_config *cfg, char *err, size_t errl
     char *text = NULL;
     FILE *f = fopen(path, "rb");
     if (!f) {
-        cfg_err(err, errlen, path, "cannot open: %s", strerror(errno));
+        stage_cfg_err(err, errlen, path, "cannot open: %s", strerror(errno));
         goto out;
     }
     if (fseek(f, 0, SEEK_END) != 0) {
-        cfg_err(err, errlen, path, "cannot read: %s", strerror(errno));
+        stage_cfg_err(err, errlen, path, "cannot read: %s", strerror(errno));
         goto out;
     }
     long sz = ftell(f);
     if (sz < 0) {
-        cfg_err(err, errlen, path, "cannot read (not a regular file?)");
+        stage_cfg_err(err, errlen, path, "cannot read (not a regular file?)");
         goto out;
     }
     if (sz > STAGE_MAX_CONFIG_BYTES) {
-        cfg_err(err, errlen, path, "file is too large for a config (%ld bytes)", sz);
+        stage_cfg_err(err, errlen, path, "file is too large for a config (%ld bytes)", sz);
         goto out;
     }
     rewind(f);
     text = malloc((size_t)sz + 1);
     if (!text) {
-        cfg_err(err, errlen, path, "out of memory");
+        stage_cfg_err(err, errlen, path, "out of memory");
         goto out;
     }
     size_t got = fread(text, 1, (size_t)sz, f);
     if (got != (size_t)sz || ferror(f)) {
-        cfg_err(err, errlen, path, "short read (%zu of %ld bytes)", got, sz);
+        stage_cfg_err(err, errlen, path, "short read (%zu of %ld bytes)", got, sz);
         goto out;
     }
     text[sz] = '\0';
     if (memchr(text, '\0', (size_t)sz)) {
-        cfg_err(err, errlen, path, "not valid JSON (contains a NUL byte)");
+        stage_cfg_err(err, errlen, path, "not valid JSON (contains a NUL byte)");
         goto out;
     }
     rc = stage_config_parse(text, path, cfg, err, errlen);
@@ -727,12 +623,20 @@ void stage_config_free(stage_config *cfg)
 double stage_flops_attn_proj(const stage_config *c)
 {
     double qd = (double)c->n_heads * c->head_dim, kvd = (double)c->n_kv_heads * c->head_dim;
-    return 2.0 * c->hidden * (qd + 2 * kvd) + 2.0 * qd * c->hidden;
+    double f = 2.0 * c->hidden * (qd + 2 * kvd) + 2.0 * qd * c->hidden;
+    /* docs/SPEC.md §10: a bias add is one FLOP per feature, an RMSNorm about four */
+    if (c->qkv_bias) f += qd + 2 * kvd;
+    if (c->o_bias) f += c->hidden;
+    if (c->qk_norm) f += 4.0 * (qd + kvd);
+    return f;
 }
 double stage_flops_attn_ctx(const stage_config *c, double ctx)
 {
     return 4.0 * c->n_heads * c->head_dim * ctx;
 }
-double stage_flops_mlp(const stage_config *c) { return 6.0 * c->hidden * c->inter; }
+double stage_flops_mlp(const stage_config *c)
+{
+    return 6.0 * c->hidden * c->inter + (c->mlp_bias ? 2.0 * c->inter + c->hidden : 0.0);
+}
 double stage_flops_expert(const stage_config *c) { return 6.0 * c->hidden * c->expert_inter; }
 double stage_flops_gate(const stage_config *c, int n_gate) { return 2.0 * c->hidden * n_gate; }

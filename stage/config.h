@@ -5,8 +5,9 @@
  * Output : *cfg filled; cfg->layer_kind is malloc'd (free with stage_config_free).
  * Errors : returns non-zero and writes one line into err naming the file and the key
  *          (missing key, wrong type, bad value, unknown layer type, a config feature the
- *          engine does not implement such as rope_scaling / sliding_window / biases).
- * Accepted: the Llama keys, `layer_types` (dense, mod, mode_staged, mode_integrated,
+ *          engine does not implement, e.g. a rope_scaling type other than linear / llama3).
+ * Accepted: the families llama, mistral, qwen2, qwen3 with their keys (stage/arch.h), the
+ *          Llama keys, `layer_types` (dense, mod, mode_staged, mode_integrated,
  *          mindskip) with top-level "mod" / "mode" / "mindskip" settings objects, and
  *          Router-Tuning's `is_mindskip: [bool per layer]` + top-level `threshold` and
  *          `granularity` ("sequence", "token", "attn_sequence", "attn_token").
@@ -33,7 +34,18 @@ typedef enum {
 typedef enum { STAGE_SCALE_NONE = 0, STAGE_SCALE_SIGMOID } stage_router_scale;
 typedef enum { STAGE_GRAN_SEQUENCE = 0, STAGE_GRAN_TOKEN } stage_granularity;
 
-typedef struct {
+/* The block family (model_type / architectures, docs/SPEC.md §10); stage/arch.c maps it and
+ * its keys to the flags below. */
+typedef enum {
+    STAGE_ARCH_LLAMA = 0,
+    STAGE_ARCH_MISTRAL,
+    STAGE_ARCH_QWEN2,
+    STAGE_ARCH_QWEN3,
+} stage_arch;
+
+typedef enum { STAGE_ROPE_DEFAULT = 0, STAGE_ROPE_LINEAR, STAGE_ROPE_LLAMA3 } stage_rope_type;
+
+typedef struct stage_config {
     int hidden;             /* hidden_size D */
     int inter;              /* intermediate_size */
     int n_heads;            /* num_attention_heads */
@@ -47,6 +59,20 @@ typedef struct {
     int tie_embeddings;     /* tie_word_embeddings (default 0) */
     int eos_token_id;       /* -1 when absent (or a list: first entry) */
     stage_kind *layer_kind; /* [n_layers] */
+
+    /* block variant (docs/SPEC.md §10, set by stage/arch.c) */
+    stage_arch arch;
+    int qkv_bias; /* self_attn.{q,k,v}_proj.bias */
+    int o_bias;   /* self_attn.o_proj.bias */
+    int mlp_bias; /* mlp.{gate,up,down}_proj.bias */
+    int qk_norm;  /* self_attn.{q,k}_norm.weight [head_dim]: per-head RMSNorm */
+    stage_rope_type rope_type;
+    double rope_factor;    /* linear, llama3 */
+    double rope_low_freq;  /* llama3 low_freq_factor */
+    double rope_high_freq; /* llama3 high_freq_factor */
+    int rope_orig_ctx;     /* llama3 original_max_position_embeddings */
+    int window;            /* sliding window W: a key is seen iff q_pos - k_pos < W; 0: none */
+    int window_from;       /* layers l >= window_from are windowed (when window > 0) */
 
     /* "mod" settings (also the router of mode_staged) */
     double mod_capacity; /* default 0.125 (double: topk k = floor(capacity*T) must match Python) */
@@ -75,7 +101,7 @@ void stage_config_defaults(stage_config *cfg);
 
 /* The FLOP model, per row (2 FLOPs per multiply-add): the one used by --stats and by the
  * partitioner's cost model. */
-double stage_flops_attn_proj(const stage_config *c);            /* q, k, v, o projections */
+double stage_flops_attn_proj(const stage_config *c); /* q, k, v, o projections (+ biases, norms) */
 double stage_flops_attn_ctx(const stage_config *c, double ctx); /* scores + mix over ctx entries */
 double stage_flops_mlp(const stage_config *c);                  /* dense SwiGLU MLP */
 double stage_flops_expert(const stage_config *c);               /* one MoE expert */

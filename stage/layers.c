@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "stage/arch.h"
 #include "stage/kernels.h"
 #include "stage/matmul.h"
 
@@ -25,6 +26,30 @@ static void mm(const stage_state *s, const float *x, int m, const stage_weight *
         stage_tp_matmul(s->tp, x, x_local, m, t, y, y_local);
     else
         stage_matmul_w(x, m, w, y);
+}
+
+/* y [m][n] += b [n] (b NULL: no bias). */
+static void add_bias(float *y, int m, int n, const float *b)
+{
+    if (!b) return;
+    for (int j = 0; j < m; j++)
+        for (int i = 0; i < n; i++) y[(size_t)j * n + i] += b[i];
+}
+
+/* First cache entry a row at position p sees under window w (entries [lo, own] in position
+ * order; w 0: all of them): the first with pos > p - w (docs/SPEC.md §10.4). */
+static int window_start(const kv_pool *pool, const kv_seq *cs, int own, int p, int w)
+{
+    int lo = cs->lo, hi = own; /* pos[own] = p > p - w: the answer is in [lo, own] */
+    if (w <= 0 || p - w < kv_pos_at(pool, cs, lo)) return lo;
+    while (lo < hi) {
+        int mid = lo + (hi - lo) / 2;
+        if (kv_pos_at(pool, cs, mid) > p - w)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    return lo;
 }
 
 static void gather(const float *x, const int *idx, int m, int D, float *dst)
@@ -46,15 +71,29 @@ static double attention(stage_state *s, int li, const layer_w *L, const stage_ba
     const int hd = c->head_dim, nh = s->nh_l, nkv = s->nkv_l;
     const int qd = nh * hd, kvd = nkv * hd, grp = nh / nkv;
     const float scale = 1.0f / sqrtf((float)hd);
+    const int win = stage_layer_window(c, s->m->range.first + li);
 
     mm(s, h, m, &L->wq, &L->tq, 0, 1, s->q);
     mm(s, h, m, &L->wk, &L->tk, 0, 1, s->k);
     mm(s, h, m, &L->wv, &L->tv, 0, 1, s->v);
+    /* biases of this rank's features (all of them on one rank), then Qwen3's per-head norms */
+    add_bias(s->q, m, qd, L->bq ? L->bq + s->q_off : NULL);
+    add_bias(s->k, m, kvd, L->bk ? L->bk + s->kv_off : NULL);
+    add_bias(s->v, m, kvd, L->bv ? L->bv + s->kv_off : NULL);
+    if (L->qnorm) {
+        stage_rmsnorm(s->q, m * nh, hd, L->qnorm, c->eps, s->q);
+        stage_rmsnorm(s->k, m * nkv, hd, L->knorm, c->eps, s->k);
+    }
     for (int j = 0; j < m; j++) {
         int r = idx[j];
         stage_rope(s->q + (size_t)j * qd, nh, hd, b->pos[r], s->m->inv_freq);
         stage_rope(s->k + (size_t)j * kvd, nkv, hd, b->pos[r], s->m->inv_freq);
         kv_seq *cs = kv_at(s, li, b->slot[r]);
+        if (win) { /* the slot's first row here: its pages no row now or later sees go back */
+            int first = 1;
+            for (int u = 0; u < j && first; u++) first = b->slot[idx[u]] != b->slot[r];
+            if (first) kv_drop_before(&s->pool, cs, b->pos[r] - win + 1);
+        }
         if (cs->n > cs->lo && kv_pos_at(&s->pool, cs, cs->n - 1) >= b->pos[r]) {
             snprintf(err, errlen, "layer %d: slot %d position %d arrives after position %d",
                      s->m->range.first + li, b->slot[r], b->pos[r],
@@ -82,8 +121,10 @@ static double attention(stage_state *s, int li, const layer_w *L, const stage_ba
     const size_t ps = (size_t)s->pool.page * kvd; /* floats from one page to the next */
     for (int j = 0; j < m; j++) {
         const kv_seq *cs = kv_at(s, li, b->slot[idx[j]]);
-        /* entries are in position order: a causal prefix, from the first one still held */
-        int n_ctx = s->ent[j] + 1 - cs->lo;
+        /* entries are in position order: a causal prefix, from the first one still held
+         * (a window: from the first one within it) */
+        const int e0 = window_start(&s->pool, cs, s->ent[j], b->pos[idx[j]], win);
+        int n_ctx = s->ent[j] + 1 - e0;
         ctx_total += n_ctx;
         /* the grp query heads sharing KV head kh are contiguous in q: one pass over K/V */
         for (int kh = 0; kh < nkv; kh++) {
@@ -91,7 +132,7 @@ static double attention(stage_state *s, int li, const layer_w *L, const stage_ba
                                       .v = s->pool.v + (size_t)kh * hd,
                                       .pages = cs->pt,
                                       .page = s->pool.page,
-                                      .t0 = cs->lo,
+                                      .t0 = e0,
                                       .page_stride = ps,
                                       .stride = (size_t)kvd};
             stage_attend_paged(s->q + (size_t)j * qd + (size_t)kh * grp * hd, grp, &kv, n_ctx, hd,
@@ -99,6 +140,7 @@ static double attention(stage_state *s, int li, const layer_w *L, const stage_ba
         }
     }
     mm(s, s->att, m, &L->wo, &L->to, 1, 0, s->a);
+    add_bias(s->a, m, c->hidden, L->bo);
     return ctx_total;
 }
 
@@ -108,8 +150,11 @@ static void mlp(stage_state *s, const layer_w *L, int m)
     const int I = s->ff_l; /* this rank's intermediate features (all on one rank) */
     mm(s, s->h2, m, &L->w_gate, &L->tgate, 0, 1, s->f1);
     mm(s, s->h2, m, &L->w_up, &L->tup, 0, 1, s->f3);
+    add_bias(s->f1, m, I, L->bgate ? L->bgate + s->ff_off : NULL);
+    add_bias(s->f3, m, I, L->bup ? L->bup + s->ff_off : NULL);
     stage_swiglu(s->f1, s->f3, (long)m * I);
     mm(s, s->f1, m, &L->w_down, &L->tdown, 1, 0, s->mo);
+    add_bias(s->mo, m, s->m->cfg.hidden, L->bdown);
 }
 
 /* Mixture of experts on h2 [m][D] into s->mo. staged: softmax over E, top experts_per_token,
@@ -226,11 +271,12 @@ static int route_rows(stage_state *s, int l, const stage_batch *b, const float *
     return m;
 }
 
-static void count_attn(stage_layer_stats *st, const stage_config *c, const stage_batch *b,
+/* win: the layer's sliding window (0: none) — a dense layer would attend min(pos + 1, win) */
+static void count_attn(stage_layer_stats *st, const stage_config *c, const stage_batch *b, int win,
                        double rows_done, double ctx_done)
 {
     double dense_ctx = 0.0;
-    for (int i = 0; i < b->n; i++) dense_ctx += b->pos[i] + 1;
+    for (int i = 0; i < b->n; i++) dense_ctx += win > 0 && b->pos[i] >= win ? win : b->pos[i] + 1;
     st->flops += rows_done * stage_flops_attn_proj(c) + stage_flops_attn_ctx(c, ctx_done);
     st->flops_dense += b->n * stage_flops_attn_proj(c) + stage_flops_attn_ctx(c, dense_ctx);
 }
@@ -268,7 +314,7 @@ static int block_routed(stage_state *s, int li, int l, const layer_w *L, const s
         for (int i = 0; i < D; i++) xo[i] = xi[i] + g * (a[i] + mo[i]);
     }
     st->kv_entries += m;
-    count_attn(st, c, b, m, ctx);
+    count_attn(st, c, b, stage_layer_window(c, l), m, ctx);
     if (L->kind == STAGE_KIND_MODE_STAGED) {
         double per_row = stage_flops_gate(c, L->n_gate);
         st->flops += m * per_row + evals * stage_flops_expert(c);
@@ -379,7 +425,7 @@ static int block_full(stage_state *s, int li, int l, const layer_w *L, const sta
     }
     st->active += nk;
     st->kv_entries += nk;
-    count_attn(st, c, b, nk, ctx);
+    count_attn(st, c, b, stage_layer_window(c, l), nk, ctx);
     if (L->kind == STAGE_KIND_MODE_INTEGRATED) {
         double per_row = stage_flops_gate(c, L->n_gate);
         st->flops += m * per_row + evals * stage_flops_expert(c);

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "stage/arch.h"
 #include "stage/kernels.h"
 
 /* ========================================================================================
@@ -126,9 +127,32 @@ static int load_layer(stage_model *m, int l, char *err, size_t errlen)
     NEED0(get_pm(m, name, kvd, D, &L->wv, &L->tv, err, errlen));
     LNAME(name, l, "self_attn.o_proj.weight");
     NEED0(get_pm(m, name, D, qd, &L->wo, &L->to, err, errlen));
+    if (c->qkv_bias) {
+        LNAME(name, l, "self_attn.q_proj.bias");
+        NEED(L->bq = get_w(m, name, 1, qd, 0, err, errlen));
+        LNAME(name, l, "self_attn.k_proj.bias");
+        NEED(L->bk = get_w(m, name, 1, kvd, 0, err, errlen));
+        LNAME(name, l, "self_attn.v_proj.bias");
+        NEED(L->bv = get_w(m, name, 1, kvd, 0, err, errlen));
+    }
+    if (c->o_bias) {
+        LNAME(name, l, "self_attn.o_proj.bias");
+        NEED(L->bo = get_w(m, name, 1, D, 0, err, errlen));
+    }
+    if (c->qk_norm) {
+        LNAME(name, l, "self_attn.q_norm.weight");
+        NEED(L->qnorm = get_w(m, name, 1, hd, 0, err, errlen));
+        LNAME(name, l, "self_attn.k_norm.weight");
+        NEED(L->knorm = get_w(m, name, 1, hd, 0, err, errlen));
+    }
 
     if (L->kind == STAGE_KIND_MODE_STAGED || L->kind == STAGE_KIND_MODE_INTEGRATED) {
         int E = c->n_experts, Ie = c->expert_inter;
+        if (c->mlp_bias) { /* the experts have no biases: mlp_bias has no meaning there */
+            snprintf(err, errlen, "layer %d: mlp_bias with a %s layer is not supported", l,
+                     stage_kind_name(L->kind));
+            return -1;
+        }
         L->n_gate = E + (L->kind == STAGE_KIND_MODE_INTEGRATED ? c->n_noop_experts : 0);
         LNAME(name, l, "block_sparse_moe.gate.weight");
         NEED0(get_m(m, name, L->n_gate, D, &L->moe_gate, err, errlen));
@@ -166,6 +190,14 @@ static int load_layer(stage_model *m, int l, char *err, size_t errlen)
         NEED0(get_pm(m, name, c->inter, D, &L->w_up, &L->tup, err, errlen));
         LNAME(name, l, "mlp.down_proj.weight");
         NEED0(get_pm(m, name, D, c->inter, &L->w_down, &L->tdown, err, errlen));
+        if (c->mlp_bias) {
+            LNAME(name, l, "mlp.gate_proj.bias");
+            NEED(L->bgate = get_w(m, name, 1, c->inter, 0, err, errlen));
+            LNAME(name, l, "mlp.up_proj.bias");
+            NEED(L->bup = get_w(m, name, 1, c->inter, 0, err, errlen));
+            LNAME(name, l, "mlp.down_proj.bias");
+            NEED(L->bdown = get_w(m, name, 1, D, 0, err, errlen));
+        }
     }
     if (L->kind == STAGE_KIND_MINDSKIP || stage_kind_is_routed(L->kind))
         return load_router(m, l, err, errlen);
@@ -224,7 +256,9 @@ static int check_tensor_names(const st_model *st, const stage_config *cfg, char 
                 l = l * 10 + (*p++ - '0');
                 digits++;
             }
-            if (digits && *p == '.' && l < cfg->n_layers && known_layer_tensor(p + 1)) continue;
+            if (digits && *p == '.' && l < cfg->n_layers &&
+                (known_layer_tensor(p + 1) || stage_arch_tensor_used(cfg, p + 1)))
+                continue;
             if (digits && *p == '.' && l >= cfg->n_layers) {
                 snprintf(err, errlen, "tensor %s: layer %ld, but num_hidden_layers is %d", nm, l,
                          cfg->n_layers);
@@ -232,9 +266,9 @@ static int check_tensor_names(const st_model *st, const stage_config *cfg, char 
             }
         }
         snprintf(err, errlen,
-                 "tensor %s is not part of the Llama block this engine computes "
-                 "(a bias, norm or layer it would ignore, changing the results): refused",
-                 nm);
+                 "tensor %s is not part of the %s block config.json describes "
+                 "(a bias, norm or layer the engine would ignore, changing the results): refused",
+                 nm, stage_arch_name(cfg->arch));
         return -1;
     }
     return 0;
@@ -289,7 +323,7 @@ int stage_model_load_tp(const char *dir, const stage_config *cfg, stage_range ra
     m->weights_dtype = weights_dtype;
     m->tp = tp && stage_tp_size(tp) > 1 ? tp : NULL;
     m->has_head = range.head;
-    stage_rope_inv_freq(cfg->rope_theta, cfg->head_dim, m->inv_freq);
+    stage_arch_inv_freq(cfg, m->inv_freq);
 
     char e2[512];
     if (st_open(dir, &m->st, e2, sizeof e2)) {

@@ -22,7 +22,13 @@ typedef struct {
     stage_weight wo;           /* [D][n_heads*hd] */
     stage_weight w_gate, w_up; /* [I][D] dense MLP */
     stage_weight w_down;       /* [D][I] */
-    stage_weight moe_gate;     /* [n_gate][D]: E (staged) or E + N_noop (integrated) */
+    /* block-variant vectors (f32, NULL when the config has none: docs/SPEC.md §10) */
+    const float *bq, *bk, *bv;  /* [n_heads*hd], [n_kv*hd], [n_kv*hd] q/k/v_proj.bias */
+    const float *bo;            /* [D] o_proj.bias */
+    const float *bgate, *bup;   /* [I] gate/up_proj.bias */
+    const float *bdown;         /* [D] down_proj.bias */
+    const float *qnorm, *knorm; /* [hd] per-head RMSNorm of q and k (Qwen3) */
+    stage_weight moe_gate;      /* [n_gate][D]: E (staged) or E + N_noop (integrated) */
     int n_gate;
     stage_weight *ew1, *ew3; /* [E] -> [Ie][D] */
     stage_weight *ew2;       /* [E] -> [D][Ie] */
@@ -63,6 +69,8 @@ struct stage_state {
     stage_tp *tp;       /* m->tp: NULL on one rank */
     int nh_l, nkv_l;    /* query / KV heads on this rank */
     int ff_l, fe_l;     /* intermediate / expert-intermediate features on this rank */
+    int q_off, kv_off;  /* this rank's first q / k-v feature (bias slices), 0 on one rank */
+    int ff_off;         /* this rank's first intermediate feature */
     double tp_io_bytes; /* group bytes outside the layers (micro-batch in, LM head) */
     int tp_stopped;     /* leader: STOP was sent */
     /* follower copies of what the leader broadcasts */

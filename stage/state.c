@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "base/err.h"
+#include "stage/arch.h"
 #include "stage/kernels.h"
 
 /* ========================================================================================
@@ -18,6 +19,16 @@ stage_state *stage_state_init(const stage_model *m, int n_slots, int max_rows, i
                               char *err, size_t errlen)
 {
     return stage_state_init_kv(m, n_slots, max_rows, max_seq, NULL, err, errlen);
+}
+
+/* Pages one (layer, slot) cache can hold at once: ceil(max_seq / page); on a windowed layer
+ * (docs/SPEC.md §10.4) the W - 1 entries still visible plus a micro-batch's rows, over at
+ * most one more page than they fill (the window starts inside a page). */
+static int kv_layer_max_pages(const stage_state *s, int layer, int page)
+{
+    long w = stage_layer_window(&s->m->cfg, layer);
+    long win = w > 0 ? (w - 1 + s->max_rows + page - 1) / page + 1 : s->kv_max_pages;
+    return win < s->kv_max_pages ? (int)win : s->kv_max_pages;
 }
 
 stage_state *stage_state_init_kv(const stage_model *m, int n_slots, int max_rows, int max_seq,
@@ -54,16 +65,21 @@ stage_state *stage_state_init_kv(const stage_model *m, int n_slots, int max_rows
     s->fe_l = c->expert_inter;
     if (s->tp) {
         int off;
-        s->ff_l = stage_tp_split(s->tp, c->inter, &off);
+        s->ff_l = stage_tp_split(s->tp, c->inter, &s->ff_off);
         s->fe_l = stage_tp_split(s->tp, c->expert_inter, &off);
+        stage_tp_split(s->tp, (int)qd, &s->q_off); /* head-aligned: K divides the heads */
+        stage_tp_split(s->tp, (int)kvd, &s->kv_off);
     }
     const size_t kvd_l = (size_t)s->nkv_l * c->head_dim;        /* this rank's K/V width */
     const size_t n_seq = (size_t)s->n_layers * (size_t)n_slots; /* (layer, slot) caches */
     /* The pool: by default every position of every slot on every layer (the most the cache
-     * can hold); a byte budget gives fewer pages (docs/SPEC.md §11). */
+     * can hold; a windowed layer recycles its pages and holds at most the window's, §10.4);
+     * a byte budget gives fewer pages (docs/SPEC.md §11). */
     s->kv_max_pages = (max_seq + page - 1) / page;
     const size_t pb = kv_page_bytes(page, kvd_l);
-    const double full = (double)n_seq * s->kv_max_pages;
+    double full = 0;
+    for (int li = 0; li < s->n_layers; li++)
+        full += (double)n_slots * kv_layer_max_pages(s, m->range.first + li, page);
     double n_pages = full;
     if (kvo && kvo->mem_bytes) {
         n_pages = floor((double)kvo->mem_bytes / (double)pb);

@@ -474,7 +474,16 @@ static void test_spec_errors(void)
              "m.yaml:8:22: mode.experts_per_token: 3 is more than num_experts (2)");
     SPEC_ERR("num_attention_heads: 4\nmod:\n  capacty: 0.5\n",
              "m.yaml:7:12: unknown key mod.capacty");
-    SPEC_ERR("num_attention_heads: 4\nhead_dim: 16\n", "m.yaml:6:11: unknown key head_dim");
+    SPEC_ERR("num_attention_heads: 4\nrope_scalng: 2\n", "m.yaml:6:14: unknown key rope_scalng");
+    /* the block-variant keys go through config.json's own parser (docs/SPEC.md §10) */
+    SPEC_ERR("num_attention_heads: 4\nmodel_type: gemma\n",
+             "m.yaml: as config.json: model_type: \"gemma\" is not supported");
+    SPEC_ERR("num_attention_heads: 4\nmodel_type: qwen3\nhead_dim: 15\n",
+             "m.yaml:7:11: head_dim: 15 must be even");
+    SPEC_ERR("num_attention_heads: 4\nrope_scaling:\n  factor: 2\n",
+             "give rope_scaling.rope_type too");
+    SPEC_ERR("num_attention_heads: 4\nrope_scaling:\n  rope_type: yarn\n",
+             "rope_scaling.rope_type: \"yarn\" is not supported");
     SPEC_ERR("num_attention_heads: 4\nmod: 0.5\n", "m.yaml:6:6: unknown key mod");
     SPEC_ERR("num_attention_heads: 4\ntie_word_embeddings: maybe\n",
              "m.yaml:6:22: tie_word_embeddings: expected true or false, got 'maybe'");
@@ -998,12 +1007,14 @@ static void test_partition_memory(void)
 }
 
 /* The plan's weight bytes are what the loader holds: every fixture (f32, bf16; dense, mod,
- * predictor, topk, MoDE, mindskip, mixed), each stage of a 3-stage plan. */
+ * predictor, topk, MoDE, mindskip, mixed; the block families), each stage of a 3-stage plan. */
 static void test_plan_weights_match_loader(void)
 {
-    static const char *models[] = {"dense",           "mod",      "mod_all",
-                                   "mod_predictor",   "mod_topk", "mode_staged",
-                                   "mode_integrated", "mindskip", "mixed"};
+    static const char *models[] = {"dense", "mod", "mod_all", "mod_predictor", "mod_topk",
+                                   "mode_staged", "mode_integrated", "mindskip", "mixed",
+                                   /* docs/SPEC.md §10: biases, q/k norms, tied, MoDE */
+                                   "arch/llama3", "arch/qwen2", "arch/qwen3_mod", "arch/qwen3_mode",
+                                   "arch/mistral_mod"};
     const char *fix = getenv("MODPIPE_FIXTURES") ? getenv("MODPIPE_FIXTURES") : "tests/fixtures";
     for (size_t i = 0; i < sizeof models / sizeof *models; i++) {
         char dir[512], err[ERRLEN];

@@ -194,6 +194,8 @@ static void test_chat_templates(void)
         {"zephyr", m, 2, "<|system|>\nS</s>\n<|user|>\nU</s>\n<|assistant|>\n"},
         {"llama2", m, 2, "[INST] <<SYS>>\nS\n<</SYS>>\n\nU [/INST]"},
         {"llama2", m2, 4, "[INST] <<SYS>>\nS\n<</SYS>>\n\nU [/INST] A </s><s>[INST] V [/INST]"},
+        {"mistral", m2, 4, "[INST] S\n\nU [/INST]A</s>[INST] V [/INST]"},
+        {"mistral", m + 1, 1, "[INST] U [/INST]"},
         {"plain", m, 3, "S\nU\nA"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -215,6 +217,17 @@ static void test_chat_templates(void)
     fclose(f);
     CU_ASSERT_STRING_EQUAL(serve_chat_name(serve_chat_detect(dir)), "chatml");
     CU_ASSERT_STRING_EQUAL(serve_chat_name(serve_chat_detect("/nonexistent")), "plain");
+    /* Mistral's template has [INST] without Llama 2's <<SYS>> */
+    f = fopen(path, "w");
+    fputs("{\"chat_template\":\"{{ bos_token }}{% for message in messages %}{{ '[INST] ' + "
+          "message['content'] + ' [/INST]' }}{% endfor %}\"}",
+          f);
+    fclose(f);
+    CU_ASSERT_STRING_EQUAL(serve_chat_name(serve_chat_detect(dir)), "mistral");
+    f = fopen(path, "w");
+    fputs("{\"chat_template\":\"[INST] <<SYS>>\\n{{ system }}\"}", f);
+    fclose(f);
+    CU_ASSERT_STRING_EQUAL(serve_chat_name(serve_chat_detect(dir)), "llama2");
     rm_tmpdir(dir);
 }
 

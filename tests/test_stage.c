@@ -879,6 +879,13 @@ static void test_weights_f16_mode_integrated(void)
     check_weights_dtype("mode_integrated", STAGE_F16);
 }
 static void test_weights_f16_mod(void) { check_weights_dtype("mod", STAGE_F16); }
+/* the block variants of docs/SPEC.md §10 (biases, q/k norms stay f32 vectors) */
+static void test_weights_bf16_qwen3_mod(void) { check_weights_dtype("arch/qwen3_mod", STAGE_BF16); }
+static void test_weights_f16_mistral_mod(void)
+{
+    check_weights_dtype("arch/mistral_mod", STAGE_F16);
+}
+static void test_weights_bf16_llama3(void) { check_weights_dtype("arch/llama3", STAGE_BF16); }
 
 /* ================================================================== */
 /* 3. every layer type on a tiny model vs a double-precision reference */
@@ -2381,15 +2388,26 @@ int main(void)
         T_(test_convert_bf16), T_(test_convert_f16),
     };
     static const test_def fixtures_t[] = {
-        T_(test_gen_dense),          T_(test_gen_mod),
-        T_(test_gen_mod_all),        T_(test_gen_mod_predictor),
-        T_(test_gen_mode_staged),    T_(test_gen_mode_integrated),
-        T_(test_gen_mindskip),       T_(test_gen_mindskip_token),
-        T_(test_gen_mixed),          T_(test_eval_dense),
-        T_(test_eval_mod),           T_(test_eval_mod_topk),
-        T_(test_eval_mixed),         T_(test_weights_bf16_dense),
-        T_(test_weights_bf16_mixed), T_(test_weights_f16_mode_integrated),
+        T_(test_gen_dense),
+        T_(test_gen_mod),
+        T_(test_gen_mod_all),
+        T_(test_gen_mod_predictor),
+        T_(test_gen_mode_staged),
+        T_(test_gen_mode_integrated),
+        T_(test_gen_mindskip),
+        T_(test_gen_mindskip_token),
+        T_(test_gen_mixed),
+        T_(test_eval_dense),
+        T_(test_eval_mod),
+        T_(test_eval_mod_topk),
+        T_(test_eval_mixed),
+        T_(test_weights_bf16_dense),
+        T_(test_weights_bf16_mixed),
+        T_(test_weights_f16_mode_integrated),
         T_(test_weights_f16_mod),
+        T_(test_weights_bf16_qwen3_mod),
+        T_(test_weights_f16_mistral_mod),
+        T_(test_weights_bf16_llama3),
     };
     static const test_def layers[] = {
         T_(test_layer_dense_hand),      T_(test_layer_mod_hand),

@@ -315,6 +315,7 @@ static void test_fixture_stories(void) { run_fixture("stories260K"); }
 static void test_fixture_metaspace(void) { run_fixture("metaspace"); }
 static void test_fixture_gpt2(void) { run_fixture("gpt2"); }
 static void test_fixture_llama3style(void) { run_fixture("llama3style"); }
+static void test_fixture_qwen2style(void) { run_fixture("qwen2style"); }
 
 static void load_fails(const char *json, const char *needle);
 
@@ -794,6 +795,8 @@ int main(void)
     CU_add_test(s, "reference: Metaspace variant", test_fixture_metaspace);
     CU_add_test(s, "reference: gpt2 (byte level)", test_fixture_gpt2);
     CU_add_test(s, "reference: Llama-3 style (Split regex, pair merges)", test_fixture_llama3style);
+    CU_add_test(s, "reference: Qwen2 style (NFC, Qwen2's Split regex, chat markers)",
+                test_fixture_qwen2style);
     CU_add_test(s, "hand-made: merges, ignore_merges, unk, Split behaviours, added tokens, configs",
                 test_hand_made);
     CU_add_test(s, "load / encode / decode errors", test_errors);

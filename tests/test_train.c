@@ -52,6 +52,20 @@ static int add(st_writer *w, const char *name, int64_t d0, int64_t d1, const flo
     return st_writer_add(w, name, STAGE_F32, d1 ? 2 : 1, shape, data);
 }
 
+/* Block variant of the models written (docs/SPEC.md §10): 0 plain Llama; 1 qwen3 (q/k norms,
+ * q/k/v/o biases, linear RoPE, a window of 3 on layers >= 1); 2 llama (q/k/v/o and MLP
+ * biases, llama3 RoPE). */
+static int g_variant;
+static const char *const VARIANT_KEYS[] = {
+    "",
+    ", \"model_type\": \"qwen3\", \"head_dim\": 4, \"attention_bias\": true,"
+    " \"use_sliding_window\": true, \"sliding_window\": 3, \"max_window_layers\": 1,"
+    " \"rope_scaling\": {\"type\": \"linear\", \"factor\": 2.0}",
+    ", \"model_type\": \"llama\", \"attention_bias\": true, \"mlp_bias\": true,"
+    " \"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 4.0, \"low_freq_factor\": 1.0,"
+    " \"high_freq_factor\": 4.0, \"original_max_position_embeddings\": 8}",
+};
+
 /* A 3-layer random model. kinds: layer_types JSON list text; rw/rb: routers written for the
  * mindskip layers (NULL: none). */
 static int write_model(const char *dir, const char *kinds, const char *gran, const double *rw,
@@ -66,8 +80,8 @@ static int write_model(const char *dir, const char *kinds, const char *gran, con
             " \"num_key_value_heads\": %d, \"num_hidden_layers\": %d, \"vocab_size\": %d,\n"
             " \"rms_norm_eps\": 1e-5, \"rope_theta\": 100.0, \"max_position_embeddings\": 32,\n"
             " \"tie_word_embeddings\": false, \"layer_types\": %s,\n"
-            " \"mindskip\": {\"granularity\": \"%s\", \"threshold\": 0.5}}\n",
-            D, FF, NH, NKV, NL, V, kinds, gran);
+            " \"mindskip\": {\"granularity\": \"%s\", \"threshold\": 0.5}%s}\n",
+            D, FF, NH, NKV, NL, V, kinds, gran, VARIANT_KEYS[g_variant]);
     if (fclose(f)) return -1;
     g_lcg = 4242u;
     static float buf[4096];
@@ -92,6 +106,21 @@ static int write_model(const char *dir, const char *kinds, const char *gran, con
         LA("mlp.gate_proj.weight", FF, D, 0.6, 0);
         LA("mlp.up_proj.weight", FF, D, 0.6, 0);
         LA("mlp.down_proj.weight", D, FF, 0.6, 0);
+        if (g_variant) {
+            LA("self_attn.q_proj.bias", NH * HD, 0, 0.5, 0);
+            LA("self_attn.k_proj.bias", NKV * HD, 0, 0.5, 0);
+            LA("self_attn.v_proj.bias", NKV * HD, 0, 0.5, 0);
+            LA("self_attn.o_proj.bias", D, 0, 0.3, 0);
+        }
+        if (g_variant == 1) {
+            LA("self_attn.q_norm.weight", HD, 0, 0.3, 1.0);
+            LA("self_attn.k_norm.weight", HD, 0, 0.3, 1.0);
+        }
+        if (g_variant == 2) {
+            LA("mlp.gate_proj.bias", FF, 0, 0.3, 0);
+            LA("mlp.up_proj.bias", FF, 0, 0.3, 0);
+            LA("mlp.down_proj.bias", D, 0, 0.3, 0);
+        }
 #undef LA
     }
     fill(buf, D, 0.3, 1.0);
@@ -415,6 +444,20 @@ static void engine_vs_train(stage_granularity gran)
 static void test_engine_sequence(void) { engine_vs_train(STAGE_GRAN_SEQUENCE); }
 static void test_engine_token(void) { engine_vs_train(STAGE_GRAN_TOKEN); }
 
+/* The block variants: gradients through biases, q/k norms, scaled RoPE and windows, and the
+ * STE forward = the engine on the same model. */
+static void variant_checks(int variant)
+{
+    g_variant = variant;
+    check(STAGE_GRAN_TOKEN, TRAIN_GATE_STE, TRAIN_PENALTY_LAYER);
+    check(STAGE_GRAN_SEQUENCE, TRAIN_GATE_SOFT, TRAIN_PENALTY_GLOBAL);
+    engine_vs_train(STAGE_GRAN_TOKEN);
+    engine_vs_train(STAGE_GRAN_SEQUENCE);
+    g_variant = 0;
+}
+static void test_variant_qwen3(void) { variant_checks(1); }
+static void test_variant_llama3(void) { variant_checks(2); }
+
 static void test_penalty(void)
 {
     train_setup s = setup_of(STAGE_GRAN_SEQUENCE, TRAIN_GATE_STE, TRAIN_PENALTY_GLOBAL);
@@ -552,6 +595,9 @@ int main(void)
     CU_add_test(s, "f32 against f64", test_f32_vs_f64);
     CU_add_test(s, "STE forward = engine, sequence granularity", test_engine_sequence);
     CU_add_test(s, "STE forward = engine, token granularity", test_engine_token);
+    CU_add_test(s, "qwen3 block (q/k norms, biases, window, linear RoPE): gradients, engine",
+                test_variant_qwen3);
+    CU_add_test(s, "llama block (all biases, llama3 RoPE): gradients, engine", test_variant_llama3);
     CU_add_test(s, "penalty known answers", test_penalty);
     CU_add_test(s, "AdamW known answers", test_adamw);
     CU_add_test(s, "bad input", test_bad_input);

@@ -730,12 +730,14 @@ static int parse_normalizer(tok_ld *ld, const cJSON *j, int depth)
         }
         n.str_len = strlen(c->valuestring);
         n.str = tok_strndup(c->valuestring, n.str_len);
+    } else if (strcmp(ty, "NFC") == 0) { /* Unicode canonical composition (ICU) */
+        n.kind = TOK_NORM_NFC;
     } else {
-        LD_ERR(ld, "normalizer type \"%s\" is not supported (Prepend, Replace, Sequence)", ty);
+        LD_ERR(ld, "normalizer type \"%s\" is not supported (Prepend, Replace, NFC, Sequence)", ty);
         return -1;
     }
     tok_norm *nn = realloc(t->norm, (size_t)(t->n_norm + 1) * sizeof *nn);
-    if (!n.str || !nn) {
+    if ((!n.str && n.kind != TOK_NORM_NFC) || !nn) {
         free(n.str);
         free(n.lit);
         pcre2_code_free(n.re);

@@ -13,9 +13,12 @@
  * Memory: one workspace per call (growable arrays reused across pieces); nothing is cached in
  * the tokenizer, so concurrent calls on one tokenizer are safe.
  */
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unicode/unorm2.h>
+#include <unicode/ustring.h>
 
 #include "tok/tok.h"
 #include "tok/tok_impl.h"
@@ -51,6 +54,8 @@ typedef struct {
     tok_pieces p[2];           /* ping-pong between pre-tokenizer steps */
     char *nbuf[2];             /* normalizer ping-pong, [nbuf_cap[i]] */
     size_t nbuf_cap[2];
+    UChar *u16[2]; /* NFC: the text as UTF-16 and its normal form, [u16_cap[i]] */
+    size_t u16_cap[2];
     /* BPE, [sym_cap] each */
     int32_t *sym, *prev, *next;
     size_t sym_cap;
@@ -165,6 +170,38 @@ static int norm_next(tok_ws *w, const tok_norm *n, const char *s, size_t len, si
     return 1;
 }
 
+/* dst = NFC(src [len]) in w->nbuf[which] (*dlen bytes). ICU works on UTF-16: the text goes
+ * there and back through the workspace's buffers, which grow with the text and are kept. */
+static int nfc(tok_ws *w, const char *src, size_t len, int which, size_t *dlen)
+{
+    UErrorCode st = U_ZERO_ERROR;
+    const UNormalizer2 *n2 = unorm2_getNFCInstance(&st);
+    if (U_FAILURE(st) || len > INT32_MAX / 2) {
+        base_set_err(w->err, w->errlen, "%s: NFC normalizer: %s", w->t->name,
+                     U_FAILURE(st) ? u_errorName(st) : "text too long");
+        return -1;
+    }
+    /* UTF-8 -> UTF-16 at most one unit per byte; NFC of UTF-16 at most 3x (Unicode's bound) */
+    if (grow((void **)&w->u16[0], &w->u16_cap[0], len + 1, sizeof(UChar)) ||
+        grow((void **)&w->u16[1], &w->u16_cap[1], 3 * len + 1, sizeof(UChar)))
+        return ws_oom(w);
+    int32_t n16 = 0, nn = 0, n8 = 0;
+    u_strFromUTF8(w->u16[0], (int32_t)w->u16_cap[0], &n16, src, (int32_t)len, &st);
+    if (U_SUCCESS(st))
+        nn = unorm2_normalize(n2, w->u16[0], n16, w->u16[1], (int32_t)w->u16_cap[1], &st);
+    /* back to UTF-8: at most 3 bytes per UTF-16 unit */
+    if (U_SUCCESS(st) && grow((void **)&w->nbuf[which], &w->nbuf_cap[which], 3 * (size_t)nn + 1, 1))
+        return ws_oom(w);
+    if (U_SUCCESS(st))
+        u_strToUTF8(w->nbuf[which], (int32_t)w->nbuf_cap[which], &n8, w->u16[1], nn, &st);
+    if (U_FAILURE(st)) {
+        base_set_err(w->err, w->errlen, "%s: NFC normalizer: %s", w->t->name, u_errorName(st));
+        return -1;
+    }
+    *dlen = (size_t)n8;
+    return 0;
+}
+
 static int normalize(tok_ws *w, const char *s, size_t len, const char **out, size_t *olen)
 {
     const tok_tokenizer *t = w->t;
@@ -173,7 +210,9 @@ static int normalize(tok_ws *w, const char *s, size_t len, const char **out, siz
     int which = 0;
     for (int k = 0; k < t->n_norm; k++) {
         const tok_norm *n = &t->norm[k];
-        if (n->kind == TOK_NORM_PREPEND) {
+        if (n->kind == TOK_NORM_NFC) {
+            if (nfc(w, cur, cl, which, &cl)) return -1;
+        } else if (n->kind == TOK_NORM_PREPEND) {
             if (cl == 0) continue; /* nothing to prepend to */
             if (grow((void **)&w->nbuf[which], &w->nbuf_cap[which], cl + n->str_len + 1, 1))
                 return ws_oom(w);
@@ -524,6 +563,7 @@ static void ws_free(tok_ws *w)
         free(w->p[i].buf);
         free(w->p[i].sp);
         free(w->nbuf[i]);
+        free(w->u16[i]);
     }
     free(w->sym);
     free(w->prev);

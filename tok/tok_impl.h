@@ -54,7 +54,7 @@ typedef struct {
 } tok_merges;
 
 /* ---- normalizers ---- */
-typedef enum { TOK_NORM_PREPEND, TOK_NORM_REPLACE } tok_norm_kind;
+typedef enum { TOK_NORM_PREPEND, TOK_NORM_REPLACE, TOK_NORM_NFC } tok_norm_kind;
 typedef struct {
     tok_norm_kind kind;
     char *str; /* PREPEND: the prefix; REPLACE: the replacement content */

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "stage/arch.h"
 #include "stage/kernels.h"
 #include "stage/safetensors.h"
 
@@ -14,6 +15,8 @@
 
 typedef struct {
     const float *ln1, *ln2, *wq, *wk, *wv, *wo, *wg, *wu, *wd;
+    /* block-variant vectors (docs/SPEC.md §10), NULL when the config has none */
+    const float *bq, *bk, *bv, *bo, *bg, *bu, *bd, *qn, *kn;
 } lw_f32;
 
 struct train_model {
@@ -134,6 +137,21 @@ int train_model_load(const char *dir, train_model **out, char *err, size_t errle
         GET(L->wg, "mlp.gate_proj.weight", c->inter, D);
         GET(L->wu, "mlp.up_proj.weight", c->inter, D);
         GET(L->wd, "mlp.down_proj.weight", D, c->inter);
+        if (c->qkv_bias) {
+            GET(L->bq, "self_attn.q_proj.bias", qd, 0);
+            GET(L->bk, "self_attn.k_proj.bias", kvd, 0);
+            GET(L->bv, "self_attn.v_proj.bias", kvd, 0);
+        }
+        if (c->o_bias) GET(L->bo, "self_attn.o_proj.bias", D, 0);
+        if (c->mlp_bias) {
+            GET(L->bg, "mlp.gate_proj.bias", c->inter, 0);
+            GET(L->bu, "mlp.up_proj.bias", c->inter, 0);
+            GET(L->bd, "mlp.down_proj.bias", D, 0);
+        }
+        if (c->qk_norm) {
+            GET(L->qn, "self_attn.q_norm.weight", c->head_dim, 0);
+            GET(L->kn, "self_attn.k_norm.weight", c->head_dim, 0);
+        }
     }
 #undef GET
     if (!(m->embed = get2(m, "model.embed_tokens.weight", c->vocab, D, err, errlen)) ||
@@ -186,7 +204,8 @@ static int make_wts(train_ws *ws, char *err, size_t errlen)
         }
         for (int l = 0; l < nl; l++) {
             const lw_f32 *s = &m->L[l];
-            L[l] = (lw_f){s->ln1, s->ln2, s->wq, s->wk, s->wv, s->wo, s->wg, s->wu, s->wd};
+            L[l] = (lw_f){s->ln1, s->ln2, s->wq, s->wk, s->wv, s->wo, s->wg, s->wu, s->wd,
+                          s->bq,  s->bk,  s->bv, s->bo, s->bg, s->bu, s->bd, s->qn, s->kn};
         }
         w->L = L;
         w->embed = m->embed;
@@ -196,6 +215,8 @@ static int make_wts(train_ws *ws, char *err, size_t errlen)
         return 0;
     }
     size_t per = 2 * D + qd * D + 2 * kvd * D + D * qd + 3 * FF * D;
+    per += (c->qkv_bias ? qd + 2 * kvd : 0) + (c->o_bias ? D : 0) + (c->mlp_bias ? 2 * FF + D : 0) +
+           (c->qk_norm ? 2 * (size_t)c->head_dim : 0);
     size_t total = per * nl + V * D + D + (c->tie_embeddings ? 0 : V * D);
     if (!m->dbl) {
         m->dbl = malloc(total * sizeof(double));
@@ -225,6 +246,16 @@ static int make_wts(train_ws *ws, char *err, size_t errlen)
         L[l].wg = to_dbl(&p, s->wg, FF * D);
         L[l].wu = to_dbl(&p, s->wu, FF * D);
         L[l].wd = to_dbl(&p, s->wd, D * FF);
+        const size_t hd = (size_t)c->head_dim;
+        L[l].bq = s->bq ? to_dbl(&p, s->bq, qd) : NULL;
+        L[l].bk = s->bk ? to_dbl(&p, s->bk, kvd) : NULL;
+        L[l].bv = s->bv ? to_dbl(&p, s->bv, kvd) : NULL;
+        L[l].bo = s->bo ? to_dbl(&p, s->bo, D) : NULL;
+        L[l].bg = s->bg ? to_dbl(&p, s->bg, FF) : NULL;
+        L[l].bu = s->bu ? to_dbl(&p, s->bu, FF) : NULL;
+        L[l].bd = s->bd ? to_dbl(&p, s->bd, D) : NULL;
+        L[l].qn = s->qn ? to_dbl(&p, s->qn, hd) : NULL;
+        L[l].kn = s->kn ? to_dbl(&p, s->kn, hd) : NULL;
     }
     w->L = L;
     w->embed = to_dbl(&p, m->embed, V * D);
@@ -300,11 +331,11 @@ train_ws *train_ws_new(train_model *m, const train_setup *s, int max_seqs, int s
     if (use_double) {
         acts_d *A = calloc(1, sizeof *A);
         ws->acts = A;
-        rc = !A || acts_alloc_d(A, ws, c->rope_theta);
+        rc = !A || acts_alloc_d(A, ws, c);
     } else {
         acts_f *A = calloc(1, sizeof *A);
         ws->acts = A;
-        rc = !A || acts_alloc_f(A, ws, c->rope_theta);
+        rc = !A || acts_alloc_f(A, ws, c);
     }
     if (rc) {
         snprintf(err, errlen, "out of memory sizing the training workspace (%d x %d tokens)",

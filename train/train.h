@@ -1,6 +1,8 @@
 /* train/train.h — Router-Tuning core (issue 9, SPEC §2.4): train only MindSkip routers of a
- * frozen dense Llama checkpoint. Pure C, no MPI: the data-parallel driver (cli/routertune.c)
- * splits a batch over ranks and sums what this module returns.
+ * frozen dense checkpoint of any block family stage/ computes (docs/SPEC.md §10: biases, q/k
+ * norms, RoPE scaling and sliding windows are part of the frozen forward). Pure C, no MPI:
+ * the data-parallel driver (cli/routertune.c) splits a batch over ranks and sums what this
+ * module returns.
  *
  * Model: train_model_load() reads DIR/config.json (stage/config.h) and every frozen tensor as
  * f32 through stage/safetensors.h st_get_f32 (embedding, norms, attention, MLP, model.norm,

@@ -10,6 +10,12 @@ typedef struct {
     const R *wo;        /* [D][qd] */
     const R *wg, *wu;   /* [FF][D] */
     const R *wd;        /* [D][FF] */
+    /* docs/SPEC.md §10, NULL when absent: biases (constants: only the forward changes) */
+    const R *bq, *bk, *bv; /* [qd], [kvd], [kvd] */
+    const R *bo;           /* [D] */
+    const R *bg, *bu;      /* [FF] */
+    const R *bd;           /* [D] */
+    const R *qn, *kn;      /* [hd] per-head RMSNorm of q and k before RoPE */
 } RN(lw);
 
 typedef struct {
@@ -48,6 +54,9 @@ typedef struct {
     R *dg;         /* [N] dLoss/dgate (per row or per seq) */
     R *logit;      /* [LCH][V] a chunk of logits / dlogits */
     R *e;          /* [T] attention weights of one query */
+    R *qp, *kp;    /* [nl][N][qd], [nl][N][kvd] q, k before their norms (qk_norm, else [1]) */
+    R *rq, *rk;    /* [nl][N*nh], [nl][N*nkv] their 1/rms per head */
+    R *dqp, *dkp;  /* [N][qd], [N][kvd] */
     R *inv_freq;   /* [hd/2] */
 } RN(acts);
 
@@ -106,12 +115,21 @@ static void RN(rope)(R *v, int nh, int hd, int pos, const R *inv_freq, int dir)
     }
 }
 
+/* y [m][n] += b [n] (b NULL: nothing). */
+static void RN(add_bias)(R *y, int m, int n, const R *b)
+{
+    if (!b) return;
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < n; j++) y[(size_t)i * n + j] += b[j];
+}
+
 static inline R RN(sigm)(R z) { return (R)1 / ((R)1 + EXPR(-z)); }
 
 /* Causal attention of one sequence (rows base .. base+T-1): att = softmax(q k^T / sqrt(hd) +
- * log key weight) v, key j < i weighted by gk[j] (NULL: 1), a row's own key by 1. */
+ * log key weight) v, key j < i weighted by gk[j] (NULL: 1), a row's own key by 1; with a
+ * window win > 0 only keys j > i - win. */
 static void RN(attn_fwd)(const train_ws *ws, RN(acts) * A, const R *q, const R *k, const R *v,
-                         const R *gk, R *att, int base)
+                         const R *gk, R *att, int base, int win)
 {
     const int T = ws->T, nh = ws->nh, nkv = ws->nkv, hd = ws->hd, qd = nh * hd, kvd = nkv * hd;
     const int grp = nh / nkv;
@@ -119,11 +137,12 @@ static void RN(attn_fwd)(const train_ws *ws, RN(acts) * A, const R *q, const R *
     R *e = A->e;
     for (int i = 0; i < T; i++) {
         const size_t ni = (size_t)(base + i);
+        const int j0 = win > 0 && i >= win ? i - win + 1 : 0; /* the window (SPEC §10.4) */
         for (int hh = 0; hh < nh; hh++) {
             const R *qi = q + ni * qd + (size_t)hh * hd;
             const int kh = hh / grp;
             double mx = -INFINITY;
-            for (int j = 0; j <= i; j++) {
+            for (int j = j0; j <= i; j++) {
                 const R *kj = k + (size_t)(base + j) * kvd + (size_t)kh * hd;
                 R d = 0;
                 for (int c = 0; c < hd; c++) d += qi[c] * kj[c];
@@ -133,7 +152,7 @@ static void RN(attn_fwd)(const train_ws *ws, RN(acts) * A, const R *q, const R *
             }
             double Z = 0.0;
             const R mxr = (R)mx;
-            for (int j = 0; j <= i; j++) {
+            for (int j = j0; j <= i; j++) {
                 R wj = EXPR(e[j] - mxr) * ((gk && j < i) ? gk[base + j] : (R)1);
                 e[j] = wj;
                 Z += wj;
@@ -141,7 +160,7 @@ static void RN(attn_fwd)(const train_ws *ws, RN(acts) * A, const R *q, const R *
             R *o = att + ni * qd + (size_t)hh * hd;
             for (int c = 0; c < hd; c++) o[c] = 0;
             const R rZ = (R)(1.0 / Z);
-            for (int j = 0; j <= i; j++) {
+            for (int j = j0; j <= i; j++) {
                 const R *vj = v + (size_t)(base + j) * kvd + (size_t)kh * hd;
                 R p = e[j] * rZ;
                 for (int c = 0; c < hd; c++) o[c] += p * vj[c];
@@ -154,7 +173,7 @@ static void RN(attn_fwd)(const train_ws *ws, RN(acts) * A, const R *q, const R *
  * caller) and, when gk, dgk[j] += dLoss/dgk_j. */
 static void RN(attn_back)(const train_ws *ws, RN(acts) * A, const R *q, const R *k, const R *v,
                           const R *gk, const R *att, const R *datt, R *dq, R *dk, R *dv, R *dgk,
-                          int base)
+                          int base, int win)
 {
     const int T = ws->T, nh = ws->nh, nkv = ws->nkv, hd = ws->hd, qd = nh * hd, kvd = nkv * hd;
     const int grp = nh / nkv;
@@ -162,6 +181,7 @@ static void RN(attn_back)(const train_ws *ws, RN(acts) * A, const R *q, const R 
     R *e = A->e;
     for (int i = 0; i < T; i++) {
         const size_t ni = (size_t)(base + i);
+        const int j0 = win > 0 && i >= win ? i - win + 1 : 0; /* the window (SPEC §10.4) */
         for (int hh = 0; hh < nh; hh++) {
             const R *qi = q + ni * qd + (size_t)hh * hd;
             const R *oi = att + ni * qd + (size_t)hh * hd;
@@ -169,7 +189,7 @@ static void RN(attn_back)(const train_ws *ws, RN(acts) * A, const R *q, const R 
             R *dqi = dq + ni * qd + (size_t)hh * hd;
             const int kh = hh / grp;
             double mx = -INFINITY;
-            for (int j = 0; j <= i; j++) {
+            for (int j = j0; j <= i; j++) {
                 const R *kj = k + (size_t)(base + j) * kvd + (size_t)kh * hd;
                 R d = 0;
                 for (int c = 0; c < hd; c++) d += qi[c] * kj[c];
@@ -179,14 +199,14 @@ static void RN(attn_back)(const train_ws *ws, RN(acts) * A, const R *q, const R 
             }
             double Z = 0.0;
             const R mxr = (R)mx;
-            for (int j = 0; j <= i; j++) {
+            for (int j = j0; j <= i; j++) {
                 e[j] = EXPR(e[j] - mxr); /* unweighted */
                 Z += (double)e[j] * ((gk && j < i) ? (double)gk[base + j] : 1.0);
             }
             R cdo = 0;
             for (int c = 0; c < hd; c++) cdo += doi[c] * oi[c];
             const R rZ = (R)(1.0 / Z);
-            for (int j = 0; j <= i; j++) {
+            for (int j = j0; j <= i; j++) {
                 const size_t nj = (size_t)(base + j);
                 const R *kj = k + nj * kvd + (size_t)kh * hd;
                 const R *vj = v + nj * kvd + (size_t)kh * hd;
@@ -243,6 +263,16 @@ static int RN(forward)(train_ws *ws, RN(acts) * A, const RN(wts) * W, const int3
         RN(mm_nt)(h, N, D, L->wq, qd, q, 0);
         RN(mm_nt)(h, N, D, L->wk, kvd, k, 0);
         RN(mm_nt)(h, N, D, L->wv, kvd, v, 0);
+        RN(add_bias)(q, N, qd, L->bq);
+        RN(add_bias)(k, N, kvd, L->bk);
+        RN(add_bias)(v, N, kvd, L->bv);
+        if (L->qn) { /* per-head norms before RoPE; the inputs kept for the backward */
+            R *qp = A->qp + li * NMAX * qd, *kp = A->kp + li * NMAX * kvd;
+            memcpy(qp, q, (size_t)N * qd * sizeof(R));
+            memcpy(kp, k, (size_t)N * kvd * sizeof(R));
+            RN(rmsnorm)(qp, N * ws->nh, ws->hd, L->qn, ws->eps, q, A->rq + li * NMAX * ws->nh);
+            RN(rmsnorm)(kp, N * ws->nkv, ws->hd, L->kn, ws->eps, k, A->rk + li * NMAX * ws->nkv);
+        }
         for (int n = 0; n < N; n++) {
             RN(rope)(q + (size_t)n * qd, ws->nh, ws->hd, n % T, A->inv_freq, 1);
             RN(rope)(k + (size_t)n * kvd, ws->nkv, ws->hd, n % T, A->inv_freq, 1);
@@ -274,9 +304,11 @@ static int RN(forward)(train_ws *ws, RN(acts) * A, const RN(wts) * W, const int3
                 ws->sig_sum[ri] += sg[gi];
             }
         }
+        const int win = stage_layer_window(&ws->m->cfg, l);
         for (int s = 0; s < n_seq; s++)
-            RN(attn_fwd)(ws, A, q, k, v, tok_gran ? g : NULL, att, s * T);
+            RN(attn_fwd)(ws, A, q, k, v, tok_gran ? g : NULL, att, s * T, win);
         RN(mm_nt)(att, N, qd, L->wo, D, a, 0);
+        RN(add_bias)(a, N, D, L->bo);
         for (int n = 0; n < N; n++) {
             R gs = g ? g[tok_gran ? n : n / T] : (R)1;
             const R *xn = x + (size_t)n * D, *an = a + (size_t)n * D;
@@ -286,12 +318,15 @@ static int RN(forward)(train_ws *ws, RN(acts) * A, const RN(wts) * W, const int3
         RN(rmsnorm)(x2, N, D, L->ln2, ws->eps, A->h2, r2);
         RN(mm_nt)(A->h2, N, D, L->wg, FF, f1, 0);
         RN(mm_nt)(A->h2, N, D, L->wu, FF, f3, 0);
+        RN(add_bias)(f1, N, FF, L->bg);
+        RN(add_bias)(f3, N, FF, L->bu);
         for (size_t i = 0; i < (size_t)N * FF; i++) {
             R s = f1[i] * RN(sigm)(f1[i]);
             A->u[i] = s * f3[i];
         }
         memcpy(A->res, x2, (size_t)N * D * sizeof(R));
         RN(mm_nt)(A->u, N, FF, L->wd, D, A->res, 1);
+        RN(add_bias)(A->res, N, D, L->bd);
     }
 
     /* head: loss and dLoss/dx_L in one pass over chunks of rows */
@@ -384,16 +419,31 @@ static void RN(backward)(train_ws *ws, RN(acts) * A, const RN(wts) * W, const do
         memset(A->dq, 0, (size_t)N * qd * sizeof(R));
         memset(A->dk, 0, (size_t)N * kvd * sizeof(R));
         memset(A->dv, 0, (size_t)N * kvd * sizeof(R));
+        const int win = stage_layer_window(&ws->m->cfg, l);
         for (int s = 0; s < n_seq; s++) {
             RN(attn_back)
-            (ws, A, q, k, v, tok_gran ? g : NULL, att, A->datt, A->dq, A->dk, A->dv, A->dg, s * T);
+            (ws, A, q, k, v, tok_gran ? g : NULL, att, A->datt, A->dq, A->dk, A->dv, A->dg, s * T,
+             win);
         }
         for (int n = 0; n < N; n++) {
             RN(rope)(A->dq + (size_t)n * qd, ws->nh, ws->hd, n % T, A->inv_freq, -1);
             RN(rope)(A->dk + (size_t)n * kvd, ws->nkv, ws->hd, n % T, A->inv_freq, -1);
         }
-        RN(mm_nn)(A->dq, N, qd, L->wq, D, A->dh, 0);
-        RN(mm_nn)(A->dk, N, kvd, L->wk, D, A->dh, 1);
+        const R *dq = A->dq, *dk = A->dk;
+        if (L->qn) { /* through the per-head norms */
+            memset(A->dqp, 0, (size_t)N * qd * sizeof(R));
+            memset(A->dkp, 0, (size_t)N * kvd * sizeof(R));
+            RN(rmsnorm_back)
+            (A->qp + li * NMAX * qd, N * ws->nh, ws->hd, L->qn, A->rq + li * NMAX * ws->nh, A->dq,
+             A->dqp);
+            RN(rmsnorm_back)
+            (A->kp + li * NMAX * kvd, N * ws->nkv, ws->hd, L->kn, A->rk + li * NMAX * ws->nkv,
+             A->dk, A->dkp);
+            dq = A->dqp;
+            dk = A->dkp;
+        }
+        RN(mm_nn)(dq, N, qd, L->wq, D, A->dh, 0);
+        RN(mm_nn)(dk, N, kvd, L->wk, D, A->dh, 1);
         RN(mm_nn)(A->dv, N, kvd, L->wv, D, A->dh, 1);
         if (g) { /* router: z = w . (h_t | mean_t h_t) + b */
             const R *sg = A->sg + (size_t)ri * NMAX;
@@ -459,10 +509,16 @@ static void RN(acts_free)(RN(acts) * A)
     free(A->logit);
     free(A->e);
     free(A->inv_freq);
+    free(A->qp);
+    free(A->kp);
+    free(A->rq);
+    free(A->rk);
+    free(A->dqp);
+    free(A->dkp);
     memset(A, 0, sizeof *A);
 }
 
-static int RN(acts_alloc)(RN(acts) * A, const train_ws *ws, float theta)
+static int RN(acts_alloc)(RN(acts) * A, const train_ws *ws, const stage_config *cfg)
 {
     const size_t N = (size_t)ws->max_seqs * ws->T, D = ws->D, FF = ws->FF, V = ws->V;
     const size_t qd = (size_t)ws->nh * ws->hd, kvd = (size_t)ws->nkv * ws->hd;
@@ -479,18 +535,22 @@ static int RN(acts_alloc)(RN(acts) * A, const train_ws *ws, float theta)
              AL(A->dq, N * qd) && AL(A->dk, N * kvd) && AL(A->dv, N * kvd) && AL(A->dg, N) &&
              AL(A->logit, (size_t)LCH * V) && AL(A->e, (size_t)ws->T) &&
              AL(A->inv_freq, (size_t)ws->hd / 2 + 1);
+    const size_t qkn = cfg->qk_norm ? 1 : 0; /* the q/k norm buffers only when used */
+    ok = ok && AL(A->qp, qkn * nl * N * qd) && AL(A->kp, qkn * nl * N * kvd) &&
+         AL(A->rq, qkn * nl * N * ws->nh) && AL(A->rk, qkn * nl * N * ws->nkv) &&
+         AL(A->dqp, qkn * N * qd) && AL(A->dkp, qkn * N * kvd);
 #undef AL
     if (!ok) {
         RN(acts_free)(A);
         return -1;
     }
-    /* inv_freq as HF computes it in float32 (stage_rope_inv_freq) */
+    /* inv_freq as the engine computes it (HF's, with the config's RoPE scaling) */
     float *f = malloc(((size_t)ws->hd / 2 + 1) * sizeof *f);
     if (!f) {
         RN(acts_free)(A);
         return -1;
     }
-    stage_rope_inv_freq(theta, ws->hd, f);
+    stage_arch_inv_freq(cfg, f);
     for (int i = 0; i < ws->hd / 2; i++) A->inv_freq[i] = (R)f[i];
     free(f);
     return 0;

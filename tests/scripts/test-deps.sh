@@ -37,7 +37,7 @@ for goal in all test; do
         grep -q "missing protoc-c: run 'sudo sh scripts/install-deps'" <<<"$out"
 done
 out=$(PKG_CONFIG_LIBDIR=$TMP/none setpriv --reuid=65534 --regid=65534 --clear-groups make -n 2>&1)
-check "modules missing: named" grep -q "missing ompi-c openblas libprotobuf-c yaml-0.1 libcjson libpcre2-8 libmicrohttpd cunit: run" <<<"$out"
+check "modules missing: named" grep -q "missing ompi-c openblas libprotobuf-c yaml-0.1 libcjson libpcre2-8 libmicrohttpd icu-uc cunit: run" <<<"$out"
 check "make clean needs nothing" env PATH="$NOPC" make -n clean
 
 echo "- make, protoc-c missing, root: runs scripts/install-deps, then re-checks"

@@ -21,7 +21,10 @@
 //     Split regex + ByteLevel(use_regex=false), ignore_merges, <|begin_of_text|> template,
 //     a non-special added token;
 //   tok/metaspace/tokenizer.json: stories260K with the Metaspace pre-tokenizer (prepend_scheme
-//     "first") instead of the Prepend/Replace normalizers, and a Metaspace decoder.
+//     "first") instead of the Prepend/Replace normalizers, and a Metaspace decoder;
+//   tok/qwen2style/tokenizer.json: llama3style's vocabulary with Qwen2's pipeline: NFC
+//     normalizer, Qwen2's Split regex (one digit a piece), no BOS, <|im_start|> / <|im_end|>.
+// llama3style and qwen2style also get EXTRA: a few hundred mixed strings.
 import fs from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -85,6 +88,41 @@ const TEXTS = [
   "The quick brown fox jumps over the lazy dog. THE QUICK BROWN FOX!",
 ];
 
+// A few hundred more strings for the byte-level families (llama3style, qwen2style): code, CJK,
+// emoji, digits, whitespace runs, combining marks (NFC), chat markers, in deterministic mixes.
+const FRAGMENTS = [
+  "int main(void) { return 0; }",
+  "for (i = 0; i < n; i++) a[i] += b[i];",
+  "x = [1, 2, 3]\nprint(sum(x))",
+  "SELECT * FROM t WHERE id = 42;",
+  "<div class=\"a\">&amp;</div>",
+  "我们今天去公园玩。",
+  "東京タワーは333メートルです",
+  "서울의 날씨는 맑음",
+  "🙂🙃😀 👩‍🚀 🇯🇵 🏳️‍⚧️",
+  "1234567 89 0.5e-10 -17 +3 1e6 ٣٤٥ ５６",
+  "   ",
+  "\t\t",
+  "\n\n\n",
+  " \n \n ",
+  "Ame\u0301lie Cafe\u0301 n\u0303 A\u030a \u1e9b\u0323",
+  "ﬁ ﬂ Ⅻ ㎏ ﾊﾟ",
+  "<|im_start|>user\nhi<|im_end|>",
+  "<|endoftext|>",
+  "It's they'LL WE'VE",
+  "emoji+text:🍕pizza🍕",
+  "mixed日本English한국어123",
+  "tabs\tand  double  spaces\t end",
+];
+const EXTRA = [];
+for (let i = 0; i < FRAGMENTS.length; i++)
+  for (let j = 0; j < FRAGMENTS.length; j += 1 + (i % 3)) {
+    const sep = [" ", "", "\n", "  ", "\t"][(i + j) % 5];
+    EXTRA.push(FRAGMENTS[i] + sep + FRAGMENTS[j]);
+  }
+for (let k = 1; k <= 12; k++) EXTRA.push(" ".repeat(k) + "x" + "\n".repeat(k % 4) + " ".repeat(k));
+for (let k = 1; k <= 12; k++) EXTRA.push("9".repeat(k) + " " + "12".repeat(k));
+
 // GPT-2's bytes_to_unicode, to name byte-level tokens of single bytes.
 function bytesToUnicode() {
   const bs = [];
@@ -116,10 +154,10 @@ const dec = (tk, ids, skip) =>
     ? ""
     : tk.decode(ids, { skip_special_tokens: skip, clean_up_tokenization_spaces: false });
 
-function makeFixture(name, tokPath, json, config, decodeIds) {
+function makeFixture(name, tokPath, json, config, decodeIds, texts = TEXTS) {
   const tk = load(json, config);
   const plain = load(withoutSpecial(json), config);
-  const cases = TEXTS.map((text) => {
+  const cases = texts.map((text) => {
     const ids = Array.from(tk.encode(text, { add_special_tokens: true }));
     const ids_plain = Array.from(plain.encode(text, { add_special_tokens: false }));
     return { text, ids, ids_plain, decoded: dec(tk, ids, false), decoded_skip: dec(tk, ids, true) };
@@ -301,4 +339,34 @@ const l3Cfg = {
 fs.mkdirSync(path.join(OUT, "llama3style"), { recursive: true });
 fs.writeFileSync(path.join(OUT, "llama3style/tokenizer.json"), JSON.stringify(l3JSON) + "\n");
 fs.writeFileSync(path.join(OUT, "llama3style/tokenizer_config.json"), JSON.stringify(l3Cfg, null, 1) + "\n");
-makeFixture("llama3style", "tok/llama3style", l3JSON, l3Cfg, blDecode(l3vocab, nv + 1));
+makeFixture("llama3style", "tok/llama3style", l3JSON, l3Cfg, blDecode(l3vocab, nv + 1),
+  TEXTS.concat(EXTRA));
+
+// ---- Qwen2 style, derived from the same vocabulary: NFC normalizer, Qwen2's Split regex
+// (single digits), ByteLevel, no BOS template, <|endoftext|> / <|im_start|> / <|im_end|>
+const q2JSON = structuredClone(l3JSON);
+q2JSON.added_tokens = [
+  { id: nv, content: "<|endoftext|>", single_word: false, lstrip: false, rstrip: false, normalized: false, special: true },
+  { id: nv + 1, content: "<|im_start|>", single_word: false, lstrip: false, rstrip: false, normalized: false, special: true },
+  { id: nv + 2, content: "<|im_end|>", single_word: false, lstrip: false, rstrip: false, normalized: false, special: true },
+];
+q2JSON.normalizer = { type: "NFC" };
+q2JSON.pre_tokenizer.pretokenizers[0].pattern.Regex =
+  "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+q2JSON.post_processor = { type: "ByteLevel", add_prefix_space: false, trim_offsets: false, use_regex: false };
+q2JSON.decoder = { type: "ByteLevel", add_prefix_space: false, trim_offsets: false, use_regex: false };
+q2JSON.model.ignore_merges = false;
+const q2Cfg = {
+  tokenizer_class: "Qwen2Tokenizer",
+  bos_token: null,
+  eos_token: "<|im_end|>",
+  pad_token: "<|endoftext|>",
+  clean_up_tokenization_spaces: false,
+  chat_template:
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+};
+fs.mkdirSync(path.join(OUT, "qwen2style"), { recursive: true });
+fs.writeFileSync(path.join(OUT, "qwen2style/tokenizer.json"), JSON.stringify(q2JSON) + "\n");
+fs.writeFileSync(path.join(OUT, "qwen2style/tokenizer_config.json"), JSON.stringify(q2Cfg, null, 1) + "\n");
+makeFixture("qwen2style", "tok/qwen2style", q2JSON, q2Cfg, blDecode(l3vocab, nv + 2),
+  TEXTS.concat(EXTRA));
