@@ -3,6 +3,7 @@
  *   modpipe generate | eval    (under mpirun: one rank per pipeline stage; -np 1 works too; cli/run.h)
  *   modpipe partition          (no MPI: print the stage plan, cli/partition.h)
  *   modpipe init-model         (no MPI: write a random model from a YAML spec, cli/initmodel.h)
+ *   modpipe quantize           (no MPI: a copy with Q8_0 projections, cli/quantize.h)
  *   modpipe router-tune        (under mpirun, data-parallel: cli/routertune.h)
  *   modpipe tokenize | detokenize (no MPI: text <-> ids, cli/tokenize.h)
  *   modpipe serve              (under mpirun: OpenAI-compatible HTTP server, cli/serve.h)
@@ -19,6 +20,7 @@
 #include "cli/initmodel.h"
 #include "cli/opts.h"
 #include "cli/partition.h"
+#include "cli/quantize.h"
 #include "cli/routertune.h"
 #include "cli/run.h"
 #include "cli/serve.h"
@@ -44,6 +46,7 @@ static void usage_main(FILE *f)
         "  mpirun -np N modpipe eval --model DIR (--tokens-file F | --text-file F) [options]\n"
         "  modpipe partition --model DIR -n N [--stages ...]\n"
         "  modpipe init-model --spec F.yaml --out DIR [options]\n"
+        "  modpipe quantize --model DIR --out DIR      (Q8_0 projections, docs/SPEC.md §9)\n"
         "  mpirun -np K modpipe router-tune --model DIR --data FILE --out DIR [options]\n"
         "  mpirun -np N modpipe serve --model DIR [--port 8080] [options]   (HTTP, OpenAI API)\n"
         "  modpipe tokenize --model DIR --text S [--no-special]\n"
@@ -83,6 +86,7 @@ int main(int argc, char **argv)
     if (!strcmp(argv[1], "eval")) return cli_run_main(CLI_EVAL, argc - 2, argv + 2);
     if (!strcmp(argv[1], "partition")) return cli_partition_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "init-model")) return cli_init_model_main(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "quantize")) return cli_quantize_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "router-tune")) return cli_routertune_main(argc - 2, argv + 2);
     if (!strcmp(argv[1], "serve")) return cli_serve_main(argc - 2, argv + 2, serve_pipeline_run);
     if (!strcmp(argv[1], "tokenize")) return cli_tok_tokenize(argc - 2, argv + 2);

@@ -13,12 +13,12 @@ enum {
     PLAN = PIPE | CLI_PARTITION,         /* everything that plans stages */
     TOK = CLI_TOKENIZE | CLI_DETOKENIZE, /* the tokenizer commands */
     MPI_CMDS = PIPE | CLI_ROUTER_TUNE,   /* under mpirun */
-    ALL = PLAN | CLI_INIT_MODEL | CLI_ROUTER_TUNE | TOK,
+    ALL = PLAN | CLI_INIT_MODEL | CLI_ROUTER_TUNE | TOK | CLI_QUANTIZE,
 };
 
 static const cli_opt_def OPTS[] = {
     /* ---- what to run on ------------------------------------------------------------------ */
-    {"model", "DIR", PLAN | CLI_ROUTER_TUNE | TOK, CLI_ONCE,
+    {"model", "DIR", PLAN | CLI_ROUTER_TUNE | TOK | CLI_QUANTIZE, CLI_ONCE,
      "model directory: config.json + model.safetensors (or sharded with its index), and "
      "tokenizer.json for text"},
     {"tokenizer", "PATH", CLI_SERVE | TOK, CLI_ONCE,
@@ -86,9 +86,10 @@ static const cli_opt_def OPTS[] = {
      "of every slot on every layer"},
     /* ---- how the pipeline runs ----------------------------------------------------------- */
     {"max-in-flight", "K", PIPE, CLI_ONCE, "micro-batches in flight at once (default 2 x stages)"},
-    {"weights-dtype", "f32|bf16|f16", PIPE, CLI_ONCE,
+    {"weights-dtype", "f32|bf16|f16|q8_0", PIPE, CLI_ONCE,
      "hold the weight matrices in this dtype, converting at load (e.g. an f32 checkpoint as "
-     "bf16: half the memory and bytes read per token); default: as stored in the checkpoint"},
+     "bf16: half the memory and bytes read per token; q8_0: int8 blocks of 32 with an f16 "
+     "scale, 1.06 bytes a weight, embedding and MoE gate kept as stored); default: as stored"},
     {"wire-dtype", "f32|bf16|f16", PIPE, CLI_ONCE,
      "activation dtype between ranks: f32 exact (default); bf16/f16 halve bytes, lossy"},
     {"transport", "sparse|dense", PIPE, CLI_ONCE,
@@ -148,7 +149,7 @@ static const cli_opt_def OPTS[] = {
     /* ---- init-model ---------------------------------------------------------------------- */
     {"spec", "FILE.yaml", CLI_INIT_MODEL, CLI_ONCE,
      "init-model: the model spec (see configs/models/)"},
-    {"out", "DIR", CLI_INIT_MODEL | CLI_ROUTER_TUNE, CLI_ONCE,
+    {"out", "DIR", CLI_INIT_MODEL | CLI_ROUTER_TUNE | CLI_QUANTIZE, CLI_ONCE,
      "output model directory (created if missing; router-tune: must not hold a "
      "model.safetensors)"},
     {"dtype", "f32|bf16|f16", CLI_INIT_MODEL, CLI_ONCE,
@@ -217,13 +218,15 @@ static const cli_opt_def OPTS[] = {
     {"ids-file", "F", CLI_DETOKENIZE, CLI_ONCE, "the ids from a file (same separators)"},
     {"skip-special", NULL, CLI_DETOKENIZE, CLI_ONCE, "drop special tokens (BOS, EOS, ...)"},
     /* ---- everywhere ---------------------------------------------------------------------- */
-    {"quiet", NULL, MPI_CMDS | CLI_INIT_MODEL, CLI_ONCE, "no progress or log lines on stderr"},
+    {"quiet", NULL, MPI_CMDS | CLI_INIT_MODEL | CLI_QUANTIZE, CLI_ONCE,
+     "no progress or log lines on stderr"},
     {"help", NULL, ALL, CLI_ONCE, "this help"},
 };
 #define N_OPTS ((int)(sizeof OPTS / sizeof OPTS[0]))
 
-static const char *const CMD_NAMES[] = {"generate", "eval",        "partition", "init-model",
-                                        "serve",    "router-tune", "tokenize",  "detokenize"};
+static const char *const CMD_NAMES[] = {"generate",   "eval",       "partition",
+                                        "init-model", "serve",      "router-tune",
+                                        "tokenize",   "detokenize", "quantize"};
 
 const char *cli_cmd_name(int cmd)
 {

@@ -34,6 +34,7 @@ enum {
     CLI_ROUTER_TUNE = 1 << 5,
     CLI_TOKENIZE = 1 << 6,
     CLI_DETOKENIZE = 1 << 7,
+    CLI_QUANTIZE = 1 << 8,
 };
 
 typedef struct {

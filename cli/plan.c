@@ -37,7 +37,14 @@ int cli_pipe_opts_read(const cli_opts *o, cli_pipe_opts *p, char *err, size_t er
     int wire = STAGE_F32;
     p->weights_dtype = -1;
     if (read_dtype(o, "wire-dtype", &wire, err, errlen)) return -1;
-    if (read_dtype(o, "weights-dtype", &p->weights_dtype, err, errlen)) return -1;
+    const char *wts = cli_opt_str(o, "weights-dtype");
+    stage_dtype wdt;
+    if (wts && stage_wdtype_parse(wts, &wdt)) {
+        base_set_err(err, errlen, "%s: expected f32, bf16, f16 or q8_0, got '%s'",
+                     cli_opt_origin(o, "weights-dtype"), wts);
+        return -1;
+    }
+    if (wts) p->weights_dtype = (int)wdt;
     p->wire = (stage_dtype)wire;
     static const char *const transports[] = {"sparse", "dense", NULL};
     if (cli_opt_choice(o, "transport", transports, 0, &p->dense_transport, err, errlen)) return -1;
@@ -63,7 +70,8 @@ int cli_mem_opts(const cli_opts *o, const char *model, engine_mem_opts *m, char 
                      cli_opt_origin(o, "mem-per-rank"), lim);
         return -1;
     }
-    return engine_weight_dtype(model, &m->weight_dtype, err, errlen);
+    if (engine_weight_dtype(model, &m->weight_dtype, err, errlen)) return -1;
+    return engine_keep_dtype(model, &m->keep_dtype, err, errlen);
 }
 
 int cli_make_plan(const cli_opts *o, const stage_config *cfg, int world, int part_n,

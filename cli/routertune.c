@@ -21,6 +21,7 @@
 #include "base/ids.h"
 #include "cli/opts.h"
 #include "comm/link.h"
+#include "cli/files.h"
 #include "stage/config.h"
 #include "stage/kernels.h"
 #include "stage/safetensors.h"
@@ -256,42 +257,6 @@ static int load_seqs(const char *text_path, const char *ids_path, const char *mo
  * Output directory
  * ===================================================================================== */
 
-static int mkdir_p(const char *dir, char *err, size_t errlen)
-{
-    char buf[PATH_MAX];
-    snprintf(buf, sizeof buf, "%s", dir);
-    for (char *p = buf + 1; *p; p++) {
-        if (*p != '/') continue;
-        *p = 0;
-        if (mkdir(buf, 0777) && errno != EEXIST) {
-            snprintf(err, errlen, "cannot create %s: %s", buf, strerror(errno));
-            return -1;
-        }
-        *p = '/';
-    }
-    if (mkdir(buf, 0777) && errno != EEXIST) {
-        snprintf(err, errlen, "cannot create %s: %s", buf, strerror(errno));
-        return -1;
-    }
-    return 0;
-}
-
-static int file_exists(const char *p)
-{
-    struct stat sb;
-    return stat(p, &sb) == 0 && S_ISREG(sb.st_mode);
-}
-
-static int write_text(const char *path, const char *text, char *err, size_t errlen)
-{
-    FILE *f = fopen(path, "w");
-    if (!f || fputs(text, f) < 0 || fclose(f)) {
-        snprintf(err, errlen, "cannot write %s: %s", path, strerror(errno));
-        return -1;
-    }
-    return 0;
-}
-
 /* Path of `target` relative to directory `from` (both made absolute); malloc'd. */
 static char *relpath(const char *target, const char *from)
 {
@@ -354,7 +319,7 @@ static int model_tensor_map(const char *dir, tensor_map *out, char *err, size_t 
     char single[PATH_MAX], index[PATH_MAX], abs[PATH_MAX];
     snprintf(single, sizeof single, "%s/model.safetensors", dir);
     snprintf(index, sizeof index, "%s/model.safetensors.index.json", dir);
-    if (file_exists(single)) {
+    if (cli_file_exists(single)) {
         FILE *f = fopen(single, "rb");
         uint8_t hb[8];
         if (!f || fread(hb, 1, 8, f) != 8) {
@@ -447,31 +412,12 @@ static int is_router_of(const char *name, const int *layers, int n)
     return 0;
 }
 
-static int copy_file(const char *src, const char *dst, char *err, size_t errlen)
-{
-    size_t len = 0;
-    char *buf = base_read_file(src, 0, &len, NULL, 0);
-    if (!buf) {
-        snprintf(err, errlen, "cannot read %s", src);
-        return -1;
-    }
-    FILE *f = fopen(dst, "wb");
-    int ok = f && fwrite(buf, 1, len, f) == len;
-    if (f && fclose(f)) ok = 0;
-    free(buf);
-    if (!ok) {
-        snprintf(err, errlen, "cannot write %s: %s", dst, strerror(errno));
-        return -1;
-    }
-    return 0;
-}
-
 static int write_output(const rt_out *o, const double *w, const double *b, char *err, size_t errlen)
 {
     char path[PATH_MAX], tmp[PATH_MAX];
-    if (mkdir_p(o->out, err, errlen)) return -1;
+    if (cli_mkdir_p(o->out, err, errlen)) return -1;
     snprintf(path, sizeof path, "%s/model.safetensors", o->out);
-    if (file_exists(path)) {
+    if (cli_file_exists(path)) {
         snprintf(err, errlen,
                  "%s exists: it would hide the index that references the original "
                  "weights; use a fresh --out",
@@ -480,7 +426,7 @@ static int write_output(const rt_out *o, const double *w, const double *b, char 
     }
     /* 1. routers.safetensors (st_writer writes model.safetensors: into a temp dir, renamed) */
     snprintf(tmp, sizeof tmp, "%s/.routers.tmp", o->out);
-    if (mkdir_p(tmp, err, errlen)) return -1;
+    if (cli_mkdir_p(tmp, err, errlen)) return -1;
     st_writer *sw = st_writer_new();
     if (!sw) {
         snprintf(err, errlen, "out of memory");
@@ -545,8 +491,8 @@ static int write_output(const rt_out *o, const double *w, const double *b, char 
     cJSON_Delete(root);
     snprintf(path, sizeof path, "%s/model.safetensors.index.json", o->out);
     if (!rc)
-        rc =
-            txt ? write_text(path, txt, err, errlen) : (snprintf(err, errlen, "out of memory"), -1);
+        rc = txt ? cli_write_text(path, txt, err, errlen)
+                 : (snprintf(err, errlen, "out of memory"), -1);
     free(txt);
     if (rc) return -1;
 
@@ -587,20 +533,13 @@ static int write_output(const rt_out *o, const double *w, const double *b, char 
     txt = cJSON_Print(cfg);
     cJSON_Delete(cfg);
     snprintf(path, sizeof path, "%s/config.json", o->out);
-    rc = txt ? write_text(path, txt, err, errlen) : (snprintf(err, errlen, "out of memory"), -1);
+    rc =
+        txt ? cli_write_text(path, txt, err, errlen) : (snprintf(err, errlen, "out of memory"), -1);
     free(txt);
     if (rc) return -1;
 
     /* 4. tokenizer and generation files (small) */
-    static const char *extra[] = {"tokenizer.json", "tokenizer_config.json",
-                                  "special_tokens_map.json", "generation_config.json",
-                                  "tokenizer.model"};
-    for (size_t i = 0; i < sizeof extra / sizeof extra[0]; i++) {
-        char src[PATH_MAX], dst[PATH_MAX];
-        snprintf(src, sizeof src, "%s/%s", o->model, extra[i]);
-        snprintf(dst, sizeof dst, "%s/%s", o->out, extra[i]);
-        if (file_exists(src) && copy_file(src, dst, err, errlen)) return -1;
-    }
+    if (cli_copy_side_files(o->model, o->out, err, errlen)) return -1;
     return 0;
 }
 

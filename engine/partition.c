@@ -15,16 +15,6 @@
 
 /* ---- cost model ------------------------------------------------------------------------- */
 
-/* q and o: H*hd x D each; k and v: KV*hd x D each. */
-static double attn_params(const stage_config *c)
-{
-    return (double)c->hidden * c->head_dim * (2.0 * c->n_heads + 2.0 * c->n_kv_heads);
-}
-
-static double mlp_params(const stage_config *c) { return 3.0 * c->hidden * c->inter; }
-
-static double expert_params(const stage_config *c) { return 3.0 * c->hidden * c->expert_inter; }
-
 double engine_layer_cost(const stage_config *c, int layer)
 {
     if (!c || !c->layer_kind || layer < 0 || layer >= c->n_layers) return 0.0;
@@ -58,51 +48,58 @@ static size_t router_elems(const stage_config *c, int layer)
     return n;
 }
 
-/* Matrices in elem_size bytes, the 1-D tensors (norms, routers) as f32: as the loader holds
- * them (stage_model_weight_bytes). */
-size_t engine_layer_weight_bytes(const stage_config *c, int layer, size_t elem_size)
+/* Matrices in weight dtype wd (those q8_0 does not quantize, the MoE gate, in kd), the 1-D
+ * tensors (norms, routers) as f32: as the loader holds them (stage_model_weight_bytes). */
+size_t engine_layer_weight_bytes(const stage_config *c, int layer, stage_dtype wd, stage_dtype kd)
 {
     if (!c || !c->layer_kind || layer < 0 || layer >= c->n_layers) return 0;
-    size_t d = (size_t)c->hidden;
-    size_t mat = (size_t)attn_params(c), vec = 2 * d; /* + the two norms */
-    size_t experts = (size_t)c->n_experts * (size_t)expert_params(c);
+    size_t d = (size_t)c->hidden, qd = (size_t)c->n_heads * c->head_dim;
+    size_t kvd = (size_t)c->n_kv_heads * c->head_dim, ff = (size_t)c->inter;
+    size_t ie = (size_t)c->expert_inter, ne = (size_t)c->n_experts;
+    size_t mat = stage_matrix_bytes(wd, qd, d) + 2 * stage_matrix_bytes(wd, kvd, d) +
+                 stage_matrix_bytes(wd, d, qd);
+    size_t mlp = 2 * stage_matrix_bytes(wd, ff, d) + stage_matrix_bytes(wd, d, ff);
+    size_t experts = ne * (2 * stage_matrix_bytes(wd, ie, d) + stage_matrix_bytes(wd, d, ie));
+    size_t vec = 2 * d; /* the two norms */
     switch (c->layer_kind[layer]) {
-    case STAGE_KIND_MOD: mat += (size_t)mlp_params(c); break;
-    case STAGE_KIND_MODE_STAGED: mat += experts + (size_t)c->n_experts * d; break;
+    case STAGE_KIND_MOD: mat += mlp; break;
+    case STAGE_KIND_MODE_STAGED: mat += experts + stage_matrix_bytes(kd, ne, d); break;
     case STAGE_KIND_MODE_INTEGRATED:
-        mat += experts + (size_t)(c->n_experts + c->n_noop_experts) * d;
+        mat += experts + stage_matrix_bytes(kd, ne + (size_t)c->n_noop_experts, d);
         break;
     case STAGE_KIND_MINDSKIP:
-        mat += (size_t)mlp_params(c);
+        mat += mlp;
         vec += d; /* its attention router */
         break;
     case STAGE_KIND_DENSE:
-    default: mat += (size_t)mlp_params(c); break;
+    default: mat += mlp; break;
     }
     /* the block variant's vectors (docs/SPEC.md §10), f32 as the loader holds them */
-    size_t qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
     if (c->qkv_bias) vec += qd + 2 * kvd;
     if (c->o_bias) vec += d;
     if (c->qk_norm) vec += 2 * (size_t)c->head_dim;
     int mlp_kind = c->layer_kind[layer] != STAGE_KIND_MODE_STAGED &&
                    c->layer_kind[layer] != STAGE_KIND_MODE_INTEGRATED;
     if (c->mlp_bias && mlp_kind) vec += 2 * (size_t)c->inter + d;
-    return mat * elem_size + (vec + router_elems(c, layer)) * 4;
+    return mat + (vec + router_elems(c, layer)) * 4;
 }
 
 static double head_cost(const stage_config *c) { return 2.0 * c->hidden * c->vocab; }
 
-static size_t embed_bytes(const stage_config *c, size_t es)
+static size_t embed_bytes(const stage_config *c, stage_dtype kd)
 {
-    return (size_t)c->vocab * (size_t)c->hidden * es;
+    return stage_matrix_bytes(kd, (size_t)c->vocab, (size_t)c->hidden);
 }
 
 /* model.norm + lm_head (with tied embeddings the head still holds a copy of the matrix,
  * unless it is also stage 0). */
-static size_t head_bytes(const stage_config *c, int n_stages, size_t es)
+static size_t head_bytes(const stage_config *c, int n_stages, stage_dtype wd, stage_dtype kd)
 {
     size_t b = (size_t)c->hidden * 4; /* model.norm: f32 */
-    if (!c->tie_embeddings || n_stages > 1) b += embed_bytes(c, es);
+    if (!c->tie_embeddings)
+        b += stage_matrix_bytes(wd, (size_t)c->vocab, (size_t)c->hidden); /* lm_head */
+    else if (n_stages > 1)
+        b += embed_bytes(c, kd); /* the tied embedding, as the embedding is held */
     return b;
 }
 
@@ -145,7 +142,7 @@ static double work_bytes(const stage_config *c, int R, int ctx, int head)
 typedef struct {
     const stage_config *cfg;
     int n_layers, n_stages;
-    size_t es;                  /* weight element bytes */
+    stage_dtype wd, kd;         /* weight matrices' dtype; the embedding / MoE gate's */
     const engine_mem_opts *mem; /* NULL: no memory planning */
     double *pc;                 /* [L+1] prefix cost */
     double *pw;                 /* [L+1] prefix weight bytes */
@@ -161,8 +158,8 @@ static int costs_init(costs *k, const stage_config *c, int n_stages, const engin
     k->n_layers = L;
     k->n_stages = n_stages;
     k->mem = mem;
-    k->es = mem ? stage_dtype_size(mem->weight_dtype) : 4;
-    if (k->es == 0) k->es = 4;
+    k->wd = mem ? mem->weight_dtype : STAGE_F32;
+    k->kd = k->wd == STAGE_Q8_0 ? mem->keep_dtype : k->wd;
     k->pc = calloc((size_t)L + 1, sizeof *k->pc);
     k->pw = calloc((size_t)L + 1, sizeof *k->pw);
     k->pkv = calloc((size_t)L + 1, sizeof *k->pkv);
@@ -171,7 +168,7 @@ static int costs_init(costs *k, const stage_config *c, int n_stages, const engin
     if (!k->pc || !k->pw || !k->pkv || !k->pr || !k->pdense) return -1;
     for (int l = 0; l < L; l++) {
         k->pc[l + 1] = k->pc[l] + engine_layer_cost(c, l);
-        k->pw[l + 1] = k->pw[l] + (double)engine_layer_weight_bytes(c, l, k->es);
+        k->pw[l + 1] = k->pw[l] + (double)engine_layer_weight_bytes(c, l, k->wd, k->kd);
         k->pkv[l + 1] =
             k->pkv[l] +
             (mem ? (double)mem->slots * kv_layer_bytes(c, l, mem->ctx, mem->micro_batch) : 0);
@@ -200,8 +197,8 @@ static double seg_weight(const costs *k, int a, int b)
 {
     /* the routers of routed layers outside a..b: every stage loads them (SPEC 4) */
     double w = k->pw[b + 1] - k->pw[a] + k->pr[k->n_layers] - (k->pr[b + 1] - k->pr[a]);
-    if (a == 0) w += (double)embed_bytes(k->cfg, k->es);
-    if (b == k->n_layers - 1) w += (double)head_bytes(k->cfg, k->n_stages, k->es);
+    if (a == 0) w += (double)embed_bytes(k->cfg, k->kd);
+    if (b == k->n_layers - 1) w += (double)head_bytes(k->cfg, k->n_stages, k->wd, k->kd);
     return w;
 }
 
@@ -381,7 +378,7 @@ static void seg_mem_text(const costs *k, int a, int b, char *out, size_t n)
     else
         snprintf(lr, sizeof lr, "layers %d-%d need", a, b);
     snprintf(out, n, "%s %s (weights %s %s, KV %s, workspace %s)", lr, t, w,
-             stage_dtype_name(k->mem->weight_dtype), kv, wk);
+             stage_wdtype_name(k->mem->weight_dtype), kv, wk);
 }
 
 /* No plan fits: find the split with the smallest largest stage memory, for the message. */
@@ -681,21 +678,34 @@ out:
     return rc;
 }
 
-int engine_weight_dtype(const char *dir, stage_dtype *out, char *err, size_t errlen)
+/* The dtype of the first of names[0..n) the model in dir has. */
+static int first_dtype(const char *dir, const char *const *names, int n, stage_dtype *out,
+                       char *err, size_t errlen)
 {
     st_model *m = NULL;
     if (st_open(dir, &m, err, errlen)) return -1;
-    static const char *const names[] = {"model.layers.0.self_attn.q_proj.weight",
-                                        "model.embed_tokens.weight"};
     int r = 0;
     st_tensor t;
-    for (int i = 0; i < 2 && r == 0; i++) r = st_find(m, names[i], &t, err, errlen);
+    for (int i = 0; i < n && r == 0; i++) r = st_find(m, names[i], &t, err, errlen);
     if (r == 0)
-        base_set_err(err, errlen, "%s: no %s or %s to read the weight dtype from", dir, names[0],
-                     names[1]);
+        base_set_err(err, errlen, "%s: no %s%s%s to read the weight dtype from", dir, names[0],
+                     n > 1 ? " or " : "", n > 1 ? names[1] : "");
     if (r > 0) *out = t.dtype;
     st_close(m);
     return r > 0 ? 0 : -1;
+}
+
+int engine_weight_dtype(const char *dir, stage_dtype *out, char *err, size_t errlen)
+{
+    static const char *const names[] = {"model.layers.0.self_attn.q_proj.weight",
+                                        "model.embed_tokens.weight"};
+    return first_dtype(dir, names, 2, out, err, errlen);
+}
+
+int engine_keep_dtype(const char *dir, stage_dtype *out, char *err, size_t errlen)
+{
+    static const char *const names[] = {"model.embed_tokens.weight"};
+    return first_dtype(dir, names, 1, out, err, errlen);
 }
 
 int engine_parse_size(const char *s, size_t *out)
@@ -789,7 +799,8 @@ static void print_rank_groups(const engine_plan *plan, FILE *out)
     for (int t = 0; t < S; t++) {
         int K = plan->st[t].ranks > 0 ? plan->st[t].ranks : 1;
         /* a K-rank stage holds its 1/K of the checkpoint as f32 (psgemm) */
-        double f32 = 4.0 / (double)stage_dtype_size(plan->mem.weight_dtype);
+        size_t es = stage_dtype_size(plan->mem.weight_dtype); /* 0: q8_0, never split */
+        double f32 = es ? 4.0 / (double)es : 1.0;
         fprintf(out, "  stage %d: ranks %d-%d (leader %d), ~%.2f MiB of weights per rank%s\n", t, r,
                 r + K - 1, r,
                 (double)plan->st[t].weight_bytes * (K > 1 ? f32 : 1.0) / K / (1024.0 * 1024.0),
@@ -858,7 +869,7 @@ void engine_plan_print(const stage_config *cfg, const engine_plan *plan, FILE *o
         }
     }
     fprintf(out, "total weights %.2f MiB (%s, as in the checkpoint)\n", total_mib,
-            stage_dtype_name(plan->mem.weight_dtype));
+            stage_wdtype_name(plan->mem.weight_dtype));
     if (plan->have_mem) {
         const engine_mem_opts *m = &plan->mem;
         size_t worst = 0;

@@ -40,11 +40,14 @@
 #define ENGINE_RUNTIME_BYTES ((size_t)40 << 20)
 
 typedef struct {
-    stage_dtype weight_dtype; /* checkpoint dtype of the weight matrices */
+    stage_dtype weight_dtype; /* dtype the weight matrices are held in (checkpoint's or
+                                 --weights-dtype, q8_0 included) */
     size_t mem_per_rank;      /* bytes a rank may use; 0: no limit */
     int slots;                /* sequences with a KV cache */
     int ctx;                  /* positions per sequence (prompt + new tokens) */
     int micro_batch;          /* rows per micro-batch */
+    stage_dtype keep_dtype;   /* weight_dtype q8_0: the dtype the embedding and the MoE gate
+                                 keep (the checkpoint's, docs/SPEC.md §9); else unused */
 } engine_mem_opts;
 
 typedef struct {
@@ -84,6 +87,8 @@ int engine_partition_explicit_mem(const stage_config *cfg, const char *const *ra
  * layer 0's q_proj, else of the embedding): what is in the files, whatever config.json's
  * torch_dtype says. 0, or -1 with the loader's message. */
 int engine_weight_dtype(const char *dir, stage_dtype *out, char *err, size_t errlen);
+/* The dtype of the embedding in `dir`: what q8_0 weights keep it (and the MoE gate) in. */
+int engine_keep_dtype(const char *dir, stage_dtype *out, char *err, size_t errlen);
 /* "6G", "5000M", "512k", "1.5GiB", plain bytes: K/M/G/T are powers of 1024. 0 or -1. */
 int engine_parse_size(const char *s, size_t *out);
 /* The human-readable table `modpipe partition` prints. */
@@ -92,7 +97,9 @@ void engine_plan_free(engine_plan *plan);
 
 /* Expected FLOPs per token of one layer under the cost model above (used by stats too). */
 double engine_layer_cost(const stage_config *cfg, int layer);
-/* Bytes of layer `layer`'s own tensors with elem_size bytes per element (4 f32, 2 bf16). */
-size_t engine_layer_weight_bytes(const stage_config *cfg, int layer, size_t elem_size);
+/* Bytes of layer `layer`'s own tensors: matrices in wd, the MoE gate in kd (wd q8_0: the
+ * checkpoint's dtype; else pass wd), vectors f32. */
+size_t engine_layer_weight_bytes(const stage_config *cfg, int layer, stage_dtype wd,
+                                 stage_dtype kd);
 
 #endif

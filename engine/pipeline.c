@@ -730,9 +730,9 @@ static void report(engine_loop *c, const engine_stats *all, double seconds, engi
     cJSON_AddStringToObject(j, "model", o->model_dir);
     cJSON_AddNumberToObject(j, "ranks", S);
     cJSON_AddStringToObject(j, "wire_dtype", stage_dtype_name(o->wire));
-    cJSON_AddStringToObject(j, "weights_dtype",
-                            o->weights_dtype < 0 ? "checkpoint"
-                                                 : stage_dtype_name((stage_dtype)o->weights_dtype));
+    cJSON_AddStringToObject(
+        j, "weights_dtype",
+        o->weights_dtype < 0 ? "checkpoint" : stage_wdtype_name((stage_dtype)o->weights_dtype));
     cJSON_AddStringToObject(j, "transport", o->dense_transport ? "dense" : "sparse");
     cJSON_AddNumberToObject(j, "micro_batch", o->micro_batch);
     cJSON_AddNumberToObject(j, "max_in_flight", o->max_in_flight);

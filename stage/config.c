@@ -405,6 +405,37 @@ static int parse_mindskip(stage_cfg_ctx *c, const cJSON *root, stage_config *cfg
 /* entry points                                                         */
 /* ================================================================== */
 
+/* quantization_config: absent / null, or modpipe quantize's {"quant_method": "q8_0",
+ * "block_size": 32} (docs/SPEC.md §9); any other method is refused (its tensors would not
+ * load anyway). */
+static int parse_quant(stage_cfg_ctx *c, const cJSON *root, stage_config *cfg)
+{
+    const cJSON *q;
+    if (get_obj(c, root, "quantization_config", &q)) return -1;
+    if (!q) return 0;
+    const cJSON *m = stage_cj_opt(q, "quant_method");
+    if (!m || !cJSON_IsString(m) || strcmp(m->valuestring, "q8_0")) {
+        stage_cfg_err(c->err, c->errlen, c->path,
+                      "quantization_config.quant_method: %s%s%s is not supported (only \"q8_0\" of "
+                      "modpipe quantize)",
+                      m && cJSON_IsString(m) ? "\"" : "",
+                      !m                  ? "missing"
+                      : cJSON_IsString(m) ? m->valuestring
+                                          : stage_cj_type_name(m),
+                      m && cJSON_IsString(m) ? "\"" : "");
+        return -1;
+    }
+    int bs = 32;
+    if (stage_cj_int(c, q, "quantization_config.", "block_size", 0, 1, &bs)) return -1;
+    if (bs != 32) {
+        stage_cfg_err(c->err, c->errlen, c->path,
+                      "quantization_config.block_size: %d, expected 32 (Q8_0 blocks)", bs);
+        return -1;
+    }
+    cfg->q8_0 = 1;
+    return 0;
+}
+
 static int parse_root(stage_cfg_ctx *c, const cJSON *root, stage_config *cfg)
 {
     if (!cJSON_IsObject(root)) {
@@ -482,6 +513,7 @@ static int parse_root(stage_cfg_ctx *c, const cJSON *root, stage_config *cfg)
         }
     }
 
+    if (parse_quant(c, root, cfg)) return -1;
     int router_tuning = 0;
     if (parse_layers(c, root, cfg, &router_tuning)) return -1;
     cfg->expert_inter = cfg->inter; /* default before "mode" may override it */

@@ -59,6 +59,8 @@ typedef struct stage_config {
     int tie_embeddings;     /* tie_word_embeddings (default 0) */
     int eos_token_id;       /* -1 when absent (or a list: first entry) */
     stage_kind *layer_kind; /* [n_layers] */
+    int q8_0;               /* quantization_config q8_0: a `modpipe quantize` directory whose
+                               projections are stored as Q8_0 (docs/SPEC.md §9) */
 
     /* block variant (docs/SPEC.md §10, set by stage/arch.c) */
     stage_arch arch;

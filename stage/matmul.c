@@ -128,7 +128,10 @@ static void c_attend(const float *q, int n_q, const stage_kv_view *kv, int n_ctx
 }
 
 const mm_ops stage_mm_ops_c = {
-    .rows = {[STAGE_F32] = c_rows, [STAGE_BF16] = c_rows, [STAGE_F16] = c_rows},
+    .rows = {[STAGE_F32] = c_rows,
+             [STAGE_BF16] = c_rows,
+             [STAGE_F16] = c_rows,
+             [STAGE_Q8_0] = stage_mm_q8_rows_c},
     .cvt = {[STAGE_F32] = c_cvt_f32, [STAGE_BF16] = c_cvt_bf16, [STAGE_F16] = c_cvt_f16},
     .split = NULL,
     .rows_nosplit_bf16 = NULL,
@@ -189,7 +192,7 @@ const char *stage_blas_coretype_hint(void)
 
 int stage_matmul_m_small(stage_dtype d)
 {
-    return d == STAGE_F32 ? STAGE_M_SMALL : STAGE_M_SMALL_16BIT;
+    return d == STAGE_F32 || d == STAGE_Q8_0 ? STAGE_M_SMALL : STAGE_M_SMALL_16BIT;
 }
 
 const char *stage_isa_name(stage_isa isa)
@@ -507,11 +510,14 @@ static void large_task(void *a, int t, int tid)
         return;
     }
     const size_t es = 2;
-    for (int c0 = 0; c0 < k; c0 += STAGE_TILE_K) {
+    for (int c0 = 0; c0 < k; c0 += STAGE_TILE_K) { /* STAGE_TILE_K: a multiple of 32 (Q8_0) */
         const int kc = k - c0 < STAGE_TILE_K ? k - c0 : STAGE_TILE_K;
-        for (int r = 0; r < rn; r++)
-            j->ops->cvt[w->dtype]((const char *)w->data + ((size_t)(r0 + r) * k + c0) * es,
-                                  buf + (size_t)r * kc, (size_t)kc);
+        if (w->dtype == STAGE_Q8_0)
+            stage_mm_q8_tile(w, r0, rn, c0, kc, buf);
+        else
+            for (int r = 0; r < rn; r++)
+                j->ops->cvt[w->dtype]((const char *)w->data + ((size_t)(r0 + r) * k + c0) * es,
+                                      buf + (size_t)r * kc, (size_t)kc);
         tile_gemm(j, tid, rn, kc, j->x + c0, k, buf, kc, j->y + r0, c0 > 0);
     }
 }

@@ -26,7 +26,7 @@ typedef void (*mm_attend_fn)(const float *q, int n_q, const stage_kv_view *kv, i
                              float scale, float *probs, float *out);
 
 typedef struct {
-    mm_rows_fn rows[STAGE_N_DTYPES];
+    mm_rows_fn rows[STAGE_N_WDTYPES]; /* [STAGE_Q8_0]: stage/matmul_q8.c */
     mm_cvt_fn cvt[STAGE_N_DTYPES];
     void (*split)(const float *x, int m, int k, uint16_t *xs);
     /* rows to use for bf16 when split's scratch is unavailable (NULL: rows[] never needs xs) */
@@ -75,6 +75,16 @@ extern const mm_ops stage_mm_ops_c;
 extern const mm_ops stage_mm_ops_avx2;
 extern const mm_ops stage_mm_ops_avx512;
 extern const mm_ops stage_mm_ops_avx512bf16;
+#endif
+
+/* Q8_0 (matmul_q8.c): row kernels, and a tile [rn][kc] of rows r0.., columns c0.. (a multiple
+ * of 32) dequantized to f32 into buf. */
+void stage_mm_q8_rows_c(const float *x, int m, const stage_weight *w, int r0, int r1, float *y,
+                        const uint16_t *xs);
+void stage_mm_q8_tile(const stage_weight *w, int r0, int rn, int c0, int kc, float *buf);
+#if defined(__x86_64__)
+void stage_mm_q8_rows_avx2(const float *x, int m, const stage_weight *w, int r0, int r1, float *y,
+                           const uint16_t *xs);
 #endif
 
 /* Plain C pieces shared by every variant (matmul.c). */

@@ -433,7 +433,10 @@ static T256 void attend256(const float *q, int n_q, const stage_kv_view *kv, int
 /* ================================================================== */
 
 const mm_ops stage_mm_ops_avx2 = {
-    .rows = {[STAGE_F32] = rows256_f32, [STAGE_BF16] = rows256_bf16, [STAGE_F16] = rows256_f16},
+    .rows = {[STAGE_F32] = rows256_f32,
+             [STAGE_BF16] = rows256_bf16,
+             [STAGE_F16] = rows256_f16,
+             [STAGE_Q8_0] = stage_mm_q8_rows_avx2},
     .cvt = {[STAGE_F32] = cvt_f32, [STAGE_BF16] = cvt256_bf16, [STAGE_F16] = cvt256_f16},
     .split = NULL,
     .rows_nosplit_bf16 = NULL,
@@ -441,7 +444,10 @@ const mm_ops stage_mm_ops_avx2 = {
 };
 
 const mm_ops stage_mm_ops_avx512 = {
-    .rows = {[STAGE_F32] = rows512_f32, [STAGE_BF16] = rows512_bf16, [STAGE_F16] = rows512_f16},
+    .rows = {[STAGE_F32] = rows512_f32,
+             [STAGE_BF16] = rows512_bf16,
+             [STAGE_F16] = rows512_f16,
+             [STAGE_Q8_0] = stage_mm_q8_rows_avx2},
     .cvt = {[STAGE_F32] = cvt_f32, [STAGE_BF16] = cvt512_bf16, [STAGE_F16] = cvt512_f16},
     .split = NULL,
     .rows_nosplit_bf16 = NULL,
@@ -449,7 +455,10 @@ const mm_ops stage_mm_ops_avx512 = {
 };
 
 const mm_ops stage_mm_ops_avx512bf16 = {
-    .rows = {[STAGE_F32] = rows512_f32, [STAGE_BF16] = rowsbf_bf16, [STAGE_F16] = rows512_f16},
+    .rows = {[STAGE_F32] = rows512_f32,
+             [STAGE_BF16] = rowsbf_bf16,
+             [STAGE_F16] = rows512_f16,
+             [STAGE_Q8_0] = stage_mm_q8_rows_avx2},
     .cvt = {[STAGE_F32] = cvt_f32, [STAGE_BF16] = cvt512_bf16, [STAGE_F16] = cvt512_f16},
     .split = stage_mm_split_c,
     .rows_nosplit_bf16 = rows512_bf16,

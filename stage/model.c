@@ -23,11 +23,34 @@ static const float *get_w(stage_model *m, const char *name, int ndim, int64_t d0
     return p;
 }
 
-/* A weight matrix [d0][d1], kept in its dtype (no f32 copy). */
+int stage_q8_quantizes(const char *name)
+{
+    static const char *const tails[] = {"_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight"};
+    size_t n = strlen(name);
+    if (!strcmp(name, "lm_head.weight")) return 1;
+    if (strncmp(name, "model.layers.", 13)) return 0;
+    for (size_t i = 0; i < sizeof tails / sizeof *tails; i++) {
+        size_t t = strlen(tails[i]);
+        if (n > t && !strcmp(name + n - t, tails[i])) return 1;
+    }
+    return 0;
+}
+
+/* A weight matrix [d0][d1], kept in its dtype (no f32 copy); with q8_0 weights only the
+ * matrices stage_q8_quantizes names are quantized, the others keep the checkpoint's dtype. */
 static int get_m(stage_model *m, const char *name, int64_t d0, int64_t d1, stage_weight *w,
                  char *err, size_t errlen)
 {
-    if (st_get_weight(m->st, name, d0, d1, m->weights_dtype, w, err, errlen)) return -1;
+    int want = m->weights_dtype;
+    if (want == STAGE_Q8_0 && !stage_q8_quantizes(name)) want = -1;
+    if (st_get_weight(m->st, name, d0, d1, want, w, err, errlen)) return -1;
+    if (w->dtype == STAGE_Q8_0 && (!stage_q8_quantizes(name) || (!m->cfg.q8_0 && want < 0))) {
+        snprintf(err, errlen,
+                 "tensor %s is I8 (q8_0): only the projections of a directory whose config.json "
+                 "has quantization_config q8_0 may be (docs/SPEC.md §9)",
+                 name);
+        return -1;
+    }
     m->weight_bytes += stage_weight_bytes(w);
     return 0;
 }
@@ -245,6 +268,13 @@ static int check_tensor_names(const st_model *st, const stage_config *cfg, char 
     static const char lp[] = "model.layers.";
     for (size_t i = 0; i < st_count(st); i++) {
         const char *nm = st_name_at(st, i);
+        char base[256]; /* a q8_0 directory's NAME_scale: checked as NAME (docs/SPEC.md §9) */
+        size_t n = strlen(nm);
+        if (cfg->q8_0 && n > 6 && n - 6 < sizeof base && !strcmp(nm + n - 6, "_scale")) {
+            memcpy(base, nm, n - 6);
+            base[n - 6] = 0;
+            if (stage_q8_quantizes(base)) nm = base;
+        }
         if (strcmp(nm, "model.embed_tokens.weight") == 0 || strcmp(nm, "model.norm.weight") == 0 ||
             strcmp(nm, "lm_head.weight") == 0)
             continue;
@@ -321,6 +351,11 @@ int stage_model_load_tp(const char *dir, const stage_config *cfg, stage_range ra
     memcpy(m->cfg.layer_kind, cfg->layer_kind, (size_t)cfg->n_layers * sizeof *cfg->layer_kind);
     m->range = range;
     m->weights_dtype = weights_dtype;
+    if ((weights_dtype == STAGE_Q8_0 || cfg->q8_0) && tp && stage_tp_size(tp) > 1) {
+        snprintf(err, errlen, "q8_0 weights: not with tensor-parallel stages (they multiply f32)");
+        stage_model_free(m);
+        return -1;
+    }
     m->tp = tp && stage_tp_size(tp) > 1 ? tp : NULL;
     m->has_head = range.head;
     stage_arch_inv_freq(cfg, m->inv_freq);

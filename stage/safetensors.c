@@ -105,9 +105,15 @@ static void shape_str(char *buf, size_t len, int ndim, const int64_t *shape)
 /* dtypes                                                              */
 /* ================================================================== */
 
-/* The header's dtype strings are exact upper case (safetensors spec). */
+/* The header's dtype strings are exact upper case (safetensors spec). "I8" is the int8 q of
+ * a Q8_0 matrix (docs/SPEC.md §9), read as STAGE_Q8_0 with 1-byte elements; its scales are
+ * a tensor of their own (F16). */
 static int dtype_from_header(const char *s, stage_dtype *out)
 {
+    if (strcmp(s, "I8") == 0) {
+        *out = STAGE_Q8_0;
+        return 0;
+    }
     for (int d = 0; d < STAGE_N_DTYPES; d++)
         if (strcmp(s, stage_dtype_st_name((stage_dtype)d)) == 0) {
             *out = (stage_dtype)d;
@@ -115,6 +121,12 @@ static int dtype_from_header(const char *s, stage_dtype *out)
         }
     return -1;
 }
+static const char *dtype_header_name(stage_dtype d)
+{
+    return d == STAGE_Q8_0 ? "I8" : stage_dtype_st_name(d);
+}
+/* bytes of one element in a file: 4, 2, 2; 1 for the I8 of Q8_0 */
+static size_t file_esize(stage_dtype d) { return d == STAGE_Q8_0 ? 1 : stage_dtype_size(d); }
 
 /* ================================================================== */
 /* reading: one file                                                   */
@@ -183,7 +195,8 @@ static int parse_entry(const char *path, const char *name, const cJSON *j, size_
         return -1;
     }
     if (dtype_from_header(dt->valuestring, &e->dtype)) {
-        base_set_err(err, errlen, "%s: tensor %s: unsupported dtype \"%s\" (only F32, F16, BF16)",
+        base_set_err(err, errlen,
+                     "%s: tensor %s: unsupported dtype \"%s\" (only F32, F16, BF16; I8 of q8_0)",
                      path, name, dt->valuestring);
         return -1;
     }
@@ -198,7 +211,7 @@ static int parse_entry(const char *path, const char *name, const cJSON *j, size_
         return -1;
     }
     e->ndim = nd;
-    uint64_t esz = stage_dtype_size(e->dtype), nbytes = esz;
+    uint64_t esz = file_esize(e->dtype), nbytes = esz;
     int i = 0;
     const cJSON *d;
     cJSON_ArrayForEach(d, sh)
@@ -425,10 +438,11 @@ typedef struct {
     int ndim;
     int64_t shape[ST_MAX_DIMS];
     size_t begin, nbytes;
-    const float *f32;  /* handed out by st_get_f32 (zero-copy or == owned) */
-    float *owned;      /* converted copy [numel], freed by st_close */
-    const void *wdata; /* handed out by st_get_weight (zero-copy or == wowned) */
-    void *wowned;      /* aligned / converted copy [numel] in wdtype, freed by st_close */
+    const float *f32;       /* handed out by st_get_f32 (zero-copy or == owned) */
+    float *owned;           /* converted copy [numel], freed by st_close */
+    const void *wdata;      /* handed out by st_get_weight (zero-copy or == wowned) */
+    void *wowned;           /* aligned / converted copy [numel] in wdtype, freed by st_close */
+    const uint16_t *wscale; /* Q8_0: the scales handed out with wdata (inside wowned) */
     stage_dtype wdtype;
 } st_entry;
 
@@ -786,6 +800,11 @@ const float *st_get_f32(st_model *m, const char *name, int ndim, const int64_t *
     st_entry *e = get_checked(m, name, ndim, shape, &t, err, errlen);
     if (!e) return NULL;
     if (e->f32) return e->f32;
+    if (t.dtype == STAGE_Q8_0) {
+        base_set_err(err, errlen, "%s: tensor %s is I8 (q8_0), expected a float tensor", t.file,
+                     name);
+        return NULL;
+    }
     size_t numel = t.nbytes / stage_dtype_size(t.dtype);
     if (t.dtype == STAGE_F32 && ((uintptr_t)t.data & 3u) == 0) {
         e->f32 = (const float *)t.data; /* zero-copy into the mmap */
@@ -803,6 +822,99 @@ const float *st_get_f32(st_model *m, const char *name, int ndim, const int64_t *
     return e->f32;
 }
 
+/* Q8_0 at load: row by row from the mmap'd tensor through one f32 row (never an f32 copy of
+ * the tensor) into one owned buffer, int8 q [rows][cols] then f16 d [rows][blocks]. */
+static int quantize_q8(st_model *m, st_entry *e, const st_tensor *t, const char *name,
+                       stage_weight *out, char *err, size_t errlen)
+{
+    if (e->wowned) {
+        base_set_err(err, errlen, "%s: tensor %s asked for in two dtypes", t->file, name);
+        return -1;
+    }
+    const size_t rows = (size_t)out->rows, cols = (size_t)out->cols;
+    const size_t nb = (size_t)stage_q8_blocks(out->cols), qbytes = (rows * cols + 63) / 64 * 64;
+    const size_t total = qbytes + rows * nb * 2;
+    e->wowned = aligned_alloc(64, (total + 63) / 64 * 64);
+    float *row = malloc((cols ? cols : 1) * sizeof *row);
+    if (!e->wowned || !row) {
+        free(row);
+        base_set_err(err, errlen, "%s: out of memory quantizing tensor %s to q8_0", t->file, name);
+        return -1;
+    }
+    int8_t *q = e->wowned;
+    uint16_t *d = (uint16_t *)((char *)e->wowned + qbytes);
+    const size_t ses = stage_dtype_size(t->dtype);
+    for (size_t r = 0; r < rows; r++) {
+        stage_dtype_to_f32(t->dtype, (const char *)t->data + r * cols * ses, row, cols);
+        if (stage_q8_quantize_row(row, (int)cols, q + r * cols, d + r * nb)) {
+            base_set_err(err, errlen, "%s: tensor %s: a non-finite value in row %zu cannot be q8_0",
+                         t->file, name, r);
+            free(row);
+            return -1;
+        }
+    }
+    free(row);
+    e->wdata = q;
+    e->wscale = d;
+    e->wdtype = STAGE_Q8_0;
+    out->data = q;
+    out->scale = d;
+    m->loaded_bytes += stage_weight_bytes(out);
+    return 0;
+}
+
+/* A matrix stored as Q8_0 (an I8 tensor NAME and its F16 scales NAME_scale, docs/SPEC.md §9):
+ * both in place inside the mapping (the scales copied only when misaligned); never converted
+ * to another dtype. */
+static int stored_q8(st_model *m, st_entry *e, const st_tensor *t, const char *name, int want,
+                     stage_weight *out, char *err, size_t errlen)
+{
+    if (want >= 0 && want != STAGE_Q8_0) {
+        base_set_err(err, errlen,
+                     "%s: tensor %s is stored as q8_0: --weights-dtype %s would need a dequantized "
+                     "copy (not supported; use q8_0 or leave it out)",
+                     t->file, name, stage_wdtype_name((stage_dtype)want));
+        return -1;
+    }
+    out->dtype = STAGE_Q8_0;
+    out->rows = (int)t->shape[0];
+    out->cols = (int)t->shape[1];
+    if (e->wdata) {
+        out->data = e->wdata;
+        out->scale = e->wscale;
+        return 0;
+    }
+    char sname[512];
+    if ((size_t)snprintf(sname, sizeof sname, "%s_scale", name) >= sizeof sname) {
+        base_set_err(err, errlen, "%s: tensor name %s too long", t->file, name);
+        return -1;
+    }
+    int64_t sshape[2] = {t->shape[0], stage_q8_blocks(out->cols)};
+    st_tensor ts;
+    if (!get_checked(m, sname, 2, sshape, &ts, err, errlen)) return -1;
+    if (ts.dtype != STAGE_F16) {
+        base_set_err(err, errlen, "%s: tensor %s: the scales of a q8_0 matrix are F16, not %s",
+                     ts.file, sname, dtype_header_name(ts.dtype));
+        return -1;
+    }
+    const uint16_t *d = ts.data;
+    if ((uintptr_t)ts.data % 2) { /* misaligned in the file: an aligned copy */
+        if (!(e->wowned = aligned_alloc(64, (ts.nbytes + 63) / 64 * 64 + 64))) {
+            base_set_err(err, errlen, "%s: out of memory loading tensor %s", ts.file, sname);
+            return -1;
+        }
+        memcpy(e->wowned, ts.data, ts.nbytes);
+        d = e->wowned;
+    }
+    e->wdata = t->data; /* int8: any address */
+    e->wscale = d;
+    e->wdtype = STAGE_Q8_0;
+    out->data = e->wdata;
+    out->scale = d;
+    m->loaded_bytes += stage_weight_bytes(out);
+    return 0;
+}
+
 int st_get_weight(st_model *m, const char *name, int64_t rows, int64_t cols, int want,
                   stage_weight *out, char *err, size_t errlen)
 {
@@ -814,15 +926,19 @@ int st_get_weight(st_model *m, const char *name, int64_t rows, int64_t cols, int
         base_set_err(err, errlen, "%s: tensor %s: dimensions beyond 2^31", t.file, name);
         return -1;
     }
+    if (t.dtype == STAGE_Q8_0) return stored_q8(m, e, &t, name, want, out, err, errlen);
     stage_dtype dt = want >= 0 ? (stage_dtype)want : t.dtype;
     size_t es = stage_dtype_size(dt), numel = t.nbytes / stage_dtype_size(t.dtype);
     out->dtype = dt;
     out->rows = (int)rows;
     out->cols = (int)cols;
+    out->scale = NULL;
     if (e->wdata && e->wdtype == dt) {
         out->data = e->wdata;
+        out->scale = e->wscale;
         return 0;
     }
+    if (dt == STAGE_Q8_0) return quantize_q8(m, e, &t, name, out, err, errlen);
     if (dt == t.dtype && ((uintptr_t)t.data % es) == 0) {
         e->wdata = t.data; /* zero-copy into the mmap */
     } else {               /* misaligned in the file, or converted at load (--weights-dtype) */
@@ -953,7 +1069,7 @@ int st_stream_declare(st_stream *s, const char *name, stage_dtype dt, int ndim,
 {
     size_t numel;
     if (!s || s->state != 0 || !name || ndim < 0 || ndim > ST_MAX_DIMS || (ndim > 0 && !shape) ||
-        stage_dtype_size(dt) == 0 || strcmp(name, "__metadata__") == 0 ||
+        file_esize(dt) == 0 || strcmp(name, "__metadata__") == 0 ||
         shape_numel(ndim, shape, &numel))
         return -1;
     if (s->n == s->cap) {
@@ -969,7 +1085,7 @@ int st_stream_declare(st_stream *s, const char *name, stage_dtype dt, int ndim,
     t->dtype = dt;
     t->ndim = ndim;
     for (int i = 0; i < ndim; i++) t->shape[i] = shape[i];
-    t->nbytes = (uint64_t)numel * stage_dtype_size(dt);
+    t->nbytes = (uint64_t)numel * file_esize(dt);
     s->total += t->nbytes;
     s->n++;
     return 0;
@@ -996,7 +1112,7 @@ static char *stream_header(const st_stream *s, int fi, size_t *len)
         const st_stensor *t = &s->t[i];
         if (t->file != fi) continue;
         cJSON *e = cJSON_AddObjectToObject(root, t->name);
-        if (!e || !cJSON_AddStringToObject(e, "dtype", stage_dtype_st_name(t->dtype))) goto oom;
+        if (!e || !cJSON_AddStringToObject(e, "dtype", dtype_header_name(t->dtype))) goto oom;
         cJSON *sh = cJSON_AddArrayToObject(e, "shape");
         cJSON *of = cJSON_AddArrayToObject(e, "data_offsets");
         if (!sh || !of) goto oom;
@@ -1230,6 +1346,11 @@ int st_stream_write_f32(st_stream *s, const float *v, size_t n, char *err, size_
         stream_skip_empty(s);
         if (s->ti == s->n) return st_stream_write(s, v, n * 4, err, errlen); /* says how many */
         const st_stensor *t = &s->t[s->ti];
+        if (t->dtype == STAGE_Q8_0) {
+            base_set_err(err, errlen,
+                         "st_stream_write_f32: tensor %s is I8 (q8_0): write its bytes", t->name);
+            return -1;
+        }
         size_t es = stage_dtype_size(t->dtype);
         uint64_t left = (t->nbytes - s->t_done) / es;
         size_t k = n < left ? n : (size_t)left;
@@ -1415,6 +1536,10 @@ int st_patch_f32(const char *dir, const char *name, const float *v, size_t n, ch
     int rc = st_find(m, name, &t, err, errlen);
     size_t es = rc > 0 ? stage_dtype_size(t.dtype) : 0;
     void *buf = NULL;
+    if (rc > 0 && t.dtype == STAGE_Q8_0) {
+        base_set_err(err, errlen, "%s: tensor %s is I8 (q8_0), not patchable as f32", t.file, name);
+        rc = -1;
+    }
     if (rc > 0 && t.nbytes != n * es) {
         base_set_err(err, errlen, "%s: tensor %s holds %zu values, %zu given", t.file, name,
                      t.nbytes / es, n);

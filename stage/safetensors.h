@@ -8,7 +8,8 @@
  * Validation of every opened file (each failure is one line naming the file, and the tensor
  * where there is one): file shorter than 8 bytes; header length past the end of file; header
  * not JSON / not an object; an entry without dtype/shape/data_offsets or with wrong types;
- * unknown dtype (only F32, F16, BF16 are accepted); data_offsets out of the data region, end
+ * unknown dtype (only F32, F16, BF16 are accepted, and I8: the q of a Q8_0 matrix, read as
+ * STAGE_Q8_0 with 1-byte elements, its F16 scales in NAME_scale, docs/SPEC.md §9); data_offsets out of the data region, end
  * < begin, or length != numel * dtype size; two tensors' byte ranges overlapping. For the index:
  * not JSON, no weight_map, a shard file that does not exist.
  *
@@ -68,9 +69,11 @@ const float *st_get_f32(st_model *m, const char *name, int ndim, const int64_t *
                         size_t errlen);
 
 /* A 2-D weight [rows][cols] in its checkpoint dtype (want < 0) or converted to dtype `want`
- * (e.g. f32 -> bf16 at load): zero-copy into the mmap when stored in that dtype and aligned
- * to its element size, else an aligned copy owned by m (converted through a small buffer:
- * never an f32 copy of the tensor). Errors as st_get_f32. Returns 0 or -1. */
+ * (e.g. f32 -> bf16 at load, or quantized to STAGE_Q8_0 row by row): zero-copy into the mmap
+ * when stored in that dtype and aligned to its element size, else an aligned copy owned by m
+ * (converted through a small buffer: never an f32 copy of the tensor). A matrix stored as
+ * Q8_0 (I8 + NAME_scale) comes in place, q and scales; asking it for another dtype is an
+ * error. Errors as st_get_f32. Returns 0 or -1. */
 int st_get_weight(st_model *m, const char *name, int64_t rows, int64_t cols, int want,
                   stage_weight *out, char *err, size_t errlen);
 
@@ -84,7 +87,8 @@ size_t st_loaded_bytes(const st_model *m);
 /* ---- writing ---- */
 typedef struct st_stream st_stream;
 st_stream *st_stream_new(void); /* NULL: out of memory */
-/* Before st_stream_begin. -1: bad arguments (ndim > ST_MAX_DIMS, negative dim, unknown dtype,
+/* Before st_stream_begin. dt STAGE_Q8_0 declares an I8 tensor (bytes via st_stream_write
+ * only). -1: bad arguments (ndim > ST_MAX_DIMS, negative dim, unknown dtype,
  * the name "__metadata__", numel * 4 overflowing size_t) or out of memory. */
 int st_stream_declare(st_stream *s, const char *name, stage_dtype dt, int ndim,
                       const int64_t *shape);

@@ -58,7 +58,14 @@ int stage_model_load(const char *dir, const stage_config *cfg, stage_range range
                      char *err, size_t errlen);
 /* The same with the weight matrices held in dtype `weights_dtype` (a stage_dtype; -1: as
  * stored). Converting at load (e.g. an f32 checkpoint to bf16) makes an owned copy in that
- * dtype; as stored they are zero-copy views of the mmap'd safetensors. */
+ * dtype; as stored they are zero-copy views of the mmap'd safetensors. STAGE_Q8_0 quantizes
+ * every weight matrix at load, row by row (docs/SPEC.md §9), except the embedding and the MoE
+ * gate, which keep their dtype (norms and routers are f32 always); a matrix with a non-finite
+ * value is an error. */
+/* 1 when q8_0 weights quantize the tensor of this name: the projections of attention, MLP and
+ * experts (model.layers.*_proj.weight, *.w1/w2/w3.weight) and lm_head.weight; not the
+ * embedding, the MoE gate (a router), norms, routers and predictors (docs/SPEC.md §9). */
+int stage_q8_quantizes(const char *name);
 int stage_model_load_dtype(const char *dir, const stage_config *cfg, stage_range range,
                            int weights_dtype, stage_model **out, char *err, size_t errlen);
 /* A stage spread over a tensor-parallel group (stage/tp.h; tp NULL or of one rank: exactly
@@ -66,7 +73,8 @@ int stage_model_load_dtype(const char *dir, const stage_config *cfg, stage_range
  * only the group leader (rank 0) gets range.embed. Each rank holds its row slice of every
  * big matrix (q/k/v/o, gate/up/down, experts, lm_head) as f32 — 1/K of them; the embedding
  * (a lookup, leader only), norms, routers, predictors and the MoE gate (small) whole.
- * weights_dtype applies to the embedding only then (psgemm multiplies f32). num_attention_heads
+ * weights_dtype applies to the embedding only then (psgemm multiplies f32; STAGE_Q8_0 with K > 1
+ * is an error). num_attention_heads
  * and num_key_value_heads must be multiples of K (error otherwise). tp is not owned. */
 int stage_model_load_tp(const char *dir, const stage_config *cfg, stage_range range,
                         int weights_dtype, stage_tp *tp, stage_model **out, char *err,

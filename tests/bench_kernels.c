@@ -11,7 +11,7 @@
  *            of 5 passes (read_gbs),
  *            and the median over 32 MiB pieces (read_gbs_32mib_pieces); the GEMV lines'
  *            of_read_bw divides by the larger of the two N-thread values;
- *   gemv     decode shapes (m = 1, 4, 16; k = 4096; n = 4096, 14336; f32 and bf16) per ISA
+ *   gemv     decode shapes (m = 1, 4, 16; k = 4096; n = 4096, 14336; f32, bf16, q8_0) per ISA
  *            variant: GB/s of weights streamed and the fraction of the read bandwidth. The
  *            weights rotate through copies filling 1 GiB so they come from memory, not the L3;
  *   cross    small path vs large path for m around STAGE_M_SMALL (how it was chosen);
@@ -165,13 +165,15 @@ static double read_bw(const uint64_t *buf, size_t words, int nt, size_t piece_wo
 static double time_matmul(const float *x, int m, int n, int k, stage_dtype dt, const char *arena,
                           size_t arena_bytes, float *y, int reps)
 {
-    const size_t wbytes = (size_t)n * k * (dt == STAGE_F32 ? 4 : 2);
+    const size_t wbytes = stage_matrix_bytes(dt, (size_t)n, (size_t)k); /* Q8_0: q, scales */
     int copies = (int)(arena_bytes / wbytes);
     if (copies < 1) copies = 1;
     double *t = malloc((size_t)reps * sizeof *t);
     for (int r = -2; r < reps; r++) { /* two warm-up calls */
         int c = (r + 2) % copies;
-        stage_weight w = {.dtype = dt, .rows = n, .cols = k, .data = arena + (size_t)c * wbytes};
+        const char *p = arena + (size_t)c * wbytes;
+        stage_weight w = {.dtype = dt, .rows = n, .cols = k, .data = p};
+        if (dt == STAGE_Q8_0) w.scale = (const uint16_t *)(p + (size_t)n * k);
         double t0 = now_s();
         stage_matmul_w(x, m, &w, y);
         if (r >= 0) t[r] = now_s() - t0;
@@ -299,7 +301,7 @@ int main(int argc, char **argv)
                             0.0f, ys, n);
                 tb[r] = now_s() - t0;
                 openblas_set_num_threads(1);
-                stage_weight w32 = {STAGE_F32, n, k, wf}, w16 = {STAGE_BF16, n, k, wb};
+                stage_weight w32 = {STAGE_F32, n, k, wf, NULL}, w16 = {STAGE_BF16, n, k, wb, NULL};
                 t0 = now_s();
                 stage_matmul_w(xs, m, &w32, ys);
                 tf[r] = now_s() - t0;
@@ -345,14 +347,14 @@ int main(int argc, char **argv)
     float *y = malloc((size_t)M_MAX * 14336 * sizeof *y);
     for (size_t i = 0; i < (size_t)M_MAX * 14336; i++)
         x[i] = (float)((i * 2654435761u) % 2001) / 1000.0f - 1.0f;
-    const stage_dtype dts[] = {STAGE_F32, STAGE_BF16};
+    const stage_dtype dts[] = {STAGE_F32, STAGE_BF16, STAGE_Q8_0}; /* q8_0: decode shapes only */
 
     /* ---- decode shapes ---- */
     const int ms[] = {1, 4, 16};
     for (int s = 0; s < STAGE_N_ISAS; s++) {
         if (!stage_isa_supported((stage_isa)s) || (only >= 0 && s != only)) continue;
         stage_matmul_force_isa((stage_isa)s);
-        for (int d = 0; d < 2; d++)
+        for (int d = 0; d < 3; d++)
             for (int ni = 0; ni < 2; ni++)
                 for (int mi = 0; mi < 3; mi++) {
                     if (s == STAGE_ISA_C && (ni == 1 || ms[mi] > 4) && only < 0)
@@ -360,11 +362,11 @@ int main(int argc, char **argv)
                     const int n = ns[ni], m = ms[mi];
                     double t =
                         time_matmul(x, m, n, K, dts[d], (const char *)arena, arena_bytes, y, reps);
-                    double bytes = (double)n * K * (dts[d] == STAGE_F32 ? 4 : 2);
+                    double bytes = (double)stage_matrix_bytes(dts[d], (size_t)n, (size_t)K);
                     printf("gemv isa=%s dtype=%s m=%d k=%d n=%d threads=%d us=%.1f gbs=%.2f "
                            "of_read_bw=%.2f gflops=%.2f\n",
-                           stage_isa_name((stage_isa)s), dts[d] == STAGE_F32 ? "f32" : "bf16", m, K,
-                           n, nt, t * 1e6, bytes / t / 1e9, bytes / t / 1e9 / bwn,
+                           stage_isa_name((stage_isa)s), stage_wdtype_name(dts[d]), m, K, n, nt,
+                           t * 1e6, bytes / t / 1e9, bytes / t / 1e9 / bwn,
                            2.0 * m * n * K / t / 1e9);
                     fflush(stdout);
                 }

@@ -616,12 +616,21 @@ static void test_layer_cost(void)
     CU_ASSERT_DOUBLE_EQUAL(engine_layer_cost(&c, 5), 0.0, 0);
     CU_ASSERT_DOUBLE_EQUAL(engine_layer_cost(&c, -1), 0.0, 0);
     /* f32 bytes: attention 12288 + norms 128 + MLP 24576 floats, routers D (+1 bias) */
-    CU_ASSERT_EQUAL(engine_layer_weight_bytes(&c, 0, 4), (size_t)36992 * 4);
-    CU_ASSERT_EQUAL(engine_layer_weight_bytes(&c, 1, 4), (size_t)(36992 + 65) * 4);
-    CU_ASSERT_EQUAL(engine_layer_weight_bytes(&c, 2, 4),
+    CU_ASSERT_EQUAL(engine_layer_weight_bytes(&c, 0, STAGE_F32, STAGE_F32), (size_t)36992 * 4);
+    CU_ASSERT_EQUAL(engine_layer_weight_bytes(&c, 1, STAGE_F32, STAGE_F32),
+                    (size_t)(36992 + 65) * 4);
+    CU_ASSERT_EQUAL(engine_layer_weight_bytes(&c, 2, STAGE_F32, STAGE_F32),
                     (size_t)(12416 + 4 * 12288 + 4 * 64 + 65) * 4);
-    CU_ASSERT_EQUAL(engine_layer_weight_bytes(&c, 3, 4), (size_t)(12416 + 4 * 12288 + 5 * 64) * 4);
-    CU_ASSERT_EQUAL(engine_layer_weight_bytes(&c, 4, 4), (size_t)(36992 + 64) * 4);
+    CU_ASSERT_EQUAL(engine_layer_weight_bytes(&c, 3, STAGE_F32, STAGE_F32),
+                    (size_t)(12416 + 4 * 12288 + 5 * 64) * 4);
+    CU_ASSERT_EQUAL(engine_layer_weight_bytes(&c, 4, STAGE_F32, STAGE_F32),
+                    (size_t)(36992 + 64) * 4);
+    /* q8_0: a 64-column row is 64 + 2 x 2 bytes, a 128-column one 128 + 4 x 2; attention
+     * 192 rows of 64 columns, MLP 256 of 64 + 64 of 128; the MoE gate (5 x 64) keeps bf16 */
+    CU_ASSERT_EQUAL(engine_layer_weight_bytes(&c, 0, STAGE_Q8_0, STAGE_BF16),
+                    (size_t)(192 * 68 + 256 * 68 + 64 * 136 + 128 * 4));
+    CU_ASSERT_EQUAL(engine_layer_weight_bytes(&c, 3, STAGE_Q8_0, STAGE_BF16),
+                    (size_t)(192 * 68 + 4 * 192 * 68 + 5 * 64 * 2 + 128 * 4));
     stage_config_free(&c);
 }
 
@@ -929,7 +938,7 @@ static void test_partition_memory(void)
     stage_config c = tiny_cfg("dmdm");
     engine_plan p;
     char err[ERRLEN];
-    engine_mem_opts mo = {STAGE_BF16, 0, 2, 40, 4};
+    engine_mem_opts mo = {STAGE_BF16, 0, 2, 40, 4, STAGE_BF16};
     const char *r2[] = {"0-1", "2-3"};
     CU_ASSERT_EQUAL_FATAL(engine_partition_explicit_mem(&c, r2, 2, 2, &mo, &p, err, ERRLEN), 0);
     CU_ASSERT(p.have_mem);
@@ -976,7 +985,7 @@ static void test_partition_memory(void)
      * the split to 0-3 | 4-5 */
     c = tiny_cfg("dddddd");
     c.vocab = 4000;
-    engine_mem_opts m2 = {STAGE_BF16, 0, 1, 8, 1};
+    engine_mem_opts m2 = {STAGE_BF16, 0, 1, 8, 1, STAGE_BF16};
     CU_ASSERT_EQUAL_FATAL(engine_partition_auto_mem(&c, 2, &m2, &p, err, ERRLEN), 0);
     CU_ASSERT_EQUAL(p.st[1].first, 5);
     size_t stage0_5 = p.st[0].mem_bytes;
@@ -1007,7 +1016,8 @@ static void test_partition_memory(void)
 }
 
 /* The plan's weight bytes are what the loader holds: every fixture (f32, bf16; dense, mod,
- * predictor, topk, MoDE, mindskip, mixed; the block families), each stage of a 3-stage plan. */
+ * predictor, topk, MoDE, mindskip, mixed; the block families), as stored and at q8_0, each
+ * stage of a 3-stage plan. */
 static void test_plan_weights_match_loader(void)
 {
     static const char *models[] = {"dense", "mod", "mod_all", "mod_predictor", "mod_topk",
@@ -1021,22 +1031,27 @@ static void test_plan_weights_match_loader(void)
         snprintf(dir, sizeof dir, "%s/%s", fix, models[i]);
         stage_config c;
         CU_ASSERT_EQUAL_FATAL(stage_config_load(dir, &c, err, ERRLEN), 0);
-        engine_mem_opts mo = {STAGE_F32, 0, 1, 16, 4};
+        engine_mem_opts mo = {STAGE_F32, 0, 1, 16, 4, STAGE_F32};
         CU_ASSERT_EQUAL_FATAL(engine_weight_dtype(dir, &mo.weight_dtype, err, ERRLEN), 0);
-        engine_plan p;
-        CU_ASSERT_EQUAL_FATAL(engine_partition_auto_mem(&c, 3, &mo, &p, err, ERRLEN), 0);
-        for (int t = 0; t < 3; t++) {
-            stage_range r = {p.st[t].first, p.st[t].last, t == 0, t == 2};
-            stage_model *m = NULL;
-            CU_ASSERT_EQUAL_FATAL(stage_model_load(dir, &c, r, &m, err, ERRLEN), 0);
-            size_t got = stage_model_weight_bytes(m);
-            CU_ASSERT_EQUAL(p.st[t].weight_bytes, got);
-            if (p.st[t].weight_bytes != got)
-                fprintf(stderr, "\n  %s stage %d: plan %zu bytes, loader %zu\n", models[i], t,
-                        p.st[t].weight_bytes, got);
-            stage_model_free(m);
+        mo.keep_dtype = mo.weight_dtype;
+        for (int q8 = 0; q8 < 2; q8++) { /* as stored, then --weights-dtype q8_0 */
+            if (q8) mo.weight_dtype = STAGE_Q8_0;
+            engine_plan p;
+            CU_ASSERT_EQUAL_FATAL(engine_partition_auto_mem(&c, 3, &mo, &p, err, ERRLEN), 0);
+            for (int t = 0; t < 3; t++) {
+                stage_range r = {p.st[t].first, p.st[t].last, t == 0, t == 2};
+                stage_model *m = NULL;
+                CU_ASSERT_EQUAL_FATAL(
+                    stage_model_load_dtype(dir, &c, r, q8 ? STAGE_Q8_0 : -1, &m, err, ERRLEN), 0);
+                size_t got = stage_model_weight_bytes(m);
+                CU_ASSERT_EQUAL(p.st[t].weight_bytes, got);
+                if (p.st[t].weight_bytes != got)
+                    fprintf(stderr, "\n  %s %s stage %d: plan %zu bytes, loader %zu\n", models[i],
+                            stage_wdtype_name(mo.weight_dtype), t, p.st[t].weight_bytes, got);
+                stage_model_free(m);
+            }
+            engine_plan_free(&p);
         }
-        engine_plan_free(&p);
         stage_config_free(&c);
     }
 }

@@ -59,11 +59,27 @@ static void make_weight(stage_dtype dt, int rows, int cols, const float *src, st
     w->dtype = dt;
     w->rows = rows;
     w->cols = cols;
+    w->scale = NULL;
     if (dt == STAGE_F32) {
         float *d = malloc(n * sizeof *d);
         memcpy(d, src, n * sizeof *d);
         memcpy(wr, src, n * sizeof *d);
         w->data = d;
+        return;
+    }
+    if (dt == STAGE_Q8_0) { /* int8 [rows][cols], f16 scales [rows][blocks]; wr: q * d */
+        const int nb = stage_q8_blocks(cols);
+        int8_t *q = malloc(n ? n : 1);
+        uint16_t *sc = malloc((size_t)rows * nb * sizeof *sc + 2);
+        for (int r = 0; r < rows; r++) {
+            CU_ASSERT_EQUAL(stage_q8_quantize_row(src + (size_t)r * cols, cols,
+                                                  q + (size_t)r * cols, sc + (size_t)r * nb),
+                            0);
+            stage_q8_dequant(q + (size_t)r * cols, sc + (size_t)r * nb, 0, cols,
+                             wr + (size_t)r * cols);
+        }
+        w->data = q;
+        w->scale = sc;
         return;
     }
     uint16_t *d = malloc(n * sizeof *d);
@@ -108,11 +124,16 @@ static double rel_err_f(const float *a, const float *b, size_t count)
     return mx > 0 ? e / mx : e;
 }
 
-static const stage_dtype DTYPES[] = {STAGE_F32, STAGE_BF16, STAGE_F16};
-static const char *dt_name(stage_dtype d)
+static void free_weight(stage_weight *w)
 {
-    return d == STAGE_F32 ? "f32" : d == STAGE_BF16 ? "bf16" : "f16";
+    free((void *)w->data);
+    free((void *)w->scale);
 }
+
+/* every weight dtype: the element ones and Q8_0 (its reference: the dequantized values) */
+static const stage_dtype DTYPES[] = {STAGE_F32, STAGE_BF16, STAGE_F16, STAGE_Q8_0};
+#define N_DT 4
+static const char *dt_name(stage_dtype d) { return stage_wdtype_name(d); }
 
 static void threads(int n)
 {
@@ -128,7 +149,7 @@ static void threads(int n)
 
 /* One shape, every variant and dtype, the given m values, paths AUTO and the forced other one.
  * Records the worst error per (variant, dtype) in worst[][]. */
-static void check_shape(int n, int k, const int *ms, int n_ms, double worst[STAGE_N_ISAS][3])
+static void check_shape(int n, int k, const int *ms, int n_ms, double worst[STAGE_N_ISAS][N_DT])
 {
     int mmax = 0;
     for (int t = 0; t < n_ms; t++)
@@ -141,7 +162,7 @@ static void check_shape(int n, int k, const int *ms, int n_ms, double worst[STAG
     float *yc = malloc((size_t)mmax * n * sizeof *yc);
     fill(x, (size_t)mmax * k);
     fill(src, (size_t)n * k);
-    for (int d = 0; d < 3; d++) {
+    for (int d = 0; d < N_DT; d++) {
         stage_weight w;
         make_weight(DTYPES[d], n, k, src, &w, wr);
         ref_matmul(x, mmax, k, wr, n, ref);
@@ -174,7 +195,7 @@ static void check_shape(int n, int k, const int *ms, int n_ms, double worst[STAG
                 }
             }
         }
-        free((void *)w.data);
+        free_weight(&w);
     }
     stage_matmul_force_path(STAGE_PATH_AUTO);
     stage_matmul_force_isa(stage_isa_best());
@@ -186,13 +207,14 @@ static void check_shape(int n, int k, const int *ms, int n_ms, double worst[STAG
     free(yc);
 }
 
-static void print_worst(const char *what, double worst[STAGE_N_ISAS][3])
+static void print_worst(const char *what, double worst[STAGE_N_ISAS][N_DT])
 {
     if (!verbose()) return;
     for (int isa = 0; isa < STAGE_N_ISAS; isa++) {
         if (!stage_isa_supported((stage_isa)isa)) continue;
-        fprintf(stderr, "\n  %s %-10s f32 %.3g  bf16 %.3g  f16 %.3g", what,
-                stage_isa_name((stage_isa)isa), worst[isa][0], worst[isa][1], worst[isa][2]);
+        fprintf(stderr, "\n  %s %-10s f32 %.3g  bf16 %.3g  f16 %.3g  q8_0 %.3g", what,
+                stage_isa_name((stage_isa)isa), worst[isa][0], worst[isa][1], worst[isa][2],
+                worst[isa][3]);
     }
 }
 
@@ -203,7 +225,7 @@ static void test_matmul_m_sweep(void)
     int ms[44];
     for (int i = 0; i < 40; i++) ms[i] = i + 1;
     ms[40] = 63, ms[41] = 64, ms[42] = 65, ms[43] = 70;
-    double worst[STAGE_N_ISAS][3] = {{0}};
+    double worst[STAGE_N_ISAS][N_DT] = {{0}};
     for (int th = 1; th <= 2; th++) {
         threads(th);
         check_shape(37, 67, ms, 44, worst); /* k: 4 x 16 + 3; n: 9 row blocks + 1 */
@@ -217,7 +239,7 @@ static void test_matmul_m_sweep(void)
 /* Larger shapes: many tiles, k blocked in the large path, long dot products. */
 static void test_matmul_large_shapes(void)
 {
-    double worst[STAGE_N_ISAS][3] = {{0}};
+    double worst[STAGE_N_ISAS][N_DT] = {{0}};
     threads(2);
     const int ms1[] = {1, 4, 16, 17, 24};
     check_shape(531, 300, ms1, 5, worst); /* 3 tiles; k not a multiple of 16 */
@@ -244,7 +266,7 @@ static void test_matmul_threads_bitwise(void)
     for (int t = 0; t < 3; t++) y[t] = malloc((size_t)70 * n * sizeof(float));
     fill(x, (size_t)70 * k);
     fill(src, (size_t)n * k);
-    for (int d = 0; d < 3; d++) {
+    for (int d = 0; d < N_DT; d++) {
         stage_weight w;
         make_weight(DTYPES[d], n, k, src, &w, wr);
         for (int isa = 0; isa < STAGE_N_ISAS; isa++) {
@@ -268,7 +290,7 @@ static void test_matmul_threads_bitwise(void)
             }
             stage_matmul_force_engine(STAGE_ENGINE_AUTO);
         }
-        free((void *)w.data);
+        free_weight(&w);
     }
     stage_threads_free();
     stage_matmul_force_isa(stage_isa_best());
@@ -308,7 +330,7 @@ static void test_matmul_onednn(void)
         double *ref = malloc((size_t)mmax * n * sizeof *ref);
         fill(x, (size_t)mmax * k);
         fill(src, (size_t)n * k);
-        for (int d = 0; d < 3; d++) {
+        for (int d = 0; d < N_DT; d++) {
             stage_weight w;
             make_weight(DTYPES[d], n, k, src, &w, wr);
             for (int mi = 0; mi < 3; mi++) {
@@ -335,7 +357,7 @@ static void test_matmul_onednn(void)
                 CU_ASSERT(eb <= TOL);
                 CU_ASSERT(ex <= 2 * TOL);
             }
-            free((void *)w.data);
+            free_weight(&w);
         }
         free(x);
         free(src);
@@ -369,7 +391,7 @@ static void test_matmul_row_independent(void)
     fill(x, (size_t)M * k);
     fill(src, (size_t)n * k);
     threads(2);
-    for (int d = 0; d < 3; d++) {
+    for (int d = 0; d < N_DT; d++) {
         stage_weight w;
         make_weight(DTYPES[d], n, k, src, &w, wr);
         /* the first 7 rows of w as a weight of their own */
@@ -398,7 +420,7 @@ static void test_matmul_row_independent(void)
                 CU_ASSERT(same);
             }
         }
-        free((void *)w.data);
+        free_weight(&w);
     }
     stage_threads_free();
     stage_matmul_force_isa(stage_isa_best());
@@ -441,7 +463,7 @@ static void test_pool_sleep_wake(void)
     }
     CU_ASSERT(same);
     stage_threads_free();
-    free((void *)w.data);
+    free_weight(&w);
     free(x);
     free(src);
     free(wr);
@@ -555,6 +577,38 @@ static void test_attend(void)
 /* 4. edges and errors                                                 */
 /* ================================================================== */
 
+/* Q8_0 quantization, llama.cpp's numbers: d = max|x| / 127 (f16), q = round(x / d) half away
+ * from zero; a short last block; an all-zero block (d = 0); a non-finite value refused. */
+static void test_q8_quantize(void)
+{
+    float x[40], back[40];
+    for (int i = 0; i < 32; i++) x[i] = (float)(i - 16) * 0.25f; /* max |x| = 4 at i = 0 */
+    x[5] = 127.5f * (4.0f / 127.0f) / 2.0f;                      /* 63.75 steps: rounds to 64 */
+    for (int i = 32; i < 40; i++) x[i] = 0.0f;
+    int8_t q[40];
+    uint16_t d[2];
+    CU_ASSERT_EQUAL_FATAL(stage_q8_quantize_row(x, 40, q, d), 0);
+    CU_ASSERT_EQUAL(d[0], stage_f32_to_f16(4.0f / 127.0f));
+    CU_ASSERT_EQUAL(d[1], 0);
+    CU_ASSERT_EQUAL(q[0], -127);
+    CU_ASSERT_EQUAL(q[16], 0);
+    CU_ASSERT_EQUAL(q[5], 64);
+    CU_ASSERT_EQUAL(q[24], (int8_t)lroundf(2.0f * 127.0f / 4.0f)); /* 63.5 -> 64 */
+    for (int i = 32; i < 40; i++) CU_ASSERT_EQUAL(q[i], 0);
+    stage_q8_dequant(q, d, 0, 40, back);
+    for (int i = 0; i < 40; i++) {
+        CU_ASSERT_EQUAL(back[i], (float)q[i] * stage_f16_to_f32(d[i / 32]));
+        /* the error of a value: half a step, plus the scale's f16 rounding */
+        CU_ASSERT(fabsf(back[i] - x[i]) <= 0.5f * 4.0f / 127.0f * 1.002f + 4.0f / 1024.0f);
+    }
+    stage_q8_dequant(q, d, 32, 8, back); /* from a block start */
+    for (int i = 0; i < 8; i++) CU_ASSERT_EQUAL(back[i], 0.0f);
+    x[33] = NAN;
+    CU_ASSERT_EQUAL(stage_q8_quantize_row(x, 40, q, d), -1);
+    x[33] = INFINITY;
+    CU_ASSERT_EQUAL(stage_q8_quantize_row(x, 40, q, d), -1);
+}
+
 static void test_edges(void)
 {
     char err[ERRLEN];
@@ -608,6 +662,7 @@ int main(void)
 {
     static const test_def tests[] = {
         T_(test_edges),
+        T_(test_q8_quantize),
         T_(test_matmul_m_sweep),
         T_(test_matmul_large_shapes),
         T_(test_matmul_threads_bitwise),

@@ -414,6 +414,16 @@ static const bad_cfg bad_cfgs[] = {
     {"{" BASE ", " L2 ", \"model_type\": 7}", "model_type"},
     {"{" BASE ", " L2 ", \"architectures\": [\"Qwen2MoeForCausalLM\"]}", "Qwen2MoeForCausalLM"},
     {"{" BASE ", " L2 ", \"architectures\": \"LlamaForCausalLM\"}", "architectures"},
+    /* quantization: only modpipe quantize's q8_0 (docs/SPEC.md §9) */
+    {"{" BASE ", " L2 ", \"quantization_config\": {\"quant_method\": \"gptq\", \"bits\": 4}}",
+     "quantization_config.quant_method: \"gptq\" is not supported"},
+    {"{" BASE ", " L2 ", \"quantization_config\": {\"bits\": 8}}",
+     "quantization_config.quant_method: missing"},
+    {"{" BASE ", " L2
+     ", \"quantization_config\": {\"quant_method\": \"q8_0\", \"block_size\": 64}}",
+     "quantization_config.block_size: 64, expected 32"},
+    {"{" BASE ", " L2 ", \"quantization_config\": \"q8_0\"}",
+     "quantization_config: expected an object"},
 };
 
 static void test_config_errors(void)

@@ -18,7 +18,11 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "engine/partition.h"
+#include "stage/config.h"
 #include "stage/npy.h"
+#include "stage/safetensors.h"
+#include "stage/stage.h"
 #include "testutil.h"
 
 static const char *BIN, *FIX;
@@ -106,6 +110,15 @@ static void test_generate_exact_microbatch(void)
         check_generate(GEN_MODELS[i], "--micro-batch 3 --groups 1", "mb3");
 }
 
+/* eval of the fixture tokens of model m at -np np (extra options), logits into out */
+static int run_eval(const char *m, int np, const char *extra, const char *out)
+{
+    return run(120,
+               "%s -np %d %s eval --model %s/%s --tokens-file %s/eval_tokens.txt --micro-batch 8 "
+               "--quiet %s --dump-logits %s",
+               MPIRUN, np, BIN, FIX, m, FIX, extra, out);
+}
+
 static void test_eval_exact(void)
 {
     for (size_t i = 0; i < sizeof EVAL_MODELS / sizeof *EVAL_MODELS; i++) {
@@ -113,23 +126,146 @@ static void test_eval_exact(void)
         char one[512], many[512], want[512];
         snprintf(one, sizeof one, "%s/%s-eval-np1.npy", TMP, m);
         snprintf(want, sizeof want, "%s/%s.eval.npy", FIX, m);
-        CU_ASSERT_EQUAL_FATAL(run(120,
-                                  "%s -np 1 %s eval --model %s/%s --tokens-file %s/eval_tokens.txt "
-                                  "--micro-batch 8 --quiet --dump-logits %s",
-                                  MPIRUN, BIN, FIX, m, FIX, one),
-                              0);
+        CU_ASSERT_EQUAL_FATAL(run_eval(m, 1, "", one), 0);
         CU_ASSERT(strstr(OUT, "perplexity") != NULL);
         CU_ASSERT(npy_rel_err(one, want) <= 1e-4);
         for (int np = 2; np <= 4; np++) {
             snprintf(many, sizeof many, "%s/%s-eval-np%d.npy", TMP, m, np);
-            CU_ASSERT_EQUAL(run(120,
-                                "%s -np %d %s eval --model %s/%s --tokens-file %s/eval_tokens.txt "
-                                "--micro-batch 8 --quiet --dump-logits %s",
-                                MPIRUN, np, BIN, FIX, m, FIX, many),
-                            0);
+            CU_ASSERT_EQUAL(run_eval(m, np, "", many), 0);
             CU_ASSERT(files_identical(one, many));
         }
     }
+}
+
+/* --weights-dtype q8_0 (docs/SPEC.md §9): np 2 and 3 give the bits of np 1 (generate and
+ * eval), the fixtures' tokens where no routing decision flips (dense, mode_integrated), the
+ * stats name the dtype; a TP stage refuses it, as an unknown dtype is refused. */
+static void test_q8_0_ranks(void)
+{
+    static const char *models[] = {"dense", "mode_integrated", "mixed"};
+    for (size_t i = 0; i < sizeof models / sizeof *models; i++) {
+        const char *m = models[i];
+        char one[512], many[512], stats[512];
+        snprintf(one, sizeof one, "%s/%s-q8-np1.npy", TMP, m);
+        snprintf(stats, sizeof stats, "%s/%s-q8.json", TMP, m);
+        CU_ASSERT_EQUAL_FATAL(run(120,
+                                  "%s -np 1 %s generate --model %s/%s %s --max-new 5 --quiet "
+                                  "--weights-dtype q8_0 --stats %s --dump-logits %s",
+                                  MPIRUN, BIN, FIX, m, PROMPTS, stats, one),
+                              0);
+        if (strcmp(m, "mixed")) CU_ASSERT(tokens_match(m));
+        cJSON *st = read_json(stats);
+        CU_ASSERT_PTR_NOT_NULL_FATAL(st);
+        const cJSON *wd = cJSON_GetObjectItemCaseSensitive(st, "weights_dtype");
+        CU_ASSERT(cJSON_IsString(wd) && !strcmp(wd->valuestring, "q8_0"));
+        cJSON_Delete(st);
+        for (int np = 2; np <= 3; np++) {
+            snprintf(many, sizeof many, "%s/%s-q8-np%d.npy", TMP, m, np);
+            CU_ASSERT_EQUAL(run(120,
+                                "%s -np %d %s generate --model %s/%s %s --max-new 5 --quiet "
+                                "--weights-dtype q8_0 --dump-logits %s",
+                                MPIRUN, np, BIN, FIX, m, PROMPTS, many),
+                            0);
+            int same = files_identical(one, many);
+            CU_ASSERT(same);
+            if (!same) fprintf(stderr, "\n%s q8_0 -np %d: logits differ from -np 1\n", m, np);
+        }
+    }
+    char one[512], many[512];
+    snprintf(one, sizeof one, "%s/mixed-q8-eval-np1.npy", TMP);
+    snprintf(many, sizeof many, "%s/mixed-q8-eval-np3.npy", TMP);
+    CU_ASSERT_EQUAL(run_eval("mixed", 1, "--weights-dtype q8_0", one), 0);
+    CU_ASSERT_EQUAL(run_eval("mixed", 3, "--weights-dtype q8_0", many), 0);
+    CU_ASSERT(files_identical(one, many));
+    CU_ASSERT_NOT_EQUAL(
+        run(60, "%s generate --model %s/dense --prompt-ids 1 --weights-dtype q4", BIN, FIX), 0);
+    CU_ASSERT(strstr(OUT, "--weights-dtype: expected f32, bf16, f16 or q8_0, got 'q4'") != NULL);
+    CU_ASSERT_NOT_EQUAL(run(120,
+                            "%s -np 2 %s generate --model %s/dense --prompt-ids 1 --tp 2 --quiet "
+                            "--weights-dtype q8_0",
+                            MPIRUN, BIN, FIX),
+                        0);
+    CU_ASSERT(strstr(OUT, "q8_0 weights: not with tensor-parallel stages") != NULL);
+}
+
+/* modpipe quantize (docs/SPEC.md §9): the directory it writes computes the bits of
+ * --weights-dtype q8_0 on the original at np 1 and 3, with its weights in place inside the
+ * mapping (q and scales: the file's bytes, no copy) and its bytes as partition counts them;
+ * the refusals: another --weights-dtype, quantizing twice, an --out holding a model. */
+static void test_quantize_command(void)
+{
+    char q8[512], a[512], b[512], c[512], err[512];
+    snprintf(q8, sizeof q8, "%s/mixed-q8dir", TMP);
+    snprintf(a, sizeof a, "%s/mixed-q8load.npy", TMP);
+    snprintf(b, sizeof b, "%s/mixed-q8dir-np1.npy", TMP);
+    snprintf(c, sizeof c, "%s/mixed-q8dir-np3.npy", TMP);
+    CU_ASSERT_EQUAL_FATAL(run(120, "%s quantize --model %s/mixed --out %s", BIN, FIX, q8), 0);
+    CU_ASSERT(strstr(OUT, "to q8_0") != NULL);
+    CU_ASSERT_EQUAL(run(120,
+                        "%s -np 1 %s generate --model %s/mixed %s --max-new 5 --quiet "
+                        "--weights-dtype q8_0 --dump-logits %s",
+                        MPIRUN, BIN, FIX, PROMPTS, a),
+                    0);
+    for (int np = 1; np <= 3; np += 2)
+        CU_ASSERT_EQUAL(run(120,
+                            "%s -np %d %s generate --model %s %s --max-new 5 --quiet "
+                            "--dump-logits %s",
+                            MPIRUN, np, BIN, q8, PROMPTS, np == 1 ? b : c),
+                        0);
+    CU_ASSERT(files_identical(a, b));
+    CU_ASSERT(files_identical(a, c));
+
+    /* in place: the weight handed out is the file's I8 tensor and its F16 scale tensor */
+    st_model *m = NULL;
+    CU_ASSERT_FATAL(st_open(q8, &m, err, sizeof err) == 0);
+    const char *nm = "model.layers.0.self_attn.q_proj.weight";
+    st_tensor tq, ts;
+    CU_ASSERT_FATAL(st_find(m, nm, &tq, err, sizeof err) == 1);
+    CU_ASSERT_FATAL(
+        st_find(m, "model.layers.0.self_attn.q_proj.weight_scale", &ts, err, sizeof err) == 1);
+    CU_ASSERT_EQUAL(tq.dtype, STAGE_Q8_0);
+    CU_ASSERT_EQUAL(ts.dtype, STAGE_F16);
+    stage_weight w;
+    CU_ASSERT_FATAL(st_get_weight(m, nm, tq.shape[0], tq.shape[1], -1, &w, err, sizeof err) == 0);
+    CU_ASSERT(w.data == tq.data);
+    CU_ASSERT((const void *)w.scale == ts.data);
+    CU_ASSERT_NOT_EQUAL(st_get_weight(m, "model.layers.1.self_attn.k_proj.weight", 32, 64,
+                                      STAGE_BF16, &w, err, sizeof err),
+                        0);
+    CU_ASSERT(strstr(err, "is stored as q8_0: --weights-dtype bf16") != NULL);
+    st_close(m);
+
+    /* partition's bytes = the loader's, 3 stages */
+    stage_config cfg;
+    CU_ASSERT_FATAL(stage_config_load(q8, &cfg, err, sizeof err) == 0);
+    CU_ASSERT(cfg.q8_0);
+    engine_mem_opts mo = {STAGE_F32, 0, 1, 16, 4, STAGE_F32};
+    CU_ASSERT_FATAL(engine_weight_dtype(q8, &mo.weight_dtype, err, sizeof err) == 0);
+    CU_ASSERT_FATAL(engine_keep_dtype(q8, &mo.keep_dtype, err, sizeof err) == 0);
+    CU_ASSERT_EQUAL(mo.weight_dtype, STAGE_Q8_0);
+    CU_ASSERT_EQUAL(mo.keep_dtype, STAGE_BF16);
+    engine_plan p;
+    CU_ASSERT_FATAL(engine_partition_auto_mem(&cfg, 3, &mo, &p, err, sizeof err) == 0);
+    for (int t = 0; t < 3; t++) {
+        stage_range r = {p.st[t].first, p.st[t].last, t == 0, t == 2};
+        stage_model *sm = NULL;
+        CU_ASSERT_FATAL(stage_model_load(q8, &cfg, r, &sm, err, sizeof err) == 0);
+        CU_ASSERT_EQUAL(p.st[t].weight_bytes, stage_model_weight_bytes(sm));
+        stage_model_free(sm);
+    }
+    engine_plan_free(&p);
+    stage_config_free(&cfg);
+
+    CU_ASSERT_NOT_EQUAL(
+        run(60, "%s generate --model %s --prompt-ids 1 --quiet --weights-dtype bf16", BIN, q8), 0);
+    CU_ASSERT(strstr(OUT, "is stored as q8_0: --weights-dtype bf16 would need a dequantized") !=
+              NULL);
+    CU_ASSERT_NOT_EQUAL(run(60, "%s quantize --model %s --out %s/q8q8", BIN, q8, TMP), 0);
+    CU_ASSERT(strstr(OUT, "already quantized") != NULL);
+    CU_ASSERT_NOT_EQUAL(run(60, "%s quantize --model %s/dense --out %s", BIN, FIX, q8), 0);
+    CU_ASSERT(strstr(OUT, "holds a model.safetensors already") != NULL);
+    CU_ASSERT_NOT_EQUAL(run(60, "%s quantize --model %s/dense", BIN, FIX), 0);
+    CU_ASSERT(strstr(OUT, "--model DIR and --out DIR are required") != NULL);
 }
 
 /* ---- byte accounting ----------------------------------------------------------------------- */
@@ -808,6 +944,8 @@ int main(void)
     CU_add_test(s, "generate exact, micro-batch 3, one group, np 1-4",
                 test_generate_exact_microbatch);
     CU_add_test(s, "eval exact incl. topk, np 1-4", test_eval_exact);
+    CU_add_test(s, "q8_0 weights: np 1-3 bitwise, refusals", test_q8_0_ranks);
+    CU_add_test(s, "quantize: a q8_0 directory, in place, same bits", test_quantize_command);
     CU_add_test(s, "byte counters = fixture routes (mod_all)", test_routes_mod_all);
     CU_add_test(s, "byte counters = fixture routes (mixed)", test_routes_mixed);
     CU_add_test(s, "bf16 wire bytes; dense transport", test_wire_dtype_and_dense_transport);
