@@ -1,4 +1,4 @@
-/* cli/initmodel.h — `modpipe init-model`: a random model in the SPEC §3 format.
+/* cli/initmodel.h — `modpipe init-model`: a random model in the docs/SPEC.md §3 format.
  *
  * cli_init_model() draws every tensor from one seeded generator in file order
  * (embedding ~ N(0,1), projections ~ N(0, init_std^2), norms ~ 1 + N(0, 0.05^2), routers ~

@@ -1,4 +1,4 @@
-/* cli/serve.h — the `modpipe serve` command (issue 8), called from cli/main.c.
+/* cli/serve.h — the `modpipe serve` command, called from cli/main.c.
  *
  *   modpipe serve --model DIR --ranks N [--hostfile F] [--mpi-args '...'] [--stall-timeout S]
  *       [--max-restarts N] [HTTP and pipeline options]: the front (serve/front.h) owns HTTP

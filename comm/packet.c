@@ -1,4 +1,4 @@
-/* comm/packet.c — the packet layer of comm.h (SPEC §4): bitmasks, wire dtypes, pack/unpack.
+/* comm/packet.c — the packet layer of comm.h (docs/SPEC.md §4): bitmasks, wire dtypes, pack/unpack.
  *
  * Wire: [u32 LE H][H bytes modpipe.PacketHeader][payload]. The header goes through
  * protobuf-c; the payload never does (it is written and read in place).

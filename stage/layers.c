@@ -1,5 +1,5 @@
 /* stage/layers.c — the layer math of one stage on a micro-batch: attention, SwiGLU MLP,
- * mixture of experts, MoD / MoDE / MindSkip routing, the head (SPEC §2). See stage.h. */
+ * mixture of experts, MoD / MoDE / MindSkip routing, the head (docs/SPEC.md §2). See stage.h. */
 #include "base/clock.h"
 #include "stage/stage_impl.h"
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# tests/serve/run.sh [BIN] — end-to-end test of `modpipe serve` with real clients (issue 8.6):
+# tests/serve/run.sh [BIN] — end-to-end test of `modpipe serve` with real clients:
 # curl and the official `openai` npm client (tests/serve/client.mjs) against the real engine
 # on tests/fixtures/stories260K, at -np 1 and -np 3.
 #   - 32 concurrent greedy streams give the same tokens as `modpipe generate` on the prompts
