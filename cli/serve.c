@@ -47,6 +47,7 @@ typedef struct {
     char key[512]; /* the API key read from --api-key-file */
     const char *tok_path;
     double grace;
+    int no_prefix_reuse; /* --no-prefix-reuse */
 } setup;
 
 /* The API key: the first line of `path` (without its line end), non-empty. */
@@ -120,6 +121,7 @@ static int make_setup(const cli_opts *a, int n_ranks, setup *st, char *err, size
     p->loop.dense_transport = po.dense_transport;
     p->progress = po.progress;
     p->loop.kv = po.kv;
+    st->no_prefix_reuse = cli_opt_has(a, "no-prefix-reuse");
 
     engine_mem_opts mem;
     int plan_mem = cli_opt_has(a, "mem-per-rank");
@@ -209,6 +211,7 @@ static int start_http(setup *st, tok_tokenizer **tok, srvq **q, serve_server **s
         snprintf(err, errlen, "out of memory (a queue of %d slots)", st->p.loop.slots);
         rc = -1;
     }
+    if (!rc && st->no_prefix_reuse) srvq_set_prefix_reuse(*q, 0);
     if (!rc) rc = serve_signals_install(err, errlen);
     if (!rc) rc = serve_server_start(&st->so, *q, *tok, srv, err, errlen);
     return rc;

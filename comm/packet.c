@@ -36,6 +36,7 @@ COMM_SAME_ELEM(seq);
 COMM_SAME_ELEM(step);
 COMM_SAME_ELEM(target);
 COMM_SAME_ELEM(release);
+COMM_SAME_ELEM(share);
 #undef COMM_SAME_ELEM
 _Static_assert(sizeof *((stage_batch *)0)->flags == 1 && STAGE_ROW_ALL <= 0xff,
                "one flags byte per row on the wire");
@@ -108,7 +109,7 @@ size_t comm_packet_max_bytes(int mb_rows, int D, int n_stages)
      * per row temperature, top_p (4 + 4), seed, seq (10 + 10), step, target (5 + 5); the
      * release list (10 a value) */
     size_t desc = comm_add(10 * (1 + 5) + (1 + 5), comm_add(comm_mul(r, 3 * 10 + 38), r));
-    desc = comm_add(desc, (size_t)STAGE_MAX_RELEASE * 10);
+    desc = comm_add(desc, (size_t)(STAGE_MAX_RELEASE + 3 * STAGE_MAX_SHARE) * 10);
     h = comm_add(h, comm_add(1 + 5, desc));
     /* bypass entry: tag + 1-byte length + 2 x (tag + uint32 varint) = 14 */
     h = comm_add(h, comm_mul(nb, 14));
@@ -240,6 +241,22 @@ static int comm_check(const comm_packet *p, int n_stages, char *err, size_t errl
                 return -1;
             }
     }
+    if (p->rows.n_share < 0 || p->rows.n_share > STAGE_MAX_SHARE ||
+        (p->rows.n_share > 0 && (!p->rows.share || !p->has_desc))) {
+        base_set_err(err, errlen,
+                     "packet mb %llu %d->%d: %d prefix shares (limit %d, descriptor only)", mb,
+                     p->sender, p->receiver, p->rows.n_share, STAGE_MAX_SHARE);
+        return -1;
+    }
+    for (int k = 0; k < p->rows.n_share; k++) {
+        const int32_t *t = p->rows.share + 3 * k;
+        if (t[0] < 0 || t[1] < 0 || t[0] == t[1] || t[2] < 1) {
+            base_set_err(err, errlen,
+                         "packet mb %llu %d->%d: share of slot %d's %d positions to %d", mb,
+                         p->sender, p->receiver, (int)t[0], (int)t[2], (int)t[1]);
+            return -1;
+        }
+    }
     if (p->n_bypass < 0 || p->n_bypass > COMM_MAX_BYPASS || (p->n_bypass > 0 && !p->bypass)) {
         base_set_err(err, errlen, "packet mb %llu %d->%d: %d bypass entries (limit %d)", mb,
                      p->sender, p->receiver, p->n_bypass, COMM_MAX_BYPASS);
@@ -304,7 +321,7 @@ size_t comm_pack(const comm_packet *hdr, const float *x, int D, const int32_t *t
             return 0;
         }
         for (int k = 0; k < hdr->n_rows; k++)
-            if (tokens[k] < 0) {
+            if (tokens[k] < 0 && tokens[k] != STAGE_TOKEN_KV_LOST) {
                 base_set_err(err, errlen, "comm_pack mb %llu %d->%d: token %d is negative (%d)", mb,
                              hdr->sender, hdr->receiver, k, (int)tokens[k]);
                 return 0;
@@ -348,6 +365,8 @@ size_t comm_pack(const comm_packet *hdr, const float *x, int D, const int32_t *t
         desc.target = hdr->rows.target;
         desc.n_release = (size_t)hdr->rows.n_release;
         desc.release = hdr->rows.release;
+        desc.n_share = (size_t)hdr->rows.n_share * 3;
+        desc.share = hdr->rows.share;
         h.desc = &desc;
     }
     for (int k = 0; k < hdr->n_bypass; k++) {
@@ -448,7 +467,7 @@ static size_t comm_arena_bytes(int max_mb_rows, int n_stages)
     a = comm_add(a, comm_mask_bytes(max_mb_rows));         /* present */
     a = comm_add(a, comm_mul(r, 3 * sizeof(int32_t) + 1)); /* slot, pos, token, flags */
     a = comm_add(a, comm_mul(r, 2 * sizeof(float) + 2 * sizeof(uint64_t) + 2 * sizeof(int32_t)));
-    a = comm_add(a, (size_t)STAGE_MAX_RELEASE * sizeof(int32_t)); /* release */
+    a = comm_add(a, (size_t)(STAGE_MAX_RELEASE + 3 * STAGE_MAX_SHARE) * sizeof(int32_t));
     a = comm_add(
         a, comm_mul(nb, sizeof(Modpipe__Bypass *) + sizeof(Modpipe__Bypass) + sizeof(comm_bypass)));
     a = comm_add(a, comm_mul(2 * members, 64));           /* scan slabs */
@@ -596,6 +615,11 @@ static int comm_unpack_fill(comm_unpacker *u, const uint8_t *buf, size_t len, in
                          d->n_release, STAGE_MAX_RELEASE);
             return -1;
         }
+        if (d->n_share % 3 || d->n_share > 3 * STAGE_MAX_SHARE) {
+            base_set_err(err, errlen, "packet mb %llu: %zu share values (triples, limit %d)", mb,
+                         d->n_share, STAGE_MAX_SHARE);
+            return -1;
+        }
         if (d->n_slot != h->mb_rows || d->n_pos != h->mb_rows || d->n_token != h->mb_rows ||
             d->flags.len != h->mb_rows) {
             base_set_err(err, errlen,
@@ -637,6 +661,8 @@ static int comm_unpack_fill(comm_unpacker *u, const uint8_t *buf, size_t len, in
         out->rows.target = d->n_target ? d->target : u->def_minus1_i32;
         out->rows.n_release = (int)d->n_release;
         out->rows.release = d->release ? d->release : comm_empty_i32;
+        out->rows.n_share = (int)(d->n_share / 3);
+        out->rows.share = d->share ? d->share : comm_empty_i32;
     }
     if (h->n_bypass > 0) {
         /* [n_bypass] in the arena, like the rest of the decoded header */
@@ -689,7 +715,7 @@ static int comm_unpack_fill(comm_unpacker *u, const uint8_t *buf, size_t len, in
     if (out->kind == COMM_PKT_TOKENS)
         for (int k = 0; k < out->n_rows; k++) {
             int32_t t = comm_packet_token(out, k);
-            if (t < 0) {
+            if (t < 0 && t != STAGE_TOKEN_KV_LOST) {
                 base_set_err(err, errlen, "packet mb %llu %d->%d: token %d is negative (%d)", mb,
                              out->sender, out->receiver, k, (int)t);
                 return -1;

@@ -223,7 +223,10 @@ static int head_step(engine_loop *c)
             c->nll_sum += stage_nll(lg, c->V, d->target[i]);
             c->nll_count++;
         }
-        if (d->flags[i] & STAGE_ROW_SAMPLE) {
+        if ((d->flags[i] & STAGE_ROW_SAMPLE) && (d->flags[i] & STAGE_ROW_KV_LOST)) {
+            c->srows[ns] = i; /* no token: the scheduler recomputes the sequence */
+            c->ltok[ns++] = STAGE_TOKEN_KV_LOST;
+        } else if (d->flags[i] & STAGE_ROW_SAMPLE) {
             stage_rng r;
             stage_rng_seed_draw(&r, d->seed[i], d->seq[i], d->step[i]);
             c->srows[ns] = i;
@@ -254,7 +257,7 @@ static void complete(engine_loop *c, uint64_t mb, const int32_t *tok_by_row, con
         if (!(f->flags[i] & STAGE_ROW_SAMPLE)) continue;
         if (!comm_mask_get(mask, i))
             COMM_FATAL("micro-batch %llu: no token for row %d", (unsigned long long)mb, i);
-        if (tok_by_row[i] < 0 || tok_by_row[i] >= c->V)
+        if ((tok_by_row[i] < 0 && tok_by_row[i] != STAGE_TOKEN_KV_LOST) || tok_by_row[i] >= c->V)
             COMM_FATAL("micro-batch %llu: token %d out of range", (unsigned long long)mb,
                        tok_by_row[i]);
         c->tokens_done++;
@@ -279,8 +282,19 @@ static void process_mb(engine_loop *c)
                        d->release[k], c->o.slots);
         stage_state_slot_release(c->st, d->release[k]);
     }
-    if (stage_forward(c->st, d, c->x, c->present, err, sizeof err))
+    for (int k = 0; k < d->n_share; k++) { /* prefix reuse (docs/SPEC.md §11) */
+        const int32_t *t = d->share + 3 * k;
+        if (t[0] >= c->o.slots || t[1] >= c->o.slots)
+            COMM_FATAL("micro-batch %llu shares slot %d into %d of %d", (unsigned long long)mb,
+                       t[0], t[1], c->o.slots);
+        /* on failure (the source lost here, no page for a copy) dst is lost: recomputed */
+        stage_state_slot_share(c->st, t[0], t[1], t[2]);
+    }
+    /* a micro-batch of releases only (a server's idle pool gets its pages back at once) */
+    if (d->n > 0 && stage_forward(c->st, d, c->x, c->present, err, sizeof err))
         COMM_FATAL("micro-batch %llu: %s", (unsigned long long)mb, err);
+    for (int i = 0; i < d->n; i++) /* soft mode: later stages and the head drop them too */
+        if (stage_state_slot_lost(c->st, d->slot[i])) d->flags[i] |= STAGE_ROW_KV_LOST;
     if (c->rank != c->head) {
         route_and_send(c);
         c->busy_s += base_now_s() - t0;
@@ -341,7 +355,9 @@ static void report_fill(const engine_loop *c, uint64_t *v, int final)
                                .kv_bytes_dense = k.bytes_dense,
                                .kv_pages_routed = (uint64_t)k.pages_routed,
                                .kv_pages_skip = (uint64_t)k.pages_skip,
-                               .kv_pages_full = (uint64_t)k.pages_full};
+                               .kv_pages_full = (uint64_t)k.pages_full,
+                               .kv_page = (uint64_t)k.page,
+                               .kv_layers = (uint64_t)k.kv_layers};
     memcpy(v + (size_t)c->S * ENGINE_LINK_STAT_N, &tail, sizeof tail);
 }
 
@@ -428,7 +444,9 @@ static void report_poll(engine_loop *c, int force)
                                        .bytes_dense = k.kv_bytes_dense,
                                        .pages_routed = k.kv_pages_routed,
                                        .pages_skip = k.kv_pages_skip,
-                                       .pages_full = k.kv_pages_full};
+                                       .pages_full = k.kv_pages_full,
+                                       .page = k.kv_page,
+                                       .kv_layers = k.kv_layers};
     }
     c->ops->kv(c->self, c->kvr, c->S);
 }
@@ -471,8 +489,10 @@ static void recv_tokens(engine_loop *c, size_t len)
 static void issue(engine_loop *c, stage_batch *f)
 {
     char err[256];
-    if (f->n < 1 || f->n > c->R || f->n_release < 0 || f->n_release > STAGE_MAX_RELEASE)
-        COMM_FATAL("the scheduler made a micro-batch of %d rows (1..%d), %d releases", f->n, c->R,
+    if (f->n < 0 || f->n > c->R || f->n_release < 0 || f->n_release > STAGE_MAX_RELEASE ||
+        f->n_share < 0 || f->n_share > STAGE_MAX_SHARE ||
+        (f->n == 0 && f->n_release == 0 && f->n_share == 0))
+        COMM_FATAL("the scheduler made a micro-batch of %d rows (0..%d), %d releases", f->n, c->R,
                    f->n_release);
     f->id = c->next_mb++;
     c->fl_n++;
@@ -482,7 +502,7 @@ static void issue(engine_loop *c, stage_batch *f)
     }
     stage_batch_copy(&c->d, f);
     double t0 = base_now_s();
-    if (stage_embed(c->m, c->d.token, c->d.n, c->x, err, sizeof err))
+    if (c->d.n > 0 && stage_embed(c->m, c->d.token, c->d.n, c->x, err, sizeof err))
         COMM_FATAL("micro-batch %llu: %s", (unsigned long long)f->id, err);
     memset(c->present, 1, (size_t)c->d.n);
     c->n_byp_in = 0;
@@ -529,6 +549,7 @@ static int step0(engine_loop *c)
         stage_batch *f = &c->fl[(c->fl_head + c->fl_n) % c->o.max_in_flight];
         f->n = 0;
         f->n_release = 0;
+        f->n_share = 0;
         if (!c->ops->next(c->self, f)) break;
         issue(c, f);
         issued++;
@@ -953,6 +974,9 @@ static int loop_init(engine_loop *c, char *err, size_t errlen)
     }
     c->st = stage_state_init_kv(c->m, o->slots, c->R, o->ctx, &kv, err, errlen);
     if (!c->st) return -1;
+    /* a server recomputes a sequence the pool ran out under (docs/SPEC.md §11); a batch job
+     * stops with the error */
+    stage_state_kv_soft(c->st, o->serve);
     if (c->follower) return 0; /* no pipeline links, no scheduler: the leader's */
     c->pkt_max = comm_packet_max_bytes(c->R, c->D, c->S);
     int n_bufs = o->max_in_flight * c->S + 4;

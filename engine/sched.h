@@ -4,9 +4,14 @@
  * stages and the links; a scheduler owns the work. On rank 0, between micro-batches, the loop
  * calls the scheduler's ops (like an event loop calls its handlers):
  *
- *   next(self, mb)      fill mb with the next micro-batch (1), or say nothing is ready (0)
+ *   next(self, mb)      fill mb with the next micro-batch (1), or say nothing is ready (0);
+ *                       a micro-batch of no rows carrying slot releases or prefix
+ *                       shares only is fine
  *   done(self, mb, tok) the micro-batch came back from the head: tok[i] is the token sampled
- *                       for row i when mb->flags[i] has STAGE_ROW_SAMPLE. Called once per
+ *                       for row i when mb->flags[i] has STAGE_ROW_SAMPLE, or
+ *                       STAGE_TOKEN_KV_LOST when a stage's KV pool ran out under the row's
+ *                       sequence (servers only, stage.h soft mode: the sequence's KV is gone
+ *                       on that stage; recompute it from position 0). Called once per
  *                       issued micro-batch, in issue order, with the rows as issued.
  *   finished(self)      1 once nothing more will ever come (the loop then ends); checked
  *                       only when nothing is in flight
@@ -44,6 +49,7 @@ typedef struct {
 /* One stage's KV page pool now (stage_kv_stats, docs/SPEC.md §11), reported with the links. */
 typedef struct {
     int stage;
+    uint64_t page, kv_layers; /* positions per page; layers holding a KV cache (each pages) */
     uint64_t pages_total, pages_used, pages_peak, page_bytes;
     uint64_t bytes_dense; /* a contiguous dense cache for the same sequences */
     uint64_t pages_routed, pages_skip, pages_full; /* by layer kind: mod / mode_staged,

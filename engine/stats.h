@@ -63,7 +63,9 @@
     X(kv_bytes_dense, 0, "")                                                                       \
     X(kv_pages_routed, 0, "")                                                                      \
     X(kv_pages_skip, 0, "")                                                                        \
-    X(kv_pages_full, 0, "")
+    X(kv_pages_full, 0, "")                                                                        \
+    X(kv_page, 0, "positions per page")                                                            \
+    X(kv_layers, 0, "layers holding pages")
 
 #define ENGINE_STATS_DOUBLE(name, json, what) double name;
 #define ENGINE_STATS_U64(name, json, what) uint64_t name;

@@ -98,19 +98,20 @@ int chan_next(chan_reader *r, uint32_t *type, const uint8_t **payload, uint32_t 
 }
 
 /* The row columns of STAGE_BATCH_ROWS but tag (the scheduler's own), column by column, then
- * the releases. */
+ * the releases, then the prefix shares (triples). */
 #define COL_BYTES(T, name, def, what) +sizeof(T)
 #define ROW_BYTES (0 STAGE_BATCH_ROWS(COL_BYTES) - sizeof(uint64_t))
 
-size_t chan_mb_size(int rows, int releases)
+size_t chan_mb_size(int rows, int releases, int shares)
 {
-    return 2 * sizeof(int32_t) + (size_t)rows * ROW_BYTES + (size_t)releases * sizeof(int32_t);
+    return 3 * sizeof(int32_t) + (size_t)rows * ROW_BYTES +
+           ((size_t)releases + 3 * (size_t)shares) * sizeof(int32_t);
 }
 
 size_t chan_mb_pack(const stage_batch *mb, uint8_t *out)
 {
     uint8_t *o = out;
-    int32_t head[2] = {mb->n, mb->n_release};
+    int32_t head[3] = {mb->n, mb->n_release, mb->n_share};
     memcpy(o, head, sizeof head);
     o += sizeof head;
 #define PUT(T, name, def, what)                                                                    \
@@ -122,20 +123,23 @@ size_t chan_mb_pack(const stage_batch *mb, uint8_t *out)
 #undef PUT
     memcpy(o, mb->release, (size_t)mb->n_release * sizeof *mb->release);
     o += (size_t)mb->n_release * sizeof *mb->release;
+    memcpy(o, mb->share, (size_t)mb->n_share * 3 * sizeof *mb->share);
+    o += (size_t)mb->n_share * 3 * sizeof *mb->share;
     return (size_t)(o - out);
 }
 
 int chan_mb_unpack(const uint8_t *p, size_t len, stage_batch *mb)
 {
-    int32_t head[2];
+    int32_t head[3];
     if (len < sizeof head) return -1;
     memcpy(head, p, sizeof head);
     p += sizeof head;
     if (head[0] < 0 || head[0] > mb->cap || head[1] < 0 || head[1] > STAGE_MAX_RELEASE ||
-        len != chan_mb_size(head[0], head[1]))
+        head[2] < 0 || head[2] > STAGE_MAX_SHARE || len != chan_mb_size(head[0], head[1], head[2]))
         return -1;
     mb->n = head[0];
     mb->n_release = head[1];
+    mb->n_share = head[2];
 #define GET(T, name, def, what)                                                                    \
     if (strcmp(#name, "tag")) {                                                                    \
         memcpy(mb->name, p, (size_t)mb->n * sizeof(T));                                            \
@@ -144,6 +148,8 @@ int chan_mb_unpack(const uint8_t *p, size_t len, stage_batch *mb)
     STAGE_BATCH_ROWS(GET)
 #undef GET
     memcpy(mb->release, p, (size_t)mb->n_release * sizeof *mb->release);
+    p += (size_t)mb->n_release * sizeof *mb->release;
+    memcpy(mb->share, p, (size_t)mb->n_share * 3 * sizeof *mb->share);
     for (int i = 0; i < mb->n; i++) mb->tag[i] = 0;
     return 0;
 }

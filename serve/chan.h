@@ -59,10 +59,10 @@ int chan_read(chan_reader *r, int fd);
  * none is complete, -1 on a malformed frame. */
 int chan_next(chan_reader *r, uint32_t *type, const uint8_t **payload, uint32_t *len);
 
-/* A micro-batch as a CHAN_MB payload: chan_mb_size(rows, releases) bytes, written by
+/* A micro-batch as a CHAN_MB payload: chan_mb_size(rows, releases, shares) bytes, written by
  * chan_mb_pack into out (returns the bytes written); chan_mb_unpack reads one back, -1 when
  * the payload is not one (or has more rows than mb->cap). */
-size_t chan_mb_size(int rows, int releases);
+size_t chan_mb_size(int rows, int releases, int shares);
 size_t chan_mb_pack(const stage_batch *mb, uint8_t *out);
 int chan_mb_unpack(const uint8_t *p, size_t n, stage_batch *mb);
 

@@ -34,7 +34,7 @@ typedef struct {
     chan_reader rd;
     stage_batch *fl; /* [max_in_flight] micro-batches in flight, oldest at fl_head */
     int fl_head, fl_n;
-    uint8_t *pack; /* [chan_mb_size(max_rows, STAGE_MAX_RELEASE)] */
+    uint8_t *pack; /* [chan_mb_size(max_rows, STAGE_MAX_RELEASE, STAGE_MAX_SHARE)] */
     int32_t *tok;  /* [max_rows] a RESULT's tokens, aligned */
     engine_link_bytes links[SRVQ_MAX_LINKS];
     engine_kv_report kv[SRVQ_MAX_LINKS];
@@ -267,6 +267,7 @@ static int relay(front *f, char *err, size_t errlen)
             stage_batch *mb = &f->fl[(f->fl_head + f->fl_n) % K];
             mb->n = 0;
             mb->n_release = 0;
+            mb->n_share = 0;
             if (!srvq_sched_ops.next(f->q, mb)) break;
             size_t n = chan_mb_pack(mb, f->pack);
             if (chan_send(f->fd, CHAN_MB, f->pack, n, NULL, 0)) {
@@ -322,7 +323,7 @@ static int setup(front *f, char *err, size_t errlen)
         return -1;
     }
     f->fl = calloc((size_t)o->max_in_flight, sizeof *f->fl);
-    f->pack = malloc(chan_mb_size(o->max_rows, STAGE_MAX_RELEASE));
+    f->pack = malloc(chan_mb_size(o->max_rows, STAGE_MAX_RELEASE, STAGE_MAX_SHARE));
     f->tok = malloc((size_t)o->max_rows * sizeof *f->tok);
     int ok = f->fl && f->pack && f->tok &&
              !srvq_sched_config(f->q, o->micro_batch, o->whole_prompts, o->max_rows);

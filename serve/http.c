@@ -319,7 +319,7 @@ static enum MHD_Result do_tokenize(serve_server *s, struct MHD_Connection *c, co
     return res;
 }
 
-/* The KV page pools (docs/SPEC.md §11), one series per stage. */
+/* The KV page pools (docs/SPEC.md §11), one series per stage, and the preemptions. */
 static void metrics_kv(sb *b, const srvq_stats *st)
 {
     static const struct {
@@ -335,6 +335,20 @@ static void metrics_kv(sb *b, const srvq_stats *st)
          "KV bytes a dense model (every layer keeps every row, contiguous) would hold for the "
          "same sequences."},
     };
+    sb_fmt(b,
+           "# HELP modpipe_preemptions_total Sequences whose KV pages were given up under memory "
+           "pressure and recomputed.\n"
+           "# TYPE modpipe_preemptions_total counter\nmodpipe_preemptions_total %llu\n",
+           (unsigned long long)st->preemptions);
+    sb_fmt(b,
+           "# HELP modpipe_prefix_cache_hits_total Requests that started from the KV pages of a "
+           "running request's identical prompt prefix.\n"
+           "# TYPE modpipe_prefix_cache_hits_total counter\nmodpipe_prefix_cache_hits_total %llu\n"
+           "# HELP modpipe_prefix_cache_tokens_total Prompt positions those requests did not "
+           "compute.\n"
+           "# TYPE modpipe_prefix_cache_tokens_total counter\n"
+           "modpipe_prefix_cache_tokens_total %llu\n",
+           (unsigned long long)st->prefix_hits, (unsigned long long)st->prefix_tokens);
     int n = st->n_kv < SRVQ_MAX_LINKS ? st->n_kv : SRVQ_MAX_LINKS;
     for (size_t m = 0; m < sizeof M / sizeof *M; m++) {
         sb_fmt(b, "# HELP %s %s\n# TYPE %s %s\n", M[m].name, M[m].help, M[m].name, M[m].type);

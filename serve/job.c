@@ -65,7 +65,8 @@ static int job_next(void *self, stage_batch *mb)
             j->ended = 1;
             return 0;
         }
-        if (mb->n > 0) return 1;
+        /* releases or prefix shares alone: pages back now, or the rows come next */
+        if (mb->n > 0 || mb->n_release > 0 || mb->n_share > 0) return 1;
     }
     if (k < 0) j->ended = 1;
     return 0;

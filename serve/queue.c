@@ -36,6 +36,7 @@ srvq *srvq_new(int slots, int ctx, int queue_cap, int vocab, int eos)
     pthread_cond_init(&q->cv, &ca);
     pthread_condattr_destroy(&ca);
     q->st.slots = slots;
+    for (int i = 0; i < SRVQ_MAX_LINKS; i++) q->keep[i] = 1.0; /* every row kept until measured */
     return q;
 }
 
@@ -179,6 +180,13 @@ int srvq_idle(srvq *q)
     int idle = q->n_queued == 0 && q->n_running == 0;
     pthread_mutex_unlock(&q->mu);
     return idle;
+}
+
+void srvq_set_prefix_reuse(srvq *q, int on)
+{
+    pthread_mutex_lock(&q->mu);
+    q->prefix_off = !on;
+    pthread_mutex_unlock(&q->mu);
 }
 
 void srvq_get_stats(srvq *q, srvq_stats *out)

@@ -74,6 +74,8 @@ typedef struct {
     int slots, slots_used;
     uint64_t requests_total; /* accepted by srvq_submit */
     uint64_t prompt_tokens, generated_tokens;
+    uint64_t preemptions; /* sequences whose KV was given up and recomputed (docs/SPEC.md §11) */
+    uint64_t prefix_hits, prefix_tokens; /* admissions that reused a running prefix; positions */
     /* srvq_rewind: pipeline restarts, requests replayed, positions prefilled again */
     uint64_t restarts, replayed_requests, replayed_tokens;
     /* pipeline links, refreshed by the pipeline at least once a second */
@@ -88,5 +90,11 @@ typedef struct {
     engine_kv_report kv[SRVQ_MAX_LINKS];
 } srvq_stats;
 void srvq_get_stats(srvq *q, srvq_stats *out);
+
+/* Prefix reuse (docs/SPEC.md §11; on unless turned off here, never with whole prompts:
+ * sequence-level MindSkip decides on the whole prompt): a request admitted while a running
+ * one holds the same first k x 16 prompt positions starts from a share of their KV pages
+ * (the stages' stage_state_slot_share) and computes only the rest. */
+void srvq_set_prefix_reuse(srvq *q, int on);
 
 #endif

@@ -21,14 +21,20 @@ typedef struct rq {
     srvq_request r;  /* r.prompt points at prompt below */
     int32_t *prompt; /* [n_prompt + gen_cap] own copy, then the tokens generated so far */
     int gen_cap;     /* tokens it can generate at most (max_tokens, or what the context holds) */
-    int n_fill;      /* positions to prefill: n_prompt; after srvq_rewind prompt + tokens - 1 */
+    int n_fill;      /* positions to prefill: n_prompt; replayed (a preemption, srvq_rewind):
+                      * prompt + tokens - 1 */
     int state;
     int cancelled;
     int slot;
-    int n_prefilled; /* prompt rows issued */
+    int n_prefilled; /* of the n_fill, rows issued */
+    int n_issued;    /* rows issued at this admission (prefill and decode) */
     int n_gen;       /* tokens generated (EOS excluded) */
     int32_t last;    /* last generated token: the next decode row's input */
     int inflight;    /* rows issued, not back */
+    uint32_t epoch;  /* admissions so far; the rows' tag names it (srvq_rq_tag) */
+    int solo;        /* admitted with nothing running and nothing admitted since: the pools
+                      * hold its pages only */
+    int no_share;    /* lost once: recomputed without a shared prefix */
     struct rq *next; /* queue / running list order */
 } rq;
 
@@ -57,10 +63,21 @@ struct srvq {
     event *ev; /* [ev_cap] */
     int n_ev, ev_cap;
     char fail_msg[256];
-    srvq_stats st;
+    srvq_stats st;               /* st.kv: the stages' pools, the basis of admission by memory */
+    double keep[SRVQ_MAX_LINKS]; /* per stage: pages held / pages had every layer kept every row */
+    int prefix_off;              /* srvq_set_prefix_reuse(q, 0) */
+    int n_share;                 /* prefix shares for the next micro-batch */
+    int32_t share[3 * STAGE_MAX_SHARE];
     void (*notify)(void *arg); /* srvq_set_notify: called with mu held on every kick */
     void *notify_arg;
 };
+
+/* The tag of r's rows at this admission: rows of an earlier one (before a preemption) that come
+ * back later are skipped. */
+static inline uint64_t srvq_rq_tag(const rq *r)
+{
+    return (uint64_t)r->id << 20 | (r->epoch & 0xfffff);
+}
 
 /* Frees a request and its prompt copy (NULL: no-op). */
 void srvq_rq_free(rq *r);

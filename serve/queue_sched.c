@@ -55,7 +55,7 @@ static void flush_ev(event *ev, int n)
 
 /* Unlink r from the running list and free its slot now. Its rows still in flight are
  * skipped when they come back (their tag is not the slot's request id any more). */
-static void end_running(srvq *q, rq *r, srvq_finish why, const char *msg)
+static void unlink_running(srvq *q, rq *r)
 {
     rq **pp = &q->run_head, *prev = NULL;
     while (*pp && *pp != r) {
@@ -66,11 +66,112 @@ static void end_running(srvq *q, rq *r, srvq_finish why, const char *msg)
         *pp = r->next;
         if (q->run_tail == r) q->run_tail = prev;
     }
+    r->next = NULL;
     q->n_running--;
     q->by_slot[r->slot] = NULL;
     engine_slot_release(&q->pool, r->slot);
+    r->slot = -1;
+}
+
+static void end_running(srvq *q, rq *r, srvq_finish why, const char *msg)
+{
+    unlink_running(q, r);
     r->state = RQ_DONE;
     push_ev(q, r, 1, 0, why, msg);
+}
+
+/* Start r's sequence over (its KV is gone: a preemption, or the pipeline restarted): prefill
+ * its prompt and the tokens it made so far but the last — the same tokens at the same
+ * positions, so its KV comes out as it was — and the next token comes from the usual decode
+ * row (the last token as input, step n_gen). */
+static void srvq_rq_replay(rq *r)
+{
+    r->n_fill = r->n_gen > 0 ? r->r.n_prompt + r->n_gen - 1 : r->r.n_prompt;
+    r->n_prefilled = r->n_issued = r->inflight = 0;
+}
+
+/* Preemption (docs/SPEC.md §11): r gives its slot and pages up and waits at the head of the
+ * queue; readmitted, it is replayed (srvq_rq_replay), then decodes on. Its rows still in
+ * flight are skipped (the tag names the admission). */
+static void preempt(srvq *q, rq *r)
+{
+    unlink_running(q, r);
+    r->state = RQ_QUEUED;
+    srvq_rq_replay(r);
+    r->epoch++;
+    r->next = q->qhead;
+    q->qhead = r;
+    if (!q->qtail) q->qtail = r;
+    q->n_queued++;
+    q->st.preemptions++;
+}
+
+/* ---- admission by memory (docs/SPEC.md §11) ----
+ * Each stage reports its pool (pages, page size, layers with a KV cache, pages held); a
+ * sequence of n positions takes at most kv_layers x ceil(n / page) pages there, times the
+ * share `keep` the stage's layers have been measured to keep (1 until measured). A request
+ * is admitted when every stage can hold what the running ones will hold after their next
+ * row plus its own rows and a page of growth on each layer; the newest running request is
+ * preempted when the running ones alone no longer fit. A stage that runs out anyway (the
+ * estimate was low) loses the sequence that needed the page, which is recomputed too. */
+static double est_pages(const srvq *q, int s, long positions)
+{
+    const engine_kv_report *k = &q->st.kv[s];
+    if (!k->page || positions <= 0) return 0.0;
+    long p = (long)k->page;
+    return q->keep[s] * (double)k->kv_layers * (double)((positions + p - 1) / p);
+}
+
+/* 1 when the running requests (each one row on) plus `extra` positions of a new one fit. */
+static int kv_fits(const srvq *q, long extra)
+{
+    for (int s = 0; s < q->st.n_kv; s++) {
+        const engine_kv_report *k = &q->st.kv[s];
+        if (!k->page || !k->kv_layers) continue;
+        double need = est_pages(q, s, extra);
+        for (const rq *r = q->run_head; r; r = r->next)
+            need += est_pages(q, s, (long)r->r.n_prompt + r->n_gen + 1);
+        if (need > (double)k->pages_total) return 0;
+    }
+    return 1;
+}
+
+static long reserve_positions(const srvq *q)
+{
+    long p = 0;
+    for (int s = 0; s < q->st.n_kv; s++)
+        if ((long)q->st.kv[s].page > p) p = (long)q->st.kv[s].page;
+    return p;
+}
+
+/* Prefix reuse at r's admission: the running request whose issued positions share the most
+ * whole blocks with r's (at least one, at most r's fill less one row) gives them to r. Its
+ * rows at those positions were issued before this micro-batch, so every stage has them when
+ * the share (applied before this micro-batch's rows) arrives. */
+static void prefix_reuse(srvq *q, rq *r)
+{
+    if (q->prefix_off || q->whole || r->no_share || q->n_share >= STAGE_MAX_SHARE) return;
+    const rq *best = NULL;
+    int best_n = 0;
+    for (const rq *s = q->run_head; s; s = s->next) {
+        if (s == r || s->state != RQ_RUNNING) continue;
+        int avail = s->n_prefilled < s->n_fill ? s->n_prefilled : s->n_fill;
+        int lim = avail < r->n_fill - 1 ? avail : r->n_fill - 1, n = 0;
+        while (n < lim && s->prompt[n] == r->prompt[n]) n++;
+        n -= n % SRVQ_PREFIX_BLOCK;
+        if (n > best_n) {
+            best = s;
+            best_n = n;
+        }
+    }
+    if (!best) return;
+    int32_t *t = q->share + 3 * q->n_share++;
+    t[0] = best->slot;
+    t[1] = r->slot;
+    t[2] = best_n;
+    r->n_prefilled = best_n;
+    q->st.prefix_hits++;
+    q->st.prefix_tokens += (uint64_t)best_n;
 }
 
 static void sweep(srvq *q)
@@ -93,8 +194,13 @@ static void sweep(srvq *q)
         n = r->next;
         if (r->cancelled) end_running(q, r, SRVQ_FINISH_CANCELLED, "cancelled");
     }
-    /* admission in arrival order */
-    while (q->qhead && q->pool.n_free > 0) {
+    /* under pressure the newest running request makes room (never the last one) */
+    while (q->n_running > 1 && !kv_fits(q, 0)) preempt(q, q->run_tail);
+    /* admission in arrival order, by slots and by memory; with nothing running the oldest
+     * one always goes (a request the pool cannot hold ends with an error, sched_done) */
+    const long reserve = reserve_positions(q);
+    while (q->qhead && q->pool.n_free > 0 &&
+           (q->n_running == 0 || kv_fits(q, (long)q->qhead->n_fill + reserve))) {
         rq *r = q->qhead;
         q->qhead = r->next;
         if (!q->qhead) q->qtail = NULL;
@@ -102,6 +208,8 @@ static void sweep(srvq *q)
         r->next = NULL;
         r->slot = engine_slot_acquire(&q->pool);
         r->state = RQ_RUNNING;
+        r->solo = q->n_running == 0;
+        for (rq *o = q->run_head; o; o = o->next) o->solo = 0;
         q->by_slot[r->slot] = r;
         if (q->run_tail)
             q->run_tail->next = r;
@@ -109,14 +217,16 @@ static void sweep(srvq *q)
             q->run_head = r;
         q->run_tail = r;
         q->n_running++;
+        prefix_reuse(q, r);
     }
 }
 
-static void add_row(stage_batch *mb, const rq *r, int32_t pos, int32_t tok, uint8_t fl,
-                    uint32_t step)
+static void add_row(stage_batch *mb, rq *r, int32_t pos, int32_t tok, uint8_t fl, uint32_t step)
 {
     int i = stage_batch_add(mb, r->slot, pos, tok, fl, 0, step);
-    mb->tag[i] = (uint64_t)r->id;
+    mb->tag[i] = srvq_rq_tag(r);
+    r->n_issued++;
+    r->inflight++;
     if (fl & STAGE_ROW_SAMPLE) {
         mb->temperature[i] = r->r.temperature;
         mb->top_p[i] = r->r.top_p;
@@ -133,16 +243,17 @@ static int sched_next(void *self, stage_batch *mb)
     mb->n = 0;
     const int R = q->R;
     for (rq *r = q->run_head; r && mb->n < R; r = r->next)
-        if (r->n_prefilled == r->n_fill && r->inflight == 0) {
+        if (r->n_prefilled == r->n_fill && r->inflight == 0)
             add_row(mb, r, r->r.n_prompt + r->n_gen - 1, r->last,
                     STAGE_ROW_NEED_LOGITS | STAGE_ROW_SAMPLE, (uint32_t)r->n_gen);
-            r->inflight++;
-        }
     for (rq *r = q->run_head; r && mb->n < (q->whole ? q->max_rows : R); r = r->next) {
+        const int np = r->r.n_prompt;
         int left = r->n_fill - r->n_prefilled;
         if (left == 0) continue;
-        int room = R - mb->n;
-        if (q->whole) {
+        int room = R - mb->n, whole = q->whole && r->n_prefilled < np;
+        if (whole) {
+            /* a recomputed request's generated tokens follow its prompt as decode rows */
+            left = np - r->n_prefilled;
             if (mb->n > 0 && left > room) continue; /* whole prompts: wait for an emptier one */
             room = q->max_rows - mb->n;
             if (left > room) continue;
@@ -150,15 +261,20 @@ static int sched_next(void *self, stage_batch *mb)
         int take = left < room ? left : room;
         for (int k = 0; k < take; k++) {
             int t = r->n_prefilled++;
-            uint8_t fl = STAGE_ROW_PROMPT;
-            /* a replayed request's next token comes from its decode row, not the prefill */
+            /* a replayed request's generated tokens are decode rows (no PROMPT flag), and
+             * its next token comes from its decode row, not the prefill */
+            uint8_t fl = t < np ? STAGE_ROW_PROMPT : 0;
             if (t == r->n_fill - 1 && r->n_gen == 0) fl |= STAGE_ROW_NEED_LOGITS | STAGE_ROW_SAMPLE;
             add_row(mb, r, t, r->prompt[t], fl, 0);
-            r->inflight++;
         }
-        if (q->whole) break; /* one whole prompt a micro-batch keeps mindskip's mean per prompt */
+        if (whole) break; /* one whole prompt a micro-batch keeps mindskip's mean per prompt */
     }
-    if (mb->n > 0) engine_slot_announce(&q->pool, mb);
+    /* releases go out at once, in a micro-batch of their own when no row is ready: the
+     * stages' pages come back before the next admission needs them */
+    engine_slot_announce(&q->pool, mb);
+    mb->n_share = q->n_share; /* after the releases, before the rows (stage/batch.h) */
+    memcpy(mb->share, q->share, (size_t)q->n_share * 3 * sizeof *q->share);
+    q->n_share = 0;
     int n_ev = q->n_ev;
     event *ev = NULL;
     event local[64];
@@ -171,7 +287,7 @@ static int sched_next(void *self, stage_batch *mb)
     pthread_mutex_unlock(&q->mu);
     flush_ev(ev, n_ev);
     if (ev != local) free(ev);
-    return mb->n > 0;
+    return mb->n > 0 || mb->n_release > 0 || mb->n_share > 0;
 }
 
 static void sched_done(void *self, const stage_batch *mb, const int32_t *tok)
@@ -182,10 +298,22 @@ static void sched_done(void *self, const stage_batch *mb, const int32_t *tok)
     for (int i = 0; i < mb->n; i++) {
         int slot = mb->slot[i];
         rq *r = q->by_slot[slot];
-        if (!r || (uint64_t)r->id != mb->tag[i]) continue; /* its request ended: skip */
+        if (!r || srvq_rq_tag(r) != mb->tag[i]) continue; /* ended or preempted: skip */
         r->inflight--;
         if (!(mb->flags[i] & STAGE_ROW_SAMPLE) || r->state != RQ_RUNNING) continue;
         int32_t t = tok[i];
+        if (t == STAGE_TOKEN_KV_LOST) { /* a stage's pool ran out under it: recompute */
+            r->no_share = 1;            /* (or a shared prefix was not there) */
+            if (!r->solo) {
+                preempt(q, r);
+                for (int s = 0; s < q->st.n_kv; s++) /* the estimate was low */
+                    q->keep[s] = q->keep[s] * 1.25 < 1.0 ? q->keep[s] * 1.25 : 1.0;
+                continue;
+            }
+            /* every page of every pool was free for it: it cannot fit */
+            end_running(q, r, SRVQ_FINISH_ERROR, "KV pool too small for it (raise --kv-mem)");
+            continue;
+        }
         if (q->eos >= 0 && t == q->eos && !r->r.ignore_eos) {
             end_running(q, r, SRVQ_FINISH_STOP, "stop");
             continue;
@@ -260,6 +388,18 @@ static void sched_kv(void *self, const engine_kv_report *k, int n)
     if (n > SRVQ_MAX_LINKS) n = SRVQ_MAX_LINKS;
     q->st.n_kv = n;
     memcpy(q->st.kv, k, (size_t)n * sizeof *k);
+    /* measure keep: pages held against every layer keeping every issued row (the report
+     * lags the rows issued, so a quarter more, and only once there is something to measure) */
+    for (int s = 0; s < n; s++) {
+        const engine_kv_report *e = &k[s];
+        if (!e->page || !e->kv_layers) continue;
+        double worst = 0;
+        for (const rq *r = q->run_head; r; r = r->next)
+            worst += (double)e->kv_layers * (double)((r->n_issued + e->page - 1) / e->page);
+        if (worst < 4.0 * (double)e->kv_layers) continue;
+        double kp = 1.25 * (double)e->pages_used / worst;
+        q->keep[s] = kp < 1.0 / 64 ? 1.0 / 64 : kp > 1.0 ? 1.0 : kp;
+    }
     pthread_mutex_unlock(&q->mu);
 }
 
@@ -285,14 +425,12 @@ void srvq_rewind(srvq *q)
     pthread_mutex_lock(&q->mu);
     q->st.restarts++;
     for (rq *r = q->run_head; r; r = r->next) {
-        /* the input of the next decode row (the last token) is not prefilled */
-        r->n_fill = r->n_gen > 0 ? r->r.n_prompt + r->n_gen - 1 : r->r.n_prompt;
-        if (r->n_prefilled > 0) {
+        int replayed = r->n_prefilled > 0;
+        srvq_rq_replay(r);
+        if (replayed) {
             q->st.replayed_requests++;
             q->st.replayed_tokens += (uint64_t)r->n_fill;
         }
-        r->n_prefilled = 0;
-        r->inflight = 0;
     }
     srvq_kick(q);
     pthread_mutex_unlock(&q->mu);

@@ -2,14 +2,20 @@
  *
  * Used by serve_loop_run (serve/loop.h) on rank 0, and by tests that drive the scheduler by
  * hand. The policy, per micro-batch of at most `micro_batch` rows:
- *   1. cancelled requests end (on_done CANCELLED) and free their slot at once; queued
- *      requests take free slots in arrival order;
+ *   1. cancelled requests end (on_done CANCELLED) and free their slot at once; while the
+ *      running requests no longer fit the stages' KV pools (the pools' reports, .kv) the
+ *      newest is preempted; queued requests take free slots in arrival order when the pools
+ *      can hold them too (admission by memory, docs/SPEC.md §11);
  *   2. one decode row for every running request whose previous token is back (decode first:
  *      inter-token latency);
  *   3. the rest of the rows: prompt chunks of running requests in arrival order (a request's
  *      prompt may span several micro-batches; whole_prompts: never cut, for mindskip
  *      sequence-granularity models, then a micro-batch may hold up to max_rows rows);
- *   4. slot releases not yet announced ride along.
+ *   4. slot releases not yet announced ride along (alone, in a micro-batch of no rows, when
+ *      no row is ready).
+ * A token STAGE_TOKEN_KV_LOST (a stage ran out of pages under the request) preempts it. A
+ * preempted request waits at the head of the queue and, readmitted, prefills its prompt and
+ * the tokens it made so far, then goes on: its tokens are those it would have made.
  * A request ends when it samples EOS (STOP; the EOS is not passed to on_token and not
  * counted), reaches max_tokens, or its slot's context is full (LENGTH). Sampling of request r:
  * stage_rng_seed_draw(r.seed, 0, j) for its new token j — the same seed gives the same
@@ -25,6 +31,8 @@
  * most rows a micro-batch may have (>= micro_batch; whole_prompts: >= ctx). 0 or -1 (OOM). */
 int srvq_sched_config(srvq *q, int micro_batch, int whole_prompts, int max_rows);
 extern const engine_sched_ops srvq_sched_ops;
+/* Prefix reuse (srvq_set_prefix_reuse): shares of SRVQ_PREFIX_BLOCK positions at a time. */
+#define SRVQ_PREFIX_BLOCK 16
 /* The pipeline failed: every queued and running request ends with ERROR and msg; the queue
  * closes. */
 void srvq_fail_all(srvq *q, const char *msg);

@@ -16,7 +16,8 @@ int stage_batch_init(stage_batch *b, int cap)
     STAGE_BATCH_ROWS(ALLOC)
 #undef ALLOC
     b->release = malloc(STAGE_MAX_RELEASE * sizeof *b->release);
-    if (!ok || !b->release) {
+    b->share = malloc(3 * STAGE_MAX_SHARE * sizeof *b->share);
+    if (!ok || !b->release || !b->share) {
         stage_batch_free(b);
         return -1;
     }
@@ -30,6 +31,7 @@ void stage_batch_free(stage_batch *b)
     STAGE_BATCH_ROWS(FREE)
 #undef FREE
     free(b->release);
+    free(b->share);
     memset(b, 0, sizeof *b);
 }
 
@@ -44,6 +46,8 @@ void stage_batch_copy(stage_batch *d, const stage_batch *s)
 #undef COPY
     d->n_release = s->n_release;
     if (s->n_release) memcpy(d->release, s->release, (size_t)s->n_release * sizeof *d->release);
+    d->n_share = s->n_share;
+    if (s->n_share) memcpy(d->share, s->share, (size_t)s->n_share * 3 * sizeof *d->share);
 }
 
 int stage_batch_add(stage_batch *b, int32_t slot, int32_t pos, int32_t token, uint8_t flags,

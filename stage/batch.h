@@ -8,8 +8,8 @@
  * STAGE_BATCH_ROWS (struct of arrays, each [cap]); the list is the single declaration of
  * them: the struct, stage_batch_init / _free / _copy are generated from it.
  *
- * Ownership: stage_batch_init allocates every array for cap rows (cap > 0) and
- * STAGE_MAX_RELEASE releases; stage_batch_free frees them. A stage_batch may also be a view
+ * Ownership: stage_batch_init allocates every array for cap rows (cap > 0),
+ * STAGE_MAX_RELEASE releases and STAGE_MAX_SHARE shares; stage_batch_free frees them. A stage_batch may also be a view
  * (cap 0) whose arrays point at someone else's memory (comm_unpack: into its arena, read
  * only). Errors: init returns -1 on out of memory (everything freed). Threads: none shared.
  */
@@ -23,10 +23,18 @@
 #define STAGE_ROW_NEED_LOGITS 1u /* the head must compute this row's logits */
 #define STAGE_ROW_PROMPT 2u      /* a prompt (prefill / eval) row, not a decode row */
 #define STAGE_ROW_SAMPLE 4u      /* the head samples a token for it (needs NEED_LOGITS) */
-#define STAGE_ROW_ALL (STAGE_ROW_NEED_LOGITS | STAGE_ROW_PROMPT | STAGE_ROW_SAMPLE)
+#define STAGE_ROW_KV_LOST 8u     /* its sequence's KV was lost on an earlier stage (stage.h) */
+#define STAGE_ROW_ALL                                                                              \
+    (STAGE_ROW_NEED_LOGITS | STAGE_ROW_PROMPT | STAGE_ROW_SAMPLE | STAGE_ROW_KV_LOST)
+
+/* The head's answer for a SAMPLE row of a STAGE_ROW_KV_LOST sequence: no token (stage.h soft
+ * mode; the scheduler recomputes the sequence). The one negative id a TOKENS packet carries. */
+#define STAGE_TOKEN_KV_LOST (-1)
 
 /* Most slot releases one micro-batch may carry (the scheduler sends the rest in later ones). */
 #define STAGE_MAX_RELEASE 256
+/* Most prefix shares one micro-batch may carry (stage_state_slot_share, docs/SPEC.md §11). */
+#define STAGE_MAX_SHARE 64
 
 /* X(type, name, default, what): the row columns, each type name[cap]. `default` is the value
  * of a row nobody set (stage_batch_add; the wire leaves an all-default column off). */
@@ -52,6 +60,9 @@ typedef struct {
 #undef STAGE_BATCH_FIELD
     int n_release;
     int32_t *release; /* [STAGE_MAX_RELEASE] slots released before these rows */
+    int n_share;      /* triples in share */
+    int32_t *share;   /* [STAGE_MAX_SHARE][3] (src, dst, pos): after the releases, before the
+                       * rows, slot dst starts as src's positions < pos */
 } stage_batch;
 
 int stage_batch_init(stage_batch *b, int cap); /* 0 or -1 (out of memory) */

@@ -22,7 +22,8 @@ int kv_pool_init(kv_pool *p, int page, int n_pages, size_t kvd)
     p->v = calloc(ent * kvd + 1, sizeof(float));
     p->pos = calloc(ent + 1, sizeof(int32_t));
     p->free_ids = malloc(((size_t)n_pages + 1) * sizeof(int32_t));
-    if (!p->k || !p->v || !p->pos || !p->free_ids) {
+    p->ref = calloc((size_t)n_pages + 1, sizeof(int32_t));
+    if (!p->k || !p->v || !p->pos || !p->free_ids || !p->ref) {
         kv_pool_free(p);
         return -1;
     }
@@ -37,7 +38,17 @@ void kv_pool_free(kv_pool *p)
     free(p->v);
     free(p->pos);
     free(p->free_ids);
+    free(p->ref);
     memset(p, 0, sizeof *p);
+}
+
+static int take_page(kv_pool *p)
+{
+    if (p->n_free == 0) return -1;
+    int id = p->free_ids[--p->n_free];
+    p->ref[id] = 1;
+    if (p->n_free < p->n_free_min) p->n_free_min = p->n_free;
+    return id;
 }
 
 int kv_append(kv_pool *p, kv_seq *c, int max_pages, int32_t pos, const float *k, const float *v)
@@ -45,9 +56,9 @@ int kv_append(kv_pool *p, kv_seq *c, int max_pages, int32_t pos, const float *k,
     const int e = c->n, pi = e / p->page, off = e % p->page;
     if (pi >= max_pages) return KV_FULL;
     if (off == 0) {
-        if (p->n_free == 0) return KV_EXHAUSTED;
-        c->pt[pi] = p->free_ids[--p->n_free];
-        if (p->n_free < p->n_free_min) p->n_free_min = p->n_free;
+        int id = take_page(p);
+        if (id < 0) return KV_EXHAUSTED;
+        c->pt[pi] = id;
     }
     const size_t slot = (size_t)c->pt[pi] * p->page + off;
     p->pos[slot] = pos;
@@ -59,7 +70,8 @@ int kv_append(kv_pool *p, kv_seq *c, int max_pages, int32_t pos, const float *k,
 
 static void page_back(kv_pool *p, kv_seq *c, int pi)
 {
-    p->free_ids[p->n_free++] = c->pt[pi];
+    int id = c->pt[pi];
+    if (--p->ref[id] == 0) p->free_ids[p->n_free++] = id;
     c->pt[pi] = -1;
 }
 
@@ -81,4 +93,39 @@ int kv_drop_before(kv_pool *p, kv_seq *c, int32_t pos)
         freed++;
     }
     return freed;
+}
+
+int kv_share(kv_pool *p, const kv_seq *src, int n_entries, kv_seq *dst)
+{
+    kv_seq_clear(p, dst);
+    const int lo = src->lo / p->page, full = n_entries / p->page, part = n_entries % p->page;
+    if (part) { /* the copy first: on failure nothing is shared */
+        int id = take_page(p);
+        if (id < 0) return KV_EXHAUSTED;
+        const size_t from = (size_t)src->pt[full] * p->page, to = (size_t)id * p->page;
+        memcpy(p->pos + to, p->pos + from, (size_t)part * sizeof *p->pos);
+        memcpy(p->k + to * p->kvd, p->k + from * p->kvd, (size_t)part * p->kvd * sizeof(float));
+        memcpy(p->v + to * p->kvd, p->v + from * p->kvd, (size_t)part * p->kvd * sizeof(float));
+        dst->pt[full] = id;
+    }
+    for (int pi = lo; pi < full; pi++) {
+        dst->pt[pi] = src->pt[pi];
+        p->ref[src->pt[pi]]++;
+    }
+    dst->n = n_entries;
+    dst->lo = src->lo;
+    return 0;
+}
+
+int kv_entries_before(const kv_pool *p, const kv_seq *c, int32_t pos)
+{
+    int lo = c->lo, hi = c->n; /* first entry with position >= pos, by bisection */
+    while (lo < hi) {
+        int mid = lo + (hi - lo) / 2;
+        if (kv_pos_at(p, c, mid) < pos)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
 }

@@ -8,6 +8,12 @@
  * Clearing a sequence gives its pages back; kv_drop_before gives back the leading pages whose
  * positions all lie before a bound (a sliding window recycling its pages).
  *
+ * Pages are refcounted so that sequences can share them (prefix reuse, docs/SPEC.md §11):
+ * kv_share gives a sequence the first entries of another — the full pages by reference, the
+ * partial last one as a copy, since both will append after it — and a page goes back to the
+ * pool when its last holder lets go. Entries are never written in place once appended, so a
+ * shared page reads the same for every holder.
+ *
  * Page ids are handed out lowest-first from a stack, so a run is deterministic; where a page
  * lives never changes a result (attention reads entries in entry order, stage_attend_paged).
  * Ownership: the pool owns k / v / pos / the free stack; a kv_seq's pt array is owned by
@@ -30,6 +36,7 @@ typedef struct {
     float *k, *v;      /* [n_pages][page][kvd] roped keys, values */
     int32_t *pos;      /* [n_pages][page] positions */
     int32_t *free_ids; /* [n_pages] stack of free page ids, the next one on top */
+    int32_t *ref;      /* [n_pages] holders of each page (0: free) */
     int n_free;
     int n_free_min; /* low-water mark of n_free since init (peak use) */
 } kv_pool;
@@ -53,7 +60,15 @@ static inline int kv_pool_used(const kv_pool *p) { return p->n_pages - p->n_free
  * entry index, KV_FULL when c already holds max_pages * page entries, or KV_EXHAUSTED when
  * the entry needs a new page and the pool has none (c unchanged either way). */
 int kv_append(kv_pool *p, kv_seq *c, int max_pages, int32_t pos, const float *k, const float *v);
-/* Give every page of c back to the pool and empty it. */
+/* Empty dst (its pages let go) and give it the entries [src->lo, n_entries) of src (src->lo
+ * <= n_entries <= src->n; dst->lo = src->lo: what src dropped, dst has not either): the
+ * full pages are shared (one more holder each), the partial last page (n_entries not a
+ * multiple of page) is a new page with those entries copied. Returns 0, or KV_EXHAUSTED when
+ * the copy needs a page the pool has none of (dst is then empty). */
+int kv_share(kv_pool *p, const kv_seq *src, int n_entries, kv_seq *dst);
+/* Entries of c whose positions are < pos (c's positions increase with the entry). */
+int kv_entries_before(const kv_pool *p, const kv_seq *c, int32_t pos);
+/* Let go of every page of c (back to the pool when c was its last holder) and empty it. */
 void kv_seq_clear(kv_pool *p, kv_seq *c);
 /* Give back the leading pages of c whose entries all have positions < pos (never the page the
  * next entry goes to). Returns the pages freed. Entries from c->lo on stay readable. */

@@ -88,6 +88,8 @@ static double attention(stage_state *s, int li, const layer_w *L, const stage_ba
         int r = idx[j];
         stage_rope(s->q + (size_t)j * qd, nh, hd, b->pos[r], s->m->inv_freq);
         stage_rope(s->k + (size_t)j * kvd, nkv, hd, b->pos[r], s->m->inv_freq);
+        s->ent[j] = -1;
+        if (s->lost[b->slot[r]]) continue; /* soft mode: no attention, nothing cached */
         kv_seq *cs = kv_at(s, li, b->slot[r]);
         if (win) { /* the slot's first row here: its pages no row now or later sees go back */
             int first = 1;
@@ -107,6 +109,10 @@ static double attention(stage_state *s, int li, const layer_w *L, const stage_ba
                      s->m->range.first + li, b->slot[r], s->max_seq);
             return -1;
         }
+        if (e == KV_EXHAUSTED && s->kv_soft) { /* the scheduler recomputes the sequence */
+            stage_slot_lose_impl(s, b->slot[r]);
+            continue;
+        }
         if (e == KV_EXHAUSTED) {
             snprintf(err, errlen,
                      "layer %d: slot %d position %d: KV pool exhausted (all %d pages of %d "
@@ -120,6 +126,10 @@ static double attention(stage_state *s, int li, const layer_w *L, const stage_ba
     double ctx_total = 0.0;
     const size_t ps = (size_t)s->pool.page * kvd; /* floats from one page to the next */
     for (int j = 0; j < m; j++) {
+        if (s->lost[b->slot[idx[j]]]) { /* lost in this layer or before: its pages are gone */
+            memset(s->att + (size_t)j * qd, 0, (size_t)qd * sizeof(float));
+            continue;
+        }
         const kv_seq *cs = kv_at(s, li, b->slot[idx[j]]);
         /* entries are in position order: a causal prefix, from the first one still held
          * (a window: from the first one within it) */
@@ -468,6 +478,8 @@ int stage_forward_impl(stage_state *s, const stage_batch *b, float *x, const uin
             stage_slot_reset_impl(s, b->slot[i]);
     for (int i = 0; i < b->n && first == M->range.first; i++)
         if (b->pos[i] + 1 > s->kv_seen[b->slot[i]]) s->kv_seen[b->slot[i]] = b->pos[i] + 1;
+    for (int i = 0; i < b->n && first == M->range.first; i++)
+        if (b->flags[i] & STAGE_ROW_KV_LOST) stage_slot_lose_impl(s, b->slot[i]);
     for (int i = 0; i < b->n; i++)
         if (s->released[b->slot[i]]) {
             snprintf(err, errlen,

@@ -129,6 +129,17 @@ int stage_state_ctx(const stage_state *s);
 void stage_state_slot_reset(stage_state *s, int slot);
 /* The slot's sequence is over: empty it and reject rows for it until the next reset. */
 void stage_state_slot_release(stage_state *s, int slot);
+/* Soft mode (the server, docs/SPEC.md §11 "running out"): a row that needs a page when the pool
+ * has none does not fail the micro-batch; its slot's sequence is lost on this stage instead —
+ * every page it holds here goes back, its rows (in this and later micro-batches) are computed
+ * on without attention and add nothing to the cache, until the slot's next reset or release.
+ * A row whose flags carry STAGE_ROW_KV_LOST (lost on an earlier stage) loses its slot here
+ * too. The caller marks the rows of lost slots STAGE_ROW_KV_LOST before passing them on, and
+ * the head answers a lost SAMPLE row with no token; the scheduler recomputes the sequence.
+ * Every rank of a tensor-parallel group must set the same mode. Off by default (an error). */
+void stage_state_kv_soft(stage_state *s, int on);
+/* 1 when slot's sequence was lost on this stage (soft mode) and not reset since. */
+int stage_state_slot_lost(const stage_state *s, int slot);
 /* Positions the slot holds on this stage (last cached position + 1, 0 when empty). */
 int stage_state_slot_len(const stage_state *s, int slot);
 /* Sliding windows: positions before `pos` of `slot` are no longer needed on `layer` (one of
@@ -136,6 +147,18 @@ int stage_state_slot_len(const stage_state *s, int slot);
  * page the next entry goes to). Attention then starts at the first entry still held. Returns
  * the pages freed (0 for a layer / slot out of range). */
 int stage_state_slot_drop_before(stage_state *s, int layer, int slot, int pos);
+
+/* Prefix reuse (docs/SPEC.md §11): slot dst's sequence becomes the positions < pos of slot
+ * src's, on every layer of the stage, without computing them: each layer's entries before pos
+ * are shared page by page (the partial last page copied), so both read the same K/V and go on
+ * appending independently; src is unchanged. dst is reset first; its next row has position
+ * >= pos. Meant for causal routing only (a layer's kept rows of a prefix must not depend on
+ * what follows it: threshold / predictor MoD, token MindSkip, dense). Returns 0, or -1 (src
+ * == dst, out of range, src released / lost / with dropped positions, or no page for a copy:
+ * dst is then empty, and lost in soft mode so that its rows are recomputed, not run on an
+ * empty cache). A sliding-window layer shares from the first entry src still holds, which
+ * must be at or before the first one a row at pos sees. */
+int stage_state_slot_share(stage_state *s, int src, int dst, int pos);
 
 /* Run the stage's layers on the present rows of x [b->n][D] (present [b->n] 0/1), in place. */
 int stage_forward(stage_state *s, const stage_batch *b, float *x, const uint8_t *present, char *err,
@@ -187,6 +210,7 @@ size_t stage_state_kv_alloc_bytes(const stage_state *s);
 /* The KV pool now (docs/SPEC.md §11). */
 typedef struct {
     int page;             /* positions per page */
+    int kv_layers;        /* layers of the stage with a KV cache (each takes its own pages) */
     int pages_total;      /* pages in the pool */
     int pages_used;       /* pages held by sequences now */
     int pages_peak;       /* most pages held at once since init */

@@ -89,6 +89,9 @@ struct stage_state {
     int32_t *kv_pt;           /* [n_layers][n_slots][kv_max_pages] the page tables' storage */
     int32_t *kv_seen;         /* [n_slots] positions the slot's sequence has reached here */
     uint8_t *released;        /* [n_slots] 1: no sequence holds the slot (until a reset) */
+    uint8_t *lost;            /* [n_slots] 1: the pool ran out under the slot's sequence (soft
+                               * mode): its pages are back, its rows are dropped until a reset */
+    int kv_soft;              /* running out of pages loses the sequence instead of failing */
     int8_t *ms_keep;          /* [n_layers][n_slots] mindskip sequence decision: -1 undecided */
     stage_layer_stats *stats; /* [n_layers] */
     /* workspace, all [max_rows][...] unless noted */
@@ -131,5 +134,7 @@ int stage_head_impl(stage_state *s, const float *x, const int *rows, int n_rows,
                     char *err, size_t errlen);
 /* state.c: empty a slot on every layer of the stage (a new sequence) */
 void stage_slot_reset_impl(stage_state *s, int slot);
+/* state.c: soft mode: slot's sequence is lost here (its pages go back, its rows are dropped) */
+void stage_slot_lose_impl(stage_state *s, int slot);
 
 #endif

@@ -100,6 +100,7 @@ stage_state *stage_state_init_kv(const stage_model *m, int n_slots, int max_rows
     s->kv_seen = calloc((size_t)n_slots + 1, sizeof(int32_t));
     int pool_ok = !kv_pool_init(&s->pool, page, (int)n_pages, kvd_l);
     s->released = calloc((size_t)n_slots + 1, 1);
+    s->lost = calloc((size_t)n_slots + 1, 1);
     s->ms_keep = malloc((size_t)s->n_layers * n_slots + 1);
     s->stats = calloc((size_t)s->n_layers + 1, sizeof *s->stats);
     s->act = malloc(R * sizeof(int));
@@ -126,10 +127,10 @@ stage_state *stage_state_init_kv(const stage_model *m, int n_slots, int max_rows
     s->gate = malloc(R * ng * sizeof(float));
     s->probs = malloc((size_t)(max_seq + 1) * (c->n_heads / c->n_kv_heads) * sizeof(float));
     s->mean = malloc(D * sizeof(float));
-    int ok = pool_ok && s->kv && s->kv_pt && s->kv_seen && s->released && s->ms_keep && s->stats &&
-             s->act && s->act2 && s->ent && s->erow && s->sel_e && s->sel_w && s->score && s->xin &&
-             s->h && s->q && s->k && s->v && s->att && s->a && s->x2 && s->h2 && s->f1 && s->f3 &&
-             s->mo && s->ex && s->eo && s->gate && s->probs && s->mean;
+    int ok = pool_ok && s->kv && s->kv_pt && s->kv_seen && s->released && s->lost && s->ms_keep &&
+             s->stats && s->act && s->act2 && s->ent && s->erow && s->sel_e && s->sel_w &&
+             s->score && s->xin && s->h && s->q && s->k && s->v && s->att && s->a && s->x2 &&
+             s->h2 && s->f1 && s->f3 && s->mo && s->ex && s->eo && s->gate && s->probs && s->mean;
     memset(s->ms_keep, -1, (size_t)s->n_layers * n_slots + 1);
     for (size_t i = 0; ok && i < n_seq; i++) {
         s->kv[i].pt = s->kv_pt + i * (size_t)s->kv_max_pages;
@@ -166,6 +167,7 @@ void stage_state_free(stage_state *s)
     free(s->kv_pt);
     free(s->kv_seen);
     free(s->released);
+    free(s->lost);
     free(s->ms_keep);
     free(s->stats);
     free(s->act);
@@ -219,6 +221,21 @@ void stage_slot_reset_impl(stage_state *s, int slot)
     }
     s->kv_seen[slot] = 0;
     s->released[slot] = 0;
+    s->lost[slot] = 0;
+}
+
+void stage_slot_lose_impl(stage_state *s, int slot)
+{
+    if (slot < 0 || slot >= s->n_slots || s->lost[slot]) return;
+    for (int li = 0; li < s->n_layers; li++) kv_seq_clear(&s->pool, kv_at(s, li, slot));
+    s->lost[slot] = 1;
+}
+
+void stage_state_kv_soft(stage_state *s, int on) { s->kv_soft = on; }
+
+int stage_state_slot_lost(const stage_state *s, int slot)
+{
+    return slot >= 0 && slot < s->n_slots && s->lost[slot];
 }
 
 static void slot_release_impl(stage_state *s, int slot)
@@ -230,7 +247,15 @@ static void slot_release_impl(stage_state *s, int slot)
 
 /* ---- tensor-parallel group protocol: the leader (group rank 0) runs the pipeline and
  * broadcasts each operation on the stage state; the other ranks (followers) repeat it. ---- */
-enum { TP_OP_STOP = 0, TP_OP_FORWARD, TP_OP_HEAD, TP_OP_RESET, TP_OP_RELEASE, TP_OP_DROP };
+enum {
+    TP_OP_STOP = 0,
+    TP_OP_FORWARD,
+    TP_OP_HEAD,
+    TP_OP_RESET,
+    TP_OP_RELEASE,
+    TP_OP_DROP,
+    TP_OP_SHARE
+};
 enum { TP_HDR = 8 }; /* op, n, first, last, slot, n_present, 0, 0 */
 /* A FORWARD carries per row: slot, pos, token (4 bytes each), flags, present (1 each). */
 enum { TP_ROW_BYTES = 14 };
@@ -295,6 +320,36 @@ int stage_state_slot_drop_before(stage_state *s, int layer, int slot, int pos)
     return drop_before_impl(s, layer, slot, pos);
 }
 
+static int share_impl(stage_state *s, int src, int dst, int pos)
+{
+    if (src < 0 || src >= s->n_slots || dst < 0 || dst >= s->n_slots || src == dst) return -1;
+    stage_slot_reset_impl(s, dst);
+    int ok = !s->released[src] && !s->lost[src];
+    for (int li = 0; ok && li < s->n_layers; li++) {
+        const kv_seq *a = kv_at(s, li, src);
+        /* a sliding window may have dropped src's first pages: fine while everything a row at
+         * pos sees (positions > pos - W) is still held */
+        const int w = stage_layer_window(&s->m->cfg, s->m->range.first + li);
+        const int n = kv_entries_before(&s->pool, a, pos);
+        ok = (a->lo == 0 || (n > a->lo && w > 0 && kv_pos_at(&s->pool, a, a->lo) <= pos - w + 1)) &&
+             !kv_share(&s->pool, a, n, kv_at(s, li, dst));
+        s->ms_keep[(size_t)li * s->n_slots + dst] = s->ms_keep[(size_t)li * s->n_slots + src];
+    }
+    if (!ok) { /* no source here, a dropped prefix, or no page for the copy */
+        stage_slot_reset_impl(s, dst);
+        if (s->kv_soft) stage_slot_lose_impl(s, dst); /* its rows must not run on nothing */
+        return -1;
+    }
+    s->kv_seen[dst] = pos < s->kv_seen[src] ? pos : s->kv_seen[src];
+    return 0;
+}
+
+int stage_state_slot_share(stage_state *s, int src, int dst, int pos)
+{
+    if (tp_leader(s)) tp_send_hdr(s, TP_OP_SHARE, pos, src, 0, dst, 0);
+    return share_impl(s, src, dst, pos);
+}
+
 size_t stage_state_kv_alloc_bytes(const stage_state *s)
 {
     return (size_t)s->pool.n_pages * kv_page_bytes(s->pool.page, s->pool.kvd);
@@ -314,6 +369,7 @@ void stage_state_kv_stats(const stage_state *s, stage_kv_stats *o)
 {
     memset(o, 0, sizeof *o);
     o->page = s->pool.page;
+    o->kv_layers = s->n_layers;
     o->pages_total = s->pool.n_pages;
     o->pages_used = kv_pool_used(&s->pool);
     o->pages_peak = s->pool.n_pages - s->pool.n_free_min;
@@ -430,6 +486,10 @@ int stage_state_tp_follow(stage_state *s, char *err, size_t errlen)
         if (op == TP_OP_STOP) return 0;
         if (op == TP_OP_DROP) {
             drop_before_impl(s, h[2], h[4], n);
+            continue;
+        }
+        if (op == TP_OP_SHARE) { /* the same pool state as the leader's: the same outcome */
+            share_impl(s, h[2], h[4], n);
             continue;
         }
         if (op == TP_OP_RESET || op == TP_OP_RELEASE) {

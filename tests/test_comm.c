@@ -558,7 +558,7 @@ static void test_unpack_failure_zeroes(void)
     /* a negative token id in the payload fails after the payload pointer was set */
     uint8_t neg[128];
     memcpy(neg, buf, total);
-    put_u32le(neg + hb, 0xFFFFFFFFu);
+    put_u32le(neg + hb, 0xFFFFFFFEu); /* -2 (-1 is STAGE_TOKEN_KV_LOST) */
     memset(&q, 0xAB, sizeof q);
     CU_ASSERT(comm_unpack(u, neg, total, 0, &q, err, sizeof err) != 0);
     ASSERT_HAS(err, "negative");
@@ -783,10 +783,17 @@ static void test_pack_errors(void)
     p.rows.pos = neg;
     expect_pack_fail(&p, f.x, D5, NULL, "negative");
     uint8_t fl[MB10] = {0};
-    fl[2] = 8;
+    fl[2] = 16;
     p = f.p;
     p.rows.flags = fl;
     expect_pack_fail(&p, f.x, D5, NULL, "flags");
+    int32_t sh[3] = {1, 1, 4}; /* a prefix share of a slot into itself */
+    p = f.p;
+    p.rows.n_share = 1;
+    p.rows.share = sh;
+    expect_pack_fail(&p, f.x, D5, NULL, "share of slot 1");
+    p.rows.n_share = STAGE_MAX_SHARE + 1;
+    expect_pack_fail(&p, f.x, D5, NULL, "prefix shares");
     comm_bypass dup[2] = {{0, 2}, {0, 2}}, back[1] = {{2, 1}};
     p = f.p;
     p.bypass = dup;
@@ -812,9 +819,14 @@ static void test_pack_errors(void)
                      .mb_rows = 2,
                      .n_rows = 2,
                      .present = m1};
-    const int32_t badtok[2] = {1, -1};
+    const int32_t badtok[2] = {1, -2}, losttok[2] = {STAGE_TOKEN_KV_LOST, 3};
     expect_pack_fail(&t, NULL, 0, NULL, "without tokens");
     expect_pack_fail(&t, NULL, 0, badtok, "negative");
+    { /* the head's "KV lost" answer is the one negative id that travels */
+        uint8_t tb[256];
+        size_t hb2 = 0, pb2 = 0;
+        CU_ASSERT(comm_pack(&t, NULL, 0, losttok, tb, sizeof tb, &hb2, &pb2, err, sizeof err) > 0);
+    }
     comm_packet e = {
         .kind = COMM_PKT_END, .sender = 0, .receiver = 1, .mb_rows = 2, .n_rows = 2, .present = m1};
     expect_pack_fail(&e, NULL, 0, NULL, "END packet with 2 rows");
@@ -1342,7 +1354,7 @@ static void check_self_consistent(const comm_packet *q, const uint8_t *buf, size
     CU_ASSERT_EQUAL(q->has_desc, q->kind == COMM_PKT_ROWS && q->receiver == q->sender + 1);
     for (int i = 0; q->has_desc && i < q->mb_rows; i++)
         CU_ASSERT(q->rows.slot[i] >= 0 && q->rows.pos[i] >= 0 && q->rows.token[i] >= 0 &&
-                  q->rows.flags[i] < 8);
+                  q->rows.flags[i] <= STAGE_ROW_ALL);
     for (int k = 0; k < q->n_bypass; k++)
         CU_ASSERT(q->bypass[k].from >= 0 && q->bypass[k].from < q->bypass[k].to &&
                   q->bypass[k].to < n_stages);

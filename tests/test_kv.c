@@ -97,6 +97,64 @@ static void test_pool_pages(void)
     kv_pool_free(&p);
 }
 
+/* Sharing the first entries of a sequence (prefix reuse): full pages by reference, the
+ * partial last page copied; a page goes back when its last holder lets go. */
+static const float *entry_k(const kv_pool *p, const kv_seq *c, int e)
+{
+    return p->k + ((size_t)c->pt[e / p->page] * p->page + e % p->page) * p->kvd;
+}
+
+static void test_pool_share(void)
+{
+    kv_pool p;
+    CU_ASSERT_FATAL(kv_pool_init(&p, 4, 6, 2) == 0);
+    int32_t pt_a[4], pt_b[4], pt_c[4];
+    kv_seq a = {0, 0, pt_a}, b = {0, 0, pt_b}, c = {0, 0, pt_c};
+    for (int i = 0; i < 10; i++) {
+        float k[2] = {(float)i, -(float)i}, v[2] = {2.0f * i, 1};
+        CU_ASSERT_EQUAL(kv_append(&p, &a, 4, 3 * i, k, v), i); /* positions 0, 3, .. 27 */
+    }
+    CU_ASSERT_EQUAL(kv_pool_used(&p), 3);
+    CU_ASSERT_EQUAL(kv_entries_before(&p, &a, 18), 6);
+    CU_ASSERT_EQUAL(kv_entries_before(&p, &a, 17), 6);
+    CU_ASSERT_EQUAL(kv_entries_before(&p, &a, 0), 0);
+    CU_ASSERT_EQUAL(kv_entries_before(&p, &a, 1000), 10);
+    /* b: a's first 6 entries = page 0 shared + entries 4, 5 copied into a page of its own */
+    CU_ASSERT_EQUAL(kv_share(&p, &a, 6, &b), 0);
+    CU_ASSERT_EQUAL(b.n, 6);
+    CU_ASSERT_EQUAL(pt_b[0], pt_a[0]);
+    CU_ASSERT(pt_b[1] != pt_a[1]);
+    CU_ASSERT_EQUAL(kv_pool_used(&p), 4);
+    for (int e = 0; e < 6; e++) {
+        CU_ASSERT_EQUAL(kv_pos_at(&p, &b, e), 3 * e);
+        CU_ASSERT_EQUAL(memcmp(entry_k(&p, &b, e), entry_k(&p, &a, e), 2 * sizeof(float)), 0);
+    }
+    /* b appends after its copy; a's entries 6, 7 (the same page offsets in a's page) stay */
+    float k9[2] = {99, 99};
+    CU_ASSERT_EQUAL(kv_append(&p, &b, 4, 100, k9, k9), 6);
+    CU_ASSERT_EQUAL(kv_pos_at(&p, &a, 6), 18);
+    CU_ASSERT_EQUAL(entry_k(&p, &a, 6)[0], 6.0f);
+    /* a page-aligned share copies nothing */
+    CU_ASSERT_EQUAL(kv_share(&p, &a, 8, &c), 0);
+    CU_ASSERT_EQUAL(kv_pool_used(&p), 4);
+    /* a lets go: pages 0 and 1 are still held (by b, c), a's last page goes back */
+    kv_seq_clear(&p, &a);
+    CU_ASSERT_EQUAL(kv_pool_used(&p), 3);
+    CU_ASSERT_EQUAL(kv_pos_at(&p, &c, 7), 21);
+    kv_seq_clear(&p, &c);
+    CU_ASSERT_EQUAL(kv_pool_used(&p), 2);
+    /* a copy the pool has no page for: KV_EXHAUSTED, nothing shared */
+    for (int i = 0; i < 16; i++) kv_append(&p, &a, 4, i, k9, k9); /* 4 more pages: full */
+    CU_ASSERT_EQUAL(kv_pool_used(&p), 6);
+    CU_ASSERT_EQUAL(kv_share(&p, &a, 5, &c), KV_EXHAUSTED);
+    CU_ASSERT_EQUAL(c.n, 0);
+    kv_seq_clear(&p, &a);
+    kv_seq_clear(&p, &b);
+    CU_ASSERT_EQUAL(kv_pool_used(&p), 0);
+    for (int i = 0; i < 6; i++) CU_ASSERT_EQUAL(p.ref[i], 0);
+    kv_pool_free(&p);
+}
+
 /* ---- 2. the kernel over pages ---------------------------------------------------------- */
 
 static void test_attend_paged(void)
@@ -403,6 +461,149 @@ static void test_pages_follow_router(void)
     fx_close(&m);
 }
 
+/* Soft mode (the server): a sequence the pool runs out under is lost on the stage — its
+ * pages come back, its later rows are dropped without an error until its slot is reset — and
+ * the other sequences' results do not change. A row flagged STAGE_ROW_KV_LOST (lost on an
+ * earlier stage) loses its slot on this one too. */
+static void test_soft_lost(void)
+{
+    fxm d;
+    char err[ERRLEN] = "";
+    CU_ASSERT_FATAL(fx_open("dense", &d) == 0);
+    const int L = d.cfg.n_layers, V = d.cfg.vocab;
+    const size_t pb = kv_page_bytes(1, (size_t)d.cfg.n_kv_heads * d.cfg.head_dim);
+    stage_state *ref = state_kv(d.m, 1, 0, err, sizeof err);
+    stage_state *soft = state_kv(d.m, 1, (size_t)(4 * L + 6) * pb, err, sizeof err);
+    CU_ASSERT_FATAL(ref && soft);
+    stage_state_kv_soft(soft, 1);
+    stage_state_kv_soft(ref, 1);
+    float *lr = malloc((size_t)V * 4 * 4), *ls = malloc((size_t)V * 4 * 4), *o;
+    /* slot 0: a prompt of 4 rows (4 L pages); slot 1: a prompt of 12 rows (12 L: too many) */
+    int32_t sl[12], ps[12], tk[12];
+    uint8_t fl[12];
+    for (int i = 0; i < 12; i++) {
+        sl[i] = i < 4 ? 0 : 1;
+        ps[i] = i < 4 ? i : i - 4;
+        tk[i] = (5 * i + 2) % V;
+        fl[i] = STAGE_ROW_PROMPT | (i == 3 || i == 11 ? STAGE_ROW_NEED_LOGITS : 0);
+    }
+    stage_state *st[2] = {ref, soft};
+    float *lg[2] = {lr, ls};
+    for (int k = 0; k < 2; k++) {
+        o = lg[k];
+        CU_ASSERT_EQUAL_FATAL(fwd(st[k], d.m, 4, sl, ps, tk, fl, &o, err, sizeof err), 0);
+        CU_ASSERT_EQUAL_FATAL(
+            fwd(st[k], d.m, 8, sl + 4, ps + 4, tk + 4, fl + 4, &o, err, sizeof err), 0);
+    }
+    CU_ASSERT_EQUAL(stage_state_slot_lost(ref, 1), 0);
+    CU_ASSERT_EQUAL(stage_state_slot_lost(soft, 1), 1);
+    CU_ASSERT_EQUAL(stage_state_slot_lost(soft, 0), 0);
+    stage_kv_stats k;
+    stage_state_kv_stats(soft, &k);
+    CU_ASSERT_EQUAL(k.pages_used, 4 * L); /* slot 1 gave every page back */
+    CU_ASSERT_EQUAL(memcmp(lr, ls, (size_t)V * 4), 0);
+    /* decode rows of both slots: slot 0's logits are the reference's, slot 1's row is dropped */
+    int32_t s2[2] = {0, 1}, p2[2] = {4, 8}, t2[2] = {7, 9};
+    uint8_t f2[2] = {STAGE_ROW_NEED_LOGITS, STAGE_ROW_NEED_LOGITS};
+    o = lr;
+    CU_ASSERT_EQUAL_FATAL(fwd(ref, d.m, 2, s2, p2, t2, f2, &o, err, sizeof err), 0);
+    o = ls;
+    CU_ASSERT_EQUAL_FATAL(fwd(soft, d.m, 2, s2, p2, t2, f2, &o, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(memcmp(lr, ls, (size_t)V * 4), 0);
+    stage_state_kv_stats(soft, &k);
+    CU_ASSERT_EQUAL(k.pages_used, 5 * L);
+    /* a row flagged lost on an earlier stage: ref loses slot 1 too, its pages come back */
+    f2[1] |= STAGE_ROW_KV_LOST;
+    p2[0] = 5;
+    p2[1] = 9;
+    o = lr;
+    CU_ASSERT_EQUAL_FATAL(fwd(ref, d.m, 2, s2, p2, t2, f2, &o, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(stage_state_slot_lost(ref, 1), 1);
+    stage_state_kv_stats(ref, &k);
+    CU_ASSERT_EQUAL(k.pages_used, 6 * L);
+    /* the slot's next sequence (a position-0 prompt row) starts clean */
+    stage_state_slot_release(soft, 0);
+    int32_t s3 = 1, p3 = 0, t3 = 4;
+    uint8_t f3 = STAGE_ROW_PROMPT | STAGE_ROW_NEED_LOGITS;
+    o = ls;
+    CU_ASSERT_EQUAL_FATAL(fwd(soft, d.m, 1, &s3, &p3, &t3, &f3, &o, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(stage_state_slot_lost(soft, 1), 0);
+    stage_state_kv_stats(soft, &k);
+    CU_ASSERT_EQUAL(k.pages_used, L);
+    for (int s = 0; s < NSLOT; s++) {
+        stage_state_slot_release(ref, s);
+        stage_state_slot_release(soft, s);
+    }
+    stage_state_kv_stats(soft, &k);
+    CU_ASSERT_EQUAL(k.pages_used, 0);
+    stage_state_kv_stats(ref, &k);
+    CU_ASSERT_EQUAL(k.pages_used, 0);
+    stage_state_free(ref);
+    stage_state_free(soft);
+    free(lr);
+    free(ls);
+    fx_close(&d);
+}
+
+/* Prefix reuse on one stage: slot 1 takes the first 8 positions of slot 0's prompt by
+ * stage_state_slot_share and computes only the rest; its last row's logits are those of the
+ * whole prompt computed in slot 0 (causal routing: a prefix's kept rows do not depend on what
+ * follows). Pages of 3 positions: shared pages are counted once, a partial one copied. */
+static void check_share(const char *name, int split)
+{
+    fxm f;
+    char err[ERRLEN] = "";
+    CU_ASSERT_FATAL(fx_open(name, &f) == 0);
+    const int V = f.cfg.vocab;
+    stage_state *st = state_kv(f.m, 3, 0, err, sizeof err);
+    CU_ASSERT_FATAL(st != NULL);
+    float *ref = malloc((size_t)V * 4), *got = malloc((size_t)V * 4), *o;
+    int32_t sl[12], ps[12], tk[12];
+    uint8_t fl[12];
+    for (int i = 0; i < 12; i++) {
+        sl[i] = 0;
+        ps[i] = i;
+        tk[i] = (11 * i + 5) % V;
+        fl[i] = STAGE_ROW_PROMPT | (i == 11 ? STAGE_ROW_NEED_LOGITS : 0);
+    }
+    o = ref;
+    if (split) { /* two micro-batches: a sliding window drops slot 0's first pages at row 8 */
+        float *o8 = got;
+        CU_ASSERT_EQUAL_FATAL(fwd(st, f.m, 8, sl, ps, tk, fl, &o8, err, sizeof err), 0);
+        CU_ASSERT_EQUAL_FATAL(fwd(st, f.m, 4, sl + 8, ps + 8, tk + 8, fl + 8, &o, err, sizeof err),
+                              0);
+    } else {
+        CU_ASSERT_EQUAL_FATAL(fwd(st, f.m, 12, sl, ps, tk, fl, &o, err, sizeof err), 0);
+    }
+    stage_kv_stats k0, k1;
+    stage_state_kv_stats(st, &k0);
+    CU_ASSERT_EQUAL(stage_state_slot_share(st, 0, 0, 8), -1);
+    CU_ASSERT_EQUAL(stage_state_slot_share(st, 0, NSLOT, 8), -1);
+    CU_ASSERT_EQUAL_FATAL(stage_state_slot_share(st, 0, 1, 8), 0);
+    stage_state_kv_stats(st, &k1);
+    CU_ASSERT(k1.pages_used - k0.pages_used <= f.cfg.n_layers); /* at most a copy a layer */
+    stage_state_slot_release(st, 0); /* the shared pages stay with slot 1 */
+    for (int i = 0; i < 4; i++) sl[8 + i] = 1;
+    o = got;
+    CU_ASSERT_EQUAL_FATAL(fwd(st, f.m, 4, sl + 8, ps + 8, tk + 8, fl + 8, &o, err, sizeof err), 0);
+    CU_ASSERT_EQUAL(memcmp(ref, got, (size_t)V * 4), 0);
+    stage_state_slot_release(st, 1);
+    stage_state_kv_stats(st, &k1);
+    CU_ASSERT_EQUAL(k1.pages_used, 0);
+    CU_ASSERT_EQUAL(stage_state_slot_share(st, 1, 2, 8), -1); /* a released source */
+    stage_state_free(st);
+    free(ref);
+    free(got);
+    fx_close(&f);
+}
+static void test_share_dense(void) { check_share("dense", 0); }
+static void test_share_mod(void) { check_share("mod", 0); }
+static void test_share_mod_predictor(void) { check_share("mod_predictor", 0); }
+static void test_share_mindskip_token(void) { check_share("mindskip_token", 0); }
+static void test_share_mode_staged(void) { check_share("mode_staged", 0); }
+static void test_share_window(void) { check_share("arch/mistral", 1); }
+static void test_share_window_mod(void) { check_share("arch/mistral_mod", 1); }
+
 #define T_(f)                                                                                      \
     {                                                                                              \
 #f, f                                                                                      \
@@ -411,11 +612,28 @@ static void test_pages_follow_router(void)
 int main(void)
 {
     static const test_def tests[] = {
-        T_(test_pool_pages),          T_(test_attend_paged),         T_(test_paged_dense),
-        T_(test_paged_mod),           T_(test_paged_mod_all),        T_(test_paged_mod_predictor),
-        T_(test_paged_mod_topk),      T_(test_paged_mode_staged),    T_(test_paged_mode_integrated),
-        T_(test_paged_mindskip),      T_(test_paged_mindskip_token), T_(test_paged_mixed),
+        T_(test_pool_pages),
+        T_(test_pool_share),
+        T_(test_share_dense),
+        T_(test_share_mod),
+        T_(test_share_mod_predictor),
+        T_(test_share_mindskip_token),
+        T_(test_share_mode_staged),
+        T_(test_share_window),
+        T_(test_share_window_mod),
+        T_(test_attend_paged),
+        T_(test_paged_dense),
+        T_(test_paged_mod),
+        T_(test_paged_mod_all),
+        T_(test_paged_mod_predictor),
+        T_(test_paged_mod_topk),
+        T_(test_paged_mode_staged),
+        T_(test_paged_mode_integrated),
+        T_(test_paged_mindskip),
+        T_(test_paged_mindskip_token),
+        T_(test_paged_mixed),
         T_(test_pages_follow_router),
+        T_(test_soft_lost),
     };
     if (CU_initialize_registry() != CUE_SUCCESS) return 1;
     CU_pSuite s = CU_add_suite("kv", NULL, NULL);

@@ -24,8 +24,10 @@
 #include <unistd.h>
 
 #include "engine/partition.h"
+#include "engine/pipeline.h"
 #include "serve/loop.h"
 #include "serve/queue.h"
+#include "serve/queue_sched.h"
 #include "stage/config.h"
 #include "tests/testutil.h"
 
@@ -97,6 +99,32 @@ static double cpu_s(void)
 }
 
 static double idle_cpu = -1;
+static size_t kv_mem;           /* --kv-mem of the run (0: the default, room for everything) */
+static long kv_used_after = -1; /* pages held on all stages once every request ended */
+/* blind: the queue never sees the pools' reports, so it admits by slots alone and the stages
+ * run out of pages (the stage's soft mode and the recompute of lost sequences); the reports
+ * are kept here instead */
+static int blind;
+static pthread_mutex_t kv_mu = PTHREAD_MUTEX_INITIALIZER;
+static engine_kv_report kv_seen[SRVQ_MAX_LINKS];
+static int n_kv_seen;
+static void blind_kv(void *self, const engine_kv_report *k, int n)
+{
+    (void)self;
+    pthread_mutex_lock(&kv_mu);
+    n_kv_seen = n < SRVQ_MAX_LINKS ? n : SRVQ_MAX_LINKS;
+    memcpy(kv_seen, k, (size_t)n_kv_seen * sizeof *k);
+    pthread_mutex_unlock(&kv_mu);
+}
+static void kv_now(srvq_stats *st)
+{
+    srvq_get_stats(Q, st);
+    if (!blind) return;
+    pthread_mutex_lock(&kv_mu);
+    st->n_kv = n_kv_seen;
+    memcpy(st->kv, kv_seen, (size_t)n_kv_seen * sizeof *kv_seen);
+    pthread_mutex_unlock(&kv_mu);
+}
 static int forever; /* keep submitting, never close: the dead-rank test kills a rank */
 
 static void *client_forever(void *arg)
@@ -155,6 +183,20 @@ static void *client(void *arg)
             nanosleep(&ts, NULL);
         }
     }
+    if (kv_mem) { /* every request ends, then the stages' pools report every page back */
+        pthread_mutex_lock(&mu);
+        while (n_done_all < NREQ + 1) pthread_cond_wait(&cv, &mu);
+        pthread_mutex_unlock(&mu);
+        for (int t = 0; t < 200 && kv_used_after != 0; t++) {
+            srvq_stats st;
+            kv_now(&st);
+            long used = 0;
+            for (int k = 0; k < st.n_kv; k++) used += (long)st.kv[k].pages_used;
+            if (st.n_kv > 0) kv_used_after = used;
+            struct timespec ts = {0, 50000000};
+            if (kv_used_after) nanosleep(&ts, NULL);
+        }
+    }
     srvq_close(Q); /* like SIGTERM: running and queued requests still finish */
     return NULL;
 }
@@ -165,6 +207,9 @@ static int worker(int argc, char **argv)
     const char *model = argv[2], *prompts = argv[3];
     int slots = atoi(argv[4]);
     forever = argc > 5 && !strcmp(argv[5], "forever");
+    if (argc > 5 && !forever) kv_mem = (size_t)atol(argv[5]);
+    blind = argc > 6 && !strcmp(argv[6], "blind");
+    int noprefix = argc > 6 && !strcmp(argv[6], "noprefix");
     int provided;
     MPI_Init_thread(NULL, NULL, MPI_THREAD_FUNNELED, &provided);
     int rank, size;
@@ -205,13 +250,45 @@ static int worker(int argc, char **argv)
                          .micro_batch = 8,
                          .max_in_flight = 2 * size,
                          .wire = STAGE_F32,
+                         /* pages of 4 positions: a request outgrows the page of growth admission
+                          * gave it, so a full pool preempts */
+                         .kv = {.page = kv_mem ? 4 : 0, .mem_bytes = kv_mem},
                          .timeout_s = 60};
     pthread_t th;
     if (rank == 0) {
         Q = srvq_new(slots, ctx, 2 * NREQ, cfg.vocab, cfg.eos_token_id);
+        if (noprefix) srvq_set_prefix_reuse(Q, 0);
         pthread_create(&th, NULL, forever ? client_forever : client, NULL);
     }
-    int rc = serve_loop_run(MPI_COMM_WORLD, &o, Q, on_ready, NULL, err, sizeof err);
+    int rc;
+    if (!blind) {
+        rc = serve_loop_run(MPI_COMM_WORLD, &o, Q, on_ready, NULL, err, sizeof err);
+    } else { /* serve_loop_run's loop with the queue's ops but its own kv op */
+        engine_sched_ops ops = srvq_sched_ops;
+        ops.kv = blind_kv;
+        engine_loop_opts lo = {.model_dir = model,
+                               .cfg = &cfg,
+                               .plan = &plan,
+                               .slots = slots,
+                               .ctx = ctx,
+                               .kv = o.kv,
+                               .max_rows = o.micro_batch,
+                               .max_in_flight = o.max_in_flight,
+                               .wire = STAGE_F32,
+                               .weights_dtype = -1,
+                               .timeout_s = 60,
+                               .serve = 1,
+                               .command = "serve",
+                               .micro_batch = o.micro_batch};
+        engine_loop *L = NULL;
+        if (rank == 0) srvq_sched_config(Q, o.micro_batch, 0, o.micro_batch);
+        rc = engine_loop_open(MPI_COMM_WORLD, &lo, &ops, Q, &L, err, sizeof err);
+        if (!rc) {
+            if (rank == 0) on_ready(NULL);
+            while (engine_loop_step(L)) {}
+            rc = engine_loop_close(L, NULL, err, sizeof err);
+        }
+    }
     if (rc) fprintf(stderr, "serve_loop_run: %s\n", err);
     if (rank == 0 && rc) on_ready(NULL); /* the client finds the queue closed and stops */
     if (rank == 0) {
@@ -223,7 +300,7 @@ static int worker(int argc, char **argv)
             printf("\n");
         }
         srvq_stats st;
-        srvq_get_stats(Q, &st);
+        kv_now(&st);
         printf("stats requests %llu generated %llu running %ld queued %ld links %d\n",
                (unsigned long long)st.requests_total, (unsigned long long)st.generated_tokens,
                st.running, st.queued, st.n_links);
@@ -232,6 +309,10 @@ static int worker(int argc, char **argv)
                    (unsigned long long)st.link[l].bytes,
                    (unsigned long long)st.link[l].dense_bytes);
         printf("idle_cpu %.3f\n", idle_cpu);
+        printf("preemptions %llu kv_used_after %ld stages %d\n", (unsigned long long)st.preemptions,
+               kv_used_after, st.n_kv);
+        printf("prefix_hits %llu tokens %llu\n", (unsigned long long)st.prefix_hits,
+               (unsigned long long)st.prefix_tokens);
         fflush(stdout);
         srvq_free(Q);
     }
@@ -252,22 +333,27 @@ static char OUT[1 << 17];
 /* a shell command, stdout+stderr into OUT, killed after secs (tests/testutil.h) */
 #define run(secs, ...) tu_run(OUT, sizeof OUT, (secs), __VA_ARGS__)
 
-static char want[NREQ][2048];
-static char prompts[512];
+static char want[NREQ][2048], want_px[NREQ][2048];
+static char prompts[512], prompts_px[512];
+static char (*W)[2048] = want; /* the reference check_serve compares with, and its prompts */
+static const char *PF = prompts;
 
 /* 32 prompts of 1..20 random ids (fixed seed) and what `modpipe generate` makes of them,
- * without the EOS id that ends a line (the server does not pass EOS on). */
-static int make_reference(void)
+ * without the EOS id that ends a line (the server does not pass EOS on). shared > 0: every
+ * prompt is the same `shared` ids, then 1..6 of its own (prefix reuse). */
+static int make_reference_of(const char *name, int shared, char *pf, char (*want)[2048])
 {
-    snprintf(prompts, sizeof prompts, "%s/prompts.txt", TMP);
+    snprintf(pf, 512, "%s/%s", TMP, name);
+    const char *prompts = pf;
     FILE *f = fopen(prompts, "w");
     if (!f) return -1;
     uint64_t x = 12345;
     for (int i = 0; i < NREQ; i++) {
         x = x * 6364136223846793005ull + 1442695040888963407ull;
-        int n = 1 + (int)((x >> 33) % 20);
+        int n = shared ? shared + 1 + (int)((x >> 33) % 6) : 1 + (int)((x >> 33) % 20);
         fprintf(f, "1"); /* BOS, like a tokenized prompt */
-        for (int k = 1; k < n; k++) {
+        for (int k = 1; k < shared; k++) fprintf(f, ",%d", 3 + (k * 37) % 509);
+        for (int k = shared ? shared : 1; k < n; k++) {
             x = x * 6364136223846793005ull + 1442695040888963407ull;
             fprintf(f, ",%d", 3 + (int)((x >> 33) % 509));
         }
@@ -297,11 +383,16 @@ static int make_reference(void)
     }
     return 0;
 }
-
-static void check_serve(int np, int slots)
+static int make_reference(void)
 {
-    int rc = run(300, "%s -np %d %s --worker %s/stories260K %s %d", MPIRUN, np, SELF, FIX, prompts,
-                 slots);
+    return make_reference_of("prompts.txt", 0, prompts, want) ||
+           make_reference_of("prompts_px.txt", 18, prompts_px, want_px);
+}
+
+static void check_serve(int np, int slots, long kv_mem_bytes, const char *mode)
+{
+    int rc = run(300, "%s -np %d %s --worker %s/stories260K %s %d %ld %s", MPIRUN, np, SELF, FIX,
+                 PF, slots, kv_mem_bytes, mode);
     CU_ASSERT_EQUAL_FATAL(rc, 0);
     int same = 0, once = 0;
     for (int i = 0; i < NREQ; i++) {
@@ -314,11 +405,11 @@ static void check_serve(int np, int slots)
         once += done == 1 && (why == SRVQ_FINISH_STOP || why == SRVQ_FINISH_LENGTH);
         char *t = strstr(l, "tokens ") + 7, *e = strchr(t, '\n');
         size_t n = (size_t)(e - t);
-        if (n == strlen(want[i]) && !strncmp(t, want[i], n))
+        if (n == strlen(W[i]) && !strncmp(t, W[i], n))
             same++;
         else
             fprintf(stderr, "\n  -np %d request %d: %.*s\n  generate:      %s\n", np, i, (int)n, t,
-                    want[i]);
+                    W[i]);
     }
     CU_ASSERT_EQUAL(same, NREQ);
     CU_ASSERT_EQUAL(once, NREQ);
@@ -362,6 +453,27 @@ static void check_serve(int np, int slots)
     if (ic) idle = atof(ic + 9);
     CU_ASSERT(idle < 0.3); /* one idle second: rank 0 sleeps on the condvar */
     if (!(idle < 0.3)) fprintf(stderr, "\n  idle second used %.3f s of CPU\n", idle);
+    unsigned long long hits = 0;
+    char *ph = strstr(OUT, "prefix_hits ");
+    if (ph) hits = strtoull(ph + 12, NULL, 10);
+    if (PF == prompts_px && !strcmp(mode, "noprefix")) CU_ASSERT_EQUAL(hits, 0);
+    if (PF == prompts_px && strcmp(mode, "noprefix")) {
+        CU_ASSERT(hits > 0); /* and the tokens above are still generate's */
+        fprintf(stderr, " [-np %d: %llu prefix hits] ", np, hits);
+    }
+    if (!kv_mem_bytes) return;
+    /* a pool too small for 8 sequences at once: sequences were preempted and recomputed (the
+     * tokens above are still generate's), and every page came back, cancelled request included */
+    unsigned long long pre = 0;
+    long used = -1;
+    int stages = 0;
+    char *k = strstr(OUT, "preemptions ");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(k);
+    sscanf(k, "preemptions %llu kv_used_after %ld stages %d", &pre, &used, &stages);
+    CU_ASSERT(pre > 0);
+    CU_ASSERT_EQUAL(used, 0);
+    CU_ASSERT_EQUAL(stages, np);
+    fprintf(stderr, " [-np %d: %llu preemptions] ", np, pre);
 }
 
 /* A rank killed while the server runs: the job ends (non-zero, naming the rank), no hang. The kill
@@ -389,8 +501,30 @@ static void test_dead_rank(void)
 }
 
 static void test_reference(void) { CU_ASSERT_EQUAL_FATAL(make_reference(), 0); }
-static void test_serve_np1(void) { check_serve(1, 8); }
-static void test_serve_np3(void) { check_serve(3, 8); }
+static void test_serve_np1(void) { check_serve(1, 8, 0, ""); }
+static void test_serve_np3(void) { check_serve(3, 8, 0, ""); }
+/* pages of 4 positions: 1040 bytes on stories260K (4 x (2 x 32 floats + a position)); a
+ * request takes up to 8 pages on each of the 5 layers */
+static void test_serve_kv_np1(void) { check_serve(1, 8, 100 * 1040, ""); }
+static void test_serve_kv_np3(void) { check_serve(3, 8, 40 * 1040, ""); }
+/* 32 prompts sharing their first 18 positions: with prefix reuse (16 of them shared from a
+ * running request) and without, the tokens are generate's */
+static void check_px(int np, long kv, const char *mode)
+{
+    W = want_px;
+    PF = prompts_px;
+    check_serve(np, 8, kv, mode);
+    W = want;
+    PF = prompts;
+}
+static void test_serve_px_np1(void) { check_px(1, 0, ""); }
+static void test_serve_px_np3(void) { check_px(3, 0, ""); }
+static void test_serve_px_off_np3(void) { check_px(3, 0, "noprefix"); }
+static void test_serve_px_kv_np3(void) { check_px(3, 40 * 1040, "blind"); }
+
+/* admission by slots alone: the stages run out, lose sequences, the queue recomputes them */
+static void test_serve_kv_lost_np1(void) { check_serve(1, 8, 100 * 1040, "blind"); }
+static void test_serve_kv_lost_np3(void) { check_serve(3, 8, 40 * 1040, "blind"); }
 
 /* A model the server cannot decode (topk) and a queue that does not match: one line, every
  * submitted request ends with ERROR. */
@@ -417,6 +551,19 @@ int main(int argc, char **argv)
     CU_add_test(s, "reference: modpipe generate on 32 prompts", test_reference);
     CU_add_test(s, "32 concurrent greedy requests = generate, np 1", test_serve_np1);
     CU_add_test(s, "32 concurrent greedy requests = generate, np 3", test_serve_np3);
+    CU_add_test(s, "KV pool too small: preemption, same tokens, no page lost, np 1",
+                test_serve_kv_np1);
+    CU_add_test(s, "KV pool too small: preemption, same tokens, no page lost, np 3",
+                test_serve_kv_np3);
+    CU_add_test(s, "KV pool runs out on the stages: sequences lost and recomputed, np 1",
+                test_serve_kv_lost_np1);
+    CU_add_test(s, "KV pool runs out on the stages: sequences lost and recomputed, np 3",
+                test_serve_kv_lost_np3);
+    CU_add_test(s, "shared prompt prefixes: reused, same tokens, np 1", test_serve_px_np1);
+    CU_add_test(s, "shared prompt prefixes: reused, same tokens, np 3", test_serve_px_np3);
+    CU_add_test(s, "shared prompt prefixes, reuse off: same tokens, np 3", test_serve_px_off_np3);
+    CU_add_test(s, "shared prefixes in a pool that runs out: same tokens, pages back, np 3",
+                test_serve_px_kv_np3);
     CU_add_test(s, "start-up errors", test_serve_errors);
     CU_add_test(s, "a dead rank ends the server", test_dead_rank);
     CU_basic_set_mode(CU_BRM_VERBOSE);

@@ -168,7 +168,8 @@ static void test_schedule(void)
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
     CU_ASSERT(b.n_done == 1 && b.why == SRVQ_FINISH_CANCELLED && b.n_gen == 1);
     CU_ASSERT_EQUAL(mb.n, 3); /* c's prompt in slot 1; a still has a row in flight */
-    for (int i = 0; i < 3; i++) CU_ASSERT(mb.slot[i] == 1 && mb.pos[i] == i && mb.tag[i] == 2u);
+    for (int i = 0; i < 3; i++)
+        CU_ASSERT(mb.slot[i] == 1 && mb.pos[i] == i && mb.tag[i] == (uint64_t)2 << 20);
     CU_ASSERT_EQUAL(mb.n_release, 0); /* c's position-0 row resets slot 1: no release needed */
     stage_batch mb4;
     stage_batch_init(&mb4, 4);
@@ -207,6 +208,10 @@ static void test_schedule(void)
     give_back(q, &mb, NULL);
     CU_ASSERT(d.n_done == 1 && d.why == SRVQ_FINISH_LENGTH && d.n_gen == 3 &&
               strstr(d.msg, "context"));
+    /* d's slot: released at once, in a micro-batch of its own */
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT(mb.n == 0 && mb.n_release == 1);
+    give_back(q, &mb, NULL);
     CU_ASSERT_EQUAL(srvq_sched_ops.next(q, &mb), 0);
     srvq_get_stats(q, &st);
     CU_ASSERT(st.requests_total == 4 && st.generated_tokens == 3 + 1 + 1 + 3 && st.running == 0);
@@ -275,6 +280,140 @@ static void test_whole_prompts(void)
     srvq_free(q);
 }
 
+/* Admission by memory and preemption (docs/SPEC.md §11). One stage reports pages of 4
+ * positions on 2 layers, 12 pages: a running request of n positions counts 2 * ceil((n+1)/4)
+ * pages, a new one 2 * ceil((prompt + 4) / 4). */
+static void done_tok(srvq *q, const stage_batch *mb, int32_t tok_all, int slot, int32_t tok_slot)
+{
+    int32_t tok[64];
+    for (int i = 0; i < mb->n; i++) tok[i] = mb->slot[i] == slot ? tok_slot : tok_all;
+    srvq_sched_ops.done(q, mb, tok);
+}
+
+static void test_preempt(void)
+{
+    static const int32_t P6[6] = {1, 2, 3, 4, 5, 6};
+    srvq *q = srvq_new(3, 32, 4, 50, -1);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 8, 0, 8), 0);
+    engine_kv_report kr = {.stage = 0, .page = 4, .kv_layers = 2, .pages_total = 12};
+    srvq_sched_ops.kv(q, &kr, 1);
+    stage_batch mb;
+    stage_batch_init(&mb, 8);
+    client c[3];
+    memset(c, 0, sizeof c);
+    char err[256];
+    for (int i = 0; i < 3; i++) CU_ASSERT_EQUAL(submit(q, &c[i], P6, 6, 4, err), i);
+    /* a (4 pages) + b (2 * ceil(10/4) = 6) fit in 12; with them c (6 more) does not */
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    srvq_stats st;
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.running == 2 && st.queued == 1);
+    CU_ASSERT(mb.n == 8 && mb.slot[0] == 0 && mb.slot[6] == 1 && mb.slot[7] == 1);
+    give_back(q, &mb, NULL); /* a: token 100 */
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT(mb.n == 5 && mb.slot[0] == 0 && mb.pos[0] == 6 && mb.slot[4] == 1);
+    give_back(q, &mb, NULL); /* a: 100 100, b: 101 */
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT(mb.n == 2 && mb.slot[1] == 1 && mb.pos[1] == 6 && mb.token[1] == 101);
+    done_tok(q, &mb, 7, -1, 0); /* a: 100 100 7, b: 101 7 */
+    /* b's next row: a stage ran out of pages under it -> b is recomputed */
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT(mb.n == 2 && mb.slot[1] == 1 && mb.pos[1] == 7 && mb.token[1] == 7);
+    done_tok(q, &mb, 9, 1, STAGE_TOKEN_KV_LOST); /* a: its 4th token, LENGTH */
+    CU_ASSERT(c[0].n_done == 1 && c[0].why == SRVQ_FINISH_LENGTH && c[0].n_tok == 4);
+    CU_ASSERT(c[1].n_done == 0 && c[1].n_tok == 2);
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.preemptions == 1 && st.running == 0 && st.queued == 2);
+    /* b first again (the queue's head), then c; b replays its prompt and its first token (a
+     * decode row: no PROMPT flag), then its decode row (input: its 2nd token) samples its
+     * 3rd token at step 2; b and c take the two slots just freed (their resets cover the
+     * releases) */
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT_EQUAL(mb.n, 8);
+    CU_ASSERT_EQUAL(mb.n_release, 0);
+    int b_slot = mb.slot[0];
+    for (int i = 0; i < 7; i++) {
+        CU_ASSERT(mb.slot[i] == b_slot && mb.pos[i] == i);
+        CU_ASSERT_EQUAL(mb.tag[i], (uint64_t)1 << 20 | 1u); /* request 1, second admission */
+        CU_ASSERT_EQUAL(mb.flags[i], i < 6 ? STAGE_ROW_PROMPT : 0);
+    }
+    CU_ASSERT(mb.token[5] == 6 && mb.token[6] == 101);
+    CU_ASSERT(mb.slot[7] != b_slot && mb.pos[7] == 0); /* c's first prompt row */
+    give_back(q, &mb, NULL);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT(mb.slot[0] == b_slot && mb.pos[0] == 7 && mb.token[0] == 7 && mb.step[0] == 2 &&
+              mb.flags[0] == (STAGE_ROW_NEED_LOGITS | STAGE_ROW_SAMPLE));
+    give_back(q, &mb, NULL);
+    CU_ASSERT(c[1].n_tok == 3 && c[1].tok[0] == 101 && c[1].tok[1] == 7);
+    /* the pool shrinks (a report says so): the running ones no longer fit -> the newest (c)
+     * gives way; the last one is never preempted */
+    srvq_get_stats(q, &st);
+    CU_ASSERT_EQUAL(st.running, 2);
+    kr.pages_total = 6;
+    kr.pages_used = 8; /* all the rows issued, kept on both layers: keep stays 1 */
+    srvq_sched_ops.kv(q, &kr, 1);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.preemptions == 2 && st.running == 1 && st.queued == 1);
+    CU_ASSERT(mb.n == 1 && mb.slot[0] == b_slot && mb.pos[0] == 8);
+    give_back(q, &mb, NULL); /* b: 4 tokens, done */
+    CU_ASSERT(c[1].n_done == 1 && c[1].why == SRVQ_FINISH_LENGTH && c[1].n_tok == 4);
+    /* c, readmitted alone (nothing else since): lost -> it cannot fit: ERROR */
+    for (int k = 0; k < 1; k++) { /* its prompt (it made 1 token), then its decode row */
+        CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+        CU_ASSERT(mb.n == 6 && mb.pos[5] == 5 && mb.flags[5] == STAGE_ROW_PROMPT);
+        give_back(q, &mb, NULL);
+        CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+        CU_ASSERT(mb.n == 1 && mb.pos[0] == 6 && mb.step[0] == 1);
+        done_tok(q, &mb, 0, mb.slot[0], STAGE_TOKEN_KV_LOST);
+    }
+    CU_ASSERT(c[2].n_done == 1 && c[2].why == SRVQ_FINISH_ERROR && strstr(c[2].msg, "--kv-mem"));
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.preemptions == 2 && st.running == 0 && st.queued == 0);
+    CU_ASSERT(srvq_idle(q));
+    stage_batch_free(&mb);
+    srvq_free(q);
+}
+
+/* Prefix reuse: b's prompt starts with the 16 positions a has issued: b starts from a share
+ * of them (applied by the stages before the micro-batch's rows) and computes the rest. */
+static void test_prefix_reuse(void)
+{
+    int32_t p20[20], p18[18];
+    for (int i = 0; i < 20; i++) p20[i] = 3 + i;
+    memcpy(p18, p20, sizeof p18);
+    p18[17] = 40; /* a different 18th token: still 16 (one block) in common */
+    srvq *q = srvq_new(3, 32, 4, 50, -1);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 8, 0, 8), 0);
+    stage_batch mb;
+    stage_batch_init(&mb, 8);
+    client c[3];
+    memset(c, 0, sizeof c);
+    char err[256];
+    CU_ASSERT_EQUAL(submit(q, &c[0], p20, 20, 2, err), 0);
+    for (int k = 0; k < 2; k++) { /* a's first 16 rows issued (not back yet) */
+        CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+        CU_ASSERT(mb.n == 8 && mb.n_share == 0);
+    }
+    CU_ASSERT_EQUAL(submit(q, &c[1], p18, 18, 2, err), 1);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT_EQUAL(mb.n_share, 1);
+    CU_ASSERT(mb.share[0] == 0 && mb.share[1] == 1 && mb.share[2] == 16);
+    /* a's last 4 rows, then b's from position 16 */
+    CU_ASSERT(mb.n == 6 && mb.slot[3] == 0 && mb.pos[3] == 19 && mb.slot[4] == 1 &&
+              mb.pos[4] == 16 && mb.token[5] == 40 && (mb.flags[5] & STAGE_ROW_SAMPLE));
+    srvq_stats st;
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.prefix_hits == 1 && st.prefix_tokens == 16);
+    /* off: c (the same prompt) computes everything */
+    srvq_set_prefix_reuse(q, 0);
+    CU_ASSERT_EQUAL(submit(q, &c[2], p20, 20, 2, err), 2);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT(mb.n_share == 0 && mb.slot[0] == 2 && mb.pos[0] == 0);
+    stage_batch_free(&mb);
+    srvq_free(q);
+}
+
 /* Many threads submit at once while the "pipeline" runs: ids unique, every request done once. */
 typedef struct {
     srvq *q;
@@ -321,7 +460,7 @@ static void test_rewind(void)
         CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
         for (int i = 0; i < mb.n; i++, at++) {
             CU_ASSERT(mb.pos[i] == at && mb.token[i] == want[at]);
-            CU_ASSERT_EQUAL(mb.flags[i], STAGE_ROW_PROMPT);
+            CU_ASSERT_EQUAL(mb.flags[i], at < 3 ? STAGE_ROW_PROMPT : 0); /* made: decode rows */
         }
         give_back(q, &mb, NULL);
     }
@@ -390,6 +529,8 @@ int main(void)
     CU_add_test(s, "schedule: chunks, decode, stops, cancel frees the slot", test_schedule);
     CU_add_test(s, "cancel queued; fail_all", test_cancel_queued_and_fail);
     CU_add_test(s, "whole prompts", test_whole_prompts);
+    CU_add_test(s, "admission by memory, preemption, recompute", test_preempt);
+    CU_add_test(s, "prefix reuse from a running request", test_prefix_reuse);
     CU_add_test(s, "concurrent submits", test_threads);
     CU_add_test(s, "rewind after a restart", test_rewind);
     CU_basic_set_mode(CU_BRM_VERBOSE);

@@ -145,6 +145,7 @@ kv_pools() { # every stage's page pool is on /metrics
     done
 }
 check "/metrics has the KV page pool of every stage" kv_pools
+check "/metrics counts preemptions" 'grep -q "^modpipe_preemptions_total [0-9]" <<<"$m"'
 # bad options: one line on stderr, exit 2, no hang
 badrun() { # badrun "expected text" ARGS...
     local want=$1; shift
@@ -245,6 +246,68 @@ check "disconnect frees the slot (slots_in_use 0)" '[ "$used" = 0 ]'
 check "disconnect cancels the sequence ($((after - before)) of 500 tokens generated)" '[ $((after - before)) -lt 500 ]'
 stop_server small
 check "SIGTERM when idle: exit 0" '[ "$RC" = 0 ]'
+
+# ---- a KV pool too small for 8 streams, behind the front (--ranks 3): admitted by memory,
+# preempted and recomputed (docs/SPEC.md §11), the tokens still generate's, every page back ----
+"$BIN" serve --model "$MODEL" --port 0 --ranks 3 --mpi-args '--oversubscribe' --slots 8 --ctx 64 \
+    --kv-page 4 --kv-mem 41600 >"$TMP/kv.out" 2>"$TMP/kv.err" &
+PIDS+=("$!")
+kvpid=$!
+await_server kv "$kvpid"
+if node "$HERE/client.mjs" "http://127.0.0.1:$PORT_kv/v1" "" "$TMP/expected.json" >"$TMP/clientkv.txt" 2>&1; then
+    ok "openai client, KV pool of 40 pages a stage, --ranks 3 ($(tail -1 "$TMP/clientkv.txt"))"
+else
+    cat "$TMP/clientkv.txt"; bad "openai client, KV pool of 40 pages a stage, --ranks 3"
+fi
+pre=$(metric "$PORT_kv" modpipe_preemptions_total)
+check "the small pool preempted ($pre preemptions)" '[ "${pre:-0}" -gt 0 ]'
+kv_back() { # every stage reports every page back
+    local m s
+    for i in $(seq 100); do
+        m=$(curl -s "http://127.0.0.1:$PORT_kv/metrics")
+        for s in 0 1 2; do
+            grep -q "^modpipe_kv_pages_used{stage=\"$s\"} 0$" <<<"$m" || break
+            [ $s = 2 ] && return 0
+        done
+        sleep 0.05
+    done
+    return 1
+}
+check "every KV page back once the streams ended" kv_back
+kill -TERM "$PID_kv"
+wait "$kvpid"
+RC=$?
+check "SIGTERM to the front: exit 0" '[ "$RC" = 0 ]'
+
+# ---- prefix reuse through the front (--ranks 2; a pool with room for both) ----
+"$BIN" serve --model "$MODEL" --port 0 --ranks 2 --mpi-args '--oversubscribe' --slots 4 --ctx 512 \
+    >"$TMP/px.out" 2>"$TMP/px.err" &
+PIDS+=("$!")
+pxpid=$!
+await_server px "$pxpid"
+# B's prompt = A's, sent while A runs, starts from A's pages
+PX=$(seq -s, 3 22)
+one() { # one MAX_TOKENS OUT: a greedy completion of the 20-token prompt, its text in OUT
+    curl -s "http://127.0.0.1:$PORT_px/v1/completions" -H 'Content-Type: application/json' \
+        -d "{\"prompt\":[$PX],\"max_tokens\":$1,\"temperature\":0,\"ignore_eos\":true}" |
+        sed 's/.*"text":"\([^"]*\)".*/\1/' >"$2"
+}
+one 8 "$TMP/px_ref.txt"
+h0=$(metric "$PORT_px" modpipe_prefix_cache_hits_total)
+curl -sN "http://127.0.0.1:$PORT_px/v1/completions" -H 'Content-Type: application/json' \
+    -d "{\"prompt\":[$PX],\"max_tokens\":480,\"temperature\":0,\"ignore_eos\":true,\"stream\":true}" \
+    >"$TMP/px_a.txt" &
+apid=$!
+# A's prompt is in the pipeline once tokens stream back (A runs long enough for B to arrive)
+for i in $(seq 500); do [ -s "$TMP/px_a.txt" ] && break; sleep 0.01; done
+one 8 "$TMP/px_b.txt"
+wait $apid
+h1=$(metric "$PORT_px" modpipe_prefix_cache_hits_total)
+check "prefix reuse through the front: hit ($h0 -> $h1), the same text as alone" \
+    '[ "${h1:-0}" -gt "${h0:-0}" ] && [ -s "$TMP/px_ref.txt" ] && cmp -s "$TMP/px_ref.txt" "$TMP/px_b.txt"'
+kill -TERM "$PID_px"
+wait "$pxpid"
+
 
 echo "serve: $PASS passed, $FAIL failed"
 [ $FAIL = 0 ]
