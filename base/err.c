@@ -1,4 +1,4 @@
-/* base/err.c — see util.h. */
+/* base/err.c — see base/err.h. */
 #include "base/err.h"
 
 #include <stdarg.h>

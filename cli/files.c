@@ -1,6 +1,8 @@
 /* cli/files.c — see files.h. */
 #include "cli/files.h"
 
+#include "base/file.h"
+
 #include <errno.h>
 #include <limits.h>
 #include <stdio.h>
@@ -34,28 +36,6 @@ int cli_file_exists(const char *p)
     return stat(p, &sb) == 0 && S_ISREG(sb.st_mode);
 }
 
-char *cli_read_file(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    char *buf = NULL;
-    if (fseek(f, 0, SEEK_END) == 0) {
-        long sz = ftell(f);
-        rewind(f);
-        if (sz >= 0 && (buf = malloc((size_t)sz + 1))) {
-            if (fread(buf, 1, (size_t)sz, f) != (size_t)sz) {
-                free(buf);
-                buf = NULL;
-            } else {
-                buf[sz] = 0;
-                if (len) *len = (size_t)sz;
-            }
-        }
-    }
-    fclose(f);
-    return buf;
-}
-
 int cli_write_text(const char *path, const char *text, char *err, size_t errlen)
 {
     FILE *f = fopen(path, "w");
@@ -69,7 +49,7 @@ int cli_write_text(const char *path, const char *text, char *err, size_t errlen)
 int cli_copy_file(const char *src, const char *dst, char *err, size_t errlen)
 {
     size_t len = 0;
-    char *buf = cli_read_file(src, &len);
+    char *buf = base_read_file(src, 0, &len, NULL, 0);
     if (!buf) {
         snprintf(err, errlen, "cannot read %s", src);
         return -1;

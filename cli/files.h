@@ -2,8 +2,7 @@
  * (router-tune, quantize).
  *
  * Errors: -1 with "cannot create PATH: reason" / "cannot read PATH" / "cannot write PATH:
- * reason" in err; 0 on success. cli_read_file returns a malloc'd, NUL-terminated copy (len
- * may be NULL) or NULL. Single-threaded, no global state.
+ * reason" in err; 0 on success. (Reading a whole file: base/file.h.) Single-threaded, no global state.
  */
 #ifndef CLI_FILES_H
 #define CLI_FILES_H
@@ -12,7 +11,6 @@
 
 int cli_mkdir_p(const char *dir, char *err, size_t errlen); /* like mkdir -p */
 int cli_file_exists(const char *path);                      /* 1: a regular file */
-char *cli_read_file(const char *path, size_t *len);
 int cli_write_text(const char *path, const char *text, char *err, size_t errlen);
 int cli_copy_file(const char *src, const char *dst, char *err, size_t errlen);
 /* The tokenizer and generation files of model dir src (tokenizer.json, tokenizer_config.json,

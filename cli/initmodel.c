@@ -10,8 +10,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "base/clock.h"
+#include "cli/opts.h"
 #include "stage/arch.h"
 #include "stage/kernels.h"
+#include "stage/matmul.h"
 #include "stage/safetensors.h"
 #include "stage/stage.h"
 
@@ -190,13 +193,13 @@ static void progress_init(progress *p, FILE *log)
 {
     p->log = log;
     p->tty = log && isatty(fileno(log));
-    p->t0 = p->last = stage_now_s();
+    p->t0 = p->last = base_now_s();
 }
 
 static void progress_bytes(progress *p, uint64_t done, uint64_t total, int final)
 {
     if (!p->log) return;
-    double now = stage_now_s();
+    double now = base_now_s();
     if (!final && now - p->last < (p->tty ? 0.5 : 5.0)) return;
     p->last = now;
     double el = now - p->t0, rate = el > 0 ? (double)done / el : 0;
@@ -392,8 +395,8 @@ static int run_layers(const cli_model_spec *sp, const char *dir, uint64_t seed, 
         st = NULL;
         stage_model_free(m);
         m = NULL;
-        if (pg.log && stage_now_s() - pg.last >= 5.0) {
-            pg.last = stage_now_s();
+        if (pg.log && base_now_s() - pg.last >= 5.0) {
+            pg.last = base_now_s();
             fprintf(pg.log, "init-model: %s: layer %d of %d done, %.0f s\n",
                     adjust ? "calibrating" : "measuring", l + 1, L, pg.last - pg.t0);
         }
@@ -449,4 +452,71 @@ int cli_init_model(const cli_model_spec *sp, const char *dir, FILE *log, char *e
     free(part);
     free(bias);
     return rc;
+}
+
+/* ---- the command ---- */
+
+int cli_init_model_main(int argc, char **argv)
+{
+    char err[1024];
+    cli_opts o;
+    cli_model_spec spec;
+    memset(&spec, 0, sizeof spec);
+    int have_spec = 0;
+    int rc = cli_opts_parse(&o, CLI_INIT_MODEL, argc, argv, err, sizeof err);
+    if (!rc && cli_opt_has(&o, "help")) {
+        cli_opts_usage(
+            stdout, CLI_INIT_MODEL,
+            "modpipe init-model: write a random model in the SPEC format (config.json +\n"
+            "safetensors) from a YAML spec, streamed to disk with a progress line (any size:\n"
+            "memory stays small); optionally calibrate router biases, layer by layer from the\n"
+            "written files, so that measured participation matches the configured capacity.\n",
+            NULL);
+        cli_opts_free(&o);
+        return 0;
+    }
+    const char *sp = rc ? NULL : cli_opt_str(&o, "spec"), *out = rc ? NULL : cli_opt_str(&o, "out");
+    if (!rc && (!sp || !out)) {
+        snprintf(err, sizeof err, "--spec F.yaml and --out DIR are required");
+        rc = -1;
+    }
+    if (!rc) rc = cli_model_spec_load(sp, &spec, err, sizeof err);
+    have_spec = !rc;
+    long v;
+    if (!rc && cli_opt_has(&o, "seed")) {
+        rc = cli_opt_long(&o, "seed", 0, 0x7fffffffffffffffL, 0, &v, err, sizeof err);
+        spec.seed = (unsigned long)v;
+    }
+    if (!rc && cli_opt_has(&o, "shards")) {
+        rc = cli_opt_long(&o, "shards", 1, 9999, 1, &v, err, sizeof err);
+        spec.shards = (int)v;
+    }
+    if (!rc && cli_opt_has(&o, "dtype") &&
+        stage_dtype_parse(cli_opt_str(&o, "dtype"), &spec.dtype)) {
+        snprintf(err, sizeof err, "--dtype: expected f32, bf16 or f16, got '%s'",
+                 cli_opt_str(&o, "dtype"));
+        rc = -1;
+    }
+    if (!rc) {
+        rc = cli_opt_long(&o, "threads", 1, 1024, 1, &v, err, sizeof err);
+        if (!rc) rc = stage_threads_init((int)v, err, sizeof err);
+        spec.threads = (int)v;
+    }
+    if (!rc && cli_opt_has(&o, "calibrate")) spec.calibrate = 1;
+    if (!rc && cli_opt_has(&o, "no-calibrate")) spec.calibrate = 0;
+    FILE *log = cli_opt_has(&o, "quiet") ? NULL : stderr;
+    if (!rc) {
+        if (log)
+            fprintf(log, "init-model: %d layers, hidden %d, vocab %d, %s, %d shard%s -> %s\n",
+                    spec.cfg.n_layers, spec.cfg.hidden, spec.cfg.vocab,
+                    stage_dtype_st_name(spec.dtype), spec.shards, spec.shards > 1 ? "s" : "", out);
+        rc = cli_init_model(&spec, out, log, err, sizeof err);
+    }
+    if (rc)
+        fprintf(stderr, "modpipe init-model: %s\n", err);
+    else if (log)
+        fprintf(log, "init-model: wrote %s\n", out);
+    if (have_spec) cli_model_spec_free(&spec);
+    cli_opts_free(&o);
+    return rc ? 1 : 0;
 }

@@ -1,4 +1,4 @@
-/* cli/initmodel.h — `modpipe init-model`: a random model in the SPEC §3 format.
+/* cli/initmodel.h — `modpipe init-model`: a random model in the docs/SPEC.md §3 format.
  *
  * cli_init_model() draws every tensor from one seeded generator in file order
  * (embedding ~ N(0,1), projections ~ N(0, init_std^2), norms ~ 1 + N(0, 0.05^2), routers ~
@@ -25,5 +25,10 @@
 
 int cli_init_model(const cli_model_spec *spec, const char *dir, FILE *log, char *err,
                    size_t errlen);
+
+/* `modpipe init-model --spec F.yaml --out DIR [options]` (argv excludes the command name): the
+ * options override the spec's; errors print one line "modpipe init-model: ...". No MPI.
+ * Returns the exit status (0, or 1 on any error). */
+int cli_init_model_main(int argc, char **argv);
 
 #endif

@@ -410,7 +410,7 @@ static int fill(const cli_yaml *y, cli_model_spec *s, char *err, size_t errlen)
                                        STAGE_ROUTING_TOPK};
     static const char *const scale_names[] = {"none", "sigmoid", NULL};
     static const int scale_vals[] = {STAGE_SCALE_NONE, STAGE_SCALE_SIGMOID};
-    /* attn_* are Router-Tuning's spellings (SPEC §3) */
+    /* attn_* are Router-Tuning's spellings (docs/SPEC.md §3) */
     static const char *const gran_names[] = {"sequence", "token", "attn_sequence", "attn_token",
                                              NULL};
     static const int gran_vals[] = {STAGE_GRAN_SEQUENCE, STAGE_GRAN_TOKEN, STAGE_GRAN_SEQUENCE,

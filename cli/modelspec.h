@@ -3,7 +3,7 @@
  * Keys (unknown keys are an error at file:line:col):
  *   hidden_size, intermediate_size, num_attention_heads, num_key_value_heads,
  *   num_hidden_layers, vocab_size, rms_norm_eps, rope_theta, max_position_embeddings,
- *   tie_word_embeddings, head_dim               — as in config.json (SPEC §3)
+ *   tie_word_embeddings, head_dim               — as in config.json (docs/SPEC.md §3)
  *   model_type (llama|mistral|qwen2|qwen3), attention_bias, mlp_bias, sliding_window,
  *   use_sliding_window, max_window_layers, rope_scaling.rope_type (default|linear|llama3),
  *   rope_scaling.factor, rope_scaling.low_freq_factor, rope_scaling.high_freq_factor,
@@ -59,7 +59,7 @@ int cli_model_spec_load(const char *path, cli_model_spec *spec, char *err, size_
 int cli_model_spec_parse(const char *text, size_t len, const char *path, cli_model_spec *spec,
                          char *err, size_t errlen);
 void cli_model_spec_free(cli_model_spec *spec);
-/* The config.json of a model made from this spec (SPEC §3; the caller cJSON_Deletes it), or
+/* The config.json of a model made from this spec (docs/SPEC.md §3; the caller cJSON_Deletes it), or
  * NULL when out of memory. */
 struct cJSON *cli_model_spec_config_json(const cli_model_spec *spec);
 

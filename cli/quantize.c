@@ -7,7 +7,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/file.h"
 #include "cli/files.h"
+#include "cli/opts.h"
 #include "stage/config.h"
 #include "stage/safetensors.h"
 #include "stage/stage.h"
@@ -44,7 +46,7 @@ static int write_config(const char *src, const char *dst, char *err, size_t errl
 {
     char path[PATH_MAX];
     snprintf(path, sizeof path, "%s/config.json", src);
-    char *text = cli_read_file(path, NULL);
+    char *text = base_read_file(path, 0, NULL, NULL, 0);
     cJSON *root = text ? cJSON_Parse(text) : NULL;
     free(text);
     if (!root) {
@@ -151,4 +153,37 @@ int cli_quantize(const char *src, const char *dst, FILE *log, char *err, size_t 
     if (!rc) rc = write_config(src, dst, err, errlen);
     if (!rc) rc = cli_copy_side_files(src, dst, err, errlen);
     return rc;
+}
+
+int cli_quantize_main(int argc, char **argv)
+{
+    char err[1024];
+    cli_opts o;
+    int rc = cli_opts_parse(&o, CLI_QUANTIZE, argc, argv, err, sizeof err);
+    if (!rc && cli_opt_has(&o, "help")) {
+        cli_opts_usage(
+            stdout, CLI_QUANTIZE,
+            "modpipe quantize: write a copy of a model with its projections (attention, MLP,\n"
+            "experts, untied lm_head) stored as Q8_0 (int8 blocks of 32 + an f16 scale,\n"
+            "docs/SPEC.md §9), the embedding, MoE gate, norms and routers as stored. The\n"
+            "result loads in place (no conversion, no --weights-dtype needed) and computes the\n"
+            "same bits as --weights-dtype q8_0 on the original. No MPI needed.\n",
+            NULL);
+        cli_opts_free(&o);
+        return 0;
+    }
+    const char *model = rc ? NULL : cli_opt_str(&o, "model"),
+               *out = rc ? NULL : cli_opt_str(&o, "out");
+    if (!rc && (!model || !out)) {
+        snprintf(err, sizeof err, "--model DIR and --out DIR are required");
+        rc = -1;
+    }
+    FILE *log = !rc && cli_opt_has(&o, "quiet") ? NULL : stderr;
+    if (!rc) rc = cli_quantize(model, out, log, err, sizeof err);
+    if (rc)
+        fprintf(stderr, "modpipe quantize: %s\n", err);
+    else if (log)
+        fprintf(log, "quantize: wrote %s\n", out);
+    cli_opts_free(&o);
+    return rc ? 1 : 0;
 }

@@ -22,4 +22,8 @@
 
 int cli_quantize(const char *src, const char *dst, FILE *log, char *err, size_t errlen);
 
+/* `modpipe quantize --model DIR --out DIR [--quiet]` (argv excludes the command name); errors
+ * print one line "modpipe quantize: ...". Returns the exit status (0, or 1 on any error). */
+int cli_quantize_main(int argc, char **argv);
+
 #endif

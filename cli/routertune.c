@@ -16,6 +16,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "base/clock.h"
+#include "base/file.h"
+#include "base/ids.h"
+#include "cli/opts.h"
+#include "comm/link.h"
 #include "cli/files.h"
 #include "stage/config.h"
 #include "stage/kernels.h"
@@ -30,170 +35,19 @@
 #pragma GCC diagnostic ignored "-Wformat-truncation"
 
 /* ========================================================================================
- * Options
+ * Options (the table: cli/opts.c)
  * ===================================================================================== */
 
-typedef struct {
-    const char *name, *metavar, *help;
-} rt_opt;
-
-static const rt_opt RT_OPTS[] = {
-    {"model", "DIR", "dense (or MindSkip, with --resume) model directory to tune"},
-    {"data", "FILE",
-     "training text: documents separated by blank lines, tokenized with DIR's tokenizer.json"},
-    {"data-ids", "FILE",
-     "training data already tokenized: one document per line, ids separated by commas or spaces"},
-    {"out", "DIR", "output model directory (created; must not hold a model.safetensors)"},
-    {"layers", "A-B,...",
-     "layers that get a router, e.g. 1-3 or 1,3 (default: every layer but the first)"},
-    {"granularity", "token|sequence", "MindSkip granularity (default sequence, the paper's)"},
-    {"target-skip", "F",
-     "fraction of attention to skip, 0 <= F < 1 (default 0.3): the penalty drives the kept "
-     "fraction to 1 - F"},
-    {"threshold", "TAU",
-     "inference threshold written to config.json; the STE gate uses it too (default 0.5)"},
-    {"gate", "ste|soft",
-     "training gate: ste (paper: hard 0/1 forward, straight-through gradient; default) or soft "
-     "(sigmoid score)"},
-    {"penalty", "global|layer",
-     "kept-fraction penalty over all routed layers together (default) or per layer (paper's code)"},
-    {"lambda", "L", "penalty weight (default 1)"},
-    {"seq-len", "T", "tokens per training sequence (default 128)"},
-    {"batch", "B", "sequences per step, split over the ranks (default 16; >= ranks)"},
-    {"steps", "N", "optimizer steps (default 200)"},
-    {"lr", "LR", "AdamW learning rate (default 0.01)"},
-    {"lr-decay", "linear|none",
-     "learning-rate schedule: linear decay to 0 over --steps (default, as HF Trainer) or constant"},
-    {"weight-decay", "WD",
-     "AdamW decoupled weight decay of router weights, not biases (default 0)"},
-    {"init-bias", "B0",
-     "initial router bias (default 0.5: with w ~ N(0, 0.01^2) every gate starts open, sigmoid ~ "
-     "0.62, close enough to the threshold to move in tens of steps)"},
-    {"seed", "S", "seed of the router init and the batch order (default 0)"},
-    {"eval-data", "FILE",
-     "held-out text (same format as --data) evaluated every --eval-every steps; the best routers "
-     "by held-out loss are written"},
-    {"eval-data-ids", "FILE", "held-out data already tokenized (same format as --data-ids)"},
-    {"eval-every", "N", "steps between held-out evaluations (default 25)"},
-    {"log-every", "N", "steps between progress lines (default 10)"},
-    {"dump-sequences", "FILE",
-     "write the held-out sequences (else the training ones) as id lines for 'modpipe eval "
-     "--tokens-file' and exit"},
-    {"resume", NULL, "continue from the routers the model already has on --layers"},
-    {"random-skip", "F,F,...",
-     "no training: write RANDOM routers (w ~ N(0, 1/D)) whose biases are calibrated on --data so "
-     "that routed layer i skips fraction F_i (one F per --layers entry): the baseline a trained "
-     "router must beat"},
-    {"threads", "N", "BLAS threads per rank (default 1)"},
-    {"quiet", NULL, "no progress lines"},
-    {"help", NULL, "this help"},
-};
-#define RT_N_OPTS ((int)(sizeof RT_OPTS / sizeof RT_OPTS[0]))
-
-typedef struct {
-    const char *val[RT_N_OPTS]; /* NULL: not given; switches: "" */
-} rt_args;
-
-static int rt_opt_index(const char *name)
+static void rt_usage(void)
 {
-    for (int i = 0; i < RT_N_OPTS; i++)
-        if (!strcmp(RT_OPTS[i].name, name)) return i;
-    return -1;
-}
-
-static const char *arg(const rt_args *a, const char *name) { return a->val[rt_opt_index(name)]; }
-
-static void rt_usage(FILE *f)
-{
-    fprintf(
-        f, "modpipe router-tune: turn a dense checkpoint into a MindSkip model by training only\n"
-           "its routers (Router-Tuning, He et al. 2024; docs/ROUTER-TUNING.md has the equations).\n"
-           "Data-parallel under mpirun: each rank computes a shard of every batch.\n\n"
-           "usage: mpirun -np K modpipe router-tune --model DIR --data FILE --out DIR [options]\n\n"
-           "options:\n");
-    for (int i = 0; i < RT_N_OPTS; i++) {
-        char left[64];
-        snprintf(left, sizeof left, "--%s%s%s", RT_OPTS[i].name, RT_OPTS[i].metavar ? " " : "",
-                 RT_OPTS[i].metavar ? RT_OPTS[i].metavar : "");
-        fprintf(f, "  %-26s %s\n", left, RT_OPTS[i].help);
-    }
-    fprintf(f,
-            "\nexample:\n  mpirun -np 2 modpipe router-tune --model stories260K --data train.txt "
-            "--eval-data heldout.txt --out stories260K-ms --layers 1-4 --target-skip 0.3\n");
-}
-
-static int parse_args(int argc, char **argv, rt_args *a, char *err, size_t errlen)
-{
-    memset(a, 0, sizeof *a);
-    for (int i = 0; i < argc; i++) {
-        const char *s = argv[i];
-        if (strncmp(s, "--", 2)) {
-            snprintf(err, errlen, "unexpected argument '%s' (options start with --)", s);
-            return -1;
-        }
-        char name[64];
-        const char *eq = strchr(s + 2, '=');
-        size_t nl = eq ? (size_t)(eq - s - 2) : strlen(s + 2);
-        if (nl >= sizeof name) nl = sizeof name - 1;
-        memcpy(name, s + 2, nl);
-        name[nl] = 0;
-        int k = rt_opt_index(name);
-        if (k < 0) {
-            snprintf(err, errlen, "unknown option --%s (see modpipe router-tune --help)", name);
-            return -1;
-        }
-        if (!RT_OPTS[k].metavar) {
-            if (eq) {
-                snprintf(err, errlen, "--%s takes no value", name);
-                return -1;
-            }
-            a->val[k] = "";
-        } else if (eq) {
-            a->val[k] = eq + 1;
-        } else {
-            if (i + 1 >= argc) {
-                snprintf(err, errlen, "--%s needs a value (%s)", name, RT_OPTS[k].metavar);
-                return -1;
-            }
-            a->val[k] = argv[++i];
-        }
-    }
-    return 0;
-}
-
-static int get_long(const rt_args *a, const char *name, long lo, long hi, long def, long *out,
-                    char *err, size_t errlen)
-{
-    const char *s = arg(a, name);
-    *out = def;
-    if (!s) return 0;
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi) {
-        snprintf(err, errlen, "--%s: expected an integer in %ld..%ld, got '%s'", name, lo, hi, s);
-        return -1;
-    }
-    *out = v;
-    return 0;
-}
-
-static int get_double(const rt_args *a, const char *name, double lo, double hi, int hi_open,
-                      double def, double *out, char *err, size_t errlen)
-{
-    const char *s = arg(a, name);
-    *out = def;
-    if (!s) return 0;
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (errno || end == s || *end || !(v >= lo) || (hi_open ? !(v < hi) : !(v <= hi))) {
-        snprintf(err, errlen, "--%s: expected a number in [%g, %g%s, got '%s'", name, lo, hi,
-                 hi_open ? ")" : "]", s);
-        return -1;
-    }
-    *out = v;
-    return 0;
+    cli_opts_usage(
+        stdout, CLI_ROUTER_TUNE,
+        "modpipe router-tune: turn a dense checkpoint into a MindSkip model by training only\n"
+        "its routers (Router-Tuning, He et al. 2024; docs/ROUTER-TUNING.md has the equations).\n"
+        "Data-parallel under mpirun: each rank computes a shard of every batch.\n\n"
+        "usage: mpirun -np K modpipe router-tune --model DIR --data FILE --out DIR [options]\n",
+        "  mpirun -np 2 modpipe router-tune --model stories260K --data train.txt "
+        "--eval-data heldout.txt --out stories260K-ms --layers 1-4 --target-skip 0.3\n");
 }
 
 /* "1-3,5" -> sorted distinct layer list. */
@@ -276,20 +130,7 @@ typedef struct {
     long n_tokens; /* in the stream before cutting */
 } rt_seqs;
 
-static int push_tok(int32_t **buf, long *n, long *cap, int32_t v)
-{
-    if (*n == *cap) {
-        long nc = *cap ? *cap * 2 : 4096;
-        int32_t *nb = realloc(*buf, (size_t)nc * sizeof *nb);
-        if (!nb) return -1;
-        *buf = nb;
-        *cap = nc;
-    }
-    (*buf)[(*n)++] = v;
-    return 0;
-}
-
-/* One document per line of ids. */
+/* One document per line of ids (base/ids.h). */
 static int read_ids_stream(const char *path, int vocab, int32_t **out, long *n_out, char *err,
                            size_t errlen)
 {
@@ -298,42 +139,23 @@ static int read_ids_stream(const char *path, int vocab, int32_t **out, long *n_o
         snprintf(err, errlen, "cannot open %s: %s", path, strerror(errno));
         return -1;
     }
-    int32_t *buf = NULL;
-    long n = 0, cap = 0;
+    base_ids ids = {0};
     char *line = NULL;
     size_t lcap = 0;
     int ln = 0, rc = 0;
     while (!rc && getline(&line, &lcap, f) >= 0) {
-        ln++;
-        const char *p = line;
-        for (;;) {
-            while (*p == ' ' || *p == '\t' || *p == ',' || *p == '\r' || *p == '\n') p++;
-            if (!*p) break;
-            char *end;
-            errno = 0;
-            long v = strtol(p, &end, 10);
-            if (end == p || errno || v < 0 || v >= vocab) {
-                snprintf(err, errlen, "%s:%d: expected token ids in 0..%d, got '%.20s'", path, ln,
-                         vocab - 1, p);
-                rc = -1;
-                break;
-            }
-            if (push_tok(&buf, &n, &cap, (int32_t)v)) {
-                snprintf(err, errlen, "out of memory reading %s", path);
-                rc = -1;
-                break;
-            }
-            p = end;
-        }
+        char where[600];
+        snprintf(where, sizeof where, "%s:%d", path, ++ln);
+        rc = base_ids_parse(line, vocab, &ids, where, err, errlen);
     }
     free(line);
     fclose(f);
     if (rc) {
-        free(buf);
+        base_ids_free(&ids);
         return -1;
     }
-    *out = buf;
-    *n_out = n;
+    *out = ids.v;
+    *n_out = ids.n;
     return 0;
 }
 
@@ -360,8 +182,7 @@ static int read_text_stream(const char *path, const char *model_dir, int vocab, 
         tok_free(tk);
         return -1;
     }
-    int32_t *buf = NULL;
-    long n = 0, cap = 0;
+    base_ids all = {0};
     char *line = NULL, *doc = NULL;
     size_t lcap = 0, dlen = 0, dcap = 0;
     int rc = 0, eof = 0;
@@ -396,7 +217,7 @@ static int read_text_stream(const char *path, const char *model_dir, int vocab, 
             break;
         }
         for (int i = 0; i < nid && !rc; i++)
-            if (push_tok(&buf, &n, &cap, ids[i])) {
+            if (base_ids_push(&all, ids[i])) {
                 snprintf(err, errlen, "out of memory");
                 rc = -1;
             }
@@ -408,11 +229,11 @@ static int read_text_stream(const char *path, const char *model_dir, int vocab, 
     fclose(f);
     tok_free(tk);
     if (rc) {
-        free(buf);
+        base_ids_free(&all);
         return -1;
     }
-    *out = buf;
-    *n_out = n;
+    *out = all.v;
+    *n_out = all.n;
     return 0;
 }
 
@@ -537,7 +358,7 @@ static int model_tensor_map(const char *dir, tensor_map *out, char *err, size_t 
         cJSON_Delete(root);
         return 0;
     }
-    char *text = cli_read_file(index, NULL);
+    char *text = base_read_file(index, 0, NULL, NULL, 0);
     cJSON *root = text ? cJSON_Parse(text) : NULL;
     free(text);
     const cJSON *wm = root ? cJSON_GetObjectItemCaseSensitive(root, "weight_map") : NULL;
@@ -677,7 +498,7 @@ static int write_output(const rt_out *o, const double *w, const double *b, char 
 
     /* 3. config.json */
     snprintf(path, sizeof path, "%s/config.json", o->model);
-    char *ctext = cli_read_file(path, NULL);
+    char *ctext = base_read_file(path, 0, NULL, NULL, 0);
     cJSON *cfg = ctext ? cJSON_Parse(ctext) : NULL;
     free(ctext);
     if (!cJSON_IsObject(cfg)) {
@@ -835,11 +656,10 @@ static int run_batch(rt_ctx *c, const rt_seqs *s, const int *idx, int n, const d
 }
 
 /* Every rank agrees on a failure (one rank's err is printed). */
-static int agree(int rc, int rank, int size, char *err)
+static int agree(int rc, char *err)
 {
-    int bad = rc ? rank : size, first = size;
-    MPI_Allreduce(&bad, &first, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
-    if (first < size) {
+    int first = comm_first_failed(MPI_COMM_WORLD, rc != 0);
+    if (first >= 0) {
         MPI_Bcast(err, RT_ERR, MPI_CHAR, first, MPI_COMM_WORLD);
         return -1;
     }
@@ -906,7 +726,7 @@ static int calibrate_random(rt_ctx *c, const rt_seqs *s, const double *skip, dou
     return rc;
 }
 
-static int quiet_flag(const rt_args *a) { return arg(a, "quiet") != NULL; }
+static int quiet_flag(const cli_opts *a) { return cli_opt_str(a, "quiet") != NULL; }
 
 static double mean_of(const double *v, int n)
 {
@@ -922,10 +742,11 @@ int cli_routertune_main(int argc, char **argv)
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &size);
     char err[RT_ERR] = "";
-    rt_args a;
-    int rc = parse_args(argc, argv, &a, err, sizeof err);
-    if (!rc && arg(&a, "help")) {
-        if (rank == 0) rt_usage(stdout);
+    cli_opts a;
+    int rc = cli_opts_parse(&a, CLI_ROUTER_TUNE, argc, argv, err, sizeof err);
+    if (!rc && cli_opt_has(&a, "help")) {
+        if (rank == 0) rt_usage();
+        cli_opts_free(&a);
         MPI_Finalize();
         return 0;
     }
@@ -950,8 +771,9 @@ int cli_routertune_main(int argc, char **argv)
     memset(&opt, 0, sizeof opt);
     cJSON *record = NULL;
 
-    const char *model = rc ? NULL : arg(&a, "model"), *out = rc ? NULL : arg(&a, "out");
-    const char *dump = rc ? NULL : arg(&a, "dump-sequences");
+    const char *model = rc ? NULL : cli_opt_str(&a, "model"),
+               *out = rc ? NULL : cli_opt_str(&a, "out");
+    const char *dump = rc ? NULL : cli_opt_str(&a, "dump-sequences");
     if (!rc && !model) {
         snprintf(err, sizeof err, "--model DIR is required (see modpipe router-tune --help)");
         rc = -1;
@@ -960,67 +782,42 @@ int cli_routertune_main(int argc, char **argv)
         snprintf(err, sizeof err, "--out DIR is required");
         rc = -1;
     }
-    if (!rc && !!arg(&a, "data") + !!arg(&a, "data-ids") != 1) {
+    if (!rc && !!cli_opt_str(&a, "data") + !!cli_opt_str(&a, "data-ids") != 1) {
         snprintf(err, sizeof err, "give exactly one of --data FILE and --data-ids FILE");
         rc = -1;
     }
-    if (!rc && arg(&a, "eval-data") && arg(&a, "eval-data-ids")) {
+    if (!rc && cli_opt_str(&a, "eval-data") && cli_opt_str(&a, "eval-data-ids")) {
         snprintf(err, sizeof err, "give at most one of --eval-data and --eval-data-ids");
         rc = -1;
     }
     long T = 0, B = 0, steps = 0, seed = 0, eval_every = 0, log_every = 0, threads = 1;
     double tskip = 0, thr = 0, lambda = 0, lr = 0, wd = 0, b0 = 0;
-    const char *s0;
-    if (!rc) rc = get_long(&a, "seq-len", 2, 1 << 20, 128, &T, err, sizeof err);
-    if (!rc) rc = get_long(&a, "batch", 1, 1 << 20, 16, &B, err, sizeof err);
-    if (!rc) rc = get_long(&a, "steps", 0, 100000000, 200, &steps, err, sizeof err);
-    if (!rc) rc = get_long(&a, "seed", 0, LONG_MAX, 0, &seed, err, sizeof err);
-    if (!rc) rc = get_long(&a, "eval-every", 1, 100000000, 25, &eval_every, err, sizeof err);
-    if (!rc) rc = get_long(&a, "log-every", 1, 100000000, 10, &log_every, err, sizeof err);
-    if (!rc) rc = get_long(&a, "threads", 1, 1024, 1, &threads, err, sizeof err);
-    if (!rc) rc = get_double(&a, "target-skip", 0.0, 1.0, 1, 0.3, &tskip, err, sizeof err);
-    if (!rc) rc = get_double(&a, "threshold", 0.0, 1.0, 1, 0.5, &thr, err, sizeof err);
-    if (!rc) rc = get_double(&a, "lambda", 0.0, 1e9, 0, 1.0, &lambda, err, sizeof err);
-    if (!rc) rc = get_double(&a, "lr", 0.0, 1e3, 0, 0.01, &lr, err, sizeof err);
-    if (!rc) rc = get_double(&a, "weight-decay", 0.0, 1e3, 0, 0.0, &wd, err, sizeof err);
-    if (!rc) rc = get_double(&a, "init-bias", -1e3, 1e3, 0, 0.5, &b0, err, sizeof err);
-    int lr_linear = 1;
-    if (!rc && (s0 = arg(&a, "lr-decay"))) {
-        if (!strcmp(s0, "none"))
-            lr_linear = 0;
-        else if (strcmp(s0, "linear")) {
-            snprintf(err, sizeof err, "--lr-decay: expected linear or none, got '%s'", s0);
-            rc = -1;
-        }
-    }
-    stage_granularity gran = STAGE_GRAN_SEQUENCE;
-    train_gate gate = TRAIN_GATE_STE;
-    train_penalty pen = TRAIN_PENALTY_GLOBAL;
-    const char *s;
-    if (!rc && (s = arg(&a, "granularity"))) {
-        if (!strcmp(s, "token"))
-            gran = STAGE_GRAN_TOKEN;
-        else if (strcmp(s, "sequence")) {
-            snprintf(err, sizeof err, "--granularity: expected token or sequence, got '%s'", s);
-            rc = -1;
-        }
-    }
-    if (!rc && (s = arg(&a, "gate"))) {
-        if (!strcmp(s, "soft"))
-            gate = TRAIN_GATE_SOFT;
-        else if (strcmp(s, "ste")) {
-            snprintf(err, sizeof err, "--gate: expected ste or soft, got '%s'", s);
-            rc = -1;
-        }
-    }
-    if (!rc && (s = arg(&a, "penalty"))) {
-        if (!strcmp(s, "layer"))
-            pen = TRAIN_PENALTY_LAYER;
-        else if (strcmp(s, "global")) {
-            snprintf(err, sizeof err, "--penalty: expected global or layer, got '%s'", s);
-            rc = -1;
-        }
-    }
+    if (!rc) rc = cli_opt_long(&a, "seq-len", 2, 1 << 20, 128, &T, err, sizeof err);
+    if (!rc) rc = cli_opt_long(&a, "batch", 1, 1 << 20, 16, &B, err, sizeof err);
+    if (!rc) rc = cli_opt_long(&a, "steps", 0, 100000000, 200, &steps, err, sizeof err);
+    if (!rc) rc = cli_opt_long(&a, "seed", 0, LONG_MAX, 0, &seed, err, sizeof err);
+    if (!rc) rc = cli_opt_long(&a, "eval-every", 1, 100000000, 25, &eval_every, err, sizeof err);
+    if (!rc) rc = cli_opt_long(&a, "log-every", 1, 100000000, 10, &log_every, err, sizeof err);
+    if (!rc) rc = cli_opt_long(&a, "threads", 1, 1024, 1, &threads, err, sizeof err);
+    if (!rc) rc = cli_opt_double(&a, "target-skip", 0.0, 1.0, 1, 0.3, &tskip, err, sizeof err);
+    if (!rc) rc = cli_opt_double(&a, "threshold", 0.0, 1.0, 1, 0.5, &thr, err, sizeof err);
+    if (!rc) rc = cli_opt_double(&a, "lambda", 0.0, 1e9, 0, 1.0, &lambda, err, sizeof err);
+    if (!rc) rc = cli_opt_double(&a, "lr", 0.0, 1e3, 0, 0.01, &lr, err, sizeof err);
+    if (!rc) rc = cli_opt_double(&a, "weight-decay", 0.0, 1e3, 0, 0.0, &wd, err, sizeof err);
+    if (!rc) rc = cli_opt_double(&a, "init-bias", -1e3, 1e3, 0, 0.5, &b0, err, sizeof err);
+    static const char *const lr_decays[] = {"linear", "none", NULL};
+    static const char *const grans[] = {"sequence", "token", NULL};
+    static const char *const gates[] = {"ste", "soft", NULL};
+    static const char *const pens[] = {"global", "layer", NULL};
+    int lrd = 0, gr = 0, gt = 0, pn = 0;
+    if (!rc) rc = cli_opt_choice(&a, "lr-decay", lr_decays, 0, &lrd, err, sizeof err);
+    if (!rc) rc = cli_opt_choice(&a, "granularity", grans, 0, &gr, err, sizeof err);
+    if (!rc) rc = cli_opt_choice(&a, "gate", gates, 0, &gt, err, sizeof err);
+    if (!rc) rc = cli_opt_choice(&a, "penalty", pens, 0, &pn, err, sizeof err);
+    int lr_linear = lrd == 0;
+    stage_granularity gran = gr ? STAGE_GRAN_TOKEN : STAGE_GRAN_SEQUENCE;
+    train_gate gate = gt ? TRAIN_GATE_SOFT : TRAIN_GATE_STE;
+    train_penalty pen = pn ? TRAIN_PENALTY_LAYER : TRAIN_PENALTY_GLOBAL;
     if (!rc && B < size) {
         snprintf(err, sizeof err,
                  "--batch %ld is smaller than the %d ranks: every rank needs a "
@@ -1036,8 +833,9 @@ int cli_routertune_main(int argc, char **argv)
         rc = -1;
     }
     if (!rc) {
-        if (arg(&a, "layers"))
-            rc = parse_layers(arg(&a, "layers"), cfg.n_layers, &layers, &n_routed, err, sizeof err);
+        if (cli_opt_str(&a, "layers"))
+            rc = parse_layers(cli_opt_str(&a, "layers"), cfg.n_layers, &layers, &n_routed, err,
+                              sizeof err);
         else if (cfg.n_layers < 2) {
             snprintf(err, sizeof err, "the model has one layer: give --layers 0");
             rc = -1;
@@ -1049,7 +847,7 @@ int cli_routertune_main(int argc, char **argv)
     }
     /* existing routers: refuse, or continue from them with --resume */
     st_model *stm = NULL;
-    int resume = !rc && arg(&a, "resume");
+    int resume = !rc && cli_opt_str(&a, "resume");
     if (!rc) rc = st_open(model, &stm, err, sizeof err);
     if (!rc) {
         for (int i = 0; i < n_routed && !rc; i++) {
@@ -1127,22 +925,22 @@ int cli_routertune_main(int argc, char **argv)
     }
     st_close(stm);
     if (!rc)
-        rc = load_seqs(arg(&a, "data"), arg(&a, "data-ids"), model, cfg.vocab, (int)T, &tr, err,
-                       sizeof err);
+        rc = load_seqs(cli_opt_str(&a, "data"), cli_opt_str(&a, "data-ids"), model, cfg.vocab,
+                       (int)T, &tr, err, sizeof err);
     if (!rc && !dump && tr.n < B) {
         snprintf(err, sizeof err,
                  "%s: %ld tokens make %d sequences of %ld, fewer than one batch "
                  "(--batch %ld needs %ld tokens)",
-                 arg(&a, "data") ? arg(&a, "data") : arg(&a, "data-ids"), tr.n_tokens, tr.n, T, B,
-                 B * T);
+                 cli_opt_str(&a, "data") ? cli_opt_str(&a, "data") : cli_opt_str(&a, "data-ids"),
+                 tr.n_tokens, tr.n, T, B, B * T);
         rc = -1;
     }
-    const char *evp = rc                     ? NULL
-                      : arg(&a, "eval-data") ? arg(&a, "eval-data")
-                                             : arg(&a, "eval-data-ids");
+    const char *evp = rc                             ? NULL
+                      : cli_opt_str(&a, "eval-data") ? cli_opt_str(&a, "eval-data")
+                                                     : cli_opt_str(&a, "eval-data-ids");
     if (evp) {
-        rc = load_seqs(arg(&a, "eval-data"), arg(&a, "eval-data-ids"), model, cfg.vocab, (int)T,
-                       &ev, err, sizeof err);
+        rc = load_seqs(cli_opt_str(&a, "eval-data"), cli_opt_str(&a, "eval-data-ids"), model,
+                       cfg.vocab, (int)T, &ev, err, sizeof err);
         if (!rc && ev.n < size) {
             snprintf(err, sizeof err,
                      "%s: %ld tokens make %d held-out sequences of %ld; need at least "
@@ -1151,7 +949,7 @@ int cli_routertune_main(int argc, char **argv)
             rc = -1;
         }
     }
-    if (agree(rc, rank, size, err)) goto done;
+    if (agree(rc, err)) goto done;
 
     if (dump) {
         const rt_seqs *ds = evp ? &ev : &tr;
@@ -1201,11 +999,11 @@ int cli_routertune_main(int argc, char **argv)
             rc = -1;
         }
     }
-    if (agree(rc, rank, size, err)) goto done;
+    if (agree(rc, err)) goto done;
 
-    if (arg(&a, "random-skip")) {
+    if (cli_opt_str(&a, "random-skip")) {
         double *fr = calloc((size_t)n_routed, sizeof *fr);
-        const char *p = arg(&a, "random-skip");
+        const char *p = cli_opt_str(&a, "random-skip");
         int nf = 0;
         rc = fr ? 0 : -1;
         while (!rc && *p) {
@@ -1223,17 +1021,17 @@ int cli_routertune_main(int argc, char **argv)
             snprintf(err, sizeof err,
                      "--random-skip %s: expected %d fractions in [0, 1] (one per "
                      "routed layer)",
-                     arg(&a, "random-skip"), n_routed);
+                     cli_opt_str(&a, "random-skip"), n_routed);
             rc = -1;
         }
         if (!rc) rc = calibrate_random(&c, &tr, fr, thr, (uint64_t)seed, w, b, err, sizeof err);
         free(fr);
-        if (agree(rc, rank, size, err)) goto done;
+        if (agree(rc, err)) goto done;
         record = cJSON_CreateObject();
         cJSON_AddStringToObject(
             record, "method",
             "random routers (baseline), biases calibrated by modpipe router-tune --random-skip");
-        cJSON_AddStringToObject(record, "random_skip", arg(&a, "random-skip"));
+        cJSON_AddStringToObject(record, "random_skip", cli_opt_str(&a, "random-skip"));
         if (rank == 0) {
             rt_out o = {model, out, layers, n_routed, D, gran, thr, record};
             rc = write_output(&o, w, b, err, sizeof err);
@@ -1248,7 +1046,7 @@ int cli_routertune_main(int argc, char **argv)
 
     signal(SIGINT, on_signal);
     signal(SIGTERM, on_signal);
-    const int quiet = arg(&a, "quiet") != NULL;
+    const int quiet = cli_opt_str(&a, "quiet") != NULL;
     if (rank == 0 && !quiet) {
         fprintf(stderr, "router-tune: %d rank%s, layers", size, size > 1 ? "s" : "");
         for (int i = 0; i < n_routed; i++) fprintf(stderr, "%s%d", i ? "," : " ", layers[i]);
@@ -1264,7 +1062,7 @@ int cli_routertune_main(int argc, char **argv)
     int epoch_pos = tr.n; /* reshuffle at the start */
     double best = INFINITY;
     long best_step = -1, step = 0;
-    double t0 = stage_now_s(), tlog = t0;
+    double t0 = base_now_s(), tlog = t0;
     long tok_log = 0;
     int *bidx = malloc((size_t)B * sizeof *bidx);
     int *eidx = malloc((size_t)(ev.n ? ev.n : 1) * sizeof *eidx);
@@ -1324,7 +1122,7 @@ int cli_routertune_main(int argc, char **argv)
         }
         tok_log += B * T;
         if (rank == 0 && !quiet && ((step + 1) % log_every == 0 || step + 1 == steps)) {
-            double now = stage_now_s();
+            double now = base_now_s();
             fprintf(stderr,
                     "router-tune: step %ld/%ld loss %.4f (nll %.4f + penalty %.4f) kept %.3f "
                     "(soft %.3f) %.0f tok/s\n",
@@ -1334,12 +1132,12 @@ int cli_routertune_main(int argc, char **argv)
             tok_log = 0;
         }
     }
-    if (agree(rc, rank, size, err)) {
+    if (agree(rc, err)) {
         free(bidx);
         free(eidx);
         goto done;
     }
-    double secs = stage_now_s() - t0;
+    double secs = base_now_s() - t0;
     record = cJSON_CreateObject();
     cJSON_AddStringToObject(
         record, "method", "Router-Tuning (He et al. 2024, arXiv 2410.13184), modpipe router-tune");
@@ -1399,6 +1197,7 @@ cleanup:
     free(perm);
     free(wd_mask);
     if (have_cfg) stage_config_free(&cfg);
+    cli_opts_free(&a);
     MPI_Finalize();
     return exit_code;
 }

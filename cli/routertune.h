@@ -1,4 +1,4 @@
-/* cli/routertune.h — `modpipe router-tune`: data-parallel Router-Tuning under MPI (issue 9).
+/* cli/routertune.h — `modpipe router-tune`: data-parallel Router-Tuning under MPI.
  *
  * Every rank loads the frozen model (train/train.h) and the same data; each step's batch of B
  * sequences is split into contiguous shards, one per rank. Per step: forward on the shard,

@@ -11,188 +11,29 @@
 #include <sys/un.h>
 
 #include "cli/serve.h"
+#include "cli/opts.h"
+#include "cli/plan.h"
+#include "comm/link.h"
 #include "serve/chan.h"
 #include "serve/front.h"
 #include "serve/loop.h"
 #include "serve/serve.h"
 #include "stage/matmul.h"
 
-typedef struct {
-    const char *name;
-    const char *metavar; /* NULL: a switch */
-    const char *help;
-} sopt;
-
-static const sopt SOPTS[] = {
-    {"model", "DIR", "model directory (config.json + safetensors + tokenizer.json)"},
-    {"tokenizer", "PATH", "tokenizer.json or its directory (default: the model directory)"},
-    {"host", "ADDR", "address to listen on (default 127.0.0.1; 0.0.0.0 or :: for all)"},
-    {"port", "N", "TCP port (default 8080; 0: any free port, printed at start)"},
-    {"slots", "N", "sequences decoded at once = KV-cache slots (default 8)"},
-    {"ctx", "N", "positions per slot, prompt + generated (default: the model's max, at most 4096)"},
-    {"kv-page", "N", "KV cache positions per page (default 16)"},
-    {"kv-mem", "SIZE",
-     "KV page pool per rank, e.g. 512M (default: every position of every slot on every "
-     "layer); requests are admitted by it, the newest preempted and recomputed under pressure"},
-    {"queue", "N", "requests waiting for a slot at most; beyond: 503 + Retry-After (default 64)"},
-    {"no-prefix-reuse", NULL,
-     "compute every prompt in full (default: a prompt whose first 16k positions a running "
-     "request holds starts from its KV pages; causal routing only)"},
-    {"api-key-file", "PATH",
-     "require 'Authorization: Bearer KEY' (all routes but GET /health), KEY = the file's "
-     "first line (default: $MODPIPE_API_KEY if set; never on the command line)"},
-    {"api-key", "KEY", NULL}, /* refused: see api-key-file */
-    {"max-connections", "N", "HTTP connections served at once; beyond: 503 (default 256)"},
-    {"idle-timeout", "SEC",
-     "close a connection idle this long (before its request, or kept alive); 0: never "
-     "(default 30)"},
-    {"chat-template", "NAME",
-     "chat template: chatml, llama2, llama3, mistral, zephyr, plain, or auto "
-     "(default: from tokenizer_config.json, else plain)"},
-    {"name", "ID", "model id in /v1/models and responses (default: the directory's name)"},
-    {"shutdown-grace", "SEC", "on SIGTERM, running requests get this long to finish (default 30)"},
-    {"micro-batch", "R", "most rows per micro-batch (default 32)"},
-    {"max-in-flight", "K", "micro-batches in flight at once (default 2 x stages)"},
-    {"decode-groups", "G",
-     "split the decoding requests into G groups, one micro-batch each (default: the stage "
-     "count, so every stage has a decode micro-batch)"},
-    {"stages", "auto|A-B,...", "layer range of each stage, or auto (default)"},
-    {"tp", "K", "every stage spans K ranks (tensor parallelism, -np = stages x K; default 1)"},
-    {"wire-dtype", "f32|bf16|f16", "activation dtype between ranks (default f32)"},
-    {"weights-dtype", "f32|bf16|f16|q8_0",
-     "dtype the weight matrices are held in (default: as stored)"},
-    {"transport", "sparse|dense", "sparse (default) or dense: every row on every link (baseline)"},
-    {"threads", "N", "BLAS threads per rank (default 1)"},
-    {"timeout", "SEC",
-     "abort when a peer rank sends nothing for SEC seconds while work is "
-     "pending (default 300)"},
-    {"ranks", "N",
-     "run the pipeline as an MPI job of N ranks that this process starts (mpirun) and "
-     "restarts when it dies or stalls; running requests are replayed (N = 1 without "
-     "--hostfile / --mpi-args: in this process)"},
-    {"hostfile", "FILE", "with --ranks: mpirun --hostfile FILE (rank 0 must be this host)"},
-    {"mpi-args", "'ARGS'", "with --ranks: more mpirun options, split at spaces"},
-    {"stall-timeout", "SEC", "with --ranks: a job silent this long is stuck: restart (default 5)"},
-    {"max-restarts", "N",
-     "with --ranks: restarts in a row before giving up (exit 1; a job that ran 60 s resets the "
-     "count; default 3)"},
-    {"job", "SOCK", NULL}, /* internal: a job started by the front, rank 0 connects to SOCK */
-    {"quiet", NULL, "no log lines on stderr"},
-    {"help", NULL, "this help"},
-};
-#define N_SOPTS ((int)(sizeof SOPTS / sizeof SOPTS[0]))
-
-static void usage(FILE *f)
+static void usage(void)
 {
-    fprintf(f, "modpipe serve: an OpenAI-compatible HTTP server (rank 0) over the pipeline.\n"
-               "Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,\n"
-               "GET /health, POST /tokenize, POST /detokenize, GET /metrics.\n\n"
-               "usage: modpipe serve --model DIR --ranks N [options]  (starts and supervises the "
-               "MPI job)\n"
-               "       mpirun -np N modpipe serve --model DIR [options]  (HTTP on rank 0; no "
-               "restarts)\n\noptions:\n");
-    for (int i = 0; i < N_SOPTS; i++) {
-        if (!SOPTS[i].help) continue;
-        char left[64];
-        snprintf(left, sizeof left, "--%s%s%s", SOPTS[i].name, SOPTS[i].metavar ? " " : "",
-                 SOPTS[i].metavar ? SOPTS[i].metavar : "");
-        fprintf(f, "  %-28s %s\n", left, SOPTS[i].help);
-    }
-    fprintf(
-        f,
-        "\nexample:\n  modpipe serve --model stories260K --ranks 2 --mpi-args '--oversubscribe' "
-        "--port 8080\n"
+    cli_opts_usage(
+        stdout, CLI_SERVE,
+        "modpipe serve: an OpenAI-compatible HTTP server (rank 0) over the pipeline.\n"
+        "Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,\n"
+        "GET /health, POST /tokenize, POST /detokenize, GET /metrics.\n\n"
+        "usage: modpipe serve --model DIR --ranks N [options]  (starts and supervises the MPI "
+        "job)\n"
+        "       mpirun -np N modpipe serve --model DIR [options]  (HTTP on rank 0; no "
+        "restarts)\n",
+        "  modpipe serve --model stories260K --ranks 2 --mpi-args '--oversubscribe' --port 8080\n"
         "  curl -s localhost:8080/v1/completions -H 'Content-Type: application/json' \\\n"
         "       -d '{\"prompt\": \"Once upon a time\", \"max_tokens\": 32, \"temperature\": 0}'\n");
-}
-
-typedef struct {
-    const char *v[N_SOPTS];
-} sargs;
-
-static int sidx(const char *n)
-{
-    for (int i = 0; i < N_SOPTS; i++)
-        if (!strcmp(SOPTS[i].name, n)) return i;
-    return -1;
-}
-
-static const char *get(const sargs *a, const char *n) { return a->v[sidx(n)]; }
-
-static int parse_args(int argc, char **argv, sargs *a, char *err, size_t errlen)
-{
-    memset(a, 0, sizeof *a);
-    for (int k = 0; k < argc; k++) {
-        const char *arg = argv[k];
-        if (!strcmp(arg, "-h")) arg = "--help";
-        if (strncmp(arg, "--", 2)) {
-            snprintf(err, errlen, "unexpected argument '%s' (see modpipe serve --help)", arg);
-            return -1;
-        }
-        char name[64];
-        const char *eq = strchr(arg + 2, '=');
-        size_t nl = eq ? (size_t)(eq - arg - 2) : strlen(arg + 2);
-        snprintf(name, sizeof name, "%.*s", (int)(nl < 63 ? nl : 63), arg + 2);
-        int i = sidx(name);
-        if (i < 0) {
-            snprintf(err, errlen, "unknown option '%s' for serve (see modpipe serve --help)", arg);
-            return -1;
-        }
-        if (a->v[i]) {
-            snprintf(err, errlen, "--%s given twice", name);
-            return -1;
-        }
-        if (!SOPTS[i].metavar) {
-            if (eq) {
-                snprintf(err, errlen, "--%s takes no value", name);
-                return -1;
-            }
-            a->v[i] = "1";
-        } else if (eq) {
-            a->v[i] = eq + 1;
-        } else {
-            if (k + 1 >= argc) {
-                snprintf(err, errlen, "--%s needs a value (%s)", name, SOPTS[i].metavar);
-                return -1;
-            }
-            a->v[i] = argv[++k];
-        }
-    }
-    return 0;
-}
-
-static int get_long(const sargs *a, const char *n, long lo, long hi, long dflt, long *out,
-                    char *err, size_t errlen)
-{
-    const char *s = get(a, n);
-    *out = dflt;
-    if (!s) return 0;
-    char *end;
-    errno = 0;
-    long x = strtol(s, &end, 10);
-    if (errno || end == s || *end || x < lo || x > hi) {
-        snprintf(err, errlen, "--%s: expected an integer in [%ld, %ld], got '%s'", n, lo, hi, s);
-        return -1;
-    }
-    *out = x;
-    return 0;
-}
-
-static int get_double(const sargs *a, const char *n, double lo, double hi, double dflt, double *out,
-                      char *err, size_t errlen)
-{
-    const char *s = get(a, n);
-    *out = dflt;
-    if (!s) return 0;
-    char *end;
-    errno = 0;
-    double x = strtod(s, &end);
-    if (errno || end == s || *end || !(x >= lo && x <= hi)) {
-        snprintf(err, errlen, "--%s: expected a number in [%g, %g], got '%s'", n, lo, hi, s);
-        return -1;
-    }
-    *out = x;
-    return 0;
 }
 
 typedef struct {
@@ -234,9 +75,9 @@ static int read_key_file(const char *path, char *key, size_t keylen, char *err, 
     return 0;
 }
 
-static int make_setup(const sargs *a, int n_ranks, setup *st, char *err, size_t errlen)
+static int make_setup(const cli_opts *a, int n_ranks, setup *st, char *err, size_t errlen)
 {
-    const char *model = get(a, "model");
+    const char *model = cli_opt_str(a, "model");
     if (!model) {
         snprintf(err, errlen, "--model DIR is required (see modpipe serve --help)");
         return -1;
@@ -244,14 +85,6 @@ static int make_setup(const sargs *a, int n_ranks, setup *st, char *err, size_t 
     if (stage_config_load(model, &st->cfg, err, errlen)) return -1;
     st->have_cfg = 1;
     const stage_config *cfg = &st->cfg;
-    long tp;
-    if (get_long(a, "tp", 1, 64, 1, &tp, err, errlen)) return -1;
-    if (n_ranks % tp) {
-        snprintf(err, errlen, "-np %d is not a multiple of --tp %ld (every stage spans %ld ranks)",
-                 n_ranks, tp, tp);
-        return -1;
-    }
-    n_ranks /= (int)tp; /* stages from here on (engine/topo.h) */
     for (int l = 0; l < cfg->n_layers; l++)
         if (stage_kind_is_routed(cfg->layer_kind[l]) && cfg->mod_routing == STAGE_ROUTING_TOPK) {
             snprintf(err, errlen,
@@ -261,8 +94,8 @@ static int make_setup(const sargs *a, int n_ranks, setup *st, char *err, size_t 
             return -1;
         }
     serve_pipeline *p = &st->p;
-    p->model_dir = model;
-    p->cfg = cfg;
+    p->loop.model_dir = model;
+    p->loop.cfg = cfg;
     long v;
     double d;
     if (cfg->max_pos < 2) {
@@ -273,94 +106,66 @@ static int make_setup(const sargs *a, int n_ranks, setup *st, char *err, size_t 
         return -1;
     }
     int max_ctx = cfg->max_pos < 4096 ? cfg->max_pos : 4096;
-    if (get_long(a, "slots", 1, 4096, 8, &v, err, errlen)) return -1;
-    p->slots = (int)v;
-    if (get_long(a, "ctx", 2, 1 << 20, max_ctx, &v, err, errlen)) return -1;
-    p->ctx = (int)v;
-    if (get_long(a, "kv-page", 1, 1 << 20, 16, &v, err, errlen)) return -1;
-    p->kv.page = (int)v;
-    const char *km = get(a, "kv-mem");
-    if (km && (engine_parse_size(km, &p->kv.mem_bytes) || p->kv.mem_bytes == 0)) {
-        snprintf(err, errlen, "--kv-mem: expected a size like 512M or 2G, got '%s'", km);
-        return -1;
-    }
-    if (get_long(a, "queue", 0, 1 << 20, 64, &v, err, errlen)) return -1;
+    if (cli_opt_long(a, "slots", 1, 4096, 8, &v, err, errlen)) return -1;
+    p->loop.slots = (int)v;
+    if (cli_opt_long(a, "ctx", 2, 1 << 20, max_ctx, &v, err, errlen)) return -1;
+    p->loop.ctx = (int)v;
+    if (cli_opt_long(a, "queue", 0, 1 << 20, 64, &v, err, errlen)) return -1;
     p->queue = (int)v;
-    if (get_long(a, "micro-batch", 1, 1 << 20, 32, &v, err, errlen)) return -1;
-    p->micro_batch = (int)v;
-    if (get_long(a, "max-in-flight", 2, 4096, 2L * n_ranks < 2 ? 2 : 2L * n_ranks, &v, err, errlen))
-        return -1;
-    p->max_in_flight = (int)v;
-    if (get_long(a, "decode-groups", 1, 4096, n_ranks, &v, err, errlen)) return -1;
-    p->decode_groups = (int)v;
-    if (get_double(a, "timeout", 1.0, 1e7, 300.0, &d, err, errlen)) return -1;
-    p->timeout_s = d;
-    if (get_long(a, "threads", 1, 1024, 1, &v, err, errlen)) return -1;
-    if (stage_threads_init((int)v, err, errlen)) return -1;
-    const char *wd = get(a, "wire-dtype");
-    p->wire = STAGE_F32;
-    if (wd && stage_dtype_parse(wd, &p->wire)) {
-        snprintf(err, errlen, "--wire-dtype: expected f32, bf16 or f16, got '%s'", wd);
-        return -1;
-    }
-    const char *wts = get(a, "weights-dtype");
-    stage_dtype wdt = STAGE_F32;
-    if (wts && stage_wdtype_parse(wts, &wdt)) {
-        snprintf(err, errlen, "--weights-dtype: expected f32, bf16, f16 or q8_0, got '%s'", wts);
-        return -1;
-    }
-    p->weights_dtype = wts ? (int)wdt : -1;
-    const char *tr = get(a, "transport");
-    if (tr && strcmp(tr, "sparse") && strcmp(tr, "dense")) {
-        snprintf(err, errlen, "--transport: expected sparse or dense, got '%s'", tr);
-        return -1;
-    }
-    p->dense_transport = tr && !strcmp(tr, "dense");
-    p->progress = !get(a, "quiet");
-    st->no_prefix_reuse = get(a, "no-prefix-reuse") != NULL;
+    cli_pipe_opts po;
+    if (cli_pipe_opts_read(a, &po, err, errlen)) return -1;
+    p->loop.micro_batch = po.micro_batch;
+    p->loop.timeout_s = po.timeout_s;
+    p->loop.wire = po.wire;
+    p->loop.weights_dtype = po.weights_dtype;
+    p->loop.dense_transport = po.dense_transport;
+    p->progress = po.progress;
+    p->loop.kv = po.kv;
+    st->no_prefix_reuse = cli_opt_has(a, "no-prefix-reuse");
 
-    const char *stages = get(a, "stages");
-    int rc;
-    if (!stages || !strcmp(stages, "auto")) {
-        rc = engine_partition_auto(cfg, n_ranks, &st->plan, err, errlen);
-    } else {
-        char buf[4096];
-        snprintf(buf, sizeof buf, "%s", stages);
-        char *ranges[256];
-        int nr = 0;
-        char *save = NULL;
-        for (char *t = strtok_r(buf, ", ", &save); t && nr < 256; t = strtok_r(NULL, ", ", &save))
-            ranges[nr++] = t;
-        rc = engine_partition_explicit(cfg, (const char *const *)ranges, nr, n_ranks, &st->plan,
-                                       err, errlen);
+    engine_mem_opts mem;
+    int plan_mem = cli_opt_has(a, "mem-per-rank");
+    if (plan_mem) {
+        if (cli_mem_opts(a, model, &mem, err, errlen)) return -1;
+        if (p->loop.weights_dtype >= 0) mem.weight_dtype = (stage_dtype)p->loop.weights_dtype;
+        mem.slots = p->loop.slots;
+        mem.ctx = p->loop.ctx;
+        mem.micro_batch = p->loop.micro_batch;
     }
-    if (rc) return -1;
+    if (cli_make_plan(a, cfg, n_ranks, 0, plan_mem ? &mem : NULL, &st->plan, err, errlen))
+        return -1;
     st->have_plan = 1;
-    for (int s = 0; s < st->plan.n_stages; s++) st->plan.st[s].ranks = (int)tp;
-    p->plan = &st->plan;
+    p->loop.plan = &st->plan;
+    p->loop.max_in_flight = po.max_in_flight ? po.max_in_flight : 2 * st->plan.n_stages;
+    if (p->loop.max_in_flight < 2) p->loop.max_in_flight = 2;
+    long groups;
+    if (cli_opt_long(a, "decode-groups", 1, 4096, st->plan.n_stages, &groups, err, errlen))
+        return -1;
+    p->loop.decode_groups = (int)groups;
 
     /* HTTP side (used on rank 0) */
     serve_opts *so = &st->so;
-    so->host = get(a, "host") ? get(a, "host") : "127.0.0.1";
-    if (get_long(a, "port", 0, 65535, 8080, &v, err, errlen)) return -1;
+    so->host = cli_opt_str(a, "host") ? cli_opt_str(a, "host") : "127.0.0.1";
+    if (cli_opt_long(a, "port", 0, 65535, 8080, &v, err, errlen)) return -1;
     so->port = (int)v;
-    if (get(a, "api-key")) {
+    if (cli_opt_str(a, "api-key")) {
         snprintf(err, errlen,
                  "--api-key: a key on the command line is visible to every user in ps; put it in "
                  "a file (--api-key-file PATH) or in the environment (MODPIPE_API_KEY)");
         return -1;
     }
-    if (get(a, "api-key-file")) {
-        if (read_key_file(get(a, "api-key-file"), st->key, sizeof st->key, err, errlen)) return -1;
+    if (cli_opt_str(a, "api-key-file")) {
+        if (read_key_file(cli_opt_str(a, "api-key-file"), st->key, sizeof st->key, err, errlen))
+            return -1;
         so->api_key = st->key;
     } else {
         so->api_key = getenv("MODPIPE_API_KEY");
     }
-    if (get_long(a, "max-connections", 1, 100000, 256, &v, err, errlen)) return -1;
+    if (cli_opt_long(a, "max-connections", 1, 100000, 256, &v, err, errlen)) return -1;
     so->max_connections = (int)v;
-    if (get_long(a, "idle-timeout", 0, 86400, 30, &v, err, errlen)) return -1;
+    if (cli_opt_long(a, "idle-timeout", 0, 86400, 30, &v, err, errlen)) return -1;
     so->idle_timeout_s = (int)v;
-    const char *ct = get(a, "chat-template");
+    const char *ct = cli_opt_str(a, "chat-template");
     if (!ct || !strcmp(ct, "auto"))
         so->chat = serve_chat_detect(model);
     else if (!(so->chat = serve_chat_find(ct))) {
@@ -368,7 +173,7 @@ static int make_setup(const sargs *a, int n_ranks, setup *st, char *err, size_t 
                  serve_chat_names());
         return -1;
     }
-    const char *nm = get(a, "name");
+    const char *nm = cli_opt_str(a, "name");
     if (!nm) {
         size_t n = strlen(model);
         while (n > 1 && model[n - 1] == '/') n--;
@@ -379,11 +184,11 @@ static int make_setup(const sargs *a, int n_ranks, setup *st, char *err, size_t 
         snprintf(st->name, sizeof st->name, "%s", nm);
     }
     so->model_name = st->name;
-    so->ctx = p->ctx;
+    so->ctx = p->loop.ctx;
     so->quiet = !p->progress;
-    if (get_double(a, "shutdown-grace", 0.0, 1e6, 30.0, &d, err, errlen)) return -1;
+    if (cli_opt_double(a, "shutdown-grace", 0.0, 1e6, 0, 30.0, &d, err, errlen)) return -1;
     so->shutdown_grace_s = d > 0 ? d : 1e-3;
-    st->tok_path = get(a, "tokenizer") ? get(a, "tokenizer") : model;
+    st->tok_path = cli_opt_str(a, "tokenizer") ? cli_opt_str(a, "tokenizer") : model;
     return 0;
 }
 
@@ -405,9 +210,9 @@ static int start_http(setup *st, tok_tokenizer **tok, srvq **q, serve_server **s
                  st->tok_path, tok_vocab_size(*tok), st->cfg.vocab);
         rc = -1;
     }
-    if (!rc &&
-        !(*q = srvq_new(st->p.slots, st->p.ctx, st->p.queue, st->cfg.vocab, tok_eos(*tok)))) {
-        snprintf(err, errlen, "out of memory (a queue of %d slots)", st->p.slots);
+    if (!rc && !(*q = srvq_new(st->p.loop.slots, st->p.loop.ctx, st->p.queue, st->cfg.vocab,
+                               tok_eos(*tok)))) {
+        snprintf(err, errlen, "out of memory (a queue of %d slots)", st->p.loop.slots);
         rc = -1;
     }
     if (!rc && st->no_prefix_reuse) srvq_set_prefix_reuse(*q, 0);
@@ -422,7 +227,8 @@ static void print_listening(const setup *st, serve_server *srv)
             "modpipe serve: listening on http://%s:%d (pid %d), model %s, %d stage%s, "
             "%d slots x %d positions, chat template %s\n",
             st->so.host, serve_server_port(srv), (int)getpid(), st->name, st->plan.n_stages,
-            st->plan.n_stages > 1 ? "s" : "", st->p.slots, st->p.ctx, serve_chat_name(st->so.chat));
+            st->plan.n_stages > 1 ? "s" : "", st->p.loop.slots, st->p.loop.ctx,
+            serve_chat_name(st->so.chat));
 }
 
 typedef struct {
@@ -466,7 +272,7 @@ static int job_connect(const char *path, const setup *st, int size, int *fd, cha
                  strerror(errno));
         return -1;
     }
-    chan_hello h = {st->p.slots, st->p.ctx, st->cfg.vocab, size, (int32_t)getpid()};
+    chan_hello h = {st->p.loop.slots, st->p.loop.ctx, st->cfg.vocab, size, (int32_t)getpid()};
     if (chan_send(*fd, CHAN_HELLO, &h, sizeof h, NULL, 0)) {
         snprintf(err, errlen, "--job %s: %s", path, strerror(errno));
         return -1;
@@ -499,7 +305,8 @@ static int ab_num(argv_b *b, long x)
     return rc;
 }
 
-static int job_argv(const sargs *a, const setup *st, int ranks, argv_b *b, char *err, size_t errlen)
+static int job_argv(const cli_opts *a, const setup *st, int ranks, argv_b *b, char *err,
+                    size_t errlen)
 {
     static char exe[4096];
     ssize_t k = readlink("/proc/self/exe", exe, sizeof exe - 1);
@@ -509,37 +316,39 @@ static int job_argv(const sargs *a, const setup *st, int ranks, argv_b *b, char 
     }
     exe[k] = 0;
     int bad = ab_add(b, "mpirun");
-    if (get(a, "mpi-args")) {
-        size_t n = strlen(get(a, "mpi-args"));
+    if (cli_opt_str(a, "mpi-args")) {
+        size_t n = strlen(cli_opt_str(a, "mpi-args"));
         if (n + 1 > sizeof b->buf - b->used)
             bad = -1;
         else {
             char *m = b->buf + b->used;
-            memcpy(m, get(a, "mpi-args"), n + 1);
+            memcpy(m, cli_opt_str(a, "mpi-args"), n + 1);
             b->used += n + 1;
             char *save = NULL;
             for (char *t = strtok_r(m, " \t", &save); t && !bad; t = strtok_r(NULL, " \t", &save))
                 bad = ab_add(b, t);
         }
     }
-    if (get(a, "hostfile")) bad |= ab_add(b, "--hostfile") | ab_add(b, get(a, "hostfile"));
+    if (cli_opt_str(a, "hostfile"))
+        bad |= ab_add(b, "--hostfile") | ab_add(b, cli_opt_str(a, "hostfile"));
     bad |= ab_add(b, "-np") | ab_num(b, ranks) | ab_add(b, exe) | ab_add(b, "serve");
-    bad |= ab_add(b, "--model") | ab_add(b, get(a, "model"));
-    bad |=
-        ab_add(b, "--slots") | ab_num(b, st->p.slots) | ab_add(b, "--ctx") | ab_num(b, st->p.ctx);
-    bad |= ab_add(b, "--micro-batch") | ab_num(b, st->p.micro_batch);
-    bad |= ab_add(b, "--max-in-flight") | ab_num(b, st->p.max_in_flight);
-    static const char *const PASS[] = {"stages",        "tp",        "wire-dtype",
-                                       "weights-dtype", "transport", "threads",
-                                       "timeout",       "kv-page",   "kv-mem"};
+    bad |= ab_add(b, "--model") | ab_add(b, cli_opt_str(a, "model"));
+    bad |= ab_add(b, "--slots") | ab_num(b, st->p.loop.slots) | ab_add(b, "--ctx") |
+           ab_num(b, st->p.loop.ctx);
+    bad |= ab_add(b, "--micro-batch") | ab_num(b, st->p.loop.micro_batch);
+    bad |= ab_add(b, "--max-in-flight") | ab_num(b, st->p.loop.max_in_flight);
+    /* the options the job reads itself; those from a --config file reach it with the file */
+    static const char *const PASS[] = {"config",     "stages",        "tp",        "mem-per-rank",
+                                       "wire-dtype", "weights-dtype", "transport", "threads",
+                                       "timeout",    "kv-page",       "kv-mem"};
     enum { N_PASS = sizeof PASS / sizeof PASS[0] };
     static char names[N_PASS][24];
     for (int i = 0; i < N_PASS; i++)
-        if (get(a, PASS[i])) {
+        if (cli_opt_has(a, PASS[i]) && !strncmp(cli_opt_origin(a, PASS[i]), "--", 2)) {
             snprintf(names[i], sizeof names[i], "--%s", PASS[i]);
-            bad |= ab_add(b, names[i]) | ab_add(b, get(a, PASS[i]));
+            bad |= ab_add(b, names[i]) | ab_add(b, cli_opt_str(a, PASS[i]));
         }
-    if (get(a, "quiet")) bad |= ab_add(b, "--quiet");
+    if (cli_opt_has(a, "quiet")) bad |= ab_add(b, "--quiet");
     bad |= ab_add(b, "--job");
     if (bad) {
         snprintf(err, errlen, "the job's command line is too long (--mpi-args?)");
@@ -550,7 +359,7 @@ static int job_argv(const sargs *a, const setup *st, int ranks, argv_b *b, char 
 }
 
 /* `modpipe serve --ranks N`: HTTP and the queue here, the pipeline in a job we start. */
-static int front_main(const sargs *a, int ranks)
+static int front_main(const cli_opts *a, int ranks)
 {
     char err[1024] = "";
     setup st;
@@ -563,8 +372,8 @@ static int front_main(const sargs *a, int ranks)
     double stall;
     long restarts;
     int rc = make_setup(a, ranks, &st, err, sizeof err);
-    if (!rc) rc = get_double(a, "stall-timeout", 0.1, 1e6, 5.0, &stall, err, sizeof err);
-    if (!rc) rc = get_long(a, "max-restarts", 0, 1000000, 3, &restarts, err, sizeof err);
+    if (!rc) rc = cli_opt_double(a, "stall-timeout", 0.1, 1e6, 0, 5.0, &stall, err, sizeof err);
+    if (!rc) rc = cli_opt_long(a, "max-restarts", 0, 1000000, 3, &restarts, err, sizeof err);
     if (!rc) rc = job_argv(a, &st, ranks, &b, err, sizeof err);
     if (!rc) rc = start_http(&st, &tok, &q, &srv, err, sizeof err);
     if (rc) {
@@ -576,21 +385,19 @@ static int front_main(const sargs *a, int ranks)
         stage_threads_free();
         return 2;
     }
-    serve_loop_opts lo;
-    serve_pipeline_loop_opts(&st.p, &lo);
-    int whole, max_rows = serve_loop_rows(&lo, &whole);
+    int whole, max_rows = serve_loop_rows(&st.p.loop, &whole);
     serve_front_opts fo = {
         .job_argv = b.v,
-        .slots = st.p.slots,
-        .ctx = st.p.ctx,
-        .micro_batch = st.p.micro_batch,
+        .slots = st.p.loop.slots,
+        .ctx = st.p.loop.ctx,
+        .micro_batch = st.p.loop.micro_batch,
         .whole_prompts = whole,
         .max_rows = max_rows,
-        .max_in_flight = st.p.max_in_flight,
-        .decode_groups = st.p.decode_groups,
+        .max_in_flight = st.p.loop.max_in_flight,
+        .decode_groups = st.p.loop.decode_groups,
         .stall_s = stall,
         .max_restarts = (int)restarts,
-        .start_timeout_s = st.p.timeout_s,
+        .start_timeout_s = st.p.loop.timeout_s,
         .quiet = !st.p.progress,
     };
     print_listening(&st, srv);
@@ -618,13 +425,17 @@ int cli_serve_main(int argc, char **argv, serve_pipeline_fn run)
 {
     {
         /* the front: no MPI in this process, it starts the job (serve/front.h) */
-        sargs a;
+        cli_opts a;
         char err[1024];
         long ranks;
-        if (!parse_args(argc, argv, &a, err, sizeof err) && !get(&a, "help") && !get(&a, "job") &&
-            get(&a, "ranks") && !get_long(&a, "ranks", 1, 1 << 16, 1, &ranks, err, sizeof err) &&
-            (ranks > 1 || get(&a, "hostfile") || get(&a, "mpi-args")))
-            return front_main(&a, (int)ranks);
+        int front = !cli_opts_parse(&a, CLI_SERVE, argc, argv, err, sizeof err) &&
+                    !cli_opt_has(&a, "help") && !cli_opt_has(&a, "job") &&
+                    cli_opt_has(&a, "ranks") &&
+                    !cli_opt_long(&a, "ranks", 1, 1 << 16, 1, &ranks, err, sizeof err) &&
+                    (ranks > 1 || cli_opt_has(&a, "hostfile") || cli_opt_has(&a, "mpi-args"));
+        int rc = front ? front_main(&a, (int)ranks) : 0;
+        cli_opts_free(&a);
+        if (front) return rc;
     }
     int prov = 0;
     MPI_Init_thread(NULL, NULL, MPI_THREAD_FUNNELED, &prov);
@@ -632,21 +443,22 @@ int cli_serve_main(int argc, char **argv, serve_pipeline_fn run)
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &size);
     char err[1024] = "";
-    sargs a;
+    cli_opts a;
     setup st;
     memset(&st, 0, sizeof st);
-    int rc = parse_args(argc, argv, &a, err, sizeof err);
-    if (!rc && get(&a, "help")) {
-        if (rank == 0) usage(stdout);
+    int rc = cli_opts_parse(&a, CLI_SERVE, argc, argv, err, sizeof err);
+    if (!rc && cli_opt_has(&a, "help")) {
+        if (rank == 0) usage();
+        cli_opts_free(&a);
         MPI_Finalize();
         return 0;
     }
     if (!rc) rc = make_setup(&a, size, &st, err, sizeof err);
 
-    const char *job = rc ? NULL : get(&a, "job");
+    const char *job = rc ? NULL : cli_opt_str(&a, "job");
     long ranks = 0;
-    if (!rc && get(&a, "ranks") && !job) {
-        rc = get_long(&a, "ranks", 1, 1 << 16, 1, &ranks, err, sizeof err);
+    if (!rc && cli_opt_str(&a, "ranks") && !job) {
+        rc = cli_opt_long(&a, "ranks", 1, 1 << 16, 1, &ranks, err, sizeof err);
         if (!rc && ranks != size) {
             snprintf(err, sizeof err,
                      "--ranks %ld under mpirun -np %d: --ranks starts the job itself (run it "
@@ -666,9 +478,8 @@ int cli_serve_main(int argc, char **argv, serve_pipeline_fn run)
         signal(SIGTERM, SIG_IGN);
         signal(SIGINT, SIG_IGN);
     }
-    int bad = rc ? rank : size, first_bad = size;
-    MPI_Allreduce(&bad, &first_bad, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
-    if (first_bad < size) {
+    int first_bad = comm_first_failed(MPI_COMM_WORLD, rc != 0);
+    if (first_bad >= 0) {
         if (rank == first_bad) fprintf(stderr, "modpipe serve: %s\n", err);
         if (rank == 0 && chan >= 0 && rank == first_bad)
             chan_send(chan, CHAN_ERROR, err, strlen(err), NULL, 0);
@@ -677,6 +488,7 @@ int cli_serve_main(int argc, char **argv, serve_pipeline_fn run)
         tok_free(tok);
         setup_free(&st);
         stage_threads_free();
+        cli_opts_free(&a);
         MPI_Finalize();
         return 2;
     }
@@ -687,6 +499,7 @@ int cli_serve_main(int argc, char **argv, serve_pipeline_fn run)
         if (chan >= 0) close(chan);
         setup_free(&st);
         stage_threads_free();
+        cli_opts_free(&a);
         MPI_Finalize();
         return rc ? 1 : 0;
     }
@@ -715,6 +528,7 @@ int cli_serve_main(int argc, char **argv, serve_pipeline_fn run)
     }
     setup_free(&st);
     stage_threads_free();
+    cli_opts_free(&a);
     MPI_Finalize();
     return rc ? 1 : 0;
 }

@@ -1,4 +1,4 @@
-/* cli/serve.h — the `modpipe serve` command (issue 8), called from cli/main.c.
+/* cli/serve.h — the `modpipe serve` command, called from cli/main.c.
  *
  *   modpipe serve --model DIR --ranks N [--hostfile F] [--mpi-args '...'] [--stall-timeout S]
  *       [--max-restarts N] [HTTP and pipeline options]: the front (serve/front.h) owns HTTP
@@ -36,20 +36,11 @@
 #include "stage/stage.h"
 
 typedef struct {
-    const char *model_dir;
-    const stage_config *cfg;
-    const engine_plan *plan; /* one stage per rank */
-    int slots, ctx, queue;   /* --slots, --ctx (positions per slot), --queue */
-    stage_kv_opts kv;        /* --kv-page, --kv-mem */
-    int micro_batch;         /* most rows per micro-batch */
-    int max_in_flight;
-    int decode_groups; /* srvq_sched_groups (--decode-groups; default the stage count) */
-    stage_dtype wire;  /* activation dtype between ranks */
-    int weights_dtype; /* stage_dtype of the weight matrices; -1: as stored */
-    int dense_transport;
-    double timeout_s; /* longest wait for a peer */
-    int progress;     /* !--quiet */
-    srvq *q;          /* rank 0: the queue the HTTP layer fills; other ranks: NULL */
+    serve_loop_opts loop; /* what the pipeline runs with (serve/loop.h): model, plan, slots,
+                             ctx, KV pool, micro-batch, in flight, dtypes, transport, timeout */
+    int queue;            /* --queue */
+    int progress;         /* !--quiet */
+    srvq *q;              /* rank 0: the queue the HTTP layer fills; other ranks: NULL */
     /* rank 0: call once every rank has loaded its stage (then /health says 200) */
     void (*on_ready)(void *arg);
     void *ready_arg;
@@ -64,7 +55,5 @@ int serve_pipeline_run(MPI_Comm comm, const serve_pipeline *p, char *err, size_t
 /* A job the front started (--job): serve_loop_run_job over the channel fd (rank 0). */
 int serve_pipeline_run_job(MPI_Comm comm, const serve_pipeline *p, int fd, char *err,
                            size_t errlen);
-/* The loop options p stands for. */
-void serve_pipeline_loop_opts(const serve_pipeline *p, serve_loop_opts *o);
 
 #endif

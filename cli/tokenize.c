@@ -7,6 +7,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/file.h"
+#include "base/ids.h"
+#include "cli/opts.h"
 #include "tok/tok.h"
 
 typedef struct {
@@ -14,83 +17,51 @@ typedef struct {
     int no_special, skip_special, help;
 } cli_tok_opts;
 
-static void cli_tok_usage(FILE *f, int detok)
+static void cli_tok_usage(int detok)
 {
     if (!detok)
-        fprintf(f,
-                "modpipe tokenize: text -> token ids with a Hugging Face tokenizer.json.\n"
-                "Prints the ids space-separated on one line.\n\n"
-                "usage: modpipe tokenize (--model DIR | --tokenizer F) (--text S | --text-file F)"
-                " [--no-special]\n\n"
-                "options:\n"
-                "  --model DIR        model directory (tokenizer.json; BOS/EOS from\n"
-                "                     tokenizer_config.json / config.json there)\n"
-                "  --tokenizer F      a tokenizer.json file\n"
-                "  --text S           the text (UTF-8)\n"
-                "  --text-file F      the text is the whole file, bytes as they are\n"
-                "  --no-special       plain text: no BOS/template tokens, and special tokens\n"
-                "                     written in the text (e.g. \"<s>\") are ordinary text\n\n"
-                "example:\n  modpipe tokenize --model tests/fixtures/stories260K --text "
-                "\"Once upon a time\"\n");
+        cli_opts_usage(stdout, CLI_TOKENIZE,
+                       "modpipe tokenize: text -> token ids with a Hugging Face tokenizer.json.\n"
+                       "Prints the ids space-separated on one line.\n\n"
+                       "usage: modpipe tokenize (--model DIR | --tokenizer F) (--text S | "
+                       "--text-file F) [--no-special]\n",
+                       "  modpipe tokenize --model tests/fixtures/stories260K --text "
+                       "\"Once upon a time\"\n");
     else
-        fprintf(f, "modpipe detokenize: token ids -> text with a Hugging Face tokenizer.json.\n"
-                   "Prints the text, then a newline.\n\n"
-                   "usage: modpipe detokenize (--model DIR | --tokenizer F) (--ids \"1 2 3\" | "
-                   "--ids-file F) [--skip-special]\n\n"
-                   "options:\n"
-                   "  --model DIR        model directory holding tokenizer.json\n"
-                   "  --tokenizer F      a tokenizer.json file\n"
-                   "  --ids \"1 2 3\"      the ids, separated by spaces, commas or newlines\n"
-                   "  --ids-file F       the ids from a file (same separators)\n"
-                   "  --skip-special     drop special tokens (BOS, EOS, ...)\n\n"
-                   "example:\n  modpipe detokenize --model tests/fixtures/stories260K --ids "
-                   "\"1 403 407 261 378\"\n");
+        cli_opts_usage(stdout, CLI_DETOKENIZE,
+                       "modpipe detokenize: token ids -> text with a Hugging Face "
+                       "tokenizer.json.\nPrints the text, then a newline.\n\n"
+                       "usage: modpipe detokenize (--model DIR | --tokenizer F) (--ids \"1 2 3\" | "
+                       "--ids-file F) [--skip-special]\n",
+                       "  modpipe detokenize --model tests/fixtures/stories260K --ids "
+                       "\"1 403 407 261 378\"\n");
 }
 
+/* The options (the table: cli/opts.c), then the pairs of which exactly one is needed. */
 static int cli_tok_parse(int argc, char **argv, int detok, cli_tok_opts *o)
 {
     memset(o, 0, sizeof *o);
     const char *cmd = detok ? "detokenize" : "tokenize";
-    for (int i = 0; i < argc; i++) {
-        const char *a = argv[i];
-        const char **dst = NULL;
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            o->help = 1;
-            continue;
-        }
-        if (!strcmp(a, "--model"))
-            dst = &o->model;
-        else if (!strcmp(a, "--tokenizer"))
-            dst = &o->tokenizer;
-        else if (!detok && !strcmp(a, "--text"))
-            dst = &o->text;
-        else if (!detok && !strcmp(a, "--text-file"))
-            dst = &o->text_file;
-        else if (detok && !strcmp(a, "--ids"))
-            dst = &o->ids;
-        else if (detok && !strcmp(a, "--ids-file"))
-            dst = &o->ids_file;
-        else if (!detok && !strcmp(a, "--no-special")) {
-            o->no_special = 1;
-            continue;
-        } else if (detok && !strcmp(a, "--skip-special")) {
-            o->skip_special = 1;
-            continue;
-        } else {
-            fprintf(stderr, "modpipe %s: unknown option '%s' (try modpipe %s --help)\n", cmd, a,
-                    cmd);
-            return -1;
-        }
-        if (*dst) {
-            fprintf(stderr, "modpipe %s: %s given twice\n", cmd, a);
-            return -1;
-        }
-        if (i + 1 >= argc) {
-            fprintf(stderr, "modpipe %s: %s needs a value\n", cmd, a);
-            return -1;
-        }
-        *dst = argv[++i];
+    cli_opts a;
+    char err[1024];
+    if (cli_opts_parse(&a, detok ? CLI_DETOKENIZE : CLI_TOKENIZE, argc, argv, err, sizeof err)) {
+        fprintf(stderr, "modpipe %s: %s\n", cmd, err);
+        cli_opts_free(&a);
+        return -1;
     }
+    o->help = cli_opt_has(&a, "help");
+    o->model = cli_opt_str(&a, "model");
+    o->tokenizer = cli_opt_str(&a, "tokenizer");
+    if (detok) {
+        o->ids = cli_opt_str(&a, "ids");
+        o->ids_file = cli_opt_str(&a, "ids-file");
+        o->skip_special = cli_opt_has(&a, "skip-special");
+    } else {
+        o->text = cli_opt_str(&a, "text");
+        o->text_file = cli_opt_str(&a, "text-file");
+        o->no_special = cli_opt_has(&a, "no-special");
+    }
+    cli_opts_free(&a); /* the strings point into argv (no --config here) */
     if (o->help) return 0;
     if (!o->model == !o->tokenizer) {
         fprintf(stderr, "modpipe %s: give exactly one of --model DIR or --tokenizer F\n", cmd);
@@ -107,35 +78,9 @@ static int cli_tok_parse(int argc, char **argv, int detok, cli_tok_opts *o)
 
 static char *cli_tok_read(const char *cmd, const char *path, size_t *len)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        fprintf(stderr, "modpipe %s: %s: %s\n", cmd, path, strerror(errno));
-        return NULL;
-    }
-    size_t cap = 65536, n = 0, r;
-    char *buf = malloc(cap + 1);
-    while (buf && (r = fread(buf + n, 1, cap - n, f)) > 0) {
-        n += r;
-        if (n == cap) {
-            char *nb = realloc(buf, 2 * cap + 1);
-            if (!nb) {
-                free(buf);
-                buf = NULL;
-                break;
-            }
-            buf = nb;
-            cap *= 2;
-        }
-    }
-    int bad = !buf || ferror(f);
-    fclose(f);
-    if (bad) {
-        fprintf(stderr, "modpipe %s: %s: read error\n", cmd, path);
-        free(buf);
-        return NULL;
-    }
-    buf[n] = 0;
-    *len = n;
+    char err[1024];
+    char *buf = base_read_file(path, 0, len, err, sizeof err);
+    if (!buf) fprintf(stderr, "modpipe %s: %s\n", cmd, err);
     return buf;
 }
 
@@ -155,7 +100,7 @@ int cli_tok_tokenize(int argc, char **argv)
     cli_tok_opts o;
     if (cli_tok_parse(argc, argv, 0, &o)) return 2;
     if (o.help) {
-        cli_tok_usage(stdout, 0);
+        cli_tok_usage(0);
         return 0;
     }
     tok_tokenizer *t = cli_tok_load("tokenize", &o);
@@ -189,45 +134,23 @@ int cli_tok_tokenize(int argc, char **argv)
     return rc;
 }
 
-/* Ids separated by spaces, commas or newlines. */
-static int cli_tok_parse_ids(const char *s, int32_t **out, int *n)
+/* Ids separated by spaces, commas or newlines (base/ids.h). */
+static int cli_tok_parse_ids(const char *s, const char *where, int32_t **out, int *n)
 {
-    size_t cap = 64;
-    int32_t *ids = malloc(cap * sizeof *ids);
-    *n = 0;
-    if (!ids) {
+    base_ids ids = {0};
+    char err[512];
+    if (base_ids_parse(s, (long)INT32_MAX + 1, &ids, where, err, sizeof err)) {
+        fprintf(stderr, "modpipe detokenize: %s\n", err);
+        base_ids_free(&ids);
+        return -1;
+    }
+    if (!ids.v && base_ids_push(&ids, 0) == 0) ids.n = 0; /* no ids: still an array */
+    if (!ids.v) {
         fprintf(stderr, "modpipe detokenize: out of memory\n");
         return -1;
     }
-    for (const char *p = s;;) {
-        while (*p == ' ' || *p == ',' || *p == '\n' || *p == '\r' || *p == '\t') p++;
-        if (!*p) break;
-        char *end;
-        errno = 0;
-        long v = strtol(p, &end, 10);
-        if (end == p || errno || v < 0 || v > INT32_MAX ||
-            (*end && *end != ' ' && *end != ',' && *end != '\n' && *end != '\r' && *end != '\t')) {
-            int w = 0;
-            while (p[w] && p[w] != ' ' && p[w] != ',' && p[w] != '\n' && w < 40) w++;
-            fprintf(stderr, "modpipe detokenize: id %d: '%.*s' is not a token id (>= 0)\n", *n + 1,
-                    w, p);
-            free(ids);
-            return -1;
-        }
-        if ((size_t)*n == cap) {
-            int32_t *ni = realloc(ids, 2 * cap * sizeof *ni);
-            if (!ni) {
-                free(ids);
-                fprintf(stderr, "modpipe detokenize: out of memory\n");
-                return -1;
-            }
-            ids = ni;
-            cap *= 2;
-        }
-        ids[(*n)++] = (int32_t)v;
-        p = end;
-    }
-    *out = ids;
+    *out = ids.v;
+    *n = (int)ids.n;
     return 0;
 }
 
@@ -236,7 +159,7 @@ int cli_tok_detokenize(int argc, char **argv)
     cli_tok_opts o;
     if (cli_tok_parse(argc, argv, 1, &o)) return 2;
     if (o.help) {
-        cli_tok_usage(stdout, 1);
+        cli_tok_usage(1);
         return 0;
     }
     tok_tokenizer *t = cli_tok_load("detokenize", &o);
@@ -259,7 +182,7 @@ int cli_tok_detokenize(int argc, char **argv)
     }
     int32_t *ids;
     int n, rc = 0;
-    if (cli_tok_parse_ids(src, &ids, &n)) {
+    if (cli_tok_parse_ids(src, o.ids_file ? o.ids_file : "--ids", &ids, &n)) {
         free(file);
         tok_free(t);
         return 2;

@@ -1,4 +1,4 @@
-/* cli/tokenize.h — the `modpipe tokenize` and `modpipe detokenize` commands (issue 8).
+/* cli/tokenize.h — the `modpipe tokenize` and `modpipe detokenize` commands.
  *
  *   modpipe tokenize (--model DIR | --tokenizer F) (--text S | --text-file F) [--no-special]
  *       prints the ids space-separated on one line.

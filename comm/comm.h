@@ -1,4 +1,4 @@
-/* comm/comm.h — moving rows between pipeline stages (SPEC §4).
+/* comm/comm.h — moving rows between pipeline stages (docs/SPEC.md §4).
  *
  * A packet on the wire is one contiguous buffer:
  *

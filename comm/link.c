@@ -1,6 +1,8 @@
 /* comm/link.c — see link.h. */
 #include "comm/link.h"
 
+#include "base/backoff.h"
+#include "base/clock.h"
 #include "stage/kernels.h"
 
 #include <stdarg.h>
@@ -110,7 +112,9 @@ uint8_t *comm_links_acquire(comm_links *l, size_t *cap)
         for (int i = 0; i < l->n_bufs; i++)
             if (l->req[i] != MPI_REQUEST_NULL && (old < 0 || l->seq[i] < l->seq[old])) old = i;
         if (old < 0) COMM_FATAL("send buffer pool exhausted by buffers never sent");
-        double t0 = stage_now_s();
+        double t0 = base_now_s();
+        base_backoff bo;
+        base_backoff_init(&bo, BASE_BACKOFF_FIXED, 0, 20000);
         for (;;) {
             int done = 0;
             check(MPI_Test(&l->req[old], &done, MPI_STATUS_IGNORE), "MPI_Test (send)");
@@ -118,14 +122,13 @@ uint8_t *comm_links_acquire(comm_links *l, size_t *cap)
                 l->busy[old] = 0;
                 break;
             }
-            if (stage_now_s() - t0 > l->timeout_s)
+            if (base_now_s() - t0 > l->timeout_s)
                 COMM_FATAL(
                     "a send has not completed for %.0f s: the receiving stage is gone or stuck",
                     l->timeout_s);
-            struct timespec ts = {0, 20000};
-            nanosleep(&ts, NULL);
+            base_backoff_wait(&bo);
         }
-        l->wait_s += stage_now_s() - t0;
+        l->wait_s += base_now_s() - t0;
     }
 }
 
@@ -146,39 +149,39 @@ void comm_links_send(comm_links *l, uint8_t *buf, size_t len, int dest, int tag,
 
 void comm_links_drain(comm_links *l)
 {
-    double t0 = stage_now_s();
+    double t0 = base_now_s();
+    base_backoff bo;
+    base_backoff_init(&bo, BASE_BACKOFF_FIXED, 0, 20000);
     for (;;) {
         comm_links_progress(l);
         int left = 0;
         for (int i = 0; i < l->n_bufs; i++) left += l->req[i] != MPI_REQUEST_NULL;
         if (!left) break;
-        if (stage_now_s() - t0 > l->timeout_s)
+        if (base_now_s() - t0 > l->timeout_s)
             COMM_FATAL("%d sends have not completed for %.0f s: a receiving stage is gone or stuck",
                        left, l->timeout_s);
-        struct timespec ts = {0, 20000};
-        nanosleep(&ts, NULL);
+        base_backoff_wait(&bo);
     }
-    l->wait_s += stage_now_s() - t0;
+    l->wait_s += base_now_s() - t0;
 }
 
 size_t comm_links_wait_recv(comm_links *l, MPI_Request *req, int peer, const char *what)
 {
-    double t0 = stage_now_s();
+    double t0 = base_now_s();
     MPI_Status st;
-    for (long spin = 0;; spin++) {
+    base_backoff bo; /* a short spin first: latency matters; then yield the core */
+    base_backoff_init(&bo, BASE_BACKOFF_FIXED, 65, 20000);
+    for (;;) {
         int done = 0;
         check(MPI_Test(req, &done, &st), "MPI_Test (receive)");
         if (done) break;
         comm_links_progress(l);
-        if (stage_now_s() - t0 > l->timeout_s)
+        if (base_now_s() - t0 > l->timeout_s)
             COMM_FATAL("no %s from rank %d for %.0f s: that rank is gone or stuck", what, peer,
                        l->timeout_s);
-        if (spin > 64) { /* short spin first: latency matters; then yield the core */
-            struct timespec ts = {0, 20000};
-            nanosleep(&ts, NULL);
-        }
+        base_backoff_wait(&bo);
     }
-    l->wait_s += stage_now_s() - t0;
+    l->wait_s += base_now_s() - t0;
     int n = 0;
     MPI_Get_count(&st, MPI_BYTE, &n);
     return (size_t)n;
@@ -186,3 +189,13 @@ size_t comm_links_wait_recv(comm_links *l, MPI_Request *req, int peer, const cha
 
 const comm_link_stats *comm_links_stats(const comm_links *l, int dest) { return &l->stats[dest]; }
 double comm_links_wait_seconds(const comm_links *l) { return l->wait_s; }
+
+int comm_first_failed(MPI_Comm comm, int failed)
+{
+    int rank, size;
+    MPI_Comm_rank(comm, &rank);
+    MPI_Comm_size(comm, &size);
+    int bad = failed ? rank : size, first = size;
+    MPI_Allreduce(&bad, &first, 1, MPI_INT, MPI_MIN, comm);
+    return first < size ? first : -1;
+}

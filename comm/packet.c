@@ -1,4 +1,4 @@
-/* comm/packet.c — the packet layer of comm.h (SPEC §4): bitmasks, wire dtypes, pack/unpack.
+/* comm/packet.c — the packet layer of comm.h (docs/SPEC.md §4): bitmasks, wire dtypes, pack/unpack.
  *
  * Wire: [u32 LE H][H bytes modpipe.PacketHeader][payload]. The header goes through
  * protobuf-c; the payload never does (it is written and read in place).
@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/err.h"
 #include "modpipe.pb-c.h"
 #include "stage/convert.h"
 
@@ -43,19 +44,6 @@ _Static_assert(STAGE_ROW_NEED_LOGITS == 1 && STAGE_ROW_PROMPT == 2 && STAGE_ROW_
                "flag bits as proto/modpipe.proto documents them");
 
 #define COMM_PREFIX_BYTES 4
-
-/* ---------------------------------------------------------------- errors */
-
-static void comm_err(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void comm_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (!err || errlen == 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 /* ---------------------------------------------------------------- bitmasks */
 
@@ -141,150 +129,155 @@ static int comm_check(const comm_packet *p, int n_stages, char *err, size_t errl
     char lim[32] = ""; /* " (S stages)" when known */
     if (n_stages > 0) snprintf(lim, sizeof lim, " (%d stages)", n_stages);
     if ((int)p->kind < COMM_PKT_ROWS || (int)p->kind > COMM_PKT_END) {
-        comm_err(err, errlen, "packet mb %llu: unknown kind %d", mb, (int)p->kind);
+        base_set_err(err, errlen, "packet mb %llu: unknown kind %d", mb, (int)p->kind);
         return -1;
     }
     if (!stage_dtype_valid((int)p->dtype)) {
-        comm_err(err, errlen, "packet mb %llu: unknown wire dtype %d", mb, (int)p->dtype);
+        base_set_err(err, errlen, "packet mb %llu: unknown wire dtype %d", mb, (int)p->dtype);
         return -1;
     }
     if (p->sender < 0 || p->receiver < 0 ||
         (n_stages > 0 && (p->sender >= n_stages || p->receiver >= n_stages))) {
-        comm_err(err, errlen, "packet mb %llu: stage %d -> %d out of range%s", mb, p->sender,
-                 p->receiver, lim);
+        base_set_err(err, errlen, "packet mb %llu: stage %d -> %d out of range%s", mb, p->sender,
+                     p->receiver, lim);
         return -1;
     }
     if (p->mb_rows < 0 || p->n_rows < 0 || p->n_rows > p->mb_rows) {
-        comm_err(err, errlen, "packet mb %llu %d->%d: n_rows %d, mb_rows %d", mb, p->sender,
-                 p->receiver, p->n_rows, p->mb_rows);
+        base_set_err(err, errlen, "packet mb %llu %d->%d: n_rows %d, mb_rows %d", mb, p->sender,
+                     p->receiver, p->n_rows, p->mb_rows);
         return -1;
     }
     if (p->mb_rows > 0 && !p->present) {
-        comm_err(err, errlen, "packet mb %llu %d->%d: no present mask", mb, p->sender, p->receiver);
+        base_set_err(err, errlen, "packet mb %llu %d->%d: no present mask", mb, p->sender,
+                     p->receiver);
         return -1;
     }
     if (p->mb_rows % 8 && (p->present[p->mb_rows / 8] >> (p->mb_rows % 8)) != 0) {
-        comm_err(err, errlen, "packet mb %llu %d->%d: mask has bits past mb_rows %d", mb, p->sender,
-                 p->receiver, p->mb_rows);
+        base_set_err(err, errlen, "packet mb %llu %d->%d: mask has bits past mb_rows %d", mb,
+                     p->sender, p->receiver, p->mb_rows);
         return -1;
     }
     int pop = comm_mask_count(p->present, p->mb_rows);
     if (pop != p->n_rows) {
-        comm_err(err, errlen, "packet mb %llu %d->%d: mask has %d rows, n_rows says %d", mb,
-                 p->sender, p->receiver, pop, p->n_rows);
+        base_set_err(err, errlen, "packet mb %llu %d->%d: mask has %d rows, n_rows says %d", mb,
+                     p->sender, p->receiver, pop, p->n_rows);
         return -1;
     }
     if (p->kind == COMM_PKT_END && p->n_rows != 0) {
-        comm_err(err, errlen, "packet mb %llu %d->%d: END packet with %d rows", mb, p->sender,
-                 p->receiver, p->n_rows);
+        base_set_err(err, errlen, "packet mb %llu %d->%d: END packet with %d rows", mb, p->sender,
+                     p->receiver, p->n_rows);
         return -1;
     }
     if (p->kind == COMM_PKT_ROWS && p->sender >= p->receiver) {
-        comm_err(err, errlen, "packet mb %llu: rows go forward, not %d -> %d", mb, p->sender,
-                 p->receiver);
+        base_set_err(err, errlen, "packet mb %llu: rows go forward, not %d -> %d", mb, p->sender,
+                     p->receiver);
         return -1;
     }
     /* The descriptor rides exactly on chain links, so every receiver gets it once. */
     int chain = p->kind == COMM_PKT_ROWS && p->receiver == p->sender + 1;
     if (!!p->has_desc != chain) {
-        comm_err(err, errlen, "packet mb %llu %d->%d: %s packet %s a descriptor", mb, p->sender,
-                 p->receiver, chain ? "chain" : "non-chain", chain ? "without" : "with");
+        base_set_err(err, errlen, "packet mb %llu %d->%d: %s packet %s a descriptor", mb, p->sender,
+                     p->receiver, chain ? "chain" : "non-chain", chain ? "without" : "with");
         return -1;
     }
     if (p->has_desc) {
         if (p->mb_rows > 0 && (!p->rows.slot || !p->rows.pos || !p->rows.token || !p->rows.flags)) {
-            comm_err(err, errlen, "packet mb %llu %d->%d: descriptor arrays missing", mb, p->sender,
-                     p->receiver);
+            base_set_err(err, errlen, "packet mb %llu %d->%d: descriptor arrays missing", mb,
+                         p->sender, p->receiver);
             return -1;
         }
         for (int i = 0; i < p->mb_rows; i++) {
             if ((p->rows.flags[i] & STAGE_ROW_SAMPLE) &&
                 !(p->rows.flags[i] & STAGE_ROW_NEED_LOGITS)) {
-                comm_err(err, errlen, "packet mb %llu %d->%d: row %d samples without logits", mb,
-                         p->sender, p->receiver, i);
+                base_set_err(err, errlen, "packet mb %llu %d->%d: row %d samples without logits",
+                             mb, p->sender, p->receiver, i);
                 return -1;
             }
             float temp = p->rows.temperature ? p->rows.temperature[i] : 0.0f;
             float top_p = p->rows.top_p ? p->rows.top_p[i] : 1.0f;
             if ((p->rows.flags[i] & STAGE_ROW_SAMPLE) &&
                 (!isfinite(temp) || !(top_p > 0.0f && top_p <= 1.0f))) {
-                comm_err(err, errlen, "packet mb %llu %d->%d: row %d has temperature %g, top_p %g",
-                         mb, p->sender, p->receiver, i, (double)temp, (double)top_p);
+                base_set_err(err, errlen,
+                             "packet mb %llu %d->%d: row %d has temperature %g, top_p %g", mb,
+                             p->sender, p->receiver, i, (double)temp, (double)top_p);
                 return -1;
             }
             if (p->rows.target && p->rows.target[i] < -1) {
-                comm_err(err, errlen, "packet mb %llu %d->%d: row %d has target %d", mb, p->sender,
-                         p->receiver, i, (int)p->rows.target[i]);
+                base_set_err(err, errlen, "packet mb %llu %d->%d: row %d has target %d", mb,
+                             p->sender, p->receiver, i, (int)p->rows.target[i]);
                 return -1;
             }
             if (p->rows.slot[i] < 0 || p->rows.pos[i] < 0 || p->rows.token[i] < 0) {
-                comm_err(err, errlen,
-                         "packet mb %llu %d->%d: row %d has slot %d pos %d token %d (negative)", mb,
-                         p->sender, p->receiver, i, (int)p->rows.slot[i], (int)p->rows.pos[i],
-                         (int)p->rows.token[i]);
+                base_set_err(err, errlen,
+                             "packet mb %llu %d->%d: row %d has slot %d pos %d token %d (negative)",
+                             mb, p->sender, p->receiver, i, (int)p->rows.slot[i],
+                             (int)p->rows.pos[i], (int)p->rows.token[i]);
                 return -1;
             }
             if (p->rows.flags[i] & ~STAGE_ROW_ALL) {
-                comm_err(err, errlen, "packet mb %llu %d->%d: row %d has unknown flags 0x%02x", mb,
-                         p->sender, p->receiver, i, (unsigned)p->rows.flags[i]);
+                base_set_err(err, errlen, "packet mb %llu %d->%d: row %d has unknown flags 0x%02x",
+                             mb, p->sender, p->receiver, i, (unsigned)p->rows.flags[i]);
                 return -1;
             }
         }
     }
     if (p->rows.n_release < 0 || p->rows.n_release > STAGE_MAX_RELEASE ||
         (p->rows.n_release > 0 && !p->rows.release) || (p->rows.n_release > 0 && !p->has_desc)) {
-        comm_err(err, errlen, "packet mb %llu %d->%d: %d slot releases (limit %d, descriptor only)",
-                 mb, p->sender, p->receiver, p->rows.n_release, STAGE_MAX_RELEASE);
+        base_set_err(err, errlen,
+                     "packet mb %llu %d->%d: %d slot releases (limit %d, descriptor only)", mb,
+                     p->sender, p->receiver, p->rows.n_release, STAGE_MAX_RELEASE);
         return -1;
     }
     for (int k = 0; k < p->rows.n_release; k++) {
         if (p->rows.release[k] < 0) {
-            comm_err(err, errlen, "packet mb %llu %d->%d: release of slot %d", mb, p->sender,
-                     p->receiver, (int)p->rows.release[k]);
+            base_set_err(err, errlen, "packet mb %llu %d->%d: release of slot %d", mb, p->sender,
+                         p->receiver, (int)p->rows.release[k]);
             return -1;
         }
         for (int j = 0; j < k; j++) /* n_release <= STAGE_MAX_RELEASE: quadratic is fine */
             if (p->rows.release[j] == p->rows.release[k]) {
-                comm_err(err, errlen, "packet mb %llu %d->%d: slot %d released twice", mb,
-                         p->sender, p->receiver, (int)p->rows.release[k]);
+                base_set_err(err, errlen, "packet mb %llu %d->%d: slot %d released twice", mb,
+                             p->sender, p->receiver, (int)p->rows.release[k]);
                 return -1;
             }
     }
     if (p->rows.n_share < 0 || p->rows.n_share > STAGE_MAX_SHARE ||
         (p->rows.n_share > 0 && (!p->rows.share || !p->has_desc))) {
-        comm_err(err, errlen, "packet mb %llu %d->%d: %d prefix shares (limit %d, descriptor only)",
-                 mb, p->sender, p->receiver, p->rows.n_share, STAGE_MAX_SHARE);
+        base_set_err(err, errlen,
+                     "packet mb %llu %d->%d: %d prefix shares (limit %d, descriptor only)", mb,
+                     p->sender, p->receiver, p->rows.n_share, STAGE_MAX_SHARE);
         return -1;
     }
     for (int k = 0; k < p->rows.n_share; k++) {
         const int32_t *t = p->rows.share + 3 * k;
         if (t[0] < 0 || t[1] < 0 || t[0] == t[1] || t[2] < 1) {
-            comm_err(err, errlen, "packet mb %llu %d->%d: share of slot %d's %d positions to %d",
-                     mb, p->sender, p->receiver, (int)t[0], (int)t[2], (int)t[1]);
+            base_set_err(err, errlen,
+                         "packet mb %llu %d->%d: share of slot %d's %d positions to %d", mb,
+                         p->sender, p->receiver, (int)t[0], (int)t[2], (int)t[1]);
             return -1;
         }
     }
     if (p->n_bypass < 0 || p->n_bypass > COMM_MAX_BYPASS || (p->n_bypass > 0 && !p->bypass)) {
-        comm_err(err, errlen, "packet mb %llu %d->%d: %d bypass entries (limit %d)", mb, p->sender,
-                 p->receiver, p->n_bypass, COMM_MAX_BYPASS);
+        base_set_err(err, errlen, "packet mb %llu %d->%d: %d bypass entries (limit %d)", mb,
+                     p->sender, p->receiver, p->n_bypass, COMM_MAX_BYPASS);
         return -1;
     }
     if (p->n_bypass > 0 && !p->has_desc) {
-        comm_err(err, errlen, "packet mb %llu %d->%d: bypass list on a non-chain packet", mb,
-                 p->sender, p->receiver);
+        base_set_err(err, errlen, "packet mb %llu %d->%d: bypass list on a non-chain packet", mb,
+                     p->sender, p->receiver);
         return -1;
     }
     for (int k = 0; k < p->n_bypass; k++) {
         const comm_bypass *b = &p->bypass[k];
         if (b->from < 0 || b->to <= b->from || (n_stages > 0 && b->to >= n_stages)) {
-            comm_err(err, errlen, "packet mb %llu %d->%d: bypass %d -> %d out of range%s", mb,
-                     p->sender, p->receiver, b->from, b->to, lim);
+            base_set_err(err, errlen, "packet mb %llu %d->%d: bypass %d -> %d out of range%s", mb,
+                         p->sender, p->receiver, b->from, b->to, lim);
             return -1;
         }
         for (int j = 0; j < k; j++) /* n_bypass <= COMM_MAX_BYPASS: quadratic is fine */
             if (p->bypass[j].from == b->from && p->bypass[j].to == b->to) {
-                comm_err(err, errlen, "packet mb %llu %d->%d: bypass %d -> %d listed twice", mb,
-                         p->sender, p->receiver, b->from, b->to);
+                base_set_err(err, errlen, "packet mb %llu %d->%d: bypass %d -> %d listed twice", mb,
+                             p->sender, p->receiver, b->from, b->to);
                 return -1;
             }
     }
@@ -311,26 +304,26 @@ size_t comm_pack(const comm_packet *hdr, const float *x, int D, const int32_t *t
     if (hdr_bytes) *hdr_bytes = 0;
     if (payload_bytes) *payload_bytes = 0;
     if (!hdr || (!buf && cap > 0)) {
-        comm_err(err, errlen, "comm_pack: no header or buffer");
+        base_set_err(err, errlen, "comm_pack: no header or buffer");
         return 0;
     }
     if (comm_check(hdr, 0, err, errlen)) return 0;
     unsigned long long mb = (unsigned long long)hdr->mb;
     if (hdr->kind == COMM_PKT_ROWS && (D <= 0 || (hdr->n_rows > 0 && !x))) {
-        comm_err(err, errlen, "comm_pack mb %llu %d->%d: ROWS packet needs x and D > 0 (D %d)", mb,
-                 hdr->sender, hdr->receiver, D);
+        base_set_err(err, errlen, "comm_pack mb %llu %d->%d: ROWS packet needs x and D > 0 (D %d)",
+                     mb, hdr->sender, hdr->receiver, D);
         return 0;
     }
     if (hdr->kind == COMM_PKT_TOKENS) {
         if (hdr->n_rows > 0 && !tokens) {
-            comm_err(err, errlen, "comm_pack mb %llu %d->%d: TOKENS packet without tokens", mb,
-                     hdr->sender, hdr->receiver);
+            base_set_err(err, errlen, "comm_pack mb %llu %d->%d: TOKENS packet without tokens", mb,
+                         hdr->sender, hdr->receiver);
             return 0;
         }
         for (int k = 0; k < hdr->n_rows; k++)
             if (tokens[k] < 0 && tokens[k] != STAGE_TOKEN_KV_LOST) {
-                comm_err(err, errlen, "comm_pack mb %llu %d->%d: token %d is negative (%d)", mb,
-                         hdr->sender, hdr->receiver, k, (int)tokens[k]);
+                base_set_err(err, errlen, "comm_pack mb %llu %d->%d: token %d is negative (%d)", mb,
+                             hdr->sender, hdr->receiver, k, (int)tokens[k]);
                 return 0;
             }
     }
@@ -389,21 +382,21 @@ size_t comm_pack(const comm_packet *hdr, const float *x, int D, const int32_t *t
     size_t P = comm_payload_bytes(hdr, D);
     size_t total = comm_add(comm_add(COMM_PREFIX_BYTES, H), P);
     if (H > UINT32_MAX || total == SIZE_MAX) {
-        comm_err(err, errlen, "comm_pack mb %llu %d->%d: packet too large (header %zu bytes)", mb,
-                 hdr->sender, hdr->receiver, H);
+        base_set_err(err, errlen, "comm_pack mb %llu %d->%d: packet too large (header %zu bytes)",
+                     mb, hdr->sender, hdr->receiver, H);
         return 0;
     }
     if (total > cap) {
-        comm_err(err, errlen,
-                 "comm_pack mb %llu %d->%d: packet needs %zu bytes (header %zu + payload %zu), "
-                 "buffer has %zu",
-                 mb, hdr->sender, hdr->receiver, total, COMM_PREFIX_BYTES + H, P, cap);
+        base_set_err(err, errlen,
+                     "comm_pack mb %llu %d->%d: packet needs %zu bytes (header %zu + payload %zu), "
+                     "buffer has %zu",
+                     mb, hdr->sender, hdr->receiver, total, COMM_PREFIX_BYTES + H, P, cap);
         return 0;
     }
     comm_put_u32(buf, (uint32_t)H);
     if (modpipe__packet_header__pack(&h, buf + COMM_PREFIX_BYTES) != H) {
-        comm_err(err, errlen, "comm_pack mb %llu %d->%d: protobuf-c packed a different size", mb,
-                 hdr->sender, hdr->receiver);
+        base_set_err(err, errlen, "comm_pack mb %llu %d->%d: protobuf-c packed a different size",
+                     mb, hdr->sender, hdr->receiver);
         return 0;
     }
 
@@ -541,12 +534,13 @@ static int comm_unpack_fill(comm_unpacker *u, const uint8_t *buf, size_t len, in
                             comm_packet *out, char *err, size_t errlen)
 {
     if (len < COMM_PREFIX_BYTES) {
-        comm_err(err, errlen, "packet: %zu bytes, shorter than the 4-byte length prefix", len);
+        base_set_err(err, errlen, "packet: %zu bytes, shorter than the 4-byte length prefix", len);
         return -1;
     }
     size_t H = comm_get_u32(buf);
     if (H > len - COMM_PREFIX_BYTES) {
-        comm_err(err, errlen, "packet: header length %zu past the end (packet %zu bytes)", H, len);
+        base_set_err(err, errlen, "packet: header length %zu past the end (packet %zu bytes)", H,
+                     len);
         return -1;
     }
 
@@ -557,15 +551,15 @@ static int comm_unpack_fill(comm_unpacker *u, const uint8_t *buf, size_t len, in
         modpipe__packet_header__unpack(&u->pb_alloc, H, buf + COMM_PREFIX_BYTES);
     if (!h) {
         if (u->arena_exhausted)
-            comm_err(err, errlen,
-                     "packet: header needs more than the %zu-byte decode arena (header %zu "
-                     "bytes, packet %zu bytes)",
-                     u->arena_cap, H, len);
+            base_set_err(err, errlen,
+                         "packet: header needs more than the %zu-byte decode arena (header %zu "
+                         "bytes, packet %zu bytes)",
+                         u->arena_cap, H, len);
         else
-            comm_err(err, errlen,
-                     "packet: header does not decode (header %zu bytes, packet %zu "
-                     "bytes)",
-                     H, len);
+            base_set_err(err, errlen,
+                         "packet: header does not decode (header %zu bytes, packet %zu "
+                         "bytes)",
+                         H, len);
         return -1;
     }
     unsigned long long mb = (unsigned long long)h->mb;
@@ -574,31 +568,32 @@ static int comm_unpack_fill(comm_unpacker *u, const uint8_t *buf, size_t len, in
     size_t n_unknown = h->base.n_unknown_fields + (h->desc ? h->desc->base.n_unknown_fields : 0);
     for (size_t k = 0; k < h->n_bypass; k++) n_unknown += h->bypass[k]->base.n_unknown_fields;
     if (n_unknown) {
-        comm_err(err, errlen, "packet mb %llu: header has %zu unknown fields (header %zu bytes)",
-                 mb, n_unknown, H);
+        base_set_err(err, errlen,
+                     "packet mb %llu: header has %zu unknown fields (header %zu bytes)", mb,
+                     n_unknown, H);
         return -1;
     }
     /* Range checks before narrowing the uint32 fields to int. */
     if (h->mb_rows > (uint32_t)u->max_mb_rows) {
-        comm_err(err, errlen, "packet mb %llu: mb_rows %u above the limit %d", mb,
-                 (unsigned)h->mb_rows, u->max_mb_rows);
+        base_set_err(err, errlen, "packet mb %llu: mb_rows %u above the limit %d", mb,
+                     (unsigned)h->mb_rows, u->max_mb_rows);
         return -1;
     }
     if (h->sender >= (uint32_t)u->n_stages || h->receiver >= (uint32_t)u->n_stages) {
-        comm_err(err, errlen, "packet mb %llu: stage %u -> %u out of range (%d stages)", mb,
-                 (unsigned)h->sender, (unsigned)h->receiver, u->n_stages);
+        base_set_err(err, errlen, "packet mb %llu: stage %u -> %u out of range (%d stages)", mb,
+                     (unsigned)h->sender, (unsigned)h->receiver, u->n_stages);
         return -1;
     }
     if (h->n_rows > h->mb_rows) {
-        comm_err(err, errlen, "packet mb %llu %u->%u: n_rows %u > mb_rows %u", mb,
-                 (unsigned)h->sender, (unsigned)h->receiver, (unsigned)h->n_rows,
-                 (unsigned)h->mb_rows);
+        base_set_err(err, errlen, "packet mb %llu %u->%u: n_rows %u > mb_rows %u", mb,
+                     (unsigned)h->sender, (unsigned)h->receiver, (unsigned)h->n_rows,
+                     (unsigned)h->mb_rows);
         return -1;
     }
     if (h->present.len != comm_mask_bytes((int)h->mb_rows)) {
-        comm_err(err, errlen, "packet mb %llu %u->%u: mask of %zu bytes for %u rows (want %zu)", mb,
-                 (unsigned)h->sender, (unsigned)h->receiver, h->present.len, (unsigned)h->mb_rows,
-                 comm_mask_bytes((int)h->mb_rows));
+        base_set_err(err, errlen, "packet mb %llu %u->%u: mask of %zu bytes for %u rows (want %zu)",
+                     mb, (unsigned)h->sender, (unsigned)h->receiver, h->present.len,
+                     (unsigned)h->mb_rows, comm_mask_bytes((int)h->mb_rows));
         return -1;
     }
     if (h->desc) {
@@ -607,7 +602,7 @@ static int comm_unpack_fill(comm_unpacker *u, const uint8_t *buf, size_t len, in
         if (COMM_OPT_LEN(d->n_temperature) || COMM_OPT_LEN(d->n_top_p) || COMM_OPT_LEN(d->n_seed) ||
             COMM_OPT_LEN(d->n_seq) || COMM_OPT_LEN(d->n_step) || COMM_OPT_LEN(d->n_target)) {
 #undef COMM_OPT_LEN
-            comm_err(
+            base_set_err(
                 err, errlen,
                 "packet mb %llu %u->%u: descriptor has %zu temperatures, %zu top_p, %zu seeds, "
                 "%zu seqs, %zu steps, %zu targets for %u rows",
@@ -616,28 +611,28 @@ static int comm_unpack_fill(comm_unpacker *u, const uint8_t *buf, size_t len, in
             return -1;
         }
         if (d->n_release > STAGE_MAX_RELEASE) {
-            comm_err(err, errlen, "packet mb %llu: %zu slot releases (limit %d)", mb, d->n_release,
-                     STAGE_MAX_RELEASE);
+            base_set_err(err, errlen, "packet mb %llu: %zu slot releases (limit %d)", mb,
+                         d->n_release, STAGE_MAX_RELEASE);
             return -1;
         }
         if (d->n_share % 3 || d->n_share > 3 * STAGE_MAX_SHARE) {
-            comm_err(err, errlen, "packet mb %llu: %zu share values (triples, limit %d)", mb,
-                     d->n_share, STAGE_MAX_SHARE);
+            base_set_err(err, errlen, "packet mb %llu: %zu share values (triples, limit %d)", mb,
+                         d->n_share, STAGE_MAX_SHARE);
             return -1;
         }
         if (d->n_slot != h->mb_rows || d->n_pos != h->mb_rows || d->n_token != h->mb_rows ||
             d->flags.len != h->mb_rows) {
-            comm_err(err, errlen,
-                     "packet mb %llu %u->%u: descriptor has %zu slots, %zu positions, %zu "
-                     "tokens, %zu flags for %u rows",
-                     mb, (unsigned)h->sender, (unsigned)h->receiver, d->n_slot, d->n_pos,
-                     d->n_token, d->flags.len, (unsigned)h->mb_rows);
+            base_set_err(err, errlen,
+                         "packet mb %llu %u->%u: descriptor has %zu slots, %zu positions, %zu "
+                         "tokens, %zu flags for %u rows",
+                         mb, (unsigned)h->sender, (unsigned)h->receiver, d->n_slot, d->n_pos,
+                         d->n_token, d->flags.len, (unsigned)h->mb_rows);
             return -1;
         }
     }
     if (h->n_bypass > COMM_MAX_BYPASS) {
-        comm_err(err, errlen, "packet mb %llu: %zu bypass entries (limit %d)", mb, h->n_bypass,
-                 COMM_MAX_BYPASS);
+        base_set_err(err, errlen, "packet mb %llu: %zu bypass entries (limit %d)", mb, h->n_bypass,
+                     COMM_MAX_BYPASS);
         return -1;
     }
 
@@ -673,15 +668,17 @@ static int comm_unpack_fill(comm_unpacker *u, const uint8_t *buf, size_t len, in
         /* [n_bypass] in the arena, like the rest of the decoded header */
         comm_bypass *bp = comm_arena_alloc(u, h->n_bypass * sizeof *bp);
         if (!bp) {
-            comm_err(err, errlen, "packet mb %llu: %zu bypass entries do not fit the decode arena",
-                     mb, h->n_bypass);
+            base_set_err(err, errlen,
+                         "packet mb %llu: %zu bypass entries do not fit the decode arena", mb,
+                         h->n_bypass);
             return -1;
         }
         for (size_t k = 0; k < h->n_bypass; k++) {
             uint32_t f = h->bypass[k]->from_stage, t = h->bypass[k]->to_stage;
             if (f >= (uint32_t)u->n_stages || t >= (uint32_t)u->n_stages) {
-                comm_err(err, errlen, "packet mb %llu: bypass %u -> %u out of range (%d stages)",
-                         mb, (unsigned)f, (unsigned)t, u->n_stages);
+                base_set_err(err, errlen,
+                             "packet mb %llu: bypass %u -> %u out of range (%d stages)", mb,
+                             (unsigned)f, (unsigned)t, u->n_stages);
                 return -1;
             }
             bp[k].from = (int)f;
@@ -693,24 +690,24 @@ static int comm_unpack_fill(comm_unpacker *u, const uint8_t *buf, size_t len, in
     if (comm_check(out, u->n_stages, err, errlen)) return -1;
 
     if (out->kind == COMM_PKT_ROWS && D <= 0) {
-        comm_err(err, errlen, "packet mb %llu: row width D %d", mb, D);
+        base_set_err(err, errlen, "packet mb %llu: row width D %d", mb, D);
         return -1;
     }
     size_t have = len - COMM_PREFIX_BYTES - H;
     size_t want = comm_payload_bytes(out, D);
     if (have != want) {
         if (out->kind == COMM_PKT_ROWS)
-            comm_err(err, errlen,
-                     "packet mb %llu %d->%d: payload %zu bytes, want %zu (%d rows x D %d x %s) "
-                     "(header %zu bytes, packet %zu bytes)",
-                     mb, out->sender, out->receiver, have, want, out->n_rows, D,
-                     stage_dtype_name(out->dtype), H, len);
+            base_set_err(err, errlen,
+                         "packet mb %llu %d->%d: payload %zu bytes, want %zu (%d rows x D %d x %s) "
+                         "(header %zu bytes, packet %zu bytes)",
+                         mb, out->sender, out->receiver, have, want, out->n_rows, D,
+                         stage_dtype_name(out->dtype), H, len);
         else
-            comm_err(err, errlen,
-                     "packet mb %llu %d->%d: %s payload %zu bytes, want %zu (header %zu bytes, "
-                     "packet %zu bytes)",
-                     mb, out->sender, out->receiver,
-                     out->kind == COMM_PKT_TOKENS ? "TOKENS" : "END", have, want, H, len);
+            base_set_err(err, errlen,
+                         "packet mb %llu %d->%d: %s payload %zu bytes, want %zu (header %zu bytes, "
+                         "packet %zu bytes)",
+                         mb, out->sender, out->receiver,
+                         out->kind == COMM_PKT_TOKENS ? "TOKENS" : "END", have, want, H, len);
         return -1;
     }
     out->payload = buf + COMM_PREFIX_BYTES + H;
@@ -719,8 +716,8 @@ static int comm_unpack_fill(comm_unpacker *u, const uint8_t *buf, size_t len, in
         for (int k = 0; k < out->n_rows; k++) {
             int32_t t = comm_packet_token(out, k);
             if (t < 0 && t != STAGE_TOKEN_KV_LOST) {
-                comm_err(err, errlen, "packet mb %llu %d->%d: token %d is negative (%d)", mb,
-                         out->sender, out->receiver, k, (int)t);
+                base_set_err(err, errlen, "packet mb %llu %d->%d: token %d is negative (%d)", mb,
+                             out->sender, out->receiver, k, (int)t);
                 return -1;
             }
         }
@@ -731,7 +728,7 @@ int comm_unpack(comm_unpacker *u, const uint8_t *buf, size_t len, int D, comm_pa
                 char *err, size_t errlen)
 {
     if (!u || !out || (!buf && len > 0)) {
-        comm_err(err, errlen, "packet: no unpacker, buffer or output");
+        base_set_err(err, errlen, "packet: no unpacker, buffer or output");
         if (out) memset(out, 0, sizeof *out);
         return -1;
     }

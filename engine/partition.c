@@ -776,7 +776,7 @@ static void kinds_text(const stage_config *c, int a, int b, char *buf, size_t ca
     }
 }
 
-/* Tensor-parallel stages (issue 10): which ranks form each stage, and the weights per rank
+/* Tensor-parallel stages: which ranks form each stage, and the weights per rank
  * (the big matrices are split K ways; norms and routers, small, are whole on every rank). */
 static void print_rank_groups(const engine_plan *plan, FILE *out)
 {

@@ -1,4 +1,4 @@
-/* engine/partition.h — layers -> pipeline stages (SPEC §4, issue 3).
+/* engine/partition.h — layers -> pipeline stages (docs/SPEC.md §4).
  *
  * A plan is S contiguous, non-empty layer ranges covering 0..n_layers-1. Stage 0 also owns
  * the embedding, the last stage (the head) owns model.norm + lm_head.

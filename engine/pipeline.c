@@ -10,6 +10,9 @@
 #include <sys/resource.h>
 #include <time.h>
 
+#include "base/backoff.h"
+#include "base/clock.h"
+#include "engine/stats.h"
 #include "engine/topo.h"
 #include "engine/tp.h"
 #include "comm/link.h"
@@ -18,7 +21,6 @@
 #include "stage/stage.h"
 
 enum { TAG_CHAIN = 1, TAG_BYPASS = 2, TAG_TOKENS = 3, TAG_REPORT = 4 };
-enum { REP_KV = 10 }; /* KV pool counters in a link report (report_fill) */
 
 /* ========================================================================================
  * Loop state
@@ -77,7 +79,7 @@ struct engine_loop {
     int finished;
 
     /* link reports (serve): rank s > 0 -> 0, rep_len uint64 each */
-    int rep_len;           /* S * 4 counters + dense_rows + final flag + REP_KV pool counters */
+    int rep_len;           /* S x engine_link_report + engine_report_tail, in uint64s */
     uint64_t *rep_in;      /* rank 0: [S][rep_len] receive buffers */
     uint64_t *rep_tab;     /* rank 0: [S][rep_len] latest report of each rank */
     MPI_Request *rep_req;  /* rank 0: [S] */
@@ -264,7 +266,7 @@ static void complete(engine_loop *c, uint64_t mb, const int32_t *tok_by_row, con
     c->fl_head = (c->fl_head + 1) % c->o.max_in_flight;
     c->fl_n--;
     c->mb_done++;
-    c->t_tokens = stage_now_s();
+    c->t_tokens = base_now_s();
 }
 
 /* Run this stage's layers on the current micro-batch, then pass it on. */
@@ -273,7 +275,7 @@ static void process_mb(engine_loop *c)
     char err[512];
     stage_batch *d = &c->d;
     const uint64_t mb = d->id;
-    double t0 = stage_now_s();
+    double t0 = base_now_s();
     for (int k = 0; k < d->n_release; k++) {
         if (d->release[k] < 0 || d->release[k] >= c->o.slots)
             COMM_FATAL("micro-batch %llu releases slot %d of %d", (unsigned long long)mb,
@@ -295,11 +297,11 @@ static void process_mb(engine_loop *c)
         if (stage_state_slot_lost(c->st, d->slot[i])) d->flags[i] |= STAGE_ROW_KV_LOST;
     if (c->rank != c->head) {
         route_and_send(c);
-        c->busy_s += stage_now_s() - t0;
+        c->busy_s += base_now_s() - t0;
         return;
     }
     int ns = head_step(c);
-    c->busy_s += stage_now_s() - t0;
+    c->busy_s += base_now_s() - t0;
     uint8_t *mask = c->masks;
     memset(mask, 0, comm_mask_bytes(d->n));
     for (int k = 0; k < ns; k++) comm_mask_set(mask, c->srows[k]);
@@ -330,31 +332,47 @@ static uint64_t packets_sent(const engine_loop *c)
     return n;
 }
 
-/* [S][packets, header, payload, rows], dense_rows, final, [REP_KV] the KV pool */
+/* A link report (engine/stats.h): engine_link_report [S], then engine_report_tail; v holds
+ * rep_len uint64s. */
 static void report_fill(const engine_loop *c, uint64_t *v, int final)
 {
     for (int t = 0; t < c->S; t++) {
         const comm_link_stats *ls = comm_links_stats(c->links, t);
-        v[t * 4 + 0] = ls->packets;
-        v[t * 4 + 1] = ls->header_bytes;
-        v[t * 4 + 2] = ls->payload_bytes;
-        v[t * 4 + 3] = ls->rows;
+        engine_link_report r = {.packets = ls->packets,
+                                .rows = ls->rows,
+                                .header_bytes = ls->header_bytes,
+                                .payload_bytes = ls->payload_bytes};
+        memcpy(v + (size_t)t * ENGINE_LINK_STAT_N, &r, sizeof r);
     }
-    v[c->S * 4] = (uint64_t)c->dense_rows;
-    v[c->S * 4 + 1] = (uint64_t) final;
     stage_kv_stats k;
     stage_state_kv_stats(c->st, &k);
-    uint64_t *kv = v + c->S * 4 + 2; /* [REP_KV] */
-    kv[0] = (uint64_t)k.pages_total;
-    kv[1] = (uint64_t)k.pages_used;
-    kv[2] = (uint64_t)k.pages_peak;
-    kv[3] = k.page_bytes;
-    kv[4] = k.bytes_dense;
-    kv[5] = (uint64_t)k.pages_routed;
-    kv[6] = (uint64_t)k.pages_skip;
-    kv[7] = (uint64_t)k.pages_full;
-    kv[8] = (uint64_t)k.page;
-    kv[9] = (uint64_t)k.kv_layers;
+    engine_report_tail tail = {.dense_rows = (uint64_t)c->dense_rows,
+                               .final = (uint64_t) final,
+                               .kv_pages_total = (uint64_t)k.pages_total,
+                               .kv_pages_used = (uint64_t)k.pages_used,
+                               .kv_pages_peak = (uint64_t)k.pages_peak,
+                               .kv_page_bytes = k.page_bytes,
+                               .kv_bytes_dense = k.bytes_dense,
+                               .kv_pages_routed = (uint64_t)k.pages_routed,
+                               .kv_pages_skip = (uint64_t)k.pages_skip,
+                               .kv_pages_full = (uint64_t)k.pages_full,
+                               .kv_page = (uint64_t)k.page,
+                               .kv_layers = (uint64_t)k.kv_layers};
+    memcpy(v + (size_t)c->S * ENGINE_LINK_STAT_N, &tail, sizeof tail);
+}
+
+static engine_link_report report_link(const engine_loop *c, int s, int t)
+{
+    engine_link_report r;
+    memcpy(&r, c->rep_tab + (size_t)s * c->rep_len + (size_t)t * ENGINE_LINK_STAT_N, sizeof r);
+    return r;
+}
+
+static engine_report_tail report_tail(const engine_loop *c, int s)
+{
+    engine_report_tail r;
+    memcpy(&r, c->rep_tab + (size_t)s * c->rep_len + (size_t)c->S * ENGINE_LINK_STAT_N, sizeof r);
+    return r;
 }
 
 /* Rank > 0: at most every 0.25 s when counters moved (or final). The report itself goes on
@@ -362,14 +380,14 @@ static void report_fill(const engine_loop *c, uint64_t *v, int final)
 static void report_send(engine_loop *c, int final)
 {
     if (!c->o.serve || c->rank == 0) return;
-    double t = stage_now_s();
+    double t = base_now_s();
     uint64_t p = packets_sent(c);
     if (!final && (p == c->rep_packets || t - c->rep_t < 0.25)) return;
     size_t cap;
     uint8_t *buf = comm_links_acquire(c->links, &cap);
     size_t len = (size_t)c->rep_len * sizeof(uint64_t);
     if (len > cap) COMM_FATAL("link report of %zu bytes exceeds the send buffer", len);
-    uint64_t v[64 * 4 + 2 + REP_KV];
+    uint64_t v[64 * ENGINE_LINK_STAT_N + ENGINE_REPORT_STAT_N];
     report_fill(c, v, final);
     memcpy(buf, v, len);
     comm_links_send(c->links, buf, len, 0, TAG_REPORT, 0, len, 0);
@@ -394,40 +412,41 @@ static void report_poll(engine_loop *c, int force)
         if (!done) continue;
         memcpy(c->rep_tab + (size_t)s * c->rep_len, c->rep_in + (size_t)s * c->rep_len,
                (size_t)c->rep_len * 8);
-        if (!c->rep_tab[(size_t)s * c->rep_len + c->S * 4 + 1]) report_post(c, s);
+        if (!report_tail(c, s).final) report_post(c, s);
     }
-    double t = stage_now_s();
+    double t = base_now_s();
     if (!c->ops->links || (!force && t - c->rep_t < 0.25)) return;
     c->rep_t = t;
     report_fill(c, c->rep_tab, 0); /* rank 0's own counters */
     const double ws = (double)stage_dtype_size(c->o.wire);
     int n = 0;
     for (int s = 0; s < c->S; s++) {
-        const uint64_t *v = c->rep_tab + (size_t)s * c->rep_len;
+        const engine_report_tail tail = report_tail(c, s);
         for (int t2 = 0; t2 < c->S; t2++) {
-            if (t2 == s || (v[t2 * 4] == 0 && t2 != s + 1)) continue;
+            const engine_link_report lr = report_link(c, s, t2);
+            if (t2 == s || (lr.packets == 0 && t2 != s + 1)) continue;
             engine_link_bytes *e = &c->lb[n++];
             e->from = s;
             e->to = t2;
-            e->bytes = v[t2 * 4 + 1] + v[t2 * 4 + 2];
-            e->dense_bytes = t2 == s + 1 ? (uint64_t)((double)v[c->S * 4] * c->D * ws) : 0;
+            e->bytes = lr.header_bytes + lr.payload_bytes;
+            e->dense_bytes = t2 == s + 1 ? (uint64_t)((double)tail.dense_rows * c->D * ws) : 0;
         }
     }
     c->ops->links(c->self, c->lb, n);
     if (!c->ops->kv) return;
     for (int s = 0; s < c->S; s++) {
-        const uint64_t *kv = c->rep_tab + (size_t)s * c->rep_len + c->S * 4 + 2;
+        const engine_report_tail k = report_tail(c, s);
         c->kvr[s] = (engine_kv_report){.stage = s,
-                                       .page = kv[8],
-                                       .kv_layers = kv[9],
-                                       .pages_total = kv[0],
-                                       .pages_used = kv[1],
-                                       .pages_peak = kv[2],
-                                       .page_bytes = kv[3],
-                                       .bytes_dense = kv[4],
-                                       .pages_routed = kv[5],
-                                       .pages_skip = kv[6],
-                                       .pages_full = kv[7]};
+                                       .pages_total = k.kv_pages_total,
+                                       .pages_used = k.kv_pages_used,
+                                       .pages_peak = k.kv_pages_peak,
+                                       .page_bytes = k.kv_page_bytes,
+                                       .bytes_dense = k.kv_bytes_dense,
+                                       .pages_routed = k.kv_pages_routed,
+                                       .pages_skip = k.kv_pages_skip,
+                                       .pages_full = k.kv_pages_full,
+                                       .page = k.kv_page,
+                                       .kv_layers = k.kv_layers};
     }
     c->ops->kv(c->self, c->kvr, c->S);
 }
@@ -438,7 +457,7 @@ static void report_poll(engine_loop *c, int force)
 
 static void print_progress(engine_loop *c, int force)
 {
-    double t = stage_now_s();
+    double t = base_now_s();
     if (!c->o.progress || (!force && t - c->t_last_progress < 2.0)) return;
     c->t_last_progress = t;
     double el = t - c->t_start;
@@ -479,15 +498,15 @@ static void issue(engine_loop *c, stage_batch *f)
     c->fl_n++;
     if (c->S > 1 && c->treq == MPI_REQUEST_NULL) {
         MPI_Irecv(c->tbuf, (int)c->pkt_max, MPI_BYTE, c->head, TAG_TOKENS, c->comm, &c->treq);
-        if (c->fl_n == 1) c->t_tokens = stage_now_s();
+        if (c->fl_n == 1) c->t_tokens = base_now_s();
     }
     stage_batch_copy(&c->d, f);
-    double t0 = stage_now_s();
+    double t0 = base_now_s();
     if (c->d.n > 0 && stage_embed(c->m, c->d.token, c->d.n, c->x, err, sizeof err))
         COMM_FATAL("micro-batch %llu: %s", (unsigned long long)f->id, err);
     memset(c->present, 1, (size_t)c->d.n);
     c->n_byp_in = 0;
-    c->busy_s += stage_now_s() - t0;
+    c->busy_s += base_now_s() - t0;
     process_mb(c);
 }
 
@@ -495,9 +514,11 @@ static void issue(engine_loop *c, stage_batch *f)
  * the peer timeout. Returns 1 when one arrived (and was applied). */
 static int wait_tokens(engine_loop *c, double max_s)
 {
-    double t0 = stage_now_s();
+    double t0 = base_now_s();
     MPI_Status st;
-    for (long spin = 0;; spin++) {
+    base_backoff bo;
+    base_backoff_init(&bo, BASE_BACKOFF_FIXED, 65, 20000);
+    for (;;) {
         int done = 0;
         MPI_Test(&c->treq, &done, &st);
         if (done) {
@@ -511,15 +532,12 @@ static int wait_tokens(engine_loop *c, double max_s)
             return 1;
         }
         comm_links_progress(c->links);
-        double t = stage_now_s();
+        double t = base_now_s();
         if (t - c->t_tokens > c->o.timeout_s)
             COMM_FATAL("no tokens packet from rank %d for %.0f s: that rank is gone or stuck",
                        c->head, c->o.timeout_s);
         if (max_s >= 0 && t - t0 >= max_s) return 0;
-        if (spin > 64) {
-            struct timespec ts = {0, 20000};
-            nanosleep(&ts, NULL);
-        }
+        base_backoff_wait(&bo);
     }
 }
 
@@ -563,19 +581,16 @@ static int step0(engine_loop *c)
 static size_t wait_chain(engine_loop *c, MPI_Request *req)
 {
     if (!c->o.serve) return comm_links_wait_recv(c->links, req, c->rank - 1, "chain packet");
-    double t0 = stage_now_s();
     MPI_Status st;
-    for (long spin = 0;; spin++) {
+    base_backoff bo;
+    base_backoff_init(&bo, BASE_BACKOFF_IDLE, 65, 20000);
+    for (;;) {
         int done = 0;
         MPI_Test(req, &done, &st);
         if (done) break;
         comm_links_progress(c->links);
         report_send(c, 0);
-        double waited = stage_now_s() - t0;
-        if (spin > 64) {
-            struct timespec ts = {0, waited < 0.01 ? 20000 : waited < 0.2 ? 200000 : 1000000};
-            nanosleep(&ts, NULL);
-        }
+        base_backoff_wait(&bo);
     }
     int n = 0;
     MPI_Get_count(&st, MPI_BYTE, &n);
@@ -611,7 +626,7 @@ static void stageN_loop(engine_loop *c)
                        (unsigned long long)p.mb, p.mb_rows, c->R);
         MPI_Irecv(c->rbuf[cur ^ 1], (int)c->pkt_max, MPI_BYTE, s - 1, TAG_CHAIN, c->comm,
                   &c->rreq[cur ^ 1]);
-        double t0 = stage_now_s();
+        double t0 = base_now_s();
         const uint64_t mb = p.mb;
         const int n = p.mb_rows;
         stage_batch_copy(&c->d, &p.rows); /* p lives until the next unpack (bypass) */
@@ -628,7 +643,7 @@ static void stageN_loop(engine_loop *c)
                 COMM_FATAL("chain packet lists a bypass packet %d -> %d behind stage %d",
                            p.bypass[k].from, p.bypass[k].to, s);
         }
-        c->busy_s += stage_now_s() - t0;
+        c->busy_s += base_now_s() - t0;
         for (int k = 0; k < n_from; k++) {
             MPI_Request rq;
             MPI_Irecv(c->bbuf, (int)c->pkt_max, MPI_BYTE, from[k], TAG_BYPASS, c->comm, &rq);
@@ -677,57 +692,51 @@ int engine_loop_step(engine_loop *L)
  * Stats: gathered on rank 0, written as JSON, one summary line.
  * ===================================================================================== */
 
-enum { ST_LINK = 4, ST_FIXED = 14, ST_LAYER = 7 };
-
-static double *stats_vector(engine_loop *c, int *len)
+/* This rank's record (engine/stats.h): links [S], layers [n_layers] (zero off the stage). */
+static void stats_fill(engine_loop *c, engine_rank_stat *r, engine_link_stat *links,
+                       engine_layer_stat *layers)
 {
-    const int S = c->S, L = c->o.cfg->n_layers;
-    *len = S * ST_LINK + ST_FIXED + L * ST_LAYER;
-    double *v = calloc((size_t)*len, sizeof *v);
-    if (!v) COMM_FATAL("out of memory");
-    for (int t = 0; t < S; t++) {
+    for (int t = 0; t < c->S; t++) {
         const comm_link_stats *ls = comm_links_stats(c->links, t);
-        v[t * ST_LINK + 0] = (double)ls->packets;
-        v[t * ST_LINK + 1] = (double)ls->header_bytes;
-        v[t * ST_LINK + 2] = (double)ls->payload_bytes;
-        v[t * ST_LINK + 3] = (double)ls->rows;
+        links[t] = (engine_link_stat){.packets = (double)ls->packets,
+                                      .rows = (double)ls->rows,
+                                      .header_bytes = (double)ls->header_bytes,
+                                      .payload_bytes = (double)ls->payload_bytes};
     }
-    double *f = v + S * ST_LINK;
-    f[0] = c->dense_rows;
-    f[1] = c->busy_s;
-    f[2] = comm_links_wait_seconds(c->links);
-    f[3] = (double)stage_model_weight_bytes(c->m);
-    f[4] = (double)stage_state_kv_alloc_bytes(c->st);
-    f[5] = c->nll_sum;
-    f[6] = (double)c->nll_count;
     struct rusage ru; /* peak resident set of this rank (Linux: KiB), mmap'd weights included */
-    f[7] = getrusage(RUSAGE_SELF, &ru) == 0 ? (double)ru.ru_maxrss * 1024.0 : 0.0;
-    f[8] = stage_state_tp_io_bytes(c->st);
-    stage_kv_stats ks; /* the paged pool (docs/SPEC.md §11) */
+    stage_kv_stats ks;
     stage_state_kv_stats(c->st, &ks);
-    f[9] = ks.page;
-    f[10] = ks.pages_total;
-    f[11] = ks.pages_peak;
-    f[12] = ks.pages_used;
-    f[13] = (double)ks.page_bytes;
-    double *lv = f + ST_FIXED;
-    stage_range r = stage_model_range(c->m);
-    for (int l = r.first; l <= r.last; l++) {
+    *r = (engine_rank_stat){
+        .dense_rows = c->dense_rows,
+        .busy_s = c->busy_s,
+        .wait_s = comm_links_wait_seconds(c->links),
+        .weight_bytes = (double)stage_model_weight_bytes(c->m),
+        .kv_bytes_allocated = (double)stage_state_kv_alloc_bytes(c->st),
+        .kv_page_positions = ks.page,
+        .kv_pages_total = ks.pages_total,
+        .kv_pages_peak = ks.pages_peak,
+        .kv_pages_used_at_end = ks.pages_used,
+        .kv_page_bytes = (double)ks.page_bytes,
+        .peak_rss_bytes = getrusage(RUSAGE_SELF, &ru) == 0 ? (double)ru.ru_maxrss * 1024.0 : 0.0,
+        .tp_io_bytes = stage_state_tp_io_bytes(c->st),
+        .nll_sum = c->nll_sum,
+        .nll_count = (double)c->nll_count,
+    };
+    memset(layers, 0, (size_t)c->o.cfg->n_layers * sizeof *layers);
+    stage_range rg = stage_model_range(c->m);
+    for (int l = rg.first; l <= rg.last; l++) {
         const stage_layer_stats *ls = stage_state_layer_stats(c->st, l);
-        double *e = lv + l * ST_LAYER;
-        e[0] = (double)ls->rows;
-        e[1] = (double)ls->active;
-        e[2] = (double)ls->kv_entries;
-        e[3] = ls->flops;
-        e[4] = ls->flops_dense;
-        e[5] = ls->seconds;
-        e[6] = ls->tp_bytes;
+        layers[l] = (engine_layer_stat){.rows = (double)ls->rows,
+                                        .active_rows = (double)ls->active,
+                                        .kv_entries = (double)ls->kv_entries,
+                                        .flops = ls->flops,
+                                        .flops_dense = ls->flops_dense,
+                                        .seconds = ls->seconds,
+                                        .tp_bytes = ls->tp_bytes};
     }
-    return v;
 }
 
-static void report(engine_loop *c, const double *all, int len, double seconds,
-                   engine_loop_result *res)
+static void report(engine_loop *c, const engine_stats *all, double seconds, engine_loop_result *res)
 {
     const engine_loop_opts *o = &c->o;
     const stage_config *cfg = o->cfg;
@@ -753,51 +762,42 @@ static void report(engine_loop *c, const double *all, int len, double seconds,
 
     cJSON *stages = cJSON_AddArrayToObject(j, "stages");
     for (int s = 0; s < S; s++) {
-        const double *f = all + (size_t)s * len + S * ST_LINK;
+        const engine_rank_stat *f = &all->rank[s];
         cJSON *e = cJSON_CreateObject();
         char r[32];
         snprintf(r, sizeof r, "%d-%d", o->plan->st[s].first, o->plan->st[s].last);
         cJSON_AddNumberToObject(e, "stage", s);
         cJSON_AddStringToObject(e, "layers", r);
-        cJSON_AddNumberToObject(e, "busy_s", f[1]);
-        cJSON_AddNumberToObject(e, "wait_s", f[2]);
-        cJSON_AddNumberToObject(e, "busy_fraction", seconds > 0 ? f[1] / seconds : 0);
-        cJSON_AddNumberToObject(e, "weight_bytes", f[3]);
-        cJSON_AddNumberToObject(e, "kv_bytes_allocated", f[4]);
         /* the page pool: its size, the most pages held at once, pages still held once every
-         * slot was released at the end (0 unless the accounting lost pages) */
-        cJSON_AddNumberToObject(e, "kv_page_positions", f[9]);
-        cJSON_AddNumberToObject(e, "kv_pages_total", f[10]);
-        cJSON_AddNumberToObject(e, "kv_pages_peak", f[11]);
-        cJSON_AddNumberToObject(e, "kv_pages_used_at_end", f[12]);
-        cJSON_AddNumberToObject(e, "kv_bytes_peak", f[11] * f[13]);
-        cJSON_AddNumberToObject(e, "peak_rss_bytes", f[7]);
-        /* tensor parallelism: ranks of the stage, and the bytes moved inside its group outside
-         * the layers (micro-batches handed to the group, LM head); weight, KV and RSS bytes
-         * above are the leader's (each rank of the group holds about as much) */
+         * slot was released at the end (0 unless the accounting lost pages); tensor
+         * parallelism: the bytes moved inside the stage's group outside the layers
+         * (micro-batches handed to the group, LM head); weight, KV and RSS bytes are the
+         * leader's (each rank of the group holds about as much) */
+        engine_stats_rank_json(e, f);
+        cJSON_AddNumberToObject(e, "busy_fraction", seconds > 0 ? f->busy_s / seconds : 0);
+        cJSON_AddNumberToObject(e, "kv_bytes_peak", f->kv_pages_peak * f->kv_page_bytes);
         cJSON_AddNumberToObject(e, "ranks", engine_stage_ranks(&o->plan->st[s]));
-        cJSON_AddNumberToObject(e, "tp_io_bytes", f[8]);
-        tp_total += f[8];
+        tp_total += f->tp_io_bytes;
         cJSON_AddItemToArray(stages, e);
     }
     if (o->stats_path && o->progress) {
         fprintf(stderr, "[modpipe] peak RSS per stage:");
         for (int s = 0; s < S; s++) {
-            const double *f = all + (size_t)s * len + S * ST_LINK;
+            const engine_rank_stat *f = &all->rank[s];
             fprintf(stderr, "%s %d: %.1f MiB (weights %.1f MiB, KV %.1f MiB)", s ? "," : "", s,
-                    f[7] / 1048576.0, f[3] / 1048576.0, f[4] / 1048576.0);
+                    f->peak_rss_bytes / 1048576.0, f->weight_bytes / 1048576.0,
+                    f->kv_bytes_allocated / 1048576.0);
         }
         fprintf(stderr, "\n");
     }
 
     cJSON *links = cJSON_AddArrayToObject(j, "links");
     for (int s = 0; s < S; s++) {
-        const double *v = all + (size_t)s * len;
-        const double dense_rows = v[S * ST_LINK];
+        const double dense_rows = all->rank[s].dense_rows;
         for (int t = 0; t < S; t++) {
-            const double *ls = v + t * ST_LINK;
+            const engine_link_stat *ls = &all->link[(size_t)s * S + t];
             int chain = t == s + 1;
-            if (ls[0] == 0 && !chain) continue;
+            if (ls->packets == 0 && !chain) continue;
             cJSON *e = cJSON_CreateObject();
             char name[32];
             snprintf(name, sizeof name, "%d->%d", s, t);
@@ -806,18 +806,15 @@ static void report(engine_loop *c, const double *all, int len, double seconds,
             cJSON_AddNumberToObject(e, "from", s);
             cJSON_AddNumberToObject(e, "to", t);
             cJSON_AddStringToObject(e, "kind", kind);
-            cJSON_AddNumberToObject(e, "packets", ls[0]);
-            cJSON_AddNumberToObject(e, "rows", ls[3]);
-            cJSON_AddNumberToObject(e, "header_bytes", ls[1]);
-            cJSON_AddNumberToObject(e, "payload_bytes", ls[2]);
+            engine_stats_link_json(e, ls);
             cJSON_AddNumberToObject(e, "dense_rows", chain ? dense_rows : 0);
             cJSON_AddNumberToObject(e, "dense_bytes", chain ? dense_rows * D * ws : 0);
             cJSON_AddItemToArray(links, e);
-            hdr += ls[1];
+            hdr += ls->header_bytes;
             if (t > s)
-                pay += ls[2];
+                pay += ls->payload_bytes;
             else
-                tok_bytes += ls[2];
+                tok_bytes += ls->payload_bytes;
             if (chain) dense += dense_rows * D * ws;
         }
     }
@@ -827,27 +824,22 @@ static void report(engine_loop *c, const double *all, int len, double seconds,
     for (int l = 0; l < L; l++) {
         int s = 0;
         while (s < S - 1 && l > o->plan->st[s].last) s++;
-        const double *e = all + (size_t)s * len + S * ST_LINK + ST_FIXED + l * ST_LAYER;
+        const engine_layer_stat *e = &all->layer[(size_t)s * L + l];
         cJSON *x = cJSON_CreateObject();
         cJSON_AddNumberToObject(x, "layer", l);
         cJSON_AddStringToObject(x, "type", stage_kind_name(cfg->layer_kind[l]));
         cJSON_AddNumberToObject(x, "stage", s);
-        cJSON_AddNumberToObject(x, "rows", e[0]);
-        cJSON_AddNumberToObject(x, "active_rows", e[1]);
-        cJSON_AddNumberToObject(x, "participation", e[0] > 0 ? e[1] / e[0] : 0);
-        cJSON_AddNumberToObject(x, "kv_bytes", e[2] * kvd * 2 * kvs);
-        cJSON_AddNumberToObject(x, "kv_bytes_dense", e[0] * kvd * 2 * kvs);
-        cJSON_AddNumberToObject(x, "flops", e[3]);
-        cJSON_AddNumberToObject(x, "flops_dense", e[4]);
-        cJSON_AddNumberToObject(x, "seconds", e[5]);
-        cJSON_AddNumberToObject(x, "tp_bytes", e[6]); /* inside the stage's rank group */
-        tp_total += e[6];
+        engine_stats_layer_json(x, e); /* tp_bytes: inside the stage's rank group */
+        cJSON_AddNumberToObject(x, "participation", e->rows > 0 ? e->active_rows / e->rows : 0);
+        cJSON_AddNumberToObject(x, "kv_bytes", e->kv_entries * kvd * 2 * kvs);
+        cJSON_AddNumberToObject(x, "kv_bytes_dense", e->rows * kvd * 2 * kvs);
+        tp_total += e->tp_bytes;
         cJSON_AddItemToArray(layers, x);
-        kv += e[2] * kvd * 2 * kvs;
-        kv_dense += e[0] * kvd * 2 * kvs;
-        fl += e[3];
-        fl_dense += e[4];
-        if (l == 0) rows_total = e[0];
+        kv += e->kv_entries * kvd * 2 * kvs;
+        kv_dense += e->rows * kvd * 2 * kvs;
+        fl += e->flops;
+        fl_dense += e->flops_dense;
+        if (l == 0) rows_total = e->rows;
     }
     double wire = hdr + pay + tok_bytes;
     cJSON *tot = cJSON_AddObjectToObject(j, "total");
@@ -872,8 +864,8 @@ static void report(engine_loop *c, const double *all, int len, double seconds,
 
     double nll = 0, nn = 0;
     for (int s = 0; s < S; s++) {
-        nll += all[(size_t)s * len + S * ST_LINK + 5];
-        nn += all[(size_t)s * len + S * ST_LINK + 6];
+        nll += all->rank[s].nll_sum;
+        nn += all->rank[s].nll_count;
     }
     if (o->report_nll) {
         cJSON_AddNumberToObject(j, "mean_nll", nn > 0 ? nll / nn : 0);
@@ -999,7 +991,7 @@ static int loop_init(engine_loop *c, char *err, size_t errlen)
     c->masks = calloc(S, comm_mask_bytes(c->R) + 1);
     c->byp_in = malloc(S * S * sizeof *c->byp_in);
     c->byp_out = malloc(S * S * sizeof *c->byp_out);
-    c->rep_len = (int)S * 4 + 2 + REP_KV;
+    c->rep_len = (int)S * ENGINE_LINK_STAT_N + ENGINE_REPORT_STAT_N;
     ok = ok && c->x && c->present && c->dest && c->masks && c->byp_in && c->byp_out;
     if (ok && c->rank > 0) {
         c->rbuf[0] = malloc(c->pkt_max);
@@ -1107,9 +1099,8 @@ int engine_loop_open(MPI_Comm comm, const engine_loop_opts *o, const engine_sche
     }
     engine_topo_free(&topo);
     /* All ranks agree on start-up failures; the lowest failing rank tells. */
-    int bad = rc ? rank : size, first_bad = size;
-    MPI_Allreduce(&bad, &first_bad, 1, MPI_INT, MPI_MIN, comm);
-    if (first_bad < size) {
+    int first_bad = comm_first_failed(comm, rc != 0);
+    if (first_bad >= 0) {
         if (rank == first_bad)
             snprintf(err, errlen, "rank %d: %s", rank, myerr);
         else
@@ -1120,7 +1111,7 @@ int engine_loop_open(MPI_Comm comm, const engine_loop_opts *o, const engine_sche
     if (c->o.serve && rank == 0)
         for (int s = 1; s < c->S; s++) report_post(c, s);
     MPI_Barrier(comm);
-    c->t_start = c->t_last_progress = c->t_tokens = stage_now_s();
+    c->t_start = c->t_last_progress = c->t_tokens = base_now_s();
     *out = c;
     return 0;
 }
@@ -1153,7 +1144,7 @@ int engine_loop_close(engine_loop *c, engine_loop_result *res, char *err, size_t
                 c->rep_req[s] = MPI_REQUEST_NULL;
                 memcpy(c->rep_tab + (size_t)s * c->rep_len, c->rep_in + (size_t)s * c->rep_len,
                        (size_t)c->rep_len * 8);
-                if (!c->rep_tab[(size_t)s * c->rep_len + c->S * 4 + 1]) report_post(c, s);
+                if (!report_tail(c, s).final) report_post(c, s);
             }
         report_poll(c, 1);
         print_progress(c, 1);
@@ -1166,7 +1157,7 @@ int engine_loop_close(engine_loop *c, engine_loop_result *res, char *err, size_t
      * stats then show any page the accounting lost, docs/SPEC.md §11) */
     for (int s = 0; s < c->o.slots; s++) stage_state_slot_release(c->st, s);
     comm_links_drain(c->links);
-    double seconds = stage_now_s() - c->t_start;
+    double seconds = base_now_s() - c->t_start;
     MPI_Barrier(c->comm);
 
     /* --dump-logits from the head */
@@ -1178,20 +1169,26 @@ int engine_loop_close(engine_loop *c, engine_loop_result *res, char *err, size_t
     }
     MPI_Bcast(&dump_ok, 1, MPI_INT, c->head, c->comm);
 
-    int len = 0;
-    double *mine = stats_vector(c, &len);
-    double *all = c->rank == 0 ? malloc((size_t)len * c->S * sizeof(double)) : NULL;
-    MPI_Gather(mine, len, MPI_DOUBLE, all, len, MPI_DOUBLE, 0, c->comm);
+    const int L = c->o.cfg->n_layers;
+    engine_rank_stat mine;
+    engine_link_stat *links = malloc((size_t)c->S * sizeof *links);
+    engine_layer_stat *layers = malloc((size_t)L * sizeof *layers);
+    if (!links || !layers) COMM_FATAL("out of memory");
+    stats_fill(c, &mine, links, layers);
+    engine_stats all;
+    if (engine_stats_gather(c->comm, &mine, links, layers, L, &all))
+        COMM_FATAL("out of memory (gathering the stats)");
     if (c->rank == 0) {
         engine_loop_result r;
         memset(&r, 0, sizeof r);
-        report(c, all, len, seconds, &r);
+        report(c, &all, seconds, &r);
         r.seconds = seconds;
         r.tokens = c->tokens_done;
         if (res) *res = r;
     }
-    free(all);
-    free(mine);
+    engine_stats_free(&all);
+    free(links);
+    free(layers);
     int rank = c->rank, head = c->head;
     loop_free(c);
     if (!dump_ok) {

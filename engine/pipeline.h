@@ -1,4 +1,4 @@
-/* engine/pipeline.h — the distributed program: the pipeline loop (SPEC §4).
+/* engine/pipeline.h — the distributed program: the pipeline loop (docs/SPEC.md §4).
  *
  * Every rank of `comm` is one stage (-np 1 is the same code with a single stage that is also
  * the head) — unless the plan gives stages several ranks (plan->st[s].ranks, --tp K,

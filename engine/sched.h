@@ -1,4 +1,4 @@
-/* engine/sched.h — what the pipeline loop asks a scheduler for (issue 8.3).
+/* engine/sched.h — what the pipeline loop asks a scheduler for.
  *
  * The loop (engine/pipeline.h: engine_loop_open / _step / _close) owns the ranks, the
  * stages and the links; a scheduler owns the work. On rank 0, between micro-batches, the loop

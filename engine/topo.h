@@ -1,4 +1,4 @@
-/* engine/topo.h — which MPI ranks form which pipeline stage (issue 10).
+/* engine/topo.h — which MPI ranks form which pipeline stage.
  *
  * A stage is a group of ranks (plan->st[s].ranks; 0 is read as 1). Ranks are assigned in
  * order: stage 0 gets world ranks 0 .. K0-1, stage 1 the next K1, ... The first rank of each

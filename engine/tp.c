@@ -8,6 +8,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "base/backoff.h"
 #include "stage/dtype.h"
 
 /* Debian's libscalapack-openmpi ships no C header: the prototypes we use (ScaLAPACK 2.2). */
@@ -161,15 +162,13 @@ static void tp_bcast_idle(stage_tp *st, int32_t *hdr, int n)
         MPI_Wait(&rq, MPI_STATUS_IGNORE);
         return;
     }
-    long spins = 0, nap_ns = 1000;
+    base_backoff bo; /* a busy stage: the next op is microseconds away; an idle one naps */
+    base_backoff_init(&bo, BASE_BACKOFF_DOUBLE, 1999, 1000);
     for (;;) {
         int done = 0;
         MPI_Test(&rq, &done, MPI_STATUS_IGNORE);
         if (done) return;
-        if (++spins < 2000) continue; /* a busy stage: the next op is microseconds away */
-        struct timespec ts = {0, nap_ns};
-        nanosleep(&ts, NULL);
-        if (nap_ns < 1000000) nap_ns *= 2;
+        base_backoff_wait(&bo);
     }
 }
 

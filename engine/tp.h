@@ -1,6 +1,6 @@
 /* engine/tp.h — the tensor-parallel operations of a stage spread over a group of ranks
  * (stage/tp.h: the interface the layer math calls), built on ScaLAPACK (BLACS + PBLAS psgemm)
- * and MPI on the group's communicator. SPEC §5.
+ * and MPI on the group's communicator. docs/SPEC.md §5.
  *
  * engine_tp_new is collective over `group` (every rank of it); it dups the communicator and
  * builds a K x 1 BLACS grid on it. Returns 0 and *out, or non-zero with one line in err.

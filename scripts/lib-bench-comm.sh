@@ -21,7 +21,7 @@
 #   ratio         wire_bytes / dense_bytes (stats .total.ratio)
 #   payload_ratio payload_bytes / dense_bytes
 #   ratio_vs_f32  wire_bytes / the dense pipeline's bytes in f32 (shows bf16 on top)
-#   pred          SPEC §4 prediction of payload / dense from p_stage (see pred below); 1 for
+#   pred          docs/SPEC.md §4 prediction of payload / dense from p_stage (see pred below); 1 for
 #                 the dense transport (which sends every row on every chain link)
 #   max_link_bytes   bytes (payload + headers) of the busiest link s->t
 #   max_port_bytes   bytes through the busiest host port: max over stages of the bytes it
@@ -39,7 +39,7 @@
 #   prefill: ( sum_{t=1..S-2} p_t + q ) / (S-1),  q = p_{S-1} + (1 - p_{S-1}) * n_seq / N
 #            (the head also receives each prompt's last row, for its logits)
 #   decode:  ( sum_{t=1..S-2} p_t + 1 ) / (S-1)   (every decode row reaches the head)
-#   With every p_t = p and n_seq << N these are SPEC §4's p and (1 + p (S-2)) / (S-1).
+#   With every p_t = p and n_seq << N these are docs/SPEC.md §4's p and (1 + p (S-2)) / (S-1).
 
 BC_COLUMNS="layout,stages,capacity,phase,wire_dtype,transport,net,rows,tokens,participation,p_stage1,p_stage2,p_stage3,recv_stage1,recv_stage2,recv_stage3,packets,wire_bytes,payload_bytes,header_bytes,token_bytes,dense_bytes,ratio,payload_ratio,ratio_vs_f32,pred,max_link_bytes,max_port_bytes,max_link_ratio,max_port_ratio,seconds,s_per_token,wall_s,stats_file"
 
@@ -303,10 +303,10 @@ bc_plots() {
                 b=$d/$phase-$layout-bf16
                 bc_gp_plot \
                     "$a|1:(\$3/1048576)|w lp lc rgb 'black' dt 2 pt 4|dense f32" \
-                    "$a|1:(\$4*\$3/1048576)|w p lc rgb '#1f77b4' pt 6 ps 2|SPEC §4 prediction f32" \
+                    "$a|1:(\$4*\$3/1048576)|w p lc rgb '#1f77b4' pt 6 ps 2|docs/SPEC.md §4 prediction f32" \
                     "$a|1:(\$2/1048576)|w lp lc rgb '#1f77b4' lw 2 pt 7|measured f32" \
                     "$b|1:(\$3/1048576)|w lp lc rgb 'gray40' dt 2 pt 4|dense bf16" \
-                    "$b|1:(\$4*\$3/1048576)|w p lc rgb '#d62728' pt 6 ps 2|SPEC §4 prediction bf16" \
+                    "$b|1:(\$4*\$3/1048576)|w p lc rgb '#d62728' pt 6 ps 2|docs/SPEC.md §4 prediction bf16" \
                     "$b|1:(\$2/1048576)|w lp lc rgb '#d62728' lw 2 pt 5|measured bf16"
             done
             echo "unset multiplot"
@@ -314,7 +314,7 @@ bc_plots() {
         echo "set terminal pngcairo size 640,600 font 'sans,10'"
         echo "set output '$out/${pre}ratio-vs-pred.png'"
         echo "unset logscale x; set xrange [0:1.1]; set yrange [0:1.1]; set xtics auto"
-        echo "set xlabel 'SPEC §4 prediction from measured participation (payload / dense)'"
+        echo "set xlabel 'docs/SPEC.md §4 prediction from measured participation (payload / dense)'"
         echo "set ylabel 'measured / dense bytes'"
         echo "set title 'every run${tag:+ (links of $tag)}: measured vs predicted'"
         echo "set key top left font 'sans,8'"

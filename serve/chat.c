@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/file.h"
 #include "serve/serve.h"
 
 typedef enum { CT_CHATML, CT_LLAMA2, CT_LLAMA3, CT_MISTRAL, CT_ZEPHYR, CT_PLAIN } ct_kind;
@@ -58,16 +59,11 @@ const serve_chat_template *serve_chat_detect(const char *model_dir)
     const serve_chat_template *plain = serve_chat_find("plain");
     char path[4096];
     snprintf(path, sizeof path, "%s/tokenizer_config.json", model_dir);
-    FILE *f = fopen(path, "rb");
-    if (!f) return plain;
-    char *buf = NULL;
-    long n = -1;
-    if (!fseek(f, 0, SEEK_END) && (n = ftell(f)) >= 0 && !fseek(f, 0, SEEK_SET) &&
-        (buf = malloc((size_t)n + 1)) && fread(buf, 1, (size_t)n, f) != (size_t)n)
-        n = -1;
-    fclose(f);
+    size_t n = 0;
+    char *buf = base_read_file(path, 0, &n, NULL, 0); /* none: plain */
+    if (!buf) return plain;
     const serve_chat_template *t = plain;
-    cJSON *root = n >= 0 && buf ? cJSON_ParseWithLength(buf, (size_t)n) : NULL;
+    cJSON *root = cJSON_ParseWithLength(buf, n);
     const cJSON *ct = cJSON_GetObjectItemCaseSensitive(root, "chat_template");
     if (cJSON_IsString(ct)) {
         const char *s = ct->valuestring;

@@ -1,4 +1,5 @@
 /* serve/front.c — the front's relay and job supervisor (contract in front.h). */
+#include "base/clock.h"
 #include "serve/front.h"
 
 #include <errno.h>
@@ -39,13 +40,6 @@ typedef struct {
     engine_kv_report kv[SRVQ_MAX_LINKS];
     double t_fail; /* when the last failure was detected, until the first new token after it */
 } front;
-
-static double now_s(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
 
 static void wake_fn(void *arg)
 {
@@ -96,13 +90,13 @@ static void kill_job(front *f, double grace)
         close(f->fd);
         f->fd = -1;
     }
-    double t0 = now_s();
-    while (f->pid && !job_exited(f) && now_s() - t0 < grace) usleep(20000);
+    double t0 = base_now_s();
+    while (f->pid && !job_exited(f) && base_now_s() - t0 < grace) usleep(20000);
     if (!f->pid) return;
     pid_t pg = f->pid;
     kill(pg, SIGTERM);
-    t0 = now_s();
-    while (!job_exited(f) && now_s() - t0 < 2.0) usleep(20000);
+    t0 = base_now_s();
+    while (!job_exited(f) && base_now_s() - t0 < 2.0) usleep(20000);
     if (f->pid) {
         kill(-pg, SIGKILL);
         waitpid(f->pid, &f->status, 0);
@@ -152,10 +146,10 @@ static int start_job(front *f, char *err, size_t errlen)
 {
     chan_reader_free(&f->rd);
     if (spawn(f, err, errlen)) return -1;
-    double t0 = now_s();
+    double t0 = base_now_s();
     int hello = 0;
     for (;;) {
-        if (now_s() - t0 > f->o->start_timeout_s) {
+        if (base_now_s() - t0 > f->o->start_timeout_s) {
             snprintf(err, errlen, "the job was not ready after %.0f s", f->o->start_timeout_s);
             return -1;
         }
@@ -213,7 +207,7 @@ static int take_frames(front *f, double *last_rx, double *last_res, char *err, s
     const uint8_t *p;
     int k;
     while ((k = chan_next(&f->rd, &type, &p, &len)) == 1) {
-        *last_rx = now_s();
+        *last_rx = base_now_s();
         if (type == CHAN_RESULT) {
             int32_t n = -1;
             if (len >= sizeof n) memcpy(&n, p, sizeof n);
@@ -267,7 +261,7 @@ static int relay(front *f, char *err, size_t errlen)
     const int K = f->o->max_in_flight;
     /* Two clocks: any frame (rank 0 beats while its loop runs), and results: rank 0 keeps
      * beating while it waits for a stopped rank, so work in flight must come back. */
-    double last_rx = now_s(), last_res = last_rx;
+    double last_rx = base_now_s(), last_res = last_rx;
     for (;;) {
         while (f->fl_n < K) {
             stage_batch *mb = &f->fl[(f->fl_head + f->fl_n) % K];
@@ -280,7 +274,7 @@ static int relay(front *f, char *err, size_t errlen)
                 snprintf(err, errlen, "the channel to the job broke");
                 return -1;
             }
-            if (f->fl_n == 0) last_res = now_s(); /* the result clock runs from here */
+            if (f->fl_n == 0) last_res = base_now_s(); /* the result clock runs from here */
             f->fl_n++;
         }
         if (f->fl_n == 0 && srvq_sched_ops.finished(f->q)) return 1;
@@ -298,7 +292,7 @@ static int relay(front *f, char *err, size_t errlen)
             snprintf(err, errlen, "the job ended (%s)", st);
             return -1;
         }
-        double t = now_s(), quiet = t - last_rx, slow = f->fl_n > 0 ? t - last_res : 0;
+        double t = base_now_s(), quiet = t - last_rx, slow = f->fl_n > 0 ? t - last_res : 0;
         if (quiet > f->o->stall_s || slow > f->o->stall_s) {
             snprintf(err, errlen, "no word from the job for %.1f s (%d micro-batch%s in flight)",
                      quiet > slow ? quiet : slow, f->fl_n, f->fl_n == 1 ? "" : "es");
@@ -371,9 +365,9 @@ int serve_front_run(const serve_front_opts *o, srvq *q, serve_server *srv, char 
     int failures = 0, ever = 0;
     char why[512] = "";
     while (!rc) {
-        double t_fail = now_s();
+        double t_fail = base_now_s();
         if (start_job(&f, why, sizeof why) == 0) {
-            double t_up = now_s();
+            double t_up = base_now_s();
             if (!ever)
                 serve_server_set_ready(srv);
             else {
@@ -388,17 +382,17 @@ int serve_front_run(const serve_front_opts *o, srvq *q, serve_server *srv, char 
             if (r == 1) {
                 /* drained: END, and the job exits on its own */
                 chan_send(f.fd, CHAN_END, NULL, 0, NULL, 0);
-                double t0 = now_s();
-                while (!job_exited(&f) && now_s() - t0 < 30.0) usleep(20000);
+                double t0 = base_now_s();
+                while (!job_exited(&f) && base_now_s() - t0 < 30.0) usleep(20000);
                 break;
             }
-            if (now_s() - t_up > HEALTHY_S) failures = 0;
+            if (base_now_s() - t_up > HEALTHY_S) failures = 0;
         } else if (!ever) {
             snprintf(err, errlen, "the job failed to start: %s", why);
             rc = -1;
             break;
         }
-        f.t_fail = now_s();
+        f.t_fail = base_now_s();
         kill_job(&f, strstr(why, "no word from") ? 0.0 : 1.0);
         f.fl_head = f.fl_n = 0;
         if (++failures > o->max_restarts) {

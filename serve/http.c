@@ -168,7 +168,7 @@ static enum MHD_Result do_generate(serve_server *s, struct MHD_Connection *c, co
     /* a generation may wait long for a slot or between tokens (the client's hang-up is seen
      * on its socket): no idle timeout until it is answered (restored in `completed`) */
     MHD_set_connection_option(c, MHD_CONNECTION_OPTION_TIMEOUT, 0u);
-    g->t_submit = now_s();
+    g->t_submit = base_now_s();
 
     srvq_request r = {
         .prompt = ids,
@@ -775,8 +775,8 @@ int serve_server_shutdown(serve_server *s)
      * shut it down so new clients are refused at once (it is closed after MHD_stop_daemon) */
     if (s->listen_fd >= 0) shutdown(s->listen_fd, SHUT_RDWR);
     srvq_close(s->q);
-    double t0 = now_s();
-    while (!srvq_idle(s->q) && now_s() - t0 < s->grace_s) usleep(20000);
+    double t0 = base_now_s();
+    while (!srvq_idle(s->q) && base_now_s() - t0 < s->grace_s) usleep(20000);
     int cancelled = 0;
     if (!srvq_idle(s->q)) {
         long ids[1024];
@@ -790,16 +790,16 @@ int serve_server_shutdown(serve_server *s)
             cancelled += n;
             if (n < 1024) break;
         }
-        t0 = now_s();
-        while (!srvq_idle(s->q) && now_s() - t0 < 10.0) usleep(20000);
+        t0 = base_now_s();
+        while (!srvq_idle(s->q) && base_now_s() - t0 < 10.0) usleep(20000);
     }
     /* let the connections write their last bytes */
-    t0 = now_s();
+    t0 = base_now_s();
     for (;;) {
         pthread_mutex_lock(&s->mu);
         int n = s->gen_conns;
         pthread_mutex_unlock(&s->mu);
-        if (!n || now_s() - t0 > 5.0) break;
+        if (!n || base_now_s() - t0 > 5.0) break;
         usleep(20000);
     }
     return cancelled;

@@ -55,7 +55,7 @@ void active_remove(serve_server *s, gen *g)
 void gen_on_token(void *arg, int32_t token)
 {
     gen *g = arg;
-    double t = now_s();
+    double t = base_now_s();
     pthread_mutex_lock(&g->mu);
     int first = g->n_toks == 0;
     double prev = g->t_last;
@@ -292,7 +292,7 @@ int gen_step(gen *g)
         return 1;
     }
     /* a hang-up shows on the socket only when we look: at most every 100 ms */
-    double t = now_s();
+    double t = base_now_s();
     if (had == n || t - g->t_check > 0.1) {
         g->t_check = t;
         if (client_gone(g->fd)) return -1;

@@ -19,6 +19,7 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "base/clock.h"
 #include "serve/serve.h"
 
 /* ---- a growable byte buffer: oom sticks (later adds are dropped) ---- */
@@ -34,7 +35,6 @@ void sb_fmt(sb *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void sb_free(sb *b);
 /* A JSON string literal of s[0..n); invalid UTF-8 bytes become U+FFFD. */
 void sb_json(sb *b, const char *s, size_t n);
-double now_s(void); /* monotonic seconds */
 
 /* ---- latency histograms and status counts for /metrics ---- */
 #define N_BUCKETS 14

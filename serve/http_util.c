@@ -135,13 +135,6 @@ void sb_json(sb *b, const char *s, size_t n)
     sb_add(b, "\"", 1);
 }
 
-double now_s(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
 /* ========================================================================================
  * Metrics
  * ===================================================================================== */

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "base/clock.h"
 #include "serve/chan.h"
 #include "serve/loop.h"
 
@@ -27,25 +28,18 @@ typedef struct {
     int max_rows;
 } job;
 
-static double now_s(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
 static void send_or_end(job *j, uint32_t type, const void *a, size_t na, const void *b, size_t nb)
 {
     if (j->ended) return;
     if (chan_send(j->fd, type, a, na, b, nb))
         j->ended = 1;
     else if (type == CHAN_BEAT || type == CHAN_RESULT)
-        j->t_beat = now_s();
+        j->t_beat = base_now_s();
 }
 
 static void beat(job *j)
 {
-    if (now_s() - j->t_beat >= BEAT_S) send_or_end(j, CHAN_BEAT, NULL, 0, NULL, 0);
+    if (base_now_s() - j->t_beat >= BEAT_S) send_or_end(j, CHAN_BEAT, NULL, 0, NULL, 0);
 }
 
 static int job_next(void *self, stage_batch *mb)

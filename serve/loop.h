@@ -1,4 +1,4 @@
-/* serve/loop.h — `modpipe serve`'s pipeline side (issue 8.4).
+/* serve/loop.h — `modpipe serve`'s pipeline side.
  *
  * serve_loop_run is called by every rank of `comm` after the HTTP layer has been set up on
  * rank 0. Rank 0 runs the pipeline loop (engine/pipeline.h) with the srvq scheduler

@@ -1,4 +1,4 @@
-/* serve/queue.h — the server's scheduler: requests in, tokens out (issue 8).
+/* serve/queue.h — the server's scheduler: requests in, tokens out.
  *
  * The HTTP layer (serve/) talks to the pipeline only through this queue. HTTP threads call
  * srvq_submit / srvq_cancel / srvq_get_stats at any time (thread-safe); the pipeline loop on

@@ -1,4 +1,4 @@
-/* serve/serve.h — the OpenAI-compatible HTTP layer of `modpipe serve` (issue 8).
+/* serve/serve.h — the OpenAI-compatible HTTP layer of `modpipe serve`.
  *
  * Three parts, each usable alone:
  *   1. serve_request_parse: a pure function, JSON text -> validated request, or an error that

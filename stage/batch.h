@@ -1,4 +1,4 @@
-/* stage/batch.h — the one row descriptor of a micro-batch (SPEC §4): what the scheduler
+/* stage/batch.h — the one row descriptor of a micro-batch (docs/SPEC.md §4): what the scheduler
  * fills, the loop carries, the packets put on the wire (comm/comm.h) and the stage computes
  * on (stage/stage.h). One type, one flag set; nothing copies it field by field.
  *

@@ -1,4 +1,4 @@
-/* stage/config.c — config.json -> stage_config (SPEC §3). See config.h.
+/* stage/config.c — config.json -> stage_config (docs/SPEC.md §3). See config.h.
  *
  * Every error is one line "PATH: what" in err. Optional keys that are JSON null count as
  * absent (HF writes e.g. "rope_scaling": null, "num_key_value_heads": null).

@@ -1,4 +1,4 @@
-/* stage/config.h — the model's config.json (SPEC §3).
+/* stage/config.h — the model's config.json (docs/SPEC.md §3).
  *
  * stage_config_load() reads DIR/config.json with cJSON into a stage_config.
  * Inputs : a model directory.

@@ -3,14 +3,6 @@
 
 #include <cblas.h>
 #include <math.h>
-#include <time.h>
-
-double stage_now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 void stage_matmul(const float *x, int m, int k, const float *w, int n, float *y)
 {

@@ -4,9 +4,6 @@
 #ifndef STAGE_KERNELS_H
 #define STAGE_KERNELS_H
 
-/* Monotonic wall clock in seconds (layer timings, stage busy/wait time). */
-double stage_now_s(void);
-
 /* y [m][n] = x [m][k] · W^T, W [n][k] (cblas_sgemm). m == 0 is a no-op. */
 void stage_matmul(const float *x, int m, int k, const float *w, int n, float *y);
 

@@ -1,5 +1,6 @@
 /* stage/layers.c — the layer math of one stage on a micro-batch: attention, SwiGLU MLP,
- * mixture of experts, MoD / MoDE / MindSkip routing, the head (SPEC §2). See stage.h. */
+ * mixture of experts, MoD / MoDE / MindSkip routing, the head (docs/SPEC.md §2). See stage.h. */
+#include "base/clock.h"
 #include "stage/stage_impl.h"
 
 #include <math.h>
@@ -491,13 +492,13 @@ int stage_forward_impl(stage_state *s, const stage_batch *b, float *x, const uin
         int li = l - M->range.first;
         const layer_w *L = &M->layers[l];
         if (s->progress && l > first) s->progress(s->progress_arg);
-        double t0 = stage_now_s(), tb0 = s->tp ? stage_tp_bytes(s->tp) : 0.0;
+        double t0 = base_now_s(), tb0 = s->tp ? stage_tp_bytes(s->tp) : 0.0;
         int rc = stage_kind_is_routed(L->kind)
                      ? block_routed(s, li, l, L, b, x, present, err, errlen)
                      : block_full(s, li, l, L, b, x, present, err, errlen);
         if (rc) return rc;
         s->stats[li].rows += b->n;
-        s->stats[li].seconds += stage_now_s() - t0;
+        s->stats[li].seconds += base_now_s() - t0;
         if (s->tp) s->stats[li].tp_bytes += stage_tp_bytes(s->tp) - tb0;
     }
     return 0;

@@ -1,5 +1,5 @@
 /* stage/model.c — a stage's weights (loaded from safetensors, in their dtype) and the
- * routers every stage evaluates (SPEC §2, §3). See stage.h for the contract. */
+ * routers every stage evaluates (docs/SPEC.md §2, §3). See stage.h for the contract. */
 #include "stage/stage_impl.h"
 
 #include <math.h>

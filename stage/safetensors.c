@@ -9,6 +9,7 @@
  */
 #include "stage/safetensors.h"
 
+#include "base/err.h"
 #include "stage/convert.h"
 
 #include <cJSON.h>
@@ -38,17 +39,6 @@
 /* ================================================================== */
 /* helpers                                                             */
 /* ================================================================== */
-
-static void st_err(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void st_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (!err || errlen == 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 static char *st_strdup(const char *s)
 {
@@ -187,36 +177,37 @@ static int parse_entry(const char *path, const char *name, const cJSON *j, size_
                        st_hdr_ent *e, char *err, size_t errlen)
 {
     if (!cJSON_IsObject(j)) {
-        st_err(err, errlen, "%s: tensor %s: entry is not an object", path, name);
+        base_set_err(err, errlen, "%s: tensor %s: entry is not an object", path, name);
         return -1;
     }
     const cJSON *dt = cJSON_GetObjectItemCaseSensitive(j, "dtype");
     const cJSON *sh = cJSON_GetObjectItemCaseSensitive(j, "shape");
     const cJSON *off = cJSON_GetObjectItemCaseSensitive(j, "data_offsets");
     if (!dt || !sh || !off) {
-        st_err(err, errlen, "%s: tensor %s: missing %s", path, name,
-               !dt   ? "dtype"
-               : !sh ? "shape"
-                     : "data_offsets");
+        base_set_err(err, errlen, "%s: tensor %s: missing %s", path, name,
+                     !dt   ? "dtype"
+                     : !sh ? "shape"
+                           : "data_offsets");
         return -1;
     }
     if (!cJSON_IsString(dt)) {
-        st_err(err, errlen, "%s: tensor %s: dtype is not a string", path, name);
+        base_set_err(err, errlen, "%s: tensor %s: dtype is not a string", path, name);
         return -1;
     }
     if (dtype_from_header(dt->valuestring, &e->dtype)) {
-        st_err(err, errlen,
-               "%s: tensor %s: unsupported dtype \"%s\" (only F32, F16, BF16; I8 of q8_0)", path,
-               name, dt->valuestring);
+        base_set_err(err, errlen,
+                     "%s: tensor %s: unsupported dtype \"%s\" (only F32, F16, BF16; I8 of q8_0)",
+                     path, name, dt->valuestring);
         return -1;
     }
     if (!cJSON_IsArray(sh)) {
-        st_err(err, errlen, "%s: tensor %s: shape is not a list", path, name);
+        base_set_err(err, errlen, "%s: tensor %s: shape is not a list", path, name);
         return -1;
     }
     int nd = cJSON_GetArraySize(sh);
     if (nd > ST_MAX_DIMS) {
-        st_err(err, errlen, "%s: tensor %s: %d dims (at most %d)", path, name, nd, ST_MAX_DIMS);
+        base_set_err(err, errlen, "%s: tensor %s: %d dims (at most %d)", path, name, nd,
+                     ST_MAX_DIMS);
         return -1;
     }
     e->ndim = nd;
@@ -227,12 +218,12 @@ static int parse_entry(const char *path, const char *name, const cJSON *j, size_
     {
         uint64_t v;
         if (!json_uint(d, &v)) {
-            st_err(err, errlen, "%s: tensor %s: shape[%d] is not a non-negative integer", path,
-                   name, i);
+            base_set_err(err, errlen, "%s: tensor %s: shape[%d] is not a non-negative integer",
+                         path, name, i);
             return -1;
         }
         if (v != 0 && nbytes > (uint64_t)SIZE_MAX / v) {
-            st_err(err, errlen, "%s: tensor %s: shape too large", path, name);
+            base_set_err(err, errlen, "%s: tensor %s: shape too large", path, name);
             return -1;
         }
         nbytes *= v;
@@ -241,27 +232,27 @@ static int parse_entry(const char *path, const char *name, const cJSON *j, size_
     uint64_t b, en;
     if (!cJSON_IsArray(off) || cJSON_GetArraySize(off) != 2 ||
         !json_uint(cJSON_GetArrayItem(off, 0), &b) || !json_uint(cJSON_GetArrayItem(off, 1), &en)) {
-        st_err(err, errlen,
-               "%s: tensor %s: data_offsets is not [begin, end] (non-negative integers)", path,
-               name);
+        base_set_err(err, errlen,
+                     "%s: tensor %s: data_offsets is not [begin, end] (non-negative integers)",
+                     path, name);
         return -1;
     }
     if (en < b) {
-        st_err(err, errlen, "%s: tensor %s: data_offsets end %llu < begin %llu", path, name,
-               (unsigned long long)en, (unsigned long long)b);
+        base_set_err(err, errlen, "%s: tensor %s: data_offsets end %llu < begin %llu", path, name,
+                     (unsigned long long)en, (unsigned long long)b);
         return -1;
     }
     if (en > data_len) {
-        st_err(err, errlen,
-               "%s: tensor %s: data_offsets [%llu, %llu] past the end of the data region "
-               "(%zu bytes)",
-               path, name, (unsigned long long)b, (unsigned long long)en, data_len);
+        base_set_err(err, errlen,
+                     "%s: tensor %s: data_offsets [%llu, %llu] past the end of the data region "
+                     "(%zu bytes)",
+                     path, name, (unsigned long long)b, (unsigned long long)en, data_len);
         return -1;
     }
     if (en - b != nbytes) {
-        st_err(err, errlen,
-               "%s: tensor %s: data_offsets give %llu bytes but shape and dtype need %llu", path,
-               name, (unsigned long long)(en - b), (unsigned long long)nbytes);
+        base_set_err(err, errlen,
+                     "%s: tensor %s: data_offsets give %llu bytes but shape and dtype need %llu",
+                     path, name, (unsigned long long)(en - b), (unsigned long long)nbytes);
         return -1;
     }
     e->begin = (size_t)b;
@@ -276,28 +267,28 @@ static int parse_header(const char *path, const char *text, size_t n, size_t dat
     *out = NULL;
     *n_out = 0;
     if (memchr(text, '\0', n)) {
-        st_err(err, errlen, "%s: header is not JSON (contains a NUL byte)", path);
+        base_set_err(err, errlen, "%s: header is not JSON (contains a NUL byte)", path);
         return -1;
     }
     const char *end = NULL;
     cJSON *root = cJSON_ParseWithLengthOpts(text, n, &end, 0);
     if (!root) {
         size_t at = (end && end >= text) ? (size_t)(end - text) : 0;
-        st_err(err, errlen, "%s: header is not valid JSON (near header byte %zu of %zu)", path, at,
-               n);
+        base_set_err(err, errlen, "%s: header is not valid JSON (near header byte %zu of %zu)",
+                     path, at, n);
         return -1;
     }
     /* Only whitespace padding may follow the JSON value. */
     for (const char *p = end; p && p < text + n; p++) {
         if (*p != ' ' && *p != '\t' && *p != '\n' && *p != '\r') {
-            st_err(err, errlen, "%s: header has junk after the JSON (header byte %zu of %zu)", path,
-                   (size_t)(p - text), n);
+            base_set_err(err, errlen, "%s: header has junk after the JSON (header byte %zu of %zu)",
+                         path, (size_t)(p - text), n);
             cJSON_Delete(root);
             return -1;
         }
     }
     if (!cJSON_IsObject(root)) {
-        st_err(err, errlen, "%s: header is not a JSON object", path);
+        base_set_err(err, errlen, "%s: header is not a JSON object", path);
         cJSON_Delete(root);
         return -1;
     }
@@ -328,8 +319,8 @@ static int parse_header(const char *path, const char *text, size_t n, size_t dat
         const st_hdr_ent *e = by_off[i];
         if (e->nbytes == 0) continue;
         if (far && e->begin < far->begin + far->nbytes) {
-            st_err(err, errlen, "%s: tensors %s and %s overlap in the data region", path, far->name,
-                   e->name);
+            base_set_err(err, errlen, "%s: tensors %s and %s overlap in the data region", path,
+                         far->name, e->name);
             goto fail;
         }
         if (!far || e->begin + e->nbytes > far->begin + far->nbytes) far = e;
@@ -341,7 +332,7 @@ static int parse_header(const char *path, const char *text, size_t n, size_t dat
     qsort(h, cnt, sizeof *h, hdr_cmp_name);
     for (size_t i = 1; i < cnt; i++) {
         if (strcmp(h[i - 1].name, h[i].name) == 0) {
-            st_err(err, errlen, "%s: tensor %s appears twice in the header", path, h[i].name);
+            base_set_err(err, errlen, "%s: tensor %s appears twice in the header", path, h[i].name);
             goto fail;
         }
     }
@@ -351,7 +342,7 @@ static int parse_header(const char *path, const char *text, size_t n, size_t dat
     return 0;
 
 oom:
-    st_err(err, errlen, "%s: out of memory reading the header", path);
+    base_set_err(err, errlen, "%s: out of memory reading the header", path);
 fail:
     free(by_off);
     hdr_free(h, cnt);
@@ -375,31 +366,31 @@ static int file_open(st_file *f, st_hdr_ent **hdr, size_t *n_hdr, char *err, siz
     *n_hdr = 0;
     int fd = open(f->path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
-        st_err(err, errlen, "%s: cannot open: %s", f->path, strerror(errno));
+        base_set_err(err, errlen, "%s: cannot open: %s", f->path, strerror(errno));
         return -1;
     }
     struct stat sb;
     if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
-        st_err(err, errlen, "%s: not a regular file", f->path);
+        base_set_err(err, errlen, "%s: not a regular file", f->path);
         close(fd);
         return -1;
     }
     uint64_t size = (uint64_t)sb.st_size;
     if (size < 8) {
-        st_err(err, errlen, "%s: file is %llu bytes, too short for a safetensors header", f->path,
-               (unsigned long long)size);
+        base_set_err(err, errlen, "%s: file is %llu bytes, too short for a safetensors header",
+                     f->path, (unsigned long long)size);
         close(fd);
         return -1;
     }
     if (size > SIZE_MAX) {
-        st_err(err, errlen, "%s: file too large to map", f->path);
+        base_set_err(err, errlen, "%s: file too large to map", f->path);
         close(fd);
         return -1;
     }
     void *map = mmap(NULL, (size_t)size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd); /* the mapping keeps the file */
     if (map == MAP_FAILED) {
-        st_err(err, errlen, "%s: mmap failed: %s", f->path, strerror(errno));
+        base_set_err(err, errlen, "%s: mmap failed: %s", f->path, strerror(errno));
         return -1;
     }
     f->map = map;
@@ -407,8 +398,9 @@ static int file_open(st_file *f, st_hdr_ent **hdr, size_t *n_hdr, char *err, siz
 
     uint64_t n = read_le64(map);
     if (n > size - 8) {
-        st_err(err, errlen, "%s: header length %llu runs past the end of the file (%llu bytes)",
-               f->path, (unsigned long long)n, (unsigned long long)size);
+        base_set_err(err, errlen,
+                     "%s: header length %llu runs past the end of the file (%llu bytes)", f->path,
+                     (unsigned long long)n, (unsigned long long)size);
         goto fail;
     }
     f->data = (const uint8_t *)map + 8 + n;
@@ -417,8 +409,8 @@ static int file_open(st_file *f, st_hdr_ent **hdr, size_t *n_hdr, char *err, siz
     /* cJSON wants a terminated buffer; the header is small next to the weights. */
     char *text = malloc((size_t)n + 1);
     if (!text) {
-        st_err(err, errlen, "%s: out of memory for a %llu-byte header", f->path,
-               (unsigned long long)n);
+        base_set_err(err, errlen, "%s: out of memory for a %llu-byte header", f->path,
+                     (unsigned long long)n);
         goto fail;
     }
     memcpy(text, (const uint8_t *)map + 8, (size_t)n);
@@ -540,7 +532,7 @@ static int open_single(st_model *m, char *err, size_t errlen)
     hdr_free(h, n);
     return 0;
 oom:
-    st_err(err, errlen, "%s: out of memory", m->label);
+    base_set_err(err, errlen, "%s: out of memory", m->label);
     return -1;
 }
 
@@ -548,24 +540,24 @@ static char *read_small_file(const char *path, size_t *len, char *err, size_t er
 {
     FILE *f = fopen(path, "rb");
     if (!f) {
-        st_err(err, errlen, "%s: cannot open: %s", path, strerror(errno));
+        base_set_err(err, errlen, "%s: cannot open: %s", path, strerror(errno));
         return NULL;
     }
     char *buf = NULL;
     long sz = -1;
     if (fseek(f, 0, SEEK_END) == 0) sz = ftell(f);
     if (sz < 0 || sz > ST_MAX_INDEX_BYTES) {
-        st_err(err, errlen, "%s: cannot read (size %ld)", path, sz);
+        base_set_err(err, errlen, "%s: cannot read (size %ld)", path, sz);
         goto out;
     }
     rewind(f);
     buf = malloc((size_t)sz + 1);
     if (!buf) {
-        st_err(err, errlen, "%s: out of memory", path);
+        base_set_err(err, errlen, "%s: out of memory", path);
         goto out;
     }
     if (fread(buf, 1, (size_t)sz, f) != (size_t)sz) {
-        st_err(err, errlen, "%s: short read", path);
+        base_set_err(err, errlen, "%s: short read", path);
         free(buf);
         buf = NULL;
         goto out;
@@ -613,14 +605,14 @@ static int open_index(st_model *m, char *err, size_t errlen)
     const char *end = NULL;
     cJSON *root = cJSON_ParseWithLengthOpts(text, len, &end, 0);
     if (!root) {
-        st_err(err, errlen, "%s: not valid JSON (near byte %zu)", m->label,
-               (end && end >= text) ? (size_t)(end - text) : (size_t)0);
+        base_set_err(err, errlen, "%s: not valid JSON (near byte %zu)", m->label,
+                     (end && end >= text) ? (size_t)(end - text) : (size_t)0);
         goto out;
     }
     const cJSON *wm =
         cJSON_IsObject(root) ? cJSON_GetObjectItemCaseSensitive(root, "weight_map") : NULL;
     if (!cJSON_IsObject(wm)) {
-        st_err(err, errlen, "%s: no \"weight_map\" object", m->label);
+        base_set_err(err, errlen, "%s: no \"weight_map\" object", m->label);
         goto out;
     }
     size_t n = (size_t)cJSON_GetArraySize(wm);
@@ -632,8 +624,9 @@ static int open_index(st_model *m, char *err, size_t errlen)
     {
         const char *name = it->string ? it->string : "";
         if (!cJSON_IsString(it) || it->valuestring[0] == '\0') {
-            st_err(err, errlen, "%s: weight_map: tensor %s: file name is not a non-empty string",
-                   m->label, name);
+            base_set_err(err, errlen,
+                         "%s: weight_map: tensor %s: file name is not a non-empty string", m->label,
+                         name);
             goto out;
         }
         st_entry *e = &m->ents[m->n_ents];
@@ -646,22 +639,22 @@ static int open_index(st_model *m, char *err, size_t errlen)
     qsort(m->ents, m->n_ents, sizeof *m->ents, ent_cmp);
     for (size_t i = 1; i < m->n_ents; i++) {
         if (strcmp(m->ents[i - 1].name, m->ents[i].name) == 0) {
-            st_err(err, errlen, "%s: weight_map: tensor %s appears twice", m->label,
-                   m->ents[i].name);
+            base_set_err(err, errlen, "%s: weight_map: tensor %s appears twice", m->label,
+                         m->ents[i].name);
             goto out;
         }
     }
     for (int i = 0; i < m->n_files; i++) {
         if (!is_regular_file(m->files[i].path)) {
-            st_err(err, errlen, "%s: shard file %s (holding tensor %s) does not exist", m->label,
-                   m->files[i].path, m->files[i].first_user);
+            base_set_err(err, errlen, "%s: shard file %s (holding tensor %s) does not exist",
+                         m->label, m->files[i].path, m->files[i].first_user);
             goto out;
         }
     }
     rc = 0;
     goto out;
 oom:
-    st_err(err, errlen, "%s: out of memory", m->label);
+    base_set_err(err, errlen, "%s: out of memory", m->label);
 out:
     cJSON_Delete(root);
     free(text);
@@ -672,29 +665,29 @@ int st_open(const char *dir, st_model **out, char *err, size_t errlen)
 {
     if (out) *out = NULL;
     if (!dir || !out) {
-        st_err(err, errlen, "st_open: no directory or output");
+        base_set_err(err, errlen, "st_open: no directory or output");
         return -1;
     }
     struct stat sb;
     if (stat(dir, &sb) != 0) {
-        st_err(err, errlen, "%s: %s", dir, strerror(errno));
+        base_set_err(err, errlen, "%s: %s", dir, strerror(errno));
         return -1;
     }
     if (!S_ISDIR(sb.st_mode)) {
-        st_err(err, errlen, "%s: not a directory", dir);
+        base_set_err(err, errlen, "%s: not a directory", dir);
         return -1;
     }
     st_model *m = calloc(1, sizeof *m);
     if (!m || !(m->dir = st_strdup(dir))) {
         free(m);
-        st_err(err, errlen, "%s: out of memory", dir);
+        base_set_err(err, errlen, "%s: out of memory", dir);
         return -1;
     }
     int rc;
     char *single = path_join(dir, ST_SINGLE_NAME);
     char *index = path_join(dir, ST_INDEX_NAME);
     if (!single || !index) {
-        st_err(err, errlen, "%s: out of memory", dir);
+        base_set_err(err, errlen, "%s: out of memory", dir);
         rc = -1;
     } else if (is_regular_file(single)) { /* the single file wins over a (stale) index */
         m->label = single;
@@ -706,7 +699,7 @@ int st_open(const char *dir, st_model **out, char *err, size_t errlen)
         m->sharded = 1;
         rc = open_index(m, err, errlen);
     } else {
-        st_err(err, errlen, "%s: no " ST_SINGLE_NAME " or " ST_INDEX_NAME, dir);
+        base_set_err(err, errlen, "%s: no " ST_SINGLE_NAME " or " ST_INDEX_NAME, dir);
         rc = -1;
     }
     free(single);
@@ -725,7 +718,7 @@ static int shard_ensure(st_model *m, int fi, char *err, size_t errlen)
     st_file *f = &m->files[fi];
     if (f->state == 1) return 0;
     if (f->state == -1) {
-        st_err(err, errlen, "%s", f->fail_msg ? f->fail_msg : "shard failed to open");
+        base_set_err(err, errlen, "%s", f->fail_msg ? f->fail_msg : "shard failed to open");
         return -1;
     }
     st_hdr_ent *h;
@@ -747,7 +740,7 @@ static int shard_ensure(st_model *m, int fi, char *err, size_t errlen)
 int st_find(st_model *m, const char *name, st_tensor *t, char *err, size_t errlen)
 {
     if (!m || !name) {
-        st_err(err, errlen, "st_find: no model or name");
+        base_set_err(err, errlen, "st_find: no model or name");
         return -1;
     }
     st_entry *e = ent_lookup(m, name);
@@ -755,8 +748,8 @@ int st_find(st_model *m, const char *name, st_tensor *t, char *err, size_t errle
     if (shard_ensure(m, e->file, err, errlen)) return -1;
     const st_file *f = &m->files[e->file];
     if (!e->known) {
-        st_err(err, errlen, "%s: missing tensor %s (%s maps it to this file)", f->path, name,
-               ST_INDEX_NAME);
+        base_set_err(err, errlen, "%s: missing tensor %s (%s maps it to this file)", f->path, name,
+                     ST_INDEX_NAME);
         return -1;
     }
     if (t) {
@@ -776,15 +769,16 @@ static st_entry *get_checked(st_model *m, const char *name, int ndim, const int6
                              st_tensor *t, char *err, size_t errlen)
 {
     if (!m || !name) {
-        st_err(err, errlen, "safetensors: no model or tensor name");
+        base_set_err(err, errlen, "safetensors: no model or tensor name");
         return NULL;
     }
     if (ndim < 0 || ndim > ST_MAX_DIMS || (ndim > 0 && !shape)) {
-        st_err(err, errlen, "%s: tensor %s: bad expected shape (ndim %d)", m->label, name, ndim);
+        base_set_err(err, errlen, "%s: tensor %s: bad expected shape (ndim %d)", m->label, name,
+                     ndim);
         return NULL;
     }
     int r = st_find(m, name, t, err, errlen);
-    if (r == 0) st_err(err, errlen, "%s: missing tensor %s", m->label, name);
+    if (r == 0) base_set_err(err, errlen, "%s: missing tensor %s", m->label, name);
     if (r <= 0) return NULL;
     int same = t->ndim == ndim;
     for (int i = 0; same && i < ndim; i++) same = t->shape[i] == shape[i];
@@ -792,7 +786,8 @@ static st_entry *get_checked(st_model *m, const char *name, int ndim, const int6
         char have[192], want[192];
         shape_str(have, sizeof have, t->ndim, t->shape);
         shape_str(want, sizeof want, ndim, shape);
-        st_err(err, errlen, "%s: tensor %s has shape %s, expected %s", t->file, name, have, want);
+        base_set_err(err, errlen, "%s: tensor %s has shape %s, expected %s", t->file, name, have,
+                     want);
         return NULL;
     }
     return ent_lookup(m, name);
@@ -806,7 +801,8 @@ const float *st_get_f32(st_model *m, const char *name, int ndim, const int64_t *
     if (!e) return NULL;
     if (e->f32) return e->f32;
     if (t.dtype == STAGE_Q8_0) {
-        st_err(err, errlen, "%s: tensor %s is I8 (q8_0), expected a float tensor", t.file, name);
+        base_set_err(err, errlen, "%s: tensor %s is I8 (q8_0), expected a float tensor", t.file,
+                     name);
         return NULL;
     }
     size_t numel = t.nbytes / stage_dtype_size(t.dtype);
@@ -815,8 +811,8 @@ const float *st_get_f32(st_model *m, const char *name, int ndim, const int64_t *
     } else {
         e->owned = malloc((numel ? numel : 1) * sizeof(float)); /* [numel] */
         if (!e->owned) {
-            st_err(err, errlen, "%s: out of memory converting tensor %s (%zu values)", t.file, name,
-                   numel);
+            base_set_err(err, errlen, "%s: out of memory converting tensor %s (%zu values)", t.file,
+                         name, numel);
             return NULL;
         }
         stage_dtype_to_f32(t.dtype, t.data, e->owned, numel);
@@ -832,7 +828,7 @@ static int quantize_q8(st_model *m, st_entry *e, const st_tensor *t, const char 
                        stage_weight *out, char *err, size_t errlen)
 {
     if (e->wowned) {
-        st_err(err, errlen, "%s: tensor %s asked for in two dtypes", t->file, name);
+        base_set_err(err, errlen, "%s: tensor %s asked for in two dtypes", t->file, name);
         return -1;
     }
     const size_t rows = (size_t)out->rows, cols = (size_t)out->cols;
@@ -842,7 +838,7 @@ static int quantize_q8(st_model *m, st_entry *e, const st_tensor *t, const char 
     float *row = malloc((cols ? cols : 1) * sizeof *row);
     if (!e->wowned || !row) {
         free(row);
-        st_err(err, errlen, "%s: out of memory quantizing tensor %s to q8_0", t->file, name);
+        base_set_err(err, errlen, "%s: out of memory quantizing tensor %s to q8_0", t->file, name);
         return -1;
     }
     int8_t *q = e->wowned;
@@ -851,8 +847,8 @@ static int quantize_q8(st_model *m, st_entry *e, const st_tensor *t, const char 
     for (size_t r = 0; r < rows; r++) {
         stage_dtype_to_f32(t->dtype, (const char *)t->data + r * cols * ses, row, cols);
         if (stage_q8_quantize_row(row, (int)cols, q + r * cols, d + r * nb)) {
-            st_err(err, errlen, "%s: tensor %s: a non-finite value in row %zu cannot be q8_0",
-                   t->file, name, r);
+            base_set_err(err, errlen, "%s: tensor %s: a non-finite value in row %zu cannot be q8_0",
+                         t->file, name, r);
             free(row);
             return -1;
         }
@@ -874,10 +870,10 @@ static int stored_q8(st_model *m, st_entry *e, const st_tensor *t, const char *n
                      stage_weight *out, char *err, size_t errlen)
 {
     if (want >= 0 && want != STAGE_Q8_0) {
-        st_err(err, errlen,
-               "%s: tensor %s is stored as q8_0: --weights-dtype %s would need a dequantized "
-               "copy (not supported; use q8_0 or leave it out)",
-               t->file, name, stage_wdtype_name((stage_dtype)want));
+        base_set_err(err, errlen,
+                     "%s: tensor %s is stored as q8_0: --weights-dtype %s would need a dequantized "
+                     "copy (not supported; use q8_0 or leave it out)",
+                     t->file, name, stage_wdtype_name((stage_dtype)want));
         return -1;
     }
     out->dtype = STAGE_Q8_0;
@@ -890,21 +886,21 @@ static int stored_q8(st_model *m, st_entry *e, const st_tensor *t, const char *n
     }
     char sname[512];
     if ((size_t)snprintf(sname, sizeof sname, "%s_scale", name) >= sizeof sname) {
-        st_err(err, errlen, "%s: tensor name %s too long", t->file, name);
+        base_set_err(err, errlen, "%s: tensor name %s too long", t->file, name);
         return -1;
     }
     int64_t sshape[2] = {t->shape[0], stage_q8_blocks(out->cols)};
     st_tensor ts;
     if (!get_checked(m, sname, 2, sshape, &ts, err, errlen)) return -1;
     if (ts.dtype != STAGE_F16) {
-        st_err(err, errlen, "%s: tensor %s: the scales of a q8_0 matrix are F16, not %s", ts.file,
-               sname, dtype_header_name(ts.dtype));
+        base_set_err(err, errlen, "%s: tensor %s: the scales of a q8_0 matrix are F16, not %s",
+                     ts.file, sname, dtype_header_name(ts.dtype));
         return -1;
     }
     const uint16_t *d = ts.data;
     if ((uintptr_t)ts.data % 2) { /* misaligned in the file: an aligned copy */
         if (!(e->wowned = aligned_alloc(64, (ts.nbytes + 63) / 64 * 64 + 64))) {
-            st_err(err, errlen, "%s: out of memory loading tensor %s", ts.file, sname);
+            base_set_err(err, errlen, "%s: out of memory loading tensor %s", ts.file, sname);
             return -1;
         }
         memcpy(e->wowned, ts.data, ts.nbytes);
@@ -927,7 +923,7 @@ int st_get_weight(st_model *m, const char *name, int64_t rows, int64_t cols, int
     st_entry *e = get_checked(m, name, 2, shape, &t, err, errlen);
     if (!e) return -1;
     if (rows > INT32_MAX || cols > INT32_MAX) {
-        st_err(err, errlen, "%s: tensor %s: dimensions beyond 2^31", t.file, name);
+        base_set_err(err, errlen, "%s: tensor %s: dimensions beyond 2^31", t.file, name);
         return -1;
     }
     if (t.dtype == STAGE_Q8_0) return stored_q8(m, e, &t, name, want, out, err, errlen);
@@ -947,13 +943,13 @@ int st_get_weight(st_model *m, const char *name, int64_t rows, int64_t cols, int
         e->wdata = t.data; /* zero-copy into the mmap */
     } else {               /* misaligned in the file, or converted at load (--weights-dtype) */
         if (e->wowned) {
-            st_err(err, errlen, "%s: tensor %s asked for in two dtypes", t.file, name);
+            base_set_err(err, errlen, "%s: tensor %s asked for in two dtypes", t.file, name);
             return -1;
         }
         e->wowned = aligned_alloc(64, (numel * es + 63) / 64 * 64 + 64); /* [numel] in dt */
         if (!e->wowned) {
-            st_err(err, errlen, "%s: out of memory loading tensor %s (%zu values)", t.file, name,
-                   numel);
+            base_set_err(err, errlen, "%s: out of memory loading tensor %s (%zu values)", t.file,
+                         name, numel);
             return -1;
         }
         if (dt == t.dtype) {
@@ -1150,7 +1146,8 @@ static int stream_close_cur(st_stream *s, char *err, size_t errlen)
     FILE *f = s->cur;
     s->cur = NULL;
     if (fclose(f) != 0) {
-        st_err(err, errlen, "%s: write failed: %s", s->files[s->cur_file].path, strerror(errno));
+        base_set_err(err, errlen, "%s: write failed: %s", s->files[s->cur_file].path,
+                     strerror(errno));
         return -1;
     }
     return 0;
@@ -1165,13 +1162,13 @@ static int stream_open(st_stream *s, int fi, char *err, size_t errlen)
     size_t hl = 0;
     char *h = stream_header(s, fi, &hl);
     if (!h) {
-        st_err(err, errlen, "%s: out of memory building the header", f->path);
+        base_set_err(err, errlen, "%s: out of memory building the header", f->path);
         return -1;
     }
     s->cur = fopen(f->path, "wb");
     s->cur_file = fi;
     if (!s->cur) {
-        st_err(err, errlen, "%s: cannot create: %s", f->path, strerror(errno));
+        base_set_err(err, errlen, "%s: cannot create: %s", f->path, strerror(errno));
         free(h);
         return -1;
     }
@@ -1179,7 +1176,7 @@ static int stream_open(st_stream *s, int fi, char *err, size_t errlen)
     int bad = write_all(s->cur, h, hl);
     free(h);
     if (bad) {
-        st_err(err, errlen, "%s: write failed: %s", f->path, strerror(errno));
+        base_set_err(err, errlen, "%s: write failed: %s", f->path, strerror(errno));
         return -1;
     }
     return 0;
@@ -1188,7 +1185,7 @@ static int stream_open(st_stream *s, int fi, char *err, size_t errlen)
 int st_stream_begin(st_stream *s, const char *dir, int n_shards, char *err, size_t errlen)
 {
     if (!s || !dir || s->state != 0) {
-        st_err(err, errlen, "st_stream_begin: no stream or directory, or begun twice");
+        base_set_err(err, errlen, "st_stream_begin: no stream or directory, or begun twice");
         return -1;
     }
     s->state = -1; /* until everything below succeeded */
@@ -1196,14 +1193,14 @@ int st_stream_begin(st_stream *s, const char *dir, int n_shards, char *err, size
     if (s->n > 1) {
         const st_stensor **p = malloc(s->n * sizeof *p);
         if (!p) {
-            st_err(err, errlen, "%s: out of memory", dir);
+            base_set_err(err, errlen, "%s: out of memory", dir);
             return -1;
         }
         for (size_t i = 0; i < s->n; i++) p[i] = &s->t[i];
         qsort(p, s->n, sizeof *p, st_cmp_name_ptr);
         for (size_t i = 1; i < s->n; i++) {
             if (strcmp(p[i - 1]->name, p[i]->name) == 0) {
-                st_err(err, errlen, "%s: tensor %s was added twice", dir, p[i]->name);
+                base_set_err(err, errlen, "%s: tensor %s was added twice", dir, p[i]->name);
                 free(p);
                 return -1;
             }
@@ -1214,7 +1211,8 @@ int st_stream_begin(st_stream *s, const char *dir, int n_shards, char *err, size
     int ns = n_shards;
     if ((size_t)(ns > 0 ? ns : 0) > s->n) ns = (int)s->n;
     if (ns > 99999) {
-        st_err(err, errlen, "%s: %d shards is more than the 5-digit file names allow", dir, ns);
+        base_set_err(err, errlen, "%s: %d shards is more than the 5-digit file names allow", dir,
+                     ns);
         return -1;
     }
     s->sharded = ns > 1;
@@ -1222,7 +1220,7 @@ int st_stream_begin(st_stream *s, const char *dir, int n_shards, char *err, size
     s->files = calloc((size_t)s->n_files, sizeof *s->files);
     s->cvt = malloc((size_t)ST_CVT_N * 4);
     if (!s->files || !s->cvt) {
-        st_err(err, errlen, "%s: out of memory", dir);
+        base_set_err(err, errlen, "%s: out of memory", dir);
         return -1;
     }
     for (int i = 0; i < s->n_files; i++) {
@@ -1232,7 +1230,7 @@ int st_stream_begin(st_stream *s, const char *dir, int n_shards, char *err, size
         else
             snprintf(s->files[i].name, sizeof s->files[i].name, "%s", ST_SINGLE_NAME);
         if (!(s->files[i].path = path_join(dir, s->files[i].name))) {
-            st_err(err, errlen, "%s: out of memory", dir);
+            base_set_err(err, errlen, "%s: out of memory", dir);
             return -1;
         }
     }
@@ -1241,17 +1239,17 @@ int st_stream_begin(st_stream *s, const char *dir, int n_shards, char *err, size
         s->index_path = path_join(dir, ST_INDEX_NAME);
         if (!single || !s->index_path) {
             free(single);
-            st_err(err, errlen, "%s: out of memory", dir);
+            base_set_err(err, errlen, "%s: out of memory", dir);
             return -1;
         }
         /* Readers prefer model.safetensors: a stale one would hide the shards we write. */
         int stale = is_regular_file(single);
         free(single);
         if (stale) {
-            st_err(err, errlen,
-                   "%s: already holds " ST_SINGLE_NAME
-                   " (readers would use it instead of the shards); remove it first",
-                   dir);
+            base_set_err(err, errlen,
+                         "%s: already holds " ST_SINGLE_NAME
+                         " (readers would use it instead of the shards); remove it first",
+                         dir);
             return -1;
         }
         /* Balanced by bytes in declaration order: tensor i goes to the next shard once the
@@ -1298,15 +1296,16 @@ static void stream_skip_empty(st_stream *s)
 int st_stream_write(st_stream *s, const void *bytes, size_t n, char *err, size_t errlen)
 {
     if (!s || s->state != 1 || (n > 0 && !bytes)) {
-        st_err(err, errlen, "st_stream_write: stream not writable (not begun, failed or finished)");
+        base_set_err(err, errlen,
+                     "st_stream_write: stream not writable (not begun, failed or finished)");
         return -1;
     }
     const uint8_t *p = bytes;
     while (n > 0) {
         stream_skip_empty(s);
         if (s->ti == s->n) {
-            st_err(err, errlen, "%s: %zu bytes more than the declared tensors hold",
-                   s->files[s->n_files - 1].path, n);
+            base_set_err(err, errlen, "%s: %zu bytes more than the declared tensors hold",
+                         s->files[s->n_files - 1].path, n);
             stream_fail(s);
             return -1;
         }
@@ -1318,7 +1317,8 @@ int st_stream_write(st_stream *s, const void *bytes, size_t n, char *err, size_t
         uint64_t left = t->nbytes - s->t_done;
         size_t k = n < left ? n : (size_t)left;
         if (write_all(s->cur, p, k)) {
-            st_err(err, errlen, "%s: write failed: %s", s->files[t->file].path, strerror(errno));
+            base_set_err(err, errlen, "%s: write failed: %s", s->files[t->file].path,
+                         strerror(errno));
             stream_fail(s);
             return -1;
         }
@@ -1337,9 +1337,9 @@ int st_stream_write(st_stream *s, const void *bytes, size_t n, char *err, size_t
 int st_stream_write_f32(st_stream *s, const float *v, size_t n, char *err, size_t errlen)
 {
     if (!s || s->state != 1 || (n > 0 && !v)) {
-        st_err(err, errlen,
-               "st_stream_write_f32: stream not writable (not begun, failed or "
-               "finished)");
+        base_set_err(err, errlen,
+                     "st_stream_write_f32: stream not writable (not begun, failed or "
+                     "finished)");
         return -1;
     }
     while (n > 0) {
@@ -1347,8 +1347,8 @@ int st_stream_write_f32(st_stream *s, const float *v, size_t n, char *err, size_
         if (s->ti == s->n) return st_stream_write(s, v, n * 4, err, errlen); /* says how many */
         const st_stensor *t = &s->t[s->ti];
         if (t->dtype == STAGE_Q8_0) {
-            st_err(err, errlen, "st_stream_write_f32: tensor %s is I8 (q8_0): write its bytes",
-                   t->name);
+            base_set_err(err, errlen,
+                         "st_stream_write_f32: tensor %s is I8 (q8_0): write its bytes", t->name);
             return -1;
         }
         size_t es = stage_dtype_size(t->dtype);
@@ -1381,20 +1381,20 @@ static int stream_write_index(st_stream *s, char *err, size_t errlen)
     if (!(json = cJSON_Print(root))) goto oom;
     FILE *f = fopen(s->index_path, "wb");
     if (!f) {
-        st_err(err, errlen, "%s: cannot create: %s", s->index_path, strerror(errno));
+        base_set_err(err, errlen, "%s: cannot create: %s", s->index_path, strerror(errno));
         goto out;
     }
     s->index_created = 1;
     int bad = write_all(f, json, strlen(json)) || write_all(f, "\n", 1);
     if (fclose(f) != 0) bad = 1;
     if (bad) {
-        st_err(err, errlen, "%s: write failed: %s", s->index_path, strerror(errno));
+        base_set_err(err, errlen, "%s: write failed: %s", s->index_path, strerror(errno));
         goto out;
     }
     rc = 0;
     goto out;
 oom:
-    st_err(err, errlen, "%s: out of memory building the index", s->index_path);
+    base_set_err(err, errlen, "%s: out of memory building the index", s->index_path);
 out:
     cJSON_Delete(root);
     free(json);
@@ -1404,15 +1404,16 @@ out:
 int st_stream_finish(st_stream *s, char *err, size_t errlen)
 {
     if (!s || s->state != 1) {
-        st_err(err, errlen,
-               "st_stream_finish: stream not writable (not begun, failed or finished)");
+        base_set_err(err, errlen,
+                     "st_stream_finish: stream not writable (not begun, failed or finished)");
         return -1;
     }
     stream_skip_empty(s);
     if (s->ti < s->n) {
-        st_err(err, errlen, "%s: tensor %s incomplete: %llu of %llu bytes of the model written",
-               s->files[s->t[s->ti].file].path, s->t[s->ti].name, (unsigned long long)s->written,
-               (unsigned long long)s->total);
+        base_set_err(err, errlen,
+                     "%s: tensor %s incomplete: %llu of %llu bytes of the model written",
+                     s->files[s->t[s->ti].file].path, s->t[s->ti].name,
+                     (unsigned long long)s->written, (unsigned long long)s->total);
         stream_fail(s);
         return -1;
     }
@@ -1501,7 +1502,7 @@ int st_writer_add(st_writer *w, const char *name, stage_dtype dt, int ndim, cons
 int st_writer_save(st_writer *w, const char *dir, int n_shards, char *err, size_t errlen)
 {
     if (!w || !dir) {
-        st_err(err, errlen, "st_writer_save: no writer or directory");
+        base_set_err(err, errlen, "st_writer_save: no writer or directory");
         return -1;
     }
     st_stream *s = st_stream_new();
@@ -1509,7 +1510,7 @@ int st_writer_save(st_writer *w, const char *dir, int n_shards, char *err, size_
     for (size_t i = 0; !rc && i < w->n; i++)
         rc = st_stream_declare(s, w->t[i].name, w->t[i].dtype, w->t[i].ndim, w->t[i].shape);
     if (rc) {
-        st_err(err, errlen, "%s: out of memory", dir);
+        base_set_err(err, errlen, "%s: out of memory", dir);
     } else {
         rc = st_stream_begin(s, dir, n_shards, err, errlen);
         for (size_t i = 0; !rc && i < w->n; i++)
@@ -1527,7 +1528,8 @@ int st_patch_f32(const char *dir, const char *name, const float *v, size_t n, ch
 {
     st_model *m = NULL;
     if (!name || (n > 0 && !v) || st_open(dir, &m, err, errlen)) {
-        if (!name || (n > 0 && !v)) st_err(err, errlen, "st_patch_f32: no tensor name or values");
+        if (!name || (n > 0 && !v))
+            base_set_err(err, errlen, "st_patch_f32: no tensor name or values");
         return -1;
     }
     st_tensor t;
@@ -1535,16 +1537,16 @@ int st_patch_f32(const char *dir, const char *name, const float *v, size_t n, ch
     size_t es = rc > 0 ? stage_dtype_size(t.dtype) : 0;
     void *buf = NULL;
     if (rc > 0 && t.dtype == STAGE_Q8_0) {
-        st_err(err, errlen, "%s: tensor %s is I8 (q8_0), not patchable as f32", t.file, name);
+        base_set_err(err, errlen, "%s: tensor %s is I8 (q8_0), not patchable as f32", t.file, name);
         rc = -1;
     }
     if (rc > 0 && t.nbytes != n * es) {
-        st_err(err, errlen, "%s: tensor %s holds %zu values, %zu given", t.file, name,
-               t.nbytes / es, n);
+        base_set_err(err, errlen, "%s: tensor %s holds %zu values, %zu given", t.file, name,
+                     t.nbytes / es, n);
         rc = -1;
     }
     if (rc > 0 && !(buf = malloc(n * es + 1))) {
-        st_err(err, errlen, "%s: out of memory", t.file);
+        base_set_err(err, errlen, "%s: out of memory", t.file);
         rc = -1;
     }
     if (rc > 0) {
@@ -1559,8 +1561,8 @@ int st_patch_f32(const char *dir, const char *name, const float *v, size_t n, ch
             saved = errno;
         }
         if (wr != (ssize_t)(n * es)) {
-            st_err(err, errlen, "%s: cannot patch tensor %s: %s", t.file, name,
-                   wr < 0 ? strerror(saved) : "short write");
+            base_set_err(err, errlen, "%s: cannot patch tensor %s: %s", t.file, name,
+                         wr < 0 ? strerror(saved) : "short write");
             rc = -1;
         }
     }

@@ -1,4 +1,4 @@
-/* stage/safetensors.h — reading and writing safetensors model files (SPEC §3).
+/* stage/safetensors.h — reading and writing safetensors model files (docs/SPEC.md §3).
  *
  * Reading: st_open() takes a model directory holding either `model.safetensors` or
  * `model.safetensors.index.json` (+ the shard files its weight_map names). Shard files are

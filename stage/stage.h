@@ -1,9 +1,9 @@
-/* stage/stage.h — the model math of one pipeline stage (SPEC §2).
+/* stage/stage.h — the model math of one pipeline stage (docs/SPEC.md §2).
  *
  * A stage owns a contiguous layer range [first, last] of a model, plus the embedding when
  * it is stage 0 and model.norm + lm_head when it is the head. Router (and predictor) weights
  * of *every* routed layer are loaded on every stage: they are small, and the stage holding a
- * row must decide which later stages will compute on it (SPEC §4).
+ * row must decide which later stages will compute on it (docs/SPEC.md §4).
  *
  * Work comes as micro-batches (stage_batch, stage/batch.h): n rows, each (slot, pos, token,
  * flags; the stage reads only these four columns). The

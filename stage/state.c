@@ -1,5 +1,5 @@
 /* stage/state.c — a stage's state: KV slot pool, workspace, stats, slots, and the
- * tensor-parallel group protocol around the layer math (SPEC §2, §5). See stage.h. */
+ * tensor-parallel group protocol around the layer math (docs/SPEC.md §2, §5). See stage.h. */
 #include "stage/stage_impl.h"
 
 #include <math.h>

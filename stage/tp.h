@@ -1,6 +1,6 @@
 /* stage/tp.h — tensor parallelism inside one pipeline stage: what the layer math needs from
  * the stage's group of ranks, as operations the engine provides (engine/tp.h builds them on
- * ScaLAPACK and MPI; stage/ itself makes no MPI call). SPEC §5.
+ * ScaLAPACK and MPI; stage/ itself makes no MPI call). docs/SPEC.md §5.
  *
  * A stage may span a group of K ranks (K = 1: none of this is used; the single-rank path in
  * stage/layers.c is unchanged and never calls ScaLAPACK). The group is a BLACS process grid of

@@ -1,4 +1,4 @@
-/* tests/test_comm.c — the packet layer of comm/ (comm.h, SPEC §4): bitmasks, wire dtypes,
+/* tests/test_comm.c — the packet layer of comm/ (comm.h, docs/SPEC.md §4): bitmasks, wire dtypes,
  * pack -> unpack -> scatter round trips with exact byte sizes, and hostile input. */
 #include <CUnit/Basic.h>
 #include <malloc.h>

@@ -1,6 +1,6 @@
 /* tests/test_pipeline.c — multi-rank tests: the built modpipe under mpirun.
  *
- * Exactness (SPEC §4): every fixture model, -np 1 against the known answers (1e-4) and
+ * Exactness (docs/SPEC.md §4): every fixture model, -np 1 against the known answers (1e-4) and
  * -np 2/3/4 bit-identical to -np 1 at the same micro-batching; byte counters against the
  * fixture route files; bad input and a dead rank end the job with a clear message.
  * Needs: MODPIPE (path of the binary, default build/modpipe), mpirun, tests/fixtures.
@@ -270,7 +270,7 @@ static void test_quantize_command(void)
 
 /* ---- byte accounting ----------------------------------------------------------------------- */
 
-/* The fixture route files give the rows SPEC §4 sends on each link for stages 0-1,2-3,4-5. */
+/* The fixture route files give the rows docs/SPEC.md §4 sends on each link for stages 0-1,2-3,4-5. */
 static void check_routes(const char *model)
 {
     char stats[512], path[512];
@@ -726,7 +726,7 @@ static void test_text_prompts(void)
     CU_ASSERT(strstr(OUT, "tokenizer") != NULL);
 }
 
-/* Default decode groups (issue 7.4): 16 sequences at R 32 make 2 groups of 8, so every decode
+/* Default decode groups: 16 sequences at R 32 make 2 groups of 8, so every decode
  * micro-batch has 8 rows (not 8 groups of 2): 2 prefill + 2 x 4 decode micro-batches, at any
  * -np; R 4 forces 4 groups of 4. */
 static void test_default_groups(void)

@@ -1,4 +1,4 @@
-/* tests/test_routertune.c — `modpipe router-tune` under mpirun (issue 9).
+/* tests/test_routertune.c — `modpipe router-tune` under mpirun.
  *
  *   - data parallel: -np 1, 2, 3 give the same routers within 1e-5 (both granularities), and
  *     training moved them (not a vacuous comparison);

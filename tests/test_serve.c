@@ -4,7 +4,7 @@
  * builds the srvq, a client thread submits 32 concurrent greedy requests on the real
  * stories260K model and closes the queue while they run (what SIGTERM does), one more
  * request is cancelled from its own on_token callback. The tokens of every request must
- * equal `modpipe generate` on the same prompts (issue 8.6: continuous batching does not
+ * equal `modpipe generate` on the same prompts (continuous batching does not
  * change greedy results), at -np 1 and -np 3; the per-link byte counters reach
  * srvq_get_stats; the idle loop does not spin a core.
  * Needs: MODPIPE (the binary, default build/modpipe), mpirun, tests/fixtures/stories260K.

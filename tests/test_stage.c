@@ -6,7 +6,7 @@
  *      through the stage API by a tiny greedy generation driver written here (one sequence
  *      at a time, and all sequences in one micro-batch), plus the teacher-forced eval ones;
  *   3. every layer type on a tiny 1-layer model written here with st_writer, compared with
- *      a reference single-layer forward written from SPEC §2 in double precision (and two
+ *      a reference single-layer forward written from docs/SPEC.md §2 in double precision (and two
  *      cases whose answers are worked out by hand);
  *   4. KV cache vs recompute for every fixture model, KV entries vs router decisions;
  *   5. sampling (greedy ties, seeded reproducibility, top-p, frequencies) and NLL;
@@ -766,7 +766,7 @@ static int q8_round(const float *src, int rows, int cols, float *dst)
     return rc;
 }
 
-/* ---- weights kept in their dtype (issue 7) ----------------------------------------------
+/* ---- weights kept in their dtype ----------------------------------------------
  * Every tensor of fixture `name`, rounded to dtype `dt` (f32 fixtures) or as stored, written
  * again as dtype `out` into a temp dir with the fixture's config.json. */
 static char *rewrite_fixture(const char *name, stage_dtype round_to, stage_dtype out)
@@ -1183,7 +1183,7 @@ static void tiny_unload(tiny_model *tm)
     memset(tm, 0, sizeof *tm);
 }
 
-/* ---- the reference, in double, straight from SPEC §2 ---- */
+/* ---- the reference, in double, straight from docs/SPEC.md §2 ---- */
 
 typedef struct {
     int att;       /* routed: selected; mindskip: attention kept; others: 1 */

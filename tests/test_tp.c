@@ -1,4 +1,4 @@
-/* tests/test_tp.c — tensor-parallel stages (issue 10): the built modpipe under mpirun with
+/* tests/test_tp.c — tensor-parallel stages: the built modpipe under mpirun with
  * --tp 2 (-np 2: one stage of 2 ranks; -np 4: 2 stages x 2 ranks).
  *
  * Exactness: every fixture model's logits within 1e-4 of the known answers (SPEC fixtures,

@@ -15,18 +15,10 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "base/file.h"
 #include "tok/tok_impl.h"
 
 /* ---------------------------------------------------------------- small helpers */
-
-void tok_set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (!err || errlen == 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 static char *tok_strndup(const char *s, size_t n)
 {
@@ -279,7 +271,7 @@ pcre2_code *tok_re_compile(const char *pat, size_t len, int literal, char *msg, 
     if (!re) {
         PCRE2_UCHAR buf[160];
         pcre2_get_error_message(ec, buf, sizeof buf);
-        tok_set_err(msg, msglen, "%s at offset %zu", (const char *)buf, (size_t)eo);
+        base_set_err(msg, msglen, "%s at offset %zu", (const char *)buf, (size_t)eo);
         return NULL;
     }
     /* JIT when the platform has it (several times faster on long texts); pcre2_match uses
@@ -304,7 +296,7 @@ typedef struct {
     do {                                                                                           \
         char m_[512];                                                                              \
         snprintf(m_, sizeof m_, __VA_ARGS__);                                                      \
-        tok_set_err((ld)->err, (ld)->errlen, "%s: %s", (ld)->file, m_);                            \
+        base_set_err((ld)->err, (ld)->errlen, "%s: %s", (ld)->file, m_);                           \
     } while (0)
 
 static const char *j_type_name(const cJSON *j)
@@ -1253,38 +1245,6 @@ oom:
 
 /* ---------------------------------------------------------------- files */
 
-static char *read_file(const char *path, size_t *len, char *err, size_t errlen)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        tok_set_err(err, errlen, "%s: %s", path, strerror(errno));
-        return NULL;
-    }
-    struct stat st;
-    if (fstat(fileno(f), &st) || !S_ISREG(st.st_mode)) {
-        tok_set_err(err, errlen, "%s: not a regular file", path);
-        fclose(f);
-        return NULL;
-    }
-    size_t n = (size_t)st.st_size;
-    char *buf = malloc(n + 1);
-    if (!buf) {
-        tok_set_err(err, errlen, "%s: out of memory (%zu bytes)", path, n);
-        fclose(f);
-        return NULL;
-    }
-    if (n && fread(buf, 1, n, f) != n) {
-        tok_set_err(err, errlen, "%s: read error", path);
-        free(buf);
-        fclose(f);
-        return NULL;
-    }
-    fclose(f);
-    buf[n] = 0;
-    *len = n;
-    return buf;
-}
-
 /* A tokenizer_config.json token entry: a string or {"content": ...}. */
 static int32_t token_id_of(const tok_tokenizer *t, const cJSON *v)
 {
@@ -1314,13 +1274,13 @@ static int load_configs(tok_tokenizer *t, const char *dir, char *err, size_t err
     snprintf(path, sizeof path, "%s/config.json", dir);
     struct stat st;
     if (stat(path, &st) == 0) {
-        char *txt = read_file(path, &len, err, errlen);
+        char *txt = base_read_file(path, 0, &len, err, errlen);
         if (!txt) return -1;
         cJSON *j = cJSON_ParseWithLength(txt, len);
         free(txt);
         if (!cJSON_IsObject(j)) {
             cJSON_Delete(j);
-            tok_set_err(err, errlen, "%s: not a JSON object", path);
+            base_set_err(err, errlen, "%s: not a JSON object", path);
             return -1;
         }
         bos = config_id(cJSON_GetObjectItemCaseSensitive(j, "bos_token_id"));
@@ -1329,13 +1289,13 @@ static int load_configs(tok_tokenizer *t, const char *dir, char *err, size_t err
     }
     snprintf(path, sizeof path, "%s/tokenizer_config.json", dir);
     if (stat(path, &st) == 0) {
-        char *txt = read_file(path, &len, err, errlen);
+        char *txt = base_read_file(path, 0, &len, err, errlen);
         if (!txt) return -1;
         cJSON *j = cJSON_ParseWithLength(txt, len);
         free(txt);
         if (!cJSON_IsObject(j)) {
             cJSON_Delete(j);
-            tok_set_err(err, errlen, "%s: not a JSON object", path);
+            base_set_err(err, errlen, "%s: not a JSON object", path);
             return -1;
         }
         int32_t b = token_id_of(t, cJSON_GetObjectItemCaseSensitive(j, "bos_token"));
@@ -1349,8 +1309,8 @@ static int load_configs(tok_tokenizer *t, const char *dir, char *err, size_t err
         cJSON_Delete(j);
     }
     if (bos >= t->n_vocab || eos >= t->n_vocab) {
-        tok_set_err(err, errlen, "%s: BOS %d / EOS %d outside the vocab (%d tokens)", dir, (int)bos,
-                    (int)eos, t->n_vocab);
+        base_set_err(err, errlen, "%s: BOS %d / EOS %d outside the vocab (%d tokens)", dir,
+                     (int)bos, (int)eos, t->n_vocab);
         return -1;
     }
     if (bos >= 0) t->bos = bos;
@@ -1378,7 +1338,7 @@ static int load_configs(tok_tokenizer *t, const char *dir, char *err, size_t err
     }
     return 0;
 oom:
-    tok_set_err(err, errlen, "%s: out of memory", dir);
+    base_set_err(err, errlen, "%s: out of memory", dir);
     return -1;
 }
 
@@ -1440,7 +1400,7 @@ int tok_load_json(const char *name, const char *json, size_t len, tok_tokenizer 
 {
     if (out) *out = NULL;
     if (!json || !out) {
-        tok_set_err(err, errlen, "tok_load_json: no input");
+        base_set_err(err, errlen, "tok_load_json: no input");
         return -1;
     }
     if (!name) name = "tokenizer.json";
@@ -1448,7 +1408,7 @@ int tok_load_json(const char *name, const char *json, size_t len, tok_tokenizer 
     tok_tokenizer *t = calloc(1, sizeof *t);
     if (!t || !(t->name = tok_strndup(name, strlen(name)))) {
         free(t);
-        tok_set_err(err, errlen, "%s: out of memory", name);
+        base_set_err(err, errlen, "%s: out of memory", name);
         return -1;
     }
     t->unk_id = t->bos = t->eos = -1;
@@ -1457,7 +1417,7 @@ int tok_load_json(const char *name, const char *json, size_t len, tok_tokenizer 
     if (!root) {
         const char *at = cJSON_GetErrorPtr();
         size_t off = at && at >= json && at <= json + len ? (size_t)(at - json) : 0;
-        tok_set_err(err, errlen, "%s: not JSON (parse error near byte %zu)", name, off);
+        base_set_err(err, errlen, "%s: not JSON (parse error near byte %zu)", name, off);
         tok_free(t);
         return -1;
     }
@@ -1475,26 +1435,26 @@ int tok_load(const char *path, tok_tokenizer **out, char *err, size_t errlen)
 {
     if (out) *out = NULL;
     if (!path || !out) {
-        tok_set_err(err, errlen, "tok_load: no path");
+        base_set_err(err, errlen, "tok_load: no path");
         return -1;
     }
     struct stat st;
     if (stat(path, &st) != 0) {
-        tok_set_err(err, errlen, "%s: %s", path, strerror(errno));
+        base_set_err(err, errlen, "%s: %s", path, strerror(errno));
         return -1;
     }
     int is_dir = S_ISDIR(st.st_mode);
     char file[4096];
     if (is_dir) {
         if (snprintf(file, sizeof file, "%s/tokenizer.json", path) >= (int)sizeof file) {
-            tok_set_err(err, errlen, "%s: path too long", path);
+            base_set_err(err, errlen, "%s: path too long", path);
             return -1;
         }
     } else {
         snprintf(file, sizeof file, "%s", path);
     }
     size_t len;
-    char *txt = read_file(file, &len, err, errlen);
+    char *txt = base_read_file(file, 0, &len, err, errlen);
     if (!txt) return -1;
     tok_tokenizer *t;
     int rc = tok_load_json(file, txt, len, &t, err, errlen);

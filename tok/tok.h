@@ -1,4 +1,4 @@
-/* tok/tok.h — text <-> token ids from a Hugging Face tokenizer.json (issue 8).
+/* tok/tok.h — text <-> token ids from a Hugging Face tokenizer.json.
  *
  * Families: BPE with merges as "a b" strings or ["a","b"] pairs; SentencePiece style
  * (Llama-2 / TinyLlama: Prepend/Replace normalizers or Metaspace "▁", byte_fallback

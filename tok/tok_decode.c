@@ -153,13 +153,13 @@ int tok_stream_push(tok_stream *s, int32_t id, const char **piece, size_t *len, 
     if (piece) *piece = "";
     if (len) *len = 0;
     if (!s) {
-        tok_set_err(err, errlen, "tok_stream_push: no stream");
+        base_set_err(err, errlen, "tok_stream_push: no stream");
         return -1;
     }
     const tok_tokenizer *t = s->t;
     if (id < 0 || id >= t->n_vocab || !t->str[id]) {
-        tok_set_err(err, errlen, "%s: id %d is not in the vocab (%d tokens)", t->name, (int)id,
-                    t->n_vocab);
+        base_set_err(err, errlen, "%s: id %d is not in the vocab (%d tokens)", t->name, (int)id,
+                     t->n_vocab);
         return -1;
     }
     s->out_len = 0;
@@ -174,7 +174,7 @@ int tok_stream_push(tok_stream *s, int32_t id, const char **piece, size_t *len, 
         n--;
     }
     if (out_reserve(s, 6 * n + 16)) {
-        tok_set_err(err, errlen, "%s: out of memory", t->name);
+        base_set_err(err, errlen, "%s: out of memory", t->name);
         return -1;
     }
     if (!s->first_token && t->dec_join_space) feed_byte(s, ' ');
@@ -208,7 +208,7 @@ int tok_decode(const tok_tokenizer *t, const int32_t *ids, int n, int skip_speci
     if (text) *text = NULL;
     if (len) *len = 0;
     if (!t || !text || (!ids && n > 0) || n < 0) {
-        tok_set_err(err, errlen, "tok_decode: no tokenizer, ids or output");
+        base_set_err(err, errlen, "tok_decode: no tokenizer, ids or output");
         return -1;
     }
     tok_stream *s = tok_stream_new(t, skip_special);
@@ -238,7 +238,7 @@ int tok_decode(const tok_tokenizer *t, const int32_t *ids, int n, int skip_speci
     if (len) *len = used;
     return 0;
 oom:
-    tok_set_err(err, errlen, "%s: out of memory while decoding", t->name);
+    base_set_err(err, errlen, "%s: out of memory while decoding", t->name);
 fail:
     tok_stream_free(s);
     free(res);

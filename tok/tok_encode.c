@@ -68,7 +68,7 @@ typedef struct {
 
 static int ws_oom(tok_ws *w)
 {
-    tok_set_err(w->err, w->errlen, "%s: out of memory while encoding", w->t->name);
+    base_set_err(w->err, w->errlen, "%s: out of memory while encoding", w->t->name);
     return -1;
 }
 
@@ -138,8 +138,8 @@ static int re_next(tok_ws *w, const pcre2_code *re, const char *s, size_t len, s
         if (rc < 0) {
             PCRE2_UCHAR msg[120];
             pcre2_get_error_message(rc, msg, sizeof msg);
-            tok_set_err(w->err, w->errlen, "%s: regex match failed: %s", w->t->name,
-                        (const char *)msg);
+            base_set_err(w->err, w->errlen, "%s: regex match failed: %s", w->t->name,
+                         (const char *)msg);
             return -1;
         }
         PCRE2_SIZE *ov = pcre2_get_ovector_pointer(w->md);
@@ -177,8 +177,8 @@ static int nfc(tok_ws *w, const char *src, size_t len, int which, size_t *dlen)
     UErrorCode st = U_ZERO_ERROR;
     const UNormalizer2 *n2 = unorm2_getNFCInstance(&st);
     if (U_FAILURE(st) || len > INT32_MAX / 2) {
-        tok_set_err(w->err, w->errlen, "%s: NFC normalizer: %s", w->t->name,
-                    U_FAILURE(st) ? u_errorName(st) : "text too long");
+        base_set_err(w->err, w->errlen, "%s: NFC normalizer: %s", w->t->name,
+                     U_FAILURE(st) ? u_errorName(st) : "text too long");
         return -1;
     }
     /* UTF-8 -> UTF-16 at most one unit per byte; NFC of UTF-16 at most 3x (Unicode's bound) */
@@ -195,7 +195,7 @@ static int nfc(tok_ws *w, const char *src, size_t len, int which, size_t *dlen)
     if (U_SUCCESS(st))
         u_strToUTF8(w->nbuf[which], (int32_t)w->nbuf_cap[which], &n8, w->u16[1], nn, &st);
     if (U_FAILURE(st)) {
-        tok_set_err(w->err, w->errlen, "%s: NFC normalizer: %s", w->t->name, u_errorName(st));
+        base_set_err(w->err, w->errlen, "%s: NFC normalizer: %s", w->t->name, u_errorName(st));
         return -1;
     }
     *dlen = (size_t)n8;
@@ -477,9 +477,9 @@ static int bpe_piece(tok_ws *w, const char *s, size_t len)
                 if (!(t->fuse_unk && last_unk)) w->sym[n++] = t->unk_id;
                 last_unk = 1;
             } else {
-                tok_set_err(w->err, w->errlen,
-                            "%s: character U+%04X has no token (no byte fallback, no unk_token)",
-                            t->name, (unsigned)cp);
+                base_set_err(w->err, w->errlen,
+                             "%s: character U+%04X has no token (no byte fallback, no unk_token)",
+                             t->name, (unsigned)cp);
                 return -1;
             }
         }
@@ -578,16 +578,16 @@ int tok_encode(const tok_tokenizer *t, const char *text, size_t len, int add_spe
     if (ids) *ids = NULL;
     if (n_ids) *n_ids = 0;
     if (!t || !ids || !n_ids || (!text && len)) {
-        tok_set_err(err, errlen, "tok_encode: no tokenizer, text or output");
+        base_set_err(err, errlen, "tok_encode: no tokenizer, text or output");
         return -1;
     }
     if (len > TOK_MAX_TEXT) {
-        tok_set_err(err, errlen, "%s: text of %zu bytes (limit %zu)", t->name, len, TOK_MAX_TEXT);
+        base_set_err(err, errlen, "%s: text of %zu bytes (limit %zu)", t->name, len, TOK_MAX_TEXT);
         return -1;
     }
     size_t bad;
     if (!tok_utf8_valid(text ? text : "", len, &bad)) {
-        tok_set_err(err, errlen, "%s: text is not valid UTF-8 (byte %zu)", t->name, bad);
+        base_set_err(err, errlen, "%s: text is not valid UTF-8 (byte %zu)", t->name, bad);
         return -1;
     }
     tok_ws w;
@@ -643,7 +643,7 @@ int tok_encode(const tok_tokenizer *t, const char *text, size_t len, int add_spe
         for (int k = 0; k < t->n_suffix; k++)
             if (push_id(&w, t->pp_suffix[k])) goto fail;
     if (w.n_ids > (size_t)0x7fffffff) {
-        tok_set_err(err, errlen, "%s: too many tokens", t->name);
+        base_set_err(err, errlen, "%s: too many tokens", t->name);
         goto fail;
     }
     if (w.n_ids == 0 && !w.ids) { /* an empty result is still a malloc'd array */

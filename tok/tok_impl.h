@@ -15,6 +15,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "base/err.h"
 #include "tok/tok.h"
 
 /* Largest id accepted in a vocab (tables are indexed by id, ~13 bytes an id). The fuzz
@@ -155,9 +156,6 @@ int tok_cp_byte(uint32_t cp);
 int tok_utf8_valid(const char *s, size_t len, size_t *bad);
 int tok_utf8_next(const char *s, size_t len, size_t i, uint32_t *cp);
 int tok_utf8_put(char *out, uint32_t cp);
-
-void tok_set_err(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
 
 /* Compiled with UTF + UCP; literal: the pattern is a plain string. NULL with a message. */
 pcre2_code *tok_re_compile(const char *pat, size_t len, int literal, char *msg, size_t msglen);

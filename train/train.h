@@ -1,4 +1,4 @@
-/* train/train.h — Router-Tuning core (issue 9, SPEC §2.4): train only MindSkip routers of a
+/* train/train.h — Router-Tuning core (docs/SPEC.md §2.4): train only MindSkip routers of a
  * frozen dense checkpoint of any block family stage/ computes (docs/SPEC.md §10: biases, q/k
  * norms, RoPE scaling and sliding windows are part of the frozen forward). Pure C, no MPI:
  * the data-parallel driver (cli/routertune.c) splits a batch over ranks and sums what this

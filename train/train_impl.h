@@ -137,7 +137,7 @@ static void RN(attn_fwd)(const train_ws *ws, RN(acts) * A, const R *q, const R *
     R *e = A->e;
     for (int i = 0; i < T; i++) {
         const size_t ni = (size_t)(base + i);
-        const int j0 = win > 0 && i >= win ? i - win + 1 : 0; /* the window (SPEC §10.4) */
+        const int j0 = win > 0 && i >= win ? i - win + 1 : 0; /* the window (docs/SPEC.md §10.4) */
         for (int hh = 0; hh < nh; hh++) {
             const R *qi = q + ni * qd + (size_t)hh * hd;
             const int kh = hh / grp;
@@ -181,7 +181,7 @@ static void RN(attn_back)(const train_ws *ws, RN(acts) * A, const R *q, const R 
     R *e = A->e;
     for (int i = 0; i < T; i++) {
         const size_t ni = (size_t)(base + i);
-        const int j0 = win > 0 && i >= win ? i - win + 1 : 0; /* the window (SPEC §10.4) */
+        const int j0 = win > 0 && i >= win ? i - win + 1 : 0; /* the window (docs/SPEC.md §10.4) */
         for (int hh = 0; hh < nh; hh++) {
             const R *qi = q + ni * qd + (size_t)hh * hd;
             const R *oi = att + ni * qd + (size_t)hh * hd;

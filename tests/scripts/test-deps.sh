@@ -1,5 +1,5 @@
 #!/bin/bash
-# tests/scripts/test-deps.sh — the newcomer order (issue 7.7): `make` / `make test` on a machine
+# tests/scripts/test-deps.sh — the newcomer order: `make` / `make test` on a machine
 # that lacks a build dependency installs it (root) or stops with one line naming
 # scripts/install-deps (anyone else), and a normal build runs no installer. Missing tools are
 # simulated with a PATH that hides protoc-c (and pkg-config modules with an empty

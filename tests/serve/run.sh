@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# tests/serve/run.sh [BIN] — end-to-end test of `modpipe serve` with real clients (issue 8.6):
+# tests/serve/run.sh [BIN] — end-to-end test of `modpipe serve` with real clients:
 # curl and the official `openai` npm client (tests/serve/client.mjs) against the real engine
 # on tests/fixtures/stories260K, at -np 1 and -np 3.
 #   - 32 concurrent greedy streams give the same tokens as `modpipe generate` on the prompts
@@ -158,6 +158,8 @@ check "serve --model missing dir: exit 2" 'badrun "config.json" --model "$TMP/no
 check "serve --chat-template unknown: exit 2" 'badrun "unknown template .vicuna." --model "$MODEL" --chat-template vicuna'
 check "serve --kv-mem lots: exit 2" 'badrun "--kv-mem: expected a size like 512M or 2G, got .lots." --model "$MODEL" --kv-mem lots'
 check "serve --port 70000: exit 2" 'badrun "expected an integer in \[0, 65535\]" --model "$MODEL" --port 70000'
+check "serve --mem-per-rank 1K (the shared plan options): exit 2" 'badrun "fits --mem-per-rank 0.0 MiB" --model "$MODEL" --mem-per-rank 1K'
+check "serve --stages 0-1:K names its origin: exit 2" 'badrun "--stages: .0-1:0.: ranks after" --model "$MODEL" --stages 0-1:0,2-4'
 check "serve on a port in use: exit 2" 'badrun "cannot listen on 127.0.0.1:$PORT_np3" --model "$MODEL" --port $PORT_np3'
 check "the key from --api-key-file is not in ps" '! ps -o args= -p "$PID_np3,$MPI_np3" | grep -qF -- "$KEY"'
 check "serve --api-key KEY (visible in ps): exit 2" 'badrun "visible to every user in ps" --model "$MODEL" --api-key abc'
