@@ -1,0 +1,164 @@
+// scripts/bench-kv.mjs — the client of scripts/bench-kv (docs/SPEC.md §11 measured): Node 20,
+// no packages. One mode per call against a running `modpipe serve`, one JSON line on stdout.
+//
+//   node scripts/bench-kv.mjs MODE --url URL [--n N] [--prompt-len P] [--output-len O]
+//        [--prefix-len L] [--seed S]
+//   probe     one stream of P + O tokens; KV pages it held at its peak (modpipe_kv_pages_peak)
+//   burst     N such streams at once; most requests running at once (modpipe_requests_running,
+//             polled every 20 ms), preemptions during the burst, requests that failed
+//   ttft      a holder request (prefix of L ids, long output) keeps running while N requests
+//             (same prefix + P-L own ids, 1 output token) are sent one after another; their
+//             TTFT p50 / mean, prefix cache hits; then the holder is cancelled
+//   overload  N streams at once (preemptions expected), then each again alone; outputs compared
+// Prompts are seeded pseudo-random ids (< 500, every tokenizer here has them); greedy, ignore_eos.
+const argv = process.argv.slice(2);
+const mode = argv.shift();
+const args = {};
+for (let i = 0; i < argv.length; i += 2) {
+  if (!argv[i].startsWith("--") || argv[i + 1] === undefined) {
+    console.error(`bench-kv.mjs: bad argument '${argv[i]}'`);
+    process.exit(2);
+  }
+  args[argv[i].slice(2)] = argv[i + 1];
+}
+const url = args.url;
+if (!url || !["probe", "burst", "ttft", "overload"].includes(mode)) {
+  console.error("bench-kv.mjs: usage: MODE(probe|burst|ttft|overload) --url URL [...]");
+  process.exit(2);
+}
+const N = +(args.n || 1), P = +(args["prompt-len"] || 1008), O = +(args["output-len"] || 16);
+const L = +(args["prefix-len"] || 512);
+let st = BigInt(args.seed || 1) | 1n;
+function rnd() {
+  st ^= st >> 12n; st ^= (st << 25n) & 0xffffffffffffffffn; st ^= st >> 27n;
+  return Number(((st * 2685821657736338717n) & 0xffffffffffffffffn) >> 11n) / 2 ** 53;
+}
+const ids = n => Array.from({ length: n }, () => 3 + Math.floor(rnd() * 497));
+const now = () => Number(process.hrtime.bigint()) / 1e9;
+
+async function metrics() {
+  const t = await (await fetch(`${url}/metrics`)).text();
+  const m = { stage: {} };
+  for (const line of t.split("\n")) {
+    const r = line.match(/^(modpipe_[a-z_]+)(\{[^}]*\})? ([0-9.eE+-]+)$/);
+    if (!r) continue;
+    m[r[1]] = (m[r[1]] || 0) + +r[3]; // summed over stages
+    const sg = r[2] && r[2].match(/^\{stage="(\d+)"\}$/);
+    if (sg) (m.stage[r[1]] ||= [])[+sg[1]] = +r[3];
+  }
+  return m;
+}
+
+// one streaming completion: token ids and TTFT; signal aborts it (the holder)
+async function one(prompt, olen, signal) {
+  const body = JSON.stringify({ model: "m", prompt, max_tokens: olen, ignore_eos: true,
+                                temperature: 0, stream: true });
+  const t0 = now();
+  let res;
+  try {
+    res = await fetch(`${url}/v1/completions?return_token_ids=1`, {
+      method: "POST", headers: { "Content-Type": "application/json" }, body, signal });
+  } catch (e) { return { ok: false, error: String(e) }; }
+  if (res.status !== 200) return { ok: false, status: res.status, error: await res.text() };
+  const dec = new TextDecoder();
+  let buf = "", tfirst = 0;
+  const toks = [];
+  try {
+    for await (const chunk of res.body) {
+      const t = now();
+      buf += dec.decode(chunk, { stream: true });
+      let k;
+      while ((k = buf.indexOf("\n\n")) >= 0) {
+        const ev = buf.slice(0, k);
+        buf = buf.slice(k + 2);
+        if (!ev.startsWith("data: ") || ev === "data: [DONE]") continue;
+        const j = JSON.parse(ev.slice(6));
+        if (j.error) return { ok: false, error: JSON.stringify(j.error) };
+        const c = j.choices && j.choices[0];
+        if (!c || !c.token_ids || !c.token_ids.length) continue;
+        if (!toks.length) tfirst = t;
+        toks.push(...c.token_ids);
+      }
+    }
+  } catch (e) { if (!signal || !signal.aborted) return { ok: false, error: String(e) }; }
+  return { ok: true, toks, ttft: tfirst - t0 };
+}
+
+function pct(xs, p) {
+  const a = [...xs].sort((x, y) => x - y);
+  const r = (p / 100) * (a.length - 1), lo = Math.floor(r), hi = Math.ceil(r);
+  return a[lo] + (a[hi] - a[lo]) * (r - lo);
+}
+const out = o => console.log(JSON.stringify(o));
+
+async function burst(prompts, olen) {
+  const m0 = await metrics();
+  let maxrun = 0, done = false;
+  const poll = (async () => {
+    while (!done) {
+      const m = await metrics();
+      maxrun = Math.max(maxrun, m.modpipe_requests_running || 0);
+      await new Promise(r => setTimeout(r, 20));
+    }
+  })();
+  const t0 = now();
+  const rs = await Promise.all(prompts.map(p => one(p, olen)));
+  const secs = now() - t0;
+  done = true;
+  await poll;
+  const m1 = await metrics();
+  return { rs, maxrun, secs, preemptions: m1.modpipe_preemptions_total - m0.modpipe_preemptions_total,
+           peak: m1.modpipe_kv_pages_peak, total: m1.modpipe_kv_pages_total,
+           used_after: m1.modpipe_kv_pages_used, page_bytes: m1.modpipe_kv_page_bytes,
+           // streams the fullest stage holds at this peak: min over stages of total / peak
+           fit: Math.min(...(m1.stage.modpipe_kv_pages_total || [0]).map(
+             (t, s) => Math.floor(t / Math.max(1, (m1.stage.modpipe_kv_pages_peak || [])[s] || 0)))),
+           stage_peak: m1.stage.modpipe_kv_pages_peak, stage_total: m1.stage.modpipe_kv_pages_total };
+}
+
+if (mode === "probe" || mode === "burst") {
+  const prompts = Array.from({ length: mode === "probe" ? 1 : N }, () => ids(P));
+  const b = await burst(prompts, O);
+  const failed = b.rs.filter(r => !r.ok);
+  out({ mode, n: prompts.length, tokens: P + O, max_running: b.maxrun, preemptions: b.preemptions,
+        failed: failed.length, first_error: failed[0]?.error, pages_peak: b.peak,
+        pages_total: b.total, page_bytes: b.page_bytes, stage_peak: b.stage_peak,
+        stage_total: b.stage_total, fit: b.fit,
+        seconds: +b.secs.toFixed(2) });
+} else if (mode === "ttft") {
+  const prefix = ids(L);
+  const ac = new AbortController();
+  const m0 = await metrics();
+  const holder = one([...prefix, ...ids(16)], +(args["holder-len"] || 400), ac.signal);
+  // wait until the holder runs and has its prompt computed (it produced a token)
+  for (let i = 0; i < 3000; i++) {
+    const m = await metrics();
+    if ((m.modpipe_generated_tokens_total || 0) > (m0.modpipe_generated_tokens_total || 0)) break;
+    await new Promise(r => setTimeout(r, 10));
+  }
+  const ttfts = [], fails = [];
+  for (let i = 0; i < N; i++) {
+    const r = await one([...prefix, ...ids(P - L)], 1);
+    if (r.ok) ttfts.push(r.ttft); else fails.push(r.error);
+  }
+  const m1 = await metrics();
+  ac.abort();
+  await holder;
+  out({ mode, n: N, prefix: L, prompt: P, ttft_p50_ms: +(1000 * pct(ttfts, 50)).toFixed(1),
+        ttft_mean_ms: +(1000 * ttfts.reduce((s, x) => s + x, 0) / ttfts.length).toFixed(1),
+        prefix_hits: m1.modpipe_prefix_cache_hits_total - m0.modpipe_prefix_cache_hits_total,
+        prefix_tokens: m1.modpipe_prefix_cache_tokens_total - m0.modpipe_prefix_cache_tokens_total,
+        failed: fails.length, first_error: fails[0] });
+} else {
+  const prompts = Array.from({ length: N }, () => ids(P));
+  const b = await burst(prompts, O);
+  let same = 0, lost = 0;
+  for (let i = 0; i < N; i++) {
+    const a = await one(prompts[i], O);
+    if (!b.rs[i].ok || !a.ok) { lost++; continue; }
+    if (JSON.stringify(a.toks) === JSON.stringify(b.rs[i].toks) && a.toks.length === O) same++;
+  }
+  const m = await metrics();
+  out({ mode, n: N, tokens: P + O, max_running: b.maxrun, preemptions: b.preemptions, lost,
+        identical: same, pages_used_after: m.modpipe_kv_pages_used, seconds: +b.secs.toFixed(2) });
+}
