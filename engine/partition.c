@@ -937,5 +937,6 @@ void engine_plan_print(const stage_config *cfg, const engine_plan *plan, FILE *o
             "k layers at capacity %g needs ~1-(1-%g)^k of the rows), not a measurement: "
             "prefill ~%.1f%%, decode ~%.1f%%%s\n",
             p, p, 100.0 * pre, 100.0 * dec,
-            n_sparse == S - 1 ? " [SPEC 4: p and (1 + p(S-2))/(S-1), averaged over stages]" : "");
+            n_sparse == S - 1 ? " [docs/SPEC.md §4: p and (1 + p(S-2))/(S-1), averaged over stages]"
+                              : "");
 }
