@@ -146,14 +146,14 @@ static void route_and_send(engine_loop *c)
 {
     const int n = c->d.n, s = c->rank, S = c->S;
     const uint64_t mb = c->d.id;
-    const engine_plan *pl = c->o.plan;
+    const engine_plan *pl = c->o.pipe.plan;
     int rows_to[64] = {0};
     memset(c->masks, 0, (size_t)S * comm_mask_bytes(c->R));
     for (int i = 0; i < n; i++) {
         c->dest[i] = -1;
         if (!c->present[i]) continue;
         const float *xi = c->x + (size_t)i * c->D;
-        if (c->o.dense_transport) c->dest[i] = s + 1;
+        if (c->o.pipe.dense_transport) c->dest[i] = s + 1;
         for (int t = s + 1; t < S && c->dest[i] < 0; t++)
             if (stage_range_needs_row(c->m, pl->st[t].first, pl->st[t].last, xi)) c->dest[i] = t;
         if (c->dest[i] < 0 && (c->d.flags[i] & STAGE_ROW_NEED_LOGITS)) c->dest[i] = S - 1;
@@ -166,7 +166,7 @@ static void route_and_send(engine_loop *c)
     for (int k = 0; k < c->n_byp_in; k++)
         c->byp_out[nb++] = c->byp_in[k]; /* still ahead: tell the next stage */
     comm_packet h = {
-        .kind = COMM_PKT_ROWS, .mb = mb, .sender = s, .mb_rows = n, .dtype = c->o.wire};
+        .kind = COMM_PKT_ROWS, .mb = mb, .sender = s, .mb_rows = n, .dtype = c->o.pipe.wire};
     for (int t = s + 2; t < S; t++) {
         if (!rows_to[t]) continue;
         h.receiver = t;
@@ -263,7 +263,7 @@ static void complete(engine_loop *c, uint64_t mb, const int32_t *tok_by_row, con
         c->tokens_done++;
     }
     c->ops->done(c->self, f, tok_by_row);
-    c->fl_head = (c->fl_head + 1) % c->o.max_in_flight;
+    c->fl_head = (c->fl_head + 1) % c->o.pipe.max_in_flight;
     c->fl_n--;
     c->mb_done++;
     c->t_tokens = base_now_s();
@@ -316,7 +316,7 @@ static void process_mb(engine_loop *c)
                      .receiver = 0,
                      .mb_rows = d->n,
                      .n_rows = ns,
-                     .dtype = c->o.wire,
+                     .dtype = c->o.pipe.wire,
                      .present = mask};
     send_packet(c, &h, c->ltok, 0, TAG_TOKENS);
 }
@@ -418,7 +418,7 @@ static void report_poll(engine_loop *c, int force)
     if (!c->ops->links || (!force && t - c->rep_t < 0.25)) return;
     c->rep_t = t;
     report_fill(c, c->rep_tab, 0); /* rank 0's own counters */
-    const double ws = (double)stage_dtype_size(c->o.wire);
+    const double ws = (double)stage_dtype_size(c->o.pipe.wire);
     int n = 0;
     for (int s = 0; s < c->S; s++) {
         const engine_report_tail tail = report_tail(c, s);
@@ -458,7 +458,7 @@ static void report_poll(engine_loop *c, int force)
 static void print_progress(engine_loop *c, int force)
 {
     double t = base_now_s();
-    if (!c->o.progress || (!force && t - c->t_last_progress < 2.0)) return;
+    if (!c->o.pipe.progress || (!force && t - c->t_last_progress < 2.0)) return;
     c->t_last_progress = t;
     double el = t - c->t_start;
     if (c->o.progress_tokens)
@@ -533,9 +533,9 @@ static int wait_tokens(engine_loop *c, double max_s)
         }
         comm_links_progress(c->links);
         double t = base_now_s();
-        if (t - c->t_tokens > c->o.timeout_s)
+        if (t - c->t_tokens > c->o.pipe.timeout_s)
             COMM_FATAL("no tokens packet from rank %d for %.0f s: that rank is gone or stuck",
-                       c->head, c->o.timeout_s);
+                       c->head, c->o.pipe.timeout_s);
         if (max_s >= 0 && t - t0 >= max_s) return 0;
         base_backoff_wait(&bo);
     }
@@ -545,8 +545,8 @@ static int step0(engine_loop *c)
 {
     if (c->finished) return 0;
     int issued = 0;
-    while (c->fl_n < c->o.max_in_flight) {
-        stage_batch *f = &c->fl[(c->fl_head + c->fl_n) % c->o.max_in_flight];
+    while (c->fl_n < c->o.pipe.max_in_flight) {
+        stage_batch *f = &c->fl[(c->fl_head + c->fl_n) % c->o.pipe.max_in_flight];
         f->n = 0;
         f->n_release = 0;
         f->n_share = 0;
@@ -565,7 +565,7 @@ static int step0(engine_loop *c)
         return 1;
     }
     /* A server looks for new work every millisecond while it may issue more. */
-    int may_issue = c->ops->wait && c->fl_n < c->o.max_in_flight;
+    int may_issue = c->ops->wait && c->fl_n < c->o.pipe.max_in_flight;
     wait_tokens(c, may_issue ? 0.001 : -1.0);
     print_progress(c, 0);
     return 1;
@@ -722,7 +722,7 @@ static void stats_fill(engine_loop *c, engine_rank_stat *r, engine_link_stat *li
         .nll_sum = c->nll_sum,
         .nll_count = (double)c->nll_count,
     };
-    memset(layers, 0, (size_t)c->o.cfg->n_layers * sizeof *layers);
+    memset(layers, 0, (size_t)c->o.pipe.cfg->n_layers * sizeof *layers);
     stage_range rg = stage_model_range(c->m);
     for (int l = rg.first; l <= rg.last; l++) {
         const stage_layer_stats *ls = stage_state_layer_stats(c->st, l);
@@ -739,24 +739,25 @@ static void stats_fill(engine_loop *c, engine_rank_stat *r, engine_link_stat *li
 static void report(engine_loop *c, const engine_stats *all, double seconds, engine_loop_result *res)
 {
     const engine_loop_opts *o = &c->o;
-    const stage_config *cfg = o->cfg;
+    const stage_config *cfg = o->pipe.cfg;
     const int S = c->S, L = cfg->n_layers, D = c->D;
-    const double ws = (double)stage_dtype_size(o->wire);
+    const double ws = (double)stage_dtype_size(o->pipe.wire);
     const double kvd = (double)cfg->n_kv_heads * cfg->head_dim;
     const double kvs = (double)stage_dtype_size(STAGE_KV_DTYPE); /* bytes of a K or V value */
     double hdr = 0, pay = 0, tok_bytes = 0, dense = 0, rows_total = 0, tp_total = 0;
 
     cJSON *j = cJSON_CreateObject();
     cJSON_AddStringToObject(j, "command", o->command ? o->command : "");
-    cJSON_AddStringToObject(j, "model", o->model_dir);
+    cJSON_AddStringToObject(j, "model", o->pipe.model_dir);
     cJSON_AddNumberToObject(j, "ranks", S);
-    cJSON_AddStringToObject(j, "wire_dtype", stage_dtype_name(o->wire));
-    cJSON_AddStringToObject(
-        j, "weights_dtype",
-        o->weights_dtype < 0 ? "checkpoint" : stage_wdtype_name((stage_dtype)o->weights_dtype));
-    cJSON_AddStringToObject(j, "transport", o->dense_transport ? "dense" : "sparse");
-    cJSON_AddNumberToObject(j, "micro_batch", o->micro_batch);
-    cJSON_AddNumberToObject(j, "max_in_flight", o->max_in_flight);
+    cJSON_AddStringToObject(j, "wire_dtype", stage_dtype_name(o->pipe.wire));
+    cJSON_AddStringToObject(j, "weights_dtype",
+                            o->pipe.weights_dtype < 0
+                                ? "checkpoint"
+                                : stage_wdtype_name((stage_dtype)o->pipe.weights_dtype));
+    cJSON_AddStringToObject(j, "transport", o->pipe.dense_transport ? "dense" : "sparse");
+    cJSON_AddNumberToObject(j, "micro_batch", o->pipe.micro_batch);
+    cJSON_AddNumberToObject(j, "max_in_flight", o->pipe.max_in_flight);
     cJSON_AddNumberToObject(j, "hidden_size", D);
     cJSON_AddNumberToObject(j, "micro_batches", (double)c->next_mb);
 
@@ -765,7 +766,7 @@ static void report(engine_loop *c, const engine_stats *all, double seconds, engi
         const engine_rank_stat *f = &all->rank[s];
         cJSON *e = cJSON_CreateObject();
         char r[32];
-        snprintf(r, sizeof r, "%d-%d", o->plan->st[s].first, o->plan->st[s].last);
+        snprintf(r, sizeof r, "%d-%d", o->pipe.plan->st[s].first, o->pipe.plan->st[s].last);
         cJSON_AddNumberToObject(e, "stage", s);
         cJSON_AddStringToObject(e, "layers", r);
         /* the page pool: its size, the most pages held at once, pages still held once every
@@ -776,11 +777,11 @@ static void report(engine_loop *c, const engine_stats *all, double seconds, engi
         engine_stats_rank_json(e, f);
         cJSON_AddNumberToObject(e, "busy_fraction", seconds > 0 ? f->busy_s / seconds : 0);
         cJSON_AddNumberToObject(e, "kv_bytes_peak", f->kv_pages_peak * f->kv_page_bytes);
-        cJSON_AddNumberToObject(e, "ranks", engine_stage_ranks(&o->plan->st[s]));
+        cJSON_AddNumberToObject(e, "ranks", engine_stage_ranks(&o->pipe.plan->st[s]));
         tp_total += f->tp_io_bytes;
         cJSON_AddItemToArray(stages, e);
     }
-    if (o->stats_path && o->progress) {
+    if (o->stats_path && o->pipe.progress) {
         fprintf(stderr, "[modpipe] peak RSS per stage:");
         for (int s = 0; s < S; s++) {
             const engine_rank_stat *f = &all->rank[s];
@@ -823,7 +824,7 @@ static void report(engine_loop *c, const engine_stats *all, double seconds, engi
     double kv = 0, kv_dense = 0, fl = 0, fl_dense = 0;
     for (int l = 0; l < L; l++) {
         int s = 0;
-        while (s < S - 1 && l > o->plan->st[s].last) s++;
+        while (s < S - 1 && l > o->pipe.plan->st[s].last) s++;
         const engine_layer_stat *e = &all->layer[(size_t)s * L + l];
         cJSON *x = cJSON_CreateObject();
         cJSON_AddNumberToObject(x, "layer", l);
@@ -923,7 +924,7 @@ static void loop_free(engine_loop *c)
     free(c->dump);
     free(c->tok_by_row);
     if (c->fl) {
-        for (int i = 0; i < c->o.max_in_flight; i++) stage_batch_free(&c->fl[i]);
+        for (int i = 0; i < c->o.pipe.max_in_flight; i++) stage_batch_free(&c->fl[i]);
         free(c->fl);
     }
     free(c->rep_in);
@@ -941,8 +942,8 @@ static void loop_free(engine_loop *c)
 static int loop_init(engine_loop *c, char *err, size_t errlen)
 {
     const engine_loop_opts *o = &c->o;
-    const stage_config *cfg = o->cfg;
-    const engine_stage_plan *me = &o->plan->st[c->rank];
+    const stage_config *cfg = o->pipe.cfg;
+    const engine_stage_plan *me = &o->pipe.plan->st[c->rank];
     c->D = cfg->hidden;
     c->V = cfg->vocab;
     c->head = c->S - 1;
@@ -951,9 +952,9 @@ static int loop_init(engine_loop *c, char *err, size_t errlen)
         snprintf(err, errlen, "at most 64 stages are supported");
         return -1;
     }
-    if (o->slots < 1 || o->ctx < 1 || o->max_in_flight < 1) {
+    if (o->slots < 1 || o->ctx < 1 || o->pipe.max_in_flight < 1) {
         snprintf(err, errlen, "slots %d, ctx %d, max_in_flight %d: each must be >= 1", o->slots,
-                 o->ctx, o->max_in_flight);
+                 o->ctx, o->pipe.max_in_flight);
         return -1;
     }
     if (o->ctx > cfg->max_pos) {
@@ -963,14 +964,17 @@ static int loop_init(engine_loop *c, char *err, size_t errlen)
     /* the embedding lookup is the leader's; every rank of a tensor-parallel head holds its
      * slice of lm_head */
     stage_range r = {me->first, me->last, c->rank == 0 && !c->follower, c->rank == c->S - 1};
-    if (stage_model_load_tp(o->model_dir, cfg, r, o->weights_dtype, c->tp, &c->m, err, errlen))
+    if (stage_model_load_tp(o->pipe.model_dir, cfg, r, o->pipe.weights_dtype, c->tp, &c->m, err,
+                            errlen))
         return -1;
     /* KV pool budget (docs/SPEC.md §11): --kv-mem, else what --mem-per-rank leaves after the
      * planner's weights and workspace of this stage (one rank per stage), else every position */
-    stage_kv_opts kv = o->kv;
-    if (!kv.mem_bytes && o->plan->have_mem && o->plan->mem.mem_per_rank && me->ranks <= 1) {
+    stage_kv_opts kv = o->pipe.kv;
+    if (!kv.mem_bytes && o->pipe.plan->have_mem && o->pipe.plan->mem.mem_per_rank &&
+        me->ranks <= 1) {
         size_t used = me->weight_bytes + me->work_bytes;
-        if (o->plan->mem.mem_per_rank > used) kv.mem_bytes = o->plan->mem.mem_per_rank - used;
+        if (o->pipe.plan->mem.mem_per_rank > used)
+            kv.mem_bytes = o->pipe.plan->mem.mem_per_rank - used;
     }
     c->st = stage_state_init_kv(c->m, o->slots, c->R, o->ctx, &kv, err, errlen);
     if (!c->st) return -1;
@@ -979,8 +983,8 @@ static int loop_init(engine_loop *c, char *err, size_t errlen)
     stage_state_kv_soft(c->st, o->serve);
     if (c->follower) return 0; /* no pipeline links, no scheduler: the leader's */
     c->pkt_max = comm_packet_max_bytes(c->R, c->D, c->S);
-    int n_bufs = o->max_in_flight * c->S + 4;
-    c->links = comm_links_init(c->comm, c->S, c->pkt_max, n_bufs, o->timeout_s);
+    int n_bufs = o->pipe.max_in_flight * c->S + 4;
+    c->links = comm_links_init(c->comm, c->S, c->pkt_max, n_bufs, o->pipe.timeout_s);
     c->unp = comm_unpacker_init(c->R, c->S);
     if (c->links) stage_state_set_progress(c->st, progress_cb, c->links);
     const size_t R = (size_t)c->R, D = (size_t)c->D, V = (size_t)c->V, S = (size_t)c->S;
@@ -1036,9 +1040,10 @@ static int loop_init(engine_loop *c, char *err, size_t errlen)
     if (ok && c->rank == 0) {
         c->tbuf = malloc(c->pkt_max);
         c->tok_by_row = calloc(R, sizeof *c->tok_by_row);
-        c->fl = calloc((size_t)o->max_in_flight, sizeof *c->fl);
+        c->fl = calloc((size_t)o->pipe.max_in_flight, sizeof *c->fl);
         ok = c->tbuf && c->tok_by_row && c->fl;
-        for (int i = 0; ok && i < o->max_in_flight; i++) ok = !stage_batch_init(&c->fl[i], c->R);
+        for (int i = 0; ok && i < o->pipe.max_in_flight; i++)
+            ok = !stage_batch_init(&c->fl[i], c->R);
         c->rep_in = calloc(S * (size_t)c->rep_len, 8);
         c->rep_tab = calloc(S * (size_t)c->rep_len, 8);
         c->rep_req = malloc(S * sizeof *c->rep_req);
@@ -1079,7 +1084,7 @@ int engine_loop_open(MPI_Comm comm, const engine_loop_opts *o, const engine_sche
         c->rank = rank;
         c->S = size;
         /* identical inputs on every rank: a topology error is the same everywhere */
-        rc = engine_topo_init(&topo, o->plan, size, o->cfg, myerr, sizeof myerr);
+        rc = engine_topo_init(&topo, o->pipe.plan, size, o->pipe.cfg, myerr, sizeof myerr);
         if (!rc && topo.tp) {
             int g, s = engine_topo_stage_of(&topo, rank, &g);
             MPI_Comm_split(comm, s, rank, &c->group);
@@ -1133,7 +1138,7 @@ int engine_loop_close(engine_loop *c, engine_loop_result *res, char *err, size_t
                              .receiver = 1,
                              .mb_rows = 0,
                              .n_rows = 0,
-                             .dtype = c->o.wire,
+                             .dtype = c->o.pipe.wire,
                              .present = c->masks};
             send_packet(c, &h, NULL, 1, TAG_CHAIN);
         }
@@ -1169,7 +1174,7 @@ int engine_loop_close(engine_loop *c, engine_loop_result *res, char *err, size_t
     }
     MPI_Bcast(&dump_ok, 1, MPI_INT, c->head, c->comm);
 
-    const int L = c->o.cfg->n_layers;
+    const int L = c->o.pipe.cfg->n_layers;
     engine_rank_stat mine;
     engine_link_stat *links = malloc((size_t)c->S * sizeof *links);
     engine_layer_stat *layers = malloc((size_t)L * sizeof *layers);
