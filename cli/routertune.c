@@ -34,9 +34,7 @@
  * acceptable, so GCC's truncation warning is off in this file. */
 #pragma GCC diagnostic ignored "-Wformat-truncation"
 
-/* ========================================================================================
- * Options (the table: cli/opts.c)
- * ===================================================================================== */
+/* ---- Options (the table: cli/opts.c) --------------------------------------------------------- */
 
 static void rt_usage(void)
 {
@@ -120,9 +118,7 @@ static int parse_layers(const char *s, int n_layers, int **out, int *n, char *er
     return 0;
 }
 
-/* ========================================================================================
- * Data
- * ===================================================================================== */
+/* ---- Data ------------------------------------------------------------------------------------ */
 
 typedef struct {
     int32_t *tok; /* [n][T] */
@@ -253,9 +249,7 @@ static int load_seqs(const char *text_path, const char *ids_path, const char *mo
     return 0;
 }
 
-/* ========================================================================================
- * Output directory
- * ===================================================================================== */
+/* ---- Output directory ------------------------------------------------------------------------ */
 
 /* Path of `target` relative to directory `from` (both made absolute); malloc'd. */
 static char *relpath(const char *target, const char *from)
@@ -543,9 +537,7 @@ static int write_output(const rt_out *o, const double *w, const double *b, char 
     return 0;
 }
 
-/* ========================================================================================
- * Training
- * ===================================================================================== */
+/* ---- Training -------------------------------------------------------------------------------- */
 
 static volatile sig_atomic_t g_stop;
 static void on_signal(int sig) { g_stop = sig; }

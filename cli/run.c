@@ -41,9 +41,7 @@ static void usage(int cmd)
             "tokens.txt --micro-batch 8 --stats stats.json\n");
 }
 
-/* ========================================================================================
- * Token lists
- * ===================================================================================== */
+/* ---- Token lists ----------------------------------------------------------------------------- */
 
 /* Parse "1,2,3" / "1 2 3" (base/ids.h) into a malloc'd array; an empty list is an error. */
 static int parse_ids(const char *s, int vocab, int32_t **out, int *n, const char *where, char *err,
@@ -235,9 +233,7 @@ static int seqs_from_file(seqs *s, const char *path, int vocab, char *err, size_
     return rc;
 }
 
-/* ========================================================================================
- * generate / eval
- * ===================================================================================== */
+/* ---- generate / eval ------------------------------------------------------------------------- */
 
 typedef struct {
     stage_config cfg;

@@ -202,7 +202,7 @@ void engine_batch_take_generated(engine_batch *b, int32_t **gen, int **n_gen)
     b->count = NULL;
 }
 
-/* ---- ops ------------------------------------------------------------------------------- */
+/* ---- ops ------------------------------------------------------------------------------------- */
 
 static void finish_seq(engine_batch *b, group *g, int s)
 {
@@ -310,9 +310,7 @@ const engine_sched_ops engine_batch_ops = {
     .links = NULL,
 };
 
-/* ========================================================================================
- * The batch job
- * ===================================================================================== */
+/* ---- The batch job --------------------------------------------------------------------------- */
 
 int engine_run(MPI_Comm comm, const engine_run_opts *o, engine_run_result *res, char *err,
                size_t errlen)

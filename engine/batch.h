@@ -38,7 +38,7 @@
 #include "engine/pipeline.h"
 #include "engine/sched.h"
 
-/* ---- the batch job --------------------------------------------------------------------- */
+/* ---- the batch job --------------------------------------------------------------------------- */
 
 typedef enum { ENGINE_RUN_GENERATE = 0, ENGINE_RUN_EVAL } engine_run_kind;
 
@@ -76,7 +76,7 @@ int engine_run(MPI_Comm comm, const engine_run_opts *o, engine_run_result *res, 
                size_t errlen);
 void engine_run_result_free(engine_run_result *res);
 
-/* ---- the scheduler behind it ---- */
+/* ---- the scheduler behind it ----------------------------------------------------------------- */
 
 typedef struct engine_batch engine_batch;
 

@@ -22,9 +22,7 @@
 
 enum { TAG_CHAIN = 1, TAG_BYPASS = 2, TAG_TOKENS = 3, TAG_REPORT = 4 };
 
-/* ========================================================================================
- * Loop state
- * ===================================================================================== */
+/* ---- Loop state ------------------------------------------------------------------------------ */
 
 struct engine_loop {
     engine_loop_opts o; /* copy; pointers inside stay the caller's */
@@ -97,9 +95,7 @@ struct engine_loop {
 static void progress_cb(void *arg) { comm_links_progress(arg); }
 int engine_loop_rank(const engine_loop *L) { return L->follower ? -1 : L->rank; }
 
-/* ========================================================================================
- * Sending
- * ===================================================================================== */
+/* ---- Sending --------------------------------------------------------------------------------- */
 
 static void send_packet(engine_loop *c, const comm_packet *h, const int32_t *tokens, int dest_rank,
                         int tag)
@@ -194,11 +190,9 @@ static void route_and_send(engine_loop *c)
     c->dense_rows += n;
 }
 
-/* ========================================================================================
- * Head: logits of the rows that need them, then NLL of their targets, sampling of the SAMPLE
+/* ---- Head: logits of the rows that need them, then NLL of their targets, sampling of the SAMPLE
  * rows (each from its own (seed, seq, step) generator) and --dump-logits. Returns how many
- * rows it sampled (rows in srows, tokens in ltok).
- * ===================================================================================== */
+ * rows it sampled (rows in srows, tokens in ltok). */
 
 static int head_step(engine_loop *c)
 {
@@ -321,9 +315,7 @@ static void process_mb(engine_loop *c)
     send_packet(c, &h, c->ltok, 0, TAG_TOKENS);
 }
 
-/* ========================================================================================
- * Link reports (serve): ranks > 0 send their outgoing counters to rank 0
- * ===================================================================================== */
+/* ---- Link reports (serve): ranks > 0 send their outgoing counters to rank 0 ------------------ */
 
 static uint64_t packets_sent(const engine_loop *c)
 {
@@ -451,9 +443,7 @@ static void report_poll(engine_loop *c, int force)
     c->ops->kv(c->self, c->kvr, c->S);
 }
 
-/* ========================================================================================
- * Stage 0
- * ===================================================================================== */
+/* ---- Stage 0 --------------------------------------------------------------------------------- */
 
 static void print_progress(engine_loop *c, int force)
 {
@@ -571,9 +561,7 @@ static int step0(engine_loop *c)
     return 1;
 }
 
-/* ========================================================================================
- * Stage s > 0
- * ===================================================================================== */
+/* ---- Stage s > 0 ----------------------------------------------------------------------------- */
 
 /* Wait for the next chain packet. Batch runs: the peer timeout applies. A server may idle
  * for ever: no timeout (a dead rank ends the job through mpirun), sleeps growing to 1 ms so
@@ -688,9 +676,7 @@ int engine_loop_step(engine_loop *L)
     return 0;
 }
 
-/* ========================================================================================
- * Stats: gathered on rank 0, written as JSON, one summary line.
- * ===================================================================================== */
+/* ---- Stats: gathered on rank 0, written as JSON, one summary line. --------------------------- */
 
 /* This rank's record (engine/stats.h): links [S], layers [n_layers] (zero off the stage). */
 static void stats_fill(engine_loop *c, engine_rank_stat *r, engine_link_stat *links,
@@ -890,13 +876,9 @@ static void report(engine_loop *c, const engine_stats *all, double seconds, engi
     cJSON_Delete(j);
 }
 
-/* ========================================================================================
- * Set-up and the run
- * ===================================================================================== */
+/* ---- Set-up and the run ---------------------------------------------------------------------- */
 
-/* ========================================================================================
- * Open / close
- * ===================================================================================== */
+/* ---- Open / close ---------------------------------------------------------------------------- */
 
 static void loop_free(engine_loop *c)
 {

@@ -39,7 +39,7 @@
 #include "stage/config.h"
 #include "stage/stage.h"
 
-/* ---- the loop -------------------------------------------------------------------------- */
+/* ---- the loop -------------------------------------------------------------------------------- */
 
 typedef enum { ENGINE_DUMP_BY_STEP = 0, ENGINE_DUMP_BY_POS } engine_dump_index;
 

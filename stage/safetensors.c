@@ -36,9 +36,7 @@
 #define ST_INDEX_NAME "model.safetensors.index.json"
 #define ST_SINGLE_NAME "model.safetensors"
 
-/* ================================================================== */
-/* helpers                                                             */
-/* ================================================================== */
+/* ---- helpers --------------------------------------------------------------------------------- */
 
 static char *st_strdup(const char *s)
 {
@@ -101,9 +99,7 @@ static void shape_str(char *buf, size_t len, int ndim, const int64_t *shape)
     if (o < len) snprintf(buf + o, len - o, "]");
 }
 
-/* ================================================================== */
-/* dtypes                                                              */
-/* ================================================================== */
+/* ---- dtypes ---------------------------------------------------------------------------------- */
 
 /* The header's dtype strings are exact upper case (safetensors spec). "I8" is the int8 q of
  * a Q8_0 matrix (docs/SPEC.md §9), read as STAGE_Q8_0 with 1-byte elements; its scales are
@@ -128,9 +124,7 @@ static const char *dtype_header_name(stage_dtype d)
 /* bytes of one element in a file: 4, 2, 2; 1 for the I8 of Q8_0 */
 static size_t file_esize(stage_dtype d) { return d == STAGE_Q8_0 ? 1 : stage_dtype_size(d); }
 
-/* ================================================================== */
-/* reading: one file                                                   */
-/* ================================================================== */
+/* ---- reading: one file ----------------------------------------------------------------------- */
 
 typedef struct {
     char *path;       /* dir/name: what messages and st_tensor.file show */
@@ -426,9 +420,7 @@ fail:
     return -1;
 }
 
-/* ================================================================== */
-/* reading: the model                                                  */
-/* ================================================================== */
+/* ---- reading: the model ---------------------------------------------------------------------- */
 
 typedef struct {
     char *name;
@@ -980,9 +972,7 @@ const char *st_name_at(const st_model *m, size_t i)
 
 size_t st_loaded_bytes(const st_model *m) { return m ? m->loaded_bytes : 0; }
 
-/* ================================================================== */
-/* writing: the streaming writer, st_writer on top of it, patching     */
-/* ================================================================== */
+/* ---- writing: the streaming writer, st_writer on top of it, patching ------------------------- */
 
 typedef struct {
     char *name;
@@ -1436,7 +1426,7 @@ uint64_t st_stream_total_bytes(const st_stream *s) { return s ? s->total : 0; }
 
 uint64_t st_stream_written_bytes(const st_stream *s) { return s ? s->written : 0; }
 
-/* ---- st_writer: collect, then stream out ---- */
+/* ---- st_writer: collect, then stream out ----------------------------------------------------- */
 
 typedef struct {
     char *name;
@@ -1521,7 +1511,7 @@ int st_writer_save(st_writer *w, const char *dir, int n_shards, char *err, size_
     return rc ? -1 : 0;
 }
 
-/* ---- patching a tensor in place ---- */
+/* ---- patching a tensor in place -------------------------------------------------------------- */
 
 int st_patch_f32(const char *dir, const char *name, const float *v, size_t n, char *err,
                  size_t errlen)

@@ -36,7 +36,7 @@ static const char *MODELS[] = {"llama3",     "llama3_mod",     "mistral", "mistr
                                "qwen3_mode", "llama3_mindskip"};
 #define N_MODELS (sizeof MODELS / sizeof *MODELS)
 
-/* ---- config ------------------------------------------------------------------------------ */
+/* ---- config ---------------------------------------------------------------------------------- */
 
 #define BASE                                                                                       \
     "\"hidden_size\": 64, \"intermediate_size\": 128, \"num_attention_heads\": 4, "                \
@@ -205,7 +205,7 @@ static void test_config_refusals(void)
     }
 }
 
-/* ---- loader ------------------------------------------------------------------------------ */
+/* ---- loader ---------------------------------------------------------------------------------- */
 
 /* DIR = a fixture's weights (a symlink) with its config.json patched: every key of the JSON
  * object `patch` is set, or removed when its value is null. */
@@ -382,7 +382,7 @@ static void test_init_model_specs(void)
     CU_ASSERT_DOUBLE_EQUAL(kv, 6 * 39 * 260 / (1024.0 * 1024.0), 0.006);
 }
 
-/* ---- exactness under mpirun ------------------------------------------------------------- */
+/* ---- exactness under mpirun ------------------------------------------------------------------ */
 
 static void check_model(const char *model, const char *extra, const char *tag, int np_max)
 {

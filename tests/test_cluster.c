@@ -14,7 +14,7 @@
 
 #define ERRLEN 512
 
-/* ---- helpers ---------------------------------------------------------------------------- */
+/* ---- helpers --------------------------------------------------------------------------------- */
 
 static int yparse(const char *text, cli_yaml *y, char *err)
 {
@@ -61,7 +61,7 @@ static void expect_spec_err(const char *text, const char *msg)
     cli_model_spec_free(&s);
 }
 
-/* ---- YAML ------------------------------------------------------------------------------- */
+/* ---- YAML ------------------------------------------------------------------------------------ */
 
 static void test_yaml_flatten(void)
 {
@@ -269,7 +269,7 @@ static void test_yaml_load_file(void)
     CU_ASSERT(contains(err, "/nonexistent/x.yaml: cannot open"));
 }
 
-/* ---- model spec ------------------------------------------------------------------------- */
+/* ---- model spec ------------------------------------------------------------------------------ */
 
 static void test_spec_full(void)
 {
@@ -554,7 +554,7 @@ static void test_spec_examples(void)
     }
 }
 
-/* ---- partitioner ------------------------------------------------------------------------ */
+/* ---- partitioner ----------------------------------------------------------------------------- */
 
 /* The fixtures' shape: hidden 64, 4 heads, 2 KV heads, intermediate 128, vocab 97. */
 static stage_config tiny_cfg(const char *kinds)

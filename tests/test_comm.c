@@ -38,7 +38,7 @@ static uint64_t rng_next(void)
     return rng_state * 0x2545F4914F6CDD1DULL;
 }
 
-/* ------------------------------------------------------------------ bitmasks */
+/* ---- bitmasks -------------------------------------------------------------------------------- */
 
 static void test_mask(void)
 {
@@ -72,7 +72,7 @@ static void test_mask(void)
     CU_ASSERT_EQUAL(comm_mask_count(full, 27), 27);
 }
 
-/* ------------------------------------------------------------------ wire dtypes */
+/* ---- wire dtypes ----------------------------------------------------------------------------- */
 
 static void test_wire_names(void)
 {
@@ -197,7 +197,7 @@ static void test_wire_f16(void)
     CU_ASSERT(raw[0] == 0x00 && raw[1] == 0xc1);
 }
 
-/* ------------------------------------------------------------------ packet builders */
+/* ---- packet builders ------------------------------------------------------------------------- */
 
 enum { S4 = 4, MB10 = 10, D5 = 5 };
 
@@ -283,7 +283,7 @@ static void assert_same_header(const comm_packet *a, const comm_packet *b)
         }
 }
 
-/* ------------------------------------------------------------------ round trips */
+/* ---- round trips ----------------------------------------------------------------------------- */
 
 static void roundtrip_rows(const fixture *f, int D, int n_stages)
 {
@@ -706,7 +706,7 @@ static void test_no_malloc(void)
     free(buf);
 }
 
-/* ------------------------------------------------------------------ pack errors */
+/* ---- pack errors ----------------------------------------------------------------------------- */
 
 static void expect_pack_fail(const comm_packet *p, const float *x, int D, const int32_t *tok,
                              const char *what)
@@ -833,7 +833,7 @@ static void test_pack_errors(void)
     expect_pack_fail(NULL, NULL, 0, NULL, "no header");
 }
 
-/* ------------------------------------------------------------------ hostile input */
+/* ---- hostile input --------------------------------------------------------------------------- */
 
 /* [u32 H][header][payload_len bytes 0x5a]; the header built directly with protobuf-c. */
 static size_t raw_packet(const Modpipe__PacketHeader *h, size_t payload_len, uint8_t *buf,

@@ -19,9 +19,7 @@
 
 #include "tests/testutil.h"
 
-/* ================================================================== */
-/* helpers                                                             */
-/* ================================================================== */
+/* ---- helpers --------------------------------------------------------------------------------- */
 
 /* MODPIPE_TEST_VERBOSE=1 prints every expected error message. */
 static void show(const char *msg)
@@ -142,9 +140,7 @@ static float hand_f32(const unsigned char *p)
     return f;
 }
 
-/* ================================================================== */
-/* config: fixtures                                                    */
-/* ================================================================== */
+/* ---- config: fixtures ------------------------------------------------------------------------ */
 
 #define D STAGE_KIND_DENSE
 #define M STAGE_KIND_MOD
@@ -232,9 +228,7 @@ static void test_config_kind_names(void)
     CU_ASSERT_FALSE(stage_kind_is_routed(STAGE_KIND_MINDSKIP));
 }
 
-/* ================================================================== */
-/* config: defaults, Router-Tuning form, errors                        */
-/* ================================================================== */
+/* ---- config: defaults, Router-Tuning form, errors -------------------------------------------- */
 
 #define BASE                                                                                       \
     "\"hidden_size\": 64, \"intermediate_size\": 128, \"num_attention_heads\": 4, "                \
@@ -457,9 +451,7 @@ static void test_config_errors(void)
     rm_tmpdir(dir);
 }
 
-/* ================================================================== */
-/* safetensors: fixtures                                               */
-/* ================================================================== */
+/* ---- safetensors: fixtures ------------------------------------------------------------------- */
 
 /* Compare st_get_f32(name) with an independent decode of the file's bytes. */
 static void check_tensor(st_model *m, const char *file, const char *name, int ndim,
@@ -616,9 +608,7 @@ static void test_st_sharded_fixture(void)
     st_close(m);
 }
 
-/* ================================================================== */
-/* safetensors: writer round trip                                      */
-/* ================================================================== */
+/* ---- safetensors: writer round trip ---------------------------------------------------------- */
 
 typedef struct {
     const char *name;
@@ -857,9 +847,7 @@ static void test_dtype_helpers(void)
     CU_ASSERT_EQUAL(stage_dtype_size(STAGE_BF16), 2);
 }
 
-/* ================================================================== */
-/* safetensors: malformed files                                        */
-/* ================================================================== */
+/* ---- safetensors: malformed files ------------------------------------------------------------ */
 
 /* [u64 N][header][data_len zero bytes]; n_override >= 0 replaces N. */
 static unsigned char *make_st(const char *header, size_t data_len, long long n_override,
@@ -1000,7 +988,7 @@ static void test_st_malformed(void)
     }
     rm_file(dir, "model.safetensors");
 
-    /* ---- sharded ---- */
+    /* ---- sharded ----------------------------------------------------------------------------- */
     char idx[1024];
     snprintf(idx, sizeof idx, "%s/model.safetensors.index.json", dir);
     const char *good =
@@ -1060,9 +1048,7 @@ static void test_st_malformed(void)
     rm_tmpdir(dir);
 }
 
-/* ================================================================== */
-/* safetensors: fuzz (every truncation, random header byte flips)       */
-/* ================================================================== */
+/* ---- safetensors: fuzz (every truncation, random header byte flips) -------------------------- */
 
 /* Open and touch every tensor; returns st_open's status. Must never crash. */
 static int open_and_touch(const char *dir)
@@ -1134,9 +1120,7 @@ static void test_st_fuzz(void)
     rm_tmpdir(dir);
 }
 
-/* ================================================================== */
-/* streaming writer                                                    */
-/* ================================================================== */
+/* ---- streaming writer ------------------------------------------------------------------------ */
 
 /* Every file in a (the same names, the same bytes) is in b and vice versa. */
 static int dirs_identical(const char *a, const char *b)
@@ -1448,9 +1432,7 @@ static void test_patch(void)
     rm_tmpdir(d);
 }
 
-/* ================================================================== */
-/* main                                                                */
-/* ================================================================== */
+/* ---- main ------------------------------------------------------------------------------------ */
 
 int main(void)
 {

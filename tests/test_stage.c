@@ -34,9 +34,7 @@
 
 #define ERRLEN 512
 
-/* ================================================================== */
-/* helpers                                                             */
-/* ================================================================== */
+/* ---- helpers --------------------------------------------------------------------------------- */
 
 static int verbose(void) { return getenv("MODPIPE_TEST_VERBOSE") != NULL; }
 
@@ -95,9 +93,7 @@ static uint32_t bits_of(float f)
     return u;
 }
 
-/* ================================================================== */
-/* 1. kernels                                                          */
-/* ================================================================== */
+/* ---- 1. kernels ------------------------------------------------------------------------------ */
 
 static void check_matmul_shape(int m, int k, int n)
 {
@@ -400,9 +396,7 @@ static void test_convert_f16(void)
     }
 }
 
-/* ================================================================== */
-/* 2. fixtures through the stage API                                   */
-/* ================================================================== */
+/* ---- 2. fixtures through the stage API ------------------------------------------------------- */
 
 #define NSEQ 3
 #define NNEW 5
@@ -985,9 +979,7 @@ static void test_weights_f16_mistral_mod(void)
 }
 static void test_weights_bf16_llama3(void) { check_weights_dtype("arch/llama3", STAGE_BF16); }
 
-/* ================================================================== */
-/* 3. every layer type on a tiny model vs a double-precision reference */
-/* ================================================================== */
+/* ---- 3. every layer type on a tiny model vs a double-precision reference --------------------- */
 
 #define TD 8   /* hidden */
 #define TNH 2  /* heads */
@@ -1183,7 +1175,7 @@ static void tiny_unload(tiny_model *tm)
     memset(tm, 0, sizeof *tm);
 }
 
-/* ---- the reference, in double, straight from docs/SPEC.md §2 ---- */
+/* ---- the reference, in double, straight from docs/SPEC.md §2 --------------------------------- */
 
 typedef struct {
     int att;       /* routed: selected; mindskip: attention kept; others: 1 */
@@ -1971,9 +1963,7 @@ static void test_layer_mindskip_token(void)
     tiny_unload(&tm);
 }
 
-/* ================================================================== */
-/* 4. KV cache vs recompute                                            */
-/* ================================================================== */
+/* ---- 4. KV cache vs recompute ---------------------------------------------------------------- */
 
 static void check_recompute(const char *name)
 {
@@ -2214,9 +2204,7 @@ static void test_rng_seed_draw(void)
     CU_ASSERT(fabs(sum / n - 0.5) < 4.0 / sqrt(12.0 * n));
 }
 
-/* ================================================================== */
-/* 5. sampling                                                         */
-/* ================================================================== */
+/* ---- 5. sampling ----------------------------------------------------------------------------- */
 
 static void test_sample_greedy(void)
 {
@@ -2329,9 +2317,7 @@ static void test_nll(void)
     ASSERT_NEAR(stage_nll(mi, 3, 1), log(2.0), 1e-12, "nll -inf");
 }
 
-/* ================================================================== */
-/* 6. errors                                                           */
-/* ================================================================== */
+/* ---- 6. errors ------------------------------------------------------------------------------- */
 
 static void expect_missing(stage_kind kind, const char *routing, const char *omit)
 {
@@ -2455,9 +2441,7 @@ static void test_err_slot_range(void)
     tiny_unload(&tm);
 }
 
-/* ================================================================== */
-/* main                                                                */
-/* ================================================================== */
+/* ---- main ------------------------------------------------------------------------------------ */
 
 typedef struct {
     const char *name;

@@ -18,7 +18,7 @@
 #include "base/file.h"
 #include "tok/tok_impl.h"
 
-/* ---------------------------------------------------------------- small helpers */
+/* ---- small helpers --------------------------------------------------------------------------- */
 
 static char *tok_strndup(const char *s, size_t n)
 {
@@ -50,7 +50,7 @@ static void tok_bytemap_init(void) { pthread_once(&tok_bytemap_once, tok_bytemap
 
 int tok_cp_byte(uint32_t cp) { return cp < 324 ? tok_cp_byte_tab[cp] : -1; }
 
-/* ---------------------------------------------------------------- UTF-8 */
+/* ---- UTF-8 ----------------------------------------------------------------------------------- */
 
 int tok_utf8_valid(const char *str, size_t len, size_t *bad)
 {
@@ -141,7 +141,7 @@ int tok_utf8_put(char *out, uint32_t cp)
     return 4;
 }
 
-/* ---------------------------------------------------------------- hash maps */
+/* ---- hash maps ------------------------------------------------------------------------------- */
 
 static uint64_t tok_fnv(const char *s, size_t n)
 {
@@ -260,7 +260,7 @@ const tok_merge_ent *tok_merges_get(const tok_merges *mg, int32_t a, int32_t b)
     return NULL;
 }
 
-/* ---------------------------------------------------------------- regex */
+/* ---- regex ----------------------------------------------------------------------------------- */
 
 pcre2_code *tok_re_compile(const char *pat, size_t len, int literal, char *msg, size_t msglen)
 {
@@ -283,7 +283,7 @@ pcre2_code *tok_re_compile(const char *pat, size_t len, int literal, char *msg, 
     return re;
 }
 
-/* ---------------------------------------------------------------- loading */
+/* ---- loading --------------------------------------------------------------------------------- */
 
 typedef struct {
     tok_tokenizer *t;
@@ -1243,7 +1243,7 @@ oom:
     return -1;
 }
 
-/* ---------------------------------------------------------------- files */
+/* ---- files ----------------------------------------------------------------------------------- */
 
 /* A tokenizer_config.json token entry: a string or {"content": ...}. */
 static int32_t token_id_of(const tok_tokenizer *t, const cJSON *v)
@@ -1342,7 +1342,7 @@ oom:
     return -1;
 }
 
-/* ---------------------------------------------------------------- public */
+/* ---- public ---------------------------------------------------------------------------------- */
 
 static int tok_build(tok_tokenizer *t, const cJSON *root, tok_ld *ld)
 {

@@ -24,7 +24,7 @@
 #define TOK_MAX_ID (1 << 24)
 #endif
 
-/* ---- string -> id hash map (open addressing, FNV-1a) ---- */
+/* ---- string -> id hash map (open addressing, FNV-1a) ----------------------------------------- */
 typedef struct {
     const char *key; /* points into the tokenizer's token strings */
     uint32_t len;
@@ -42,7 +42,7 @@ void tok_map_free(tok_map *m);
 int tok_map_put(tok_map *m, const char *key, uint32_t len, int32_t id);
 int32_t tok_map_get(const tok_map *m, const char *key, size_t len); /* -1: absent */
 
-/* ---- merges: (left id, right id) -> rank, merged id ---- */
+/* ---- merges: (left id, right id) -> rank, merged id ------------------------------------------ */
 typedef struct {
     uint64_t key; /* left << 32 | right; UINT64_MAX = empty */
     int32_t rank, merged;
@@ -53,7 +53,7 @@ typedef struct {
     size_t cap, n;
 } tok_merges;
 
-/* ---- normalizers ---- */
+/* ---- normalizers ----------------------------------------------------------------------------- */
 typedef enum { TOK_NORM_PREPEND, TOK_NORM_REPLACE, TOK_NORM_NFC } tok_norm_kind;
 typedef struct {
     tok_norm_kind kind;
@@ -64,7 +64,7 @@ typedef struct {
     size_t lit_len;
 } tok_norm;
 
-/* ---- pre-tokenizers ---- */
+/* ---- pre-tokenizers -------------------------------------------------------------------------- */
 typedef enum { TOK_PRE_BYTELEVEL, TOK_PRE_SPLIT, TOK_PRE_METASPACE, TOK_PRE_DIGITS } tok_pre_kind;
 typedef enum {
     TOK_SPLIT_REMOVED,
@@ -88,7 +88,7 @@ typedef struct {
     size_t replacement_len;
 } tok_pre;
 
-/* ---- added tokens ---- */
+/* ---- added tokens ---------------------------------------------------------------------------- */
 typedef struct {
     char *content;
     size_t len;
