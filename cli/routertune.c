@@ -20,6 +20,7 @@
 #include "base/file.h"
 #include "base/ids.h"
 #include "cli/opts.h"
+#include "cli/start.h"
 #include "comm/link.h"
 #include "cli/files.h"
 #include "stage/config.h"
@@ -36,8 +37,9 @@
 
 /* ---- Options (the table: cli/opts.c) --------------------------------------------------------- */
 
-static void rt_usage(void)
+static void rt_usage(int cmd)
 {
+    (void)cmd;
     cli_opts_usage(
         stdout, CLI_ROUTER_TUNE,
         "modpipe router-tune: turn a dense checkpoint into a MindSkip model by training only\n"
@@ -729,19 +731,12 @@ static double mean_of(const double *v, int n)
 
 int cli_routertune_main(int argc, char **argv)
 {
-    MPI_Init(NULL, NULL);
-    int rank, size;
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &size);
     char err[RT_ERR] = "";
     cli_opts a;
-    int rc = cli_opts_parse(&a, CLI_ROUTER_TUNE, argc, argv, err, sizeof err);
-    if (!rc && cli_opt_has(&a, "help")) {
-        if (rank == 0) rt_usage();
-        cli_opts_free(&a);
-        MPI_Finalize();
+    int rank, size, rc;
+    if (cli_mpi_start(CLI_ROUTER_TUNE, argc, argv, 0, rt_usage, &a, &rank, &size, &rc, err,
+                      sizeof err))
         return 0;
-    }
     int exit_code = 1;
     stage_config cfg;
     memset(&cfg, 0, sizeof cfg);

@@ -13,6 +13,7 @@
 #include "base/ids.h"
 #include "cli/opts.h"
 #include "cli/plan.h"
+#include "cli/start.h"
 #include "comm/link.h"
 #include "engine/batch.h"
 #include "engine/partition.h"
@@ -376,22 +377,12 @@ static int setup_run(const cli_opts *o, int cmd, int n_ranks, run_setup *r, char
 
 int cli_run_main(int cmd, int argc, char **argv)
 {
-    MPI_Init(NULL, NULL);
-    int rank, size;
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &size);
-
     char err[1024] = "";
     cli_opts o;
+    int rank, size, rc;
+    if (cli_mpi_start(cmd, argc, argv, 0, usage, &o, &rank, &size, &rc, err, sizeof err)) return 0;
     run_setup r;
     memset(&r, 0, sizeof r);
-    int rc = cli_opts_parse(&o, cmd, argc, argv, err, sizeof err);
-    if (!rc && cli_opt_has(&o, "help")) {
-        if (rank == 0) usage(cmd);
-        cli_opts_free(&o);
-        MPI_Finalize();
-        return 0;
-    }
     if (!rc) rc = setup_run(&o, cmd, size, &r, err, sizeof err);
     /* every rank parsed the same input; still agree, so no rank runs on alone */
     int first_bad = comm_first_failed(MPI_COMM_WORLD, rc != 0);

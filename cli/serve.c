@@ -13,6 +13,7 @@
 #include "cli/serve.h"
 #include "cli/opts.h"
 #include "cli/plan.h"
+#include "cli/start.h"
 #include "comm/link.h"
 #include "serve/chan.h"
 #include "serve/front.h"
@@ -20,8 +21,9 @@
 #include "serve/serve.h"
 #include "stage/matmul.h"
 
-static void usage(void)
+static void usage(int cmd)
 {
+    (void)cmd;
     cli_opts_usage(
         stdout, CLI_SERVE,
         "modpipe serve: an OpenAI-compatible HTTP server (rank 0) over the pipeline.\n"
@@ -431,22 +433,13 @@ int cli_serve_main(int argc, char **argv, serve_pipeline_fn run)
         cli_opts_free(&a);
         if (front) return rc;
     }
-    int prov = 0;
-    MPI_Init_thread(NULL, NULL, MPI_THREAD_FUNNELED, &prov);
-    int rank, size;
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &size);
     char err[1024] = "";
     cli_opts a;
+    int rank, size, rc;
+    if (cli_mpi_start(CLI_SERVE, argc, argv, 1, usage, &a, &rank, &size, &rc, err, sizeof err))
+        return 0;
     setup st;
     memset(&st, 0, sizeof st);
-    int rc = cli_opts_parse(&a, CLI_SERVE, argc, argv, err, sizeof err);
-    if (!rc && cli_opt_has(&a, "help")) {
-        if (rank == 0) usage();
-        cli_opts_free(&a);
-        MPI_Finalize();
-        return 0;
-    }
     if (!rc) rc = make_setup(&a, size, &st, err, sizeof err);
 
     const char *job = rc ? NULL : cli_opt_str(&a, "job");
