@@ -3,8 +3,8 @@
 
 #include <mpi.h>
 
-int cli_mpi_start(int cmd, int argc, char **argv, int funneled, void (*usage)(int cmd),
-                  cli_opts *o, int *rank, int *size, int *parsed, char *err, size_t errlen)
+int cli_mpi_start(int cmd, int argc, char **argv, int funneled, void (*usage)(int cmd), cli_opts *o,
+                  int *rank, int *size, int *parsed, char *err, size_t errlen)
 {
     if (funneled) {
         int prov = 0;

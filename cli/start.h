@@ -15,7 +15,7 @@
 
 #include "cli/opts.h"
 
-int cli_mpi_start(int cmd, int argc, char **argv, int funneled, void (*usage)(int cmd),
-                  cli_opts *o, int *rank, int *size, int *parsed, char *err, size_t errlen);
+int cli_mpi_start(int cmd, int argc, char **argv, int funneled, void (*usage)(int cmd), cli_opts *o,
+                  int *rank, int *size, int *parsed, char *err, size_t errlen);
 
 #endif
