@@ -20,21 +20,8 @@
 #include <sys/types.h>
 
 #include "base/clock.h"
+#include "serve/sbuf.h"
 #include "serve/serve.h"
-
-/* ---- a growable byte buffer: oom sticks (later adds are dropped) ----------------------------- */
-typedef struct {
-    char *p; /* [cap] */
-    size_t n, cap;
-    int oom;
-} sb;
-
-void sb_add(sb *b, const char *s, size_t k);
-void sb_str(sb *b, const char *s);
-void sb_fmt(sb *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-void sb_free(sb *b);
-/* A JSON string literal of s[0..n); invalid UTF-8 bytes become U+FFFD. */
-void sb_json(sb *b, const char *s, size_t n);
 
 /* ---- latency histograms and status counts for /metrics --------------------------------------- */
 #define N_BUCKETS 14
