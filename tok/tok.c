@@ -17,7 +17,6 @@
 
 #include "base/file.h"
 #include "tok/tok_impl.h"
-#include "tok/tok_load.h"
 
 /* ---- small helpers --------------------------------------------------------------------------- */
 

@@ -1,5 +1,5 @@
 /* tok/tok_parts.c — the pipeline parts of a tokenizer.json: normalizer, pre-tokenizer,
- * post-processor and decoder, read into the tables of tok_impl.h (tok_load.h). Every type is
+ * post-processor and decoder, read into the tables of tok_impl.h (tok_impl.h). Every type is
  * implemented or refused with its name (tok.h's contract lists them); the model (vocab,
  * merges, added tokens) is read in tok.c.
  */
@@ -9,7 +9,6 @@
 #include <string.h>
 
 #include "tok/tok_impl.h"
-#include "tok/tok_load.h"
 
 static pcre2_code *parse_pattern(tok_ld *ld, const cJSON *p, const char *what)
 {
@@ -219,7 +218,8 @@ int tok_parse_pre(tok_ld *ld, const cJSON *j, int depth)
     if (strcmp(ty, "ByteLevel") == 0) {
         int use_regex;
         p.kind = TOK_PRE_BYTELEVEL;
-        if (tok_j_bool(ld, j, "add_prefix_space", 1, &p.add_prefix_space, "pre_tokenizer ByteLevel") ||
+        if (tok_j_bool(ld, j, "add_prefix_space", 1, &p.add_prefix_space,
+                       "pre_tokenizer ByteLevel") ||
             tok_j_bool(ld, j, "use_regex", 1, &use_regex, "pre_tokenizer ByteLevel"))
             return -1;
         if (use_regex) {
@@ -257,7 +257,8 @@ int tok_parse_pre(tok_ld *ld, const cJSON *j, int depth)
     } else if (strcmp(ty, "Digits") == 0) {
         int individual;
         p.kind = TOK_PRE_DIGITS;
-        if (tok_j_bool(ld, j, "individual_digits", 0, &individual, "pre_tokenizer Digits")) return -1;
+        if (tok_j_bool(ld, j, "individual_digits", 0, &individual, "pre_tokenizer Digits"))
+            return -1;
         const char *pat = individual ? "\\p{N}" : "\\p{N}+";
         p.re = tok_re_compile(pat, strlen(pat), 0, msg, sizeof msg);
         if (!p.re) {
@@ -369,7 +370,8 @@ int tok_parse_post(tok_ld *ld, const cJSON *j, int depth)
         const cJSON *cls = cJSON_GetObjectItemCaseSensitive(j, "cls");
         const cJSON *sep = cJSON_GetObjectItemCaseSensitive(j, "sep");
         int32_t ci, si;
-        if (!cJSON_IsArray(cls) || !cJSON_IsArray(sep) || tok_j_id(cJSON_GetArrayItem(cls, 1), &ci) ||
+        if (!cJSON_IsArray(cls) || !cJSON_IsArray(sep) ||
+            tok_j_id(cJSON_GetArrayItem(cls, 1), &ci) ||
             tok_j_id(cJSON_GetArrayItem(sep, 1), &si)) {
             LD_ERR(ld, "post_processor %s without [token, id] cls / sep", ty);
             return -1;
@@ -391,7 +393,6 @@ int tok_parse_post(tok_ld *ld, const cJSON *j, int depth)
            ty);
     return -1;
 }
-
 
 int tok_parse_decoder(tok_ld *ld, const cJSON *j, tok_dec_cfg *c, int depth)
 {
