@@ -154,7 +154,6 @@ static int model_tensor_map(const char *dir, tensor_map *out, char *err, size_t 
     return 0;
 }
 
-
 static int is_router_of(const char *name, const int *layers, int n)
 {
     for (int i = 0; i < n; i++) {

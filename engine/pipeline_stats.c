@@ -16,7 +16,7 @@
 
 /* This rank's record (engine/stats.h): links [S], layers [n_layers] (zero off the stage). */
 void engine_loop_stats_fill(engine_loop *c, engine_rank_stat *r, engine_link_stat *links,
-                       engine_layer_stat *layers)
+                            engine_layer_stat *layers)
 {
     for (int t = 0; t < c->S; t++) {
         const comm_link_stats *ls = comm_links_stats(c->links, t);
@@ -58,7 +58,8 @@ void engine_loop_stats_fill(engine_loop *c, engine_rank_stat *r, engine_link_sta
     }
 }
 
-void engine_loop_report(engine_loop *c, const engine_stats *all, double seconds, engine_loop_result *res)
+void engine_loop_report(engine_loop *c, const engine_stats *all, double seconds,
+                        engine_loop_result *res)
 {
     const engine_loop_opts *o = &c->o;
     const stage_config *cfg = o->pipe.cfg;
