@@ -124,6 +124,14 @@ static inline int tu_files_identical(const char *a, const char *b)
         CU_ASSERT(has_);                                                                           \
     } while (0)
 
+/* needle in hay; when not, both on stderr (for CU_ASSERT(tu_contains(...))). */
+static inline int tu_contains(const char *hay, const char *needle)
+{
+    int ok = strstr(hay, needle) != NULL;
+    if (!ok) fprintf(stderr, "\n  expected '%s'\n  in '%s'\n", needle, hay);
+    return ok;
+}
+
 /* Run a shell command under `timeout -s KILL secs` with stdout+stderr into out [cap];
  * returns its exit code (128 + signal when killed). MODPIPE_TEST_VERBOSE echoes it. */
 static inline int tu_run(char *out, size_t cap, int secs, const char *fmt, ...)
