@@ -440,11 +440,7 @@ static inline int run_suites(const suite_def *s)
             CU_cleanup_registry();
             return 1;
         }
-    CU_basic_set_mode(CU_BRM_VERBOSE);
-    CU_basic_run_tests();
-    unsigned fails = CU_get_number_of_failures();
-    CU_cleanup_registry();
-    return fails != 0;
+    return tu_cunit_run();
 }
 
 #endif

@@ -451,37 +451,6 @@ static void test_exact_tp(void)
     }
 }
 
-/* max |a-b| / max |b| over the first step of two --dump-logits files ([seqs][steps][vocab],
- * steps may differ): the prompts' logits, before a sampled token feeds back. +inf when
- * unreadable, when seqs or vocab differ, or when only one is NaN somewhere. */
-static double step0_rel_err(const char *a, const char *b)
-{
-    float *x = NULL, *y = NULL;
-    int na = 0, nb = 0;
-    int64_t sa[8], sb[8];
-    char err[256];
-    double rel = INFINITY;
-    if (!npy_read_f32(a, &x, &na, sa, err, sizeof err) &&
-        !npy_read_f32(b, &y, &nb, sb, err, sizeof err) && na == 3 && nb == 3 && sa[0] == sb[0] &&
-        sa[2] == sb[2]) {
-        double md = 0, mb = 0;
-        for (int64_t s = 0; s < sa[0]; s++)
-            for (int64_t v = 0; v < sa[2]; v++) {
-                float p = x[(s * sa[1]) * sa[2] + v], q = y[(s * sb[1]) * sb[2] + v];
-                if (isnan(p) || isnan(q)) {
-                    if (isnan(p) != isnan(q)) md = INFINITY;
-                    continue;
-                }
-                if (fabs((double)p - q) > md) md = fabs((double)p - q);
-                if (fabs(q) > mb) mb = fabs(q);
-            }
-        rel = mb > 0 ? md / mb : md;
-    }
-    free(x);
-    free(y);
-    return rel;
-}
-
 /* Weights rounded at load (--weights-dtype bf16, q8_0: docs/SPEC.md §3.2, §9) on every family:
  * they load (biases, q/k norms and norms stay as stored), run, -np 3 is bit-identical to
  * -np 1, and the first step's logits are within the documented bound of the known answers
@@ -509,7 +478,7 @@ static void check_rounded(const char *dtype, double bound)
         int same = tu_files_identical(out[0], out[1]);
         CU_ASSERT(same);
         if (!same) fprintf(stderr, "\n%s %s: -np 3 logits differ from -np 1\n", m, dtype);
-        double rel = step0_rel_err(out[0], want);
+        double rel = tu_npy_rel_err_at(out[0], want, 1);
         CU_ASSERT(rel <= bound);
         if (!(rel <= bound))
             fprintf(stderr, "\n%s %s: first-step rel err %g > %g\n", m, dtype, rel, bound);

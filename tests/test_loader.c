@@ -784,10 +784,5 @@ int main(void)
     CU_add_test(ss, "sharded fixture", test_st_sharded_fixture);
     CU_add_test(ss, "malformed files", test_st_malformed);
     CU_add_test(ss, "fuzz", test_st_fuzz);
-    CU_basic_set_mode(CU_BRM_VERBOSE);
-    CU_basic_run_tests();
-    /* CU_basic_run_tests() succeeds even when tests fail: use the failure count. */
-    unsigned fails = CU_get_number_of_failures();
-    CU_cleanup_registry();
-    return fails != 0;
+    return tu_cunit_run();
 }

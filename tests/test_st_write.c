@@ -435,10 +435,5 @@ int main(void)
     CU_add_test(ss, "streaming writer errors (early finish, overflow, no dir, full disk)",
                 test_stream_errors);
     CU_add_test(ss, "patch a tensor in place", test_patch);
-    CU_basic_set_mode(CU_BRM_VERBOSE);
-    CU_basic_run_tests();
-    /* CU_basic_run_tests() succeeds even when tests fail: use the failure count. */
-    unsigned fails = CU_get_number_of_failures();
-    CU_cleanup_registry();
-    return fails != 0;
+    return tu_cunit_run();
 }
