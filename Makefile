@@ -17,7 +17,7 @@ endif
 
 PKGS    := ompi-c openblas libprotobuf-c yaml-0.1 libcjson libpcre2-8 libmicrohttpd icu-uc
 
-# ---- build dependencies (a fresh machine: `make test` before `make demo`) -----------------
+# ---- build dependencies (a fresh machine: `make test` before `make demo`) ------------------------
 # Checked on every make, cheaply (scripts/check-deps: `command -v` and pkg-config, no apt).
 # When something is missing, root runs scripts/install-deps right away (before the flags
 # below are computed from pkg-config); anyone else is told to run it. `make demo` installs
@@ -94,7 +94,7 @@ SERVE_DOUBLES := $(B)/tests/serve/double_srvq.o $(B)/tests/serve/double_tok.o
 $(B)/tests/test_http: $(B)/tests/test_http.o $(SERVE_DOUBLES) $(B)/libmodpipe.a
 	$(CC) $(LDFLAGS) $^ $(LDLIBS) $(CUNIT) -lpthread -o $@
 
-# ---- tests --------------------------------------------------------------
+# ---- tests ---------------------------------------------------------------------------------------
 # OMPI_MCA_rmaps_base_oversubscribe lets the mpi tests start more ranks than cores.
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
@@ -126,18 +126,22 @@ ifneq ($(SANITIZE),1)
 endif
 	@echo "== all tests passed"
 
-# Every C file follows .clang-format (clang-format 14, installed by scripts/install-deps);
-# `make format` rewrites them in place.
+# Every C file follows .clang-format (clang-format 14, installed by scripts/install-deps) and
+# every source file the one section-banner style (scripts/banners); `make format` rewrites them
+# in place.
 C_FILES = $(shell git ls-files '*.c' '*.h' 2>/dev/null)
 format-check:
+	@echo "== scripts/banners --check (one section-banner style)"
+	@python3 scripts/banners --check
 	@if command -v clang-format >/dev/null 2>&1; then \
 	    echo "== clang-format --dry-run (style: .clang-format)"; \
 	    clang-format --dry-run -Werror $(C_FILES); \
 	else echo "== clang-format not installed: style not checked"; fi
 format:
+	python3 scripts/banners --fix
 	clang-format -i $(C_FILES)
 
-# ---- demo ---------------------------------------------------------------
+# ---- demo ----------------------------------------------------------------------------------------
 DEMO_NP ?= 4
 demo:
 	@sh scripts/install-deps
@@ -152,7 +156,7 @@ bench: $(B)/modpipe
 bench-kernels: $(B)/tests/bench_kernels
 	@$(B)/tests/bench_kernels $(BENCH_KERNELS_ARGS)
 
-# ---- fuzzing (fuzz/README.md) -------------------------------------------
+# ---- fuzzing (fuzz/README.md) --------------------------------------------------------------------
 # libFuzzer targets fuzz/fuzz_*.c, built with clang under ASan + UBSan into build-fuzz/; the
 # library is rebuilt there with coverage instrumentation. scripts/fuzz runs them.
 FZ        := build-fuzz

@@ -18,7 +18,7 @@
 #include "stage/safetensors.h"
 #include "stage/stage.h"
 
-/* ---- the tensor list: names, shapes and distributions; values are drawn while writing -- */
+/* ---- the tensor list: names, shapes and distributions; values are drawn while writing -------- */
 typedef struct {
     char name[160];
     int ndim;
@@ -182,7 +182,7 @@ oom:
     return -1;
 }
 
-/* ---- progress on the log: in place on a terminal, else a line every few seconds ---------- */
+/* ---- progress on the log: in place on a terminal, else a line every few seconds -------------- */
 typedef struct {
     FILE *log;
     int tty;
@@ -212,7 +212,7 @@ static void progress_bytes(progress *p, uint64_t done, uint64_t total, int final
     fflush(p->log);
 }
 
-/* ---- writing: stream every tensor, drawn in chunks from one generator ------------------ */
+/* ---- writing: stream every tensor, drawn in chunks from one generator ------------------------ */
 
 /* Values come from one stream seeded by (seed, "modpip"), drawn in file order, element by
  * element: the same bytes as drawing each whole tensor in f32 and writing it afterwards. */
@@ -255,7 +255,7 @@ out:
     return rc;
 }
 
-/* ---- config.json ------------------------------------------------------------------------ */
+/* ---- config.json ----------------------------------------------------------------------------- */
 static int write_config(const cli_model_spec *sp, const char *dir, char *err, size_t errlen)
 {
     cJSON *j = cli_model_spec_config_json(sp);
@@ -274,7 +274,7 @@ static int write_config(const cli_model_spec *sp, const char *dir, char *err, si
     return 0;
 }
 
-/* ---- calibration -------------------------------------------------------------------------- */
+/* ---- calibration ----------------------------------------------------------------------------- */
 typedef struct {
     int n;
     stage_batch rows; /* n rows: the calibration prompts, every row a prompt row */
@@ -454,7 +454,7 @@ int cli_init_model(const cli_model_spec *sp, const char *dir, FILE *log, char *e
     return rc;
 }
 
-/* ---- the command ---- */
+/* ---- the command ----------------------------------------------------------------------------- */
 
 int cli_init_model_main(int argc, char **argv)
 {

@@ -17,7 +17,7 @@ enum {
 };
 
 static const cli_opt_def OPTS[] = {
-    /* ---- what to run on ------------------------------------------------------------------ */
+    /* ---- what to run on ---------------------------------------------------------------------- */
     {"model", "DIR", PLAN | CLI_ROUTER_TUNE | TOK | CLI_QUANTIZE, CLI_ONCE,
      "model directory: config.json + model.safetensors (or sharded with its index), and "
      "tokenizer.json for text"},
@@ -25,7 +25,7 @@ static const cli_opt_def OPTS[] = {
      "tokenizer.json or its directory (default: the model directory)"},
     {"config", "FILE.yaml", PLAN | CLI_ROUTER_TUNE, CLI_ONCE,
      "read options from a YAML file (keys = option names without --); flags override it"},
-    /* ---- generate / eval inputs ---------------------------------------------------------- */
+    /* ---- generate / eval inputs -------------------------------------------------------------- */
     {"prompt-ids", "IDS", CLI_GENERATE, CLI_REPEAT,
      "a prompt as token ids, e.g. 1,2,3 (repeat for more sequences)"},
     {"prompt", "TEXT", CLI_GENERATE, CLI_REPEAT,
@@ -57,7 +57,7 @@ static const cli_opt_def OPTS[] = {
      "micro-batch (at most R sequences a group). Default max(ceil(n/R), min(8, floor(n/8))), "
      "at least 1: decode micro-batches of >= 8 rows once there are 8 sequences, the same at "
      "any -np. With few sequences per stage raise G (>= stages keeps every stage busy)"},
-    /* ---- the plan: stages, ranks, memory ------------------------------------------------- */
+    /* ---- the plan: stages, ranks, memory ----------------------------------------------------- */
     {"n", "N", CLI_PARTITION, CLI_ONCE, "partition: number of stages (ranks)"},
     {"stages", "auto|A-B,...", PLAN, CLI_YAML_LIST,
      "layer range of each stage, e.g. 0-3,4-7 (one per stage), or auto (default); A-B:K gives "
@@ -84,7 +84,7 @@ static const cli_opt_def OPTS[] = {
      "KV page pool per rank, e.g. 512M; a run that needs more pages is an error. Default: "
      "what --mem-per-rank leaves after the stage's weights and workspace, else every position "
      "of every slot on every layer"},
-    /* ---- how the pipeline runs ----------------------------------------------------------- */
+    /* ---- how the pipeline runs --------------------------------------------------------------- */
     {"max-in-flight", "K", PIPE, CLI_ONCE, "micro-batches in flight at once (default 2 x stages)"},
     {"decode-groups", "G", CLI_SERVE, CLI_ONCE,
      "split the decoding requests into G groups, one micro-batch each (default: the stage "
@@ -111,7 +111,7 @@ static const cli_opt_def OPTS[] = {
     {"stats", "F.json", RUN, CLI_ONCE,
      "write per-link bytes (vs a dense pipeline), per-layer participation, KV and FLOP "
      "savings, per-stage busy/wait time, tokens/s"},
-    /* ---- serve: the HTTP side ------------------------------------------------------------ */
+    /* ---- serve: the HTTP side ---------------------------------------------------------------- */
     {"host", "ADDR", CLI_SERVE, CLI_ONCE,
      "address to listen on (default 127.0.0.1; 0.0.0.0 or :: for all)"},
     {"port", "N", CLI_SERVE, CLI_ONCE,
@@ -137,7 +137,7 @@ static const cli_opt_def OPTS[] = {
      "model id in /v1/models and responses (default: the directory's name)"},
     {"shutdown-grace", "SEC", CLI_SERVE, CLI_ONCE,
      "on SIGTERM, running requests get this long to finish (default 30)"},
-    /* ---- serve: the front that starts and restarts the MPI job (serve/front.h) ----------- */
+    /* ---- serve: the front that starts and restarts the MPI job (serve/front.h) --------------- */
     {"ranks", "N", CLI_SERVE, CLI_ONCE,
      "run the pipeline as an MPI job of N ranks that this process starts (mpirun) and restarts "
      "when it dies or stalls; running requests are replayed (N = 1 without --hostfile / "
@@ -152,7 +152,7 @@ static const cli_opt_def OPTS[] = {
      "with --ranks: restarts in a row before giving up (exit 1; a job that ran 60 s resets the "
      "count; default 3)"},
     {"job", "SOCK", CLI_SERVE, CLI_ONCE, NULL}, /* internal: rank 0 of a job the front started */
-    /* ---- init-model ---------------------------------------------------------------------- */
+    /* ---- init-model -------------------------------------------------------------------------- */
     {"spec", "FILE.yaml", CLI_INIT_MODEL, CLI_ONCE,
      "init-model: the model spec (see configs/models/)"},
     {"out", "DIR", CLI_INIT_MODEL | CLI_ROUTER_TUNE | CLI_QUANTIZE, CLI_ONCE,
@@ -165,7 +165,7 @@ static const cli_opt_def OPTS[] = {
     {"calibrate", NULL, CLI_INIT_MODEL, CLI_ONCE,
      "init-model: calibrate router biases to the capacity (overrides the spec)"},
     {"no-calibrate", NULL, CLI_INIT_MODEL, CLI_ONCE, "init-model: do not calibrate"},
-    /* ---- router-tune --------------------------------------------------------------------- */
+    /* ---- router-tune ------------------------------------------------------------------------- */
     {"data", "FILE", CLI_ROUTER_TUNE, CLI_ONCE,
      "training text: documents separated by blank lines, tokenized with DIR's tokenizer.json"},
     {"data-ids", "FILE", CLI_ROUTER_TUNE, CLI_ONCE,
@@ -214,7 +214,7 @@ static const cli_opt_def OPTS[] = {
      "no training: write RANDOM routers (w ~ N(0, 1/D)) whose biases are calibrated on --data so "
      "that routed layer i skips fraction F_i (one F per --layers entry): the baseline a trained "
      "router must beat"},
-    /* ---- tokenize / detokenize ----------------------------------------------------------- */
+    /* ---- tokenize / detokenize --------------------------------------------------------------- */
     {"text", "S", CLI_TOKENIZE, CLI_ONCE, "the text (UTF-8)"},
     {"no-special", NULL, CLI_TOKENIZE, CLI_ONCE,
      "plain text: no BOS/template tokens, and special tokens written in the text (e.g. \"<s>\") "
@@ -223,7 +223,7 @@ static const cli_opt_def OPTS[] = {
      "the ids, separated by spaces, commas or newlines"},
     {"ids-file", "F", CLI_DETOKENIZE, CLI_ONCE, "the ids from a file (same separators)"},
     {"skip-special", NULL, CLI_DETOKENIZE, CLI_ONCE, "drop special tokens (BOS, EOS, ...)"},
-    /* ---- everywhere ---------------------------------------------------------------------- */
+    /* ---- everywhere -------------------------------------------------------------------------- */
     {"quiet", NULL, MPI_CMDS | CLI_INIT_MODEL | CLI_QUANTIZE, CLI_ONCE,
      "no progress or log lines on stderr"},
     {"help", NULL, ALL, CLI_ONCE, "this help"},

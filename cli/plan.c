@@ -21,9 +21,8 @@ static int read_dtype(const cli_opts *o, const char *name, int *out, char *err, 
     return 0;
 }
 
-int cli_pipe_opts_read(const cli_opts *o, cli_pipe_opts *p, char *err, size_t errlen)
+int cli_pipe_opts_read(const cli_opts *o, engine_pipe_opts *p, char *err, size_t errlen)
 {
-    memset(p, 0, sizeof *p);
     long mb, inflight, threads;
     double tmo;
     if (cli_opt_long(o, "micro-batch", 1, 1 << 20, 32, &mb, err, errlen)) return -1;
@@ -51,7 +50,7 @@ int cli_pipe_opts_read(const cli_opts *o, cli_pipe_opts *p, char *err, size_t er
     p->progress = !cli_opt_has(o, "quiet");
     long kvp;
     if (cli_opt_long(o, "kv-page", 1, 1 << 20, 16, &kvp, err, errlen)) return -1;
-    p->kv.page = (int)kvp;
+    p->kv = (stage_kv_opts){.page = (int)kvp};
     const char *km = cli_opt_str(o, "kv-mem");
     if (km && (engine_parse_size(km, &p->kv.mem_bytes) || p->kv.mem_bytes == 0)) {
         base_set_err(err, errlen, "%s: expected a size like 512M or 2G, got '%s'",

@@ -14,23 +14,16 @@
 
 #include "cli/opts.h"
 #include "engine/partition.h"
+#include "engine/pipeline.h"
 #include "stage/config.h"
 #include "stage/dtype.h"
 #include "stage/stage.h"
 
-typedef struct {
-    int micro_batch;   /* --micro-batch R (default 32) */
-    int max_in_flight; /* --max-in-flight K, at least 2; 0: absent (the caller uses 2 x stages) */
-    double timeout_s;  /* --timeout (default 300) */
-    stage_dtype wire;  /* --wire-dtype (default f32) */
-    int weights_dtype; /* --weights-dtype as a stage_dtype; -1: as stored */
-    int dense_transport;
-    int progress;     /* !--quiet */
-    stage_kv_opts kv; /* --kv-page (default 16), --kv-mem (0: absent) */
-} cli_pipe_opts;
-
-/* Reads the options above and starts the compute threads (--threads, stage_threads_init). */
-int cli_pipe_opts_read(const cli_opts *o, cli_pipe_opts *p, char *err, size_t errlen);
+/* Reads the options above into p's option fields (micro_batch, max_in_flight: 0 when absent,
+ * the caller uses 2 x stages; timeout_s, wire, weights_dtype, dense_transport, progress, kv)
+ * and starts the compute threads (--threads, stage_threads_init). model_dir, cfg and plan are
+ * the caller's: left as they are. */
+int cli_pipe_opts_read(const cli_opts *o, engine_pipe_opts *p, char *err, size_t errlen);
 
 /* --mem-per-rank (0 when absent) and the checkpoint's dtype for memory planning; the caller
  * fills slots, ctx and micro_batch. */

@@ -13,6 +13,7 @@
 #include "base/ids.h"
 #include "cli/opts.h"
 #include "cli/plan.h"
+#include "cli/start.h"
 #include "comm/link.h"
 #include "engine/batch.h"
 #include "engine/partition.h"
@@ -41,9 +42,7 @@ static void usage(int cmd)
             "tokens.txt --micro-batch 8 --stats stats.json\n");
 }
 
-/* ========================================================================================
- * Token lists
- * ===================================================================================== */
+/* ---- Token lists ----------------------------------------------------------------------------- */
 
 /* Parse "1,2,3" / "1 2 3" (base/ids.h) into a malloc'd array; an empty list is an error. */
 static int parse_ids(const char *s, int vocab, int32_t **out, int *n, const char *where, char *err,
@@ -235,9 +234,7 @@ static int seqs_from_file(seqs *s, const char *path, int vocab, char *err, size_
     return rc;
 }
 
-/* ========================================================================================
- * generate / eval
- * ===================================================================================== */
+/* ---- generate / eval ------------------------------------------------------------------------- */
 
 typedef struct {
     stage_config cfg;
@@ -281,8 +278,8 @@ static int setup_run(const cli_opts *o, int cmd, int n_ranks, run_setup *r, char
     r->have_cfg = 1;
     const stage_config *cfg = &r->cfg;
     engine_run_opts *ro = &r->ro;
-    ro->model_dir = model;
-    ro->cfg = cfg;
+    ro->pipe.model_dir = model;
+    ro->pipe.cfg = cfg;
     ro->command = cli_cmd_name(cmd);
     ro->kind = cmd == CLI_GENERATE ? ENGINE_RUN_GENERATE : ENGINE_RUN_EVAL;
 
@@ -354,25 +351,16 @@ static int setup_run(const cli_opts *o, int cmd, int n_ranks, run_setup *r, char
     ro->seq_tokens = r->sq.tok;
     ro->seq_len = r->sq.len;
 
-    cli_pipe_opts po;
-    if (cli_pipe_opts_read(o, &po, err, errlen)) return -1;
-    ro->micro_batch = po.micro_batch;
-    ro->max_in_flight = po.max_in_flight;
-    ro->timeout_s = po.timeout_s;
-    ro->wire = po.wire;
-    ro->weights_dtype = po.weights_dtype;
-    ro->dense_transport = po.dense_transport;
-    ro->kv = po.kv;
+    if (cli_pipe_opts_read(o, &ro->pipe, err, errlen)) return -1;
     ro->dump_path = cli_opt_str(o, "dump-logits");
     ro->stats_path = cli_opt_str(o, "stats");
-    ro->progress = po.progress;
     engine_mem_opts mem;
     int plan_mem = cli_opt_has(o, "mem-per-rank");
     if (plan_mem) {
         if (cli_mem_opts(o, model, &mem, err, errlen)) return -1;
-        if (ro->weights_dtype >= 0) mem.weight_dtype = (stage_dtype)ro->weights_dtype;
+        if (ro->pipe.weights_dtype >= 0) mem.weight_dtype = (stage_dtype)ro->pipe.weights_dtype;
         mem.slots = ro->slots > 0 ? ro->slots : r->sq.n;
-        mem.micro_batch = ro->micro_batch;
+        mem.micro_batch = ro->pipe.micro_batch;
         for (int i = 0; i < r->sq.n; i++) {
             int len = r->sq.len[i] + (cmd == CLI_GENERATE ? ro->max_new : 0);
             if (len > mem.ctx) mem.ctx = len;
@@ -381,29 +369,20 @@ static int setup_run(const cli_opts *o, int cmd, int n_ranks, run_setup *r, char
     }
     if (cli_make_plan(o, cfg, n_ranks, 0, plan_mem ? &mem : NULL, &r->plan, err, errlen)) return -1;
     r->have_plan = 1;
-    ro->plan = &r->plan;
-    if (!ro->max_in_flight) ro->max_in_flight = 2 * r->plan.n_stages; /* default 2 x stages */
+    ro->pipe.plan = &r->plan;
+    if (!ro->pipe.max_in_flight)
+        ro->pipe.max_in_flight = 2 * r->plan.n_stages; /* default 2 x stages */
     return 0;
 }
 
 int cli_run_main(int cmd, int argc, char **argv)
 {
-    MPI_Init(NULL, NULL);
-    int rank, size;
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &size);
-
     char err[1024] = "";
     cli_opts o;
+    int rank, size, rc;
+    if (cli_mpi_start(cmd, argc, argv, 0, usage, &o, &rank, &size, &rc, err, sizeof err)) return 0;
     run_setup r;
     memset(&r, 0, sizeof r);
-    int rc = cli_opts_parse(&o, cmd, argc, argv, err, sizeof err);
-    if (!rc && cli_opt_has(&o, "help")) {
-        if (rank == 0) usage(cmd);
-        cli_opts_free(&o);
-        MPI_Finalize();
-        return 0;
-    }
     if (!rc) rc = setup_run(&o, cmd, size, &r, err, sizeof err);
     /* every rank parsed the same input; still agree, so no rank runs on alone */
     int first_bad = comm_first_failed(MPI_COMM_WORLD, rc != 0);
@@ -414,13 +393,13 @@ int cli_run_main(int cmd, int argc, char **argv)
         MPI_Finalize();
         return 1;
     }
-    if (rank == 0 && r.ro.progress) {
+    if (rank == 0 && r.ro.pipe.progress) {
         int ns = r.plan.n_stages;
         fprintf(stderr, "modpipe %s: %d stage%s [", cli_cmd_name(cmd), ns, ns > 1 ? "s" : "");
         for (int s = 0; s < ns; s++)
             fprintf(stderr, "%s%d-%d", s ? " | " : "", r.plan.st[s].first, r.plan.st[s].last);
-        fprintf(stderr, "], %d sequences, micro-batch %d, wire %s\n", r.ro.n_seqs, r.ro.micro_batch,
-                stage_dtype_name(r.ro.wire));
+        fprintf(stderr, "], %d sequences, micro-batch %d, wire %s\n", r.ro.n_seqs,
+                r.ro.pipe.micro_batch, stage_dtype_name(r.ro.pipe.wire));
     }
     engine_run_result res;
     rc = engine_run(MPI_COMM_WORLD, &r.ro, &res, err, sizeof err);

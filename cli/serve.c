@@ -13,6 +13,7 @@
 #include "cli/serve.h"
 #include "cli/opts.h"
 #include "cli/plan.h"
+#include "cli/start.h"
 #include "comm/link.h"
 #include "serve/chan.h"
 #include "serve/front.h"
@@ -20,8 +21,9 @@
 #include "serve/serve.h"
 #include "stage/matmul.h"
 
-static void usage(void)
+static void usage(int cmd)
 {
+    (void)cmd;
     cli_opts_usage(
         stdout, CLI_SERVE,
         "modpipe serve: an OpenAI-compatible HTTP server (rank 0) over the pipeline.\n"
@@ -94,8 +96,8 @@ static int make_setup(const cli_opts *a, int n_ranks, setup *st, char *err, size
             return -1;
         }
     serve_pipeline *p = &st->p;
-    p->loop.model_dir = model;
-    p->loop.cfg = cfg;
+    p->loop.pipe.model_dir = model;
+    p->loop.pipe.cfg = cfg;
     long v;
     double d;
     if (cfg->max_pos < 2) {
@@ -112,32 +114,26 @@ static int make_setup(const cli_opts *a, int n_ranks, setup *st, char *err, size
     p->loop.ctx = (int)v;
     if (cli_opt_long(a, "queue", 0, 1 << 20, 64, &v, err, errlen)) return -1;
     p->queue = (int)v;
-    cli_pipe_opts po;
-    if (cli_pipe_opts_read(a, &po, err, errlen)) return -1;
-    p->loop.micro_batch = po.micro_batch;
-    p->loop.timeout_s = po.timeout_s;
-    p->loop.wire = po.wire;
-    p->loop.weights_dtype = po.weights_dtype;
-    p->loop.dense_transport = po.dense_transport;
-    p->progress = po.progress;
-    p->loop.kv = po.kv;
+    if (cli_pipe_opts_read(a, &p->loop.pipe, err, errlen)) return -1;
     st->no_prefix_reuse = cli_opt_has(a, "no-prefix-reuse");
 
     engine_mem_opts mem;
     int plan_mem = cli_opt_has(a, "mem-per-rank");
     if (plan_mem) {
         if (cli_mem_opts(a, model, &mem, err, errlen)) return -1;
-        if (p->loop.weights_dtype >= 0) mem.weight_dtype = (stage_dtype)p->loop.weights_dtype;
+        if (p->loop.pipe.weights_dtype >= 0)
+            mem.weight_dtype = (stage_dtype)p->loop.pipe.weights_dtype;
         mem.slots = p->loop.slots;
         mem.ctx = p->loop.ctx;
-        mem.micro_batch = p->loop.micro_batch;
+        mem.micro_batch = p->loop.pipe.micro_batch;
     }
     if (cli_make_plan(a, cfg, n_ranks, 0, plan_mem ? &mem : NULL, &st->plan, err, errlen))
         return -1;
     st->have_plan = 1;
-    p->loop.plan = &st->plan;
-    p->loop.max_in_flight = po.max_in_flight ? po.max_in_flight : 2 * st->plan.n_stages;
-    if (p->loop.max_in_flight < 2) p->loop.max_in_flight = 2;
+    p->loop.pipe.plan = &st->plan;
+    engine_pipe_opts *pipe = &p->loop.pipe;
+    if (!pipe->max_in_flight) pipe->max_in_flight = 2 * st->plan.n_stages;
+    if (pipe->max_in_flight < 2) pipe->max_in_flight = 2;
     long groups;
     if (cli_opt_long(a, "decode-groups", 1, 4096, st->plan.n_stages, &groups, err, errlen))
         return -1;
@@ -185,7 +181,7 @@ static int make_setup(const cli_opts *a, int n_ranks, setup *st, char *err, size
     }
     so->model_name = st->name;
     so->ctx = p->loop.ctx;
-    so->quiet = !p->progress;
+    so->quiet = !p->loop.pipe.progress;
     if (cli_opt_double(a, "shutdown-grace", 0.0, 1e6, 0, 30.0, &d, err, errlen)) return -1;
     so->shutdown_grace_s = d > 0 ? d : 1e-3;
     st->tok_path = cli_opt_str(a, "tokenizer") ? cli_opt_str(a, "tokenizer") : model;
@@ -335,8 +331,8 @@ static int job_argv(const cli_opts *a, const setup *st, int ranks, argv_b *b, ch
     bad |= ab_add(b, "--model") | ab_add(b, cli_opt_str(a, "model"));
     bad |= ab_add(b, "--slots") | ab_num(b, st->p.loop.slots) | ab_add(b, "--ctx") |
            ab_num(b, st->p.loop.ctx);
-    bad |= ab_add(b, "--micro-batch") | ab_num(b, st->p.loop.micro_batch);
-    bad |= ab_add(b, "--max-in-flight") | ab_num(b, st->p.loop.max_in_flight);
+    bad |= ab_add(b, "--micro-batch") | ab_num(b, st->p.loop.pipe.micro_batch);
+    bad |= ab_add(b, "--max-in-flight") | ab_num(b, st->p.loop.pipe.max_in_flight);
     /* the options the job reads itself; those from a --config file reach it with the file */
     static const char *const PASS[] = {"config",     "stages",        "tp",        "mem-per-rank",
                                        "wire-dtype", "weights-dtype", "transport", "threads",
@@ -390,19 +386,19 @@ static int front_main(const cli_opts *a, int ranks)
         .job_argv = b.v,
         .slots = st.p.loop.slots,
         .ctx = st.p.loop.ctx,
-        .micro_batch = st.p.loop.micro_batch,
+        .micro_batch = st.p.loop.pipe.micro_batch,
         .whole_prompts = whole,
         .max_rows = max_rows,
-        .max_in_flight = st.p.loop.max_in_flight,
+        .max_in_flight = st.p.loop.pipe.max_in_flight,
         .decode_groups = st.p.loop.decode_groups,
         .stall_s = stall,
         .max_restarts = (int)restarts,
-        .start_timeout_s = st.p.loop.timeout_s,
-        .quiet = !st.p.progress,
+        .start_timeout_s = st.p.loop.pipe.timeout_s,
+        .quiet = !st.p.loop.pipe.progress,
     };
     print_listening(&st, srv);
     pthread_t ctl;
-    ctl_arg ca = {.s = srv, .quiet = !st.p.progress};
+    ctl_arg ca = {.s = srv, .quiet = !st.p.loop.pipe.progress};
     pthread_create(&ctl, NULL, control, &ca);
     rc = serve_front_run(&fo, q, srv, err, sizeof err);
     if (rc) {
@@ -415,7 +411,7 @@ static int front_main(const cli_opts *a, int ranks)
     serve_server_free(srv);
     srvq_free(q);
     tok_free(tok);
-    if (!rc && st.p.progress) fprintf(stderr, "modpipe serve: stopped\n");
+    if (!rc && st.p.loop.pipe.progress) fprintf(stderr, "modpipe serve: stopped\n");
     setup_free(&st);
     stage_threads_free();
     return rc ? 1 : 0;
@@ -437,22 +433,13 @@ int cli_serve_main(int argc, char **argv, serve_pipeline_fn run)
         cli_opts_free(&a);
         if (front) return rc;
     }
-    int prov = 0;
-    MPI_Init_thread(NULL, NULL, MPI_THREAD_FUNNELED, &prov);
-    int rank, size;
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &size);
     char err[1024] = "";
     cli_opts a;
+    int rank, size, rc;
+    if (cli_mpi_start(CLI_SERVE, argc, argv, 1, usage, &a, &rank, &size, &rc, err, sizeof err))
+        return 0;
     setup st;
     memset(&st, 0, sizeof st);
-    int rc = cli_opts_parse(&a, CLI_SERVE, argc, argv, err, sizeof err);
-    if (!rc && cli_opt_has(&a, "help")) {
-        if (rank == 0) usage();
-        cli_opts_free(&a);
-        MPI_Finalize();
-        return 0;
-    }
     if (!rc) rc = make_setup(&a, size, &st, err, sizeof err);
 
     const char *job = rc ? NULL : cli_opt_str(&a, "job");
@@ -504,7 +491,7 @@ int cli_serve_main(int argc, char **argv, serve_pipeline_fn run)
         return rc ? 1 : 0;
     }
     pthread_t ctl;
-    ctl_arg ca = {.s = srv, .quiet = !st.p.progress};
+    ctl_arg ca = {.s = srv, .quiet = !st.p.loop.pipe.progress};
     if (rank == 0) {
         print_listening(&st, srv);
         pthread_create(&ctl, NULL, control, &ca);
@@ -524,7 +511,7 @@ int cli_serve_main(int argc, char **argv, serve_pipeline_fn run)
         serve_server_free(srv);
         srvq_free(q);
         tok_free(tok);
-        if (!rc && st.p.progress) fprintf(stderr, "modpipe serve: stopped\n");
+        if (!rc && st.p.loop.pipe.progress) fprintf(stderr, "modpipe serve: stopped\n");
     }
     setup_free(&st);
     stage_threads_free();

@@ -37,9 +37,9 @@
 
 typedef struct {
     serve_loop_opts loop; /* what the pipeline runs with (serve/loop.h): model, plan, slots,
-                             ctx, KV pool, micro-batch, in flight, dtypes, transport, timeout */
+                             ctx, KV pool, micro-batch, in flight, dtypes, transport, timeout;
+                             loop.pipe.progress is !--quiet */
     int queue;            /* --queue */
-    int progress;         /* !--quiet */
     srvq *q;              /* rank 0: the queue the HTTP layer fills; other ranks: NULL */
     /* rank 0: call once every rank has loaded its stage (then /health says 200) */
     void (*on_ready)(void *arg);

@@ -40,14 +40,14 @@
 #include "stage/batch.h"
 #include "stage/dtype.h"
 
-/* ---- present-rows bitmasks ---- */
+/* ---- present-rows bitmasks ------------------------------------------------------------------- */
 static inline size_t comm_mask_bytes(int n) { return (size_t)(n + 7) / 8; }
 static inline void comm_mask_set(uint8_t *m, int i) { m[i >> 3] |= (uint8_t)(1u << (i & 7)); }
 static inline int comm_mask_get(const uint8_t *m, int i) { return (m[i >> 3] >> (i & 7)) & 1; }
 int comm_mask_count(const uint8_t *m, int n);
 
-/* ---- wire dtypes: the dtype table of stage/dtype.h (f32 exact; bf16 / f16 lossy) ---- */
-/* ---- packets ---- */
+/* ---- wire dtypes: the dtype table of stage/dtype.h (f32 exact; bf16 / f16 lossy) ------------- */
+/* ---- packets --------------------------------------------------------------------------------- */
 typedef enum { COMM_PKT_ROWS = 0, COMM_PKT_TOKENS = 1, COMM_PKT_END = 2 } comm_pkt_kind;
 
 /* Per-row flags on the wire: STAGE_ROW_* (stage/batch.h); slot releases per descriptor: at

@@ -49,13 +49,13 @@ size_t comm_links_wait_recv(comm_links *l, MPI_Request *req, int peer, const cha
 const comm_link_stats *comm_links_stats(const comm_links *l, int dest);
 double comm_links_wait_seconds(const comm_links *l); /* time blocked in acquire / wait_recv */
 
-/* ---- start-up ---- */
+/* ---- start-up -------------------------------------------------------------------------------- */
 /* Collective: every rank says whether its start-up failed; returns the lowest failing rank,
  * or -1 when none failed. Every rank gets the same answer, so either all go on or all stop
  * (no rank runs on alone into a collective its peers never join). */
 int comm_first_failed(MPI_Comm comm, int failed);
 
-/* ---- fatal errors ---- */
+/* ---- fatal errors ---------------------------------------------------------------------------- */
 void comm_fatal_at(const char *file, int line, const char *fmt, ...)
     __attribute__((format(printf, 3, 4), noreturn));
 #define COMM_FATAL(...) comm_fatal_at(__FILE__, __LINE__, __VA_ARGS__)

@@ -45,7 +45,7 @@ _Static_assert(STAGE_ROW_NEED_LOGITS == 1 && STAGE_ROW_PROMPT == 2 && STAGE_ROW_
 
 #define COMM_PREFIX_BYTES 4
 
-/* ---------------------------------------------------------------- bitmasks */
+/* ---- bitmasks -------------------------------------------------------------------------------- */
 
 int comm_mask_count(const uint8_t *m, int n)
 {
@@ -71,7 +71,7 @@ static inline uint32_t comm_get_u32(const uint8_t *p)
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
 
-/* ---------------------------------------------------------------- size bounds */
+/* ---- size bounds ----------------------------------------------------------------------------- */
 
 /* a * b, or SIZE_MAX on overflow (callers treat SIZE_MAX as "too big"). */
 static size_t comm_mul(size_t a, size_t b)
@@ -120,7 +120,7 @@ size_t comm_packet_max_bytes(int mb_rows, int D, int n_stages)
     return total == SIZE_MAX ? 0 : total;
 }
 
-/* ---------------------------------------------------------------- consistency */
+/* ---- consistency ----------------------------------------------------------------------------- */
 
 /* What a packet must satisfy on both sides of the wire. n_stages <= 0: not known (pack). */
 static int comm_check(const comm_packet *p, int n_stages, char *err, size_t errlen)
@@ -296,7 +296,7 @@ static size_t comm_payload_bytes(const comm_packet *p, int D)
     return SIZE_MAX;
 }
 
-/* ---------------------------------------------------------------- pack */
+/* ---- pack ------------------------------------------------------------------------------------ */
 
 size_t comm_pack(const comm_packet *hdr, const float *x, int D, const int32_t *tokens, uint8_t *buf,
                  size_t cap, size_t *hdr_bytes, size_t *payload_bytes, char *err, size_t errlen)
@@ -417,7 +417,7 @@ size_t comm_pack(const comm_packet *hdr, const float *x, int D, const int32_t *t
     return total;
 }
 
-/* ---------------------------------------------------------------- unpack */
+/* ---- unpack ---------------------------------------------------------------------------------- */
 
 #define COMM_ARENA_ALIGN 16 /* >= alignof(max_align_t) on the targets here */
 
@@ -738,7 +738,7 @@ int comm_unpack(comm_unpacker *u, const uint8_t *buf, size_t len, int D, comm_pa
     return rc;
 }
 
-/* ---------------------------------------------------------------- payload access */
+/* ---- payload access -------------------------------------------------------------------------- */
 
 void comm_scatter_rows(const comm_packet *p, int D, float *x)
 {

@@ -102,7 +102,7 @@ int engine_batch_new(const engine_run_opts *o, engine_batch **out, char *err, si
     }
     *out = NULL;
     const int gen = o->kind == ENGINE_RUN_GENERATE, n = o->n_seqs;
-    if (n < 1 || o->micro_batch < 1) {
+    if (n < 1 || o->pipe.micro_batch < 1) {
         snprintf(err, errlen, "no sequences or micro-batch < 1");
         return -1;
     }
@@ -112,7 +112,7 @@ int engine_batch_new(const engine_run_opts *o, engine_batch **out, char *err, si
         return -1;
     }
     b->o = o;
-    b->R = o->micro_batch;
+    b->R = o->pipe.micro_batch;
     b->slots = o->slots > 0 ? o->slots : n;
     long total_rows = 0;
     int need = 0, need_seq = 0;
@@ -131,9 +131,9 @@ int engine_batch_new(const engine_run_opts *o, engine_batch **out, char *err, si
                  need, gen ? "prompt + max-new - 1" : "its length", b->ctx);
         goto fail;
     }
-    if (b->ctx > o->cfg->max_pos) {
+    if (b->ctx > o->pipe.cfg->max_pos) {
         snprintf(err, errlen, "%s %d positions but max_position_embeddings is %d",
-                 o->ctx > 0 ? "--ctx asks for" : "sequences reach", b->ctx, o->cfg->max_pos);
+                 o->ctx > 0 ? "--ctx asks for" : "sequences reach", b->ctx, o->pipe.cfg->max_pos);
         goto fail;
     }
     /* group size: generate as documented in pipeline.h; eval: slots-many lines a group */
@@ -170,7 +170,7 @@ int engine_batch_new(const engine_run_opts *o, engine_batch **out, char *err, si
         snprintf(err, errlen, "out of memory (scheduler)");
         goto fail;
     }
-    int can_split = !model_needs_whole_prompts(o->cfg);
+    int can_split = !model_needs_whole_prompts(o->pipe.cfg);
     for (int gi = 0; gi < b->n_groups; gi++) {
         group *g = &b->g[gi];
         g->seq0 = gi * b->gs;
@@ -202,7 +202,7 @@ void engine_batch_take_generated(engine_batch *b, int32_t **gen, int **n_gen)
     b->count = NULL;
 }
 
-/* ---- ops ------------------------------------------------------------------------------- */
+/* ---- ops ------------------------------------------------------------------------------------- */
 
 static void finish_seq(engine_batch *b, group *g, int s)
 {
@@ -310,9 +310,7 @@ const engine_sched_ops engine_batch_ops = {
     .links = NULL,
 };
 
-/* ========================================================================================
- * The batch job
- * ===================================================================================== */
+/* ---- The batch job --------------------------------------------------------------------------- */
 
 int engine_run(MPI_Comm comm, const engine_run_opts *o, engine_run_result *res, char *err,
                size_t errlen)
@@ -328,31 +326,21 @@ int engine_run(MPI_Comm comm, const engine_run_opts *o, engine_run_result *res, 
     for (int s = 0; s < o->n_seqs; s++)
         if (o->seq_len[s] > tmax) tmax = o->seq_len[s];
     engine_loop_opts lo = {
-        .model_dir = o->model_dir,
-        .cfg = o->cfg,
-        .plan = o->plan,
+        .pipe = o->pipe,
         .slots = engine_batch_slots(b),
         .ctx = engine_batch_ctx(b),
-        .kv = o->kv,
-        .max_rows =
-            engine_batch_max_rows(b) > o->micro_batch ? engine_batch_max_rows(b) : o->micro_batch,
-        .max_in_flight = o->max_in_flight,
-        .wire = o->wire,
-        .weights_dtype = o->weights_dtype,
-        .dense_transport = o->dense_transport,
-        .timeout_s = o->timeout_s,
+        .max_rows = engine_batch_max_rows(b) > o->pipe.micro_batch ? engine_batch_max_rows(b)
+                                                                   : o->pipe.micro_batch,
         .serve = 0,
         .dump_path = o->dump_path,
         .dump_index = gen ? ENGINE_DUMP_BY_STEP : ENGINE_DUMP_BY_POS,
         .dump_seqs = o->n_seqs,
         .dump_len = gen ? o->max_new : tmax,
-        .progress = o->progress,
         .progress_total =
             gen ? (long)o->n_seqs * o->max_new : engine_batch_prefill_micro_batches(b),
         .progress_tokens = gen,
         .stats_path = o->stats_path,
         .command = o->command,
-        .micro_batch = o->micro_batch,
         .report_nll = !gen,
     };
     engine_loop *L = NULL;

@@ -38,34 +38,24 @@
 #include "engine/pipeline.h"
 #include "engine/sched.h"
 
-/* ---- the batch job --------------------------------------------------------------------- */
+/* ---- the batch job --------------------------------------------------------------------------- */
 
 typedef enum { ENGINE_RUN_GENERATE = 0, ENGINE_RUN_EVAL } engine_run_kind;
 
 typedef struct {
     engine_run_kind kind;
-    const char *model_dir;
-    const stage_config *cfg;
-    const engine_plan *plan; /* n_stages == ranks of comm */
+    engine_pipe_opts pipe; /* model, plan, micro-batch (R), in flight, dtypes, ... */
     int n_seqs;
     int32_t *const *seq_tokens; /* [n_seqs][seq_len[s]]: prompts (generate) or lines (eval) */
     const int *seq_len;         /* [n_seqs] */
     int max_new;                /* generate: new tokens per sequence at most */
     float temperature, top_p;
     uint64_t seed;
-    int eos;           /* generate: stop token (-1 none) */
-    int ignore_eos;    /* generate: keep going past EOS */
-    int slots;         /* KV slots (0: n_seqs) */
-    int ctx;           /* positions per slot (0: the longest need) */
-    stage_kv_opts kv;  /* --kv-page / --kv-mem (0: defaults) */
-    int micro_batch;   /* most rows per micro-batch (R) */
-    int groups;        /* generate: decode groups (0: the default above) */
-    int max_in_flight; /* micro-batches in flight (>= 1) */
-    stage_dtype wire;
-    int weights_dtype;      /* stage_dtype the weight matrices are held in; -1: as stored */
-    int dense_transport;    /* baseline: every row on every chain link (same compute) */
-    double timeout_s;       /* longest wait for a peer before aborting */
-    int progress;           /* rank 0 prints progress lines on stderr */
+    int eos;                /* generate: stop token (-1 none) */
+    int ignore_eos;         /* generate: keep going past EOS */
+    int slots;              /* KV slots (0: n_seqs) */
+    int ctx;                /* positions per slot (0: the longest need) */
+    int groups;             /* generate: decode groups (0: the default above) */
     const char *dump_path;  /* --dump-logits (NULL: none) */
     const char *stats_path; /* --stats (NULL: none) */
     const char *command;    /* "generate" / "eval", for the stats file */
@@ -86,7 +76,7 @@ int engine_run(MPI_Comm comm, const engine_run_opts *o, engine_run_result *res, 
                size_t errlen);
 void engine_run_result_free(engine_run_result *res);
 
-/* ---- the scheduler behind it ---- */
+/* ---- the scheduler behind it ----------------------------------------------------------------- */
 
 typedef struct engine_batch engine_batch;
 

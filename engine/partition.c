@@ -13,7 +13,7 @@
 #include "stage/safetensors.h"
 #include "stage/stage.h"
 
-/* ---- cost model ------------------------------------------------------------------------- */
+/* ---- cost model ------------------------------------------------------------------------------ */
 
 double engine_layer_cost(const stage_config *c, int layer)
 {
@@ -230,7 +230,7 @@ static int seg_sparse(const costs *k, int t, int a, int b)
            k->cfg->mod_routing != STAGE_ROUTING_TOPK;
 }
 
-/* ---- plan filling (shared by auto and explicit) ---------------------------------------- */
+/* ---- plan filling (shared by auto and explicit) ---------------------------------------------- */
 
 /* "4, 5" or "3-9, 12": runs of three or more collapse; long lists end in "...". */
 static void append_layers(char *buf, size_t cap, const int *ls, int n)
@@ -336,7 +336,7 @@ static int check_cfg(const stage_config *c, char *err, size_t errlen)
     return 0;
 }
 
-/* ---- automatic partition ---------------------------------------------------------------- */
+/* ---- automatic partition --------------------------------------------------------------------- */
 
 /* Lexicographic DP state: most sparse boundaries, then least memory variance, then the
  * cheapest bottleneck. All three combine monotonically, so the DP is exact. */
@@ -521,7 +521,7 @@ out:
     return rc;
 }
 
-/* ---- explicit ranges -------------------------------------------------------------------- */
+/* ---- explicit ranges ------------------------------------------------------------------------- */
 
 static int parse_uint(const char **p, int *out)
 {
@@ -746,7 +746,7 @@ void engine_plan_free(engine_plan *plan)
     plan->n_stages = 0;
 }
 
-/* ---- printing --------------------------------------------------------------------------- */
+/* ---- printing -------------------------------------------------------------------------------- */
 
 /* "dense, mod x3, mindskip"; when that is long, counts per kind: "6 dense + 6 mod". */
 static void kinds_text(const stage_config *c, int a, int b, char *buf, size_t cap)

@@ -1,5 +1,7 @@
-/* engine/pipeline.c — the pipeline loop (every rank) and the batch job. See pipeline.h. */
+/* engine/pipeline.c — the pipeline loop (every rank). See pipeline.h; the loop's state is in
+ * pipeline_impl.h, the stats it gathers and writes in pipeline_stats.c. */
 #include "engine/pipeline.h"
+#include "engine/pipeline_impl.h"
 
 #include <cJSON.h>
 #include <errno.h>
@@ -22,84 +24,10 @@
 
 enum { TAG_CHAIN = 1, TAG_BYPASS = 2, TAG_TOKENS = 3, TAG_REPORT = 4 };
 
-/* ========================================================================================
- * Loop state
- * ===================================================================================== */
-
-struct engine_loop {
-    engine_loop_opts o; /* copy; pointers inside stay the caller's */
-    const engine_sched_ops *ops;
-    void *self;
-    MPI_Comm comm;     /* the stage leaders (rank = stage); MPI_COMM_NULL on a follower */
-    int rank, S, head; /* rank: this stage; head: stage S-1 */
-    /* tensor-parallel stages (engine/topo.h): all MPI_COMM_NULL / NULL / 0 without */
-    MPI_Comm world;          /* the caller's communicator: every rank of the job */
-    MPI_Comm group, leaders; /* this stage's ranks; the leaders (owned, freed at close) */
-    stage_tp *tp;            /* this stage's BLACS grid (K > 1) */
-    int follower;            /* 1: not the group leader: repeats its leader's stage ops */
-    int D, V, R;             /* width, vocab, max rows of a micro-batch */
-    stage_model *m;
-    stage_state *st;
-    comm_links *links;
-    comm_unpacker *unp;
-    size_t pkt_max;
-
-    stage_batch d;       /* the micro-batch being processed (cap R) */
-    float *x;            /* [R][D] residual rows of the micro-batch */
-    uint8_t *present;    /* [R] rows this stage holds */
-    int *dest;           /* [R] next stage of each row, -1: journey ends */
-    uint8_t *masks;      /* [S][mask_bytes(R)] per-destination present masks */
-    comm_bypass *byp_in; /* [S*S] announced bypass packets (to >= this stage) */
-    int n_byp_in;
-    comm_bypass *byp_out; /* [S*S] */
-
-    uint8_t *rbuf[2]; /* [pkt_max] chain receive, double-buffered */
-    MPI_Request rreq[2];
-    uint8_t *bbuf; /* [pkt_max] bypass receive */
-    uint8_t *tbuf; /* [pkt_max] tokens receive (stage 0) */
-    MPI_Request treq;
-
-    /* head */
-    int *lrows;    /* [R] rows needing logits */
-    int *srows;    /* [R] rows sampled */
-    int32_t *ltok; /* [R] sampled tokens, by srows */
-    float *logits; /* [R][V] */
-    void *scratch; /* [2V] sampling */
-    float *dump;   /* [dump_seqs][dump_len][V] */
-    double nll_sum;
-    long nll_count;
-
-    /* stage 0 */
-    stage_batch *fl; /* [max_in_flight] FIFO of issued micro-batches (cap R) */
-    int fl_head, fl_n;
-    int32_t *tok_by_row; /* [R] */
-    uint64_t next_mb;
-    long tokens_done, mb_done;
-    double t_tokens; /* last time a micro-batch came back (timeout) */
-    int finished;
-
-    /* link reports (serve): rank s > 0 -> 0, rep_len uint64 each */
-    int rep_len;           /* S x engine_link_report + engine_report_tail, in uint64s */
-    uint64_t *rep_in;      /* rank 0: [S][rep_len] receive buffers */
-    uint64_t *rep_tab;     /* rank 0: [S][rep_len] latest report of each rank */
-    MPI_Request *rep_req;  /* rank 0: [S] */
-    uint64_t rep_packets;  /* ranks > 0: packets counted at the last report */
-    double rep_t;          /* last report sent (ranks > 0) / handed to ops->links (0) */
-    engine_link_bytes *lb; /* rank 0: [S*S] */
-    engine_kv_report *kvr; /* rank 0: [S] */
-
-    /* accounting */
-    double dense_rows; /* rows a dense pipeline sends on link rank -> rank+1 */
-    double busy_s;
-    double t_start, t_last_progress;
-};
-
 static void progress_cb(void *arg) { comm_links_progress(arg); }
 int engine_loop_rank(const engine_loop *L) { return L->follower ? -1 : L->rank; }
 
-/* ========================================================================================
- * Sending
- * ===================================================================================== */
+/* ---- Sending --------------------------------------------------------------------------------- */
 
 static void send_packet(engine_loop *c, const comm_packet *h, const int32_t *tokens, int dest_rank,
                         int tag)
@@ -146,14 +74,14 @@ static void route_and_send(engine_loop *c)
 {
     const int n = c->d.n, s = c->rank, S = c->S;
     const uint64_t mb = c->d.id;
-    const engine_plan *pl = c->o.plan;
+    const engine_plan *pl = c->o.pipe.plan;
     int rows_to[64] = {0};
     memset(c->masks, 0, (size_t)S * comm_mask_bytes(c->R));
     for (int i = 0; i < n; i++) {
         c->dest[i] = -1;
         if (!c->present[i]) continue;
         const float *xi = c->x + (size_t)i * c->D;
-        if (c->o.dense_transport) c->dest[i] = s + 1;
+        if (c->o.pipe.dense_transport) c->dest[i] = s + 1;
         for (int t = s + 1; t < S && c->dest[i] < 0; t++)
             if (stage_range_needs_row(c->m, pl->st[t].first, pl->st[t].last, xi)) c->dest[i] = t;
         if (c->dest[i] < 0 && (c->d.flags[i] & STAGE_ROW_NEED_LOGITS)) c->dest[i] = S - 1;
@@ -166,7 +94,7 @@ static void route_and_send(engine_loop *c)
     for (int k = 0; k < c->n_byp_in; k++)
         c->byp_out[nb++] = c->byp_in[k]; /* still ahead: tell the next stage */
     comm_packet h = {
-        .kind = COMM_PKT_ROWS, .mb = mb, .sender = s, .mb_rows = n, .dtype = c->o.wire};
+        .kind = COMM_PKT_ROWS, .mb = mb, .sender = s, .mb_rows = n, .dtype = c->o.pipe.wire};
     for (int t = s + 2; t < S; t++) {
         if (!rows_to[t]) continue;
         h.receiver = t;
@@ -194,11 +122,9 @@ static void route_and_send(engine_loop *c)
     c->dense_rows += n;
 }
 
-/* ========================================================================================
- * Head: logits of the rows that need them, then NLL of their targets, sampling of the SAMPLE
+/* ---- Head: logits of the rows that need them, then NLL of their targets, sampling of the SAMPLE
  * rows (each from its own (seed, seq, step) generator) and --dump-logits. Returns how many
- * rows it sampled (rows in srows, tokens in ltok).
- * ===================================================================================== */
+ * rows it sampled (rows in srows, tokens in ltok). */
 
 static int head_step(engine_loop *c)
 {
@@ -263,7 +189,7 @@ static void complete(engine_loop *c, uint64_t mb, const int32_t *tok_by_row, con
         c->tokens_done++;
     }
     c->ops->done(c->self, f, tok_by_row);
-    c->fl_head = (c->fl_head + 1) % c->o.max_in_flight;
+    c->fl_head = (c->fl_head + 1) % c->o.pipe.max_in_flight;
     c->fl_n--;
     c->mb_done++;
     c->t_tokens = base_now_s();
@@ -316,14 +242,12 @@ static void process_mb(engine_loop *c)
                      .receiver = 0,
                      .mb_rows = d->n,
                      .n_rows = ns,
-                     .dtype = c->o.wire,
+                     .dtype = c->o.pipe.wire,
                      .present = mask};
     send_packet(c, &h, c->ltok, 0, TAG_TOKENS);
 }
 
-/* ========================================================================================
- * Link reports (serve): ranks > 0 send their outgoing counters to rank 0
- * ===================================================================================== */
+/* ---- Link reports (serve): ranks > 0 send their outgoing counters to rank 0 ------------------ */
 
 static uint64_t packets_sent(const engine_loop *c)
 {
@@ -418,7 +342,7 @@ static void report_poll(engine_loop *c, int force)
     if (!c->ops->links || (!force && t - c->rep_t < 0.25)) return;
     c->rep_t = t;
     report_fill(c, c->rep_tab, 0); /* rank 0's own counters */
-    const double ws = (double)stage_dtype_size(c->o.wire);
+    const double ws = (double)stage_dtype_size(c->o.pipe.wire);
     int n = 0;
     for (int s = 0; s < c->S; s++) {
         const engine_report_tail tail = report_tail(c, s);
@@ -451,14 +375,12 @@ static void report_poll(engine_loop *c, int force)
     c->ops->kv(c->self, c->kvr, c->S);
 }
 
-/* ========================================================================================
- * Stage 0
- * ===================================================================================== */
+/* ---- Stage 0 --------------------------------------------------------------------------------- */
 
 static void print_progress(engine_loop *c, int force)
 {
     double t = base_now_s();
-    if (!c->o.progress || (!force && t - c->t_last_progress < 2.0)) return;
+    if (!c->o.pipe.progress || (!force && t - c->t_last_progress < 2.0)) return;
     c->t_last_progress = t;
     double el = t - c->t_start;
     if (c->o.progress_tokens)
@@ -533,9 +455,9 @@ static int wait_tokens(engine_loop *c, double max_s)
         }
         comm_links_progress(c->links);
         double t = base_now_s();
-        if (t - c->t_tokens > c->o.timeout_s)
+        if (t - c->t_tokens > c->o.pipe.timeout_s)
             COMM_FATAL("no tokens packet from rank %d for %.0f s: that rank is gone or stuck",
-                       c->head, c->o.timeout_s);
+                       c->head, c->o.pipe.timeout_s);
         if (max_s >= 0 && t - t0 >= max_s) return 0;
         base_backoff_wait(&bo);
     }
@@ -545,8 +467,8 @@ static int step0(engine_loop *c)
 {
     if (c->finished) return 0;
     int issued = 0;
-    while (c->fl_n < c->o.max_in_flight) {
-        stage_batch *f = &c->fl[(c->fl_head + c->fl_n) % c->o.max_in_flight];
+    while (c->fl_n < c->o.pipe.max_in_flight) {
+        stage_batch *f = &c->fl[(c->fl_head + c->fl_n) % c->o.pipe.max_in_flight];
         f->n = 0;
         f->n_release = 0;
         f->n_share = 0;
@@ -565,15 +487,13 @@ static int step0(engine_loop *c)
         return 1;
     }
     /* A server looks for new work every millisecond while it may issue more. */
-    int may_issue = c->ops->wait && c->fl_n < c->o.max_in_flight;
+    int may_issue = c->ops->wait && c->fl_n < c->o.pipe.max_in_flight;
     wait_tokens(c, may_issue ? 0.001 : -1.0);
     print_progress(c, 0);
     return 1;
 }
 
-/* ========================================================================================
- * Stage s > 0
- * ===================================================================================== */
+/* ---- Stage s > 0 ----------------------------------------------------------------------------- */
 
 /* Wait for the next chain packet. Batch runs: the peer timeout applies. A server may idle
  * for ever: no timeout (a dead rank ends the job through mpirun), sleeps growing to 1 ms so
@@ -688,214 +608,9 @@ int engine_loop_step(engine_loop *L)
     return 0;
 }
 
-/* ========================================================================================
- * Stats: gathered on rank 0, written as JSON, one summary line.
- * ===================================================================================== */
+/* ---- Set-up and the run ---------------------------------------------------------------------- */
 
-/* This rank's record (engine/stats.h): links [S], layers [n_layers] (zero off the stage). */
-static void stats_fill(engine_loop *c, engine_rank_stat *r, engine_link_stat *links,
-                       engine_layer_stat *layers)
-{
-    for (int t = 0; t < c->S; t++) {
-        const comm_link_stats *ls = comm_links_stats(c->links, t);
-        links[t] = (engine_link_stat){.packets = (double)ls->packets,
-                                      .rows = (double)ls->rows,
-                                      .header_bytes = (double)ls->header_bytes,
-                                      .payload_bytes = (double)ls->payload_bytes};
-    }
-    struct rusage ru; /* peak resident set of this rank (Linux: KiB), mmap'd weights included */
-    stage_kv_stats ks;
-    stage_state_kv_stats(c->st, &ks);
-    *r = (engine_rank_stat){
-        .dense_rows = c->dense_rows,
-        .busy_s = c->busy_s,
-        .wait_s = comm_links_wait_seconds(c->links),
-        .weight_bytes = (double)stage_model_weight_bytes(c->m),
-        .kv_bytes_allocated = (double)stage_state_kv_alloc_bytes(c->st),
-        .kv_page_positions = ks.page,
-        .kv_pages_total = ks.pages_total,
-        .kv_pages_peak = ks.pages_peak,
-        .kv_pages_used_at_end = ks.pages_used,
-        .kv_page_bytes = (double)ks.page_bytes,
-        .peak_rss_bytes = getrusage(RUSAGE_SELF, &ru) == 0 ? (double)ru.ru_maxrss * 1024.0 : 0.0,
-        .tp_io_bytes = stage_state_tp_io_bytes(c->st),
-        .nll_sum = c->nll_sum,
-        .nll_count = (double)c->nll_count,
-    };
-    memset(layers, 0, (size_t)c->o.cfg->n_layers * sizeof *layers);
-    stage_range rg = stage_model_range(c->m);
-    for (int l = rg.first; l <= rg.last; l++) {
-        const stage_layer_stats *ls = stage_state_layer_stats(c->st, l);
-        layers[l] = (engine_layer_stat){.rows = (double)ls->rows,
-                                        .active_rows = (double)ls->active,
-                                        .kv_entries = (double)ls->kv_entries,
-                                        .flops = ls->flops,
-                                        .flops_dense = ls->flops_dense,
-                                        .seconds = ls->seconds,
-                                        .tp_bytes = ls->tp_bytes};
-    }
-}
-
-static void report(engine_loop *c, const engine_stats *all, double seconds, engine_loop_result *res)
-{
-    const engine_loop_opts *o = &c->o;
-    const stage_config *cfg = o->cfg;
-    const int S = c->S, L = cfg->n_layers, D = c->D;
-    const double ws = (double)stage_dtype_size(o->wire);
-    const double kvd = (double)cfg->n_kv_heads * cfg->head_dim;
-    const double kvs = (double)stage_dtype_size(STAGE_KV_DTYPE); /* bytes of a K or V value */
-    double hdr = 0, pay = 0, tok_bytes = 0, dense = 0, rows_total = 0, tp_total = 0;
-
-    cJSON *j = cJSON_CreateObject();
-    cJSON_AddStringToObject(j, "command", o->command ? o->command : "");
-    cJSON_AddStringToObject(j, "model", o->model_dir);
-    cJSON_AddNumberToObject(j, "ranks", S);
-    cJSON_AddStringToObject(j, "wire_dtype", stage_dtype_name(o->wire));
-    cJSON_AddStringToObject(
-        j, "weights_dtype",
-        o->weights_dtype < 0 ? "checkpoint" : stage_wdtype_name((stage_dtype)o->weights_dtype));
-    cJSON_AddStringToObject(j, "transport", o->dense_transport ? "dense" : "sparse");
-    cJSON_AddNumberToObject(j, "micro_batch", o->micro_batch);
-    cJSON_AddNumberToObject(j, "max_in_flight", o->max_in_flight);
-    cJSON_AddNumberToObject(j, "hidden_size", D);
-    cJSON_AddNumberToObject(j, "micro_batches", (double)c->next_mb);
-
-    cJSON *stages = cJSON_AddArrayToObject(j, "stages");
-    for (int s = 0; s < S; s++) {
-        const engine_rank_stat *f = &all->rank[s];
-        cJSON *e = cJSON_CreateObject();
-        char r[32];
-        snprintf(r, sizeof r, "%d-%d", o->plan->st[s].first, o->plan->st[s].last);
-        cJSON_AddNumberToObject(e, "stage", s);
-        cJSON_AddStringToObject(e, "layers", r);
-        /* the page pool: its size, the most pages held at once, pages still held once every
-         * slot was released at the end (0 unless the accounting lost pages); tensor
-         * parallelism: the bytes moved inside the stage's group outside the layers
-         * (micro-batches handed to the group, LM head); weight, KV and RSS bytes are the
-         * leader's (each rank of the group holds about as much) */
-        engine_stats_rank_json(e, f);
-        cJSON_AddNumberToObject(e, "busy_fraction", seconds > 0 ? f->busy_s / seconds : 0);
-        cJSON_AddNumberToObject(e, "kv_bytes_peak", f->kv_pages_peak * f->kv_page_bytes);
-        cJSON_AddNumberToObject(e, "ranks", engine_stage_ranks(&o->plan->st[s]));
-        tp_total += f->tp_io_bytes;
-        cJSON_AddItemToArray(stages, e);
-    }
-    if (o->stats_path && o->progress) {
-        fprintf(stderr, "[modpipe] peak RSS per stage:");
-        for (int s = 0; s < S; s++) {
-            const engine_rank_stat *f = &all->rank[s];
-            fprintf(stderr, "%s %d: %.1f MiB (weights %.1f MiB, KV %.1f MiB)", s ? "," : "", s,
-                    f->peak_rss_bytes / 1048576.0, f->weight_bytes / 1048576.0,
-                    f->kv_bytes_allocated / 1048576.0);
-        }
-        fprintf(stderr, "\n");
-    }
-
-    cJSON *links = cJSON_AddArrayToObject(j, "links");
-    for (int s = 0; s < S; s++) {
-        const double dense_rows = all->rank[s].dense_rows;
-        for (int t = 0; t < S; t++) {
-            const engine_link_stat *ls = &all->link[(size_t)s * S + t];
-            int chain = t == s + 1;
-            if (ls->packets == 0 && !chain) continue;
-            cJSON *e = cJSON_CreateObject();
-            char name[32];
-            snprintf(name, sizeof name, "%d->%d", s, t);
-            const char *kind = chain ? "chain" : (t > s ? "bypass" : "tokens");
-            cJSON_AddStringToObject(e, "link", name);
-            cJSON_AddNumberToObject(e, "from", s);
-            cJSON_AddNumberToObject(e, "to", t);
-            cJSON_AddStringToObject(e, "kind", kind);
-            engine_stats_link_json(e, ls);
-            cJSON_AddNumberToObject(e, "dense_rows", chain ? dense_rows : 0);
-            cJSON_AddNumberToObject(e, "dense_bytes", chain ? dense_rows * D * ws : 0);
-            cJSON_AddItemToArray(links, e);
-            hdr += ls->header_bytes;
-            if (t > s)
-                pay += ls->payload_bytes;
-            else
-                tok_bytes += ls->payload_bytes;
-            if (chain) dense += dense_rows * D * ws;
-        }
-    }
-
-    cJSON *layers = cJSON_AddArrayToObject(j, "layers");
-    double kv = 0, kv_dense = 0, fl = 0, fl_dense = 0;
-    for (int l = 0; l < L; l++) {
-        int s = 0;
-        while (s < S - 1 && l > o->plan->st[s].last) s++;
-        const engine_layer_stat *e = &all->layer[(size_t)s * L + l];
-        cJSON *x = cJSON_CreateObject();
-        cJSON_AddNumberToObject(x, "layer", l);
-        cJSON_AddStringToObject(x, "type", stage_kind_name(cfg->layer_kind[l]));
-        cJSON_AddNumberToObject(x, "stage", s);
-        engine_stats_layer_json(x, e); /* tp_bytes: inside the stage's rank group */
-        cJSON_AddNumberToObject(x, "participation", e->rows > 0 ? e->active_rows / e->rows : 0);
-        cJSON_AddNumberToObject(x, "kv_bytes", e->kv_entries * kvd * 2 * kvs);
-        cJSON_AddNumberToObject(x, "kv_bytes_dense", e->rows * kvd * 2 * kvs);
-        tp_total += e->tp_bytes;
-        cJSON_AddItemToArray(layers, x);
-        kv += e->kv_entries * kvd * 2 * kvs;
-        kv_dense += e->rows * kvd * 2 * kvs;
-        fl += e->flops;
-        fl_dense += e->flops_dense;
-        if (l == 0) rows_total = e->rows;
-    }
-    double wire = hdr + pay + tok_bytes;
-    cJSON *tot = cJSON_AddObjectToObject(j, "total");
-    cJSON_AddNumberToObject(tot, "header_bytes", hdr);
-    cJSON_AddNumberToObject(tot, "payload_bytes", pay);
-    cJSON_AddNumberToObject(tot, "token_bytes", tok_bytes);
-    cJSON_AddNumberToObject(tot, "wire_bytes", wire);
-    cJSON_AddNumberToObject(tot, "dense_bytes", dense);
-    cJSON_AddNumberToObject(tot, "payload_ratio", dense > 0 ? pay / dense : 0);
-    cJSON_AddNumberToObject(tot, "ratio", dense > 0 ? wire / dense : 0);
-    /* bytes moved inside tensor-parallel stage groups (not on pipeline links; 0 without) */
-    cJSON_AddNumberToObject(tot, "tp_bytes", tp_total);
-    cJSON_AddNumberToObject(j, "kv_bytes", kv);
-    cJSON_AddNumberToObject(j, "kv_bytes_dense", kv_dense);
-    cJSON_AddNumberToObject(j, "flops", fl);
-    cJSON_AddNumberToObject(j, "flops_dense", fl_dense);
-    cJSON_AddNumberToObject(j, "rows", rows_total);
-    double ntok = o->progress_tokens ? (double)c->tokens_done : rows_total;
-    cJSON_AddNumberToObject(j, "tokens", ntok);
-    cJSON_AddNumberToObject(j, "seconds", seconds);
-    cJSON_AddNumberToObject(j, "tokens_per_s", seconds > 0 ? ntok / seconds : 0);
-
-    double nll = 0, nn = 0;
-    for (int s = 0; s < S; s++) {
-        nll += all->rank[s].nll_sum;
-        nn += all->rank[s].nll_count;
-    }
-    if (o->report_nll) {
-        cJSON_AddNumberToObject(j, "mean_nll", nn > 0 ? nll / nn : 0);
-        cJSON_AddNumberToObject(j, "perplexity", nn > 0 ? exp(nll / nn) : 0);
-    }
-    res->nll_sum = nll;
-    res->nll_count = (long)nn;
-    res->wire_bytes = wire;
-    res->dense_bytes = dense;
-    res->payload_bytes = pay;
-    res->header_bytes = hdr;
-
-    if (o->stats_path) {
-        char *txt = cJSON_Print(j);
-        FILE *f = fopen(o->stats_path, "w");
-        if (!f || !txt || fputs(txt, f) < 0 || fputc('\n', f) == EOF)
-            fprintf(stderr, "modpipe: cannot write stats file %s\n", o->stats_path);
-        if (f) fclose(f);
-        free(txt);
-    }
-    cJSON_Delete(j);
-}
-
-/* ========================================================================================
- * Set-up and the run
- * ===================================================================================== */
-
-/* ========================================================================================
- * Open / close
- * ===================================================================================== */
+/* ---- Open / close ---------------------------------------------------------------------------- */
 
 static void loop_free(engine_loop *c)
 {
@@ -923,7 +638,7 @@ static void loop_free(engine_loop *c)
     free(c->dump);
     free(c->tok_by_row);
     if (c->fl) {
-        for (int i = 0; i < c->o.max_in_flight; i++) stage_batch_free(&c->fl[i]);
+        for (int i = 0; i < c->o.pipe.max_in_flight; i++) stage_batch_free(&c->fl[i]);
         free(c->fl);
     }
     free(c->rep_in);
@@ -941,8 +656,8 @@ static void loop_free(engine_loop *c)
 static int loop_init(engine_loop *c, char *err, size_t errlen)
 {
     const engine_loop_opts *o = &c->o;
-    const stage_config *cfg = o->cfg;
-    const engine_stage_plan *me = &o->plan->st[c->rank];
+    const stage_config *cfg = o->pipe.cfg;
+    const engine_stage_plan *me = &o->pipe.plan->st[c->rank];
     c->D = cfg->hidden;
     c->V = cfg->vocab;
     c->head = c->S - 1;
@@ -951,9 +666,9 @@ static int loop_init(engine_loop *c, char *err, size_t errlen)
         snprintf(err, errlen, "at most 64 stages are supported");
         return -1;
     }
-    if (o->slots < 1 || o->ctx < 1 || o->max_in_flight < 1) {
+    if (o->slots < 1 || o->ctx < 1 || o->pipe.max_in_flight < 1) {
         snprintf(err, errlen, "slots %d, ctx %d, max_in_flight %d: each must be >= 1", o->slots,
-                 o->ctx, o->max_in_flight);
+                 o->ctx, o->pipe.max_in_flight);
         return -1;
     }
     if (o->ctx > cfg->max_pos) {
@@ -963,14 +678,17 @@ static int loop_init(engine_loop *c, char *err, size_t errlen)
     /* the embedding lookup is the leader's; every rank of a tensor-parallel head holds its
      * slice of lm_head */
     stage_range r = {me->first, me->last, c->rank == 0 && !c->follower, c->rank == c->S - 1};
-    if (stage_model_load_tp(o->model_dir, cfg, r, o->weights_dtype, c->tp, &c->m, err, errlen))
+    if (stage_model_load_tp(o->pipe.model_dir, cfg, r, o->pipe.weights_dtype, c->tp, &c->m, err,
+                            errlen))
         return -1;
     /* KV pool budget (docs/SPEC.md §11): --kv-mem, else what --mem-per-rank leaves after the
      * planner's weights and workspace of this stage (one rank per stage), else every position */
-    stage_kv_opts kv = o->kv;
-    if (!kv.mem_bytes && o->plan->have_mem && o->plan->mem.mem_per_rank && me->ranks <= 1) {
+    stage_kv_opts kv = o->pipe.kv;
+    if (!kv.mem_bytes && o->pipe.plan->have_mem && o->pipe.plan->mem.mem_per_rank &&
+        me->ranks <= 1) {
         size_t used = me->weight_bytes + me->work_bytes;
-        if (o->plan->mem.mem_per_rank > used) kv.mem_bytes = o->plan->mem.mem_per_rank - used;
+        if (o->pipe.plan->mem.mem_per_rank > used)
+            kv.mem_bytes = o->pipe.plan->mem.mem_per_rank - used;
     }
     c->st = stage_state_init_kv(c->m, o->slots, c->R, o->ctx, &kv, err, errlen);
     if (!c->st) return -1;
@@ -979,8 +697,8 @@ static int loop_init(engine_loop *c, char *err, size_t errlen)
     stage_state_kv_soft(c->st, o->serve);
     if (c->follower) return 0; /* no pipeline links, no scheduler: the leader's */
     c->pkt_max = comm_packet_max_bytes(c->R, c->D, c->S);
-    int n_bufs = o->max_in_flight * c->S + 4;
-    c->links = comm_links_init(c->comm, c->S, c->pkt_max, n_bufs, o->timeout_s);
+    int n_bufs = o->pipe.max_in_flight * c->S + 4;
+    c->links = comm_links_init(c->comm, c->S, c->pkt_max, n_bufs, o->pipe.timeout_s);
     c->unp = comm_unpacker_init(c->R, c->S);
     if (c->links) stage_state_set_progress(c->st, progress_cb, c->links);
     const size_t R = (size_t)c->R, D = (size_t)c->D, V = (size_t)c->V, S = (size_t)c->S;
@@ -1036,9 +754,10 @@ static int loop_init(engine_loop *c, char *err, size_t errlen)
     if (ok && c->rank == 0) {
         c->tbuf = malloc(c->pkt_max);
         c->tok_by_row = calloc(R, sizeof *c->tok_by_row);
-        c->fl = calloc((size_t)o->max_in_flight, sizeof *c->fl);
+        c->fl = calloc((size_t)o->pipe.max_in_flight, sizeof *c->fl);
         ok = c->tbuf && c->tok_by_row && c->fl;
-        for (int i = 0; ok && i < o->max_in_flight; i++) ok = !stage_batch_init(&c->fl[i], c->R);
+        for (int i = 0; ok && i < o->pipe.max_in_flight; i++)
+            ok = !stage_batch_init(&c->fl[i], c->R);
         c->rep_in = calloc(S * (size_t)c->rep_len, 8);
         c->rep_tab = calloc(S * (size_t)c->rep_len, 8);
         c->rep_req = malloc(S * sizeof *c->rep_req);
@@ -1079,7 +798,7 @@ int engine_loop_open(MPI_Comm comm, const engine_loop_opts *o, const engine_sche
         c->rank = rank;
         c->S = size;
         /* identical inputs on every rank: a topology error is the same everywhere */
-        rc = engine_topo_init(&topo, o->plan, size, o->cfg, myerr, sizeof myerr);
+        rc = engine_topo_init(&topo, o->pipe.plan, size, o->pipe.cfg, myerr, sizeof myerr);
         if (!rc && topo.tp) {
             int g, s = engine_topo_stage_of(&topo, rank, &g);
             MPI_Comm_split(comm, s, rank, &c->group);
@@ -1133,7 +852,7 @@ int engine_loop_close(engine_loop *c, engine_loop_result *res, char *err, size_t
                              .receiver = 1,
                              .mb_rows = 0,
                              .n_rows = 0,
-                             .dtype = c->o.wire,
+                             .dtype = c->o.pipe.wire,
                              .present = c->masks};
             send_packet(c, &h, NULL, 1, TAG_CHAIN);
         }
@@ -1169,19 +888,19 @@ int engine_loop_close(engine_loop *c, engine_loop_result *res, char *err, size_t
     }
     MPI_Bcast(&dump_ok, 1, MPI_INT, c->head, c->comm);
 
-    const int L = c->o.cfg->n_layers;
+    const int L = c->o.pipe.cfg->n_layers;
     engine_rank_stat mine;
     engine_link_stat *links = malloc((size_t)c->S * sizeof *links);
     engine_layer_stat *layers = malloc((size_t)L * sizeof *layers);
     if (!links || !layers) COMM_FATAL("out of memory");
-    stats_fill(c, &mine, links, layers);
+    engine_loop_stats_fill(c, &mine, links, layers);
     engine_stats all;
     if (engine_stats_gather(c->comm, &mine, links, layers, L, &all))
         COMM_FATAL("out of memory (gathering the stats)");
     if (c->rank == 0) {
         engine_loop_result r;
         memset(&r, 0, sizeof r);
-        report(c, &all, seconds, &r);
+        engine_loop_report(c, &all, seconds, &r);
         r.seconds = seconds;
         r.tokens = c->tokens_done;
         if (res) *res = r;

@@ -39,36 +39,44 @@
 #include "stage/config.h"
 #include "stage/stage.h"
 
-/* ---- the loop -------------------------------------------------------------------------- */
+/* ---- the loop -------------------------------------------------------------------------------- */
 
 typedef enum { ENGINE_DUMP_BY_STEP = 0, ENGINE_DUMP_BY_POS } engine_dump_index;
 
+/* How the pipeline runs, shared by every command that runs it (generate, eval, serve): read
+ * once from the option table (cli/plan.h cli_pipe_opts_read) and embedded, not copied field
+ * by field, in engine_run_opts (engine/batch.h), serve_loop_opts (serve/loop.h) and
+ * engine_loop_opts below. */
 typedef struct {
     const char *model_dir;
     const stage_config *cfg;
     const engine_plan *plan; /* its stages' ranks add up to the ranks of comm */
-    int slots, ctx;          /* KV slots x positions per slot */
     stage_kv_opts kv;        /* the paged pool: page size, byte budget (0: defaults, stage.h) */
-    int max_rows;            /* the most rows a micro-batch will have (workspace) */
-    int max_in_flight;       /* micro-batches in flight (>= 1) */
+    int micro_batch;         /* most rows the scheduler puts in a micro-batch (R) */
+    int max_in_flight;       /* micro-batches in flight (>= 1; 0 before the plan fills it) */
     stage_dtype wire;
     int weights_dtype;   /* stage_dtype the weight matrices are held in; -1: as stored */
     int dense_transport; /* baseline: every row on every chain link (same compute) */
     double timeout_s;    /* longest wait for a peer while work is in flight */
-    int serve;           /* server: ranks may idle without the timeout; ranks > 0
-                                 * report their link counters to rank 0 (at most twice a
-                                 * second, on link s -> 0, counted there) */
+    int progress;        /* rank 0 prints progress lines on stderr */
+} engine_pipe_opts;
+
+typedef struct {
+    engine_pipe_opts pipe;
+    int slots, ctx; /* KV slots x positions per slot */
+    int max_rows;   /* the most rows a micro-batch will have (workspace) */
+    int serve;      /* server: ranks may idle without the timeout; ranks > 0
+                     * report their link counters to rank 0 (at most twice a
+                     * second, on link s -> 0, counted there) */
     /* --dump-logits (head): [dump_seqs][dump_len][vocab] float32, NaN where nothing was
      * computed; row seq, column step or pos (dump_index). NULL: none. */
     const char *dump_path;
     engine_dump_index dump_index;
     int dump_seqs, dump_len;
-    int progress;           /* rank 0 prints progress lines on stderr */
-    long progress_total;    /* tokens (or micro-batches) expected, for those lines */
+    long progress_total;    /* tokens (or micro-batches) expected, for the progress lines */
     int progress_tokens;    /* 1: count sampled tokens, 0: micro-batches */
     const char *stats_path; /* --stats (rank 0; NULL: none) */
     const char *command;    /* for the stats file */
-    int micro_batch;        /* for the stats file */
     int report_nll;         /* the stats file has mean_nll / perplexity (eval) */
 } engine_loop_opts;
 

@@ -65,7 +65,7 @@ typedef struct {
     void (*kv)(void *self, const engine_kv_report *k, int n_stages); /* with links; may be NULL */
 } engine_sched_ops;
 
-/* ---- slot pool (rank 0 bookkeeping) ---- */
+/* ---- slot pool (rank 0 bookkeeping) ---------------------------------------------------------- */
 typedef struct {
     int n;          /* slots */
     int *free_list; /* [n] free slots, lowest first out */

@@ -11,6 +11,8 @@
 //             TTFT p50 / mean, prefix cache hits; then the holder is cancelled
 //   overload  N streams at once (preemptions expected), then each again alone; outputs compared
 // Prompts are seeded pseudo-random ids (< 500, every tokenizer here has them); greedy, ignore_eos.
+import { now, pct, stream, xorshift } from "./serve-client.mjs";
+
 const argv = process.argv.slice(2);
 const mode = argv.shift();
 const args = {};
@@ -28,13 +30,8 @@ if (!url || !["probe", "burst", "ttft", "overload"].includes(mode)) {
 }
 const N = +(args.n || 1), P = +(args["prompt-len"] || 1008), O = +(args["output-len"] || 16);
 const L = +(args["prefix-len"] || 512);
-let st = BigInt(args.seed || 1) | 1n;
-function rnd() {
-  st ^= st >> 12n; st ^= (st << 25n) & 0xffffffffffffffffn; st ^= st >> 27n;
-  return Number(((st * 2685821657736338717n) & 0xffffffffffffffffn) >> 11n) / 2 ** 53;
-}
+const rnd = xorshift(args.seed);
 const ids = n => Array.from({ length: n }, () => 3 + Math.floor(rnd() * 497));
-const now = () => Number(process.hrtime.bigint()) / 1e9;
 
 async function metrics() {
   const t = await (await fetch(`${url}/metrics`)).text();
@@ -51,44 +48,14 @@ async function metrics() {
 
 // one streaming completion: token ids and TTFT; signal aborts it (the holder)
 async function one(prompt, olen, signal) {
-  const body = JSON.stringify({ model: "m", prompt, max_tokens: olen, ignore_eos: true,
-                                temperature: 0, stream: true });
-  const t0 = now();
-  let res;
-  try {
-    res = await fetch(`${url}/v1/completions?return_token_ids=1`, {
-      method: "POST", headers: { "Content-Type": "application/json" }, body, signal });
-  } catch (e) { return { ok: false, error: String(e) }; }
-  if (res.status !== 200) return { ok: false, status: res.status, error: await res.text() };
-  const dec = new TextDecoder();
-  let buf = "", tfirst = 0;
   const toks = [];
-  try {
-    for await (const chunk of res.body) {
-      const t = now();
-      buf += dec.decode(chunk, { stream: true });
-      let k;
-      while ((k = buf.indexOf("\n\n")) >= 0) {
-        const ev = buf.slice(0, k);
-        buf = buf.slice(k + 2);
-        if (!ev.startsWith("data: ") || ev === "data: [DONE]") continue;
-        const j = JSON.parse(ev.slice(6));
-        if (j.error) return { ok: false, error: JSON.stringify(j.error) };
-        const c = j.choices && j.choices[0];
-        if (!c || !c.token_ids || !c.token_ids.length) continue;
-        if (!toks.length) tfirst = t;
-        toks.push(...c.token_ids);
-      }
-    }
-  } catch (e) { if (!signal || !signal.aborted) return { ok: false, error: String(e) }; }
-  return { ok: true, toks, ttft: tfirst - t0 };
+  let tfirst = 0;
+  const r = await stream(url, { model: "m", prompt, max_tokens: olen, ignore_eos: true,
+                                temperature: 0, stream: true },
+                         { signal, onTokens: (t, ids) => { if (!toks.length) tfirst = t; toks.push(...ids); } });
+  return r.ok ? { ok: true, toks, ttft: tfirst - r.t0 } : r;
 }
 
-function pct(xs, p) {
-  const a = [...xs].sort((x, y) => x - y);
-  const r = (p / 100) * (a.length - 1), lo = Math.floor(r), hi = Math.ceil(r);
-  return a[lo] + (a[hi] - a[lo]) * (r - lo);
-}
 const out = o => console.log(JSON.stringify(o));
 
 async function burst(prompts, olen) {

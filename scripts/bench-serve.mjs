@@ -18,6 +18,7 @@
 // p50 / p99 / mean of each, and the bytes the pipeline links sent (with what a dense pipeline
 // would have) during the level, from /metrics. One CSV row per level: the tag's values first.
 import { appendFileSync, existsSync, readFileSync, writeFileSync } from "node:fs";
+import { now, pct, stream, xorshift } from "./serve-client.mjs";
 
 const args = Object.fromEntries((() => {
   const a = process.argv.slice(2), out = [];
@@ -35,13 +36,7 @@ const levels = args.rate ? [{ mode: "rate", value: +args.rate }]
   : (args.concurrency || "1,4,16,64").split(",").map(v => ({ mode: "concurrency", value: +v }));
 const tag = (args.tag || "").split(",").filter(Boolean).map(kv => kv.split("="));
 
-// xorshift64*: reproducible prompts and arrival times
-let st = BigInt(args.seed || 1) | 1n;
-function rnd() {
-  st ^= st >> 12n; st ^= (st << 25n) & 0xffffffffffffffffn; st ^= st >> 27n;
-  return Number(((st * 2685821657736338717n) & 0xffffffffffffffffn) >> 11n) / 2 ** 53;
-}
-const now = () => Number(process.hrtime.bigint()) / 1e9;
+const rnd = xorshift(args.seed); // reproducible prompts and arrival times
 
 async function metrics() {
   const t = await (await fetch(`${url}/metrics`, { headers: auth() })).text();
@@ -66,43 +61,22 @@ async function vocab() {
 }
 
 async function one(prompt) {
-  const body = JSON.stringify({ model: "m", prompt, max_tokens: olen, ignore_eos: true, temperature: 0,
-                                stream: true, stream_options: { include_usage: true } });
-  const t0 = now();
-  const res = await fetch(`${url}/v1/completions?return_token_ids=1`, {
-    method: "POST", headers: { "Content-Type": "application/json", ...auth() }, body });
-  if (res.status !== 200) return { ok: false, status: res.status, t0, t1: now() };
-  const dec = new TextDecoder();
-  let buf = "", ntok = 0, tfirst = 0, tlast = 0;
+  let ntok = 0, tfirst = 0, tlast = 0;
   const itl = [];
-  for await (const chunk of res.body) {
-    const t = now();
-    buf += dec.decode(chunk, { stream: true });
-    let k;
-    while ((k = buf.indexOf("\n\n")) >= 0) {
-      const ev = buf.slice(0, k);
-      buf = buf.slice(k + 2);
-      if (!ev.startsWith("data: ") || ev === "data: [DONE]") continue;
-      const j = JSON.parse(ev.slice(6));
-      const c = j.choices && j.choices[0];
-      const n = c && c.token_ids ? c.token_ids.length : 0;
-      if (!n) continue;
-      if (!ntok) tfirst = t;
-      else for (let i = 0; i < n; i++) itl.push((t - tlast) / n);
-      ntok += n;
-      tlast = t;
-    }
-  }
-  return { ok: true, t0, t1: now(), ntok, ttft: tfirst - t0,
+  const r = await stream(url, { model: "m", prompt, max_tokens: olen, ignore_eos: true, temperature: 0,
+                                stream: true, stream_options: { include_usage: true } },
+                         { headers: auth(), onTokens: (t, ids) => {
+                           const n = ids.length;
+                           if (!ntok) tfirst = t;
+                           else for (let i = 0; i < n; i++) itl.push((t - tlast) / n);
+                           ntok += n;
+                           tlast = t;
+                         } });
+  if (!r.ok) return { ok: false, status: r.status, t0: r.t0, t1: now() };
+  return { ok: true, t0: r.t0, t1: now(), ntok, ttft: tfirst - r.t0,
            tpot: ntok > 1 ? (tlast - tfirst) / (ntok - 1) : NaN, itl };
 }
 
-function pct(xs, p) {
-  const a = xs.filter(x => Number.isFinite(x)).sort((x, y) => x - y);
-  if (!a.length) return NaN;
-  const r = (p / 100) * (a.length - 1), lo = Math.floor(r), hi = Math.ceil(r);
-  return a[lo] + (a[hi] - a[lo]) * (r - lo);
-}
 const mean = xs => xs.length ? xs.reduce((s, x) => s + x, 0) / xs.length : NaN;
 const ms = x => (1000 * x).toFixed(3);
 

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "base/file.h"
+#include "serve/sbuf.h"
 #include "serve/serve.h"
 
 typedef enum { CT_CHATML, CT_LLAMA2, CT_LLAMA3, CT_MISTRAL, CT_ZEPHYR, CT_PLAIN } ct_kind;
@@ -81,65 +82,41 @@ const serve_chat_template *serve_chat_detect(const char *model_dir)
     return t;
 }
 
-typedef struct {
-    char *p;
-    size_t n, cap;
-    int oom;
-} sbuf;
-
-static void put(sbuf *b, const char *s)
-{
-    size_t k = strlen(s);
-    if (b->oom) return;
-    if (b->n + k + 1 > b->cap) {
-        size_t cap = (b->n + k + 1) * 2;
-        char *q = realloc(b->p, cap);
-        if (!q) {
-            b->oom = 1;
-            return;
-        }
-        b->p = q;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->n, s, k + 1);
-    b->n += k;
-}
-
 char *serve_chat_apply(const serve_chat_template *t, const serve_msg *m, int n)
 {
-    sbuf b = {0};
-    put(&b, "");
+    sb b = {0};
+    sb_str(&b, "");
     ct_kind k = t ? t->kind : CT_PLAIN;
     switch (k) {
     case CT_CHATML:
         for (int i = 0; i < n; i++) {
-            put(&b, "<|im_start|>");
-            put(&b, m[i].role);
-            put(&b, "\n");
-            put(&b, m[i].content);
-            put(&b, "<|im_end|>\n");
+            sb_str(&b, "<|im_start|>");
+            sb_str(&b, m[i].role);
+            sb_str(&b, "\n");
+            sb_str(&b, m[i].content);
+            sb_str(&b, "<|im_end|>\n");
         }
-        put(&b, "<|im_start|>assistant\n");
+        sb_str(&b, "<|im_start|>assistant\n");
         break;
     case CT_LLAMA3:
         for (int i = 0; i < n; i++) {
-            put(&b, "<|start_header_id|>");
-            put(&b, m[i].role);
-            put(&b, "<|end_header_id|>\n\n");
-            put(&b, m[i].content);
-            put(&b, "<|eot_id|>");
+            sb_str(&b, "<|start_header_id|>");
+            sb_str(&b, m[i].role);
+            sb_str(&b, "<|end_header_id|>\n\n");
+            sb_str(&b, m[i].content);
+            sb_str(&b, "<|eot_id|>");
         }
-        put(&b, "<|start_header_id|>assistant<|end_header_id|>\n\n");
+        sb_str(&b, "<|start_header_id|>assistant<|end_header_id|>\n\n");
         break;
     case CT_ZEPHYR:
         for (int i = 0; i < n; i++) {
-            put(&b, "<|");
-            put(&b, m[i].role);
-            put(&b, "|>\n");
-            put(&b, m[i].content);
-            put(&b, "</s>\n");
+            sb_str(&b, "<|");
+            sb_str(&b, m[i].role);
+            sb_str(&b, "|>\n");
+            sb_str(&b, m[i].content);
+            sb_str(&b, "</s>\n");
         }
-        put(&b, "<|assistant|>\n");
+        sb_str(&b, "<|assistant|>\n");
         break;
     case CT_LLAMA2: {
         /* [INST] <<SYS>>\nsys\n<</SYS>>\n\nuser [/INST] answer </s><s>[INST] user [/INST] */
@@ -152,35 +129,35 @@ char *serve_chat_apply(const serve_chat_template *t, const serve_msg *m, int n)
                 continue;
             }
             if (!strcmp(m[i].role, "user")) {
-                if (open) put(&b, " [/INST]");
-                if (!first && !open) put(&b, "<s>");
-                put(&b, "[INST] ");
+                if (open) sb_str(&b, " [/INST]");
+                if (!first && !open) sb_str(&b, "<s>");
+                sb_str(&b, "[INST] ");
                 if (sys) {
-                    put(&b, "<<SYS>>\n");
-                    put(&b, sys);
-                    put(&b, "\n<</SYS>>\n\n");
+                    sb_str(&b, "<<SYS>>\n");
+                    sb_str(&b, sys);
+                    sb_str(&b, "\n<</SYS>>\n\n");
                     sys = NULL;
                 }
-                put(&b, m[i].content);
+                sb_str(&b, m[i].content);
                 open = 1;
             } else { /* assistant */
-                if (open) put(&b, " [/INST]");
-                put(&b, " ");
-                put(&b, m[i].content);
-                put(&b, " </s>");
+                if (open) sb_str(&b, " [/INST]");
+                sb_str(&b, " ");
+                sb_str(&b, m[i].content);
+                sb_str(&b, " </s>");
                 open = 0;
             }
             first = 0;
         }
         if (sys) { /* a system message with no user turn after it */
-            if (!first && !open) put(&b, "<s>");
-            if (!open) put(&b, "[INST] ");
-            put(&b, "<<SYS>>\n");
-            put(&b, sys);
-            put(&b, "\n<</SYS>>\n\n");
+            if (!first && !open) sb_str(&b, "<s>");
+            if (!open) sb_str(&b, "[INST] ");
+            sb_str(&b, "<<SYS>>\n");
+            sb_str(&b, sys);
+            sb_str(&b, "\n<</SYS>>\n\n");
             open = 1;
         }
-        if (open) put(&b, " [/INST]");
+        if (open) sb_str(&b, " [/INST]");
         break;
     }
     case CT_MISTRAL: {
@@ -194,31 +171,31 @@ char *serve_chat_apply(const serve_chat_template *t, const serve_msg *m, int n)
         for (int i = 0; i < n; i++) {
             if (!strcmp(m[i].role, "system")) continue;
             if (!strcmp(m[i].role, "user")) {
-                put(&b, "[INST] ");
+                sb_str(&b, "[INST] ");
                 if (sys && !sys_done) {
-                    put(&b, sys);
-                    put(&b, "\n\n");
+                    sb_str(&b, sys);
+                    sb_str(&b, "\n\n");
                 }
                 sys_done = 1;
-                put(&b, m[i].content);
-                put(&b, " [/INST]");
+                sb_str(&b, m[i].content);
+                sb_str(&b, " [/INST]");
             } else {
-                put(&b, m[i].content);
-                put(&b, "</s>");
+                sb_str(&b, m[i].content);
+                sb_str(&b, "</s>");
             }
         }
         if (sys && !sys_done) { /* a system message and no user turn */
-            put(&b, "[INST] ");
-            put(&b, sys);
-            put(&b, " [/INST]");
+            sb_str(&b, "[INST] ");
+            sb_str(&b, sys);
+            sb_str(&b, " [/INST]");
         }
         break;
     }
     case CT_PLAIN:
         /* no roles: the contents, one per line (a completion model continues the text) */
         for (int i = 0; i < n; i++) {
-            if (i) put(&b, "\n");
-            put(&b, m[i].content);
+            if (i) sb_str(&b, "\n");
+            sb_str(&b, m[i].content);
         }
         break;
     }

@@ -20,9 +20,7 @@
 
 #include "serve/http_impl.h"
 
-/* ========================================================================================
- * Endpoints
- * ===================================================================================== */
+/* ---- Endpoints ------------------------------------------------------------------------------- */
 
 /* A body with more JSON values than a prompt of ctx tokens can need is refused before it is
  * parsed: parsing costs a cJSON node per value. Chat messages take a few values each. */
@@ -476,9 +474,7 @@ static enum MHD_Result do_models(serve_server *s, struct MHD_Connection *c)
     return r;
 }
 
-/* ========================================================================================
- * Routing
- * ===================================================================================== */
+/* ---- Routing --------------------------------------------------------------------------------- */
 
 static const struct {
     const char *path;
@@ -663,9 +659,7 @@ static void completed(void *cls, struct MHD_Connection *c, void **req_cls,
     *req_cls = NULL;
 }
 
-/* ========================================================================================
- * Start / stop
- * ===================================================================================== */
+/* ---- Start / stop ---------------------------------------------------------------------------- */
 
 static void on_connection(void *cls, struct MHD_Connection *c, void **socket_context,
                           enum MHD_ConnectionNotificationCode toe)
@@ -824,9 +818,7 @@ void serve_server_free(serve_server *s)
     free(s);
 }
 
-/* ========================================================================================
- * Signals
- * ===================================================================================== */
+/* ---- Signals --------------------------------------------------------------------------------- */
 
 static int sig_pipe[2] = {-1, -1};
 

@@ -12,9 +12,7 @@
 
 #include "serve/http_impl.h"
 
-/* ========================================================================================
- * gen: lifetime and the pipeline callbacks
- * ===================================================================================== */
+/* ---- gen: lifetime and the pipeline callbacks ------------------------------------------------ */
 
 void gen_free(gen *g)
 {
@@ -87,9 +85,7 @@ void gen_on_done(void *arg, srvq_finish why, int n_prompt, int n_generated, cons
     gen_unref(g);
 }
 
-/* ========================================================================================
- * gen: turning tokens into output (connection thread)
- * ===================================================================================== */
+/* ---- gen: turning tokens into output (connection thread) ------------------------------------- */
 
 void chunk_head(gen *g, sb *b)
 {

@@ -20,23 +20,10 @@
 #include <sys/types.h>
 
 #include "base/clock.h"
+#include "serve/sbuf.h"
 #include "serve/serve.h"
 
-/* ---- a growable byte buffer: oom sticks (later adds are dropped) ---- */
-typedef struct {
-    char *p; /* [cap] */
-    size_t n, cap;
-    int oom;
-} sb;
-
-void sb_add(sb *b, const char *s, size_t k);
-void sb_str(sb *b, const char *s);
-void sb_fmt(sb *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-void sb_free(sb *b);
-/* A JSON string literal of s[0..n); invalid UTF-8 bytes become U+FFFD. */
-void sb_json(sb *b, const char *s, size_t n);
-
-/* ---- latency histograms and status counts for /metrics ---- */
+/* ---- latency histograms and status counts for /metrics --------------------------------------- */
 #define N_BUCKETS 14
 typedef struct {
     uint64_t count[N_BUCKETS + 1]; /* [N_BUCKETS + 1]: per bucket (not cumulative), last = +Inf */
@@ -129,7 +116,7 @@ typedef struct {
     gen *g; /* a streaming response's request, released on completion */
 } conn_ctx;
 
-/* ---- replies (http_util.c) and generation requests (http_gen.c) ---- */
+/* ---- replies (http_util.c) and generation requests (http_gen.c) ------------------------------ */
 void count_status(serve_server *s, int status);
 enum MHD_Result reply(serve_server *s, struct MHD_Connection *c, int status, const char *ctype,
                       const char *body, size_t len, const char *h1, const char *v1);

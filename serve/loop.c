@@ -22,8 +22,8 @@ static int needs_whole_prompts(const stage_config *c, int *topk)
 int serve_loop_rows(const serve_loop_opts *o, int *whole)
 {
     int topk = 0;
-    *whole = needs_whole_prompts(o->cfg, &topk);
-    return *whole && o->ctx > o->micro_batch ? o->ctx : o->micro_batch;
+    *whole = needs_whole_prompts(o->pipe.cfg, &topk);
+    return *whole && o->ctx > o->pipe.micro_batch ? o->ctx : o->pipe.micro_batch;
 }
 
 int serve_loop_run(MPI_Comm comm, const serve_loop_opts *o, srvq *q, void (*ready)(void *),
@@ -44,10 +44,11 @@ int serve_loop_run(MPI_Comm comm, const serve_loop_opts *o, srvq *q, void (*read
                 snprintf(why, sizeof why, "the queue has %d slots, the pipeline %d", st.slots,
                          o->slots);
                 bad = why;
-            } else if (srvq_sched_config(q, o->micro_batch, whole, max_rows)) {
+            } else if (srvq_sched_config(q, o->pipe.micro_batch, whole, max_rows)) {
                 bad = "out of memory";
             } else {
-                srvq_sched_groups(q, o->decode_groups > 0 ? o->decode_groups : o->plan->n_stages);
+                srvq_sched_groups(q,
+                                  o->decode_groups > 0 ? o->decode_groups : o->pipe.plan->n_stages);
             }
         }
     }
@@ -63,38 +64,31 @@ int serve_loop_run_ops(MPI_Comm comm, const serve_loop_opts *o, const char *bad0
     int rank;
     MPI_Comm_rank(comm, &rank);
     int topk = 0, whole;
-    needs_whole_prompts(o->cfg, &topk);
+    needs_whole_prompts(o->pipe.cfg, &topk);
     int max_rows = serve_loop_rows(o, &whole);
     /* every rank checks the same options: the errors agree */
     const char *bad = bad0;
     char why[256] = "";
     if (!bad && topk)
         bad = "the model uses topk routing, which is non-causal: it cannot decode token by token";
-    else if (!bad && (o->slots < 1 || o->ctx < 2 || o->micro_batch < 1 || o->max_in_flight < 1)) {
+    else if (!bad &&
+             (o->slots < 1 || o->ctx < 2 || o->pipe.micro_batch < 1 || o->pipe.max_in_flight < 1)) {
         snprintf(why, sizeof why,
                  "slots %d, ctx %d, micro-batch %d, max-in-flight %d: slots, "
                  "micro-batch and max-in-flight must be >= 1, ctx >= 2",
-                 o->slots, o->ctx, o->micro_batch, o->max_in_flight);
+                 o->slots, o->ctx, o->pipe.micro_batch, o->pipe.max_in_flight);
         bad = why;
     }
     engine_loop_opts lo = {
-        .model_dir = o->model_dir,
-        .cfg = o->cfg,
-        .plan = o->plan,
+        .pipe = o->pipe,
         .slots = o->slots,
         .ctx = o->ctx,
-        .kv = o->kv,
         .max_rows = max_rows,
-        .max_in_flight = o->max_in_flight,
-        .wire = o->wire,
-        .weights_dtype = o->weights_dtype,
-        .dense_transport = o->dense_transport,
-        .timeout_s = o->timeout_s,
         .serve = 1,
         .command = "serve",
-        .micro_batch = o->micro_batch,
         .progress_tokens = 1,
     };
+    lo.pipe.progress = 0; /* a server logs requests, not a batch job's progress lines */
     engine_loop *L = NULL;
     int rc;
     if (bad) {

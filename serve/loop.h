@@ -31,6 +31,7 @@
 #include <stddef.h>
 
 #include "engine/partition.h"
+#include "engine/pipeline.h"
 #include "engine/sched.h"
 #include "serve/queue.h"
 #include "comm/comm.h"
@@ -38,18 +39,11 @@
 #include "stage/stage.h"
 
 typedef struct {
-    const char *model_dir;
-    const stage_config *cfg;
-    const engine_plan *plan; /* n_stages == ranks of comm */
-    int slots, ctx;          /* KV slots x positions per slot (must equal the srvq's) */
-    stage_kv_opts kv;        /* --kv-page / --kv-mem (0: defaults, stage/stage.h) */
-    int micro_batch;         /* most rows a micro-batch (R) */
-    int max_in_flight;       /* micro-batches in flight (>= 1; e.g. 2 x stages) */
-    int decode_groups;       /* the queue's decode groups (0: one per stage) */
-    stage_dtype wire;
-    int weights_dtype; /* stage_dtype the weight matrices are held in; -1: as stored */
-    int dense_transport;
-    double timeout_s; /* peer timeout while work is in flight */
+    engine_pipe_opts pipe; /* model, plan (n_stages == ranks of comm), micro-batch (R),
+                            * in flight (>= 1; e.g. 2 x stages), KV pool, dtypes, transport,
+                            * peer timeout; its progress is not used (the server logs) */
+    int slots, ctx;        /* KV slots x positions per slot (must equal the srvq's) */
+    int decode_groups;     /* the queue's decode groups (0: one per stage) */
 } serve_loop_opts;
 
 int serve_loop_run(MPI_Comm comm, const serve_loop_opts *o, srvq *q, void (*ready)(void *),

@@ -11,7 +11,7 @@
 
 #include "serve/queue_impl.h"
 
-/* ---- scheduler side (pipeline thread) ------------------------------------------------- */
+/* ---- scheduler side (pipeline thread) -------------------------------------------------------- */
 
 int srvq_sched_config(srvq *q, int micro_batch, int whole_prompts, int max_rows)
 {
@@ -235,7 +235,7 @@ static void add_row(stage_batch *mb, rq *r, int32_t pos, int32_t tok, uint8_t fl
     }
 }
 
-/* ---- decode groups (policy step 2, serve/queue_sched.h) ---- */
+/* ---- decode groups (policy step 2, serve/queue_sched.h) -------------------------------------- */
 #define MAX_GROUPS 64
 
 static int decoding(const rq *r) { return r->n_prefilled == r->n_fill; }

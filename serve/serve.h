@@ -29,7 +29,7 @@
 #include "serve/queue.h"
 #include "tok/tok.h"
 
-/* ---- 1. request parser ------------------------------------------------------------------ */
+/* ---- 1. request parser ----------------------------------------------------------------------- */
 
 typedef enum {
     SERVE_REQ_COMPLETION = 0, /* POST /v1/completions */
@@ -81,7 +81,7 @@ void serve_request_free(serve_request *r);
  * parsed, since every parsed value costs a cJSON node (~64 bytes). */
 long serve_json_values(const char *json, size_t len);
 
-/* ---- 2. chat templates ------------------------------------------------------------------ */
+/* ---- 2. chat templates ----------------------------------------------------------------------- */
 
 /* Names: "chatml", "llama2", "llama3", "mistral", "zephyr", "plain" (see README). */
 typedef struct serve_chat_template serve_chat_template;
@@ -108,7 +108,7 @@ int serve_chat_bos(const serve_chat_template *t, const tok_tokenizer *tok, int32
 /* The end-of-turn marker that also ends generation (e.g. "<|im_end|>"), or NULL. */
 const char *serve_chat_end_marker(const serve_chat_template *t);
 
-/* ---- 3. the server ---------------------------------------------------------------------- */
+/* ---- 3. the server --------------------------------------------------------------------------- */
 
 typedef struct {
     const char *host;                /* bind address (default "127.0.0.1") */

@@ -89,7 +89,7 @@ static int parse_family(stage_cfg_ctx *c, const cJSON *root, stage_config *cfg)
     return 0;
 }
 
-/* ---- RoPE scaling ------------------------------------------------------------------------ */
+/* ---- RoPE scaling ---------------------------------------------------------------------------- */
 
 static int rope_number(stage_cfg_ctx *c, const cJSON *o, const char *pfx, const char *key,
                        double *out)
@@ -212,7 +212,7 @@ void stage_arch_inv_freq(const stage_config *c, float *inv_freq)
     }
 }
 
-/* ---- sliding windows --------------------------------------------------------------------- */
+/* ---- sliding windows ------------------------------------------------------------------------- */
 
 int stage_arch_hf_layer_types(const cJSON *list)
 {
@@ -297,7 +297,7 @@ static int parse_window(stage_cfg_ctx *c, const cJSON *root, stage_config *cfg)
     return 0;
 }
 
-/* ---- the whole block ----------------------------------------------------------------------- */
+/* ---- the whole block ------------------------------------------------------------------------- */
 
 int stage_arch_parse(stage_cfg_ctx *c, const cJSON *root, stage_config *cfg)
 {

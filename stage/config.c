@@ -21,9 +21,7 @@
 /* config.json is a few KB; refuse anything absurd before reading it whole. */
 #define STAGE_MAX_CONFIG_BYTES (64L << 20)
 
-/* ================================================================== */
-/* small helpers                                                       */
-/* ================================================================== */
+/* ---- small helpers --------------------------------------------------------------------------- */
 
 void stage_cfg_err(char *err, size_t errlen, const char *path, const char *fmt, ...)
 {
@@ -183,9 +181,7 @@ static int get_obj(stage_cfg_ctx *c, const cJSON *root, const char *key, const c
     return 0;
 }
 
-/* ================================================================== */
-/* unsupported features: a clear error, never silently ignored          */
-/* ================================================================== */
+/* ---- unsupported features: a clear error, never silently ignored ----------------------------- */
 
 static int check_unsupported(stage_cfg_ctx *c, const cJSON *root)
 {
@@ -214,9 +210,7 @@ static int check_unsupported(stage_cfg_ctx *c, const cJSON *root)
     return 0;
 }
 
-/* ================================================================== */
-/* layer kinds                                                          */
-/* ================================================================== */
+/* ---- layer kinds ----------------------------------------------------------------------------- */
 
 static const char *const kind_names[] = {"dense", "mod", "mode_staged", "mode_integrated",
                                          "mindskip"};
@@ -333,9 +327,7 @@ static int parse_layers(stage_cfg_ctx *c, const cJSON *root, stage_config *cfg, 
     return 0;
 }
 
-/* ================================================================== */
-/* settings objects                                                     */
-/* ================================================================== */
+/* ---- settings objects ------------------------------------------------------------------------ */
 
 static int parse_mod(stage_cfg_ctx *c, const cJSON *root, stage_config *cfg)
 {
@@ -401,9 +393,7 @@ static int parse_mindskip(stage_cfg_ctx *c, const cJSON *root, stage_config *cfg
     return 0;
 }
 
-/* ================================================================== */
-/* entry points                                                         */
-/* ================================================================== */
+/* ---- entry points ---------------------------------------------------------------------------- */
 
 /* quantization_config: absent / null, or modpipe quantize's {"quant_method": "q8_0",
  * "block_size": 32} (docs/SPEC.md §9); any other method is refused (its tensors would not

@@ -12,10 +12,8 @@
 #include "stage/kernels.h"
 #include "stage/matmul.h"
 
-/* ========================================================================================
- * Layer pieces. All work on a compact set of m rows (act[0..m) micro-batch indices, in
- * micro-batch order).
- * ===================================================================================== */
+/* ---- Layer pieces. All work on a compact set of m rows (act[0..m) micro-batch indices, in
+ * micro-batch order). */
 
 /* y [m][n] = x W^T: stage_matmul_w on one rank; on a tensor-parallel group the distributed
  * t, with x / y as this rank's feature slices when x_local / y_local (stage/tp.h). */
@@ -225,9 +223,7 @@ static long moe(stage_state *s, const layer_w *L, int m)
     return evals;
 }
 
-/* ========================================================================================
- * Blocks
- * ===================================================================================== */
+/* ---- Blocks ---------------------------------------------------------------------------------- */
 
 /* Which present rows does routed layer l select? Fills act[] (micro-batch order) and
  * score[] (their r). */

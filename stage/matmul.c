@@ -27,9 +27,7 @@
 
 #define SPIN_NS 50000L /* how long an idle worker spins before it sleeps */
 
-/* ================================================================== */
-/* plain C variant                                                     */
-/* ================================================================== */
+/* ---- plain C variant ------------------------------------------------------------------------- */
 
 static inline float c_elem(const void *row, int c, stage_dtype dt)
 {
@@ -138,9 +136,7 @@ const mm_ops stage_mm_ops_c = {
     .attend = c_attend,
 };
 
-/* ================================================================== */
-/* dispatch                                                            */
-/* ================================================================== */
+/* ---- dispatch -------------------------------------------------------------------------------- */
 
 static const mm_ops *g_ops; /* the variant in use; NULL until the first call */
 static stage_isa g_isa;
@@ -236,9 +232,7 @@ stage_isa stage_matmul_isa(void)
 void stage_matmul_force_path(stage_path p) { g_path = p; }
 void stage_matmul_force_engine(stage_engine e) { g_engine = e; }
 
-/* ================================================================== */
-/* thread pool                                                         */
-/* ================================================================== */
+/* ---- thread pool ----------------------------------------------------------------------------- */
 
 typedef void (*pool_fn)(void *arg, int task, int tid);
 
@@ -414,9 +408,7 @@ int stage_threads_init(int n, char *err, size_t errlen)
 
 int stage_threads_n(void) { return P.n; }
 
-/* ================================================================== */
-/* the matmul                                                          */
-/* ================================================================== */
+/* ---- the matmul ------------------------------------------------------------------------------ */
 
 typedef struct {
     const float *x;
@@ -580,9 +572,7 @@ void stage_matmul_w(const float *x, int m, const stage_weight *w, float *y)
         run_large(x, m, w, y, o);
 }
 
-/* ================================================================== */
-/* attention                                                           */
-/* ================================================================== */
+/* ---- attention ------------------------------------------------------------------------------- */
 
 void stage_attend_gqa(const float *q, int n_q, const float *k, const float *v, size_t stride,
                       int n_ctx, int hd, float scale, float *probs, float *out)

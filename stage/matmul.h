@@ -78,7 +78,7 @@ int stage_threads_n(void);     /* threads the kernels use now (1 without init) *
  * overlap. */
 void stage_matmul_w(const float *x, int m, const stage_weight *w, float *y);
 
-/* ---- test / benchmark hooks ------------------------------------------------------------ */
+/* ---- test / benchmark hooks ------------------------------------------------------------------ */
 typedef enum { STAGE_ISA_C = 0, STAGE_ISA_AVX2, STAGE_ISA_AVX512, STAGE_ISA_AVX512BF16 } stage_isa;
 #define STAGE_N_ISAS 4
 /* The default: the fastest variant this CPU (and OS) can run, AVX-512 > AVX2 > C. AVX-512 BF16
@@ -115,7 +115,7 @@ const char *stage_matmul_large_engine(int m, int k, char *buf, size_t len);
  * OpenBLAS runs a core older than this CPU supports and the variable is unset, else NULL. */
 const char *stage_blas_coretype_hint(void);
 
-/* ---- attention ------------------------------------------------------------------------- */
+/* ---- attention ------------------------------------------------------------------------------- */
 /* One query head q [hd] over n_ctx cached positions: k_t = k + t*stride, v_t = v + t*stride
  * (floats). probs [n_ctx] gets softmax(q·k_t * scale) (max-subtracted); out [hd] = sum_t
  * p_t v_t. n_ctx >= 1. Deterministic for a given (ISA, n_ctx, hd): scores are one vector dot

@@ -22,9 +22,7 @@
 #define TBF __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")))
 #define T256 __attribute__((target("avx2,fma,f16c")))
 
-/* ================================================================== */
-/* AVX-512                                                             */
-/* ================================================================== */
+/* ---- AVX-512 --------------------------------------------------------------------------------- */
 
 /* 16 elements of dtype dt at p (element pointer) as f32; msk selects the valid ones of a
  * tail (full: all 16). */
@@ -123,7 +121,7 @@ DEF_ROWS512(rows512_f32, STAGE_F32)
 DEF_ROWS512(rows512_bf16, STAGE_BF16)
 DEF_ROWS512(rows512_f16, STAGE_F16)
 
-/* ---- AVX-512 BF16: x split into hi + lo bf16, weights used as they are --------------- */
+/* ---- AVX-512 BF16: x split into hi + lo bf16, weights used as they are ----------------------- */
 
 /* xs rows: hi at xs + i*2*kp, lo at + kp; zero past k. */
 static TBF INL void blkbf(const uint16_t *xs, int kp, const uint16_t *w, int k, int R, int MB,
@@ -186,7 +184,7 @@ static TBF void rowsbf_bf16(const float *x, int m, const stage_weight *w, int r0
     ROWS_BODY(BBF, 0);
 }
 
-/* ---- conversions (large path tiles) ------------------------------------------------- */
+/* ---- conversions (large path tiles) ---------------------------------------------------------- */
 
 static T512 void cvt512_bf16(const void *src, float *dst, size_t n)
 {
@@ -212,7 +210,7 @@ static T512 void cvt512_f16(const void *src, float *dst, size_t n)
 
 static void cvt_f32(const void *src, float *dst, size_t n) { memcpy(dst, src, n * sizeof(float)); }
 
-/* ---- attention ----------------------------------------------------------------------- */
+/* ---- attention ------------------------------------------------------------------------------- */
 
 #define AH 8 /* query heads scored side by side */
 
@@ -266,9 +264,7 @@ static T512 void attend512(const float *q, int n_q, const stage_kv_view *kv, int
     }
 }
 
-/* ================================================================== */
-/* AVX2 + FMA + F16C                                                   */
-/* ================================================================== */
+/* ---- AVX2 + FMA + F16C ----------------------------------------------------------------------- */
 
 /* 8 elements of dtype dt at p as f32; n < 8 valid ones (a tail) are copied out first so no
  * load passes the end of the row. */
@@ -428,9 +424,7 @@ static T256 void attend256(const float *q, int n_q, const stage_kv_view *kv, int
     }
 }
 
-/* ================================================================== */
-/* tables                                                              */
-/* ================================================================== */
+/* ---- tables ---------------------------------------------------------------------------------- */
 
 const mm_ops stage_mm_ops_avx2 = {
     .rows = {[STAGE_F32] = rows256_f32,

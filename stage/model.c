@@ -10,9 +10,7 @@
 #include "stage/arch.h"
 #include "stage/kernels.h"
 
-/* ========================================================================================
- * Weights
- * ===================================================================================== */
+/* ---- Weights --------------------------------------------------------------------------------- */
 
 static const float *get_w(stage_model *m, const char *name, int ndim, int64_t d0, int64_t d1,
                           char *err, size_t errlen)
@@ -454,10 +452,8 @@ int stage_embed(const stage_model *m, const int32_t *tokens, int n, float *x, ch
     return 0;
 }
 
-/* ========================================================================================
- * Routers — plain loops in a fixed order: the holder of a row and its receiver must reach
- * the same decision bit for bit.
- * ===================================================================================== */
+/* ---- Routers — plain loops in a fixed order: the holder of a row and its receiver must reach
+ * the same decision bit for bit. */
 
 float stage_router_score(const stage_model *m, int layer, const float *x)
 {

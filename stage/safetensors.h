@@ -84,7 +84,7 @@ const char *st_name_at(const st_model *m, size_t i);
 /* Bytes handed out so far by st_get_f32 (as f32) and st_get_weight (in their dtype). */
 size_t st_loaded_bytes(const st_model *m);
 
-/* ---- writing ---- */
+/* ---- writing --------------------------------------------------------------------------------- */
 typedef struct st_stream st_stream;
 st_stream *st_stream_new(void); /* NULL: out of memory */
 /* Before st_stream_begin. dt STAGE_Q8_0 declares an I8 tensor (bytes via st_stream_write

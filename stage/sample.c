@@ -4,7 +4,7 @@
 
 #include "stage/stage.h"
 
-/* ---- xoshiro256** seeded by splitmix64 ------------------------------------------------- */
+/* ---- xoshiro256** seeded by splitmix64 ------------------------------------------------------- */
 static uint64_t splitmix64(uint64_t *x)
 {
     uint64_t z = (*x += 0x9E3779B97F4A7C15ull);
@@ -44,7 +44,7 @@ double stage_rng_uniform(stage_rng *r)
     return (double)(out >> 11) * 0x1.0p-53;
 }
 
-/* ---- sampling ---------------------------------------------------------------------------- */
+/* ---- sampling -------------------------------------------------------------------------------- */
 typedef struct {
     float p;
     int id;

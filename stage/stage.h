@@ -53,7 +53,7 @@ typedef struct {
     int head;        /* load model.norm + lm_head (last stage) */
 } stage_range;
 
-/* ---- model ---------------------------------------------------------------------------- */
+/* ---- model ----------------------------------------------------------------------------------- */
 int stage_model_load(const char *dir, const stage_config *cfg, stage_range range, stage_model **out,
                      char *err, size_t errlen);
 /* The same with the weight matrices held in dtype `weights_dtype` (a stage_dtype; -1: as
@@ -106,7 +106,7 @@ float stage_router_logit(const stage_model *m, int layer, const float *x);
 void stage_router_shift(stage_model *m, int layer, float delta);
 float stage_router_bias(const stage_model *m, int layer);
 
-/* ---- per-stage state: KV caches, workspace, stats ------------------------------------- */
+/* ---- per-stage state: KV caches, workspace, stats -------------------------------------------- */
 /* n_slots: sequence slots; max_rows: the most rows a micro-batch will have; max_seq: positions
  * per slot (ctx: prompt + new tokens of the longest sequence). */
 stage_state *stage_state_init(const stage_model *m, int n_slots, int max_rows, int max_seq,
@@ -191,7 +191,7 @@ void stage_state_tp_stop(stage_state *s); /* leader, once; a no-op elsewhere */
 /* Group bytes outside the layers: micro-batches handed to the group, the LM head. */
 double stage_state_tp_io_bytes(const stage_state *s);
 
-/* ---- stats ---------------------------------------------------------------------------- */
+/* ---- stats ----------------------------------------------------------------------------------- */
 typedef struct {
     uint64_t rows;   /* micro-batch rows that passed this layer (present or not) */
     uint64_t active; /* rows the layer computed on (routed: selected; mindskip: attention kept) */
@@ -227,7 +227,7 @@ void stage_state_kv_stats(const stage_state *s, stage_kv_stats *out);
 /* Pages layer `layer` holds now (-1 outside the stage). */
 int64_t stage_state_kv_layer_pages(const stage_state *s, int layer);
 
-/* ---- sampling ------------------------------------------------------------------------- */
+/* ---- sampling -------------------------------------------------------------------------------- */
 typedef struct {
     uint64_t s[4];
 } stage_rng;

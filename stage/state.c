@@ -11,9 +11,7 @@
 #include "stage/arch.h"
 #include "stage/kernels.h"
 
-/* ========================================================================================
- * State: KV caches, workspace, stats
- * ===================================================================================== */
+/* ---- State: KV caches, workspace, stats ------------------------------------------------------ */
 
 stage_state *stage_state_init(const stage_model *m, int n_slots, int max_rows, int max_seq,
                               char *err, size_t errlen)

@@ -53,7 +53,7 @@ static double median(double *v, int n)
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
-/* ---- read bandwidth ------------------------------------------------------------------- */
+/* ---- read bandwidth -------------------------------------------------------------------------- */
 
 typedef struct {
     const uint64_t *p;
@@ -159,7 +159,7 @@ static double read_bw(const uint64_t *buf, size_t words, int nt, size_t piece_wo
     return best;
 }
 
-/* ---- matmul timing -------------------------------------------------------------------- */
+/* ---- matmul timing --------------------------------------------------------------------------- */
 
 /* Median seconds of one stage_matmul_w call, rotating over the weight copies in arena. */
 static double time_matmul(const float *x, int m, int n, int k, stage_dtype dt, const char *arena,
@@ -349,7 +349,7 @@ int main(int argc, char **argv)
         x[i] = (float)((i * 2654435761u) % 2001) / 1000.0f - 1.0f;
     const stage_dtype dts[] = {STAGE_F32, STAGE_BF16, STAGE_Q8_0}; /* q8_0: decode shapes only */
 
-    /* ---- decode shapes ---- */
+    /* ---- decode shapes ----------------------------------------------------------------------- */
     const int ms[] = {1, 4, 16};
     for (int s = 0; s < STAGE_N_ISAS; s++) {
         if (!stage_isa_supported((stage_isa)s) || (only >= 0 && s != only)) continue;
@@ -372,7 +372,7 @@ int main(int argc, char **argv)
                 }
     }
 
-    /* ---- small vs large path around the threshold (best variant) ---- */
+    /* ---- small vs large path around the threshold (best variant) ----------------------------- */
     stage_matmul_force_isa(only >= 0 ? (stage_isa)only : stage_isa_best());
     const int cm[] = {4, 8, 16, 24, 32, 48, 64, 96, 128};
     for (int d = 0; d < 2; d++)
@@ -390,7 +390,7 @@ int main(int argc, char **argv)
         }
     stage_matmul_force_path(STAGE_PATH_AUTO);
 
-    /* ---- prefill ---- */
+    /* ---- prefill ----------------------------------------------------------------------------- */
     const int preps = quick ? 3 : 5;
     for (int ni = 0; ni < 2; ni++) {
         const int n = ns[ni];
@@ -446,7 +446,7 @@ int main(int argc, char **argv)
         }
         stage_matmul_force_engine(STAGE_ENGINE_AUTO);
     }
-    /* ---- attention: one GQA group (4 query heads, hd 128) over a long context ---- */
+    /* ---- attention: one GQA group (4 query heads, hd 128) over a long context ---------------- */
     {
         const int hd = 128, n_q = 4, n_ctx = 2048;
         const size_t stride = 8 * 128; /* 8 KV heads per cached row */

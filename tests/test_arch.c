@@ -7,6 +7,8 @@
  * Exactness: the known answers of tests/fixtures/arch (tests/fixtures-gen/arch.py, an
  * independent numpy implementation) at -np 1 within 1e-4 with the same greedy tokens, -np 2..4
  * bit-identical to -np 1, prompts cut into micro-batches of 3, and --tp 2 within 1e-4.
+ * Rounded weights (--weights-dtype bf16, q8_0): the first step's logits within the bounds of
+ * docs/SPEC.md §10, -np 3 bit-identical to -np 1.
  * Needs: MODPIPE (default build/modpipe), mpirun, tests/fixtures/arch.
  */
 #include <CUnit/Basic.h>
@@ -36,7 +38,7 @@ static const char *MODELS[] = {"llama3",     "llama3_mod",     "mistral", "mistr
                                "qwen3_mode", "llama3_mindskip"};
 #define N_MODELS (sizeof MODELS / sizeof *MODELS)
 
-/* ---- config ------------------------------------------------------------------------------ */
+/* ---- config ---------------------------------------------------------------------------------- */
 
 #define BASE                                                                                       \
     "\"hidden_size\": 64, \"intermediate_size\": 128, \"num_attention_heads\": 4, "                \
@@ -205,7 +207,7 @@ static void test_config_refusals(void)
     }
 }
 
-/* ---- loader ------------------------------------------------------------------------------ */
+/* ---- loader ---------------------------------------------------------------------------------- */
 
 /* DIR = a fixture's weights (a symlink) with its config.json patched: every key of the JSON
  * object `patch` is set, or removed when its value is null. */
@@ -382,7 +384,7 @@ static void test_init_model_specs(void)
     CU_ASSERT_DOUBLE_EQUAL(kv, 6 * 39 * 260 / (1024.0 * 1024.0), 0.006);
 }
 
-/* ---- exactness under mpirun ------------------------------------------------------------- */
+/* ---- exactness under mpirun ------------------------------------------------------------------ */
 
 static void check_model(const char *model, const char *extra, const char *tag, int np_max)
 {
@@ -449,32 +451,42 @@ static void test_exact_tp(void)
     }
 }
 
-/* q8_0 weights (docs/SPEC.md §9) on every family: they load (biases, q/k norms and norms stay
- * as stored), run, and -np 3 is bit-identical to -np 1. Not compared with the known answers:
- * on these tiny random models greedy decoding flips a near-tied token within a few steps under
- * any weight rounding (bf16 too), after which the runs part; the first step's logits differ
- * from the known answers by ~0.03 in relative L2 norm (measured; tests/test_stage.c bounds q8_0 on the
- * layer-type fixtures). */
-static void test_q8_0(void)
+/* Weights rounded at load (--weights-dtype bf16, q8_0: docs/SPEC.md §3.2, §9) on every family:
+ * they load (biases, q/k norms and norms stay as stored), run, -np 3 is bit-identical to
+ * -np 1, and the first step's logits are within the documented bound of the known answers
+ * (docs/SPEC.md §10 "Rounded weights"). Later steps are not compared: on these tiny random
+ * models greedy decoding flips a near-tied token within a few steps under any weight rounding,
+ * after which the runs part (q8_0 flips llama3_mod's first token already). Measured first-step
+ * max |a-b| / max |b|: bf16 0.0064 (qwen2_mindskip) - 0.031 (llama3_mod), bound 5e-2; q8_0
+ * 0.018 (qwen2_mindskip) - 0.047 (llama3_mod), bound 7.5e-2 (the bound of docs/SPEC.md §9). */
+static void check_rounded(const char *dtype, double bound)
 {
     for (size_t i = 0; i < N_MODELS; i++) {
         const char *m = MODELS[i];
-        char out[2][512];
+        char out[2][512], want[512];
+        snprintf(want, sizeof want, "%s/arch/%s.generate.npy", FIX, m);
         for (int k = 0; k < 2; k++) {
             int np = k ? 3 : 1;
-            snprintf(out[k], sizeof out[k], "%s/%s-q8-np%d.npy", TMP, m, np);
+            snprintf(out[k], sizeof out[k], "%s/%s-%s-np%d.npy", TMP, m, dtype, np);
             int rc = run(120,
                          "%s -np %d %s generate --model %s/arch/%s %s --max-new 5 --quiet "
-                         "--weights-dtype q8_0 --dump-logits %s",
-                         MPIRUN, np, BIN, FIX, m, PROMPTS, out[k]);
+                         "--weights-dtype %s --dump-logits %s",
+                         MPIRUN, np, BIN, FIX, m, PROMPTS, dtype, out[k]);
             if (rc) fprintf(stderr, "\n%s\n", OUT);
             CU_ASSERT_EQUAL_FATAL(rc, 0);
         }
         int same = tu_files_identical(out[0], out[1]);
         CU_ASSERT(same);
-        if (!same) fprintf(stderr, "\n%s q8_0: -np 3 logits differ from -np 1\n", m);
+        if (!same) fprintf(stderr, "\n%s %s: -np 3 logits differ from -np 1\n", m, dtype);
+        double rel = tu_npy_rel_err_at(out[0], want, 1);
+        CU_ASSERT(rel <= bound);
+        if (!(rel <= bound))
+            fprintf(stderr, "\n%s %s: first-step rel err %g > %g\n", m, dtype, rel, bound);
     }
 }
+
+static void test_bf16(void) { check_rounded("bf16", 5e-2); }
+static void test_q8_0(void) { check_rounded("q8_0", 7.5e-2); }
 
 /* Router-Tuning on each family (its training forward computes the variants; tests/test_train.c
  * checks its gradients and its agreement with the engine): a few steps, then the tuned model
@@ -518,7 +530,8 @@ int main(void)
         CU_add_test(s, "generate exact, np 1-4", test_exact_default);
         CU_add_test(s, "generate exact, micro-batch 3, pages of 2, np 1-3", test_exact_microbatch);
         CU_add_test(s, "generate --tp 2 within 1e-4", test_exact_tp);
-        CU_add_test(s, "generate q8_0 on every family: -np 3 = -np 1", test_q8_0);
+        CU_add_test(s, "generate bf16 weights: within 5e-2 at step 1, -np 3 = -np 1", test_bf16);
+        CU_add_test(s, "generate q8_0 weights: within 7.5e-2 at step 1, -np 3 = -np 1", test_q8_0);
         CU_add_test(s, "init-model specs of each family", test_init_model_specs);
     }
     CU_basic_set_mode(CU_BRM_VERBOSE);

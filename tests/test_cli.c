@@ -65,7 +65,7 @@ static void test_shared_meaning(void)
     for (int i = 0; i < 3; i++) {
         cli_opts o;
         char err[1024];
-        cli_pipe_opts po;
+        engine_pipe_opts po = {0};
         CU_ASSERT_EQUAL(parse(&o, cmds[i], err, sizeof err, "--micro-batch", "0", NULL), 0);
         CU_ASSERT_NOT_EQUAL(cli_pipe_opts_read(&o, &po, err, sizeof err), 0);
         CU_ASSERT_STRING_EQUAL(err, "--micro-batch: expected an integer in [1, 1048576], got '0'");
@@ -137,7 +137,7 @@ static void test_yaml_config(void)
     CU_ASSERT_EQUAL(parse(&o, CLI_SERVE, err, sizeof err, "--config", path, "--port", "9001", NULL),
                     0);
     CU_ASSERT_STRING_EQUAL(cli_opt_str(&o, "port"), "9001"); /* the command line wins */
-    cli_pipe_opts po;
+    engine_pipe_opts po = {0};
     CU_ASSERT_NOT_EQUAL(cli_pipe_opts_read(&o, &po, err, sizeof err), 0);
     char want[256];
     snprintf(want, sizeof want, "%s:2:14: micro-batch: expected an integer", path);

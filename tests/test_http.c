@@ -22,7 +22,7 @@ void srvq_double_set_step(srvq *q, unsigned us); /* tests/serve/double_srvq.c */
 
 static int has(const char *hay, const char *needle);
 
-/* ---- parser ----------------------------------------------------------------------------- */
+/* ---- parser ---------------------------------------------------------------------------------- */
 
 static int parse(serve_req_kind k, const char *json, serve_request *r, char *param, char *err)
 {
@@ -231,7 +231,7 @@ static void test_chat_templates(void)
     rm_tmpdir(dir);
 }
 
-/* ---- a raw HTTP/1.1 client --------------------------------------------------------------- */
+/* ---- a raw HTTP/1.1 client ------------------------------------------------------------------- */
 
 typedef struct {
     int status;
@@ -387,7 +387,7 @@ static int has(const char *hay, const char *needle)
     return ok;
 }
 
-/* ---- server fixtures -------------------------------------------------------------------- */
+/* ---- server fixtures ------------------------------------------------------------------------- */
 
 static srvq *g_q;
 static serve_server *g_s;
@@ -440,7 +440,7 @@ static long metric(const char *name)
     return v;
 }
 
-/* ---- server tests ----------------------------------------------------------------------- */
+/* ---- server tests ---------------------------------------------------------------------------- */
 
 static void test_health_models_tokenize(void)
 {

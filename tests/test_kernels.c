@@ -143,9 +143,7 @@ static void threads(int n)
     CU_ASSERT_EQUAL(stage_threads_n(), n);
 }
 
-/* ================================================================== */
-/* 1. accuracy                                                         */
-/* ================================================================== */
+/* ---- 1. accuracy ----------------------------------------------------------------------------- */
 
 /* One shape, every variant and dtype, the given m values, paths AUTO and the forced other one.
  * Records the worst error per (variant, dtype) in worst[][]. */
@@ -251,9 +249,7 @@ static void test_matmul_large_shapes(void)
     print_worst("large", worst);
 }
 
-/* ================================================================== */
-/* 2. determinism                                                      */
-/* ================================================================== */
+/* ---- 2. determinism -------------------------------------------------------------------------- */
 
 static void test_matmul_threads_bitwise(void)
 {
@@ -471,9 +467,7 @@ static void test_pool_sleep_wake(void)
     free(y);
 }
 
-/* ================================================================== */
-/* 3. attention                                                        */
-/* ================================================================== */
+/* ---- 3. attention ---------------------------------------------------------------------------- */
 
 /* probs [n_q][n_ctx], out [n_q][hd] in double */
 static void ref_attend(const float *q, int n_q, const float *k, const float *v, size_t stride,
@@ -573,9 +567,7 @@ static void test_attend(void)
                         stage_isa_name((stage_isa)isa), worst[isa]);
 }
 
-/* ================================================================== */
-/* 4. edges and errors                                                 */
-/* ================================================================== */
+/* ---- 4. edges and errors --------------------------------------------------------------------- */
 
 /* Q8_0 quantization, llama.cpp's numbers: d = max|x| / 127 (f16), q = round(x / d) half away
  * from zero; a short last block; an all-zero block (d = 0); a non-finite value refused. */
@@ -647,7 +639,7 @@ static void test_edges(void)
     stage_matmul_force_isa(stage_isa_best());
 }
 
-/* ================================================================== */
+/* ---- the suite ------------------------------------------------------------------------------- */
 
 typedef struct {
     const char *name;

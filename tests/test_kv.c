@@ -47,7 +47,7 @@ static const char *fixtures(void)
     return e && *e ? e : "tests/fixtures";
 }
 
-/* ---- 1. the pool ---------------------------------------------------------------------- */
+/* ---- 1. the pool ----------------------------------------------------------------------------- */
 
 static void test_pool_pages(void)
 {
@@ -155,7 +155,7 @@ static void test_pool_share(void)
     kv_pool_free(&p);
 }
 
-/* ---- 2. the kernel over pages ---------------------------------------------------------- */
+/* ---- 2. the kernel over pages ---------------------------------------------------------------- */
 
 static void test_attend_paged(void)
 {
@@ -197,7 +197,7 @@ static void test_attend_paged(void)
     free(pool_v);
 }
 
-/* ---- 3. fixtures: paged vs one page per (layer, slot) ------------------------------------ */
+/* ---- 3. fixtures: paged vs one page per (layer, slot) ---------------------------------------- */
 
 typedef tu_model fxm;
 
@@ -389,7 +389,7 @@ PAGED_TEST(mindskip)
 PAGED_TEST(mindskip_token)
 PAGED_TEST(mixed)
 
-/* ---- 4. pages follow the router; stats; refusals; dropping a prefix --------------------- */
+/* ---- 4. pages follow the router; stats; refusals; dropping a prefix -------------------------- */
 
 /* One prompt of 16 rows in slot 0 with pages of one position: each layer holds one page per
  * row it keeps. */

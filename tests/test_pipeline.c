@@ -31,7 +31,7 @@ static const char *PROMPTS =
     "--prompt-ids 3,14,15,92,65,35 --prompt-ids 89,79 --prompt-ids 32,38,46,26";
 #define MPIRUN TU_MPIRUN
 
-/* ---- helpers ------------------------------------------------------------------------------ */
+/* ---- helpers --------------------------------------------------------------------------------- */
 
 static char OUT[1 << 16];
 
@@ -63,7 +63,7 @@ static int tokens_match(const char *model)
     return tu_lines_in(OUT, path);
 }
 
-/* ---- exactness ----------------------------------------------------------------------------- */
+/* ---- exactness ------------------------------------------------------------------------------- */
 
 static const char *GEN_MODELS[] = {
     "dense",           "mod",      "mod_all",        "mod_predictor", "mode_staged",
@@ -268,7 +268,7 @@ static void test_quantize_command(void)
     CU_ASSERT(strstr(OUT, "--model DIR and --out DIR are required") != NULL);
 }
 
-/* ---- byte accounting ----------------------------------------------------------------------- */
+/* ---- byte accounting ------------------------------------------------------------------------- */
 
 /* The fixture route files give the rows docs/SPEC.md §4 sends on each link for stages 0-1,2-3,4-5. */
 static void check_routes(const char *model)
@@ -404,7 +404,7 @@ static void test_topk_dense_links_and_stage_times(void)
     cJSON_Delete(s);
 }
 
-/* ---- configs and the partitioner -------------------------------------------------------------- */
+/* ---- configs and the partitioner ------------------------------------------------------------- */
 
 static void test_yaml_config_and_override(void)
 {
@@ -453,7 +453,7 @@ static void test_partition_command(void)
     CU_ASSERT(strstr(OUT, "8 stages") != NULL);
 }
 
-/* ---- bad input: one clear line, non-zero, nobody hangs ------------------------------------------ */
+/* ---- bad input: one clear line, non-zero, nobody hangs --------------------------------------- */
 
 static void test_bad_input(void)
 {
@@ -794,7 +794,7 @@ static void test_dead_rank(void)
     CU_ASSERT(run(5, "pgrep -f \"[m]odpipe generate --model %s\"", model) != 0); /* nobody left */
 }
 
-/* ---- init-model streams the weights; generate runs the result; memory planning ---------- */
+/* ---- init-model streams the weights; generate runs the result; memory planning --------------- */
 
 /* The files of mod.yaml (bf16, 3 shards, not calibrated) as the in-memory writer wrote them
  * before init-model streamed: the streaming writer must give the same bytes (here with the

@@ -35,9 +35,7 @@
     "mpirun --allow-run-as-root --oversubscribe --mca btl self,tcp --mca btl_tcp_if_include lo"
 enum { NREQ = 32, MAXP = 24, MAX_NEW = 12 };
 
-/* ======================================================================================
- * Worker (under mpirun)
- * =================================================================================== */
+/* ---- Worker (under mpirun) ------------------------------------------------------------------- */
 
 typedef struct {
     int32_t prompt[MAXP];
@@ -241,19 +239,19 @@ static int worker(int argc, char **argv)
     R[NREQ].n_prompt = 1;
     R[NREQ].cancel_after = 3;
     const int ctx = 64;
-    serve_loop_opts o = {.weights_dtype = -1,
-                         .model_dir = model,
-                         .cfg = &cfg,
-                         .plan = &plan,
+    serve_loop_opts o = {.pipe = {.weights_dtype = -1,
+                                  .model_dir = model,
+                                  .cfg = &cfg,
+                                  .plan = &plan,
+                                  .micro_batch = 8,
+                                  .max_in_flight = 2 * size,
+                                  .wire = STAGE_F32,
+                                  /* pages of 4 positions: a request outgrows the page of growth
+                                   * admission gave it, so a full pool preempts */
+                                  .kv = {.page = kv_mem ? 4 : 0, .mem_bytes = kv_mem},
+                                  .timeout_s = 60},
                          .slots = slots,
-                         .ctx = ctx,
-                         .micro_batch = 8,
-                         .max_in_flight = 2 * size,
-                         .wire = STAGE_F32,
-                         /* pages of 4 positions: a request outgrows the page of growth admission
-                          * gave it, so a full pool preempts */
-                         .kv = {.page = kv_mem ? 4 : 0, .mem_bytes = kv_mem},
-                         .timeout_s = 60};
+                         .ctx = ctx};
     pthread_t th;
     if (rank == 0) {
         Q = srvq_new(slots, ctx, 2 * NREQ, cfg.vocab, cfg.eos_token_id);
@@ -266,22 +264,15 @@ static int worker(int argc, char **argv)
     } else { /* serve_loop_run's loop with the queue's ops but its own kv op */
         engine_sched_ops ops = srvq_sched_ops;
         ops.kv = blind_kv;
-        engine_loop_opts lo = {.model_dir = model,
-                               .cfg = &cfg,
-                               .plan = &plan,
+        engine_loop_opts lo = {.pipe = o.pipe,
                                .slots = slots,
                                .ctx = ctx,
-                               .kv = o.kv,
-                               .max_rows = o.micro_batch,
-                               .max_in_flight = o.max_in_flight,
-                               .wire = STAGE_F32,
-                               .weights_dtype = -1,
-                               .timeout_s = 60,
+                               .max_rows = o.pipe.micro_batch,
                                .serve = 1,
-                               .command = "serve",
-                               .micro_batch = o.micro_batch};
+                               .command = "serve"};
+        lo.pipe.progress = 0;
         engine_loop *L = NULL;
-        if (rank == 0) srvq_sched_config(Q, o.micro_batch, 0, o.micro_batch);
+        if (rank == 0) srvq_sched_config(Q, o.pipe.micro_batch, 0, o.pipe.micro_batch);
         rc = engine_loop_open(MPI_COMM_WORLD, &lo, &ops, Q, &L, err, sizeof err);
         if (!rc) {
             if (rank == 0) on_ready(NULL);
@@ -322,9 +313,7 @@ static int worker(int argc, char **argv)
     return rc ? 1 : 0;
 }
 
-/* ======================================================================================
- * Tests
- * =================================================================================== */
+/* ---- Tests ----------------------------------------------------------------------------------- */
 
 static const char *BIN, *SELF, *FIX;
 static char *TMP;

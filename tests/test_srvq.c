@@ -11,7 +11,7 @@
 #include "engine/sched.h"
 #include "serve/queue_sched.h"
 
-/* ---- a client: records what the callbacks saw ---- */
+/* ---- a client: records what the callbacks saw ------------------------------------------------ */
 typedef struct {
     int32_t tok[64];
     int n_tok;

@@ -130,7 +130,7 @@ static int stream_matches(const tok_tokenizer *t, const int32_t *ids, int n, int
     return ok;
 }
 
-/* ------------------------------------------------------------------ known answers */
+/* ---- known answers --------------------------------------------------------------------------- */
 
 static void test_stories_known(void)
 {
@@ -197,7 +197,7 @@ static void test_stories_roundtrip(void)
     free(txt);
 }
 
-/* ------------------------------------------------------------------ reference fixtures */
+/* ---- reference fixtures ---------------------------------------------------------------------- */
 
 static int ids_equal(const int32_t *a, int na, const cJSON *arr, char *why, size_t wl)
 {
@@ -419,7 +419,7 @@ static void test_real_qwen2_5(void) { run_real("qwen2_5", "chatml"); }
 
 static void load_fails(const char *json, const char *needle);
 
-/* ------------------------------------------------------------------ hand-made tokenizers */
+/* ---- hand-made tokenizers -------------------------------------------------------------------- */
 
 /* Constructs the real files do not exercise, with answers worked out by hand from the
  * Hugging Face semantics (tokenizers' SplitDelimiterBehavior, ignore_merges, fuse_unk, ...). */
@@ -626,7 +626,7 @@ static void test_hand_made(void)
     rm_tmpdir(dir);
 }
 
-/* ------------------------------------------------------------------ error cases */
+/* ---- error cases ----------------------------------------------------------------------------- */
 
 static void load_fails(const char *json, const char *needle)
 {
@@ -803,7 +803,7 @@ static void test_regex_limits(void)
     tok_free(t);
 }
 
-/* ------------------------------------------------------------------ CLI */
+/* ---- CLI ------------------------------------------------------------------------------------- */
 
 /* Run `$MODPIPE args` through the shell; stdout+stderr into out, returns the exit code. */
 static int run_cli(const char *args, char *out, size_t cap)

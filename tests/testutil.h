@@ -3,6 +3,7 @@
 #ifndef TESTS_TESTUTIL_H
 #define TESTS_TESTUTIL_H
 
+#include <CUnit/Basic.h>
 #include <CUnit/CUnit.h>
 #include <cJSON.h>
 #include <dirent.h>
@@ -124,6 +125,25 @@ static inline int tu_files_identical(const char *a, const char *b)
         CU_ASSERT(has_);                                                                           \
     } while (0)
 
+/* Runs the registered tests verbosely, frees the registry; the exit status (CU_basic_run_tests
+ * returns success even when assertions failed: the failure count decides). */
+static inline int tu_cunit_run(void)
+{
+    CU_basic_set_mode(CU_BRM_VERBOSE);
+    CU_basic_run_tests();
+    unsigned fails = CU_get_number_of_failures();
+    CU_cleanup_registry();
+    return fails != 0;
+}
+
+/* needle in hay; when not, both on stderr (for CU_ASSERT(tu_contains(...))). */
+static inline int tu_contains(const char *hay, const char *needle)
+{
+    int ok = strstr(hay, needle) != NULL;
+    if (!ok) fprintf(stderr, "\n  expected '%s'\n  in '%s'\n", needle, hay);
+    return ok;
+}
+
 /* Run a shell command under `timeout -s KILL secs` with stdout+stderr into out [cap];
  * returns its exit code (128 + signal when killed). MODPIPE_TEST_VERBOSE echoes it. */
 static inline int tu_run(char *out, size_t cap, int secs, const char *fmt, ...)
@@ -146,9 +166,12 @@ static inline int tu_run(char *out, size_t cap, int secs, const char *fmt, ...)
     return rc;
 }
 
-/* max |a-b| / max |b| over two .npy float32 files of one shape (NaN where both are NaN is
- * equal); +inf when unreadable, shapes differ or only one is NaN somewhere. */
-static inline double tu_npy_rel_err(const char *a, const char *b)
+/* max |a-b| / max |b| over two .npy float32 files (NaN where both are NaN is equal); +inf
+ * when unreadable, the shapes do not fit or only one is NaN somewhere. first_step 0: the whole
+ * files, of one shape. first_step 1: two --dump-logits files [seqs][steps][vocab] whose step
+ * counts may differ, compared on step 0 only (the prompts' logits, before a sampled token
+ * feeds back). */
+static inline double tu_npy_rel_err_at(const char *a, const char *b, int first_step)
 {
     float *x = NULL, *y = NULL;
     int na = 0, nb = 0;
@@ -156,25 +179,37 @@ static inline double tu_npy_rel_err(const char *a, const char *b)
     char err[256];
     double rel = INFINITY;
     if (!npy_read_f32(a, &x, &na, sa, err, sizeof err) &&
-        !npy_read_f32(b, &y, &nb, sb, err, sizeof err) && na == nb &&
-        !memcmp(sa, sb, (size_t)na * sizeof *sa)) {
+        !npy_read_f32(b, &y, &nb, sb, err, sizeof err) &&
+        (first_step ? na == 3 && nb == 3 && sa[0] == sb[0] && sa[2] == sb[2]
+                    : na == nb && !memcmp(sa, sb, (size_t)na * sizeof *sa))) {
         size_t n = 1;
         for (int i = 0; i < na; i++) n *= (size_t)sa[i];
+        /* rows x cols, row r of x at r * xs (of y at r * ys) */
+        size_t rows = first_step ? (size_t)sa[0] : 1, cols = first_step ? (size_t)sa[2] : n;
+        size_t xs = first_step ? (size_t)(sa[1] * sa[2]) : 0;
+        size_t ys = first_step ? (size_t)(sb[1] * sb[2]) : 0;
         double md = 0, mb = 0;
-        for (size_t i = 0; i < n; i++) {
-            if (isnan(x[i]) || isnan(y[i])) {
-                if (isnan(x[i]) != isnan(y[i])) md = INFINITY;
-                continue;
+        for (size_t r = 0; r < rows; r++)
+            for (size_t c = 0; c < cols; c++) {
+                float p = x[r * xs + c], q = y[r * ys + c];
+                if (isnan(p) || isnan(q)) {
+                    if (isnan(p) != isnan(q)) md = INFINITY;
+                    continue;
+                }
+                double d = fabs((double)p - q);
+                if (d > md) md = d;
+                if (fabs(q) > mb) mb = fabs(q);
             }
-            double d = fabs((double)x[i] - y[i]);
-            if (d > md) md = d;
-            if (fabs(y[i]) > mb) mb = fabs(y[i]);
-        }
         rel = mb > 0 ? md / mb : md;
     }
     free(x);
     free(y);
     return rel;
+}
+
+static inline double tu_npy_rel_err(const char *a, const char *b)
+{
+    return tu_npy_rel_err_at(a, b, 0);
 }
 
 /* 1 when every line of the text file at `path` occurs somewhere in `out`, 0 otherwise (or

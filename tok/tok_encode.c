@@ -27,7 +27,7 @@ const tok_merge_ent *tok_merges_get(const tok_merges *mg, int32_t a, int32_t b);
 
 #define TOK_MAX_TEXT ((size_t)1 << 28) /* keeps every piece index in int32 after normalizing */
 
-/* ---------------------------------------------------------------- growable buffers */
+/* ---- growable buffers ------------------------------------------------------------------------ */
 
 typedef struct {
     size_t off, len;
@@ -114,7 +114,7 @@ static int push_id(tok_ws *w, int32_t id)
     return 0;
 }
 
-/* ---------------------------------------------------------------- regex iteration */
+/* ---- regex iteration ------------------------------------------------------------------------- */
 
 /* Next non-empty match of re in s[0..len) at or after *pos: 1 with [*ms, *me), 0 none, -1
  * error. An empty match is retried anchored and non-empty at the same place, then skipped
@@ -155,7 +155,7 @@ static int re_next(tok_ws *w, const pcre2_code *re, const char *s, size_t len, s
     return 0;
 }
 
-/* ---------------------------------------------------------------- normalizers */
+/* ---- normalizers ----------------------------------------------------------------------------- */
 
 /* Next occurrence of the normalizer's pattern in s[0..len) from *pos (as re_next). */
 static int norm_next(tok_ws *w, const tok_norm *n, const char *s, size_t len, size_t *pos,
@@ -248,7 +248,7 @@ static int normalize(tok_ws *w, const char *s, size_t len, const char **out, siz
     return 0;
 }
 
-/* ---------------------------------------------------------------- pre-tokenizers */
+/* ---- pre-tokenizers -------------------------------------------------------------------------- */
 
 /* Split one piece by re into out, per behavior (Hugging Face SplitDelimiterBehavior). */
 static int split_piece(tok_ws *w, const tok_pre *p, const char *s, size_t len, tok_pieces *out)
@@ -397,7 +397,7 @@ out:
     return rc;
 }
 
-/* ---------------------------------------------------------------- BPE */
+/* ---- BPE ------------------------------------------------------------------------------------- */
 
 static int heap_less(const tok_heap_ent *x, const tok_heap_ent *y)
 {
@@ -510,7 +510,7 @@ static int bpe_piece(tok_ws *w, const char *s, size_t len)
     return 0;
 }
 
-/* ---------------------------------------------------------------- sections */
+/* ---- sections -------------------------------------------------------------------------------- */
 
 /* Normal text between added tokens: normalize, pre-tokenize, BPE. */
 static int encode_section(tok_ws *w, const char *s, size_t len, int at_start)

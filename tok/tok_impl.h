@@ -11,9 +11,11 @@
 #define TOK_TOK_IMPL_H
 
 #define PCRE2_CODE_UNIT_WIDTH 8
+#include <cjson/cJSON.h>
 #include <pcre2.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "base/err.h"
 #include "tok/tok.h"
@@ -24,7 +26,7 @@
 #define TOK_MAX_ID (1 << 24)
 #endif
 
-/* ---- string -> id hash map (open addressing, FNV-1a) ---- */
+/* ---- string -> id hash map (open addressing, FNV-1a) ----------------------------------------- */
 typedef struct {
     const char *key; /* points into the tokenizer's token strings */
     uint32_t len;
@@ -42,7 +44,7 @@ void tok_map_free(tok_map *m);
 int tok_map_put(tok_map *m, const char *key, uint32_t len, int32_t id);
 int32_t tok_map_get(const tok_map *m, const char *key, size_t len); /* -1: absent */
 
-/* ---- merges: (left id, right id) -> rank, merged id ---- */
+/* ---- merges: (left id, right id) -> rank, merged id ------------------------------------------ */
 typedef struct {
     uint64_t key; /* left << 32 | right; UINT64_MAX = empty */
     int32_t rank, merged;
@@ -53,7 +55,7 @@ typedef struct {
     size_t cap, n;
 } tok_merges;
 
-/* ---- normalizers ---- */
+/* ---- normalizers ----------------------------------------------------------------------------- */
 typedef enum { TOK_NORM_PREPEND, TOK_NORM_REPLACE, TOK_NORM_NFC } tok_norm_kind;
 typedef struct {
     tok_norm_kind kind;
@@ -64,7 +66,7 @@ typedef struct {
     size_t lit_len;
 } tok_norm;
 
-/* ---- pre-tokenizers ---- */
+/* ---- pre-tokenizers -------------------------------------------------------------------------- */
 typedef enum { TOK_PRE_BYTELEVEL, TOK_PRE_SPLIT, TOK_PRE_METASPACE, TOK_PRE_DIGITS } tok_pre_kind;
 typedef enum {
     TOK_SPLIT_REMOVED,
@@ -88,7 +90,7 @@ typedef struct {
     size_t replacement_len;
 } tok_pre;
 
-/* ---- added tokens ---- */
+/* ---- added tokens ---------------------------------------------------------------------------- */
 typedef struct {
     char *content;
     size_t len;
@@ -159,5 +161,46 @@ int tok_utf8_put(char *out, uint32_t cp);
 
 /* Compiled with UTF + UCP; literal: the pattern is a plain string. NULL with a message. */
 pcre2_code *tok_re_compile(const char *pat, size_t len, int literal, char *msg, size_t msglen);
+
+/* ---- the loader's two halves: tok.c (model, added tokens, config files, tok_load_json) and
+ * tok_parts.c (normalizer, pre-tokenizer, post-processor, decoder). Every tok_parse_* reads one
+ * part of the JSON into ld->t: 0, or -1 with one line in ld->err naming the file and the part;
+ * depth bounds nested Sequence parts. One loader, one thread. */
+
+typedef struct {
+    tok_tokenizer *t;
+    const char *file; /* for messages */
+    char *err;
+    size_t errlen;
+} tok_ld;
+
+#define LD_ERR(ld, ...)                                                                            \
+    do {                                                                                           \
+        char m_[512];                                                                              \
+        snprintf(m_, sizeof m_, __VA_ARGS__);                                                      \
+        base_set_err((ld)->err, (ld)->errlen, "%s: %s", (ld)->file, m_);                           \
+    } while (0)
+
+/* The decoder chain, reduced to per-token rules (see tok_impl.h). */
+typedef struct {
+    int bytelevel, bytefallback, fused, metaspace;
+    char *repl_from[8], *repl_to[8]; /* Replace String patterns, in order */
+    int n_repl;
+} tok_dec_cfg;
+
+char *tok_strndup(const char *s, size_t n);  /* malloc'd, NUL-terminated; NULL: out of memory */
+const char *tok_j_type_name(const cJSON *j); /* its "type" string, or NULL */
+/* j[key] as a bool (def when absent); -1 with a message naming `what` when not a bool. */
+int tok_j_bool(tok_ld *ld, const cJSON *j, const char *key, int def, int *out, const char *what);
+int tok_j_id(const cJSON *v, int32_t *out); /* a token id: 0, or -1 when not one */
+/* "<0xNN>" (SentencePiece byte fallback): 1 with *byte = NN, else 0. */
+int tok_is_byte_token(const char *s, size_t len, int *byte);
+
+int tok_parse_normalizer(tok_ld *ld, const cJSON *j, int depth);
+int tok_parse_pre(tok_ld *ld, const cJSON *j, int depth);
+int tok_parse_post(tok_ld *ld, const cJSON *j, int depth);
+int tok_parse_decoder(tok_ld *ld, const cJSON *j, tok_dec_cfg *c, int depth);
+/* The per-token decode rules of c into ld->t. */
+int tok_build_decoder(tok_ld *ld, const tok_dec_cfg *c);
 
 #endif

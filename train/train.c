@@ -47,7 +47,7 @@ struct train_ws {
     void *wts;  /* wts_f or wts_d */
 };
 
-/* ---- the two precisions ---------------------------------------------------------------- */
+/* ---- the two precisions ---------------------------------------------------------------------- */
 #define R float
 #define RN(x) x##_f
 #define GEMM cblas_sgemm
@@ -67,7 +67,7 @@ struct train_ws {
 #undef GEMM
 #undef EXPR
 
-/* ---- model ----------------------------------------------------------------------------- */
+/* ---- model ----------------------------------------------------------------------------------- */
 
 static const float *get2(train_model *m, const char *name, int64_t d0, int64_t d1, char *err,
                          size_t errlen)
@@ -265,7 +265,7 @@ static int make_wts(train_ws *ws, char *err, size_t errlen)
     return 0;
 }
 
-/* ---- workspace ------------------------------------------------------------------------- */
+/* ---- workspace ------------------------------------------------------------------------------- */
 
 train_ws *train_ws_new(train_model *m, const train_setup *s, int max_seqs, int seq_len,
                        int use_double, char *err, size_t errlen)
@@ -457,7 +457,7 @@ void train_backward(train_ws *ws, const double *coef, double *grad_w, double *gr
         backward_f(ws, ws->acts, ws->wts, coef, grad_w, grad_b, ws->rw);
 }
 
-/* ---- AdamW ----------------------------------------------------------------------------- */
+/* ---- AdamW ----------------------------------------------------------------------------------- */
 
 int train_adamw_init(train_adamw *o, int n)
 {

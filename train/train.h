@@ -103,7 +103,7 @@ double train_penalty_coef(const train_setup *s, const double *gate_sum, double n
  * grad_b [n_routed] (LM part with the forward's inv_ntok, penalty part with coef). */
 void train_backward(train_ws *ws, const double *coef, double *grad_w, double *grad_b);
 
-/* ---- AdamW on a flat double parameter vector ------------------------------------------ */
+/* ---- AdamW on a flat double parameter vector ------------------------------------------------- */
 typedef struct {
     int n;
     long t;        /* steps taken */

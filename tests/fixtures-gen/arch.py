@@ -33,7 +33,7 @@ MARGIN = 2e-3
 f32 = np.float32
 
 
-# ---- model construction ------------------------------------------------------------------
+# ---- model construction --------------------------------------------------------------------------
 
 BASE = dict(hidden=64, inter=96, heads=4, kv=2, layers=4, vocab=97, eps=1e-5, theta=10000.0)
 
@@ -212,7 +212,7 @@ def write_safetensors(path, tensors):
             f.write(np.ascontiguousarray(tensors[n], dtype="<f4").tobytes())
 
 
-# ---- the math (docs/SPEC.md §2, §10) -----------------------------------------------------
+# ---- the math (docs/SPEC.md §2, §10) -------------------------------------------------------------
 
 class Margin(Exception):
     pass

@@ -49,7 +49,7 @@ status() {
         "http://127.0.0.1:$port$path"
 }
 
-# ---- reference: 32 prompts through `modpipe generate` ------------------------------------
+# ---- reference: 32 prompts through `modpipe generate` --------------------------------------------
 N=32
 MAXT=24
 : >"$TMP/prompts.txt"
@@ -189,7 +189,7 @@ code=$(status $PORT_envk POST /v1/chat/completions '{"messages":[{"role":"user",
 check "NUL in chat content -> 400 naming messages[0].content" '[ "$code" = 400 ] && grep -q '\''"param":"messages\[0\].content"'\'' "$TMP/body"'
 stop_server envk
 
-# ---- tensor-parallel stages: 2 stages x 2 ranks (--tp 2) give the same greedy tokens ----------
+# ---- tensor-parallel stages: 2 stages x 2 ranks (--tp 2) give the same greedy tokens -------------
 start_server tp2 4 --tp 2 --slots 8 --queue 64 --ctx 64
 if node "$HERE/client.mjs" "http://127.0.0.1:$PORT_tp2/v1" "" "$TMP/expected.json" >"$TMP/clienttp.txt" 2>&1; then
     ok "openai client at -np 4 --tp 2 ($(tail -1 "$TMP/clienttp.txt"))"
@@ -200,7 +200,7 @@ stop_server tp2
 check "SIGTERM at -np 4 --tp 2: exit 0" '[ "$RC" = 0 ]'
 check "serve -np 1 --tp 2: exit 2" 'badrun "-np 1 is not a multiple of --tp 2" --model "$MODEL" --tp 2'
 
-# ---- one slot, one queue place: 503 when full; a disconnect frees the slot ------------------
+# ---- one slot, one queue place: 503 when full; a disconnect frees the slot -----------------------
 start_server small 2 --slots 1 --queue 1
 P=$PORT_small
 LONG='{"prompt":"Once upon a time","max_tokens":500,"ignore_eos":true,"stream":true}'
@@ -279,7 +279,7 @@ wait "$kvpid"
 RC=$?
 check "SIGTERM to the front: exit 0" '[ "$RC" = 0 ]'
 
-# ---- prefix reuse through the front (--ranks 2; a pool with room for both) ----
+# ---- prefix reuse through the front (--ranks 2; a pool with room for both) -----------------------
 "$BIN" serve --model "$MODEL" --port 0 --ranks 2 --mpi-args '--oversubscribe' --slots 4 --ctx 512 \
     >"$TMP/px.out" 2>"$TMP/px.err" &
 PIDS+=("$!")

