@@ -103,6 +103,13 @@ void stage_matmul_force_path(stage_path p); /* AUTO: by m (the default) */
  * shared machine: docs/BENCH.md bench-matmul; its AVX-512 brgemm kernels beat it). Each
  * shape decides the same way on every rank of a run on one kind of CPU. */
 typedef enum { STAGE_ENGINE_AUTO = 0, STAGE_ENGINE_BLAS, STAGE_ENGINE_ONEDNN } stage_engine;
+/* How bf16 weights meet f32 activations on oneDNN's bf16 matmul (large path, CPUs where
+ * stage_dnnl_bf16). EXACT (the default): x split in bf16 hi + lo, two products added in f32.
+ * FAST: x rounded to bf16 once, one product: half the arithmetic, x keeps 8 mantissa bits
+ * (--matmul fast; its cost in docs/BENCH.md). Process-wide, set before the stage runs. */
+typedef enum { STAGE_MATMUL_EXACT = 0, STAGE_MATMUL_FAST } stage_matmul_mode;
+void stage_matmul_set_mode(stage_matmul_mode m);
+stage_matmul_mode stage_matmul_get_mode(void);
 void stage_matmul_force_engine(stage_engine e);
 /* What the large path runs for an f32 tile of m rows, k columns: oneDNN's implementation name
  * ("gemm:jit", "brg:avx512_core_amx"...) or "openblas" (written into buf, returned). */
