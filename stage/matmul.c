@@ -269,7 +269,7 @@ static struct {
 } P = {.n = 1, .mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
 
 static float *g_tile0;   /* the caller's tile scratch when there is no pool */
-static uint16_t *g_xs;   /* split x [m][2][kp] (AVX-512 BF16) */
+static uint16_t *g_xs;   /* split x: [m][2][kp] (AVX-512 BF16), [m][2][k] / [m][k] (run_large) */
 static size_t g_xs_cap;  /* elements */
 static float **g_dst;    /* [g_dst_n] per-thread bf16 tile products [mm][rn] (run_large) */
 static size_t g_dst_cap; /* floats in each */
@@ -440,6 +440,7 @@ typedef struct {
     const mm_ops *ops;
     int use_dnnl;    /* large path: tiles on oneDNN (dn) rather than OpenBLAS */
     int bf16_dnnl;   /* large path, bf16 weights on oneDNN's bf16 matmul: 1 exact, 2 fast */
+    int simd;        /* bf16_dnnl: split and add with AVX512-BF16 (split_row, add_row) */
     int kc_full;     /* large path: columns of a full k block */
     int dn[2][2][2]; /* oneDNN handles by [last row tile][last k block][accumulate] */
 } mm_job;
@@ -505,6 +506,64 @@ static void tile_gemm(const mm_job *j, int tid, int rn, int kc, const float *x, 
                 acc ? 1.0f : 0.0f, y, j->w->rows);
 }
 
+/* x row to bf16 for the large path's bf16 tiles: hi = bf16(x) rounded to nearest even and, when
+ * lo is not NULL, lo = bf16(x - hi) (x - hi is exact in f32, so x = hi + lo to ~16 mantissa
+ * bits). simd: vcvtneps2bf16, the same rounding but denormal inputs and results flushed to
+ * zero (|x| < 2^-126: nothing a logit can see); else the C conversion (stage/convert.h). */
+#if defined(__x86_64__)
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void
+split_row_avx512bf16(const float *x, int k, uint16_t *hi, uint16_t *lo)
+{
+    for (int c = 0; c < k; c += 16) {
+        const __mmask16 mk = k - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k - c)) - 1);
+        const __m512 v = _mm512_maskz_loadu_ps(mk, x + c);
+        const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+        _mm256_mask_storeu_epi16(hi + c, mk, h);
+        if (!lo) continue;
+        const __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        _mm256_mask_storeu_epi16(lo + c, mk, (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, hf)));
+    }
+}
+
+/* y [n] = a [n] + a [n + ..n) : the two halves of an exact product, added in f32 */
+__attribute__((target("avx512f"))) static void add_row_avx512(float *y, const float *d, int n)
+{
+    for (int c = 0; c < n; c += 16) {
+        const __mmask16 mk = n - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - c)) - 1);
+        _mm512_mask_storeu_ps(
+            y + c, mk,
+            _mm512_add_ps(_mm512_maskz_loadu_ps(mk, d + c), _mm512_maskz_loadu_ps(mk, d + n + c)));
+    }
+}
+#endif
+
+static void split_row(const float *x, int k, uint16_t *hi, uint16_t *lo, int simd)
+{
+#if defined(__x86_64__)
+    if (simd) {
+        split_row_avx512bf16(x, k, hi, lo);
+        return;
+    }
+#endif
+    (void)simd;
+    stage_f32_to_bf16_n(x, hi, (size_t)k);
+    if (lo)
+        for (int c = 0; c < k; c++) lo[c] = stage_f32_to_bf16(x[c] - stage_bf16_to_f32(hi[c]));
+}
+
+/* y [n] = d [n] + d [n..2n): row 2i (hi · W^T) plus row 2i + 1 (lo · W^T) of a tile product */
+static void add_row(float *y, const float *d, int n, int simd)
+{
+#if defined(__x86_64__)
+    if (simd) {
+        add_row_avx512(y, d, n);
+        return;
+    }
+#endif
+    (void)simd;
+    for (int c = 0; c < n; c++) y[c] = d[c] + d[n + c];
+}
+
 static void large_task(void *a, int t, int tid)
 {
     const mm_job *j = a;
@@ -518,12 +577,10 @@ static void large_task(void *a, int t, int tid)
                         (const uint16_t *)w->data + (size_t)r0 * k, d);
         for (int i = 0; i < m; i++) {
             float *yi = j->y + (size_t)i * n + r0;
-            if (j->bf16_dnnl == 1) { /* rows 2i, 2i + 1: hi · W^T, lo · W^T */
-                const float *dh = d + (size_t)2 * i * rn, *dl = dh + rn;
-                for (int c = 0; c < rn; c++) yi[c] = dh[c] + dl[c];
-            } else {
+            if (j->bf16_dnnl == 1) /* rows 2i, 2i + 1: hi · W^T, lo · W^T */
+                add_row(yi, d + (size_t)2 * i * rn, rn, j->simd);
+            else
                 memcpy(yi, d + (size_t)i * rn, (size_t)rn * sizeof *yi);
-            }
         }
         return;
     }
@@ -623,8 +680,7 @@ static int dst_reserve(size_t floats)
 
 #define SPLIT_ROWS 16 /* rows of x per split task */
 
-/* x rows to bf16 for the bf16 tiles: exact, hi = round(x) and lo = round(x - hi) (x - hi is
- * exact in f32, so x = hi + lo to ~16 mantissa bits); fast, hi alone. */
+/* x rows to bf16 for the bf16 tiles (split_row): exact, hi and lo; fast, hi alone. */
 static void split_task(void *a, int t, int tid)
 {
     (void)tid;
@@ -632,11 +688,8 @@ static void split_task(void *a, int t, int tid)
     const int k = j->w->cols, parts = j->bf16_dnnl == 1 ? 2 : 1;
     const int r1 = (t + 1) * SPLIT_ROWS < j->m ? (t + 1) * SPLIT_ROWS : j->m;
     for (int i = t * SPLIT_ROWS; i < r1; i++) {
-        const float *xi = j->x + (size_t)i * k;
-        uint16_t *hi = (uint16_t *)j->xs + (size_t)i * parts * k, *lo = hi + k;
-        stage_f32_to_bf16_n(xi, hi, (size_t)k);
-        if (parts == 2)
-            for (int c = 0; c < k; c++) lo[c] = stage_f32_to_bf16(xi[c] - stage_bf16_to_f32(hi[c]));
+        uint16_t *hi = (uint16_t *)j->xs + (size_t)i * parts * k;
+        split_row(j->x + (size_t)i * k, k, hi, parts == 2 ? hi + k : NULL, j->simd);
     }
 }
 
@@ -654,6 +707,7 @@ static void run_large(const float *x, int m, const stage_weight *w, float *y, co
         dst_reserve((size_t)parts * m * (w->rows < STAGE_TILE_N ? w->rows : STAGE_TILE_N)) == 0 &&
         dnnl_plan_bf16(&j, parts * m)) {
         j.bf16_dnnl = parts == 2 ? 1 : 2;
+        j.simd = stage_isa_supported(STAGE_ISA_AVX512BF16);
         j.xs = g_xs;
         pool_run(split_task, &j, (m + SPLIT_ROWS - 1) / SPLIT_ROWS);
         pool_run(large_task, &j, (w->rows + STAGE_TILE_N - 1) / STAGE_TILE_N);
