@@ -96,7 +96,7 @@ static const cli_opt_def OPTS[] = {
     {"matmul", "exact|fast", PIPE, CLI_ONCE,
      "bf16 weights on oneDNN's bf16 matmul (many-row products on CPUs with AVX512-BF16): exact "
      "(default) splits each f32 activation into two bf16 parts, as exact as f32; fast rounds it "
-     "to bf16 once, about 2x faster prefill, lossy (docs/BENCH.md)"},
+     "to bf16 once: half the arithmetic, lossy (its cost: docs/BENCH.md)"},
     {"wire-dtype", "f32|bf16|f16", PIPE, CLI_ONCE,
      "activation dtype between ranks: f32 exact (default); bf16/f16 halve bytes, lossy"},
     {"transport", "sparse|dense", PIPE, CLI_ONCE,
