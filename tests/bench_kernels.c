@@ -9,7 +9,8 @@
  *            (scripts/bench-decode's reference for prefill), bf16 also in fast mode
  *            (onednn_bf16_fast_gflops, stage_matmul_set_mode); own_f32_gflops /
  *            own_bf16_gflops: oneDNN's own matmul on the whole shape, one primitive on N OpenMP
- *            threads, weights in the checkpoint layout (scripts/bench-matmul's ceiling);
+ *            threads, weights in the checkpoint layout (scripts/bench-matmul's ceiling), also
+ *            per CPU-second x N (own_*_cpu_gflops);
  *   bw       read bandwidth of this machine: 1, 2, 4 .. N threads summing a 1 GiB buffer, best
  *            of 5 passes (read_gbs),
  *            and the median over 32 MiB pieces (read_gbs_32mib_pieces); the GEMV lines'
@@ -195,13 +196,22 @@ static int n_cpus(void)
     return n < 1 ? 1 : n > 64 ? 64 : (int)n;
 }
 
+static double cpu_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
 /* oneDNN's own matmul on the whole m x k x n shape: y [m][n] = x [m][k] · W^T, W [n][k] (the
  * checkpoint layout, oneDNN's "ba"), f32 or bf16 x and W, f32 y, one primitive run on nt
  * OpenMP threads. GFLOP/s, median of 7 calls after a warm-up; 0 when oneDNN has no
- * non-reference kernel. */
+ * non-reference kernel. *cpu_gf: the same per CPU-second of the process times nt (what nt
+ * cores would give; on a loaded machine steadier than the wall-clock rate). */
 static double own_dnnl(int m, int k, int n, int bf16, int nt, const void *x, const void *w,
-                       float *y)
+                       float *y, double *cpu_gf)
 {
+    *cpu_gf = 0.0;
     dnnl_engine_t eng = NULL;
     dnnl_stream_t st = NULL;
     dnnl_primitive_desc_t pd = NULL;
@@ -231,15 +241,17 @@ static double own_dnnl(int m, int k, int n, int bf16, int nt, const void *x, con
         {DNNL_ARG_SRC, mem[0]}, {DNNL_ARG_WEIGHTS, mem[1]}, {DNNL_ARG_DST, mem[2]}};
     const int before = omp_get_max_threads();
     omp_set_num_threads(nt);
-    double t[8];
+    double t[8], c[8];
     for (int r = 0; r < 8; r++) {
-        double t0 = now_s();
+        double t0 = now_s(), c0 = cpu_s();
         dnnl_primitive_execute(prim, st, 3, args);
         dnnl_stream_wait(st);
         t[r] = now_s() - t0;
+        c[r] = cpu_s() - c0;
     }
     omp_set_num_threads(before);
     gf = 2.0 * m * n * k / 1e9 / median(t + 1, 7);
+    *cpu_gf = 2.0 * m * n * k / 1e9 / median(c + 1, 7) * nt;
 done:
     for (int a = 0; a < 3; a++)
         if (mem[a]) dnnl_memory_destroy(mem[a]);
@@ -398,16 +410,17 @@ int main(int argc, char **argv)
                 return 1;
             }
             for (size_t i = 0; i < (size_t)m * k; i++) xb[i] = stage_f32_to_bf16(xs[i]);
-            const double own32 = own_dnnl(m, k, n, 0, nt, xs, wf, ys);
-            const double own16 = own_dnnl(m, k, n, 1, nt, xb, wb, ys);
+            double own32c, own16c;
+            const double own32 = own_dnnl(m, k, n, 0, nt, xs, wf, ys, &own32c);
+            const double own16 = own_dnnl(m, k, n, 1, nt, xb, wb, ys, &own16c);
             free(xb);
             printf("shape m=%d k=%d n=%d threads=%d sgemm_gflops=%.2f f32_gflops=%.2f "
                    "bf16_gflops=%.2f engine=%s onednn_f32_gflops=%.2f onednn_bf16_gflops=%.2f "
                    "onednn_bf16_fast_gflops=%.2f onednn_engine=%s own_f32_gflops=%.2f "
-                   "own_bf16_gflops=%.2f\n",
+                   "own_bf16_gflops=%.2f own_f32_cpu_gflops=%.2f own_bf16_cpu_gflops=%.2f\n",
                    m, k, n, nt, fl / median(tb, 7), fl / median(tf, 7), fl / median(t16, 7), eng,
                    fl / median(tdf, 7), fl / median(td16, 7), fl / median(tfast, 7), engd, own32,
-                   own16);
+                   own16, own32c, own16c);
             free(xs);
             free(ys);
             free(wf);
