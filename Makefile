@@ -117,6 +117,8 @@ test: $(TEST_BIN) $(B)/modpipe format-check
 	@set -e; for t in $(TEST_BIN); do echo "== $$t"; MODPIPE=$(B)/modpipe MODPIPE_TOK_REAL=1 $$t; done
 	@echo "== $(B)/tests/test_kernels with ONEDNN_MAX_CPU_ISA=SSE41 (oneDNN's capped kernels)"
 	@ONEDNN_MAX_CPU_ISA=SSE41 $(B)/tests/test_kernels
+	@echo "== $(B)/tests/test_kernels with ONEDNN_MAX_CPU_ISA=AVX512_CORE (no bf16 kernels: the f32 conversion)"
+	@ONEDNN_MAX_CPU_ISA=AVX512_CORE $(B)/tests/test_kernels
 	@echo "== tests/serve/run.sh (modpipe serve with curl and the openai npm client)"
 	@bash tests/serve/run.sh $(B)/modpipe
 	@echo "== tests/serve/recover.sh (the front: kill -9 / SIGSTOP of a rank, replay)"

@@ -93,6 +93,10 @@ static const cli_opt_def OPTS[] = {
      "hold the weight matrices in this dtype, converting at load (e.g. an f32 checkpoint as "
      "bf16: half the memory and bytes read per token; q8_0: int8 blocks of 32 with an f16 "
      "scale, 1.06 bytes a weight, embedding and MoE gate kept as stored); default: as stored"},
+    {"matmul", "exact|fast", PIPE, CLI_ONCE,
+     "bf16 weights on oneDNN's bf16 matmul (many-row products on CPUs with AVX512-BF16): exact "
+     "(default) splits each f32 activation into two bf16 parts, as exact as f32; fast rounds it "
+     "to bf16 once: half the arithmetic, lossy (its cost: docs/BENCH.md)"},
     {"wire-dtype", "f32|bf16|f16", PIPE, CLI_ONCE,
      "activation dtype between ranks: f32 exact (default); bf16/f16 halve bytes, lossy"},
     {"transport", "sparse|dense", PIPE, CLI_ONCE,

@@ -45,6 +45,10 @@ int cli_pipe_opts_read(const cli_opts *o, engine_pipe_opts *p, char *err, size_t
     }
     if (wts) p->weights_dtype = (int)wdt;
     p->wire = (stage_dtype)wire;
+    static const char *const matmuls[] = {"exact", "fast", NULL};
+    int fast;
+    if (cli_opt_choice(o, "matmul", matmuls, 0, &fast, err, errlen)) return -1;
+    stage_matmul_set_mode(fast ? STAGE_MATMUL_FAST : STAGE_MATMUL_EXACT);
     static const char *const transports[] = {"sparse", "dense", NULL};
     if (cli_opt_choice(o, "transport", transports, 0, &p->dense_transport, err, errlen)) return -1;
     p->progress = !cli_opt_has(o, "quiet");

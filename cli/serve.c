@@ -336,7 +336,7 @@ static int job_argv(const cli_opts *a, const setup *st, int ranks, argv_b *b, ch
     /* the options the job reads itself; those from a --config file reach it with the file */
     static const char *const PASS[] = {"config",     "stages",        "tp",        "mem-per-rank",
                                        "wire-dtype", "weights-dtype", "transport", "threads",
-                                       "timeout",    "kv-page",       "kv-mem"};
+                                       "timeout",    "kv-page",       "kv-mem",    "matmul"};
     enum { N_PASS = sizeof PASS / sizeof PASS[0] };
     static char names[N_PASS][24];
     for (int i = 0; i < N_PASS; i++)

@@ -142,6 +142,7 @@ static const mm_ops *g_ops; /* the variant in use; NULL until the first call */
 static stage_isa g_isa;
 static stage_path g_path = STAGE_PATH_AUTO;
 static stage_engine g_engine = STAGE_ENGINE_AUTO;
+static stage_matmul_mode g_mode = STAGE_MATMUL_EXACT;
 
 int stage_isa_supported(stage_isa isa)
 {
@@ -231,6 +232,8 @@ stage_isa stage_matmul_isa(void)
 
 void stage_matmul_force_path(stage_path p) { g_path = p; }
 void stage_matmul_force_engine(stage_engine e) { g_engine = e; }
+void stage_matmul_set_mode(stage_matmul_mode m) { g_mode = m; }
+stage_matmul_mode stage_matmul_get_mode(void) { return g_mode; }
 
 /* ---- thread pool ----------------------------------------------------------------------------- */
 
@@ -259,9 +262,12 @@ static struct {
     float **tile; /* [n] per-thread [STAGE_TILE_N][STAGE_TILE_K], grown once */
 } P = {.n = 1, .mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
 
-static float *g_tile0;  /* the caller's tile scratch when there is no pool */
-static uint16_t *g_xs;  /* split x [m][2][kp] (AVX-512 BF16) */
-static size_t g_xs_cap; /* elements */
+static float *g_tile0;   /* the caller's tile scratch when there is no pool */
+static uint16_t *g_xs;   /* split x: [m][2][kp] (AVX-512 BF16), [m][2][k] / [m][k] (run_large) */
+static size_t g_xs_cap;  /* elements */
+static float **g_dst;    /* [g_dst_n] per-thread bf16 tile products [mm][rn] (run_large) */
+static size_t g_dst_cap; /* floats in each */
+static int g_dst_n;
 
 static long now_ns(void)
 {
@@ -370,6 +376,11 @@ void stage_threads_free(void)
     free(g_xs);
     g_xs = NULL;
     g_xs_cap = 0;
+    for (int t = 0; t < g_dst_n; t++) free(g_dst[t]);
+    free(g_dst);
+    g_dst = NULL;
+    g_dst_cap = 0;
+    g_dst_n = 0;
     stage_dnnl_free();
 }
 
@@ -420,6 +431,8 @@ typedef struct {
     int chunk; /* weight rows per task (small path) */
     const mm_ops *ops;
     int use_dnnl;    /* large path: tiles on oneDNN (dn) rather than OpenBLAS */
+    int bf16_dnnl;   /* large path, bf16 weights on oneDNN's bf16 matmul: 1 exact, 2 fast */
+    int simd;        /* bf16_dnnl: split and add with AVX512-BF16 (split_row, add_row) */
     int kc_full;     /* large path: columns of a full k block */
     int dn[2][2][2]; /* oneDNN handles by [last row tile][last k block][accumulate] */
 } mm_job;
@@ -433,19 +446,24 @@ static void small_task(void *a, int t, int tid)
     j->rows(j->x, j->m, j->w, r0, r1, j->y, j->xs);
 }
 
+/* The split-x scratch (g_xs) for m rows of k columns, grown once; 0 when it is there. */
+static int xs_reserve(int m, int k)
+{
+    size_t need = (size_t)m * 2 * (size_t)mm_split_kp(k);
+    if (need > g_xs_cap) {
+        uint16_t *nx = realloc(g_xs, need * sizeof *nx);
+        if (!nx) return -1;
+        g_xs = nx;
+        g_xs_cap = need;
+    }
+    return 0;
+}
+
 static void run_small(const float *x, int m, const stage_weight *w, float *y, const mm_ops *o)
 {
     mm_job j = {.x = x, .m = m, .w = w, .y = y, .rows = o->rows[w->dtype], .ops = o};
     if (o->split && w->dtype == STAGE_BF16) {
-        size_t need = (size_t)m * 2 * (size_t)mm_split_kp(w->cols);
-        if (need > g_xs_cap) {
-            uint16_t *nx = realloc(g_xs, need * sizeof *nx);
-            if (nx) {
-                g_xs = nx;
-                g_xs_cap = need;
-            }
-        }
-        if (need <= g_xs_cap) {
+        if (xs_reserve(m, w->cols) == 0) {
             o->split(x, m, w->cols, g_xs);
             j.xs = g_xs;
         } else {
@@ -480,6 +498,64 @@ static void tile_gemm(const mm_job *j, int tid, int rn, int kc, const float *x, 
                 acc ? 1.0f : 0.0f, y, j->w->rows);
 }
 
+/* x row to bf16 for the large path's bf16 tiles: hi = bf16(x) rounded to nearest even and, when
+ * lo is not NULL, lo = bf16(x - hi) (x - hi is exact in f32, so x = hi + lo to ~16 mantissa
+ * bits). simd: vcvtneps2bf16, the same rounding but denormal inputs and results flushed to
+ * zero (|x| < 2^-126: nothing a logit can see); else the C conversion (stage/convert.h). */
+#if defined(__x86_64__)
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void
+split_row_avx512bf16(const float *x, int k, uint16_t *hi, uint16_t *lo)
+{
+    for (int c = 0; c < k; c += 16) {
+        const __mmask16 mk = k - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k - c)) - 1);
+        const __m512 v = _mm512_maskz_loadu_ps(mk, x + c);
+        const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+        _mm256_mask_storeu_epi16(hi + c, mk, h);
+        if (!lo) continue;
+        const __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        _mm256_mask_storeu_epi16(lo + c, mk, (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, hf)));
+    }
+}
+
+/* y [n] = a [n] + a [n + ..n) : the two halves of an exact product, added in f32 */
+__attribute__((target("avx512f"))) static void add_row_avx512(float *y, const float *d, int n)
+{
+    for (int c = 0; c < n; c += 16) {
+        const __mmask16 mk = n - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - c)) - 1);
+        _mm512_mask_storeu_ps(
+            y + c, mk,
+            _mm512_add_ps(_mm512_maskz_loadu_ps(mk, d + c), _mm512_maskz_loadu_ps(mk, d + n + c)));
+    }
+}
+#endif
+
+static void split_row(const float *x, int k, uint16_t *hi, uint16_t *lo, int simd)
+{
+#if defined(__x86_64__)
+    if (simd) {
+        split_row_avx512bf16(x, k, hi, lo);
+        return;
+    }
+#endif
+    (void)simd;
+    stage_f32_to_bf16_n(x, hi, (size_t)k);
+    if (lo)
+        for (int c = 0; c < k; c++) lo[c] = stage_f32_to_bf16(x[c] - stage_bf16_to_f32(hi[c]));
+}
+
+/* y [n] = d [n] + d [n..2n): row 2i (hi · W^T) plus row 2i + 1 (lo · W^T) of a tile product */
+static void add_row(float *y, const float *d, int n, int simd)
+{
+#if defined(__x86_64__)
+    if (simd) {
+        add_row_avx512(y, d, n);
+        return;
+    }
+#endif
+    (void)simd;
+    for (int c = 0; c < n; c++) y[c] = d[c] + d[n + c];
+}
+
 static void large_task(void *a, int t, int tid)
 {
     const mm_job *j = a;
@@ -487,6 +563,19 @@ static void large_task(void *a, int t, int tid)
     const int n = w->rows, k = w->cols, m = j->m;
     const int r0 = t * STAGE_TILE_N;
     const int rn = n - r0 < STAGE_TILE_N ? n - r0 : STAGE_TILE_N;
+    if (j->bf16_dnnl) {        /* the weight rows as they are; x split or rounded (run_large) */
+        float *d = g_dst[tid]; /* [mm][rn]: oneDNN's brgemm wants a dense dst */
+        stage_dnnl_tile(j->dn[rn != STAGE_TILE_N][0][0], tid, j->xs,
+                        (const uint16_t *)w->data + (size_t)r0 * k, d);
+        for (int i = 0; i < m; i++) {
+            float *yi = j->y + (size_t)i * n + r0;
+            if (j->bf16_dnnl == 1) /* rows 2i, 2i + 1: hi · W^T, lo · W^T */
+                add_row(yi, d + (size_t)2 * i * rn, rn, j->simd);
+            else
+                memcpy(yi, d + (size_t)i * rn, (size_t)rn * sizeof *yi);
+        }
+        return;
+    }
     if (w->dtype == STAGE_F32) {
         tile_gemm(j, tid, rn, k, j->x, k, (const float *)w->data + (size_t)r0 * k, k, j->y + r0, 0);
         return;
@@ -544,12 +633,79 @@ static int dnnl_plan(mm_job *j)
     return 1;
 }
 
+/* oneDNN bf16 primitives for every tile shape of a bf16 call. x is g_xs, dense (oneDNN 2.6's
+ * brgemm matmul takes no strided src or dst; strided ones go to a slower gemm): exact, 2m rows
+ * [m][2][k], hi and lo of x row i at rows 2i and 2i + 1; fast, [m][k] rounded x. Each tile's
+ * product lands in the thread's dense g_dst [mm][rn]. 1 when they are ready. */
+static int dnnl_plan_bf16(mm_job *j, int mm)
+{
+    const int n = j->w->rows, k = j->w->cols;
+    memset(j->dn, 0xff, sizeof j->dn);
+    for (int tail = 0; tail < 2; tail++) {
+        const int rn = tail ? n % STAGE_TILE_N : (n >= STAGE_TILE_N ? STAGE_TILE_N : 0);
+        if (!rn) continue;
+        stage_dnnl_shape s = {.m = mm, .n = rn, .k = k, .ldx = k, .ldw = k, .ldy = rn, .bf16 = 1};
+        if ((j->dn[tail][0][0] = stage_dnnl_prepare(&s, P.n)) < 0) return 0;
+    }
+    return 1;
+}
+
+/* Per-thread dense dst of the bf16 tiles, floats each thread needs; 0 when they are there. */
+static int dst_reserve(size_t floats)
+{
+    if (g_dst_n < P.n) {
+        float **nd = realloc(g_dst, (size_t)P.n * sizeof *nd);
+        if (!nd) return -1;
+        g_dst = nd;
+        for (; g_dst_n < P.n; g_dst_n++) g_dst[g_dst_n] = NULL;
+        g_dst_cap = 0; /* the new threads' buffers are to be made */
+    }
+    if (floats <= g_dst_cap) return 0;
+    for (int t = 0; t < g_dst_n; t++) {
+        float *p = realloc(g_dst[t], floats * sizeof *p);
+        if (!p) return -1;
+        g_dst[t] = p;
+    }
+    g_dst_cap = floats;
+    return 0;
+}
+
+#define SPLIT_ROWS 16 /* rows of x per split task */
+
+/* x rows to bf16 for the bf16 tiles (split_row): exact, hi and lo; fast, hi alone. */
+static void split_task(void *a, int t, int tid)
+{
+    (void)tid;
+    const mm_job *j = a;
+    const int k = j->w->cols, parts = j->bf16_dnnl == 1 ? 2 : 1;
+    const int r1 = (t + 1) * SPLIT_ROWS < j->m ? (t + 1) * SPLIT_ROWS : j->m;
+    for (int i = t * SPLIT_ROWS; i < r1; i++) {
+        uint16_t *hi = (uint16_t *)j->xs + (size_t)i * parts * k;
+        split_row(j->x + (size_t)i * k, k, hi, parts == 2 ? hi + k : NULL, j->simd);
+    }
+}
+
 static void run_large(const float *x, int m, const stage_weight *w, float *y, const mm_ops *o)
 {
     mm_job j = {.x = x, .m = m, .w = w, .y = y, .ops = o};
-    j.use_dnnl = (g_engine == STAGE_ENGINE_ONEDNN ||
-                  (g_engine == STAGE_ENGINE_AUTO && stage_dnnl_preferred())) &&
-                 dnnl_plan(&j);
+    const int want = g_engine == STAGE_ENGINE_ONEDNN ||
+                     (g_engine == STAGE_ENGINE_AUTO && stage_dnnl_preferred());
+    /* bf16 weights straight to oneDNN's bf16 matmul where it has native kernels; x split in
+     * hi + lo (exact) or rounded once (fast; the lo half is then unused). Else, and if the
+     * scratch cannot be had, the exact f32 conversion below. */
+    const int parts = g_mode == STAGE_MATMUL_EXACT ? 2 : 1;
+    if (want && w->dtype == STAGE_BF16 && m <= MAX_TASKS * SPLIT_ROWS && stage_dnnl_bf16() &&
+        xs_reserve(m, w->cols) == 0 &&
+        dst_reserve((size_t)parts * m * (w->rows < STAGE_TILE_N ? w->rows : STAGE_TILE_N)) == 0 &&
+        dnnl_plan_bf16(&j, parts * m)) {
+        j.bf16_dnnl = parts == 2 ? 1 : 2;
+        j.simd = stage_isa_supported(STAGE_ISA_AVX512BF16);
+        j.xs = g_xs;
+        pool_run(split_task, &j, (m + SPLIT_ROWS - 1) / SPLIT_ROWS);
+        pool_run(large_task, &j, (w->rows + STAGE_TILE_N - 1) / STAGE_TILE_N);
+        return;
+    }
+    j.use_dnnl = want && dnnl_plan(&j);
     /* Several pool threads call sgemm at once: each must run single-threaded (an earlier
      * openblas_set_num_threads(n) would make them queue for OpenBLAS's own threads). */
     if (!j.use_dnnl && P.n > 1 && openblas_get_num_threads() != 1) openblas_set_num_threads(1);

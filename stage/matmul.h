@@ -13,15 +13,25 @@
  *     Tiles are handed to the pool's threads in any order. The tile matmul is oneDNN's
  *     (stage/onednn.h: the weights in their checkpoint layout, a primitive created once per
  *     tile shape and cached, run inside the pool thread) on CPUs where oneDNN has AVX-512 or
- *     better kernels, else OpenBLAS's cblas_sgemm (stage_matmul_force_engine). Debian's oneDNN 2.6 has bf16 matmul kernels only
- *     on AVX-512 CPUs and none mixing f32 activations with bf16 weights, so 16-bit weights
- *     always go through the exact f32 conversion (no rounding of activations).
+ *     better kernels, else OpenBLAS's cblas_sgemm (stage_matmul_force_engine).
+ *     bf16 weights where oneDNN has native bf16 kernels (stage_dnnl_bf16: avx512_core_bf16 or
+ *     better, not under ONEDNN_MAX_CPU_ISA below it) skip the conversion: the weight rows go as
+ *     they are to oneDNN's bf16 matmul (brgemm; bf16 x bf16 products, f32 accumulation), and x,
+ *     which oneDNN 2.6 cannot mix with bf16 weights, is made bf16 once per call (in the pool):
+ *     EXACT mode (the default) splits it, hi = bf16(x), lo = bf16(x - hi), into 2m rows that
+ *     go through one product, and y = (hi · W^T) + (lo · W^T) in f32; FAST mode
+ *     (stage_matmul_set_mode, --matmul fast) rounds it, one product of m rows. The products
+ *     land in a per-thread dense [2m][STAGE_TILE_N] scratch (oneDNN's brgemm takes no strided
+ *     dst), then y. f16 (no oneDNN kernel) and Q8_0 keep the conversion.
  *
  * Reduction order (why N-rank runs stay bit-identical to 1-rank runs): every output element
  * y[i][j] is computed by one thread from x row i and weight row j alone, in an order that is
- * fixed by (ISA variant, dtype, k) on the small path and by (OpenBLAS kernel, m, k) on the
+ * fixed by (ISA variant, dtype, k) on the small path and by (engine kernel, m, k, mode) on the
  * large one (oneDNN's and OpenBLAS's order can change with the number of rows; the tile shapes
- * are fixed, and the engine is chosen per shape, the same on every rank).
+ * are fixed, and the engine is chosen per shape, the same on every rank; the mode is one
+ * option for the whole run). oneDNN's bf16 brgemm computes each row alone in practice
+ * (tests/test_kernels.c checks that a row's bits do not depend on m), but oneDNN promises
+ * nothing of the kind, so this contract promises only the fixed order per (m, k).
  * It does not depend on the thread count, on which thread ran it, or, on the small path, on m
  * or on the other rows in the call: row i of a call with any m up to the threshold is
  * bit-identical to the same row computed alone with m = 1 (so is column j to the same weight
@@ -31,11 +41,13 @@
  *
  * Accuracy (tests/test_kernels.c, against a double reference on the same bf16/f16-rounded
  * weights; max |err| / max |ref|, bound 1e-5 for every variant): the f32 FMA paths and the
- * bf16/f16 paths that convert weights to f32 (C, AVX2, AVX-512, and every large path) are plain
- * f32 dot products: measured <= 6.2e-7 (k from 5 to 4133). The AVX-512 BF16 path (vdpbf16ps)
- * splits each f32 x value into bf16 hi + lo parts and does two dot products, so x keeps ~16
- * mantissa bits: measured 3.0e-6 at k = 4096, up to 7.7e-6 on short rows (k = 5..67) where the
- * result cancels.
+ * bf16/f16 paths that convert weights to f32 (C, AVX2, AVX-512, and the large path's
+ * conversion) are plain f32 dot products: measured <= 6.2e-7 (k from 5 to 4133). The AVX-512
+ * BF16 path (vdpbf16ps) and the large path's oneDNN bf16 EXACT mode split each f32 x value
+ * into bf16 hi + lo parts and do two dot products, so x keeps ~16 mantissa bits: measured
+ * 3.0e-6 at k = 4096, up to 7.7e-6 on short rows (k = 5..67) where the result cancels; oneDNN
+ * bf16 EXACT <= 2.7e-6 (k 64..2085). FAST mode keeps 8 bits of x: bound 4e-3, measured
+ * <= 1.7e-3; on stories260K its logits move 6e-3 and the held-out NLL +0.002% (docs/BENCH.md).
  *
  * Threads: one process-wide pool. stage_threads_init(n) starts n - 1 workers (the caller is
  * the n-th); workers spin ~50 us after a job, then sleep on a condition variable. Without init
@@ -45,9 +57,10 @@
  * starts threads of its own and --threads N is the whole process's compute parallelism.
  * stage_matmul_w and stage_attend* are not re-entrant: one caller thread at a time (the stage's
  * thread). Errors: init returns non-zero (with the reason) when threads or memory cannot be
- * had; the matmul itself cannot fail (scratch for the large path and for the BF16 path's
- * split x is grown once; if that allocation fails the call falls back to an allocation-free
- * path: the small kernel, or the f32-converting variant).
+ * had; the matmul itself cannot fail (scratch for the large path, for the split x and for
+ * the bf16 tile products is grown once, in the caller thread; if that allocation fails the
+ * call falls back to the f32 conversion, or to an allocation-free path: the small kernel, or
+ * the f32-converting variant).
  */
 #ifndef STAGE_MATMUL_H
 #define STAGE_MATMUL_H
@@ -103,6 +116,13 @@ void stage_matmul_force_path(stage_path p); /* AUTO: by m (the default) */
  * shared machine: docs/BENCH.md bench-matmul; its AVX-512 brgemm kernels beat it). Each
  * shape decides the same way on every rank of a run on one kind of CPU. */
 typedef enum { STAGE_ENGINE_AUTO = 0, STAGE_ENGINE_BLAS, STAGE_ENGINE_ONEDNN } stage_engine;
+/* How bf16 weights meet f32 activations on oneDNN's bf16 matmul (large path, CPUs where
+ * stage_dnnl_bf16). EXACT (the default): x split in bf16 hi + lo, two products added in f32.
+ * FAST: x rounded to bf16 once, one product: half the arithmetic, x keeps 8 mantissa bits
+ * (--matmul fast; its cost in docs/BENCH.md). Process-wide, set before the stage runs. */
+typedef enum { STAGE_MATMUL_EXACT = 0, STAGE_MATMUL_FAST } stage_matmul_mode;
+void stage_matmul_set_mode(stage_matmul_mode m);
+stage_matmul_mode stage_matmul_get_mode(void);
 void stage_matmul_force_engine(stage_engine e);
 /* What the large path runs for an f32 tile of m rows, k columns: oneDNN's implementation name
  * ("gemm:jit", "brg:avx512_core_amx"...) or "openblas" (written into buf, returned). */

@@ -99,8 +99,9 @@ static dnnl_primitive_desc_t make_pd(const stage_dnnl_shape *s)
     dnnl_dims_t sdim = {s->m, s->k}, sstr = {s->ldx, 1};
     dnnl_dims_t wdim = {s->k, s->n}, wstr = {1, s->ldw}; /* W^T: "ba" over W [n][k] */
     dnnl_dims_t ddim = {s->m, s->n}, dstr = {s->ldy, 1};
-    if (dnnl_memory_desc_init_by_strides(&sd, 2, sdim, dnnl_f32, sstr) != dnnl_success ||
-        dnnl_memory_desc_init_by_strides(&wd, 2, wdim, dnnl_f32, wstr) != dnnl_success ||
+    const dnnl_data_type_t in = s->bf16 ? dnnl_bf16 : dnnl_f32;
+    if (dnnl_memory_desc_init_by_strides(&sd, 2, sdim, in, sstr) != dnnl_success ||
+        dnnl_memory_desc_init_by_strides(&wd, 2, wdim, in, wstr) != dnnl_success ||
         dnnl_memory_desc_init_by_strides(&dd, 2, ddim, dnnl_f32, dstr) != dnnl_success)
         return NULL;
     dnnl_matmul_desc_t md;
@@ -149,7 +150,7 @@ static int pd_impl(dnnl_primitive_desc_t pd, char *impl)
 static int same(const stage_dnnl_shape *a, const stage_dnnl_shape *b)
 {
     return a->m == b->m && a->n == b->n && a->k == b->k && a->ldx == b->ldx && a->ldw == b->ldw &&
-           a->ldy == b->ldy && a->acc == b->acc;
+           a->ldy == b->ldy && a->acc == b->acc && a->bf16 == b->bf16;
 }
 
 static int fill(entry *en, const stage_dnnl_shape *s, int nthr)
@@ -207,7 +208,7 @@ int stage_dnnl_prepare(const stage_dnnl_shape *s, int nthreads)
     return lru->usable ? (int)(lru - D.e) : -1;
 }
 
-void stage_dnnl_tile(int handle, int tid, const float *x, const float *w, float *y)
+void stage_dnnl_tile(int handle, int tid, const void *x, const void *w, float *y)
 {
     entry *en = &D.e[handle];
     dnnl_memory_t *m = en->mem + (size_t)tid * N_ARGS;
@@ -228,6 +229,12 @@ int stage_dnnl_preferred(void)
     /* an ISA value is a bit set including every ISA below it (dnnl_types.h) */
     const unsigned core = dnnl_cpu_isa_avx512_core;
     return ((unsigned)dnnl_get_effective_cpu_isa() & core) == core;
+}
+
+int stage_dnnl_bf16(void)
+{
+    const unsigned bf16 = dnnl_cpu_isa_avx512_core_bf16;
+    return ((unsigned)dnnl_get_effective_cpu_isa() & bf16) == bf16;
 }
 
 const char *stage_dnnl_impl(const stage_dnnl_shape *s)

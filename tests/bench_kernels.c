@@ -6,7 +6,11 @@
  *   --bw-only: only the bw lines, then for each --shape m,k,n one `shape` line: cblas_sgemm
  *            (OpenBLAS on N threads) vs stage_matmul_w with f32 and bf16 weights, GFLOP/s, with
  *            the default large-path engine (engine=) and with the tiles forced onto oneDNN
- *            (scripts/bench-decode's reference for prefill);
+ *            (scripts/bench-decode's reference for prefill), bf16 also in fast mode
+ *            (onednn_bf16_fast_gflops, stage_matmul_set_mode); own_f32_gflops /
+ *            own_bf16_gflops: oneDNN's own matmul on the whole shape, one primitive on N OpenMP
+ *            threads, weights in the checkpoint layout (scripts/bench-matmul's ceiling), also
+ *            per CPU-second x N (own_*_cpu_gflops);
  *   bw       read bandwidth of this machine: 1, 2, 4 .. N threads summing a 1 GiB buffer, best
  *            of 5 passes (read_gbs),
  *            and the median over 32 MiB pieces (read_gbs_32mib_pieces); the GEMV lines'
@@ -22,8 +26,11 @@
  * Times are the median of the repetitions; on a loaded machine they are noisy.
  */
 #include "stage/matmul.h"
+#include "stage/convert.h"
 
 #include <cblas.h>
+#include <omp.h>
+#include <oneapi/dnnl/dnnl.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -189,6 +196,72 @@ static int n_cpus(void)
     return n < 1 ? 1 : n > 64 ? 64 : (int)n;
 }
 
+static double cpu_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* oneDNN's own matmul on the whole m x k x n shape: y [m][n] = x [m][k] · W^T, W [n][k] (the
+ * checkpoint layout, oneDNN's "ba"), f32 or bf16 x and W, f32 y, one primitive run on nt
+ * OpenMP threads. GFLOP/s, median of 7 calls after a warm-up; 0 when oneDNN has no
+ * non-reference kernel. *cpu_gf: the same per CPU-second of the process times nt (what nt
+ * cores would give; on a loaded machine steadier than the wall-clock rate). */
+static double own_dnnl(int m, int k, int n, int bf16, int nt, const void *x, const void *w,
+                       float *y, double *cpu_gf)
+{
+    *cpu_gf = 0.0;
+    dnnl_engine_t eng = NULL;
+    dnnl_stream_t st = NULL;
+    dnnl_primitive_desc_t pd = NULL;
+    dnnl_primitive_t prim = NULL;
+    dnnl_memory_t mem[3] = {NULL, NULL, NULL};
+    double gf = 0.0;
+    const dnnl_data_type_t dt = bf16 ? dnnl_bf16 : dnnl_f32;
+    dnnl_memory_desc_t sd, wd, dd;
+    dnnl_dims_t sdim = {m, k}, sstr = {k, 1}, wdim = {k, n}, wstr = {1, k}, ddim = {m, n},
+                dstr = {n, 1};
+    dnnl_matmul_desc_t md;
+    const char *impl = NULL;
+    if (dnnl_engine_create(&eng, dnnl_cpu, 0) != dnnl_success ||
+        dnnl_stream_create(&st, eng, dnnl_stream_default_flags) != dnnl_success ||
+        dnnl_memory_desc_init_by_strides(&sd, 2, sdim, dt, sstr) != dnnl_success ||
+        dnnl_memory_desc_init_by_strides(&wd, 2, wdim, dt, wstr) != dnnl_success ||
+        dnnl_memory_desc_init_by_strides(&dd, 2, ddim, dnnl_f32, dstr) != dnnl_success ||
+        dnnl_matmul_desc_init(&md, &sd, &wd, NULL, &dd) != dnnl_success ||
+        dnnl_primitive_desc_create(&pd, &md, NULL, eng, NULL) != dnnl_success ||
+        dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &impl) != dnnl_success ||
+        !impl || !strncmp(impl, "ref", 3) || dnnl_primitive_create(&prim, pd) != dnnl_success ||
+        dnnl_memory_create(&mem[0], &sd, eng, (void *)x) != dnnl_success ||
+        dnnl_memory_create(&mem[1], &wd, eng, (void *)w) != dnnl_success ||
+        dnnl_memory_create(&mem[2], &dd, eng, y) != dnnl_success)
+        goto done;
+    dnnl_exec_arg_t args[3] = {
+        {DNNL_ARG_SRC, mem[0]}, {DNNL_ARG_WEIGHTS, mem[1]}, {DNNL_ARG_DST, mem[2]}};
+    const int before = omp_get_max_threads();
+    omp_set_num_threads(nt);
+    double t[8], c[8];
+    for (int r = 0; r < 8; r++) {
+        double t0 = now_s(), c0 = cpu_s();
+        dnnl_primitive_execute(prim, st, 3, args);
+        dnnl_stream_wait(st);
+        t[r] = now_s() - t0;
+        c[r] = cpu_s() - c0;
+    }
+    omp_set_num_threads(before);
+    gf = 2.0 * m * n * k / 1e9 / median(t + 1, 7);
+    *cpu_gf = 2.0 * m * n * k / 1e9 / median(c + 1, 7) * nt;
+done:
+    for (int a = 0; a < 3; a++)
+        if (mem[a]) dnnl_memory_destroy(mem[a]);
+    if (prim) dnnl_primitive_destroy(prim);
+    if (pd) dnnl_primitive_desc_destroy(pd);
+    if (st) dnnl_stream_destroy(st);
+    if (eng) dnnl_engine_destroy(eng);
+    return gf;
+}
+
 int main(int argc, char **argv)
 {
     int nt = n_cpus(), quick = 0, only = -1, bw_only = 0, n_shapes = 0;
@@ -293,7 +366,7 @@ int main(int argc, char **argv)
                 wf[i] = (float)((i * 40503u) % 2001) / 1000.0f - 1.0f;
                 wb[i] = arena[i % (arena_bytes / 2)];
             }
-            double tb[7], tf[7], t16[7], tdf[7], td16[7];
+            double tb[7], tf[7], t16[7], tdf[7], td16[7], tfast[7];
             for (int r = 0; r < 7; r++) {
                 openblas_set_num_threads(nt);
                 double t0 = now_s();
@@ -316,6 +389,11 @@ int main(int argc, char **argv)
                 t0 = now_s();
                 stage_matmul_w(xs, m, &w16, ys);
                 td16[r] = now_s() - t0;
+                stage_matmul_set_mode(STAGE_MATMUL_FAST);
+                t0 = now_s();
+                stage_matmul_w(xs, m, &w16, ys);
+                tfast[r] = now_s() - t0;
+                stage_matmul_set_mode(STAGE_MATMUL_EXACT);
                 stage_matmul_force_engine(STAGE_ENGINE_AUTO);
             }
             double fl = 2.0 * m * n * k / 1e9;
@@ -326,11 +404,23 @@ int main(int argc, char **argv)
             stage_matmul_force_engine(STAGE_ENGINE_AUTO);
             for (char *c = eng; *c; c++) *c = *c == ' ' ? ',' : *c;
             for (char *c = engd; *c; c++) *c = *c == ' ' ? ',' : *c;
+            uint16_t *xb = malloc((size_t)m * k * 2);
+            if (!xb) {
+                fprintf(stderr, "bench_kernels: out of memory for --shape\n");
+                return 1;
+            }
+            for (size_t i = 0; i < (size_t)m * k; i++) xb[i] = stage_f32_to_bf16(xs[i]);
+            double own32c, own16c;
+            const double own32 = own_dnnl(m, k, n, 0, nt, xs, wf, ys, &own32c);
+            const double own16 = own_dnnl(m, k, n, 1, nt, xb, wb, ys, &own16c);
+            free(xb);
             printf("shape m=%d k=%d n=%d threads=%d sgemm_gflops=%.2f f32_gflops=%.2f "
                    "bf16_gflops=%.2f engine=%s onednn_f32_gflops=%.2f onednn_bf16_gflops=%.2f "
-                   "onednn_engine=%s\n",
+                   "onednn_bf16_fast_gflops=%.2f onednn_engine=%s own_f32_gflops=%.2f "
+                   "own_bf16_gflops=%.2f own_f32_cpu_gflops=%.2f own_bf16_cpu_gflops=%.2f\n",
                    m, k, n, nt, fl / median(tb, 7), fl / median(tf, 7), fl / median(t16, 7), eng,
-                   fl / median(tdf, 7), fl / median(td16, 7), engd);
+                   fl / median(tdf, 7), fl / median(td16, 7), fl / median(tfast, 7), engd, own32,
+                   own16, own32c, own16c);
             free(xs);
             free(ys);
             free(wf);

@@ -726,6 +726,60 @@ static void test_text_prompts(void)
     CU_ASSERT(strstr(OUT, "tokenizer") != NULL);
 }
 
+/* bf16 weights on the many-row path (stage/matmul.h): eval lines of 150 tokens at
+ * --micro-batch 256 put 150-256 rows into a projection (fewer on routed layers), past the
+ * streaming kernel, so on a CPU with AVX512-BF16 the products run on oneDNN's bf16 matmul.
+ * --matmul exact: within 1e-4 of the f32 arithmetic on the same rounded weights
+ * (ONEDNN_MAX_CPU_ISA=AVX512_CORE: no bf16 kernels, the weights converted exactly) and -np 3
+ * bit-identical to -np 1 (measured 1.1e-5); --matmul fast: -np 3 = -np 1 as well, within
+ * 1e-1 (x rounded to bf16; measured 6.5e-3 on dense, 3.2e-2 on mod, where the rounding moves
+ * a router score and so which tokens a layer takes). */
+static void test_bf16_many_rows(void)
+{
+    char tok[512], ref[512], out[2][512];
+    snprintf(tok, sizeof tok, "%s/bf16-rows.txt", TMP);
+    FILE *f = fopen(tok, "w");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(f);
+    unsigned s = 7;
+    for (int l = 0; l < 3; l++) {
+        for (int t = 0; t < 150; t++) {
+            s = s * 1103515245u + 12345u;
+            fprintf(f, "%s%u", t ? " " : "", (s >> 16) % 97);
+        }
+        fputc('\n', f);
+    }
+    fclose(f);
+    static const char *const models[] = {"dense", "mod"}, *const modes[] = {"exact", "fast"};
+    for (int mi = 0; mi < 2; mi++) {
+        snprintf(ref, sizeof ref, "%s/bf16-%s-f32.npy", TMP, models[mi]);
+        int rc = run(120,
+                     "ONEDNN_MAX_CPU_ISA=AVX512_CORE %s -np 1 %s eval --model %s/%s --tokens-file "
+                     "%s --micro-batch 256 --weights-dtype bf16 --quiet --dump-logits %s",
+                     MPIRUN, BIN, FIX, models[mi], tok, ref);
+        if (rc) fprintf(stderr, "\n%s\n", OUT);
+        CU_ASSERT_EQUAL_FATAL(rc, 0);
+        for (int md = 0; md < 2; md++) {
+            for (int k = 0; k < 2; k++) {
+                snprintf(out[k], sizeof out[k], "%s/bf16-%s-%s-np%d.npy", TMP, models[mi],
+                         modes[md], k ? 3 : 1);
+                rc = run(120,
+                         "%s -np %d %s eval --model %s/%s --tokens-file %s --micro-batch 256 "
+                         "--weights-dtype bf16 --matmul %s --quiet --dump-logits %s",
+                         MPIRUN, k ? 3 : 1, BIN, FIX, models[mi], tok, modes[md], out[k]);
+                if (rc) fprintf(stderr, "\n%s\n", OUT);
+                CU_ASSERT_EQUAL_FATAL(rc, 0);
+            }
+            const int same = tu_files_identical(out[0], out[1]);
+            const double rel = tu_npy_rel_err(out[0], ref), bound = md ? 1e-1 : 1e-4;
+            if (!same || !(rel <= bound) || getenv("MODPIPE_TEST_VERBOSE"))
+                fprintf(stderr, "\n  %s bf16 --matmul %s: -np 3 %s -np 1, %.3g from f32\n",
+                        models[mi], modes[md], same ? "=" : "!=", rel);
+            CU_ASSERT(same);
+            CU_ASSERT(rel <= bound);
+        }
+    }
+}
+
 /* Default decode groups: 16 sequences at R 32 make 2 groups of 8, so every decode
  * micro-batch has 8 rows (not 8 groups of 2): 2 prefill + 2 x 4 decode micro-batches, at any
  * -np; R 4 forces 4 groups of 4. */
@@ -959,6 +1013,7 @@ int main(void)
     CU_add_test(s, "generate stops at EOS", test_generate_eos);
     CU_add_test(s, "text prompts and eval --text-file", test_text_prompts);
     CU_add_test(s, "default decode groups", test_default_groups);
+    CU_add_test(s, "bf16 weights on many rows: exact and fast, -np 3 = -np 1", test_bf16_many_rows);
     CU_add_test(s, "dead rank ends the job", test_dead_rank);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();
