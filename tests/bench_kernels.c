@@ -1,19 +1,21 @@
 /* tests/bench_kernels.c — micro-benchmark of stage/matmul.h (not a test; `make bench-kernels`).
  *
- *   bench_kernels [--threads N] [--quick] [--isa NAME]
+ *   bench_kernels [--threads N] [--quick] [--isa NAME] [--bw-gib G] [--gemv-only]
  *
  * Prints one `key=value ...` line per measurement (lines starting with # are comments):
  *   --bw-only: only the bw lines, then for each --shape m,k,n one `shape` line: cblas_sgemm
  *            (OpenBLAS on N threads) vs stage_matmul_w with f32 and bf16 weights, GFLOP/s, with
  *            the default large-path engine (engine=) and with the tiles forced onto oneDNN
  *            (scripts/bench-decode's reference for prefill);
- *   bw       read bandwidth of this machine: 1, 2, 4 .. N threads summing a 1 GiB buffer, best
- *            of 5 passes (read_gbs),
+ *   bw       read bandwidth of this machine: 1, 2, 4 .. N threads summing a G GiB buffer
+ *            (--bw-gib, default 1; it is also the GEMV lines' weight arena: make it several
+ *            times the L3, or the weights come from cache), best of 5 passes (read_gbs),
  *            and the median over 32 MiB pieces (read_gbs_32mib_pieces); the GEMV lines'
  *            of_read_bw divides by the larger of the two N-thread values;
  *   gemv     decode shapes (m = 1, 4, 16; k = 4096; n = 4096, 14336; f32, bf16, q8_0) per ISA
  *            variant: GB/s of weights streamed and the fraction of the read bandwidth. The
  *            weights rotate through copies filling 1 GiB so they come from memory, not the L3;
+ *            --gemv-only stops after the gemv lines;
  *   cross    small path vs large path for m around STAGE_M_SMALL (how it was chosen);
  *   prefill  m = 256 GFLOP/s per variant vs one cblas_sgemm call (OpenBLAS on N threads) on the
  *            same f32 shape; prefill_engine: the large path with its tiles on OpenBLAS and on
@@ -161,17 +163,19 @@ static double read_bw(const uint64_t *buf, size_t words, int nt, size_t piece_wo
 
 /* ---- matmul timing -------------------------------------------------------------------- */
 
-/* Median seconds of one stage_matmul_w call, rotating over the weight copies in arena. */
+/* Median seconds of one stage_matmul_w call, rotating over weight copies in arena. */
 static double time_matmul(const float *x, int m, int n, int k, stage_dtype dt, const char *arena,
                           size_t arena_bytes, float *y, int reps)
 {
     const size_t wbytes = stage_matrix_bytes(dt, (size_t)n, (size_t)k); /* Q8_0: q, scales */
-    int copies = (int)(arena_bytes / wbytes);
-    if (copies < 1) copies = 1;
+    /* The copies continue where the previous call stopped (next_off), so each call reads the
+     * part of the arena touched longest ago, not the copies the previous shape left in the L3. */
+    static size_t next_off;
     double *t = malloc((size_t)reps * sizeof *t);
     for (int r = -2; r < reps; r++) { /* two warm-up calls */
-        int c = (r + 2) % copies;
-        const char *p = arena + (size_t)c * wbytes;
+        if (next_off + wbytes > arena_bytes) next_off = 0;
+        const char *p = arena + next_off;
+        next_off += (wbytes + 4095) & ~(size_t)4095;
         stage_weight w = {.dtype = dt, .rows = n, .cols = k, .data = p};
         if (dt == STAGE_Q8_0) w.scale = (const uint16_t *)(p + (size_t)n * k);
         double t0 = now_s();
@@ -191,7 +195,8 @@ static int n_cpus(void)
 
 int main(int argc, char **argv)
 {
-    int nt = n_cpus(), quick = 0, only = -1, bw_only = 0, n_shapes = 0;
+    int nt = n_cpus(), quick = 0, only = -1, bw_only = 0, n_shapes = 0, gemv_only = 0;
+    double bw_gib = 0; /* 0: 1 GiB (0.25 with --quick) */
     int shapes[16][3]; /* --shape m,k,n: cblas_sgemm vs stage_matmul_w on that shape */
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--threads") && i + 1 < argc) {
@@ -204,6 +209,14 @@ int main(int argc, char **argv)
             quick = 1;
         } else if (!strcmp(argv[i], "--bw-only")) {
             bw_only = 1;
+        } else if (!strcmp(argv[i], "--gemv-only")) {
+            gemv_only = 1;
+        } else if (!strcmp(argv[i], "--bw-gib") && i + 1 < argc) {
+            bw_gib = atof(argv[++i]);
+            if (!(bw_gib >= 0.125 && bw_gib <= 64)) {
+                fprintf(stderr, "bench_kernels: --bw-gib must be 0.125..64\n");
+                return 2;
+            }
         } else if (!strcmp(argv[i], "--shape") && i + 1 < argc && n_shapes < 16) {
             int *sh = shapes[n_shapes++];
             if (sscanf(argv[++i], "%d,%d,%d", &sh[0], &sh[1], &sh[2]) != 3 || sh[0] < 1 ||
@@ -225,7 +238,7 @@ int main(int argc, char **argv)
         } else {
             fprintf(stderr,
                     "usage: bench_kernels [--threads N] [--quick] [--isa c|avx2|avx512|avx512bf16] "
-                    "[--bw-only [--shape m,k,n ...]]\n");
+                    "[--bw-gib G] [--gemv-only] [--bw-only [--shape m,k,n ...]]\n");
             return 2;
         }
     }
@@ -235,7 +248,7 @@ int main(int argc, char **argv)
         return 1;
     }
     const int reps = quick ? 5 : 20;
-    const size_t arena_bytes = (size_t)(quick ? 0.25 * GIB : 1.0 * GIB);
+    const size_t arena_bytes = (size_t)(bw_gib > 0 ? bw_gib * GIB : quick ? 0.25 * GIB : 1.0 * GIB);
 
     /* One buffer: first the read-bandwidth buffer, then the weight arena. Filled with bf16 values
      * in [-1, 1) (as f32 pairs they are ordinary floats in [-1, 1)), so no NaN / subnormal
@@ -370,6 +383,14 @@ int main(int argc, char **argv)
                            2.0 * m * n * K / t / 1e9);
                     fflush(stdout);
                 }
+    }
+
+    if (gemv_only) {
+        free(x);
+        free(y);
+        free(arena);
+        stage_threads_free();
+        return 0;
     }
 
     /* ---- small vs large path around the threshold (best variant) ---- */
