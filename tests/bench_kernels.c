@@ -12,6 +12,8 @@
  *            times the L3, or the weights come from cache), best of 5 passes (read_gbs),
  *            and the median over 32 MiB pieces (read_gbs_32mib_pieces); the GEMV lines'
  *            of_read_bw divides by the larger of the two N-thread values;
+ *   cache    one thread re-reading a 4 .. 512 MiB buffer (best pass of 2 GiB read): where the rate
+ *            falls to the bw one is the size of the cache a core really reaches;
  *   gemv     decode shapes (m = 1, 4, 16; k = 4096; n = 4096, 14336; f32, bf16, q8_0) per ISA
  *            variant: GB/s of weights streamed and the fraction of the read bandwidth. The
  *            weights rotate through copies filling 1 GiB so they come from memory, not the L3;
@@ -286,6 +288,22 @@ int main(int argc, char **argv)
         printf("bw threads=%d buffer_gib=%.2f read_gbs=%.2f read_gbs_32mib_pieces=%.2f\n", t,
                arena_bytes / GIB, pass, pieces);
         bwn = pass > pieces ? pass : pieces; /* the stricter reference */
+    }
+    /* Repeated reads of a buffer by one thread, best of enough passes to read 2 GiB: the rate
+     * stays above the memory one while the buffer fits the cache this core reaches (on AMD,
+     * its CCD's L3, whatever the CPU reports for the socket). */
+    for (size_t mib = 4; mib <= 512 && (mib << 20) <= arena_bytes; mib *= 2) {
+        const size_t words = (mib << 20) / 8;
+        double best = 0;
+        uint64_t sink = 0;
+        for (size_t pass = 0; pass < 5 || pass < (size_t)2048 / mib; pass++) {
+            double t0 = now_s();
+            sink += sum_words((const uint64_t *)arena, words);
+            double g = (double)(mib << 20) / (now_s() - t0) / 1e9;
+            if (g > best) best = g;
+        }
+        if (sink == 42) fprintf(stderr, "#\n"); /* keep the sums live */
+        printf("cache mib=%zu read_gbs=%.2f\n", mib, best);
     }
     fflush(stdout);
     if (bw_only) {
