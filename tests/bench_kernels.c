@@ -1,6 +1,6 @@
 /* tests/bench_kernels.c — micro-benchmark of stage/matmul.h (not a test; `make bench-kernels`).
  *
- *   bench_kernels [--threads N] [--quick] [--isa NAME] [--bw-gib G] [--gemv-only]
+ *   bench_kernels [--threads N] [--quick] [--isa NAME] [--bw-gib G] [--gemv-only] [--dtype D]
  *
  * Prints one `key=value ...` line per measurement (lines starting with # are comments):
  *   --bw-only: only the bw lines, then for each --shape m,k,n one `shape` line: cblas_sgemm
@@ -17,7 +17,8 @@
  *   gemv     decode shapes (m = 1, 4, 16; k = 4096; n = 4096, 14336; f32, bf16, q8_0) per ISA
  *            variant: GB/s of weights streamed and the fraction of the read bandwidth. The
  *            weights rotate through copies filling 1 GiB so they come from memory, not the L3;
- *            --gemv-only stops after the gemv lines;
+ *            --gemv-only stops after the gemv lines, --dtype f32|bf16|q8_0 runs only that one
+ *            (e.g. under perf stat);
  *   cross    small path vs large path for m around STAGE_M_SMALL (how it was chosen);
  *   prefill  m = 256 GFLOP/s per variant vs one cblas_sgemm call (OpenBLAS on N threads) on the
  *            same f32 shape; prefill_engine: the large path with its tiles on OpenBLAS and on
@@ -199,6 +200,7 @@ int main(int argc, char **argv)
 {
     int nt = n_cpus(), quick = 0, only = -1, bw_only = 0, n_shapes = 0, gemv_only = 0;
     double bw_gib = 0; /* 0: 1 GiB (0.25 with --quick) */
+    int only_dt = -1;  /* --dtype: the gemv lines of one weight dtype */
     int shapes[16][3]; /* --shape m,k,n: cblas_sgemm vs stage_matmul_w on that shape */
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--threads") && i + 1 < argc) {
@@ -213,6 +215,13 @@ int main(int argc, char **argv)
             bw_only = 1;
         } else if (!strcmp(argv[i], "--gemv-only")) {
             gemv_only = 1;
+        } else if (!strcmp(argv[i], "--dtype") && i + 1 < argc) {
+            stage_dtype d;
+            if (stage_wdtype_parse(argv[++i], &d) || d == STAGE_F16) {
+                fprintf(stderr, "bench_kernels: --dtype %s: expected f32, bf16 or q8_0\n", argv[i]);
+                return 2;
+            }
+            only_dt = (int)d;
         } else if (!strcmp(argv[i], "--bw-gib") && i + 1 < argc) {
             bw_gib = atof(argv[++i]);
             if (!(bw_gib >= 0.125 && bw_gib <= 64)) {
@@ -240,7 +249,7 @@ int main(int argc, char **argv)
         } else {
             fprintf(stderr,
                     "usage: bench_kernels [--threads N] [--quick] [--isa c|avx2|avx512|avx512bf16] "
-                    "[--bw-gib G] [--gemv-only] [--bw-only [--shape m,k,n ...]]\n");
+                    "[--bw-gib G] [--gemv-only] [--dtype D] [--bw-only [--shape m,k,n ...]]\n");
             return 2;
         }
     }
@@ -386,7 +395,7 @@ int main(int argc, char **argv)
         if (!stage_isa_supported((stage_isa)s) || (only >= 0 && s != only)) continue;
         stage_matmul_force_isa((stage_isa)s);
         for (int d = 0; d < 3; d++)
-            for (int ni = 0; ni < 2; ni++)
+            for (int ni = 0; ni < 2 && (only_dt < 0 || only_dt == (int)dts[d]); ni++)
                 for (int mi = 0; mi < 3; mi++) {
                     if (s == STAGE_ISA_C && (ni == 1 || ms[mi] > 4) && only < 0)
                         continue; /* slow */
