@@ -12,10 +12,9 @@
  * kernels dequantize each weight vector once for every x row of their block (AVX2: 2 x rows,
  * AVX-512: 4), so batched decode pays the int8 -> f32 conversion once per weight, not per row.
  *
- * Why an AVX-512 kernel: one-sequence decode streams 1.06 bytes per weight, and the AVX2 kernel
- * spends four vector instructions (widen, convert, scale, FMA) on 8 weights, which measured
- * conversion-bound at 0.2-0.4 of the read bandwidth on 2 threads (docs/BENCH.md); 16 weights
- * per instruction halves that work.
+ * Why an AVX-512 kernel: the AVX2 one spends four vector instructions (widen, convert, scale,
+ * FMA) on 8 weights for each x row pair; 16 weights an instruction and 4 x rows a block
+ * measured 2x its rate at 4 and 16 x rows (docs/BENCH.md), level with it at one row.
  *
  * Large path: tiles dequantized to f32 and multiplied by the f32 tile engine, as the 16-bit
  * dtypes are.
