@@ -85,6 +85,8 @@ void stage_mm_q8_tile(const stage_weight *w, int r0, int rn, int c0, int kc, flo
 #if defined(__x86_64__)
 void stage_mm_q8_rows_avx2(const float *x, int m, const stage_weight *w, int r0, int r1, float *y,
                            const uint16_t *xs);
+void stage_mm_q8_rows_avx512(const float *x, int m, const stage_weight *w, int r0, int r1, float *y,
+                             const uint16_t *xs);
 #endif
 
 /* Plain C pieces shared by every variant (matmul.c). */

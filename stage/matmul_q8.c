@@ -1,14 +1,20 @@
 /* stage/matmul_q8.c — Q8_0 weights (stage/dtype.h) in the kernels of stage/matmul_isa.h: the
- * small path's row kernels (plain C and AVX2+FMA+F16C; AVX-512 CPUs run the AVX2 one) and the
- * large path's tile dequantization.
+ * small path's row kernels (plain C, AVX2+FMA+F16C and AVX-512) and the large path's tile
+ * dequantization.
  *
  * Small path: y = x · W^T with each weight dequantized on the fly (w = q * d, exact in f32:
  * 8 x 11 significant bits), activations kept in f32 (not quantized as llama.cpp does: the only
- * error is the weights' own). Reduction order of one output, the same in both variants: eight
- * lane sums acc[l] += w[c] * x[c] (lane l = c % 8, fused multiply-adds in column order), then
- * ((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7)). It depends on cols alone, not on m, the thread or the
- * rows around (stage/matmul.h: reduction order). The AVX2 kernel dequantizes each group of 8
- * weights once for up to 2 x rows (batched decode).
+ * error is the weights' own). Reduction order of one output: L lane sums acc[l] += w[c] * x[c]
+ * (lane l = c % L, fused multiply-adds in column order), then a fixed tree over the lanes:
+ * L = 8, ((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7)), in the C and AVX2 variants (bit-identical to
+ * each other); L = 16 and _mm512_reduce_add_ps's tree in the AVX-512 one. It depends on cols
+ * alone, not on m, the thread or the rows around (stage/matmul.h: reduction order). The SIMD
+ * kernels dequantize each weight vector once for every x row of their block (AVX2: 2 x rows,
+ * AVX-512: 4), so batched decode pays the int8 -> f32 conversion once per weight, not per row.
+ *
+ * Why an AVX-512 kernel: the AVX2 one spends four vector instructions (widen, convert, scale,
+ * FMA) on 8 weights for each x row pair; 16 weights an instruction and 4 x rows a block
+ * measured 2x its rate at 4 and 16 x rows (docs/BENCH.md), level with it at one row.
  *
  * Large path: tiles dequantized to f32 and multiplied by the f32 tile engine, as the 16-bit
  * dtypes are.
@@ -168,5 +174,106 @@ T256 void stage_mm_q8_rows_avx2(const float *x, int m, const stage_weight *w, in
             blkq8(x + (size_t)i * k, qj, dj, k, nb, 1, 2, y + (size_t)i * n + j, n);
         if (i < m) blkq8(x + (size_t)i * k, qj, dj, k, nb, 1, 1, y + (size_t)i * n + j, n);
     }
+}
+
+/* ---- AVX-512 (F/BW/VL) ----------------------------------------------------------------------- */
+
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+
+/* y[i*ldy + r] = x_i · w_r for r < R weight rows (q rows at q + r*k, scales at d + r*nb) and
+ * i < MB x rows (at x + i*k). Columns in vectors of 16 in order, the last one masked; each
+ * weight vector is dequantized once (q * d) and multiplied into all MB x rows. */
+static T512 INL void blkq8_512(const float *x, const int8_t *q, const uint16_t *d, int k, int nb,
+                               int R, int MB, float *y, int ldy)
+{
+    __m512 acc[4][4];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; i++) acc[r][i] = _mm512_setzero_ps();
+    const int nfull = k / QB; /* blocks of 32 columns */
+    for (int b0 = 0; b0 < nb; b0 += 16) {
+        /* the scales of blocks b0 .. b0+15 of each row as f32, read back one block at a time
+         * (broadcast from memory: no shuffle per block) */
+        float ds[4][16];
+        const int bn = nb - b0 < 16 ? nb - b0 : 16;
+        const __mmask16 bm = (__mmask16)((1u << bn) - 1u);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++)
+            _mm512_storeu_ps(
+                ds[r], _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(bm, d + (size_t)r * nb + b0)));
+        const int bf = nfull - b0 < bn ? (nfull - b0 > 0 ? nfull - b0 : 0) : bn;
+        for (int bb = 0; bb < bf; bb++) {
+            const int c0 = (b0 + bb) * QB;
+#pragma GCC unroll 2
+            for (int v = 0; v < 2; v++) {
+                const int c = c0 + v * 16;
+                __m512 wv[4];
+#pragma GCC unroll 4
+                for (int r = 0; r < R; r++)
+                    wv[r] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                                              (const __m128i *)(q + (size_t)r * k + c)))),
+                                          _mm512_set1_ps(ds[r][bb]));
+#pragma GCC unroll 4
+                for (int i = 0; i < MB; i++) {
+                    const __m512 xv = _mm512_loadu_ps(x + (size_t)i * k + c);
+#pragma GCC unroll 4
+                    for (int r = 0; r < R; r++) acc[r][i] = _mm512_fmadd_ps(wv[r], xv, acc[r][i]);
+                }
+            }
+        }
+        if (bf < bn) { /* the row's short last block: vectors of 16, the last one masked */
+            const int bb = bf;
+            for (int c = (b0 + bb) * QB; c < k; c += 16) {
+                const int cn = k - c < 16 ? k - c : 16;
+                const __mmask16 cm = (__mmask16)((1u << cn) - 1u);
+                __m512 wv[4];
+#pragma GCC unroll 4
+                for (int r = 0; r < R; r++)
+                    wv[r] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                              _mm_maskz_loadu_epi8(cm, q + (size_t)r * k + c))),
+                                          _mm512_set1_ps(ds[r][bb]));
+#pragma GCC unroll 4
+                for (int i = 0; i < MB; i++) {
+                    const __m512 xv = _mm512_maskz_loadu_ps(cm, x + (size_t)i * k + c);
+#pragma GCC unroll 4
+                    for (int r = 0; r < R; r++) acc[r][i] = _mm512_fmadd_ps(wv[r], xv, acc[r][i]);
+                }
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; i++) y[(size_t)i * ldy + r] = _mm512_reduce_add_ps(acc[r][i]);
+}
+
+/* Groups of 4 weight rows (then single rows), each against blocks of 4 x rows (then the 1-3
+ * left) while the group's rows stay in L1. */
+T512 void stage_mm_q8_rows_avx512(const float *x, int m, const stage_weight *w, int r0, int r1,
+                                  float *y, const uint16_t *xs)
+{
+    (void)xs;
+    const int n = w->rows, k = w->cols, nb = stage_q8_blocks(k);
+    const int8_t *q = w->data;
+    int j = r0;
+#define Q8B(RR, MM) blkq8_512(x + (size_t)i * k, qj, dj, k, nb, RR, MM, y + (size_t)i * n + j, n)
+#define Q8ROWS(RR)                                                                                 \
+    do {                                                                                           \
+        const int8_t *qj = q + (size_t)j * k;                                                      \
+        const uint16_t *dj = w->scale + (size_t)j * nb;                                            \
+        int i = 0;                                                                                 \
+        for (; i + 4 <= m; i += 4) Q8B(RR, 4);                                                     \
+        switch (m - i) {                                                                           \
+        case 3: Q8B(RR, 3); break;                                                                 \
+        case 2: Q8B(RR, 2); break;                                                                 \
+        case 1: Q8B(RR, 1); break;                                                                 \
+        default: break;                                                                            \
+        }                                                                                          \
+    } while (0)
+    for (; j + 4 <= r1; j += 4) Q8ROWS(4);
+    for (; j < r1; j++) Q8ROWS(1);
+#undef Q8ROWS
+#undef Q8B
 }
 #endif

@@ -1,6 +1,6 @@
 /* tests/bench_kernels.c — micro-benchmark of stage/matmul.h (not a test; `make bench-kernels`).
  *
- *   bench_kernels [--threads N] [--quick] [--isa NAME]
+ *   bench_kernels [--threads N] [--quick] [--isa NAME] [--bw-gib G] [--gemv-only] [--dtype D]
  *
  * Prints one `key=value ...` line per measurement (lines starting with # are comments):
  *   --bw-only: only the bw lines, then for each --shape m,k,n one `shape` line: cblas_sgemm
@@ -11,13 +11,18 @@
  *            own_bf16_gflops: oneDNN's own matmul on the whole shape, one primitive on N OpenMP
  *            threads, weights in the checkpoint layout (scripts/bench-matmul's ceiling), also
  *            per CPU-second x N (own_*_cpu_gflops);
- *   bw       read bandwidth of this machine: 1, 2, 4 .. N threads summing a 1 GiB buffer, best
- *            of 5 passes (read_gbs),
+ *   bw       read bandwidth of this machine: 1, 2, 4 .. N threads summing a G GiB buffer
+ *            (--bw-gib, default 1; it is also the GEMV lines' weight arena: make it several
+ *            times the L3, or the weights come from cache), best of 5 passes (read_gbs),
  *            and the median over 32 MiB pieces (read_gbs_32mib_pieces); the GEMV lines'
  *            of_read_bw divides by the larger of the two N-thread values;
+ *   cache    one thread re-reading a 4 .. 512 MiB buffer (best pass of 2 GiB read): where the rate
+ *            falls to the bw one is the size of the cache a core really reaches;
  *   gemv     decode shapes (m = 1, 4, 16; k = 4096; n = 4096, 14336; f32, bf16, q8_0) per ISA
  *            variant: GB/s of weights streamed and the fraction of the read bandwidth. The
  *            weights rotate through copies filling 1 GiB so they come from memory, not the L3;
+ *            --gemv-only stops after the gemv lines, --dtype f32|bf16|q8_0 runs only that one
+ *            (e.g. under perf stat);
  *   cross    small path vs large path for m around STAGE_M_SMALL (how it was chosen);
  *   prefill  m = 256 GFLOP/s per variant vs one cblas_sgemm call (OpenBLAS on N threads) on the
  *            same f32 shape; prefill_engine: the large path with its tiles on OpenBLAS and on
@@ -168,17 +173,19 @@ static double read_bw(const uint64_t *buf, size_t words, int nt, size_t piece_wo
 
 /* ---- matmul timing --------------------------------------------------------------------------- */
 
-/* Median seconds of one stage_matmul_w call, rotating over the weight copies in arena. */
+/* Median seconds of one stage_matmul_w call, rotating over weight copies in arena. */
 static double time_matmul(const float *x, int m, int n, int k, stage_dtype dt, const char *arena,
                           size_t arena_bytes, float *y, int reps)
 {
     const size_t wbytes = stage_matrix_bytes(dt, (size_t)n, (size_t)k); /* Q8_0: q, scales */
-    int copies = (int)(arena_bytes / wbytes);
-    if (copies < 1) copies = 1;
+    /* The copies continue where the previous call stopped (next_off), so each call reads the
+     * part of the arena touched longest ago, not the copies the previous shape left in the L3. */
+    static size_t next_off;
     double *t = malloc((size_t)reps * sizeof *t);
     for (int r = -2; r < reps; r++) { /* two warm-up calls */
-        int c = (r + 2) % copies;
-        const char *p = arena + (size_t)c * wbytes;
+        if (next_off + wbytes > arena_bytes) next_off = 0;
+        const char *p = arena + next_off;
+        next_off += (wbytes + 4095) & ~(size_t)4095;
         stage_weight w = {.dtype = dt, .rows = n, .cols = k, .data = p};
         if (dt == STAGE_Q8_0) w.scale = (const uint16_t *)(p + (size_t)n * k);
         double t0 = now_s();
@@ -264,7 +271,9 @@ done:
 
 int main(int argc, char **argv)
 {
-    int nt = n_cpus(), quick = 0, only = -1, bw_only = 0, n_shapes = 0;
+    int nt = n_cpus(), quick = 0, only = -1, bw_only = 0, n_shapes = 0, gemv_only = 0;
+    double bw_gib = 0; /* 0: 1 GiB (0.25 with --quick) */
+    int only_dt = -1;  /* --dtype: the gemv lines of one weight dtype */
     int shapes[16][3]; /* --shape m,k,n: cblas_sgemm vs stage_matmul_w on that shape */
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--threads") && i + 1 < argc) {
@@ -277,6 +286,21 @@ int main(int argc, char **argv)
             quick = 1;
         } else if (!strcmp(argv[i], "--bw-only")) {
             bw_only = 1;
+        } else if (!strcmp(argv[i], "--gemv-only")) {
+            gemv_only = 1;
+        } else if (!strcmp(argv[i], "--dtype") && i + 1 < argc) {
+            stage_dtype d;
+            if (stage_wdtype_parse(argv[++i], &d) || d == STAGE_F16) {
+                fprintf(stderr, "bench_kernels: --dtype %s: expected f32, bf16 or q8_0\n", argv[i]);
+                return 2;
+            }
+            only_dt = (int)d;
+        } else if (!strcmp(argv[i], "--bw-gib") && i + 1 < argc) {
+            bw_gib = atof(argv[++i]);
+            if (!(bw_gib >= 0.125 && bw_gib <= 64)) {
+                fprintf(stderr, "bench_kernels: --bw-gib must be 0.125..64\n");
+                return 2;
+            }
         } else if (!strcmp(argv[i], "--shape") && i + 1 < argc && n_shapes < 16) {
             int *sh = shapes[n_shapes++];
             if (sscanf(argv[++i], "%d,%d,%d", &sh[0], &sh[1], &sh[2]) != 3 || sh[0] < 1 ||
@@ -298,7 +322,7 @@ int main(int argc, char **argv)
         } else {
             fprintf(stderr,
                     "usage: bench_kernels [--threads N] [--quick] [--isa c|avx2|avx512|avx512bf16] "
-                    "[--bw-only [--shape m,k,n ...]]\n");
+                    "[--bw-gib G] [--gemv-only] [--dtype D] [--bw-only [--shape m,k,n ...]]\n");
             return 2;
         }
     }
@@ -308,7 +332,7 @@ int main(int argc, char **argv)
         return 1;
     }
     const int reps = quick ? 5 : 20;
-    const size_t arena_bytes = (size_t)(quick ? 0.25 * GIB : 1.0 * GIB);
+    const size_t arena_bytes = (size_t)(bw_gib > 0 ? bw_gib * GIB : quick ? 0.25 * GIB : 1.0 * GIB);
 
     /* One buffer: first the read-bandwidth buffer, then the weight arena. Filled with bf16 values
      * in [-1, 1) (as f32 pairs they are ordinary floats in [-1, 1)), so no NaN / subnormal
@@ -346,6 +370,22 @@ int main(int argc, char **argv)
         printf("bw threads=%d buffer_gib=%.2f read_gbs=%.2f read_gbs_32mib_pieces=%.2f\n", t,
                arena_bytes / GIB, pass, pieces);
         bwn = pass > pieces ? pass : pieces; /* the stricter reference */
+    }
+    /* Repeated reads of a buffer by one thread, best of enough passes to read 2 GiB: the rate
+     * stays above the memory one while the buffer fits the cache this core reaches (on AMD,
+     * its CCD's L3, whatever the CPU reports for the socket). */
+    for (size_t mib = 4; mib <= 512 && (mib << 20) <= arena_bytes; mib *= 2) {
+        const size_t words = (mib << 20) / 8;
+        double best = 0;
+        uint64_t sink = 0;
+        for (size_t pass = 0; pass < 5 || pass < (size_t)2048 / mib; pass++) {
+            double t0 = now_s();
+            sink += sum_words((const uint64_t *)arena, words);
+            double g = (double)(mib << 20) / (now_s() - t0) / 1e9;
+            if (g > best) best = g;
+        }
+        if (sink == 42) fprintf(stderr, "#\n"); /* keep the sums live */
+        printf("cache mib=%zu read_gbs=%.2f\n", mib, best);
     }
     fflush(stdout);
     if (bw_only) {
@@ -445,7 +485,7 @@ int main(int argc, char **argv)
         if (!stage_isa_supported((stage_isa)s) || (only >= 0 && s != only)) continue;
         stage_matmul_force_isa((stage_isa)s);
         for (int d = 0; d < 3; d++)
-            for (int ni = 0; ni < 2; ni++)
+            for (int ni = 0; ni < 2 && (only_dt < 0 || only_dt == (int)dts[d]); ni++)
                 for (int mi = 0; mi < 3; mi++) {
                     if (s == STAGE_ISA_C && (ni == 1 || ms[mi] > 4) && only < 0)
                         continue; /* slow */
@@ -460,6 +500,14 @@ int main(int argc, char **argv)
                            2.0 * m * n * K / t / 1e9);
                     fflush(stdout);
                 }
+    }
+
+    if (gemv_only) {
+        free(x);
+        free(y);
+        free(arena);
+        stage_threads_free();
+        return 0;
     }
 
     /* ---- small vs large path around the threshold (best variant) ----------------------------- */

@@ -246,6 +246,9 @@ static void test_matmul_large_shapes(void)
     check_shape(13, STAGE_TILE_K * 2 + 37, ms2, 3, worst); /* k in 3 converted blocks */
     const int ms3[] = {2, 20};
     check_shape(64, 4096, ms3, 2, worst); /* decode-sized dot products */
+    /* Q8_0's AVX-512 kernel reads scales 16 blocks at a time: 3 groups and a short block */
+    const int ms4[] = {1, 2, 3, 4, 5, 9};
+    check_shape(9, 32 * 16 * 3 + 5, ms4, 6, worst);
     stage_threads_free();
     print_worst("large", worst);
 }
