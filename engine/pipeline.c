@@ -554,6 +554,9 @@ static int step0(engine_loop *c)
         issue(c, f);
         issued++;
         print_progress(c, 0);
+        /* one stage: issue completed the micro-batch, so this loop runs for as long as work
+         * comes; the scheduler still gets its KV and link reports every 0.25 s */
+        report_poll(c, 0);
     }
     report_poll(c, 0);
     if (c->fl_n == 0) {

@@ -127,6 +127,61 @@ static void kv_now(srvq_stats *st)
 }
 static int forever; /* keep submitting, never close: the dead-rank test kills a rank */
 
+/* The live phase (kv runs): one request whose on_token sleeps, so it runs for well over a
+ * report period (0.25 s), while the client watches the pools' reports: pages held by a
+ * running request must show, on one stage as on N (the pipeline loop reports while it
+ * issues). */
+static long kv_live_max = -1; /* most pages held on all stages seen while it ran */
+static int live_done;
+static void live_token(void *arg, int32_t t)
+{
+    (void)arg;
+    (void)t;
+    struct timespec ts = {0, 15000000};
+    nanosleep(&ts, NULL);
+}
+static void live_end(void *arg, srvq_finish why, int n_prompt, int n_gen, const char *msg)
+{
+    (void)arg;
+    (void)why;
+    (void)n_prompt;
+    (void)n_gen;
+    (void)msg;
+    pthread_mutex_lock(&mu);
+    live_done = 1;
+    pthread_cond_broadcast(&cv);
+    pthread_mutex_unlock(&mu);
+}
+static void live_phase(void)
+{
+    char err[256];
+    srvq_request q = {.prompt = R[0].prompt,
+                      .n_prompt = R[0].n_prompt,
+                      .max_tokens = 40,
+                      .top_p = 1,
+                      .ignore_eos = 1,
+                      .on_token = live_token,
+                      .on_done = live_end};
+    if (srvq_submit(Q, &q, err, sizeof err) < 0) {
+        fprintf(stderr, "live submit: %s\n", err);
+        return;
+    }
+    kv_live_max = 0;
+    for (;;) {
+        pthread_mutex_lock(&mu);
+        int d = live_done;
+        pthread_mutex_unlock(&mu);
+        if (d) break;
+        srvq_stats st;
+        kv_now(&st);
+        long used = 0;
+        for (int k = 0; k < st.n_kv; k++) used += (long)st.kv[k].pages_used;
+        if (st.running > 0 && used > kv_live_max) kv_live_max = used;
+        struct timespec ts = {0, 5000000};
+        nanosleep(&ts, NULL);
+    }
+}
+
 static void *client_forever(void *arg)
 {
     (void)arg;
@@ -162,6 +217,7 @@ static void *client(void *arg)
     struct timespec one = {1, 0};
     nanosleep(&one, NULL);
     idle_cpu = cpu_s() - c0;
+    if (kv_mem) live_phase();
     char err[256];
     for (int i = 0; i <= NREQ; i++) {
         req *r = &R[i];
@@ -311,6 +367,7 @@ static int worker(int argc, char **argv)
         printf("idle_cpu %.3f\n", idle_cpu);
         printf("preemptions %llu kv_used_after %ld stages %d\n", (unsigned long long)st.preemptions,
                kv_used_after, st.n_kv);
+        printf("kv_live_max %ld\n", kv_live_max);
         printf("prefix_hits %llu tokens %llu\n", (unsigned long long)st.prefix_hits,
                (unsigned long long)st.prefix_tokens);
         fflush(stdout);
@@ -431,7 +488,7 @@ static void check_serve(int np, int slots, long kv_mem_bytes, const char *mode)
     CU_ASSERT_PTR_NOT_NULL_FATAL(s);
     sscanf(s, "stats requests %llu generated %llu running %ld queued %ld links %d", &reqs, &gen,
            &running, &queued, &links);
-    CU_ASSERT_EQUAL(reqs, NREQ + 1);
+    CU_ASSERT_EQUAL(reqs, NREQ + 1 + (kv_mem_bytes ? 1 : 0)); /* the live request */
     CU_ASSERT(running == 0 && queued == 0);
     if (np == 1) CU_ASSERT_EQUAL(links, 0); /* one stage: no link */
     if (np > 1) {
@@ -474,6 +531,12 @@ static void check_serve(int np, int slots, long kv_mem_bytes, const char *mode)
     CU_ASSERT_EQUAL(used, 0);
     CU_ASSERT_EQUAL(stages, np);
     fprintf(stderr, " [-np %d: %llu preemptions] ", np, pre);
+    /* the pages of a request that ran for over a report period were reported while it ran */
+    long live = -1;
+    char *lv = strstr(OUT, "kv_live_max ");
+    if (lv) live = atol(lv + 12);
+    CU_ASSERT(live > 0);
+    if (!(live > 0)) fprintf(stderr, "\n  -np %d: no KV report while running (%ld)\n", np, live);
 }
 
 /* A rank killed while the server runs: the job ends (non-zero, naming the rank), no hang. The kill
