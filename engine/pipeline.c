@@ -357,7 +357,8 @@ static void report_fill(const engine_loop *c, uint64_t *v, int final)
                                .kv_pages_skip = (uint64_t)k.pages_skip,
                                .kv_pages_full = (uint64_t)k.pages_full,
                                .kv_page = (uint64_t)k.page,
-                               .kv_layers = (uint64_t)k.kv_layers};
+                               .kv_layers = (uint64_t)k.kv_layers,
+                               .kv_pages_cached = (uint64_t)k.pages_cached};
     memcpy(v + (size_t)c->S * ENGINE_LINK_STAT_N, &tail, sizeof tail);
 }
 
@@ -446,7 +447,8 @@ static void report_poll(engine_loop *c, int force)
                                        .pages_skip = k.kv_pages_skip,
                                        .pages_full = k.kv_pages_full,
                                        .page = k.kv_page,
-                                       .kv_layers = k.kv_layers};
+                                       .kv_layers = k.kv_layers,
+                                       .pages_cached = k.kv_pages_cached};
     }
     c->ops->kv(c->self, c->kvr, c->S);
 }

@@ -71,6 +71,13 @@ struct srvq {
     int prefix_off;              /* srvq_set_prefix_reuse(q, 0) */
     int n_share;                 /* prefix shares for the next micro-batch */
     int32_t share[3 * STAGE_MAX_SHARE];
+    /* the cache of finished prefixes (serve/queue_sched.c): a finished request's slot stays
+     * parked on the stages, holding its pages, until evicted least recently used first */
+    int32_t *c_tok;  /* [slots][ctx] tokens at positions 0.. of each parked slot */
+    int *c_pos;      /* [slots] positions a parked slot holds (0: not parked) */
+    uint64_t *c_use; /* [slots] tick of its parking or its last hit */
+    uint64_t tick;
+    int n_cached;              /* parked slots */
     void (*notify)(void *arg); /* srvq_set_notify: called with mu held on every kick */
     void *notify_arg;
 };

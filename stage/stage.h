@@ -153,11 +153,15 @@ int stage_state_slot_drop_before(stage_state *s, int layer, int slot, int pos);
  * are shared page by page (the partial last page copied), so both read the same K/V and go on
  * appending independently; src is unchanged. dst is reset first; its next row has position
  * >= pos. Meant for causal routing only (a layer's kept rows of a prefix must not depend on
- * what follows it: threshold / predictor MoD, token MindSkip, dense). Returns 0, or -1 (src
- * == dst, out of range, src released / lost / with dropped positions, or no page for a copy:
- * dst is then empty, and lost in soft mode so that its rows are recomputed, not run on an
- * empty cache). A sliding-window layer shares from the first entry src still holds, which
- * must be at or before the first one a row at pos sees. */
+ * what follows it: threshold / predictor MoD, token MindSkip, dense). Returns 0, or -1 (out
+ * of range, src released / lost / with dropped positions, or no page for a copy: dst is then
+ * empty, and lost in soft mode so that its rows are recomputed, not run on an empty cache).
+ * A sliding-window layer shares from the first entry src still holds, which must be at or
+ * before the first one a row at pos sees.
+ * src == dst **parks** src (pos unused): its sequence is over and no row will come for it,
+ * but its pages stay for later shares from it (the cache of finished prefixes); they count
+ * as cached in stage_state_kv_stats until the slot's next reset or release. Parking a
+ * released or lost slot does nothing (-1). */
 int stage_state_slot_share(stage_state *s, int src, int dst, int pos);
 
 /* Run the stage's layers on the present rows of x [b->n][D] (present [b->n] 0/1), in place. */
@@ -212,7 +216,8 @@ typedef struct {
     int page;             /* positions per page */
     int kv_layers;        /* layers of the stage with a KV cache (each takes its own pages) */
     int pages_total;      /* pages in the pool */
-    int pages_used;       /* pages held by sequences now */
+    int pages_used;       /* pages held by sequences now (cached ones included) */
+    int pages_cached;     /* of them, pages held by parked sequences only (prefix cache) */
     int pages_peak;       /* most pages held at once since init */
     size_t page_bytes;    /* bytes of one page (K + V + positions) */
     size_t bytes_used;    /* pages_used x page_bytes */

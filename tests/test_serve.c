@@ -50,7 +50,8 @@ typedef struct {
 } req;
 
 static srvq *Q;
-static req R[NREQ + 1];
+static req R[NREQ + 2]; /* [NREQ + 1]: the tail request */
+static int tail;        /* after all ended, R[0]'s prompt once more: it shares a parked prefix */
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
 static int ready_flag, n_done_all;
@@ -100,7 +101,10 @@ static double cpu_s(void)
 
 static double idle_cpu = -1;
 static size_t kv_mem;           /* --kv-mem of the run (0: the default, room for everything) */
-static long kv_used_after = -1; /* pages held on all stages once every request ended */
+static long kv_used_after = -1; /* pages held on all stages once every request ended and the
+                                 * prefix cache was cleared */
+static long kv_live_after = -1; /* pages held by running sequences once every request ended
+                                 * (before the clear: the rest is cached) */
 /* blind: the queue never sees the pools' reports, so it admits by slots alone and the stages
  * run out of pages (the stage's soft mode and the recompute of lost sequences); the reports
  * are kept here instead */
@@ -239,10 +243,41 @@ static void *client(void *arg)
             nanosleep(&ts, NULL);
         }
     }
-    if (kv_mem) { /* every request ends, then the stages' pools report every page back */
+    if (tail) { /* nothing runs: only a finished request's parked slot can give the prefix */
         pthread_mutex_lock(&mu);
         while (n_done_all < NREQ + 1) pthread_cond_wait(&cv, &mu);
         pthread_mutex_unlock(&mu);
+        req *r = &R[NREQ + 1];
+        *r = R[0];
+        r->n_tok = r->n_done = 0;
+        srvq_request q = {.prompt = r->prompt,
+                          .n_prompt = r->n_prompt,
+                          .max_tokens = MAX_NEW,
+                          .top_p = 1,
+                          .on_token = on_token,
+                          .on_done = on_done,
+                          .arg = r};
+        if (srvq_submit(Q, &q, err, sizeof err) < 0) fprintf(stderr, "tail submit: %s\n", err);
+        pthread_mutex_lock(&mu);
+        while (n_done_all < NREQ + 2) pthread_cond_wait(&cv, &mu);
+        pthread_mutex_unlock(&mu);
+    }
+    if (kv_mem) { /* every request ends: every page is free or cached; then the cache is
+                   * cleared and the stages' pools report every page back */
+        pthread_mutex_lock(&mu);
+        while (n_done_all < NREQ + 1) pthread_cond_wait(&cv, &mu);
+        pthread_mutex_unlock(&mu);
+        for (int t = 0; t < 200 && kv_live_after != 0; t++) {
+            srvq_stats st;
+            kv_now(&st);
+            long live = 0;
+            for (int k = 0; k < st.n_kv; k++)
+                live += (long)(st.kv[k].pages_used - st.kv[k].pages_cached);
+            if (st.n_kv > 0) kv_live_after = live;
+            struct timespec ts = {0, 50000000};
+            if (kv_live_after) nanosleep(&ts, NULL);
+        }
+        srvq_prefix_cache_clear(Q);
         for (int t = 0; t < 200 && kv_used_after != 0; t++) {
             srvq_stats st;
             kv_now(&st);
@@ -264,8 +299,12 @@ static int worker(int argc, char **argv)
     int slots = atoi(argv[4]);
     forever = argc > 5 && !strcmp(argv[5], "forever");
     if (argc > 5 && !forever) kv_mem = (size_t)atol(argv[5]);
-    blind = argc > 6 && !strcmp(argv[6], "blind");
-    int noprefix = argc > 6 && !strcmp(argv[6], "noprefix");
+    int noprefix = 0;
+    for (int i = 6; i < argc; i++) { /* modes */
+        blind |= !strcmp(argv[i], "blind");
+        noprefix |= !strcmp(argv[i], "noprefix");
+        tail |= !strcmp(argv[i], "tail");
+    }
     int provided;
     MPI_Init_thread(NULL, NULL, MPI_THREAD_FUNNELED, &provided);
     int rank, size;
@@ -349,7 +388,7 @@ static int worker(int argc, char **argv)
     if (rank == 0 && rc) on_ready(NULL); /* the client finds the queue closed and stops */
     if (rank == 0) {
         pthread_join(th, NULL);
-        for (int i = 0; i <= NREQ; i++) {
+        for (int i = 0; i <= NREQ + tail; i++) {
             printf("req %d done %d why %d tokens ", i, R[i].n_done, (int)R[i].why);
             for (int k = 0; k < R[i].n_tok && k < 256; k++)
                 printf("%s%d", k ? "," : "", R[i].tok[k]);
@@ -367,7 +406,9 @@ static int worker(int argc, char **argv)
         printf("idle_cpu %.3f\n", idle_cpu);
         printf("preemptions %llu kv_used_after %ld stages %d\n", (unsigned long long)st.preemptions,
                kv_used_after, st.n_kv);
-        printf("kv_live_max %ld\n", kv_live_max);
+        printf("kv_live_max %ld live_after %ld\n", kv_live_max, kv_live_after);
+        printf("parked_hits %llu evictions %llu\n", (unsigned long long)st.prefix_cached_hits,
+               (unsigned long long)st.prefix_evictions);
         printf("prefix_hits %llu tokens %llu\n", (unsigned long long)st.prefix_hits,
                (unsigned long long)st.prefix_tokens);
         fflush(stdout);
@@ -448,9 +489,19 @@ static int make_reference(void)
 
 static void check_serve(int np, int slots, long kv_mem_bytes, const char *mode)
 {
-    int rc = run(300, "%s -np %d %s --worker %s/stories260K %s %d %ld %s", MPIRUN, np, SELF, FIX,
-                 PF, slots, kv_mem_bytes, mode);
+    const int px = PF == prompts_px; /* shared prefixes: a tail request after all ended */
+    int rc = run(300, "%s -np %d %s --worker %s/stories260K %s %d %ld %s%s", MPIRUN, np, SELF, FIX,
+                 PF, slots, kv_mem_bytes, mode, px ? " tail" : "");
     CU_ASSERT_EQUAL_FATAL(rc, 0);
+    if (px) { /* the tail, R[0]'s prompt from a parked prefix (reuse on), gives R[0]'s tokens */
+        char key[32];
+        snprintf(key, sizeof key, "req %d done 1 why ", NREQ + 1);
+        char *l = strstr(OUT, key), *t = l ? strstr(l, "tokens ") : NULL;
+        CU_ASSERT_PTR_NOT_NULL_FATAL(t);
+        t += 7;
+        size_t n = (size_t)(strchr(t, '\n') - t);
+        CU_ASSERT(n == strlen(W[0]) && !strncmp(t, W[0], n));
+    }
     int same = 0, once = 0;
     for (int i = 0; i < NREQ; i++) {
         char key[32];
@@ -488,7 +539,7 @@ static void check_serve(int np, int slots, long kv_mem_bytes, const char *mode)
     CU_ASSERT_PTR_NOT_NULL_FATAL(s);
     sscanf(s, "stats requests %llu generated %llu running %ld queued %ld links %d", &reqs, &gen,
            &running, &queued, &links);
-    CU_ASSERT_EQUAL(reqs, NREQ + 1 + (kv_mem_bytes ? 1 : 0)); /* the live request */
+    CU_ASSERT_EQUAL(reqs, NREQ + 1 + (kv_mem_bytes ? 1 : 0) + px); /* the live, tail ones */
     CU_ASSERT(running == 0 && queued == 0);
     if (np == 1) CU_ASSERT_EQUAL(links, 0); /* one stage: no link */
     if (np > 1) {
@@ -514,9 +565,16 @@ static void check_serve(int np, int slots, long kv_mem_bytes, const char *mode)
     char *ph = strstr(OUT, "prefix_hits ");
     if (ph) hits = strtoull(ph + 12, NULL, 10);
     if (PF == prompts_px && !strcmp(mode, "noprefix")) CU_ASSERT_EQUAL(hits, 0);
-    if (PF == prompts_px && strcmp(mode, "noprefix")) {
+    unsigned long long parked = 0, evicted = 0;
+    char *pk = strstr(OUT, "parked_hits ");
+    if (pk) sscanf(pk, "parked_hits %llu evictions %llu", &parked, &evicted);
+    if (px && !strcmp(mode, "noprefix")) CU_ASSERT_EQUAL(parked, 0);
+    if (px && strcmp(mode, "noprefix")) {
         CU_ASSERT(hits > 0); /* and the tokens above are still generate's */
-        fprintf(stderr, " [-np %d: %llu prefix hits] ", np, hits);
+        /* finished requests' parked prefixes were shared from, and evicted for slots */
+        CU_ASSERT(parked > 0 && evicted > 0);
+        fprintf(stderr, " [-np %d: %llu prefix hits, %llu on parked slots, %llu evictions] ", np,
+                hits, parked, evicted);
     }
     if (!kv_mem_bytes) return;
     /* a pool too small for 8 sequences at once: sequences were preempted and recomputed (the
@@ -532,11 +590,12 @@ static void check_serve(int np, int slots, long kv_mem_bytes, const char *mode)
     CU_ASSERT_EQUAL(stages, np);
     fprintf(stderr, " [-np %d: %llu preemptions] ", np, pre);
     /* the pages of a request that ran for over a report period were reported while it ran */
-    long live = -1;
+    long live = -1, live_after = -1;
     char *lv = strstr(OUT, "kv_live_max ");
-    if (lv) live = atol(lv + 12);
+    if (lv) sscanf(lv, "kv_live_max %ld live_after %ld", &live, &live_after);
     CU_ASSERT(live > 0);
     if (!(live > 0)) fprintf(stderr, "\n  -np %d: no KV report while running (%ld)\n", np, live);
+    CU_ASSERT_EQUAL(live_after, 0); /* every page free or cached once all ended */
 }
 
 /* A rank killed while the server runs: the job ends (non-zero, naming the rank), no hang. The kill

@@ -414,6 +414,107 @@ static void test_prefix_reuse(void)
     srvq_free(q);
 }
 
+/* Run micro-batches until client c is done (the fake head answers every row). */
+static void run_until_done(srvq *q, stage_batch *mb, const client *c)
+{
+    for (int k = 0; k < 64 && !c->n_done; k++) {
+        CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, mb), 1);
+        give_back(q, mb, NULL);
+    }
+    CU_ASSERT_EQUAL(c->n_done, 1);
+}
+
+/* The cache of finished prefixes: a finished request parks its slot (a share triple src ==
+ * dst), a later request shares from it (its generated tokens included), a longer parked
+ * prefix supersedes a shorter one, parked slots are evicted for a slot, for pages (before
+ * any preemption) and by srvq_prefix_cache_clear; cancelled requests are not parked. */
+static void test_prefix_cache(void)
+{
+    int32_t pa[30], pb[34], pc[20];
+    for (int i = 0; i < 30; i++) pa[i] = 3 + i;
+    memcpy(pb, pa, sizeof pa);
+    for (int i = 30; i < 33; i++) pb[i] = 100; /* a's tokens (slot 0: 100 each) */
+    pb[33] = 40;
+    for (int i = 0; i < 20; i++) pc[i] = 20 + i;
+    srvq *q = srvq_new(2, 40, 4, 120, -1);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 8, 0, 8), 0);
+    engine_kv_report kr = {.stage = 0, .page = 4, .kv_layers = 1, .pages_total = 100};
+    srvq_sched_ops.kv(q, &kr, 1);
+    stage_batch mb;
+    stage_batch_init(&mb, 8);
+    client c[5];
+    memset(c, 0, sizeof c);
+    char err[256];
+    srvq_stats st;
+    /* a: 30 + 4 tokens; its KV holds positions 0..32 (the last token is never fed) */
+    CU_ASSERT_EQUAL(submit(q, &c[0], pa, 30, 4, err), 0);
+    run_until_done(q, &mb, &c[0]);
+    CU_ASSERT(c[0].why == SRVQ_FINISH_LENGTH && c[0].n_tok == 4);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1); /* the park alone */
+    CU_ASSERT(mb.n == 0 && mb.n_release == 0 && mb.n_share == 1);
+    CU_ASSERT(mb.share[0] == 0 && mb.share[1] == 0 && mb.share[2] == 33);
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.cached_slots == 1 && st.running == 0);
+    CU_ASSERT_EQUAL(srvq_sched_ops.next(q, &mb), 0); /* nothing else to do */
+    /* b = a's prompt and 3 of its tokens + 1: shares 32 positions (whole blocks) from slot 0 */
+    CU_ASSERT_EQUAL(submit(q, &c[1], pb, 34, 1, err), 1);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT(mb.n_share == 1 && mb.share[0] == 0 && mb.share[1] == 1 && mb.share[2] == 32);
+    CU_ASSERT(mb.n == 2 && mb.slot[0] == 1 && mb.pos[0] == 32 && mb.token[0] == 100 &&
+              mb.token[1] == 40);
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.prefix_hits == 1 && st.prefix_cached_hits == 1 && st.prefix_tokens == 32);
+    give_back(q, &mb, NULL); /* b: 1 token, done: parked with 34 positions, a's superseded */
+    CU_ASSERT(c[1].n_done == 1 && c[1].why == SRVQ_FINISH_LENGTH);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT(mb.n == 0 && mb.n_release == 1 && mb.release[0] == 0 && mb.n_share == 1 &&
+              mb.share[0] == 1 && mb.share[1] == 1 && mb.share[2] == 34);
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.cached_slots == 1 && st.prefix_evictions == 1);
+    /* c (other tokens) takes free slot 0; d then needs slot 1: the parked slot is evicted */
+    CU_ASSERT_EQUAL(submit(q, &c[2], pc, 20, 8, err), 2);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT(mb.n_share == 0 && mb.slot[0] == 0 && mb.pos[0] == 0);
+    CU_ASSERT_EQUAL(submit(q, &c[3], pc, 20, 1, err), 3);
+    give_back(q, &mb, NULL);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.cached_slots == 0 && st.prefix_evictions == 2 && st.running == 2);
+    /* its release is superseded by d's reset (c had issued 8 positions: no share) */
+    CU_ASSERT(mb.n_release == 0 && mb.n_share == 0);
+    /* c is cancelled: not parked (its slot is released); d ends and parks */
+    srvq_cancel(q, 2);
+    give_back(q, &mb, NULL);
+    run_until_done(q, &mb, &c[3]);
+    CU_ASSERT(c[2].why == SRVQ_FINISH_CANCELLED);
+    srvq_get_stats(q, &st);
+    CU_ASSERT_EQUAL(st.cached_slots, 1);
+    /* pages: the pool shrinks so that the parked slot and a new request do not both fit: the
+     * parked slot goes, nothing is preempted */
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1); /* c's release, d's park */
+    kr.pages_total = 9;
+    srvq_sched_ops.kv(q, &kr, 1);
+    CU_ASSERT_EQUAL(submit(q, &c[4], pa, 30, 1, err), 4);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.cached_slots == 0 && st.prefix_evictions == 3 && st.preemptions == 0 &&
+              st.running == 1);
+    run_until_done(q, &mb, &c[4]);
+    /* clear: every parked slot is released with the next micro-batch */
+    kr.pages_total = 100;
+    srvq_sched_ops.kv(q, &kr, 1);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1); /* e's park */
+    srvq_get_stats(q, &st);
+    CU_ASSERT_EQUAL(st.cached_slots, 1);
+    srvq_prefix_cache_clear(q);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT(mb.n == 0 && mb.n_release == 1);
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.cached_slots == 0 && st.running == 0);
+    stage_batch_free(&mb);
+    srvq_free(q);
+}
+
 /* Many threads submit at once while the "pipeline" runs: ids unique, every request done once. */
 typedef struct {
     srvq *q;
@@ -601,6 +702,7 @@ int main(void)
     CU_add_test(s, "whole prompts", test_whole_prompts);
     CU_add_test(s, "admission by memory, preemption, recompute", test_preempt);
     CU_add_test(s, "prefix reuse from a running request", test_prefix_reuse);
+    CU_add_test(s, "the cache of finished prefixes: park, share, evict", test_prefix_cache);
     CU_add_test(s, "concurrent submits", test_threads);
     CU_add_test(s, "rewind after a restart", test_rewind);
     CU_add_test(s, "decode groups", test_decode_groups);
