@@ -358,7 +358,9 @@ static void report_fill(const engine_loop *c, uint64_t *v, int final)
                                .kv_pages_full = (uint64_t)k.pages_full,
                                .kv_page = (uint64_t)k.page,
                                .kv_layers = (uint64_t)k.kv_layers,
-                               .kv_pages_cached = (uint64_t)k.pages_cached};
+                               .kv_pages_cached = (uint64_t)k.pages_cached,
+                               .kv_entries_live = (uint64_t)k.entries_live,
+                               .kv_positions_live = (uint64_t)k.positions_live};
     memcpy(v + (size_t)c->S * ENGINE_LINK_STAT_N, &tail, sizeof tail);
 }
 
@@ -448,7 +450,9 @@ static void report_poll(engine_loop *c, int force)
                                        .pages_full = k.kv_pages_full,
                                        .page = k.kv_page,
                                        .kv_layers = k.kv_layers,
-                                       .pages_cached = k.kv_pages_cached};
+                                       .pages_cached = k.kv_pages_cached,
+                                       .entries_live = k.kv_entries_live,
+                                       .positions_live = k.kv_positions_live};
     }
     c->ops->kv(c->self, c->kvr, c->S);
 }

@@ -43,7 +43,10 @@ srvq *srvq_new(int slots, int ctx, int queue_cap, int vocab, int eos)
     pthread_cond_init(&q->cv, &ca);
     pthread_condattr_destroy(&ca);
     q->st.slots = slots;
-    for (int i = 0; i < SRVQ_MAX_LINKS; i++) q->keep[i] = 1.0; /* every row kept until measured */
+    for (int i = 0; i < SRVQ_MAX_LINKS; i++) { /* every row kept until measured */
+        q->keep[i] = 1.0;
+        q->margin[i] = 1.25;
+    }
     return q;
 }
 

@@ -66,10 +66,11 @@ struct srvq {
     event *ev; /* [ev_cap] */
     int n_ev, ev_cap;
     char fail_msg[256];
-    srvq_stats st;               /* st.kv: the stages' pools, the basis of admission by memory */
-    double keep[SRVQ_MAX_LINKS]; /* per stage: pages held / pages had every layer kept every row */
-    int prefix_off;              /* srvq_set_prefix_reuse(q, 0) */
-    int n_share;                 /* prefix shares for the next micro-batch */
+    srvq_stats st;                 /* st.kv: the stages' pools, the basis of admission by memory */
+    double keep[SRVQ_MAX_LINKS];   /* per stage: share of rows the layers keep (measured) */
+    double margin[SRVQ_MAX_LINKS]; /* per stage: admission's factor on keep (grows on a loss) */
+    int prefix_off;                /* srvq_set_prefix_reuse(q, 0) */
+    int n_share;                   /* prefix shares for the next micro-batch */
     int32_t share[3 * STAGE_MAX_SHARE];
     /* the cache of finished prefixes (serve/queue_sched.c): a finished request's slot stays
      * parked on the stages, holding its pages, until evicted least recently used first */

@@ -209,32 +209,39 @@ static void preempt(srvq *q, rq *r)
 }
 
 /* ---- admission by memory (docs/SPEC.md §11) ----
- * Each stage reports its pool (pages, page size, layers with a KV cache, pages held); a
- * sequence of n positions takes at most kv_layers x ceil(n / page) pages there, times the
- * share `keep` the stage's layers have been measured to keep (1 until measured). A request
- * is admitted when every stage can hold what the running ones will hold after their next
- * row plus its own rows and a page of growth on each layer; the newest running request is
- * preempted when the running ones alone no longer fit. A stage that runs out anyway (the
- * estimate was low) loses the sequence that needed the page, which is recomputed too. */
-static double est_pages(const srvq *q, int s, long positions)
+ * Each stage reports its pool (pages, page size P, layers with a KV cache L, pages held) and
+ * the share of rows its layers keep, counted at one moment (entries the running sequences
+ * hold over what they would hold had every layer kept every row: no lag between the two). A
+ * layer keeping k_l of a sequence's n rows holds ceil(k_l n / P) <= k_l n / P + 1 pages, so
+ * with k the share kept a sequence takes at most L (k n / P + 1) pages: the estimate, with k
+ * = keep x margin (at most 1; 1 until measured), which cannot fall short unless a sequence
+ * keeps more than margin times the stage's share. A request is admitted when every stage can
+ * hold what the running ones will hold after their next row plus its own rows and a page of
+ * growth on each layer, with the margin (1.25, growing by a quarter on every loss); the
+ * newest running request is preempted only when the running ones no longer fit without it
+ * (k = keep: admission's margin is slack that a noisy measure does not turn into
+ * preemptions). A stage that runs out anyway loses the sequence that needed the page, which
+ * is recomputed too. */
+static double est_pages(const srvq *q, int s, long positions, int with_margin)
 {
     const engine_kv_report *k = &q->st.kv[s];
     if (!k->page || positions <= 0) return 0.0;
-    long p = (long)k->page;
-    return q->keep[s] * (double)k->kv_layers * (double)((positions + p - 1) / p);
+    double kp = q->keep[s] * (with_margin ? q->margin[s] : 1.0);
+    if (kp > 1.0) kp = 1.0;
+    return (double)k->kv_layers * (kp * (double)positions / (double)k->page + 1.0);
 }
 
 /* 1 when the running requests (each one row on) plus `extra` positions of a new one fit. */
-static int kv_fits(const srvq *q, long extra)
+static int kv_fits(const srvq *q, long extra, int with_margin)
 {
     for (int s = 0; s < q->st.n_kv; s++) {
         const engine_kv_report *k = &q->st.kv[s];
         if (!k->page || !k->kv_layers) continue;
-        double need = est_pages(q, s, extra);
+        double need = est_pages(q, s, extra, with_margin);
         for (const rq *r = q->run_head; r; r = r->next)
-            need += est_pages(q, s, (long)r->r.n_prompt + r->n_gen + 1);
+            need += est_pages(q, s, (long)r->r.n_prompt + r->n_gen + 1, with_margin);
         for (int c = 0; c < q->slots; c++) /* parked: pages shared with a running one twice */
-            if (q->c_pos[c]) need += est_pages(q, s, q->c_pos[c]);
+            if (q->c_pos[c]) need += est_pages(q, s, q->c_pos[c], with_margin);
         if (need > (double)k->pages_total) return 0;
     }
     return 1;
@@ -310,14 +317,14 @@ static void sweep(srvq *q)
     }
     /* under pressure parked slots go first, then the newest running request makes room
      * (never the last one) */
-    while (!kv_fits(q, 0) && evict_lru(q, -1)) {}
-    while (q->n_running > 1 && !kv_fits(q, 0)) preempt(q, q->run_tail);
+    while (!kv_fits(q, 0, 1) && evict_lru(q, -1)) {}
+    while (q->n_running > 1 && !kv_fits(q, 0, 0)) preempt(q, q->run_tail);
     /* admission in arrival order, by slots and by memory (parked slots evicted for either,
      * the one the request would share from last); with nothing running the oldest one always
      * goes (a request the pool cannot hold ends with an error, sched_done) */
     const long reserve = reserve_positions(q);
     while (q->qhead) {
-        if (!kv_fits(q, (long)q->qhead->n_fill + reserve)) {
+        if (!kv_fits(q, (long)q->qhead->n_fill + reserve, 1)) {
             if (make_room(q, q->qhead)) continue;
             if (q->n_running > 0) break;
         }
@@ -519,7 +526,7 @@ static void sched_done(void *self, const stage_batch *mb, const int32_t *tok)
             if (!r->solo) {
                 preempt(q, r);
                 for (int s = 0; s < q->st.n_kv; s++) /* the estimate was low */
-                    q->keep[s] = q->keep[s] * 1.25 < 1.0 ? q->keep[s] * 1.25 : 1.0;
+                    if (q->keep[s] * q->margin[s] < 1.0) q->margin[s] *= 1.25;
                 continue;
             }
             /* every page of every pool was free for it: it cannot fit */
@@ -600,16 +607,13 @@ static void sched_kv(void *self, const engine_kv_report *k, int n)
     if (n > SRVQ_MAX_LINKS) n = SRVQ_MAX_LINKS;
     q->st.n_kv = n;
     memcpy(q->st.kv, k, (size_t)n * sizeof *k);
-    /* measure keep: pages held against every layer keeping every issued row (the report
-     * lags the rows issued, so a quarter more, and only once there is something to measure) */
+    /* measure keep: the running sequences' entries over their positions x layers, both
+     * counted by the stage at the same moment; only once there is something to measure
+     * (4 pages' worth a layer) */
     for (int s = 0; s < n; s++) {
         const engine_kv_report *e = &k[s];
-        if (!e->page || !e->kv_layers) continue;
-        double worst = 0;
-        for (const rq *r = q->run_head; r; r = r->next)
-            worst += (double)e->kv_layers * (double)((r->n_issued + e->page - 1) / e->page);
-        if (worst < 4.0 * (double)e->kv_layers) continue;
-        double kp = 1.25 * (double)e->pages_used / worst;
+        if (!e->page || !e->kv_layers || e->positions_live < 4 * e->page * e->kv_layers) continue;
+        double kp = (double)e->entries_live / (double)e->positions_live;
         q->keep[s] = kp < 1.0 / 64 ? 1.0 / 64 : kp > 1.0 ? 1.0 : kp;
     }
     pthread_mutex_unlock(&q->mu);

@@ -213,20 +213,24 @@ size_t stage_state_kv_alloc_bytes(const stage_state *s);
 
 /* The KV pool now (docs/SPEC.md §11). */
 typedef struct {
-    int page;             /* positions per page */
-    int kv_layers;        /* layers of the stage with a KV cache (each takes its own pages) */
-    int pages_total;      /* pages in the pool */
-    int pages_used;       /* pages held by sequences now (cached ones included) */
-    int pages_cached;     /* of them, pages held by parked sequences only (prefix cache) */
-    int pages_peak;       /* most pages held at once since init */
-    size_t page_bytes;    /* bytes of one page (K + V + positions) */
-    size_t bytes_used;    /* pages_used x page_bytes */
-    size_t bytes_dense;   /* what a contiguous dense cache would hold for the same sequences:
+    int page;               /* positions per page */
+    int kv_layers;          /* layers of the stage with a KV cache (each takes its own pages) */
+    int pages_total;        /* pages in the pool */
+    int pages_used;         /* pages held by sequences now (cached ones included) */
+    int pages_cached;       /* of them, pages held by parked sequences only (prefix cache) */
+    int64_t entries_live;   /* entries (rows kept) of the running (not parked) sequences, on
+                           * every layer of the stage */
+    int64_t positions_live; /* positions those sequences reached x the stage's layers: had
+                             * every layer kept every row, entries_live would be this */
+    int pages_peak;         /* most pages held at once since init */
+    size_t page_bytes;      /* bytes of one page (K + V + positions) */
+    size_t bytes_used;      /* pages_used x page_bytes */
+    size_t bytes_dense;     /* what a contiguous dense cache would hold for the same sequences:
                             * every layer of the stage, every position reached, K + V +
                             * position per entry */
-    int64_t pages_routed; /* pages held by routed (mod / mode_staged) layers */
-    int64_t pages_skip;   /* by mindskip layers */
-    int64_t pages_full;   /* by dense / mode_integrated layers */
+    int64_t pages_routed;   /* pages held by routed (mod / mode_staged) layers */
+    int64_t pages_skip;     /* by mindskip layers */
+    int64_t pages_full;     /* by dense / mode_integrated layers */
 } stage_kv_stats;
 void stage_state_kv_stats(const stage_state *s, stage_kv_stats *out);
 /* Pages layer `layer` holds now (-1 outside the stage). */

@@ -387,8 +387,10 @@ void stage_state_kv_stats(const stage_state *s, stage_kv_stats *o)
     memset(s->pg_mark, 0, (size_t)s->pool.n_pages);
     for (int slot = 0; slot < s->n_slots; slot++) {
         if (s->parked[slot]) continue;
+        o->positions_live += (int64_t)s->kv_seen[slot] * s->n_layers;
         for (int li = 0; li < s->n_layers; li++) {
             const kv_seq *c = &s->kv[(size_t)li * s->n_slots + slot];
+            o->entries_live += c->n;
             const int hi = (c->n + s->pool.page - 1) / s->pool.page;
             for (int pi = c->lo / s->pool.page; pi < hi; pi++) s->pg_mark[c->pt[pi]] = 1;
         }

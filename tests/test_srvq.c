@@ -295,7 +295,7 @@ static void test_preempt(void)
     static const int32_t P6[6] = {1, 2, 3, 4, 5, 6};
     srvq *q = srvq_new(3, 32, 4, 50, -1);
     CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 8, 0, 8), 0);
-    engine_kv_report kr = {.stage = 0, .page = 4, .kv_layers = 2, .pages_total = 12};
+    engine_kv_report kr = {.stage = 0, .page = 4, .kv_layers = 2, .pages_total = 14};
     srvq_sched_ops.kv(q, &kr, 1);
     stage_batch mb;
     stage_batch_init(&mb, 8);
@@ -303,7 +303,9 @@ static void test_preempt(void)
     memset(c, 0, sizeof c);
     char err[256];
     for (int i = 0; i < 3; i++) CU_ASSERT_EQUAL(submit(q, &c[i], P6, 6, 4, err), i);
-    /* a (4 pages) + b (2 * ceil(10/4) = 6) fit in 12; with them c (6 more) does not */
+    /* nothing measured (every row kept): n positions take at most 2 (n / 4 + 1) pages; a (7
+     * positions once a row on: 5.5) + b (6 + a page of growth: 7) fit in 14; with them c (7
+     * more) does not */
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
     srvq_stats st;
     srvq_get_stats(q, &st);
@@ -350,7 +352,7 @@ static void test_preempt(void)
     srvq_get_stats(q, &st);
     CU_ASSERT_EQUAL(st.running, 2);
     kr.pages_total = 6;
-    kr.pages_used = 8; /* all the rows issued, kept on both layers: keep stays 1 */
+    kr.pages_used = 8; /* no share of rows kept measured: keep stays 1 */
     srvq_sched_ops.kv(q, &kr, 1);
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
     srvq_get_stats(q, &st);
@@ -410,6 +412,50 @@ static void test_prefix_reuse(void)
     CU_ASSERT_EQUAL(submit(q, &c[2], p20, 20, 2, err), 2);
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
     CU_ASSERT(mb.n_share == 0 && mb.slot[0] == 2 && mb.pos[0] == 0);
+    stage_batch_free(&mb);
+    srvq_free(q);
+}
+
+/* The share of rows kept, measured by a report (entries over positions x layers at one
+ * moment), lets more requests in; admission keeps a margin over it that the preemption check
+ * does not, so a pool that just holds the running ones preempts nothing. */
+static void test_keep_estimate(void)
+{
+    static const int32_t P6[6] = {1, 2, 3, 4, 5, 6};
+    srvq *q = srvq_new(9, 32, 9, 50, -1);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 8, 0, 8), 0);
+    engine_kv_report kr = {.stage = 0, .page = 4, .kv_layers = 2, .pages_total = 40};
+    srvq_sched_ops.kv(q, &kr, 1);
+    stage_batch mb;
+    stage_batch_init(&mb, 8);
+    client c[9];
+    memset(c, 0, sizeof c);
+    char err[256];
+    for (int i = 0; i < 9; i++) CU_ASSERT_EQUAL(submit(q, &c[i], P6, 6, 4, err), i);
+    /* every row kept: 5.5 pages a running one, 7 a new one: 7 fit in 40 */
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    srvq_stats st;
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.running == 7 && st.queued == 2);
+    /* an eighth of the rows kept (x 1.25 margin): 2 (0.156 x 7 / 4 + 1) = 2.55 pages each */
+    kr.entries_live = 16;
+    kr.positions_live = 128;
+    srvq_sched_ops.kv(q, &kr, 1);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.running == 9 && st.queued == 0);
+    /* 22 pages: 9 x 2.55 (margin) > 22 >= 9 x 2.44 (the measure itself): nothing preempted */
+    kr.pages_total = 22;
+    srvq_sched_ops.kv(q, &kr, 1);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.running == 9 && st.preemptions == 0);
+    /* 21: the newest one gives way */
+    kr.pages_total = 21;
+    srvq_sched_ops.kv(q, &kr, 1);
+    srvq_sched_ops.next(q, &mb);
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.running == 8 && st.preemptions == 1);
     stage_batch_free(&mb);
     srvq_free(q);
 }
@@ -703,6 +749,7 @@ int main(void)
     CU_add_test(s, "admission by memory, preemption, recompute", test_preempt);
     CU_add_test(s, "prefix reuse from a running request", test_prefix_reuse);
     CU_add_test(s, "the cache of finished prefixes: park, share, evict", test_prefix_cache);
+    CU_add_test(s, "admission: the share of rows kept, the margin", test_keep_estimate);
     CU_add_test(s, "concurrent submits", test_threads);
     CU_add_test(s, "rewind after a restart", test_rewind);
     CU_add_test(s, "decode groups", test_decode_groups);
