@@ -160,6 +160,7 @@ if (mode === "probe" || mode === "burst") {
     const r = await one([...prefix, ...ids(P - L)], 1);
     if (r.ok) ttfts.push(r.ttft); else fails.push(r.error);
   }
+  await new Promise(r => setTimeout(r, 600)); // the stages' pool reports (every 0.25 s)
   const m1 = await metrics();
   const d = k => (m1[k] || 0) - (m0[k] || 0);
   out({ mode, n: N, prefix: L, prompt: P, ttft_first_ms: +(1000 * (ttfts[0] || 0)).toFixed(1),
