@@ -109,6 +109,7 @@ async function burst(prompts, olen) {
   const secs = now() - t0;
   done = true;
   await poll;
+  await new Promise(r => setTimeout(r, 600)); // every stage's pool report (every 0.25 s)
   const m1 = await metrics();
   return { rs, maxrun, secs, preemptions: m1.modpipe_preemptions_total - m0.modpipe_preemptions_total,
            peak: m1.modpipe_kv_pages_peak, total: m1.modpipe_kv_pages_total,
