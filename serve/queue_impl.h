@@ -33,8 +33,8 @@ typedef struct rq {
     int inflight;    /* rows issued, not back */
     int group;       /* decode group + 1 (0: none yet; serve/queue_sched.c) */
     uint32_t epoch;  /* admissions so far; the rows' tag names it (srvq_rq_tag) */
-    int solo;        /* admitted with nothing running and nothing admitted since: the pools
-                      * hold its pages only */
+    int solo;        /* admitted with nothing running or parked and nothing admitted since:
+                      * the pools hold its pages only */
     int no_share;    /* lost once: recomputed without a shared prefix */
     struct rq *next; /* queue / running list order */
 } rq;

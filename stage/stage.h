@@ -225,7 +225,7 @@ typedef struct {
     int pages_peak;         /* most pages held at once since init */
     size_t page_bytes;      /* bytes of one page (K + V + positions) */
     size_t bytes_used;      /* pages_used x page_bytes */
-    size_t bytes_dense;     /* what a contiguous dense cache would hold for the same sequences:
+    size_t bytes_dense;     /* what a contiguous dense cache would hold for the running sequences:
                             * every layer of the stage, every position reached, K + V +
                             * position per entry */
     int64_t pages_routed;   /* pages held by routed (mod / mode_staged) layers */

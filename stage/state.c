@@ -401,8 +401,9 @@ void stage_state_kv_stats(const stage_state *s, stage_kv_stats *o)
     o->page_bytes = kv_page_bytes(s->pool.page, s->pool.kvd);
     o->bytes_used = (size_t)o->pages_used * o->page_bytes;
     const size_t ent = o->page_bytes / (size_t)s->pool.page; /* bytes of one entry */
-    for (int slot = 0; slot < s->n_slots; slot++)
-        o->bytes_dense += (size_t)s->kv_seen[slot] * (size_t)s->n_layers * ent;
+    for (int slot = 0; slot < s->n_slots; slot++)            /* the live sequences' (not parked) */
+        if (!s->parked[slot])
+            o->bytes_dense += (size_t)s->kv_seen[slot] * (size_t)s->n_layers * ent;
     for (int li = 0; li < s->n_layers; li++) {
         int layer = s->m->range.first + li;
         int64_t n = stage_state_kv_layer_pages(s, layer);
