@@ -51,7 +51,12 @@ typedef struct {
 
 static srvq *Q;
 static req R[NREQ + 2]; /* [NREQ + 1]: the tail request */
-static int tail;        /* after all ended, R[0]'s prompt once more: it shares a parked prefix */
+static int tail; /* after all ended, R[tail_of]'s prompt once more: it shares a parked prefix */
+static int tail_of;
+/* then tail2: that prompt + the tail's first tokens up to 33 positions, so it shares 32 from
+ * the tail's parked slot, generated positions included; it must go on with the tail's tokens */
+static int tail2_same = -1;
+static unsigned long long tail2_shared;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
 static int ready_flag, n_done_all;
@@ -247,8 +252,10 @@ static void *client(void *arg)
         pthread_mutex_lock(&mu);
         while (n_done_all < NREQ + 1) pthread_cond_wait(&cv, &mu);
         pthread_mutex_unlock(&mu);
+        for (int i = 0; i < NREQ && !tail_of; i++) /* long enough for 32 shared positions */
+            if (R[i].n_prompt >= 21 && R[i].n_tok == MAX_NEW) tail_of = i;
         req *r = &R[NREQ + 1];
-        *r = R[0];
+        *r = R[tail_of];
         r->n_tok = r->n_done = 0;
         srvq_request q = {.prompt = r->prompt,
                           .n_prompt = r->n_prompt,
@@ -261,6 +268,31 @@ static void *client(void *arg)
         pthread_mutex_lock(&mu);
         while (n_done_all < NREQ + 2) pthread_cond_wait(&cv, &mu);
         pthread_mutex_unlock(&mu);
+        static req r2;
+        static int32_t p2[64];
+        const int k = 33 - r->n_prompt;
+        if (r->n_prompt >= 21 && r->n_tok == MAX_NEW) {
+            memcpy(p2, r->prompt, (size_t)r->n_prompt * sizeof *p2);
+            memcpy(p2 + r->n_prompt, r->tok, (size_t)k * sizeof *p2);
+            srvq_stats s0, s1;
+            srvq_get_stats(Q, &s0);
+            srvq_request q2 = {.prompt = p2,
+                               .n_prompt = 33,
+                               .max_tokens = MAX_NEW - k,
+                               .top_p = 1,
+                               .ignore_eos = 1,
+                               .on_token = on_token,
+                               .on_done = on_done,
+                               .arg = &r2};
+            if (srvq_submit(Q, &q2, err, sizeof err) < 0) fprintf(stderr, "tail2: %s\n", err);
+            pthread_mutex_lock(&mu);
+            while (n_done_all < NREQ + 3) pthread_cond_wait(&cv, &mu);
+            pthread_mutex_unlock(&mu);
+            srvq_get_stats(Q, &s1);
+            tail2_shared = (unsigned long long)(s1.prefix_tokens - s0.prefix_tokens);
+            tail2_same = r2.n_tok == MAX_NEW - k &&
+                         !memcmp(r2.tok, r->tok + k, (size_t)(MAX_NEW - k) * sizeof *r2.tok);
+        }
     }
     if (kv_mem) { /* every request ends: every page is free or cached; then the cache is
                    * cleared and the stages' pools report every page back */
@@ -407,6 +439,7 @@ static int worker(int argc, char **argv)
         printf("preemptions %llu kv_used_after %ld stages %d\n", (unsigned long long)st.preemptions,
                kv_used_after, st.n_kv);
         printf("kv_live_max %ld live_after %ld\n", kv_live_max, kv_live_after);
+        printf("tail_of %d tail2_same %d shared %llu\n", tail_of, tail2_same, tail2_shared);
         printf("parked_hits %llu evictions %llu\n", (unsigned long long)st.prefix_cached_hits,
                (unsigned long long)st.prefix_evictions);
         printf("prefix_hits %llu tokens %llu\n", (unsigned long long)st.prefix_hits,
@@ -493,14 +526,24 @@ static void check_serve(int np, int slots, long kv_mem_bytes, const char *mode)
     int rc = run(300, "%s -np %d %s --worker %s/stories260K %s %d %ld %s%s", MPIRUN, np, SELF, FIX,
                  PF, slots, kv_mem_bytes, mode, px ? " tail" : "");
     CU_ASSERT_EQUAL_FATAL(rc, 0);
-    if (px) { /* the tail, R[0]'s prompt from a parked prefix (reuse on), gives R[0]'s tokens */
+    if (px) { /* the tail, R[j]'s prompt from a parked prefix (reuse on), gives R[j]'s tokens;
+               * the tail2 (its prompt + its first tokens) goes on with the tail's tokens */
+        int j = -1, same2 = -1;
+        unsigned long long shared2 = 0;
+        char *tl = strstr(OUT, "tail_of ");
+        CU_ASSERT_PTR_NOT_NULL_FATAL(tl);
+        sscanf(tl, "tail_of %d tail2_same %d shared %llu", &j, &same2, &shared2);
         char key[32];
         snprintf(key, sizeof key, "req %d done 1 why ", NREQ + 1);
         char *l = strstr(OUT, key), *t = l ? strstr(l, "tokens ") : NULL;
         CU_ASSERT_PTR_NOT_NULL_FATAL(t);
+        CU_ASSERT_FATAL(j >= 0 && j < NREQ);
         t += 7;
         size_t n = (size_t)(strchr(t, '\n') - t);
-        CU_ASSERT(n == strlen(W[0]) && !strncmp(t, W[0], n));
+        CU_ASSERT(n == strlen(W[j]) && !strncmp(t, W[j], n));
+        CU_ASSERT_EQUAL(same2, 1);
+        /* 32 positions from the tail's parked slot, its generated ones included */
+        CU_ASSERT_EQUAL(shared2, strcmp(mode, "noprefix") ? 32u : 0u);
     }
     int same = 0, once = 0;
     for (int i = 0; i < NREQ; i++) {
@@ -539,7 +582,7 @@ static void check_serve(int np, int slots, long kv_mem_bytes, const char *mode)
     CU_ASSERT_PTR_NOT_NULL_FATAL(s);
     sscanf(s, "stats requests %llu generated %llu running %ld queued %ld links %d", &reqs, &gen,
            &running, &queued, &links);
-    CU_ASSERT_EQUAL(reqs, NREQ + 1 + (kv_mem_bytes ? 1 : 0) + px); /* the live, tail ones */
+    CU_ASSERT_EQUAL(reqs, NREQ + 1 + (kv_mem_bytes ? 1 : 0) + 2 * px); /* live, tails */
     CU_ASSERT(running == 0 && queued == 0);
     if (np == 1) CU_ASSERT_EQUAL(links, 0); /* one stage: no link */
     if (np > 1) {
