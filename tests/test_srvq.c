@@ -290,19 +290,28 @@ static void done_tok(srvq *q, const stage_batch *mb, int32_t tok_all, int slot, 
     srvq_sched_ops.done(q, mb, tok);
 }
 
-static void test_preempt(void)
+/* A queue of `slots` slots (ctx 32, R 8) whose one stage has a pool of `pages` pages of 4
+ * positions on 2 layers (reported in *kr), with n requests of 6 prompt + 4 tokens queued. */
+static srvq *kv_queue(int slots, int pages, engine_kv_report *kr, stage_batch *mb, client *c, int n)
 {
     static const int32_t P6[6] = {1, 2, 3, 4, 5, 6};
-    srvq *q = srvq_new(3, 32, 4, 50, -1);
+    srvq *q = srvq_new(slots, 32, slots, 50, -1);
     CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 8, 0, 8), 0);
-    engine_kv_report kr = {.stage = 0, .page = 4, .kv_layers = 2, .pages_total = 14};
-    srvq_sched_ops.kv(q, &kr, 1);
-    stage_batch mb;
-    stage_batch_init(&mb, 8);
-    client c[3];
-    memset(c, 0, sizeof c);
+    *kr = (engine_kv_report){.stage = 0, .page = 4, .kv_layers = 2, .pages_total = pages};
+    srvq_sched_ops.kv(q, kr, 1);
+    stage_batch_init(mb, 8);
+    memset(c, 0, (size_t)n * sizeof *c);
     char err[256];
-    for (int i = 0; i < 3; i++) CU_ASSERT_EQUAL(submit(q, &c[i], P6, 6, 4, err), i);
+    for (int i = 0; i < n; i++) CU_ASSERT_EQUAL(submit(q, &c[i], P6, 6, 4, err), i);
+    return q;
+}
+
+static void test_preempt(void)
+{
+    engine_kv_report kr;
+    stage_batch mb;
+    client c[3];
+    srvq *q = kv_queue(3, 14, &kr, &mb, c, 3);
     /* nothing measured (every row kept): n positions take at most 2 (n / 4 + 1) pages; a (7
      * positions once a row on: 5.5) + b (6 + a page of growth: 7) fit in 14; with them c (7
      * more) does not */
@@ -421,17 +430,10 @@ static void test_prefix_reuse(void)
  * does not, so a pool that just holds the running ones preempts nothing. */
 static void test_keep_estimate(void)
 {
-    static const int32_t P6[6] = {1, 2, 3, 4, 5, 6};
-    srvq *q = srvq_new(9, 32, 9, 50, -1);
-    CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 8, 0, 8), 0);
-    engine_kv_report kr = {.stage = 0, .page = 4, .kv_layers = 2, .pages_total = 40};
-    srvq_sched_ops.kv(q, &kr, 1);
+    engine_kv_report kr;
     stage_batch mb;
-    stage_batch_init(&mb, 8);
     client c[9];
-    memset(c, 0, sizeof c);
-    char err[256];
-    for (int i = 0; i < 9; i++) CU_ASSERT_EQUAL(submit(q, &c[i], P6, 6, 4, err), i);
+    srvq *q = kv_queue(9, 40, &kr, &mb, c, 9);
     /* every row kept: 5.5 pages a running one, 7 a new one: 7 fit in 40 */
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
     srvq_stats st;
