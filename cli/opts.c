@@ -122,7 +122,8 @@ static const cli_opt_def OPTS[] = {
      "TCP port (default 8080; 0: any free port, printed at start)"},
     {"no-prefix-reuse", NULL, CLI_SERVE, CLI_ONCE,
      "compute every prompt in full (default: a prompt whose first 16k positions a running "
-     "request holds starts from its KV pages; causal routing only)"},
+     "request or a finished one's parked slot holds starts from its KV pages; causal routing "
+     "only)"},
     {"queue", "N", CLI_SERVE, CLI_ONCE,
      "requests waiting for a slot at most; beyond: 503 + Retry-After (default 64)"},
     {"api-key-file", "PATH", CLI_SERVE, CLI_ONCE,

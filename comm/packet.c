@@ -250,7 +250,8 @@ static int comm_check(const comm_packet *p, int n_stages, char *err, size_t errl
     }
     for (int k = 0; k < p->rows.n_share; k++) {
         const int32_t *t = p->rows.share + 3 * k;
-        if (t[0] < 0 || t[1] < 0 || t[0] == t[1] || t[2] < 1) {
+        /* src == dst: a park (stage_state_slot_share) */
+        if (t[0] < 0 || t[1] < 0 || t[2] < 1) {
             base_set_err(err, errlen,
                          "packet mb %llu %d->%d: share of slot %d's %d positions to %d", mb,
                          p->sender, p->receiver, (int)t[0], (int)t[2], (int)t[1]);

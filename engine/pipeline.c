@@ -281,7 +281,10 @@ static void report_fill(const engine_loop *c, uint64_t *v, int final)
                                .kv_pages_skip = (uint64_t)k.pages_skip,
                                .kv_pages_full = (uint64_t)k.pages_full,
                                .kv_page = (uint64_t)k.page,
-                               .kv_layers = (uint64_t)k.kv_layers};
+                               .kv_layers = (uint64_t)k.kv_layers,
+                               .kv_pages_cached = (uint64_t)k.pages_cached,
+                               .kv_entries_live = (uint64_t)k.entries_live,
+                               .kv_positions_live = (uint64_t)k.positions_live};
     memcpy(v + (size_t)c->S * ENGINE_LINK_STAT_N, &tail, sizeof tail);
 }
 
@@ -370,7 +373,10 @@ static void report_poll(engine_loop *c, int force)
                                        .pages_skip = k.kv_pages_skip,
                                        .pages_full = k.kv_pages_full,
                                        .page = k.kv_page,
-                                       .kv_layers = k.kv_layers};
+                                       .kv_layers = k.kv_layers,
+                                       .pages_cached = k.kv_pages_cached,
+                                       .entries_live = k.kv_entries_live,
+                                       .positions_live = k.kv_positions_live};
     }
     c->ops->kv(c->self, c->kvr, c->S);
 }
@@ -476,6 +482,9 @@ static int step0(engine_loop *c)
         issue(c, f);
         issued++;
         print_progress(c, 0);
+        /* one stage: issue completed the micro-batch, so this loop runs for as long as work
+         * comes; the scheduler still gets its KV and link reports every 0.25 s */
+        report_poll(c, 0);
     }
     report_poll(c, 0);
     if (c->fl_n == 0) {

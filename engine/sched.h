@@ -51,6 +51,10 @@ typedef struct {
     int stage;
     uint64_t page, kv_layers; /* positions per page; layers holding a KV cache (each pages) */
     uint64_t pages_total, pages_used, pages_peak, page_bytes;
+    uint64_t pages_cached; /* of pages_used, held only by parked sequences (prefix cache) */
+    /* entries the running sequences hold on every layer, and what they would hold had every
+     * layer kept every row: the share of rows kept, both counted at the same moment */
+    uint64_t entries_live, positions_live;
     uint64_t bytes_dense; /* a contiguous dense cache for the same sequences */
     uint64_t pages_routed, pages_skip, pages_full; /* by layer kind: mod / mode_staged,
                                                      * mindskip, dense / mode_integrated */

@@ -65,7 +65,10 @@
     X(kv_pages_skip, 0, "")                                                                        \
     X(kv_pages_full, 0, "")                                                                        \
     X(kv_page, 0, "positions per page")                                                            \
-    X(kv_layers, 0, "layers holding pages")
+    X(kv_layers, 0, "layers holding pages")                                                        \
+    X(kv_pages_cached, 0, "of kv_pages_used, held by parked sequences only (prefix cache)")        \
+    X(kv_entries_live, 0, "entries of the running sequences, every layer")                         \
+    X(kv_positions_live, 0, "positions they reached x layers (every row kept)")
 
 #define ENGINE_STATS_DOUBLE(name, json, what) double name;
 #define ENGINE_STATS_U64(name, json, what) uint64_t name;

@@ -9,6 +9,9 @@
 //   ttft      a holder request (prefix of L ids, long output) keeps running while N requests
 //             (same prefix + P-L own ids, 1 output token) are sent one after another; their
 //             TTFT p50 / mean, prefix cache hits; then the holder is cancelled
+//   seq       N requests (same prefix of L ids + P-L own ids, 1 output token) one after another
+//             with nothing else running: the first computes the prefix, the later ones can only
+//             find it in the cache of finished prefixes; TTFT of the first and p50 of the rest
 //   overload  N streams at once (preemptions expected), then each again alone; outputs compared
 // Prompts are seeded pseudo-random ids (< 500, every tokenizer here has them); greedy, ignore_eos.
 import { now, pct, stream, xorshift } from "./serve-client.mjs";
@@ -24,8 +27,8 @@ for (let i = 0; i < argv.length; i += 2) {
   args[argv[i].slice(2)] = argv[i + 1];
 }
 const url = args.url;
-if (!url || !["probe", "burst", "ttft", "overload"].includes(mode)) {
-  console.error("bench-kv.mjs: usage: MODE(probe|burst|ttft|overload) --url URL [...]");
+if (!url || !["probe", "burst", "ttft", "seq", "overload"].includes(mode)) {
+  console.error("bench-kv.mjs: usage: MODE(probe|burst|ttft|seq|overload) --url URL [...]");
   process.exit(2);
 }
 const N = +(args.n || 1), P = +(args["prompt-len"] || 1008), O = +(args["output-len"] || 16);
@@ -73,6 +76,7 @@ async function burst(prompts, olen) {
   const secs = now() - t0;
   done = true;
   await poll;
+  await new Promise(r => setTimeout(r, 600)); // every stage's pool report (every 0.25 s)
   const m1 = await metrics();
   return { rs, maxrun, secs, preemptions: m1.modpipe_preemptions_total - m0.modpipe_preemptions_total,
            peak: m1.modpipe_kv_pages_peak, total: m1.modpipe_kv_pages_total,
@@ -116,6 +120,23 @@ if (mode === "probe" || mode === "burst") {
         prefix_hits: m1.modpipe_prefix_cache_hits_total - m0.modpipe_prefix_cache_hits_total,
         prefix_tokens: m1.modpipe_prefix_cache_tokens_total - m0.modpipe_prefix_cache_tokens_total,
         failed: fails.length, first_error: fails[0] });
+} else if (mode === "seq") {
+  const prefix = ids(L);
+  const m0 = await metrics();
+  const ttfts = [], fails = [];
+  for (let i = 0; i < N; i++) {
+    const r = await one([...prefix, ...ids(P - L)], 1);
+    if (r.ok) ttfts.push(r.ttft); else fails.push(r.error);
+  }
+  await new Promise(r => setTimeout(r, 600)); // the stages' pool reports (every 0.25 s)
+  const m1 = await metrics();
+  const d = k => (m1[k] || 0) - (m0[k] || 0);
+  out({ mode, n: N, prefix: L, prompt: P, ttft_first_ms: +(1000 * (ttfts[0] || 0)).toFixed(1),
+        ttft_rest_p50_ms: +(1000 * pct(ttfts.slice(1), 50)).toFixed(1),
+        parked_hits: d("modpipe_prefix_cache_parked_hits_total"),
+        prefix_tokens: d("modpipe_prefix_cache_tokens_total"),
+        pages_cached: m1.modpipe_kv_pages_cached || 0, failed: fails.length,
+        first_error: fails[0] });
 } else {
   const prompts = Array.from({ length: N }, () => ids(P));
   const b = await burst(prompts, O);

@@ -326,11 +326,14 @@ static void metrics_kv(sb *b, const srvq_stats *st)
         const char *name, *type, *help;
     } M[] = {
         {"modpipe_kv_pages_total", "gauge", "Pages in the stage's KV pool."},
-        {"modpipe_kv_pages_used", "gauge", "KV pages held by sequences."},
-        {"modpipe_kv_pages_free", "gauge", "KV pages free."},
+        {"modpipe_kv_pages_used", "gauge", "KV pages held by running sequences."},
+        {"modpipe_kv_pages_cached", "gauge",
+         "KV pages held only by finished requests' parked prefixes (evicted when needed)."},
+        {"modpipe_kv_pages_free", "gauge", "KV pages free (total = used + cached + free)."},
         {"modpipe_kv_pages_peak", "gauge", "Most KV pages held at once since start."},
         {"modpipe_kv_page_bytes", "gauge", "Bytes of one KV page (K, V and positions)."},
-        {"modpipe_kv_bytes_used", "gauge", "KV bytes held by sequences (pages used x page bytes)."},
+        {"modpipe_kv_bytes_used", "gauge",
+         "KV bytes held by running sequences (pages used x page bytes)."},
         {"modpipe_kv_bytes_dense", "gauge",
          "KV bytes a dense model (every layer keeps every row, contiguous) would hold for the "
          "same sequences."},
@@ -341,22 +344,36 @@ static void metrics_kv(sb *b, const srvq_stats *st)
            "# TYPE modpipe_preemptions_total counter\nmodpipe_preemptions_total %llu\n",
            (unsigned long long)st->preemptions);
     sb_fmt(b,
-           "# HELP modpipe_prefix_cache_hits_total Requests that started from the KV pages of a "
-           "running request's identical prompt prefix.\n"
+           "# HELP modpipe_prefix_cache_hits_total Requests that started from the KV pages of an "
+           "identical prompt prefix (a running request's or a finished one's parked slot).\n"
            "# TYPE modpipe_prefix_cache_hits_total counter\nmodpipe_prefix_cache_hits_total %llu\n"
            "# HELP modpipe_prefix_cache_tokens_total Prompt positions those requests did not "
            "compute.\n"
            "# TYPE modpipe_prefix_cache_tokens_total counter\n"
-           "modpipe_prefix_cache_tokens_total %llu\n",
-           (unsigned long long)st->prefix_hits, (unsigned long long)st->prefix_tokens);
+           "modpipe_prefix_cache_tokens_total %llu\n"
+           "# HELP modpipe_prefix_cache_parked_hits_total Of the hits, those on a finished "
+           "request's parked slot.\n"
+           "# TYPE modpipe_prefix_cache_parked_hits_total counter\n"
+           "modpipe_prefix_cache_parked_hits_total %llu\n"
+           "# HELP modpipe_prefix_cache_evictions_total Parked slots evicted (least recently "
+           "used first), their pages given back.\n"
+           "# TYPE modpipe_prefix_cache_evictions_total counter\n"
+           "modpipe_prefix_cache_evictions_total %llu\n"
+           "# HELP modpipe_prefix_cache_slots Slots parked now: finished requests kept for "
+           "their prefix.\n"
+           "# TYPE modpipe_prefix_cache_slots gauge\nmodpipe_prefix_cache_slots %d\n",
+           (unsigned long long)st->prefix_hits, (unsigned long long)st->prefix_tokens,
+           (unsigned long long)st->prefix_cached_hits, (unsigned long long)st->prefix_evictions,
+           st->cached_slots);
     int n = st->n_kv < SRVQ_MAX_LINKS ? st->n_kv : SRVQ_MAX_LINKS;
     for (size_t m = 0; m < sizeof M / sizeof *M; m++) {
         sb_fmt(b, "# HELP %s %s\n# TYPE %s %s\n", M[m].name, M[m].help, M[m].name, M[m].type);
         for (int i = 0; i < n; i++) {
             const engine_kv_report *k = &st->kv[i];
-            uint64_t v[] = {k->pages_total, k->pages_used, k->pages_total - k->pages_used,
-                            k->pages_peak,  k->page_bytes, k->pages_used * k->page_bytes,
-                            k->bytes_dense};
+            const uint64_t used = k->pages_used - k->pages_cached; /* running sequences' */
+            uint64_t v[] = {
+                k->pages_total, used,          k->pages_cached,      k->pages_total - k->pages_used,
+                k->pages_peak,  k->page_bytes, used * k->page_bytes, k->bytes_dense};
             sb_fmt(b, "%s{stage=\"%d\"} %llu\n", M[m].name, k->stage, (unsigned long long)v[m]);
         }
     }

@@ -23,7 +23,14 @@ srvq *srvq_new(int slots, int ctx, int queue_cap, int vocab, int eos)
     q->R = 1;
     q->max_rows = 1;
     q->by_slot = calloc((size_t)slots, sizeof *q->by_slot);
-    if (!q->by_slot || engine_slot_pool_init(&q->pool, slots)) {
+    q->c_tok = malloc((size_t)slots * (size_t)ctx * sizeof *q->c_tok);
+    q->c_pos = calloc((size_t)slots, sizeof *q->c_pos);
+    q->c_use = calloc((size_t)slots, sizeof *q->c_use);
+    if (!q->by_slot || !q->c_tok || !q->c_pos || !q->c_use ||
+        engine_slot_pool_init(&q->pool, slots)) {
+        free(q->c_tok);
+        free(q->c_pos);
+        free(q->c_use);
         free(q->by_slot);
         engine_slot_pool_free(&q->pool);
         free(q);
@@ -36,7 +43,10 @@ srvq *srvq_new(int slots, int ctx, int queue_cap, int vocab, int eos)
     pthread_cond_init(&q->cv, &ca);
     pthread_condattr_destroy(&ca);
     q->st.slots = slots;
-    for (int i = 0; i < SRVQ_MAX_LINKS; i++) q->keep[i] = 1.0; /* every row kept until measured */
+    for (int i = 0; i < SRVQ_MAX_LINKS; i++) { /* every row kept until measured */
+        q->keep[i] = 1.0;
+        q->margin[i] = 1.25;
+    }
     return q;
 }
 
@@ -59,6 +69,9 @@ void srvq_free(srvq *q)
         srvq_rq_free(r);
     }
     free(q->by_slot);
+    free(q->c_tok);
+    free(q->c_pos);
+    free(q->c_use);
     free(q->ev);
     engine_slot_pool_free(&q->pool);
     pthread_mutex_destroy(&q->mu);
@@ -182,13 +195,6 @@ int srvq_idle(srvq *q)
     return idle;
 }
 
-void srvq_set_prefix_reuse(srvq *q, int on)
-{
-    pthread_mutex_lock(&q->mu);
-    q->prefix_off = !on;
-    pthread_mutex_unlock(&q->mu);
-}
-
 void srvq_get_stats(srvq *q, srvq_stats *out)
 {
     pthread_mutex_lock(&q->mu);
@@ -196,5 +202,6 @@ void srvq_get_stats(srvq *q, srvq_stats *out)
     out->queued = q->n_queued;
     out->running = q->n_running;
     out->slots_used = (int)q->n_running;
+    out->cached_slots = q->n_cached;
     pthread_mutex_unlock(&q->mu);
 }

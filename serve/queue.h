@@ -75,7 +75,10 @@ typedef struct {
     uint64_t requests_total; /* accepted by srvq_submit */
     uint64_t prompt_tokens, generated_tokens;
     uint64_t preemptions; /* sequences whose KV was given up and recomputed (docs/SPEC.md §11) */
-    uint64_t prefix_hits, prefix_tokens; /* admissions that reused a running prefix; positions */
+    uint64_t prefix_hits, prefix_tokens; /* admissions that reused a prefix; positions */
+    uint64_t prefix_cached_hits;         /* of the hits, from a finished request's parked slot */
+    uint64_t prefix_evictions;           /* parked slots evicted (their pages given back) */
+    int cached_slots;                    /* slots parked now (the cache of finished prefixes) */
     /* srvq_rewind: pipeline restarts, requests replayed, positions prefilled again */
     uint64_t restarts, replayed_requests, replayed_tokens;
     /* micro-batches issued; of them those with decode rows, their decode rows, and summed
@@ -97,8 +100,14 @@ void srvq_get_stats(srvq *q, srvq_stats *out);
 
 /* Prefix reuse (docs/SPEC.md §11; on unless turned off here, never with whole prompts:
  * sequence-level MindSkip decides on the whole prompt): a request admitted while a running
- * one holds the same first k x 16 prompt positions starts from a share of their KV pages
- * (the stages' stage_state_slot_share) and computes only the rest. */
+ * one, or a finished one's parked slot, holds the same first k x 16 positions starts from a
+ * share of their KV pages (the stages' stage_state_slot_share) and computes only the rest.
+ * A request that ends (stop / length) parks its slot: its pages stay on the stages until
+ * evicted, least recently used first, when slots or pages are needed (before any
+ * preemption). Turning reuse off evicts every parked slot. (Implemented with the scheduler,
+ * serve/queue_sched.c; thread-safe.) */
 void srvq_set_prefix_reuse(srvq *q, int on);
+/* Evicts every parked slot: their pages go back with the next micro-batch. Thread-safe. */
+void srvq_prefix_cache_clear(srvq *q);
 
 #endif

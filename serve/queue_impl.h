@@ -33,8 +33,8 @@ typedef struct rq {
     int inflight;    /* rows issued, not back */
     int group;       /* decode group + 1 (0: none yet; serve/queue_sched.c) */
     uint32_t epoch;  /* admissions so far; the rows' tag names it (srvq_rq_tag) */
-    int solo;        /* admitted with nothing running and nothing admitted since: the pools
-                      * hold its pages only */
+    int solo;        /* admitted with nothing running or parked and nothing admitted since:
+                      * the pools hold its pages only */
     int no_share;    /* lost once: recomputed without a shared prefix */
     struct rq *next; /* queue / running list order */
 } rq;
@@ -66,11 +66,19 @@ struct srvq {
     event *ev; /* [ev_cap] */
     int n_ev, ev_cap;
     char fail_msg[256];
-    srvq_stats st;               /* st.kv: the stages' pools, the basis of admission by memory */
-    double keep[SRVQ_MAX_LINKS]; /* per stage: pages held / pages had every layer kept every row */
-    int prefix_off;              /* srvq_set_prefix_reuse(q, 0) */
-    int n_share;                 /* prefix shares for the next micro-batch */
+    srvq_stats st;                 /* st.kv: the stages' pools, the basis of admission by memory */
+    double keep[SRVQ_MAX_LINKS];   /* per stage: share of rows the layers keep (measured) */
+    double margin[SRVQ_MAX_LINKS]; /* per stage: admission's factor on keep (grows on a loss) */
+    int prefix_off;                /* srvq_set_prefix_reuse(q, 0) */
+    int n_share;                   /* prefix shares for the next micro-batch */
     int32_t share[3 * STAGE_MAX_SHARE];
+    /* the cache of finished prefixes (serve/queue_sched.c): a finished request's slot stays
+     * parked on the stages, holding its pages, until evicted least recently used first */
+    int32_t *c_tok;  /* [slots][ctx] tokens at positions 0.. of each parked slot */
+    int *c_pos;      /* [slots] positions a parked slot holds (0: not parked) */
+    uint64_t *c_use; /* [slots] tick of its parking or its last hit */
+    uint64_t tick;
+    int n_cached;              /* parked slots */
     void (*notify)(void *arg); /* srvq_set_notify: called with mu held on every kick */
     void *notify_arg;
 };

@@ -53,9 +53,108 @@ static void flush_ev(event *ev, int n)
     }
 }
 
-/* Unlink r from the running list and free its slot now. Its rows still in flight are
- * skipped when they come back (their tag is not the slot's request id any more). */
-static void unlink_running(srvq *q, rq *r)
+/* ---- the cache of finished prefixes (docs/SPEC.md §11) ----
+ * A request that ends (STOP / LENGTH) with reuse on keeps its slot: the slot is parked on the
+ * stages (a share triple src == dst) with its pages, and its tokens stay here (c_tok), so a
+ * later request with the same first blocks shares from it as from a running one. A parked
+ * slot is evicted — released, its pages go back on every stage — least recently used first,
+ * when a request needs a slot or the pools need pages (before any preemption), on a lost
+ * sequence, and when reuse is turned off. A parked slot that is the source of a share in the
+ * next micro-batch stays until then: the stages apply releases before shares. */
+static int share_source(const srvq *q, int slot)
+{
+    for (int k = 0; k < q->n_share; k++)
+        if (q->share[3 * k] == slot && q->share[3 * k + 1] != slot) return 1;
+    return 0;
+}
+
+static void uncache(srvq *q, int slot)
+{
+    q->c_pos[slot] = 0;
+    q->n_cached--;
+    q->st.prefix_evictions++;
+    engine_slot_release(&q->pool, slot);
+}
+
+/* Evicts the least recently used parked slot but `keep` (-1: any). 1, or 0: none to evict. */
+static int evict_lru(srvq *q, int keep)
+{
+    int b = -1;
+    for (int s = 0; s < q->slots; s++)
+        if (q->c_pos[s] && s != keep && !share_source(q, s) && (b < 0 || q->c_use[s] < q->c_use[b]))
+            b = s;
+    if (b < 0) return 0;
+    uncache(q, b);
+    return 1;
+}
+
+static void evict_all(srvq *q)
+{
+    while (evict_lru(q, -1)) {}
+}
+
+/* The longest whole-block prefix of r's fill (at most all but its last row) that parked slot
+ * s holds. */
+static int cached_match(const srvq *q, int s, const rq *r)
+{
+    const int32_t *t = q->c_tok + (size_t)s * q->ctx;
+    int lim = q->c_pos[s] < r->n_fill - 1 ? q->c_pos[s] : r->n_fill - 1, n = 0;
+    while (n < lim && t[n] == r->prompt[n]) n++;
+    return n - n % SRVQ_PREFIX_BLOCK;
+}
+
+/* The parked slot r would share from (-1: none). */
+static int best_cached(const srvq *q, const rq *r)
+{
+    int b = -1, bn = 0;
+    for (int s = 0; s < q->slots; s++) {
+        int n = q->c_pos[s] ? cached_match(q, s, r) : 0;
+        if (n > bn) {
+            b = s;
+            bn = n;
+        }
+    }
+    return b;
+}
+
+/* Evicts a parked slot, the one r would share from last. 1, or 0: none. */
+static int make_room(srvq *q, const rq *r)
+{
+    return evict_lru(q, r ? best_cached(q, r) : -1) || evict_lru(q, -1);
+}
+
+/* r ended with STOP / LENGTH: positions it computed whose KV a later request may share (its
+ * last sampled token was never fed), or 0 when it is not kept (reuse off, whole prompts,
+ * less than a block, no room for the park in the next micro-batch). */
+static int cacheable(const srvq *q, const rq *r)
+{
+    if (q->prefix_off || q->whole || q->n_share >= STAGE_MAX_SHARE) return 0;
+    int held = r->n_gen > 0 ? r->r.n_prompt + r->n_gen - 1 : r->r.n_prompt;
+    return held >= SRVQ_PREFIX_BLOCK && held <= q->ctx ? held : 0;
+}
+
+/* Park r's slot with its first `held` positions; a parked slot whose tokens begin these is
+ * superseded (this one holds the same pages) and evicted. */
+static void park(srvq *q, const rq *r, int held)
+{
+    for (int s = 0; s < q->slots; s++)
+        if (q->c_pos[s] && q->c_pos[s] <= held && !share_source(q, s) &&
+            !memcmp(q->c_tok + (size_t)s * q->ctx, r->prompt,
+                    (size_t)q->c_pos[s] * sizeof *r->prompt))
+            uncache(q, s);
+    memcpy(q->c_tok + (size_t)r->slot * q->ctx, r->prompt, (size_t)held * sizeof *r->prompt);
+    q->c_pos[r->slot] = held;
+    q->c_use[r->slot] = ++q->tick;
+    q->n_cached++;
+    int32_t *t = q->share + 3 * q->n_share++;
+    t[0] = t[1] = r->slot;
+    t[2] = held;
+}
+
+/* Unlink r from the running list and free its slot now (release 0: the caller parks it). Its
+ * rows still in flight are skipped when they come back (their tag is not the slot's request
+ * id any more). */
+static void unlink_running(srvq *q, rq *r, int release)
 {
     rq **pp = &q->run_head, *prev = NULL;
     while (*pp && *pp != r) {
@@ -69,13 +168,15 @@ static void unlink_running(srvq *q, rq *r)
     r->next = NULL;
     q->n_running--;
     q->by_slot[r->slot] = NULL;
-    engine_slot_release(&q->pool, r->slot);
+    if (release) engine_slot_release(&q->pool, r->slot);
     r->slot = -1;
 }
 
 static void end_running(srvq *q, rq *r, srvq_finish why, const char *msg)
 {
-    unlink_running(q, r);
+    int held = why == SRVQ_FINISH_STOP || why == SRVQ_FINISH_LENGTH ? cacheable(q, r) : 0;
+    if (held) park(q, r, held);
+    unlink_running(q, r, !held);
     r->state = RQ_DONE;
     push_ev(q, r, 1, 0, why, msg);
 }
@@ -96,7 +197,7 @@ static void srvq_rq_replay(rq *r)
  * flight are skipped (the tag names the admission). */
 static void preempt(srvq *q, rq *r)
 {
-    unlink_running(q, r);
+    unlink_running(q, r, 1);
     r->state = RQ_QUEUED;
     srvq_rq_replay(r);
     r->epoch++;
@@ -108,30 +209,39 @@ static void preempt(srvq *q, rq *r)
 }
 
 /* ---- admission by memory (docs/SPEC.md §11) ----
- * Each stage reports its pool (pages, page size, layers with a KV cache, pages held); a
- * sequence of n positions takes at most kv_layers x ceil(n / page) pages there, times the
- * share `keep` the stage's layers have been measured to keep (1 until measured). A request
- * is admitted when every stage can hold what the running ones will hold after their next
- * row plus its own rows and a page of growth on each layer; the newest running request is
- * preempted when the running ones alone no longer fit. A stage that runs out anyway (the
- * estimate was low) loses the sequence that needed the page, which is recomputed too. */
-static double est_pages(const srvq *q, int s, long positions)
+ * Each stage reports its pool (pages, page size P, layers with a KV cache L, pages held) and
+ * the share of rows its layers keep, counted at one moment (entries the running sequences
+ * hold over what they would hold had every layer kept every row: no lag between the two). A
+ * layer keeping k_l of a sequence's n rows holds ceil(k_l n / P) <= k_l n / P + 1 pages, so
+ * with k the share kept a sequence takes at most L (k n / P + 1) pages: the estimate, with k
+ * = keep x margin (at most 1; 1 until measured), which cannot fall short unless a sequence
+ * keeps more than margin times the stage's share. A request is admitted when every stage can
+ * hold what the running ones will hold after their next row plus its own rows and a page of
+ * growth on each layer, with the margin (1.25, growing by a quarter on every loss); the
+ * newest running request is preempted only when the running ones no longer fit without it
+ * (k = keep: admission's margin is slack that a noisy measure does not turn into
+ * preemptions). A stage that runs out anyway loses the sequence that needed the page, which
+ * is recomputed too. */
+static double est_pages(const srvq *q, int s, long positions, int with_margin)
 {
     const engine_kv_report *k = &q->st.kv[s];
     if (!k->page || positions <= 0) return 0.0;
-    long p = (long)k->page;
-    return q->keep[s] * (double)k->kv_layers * (double)((positions + p - 1) / p);
+    double kp = q->keep[s] * (with_margin ? q->margin[s] : 1.0);
+    if (kp > 1.0) kp = 1.0;
+    return (double)k->kv_layers * (kp * (double)positions / (double)k->page + 1.0);
 }
 
 /* 1 when the running requests (each one row on) plus `extra` positions of a new one fit. */
-static int kv_fits(const srvq *q, long extra)
+static int kv_fits(const srvq *q, long extra, int with_margin)
 {
     for (int s = 0; s < q->st.n_kv; s++) {
         const engine_kv_report *k = &q->st.kv[s];
         if (!k->page || !k->kv_layers) continue;
-        double need = est_pages(q, s, extra);
+        double need = est_pages(q, s, extra, with_margin);
         for (const rq *r = q->run_head; r; r = r->next)
-            need += est_pages(q, s, (long)r->r.n_prompt + r->n_gen + 1);
+            need += est_pages(q, s, (long)r->r.n_prompt + r->n_gen + 1, with_margin);
+        for (int c = 0; c < q->slots; c++) /* parked: pages shared with a running one twice */
+            if (q->c_pos[c]) need += est_pages(q, s, q->c_pos[c], with_margin);
         if (need > (double)k->pages_total) return 0;
     }
     return 1;
@@ -145,15 +255,15 @@ static long reserve_positions(const srvq *q)
     return p;
 }
 
-/* Prefix reuse at r's admission: the running request whose issued positions share the most
- * whole blocks with r's (at least one, at most r's fill less one row) gives them to r. Its
- * rows at those positions were issued before this micro-batch, so every stage has them when
- * the share (applied before this micro-batch's rows) arrives. */
+/* Prefix reuse at r's admission: the running request whose issued positions, or the parked
+ * slot whose positions, share the most whole blocks with r's (at least one, at most r's fill
+ * less one row) gives them to r. A running source's rows at those positions were issued
+ * before this micro-batch, so every stage has them when the share (applied before this
+ * micro-batch's rows) arrives. */
 static void prefix_reuse(srvq *q, rq *r)
 {
     if (q->prefix_off || q->whole || r->no_share || q->n_share >= STAGE_MAX_SHARE) return;
-    const rq *best = NULL;
-    int best_n = 0;
+    int best = -1, best_n = 0, parked = 0;
     for (const rq *s = q->run_head; s; s = s->next) {
         if (s == r || s->state != RQ_RUNNING) continue;
         int avail = s->n_prefilled < s->n_fill ? s->n_prefilled : s->n_fill;
@@ -161,13 +271,23 @@ static void prefix_reuse(srvq *q, rq *r)
         while (n < lim && s->prompt[n] == r->prompt[n]) n++;
         n -= n % SRVQ_PREFIX_BLOCK;
         if (n > best_n) {
-            best = s;
+            best = s->slot;
             best_n = n;
         }
     }
-    if (!best) return;
+    int c = best_cached(q, r), cn = c >= 0 ? cached_match(q, c, r) : 0;
+    if (cn > best_n) {
+        best = c;
+        best_n = cn;
+        parked = 1;
+    }
+    if (best < 0) return;
+    if (parked) {
+        q->c_use[best] = ++q->tick;
+        q->st.prefix_cached_hits++;
+    }
     int32_t *t = q->share + 3 * q->n_share++;
-    t[0] = best->slot;
+    t[0] = best;
     t[1] = r->slot;
     t[2] = best_n;
     r->n_prefilled = best_n;
@@ -195,13 +315,20 @@ static void sweep(srvq *q)
         n = r->next;
         if (r->cancelled) end_running(q, r, SRVQ_FINISH_CANCELLED, "cancelled");
     }
-    /* under pressure the newest running request makes room (never the last one) */
-    while (q->n_running > 1 && !kv_fits(q, 0)) preempt(q, q->run_tail);
-    /* admission in arrival order, by slots and by memory; with nothing running the oldest
-     * one always goes (a request the pool cannot hold ends with an error, sched_done) */
+    /* under pressure parked slots go first, then the newest running request makes room
+     * (never the last one) */
+    while (!kv_fits(q, 0, 1) && evict_lru(q, -1)) {}
+    while (q->n_running > 1 && !kv_fits(q, 0, 0)) preempt(q, q->run_tail);
+    /* admission in arrival order, by slots and by memory (parked slots evicted for either,
+     * the one the request would share from last); with nothing running the oldest one always
+     * goes (a request the pool cannot hold ends with an error, sched_done) */
     const long reserve = reserve_positions(q);
-    while (q->qhead && q->pool.n_free > 0 &&
-           (q->n_running == 0 || kv_fits(q, (long)q->qhead->n_fill + reserve))) {
+    while (q->qhead) {
+        if (!kv_fits(q, (long)q->qhead->n_fill + reserve, 1)) {
+            if (make_room(q, q->qhead)) continue;
+            if (q->n_running > 0) break;
+        }
+        if (q->pool.n_free == 0 && !make_room(q, q->qhead)) break;
         rq *r = q->qhead;
         q->qhead = r->next;
         if (!q->qhead) q->qtail = NULL;
@@ -209,7 +336,7 @@ static void sweep(srvq *q)
         r->next = NULL;
         r->slot = engine_slot_acquire(&q->pool);
         r->state = RQ_RUNNING;
-        r->solo = q->n_running == 0;
+        r->solo = q->n_running == 0 && q->n_cached == 0;
         for (rq *o = q->run_head; o; o = o->next) o->solo = 0;
         q->by_slot[r->slot] = r;
         if (q->run_tail)
@@ -395,10 +522,11 @@ static void sched_done(void *self, const stage_batch *mb, const int32_t *tok)
         int32_t t = tok[i];
         if (t == STAGE_TOKEN_KV_LOST) { /* a stage's pool ran out under it: recompute */
             r->no_share = 1;            /* (or a shared prefix was not there) */
+            evict_all(q);               /* the pages are short: the cache goes first */
             if (!r->solo) {
                 preempt(q, r);
                 for (int s = 0; s < q->st.n_kv; s++) /* the estimate was low */
-                    q->keep[s] = q->keep[s] * 1.25 < 1.0 ? q->keep[s] * 1.25 : 1.0;
+                    if (q->keep[s] * q->margin[s] < 1.0) q->margin[s] *= 1.25;
                 continue;
             }
             /* every page of every pool was free for it: it cannot fit */
@@ -479,16 +607,13 @@ static void sched_kv(void *self, const engine_kv_report *k, int n)
     if (n > SRVQ_MAX_LINKS) n = SRVQ_MAX_LINKS;
     q->st.n_kv = n;
     memcpy(q->st.kv, k, (size_t)n * sizeof *k);
-    /* measure keep: pages held against every layer keeping every issued row (the report
-     * lags the rows issued, so a quarter more, and only once there is something to measure) */
+    /* measure keep: the running sequences' entries over their positions x layers, both
+     * counted by the stage at the same moment; only once there is something to measure
+     * (4 pages' worth a layer) */
     for (int s = 0; s < n; s++) {
         const engine_kv_report *e = &k[s];
-        if (!e->page || !e->kv_layers) continue;
-        double worst = 0;
-        for (const rq *r = q->run_head; r; r = r->next)
-            worst += (double)e->kv_layers * (double)((r->n_issued + e->page - 1) / e->page);
-        if (worst < 4.0 * (double)e->kv_layers) continue;
-        double kp = 1.25 * (double)e->pages_used / worst;
+        if (!e->page || !e->kv_layers || e->positions_live < 4 * e->page * e->kv_layers) continue;
+        double kp = (double)e->entries_live / (double)e->positions_live;
         q->keep[s] = kp < 1.0 / 64 ? 1.0 / 64 : kp > 1.0 ? 1.0 : kp;
     }
     pthread_mutex_unlock(&q->mu);
@@ -510,6 +635,25 @@ void srvq_sched_groups(srvq *q, int groups)
     pthread_mutex_unlock(&q->mu);
 }
 
+void srvq_set_prefix_reuse(srvq *q, int on)
+{
+    pthread_mutex_lock(&q->mu);
+    q->prefix_off = !on;
+    if (!on) {
+        evict_all(q);
+        srvq_kick(q); /* the releases go out */
+    }
+    pthread_mutex_unlock(&q->mu);
+}
+
+void srvq_prefix_cache_clear(srvq *q)
+{
+    pthread_mutex_lock(&q->mu);
+    evict_all(q);
+    srvq_kick(q);
+    pthread_mutex_unlock(&q->mu);
+}
+
 void srvq_set_notify(srvq *q, void (*fn)(void *arg), void *arg)
 {
     pthread_mutex_lock(&q->mu);
@@ -523,6 +667,9 @@ void srvq_rewind(srvq *q)
     pthread_mutex_lock(&q->mu);
     q->st.restarts++;
     q->dec_out = 0; /* what was in flight is forgotten */
+    q->n_share = 0;
+    for (int s = 0; s < q->slots; s++) /* the new stages hold no parked slot */
+        if (q->c_pos[s]) uncache(q, s);
     for (rq *r = q->run_head; r; r = r->next) {
         int replayed = r->n_prefilled > 0;
         srvq_rq_replay(r);

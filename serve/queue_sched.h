@@ -3,9 +3,10 @@
  * Used by serve_loop_run (serve/loop.h) on rank 0, and by tests that drive the scheduler by
  * hand. The policy, per micro-batch of at most `micro_batch` rows:
  *   1. cancelled requests end (on_done CANCELLED) and free their slot at once; while the
- *      running requests no longer fit the stages' KV pools (the pools' reports, .kv) the
- *      newest is preempted; queued requests take free slots in arrival order when the pools
- *      can hold them too (admission by memory, docs/SPEC.md §11);
+ *      running requests no longer fit the stages' KV pools (the pools' reports, .kv) parked
+ *      prefixes are evicted, then the newest is preempted; queued requests take free slots
+ *      in arrival order when the pools can hold them too (admission by memory, docs/SPEC.md
+ *      §11), parked prefixes evicted least recently used first for a slot or for pages;
  *   2. decode first (inter-token latency): the running requests whose prompt is in are
  *      split into G decode groups (G = srvq_sched_groups, at most one per such request, at
  *      least enough for R rows a group), as generate's groups are (engine/batch.h): a
@@ -23,7 +24,8 @@
  * preempted request waits at the head of the queue and, readmitted, prefills its prompt and
  * the tokens it made so far, then goes on: its tokens are those it would have made.
  * A request ends when it samples EOS (STOP; the EOS is not passed to on_token and not
- * counted), reaches max_tokens, or its slot's context is full (LENGTH). Sampling of request r:
+ * counted), reaches max_tokens, or its slot's context is full (LENGTH); with prefix reuse on
+ * it then parks its slot (the cache of finished prefixes, serve/queue.h). Sampling of request r:
  * stage_rng_seed_draw(r.seed, 0, j) for its new token j — the same seed gives the same
  * tokens whatever else runs. Callbacks run after the queue's lock is released.
  */

@@ -153,11 +153,15 @@ int stage_state_slot_drop_before(stage_state *s, int layer, int slot, int pos);
  * are shared page by page (the partial last page copied), so both read the same K/V and go on
  * appending independently; src is unchanged. dst is reset first; its next row has position
  * >= pos. Meant for causal routing only (a layer's kept rows of a prefix must not depend on
- * what follows it: threshold / predictor MoD, token MindSkip, dense). Returns 0, or -1 (src
- * == dst, out of range, src released / lost / with dropped positions, or no page for a copy:
- * dst is then empty, and lost in soft mode so that its rows are recomputed, not run on an
- * empty cache). A sliding-window layer shares from the first entry src still holds, which
- * must be at or before the first one a row at pos sees. */
+ * what follows it: threshold / predictor MoD, token MindSkip, dense). Returns 0, or -1 (out
+ * of range, src released / lost / with dropped positions, or no page for a copy: dst is then
+ * empty, and lost in soft mode so that its rows are recomputed, not run on an empty cache).
+ * A sliding-window layer shares from the first entry src still holds, which must be at or
+ * before the first one a row at pos sees.
+ * src == dst **parks** src (pos unused): its sequence is over and no row will come for it,
+ * but its pages stay for later shares from it (the cache of finished prefixes); they count
+ * as cached in stage_state_kv_stats until the slot's next reset or release. Parking a
+ * released or lost slot does nothing (-1). */
 int stage_state_slot_share(stage_state *s, int src, int dst, int pos);
 
 /* Run the stage's layers on the present rows of x [b->n][D] (present [b->n] 0/1), in place. */
@@ -209,19 +213,24 @@ size_t stage_state_kv_alloc_bytes(const stage_state *s);
 
 /* The KV pool now (docs/SPEC.md §11). */
 typedef struct {
-    int page;             /* positions per page */
-    int kv_layers;        /* layers of the stage with a KV cache (each takes its own pages) */
-    int pages_total;      /* pages in the pool */
-    int pages_used;       /* pages held by sequences now */
-    int pages_peak;       /* most pages held at once since init */
-    size_t page_bytes;    /* bytes of one page (K + V + positions) */
-    size_t bytes_used;    /* pages_used x page_bytes */
-    size_t bytes_dense;   /* what a contiguous dense cache would hold for the same sequences:
+    int page;               /* positions per page */
+    int kv_layers;          /* layers of the stage with a KV cache (each takes its own pages) */
+    int pages_total;        /* pages in the pool */
+    int pages_used;         /* pages held by sequences now (cached ones included) */
+    int pages_cached;       /* of them, pages held by parked sequences only (prefix cache) */
+    int64_t entries_live;   /* entries (rows kept) of the running (not parked) sequences, on
+                           * every layer of the stage */
+    int64_t positions_live; /* positions those sequences reached x the stage's layers: had
+                             * every layer kept every row, entries_live would be this */
+    int pages_peak;         /* most pages held at once since init */
+    size_t page_bytes;      /* bytes of one page (K + V + positions) */
+    size_t bytes_used;      /* pages_used x page_bytes */
+    size_t bytes_dense;     /* what a contiguous dense cache would hold for the running sequences:
                             * every layer of the stage, every position reached, K + V +
                             * position per entry */
-    int64_t pages_routed; /* pages held by routed (mod / mode_staged) layers */
-    int64_t pages_skip;   /* by mindskip layers */
-    int64_t pages_full;   /* by dense / mode_integrated layers */
+    int64_t pages_routed;   /* pages held by routed (mod / mode_staged) layers */
+    int64_t pages_skip;     /* by mindskip layers */
+    int64_t pages_full;     /* by dense / mode_integrated layers */
 } stage_kv_stats;
 void stage_state_kv_stats(const stage_state *s, stage_kv_stats *out);
 /* Pages layer `layer` holds now (-1 outside the stage). */

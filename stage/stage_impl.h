@@ -91,6 +91,9 @@ struct stage_state {
     uint8_t *released;        /* [n_slots] 1: no sequence holds the slot (until a reset) */
     uint8_t *lost;            /* [n_slots] 1: the pool ran out under the slot's sequence (soft
                                * mode): its pages are back, its rows are dropped until a reset */
+    uint8_t *parked;          /* [n_slots] 1: the sequence is over, kept for prefix reuse (its
+                               * pages count as cached, stage_state_slot_share) */
+    uint8_t *pg_mark;         /* [n_pages] scratch of stage_state_kv_stats (pages in use) */
     int kv_soft;              /* running out of pages loses the sequence instead of failing */
     int8_t *ms_keep;          /* [n_layers][n_slots] mindskip sequence decision: -1 undecided */
     stage_layer_stats *stats; /* [n_layers] */

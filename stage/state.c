@@ -99,6 +99,8 @@ stage_state *stage_state_init_kv(const stage_model *m, int n_slots, int max_rows
     int pool_ok = !kv_pool_init(&s->pool, page, (int)n_pages, kvd_l);
     s->released = calloc((size_t)n_slots + 1, 1);
     s->lost = calloc((size_t)n_slots + 1, 1);
+    s->parked = calloc((size_t)n_slots + 1, 1);
+    s->pg_mark = malloc((size_t)s->pool.n_pages + 1);
     s->ms_keep = malloc((size_t)s->n_layers * n_slots + 1);
     s->stats = calloc((size_t)s->n_layers + 1, sizeof *s->stats);
     s->act = malloc(R * sizeof(int));
@@ -125,10 +127,11 @@ stage_state *stage_state_init_kv(const stage_model *m, int n_slots, int max_rows
     s->gate = malloc(R * ng * sizeof(float));
     s->probs = malloc((size_t)(max_seq + 1) * (c->n_heads / c->n_kv_heads) * sizeof(float));
     s->mean = malloc(D * sizeof(float));
-    int ok = pool_ok && s->kv && s->kv_pt && s->kv_seen && s->released && s->lost && s->ms_keep &&
-             s->stats && s->act && s->act2 && s->ent && s->erow && s->sel_e && s->sel_w &&
-             s->score && s->xin && s->h && s->q && s->k && s->v && s->att && s->a && s->x2 &&
-             s->h2 && s->f1 && s->f3 && s->mo && s->ex && s->eo && s->gate && s->probs && s->mean;
+    int ok = pool_ok && s->kv && s->kv_pt && s->kv_seen && s->released && s->lost && s->parked &&
+             s->pg_mark && s->ms_keep && s->stats && s->act && s->act2 && s->ent && s->erow &&
+             s->sel_e && s->sel_w && s->score && s->xin && s->h && s->q && s->k && s->v && s->att &&
+             s->a && s->x2 && s->h2 && s->f1 && s->f3 && s->mo && s->ex && s->eo && s->gate &&
+             s->probs && s->mean;
     memset(s->ms_keep, -1, (size_t)s->n_layers * n_slots + 1);
     for (size_t i = 0; ok && i < n_seq; i++) {
         s->kv[i].pt = s->kv_pt + i * (size_t)s->kv_max_pages;
@@ -166,6 +169,8 @@ void stage_state_free(stage_state *s)
     free(s->kv_seen);
     free(s->released);
     free(s->lost);
+    free(s->parked);
+    free(s->pg_mark);
     free(s->ms_keep);
     free(s->stats);
     free(s->act);
@@ -220,6 +225,7 @@ void stage_slot_reset_impl(stage_state *s, int slot)
     s->kv_seen[slot] = 0;
     s->released[slot] = 0;
     s->lost[slot] = 0;
+    s->parked[slot] = 0;
 }
 
 void stage_slot_lose_impl(stage_state *s, int slot)
@@ -320,7 +326,12 @@ int stage_state_slot_drop_before(stage_state *s, int layer, int slot, int pos)
 
 static int share_impl(stage_state *s, int src, int dst, int pos)
 {
-    if (src < 0 || src >= s->n_slots || dst < 0 || dst >= s->n_slots || src == dst) return -1;
+    if (src < 0 || src >= s->n_slots || dst < 0 || dst >= s->n_slots) return -1;
+    if (src == dst) { /* a park: the sequence is over, its pages stay for later shares */
+        if (s->released[src] || s->lost[src]) return -1;
+        s->parked[src] = 1;
+        return 0;
+    }
     stage_slot_reset_impl(s, dst);
     int ok = !s->released[src] && !s->lost[src];
     for (int li = 0; ok && li < s->n_layers; li++) {
@@ -370,12 +381,27 @@ void stage_state_kv_stats(const stage_state *s, stage_kv_stats *o)
     o->kv_layers = s->n_layers;
     o->pages_total = s->pool.n_pages;
     o->pages_used = kv_pool_used(&s->pool);
+    /* cached: pages held, none of whose holders is a running (not parked) sequence */
+    memset(s->pg_mark, 0, (size_t)s->pool.n_pages);
+    for (int slot = 0; slot < s->n_slots; slot++) {
+        if (s->parked[slot]) continue;
+        o->positions_live += (int64_t)s->kv_seen[slot] * s->n_layers;
+        for (int li = 0; li < s->n_layers; li++) {
+            const kv_seq *c = &s->kv[(size_t)li * s->n_slots + slot];
+            o->entries_live += c->n;
+            const int hi = (c->n + s->pool.page - 1) / s->pool.page;
+            for (int pi = c->lo / s->pool.page; pi < hi; pi++) s->pg_mark[c->pt[pi]] = 1;
+        }
+    }
+    for (int p = 0; p < s->pool.n_pages; p++)
+        o->pages_cached += s->pool.ref[p] > 0 && !s->pg_mark[p];
     o->pages_peak = s->pool.n_pages - s->pool.n_free_min;
     o->page_bytes = kv_page_bytes(s->pool.page, s->pool.kvd);
     o->bytes_used = (size_t)o->pages_used * o->page_bytes;
     const size_t ent = o->page_bytes / (size_t)s->pool.page; /* bytes of one entry */
-    for (int slot = 0; slot < s->n_slots; slot++)
-        o->bytes_dense += (size_t)s->kv_seen[slot] * (size_t)s->n_layers * ent;
+    for (int slot = 0; slot < s->n_slots; slot++)            /* the live sequences' (not parked) */
+        if (!s->parked[slot])
+            o->bytes_dense += (size_t)s->kv_seen[slot] * (size_t)s->n_layers * ent;
     for (int li = 0; li < s->n_layers; li++) {
         int layer = s->m->range.first + li;
         int64_t n = stage_state_kv_layer_pages(s, layer);

@@ -653,7 +653,7 @@ static void test_pack_errors(void)
     p = f.p;
     p.rows.flags = fl;
     expect_pack_fail(&p, f.x, D5, NULL, "flags");
-    int32_t sh[3] = {1, 1, 4}; /* a prefix share of a slot into itself */
+    int32_t sh[3] = {1, 2, 0}; /* a prefix share of no position */
     p = f.p;
     p.rows.n_share = 1;
     p.rows.share = sh;

@@ -577,20 +577,31 @@ static void check_share(const char *name, int split)
     }
     stage_kv_stats k0, k1;
     stage_state_kv_stats(st, &k0);
-    CU_ASSERT_EQUAL(stage_state_slot_share(st, 0, 0, 8), -1);
+    CU_ASSERT_EQUAL(k0.pages_cached, 0);
+    /* slot 0's sequence is over: parked (src == dst), every page it holds is cached */
+    CU_ASSERT_EQUAL(stage_state_slot_share(st, 0, 0, 12), 0);
+    stage_state_kv_stats(st, &k1);
+    CU_ASSERT(k1.pages_used == k0.pages_used && k1.pages_cached == k0.pages_used);
     CU_ASSERT_EQUAL(stage_state_slot_share(st, 0, NSLOT, 8), -1);
     CU_ASSERT_EQUAL_FATAL(stage_state_slot_share(st, 0, 1, 8), 0);
     stage_state_kv_stats(st, &k1);
     CU_ASSERT(k1.pages_used - k0.pages_used <= f.cfg.n_layers); /* at most a copy a layer */
-    stage_state_slot_release(st, 0); /* the shared pages stay with slot 1 */
+    CU_ASSERT(k1.pages_cached < k0.pages_used); /* the shared ones are in use by slot 1 */
+    stage_state_slot_release(st, 0);            /* the shared pages stay with slot 1 */
+    stage_state_kv_stats(st, &k1);
+    CU_ASSERT_EQUAL(k1.pages_cached, 0);
     for (int i = 0; i < 4; i++) sl[8 + i] = 1;
     o = got;
     CU_ASSERT_EQUAL_FATAL(fwd(st, f.m, 4, sl + 8, ps + 8, tk + 8, fl + 8, &o, err, sizeof err), 0);
     CU_ASSERT_EQUAL(memcmp(ref, got, (size_t)V * 4), 0);
+    CU_ASSERT_EQUAL(stage_state_slot_share(st, 1, 1, 12), 0); /* parked, then evicted */
+    stage_state_kv_stats(st, &k1);
+    CU_ASSERT(k1.pages_used > 0 && k1.pages_cached == k1.pages_used);
     stage_state_slot_release(st, 1);
     stage_state_kv_stats(st, &k1);
-    CU_ASSERT_EQUAL(k1.pages_used, 0);
+    CU_ASSERT(k1.pages_used == 0 && k1.pages_cached == 0);
     CU_ASSERT_EQUAL(stage_state_slot_share(st, 1, 2, 8), -1); /* a released source */
+    CU_ASSERT_EQUAL(stage_state_slot_share(st, 1, 1, 8), -1); /* parking a released slot */
     stage_state_free(st);
     free(ref);
     free(got);

@@ -48,7 +48,13 @@ typedef struct {
 } req;
 
 static srvq *Q;
-static req R[NREQ + 1];
+static req R[NREQ + 2]; /* [NREQ + 1]: the tail request */
+static int tail; /* after all ended, R[tail_of]'s prompt once more: it shares a parked prefix */
+static int tail_of;
+/* then tail2: that prompt + the tail's first tokens up to 33 positions, so it shares 32 from
+ * the tail's parked slot, generated positions included; it must go on with the tail's tokens */
+static int tail2_same = -1;
+static unsigned long long tail2_shared;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
 static int ready_flag, n_done_all;
@@ -98,7 +104,10 @@ static double cpu_s(void)
 
 static double idle_cpu = -1;
 static size_t kv_mem;           /* --kv-mem of the run (0: the default, room for everything) */
-static long kv_used_after = -1; /* pages held on all stages once every request ended */
+static long kv_used_after = -1; /* pages held on all stages once every request ended and the
+                                 * prefix cache was cleared */
+static long kv_live_after = -1; /* pages held by running sequences once every request ended
+                                 * (before the clear: the rest is cached) */
 /* blind: the queue never sees the pools' reports, so it admits by slots alone and the stages
  * run out of pages (the stage's soft mode and the recompute of lost sequences); the reports
  * are kept here instead */
@@ -124,6 +133,61 @@ static void kv_now(srvq_stats *st)
     pthread_mutex_unlock(&kv_mu);
 }
 static int forever; /* keep submitting, never close: the dead-rank test kills a rank */
+
+/* The live phase (kv runs): one request whose on_token sleeps, so it runs for well over a
+ * report period (0.25 s), while the client watches the pools' reports: pages held by a
+ * running request must show, on one stage as on N (the pipeline loop reports while it
+ * issues). */
+static long kv_live_max = -1; /* most pages held on all stages seen while it ran */
+static int live_done;
+static void live_token(void *arg, int32_t t)
+{
+    (void)arg;
+    (void)t;
+    struct timespec ts = {0, 15000000};
+    nanosleep(&ts, NULL);
+}
+static void live_end(void *arg, srvq_finish why, int n_prompt, int n_gen, const char *msg)
+{
+    (void)arg;
+    (void)why;
+    (void)n_prompt;
+    (void)n_gen;
+    (void)msg;
+    pthread_mutex_lock(&mu);
+    live_done = 1;
+    pthread_cond_broadcast(&cv);
+    pthread_mutex_unlock(&mu);
+}
+static void live_phase(void)
+{
+    char err[256];
+    srvq_request q = {.prompt = R[0].prompt,
+                      .n_prompt = R[0].n_prompt,
+                      .max_tokens = 40,
+                      .top_p = 1,
+                      .ignore_eos = 1,
+                      .on_token = live_token,
+                      .on_done = live_end};
+    if (srvq_submit(Q, &q, err, sizeof err) < 0) {
+        fprintf(stderr, "live submit: %s\n", err);
+        return;
+    }
+    kv_live_max = 0;
+    for (;;) {
+        pthread_mutex_lock(&mu);
+        int d = live_done;
+        pthread_mutex_unlock(&mu);
+        if (d) break;
+        srvq_stats st;
+        kv_now(&st);
+        long used = 0;
+        for (int k = 0; k < st.n_kv; k++) used += (long)st.kv[k].pages_used;
+        if (st.running > 0 && used > kv_live_max) kv_live_max = used;
+        struct timespec ts = {0, 5000000};
+        nanosleep(&ts, NULL);
+    }
+}
 
 static void *client_forever(void *arg)
 {
@@ -160,6 +224,7 @@ static void *client(void *arg)
     struct timespec one = {1, 0};
     nanosleep(&one, NULL);
     idle_cpu = cpu_s() - c0;
+    if (kv_mem) live_phase();
     char err[256];
     for (int i = 0; i <= NREQ; i++) {
         req *r = &R[i];
@@ -181,10 +246,68 @@ static void *client(void *arg)
             nanosleep(&ts, NULL);
         }
     }
-    if (kv_mem) { /* every request ends, then the stages' pools report every page back */
+    if (tail) { /* nothing runs: only a finished request's parked slot can give the prefix */
         pthread_mutex_lock(&mu);
         while (n_done_all < NREQ + 1) pthread_cond_wait(&cv, &mu);
         pthread_mutex_unlock(&mu);
+        for (int i = 0; i < NREQ && !tail_of; i++) /* long enough for 32 shared positions */
+            if (R[i].n_prompt >= 21 && R[i].n_tok == MAX_NEW) tail_of = i;
+        req *r = &R[NREQ + 1];
+        *r = R[tail_of];
+        r->n_tok = r->n_done = 0;
+        srvq_request q = {.prompt = r->prompt,
+                          .n_prompt = r->n_prompt,
+                          .max_tokens = MAX_NEW,
+                          .top_p = 1,
+                          .on_token = on_token,
+                          .on_done = on_done,
+                          .arg = r};
+        if (srvq_submit(Q, &q, err, sizeof err) < 0) fprintf(stderr, "tail submit: %s\n", err);
+        pthread_mutex_lock(&mu);
+        while (n_done_all < NREQ + 2) pthread_cond_wait(&cv, &mu);
+        pthread_mutex_unlock(&mu);
+        static req r2;
+        static int32_t p2[64];
+        const int k = 33 - r->n_prompt;
+        if (r->n_prompt >= 21 && r->n_tok == MAX_NEW) {
+            memcpy(p2, r->prompt, (size_t)r->n_prompt * sizeof *p2);
+            memcpy(p2 + r->n_prompt, r->tok, (size_t)k * sizeof *p2);
+            srvq_stats s0, s1;
+            srvq_get_stats(Q, &s0);
+            srvq_request q2 = {.prompt = p2,
+                               .n_prompt = 33,
+                               .max_tokens = MAX_NEW - k,
+                               .top_p = 1,
+                               .ignore_eos = 1,
+                               .on_token = on_token,
+                               .on_done = on_done,
+                               .arg = &r2};
+            if (srvq_submit(Q, &q2, err, sizeof err) < 0) fprintf(stderr, "tail2: %s\n", err);
+            pthread_mutex_lock(&mu);
+            while (n_done_all < NREQ + 3) pthread_cond_wait(&cv, &mu);
+            pthread_mutex_unlock(&mu);
+            srvq_get_stats(Q, &s1);
+            tail2_shared = (unsigned long long)(s1.prefix_tokens - s0.prefix_tokens);
+            tail2_same = r2.n_tok == MAX_NEW - k &&
+                         !memcmp(r2.tok, r->tok + k, (size_t)(MAX_NEW - k) * sizeof *r2.tok);
+        }
+    }
+    if (kv_mem) { /* every request ends: every page is free or cached; then the cache is
+                   * cleared and the stages' pools report every page back */
+        pthread_mutex_lock(&mu);
+        while (n_done_all < NREQ + 1) pthread_cond_wait(&cv, &mu);
+        pthread_mutex_unlock(&mu);
+        for (int t = 0; t < 200 && kv_live_after != 0; t++) {
+            srvq_stats st;
+            kv_now(&st);
+            long live = 0;
+            for (int k = 0; k < st.n_kv; k++)
+                live += (long)(st.kv[k].pages_used - st.kv[k].pages_cached);
+            if (st.n_kv > 0) kv_live_after = live;
+            struct timespec ts = {0, 50000000};
+            if (kv_live_after) nanosleep(&ts, NULL);
+        }
+        srvq_prefix_cache_clear(Q);
         for (int t = 0; t < 200 && kv_used_after != 0; t++) {
             srvq_stats st;
             kv_now(&st);
@@ -206,8 +329,12 @@ static int worker(int argc, char **argv)
     int slots = atoi(argv[4]);
     forever = argc > 5 && !strcmp(argv[5], "forever");
     if (argc > 5 && !forever) kv_mem = (size_t)atol(argv[5]);
-    blind = argc > 6 && !strcmp(argv[6], "blind");
-    int noprefix = argc > 6 && !strcmp(argv[6], "noprefix");
+    int noprefix = 0;
+    for (int i = 6; i < argc; i++) { /* modes */
+        blind |= !strcmp(argv[i], "blind");
+        noprefix |= !strcmp(argv[i], "noprefix");
+        tail |= !strcmp(argv[i], "tail");
+    }
     int provided;
     MPI_Init_thread(NULL, NULL, MPI_THREAD_FUNNELED, &provided);
     int rank, size;
@@ -284,7 +411,7 @@ static int worker(int argc, char **argv)
     if (rank == 0 && rc) on_ready(NULL); /* the client finds the queue closed and stops */
     if (rank == 0) {
         pthread_join(th, NULL);
-        for (int i = 0; i <= NREQ; i++) {
+        for (int i = 0; i <= NREQ + tail; i++) {
             printf("req %d done %d why %d tokens ", i, R[i].n_done, (int)R[i].why);
             for (int k = 0; k < R[i].n_tok && k < 256; k++)
                 printf("%s%d", k ? "," : "", R[i].tok[k]);
@@ -302,6 +429,10 @@ static int worker(int argc, char **argv)
         printf("idle_cpu %.3f\n", idle_cpu);
         printf("preemptions %llu kv_used_after %ld stages %d\n", (unsigned long long)st.preemptions,
                kv_used_after, st.n_kv);
+        printf("kv_live_max %ld live_after %ld\n", kv_live_max, kv_live_after);
+        printf("tail_of %d tail2_same %d shared %llu\n", tail_of, tail2_same, tail2_shared);
+        printf("parked_hits %llu evictions %llu\n", (unsigned long long)st.prefix_cached_hits,
+               (unsigned long long)st.prefix_evictions);
         printf("prefix_hits %llu tokens %llu\n", (unsigned long long)st.prefix_hits,
                (unsigned long long)st.prefix_tokens);
         fflush(stdout);
@@ -380,9 +511,29 @@ static int make_reference(void)
 
 static void check_serve(int np, int slots, long kv_mem_bytes, const char *mode)
 {
-    int rc = run(300, "%s -np %d %s --worker %s/stories260K %s %d %ld %s", MPIRUN, np, SELF, FIX,
-                 PF, slots, kv_mem_bytes, mode);
+    const int px = PF == prompts_px; /* shared prefixes: a tail request after all ended */
+    int rc = run(300, "%s -np %d %s --worker %s/stories260K %s %d %ld %s%s", MPIRUN, np, SELF, FIX,
+                 PF, slots, kv_mem_bytes, mode, px ? " tail" : "");
     CU_ASSERT_EQUAL_FATAL(rc, 0);
+    if (px) { /* the tail, R[j]'s prompt from a parked prefix (reuse on), gives R[j]'s tokens;
+               * the tail2 (its prompt + its first tokens) goes on with the tail's tokens */
+        int j = -1, same2 = -1;
+        unsigned long long shared2 = 0;
+        char *tl = strstr(OUT, "tail_of ");
+        CU_ASSERT_PTR_NOT_NULL_FATAL(tl);
+        sscanf(tl, "tail_of %d tail2_same %d shared %llu", &j, &same2, &shared2);
+        char key[32];
+        snprintf(key, sizeof key, "req %d done 1 why ", NREQ + 1);
+        char *l = strstr(OUT, key), *t = l ? strstr(l, "tokens ") : NULL;
+        CU_ASSERT_PTR_NOT_NULL_FATAL(t);
+        CU_ASSERT_FATAL(j >= 0 && j < NREQ);
+        t += 7;
+        size_t n = (size_t)(strchr(t, '\n') - t);
+        CU_ASSERT(n == strlen(W[j]) && !strncmp(t, W[j], n));
+        CU_ASSERT_EQUAL(same2, 1);
+        /* 32 positions from the tail's parked slot, its generated ones included */
+        CU_ASSERT_EQUAL(shared2, strcmp(mode, "noprefix") ? 32u : 0u);
+    }
     int same = 0, once = 0;
     for (int i = 0; i < NREQ; i++) {
         char key[32];
@@ -420,7 +571,7 @@ static void check_serve(int np, int slots, long kv_mem_bytes, const char *mode)
     CU_ASSERT_PTR_NOT_NULL_FATAL(s);
     sscanf(s, "stats requests %llu generated %llu running %ld queued %ld links %d", &reqs, &gen,
            &running, &queued, &links);
-    CU_ASSERT_EQUAL(reqs, NREQ + 1);
+    CU_ASSERT_EQUAL(reqs, NREQ + 1 + (kv_mem_bytes ? 1 : 0) + 2 * px); /* live, tails */
     CU_ASSERT(running == 0 && queued == 0);
     if (np == 1) CU_ASSERT_EQUAL(links, 0); /* one stage: no link */
     if (np > 1) {
@@ -446,9 +597,16 @@ static void check_serve(int np, int slots, long kv_mem_bytes, const char *mode)
     char *ph = strstr(OUT, "prefix_hits ");
     if (ph) hits = strtoull(ph + 12, NULL, 10);
     if (PF == prompts_px && !strcmp(mode, "noprefix")) CU_ASSERT_EQUAL(hits, 0);
-    if (PF == prompts_px && strcmp(mode, "noprefix")) {
+    unsigned long long parked = 0, evicted = 0;
+    char *pk = strstr(OUT, "parked_hits ");
+    if (pk) sscanf(pk, "parked_hits %llu evictions %llu", &parked, &evicted);
+    if (px && !strcmp(mode, "noprefix")) CU_ASSERT_EQUAL(parked, 0);
+    if (px && strcmp(mode, "noprefix")) {
         CU_ASSERT(hits > 0); /* and the tokens above are still generate's */
-        fprintf(stderr, " [-np %d: %llu prefix hits] ", np, hits);
+        /* finished requests' parked prefixes were shared from, and evicted for slots */
+        CU_ASSERT(parked > 0 && evicted > 0);
+        fprintf(stderr, " [-np %d: %llu prefix hits, %llu on parked slots, %llu evictions] ", np,
+                hits, parked, evicted);
     }
     if (!kv_mem_bytes) return;
     /* a pool too small for 8 sequences at once: sequences were preempted and recomputed (the
@@ -463,6 +621,13 @@ static void check_serve(int np, int slots, long kv_mem_bytes, const char *mode)
     CU_ASSERT_EQUAL(used, 0);
     CU_ASSERT_EQUAL(stages, np);
     fprintf(stderr, " [-np %d: %llu preemptions] ", np, pre);
+    /* the pages of a request that ran for over a report period were reported while it ran */
+    long live = -1, live_after = -1;
+    char *lv = strstr(OUT, "kv_live_max ");
+    if (lv) sscanf(lv, "kv_live_max %ld live_after %ld", &live, &live_after);
+    CU_ASSERT(live > 0);
+    if (!(live > 0)) fprintf(stderr, "\n  -np %d: no KV report while running (%ld)\n", np, live);
+    CU_ASSERT_EQUAL(live_after, 0); /* every page free or cached once all ended */
 }
 
 /* A rank killed while the server runs: the job ends (non-zero, naming the rank), no hang. The kill

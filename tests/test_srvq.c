@@ -290,20 +290,31 @@ static void done_tok(srvq *q, const stage_batch *mb, int32_t tok_all, int slot, 
     srvq_sched_ops.done(q, mb, tok);
 }
 
-static void test_preempt(void)
+/* A queue of `slots` slots (ctx 32, R 8) whose one stage has a pool of `pages` pages of 4
+ * positions on 2 layers (reported in *kr), with n requests of 6 prompt + 4 tokens queued. */
+static srvq *kv_queue(int slots, int pages, engine_kv_report *kr, stage_batch *mb, client *c, int n)
 {
     static const int32_t P6[6] = {1, 2, 3, 4, 5, 6};
-    srvq *q = srvq_new(3, 32, 4, 50, -1);
+    srvq *q = srvq_new(slots, 32, slots, 50, -1);
     CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 8, 0, 8), 0);
-    engine_kv_report kr = {.stage = 0, .page = 4, .kv_layers = 2, .pages_total = 12};
-    srvq_sched_ops.kv(q, &kr, 1);
-    stage_batch mb;
-    stage_batch_init(&mb, 8);
-    client c[3];
-    memset(c, 0, sizeof c);
+    *kr = (engine_kv_report){.stage = 0, .page = 4, .kv_layers = 2, .pages_total = pages};
+    srvq_sched_ops.kv(q, kr, 1);
+    stage_batch_init(mb, 8);
+    memset(c, 0, (size_t)n * sizeof *c);
     char err[256];
-    for (int i = 0; i < 3; i++) CU_ASSERT_EQUAL(submit(q, &c[i], P6, 6, 4, err), i);
-    /* a (4 pages) + b (2 * ceil(10/4) = 6) fit in 12; with them c (6 more) does not */
+    for (int i = 0; i < n; i++) CU_ASSERT_EQUAL(submit(q, &c[i], P6, 6, 4, err), i);
+    return q;
+}
+
+static void test_preempt(void)
+{
+    engine_kv_report kr;
+    stage_batch mb;
+    client c[3];
+    srvq *q = kv_queue(3, 14, &kr, &mb, c, 3);
+    /* nothing measured (every row kept): n positions take at most 2 (n / 4 + 1) pages; a (7
+     * positions once a row on: 5.5) + b (6 + a page of growth: 7) fit in 14; with them c (7
+     * more) does not */
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
     srvq_stats st;
     srvq_get_stats(q, &st);
@@ -350,7 +361,7 @@ static void test_preempt(void)
     srvq_get_stats(q, &st);
     CU_ASSERT_EQUAL(st.running, 2);
     kr.pages_total = 6;
-    kr.pages_used = 8; /* all the rows issued, kept on both layers: keep stays 1 */
+    kr.pages_used = 8; /* no share of rows kept measured: keep stays 1 */
     srvq_sched_ops.kv(q, &kr, 1);
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
     srvq_get_stats(q, &st);
@@ -410,6 +421,144 @@ static void test_prefix_reuse(void)
     CU_ASSERT_EQUAL(submit(q, &c[2], p20, 20, 2, err), 2);
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
     CU_ASSERT(mb.n_share == 0 && mb.slot[0] == 2 && mb.pos[0] == 0);
+    stage_batch_free(&mb);
+    srvq_free(q);
+}
+
+/* The share of rows kept, measured by a report (entries over positions x layers at one
+ * moment), lets more requests in; admission keeps a margin over it that the preemption check
+ * does not, so a pool that just holds the running ones preempts nothing. */
+static void test_keep_estimate(void)
+{
+    engine_kv_report kr;
+    stage_batch mb;
+    client c[9];
+    srvq *q = kv_queue(9, 40, &kr, &mb, c, 9);
+    /* every row kept: 5.5 pages a running one, 7 a new one: 7 fit in 40 */
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    srvq_stats st;
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.running == 7 && st.queued == 2);
+    /* an eighth of the rows kept (x 1.25 margin): 2 (0.156 x 7 / 4 + 1) = 2.55 pages each */
+    kr.entries_live = 16;
+    kr.positions_live = 128;
+    srvq_sched_ops.kv(q, &kr, 1);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.running == 9 && st.queued == 0);
+    /* 22 pages: 9 x 2.55 (margin) > 22 >= 9 x 2.44 (the measure itself): nothing preempted */
+    kr.pages_total = 22;
+    srvq_sched_ops.kv(q, &kr, 1);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.running == 9 && st.preemptions == 0);
+    /* 21: the newest one gives way */
+    kr.pages_total = 21;
+    srvq_sched_ops.kv(q, &kr, 1);
+    srvq_sched_ops.next(q, &mb);
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.running == 8 && st.preemptions == 1);
+    stage_batch_free(&mb);
+    srvq_free(q);
+}
+
+/* Run micro-batches until client c is done (the fake head answers every row). */
+static void run_until_done(srvq *q, stage_batch *mb, const client *c)
+{
+    for (int k = 0; k < 64 && !c->n_done; k++) {
+        CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, mb), 1);
+        give_back(q, mb, NULL);
+    }
+    CU_ASSERT_EQUAL(c->n_done, 1);
+}
+
+/* The cache of finished prefixes: a finished request parks its slot (a share triple src ==
+ * dst), a later request shares from it (its generated tokens included), a longer parked
+ * prefix supersedes a shorter one, parked slots are evicted for a slot, for pages (before
+ * any preemption) and by srvq_prefix_cache_clear; cancelled requests are not parked. */
+static void test_prefix_cache(void)
+{
+    int32_t pa[30], pb[34], pc[20];
+    for (int i = 0; i < 30; i++) pa[i] = 3 + i;
+    memcpy(pb, pa, sizeof pa);
+    for (int i = 30; i < 33; i++) pb[i] = 100; /* a's tokens (slot 0: 100 each) */
+    pb[33] = 40;
+    for (int i = 0; i < 20; i++) pc[i] = 20 + i;
+    srvq *q = srvq_new(2, 40, 4, 120, -1);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 8, 0, 8), 0);
+    engine_kv_report kr = {.stage = 0, .page = 4, .kv_layers = 1, .pages_total = 100};
+    srvq_sched_ops.kv(q, &kr, 1);
+    stage_batch mb;
+    stage_batch_init(&mb, 8);
+    client c[5];
+    memset(c, 0, sizeof c);
+    char err[256];
+    srvq_stats st;
+    /* a: 30 + 4 tokens; its KV holds positions 0..32 (the last token is never fed) */
+    CU_ASSERT_EQUAL(submit(q, &c[0], pa, 30, 4, err), 0);
+    run_until_done(q, &mb, &c[0]);
+    CU_ASSERT(c[0].why == SRVQ_FINISH_LENGTH && c[0].n_tok == 4);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1); /* the park alone */
+    CU_ASSERT(mb.n == 0 && mb.n_release == 0 && mb.n_share == 1);
+    CU_ASSERT(mb.share[0] == 0 && mb.share[1] == 0 && mb.share[2] == 33);
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.cached_slots == 1 && st.running == 0);
+    CU_ASSERT_EQUAL(srvq_sched_ops.next(q, &mb), 0); /* nothing else to do */
+    /* b = a's prompt and 3 of its tokens + 1: shares 32 positions (whole blocks) from slot 0 */
+    CU_ASSERT_EQUAL(submit(q, &c[1], pb, 34, 1, err), 1);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT(mb.n_share == 1 && mb.share[0] == 0 && mb.share[1] == 1 && mb.share[2] == 32);
+    CU_ASSERT(mb.n == 2 && mb.slot[0] == 1 && mb.pos[0] == 32 && mb.token[0] == 100 &&
+              mb.token[1] == 40);
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.prefix_hits == 1 && st.prefix_cached_hits == 1 && st.prefix_tokens == 32);
+    give_back(q, &mb, NULL); /* b: 1 token, done: parked with 34 positions, a's superseded */
+    CU_ASSERT(c[1].n_done == 1 && c[1].why == SRVQ_FINISH_LENGTH);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT(mb.n == 0 && mb.n_release == 1 && mb.release[0] == 0 && mb.n_share == 1 &&
+              mb.share[0] == 1 && mb.share[1] == 1 && mb.share[2] == 34);
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.cached_slots == 1 && st.prefix_evictions == 1);
+    /* c (other tokens) takes free slot 0; d then needs slot 1: the parked slot is evicted */
+    CU_ASSERT_EQUAL(submit(q, &c[2], pc, 20, 8, err), 2);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT(mb.n_share == 0 && mb.slot[0] == 0 && mb.pos[0] == 0);
+    CU_ASSERT_EQUAL(submit(q, &c[3], pc, 20, 1, err), 3);
+    give_back(q, &mb, NULL);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.cached_slots == 0 && st.prefix_evictions == 2 && st.running == 2);
+    /* its release is superseded by d's reset (c had issued 8 positions: no share) */
+    CU_ASSERT(mb.n_release == 0 && mb.n_share == 0);
+    /* c is cancelled: not parked (its slot is released); d ends and parks */
+    srvq_cancel(q, 2);
+    give_back(q, &mb, NULL);
+    run_until_done(q, &mb, &c[3]);
+    CU_ASSERT(c[2].why == SRVQ_FINISH_CANCELLED);
+    srvq_get_stats(q, &st);
+    CU_ASSERT_EQUAL(st.cached_slots, 1);
+    /* pages: the pool shrinks so that the parked slot and a new request do not both fit: the
+     * parked slot goes, nothing is preempted */
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1); /* c's release, d's park */
+    kr.pages_total = 9;
+    srvq_sched_ops.kv(q, &kr, 1);
+    CU_ASSERT_EQUAL(submit(q, &c[4], pa, 30, 1, err), 4);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.cached_slots == 0 && st.prefix_evictions == 3 && st.preemptions == 0 &&
+              st.running == 1);
+    run_until_done(q, &mb, &c[4]);
+    /* clear: every parked slot is released with the next micro-batch */
+    kr.pages_total = 100;
+    srvq_sched_ops.kv(q, &kr, 1);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1); /* e's park */
+    srvq_get_stats(q, &st);
+    CU_ASSERT_EQUAL(st.cached_slots, 1);
+    srvq_prefix_cache_clear(q);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT(mb.n == 0 && mb.n_release == 1);
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.cached_slots == 0 && st.running == 0);
     stage_batch_free(&mb);
     srvq_free(q);
 }
@@ -601,6 +750,8 @@ int main(void)
     CU_add_test(s, "whole prompts", test_whole_prompts);
     CU_add_test(s, "admission by memory, preemption, recompute", test_preempt);
     CU_add_test(s, "prefix reuse from a running request", test_prefix_reuse);
+    CU_add_test(s, "the cache of finished prefixes: park, share, evict", test_prefix_cache);
+    CU_add_test(s, "admission: the share of rows kept, the margin", test_keep_estimate);
     CU_add_test(s, "concurrent submits", test_threads);
     CU_add_test(s, "rewind after a restart", test_rewind);
     CU_add_test(s, "decode groups", test_decode_groups);

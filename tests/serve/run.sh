@@ -261,19 +261,23 @@ else
 fi
 pre=$(metric "$PORT_kv" modpipe_preemptions_total)
 check "the small pool preempted ($pre preemptions)" '[ "${pre:-0}" -gt 0 ]'
-kv_back() { # every stage reports every page back
-    local m s
+kv_back() { # every stage reports every page back: free, or cached (parked finished prefixes)
+    local m s t c f
     for i in $(seq 100); do
         m=$(curl -s "http://127.0.0.1:$PORT_kv/metrics")
         for s in 0 1 2; do
-            grep -q "^modpipe_kv_pages_used{stage=\"$s\"} 0$" <<<"$m" || break
+            t=$(awk -v n="modpipe_kv_pages_total{stage=\"$s\"}" '$1 == n { print $2 }' <<<"$m")
+            c=$(awk -v n="modpipe_kv_pages_cached{stage=\"$s\"}" '$1 == n { print $2 }' <<<"$m")
+            f=$(awk -v n="modpipe_kv_pages_free{stage=\"$s\"}" '$1 == n { print $2 }' <<<"$m")
+            grep -q "^modpipe_kv_pages_used{stage=\"$s\"} 0$" <<<"$m" &&
+                [ -n "$t" ] && [ $((c + f)) = "$t" ] || break
             [ $s = 2 ] && return 0
         done
         sleep 0.05
     done
     return 1
 }
-check "every KV page back once the streams ended" kv_back
+check "every KV page free or cached once the streams ended" kv_back
 kill -TERM "$PID_kv"
 wait "$kvpid"
 RC=$?
@@ -305,6 +309,12 @@ wait $apid
 h1=$(metric "$PORT_px" modpipe_prefix_cache_hits_total)
 check "prefix reuse through the front: hit ($h0 -> $h1), the same text as alone" \
     '[ "${h1:-0}" -gt "${h0:-0}" ] && [ -s "$TMP/px_ref.txt" ] && cmp -s "$TMP/px_ref.txt" "$TMP/px_b.txt"'
+# C, once nothing runs: only a finished request's parked slot holds the prefix
+p0=$(metric "$PORT_px" modpipe_prefix_cache_parked_hits_total)
+one 8 "$TMP/px_c.txt"
+p1=$(metric "$PORT_px" modpipe_prefix_cache_parked_hits_total)
+check "the cache of finished prefixes through the front: hit ($p0 -> $p1), the same text" \
+    '[ "${p1:-0}" -gt "${p0:-0}" ] && cmp -s "$TMP/px_ref.txt" "$TMP/px_c.txt"'
 kill -TERM "$PID_px"
 wait "$pxpid"
 
