@@ -481,7 +481,8 @@ int cli_serve_main(int argc, char **argv, serve_pipeline_fn run)
                     !cli_opt_has(&a, "help") && !cli_opt_has(&a, "job") &&
                     cli_opt_has(&a, "ranks") &&
                     !cli_opt_long(&a, "ranks", 1, 1 << 16, 1, &ranks, err, sizeof err) &&
-                    (ranks > 1 || cli_opt_has(&a, "hostfile") || cli_opt_has(&a, "mpi-args"));
+                    (ranks > 1 || cli_opt_has(&a, "hostfile") || cli_opt_has(&a, "mpi-args") ||
+                     cli_opt_has(&a, "spare-hosts"));
         int rc = front ? front_main(&a, (int)ranks) : 0;
         cli_opts_free(&a);
         if (front) return rc;
@@ -515,6 +516,12 @@ int cli_serve_main(int argc, char **argv, serve_pipeline_fn run)
                      ranks, size);
             rc = -1;
         }
+    }
+    if (!rc && !job && cli_opt_has(&a, "spare-hosts")) {
+        snprintf(err, sizeof err,
+                 "--spare-hosts: only the front restarts a job (modpipe serve --ranks N "
+                 "--hostfile F --spare-hosts G, without mpirun)");
+        rc = -1;
     }
     tok_tokenizer *tok = NULL;
     srvq *q = NULL;
