@@ -52,9 +52,7 @@ STREAMS="$HERE/streams.mjs"
 read -r A0 A1 A2 <<<"$NETCLUSTER_ADDRS"
 printf '%s slots=1\n%s slots=1\n' "$A0" "$A1" >"$TMP/plan"
 printf '# the spare\n%s slots=1\n' "$A2" >"$TMP/spare"
-NET=${A0%.*}.0/24
-MPI="--mca plm_rsh_agent $ROOT/scripts/netcluster-agent --mca plm_rsh_no_tree_spawn 1"
-MPI="$MPI --mca btl self,tcp --mca btl_tcp_if_include $NET --mca oob_tcp_if_include $NET"
+MPI=$NETCLUSTER_MPI_ARGS
 
 start_front ref --ranks 1 --slots 8 --ctx 512
 node "$STREAMS" "http://127.0.0.1:$PORT_ref" "$TMP/ref.json" $N $MAXT >"$TMP/ref.txt" 2>&1
