@@ -45,14 +45,14 @@ static int load_file(serve_hosts *hs, const char *path, int spare, char *err, si
         memset(&h, 0, sizeof h);
         h.spare = spare;
         h.slots = 1;
-        size_t nl = strcspn(s, " \t");
-        if (nl >= sizeof h.name || strlen(s) >= sizeof h.line) {
+        size_t nl = strcspn(s, " \t"), n = strlen(s);
+        if (nl >= sizeof h.name || n >= sizeof h.line) {
             base_set_err(err, errlen, "%s %s:%d: the host name or line is too long", opt, path, ln);
             rc = -1;
             break;
         }
         memcpy(h.name, s, nl);
-        snprintf(h.line, sizeof h.line, "%s", s);
+        memcpy(h.line, s, n); /* h is zeroed: both stay terminated */
         const char *sl = strstr(s + nl, "slots=");
         if (sl && (sl == s + nl || isspace((unsigned char)sl[-1]))) {
             char *end;

@@ -71,6 +71,13 @@ static void test_load(void)
         if (!strstr(err, bad[i].want)) printf("\n  case %zu: %s\n", i, err);
         serve_hosts_free(&hs);
     }
+    /* a host name longer than serve_host.name holds */
+    char longname[400];
+    memset(longname, 'a', 300);
+    snprintf(longname + 300, sizeof longname - 300, "\nlocalhost\n");
+    CU_ASSERT_EQUAL(serve_hosts_load(&hs, file("plan", longname), NULL, err, sizeof err), -1);
+    CU_ASSERT_PTR_NOT_NULL(strstr(err, "plan:1: the host name or line is too long"));
+    serve_hosts_free(&hs);
     /* a spare that is also a plan host */
     CU_ASSERT_EQUAL(serve_hosts_load(&hs, file("plan", "localhost\nb.example\n"),
                                      file("spare", "b.example\n"), err, sizeof err),
