@@ -123,6 +123,8 @@ test: $(TEST_BIN) $(B)/modpipe format-check
 	@bash tests/serve/run.sh $(B)/modpipe
 	@echo "== tests/serve/recover.sh (the front: kill -9 / SIGSTOP of a rank, replay)"
 	@bash tests/serve/recover.sh $(B)/modpipe
+	@echo "== tests/serve/spare.sh (--spare-hosts: a host counted dead, restart on a spare / fewer ranks; netcluster, root)"
+	@bash tests/serve/spare.sh $(B)/modpipe
 ifneq ($(SANITIZE),1)
 	@bash tests/scripts/run.sh $(B)/modpipe
 endif

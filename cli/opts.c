@@ -148,7 +148,11 @@ static const cli_opt_def OPTS[] = {
      "when it dies or stalls; running requests are replayed (N = 1 without --hostfile / "
      "--mpi-args: in this process)"},
     {"hostfile", "FILE", CLI_SERVE, CLI_ONCE,
-     "with --ranks: mpirun --hostfile FILE (rank 0 must be this host)"},
+     "with --ranks: mpirun --hostfile FILE (its first host must be this one: rank 0 runs there)"},
+    {"spare-hosts", "FILE", CLI_SERVE, CLI_ONCE,
+     "with --hostfile: hosts (a hostfile) to restart on when the job fails on a host of the plan; "
+     "that host is dropped and, when the slots left are fewer, the job re-partitioned on fewer "
+     "ranks (docs/SERVE.md §5)"},
     {"mpi-args", "'ARGS'", CLI_SERVE, CLI_ONCE,
      "with --ranks: more mpirun options, split at spaces"},
     {"stall-timeout", "SEC", CLI_SERVE, CLI_ONCE,

@@ -77,6 +77,23 @@ static int read_key_file(const char *path, char *key, size_t keylen, char *err, 
     return 0;
 }
 
+/* The plan for n_ranks ranks (engine/partition.c through cli_make_plan), as the job makes it. */
+static int plan_for(const cli_opts *a, const setup *st, int n_ranks, engine_plan *plan, char *err,
+                    size_t errlen)
+{
+    const serve_loop_opts *l = &st->p.loop;
+    engine_mem_opts mem;
+    int plan_mem = cli_opt_has(a, "mem-per-rank");
+    if (plan_mem) {
+        if (cli_mem_opts(a, l->pipe.model_dir, &mem, err, errlen)) return -1;
+        if (l->pipe.weights_dtype >= 0) mem.weight_dtype = (stage_dtype)l->pipe.weights_dtype;
+        mem.slots = l->slots;
+        mem.ctx = l->ctx;
+        mem.micro_batch = l->pipe.micro_batch;
+    }
+    return cli_make_plan(a, &st->cfg, n_ranks, 0, plan_mem ? &mem : NULL, plan, err, errlen);
+}
+
 static int make_setup(const cli_opts *a, int n_ranks, setup *st, char *err, size_t errlen)
 {
     const char *model = cli_opt_str(a, "model");
@@ -117,18 +134,7 @@ static int make_setup(const cli_opts *a, int n_ranks, setup *st, char *err, size
     if (cli_pipe_opts_read(a, &p->loop.pipe, err, errlen)) return -1;
     st->no_prefix_reuse = cli_opt_has(a, "no-prefix-reuse");
 
-    engine_mem_opts mem;
-    int plan_mem = cli_opt_has(a, "mem-per-rank");
-    if (plan_mem) {
-        if (cli_mem_opts(a, model, &mem, err, errlen)) return -1;
-        if (p->loop.pipe.weights_dtype >= 0)
-            mem.weight_dtype = (stage_dtype)p->loop.pipe.weights_dtype;
-        mem.slots = p->loop.slots;
-        mem.ctx = p->loop.ctx;
-        mem.micro_batch = p->loop.pipe.micro_batch;
-    }
-    if (cli_make_plan(a, cfg, n_ranks, 0, plan_mem ? &mem : NULL, &st->plan, err, errlen))
-        return -1;
+    if (plan_for(a, st, n_ranks, &st->plan, err, errlen)) return -1;
     st->have_plan = 1;
     p->loop.pipe.plan = &st->plan;
     engine_pipe_opts *pipe = &p->loop.pipe;
@@ -301,8 +307,8 @@ static int ab_num(argv_b *b, long x)
     return rc;
 }
 
-static int job_argv(const cli_opts *a, const setup *st, int ranks, argv_b *b, char *err,
-                    size_t errlen)
+static int job_argv(const cli_opts *a, const setup *st, int ranks, const char *hostfile, argv_b *b,
+                    char *err, size_t errlen)
 {
     static char exe[4096];
     ssize_t k = readlink("/proc/self/exe", exe, sizeof exe - 1);
@@ -325,8 +331,8 @@ static int job_argv(const cli_opts *a, const setup *st, int ranks, argv_b *b, ch
                 bad = ab_add(b, t);
         }
     }
-    if (cli_opt_str(a, "hostfile"))
-        bad |= ab_add(b, "--hostfile") | ab_add(b, cli_opt_str(a, "hostfile"));
+    if (!hostfile) hostfile = cli_opt_str(a, "hostfile");
+    if (hostfile) bad |= ab_add(b, "--hostfile") | ab_add(b, hostfile);
     bad |= ab_add(b, "-np") | ab_num(b, ranks) | ab_add(b, exe) | ab_add(b, "serve");
     bad |= ab_add(b, "--model") | ab_add(b, cli_opt_str(a, "model"));
     bad |= ab_add(b, "--slots") | ab_num(b, st->p.loop.slots) | ab_add(b, "--ctx") |
@@ -354,6 +360,32 @@ static int job_argv(const cli_opts *a, const setup *st, int ranks, argv_b *b, ch
     return 0;
 }
 
+/* serve_job_cmd_fn: the job for `ranks` ranks; a rank count other than the plan's is
+ * re-partitioned here first, so a count no plan fits is refused before the job starts. */
+typedef struct {
+    const cli_opts *a;
+    const setup *st;
+    int ranks; /* the plan's (st->plan) */
+    argv_b b;
+} job_ctx;
+
+static int job_cmd(void *arg, int ranks, const char *hostfile, char *const **argv, int *stages,
+                   char *err, size_t errlen)
+{
+    job_ctx *c = arg;
+    *stages = c->st->plan.n_stages;
+    if (ranks != c->ranks) {
+        engine_plan p;
+        if (plan_for(c->a, c->st, ranks, &p, err, errlen)) return -1;
+        *stages = p.n_stages;
+        engine_plan_free(&p);
+    }
+    memset(&c->b, 0, sizeof c->b);
+    if (job_argv(c->a, c->st, ranks, hostfile, &c->b, err, errlen)) return -1;
+    *argv = c->b.v;
+    return 0;
+}
+
 /* `modpipe serve --ranks N`: HTTP and the queue here, the pipeline in a job we start. */
 static int front_main(const cli_opts *a, int ranks)
 {
@@ -363,34 +395,49 @@ static int front_main(const cli_opts *a, int ranks)
     tok_tokenizer *tok = NULL;
     srvq *q = NULL;
     serve_server *srv = NULL;
-    static argv_b b; /* the job's argv (the front's lifetime) */
-    memset(&b, 0, sizeof b);
+    static job_ctx jc; /* the job's argv (the front's lifetime) */
+    memset(&jc, 0, sizeof jc);
+    jc.a = a;
+    jc.st = &st;
+    jc.ranks = ranks;
+    serve_hosts hosts;
+    memset(&hosts, 0, sizeof hosts);
+    const char *hf = cli_opt_str(a, "hostfile"), *spare = cli_opt_str(a, "spare-hosts");
     double stall;
     long restarts;
     int rc = make_setup(a, ranks, &st, err, sizeof err);
     if (!rc) rc = cli_opt_double(a, "stall-timeout", 0.1, 1e6, 0, 5.0, &stall, err, sizeof err);
     if (!rc) rc = cli_opt_long(a, "max-restarts", 0, 1000000, 3, &restarts, err, sizeof err);
-    if (!rc) rc = job_argv(a, &st, ranks, &b, err, sizeof err);
+    if (!rc && spare && !hf) {
+        snprintf(err, sizeof err, "--spare-hosts needs --hostfile (the hosts of the plan)");
+        rc = -1;
+    }
+    /* rank 0 runs on the first host and needs the front's Unix socket: refuse any other */
+    if (!rc && hf) rc = serve_hosts_load(&hosts, hf, spare, err, sizeof err);
     if (!rc) rc = start_http(&st, &tok, &q, &srv, err, sizeof err);
     if (rc) {
         fprintf(stderr, "modpipe serve: %s\n", err);
         serve_server_free(srv);
         srvq_free(q);
         tok_free(tok);
+        serve_hosts_free(&hosts);
         setup_free(&st);
         stage_threads_free();
         return 2;
     }
     int whole, max_rows = serve_loop_rows(&st.p.loop, &whole);
     serve_front_opts fo = {
-        .job_argv = b.v,
+        .job_cmd = job_cmd,
+        .job_arg = &jc,
+        .ranks = ranks,
+        .hosts = spare ? &hosts : NULL,
         .slots = st.p.loop.slots,
         .ctx = st.p.loop.ctx,
         .micro_batch = st.p.loop.pipe.micro_batch,
         .whole_prompts = whole,
         .max_rows = max_rows,
         .max_in_flight = st.p.loop.pipe.max_in_flight,
-        .decode_groups = st.p.loop.decode_groups,
+        .decode_groups = cli_opt_has(a, "decode-groups") ? st.p.loop.decode_groups : 0,
         .stall_s = stall,
         .max_restarts = (int)restarts,
         .start_timeout_s = st.p.loop.pipe.timeout_s,
@@ -411,6 +458,7 @@ static int front_main(const cli_opts *a, int ranks)
     serve_server_free(srv);
     srvq_free(q);
     tok_free(tok);
+    serve_hosts_free(&hosts);
     if (!rc && st.p.loop.pipe.progress) fprintf(stderr, "modpipe serve: stopped\n");
     setup_free(&st);
     stage_threads_free();
@@ -428,7 +476,8 @@ int cli_serve_main(int argc, char **argv, serve_pipeline_fn run)
                     !cli_opt_has(&a, "help") && !cli_opt_has(&a, "job") &&
                     cli_opt_has(&a, "ranks") &&
                     !cli_opt_long(&a, "ranks", 1, 1 << 16, 1, &ranks, err, sizeof err) &&
-                    (ranks > 1 || cli_opt_has(&a, "hostfile") || cli_opt_has(&a, "mpi-args"));
+                    (ranks > 1 || cli_opt_has(&a, "hostfile") || cli_opt_has(&a, "mpi-args") ||
+                     cli_opt_has(&a, "spare-hosts"));
         int rc = front ? front_main(&a, (int)ranks) : 0;
         cli_opts_free(&a);
         if (front) return rc;
@@ -453,6 +502,12 @@ int cli_serve_main(int argc, char **argv, serve_pipeline_fn run)
                      ranks, size);
             rc = -1;
         }
+    }
+    if (!rc && !job && cli_opt_has(&a, "spare-hosts")) {
+        snprintf(err, sizeof err,
+                 "--spare-hosts: only the front restarts a job (modpipe serve --ranks N "
+                 "--hostfile F --spare-hosts G, without mpirun)");
+        rc = -1;
     }
     tok_tokenizer *tok = NULL;
     srvq *q = NULL;

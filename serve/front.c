@@ -20,17 +20,28 @@
 #include "serve/queue_sched.h"
 
 #define HEALTHY_S 60.0 /* a job that ran this long resets the count of restarts in a row */
+/* With --spare-hosts a dying job gets this long to say where it failed (mpirun's report of a
+ * killed rank can come seconds after rank 0 is gone); the wait ends once a host is named. */
+#define HOSTS_GRACE_S 5.0
 
 typedef struct {
     const serve_front_opts *o;
     srvq *q;
     serve_server *srv;
     char dir[40], path[96]; /* the socket's directory (ours, 0700) and path */
-    int lfd;                /* listening socket */
-    int wake[2];            /* srvq_set_notify writes here */
-    pid_t pid;              /* the job (mpirun, its own process group); 0: none */
-    int status;             /* its wait status once reaped */
-    int fd;                 /* the channel, -1: none */
+    char hostfile[112];     /* the job's hostfile in dir (with o->hosts) */
+    char *const *argv;      /* the job's command line (o->job_cmd's) */
+    int efd;                /* the job's stderr, relayed to ours; -1: none */
+    char eline[1024];       /* its line being read */
+    size_t elen;
+    char blame[256];      /* the host mpirun's messages name as failed; "": none */
+    char blame_line[200]; /* the line that named it, for the log */
+    int blame_off;        /* we are ending the job: what it says now is our doing, not a host's */
+    int lfd;              /* listening socket */
+    int wake[2];          /* srvq_set_notify writes here */
+    pid_t pid;            /* the job (mpirun, its own process group); 0: none */
+    int status;           /* its wait status once reaped */
+    int fd;               /* the channel, -1: none */
     chan_reader rd;
     stage_batch *fl; /* [max_in_flight] micro-batches in flight, oldest at fl_head */
     int fl_head, fl_n;
@@ -82,6 +93,49 @@ static void describe_exit(int status, char *buf, size_t n)
         snprintf(buf, n, "status %d", status);
 }
 
+/* Relay what the job wrote to its stderr; note the first host a message blames. */
+static void pump_err(front *f)
+{
+    char b[4096];
+    ssize_t k;
+    while (f->efd >= 0 && (k = read(f->efd, b, sizeof b)) != 0) {
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) return;
+            break;
+        }
+        if (fwrite(b, 1, (size_t)k, stderr) != (size_t)k) {} /* our stderr is gone: go on */
+        for (ssize_t i = 0; i < k; i++) {
+            if (b[i] != '\n' && f->elen < sizeof f->eline - 1) {
+                f->eline[f->elen++] = b[i];
+                continue;
+            }
+            f->eline[f->elen] = 0;
+            if (!f->blame[0] && !f->blame_off &&
+                serve_hosts_blame(f->eline, f->blame, sizeof f->blame)) {
+                const char *l = f->eline;
+                while (*l == ' ') l++;
+                snprintf(f->blame_line, sizeof f->blame_line, "%.*s", (int)sizeof f->blame_line - 1,
+                         l);
+            }
+            f->elen = 0;
+        }
+    }
+    close(f->efd); /* end of file: every writer is gone */
+    f->efd = -1;
+}
+
+/* Wait up to ms for the job's stderr, relaying it. */
+static void wait_err(front *f, int ms)
+{
+    if (f->efd < 0) {
+        usleep((useconds_t)ms * 1000);
+        return;
+    }
+    struct pollfd pf = {.fd = f->efd, .events = POLLIN};
+    if (poll(&pf, 1, ms) > 0) pump_err(f);
+}
+
 /* End the job: a job whose rank died is being torn down by mpirun already, give it `grace`
  * seconds; then SIGTERM to its process group, SIGKILL after 2 s (a stopped rank too). */
 static void kill_job(front *f, double grace)
@@ -91,38 +145,56 @@ static void kill_job(front *f, double grace)
         f->fd = -1;
     }
     double t0 = base_now_s();
-    while (f->pid && !job_exited(f) && base_now_s() - t0 < grace) usleep(20000);
-    if (!f->pid) return;
-    pid_t pg = f->pid;
-    kill(pg, SIGTERM);
-    t0 = base_now_s();
-    while (!job_exited(f) && base_now_s() - t0 < 2.0) usleep(20000);
+    while (f->pid && !job_exited(f) && base_now_s() - t0 < grace && !(f->o->hosts && f->blame[0]))
+        wait_err(f, 20);
     if (f->pid) {
-        kill(-pg, SIGKILL);
-        waitpid(f->pid, &f->status, 0);
-        f->pid = 0;
+        pid_t pg = f->pid;
+        f->blame_off = 1;
+        kill(pg, SIGTERM);
+        t0 = base_now_s();
+        while (!job_exited(f) && base_now_s() - t0 < 2.0) wait_err(f, 20);
+        if (f->pid) {
+            kill(-pg, SIGKILL);
+            waitpid(f->pid, &f->status, 0);
+            f->pid = 0;
+        }
+        kill(-pg, SIGKILL); /* ranks mpirun left behind, if any */
     }
-    kill(-pg, SIGKILL); /* ranks mpirun left behind, if any */
+    /* mpirun's last words (which rank failed where) come as it exits */
+    t0 = base_now_s();
+    while (f->efd >= 0 && base_now_s() - t0 < 0.5) wait_err(f, 20);
+    if (f->efd >= 0) close(f->efd);
+    f->efd = -1;
+    f->elen = 0;
 }
 
 static int spawn(front *f, char *err, size_t errlen)
 {
     int n = 0;
-    while (f->o->job_argv[n]) n++;
+    while (f->argv[n]) n++;
     char **argv = calloc((size_t)n + 2, sizeof *argv);
     if (!argv) {
         snprintf(err, errlen, "out of memory");
         return -1;
     }
-    for (int i = 0; i < n; i++) argv[i] = f->o->job_argv[i];
+    for (int i = 0; i < n; i++) argv[i] = f->argv[i];
     argv[n] = f->path;
+    int ep[2];
+    if (pipe2(ep, O_CLOEXEC)) {
+        snprintf(err, errlen, "pipe: %s", strerror(errno));
+        free(argv);
+        return -1;
+    }
     pid_t pid = fork();
     if (pid < 0) {
         snprintf(err, errlen, "fork: %s", strerror(errno));
         free(argv);
+        close(ep[0]);
+        close(ep[1]);
         return -1;
     }
     if (pid == 0) {
+        dup2(ep[1], 2); /* dup2 clears close-on-exec */
         /* its own process group: a terminal's ^C reaches the front only, which drains */
         setpgid(0, 0);
         signal(SIGTERM, SIG_DFL);
@@ -137,6 +209,12 @@ static int spawn(front *f, char *err, size_t errlen)
     }
     setpgid(pid, pid);
     free(argv);
+    close(ep[1]);
+    fcntl(ep[0], F_SETFL, O_NONBLOCK);
+    f->efd = ep[0];
+    f->elen = 0;
+    f->blame[0] = 0;
+    f->blame_off = 0;
     f->pid = pid;
     return 0;
 }
@@ -159,8 +237,11 @@ static int start_job(front *f, char *err, size_t errlen)
             snprintf(err, errlen, "the job ended while starting (%s)", st);
             return -1;
         }
-        struct pollfd pf = {.fd = f->fd >= 0 ? f->fd : f->lfd, .events = POLLIN};
-        if (poll(&pf, 1, 100) <= 0) continue;
+        struct pollfd pf[2] = {{.fd = f->fd >= 0 ? f->fd : f->lfd, .events = POLLIN},
+                               {.fd = f->efd, .events = POLLIN}};
+        if (poll(pf, 2, 100) <= 0) continue;
+        if (pf[1].revents) pump_err(f);
+        if (!pf[0].revents) continue;
         if (f->fd < 0) {
             f->fd = accept4(f->lfd, NULL, NULL, SOCK_CLOEXEC);
             continue;
@@ -278,9 +359,11 @@ static int relay(front *f, char *err, size_t errlen)
             f->fl_n++;
         }
         if (f->fl_n == 0 && srvq_sched_ops.finished(f->q)) return 1;
-        struct pollfd pf[2] = {{.fd = f->fd, .events = POLLIN},
-                               {.fd = f->wake[0], .events = POLLIN}};
-        poll(pf, 2, 50);
+        struct pollfd pf[3] = {{.fd = f->fd, .events = POLLIN},
+                               {.fd = f->wake[0], .events = POLLIN},
+                               {.fd = f->efd, .events = POLLIN}};
+        poll(pf, 3, 50);
+        if (pf[2].revents) pump_err(f);
         if (pf[1].revents & POLLIN) {
             char b[64];
             while (read(f->wake[0], b, sizeof b) > 0) {}
@@ -301,6 +384,26 @@ static int relay(front *f, char *err, size_t errlen)
     }
 }
 
+/* The next job's command line: on the hosts left (with o->hosts), re-partitioned for the rank
+ * count they hold. 0, or -1 with err. */
+static int plan_job(front *f, char *err, size_t errlen)
+{
+    const serve_front_opts *o = f->o;
+    int ranks = o->ranks, stages = 0;
+    char names[512] = "";
+    if (o->hosts && serve_hosts_write(o->hosts, o->ranks, f->hostfile, &ranks, names, sizeof names,
+                                      err, errlen))
+        return -1;
+    if (o->job_cmd(o->job_arg, ranks, o->hosts ? f->hostfile : NULL, &f->argv, &stages, err,
+                   errlen))
+        return -1;
+    srvq_sched_groups(f->q, o->decode_groups ? o->decode_groups : stages);
+    if (o->hosts)
+        say(f, "the job: %d rank%s, %d stage%s on %s", ranks, ranks == 1 ? "" : "s", stages,
+            stages == 1 ? "" : "s", names);
+    return 0;
+}
+
 static int setup(front *f, char *err, size_t errlen)
 {
     const serve_front_opts *o = f->o;
@@ -311,6 +414,7 @@ static int setup(front *f, char *err, size_t errlen)
         return -1;
     }
     snprintf(f->path, sizeof f->path, "%s/chan", f->dir);
+    snprintf(f->hostfile, sizeof f->hostfile, "%s/hosts", f->dir);
     struct sockaddr_un a = {.sun_family = AF_UNIX};
     snprintf(a.sun_path, sizeof a.sun_path, "%s", f->path);
     f->lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -332,9 +436,8 @@ static int setup(front *f, char *err, size_t errlen)
         snprintf(err, errlen, "out of memory");
         return -1;
     }
-    srvq_sched_groups(f->q, o->decode_groups);
     srvq_set_notify(f->q, wake_fn, f);
-    return 0;
+    return plan_job(f, err, errlen);
 }
 
 static void teardown(front *f)
@@ -350,6 +453,7 @@ static void teardown(front *f)
     for (int i = 0; i < 2; i++)
         if (f->wake[i] >= 0) close(f->wake[i]);
     if (f->path[0]) unlink(f->path);
+    if (f->hostfile[0]) unlink(f->hostfile);
     if (f->dir[0]) rmdir(f->dir);
 }
 
@@ -360,7 +464,7 @@ int serve_front_run(const serve_front_opts *o, srvq *q, serve_server *srv, char 
     f.o = o;
     f.q = q;
     f.srv = srv;
-    f.lfd = f.fd = f.wake[0] = f.wake[1] = -1;
+    f.lfd = f.fd = f.wake[0] = f.wake[1] = f.efd = -1;
     int rc = setup(&f, err, errlen);
     int failures = 0, ever = 0;
     char why[512] = "";
@@ -393,7 +497,7 @@ int serve_front_run(const serve_front_opts *o, srvq *q, serve_server *srv, char 
             break;
         }
         f.t_fail = base_now_s();
-        kill_job(&f, strstr(why, "no word from") ? 0.0 : 1.0);
+        kill_job(&f, strstr(why, "no word from") ? 0.0 : o->hosts ? HOSTS_GRACE_S : 1.0);
         f.fl_head = f.fl_n = 0;
         if (++failures > o->max_restarts) {
             snprintf(err, errlen, "the job failed %d time%s in a row (--max-restarts %d): %s",
@@ -406,6 +510,16 @@ int serve_front_run(const serve_front_opts *o, srvq *q, serve_server *srv, char 
         if (wait > 5.0) wait = 5.0;
         say(&f, "the job failed: %s; restart %d of at most %d in %.1f s", why, failures,
             o->max_restarts, wait);
+        int dead = o->hosts && f.blame[0] ? serve_hosts_mark_dead(o->hosts, f.blame) : -1;
+        if (dead >= 0) {
+            say(&f, "host %s is counted dead (\"%s\")", f.blame, f.blame_line);
+            char perr[512];
+            if (plan_job(&f, perr, sizeof perr)) {
+                snprintf(err, errlen, "no job without host %s: %s", f.blame, perr);
+                rc = -1;
+                break;
+            }
+        }
         serve_server_set_recovering(srv, 1);
         srvq_rewind(q);
         usleep((useconds_t)(wait * 1e6));

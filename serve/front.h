@@ -18,7 +18,8 @@
  * ends with an error (srvq_fail_all) and it returns -1 with one line in err.
  *
  * It returns 0 once the queue is closed (serve_server_shutdown: SIGTERM to the front) and
- * drained: it sends END and the job exits. Threads: the HTTP threads use the queue as
+ * drained: it sends END and the job exits. The job's stderr (mpirun's and the ranks') passes
+ * through the front to its own, read for the host a failure names (serve_hosts_blame). Threads: the HTTP threads use the queue as
  * before; srvq_set_notify wakes the relay. The job's rank 0 must run on this host.
  */
 #ifndef SERVE_FRONT_H
@@ -26,16 +27,29 @@
 
 #include <stddef.h>
 
+#include "serve/hosts.h"
 #include "serve/queue.h"
 #include "serve/serve.h"
 
+/* The job's command line for `ranks` ranks on the hosts of `hostfile` (NULL: as the user gave
+ * them): *argv NULL-terminated, the caller's until the next call (the front appends the
+ * socket's path: its last option must be --job); *stages: that plan's stage count. 0, or -1
+ * with err (no plan for that many ranks). */
+typedef int (*serve_job_cmd_fn)(void *arg, int ranks, const char *hostfile, char *const **argv,
+                                int *stages, char *err, size_t errlen);
+
 typedef struct {
-    char *const *job_argv; /* the job's command line, NULL-terminated: the front appends the
-                            * socket's path (the last option must be --job) */
-    int slots, ctx;        /* the job's HELLO must agree (the queue's) */
+    serve_job_cmd_fn job_cmd;
+    void *job_arg;
+    int ranks;          /* the plan's rank count */
+    serve_hosts *hosts; /* --spare-hosts: a host a failure is attributed to (serve/hosts.h) is
+                         * dropped and the job restarted on the hosts left plus spares,
+                         * re-partitioned when the rank count changes; NULL: the same job */
+    int slots, ctx;     /* the job's HELLO must agree (the queue's) */
     int micro_batch, whole_prompts, max_rows; /* as serve_loop_rows says for the job */
     int max_in_flight;                        /* micro-batches in flight */
-    int decode_groups;                        /* the queue's (srvq_sched_groups) */
+    int decode_groups;                        /* the queue's (srvq_sched_groups); 0: the stage
+                                               * count of each job's plan */
     double stall_s;                           /* silence that counts as a stuck job */
     int max_restarts;                         /* restarts in a row, then give up */
     double start_timeout_s;                   /* longest wait for a (re)started job's READY */

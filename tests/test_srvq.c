@@ -698,6 +698,86 @@ static void test_decode_groups(void)
     srvq_free(q);
 }
 
+/* Chunked prefill under the token budget (policy steps 2 and 3): with decode rows running and
+ * long prompts arriving, every micro-batch holds at most R rows, its decode rows come before
+ * its prompt rows, and while prompt rows wait it is filled to R (decode rows + a chunk);
+ * prompts longer than R span micro-batches mixed with decode rows. A pipeline of 4
+ * micro-batches in flight, as a 2-stage job's. */
+static void test_prefill_budget(void)
+{
+    enum { R = 8, K = 4, SHORT = 3, LONG = 3, LP = 30 };
+    srvq *q = srvq_new(SHORT + LONG, 64, 8, 50, -1);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(q);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, R, 0, R), 0);
+    srvq_sched_groups(q, 2);
+    stage_batch fl[K];
+    for (int i = 0; i < K; i++) CU_ASSERT_EQUAL_FATAL(stage_batch_init(&fl[i], 64), 0);
+    client c[SHORT + LONG];
+    memset(c, 0, sizeof c);
+    char err[256];
+    int32_t lp[LP];
+    for (int i = 0; i < LP; i++) lp[i] = 1 + i % 40;
+    for (int i = 0; i < SHORT; i++) CU_ASSERT_EQUAL(submit(q, &c[i], P3, 3, 24, err), i);
+    int head = 0, n_fl = 0, rounds = 0, mixed = 0, full = 0, budget_ok = 1, order_ok = 1;
+    int prompt_mbs[SHORT + LONG] = {0}; /* micro-batches that carried a long prompt's rows */
+    long pending = SHORT * 3, submitted = 0;
+    while (rounds++ < 1000) {
+        /* the long prompts arrive once the short requests decode */
+        if (rounds == 6)
+            for (int i = SHORT; i < SHORT + LONG; i++) {
+                CU_ASSERT_EQUAL(submit(q, &c[i], lp, LP, 8, err), i);
+                pending += LP;
+                submitted++;
+            }
+        while (n_fl < K) {
+            stage_batch *mb = &fl[(head + n_fl) % K];
+            mb->n = mb->n_release = mb->n_share = 0;
+            long before = pending;
+            if (!srvq_sched_ops.next(q, mb)) break;
+            int nd = 0, np = 0, seen_prompt = 0, carried[SHORT + LONG] = {0};
+            for (int i = 0; i < mb->n; i++) {
+                if (mb->flags[i] & STAGE_ROW_PROMPT) {
+                    np++;
+                    seen_prompt = 1;
+                    carried[mb->slot[i]] = 1;
+                } else {
+                    nd++;
+                    if (seen_prompt) order_ok = 0; /* a decode row behind a prompt chunk */
+                }
+            }
+            pending -= np;
+            if (mb->n > R) budget_ok = 0;
+            /* waiting prompt rows fill the budget */
+            int want = nd + before < R ? nd + (int)before : R;
+            if (before > 0) {
+                CU_ASSERT_EQUAL(mb->n, want);
+                full += mb->n == want;
+            }
+            mixed += nd > 0 && np > 0;
+            for (int i = SHORT; i < SHORT + LONG; i++) prompt_mbs[i] += carried[i];
+            if (mb->n > 0) n_fl++;
+        }
+        if (n_fl == 0) break;
+        give_back(q, &fl[head], NULL);
+        head = (head + 1) % K;
+        n_fl--;
+    }
+    CU_ASSERT(budget_ok);
+    CU_ASSERT(order_ok);
+    CU_ASSERT_EQUAL(submitted, LONG);
+    CU_ASSERT_EQUAL(pending, 0);
+    CU_ASSERT(full > 0);
+    CU_ASSERT(mixed > 0); /* prompt chunks rode with decode rows */
+    for (int i = SHORT; i < SHORT + LONG; i++) CU_ASSERT(prompt_mbs[i] >= (LP + R - 1) / R);
+    for (int i = 0; i < SHORT + LONG; i++) {
+        CU_ASSERT_EQUAL(c[i].n_done, 1);
+        CU_ASSERT_EQUAL(c[i].n_tok, i < SHORT ? 24 : 8);
+        for (int j = 0; j < c[i].n_tok && j < 64; j++) CU_ASSERT_EQUAL(c[i].tok[j], 100 + i);
+    }
+    for (int i = 0; i < K; i++) stage_batch_free(&fl[i]);
+    srvq_free(q);
+}
+
 static void test_threads(void)
 {
     enum { T = 4, N = 50 };
@@ -755,6 +835,7 @@ int main(void)
     CU_add_test(s, "concurrent submits", test_threads);
     CU_add_test(s, "rewind after a restart", test_rewind);
     CU_add_test(s, "decode groups", test_decode_groups);
+    CU_add_test(s, "chunked prefill under the token budget", test_prefill_budget);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();
     unsigned fails = CU_get_number_of_failures();

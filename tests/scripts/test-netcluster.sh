@@ -170,14 +170,16 @@ BG=
 check_eq "and removed when it ends" "$(left "$LIVE")" 0
 
 echo "- --delay: applied with netem, or a clear error (this kernel may have no netem)"
-$NC -n 2 --delay 1ms --raw -- sh -c 'echo "$NETCLUSTER_PREFIX" > '"$TMP"'/d; tc qdisc show dev eth0' >"$TMP/delay.out" 2>&1
+$NC -n 2 --delay 1ms --raw -- sh -c 'echo "$NETCLUSTER_PREFIX" > '"$TMP"'/d; tc qdisc show dev eth0' >"$TMP/delay.out" 2>&1 &
+dpid=$! # its namespaces are ncl<pid>-*: other runs on the machine (other tests) are not ours
+wait $dpid
 rc=$?
 if [ $rc = 0 ]; then
     check "netem delay 1ms is on eth0" grep -q "netem.*delay 1ms" "$TMP/delay.out"
     check_eq "nothing left" "$(left "$(cat "$TMP/d")")" 0
 else
     check "the error names netem" grep -q "netem" "$TMP/delay.out"
-    check_eq "nothing left after the error" "$(ip netns list | awk '{ print $1 }' | grep -c '^ncl[0-9]*-' )" 0
+    check_eq "nothing left after the error" "$(left "ncl$dpid")" 0
 fi
 
 echo "- netcluster-agent"

@@ -9,6 +9,7 @@
 #   - --max-restarts 0: a kill ends every stream with an error event and a plain request with
 #     503 + error JSON; the front exits 1
 #   - a job that cannot start: exit 1 with the reason; --ranks 1 runs in the front's process
+#   - --hostfile whose first host is not this machine, --spare-hosts misused: exit 2, one line
 # Prints one line per check, then "N passed, N failed"; exits 1 on any failure.
 . "$(dirname "$0")/lib.sh"
 
@@ -125,6 +126,26 @@ check "--max-restarts 0: the front exits 1" '[ "$rc" = 1 ]'
 "$BIN" serve --model "$MODEL" --port 0 --ranks 2 --mpi-args '--no-such-mpirun-option' >"$TMP/nostart.out" 2>"$TMP/nostart.err"
 rc=$?
 check "a job that cannot start: exit 1 with the reason" '[ "$rc" = 1 ] && grep -q "the job failed to start" "$TMP/nostart.err"'
+# --hostfile / --spare-hosts refused before anything starts (tests/serve/spare.sh: the restart
+# on spare hosts itself, on netcluster)
+printf 'no-such-host.invalid slots=1\nlocalhost slots=1\n' >"$TMP/hf-bad"
+printf 'x slots=0\n' >"$TMP/hf-bad2"
+printf 'localhost slots=2\n' >"$TMP/hf-ok"
+refused() { # refused NAME 'expected text' ARGS...: exit 2 and one line with the text
+    local name=$1 want=$2 rc
+    shift 2
+    "$@" >"$TMP/$name.out" 2>"$TMP/$name.err"
+    rc=$?
+    check "$name: exit 2, one line ($(head -c 100 "$TMP/$name.err"))" '[ "$rc" = 2 ] && grep -qe "$want" "$TMP/$name.err" && [ "$(grep -c "" "$TMP/$name.err")" = 1 ]'
+}
+refused "first host not this machine" "its first host, no-such-host.invalid, is not this machine" \
+    "$BIN" serve --model "$MODEL" --port 0 --ranks 2 --hostfile "$TMP/hf-bad"
+refused "--spare-hosts without --hostfile" "--spare-hosts needs --hostfile" \
+    "$BIN" serve --model "$MODEL" --port 0 --ranks 2 --spare-hosts "$TMP/hf-ok"
+refused "--spare-hosts without --ranks (the mpirun form)" "only the front restarts a job" \
+    "$BIN" serve --model "$MODEL" --port 0 --spare-hosts "$TMP/hf-ok"
+refused "--spare-hosts: a bad line" "hf-bad2:1: slots= wants a whole number" \
+    "$BIN" serve --model "$MODEL" --port 0 --ranks 2 --hostfile "$TMP/hf-ok" --spare-hosts "$TMP/hf-bad2"
 start_front one --ranks 1
 code=$(curl -s -o "$TMP/one.json" -w '%{http_code}' "http://127.0.0.1:$PORT_one/v1/completions" -H 'Content-Type: application/json' -d '{"prompt":"Once","max_tokens":4,"temperature":0}')
 check "--ranks 1: in the front's process (no mpirun child), answers 200" '[ "$code" = 200 ] && [ -z "$(pgrep -P "$PID_one" -x mpirun)" ]'
