@@ -84,7 +84,9 @@ disrupt() {
 disrupt "kill-9-rank-1" KILL 1
 disrupt "kill-9-rank-0" KILL 0
 disrupt "SIGSTOP-rank-1" STOP 1
-grep -q "no word from the job for 2" "$TMP/a.err" && ok "SIGSTOP: detected as a stall after --stall-timeout 2" || bad "SIGSTOP: detected as a stall" "$(tail -3 "$TMP/a.err")"
+grep -q "the job stalled: no result for 2" "$TMP/a.err" && ok "SIGSTOP: detected as a stall after --stall-timeout 2" || bad "SIGSTOP: detected as a stall" "$(tail -3 "$TMP/a.err")"
+grep -q "stalled: .*; stage 1 (rank 1) has not finished micro-batch [0-9]*, last heard [0-9.]* s ago on host $(hostname);" "$TMP/a.err" && ok "SIGSTOP: the log names the stuck rank (1) and its host" || bad "SIGSTOP: the log names the stuck rank" "$(grep stalled "$TMP/a.err")"
+check "/metrics: 1 stall, blamed on stage 1, rank 1" '[ "$(metric $P modpipe_stalls_total)" = 1 ] && curl -s "http://127.0.0.1:$P/metrics" | grep -q "^modpipe_last_stall{stage=\"1\",rank=\"1\",host=\"$(hostname)\"} 1$"'
 check "/metrics: 3 restarts, tokens re-prefilled" '[ "$(metric $P modpipe_restarts_total)" = 3 ] && [ "$(metric $P modpipe_replayed_tokens_total)" -gt 0 ]'
 
 echo "-- the front's log of the three recoveries (docs/SERVE.md: the timeline):"
