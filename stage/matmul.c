@@ -187,9 +187,16 @@ const char *stage_blas_coretype_hint(void)
     return NULL;
 }
 
+static int dnnl_wanted(void);
+
 int stage_matmul_m_small(stage_dtype d)
 {
-    return d == STAGE_F32 || d == STAGE_Q8_0 ? STAGE_M_SMALL : STAGE_M_SMALL_16BIT;
+    if (d == STAGE_F32 || d == STAGE_Q8_0) return STAGE_M_SMALL;
+    /* bf16 tiles on oneDNN's native bf16 matmul overtake the streaming kernel at fewer rows
+     * than the f32-converted tiles do (matmul.h) */
+    if (d == STAGE_BF16 && dnnl_wanted() && stage_dnnl_bf16())
+        return g_mode == STAGE_MATMUL_FAST ? STAGE_M_SMALL_BF16_FAST : STAGE_M_SMALL_BF16_EXACT;
+    return STAGE_M_SMALL_16BIT;
 }
 
 const char *stage_isa_name(stage_isa isa)
@@ -228,6 +235,13 @@ stage_isa stage_matmul_isa(void)
 {
     ops();
     return g_isa;
+}
+
+/* The large path's tiles go to oneDNN (stage_matmul_force_engine). */
+static int dnnl_wanted(void)
+{
+    return g_engine == STAGE_ENGINE_ONEDNN ||
+           (g_engine == STAGE_ENGINE_AUTO && stage_dnnl_preferred());
 }
 
 void stage_matmul_force_path(stage_path p) { g_path = p; }
@@ -688,8 +702,7 @@ static void split_task(void *a, int t, int tid)
 static void run_large(const float *x, int m, const stage_weight *w, float *y, const mm_ops *o)
 {
     mm_job j = {.x = x, .m = m, .w = w, .y = y, .ops = o};
-    const int want = g_engine == STAGE_ENGINE_ONEDNN ||
-                     (g_engine == STAGE_ENGINE_AUTO && stage_dnnl_preferred());
+    const int want = dnnl_wanted();
     /* bf16 weights straight to oneDNN's bf16 matmul where it has native kernels; x split in
      * hi + lo (exact) or rounded once (fast; the lo half is then unused). Else, and if the
      * scratch cannot be had, the exact f32 conversion below. */
@@ -762,8 +775,7 @@ const char *stage_matmul_large_engine(int m, int k, char *buf, size_t len)
 {
     stage_dnnl_shape s = {
         .m = m, .n = STAGE_TILE_N, .k = k, .ldx = k, .ldw = k, .ldy = STAGE_TILE_N};
-    const int want = g_engine == STAGE_ENGINE_ONEDNN ||
-                     (g_engine == STAGE_ENGINE_AUTO && stage_dnnl_preferred());
+    const int want = dnnl_wanted();
     const char *impl = want ? stage_dnnl_impl(&s) : NULL;
     snprintf(buf, len, "%s%s", impl ? "onednn:" : "openblas", impl ? impl : "");
     return buf;
