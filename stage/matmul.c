@@ -276,9 +276,12 @@ static struct {
     float **tile; /* [n] per-thread [STAGE_TILE_N][STAGE_TILE_K], grown once */
 } P = {.n = 1, .mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
 
-static float *g_tile0;   /* the caller's tile scratch when there is no pool */
-static uint16_t *g_xs;   /* split x: [m][2][kp] (AVX-512 BF16), [m][2][k] / [m][k] (run_large) */
-static size_t g_xs_cap;  /* elements */
+static float *g_tile0;      /* the caller's tile scratch when there is no pool */
+static uint16_t *g_xs;      /* split x: [m][2][kp] (AVX-512 BF16), [m][2][k] / [m][k] (run_large) */
+static size_t g_xs_cap;     /* elements */
+static float **g_aprobs;    /* [g_aprobs_n] per-thread attention probs (stage_attend_batch) */
+static size_t g_aprobs_cap; /* floats in each */
+static int g_aprobs_n;
 static float **g_dst;    /* [g_dst_n] per-thread bf16 tile products [mm][rn] (run_large) */
 static size_t g_dst_cap; /* floats in each */
 static int g_dst_n;
@@ -395,6 +398,11 @@ void stage_threads_free(void)
     g_dst = NULL;
     g_dst_cap = 0;
     g_dst_n = 0;
+    for (int t = 0; t < g_aprobs_n; t++) free(g_aprobs[t]);
+    free(g_aprobs);
+    g_aprobs = NULL;
+    g_aprobs_cap = 0;
+    g_aprobs_n = 0;
     stage_dnnl_free();
 }
 
@@ -763,6 +771,62 @@ void stage_attend_paged(const float *q, int n_q, const stage_kv_view *kv, int n_
 {
     if (n_q <= 0 || n_ctx <= 0) return;
     ops()->attend(q, n_q, kv, n_ctx, hd, scale, probs, out);
+}
+
+/* Per-thread buffers of at least `floats` each for threads 0..P.n-1, grown in the caller thread
+ * (doubling, so a context that grows by one entry a step reallocates rarely); 0 when there. */
+static int grow_per_thread(float ***bufs, int *nb, size_t *cap, size_t floats)
+{
+    if (*nb < P.n) {
+        float **nd = realloc(*bufs, (size_t)P.n * sizeof *nd);
+        if (!nd) return -1;
+        *bufs = nd;
+        for (; *nb < P.n; (*nb)++) nd[*nb] = NULL;
+        *cap = 0; /* the new threads' buffers are to be made */
+    }
+    if (floats <= *cap) return 0;
+    size_t want = *cap * 2 > floats ? *cap * 2 : floats;
+    if (want < 4096) want = 4096;
+    for (int t = 0; t < *nb; t++) {
+        float *p = realloc((*bufs)[t], want * sizeof *p);
+        if (!p) return -1;
+        (*bufs)[t] = p;
+    }
+    *cap = want;
+    return 0;
+}
+
+typedef struct {
+    const stage_attend_job *jobs;
+    int n_q, hd;
+    float scale;
+    const mm_ops *ops;
+} attend_arg;
+
+static void attend_task(void *a, int t, int tid)
+{
+    const attend_arg *g = a;
+    const stage_attend_job *j = &g->jobs[t];
+    g->ops->attend(j->q, g->n_q, &j->kv, j->n_ctx, g->hd, g->scale, g_aprobs[tid], j->out);
+}
+
+void stage_attend_batch(const stage_attend_job *jobs, int n_jobs, int n_q, int hd, float scale,
+                        float *probs)
+{
+    if (n_jobs <= 0 || n_q <= 0) return;
+    const mm_ops *o = ops();
+    int max_ctx = 0;
+    for (int i = 0; i < n_jobs; i++)
+        if (jobs[i].n_ctx > max_ctx) max_ctx = jobs[i].n_ctx;
+    if (max_ctx <= 0) return;
+    if (n_jobs == 1 || P.n <= 1 || n_jobs > MAX_TASKS ||
+        grow_per_thread(&g_aprobs, &g_aprobs_n, &g_aprobs_cap, (size_t)n_q * max_ctx)) {
+        for (int i = 0; i < n_jobs; i++)
+            o->attend(jobs[i].q, n_q, &jobs[i].kv, jobs[i].n_ctx, hd, scale, probs, jobs[i].out);
+        return;
+    }
+    attend_arg g = {.jobs = jobs, .n_q = n_q, .hd = hd, .scale = scale, .ops = o};
+    pool_run(attend_task, &g, n_jobs);
 }
 
 void stage_attend(const float *q, const float *k, const float *v, size_t stride, int n_ctx, int hd,

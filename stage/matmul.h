@@ -173,4 +173,20 @@ typedef struct stage_kv_view {
 void stage_attend_paged(const float *q, int n_q, const stage_kv_view *kv, int n_ctx, int hd,
                         float scale, float *probs, float *out);
 
+/* Many attention problems at once on the pool (prefill: every row x KV head of a micro-batch):
+ * job i is stage_attend_paged(jobs[i].q, n_q, &jobs[i].kv, jobs[i].n_ctx, hd, scale, _,
+ * jobs[i].out), each job run whole by one thread with its own probs scratch, so every job's
+ * results are bit-identical to that call alone, whatever the thread count or the other jobs.
+ * The per-thread scratch [n_q][n_ctx] is grown (geometrically) in the caller thread; when it
+ * cannot be had the jobs run one after another in the caller on probs [n_q][max n_ctx]. The
+ * outputs must not overlap. */
+typedef struct {
+    const float *q;   /* [n_q][hd] */
+    stage_kv_view kv; /* the entries this job attends */
+    int n_ctx;        /* >= 1 */
+    float *out;       /* [n_q][hd] */
+} stage_attend_job;
+void stage_attend_batch(const stage_attend_job *jobs, int n_jobs, int n_q, int hd, float scale,
+                        float *probs);
+
 #endif
