@@ -672,24 +672,33 @@ static int dnnl_plan_bf16(mm_job *j, int mm)
     return 1;
 }
 
+/* Per-thread buffers of at least `floats` each for threads 0..P.n-1, grown in the caller thread
+ * (doubling, so a context that grows by one entry a step reallocates rarely); 0 when there. */
+static int grow_per_thread(float ***bufs, int *nb, size_t *cap, size_t floats)
+{
+    if (*nb < P.n) {
+        float **nd = realloc(*bufs, (size_t)P.n * sizeof *nd);
+        if (!nd) return -1;
+        *bufs = nd;
+        for (; *nb < P.n; (*nb)++) nd[*nb] = NULL;
+        *cap = 0; /* the new threads' buffers are to be made */
+    }
+    if (floats <= *cap) return 0;
+    size_t want = *cap * 2 > floats ? *cap * 2 : floats;
+    if (want < 4096) want = 4096;
+    for (int t = 0; t < *nb; t++) {
+        float *p = realloc((*bufs)[t], want * sizeof *p);
+        if (!p) return -1;
+        (*bufs)[t] = p;
+    }
+    *cap = want;
+    return 0;
+}
+
 /* Per-thread dense dst of the bf16 tiles, floats each thread needs; 0 when they are there. */
 static int dst_reserve(size_t floats)
 {
-    if (g_dst_n < P.n) {
-        float **nd = realloc(g_dst, (size_t)P.n * sizeof *nd);
-        if (!nd) return -1;
-        g_dst = nd;
-        for (; g_dst_n < P.n; g_dst_n++) g_dst[g_dst_n] = NULL;
-        g_dst_cap = 0; /* the new threads' buffers are to be made */
-    }
-    if (floats <= g_dst_cap) return 0;
-    for (int t = 0; t < g_dst_n; t++) {
-        float *p = realloc(g_dst[t], floats * sizeof *p);
-        if (!p) return -1;
-        g_dst[t] = p;
-    }
-    g_dst_cap = floats;
-    return 0;
+    return grow_per_thread(&g_dst, &g_dst_n, &g_dst_cap, floats);
 }
 
 #define SPLIT_ROWS 16 /* rows of x per split task */
@@ -771,29 +780,6 @@ void stage_attend_paged(const float *q, int n_q, const stage_kv_view *kv, int n_
 {
     if (n_q <= 0 || n_ctx <= 0) return;
     ops()->attend(q, n_q, kv, n_ctx, hd, scale, probs, out);
-}
-
-/* Per-thread buffers of at least `floats` each for threads 0..P.n-1, grown in the caller thread
- * (doubling, so a context that grows by one entry a step reallocates rarely); 0 when there. */
-static int grow_per_thread(float ***bufs, int *nb, size_t *cap, size_t floats)
-{
-    if (*nb < P.n) {
-        float **nd = realloc(*bufs, (size_t)P.n * sizeof *nd);
-        if (!nd) return -1;
-        *bufs = nd;
-        for (; *nb < P.n; (*nb)++) nd[*nb] = NULL;
-        *cap = 0; /* the new threads' buffers are to be made */
-    }
-    if (floats <= *cap) return 0;
-    size_t want = *cap * 2 > floats ? *cap * 2 : floats;
-    if (want < 4096) want = 4096;
-    for (int t = 0; t < *nb; t++) {
-        float *p = realloc((*bufs)[t], want * sizeof *p);
-        if (!p) return -1;
-        (*bufs)[t] = p;
-    }
-    *cap = want;
-    return 0;
 }
 
 typedef struct {
