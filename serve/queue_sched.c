@@ -115,6 +115,17 @@ static void ht_rebuild(srvq *q)
 
 static void uncache_one(srvq *q, int h)
 {
+    /* a holder parked since the last micro-batch went out: its move and park are still in
+     * q->share, which the stages apply after that micro-batch's releases, so the release
+     * alone would come first and the share would rebuild the holder there with no owner
+     * here (its pages lost for good). The share goes; the release still clears what an
+     * earlier use of the holder left. */
+    const int seq = q->slots + h;
+    int w = 0;
+    for (int k = 0; k < q->n_share; k++)
+        if (q->share[3 * k + 1] != seq)
+            memmove(q->share + 3 * w++, q->share + 3 * k, 3 * sizeof *q->share);
+    q->n_share = w;
     q->c_pos[h] = 0;
     q->n_cached--;
     q->st.prefix_evictions++;

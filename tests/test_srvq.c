@@ -619,6 +619,48 @@ static void test_prefix_cache(void)
     srvq_free(q);
 }
 
+/* A holder evicted before the micro-batch that carries its move and park went out: the stages
+ * apply a micro-batch's releases before its shares, so the move and park must go with the
+ * eviction (else the stage rebuilds the holder after its release and keeps its pages with no
+ * holder on the queue's side: the pool fills up for good and every admission preempts). */
+static void test_prefix_evict_unsent(void)
+{
+    int32_t pa[30];
+    for (int i = 0; i < 30; i++) pa[i] = 3 + i;
+    srvq *q = srvq_new(2, 40, 4, 120, -1);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 8, 0, 8), 0);
+    engine_kv_report kr = {.stage = 0, .page = 4, .kv_layers = 1, .pages_total = 100};
+    srvq_sched_ops.kv(q, &kr, 1);
+    stage_batch mb;
+    stage_batch_init(&mb, 8);
+    client c;
+    memset(&c, 0, sizeof c);
+    char err[256];
+    CU_ASSERT_EQUAL(submit(q, &c, pa, 30, 4, err), 0);
+    run_until_done(q, &mb, &c); /* a parked into holder 0 (sequence 2): not sent yet */
+    srvq_stats st;
+    srvq_get_stats(q, &st);
+    CU_ASSERT_EQUAL(st.cached_slots, 1);
+    kr.pages_total = 4; /* the holder (33 positions: 10 pages) no longer fits */
+    srvq_sched_ops.kv(q, &kr, 1);
+    int rel_holder = 0, rel_slot = 0, shares_to_holder = 0;
+    for (int k = 0; k < 3 && srvq_sched_ops.next(q, &mb); k++) {
+        for (int i = 0; i < mb.n_release; i++) {
+            rel_holder += mb.release[i] == 2;
+            rel_slot += mb.release[i] == 0;
+        }
+        for (int i = 0; i < mb.n_share; i++) shares_to_holder += mb.share[3 * i + 1] == 2;
+    }
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.cached_slots == 0 && st.prefix_evictions == 1);
+    CU_ASSERT_EQUAL(shares_to_holder, 0);
+    CU_ASSERT_EQUAL(rel_holder, 1);
+    CU_ASSERT_EQUAL(rel_slot, 1); /* a's slot still comes back */
+    CU_ASSERT_EQUAL(srvq_sched_ops.next(q, &mb), 0);
+    stage_batch_free(&mb);
+    srvq_free(q);
+}
+
 /* Many threads submit at once while the "pipeline" runs: ids unique, every request done once. */
 typedef struct {
     srvq *q;
@@ -889,6 +931,8 @@ int main(void)
     CU_add_test(s, "the cache of finished prefixes: park, share, evict", test_prefix_cache);
     CU_add_test(s, "prefix holders: more prefixes than slots, by block hash, LRU",
                 test_prefix_holders);
+    CU_add_test(s, "prefix holder evicted before its move went out: no page kept on a stage",
+                test_prefix_evict_unsent);
     CU_add_test(s, "admission: the share of rows kept, the margin", test_keep_estimate);
     CU_add_test(s, "concurrent submits", test_threads);
     CU_add_test(s, "rewind after a restart", test_rewind);
