@@ -220,6 +220,6 @@ void srvq_get_stats(srvq *q, srvq_stats *out)
     out->queued = q->n_queued;
     out->running = q->n_running;
     out->slots_used = (int)q->n_running;
-    out->cached_slots = q->n_cached;
+    out->prefix_holders_used = q->n_cached;
     pthread_mutex_unlock(&q->mu);
 }

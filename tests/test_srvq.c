@@ -499,7 +499,7 @@ static void test_prefix_holders(void)
     }
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1); /* the last one's move + park */
     srvq_get_stats(q, &st);
-    CU_ASSERT(st.cached_slots == 8 && st.prefix_evictions == 2 && st.prefix_hits == 0);
+    CU_ASSERT(st.prefix_holders_used == 8 && st.prefix_evictions == 2 && st.prefix_hits == 0);
     /* the third prompt + 4 tokens: its first block (16 positions) from a holder */
     CU_ASSERT_EQUAL(submit(q, &c[N], p[2], LEN + 4, 1, err), N);
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
@@ -553,7 +553,7 @@ static void test_prefix_cache(void)
     CU_ASSERT(mb.share[0] == 0 && mb.share[1] == 2 && mb.share[2] == 33); /* holder 0: id 2 */
     CU_ASSERT(mb.share[3] == 2 && mb.share[4] == 2 && mb.share[5] == 33);
     srvq_get_stats(q, &st);
-    CU_ASSERT(st.cached_slots == 1 && st.running == 0);
+    CU_ASSERT(st.prefix_holders_used == 1 && st.running == 0);
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1); /* then slot 0's release */
     CU_ASSERT(mb.n == 0 && mb.n_release == 1 && mb.release[0] == 0 && mb.n_share == 0);
     CU_ASSERT_EQUAL(srvq_sched_ops.next(q, &mb), 0); /* nothing else to do */
@@ -573,7 +573,7 @@ static void test_prefix_cache(void)
     CU_ASSERT(mb.n == 0 && mb.n_release == 0 && mb.n_share == 2 && mb.share[0] == 0 &&
               mb.share[1] == 2 && mb.share[2] == 34 && mb.share[3] == 2 && mb.share[5] == 34);
     srvq_get_stats(q, &st);
-    CU_ASSERT(st.cached_slots == 1 && st.prefix_evictions == 1);
+    CU_ASSERT(st.prefix_holders_used == 1 && st.prefix_evictions == 1);
     /* c (other tokens) and d take both slots: the holder stays (it is not a slot) */
     CU_ASSERT_EQUAL(submit(q, &c[2], pc, 20, 8, err), 2);
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
@@ -582,7 +582,7 @@ static void test_prefix_cache(void)
     give_back(q, &mb, NULL);
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
     srvq_get_stats(q, &st);
-    CU_ASSERT(st.cached_slots == 1 && st.prefix_evictions == 1 && st.running == 2);
+    CU_ASSERT(st.prefix_holders_used == 1 && st.prefix_evictions == 1 && st.running == 2);
     CU_ASSERT(mb.n_release == 0 && mb.n_share == 0); /* c had issued 8 positions: no share */
     /* c is cancelled: not parked (its slot is released); d ends and parks */
     srvq_cancel(q, 2);
@@ -590,7 +590,7 @@ static void test_prefix_cache(void)
     run_until_done(q, &mb, &c[3]);
     CU_ASSERT(c[2].why == SRVQ_FINISH_CANCELLED);
     srvq_get_stats(q, &st);
-    CU_ASSERT_EQUAL(st.cached_slots, 2);
+    CU_ASSERT_EQUAL(st.prefix_holders_used, 2);
     /* pages: the pool shrinks so that the holders and a new request do not all fit: d's
      * holder goes, then b's (e would share from it: last), nothing is preempted */
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1); /* c's release, d's move + park */
@@ -599,7 +599,7 @@ static void test_prefix_cache(void)
     CU_ASSERT_EQUAL(submit(q, &c[4], pa, 30, 1, err), 4);
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
     srvq_get_stats(q, &st);
-    CU_ASSERT(st.cached_slots == 0 && st.prefix_evictions == 3 && st.preemptions == 0 &&
+    CU_ASSERT(st.prefix_holders_used == 0 && st.prefix_evictions == 3 && st.preemptions == 0 &&
               st.running == 1);
     CU_ASSERT(mb.n_release ==
               2); /* both holders (e took d's slot: its reset supersedes the release) */
@@ -609,12 +609,12 @@ static void test_prefix_cache(void)
     srvq_sched_ops.kv(q, &kr, 1);
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1); /* e's park */
     srvq_get_stats(q, &st);
-    CU_ASSERT_EQUAL(st.cached_slots, 1);
+    CU_ASSERT_EQUAL(st.prefix_holders_used, 1);
     srvq_prefix_cache_clear(q);
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
     CU_ASSERT(mb.n == 0 && mb.n_release == 2); /* e's slot, its holder */
     srvq_get_stats(q, &st);
-    CU_ASSERT(st.cached_slots == 0 && st.running == 0);
+    CU_ASSERT(st.prefix_holders_used == 0 && st.running == 0);
     stage_batch_free(&mb);
     srvq_free(q);
 }
@@ -640,7 +640,7 @@ static void test_prefix_evict_unsent(void)
     run_until_done(q, &mb, &c); /* a parked into holder 0 (sequence 2): not sent yet */
     srvq_stats st;
     srvq_get_stats(q, &st);
-    CU_ASSERT_EQUAL(st.cached_slots, 1);
+    CU_ASSERT_EQUAL(st.prefix_holders_used, 1);
     kr.pages_total = 4; /* the holder (33 positions: 10 pages) no longer fits */
     srvq_sched_ops.kv(q, &kr, 1);
     int rel_holder = 0, rel_slot = 0, shares_to_holder = 0;
@@ -652,7 +652,7 @@ static void test_prefix_evict_unsent(void)
         for (int i = 0; i < mb.n_share; i++) shares_to_holder += mb.share[3 * i + 1] == 2;
     }
     srvq_get_stats(q, &st);
-    CU_ASSERT(st.cached_slots == 0 && st.prefix_evictions == 1);
+    CU_ASSERT(st.prefix_holders_used == 0 && st.prefix_evictions == 1);
     CU_ASSERT_EQUAL(shares_to_holder, 0);
     CU_ASSERT_EQUAL(rel_holder, 1);
     CU_ASSERT_EQUAL(rel_slot, 1); /* a's slot still comes back */
