@@ -280,6 +280,48 @@ static void test_whole_prompts(void)
     srvq_free(q);
 }
 
+/* Whole prompts (mindskip sequence granularity, top-k over the sequence): a row's routing
+ * depends on the whole prompt, so no prefix is ever reused — not from a running request with
+ * the same 30-token prompt, not from a finished one (it is not parked: its slot is released). */
+static void test_whole_no_reuse(void)
+{
+    int32_t pa[30];
+    for (int i = 0; i < 30; i++) pa[i] = 3 + i;
+    srvq *q = srvq_new(2, 40, 4, 120, -1);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 8, 1, 32), 0);
+    stage_batch mb;
+    stage_batch_init(&mb, 32);
+    client c[3];
+    memset(c, 0, sizeof c);
+    char err[256];
+    int shares = 0, pos0 = 0;
+    CU_ASSERT_EQUAL(submit(q, &c[0], pa, 30, 4, err), 0);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1); /* a's whole prompt */
+    CU_ASSERT(mb.n == 30 && mb.n_share == 0);
+    CU_ASSERT_EQUAL(submit(q, &c[1], pa, 30, 2, err), 1); /* b: the same prompt, a running */
+    for (int k = 0; k < 64 && !(c[0].n_done && c[1].n_done); k++) {
+        give_back(q, &mb, NULL);
+        if (!srvq_sched_ops.next(q, &mb)) break;
+        shares += mb.n_share;
+        for (int i = 0; i < mb.n; i++) pos0 += mb.slot[i] == 1 && mb.pos[i] == 0;
+    }
+    CU_ASSERT(c[0].n_done == 1 && c[1].n_done == 1);
+    CU_ASSERT_EQUAL(pos0, 1);                             /* b computed from position 0 */
+    CU_ASSERT_EQUAL(submit(q, &c[2], pa, 30, 1, err), 2); /* c: after both ended */
+    for (int k = 0; k < 64 && !c[2].n_done; k++) {
+        if (!srvq_sched_ops.next(q, &mb)) break;
+        shares += mb.n_share;
+        give_back(q, &mb, NULL);
+    }
+    CU_ASSERT_EQUAL(c[2].n_done, 1);
+    srvq_stats st;
+    srvq_get_stats(q, &st);
+    CU_ASSERT_EQUAL(shares, 0);
+    CU_ASSERT(st.prefix_hits == 0 && st.prefix_cached_hits == 0 && st.prefix_holders_used == 0);
+    stage_batch_free(&mb);
+    srvq_free(q);
+}
+
 /* Admission by memory and preemption (docs/SPEC.md §11). One stage reports pages of 4
  * positions on 2 layers, 12 pages: a running request of n positions counts 2 * ceil((n+1)/4)
  * pages, a new one 2 * ceil((prompt + 4) / 4). */
@@ -926,6 +968,7 @@ int main(void)
     CU_add_test(s, "schedule: chunks, decode, stops, cancel frees the slot", test_schedule);
     CU_add_test(s, "cancel queued; fail_all", test_cancel_queued_and_fail);
     CU_add_test(s, "whole prompts", test_whole_prompts);
+    CU_add_test(s, "whole prompts: no prefix reuse, running or finished", test_whole_no_reuse);
     CU_add_test(s, "admission by memory, preemption, recompute", test_preempt);
     CU_add_test(s, "prefix reuse from a running request", test_prefix_reuse);
     CU_add_test(s, "the cache of finished prefixes: park, share, evict", test_prefix_cache);
