@@ -2,7 +2,6 @@
  * See serve/queue.h; the locking is described in serve/queue_impl.h, the scheduler side is
  * serve/queue_sched.c. */
 #include "serve/queue_impl.h"
-#include "serve/queue_sched.h"
 
 #include <math.h>
 #include <pthread.h>

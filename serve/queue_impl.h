@@ -14,6 +14,10 @@
 #include "engine/sched.h"
 #include "serve/queue.h"
 
+/* Prefix reuse (srvq_set_prefix_reuse): shares of SRVQ_PREFIX_BLOCK positions at a time, the
+ * unit of the block hash (docs/SPEC.md §11). */
+#define SRVQ_PREFIX_BLOCK 16
+
 enum { RQ_QUEUED = 0, RQ_RUNNING, RQ_DONE };
 
 typedef struct rq {
