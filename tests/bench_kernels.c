@@ -333,7 +333,8 @@ int main(int argc, char **argv)
         } else {
             fprintf(stderr,
                     "usage: bench_kernels [--threads N] [--quick] [--isa c|avx2|avx512|avx512bf16] "
-                    "[--bw-gib G] [--gemv-only] [--cross-only] [--dtype D] [--bw-pass-only] [--bw-only [--shape "
+                    "[--bw-gib G] [--gemv-only] [--cross-only] [--dtype D] [--bw-pass-only] "
+                    "[--bw-only [--shape "
                     "m,k,n ...]]\n");
             return 2;
         }
