@@ -202,17 +202,19 @@ static void process_mb(engine_loop *c)
     stage_batch *d = &c->d;
     const uint64_t mb = d->id;
     double t0 = base_now_s();
+    /* a server's prefix holders follow its slots (docs/SPEC.md §11) */
+    const int n_seq = c->o.slots + (c->o.serve ? engine_prefix_holders(c->o.slots) : 0);
     for (int k = 0; k < d->n_release; k++) {
-        if (d->release[k] < 0 || d->release[k] >= c->o.slots)
-            COMM_FATAL("micro-batch %llu releases slot %d of %d", (unsigned long long)mb,
-                       d->release[k], c->o.slots);
+        if (d->release[k] < 0 || d->release[k] >= n_seq)
+            COMM_FATAL("micro-batch %llu releases sequence %d of %d", (unsigned long long)mb,
+                       d->release[k], n_seq);
         stage_state_slot_release(c->st, d->release[k]);
     }
     for (int k = 0; k < d->n_share; k++) { /* prefix reuse (docs/SPEC.md §11) */
         const int32_t *t = d->share + 3 * k;
-        if (t[0] >= c->o.slots || t[1] >= c->o.slots)
-            COMM_FATAL("micro-batch %llu shares slot %d into %d of %d", (unsigned long long)mb,
-                       t[0], t[1], c->o.slots);
+        if (t[0] >= n_seq || t[1] >= n_seq)
+            COMM_FATAL("micro-batch %llu shares sequence %d into %d of %d", (unsigned long long)mb,
+                       t[0], t[1], n_seq);
         /* on failure (the source lost here, no page for a copy) dst is lost: recomputed */
         stage_state_slot_share(c->st, t[0], t[1], t[2]);
     }
@@ -721,6 +723,7 @@ static int loop_init(engine_loop *c, char *err, size_t errlen)
         if (o->pipe.plan->mem.mem_per_rank > used)
             kv.mem_bytes = o->pipe.plan->mem.mem_per_rank - used;
     }
+    if (o->serve) kv.holders = engine_prefix_holders(o->slots);
     c->st = stage_state_init_kv(c->m, o->slots, c->R, o->ctx, &kv, err, errlen);
     if (!c->st) return -1;
     /* a server recomputes a sequence the pool ran out under (docs/SPEC.md §11); a batch job

@@ -105,6 +105,9 @@ typedef struct {
 } engine_slot_pool;
 
 int engine_slot_pool_init(engine_slot_pool *p, int n); /* 0 or -1 */
+/* Sequences a server's stages keep after its `slots` slots for cached prefixes (docs/SPEC.md
+ * §11): every rank derives the same count from --slots, the queue on rank 0 fills them. */
+static inline int engine_prefix_holders(int slots) { return 4 * slots; }
 void engine_slot_pool_free(engine_slot_pool *p);
 int engine_slot_acquire(engine_slot_pool *p); /* a free slot, or -1 */
 void engine_slot_release(engine_slot_pool *p, int slot);

@@ -359,12 +359,12 @@ static void metrics_kv(sb *b, const srvq_stats *st)
            "used first), their pages given back.\n"
            "# TYPE modpipe_prefix_cache_evictions_total counter\n"
            "modpipe_prefix_cache_evictions_total %llu\n"
-           "# HELP modpipe_prefix_cache_slots Slots parked now: finished requests kept for "
-           "their prefix.\n"
-           "# TYPE modpipe_prefix_cache_slots gauge\nmodpipe_prefix_cache_slots %d\n",
+           "# HELP modpipe_prefix_holders_used Prefix holders in use now: finished requests' "
+           "prefixes kept (holders are not slots).\n"
+           "# TYPE modpipe_prefix_holders_used gauge\nmodpipe_prefix_holders_used %d\n",
            (unsigned long long)st->prefix_hits, (unsigned long long)st->prefix_tokens,
            (unsigned long long)st->prefix_cached_hits, (unsigned long long)st->prefix_evictions,
-           st->cached_slots);
+           st->prefix_holders_used);
     int n = st->n_kv < SRVQ_MAX_LINKS ? st->n_kv : SRVQ_MAX_LINKS;
     for (size_t m = 0; m < sizeof M / sizeof *M; m++) {
         sb_fmt(b, "# HELP %s %s\n# TYPE %s %s\n", M[m].name, M[m].help, M[m].name, M[m].type);

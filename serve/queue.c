@@ -10,6 +10,18 @@
 #include <string.h>
 #include <time.h>
 
+static void srvq_cache_free(srvq *q)
+{
+    free(q->c_tok);
+    free(q->c_pos);
+    free(q->c_use);
+    free(q->c_hash);
+    free(q->ht_key);
+    free(q->ht_val);
+    free(q->h_rel);
+    free(q->defer);
+}
+
 srvq *srvq_new(int slots, int ctx, int queue_cap, int vocab, int eos)
 {
     if (slots < 1 || ctx < 2 || queue_cap < 0 || vocab < 1) return NULL;
@@ -23,14 +35,21 @@ srvq *srvq_new(int slots, int ctx, int queue_cap, int vocab, int eos)
     q->R = 1;
     q->max_rows = 1;
     q->by_slot = calloc((size_t)slots, sizeof *q->by_slot);
-    q->c_tok = malloc((size_t)slots * (size_t)ctx * sizeof *q->c_tok);
-    q->c_pos = calloc((size_t)slots, sizeof *q->c_pos);
-    q->c_use = calloc((size_t)slots, sizeof *q->c_use);
-    if (!q->by_slot || !q->c_tok || !q->c_pos || !q->c_use ||
-        engine_slot_pool_init(&q->pool, slots)) {
-        free(q->c_tok);
-        free(q->c_pos);
-        free(q->c_use);
+    /* the prefix holders the stages keep after the slots (engine_prefix_holders) */
+    const int H = q->n_hold = engine_prefix_holders(slots), nb = ctx / SRVQ_PREFIX_BLOCK + 1;
+    q->ht_cap = 16;
+    while ((long)q->ht_cap < 2L * H * nb + 2) q->ht_cap *= 2;
+    q->c_tok = malloc((size_t)H * (size_t)ctx * sizeof *q->c_tok);
+    q->c_pos = calloc((size_t)H, sizeof *q->c_pos);
+    q->c_use = calloc((size_t)H, sizeof *q->c_use);
+    q->c_hash = calloc((size_t)H * (size_t)nb, sizeof *q->c_hash);
+    q->ht_key = calloc((size_t)q->ht_cap, sizeof *q->ht_key);
+    q->ht_val = calloc((size_t)q->ht_cap, sizeof *q->ht_val);
+    q->h_rel = calloc((size_t)H, sizeof *q->h_rel);
+    q->defer = calloc((size_t)slots, sizeof *q->defer);
+    if (!q->by_slot || !q->c_tok || !q->c_pos || !q->c_use || !q->c_hash || !q->ht_key ||
+        !q->ht_val || !q->h_rel || !q->defer || engine_slot_pool_init(&q->pool, slots)) {
+        srvq_cache_free(q);
         free(q->by_slot);
         engine_slot_pool_free(&q->pool);
         free(q);
@@ -69,9 +88,7 @@ void srvq_free(srvq *q)
         srvq_rq_free(r);
     }
     free(q->by_slot);
-    free(q->c_tok);
-    free(q->c_pos);
-    free(q->c_use);
+    srvq_cache_free(q);
     free(q->ev);
     engine_slot_pool_free(&q->pool);
     pthread_mutex_destroy(&q->mu);
@@ -202,6 +219,6 @@ void srvq_get_stats(srvq *q, srvq_stats *out)
     out->queued = q->n_queued;
     out->running = q->n_running;
     out->slots_used = (int)q->n_running;
-    out->cached_slots = q->n_cached;
+    out->prefix_holders_used = q->n_cached;
     pthread_mutex_unlock(&q->mu);
 }

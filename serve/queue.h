@@ -78,7 +78,7 @@ typedef struct {
     uint64_t prefix_hits, prefix_tokens; /* admissions that reused a prefix; positions */
     uint64_t prefix_cached_hits;         /* of the hits, from a finished request's parked slot */
     uint64_t prefix_evictions;           /* parked slots evicted (their pages given back) */
-    int cached_slots;                    /* slots parked now (the cache of finished prefixes) */
+    int prefix_holders_used;             /* prefix holders in use now (finished prefixes kept) */
     /* srvq_rewind: pipeline restarts, requests replayed, positions prefilled again */
     uint64_t restarts, replayed_requests, replayed_tokens;
     /* srvq_note_stall: stalls the front detected; the last one's stage, rank (-1: none

@@ -14,6 +14,10 @@
 #include "engine/sched.h"
 #include "serve/queue.h"
 
+/* Prefix reuse (srvq_set_prefix_reuse): shares of SRVQ_PREFIX_BLOCK positions at a time, the
+ * unit of the block hash (docs/SPEC.md §11). */
+#define SRVQ_PREFIX_BLOCK 16
+
 enum { RQ_QUEUED = 0, RQ_RUNNING, RQ_DONE };
 
 typedef struct rq {
@@ -72,13 +76,23 @@ struct srvq {
     int prefix_off;                /* srvq_set_prefix_reuse(q, 0) */
     int n_share;                   /* prefix shares for the next micro-batch */
     int32_t share[3 * STAGE_MAX_SHARE];
-    /* the cache of finished prefixes (serve/queue_sched.c): a finished request's slot stays
-     * parked on the stages, holding its pages, until evicted least recently used first */
-    int32_t *c_tok;  /* [slots][ctx] tokens at positions 0.. of each parked slot */
-    int *c_pos;      /* [slots] positions a parked slot holds (0: not parked) */
-    uint64_t *c_use; /* [slots] tick of its parking or its last hit */
+    /* the cache of finished prefixes (serve/queue_sched.c, docs/SPEC.md §11): a finished
+     * request's pages move to a prefix holder (stage sequence slots + h) and stay there,
+     * found by block hash, until evicted least recently used first */
+    int n_hold;       /* holders: engine_prefix_holders(slots) */
+    int32_t *c_tok;   /* [n_hold][ctx] tokens at positions 0.. of each holder */
+    int *c_pos;       /* [n_hold] positions a holder holds (0: empty) */
+    uint64_t *c_use;  /* [n_hold] tick of its parking or its last hit */
+    uint64_t *c_hash; /* [n_hold][ctx / SRVQ_PREFIX_BLOCK] chained hash of blocks 0..j */
+    uint64_t *ht_key; /* [ht_cap] block hash table: chained hash (0: empty) ... */
+    int32_t *ht_val;  /* [ht_cap] ... -> a holder holding that block */
+    int ht_cap;       /* a power of two, >= 2 x every block of every holder */
+    int32_t *h_rel;   /* [n_hold] holders evicted, their release not yet announced */
+    int n_h_rel;
+    int32_t *defer; /* [slots] slots parked into a holder by the next micro-batch's share: */
+    int n_defer;    /* released after it (stages apply releases before shares) */
     uint64_t tick;
-    int n_cached;              /* parked slots */
+    int n_cached;              /* holders in use */
     void (*notify)(void *arg); /* srvq_set_notify: called with mu held on every kick */
     void *notify_arg;
 };

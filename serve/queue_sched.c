@@ -54,35 +54,105 @@ static void flush_ev(event *ev, int n)
 }
 
 /* ---- the cache of finished prefixes (docs/SPEC.md §11) ----
- * A request that ends (STOP / LENGTH) with reuse on keeps its slot: the slot is parked on the
- * stages (a share triple src == dst) with its pages, and its tokens stay here (c_tok), so a
- * later request with the same first blocks shares from it as from a running one. A parked
- * slot is evicted — released, its pages go back on every stage — least recently used first,
- * when a request needs a slot or the pools need pages (before any preemption), on a lost
- * sequence, and when reuse is turned off. A parked slot that is the source of a share in the
- * next micro-batch stays until then: the stages apply releases before shares. */
-static int share_source(const srvq *q, int slot)
+ * A request that ends (STOP / LENGTH) with reuse on moves its KV to a prefix holder: the next
+ * micro-batch shares its slot's positions into holder sequence slots + h and parks the holder
+ * (a triple src == dst), and the slot is released after that micro-batch. Holders are found
+ * by block hash: the hash of block j (positions 16 j .. 16 j + 15) chains the hash of block
+ * j - 1 with the block's tokens, so one lookup per block of a new prompt finds the holder with
+ * the longest whole-block match, whatever the number of holders. A holder is evicted —
+ * released, its pages go back on every stage — least recently used first, for a new park or
+ * when the pools need pages (before any preemption), on a lost sequence, and when reuse is
+ * turned off. A holder that is the source of a share in the next micro-batch stays until
+ * then: the stages apply releases before shares. */
+static int share_source(const srvq *q, int seq)
 {
     for (int k = 0; k < q->n_share; k++)
-        if (q->share[3 * k] == slot && q->share[3 * k + 1] != slot) return 1;
+        if (q->share[3 * k] == seq && q->share[3 * k + 1] != seq) return 1;
     return 0;
 }
 
-static void uncache(srvq *q, int slot)
+static uint64_t block_hash(uint64_t parent, const int32_t *t)
 {
-    q->c_pos[slot] = 0;
-    q->n_cached--;
-    q->st.prefix_evictions++;
-    engine_slot_release(&q->pool, slot);
+    uint64_t h = parent ^ 0x9e3779b97f4a7c15ull;
+    for (int i = 0; i < SRVQ_PREFIX_BLOCK; i++) {
+        h ^= (uint32_t)t[i];
+        h *= 0x100000001b3ull;
+        h ^= h >> 29;
+    }
+    h ^= h >> 33;
+    h *= 0xff51afd7ed558ccdull;
+    h ^= h >> 33;
+    return h ? h : 1; /* 0 marks an empty table entry */
 }
 
-/* Evicts the least recently used parked slot but `keep` (-1: any). 1, or 0: none to evict. */
-static int evict_lru(srvq *q, int keep)
+static int nblk(const srvq *q) { return q->ctx / SRVQ_PREFIX_BLOCK + 1; }
+
+/* Table index of key: its entry, or the empty one where it would go. */
+static int ht_find(const srvq *q, uint64_t key)
+{
+    int i = (int)(key & (uint64_t)(q->ht_cap - 1));
+    while (q->ht_key[i] && q->ht_key[i] != key) i = (i + 1) & (q->ht_cap - 1);
+    return i;
+}
+
+static void ht_add_holder(srvq *q, int h)
+{
+    const uint64_t *hs = q->c_hash + (size_t)h * nblk(q);
+    for (int j = 0; j < q->c_pos[h] / SRVQ_PREFIX_BLOCK; j++) {
+        int i = ht_find(q, hs[j]);
+        q->ht_key[i] = hs[j];
+        q->ht_val[i] = h;
+    }
+}
+
+/* After an eviction: the table of the holders left (open addressing: no deletion in place). */
+static void ht_rebuild(srvq *q)
+{
+    memset(q->ht_key, 0, (size_t)q->ht_cap * sizeof *q->ht_key);
+    for (int h = 0; h < q->n_hold; h++)
+        if (q->c_pos[h]) ht_add_holder(q, h);
+}
+
+static void uncache_one(srvq *q, int h)
+{
+    /* a holder parked since the last micro-batch went out: its move and park are still in
+     * q->share, which the stages apply after that micro-batch's releases, so the release
+     * alone would come first and the share would rebuild the holder there with no owner
+     * here (its pages lost for good). The share goes; the release still clears what an
+     * earlier use of the holder left. */
+    const int seq = q->slots + h;
+    int w = 0;
+    for (int k = 0; k < q->n_share; k++)
+        if (q->share[3 * k + 1] != seq)
+            memmove(q->share + 3 * w++, q->share + 3 * k, 3 * sizeof *q->share);
+    q->n_share = w;
+    q->c_pos[h] = 0;
+    q->n_cached--;
+    q->st.prefix_evictions++;
+    q->h_rel[q->n_h_rel++] = q->slots + h;
+}
+
+static void uncache(srvq *q, int h)
+{
+    uncache_one(q, h);
+    ht_rebuild(q);
+}
+
+/* The least recently used holder but `keep` (-1: any) that may go now, or -1. */
+static int lru_holder(const srvq *q, int keep)
 {
     int b = -1;
-    for (int s = 0; s < q->slots; s++)
-        if (q->c_pos[s] && s != keep && !share_source(q, s) && (b < 0 || q->c_use[s] < q->c_use[b]))
-            b = s;
+    for (int h = 0; h < q->n_hold; h++)
+        if (q->c_pos[h] && h != keep && !share_source(q, q->slots + h) &&
+            (b < 0 || q->c_use[h] < q->c_use[b]))
+            b = h;
+    return b;
+}
+
+/* Evicts the least recently used holder but `keep` (-1: any). 1, or 0: none to evict. */
+static int evict_lru(srvq *q, int keep)
+{
+    int b = lru_holder(q, keep);
     if (b < 0) return 0;
     uncache(q, b);
     return 1;
@@ -90,65 +160,83 @@ static int evict_lru(srvq *q, int keep)
 
 static void evict_all(srvq *q)
 {
-    while (evict_lru(q, -1)) {}
+    int any = 0;
+    for (int h; (h = lru_holder(q, -1)) >= 0; any = 1) uncache_one(q, h);
+    if (any) ht_rebuild(q);
 }
 
-/* The longest whole-block prefix of r's fill (at most all but its last row) that parked slot
- * s holds. */
-static int cached_match(const srvq *q, int s, const rq *r)
-{
-    const int32_t *t = q->c_tok + (size_t)s * q->ctx;
-    int lim = q->c_pos[s] < r->n_fill - 1 ? q->c_pos[s] : r->n_fill - 1, n = 0;
-    while (n < lim && t[n] == r->prompt[n]) n++;
-    return n - n % SRVQ_PREFIX_BLOCK;
-}
-
-/* The parked slot r would share from (-1: none). */
-static int best_cached(const srvq *q, const rq *r)
+/* The holder with the longest whole-block prefix of r's fill (at most all but its last row),
+ * by block hash; *n its positions (-1, 0: none). */
+static int best_cached(const srvq *q, const rq *r, int *n)
 {
     int b = -1, bn = 0;
-    for (int s = 0; s < q->slots; s++) {
-        int n = q->c_pos[s] ? cached_match(q, s, r) : 0;
-        if (n > bn) {
-            b = s;
-            bn = n;
-        }
+    uint64_t h = 0;
+    for (int j = 0; j < (r->n_fill - 1) / SRVQ_PREFIX_BLOCK; j++) {
+        h = block_hash(h, r->prompt + (size_t)j * SRVQ_PREFIX_BLOCK);
+        int i = ht_find(q, h);
+        if (!q->ht_key[i]) break; /* no holder has block j after these: none has more */
+        b = q->ht_val[i];
+        bn = (j + 1) * SRVQ_PREFIX_BLOCK;
     }
+    /* a 64-bit collision is unlikely, but the answer must not depend on luck */
+    if (b >= 0 && memcmp(q->c_tok + (size_t)b * q->ctx, r->prompt, (size_t)bn * sizeof *r->prompt))
+        b = -1, bn = 0;
+    *n = bn;
     return b;
 }
 
-/* Evicts a parked slot, the one r would share from last. 1, or 0: none. */
+/* Evicts a holder, the one r would share from last. 1, or 0: none. */
 static int make_room(srvq *q, const rq *r)
 {
-    return evict_lru(q, r ? best_cached(q, r) : -1) || evict_lru(q, -1);
+    int n;
+    return evict_lru(q, r ? best_cached(q, r, &n) : -1) || evict_lru(q, -1);
 }
 
 /* r ended with STOP / LENGTH: positions it computed whose KV a later request may share (its
  * last sampled token was never fed), or 0 when it is not kept (reuse off, whole prompts,
- * less than a block, no room for the park in the next micro-batch). */
+ * less than a block, no room for the move and the park in the next micro-batch). */
 static int cacheable(const srvq *q, const rq *r)
 {
-    if (q->prefix_off || q->whole || q->n_share >= STAGE_MAX_SHARE) return 0;
+    if (q->prefix_off || q->whole || q->n_share + 2 > STAGE_MAX_SHARE) return 0;
     int held = r->n_gen > 0 ? r->r.n_prompt + r->n_gen - 1 : r->r.n_prompt;
     return held >= SRVQ_PREFIX_BLOCK && held <= q->ctx ? held : 0;
 }
 
-/* Park r's slot with its first `held` positions; a parked slot whose tokens begin these is
- * superseded (this one holds the same pages) and evicted. */
-static void park(srvq *q, const rq *r, int held)
+/* Move r's first `held` positions to a holder (a free one, else the least recently used);
+ * a holder whose tokens begin these is superseded (the new one holds the same pages) and
+ * evicted. 1, or 0: every holder is a share source now (r's slot is then released). */
+static int park(srvq *q, const rq *r, int held)
 {
-    for (int s = 0; s < q->slots; s++)
-        if (q->c_pos[s] && q->c_pos[s] <= held && !share_source(q, s) &&
-            !memcmp(q->c_tok + (size_t)s * q->ctx, r->prompt,
-                    (size_t)q->c_pos[s] * sizeof *r->prompt))
-            uncache(q, s);
-    memcpy(q->c_tok + (size_t)r->slot * q->ctx, r->prompt, (size_t)held * sizeof *r->prompt);
-    q->c_pos[r->slot] = held;
-    q->c_use[r->slot] = ++q->tick;
+    int any = 0;
+    for (int h = 0; h < q->n_hold; h++)
+        if (q->c_pos[h] && q->c_pos[h] <= held && !share_source(q, q->slots + h) &&
+            !memcmp(q->c_tok + (size_t)h * q->ctx, r->prompt,
+                    (size_t)q->c_pos[h] * sizeof *r->prompt)) {
+            uncache_one(q, h);
+            any = 1;
+        }
+    if (any) ht_rebuild(q);
+    int h = 0;
+    while (h < q->n_hold && q->c_pos[h]) h++;
+    if (h == q->n_hold && (h = lru_holder(q, -1)) >= 0) uncache(q, h);
+    if (h < 0) return 0;
+    for (int k = 0; k < q->n_h_rel; k++) /* the share below empties it first */
+        if (q->h_rel[k] == q->slots + h) q->h_rel[k--] = q->h_rel[--q->n_h_rel];
+    memcpy(q->c_tok + (size_t)h * q->ctx, r->prompt, (size_t)held * sizeof *r->prompt);
+    uint64_t *hs = q->c_hash + (size_t)h * nblk(q), c = 0;
+    for (int j = 0; j < held / SRVQ_PREFIX_BLOCK; j++)
+        hs[j] = c = block_hash(c, r->prompt + (size_t)j * SRVQ_PREFIX_BLOCK);
+    q->c_pos[h] = held;
+    q->c_use[h] = ++q->tick;
     q->n_cached++;
-    int32_t *t = q->share + 3 * q->n_share++;
-    t[0] = t[1] = r->slot;
-    t[2] = held;
+    ht_add_holder(q, h);
+    int32_t *t = q->share + 3 * q->n_share;
+    t[0] = r->slot; /* the move: the slot's positions into the holder */
+    t[1] = t[3] = t[4] = q->slots + h;
+    t[2] = t[5] = held; /* then the park: the holder's sequence is over */
+    q->n_share += 2;
+    q->defer[q->n_defer++] = r->slot;
+    return 1;
 }
 
 /* Unlink r from the running list and free its slot now (release 0: the caller parks it). Its
@@ -175,7 +263,7 @@ static void unlink_running(srvq *q, rq *r, int release)
 static void end_running(srvq *q, rq *r, srvq_finish why, const char *msg)
 {
     int held = why == SRVQ_FINISH_STOP || why == SRVQ_FINISH_LENGTH ? cacheable(q, r) : 0;
-    if (held) park(q, r, held);
+    if (held) held = park(q, r, held);
     unlink_running(q, r, !held);
     r->state = RQ_DONE;
     push_ev(q, r, 1, 0, why, msg);
@@ -240,7 +328,7 @@ static int kv_fits(const srvq *q, long extra, int with_margin)
         double need = est_pages(q, s, extra, with_margin);
         for (const rq *r = q->run_head; r; r = r->next)
             need += est_pages(q, s, (long)r->r.n_prompt + r->n_gen + 1, with_margin);
-        for (int c = 0; c < q->slots; c++) /* parked: pages shared with a running one twice */
+        for (int c = 0; c < q->n_hold; c++) /* holders: pages shared with a running one twice */
             if (q->c_pos[c]) need += est_pages(q, s, q->c_pos[c], with_margin);
         if (need > (double)k->pages_total) return 0;
     }
@@ -275,15 +363,15 @@ static void prefix_reuse(srvq *q, rq *r)
             best_n = n;
         }
     }
-    int c = best_cached(q, r), cn = c >= 0 ? cached_match(q, c, r) : 0;
+    int cn, c = best_cached(q, r, &cn);
     if (cn > best_n) {
-        best = c;
+        best = q->slots + c;
         best_n = cn;
         parked = 1;
     }
     if (best < 0) return;
     if (parked) {
-        q->c_use[best] = ++q->tick;
+        q->c_use[c] = ++q->tick;
         q->st.prefix_cached_hits++;
     }
     int32_t *t = q->share + 3 * q->n_share++;
@@ -328,7 +416,7 @@ static void sweep(srvq *q)
             if (make_room(q, q->qhead)) continue;
             if (q->n_running > 0) break;
         }
-        if (q->pool.n_free == 0 && !make_room(q, q->qhead)) break;
+        if (q->pool.n_free == 0) break; /* (holders are not slots: evicting frees none) */
         rq *r = q->qhead;
         q->qhead = r->next;
         if (!q->qhead) q->qtail = NULL;
@@ -479,9 +567,14 @@ static int sched_next(void *self, stage_batch *mb)
     /* releases go out at once, in a micro-batch of their own when no row is ready: the
      * stages' pages come back before the next admission needs them */
     engine_slot_announce(&q->pool, mb);
+    while (q->n_h_rel > 0 && mb->n_release < STAGE_MAX_RELEASE) /* evicted holders */
+        mb->release[mb->n_release++] = q->h_rel[--q->n_h_rel];
     mb->n_share = q->n_share; /* after the releases, before the rows (stage/batch.h) */
     memcpy(mb->share, q->share, (size_t)q->n_share * 3 * sizeof *q->share);
     q->n_share = 0;
+    /* the slots moved to holders by these shares are free from the next micro-batch on */
+    for (int k = 0; k < q->n_defer; k++) engine_slot_release(&q->pool, q->defer[k]);
+    q->n_defer = 0;
     if (mb->n > 0) {
         int nd = decode_rows_in(mb);
         q->st.micro_batches++;
@@ -668,8 +761,11 @@ void srvq_rewind(srvq *q)
     q->st.restarts++;
     q->dec_out = 0; /* what was in flight is forgotten */
     q->n_share = 0;
-    for (int s = 0; s < q->slots; s++) /* the new stages hold no parked slot */
-        if (q->c_pos[s]) uncache(q, s);
+    for (int h = 0; h < q->n_hold; h++) /* the new stages hold no cached prefix */
+        if (q->c_pos[h]) uncache_one(q, h);
+    ht_rebuild(q);
+    for (int k = 0; k < q->n_defer; k++) engine_slot_release(&q->pool, q->defer[k]);
+    q->n_defer = 0;
     for (rq *r = q->run_head; r; r = r->next) {
         int replayed = r->n_prefilled > 0;
         srvq_rq_replay(r);

@@ -42,8 +42,6 @@ int srvq_sched_config(srvq *q, int micro_batch, int whole_prompts, int max_rows)
  * flight (policy step 2). Any time; values < 1 count as 1. */
 void srvq_sched_groups(srvq *q, int groups);
 extern const engine_sched_ops srvq_sched_ops;
-/* Prefix reuse (srvq_set_prefix_reuse): shares of SRVQ_PREFIX_BLOCK positions at a time. */
-#define SRVQ_PREFIX_BLOCK 16
 /* The pipeline failed: every queued and running request ends with ERROR and msg; the queue
  * closes. */
 void srvq_fail_all(srvq *q, const char *msg);

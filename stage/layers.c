@@ -461,12 +461,12 @@ int stage_forward_impl(stage_state *s, const stage_batch *b, float *x, const uin
         return -1;
     }
     for (int i = 0; i < b->n; i++) {
-        if (b->slot[i] < 0 || b->slot[i] >= s->n_slots || b->pos[i] < 0 ||
+        if (b->slot[i] < 0 || b->slot[i] >= s->n_rows_slots || b->pos[i] < 0 ||
             b->pos[i] >= s->max_seq) {
             snprintf(err, errlen,
                      "row %d: slot %d / position %d outside this stage's state "
                      "(%d slots, %d positions)",
-                     i, b->slot[i], b->pos[i], s->n_slots, s->max_seq);
+                     i, b->slot[i], b->pos[i], s->n_rows_slots, s->max_seq);
             return -1;
         }
     }

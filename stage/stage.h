@@ -117,6 +117,9 @@ stage_state *stage_state_init(const stage_model *m, int n_slots, int max_rows, i
 typedef struct {
     int page;
     size_t mem_bytes;
+    int holders; /* sequences after the n_slots ones that only hold cached prefixes (serve,
+                  * docs/SPEC.md §11): ids n_slots .. n_slots + holders - 1 for shares and
+                  * releases, never for rows; they do not enlarge the default pool */
 } stage_kv_opts;
 /* stage_state_init with KV pool options (NULL: the defaults). */
 stage_state *stage_state_init_kv(const stage_model *m, int n_slots, int max_rows, int max_seq,

@@ -83,6 +83,7 @@ struct stage_state {
     size_t op_bytes;
     int n_layers;                   /* layers in range */
     int n_slots, max_rows, max_seq; /* max_seq: positions per slot (--ctx) */
+    int n_rows_slots;               /* slots rows may use: n_slots less the prefix holders (§11) */
     /* paged KV cache (stage/kv.h, docs/SPEC.md §11): one pool for every layer of the stage */
     kv_pool pool;
     int kv_max_pages;         /* pages a (layer, slot) cache may hold: ceil(max_seq / page) */

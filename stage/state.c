@@ -46,7 +46,12 @@ stage_state *stage_state_init_kv(const stage_model *m, int n_slots, int max_rows
     }
     s->m = m;
     s->n_layers = m->range.last >= m->range.first ? m->range.last - m->range.first + 1 : 0;
+    /* prefix holders are sequences like the slots' (shares, releases, parks, stats) that no
+     * row names (docs/SPEC.md §11) */
+    const int n_run = n_slots;
+    if (kvo && kvo->holders > 0) n_slots += kvo->holders;
     s->n_slots = n_slots;
+    s->n_rows_slots = n_run;
     s->max_rows = max_rows < 1 ? 1 : max_rows;
     s->max_seq = max_seq;
     const size_t R = (size_t)s->max_rows, D = (size_t)c->hidden;
@@ -77,7 +82,7 @@ stage_state *stage_state_init_kv(const stage_model *m, int n_slots, int max_rows
     const size_t pb = kv_page_bytes(page, kvd_l);
     double full = 0;
     for (int li = 0; li < s->n_layers; li++)
-        full += (double)n_slots * kv_layer_max_pages(s, m->range.first + li, page);
+        full += (double)n_run * kv_layer_max_pages(s, m->range.first + li, page);
     double n_pages = full;
     if (kvo && kvo->mem_bytes) {
         n_pages = floor((double)kvo->mem_bytes / (double)pb);
@@ -214,7 +219,7 @@ const stage_layer_stats *stage_state_layer_stats(const stage_state *s, int layer
     return &s->stats[li];
 }
 
-int stage_state_slots(const stage_state *s) { return s->n_slots; }
+int stage_state_slots(const stage_state *s) { return s->n_rows_slots; }
 int stage_state_ctx(const stage_state *s) { return s->max_seq; }
 
 void stage_slot_reset_impl(stage_state *s, int slot)

@@ -316,7 +316,7 @@ static int drive(stage_state *st, const stage_model *m, float *logits, char *err
 
 static stage_state *state_kv(const stage_model *m, int page, size_t mem, char *err, size_t el)
 {
-    stage_kv_opts o = {page, mem};
+    stage_kv_opts o = {.page = page, .mem_bytes = mem};
     return stage_state_init_kv(m, NSLOT, MAXROWS, CTX, &o, err, el);
 }
 

@@ -280,6 +280,48 @@ static void test_whole_prompts(void)
     srvq_free(q);
 }
 
+/* Whole prompts (mindskip sequence granularity, top-k over the sequence): a row's routing
+ * depends on the whole prompt, so no prefix is ever reused — not from a running request with
+ * the same 30-token prompt, not from a finished one (it is not parked: its slot is released). */
+static void test_whole_no_reuse(void)
+{
+    int32_t pa[30];
+    for (int i = 0; i < 30; i++) pa[i] = 3 + i;
+    srvq *q = srvq_new(2, 40, 4, 120, -1);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 8, 1, 32), 0);
+    stage_batch mb;
+    stage_batch_init(&mb, 32);
+    client c[3];
+    memset(c, 0, sizeof c);
+    char err[256];
+    int shares = 0, pos0 = 0;
+    CU_ASSERT_EQUAL(submit(q, &c[0], pa, 30, 4, err), 0);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1); /* a's whole prompt */
+    CU_ASSERT(mb.n == 30 && mb.n_share == 0);
+    CU_ASSERT_EQUAL(submit(q, &c[1], pa, 30, 2, err), 1); /* b: the same prompt, a running */
+    for (int k = 0; k < 64 && !(c[0].n_done && c[1].n_done); k++) {
+        give_back(q, &mb, NULL);
+        if (!srvq_sched_ops.next(q, &mb)) break;
+        shares += mb.n_share;
+        for (int i = 0; i < mb.n; i++) pos0 += mb.slot[i] == 1 && mb.pos[i] == 0;
+    }
+    CU_ASSERT(c[0].n_done == 1 && c[1].n_done == 1);
+    CU_ASSERT_EQUAL(pos0, 1);                             /* b computed from position 0 */
+    CU_ASSERT_EQUAL(submit(q, &c[2], pa, 30, 1, err), 2); /* c: after both ended */
+    for (int k = 0; k < 64 && !c[2].n_done; k++) {
+        if (!srvq_sched_ops.next(q, &mb)) break;
+        shares += mb.n_share;
+        give_back(q, &mb, NULL);
+    }
+    CU_ASSERT_EQUAL(c[2].n_done, 1);
+    srvq_stats st;
+    srvq_get_stats(q, &st);
+    CU_ASSERT_EQUAL(shares, 0);
+    CU_ASSERT(st.prefix_hits == 0 && st.prefix_cached_hits == 0 && st.prefix_holders_used == 0);
+    stage_batch_free(&mb);
+    srvq_free(q);
+}
+
 /* Admission by memory and preemption (docs/SPEC.md §11). One stage reports pages of 4
  * positions on 2 layers, 12 pages: a running request of n positions counts 2 * ceil((n+1)/4)
  * pages, a new one 2 * ceil((prompt + 4) / 4). */
@@ -472,10 +514,60 @@ static void run_until_done(srvq *q, stage_batch *mb, const client *c)
     CU_ASSERT_EQUAL(c->n_done, 1);
 }
 
-/* The cache of finished prefixes: a finished request parks its slot (a share triple src ==
- * dst), a later request shares from it (its generated tokens included), a longer parked
- * prefix supersedes a shorter one, parked slots are evicted for a slot, for pages (before
- * any preemption) and by srvq_prefix_cache_clear; cancelled requests are not parked. */
+/* More finished prefixes than slots stay findable: with 2 slots, 10 requests of different
+ * prompts end one after the other; the 8 holders (engine_prefix_holders) keep the last 8,
+ * the least recently used going first; a prompt that begins like the third one's finds its
+ * holder by block hash, one like the first one's finds nothing. */
+static void test_prefix_holders(void)
+{
+    enum { N = 10, LEN = 20 };
+    int32_t p[N + 2][LEN + 4];
+    for (int i = 0; i < N; i++)
+        for (int j = 0; j < LEN + 4; j++) p[i][j] = 3 + (i * 7 + j) % 90;
+    srvq *q = srvq_new(2, 40, 4, 120, -1);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 8, 0, 8), 0);
+    CU_ASSERT_EQUAL(engine_prefix_holders(2), 8);
+    engine_kv_report kr = {.stage = 0, .page = 4, .kv_layers = 1, .pages_total = 1000};
+    srvq_sched_ops.kv(q, &kr, 1);
+    stage_batch mb;
+    stage_batch_init(&mb, 8);
+    client c[N + 2];
+    memset(c, 0, sizeof c);
+    char err[256];
+    srvq_stats st;
+    for (int i = 0; i < N; i++) {
+        CU_ASSERT_EQUAL(submit(q, &c[i], p[i], LEN, 1, err), i);
+        run_until_done(q, &mb, &c[i]);
+    }
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1); /* the last one's move + park */
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.prefix_holders_used == 8 && st.prefix_evictions == 2 && st.prefix_hits == 0);
+    /* the third prompt + 4 tokens: its first block (16 positions) from a holder */
+    CU_ASSERT_EQUAL(submit(q, &c[N], p[2], LEN + 4, 1, err), N);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    CU_ASSERT(mb.n_share == 1 && mb.share[0] >= 2 && mb.share[0] < 10 && mb.share[2] == 16);
+    CU_ASSERT(mb.n > 0 && mb.pos[0] == 16);
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.prefix_hits == 1 && st.prefix_cached_hits == 1);
+    give_back(q, &mb, NULL);
+    CU_ASSERT_EQUAL(c[N].n_done, 1);
+    /* the first prompt's holder was evicted: computed from position 0 */
+    CU_ASSERT_EQUAL(submit(q, &c[N + 1], p[0], LEN + 4, 1, err), N + 1);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
+    int shared = 0;
+    for (int k = 0; k < mb.n_share; k++) shared |= mb.share[3 * k + 1] < 2; /* into a slot */
+    CU_ASSERT(!shared && mb.n > 0 && mb.pos[0] == 0);
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.prefix_hits == 1);
+    stage_batch_free(&mb);
+    srvq_free(q);
+}
+
+/* The cache of finished prefixes: a finished request moves its KV to a prefix holder (a
+ * share slot -> holder, then a park triple src == dst; the slot is released after them), a
+ * later request shares from it (its generated tokens included), a longer prefix supersedes
+ * a shorter one, holders are evicted for pages (before any preemption) and by
+ * srvq_prefix_cache_clear but never for a slot; cancelled requests are not parked. */
 static void test_prefix_cache(void)
 {
     int32_t pa[30], pb[34], pc[20];
@@ -498,67 +590,115 @@ static void test_prefix_cache(void)
     CU_ASSERT_EQUAL(submit(q, &c[0], pa, 30, 4, err), 0);
     run_until_done(q, &mb, &c[0]);
     CU_ASSERT(c[0].why == SRVQ_FINISH_LENGTH && c[0].n_tok == 4);
-    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1); /* the park alone */
-    CU_ASSERT(mb.n == 0 && mb.n_release == 0 && mb.n_share == 1);
-    CU_ASSERT(mb.share[0] == 0 && mb.share[1] == 0 && mb.share[2] == 33);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1); /* the move and the park alone */
+    CU_ASSERT(mb.n == 0 && mb.n_release == 0 && mb.n_share == 2);
+    CU_ASSERT(mb.share[0] == 0 && mb.share[1] == 2 && mb.share[2] == 33); /* holder 0: id 2 */
+    CU_ASSERT(mb.share[3] == 2 && mb.share[4] == 2 && mb.share[5] == 33);
     srvq_get_stats(q, &st);
-    CU_ASSERT(st.cached_slots == 1 && st.running == 0);
+    CU_ASSERT(st.prefix_holders_used == 1 && st.running == 0);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1); /* then slot 0's release */
+    CU_ASSERT(mb.n == 0 && mb.n_release == 1 && mb.release[0] == 0 && mb.n_share == 0);
     CU_ASSERT_EQUAL(srvq_sched_ops.next(q, &mb), 0); /* nothing else to do */
-    /* b = a's prompt and 3 of its tokens + 1: shares 32 positions (whole blocks) from slot 0 */
+    /* b = a's prompt and 3 of its tokens + 1: shares 32 positions (whole blocks) from the
+     * holder, into slot 0 (free again) */
     CU_ASSERT_EQUAL(submit(q, &c[1], pb, 34, 1, err), 1);
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
-    CU_ASSERT(mb.n_share == 1 && mb.share[0] == 0 && mb.share[1] == 1 && mb.share[2] == 32);
-    CU_ASSERT(mb.n == 2 && mb.slot[0] == 1 && mb.pos[0] == 32 && mb.token[0] == 100 &&
+    CU_ASSERT(mb.n_share == 1 && mb.share[0] == 2 && mb.share[1] == 0 && mb.share[2] == 32);
+    CU_ASSERT(mb.n == 2 && mb.slot[0] == 0 && mb.pos[0] == 32 && mb.token[0] == 100 &&
               mb.token[1] == 40);
     srvq_get_stats(q, &st);
     CU_ASSERT(st.prefix_hits == 1 && st.prefix_cached_hits == 1 && st.prefix_tokens == 32);
     give_back(q, &mb, NULL); /* b: 1 token, done: parked with 34 positions, a's superseded */
     CU_ASSERT(c[1].n_done == 1 && c[1].why == SRVQ_FINISH_LENGTH);
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
-    CU_ASSERT(mb.n == 0 && mb.n_release == 1 && mb.release[0] == 0 && mb.n_share == 1 &&
-              mb.share[0] == 1 && mb.share[1] == 1 && mb.share[2] == 34);
+    /* the superseded holder is the free one b moves to: no release, its share empties it */
+    CU_ASSERT(mb.n == 0 && mb.n_release == 0 && mb.n_share == 2 && mb.share[0] == 0 &&
+              mb.share[1] == 2 && mb.share[2] == 34 && mb.share[3] == 2 && mb.share[5] == 34);
     srvq_get_stats(q, &st);
-    CU_ASSERT(st.cached_slots == 1 && st.prefix_evictions == 1);
-    /* c (other tokens) takes free slot 0; d then needs slot 1: the parked slot is evicted */
+    CU_ASSERT(st.prefix_holders_used == 1 && st.prefix_evictions == 1);
+    /* c (other tokens) and d take both slots: the holder stays (it is not a slot) */
     CU_ASSERT_EQUAL(submit(q, &c[2], pc, 20, 8, err), 2);
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
-    CU_ASSERT(mb.n_share == 0 && mb.slot[0] == 0 && mb.pos[0] == 0);
+    CU_ASSERT(mb.n_share == 0 && mb.n_release == 0 && mb.slot[0] == 0 && mb.pos[0] == 0);
     CU_ASSERT_EQUAL(submit(q, &c[3], pc, 20, 1, err), 3);
     give_back(q, &mb, NULL);
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
     srvq_get_stats(q, &st);
-    CU_ASSERT(st.cached_slots == 0 && st.prefix_evictions == 2 && st.running == 2);
-    /* its release is superseded by d's reset (c had issued 8 positions: no share) */
-    CU_ASSERT(mb.n_release == 0 && mb.n_share == 0);
+    CU_ASSERT(st.prefix_holders_used == 1 && st.prefix_evictions == 1 && st.running == 2);
+    CU_ASSERT(mb.n_release == 0 && mb.n_share == 0); /* c had issued 8 positions: no share */
     /* c is cancelled: not parked (its slot is released); d ends and parks */
     srvq_cancel(q, 2);
     give_back(q, &mb, NULL);
     run_until_done(q, &mb, &c[3]);
     CU_ASSERT(c[2].why == SRVQ_FINISH_CANCELLED);
     srvq_get_stats(q, &st);
-    CU_ASSERT_EQUAL(st.cached_slots, 1);
-    /* pages: the pool shrinks so that the parked slot and a new request do not both fit: the
-     * parked slot goes, nothing is preempted */
-    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1); /* c's release, d's park */
+    CU_ASSERT_EQUAL(st.prefix_holders_used, 2);
+    /* pages: the pool shrinks so that the holders and a new request do not all fit: d's
+     * holder goes, then b's (e would share from it: last), nothing is preempted */
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1); /* c's release, d's move + park */
     kr.pages_total = 9;
     srvq_sched_ops.kv(q, &kr, 1);
     CU_ASSERT_EQUAL(submit(q, &c[4], pa, 30, 1, err), 4);
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
     srvq_get_stats(q, &st);
-    CU_ASSERT(st.cached_slots == 0 && st.prefix_evictions == 3 && st.preemptions == 0 &&
+    CU_ASSERT(st.prefix_holders_used == 0 && st.prefix_evictions == 3 && st.preemptions == 0 &&
               st.running == 1);
+    CU_ASSERT(mb.n_release ==
+              2); /* both holders (e took d's slot: its reset supersedes the release) */
     run_until_done(q, &mb, &c[4]);
     /* clear: every parked slot is released with the next micro-batch */
     kr.pages_total = 100;
     srvq_sched_ops.kv(q, &kr, 1);
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1); /* e's park */
     srvq_get_stats(q, &st);
-    CU_ASSERT_EQUAL(st.cached_slots, 1);
+    CU_ASSERT_EQUAL(st.prefix_holders_used, 1);
     srvq_prefix_cache_clear(q);
     CU_ASSERT_EQUAL_FATAL(srvq_sched_ops.next(q, &mb), 1);
-    CU_ASSERT(mb.n == 0 && mb.n_release == 1);
+    CU_ASSERT(mb.n == 0 && mb.n_release == 2); /* e's slot, its holder */
     srvq_get_stats(q, &st);
-    CU_ASSERT(st.cached_slots == 0 && st.running == 0);
+    CU_ASSERT(st.prefix_holders_used == 0 && st.running == 0);
+    stage_batch_free(&mb);
+    srvq_free(q);
+}
+
+/* A holder evicted before the micro-batch that carries its move and park went out: the stages
+ * apply a micro-batch's releases before its shares, so the move and park must go with the
+ * eviction (else the stage rebuilds the holder after its release and keeps its pages with no
+ * holder on the queue's side: the pool fills up for good and every admission preempts). */
+static void test_prefix_evict_unsent(void)
+{
+    int32_t pa[30];
+    for (int i = 0; i < 30; i++) pa[i] = 3 + i;
+    srvq *q = srvq_new(2, 40, 4, 120, -1);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 8, 0, 8), 0);
+    engine_kv_report kr = {.stage = 0, .page = 4, .kv_layers = 1, .pages_total = 100};
+    srvq_sched_ops.kv(q, &kr, 1);
+    stage_batch mb;
+    stage_batch_init(&mb, 8);
+    client c;
+    memset(&c, 0, sizeof c);
+    char err[256];
+    CU_ASSERT_EQUAL(submit(q, &c, pa, 30, 4, err), 0);
+    run_until_done(q, &mb, &c); /* a parked into holder 0 (sequence 2): not sent yet */
+    srvq_stats st;
+    srvq_get_stats(q, &st);
+    CU_ASSERT_EQUAL(st.prefix_holders_used, 1);
+    kr.pages_total = 4; /* the holder (33 positions: 10 pages) no longer fits */
+    srvq_sched_ops.kv(q, &kr, 1);
+    int rel_holder = 0, rel_slot = 0, shares_to_holder = 0;
+    for (int k = 0; k < 3 && srvq_sched_ops.next(q, &mb); k++) {
+        for (int i = 0; i < mb.n_release; i++) {
+            rel_holder += mb.release[i] == 2;
+            rel_slot += mb.release[i] == 0;
+        }
+        for (int i = 0; i < mb.n_share; i++) shares_to_holder += mb.share[3 * i + 1] == 2;
+    }
+    srvq_get_stats(q, &st);
+    CU_ASSERT(st.prefix_holders_used == 0 && st.prefix_evictions == 1);
+    CU_ASSERT_EQUAL(shares_to_holder, 0);
+    CU_ASSERT_EQUAL(rel_holder, 1);
+    CU_ASSERT_EQUAL(rel_slot, 1); /* a's slot still comes back */
+    CU_ASSERT_EQUAL(srvq_sched_ops.next(q, &mb), 0);
     stage_batch_free(&mb);
     srvq_free(q);
 }
@@ -828,9 +968,14 @@ int main(void)
     CU_add_test(s, "schedule: chunks, decode, stops, cancel frees the slot", test_schedule);
     CU_add_test(s, "cancel queued; fail_all", test_cancel_queued_and_fail);
     CU_add_test(s, "whole prompts", test_whole_prompts);
+    CU_add_test(s, "whole prompts: no prefix reuse, running or finished", test_whole_no_reuse);
     CU_add_test(s, "admission by memory, preemption, recompute", test_preempt);
     CU_add_test(s, "prefix reuse from a running request", test_prefix_reuse);
     CU_add_test(s, "the cache of finished prefixes: park, share, evict", test_prefix_cache);
+    CU_add_test(s, "prefix holders: more prefixes than slots, by block hash, LRU",
+                test_prefix_holders);
+    CU_add_test(s, "prefix holder evicted before its move went out: no page kept on a stage",
+                test_prefix_evict_unsent);
     CU_add_test(s, "admission: the share of rows kept, the margin", test_keep_estimate);
     CU_add_test(s, "concurrent submits", test_threads);
     CU_add_test(s, "rewind after a restart", test_rewind);

@@ -333,6 +333,9 @@ one 8 "$TMP/px_c.txt"
 p1=$(metric "$PORT_px" modpipe_prefix_cache_parked_hits_total)
 check "the cache of finished prefixes through the front: hit ($p0 -> $p1), the same text" \
     '[ "${p1:-0}" -gt "${p0:-0}" ] && cmp -s "$TMP/px_ref.txt" "$TMP/px_c.txt"'
+# the finished A, B and C left their prefixes in holders (not slots): the gauge counts them
+hu=$(metric "$PORT_px" modpipe_prefix_holders_used)
+check "modpipe_prefix_holders_used counts the holders in use ($hu)" '[ "${hu:-0}" -ge 1 ]'
 kill -TERM "$PID_px"
 wait "$pxpid"
 
