@@ -79,6 +79,96 @@ static T512 INL void blk512(const float *x, const void *w, int k, int R, int MB,
         for (int i = 0; i < MB; i++) y[(size_t)i * ldy + r] = _mm512_reduce_add_ps(acc[r][i]);
 }
 
+/* bf16 rows by shift and mask, no widening shuffle: a 64-byte load holds 32 weights, element
+ * 2l in the low half of 32-bit lane l and 2l + 1 in the high half, so w << 16 is the even
+ * elements as f32 and w & 0xffff0000 the odd ones. x is deinterleaved to match (two
+ * permutes per 32 columns, shared by the R weight rows). Order of one output: lane l
+ * accumulates columns 32c + 2l then 32c + 2l + 1 for chunks c in order (the last chunk
+ * masked), then _mm512_reduce_add_ps. R up to 8, MB up to 4 (R * MB <= 16). */
+static T512 INL void blk512_bf16(const float *x, const uint16_t *w, int k, int R, int MB, float *y,
+                                 int ldy)
+{
+    __m512 acc[8][4];
+    const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; i++) acc[r][i] = _mm512_setzero_ps();
+    int c = 0;
+    for (; c < k; c += 32) {
+        const int full = c + 32 <= k;
+        const __mmask32 mw = full ? ~(__mmask32)0 : (__mmask32)((1ull << (k - c)) - 1ull);
+        const __mmask16 ma =
+            full ? (__mmask16)0xffff : (__mmask16)(k - c >= 16 ? 0xffffu : (1u << (k - c)) - 1u);
+        const __mmask16 mb =
+            full ? (__mmask16)0xffff : (__mmask16)(k - c > 16 ? (1u << (k - c - 16)) - 1u : 0u);
+        __m512 we[8], wo[8];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            const uint16_t *p = w + (size_t)r * k + c;
+            const __m512i v = full ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(mw, p);
+            we[r] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+            wo[r] = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; i++) {
+            const float *xi = x + (size_t)i * k + c;
+            const __m512 a = full ? _mm512_loadu_ps(xi) : _mm512_maskz_loadu_ps(ma, xi);
+            const __m512 b = full ? _mm512_loadu_ps(xi + 16) : _mm512_maskz_loadu_ps(mb, xi + 16);
+            const __m512 xe = _mm512_permutex2var_ps(a, ie, b);
+            const __m512 xo = _mm512_permutex2var_ps(a, io, b);
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                acc[r][i] = _mm512_fmadd_ps(we[r], xe, acc[r][i]);
+                acc[r][i] = _mm512_fmadd_ps(wo[r], xo, acc[r][i]);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; i++) y[(size_t)i * ldy + r] = _mm512_reduce_add_ps(acc[r][i]);
+}
+
+/* bf16 rows: blocks of 8 weight rows for one x row, 4 x 4 for more. */
+static T512 void rows512_bf16(const float *x, int m, const stage_weight *w, int r0, int r1,
+                              float *y, const uint16_t *xs)
+{
+    (void)xs;
+    const int n = w->rows, k = w->cols;
+    const uint16_t *wd = w->data;
+#define BB(RR, MM)                                                                                 \
+    blk512_bf16(x + (size_t)i * k, wd + (size_t)j * k, k, RR, MM, y + (size_t)i * n + j, n)
+    int j = r0;
+    if (m == 1) {
+        const int i = 0;
+        for (; j + 8 <= r1; j += 8) BB(8, 1);
+    }
+    for (; j + 4 <= r1; j += 4) {
+        int i = 0;
+        for (; i + 4 <= m; i += 4) BB(4, 4);
+        switch (m - i) {
+        case 3: BB(4, 3); break;
+        case 2: BB(4, 2); break;
+        case 1: BB(4, 1); break;
+        default: break;
+        }
+    }
+    for (; j < r1; j++) {
+        int i = 0;
+        for (; i + 4 <= m; i += 4) BB(1, 4);
+        switch (m - i) {
+        case 3: BB(1, 3); break;
+        case 2: BB(1, 2); break;
+        case 1: BB(1, 1); break;
+        default: break;
+        }
+    }
+#undef BB
+}
+
 #define ROWS_BODY(BLK, ...)                                                                        \
     do {                                                                                           \
         const int n = w->rows, k = w->cols;                                                        \
@@ -118,7 +208,6 @@ static T512 INL void blk512(const float *x, const void *w, int k, int R, int MB,
         ROWS_BODY(B512, 0);                                                                        \
     }
 DEF_ROWS512(rows512_f32, STAGE_F32)
-DEF_ROWS512(rows512_bf16, STAGE_BF16)
 DEF_ROWS512(rows512_f16, STAGE_F16)
 
 /* ---- AVX-512 BF16: x split into hi + lo bf16, weights used as they are ----------------------- */
