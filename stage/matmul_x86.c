@@ -84,9 +84,10 @@ static T512 INL void blk512(const float *x, const void *w, int k, int R, int MB,
  * elements as f32 and w & 0xffff0000 the odd ones. x is deinterleaved to match (two
  * permutes per 32 columns, shared by the R weight rows). Order of one output: lane l
  * accumulates columns 32c + 2l then 32c + 2l + 1 for chunks c in order (the last chunk
- * masked), then _mm512_reduce_add_ps. R up to 8, MB up to 4 (R * MB <= 16). */
-static T512 INL void blk512_bf16(const float *x, const uint16_t *w, int k, int R, int MB, float *y,
-                                 int ldy)
+ * masked), then _mm512_reduce_add_ps. R up to 8 (rows r < 4 at w, the others at w2; outputs
+ * likewise at y and y2), MB up to 4 (R * MB <= 16). */
+static T512 INL void blk512_bf16(const float *x, const uint16_t *w, const uint16_t *w2, int k,
+                                 int R, int MB, float *y, float *y2, int ldy)
 {
     __m512 acc[8][4];
     const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -107,7 +108,7 @@ static T512 INL void blk512_bf16(const float *x, const uint16_t *w, int k, int R
         __m512 we[8], wo[8];
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
-            const uint16_t *p = w + (size_t)r * k + c;
+            const uint16_t *p = (r < 4 ? w + (size_t)r * k : w2 + (size_t)(r - 4) * k) + c;
             const __m512i v = full ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(mw, p);
             we[r] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
             wo[r] = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
@@ -129,7 +130,8 @@ static T512 INL void blk512_bf16(const float *x, const uint16_t *w, int k, int R
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
-        for (int i = 0; i < MB; i++) y[(size_t)i * ldy + r] = _mm512_reduce_add_ps(acc[r][i]);
+        for (int i = 0; i < MB; i++)
+            (r < 4 ? y : y2 - 4)[(size_t)i * ldy + r] = _mm512_reduce_add_ps(acc[r][i]);
 }
 
 /* bf16 rows: blocks of 8 weight rows for one x row, 4 x 4 for more. */
@@ -140,11 +142,13 @@ static T512 void rows512_bf16(const float *x, int m, const stage_weight *w, int 
     const int n = w->rows, k = w->cols;
     const uint16_t *wd = w->data;
 #define BB(RR, MM)                                                                                 \
-    blk512_bf16(x + (size_t)i * k, wd + (size_t)j * k, k, RR, MM, y + (size_t)i * n + j, n)
+    blk512_bf16(x + (size_t)i * k, wd + (size_t)j * k, NULL, k, RR, MM, y + (size_t)i * n + j,     \
+                NULL, n)
     int j = r0;
     if (m == 1) {
-        const int i = 0;
-        for (; j + 8 <= r1; j += 8) BB(8, 1);
+        for (; j + 8 <= r1; j += 8)
+            blk512_bf16(x, wd + (size_t)j * k, wd + (size_t)(j + 4) * k, k, 8, 1, y + j, y + j + 4,
+                        n);
     }
     for (; j + 4 <= r1; j += 4) {
         int i = 0;
