@@ -234,6 +234,14 @@ void stage_matmul_force_path(stage_path p) { g_path = p; }
 void stage_matmul_force_engine(stage_engine e) { g_engine = e; }
 void stage_matmul_set_mode(stage_matmul_mode m) { g_mode = m; }
 stage_matmul_mode stage_matmul_get_mode(void) { return g_mode; }
+int stage_q8_fast_available(void)
+{
+#if defined(__x86_64__)
+    return stage_mm_q8_fast_supported() && ops() != &stage_mm_ops_c && ops() != &stage_mm_ops_avx2;
+#else
+    return 0;
+#endif
+}
 
 /* ---- thread pool ----------------------------------------------------------------------------- */
 
@@ -470,6 +478,15 @@ static void run_small(const float *x, int m, const stage_weight *w, float *y, co
             j.rows = o->rows_nosplit_bf16; /* no memory for the split x: convert weights */
         }
     }
+#if defined(__x86_64__)
+    /* Q8_0 in FAST mode: x to int8 once per call, the int8 dot on the weights (matmul_isa.h) */
+    if (w->dtype == STAGE_Q8_0 && g_mode == STAGE_MATMUL_FAST && stage_q8_fast_available() &&
+        xs_reserve(m, w->cols) == 0) {
+        stage_mm_q8_quant_x(x, m, w->cols, g_xs);
+        j.xs = g_xs;
+        j.rows = stage_mm_q8_rows_vnni;
+    }
+#endif
     const int n = w->rows;
     /* About four tasks per thread so a thread that starts late costs little; multiples of 4
      * rows (the kernels' row block). */

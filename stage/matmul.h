@@ -123,6 +123,9 @@ typedef enum { STAGE_ENGINE_AUTO = 0, STAGE_ENGINE_BLAS, STAGE_ENGINE_ONEDNN } s
 typedef enum { STAGE_MATMUL_EXACT = 0, STAGE_MATMUL_FAST } stage_matmul_mode;
 void stage_matmul_set_mode(stage_matmul_mode m);
 stage_matmul_mode stage_matmul_get_mode(void);
+/* 1 when FAST mode changes Q8_0's small path (int8 x on AVX-512 VNNI; an AVX-512 variant in
+ * use), else FAST leaves Q8_0 exact. */
+int stage_q8_fast_available(void);
 void stage_matmul_force_engine(stage_engine e);
 /* What the large path runs for an f32 tile of m rows, k columns: oneDNN's implementation name
  * ("gemm:jit", "brg:avx512_core_amx"...) or "openblas" (written into buf, returned). */

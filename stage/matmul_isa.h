@@ -89,6 +89,19 @@ void stage_mm_q8_rows_avx512(const float *x, int m, const stage_weight *w, int r
                              const uint16_t *xs);
 #endif
 
+/* Q8_0 FAST mode (stage_matmul_set_mode): x quantized per 32-column block to int8 with an f32
+ * scale (llama.cpp's q8_0 rule: d = max|x| / 127, q = round(x / d)), dotted with the weights'
+ * int8 by AVX-512 VNNI. quant_x writes m rows of mm_q8x_row_bytes(k) each: int8 q [kq] (zero
+ * past k), then f32 d [kq / 32]. rows_vnni takes that as xs. */
+static inline int mm_q8x_kq(int k) { return (k + 63) & ~63; }
+static inline size_t mm_q8x_row_bytes(int k) { return (size_t)mm_q8x_kq(k) / 32 * 36; }
+int stage_mm_q8_fast_supported(void);
+void stage_mm_q8_quant_x(const float *x, int m, int k, void *xq);
+#if defined(__x86_64__)
+void stage_mm_q8_rows_vnni(const float *x, int m, const stage_weight *w, int r0, int r1, float *y,
+                           const uint16_t *xs);
+#endif
+
 /* Plain C pieces shared by every variant (matmul.c). */
 void stage_mm_split_c(const float *x, int m, int k, uint16_t *xs);
 void stage_mm_softmax_rows(float *probs, int n_q, int n_ctx);

@@ -1,6 +1,7 @@
 /* tests/bench_kernels.c — micro-benchmark of stage/matmul.h (not a test; `make bench-kernels`).
  *
  *   bench_kernels [--threads N] [--quick] [--isa NAME] [--bw-gib G] [--gemv-only] [--dtype D]
+ *                 [--fast]   (--fast: stage_matmul_set_mode FAST, Q8_0 with int8 x)
  *
  * Prints one `key=value ...` line per measurement (lines starting with # are comments):
  *   --bw-only: only the bw lines, then for each --shape m,k,n one `shape` line: cblas_sgemm
@@ -286,6 +287,8 @@ int main(int argc, char **argv)
             quick = 1;
         } else if (!strcmp(argv[i], "--bw-only")) {
             bw_only = 1;
+        } else if (!strcmp(argv[i], "--fast")) {
+            stage_matmul_set_mode(STAGE_MATMUL_FAST); /* Q8_0: int8 x (stage/matmul.h) */
         } else if (!strcmp(argv[i], "--gemv-only")) {
             gemv_only = 1;
         } else if (!strcmp(argv[i], "--dtype") && i + 1 < argc) {
@@ -322,7 +325,8 @@ int main(int argc, char **argv)
         } else {
             fprintf(stderr,
                     "usage: bench_kernels [--threads N] [--quick] [--isa c|avx2|avx512|avx512bf16] "
-                    "[--bw-gib G] [--gemv-only] [--dtype D] [--bw-only [--shape m,k,n ...]]\n");
+                    "[--bw-gib G] [--gemv-only] [--dtype D] [--fast] [--bw-only [--shape m,k,n "
+                    "...]]\n");
             return 2;
         }
     }
