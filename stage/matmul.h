@@ -48,6 +48,11 @@
  * 3.0e-6 at k = 4096, up to 7.7e-6 on short rows (k = 5..67) where the result cancels; oneDNN
  * bf16 EXACT <= 2.7e-6 (k 64..2085). FAST mode keeps 8 bits of x: bound 4e-3, measured
  * <= 1.7e-3; on stories260K its logits move 6e-3 and the held-out NLL +0.002% (docs/BENCH.md).
+ * Q8_0 FAST (small path, AVX-512 VNNI CPUs: stage_q8_fast_available): x quantized per
+ * 32-column block to int8 (d = max|x| / 127) and dotted with the int8 weights by vpdpbusd; per
+ * output, 64 columns a step in order, exact int32 block sums, f32 accumulation of sum * dw * dx,
+ * then _mm512_reduce_add_ps. Measured (tests/test_kernels.c) 1.6e-7 against a double reference
+ * on the quantized x, 6.3e-3 against the f32 x (bound 2e-2). Its held-out NLL is not measured yet.
  *
  * Threads: one process-wide pool. stage_threads_init(n) starts n - 1 workers (the caller is
  * the n-th); workers spin ~50 us after a job, then sleep on a condition variable. Without init
