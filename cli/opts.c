@@ -150,13 +150,15 @@ static const cli_opt_def OPTS[] = {
     {"hostfile", "FILE", CLI_SERVE, CLI_ONCE,
      "with --ranks: mpirun --hostfile FILE (its first host must be this one: rank 0 runs there)"},
     {"spare-hosts", "FILE", CLI_SERVE, CLI_ONCE,
-     "with --hostfile: hosts (a hostfile) to restart on when the job fails on a host of the plan; "
+     "with --hostfile: hosts (a hostfile) to restart on when the job fails (or a stall names a "
+     "rank) on a host of the plan; "
      "that host is dropped and, when the slots left are fewer, the job re-partitioned on fewer "
      "ranks (docs/SERVE.md §5)"},
     {"mpi-args", "'ARGS'", CLI_SERVE, CLI_ONCE,
      "with --ranks: more mpirun options, split at spaces"},
     {"stall-timeout", "SEC", CLI_SERVE, CLI_ONCE,
-     "with --ranks: a job silent this long is stuck: restart (default 5)"},
+     "with --ranks: a job silent this long (or without a result while work is in flight) is "
+     "stuck: restart; the log and /metrics name the stuck rank and host (default 5)"},
     {"max-restarts", "N", CLI_SERVE, CLI_ONCE,
      "with --ranks: restarts in a row before giving up (exit 1; a job that ran 60 s resets the "
      "count; default 3)"},

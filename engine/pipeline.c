@@ -284,7 +284,8 @@ static void report_fill(const engine_loop *c, uint64_t *v, int final)
                                .kv_layers = (uint64_t)k.kv_layers,
                                .kv_pages_cached = (uint64_t)k.pages_cached,
                                .kv_entries_live = (uint64_t)k.entries_live,
-                               .kv_positions_live = (uint64_t)k.positions_live};
+                               .kv_positions_live = (uint64_t)k.positions_live,
+                               .mb_done = c->rank == 0 ? c->next_mb : c->mb_passed};
     memcpy(v + (size_t)c->S * ENGINE_LINK_STAT_N, &tail, sizeof tail);
 }
 
@@ -339,6 +340,7 @@ static void report_poll(engine_loop *c, int force)
         if (!done) continue;
         memcpy(c->rep_tab + (size_t)s * c->rep_len, c->rep_in + (size_t)s * c->rep_len,
                (size_t)c->rep_len * 8);
+        c->rep_at[s] = base_now_s();
         if (!report_tail(c, s).final) report_post(c, s);
     }
     double t = base_now_s();
@@ -360,6 +362,17 @@ static void report_poll(engine_loop *c, int force)
         }
     }
     c->ops->links(c->self, c->lb, n);
+    if (c->ops->progress) {
+        const uint64_t want = c->fl_n > 0 ? c->fl[c->fl_head].id + 1 : 0;
+        for (int s = 0; s < c->S; s++)
+            c->prog[s] = (engine_stage_progress){
+                .stage = s,
+                .rank = c->leader[s],
+                .mb_done = s == 0 ? c->next_mb : report_tail(c, s).mb_done,
+                .mb_want = want,
+                .age_s = s == 0 ? 0.0 : t - (c->rep_at[s] > 0 ? c->rep_at[s] : c->t_start)};
+        c->ops->progress(c->self, c->prog, c->S);
+    }
     if (!c->ops->kv) return;
     for (int s = 0; s < c->S; s++) {
         const engine_report_tail k = report_tail(c, s);
@@ -460,6 +473,8 @@ static int wait_tokens(engine_loop *c, double max_s)
             return 1;
         }
         comm_links_progress(c->links);
+        /* a server's supervisor hears from us (and of each stage) while we wait */
+        report_poll(c, 0);
         double t = base_now_s();
         if (t - c->t_tokens > c->o.pipe.timeout_s)
             COMM_FATAL("no tokens packet from rank %d for %.0f s: that rank is gone or stuck",
@@ -594,6 +609,7 @@ static void stageN_loop(engine_loop *c)
             comm_scatter_rows(&q, c->D, c->x);
         }
         process_mb(c);
+        c->mb_passed++;
         report_send(c, 0);
         cur ^= 1;
     }
@@ -655,6 +671,9 @@ static void loop_free(engine_loop *c)
     free(c->rep_req);
     free(c->lb);
     free(c->kvr);
+    free(c->prog);
+    free(c->rep_at);
+    free(c->leader);
     engine_tp_free(c->tp);
     if (c->group != MPI_COMM_NULL) MPI_Comm_free(&c->group);
     if (c->leaders != MPI_COMM_NULL) MPI_Comm_free(&c->leaders);
@@ -772,7 +791,12 @@ static int loop_init(engine_loop *c, char *err, size_t errlen)
         c->rep_req = malloc(S * sizeof *c->rep_req);
         c->lb = calloc(S * S, sizeof *c->lb);
         c->kvr = calloc(S, sizeof *c->kvr);
-        ok = ok && c->rep_in && c->rep_tab && c->rep_req && c->lb && c->kvr;
+        c->prog = calloc(S, sizeof *c->prog);
+        c->rep_at = calloc(S, sizeof *c->rep_at);
+        c->leader = malloc(S * sizeof *c->leader);
+        ok = ok && c->rep_in && c->rep_tab && c->rep_req && c->lb && c->kvr && c->prog &&
+             c->rep_at && c->leader;
+        for (size_t s = 0; ok && s < S; s++) c->leader[s] = (int)s; /* without tensor parallel */
         for (size_t s = 0; ok && s < S; s++) c->rep_req[s] = MPI_REQUEST_NULL;
     }
     if (!ok) {
@@ -824,6 +848,11 @@ int engine_loop_open(MPI_Comm comm, const engine_loop_opts *o, const engine_sche
         } else if (!rc) {
             rc = loop_init(c, myerr, sizeof myerr);
         }
+        if (!rc && topo.tp && c->leader) /* each stage's leader, for the progress reports */
+            for (int r = 0; r < size; r++) {
+                int g, st = engine_topo_stage_of(&topo, r, &g);
+                if (st >= 0 && st < c->S && g == 0) c->leader[st] = r;
+            }
     }
     engine_topo_free(&topo);
     /* All ranks agree on start-up failures; the lowest failing rank tells. */

@@ -70,14 +70,18 @@ struct engine_loop {
     int finished;
 
     /* link reports (serve): rank s > 0 -> 0, rep_len uint64 each */
-    int rep_len;           /* S x engine_link_report + engine_report_tail, in uint64s */
-    uint64_t *rep_in;      /* rank 0: [S][rep_len] receive buffers */
-    uint64_t *rep_tab;     /* rank 0: [S][rep_len] latest report of each rank */
-    MPI_Request *rep_req;  /* rank 0: [S] */
-    uint64_t rep_packets;  /* ranks > 0: packets counted at the last report */
-    double rep_t;          /* last report sent (ranks > 0) / handed to ops->links (0) */
-    engine_link_bytes *lb; /* rank 0: [S*S] */
-    engine_kv_report *kvr; /* rank 0: [S] */
+    int rep_len;                 /* S x engine_link_report + engine_report_tail, in uint64s */
+    uint64_t *rep_in;            /* rank 0: [S][rep_len] receive buffers */
+    uint64_t *rep_tab;           /* rank 0: [S][rep_len] latest report of each rank */
+    MPI_Request *rep_req;        /* rank 0: [S] */
+    uint64_t rep_packets;        /* ranks > 0: packets counted at the last report */
+    double rep_t;                /* last report sent (ranks > 0) / handed to ops->links (0) */
+    engine_link_bytes *lb;       /* rank 0: [S*S] */
+    engine_kv_report *kvr;       /* rank 0: [S] */
+    engine_stage_progress *prog; /* rank 0: [S] */
+    double *rep_at;              /* rank 0: [S] when each stage's last report came (0: none) */
+    int *leader;                 /* rank 0: [S] the job's rank leading each stage */
+    uint64_t mb_passed;          /* ranks > 0: micro-batches finished and handed on */
 
     /* accounting */
     double dense_rows; /* rows a dense pipeline sends on link rank -> rank+1 */

@@ -4,6 +4,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+int engine_stuck_stage(const engine_stage_progress *p, int n)
+{
+    for (int s = 0; s < n; s++)
+        if (p[s].mb_want > 0 && p[s].mb_done < p[s].mb_want) return s;
+    return -1;
+}
+
 int engine_slot_pool_init(engine_slot_pool *p, int n)
 {
     memset(p, 0, sizeof *p);

@@ -60,6 +60,25 @@ typedef struct {
                                                      * mindskip, dense / mode_integrated */
 } engine_kv_report;
 
+/* One stage's progress as rank 0 knows it (serve: with the links, every 0.25 s, also while
+ * rank 0 waits for a micro-batch to come back), so a supervisor can say which stage holds a
+ * stalled pipeline up (engine_stuck_stage). */
+typedef struct {
+    int stage;
+    int rank;         /* the job's rank leading the stage (MPI rank of the caller's comm) */
+    uint64_t mb_done; /* micro-batches it finished and handed on, as of its last report
+                       * (stage 0: issued) */
+    uint64_t mb_want; /* what it must have finished for the oldest micro-batch in flight to
+                       * come back (its id + 1); 0: nothing in flight */
+    double age_s;     /* seconds since rank 0 last heard from it (stage 0: 0) */
+} engine_stage_progress;
+
+/* The stage a stalled pipeline waits for: the first stage in chain order that has not
+ * finished the oldest micro-batch in flight. A live stage reports within 0.25 s of finishing
+ * one, so after a stall timeout of seconds this is the stopped (or stuck) one. -1: nothing
+ * in flight, or every stage finished it (the tokens are on their way). */
+int engine_stuck_stage(const engine_stage_progress *p, int n);
+
 typedef struct {
     int (*next)(void *self, stage_batch *mb);
     void (*done)(void *self, const stage_batch *mb, const int32_t *tok);
@@ -67,6 +86,7 @@ typedef struct {
     void (*wait)(void *self, double timeout_s);
     void (*links)(void *self, const engine_link_bytes *l, int n);
     void (*kv)(void *self, const engine_kv_report *k, int n_stages); /* with links; may be NULL */
+    void (*progress)(void *self, const engine_stage_progress *p, int n_stages); /* may be NULL */
 } engine_sched_ops;
 
 /* ---- slot pool (rank 0 bookkeeping) ---------------------------------------------------------- */

@@ -68,7 +68,8 @@
     X(kv_layers, 0, "layers holding pages")                                                        \
     X(kv_pages_cached, 0, "of kv_pages_used, held by parked sequences only (prefix cache)")        \
     X(kv_entries_live, 0, "entries of the running sequences, every layer")                         \
-    X(kv_positions_live, 0, "positions they reached x layers (every row kept)")
+    X(kv_positions_live, 0, "positions they reached x layers (every row kept)")                    \
+    X(mb_done, 0, "micro-batches the stage finished and handed on (stage 0: issued)")
 
 #define ENGINE_STATS_DOUBLE(name, json, what) double name;
 #define ENGINE_STATS_U64(name, json, what) uint64_t name;

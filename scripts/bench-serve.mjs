@@ -15,6 +15,11 @@
 //   TPOT  (last token - first token) / (tokens-1) (per request)
 //   ITL   time between consecutive SSE token events, each event's gap spread over its tokens
 //   output tok/s = all output tokens / (last response end - first request sent)
+//   steady tok/s  the output tokens that arrived while the level ran at full concurrency C,
+//                 over that window: from the moment C requests have had their first token to
+//                 the (N-C+1)-th response end (after it fewer than C streams are left), so
+//                 the ramp-up and the tail are left out; empty when the window is empty
+//                 (N <= C). bench-serve compares it at C = 16 with generate's steady rate.
 // p50 / p99 / mean of each, and the bytes the pipeline links sent (with what a dense pipeline
 // would have) during the level, from /metrics. One CSV row per level: the tag's values first.
 import { appendFileSync, existsSync, readFileSync, writeFileSync } from "node:fs";
@@ -62,7 +67,7 @@ async function vocab() {
 
 async function one(prompt) {
   let ntok = 0, tfirst = 0, tlast = 0;
-  const itl = [];
+  const itl = [], ev = []; // ev: [time, tokens] of every SSE token event
   const r = await stream(url, { model: "m", prompt, max_tokens: olen, ignore_eos: true, temperature: 0,
                                 stream: true, stream_options: { include_usage: true } },
                          { headers: auth(), onTokens: (t, ids) => {
@@ -71,9 +76,10 @@ async function one(prompt) {
                            else for (let i = 0; i < n; i++) itl.push((t - tlast) / n);
                            ntok += n;
                            tlast = t;
+                           ev.push([t, n]);
                          } });
   if (!r.ok) return { ok: false, status: r.status, t0: r.t0, t1: now() };
-  return { ok: true, t0: r.t0, t1: now(), ntok, ttft: tfirst - r.t0,
+  return { ok: true, t0: r.t0, t1: now(), ntok, tfirst, ev, ttft: tfirst - r.t0,
            tpot: ntok > 1 ? (tlast - tfirst) / (ntok - 1) : NaN, itl };
 }
 
@@ -86,6 +92,18 @@ function depth(a, b) {
   const d = k => (b[k] ?? 0) - (a[k] ?? 0), n = d("decode_micro_batches");
   return { micro_batches: d("micro_batches"), decode_rows_per_mb: n ? (d("decode_rows") / n).toFixed(2) : "",
            decode_depth: n ? (d("decode_in_flight") / n).toFixed(2) : "" };
+}
+
+// output tok/s while c streams ran (the window in the header); "" when it is empty
+function steady(ok, c) {
+  const n = ok.length;
+  if (n <= c) return "";
+  const first = ok.map(r => r.tfirst).sort((a, b) => a - b), end = ok.map(r => r.t1).sort((a, b) => a - b);
+  const ta = first[c - 1], tb = end[n - c];
+  if (!(tb > ta)) return "";
+  let toks = 0;
+  for (const r of ok) for (const [t, k] of r.ev) if (t >= ta && t <= tb) toks += k;
+  return (toks / (tb - ta)).toFixed(2);
 }
 
 async function level(lv, prompts) {
@@ -114,6 +132,7 @@ async function level(lv, prompts) {
   return {
     mode: lv.mode, level: lv.value, requests: prompts.length, failed: results.length - ok.length,
     duration_s: (t1 - t0).toFixed(3), output_tok_s: (toks / (t1 - t0)).toFixed(2),
+    steady_tok_s: lv.mode === "concurrency" ? steady(ok, Math.min(lv.value, ok.length)) : "",
     req_s: (ok.length / (t1 - t0)).toFixed(3),
     ttft_mean_ms: ms(mean(ttft)), ttft_p50_ms: ms(pct(ttft, 50)), ttft_p99_ms: ms(pct(ttft, 99)),
     tpot_mean_ms: ms(mean(tpot)), tpot_p50_ms: ms(pct(tpot, 50)), tpot_p99_ms: ms(pct(tpot, 99)),
@@ -143,7 +162,7 @@ for (const lv of levels) {
   if (!existsSync(args.csv)) writeFileSync(args.csv, cols.join(",") + "\n");
   appendFileSync(args.csv, [...tag.map(([, v]) => v), ...Object.values(row)].join(",") + "\n");
   console.error(`bench-serve: ${tag.map(([k, v]) => `${k}=${v}`).join(" ")} ${lv.mode} ${lv.value}: ` +
-                `${row.output_tok_s} tok/s, TTFT p50 ${row.ttft_p50_ms} ms p99 ${row.ttft_p99_ms} ms, ` +
+                `${row.output_tok_s} tok/s (steady ${row.steady_tok_s || "-"}), TTFT p50 ${row.ttft_p50_ms} ms p99 ${row.ttft_p99_ms} ms, ` +
                 `TPOT p50 ${row.tpot_p50_ms} ms, ITL p50 ${row.itl_p50_ms} p99 ${row.itl_p99_ms} ms, ` +
                 `decode ${row.decode_rows_per_mb} rows/mb at depth ${row.decode_depth}` +
                 (row.failed ? `, ${row.failed} FAILED` : ""));

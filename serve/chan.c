@@ -88,7 +88,7 @@ int chan_next(chan_reader *r, uint32_t *type, const uint8_t **payload, uint32_t 
     if (have < sizeof(chan_hdr)) return 0;
     chan_hdr h;
     memcpy(&h, r->buf + r->off, sizeof h);
-    if (h.len > CHAN_MAX_FRAME || h.type < CHAN_HELLO || h.type > CHAN_KV) return -1;
+    if (h.len > CHAN_MAX_FRAME || h.type < CHAN_HELLO || h.type > CHAN_PROGRESS) return -1;
     if (have < sizeof h + h.len) return 0;
     *type = h.type;
     *len = h.len;

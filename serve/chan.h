@@ -11,7 +11,11 @@
  *                 rank has loaded its stage; RESULT {n, tok[n]} per micro-batch, in issue
  *                 order; LINKS {n, {from, to, bytes, dense_bytes}[n]}; BEAT (at least every
  *                 0.25 s while the loop runs: the front's stall detector); ERROR {text};
- *                 KV {n, engine_kv_report[n]} (the stages' KV page pools, with LINKS)
+ *                 KV {n, engine_kv_report[n]} (the stages' KV page pools, with LINKS);
+ *                 RANKS {n, char[n][CHAN_RANK_ID]} once before READY: each rank's host
+ *                 ("HOSTNAME ADDR ADDR ...", its interfaces' addresses);
+ *                 PROGRESS {n, engine_stage_progress[n]} with LINKS, also while rank 0
+ *                 waits for a micro-batch to come back (the front names a stuck rank)
  *   front -> job: MB (a stage_batch: rows, sampling state, slot releases); END (drain, exit)
  *
  * chan_reader buffers what a non-blocking socket gives and hands out whole frames. Errors:
@@ -36,7 +40,11 @@ enum {
     CHAN_END,
     CHAN_ERROR,
     CHAN_KV,
+    CHAN_RANKS,
+    CHAN_PROGRESS,
 };
+
+#define CHAN_RANK_ID 256 /* bytes of one rank's host identity in RANKS, NUL-terminated */
 
 #define CHAN_MAX_FRAME (64u << 20) /* a frame larger than this is a protocol error */
 

@@ -50,6 +50,12 @@ typedef struct {
     engine_link_bytes links[SRVQ_MAX_LINKS];
     engine_kv_report kv[SRVQ_MAX_LINKS];
     double t_fail; /* when the last failure was detected, until the first new token after it */
+    int stalled;   /* the last failure was a stall (no frame / no result for stall_s) */
+    /* the job's ranks (RANKS: "HOSTNAME ADDR ...") and its stages' progress (PROGRESS) */
+    char rank_id[SRVQ_MAX_LINKS][CHAN_RANK_ID];
+    int n_ranks;
+    engine_stage_progress prog[SRVQ_MAX_LINKS];
+    int n_prog;
 } front;
 
 static void wake_fn(void *arg)
@@ -219,10 +225,23 @@ static int spawn(front *f, char *err, size_t errlen)
     return 0;
 }
 
+/* A frame {n, entry[n]} of `each`-byte entries (LINKS, KV, PROGRESS, RANKS) into out (room
+ * for SRVQ_MAX_LINKS): n, or -1 when the payload is not one (the frame is then ignored). */
+static int frame_table(const uint8_t *p, uint32_t len, size_t each, void *out)
+{
+    int32_t n;
+    if (len < sizeof n) return -1;
+    memcpy(&n, p, sizeof n);
+    if (n < 0 || n > SRVQ_MAX_LINKS || len != sizeof n + (size_t)n * each) return -1;
+    memcpy(out, p + sizeof n, (size_t)n * each);
+    return n;
+}
+
 /* Start the job and wait for its HELLO and READY. 0, or -1 with err. */
 static int start_job(front *f, char *err, size_t errlen)
 {
     chan_reader_free(&f->rd);
+    f->n_ranks = f->n_prog = 0;
     if (spawn(f, err, errlen)) return -1;
     double t0 = base_now_s();
     int hello = 0;
@@ -268,6 +287,11 @@ static int start_job(front *f, char *err, size_t errlen)
                 }
                 hello = 1;
             }
+            if (type == CHAN_RANKS) {
+                int n = frame_table(p, len, CHAN_RANK_ID, f->rank_id);
+                for (int i = 0; i < n; i++) f->rank_id[i][CHAN_RANK_ID - 1] = 0;
+                f->n_ranks = n > 0 ? n : 0;
+            }
             if (type == CHAN_READY && hello) return 0;
         }
         if (k < 0) {
@@ -308,22 +332,15 @@ static int take_frames(front *f, double *last_rx, double *last_res, char *err, s
             f->fl_n--;
             *last_res = *last_rx;
             srvq_sched_ops.done(f->q, mb, f->tok);
-        } else if (type == CHAN_LINKS && len >= sizeof(int32_t)) {
-            int32_t n;
-            memcpy(&n, p, sizeof n);
-            if (n < 0 || n > SRVQ_MAX_LINKS ||
-                len != sizeof n + (size_t)n * sizeof(engine_link_bytes))
-                continue;
-            memcpy(f->links, p + sizeof n, (size_t)n * sizeof(engine_link_bytes));
-            srvq_sched_ops.links(f->q, f->links, n);
-        } else if (type == CHAN_KV && len >= sizeof(int32_t)) {
-            int32_t n;
-            memcpy(&n, p, sizeof n);
-            if (n < 0 || n > SRVQ_MAX_LINKS ||
-                len != sizeof n + (size_t)n * sizeof(engine_kv_report))
-                continue;
-            memcpy(f->kv, p + sizeof n, (size_t)n * sizeof(engine_kv_report));
-            srvq_sched_ops.kv(f->q, f->kv, n);
+        } else if (type == CHAN_LINKS) {
+            int n = frame_table(p, len, sizeof(engine_link_bytes), f->links);
+            if (n >= 0) srvq_sched_ops.links(f->q, f->links, n);
+        } else if (type == CHAN_KV) {
+            int n = frame_table(p, len, sizeof(engine_kv_report), f->kv);
+            if (n >= 0) srvq_sched_ops.kv(f->q, f->kv, n);
+        } else if (type == CHAN_PROGRESS) {
+            int n = frame_table(p, len, sizeof(engine_stage_progress), f->prog);
+            if (n >= 0) f->n_prog = n;
         } else if (type == CHAN_ERROR) {
             snprintf(err, errlen, "%.*s", (int)(len < 400 ? len : 400), (const char *)p);
             return -1;
@@ -334,6 +351,55 @@ static int take_frames(front *f, double *last_rx, double *last_res, char *err, s
         return -1;
     }
     return 0;
+}
+
+/* The host index (serve_hosts) of the job's rank r: -1 when unknown. A rank on rank 0's
+ * machine is the first host's, however the hostfile spells it. */
+static int host_of_rank(const front *f, int r)
+{
+    if (!f->o->hosts || r < 0 || r >= f->n_ranks) return -1;
+    size_t k0 = strcspn(f->rank_id[0], " "), k = strcspn(f->rank_id[r], " ");
+    if (r == 0 || (k == k0 && !strncmp(f->rank_id[0], f->rank_id[r], k))) return 0;
+    return serve_hosts_find(f->o->hosts, f->rank_id[r]);
+}
+
+/* A stall: which rank holds the job up. Rank 0 silent (no frame at all: it beats while its
+ * loop runs and reports while it waits), else the first stage that has not finished the
+ * oldest micro-batch in flight (engine_stuck_stage on its last PROGRESS). The line goes to
+ * err; with --spare-hosts the rank's host (never the first) is blamed like a dead one's. */
+static void stall_blame(front *f, double quiet, double slow, char *err, size_t errlen)
+{
+    f->stalled = 1;
+    int stage = -1, rank = -1;
+    char what[160] = "";
+    if (quiet > f->o->stall_s) {
+        stage = rank = 0;
+        snprintf(what, sizeof what, "rank 0 sent nothing for %.1f s", quiet);
+    } else if ((stage = engine_stuck_stage(f->prog, f->n_prog)) >= 0) {
+        const engine_stage_progress *p = &f->prog[stage];
+        rank = p->rank;
+        snprintf(what, sizeof what,
+                 "stage %d (rank %d) has not finished micro-batch %llu, last heard %.1f s ago",
+                 stage, rank, (unsigned long long)(p->mb_want - 1), p->age_s);
+    } else {
+        snprintf(what, sizeof what, "no stage named: every one reported the oldest done");
+    }
+    char host[64] = "";
+    int h = host_of_rank(f, rank);
+    if (h >= 0)
+        snprintf(host, sizeof host, "%.63s", f->o->hosts->h[h].name);
+    else if (rank >= 0 && rank < f->n_ranks)
+        snprintf(host, sizeof host, "%.*s", (int)strcspn(f->rank_id[rank], " "), f->rank_id[rank]);
+    snprintf(err, errlen, "the job stalled: no %s for %.1f s (%d micro-batch%s in flight); %s%s%s",
+             quiet > f->o->stall_s ? "frame" : "result", quiet > slow ? quiet : slow, f->fl_n,
+             f->fl_n == 1 ? "" : "es", what, host[0] ? " on host " : "", host);
+    srvq_note_stall(f->q, stage, rank, host);
+    if (h > 0) {
+        snprintf(f->blame, sizeof f->blame, "%s", f->o->hosts->h[h].name);
+        snprintf(f->blame_line, sizeof f->blame_line, "rank %d stalled for %.1f s", rank,
+                 f->o->stall_s);
+        f->blame_off = 1; /* what mpirun says as we end the job is our doing */
+    }
 }
 
 /* Relay until the queue is drained (1) or the job fails (-1, err). */
@@ -377,8 +443,7 @@ static int relay(front *f, char *err, size_t errlen)
         }
         double t = base_now_s(), quiet = t - last_rx, slow = f->fl_n > 0 ? t - last_res : 0;
         if (quiet > f->o->stall_s || slow > f->o->stall_s) {
-            snprintf(err, errlen, "no word from the job for %.1f s (%d micro-batch%s in flight)",
-                     quiet > slow ? quiet : slow, f->fl_n, f->fl_n == 1 ? "" : "es");
+            stall_blame(f, quiet, slow, err, errlen);
             return -1;
         }
     }
@@ -497,7 +562,8 @@ int serve_front_run(const serve_front_opts *o, srvq *q, serve_server *srv, char 
             break;
         }
         f.t_fail = base_now_s();
-        kill_job(&f, strstr(why, "no word from") ? 0.0 : o->hosts ? HOSTS_GRACE_S : 1.0);
+        kill_job(&f, f.stalled ? 0.0 : o->hosts ? HOSTS_GRACE_S : 1.0);
+        f.stalled = 0;
         f.fl_head = f.fl_n = 0;
         if (++failures > o->max_restarts) {
             snprintf(err, errlen, "the job failed %d time%s in a row (--max-restarts %d): %s",

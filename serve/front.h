@@ -9,13 +9,16 @@
  * serve_front_run runs the relay on the caller's thread. When the job dies (mpirun exits, the
  * channel closes) or stalls (no frame for stall_s seconds — the job beats every 0.25 s while
  * its loop runs — or, with work in flight, no result for stall_s seconds: a micro-batch's
- * round trip must take less), the front ends it (SIGTERM, then SIGKILL, to its process group), waits a
- * back-off (0.5 s, doubling, at most 5 s), starts it again and rewinds the queue
+ * round trip must take less), the front ends it (SIGTERM, then SIGKILL, to its process
+ * group), waits a back-off (0.5 s, doubling, at most 5 s), starts it again and rewinds the queue
  * (srvq_rewind): every running request prefills its prompt and the tokens already sent and
  * goes on with the same seed and step, so its client gets the text of an uninterrupted run
  * after a pause. /health says "recovering" (503) meanwhile. After max_restarts failures in a
  * row (a job that ran 60 s resets the count), or when the first start fails, every request
- * ends with an error (srvq_fail_all) and it returns -1 with one line in err.
+ * ends with an error (srvq_fail_all) and it returns -1 with one line in err. A stall names
+ * the rank holding the job up and its host (the job's PROGRESS and RANKS frames,
+ * engine_stuck_stage) in the log line and srvq_note_stall (/metrics); with hosts, that host
+ * (never the first) is counted dead like a killed rank's.
  *
  * It returns 0 once the queue is closed (serve_server_shutdown: SIGTERM to the front) and
  * drained: it sends END and the job exits. The job's stderr (mpirun's and the ranks') passes

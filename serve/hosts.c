@@ -1,6 +1,7 @@
 /* serve/hosts.c — the front's hosts (contract in hosts.h). */
 #include "serve/hosts.h"
 
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
 #include <ifaddrs.h>
@@ -186,6 +187,49 @@ int serve_hosts_blame(const char *line, char *node, size_t n)
     if (strstr(line, "noticed that process rank") || strstr(line, "Remote daemon"))
         return word_after(line, " on node ", node, n);
     return word_after(line, "Peer host:", node, n);
+}
+
+/* 1 when name resolves to the address text addr (numeric names resolve to themselves). */
+static int resolves_to(const char *name, const char *addr)
+{
+    struct addrinfo hint, *res = NULL;
+    memset(&hint, 0, sizeof hint);
+    hint.ai_family = AF_UNSPEC;
+    hint.ai_socktype = SOCK_STREAM;
+    if (getaddrinfo(name, NULL, &hint, &res) || !res) return 0;
+    int hit = 0;
+    for (const struct addrinfo *r = res; r && !hit; r = r->ai_next) {
+        char a[INET6_ADDRSTRLEN] = "";
+        if (r->ai_family == AF_INET)
+            inet_ntop(AF_INET, &((const struct sockaddr_in *)r->ai_addr)->sin_addr, a, sizeof a);
+        else if (r->ai_family == AF_INET6)
+            inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)r->ai_addr)->sin6_addr, a, sizeof a);
+        hit = a[0] && !strcmp(a, addr);
+    }
+    freeaddrinfo(res);
+    return hit;
+}
+
+int serve_hosts_find(const serve_hosts *hs, const char *ident)
+{
+    char w[256];
+    size_t k = strcspn(ident, " ");
+    if (k == 0 || k >= sizeof w) return -1;
+    memcpy(w, ident, k);
+    w[k] = 0;
+    for (int i = 0; i < hs->n; i++)
+        if (!strcmp(hs->h[i].name, w)) return i;
+    for (const char *p = ident + k; *p;) {
+        while (*p == ' ') p++;
+        k = strcspn(p, " ");
+        if (k == 0 || k >= sizeof w) break;
+        memcpy(w, p, k);
+        w[k] = 0;
+        p += k;
+        for (int i = 0; i < hs->n; i++)
+            if (resolves_to(hs->h[i].name, w)) return i;
+    }
+    return -1;
 }
 
 int serve_hosts_mark_dead(serve_hosts *hs, const char *node)

@@ -47,6 +47,11 @@ int serve_host_is_local(const char *name);
 /* The host a line of mpirun's output blames, copied into node [n]: 1, or 0 when it blames none. */
 int serve_hosts_blame(const char *line, char *node, size_t n);
 
+/* The host a job's rank runs on: ident is the rank's "HOSTNAME ADDR ADDR ..." (serve/chan.h
+ * RANKS); the first host whose name is HOSTNAME or resolves to one of the ADDRs. Its index,
+ * or -1 (none matches). */
+int serve_hosts_find(const serve_hosts *hs, const char *ident);
+
 /* Count the host named node dead: its index, or -1 (not a host of the list, already dead, or
  * the first host). */
 int serve_hosts_mark_dead(serve_hosts *hs, const char *node);

@@ -454,6 +454,17 @@ static enum MHD_Result do_metrics(serve_server *s, struct MHD_Connection *c)
         atomic_load(&s->recovering), (unsigned long long)st.micro_batches,
         (unsigned long long)st.decode_micro_batches, (unsigned long long)st.decode_rows,
         (unsigned long long)st.decode_in_flight);
+    sb_fmt(&b,
+           "# HELP modpipe_stalls_total Times the front found the pipeline job stalled.\n"
+           "# TYPE modpipe_stalls_total counter\nmodpipe_stalls_total %llu\n",
+           (unsigned long long)st.stalls);
+    if (st.stalls > 0)
+        sb_fmt(&b,
+               "# HELP modpipe_last_stall The rank the last stall was blamed on (-1: none "
+               "named) and its host.\n"
+               "# TYPE modpipe_last_stall gauge\n"
+               "modpipe_last_stall{stage=\"%d\",rank=\"%d\",host=\"%s\"} 1\n",
+               st.stall_stage, st.stall_rank, st.stall_host);
     histo_print(&b, "modpipe_ttft_seconds", "Time from request to first generated token.", &ttft);
     histo_print(&b, "modpipe_inter_token_seconds", "Time between consecutive tokens of a request.",
                 &itl);

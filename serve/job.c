@@ -5,13 +5,19 @@
  * scheduler only unpacks what arrives and answers in issue order, so a restarted job is
  * stateless: the front's queue replays what the dead one had. BEAT frames go out at least
  * every BEAT_S seconds while the loop calls us (between micro-batches and while idle), so a
- * stuck rank shows as silence at the front.
+ * stuck rank 0 shows as silence at the front; PROGRESS frames (each stage's micro-batches
+ * done, every 0.25 s, also while rank 0 waits for one to come back) and RANKS (each rank's
+ * host, once) let it name a stuck rank > 0 and its host.
  */
+#include <arpa/inet.h>
+#include <ifaddrs.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "base/clock.h"
 #include "serve/chan.h"
@@ -108,6 +114,13 @@ static void job_kv(void *self, const engine_kv_report *k, int n)
     send_or_end(j, CHAN_KV, &m, sizeof m, k, (size_t)n * sizeof *k);
 }
 
+static void job_progress(void *self, const engine_stage_progress *p, int n)
+{
+    job *j = self;
+    int32_t m = n;
+    send_or_end(j, CHAN_PROGRESS, &m, sizeof m, p, (size_t)n * sizeof *p);
+}
+
 static const engine_sched_ops job_ops = {
     .next = job_next,
     .done = job_done,
@@ -115,7 +128,32 @@ static const engine_sched_ops job_ops = {
     .wait = job_wait,
     .links = job_links,
     .kv = job_kv,
+    .progress = job_progress,
 };
+
+/* This rank's host as the front matches it against its hostfile (serve_hosts_find):
+ * "HOSTNAME ADDR ADDR ..." (the addresses of its interfaces but loopback), cut at n bytes. */
+static void host_ident(char *out, size_t n)
+{
+    char name[128] = "?";
+    if (gethostname(name, sizeof name - 1)) snprintf(name, sizeof name, "?");
+    size_t used = (size_t)snprintf(out, n, "%s", name);
+    struct ifaddrs *ifs = NULL;
+    if (getifaddrs(&ifs)) return;
+    for (const struct ifaddrs *i = ifs; i && used < n; i = i->ifa_next) {
+        if (!i->ifa_addr) continue;
+        char a[INET6_ADDRSTRLEN] = "";
+        int fam = i->ifa_addr->sa_family;
+        if (fam == AF_INET)
+            inet_ntop(fam, &((const struct sockaddr_in *)i->ifa_addr)->sin_addr, a, sizeof a);
+        else if (fam == AF_INET6)
+            inet_ntop(fam, &((const struct sockaddr_in6 *)i->ifa_addr)->sin6_addr, a, sizeof a);
+        if (!a[0] || !strcmp(a, "127.0.0.1") || !strcmp(a, "::1")) continue;
+        if (used + strlen(a) + 2 > n) break; /* whole addresses only */
+        used += (size_t)snprintf(out + used, n - used, " %s", a);
+    }
+    freeifaddrs(ifs);
+}
 
 static void on_ready(void *arg)
 {
@@ -140,6 +178,22 @@ int serve_loop_run_job(MPI_Comm comm, const serve_loop_opts *o, int fd, char *er
         else if (!j.tok)
             bad = "out of memory";
     }
+    /* every rank's host, for the front to name a stuck one (collective: before the loop) */
+    int size;
+    MPI_Comm_size(comm, &size);
+    char me[CHAN_RANK_ID];
+    memset(me, 0, sizeof me);
+    host_ident(me, sizeof me - 1);
+    char *all = rank == 0 ? calloc((size_t)size, CHAN_RANK_ID) : NULL;
+    int have = rank != 0 || all, every = 0;
+    MPI_Allreduce(&have, &every, 1, MPI_INT, MPI_MIN, comm);
+    if (every) /* rank 0 out of memory: the front names no host, nothing else changes */
+        MPI_Gather(me, CHAN_RANK_ID, MPI_CHAR, all, CHAN_RANK_ID, MPI_CHAR, 0, comm);
+    if (rank == 0 && every && fd >= 0) {
+        int32_t n = size;
+        send_or_end(&j, CHAN_RANKS, &n, sizeof n, all, (size_t)size * CHAN_RANK_ID);
+    }
+    free(all);
     int rc = serve_loop_run_ops(comm, o, bad, &job_ops, &j, on_ready, &j, err, errlen);
     if (rc && rank == 0 && fd >= 0) chan_send(fd, CHAN_ERROR, err, strlen(err), NULL, 0);
     free(j.tok);

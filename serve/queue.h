@@ -81,6 +81,11 @@ typedef struct {
     int cached_slots;                    /* slots parked now (the cache of finished prefixes) */
     /* srvq_rewind: pipeline restarts, requests replayed, positions prefilled again */
     uint64_t restarts, replayed_requests, replayed_tokens;
+    /* srvq_note_stall: stalls the front detected; the last one's stage, rank (-1: none
+     * named), host ("": unknown) */
+    uint64_t stalls;
+    int stall_stage, stall_rank;
+    char stall_host[64];
     /* micro-batches issued; of them those with decode rows, their decode rows, and summed
      * over those the decode micro-batches in flight once it was issued (itself included):
      * decode_in_flight / decode_micro_batches is the pipeline depth decode ran at */

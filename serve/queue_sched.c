@@ -682,6 +682,16 @@ void srvq_rewind(srvq *q)
     pthread_mutex_unlock(&q->mu);
 }
 
+void srvq_note_stall(srvq *q, int stage, int rank, const char *host)
+{
+    pthread_mutex_lock(&q->mu);
+    q->st.stalls++;
+    q->st.stall_stage = stage;
+    q->st.stall_rank = rank;
+    snprintf(q->st.stall_host, sizeof q->st.stall_host, "%s", host ? host : "");
+    pthread_mutex_unlock(&q->mu);
+}
+
 void srvq_fail_all(srvq *q, const char *msg)
 {
     pthread_mutex_lock(&q->mu);

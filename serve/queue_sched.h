@@ -52,6 +52,9 @@ void srvq_fail_all(srvq *q, const char *msg);
  * tokens it has generated but the last (without sampling), then goes on decoding from its
  * last token with its own seed and step, so it continues exactly where it was. */
 void srvq_rewind(srvq *q);
+/* The front found the job stalled (serve/front.h): counted in srvq_stats.stalls, with the
+ * stage, rank (-1: none named) and host ("" unknown) it named last. */
+void srvq_note_stall(srvq *q, int stage, int rank, const char *host);
 /* fn(arg) is called (with the queue's lock held: it must only signal, e.g. write to a pipe)
  * whenever there may be new work: a submit, a cancel, a close, a rewind. NULL: none. */
 void srvq_set_notify(srvq *q, void (*fn)(void *arg), void *arg);

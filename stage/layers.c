@@ -123,6 +123,7 @@ static double attention(stage_state *s, int li, const layer_w *L, const stage_ba
     }
     double ctx_total = 0.0;
     const size_t ps = (size_t)s->pool.page * kvd; /* floats from one page to the next */
+    int nj = 0; /* jobs in s->ajob: every row x KV head, run at once on the pool */
     for (int j = 0; j < m; j++) {
         if (s->lost[b->slot[idx[j]]]) { /* lost in this layer or before: its pages are gone */
             memset(s->att + (size_t)j * qd, 0, (size_t)qd * sizeof(float));
@@ -135,18 +136,20 @@ static double attention(stage_state *s, int li, const layer_w *L, const stage_ba
         int n_ctx = s->ent[j] + 1 - e0;
         ctx_total += n_ctx;
         /* the grp query heads sharing KV head kh are contiguous in q: one pass over K/V */
-        for (int kh = 0; kh < nkv; kh++) {
-            const stage_kv_view kv = {.k = s->pool.k + (size_t)kh * hd,
-                                      .v = s->pool.v + (size_t)kh * hd,
-                                      .pages = cs->pt,
-                                      .page = s->pool.page,
-                                      .t0 = e0,
-                                      .page_stride = ps,
-                                      .stride = (size_t)kvd};
-            stage_attend_paged(s->q + (size_t)j * qd + (size_t)kh * grp * hd, grp, &kv, n_ctx, hd,
-                               scale, s->probs, s->att + (size_t)j * qd + (size_t)kh * grp * hd);
-        }
+        for (int kh = 0; kh < nkv; kh++)
+            s->ajob[nj++] =
+                (stage_attend_job){.q = s->q + (size_t)j * qd + (size_t)kh * grp * hd,
+                                   .kv = {.k = s->pool.k + (size_t)kh * hd,
+                                          .v = s->pool.v + (size_t)kh * hd,
+                                          .pages = cs->pt,
+                                          .page = s->pool.page,
+                                          .t0 = e0,
+                                          .page_stride = ps,
+                                          .stride = (size_t)kvd},
+                                   .n_ctx = n_ctx,
+                                   .out = s->att + (size_t)j * qd + (size_t)kh * grp * hd};
     }
+    stage_attend_batch(s->ajob, nj, grp, hd, scale, s->probs);
     mm(s, s->att, m, &L->wo, &L->to, 1, 0, s->a);
     add_bias(s->a, m, c->hidden, L->bo);
     return ctx_total;

@@ -187,9 +187,16 @@ const char *stage_blas_coretype_hint(void)
     return NULL;
 }
 
+static int dnnl_wanted(void);
+
 int stage_matmul_m_small(stage_dtype d)
 {
-    return d == STAGE_F32 || d == STAGE_Q8_0 ? STAGE_M_SMALL : STAGE_M_SMALL_16BIT;
+    if (d == STAGE_F32 || d == STAGE_Q8_0) return STAGE_M_SMALL;
+    /* bf16 tiles on oneDNN's native bf16 matmul overtake the streaming kernel at fewer rows
+     * than the f32-converted tiles do (matmul.h) */
+    if (d == STAGE_BF16 && dnnl_wanted() && stage_dnnl_bf16())
+        return g_mode == STAGE_MATMUL_FAST ? STAGE_M_SMALL_BF16_FAST : STAGE_M_SMALL_BF16_EXACT;
+    return STAGE_M_SMALL_16BIT;
 }
 
 const char *stage_isa_name(stage_isa isa)
@@ -228,6 +235,13 @@ stage_isa stage_matmul_isa(void)
 {
     ops();
     return g_isa;
+}
+
+/* The large path's tiles go to oneDNN (stage_matmul_force_engine). */
+static int dnnl_wanted(void)
+{
+    return g_engine == STAGE_ENGINE_ONEDNN ||
+           (g_engine == STAGE_ENGINE_AUTO && stage_dnnl_preferred());
 }
 
 void stage_matmul_force_path(stage_path p) { g_path = p; }
@@ -270,9 +284,12 @@ static struct {
     float **tile; /* [n] per-thread [STAGE_TILE_N][STAGE_TILE_K], grown once */
 } P = {.n = 1, .mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
 
-static float *g_tile0;   /* the caller's tile scratch when there is no pool */
-static uint16_t *g_xs;   /* split x: [m][2][kp] (AVX-512 BF16), [m][2][k] / [m][k] (run_large) */
-static size_t g_xs_cap;  /* elements */
+static float *g_tile0;      /* the caller's tile scratch when there is no pool */
+static uint16_t *g_xs;      /* split x: [m][2][kp] (AVX-512 BF16), [m][2][k] / [m][k] (run_large) */
+static size_t g_xs_cap;     /* elements */
+static float **g_aprobs;    /* [g_aprobs_n] per-thread attention probs (stage_attend_batch) */
+static size_t g_aprobs_cap; /* floats in each */
+static int g_aprobs_n;
 static float **g_dst;    /* [g_dst_n] per-thread bf16 tile products [mm][rn] (run_large) */
 static size_t g_dst_cap; /* floats in each */
 static int g_dst_n;
@@ -389,6 +406,11 @@ void stage_threads_free(void)
     g_dst = NULL;
     g_dst_cap = 0;
     g_dst_n = 0;
+    for (int t = 0; t < g_aprobs_n; t++) free(g_aprobs[t]);
+    free(g_aprobs);
+    g_aprobs = NULL;
+    g_aprobs_cap = 0;
+    g_aprobs_n = 0;
     stage_dnnl_free();
 }
 
@@ -667,24 +689,33 @@ static int dnnl_plan_bf16(mm_job *j, int mm)
     return 1;
 }
 
+/* Per-thread buffers of at least `floats` each for threads 0..P.n-1, grown in the caller thread
+ * (doubling, so a context that grows by one entry a step reallocates rarely); 0 when there. */
+static int grow_per_thread(float ***bufs, int *nb, size_t *cap, size_t floats)
+{
+    if (*nb < P.n) {
+        float **nd = realloc(*bufs, (size_t)P.n * sizeof *nd);
+        if (!nd) return -1;
+        *bufs = nd;
+        for (; *nb < P.n; (*nb)++) nd[*nb] = NULL;
+        *cap = 0; /* the new threads' buffers are to be made */
+    }
+    if (floats <= *cap) return 0;
+    size_t want = *cap * 2 > floats ? *cap * 2 : floats;
+    if (want < 4096) want = 4096;
+    for (int t = 0; t < *nb; t++) {
+        float *p = realloc((*bufs)[t], want * sizeof *p);
+        if (!p) return -1;
+        (*bufs)[t] = p;
+    }
+    *cap = want;
+    return 0;
+}
+
 /* Per-thread dense dst of the bf16 tiles, floats each thread needs; 0 when they are there. */
 static int dst_reserve(size_t floats)
 {
-    if (g_dst_n < P.n) {
-        float **nd = realloc(g_dst, (size_t)P.n * sizeof *nd);
-        if (!nd) return -1;
-        g_dst = nd;
-        for (; g_dst_n < P.n; g_dst_n++) g_dst[g_dst_n] = NULL;
-        g_dst_cap = 0; /* the new threads' buffers are to be made */
-    }
-    if (floats <= g_dst_cap) return 0;
-    for (int t = 0; t < g_dst_n; t++) {
-        float *p = realloc(g_dst[t], floats * sizeof *p);
-        if (!p) return -1;
-        g_dst[t] = p;
-    }
-    g_dst_cap = floats;
-    return 0;
+    return grow_per_thread(&g_dst, &g_dst_n, &g_dst_cap, floats);
 }
 
 #define SPLIT_ROWS 16 /* rows of x per split task */
@@ -705,8 +736,7 @@ static void split_task(void *a, int t, int tid)
 static void run_large(const float *x, int m, const stage_weight *w, float *y, const mm_ops *o)
 {
     mm_job j = {.x = x, .m = m, .w = w, .y = y, .ops = o};
-    const int want = g_engine == STAGE_ENGINE_ONEDNN ||
-                     (g_engine == STAGE_ENGINE_AUTO && stage_dnnl_preferred());
+    const int want = dnnl_wanted();
     /* bf16 weights straight to oneDNN's bf16 matmul where it has native kernels; x split in
      * hi + lo (exact) or rounded once (fast; the lo half is then unused). Else, and if the
      * scratch cannot be had, the exact f32 conversion below. */
@@ -769,6 +799,39 @@ void stage_attend_paged(const float *q, int n_q, const stage_kv_view *kv, int n_
     ops()->attend(q, n_q, kv, n_ctx, hd, scale, probs, out);
 }
 
+typedef struct {
+    const stage_attend_job *jobs;
+    int n_q, hd;
+    float scale;
+    const mm_ops *ops;
+} attend_arg;
+
+static void attend_task(void *a, int t, int tid)
+{
+    const attend_arg *g = a;
+    const stage_attend_job *j = &g->jobs[t];
+    g->ops->attend(j->q, g->n_q, &j->kv, j->n_ctx, g->hd, g->scale, g_aprobs[tid], j->out);
+}
+
+void stage_attend_batch(const stage_attend_job *jobs, int n_jobs, int n_q, int hd, float scale,
+                        float *probs)
+{
+    if (n_jobs <= 0 || n_q <= 0) return;
+    const mm_ops *o = ops();
+    int max_ctx = 0;
+    for (int i = 0; i < n_jobs; i++)
+        if (jobs[i].n_ctx > max_ctx) max_ctx = jobs[i].n_ctx;
+    if (max_ctx <= 0) return;
+    if (n_jobs == 1 || P.n <= 1 || n_jobs > MAX_TASKS ||
+        grow_per_thread(&g_aprobs, &g_aprobs_n, &g_aprobs_cap, (size_t)n_q * max_ctx)) {
+        for (int i = 0; i < n_jobs; i++)
+            o->attend(jobs[i].q, n_q, &jobs[i].kv, jobs[i].n_ctx, hd, scale, probs, jobs[i].out);
+        return;
+    }
+    attend_arg g = {.jobs = jobs, .n_q = n_q, .hd = hd, .scale = scale, .ops = o};
+    pool_run(attend_task, &g, n_jobs);
+}
+
 void stage_attend(const float *q, const float *k, const float *v, size_t stride, int n_ctx, int hd,
                   float scale, float *probs, float *out)
 {
@@ -779,8 +842,7 @@ const char *stage_matmul_large_engine(int m, int k, char *buf, size_t len)
 {
     stage_dnnl_shape s = {
         .m = m, .n = STAGE_TILE_N, .k = k, .ldx = k, .ldw = k, .ldy = STAGE_TILE_N};
-    const int want = g_engine == STAGE_ENGINE_ONEDNN ||
-                     (g_engine == STAGE_ENGINE_AUTO && stage_dnnl_preferred());
+    const int want = dnnl_wanted();
     const char *impl = want ? stage_dnnl_impl(&s) : NULL;
     snprintf(buf, len, "%s%s", impl ? "onednn:" : "openblas", impl ? impl : "");
     return buf;

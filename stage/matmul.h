@@ -3,8 +3,9 @@
  *
  * stage_matmul_w(x, m, w, y): y [m][w->rows] = x [m][w->cols] · W^T, W a stage_weight in f32,
  * bf16 or f16 (stage/dtype.h), products accumulated in f32. Two paths, chosen by m:
- *   - small (m <= stage_matmul_m_small(dtype): 32 for f32, 64 for bf16/f16; decode and batched
- *     decode): each weight row is streamed from memory once per call,
+ *   - small (m <= stage_matmul_m_small(dtype): 32 for f32 and Q8_0, 64 for f16 and for bf16
+ *     where oneDNN has no native bf16 kernel; bf16 on oneDNN's bf16 matmul: 8 in EXACT mode,
+ *     4 in FAST mode; decode and batched decode): each weight row is streamed from memory once per call,
  *     no packing, no allocation; blocks of 4 weight rows x up to 4 rows of x are held in
  *     registers. Work is split over output columns (weight rows) between the pool's threads.
  *   - large (larger m, prefill): fixed tiles of STAGE_TILE_N weight rows; f32 tiles go
@@ -79,9 +80,16 @@
  * on this machine (tests/bench_kernels.c `cross` lines, one thread, OpenBLAS on its SkylakeX
  * kernels): f32 small and large paths are level at m = 24-32, sgemm tiles win from 48;
  * bf16/f16 rows converted in registers beat converted sgemm tiles up to m = 64, the tiles win
- * from 128. STAGE_M_SMALL is the smallest of them (the m-independence every dtype has). */
+ * from 128. STAGE_M_SMALL: the m-independence every dtype has, but bf16 on oneDNN (below). */
 #define STAGE_M_SMALL 32
 #define STAGE_M_SMALL_16BIT 64
+/* bf16 where stage_dnnl_bf16 (oneDNN's native bf16 matmul takes the large path's tiles):
+ * measured on 2 Zen 5 cores, 2 threads, k 4096, n 4096, weights rotating through 1 GiB
+ * (`bench_kernels --cross-only`, docs/BENCH.md): EXACT (2m bf16 rows) is level with the
+ * streaming kernel at m = 8-12, 1.18x at 16, 1.3x at 32; FAST (m rows) level at m = 4-8, 1.45x
+ * at 12, 1.7x at 16, 2.1x at 32. */
+#define STAGE_M_SMALL_BF16_EXACT 8
+#define STAGE_M_SMALL_BF16_FAST 4
 int stage_matmul_m_small(stage_dtype d);
 #define STAGE_TILE_N 256  /* weight rows per large-path tile */
 #define STAGE_TILE_K 2048 /* columns per converted block of a bf16/f16 tile */
@@ -172,5 +180,21 @@ typedef struct stage_kv_view {
  * results are bit-identical to stage_attend_gqa on the same entries laid out contiguously. */
 void stage_attend_paged(const float *q, int n_q, const stage_kv_view *kv, int n_ctx, int hd,
                         float scale, float *probs, float *out);
+
+/* Many attention problems at once on the pool (prefill: every row x KV head of a micro-batch):
+ * job i is stage_attend_paged(jobs[i].q, n_q, &jobs[i].kv, jobs[i].n_ctx, hd, scale, _,
+ * jobs[i].out), each job run whole by one thread with its own probs scratch, so every job's
+ * results are bit-identical to that call alone, whatever the thread count or the other jobs.
+ * The per-thread scratch [n_q][n_ctx] is grown (geometrically) in the caller thread; when it
+ * cannot be had the jobs run one after another in the caller on probs [n_q][max n_ctx]. The
+ * outputs must not overlap. */
+typedef struct {
+    const float *q;   /* [n_q][hd] */
+    stage_kv_view kv; /* the entries this job attends */
+    int n_ctx;        /* >= 1 */
+    float *out;       /* [n_q][hd] */
+} stage_attend_job;
+void stage_attend_batch(const stage_attend_job *jobs, int n_jobs, int n_q, int hd, float scale,
+                        float *probs);
 
 #endif

@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "stage/kv.h"
+#include "stage/matmul.h"
 #include "stage/safetensors.h"
 #include "stage/stage.h"
 #include "stage/tp.h"
@@ -107,6 +108,7 @@ struct stage_state {
     float *q;                 /* [max_rows][n_heads*hd] */
     float *k, *v;             /* [max_rows][kv_dim] */
     float *att;               /* [max_rows][n_heads*hd] attention output before o_proj */
+    stage_attend_job *ajob;   /* [max_rows][n_kv_heads] one attention job per row x KV head */
     float *a;                 /* [max_rows][D] attention block output */
     float *x2;                /* [max_rows][D] x + a */
     float *h2;                /* [max_rows][D] */

@@ -116,6 +116,7 @@ stage_state *stage_state_init_kv(const stage_model *m, int n_slots, int max_rows
     s->k = malloc(R * kvd * sizeof(float));
     s->v = malloc(R * kvd * sizeof(float));
     s->att = malloc(R * qd * sizeof(float));
+    s->ajob = malloc(R * (size_t)c->n_kv_heads * sizeof *s->ajob);
     s->a = malloc(R * D * sizeof(float));
     s->x2 = malloc(R * D * sizeof(float));
     s->h2 = malloc(R * D * sizeof(float));
@@ -130,8 +131,8 @@ stage_state *stage_state_init_kv(const stage_model *m, int n_slots, int max_rows
     int ok = pool_ok && s->kv && s->kv_pt && s->kv_seen && s->released && s->lost && s->parked &&
              s->pg_mark && s->ms_keep && s->stats && s->act && s->act2 && s->ent && s->erow &&
              s->sel_e && s->sel_w && s->score && s->xin && s->h && s->q && s->k && s->v && s->att &&
-             s->a && s->x2 && s->h2 && s->f1 && s->f3 && s->mo && s->ex && s->eo && s->gate &&
-             s->probs && s->mean;
+             s->ajob && s->a && s->x2 && s->h2 && s->f1 && s->f3 && s->mo && s->ex && s->eo &&
+             s->gate && s->probs && s->mean;
     memset(s->ms_keep, -1, (size_t)s->n_layers * n_slots + 1);
     for (size_t i = 0; ok && i < n_seq; i++) {
         s->kv[i].pt = s->kv_pt + i * (size_t)s->kv_max_pages;
@@ -196,6 +197,7 @@ void stage_state_free(stage_state *s)
     free(s->eo);
     free(s->gate);
     free(s->probs);
+    free(s->ajob);
     free(s->mean);
     free(s->f_i32);
     free(s->f_u8);

@@ -1,7 +1,7 @@
 /* tests/bench_kernels.c — micro-benchmark of stage/matmul.h (not a test; `make bench-kernels`).
  *
  *   bench_kernels [--threads N] [--quick] [--isa NAME] [--bw-gib G] [--gemv-only] [--dtype D]
- *                 [--fast]   (--fast: stage_matmul_set_mode FAST, Q8_0 with int8 x)
+ *                 [--fast] [--cross-only]   (--fast: stage_matmul_set_mode FAST, Q8_0 with int8 x)
  *
  * Prints one `key=value ...` line per measurement (lines starting with # are comments):
  *   --bw-only: only the bw lines, then for each --shape m,k,n one `shape` line: cblas_sgemm
@@ -24,7 +24,9 @@
  *            weights rotate through copies filling 1 GiB so they come from memory, not the L3;
  *            --gemv-only stops after the gemv lines, --dtype f32|bf16|q8_0 runs only that one
  *            (e.g. under perf stat);
- *   cross    small path vs large path for m around STAGE_M_SMALL (how it was chosen);
+ *   cross    small path vs large path for m around STAGE_M_SMALL (how it was chosen): f32, bf16
+ *            exact and bf16 fast (stage_matmul_set_mode); --cross-only skips the gemv lines and
+ *            stops after these;
  *   prefill  m = 256 GFLOP/s per variant vs one cblas_sgemm call (OpenBLAS on N threads) on the
  *            same f32 shape; prefill_engine: the large path with its tiles on OpenBLAS and on
  *            oneDNN (stage/onednn.h), f32 and bf16 weights.
@@ -273,9 +275,10 @@ done:
 int main(int argc, char **argv)
 {
     int nt = n_cpus(), quick = 0, only = -1, bw_only = 0, n_shapes = 0, gemv_only = 0;
-    double bw_gib = 0; /* 0: 1 GiB (0.25 with --quick) */
-    int only_dt = -1;  /* --dtype: the gemv lines of one weight dtype */
-    int shapes[16][3]; /* --shape m,k,n: cblas_sgemm vs stage_matmul_w on that shape */
+    int cross_only = 0; /* --cross-only: skip the gemv lines, stop after the cross lines */
+    double bw_gib = 0;  /* 0: 1 GiB (0.25 with --quick) */
+    int only_dt = -1;   /* --dtype: the gemv lines of one weight dtype */
+    int shapes[16][3];  /* --shape m,k,n: cblas_sgemm vs stage_matmul_w on that shape */
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--threads") && i + 1 < argc) {
             nt = atoi(argv[++i]);
@@ -291,6 +294,8 @@ int main(int argc, char **argv)
             stage_matmul_set_mode(STAGE_MATMUL_FAST); /* Q8_0: int8 x (stage/matmul.h) */
         } else if (!strcmp(argv[i], "--gemv-only")) {
             gemv_only = 1;
+        } else if (!strcmp(argv[i], "--cross-only")) {
+            cross_only = 1;
         } else if (!strcmp(argv[i], "--dtype") && i + 1 < argc) {
             stage_dtype d;
             if (stage_wdtype_parse(argv[++i], &d) || d == STAGE_F16) {
@@ -325,8 +330,8 @@ int main(int argc, char **argv)
         } else {
             fprintf(stderr,
                     "usage: bench_kernels [--threads N] [--quick] [--isa c|avx2|avx512|avx512bf16] "
-                    "[--bw-gib G] [--gemv-only] [--dtype D] [--fast] [--bw-only [--shape m,k,n "
-                    "...]]\n");
+                    "[--bw-gib G] [--gemv-only] [--cross-only] [--dtype D] [--fast] [--bw-only "
+                    "[--shape m,k,n ...]]\n");
             return 2;
         }
     }
@@ -485,7 +490,7 @@ int main(int argc, char **argv)
 
     /* ---- decode shapes ----------------------------------------------------------------------- */
     const int ms[] = {1, 4, 16};
-    for (int s = 0; s < STAGE_N_ISAS; s++) {
+    for (int s = 0; s < STAGE_N_ISAS && !cross_only; s++) {
         if (!stage_isa_supported((stage_isa)s) || (only >= 0 && s != only)) continue;
         stage_matmul_force_isa((stage_isa)s);
         for (int d = 0; d < 3; d++)
@@ -516,20 +521,33 @@ int main(int argc, char **argv)
 
     /* ---- small vs large path around the threshold (best variant) ----------------------------- */
     stage_matmul_force_isa(only >= 0 ? (stage_isa)only : stage_isa_best());
-    const int cm[] = {4, 8, 16, 24, 32, 48, 64, 96, 128};
-    for (int d = 0; d < 2; d++)
+    const int cm[] = {4, 6, 8, 12, 16, 24, 32, 64, 128};
+    /* f32; bf16 exact; bf16 fast (the mode matters where oneDNN multiplies bf16 natively) */
+    for (int d = 0; d < 3; d++)
         for (int ci = 0; ci < (quick ? 5 : 9); ci++) {
             const int m = cm[ci], n = 4096;
+            const stage_dtype dt = d ? STAGE_BF16 : STAGE_F32;
+            stage_matmul_set_mode(d == 2 ? STAGE_MATMUL_FAST : STAGE_MATMUL_EXACT);
             stage_matmul_force_path(STAGE_PATH_SMALL);
-            double ts = time_matmul(x, m, n, K, dts[d], (const char *)arena, arena_bytes, y, reps);
+            double ts = time_matmul(x, m, n, K, dt, (const char *)arena, arena_bytes, y, reps);
             stage_matmul_force_path(STAGE_PATH_LARGE);
-            double tl = time_matmul(x, m, n, K, dts[d], (const char *)arena, arena_bytes, y, reps);
-            printf("cross isa=%s dtype=%s m=%d k=%d n=%d threads=%d small_us=%.1f large_us=%.1f "
-                   "faster=%s\n",
-                   stage_isa_name(stage_matmul_isa()), dts[d] == STAGE_F32 ? "f32" : "bf16", m, K,
-                   n, nt, ts * 1e6, tl * 1e6, ts <= tl ? "small" : "large");
+            double tl = time_matmul(x, m, n, K, dt, (const char *)arena, arena_bytes, y, reps);
+            printf("cross isa=%s dtype=%s mode=%s m=%d k=%d n=%d threads=%d small_us=%.1f "
+                   "large_us=%.1f faster=%s m_small=%d\n",
+                   stage_isa_name(stage_matmul_isa()), d ? "bf16" : "f32",
+                   d == 2 ? "fast" : "exact", m, K, n, nt, ts * 1e6, tl * 1e6,
+                   ts <= tl ? "small" : "large", stage_matmul_m_small(dt));
             fflush(stdout);
         }
+    stage_matmul_set_mode(STAGE_MATMUL_EXACT);
+    if (cross_only) {
+        stage_matmul_force_path(STAGE_PATH_AUTO);
+        free(x);
+        free(y);
+        free(arena);
+        stage_threads_free();
+        return 0;
+    }
     stage_matmul_force_path(STAGE_PATH_AUTO);
 
     /* ---- prefill ----------------------------------------------------------------------------- */

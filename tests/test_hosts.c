@@ -1,5 +1,6 @@
 /* tests/test_hosts.c — the front's hosts (serve/hosts.h): hostfiles parsed and refused, the
- * host mpirun's messages blame, the next job's hostfile and rank count after hosts die.
+ * host mpirun's messages blame, the next job's hostfile and rank count after hosts die, the
+ * host of a rank's identity and the stage a stalled pipeline waits for.
  * tests/serve/spare.sh runs the same end to end on scripts/netcluster.
  */
 #include <CUnit/Basic.h>
@@ -8,6 +9,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "engine/sched.h"
 #include "serve/hosts.h"
 
 static char dir[64];
@@ -167,6 +169,38 @@ static void test_write(void)
     serve_hosts_free(&hs);
 }
 
+static void test_find(void)
+{
+    serve_hosts hs;
+    char err[512];
+    /* numeric names only: no name service is asked */
+    CU_ASSERT_EQUAL(serve_hosts_load(&hs, file("plan", "localhost\n10.9.8.7 slots=1\n"),
+                                     file("spare", "10.9.8.8 slots=2\n"), err, sizeof err),
+                    0);
+    CU_ASSERT_EQUAL(serve_hosts_find(&hs, "h1 192.0.2.1 10.9.8.7"), 1); /* by an address */
+    CU_ASSERT_EQUAL(serve_hosts_find(&hs, "h2 10.9.8.8"), 2);           /* a spare */
+    CU_ASSERT_EQUAL(serve_hosts_find(&hs, "10.9.8.8 192.0.2.1"), 2);    /* by its name */
+    CU_ASSERT_EQUAL(serve_hosts_find(&hs, "h3 192.0.2.1"), -1);
+    CU_ASSERT_EQUAL(serve_hosts_find(&hs, ""), -1);
+    CU_ASSERT_EQUAL(serve_hosts_find(&hs, " 10.9.8.7"), -1); /* no host name: not a rank's */
+    serve_hosts_free(&hs);
+}
+
+static void test_stuck(void)
+{
+    /* 3 stages, micro-batch 7 the oldest in flight (want 8): stage 0 issued 10, stage 1
+     * finished 9, stage 2 only 7 -> stage 2 holds it up */
+    engine_stage_progress p[3] = {{0, 0, 10, 8, 0}, {1, 1, 9, 8, 0.1}, {2, 2, 7, 8, 4.0}};
+    CU_ASSERT_EQUAL(engine_stuck_stage(p, 3), 2);
+    p[1].mb_done = 7; /* stage 1 has not finished it either: the first in chain order */
+    CU_ASSERT_EQUAL(engine_stuck_stage(p, 3), 1);
+    p[1].mb_done = p[2].mb_done = 8; /* every stage did: the tokens are on their way */
+    CU_ASSERT_EQUAL(engine_stuck_stage(p, 3), -1);
+    for (int s = 0; s < 3; s++) p[s] = (engine_stage_progress){s, s, 0, 0, 0}; /* idle */
+    CU_ASSERT_EQUAL(engine_stuck_stage(p, 3), -1);
+    CU_ASSERT_EQUAL(engine_stuck_stage(p, 0), -1);
+}
+
 int main(void)
 {
     snprintf(dir, sizeof dir, "/tmp/test-hosts-XXXXXX");
@@ -177,6 +211,8 @@ int main(void)
     CU_add_test(s, "this machine: localhost, hostname, interface addresses", test_local);
     CU_add_test(s, "the host mpirun's messages blame", test_blame);
     CU_add_test(s, "the next job's hosts and ranks as hosts die", test_write);
+    CU_add_test(s, "the host of a rank's identity (name or address)", test_find);
+    CU_add_test(s, "the stage a stalled pipeline waits for", test_stuck);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();
     unsigned fails = CU_get_number_of_failures();

@@ -735,6 +735,73 @@ static void test_attend(void)
                         stage_isa_name((stage_isa)isa), worst[isa]);
 }
 
+/* Many attention jobs at once on the pool (stage_attend_batch: prefill's rows x KV heads, causal
+ * contexts of different lengths over a paged cache) give, job by job, the bits of the
+ * row-at-a-time stage_attend_paged, at 1, 2 and 3 threads, and grow their scratch when a longer
+ * context comes. */
+static void test_attend_batch(void)
+{
+    const int hd = 100, n_q = 2, nkv = 3, rows = 37, page = 16, base = 40;
+    const int n_pages = (base + rows + page - 1) / page;
+    const size_t kvd = (size_t)nkv * hd, ps = (size_t)page * kvd;
+    float *kk = malloc((size_t)n_pages * ps * sizeof *kk);
+    float *vv = malloc((size_t)n_pages * ps * sizeof *vv);
+    float *q = malloc((size_t)rows * nkv * n_q * hd * sizeof *q);
+    float *want = malloc((size_t)rows * nkv * n_q * hd * sizeof *want);
+    float *got = malloc((size_t)rows * nkv * n_q * hd * sizeof *got);
+    float *probs = malloc((size_t)n_q * (base + rows) * sizeof *probs);
+    stage_attend_job *jobs = malloc((size_t)rows * nkv * sizeof *jobs);
+    int32_t pages[8];
+    for (int i = 0; i < n_pages; i++) pages[i] = n_pages - 1 - i; /* out of order in the pool */
+    fill(kk, (size_t)n_pages * ps);
+    fill(vv, (size_t)n_pages * ps);
+    fill(q, (size_t)rows * nkv * n_q * hd);
+    const float scale = 1.0f / sqrtf((float)hd);
+    for (int isa = 0; isa < STAGE_N_ISAS; isa++) {
+        if (!stage_isa_supported((stage_isa)isa)) continue;
+        stage_matmul_force_isa((stage_isa)isa);
+        int nj = 0;
+        for (int r = 0; r < rows; r++) /* row r at position base + r: entries 3..base + r */
+            for (int kh = 0; kh < nkv; kh++, nj++) {
+                const size_t o = ((size_t)r * nkv + kh) * n_q * hd;
+                jobs[nj] = (stage_attend_job){.q = q + o,
+                                              .kv = {.k = kk + (size_t)kh * hd,
+                                                     .v = vv + (size_t)kh * hd,
+                                                     .pages = pages,
+                                                     .page = page,
+                                                     .t0 = 3,
+                                                     .page_stride = ps,
+                                                     .stride = kvd},
+                                              .n_ctx = base + r + 1 - 3,
+                                              .out = got + o};
+                stage_attend_paged(q + o, n_q, &jobs[nj].kv, jobs[nj].n_ctx, hd, scale, probs,
+                                   want + o);
+            }
+        for (int th = 1; th <= 3; th++) {
+            threads(th);
+            for (int half = 0; half < 2; half++) { /* short contexts first, then all: growth */
+                memset(got, 0xff, (size_t)rows * nkv * n_q * hd * sizeof *got);
+                const int n = half ? nj : nj / 4;
+                stage_attend_batch(jobs, n, n_q, hd, scale, probs);
+                int same = !memcmp(got, want, (size_t)n * n_q * hd * sizeof *got);
+                if (!same)
+                    fprintf(stderr, "\n  attend_batch %s threads=%d jobs=%d: != row at a time\n",
+                            stage_isa_name((stage_isa)isa), th, n);
+                CU_ASSERT(same);
+            }
+        }
+    }
+    stage_threads_free();
+    stage_matmul_force_isa(stage_isa_best());
+    free(kk);
+    free(vv);
+    free(q);
+    free(want);
+    free(got);
+    free(probs);
+    free(jobs);
+}
+
 /* ---- 4. edges and errors --------------------------------------------------------------------- */
 
 /* Q8_0 quantization, llama.cpp's numbers: d = max|x| / 127 (f16), q = round(x / d) half away
@@ -832,6 +899,7 @@ int main(void)
         T_(test_matmul_q8_fast),
         T_(test_pool_sleep_wake),
         T_(test_attend),
+        T_(test_attend_batch),
     };
     if (CU_initialize_registry() != CUE_SUCCESS) return 1;
     CU_pSuite s = CU_add_suite("kernels", NULL, NULL);

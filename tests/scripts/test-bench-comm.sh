@@ -114,6 +114,7 @@ wait "$BG"
 rc=$?
 BG=
 check_eq "exit status 130" "$rc" 130
+[ "$rc" = 130 ] || { echo "  its log:"; tail -n 15 "$TMP/int.log" | sed 's/^/    /'; }
 check "it said so" grep -q interrupted "$TMP/int.log"
 check_eq "no CSV in --out" "$(find "$OUT2" -name '*.csv' 2>/dev/null | wc -l | tr -d ' ')" 0
 sleep 0.5

@@ -5,7 +5,8 @@
 #   - kill -9 of rank 1, kill -9 of rank 0, SIGSTOP of rank 1 (restart after --stall-timeout)
 #     during the same 16 streams: every stream completes with exactly the reference tokens,
 #     /health says recovering (503) meanwhile, /metrics counts restarts and replays
-#   - SIGTERM to the front during streams: they finish, the front exits 0, the job is gone
+#   - SIGTERM to the front during streams: they finish, the front exits 0, the job is gone;
+#     SIGINT the same
 #   - --max-restarts 0: a kill ends every stream with an error event and a plain request with
 #     503 + error JSON; the front exits 1
 #   - a job that cannot start: exit 1 with the reason; --ranks 1 runs in the front's process
@@ -84,7 +85,9 @@ disrupt() {
 disrupt "kill-9-rank-1" KILL 1
 disrupt "kill-9-rank-0" KILL 0
 disrupt "SIGSTOP-rank-1" STOP 1
-grep -q "no word from the job for 2" "$TMP/a.err" && ok "SIGSTOP: detected as a stall after --stall-timeout 2" || bad "SIGSTOP: detected as a stall" "$(tail -3 "$TMP/a.err")"
+grep -q "the job stalled: no result for 2" "$TMP/a.err" && ok "SIGSTOP: detected as a stall after --stall-timeout 2" || bad "SIGSTOP: detected as a stall" "$(tail -3 "$TMP/a.err")"
+grep -q "stalled: .*; stage 1 (rank 1) has not finished micro-batch [0-9]*, last heard [0-9.]* s ago on host $(hostname);" "$TMP/a.err" && ok "SIGSTOP: the log names the stuck rank (1) and its host" || bad "SIGSTOP: the log names the stuck rank" "$(grep stalled "$TMP/a.err")"
+check "/metrics: 1 stall, blamed on stage 1, rank 1" '[ "$(metric $P modpipe_stalls_total)" = 1 ] && curl -s "http://127.0.0.1:$P/metrics" | grep -q "^modpipe_last_stall{stage=\"1\",rank=\"1\",host=\"$(hostname)\"} 1$"'
 check "/metrics: 3 restarts, tokens re-prefilled" '[ "$(metric $P modpipe_restarts_total)" = 3 ] && [ "$(metric $P modpipe_replayed_tokens_total)" -gt 0 ]'
 
 echo "-- the front's log of the three recoveries (docs/SERVE.md: the timeline):"
@@ -103,14 +106,38 @@ check "SIGTERM to the front: exit 0" '[ "$rc" = 0 ]'
 check "SIGTERM: the running streams completed ($(cat "$TMP/term.txt"))" 'grep -q "^4 of 4 streams complete" "$TMP/term.txt"'
 check "SIGTERM: the job is gone" '[ -n "$mp" ] && ! kill -0 "$mp" 2>/dev/null && [ -z "$(pgrep -P "$mp")" ]'
 
+# SIGINT (a terminal's ^C) to the front: the same drain, exit 0
+start_front int --ranks 2 --mpi-args '--oversubscribe' --slots 4 --ctx 512
+node "$STREAMS" "http://127.0.0.1:$PORT_int" "$TMP/int.json" 1 100 >"$TMP/int.txt" 2>&1 &
+cpid=$!
+wait_tokens $PORT_int 20
+kill -INT "$PID_int"
+wait "$PID_int"
+rc=$?
+wait $cpid
+check "SIGINT to the front: the streams completed, exit 0 ($(cat "$TMP/int.txt"))" '[ "$rc" = 0 ] && grep -q "^2 of 2 streams complete" "$TMP/int.txt"'
+
 # --max-restarts 0: errors, not a hang
-start_front z --ranks 2 --mpi-args '--oversubscribe' --slots 16 --ctx 512 --max-restarts 0
+start_front z --ranks 2 --mpi-args '--oversubscribe' --slots 16 --ctx 512 --max-restarts 0 \
+    --stall-timeout 120
+# rank 1 stopped until all 9 requests are in (running or queued: the micro-batches in flight
+# bound admission meanwhile), so none ends before the kill however slowly curl and node start
+# under load (the long stall timeout keeps the front from acting on the stop)
+rz=$(rankpid "$PID_z" 1)
+[ -n "$rz" ] && kill -STOP "$rz"
 node "$STREAMS" "http://127.0.0.1:$PORT_z" "$TMP/z.json" 4 $MAXT >"$TMP/z.txt" 2>&1 &
 cpid=$!
 curl -s -o "$TMP/z.plain" -w '%{http_code}' "http://127.0.0.1:$PORT_z/v1/completions" -H 'Content-Type: application/json' \
     -d '{"prompt":"Once","max_tokens":400,"ignore_eos":true}' >"$TMP/z.code" &
 ppid=$!
-wait_tokens $PORT_z 200
+inz() { echo $(( $(metric $PORT_z modpipe_requests_running) + $(metric $PORT_z modpipe_queue_length) )); }
+for i in $(seq 600); do
+    [ "$(inz)" = 9 ] && break
+    sleep 0.05
+done
+running=$(inz)
+[ -n "$rz" ] && kill -CONT "$rz"
+wait_tokens $PORT_z 100
 r=$(rankpid "$PID_z" 1)
 [ -n "$r" ] && kill -KILL "$r"
 wait $cpid
@@ -118,6 +145,7 @@ wait $ppid
 wait "$PID_z"
 rc=$?
 nerr=$(node -e 'const a=JSON.parse(require("fs").readFileSync(process.argv[1]));console.log(a.filter(r=>r.error&&/failed/.test(r.error)).length)' "$TMP/z.json")
+check "--max-restarts 0: all 9 requests were in before the kill ($running)" '[ "$running" = 9 ]'
 check "--max-restarts 0: every stream ended with an error event ($nerr of 8)" '[ "$nerr" = 8 ]'
 check "--max-restarts 0: a plain request got 503 + error JSON" '[ "$(cat "$TMP/z.code")" = 503 ] && grep -q "\"error\":{\"message\":\"the job failed 1 time" "$TMP/z.plain"'
 check "--max-restarts 0: the front exits 1" '[ "$rc" = 1 ]'

@@ -204,22 +204,29 @@ check "serve -np 1 --tp 2: exit 2" 'badrun "-np 1 is not a multiple of --tp 2" -
 start_server small 2 --slots 1 --queue 1
 P=$PORT_small
 LONG='{"prompt":"Once upon a time","max_tokens":500,"ignore_eos":true,"stream":true}'
-# two long streams fill the slot and the queue place (waited for on /metrics); rank 1 is then
-# stopped (SIGSTOP) so the running stream cannot finish before the refusals are tried: 500 tokens
-# of this model take well under a second, and on a loaded machine the slot freed itself in time.
-# Rank 0 keeps answering HTTP meanwhile; SIGCONT lets both streams finish.
+# until COND holds (a shell condition, re-evaluated every 50 ms), at most SEC seconds: 0 or 1
+wait_for() {
+    local sec=$1 cond=$2 i
+    for i in $(seq $((sec * 20))); do
+        eval "$cond" && return 0
+        sleep 0.05
+    done
+    return 1
+}
+busy() { echo $(( $(metric $P modpipe_slots_in_use) + $(metric $P modpipe_queue_length) )); }
+# Rank 1 is stopped (SIGSTOP) before the streams start, so none can finish while the refusals
+# are tried, however loaded the machine: a request is admitted and its prompt issued, and
+# rank 0 keeps answering HTTP. Two long streams fill the slot and the queue place (waited for
+# on /metrics); SIGCONT lets both finish.
+rank1=$(pgrep -P "$MPI_small" -x modpipe | grep -vx "$PID_small" | head -1)
+[ -n "$rank1" ] && kill -STOP "$rank1"
 cpids=()
 for k in 1 2; do
     curl -sN -D "$TMP/long$k.head" -o /dev/null "http://127.0.0.1:$P/v1/completions" \
         -H 'Content-Type: application/json' -d "$LONG" &
     cpids+=($!)
-    for i in $(seq 200); do
-        [ "$(( $(metric $P modpipe_slots_in_use) + $(metric $P modpipe_queue_length) ))" -ge $k ] && break
-        sleep 0.05
-    done
+    wait_for 30 '[ "$(busy)" -ge $k ]'
 done
-rank1=$(pgrep -P "$MPI_small" -x modpipe | grep -vx "$PID_small" | head -1)
-[ -n "$rank1" ] && kill -STOP "$rank1"
 for k in 3 4; do
     curl -sN -D "$TMP/long$k.head" -o /dev/null "http://127.0.0.1:$P/v1/completions" \
         -H 'Content-Type: application/json' -d "$LONG"
@@ -232,20 +239,31 @@ n503=$(grep -l '^HTTP/1.1 503' "$TMP"/long*.head 2>/dev/null | wc -l)
 n200=$(grep -l '^HTTP/1.1 200' "$TMP"/long[1-4].head 2>/dev/null | wc -l)
 check "queue full -> 503 ($n503 refused, $n200 of 4 long streams served; rank 1 stopped: ${rank1:-not found})" '[ -n "$rank1" -a "$n503" = 3 -a "$n200" = 2 ]'
 check "every 503 carries Retry-After" '[ "$(grep -il "^Retry-After: 1" $(grep -l "^HTTP/1.1 503" "$TMP"/long*.head) | wc -l)" = "$n503" ]'
+# A client that hangs up while its stream waits for the next token: rank 1 stopped again, the
+# stream admitted (a slot in use), the client killed; once the server has closed that
+# connection (modpipe_connections_open back to 1: this /metrics request) rank 1 goes on, and
+# the slot must come free with only the micro-batches already in flight generated.
+wait_for 30 '[ "$(busy)" = 0 ]'
 before=$(metric $P modpipe_generated_tokens_total)
-# read the first event, then hang up
-curl -sN "http://127.0.0.1:$P/v1/completions" -H 'Content-Type: application/json' -d "$LONG" | head -c 64 >/dev/null
-used=1
-for i in $(seq 100); do
-    used=$(metric $P modpipe_slots_in_use)
-    [ "$used" = 0 ] && break
-    sleep 0.05
-done
+[ -n "$rank1" ] && kill -STOP "$rank1"
+curl -sN "http://127.0.0.1:$P/v1/completions" -H 'Content-Type: application/json' -d "$LONG" >/dev/null &
+cpid=$!
+wait_for 30 '[ "$(metric $P modpipe_slots_in_use)" = 1 ]'
+kill "$cpid"
+wait "$cpid" 2>/dev/null
+wait_for 30 '[ "$(metric $P modpipe_connections_open)" = 1 ]'
+closed=$(metric $P modpipe_connections_open)
+[ -n "$rank1" ] && kill -CONT "$rank1"
+wait_for 30 '[ "$(metric $P modpipe_slots_in_use)" = 0 ]'
+used=$(metric $P modpipe_slots_in_use)
 after=$(metric $P modpipe_generated_tokens_total)
-check "disconnect frees the slot (slots_in_use 0)" '[ "$used" = 0 ]'
+check "disconnect: the server closed the connection (connections_open $closed)" '[ "$closed" = 1 ]'
+check "disconnect frees the slot (slots_in_use $used)" '[ "$used" = 0 ]'
 check "disconnect cancels the sequence ($((after - before)) of 500 tokens generated)" '[ $((after - before)) -lt 500 ]'
+wait_for 30 '[ "$(busy)" = 0 ] && [ "$(metric $P modpipe_connections_open)" = 1 ]'
 stop_server small
-check "SIGTERM when idle: exit 0" '[ "$RC" = 0 ]'
+check "SIGTERM when idle: exit 0 (rc $RC)" '[ "$RC" = 0 ]'
+[ "$RC" = 0 ] || tail -5 "$TMP/small.err"
 
 # ---- a KV pool too small for 8 streams, behind the front (--ranks 3): admitted by memory,
 # preempted and recomputed (docs/SPEC.md §11), the tokens still generate's, every page back ----

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# tests/serve/spare.sh [BIN] — `modpipe serve --ranks 2 --hostfile F --spare-hosts G` on three
+# tests/serve/spare.sh [BIN] — `modpipe serve --ranks 2 --hostfile F --spare-hosts G` on four
 # hosts of scripts/netcluster (network namespaces, each its own hostname; needs root, ip, tc:
 # without them it FAILS, it does not skip), with the real engine on tests/fixtures/stories260K:
 #   - the reference: the same 4 greedy + 4 sampled streams from a 1-rank front
-#   - plan h0 + h1, spare h2: kill -9 of rank 1 (on h1) mid-stream: h1 is counted dead, the job
-#     restarts on h0 + h2 (2 ranks), every token identical to the reference
-#   - kill -9 of rank 1 again (now on h2): no spare left, the job is re-partitioned to 1 rank
+#   - plan h0 + h1, spares h2 h3: kill -9 of rank 1 (on h1) mid-stream: h1 is counted dead, the
+#     job restarts on h0 + h2 (2 ranks), every token identical to the reference
+#   - SIGSTOP of rank 1 (now on h2): after --stall-timeout the front names stage 1 / rank 1 on
+#     h2 (log, /metrics), counts h2 dead and restarts on h0 + h3, every token identical
+#   - kill -9 of rank 1 again (now on h3): no spare left, the job is re-partitioned to 1 rank
 #     on h0, every token identical
 #   - SIGTERM to the front: exit 0
 #   - a hostfile whose first host is not this machine: exit 2, the reason in one line
@@ -14,7 +16,7 @@ if [ -z "${SPARE_INSIDE:-}" ]; then
     # run this script again inside host 0 of a 3-host cluster
     root=$(cd "$(dirname "$0")/../.." && pwd)
     bin=$(realpath "${1:-$root/build/modpipe}")
-    SPARE_INSIDE=1 exec "$root/scripts/netcluster" -n 3 --raw -- bash "$0" "$bin"
+    SPARE_INSIDE=1 exec "$root/scripts/netcluster" -n 4 --raw -- bash "$0" "$bin"
 fi
 . "$(dirname "$0")/lib.sh"
 
@@ -49,9 +51,9 @@ rank_on() {
 N=4
 MAXT=300
 STREAMS="$HERE/streams.mjs"
-read -r A0 A1 A2 <<<"$NETCLUSTER_ADDRS"
+read -r A0 A1 A2 A3 <<<"$NETCLUSTER_ADDRS"
 printf '%s slots=1\n%s slots=1\n' "$A0" "$A1" >"$TMP/plan"
-printf '# the spare\n%s slots=1\n' "$A2" >"$TMP/spare"
+printf '# the spares\n%s slots=1\n%s slots=1\n' "$A2" "$A3" >"$TMP/spare"
 MPI=$NETCLUSTER_MPI_ARGS
 
 start_front ref --ranks 1 --slots 8 --ctx 512
@@ -60,29 +62,35 @@ check "reference (1 rank): 8 streams complete ($(cat "$TMP/ref.txt"))" 'grep -q 
 kill -TERM "$PID_ref"
 
 start_front a --ranks 2 --hostfile "$TMP/plan" --spare-hosts "$TMP/spare" --mpi-args "$MPI" \
-    --slots 8 --ctx 512 --stall-timeout 10 --max-restarts 5
+    --slots 8 --ctx 512 --stall-timeout 5 --max-restarts 5
 P=$PORT_a
 check "the job starts on the plan's hosts" 'grep -q "the job: 2 ranks, 2 stages on $A0, $A1$" "$TMP/a.err"'
 
-# kill_rank1 WHAT HOST_INDEX: the 8 streams, rank 1 on that host killed mid-way
+# kill_rank1 WHAT HOST_INDEX [SIGNAL]: the 8 streams, rank 1 on that host signalled (KILL)
+# mid-way
 kill_rank1() {
-    local what=$1 h=$2 r cpid
+    local what=$1 h=$2 sig=${3:-KILL} r cpid
     node "$STREAMS" "http://127.0.0.1:$P" "$TMP/$what.json" $N $MAXT >"$TMP/$what.txt" 2>&1 &
     cpid=$!
     wait_tokens $P 200
     r=$(rank_on "$h" 1)
-    [ -n "$r" ] && kill -KILL "$r"
+    [ -n "$r" ] && kill "-$sig" "$r"
     wait $cpid
-    check "$what: rank 1 found on host $h (pid ${r:-none}) and killed" '[ -n "$r" ]'
+    check "$what: rank 1 found on host $h (pid ${r:-none}) and sent SIG$sig" '[ -n "$r" ]'
     check "$what: 8 streams complete ($(cat "$TMP/$what.txt"))" 'grep -q "^8 of 8 streams complete" "$TMP/$what.txt"'
     check "$what: every token identical to the 1-rank run" 'cmp -s "$TMP/ref.json" "$TMP/$what.json"'
 }
 kill_rank1 "kill-9-rank-1-on-h1" 1
 check "h1 counted dead, the job restarted on h0 + the spare" 'grep -q "host $A1 is counted dead" "$TMP/a.err" && grep -q "the job: 2 ranks, 2 stages on $A0, $A2$" "$TMP/a.err"'
 check "rank 1 now runs on the spare (h2)" '[ -n "$(rank_on 2 1)" ] && [ -z "$(rank_on 1 1)" ]'
-kill_rank1 "kill-9-rank-1-on-h2" 2
-check "h2 counted dead, no spare left: re-partitioned to 1 rank on h0" 'grep -q "host $A2 is counted dead" "$TMP/a.err" && grep -q "the job: 1 rank, 1 stage on $A0$" "$TMP/a.err"'
-check "/metrics: 2 restarts" '[ "$(metric $P modpipe_restarts_total)" = 2 ]'
+kill_rank1 "SIGSTOP-rank-1-on-h2" 2 STOP
+check "the stall names stage 1 / rank 1 on h2 in the log" 'grep -q "the job stalled: no result for 5.*; stage 1 (rank 1) has not finished micro-batch [0-9]*, last heard [0-9.]* s ago on host $A2;" "$TMP/a.err"'
+check "/metrics: 1 stall, blamed on rank 1 on h2" '[ "$(metric $P modpipe_stalls_total)" = 1 ] && curl -s "http://127.0.0.1:$P/metrics" | grep -qx "modpipe_last_stall{stage=\"1\",rank=\"1\",host=\"$A2\"} 1"'
+check "h2 counted dead (the stall), the job restarted on h0 + the second spare" 'grep -q "host $A2 is counted dead (\"rank 1 stalled for 5.0 s\")" "$TMP/a.err" && grep -q "the job: 2 ranks, 2 stages on $A0, $A3$" "$TMP/a.err"'
+check "rank 1 now runs on h3, the stopped rank on h2 is gone" '[ -n "$(rank_on 3 1)" ] && [ -z "$(rank_on 2 1)" ]'
+kill_rank1 "kill-9-rank-1-on-h3" 3
+check "h3 counted dead, no spare left: re-partitioned to 1 rank on h0" 'grep -q "host $A3 is counted dead" "$TMP/a.err" && grep -q "the job: 1 rank, 1 stage on $A0$" "$TMP/a.err"'
+check "/metrics: 3 restarts" '[ "$(metric $P modpipe_restarts_total)" = 3 ]'
 echo "-- the front's log:"
 grep "^modpipe serve: \(the job\|host\)" "$TMP/a.err"
 kill -TERM "$PID_a"
