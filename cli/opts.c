@@ -54,9 +54,11 @@ static const cli_opt_def OPTS[] = {
      "do not stop at the model's EOS token (config.json eos_token_id): always max-new tokens"},
     {"groups", "G", CLI_GENERATE, CLI_ONCE,
      "decode groups: sequences are split into G groups, each decode step of a group is one "
-     "micro-batch (at most R sequences a group). Default max(ceil(n/R), min(8, floor(n/8))), "
-     "at least 1: decode micro-batches of >= 8 rows once there are 8 sequences, the same at "
-     "any -np. With few sequences per stage raise G (>= stages keeps every stage busy)"},
+     "micro-batch (at most R sequences a group). Default: one stage ceil(n/R) (every "
+     "sequence in one decode micro-batch when they fit: weights read once a step); several "
+     "stages max(ceil(n/R), min(8, floor(n/8))), at least 1: decode micro-batches of >= 8 rows "
+     "once there are 8 sequences. With few sequences per stage raise G (>= stages keeps every "
+     "stage busy)"},
     /* ---- the plan: stages, ranks, memory ----------------------------------------------------- */
     {"n", "N", CLI_PARTITION, CLI_ONCE, "partition: number of stages (ranks)"},
     {"stages", "auto|A-B,...", PLAN, CLI_YAML_LIST,
