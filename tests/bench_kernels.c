@@ -1,7 +1,8 @@
 /* tests/bench_kernels.c — micro-benchmark of stage/matmul.h (not a test; `make bench-kernels`).
  *
  *   bench_kernels [--threads N] [--quick] [--isa NAME] [--bw-gib G] [--gemv-only] [--dtype D]
- *                 [--fast] [--cross-only]   (--fast: stage_matmul_set_mode FAST, Q8_0 with int8 x)
+ *                 [--fast] [--cross-only] [--bw-pass-only]
+ *   (--fast: stage_matmul_set_mode FAST, Q8_0 with int8 x)
  *
  * Prints one `key=value ...` line per measurement (lines starting with # are comments):
  *   --bw-only: only the bw lines, then for each --shape m,k,n one `shape` line: cblas_sgemm
@@ -17,6 +18,8 @@
  *            times the L3, or the weights come from cache), best of 5 passes (read_gbs),
  *            and the median over 32 MiB pieces (read_gbs_32mib_pieces); the GEMV lines'
  *            of_read_bw divides by the larger of the two N-thread values;
+ *            --bw-pass-only stops after the bw lines (a benchmark script samples the bandwidth
+ *            around its own runs: on a shared host it moves by tens of percent in minutes);
  *   cache    one thread re-reading a 4 .. 512 MiB buffer (best pass of 2 GiB read): where the rate
  *            falls to the bw one is the size of the cache a core really reaches;
  *   gemv     decode shapes (m = 1, 4, 16; k = 4096; n = 4096, 14336; f32, bf16, q8_0) per ISA
@@ -275,6 +278,7 @@ done:
 int main(int argc, char **argv)
 {
     int nt = n_cpus(), quick = 0, only = -1, bw_only = 0, n_shapes = 0, gemv_only = 0;
+    int bw_pass_only = 0;
     int cross_only = 0; /* --cross-only: skip the gemv lines, stop after the cross lines */
     double bw_gib = 0;  /* 0: 1 GiB (0.25 with --quick) */
     int only_dt = -1;   /* --dtype: the gemv lines of one weight dtype */
@@ -292,6 +296,8 @@ int main(int argc, char **argv)
             bw_only = 1;
         } else if (!strcmp(argv[i], "--fast")) {
             stage_matmul_set_mode(STAGE_MATMUL_FAST); /* Q8_0: int8 x (stage/matmul.h) */
+        } else if (!strcmp(argv[i], "--bw-pass-only")) {
+            bw_pass_only = 1;
         } else if (!strcmp(argv[i], "--gemv-only")) {
             gemv_only = 1;
         } else if (!strcmp(argv[i], "--cross-only")) {
@@ -328,10 +334,11 @@ int main(int argc, char **argv)
                 return 2;
             }
         } else {
-            fprintf(stderr,
-                    "usage: bench_kernels [--threads N] [--quick] [--isa c|avx2|avx512|avx512bf16] "
-                    "[--bw-gib G] [--gemv-only] [--cross-only] [--dtype D] [--fast] [--bw-only "
-                    "[--shape m,k,n ...]]\n");
+            fprintf(
+                stderr,
+                "usage: bench_kernels [--threads N] [--quick] [--isa c|avx2|avx512|avx512bf16] "
+                "[--bw-gib G] [--gemv-only] [--cross-only] [--dtype D] [--fast] [--bw-pass-only] "
+                "[--bw-only [--shape m,k,n ...]]\n");
             return 2;
         }
     }
@@ -379,6 +386,11 @@ int main(int argc, char **argv)
         printf("bw threads=%d buffer_gib=%.2f read_gbs=%.2f read_gbs_32mib_pieces=%.2f\n", t,
                arena_bytes / GIB, pass, pieces);
         bwn = pass > pieces ? pass : pieces; /* the stricter reference */
+    }
+    if (bw_pass_only) {
+        fflush(stdout);
+        free(arena);
+        return 0;
     }
     /* Repeated reads of a buffer by one thread, best of enough passes to read 2 GiB: the rate
      * stays above the memory one while the buffer fits the cache this core reaches (on AMD,
