@@ -100,7 +100,7 @@ static const cli_opt_def OPTS[] = {
      "(default) splits each f32 activation into two bf16 parts, as exact as f32; fast rounds it "
      "to bf16 once: half the arithmetic, lossy (its cost: docs/BENCH.md). q8_0 weights on "
      "AVX-512 VNNI CPUs: fast quantizes the activations to int8 per 32 values for an int8 dot "
-     "(held-out NLL +0.0014% over exact q8_0), measured slower than exact here: leave it off"},
+     "(held-out NLL +0.0014% over exact q8_0), no decode speed gain measured: leave it off"},
     {"wire-dtype", "f32|bf16|f16", PIPE, CLI_ONCE,
      "activation dtype between ranks: f32 exact (default); bf16/f16 halve bytes, lossy"},
     {"transport", "sparse|dense", PIPE, CLI_ONCE,

@@ -54,8 +54,8 @@
  * output, 64 columns a step in order, exact int32 block sums, f32 accumulation of sum * dw * dx,
  * then _mm512_reduce_add_ps. Measured (tests/test_kernels.c) 1.6e-7 against a double reference
  * on the quantized x, 6.3e-3 against the f32 x (bound 2e-2). Held-out NLL on stories260K
- * (scripts/q8-nll): +0.058% over f32 against exact q8_0's +0.056%; measured slower than exact
- * q8_0 in decode (docs/BENCH.md), so it stays opt-in and off by default.
+ * (scripts/q8-nll): +0.058% over f32 against exact q8_0's +0.056%; no decode speed gain over
+ * exact q8_0 measured (README), so it stays opt-in and off by default.
  *
  * Threads: one process-wide pool. stage_threads_init(n) starts n - 1 workers (the caller is
  * the n-th); workers spin ~50 us after a job, then sleep on a condition variable. Without init
