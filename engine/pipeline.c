@@ -480,6 +480,9 @@ static int wait_tokens(engine_loop *c, double max_s)
             COMM_FATAL("no tokens packet from rank %d for %.0f s: that rank is gone or stuck",
                        c->head, c->o.pipe.timeout_s);
         if (max_s >= 0 && t - t0 >= max_s) return 0;
+        /* an outside scheduler's next micro-batch is here: issue it now (a relay's round
+         * trip would otherwise leave stage 0 idle for up to max_s each decode step) */
+        if (max_s >= 0 && c->ops->ready && c->ops->ready(c->self)) return 0;
         base_backoff_wait(&bo);
     }
 }

@@ -17,6 +17,11 @@
  *                       only when nothing is in flight
  *   wait(self, s)       nothing in flight and nothing ready: block up to s seconds for new
  *                       work (a condvar); NULL: the loop does not wait
+ *   ready(self)         may be NULL: 1 when new work may have come since next last said 0
+ *                       (bytes from an outside scheduler, e.g. the front's channel), so the
+ *                       loop, waiting for tokens with room for another micro-batch in
+ *                       flight, asks next at once instead of after its 1 ms wait; a
+ *                       scheduler whose done() queues the next rows itself needs none
  *   links(self, l, n)   per-link byte counters of every rank, at least once a second while
  *                       work runs (NULL: not wanted)
  *
@@ -84,6 +89,7 @@ typedef struct {
     void (*done)(void *self, const stage_batch *mb, const int32_t *tok);
     int (*finished)(void *self);
     void (*wait)(void *self, double timeout_s);
+    int (*ready)(void *self); /* may be NULL */
     void (*links)(void *self, const engine_link_bytes *l, int n);
     void (*kv)(void *self, const engine_kv_report *k, int n_stages); /* with links; may be NULL */
     void (*progress)(void *self, const engine_stage_progress *p, int n_stages); /* may be NULL */

@@ -29,6 +29,7 @@ typedef struct {
     int fd;
     chan_reader rd;
     int ended; /* END received, or the front is gone */
+    int more;  /* job_next returned a micro-batch with frames possibly left in rd */
     double t_beat;
     int32_t *tok; /* [max_rows] a RESULT's tokens */
     int max_rows;
@@ -72,10 +73,25 @@ static int job_next(void *self, stage_batch *mb)
             return 0;
         }
         /* releases or prefix shares alone: pages back now, or the rows come next */
-        if (mb->n > 0 || mb->n_release > 0 || mb->n_share > 0) return 1;
+        if (mb->n > 0 || mb->n_release > 0 || mb->n_share > 0) {
+            j->more = 1;
+            return 1;
+        }
     }
+    j->more = 0;
     if (k < 0) j->ended = 1;
     return 0;
+}
+
+/* Frames left from the last read, or new bytes on the socket: the front's answer to a
+ * RESULT comes within microseconds, and the loop should not wait a millisecond for it. */
+static int job_ready(void *self)
+{
+    job *j = self;
+    if (j->ended) return 0;
+    if (j->more) return 1;
+    struct pollfd pf = {.fd = j->fd, .events = POLLIN};
+    return poll(&pf, 1, 0) > 0;
 }
 
 static void job_done(void *self, const stage_batch *mb, const int32_t *tok)
@@ -126,6 +142,7 @@ static const engine_sched_ops job_ops = {
     .done = job_done,
     .finished = job_finished,
     .wait = job_wait,
+    .ready = job_ready,
     .links = job_links,
     .kv = job_kv,
     .progress = job_progress,
