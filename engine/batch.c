@@ -140,7 +140,12 @@ int engine_batch_new(const engine_run_opts *o, engine_batch **out, char *err, si
     if (gen) {
         int G = o->groups;
         if (G <= 0) {
+            /* one stage: nothing for a second group to overlap with, so the fewest groups
+             * the row cap allows (the weights are read once a decode step); several stages:
+             * enough groups to give each stage a decode micro-batch (batch.h) */
+            const int stages = o->pipe.plan ? o->pipe.plan->n_stages : 1;
             int by_rows = (n + b->R - 1) / b->R, by_pipe = n / 8 < 8 ? n / 8 : 8;
+            if (stages <= 1) by_pipe = 1;
             G = by_rows > by_pipe ? by_rows : by_pipe;
             if (G < 1) G = 1;
         }

@@ -1,15 +1,21 @@
 /* engine/batch.h — the batch job (engine_run: generate / eval) on the pipeline loop
  * (engine/pipeline.h), and the scheduler behind it.
  *
- * Its micro-batching depends
- * only on the options (never on the rank count), so an N-rank run computes every layer on
- * exactly the rows a 1-rank run does: with the f32 wire the logits are bit-identical.
+ * Its micro-batching depends only on the options and on whether the plan has one stage or
+ * several (the default decode groups, below); with the same stage count an N-rank run
+ * computes every layer on exactly the rows a 1-rank run does: with the f32 wire the logits
+ * are bit-identical. Across stage counts the decode groups differ; the logits stay
+ * bit-identical where every layer computes a row alone (stage/matmul.h: the small path, and
+ * oneDNN's bf16 brgemm in practice), which tests/test_pipeline.c checks at 16 sequences.
  *   generate: sequences form decode groups (--groups G, default below); a group's prompts
  *             are cut into micro-batches of at most micro_batch rows (a prompt is never cut
  *             when the model has mindskip sequence-granularity or topk layers), then each
  *             decode step of the group (its sequences not yet stopped) is one micro-batch.
  *             Groups interleave so several micro-batches are in flight. A group starts when
- *             --slots has a free slot for each of its sequences. Default G =
+ *             --slots has a free slot for each of its sequences. Default G: with one
+ *             stage ceil(n / R) (one decode micro-batch of every sequence when they fit in
+ *             R rows: the weights are read once per decode step, and a second group would
+ *             have no other stage to overlap with); with several stages
  *             max(ceil(n / R), min(8, floor(n / 8))), at least 1: decode micro-batches keep
  *             >= 8 rows when there are >= 8 sequences (no 2-row GEMMs), at most 8 groups
  *             unless more are needed to keep a group <= R rows.

@@ -63,21 +63,6 @@ static void c_cvt_f32(const void *src, float *dst, size_t n)
 static void c_cvt_bf16(const void *src, float *dst, size_t n) { stage_bf16_to_f32_n(src, dst, n); }
 static void c_cvt_f16(const void *src, float *dst, size_t n) { stage_f16_to_f32_n(src, dst, n); }
 
-void stage_mm_split_c(const float *x, int m, int k, uint16_t *xs)
-{
-    const int kp = mm_split_kp(k);
-    for (int i = 0; i < m; i++) {
-        const float *xi = x + (size_t)i * k;
-        uint16_t *hi = xs + (size_t)i * 2 * kp, *lo = hi + kp;
-        for (int c = 0; c < k; c++) {
-            uint16_t h = stage_f32_to_bf16(xi[c]);
-            hi[c] = h;
-            lo[c] = stage_f32_to_bf16(xi[c] - stage_bf16_to_f32(h)); /* the difference is exact */
-        }
-        for (int c = k; c < kp; c++) hi[c] = lo[c] = 0;
-    }
-}
-
 /* Row-wise max-subtracted softmax, expf per element: the same in every variant. */
 void stage_mm_softmax_rows(float *probs, int n_q, int n_ctx)
 {
@@ -248,6 +233,14 @@ void stage_matmul_force_path(stage_path p) { g_path = p; }
 void stage_matmul_force_engine(stage_engine e) { g_engine = e; }
 void stage_matmul_set_mode(stage_matmul_mode m) { g_mode = m; }
 stage_matmul_mode stage_matmul_get_mode(void) { return g_mode; }
+int stage_q8_fast_available(void)
+{
+#if defined(__x86_64__)
+    return stage_mm_q8_fast_supported() && ops() != &stage_mm_ops_c && ops() != &stage_mm_ops_avx2;
+#else
+    return 0;
+#endif
+}
 
 /* ---- thread pool ----------------------------------------------------------------------------- */
 
@@ -276,8 +269,9 @@ static struct {
     float **tile; /* [n] per-thread [STAGE_TILE_N][STAGE_TILE_K], grown once */
 } P = {.n = 1, .mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
 
-static float *g_tile0;      /* the caller's tile scratch when there is no pool */
-static uint16_t *g_xs;      /* split x: [m][2][kp] (AVX-512 BF16), [m][2][k] / [m][k] (run_large) */
+static float *g_tile0; /* the caller's tile scratch when there is no pool */
+static uint16_t
+    *g_xs; /* split x: [m][2][mm_split_half] (AVX-512 BF16), [m][2][k] / [m][k] (run_large) */
 static size_t g_xs_cap;     /* elements */
 static float **g_aprobs;    /* [g_aprobs_n] per-thread attention probs (stage_attend_batch) */
 static size_t g_aprobs_cap; /* floats in each */
@@ -471,7 +465,7 @@ static void small_task(void *a, int t, int tid)
 /* The split-x scratch (g_xs) for m rows of k columns, grown once; 0 when it is there. */
 static int xs_reserve(int m, int k)
 {
-    size_t need = (size_t)m * 2 * (size_t)mm_split_kp(k);
+    size_t need = (size_t)m * 2 * (size_t)mm_split_half(k);
     if (need > g_xs_cap) {
         uint16_t *nx = realloc(g_xs, need * sizeof *nx);
         if (!nx) return -1;
@@ -492,6 +486,15 @@ static void run_small(const float *x, int m, const stage_weight *w, float *y, co
             j.rows = o->rows_nosplit_bf16; /* no memory for the split x: convert weights */
         }
     }
+#if defined(__x86_64__)
+    /* Q8_0 in FAST mode: x to int8 once per call, the int8 dot on the weights (matmul_isa.h) */
+    if (w->dtype == STAGE_Q8_0 && g_mode == STAGE_MATMUL_FAST && stage_q8_fast_available() &&
+        xs_reserve(m, w->cols) == 0) {
+        stage_mm_q8_quant_x(x, m, w->cols, g_xs);
+        j.xs = g_xs;
+        j.rows = stage_mm_q8_rows_vnni;
+    }
+#endif
     const int n = w->rows;
     /* About four tasks per thread so a thread that starts late costs little; multiples of 4
      * rows (the kernels' row block). */

@@ -49,6 +49,13 @@
  * 3.0e-6 at k = 4096, up to 7.7e-6 on short rows (k = 5..67) where the result cancels; oneDNN
  * bf16 EXACT <= 2.7e-6 (k 64..2085). FAST mode keeps 8 bits of x: bound 4e-3, measured
  * <= 1.7e-3; on stories260K its logits move 6e-3 and the held-out NLL +0.002% (docs/BENCH.md).
+ * Q8_0 FAST (small path, AVX-512 VNNI CPUs: stage_q8_fast_available): x quantized per
+ * 32-column block to int8 (d = max|x| / 127) and dotted with the int8 weights by vpdpbusd; per
+ * output, 64 columns a step in order, exact int32 block sums, f32 accumulation of sum * dw * dx,
+ * then _mm512_reduce_add_ps. Measured (tests/test_kernels.c) 1.6e-7 against a double reference
+ * on the quantized x, 6.3e-3 against the f32 x (bound 2e-2). Held-out NLL on stories260K
+ * (scripts/q8-nll): +0.058% over f32 against exact q8_0's +0.056%; no decode speed gain over
+ * exact q8_0 measured (README), so it stays opt-in and off by default.
  *
  * Threads: one process-wide pool. stage_threads_init(n) starts n - 1 workers (the caller is
  * the n-th); workers spin ~50 us after a job, then sleep on a condition variable. Without init
@@ -103,10 +110,13 @@ void stage_matmul_w(const float *x, int m, const stage_weight *w, float *y);
 typedef enum { STAGE_ISA_C = 0, STAGE_ISA_AVX2, STAGE_ISA_AVX512, STAGE_ISA_AVX512BF16 } stage_isa;
 #define STAGE_N_ISAS 4
 /* The default: the fastest variant this CPU (and OS) can run, AVX-512 > AVX2 > C. AVX-512 BF16
- * is never the default: with x split in two bf16 halves it needs two vdpbf16ps per 32
- * products, and measured here that runs at 1/3 of the convert + FMA variant's rate in cache
- * (30 vs 70-90 GFLOP/s on one core) and is no faster at m = 1 (memory-bound either way),
- * while being less exact (~4e-6 vs ~4e-7). It stays selectable (stage_matmul_force_isa). */
+ * is never the default. Its bf16 rows (x split once per call into bf16 hi + lo, FAST: hi
+ * only; blocks of 8 weight rows x 32 x rows x 1024 columns, two vdpbf16ps per 32 products in
+ * EXACT) reach, in cache on one core, 50-65 G multiply-adds/s exact and 90-118 fast (peak
+ * 7.2 G vdpbf16ps/s: 115 exact, 230 fast), 1.15-1.4x the convert + FMA variant at 8-32 rows;
+ * but in batched decode (16 rows, 2 threads) oneDNN's bf16 brgemm on the large path was as
+ * fast or faster (docs/BENCH.md), at m = 1 it is no faster (memory-bound either way), and it
+ * is less exact (~4e-6 vs ~4e-7). It stays selectable (stage_matmul_force_isa). */
 stage_isa stage_isa_best(void);
 int stage_isa_supported(stage_isa isa);    /* 1 if this CPU can run it */
 const char *stage_isa_name(stage_isa isa); /* "c", "avx2", "avx512", "avx512bf16" */
@@ -131,6 +141,9 @@ typedef enum { STAGE_ENGINE_AUTO = 0, STAGE_ENGINE_BLAS, STAGE_ENGINE_ONEDNN } s
 typedef enum { STAGE_MATMUL_EXACT = 0, STAGE_MATMUL_FAST } stage_matmul_mode;
 void stage_matmul_set_mode(stage_matmul_mode m);
 stage_matmul_mode stage_matmul_get_mode(void);
+/* 1 when FAST mode changes Q8_0's small path (int8 x on AVX-512 VNNI; an AVX-512 variant in
+ * use), else FAST leaves Q8_0 exact. */
+int stage_q8_fast_available(void);
 void stage_matmul_force_engine(stage_engine e);
 /* What the large path runs for an f32 tile of m rows, k columns: oneDNN's implementation name
  * ("gemm:jit", "brg:avx512_core_amx"...) or "openblas" (written into buf, returned). */

@@ -4,8 +4,11 @@
  * x [m][w->cols]. Each y[i][j] is computed from x row i and weight row j alone, in an order
  * fixed by the variant and w->cols (stage/matmul.h: reduction order). xs is the split x of
  * the variant's split() (NULL for variants without one).
- * split(x, m, k, xs): xs [m][2][kp] bf16, kp = k rounded up to 32, hi part then lo part,
- * zero padded: x ~= hi + lo with ~16 mantissa bits. NULL: this variant does not need it.
+ * split(x, m, k, xs): xs [m][2][mm_split_half(k)] bf16, hi part then lo part, each zero
+ * padded to kp = k rounded up to 32: x ~= hi + lo with ~16 mantissa bits. The half is kp + 32,
+ * not kp: with power-of-two k the rows (and the hi and lo parts) would sit at multiples of
+ * 4 KiB, all in one L1 set, and the kernels that read 4-8 of them at once would evict each
+ * other. NULL: this variant does not need it.
  * cvt[dtype](src, dst, n): n elements to f32, exact (the large path's tile conversion).
  * attend: stage_attend_gqa for this variant.
  */
@@ -35,6 +38,7 @@ typedef struct {
 } mm_ops;
 
 static inline int mm_split_kp(int k) { return (k + 31) & ~31; }
+static inline int mm_split_half(int k) { return mm_split_kp(k) + 32; }
 
 /* Walks the entries of a stage_kv_view in order: kv_it_next returns entry t0, t0 + 1, ...
  * of the K (or V) side; the page id is read only when an entry starts a page. */
@@ -89,8 +93,20 @@ void stage_mm_q8_rows_avx512(const float *x, int m, const stage_weight *w, int r
                              const uint16_t *xs);
 #endif
 
+/* Q8_0 FAST mode (stage_matmul_set_mode): x quantized per 32-column block to int8 with an f32
+ * scale (llama.cpp's q8_0 rule: d = max|x| / 127, q = round(x / d)), dotted with the weights'
+ * int8 by AVX-512 VNNI. quant_x writes m rows of mm_q8x_row_bytes(k) each: int8 q [kq] (zero
+ * past k), then f32 d [kq / 32]. rows_vnni takes that as xs. */
+static inline int mm_q8x_kq(int k) { return (k + 63) & ~63; }
+static inline size_t mm_q8x_row_bytes(int k) { return (size_t)mm_q8x_kq(k) / 32 * 36; }
+int stage_mm_q8_fast_supported(void);
+void stage_mm_q8_quant_x(const float *x, int m, int k, void *xq);
+#if defined(__x86_64__)
+void stage_mm_q8_rows_vnni(const float *x, int m, const stage_weight *w, int r0, int r1, float *y,
+                           const uint16_t *xs);
+#endif
+
 /* Plain C pieces shared by every variant (matmul.c). */
-void stage_mm_split_c(const float *x, int m, int k, uint16_t *xs);
 void stage_mm_softmax_rows(float *probs, int n_q, int n_ctx);
 
 #endif

@@ -277,3 +277,131 @@ T512 void stage_mm_q8_rows_avx512(const float *x, int m, const stage_weight *w, 
 #undef Q8B
 }
 #endif
+
+/* ---- FAST mode: int8 activations, AVX-512 VNNI ----------------------------------------------- */
+#if defined(__x86_64__)
+#define TVN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")))
+
+int stage_mm_q8_fast_supported(void)
+{
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("f16c");
+}
+
+void stage_mm_q8_quant_x(const float *x, int m, int k, void *xq)
+{
+    const int kq = mm_q8x_kq(k), nbq = kq / QB;
+    for (int i = 0; i < m; i++) {
+        int8_t *q = (int8_t *)xq + (size_t)i * mm_q8x_row_bytes(k);
+        float *dx = (float *)(q + kq);
+        const float *xi = x + (size_t)i * k;
+        for (int b = 0; b < nbq; b++) {
+            const int c0 = b * QB, cn = k - c0 < QB ? (k - c0 > 0 ? k - c0 : 0) : QB;
+            float amax = 0.0f;
+            for (int c = 0; c < cn; c++) amax = fmaxf(amax, fabsf(xi[c0 + c]));
+            const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+            for (int c = 0; c < QB; c++) {
+                const float v = c < cn ? roundf(xi[c0 + c] * id) : 0.0f;
+                q[c0 + c] = (int8_t)(v > 127.0f ? 127 : v < -127.0f ? -127 : v);
+            }
+            dx[b] = d;
+        }
+    }
+}
+
+/* R weight rows x MB x rows, 64 columns (two blocks) a step: vpdpbusd of |w| (unsigned) and x
+ * with w's sign (x is within +-127, so negating it cannot overflow), 16 int32 lanes of which
+ * 0-7 are block 2p and 8-15 block 2p + 1; each lane's sum to f32, times dw * dx of its block,
+ * added into an f32 accumulator; then _mm512_reduce_add_ps. */
+static TVN INL void blkq8_vnni(const int8_t *xq, const float *dx, size_t xstride, const int8_t *q,
+                               const uint16_t *d, int k, int nb, int R, int MB, float *y, int ldy)
+{
+    __m512 acc[4][4];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; i++) acc[r][i] = _mm512_setzero_ps();
+    const __m512i zero = _mm512_setzero_si512();
+    const __m512i lo8 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    for (int b0 = 0; b0 < nb; b0 += 16) {
+        const int bn = nb - b0 < 16 ? nb - b0 : 16;
+        const __mmask16 bm = (__mmask16)((1u << bn) - 1u);
+        __m512 ds[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++)
+            ds[r] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(bm, d + (size_t)r * nb + b0));
+        for (int p = 0; p < bn; p += 2) {
+            const int c = (b0 + p) * QB;
+            const __mmask64 cm =
+                k - c >= 64 ? ~(__mmask64)0 : (__mmask64)((1ull << (k - c)) - 1ull);
+            const __m512i idx = _mm512_add_epi32(lo8, _mm512_set1_epi32(p));
+            __m512i wa[4];
+            __mmask64 wn[4];
+            __m512 sw[4];
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) {
+                const __m512i wv = _mm512_maskz_loadu_epi8(cm, q + (size_t)r * k + c);
+                wa[r] = _mm512_abs_epi8(wv);
+                wn[r] = _mm512_movepi8_mask(wv);
+                sw[r] = _mm512_permutexvar_ps(idx, ds[r]);
+            }
+#pragma GCC unroll 4
+            for (int i = 0; i < MB; i++) {
+                const __m512i xv = _mm512_loadu_si512(xq + (size_t)i * xstride + c);
+                const __m512 sx = _mm512_permutexvar_ps(
+                    lo8,
+                    _mm512_castps256_ps512(_mm256_castps128_ps256(_mm_castsi128_ps(_mm_loadl_epi64(
+                        (const __m128i *)(dx + (size_t)i * (xstride / 4) + b0 + p))))));
+#pragma GCC unroll 4
+                for (int r = 0; r < R; r++) {
+                    const __m512i xs = _mm512_mask_sub_epi8(xv, wn[r], zero, xv);
+                    const __m512i s = _mm512_dpbusd_epi32(zero, wa[r], xs);
+                    acc[r][i] =
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(sw[r], sx), acc[r][i]);
+                }
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; i++) y[(size_t)i * ldy + r] = _mm512_reduce_add_ps(acc[r][i]);
+}
+
+TVN void stage_mm_q8_rows_vnni(const float *x, int m, const stage_weight *w, int r0, int r1,
+                               float *y, const uint16_t *xs)
+{
+    (void)x;
+    const int n = w->rows, k = w->cols, nb = stage_q8_blocks(k);
+    const size_t rb = mm_q8x_row_bytes(k);
+    const int8_t *xq = (const int8_t *)xs;
+    const float *dx = (const float *)(xq + mm_q8x_kq(k)); /* row i's at + i * rb / 4 floats */
+    const int8_t *q = w->data;
+#define QV(RR, MM)                                                                                 \
+    blkq8_vnni(xq + (size_t)i * rb, dx + (size_t)i * (rb / 4), rb, q + (size_t)j * k,              \
+               w->scale + (size_t)j * nb, k, nb, RR, MM, y + (size_t)i * n + j, n)
+#define QVROWS(RR)                                                                                 \
+    do {                                                                                           \
+        int i = 0;                                                                                 \
+        for (; i + 4 <= m; i += 4) QV(RR, 4);                                                      \
+        switch (m - i) {                                                                           \
+        case 3: QV(RR, 3); break;                                                                  \
+        case 2: QV(RR, 2); break;                                                                  \
+        case 1: QV(RR, 1); break;                                                                  \
+        default: break;                                                                            \
+        }                                                                                          \
+    } while (0)
+    int j = r0;
+    for (; j + 4 <= r1; j += 4) QVROWS(4);
+    for (; j < r1; j++) QVROWS(1);
+#undef QVROWS
+#undef QV
+}
+#else
+int stage_mm_q8_fast_supported(void) { return 0; }
+void stage_mm_q8_quant_x(const float *x, int m, int k, void *xq)
+{
+    (void)x, (void)m, (void)k, (void)xq;
+}
+#endif

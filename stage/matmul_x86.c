@@ -79,6 +79,100 @@ static T512 INL void blk512(const float *x, const void *w, int k, int R, int MB,
         for (int i = 0; i < MB; i++) y[(size_t)i * ldy + r] = _mm512_reduce_add_ps(acc[r][i]);
 }
 
+/* bf16 rows by shift and mask, no widening shuffle: a 64-byte load holds 32 weights, element
+ * 2l in the low half of 32-bit lane l and 2l + 1 in the high half, so w << 16 is the even
+ * elements as f32 and w & 0xffff0000 the odd ones. x is deinterleaved to match (two
+ * permutes per 32 columns, shared by the R weight rows). Order of one output: lane l
+ * accumulates columns 32c + 2l then 32c + 2l + 1 for chunks c in order (the last chunk
+ * masked), then _mm512_reduce_add_ps. R up to 8 (rows r < 4 at w, the others at w2; outputs
+ * likewise at y and y2), MB up to 4 (R * MB <= 16). */
+static T512 INL void blk512_bf16(const float *x, const uint16_t *w, const uint16_t *w2, int k,
+                                 int R, int MB, float *y, float *y2, int ldy)
+{
+    __m512 acc[8][4];
+    const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; i++) acc[r][i] = _mm512_setzero_ps();
+    int c = 0;
+    for (; c < k; c += 32) {
+        const int full = c + 32 <= k;
+        const __mmask32 mw = full ? ~(__mmask32)0 : (__mmask32)((1ull << (k - c)) - 1ull);
+        const __mmask16 ma =
+            full ? (__mmask16)0xffff : (__mmask16)(k - c >= 16 ? 0xffffu : (1u << (k - c)) - 1u);
+        const __mmask16 mb =
+            full ? (__mmask16)0xffff : (__mmask16)(k - c > 16 ? (1u << (k - c - 16)) - 1u : 0u);
+        __m512 we[8], wo[8];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            const uint16_t *p = (r < 4 ? w + (size_t)r * k : w2 + (size_t)(r - 4) * k) + c;
+            const __m512i v = full ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(mw, p);
+            we[r] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+            wo[r] = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; i++) {
+            const float *xi = x + (size_t)i * k + c;
+            const __m512 a = full ? _mm512_loadu_ps(xi) : _mm512_maskz_loadu_ps(ma, xi);
+            const __m512 b = full ? _mm512_loadu_ps(xi + 16) : _mm512_maskz_loadu_ps(mb, xi + 16);
+            const __m512 xe = _mm512_permutex2var_ps(a, ie, b);
+            const __m512 xo = _mm512_permutex2var_ps(a, io, b);
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                acc[r][i] = _mm512_fmadd_ps(we[r], xe, acc[r][i]);
+                acc[r][i] = _mm512_fmadd_ps(wo[r], xo, acc[r][i]);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; i++)
+            (r < 4 ? y : y2 - 4)[(size_t)i * ldy + r] = _mm512_reduce_add_ps(acc[r][i]);
+}
+
+/* bf16 rows: blocks of 8 weight rows for one x row, 4 x 4 for more. */
+static T512 void rows512_bf16(const float *x, int m, const stage_weight *w, int r0, int r1,
+                              float *y, const uint16_t *xs)
+{
+    (void)xs;
+    const int n = w->rows, k = w->cols;
+    const uint16_t *wd = w->data;
+#define BB(RR, MM)                                                                                 \
+    blk512_bf16(x + (size_t)i * k, wd + (size_t)j * k, NULL, k, RR, MM, y + (size_t)i * n + j,     \
+                NULL, n)
+    int j = r0;
+    if (m == 1) {
+        for (; j + 8 <= r1; j += 8)
+            blk512_bf16(x, wd + (size_t)j * k, wd + (size_t)(j + 4) * k, k, 8, 1, y + j, y + j + 4,
+                        n);
+    }
+    for (; j + 4 <= r1; j += 4) {
+        int i = 0;
+        for (; i + 4 <= m; i += 4) BB(4, 4);
+        switch (m - i) {
+        case 3: BB(4, 3); break;
+        case 2: BB(4, 2); break;
+        case 1: BB(4, 1); break;
+        default: break;
+        }
+    }
+    for (; j < r1; j++) {
+        int i = 0;
+        for (; i + 4 <= m; i += 4) BB(1, 4);
+        switch (m - i) {
+        case 3: BB(1, 3); break;
+        case 2: BB(1, 2); break;
+        case 1: BB(1, 1); break;
+        default: break;
+        }
+    }
+#undef BB
+}
+
 #define ROWS_BODY(BLK, ...)                                                                        \
     do {                                                                                           \
         const int n = w->rows, k = w->cols;                                                        \
@@ -118,70 +212,158 @@ static T512 INL void blk512(const float *x, const void *w, int k, int R, int MB,
         ROWS_BODY(B512, 0);                                                                        \
     }
 DEF_ROWS512(rows512_f32, STAGE_F32)
-DEF_ROWS512(rows512_bf16, STAGE_BF16)
 DEF_ROWS512(rows512_f16, STAGE_F16)
 
-/* ---- AVX-512 BF16: x split into hi + lo bf16, weights used as they are ----------------------- */
+/* ---- AVX-512 BF16: x split into bf16 (hi + lo, or hi only in FAST mode), weights as they are - ---- */
 
-/* xs rows: hi at xs + i*2*kp, lo at + kp; zero past k. */
-static TBF INL void blkbf(const uint16_t *xs, int kp, const uint16_t *w, int k, int R, int MB,
-                          float *y, int ldy)
+/* The split x (matmul_isa.h layout [m][2][mm_split_half]) with vcvtneps2bf16: round to nearest even,
+ * denormal inputs and results flushed to zero (|x| < 2^-126: nothing a logit can see). EXACT:
+ * lo = bf16(x - hi) (x - hi is exact in f32, so x = hi + lo to ~16 mantissa bits); FAST
+ * (stage_matmul_set_mode): hi only, lo is not written and not read. */
+static TBF void splitbf(const float *x, int m, int k, uint16_t *xs)
 {
-    __m512 acc[4][4];
-#pragma GCC unroll 4
-    for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-        for (int i = 0; i < MB; i++) acc[r][i] = _mm512_setzero_ps();
-    int c = 0;
-    for (; c + 32 <= k; c += 32) {
-        __m512i wv[4];
-#pragma GCC unroll 4
-        for (int r = 0; r < R; r++) wv[r] = _mm512_loadu_si512(w + (size_t)r * k + c);
-#pragma GCC unroll 4
-        for (int i = 0; i < MB; i++) {
-            const uint16_t *xi = xs + (size_t)i * 2 * kp + c;
-            __m512bh xh = (__m512bh)_mm512_loadu_si512(xi);
-            __m512bh xl = (__m512bh)_mm512_loadu_si512(xi + kp);
-#pragma GCC unroll 4
-            for (int r = 0; r < R; r++) {
-                acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xl, (__m512bh)wv[r]);
-                acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xh, (__m512bh)wv[r]);
-            }
+    const int kp = mm_split_kp(k), hf = mm_split_half(k);
+    const int lo = stage_matmul_get_mode() != STAGE_MATMUL_FAST;
+    for (int i = 0; i < m; i++) {
+        const float *xi = x + (size_t)i * k;
+        uint16_t *h = xs + (size_t)i * 2 * hf, *l = h + hf;
+        for (int c = 0; c < kp; c += 16) {
+            const __mmask16 mk =
+                k - c >= 16 ? (__mmask16)0xffff : (__mmask16)(k > c ? (1u << (k - c)) - 1 : 0);
+            const __m512 v = _mm512_maskz_loadu_ps(mk, xi + c); /* zero past k */
+            const __m256i hv = (__m256i)_mm512_cvtneps_pbh(v);
+            _mm256_storeu_si256((__m256i *)(h + c), hv);
+            if (!lo) continue;
+            const __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hv), 16));
+            _mm256_storeu_si256((__m256i *)(l + c),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, hf)));
         }
     }
-    if (c < k) {
-        __mmask32 msk = (__mmask32)((1ull << (k - c)) - 1ull);
-        __m512i wv[4];
-#pragma GCC unroll 4
-        for (int r = 0; r < R; r++) wv[r] = _mm512_maskz_loadu_epi16(msk, w + (size_t)r * k + c);
-#pragma GCC unroll 4
-        for (int i = 0; i < MB; i++) {
-            const uint16_t *xi = xs + (size_t)i * 2 * kp + c;
-            __m512bh xh = (__m512bh)_mm512_loadu_si512(xi);
-            __m512bh xl = (__m512bh)_mm512_loadu_si512(xi + kp);
-#pragma GCC unroll 4
-            for (int r = 0; r < R; r++) {
-                acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xl, (__m512bh)wv[r]);
-                acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xh, (__m512bh)wv[r]);
-            }
-        }
-    }
-#pragma GCC unroll 4
-    for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-        for (int i = 0; i < MB; i++) y[(size_t)i * ldy + r] = _mm512_reduce_add_ps(acc[r][i]);
 }
 
-#define BBF(dummy, RR, MM)                                                                         \
-    blkbf(xs + (size_t)i * 2 * kp, kp, wj, k, RR, MM, y + (size_t)i * n + j, n)
+/* R weight rows (w, row stride k) x MB rows of split x (xs, row stride 2 hf, lo part at + hf),
+ * columns [c0, c1) of a k-block. Order of one output: lane l accumulates, for 32-column chunks
+ * c in order, vdpbf16ps with the hi part into one accumulator and (PARTS 2) with the lo part
+ * into a second one, the last chunk's weights masked (x is zero there); after the last k-block,
+ * _mm512_reduce_add_ps(lo + hi) (PARTS 1: of hi). Two accumulators, not one: the two products
+ * of a chunk would otherwise wait on each other (vdpbf16ps latency). Between k-blocks the
+ * accumulators wait in st ([R][lds] pairs of vectors), so splitting k into blocks does not
+ * change the order. R * MB * PARTS <= 16. */
+/* one 32-column chunk of blkbf (FULL 0: the masked last one) */
+#define BF_CHUNK(FULL)                                                                             \
+    do {                                                                                           \
+        const __mmask32 mw = FULL ? ~(__mmask32)0 : (__mmask32)((1ull << (k - c)) - 1ull);         \
+        __m512i wv[8];                                                                             \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                        \
+        {                                                                                          \
+            const uint16_t *p = w + (size_t)r * k + c;                                             \
+            wv[r] = FULL ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(mw, p);                \
+        }                                                                                          \
+        _Pragma("GCC unroll 4") for (int i = 0; i < MB; i++)                                       \
+        {                                                                                          \
+            const uint16_t *xi = xs + (size_t)i * 2 * hf + c;                                      \
+            const __m512bh xh = (__m512bh)_mm512_loadu_si512(xi);                                  \
+            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) ah[r][i] =                         \
+                _mm512_dpbf16_ps(ah[r][i], xh, (__m512bh)wv[r]);                                   \
+            if (PARTS == 2) {                                                                      \
+                const __m512bh xl = (__m512bh)_mm512_loadu_si512(xi + hf);                         \
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) al[r][i] =                     \
+                    _mm512_dpbf16_ps(al[r][i], xl, (__m512bh)wv[r]);                               \
+            }                                                                                      \
+        }                                                                                          \
+    } while (0)
+
+static TBF INL void blkbf(const uint16_t *xs, int hf, const uint16_t *w, int k, int c0, int c1,
+                          int R, int MB, int PARTS, __m512 *st, int lds, int first, int last,
+                          float *y, int ldy)
+{
+    __m512 ah[8][4], al[8][4];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; i++) {
+            ah[r][i] = first ? _mm512_setzero_ps() : st[2 * ((size_t)r * lds + i)];
+            if (PARTS == 2)
+                al[r][i] = first ? _mm512_setzero_ps() : st[2 * ((size_t)r * lds + i) + 1];
+        }
+    const int cf = c1 - c0 >= 32 ? c0 + ((c1 - c0) & ~31) : c0; /* full chunks end */
+    for (int c = c0; c < cf; c += 32) BF_CHUNK(1);
+    if (cf < c1) {
+        const int c = cf;
+        BF_CHUNK(0);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; i++) {
+            if (last) {
+                const __m512 t = PARTS == 2 ? _mm512_add_ps(al[r][i], ah[r][i]) : ah[r][i];
+                y[(size_t)i * ldy + r] = _mm512_reduce_add_ps(t);
+            } else {
+                st[2 * ((size_t)r * lds + i)] = ah[r][i];
+                if (PARTS == 2) st[2 * ((size_t)r * lds + i) + 1] = al[r][i];
+            }
+        }
+}
+
+/* Blocking of the bf16 rows: BF_JB weight rows x BF_MB rows of x at a time, k in BF_KC-column
+ * blocks. Within a block every x row passes over the same BF_JB x BF_KC weights (in registers
+ * 4 weight rows x 4 x rows, 4 x 2 with two parts, 8 x 1 when there is one x row), so each
+ * weight row is read from memory once per BF_MB rows of x and the block's x
+ * (BF_MB x BF_KC x 2 bf16) stays in L1. */
+#define BF_JB 8
+#define BF_MB 32
+#define BF_KC 1024
+
+static TBF INL void rowsbf_p(const int m, const stage_weight *w, int r0, int r1, float *y,
+                             const uint16_t *xs, int PARTS)
+{
+    const int n = w->rows, k = w->cols, hf = mm_split_half(k);
+    const int MBB = PARTS == 2 ? 2 : 4; /* x rows per register block */
+    const uint16_t *wd = w->data;
+    __m512 st[2 * BF_JB * BF_MB]; /* [BF_JB][BF_MB][2] accumulators between k-blocks */
+#define CB(RR, MM)                                                                                 \
+    blkbf(xs + (size_t)(i0 + i) * 2 * hf, hf, wd + (size_t)(j0 + j) * k, k, c0, c1, RR, MM, PARTS, \
+          st + 2 * ((size_t)j * BF_MB + i), BF_MB, first, last, y + (size_t)(i0 + i) * n + j0 + j, \
+          n)
+    for (int i0 = 0; i0 < m; i0 += BF_MB) {
+        const int mb = m - i0 < BF_MB ? m - i0 : BF_MB;
+        for (int j0 = r0; j0 < r1; j0 += BF_JB) {
+            const int jb = r1 - j0 < BF_JB ? r1 - j0 : BF_JB;
+            for (int c0 = 0; c0 < k; c0 += BF_KC) {
+                const int c1 = c0 + BF_KC < k ? c0 + BF_KC : k;
+                const int first = c0 == 0, last = c1 == k;
+                int j = 0;
+                if (mb == 1)
+                    for (const int i = 0; j + 8 <= jb; j += 8) CB(8, 1);
+                for (; j + 4 <= jb; j += 4) {
+                    int i = 0;
+                    if (MBB == 4)
+                        for (; i + 4 <= mb; i += 4) CB(4, 4);
+                    else
+                        for (; i + 2 <= mb; i += 2) CB(4, 2);
+                    for (; i < mb; i++) CB(4, 1);
+                }
+                for (; j < jb; j++) {
+                    int i = 0;
+                    for (; i + 2 <= mb; i += 2) CB(1, 2);
+                    for (; i < mb; i++) CB(1, 1);
+                }
+            }
+        }
+    }
+#undef CB
+}
+#undef BF_CHUNK
 
 static TBF void rowsbf_bf16(const float *x, int m, const stage_weight *w, int r0, int r1, float *y,
                             const uint16_t *xs)
 {
     (void)x;
-    const stage_dtype DT = STAGE_BF16;
-    const int kp = mm_split_kp(w->cols);
-    ROWS_BODY(BBF, 0);
+    if (stage_matmul_get_mode() == STAGE_MATMUL_FAST)
+        rowsbf_p(m, w, r0, r1, y, xs, 1);
+    else
+        rowsbf_p(m, w, r0, r1, y, xs, 2);
 }
 
 /* ---- conversions (large path tiles) ---------------------------------------------------------- */
@@ -454,7 +636,7 @@ const mm_ops stage_mm_ops_avx512bf16 = {
              [STAGE_F16] = rows512_f16,
              [STAGE_Q8_0] = stage_mm_q8_rows_avx512},
     .cvt = {[STAGE_F32] = cvt_f32, [STAGE_BF16] = cvt512_bf16, [STAGE_F16] = cvt512_f16},
-    .split = stage_mm_split_c,
+    .split = splitbf,
     .rows_nosplit_bf16 = rows512_bf16,
     .attend = attend512,
 };

@@ -1,7 +1,8 @@
 /* tests/bench_kernels.c — micro-benchmark of stage/matmul.h (not a test; `make bench-kernels`).
  *
  *   bench_kernels [--threads N] [--quick] [--isa NAME] [--bw-gib G] [--gemv-only] [--dtype D]
- *                 [--cross-only] [--bw-pass-only]
+ *                 [--fast] [--cross-only] [--bw-pass-only]
+ *   (--fast: stage_matmul_set_mode FAST, Q8_0 with int8 x)
  *
  * Prints one `key=value ...` line per measurement (lines starting with # are comments):
  *   --bw-only: only the bw lines, then for each --shape m,k,n one `shape` line: cblas_sgemm
@@ -293,6 +294,8 @@ int main(int argc, char **argv)
             quick = 1;
         } else if (!strcmp(argv[i], "--bw-only")) {
             bw_only = 1;
+        } else if (!strcmp(argv[i], "--fast")) {
+            stage_matmul_set_mode(STAGE_MATMUL_FAST); /* Q8_0: int8 x (stage/matmul.h) */
         } else if (!strcmp(argv[i], "--bw-pass-only")) {
             bw_pass_only = 1;
         } else if (!strcmp(argv[i], "--gemv-only")) {
@@ -331,11 +334,11 @@ int main(int argc, char **argv)
                 return 2;
             }
         } else {
-            fprintf(stderr,
-                    "usage: bench_kernels [--threads N] [--quick] [--isa c|avx2|avx512|avx512bf16] "
-                    "[--bw-gib G] [--gemv-only] [--cross-only] [--dtype D] [--bw-pass-only] "
-                    "[--bw-only [--shape "
-                    "m,k,n ...]]\n");
+            fprintf(
+                stderr,
+                "usage: bench_kernels [--threads N] [--quick] [--isa c|avx2|avx512|avx512bf16] "
+                "[--bw-gib G] [--gemv-only] [--cross-only] [--dtype D] [--fast] [--bw-pass-only] "
+                "[--bw-only [--shape m,k,n ...]]\n");
             return 2;
         }
     }

@@ -515,6 +515,150 @@ static void test_matmul_row_independent(void)
     free(y3);
 }
 
+/* The AVX-512 BF16 small-path kernel (k-blocked, x split once per call) in both modes, forced
+ * on the small path at m = 1 .. 33 (past its 32-row x block) and k across its 1024-column
+ * blocks with a short tail: within TOL (exact) and FAST_TOL (fast) of the double reference,
+ * every row bit-identical to the same row alone (m = 1), at 1 and 2 threads. Skipped where
+ * the CPU has no AVX-512 BF16 (the variant cannot be forced there). */
+static void test_matmul_bf16_rows_blocked(void)
+{
+    if (!stage_isa_supported(STAGE_ISA_AVX512BF16)) return;
+    const int n = 23, k = 2 * 1024 + 37, M = 33;
+    const int ms[] = {1, 2, 4, 8, 16, 32, 33};
+    float *x = malloc((size_t)M * k * sizeof *x);
+    float *src = malloc((size_t)n * k * sizeof *src);
+    float *wr = malloc((size_t)n * k * sizeof *wr);
+    double *ref = malloc((size_t)M * n * sizeof *ref);
+    float *ym = malloc((size_t)M * n * sizeof *ym);
+    float *y1 = malloc((size_t)n * sizeof *y1);
+    fill(x, (size_t)M * k);
+    fill(src, (size_t)n * k);
+    stage_weight w;
+    make_weight(STAGE_BF16, n, k, src, &w, wr);
+    ref_matmul(x, M, k, wr, n, ref);
+    CU_ASSERT_EQUAL_FATAL(stage_matmul_force_isa(STAGE_ISA_AVX512BF16), 0);
+    stage_matmul_force_path(STAGE_PATH_SMALL);
+    double worst[2] = {0, 0};
+    for (int th = 1; th <= 2; th++) {
+        threads(th);
+        for (int fast = 0; fast < 2; fast++) {
+            stage_matmul_set_mode(fast ? STAGE_MATMUL_FAST : STAGE_MATMUL_EXACT);
+            for (size_t mi = 0; mi < sizeof ms / sizeof ms[0]; mi++) {
+                const int m = ms[mi];
+                stage_matmul_w(x, m, &w, ym);
+                const double e = rel_err_d(ym, ref, (size_t)m * n);
+                if (e > worst[fast]) worst[fast] = e;
+                CU_ASSERT(e <= (fast ? FAST_TOL : TOL));
+                int same = 1;
+                for (int i = 0; i < m; i++) {
+                    stage_matmul_w(x + (size_t)i * k, 1, &w, y1);
+                    same &= !memcmp(y1, ym + (size_t)i * n, (size_t)n * sizeof(float));
+                }
+                if (!same)
+                    fprintf(stderr, "\n  avx512bf16 %s m=%d threads=%d: rows depend on the call\n",
+                            fast ? "fast" : "exact", m, th);
+                CU_ASSERT(same);
+            }
+        }
+    }
+    /* fast rounds x: visibly less exact than the hi + lo split, still within its bound */
+    CU_ASSERT(worst[1] > 10 * worst[0]);
+    if (verbose())
+        fprintf(stderr, "\n  avx512bf16 blocked rows: exact %.3g fast %.3g", worst[0], worst[1]);
+    stage_matmul_set_mode(STAGE_MATMUL_EXACT);
+    stage_matmul_force_path(STAGE_PATH_AUTO);
+    stage_matmul_force_isa(stage_isa_best());
+    stage_threads_free();
+    free_weight(&w);
+    free(x);
+    free(src);
+    free(wr);
+    free(ref);
+    free(ym);
+    free(y1);
+}
+
+/* Q8_0 in FAST mode (x quantized per 32-block to int8, llama.cpp's rule, then an int8 dot on
+ * AVX-512 VNNI): against the double reference on the quantized x and dequantized weights
+ * (what it computes: only f32 rounding, TOL) and on the f32 x (the quantization's cost,
+ * Q8_FAST_TOL); bit-identical at 1 and 2 threads and for a row alone. Where the CPU has no
+ * VNNI the mode leaves Q8_0 exact: results equal the exact mode's bits. */
+#define Q8_FAST_TOL 2e-2 /* x's int8: 2^-8 of a block's max per element; measured in -v output */
+static void test_matmul_q8_fast(void)
+{
+    static const int shapes[][2] = {{37, 67}, {9, 32 * 16 * 3 + 5}, {64, 4096}, {5, 5}, {12, 128}};
+    const int ms[] = {1, 2, 3, 4, 5, 9};
+    double worst[2] = {0};
+    for (int sh = 0; sh < 5; sh++) {
+        const int n = shapes[sh][0], k = shapes[sh][1], M = 9;
+        float *x = malloc((size_t)M * k * sizeof *x), *xq = malloc((size_t)M * k * sizeof *xq);
+        float *src = malloc((size_t)n * k * sizeof *src), *wr = malloc((size_t)n * k * sizeof *wr);
+        double *ref = malloc((size_t)M * n * sizeof *ref),
+               *refq = malloc((size_t)M * n * sizeof *refq);
+        float *y = malloc((size_t)M * n * sizeof *y), *y2 = malloc((size_t)M * n * sizeof *y2);
+        float *y1 = malloc((size_t)n * sizeof *y1);
+        fill(x, (size_t)M * k);
+        fill(src, (size_t)n * k);
+        stage_weight w;
+        make_weight(STAGE_Q8_0, n, k, src, &w, wr);
+        /* x as FAST mode sees it: stage_q8_quantize_row's numbers, dequantized */
+        int8_t *q = malloc((size_t)k);
+        uint16_t *d = malloc((size_t)stage_q8_blocks(k) * sizeof *d);
+        for (int i = 0; i < M; i++) {
+            const float *xi = x + (size_t)i * k;
+            for (int b = 0; b * 32 < k; b++) {
+                const int c0 = b * 32, cn = k - c0 < 32 ? k - c0 : 32;
+                float amax = 0.0f;
+                for (int c = 0; c < cn; c++) amax = fmaxf(amax, fabsf(xi[c0 + c]));
+                const float dd = amax / 127.0f, id = dd != 0.0f ? 1.0f / dd : 0.0f;
+                for (int c = 0; c < cn; c++)
+                    xq[(size_t)i * k + c0 + c] = roundf(xi[c0 + c] * id) * dd;
+            }
+        }
+        free(q);
+        free(d);
+        ref_matmul(x, M, k, wr, n, ref);
+        ref_matmul(xq, M, k, wr, n, refq);
+        for (int isa = STAGE_ISA_AVX512; isa < STAGE_N_ISAS; isa++) {
+            if (!stage_isa_supported((stage_isa)isa)) continue;
+            stage_matmul_force_isa((stage_isa)isa);
+            for (int mi = 0; mi < 6; mi++) {
+                const int m = ms[mi];
+                threads(1);
+                stage_matmul_set_mode(STAGE_MATMUL_FAST);
+                stage_matmul_w(x, m, &w, y);
+                threads(2);
+                stage_matmul_w(x, m, &w, y2);
+                CU_ASSERT(!memcmp(y, y2, (size_t)m * n * sizeof *y));
+                for (int i = 0; i < m; i++) {
+                    stage_matmul_w(x + (size_t)i * k, 1, &w, y1);
+                    CU_ASSERT(!memcmp(y1, y + (size_t)i * n, (size_t)n * sizeof *y1));
+                }
+                stage_matmul_set_mode(STAGE_MATMUL_EXACT);
+                if (stage_q8_fast_available()) {
+                    const double eq = rel_err_d(y, refq, (size_t)m * n);
+                    const double e = rel_err_d(y, ref, (size_t)m * n);
+                    if (eq > worst[0]) worst[0] = eq;
+                    if (e > worst[1]) worst[1] = e;
+                    CU_ASSERT(eq <= TOL);
+                    CU_ASSERT(e <= Q8_FAST_TOL);
+                    CU_ASSERT(e > eq); /* really quantized */
+                } else {
+                    stage_matmul_w(x, m, &w, y2);
+                    CU_ASSERT(!memcmp(y, y2, (size_t)m * n * sizeof *y));
+                }
+            }
+        }
+        free_weight(&w);
+        free(x), free(xq), free(src), free(wr), free(ref), free(refq), free(y), free(y2), free(y1);
+    }
+    stage_threads_free();
+    stage_matmul_force_isa(stage_isa_best());
+    if (verbose())
+        fprintf(stderr, "\n  q8_0 fast: vs quantized-x ref %.3g, vs f32-x ref %.3g\n", worst[0],
+                worst[1]);
+}
+
 /* The pool across its states: jobs back to back (workers spinning), after a pause (workers
  * asleep on the condition variable), and after re-initialising with another count. */
 static void test_pool_sleep_wake(void)
@@ -815,6 +959,8 @@ int main(void)
         T_(test_matmul_onednn),
         T_(test_matmul_bf16_onednn),
         T_(test_matmul_row_independent),
+        T_(test_matmul_bf16_rows_blocked),
+        T_(test_matmul_q8_fast),
         T_(test_pool_sleep_wake),
         T_(test_attend),
         T_(test_attend_batch),

@@ -780,29 +780,33 @@ static void test_bf16_many_rows(void)
     }
 }
 
-/* Default decode groups: 16 sequences at R 32 make 2 groups of 8, so every decode
- * micro-batch has 8 rows (not 8 groups of 2): 2 prefill + 2 x 4 decode micro-batches, at any
- * -np; R 4 forces 4 groups of 4. */
+/* Default decode groups: 16 sequences at R 32 on one stage (-np 1) make one group of 16,
+ * its 32 prompt rows one prefill micro-batch, then 4 decode micro-batches of 16 rows; on two
+ * stages 2 groups of 8, so every decode micro-batch has 8 rows (not 8 groups of 2): 2 prefill
+ * + 2 x 4 decode micro-batches. The logits are the same bits either way (every layer here
+ * computes a row alone). R 4 forces 4 groups of 4. */
 static void test_default_groups(void)
 {
-    char stats[512], pf[512];
+    char stats[512], pf[512], dump[2][512];
     snprintf(pf, sizeof pf, "%s/p16.txt", TMP);
     FILE *f = fopen(pf, "w");
     for (int i = 0; i < 16; i++) fprintf(f, "%d,%d\n", 3 + i, 40 + i);
     fclose(f);
     snprintf(stats, sizeof stats, "%s/g16.json", TMP);
     for (int np = 1; np <= 2; np++) {
+        snprintf(dump[np - 1], sizeof dump[0], "%s/g16_np%d.bin", TMP, np);
         CU_ASSERT_EQUAL_FATAL(
             run(60,
                 "%s -np %d %s generate --model %s/mod --prompts-file %s --max-new 5 "
-                "--quiet --stats %s",
-                MPIRUN, np, BIN, FIX, pf, stats),
+                "--quiet --stats %s --dump-logits %s",
+                MPIRUN, np, BIN, FIX, pf, stats, dump[np - 1]),
             0);
         cJSON *j = read_json(stats);
         CU_ASSERT_PTR_NOT_NULL_FATAL(j);
-        CU_ASSERT_EQUAL(jnum(j, "micro_batches"), 2 + 2 * 4);
+        CU_ASSERT_EQUAL(jnum(j, "micro_batches"), np == 1 ? 1 + 4 : 2 + 2 * 4);
         cJSON_Delete(j);
     }
+    CU_ASSERT(files_identical(dump[0], dump[1]));
     CU_ASSERT_EQUAL_FATAL(run(60,
                               "%s -np 1 %s generate --model %s/mod --prompts-file %s --max-new 5 "
                               "--micro-batch 4 --quiet --stats %s",
