@@ -179,8 +179,12 @@ int stage_matmul_m_small(stage_dtype d)
     if (d == STAGE_F32 || d == STAGE_Q8_0) return STAGE_M_SMALL;
     /* bf16 tiles on oneDNN's native bf16 matmul overtake the streaming kernel at fewer rows
      * than the f32-converted tiles do (matmul.h) */
-    if (d == STAGE_BF16 && dnnl_wanted() && stage_dnnl_bf16())
-        return g_mode == STAGE_MATMUL_FAST ? STAGE_M_SMALL_BF16_FAST : STAGE_M_SMALL_BF16_EXACT;
+    if (d == STAGE_BF16 && dnnl_wanted() && stage_dnnl_bf16()) {
+        const int fast = g_mode == STAGE_MATMUL_FAST;
+        if (stage_dnnl_amx())
+            return fast ? STAGE_M_SMALL_BF16_AMX_FAST : STAGE_M_SMALL_BF16_AMX_EXACT;
+        return fast ? STAGE_M_SMALL_BF16_FAST : STAGE_M_SMALL_BF16_EXACT;
+    }
     return STAGE_M_SMALL_16BIT;
 }
 
@@ -273,6 +277,8 @@ static float *g_tile0; /* the caller's tile scratch when there is no pool */
 static uint16_t
     *g_xs; /* split x: [m][2][mm_split_half] (AVX-512 BF16), [m][2][k] / [m][k] (run_large) */
 static size_t g_xs_cap;     /* elements */
+static float *g_xd;         /* deinterleaved x for rows_bf16_dx: [m][mm_dx_stride(k)] */
+static size_t g_xd_cap;     /* floats */
 static float **g_aprobs;    /* [g_aprobs_n] per-thread attention probs (stage_attend_batch) */
 static size_t g_aprobs_cap; /* floats in each */
 static int g_aprobs_n;
@@ -387,6 +393,9 @@ void stage_threads_free(void)
     free(g_xs);
     g_xs = NULL;
     g_xs_cap = 0;
+    free(g_xd);
+    g_xd = NULL;
+    g_xd_cap = 0;
     for (int t = 0; t < g_dst_n; t++) free(g_dst[t]);
     free(g_dst);
     g_dst = NULL;
@@ -475,9 +484,41 @@ static int xs_reserve(int m, int k)
     return 0;
 }
 
+/* The deinterleaved-x scratch (g_xd) for m rows of k columns, grown once; 0 when it is there. */
+static int xd_reserve(int m, int k)
+{
+    size_t need = (size_t)m * (size_t)mm_dx_stride(k);
+    if (need > g_xd_cap) {
+        float *nx = realloc(g_xd, need * sizeof *nx);
+        if (!nx) return -1;
+        g_xd = nx;
+        g_xd_cap = need;
+    }
+    return 0;
+}
+
 static void run_small(const float *x, int m, const stage_weight *w, float *y, const mm_ops *o)
 {
     mm_job j = {.x = x, .m = m, .w = w, .y = y, .rows = o->rows[w->dtype], .ops = o};
+    /* bf16, several rows: x deinterleaved once for the whole call (the same results; without
+     * the scratch, rows[] does the same work per weight block) */
+#if defined(__x86_64__)
+    /* FAST, bf16, several rows, the AVX-512 variant on a CPU with AVX-512 BF16: x rounded to
+     * bf16 once, vdpbf16ps (the AVX-512 BF16 variant's rows in FAST mode: half the arithmetic
+     * of the f32 products). One row stays on rows[]: memory-bound either way. */
+    if (w->dtype == STAGE_BF16 && m >= 2 && g_mode == STAGE_MATMUL_FAST &&
+        o == &stage_mm_ops_avx512 && stage_isa_supported(STAGE_ISA_AVX512BF16) &&
+        xs_reserve(m, w->cols) == 0) {
+        stage_mm_ops_avx512bf16.split(x, m, w->cols, g_xs);
+        j.xs = g_xs;
+        j.rows = stage_mm_ops_avx512bf16.rows[STAGE_BF16];
+    } else
+#endif
+        if (w->dtype == STAGE_BF16 && m >= 2 && o->rows_bf16_dx && xd_reserve(m, w->cols) == 0) {
+        o->dx(x, m, w->cols, g_xd);
+        j.x = g_xd;
+        j.rows = o->rows_bf16_dx;
+    }
     if (o->split && w->dtype == STAGE_BF16) {
         if (xs_reserve(m, w->cols) == 0) {
             o->split(x, m, w->cols, g_xs);

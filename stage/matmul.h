@@ -85,13 +85,18 @@
  * from 128. STAGE_M_SMALL: the m-independence every dtype has, but bf16 on oneDNN (below). */
 #define STAGE_M_SMALL 32
 #define STAGE_M_SMALL_16BIT 64
-/* bf16 where stage_dnnl_bf16 (oneDNN's native bf16 matmul takes the large path's tiles):
- * measured on 2 Zen 5 cores, 2 threads, k 4096, n 4096, weights rotating through 1 GiB
- * (`bench_kernels --cross-only`, docs/BENCH.md): EXACT (2m bf16 rows) is level with the
- * streaming kernel at m = 8-12, 1.18x at 16, 1.3x at 32; FAST (m rows) level at m = 4-8, 1.45x
- * at 12, 1.7x at 16, 2.1x at 32. */
-#define STAGE_M_SMALL_BF16_EXACT 8
-#define STAGE_M_SMALL_BF16_FAST 4
+/* bf16 where stage_dnnl_bf16 (oneDNN's native bf16 matmul takes the large path's tiles).
+ * Without AMX, measured on 2 Zen 5 cores, 2 threads, one decoder layer's products (hidden 2048,
+ * FFN 5632) with the weights streamed from memory, interleaved (docs/BENCH.md, batched decode):
+ * the small path (x deinterleaved once per call, 4 x 4 register blocks, the next weight block
+ * prefetched; FAST: x rounded to bf16, vdpbf16ps) is ahead of oneDNN's bf16 brgemm through
+ * m = 32 in both modes and level at 48-64. With AMX (oneDNN's tiles on the matrix engine)
+ * the earlier thresholds stay: EXACT (2m bf16 rows) 8, FAST 4, measured before the small
+ * path's rework and not re-measured on an AMX machine. */
+#define STAGE_M_SMALL_BF16_EXACT 32
+#define STAGE_M_SMALL_BF16_FAST 32
+#define STAGE_M_SMALL_BF16_AMX_EXACT 8
+#define STAGE_M_SMALL_BF16_AMX_FAST 4
 int stage_matmul_m_small(stage_dtype d);
 #define STAGE_TILE_N 256  /* weight rows per large-path tile */
 #define STAGE_TILE_K 2048 /* columns per converted block of a bf16/f16 tile */
@@ -113,10 +118,11 @@ typedef enum { STAGE_ISA_C = 0, STAGE_ISA_AVX2, STAGE_ISA_AVX512, STAGE_ISA_AVX5
  * is never the default. Its bf16 rows (x split once per call into bf16 hi + lo, FAST: hi
  * only; blocks of 8 weight rows x 32 x rows x 1024 columns, two vdpbf16ps per 32 products in
  * EXACT) reach, in cache on one core, 50-65 G multiply-adds/s exact and 90-118 fast (peak
- * 7.2 G vdpbf16ps/s: 115 exact, 230 fast), 1.15-1.4x the convert + FMA variant at 8-32 rows;
- * but in batched decode (16 rows, 2 threads) oneDNN's bf16 brgemm on the large path was as
- * fast or faster (docs/BENCH.md), at m = 1 it is no faster (memory-bound either way), and it
- * is less exact (~4e-6 vs ~4e-7). It stays selectable (stage_matmul_force_isa). */
+ * 7.2 G vdpbf16ps/s: 115 exact, 230 fast); at m = 1 it is no faster (memory-bound either
+ * way), and EXACT is less exact (~4e-6 vs ~4e-7) for the same arithmetic as the AVX-512
+ * variant's f32 products. So the AVX-512 variant borrows only its FAST rows, for m >= 2 on a
+ * CPU that has AVX-512 BF16 (stage/matmul.c, run_small). It stays selectable
+ * (stage_matmul_force_isa). */
 stage_isa stage_isa_best(void);
 int stage_isa_supported(stage_isa isa);    /* 1 if this CPU can run it */
 const char *stage_isa_name(stage_isa isa); /* "c", "avx2", "avx512", "avx512bf16" */

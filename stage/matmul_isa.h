@@ -9,6 +9,7 @@
  * not kp: with power-of-two k the rows (and the hi and lo parts) would sit at multiples of
  * 4 KiB, all in one L1 set, and the kernels that read 4-8 of them at once would evict each
  * other. NULL: this variant does not need it.
+ * dx / rows_bf16_dx: below.
  * cvt[dtype](src, dst, n): n elements to f32, exact (the large path's tile conversion).
  * attend: stage_attend_gqa for this variant.
  */
@@ -34,11 +35,20 @@ typedef struct {
     void (*split)(const float *x, int m, int k, uint16_t *xs);
     /* rows to use for bf16 when split's scratch is unavailable (NULL: rows[] never needs xs) */
     mm_rows_fn rows_nosplit_bf16;
+    /* bf16 rows for m >= 2 (NULL: rows[] serves every m): dx(x, m, k, xd) writes x as the
+     * kernel reads it (layout below), rows_bf16_dx takes that as its x; the same results as
+     * rows[STAGE_BF16], bit for bit, and faster for many rows. */
+    void (*dx)(const float *x, int m, int k, float *xd);
+    mm_rows_fn rows_bf16_dx;
     mm_attend_fn attend;
 } mm_ops;
 
 static inline int mm_split_kp(int k) { return (k + 31) & ~31; }
 static inline int mm_split_half(int k) { return mm_split_kp(k) + 32; }
+/* dx's layout: xd [m][mm_dx_stride(k)] f32, per 32-column chunk the 16 even columns then the
+ * 16 odd ones, zero past k. The stride is kp + 16, not kp, for the reason above (rows 4 KiB
+ * apart would share L1 sets). */
+static inline int mm_dx_stride(int k) { return mm_split_kp(k) + 16; }
 
 /* Walks the entries of a stage_kv_view in order: kv_it_next returns entry t0, t0 + 1, ...
  * of the K (or V) side; the page id is read only when an entry starts a page. */

@@ -393,7 +393,12 @@ TVN void stage_mm_q8_rows_vnni(const float *x, int m, const stage_weight *w, int
         }                                                                                          \
     } while (0)
     int j = r0;
-    for (; j + 4 <= r1; j += 4) QVROWS(4);
+    /* One x row: one weight row at a time, so the rows stream from memory in order, one
+     * sequential read (4 rows side by side, 2 KiB each at hidden 2048, are 4 short streams:
+     * measured 1.4x slower at m = 1, docs/BENCH.md). Several x rows: 4 weight rows a block, each
+     * weight vector used for every x row. The order of one output is the same either way. */
+    if (m > 1)
+        for (; j + 4 <= r1; j += 4) QVROWS(4);
     for (; j < r1; j++) QVROWS(1);
 #undef QVROWS
 #undef QV

@@ -214,6 +214,120 @@ static T512 void rows512_bf16(const float *x, int m, const stage_weight *w, int 
 DEF_ROWS512(rows512_f32, STAGE_F32)
 DEF_ROWS512(rows512_f16, STAGE_F16)
 
+/* x rows deinterleaved for rows512_bf16_dx (matmul_isa.h: mm_dx layout): per 32-column chunk
+ * c, xd[c .. c + 16) = x[c + 2l] and xd[c + 16 .. c + 32) = x[c + 2l + 1], l < 16, zero past
+ * k: the vectors blk512_bf16 builds with two permutes per chunk and x row, built once per call
+ * instead of once per block of 8 weight rows. */
+static T512 void dx512(const float *x, int m, int k, float *xd)
+{
+    const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    const int ld = mm_dx_stride(k);
+    for (int i = 0; i < m; i++) {
+        const float *xi = x + (size_t)i * k;
+        float *o = xd + (size_t)i * ld;
+        for (int c = 0; c < k; c += 32) {
+            const int left = k - c;
+            const __mmask16 ma = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
+            const __mmask16 mb = left >= 32  ? (__mmask16)0xffff
+                                 : left > 16 ? (__mmask16)((1u << (left - 16)) - 1u)
+                                             : (__mmask16)0;
+            const __m512 a = _mm512_maskz_loadu_ps(ma, xi + c);
+            const __m512 b = _mm512_maskz_loadu_ps(mb, xi + c + 16);
+            _mm512_storeu_ps(o + c, _mm512_permutex2var_ps(a, ie, b));
+            _mm512_storeu_ps(o + c + 16, _mm512_permutex2var_ps(a, io, b));
+        }
+    }
+}
+
+/* blk512_bf16's products with x already deinterleaved (xd rows ld apart): the same operations
+ * in the same order on the same values (the tail chunk's x is zero in xd as it is after the
+ * masked loads there), so every output is bit-identical to blk512_bf16's. R <= 4, MB <= 4.
+ * pf, npf: rows of the next weight block to prefetch, one cache line of each per chunk, so
+ * the next block's weights stream in from memory while this block runs from the L1 (the
+ * MB-row passes over one weight block would otherwise leave the memory idle in all but the
+ * first). */
+static T512 INL void blk512_bf16_dx(const float *xd, int ld, const uint16_t *w, int k, int R,
+                                    int MB, const uint16_t *pf, int npf, float *y, int ldy)
+{
+    __m512 acc[4][4];
+    const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; i++) acc[r][i] = _mm512_setzero_ps();
+    for (int c = 0; c < k; c += 32) {
+        const int full = c + 32 <= k;
+        const __mmask32 mw = full ? ~(__mmask32)0 : (__mmask32)((1ull << (k - c)) - 1ull);
+        for (int p = 0; p < npf; p++)
+            _mm_prefetch((const char *)(pf + (size_t)p * k + c), _MM_HINT_T0);
+        __m512 we[4], wo[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            const uint16_t *p = w + (size_t)r * k + c;
+            const __m512i v = full ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(mw, p);
+            we[r] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+            wo[r] = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; i++) {
+            const __m512 xe = _mm512_loadu_ps(xd + (size_t)i * ld + c);
+            const __m512 xo = _mm512_loadu_ps(xd + (size_t)i * ld + c + 16);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) {
+                acc[r][i] = _mm512_fmadd_ps(we[r], xe, acc[r][i]);
+                acc[r][i] = _mm512_fmadd_ps(wo[r], xo, acc[r][i]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int i = 0; i < MB; i++) y[(size_t)i * ldy + r] = _mm512_reduce_add_ps(acc[r][i]);
+}
+
+/* bf16 rows for m >= 2 with x deinterleaved by dx512 (passed as x): blocks of 4 weight rows,
+ * each passed over by all m rows of x in blocks of 4 (ceil(m / 4) passes from the L1), pass p
+ * prefetching its share of the next block's 4 rows. */
+static T512 void rows512_bf16_dx(const float *xd, int m, const stage_weight *w, int r0, int r1,
+                                 float *y, const uint16_t *xs)
+{
+    (void)xs;
+    const int n = w->rows, k = w->cols, ld = mm_dx_stride(k);
+    const uint16_t *wd = w->data;
+    const int passes = (m + 3) / 4;
+    int j = r0;
+    for (; j + 4 <= r1; j += 4) {
+        const int next = j + 4 + 4 <= r1; /* a whole next block to prefetch */
+        for (int i = 0, p = 0; i < m; i += 4, p++) {
+            const int mb = m - i < 4 ? m - i : 4;
+            const int f0 = p * 4 / passes, f1 = (p + 1) * 4 / passes;
+            const uint16_t *pf = wd + (size_t)(j + 4 + f0) * k;
+            const int npf = next && f0 < 4 ? (f1 < 4 ? f1 : 4) - f0 : 0;
+            const float *xi = xd + (size_t)i * ld;
+            float *yi = y + (size_t)i * n + j;
+            switch (mb) {
+            case 4: blk512_bf16_dx(xi, ld, wd + (size_t)j * k, k, 4, 4, pf, npf, yi, n); break;
+            case 3: blk512_bf16_dx(xi, ld, wd + (size_t)j * k, k, 4, 3, pf, npf, yi, n); break;
+            case 2: blk512_bf16_dx(xi, ld, wd + (size_t)j * k, k, 4, 2, pf, npf, yi, n); break;
+            default: blk512_bf16_dx(xi, ld, wd + (size_t)j * k, k, 4, 1, pf, npf, yi, n); break;
+            }
+        }
+    }
+    for (; j < r1; j++)
+        for (int i = 0; i < m; i += 4) {
+            const int mb = m - i < 4 ? m - i : 4;
+            const float *xi = xd + (size_t)i * ld;
+            float *yi = y + (size_t)i * n + j;
+            switch (mb) {
+            case 4: blk512_bf16_dx(xi, ld, wd + (size_t)j * k, k, 1, 4, NULL, 0, yi, n); break;
+            case 3: blk512_bf16_dx(xi, ld, wd + (size_t)j * k, k, 1, 3, NULL, 0, yi, n); break;
+            case 2: blk512_bf16_dx(xi, ld, wd + (size_t)j * k, k, 1, 2, NULL, 0, yi, n); break;
+            default: blk512_bf16_dx(xi, ld, wd + (size_t)j * k, k, 1, 1, NULL, 0, yi, n); break;
+            }
+        }
+}
+
 /* ---- AVX-512 BF16: x split into bf16 (hi + lo, or hi only in FAST mode), weights as they are - ---- */
 
 /* The split x (matmul_isa.h layout [m][2][mm_split_half]) with vcvtneps2bf16: round to nearest even,
@@ -253,6 +367,8 @@ static TBF void splitbf(const float *x, int m, int k, uint16_t *xs)
 #define BF_CHUNK(FULL)                                                                             \
     do {                                                                                           \
         const __mmask32 mw = FULL ? ~(__mmask32)0 : (__mmask32)((1ull << (k - c)) - 1ull);         \
+        for (int p = 0; p < npf; p++)                                                              \
+            _mm_prefetch((const char *)(pf + (size_t)p * k + c), _MM_HINT_T1);                     \
         __m512i wv[8];                                                                             \
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                        \
         {                                                                                          \
@@ -275,7 +391,7 @@ static TBF void splitbf(const float *x, int m, int k, uint16_t *xs)
 
 static TBF INL void blkbf(const uint16_t *xs, int hf, const uint16_t *w, int k, int c0, int c1,
                           int R, int MB, int PARTS, __m512 *st, int lds, int first, int last,
-                          float *y, int ldy)
+                          const uint16_t *pf, int npf, float *y, int ldy)
 {
     __m512 ah[8][4], al[8][4];
 #pragma GCC unroll 8
@@ -315,6 +431,16 @@ static TBF INL void blkbf(const uint16_t *xs, int hf, const uint16_t *w, int k, 
 #define BF_MB 32
 #define BF_KC 1024
 
+/* blkbf calls rowsbf_p makes for one block of jb weight rows x mb rows of x (its loops below) */
+static inline int bf_calls(int mb, int jb, int MBB)
+{
+    int q = 0, j = 0;
+    if (mb == 1) q += jb / 8, j = jb / 8 * 8;
+    const int g4 = (jb - j) / 4;
+    q += g4 * (mb / MBB + mb % MBB) + (jb - j - 4 * g4) * (mb / 2 + mb % 2);
+    return q;
+}
+
 static TBF INL void rowsbf_p(const int m, const stage_weight *w, int r0, int r1, float *y,
                              const uint16_t *xs, int PARTS)
 {
@@ -324,8 +450,8 @@ static TBF INL void rowsbf_p(const int m, const stage_weight *w, int r0, int r1,
     __m512 st[2 * BF_JB * BF_MB]; /* [BF_JB][BF_MB][2] accumulators between k-blocks */
 #define CB(RR, MM)                                                                                 \
     blkbf(xs + (size_t)(i0 + i) * 2 * hf, hf, wd + (size_t)(j0 + j) * k, k, c0, c1, RR, MM, PARTS, \
-          st + 2 * ((size_t)j * BF_MB + i), BF_MB, first, last, y + (size_t)(i0 + i) * n + j0 + j, \
-          n)
+          st + 2 * ((size_t)j * BF_MB + i), BF_MB, first, last, pf, npf,                           \
+          y + (size_t)(i0 + i) * n + j0 + j, n)
     for (int i0 = 0; i0 < m; i0 += BF_MB) {
         const int mb = m - i0 < BF_MB ? m - i0 : BF_MB;
         for (int j0 = r0; j0 < r1; j0 += BF_JB) {
@@ -333,25 +459,58 @@ static TBF INL void rowsbf_p(const int m, const stage_weight *w, int r0, int r1,
             for (int c0 = 0; c0 < k; c0 += BF_KC) {
                 const int c1 = c0 + BF_KC < k ? c0 + BF_KC : k;
                 const int first = c0 == 0, last = c1 == k;
+                /* CB calls of this block: q of nq, call q prefetching its share of the next
+                 * block's BF_JB rows at these columns (see blk512_bf16_dx) */
+                const int nq = bf_calls(mb, jb, MBB);
+                const int next = j0 + BF_JB + BF_JB <= r1;
+                int q = 0;
+                const uint16_t *pf = wd;
+                int npf = 0;
+#define PF_NEXT()                                                                                  \
+    do {                                                                                           \
+        const int f0 = q * BF_JB / nq, f1 = (q + 1) * BF_JB / nq;                                  \
+        pf = wd + (size_t)(j0 + BF_JB + f0) * k;                                                   \
+        npf = next ? f1 - f0 : 0;                                                                  \
+        q++;                                                                                       \
+    } while (0)
                 int j = 0;
                 if (mb == 1)
-                    for (const int i = 0; j + 8 <= jb; j += 8) CB(8, 1);
+                    for (const int i = 0; j + 8 <= jb; j += 8) {
+                        PF_NEXT();
+                        CB(8, 1);
+                    }
                 for (; j + 4 <= jb; j += 4) {
                     int i = 0;
                     if (MBB == 4)
-                        for (; i + 4 <= mb; i += 4) CB(4, 4);
+                        for (; i + 4 <= mb; i += 4) {
+                            PF_NEXT();
+                            CB(4, 4);
+                        }
                     else
-                        for (; i + 2 <= mb; i += 2) CB(4, 2);
-                    for (; i < mb; i++) CB(4, 1);
+                        for (; i + 2 <= mb; i += 2) {
+                            PF_NEXT();
+                            CB(4, 2);
+                        }
+                    for (; i < mb; i++) {
+                        PF_NEXT();
+                        CB(4, 1);
+                    }
                 }
                 for (; j < jb; j++) {
                     int i = 0;
-                    for (; i + 2 <= mb; i += 2) CB(1, 2);
-                    for (; i < mb; i++) CB(1, 1);
+                    for (; i + 2 <= mb; i += 2) {
+                        PF_NEXT();
+                        CB(1, 2);
+                    }
+                    for (; i < mb; i++) {
+                        PF_NEXT();
+                        CB(1, 1);
+                    }
                 }
             }
         }
     }
+#undef PF_NEXT
 #undef CB
 }
 #undef BF_CHUNK
@@ -627,6 +786,8 @@ const mm_ops stage_mm_ops_avx512 = {
     .cvt = {[STAGE_F32] = cvt_f32, [STAGE_BF16] = cvt512_bf16, [STAGE_F16] = cvt512_f16},
     .split = NULL,
     .rows_nosplit_bf16 = NULL,
+    .dx = dx512,
+    .rows_bf16_dx = rows512_bf16_dx,
     .attend = attend512,
 };
 

@@ -237,6 +237,12 @@ int stage_dnnl_bf16(void)
     return ((unsigned)dnnl_get_effective_cpu_isa() & bf16) == bf16;
 }
 
+int stage_dnnl_amx(void)
+{
+    const unsigned amx = dnnl_cpu_isa_avx512_core_amx;
+    return ((unsigned)dnnl_get_effective_cpu_isa() & amx) == amx;
+}
+
 const char *stage_dnnl_impl(const stage_dnnl_shape *s)
 {
     int h = stage_dnnl_prepare(s, 1);

@@ -52,6 +52,9 @@ int stage_dnnl_preferred(void);
  * (AVX2, or ONEDNN_MAX_CPU_ISA=AVX512_CORE) its bf16 matmul is a reference or emulated one and
  * the caller keeps bf16 weights on its exact f32 conversion. */
 int stage_dnnl_bf16(void);
+/* 1 when oneDNN dispatches to AMX (avx512_core_amx): its bf16 tiles then run on the matrix
+ * engine, and the small path's threshold for bf16 drops (stage_matmul_m_small). */
+int stage_dnnl_amx(void);
 int stage_dnnl_cached(void); /* shapes in the cache (tests) */
 void stage_dnnl_free(void);  /* drop every primitive, stream and scratchpad */
 

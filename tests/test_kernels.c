@@ -7,7 +7,9 @@
  *      variant against the plain C one;
  *   2. determinism: thread counts 1, 2, 3 give bit-identical results (both paths, the large one
  *      on both engines); a row of a
- *      small-path call with m = 8 is bit-identical to that row computed alone;
+ *      small-path call with m = 8 is bit-identical to that row computed alone; so is every row
+ *      of the bf16 many-row kernels (m = 2 .. 33, exact), and their FAST mode gives the AVX-512
+ *      BF16 variant's bits;
  *   3. attention (one head and GQA groups) against a double reference; a GQA head is
  *      bit-identical to the same head alone;
  *   4. the thread pool: 2000 jobs back to back and jobs after the workers went to sleep give
@@ -578,6 +580,72 @@ static void test_matmul_bf16_rows_blocked(void)
     free(y1);
 }
 
+/* bf16 rows of several x rows in the default variant, forced on the small path: EXACT (x
+ * deinterleaved once per call, 4 x 4 blocks, next block prefetched) gives every row
+ * bit-identical to the same row alone, at m = 2 .. 33 (one and more passes, every remainder)
+ * and k with a short tail, n with a remainder row block; FAST on a CPU with AVX-512 BF16 (x
+ * rounded to bf16, vdpbf16ps) gives the AVX-512 BF16 variant's FAST bits, within FAST_TOL. */
+static void test_matmul_bf16_many_rows(void)
+{
+    const int n = 4 * 9 + 2, k = 2 * 1024 + 37, M = 33;
+    const int ms[] = {2, 3, 4, 5, 7, 8, 13, 16, 17, 32, 33};
+    float *x = malloc((size_t)M * k * sizeof *x);
+    float *src = malloc((size_t)n * k * sizeof *src);
+    float *wr = malloc((size_t)n * k * sizeof *wr);
+    double *ref = malloc((size_t)M * n * sizeof *ref);
+    float *ym = malloc((size_t)M * n * sizeof *ym);
+    float *yb = malloc((size_t)M * n * sizeof *yb);
+    float *y1 = malloc((size_t)n * sizeof *y1);
+    fill(x, (size_t)M * k);
+    fill(src, (size_t)n * k);
+    stage_weight w;
+    make_weight(STAGE_BF16, n, k, src, &w, wr);
+    ref_matmul(x, M, k, wr, n, ref);
+    const stage_isa best = stage_isa_best();
+    const int bf = stage_isa_supported(STAGE_ISA_AVX512BF16) && best == STAGE_ISA_AVX512;
+    stage_matmul_force_path(STAGE_PATH_SMALL);
+    for (int th = 1; th <= 2; th++) {
+        threads(th);
+        for (size_t mi = 0; mi < sizeof ms / sizeof ms[0]; mi++) {
+            const int m = ms[mi];
+            stage_matmul_force_isa(best);
+            stage_matmul_set_mode(STAGE_MATMUL_EXACT);
+            stage_matmul_w(x, m, &w, ym);
+            CU_ASSERT(rel_err_d(ym, ref, (size_t)m * n) <= TOL);
+            int same = 1;
+            for (int i = 0; i < m; i++) {
+                stage_matmul_w(x + (size_t)i * k, 1, &w, y1);
+                same &= !memcmp(y1, ym + (size_t)i * n, (size_t)n * sizeof(float));
+            }
+            if (!same)
+                fprintf(stderr, "\n  %s bf16 exact m=%d threads=%d: rows depend on the call\n",
+                        stage_isa_name(best), m, th);
+            CU_ASSERT(same);
+            if (!bf) continue;
+            stage_matmul_set_mode(STAGE_MATMUL_FAST);
+            stage_matmul_w(x, m, &w, ym);
+            const double e = rel_err_d(ym, ref, (size_t)m * n);
+            CU_ASSERT(e <= FAST_TOL);
+            CU_ASSERT(e > 10 * TOL); /* x really rounded */
+            CU_ASSERT_EQUAL_FATAL(stage_matmul_force_isa(STAGE_ISA_AVX512BF16), 0);
+            stage_matmul_w(x, m, &w, yb);
+            CU_ASSERT(!memcmp(ym, yb, (size_t)m * n * sizeof(float)));
+        }
+    }
+    stage_matmul_set_mode(STAGE_MATMUL_EXACT);
+    stage_matmul_force_path(STAGE_PATH_AUTO);
+    stage_matmul_force_isa(best);
+    stage_threads_free();
+    free_weight(&w);
+    free(x);
+    free(src);
+    free(wr);
+    free(ref);
+    free(ym);
+    free(yb);
+    free(y1);
+}
+
 /* Q8_0 in FAST mode (x quantized per 32-block to int8, llama.cpp's rule, then an int8 dot on
  * AVX-512 VNNI): against the double reference on the quantized x and dequantized weights
  * (what it computes: only f32 rounding, TOL) and on the f32 x (the quantization's cost,
@@ -960,6 +1028,7 @@ int main(void)
         T_(test_matmul_bf16_onednn),
         T_(test_matmul_row_independent),
         T_(test_matmul_bf16_rows_blocked),
+        T_(test_matmul_bf16_many_rows),
         T_(test_matmul_q8_fast),
         T_(test_pool_sleep_wake),
         T_(test_attend),
