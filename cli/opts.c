@@ -96,11 +96,12 @@ static const cli_opt_def OPTS[] = {
      "bf16: half the memory and bytes read per token; q8_0: int8 blocks of 32 with an f16 "
      "scale, 1.06 bytes a weight, embedding and MoE gate kept as stored); default: as stored"},
     {"matmul", "exact|fast", PIPE, CLI_ONCE,
-     "bf16 weights on oneDNN's bf16 matmul (many-row products on CPUs with AVX512-BF16): exact "
-     "(default) splits each f32 activation into two bf16 parts, as exact as f32; fast rounds it "
-     "to bf16 once: half the arithmetic, lossy (its cost: docs/BENCH.md). q8_0 weights on "
-     "AVX-512 VNNI CPUs: fast quantizes the activations to int8 per 32 values for an int8 dot "
-     "(held-out NLL +0.0014% over exact q8_0), no decode speed gain measured: leave it off"},
+     "how f32 activations meet bf16 / q8_0 weights. exact (default): bf16 products as exact as "
+     "f32 (oneDNN: each activation split into two bf16 parts). fast: activations rounded to bf16 "
+     "once (bf16 weights, products of 2 or more rows: vdpbf16ps where the CPU has AVX512-BF16, "
+     "and oneDNN's bf16 matmul) or quantized to int8 per 32 values (q8_0 weights, AVX-512 VNNI: "
+     "an int8 dot): half the arithmetic, lossy (held-out NLL +0.002% bf16, +0.0014% over exact "
+     "q8_0; speed: docs/BENCH.md)"},
     {"wire-dtype", "f32|bf16|f16", PIPE, CLI_ONCE,
      "activation dtype between ranks: f32 exact (default); bf16/f16 halve bytes, lossy"},
     {"transport", "sparse|dense", PIPE, CLI_ONCE,
