@@ -6,8 +6,13 @@
  * request is cancelled from its own on_token callback. The tokens of every request must
  * equal `modpipe generate` on the same prompts (continuous batching does not
  * change greedy results), at -np 1 and -np 3; the per-link byte counters reach
- * srvq_get_stats; the idle loop does not spin a core.
- * Needs: MODPIPE (the binary, default build/modpipe), mpirun, tests/fixtures/stories260K.
+ * srvq_get_stats; the idle loop does not spin a core. The KV pages (docs/SPEC.md §11): pools
+ * too small (preemption, lost sequences, every page back), shared prompt prefixes (reused from
+ * running and finished requests, same tokens), a pair of running requests sharing 64
+ * positions (the exact pages they hold with and without reuse), and sequence-granularity
+ * MindSkip (tests/fixtures/mindskip), whose prefixes are never reused.
+ * Needs: MODPIPE (the binary, default build/modpipe), mpirun, tests/fixtures/stories260K and
+ * tests/fixtures/mindskip.
  */
 #include <CUnit/Basic.h>
 #include <math.h>
@@ -502,55 +507,62 @@ static char OUT[1 << 17];
 /* a shell command, stdout+stderr into OUT, killed after secs (tests/testutil.h) */
 #define run(secs, ...) tu_run(OUT, sizeof OUT, (secs), __VA_ARGS__)
 
-static char want[NREQ][2048], want_px[NREQ][2048];
-static char prompts[512], prompts_px[512];
+static char want[NREQ][2048], want_px[NREQ][2048], want_ms[NREQ][2048];
+static char prompts[512], prompts_px[512], prompts_ms[512];
 static char (*W)[2048] = want; /* the reference check_serve compares with, and its prompts */
 static const char *PF = prompts;
+static const char *MODEL = "stories260K"; /* the fixture check_serve runs */
+static int WHOLE; /* MODEL has sequence-granularity MindSkip: never a reused prefix */
 
-/* 32 prompts of 1..20 random ids (fixed seed) and what `modpipe generate` makes of them,
- * without the EOS id that ends a line (the server does not pass EOS on). shared > 0: every
- * prompt is the same `shared` ids, then 1..6 of its own (prefix reuse). */
-static int make_reference_of(const char *name, int shared, char *pf, char (*want)[2048])
+/* `modpipe generate` on the prompts file pf (greedy, max_new new tokens, more options in
+ * extra): its first n lines of ids into want, without the EOS id `eos` that ends a line (the
+ * server does not pass EOS on; -1: none). */
+static int generate_into(const char *model, const char *pf, int max_new, const char *extra, int eos,
+                         int n, char (*want)[2048])
+{
+    int rc =
+        run(300, "%s -np 1 %s generate --model %s/%s --prompts-file %s --max-new %d --quiet %s",
+            MPIRUN, BIN, FIX, model, pf, max_new, extra);
+    if (rc) return rc;
+    char *line = OUT, end[16];
+    snprintf(end, sizeof end, ",%d", eos);
+    for (int i = 0; i < n; i++) {
+        char *g = strstr(line, "generated "), *e = g ? strchr(g, '\n') : NULL;
+        if (!e) return -1;
+        snprintf(want[i], 2048, "%.*s", (int)(e - g - 10), g + 10);
+        size_t L = strlen(want[i]), k = strlen(end);
+        if (eos >= 0 && L >= k && !strcmp(want[i] + L - k, end))
+            want[i][L - k] = 0;
+        else if (eos >= 0 && !strcmp(want[i], end + 1))
+            want[i][0] = 0;
+        line = e + 1;
+    }
+    return 0;
+}
+
+/* 32 prompts of 1..20 random ids < vocab (fixed seed, BOS 1 first) and what `modpipe
+ * generate` makes of them on model. shared > 0: every prompt is the same `shared` ids, then
+ * 1..6 of its own (prefix reuse). */
+static int make_reference_of(const char *name, int shared, char *pf, char (*want)[2048],
+                             const char *model, int vocab, int eos)
 {
     snprintf(pf, 512, "%s/%s", TMP, name);
-    const char *prompts = pf;
-    FILE *f = fopen(prompts, "w");
+    FILE *f = fopen(pf, "w");
     if (!f) return -1;
     uint64_t x = 12345;
     for (int i = 0; i < NREQ; i++) {
         x = x * 6364136223846793005ull + 1442695040888963407ull;
         int n = shared ? shared + 1 + (int)((x >> 33) % 6) : 1 + (int)((x >> 33) % 20);
         fprintf(f, "1"); /* BOS, like a tokenized prompt */
-        for (int k = 1; k < shared; k++) fprintf(f, ",%d", 3 + (k * 37) % 509);
+        for (int k = 1; k < shared; k++) fprintf(f, ",%d", 3 + (k * 37) % (vocab - 3));
         for (int k = shared ? shared : 1; k < n; k++) {
             x = x * 6364136223846793005ull + 1442695040888963407ull;
-            fprintf(f, ",%d", 3 + (int)((x >> 33) % 509));
+            fprintf(f, ",%d", 3 + (int)((x >> 33) % (uint64_t)(vocab - 3)));
         }
         fprintf(f, "\n");
     }
     fclose(f);
-    int rc = run(
-        300, "%s -np 1 %s generate --model %s/stories260K --prompts-file %s --max-new %d --quiet",
-        MPIRUN, BIN, FIX, prompts, MAX_NEW);
-    if (rc) return rc;
-    char *line = OUT;
-    for (int i = 0; i < NREQ; i++) {
-        char *g = strstr(line, "generated ");
-        if (!g) return -1;
-        g += 10;
-        char *e = strchr(g, '\n');
-        if (!e) return -1;
-        size_t n = (size_t)(e - g);
-        memcpy(want[i], g, n);
-        want[i][n] = 0;
-        size_t L = strlen(want[i]);
-        if (L >= 2 && !strcmp(want[i] + L - 2, ",2"))
-            want[i][L - 2] = 0;
-        else if (!strcmp(want[i], "2"))
-            want[i][0] = 0;
-        line = e + 1;
-    }
-    return 0;
+    return generate_into(model, pf, MAX_NEW, "", eos, NREQ, want);
 }
 /* The pair: two prompts of PAIR_S shared ids (BOS first) and PAIR_OWN own ones each, the
  * first own ids differing; what generate makes of them with PAIR_NEW new tokens, EOS ignored
@@ -573,30 +585,23 @@ static int make_pair_reference(void)
         fprintf(f, "\n");
     }
     fclose(f);
-    int rc = run(300,
-                 "%s -np 1 %s generate --model %s/stories260K --prompts-file %s --max-new %d "
-                 "--ignore-eos --quiet",
-                 MPIRUN, BIN, FIX, prompts_pair, PAIR_NEW);
-    char *line = OUT;
-    for (int i = 0; i < 2 && !rc; i++) {
-        char *g = strstr(line, "generated "), *e = g ? strchr(g, '\n') : NULL;
-        if (!e) return -1;
-        snprintf(want_pair[i], sizeof want_pair[i], "%.*s", (int)(e - g - 10), g + 10);
-        line = e + 1;
-    }
-    return rc;
+    return generate_into("stories260K", prompts_pair, PAIR_NEW, "--ignore-eos", -1, 2, want_pair);
 }
 
 static int make_reference(void)
 {
-    return make_reference_of("prompts.txt", 0, prompts, want) ||
-           make_reference_of("prompts_px.txt", 18, prompts_px, want_px) || make_pair_reference();
+    /* stories260K: vocab 512, EOS 2; mindskip: vocab 97, no EOS */
+    return make_reference_of("prompts.txt", 0, prompts, want, "stories260K", 512, 2) ||
+           make_reference_of("prompts_px.txt", 18, prompts_px, want_px, "stories260K", 512, 2) ||
+           make_reference_of("prompts_ms.txt", 18, prompts_ms, want_ms, "mindskip", 97, -1) ||
+           make_pair_reference();
 }
 
 static void check_serve(int np, int slots, long kv_mem_bytes, const char *mode)
 {
-    const int px = PF == prompts_px; /* shared prefixes: a tail request after all ended */
-    int rc = run(300, "%s -np %d %s --worker %s/stories260K %s %d %ld %s%s", MPIRUN, np, SELF, FIX,
+    const int px = PF != prompts; /* shared prefixes: a tail request after all ended */
+    const int reuse = strcmp(mode, "noprefix") && !WHOLE;
+    int rc = run(300, "%s -np %d %s --worker %s/%s %s %d %ld %s%s", MPIRUN, np, SELF, FIX, MODEL,
                  PF, slots, kv_mem_bytes, mode, px ? " tail" : "");
     CU_ASSERT_EQUAL_FATAL(rc, 0);
     if (px) { /* the tail, R[j]'s prompt from a parked prefix (reuse on), gives R[j]'s tokens;
@@ -614,9 +619,11 @@ static void check_serve(int np, int slots, long kv_mem_bytes, const char *mode)
         t += 7;
         size_t n = (size_t)(strchr(t, '\n') - t);
         CU_ASSERT(n == strlen(W[j]) && !strncmp(t, W[j], n));
-        CU_ASSERT_EQUAL(same2, 1);
+        /* (sequence-granularity MindSkip decides over the tail2's whole 33 positions: not
+         * the tail's decision, so not its tokens either) */
+        if (!WHOLE) CU_ASSERT_EQUAL(same2, 1);
         /* 32 positions from the tail's parked slot, its generated ones included */
-        CU_ASSERT_EQUAL(shared2, strcmp(mode, "noprefix") ? 32u : 0u);
+        CU_ASSERT_EQUAL(shared2, reuse ? 32u : 0u);
     }
     int same = 0, once = 0;
     for (int i = 0; i < NREQ; i++) {
@@ -677,15 +684,17 @@ static void check_serve(int np, int slots, long kv_mem_bytes, const char *mode)
     if (ic) idle = atof(ic + 9);
     CU_ASSERT(idle < 0.3); /* one idle second: rank 0 sleeps on the condvar */
     if (!(idle < 0.3)) fprintf(stderr, "\n  idle second used %.3f s of CPU\n", idle);
-    unsigned long long hits = 0;
-    char *ph = strstr(OUT, "prefix_hits ");
-    if (ph) hits = strtoull(ph + 12, NULL, 10);
-    if (PF == prompts_px && !strcmp(mode, "noprefix")) CU_ASSERT_EQUAL(hits, 0);
-    unsigned long long parked = 0, evicted = 0;
-    char *pk = strstr(OUT, "parked_hits ");
-    if (pk) sscanf(pk, "parked_hits %llu evictions %llu", &parked, &evicted);
-    if (px && !strcmp(mode, "noprefix")) CU_ASSERT_EQUAL(parked, 0);
-    if (px && strcmp(mode, "noprefix")) {
+    unsigned long long hits = 99, parked = 99, evicted = 99;
+    char *ph = strstr(OUT, "prefix_hits "), *pk = strstr(OUT, "parked_hits ");
+    CU_ASSERT_FATAL(ph && pk);
+    hits = strtoull(ph + 12, NULL, 10);
+    sscanf(pk, "parked_hits %llu evictions %llu", &parked, &evicted);
+    if (px && !reuse) { /* nothing shared, nothing parked */
+        CU_ASSERT_EQUAL(hits, 0);
+        CU_ASSERT_EQUAL(parked, 0);
+    }
+    if (WHOLE) CU_ASSERT_EQUAL(evicted, 0); /* a holder was never even filled */
+    if (px && reuse) {
         CU_ASSERT(hits > 0); /* and the tokens above are still generate's */
         /* finished requests' parked prefixes were shared from, and evicted for slots */
         CU_ASSERT(parked > 0 && evicted > 0);
@@ -761,6 +770,24 @@ static void test_serve_px_np1(void) { check_px(1, 0, ""); }
 static void test_serve_px_np3(void) { check_px(3, 0, ""); }
 static void test_serve_px_off_np3(void) { check_px(3, 0, "noprefix"); }
 static void test_serve_px_kv_np3(void) { check_px(3, 40 * 1040, "blind"); }
+/* Sequence-granularity MindSkip (tests/fixtures/mindskip: one decision per prompt, over the
+ * whole prompt: not causal): 32 prompts sharing their first 18 positions, then the tail
+ * requests (a finished prompt again, and one continuing it): no prefix is ever reused, from a
+ * running request or a finished one (docs/SPEC.md §11), and every token is generate's. */
+static void check_ms(int np)
+{
+    MODEL = "mindskip";
+    WHOLE = 1;
+    W = want_ms;
+    PF = prompts_ms;
+    check_serve(np, 8, 0, "");
+    MODEL = "stories260K";
+    WHOLE = 0;
+    W = want;
+    PF = prompts;
+}
+static void test_serve_ms_np1(void) { check_ms(1); }
+static void test_serve_ms_np3(void) { check_ms(3); }
 
 /* Two running requests sharing a prompt prefix hold fewer pages together with reuse than
  * without, and make the same tokens (generate's). Prompts of 144 positions (64 shared), 17
@@ -866,6 +893,10 @@ int main(int argc, char **argv)
                 test_pair_off_np1);
     CU_add_test(s, "two requests sharing 64 positions, no reuse: 100 pages, same tokens, np 3",
                 test_pair_off_np3);
+    CU_add_test(s, "sequence-level mindskip, shared prefixes: never reused, generate's, np 1",
+                test_serve_ms_np1);
+    CU_add_test(s, "sequence-level mindskip, shared prefixes: never reused, generate's, np 3",
+                test_serve_ms_np3);
     CU_add_test(s, "start-up errors", test_serve_errors);
     CU_add_test(s, "a dead rank ends the server", test_dead_rank);
     CU_basic_set_mode(CU_BRM_VERBOSE);
