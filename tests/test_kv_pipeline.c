@@ -6,7 +6,8 @@
  *      eval;
  *   2. --stats: the pool's pages, the peak, and no page held once every slot was released,
  *      on every stage; a routed model's peak below a dense one's; a sliding window gives its
- *      pages back as decoding moves on (§10.4);
+ *      pages back as decoding moves on (§10.4); without --kv-mem the pool is what
+ *      --mem-per-rank leaves after the stage's weights and workspace, else every position;
  *   3. refusals: a --kv-mem too small for the run (pool exhausted, at -np 1 and -np 3), one
  *      below a page, an unparsable size.
  * Needs build/modpipe (MODPIPE) and tests/fixtures (MODPIPE_FIXTURES).
@@ -131,6 +132,58 @@ static void test_stats_pages(void)
     CU_ASSERT_EQUAL(pages_peak("arch/mistral", 3), 4 * 18);
 }
 
+/* Pages of each stage's pool (--stats kv_pages_total) of a generate run on mod with slots of
+ * 256 positions in pages of 1, and more options; returns the stages. */
+static int pool_pages(int np, const char *opts, double *pages)
+{
+    char stats[512];
+    snprintf(stats, sizeof stats, "%s/pool-np%d.json", TMP, np);
+    int rc = run(120,
+                 "%s -np %d %s generate --model %s/mod %s --max-new 5 --kv-page 1 --ctx 256 "
+                 "--slots %d --quiet --stats %s %s",
+                 MPIRUN, np, BIN, FIX, PROMPTS, 3 * np, stats, opts);
+    CU_ASSERT_EQUAL(rc, 0);
+    cJSON *j = rc ? NULL : tu_read_json(stats);
+    if (!j) return 0;
+    int n = 0;
+    const cJSON *s;
+    cJSON_ArrayForEach(s, cJSON_GetObjectItemCaseSensitive(j, "stages"))
+    {
+        if (n < 3) pages[n] = tu_jnum(s, "kv_pages_total");
+        n++;
+    }
+    cJSON_Delete(j);
+    return n;
+}
+
+/* The pool's size (docs/SPEC.md §11). A page of 1 position on mod is 260 bytes (2 KV heads x
+ * 16 floats, K and V, + a position); every position of 3 slots on its 6 layers is 4608 pages,
+ * and at -np 3 (2 layers a stage) of 9 slots too. M bytes per rank (42 MiB, at -np 3 41.4 MiB:
+ * just above what the planner needs) leave part of that after each stage's weights and
+ * workspace, and 26000 bytes more are exactly 100 pages more on every stage; --kv-mem
+ * overrides it. */
+static void test_pool_size(void)
+{
+    for (int np = 1; np <= 3; np += 2) {
+        const long m = np == 1 ? 44040192 : 43411866;
+        char o[128];
+        double all[3] = {0}, a[3] = {0}, b[3] = {0}, k[3] = {0};
+        CU_ASSERT_EQUAL_FATAL(pool_pages(np, "", all), np);
+        snprintf(o, sizeof o, "--mem-per-rank %ld", m);
+        CU_ASSERT_EQUAL_FATAL(pool_pages(np, o, a), np);
+        snprintf(o, sizeof o, "--mem-per-rank %ld", m + 26000);
+        CU_ASSERT_EQUAL_FATAL(pool_pages(np, o, b), np);
+        snprintf(o, sizeof o, "--mem-per-rank %ld --kv-mem 26000", m);
+        CU_ASSERT_EQUAL_FATAL(pool_pages(np, o, k), np);
+        for (int s = 0; s < np; s++) {
+            CU_ASSERT_EQUAL(all[s], 4608);
+            CU_ASSERT(a[s] > 144 && a[s] < all[s] - 100); /* the run needs 144 at most */
+            CU_ASSERT_EQUAL(b[s], a[s] + 100);
+            CU_ASSERT_EQUAL(k[s], 100);
+        }
+    }
+}
+
 static void test_refusals(void)
 {
     const char *model = "mod";
@@ -177,6 +230,8 @@ int main(void)
     CU_add_test(s, "generate: pages of 1 == contiguous, np 1 and 3", test_generate_paged_exact);
     CU_add_test(s, "eval: pages of 1 == contiguous, np 1 and 3", test_eval_paged_exact);
     CU_add_test(s, "--stats pages, none held at the end", test_stats_pages);
+    CU_add_test(s, "the pool: --kv-mem, else what --mem-per-rank leaves, else every position",
+                test_pool_size);
     CU_add_test(s, "refusals", test_refusals);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();
