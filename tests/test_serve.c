@@ -808,7 +808,7 @@ static void check_pair(int np, const char *mode)
                  prompts_pair, mode);
     CU_ASSERT_EQUAL_FATAL(rc, 0);
     for (int i = 0; i < 3; i++) { /* R[2]: the first prompt alone */
-        char key[32];
+        char key[64];
         snprintf(key, sizeof key, "req %d done 1 why %d tokens ", i, SRVQ_FINISH_LENGTH);
         char *t = strstr(OUT, key);
         CU_ASSERT_PTR_NOT_NULL_FATAL(t);
