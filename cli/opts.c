@@ -83,9 +83,10 @@ static const cli_opt_def OPTS[] = {
      "max_position_embeddings"},
     {"kv-page", "N", PIPE, CLI_ONCE, "KV cache positions per page (default 16)"},
     {"kv-mem", "SIZE", PIPE, CLI_ONCE,
-     "KV page pool per rank, e.g. 512M; a run that needs more pages is an error. Default: "
-     "what --mem-per-rank leaves after the stage's weights and workspace, else every position "
-     "of every slot on every layer"},
+     "KV page pool per rank, e.g. 512M (generate / eval: a run that needs more pages is an "
+     "error; serve admits requests by it and preempts under pressure). Default: what "
+     "--mem-per-rank leaves after the stage's weights and workspace, else every position of "
+     "every slot on every layer"},
     /* ---- how the pipeline runs --------------------------------------------------------------- */
     {"max-in-flight", "K", PIPE, CLI_ONCE, "micro-batches in flight at once (default 2 x stages)"},
     {"decode-groups", "G", CLI_SERVE, CLI_ONCE,

@@ -12,7 +12,9 @@
 //   seq       N requests (same prefix of L ids + P-L own ids, 1 output token) one after another
 //             with nothing else running: the first computes the prefix, the later ones can only
 //             find it in the cache of finished prefixes; TTFT of the first and p50 of the rest
-//   overload  N streams at once (preemptions expected), then each again alone; outputs compared
+//   overload  N streams at once (preemptions expected), then each again alone; outputs compared;
+//             0.6 s after the last one the pools: pages used (running) / cached (prefix holders)
+//             / free, and the holders in use
 // Prompts are seeded pseudo-random ids (< 500, every tokenizer here has them); greedy, ignore_eos.
 import { now, pct, stream, xorshift } from "./serve-client.mjs";
 
@@ -146,7 +148,19 @@ if (mode === "probe" || mode === "burst") {
     if (!b.rs[i].ok || !a.ok) { lost++; continue; }
     if (JSON.stringify(a.toks) === JSON.stringify(b.rs[i].toks) && a.toks.length === O) same++;
   }
+  // the pools once every stage has reported after the last request ended (a stage reports at
+  // most every 0.25 s, engine/pipeline.c, and rank 0 hands reports on at most every 0.25 s):
+  // pages of running sequences (0: none leaked), of the prefix holders (finished requests'
+  // prefixes kept for reuse), free
+  await new Promise(r => setTimeout(r, 600));
   const m = await metrics();
   out({ mode, n: N, tokens: P + O, max_running: b.maxrun, preemptions: b.preemptions, lost,
-        identical: same, pages_used_after: m.modpipe_kv_pages_used, seconds: +b.secs.toFixed(2) });
+        identical: same, pages_after: { used: m.modpipe_kv_pages_used,
+                                        cached: m.modpipe_kv_pages_cached,
+                                        free: m.modpipe_kv_pages_free,
+                                        total: m.modpipe_kv_pages_total,
+                                        holders: m.modpipe_prefix_holders_used,
+                                        stage_used: m.stage.modpipe_kv_pages_used,
+                                        stage_cached: m.stage.modpipe_kv_pages_cached },
+        seconds: +b.secs.toFixed(2) });
 }

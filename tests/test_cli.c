@@ -177,6 +177,18 @@ static void test_usage(void)
     ASSERT_HAS(buf, "\nexample:\n  ex\n");
     CU_ASSERT_PTR_NULL(strstr(buf, "--prompt-ids"));
     free(buf);
+    /* the KV pool (docs/SPEC.md §11): serve, generate and eval, its default said */
+    const int kv_cmds[] = {CLI_SERVE, CLI_GENERATE, CLI_EVAL};
+    for (int i = 0; i < 3; i++) {
+        f = open_memstream(&buf, &len);
+        cli_opts_usage(f, kv_cmds[i], "", NULL);
+        fclose(f);
+        ASSERT_HAS(buf, "  --kv-page N                KV cache positions per page (default 16)");
+        ASSERT_HAS(buf, "  --kv-mem SIZE              KV page pool per rank");
+        ASSERT_HAS(buf, "Default: what --mem-per-rank leaves after the stage's weights and "
+                        "workspace, else every position of every slot on every layer");
+        free(buf);
+    }
     f = open_memstream(&buf, &len);
     cli_opts_usage(f, CLI_PARTITION, "p\n", NULL);
     fclose(f);

@@ -6,8 +6,13 @@
  * request is cancelled from its own on_token callback. The tokens of every request must
  * equal `modpipe generate` on the same prompts (continuous batching does not
  * change greedy results), at -np 1 and -np 3; the per-link byte counters reach
- * srvq_get_stats; the idle loop does not spin a core.
- * Needs: MODPIPE (the binary, default build/modpipe), mpirun, tests/fixtures/stories260K.
+ * srvq_get_stats; the idle loop does not spin a core. The KV pages (docs/SPEC.md §11): pools
+ * too small (preemption, lost sequences, every page back), shared prompt prefixes (reused from
+ * running and finished requests, same tokens), a pair of running requests sharing 64
+ * positions (the exact pages they hold with and without reuse), and sequence-granularity
+ * MindSkip (tests/fixtures/mindskip), whose prefixes are never reused.
+ * Needs: MODPIPE (the binary, default build/modpipe), mpirun, tests/fixtures/stories260K and
+ * tests/fixtures/mindskip.
  */
 #include <CUnit/Basic.h>
 #include <math.h>
@@ -33,11 +38,14 @@
 
 #define MPIRUN                                                                                     \
     "mpirun --allow-run-as-root --oversubscribe --mca btl self,tcp --mca btl_tcp_if_include lo"
-enum { NREQ = 32, MAXP = 24, MAX_NEW = 12 };
+enum { NREQ = 32, MAXP = 160, MAX_NEW = 12 };
+/* the pair (check_pair): prompts of PAIR_S shared + PAIR_OWN own positions, PAIR_NEW new
+ * tokens each, pages of PAIR_PAGE positions */
+enum { PAIR_S = 64, PAIR_OWN = 80, PAIR_NEW = 17, PAIR_PAGE = 16 };
 
 /* ---- Worker (under mpirun) ------------------------------------------------------------------- */
 
-typedef struct {
+typedef struct req {
     int32_t prompt[MAXP];
     int n_prompt;
     int32_t tok[256];
@@ -45,6 +53,7 @@ typedef struct {
     srvq_finish why;
     long id;
     int cancel_after; /* > 0: cancel from on_token after this many tokens */
+    struct req *then; /* submitted from on_token at this one's first token (the pair) */
 } req;
 
 static srvq *Q;
@@ -59,16 +68,21 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
 static int ready_flag, n_done_all;
 
+static long submit(struct req *r, int max_tokens, uint64_t seed, int ignore_eos);
 static void on_token(void *arg, int32_t t)
 {
     req *r = arg;
+    pthread_mutex_lock(&mu); /* r->id is written by the client after submit returns */
     if (r->n_tok < 256) r->tok[r->n_tok] = t;
     r->n_tok++;
-    if (r->cancel_after > 0 && r->n_tok == r->cancel_after) {
-        pthread_mutex_lock(&mu); /* r->id is written by the client after submit returns */
-        srvq_cancel(Q, r->id);
-        pthread_mutex_unlock(&mu);
-    }
+    const int cancel = r->cancel_after > 0 && r->n_tok == r->cancel_after;
+    const long id = r->id;
+    req *then = r->n_tok == 1 ? r->then : NULL;
+    pthread_mutex_unlock(&mu);
+    if (cancel) srvq_cancel(Q, id);
+    /* from the pipeline thread, before its next micro-batch: it is admitted right after this
+     * one's prompt is in, however fast the pipeline runs (the queue's lock is not held) */
+    if (then) submit(then, PAIR_NEW, 0, 1);
 }
 
 static void on_done(void *arg, srvq_finish why, int n_prompt, int n_gen, const char *msg)
@@ -91,6 +105,40 @@ static void on_ready(void *arg)
     pthread_mutex_lock(&mu);
     ready_flag = 1;
     pthread_cond_broadcast(&cv);
+    pthread_mutex_unlock(&mu);
+}
+
+/* Submits r (greedy, its tokens into r); r->id: the request id, or < 0 (the error printed). */
+static long submit(req *r, int max_tokens, uint64_t seed, int ignore_eos)
+{
+    char err[256];
+    srvq_request q = {.prompt = r->prompt,
+                      .n_prompt = r->n_prompt,
+                      .max_tokens = max_tokens,
+                      .top_p = 1,
+                      .seed = seed,
+                      .ignore_eos = ignore_eos,
+                      .on_token = on_token,
+                      .on_done = on_done,
+                      .arg = r};
+    pthread_mutex_lock(&mu); /* on_token may read r->id */
+    r->id = srvq_submit(Q, &q, err, sizeof err);
+    pthread_mutex_unlock(&mu);
+    if (r->id < 0) fprintf(stderr, "submit (%d ids): %s\n", r->n_prompt, err);
+    return r->id;
+}
+
+static void wait_done(int n)
+{
+    pthread_mutex_lock(&mu);
+    while (n_done_all < n) pthread_cond_wait(&cv, &mu);
+    pthread_mutex_unlock(&mu);
+}
+
+static void wait_ready(void)
+{
+    pthread_mutex_lock(&mu);
+    while (!ready_flag) pthread_cond_wait(&cv, &mu);
     pthread_mutex_unlock(&mu);
 }
 
@@ -192,9 +240,7 @@ static void live_phase(void)
 static void *client_forever(void *arg)
 {
     (void)arg;
-    pthread_mutex_lock(&mu);
-    while (!ready_flag) pthread_cond_wait(&cv, &mu);
-    pthread_mutex_unlock(&mu);
+    wait_ready();
     static req r[1];
     r[0].prompt[0] = 1;
     r[0].n_prompt = 1;
@@ -213,79 +259,73 @@ static void *client_forever(void *arg)
     return NULL;
 }
 
+/* The stages' pools summed over their last reports, polled every 50 ms for up to 10 s until
+ * no running sequence holds a page (empty 0: held = cached) or no page is held (empty 1);
+ * settle: wait 0.6 s first, so that every stage has reported since the caller's last request
+ * ended (a stage reports at most every 0.25 s, rank 0 hands reports on at most every 0.25 s)
+ * and an older report cannot pass for the one after. The last values seen; -1: no report. */
+typedef struct {
+    long held, cached, peak;
+} kv_sum;
+static kv_sum kv_poll(int empty, int settle)
+{
+    kv_sum v = {-1, -1, -1};
+    struct timespec ts = {0, settle ? 600000000 : 0};
+    nanosleep(&ts, NULL);
+    for (int t = 0; t < 200; t++) {
+        srvq_stats st;
+        kv_now(&st);
+        if (st.n_kv > 0) {
+            v = (kv_sum){0, 0, 0};
+            for (int k = 0; k < st.n_kv; k++) {
+                v.held += (long)st.kv[k].pages_used;
+                v.cached += (long)st.kv[k].pages_cached;
+                v.peak += (long)st.kv[k].pages_peak;
+            }
+            if (v.held == (empty ? 0 : v.cached)) break;
+        }
+        ts = (struct timespec){0, 50000000};
+        nanosleep(&ts, NULL);
+    }
+    return v;
+}
+
 static void *client(void *arg)
 {
     (void)arg;
-    pthread_mutex_lock(&mu);
-    while (!ready_flag) pthread_cond_wait(&cv, &mu);
-    pthread_mutex_unlock(&mu);
+    wait_ready();
     /* one idle second first: the loop must sleep, not spin */
     double c0 = cpu_s();
     struct timespec one = {1, 0};
     nanosleep(&one, NULL);
     idle_cpu = cpu_s() - c0;
     if (kv_mem) live_phase();
-    char err[256];
     for (int i = 0; i <= NREQ; i++) {
-        req *r = &R[i];
-        srvq_request q = {.prompt = r->prompt,
-                          .n_prompt = r->n_prompt,
-                          .max_tokens = i == NREQ ? 200 : MAX_NEW,
-                          .temperature = 0,
-                          .top_p = 1,
-                          .seed = (uint64_t)i,
-                          .on_token = on_token,
-                          .on_done = on_done,
-                          .arg = r};
-        pthread_mutex_lock(&mu); /* on_token may read r->id */
-        r->id = srvq_submit(Q, &q, err, sizeof err);
-        pthread_mutex_unlock(&mu);
-        if (r->id < 0) fprintf(stderr, "submit %d: %s\n", i, err);
+        submit(&R[i], i == NREQ ? 200 : MAX_NEW, (uint64_t)i, 0);
         if (i % 5 == 4) { /* arrivals spread out: requests join a running pipeline */
             struct timespec ts = {0, 3000000};
             nanosleep(&ts, NULL);
         }
     }
     if (tail) { /* nothing runs: only a finished request's parked slot can give the prefix */
-        pthread_mutex_lock(&mu);
-        while (n_done_all < NREQ + 1) pthread_cond_wait(&cv, &mu);
-        pthread_mutex_unlock(&mu);
+        wait_done(NREQ + 1);
         for (int i = 0; i < NREQ && !tail_of; i++) /* long enough for 32 shared positions */
             if (R[i].n_prompt >= 21 && R[i].n_tok == MAX_NEW) tail_of = i;
         req *r = &R[NREQ + 1];
         *r = R[tail_of];
         r->n_tok = r->n_done = 0;
-        srvq_request q = {.prompt = r->prompt,
-                          .n_prompt = r->n_prompt,
-                          .max_tokens = MAX_NEW,
-                          .top_p = 1,
-                          .on_token = on_token,
-                          .on_done = on_done,
-                          .arg = r};
-        if (srvq_submit(Q, &q, err, sizeof err) < 0) fprintf(stderr, "tail submit: %s\n", err);
-        pthread_mutex_lock(&mu);
-        while (n_done_all < NREQ + 2) pthread_cond_wait(&cv, &mu);
-        pthread_mutex_unlock(&mu);
+        submit(r, MAX_NEW, 0, 0);
+        wait_done(NREQ + 2);
         static req r2;
-        static int32_t p2[64];
         const int k = 33 - r->n_prompt;
         if (r->n_prompt >= 21 && r->n_tok == MAX_NEW) {
-            memcpy(p2, r->prompt, (size_t)r->n_prompt * sizeof *p2);
-            memcpy(p2 + r->n_prompt, r->tok, (size_t)k * sizeof *p2);
+            memcpy(r2.prompt, r->prompt, (size_t)r->n_prompt * sizeof *r2.prompt);
+            memcpy(r2.prompt + r->n_prompt, r->tok, (size_t)k * sizeof *r2.prompt);
+            r2.n_prompt = 33;
             srvq_stats s0, s1;
             srvq_get_stats(Q, &s0);
-            srvq_request q2 = {.prompt = p2,
-                               .n_prompt = 33,
-                               .max_tokens = MAX_NEW - k,
-                               .top_p = 1,
-                               .ignore_eos = 1,
-                               .on_token = on_token,
-                               .on_done = on_done,
-                               .arg = &r2};
-            if (srvq_submit(Q, &q2, err, sizeof err) < 0) fprintf(stderr, "tail2: %s\n", err);
-            pthread_mutex_lock(&mu);
-            while (n_done_all < NREQ + 3) pthread_cond_wait(&cv, &mu);
-            pthread_mutex_unlock(&mu);
+            submit(&r2, MAX_NEW - k, 0, 1);
+            wait_done(NREQ + 3);
             srvq_get_stats(Q, &s1);
             tail2_shared = (unsigned long long)(s1.prefix_tokens - s0.prefix_tokens);
             tail2_same = r2.n_tok == MAX_NEW - k &&
@@ -294,31 +334,41 @@ static void *client(void *arg)
     }
     if (kv_mem) { /* every request ends: every page is free or cached; then the cache is
                    * cleared and the stages' pools report every page back */
-        pthread_mutex_lock(&mu);
-        while (n_done_all < NREQ + 1) pthread_cond_wait(&cv, &mu);
-        pthread_mutex_unlock(&mu);
-        for (int t = 0; t < 200 && kv_live_after != 0; t++) {
-            srvq_stats st;
-            kv_now(&st);
-            long live = 0;
-            for (int k = 0; k < st.n_kv; k++)
-                live += (long)(st.kv[k].pages_used - st.kv[k].pages_cached);
-            if (st.n_kv > 0) kv_live_after = live;
-            struct timespec ts = {0, 50000000};
-            if (kv_live_after) nanosleep(&ts, NULL);
-        }
+        wait_done(NREQ + 1);
+        kv_sum v = kv_poll(0, 0);
+        kv_live_after = v.held < 0 ? -1 : v.held - v.cached;
         srvq_prefix_cache_clear(Q);
-        for (int t = 0; t < 200 && kv_used_after != 0; t++) {
-            srvq_stats st;
-            kv_now(&st);
-            long used = 0;
-            for (int k = 0; k < st.n_kv; k++) used += (long)st.kv[k].pages_used;
-            if (st.n_kv > 0) kv_used_after = used;
-            struct timespec ts = {0, 50000000};
-            if (kv_used_after) nanosleep(&ts, NULL);
-        }
+        kv_used_after = kv_poll(1, 0).held;
     }
     srvq_close(Q); /* like SIGTERM: running and queued requests still finish */
+    return NULL;
+}
+
+/* The pair (check_pair): R[0]'s prompt alone (as R[2]): the most pages it held; the cache is
+ * cleared; then R[0] and, from its first token's callback (its prompt is in), R[1], whose
+ * prompt begins with the same PAIR_S positions: the most pages the two held, and what stays
+ * cached once both ended; the cache is cleared: every page back. */
+static long pair_alone = -1, pair_peak = -1, pair_cached = -1;
+static void *client_pair(void *arg)
+{
+    (void)arg;
+    wait_ready();
+    R[2].n_prompt = R[0].n_prompt;
+    memcpy(R[2].prompt, R[0].prompt, sizeof R[0].prompt);
+    submit(&R[2], PAIR_NEW, 0, 1);
+    wait_done(1);
+    pair_alone = kv_poll(0, 1).peak;
+    srvq_prefix_cache_clear(Q);
+    kv_poll(1, 0);
+    R[0].then = &R[1];
+    submit(&R[0], PAIR_NEW, 0, 1);
+    wait_done(3);
+    kv_sum v = kv_poll(0, 1);
+    pair_peak = v.peak;
+    pair_cached = v.cached;
+    srvq_prefix_cache_clear(Q);
+    kv_used_after = kv_poll(1, 0).held;
+    srvq_close(Q);
     return NULL;
 }
 
@@ -329,8 +379,9 @@ static int worker(int argc, char **argv)
     int slots = atoi(argv[4]);
     forever = argc > 5 && !strcmp(argv[5], "forever");
     if (argc > 5 && !forever) kv_mem = (size_t)atol(argv[5]);
-    int noprefix = 0;
+    int noprefix = 0, pair = 0;
     for (int i = 6; i < argc; i++) { /* modes */
+        pair |= !strcmp(argv[i], "pair");
         blind |= !strcmp(argv[i], "blind");
         noprefix |= !strcmp(argv[i], "noprefix");
         tail |= !strcmp(argv[i], "tail");
@@ -350,7 +401,7 @@ static int worker(int argc, char **argv)
     }
     FILE *f = fopen(prompts, "r");
     for (int i = 0; f && i < NREQ; i++) {
-        char line[512];
+        char line[2048];
         if (!fgets(line, sizeof line, f)) break;
         char *p = line, *end;
         while (R[i].n_prompt < MAXP) {
@@ -365,17 +416,19 @@ static int worker(int argc, char **argv)
     R[NREQ].prompt[0] = 1;
     R[NREQ].n_prompt = 1;
     R[NREQ].cancel_after = 3;
-    const int ctx = 64;
+    /* the pair: room for its prompts, and micro-batches of 64 rows so that a prompt is in
+     * after three: the first request is still running when the second's last page comes */
+    const int ctx = pair ? 256 : 64;
     serve_loop_opts o = {.pipe = {.weights_dtype = -1,
                                   .model_dir = model,
                                   .cfg = &cfg,
                                   .plan = &plan,
-                                  .micro_batch = 8,
+                                  .micro_batch = pair ? 64 : 8,
                                   .max_in_flight = 2 * size,
                                   .wire = STAGE_F32,
                                   /* pages of 4 positions: a request outgrows the page of growth
                                    * admission gave it, so a full pool preempts */
-                                  .kv = {.page = kv_mem ? 4 : 0, .mem_bytes = kv_mem},
+                                  .kv = {.page = kv_mem ? 4 : PAIR_PAGE, .mem_bytes = kv_mem},
                                   .timeout_s = 60},
                          .slots = slots,
                          .ctx = ctx};
@@ -383,7 +436,7 @@ static int worker(int argc, char **argv)
     if (rank == 0) {
         Q = srvq_new(slots, ctx, 2 * NREQ, cfg.vocab, cfg.eos_token_id);
         if (noprefix) srvq_set_prefix_reuse(Q, 0);
-        pthread_create(&th, NULL, forever ? client_forever : client, NULL);
+        pthread_create(&th, NULL, pair ? client_pair : forever ? client_forever : client, NULL);
     }
     int rc;
     if (!blind) {
@@ -435,6 +488,7 @@ static int worker(int argc, char **argv)
                (unsigned long long)st.prefix_evictions);
         printf("prefix_hits %llu tokens %llu\n", (unsigned long long)st.prefix_hits,
                (unsigned long long)st.prefix_tokens);
+        printf("pair alone %ld peak %ld cached %ld\n", pair_alone, pair_peak, pair_cached);
         fflush(stdout);
         srvq_free(Q);
     }
@@ -453,66 +507,101 @@ static char OUT[1 << 17];
 /* a shell command, stdout+stderr into OUT, killed after secs (tests/testutil.h) */
 #define run(secs, ...) tu_run(OUT, sizeof OUT, (secs), __VA_ARGS__)
 
-static char want[NREQ][2048], want_px[NREQ][2048];
-static char prompts[512], prompts_px[512];
+static char want[NREQ][2048], want_px[NREQ][2048], want_ms[NREQ][2048];
+static char prompts[512], prompts_px[512], prompts_ms[512];
 static char (*W)[2048] = want; /* the reference check_serve compares with, and its prompts */
 static const char *PF = prompts;
+static const char *MODEL = "stories260K"; /* the fixture check_serve runs */
+static int WHOLE; /* MODEL has sequence-granularity MindSkip: never a reused prefix */
 
-/* 32 prompts of 1..20 random ids (fixed seed) and what `modpipe generate` makes of them,
- * without the EOS id that ends a line (the server does not pass EOS on). shared > 0: every
- * prompt is the same `shared` ids, then 1..6 of its own (prefix reuse). */
-static int make_reference_of(const char *name, int shared, char *pf, char (*want)[2048])
+/* `modpipe generate` on the prompts file pf (greedy, max_new new tokens, more options in
+ * extra): its first n lines of ids into want, without the EOS id `eos` that ends a line (the
+ * server does not pass EOS on; -1: none). */
+static int generate_into(const char *model, const char *pf, int max_new, const char *extra, int eos,
+                         int n, char (*want)[2048])
+{
+    int rc =
+        run(300, "%s -np 1 %s generate --model %s/%s --prompts-file %s --max-new %d --quiet %s",
+            MPIRUN, BIN, FIX, model, pf, max_new, extra);
+    if (rc) return rc;
+    char *line = OUT, end[16];
+    snprintf(end, sizeof end, ",%d", eos);
+    for (int i = 0; i < n; i++) {
+        char *g = strstr(line, "generated "), *e = g ? strchr(g, '\n') : NULL;
+        if (!e) return -1;
+        snprintf(want[i], 2048, "%.*s", (int)(e - g - 10), g + 10);
+        size_t L = strlen(want[i]), k = strlen(end);
+        if (eos >= 0 && L >= k && !strcmp(want[i] + L - k, end))
+            want[i][L - k] = 0;
+        else if (eos >= 0 && !strcmp(want[i], end + 1))
+            want[i][0] = 0;
+        line = e + 1;
+    }
+    return 0;
+}
+
+/* 32 prompts of 1..20 random ids < vocab (fixed seed, BOS 1 first) and what `modpipe
+ * generate` makes of them on model. shared > 0: every prompt is the same `shared` ids, then
+ * 1..6 of its own (prefix reuse). */
+static int make_reference_of(const char *name, int shared, char *pf, char (*want)[2048],
+                             const char *model, int vocab, int eos)
 {
     snprintf(pf, 512, "%s/%s", TMP, name);
-    const char *prompts = pf;
-    FILE *f = fopen(prompts, "w");
+    FILE *f = fopen(pf, "w");
     if (!f) return -1;
     uint64_t x = 12345;
     for (int i = 0; i < NREQ; i++) {
         x = x * 6364136223846793005ull + 1442695040888963407ull;
         int n = shared ? shared + 1 + (int)((x >> 33) % 6) : 1 + (int)((x >> 33) % 20);
         fprintf(f, "1"); /* BOS, like a tokenized prompt */
-        for (int k = 1; k < shared; k++) fprintf(f, ",%d", 3 + (k * 37) % 509);
+        for (int k = 1; k < shared; k++) fprintf(f, ",%d", 3 + (k * 37) % (vocab - 3));
         for (int k = shared ? shared : 1; k < n; k++) {
+            x = x * 6364136223846793005ull + 1442695040888963407ull;
+            fprintf(f, ",%d", 3 + (int)((x >> 33) % (uint64_t)(vocab - 3)));
+        }
+        fprintf(f, "\n");
+    }
+    fclose(f);
+    return generate_into(model, pf, MAX_NEW, "", eos, NREQ, want);
+}
+/* The pair: two prompts of PAIR_S shared ids (BOS first) and PAIR_OWN own ones each, the
+ * first own ids differing; what generate makes of them with PAIR_NEW new tokens, EOS ignored
+ * (the server is told to ignore it too: every request has all its positions). */
+static char want_pair[2][2048], prompts_pair[512];
+static int make_pair_reference(void)
+{
+    snprintf(prompts_pair, sizeof prompts_pair, "%s/prompts_pair.txt", TMP);
+    FILE *f = fopen(prompts_pair, "w");
+    if (!f) return -1;
+    uint64_t x = 777;
+    for (int i = 0; i < 2; i++) {
+        fprintf(f, "1");
+        for (int k = 1; k < PAIR_S; k++) fprintf(f, ",%d", 3 + (k * 37) % 509);
+        fprintf(f, ",%d", 100 + i); /* the first own position differs */
+        for (int k = 1; k < PAIR_OWN; k++) {
             x = x * 6364136223846793005ull + 1442695040888963407ull;
             fprintf(f, ",%d", 3 + (int)((x >> 33) % 509));
         }
         fprintf(f, "\n");
     }
     fclose(f);
-    int rc = run(
-        300, "%s -np 1 %s generate --model %s/stories260K --prompts-file %s --max-new %d --quiet",
-        MPIRUN, BIN, FIX, prompts, MAX_NEW);
-    if (rc) return rc;
-    char *line = OUT;
-    for (int i = 0; i < NREQ; i++) {
-        char *g = strstr(line, "generated ");
-        if (!g) return -1;
-        g += 10;
-        char *e = strchr(g, '\n');
-        if (!e) return -1;
-        size_t n = (size_t)(e - g);
-        memcpy(want[i], g, n);
-        want[i][n] = 0;
-        size_t L = strlen(want[i]);
-        if (L >= 2 && !strcmp(want[i] + L - 2, ",2"))
-            want[i][L - 2] = 0;
-        else if (!strcmp(want[i], "2"))
-            want[i][0] = 0;
-        line = e + 1;
-    }
-    return 0;
+    return generate_into("stories260K", prompts_pair, PAIR_NEW, "--ignore-eos", -1, 2, want_pair);
 }
+
 static int make_reference(void)
 {
-    return make_reference_of("prompts.txt", 0, prompts, want) ||
-           make_reference_of("prompts_px.txt", 18, prompts_px, want_px);
+    /* stories260K: vocab 512, EOS 2; mindskip: vocab 97, no EOS */
+    return make_reference_of("prompts.txt", 0, prompts, want, "stories260K", 512, 2) ||
+           make_reference_of("prompts_px.txt", 18, prompts_px, want_px, "stories260K", 512, 2) ||
+           make_reference_of("prompts_ms.txt", 18, prompts_ms, want_ms, "mindskip", 97, -1) ||
+           make_pair_reference();
 }
 
 static void check_serve(int np, int slots, long kv_mem_bytes, const char *mode)
 {
-    const int px = PF == prompts_px; /* shared prefixes: a tail request after all ended */
-    int rc = run(300, "%s -np %d %s --worker %s/stories260K %s %d %ld %s%s", MPIRUN, np, SELF, FIX,
+    const int px = PF != prompts; /* shared prefixes: a tail request after all ended */
+    const int reuse = strcmp(mode, "noprefix") && !WHOLE;
+    int rc = run(300, "%s -np %d %s --worker %s/%s %s %d %ld %s%s", MPIRUN, np, SELF, FIX, MODEL,
                  PF, slots, kv_mem_bytes, mode, px ? " tail" : "");
     CU_ASSERT_EQUAL_FATAL(rc, 0);
     if (px) { /* the tail, R[j]'s prompt from a parked prefix (reuse on), gives R[j]'s tokens;
@@ -530,9 +619,11 @@ static void check_serve(int np, int slots, long kv_mem_bytes, const char *mode)
         t += 7;
         size_t n = (size_t)(strchr(t, '\n') - t);
         CU_ASSERT(n == strlen(W[j]) && !strncmp(t, W[j], n));
-        CU_ASSERT_EQUAL(same2, 1);
+        /* (sequence-granularity MindSkip decides over the tail2's whole 33 positions: not
+         * the tail's decision, so not its tokens either) */
+        if (!WHOLE) CU_ASSERT_EQUAL(same2, 1);
         /* 32 positions from the tail's parked slot, its generated ones included */
-        CU_ASSERT_EQUAL(shared2, strcmp(mode, "noprefix") ? 32u : 0u);
+        CU_ASSERT_EQUAL(shared2, reuse ? 32u : 0u);
     }
     int same = 0, once = 0;
     for (int i = 0; i < NREQ; i++) {
@@ -593,15 +684,17 @@ static void check_serve(int np, int slots, long kv_mem_bytes, const char *mode)
     if (ic) idle = atof(ic + 9);
     CU_ASSERT(idle < 0.3); /* one idle second: rank 0 sleeps on the condvar */
     if (!(idle < 0.3)) fprintf(stderr, "\n  idle second used %.3f s of CPU\n", idle);
-    unsigned long long hits = 0;
-    char *ph = strstr(OUT, "prefix_hits ");
-    if (ph) hits = strtoull(ph + 12, NULL, 10);
-    if (PF == prompts_px && !strcmp(mode, "noprefix")) CU_ASSERT_EQUAL(hits, 0);
-    unsigned long long parked = 0, evicted = 0;
-    char *pk = strstr(OUT, "parked_hits ");
-    if (pk) sscanf(pk, "parked_hits %llu evictions %llu", &parked, &evicted);
-    if (px && !strcmp(mode, "noprefix")) CU_ASSERT_EQUAL(parked, 0);
-    if (px && strcmp(mode, "noprefix")) {
+    unsigned long long hits = 99, parked = 99, evicted = 99;
+    char *ph = strstr(OUT, "prefix_hits "), *pk = strstr(OUT, "parked_hits ");
+    CU_ASSERT_FATAL(ph && pk);
+    hits = strtoull(ph + 12, NULL, 10);
+    sscanf(pk, "parked_hits %llu evictions %llu", &parked, &evicted);
+    if (px && !reuse) { /* nothing shared, nothing parked */
+        CU_ASSERT_EQUAL(hits, 0);
+        CU_ASSERT_EQUAL(parked, 0);
+    }
+    if (WHOLE) CU_ASSERT_EQUAL(evicted, 0); /* a holder was never even filled */
+    if (px && reuse) {
         CU_ASSERT(hits > 0); /* and the tokens above are still generate's */
         /* finished requests' parked prefixes were shared from, and evicted for slots */
         CU_ASSERT(parked > 0 && evicted > 0);
@@ -677,6 +770,78 @@ static void test_serve_px_np1(void) { check_px(1, 0, ""); }
 static void test_serve_px_np3(void) { check_px(3, 0, ""); }
 static void test_serve_px_off_np3(void) { check_px(3, 0, "noprefix"); }
 static void test_serve_px_kv_np3(void) { check_px(3, 40 * 1040, "blind"); }
+/* Sequence-granularity MindSkip (tests/fixtures/mindskip: one decision per prompt, over the
+ * whole prompt: not causal): 32 prompts sharing their first 18 positions, then the tail
+ * requests (a finished prompt again, and one continuing it): no prefix is ever reused, from a
+ * running request or a finished one (docs/SPEC.md §11), and every token is generate's. */
+static void check_ms(int np)
+{
+    MODEL = "mindskip";
+    WHOLE = 1;
+    W = want_ms;
+    PF = prompts_ms;
+    check_serve(np, 8, 0, "");
+    MODEL = "stories260K";
+    WHOLE = 0;
+    W = want;
+    PF = prompts;
+}
+static void test_serve_ms_np1(void) { check_ms(1); }
+static void test_serve_ms_np3(void) { check_ms(3); }
+
+/* Two running requests sharing a prompt prefix hold fewer pages together with reuse than
+ * without, and make the same tokens (generate's). Prompts of 144 positions (64 shared), 17
+ * new tokens: each holds 160 positions, 10 pages of 16 on each of stories260K's 5 layers: 50
+ * pages alone. The second is sent once the first's prompt is in: with reuse it starts from the
+ * first's 4 full pages a layer (64 positions, no partial page to copy) and takes 6 of its own:
+ * 80 pages together; without, 100. The peak is exact (the pools' low-water mark): with reuse no
+ * page is given back before both end (a finished request's pages move to a prefix holder,
+ * 160 positions: whole pages, no copy), without it the first is still running when the
+ * second takes its last page (the first runs 17 decode steps, the second's 144 prompt rows go
+ * in three micro-batches of 64). */
+static void check_pair(int np, const char *mode)
+{
+    const int reuse = strcmp(mode, "noprefix") != 0, L = 5;
+    const int per = (PAIR_S + PAIR_OWN + PAIR_NEW - 1 + PAIR_PAGE - 1) / PAIR_PAGE; /* 10 */
+    const long alone = (long)L * per, two = (long)L * (2 * per - (reuse ? PAIR_S / PAIR_PAGE : 0));
+    int rc = run(300, "%s -np %d %s --worker %s/stories260K %s 8 0 pair %s", MPIRUN, np, SELF, FIX,
+                 prompts_pair, mode);
+    CU_ASSERT_EQUAL_FATAL(rc, 0);
+    for (int i = 0; i < 3; i++) { /* R[2]: the first prompt alone */
+        char key[64];
+        snprintf(key, sizeof key, "req %d done 1 why %d tokens ", i, SRVQ_FINISH_LENGTH);
+        char *t = strstr(OUT, key);
+        CU_ASSERT_PTR_NOT_NULL_FATAL(t);
+        t += strlen(key);
+        const char *w = want_pair[i == 1];
+        CU_ASSERT(strchr(t, '\n') - t == (long)strlen(w) && !strncmp(t, w, strlen(w)));
+    }
+    long a = -1, peak = -1, cached = -1, used = -1;
+    unsigned long long hits = 99, ptok = 99, pre = 99;
+    int stages = 0;
+    char *l = strstr(OUT, "pair alone ");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(l);
+    sscanf(l, "pair alone %ld peak %ld cached %ld", &a, &peak, &cached);
+    l = strstr(OUT, "prefix_hits ");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(l);
+    sscanf(l, "prefix_hits %llu tokens %llu", &hits, &ptok);
+    l = strstr(OUT, "preemptions ");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(l);
+    sscanf(l, "preemptions %llu kv_used_after %ld stages %d", &pre, &used, &stages);
+    CU_ASSERT_EQUAL(stages, np);
+    CU_ASSERT_EQUAL(a, alone);                /* 50 */
+    CU_ASSERT_EQUAL(peak, two);               /* 80 with reuse, 100 without */
+    CU_ASSERT_EQUAL(cached, reuse ? two : 0); /* both prefixes kept (reuse) once they ended */
+    CU_ASSERT_EQUAL(used, 0);                 /* the cache cleared: every page back */
+    CU_ASSERT_EQUAL(hits, reuse ? 1u : 0u);
+    CU_ASSERT_EQUAL(ptok, reuse ? (unsigned long long)PAIR_S : 0u);
+    CU_ASSERT_EQUAL(pre, 0u);
+    fprintf(stderr, " [-np %d: %ld pages alone, %ld together] ", np, a, peak);
+}
+static void test_pair_np1(void) { check_pair(1, ""); }
+static void test_pair_np3(void) { check_pair(3, ""); }
+static void test_pair_off_np1(void) { check_pair(1, "noprefix"); }
+static void test_pair_off_np3(void) { check_pair(3, "noprefix"); }
 
 /* admission by slots alone: the stages run out, lose sequences, the queue recomputes them */
 static void test_serve_kv_lost_np1(void) { check_serve(1, 8, 100 * 1040, "blind"); }
@@ -720,6 +885,18 @@ int main(int argc, char **argv)
     CU_add_test(s, "shared prompt prefixes, reuse off: same tokens, np 3", test_serve_px_off_np3);
     CU_add_test(s, "shared prefixes in a pool that runs out: same tokens, pages back, np 3",
                 test_serve_px_kv_np3);
+    CU_add_test(s, "two requests sharing 64 positions, reuse: 80 pages (50 alone), np 1",
+                test_pair_np1);
+    CU_add_test(s, "two requests sharing 64 positions, reuse: 80 pages (50 alone), np 3",
+                test_pair_np3);
+    CU_add_test(s, "two requests sharing 64 positions, no reuse: 100 pages, same tokens, np 1",
+                test_pair_off_np1);
+    CU_add_test(s, "two requests sharing 64 positions, no reuse: 100 pages, same tokens, np 3",
+                test_pair_off_np3);
+    CU_add_test(s, "sequence-level mindskip, shared prefixes: never reused, generate's, np 1",
+                test_serve_ms_np1);
+    CU_add_test(s, "sequence-level mindskip, shared prefixes: never reused, generate's, np 3",
+                test_serve_ms_np3);
     CU_add_test(s, "start-up errors", test_serve_errors);
     CU_add_test(s, "a dead rank ends the server", test_dead_rank);
     CU_basic_set_mode(CU_BRM_VERBOSE);

@@ -64,6 +64,31 @@ static void give_back(srvq *q, const stage_batch *mb, const int32_t *force_by_sl
 
 static const int32_t P5[5] = {1, 2, 3, 4, 5}, P3[3] = {7, 8, 9}, P7[7] = {1, 1, 1, 1, 1, 1, 1};
 
+/* A queue of `slots` slots of ctx positions (vocab 120, no EOS, room for max(4, slots)
+ * queued) that schedules micro-batches of R rows (whole: prompts never cut, up to max_rows
+ * rows); mb: a batch of max_rows rows; the clients c[0..n) zeroed. */
+static srvq *setup(int slots, int ctx, int R, int whole, int max_rows, stage_batch *mb, client *c,
+                   int n)
+{
+    srvq *q = srvq_new(slots, ctx, slots > 4 ? slots : 4, 120, -1);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(q);
+    CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, R, whole, max_rows), 0);
+    CU_ASSERT_EQUAL_FATAL(stage_batch_init(mb, max_rows), 0);
+    memset(c, 0, (size_t)n * sizeof *c);
+    return q;
+}
+
+/* setup's queue with R 8 whose one stage reports (*kr) a pool of `pages` pages of 4 positions
+ * on `layers` layers (docs/SPEC.md §11). */
+static srvq *kv_setup(int slots, int ctx, int layers, int pages, engine_kv_report *kr,
+                      stage_batch *mb, client *c, int n)
+{
+    srvq *q = setup(slots, ctx, 8, 0, 8, mb, c, n);
+    *kr = (engine_kv_report){.stage = 0, .page = 4, .kv_layers = layers, .pages_total = pages};
+    srvq_sched_ops.kv(q, kr, 1);
+    return q;
+}
+
 static void test_submit_errors(void)
 {
     srvq *q = srvq_new(2, 8, 1, 50, 2);
@@ -235,12 +260,9 @@ static void test_schedule(void)
 /* Cancel a queued request; fail_all ends the rest with ERROR, each exactly once. */
 static void test_cancel_queued_and_fail(void)
 {
-    srvq *q = srvq_new(1, 16, 4, 50, -1);
-    CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 8, 0, 8), 0);
     stage_batch mb;
-    stage_batch_init(&mb, 8);
     client c[3];
-    memset(c, 0, sizeof c);
+    srvq *q = setup(1, 16, 8, 0, 8, &mb, c, 3);
     char err[256];
     for (int i = 0; i < 3; i++) CU_ASSERT_EQUAL(submit(q, &c[i], P3, 3, 5, err), i);
     srvq_cancel(q, 1);
@@ -263,12 +285,9 @@ static void test_cancel_queued_and_fail(void)
  * micro-batch of its own up to max_rows. */
 static void test_whole_prompts(void)
 {
-    srvq *q = srvq_new(3, 16, 4, 50, -1);
-    CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 4, 1, 16), 0);
     stage_batch mb;
-    stage_batch_init(&mb, 16);
     client c[3];
-    memset(c, 0, sizeof c);
+    srvq *q = setup(3, 16, 4, 1, 16, &mb, c, 3);
     char err[256];
     submit(q, &c[0], P3, 3, 5, err);
     submit(q, &c[1], P7, 7, 5, err);
@@ -287,12 +306,9 @@ static void test_whole_no_reuse(void)
 {
     int32_t pa[30];
     for (int i = 0; i < 30; i++) pa[i] = 3 + i;
-    srvq *q = srvq_new(2, 40, 4, 120, -1);
-    CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 8, 1, 32), 0);
     stage_batch mb;
-    stage_batch_init(&mb, 32);
     client c[3];
-    memset(c, 0, sizeof c);
+    srvq *q = setup(2, 40, 8, 1, 32, &mb, c, 3);
     char err[256];
     int shares = 0, pos0 = 0;
     CU_ASSERT_EQUAL(submit(q, &c[0], pa, 30, 4, err), 0);
@@ -337,12 +353,7 @@ static void done_tok(srvq *q, const stage_batch *mb, int32_t tok_all, int slot, 
 static srvq *kv_queue(int slots, int pages, engine_kv_report *kr, stage_batch *mb, client *c, int n)
 {
     static const int32_t P6[6] = {1, 2, 3, 4, 5, 6};
-    srvq *q = srvq_new(slots, 32, slots, 50, -1);
-    CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 8, 0, 8), 0);
-    *kr = (engine_kv_report){.stage = 0, .page = 4, .kv_layers = 2, .pages_total = pages};
-    srvq_sched_ops.kv(q, kr, 1);
-    stage_batch_init(mb, 8);
-    memset(c, 0, (size_t)n * sizeof *c);
+    srvq *q = kv_setup(slots, 32, 2, pages, kr, mb, c, n);
     char err[256];
     for (int i = 0; i < n; i++) CU_ASSERT_EQUAL(submit(q, &c[i], P6, 6, 4, err), i);
     return q;
@@ -436,12 +447,9 @@ static void test_prefix_reuse(void)
     for (int i = 0; i < 20; i++) p20[i] = 3 + i;
     memcpy(p18, p20, sizeof p18);
     p18[17] = 40; /* a different 18th token: still 16 (one block) in common */
-    srvq *q = srvq_new(3, 32, 4, 50, -1);
-    CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 8, 0, 8), 0);
     stage_batch mb;
-    stage_batch_init(&mb, 8);
     client c[3];
-    memset(c, 0, sizeof c);
+    srvq *q = setup(3, 32, 8, 0, 8, &mb, c, 3);
     char err[256];
     CU_ASSERT_EQUAL(submit(q, &c[0], p20, 20, 2, err), 0);
     for (int k = 0; k < 2; k++) { /* a's first 16 rows issued (not back yet) */
@@ -524,15 +532,11 @@ static void test_prefix_holders(void)
     int32_t p[N + 2][LEN + 4];
     for (int i = 0; i < N; i++)
         for (int j = 0; j < LEN + 4; j++) p[i][j] = 3 + (i * 7 + j) % 90;
-    srvq *q = srvq_new(2, 40, 4, 120, -1);
-    CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 8, 0, 8), 0);
-    CU_ASSERT_EQUAL(engine_prefix_holders(2), 8);
-    engine_kv_report kr = {.stage = 0, .page = 4, .kv_layers = 1, .pages_total = 1000};
-    srvq_sched_ops.kv(q, &kr, 1);
+    engine_kv_report kr;
     stage_batch mb;
-    stage_batch_init(&mb, 8);
     client c[N + 2];
-    memset(c, 0, sizeof c);
+    srvq *q = kv_setup(2, 40, 1, 1000, &kr, &mb, c, N + 2);
+    CU_ASSERT_EQUAL(engine_prefix_holders(2), 8);
     char err[256];
     srvq_stats st;
     for (int i = 0; i < N; i++) {
@@ -576,14 +580,10 @@ static void test_prefix_cache(void)
     for (int i = 30; i < 33; i++) pb[i] = 100; /* a's tokens (slot 0: 100 each) */
     pb[33] = 40;
     for (int i = 0; i < 20; i++) pc[i] = 20 + i;
-    srvq *q = srvq_new(2, 40, 4, 120, -1);
-    CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 8, 0, 8), 0);
-    engine_kv_report kr = {.stage = 0, .page = 4, .kv_layers = 1, .pages_total = 100};
-    srvq_sched_ops.kv(q, &kr, 1);
+    engine_kv_report kr;
     stage_batch mb;
-    stage_batch_init(&mb, 8);
     client c[5];
-    memset(c, 0, sizeof c);
+    srvq *q = kv_setup(2, 40, 1, 100, &kr, &mb, c, 5);
     char err[256];
     srvq_stats st;
     /* a: 30 + 4 tokens; its KV holds positions 0..32 (the last token is never fed) */
@@ -669,14 +669,10 @@ static void test_prefix_evict_unsent(void)
 {
     int32_t pa[30];
     for (int i = 0; i < 30; i++) pa[i] = 3 + i;
-    srvq *q = srvq_new(2, 40, 4, 120, -1);
-    CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 8, 0, 8), 0);
-    engine_kv_report kr = {.stage = 0, .page = 4, .kv_layers = 1, .pages_total = 100};
-    srvq_sched_ops.kv(q, &kr, 1);
+    engine_kv_report kr;
     stage_batch mb;
-    stage_batch_init(&mb, 8);
     client c;
-    memset(&c, 0, sizeof c);
+    srvq *q = kv_setup(2, 40, 1, 100, &kr, &mb, &c, 1);
     char err[256];
     CU_ASSERT_EQUAL(submit(q, &c, pa, 30, 4, err), 0);
     run_until_done(q, &mb, &c); /* a parked into holder 0 (sequence 2): not sent yet */
@@ -773,15 +769,11 @@ static void test_rewind(void)
  * a group left with more than its share gives the rest to a smaller one. */
 static void test_decode_groups(void)
 {
-    srvq *q = srvq_new(4, 16, 4, 50, -1);
-    CU_ASSERT_PTR_NOT_NULL_FATAL(q);
-    CU_ASSERT_EQUAL_FATAL(srvq_sched_config(q, 8, 0, 8), 0);
-    srvq_sched_groups(q, 2);
     stage_batch a, b;
-    CU_ASSERT_EQUAL_FATAL(stage_batch_init(&a, 8), 0);
-    CU_ASSERT_EQUAL_FATAL(stage_batch_init(&b, 8), 0);
     client c[4];
-    memset(c, 0, sizeof c);
+    srvq *q = setup(4, 16, 8, 0, 8, &a, c, 4);
+    srvq_sched_groups(q, 2);
+    CU_ASSERT_EQUAL_FATAL(stage_batch_init(&b, 8), 0);
     char err[256];
     for (int i = 0; i < 4; i++) CU_ASSERT_EQUAL(submit(q, &c[i], P3, 3, 12, err), i);
     /* prompts: 8 rows (slots 0, 1 and 2 rows of 2), then 4 (the rest of 2, 3) */

@@ -135,17 +135,34 @@ check "/metrics has link bytes vs dense for 0->1 and 1->2" \
     'grep -q "^modpipe_link_bytes_total{from=\"0\",to=\"1\"} [1-9]" <<<"$m" && grep -q "^modpipe_link_dense_bytes_total{from=\"1\",to=\"2\"} [1-9]" <<<"$m"'
 ttft=$(awk '$1 == "modpipe_ttft_seconds_count" { print $2 }' <<<"$m")
 check "/metrics TTFT histogram counted every generation ($ttft)" '[ "${ttft:-0}" -ge 40 ]'
-kv_pools() { # every stage's page pool is on /metrics
-    local s
+kv_pools() { # every stage's page pool is on /metrics (docs/SPEC.md §11), its parts adding up
+    local s k u p b
+    kvm() { awk -v n="modpipe_kv_$1{stage=\"$s\"}" '$1 == n { print $2 }' <<<"$m"; }
     for s in 0 1 2; do
         grep -q "^modpipe_kv_pages_total{stage=\"$s\"} [1-9]" <<<"$m" &&
-            grep -q "^modpipe_kv_bytes_dense{stage=\"$s\"} [0-9]" <<<"$m" &&
-            grep -q "^modpipe_kv_pages_used_by_kind{stage=\"$s\",kind=\"full\"} [0-9]" <<<"$m" ||
-            return 1
+            grep -q "^modpipe_kv_pages_peak{stage=\"$s\"} [1-9]" <<<"$m" &&
+            grep -q "^modpipe_kv_bytes_dense{stage=\"$s\"} [0-9]" <<<"$m" || return 1
+        for k in full routed mindskip; do
+            grep -q "^modpipe_kv_pages_used_by_kind{stage=\"$s\",kind=\"$k\"} [0-9]" <<<"$m" ||
+                return 1
+        done
+        u=$(kvm pages_used) p=$(kvm page_bytes) b=$(kvm bytes_used)
+        [ -n "$u" ] && [ -n "$p" ] && [ "$p" -gt 0 ] && [ "$b" = $((u * p)) ] || return 1
+        [ $((u + $(kvm pages_cached) + $(kvm pages_free))) = "$(kvm pages_total)" ] || return 1
     done
 }
 check "/metrics has the KV page pool of every stage" kv_pools
 check "/metrics counts preemptions" 'grep -q "^modpipe_preemptions_total [0-9]" <<<"$m"'
+prefix_counters() {
+    local n
+    for n in hits tokens parked_hits evictions; do
+        grep -q "^modpipe_prefix_cache_${n}_total [0-9]" <<<"$m" || return 1
+    done
+    grep -q "^modpipe_prefix_holders_used [0-9]" <<<"$m"
+}
+check "/metrics has the prefix cache counters" prefix_counters
+check "/metrics: modpipe_requests_running counts the requests being computed now" \
+    'grep -q "^# HELP modpipe_requests_running Requests being computed now" <<<"$m" && grep -q "^modpipe_requests_running [0-9]" <<<"$m"'
 # bad options: one line on stderr, exit 2, no hang
 badrun() { # badrun "expected text" ARGS...
     local want=$1; shift
