@@ -471,29 +471,32 @@ static void small_task(void *a, int t, int tid)
     j->rows(j->x, j->m, j->w, r0, r1, j->y, j->xs);
 }
 
-/* The split-x scratch (g_xs) for m rows of k columns, grown once; 0 when it is there. */
+/* buf grown to hold at least need elements of size bytes (*cap: elements it holds), never
+ * shrunk: the buffer to use, or NULL when memory is short (buf is still valid then). */
+static void *scratch_grow(void *buf, size_t *cap, size_t need, size_t size)
+{
+    if (need <= *cap) return buf;
+    void *nb = realloc(buf, need * size);
+    if (nb) *cap = need;
+    return nb;
+}
+
+/* The split-x scratch (g_xs) for m rows of k columns; 0 when it is there. */
 static int xs_reserve(int m, int k)
 {
-    size_t need = (size_t)m * 2 * (size_t)mm_split_half(k);
-    if (need > g_xs_cap) {
-        uint16_t *nx = realloc(g_xs, need * sizeof *nx);
-        if (!nx) return -1;
-        g_xs = nx;
-        g_xs_cap = need;
-    }
+    uint16_t *p =
+        scratch_grow(g_xs, &g_xs_cap, (size_t)m * 2 * (size_t)mm_split_half(k), sizeof *g_xs);
+    if (!p) return -1;
+    g_xs = p;
     return 0;
 }
 
-/* The deinterleaved-x scratch (g_xd) for m rows of k columns, grown once; 0 when it is there. */
+/* The deinterleaved-x scratch (g_xd) for m rows of k columns; 0 when it is there. */
 static int xd_reserve(int m, int k)
 {
-    size_t need = (size_t)m * (size_t)mm_dx_stride(k);
-    if (need > g_xd_cap) {
-        float *nx = realloc(g_xd, need * sizeof *nx);
-        if (!nx) return -1;
-        g_xd = nx;
-        g_xd_cap = need;
-    }
+    float *p = scratch_grow(g_xd, &g_xd_cap, (size_t)m * (size_t)mm_dx_stride(k), sizeof *g_xd);
+    if (!p) return -1;
+    g_xd = p;
     return 0;
 }
 

@@ -81,13 +81,19 @@ static T512 INL void blk512(const float *x, const void *w, int k, int R, int MB,
 
 /* bf16 rows by shift and mask, no widening shuffle: a 64-byte load holds 32 weights, element
  * 2l in the low half of 32-bit lane l and 2l + 1 in the high half, so w << 16 is the even
- * elements as f32 and w & 0xffff0000 the odd ones. x is deinterleaved to match (two
- * permutes per 32 columns, shared by the R weight rows). Order of one output: lane l
- * accumulates columns 32c + 2l then 32c + 2l + 1 for chunks c in order (the last chunk
- * masked), then _mm512_reduce_add_ps. R up to 8 (rows r < 4 at w, the others at w2; outputs
- * likewise at y and y2), MB up to 4 (R * MB <= 16). */
-static T512 INL void blk512_bf16(const float *x, const uint16_t *w, const uint16_t *w2, int k,
-                                 int R, int MB, float *y, float *y2, int ldy)
+ * elements as f32 and w & 0xffff0000 the odd ones. x is deinterleaved to match: DX 0, two
+ * permutes per 32 columns of x (shared by the R weight rows); DX 1, x already deinterleaved
+ * by dx512 (rows ld apart), two loads: the same vectors (the last chunk's x is zero past k
+ * either way), so the two give the same bits. Order of one output: lane l accumulates columns
+ * 32c + 2l then 32c + 2l + 1 for chunks c in order (the last chunk masked), then
+ * _mm512_reduce_add_ps. R up to 8 (rows r < 4 at w, the others at w2; outputs likewise at y
+ * and y2), MB up to 4 (R * MB <= 16). pf, npf: rows of the next weight block to prefetch, one
+ * cache line of each per chunk, so that block streams in from memory while this one runs from
+ * the L1 (the passes of several x-row blocks over one weight block would otherwise leave the
+ * memory idle in all but the first). */
+static T512 INL void blk512_bf16(const float *x, int ld, int DX, const uint16_t *w,
+                                 const uint16_t *w2, int k, int R, int MB, const uint16_t *pf,
+                                 int npf, float *y, float *y2, int ldy)
 {
     __m512 acc[8][4];
     const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -105,6 +111,8 @@ static T512 INL void blk512_bf16(const float *x, const uint16_t *w, const uint16
             full ? (__mmask16)0xffff : (__mmask16)(k - c >= 16 ? 0xffffu : (1u << (k - c)) - 1u);
         const __mmask16 mb =
             full ? (__mmask16)0xffff : (__mmask16)(k - c > 16 ? (1u << (k - c - 16)) - 1u : 0u);
+        for (int p = 0; p < npf; p++)
+            _mm_prefetch((const char *)(pf + (size_t)p * k + c), _MM_HINT_T0);
         __m512 we[8], wo[8];
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
@@ -115,11 +123,18 @@ static T512 INL void blk512_bf16(const float *x, const uint16_t *w, const uint16
         }
 #pragma GCC unroll 4
         for (int i = 0; i < MB; i++) {
-            const float *xi = x + (size_t)i * k + c;
-            const __m512 a = full ? _mm512_loadu_ps(xi) : _mm512_maskz_loadu_ps(ma, xi);
-            const __m512 b = full ? _mm512_loadu_ps(xi + 16) : _mm512_maskz_loadu_ps(mb, xi + 16);
-            const __m512 xe = _mm512_permutex2var_ps(a, ie, b);
-            const __m512 xo = _mm512_permutex2var_ps(a, io, b);
+            __m512 xe, xo;
+            if (DX) {
+                xe = _mm512_loadu_ps(x + (size_t)i * ld + c);
+                xo = _mm512_loadu_ps(x + (size_t)i * ld + c + 16);
+            } else {
+                const float *xi = x + (size_t)i * ld + c;
+                const __m512 a = full ? _mm512_loadu_ps(xi) : _mm512_maskz_loadu_ps(ma, xi);
+                const __m512 b =
+                    full ? _mm512_loadu_ps(xi + 16) : _mm512_maskz_loadu_ps(mb, xi + 16);
+                xe = _mm512_permutex2var_ps(a, ie, b);
+                xo = _mm512_permutex2var_ps(a, io, b);
+            }
 #pragma GCC unroll 8
             for (int r = 0; r < R; r++) {
                 acc[r][i] = _mm512_fmadd_ps(we[r], xe, acc[r][i]);
@@ -142,13 +157,13 @@ static T512 void rows512_bf16(const float *x, int m, const stage_weight *w, int 
     const int n = w->rows, k = w->cols;
     const uint16_t *wd = w->data;
 #define BB(RR, MM)                                                                                 \
-    blk512_bf16(x + (size_t)i * k, wd + (size_t)j * k, NULL, k, RR, MM, y + (size_t)i * n + j,     \
-                NULL, n)
+    blk512_bf16(x + (size_t)i * k, k, 0, wd + (size_t)j * k, NULL, k, RR, MM, NULL, 0,             \
+                y + (size_t)i * n + j, NULL, n)
     int j = r0;
     if (m == 1) {
         for (; j + 8 <= r1; j += 8)
-            blk512_bf16(x, wd + (size_t)j * k, wd + (size_t)(j + 4) * k, k, 8, 1, y + j, y + j + 4,
-                        n);
+            blk512_bf16(x, k, 0, wd + (size_t)j * k, wd + (size_t)(j + 4) * k, k, 8, 1, NULL, 0,
+                        y + j, y + j + 4, n);
     }
     for (; j + 4 <= r1; j += 4) {
         int i = 0;
@@ -240,52 +255,6 @@ static T512 void dx512(const float *x, int m, int k, float *xd)
     }
 }
 
-/* blk512_bf16's products with x already deinterleaved (xd rows ld apart): the same operations
- * in the same order on the same values (the tail chunk's x is zero in xd as it is after the
- * masked loads there), so every output is bit-identical to blk512_bf16's. R <= 4, MB <= 4.
- * pf, npf: rows of the next weight block to prefetch, one cache line of each per chunk, so
- * the next block's weights stream in from memory while this block runs from the L1 (the
- * MB-row passes over one weight block would otherwise leave the memory idle in all but the
- * first). */
-static T512 INL void blk512_bf16_dx(const float *xd, int ld, const uint16_t *w, int k, int R,
-                                    int MB, const uint16_t *pf, int npf, float *y, int ldy)
-{
-    __m512 acc[4][4];
-    const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
-#pragma GCC unroll 4
-    for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-        for (int i = 0; i < MB; i++) acc[r][i] = _mm512_setzero_ps();
-    for (int c = 0; c < k; c += 32) {
-        const int full = c + 32 <= k;
-        const __mmask32 mw = full ? ~(__mmask32)0 : (__mmask32)((1ull << (k - c)) - 1ull);
-        for (int p = 0; p < npf; p++)
-            _mm_prefetch((const char *)(pf + (size_t)p * k + c), _MM_HINT_T0);
-        __m512 we[4], wo[4];
-#pragma GCC unroll 4
-        for (int r = 0; r < R; r++) {
-            const uint16_t *p = w + (size_t)r * k + c;
-            const __m512i v = full ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(mw, p);
-            we[r] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-            wo[r] = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
-        }
-#pragma GCC unroll 4
-        for (int i = 0; i < MB; i++) {
-            const __m512 xe = _mm512_loadu_ps(xd + (size_t)i * ld + c);
-            const __m512 xo = _mm512_loadu_ps(xd + (size_t)i * ld + c + 16);
-#pragma GCC unroll 4
-            for (int r = 0; r < R; r++) {
-                acc[r][i] = _mm512_fmadd_ps(we[r], xe, acc[r][i]);
-                acc[r][i] = _mm512_fmadd_ps(wo[r], xo, acc[r][i]);
-            }
-        }
-    }
-#pragma GCC unroll 4
-    for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-        for (int i = 0; i < MB; i++) y[(size_t)i * ldy + r] = _mm512_reduce_add_ps(acc[r][i]);
-}
-
 /* bf16 rows for m >= 2 with x deinterleaved by dx512 (passed as x): blocks of 4 weight rows,
  * each passed over by all m rows of x in blocks of 4 (ceil(m / 4) passes from the L1), pass p
  * prefetching its share of the next block's 4 rows. */
@@ -307,10 +276,18 @@ static T512 void rows512_bf16_dx(const float *xd, int m, const stage_weight *w, 
             const float *xi = xd + (size_t)i * ld;
             float *yi = y + (size_t)i * n + j;
             switch (mb) {
-            case 4: blk512_bf16_dx(xi, ld, wd + (size_t)j * k, k, 4, 4, pf, npf, yi, n); break;
-            case 3: blk512_bf16_dx(xi, ld, wd + (size_t)j * k, k, 4, 3, pf, npf, yi, n); break;
-            case 2: blk512_bf16_dx(xi, ld, wd + (size_t)j * k, k, 4, 2, pf, npf, yi, n); break;
-            default: blk512_bf16_dx(xi, ld, wd + (size_t)j * k, k, 4, 1, pf, npf, yi, n); break;
+            case 4:
+                blk512_bf16(xi, ld, 1, wd + (size_t)j * k, NULL, k, 4, 4, pf, npf, yi, NULL, n);
+                break;
+            case 3:
+                blk512_bf16(xi, ld, 1, wd + (size_t)j * k, NULL, k, 4, 3, pf, npf, yi, NULL, n);
+                break;
+            case 2:
+                blk512_bf16(xi, ld, 1, wd + (size_t)j * k, NULL, k, 4, 2, pf, npf, yi, NULL, n);
+                break;
+            default:
+                blk512_bf16(xi, ld, 1, wd + (size_t)j * k, NULL, k, 4, 1, pf, npf, yi, NULL, n);
+                break;
             }
         }
     }
@@ -320,10 +297,18 @@ static T512 void rows512_bf16_dx(const float *xd, int m, const stage_weight *w, 
             const float *xi = xd + (size_t)i * ld;
             float *yi = y + (size_t)i * n + j;
             switch (mb) {
-            case 4: blk512_bf16_dx(xi, ld, wd + (size_t)j * k, k, 1, 4, NULL, 0, yi, n); break;
-            case 3: blk512_bf16_dx(xi, ld, wd + (size_t)j * k, k, 1, 3, NULL, 0, yi, n); break;
-            case 2: blk512_bf16_dx(xi, ld, wd + (size_t)j * k, k, 1, 2, NULL, 0, yi, n); break;
-            default: blk512_bf16_dx(xi, ld, wd + (size_t)j * k, k, 1, 1, NULL, 0, yi, n); break;
+            case 4:
+                blk512_bf16(xi, ld, 1, wd + (size_t)j * k, NULL, k, 1, 4, NULL, 0, yi, NULL, n);
+                break;
+            case 3:
+                blk512_bf16(xi, ld, 1, wd + (size_t)j * k, NULL, k, 1, 3, NULL, 0, yi, NULL, n);
+                break;
+            case 2:
+                blk512_bf16(xi, ld, 1, wd + (size_t)j * k, NULL, k, 1, 2, NULL, 0, yi, NULL, n);
+                break;
+            default:
+                blk512_bf16(xi, ld, 1, wd + (size_t)j * k, NULL, k, 1, 1, NULL, 0, yi, NULL, n);
+                break;
             }
         }
 }
@@ -460,7 +445,7 @@ static TBF INL void rowsbf_p(const int m, const stage_weight *w, int r0, int r1,
                 const int c1 = c0 + BF_KC < k ? c0 + BF_KC : k;
                 const int first = c0 == 0, last = c1 == k;
                 /* CB calls of this block: q of nq, call q prefetching its share of the next
-                 * block's BF_JB rows at these columns (see blk512_bf16_dx) */
+                 * block's BF_JB rows at these columns (see blk512_bf16) */
                 const int nq = bf_calls(mb, jb, MBB);
                 const int next = j0 + BF_JB + BF_JB <= r1;
                 int q = 0;

@@ -517,6 +517,54 @@ static void test_matmul_row_independent(void)
     free(y3);
 }
 
+/* A bf16 case for the small-path kernel tests: x [M][k], a bf16 weight [n][k], the double
+ * reference on its rounded values [M][n], and output buffers ym, yb [M][n], y1 [n]. */
+typedef struct {
+    int n, k, M;
+    float *x, *src, *wr, *ym, *yb, *y1;
+    double *ref;
+    stage_weight w;
+} bf16_case;
+
+static void bf16_case_make(bf16_case *c, int n, int k, int M)
+{
+    c->n = n, c->k = k, c->M = M;
+    c->x = malloc((size_t)M * k * sizeof *c->x);
+    c->src = malloc((size_t)n * k * sizeof *c->src);
+    c->wr = malloc((size_t)n * k * sizeof *c->wr);
+    c->ref = malloc((size_t)M * n * sizeof *c->ref);
+    c->ym = malloc((size_t)M * n * sizeof *c->ym);
+    c->yb = malloc((size_t)M * n * sizeof *c->yb);
+    c->y1 = malloc((size_t)n * sizeof *c->y1);
+    fill(c->x, (size_t)M * k);
+    fill(c->src, (size_t)n * k);
+    make_weight(STAGE_BF16, n, k, c->src, &c->w, c->wr);
+    ref_matmul(c->x, M, k, c->wr, n, c->ref);
+}
+
+static void bf16_case_free(bf16_case *c)
+{
+    free_weight(&c->w);
+    free(c->x);
+    free(c->src);
+    free(c->wr);
+    free(c->ref);
+    free(c->ym);
+    free(c->yb);
+    free(c->y1);
+}
+
+/* 1 when each of the m rows in c->ym is bit-identical to that x row's product alone */
+static int bf16_rows_alone(bf16_case *c, int m)
+{
+    int same = 1;
+    for (int i = 0; i < m; i++) {
+        stage_matmul_w(c->x + (size_t)i * c->k, 1, &c->w, c->y1);
+        same &= !memcmp(c->y1, c->ym + (size_t)i * c->n, (size_t)c->n * sizeof(float));
+    }
+    return same;
+}
+
 /* The AVX-512 BF16 small-path kernel (k-blocked, x split once per call) in both modes, forced
  * on the small path at m = 1 .. 33 (past its 32-row x block) and k across its 1024-column
  * blocks with a short tail: within TOL (exact) and FAST_TOL (fast) of the double reference,
@@ -525,19 +573,9 @@ static void test_matmul_row_independent(void)
 static void test_matmul_bf16_rows_blocked(void)
 {
     if (!stage_isa_supported(STAGE_ISA_AVX512BF16)) return;
-    const int n = 23, k = 2 * 1024 + 37, M = 33;
     const int ms[] = {1, 2, 4, 8, 16, 32, 33};
-    float *x = malloc((size_t)M * k * sizeof *x);
-    float *src = malloc((size_t)n * k * sizeof *src);
-    float *wr = malloc((size_t)n * k * sizeof *wr);
-    double *ref = malloc((size_t)M * n * sizeof *ref);
-    float *ym = malloc((size_t)M * n * sizeof *ym);
-    float *y1 = malloc((size_t)n * sizeof *y1);
-    fill(x, (size_t)M * k);
-    fill(src, (size_t)n * k);
-    stage_weight w;
-    make_weight(STAGE_BF16, n, k, src, &w, wr);
-    ref_matmul(x, M, k, wr, n, ref);
+    bf16_case c;
+    bf16_case_make(&c, 23, 2 * 1024 + 37, 33);
     CU_ASSERT_EQUAL_FATAL(stage_matmul_force_isa(STAGE_ISA_AVX512BF16), 0);
     stage_matmul_force_path(STAGE_PATH_SMALL);
     double worst[2] = {0, 0};
@@ -547,15 +585,11 @@ static void test_matmul_bf16_rows_blocked(void)
             stage_matmul_set_mode(fast ? STAGE_MATMUL_FAST : STAGE_MATMUL_EXACT);
             for (size_t mi = 0; mi < sizeof ms / sizeof ms[0]; mi++) {
                 const int m = ms[mi];
-                stage_matmul_w(x, m, &w, ym);
-                const double e = rel_err_d(ym, ref, (size_t)m * n);
+                stage_matmul_w(c.x, m, &c.w, c.ym);
+                const double e = rel_err_d(c.ym, c.ref, (size_t)m * c.n);
                 if (e > worst[fast]) worst[fast] = e;
                 CU_ASSERT(e <= (fast ? FAST_TOL : TOL));
-                int same = 1;
-                for (int i = 0; i < m; i++) {
-                    stage_matmul_w(x + (size_t)i * k, 1, &w, y1);
-                    same &= !memcmp(y1, ym + (size_t)i * n, (size_t)n * sizeof(float));
-                }
+                const int same = bf16_rows_alone(&c, m);
                 if (!same)
                     fprintf(stderr, "\n  avx512bf16 %s m=%d threads=%d: rows depend on the call\n",
                             fast ? "fast" : "exact", m, th);
@@ -571,13 +605,7 @@ static void test_matmul_bf16_rows_blocked(void)
     stage_matmul_force_path(STAGE_PATH_AUTO);
     stage_matmul_force_isa(stage_isa_best());
     stage_threads_free();
-    free_weight(&w);
-    free(x);
-    free(src);
-    free(wr);
-    free(ref);
-    free(ym);
-    free(y1);
+    bf16_case_free(&c);
 }
 
 /* bf16 rows of several x rows in the default variant, forced on the small path: EXACT (x
@@ -587,20 +615,10 @@ static void test_matmul_bf16_rows_blocked(void)
  * rounded to bf16, vdpbf16ps) gives the AVX-512 BF16 variant's FAST bits, within FAST_TOL. */
 static void test_matmul_bf16_many_rows(void)
 {
-    const int n = 4 * 9 + 2, k = 2 * 1024 + 37, M = 33;
     const int ms[] = {2, 3, 4, 5, 7, 8, 13, 16, 17, 32, 33};
-    float *x = malloc((size_t)M * k * sizeof *x);
-    float *src = malloc((size_t)n * k * sizeof *src);
-    float *wr = malloc((size_t)n * k * sizeof *wr);
-    double *ref = malloc((size_t)M * n * sizeof *ref);
-    float *ym = malloc((size_t)M * n * sizeof *ym);
-    float *yb = malloc((size_t)M * n * sizeof *yb);
-    float *y1 = malloc((size_t)n * sizeof *y1);
-    fill(x, (size_t)M * k);
-    fill(src, (size_t)n * k);
-    stage_weight w;
-    make_weight(STAGE_BF16, n, k, src, &w, wr);
-    ref_matmul(x, M, k, wr, n, ref);
+    bf16_case c;
+    bf16_case_make(&c, 4 * 9 + 2, 2 * 1024 + 37, 33);
+    const size_t out = (size_t)c.n * sizeof(float);
     const stage_isa best = stage_isa_best();
     const int bf = stage_isa_supported(STAGE_ISA_AVX512BF16) && best == STAGE_ISA_AVX512;
     stage_matmul_force_path(STAGE_PATH_SMALL);
@@ -610,40 +628,29 @@ static void test_matmul_bf16_many_rows(void)
             const int m = ms[mi];
             stage_matmul_force_isa(best);
             stage_matmul_set_mode(STAGE_MATMUL_EXACT);
-            stage_matmul_w(x, m, &w, ym);
-            CU_ASSERT(rel_err_d(ym, ref, (size_t)m * n) <= TOL);
-            int same = 1;
-            for (int i = 0; i < m; i++) {
-                stage_matmul_w(x + (size_t)i * k, 1, &w, y1);
-                same &= !memcmp(y1, ym + (size_t)i * n, (size_t)n * sizeof(float));
-            }
+            stage_matmul_w(c.x, m, &c.w, c.ym);
+            CU_ASSERT(rel_err_d(c.ym, c.ref, (size_t)m * c.n) <= TOL);
+            const int same = bf16_rows_alone(&c, m);
             if (!same)
                 fprintf(stderr, "\n  %s bf16 exact m=%d threads=%d: rows depend on the call\n",
                         stage_isa_name(best), m, th);
             CU_ASSERT(same);
             if (!bf) continue;
             stage_matmul_set_mode(STAGE_MATMUL_FAST);
-            stage_matmul_w(x, m, &w, ym);
-            const double e = rel_err_d(ym, ref, (size_t)m * n);
+            stage_matmul_w(c.x, m, &c.w, c.ym);
+            const double e = rel_err_d(c.ym, c.ref, (size_t)m * c.n);
             CU_ASSERT(e <= FAST_TOL);
             CU_ASSERT(e > 10 * TOL); /* x really rounded */
             CU_ASSERT_EQUAL_FATAL(stage_matmul_force_isa(STAGE_ISA_AVX512BF16), 0);
-            stage_matmul_w(x, m, &w, yb);
-            CU_ASSERT(!memcmp(ym, yb, (size_t)m * n * sizeof(float)));
+            stage_matmul_w(c.x, m, &c.w, c.yb);
+            CU_ASSERT(!memcmp(c.ym, c.yb, (size_t)m * out));
         }
     }
     stage_matmul_set_mode(STAGE_MATMUL_EXACT);
     stage_matmul_force_path(STAGE_PATH_AUTO);
     stage_matmul_force_isa(best);
     stage_threads_free();
-    free_weight(&w);
-    free(x);
-    free(src);
-    free(wr);
-    free(ref);
-    free(ym);
-    free(yb);
-    free(y1);
+    bf16_case_free(&c);
 }
 
 /* Q8_0 in FAST mode (x quantized per 32-block to int8, llama.cpp's rule, then an int8 dot on
