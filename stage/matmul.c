@@ -500,24 +500,32 @@ static int xd_reserve(int m, int k)
     return 0;
 }
 
+/* FAST, bf16, several rows, the AVX-512 variant on a CPU with AVX-512 BF16: x rounded to bf16
+ * once, vdpbf16ps (the AVX-512 BF16 variant's rows in FAST mode: half the arithmetic of the
+ * f32 products). 1 when j now runs on them. One row stays on rows[]: memory-bound either way. */
+static int fast_bf16_rows(mm_job *j, const mm_ops *o)
+{
+#if defined(__x86_64__)
+    if (g_mode == STAGE_MATMUL_FAST && o == &stage_mm_ops_avx512 &&
+        stage_isa_supported(STAGE_ISA_AVX512BF16) && xs_reserve(j->m, j->w->cols) == 0) {
+        stage_mm_ops_avx512bf16.split(j->x, j->m, j->w->cols, g_xs);
+        j->xs = g_xs;
+        j->rows = stage_mm_ops_avx512bf16.rows[STAGE_BF16];
+        return 1;
+    }
+#endif
+    (void)j, (void)o;
+    return 0;
+}
+
 static void run_small(const float *x, int m, const stage_weight *w, float *y, const mm_ops *o)
 {
     mm_job j = {.x = x, .m = m, .w = w, .y = y, .rows = o->rows[w->dtype], .ops = o};
-    /* bf16, several rows: x deinterleaved once for the whole call (the same results; without
-     * the scratch, rows[] does the same work per weight block) */
-#if defined(__x86_64__)
-    /* FAST, bf16, several rows, the AVX-512 variant on a CPU with AVX-512 BF16: x rounded to
-     * bf16 once, vdpbf16ps (the AVX-512 BF16 variant's rows in FAST mode: half the arithmetic
-     * of the f32 products). One row stays on rows[]: memory-bound either way. */
-    if (w->dtype == STAGE_BF16 && m >= 2 && g_mode == STAGE_MATMUL_FAST &&
-        o == &stage_mm_ops_avx512 && stage_isa_supported(STAGE_ISA_AVX512BF16) &&
-        xs_reserve(m, w->cols) == 0) {
-        stage_mm_ops_avx512bf16.split(x, m, w->cols, g_xs);
-        j.xs = g_xs;
-        j.rows = stage_mm_ops_avx512bf16.rows[STAGE_BF16];
-    } else
-#endif
-        if (w->dtype == STAGE_BF16 && m >= 2 && o->rows_bf16_dx && xd_reserve(m, w->cols) == 0) {
+    /* bf16, several rows: FAST on vdpbf16ps, else x deinterleaved once for the whole call (the
+     * same results as rows[], which does that work per weight block: its fallback when the
+     * scratch cannot be had) */
+    if (w->dtype == STAGE_BF16 && m >= 2 && !fast_bf16_rows(&j, o) && o->rows_bf16_dx &&
+        xd_reserve(m, w->cols) == 0) {
         o->dx(x, m, w->cols, g_xd);
         j.x = g_xd;
         j.rows = o->rows_bf16_dx;
