@@ -271,8 +271,8 @@ static T512 void rows512_bf16_dx(const float *xd, int m, const stage_weight *w, 
         for (int i = 0, p = 0; i < m; i += 4, p++) {
             const int mb = m - i < 4 ? m - i : 4;
             const int f0 = p * 4 / passes, f1 = (p + 1) * 4 / passes;
-            const uint16_t *pf = wd + (size_t)(j + 4 + f0) * k;
             const int npf = next && f0 < 4 ? (f1 < 4 ? f1 : 4) - f0 : 0;
+            const uint16_t *pf = npf ? wd + (size_t)(j + 4 + f0) * k : NULL;
             const float *xi = xd + (size_t)i * ld;
             float *yi = y + (size_t)i * n + j;
             switch (mb) {
@@ -449,13 +449,13 @@ static TBF INL void rowsbf_p(const int m, const stage_weight *w, int r0, int r1,
                 const int nq = bf_calls(mb, jb, MBB);
                 const int next = j0 + BF_JB + BF_JB <= r1;
                 int q = 0;
-                const uint16_t *pf = wd;
+                const uint16_t *pf = NULL;
                 int npf = 0;
 #define PF_NEXT()                                                                                  \
     do {                                                                                           \
         const int f0 = q * BF_JB / nq, f1 = (q + 1) * BF_JB / nq;                                  \
-        pf = wd + (size_t)(j0 + BF_JB + f0) * k;                                                   \
         npf = next ? f1 - f0 : 0;                                                                  \
+        pf = npf ? wd + (size_t)(j0 + BF_JB + f0) * k : NULL;                                      \
         q++;                                                                                       \
     } while (0)
                 int j = 0;
