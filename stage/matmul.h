@@ -4,10 +4,13 @@
  * stage_matmul_w(x, m, w, y): y [m][w->rows] = x [m][w->cols] · W^T, W a stage_weight in f32,
  * bf16 or f16 (stage/dtype.h), products accumulated in f32. Two paths, chosen by m:
  *   - small (m <= stage_matmul_m_small(dtype): 32 for f32 and Q8_0, 64 for f16 and for bf16
- *     where oneDNN has no native bf16 kernel; bf16 on oneDNN's bf16 matmul: 8 in EXACT mode,
- *     4 in FAST mode; decode and batched decode): each weight row is streamed from memory once per call,
- *     no packing, no allocation; blocks of 4 weight rows x up to 4 rows of x are held in
- *     registers. Work is split over output columns (weight rows) between the pool's threads.
+ *     where oneDNN has no native bf16 kernel; bf16 on oneDNN's bf16 matmul: 32 without AMX,
+ *     with AMX 8 in EXACT mode and 4 in FAST mode; decode and batched decode): each weight row
+ *     is streamed from memory once per call, no packing; blocks of 4 weight rows x up to 4
+ *     rows of x are held in registers (bf16 with m >= 2: x rearranged once per call into a
+ *     scratch grown once, the next weight block prefetched; FAST on a CPU with AVX-512 BF16:
+ *     x rounded to bf16, vdpbf16ps). Work is split over output columns (weight rows) between
+ *     the pool's threads.
  *   - large (larger m, prefill): fixed tiles of STAGE_TILE_N weight rows; f32 tiles go
  *     straight to a single-threaded f32 matmul, bf16/f16 tiles are first converted (exactly) to
  *     f32 in STAGE_TILE_K-column blocks in a per-thread scratch and multiplied block by block.
@@ -36,7 +39,8 @@
  * It does not depend on the thread count, on which thread ran it, or, on the small path, on m
  * or on the other rows in the call: row i of a call with any m up to the threshold is
  * bit-identical to the same row computed alone with m = 1 (so is column j to the same weight
- * row in a weight of other rows). Different ISA variants, and oneDNN / OpenBLAS kernels (CPUs,
+ * row in a weight of other rows) — in EXACT mode; in FAST mode bf16 rows of a call with m >= 2
+ * round x to bf16 and a row alone does not, so there a row's bits depend on m being 1. Different ISA variants, and oneDNN / OpenBLAS kernels (CPUs,
  * ONEDNN_MAX_CPU_ISA, OPENBLAS_CORETYPE), give different roundings: ranks that must agree bit for bit must run the
  * same ones (stage_matmul_force_isa can pin the variant).
  *
@@ -54,8 +58,9 @@
  * output, 64 columns a step in order, exact int32 block sums, f32 accumulation of sum * dw * dx,
  * then _mm512_reduce_add_ps. Measured (tests/test_kernels.c) 1.6e-7 against a double reference
  * on the quantized x, 6.3e-3 against the f32 x (bound 2e-2). Held-out NLL on stories260K
- * (scripts/q8-nll): +0.058% over f32 against exact q8_0's +0.056%; no decode speed gain over
- * exact q8_0 measured (README), so it stays opt-in and off by default.
+ * (scripts/q8-nll): +0.058% over f32 against exact q8_0's +0.056%; one-sequence decode 1.5x
+ * exact q8_0's steady rate, level with llama.cpp's (docs/BENCH.md); opt-in, as every lossy
+ * mode is.
  *
  * Threads: one process-wide pool. stage_threads_init(n) starts n - 1 workers (the caller is
  * the n-th); workers spin ~50 us after a job, then sleep on a condition variable. Without init
