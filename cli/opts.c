@@ -99,8 +99,8 @@ static const cli_opt_def OPTS[] = {
     {"matmul", "exact|fast", PIPE, CLI_ONCE,
      "how f32 activations meet bf16 / q8_0 weights. exact (default): bf16 products as exact as "
      "f32 (oneDNN: each activation split into two bf16 parts). fast: activations rounded to bf16 "
-     "once (bf16 weights, products of 2 or more rows: vdpbf16ps where the CPU has AVX512-BF16, "
-     "and oneDNN's bf16 matmul) or quantized to int8 per 32 values (q8_0 weights, AVX-512 VNNI: "
+     "once (bf16 weights: vdpbf16ps where the CPU has AVX512-BF16, and oneDNN's bf16 matmul) or "
+     "quantized to int8 per 32 values (q8_0 weights, AVX-512 VNNI: "
      "an int8 dot): half the arithmetic, lossy (held-out NLL +0.002% bf16, +0.0014% over exact "
      "q8_0; speed: docs/BENCH.md)"},
     {"wire-dtype", "f32|bf16|f16", PIPE, CLI_ONCE,

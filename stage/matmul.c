@@ -500,9 +500,10 @@ static int xd_reserve(int m, int k)
     return 0;
 }
 
-/* FAST, bf16, several rows, the AVX-512 variant on a CPU with AVX-512 BF16: x rounded to bf16
- * once, vdpbf16ps (the AVX-512 BF16 variant's rows in FAST mode: half the arithmetic of the
- * f32 products). 1 when j now runs on them. One row stays on rows[]: memory-bound either way. */
+/* FAST, bf16, the AVX-512 variant on a CPU with AVX-512 BF16: x rounded to bf16 once,
+ * vdpbf16ps (the AVX-512 BF16 variant's rows in FAST mode: half the arithmetic of the f32
+ * products, and a row's bits do not depend on m, one row included). 1 when j now runs on
+ * them. */
 static int fast_bf16_rows(mm_job *j, const mm_ops *o)
 {
 #if defined(__x86_64__)
@@ -521,10 +522,10 @@ static int fast_bf16_rows(mm_job *j, const mm_ops *o)
 static void run_small(const float *x, int m, const stage_weight *w, float *y, const mm_ops *o)
 {
     mm_job j = {.x = x, .m = m, .w = w, .y = y, .rows = o->rows[w->dtype], .ops = o};
-    /* bf16, several rows: FAST on vdpbf16ps, else x deinterleaved once for the whole call (the
+    /* bf16: FAST on vdpbf16ps; else, several rows, x deinterleaved once for the whole call (the
      * same results as rows[], which does that work per weight block: its fallback when the
      * scratch cannot be had) */
-    if (w->dtype == STAGE_BF16 && m >= 2 && !fast_bf16_rows(&j, o) && o->rows_bf16_dx &&
+    if (w->dtype == STAGE_BF16 && !fast_bf16_rows(&j, o) && m >= 2 && o->rows_bf16_dx &&
         xd_reserve(m, w->cols) == 0) {
         o->dx(x, m, w->cols, g_xd);
         j.x = g_xd;

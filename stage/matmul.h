@@ -9,7 +9,7 @@
  *     is streamed from memory once per call, no packing; blocks of 4 weight rows x up to 4
  *     rows of x are held in registers (bf16 with m >= 2: x rearranged once per call into a
  *     scratch grown once, the next weight block prefetched; FAST on a CPU with AVX-512 BF16:
- *     x rounded to bf16, vdpbf16ps). Work is split over output columns (weight rows) between
+ *     x rounded to bf16, vdpbf16ps, m = 1 too). Work is split over output columns (weight rows) between
  *     the pool's threads.
  *   - large (larger m, prefill): fixed tiles of STAGE_TILE_N weight rows; f32 tiles go
  *     straight to a single-threaded f32 matmul, bf16/f16 tiles are first converted (exactly) to
@@ -39,8 +39,7 @@
  * It does not depend on the thread count, on which thread ran it, or, on the small path, on m
  * or on the other rows in the call: row i of a call with any m up to the threshold is
  * bit-identical to the same row computed alone with m = 1 (so is column j to the same weight
- * row in a weight of other rows) — in EXACT mode; in FAST mode bf16 rows of a call with m >= 2
- * round x to bf16 and a row alone does not, so there a row's bits depend on m being 1. Different ISA variants, and oneDNN / OpenBLAS kernels (CPUs,
+ * row in a weight of other rows), in both modes. Different ISA variants, and oneDNN / OpenBLAS kernels (CPUs,
  * ONEDNN_MAX_CPU_ISA, OPENBLAS_CORETYPE), give different roundings: ranks that must agree bit for bit must run the
  * same ones (stage_matmul_force_isa can pin the variant).
  *
@@ -125,8 +124,8 @@ typedef enum { STAGE_ISA_C = 0, STAGE_ISA_AVX2, STAGE_ISA_AVX512, STAGE_ISA_AVX5
  * EXACT) reach, in cache on one core, 50-65 G multiply-adds/s exact and 90-118 fast (peak
  * 7.2 G vdpbf16ps/s: 115 exact, 230 fast); at m = 1 it is no faster (memory-bound either
  * way), and EXACT is less exact (~4e-6 vs ~4e-7) for the same arithmetic as the AVX-512
- * variant's f32 products. So the AVX-512 variant borrows only its FAST rows, for m >= 2 on a
- * CPU that has AVX-512 BF16 (stage/matmul.c, run_small). It stays selectable
+ * variant's f32 products. So the AVX-512 variant borrows only its FAST rows, on a CPU that
+ * has AVX-512 BF16 (stage/matmul.c, run_small). It stays selectable
  * (stage_matmul_force_isa). */
 stage_isa stage_isa_best(void);
 int stage_isa_supported(stage_isa isa);    /* 1 if this CPU can run it */

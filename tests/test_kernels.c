@@ -608,14 +608,15 @@ static void test_matmul_bf16_rows_blocked(void)
     bf16_case_free(&c);
 }
 
-/* bf16 rows of several x rows in the default variant, forced on the small path: EXACT (x
- * deinterleaved once per call, 4 x 4 blocks, next block prefetched) gives every row
- * bit-identical to the same row alone, at m = 2 .. 33 (one and more passes, every remainder)
- * and k with a short tail, n with a remainder row block; FAST on a CPU with AVX-512 BF16 (x
- * rounded to bf16, vdpbf16ps) gives the AVX-512 BF16 variant's FAST bits, within FAST_TOL. */
+/* bf16 rows in the default variant, forced on the small path, m = 1 .. 33 (one and more
+ * passes, every remainder), k with a short tail, n with a remainder row block: EXACT (m >= 2:
+ * x deinterleaved once per call, 4 x 4 blocks, next block prefetched) gives every row
+ * bit-identical to the same row alone; FAST on a CPU with AVX-512 BF16 (x rounded to bf16,
+ * vdpbf16ps, m = 1 too) gives the AVX-512 BF16 variant's FAST bits, within FAST_TOL, and every
+ * row bit-identical to the same row alone as well. */
 static void test_matmul_bf16_many_rows(void)
 {
-    const int ms[] = {2, 3, 4, 5, 7, 8, 13, 16, 17, 32, 33};
+    const int ms[] = {1, 2, 3, 4, 5, 7, 8, 13, 16, 17, 32, 33};
     bf16_case c;
     bf16_case_make(&c, 4 * 9 + 2, 2 * 1024 + 37, 33);
     const size_t out = (size_t)c.n * sizeof(float);
@@ -641,6 +642,7 @@ static void test_matmul_bf16_many_rows(void)
             const double e = rel_err_d(c.ym, c.ref, (size_t)m * c.n);
             CU_ASSERT(e <= FAST_TOL);
             CU_ASSERT(e > 10 * TOL); /* x really rounded */
+            CU_ASSERT(bf16_rows_alone(&c, m));
             CU_ASSERT_EQUAL_FATAL(stage_matmul_force_isa(STAGE_ISA_AVX512BF16), 0);
             stage_matmul_w(c.x, m, &c.w, c.yb);
             CU_ASSERT(!memcmp(c.ym, c.yb, (size_t)m * out));
