@@ -481,11 +481,13 @@ static void *scratch_grow(void *buf, size_t *cap, size_t need, size_t size)
     return nb;
 }
 
-/* The split-x scratch (g_xs) for m rows of k columns; 0 when it is there. */
+/* The split-x scratch (g_xs) for m rows of k columns, or Q8_0 FAST mode's int8 x (the larger);
+ * 0 when it is there. */
 static int xs_reserve(int m, int k)
 {
+    const size_t split = 2 * (size_t)mm_split_half(k), q8x = (mm_q8x_row_bytes(k) + 1) / 2;
     uint16_t *p =
-        scratch_grow(g_xs, &g_xs_cap, (size_t)m * 2 * (size_t)mm_split_half(k), sizeof *g_xs);
+        scratch_grow(g_xs, &g_xs_cap, (size_t)m * (split > q8x ? split : q8x), sizeof *g_xs);
     if (!p) return -1;
     g_xs = p;
     return 0;

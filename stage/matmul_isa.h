@@ -105,10 +105,12 @@ void stage_mm_q8_rows_avx512(const float *x, int m, const stage_weight *w, int r
 
 /* Q8_0 FAST mode (stage_matmul_set_mode): x quantized per 32-column block to int8 with an f32
  * scale (llama.cpp's q8_0 rule: d = max|x| / 127, q = round(x / d)), dotted with the weights'
- * int8 by AVX-512 VNNI. quant_x writes m rows of mm_q8x_row_bytes(k) each: int8 q [kq] (zero
- * past k), then f32 d [kq / 32]. rows_vnni takes that as xs. */
+ * int8 by AVX-512 VNNI. quant_x writes m rows of mm_q8x_row_bytes(k) each: uint8 q + 128
+ * [kq] (128 past k), then f32 d per lane of the kernel's 64-column steps, [kq / 64][16]: lanes
+ * 0-7 the d of block 2p, 8-15 of block 2p + 1 (one load a step, no shuffle). rows_vnni takes
+ * that as xs. Never larger than the split x's rows (xs_reserve sizes for both). */
 static inline int mm_q8x_kq(int k) { return (k + 63) & ~63; }
-static inline size_t mm_q8x_row_bytes(int k) { return (size_t)mm_q8x_kq(k) / 32 * 36; }
+static inline size_t mm_q8x_row_bytes(int k) { return (size_t)mm_q8x_kq(k) * 2; }
 int stage_mm_q8_fast_supported(void);
 void stage_mm_q8_quant_x(const float *x, int m, int k, void *xq);
 #if defined(__x86_64__)
