@@ -71,15 +71,9 @@ static double attention(stage_state *s, int li, const layer_w *L, const stage_ba
     const float scale = 1.0f / sqrtf((float)hd);
     const int win = stage_layer_window(c, s->m->range.first + li);
 
-    if (s->tp) {
-        mm(s, h, m, &L->wq, &L->tq, 0, 1, s->q);
-        mm(s, h, m, &L->wk, &L->tk, 0, 1, s->k);
-        mm(s, h, m, &L->wv, &L->tv, 0, 1, s->v);
-    } else { /* one pool round trip for the three (decode: the pool's spin is per call) */
-        const stage_weight *w[3] = {&L->wq, &L->wk, &L->wv};
-        float *y[3] = {s->q, s->k, s->v};
-        stage_matmul_w_n(h, m, 3, w, y);
-    }
+    mm(s, h, m, &L->wq, &L->tq, 0, 1, s->q);
+    mm(s, h, m, &L->wk, &L->tk, 0, 1, s->k);
+    mm(s, h, m, &L->wv, &L->tv, 0, 1, s->v);
     /* biases of this rank's features (all of them on one rank), then Qwen3's per-head norms */
     add_bias(s->q, m, qd, L->bq ? L->bq + s->q_off : NULL);
     add_bias(s->k, m, kvd, L->bk ? L->bk + s->kv_off : NULL);
@@ -165,14 +159,8 @@ static double attention(stage_state *s, int li, const layer_w *L, const stage_ba
 static void mlp(stage_state *s, const layer_w *L, int m)
 {
     const int I = s->ff_l; /* this rank's intermediate features (all on one rank) */
-    if (s->tp) {
-        mm(s, s->h2, m, &L->w_gate, &L->tgate, 0, 1, s->f1);
-        mm(s, s->h2, m, &L->w_up, &L->tup, 0, 1, s->f3);
-    } else {
-        const stage_weight *w[2] = {&L->w_gate, &L->w_up};
-        float *y[2] = {s->f1, s->f3};
-        stage_matmul_w_n(s->h2, m, 2, w, y);
-    }
+    mm(s, s->h2, m, &L->w_gate, &L->tgate, 0, 1, s->f1);
+    mm(s, s->h2, m, &L->w_up, &L->tup, 0, 1, s->f3);
     add_bias(s->f1, m, I, L->bgate ? L->bgate + s->ff_off : NULL);
     add_bias(s->f3, m, I, L->bup ? L->bup + s->ff_off : NULL);
     stage_swiglu(s->f1, s->f3, (long)m * I);

@@ -521,25 +521,7 @@ static int fast_bf16_rows(mm_job *j, const mm_ops *o)
     return 0;
 }
 
-/* Weight rows per small-path task for n rows: about four tasks per thread so a thread that
- * starts late costs little; multiples of 4 rows (the kernels' row block); at most
- * MAX_TASKS / STAGE_MATMUL_N_MAX tasks (stage_matmul_w_n runs several weights' tasks at once). */
-static int small_job_chunk(int n)
-{
-    int chunk = n;
-    if (P.n > 1) {
-        const int cap = MAX_TASKS / STAGE_MATMUL_N_MAX;
-        chunk = (n + P.n * 4 - 1) / (P.n * 4);
-        if (chunk < 16) chunk = 16;
-        chunk = (chunk + 3) & ~3;
-        if ((n + chunk - 1) / chunk > cap) chunk = (n + cap - 1) / cap;
-    }
-    return chunk;
-}
-
-/* The small path's job for y = x · W^T: x made what the kernel reads (once per call: the same
- * for every weight of that dtype and cols), the kernel, the rows per task. */
-static mm_job small_job(const float *x, int m, const stage_weight *w, float *y, const mm_ops *o)
+static void run_small(const float *x, int m, const stage_weight *w, float *y, const mm_ops *o)
 {
     mm_job j = {.x = x, .m = m, .w = w, .y = y, .rows = o->rows[w->dtype], .ops = o};
     /* bf16: FAST on vdpbf16ps; else, several rows, x deinterleaved once for the whole call (the
@@ -568,31 +550,18 @@ static mm_job small_job(const float *x, int m, const stage_weight *w, float *y, 
         j.rows = stage_mm_q8_rows_vnni;
     }
 #endif
-    j.chunk = small_job_chunk(w->rows);
-    return j;
-}
-
-static int small_tasks(const mm_job *j) { return (j->w->rows + j->chunk - 1) / j->chunk; }
-
-static void run_small(const float *x, int m, const stage_weight *w, float *y, const mm_ops *o)
-{
-    const mm_job j = small_job(x, m, w, y, o);
-    pool_run(small_task, (void *)&j, small_tasks(&j));
-}
-
-/* Several weights on one x, small path: one pool round trip for all (tasks of weight i are
- * [first[i], first[i + 1])). */
-typedef struct {
-    mm_job j[STAGE_MATMUL_N_MAX];
-    int first[STAGE_MATMUL_N_MAX + 1];
-} mm_multi;
-
-static void multi_task(void *a, int t, int tid)
-{
-    const mm_multi *mj = a;
-    int i = 0;
-    while (t >= mj->first[i + 1]) i++;
-    small_task((void *)&mj->j[i], t - mj->first[i], tid);
+    const int n = w->rows;
+    /* About four tasks per thread so a thread that starts late costs little; multiples of 4
+     * rows (the kernels' row block). */
+    int chunk = n;
+    if (P.n > 1) {
+        chunk = (n + P.n * 4 - 1) / (P.n * 4);
+        if (chunk < 16) chunk = 16;
+        chunk = (chunk + 3) & ~3;
+        if ((n + chunk - 1) / chunk > MAX_TASKS) chunk = (n + MAX_TASKS - 1) / MAX_TASKS;
+    }
+    j.chunk = chunk;
+    pool_run(small_task, &j, (n + chunk - 1) / chunk);
 }
 
 /* One f32 tile product, y [m][rn] (+)= x [m][kc] · Wt^T, on oneDNN when the call prepared
@@ -831,38 +800,6 @@ static void run_large(const float *x, int m, const stage_weight *w, float *y, co
     pool_run(large_task, &j, (w->rows + STAGE_TILE_N - 1) / STAGE_TILE_N);
 }
 
-static int takes_small(int m, const stage_weight *w)
-{
-    return g_path == STAGE_PATH_SMALL ||
-           (g_path == STAGE_PATH_AUTO && m <= stage_matmul_m_small(w->dtype));
-}
-
-void stage_matmul_w_n(const float *x, int m, int n, const stage_weight *const *w, float *const *y)
-{
-    int same = n >= 2 && n <= STAGE_MATMUL_N_MAX && m > 0;
-    for (int i = 0; same && i < n; i++)
-        same = w[i]->rows > 0 && w[i]->cols > 0 && w[i]->cols == w[0]->cols &&
-               w[i]->dtype == w[0]->dtype && takes_small(m, w[i]);
-    if (!same) {
-        for (int i = 0; i < n; i++) stage_matmul_w(x, m, w[i], y[i]);
-        return;
-    }
-    const mm_ops *o = ops();
-    mm_multi mj;
-    mj.j[0] = small_job(x, m, w[0], y[0], o);
-    mj.first[0] = 0;
-    for (int i = 0; i < n; i++) {
-        if (i) { /* x as prepared for w[0]: same dtype and cols */
-            mj.j[i] = mj.j[0];
-            mj.j[i].w = w[i];
-            mj.j[i].y = y[i];
-            mj.j[i].chunk = small_job_chunk(w[i]->rows);
-        }
-        mj.first[i + 1] = mj.first[i] + small_tasks(&mj.j[i]);
-    }
-    pool_run(multi_task, &mj, mj.first[n]);
-}
-
 void stage_matmul_w(const float *x, int m, const stage_weight *w, float *y)
 {
     if (m <= 0 || w->rows <= 0) return;
@@ -871,7 +808,9 @@ void stage_matmul_w(const float *x, int m, const stage_weight *w, float *y)
         return;
     }
     const mm_ops *o = ops();
-    if (takes_small(m, w))
+    int small = g_path == STAGE_PATH_SMALL ||
+                (g_path == STAGE_PATH_AUTO && m <= stage_matmul_m_small(w->dtype));
+    if (small)
         run_small(x, m, w, y, o);
     else
         run_large(x, m, w, y, o);

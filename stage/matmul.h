@@ -113,13 +113,6 @@ int stage_threads_n(void);     /* threads the kernels use now (1 without init) *
 /* y [m][w->rows] = x [m][w->cols] · W^T. m <= 0 or w->rows == 0 is a no-op. x and y must not
  * overlap. */
 void stage_matmul_w(const float *x, int m, const stage_weight *w, float *y);
-/* y[i] [m][w[i]->rows] = x [m][cols] · w[i]^T for i < n (n <= STAGE_MATMUL_N_MAX; every w[i]
- * has those cols): the same bits as n stage_matmul_w calls (each output's kernel and order are
- * the same). When the w[i] share one dtype and m takes the small path, x is prepared once and
- * the n products run in one pool round trip (decode: q, k and v of a layer; gate and up),
- * else it makes the n calls. */
-#define STAGE_MATMUL_N_MAX 4
-void stage_matmul_w_n(const float *x, int m, int n, const stage_weight *const *w, float *const *y);
 
 /* ---- test / benchmark hooks ------------------------------------------------------------------ */
 typedef enum { STAGE_ISA_C = 0, STAGE_ISA_AVX2, STAGE_ISA_AVX512, STAGE_ISA_AVX512BF16 } stage_isa;
