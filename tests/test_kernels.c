@@ -14,7 +14,8 @@
  *      bit-identical to the same head alone;
  *   4. the thread pool: 2000 jobs back to back and jobs after the workers went to sleep give
  *      the single-thread bits;
- *   5. edge cases and errors: m = 0, k = 0, bad thread counts, unsupported variants;
+ *   5. edge cases and errors: m = 0, k = 0, bad thread counts, unsupported variants; Q8_0
+ *      quantization, and FAST mode's vectorised x quantizer against the scalar rule (exact ties);
  *   6. the large path on oneDNN vs on OpenBLAS vs the reference, primitives cached; bf16
  *      weights on oneDNN's bf16 matmul, exact and fast modes (make test runs this program again
  *      with ONEDNN_MAX_CPU_ISA=SSE41 and =AVX512_CORE: the capped kernels, no bf16 ones).
@@ -33,6 +34,7 @@
 
 #include "tests/testutil.h"
 
+#include "stage/matmul_isa.h"
 #include "tests/kernels_fixture.h"
 
 /* ---- 1. accuracy ----------------------------------------------------------------------------- */
@@ -865,6 +867,42 @@ static void test_q8_quantize(void)
     CU_ASSERT_EQUAL(stage_q8_quantize_row(x, 40, q, d), -1);
 }
 
+/* FAST mode's x quantizer (stage/matmul_isa.h layout) against llama.cpp's rule done in scalar
+ * code: q = roundf(x / d) (ties away from zero: blocks whose scale is 1 hold exact ties),
+ * stored + 128, 128 past k; the scales in the kernel's lane layout. */
+static void test_q8_quant_x(void)
+{
+    if (!stage_q8_fast_available()) return;
+    static const int ks[] = {5, 32, 67, 130};
+    for (size_t t = 0; t < sizeof ks / sizeof ks[0]; t++) {
+        const int k = ks[t], kq = mm_q8x_kq(k), m = 2;
+        float *x = malloc((size_t)m * k * sizeof *x);
+        uint8_t *xq = malloc((size_t)m * mm_q8x_row_bytes(k));
+        fill(x, (size_t)m * k);
+        for (int c = 0; c < k && c < 32; c++) /* row 0, block 0: d = 1, x = +-(j + 0.5) */
+            x[c] = c == 0 ? 127.0f : (c % 2 ? -1.0f : 1.0f) * ((float)(c * 4 % 126) + 0.5f);
+        stage_mm_q8_quant_x(x, m, k, xq);
+        for (int i = 0; i < m; i++) {
+            const uint8_t *q = xq + (size_t)i * mm_q8x_row_bytes(k);
+            const float *sx = (const float *)(q + kq);
+            for (int b = 0; b < kq / 32; b++) {
+                float amax = 0.0f;
+                for (int c = b * 32; c < k && c < b * 32 + 32; c++)
+                    amax = fmaxf(amax, fabsf(x[(size_t)i * k + c]));
+                const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+                for (int l = 0; l < 8; l++) CU_ASSERT_EQUAL(sx[b / 2 * 16 + b % 2 * 8 + l], d);
+                for (int c = b * 32; c < b * 32 + 32; c++) {
+                    float v = c < k ? roundf(x[(size_t)i * k + c] * id) : 0.0f;
+                    v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
+                    CU_ASSERT_EQUAL((int)q[c] - 128, (int)v);
+                }
+            }
+        }
+        free(x);
+        free(xq);
+    }
+}
+
 static void test_edges(void)
 {
     char err[ERRLEN];
@@ -919,6 +957,7 @@ int main(void)
     static const test_def tests[] = {
         T_(test_edges),
         T_(test_q8_quantize),
+        T_(test_q8_quant_x),
         T_(test_matmul_m_sweep),
         T_(test_matmul_large_shapes),
         T_(test_matmul_threads_bitwise),
