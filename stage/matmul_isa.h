@@ -108,7 +108,7 @@ void stage_mm_q8_rows_avx512(const float *x, int m, const stage_weight *w, int r
  * int8 by AVX-512 VNNI. quant_x writes m rows of mm_q8x_row_bytes(k) each: uint8 q + 128
  * [kq] (128 past k), then f32 d per lane of the kernel's 64-column steps, [kq / 64][16]: lanes
  * 0-7 the d of block 2p, 8-15 of block 2p + 1 (one load a step, no shuffle). rows_vnni takes
- * that as xs. Never larger than the split x's rows (xs_reserve sizes for both). */
+ * that as xs. Both layouts live in one scratch (xs_reserve: the larger of the two). */
 static inline int mm_q8x_kq(int k) { return (k + 63) & ~63; }
 static inline size_t mm_q8x_row_bytes(int k) { return (size_t)mm_q8x_kq(k) * 2; }
 int stage_mm_q8_fast_supported(void);

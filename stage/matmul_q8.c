@@ -327,19 +327,20 @@ int stage_mm_q8_fast_supported(void)
 
 /* llama.cpp's rule per 32-value block, d = max|x| / 127, q = roundf(x / d) (ties away from
  * zero: trunc(v + copysign(0.49999997, v)), exact for |v| <= 127), stored biased as q + 128
- * (the unsigned operand of vpdpbusd), 16 blocks' maxima at a time. */
+ * (the unsigned operand of vpdpbusd); a block's 32 values in two vectors, its maximum by one
+ * reduction. */
 TVN void stage_mm_q8_quant_x(const float *x, int m, int k, void *xq)
 {
     const int kq = mm_q8x_kq(k);
-    const __m512 half = _mm512_set1_ps(0.49999997f), lim = _mm512_set1_ps(127.0f);
+    const __m512 half = _mm512_set1_ps(0.49999997f), lim = _mm512_set1_ps(127.0f),
+                 nlim = _mm512_set1_ps(-127.0f);
     const __m512i sgn = _mm512_set1_epi32((int)0x80000000u);
-    const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
     for (int i = 0; i < m; i++) {
         uint8_t *q = (uint8_t *)xq + (size_t)i * mm_q8x_row_bytes(k);
         float *sx = (float *)(q + kq); /* [kq / 64][16] */
         const float *xi = x + (size_t)i * k;
         for (int c0 = 0; c0 < kq; c0 += 64) {
-            __m512 dp = _mm512_setzero_ps(); /* lanes 0, 1: d of the pair's two blocks */
+            float d2[2]; /* the pair's two block scales */
             for (int h = 0; h < 2; h++) {
                 const int c = c0 + 32 * h;
                 const int l0 = k - c, l1 = k - c - 16;
@@ -359,15 +360,16 @@ TVN void stage_mm_q8_quant_x(const float *x, int m, int k, void *xq)
                                         _mm512_castps_si512(half)));
                     __m512 r = _mm512_roundscale_ps(_mm512_add_ps(v[u], hs),
                                                     _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-                    r = _mm512_min_ps(_mm512_max_ps(r, _mm512_sub_ps(_mm512_setzero_ps(), lim)),
-                                      lim);
+                    r = _mm512_min_ps(_mm512_max_ps(r, nlim), lim);
                     qi[u] = _mm512_xor_si512(_mm512_cvttps_epi32(r), _mm512_set1_epi32(128));
                 }
                 _mm_storeu_si128((__m128i *)(q + c), _mm512_cvtepi32_epi8(qi[0]));
                 _mm_storeu_si128((__m128i *)(q + c + 16), _mm512_cvtepi32_epi8(qi[1]));
-                dp = h ? _mm512_mask_mov_ps(dp, 2, _mm512_set1_ps(d)) : _mm512_set1_ps(d);
+                d2[h] = d;
             }
-            _mm512_storeu_ps(sx + (size_t)(c0 / 64) * 16, _mm512_permutexvar_ps(idx, dp));
+            _mm512_storeu_ps(
+                sx + (size_t)(c0 / 64) * 16,
+                _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(d2[0]), _mm512_set1_ps(d2[1])));
         }
     }
 }
