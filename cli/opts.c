@@ -103,6 +103,10 @@ static const cli_opt_def OPTS[] = {
      "quantized to int8 per 32 values (q8_0 weights, AVX-512 VNNI: "
      "an int8 dot): half the arithmetic, lossy (held-out NLL +0.002% bf16, +0.0014% over exact "
      "q8_0; speed: docs/BENCH.md)"},
+    {"huge-pages", NULL, PIPE, CLI_ONCE,
+     "copy the stage's weight matrices at load onto 2 MiB pages (transparent huge pages) "
+     "instead of reading them in place from the mmap: one copy still (the mmap'd pages are let "
+     "go), the same results, a longer load, faster decode (docs/BENCH.md)"},
     {"wire-dtype", "f32|bf16|f16", PIPE, CLI_ONCE,
      "activation dtype between ranks: f32 exact (default); bf16/f16 halve bytes, lossy"},
     {"transport", "sparse|dense", PIPE, CLI_ONCE,

@@ -6,6 +6,7 @@
 
 #include "base/err.h"
 #include "stage/matmul.h"
+#include "stage/wmem.h"
 
 static int read_dtype(const cli_opts *o, const char *name, int *out, char *err, size_t errlen)
 {
@@ -49,6 +50,13 @@ int cli_pipe_opts_read(const cli_opts *o, engine_pipe_opts *p, char *err, size_t
     int fast;
     if (cli_opt_choice(o, "matmul", matmuls, 0, &fast, err, errlen)) return -1;
     stage_matmul_set_mode(fast ? STAGE_MATMUL_FAST : STAGE_MATMUL_EXACT);
+    char thp[160];
+    if (cli_opt_has(o, "huge-pages") && !stage_wmem_thp_state(thp, sizeof thp)) {
+        base_set_err(err, errlen, "%s: this kernel cannot put memory on huge pages (%s)",
+                     cli_opt_origin(o, "huge-pages"), thp);
+        return -1;
+    }
+    stage_wmem_set_huge(cli_opt_has(o, "huge-pages"));
     static const char *const transports[] = {"sparse", "dense", NULL};
     if (cli_opt_choice(o, "transport", transports, 0, &p->dense_transport, err, errlen)) return -1;
     p->progress = !cli_opt_has(o, "quiet");

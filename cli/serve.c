@@ -351,6 +351,8 @@ static int job_argv(const cli_opts *a, const setup *st, int ranks, const char *h
             bad |= ab_add(b, names[i]) | ab_add(b, cli_opt_str(a, PASS[i]));
         }
     if (cli_opt_has(a, "quiet")) bad |= ab_add(b, "--quiet");
+    if (cli_opt_has(a, "huge-pages") && !strncmp(cli_opt_origin(a, "huge-pages"), "--", 2))
+        bad |= ab_add(b, "--huge-pages");
     bad |= ab_add(b, "--job");
     if (bad) {
         snprintf(err, errlen, "the job's command line is too long (--mpi-args?)");

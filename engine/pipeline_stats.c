@@ -28,6 +28,8 @@ void engine_loop_stats_fill(engine_loop *c, engine_rank_stat *r, engine_link_sta
     struct rusage ru; /* peak resident set of this rank (Linux: KiB), mmap'd weights included */
     stage_kv_stats ks;
     stage_state_kv_stats(c->st, &ks);
+    size_t huge = 0;
+    stage_model_huge_bytes(c->m, &huge);
     *r = (engine_rank_stat){
         .dense_rows = c->dense_rows,
         .busy_s = c->busy_s,
@@ -41,6 +43,7 @@ void engine_loop_stats_fill(engine_loop *c, engine_rank_stat *r, engine_link_sta
         .kv_page_bytes = (double)ks.page_bytes,
         .peak_rss_bytes = getrusage(RUSAGE_SELF, &ru) == 0 ? (double)ru.ru_maxrss * 1024.0 : 0.0,
         .tp_io_bytes = stage_state_tp_io_bytes(c->st),
+        .huge_page_bytes = (double)huge,
         .nll_sum = c->nll_sum,
         .nll_count = (double)c->nll_count,
     };

@@ -39,6 +39,7 @@
     X(kv_pages_used_at_end, 1, "pages still held once every slot was released (0 unless lost)")    \
     X(kv_page_bytes, 0, "bytes of one page (kv_bytes_peak = kv_pages_peak x this)")                \
     X(peak_rss_bytes, 1, "peak resident set of the rank, mmap'd weights included")                 \
+    X(huge_page_bytes, 1, "weight bytes on 2 MiB pages at the end (--huge-pages)")                 \
     X(tp_io_bytes, 1, "bytes moved inside the stage's TP group outside the layers")                \
     X(nll_sum, 0, "summed NLL of the scored tokens (the head)")                                    \
     X(nll_count, 0, "scored tokens (the head)")

@@ -9,6 +9,7 @@
 
 #include "stage/arch.h"
 #include "stage/kernels.h"
+#include "stage/wmem.h"
 
 /* ---- Weights --------------------------------------------------------------------------------- */
 
@@ -364,6 +365,10 @@ int stage_model_load_tp(const char *dir, const stage_config *cfg, stage_range ra
         stage_model_free(m);
         return -1;
     }
+    /* the matrices on 2 MiB pages (stage/wmem.h); a tensor-parallel stage multiplies its own
+     * f32 slices (stage/tp.h), a copy of the whole matrix would only cost memory */
+    const int huge = stage_wmem_huge() && !m->tp;
+    st_set_huge(m->st, huge);
     if (check_tensor_names(m->st, cfg, e2, sizeof e2)) {
         snprintf(err, errlen, "%s", e2);
         stage_model_free(m);
@@ -380,8 +385,12 @@ int stage_model_load_tp(const char *dir, const stage_config *cfg, stage_range ra
     }
     /* a tensor-parallel head holds its slice of lm_head (or of the tied embedding); the
      * embedding lookup is the group leader's (range.embed) */
+    /* an untied embedding is read a row per token: it stays in place (on huge pages it would
+     * only cost the memory of the rows no prompt looks up) */
+    st_set_huge(m->st, huge && range.head && cfg->tie_embeddings);
     if (!rc && (range.embed || (range.head && cfg->tie_embeddings && !m->tp)))
         rc = get_m(m, "model.embed_tokens.weight", cfg->vocab, D, &m->embed, e2, sizeof e2);
+    st_set_huge(m->st, huge);
     if (!rc && range.head) {
         rc = !(m->norm = get_w(m, "model.norm.weight", 1, D, 0, e2, sizeof e2));
         if (!rc && m->tp)
@@ -433,6 +442,10 @@ void stage_model_free(stage_model *m)
 const stage_config *stage_model_config(const stage_model *m) { return &m->cfg; }
 stage_range stage_model_range(const stage_model *m) { return m->range; }
 size_t stage_model_weight_bytes(const stage_model *m) { return m->weight_bytes; }
+size_t stage_model_huge_bytes(const stage_model *m, size_t *backed)
+{
+    return st_huge_bytes(m->st, backed);
+}
 
 int stage_embed(const stage_model *m, const int32_t *tokens, int n, float *x, char *err,
                 size_t errlen)

@@ -14,6 +14,7 @@
 
 #include "base/err.h"
 #include "stage/convert.h"
+#include "stage/wmem.h"
 
 #include <cJSON.h>
 #include <errno.h>
@@ -431,6 +432,7 @@ typedef struct {
     void *wowned;           /* aligned / converted copy [numel] in wdtype, freed by st_close */
     const uint16_t *wscale; /* Q8_0: the scales handed out with wdata (inside wowned) */
     stage_dtype wdtype;
+    int in_arena; /* wowned is a block of m->arena (freed with it) */
 } st_entry;
 
 struct st_model {
@@ -442,6 +444,8 @@ struct st_model {
     st_entry *ents; /* sorted by name */
     size_t n_ents;
     size_t loaded_bytes;
+    int huge;          /* st_set_huge: weight matrices copied into the arena */
+    stage_wmem *arena; /* those copies (stage/wmem.h), made on first use */
 };
 
 static int ent_cmp(const void *a, const void *b)
@@ -476,8 +480,9 @@ void st_close(st_model *m)
     for (size_t i = 0; i < m->n_ents; i++) {
         free(m->ents[i].name);
         free(m->ents[i].owned);
-        free(m->ents[i].wowned);
+        if (!m->ents[i].in_arena) free(m->ents[i].wowned);
     }
+    stage_wmem_free(m->arena);
     free(m->ents);
     for (int i = 0; i < m->n_files; i++) {
         file_unmap(&m->files[i]);
@@ -809,6 +814,28 @@ const float *st_get_f32(st_model *m, const char *name, int ndim, const int64_t *
     return e->f32;
 }
 
+void st_set_huge(st_model *m, int on)
+{
+    if (m) m->huge = on != 0;
+}
+
+size_t st_huge_bytes(const st_model *m, size_t *backed)
+{
+    if (backed) *backed = m ? stage_wmem_huge_bytes(m->arena) : 0;
+    return m ? stage_wmem_used(m->arena) : 0;
+}
+
+/* e->wowned = memory for a weight copy of `bytes`: a block of the huge-page arena when the
+ * model copies its weights there, else 64-byte aligned heap; one spare 64-byte line either
+ * way (masked tail loads stay inside). NULL when out of memory. */
+static void *own_block(st_model *m, st_entry *e, size_t bytes)
+{
+    if (!m->huge) return e->wowned = aligned_alloc(64, (bytes + 63) / 64 * 64 + 64);
+    if (!m->arena && !(m->arena = stage_wmem_new())) return NULL;
+    e->in_arena = 1;
+    return e->wowned = stage_wmem_alloc(m->arena, bytes + 64);
+}
+
 /* Q8_0 at load: row by row from the mmap'd tensor through one f32 row (never an f32 copy of
  * the tensor) into one owned buffer, int8 q [rows][cols] then f16 d [rows][blocks]. */
 static int quantize_q8(st_model *m, st_entry *e, const st_tensor *t, const char *name,
@@ -821,7 +848,7 @@ static int quantize_q8(st_model *m, st_entry *e, const st_tensor *t, const char 
     const size_t rows = (size_t)out->rows, cols = (size_t)out->cols;
     const size_t nb = (size_t)stage_q8_blocks(out->cols), qbytes = (rows * cols + 63) / 64 * 64;
     const size_t total = qbytes + rows * nb * 2;
-    e->wowned = aligned_alloc(64, (total + 63) / 64 * 64);
+    own_block(m, e, total);
     float *row = malloc((cols ? cols : 1) * sizeof *row);
     if (!e->wowned || !row) {
         free(row);
@@ -841,6 +868,7 @@ static int quantize_q8(st_model *m, st_entry *e, const st_tensor *t, const char 
         }
     }
     free(row);
+    if (m->huge) stage_wmem_release_source(t->data, t->nbytes);
     e->wdata = q;
     e->wscale = d;
     e->wdtype = STAGE_Q8_0;
@@ -885,15 +913,28 @@ static int stored_q8(st_model *m, st_entry *e, const st_tensor *t, const char *n
         return -1;
     }
     const uint16_t *d = ts.data;
-    if ((uintptr_t)ts.data % 2) { /* misaligned in the file: an aligned copy */
-        if (!(e->wowned = aligned_alloc(64, (ts.nbytes + 63) / 64 * 64 + 64))) {
+    const int8_t *q = t->data; /* int8: any address */
+    if (m->huge) {             /* both copied into the arena: q [rows][cols], then the scales */
+        const size_t qb = (t->nbytes + 63) / 64 * 64;
+        if (!own_block(m, e, qb + ts.nbytes)) {
+            base_set_err(err, errlen, "%s: out of memory loading tensor %s", t->file, name);
+            return -1;
+        }
+        memcpy(e->wowned, t->data, t->nbytes);
+        memcpy((char *)e->wowned + qb, ts.data, ts.nbytes);
+        stage_wmem_release_source(t->data, t->nbytes);
+        stage_wmem_release_source(ts.data, ts.nbytes);
+        q = e->wowned;
+        d = (const uint16_t *)((const char *)e->wowned + qb);
+    } else if ((uintptr_t)ts.data % 2) { /* misaligned in the file: an aligned copy */
+        if (!own_block(m, e, ts.nbytes)) {
             base_set_err(err, errlen, "%s: out of memory loading tensor %s", ts.file, sname);
             return -1;
         }
         memcpy(e->wowned, ts.data, ts.nbytes);
         d = e->wowned;
     }
-    e->wdata = t->data; /* int8: any address */
+    e->wdata = q;
     e->wscale = d;
     e->wdtype = STAGE_Q8_0;
     out->data = e->wdata;
@@ -926,15 +967,14 @@ int st_get_weight(st_model *m, const char *name, int64_t rows, int64_t cols, int
         return 0;
     }
     if (dt == STAGE_Q8_0) return quantize_q8(m, e, &t, name, out, err, errlen);
-    if (dt == t.dtype && ((uintptr_t)t.data % es) == 0) {
+    if (dt == t.dtype && ((uintptr_t)t.data % es) == 0 && !m->huge) {
         e->wdata = t.data; /* zero-copy into the mmap */
-    } else {               /* misaligned in the file, or converted at load (--weights-dtype) */
+    } else { /* misaligned in the file, converted at load (--weights-dtype), or to huge pages */
         if (e->wowned) {
             base_set_err(err, errlen, "%s: tensor %s asked for in two dtypes", t.file, name);
             return -1;
         }
-        e->wowned = aligned_alloc(64, (numel * es + 63) / 64 * 64 + 64); /* [numel] in dt */
-        if (!e->wowned) {
+        if (!own_block(m, e, numel * es)) { /* [numel] in dt */
             base_set_err(err, errlen, "%s: out of memory loading tensor %s (%zu values)", t.file,
                          name, numel);
             return -1;
@@ -951,6 +991,7 @@ int st_get_weight(st_model *m, const char *name, int64_t rows, int64_t cols, int
                 stage_dtype_from_f32(dt, row, (uint8_t *)e->wowned + i * es, n);
             }
         }
+        if (m->huge) stage_wmem_release_source(t.data, t.nbytes);
         e->wdata = e->wowned;
     }
     e->wdtype = dt;

@@ -58,6 +58,13 @@ typedef struct st_model st_model;
 int st_open(const char *dir, st_model **out, char *err, size_t errlen);
 void st_close(st_model *m);
 
+/* Weight matrices handed out by st_get_weight from now on are copies on 2 MiB pages
+ * (stage/wmem.h), the mmap'd source pages released, instead of views into the mmap. Same
+ * bytes. st_huge_bytes: bytes copied so far (*backed, when not NULL: how many of them the
+ * kernel holds on huge pages now). */
+void st_set_huge(st_model *m, int on);
+size_t st_huge_bytes(const st_model *m, size_t *backed);
+
 /* Look a tensor up. Returns 1 and fills *t when present, 0 when the model has no such
  * tensor, -1 on an error (a malformed shard file) with the message in err. */
 int st_find(st_model *m, const char *name, st_tensor *t, char *err, size_t errlen);

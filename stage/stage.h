@@ -83,6 +83,9 @@ void stage_model_free(stage_model *m);
 const stage_config *stage_model_config(const stage_model *m);
 stage_range stage_model_range(const stage_model *m);
 size_t stage_model_weight_bytes(const stage_model *m); /* bytes this stage holds, in their dtypes */
+/* Of those, the bytes copied to 2 MiB pages (stage_wmem_set_huge, stage/wmem.h) and how many
+ * of them the kernel holds on huge pages now (*backed); 0 when the weights are read in place. */
+size_t stage_model_huge_bytes(const stage_model *m, size_t *backed);
 
 /* x [n][D] = embedding rows of tokens (stage 0 only). Tokens must be in [0, vocab). */
 int stage_embed(const stage_model *m, const int32_t *tokens, int n, float *x, char *err,

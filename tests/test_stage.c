@@ -10,6 +10,9 @@
  */
 #include "tests/stage_util.h"
 
+#include "cli/quantize.h"
+#include "stage/wmem.h"
+
 /* All NSEQ prompts in one micro-batch (sequence s in slot NSEQ-1-s), then NSEQ-row decode
  * steps (rows in reverse sequence order). logits [NSEQ][NNEW][V], toks [NSEQ][NNEW]. */
 static int gen_batched(stage_state *st, const stage_model *m, float *logits, int32_t *toks)
@@ -504,6 +507,69 @@ static void test_weights_f16_mistral_mod(void)
 }
 static void test_weights_bf16_llama3(void) { check_weights_dtype("arch/llama3", STAGE_BF16); }
 
+/* Weights on 2 MiB pages (stage/wmem.h): the matrices copied into the arena give the same bits
+ * as read in place, stored f32 (the mixed fixture: every layer kind), converted at load to
+ * bf16 and q8_0, and stored as q8_0 (modpipe quantize); the copies are counted (each matrix
+ * plus at most 127 bytes of alignment), none without it. */
+static void test_huge_pages(void)
+{
+    char src[1024], err[ERRLEN];
+    snprintf(src, sizeof src, "%s/mixed", fixtures());
+    char *q8 = make_tmpdir();
+    CU_ASSERT_FATAL(q8 && cli_quantize(src, q8, NULL, err, sizeof err) == 0);
+    fxm f;
+    CU_ASSERT_FATAL(fx_open("mixed", &f) == 0);
+    const size_t n = (size_t)NSEQ * NNEW * f.cfg.vocab;
+    fx_close(&f);
+    float *a = calloc(n, sizeof *a), *b = calloc(n, sizeof *b);
+    int32_t ta[NSEQ * NNEW], tb[NSEQ * NNEW];
+    const char *dirs[4] = {src, src, src, q8};
+    const int wdt[4] = {-1, STAGE_BF16, STAGE_Q8_0, -1};
+    for (int i = 0; i < 4; i++) {
+        CU_ASSERT_FATAL(gen_dir(dirs[i], wdt[i], a, ta) == 0);
+        stage_wmem_set_huge(1);
+        CU_ASSERT_FATAL(gen_dir(dirs[i], wdt[i], b, tb) == 0);
+        CU_ASSERT(memcmp(a, b, n * sizeof *a) == 0);
+        CU_ASSERT(memcmp(ta, tb, sizeof ta) == 0);
+        stage_config cfg;
+        CU_ASSERT_FATAL(stage_config_load(dirs[i], &cfg, err, sizeof err) == 0);
+        stage_range r = {0, cfg.n_layers - 1, 1, 1};
+        stage_model *m = NULL;
+        st_model *st = NULL;
+        CU_ASSERT_FATAL(stage_model_load_dtype(dirs[i], &cfg, r, wdt[i], &m, err, sizeof err) == 0);
+        CU_ASSERT_FATAL(st_open(dirs[i], &st, err, sizeof err) == 0);
+        size_t want = 0, slack = 0;
+        for (size_t e = 0; e < st_count(st); e++) {
+            const char *nm = st_name_at(st, e);
+            st_tensor t;
+            CU_ASSERT_FATAL(st_find(st, nm, &t, err, sizeof err) == 1);
+            if (t.ndim != 2 || strstr(nm, "_scale") || strstr(nm, "router") ||
+                (!cfg.tie_embeddings && !strcmp(nm, "model.embed_tokens.weight")))
+                continue;
+            stage_weight w;
+            CU_ASSERT_FATAL(
+                st_get_weight(st, nm, t.shape[0], t.shape[1], wdt[i], &w, err, sizeof err) == 0);
+            want += stage_weight_bytes(&w);
+            slack += 2 * 127;
+        }
+        size_t backed = 0, got = stage_model_huge_bytes(m, &backed);
+        if (verbose() || got < want || got > want + slack)
+            fprintf(stderr, "\n  huge pages %s (dtype %d): %zu bytes copied, matrices %zu\n",
+                    dirs[i], wdt[i], got, want);
+        CU_ASSERT(got >= want && got <= want + slack);
+        stage_model_free(m);
+        stage_wmem_set_huge(0);
+        CU_ASSERT_FATAL(stage_model_load_dtype(dirs[i], &cfg, r, wdt[i], &m, err, sizeof err) == 0);
+        CU_ASSERT_EQUAL(stage_model_huge_bytes(m, &backed), 0);
+        stage_model_free(m);
+        st_close(st);
+        stage_config_free(&cfg);
+    }
+    free(a);
+    free(b);
+    rm_tmpdir(q8);
+}
+
 /* ---- 4. KV cache vs recompute ---------------------------------------------------------------- */
 
 static void check_recompute(const char *name)
@@ -779,6 +845,7 @@ int main(void)
         T_(test_weights_bf16_qwen3_mod),
         T_(test_weights_f16_mistral_mod),
         T_(test_weights_bf16_llama3),
+        T_(test_huge_pages),
     };
     static const test_def cache[] = {
         T_(test_recompute_dense),        T_(test_recompute_mod),
