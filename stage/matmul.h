@@ -58,7 +58,8 @@
  * then _mm512_reduce_add_ps. Measured (tests/test_kernels.c) 1.6e-7 against a double reference
  * on the quantized x, 6.3e-3 against the f32 x (bound 2e-2). Held-out NLL on stories260K
  * (scripts/q8-nll): +0.058% over f32 against exact q8_0's +0.056%; one-sequence decode 1.3x
- * exact q8_0's steady rate, 0.97x llama.cpp's (docs/BENCH.md); opt-in, as every lossy mode is.
+ * exact q8_0's steady rate, 1.05x llama.cpp's (1.22x with the weights on huge pages, stage/wmem.h;
+ * docs/BENCH.md); opt-in, as every lossy mode is.
  *
  * Threads: one process-wide pool. stage_threads_init(n) starts n - 1 workers (the caller is
  * the n-th); workers spin ~50 us after a job, then sleep on a condition variable. Without init
