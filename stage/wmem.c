@@ -18,8 +18,13 @@ int stage_wmem_huge(void) { return g_huge; }
 
 int stage_wmem_thp_state(char *buf, size_t len)
 {
+    return stage_wmem_thp_state_at("/sys/kernel/mm/transparent_hugepage/enabled", buf, len);
+}
+
+int stage_wmem_thp_state_at(const char *path, char *buf, size_t len)
+{
     char line[256] = "";
-    FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
+    FILE *f = fopen(path, "r");
     if (!f) {
         snprintf(buf, len, "no transparent huge pages in this kernel");
         return 0;

@@ -31,6 +31,8 @@ int stage_wmem_huge(void);
 /* 1 when the kernel can back madvised memory with huge pages ("always" or "madvise"), 0 when
  * it cannot ("never", or no THP at all); why (the sysfs value) in buf. */
 int stage_wmem_thp_state(char *buf, size_t len);
+/* The same, read from `path` in place of /sys/kernel/mm/transparent_hugepage/enabled. */
+int stage_wmem_thp_state_at(const char *path, char *buf, size_t len);
 
 typedef struct stage_wmem stage_wmem;
 stage_wmem *stage_wmem_new(void);    /* NULL when out of memory */

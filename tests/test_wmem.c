@@ -2,6 +2,8 @@
  *   1. the arena: 64-byte aligned, zero-filled, disjoint blocks; a block larger than a chunk
  *      gets a chunk of its own; the bytes handed out are counted;
  *   2. a copied file mapping's pages let go (stage_wmem_release_source) read back the same;
+ *      the kernel's THP setting read as the option needs it (always / madvise: yes; never or
+ *      no file: no, with the reason);
  *   3. `modpipe generate --huge-pages` at -np 3 gives the logits of -np 1 without it, bit for
  *      bit, and --stats counts every stage's weight bytes on huge pages (where the kernel
  *      cannot give huge pages, the option is refused with the reason instead).
@@ -86,6 +88,31 @@ static void test_release_source(void)
     free(copy);
 }
 
+/* what the kernel's THP setting allows, and why, from a file of that format */
+static void test_thp_state(void)
+{
+    static const struct {
+        const char *text;
+        int ok;
+    } cases[] = {{"always [madvise] never\n", 1},
+                 {"[always] madvise never\n", 1},
+                 {"always madvise [never]\n", 0},
+                 {"", 0}};
+    char path[300], why[160];
+    snprintf(path, sizeof path, "%s/enabled", TMP);
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        FILE *f = fopen(path, "w");
+        CU_ASSERT_FATAL(f != NULL);
+        fputs(cases[i].text, f);
+        fclose(f);
+        CU_ASSERT_EQUAL(stage_wmem_thp_state_at(path, why, sizeof why), cases[i].ok);
+        if (i == 2) ASSERT_HAS(why, "transparent_hugepage/enabled: always madvise [never]");
+    }
+    snprintf(path, sizeof path, "%s/none", TMP);
+    CU_ASSERT_EQUAL(stage_wmem_thp_state_at(path, why, sizeof why), 0);
+    ASSERT_HAS(why, "no transparent huge pages in this kernel");
+}
+
 /* every stage's huge_page_bytes from a --stats file; -1 when unreadable */
 static int stats_huge(const char *path, double *out, int max)
 {
@@ -145,6 +172,7 @@ int main(void)
     CU_pSuite s = CU_add_suite("wmem", NULL, NULL);
     CU_add_test(s, "the arena", test_arena);
     CU_add_test(s, "a copied mapping let go reads back the same", test_release_source);
+    CU_add_test(s, "the kernel's THP setting", test_thp_state);
     CU_add_test(s, "generate --huge-pages: -np 3 == -np 1 without, --stats", test_generate);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();
