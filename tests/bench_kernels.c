@@ -1,7 +1,7 @@
 /* tests/bench_kernels.c — micro-benchmark of stage/matmul.h (not a test; `make bench-kernels`).
  *
  *   bench_kernels [--threads N] [--quick] [--isa NAME] [--bw-gib G] [--gemv-only] [--dtype D]
- *                 [--fast] [--cross-only] [--bw-pass-only]
+ *                 [--fast] [--cross-only] [--bw-pass-only] [--gemv K,N ...]
  *   (--fast: stage_matmul_set_mode FAST, Q8_0 with int8 x)
  *
  * Prints one `key=value ...` line per measurement (lines starting with # are comments):
@@ -26,7 +26,8 @@
  *            variant: GB/s of weights streamed and the fraction of the read bandwidth. The
  *            weights rotate through copies filling 1 GiB so they come from memory, not the L3;
  *            --gemv-only stops after the gemv lines, --dtype f32|bf16|q8_0 runs only that one
- *            (e.g. under perf stat);
+ *            (e.g. under perf stat); --gemv K,N (repeatable) replaces the (k, n) pairs, e.g. a
+ *            model's own projections (the cross and prefill lines keep k = 4096);
  *   cross    small path vs large path for m around STAGE_M_SMALL (how it was chosen): f32, bf16
  *            exact and bf16 fast (stage_matmul_set_mode); --cross-only skips the gemv lines and
  *            stops after these;
@@ -282,7 +283,8 @@ int main(int argc, char **argv)
     int cross_only = 0; /* --cross-only: skip the gemv lines, stop after the cross lines */
     double bw_gib = 0;  /* 0: 1 GiB (0.25 with --quick) */
     int only_dt = -1;   /* --dtype: the gemv lines of one weight dtype */
-    int shapes[16][3];  /* --shape m,k,n: cblas_sgemm vs stage_matmul_w on that shape */
+    int gemv_kn[8][2], n_gemv = 0; /* --gemv K,N: the decode shapes instead of the defaults */
+    int shapes[16][3];             /* --shape m,k,n: cblas_sgemm vs stage_matmul_w on that shape */
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--threads") && i + 1 < argc) {
             nt = atoi(argv[++i]);
@@ -298,6 +300,14 @@ int main(int argc, char **argv)
             stage_matmul_set_mode(STAGE_MATMUL_FAST); /* Q8_0: int8 x (stage/matmul.h) */
         } else if (!strcmp(argv[i], "--bw-pass-only")) {
             bw_pass_only = 1;
+        } else if (!strcmp(argv[i], "--gemv") && i + 1 < argc && n_gemv < 8) {
+            if (sscanf(argv[++i], "%d,%d", &gemv_kn[n_gemv][0], &gemv_kn[n_gemv][1]) != 2 ||
+                gemv_kn[n_gemv][0] < 1 || gemv_kn[n_gemv][1] < 1 || gemv_kn[n_gemv][0] > 14336 ||
+                gemv_kn[n_gemv][1] > 14336) {
+                fprintf(stderr, "bench_kernels: --gemv %s: expected K,N, each 1..14336\n", argv[i]);
+                return 2;
+            }
+            n_gemv++;
         } else if (!strcmp(argv[i], "--gemv-only")) {
             gemv_only = 1;
         } else if (!strcmp(argv[i], "--cross-only")) {
@@ -334,11 +344,11 @@ int main(int argc, char **argv)
                 return 2;
             }
         } else {
-            fprintf(
-                stderr,
-                "usage: bench_kernels [--threads N] [--quick] [--isa c|avx2|avx512|avx512bf16] "
-                "[--bw-gib G] [--gemv-only] [--cross-only] [--dtype D] [--fast] [--bw-pass-only] "
-                "[--bw-only [--shape m,k,n ...]]\n");
+            fprintf(stderr,
+                    "usage: bench_kernels [--threads N] [--quick] [--isa c|avx2|avx512|avx512bf16] "
+                    "[--bw-gib G] [--gemv-only] [--cross-only] [--dtype D] [--fast] "
+                    "[--bw-pass-only] [--gemv K,N] "
+                    "[--bw-only [--shape m,k,n ...]]\n");
             return 2;
         }
     }
@@ -493,7 +503,12 @@ int main(int argc, char **argv)
     }
 
     const int K = 4096, M_PRE = 256, M_MAX = 256;
-    const int ns[] = {4096, 14336};
+    if (!n_gemv) {
+        gemv_kn[0][0] = gemv_kn[1][0] = K;
+        gemv_kn[0][1] = 4096;
+        gemv_kn[1][1] = 14336;
+        n_gemv = 2;
+    }
     float *x = malloc((size_t)M_MAX * 14336 * sizeof *x);
     float *y = malloc((size_t)M_MAX * 14336 * sizeof *y);
     for (size_t i = 0; i < (size_t)M_MAX * 14336; i++)
@@ -506,19 +521,19 @@ int main(int argc, char **argv)
         if (!stage_isa_supported((stage_isa)s) || (only >= 0 && s != only)) continue;
         stage_matmul_force_isa((stage_isa)s);
         for (int d = 0; d < 3; d++)
-            for (int ni = 0; ni < 2 && (only_dt < 0 || only_dt == (int)dts[d]); ni++)
+            for (int ni = 0; ni < n_gemv && (only_dt < 0 || only_dt == (int)dts[d]); ni++)
                 for (int mi = 0; mi < 3; mi++) {
-                    if (s == STAGE_ISA_C && (ni == 1 || ms[mi] > 4) && only < 0)
+                    if (s == STAGE_ISA_C && (gemv_kn[ni][1] > 4096 || ms[mi] > 4) && only < 0)
                         continue; /* slow */
-                    const int n = ns[ni], m = ms[mi];
+                    const int kk = gemv_kn[ni][0], n = gemv_kn[ni][1], m = ms[mi];
                     double t =
-                        time_matmul(x, m, n, K, dts[d], (const char *)arena, arena_bytes, y, reps);
-                    double bytes = (double)stage_matrix_bytes(dts[d], (size_t)n, (size_t)K);
+                        time_matmul(x, m, n, kk, dts[d], (const char *)arena, arena_bytes, y, reps);
+                    double bytes = (double)stage_matrix_bytes(dts[d], (size_t)n, (size_t)kk);
                     printf("gemv isa=%s dtype=%s m=%d k=%d n=%d threads=%d us=%.1f gbs=%.2f "
                            "of_read_bw=%.2f gflops=%.2f\n",
-                           stage_isa_name((stage_isa)s), stage_wdtype_name(dts[d]), m, K, n, nt,
+                           stage_isa_name((stage_isa)s), stage_wdtype_name(dts[d]), m, kk, n, nt,
                            t * 1e6, bytes / t / 1e9, bytes / t / 1e9 / bwn,
-                           2.0 * m * n * K / t / 1e9);
+                           2.0 * m * n * kk / t / 1e9);
                     fflush(stdout);
                 }
     }
@@ -564,6 +579,7 @@ int main(int argc, char **argv)
 
     /* ---- prefill ----------------------------------------------------------------------------- */
     const int preps = quick ? 3 : 5;
+    const int ns[] = {4096, 14336};
     for (int ni = 0; ni < 2; ni++) {
         const int n = ns[ni];
         if (quick && ni) break;
