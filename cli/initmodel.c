@@ -493,8 +493,11 @@ int cli_init_model_main(int argc, char **argv)
     }
     if (!rc && cli_opt_has(&o, "dtype") &&
         stage_dtype_parse(cli_opt_str(&o, "dtype"), &spec.dtype)) {
-        snprintf(err, sizeof err, "--dtype: expected f32, bf16 or f16, got '%s'",
-                 cli_opt_str(&o, "dtype"));
+        snprintf(err, sizeof err, "--dtype: expected f32, bf16 or f16, got '%s'%s",
+                 cli_opt_str(&o, "dtype"),
+                 strcmp(cli_opt_str(&o, "dtype"), "q8_0")
+                     ? ""
+                     : " (for q8_0, modpipe quantize the model it writes)");
         rc = -1;
     }
     if (!rc) {

@@ -179,8 +179,13 @@ static const cli_opt_def OPTS[] = {
     {"out", "DIR", CLI_INIT_MODEL | CLI_ROUTER_TUNE | CLI_QUANTIZE, CLI_ONCE,
      "output model directory (created if missing; router-tune: must not hold a "
      "model.safetensors)"},
-    {"dtype", "f32|bf16|f16", CLI_INIT_MODEL, CLI_ONCE,
-     "init-model: weight dtype (overrides output.dtype)"},
+    {"dtype", "f32|bf16|f16|q8_0", CLI_INIT_MODEL | CLI_QUANTIZE, CLI_ONCE,
+     "the dtype of the weights written. init-model: f32, bf16 or f16 (overrides output.dtype); "
+     "quantize: q8_0 (the default and only one)"},
+    {"skip", "NAMES", CLI_QUANTIZE, CLI_REPEAT,
+     "quantize: projections to keep in their dtype, module or tensor names separated by commas "
+     "(e.g. lm_head,model.layers.0.mlp.down_proj); repeatable; listed in quantization_config's "
+     "ignore"},
     {"shards", "N", CLI_INIT_MODEL, CLI_ONCE,
      "init-model: number of safetensors shards (overrides output.shards)"},
     {"calibrate", NULL, CLI_INIT_MODEL, CLI_ONCE,

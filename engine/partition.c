@@ -50,6 +50,47 @@ static size_t router_elems(const stage_config *c, int layer)
 
 /* Matrices in weight dtype wd (those q8_0 does not quantize, the MoE gate, in kd), the 1-D
  * tensors (norms, routers) as f32: as the loader holds them (stage_model_weight_bytes). */
+/* The projections a Q8_0 directory keeps in their dtype (stage_config.q8_keep: its
+ * quantization_config.ignore): bytes in kd instead of wd, for layer `layer` (-1: lm_head). */
+static size_t kept_delta(const stage_config *c, int layer, stage_dtype wd, stage_dtype kd)
+{
+    if (!c->q8_keep || wd == kd) return 0;
+    size_t d = (size_t)c->hidden, qd = (size_t)c->n_heads * c->head_dim;
+    size_t kvd = (size_t)c->n_kv_heads * c->head_dim, ff = (size_t)c->inter;
+    size_t ie = (size_t)c->expert_inter;
+    size_t add = 0, sub = 0;
+    for (const char *p = c->q8_keep; p < c->q8_keep + c->q8_keep_len; p += strlen(p) + 1) {
+        size_t r = 0, k = 0;
+        int l = -1, e = -1, at = 0;
+        if (!strcmp(p, "lm_head")) {
+            r = (size_t)c->vocab, k = d;
+        } else if (sscanf(p, "model.layers.%d.%n", &l, &at) == 1 && at > 0) {
+            const char *t = p + at;
+            if (!strcmp(t, "self_attn.q_proj"))
+                r = qd, k = d;
+            else if (!strcmp(t, "self_attn.k_proj") || !strcmp(t, "self_attn.v_proj"))
+                r = kvd, k = d;
+            else if (!strcmp(t, "self_attn.o_proj"))
+                r = d, k = qd;
+            else if (!strcmp(t, "mlp.gate_proj") || !strcmp(t, "mlp.up_proj"))
+                r = ff, k = d;
+            else if (!strcmp(t, "mlp.down_proj"))
+                r = d, k = ff;
+            else if (sscanf(t, "block_sparse_moe.experts.%d.w%n", &e, &at) == 1 && at > 0) {
+                const char *w = t + at;
+                if (!strcmp(w, "1") || !strcmp(w, "3"))
+                    r = ie, k = d;
+                else if (!strcmp(w, "2"))
+                    r = d, k = ie;
+            }
+        }
+        if (!r || l != layer) continue;
+        add += stage_matrix_bytes(kd, r, k);
+        sub += stage_matrix_bytes(wd, r, k);
+    }
+    return add - sub; /* unsigned wrap-around cancels when added to the layer's total */
+}
+
 size_t engine_layer_weight_bytes(const stage_config *c, int layer, stage_dtype wd, stage_dtype kd)
 {
     if (!c || !c->layer_kind || layer < 0 || layer >= c->n_layers) return 0;
@@ -81,7 +122,7 @@ size_t engine_layer_weight_bytes(const stage_config *c, int layer, stage_dtype w
     int mlp_kind = c->layer_kind[layer] != STAGE_KIND_MODE_STAGED &&
                    c->layer_kind[layer] != STAGE_KIND_MODE_INTEGRATED;
     if (c->mlp_bias && mlp_kind) vec += 2 * (size_t)c->inter + d;
-    return mat + (vec + router_elems(c, layer)) * 4;
+    return mat + kept_delta(c, layer, wd, kd) + (vec + router_elems(c, layer)) * 4;
 }
 
 static double head_cost(const stage_config *c) { return 2.0 * c->hidden * c->vocab; }
@@ -96,8 +137,9 @@ static size_t embed_bytes(const stage_config *c, stage_dtype kd)
 static size_t head_bytes(const stage_config *c, int n_stages, stage_dtype wd, stage_dtype kd)
 {
     size_t b = (size_t)c->hidden * 4; /* model.norm: f32 */
-    if (!c->tie_embeddings)
-        b += stage_matrix_bytes(wd, (size_t)c->vocab, (size_t)c->hidden); /* lm_head */
+    if (!c->tie_embeddings)           /* lm_head (kept as stored when a Q8_0 directory says so) */
+        b +=
+            stage_matrix_bytes(wd, (size_t)c->vocab, (size_t)c->hidden) + kept_delta(c, -1, wd, kd);
     else if (n_stages > 1)
         b += embed_bytes(c, kd); /* the tied embedding, as the embedding is held */
     return b;

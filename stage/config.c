@@ -33,6 +33,10 @@ void stage_cfg_err(char *err, size_t errlen, const char *path, const char *fmt, 
     va_start(ap, fmt);
     vsnprintf(err + n, errlen - (size_t)n, fmt, ap);
     va_end(ap);
+    /* one line whatever the file holds: a value echoed with "\n" (or another control
+     * character) inside it would break the message */
+    for (char *p = err; *p; p++)
+        if ((unsigned char)*p < 0x20 || *p == 0x7f) *p = '?';
 }
 
 const char *stage_cj_type_name(const cJSON *j)
@@ -395,37 +399,6 @@ static int parse_mindskip(stage_cfg_ctx *c, const cJSON *root, stage_config *cfg
 
 /* ---- entry points ---------------------------------------------------------------------------- */
 
-/* quantization_config: absent / null, or modpipe quantize's {"quant_method": "q8_0",
- * "block_size": 32} (docs/SPEC.md §9); any other method is refused (its tensors would not
- * load anyway). */
-static int parse_quant(stage_cfg_ctx *c, const cJSON *root, stage_config *cfg)
-{
-    const cJSON *q;
-    if (get_obj(c, root, "quantization_config", &q)) return -1;
-    if (!q) return 0;
-    const cJSON *m = stage_cj_opt(q, "quant_method");
-    if (!m || !cJSON_IsString(m) || strcmp(m->valuestring, "q8_0")) {
-        stage_cfg_err(c->err, c->errlen, c->path,
-                      "quantization_config.quant_method: %s%s%s is not supported (only \"q8_0\" of "
-                      "modpipe quantize)",
-                      m && cJSON_IsString(m) ? "\"" : "",
-                      !m                  ? "missing"
-                      : cJSON_IsString(m) ? m->valuestring
-                                          : stage_cj_type_name(m),
-                      m && cJSON_IsString(m) ? "\"" : "");
-        return -1;
-    }
-    int bs = 32;
-    if (stage_cj_int(c, q, "quantization_config.", "block_size", 0, 1, &bs)) return -1;
-    if (bs != 32) {
-        stage_cfg_err(c->err, c->errlen, c->path,
-                      "quantization_config.block_size: %d, expected 32 (Q8_0 blocks)", bs);
-        return -1;
-    }
-    cfg->q8_0 = 1;
-    return 0;
-}
-
 static int parse_root(stage_cfg_ctx *c, const cJSON *root, stage_config *cfg)
 {
     if (!cJSON_IsObject(root)) {
@@ -503,7 +476,7 @@ static int parse_root(stage_cfg_ctx *c, const cJSON *root, stage_config *cfg)
         }
     }
 
-    if (parse_quant(c, root, cfg)) return -1;
+    if (stage_parse_quant(c, root, cfg)) return -1;
     int router_tuning = 0;
     if (parse_layers(c, root, cfg, &router_tuning)) return -1;
     cfg->expert_inter = cfg->inter; /* default before "mode" may override it */
@@ -640,6 +613,9 @@ void stage_config_free(stage_config *cfg)
     if (!cfg) return;
     free(cfg->layer_kind);
     cfg->layer_kind = NULL;
+    free(cfg->q8_keep);
+    cfg->q8_keep = NULL;
+    cfg->q8_keep_len = 0;
 }
 
 double stage_flops_attn_proj(const stage_config *c)

@@ -2,7 +2,8 @@
  *
  * stage_config_load() reads DIR/config.json with cJSON into a stage_config.
  * Inputs : a model directory.
- * Output : *cfg filled; cfg->layer_kind is malloc'd (free with stage_config_free).
+ * Output : *cfg filled; cfg->layer_kind and cfg->q8_keep are malloc'd (free with
+ *          stage_config_free).
  * Errors : returns non-zero and writes one line into err naming the file and the key
  *          (missing key, wrong type, bad value, unknown layer type, a config feature the
  *          engine does not implement, e.g. a rope_scaling type other than linear / llama3).
@@ -59,8 +60,11 @@ typedef struct stage_config {
     int tie_embeddings;     /* tie_word_embeddings (default 0) */
     int eos_token_id;       /* -1 when absent (or a list: first entry) */
     stage_kind *layer_kind; /* [n_layers] */
-    int q8_0;               /* quantization_config q8_0: a `modpipe quantize` directory whose
+    int q8_0;               /* quantization_config of a `modpipe quantize` directory: its
                                projections are stored as Q8_0 (docs/SPEC.md §9) */
+    char *q8_keep;          /* owned: the projections its ignore list keeps in their dtype,
+                               module names ("lm_head"), each NUL-terminated; NULL: none */
+    size_t q8_keep_len;     /* bytes of q8_keep */
 
     /* block variant (docs/SPEC.md §10, set by stage/arch.c) */
     stage_arch arch;
@@ -108,6 +112,18 @@ double stage_flops_attn_ctx(const stage_config *c, double ctx); /* scores + mix 
 double stage_flops_mlp(const stage_config *c);                  /* dense SwiGLU MLP */
 double stage_flops_expert(const stage_config *c);               /* one MoE expert */
 double stage_flops_gate(const stage_config *c, int n_gate);     /* MoE gate of n_gate rows */
+
+/* Q8_0 directories (docs/SPEC.md §9, stage/config_quant.c). stage_q8_kept: 1 when tensor
+ * (e.g. "lm_head.weight") belongs to a module the directory's quantization_config.ignore lists
+ * among the projections, so it stays in its stored dtype. stage_q8_quant_config_json: the
+ * config.json text config_text with its quantization_config replaced by the one modpipe
+ * quantize writes (compressed-tensors, format int-quantized, 8-bit groups of 32, `ignore` =
+ * the n_ignore module names); malloc'd, NULL when config_text is not a JSON object or memory
+ * is short. */
+int stage_q8_kept(const stage_config *cfg, const char *tensor);
+/* The same test against any list of module names, NUL-separated in names [len]. */
+int stage_q8_module_listed(const char *names, size_t len, const char *tensor);
+char *stage_q8_quant_config_json(const char *const *ignore, int n_ignore, const char *config_text);
 
 const char *stage_kind_name(stage_kind k);
 /* Does a layer of this kind carry a causal or top-k MoD router (mod, mode_staged)? */

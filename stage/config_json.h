@@ -38,4 +38,7 @@ struct stage_config;
 int stage_arch_parse(stage_cfg_ctx *c, const cJSON *root, struct stage_config *cfg);
 int stage_arch_hf_layer_types(const cJSON *list);
 
+/* stage/config_quant.c: quantization_config into cfg->q8_0 and cfg->q8_keep. */
+int stage_parse_quant(stage_cfg_ctx *c, const cJSON *root, struct stage_config *cfg);
+
 #endif

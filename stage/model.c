@@ -41,13 +41,22 @@ static int get_m(stage_model *m, const char *name, int64_t d0, int64_t d1, stage
                  char *err, size_t errlen)
 {
     int want = m->weights_dtype;
-    if (want == STAGE_Q8_0 && !stage_q8_quantizes(name)) want = -1;
+    const int kept = stage_q8_kept(&m->cfg, name); /* its directory left it unquantized */
+    if (want == STAGE_Q8_0 && (!stage_q8_quantizes(name) || kept)) want = -1;
     if (st_get_weight(m->st, name, d0, d1, want, w, err, errlen)) return -1;
     if (w->dtype == STAGE_Q8_0 && (!stage_q8_quantizes(name) || (!m->cfg.q8_0 && want < 0))) {
         snprintf(err, errlen,
                  "tensor %s is I8 (q8_0): only the projections of a directory whose config.json "
-                 "has quantization_config q8_0 may be (docs/SPEC.md §9)",
+                 "has a q8_0 quantization_config may be (docs/SPEC.md §9)",
                  name);
+        return -1;
+    }
+    /* a quantized directory: its config says which projections are I8, the file must agree */
+    if (m->cfg.q8_0 && stage_q8_quantizes(name) && (w->dtype == STAGE_Q8_0) == kept) {
+        snprintf(err, errlen,
+                 "tensor %s is %s, but config.json's quantization_config %s (docs/SPEC.md §9)",
+                 name, stage_wdtype_name(w->dtype),
+                 kept ? "keeps it as stored (ignore)" : "quantizes it (not in ignore)");
         return -1;
     }
     m->weight_bytes += stage_weight_bytes(w);
@@ -338,11 +347,13 @@ int stage_model_load_tp(const char *dir, const stage_config *cfg, stage_range ra
         snprintf(err, errlen, "out of memory");
         return -1;
     }
-    m->cfg = *cfg;
+    m->cfg = *cfg; /* its two buffers copied below: the model owns its config */
     m->cfg.layer_kind = malloc((size_t)cfg->n_layers * sizeof *cfg->layer_kind);
+    m->cfg.q8_keep = cfg->q8_keep_len ? malloc(cfg->q8_keep_len) : NULL;
+    if (m->cfg.q8_keep) memcpy(m->cfg.q8_keep, cfg->q8_keep, cfg->q8_keep_len);
     m->layers = calloc((size_t)cfg->n_layers, sizeof *m->layers);
     m->inv_freq = malloc((size_t)(cfg->head_dim / 2 + 1) * sizeof(float));
-    if (!m->cfg.layer_kind || !m->layers || !m->inv_freq) {
+    if (!m->cfg.layer_kind || (cfg->q8_keep_len && !m->cfg.q8_keep) || !m->layers || !m->inv_freq) {
         snprintf(err, errlen, "out of memory");
         stage_model_free(m);
         return -1;
@@ -434,6 +445,7 @@ void stage_model_free(stage_model *m)
     stage_tp_weight_free(&m->tlm);
     free(m->layers);
     free(m->cfg.layer_kind);
+    free(m->cfg.q8_keep);
     free(m->inv_freq);
     st_close(m->st);
     free(m);

@@ -226,6 +226,19 @@ typedef struct {
 } bad_cfg;
 
 #define L2 "\"num_hidden_layers\": 2"
+/* A compressed-tensors quantization_config: format F, group_0's weights W, then X inside the
+ * group; CT_IG: the valid scheme with `ignore` I. */
+#define CT_W                                                                                       \
+    "{\"num_bits\": 8, \"type\": \"int\", \"symmetric\": true, \"strategy\": \"group\", "          \
+    "\"group_size\": 32, \"dynamic\": false}"
+#define CT(F, W, X)                                                                                \
+    "{\"quant_method\": \"compressed-tensors\", \"format\": " F                                    \
+    ", \"config_groups\": {\"group_0\": {\"targets\": [\"Linear\"], \"weights\": " W X "}}}"
+#define CT_IG(I)                                                                                   \
+    "{\"quant_method\": \"compressed-tensors\", \"format\": \"int-quantized\", "                   \
+    "\"quantization_status\": \"compressed\", \"config_groups\": {\"group_0\": {\"targets\": "     \
+    "[\"Linear\"], \"weights\": " CT_W ", \"input_activations\": null}}, \"ignore\": " I "}"
+
 static const bad_cfg bad_cfgs[] = {
     {"{" BASE ", " L2 ",", "not valid JSON"},
     {"[1, 2]", "JSON object"},
@@ -283,7 +296,146 @@ static const bad_cfg bad_cfgs[] = {
      "quantization_config.block_size: 64, expected 32"},
     {"{" BASE ", " L2 ", \"quantization_config\": \"q8_0\"}",
      "quantization_config: expected an object"},
+    /* the compressed-tensors form: only what expresses the Q8_0 layout */
+    {"{" BASE ", " L2 ", \"quantization_config\": " CT("\"pack-quantized\"", CT_W, "") "}",
+     "quantization_config.format: \"pack-quantized\" is not read (only \"int-quantized\""},
+    {"{" BASE ", " L2 ", \"quantization_config\": " CT(
+         "\"int-quantized\"", "{\"num_bits\": 4, \"type\": \"int\"}", "") "}",
+     "config_groups.group_0.weights.num_bits: 4, expected 8"},
+    {"{" BASE ", " L2 ", \"quantization_config\": " CT(
+         "\"int-quantized\"",
+         "{\"num_bits\": 8, \"type\": \"int\", \"strategy\": \"group\", \"group_size\": 128}",
+         "") "}",
+     "weights.group_size: 128, expected 32"},
+    {"{" BASE ", " L2 ", \"quantization_config\": " CT(
+         "\"int-quantized\"", "{\"num_bits\": 8, \"type\": \"int\", \"strategy\": \"channel\"}",
+         "") "}",
+     "weights.strategy: \"channel\" is not read"},
+    {"{" BASE ", " L2 ", \"quantization_config\": " CT(
+         "\"int-quantized\"", "{\"num_bits\": 8, \"type\": \"float\"}", "") "}",
+     "weights.type: \"float\" is not read"},
+    {"{" BASE ", " L2 ", \"quantization_config\": " CT(
+         "\"int-quantized\"",
+         "{\"num_bits\": 8, \"type\": \"int\", \"strategy\": \"group\", \"group_size\": 32, "
+         "\"symmetric\": false}",
+         "") "}",
+     "weights.symmetric: must be true"},
+    {"{" BASE ", " L2 ", \"quantization_config\": " CT(
+         "\"int-quantized\"", CT_W, ", \"input_activations\": {\"num_bits\": 8}") "}",
+     "input_activations: activation quantization"},
+    {"{" BASE ", " L2 ", \"quantization_config\": " CT("\"int-quantized\"", CT_W,
+                                                       "}, \"group_1\": {\"weights\": " CT_W) "}",
+     "config_groups: expected an object with one group, got several"},
+    {"{" BASE ", " L2
+     ", \"quantization_config\": {\"quant_method\": \"compressed-tensors\", \"format\": "
+     "\"int-quantized\", \"config_groups\": {\"g\": {\"targets\": [\"Embedding\"], "
+     "\"weights\": " CT_W "}}}}",
+     "config_groups.g.targets: expected [\"Linear\"]"},
+    {"{" BASE ", " L2 ", \"quantization_config\": " CT_IG("\"lm_head\"") "}",
+     "quantization_config.ignore: expected a list"},
+    {"{" BASE ", " L2 ", \"quantization_config\": " CT_IG("[\"re:.*gate$\"]") "}",
+     "ignore[0]: \"re:.*gate$\": patterns are not read"},
+    {"{" BASE ", " L2 ", \"quantization_config\": " CT_IG("[\"lm_head\", 3]") "}",
+     "ignore[1]: expected a module name, got a number"},
+    {"{" BASE ", " L2
+     ", \"quantization_config\": {\"quant_method\": \"compressed-tensors\", \"format\": "
+     "\"int-quantized\", \"quantization_status\": \"frozen\"}}",
+     "quantization_status: \"frozen\" is not read"},
+    {"{" BASE ", " L2
+     ", \"quantization_config\": {\"quant_method\": \"compressed-tensors\", \"format\": "
+     "\"int-quantized\", \"kv_cache_scheme\": {\"num_bits\": 8}}}",
+     "kv_cache_scheme: KV-cache quantization is not supported"},
 };
+
+/* quantization_config read (docs/SPEC.md §9): compressed-tensors with its ignore list (the
+ * projections named there stay as stored; routers named there change nothing), and the
+ * earlier {"quant_method": "q8_0"}. */
+static void test_quant_config(void)
+{
+    stage_config c;
+    char err[512];
+    int rc =
+        parse("{" BASE ", " L2 ", \"quantization_config\": " CT_IG(
+                  "[\"lm_head\", \"model.layers.0.router\", \"model.layers.1.mlp.down_proj\"]") "}",
+              &c, err, sizeof err);
+    show(err);
+    CU_ASSERT_EQUAL_FATAL(rc, 0);
+    CU_ASSERT_EQUAL(c.q8_0, 1);
+    CU_ASSERT_EQUAL(c.q8_keep_len, strlen("lm_head") + strlen("model.layers.1.mlp.down_proj") + 2);
+    CU_ASSERT_EQUAL(stage_q8_kept(&c, "lm_head.weight"), 1);
+    CU_ASSERT_EQUAL(stage_q8_kept(&c, "model.layers.1.mlp.down_proj.weight"), 1);
+    CU_ASSERT_EQUAL(stage_q8_kept(&c, "model.layers.1.mlp.down_proj.weight_scale"), 0);
+    CU_ASSERT_EQUAL(stage_q8_kept(&c, "model.layers.1.mlp.up_proj.weight"), 0);
+    CU_ASSERT_EQUAL(stage_q8_kept(&c, "model.layers.0.router.weight"), 0);
+    CU_ASSERT_EQUAL(stage_q8_kept(&c, "lm_head"), 0);
+    stage_config_free(&c);
+    CU_ASSERT_PTR_NULL(c.q8_keep);
+    rc = parse("{" BASE ", " L2 ", \"quantization_config\": {\"quant_method\": \"q8_0\", "
+               "\"block_size\": 32}}",
+               &c, err, sizeof err);
+    CU_ASSERT_EQUAL_FATAL(rc, 0);
+    CU_ASSERT_EQUAL(c.q8_0, 1);
+    CU_ASSERT_PTR_NULL(c.q8_keep);
+    CU_ASSERT_EQUAL(stage_q8_kept(&c, "lm_head.weight"), 0);
+    stage_config_free(&c);
+    /* what modpipe quantize writes reads back, its ignore list included */
+    const char *ig[] = {"lm_head", "model.layers.0.router"};
+    char *json = stage_q8_quant_config_json(ig, 2, "{" BASE ", " L2 "}");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(json);
+    rc = parse(json, &c, err, sizeof err);
+    show(err);
+    CU_ASSERT_EQUAL(rc, 0);
+    CU_ASSERT_EQUAL(c.q8_0, 1);
+    CU_ASSERT_EQUAL(stage_q8_kept(&c, "lm_head.weight"), 1);
+    CU_ASSERT_EQUAL(c.q8_keep_len, strlen("lm_head") + 1);
+    ASSERT_HAS(json, "\"compressed-tensors\""); /* cJSON_Print: a tab after each colon */
+    ASSERT_HAS(json, "\"int-quantized\"");
+    stage_config_free(&c);
+    free(json);
+    CU_ASSERT_PTR_NULL(stage_q8_quant_config_json(ig, 2, "[1, 2]"));
+}
+
+/* config.json text mutated (every truncation, random byte flips of a quantized model's
+ * config): the parser answers 0 or one line, never a crash (the sanitizer run checks memory). */
+static void test_config_fuzz(void)
+{
+    const char *ig[] = {"lm_head", "model.layers.0.mlp.down_proj"};
+    char *json =
+        stage_q8_quant_config_json(ig, 2, "{" BASE ", " L2 ", \"mod\": {\"capacity\": 0.5}}");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(json);
+    const size_t n = strlen(json);
+    char *buf = malloc(n + 1);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(buf);
+    unsigned seed = 12345, bad_lines = 0, ok = 0;
+    static const char flips[] = "{}[]\":,0-9.e\\ tnfu\x01\xff";
+    for (size_t it = 0; it < n + 3000; it++) {
+        memcpy(buf, json, n + 1);
+        if (it < n) {
+            buf[it] = 0; /* every truncation */
+        } else {
+            for (int f = 0; f < 1 + (int)(it % 4); f++) {
+                seed = seed * 1103515245u + 12345u;
+                size_t at = (seed >> 8) % n;
+                seed = seed * 1103515245u + 12345u;
+                buf[at] = flips[(seed >> 8) % (sizeof flips - 1)];
+            }
+        }
+        stage_config c;
+        char err[512] = "";
+        int rc = parse(buf, &c, err, sizeof err);
+        if (rc == 0) {
+            ok++;
+            stage_config_free(&c);
+        } else if (!err[0] || strchr(err, '\n')) {
+            bad_lines++;
+            fprintf(stderr, "\n  not one line (mutation %zu): %s\n", it, err);
+        }
+    }
+    CU_ASSERT_EQUAL(bad_lines, 0);
+    CU_ASSERT(ok > 0); /* some flips leave a valid config (e.g. in a number's digits) */
+    free(buf);
+    free(json);
+}
 
 static void test_config_errors(void)
 {
@@ -778,6 +930,8 @@ int main(void)
     CU_add_test(cs, "defaults and accepted keys", test_config_defaults);
     CU_add_test(cs, "Router-Tuning is_mindskip", test_config_router_tuning);
     CU_add_test(cs, "malformed configs", test_config_errors);
+    CU_add_test(cs, "quantization_config: compressed-tensors and q8_0", test_quant_config);
+    CU_add_test(cs, "config.json fuzz (a quantized model's)", test_config_fuzz);
     CU_add_test(ss, "dtype helpers", test_dtype_helpers);
     CU_add_test(ss, "f32 fixture", test_st_f32_fixture);
     CU_add_test(ss, "bf16 and f16 fixtures", test_st_bf16_f16_fixtures);

@@ -188,6 +188,143 @@ static void test_q8_0_ranks(void)
     CU_ASSERT(strstr(OUT, "q8_0 weights: not with tensor-parallel stages") != NULL);
 }
 
+/* The first `from` in the file at path replaced by `to`; 0, or -1 when absent or unwritable. */
+static int replace_in_file(const char *path, const char *from, const char *to)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) return -1;
+    static char buf[1 << 16], out[(1 << 16) + 512];
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    char *at = strstr(buf, from);
+    if (!at || n + strlen(to) >= sizeof out) return -1;
+    snprintf(out, sizeof out, "%.*s%s%s", (int)(at - buf), buf, to, at + strlen(from));
+    f = fopen(path, "wb");
+    if (!f) return -1;
+    int rc = fputs(out, f) < 0 ? -1 : 0;
+    return fclose(f) || rc ? -1 : 0;
+}
+
+/* partition's weight bytes for 3 stages = the loader's, stage by stage */
+static void plan_bytes_match(const char *dir)
+{
+    char err[512];
+    stage_config cfg;
+    CU_ASSERT_FATAL(stage_config_load(dir, &cfg, err, sizeof err) == 0);
+    engine_mem_opts mo = {STAGE_F32, 0, 1, 16, 4, STAGE_F32};
+    CU_ASSERT_FATAL(engine_weight_dtype(dir, &mo.weight_dtype, err, sizeof err) == 0);
+    CU_ASSERT_FATAL(engine_keep_dtype(dir, &mo.keep_dtype, err, sizeof err) == 0);
+    engine_plan p;
+    CU_ASSERT_FATAL(engine_partition_auto_mem(&cfg, 3, &mo, &p, err, sizeof err) == 0);
+    for (int t = 0; t < 3; t++) {
+        stage_range r = {p.st[t].first, p.st[t].last, t == 0, t == 2};
+        stage_model *sm = NULL;
+        CU_ASSERT_FATAL(stage_model_load(dir, &cfg, r, &sm, err, sizeof err) == 0);
+        CU_ASSERT_EQUAL(p.st[t].weight_bytes, stage_model_weight_bytes(sm));
+        stage_model_free(sm);
+    }
+    engine_plan_free(&p);
+    stage_config_free(&cfg);
+}
+
+/* modpipe quantize --skip: the projections named stay as stored (the source's bytes), the
+ * config's ignore list names them, the directory gives the same bits at np 1 and 3 and with
+ * --weights-dtype q8_0 (a kept projection is not quantized at load either), other bits than
+ * the fully quantized one; partition counts the kept ones' real bytes; a config.json that
+ * disagrees with the file is refused; bad --skip and --dtype values. */
+static void test_quantize_skip(void)
+{
+    char q8[512], a[512], b[512], c[512], d[512], full[512], err[512];
+    snprintf(q8, sizeof q8, "%s/mixed-q8skip", TMP);
+    snprintf(full, sizeof full, "%s/mixed-q8full", TMP);
+    snprintf(a, sizeof a, "%s/mixed-q8skip-np1.npy", TMP);
+    snprintf(b, sizeof b, "%s/mixed-q8skip-np3.npy", TMP);
+    snprintf(c, sizeof c, "%s/mixed-q8skip-w.npy", TMP);
+    snprintf(d, sizeof d, "%s/mixed-q8full.npy", TMP);
+    CU_ASSERT_EQUAL_FATAL(run(120,
+                              "%s quantize --model %s/mixed --out %s --dtype q8_0 --skip "
+                              "lm_head,model.layers.0.mlp.down_proj.weight --skip "
+                              "model.layers.1.self_attn.q_proj",
+                              BIN, FIX, q8),
+                          0);
+    CU_ASSERT_EQUAL_FATAL(run(120, "%s quantize --model %s/mixed --out %s", BIN, FIX, full), 0);
+    static const char *const kept[] = {"lm_head.weight", "model.layers.0.mlp.down_proj.weight",
+                                       "model.layers.1.self_attn.q_proj.weight"};
+    st_model *src = NULL, *m = NULL;
+    char fx[512];
+    snprintf(fx, sizeof fx, "%s/mixed", FIX);
+    CU_ASSERT_FATAL(st_open(fx, &src, err, sizeof err) == 0);
+    CU_ASSERT_FATAL(st_open(q8, &m, err, sizeof err) == 0);
+    for (int i = 0; i < 3; i++) {
+        st_tensor ts, tq, tsc;
+        char sn[256];
+        snprintf(sn, sizeof sn, "%s_scale", kept[i]);
+        CU_ASSERT_FATAL(st_find(src, kept[i], &ts, err, sizeof err) == 1);
+        CU_ASSERT_FATAL(st_find(m, kept[i], &tq, err, sizeof err) == 1);
+        CU_ASSERT_EQUAL(tq.dtype, ts.dtype);
+        CU_ASSERT_EQUAL(tq.nbytes, ts.nbytes);
+        CU_ASSERT(tq.nbytes == ts.nbytes && !memcmp(tq.data, ts.data, ts.nbytes));
+        CU_ASSERT_EQUAL(st_find(m, sn, &tsc, err, sizeof err), 0);
+    }
+    st_tensor t;
+    CU_ASSERT(st_find(m, "model.layers.1.self_attn.k_proj.weight", &t, err, sizeof err) == 1 &&
+              t.dtype == STAGE_Q8_0);
+    st_close(m);
+    st_close(src);
+    stage_config cfg;
+    CU_ASSERT_FATAL(stage_config_load(q8, &cfg, err, sizeof err) == 0);
+    CU_ASSERT(cfg.q8_0);
+    for (int i = 0; i < 3; i++) CU_ASSERT_EQUAL(stage_q8_kept(&cfg, kept[i]), 1);
+    CU_ASSERT_EQUAL(stage_q8_kept(&cfg, "model.layers.1.self_attn.k_proj.weight"), 0);
+    stage_config_free(&cfg);
+
+    for (int v = 0; v < 3; v++)
+        CU_ASSERT_EQUAL(run(120,
+                            "%s -np %d %s generate --model %s %s --max-new 5 --quiet %s "
+                            "--dump-logits %s",
+                            MPIRUN, v == 1 ? 3 : 1, BIN, q8, PROMPTS,
+                            v == 2 ? "--weights-dtype q8_0" : "",
+                            v == 0   ? a
+                            : v == 1 ? b
+                                     : c),
+                        0);
+    CU_ASSERT_EQUAL(run(120, "%s generate --model %s %s --max-new 5 --quiet --dump-logits %s", BIN,
+                        full, PROMPTS, d),
+                    0);
+    CU_ASSERT(files_identical(a, b));
+    CU_ASSERT(files_identical(a, c));
+    CU_ASSERT(!files_identical(a, d));
+    plan_bytes_match(q8);
+
+    /* config.json and the file must agree */
+    char cj[600];
+    snprintf(cj, sizeof cj, "%s/config.json", q8);
+    CU_ASSERT_FATAL(replace_in_file(cj, "\"lm_head\", ", "") == 0);
+    CU_ASSERT_EQUAL(run(30, "%s generate --model %s --prompt-ids 1 --quiet", BIN, q8), 1);
+    CU_ASSERT(strstr(OUT, "tensor lm_head.weight is bf16, but config.json's quantization_config "
+                          "quantizes it (not in ignore)") != NULL);
+    snprintf(cj, sizeof cj, "%s/config.json", full);
+    CU_ASSERT_FATAL(replace_in_file(cj, "\"ignore\":\t[",
+                                    "\"ignore\": [\"model.layers.0.self_attn.q_proj\", ") == 0);
+    CU_ASSERT_EQUAL(run(30, "%s generate --model %s --prompt-ids 1 --quiet", BIN, full), 1);
+    CU_ASSERT(strstr(OUT,
+                     "tensor model.layers.0.self_attn.q_proj.weight is q8_0, but config.json's "
+                     "quantization_config keeps it as stored (ignore)") != NULL);
+    CU_ASSERT_NOT_EQUAL(
+        run(60, "%s quantize --model %s/mixed --out %s/q8bad --skip nosuch", BIN, FIX, TMP), 0);
+    CU_ASSERT(strstr(OUT, "--skip nosuch: no tensor nosuch.weight in the model") != NULL);
+    CU_ASSERT_NOT_EQUAL(run(60,
+                            "%s quantize --model %s/mixed --out %s/q8bad --skip "
+                            "model.layers.1.router",
+                            BIN, FIX, TMP),
+                        0);
+    CU_ASSERT(strstr(OUT, "is not a projection this command quantizes") != NULL);
+    CU_ASSERT_NOT_EQUAL(
+        run(60, "%s quantize --model %s/mixed --out %s/q8bad --dtype q4_0", BIN, FIX, TMP), 0);
+    CU_ASSERT(strstr(OUT, "--dtype: expected q8_0, got 'q4_0'") != NULL);
+}
+
 /* modpipe quantize (docs/SPEC.md §9): the directory it writes computes the bits of
  * --weights-dtype q8_0 on the original at np 1 and 3, with its weights in place inside the
  * mapping (q and scales: the file's bytes, no copy) and its bytes as partition counts them;
@@ -239,22 +376,13 @@ static void test_quantize_command(void)
     stage_config cfg;
     CU_ASSERT_FATAL(stage_config_load(q8, &cfg, err, sizeof err) == 0);
     CU_ASSERT(cfg.q8_0);
-    engine_mem_opts mo = {STAGE_F32, 0, 1, 16, 4, STAGE_F32};
-    CU_ASSERT_FATAL(engine_weight_dtype(q8, &mo.weight_dtype, err, sizeof err) == 0);
-    CU_ASSERT_FATAL(engine_keep_dtype(q8, &mo.keep_dtype, err, sizeof err) == 0);
-    CU_ASSERT_EQUAL(mo.weight_dtype, STAGE_Q8_0);
-    CU_ASSERT_EQUAL(mo.keep_dtype, STAGE_BF16);
-    engine_plan p;
-    CU_ASSERT_FATAL(engine_partition_auto_mem(&cfg, 3, &mo, &p, err, sizeof err) == 0);
-    for (int t = 0; t < 3; t++) {
-        stage_range r = {p.st[t].first, p.st[t].last, t == 0, t == 2};
-        stage_model *sm = NULL;
-        CU_ASSERT_FATAL(stage_model_load(q8, &cfg, r, &sm, err, sizeof err) == 0);
-        CU_ASSERT_EQUAL(p.st[t].weight_bytes, stage_model_weight_bytes(sm));
-        stage_model_free(sm);
-    }
-    engine_plan_free(&p);
     stage_config_free(&cfg);
+    stage_dtype wd, kd;
+    CU_ASSERT_FATAL(engine_weight_dtype(q8, &wd, err, sizeof err) == 0);
+    CU_ASSERT_FATAL(engine_keep_dtype(q8, &kd, err, sizeof err) == 0);
+    CU_ASSERT_EQUAL(wd, STAGE_Q8_0);
+    CU_ASSERT_EQUAL(kd, STAGE_BF16);
+    plan_bytes_match(q8);
 
     CU_ASSERT_NOT_EQUAL(
         run(60, "%s generate --model %s --prompt-ids 1 --quiet --weights-dtype bf16", BIN, q8), 0);
@@ -1004,6 +1132,7 @@ int main(void)
     CU_add_test(s, "eval exact incl. topk, np 1-4", test_eval_exact);
     CU_add_test(s, "q8_0 weights: np 1-3 bitwise, refusals", test_q8_0_ranks);
     CU_add_test(s, "quantize: a q8_0 directory, in place, same bits", test_quantize_command);
+    CU_add_test(s, "quantize --skip: projections kept as stored, ignore list", test_quantize_skip);
     CU_add_test(s, "byte counters = fixture routes (mod_all)", test_routes_mod_all);
     CU_add_test(s, "byte counters = fixture routes (mixed)", test_routes_mixed);
     CU_add_test(s, "bf16 wire bytes; dense transport", test_wire_dtype_and_dense_transport);

@@ -516,7 +516,7 @@ static void test_huge_pages(void)
     char src[1024], err[ERRLEN];
     snprintf(src, sizeof src, "%s/mixed", fixtures());
     char *q8 = make_tmpdir();
-    CU_ASSERT_FATAL(q8 && cli_quantize(src, q8, NULL, err, sizeof err) == 0);
+    CU_ASSERT_FATAL(q8 && cli_quantize(src, q8, NULL, 0, NULL, err, sizeof err) == 0);
     fxm f;
     CU_ASSERT_FATAL(fx_open("mixed", &f) == 0);
     const size_t n = (size_t)NSEQ * NNEW * f.cfg.vocab;
